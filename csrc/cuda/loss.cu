@@ -1,0 +1,219 @@
+// loss.cu: losses as fused kernels, forward and backward, with deterministic reductions.
+//
+// Every reduction here is two-level with a fixed shape: per-thread partial sums over a fixed
+// element assignment, fixed-order block trees (common.cuh), then one block sums the per-block
+// partials in a fixed order. The host picks the grid from the element count alone, so a loss is
+// bitwise reproducible run to run (no float atomics). Accumulation is in double.
+//
+// Kernels (v1):
+//   ce_fwd_rows_f32       softmax cross-entropy, one warp per row: max, sum of exp (log-sum-exp),
+//                         probs = exp(z - max) / sum, per-row loss
+//                         (1-eps)*w[t]*(lse - z_t) + eps/C * sum_c w[c]*(lse - z_c) and the
+//                         row's weight w[t] (1 without class weights). A target outside [0, C)
+//                         makes that row's loss and weight NaN (a kernel cannot raise).
+//   ce_fwd_finish_f32     one block: loss = sum(rowloss) / (mean ? sum(roww) : 1)
+//   ce_bwd_sums_f32       one block: scale = dloss / (mean ? sum_i w[t_i] : 1) and sum_c w[c]
+//   ce_bwd_f32            one thread per logit: scale * ((1-eps)*w[t]*(p - [c==t])
+//                                                      + eps/C*(sum(w)*p - w[c]))
+//   bce_fwd_partial_f32   per-block partial sums of pos_weight*t*softplus(-x) + (1-t)*softplus(x)
+//   bce_bwd_f32           scale * (-pos_weight*t*(1-sigmoid(x)) + (1-t)*sigmoid(x))
+//   mse_fwd_partial_f32 / mse_bwd_f32              (p-t)^2;  scale * 2*(p-t)
+//   smooth_l1_fwd_partial_f32 / smooth_l1_bwd_f32  PyTorch's smooth L1 (beta == 0 is L1)
+//   sum_partials_f32      one block: out[0] = scale * sum(partials)
+// pos_weight has L entries (1 or the size of the last dim) and element i uses pos_weight[i % L].
+#include "common.cuh"
+
+#ifndef PYCNN_CE_ROWS_PER_BLOCK
+#define PYCNN_CE_ROWS_PER_BLOCK 4  // warps (= rows) per block in ce_fwd_rows_f32
+#endif
+
+// Launch: block 32*PYCNN_CE_ROWS_PER_BLOCK threads, grid ceil(N / PYCNN_CE_ROWS_PER_BLOCK).
+extern "C" __global__ void ce_fwd_rows_f32(
+    const float* __restrict__ logits, const long long* __restrict__ target,
+    const float* __restrict__ weight, int has_weight, float eps,
+    float* __restrict__ probs, double* __restrict__ rowloss, double* __restrict__ roww,
+    int N, int C) {
+    const int lane = threadIdx.x & 31;
+    const pycnn_i64 row = (pycnn_i64)blockIdx.x * PYCNN_CE_ROWS_PER_BLOCK + (threadIdx.x >> 5);
+    if (row >= N) return;  // whole warps leave together, so the shuffles below stay full-mask
+    const float* z = logits + row * C;
+    float* p = probs + row * C;
+
+    float m = pycnn_neg_inf();
+    for (int c = lane; c < C; c += 32) m = fmaxf(m, z[c]);
+    m = pycnn_warp_max(m);
+    float s = 0.0f;
+    for (int c = lane; c < C; c += 32) s += expf(z[c] - m);
+    s = pycnn_warp_sum(s);
+    const float inv_s = 1.0f / s;
+    const float lse = m + logf(s);
+    double smooth = 0.0;  // sum_c w[c] * (lse - z_c), only needed with label smoothing
+    for (int c = lane; c < C; c += 32) {
+        p[c] = expf(z[c] - m) * inv_s;
+        if (eps != 0.0f) smooth += (double)(has_weight ? weight[c] : 1.0f) * (double)(lse - z[c]);
+    }
+    smooth = pycnn_warp_sum_f64(smooth);
+    if (lane == 0) {
+        const long long t = target[row];
+        if (t < 0 || t >= C) {
+            rowloss[row] = (double)pycnn_nan();
+            roww[row] = (double)pycnn_nan();
+        } else {
+            const double wt = has_weight ? (double)weight[t] : 1.0;
+            rowloss[row] = (1.0 - (double)eps) * wt * (double)(lse - z[t]) +
+                           (double)eps / (double)C * smooth;
+            roww[row] = wt;
+        }
+    }
+}
+
+// Launch: one block of PYCNN_BLOCK threads.
+extern "C" __global__ void ce_fwd_finish_f32(const double* __restrict__ rowloss,
+                                             const double* __restrict__ roww, int N, int mean,
+                                             float* __restrict__ out) {
+    double sl = 0.0, sw = 0.0;
+    for (int i = threadIdx.x; i < N; i += blockDim.x) {
+        sl += rowloss[i];
+        sw += roww[i];
+    }
+    sl = pycnn_block_sum_f64(sl);
+    sw = pycnn_block_sum_f64(sw);
+    if (threadIdx.x == 0) out[0] = (float)(mean ? sl / sw : sl);
+}
+
+// Launch: one block of PYCNN_BLOCK threads. sums[0] = scale, sums[1] = sum_c w[c].
+extern "C" __global__ void ce_bwd_sums_f32(const long long* __restrict__ target,
+                                           const float* __restrict__ weight, int has_weight,
+                                           int N, int C, int mean, double dloss,
+                                           float* __restrict__ sums) {
+    double norm = 0.0, sumw = 0.0;
+    for (int i = threadIdx.x; i < N; i += blockDim.x) {
+        const long long t = target[i];
+        if (t < 0 || t >= C) norm += (double)pycnn_nan();
+        else norm += has_weight ? (double)weight[t] : 1.0;
+    }
+    for (int c = threadIdx.x; c < C; c += blockDim.x) sumw += has_weight ? (double)weight[c] : 1.0;
+    norm = pycnn_block_sum_f64(norm);
+    sumw = pycnn_block_sum_f64(sumw);
+    if (threadIdx.x == 0) {
+        sums[0] = (float)(mean ? dloss / norm : dloss);
+        sums[1] = (float)sumw;
+    }
+}
+
+extern "C" __global__ void ce_bwd_f32(const float* __restrict__ probs,
+                                      const long long* __restrict__ target,
+                                      const float* __restrict__ weight, int has_weight, float eps,
+                                      const float* __restrict__ sums, float* __restrict__ dlogits,
+                                      int N, int C) {
+    const pycnn_i64 total = (pycnn_i64)N * C;
+    const float scale = sums[0];
+    const float sumw = sums[1];
+    PYCNN_FOR_EACH(idx, total) {
+        const int c = (int)(idx % C);
+        const pycnn_i64 row = idx / C;
+        const long long t = target[row];
+        if (t < 0 || t >= C) {
+            dlogits[idx] = pycnn_nan();
+            continue;
+        }
+        const float p = probs[idx];
+        const float wt = has_weight ? weight[t] : 1.0f;
+        const float wc = has_weight ? weight[c] : 1.0f;
+        float g = (1.0f - eps) * wt * (p - (c == t ? 1.0f : 0.0f));
+        if (eps != 0.0f) g += eps / (float)C * (sumw * p - wc);
+        dlogits[idx] = g * scale;
+    }
+}
+
+// softplus(x) = log(1 + exp(x)) without overflow.
+__device__ __forceinline__ float pycnn_softplus(float x) {
+    return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x)));
+}
+
+__device__ __forceinline__ float pycnn_sigmoid(float x) {
+    if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
+    const float e = expf(x);
+    return e / (1.0f + e);
+}
+
+// Launch (all *_partial kernels): grid G blocks of PYCNN_BLOCK threads, partials has G slots.
+extern "C" __global__ void bce_fwd_partial_f32(const float* __restrict__ x,
+                                               const float* __restrict__ t,
+                                               const float* __restrict__ pos_weight,
+                                               int has_pos_weight, long long L, long long n,
+                                               double* __restrict__ partials) {
+    double acc = 0.0;
+    PYCNN_FOR_EACH(i, n) {
+        const float pw = has_pos_weight ? pos_weight[i % L] : 1.0f;
+        const float xi = x[i], ti = t[i];
+        acc += (double)(pw * ti * pycnn_softplus(-xi) + (1.0f - ti) * pycnn_softplus(xi));
+    }
+    acc = pycnn_block_sum_f64(acc);
+    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+}
+
+extern "C" __global__ void bce_bwd_f32(const float* __restrict__ x, const float* __restrict__ t,
+                                       const float* __restrict__ pos_weight, int has_pos_weight,
+                                       long long L, float scale, float* __restrict__ dx,
+                                       long long n) {
+    PYCNN_FOR_EACH(i, n) {
+        const float pw = has_pos_weight ? pos_weight[i % L] : 1.0f;
+        const float sg = pycnn_sigmoid(x[i]);
+        const float ti = t[i];
+        dx[i] = scale * (-pw * ti * (1.0f - sg) + (1.0f - ti) * sg);
+    }
+}
+
+extern "C" __global__ void mse_fwd_partial_f32(const float* __restrict__ pred,
+                                               const float* __restrict__ target, long long n,
+                                               double* __restrict__ partials) {
+    double acc = 0.0;
+    PYCNN_FOR_EACH(i, n) {
+        const float d = pred[i] - target[i];
+        acc += (double)(d * d);
+    }
+    acc = pycnn_block_sum_f64(acc);
+    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+}
+
+extern "C" __global__ void mse_bwd_f32(const float* __restrict__ pred,
+                                       const float* __restrict__ target, float scale,
+                                       float* __restrict__ dpred, long long n) {
+    PYCNN_FOR_EACH(i, n) { dpred[i] = scale * 2.0f * (pred[i] - target[i]); }
+}
+
+extern "C" __global__ void smooth_l1_fwd_partial_f32(const float* __restrict__ pred,
+                                                     const float* __restrict__ target, float beta,
+                                                     long long n, double* __restrict__ partials) {
+    double acc = 0.0;
+    PYCNN_FOR_EACH(i, n) {
+        const float d = pred[i] - target[i];
+        const float ad = fabsf(d);
+        // beta == 0: ad < 0 never holds, so this is plain L1, as in PyTorch.
+        acc += (double)(ad < beta ? 0.5f * d * d / beta : ad - 0.5f * beta);
+    }
+    acc = pycnn_block_sum_f64(acc);
+    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+}
+
+extern "C" __global__ void smooth_l1_bwd_f32(const float* __restrict__ pred,
+                                             const float* __restrict__ target, float beta,
+                                             float scale, float* __restrict__ dpred, long long n) {
+    PYCNN_FOR_EACH(i, n) {
+        const float d = pred[i] - target[i];
+        float g;
+        if (fabsf(d) < beta) g = d / beta;
+        else g = d > 0.0f ? 1.0f : (d < 0.0f ? -1.0f : 0.0f);
+        dpred[i] = scale * g;
+    }
+}
+
+// Launch: one block of PYCNN_BLOCK threads.
+extern "C" __global__ void sum_partials_f32(const double* __restrict__ partials, int G,
+                                            double scale, float* __restrict__ out) {
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < G; i += blockDim.x) acc += partials[i];
+    acc = pycnn_block_sum_f64(acc);
+    if (threadIdx.x == 0) out[0] = (float)(acc * scale);
+}

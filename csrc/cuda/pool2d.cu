@@ -1,0 +1,155 @@
+// pool2d.cu: 2-D max and average pooling, NCHW, float32, forward and backward.
+//
+// Output size Ho = (H + 2*ph - kh) // sh + 1 (as PyTorch); windows may overlap (stride < kernel).
+//
+// Kernels (v1 each, one thread per output element, flat index with the column fastest so a warp
+// touches consecutive addresses along W):
+//   maxpool2d_fwd_f32        max over the window, padding acts as -inf (padded cells are skipped);
+//                            writes argmax (int32) = h*W + w inside the (n, c) plane, the first
+//                            maximum in row-major window order on ties.
+//   maxpool2d_bwd_f32        gather: one thread per dx element loops over the (at most
+//                            ceil(kh/sh) * ceil(kw/sw)) windows that can contain it and sums dy
+//                            where argmax == its index, in row-major window order. No atomics, so
+//                            dx is bitwise reproducible even with overlapping windows.
+//   maxpool2d_bwd_scan_f32   the same sum when the window geometry is unknown: one thread per dx
+//                            row scans every output of its plane in row-major order. Slower
+//                            (O(Ho*Wo) per row) but deterministic; used only when the caller does
+//                            not pass kernel/stride/padding.
+//   avgpool2d_fwd_f32        mean over the window, padded zeros count in the divisor (kh*kw).
+//   avgpool2d_bwd_f32        gather: dx = sum over containing windows of dy / (kh*kw).
+#include "common.cuh"
+
+// First output row/column whose window [o*st - pad, o*st - pad + k - 1] contains position p.
+__device__ __forceinline__ int pycnn_first_window(int p, int k, int st, int pad) {
+    const int t = p + pad - k + 1;  // need o*st >= t
+    return t <= 0 ? 0 : (t + st - 1) / st;
+}
+
+// Last output row/column whose window contains p (clipped to the output size by the caller).
+__device__ __forceinline__ int pycnn_last_window(int p, int st, int pad) {
+    return (p + pad) / st;  // p + pad >= 0 always
+}
+
+extern "C" __global__ void maxpool2d_fwd_f32(
+    const float* __restrict__ x, float* __restrict__ y, int* __restrict__ argmax,
+    int N, int C, int H, int W, int Ho, int Wo, int kh, int kw, int sh, int sw, int ph, int pw) {
+    const pycnn_i64 total = (pycnn_i64)N * C * Ho * Wo;
+    PYCNN_FOR_EACH(idx, total) {
+        const int j = (int)(idx % Wo);
+        const int i = (int)((idx / Wo) % Ho);
+        const pycnn_i64 plane = idx / ((pycnn_i64)Wo * Ho);  // n * C + c
+        const float* xp = x + plane * H * (pycnn_i64)W;
+        const int h0 = i * sh - ph;
+        const int w0 = j * sw - pw;
+        float best = pycnn_neg_inf();
+        int best_idx = -1;
+        for (int r = 0; r < kh; ++r) {
+            const int h = h0 + r;
+            if (h < 0 || h >= H) continue;
+            for (int s = 0; s < kw; ++s) {
+                const int ww = w0 + s;
+                if (ww < 0 || ww >= W) continue;
+                const float v = xp[(pycnn_i64)h * W + ww];
+                // Strict > keeps the first maximum; best_idx < 0 takes the first real cell even
+                // when it is -inf, so argmax always points inside the input.
+                if (best_idx < 0 || v > best) {
+                    best = v;
+                    best_idx = h * W + ww;
+                }
+            }
+        }
+        y[idx] = best;
+        argmax[idx] = best_idx;
+    }
+}
+
+extern "C" __global__ void maxpool2d_bwd_f32(
+    const float* __restrict__ dy, const int* __restrict__ argmax, float* __restrict__ dx,
+    int N, int C, int H, int W, int Ho, int Wo, int kh, int kw, int sh, int sw, int ph, int pw) {
+    const pycnn_i64 total = (pycnn_i64)N * C * H * W;
+    PYCNN_FOR_EACH(idx, total) {
+        const int ww = (int)(idx % W);
+        const int h = (int)((idx / W) % H);
+        const pycnn_i64 plane = idx / ((pycnn_i64)W * H);
+        const int me = h * W + ww;
+        const int i_lo = pycnn_first_window(h, kh, sh, ph);
+        const int i_hi = min(pycnn_last_window(h, sh, ph), Ho - 1);
+        const int j_lo = pycnn_first_window(ww, kw, sw, pw);
+        const int j_hi = min(pycnn_last_window(ww, sw, pw), Wo - 1);
+        const pycnn_i64 base = plane * Ho * (pycnn_i64)Wo;
+        float acc = 0.0f;
+        for (int i = i_lo; i <= i_hi; ++i) {
+            for (int j = j_lo; j <= j_hi; ++j) {
+                const pycnn_i64 o = base + (pycnn_i64)i * Wo + j;
+                if (argmax[o] == me) acc += dy[o];
+            }
+        }
+        dx[idx] = acc;
+    }
+}
+
+// One thread per (n, c, h) row of dx: it owns the row, so plain stores suffice.
+extern "C" __global__ void maxpool2d_bwd_scan_f32(
+    const float* __restrict__ dy, const int* __restrict__ argmax, float* __restrict__ dx,
+    int N, int C, int H, int W, int Ho, int Wo) {
+    const pycnn_i64 rows = (pycnn_i64)N * C * H;
+    PYCNN_FOR_EACH(row, rows) {
+        const int h = (int)(row % H);
+        const pycnn_i64 plane = row / H;
+        float* dxr = dx + row * (pycnn_i64)W;
+        for (int ww = 0; ww < W; ++ww) dxr[ww] = 0.0f;
+        const pycnn_i64 base = plane * Ho * (pycnn_i64)Wo;
+        const int lo = h * W, hi = h * W + W;  // argmax values that fall in this row
+        for (pycnn_i64 o = 0; o < (pycnn_i64)Ho * Wo; ++o) {
+            const int a = argmax[base + o];
+            if (a >= lo && a < hi) dxr[a - lo] += dy[base + o];
+        }
+    }
+}
+
+extern "C" __global__ void avgpool2d_fwd_f32(
+    const float* __restrict__ x, float* __restrict__ y,
+    int N, int C, int H, int W, int Ho, int Wo, int kh, int kw, int sh, int sw, int ph, int pw) {
+    const pycnn_i64 total = (pycnn_i64)N * C * Ho * Wo;
+    const float inv = 1.0f / (float)(kh * kw);  // padded zeros count (count_include_pad=True)
+    PYCNN_FOR_EACH(idx, total) {
+        const int j = (int)(idx % Wo);
+        const int i = (int)((idx / Wo) % Ho);
+        const pycnn_i64 plane = idx / ((pycnn_i64)Wo * Ho);
+        const float* xp = x + plane * H * (pycnn_i64)W;
+        const int h0 = i * sh - ph;
+        const int w0 = j * sw - pw;
+        float acc = 0.0f;
+        for (int r = 0; r < kh; ++r) {
+            const int h = h0 + r;
+            if (h < 0 || h >= H) continue;
+            for (int s = 0; s < kw; ++s) {
+                const int ww = w0 + s;
+                if (ww < 0 || ww >= W) continue;
+                acc += xp[(pycnn_i64)h * W + ww];
+            }
+        }
+        y[idx] = acc * inv;
+    }
+}
+
+extern "C" __global__ void avgpool2d_bwd_f32(
+    const float* __restrict__ dy, float* __restrict__ dx,
+    int N, int C, int H, int W, int Ho, int Wo, int kh, int kw, int sh, int sw, int ph, int pw) {
+    const pycnn_i64 total = (pycnn_i64)N * C * H * W;
+    const float inv = 1.0f / (float)(kh * kw);
+    PYCNN_FOR_EACH(idx, total) {
+        const int ww = (int)(idx % W);
+        const int h = (int)((idx / W) % H);
+        const pycnn_i64 plane = idx / ((pycnn_i64)W * H);
+        const int i_lo = pycnn_first_window(h, kh, sh, ph);
+        const int i_hi = min(pycnn_last_window(h, sh, ph), Ho - 1);
+        const int j_lo = pycnn_first_window(ww, kw, sw, pw);
+        const int j_hi = min(pycnn_last_window(ww, sw, pw), Wo - 1);
+        const float* dyp = dy + plane * Ho * (pycnn_i64)Wo;
+        float acc = 0.0f;
+        for (int i = i_lo; i <= i_hi; ++i)
+            for (int j = j_lo; j <= j_hi; ++j) acc += dyp[(pycnn_i64)i * Wo + j];
+        dx[idx] = acc * inv;
+    }
+}
