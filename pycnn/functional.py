@@ -1,0 +1,359 @@
+"""Differentiable ops: validate once, call the backend table, define the backward right there.
+
+Each op checks its arguments (shapes, dtypes, devices) and raises an error that names the op,
+the argument, what was expected and what was given. It then calls the backend chosen for the
+inputs' device (see ``pycnn.backends``) and returns a Tensor whose backward closure calls the
+matching backward function of the same backend.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pycnn import backends
+from pycnn import random as _random
+from pycnn.tensor import Tensor, array_module, is_grad_enabled, move_array
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _pair(value, op: str, name: str) -> tuple:
+    if isinstance(value, (int, np.integer)):
+        return int(value), int(value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, (int, np.integer)) for v in value):
+        return int(value[0]), int(value[1])
+    raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
+
+
+def _check_tensor(op: str, name: str, t, ndim=None) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a pycnn Tensor, got {type(t).__name__}")
+    if t.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{op}: {name} must be float32 or float64, got {t.dtype}")
+    if t.device == "cuda" and t.dtype != np.float32:
+        raise TypeError(f"{op}: {name} on the GPU must be float32, got {t.dtype}")
+    if ndim is not None and t.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
+        raise ValueError(f"{op}: {name} must be {ndim}-D, got {t.ndim}-D tensor of shape {t.shape}")
+    return t
+
+
+def _same_device_and_dtype(op: str, **tensors) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{op}: {first_name} is on {first.device} but {name} is on {t.device}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{op}: {first_name} is {first.dtype} but {name} is {t.dtype}")
+
+
+def _contiguous(array):
+    return array if array.flags.c_contiguous else array_module(array).ascontiguousarray(array)
+
+
+def _backend(t: Tensor):
+    return backends.for_device(t.device)
+
+
+def _check_window(op, x_shape, kernel, stride, padding, pool: bool):
+    kh, kw = kernel
+    sh, sw = stride
+    ph, pw = padding
+    if sh < 1 or sw < 1:
+        raise ValueError(f"{op}: stride must be >= 1, got {stride}")
+    if ph < 0 or pw < 0:
+        raise ValueError(f"{op}: padding must be >= 0, got {padding}")
+    if kh < 1 or kw < 1:
+        raise ValueError(f"{op}: kernel size must be >= 1, got {kernel}")
+    h, w = x_shape[2:]
+    if kh > h + 2 * ph or kw > w + 2 * pw:
+        raise ValueError(f"{op}: kernel {kh}x{kw} is larger than the padded input "
+                         f"{h + 2 * ph}x{w + 2 * pw} (input {h}x{w}, padding {padding})")
+    if pool and (ph > kh // 2 or pw > kw // 2):
+        raise ValueError(f"{op}: padding must be at most half the kernel size, got padding {padding} "
+                         f"for kernel {kernel}")
+
+
+# ----------------------------------------------------------------------------- convolution
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0) -> Tensor:
+    """2-D cross-correlation of NCHW ``x`` with ``weight`` (K, C, R, S), plus ``bias`` (K,).
+
+    Raises:
+        ValueError: on shape mismatches, stride < 1, negative padding or a kernel larger than
+            the padded input. TypeError: on non-float input or mixed dtypes.
+    """
+    op = "conv2d"
+    _check_tensor(op, "input", x, 4)
+    _check_tensor(op, "weight", weight, 4)
+    if bias is not None:
+        _check_tensor(op, "bias", bias, 1)
+    _same_device_and_dtype(op, input=x, weight=weight, bias=bias)
+    stride, padding = _pair(stride, op, "stride"), _pair(padding, op, "padding")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"{op}: weight expects {weight.shape[1]} input channels but input has "
+                         f"{x.shape[1]} (input shape {x.shape}, weight shape {weight.shape})")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {bias.shape}")
+    _check_window(op, x.shape, weight.shape[2:], stride, padding, pool=False)
+
+    be = _backend(x)
+    xd, wd = _contiguous(x.data), _contiguous(weight.data)
+    y = be.conv2d_forward(xd, wd, None if bias is None else bias.data, stride, padding)
+
+    def backward(g):
+        g = _contiguous(g)
+        dx = be.conv2d_backward_data(g, wd, xd.shape, stride, padding) if x.requires_grad else None
+        dw = db = None
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            dw, db = be.conv2d_backward_weight(g, xd, wd.shape, stride, padding)
+        return dx, dw, db
+
+    return Tensor._from_op(y, (x, weight, bias), backward, op)
+
+
+# ----------------------------------------------------------------------------- pooling
+
+
+def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0) -> Tensor:
+    """Max pooling over NCHW windows; ``stride`` defaults to ``kernel_size`` (as in PyTorch)."""
+    op = "max_pool2d"
+    _check_tensor(op, "input", x, 4)
+    kernel = _pair(kernel_size, op, "kernel_size")
+    stride = kernel if stride is None else _pair(stride, op, "stride")
+    padding = _pair(padding, op, "padding")
+    _check_window(op, x.shape, kernel, stride, padding, pool=True)
+    be = _backend(x)
+    xd = _contiguous(x.data)
+    y, argmax = be.maxpool2d_forward(xd, kernel, stride, padding)
+    return Tensor._from_op(y, (x,), lambda g: (be.maxpool2d_backward(_contiguous(g), argmax, xd.shape),), op)
+
+
+def avg_pool2d(x: Tensor, kernel_size, stride=None, padding=0) -> Tensor:
+    """Average pooling (padded zeros count in the divisor, PyTorch's default)."""
+    op = "avg_pool2d"
+    _check_tensor(op, "input", x, 4)
+    kernel = _pair(kernel_size, op, "kernel_size")
+    stride = kernel if stride is None else _pair(stride, op, "stride")
+    padding = _pair(padding, op, "padding")
+    _check_window(op, x.shape, kernel, stride, padding, pool=True)
+    be = _backend(x)
+    xd = _contiguous(x.data)
+    y = be.avgpool2d_forward(xd, kernel, stride, padding)
+    return Tensor._from_op(
+        y, (x,), lambda g: (be.avgpool2d_backward(_contiguous(g), xd.shape, kernel, stride, padding),), op)
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def relu(x: Tensor) -> Tensor:
+    _check_tensor("relu", "input", x)
+    be = _backend(x)
+    y = be.relu_forward(_contiguous(x.data))
+    return Tensor._from_op(y, (x,), lambda g: (be.relu_backward(_contiguous(g), y),), "relu")
+
+
+def leaky_relu(x: Tensor, negative_slope: float = 0.01) -> Tensor:
+    _check_tensor("leaky_relu", "input", x)
+    be = _backend(x)
+    xd = _contiguous(x.data)
+    slope = float(negative_slope)
+    y = be.leaky_relu_forward(xd, slope)
+    return Tensor._from_op(y, (x,), lambda g: (be.leaky_relu_backward(_contiguous(g), xd, slope),), "leaky_relu")
+
+
+def sigmoid(x: Tensor) -> Tensor:
+    _check_tensor("sigmoid", "input", x)
+    be = _backend(x)
+    y = be.sigmoid_forward(_contiguous(x.data))
+    return Tensor._from_op(y, (x,), lambda g: (be.sigmoid_backward(_contiguous(g), y),), "sigmoid")
+
+
+def tanh(x: Tensor) -> Tensor:
+    _check_tensor("tanh", "input", x)
+    be = _backend(x)
+    y = be.tanh_forward(_contiguous(x.data))
+    return Tensor._from_op(y, (x,), lambda g: (be.tanh_backward(_contiguous(g), y),), "tanh")
+
+
+def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    """Softmax along ``axis`` (max-subtracted, so it never overflows)."""
+    _check_tensor("softmax", "input", x)
+    xp = array_module(x.data)
+    shifted = x.data - x.data.max(axis=axis, keepdims=True)
+    e = xp.exp(shifted)
+    y = e / e.sum(axis=axis, keepdims=True)
+    return Tensor._from_op(y, (x,), lambda g: (y * (g - (g * y).sum(axis=axis, keepdims=True)),), "softmax")
+
+
+def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    """log(softmax(x)) through log-sum-exp."""
+    _check_tensor("log_softmax", "input", x)
+    xp = array_module(x.data)
+    shifted = x.data - x.data.max(axis=axis, keepdims=True)
+    y = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+    return Tensor._from_op(y, (x,), lambda g: (g - xp.exp(y) * g.sum(axis=axis, keepdims=True),), "log_softmax")
+
+
+def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
+    """Zero each element with probability ``p`` and scale the rest by 1/(1-p) (training only)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not training or p == 0.0:
+        return x
+    keep = _random.generator().random(x.shape) >= p
+    mask = move_array((keep / (1.0 - p)).astype(x.dtype), x.device)
+    return Tensor._from_op(x.data * mask, (x,), lambda g: (g * mask,), "dropout")
+
+
+# ----------------------------------------------------------------------------- linear
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = x @ weight.T + bias, with x (N, in), weight (out, in), bias (out,)."""
+    op = "linear"
+    _check_tensor(op, "input", x, 2)
+    _check_tensor(op, "weight", weight, 2)
+    if bias is not None:
+        _check_tensor(op, "bias", bias, 1)
+    _same_device_and_dtype(op, input=x, weight=weight, bias=bias)
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"{op}: weight expects {weight.shape[1]} input features but input has "
+                         f"{x.shape[1]} (input shape {x.shape}, weight shape {weight.shape})")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {bias.shape}")
+    be = _backend(x)
+    xd, wd = _contiguous(x.data), _contiguous(weight.data)
+    y = be.linear_forward(xd, wd, None if bias is None else bias.data)
+
+    def backward(g):
+        dx, dw, db = be.linear_backward(_contiguous(g), xd, wd)
+        return dx, dw, db
+
+    return Tensor._from_op(y, (x, weight, bias), backward, op)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _check_reduction(op, reduction):
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"{op}: reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def _target_array(op, target, device):
+    data = target.data if isinstance(target, Tensor) else target
+    data = move_array(np.asarray(data) if not hasattr(data, "__cuda_array_interface__") else data, device)
+    return data
+
+
+def _scalar_loss(op, loss, parents, grad_fn):
+    """Wrap a 0-d loss; its backward calls ``grad_fn(dloss: float)``.
+
+    On the GPU the upstream gradient stays on the device (reading it would synchronize every
+    step), so the backward runs with dloss=1 and the result is scaled on the device.
+    """
+    def backward(g):
+        if isinstance(g, np.ndarray):
+            return (grad_fn(float(g)),)
+        return (grad_fn(1.0) * g,)
+
+    return Tensor._from_op(loss, parents, backward, op)
+
+
+def cross_entropy(logits: Tensor, target, weight=None, label_smoothing: float = 0.0,
+                  reduction: str = "mean") -> Tensor:
+    """Softmax cross-entropy of (N, C) ``logits`` against integer class indices ``target`` (N,).
+
+    Args:
+        weight: optional per-class weights (C,) (array or Tensor); the mean divides by the sum
+            of the targets' weights, as in PyTorch.
+        label_smoothing: in [0, 1]; mixes the one-hot target with the uniform distribution.
+    Raises:
+        ValueError: wrong shapes, a label count different from the batch size, labels out of
+            range (checked for CPU tensors; on the GPU an out-of-range label yields a NaN loss
+            instead of a host synchronization).
+    """
+    op = "cross_entropy"
+    _check_tensor(op, "logits", logits, 2)
+    _check_reduction(op, reduction)
+    n, classes = logits.shape
+    t = _target_array(op, target, logits.device)
+    if t.ndim != 1 or t.shape[0] != n:
+        raise ValueError(f"{op}: target must have shape ({n},) (one label per row of logits), got {tuple(t.shape)}")
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"{op}: target must hold integer class indices, got dtype {t.dtype}")
+    if logits.device == "cpu" and n > 0 and (t.min() < 0 or t.max() >= classes):
+        raise ValueError(f"{op}: target labels must be in [0, {classes}), got values from {t.min()} to {t.max()}")
+    t = t.astype(np.int64 if logits.device == "cpu" else np.int32, copy=False)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    w = None
+    if weight is not None:
+        w = _target_array(op, weight, logits.device).astype(logits.dtype)
+        if w.shape != (classes,):
+            raise ValueError(f"{op}: weight must have shape ({classes},), got {tuple(w.shape)}")
+    be = _backend(logits)
+    loss, probs = be.softmax_cross_entropy_forward(_contiguous(logits.data), t, w, float(label_smoothing), reduction)
+    return _scalar_loss(op, loss, (logits,), lambda g: be.softmax_cross_entropy_backward(
+        g, probs, t, w, float(label_smoothing), reduction))
+
+
+def binary_cross_entropy_with_logits(logits: Tensor, target, pos_weight=None, reduction: str = "mean") -> Tensor:
+    """Sigmoid + binary cross-entropy in one stable step; ``pos_weight`` scales positive targets."""
+    op = "binary_cross_entropy_with_logits"
+    _check_tensor(op, "logits", logits)
+    _check_reduction(op, reduction)
+    t = _target_array(op, target, logits.device).astype(logits.dtype, copy=False)
+    if tuple(t.shape) != logits.shape:
+        raise ValueError(f"{op}: target shape {tuple(t.shape)} must equal logits shape {logits.shape}")
+    pw = None
+    if pos_weight is not None:
+        pw = _target_array(op, pos_weight, logits.device).astype(logits.dtype)
+        if pw.ndim > 1 or (pw.ndim == 1 and logits.ndim and pw.shape[0] not in (1, logits.shape[-1])):
+            raise ValueError(f"{op}: pos_weight must broadcast against the last dim of logits "
+                             f"({logits.shape[-1] if logits.ndim else 1}), got shape {tuple(pw.shape)}")
+    be = _backend(logits)
+    xd, t = _contiguous(logits.data), _contiguous(t)
+    loss = be.bce_with_logits_forward(xd, t, pw, reduction)
+    return _scalar_loss(op, loss, (logits,), lambda g: be.bce_with_logits_backward(g, xd, t, pw, reduction))
+
+
+def _regression_target(op, pred, target):
+    _check_tensor(op, "input", pred)
+    t = _target_array(op, target, pred.device).astype(pred.dtype, copy=False)
+    if tuple(t.shape) != pred.shape:
+        raise ValueError(f"{op}: target shape {tuple(t.shape)} must equal input shape {pred.shape}")
+    return _contiguous(pred.data), _contiguous(t)
+
+
+def mse_loss(pred: Tensor, target, reduction: str = "mean") -> Tensor:
+    """Mean (or summed) squared error; the target gets no gradient."""
+    op = "mse_loss"
+    _check_reduction(op, reduction)
+    pd, t = _regression_target(op, pred, target)
+    be = _backend(pred)
+    loss = be.mse_forward(pd, t, reduction)
+    return _scalar_loss(op, loss, (pred,), lambda g: be.mse_backward(g, pd, t, reduction))
+
+
+def smooth_l1_loss(pred: Tensor, target, reduction: str = "mean", beta: float = 1.0) -> Tensor:
+    """Huber-like loss: quadratic below ``beta``, linear above (PyTorch's smooth_l1_loss)."""
+    op = "smooth_l1_loss"
+    _check_reduction(op, reduction)
+    if beta < 0:
+        raise ValueError(f"{op}: beta must be >= 0, got {beta}")
+    pd, t = _regression_target(op, pred, target)
+    be = _backend(pred)
+    loss = be.smooth_l1_forward(pd, t, float(beta), reduction)
+    return _scalar_loss(op, loss, (pred,), lambda g: be.smooth_l1_backward(g, pd, t, float(beta), reduction))
+
+
+def flatten(x: Tensor, start_dim: int = 1) -> Tensor:
+    return x.flatten(start_dim)
+
+
+__all__ = ["conv2d", "max_pool2d", "avg_pool2d", "relu", "leaky_relu", "sigmoid", "tanh", "softmax",
+           "log_softmax", "dropout", "linear", "cross_entropy", "binary_cross_entropy_with_logits",
+           "mse_loss", "smooth_l1_loss", "flatten", "is_grad_enabled"]

@@ -1,0 +1,170 @@
+"""Layers: thin Modules over pycnn.functional (they never import a backend)."""
+from __future__ import annotations
+
+import numpy as np
+
+from pycnn import functional as F
+from pycnn.nn import init
+from pycnn.nn.module import Module, Parameter
+from pycnn.tensor import Tensor
+
+
+def _pair(v):
+    return (int(v), int(v)) if isinstance(v, (int, np.integer)) else tuple(int(i) for i in v)
+
+
+def _check_input(layer: str, x, ndim: int):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{layer} expects a pycnn Tensor, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(f"{layer} expects a {ndim}-D input, got shape {x.shape}")
+
+
+class Conv2d(Module):
+    """2-D convolution over NCHW input, PyTorch's default initialization."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 bias: bool = True, dtype=np.float32):
+        super().__init__()
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"Conv2d: channel counts must be >= 1, got in={in_channels}, out={out_channels}")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size, self.stride, self.padding = _pair(kernel_size), _pair(stride), _pair(padding)
+        if min(self.stride) < 1:
+            raise ValueError(f"Conv2d: stride must be >= 1, got {stride}")
+        if min(self.padding) < 0:
+            raise ValueError(f"Conv2d: padding must be >= 0, got {padding}")
+        shape = (self.out_channels, self.in_channels) + self.kernel_size
+        self.weight = Parameter(init.kaiming_uniform(shape, dtype=dtype))
+        self.bias = Parameter(init.default_bias((self.out_channels,), shape, dtype)) if bias else None
+
+    def forward(self, x):
+        _check_input("Conv2d", x, 4)
+        if x.shape[1] != self.in_channels:
+            plural = "" if x.shape[1] == 1 else "s"
+            raise ValueError(f"Conv2d(in_channels={self.in_channels}) got input with {x.shape[1]} "
+                             f"channel{plural} (shape {x.shape})")
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
+
+
+class Linear(Module):
+    """Fully connected layer y = x @ W.T + b, PyTorch's default initialization."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype=np.float32):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        shape = (self.out_features, self.in_features)
+        self.weight = Parameter(init.kaiming_uniform(shape, dtype=dtype))
+        self.bias = Parameter(init.default_bias((self.out_features,), shape, dtype)) if bias else None
+
+    def forward(self, x):
+        _check_input("Linear", x, 2)
+        if x.shape[1] != self.in_features:
+            raise ValueError(f"Linear(in_features={self.in_features}) got input with {x.shape[1]} "
+                             f"features (shape {x.shape})")
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class MaxPool2d(Module):
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.kernel_size = _pair(kernel_size)
+        self.stride = self.kernel_size if stride is None else _pair(stride)
+        self.padding = _pair(padding)
+
+    def forward(self, x):
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class AvgPool2d(MaxPool2d):
+    def forward(self, x):
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+
+class Flatten(Module):
+    """Flatten every dimension from ``start_dim`` on (default: keep the batch axis)."""
+
+    def __init__(self, start_dim: int = 1):
+        super().__init__()
+        self.start_dim = start_dim
+
+    def forward(self, x):
+        return x.flatten(self.start_dim)
+
+
+class ReLU(Module):
+    def forward(self, x):
+        return F.relu(x)
+
+
+class LeakyReLU(Module):
+    def __init__(self, negative_slope: float = 0.01):
+        super().__init__()
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, x):
+        return F.leaky_relu(x, self.negative_slope)
+
+    def extra_repr(self):
+        return f"negative_slope={self.negative_slope}"
+
+
+class Sigmoid(Module):
+    def forward(self, x):
+        return F.sigmoid(x)
+
+
+class Tanh(Module):
+    def forward(self, x):
+        return F.tanh(x)
+
+
+class Dropout(Module):
+    """Randomly zero elements with probability p in training mode; identity in eval mode."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
+        self.p = float(p)
+
+    def forward(self, x):
+        return F.dropout(x, self.p, self.training)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class Sequential(Module):
+    """Apply modules in order; children are named '0', '1', ..."""
+
+    def __init__(self, *modules: Module):
+        super().__init__()
+        for i, module in enumerate(modules):
+            if not isinstance(module, Module):
+                raise TypeError(f"Sequential: item {i} is {type(module).__name__}, not a Module")
+            setattr(self, str(i), module)
+
+    def __getitem__(self, index):
+        return list(self._modules.values())[index]
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def forward(self, x):
+        for module in self._modules.values():
+            x = module(x)
+        return x

@@ -1,0 +1,537 @@
+"""Tensor and the autograd engine.
+
+A Tensor wraps a NumPy array (on the CPU) or a CuPy array (on the GPU). Every differentiable
+operation creates its output with ``Tensor._from_op(data, parents, backward)``, where
+``backward(grad_output)`` returns one gradient array (or None) per parent. ``Tensor.backward``
+sorts the graph topologically with an explicit stack (no recursion, so a 10,000-op chain is
+fine), walks it in reverse and accumulates gradients with ``+=``.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+_state = threading.local()
+
+
+def is_grad_enabled() -> bool:
+    return getattr(_state, "grad_enabled", True)
+
+
+class no_grad(contextlib.ContextDecorator):
+    """Context manager / decorator that disables graph recording (inference, optimizer steps)."""
+
+    def __enter__(self):
+        self._previous = is_grad_enabled()
+        _state.grad_enabled = False
+        return self
+
+    def __exit__(self, *exc):
+        _state.grad_enabled = self._previous
+        return False
+
+
+# ----------------------------------------------------------------------------- devices
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        raise RuntimeError("device 'cuda' needs CuPy: pip install 'pycnn[cuda13]' (or [cuda12])") from exc
+    return cupy
+
+
+def device_of(array) -> str:
+    """'cuda' for CuPy (CUDA) arrays, 'cpu' for everything else."""
+    return "cuda" if hasattr(array, "__cuda_array_interface__") else "cpu"
+
+
+def array_module(array):
+    """numpy or cupy, whichever owns ``array``."""
+    return np if device_of(array) == "cpu" else _cupy()
+
+
+def _normalize_device(device) -> str:
+    name = str(device)
+    if name.startswith("cuda"):
+        return "cuda"
+    if name == "cpu":
+        return "cpu"
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
+def move_array(array, device: str):
+    """Return ``array`` on ``device`` (no copy when it is already there)."""
+    device = _normalize_device(device)
+    if device_of(array) == device:
+        return array
+    if device == "cuda":
+        return _cupy().asarray(array)
+    return array.get()
+
+
+def _as_array(data, dtype=None):
+    if isinstance(data, Tensor):
+        data = data.data
+    if isinstance(data, np.ndarray) or device_of(data) == "cuda":
+        return data if dtype is None else data.astype(dtype, copy=False)
+    if isinstance(data, np.generic):
+        return np.asarray(data, dtype=dtype)
+    array = np.asarray(data, dtype=dtype)
+    if dtype is None and array.dtype == np.float64:
+        array = array.astype(np.float32)  # Python floats become float32, as in PyTorch
+    return array
+
+
+def _unbroadcast(grad, shape):
+    """Sum ``grad`` down to ``shape`` (the inverse of NumPy broadcasting)."""
+    if grad.shape == tuple(shape):
+        return grad
+    extra = grad.ndim - len(shape)
+    if extra > 0:
+        grad = grad.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    return grad.reshape(shape)
+
+
+# ----------------------------------------------------------------------------- Tensor
+
+class Tensor:
+    """An n-dimensional array with optional gradient tracking.
+
+    Args:
+        data: a NumPy or CuPy array, a Tensor, or nested Python numbers (floats become float32).
+        requires_grad: record operations on this tensor so ``backward`` can fill ``.grad``.
+        dtype: optional dtype to convert to.
+        device: optional 'cpu' or 'cuda' to move the data to.
+    """
+
+    __array_priority__ = 1000  # so ndarray <op> Tensor defers to Tensor's reflected operator
+
+    def __init__(self, data, requires_grad: bool = False, dtype=None, device=None):
+        array = _as_array(data, dtype)
+        if device is not None:
+            array = move_array(array, device)
+        self.data = array
+        self.grad: Tensor | None = None
+        self.requires_grad = bool(requires_grad)
+        self._parents: tuple = ()
+        self._backward = None
+        self._op = ""
+        if self.requires_grad and self.data.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"only float32/float64 tensors can require gradients, got {self.data.dtype}")
+
+    # -- construction of graph nodes
+    @classmethod
+    def _from_op(cls, data, parents, backward, op: str) -> "Tensor":
+        out = cls.__new__(cls)
+        out.data = data
+        out.grad = None
+        needs = is_grad_enabled() and any(p is not None and p.requires_grad for p in parents)
+        out.requires_grad = needs
+        out._parents = tuple(parents) if needs else ()
+        out._backward = backward if needs else None
+        out._op = op
+        return out
+
+    # -- basic properties
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def size(self) -> int:
+        return int(self.data.size)
+
+    @property
+    def device(self) -> str:
+        return device_of(self.data)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._backward is None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        dev = ", device='cuda'" if self.device == "cuda" else ""
+        body = np.array2string(self.numpy(), precision=4, threshold=20, edgeitems=2)
+        return f"tensor({body}, dtype={self.dtype}{dev}{grad})"
+
+    # -- conversion
+    def numpy(self) -> np.ndarray:
+        """The data as a NumPy array (copied from the GPU if needed; no gradient tracking)."""
+        return self.data if self.device == "cpu" else self.data.get()
+
+    def __array__(self, dtype=None, copy=None):
+        array = self.numpy()
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def item(self):
+        """The value of a one-element tensor as a Python number."""
+        if self.size != 1:
+            raise ValueError(f"item() needs a tensor with one element, got shape {self.shape}")
+        return self.numpy().reshape(-1)[0].item()
+
+    def tolist(self):
+        return self.numpy().tolist()
+
+    def detach(self) -> "Tensor":
+        """A tensor sharing this data, cut from the graph."""
+        return Tensor(self.data)
+
+    def to(self, device) -> "Tensor":
+        """This tensor on ``device`` ('cpu' or 'cuda'); the same object if already there.
+
+        The result is a new leaf that keeps ``requires_grad``.
+        """
+        device = _normalize_device(device)
+        if device == self.device:
+            return self
+        return Tensor(move_array(self.data, device), requires_grad=self.requires_grad)
+
+    def cpu(self) -> "Tensor":
+        return self.to("cpu")
+
+    def cuda(self) -> "Tensor":
+        return self.to("cuda")
+
+    def astype(self, dtype) -> "Tensor":
+        data = self.data.astype(dtype)
+        return Tensor._from_op(data, (self,), lambda g: (g.astype(self.dtype),), "astype")
+
+    # -- DLPack (zero-copy exchange with CuPy, PyTorch, NumPy)
+    def __dlpack__(self, *args, **kwargs):
+        return self.data.__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self):
+        return self.data.__dlpack_device__()
+
+    # -- autograd
+    def backward(self, gradient=None) -> None:
+        """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires grad.
+
+        Args:
+            gradient: the gradient of some scalar with respect to this tensor; may be omitted
+                only when this tensor has one element (it then defaults to 1).
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad "
+                               "(no input required grad, or it was computed under no_grad())")
+        xp = array_module(self.data)
+        if gradient is None:
+            if self.size != 1:
+                raise RuntimeError(f"backward() without a gradient needs a scalar output, got shape {self.shape}")
+            seed = xp.ones(self.data.shape, dtype=self.dtype)
+        else:
+            seed = _as_array(gradient, self.dtype)
+            if seed.shape != self.data.shape:
+                raise ValueError(f"backward(gradient): gradient shape {seed.shape} != tensor shape {self.shape}")
+            seed = move_array(seed, self.device)
+
+        order = self._topological_order()
+        grads = {id(self): seed}
+        for node in reversed(order):
+            grad = grads.pop(id(node), None)
+            if grad is None:
+                continue
+            if node._backward is None:  # a leaf: accumulate into .grad
+                if node.requires_grad:
+                    if node.grad is None:
+                        node.grad = Tensor(grad.copy() if grad is seed else grad)
+                    else:
+                        node.grad.data = node.grad.data + grad
+                continue
+            parent_grads = node._backward(grad)
+            for parent, pgrad in zip(node._parents, parent_grads):
+                if parent is None or pgrad is None or not parent.requires_grad:
+                    continue
+                if pgrad.shape != parent.data.shape:
+                    pgrad = _unbroadcast(pgrad, parent.data.shape)
+                key = id(parent)
+                if key in grads:
+                    grads[key] = grads[key] + pgrad
+                else:
+                    grads[key] = pgrad
+
+    def _topological_order(self) -> list:
+        """Nodes in an order where every node comes after all of its parents (iterative DFS)."""
+        order, visited = [], set()
+        stack = [(self, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if expanded:
+                order.append(node)
+                continue
+            if id(node) in visited:
+                continue
+            visited.add(id(node))
+            stack.append((node, True))
+            for parent in node._parents:
+                if parent is not None and parent.requires_grad and id(parent) not in visited:
+                    stack.append((parent, False))
+        return order
+
+    # -- elementwise arithmetic (broadcasting; backward reduces to each input's shape)
+    def _coerce(self, other, op: str) -> "Tensor":
+        if isinstance(other, Tensor):
+            if other.device != self.device:
+                raise ValueError(f"{op}: tensors are on different devices: {self.device} and {other.device}")
+            return other
+        if isinstance(other, (int, float, bool, np.generic)):
+            return Tensor(self.data.dtype.type(other) if self.data.dtype.kind == "f" else other)
+        return Tensor(move_array(_as_array(other), self.device))
+
+    def __add__(self, other):
+        other = self._coerce(other, "add")
+        return Tensor._from_op(self.data + other.data, (self, other), lambda g: (g, g), "add")
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        other = self._coerce(other, "sub")
+        return Tensor._from_op(self.data - other.data, (self, other), lambda g: (g, -g), "sub")
+
+    def __rsub__(self, other):
+        return self._coerce(other, "sub").__sub__(self)
+
+    def __mul__(self, other):
+        other = self._coerce(other, "mul")
+        a, b = self.data, other.data
+        return Tensor._from_op(a * b, (self, other), lambda g: (g * b, g * a), "mul")
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other):
+        other = self._coerce(other, "div")
+        a, b = self.data, other.data
+        return Tensor._from_op(a / b, (self, other), lambda g: (g / b, -g * a / (b * b)), "div")
+
+    def __rtruediv__(self, other):
+        return self._coerce(other, "div").__truediv__(self)
+
+    def __neg__(self):
+        return Tensor._from_op(-self.data, (self,), lambda g: (-g,), "neg")
+
+    def __pow__(self, exponent):
+        if isinstance(exponent, Tensor):
+            raise TypeError("pow: only a Python number exponent is supported")
+        a = self.data
+        e = a.dtype.type(exponent) if a.dtype.kind == "f" else exponent
+        return Tensor._from_op(a ** e, (self,), lambda g: (g * e * a ** (e - 1),), "pow")
+
+    def __matmul__(self, other):
+        other = self._coerce(other, "matmul")
+        a, b = self.data, other.data
+        if a.ndim != 2 or b.ndim != 2:
+            raise ValueError(f"matmul: expected two 2-D tensors, got shapes {a.shape} and {b.shape}")
+        if a.shape[1] != b.shape[0]:
+            raise ValueError(f"matmul: inner dimensions differ: {a.shape} @ {b.shape}")
+        return Tensor._from_op(a @ b, (self, other), lambda g: (g @ b.T, a.T @ g), "matmul")
+
+    # -- comparisons (no gradient)
+    def _compare(self, other, fn):
+        other_data = other.data if isinstance(other, Tensor) else other
+        return Tensor(fn(self.data, other_data))
+
+    def __gt__(self, other):
+        return self._compare(other, lambda a, b: a > b)
+
+    def __ge__(self, other):
+        return self._compare(other, lambda a, b: a >= b)
+
+    def __lt__(self, other):
+        return self._compare(other, lambda a, b: a < b)
+
+    def __le__(self, other):
+        return self._compare(other, lambda a, b: a <= b)
+
+    def eq(self, other) -> "Tensor":
+        return self._compare(other, lambda a, b: a == b)
+
+    __hash__ = object.__hash__
+
+    # -- unary math
+    def exp(self):
+        y = array_module(self.data).exp(self.data)
+        return Tensor._from_op(y, (self,), lambda g: (g * y,), "exp")
+
+    def log(self):
+        a = self.data
+        return Tensor._from_op(array_module(a).log(a), (self,), lambda g: (g / a,), "log")
+
+    def sqrt(self):
+        y = array_module(self.data).sqrt(self.data)
+        return Tensor._from_op(y, (self,), lambda g: (g / (2 * y),), "sqrt")
+
+    def abs(self):
+        a = self.data
+        xp = array_module(a)
+        return Tensor._from_op(xp.abs(a), (self,), lambda g: (g * xp.sign(a),), "abs")
+
+    def clamp(self, min=None, max=None):  # noqa: A002 - PyTorch's names
+        a = self.data
+        xp = array_module(a)
+        y = xp.clip(a, min, max)
+        def backward(g):
+            mask = xp.ones(a.shape, dtype=bool)
+            if min is not None:
+                mask &= a >= min
+            if max is not None:
+                mask &= a <= max
+            return (g * mask,)
+        return Tensor._from_op(y, (self,), backward, "clamp")
+
+    # -- reductions
+    def sum(self, axis=None, keepdims: bool = False):
+        a = self.data
+        xp = array_module(a)
+
+        def backward(g):
+            if axis is not None and not keepdims:
+                g = xp.expand_dims(g, axis)
+            return (xp.broadcast_to(g, a.shape),)
+
+        return Tensor._from_op(a.sum(axis=axis, keepdims=keepdims), (self,), backward, "sum")
+
+    def mean(self, axis=None, keepdims: bool = False):
+        a = self.data
+        count = a.size if axis is None else int(np.prod([a.shape[i] for i in np.atleast_1d(axis)]))
+        return self.sum(axis=axis, keepdims=keepdims) * (1.0 / count)
+
+    def max(self, axis=None, keepdims: bool = False):
+        """Maximum; the gradient goes to the (first) maximal element."""
+        a = self.data
+        xp = array_module(a)
+        if axis is None:
+            flat_index = int(a.argmax())
+            y = a.reshape(-1)[flat_index]
+
+            def backward(g):
+                out = xp.zeros(a.size, dtype=a.dtype)
+                out[flat_index] = g
+                return (out.reshape(a.shape),)
+
+            return Tensor._from_op(xp.asarray(y), (self,), backward, "max")
+        index = xp.expand_dims(a.argmax(axis=axis), axis)
+        y = xp.take_along_axis(a, index, axis=axis)
+
+        def backward(g):
+            out = xp.zeros(a.shape, dtype=a.dtype)
+            g = g if keepdims else xp.expand_dims(g, axis)
+            xp.put_along_axis(out, index, g, axis=axis)
+            return (out,)
+
+        return Tensor._from_op(y if keepdims else y.squeeze(axis), (self,), backward, "max")
+
+    def argmax(self, axis=None) -> "Tensor":
+        return Tensor(self.data.argmax(axis=axis))
+
+    # -- shape
+    def reshape(self, *shape):
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        a = self.data
+        return Tensor._from_op(a.reshape(shape), (self,), lambda g: (g.reshape(a.shape),), "reshape")
+
+    view = reshape
+
+    def flatten(self, start_dim: int = 0):
+        """Merge the dimensions from ``start_dim`` on (``flatten(1)`` keeps the batch axis)."""
+        start = start_dim % max(self.ndim, 1)
+        return self.reshape(self.shape[:start] + (-1,))
+
+    def transpose(self, *axes):
+        if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+            axes = tuple(axes[0])
+        if not axes:
+            axes = tuple(reversed(range(self.ndim)))
+        elif len(axes) == 2 and self.ndim != 2:  # PyTorch's transpose(dim0, dim1)
+            perm = list(range(self.ndim))
+            perm[axes[0]], perm[axes[1]] = perm[axes[1]], perm[axes[0]]
+            axes = tuple(perm)
+        inverse = tuple(np.argsort(axes))
+        return Tensor._from_op(self.data.transpose(axes), (self,),
+                               lambda g: (g.transpose(inverse),), "transpose")
+
+    permute = transpose
+
+    @property
+    def T(self):
+        return self.transpose()
+
+    def __getitem__(self, index):
+        if isinstance(index, Tensor):
+            index = index.data
+        a = self.data
+        xp = array_module(a)
+
+        def backward(g):
+            out = xp.zeros(a.shape, dtype=g.dtype)
+            # add.at handles repeated indices (fancy indexing) correctly
+            if xp is np:
+                np.add.at(out, index, g)
+            else:
+                out_index = out[index]
+                if out_index.shape == g.shape and not _has_fancy(index):
+                    out[index] = g
+                else:
+                    xp.add.at(out, index, g)
+            return (out,)
+
+        return Tensor._from_op(a[index], (self,), backward, "getitem")
+
+
+def _has_fancy(index) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return any(not isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in items)
+
+
+def tensor(data, requires_grad: bool = False, dtype=None, device=None) -> Tensor:
+    """Create a Tensor (PyTorch's ``torch.tensor``); Python floats become float32."""
+    return Tensor(data, requires_grad=requires_grad, dtype=dtype, device=device)
+
+
+def from_dlpack(obj) -> Tensor:
+    """Wrap a DLPack-capable array (CuPy, PyTorch, NumPy) without copying."""
+    device_type = obj.__dlpack_device__()[0] if hasattr(obj, "__dlpack_device__") else 1
+    if device_type == 1:  # kDLCPU
+        return Tensor(np.from_dlpack(obj))
+    return Tensor(_cupy().from_dlpack(obj))
+
+
+def zeros(*shape, dtype=np.float32, device="cpu", requires_grad=False) -> Tensor:
+    shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+    return Tensor(np.zeros(shape, dtype=dtype), requires_grad=requires_grad, device=device)
+
+
+def ones(*shape, dtype=np.float32, device="cpu", requires_grad=False) -> Tensor:
+    shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+    return Tensor(np.ones(shape, dtype=dtype), requires_grad=requires_grad, device=device)
+
+
+def manual_seed(seed: int) -> None:
+    """Seed pycnn's parameter initialization and dropout generator."""
+    from pycnn import random as _random
+
+    _random.seed(seed)
+
+
+__all__ = ["Tensor", "tensor", "no_grad", "is_grad_enabled", "from_dlpack", "zeros", "ones",
+           "device_of", "array_module", "move_array", "manual_seed"]
