@@ -1,0 +1,3 @@
+from pycnn.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,142 @@
+"""The ``pycnn`` command line: train, evaluate, info (and bench, localize, viz where available)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import pycnn
+from pycnn import backends
+
+
+def _add_train_mnist_args(p: argparse.ArgumentParser) -> None:
+    from pycnn.train import OPTIMIZERS, RECIPES, SCHEDULES
+
+    p.add_argument("--model", default="fastmnist", choices=sorted(RECIPES),
+                   help="network to train (default: fastmnist, the one-epoch recipe)")
+    p.add_argument("--epochs", type=int, help="epochs (default: the model's recipe)")
+    p.add_argument("--batch-size", type=int, help="mini-batch size (default: the model's recipe)")
+    p.add_argument("--lr", type=float, help="(peak) learning rate (default: the model's recipe)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="default: the model's recipe")
+    p.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (default: the model's recipe)")
+    p.add_argument("--backend", default="auto", choices=("auto",) + backends.ALL_BACKENDS,
+                   help="compute backend; auto = native, else numba, else numpy (CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", help="directory holding the MNIST IDX files (else $PYCNN_DATA, the cache, a download)")
+    p.add_argument("--out", default=None, help="output directory for metrics.json, curves.png, model.safetensors "
+                                               "(default: runs/<model>)")
+    p.add_argument("--limit-train", type=int, help="train on the first N images only (quick checks)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
+
+
+def cmd_train_mnist(args) -> int:
+    from pycnn.train import run_mnist
+
+    out = args.out or f"runs/{args.model}"
+    result = run_mnist(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       optimizer=args.optimizer, schedule=args.schedule, backend=args.backend, seed=args.seed,
+                       data_dir=args.data_dir, out_dir=out, limit_train=args.limit_train,
+                       progress=not args.no_progress)
+    print(f"test accuracy {result['test_acc']:.4f}; training {result['train_s_total']:.2f} s "
+          f"({result['samples_per_s']:,.0f} samples/s in the last epoch); results in {out}/")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from pycnn import data
+    from pycnn.checkpoint import load_model
+    from pycnn.tensor import move_array
+    from pycnn.train import evaluate
+    import numpy as np
+
+    device = "cuda" if args.backend == "cuda" else "cpu"
+    if device == "cpu":
+        pycnn.set_backend(args.backend)
+    model, meta = load_model(args.checkpoint, device=device)
+    images, labels = data.load_mnist("test", root=args.data_dir)
+    x = move_array(data.normalize(images), device)
+    y = move_array(labels.astype(np.int32 if device == "cuda" else np.int64), device)
+    loss, acc = evaluate(model, x, y)
+    print(json.dumps({"checkpoint": str(args.checkpoint), "model": meta.get("model"), "test_loss": loss,
+                      "test_acc": acc, "samples": int(len(x))}, indent=2))
+    return 0
+
+
+def cmd_info(args) -> int:
+    import platform
+
+    import numpy as np
+
+    print(f"pycnn {pycnn.__version__} (Python {platform.python_version()}, NumPy {np.__version__}, "
+          f"{platform.machine()})")
+    print("backends:")
+    for name in backends.ALL_BACKENDS:
+        ok, reason = backends.status(name)
+        print(f"  {name:7s} {'yes' if ok else 'NO ':3s}  {reason}")
+    try:
+        auto = backends.resolve("auto")
+    except Exception as exc:  # noqa: BLE001
+        auto = f"error: {exc}"
+    print(f"auto CPU backend: {auto}")
+    if args.verbose:
+        for name in ("numba", "native"):
+            if not backends.status(name)[0]:
+                continue
+            module = backends.load(name)
+            if hasattr(module, "warmup"):
+                seconds = module.warmup()
+                print(f"  {name}: first call of every kernel (compile or cache load) took {seconds:.2f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pycnn", description="pycnn: a small, fast, readable CNN engine")
+    parser.add_argument("--version", action="version", version=f"pycnn {pycnn.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model")
+    train_sub = train.add_subparsers(dest="task", required=True)
+    mnist = train_sub.add_parser("mnist", help="train an MNIST classifier")
+    _add_train_mnist_args(mnist)
+    mnist.set_defaults(func=cmd_train_mnist)
+
+    ev = sub.add_parser("evaluate", help="evaluate a checkpoint on the MNIST test set")
+    ev.add_argument("--checkpoint", required=True, help="a model.safetensors written by pycnn train")
+    ev.add_argument("--backend", default="auto", choices=("auto",) + backends.ALL_BACKENDS)
+    ev.add_argument("--data-dir")
+    ev.set_defaults(func=cmd_evaluate)
+
+    info = sub.add_parser("info", help="version and which backends work here (and why not)")
+    info.add_argument("--verbose", action="store_true", help="also time the first call of each compiled backend")
+    info.set_defaults(func=cmd_info)
+
+    _register_optional(sub)
+    return parser
+
+
+def _register_optional(sub) -> None:
+    """Subcommands that live in their own modules (benchmarks, localization, visualization)."""
+    for module_name in ("pycnn.bench", "pycnn.localize"):
+        try:
+            module = __import__(module_name, fromlist=["register_cli"])
+        except ImportError:
+            continue
+        if hasattr(module, "register_cli"):
+            module.register_cli(sub)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, RuntimeError, FileNotFoundError, KeyError) as exc:
+        print(f"pycnn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

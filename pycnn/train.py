@@ -1,0 +1,271 @@
+"""The MNIST training loop used by ``pycnn train mnist`` (and by benchmarks and the GPU selftest)."""
+from __future__ import annotations
+
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import pycnn
+from pycnn import backends, data, models, optim
+from pycnn import functional as F
+from pycnn.checkpoint import atomic_write_json, save_checkpoint
+from pycnn.tensor import Tensor, move_array, no_grad
+
+# Per-model recipes. FastMNIST is the published one-epoch recipe of ANCHORS.md: Adam 1e-2 with
+# betas (0.7, 0.9), one-cycle without momentum cycling, batch 256, one pass in order.
+RECIPES = {
+    "fastmnist": dict(epochs=1, batch_size=256, lr=1e-2, optimizer="adam", betas=(0.7, 0.9),
+                      schedule="onecycle", shuffle=False),
+    "mnistcnn": dict(epochs=3, batch_size=64, lr=1e-3, optimizer="adam", betas=(0.9, 0.999),
+                     schedule="none", shuffle=True),
+    "lenet5": dict(epochs=3, batch_size=64, lr=1e-3, optimizer="adam", betas=(0.9, 0.999),
+                   schedule="none", shuffle=True),
+}
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("none", "onecycle", "cosine", "step")
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; the message names the step."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = "fastmnist"
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    optimizer: str | None = None
+    schedule: str | None = None
+    shuffle: bool | None = None
+    backend: str = "auto"
+    seed: int = 0
+    data_dir: str | None = None
+    out_dir: str | None = None
+    limit_train: int | None = None  # use only the first N training images (smoke tests)
+    progress: bool = True
+    betas: tuple = field(default=None)
+
+    def resolved(self) -> "TrainConfig":
+        """Fill unset fields from the model's recipe and validate them."""
+        key = self.model.lower()
+        if key not in RECIPES:
+            raise ValueError(f"unknown model {self.model!r}; expected one of {', '.join(sorted(RECIPES))}")
+        recipe = RECIPES[key]
+        values = asdict(self)
+        values["model"] = key
+        for name, default in recipe.items():
+            if values.get(name) is None:
+                values[name] = default
+        cfg = TrainConfig(**values)
+        if cfg.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
+        if cfg.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+        if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+            raise ValueError(f"lr must be a positive number, got {cfg.lr}")
+        if cfg.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+        if cfg.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+        if cfg.backend not in ("auto",) + backends.ALL_BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {', '.join(backends.ALL_BACKENDS)}, got {cfg.backend!r}")
+        return cfg
+
+
+def make_optimizer(cfg: TrainConfig, params):
+    if cfg.optimizer == "sgd":
+        return optim.SGD(params, lr=cfg.lr, momentum=0.9)
+    cls = optim.AdamW if cfg.optimizer == "adamw" else optim.Adam
+    return cls(params, lr=cfg.lr, betas=cfg.betas)
+
+
+def make_scheduler(cfg: TrainConfig, opt, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        return optim.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, cycle_momentum=False), "batch"
+    if cfg.schedule == "cosine":
+        return optim.CosineAnnealingLR(opt, T_max=total), "batch"
+    if cfg.schedule == "step":
+        return optim.StepLR(opt, step_size=max(1, cfg.epochs // 3)), "epoch"
+    return None, None
+
+
+def evaluate(model, x, y, batch_size: int = 1000) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` on arrays already on the model's device."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    xp_correct = None
+    with no_grad():
+        for start in range(0, len(x), batch_size):
+            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+            logits = model(Tensor(xb))
+            loss = F.cross_entropy(logits, yb, reduction="sum")
+            total_loss += float(loss.data)
+            hits = (logits.data.argmax(axis=1) == yb).sum()
+            xp_correct = hits if xp_correct is None else xp_correct + hits
+    correct = int(xp_correct)
+    model.train(was_training)
+    return total_loss / len(x), correct / len(x)
+
+
+def _versions(backend_name: str) -> dict:
+    info = {"pycnn": pycnn.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "backend": backend_name, "machine": platform.machine(), "processor": platform.processor()}
+    try:
+        import numba
+
+        info["numba"] = numba.__version__
+    except ImportError:
+        pass
+    if backend_name == "cuda":
+        import cupy
+
+        info["cupy"] = cupy.__version__
+        info["device"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    return info
+
+
+def _check_finite(losses: np.ndarray, first_step: int, epoch: int) -> None:
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+        step = first_step + int(bad[0])
+        raise TrainingDiverged(f"training diverged: the loss became {losses[bad[0]]} at epoch {epoch}, "
+                               f"step {step} (0-based, within the epoch); try a lower --lr")
+
+
+def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
+    """Train an MNIST classifier and evaluate it on the 10k test set after every epoch.
+
+    Keyword arguments are the fields of :class:`TrainConfig` (unset ones come from the model's
+    recipe). Returns the metrics dict (also written to ``out_dir/metrics.json`` when given),
+    with ``test_acc``, ``epoch_s`` and ``samples_per_s`` of the last epoch at the top level.
+    """
+    cfg = TrainConfig(model=model, **kwargs).resolved()
+    log = print if cfg.progress else (lambda *a, **k: None)
+    device = "cuda" if cfg.backend == "cuda" else "cpu"
+    backend_name = "cuda" if device == "cuda" else pycnn.set_backend(cfg.backend)
+    if device == "cuda":
+        ok, reason = backends.status("cuda")
+        if not ok:
+            raise RuntimeError(f"--backend cuda is not available: {reason}")
+
+    train_images, train_labels = data.load_mnist("train", root=cfg.data_dir, progress=cfg.progress)
+    test_images, test_labels = data.load_mnist("test", root=cfg.data_dir, progress=cfg.progress)
+    if cfg.limit_train:
+        train_images, train_labels = train_images[:cfg.limit_train], train_labels[:cfg.limit_train]
+    # The whole data set is normalized once and, on the GPU, kept resident on the device.
+    x_train = move_array(data.normalize(train_images), device)
+    y_train = move_array(train_labels.astype(np.int32 if device == "cuda" else np.int64), device)
+    x_test = move_array(data.normalize(test_images), device)
+    y_test = move_array(test_labels.astype(np.int32 if device == "cuda" else np.int64), device)
+
+    pycnn.manual_seed(cfg.seed)
+    net = models.get_model(cfg.model).to(device)
+    opt = make_optimizer(cfg, net.parameters())
+    n = len(x_train)
+    steps_per_epoch = -(-n // cfg.batch_size)
+    scheduler, sched_unit = make_scheduler(cfg, opt, steps_per_epoch)
+    log(f"pycnn {pycnn.__version__}: training {type(net).__name__} ({net.num_parameters():,} parameters) "
+        f"on {n:,} images, backend={backend_name}, batch={cfg.batch_size}, epochs={cfg.epochs}, "
+        f"{cfg.optimizer} lr={cfg.lr}, schedule={cfg.schedule}")
+
+    history = []
+    for epoch in range(1, cfg.epochs + 1):
+        net.train()
+        order = (np.random.default_rng([cfg.seed, epoch]).permutation(n) if cfg.shuffle else None)
+        order_dev = move_array(order, device) if order is not None else None
+        loss_buf = [] if device == "cpu" else move_array(np.zeros(steps_per_epoch, np.float32), device)
+        correct = 0
+        bar = _progress_bar(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", cfg.progress)
+        checked = 0
+        start = time.perf_counter()
+        for step in range(steps_per_epoch):
+            lo, hi = step * cfg.batch_size, min(n, (step + 1) * cfg.batch_size)
+            if order_dev is None:
+                xb, yb = x_train[lo:hi], y_train[lo:hi]
+            else:
+                idx = order_dev[lo:hi]
+                xb, yb = x_train[idx], y_train[idx]
+            logits = net(Tensor(xb))
+            loss = F.cross_entropy(logits, yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if scheduler is not None and sched_unit == "batch":
+                scheduler.step()
+            hits = (logits.data.argmax(axis=1) == yb).sum()
+            if device == "cpu":
+                value = float(loss.data)
+                loss_buf.append(value)
+                if not math.isfinite(value):
+                    _check_finite(np.array(loss_buf), 0, epoch)
+                correct += int(hits)
+            else:
+                loss_buf[step] = loss.data  # stays on the device: no host sync per step
+                correct = correct + hits
+            if bar is not None and (device == "cpu" or step % 50 == 49 or step == steps_per_epoch - 1):
+                if device == "cuda":  # one sync every 50 steps for the bar and the NaN check
+                    recent = loss_buf[checked:step + 1].get()
+                    _check_finite(recent, checked, epoch)
+                    checked = step + 1
+                    value = float(recent[-1])
+                seen = hi
+                bar.set_postfix(loss=f"{value:.4f}", acc=f"{int(correct) / seen:.4f}",
+                                samples_s=f"{seen / (time.perf_counter() - start):,.0f}", refresh=False)
+                bar.update(step + 1 - bar.n)
+        if device == "cuda":
+            all_losses = loss_buf.get()
+            _check_finite(all_losses, 0, epoch)
+            train_losses = all_losses
+        else:
+            train_losses = np.array(loss_buf)
+        epoch_s = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+        if scheduler is not None and sched_unit == "epoch":
+            scheduler.step()
+        eval_start = time.perf_counter()
+        test_loss, test_acc = evaluate(net, x_test, y_test)
+        eval_s = time.perf_counter() - eval_start
+        record = {"epoch": epoch, "train_loss": float(train_losses.mean()), "train_acc": int(correct) / n,
+                  "test_loss": test_loss, "test_acc": test_acc, "epoch_s": epoch_s, "eval_s": eval_s,
+                  "samples_per_s": n / epoch_s, "lr_end": opt.lr}
+        history.append(record)
+        log(f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
+            f"test loss {test_loss:.4f} acc {test_acc:.4f} | {epoch_s:.2f} s ({n / epoch_s:,.0f} samples/s), "
+            f"eval {eval_s:.2f} s")
+
+    cfg_dict = asdict(cfg)
+    result = {"model": cfg.model, "config": cfg_dict, "versions": _versions(backend_name), "history": history,
+              "test_acc": history[-1]["test_acc"], "epoch_s": history[-1]["epoch_s"],
+              "samples_per_s": history[-1]["samples_per_s"],
+              "train_s_total": sum(h["epoch_s"] for h in history)}
+    if cfg.out_dir:
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(net, out / "model.safetensors",
+                        {"model": cfg.model, "pycnn_version": pycnn.__version__, "test_acc": f"{result['test_acc']:.4f}"})
+        atomic_write_json(out / "metrics.json", result)
+        try:
+            from pycnn.viz import plot_curves
+
+            plot_curves(history, out / "curves.png", title=f"{type(net).__name__} on MNIST ({backend_name})")
+        except Exception as exc:  # noqa: BLE001 - a plotting failure must not lose the run
+            log(f"warning: could not draw curves.png: {exc}")
+        log(f"wrote {out / 'model.safetensors'}, {out / 'metrics.json'}, {out / 'curves.png'}")
+    result["model_object"] = net
+    return result
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5)
