@@ -1,0 +1,299 @@
+"""CPU-side tests of the CUDA backend: source loading (package data and the checkout fallback),
+the text handed to NVRTC, availability reporting, argument checks, and that every launch passes
+exactly the argument types its kernel declares. A fake CuPy stands in for the GPU."""
+from __future__ import annotations
+
+import importlib.resources
+import re
+import sys
+import types
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pycnn.backends import cuda
+
+CUDA_DIR = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_checkout_fallback_when_package_data_is_not_importable(monkeypatch):
+    def broken(_package):
+        raise ModuleNotFoundError("No module named 'pycnn._csrc'")
+
+    monkeypatch.setattr(importlib.resources, "files", broken)
+    for filename in (*cuda.SOURCES, cuda.COMMON_HEADER):
+        text, origin = cuda.load_source(filename)
+        assert origin == "checkout"
+        assert text == (CUDA_DIR / filename).read_text(encoding="utf-8")
+
+
+def test_package_data_is_preferred(monkeypatch, tmp_path):
+    # A fake installed package "pycnn._csrc" whose cuda/ holds a marked copy of every source.
+    pkg = tmp_path / "site" / "pycnn_fake_csrc"
+    (pkg / "cuda").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    for src in CUDA_DIR.iterdir():
+        (pkg / "cuda" / src.name).write_text("// from package data\n" + src.read_text())
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    import pycnn_fake_csrc
+
+    monkeypatch.setitem(sys.modules, "pycnn._csrc", pycnn_fake_csrc)
+    text, origin = cuda.load_source("conv2d.cu")
+    assert origin == "package"
+    assert text.startswith("// from package data\n")
+
+
+def test_missing_source_names_both_places(monkeypatch, tmp_path):
+    monkeypatch.setattr(cuda, "_CHECKOUT_DIR", tmp_path)
+    monkeypatch.setattr(importlib.resources, "files", lambda _p: (_ for _ in ()).throw(ImportError("x")))
+    with pytest.raises(FileNotFoundError, match=r"pycnn\._csrc/cuda.*" + re.escape(str(tmp_path))):
+        cuda.load_source("conv2d.cu")
+
+
+def test_kernel_source_inlines_common_header_and_defines():
+    for filename in cuda.SOURCES:
+        text = cuda.kernel_source(filename)
+        assert cuda.INCLUDE_LINE not in text
+        directives = [ln for ln in text.splitlines() if ln.lstrip().startswith("#include")]
+        assert directives == []  # NVRTC has no system headers and no include path here
+        assert "pycnn_block_sum_f64" in text
+        assert "#pragma once" not in text
+        for key, value in cuda.DEFINES.items():
+            assert f"#define {key} {value}\n" in text
+        # the defines come before the #ifndef defaults of the sources
+        assert text.index("#define PYCNN_BLOCK") < text.index("#ifndef PYCNN_BLOCK")
+
+
+def test_kernel_names_are_extern_c_and_versioned():
+    names = {f: cuda.kernel_names(f) for f in cuda.SOURCES}
+    assert {"conv2d_fwd_v1_f32", "conv2d_fwd_v2_f32", "conv2d_bwd_data_v1_f32",
+            "conv2d_bwd_weight_v1_f32"} <= set(names["conv2d.cu"])
+    assert {"maxpool2d_fwd_f32", "maxpool2d_bwd_f32", "avgpool2d_fwd_f32",
+            "avgpool2d_bwd_f32"} <= set(names["pool2d.cu"])
+    for filename, kernels in names.items():
+        text = (CUDA_DIR / filename).read_text()
+        header = text.split("#include")[0]
+        for kernel in kernels:
+            assert kernel in header, f"{filename}: header comment does not list {kernel}"
+
+
+def test_import_and_available_without_cupy(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` raise ImportError
+    ok, reason = cuda.available()
+    assert not ok
+    assert "CuPy is not installed" in reason and "pycnn[cuda13]" in reason
+    with pytest.raises(RuntimeError, match="CuPy is not installed"):
+        cuda.relu_forward(np.zeros(3, np.float32))
+
+
+def test_available_reports_missing_driver(monkeypatch):
+    def no_driver():
+        raise RuntimeError("cudaErrorInsufficientDriver")
+
+    fake = types.SimpleNamespace(__version__="14.2.0",
+                                 cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=no_driver)))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    ok, reason = cuda.available()
+    assert not ok and "no CUDA driver/GPU is visible" in reason and "cudaErrorInsufficientDriver" in reason
+
+
+def test_conv_version_selection(monkeypatch):
+    monkeypatch.delenv("PYCNN_CONV_VERSION", raising=False)
+    shape = ((64, 32, 13, 13), (64, 32, 3, 3), (1, 1), (0, 0))
+    assert cuda.conv_forward_version(*shape) == cuda.DEFAULT_CONV_VERSION
+    assert cuda.conv_forward_version(*shape, version="v1") == "1"
+    monkeypatch.setenv("PYCNN_CONV_VERSION", "1")
+    assert cuda.conv_forward_version(*shape) == "1"
+    assert cuda.conv_forward_version(*shape, version="2") == "2"
+    # v2 does not fit: a 31x31 filter at stride 4 needs > 48 KiB of shared memory; a huge batch
+    # exceeds gridDim.z. Both run v1.
+    assert cuda.conv_forward_version((1, 1, 200, 200), (1, 1, 31, 31), (4, 4), (0, 0), "2") == "1"
+    assert cuda.conv_forward_version((70000, 1, 8, 8), (8, 1, 3, 3), (1, 1), (0, 0), "2") == "1"
+    with pytest.raises(ValueError, match="PYCNN_CONV_VERSION"):
+        cuda.conv_forward_version(*shape, version="7")
+
+
+# ----------------------------------------------------------------------------- fake CuPy
+
+
+class FakeArray(np.ndarray):
+    """A NumPy array that claims to live on GPU 0."""
+
+    @property
+    def device(self):
+        return types.SimpleNamespace(id=0)
+
+
+def _fake(a):
+    return np.ascontiguousarray(a).view(FakeArray)
+
+
+class FakeCuPy(types.ModuleType):
+    ndarray = FakeArray
+    float32, float64, int32, int64 = np.float32, np.float64, np.int32, np.int64
+
+    def __init__(self):
+        super().__init__("cupy")
+        self.cuda = types.SimpleNamespace(
+            Device=lambda dev=None: nullcontext(),
+            compiler=types.SimpleNamespace(CompileException=RuntimeError))
+
+    @staticmethod
+    def empty(shape, dtype=np.float32):
+        return np.zeros(shape, dtype).view(FakeArray)
+
+    @staticmethod
+    def empty_like(a):
+        return np.zeros_like(a).view(FakeArray)
+
+    @staticmethod
+    def ascontiguousarray(a):
+        return _fake(a)
+
+    @staticmethod
+    def matmul(a, b):
+        return np.matmul(a, b).view(FakeArray)
+
+
+_C_SCALARS = {"int": np.int32, "long long": np.int64, "float": np.float32, "double": np.float64}
+_C_POINTERS = {"float": np.float32, "int": np.int32, "long long": np.int64, "double": np.float64}
+
+
+def _signatures():
+    """kernel name -> list of (is_pointer, numpy dtype) parsed from the .cu sources."""
+    sigs = {}
+    for filename in cuda.SOURCES:
+        text = (CUDA_DIR / filename).read_text()
+        for m in re.finditer(r'extern "C" __global__ void (\w+)\(([^)]*)\)', text):
+            params = []
+            for p in m.group(2).split(","):
+                p = " ".join(p.replace("__restrict__", "").replace("const", "").split())
+                is_ptr = "*" in p
+                ctype = p.split("*")[0].strip() if is_ptr else p.rsplit(" ", 1)[0]
+                params.append((is_ptr, (_C_POINTERS if is_ptr else _C_SCALARS)[ctype]))
+            sigs[m.group(1)] = (filename, params)
+    return sigs
+
+
+SIGNATURES = _signatures()
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Replace CuPy by the fake and record every kernel launch after checking its arguments."""
+    monkeypatch.setattr(cuda, "_cupy", lambda: FakeCuPy())
+    record = []
+
+    def fake_launch(dev, filename, kernel, grid, block, args, shared_mem=0):
+        assert kernel in SIGNATURES, kernel
+        src, params = SIGNATURES[kernel]
+        assert src == filename, f"{kernel} is in {src}, launched from {filename}"
+        assert len(args) == len(params), f"{kernel}: {len(args)} args for {len(params)} params"
+        for i, (arg, (is_ptr, dtype)) in enumerate(zip(args, params)):
+            if is_ptr:
+                assert isinstance(arg, FakeArray), f"{kernel} arg {i}: expected an array, got {type(arg)}"
+                assert arg.dtype == dtype, f"{kernel} arg {i}: array {arg.dtype}, kernel wants {np.dtype(dtype)}"
+                assert arg.flags.c_contiguous
+            else:
+                assert type(arg) is dtype, f"{kernel} arg {i}: scalar {type(arg)}, kernel wants {dtype}"
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        block = tuple(block) + (1,) * (3 - len(block))
+        assert 1 <= grid[0] <= 2**31 - 1 and 1 <= grid[1] <= 65535 and 1 <= grid[2] <= 65535, grid
+        assert 1 <= block[0] * block[1] * block[2] <= 1024, block
+        assert 0 <= shared_mem <= 48 * 1024
+        record.append(kernel)
+
+    monkeypatch.setattr(cuda, "_launch", fake_launch)
+    return record
+
+
+def _f(*shape, seed=0):
+    return _fake(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
+def test_every_function_launches_with_matching_argument_types(launches):
+    x, w, b = _f(2, 3, 9, 7), _f(4, 3, 3, 2), _f(4)
+    for version in ("1", "2"):
+        y = cuda.conv2d_forward(x, w, b, (2, 1), (1, 0), version=version)
+        assert y.shape == (2, 4, 5, 6) and isinstance(y, FakeArray)
+    cuda.conv2d_forward(x, w, None, (1, 1), (0, 0))
+    dy = _f(2, 4, 5, 6)
+    assert cuda.conv2d_backward_data(dy, w, x.shape, (2, 1), (1, 0)).shape == x.shape
+    dw, db = cuda.conv2d_backward_weight(dy, x, w.shape, (2, 1), (1, 0))
+    assert dw.shape == w.shape and db.shape == (4,)
+    y, am = cuda.maxpool2d_forward(x, (3, 3), (2, 2), (1, 1))
+    assert y.shape == am.shape == (2, 3, 5, 4) and am.dtype == np.int32
+    cuda.maxpool2d_backward(_f(*y.shape), am, x.shape)  # remembered geometry -> gather
+    cuda.maxpool2d_backward(_f(*y.shape), _fake(am.copy()), x.shape)  # unknown -> scan
+    cuda.maxpool2d_backward(_f(*y.shape), am, x.shape, kernel=(3, 3), stride=(2, 2), padding=(1, 1))
+    assert launches[-3:] == ["maxpool2d_bwd_f32", "maxpool2d_bwd_scan_f32", "maxpool2d_bwd_f32"]
+    ya = cuda.avgpool2d_forward(x, (2, 3), (2, 2), (1, 1))
+    cuda.avgpool2d_backward(_f(*ya.shape), x.shape, (2, 3), (2, 2), (1, 1))
+    for name in ("relu", "sigmoid", "tanh"):
+        out = getattr(cuda, f"{name}_forward")(x)
+        getattr(cuda, f"{name}_backward")(_f(*x.shape), out)
+    cuda.leaky_relu_forward(x, 0.1)
+    cuda.leaky_relu_backward(_f(*x.shape), x, 0.1)
+    xl, wl, bl = _f(5, 7), _f(3, 7), _f(3)
+    assert cuda.linear_forward(xl, wl, bl).shape == (5, 3)
+    dx, dwl, dbl = cuda.linear_backward(_f(5, 3), xl, wl)
+    assert dx.shape == (5, 7) and dwl.shape == (3, 7) and dbl.shape == (3,)
+    logits, weight = _f(6, 10), _fake(np.abs(np.random.default_rng(1).random(10)).astype(np.float32))
+    for tdtype in (np.int64, np.int32):
+        target = _fake(np.arange(6, dtype=tdtype) % 10)
+        for wgt in (None, weight):
+            loss, probs = cuda.softmax_cross_entropy_forward(logits, target, wgt, 0.1, "mean")
+            assert loss.shape == () and probs.shape == logits.shape
+            cuda.softmax_cross_entropy_backward(1.0, probs, target, wgt, 0.1, "sum")
+    t = _fake(np.random.default_rng(2).random((6, 10)).astype(np.float32))
+    for pw in (None, _f(10), _f(1)):
+        assert cuda.bce_with_logits_forward(logits, t, pw, "mean").shape == ()
+        cuda.bce_with_logits_backward(0.5, logits, t, pw, "sum")
+    assert cuda.mse_forward(logits, t, "sum").shape == ()
+    cuda.mse_backward(1.0, logits, t, "mean")
+    assert cuda.smooth_l1_forward(logits, t, 0.5, "mean").shape == ()
+    cuda.smooth_l1_backward(1.0, logits, t, 0.0, "mean")
+    params, grads = [_f(3, 4), _f(5)], [_f(3, 4), _f(5)]
+    cuda.sgd_step(params, grads, [_f(3, 4), _f(5)], 0.1, 0.9, 0.0, 1e-4, True, False)
+    cuda.sgd_step(params, grads, None, 0.1, 0.0, 0.0, 0.0, False, True)
+    cuda.adam_step(params, grads, [_f(3, 4), _f(5)], [_f(3, 4), _f(5)], 3, 1e-3, 0.9, 0.999, 1e-8, 0.01, True)
+    launched = set(launches)
+    every = {k for k in SIGNATURES}
+    assert every - launched == set(), f"kernels never launched: {every - launched}"
+
+
+def test_clear_errors(launches):
+    x, w = _f(2, 3, 8, 8), _f(4, 3, 3, 3)
+    with pytest.raises(TypeError, match=r"conv2d_forward: x must be float32 on the GPU, got float64"):
+        cuda.conv2d_forward(_fake(np.zeros((2, 3, 8, 8))), w, None, (1, 1), (0, 0))
+    with pytest.raises(TypeError, match=r"conv2d_forward: w must be float32 on the GPU \(a CuPy array\), got numpy\.ndarray"):
+        cuda.conv2d_forward(x, np.zeros((4, 3, 3, 3), np.float32), None, (1, 1), (0, 0))
+    strided = np.zeros((2, 3, 8, 16), np.float32).view(FakeArray)[..., ::2]
+    with pytest.raises(ValueError, match=r"conv2d_forward: x must be C-contiguous"):
+        cuda.conv2d_forward(strided, w, None, (1, 1), (0, 0))
+    with pytest.raises(ValueError, match=r"conv2d_forward: w has 3 input channels but x has 2"):
+        cuda.conv2d_forward(_f(2, 2, 8, 8), w, None, (1, 1), (0, 0))
+    with pytest.raises(ValueError, match=r"conv2d_backward_data: dy must have shape \(2, 4, 6, 6\)"):
+        cuda.conv2d_backward_data(_f(2, 4, 5, 5), w, x.shape, (1, 1), (0, 0))
+    with pytest.raises(ValueError, match=r"maxpool2d_forward: kernel \(9, 9\) does not fit"):
+        cuda.maxpool2d_forward(x, (9, 9), (1, 1), (0, 0))
+    with pytest.raises(TypeError, match=r"maxpool2d_backward: argmax must be int32"):
+        cuda.maxpool2d_backward(_f(2, 3, 4, 4), _f(2, 3, 4, 4), x.shape)
+    with pytest.raises(ValueError, match=r"relu_backward: dy .* and y .* must have the same shape"):
+        cuda.relu_backward(_f(3), _f(4))
+    with pytest.raises(ValueError, match=r"softmax_cross_entropy_forward: reduction must be 'mean' or 'sum', got 'none'"):
+        cuda.softmax_cross_entropy_forward(_f(3, 4), _fake(np.zeros(3, np.int64)), None, 0.0, "none")
+    with pytest.raises(TypeError, match=r"softmax_cross_entropy_forward: target must hold integer class indices, got float32"):
+        cuda.softmax_cross_entropy_forward(_f(3, 4), _f(3), None, 0.0, "mean")
+    with pytest.raises(ValueError, match=r"bce_with_logits_forward: pos_weight must broadcast"):
+        cuda.bce_with_logits_forward(_f(3, 4), _f(3, 4), _f(3), "mean")
+    with pytest.raises(ValueError, match=r"sgd_step: parameter lists differ in length"):
+        cuda.sgd_step([_f(3)], [], None, 0.1, 0.0, 0.0, 0.0, False, True)
+    with pytest.raises(ValueError, match=r"adam_step: params\[0\] \(3,\), grads\[0\] \(4,\)"):
+        cuda.adam_step([_f(3)], [_f(4)], [_f(3)], [_f(3)], 1, 1e-3, 0.9, 0.999, 1e-8, 0.0, False)
+    assert launches == []  # nothing launched for bad input
