@@ -1,0 +1,42 @@
+"""Shared test setup: MNIST location, backend reset, hypothesis profile."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+REPO = Path(__file__).resolve().parents[1]
+_SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+if "PYCNN_DATA" not in os.environ and _SHARED_MNIST.is_dir():
+    os.environ["PYCNN_DATA"] = str(_SHARED_MNIST)
+
+settings.register_profile("pycnn", max_examples=30, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("pycnn")
+
+
+def mnist_dir() -> Path | None:
+    """The MNIST directory tests read, or None when it is absent."""
+    value = os.environ.get("PYCNN_DATA")
+    return Path(value) if value and Path(value).is_dir() else None
+
+
+@pytest.fixture
+def mnist_path():
+    path = mnist_dir()
+    if path is None:
+        pytest.skip("MNIST not found: set PYCNN_DATA to a directory with the IDX files")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend():
+    """Every test starts on the NumPy reference backend unless it selects another."""
+    from pycnn import backends
+
+    previous = backends._cpu_backend_name
+    backends.set_backend("numpy")
+    yield
+    backends._cpu_backend_name = previous

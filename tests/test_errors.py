@@ -1,0 +1,104 @@
+"""Bad input gives a clear error that names the op/argument, what was expected and what was given."""
+import numpy as np
+import pytest
+
+import pycnn.functional as F
+from pycnn import Tensor, nn
+
+
+def x4(shape=(2, 1, 8, 8), dtype=np.float32):
+    return Tensor(np.zeros(shape, dtype=dtype))
+
+
+def test_wrong_channel_count():
+    with pytest.raises(ValueError, match=r"Conv2d\(in_channels=3\) got input with 1 channel \(shape \(2, 1, 8, 8\)\)"):
+        nn.Conv2d(3, 4, 3)(x4())
+    with pytest.raises(ValueError, match="conv2d: weight expects 3 input channels but input has 1"):
+        F.conv2d(x4(), Tensor(np.zeros((4, 3, 3, 3), np.float32)))
+
+
+def test_kernel_larger_than_padded_input():
+    with pytest.raises(ValueError, match=r"conv2d: kernel 11x11 is larger than the padded input 10x10"):
+        F.conv2d(x4(), Tensor(np.zeros((1, 1, 11, 11), np.float32)), padding=1)
+    with pytest.raises(ValueError, match="max_pool2d: kernel 9x9 is larger"):
+        F.max_pool2d(x4(), 9)
+
+
+def test_stride_zero_and_negative_padding():
+    w = Tensor(np.zeros((1, 1, 3, 3), np.float32))
+    with pytest.raises(ValueError, match=r"conv2d: stride must be >= 1, got \(0, 0\)"):
+        F.conv2d(x4(), w, stride=0)
+    with pytest.raises(ValueError, match=r"conv2d: padding must be >= 0, got \(-1, -1\)"):
+        F.conv2d(x4(), w, padding=-1)
+    with pytest.raises(ValueError, match="Conv2d: stride must be >= 1"):
+        nn.Conv2d(1, 1, 3, stride=0)
+    with pytest.raises(ValueError, match="padding must be at most half the kernel size"):
+        F.max_pool2d(x4(), 2, padding=2)
+
+
+def test_non_4d_input():
+    with pytest.raises(ValueError, match=r"Conv2d expects a 4-D input, got shape \(1, 8, 8\)"):
+        nn.Conv2d(1, 1, 3)(Tensor(np.zeros((1, 8, 8), np.float32)))
+    with pytest.raises(ValueError, match="max_pool2d: input must be 4-D, got 2-D"):
+        F.max_pool2d(Tensor(np.zeros((8, 8), np.float32)), 2)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.int32, np.uint8])
+def test_float16_and_integer_input(dtype):
+    with pytest.raises(TypeError, match=f"conv2d: input must be float32 or float64, got {np.dtype(dtype)}"):
+        F.conv2d(x4(dtype=dtype), Tensor(np.zeros((1, 1, 3, 3), np.float32)))
+    with pytest.raises(TypeError, match="relu: input must be float32 or float64"):
+        F.relu(x4(dtype=dtype))
+
+
+def test_mixed_dtypes():
+    with pytest.raises(TypeError, match="conv2d: input is float32 but weight is float64"):
+        F.conv2d(x4(), Tensor(np.zeros((1, 1, 3, 3), np.float64)))
+
+
+def test_label_count_and_range():
+    logits = Tensor(np.zeros((4, 10), np.float32))
+    with pytest.raises(ValueError, match=r"cross_entropy: target must have shape \(4,\) .* got \(3,\)"):
+        F.cross_entropy(logits, np.array([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"target labels must be in \[0, 10\), got values from -1 to 12"):
+        F.cross_entropy(logits, np.array([-1, 2, 12, 3]))
+    with pytest.raises(TypeError, match="target must hold integer class indices, got dtype float64"):
+        F.cross_entropy(logits, np.array([1.0, 2.0, 3.0, 4.0]))
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum', got 'none'"):
+        F.cross_entropy(logits, np.array([1, 2, 3, 4]), reduction="none")
+    with pytest.raises(ValueError, match=r"weight must have shape \(10,\), got \(3,\)"):
+        F.cross_entropy(logits, np.array([1, 2, 3, 4]), weight=np.ones(3))
+
+
+def test_loss_shape_mismatch():
+    with pytest.raises(ValueError, match=r"mse_loss: target shape \(3,\) must equal input shape \(4,\)"):
+        F.mse_loss(Tensor(np.zeros(4)), np.zeros(3))
+    with pytest.raises(ValueError, match="binary_cross_entropy_with_logits: target shape"):
+        F.binary_cross_entropy_with_logits(Tensor(np.zeros((2, 3))), np.zeros((2, 2)))
+
+
+def test_linear_feature_mismatch():
+    with pytest.raises(ValueError, match=r"Linear\(in_features=5\) got input with 4 features"):
+        nn.Linear(5, 2)(Tensor(np.zeros((3, 4), np.float32)))
+
+
+def test_mixed_devices_are_named(monkeypatch):
+    a = Tensor(np.zeros(3, np.float32))
+
+    class FakeGpuArray(np.ndarray):
+        __cuda_array_interface__ = {}
+
+    b = Tensor(np.zeros(3, np.float32))
+    b.data = np.zeros(3, np.float32).view(FakeGpuArray)
+    assert b.device == "cuda"
+    with pytest.raises(ValueError, match="add: tensors are on different devices: cpu and cuda"):
+        a + b
+
+
+def test_unknown_backend():
+    import pycnn
+
+    with pytest.raises(ValueError, match="unknown CPU backend 'fast'"):
+        pycnn.set_backend("fast")
+    with pytest.raises(ValueError, match="set_backend selects the CPU backend"):
+        pycnn.set_backend("cuda")

@@ -1,0 +1,113 @@
+"""Optimizer steps against closed-form updates; schedulers against their formulas."""
+import math
+
+import numpy as np
+import pytest
+
+from pycnn import nn, optim
+
+
+def param(values):
+    p = nn.Parameter(np.array(values, dtype=np.float64))
+    return p
+
+
+def set_grad(p, values):
+    from pycnn import Tensor
+
+    p.grad = Tensor(np.array(values, dtype=np.float64))
+
+
+def test_sgd_momentum_nesterov_weight_decay_closed_form():
+    p = param([1.0, -2.0])
+    opt = optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
+    g1, g2 = np.array([0.5, 0.25]), np.array([-1.0, 2.0])
+    x = np.array([1.0, -2.0])
+    set_grad(p, g1)
+    opt.step()
+    d1 = g1 + 0.01 * x
+    buf = d1
+    x = x - 0.1 * (d1 + 0.9 * buf)
+    np.testing.assert_allclose(p.numpy(), x)
+    set_grad(p, g2)
+    opt.step()
+    d2 = g2 + 0.01 * x
+    buf = 0.9 * buf + d2
+    x = x - 0.1 * (d2 + 0.9 * buf)
+    np.testing.assert_allclose(p.numpy(), x)
+
+
+def test_adam_and_adamw_closed_form():
+    for cls, decoupled in ((optim.Adam, False), (optim.AdamW, True)):
+        p = param([0.5, -1.5])
+        opt = cls([p], lr=0.01, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.1)
+        x, m, v = np.array([0.5, -1.5]), np.zeros(2), np.zeros(2)
+        for step, g in enumerate([np.array([1.0, -0.5]), np.array([0.2, 0.3])], start=1):
+            set_grad(p, g)
+            opt.step()
+            if decoupled:
+                x = x * (1 - 0.01 * 0.1)
+            else:
+                g = g + 0.1 * x
+            m = 0.8 * m + 0.2 * g
+            v = 0.95 * v + 0.05 * g * g
+            x = x - 0.01 / (1 - 0.8 ** step) * m / (np.sqrt(v) / math.sqrt(1 - 0.95 ** step) + 1e-8)
+            np.testing.assert_allclose(p.numpy(), x, rtol=1e-12)
+
+
+def test_parameters_without_grad_are_skipped():
+    a, b = param([1.0]), param([2.0])
+    opt = optim.Adam([a, b], lr=0.1)
+    set_grad(a, [1.0])
+    opt.step()
+    assert b.numpy()[0] == 2.0 and a.numpy()[0] != 1.0
+
+
+def lrs(scheduler, opt, steps):
+    out = [opt.lr]
+    for _ in range(steps):
+        opt.step()
+        scheduler.step()
+        out.append(opt.lr)
+    return out
+
+
+def test_step_and_cosine_schedules():
+    p = param([0.0])
+    set_grad(p, [0.0])
+    opt = optim.SGD([p], lr=1.0)
+    np.testing.assert_allclose(lrs(optim.StepLR(opt, step_size=2, gamma=0.5), opt, 5), [1, 1, 0.5, 0.5, 0.25, 0.25])
+    opt = optim.SGD([p], lr=1.0)
+    values = lrs(optim.CosineAnnealingLR(opt, T_max=4, eta_min=0.1), opt, 4)
+    np.testing.assert_allclose(values, [0.1 + 0.9 * (1 + math.cos(math.pi * t / 4)) / 2 for t in range(5)])
+
+
+@pytest.mark.parametrize("cycle_momentum", [False, True])
+def test_one_cycle_follows_its_formula(cycle_momentum):
+    p = param([0.0])
+    set_grad(p, [0.0])
+    opt = optim.Adam([p], lr=0.5, betas=(0.9, 0.999))
+    total, max_lr, pct = 20, 0.5, 0.3
+    sched = optim.OneCycleLR(opt, max_lr=max_lr, total_steps=total, pct_start=pct, cycle_momentum=cycle_momentum)
+    initial, minimum = max_lr / 25, max_lr / 25 / 1e4
+    warm_end = pct * total - 1
+
+    def cos(a, b, f):
+        return b + (a - b) / 2 * (1 + math.cos(math.pi * f))
+
+    for step in range(total):
+        if step <= warm_end:
+            lr, mom = cos(initial, max_lr, step / warm_end), cos(0.95, 0.85, step / warm_end)
+        else:
+            f = (step - warm_end) / (total - 1 - warm_end)
+            lr, mom = cos(max_lr, minimum, f), cos(0.85, 0.95, f)
+        if step == total - 1:
+            assert lr == pytest.approx(minimum)
+        assert opt.lr == pytest.approx(lr, rel=1e-12), step
+        expected_beta1 = mom if cycle_momentum else 0.9
+        assert opt.param_groups[0]["betas"][0] == pytest.approx(expected_beta1, rel=1e-12)
+        opt.step()
+        sched.step()
+    # PyTorch allows one more step() than total_steps (the update after the last batch) ...
+    with pytest.raises(ValueError, match="more than total_steps"):
+        sched.step()  # ... but not two

@@ -1,0 +1,116 @@
+"""Autograd engine: graph walk, accumulation, broadcasting, shape ops, no_grad, devices."""
+import sys
+
+import numpy as np
+import pytest
+
+import pycnn
+from pycnn import Tensor, no_grad
+
+
+def t64(a, grad=True):
+    return Tensor(np.asarray(a, dtype=np.float64), requires_grad=grad)
+
+
+def test_chain_of_10000_ops_does_not_recurse():
+    x = t64(1.0)
+    y = x
+    for _ in range(10_000):
+        y = y * 1.0001
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(200)  # an engine that recursed per node would fail here
+    try:
+        y.backward()
+    finally:
+        sys.setrecursionlimit(limit)
+    assert x.grad.item() == pytest.approx(1.0001 ** 10_000, rel=1e-9)
+
+
+def test_gradients_accumulate_over_backward_calls_and_shared_inputs():
+    x = t64([1.0, 2.0, 3.0])
+    (x * x).sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), [2, 4, 6])
+    (x + x).sum().backward()  # x used twice in one graph, and a second backward
+    np.testing.assert_allclose(x.grad.numpy(), [4, 6, 8])
+
+
+def test_broadcasting_backward_reduces_to_input_shape():
+    a = t64(np.arange(6.0).reshape(2, 3))
+    b = t64([10.0, 20.0, 30.0])
+    c = t64([[2.0], [3.0]])
+    ((a + b) * c).sum().backward()
+    np.testing.assert_allclose(b.grad.numpy(), [5, 5, 5])
+    np.testing.assert_allclose(c.grad.numpy(), [[0 + 1 + 2 + 60], [3 + 4 + 5 + 60]])
+    np.testing.assert_allclose(a.grad.numpy(), [[2, 2, 2], [3, 3, 3]])
+
+
+def test_division_power_exp_log_sqrt_gradients():
+    x = t64([0.5, 1.5, 2.0])
+    y = (x ** 3 / (x + 1.0)).exp().log() + x.sqrt() - (2.0 / x)
+    y.sum().backward()
+    xv = np.array([0.5, 1.5, 2.0])
+    expected = (3 * xv ** 2 * (xv + 1) - xv ** 3) / (xv + 1) ** 2 + 0.5 / np.sqrt(xv) + 2 / xv ** 2
+    np.testing.assert_allclose(x.grad.numpy(), expected, rtol=1e-12)
+
+
+def test_matmul_reshape_transpose_getitem_max_mean():
+    rng = np.random.default_rng(0)
+    a, b = t64(rng.standard_normal((3, 4))), t64(rng.standard_normal((4, 5)))
+    out = (a @ b).transpose()[1:4].reshape(-1)
+    out.mean().backward()
+    g = np.zeros((5, 3))
+    g[1:4] = 1 / 9
+    np.testing.assert_allclose(a.grad.numpy(), g.T @ b.numpy().T)
+    np.testing.assert_allclose(b.grad.numpy(), a.numpy().T @ g.T)
+
+    x = t64([[1.0, 5.0, 2.0], [7.0, 0.0, 7.0]])
+    x.max(axis=1).sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), [[0, 1, 0], [1, 0, 0]])  # first max wins
+
+    y = t64([1.0, 2.0, 3.0])
+    y[np.array([0, 0, 2])].sum().backward()  # repeated fancy index accumulates
+    np.testing.assert_allclose(y.grad.numpy(), [2, 0, 1])
+
+
+def test_backward_needs_scalar_or_gradient():
+    x = t64([1.0, 2.0])
+    with pytest.raises(RuntimeError, match="scalar"):
+        (x * 2).backward()
+    (x * 2).backward(np.array([1.0, 10.0]))
+    np.testing.assert_allclose(x.grad.numpy(), [2, 20])
+    with pytest.raises(ValueError, match="gradient shape"):
+        (x * 2).backward(np.ones(3))
+
+
+def test_no_grad_and_detach():
+    x = t64([1.0, 2.0])
+    with no_grad():
+        y = x * 3
+    assert not y.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        y.sum().backward()
+    z = x.detach() * 2
+    assert not z.requires_grad and z.numpy() is not None
+
+
+def test_conversions_and_properties():
+    x = pycnn.tensor([[1.0, 2.0]])
+    assert x.dtype == np.float32 and x.shape == (1, 2) and x.device == "cpu"
+    assert np.asarray(x).tolist() == [[1.0, 2.0]]
+    assert x.sum().item() == 3.0
+    assert "tensor(" in repr(x)
+    with pytest.raises(TypeError, match="float32/float64"):
+        Tensor(np.array([1, 2]), requires_grad=True)
+
+
+def test_dlpack_round_trip_without_copy():
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    t = pycnn.from_dlpack(a)
+    assert np.shares_memory(t.data, a)
+    back = np.from_dlpack(t)
+    assert np.shares_memory(back, a)
+
+
+def test_unknown_device_is_rejected():
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
+        pycnn.tensor([1.0]).to("tpu")

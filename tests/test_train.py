@@ -1,0 +1,128 @@
+"""Training loop, checkpoints and the command line (short runs on a slice of MNIST)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import pycnn
+from pycnn import Tensor
+from pycnn.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from pycnn.train import TrainingDiverged, run_mnist
+
+
+def test_short_run_writes_outputs_and_checkpoint_round_trips(mnist_path, tmp_path):
+    out = tmp_path / "run"
+    result = run_mnist("lenet5", epochs=1, batch_size=64, lr=5e-3, backend="numpy", data_dir=str(mnist_path),
+                       out_dir=str(out), limit_train=1024, progress=False, seed=3)
+    assert result["test_acc"] > 0.5  # 1k images, one epoch: far above chance (0.1)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["history"][0]["epoch"] == 1 and metrics["versions"]["backend"] == "numpy"
+    assert (out / "curves.png").stat().st_size > 1000
+    model, meta = load_model(out / "model.safetensors")
+    assert meta["model"] == "lenet5"
+    x = Tensor(np.random.default_rng(0).standard_normal((5, 1, 28, 28)).astype(np.float32))
+    trained = result["model_object"]
+    trained.eval()
+    np.testing.assert_array_equal(model(x).numpy(), trained(x).numpy())
+
+
+def test_seeded_cpu_runs_are_reproducible(mnist_path):
+    kwargs = dict(epochs=1, batch_size=128, backend="numpy", data_dir=str(mnist_path), limit_train=512,
+                  progress=False, seed=7)
+    a, b = run_mnist("mnistcnn", **kwargs), run_mnist("mnistcnn", **kwargs)
+    assert a["history"][0]["train_loss"] == b["history"][0]["train_loss"]
+    for pa, pb in zip(a["model_object"].parameters(), b["model_object"].parameters()):
+        np.testing.assert_array_equal(pa.numpy(), pb.numpy())
+
+
+def test_nan_loss_stops_training_and_names_the_step(mnist_path, monkeypatch):
+    import pycnn.train as train
+
+    real = train.data.normalize
+
+    def poisoned(images, *args, **kwargs):
+        x = real(images, *args, **kwargs)
+        if len(x) == 1024:  # the training slice: one NaN image inside the third batch
+            x[600] = np.nan
+        return x
+
+    monkeypatch.setattr(train.data, "normalize", poisoned)
+    with pytest.raises(TrainingDiverged, match="at epoch 1, step 2"):
+        run_mnist("fastmnist", backend="numpy", data_dir=str(mnist_path), limit_train=1024, progress=False)
+
+
+def test_checkpoint_save_is_atomic_and_corruption_is_reported(tmp_path):
+    model = pycnn.models.FastMNIST()
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(model, path, {"model": "fastmnist"})
+    good = path.read_bytes()
+
+    class Boom(Exception):
+        pass
+
+    import pycnn.checkpoint as ckpt
+    real_replace = ckpt.os.replace
+
+    def failing_replace(*args):
+        raise Boom("disk full")
+
+    ckpt.os.replace = failing_replace
+    try:
+        with pytest.raises(Boom):
+            save_checkpoint(pycnn.models.FastMNIST(), path, {"model": "fastmnist"})
+    finally:
+        ckpt.os.replace = real_replace
+    assert path.read_bytes() == good  # the previous checkpoint survived
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp file left
+
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or not a safetensors file"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+    save_checkpoint(model, path, {"model": "lenet5"})
+    with pytest.raises(CheckpointError, match="does not fit model 'lenet5'"):
+        load_model(path)
+
+
+def run_cli(*args, env_extra=None):
+    import os
+
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "pycnn", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_cli_train_evaluate_info(mnist_path, tmp_path):
+    out = tmp_path / "cli"
+    proc = run_cli("train", "mnist", "--model", "fastmnist", "--backend", "numpy", "--limit-train", "512",
+                   "--data-dir", str(mnist_path), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "test accuracy" in proc.stdout and "epoch 1/1" in proc.stderr  # tqdm draws on stderr
+    proc = run_cli("evaluate", "--checkpoint", str(out / "model.safetensors"), "--backend", "numpy",
+                   "--data-dir", str(mnist_path))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert report["test_acc"] == pytest.approx(saved["test_acc"])
+    proc = run_cli("info")
+    assert proc.returncode == 0 and "numpy" in proc.stdout and "cuda" in proc.stdout
+
+
+def test_cli_reports_bad_arguments_clearly(tmp_path):
+    proc = run_cli("train", "mnist", "--epochs", "0", "--backend", "numpy")
+    assert proc.returncode == 2 and "epochs must be >= 1, got 0" in proc.stderr
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    proc = run_cli("evaluate", "--checkpoint", str(bad), "--backend", "numpy")
+    assert proc.returncode == 2 and "corrupt or not a safetensors file" in proc.stderr
+
+
+def test_missing_data_names_where_to_put_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYCNN_DATA", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    from pycnn.data import MnistNotFoundError, load_mnist
+
+    with pytest.raises(MnistNotFoundError, match="PYCNN_DATA"):
+        load_mnist("test", download=False)
