@@ -1,5 +1,9 @@
-"""Data: MNIST (IDX files, integrity checks, download, cache), normalization and mini-batches."""
+"""Data: MNIST (IDX files, integrity checks, download, cache), normalization, mini-batches,
+localization canvases (``pycnn.data.localization``) and augmentation (``pycnn.data.augment``)."""
+from . import augment, localization
+from .augment import Augment
 from .loader import DataLoader, WeightedSampler, balanced_sample_weights, iterate_batches
+from .localization import load_canvases, load_localization, make_canvases, save_canvases
 from .mnist import (
     MNIST_MEAN,
     MNIST_STD,
@@ -20,4 +24,11 @@ __all__ = [
     "DataLoader",
     "WeightedSampler",
     "balanced_sample_weights",
+    "localization",
+    "augment",
+    "make_canvases",
+    "save_canvases",
+    "load_canvases",
+    "load_localization",
+    "Augment",
 ]
