@@ -1,0 +1,107 @@
+// Shared declarations of the native CPU backend (pycnn._native).
+//
+// Layout of csrc/cpu:
+//   common.h            this file: ISA selection, thread count, micro-kernel table, array checks
+//   ukernel_avx512.cpp  register-blocked FMA micro-kernels compiled for AVX-512 (its own TU, so
+//   ukernel_avx2.cpp    the rest of the library runs on any x86-64) and for AVX2+FMA
+//   ukernel_scalar.cpp  a portable fallback with the same packed-panel contract
+//   gemm.h              the ONE packed GEMM driver (cache blocking; packers and store are functors)
+//   conv_linear.cpp     conv2d forward / backward-data / backward-weight and linear through gemm.h
+//   pool.cpp            max / average pooling
+//   elementwise.cpp     activations, losses, optimizer steps
+//   module.cpp          pybind11 bindings, ISA / thread controls
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+namespace pycnn {
+
+namespace py = pybind11;
+
+// ----------------------------------------------------------------------------- micro-kernels
+//
+// Contract of every micro-kernel: C[MR][NR] (row stride NR, a small scratch tile) =
+//   sum_{k < kc} A[k*MR + i] * B[k*NR + j]
+// where A is an MR-wide packed panel of the left matrix and B an NR-wide packed panel of the
+// right matrix, both zero-padded at the edges by the packers, so the kernel never branches.
+
+enum class Isa { scalar = 0, avx2 = 1, avx512 = 2 };
+
+template <typename T>
+struct MicroKernel {
+    int mr;
+    int nr;
+    void (*run)(long kc, const T* a, const T* b, T* c);
+};
+
+MicroKernel<float> ukernel_avx512_f32();
+MicroKernel<double> ukernel_avx512_f64();
+MicroKernel<float> ukernel_avx2_f32();
+MicroKernel<double> ukernel_avx2_f64();
+MicroKernel<float> ukernel_scalar_f32();
+MicroKernel<double> ukernel_scalar_f64();
+
+// A pure-FMA loop (no memory traffic) for measuring one core's peak; returns the flop count.
+double fma_peak_avx512(long iterations);
+double fma_peak_avx2(long iterations);
+
+Isa current_isa();
+bool isa_supported(Isa isa);
+void set_isa(Isa isa);
+const char* isa_name(Isa isa);
+
+template <typename T>
+MicroKernel<T> current_ukernel();
+
+int num_threads();
+void set_num_threads(int n);
+
+// ----------------------------------------------------------------------------- array checks
+
+// True when `a` holds exactly the C++ type T (no conversion ever happens here).
+template <typename T>
+bool has_dtype(const py::array& a) {
+    return py::isinstance<py::array_t<T>>(a) &&
+           a.dtype().is(py::dtype::of<T>());
+}
+
+// Raise TypeError unless `a` is a C-contiguous array of dtype T; ValueError on a wrong ndim.
+template <typename T>
+void require(const py::array& a, const char* op, const char* name, int ndim = -1) {
+    if (!has_dtype<T>(a)) {
+        throw py::type_error(std::string(op) + ": " + name + " must have dtype " +
+                             std::string(py::str(py::dtype::of<T>())) + ", got " +
+                             std::string(py::str(a.dtype())));
+    }
+    if (!(a.flags() & py::array::c_style)) {
+        throw py::type_error(std::string(op) + ": " + name + " must be C-contiguous");
+    }
+    if (ndim >= 0 && a.ndim() != ndim) {
+        throw py::value_error(std::string(op) + ": " + name + " must have " + std::to_string(ndim) +
+                              " dimensions, got " + std::to_string(a.ndim()));
+    }
+}
+
+// The error for an array whose dtype no kernel takes (dispatch is on float32 / float64 only).
+[[noreturn]] inline void bad_float(const char* op, const char* name, const py::array& a) {
+    throw py::type_error(std::string(op) + ": " + name + " must be a float32 or float64 array, got " +
+                         std::string(py::str(a.dtype())));
+}
+
+// Elementwise loops go parallel only above this many elements (below, the fork costs more).
+constexpr long kParallelMin = 1L << 15;
+
+template <typename T>
+const T* cptr(const py::array& a) { return static_cast<const T*>(a.data()); }
+template <typename T>
+T* mptr(py::array& a) { return static_cast<T*>(a.mutable_data()); }
+
+void register_conv_linear(py::module_& m);
+void register_pool(py::module_& m);
+void register_elementwise(py::module_& m);
+
+}  // namespace pycnn

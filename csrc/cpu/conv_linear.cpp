@@ -1,0 +1,490 @@
+// Convolution (forward, backward-data, backward-weight) and linear layers, all through the one
+// packed GEMM in gemm.h. The im2col gather is done while packing the B panels, so no im2col
+// buffer is ever built: each KC x NR panel is gathered straight from x (or dy) into L1.
+//
+//   forward          y[k, (n,p)]     = sum_{(c,r,s)} w[k,(c,r,s)]   * x gathered at (n,p),(c,r,s)
+//   backward-data    dx[c, (n,h,w)]  = sum_{(k,r,s)} w[k,c,r,s]      * dy gathered at (n,h,w),(k,r,s)
+//                    (the transposed convolution written as a gather, so no scatter-add and no
+//                    write conflicts between threads)
+//   backward-weight  dw[k, (c,r,s)]  = sum_{(n,p)}   dy[n,k,p]       * x gathered at (n,p),(c,r,s)
+//                    the reduction over (n,p) is cut into a fixed number of batch chunks whose
+//                    partial results are added in chunk order: deterministic, and identical for
+//                    any thread count.
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+#include "gemm.h"
+
+namespace pycnn {
+
+namespace {
+
+struct ConvGeom {
+    long N, C, H, W, K, R, S, sh, sw, ph, pw, Ho, Wo;
+    long P() const { return Ho * Wo; }
+    long HW() const { return H * W; }
+    long CRS() const { return C * R * S; }
+};
+
+// ---------------------------------------------------------------------------- forward
+
+template <typename T>
+void conv_forward(const ConvGeom& g, const T* x, const T* w, const T* b, T* y) {
+    const MicroKernel<T> uk = current_ukernel<T>();
+    const long P = g.P(), CRS = g.CRS(), HW = g.HW(), CHW = g.C * HW, RS = g.R * g.S;
+    const int NR = uk.nr;
+    StridedPackA<T> packA{w, CRS, 1, uk.mr};
+    auto packB = [&](T* dst, long j, long nr, long k, long kc) {
+        long base[32], ih0[32], iw0[32];
+        bool interior = true;
+        for (long jj = 0; jj < nr; ++jj) {
+            long col = j + jj, n = col / P, p = col % P;
+            ih0[jj] = (p / g.Wo) * g.sh - g.ph;
+            iw0[jj] = (p % g.Wo) * g.sw - g.pw;
+            base[jj] = n * CHW + ih0[jj] * g.W + iw0[jj];
+            interior = interior && ih0[jj] >= 0 && ih0[jj] + g.R <= g.H && iw0[jj] >= 0 &&
+                       iw0[jj] + g.S <= g.W;
+        }
+        long c = k / RS, r = (k / g.S) % g.R, s = k % g.S;
+        for (long kk = 0; kk < kc; ++kk) {
+            T* d = dst + kk * NR;
+            if (interior) {  // whole windows inside the image: a plain gather, no bounds checks
+                const T* src = x + c * HW + r * g.W + s;
+                for (long jj = 0; jj < nr; ++jj) d[jj] = src[base[jj]];
+            } else {
+                for (long jj = 0; jj < nr; ++jj) {
+                    long ih = ih0[jj] + r, iw = iw0[jj] + s;
+                    bool in = ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
+                    d[jj] = in ? x[base[jj] + c * HW + r * g.W + s] : T(0);
+                }
+            }
+            for (long jj = nr; jj < NR; ++jj) d[jj] = T(0);
+            if (++s == g.S) { s = 0; if (++r == g.R) { r = 0; ++c; } }
+        }
+    };
+    auto store = [&](const T* tile, long i, long mr, long j, long nr, bool first) {
+        long yoff[32];
+        for (long jj = 0; jj < nr; ++jj) {
+            long col = j + jj, n = col / P, p = col % P;
+            yoff[jj] = n * g.K * P + p;
+        }
+        const bool run = yoff[nr - 1] - yoff[0] == nr - 1;  // columns contiguous in y
+        for (long ii = 0; ii < mr; ++ii) {
+            const T* t = tile + ii * NR;
+            const T bias = (first && b) ? b[i + ii] : T(0);
+            if (run) {
+                T* dst = y + yoff[0] + (i + ii) * P;
+                if (first) for (long jj = 0; jj < nr; ++jj) dst[jj] = t[jj] + bias;
+                else for (long jj = 0; jj < nr; ++jj) dst[jj] += t[jj];
+            } else {
+                T* dst = y + (i + ii) * P;
+                if (first) for (long jj = 0; jj < nr; ++jj) dst[yoff[jj]] = t[jj] + bias;
+                else for (long jj = 0; jj < nr; ++jj) dst[yoff[jj]] += t[jj];
+            }
+        }
+    };
+    gemm_parallel<T>(uk, g.K, g.N * P, CRS, packA, packB, store, num_threads());
+}
+
+// ---------------------------------------------------------------------------- backward data
+
+template <typename T>
+void conv_backward_data(const ConvGeom& g, const T* dy, const T* w, T* dx) {
+    const MicroKernel<T> uk = current_ukernel<T>();
+    const long P = g.P(), HW = g.HW(), RS = g.R * g.S, CRS = g.CRS(), KP = g.K * P;
+    const int MR = uk.mr, NR = uk.nr;
+    // A(c, (k,r,s)) = w[k, c, r, s]
+    auto packA = [&](T* dst, long i, long mr, long k, long kc) {
+        for (long kk = 0; kk < kc; ++kk) {
+            long kidx = k + kk, ko = kidx / RS, rs = kidx % RS;
+            const T* src = w + ko * CRS + rs;
+            T* d = dst + kk * MR;
+            for (long ii = 0; ii < mr; ++ii) d[ii] = src[(i + ii) * RS];
+            for (long ii = mr; ii < MR; ++ii) d[ii] = T(0);
+        }
+    };
+    // B((k,r,s), (n,h,w)) = dy[n, k, (h+ph-r)/sh, (w+pw-s)/sw] where that is an integer in range
+    auto packB = [&](T* dst, long j, long nr, long k, long kc) {
+        long base[32], hb[32], wb[32];
+        for (long jj = 0; jj < nr; ++jj) {
+            long col = j + jj, n = col / HW, hw = col % HW;
+            hb[jj] = hw / g.W + g.ph;
+            wb[jj] = hw % g.W + g.pw;
+            base[jj] = n * KP;
+        }
+        long ko = k / RS, r = (k / g.S) % g.R, s = k % g.S;
+        for (long kk = 0; kk < kc; ++kk) {
+            T* d = dst + kk * NR;
+            const T* src = dy + ko * P;
+            if (g.sh == 1 && g.sw == 1) {
+                for (long jj = 0; jj < nr; ++jj) {
+                    long oh = hb[jj] - r, ow = wb[jj] - s;
+                    bool in = oh >= 0 && oh < g.Ho && ow >= 0 && ow < g.Wo;
+                    d[jj] = in ? src[base[jj] + oh * g.Wo + ow] : T(0);
+                }
+            } else {
+                for (long jj = 0; jj < nr; ++jj) {
+                    long th = hb[jj] - r, tw = wb[jj] - s;
+                    bool in = th >= 0 && tw >= 0 && th % g.sh == 0 && tw % g.sw == 0 &&
+                              th / g.sh < g.Ho && tw / g.sw < g.Wo;
+                    d[jj] = in ? src[base[jj] + (th / g.sh) * g.Wo + tw / g.sw] : T(0);
+                }
+            }
+            for (long jj = nr; jj < NR; ++jj) d[jj] = T(0);
+            if (++s == g.S) { s = 0; if (++r == g.R) { r = 0; ++ko; } }
+        }
+    };
+    auto store = [&](const T* tile, long i, long mr, long j, long nr, bool first) {
+        long off[32];
+        for (long jj = 0; jj < nr; ++jj) {
+            long col = j + jj, n = col / HW, hw = col % HW;
+            off[jj] = n * g.C * HW + hw;
+        }
+        for (long ii = 0; ii < mr; ++ii) {
+            const T* t = tile + ii * NR;
+            T* dst = dx + (i + ii) * HW;
+            if (first) for (long jj = 0; jj < nr; ++jj) dst[off[jj]] = t[jj];
+            else for (long jj = 0; jj < nr; ++jj) dst[off[jj]] += t[jj];
+        }
+    };
+    gemm_parallel<T>(uk, g.C, g.N * HW, g.K * RS, packA, packB, store, num_threads());
+}
+
+// ---------------------------------------------------------------------------- backward weight
+
+// Number of batch chunks of the backward-weight reduction: a function of the batch size only,
+// so the summation order (and the result, bit for bit) does not depend on the thread count.
+inline long weight_chunks(long n) { return std::min(n, 8L); }
+
+template <typename T>
+void conv_backward_weight(const ConvGeom& g, const T* dy, const T* x, T* dw, T* db) {
+    const MicroKernel<T> uk = current_ukernel<T>();
+    const long P = g.P(), HW = g.HW(), CHW = g.C * HW, RS = g.R * g.S, CRS = g.CRS(), KP = g.K * P;
+    const int MR = uk.mr, NR = uk.nr;
+    // A(k, (n,p)) = dy[n, k, p]
+    auto packA = [&](T* dst, long i, long mr, long k, long kc) {
+        for (long ii = 0; ii < mr; ++ii) {
+            long n = k / P, p = k % P;
+            const T* src = dy + (i + ii) * P;
+            for (long kk = 0; kk < kc; ++kk) {
+                dst[kk * MR + ii] = src[n * KP + p];
+                if (++p == P) { p = 0; ++n; }
+            }
+        }
+        for (long ii = mr; ii < MR; ++ii)
+            for (long kk = 0; kk < kc; ++kk) dst[kk * MR + ii] = T(0);
+    };
+    // B((n,p), (c,r,s)) = x[n, c, oh*sh-ph+r, ow*sw-pw+s] (zero outside the image)
+    auto packB = [&](T* dst, long j, long nr, long k, long kc) {
+        long coff[32], rr[32], ss[32];
+        for (long jj = 0; jj < nr; ++jj) {
+            long col = j + jj;
+            coff[jj] = (col / RS) * HW;
+            rr[jj] = (col / g.S) % g.R;
+            ss[jj] = col % g.S;
+        }
+        long n = k / P, p = k % P;
+        for (long kk = 0; kk < kc; ++kk) {
+            T* d = dst + kk * NR;
+            long ih0 = (p / g.Wo) * g.sh - g.ph, iw0 = (p % g.Wo) * g.sw - g.pw;
+            const T* src = x + n * CHW;
+            for (long jj = 0; jj < nr; ++jj) {
+                long ih = ih0 + rr[jj], iw = iw0 + ss[jj];
+                bool in = ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
+                d[jj] = in ? src[coff[jj] + ih * g.W + iw] : T(0);
+            }
+            for (long jj = nr; jj < NR; ++jj) d[jj] = T(0);
+            if (++p == P) { p = 0; ++n; }
+        }
+    };
+    const long chunks = weight_chunks(g.N);
+    const long WS = g.K * CRS;
+    std::vector<T> partial(size_t(chunks > 1 ? chunks - 1 : 0) * WS);
+    const int nt = int(std::min<long>(num_threads(), std::max(chunks, 1L)));
+#pragma omp parallel num_threads(nt)
+    {
+        Scratch<T> abuf(gemm_abuf_size(uk)), bbuf(gemm_bbuf_size(uk));
+#pragma omp for schedule(static)
+        for (long ch = 0; ch < chunks; ++ch) {
+            T* out = ch == 0 ? dw : partial.data() + (ch - 1) * WS;
+            long n0 = ch * g.N / chunks, n1 = (ch + 1) * g.N / chunks;
+            auto store = [&](const T* tile, long i, long mr, long j, long nr, bool first) {
+                for (long ii = 0; ii < mr; ++ii) {
+                    T* dst = out + (i + ii) * CRS + j;
+                    const T* t = tile + ii * NR;
+                    if (first) for (long jj = 0; jj < nr; ++jj) dst[jj] = t[jj];
+                    else for (long jj = 0; jj < nr; ++jj) dst[jj] += t[jj];
+                }
+            };
+            gemm_block(uk, 0, g.K, 0, CRS, n0 * P, n1 * P, packA, packB, store, abuf.ptr, bbuf.ptr);
+        }
+        // fixed-order reduction of the chunk partials (chunk 0 already lives in dw)
+#pragma omp for schedule(static)
+        for (long e = 0; e < WS; ++e) {
+            T s = dw[e];
+            for (long ch = 1; ch < chunks; ++ch) s += partial[(ch - 1) * WS + e];
+            dw[e] = s;
+        }
+        // db[k] = sum over n and p of dy[n,k,p], accumulated in double
+#pragma omp for schedule(static)
+        for (long ko = 0; ko < g.K; ++ko) {
+            double s = 0.0;
+            for (long n = 0; n < g.N; ++n) {
+                const T* src = dy + n * KP + ko * P;
+                for (long p = 0; p < P; ++p) s += double(src[p]);
+            }
+            db[ko] = T(s);
+        }
+    }
+    if (g.N == 0) {
+        std::fill(dw, dw + WS, T(0));
+        std::fill(db, db + g.K, T(0));
+    }
+}
+
+// ---------------------------------------------------------------------------- linear
+
+// y[N, OUT] = x[N, IN] @ w[OUT, IN]^T + b
+template <typename T>
+void linear_forward(long N, long IN, long OUT, const T* x, const T* w, const T* b, T* y) {
+    const MicroKernel<T> uk = current_ukernel<T>();
+    const int NR = uk.nr;
+    StridedPackA<T> packA{x, IN, 1, uk.mr};
+    StridedPackB<T> packB{w, 1, IN, NR};  // B(k, j) = w[j, k]
+    auto store = [&](const T* tile, long i, long mr, long j, long nr, bool first) {
+        for (long ii = 0; ii < mr; ++ii) {
+            T* dst = y + (i + ii) * OUT + j;
+            const T* t = tile + ii * NR;
+            if (first) for (long jj = 0; jj < nr; ++jj) dst[jj] = t[jj] + (b ? b[j + jj] : T(0));
+            else for (long jj = 0; jj < nr; ++jj) dst[jj] += t[jj];
+        }
+    };
+    gemm_parallel<T>(uk, N, OUT, IN, packA, packB, store, num_threads());
+}
+
+// dx = dy @ w, dw = dy^T @ x, db = dy.sum(0)
+template <typename T>
+void linear_backward(long N, long IN, long OUT, const T* dy, const T* x, const T* w, T* dx, T* dw,
+                     T* db) {
+    const MicroKernel<T> uk = current_ukernel<T>();
+    const int NR = uk.nr;
+    auto make_store = [NR](T* c, long ldc) {
+        return [=](const T* tile, long i, long mr, long j, long nr, bool first) {
+            for (long ii = 0; ii < mr; ++ii) {
+                T* dst = c + (i + ii) * ldc + j;
+                const T* t = tile + ii * NR;
+                if (first) for (long jj = 0; jj < nr; ++jj) dst[jj] = t[jj];
+                else for (long jj = 0; jj < nr; ++jj) dst[jj] += t[jj];
+            }
+        };
+    };
+    // dx[N, IN] = dy[N, OUT] @ w[OUT, IN]
+    gemm_parallel<T>(uk, N, IN, OUT, StridedPackA<T>{dy, OUT, 1, uk.mr},
+                     StridedPackB<T>{w, IN, 1, NR}, make_store(dx, IN), num_threads());
+    // dw[OUT, IN] = dy^T[OUT, N] @ x[N, IN]; the reduction over N is never split between threads
+    gemm_parallel<T>(uk, OUT, IN, N, StridedPackA<T>{dy, 1, OUT, uk.mr},
+                     StridedPackB<T>{x, IN, 1, NR}, make_store(dw, IN), num_threads());
+    for (long o = 0; o < OUT; ++o) {
+        double s = 0.0;
+        for (long n = 0; n < N; ++n) s += double(dy[n * OUT + o]);
+        db[o] = T(s);
+    }
+}
+
+// ---------------------------------------------------------------------------- bindings
+
+long out_size(long size, long k, long stride, long pad) { return (size + 2 * pad - k) / stride + 1; }
+
+void check_geometry(const char* op, long sh, long sw, long ph, long pw) {
+    if (sh < 1 || sw < 1)
+        throw py::value_error(std::string(op) + ": stride must be >= 1, got (" + std::to_string(sh) +
+                              ", " + std::to_string(sw) + ")");
+    if (ph < 0 || pw < 0)
+        throw py::value_error(std::string(op) + ": padding must be >= 0, got (" +
+                              std::to_string(ph) + ", " + std::to_string(pw) + ")");
+}
+
+template <typename T>
+py::array conv2d_forward_t(py::array x, py::array w, py::object b, long sh, long sw, long ph, long pw) {
+    const char* op = "conv2d_forward";
+    require<T>(x, op, "x", 4);
+    require<T>(w, op, "w", 4);
+    const T* bp = nullptr;
+    py::array barr;
+    if (!b.is_none()) {
+        barr = py::reinterpret_borrow<py::array>(b);
+        require<T>(barr, op, "b", 1);
+        if (barr.shape(0) != w.shape(0))
+            throw py::value_error("conv2d_forward: b must have shape (" + std::to_string(w.shape(0)) +
+                                  ",), got (" + std::to_string(barr.shape(0)) + ",)");
+        bp = cptr<T>(barr);
+    }
+    check_geometry(op, sh, sw, ph, pw);
+    ConvGeom g{x.shape(0), x.shape(1), x.shape(2), x.shape(3), w.shape(0), w.shape(2), w.shape(3),
+               sh, sw, ph, pw, 0, 0};
+    if (w.shape(1) != g.C)
+        throw py::value_error("conv2d_forward: w has " + std::to_string(w.shape(1)) +
+                              " input channels but x has " + std::to_string(g.C));
+    if (g.H + 2 * ph < g.R || g.W + 2 * pw < g.S)
+        throw py::value_error("conv2d_forward: kernel larger than the padded input");
+    g.Ho = out_size(g.H, g.R, sh, ph);
+    g.Wo = out_size(g.W, g.S, sw, pw);
+    py::array_t<T> y({g.N, g.K, g.Ho, g.Wo});
+    const T* xp = cptr<T>(x);
+    const T* wp = cptr<T>(w);
+    T* yp = y.mutable_data();
+    {
+        py::gil_scoped_release release;
+        conv_forward<T>(g, xp, wp, bp, yp);
+    }
+    return y;
+}
+
+template <typename T>
+py::array conv2d_backward_data_t(py::array dy, py::array w, long N, long C, long H, long W, long sh,
+                                 long sw, long ph, long pw) {
+    const char* op = "conv2d_backward_data";
+    require<T>(dy, op, "dy", 4);
+    require<T>(w, op, "w", 4);
+    check_geometry(op, sh, sw, ph, pw);
+    ConvGeom g{N, C, H, W, w.shape(0), w.shape(2), w.shape(3), sh, sw, ph, pw, 0, 0};
+    if (w.shape(1) != C)
+        throw py::value_error("conv2d_backward_data: w has " + std::to_string(w.shape(1)) +
+                              " input channels but x_shape has " + std::to_string(C));
+    if (H + 2 * ph < g.R || W + 2 * pw < g.S)
+        throw py::value_error("conv2d_backward_data: kernel larger than the padded input");
+    g.Ho = out_size(H, g.R, sh, ph);
+    g.Wo = out_size(W, g.S, sw, pw);
+    if (dy.shape(0) != N || dy.shape(1) != g.K || dy.shape(2) != g.Ho || dy.shape(3) != g.Wo)
+        throw py::value_error("conv2d_backward_data: dy must have shape (" + std::to_string(N) + ", " +
+                              std::to_string(g.K) + ", " + std::to_string(g.Ho) + ", " +
+                              std::to_string(g.Wo) + ")");
+    py::array_t<T> dx({N, C, H, W});
+    const T* dyp = cptr<T>(dy);
+    const T* wp = cptr<T>(w);
+    T* dxp = dx.mutable_data();
+    {
+        py::gil_scoped_release release;
+        conv_backward_data<T>(g, dyp, wp, dxp);
+    }
+    return dx;
+}
+
+template <typename T>
+py::tuple conv2d_backward_weight_t(py::array dy, py::array x, long K, long C, long R, long S,
+                                   long sh, long sw, long ph, long pw) {
+    const char* op = "conv2d_backward_weight";
+    require<T>(dy, op, "dy", 4);
+    require<T>(x, op, "x", 4);
+    check_geometry(op, sh, sw, ph, pw);
+    ConvGeom g{x.shape(0), x.shape(1), x.shape(2), x.shape(3), K, R, S, sh, sw, ph, pw, 0, 0};
+    if (C != g.C)
+        throw py::value_error("conv2d_backward_weight: w_shape has " + std::to_string(C) +
+                              " input channels but x has " + std::to_string(g.C));
+    if (g.H + 2 * ph < R || g.W + 2 * pw < S)
+        throw py::value_error("conv2d_backward_weight: kernel larger than the padded input");
+    g.Ho = out_size(g.H, R, sh, ph);
+    g.Wo = out_size(g.W, S, sw, pw);
+    if (dy.shape(0) != g.N || dy.shape(1) != K || dy.shape(2) != g.Ho || dy.shape(3) != g.Wo)
+        throw py::value_error("conv2d_backward_weight: dy must have shape (" + std::to_string(g.N) +
+                              ", " + std::to_string(K) + ", " + std::to_string(g.Ho) + ", " +
+                              std::to_string(g.Wo) + ")");
+    py::array_t<T> dw({K, C, R, S});
+    py::array_t<T> db({K});
+    const T* dyp = cptr<T>(dy);
+    const T* xp = cptr<T>(x);
+    T* dwp = dw.mutable_data();
+    T* dbp = db.mutable_data();
+    {
+        py::gil_scoped_release release;
+        conv_backward_weight<T>(g, dyp, xp, dwp, dbp);
+    }
+    return py::make_tuple(dw, db);
+}
+
+template <typename T>
+py::array linear_forward_t(py::array x, py::array w, py::object b) {
+    const char* op = "linear_forward";
+    require<T>(x, op, "x", 2);
+    require<T>(w, op, "w", 2);
+    const long N = x.shape(0), IN = x.shape(1), OUT = w.shape(0);
+    if (w.shape(1) != IN)
+        throw py::value_error("linear_forward: w must have shape (OUT, " + std::to_string(IN) +
+                              "), got second dimension " + std::to_string(w.shape(1)));
+    const T* bp = nullptr;
+    py::array barr;
+    if (!b.is_none()) {
+        barr = py::reinterpret_borrow<py::array>(b);
+        require<T>(barr, op, "b", 1);
+        if (barr.shape(0) != OUT)
+            throw py::value_error("linear_forward: b must have shape (" + std::to_string(OUT) + ",)");
+        bp = cptr<T>(barr);
+    }
+    py::array_t<T> y({N, OUT});
+    const T* xp = cptr<T>(x);
+    const T* wp = cptr<T>(w);
+    T* yp = y.mutable_data();
+    {
+        py::gil_scoped_release release;
+        linear_forward<T>(N, IN, OUT, xp, wp, bp, yp);
+    }
+    return y;
+}
+
+template <typename T>
+py::tuple linear_backward_t(py::array dy, py::array x, py::array w) {
+    const char* op = "linear_backward";
+    require<T>(dy, op, "dy", 2);
+    require<T>(x, op, "x", 2);
+    require<T>(w, op, "w", 2);
+    const long N = x.shape(0), IN = x.shape(1), OUT = w.shape(0);
+    if (w.shape(1) != IN || dy.shape(0) != N || dy.shape(1) != OUT)
+        throw py::value_error("linear_backward: inconsistent shapes dy (N, OUT), x (N, IN), w (OUT, IN)");
+    py::array_t<T> dx({N, IN}), dw({OUT, IN}), db({OUT});
+    const T* dyp = cptr<T>(dy);
+    const T* xp = cptr<T>(x);
+    const T* wp = cptr<T>(w);
+    T* dxp = dx.mutable_data();
+    T* dwp = dw.mutable_data();
+    T* dbp = db.mutable_data();
+    {
+        py::gil_scoped_release release;
+        linear_backward<T>(N, IN, OUT, dyp, xp, wp, dxp, dwp, dbp);
+    }
+    return py::make_tuple(dx, dw, db);
+}
+
+}  // namespace
+
+void register_conv_linear(py::module_& m) {
+    m.def("conv2d_forward", [](py::array x, py::array w, py::object b, long sh, long sw, long ph, long pw) {
+        if (has_dtype<float>(x)) return conv2d_forward_t<float>(x, w, b, sh, sw, ph, pw);
+        if (has_dtype<double>(x)) return conv2d_forward_t<double>(x, w, b, sh, sw, ph, pw);
+        bad_float("conv2d_forward", "x", x);
+    }, py::arg("x"), py::arg("w"), py::arg("b").none(true), py::arg("sh"), py::arg("sw"), py::arg("ph"), py::arg("pw"));
+    m.def("conv2d_backward_data", [](py::array dy, py::array w, long N, long C, long H, long W, long sh,
+                                     long sw, long ph, long pw) {
+        if (has_dtype<float>(dy)) return conv2d_backward_data_t<float>(dy, w, N, C, H, W, sh, sw, ph, pw);
+        if (has_dtype<double>(dy)) return conv2d_backward_data_t<double>(dy, w, N, C, H, W, sh, sw, ph, pw);
+        bad_float("conv2d_backward_data", "dy", dy);
+    });
+    m.def("conv2d_backward_weight", [](py::array dy, py::array x, long K, long C, long R, long S, long sh,
+                                       long sw, long ph, long pw) {
+        if (has_dtype<float>(dy)) return conv2d_backward_weight_t<float>(dy, x, K, C, R, S, sh, sw, ph, pw);
+        if (has_dtype<double>(dy)) return conv2d_backward_weight_t<double>(dy, x, K, C, R, S, sh, sw, ph, pw);
+        bad_float("conv2d_backward_weight", "dy", dy);
+    });
+    m.def("linear_forward", [](py::array x, py::array w, py::object b) {
+        if (has_dtype<float>(x)) return linear_forward_t<float>(x, w, b);
+        if (has_dtype<double>(x)) return linear_forward_t<double>(x, w, b);
+        bad_float("linear_forward", "x", x);
+    }, py::arg("x"), py::arg("w"), py::arg("b").none(true));
+    m.def("linear_backward", [](py::array dy, py::array x, py::array w) {
+        if (has_dtype<float>(dy)) return linear_backward_t<float>(dy, x, w);
+        if (has_dtype<double>(dy)) return linear_backward_t<double>(dy, x, w);
+        bad_float("linear_backward", "dy", dy);
+    });
+}
+
+}  // namespace pycnn

@@ -1,0 +1,186 @@
+// The one packed GEMM of the native backend: C[M x N] (+)= A[M x K] * B[K x N].
+//
+// Convolution (all three directions) and linear layers call this driver with their own packers,
+// so the data-layout work happens while packing and there is never a full im2col buffer:
+//   packA(dst, i, mr, k, kc)  writes rows i..i+mr of A, depths k..k+kc, as an MR-wide panel
+//                             dst[kk*MR + ii] (rows mr..MR-1 zero),
+//   packB(dst, j, nr, k, kc)  writes columns j..j+nr of B as an NR-wide panel dst[kk*NR + jj]
+//                             (columns nr..NR-1 zero) -- for convolution this IS the im2col gather,
+//   store(tile, i, mr, j, nr, first)  moves an MR x NR result tile (row stride NR) to C:
+//                             assign when `first` (the first K block), add otherwise.
+//
+// Blocking (BLIS order): the K dimension is cut into blocks of at most KC so that one B panel
+// (KC x NR) stays in L1 while the MR x NR tile sweeps down M; the packed A block (M x KC, M is a
+// layer's channel count here) and a column block of B (KC x NC) stay in L2.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+
+#include "common.h"
+
+namespace pycnn {
+
+template <typename T>
+struct GemmBlocking {
+    // Bytes of one B panel = KC*NR*sizeof(T): 256*32*4 = 32 KiB (fp32, AVX-512), 128*16*8 =
+    // 16 KiB (fp64). NC columns per packed B block; MC rows per packed A block.
+    static constexpr long kc_max = sizeof(T) == 4 ? 256 : 128;
+    static constexpr long nc_max = 512;
+    static constexpr long mc_max = 256;
+};
+
+// 64-byte aligned scratch memory (one per thread), freed automatically.
+template <typename T>
+struct Scratch {
+    T* ptr = nullptr;
+    explicit Scratch(size_t n) {
+        size_t bytes = ((n * sizeof(T) + 63) / 64) * 64 + 64;
+        ptr = static_cast<T*>(std::aligned_alloc(64, bytes));
+        if (!ptr) throw std::bad_alloc();
+    }
+    ~Scratch() { std::free(ptr); }
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+};
+
+// K blocks of (nearly) equal size: 288 becomes 144 + 144 rather than 256 + 32.
+inline long balanced_kc(long k, long kc_max) {
+    if (k <= kc_max) return std::max(k, 1L);
+    long blocks = (k + kc_max - 1) / kc_max;
+    return (k + blocks - 1) / blocks;
+}
+
+template <typename T>
+inline size_t gemm_abuf_size(const MicroKernel<T>& uk) {
+    return size_t(GemmBlocking<T>::mc_max + uk.mr) * GemmBlocking<T>::kc_max;
+}
+template <typename T>
+inline size_t gemm_bbuf_size(const MicroKernel<T>& uk) {
+    return size_t(GemmBlocking<T>::nc_max + uk.nr) * GemmBlocking<T>::kc_max;
+}
+
+// Single-threaded GEMM over rows [i0, i1), columns [j0, j1), depths [k0, k1) with caller-owned
+// packing buffers (sizes from gemm_abuf_size / gemm_bbuf_size). Callers parallelize by giving
+// threads disjoint row/column ranges (no synchronization needed) or disjoint depth ranges that
+// write to separate partial outputs.
+template <typename T, typename PackA, typename PackB, typename Store>
+void gemm_block(const MicroKernel<T>& uk, long i0, long i1, long j0, long j1, long k0, long k1,
+                PackA&& packA, PackB&& packB, Store&& store, T* abuf, T* bbuf) {
+    using B = GemmBlocking<T>;
+    const long MR = uk.mr, NR = uk.nr;
+    alignas(64) T tile[16 * 32];
+    if (k1 <= k0) {  // empty reduction: C = 0 (plus whatever `store` adds, e.g. a bias)
+        std::fill(tile, tile + MR * NR, T(0));
+        for (long j = j0; j < j1; j += NR)
+            for (long i = i0; i < i1; i += MR)
+                store(tile, i, std::min(MR, i1 - i), j, std::min(NR, j1 - j), true);
+        return;
+    }
+    const long kc_step = balanced_kc(k1 - k0, B::kc_max);
+    const long nc_step = std::max(NR, (B::nc_max / NR) * NR);
+    const long mc_step = std::max(MR, (B::mc_max / MR) * MR);
+    for (long jc = j0; jc < j1; jc += nc_step) {
+        const long nc = std::min(nc_step, j1 - jc);
+        for (long pc = k0; pc < k1; pc += kc_step) {
+            const long kc = std::min(kc_step, k1 - pc);
+            const bool first = (pc == k0);
+            for (long jr = 0; jr < nc; jr += NR)
+                packB(bbuf + (jr / NR) * kc * NR, jc + jr, std::min(NR, nc - jr), pc, kc);
+            for (long ic = i0; ic < i1; ic += mc_step) {
+                const long mc = std::min(mc_step, i1 - ic);
+                for (long ir = 0; ir < mc; ir += MR)
+                    packA(abuf + (ir / MR) * kc * MR, ic + ir, std::min(MR, mc - ir), pc, kc);
+                for (long jr = 0; jr < nc; jr += NR) {
+                    const T* bp = bbuf + (jr / NR) * kc * NR;
+                    const long nr = std::min(NR, nc - jr);
+                    for (long ir = 0; ir < mc; ir += MR) {
+                        uk.run(kc, abuf + (ir / MR) * kc * MR, bp, tile);
+                        store(tile, ic + ir, std::min(MR, mc - ir), jc + jr, nr, first);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// C = A * B over the whole matrix with `threads` OpenMP threads. The work is cut into blocks of
+// whole micro-panels along N (or along M when N is too narrow to feed every thread); every
+// output element is computed by exactly one thread in the same order whatever the thread count,
+// so the result does not depend on it.
+template <typename T, typename PackA, typename PackB, typename Store>
+void gemm_parallel(const MicroKernel<T>& uk, long M, long N, long K, PackA packA, PackB packB,
+                   Store store, int threads) {
+    if (M <= 0 || N <= 0) return;
+    const long MR = uk.mr, NR = uk.nr;
+    const long n_panels = (N + NR - 1) / NR, m_panels = (M + MR - 1) / MR;
+    const bool split_n = n_panels >= 2L * threads || n_panels >= m_panels;
+    const long panels = split_n ? n_panels : m_panels;
+    // about 4 blocks per thread for load balance, but never below one panel per block and never
+    // above the packed-B block width
+    long per_block = std::max(1L, panels / (4L * std::max(threads, 1)));
+    if (split_n) per_block = std::min(per_block, GemmBlocking<T>::nc_max / NR);
+    const long blocks = (panels + per_block - 1) / per_block;
+    const int nt = int(std::min<long>(threads, blocks));
+#pragma omp parallel num_threads(nt)
+    {
+        Scratch<T> abuf(gemm_abuf_size(uk)), bbuf(gemm_bbuf_size(uk));
+#pragma omp for schedule(static)
+        for (long blk = 0; blk < blocks; ++blk) {
+            if (split_n) {
+                long j0 = blk * per_block * NR, j1 = std::min(N, j0 + per_block * NR);
+                gemm_block(uk, 0, M, j0, j1, 0, K, packA, packB, store, abuf.ptr, bbuf.ptr);
+            } else {
+                long i0 = blk * per_block * MR, i1 = std::min(M, i0 + per_block * MR);
+                gemm_block(uk, i0, i1, 0, N, 0, K, packA, packB, store, abuf.ptr, bbuf.ptr);
+            }
+        }
+    }
+}
+
+// Packers for a plain strided matrix: element (r, c) at p[r*rs + c*cs].
+template <typename T>
+struct StridedPackA {
+    const T* p;
+    long rs, cs;
+    int MR;
+    void operator()(T* dst, long i, long mr, long k, long kc) const {
+        for (long ii = 0; ii < mr; ++ii) {
+            const T* src = p + (i + ii) * rs + k * cs;
+            for (long kk = 0; kk < kc; ++kk) dst[kk * MR + ii] = src[kk * cs];
+        }
+        for (long ii = mr; ii < MR; ++ii)
+            for (long kk = 0; kk < kc; ++kk) dst[kk * MR + ii] = T(0);
+    }
+};
+
+template <typename T>
+struct StridedPackB {
+    const T* p;
+    long rs, cs;
+    int NR;
+    void operator()(T* dst, long j, long nr, long k, long kc) const {
+        if (cs == 1) {  // rows of B are contiguous: copy runs
+            for (long kk = 0; kk < kc; ++kk) {
+                const T* src = p + (k + kk) * rs + j;
+                T* d = dst + kk * NR;
+                for (long jj = 0; jj < nr; ++jj) d[jj] = src[jj];
+                for (long jj = nr; jj < NR; ++jj) d[jj] = T(0);
+            }
+            return;
+        }
+        for (long jj = 0; jj < nr; ++jj) {
+            const T* src = p + k * rs + (j + jj) * cs;
+            for (long kk = 0; kk < kc; ++kk) dst[kk * NR + jj] = src[kk * rs];
+        }
+        for (long jj = nr; jj < NR; ++jj)
+            for (long kk = 0; kk < kc; ++kk) dst[kk * NR + jj] = T(0);
+    }
+};
+
+}  // namespace pycnn

@@ -1,0 +1,231 @@
+// Max and average pooling, forward and backward. One (n, c) plane per OpenMP work item: planes
+// are independent, so every output (and every dx element, whose contributions all come from its
+// own plane, accumulated in a fixed order) is computed by one thread -> deterministic.
+#include <cmath>
+#include <limits>
+
+#include "common.h"
+
+namespace pycnn {
+
+namespace {
+
+struct PoolGeom {
+    long N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo;
+};
+
+PoolGeom pool_geometry(const char* op, long N, long C, long H, long W, long kh, long kw, long sh,
+                       long sw, long ph, long pw) {
+    if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0)
+        throw py::value_error(std::string(op) + ": kernel and stride must be >= 1 and padding >= 0, got kernel (" +
+                              std::to_string(kh) + ", " + std::to_string(kw) + "), stride (" +
+                              std::to_string(sh) + ", " + std::to_string(sw) + "), padding (" +
+                              std::to_string(ph) + ", " + std::to_string(pw) + ")");
+    if (2 * ph > kh || 2 * pw > kw)
+        throw py::value_error(std::string(op) + ": padding must be <= kernel // 2");
+    if (H + 2 * ph < kh || W + 2 * pw < kw)
+        throw py::value_error(std::string(op) + ": kernel larger than the padded input");
+    PoolGeom g{N, C, H, W, kh, kw, sh, sw, ph, pw, 0, 0};
+    g.Ho = (H + 2 * ph - kh) / sh + 1;
+    g.Wo = (W + 2 * pw - kw) / sw + 1;
+    return g;
+}
+
+template <typename T>
+void maxpool_forward(const PoolGeom& g, const T* x, T* y, int32_t* argmax) {
+    const long planes = g.N * g.C, HW = g.H * g.W, P = g.Ho * g.Wo;
+#pragma omp parallel for schedule(static) num_threads(num_threads()) if (planes * P > 4096)
+    for (long pl = 0; pl < planes; ++pl) {
+        const T* xp = x + pl * HW;
+        for (long oh = 0; oh < g.Ho; ++oh) {
+            for (long ow = 0; ow < g.Wo; ++ow) {
+                long h0 = oh * g.sh - g.ph, w0 = ow * g.sw - g.pw;
+                T best = -std::numeric_limits<T>::infinity();
+                long bi = -1;
+                for (long r = 0; r < g.kh; ++r) {
+                    long h = h0 + r;
+                    if (h < 0 || h >= g.H) continue;
+                    for (long s = 0; s < g.kw; ++s) {
+                        long w = w0 + s;
+                        if (w < 0 || w >= g.W) continue;
+                        T v = xp[h * g.W + w];
+                        // strict '>' keeps the first maximum in row-major window order; a NaN
+                        // wins once and then stays (NumPy's argmax picks the first NaN)
+                        bool better = bi < 0 || v > best || (std::isnan(v) && !std::isnan(best));
+                        if (better) { best = v; bi = h * g.W + w; }
+                    }
+                }
+                y[pl * P + oh * g.Wo + ow] = best;
+                argmax[pl * P + oh * g.Wo + ow] = int32_t(bi);
+            }
+        }
+    }
+}
+
+template <typename T>
+void maxpool_backward(long planes, long P, long HW, const T* dy, const int32_t* argmax, T* dx) {
+#pragma omp parallel for schedule(static) num_threads(num_threads()) if (planes * P > 4096)
+    for (long pl = 0; pl < planes; ++pl) {
+        T* d = dx + pl * HW;
+        for (long i = 0; i < HW; ++i) d[i] = T(0);
+        const T* g = dy + pl * P;
+        const int32_t* a = argmax + pl * P;
+        for (long i = 0; i < P; ++i) d[a[i]] += g[i];
+    }
+}
+
+template <typename T>
+void avgpool_forward(const PoolGeom& g, const T* x, T* y) {
+    const long planes = g.N * g.C, HW = g.H * g.W, P = g.Ho * g.Wo;
+    const T inv = T(1) / T(g.kh * g.kw);
+#pragma omp parallel for schedule(static) num_threads(num_threads()) if (planes * P > 4096)
+    for (long pl = 0; pl < planes; ++pl) {
+        const T* xp = x + pl * HW;
+        for (long oh = 0; oh < g.Ho; ++oh)
+            for (long ow = 0; ow < g.Wo; ++ow) {
+                long h0 = oh * g.sh - g.ph, w0 = ow * g.sw - g.pw;
+                T s = T(0);
+                for (long r = 0; r < g.kh; ++r) {
+                    long h = h0 + r;
+                    if (h < 0 || h >= g.H) continue;
+                    for (long c = 0; c < g.kw; ++c) {
+                        long w = w0 + c;
+                        if (w >= 0 && w < g.W) s += xp[h * g.W + w];
+                    }
+                }
+                y[pl * P + oh * g.Wo + ow] = s * inv;
+            }
+    }
+}
+
+template <typename T>
+void avgpool_backward(const PoolGeom& g, const T* dy, T* dx) {
+    const long planes = g.N * g.C, HW = g.H * g.W, P = g.Ho * g.Wo;
+    // dy / (kh*kw) first (as the reference does), then spread it over each window
+    const T div = T(g.kh * g.kw);
+#pragma omp parallel for schedule(static) num_threads(num_threads()) if (planes * P > 4096)
+    for (long pl = 0; pl < planes; ++pl) {
+        T* d = dx + pl * HW;
+        for (long i = 0; i < HW; ++i) d[i] = T(0);
+        const T* gp = dy + pl * P;
+        for (long oh = 0; oh < g.Ho; ++oh)
+            for (long ow = 0; ow < g.Wo; ++ow) {
+                const T share = gp[oh * g.Wo + ow] / div;
+                long h0 = oh * g.sh - g.ph, w0 = ow * g.sw - g.pw;
+                for (long r = 0; r < g.kh; ++r) {
+                    long h = h0 + r;
+                    if (h < 0 || h >= g.H) continue;
+                    for (long c = 0; c < g.kw; ++c) {
+                        long w = w0 + c;
+                        if (w >= 0 && w < g.W) d[h * g.W + w] += share;
+                    }
+                }
+            }
+    }
+}
+
+template <typename T>
+py::tuple maxpool2d_forward_t(py::array x, long kh, long kw, long sh, long sw, long ph, long pw) {
+    const char* op = "maxpool2d_forward";
+    require<T>(x, op, "x", 4);
+    PoolGeom g = pool_geometry(op, x.shape(0), x.shape(1), x.shape(2), x.shape(3), kh, kw, sh, sw, ph, pw);
+    py::array_t<T> y({g.N, g.C, g.Ho, g.Wo});
+    py::array_t<int32_t> am({g.N, g.C, g.Ho, g.Wo});
+    const T* xp = cptr<T>(x);
+    T* yp = y.mutable_data();
+    int32_t* ap = am.mutable_data();
+    {
+        py::gil_scoped_release release;
+        maxpool_forward<T>(g, xp, yp, ap);
+    }
+    return py::make_tuple(y, am);
+}
+
+template <typename T>
+py::array maxpool2d_backward_t(py::array dy, py::array argmax, long N, long C, long H, long W) {
+    const char* op = "maxpool2d_backward";
+    require<T>(dy, op, "dy", 4);
+    require<int32_t>(argmax, op, "argmax", 4);
+    for (int d = 0; d < 4; ++d)
+        if (argmax.shape(d) != dy.shape(d))
+            throw py::value_error("maxpool2d_backward: argmax must have dy's shape");
+    if (dy.shape(0) != N || dy.shape(1) != C)
+        throw py::value_error("maxpool2d_backward: dy's (N, C) must match x_shape");
+    const long P = dy.shape(2) * dy.shape(3), HW = H * W, planes = N * C;
+    const int32_t* ap = cptr<int32_t>(argmax);
+    for (long i = 0; i < planes * P; ++i)  // a bad index would write outside dx
+        if (ap[i] < 0 || ap[i] >= HW)
+            throw py::value_error("maxpool2d_backward: argmax holds " + std::to_string(ap[i]) +
+                                  ", outside [0, H*W) = [0, " + std::to_string(HW) + ")");
+    py::array_t<T> dx({N, C, H, W});
+    const T* dyp = cptr<T>(dy);
+    T* dxp = dx.mutable_data();
+    {
+        py::gil_scoped_release release;
+        maxpool_backward<T>(planes, P, HW, dyp, ap, dxp);
+    }
+    return dx;
+}
+
+template <typename T>
+py::array avgpool2d_forward_t(py::array x, long kh, long kw, long sh, long sw, long ph, long pw) {
+    const char* op = "avgpool2d_forward";
+    require<T>(x, op, "x", 4);
+    PoolGeom g = pool_geometry(op, x.shape(0), x.shape(1), x.shape(2), x.shape(3), kh, kw, sh, sw, ph, pw);
+    py::array_t<T> y({g.N, g.C, g.Ho, g.Wo});
+    const T* xp = cptr<T>(x);
+    T* yp = y.mutable_data();
+    {
+        py::gil_scoped_release release;
+        avgpool_forward<T>(g, xp, yp);
+    }
+    return y;
+}
+
+template <typename T>
+py::array avgpool2d_backward_t(py::array dy, long N, long C, long H, long W, long kh, long kw, long sh,
+                               long sw, long ph, long pw) {
+    const char* op = "avgpool2d_backward";
+    require<T>(dy, op, "dy", 4);
+    PoolGeom g = pool_geometry(op, N, C, H, W, kh, kw, sh, sw, ph, pw);
+    if (dy.shape(0) != N || dy.shape(1) != C || dy.shape(2) != g.Ho || dy.shape(3) != g.Wo)
+        throw py::value_error("avgpool2d_backward: dy must have shape (" + std::to_string(N) + ", " +
+                              std::to_string(C) + ", " + std::to_string(g.Ho) + ", " +
+                              std::to_string(g.Wo) + ")");
+    py::array_t<T> dx({N, C, H, W});
+    const T* dyp = cptr<T>(dy);
+    T* dxp = dx.mutable_data();
+    {
+        py::gil_scoped_release release;
+        avgpool_backward<T>(g, dyp, dxp);
+    }
+    return dx;
+}
+
+}  // namespace
+
+void register_pool(py::module_& m) {
+    m.def("maxpool2d_forward", [](py::array x, long kh, long kw, long sh, long sw, long ph, long pw) {
+        if (has_dtype<float>(x)) return maxpool2d_forward_t<float>(x, kh, kw, sh, sw, ph, pw);
+        if (has_dtype<double>(x)) return maxpool2d_forward_t<double>(x, kh, kw, sh, sw, ph, pw);
+        bad_float("maxpool2d_forward", "x", x);
+    });
+    m.def("maxpool2d_backward", [](py::array dy, py::array argmax, long N, long C, long H, long W) {
+        if (has_dtype<float>(dy)) return maxpool2d_backward_t<float>(dy, argmax, N, C, H, W);
+        if (has_dtype<double>(dy)) return maxpool2d_backward_t<double>(dy, argmax, N, C, H, W);
+        bad_float("maxpool2d_backward", "dy", dy);
+    });
+    m.def("avgpool2d_forward", [](py::array x, long kh, long kw, long sh, long sw, long ph, long pw) {
+        if (has_dtype<float>(x)) return avgpool2d_forward_t<float>(x, kh, kw, sh, sw, ph, pw);
+        if (has_dtype<double>(x)) return avgpool2d_forward_t<double>(x, kh, kw, sh, sw, ph, pw);
+        bad_float("avgpool2d_forward", "x", x);
+    });
+    m.def("avgpool2d_backward", [](py::array dy, long N, long C, long H, long W, long kh, long kw, long sh,
+                                   long sw, long ph, long pw) {
+        if (has_dtype<float>(dy)) return avgpool2d_backward_t<float>(dy, N, C, H, W, kh, kw, sh, sw, ph, pw);
+        if (has_dtype<double>(dy)) return avgpool2d_backward_t<double>(dy, N, C, H, W, kh, kw, sh, sw, ph, pw);
+        bad_float("avgpool2d_backward", "dy", dy);
+    });
+}
+
+}  // namespace pycnn

@@ -1,0 +1,470 @@
+"""Native C++ CPU backend: the SPEC.md function table over the pybind11 extension ``pycnn._native``.
+
+The kernels live in ``csrc/cpu`` (C++17, OpenMP): convolution and linear layers run through one
+hand-written packed GEMM whose micro-kernel is AVX-512 or AVX2+FMA, picked at import by CPUID
+(``PYCNN_NATIVE_ISA=avx2`` forces AVX2, ``set_isa`` switches at run time); the im2col gather happens
+while packing the GEMM's B panels, so no im2col buffer is built. Results do not depend on the
+thread count (backward-weight adds per-chunk partials in a fixed chunk order).
+
+This module checks every argument first and raises ``TypeError``/``ValueError`` naming the op and
+the argument; arrays are never converted or copied (a float32 op given float64 weights is an
+error, not a silent cast). Importing it works without the extension; ``available()`` then says
+why it is missing (the import error and the build log ``pycnn/_native_build.txt``).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+NAME = "native"
+
+_IMPORT_ERROR: str | None = None
+try:
+    from pycnn import _native as _n
+except Exception as exc:  # noqa: BLE001 - any failure is reported by available()
+    _n = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+_BUILD_LOG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_native_build.txt")
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _build_log() -> str:
+    try:
+        with open(_BUILD_LOG, encoding="utf-8") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def available() -> tuple[bool, str]:
+    """(True, ISA and thread count) when the extension is built, else (False, why not)."""
+    if _n is None:
+        log = _build_log()
+        reason = f"pycnn._native did not import ({_IMPORT_ERROR})"
+        return False, reason + (f"; build log: {log}" if log else "; no build log (extension never built)")
+    return True, f"pycnn._native, {_n.isa()} micro-kernel, {_n.get_num_threads()} threads"
+
+
+def _require():
+    if _n is None:
+        raise RuntimeError("the native backend is not available: " + available()[1])
+
+
+def isa() -> str:
+    """The GEMM micro-kernel's instruction set in use: 'avx512', 'avx2' or 'scalar'."""
+    _require()
+    return _n.isa()
+
+
+def set_isa(name: str) -> None:
+    """Switch the micro-kernel ISA ('avx512', 'avx2', 'scalar'); ValueError if this CPU lacks it."""
+    _require()
+    _n.set_isa(name)
+
+
+def isa_supported(name: str) -> bool:
+    """Whether this CPU can run the micro-kernel for ``name``."""
+    _require()
+    return _n.isa_supported(name)
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of OpenMP threads the native kernels use (>= 1)."""
+    _require()
+    _n.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """The number of OpenMP threads the native kernels use."""
+    _require()
+    return _n.get_num_threads()
+
+
+# ============================================================================ argument checks
+
+def _float_array(op: str, name: str, a, ndim: int | None = None, dtype=None, what: str = ""):
+    """Check that ``a`` is a C-contiguous float32/float64 ndarray (of ``dtype`` when given)."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{op}: {name} must be a C-contiguous float32 or float64 array, "
+                        f"got {type(a).__name__}")
+    if a.dtype not in _FLOATS:
+        raise TypeError(f"{op}: {name} must be a C-contiguous float32 or float64 array, got {a.dtype}")
+    if dtype is not None and a.dtype != dtype:
+        raise TypeError(f"{op}: {name} must have dtype {dtype} (like the other arrays), got {a.dtype}")
+    if not a.flags.c_contiguous:
+        raise TypeError(f"{op}: {name} must be a C-contiguous float32 or float64 array, "
+                        f"got a non-contiguous {a.dtype} array")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-D {what}, got shape {a.shape}")
+    return a
+
+
+def _pair(op: str, name: str, value, minimum: int) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: {name} must be a tuple of two ints, got {value!r}") from None
+    if h < minimum or w < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {tuple(value)}")
+    return h, w
+
+
+def _shape4(op: str, name: str, shape) -> tuple[int, int, int, int]:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 4 or min(shape) < 0:
+        raise ValueError(f"{op}: {name} must be 4 non-negative ints (N, C, H, W), got {shape}")
+    return shape
+
+
+def _check_window(op: str, hw, kernel, padding):
+    for size, k, p in zip(hw, kernel, padding):
+        if size + 2 * p < k:
+            raise ValueError(f"{op}: kernel {tuple(kernel)} does not fit input {tuple(hw)} "
+                             f"with padding {tuple(padding)}")
+
+
+def _check_reduction(op: str, reduction: str) -> None:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"{op}: reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def _same_shape(op: str, a_name: str, a, b_name: str, b):
+    if a.shape != b.shape:
+        raise ValueError(f"{op}: {a_name} and {b_name} must have one shape, got {a.shape} and {b.shape}")
+
+
+def _optional_vector(op: str, name: str, a, length: int, dtype):
+    if a is None:
+        return None
+    _float_array(op, name, a, 1, dtype, f"({length},)")
+    if a.shape != (length,):
+        raise ValueError(f"{op}: {name} must have shape ({length},), got {a.shape}")
+    return a
+
+
+def _targets(op: str, target, n: int):
+    if not isinstance(target, np.ndarray) or target.dtype not in (np.int32, np.int64):
+        raise TypeError(f"{op}: target must be an int32 or int64 array of class indices, got "
+                        f"{getattr(target, 'dtype', type(target).__name__)}")
+    if target.shape != (n,):
+        raise ValueError(f"{op}: target must have shape ({n},), got {target.shape}")
+    if not target.flags.c_contiguous:
+        raise TypeError(f"{op}: target must be C-contiguous")
+    return target
+
+
+# ============================================================================ convolution
+
+def conv2d_forward(x, w, b, stride, padding):
+    """y (N,K,Ho,Wo) = cross-correlation of x (N,C,H,W) with w (K,C,R,S), plus b (K,) or None."""
+    _require()
+    op = "conv2d_forward"
+    _float_array(op, "x", x, 4, what="(N, C, H, W)")
+    _float_array(op, "w", w, 4, x.dtype, "(K, C, R, S)")
+    _optional_vector(op, "b", b, w.shape[0], x.dtype)
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(f"{op}: w expects {w.shape[1]} input channels, x has {x.shape[1]} "
+                         f"(x shape {x.shape}, w shape {w.shape})")
+    sh, sw = _pair(op, "stride", stride, 1)
+    ph, pw = _pair(op, "padding", padding, 0)
+    _check_window(op, x.shape[2:], w.shape[2:], (ph, pw))
+    return _n.conv2d_forward(x, w, b, sh, sw, ph, pw)
+
+
+def conv2d_backward_data(dy, w, x_shape, stride, padding):
+    """dx (N,C,H,W): the gradient of conv2d_forward with respect to x."""
+    _require()
+    op = "conv2d_backward_data"
+    _float_array(op, "dy", dy, 4, what="(N, K, Ho, Wo)")
+    _float_array(op, "w", w, 4, dy.dtype, "(K, C, R, S)")
+    n, c, h, wd = _shape4(op, "x_shape", x_shape)
+    sh, sw = _pair(op, "stride", stride, 1)
+    ph, pw = _pair(op, "padding", padding, 0)
+    _check_window(op, (h, wd), w.shape[2:], (ph, pw))
+    return _n.conv2d_backward_data(dy, w, n, c, h, wd, sh, sw, ph, pw)
+
+
+def conv2d_backward_weight(dy, x, w_shape, stride, padding):
+    """(dw (K,C,R,S), db (K,)): the gradients of conv2d_forward with respect to w and b."""
+    _require()
+    op = "conv2d_backward_weight"
+    _float_array(op, "dy", dy, 4, what="(N, K, Ho, Wo)")
+    _float_array(op, "x", x, 4, dy.dtype, "(N, C, H, W)")
+    k, c, r, s = _shape4(op, "w_shape", w_shape)
+    sh, sw = _pair(op, "stride", stride, 1)
+    ph, pw = _pair(op, "padding", padding, 0)
+    _check_window(op, x.shape[2:], (r, s), (ph, pw))
+    return _n.conv2d_backward_weight(dy, x, k, c, r, s, sh, sw, ph, pw)
+
+
+# ============================================================================ pooling
+
+def maxpool2d_forward(x, kernel, stride, padding):
+    """(y, argmax int32): max over each window (padding is -inf), flat h*W+w index of the max."""
+    _require()
+    op = "maxpool2d_forward"
+    _float_array(op, "x", x, 4, what="(N, C, H, W)")
+    kh, kw = _pair(op, "kernel", kernel, 1)
+    sh, sw = _pair(op, "stride", stride, 1)
+    ph, pw = _pair(op, "padding", padding, 0)
+    return _n.maxpool2d_forward(x, kh, kw, sh, sw, ph, pw)
+
+
+def maxpool2d_backward(dy, argmax, x_shape):
+    """dx: dy scatter-added into the argmax positions of each input plane."""
+    _require()
+    op = "maxpool2d_backward"
+    _float_array(op, "dy", dy, 4, what="(N, C, Ho, Wo)")
+    if not isinstance(argmax, np.ndarray) or argmax.dtype != np.int32 or not argmax.flags.c_contiguous:
+        raise TypeError(f"{op}: argmax must be a C-contiguous int32 array, got "
+                        f"{getattr(argmax, 'dtype', type(argmax).__name__)}")
+    if argmax.shape != dy.shape:
+        raise ValueError(f"{op}: argmax must have dy's shape {dy.shape}, got {argmax.shape}")
+    n, c, h, w = _shape4(op, "x_shape", x_shape)
+    return _n.maxpool2d_backward(dy, argmax, n, c, h, w)
+
+
+def avgpool2d_forward(x, kernel, stride, padding):
+    """y: mean over each window, padded zeros counted in the divisor (kh*kw)."""
+    _require()
+    op = "avgpool2d_forward"
+    _float_array(op, "x", x, 4, what="(N, C, H, W)")
+    kh, kw = _pair(op, "kernel", kernel, 1)
+    sh, sw = _pair(op, "stride", stride, 1)
+    ph, pw = _pair(op, "padding", padding, 0)
+    return _n.avgpool2d_forward(x, kh, kw, sh, sw, ph, pw)
+
+
+def avgpool2d_backward(dy, x_shape, kernel, stride, padding):
+    """dx: dy / (kh*kw) spread over each window."""
+    _require()
+    op = "avgpool2d_backward"
+    _float_array(op, "dy", dy, 4, what="(N, C, Ho, Wo)")
+    n, c, h, w = _shape4(op, "x_shape", x_shape)
+    kh, kw = _pair(op, "kernel", kernel, 1)
+    sh, sw = _pair(op, "stride", stride, 1)
+    ph, pw = _pair(op, "padding", padding, 0)
+    return _n.avgpool2d_backward(dy, n, c, h, w, kh, kw, sh, sw, ph, pw)
+
+
+# ============================================================================ activations
+
+def _unary(op, fn, x, *scalars):
+    _require()
+    _float_array(op, "x", x)
+    return fn(x, *(float(s) for s in scalars))
+
+
+def _binary(op, fn, dy, other, other_name, *scalars):
+    _require()
+    _float_array(op, "dy", dy)
+    _float_array(op, other_name, other, dtype=dy.dtype)
+    _same_shape(op, "dy", dy, other_name, other)
+    return fn(dy, other, *(float(s) for s in scalars))
+
+
+def relu_forward(x):
+    """max(x, 0)."""
+    return _unary("relu_forward", _n and _n.relu_forward, x)
+
+
+def relu_backward(dy, y):
+    """dy where y > 0, else 0."""
+    return _binary("relu_backward", _n and _n.relu_backward, dy, y, "y")
+
+
+def leaky_relu_forward(x, negative_slope):
+    """x where x > 0, else x * negative_slope."""
+    return _unary("leaky_relu_forward", _n and _n.leaky_relu_forward, x, negative_slope)
+
+
+def leaky_relu_backward(dy, x, negative_slope):
+    """dy where x > 0, else dy * negative_slope."""
+    return _binary("leaky_relu_backward", _n and _n.leaky_relu_backward, dy, x, "x", negative_slope)
+
+
+def sigmoid_forward(x):
+    """1 / (1 + exp(-x)), stable in both tails."""
+    return _unary("sigmoid_forward", _n and _n.sigmoid_forward, x)
+
+
+def sigmoid_backward(dy, y):
+    """dy * y * (1 - y) from the saved output y."""
+    return _binary("sigmoid_backward", _n and _n.sigmoid_backward, dy, y, "y")
+
+
+def tanh_forward(x):
+    """tanh(x)."""
+    return _unary("tanh_forward", _n and _n.tanh_forward, x)
+
+
+def tanh_backward(dy, y):
+    """dy * (1 - y*y) from the saved output y."""
+    return _binary("tanh_backward", _n and _n.tanh_backward, dy, y, "y")
+
+
+# ============================================================================ linear
+
+def linear_forward(x, w, b):
+    """y (N,OUT) = x (N,IN) @ w (OUT,IN).T + b (OUT,) or None."""
+    _require()
+    op = "linear_forward"
+    _float_array(op, "x", x, 2, what="(N, IN)")
+    _float_array(op, "w", w, 2, x.dtype, "(OUT, IN)")
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(f"{op}: w expects {w.shape[1]} input features, x has {x.shape[1]}")
+    _optional_vector(op, "b", b, w.shape[0], x.dtype)
+    return _n.linear_forward(x, w, b)
+
+
+def linear_backward(dy, x, w):
+    """(dx = dy @ w, dw = dy.T @ x, db = dy.sum(0))."""
+    _require()
+    op = "linear_backward"
+    _float_array(op, "dy", dy, 2, what="(N, OUT)")
+    _float_array(op, "x", x, 2, dy.dtype, "(N, IN)")
+    _float_array(op, "w", w, 2, dy.dtype, "(OUT, IN)")
+    if w.shape[1] != x.shape[1] or dy.shape != (x.shape[0], w.shape[0]):
+        raise ValueError(f"{op}: shapes do not match: dy {dy.shape}, x {x.shape}, w {w.shape}")
+    return _n.linear_backward(dy, x, w)
+
+
+# ============================================================================ losses
+
+def softmax_cross_entropy_forward(logits, target, weight, label_smoothing, reduction):
+    """(loss 0-d, probs): fused log-softmax + weighted, label-smoothed NLL (see SPEC.md)."""
+    _require()
+    op = "softmax_cross_entropy_forward"
+    _float_array(op, "logits", logits, 2, what="(N, C)")
+    _check_reduction(op, reduction)
+    _targets(op, target, logits.shape[0])
+    _optional_vector(op, "weight", weight, logits.shape[1], logits.dtype)
+    return _n.softmax_cross_entropy_forward(logits, target, weight, float(label_smoothing), reduction)
+
+
+def softmax_cross_entropy_backward(dloss, probs, target, weight, label_smoothing, reduction):
+    """dlogits = ((1-eps) w[t] (p - onehot) + eps/C (sum(w) p - w)) * dloss / norm."""
+    _require()
+    op = "softmax_cross_entropy_backward"
+    _float_array(op, "probs", probs, 2, what="(N, C)")
+    _check_reduction(op, reduction)
+    _targets(op, target, probs.shape[0])
+    _optional_vector(op, "weight", weight, probs.shape[1], probs.dtype)
+    return _n.softmax_cross_entropy_backward(float(dloss), probs, target, weight,
+                                             float(label_smoothing), reduction)
+
+
+def _bce_args(op, logits, target, pos_weight, reduction):
+    _require()
+    _check_reduction(op, reduction)
+    _float_array(op, "logits", logits)
+    _float_array(op, "target", target, dtype=logits.dtype)
+    _same_shape(op, "logits", logits, "target", target)
+    if pos_weight is not None:
+        _float_array(op, "pos_weight", pos_weight, dtype=logits.dtype)
+
+
+def bce_with_logits_forward(logits, target, pos_weight, reduction):
+    """0-d loss: pos_weight * t * softplus(-x) + (1 - t) * softplus(x), summed or averaged."""
+    _bce_args("bce_with_logits_forward", logits, target, pos_weight, reduction)
+    return _n.bce_with_logits_forward(logits, target, pos_weight, reduction)
+
+
+def bce_with_logits_backward(dloss, logits, target, pos_weight, reduction):
+    """dlogits = (-pos_weight * t * (1 - sigmoid(x)) + (1 - t) * sigmoid(x)) * dloss / norm."""
+    _bce_args("bce_with_logits_backward", logits, target, pos_weight, reduction)
+    return _n.bce_with_logits_backward(float(dloss), logits, target, pos_weight, reduction)
+
+
+def _pair_loss_args(op, pred, target, reduction):
+    _require()
+    _check_reduction(op, reduction)
+    _float_array(op, "pred", pred)
+    _float_array(op, "target", target, dtype=pred.dtype)
+    _same_shape(op, "pred", pred, "target", target)
+
+
+def mse_forward(pred, target, reduction):
+    """0-d mean (or sum) of (pred - target)^2."""
+    _pair_loss_args("mse_forward", pred, target, reduction)
+    return _n.mse_forward(pred, target, reduction)
+
+
+def mse_backward(dloss, pred, target, reduction):
+    """dpred = 2 (pred - target) * dloss / norm."""
+    _pair_loss_args("mse_backward", pred, target, reduction)
+    return _n.mse_backward(float(dloss), pred, target, reduction)
+
+
+def _check_beta(op, beta):
+    if float(beta) < 0:
+        raise ValueError(f"{op}: beta must be >= 0, got {beta}")
+
+
+def smooth_l1_forward(pred, target, beta, reduction):
+    """0-d smooth-L1 (Huber / beta) loss; beta == 0 is plain L1."""
+    _pair_loss_args("smooth_l1_forward", pred, target, reduction)
+    _check_beta("smooth_l1_forward", beta)
+    return _n.smooth_l1_forward(pred, target, float(beta), reduction)
+
+
+def smooth_l1_backward(dloss, pred, target, beta, reduction):
+    """dpred = (d / beta where |d| < beta else sign(d)) * dloss / norm."""
+    _pair_loss_args("smooth_l1_backward", pred, target, reduction)
+    _check_beta("smooth_l1_backward", beta)
+    return _n.smooth_l1_backward(float(dloss), pred, target, float(beta), reduction)
+
+
+# ============================================================================ optimizers
+
+def _state_list(op: str, name: str, arrays, params, writeable: bool):
+    if arrays is None or len(arrays) != len(params):
+        got = None if arrays is None else len(arrays)
+        raise ValueError(f"{op}: {name} must hold one array per param ({len(params)}), got {got}")
+    for i, (a, p) in enumerate(zip(arrays, params)):
+        _float_array(op, f"{name}[{i}]", a, dtype=p.dtype)
+        if a.shape != p.shape:
+            raise ValueError(f"{op}: {name}[{i}] must have shape {p.shape} like params[{i}], got {a.shape}")
+        if writeable and not a.flags.writeable:
+            raise ValueError(f"{op}: {name}[{i}] must be writeable (it is updated in place)")
+    return list(arrays)
+
+
+def _params(op: str, params):
+    params = list(params)
+    for i, p in enumerate(params):
+        _float_array(op, f"params[{i}]", p, dtype=params[0].dtype if i else None)
+        if not p.flags.writeable:
+            raise ValueError(f"{op}: params[{i}] must be writeable (it is updated in place)")
+    return params
+
+
+def sgd_step(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
+             first_step):
+    """PyTorch's SGD (momentum, dampening, weight decay, Nesterov), in place; returns None."""
+    _require()
+    op = "sgd_step"
+    params = _params(op, params)
+    grads = _state_list(op, "grads", grads, params, False)
+    bufs = None
+    if float(momentum) != 0.0:
+        bufs = _state_list(op, "momentum_buffers", momentum_buffers, params, True)
+    _n.sgd_step(params, grads, bufs, float(lr), float(momentum), float(dampening),
+                float(weight_decay), bool(nesterov), bool(first_step))
+
+
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
+              decoupled):
+    """PyTorch's Adam (decoupled=False) / AdamW (decoupled=True), in place; returns None."""
+    _require()
+    op = "adam_step"
+    params = _params(op, params)
+    grads = _state_list(op, "grads", grads, params, False)
+    exp_avgs = _state_list(op, "exp_avgs", exp_avgs, params, True)
+    exp_avg_sqs = _state_list(op, "exp_avg_sqs", exp_avg_sqs, params, True)
+    if int(step) < 1:
+        raise ValueError(f"{op}: step is the 1-based count after incrementing, got {step}")
+    _n.adam_step(params, grads, exp_avgs, exp_avg_sqs, int(step), float(lr), float(beta1),
+                 float(beta2), float(eps), float(weight_decay), bool(decoupled))
