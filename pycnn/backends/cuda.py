@@ -407,7 +407,7 @@ def maxpool2d_forward(x, kernel, stride, padding):
     if ph > kh // 2 or pw > kw // 2:
         raise ValueError(f"{op}: padding must be at most half the kernel, got padding {(ph, pw)} "
                          f"for kernel {(kh, kw)}")
-    dev = x.device.id
+    dev = _device(op, x=x)
     with cupy.cuda.Device(dev):
         y = cupy.empty((N, C, Ho, Wo), dtype=cupy.float32)
         argmax = cupy.empty((N, C, Ho, Wo), dtype=cupy.int32)
@@ -488,7 +488,7 @@ def avgpool2d_forward(x, kernel, stride, padding):
     cupy = _cupy()
     N, C, H, W = _pool_check(op, x)
     kh, kw, sh, sw, ph, pw, Ho, Wo = _window(op, H, W, kernel, stride, padding)
-    dev = x.device.id
+    dev = _device(op, x=x)
     with cupy.cuda.Device(dev):
         y = cupy.empty((N, C, Ho, Wo), dtype=cupy.float32)
     if y.size:
@@ -507,7 +507,7 @@ def avgpool2d_backward(dy, x_shape, kernel, stride, padding):
     kh, kw, sh, sw, ph, pw, Ho, Wo = _window(op, H, W, kernel, stride, padding)
     if dy.shape != (N, C, Ho, Wo):
         raise ValueError(f"{op}: dy must have shape {(N, C, Ho, Wo)}, got {dy.shape}")
-    dev = dy.device.id
+    dev = _device(op, dy=dy)
     with cupy.cuda.Device(dev):
         dx = cupy.empty((N, C, H, W), dtype=cupy.float32)
     if dx.size:
@@ -523,7 +523,7 @@ def avgpool2d_backward(dy, x_shape, kernel, stride, padding):
 def _unary(op: str, kernel: str, x, *scalars):
     cupy = _cupy()
     _check(op, "x", x)
-    dev = x.device.id
+    dev = _device(op, x=x)
     with cupy.cuda.Device(dev):
         y = cupy.empty_like(x)
     if x.size:

@@ -1,0 +1,38 @@
+"""GPU tests: tests marked ``gpu`` skip without CuPy or a CUDA device, and FAIL instead when
+``PYCNN_REQUIRE_GPU=1`` (so that on a GPU machine nothing passes by skipping)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+_status: tuple[bool, str] | None = None
+
+
+def gpu_status() -> tuple[bool, str]:
+    """(usable, reason) of the CUDA backend, computed once per session."""
+    global _status
+    if _status is None:
+        try:
+            from pycnn.backends import cuda
+
+            _status = cuda.available()
+        except Exception as exc:  # noqa: BLE001 - any import problem means "no GPU backend"
+            _status = (False, f"pycnn.backends.cuda failed to import: {type(exc).__name__}: {exc}")
+    return _status
+
+
+def require_gpu() -> bool:
+    return os.environ.get("PYCNN_REQUIRE_GPU", "") == "1"
+
+
+@pytest.fixture(autouse=True)
+def _gpu_or_skip(request):
+    if request.node.get_closest_marker("gpu") is None:
+        return
+    ok, reason = gpu_status()
+    if ok:
+        return
+    if require_gpu():
+        pytest.fail(f"PYCNN_REQUIRE_GPU=1 but the CUDA backend cannot run here: {reason}", pytrace=False)
+    pytest.skip(f"needs a CUDA device: {reason}")
