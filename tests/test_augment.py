@@ -216,18 +216,24 @@ def test_bad_input(canvases):
         Augment(contrast=1.5)
 
 
-def _cuda_available():
+def _cuda_status():
     try:
         import cupy
 
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # noqa: BLE001 - no CuPy, no driver or no device: all mean "no GPU"
-        return False
+        count = cupy.cuda.runtime.getDeviceCount()
+        return count > 0, f"{count} CUDA devices"
+    except Exception as exc:  # noqa: BLE001 - no CuPy, no driver or no device: all mean "no GPU"
+        return False, f"{type(exc).__name__}: {exc}"
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _cuda_available(), reason="needs CuPy and a CUDA device")
 def test_cupy_arrays_match_numpy(canvases):
+    # Same gate as tests/gpu/conftest.py: skip without a GPU, fail under PYCNN_REQUIRE_GPU=1.
+    ok, reason = _cuda_status()
+    if not ok:
+        if os.environ.get("PYCNN_REQUIRE_GPU", "") == "1":
+            pytest.fail(f"PYCNN_REQUIRE_GPU=1 but CuPy cannot use a GPU here: {reason}", pytrace=False)
+        pytest.skip(f"needs CuPy and a CUDA device: {reason}")
     import cupy
 
     aug = Augment(hflip=0.5, rotate=10, translate=0.15, scale=(0.85, 1.2), brightness=0.1, contrast=0.1)

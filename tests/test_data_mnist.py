@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pycnn.data import (
     DataLoader,
@@ -211,6 +213,19 @@ def test_download_path_verifies_and_renames(tmp_path, isolated, monkeypatch):
     assert len(served) == 4  # two files, each rejected from mirror 0 and taken from mirror 1
 
 
+@needs_data
+def test_real_download_function_over_file_urls(tmp_path, monkeypatch, capsys):
+    """The real streaming download (urllib + tqdm bar), pointed at file:// URLs instead of the web."""
+    monkeypatch.delenv("PYCNN_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(mnist_mod, "MIRRORS", (Path(DATA_DIR).resolve().as_uri() + "/",))
+    x, y = load_mnist("test", progress=True)
+    assert x.shape == (10000, 28, 28) and y.shape == (10000,)
+    cache = tmp_path / "home" / ".cache" / "pycnn" / "mnist"
+    assert sorted(p.name for p in cache.iterdir()) == sorted(n + ".gz" for n in TEST_FILES)
+    assert "download t10k-images-idx3-ubyte.gz" in capsys.readouterr().err  # the progress bar
+
+
 def test_bad_split():
     with pytest.raises(ValueError, match="split must be 'train' or 'test', got 'val'"):
         load_mnist("val")
@@ -250,6 +265,23 @@ def test_iterate_batches_covers_every_sample_once():
             np.testing.assert_array_equal(xb[:, 0], 2 * yb)
     ordered = _seen(iterate_batches(x, y, 10, shuffle=False))
     np.testing.assert_array_equal(ordered, y)
+
+
+@given(n=st.integers(1, 70), batch_size=st.integers(1, 80), shuffle=st.booleans(),
+       drop_last=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_iterate_batches_partition_property(n, batch_size, shuffle, drop_last, seed):
+    x = np.arange(n) * 10
+    y = np.arange(n)
+    batches = list(iterate_batches(x, y, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last))
+    sizes = [len(yb) for _, yb in batches]
+    full, rest = divmod(n, batch_size)
+    assert sizes == [batch_size] * full + ([rest] if rest and not drop_last else [])
+    seen = np.concatenate([yb for _, yb in batches]) if batches else np.zeros(0, int)
+    assert len(set(seen.tolist())) == seen.size  # no sample twice in an epoch
+    if not drop_last:
+        assert sorted(seen.tolist()) == list(range(n))
+    for xb, yb in batches:
+        np.testing.assert_array_equal(xb, yb * 10)
 
 
 def test_iterate_batches_seeded_and_drop_last():

@@ -190,6 +190,13 @@ def test_load_localization_caches(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="cached"):  # another seed is another file
         loc.load_localization("test", n=64, seed=10, cache_dir=tmp_path, root=DATA_DIR, canvas_size=48,
                               scale_range=(14, 28))
+    monkeypatch.undo()
+    cached = next(tmp_path.glob("test-n64-*.npz"))
+    cached.write_bytes(b"not a zip file")  # a damaged cache is regenerated, not an error
+    c = loc.load_localization("test", n=64, seed=9, cache_dir=tmp_path, root=DATA_DIR, canvas_size=48,
+                              scale_range=(14, 28))
+    np.testing.assert_array_equal(a["boxes"], c["boxes"])
+    np.testing.assert_array_equal(load_canvases(cached)["images"], a["images"])
 
 
 def test_bad_input(digits):

@@ -326,7 +326,7 @@ def load_localization(split: str = "train", n: int = 60000, seed=0, root=None, c
         cache_dir: cache directory (default ``~/.cache/pycnn/localization``).
 
     Returns:
-        The dict of :func:`make_canvases`.
+        The dict of :func:`make_canvases`. An unreadable cache file is regenerated.
     """
     from .mnist import load_mnist
 
@@ -336,7 +336,10 @@ def load_localization(split: str = "train", n: int = 60000, seed=0, root=None, c
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = path / name
     if cache and path.is_file():
-        return load_canvases(path)
+        try:
+            return load_canvases(path)
+        except ValueError:
+            pass  # a damaged cache file (e.g. from a full disk) is regenerated and replaced below
     images, labels = load_mnist(split, root=root)
     data = make_canvases(images, labels, n, seed=seed, **canvas_kwargs)
     if cache:
