@@ -15,6 +15,7 @@ from pycnn.data import (
     MnistIntegrityError,
     MnistNotFoundError,
     WeightedSampler,
+    balanced_class_weights,
     balanced_sample_weights,
     iterate_batches,
     load_mnist,
@@ -358,6 +359,20 @@ def test_weighted_sampler_balances_classes():
     # zero weight: never drawn; plain iteration works too
     w2 = np.array([0.0, 1.0, 1.0])
     assert 0 not in list(WeightedSampler(w2, 100, seed=1))
+
+
+def test_balanced_class_weights():
+    labels = np.array([0] * 6 + [1] * 3 + [3] * 3)  # class 2 never occurs
+    w = balanced_class_weights(labels)
+    # N / (C * count): 12 / (4 * 6), 12 / (4 * 3), 0 for the absent class, 12 / (4 * 3)
+    np.testing.assert_allclose(w, [0.5, 1.0, 0.0, 1.0])
+    assert w.dtype == np.float32
+    np.testing.assert_allclose(balanced_class_weights(np.arange(10).repeat(7)), np.ones(10))
+    assert balanced_class_weights([0, 1], num_classes=4).shape == (4,)
+    with pytest.raises(ValueError, match=r"balanced_class_weights: labels must be < num_classes=2, got 2"):
+        balanced_class_weights([0, 2], num_classes=2)
+    with pytest.raises(ValueError, match="must be integers"):
+        balanced_class_weights([0.0, 1.0])
 
 
 def test_weighted_sampler_and_loader_errors():

@@ -2,7 +2,7 @@
 localization canvases (``pycnn.data.localization``) and augmentation (``pycnn.data.augment``)."""
 from . import augment, localization
 from .augment import Augment
-from .loader import DataLoader, WeightedSampler, balanced_sample_weights, iterate_batches
+from .loader import DataLoader, WeightedSampler, balanced_class_weights, balanced_sample_weights, iterate_batches
 from .localization import load_canvases, load_localization, make_canvases, save_canvases
 from .mnist import (
     MNIST_MEAN,
@@ -24,6 +24,7 @@ __all__ = [
     "DataLoader",
     "WeightedSampler",
     "balanced_sample_weights",
+    "balanced_class_weights",
     "localization",
     "augment",
     "make_canvases",

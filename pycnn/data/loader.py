@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-__all__ = ["iterate_batches", "DataLoader", "WeightedSampler", "balanced_sample_weights"]
+__all__ = ["iterate_batches", "DataLoader", "WeightedSampler", "balanced_sample_weights", "balanced_class_weights"]
 
 
 def _check_batch_size(batch_size, where: str) -> int:
@@ -160,6 +160,21 @@ class WeightedSampler:
         return f"WeightedSampler(n={self.probabilities.size}, num_samples={self.num_samples}, seed={self.seed})"
 
 
+def _class_counts(labels, num_classes, where: str) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0:
+        raise ValueError(f"{where}: labels must be a non-empty 1-D array, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{where}: labels must be integers, got dtype {labels.dtype}")
+    if labels.min() < 0:
+        raise ValueError(f"{where}: labels must be >= 0, got {labels.min()}")
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1
+    if labels.max() >= num_classes:
+        raise ValueError(f"{where}: labels must be < num_classes={num_classes}, got {labels.max()}")
+    return labels, np.bincount(labels, minlength=num_classes)
+
+
 def balanced_sample_weights(labels, num_classes: int | None = None) -> np.ndarray:
     """Per-sample weights ``1 / count(label)`` so that every class is drawn equally often.
 
@@ -173,19 +188,32 @@ def balanced_sample_weights(labels, num_classes: int | None = None) -> np.ndarra
     Raises:
         ValueError: labels empty, not 1-D, negative, or >= num_classes.
     """
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or labels.size == 0:
-        raise ValueError(f"balanced_sample_weights: labels must be a non-empty 1-D array, got shape {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"balanced_sample_weights: labels must be integers, got dtype {labels.dtype}")
-    if labels.min() < 0:
-        raise ValueError(f"balanced_sample_weights: labels must be >= 0, got {labels.min()}")
-    if num_classes is None:
-        num_classes = int(labels.max()) + 1
-    if labels.max() >= num_classes:
-        raise ValueError(f"balanced_sample_weights: labels must be < num_classes={num_classes}, got {labels.max()}")
-    counts = np.bincount(labels, minlength=num_classes)
+    labels, counts = _class_counts(labels, num_classes, "balanced_sample_weights")
     return 1.0 / counts[labels]
+
+
+def balanced_class_weights(labels, num_classes: int | None = None) -> np.ndarray:
+    """Per-class loss weights ``N / (num_classes * count(class))`` (scikit-learn's "balanced").
+
+    For ``cross_entropy(..., weight=...)``: a class seen half as often weighs twice as much; on
+    balanced data every weight is 1. A class that never occurs gets weight 0 (it contributes no
+    term to the loss anyway).
+
+    Args:
+        labels: (N,) non-negative integer class labels of the training set.
+        num_classes: number of classes (default: ``labels.max() + 1``).
+
+    Returns:
+        (num_classes,) float32 weights.
+
+    Raises:
+        ValueError: labels empty, not 1-D, negative, or >= num_classes.
+    """
+    labels, counts = _class_counts(labels, num_classes, "balanced_class_weights")
+    weights = np.zeros(counts.size, dtype=np.float64)
+    seen = counts > 0
+    weights[seen] = labels.size / (counts.size * counts[seen])
+    return weights.astype(np.float32)
 
 
 class DataLoader:
