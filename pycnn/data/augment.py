@@ -164,9 +164,7 @@ class Augment:
         xp = get_array_module(images)
         b, p = self._check(images, boxes, present)
         rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-        n, c, h, w = images.shape
         out = images
-
         new_boxes = np.where(p[:, None], b, 0.0)
         if self._geometric:
             out, new_boxes = self._warp(xp, images, b, p, rng)
