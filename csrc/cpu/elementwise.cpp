@@ -15,12 +15,17 @@ std::vector<py::ssize_t> shape_of(const py::array& a) {
     return std::vector<py::ssize_t>(a.shape(), a.shape() + a.ndim());
 }
 
+std::string shape_str(const py::array& a) {
+    std::string s = "(";
+    for (py::ssize_t d = 0; d < a.ndim(); ++d) s += std::to_string(a.shape(d)) + (a.ndim() == 1 || d + 1 < a.ndim() ? "," : "");
+    return s + ")";
+}
+
 void require_same_shape(const char* op, const char* name, const py::array& a, const char* ref_name,
                         const py::array& ref) {
     if (shape_of(a) != shape_of(ref))
         throw py::value_error(std::string(op) + ": " + name + " must have the shape of " + ref_name +
-                              " " + std::string(py::str(py::tuple(py::cast(shape_of(ref))))) + ", got " +
-                              std::string(py::str(py::tuple(py::cast(shape_of(a))))));
+                              " " + shape_str(ref) + ", got " + shape_str(a));
 }
 
 double reduction_norm(const char* op, const std::string& reduction, double count) {
@@ -220,7 +225,7 @@ const T* pos_weights(const char* op, const py::object& pos_weight, const py::arr
     if (!ok)
         throw py::value_error(std::string(op) + ": pos_weight must broadcast against the last dimension of logits (" +
                               std::to_string(last) + "), got shape " +
-                              std::string(py::str(py::tuple(py::cast(shape_of(keep))))));
+                              shape_str(keep));
     period = long(keep.size());
     return cptr<T>(keep);
 }

@@ -1,0 +1,392 @@
+"""The native C++ backend (pycnn._native) against the NumPy reference: every op, forward and backward.
+
+Each check runs under every micro-kernel ISA this CPU has (AVX-512, AVX2, scalar) and with 1 and 2
+OpenMP threads. Shapes come from hypothesis (batch 1, one channel, one filter, odd sizes, strides,
+padding, kernel == padded input), plus fixed shapes that cross the GEMM's blocking edges (several
+K blocks, partial register tiles). float64 must agree to rtol 1e-10, float32 to rtol 1e-4, with an
+absolute tolerance of the same relative figure times the largest reference magnitude (sums with
+cancellation have errors relative to their terms, not to their result). Results must not depend
+on the thread count (bitwise), and bad input must raise TypeError/ValueError naming op and argument.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pycnn.backends import native
+
+if not native.available()[0]:
+    pytest.skip(f"native backend unavailable: {native.available()[1]}", allow_module_level=True)
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from pycnn.backends import numpy_ref as ref  # noqa: E402
+
+DTYPES = [np.float64, np.float32]
+RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
+ISAS = [name for name in ("avx512", "avx2", "scalar") if native.isa_supported(name)]
+THREADS = [1, 2]
+SETTINGS = settings(max_examples=25, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(autouse=True)
+def _restore_controls():
+    """Every test leaves the ISA and thread count as it found them."""
+    isa, threads = native.isa(), native.get_num_threads()
+    yield
+    native.set_isa(isa)
+    native.set_num_threads(threads)
+
+
+def configs():
+    """(isa, threads) pairs: every ISA this CPU has, each with 1 and 2 threads."""
+    for isa in ISAS:
+        for threads in THREADS:
+            native.set_isa(isa)
+            native.set_num_threads(threads)
+            yield isa, threads
+
+
+def assert_close(actual, expected, dtype, what=""):
+    """Same shape and dtype; |a - e| <= rtol * (|e| + max |e|)."""
+    expected = np.asarray(expected)
+    actual = np.asarray(actual)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == np.dtype(dtype), f"{what}: dtype {actual.dtype} != {np.dtype(dtype)}"
+    rtol = RTOL[np.dtype(dtype)]
+    finite = np.abs(expected[np.isfinite(expected)])
+    scale = float(finite.max()) if finite.size else 0.0
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale + 1e-30, err_msg=what)
+
+
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+# ----------------------------------------------------------------------------- convolution
+
+@st.composite
+def conv_cases(draw):
+    n = draw(st.integers(1, 3))
+    c = draw(st.integers(1, 5))
+    k = draw(st.integers(1, 11))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    h = draw(st.integers(max(1, kh - 2 * ph), 12))
+    w = draw(st.integers(max(1, kw - 2 * pw), 12))
+    if draw(st.booleans()):  # kernel == padded input: one output pixel
+        kh, kw = h + 2 * ph, w + 2 * pw
+    return (n, c, h, w), (k, c, kh, kw), (sh, sw), (ph, pw), draw(st.sampled_from(DTYPES)), draw(st.integers(0, 2**31))
+
+
+def check_conv(x_shape, w_shape, stride, padding, dtype, seed, with_bias=True):
+    rng = _rng(seed)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype) if with_bias else None
+    y_ref = ref.conv2d_forward(x, w, b, stride, padding)
+    dy = rng.standard_normal(y_ref.shape).astype(dtype)
+    dx_ref = ref.conv2d_backward_data(dy, w, x_shape, stride, padding)
+    dw_ref, db_ref = ref.conv2d_backward_weight(dy, x, w_shape, stride, padding)
+    for isa, threads in configs():
+        tag = f"{isa}/{threads}t {x_shape} {w_shape} s{stride} p{padding}"
+        assert_close(native.conv2d_forward(x, w, b, stride, padding), y_ref, dtype, "fwd " + tag)
+        assert_close(native.conv2d_backward_data(dy, w, x_shape, stride, padding), dx_ref, dtype,
+                     "bwd-data " + tag)
+        dw, db = native.conv2d_backward_weight(dy, x, w_shape, stride, padding)
+        assert_close(dw, dw_ref, dtype, "bwd-weight " + tag)
+        assert_close(db, db_ref, dtype, "bwd-bias " + tag)
+
+
+@SETTINGS
+@given(conv_cases())
+def test_conv2d_matches_reference(case):
+    check_conv(*case)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape,w_shape,stride,padding", [
+    ((2, 30, 9, 9), (13, 30, 3, 3), (1, 1), (1, 1)),    # C*R*S = 270: two K blocks accumulate
+    ((9, 3, 7, 6), (17, 3, 2, 2), (1, 1), (0, 0)),      # 9 batch chunks in backward-weight, partial tiles
+    ((1, 1, 28, 28), (32, 1, 3, 3), (1, 1), (0, 0)),    # MnistCNN conv1, batch 1
+    ((4, 32, 13, 13), (64, 32, 3, 3), (1, 1), (0, 0)),  # MnistCNN conv2
+    ((3, 6, 14, 14), (16, 6, 5, 5), (2, 2), (2, 2)),
+])
+def test_conv2d_blocking_edges(x_shape, w_shape, stride, padding, dtype):
+    check_conv(x_shape, w_shape, stride, padding, dtype, seed=7)
+    check_conv(x_shape, w_shape, stride, padding, dtype, seed=8, with_bias=False)
+
+
+def test_results_do_not_depend_on_thread_count():
+    rng = _rng(3)
+    x = rng.standard_normal((16, 8, 11, 11)).astype(np.float32)
+    w = rng.standard_normal((24, 8, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((16, 24, 9, 9)).astype(np.float32)
+    lx = rng.standard_normal((40, 300)).astype(np.float32)
+    lw = rng.standard_normal((70, 300)).astype(np.float32)
+    ldy = rng.standard_normal((40, 70)).astype(np.float32)
+    outs = {}
+    for threads in (1, 2, 3):
+        native.set_num_threads(threads)
+        outs[threads] = [native.conv2d_forward(x, w, None, (1, 1), (0, 0)),
+                         native.conv2d_backward_data(dy, w, x.shape, (1, 1), (0, 0)),
+                         *native.conv2d_backward_weight(dy, x, w.shape, (1, 1), (0, 0)),
+                         native.linear_forward(lx, lw, None), *native.linear_backward(ldy, lx, lw)]
+    for threads in (2, 3):
+        for a, b in zip(outs[1], outs[threads]):
+            np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- linear
+
+@SETTINGS
+@given(st.integers(1, 40), st.integers(1, 300), st.integers(1, 45), st.booleans(),
+       st.sampled_from(DTYPES), st.integers(0, 2**31))
+def test_linear_matches_reference(n, fan_in, fan_out, with_bias, dtype, seed):
+    rng = _rng(seed)
+    x = rng.standard_normal((n, fan_in)).astype(dtype)
+    w = rng.standard_normal((fan_out, fan_in)).astype(dtype)
+    b = rng.standard_normal(fan_out).astype(dtype) if with_bias else None
+    dy = rng.standard_normal((n, fan_out)).astype(dtype)
+    y_ref = ref.linear_forward(x, w, b)
+    grads_ref = ref.linear_backward(dy, x, w)
+    for isa, threads in configs():
+        assert_close(native.linear_forward(x, w, b), y_ref, dtype, f"linear fwd {isa}/{threads}")
+        for got, want, name in zip(native.linear_backward(dy, x, w), grads_ref, ("dx", "dw", "db")):
+            assert_close(got, want, dtype, f"linear {name} {isa}/{threads}")
+
+
+# ----------------------------------------------------------------------------- pooling
+
+@st.composite
+def pool_cases(draw):
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    h = draw(st.integers(max(1, kh - 2 * ph), 11))
+    w = draw(st.integers(max(1, kw - 2 * pw), 11))
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 4)), h, w)
+    return shape, (kh, kw), (sh, sw), (ph, pw), draw(st.sampled_from(DTYPES)), draw(st.integers(0, 2**31))
+
+
+@SETTINGS
+@given(pool_cases(), st.booleans())
+def test_pooling_matches_reference(case, with_ties):
+    shape, kernel, stride, padding, dtype, seed = case
+    rng = _rng(seed)
+    x = rng.standard_normal(shape).astype(dtype)
+    if with_ties:  # few distinct values: ties must pick the first in row-major window order
+        x = np.round(x).astype(dtype)
+    y_ref, am_ref = ref.maxpool2d_forward(x, kernel, stride, padding)
+    dy = rng.standard_normal(y_ref.shape).astype(dtype)
+    dx_ref = ref.maxpool2d_backward(dy, am_ref, shape)
+    ay_ref = ref.avgpool2d_forward(x, kernel, stride, padding)
+    adx_ref = ref.avgpool2d_backward(dy, shape, kernel, stride, padding)
+    for isa, threads in configs():
+        y, am = native.maxpool2d_forward(x, kernel, stride, padding)
+        assert_close(y, y_ref, dtype, "maxpool fwd")
+        assert am.dtype == np.int32
+        np.testing.assert_array_equal(am, am_ref)
+        assert_close(native.maxpool2d_backward(dy, am, shape), dx_ref, dtype, "maxpool bwd")
+        assert_close(native.avgpool2d_forward(x, kernel, stride, padding), ay_ref, dtype, "avgpool fwd")
+        assert_close(native.avgpool2d_backward(dy, shape, kernel, stride, padding), adx_ref, dtype,
+                     "avgpool bwd")
+
+
+# ----------------------------------------------------------------------------- activations
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", [1, 7, 40000])  # 40000 > the parallel threshold
+def test_activations_match_reference(dtype, size):
+    rng = _rng(size)
+    x = (rng.standard_normal(size) * 30).astype(dtype).reshape(-1, 1)  # both sigmoid tails
+    x[0] = 0
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    for _ in configs():
+        assert_close(native.relu_forward(x), ref.relu_forward(x), dtype, "relu")
+        y = ref.relu_forward(x)
+        assert_close(native.relu_backward(dy, y), ref.relu_backward(dy, y), dtype, "relu bwd")
+        assert_close(native.leaky_relu_forward(x, 0.1), ref.leaky_relu_forward(x, 0.1), dtype, "leaky")
+        assert_close(native.leaky_relu_backward(dy, x, 0.1), ref.leaky_relu_backward(dy, x, 0.1), dtype,
+                     "leaky bwd")
+        s = ref.sigmoid_forward(x)
+        assert_close(native.sigmoid_forward(x), s, dtype, "sigmoid")
+        assert_close(native.sigmoid_backward(dy, s), ref.sigmoid_backward(dy, s), dtype, "sigmoid bwd")
+        t = ref.tanh_forward(x)
+        assert_close(native.tanh_forward(x), t, dtype, "tanh")
+        assert_close(native.tanh_backward(dy, t), ref.tanh_backward(dy, t), dtype, "tanh bwd")
+
+
+# ----------------------------------------------------------------------------- losses
+
+@SETTINGS
+@given(st.integers(1, 33), st.integers(2, 12), st.booleans(), st.sampled_from([0.0, 0.1, 1.0]),
+       st.sampled_from(["mean", "sum"]), st.sampled_from(DTYPES), st.sampled_from([np.int64, np.int32]),
+       st.integers(0, 2**31))
+def test_softmax_cross_entropy_matches_reference(n, classes, weighted, eps, reduction, dtype, tdtype, seed):
+    rng = _rng(seed)
+    logits = (rng.standard_normal((n, classes)) * 5).astype(dtype)
+    target = rng.integers(0, classes, n).astype(tdtype)
+    weight = rng.uniform(0.1, 2.0, classes).astype(dtype) if weighted else None
+    loss_ref, probs_ref = ref.softmax_cross_entropy_forward(logits, target, weight, eps, reduction)
+    loss, probs = native.softmax_cross_entropy_forward(logits, target, weight, eps, reduction)
+    assert_close(loss, loss_ref, dtype, "ce loss")
+    assert_close(probs, probs_ref, dtype, "ce probs")
+    assert_close(native.softmax_cross_entropy_backward(0.7, probs_ref, target, weight, eps, reduction),
+                 ref.softmax_cross_entropy_backward(0.7, probs_ref, target, weight, eps, reduction),
+                 dtype, "ce bwd")
+
+
+@SETTINGS
+@given(st.sampled_from([(5,), (4, 3), (2, 3, 4)]), st.sampled_from(["none", "scalar", "last"]),
+       st.sampled_from(["mean", "sum"]), st.sampled_from(DTYPES), st.integers(0, 2**31))
+def test_bce_mse_smooth_l1_match_reference(shape, pw_kind, reduction, dtype, seed):
+    rng = _rng(seed)
+    x = (rng.standard_normal(shape) * 20).astype(dtype)
+    t = rng.uniform(0, 1, shape).astype(dtype)
+    pw = {"none": None, "scalar": np.array(2.5, dtype=dtype),
+          "last": rng.uniform(0.5, 3, shape[-1]).astype(dtype)}[pw_kind]
+    assert_close(native.bce_with_logits_forward(x, t, pw, reduction),
+                 ref.bce_with_logits_forward(x, t, pw, reduction), dtype, "bce")
+    assert_close(native.bce_with_logits_backward(1.3, x, t, pw, reduction),
+                 ref.bce_with_logits_backward(1.3, x, t, pw, reduction), dtype, "bce bwd")
+    assert_close(native.mse_forward(x, t, reduction), ref.mse_forward(x, t, reduction), dtype, "mse")
+    assert_close(native.mse_backward(0.5, x, t, reduction), ref.mse_backward(0.5, x, t, reduction),
+                 dtype, "mse bwd")
+    for beta in (0.0, 1.0, 30.0):
+        assert_close(native.smooth_l1_forward(x, t, beta, reduction),
+                     ref.smooth_l1_forward(x, t, beta, reduction), dtype, f"smooth_l1 {beta}")
+        assert_close(native.smooth_l1_backward(2.0, x, t, beta, reduction),
+                     ref.smooth_l1_backward(2.0, x, t, beta, reduction), dtype, f"smooth_l1 bwd {beta}")
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+def _state(rng, shapes, dtype):
+    return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum,dampening,weight_decay,nesterov", [
+    (0.0, 0.0, 0.0, False), (0.9, 0.0, 1e-2, False), (0.9, 0.1, 0.0, True)])
+def test_sgd_step_matches_reference(dtype, momentum, dampening, weight_decay, nesterov):
+    shapes = [(3, 4), (50000,), (1,)]
+    rng = _rng(1)
+    params, grads, bufs = _state(rng, shapes, dtype), _state(rng, shapes, dtype), _state(rng, shapes, dtype)
+    p_ref, b_ref = [p.copy() for p in params], [b.copy() for b in bufs]
+    for first in (True, False):
+        ref.sgd_step(p_ref, grads, b_ref, 0.1, momentum, dampening, weight_decay, nesterov, first)
+        native.sgd_step(params, grads, bufs, 0.1, momentum, dampening, weight_decay, nesterov, first)
+        for got, want in zip(params + bufs, p_ref + b_ref):
+            assert_close(got, want, dtype, "sgd")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_decay,decoupled", [(0.0, False), (0.1, False), (0.1, True)])
+def test_adam_step_matches_reference(dtype, weight_decay, decoupled):
+    shapes = [(3, 4), (50000,)]
+    rng = _rng(2)
+    params, grads = _state(rng, shapes, dtype), _state(rng, shapes, dtype)
+    m, v = [np.zeros(s, dtype) for s in shapes], [np.zeros(s, dtype) for s in shapes]
+    p_ref, m_ref, v_ref = [p.copy() for p in params], [a.copy() for a in m], [a.copy() for a in v]
+    for step in (1, 2, 3):
+        ref.adam_step(p_ref, grads, m_ref, v_ref, step, 1e-2, 0.9, 0.999, 1e-8, weight_decay, decoupled)
+        native.adam_step(params, grads, m, v, step, 1e-2, 0.9, 0.999, 1e-8, weight_decay, decoupled)
+        for got, want in zip(params + m + v, p_ref + m_ref + v_ref):
+            assert_close(got, want, dtype, "adam")
+
+
+# ----------------------------------------------------------------------------- controls and errors
+
+def test_isa_env_var_forces_avx2():
+    if not native.isa_supported("avx2"):
+        pytest.skip("this CPU has no AVX2")
+    code = "from pycnn.backends import native; print(native.isa())"
+    env = dict(os.environ, PYCNN_NATIVE_ISA="avx2")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "avx2"
+    assert native.isa() in ("avx512", "avx2", "scalar")
+
+
+def test_controls_reject_bad_values():
+    with pytest.raises(ValueError, match="set_num_threads"):
+        native.set_num_threads(0)
+    with pytest.raises(ValueError, match="isa"):
+        native.set_isa("sse9")
+
+
+def test_available_reports_isa_and_threads():
+    ok, reason = native.available()
+    assert ok and native.isa() in reason and "threads" in reason
+
+
+F32 = np.zeros((2, 3, 5, 5), np.float32)
+W32 = np.zeros((4, 3, 3, 3), np.float32)
+
+
+@pytest.mark.parametrize("call,exc,pattern", [
+    (lambda: native.conv2d_forward(F32.astype(np.int64), W32, None, (1, 1), (0, 0)), TypeError,
+     r"conv2d_forward: x must be a C-contiguous float32 or float64 array, got int64"),
+    (lambda: native.conv2d_forward(F32, W32.astype(np.float64), None, (1, 1), (0, 0)), TypeError,
+     r"conv2d_forward: w must have dtype float32"),
+    (lambda: native.conv2d_forward(F32.transpose(0, 1, 3, 2), W32, None, (1, 1), (0, 0)), TypeError,
+     r"conv2d_forward: x must be a C-contiguous .* non-contiguous"),
+    (lambda: native.conv2d_forward(F32[0], W32, None, (1, 1), (0, 0)), ValueError,
+     r"conv2d_forward: x must be 4-D"),
+    (lambda: native.conv2d_forward(F32, W32[:, :2].copy(), None, (1, 1), (0, 0)), ValueError,
+     r"conv2d_forward: w expects 2 input channels"),
+    (lambda: native.conv2d_forward(F32, W32, np.zeros(3, np.float32), (1, 1), (0, 0)), ValueError,
+     r"conv2d_forward: b must have shape \(4,\)"),
+    (lambda: native.conv2d_forward(F32, W32, None, (0, 1), (0, 0)), ValueError,
+     r"conv2d_forward: stride must be >= 1"),
+    (lambda: native.conv2d_forward(F32[:, :, :2].copy(), W32, None, (1, 1), (0, 0)), ValueError,
+     r"conv2d_forward: kernel .* does not fit"),
+    (lambda: native.conv2d_backward_data(np.zeros((2, 4, 3, 3), np.float32), W32, (2, 3, 5, 6), (1, 1), (0, 0)),
+     ValueError, r"conv2d_backward_data: dy must have shape \(2, 4, 3, 4\)"),
+    (lambda: native.conv2d_backward_weight(np.zeros((2, 4, 3, 3), np.float64), F32, W32.shape, (1, 1), (0, 0)),
+     TypeError, r"conv2d_backward_weight: x must have dtype float64"),
+    (lambda: native.maxpool2d_backward(np.zeros((1, 1, 2, 2), np.float32), np.zeros((1, 1, 2, 2), np.int64),
+                                       (1, 1, 4, 4)), TypeError, r"maxpool2d_backward: argmax must be .* int32"),
+    (lambda: native.maxpool2d_backward(np.zeros((1, 1, 2, 2), np.float32), np.full((1, 1, 2, 2), 99, np.int32),
+                                       (1, 1, 4, 4)), ValueError, r"maxpool2d_backward: argmax holds 99"),
+    (lambda: native.maxpool2d_forward(F32, (2, 2), (2, 2), (2, 0)), ValueError,
+     r"maxpool2d_forward: padding must be <= kernel // 2"),
+    (lambda: native.relu_forward([1.0, 2.0]), TypeError, r"relu_forward: x must be .* got list"),
+    (lambda: native.relu_backward(F32, F32[:1].copy()), ValueError, r"relu_backward: dy and y must have one shape"),
+    (lambda: native.linear_forward(np.zeros((2, 3), np.float32), np.zeros((4, 5), np.float32), None),
+     ValueError, r"linear_forward: w expects 5 input features, x has 3"),
+    (lambda: native.softmax_cross_entropy_forward(np.zeros((2, 3), np.float32), np.array([0, 3]), None, 0.0,
+                                                  "mean"), ValueError, r"softmax_cross_entropy_forward: target holds class 3"),
+    (lambda: native.softmax_cross_entropy_forward(np.zeros((2, 3), np.float32), np.array([0.0, 1.0]), None,
+                                                  0.0, "mean"), TypeError, r"target must be an int32 or int64"),
+    (lambda: native.mse_forward(np.zeros(3, np.float32), np.zeros(3, np.float32), "avg"), ValueError,
+     r"mse_forward: reduction must be 'mean' or 'sum', got 'avg'"),
+    (lambda: native.bce_with_logits_forward(np.zeros((2, 3), np.float32), np.zeros((2, 3), np.float32),
+                                            np.ones(2, np.float32), "mean"), ValueError,
+     r"bce_with_logits_forward: pos_weight must broadcast"),
+    (lambda: native.sgd_step([np.zeros(3, np.float32)], [np.zeros(4, np.float32)], None, 0.1, 0.0, 0.0, 0.0,
+                             False, True), ValueError, r"sgd_step: grads\[0\] must have shape \(3,\)"),
+    (lambda: native.adam_step([np.zeros(3, np.float32)], [np.zeros(3, np.float32)], [np.zeros(3, np.float64)],
+                              [np.zeros(3, np.float32)], 1, 0.1, 0.9, 0.99, 1e-8, 0.0, False), TypeError,
+     r"adam_step: exp_avgs\[0\] must have dtype float32"),
+])
+def test_bad_input_raises_clear_errors(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def test_extension_checks_dtype_itself():
+    """Called directly (bypassing native.py), the extension still refuses to convert dtypes."""
+    from pycnn import _native
+
+    with pytest.raises(TypeError, match="conv2d_forward: w must have dtype float32, got float64"):
+        _native.conv2d_forward(F32, W32.astype(np.float64), None, 1, 1, 0, 0)
+    with pytest.raises(TypeError, match="must be a float32 or float64 array, got int32"):
+        _native.relu_forward(np.zeros(3, np.int32))
