@@ -43,6 +43,10 @@ def cmd_train_mnist(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    if args.task == "localize":
+        from pycnn.localize import cmd_evaluate_localize
+
+        return cmd_evaluate_localize(args)
     from pycnn import data
     from pycnn.checkpoint import load_model
     from pycnn.tensor import move_array
@@ -100,8 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_mnist_args(mnist)
     mnist.set_defaults(func=cmd_train_mnist)
 
-    ev = sub.add_parser("evaluate", help="evaluate a checkpoint on the MNIST test set")
+    ev = sub.add_parser("evaluate", help="evaluate a checkpoint (MNIST test set, or fresh localization canvases)")
+    ev.add_argument("task", nargs="?", default="mnist", choices=("mnist", "localize"),
+                    help="mnist (default): the 10k test images; localize: metrics JSON on test canvases")
     ev.add_argument("--checkpoint", required=True, help="a model.safetensors written by pycnn train")
+    ev.add_argument("--seed", type=int, default=1_000_003, help="localize: seed of the test canvases")
+    ev.add_argument("--n-test", type=int, default=10000, help="localize: number of test canvases")
     ev.add_argument("--backend", default="auto", choices=("auto",) + backends.ALL_BACKENDS)
     ev.add_argument("--data-dir")
     ev.set_defaults(func=cmd_evaluate)

@@ -350,10 +350,47 @@ def smooth_l1_loss(pred: Tensor, target, reduction: str = "mean", beta: float = 
     return _scalar_loss(op, loss, (pred,), lambda g: be.smooth_l1_backward(g, pd, t, float(beta), reduction))
 
 
+def _maximum(a: Tensor, b) -> Tensor:
+    """Elementwise max through (a + b + |a - b|) / 2 (a composite of differentiable ops)."""
+    return (a + b + (a - b).abs()) * 0.5
+
+
+def _minimum(a: Tensor, b) -> Tensor:
+    return (a + b - (a - b).abs()) * 0.5
+
+
+def generalized_box_iou_loss(pred: Tensor, target, reduction: str = "mean", eps: float = 1e-7) -> Tensor:
+    """1 - GIoU between predicted and target boxes (N, 4) given as (x0, y0, x1, y1).
+
+    GIoU (Rezatofighi et al., 2019) = IoU - (enclosing area - union) / enclosing area; unlike
+    IoU it still has a gradient when the boxes do not overlap. Built from differentiable
+    Tensor ops (no backend kernel), since boxes are tiny next to the images.
+    """
+    op = "generalized_box_iou_loss"
+    _check_reduction(op, reduction)
+    _check_tensor(op, "pred", pred, 2)
+    t = _target_array(op, target, pred.device).astype(pred.dtype, copy=False)
+    if pred.shape[1:] != (4,) or tuple(t.shape) != pred.shape:
+        raise ValueError(f"{op}: pred and target must both have shape (N, 4), got {pred.shape} and {tuple(t.shape)}")
+    tt = Tensor(t)
+    lo, hi = _maximum(pred[:, 0:2], tt[:, 0:2]), _minimum(pred[:, 2:4], tt[:, 2:4])
+    wh = (hi - lo).clamp(min=0.0)
+    inter = wh[:, 0] * wh[:, 1]
+    area_p = (pred[:, 2] - pred[:, 0]).clamp(min=0.0) * (pred[:, 3] - pred[:, 1]).clamp(min=0.0)
+    area_t = (t[:, 2] - t[:, 0]) * (t[:, 3] - t[:, 1])
+    union = area_p + Tensor(area_t) - inter + eps
+    iou = inter / union
+    elo, ehi = _minimum(pred[:, 0:2], tt[:, 0:2]), _maximum(pred[:, 2:4], tt[:, 2:4])
+    ewh = (ehi - elo).clamp(min=0.0)
+    enclosing = ewh[:, 0] * ewh[:, 1] + eps
+    loss = 1.0 - (iou - (enclosing - union) / enclosing)
+    return loss.mean() if reduction == "mean" else loss.sum()
+
+
 def flatten(x: Tensor, start_dim: int = 1) -> Tensor:
     return x.flatten(start_dim)
 
 
 __all__ = ["conv2d", "max_pool2d", "avg_pool2d", "relu", "leaky_relu", "sigmoid", "tanh", "softmax",
            "log_softmax", "dropout", "linear", "cross_entropy", "binary_cross_entropy_with_logits",
-           "mse_loss", "smooth_l1_loss", "flatten", "is_grad_enabled"]
+           "mse_loss", "smooth_l1_loss", "generalized_box_iou_loss", "flatten", "is_grad_enabled"]

@@ -485,14 +485,14 @@ class Tensor:
         def backward(g):
             out = xp.zeros(a.shape, dtype=g.dtype)
             # add.at handles repeated indices (fancy indexing) correctly
-            if xp is np:
+            if not _has_fancy(index):
+                out[index] = g  # basic indexing selects each element at most once
+            elif xp is np:
                 np.add.at(out, index, g)
             else:
-                out_index = out[index]
-                if out_index.shape == g.shape and not _has_fancy(index):
-                    out[index] = g
-                else:
-                    xp.add.at(out, index, g)
+                import cupyx
+
+                cupyx.scatter_add(out, index, g)
             return (out,)
 
         return Tensor._from_op(a[index], (self,), backward, "getitem")
@@ -500,7 +500,25 @@ class Tensor:
 
 def _has_fancy(index) -> bool:
     items = index if isinstance(index, tuple) else (index,)
-    return any(not isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in items)
+    return any(not isinstance(i, (int, np.integer, slice, type(None), type(Ellipsis))) for i in items)
+
+
+def concatenate(tensors, axis: int = 0) -> Tensor:
+    """Join tensors along ``axis``; the gradient is split back into the pieces."""
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("concatenate: need at least one tensor")
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"concatenate: tensors are on different devices: {', '.join(sorted(devices))}")
+    xp = array_module(tensors[0].data)
+    data = xp.concatenate([t.data for t in tensors], axis=axis)
+    bounds = np.cumsum([t.shape[axis] for t in tensors])[:-1]
+
+    def backward(g):
+        return tuple(xp.split(g, [int(b) for b in bounds], axis=axis))
+
+    return Tensor._from_op(data, tuple(tensors), backward, "concatenate")
 
 
 def tensor(data, requires_grad: bool = False, dtype=None, device=None) -> Tensor:
@@ -533,5 +551,5 @@ def manual_seed(seed: int) -> None:
     _random.seed(seed)
 
 
-__all__ = ["Tensor", "tensor", "no_grad", "is_grad_enabled", "from_dlpack", "zeros", "ones",
+__all__ = ["Tensor", "tensor", "concatenate", "no_grad", "is_grad_enabled", "from_dlpack", "zeros", "ones",
            "device_of", "array_module", "move_array", "manual_seed"]

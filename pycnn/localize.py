@@ -1,0 +1,350 @@
+"""Digit localization: training, evaluation, prediction pictures and feature maps (+ their CLI)."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+import pycnn
+from pycnn import backends, metrics, optim
+from pycnn import functional as F
+from pycnn.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from pycnn.data.localization import load_localization
+from pycnn.models import LocalizationNet
+from pycnn.tensor import Tensor, move_array, no_grad
+
+TEST_SEED_DEFAULT = 1_000_003  # evaluation canvases use a seed that training never uses
+
+
+@dataclass
+class LocalizeConfig:
+    canvas_size: int = 64
+    n_train: int = 60000
+    n_test: int = 10000
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 2e-3
+    backend: str = "auto"
+    seed: int = 0
+    test_seed: int = TEST_SEED_DEFAULT
+    empty_prob: float = 0.1
+    clutter: bool = True
+    augment: bool = False
+    width: int = 32
+    presence_weight: float = 1.0
+    class_weight_loss: float = 1.0
+    box_weight: float = 5.0
+    class_weight: str | None = None  # None or "balanced"
+    pos_weight: float | None = None
+    init_from: str | None = None
+    freeze_backbone: bool = False
+    data_dir: str | None = None
+    out_dir: str | None = None
+    progress: bool = True
+
+    def validate(self) -> "LocalizeConfig":
+        for name in ("n_train", "n_test", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.class_weight not in (None, "balanced"):
+            raise ValueError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
+        if self.freeze_backbone and not self.init_from:
+            raise ValueError("--freeze-backbone needs --init-from CHECKPOINT (a frozen random backbone learns nothing)")
+        return self
+
+
+def localization_loss(outputs, batch: dict, cfg: LocalizeConfig, class_weights=None):
+    """Weighted sum of presence BCE, class cross-entropy and box smooth-L1 + GIoU.
+
+    The class and box terms only see canvases that hold a digit (an empty canvas has neither).
+    Returns (total loss Tensor, dict of the parts as floats-on-demand Tensors).
+    """
+    presence_logit, class_logits, boxes = outputs
+    present = batch["present_host"]
+    loss = F.binary_cross_entropy_with_logits(
+        presence_logit, batch["present"], None if cfg.pos_weight is None else np.array([cfg.pos_weight], np.float32))
+    parts = {"presence": loss}
+    total = loss * cfg.presence_weight
+    rows = np.flatnonzero(present > 0.5)
+    if rows.size:
+        index = move_array(rows, presence_logit.device)
+        ce = F.cross_entropy(class_logits[index], batch["labels"][index], weight=class_weights)
+        pred_boxes, true_boxes = boxes[index], batch["boxes"][index]
+        box = F.smooth_l1_loss(pred_boxes, true_boxes, beta=0.02) * 10.0 + F.generalized_box_iou_loss(pred_boxes, true_boxes)
+        total = total + ce * cfg.class_weight_loss + box * cfg.box_weight
+        parts.update(classes=ce, box=box)
+    return total, parts
+
+
+def predict(model, images, batch_size: int = 500) -> dict:
+    """Run the model over (N, 1, H, W) canvases; returns host arrays of probabilities, classes, boxes."""
+    was_training = model.training
+    model.eval()
+    device = model.device
+    probs, classes, boxes = [], [], []
+    with no_grad():
+        for start in range(0, len(images), batch_size):
+            xb = move_array(np.ascontiguousarray(images[start:start + batch_size]), device)
+            p, c, b = model(Tensor(xb))
+            probs.append(F.sigmoid(p).numpy())
+            classes.append(c.numpy().argmax(axis=1))
+            boxes.append(b.numpy())
+    model.train(was_training)
+    return {"presence_prob": np.concatenate(probs), "labels": np.concatenate(classes), "boxes": np.concatenate(boxes)}
+
+
+def score(pred: dict, data: dict) -> dict:
+    """The localization metrics of the targets: presence F1, class accuracy, mean IoU, loc. accuracy."""
+    present = data["present"] > 0.5
+    pred_present = pred["presence_prob"] > 0.5
+    p, r, f1 = metrics.precision_recall_f1(present.astype(int), pred_present.astype(int), average="binary")
+    return {
+        "samples": int(len(present)), "present": int(present.sum()),
+        "presence_precision": float(p), "presence_recall": float(r), "presence_f1": float(f1),
+        "class_accuracy": metrics.accuracy(data["labels"][present], pred["labels"][present]),
+        "mean_iou": metrics.mean_iou(pred["boxes"], data["boxes"], present=present),
+        "localization_accuracy": metrics.localization_accuracy(
+            data["labels"], pred["labels"], data["boxes"], pred["boxes"], true_present=present,
+            pred_present=pred_present),
+    }
+
+
+def _init_backbone(model, path) -> list:
+    """Copy every parameter of ``path`` whose name and shape match the model's (transfer learning)."""
+    state, _ = load_checkpoint(path)
+    own = dict(model.named_parameters())
+    loaded = []
+    for name, array in state.items():
+        if name in own and tuple(array.shape) == own[name].shape:
+            own[name].data = move_array(np.array(array, dtype=own[name].dtype), own[name].device)
+            loaded.append(name)
+    if not loaded:
+        raise ValueError(f"--init-from {path}: no parameter matches LocalizationNet by name and shape "
+                         f"(checkpoint has {', '.join(sorted(state)) or 'nothing'})")
+    return loaded
+
+
+def train_localize(**kwargs) -> dict:
+    """Train LocalizationNet on generated canvases and score it on test-digit canvases.
+
+    Keyword arguments are :class:`LocalizeConfig` fields. Returns a metrics dict (written to
+    ``out_dir/metrics.json`` with the checkpoint, when ``out_dir`` is given).
+    """
+    cfg = LocalizeConfig(**kwargs).validate()
+    log = print if cfg.progress else (lambda *a, **k: None)
+    device = "cuda" if cfg.backend == "cuda" else "cpu"
+    backend_name = "cuda" if device == "cuda" else pycnn.set_backend(cfg.backend)
+    canvas = dict(canvas_size=cfg.canvas_size, empty_prob=cfg.empty_prob, clutter=cfg.clutter)
+    t0 = time.perf_counter()
+    train = load_localization("train", n=cfg.n_train, seed=cfg.seed, root=cfg.data_dir, **canvas)
+    test = load_localization("test", n=cfg.n_test, seed=cfg.test_seed, root=cfg.data_dir, **canvas)
+    data_s = time.perf_counter() - t0
+
+    pycnn.manual_seed(cfg.seed)
+    model = LocalizationNet(canvas_size=cfg.canvas_size, width=cfg.width)
+    loaded = _init_backbone(model, cfg.init_from) if cfg.init_from else []
+    model.to(device)
+    params = model.head_parameters() if cfg.freeze_backbone else model.parameters()
+    if cfg.freeze_backbone:
+        for p in model.backbone_parameters():
+            p.requires_grad = False
+    opt = optim.Adam(params, lr=cfg.lr)
+    n = cfg.n_train
+    steps = -(-n // cfg.batch_size)
+    sched = optim.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps, cycle_momentum=False)
+    class_weights = None
+    if cfg.class_weight == "balanced":
+        present_labels = train["labels"][train["present"] > 0.5]
+        counts = np.bincount(present_labels, minlength=10).astype(np.float64)
+        class_weights = (counts.sum() / (10 * np.maximum(counts, 1))).astype(np.float32)
+    augmenter = None
+    if cfg.augment:
+        from pycnn.data.augment import Augment
+
+        augmenter = Augment(rotate=8.0, translate=0.05, scale=(0.95, 1.05), gaussian_noise=0.02)
+    images_dev = move_array(train["images"], device) if augmenter is None else None
+    log(f"pycnn {pycnn.__version__}: LocalizationNet ({model.num_parameters():,} parameters) on {n:,} "
+        f"{cfg.canvas_size}x{cfg.canvas_size} canvases, backend={backend_name}, batch={cfg.batch_size}, "
+        f"epochs={cfg.epochs}, Adam one-cycle lr={cfg.lr}" + (f", backbone from {cfg.init_from} ({len(loaded)} tensors)"
+                                                             f"{', frozen' if cfg.freeze_backbone else ''}" if loaded else ""))
+    history = []
+    rng = np.random.default_rng(cfg.seed)
+    start_all = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+        bar = None
+        if cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="step", dynamic_ncols=True, mininterval=0.5)
+        losses = []
+        start = time.perf_counter()
+        for step in range(steps):
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            boxes = train["boxes"][idx]
+            if augmenter is not None:
+                images, boxes = augmenter(train["images"][idx], boxes, train["present"][idx], rng)
+                images = move_array(np.ascontiguousarray(images), device)
+            else:
+                images = images_dev[move_array(idx, device)]
+            batch = {"present_host": train["present"][idx],
+                     "present": move_array(train["present"][idx], device),
+                     "labels": move_array(np.maximum(train["labels"][idx], 0), device),
+                     "boxes": move_array(np.ascontiguousarray(boxes, dtype=np.float32), device)}
+            total, _ = localization_loss(model(Tensor(images)), batch, cfg, class_weights)
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+            sched.step()
+            value = float(total.data)
+            if not math.isfinite(value):
+                raise FloatingPointError(f"localization training diverged: loss {value} at epoch {epoch}, step {step}")
+            losses.append(value)
+            if bar is not None:
+                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        epoch_s = time.perf_counter() - start
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "epoch_s": epoch_s,
+                        "samples_per_s": n / epoch_s})
+        log(f"epoch {epoch}: loss {history[-1]['train_loss']:.4f}, {epoch_s:.1f} s ({n / epoch_s:,.0f} canvases/s)")
+    train_s = time.perf_counter() - start_all
+    eval_start = time.perf_counter()
+    scores = score(predict(model, test["images"]), test)
+    eval_s = time.perf_counter() - eval_start
+    result = {"config": asdict(cfg), "backend": backend_name, "history": history, "train_s": train_s,
+              "data_s": data_s, "eval_s": eval_s, "test": scores, "init_loaded": loaded}
+    log("test canvases: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
+    log(f"training {train_s:.1f} s, data {data_s:.1f} s, evaluation {eval_s:.1f} s")
+    if cfg.out_dir:
+        out = Path(cfg.out_dir)
+        save_checkpoint(model, out / "model.safetensors",
+                        {"model": "localizationnet", "model_kwargs": {"canvas_size": cfg.canvas_size, "width": cfg.width},
+                         "pycnn_version": pycnn.__version__})
+        atomic_write_json(out / "metrics.json", result)
+        from pycnn.viz import plot_localization_curves
+
+        plot_localization_curves(history, out / "curves.png")
+        log(f"wrote {out}/model.safetensors, metrics.json, curves.png")
+    result["model_object"] = model
+    return result
+
+
+def _load_localizer(path, device="cpu"):
+    from pycnn.checkpoint import load_model
+
+    model, meta = load_model(path, device=device)
+    if not isinstance(model, LocalizationNet):
+        raise ValueError(f"{path} holds a {meta.get('model')} model, not a LocalizationNet")
+    return model
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def register_cli(sub) -> None:
+    """Add ``train localize``, ``evaluate localize``, ``predict localize`` and ``viz features``."""
+    train_parser = sub.choices["train"]
+    train_sub = next(a for a in train_parser._actions if a.dest == "task")
+    p = train_sub.add_parser("localize", help="train the digit-localization model on generated canvases")
+    defaults = LocalizeConfig()
+    p.add_argument("--canvas-size", type=int, default=defaults.canvas_size)
+    p.add_argument("--n-train", type=int, default=defaults.n_train, help="training canvases (from the 60k training digits)")
+    p.add_argument("--n-test", type=int, default=defaults.n_test, help="test canvases (from the 10k test digits)")
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--backend", default="auto", choices=("auto",) + backends.ALL_BACKENDS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-seed", type=int, default=TEST_SEED_DEFAULT)
+    p.add_argument("--empty-prob", type=float, default=defaults.empty_prob)
+    p.add_argument("--no-clutter", action="store_true")
+    p.add_argument("--augment", action="store_true", help="rotate/translate/scale/noise each batch (boxes follow)")
+    p.add_argument("--class-weight", choices=("balanced",), help="balanced class weights in the cross-entropy")
+    p.add_argument("--pos-weight", type=float, help="weight of the positive (digit present) class in the BCE")
+    p.add_argument("--box-weight", type=float, default=defaults.box_weight)
+    p.add_argument("--init-from", help="checkpoint whose matching backbone weights initialize the model")
+    p.add_argument("--freeze-backbone", action="store_true", help="train only the heads (needs --init-from)")
+    p.add_argument("--data-dir")
+    p.add_argument("--out", default="runs/localize")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_train)
+
+    pred = sub.add_parser("predict", help="draw predictions of a trained model")
+    pred_sub = pred.add_subparsers(dest="task", required=True)
+    pp = pred_sub.add_parser("localize", help="a grid of test canvases with true and predicted boxes")
+    pp.add_argument("--checkpoint", required=True)
+    pp.add_argument("--out", default="preds.png")
+    pp.add_argument("--count", type=int, default=16)
+    pp.add_argument("--seed", type=int, default=TEST_SEED_DEFAULT)
+    pp.add_argument("--data-dir")
+    pp.set_defaults(func=_cmd_predict)
+
+    viz = sub.add_parser("viz", help="visualizations")
+    viz_sub = viz.add_subparsers(dest="task", required=True)
+    vf = viz_sub.add_parser("features", help="feature maps of each conv layer for one input")
+    vf.add_argument("--checkpoint", required=True)
+    vf.add_argument("--out", default="maps.png")
+    vf.add_argument("--index", type=int, default=0, help="which test image/canvas to show")
+    vf.add_argument("--data-dir")
+    vf.set_defaults(func=_cmd_features)
+
+
+def _cmd_train(args) -> int:
+    result = train_localize(canvas_size=args.canvas_size, n_train=args.n_train, n_test=args.n_test, epochs=args.epochs,
+                            batch_size=args.batch_size, lr=args.lr, backend=args.backend, seed=args.seed,
+                            test_seed=args.test_seed, empty_prob=args.empty_prob, clutter=not args.no_clutter,
+                            augment=args.augment, class_weight=args.class_weight, pos_weight=args.pos_weight,
+                            box_weight=args.box_weight, init_from=args.init_from,
+                            freeze_backbone=args.freeze_backbone, data_dir=args.data_dir, out_dir=args.out,
+                            progress=not args.no_progress)
+    print(json.dumps(result["test"], indent=2))
+    return 0
+
+
+def cmd_evaluate_localize(args) -> int:
+    model = _load_localizer(args.checkpoint)
+    data = load_localization("test", n=args.n_test, seed=args.seed, root=args.data_dir,
+                             canvas_size=model.canvas_size)
+    scores = score(predict(model, data["images"]), data)
+    print(json.dumps({"checkpoint": str(args.checkpoint), "seed": args.seed, **scores}, indent=2))
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from pycnn.viz import plot_localization_grid
+
+    model = _load_localizer(args.checkpoint)
+    data = load_localization("test", n=max(args.count, 1), seed=args.seed, root=args.data_dir,
+                             canvas_size=model.canvas_size, cache=False)
+    pred = predict(model, data["images"])
+    plot_localization_grid(data, pred, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_features(args) -> int:
+    from pycnn.checkpoint import load_model
+    from pycnn.viz import plot_feature_maps
+
+    model, meta = load_model(args.checkpoint)
+    if isinstance(model, LocalizationNet):
+        data = load_localization("test", n=args.index + 1, seed=TEST_SEED_DEFAULT, root=args.data_dir,
+                                 canvas_size=model.canvas_size, cache=False)
+        image = data["images"][args.index:args.index + 1]
+    else:
+        from pycnn import data as mnist
+
+        images, _ = mnist.load_mnist("test", root=args.data_dir)
+        image = mnist.normalize(images[args.index:args.index + 1])
+    plot_feature_maps(model, image, args.out, title=f"{type(model).__name__}: conv feature maps")
+    print(f"wrote {args.out}")
+    return 0
