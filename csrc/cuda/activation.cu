@@ -89,10 +89,20 @@ extern "C" __global__ void bias_grad_f32(const float* __restrict__ dy, float* __
     const pycnn_i64 count = (pycnn_i64)N * P;
     float acc = 0.0f;
     // Element e = n*P + p; with P > 1 consecutive threads read consecutive p (coalesced).
-    for (pycnn_i64 e = threadIdx.x; e < count; e += blockDim.x) {
-        const pycnn_i64 n = e / P;
-        const pycnn_i64 p = e % P;
-        acc += dy[(n * K + k) * P + p];
+    // 32-bit index math when it fits (64-bit division is slow on the GPU); same order either way.
+    if (count <= 0x7fffffffLL) {
+        const int cnt = (int)count, P32 = (int)P;
+        for (int e = threadIdx.x; e < cnt; e += blockDim.x) {
+            const int n = e / P32;
+            const int p = e - n * P32;
+            acc += dy[((pycnn_i64)n * K + k) * P32 + p];
+        }
+    } else {
+        for (pycnn_i64 e = threadIdx.x; e < count; e += blockDim.x) {
+            const pycnn_i64 n = e / P;
+            const pycnn_i64 p = e % P;
+            acc += dy[(n * K + k) * P + p];
+        }
     }
     const double total = pycnn_block_sum_f64((double)acc);
     if (threadIdx.x == 0) db[k] = (float)total;

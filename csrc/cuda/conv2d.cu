@@ -171,15 +171,32 @@ extern "C" __global__ void conv2d_bwd_weight_v1_f32(
     const pycnn_i64 count = (pycnn_i64)N * Ho * Wo;
     float acc = 0.0f;
     // Thread t always takes products t, t+B, t+2B, ... in that order: a fixed summation order.
-    for (pycnn_i64 e = threadIdx.x; e < count; e += blockDim.x) {
-        const int j = (int)(e % Wo);
-        const int i = (int)((e / Wo) % Ho);
-        const pycnn_i64 n = e / ((pycnn_i64)Wo * Ho);
-        const int h = i * sh - ph + r;
-        const int ww = j * sw - pw + s;
-        if (h < 0 || h >= H || ww < 0 || ww >= W) continue;
-        acc += dy[((n * K + k) * Ho + i) * (pycnn_i64)Wo + j] *
-               x[((n * C + c) * H + h) * (pycnn_i64)W + ww];
+    // The index split uses 32-bit division when it can (64-bit division is several times slower
+    // on the GPU); both branches visit the same products in the same order.
+    if (count <= 0x7fffffffLL) {
+        const int cnt = (int)count;
+        for (int e = threadIdx.x; e < cnt; e += blockDim.x) {
+            const int j = e % Wo;
+            const int t = e / Wo;
+            const int i = t % Ho;
+            const int n = t / Ho;
+            const int h = i * sh - ph + r;
+            const int ww = j * sw - pw + s;
+            if (h < 0 || h >= H || ww < 0 || ww >= W) continue;
+            acc += dy[(((pycnn_i64)n * K + k) * Ho + i) * (pycnn_i64)Wo + j] *
+                   x[(((pycnn_i64)n * C + c) * H + h) * (pycnn_i64)W + ww];
+        }
+    } else {
+        for (pycnn_i64 e = threadIdx.x; e < count; e += blockDim.x) {
+            const int j = (int)(e % Wo);
+            const int i = (int)((e / Wo) % Ho);
+            const pycnn_i64 n = e / ((pycnn_i64)Wo * Ho);
+            const int h = i * sh - ph + r;
+            const int ww = j * sw - pw + s;
+            if (h < 0 || h >= H || ww < 0 || ww >= W) continue;
+            acc += dy[((n * K + k) * Ho + i) * (pycnn_i64)Wo + j] *
+                   x[((n * C + c) * H + h) * (pycnn_i64)W + ww];
+        }
     }
     const double total = pycnn_block_sum_f64((double)acc);
     if (threadIdx.x == 0) dw[widx] = (float)total;

@@ -384,10 +384,33 @@ def conv2d_backward_weight(dy, x, w_shape, stride, padding):
         args = (dy, x, dw, _i32(N), _i32(C), _i32(H), _i32(W), _i32(K), _i32(R), _i32(S),
                 _i32(Ho), _i32(Wo), _i32(sh), _i32(sw), _i32(ph), _i32(pw))
         _launch(dev, "conv2d.cu", "conv2d_bwd_weight_v1_f32", (dw.size,), (BLOCK,), args)
-    if K:
-        _launch(dev, "activation.cu", "bias_grad_f32", (K,), (BLOCK,),
-                (dy, db, _i32(N), _i32(K), _i64(Ho * Wo)))
+    _bias_grad_into(dev, dy, db)
     return dw, db
+
+
+def bias_grad(dy):
+    """db (K,) = dy summed over every axis but axis 1, for dy (N, K, ...); fixed order, no atomics."""
+    op = "bias_grad"
+    cupy = _cupy()
+    _check(op, "dy", dy)
+    if dy.ndim < 2:
+        raise ValueError(f"{op}: dy must be at least 2-D (N, K, ...), got shape {dy.shape}")
+    dev = _device(op, dy=dy)
+    with cupy.cuda.Device(dev):
+        db = cupy.empty((dy.shape[1],), dtype=cupy.float32)
+    _bias_grad_into(dev, dy, db)
+    return db
+
+
+def _bias_grad_into(dev: int, dy, db) -> None:
+    N, K = dy.shape[0], dy.shape[1]
+    P = int(np.prod(dy.shape[2:], dtype=np.int64)) if dy.ndim > 2 else 1
+    if K == 0:
+        return
+    if N == 0 or P == 0:
+        db.fill(0)
+        return
+    _launch(dev, "activation.cu", "bias_grad_f32", (K,), (BLOCK,), (dy, db, _i32(N), _i32(K), _i64(P)))
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -627,8 +650,7 @@ def linear_backward(dy, x, w):
         dx = cupy.ascontiguousarray(cupy.matmul(dy, w))
         dw = cupy.ascontiguousarray(cupy.matmul(dy.T, x))
         db = cupy.empty((OUT,), dtype=cupy.float32)
-    if OUT:
-        _launch(dev, "activation.cu", "bias_grad_f32", (OUT,), (BLOCK,), (dy, db, _i32(N), _i32(OUT), _i64(1)))
+    _bias_grad_into(dev, dy, db)
     return dx, dw, db
 
 
