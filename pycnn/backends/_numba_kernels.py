@@ -444,14 +444,7 @@ def sigmoid_bwd(dy, y, parallel, dx):
             dx[i] = dy[i] * y[i] * (one - y[i])
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def tanh_fwd(x, parallel, y):
-    if parallel:
-        for i in prange(x.size):
-            y[i] = np.tanh(x[i])
-    else:
-        for i in range(x.size):
-            y[i] = np.tanh(x[i])
+# tanh's forward is NumPy's SIMD ufunc (see numba_cpu.tanh_forward).
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)

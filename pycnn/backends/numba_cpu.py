@@ -408,9 +408,14 @@ def sigmoid_backward(dy, y):
 
 
 def tanh_forward(x):
-    """tanh(x)."""
+    """tanh(x).
+
+    NumPy's ufunc, not a Numba loop: without Intel's SVML, Numba compiles np.tanh to one scalar
+    libm call per element (~16 ns here), while NumPy's SIMD kernel is 20-40x faster per core
+    (measured on 1.4M float32: 0.5 ms vs 22 ms on one core).
+    """
     _require()
-    return _unary("tanh_forward", _k.tanh_fwd, x)
+    return np.tanh(_as_float("tanh_forward", "x", x))
 
 
 def tanh_backward(dy, y):
