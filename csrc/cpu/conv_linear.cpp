@@ -27,37 +27,69 @@ struct ConvGeom {
     long CRS() const { return C * R * S; }
 };
 
+// ---------------------------------------------------------------------------- helpers
+
+// A zero-padded copy of x (N, C, H+2ph, W+2pw) when there is padding: it costs one pass over the
+// input (not an im2col buffer) and lets every gather below run without bounds checks.
+template <typename T>
+const T* padded_input(const T* x, long N, long C, long H, long W, long ph, long pw, std::vector<T>& buf) {
+    if (ph == 0 && pw == 0) return x;
+    const long Hp = H + 2 * ph, Wp = W + 2 * pw, planes = N * C;
+    buf.resize(size_t(planes * Hp * Wp));
+    T* out = buf.data();
+#pragma omp parallel for schedule(static) num_threads(num_threads()) if (planes * Hp * Wp > kParallelMin)
+    for (long pl = 0; pl < planes; ++pl) {
+        T* d = out + pl * Hp * Wp;
+        const T* src = x + pl * H * W;
+        std::fill(d, d + ph * Wp, T(0));
+        for (long h = 0; h < H; ++h) {
+            T* row = d + (ph + h) * Wp;
+            std::fill(row, row + pw, T(0));
+            std::copy(src + h * W, src + (h + 1) * W, row + pw);
+            std::fill(row + pw + W, row + Wp, T(0));
+        }
+        std::fill(d + (ph + H) * Wp, d + Hp * Wp, T(0));
+    }
+    return out;
+}
+
 // ---------------------------------------------------------------------------- forward
 
+// y = conv(x, w) + b on an input that is already padded (g.ph == g.pw == 0 here).
+//   A(k, (c,r,s)) = w[k, c, r, s]                       (the weights as they are)
+//   B((c,r,s), (n,p)) = x[n, c, oh*sh + r, ow*sw + s]   (gathered while packing)
+// B(kidx, col) = x[coff(kidx) + poff(col)]: the offset separates into a depth part and a column
+// part. With stride 1, neighbouring output pixels of one row read neighbouring inputs, so each
+// NR-column panel is a few contiguous runs (one per output row it touches) that pack as copies.
 template <typename T>
-void conv_forward(const ConvGeom& g, const T* x, const T* w, const T* b, T* y) {
+void conv_forward_unpadded(const ConvGeom& g, const T* x, const T* w, const T* b, T* y) {
     const MicroKernel<T> uk = current_ukernel<T>();
-    const long P = g.P(), CRS = g.CRS(), HW = g.HW(), CHW = g.C * HW, RS = g.R * g.S;
+    const long P = g.P(), CRS = g.CRS(), HW = g.HW(), CHW = g.C * HW;
     const int NR = uk.nr;
     StridedPackA<T> packA{w, CRS, 1, uk.mr};
     auto packB = [&](T* dst, long j, long nr, long k, long kc) {
-        long base[32], ih0[32], iw0[32];
-        bool interior = true;
+        long seg_col[32], seg_len[32], seg_off[32];
+        long nseg = 0;
         for (long jj = 0; jj < nr; ++jj) {
             long col = j + jj, n = col / P, p = col % P;
-            ih0[jj] = (p / g.Wo) * g.sh - g.ph;
-            iw0[jj] = (p % g.Wo) * g.sw - g.pw;
-            base[jj] = n * CHW + ih0[jj] * g.W + iw0[jj];
-            interior = interior && ih0[jj] >= 0 && ih0[jj] + g.R <= g.H && iw0[jj] >= 0 &&
-                       iw0[jj] + g.S <= g.W;
+            long off = n * CHW + (p / g.Wo) * g.sh * g.W + (p % g.Wo) * g.sw;
+            if (nseg > 0 && off == seg_off[nseg - 1] + seg_len[nseg - 1]) {
+                ++seg_len[nseg - 1];
+            } else {
+                seg_col[nseg] = jj;
+                seg_off[nseg] = off;
+                seg_len[nseg] = 1;
+                ++nseg;
+            }
         }
-        long c = k / RS, r = (k / g.S) % g.R, s = k % g.S;
+        long c = k / (g.R * g.S), r = (k / g.S) % g.R, s = k % g.S;
         for (long kk = 0; kk < kc; ++kk) {
             T* d = dst + kk * NR;
-            if (interior) {  // whole windows inside the image: a plain gather, no bounds checks
-                const T* src = x + c * HW + r * g.W + s;
-                for (long jj = 0; jj < nr; ++jj) d[jj] = src[base[jj]];
-            } else {
-                for (long jj = 0; jj < nr; ++jj) {
-                    long ih = ih0[jj] + r, iw = iw0[jj] + s;
-                    bool in = ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
-                    d[jj] = in ? x[base[jj] + c * HW + r * g.W + s] : T(0);
-                }
+            const T* src = x + c * HW + r * g.W + s;
+            for (long q = 0; q < nseg; ++q) {
+                const T* from = src + seg_off[q];
+                T* to = d + seg_col[q];
+                for (long t = 0, L = seg_len[q]; t < L; ++t) to[t] = from[t];
             }
             for (long jj = nr; jj < NR; ++jj) d[jj] = T(0);
             if (++s == g.S) { s = 0; if (++r == g.R) { r = 0; ++c; } }
@@ -87,10 +119,38 @@ void conv_forward(const ConvGeom& g, const T* x, const T* w, const T* b, T* y) {
     gemm_parallel<T>(uk, g.K, g.N * P, CRS, packA, packB, store, num_threads());
 }
 
+template <typename T>
+void conv_forward(const ConvGeom& g, const T* x, const T* w, const T* b, T* y) {
+    std::vector<T> xpad;
+    const T* xp = padded_input(x, g.N, g.C, g.H, g.W, g.ph, g.pw, xpad);
+    ConvGeom gp = g;
+    gp.H = g.H + 2 * g.ph;
+    gp.W = g.W + 2 * g.pw;
+    gp.ph = gp.pw = 0;
+    conv_forward_unpadded(gp, xp, w, b, y);
+}
+
 // ---------------------------------------------------------------------------- backward data
+
+// With stride 1 (and padding < kernel), backward-data IS a forward convolution: dy padded by
+// (R-1-ph, S-1-pw) convolved with the weights flipped in space and transposed (K <-> C). That path
+// gets the forward's contiguous-run packing; other strides use the general gather below.
+template <typename T>
+void conv_backward_data_stride1(const ConvGeom& g, const T* dy, const T* w, T* dx) {
+    const long RS = g.R * g.S;
+    std::vector<T> wt(size_t(g.C * g.K * RS));  // wt[c, k, r, s] = w[k, c, R-1-r, S-1-s]
+    for (long k = 0; k < g.K; ++k)
+        for (long c = 0; c < g.C; ++c)
+            for (long rs = 0; rs < RS; ++rs)
+                wt[(c * g.K + k) * RS + rs] = w[(k * g.C + c) * RS + (RS - 1 - rs)];
+    ConvGeom f{g.N, g.K, g.Ho, g.Wo, g.C, g.R, g.S, 1, 1, g.R - 1 - g.ph, g.S - 1 - g.pw, g.H, g.W};
+    conv_forward<T>(f, dy, wt.data(), nullptr, dx);
+}
 
 template <typename T>
 void conv_backward_data(const ConvGeom& g, const T* dy, const T* w, T* dx) {
+    if (g.sh == 1 && g.sw == 1 && g.ph <= g.R - 1 && g.pw <= g.S - 1)
+        return conv_backward_data_stride1(g, dy, w, dx);
     const MicroKernel<T> uk = current_ukernel<T>();
     const long P = g.P(), HW = g.HW(), RS = g.R * g.S, CRS = g.CRS(), KP = g.K * P;
     const int MR = uk.mr, NR = uk.nr;
@@ -160,7 +220,7 @@ inline long weight_chunks(long n) { return std::min(n, 8L); }
 template <typename T>
 void conv_backward_weight(const ConvGeom& g, const T* dy, const T* x, T* dw, T* db) {
     const MicroKernel<T> uk = current_ukernel<T>();
-    const long P = g.P(), HW = g.HW(), CHW = g.C * HW, RS = g.R * g.S, CRS = g.CRS(), KP = g.K * P;
+    const long P = g.P(), RS = g.R * g.S, CRS = g.CRS(), KP = g.K * P;
     const int MR = uk.mr, NR = uk.nr;
     // A(k, (n,p)) = dy[n, k, p]
     auto packA = [&](T* dst, long i, long mr, long k, long kc) {
@@ -175,27 +235,23 @@ void conv_backward_weight(const ConvGeom& g, const T* dy, const T* x, T* dw, T* 
         for (long ii = mr; ii < MR; ++ii)
             for (long kk = 0; kk < kc; ++kk) dst[kk * MR + ii] = T(0);
     };
-    // B((n,p), (c,r,s)) = x[n, c, oh*sh-ph+r, ow*sw-pw+s] (zero outside the image)
+    // B((n,p), (c,r,s)) = xpad[n, c, oh*sh + r, ow*sw + s] = xp[poff(n,p) + coff(c,r,s)]
+    std::vector<T> xpad;
+    const T* xp = padded_input(x, g.N, g.C, g.H, g.W, g.ph, g.pw, xpad);
+    const long Wp = g.W + 2 * g.pw, HWp = (g.H + 2 * g.ph) * Wp, CHWp = g.C * HWp;
     auto packB = [&](T* dst, long j, long nr, long k, long kc) {
-        long coff[32], rr[32], ss[32];
+        long coff[32];
         for (long jj = 0; jj < nr; ++jj) {
             long col = j + jj;
-            coff[jj] = (col / RS) * HW;
-            rr[jj] = (col / g.S) % g.R;
-            ss[jj] = col % g.S;
+            coff[jj] = (col / RS) * HWp + ((col / g.S) % g.R) * Wp + col % g.S;
         }
-        long n = k / P, p = k % P;
+        long n = k / P, p = k % P, oh = p / g.Wo, ow = p % g.Wo;
         for (long kk = 0; kk < kc; ++kk) {
             T* d = dst + kk * NR;
-            long ih0 = (p / g.Wo) * g.sh - g.ph, iw0 = (p % g.Wo) * g.sw - g.pw;
-            const T* src = x + n * CHW;
-            for (long jj = 0; jj < nr; ++jj) {
-                long ih = ih0 + rr[jj], iw = iw0 + ss[jj];
-                bool in = ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
-                d[jj] = in ? src[coff[jj] + ih * g.W + iw] : T(0);
-            }
+            const T* src = xp + n * CHWp + oh * g.sh * Wp + ow * g.sw;
+            for (long jj = 0; jj < nr; ++jj) d[jj] = src[coff[jj]];
             for (long jj = nr; jj < NR; ++jj) d[jj] = T(0);
-            if (++p == P) { p = 0; ++n; }
+            if (++ow == g.Wo) { ow = 0; if (++oh == g.Ho) { oh = 0; ++n; } }
         }
     };
     const long chunks = weight_chunks(g.N);

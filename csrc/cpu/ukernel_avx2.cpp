@@ -73,19 +73,51 @@ void ukernel_f64(long kc, const double* a, const double* b, double* c) {
 }
 
 double fma_loop(long iterations) {
-    __m256 acc[12];
-    for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(0.001f * i);
+    // 12 named accumulators (an array would live on the stack), each a dependent FMA chain;
+    // the empty asm keeps the compiler from folding the loop but costs no instruction.
+    __m256 a0 = _mm256_set1_ps(0.001f * 0);
+    __m256 a1 = _mm256_set1_ps(0.001f * 1);
+    __m256 a2 = _mm256_set1_ps(0.001f * 2);
+    __m256 a3 = _mm256_set1_ps(0.001f * 3);
+    __m256 a4 = _mm256_set1_ps(0.001f * 4);
+    __m256 a5 = _mm256_set1_ps(0.001f * 5);
+    __m256 a6 = _mm256_set1_ps(0.001f * 6);
+    __m256 a7 = _mm256_set1_ps(0.001f * 7);
+    __m256 a8 = _mm256_set1_ps(0.001f * 8);
+    __m256 a9 = _mm256_set1_ps(0.001f * 9);
+    __m256 a10 = _mm256_set1_ps(0.001f * 10);
+    __m256 a11 = _mm256_set1_ps(0.001f * 11);
     const __m256 m = _mm256_set1_ps(0.999999f);
     const __m256 add = _mm256_set1_ps(1e-7f);
     for (long it = 0; it < iterations; ++it) {
-#pragma GCC unroll 12
-        for (int i = 0; i < 12; ++i) acc[i] = _mm256_fmadd_ps(acc[i], m, add);
-        __asm__ volatile("" : "+x"(acc[0]), "+x"(acc[1]), "+x"(acc[2]), "+x"(acc[3]));
+        a0 = _mm256_fmadd_ps(a0, m, add);
+        a1 = _mm256_fmadd_ps(a1, m, add);
+        a2 = _mm256_fmadd_ps(a2, m, add);
+        a3 = _mm256_fmadd_ps(a3, m, add);
+        a4 = _mm256_fmadd_ps(a4, m, add);
+        a5 = _mm256_fmadd_ps(a5, m, add);
+        a6 = _mm256_fmadd_ps(a6, m, add);
+        a7 = _mm256_fmadd_ps(a7, m, add);
+        a8 = _mm256_fmadd_ps(a8, m, add);
+        a9 = _mm256_fmadd_ps(a9, m, add);
+        a10 = _mm256_fmadd_ps(a10, m, add);
+        a11 = _mm256_fmadd_ps(a11, m, add);
+        __asm__ volatile("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3), "+x"(a4), "+x"(a5), "+x"(a6), "+x"(a7), "+x"(a8), "+x"(a9), "+x"(a10), "+x"(a11));
     }
-    __m256 s = acc[0];
-    for (int i = 1; i < 12; ++i) s = _mm256_add_ps(s, acc[i]);
-    float lanes[8];
-    _mm256_storeu_ps(lanes, s);
+    __m256 s = a0;
+    s = _mm256_add_ps(s, a1);
+    s = _mm256_add_ps(s, a2);
+    s = _mm256_add_ps(s, a3);
+    s = _mm256_add_ps(s, a4);
+    s = _mm256_add_ps(s, a5);
+    s = _mm256_add_ps(s, a6);
+    s = _mm256_add_ps(s, a7);
+    s = _mm256_add_ps(s, a8);
+    s = _mm256_add_ps(s, a9);
+    s = _mm256_add_ps(s, a10);
+    s = _mm256_add_ps(s, a11);
+    alignas(64) float lanes[8];
+    _mm256_store_ps(lanes, s);
     volatile float sink = lanes[0] + lanes[7];
     (void)sink;
     return double(iterations) * 12 * 8 * 2;

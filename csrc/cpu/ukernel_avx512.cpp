@@ -76,20 +76,54 @@ void ukernel_f64(long kc, const double* a, const double* b, double* c) {
     ukernel<Avx512F64, 8, 2>(kc, a, b, c);
 }
 
-// 12 independent accumulators, no loads or stores inside the loop: the FMA-port ceiling.
+// No loads or stores inside the loop: the FMA-port ceiling of one core.
 double fma_loop(long iterations) {
-    __m512 acc[12];
-    for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(0.001f * i);
+    // 12 named accumulators (an array would live on the stack), each a dependent FMA chain;
+    // the empty asm keeps the compiler from folding the loop but costs no instruction.
+    __m512 a0 = _mm512_set1_ps(0.001f * 0);
+    __m512 a1 = _mm512_set1_ps(0.001f * 1);
+    __m512 a2 = _mm512_set1_ps(0.001f * 2);
+    __m512 a3 = _mm512_set1_ps(0.001f * 3);
+    __m512 a4 = _mm512_set1_ps(0.001f * 4);
+    __m512 a5 = _mm512_set1_ps(0.001f * 5);
+    __m512 a6 = _mm512_set1_ps(0.001f * 6);
+    __m512 a7 = _mm512_set1_ps(0.001f * 7);
+    __m512 a8 = _mm512_set1_ps(0.001f * 8);
+    __m512 a9 = _mm512_set1_ps(0.001f * 9);
+    __m512 a10 = _mm512_set1_ps(0.001f * 10);
+    __m512 a11 = _mm512_set1_ps(0.001f * 11);
     const __m512 m = _mm512_set1_ps(0.999999f);
     const __m512 add = _mm512_set1_ps(1e-7f);
     for (long it = 0; it < iterations; ++it) {
-#pragma GCC unroll 12
-        for (int i = 0; i < 12; ++i) acc[i] = _mm512_fmadd_ps(acc[i], m, add);
-        __asm__ volatile("" : "+v"(acc[0]), "+v"(acc[1]), "+v"(acc[2]), "+v"(acc[3]));
+        a0 = _mm512_fmadd_ps(a0, m, add);
+        a1 = _mm512_fmadd_ps(a1, m, add);
+        a2 = _mm512_fmadd_ps(a2, m, add);
+        a3 = _mm512_fmadd_ps(a3, m, add);
+        a4 = _mm512_fmadd_ps(a4, m, add);
+        a5 = _mm512_fmadd_ps(a5, m, add);
+        a6 = _mm512_fmadd_ps(a6, m, add);
+        a7 = _mm512_fmadd_ps(a7, m, add);
+        a8 = _mm512_fmadd_ps(a8, m, add);
+        a9 = _mm512_fmadd_ps(a9, m, add);
+        a10 = _mm512_fmadd_ps(a10, m, add);
+        a11 = _mm512_fmadd_ps(a11, m, add);
+        __asm__ volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5), "+v"(a6), "+v"(a7), "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11));
     }
-    __m512 s = acc[0];
-    for (int i = 1; i < 12; ++i) s = _mm512_add_ps(s, acc[i]);
-    volatile float sink = _mm512_reduce_add_ps(s);
+    __m512 s = a0;
+    s = _mm512_add_ps(s, a1);
+    s = _mm512_add_ps(s, a2);
+    s = _mm512_add_ps(s, a3);
+    s = _mm512_add_ps(s, a4);
+    s = _mm512_add_ps(s, a5);
+    s = _mm512_add_ps(s, a6);
+    s = _mm512_add_ps(s, a7);
+    s = _mm512_add_ps(s, a8);
+    s = _mm512_add_ps(s, a9);
+    s = _mm512_add_ps(s, a10);
+    s = _mm512_add_ps(s, a11);
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, s);
+    volatile float sink = lanes[0] + lanes[15];
     (void)sink;
     return double(iterations) * 12 * 16 * 2;
 }
