@@ -1,0 +1,241 @@
+"""The real csrc/cuda kernels, run on the CPU by a small CUDA emulator, against numpy_ref.
+
+No GPU needed: each .cu (as the backend assembles it for NVRTC) is compiled as C++20 together
+with tests/gpu/emulator/emu.h, which provides threadIdx/blockIdx, __syncthreads (std::barrier),
+warp shuffles and shared memory; every block that synchronizes runs one std::thread per CUDA
+thread. The backend's Python side runs unchanged except that CuPy is replaced by NumPy and the
+kernel launch by the emulator. This catches indexing, bounds, reduction and argument-passing bugs
+in CI; timing, coalescing and real-hardware races are for the GPU suite (test_cuda_ops.py) and
+compute-sanitizer. Skipped without g++ and on the GPU machine (PYCNN_REQUIRE_GPU=1), where the
+real kernels are tested instead.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import types
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pycnn.backends import cuda
+from pycnn.backends import numpy_ref as ref
+
+EMU_HEADER = Path(__file__).resolve().parent / "emulator" / "emu.h"
+GXX = shutil.which("g++")
+pytestmark = pytest.mark.skipif(GXX is None or os.environ.get("PYCNN_REQUIRE_GPU") == "1",
+                                reason="needs g++; on a GPU machine the real kernels are tested instead")
+
+_NP = {"int": np.int32, "long long": np.int64, "float": np.float32, "double": np.float64}
+_CT = {"int": ctypes.c_int32, "long long": ctypes.c_int64, "float": ctypes.c_float, "double": ctypes.c_double}
+
+
+def _parse(text: str) -> dict:
+    """kernel -> (params [(name, is_ptr, ctype, decl)], needs real threads)."""
+    kernels = {}
+    for m in re.finditer(r'extern "C" __global__ void (\w+)\(([^)]*)\)\s*\{', text):
+        params = []
+        for decl in m.group(2).split(","):
+            decl = " ".join(decl.split())
+            plain = " ".join(decl.replace("__restrict__", "").replace("const", "").split())
+            is_ptr = "*" in plain
+            ctype = plain.split("*")[0].strip() if is_ptr else plain.rsplit(" ", 1)[0]
+            params.append((re.findall(r"(\w+)$", decl)[0], is_ptr, ctype, decl))
+        end = text.find('extern "C"', m.end())
+        body = text[m.end(): end if end >= 0 else len(text)]
+        kernels[m.group(1)] = (params, bool(re.search(r"__syncthreads|pycnn_block_sum|pycnn_warp_", body)))
+    return kernels
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    """Compile the emulated kernels once (cached by content hash in the temp dir)."""
+    sources, kernels = {}, {}
+    for filename in cuda.SOURCES:
+        text = cuda.kernel_source(filename).replace("extern __shared__ float smem[];",
+                                                    "float* smem = emu_dynamic_smem;")
+        found = _parse(text)
+        kernels.update(found)
+        wrappers = [
+            f'extern "C" void emu_{name}(int gx, int gy, int gz, int bx, int by, int bz, long long smem, '
+            f'{", ".join(p[3] for p in params)}) {{ emu_run(gx, gy, gz, bx, by, bz, smem, '
+            f'{"true" if threaded else "false"}, [&]() {{ {name}({", ".join(p[0] for p in params)}); }}); }}'
+            for name, (params, threaded) in found.items()]
+        sources[filename] = '#include "emu.h"\n' + text + "\n" + "\n".join(wrappers) + "\n"
+    digest = hashlib.sha1(EMU_HEADER.read_bytes() + "".join(sources.values()).encode()).hexdigest()[:16]
+    build = Path(tempfile.gettempdir()) / f"pycnn-emu-{digest}"
+    lib = build / "libpycnn_emu.so"
+    if not lib.exists():
+        build.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for filename, src in sources.items():
+            path = build / f"{filename}.cpp"
+            path.write_text(src)
+            paths.append(str(path))
+        tmp = build / f"lib.{os.getpid()}.so"
+        proc = subprocess.run([GXX, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w",
+                               "-I", str(EMU_HEADER.parent), "-o", str(tmp), *paths],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"emulator build failed:\n{proc.stderr[-4000:]}"
+        os.replace(tmp, lib)
+    return ctypes.CDLL(str(lib)), kernels
+
+
+@pytest.fixture
+def emulated(monkeypatch, emulator):
+    """Point the CUDA backend at NumPy arrays and the emulator; returns the launched kernel names."""
+    lib, kernels = emulator
+    launched = []
+    fake_cupy = types.SimpleNamespace(
+        ndarray=np.ndarray, float32=np.float32, float64=np.float64, int32=np.int32, int64=np.int64,
+        empty=np.empty, empty_like=np.empty_like, ascontiguousarray=np.ascontiguousarray, matmul=np.matmul,
+        cuda=types.SimpleNamespace(Device=lambda dev=None: nullcontext(),
+                                   compiler=types.SimpleNamespace(CompileException=RuntimeError)))
+
+    def launch(dev, filename, kernel, grid, block, args, shared_mem=0):
+        params, threaded = kernels[kernel]
+        assert len(params) == len(args), kernel
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        block = tuple(block) + (1,) * (3 - len(block))
+        cargs = [ctypes.c_int(v) for v in grid + block] + [ctypes.c_longlong(shared_mem)]
+        for (name, is_ptr, ctype, _), arg in zip(params, args):
+            if is_ptr:
+                assert isinstance(arg, np.ndarray) and arg.dtype == _NP[ctype] and arg.flags.c_contiguous, \
+                    f"{kernel}: {name}"
+                cargs.append(ctypes.c_void_p(arg.ctypes.data))
+            else:
+                assert type(arg) is _NP[ctype], f"{kernel}: {name} is {type(arg)}"
+                cargs.append(_CT[ctype](arg.item()))
+        getattr(lib, f"emu_{kernel}")(*cargs)
+        launched.append(kernel)
+
+    monkeypatch.setattr(cuda, "_cupy", lambda: fake_cupy)
+    monkeypatch.setattr(cuda, "_device", lambda op, **arrays: 0)
+    monkeypatch.setattr(cuda, "_launch", launch)
+    monkeypatch.setattr(cuda, "BLOCK", 64)  # fewer emulated threads; kernels take any multiple of 32
+    return launched
+
+
+def rnd(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def close(got, want, rtol=1e-4, atol=1e-5, what=""):
+    assert got.dtype == np.float32 and got.shape == np.shape(want), what
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=what)
+
+
+@pytest.mark.parametrize("N, C, H, W, K, R, S, stride, padding", [
+    (2, 3, 9, 11, 10, 3, 2, (2, 1), (1, 0)),
+    (1, 2, 18, 17, 9, 3, 3, (1, 1), (1, 1)),   # several v2 tiles, a partial filter group
+    (1, 1, 4, 4, 1, 4, 4, (1, 1), (0, 0)),     # kernel == input
+])
+def test_conv2d(emulated, N, C, H, W, K, R, S, stride, padding):
+    rng = np.random.default_rng(0)
+    x, w, b = rnd(rng, N, C, H, W), rnd(rng, K, C, R, S), rnd(rng, K)
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    want = ref.conv2d_forward(x64, w64, b.astype(np.float64), stride, padding)
+    for version in ("1", "2"):
+        close(cuda.conv2d_forward(x, w, b, stride, padding, version=version), want, atol=1e-4,
+              what=f"forward v{version}")
+    dy = rnd(rng, *want.shape)
+    close(cuda.conv2d_backward_data(dy, w, x.shape, stride, padding),
+          ref.conv2d_backward_data(dy.astype(np.float64), w64, x.shape, stride, padding), atol=1e-4)
+    dw, db = cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding)
+    dw_want, db_want = ref.conv2d_backward_weight(dy.astype(np.float64), x64, w.shape, stride, padding)
+    close(dw, dw_want, atol=1e-4, what="dw")
+    close(db, db_want, atol=1e-4, what="db")
+    assert {"conv2d_fwd_v1_f32", "conv2d_fwd_v2_f32", "conv2d_bwd_data_v1_f32",
+            "conv2d_bwd_weight_v1_f32", "bias_grad_f32"} <= set(emulated)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, ties", [
+    ((2, 2), (2, 2), (0, 0), False),
+    ((3, 3), (2, 2), (1, 1), True),    # overlapping windows, padding, many ties
+    ((3, 2), (1, 3), (1, 0), True),
+])
+def test_pooling(emulated, kernel, stride, padding, ties):
+    rng = np.random.default_rng(1)
+    x = rng.integers(-2, 3, (2, 3, 9, 10)).astype(np.float32) if ties else rnd(rng, 2, 3, 9, 10)
+    y_want, am_want = ref.maxpool2d_forward(x, kernel, stride, padding)
+    y, am = cuda.maxpool2d_forward(x, kernel, stride, padding)
+    np.testing.assert_array_equal(y, y_want)
+    np.testing.assert_array_equal(am, am_want)
+    dy = rnd(rng, *y.shape)
+    dx_want = ref.maxpool2d_backward(dy, am_want, x.shape)
+    close(cuda.maxpool2d_backward(dy, am, x.shape), dx_want, what="gather")
+    close(cuda.maxpool2d_backward(dy, am.copy(), x.shape), dx_want, what="scan")
+    close(cuda.avgpool2d_forward(x, kernel, stride, padding), ref.avgpool2d_forward(x, kernel, stride, padding))
+    close(cuda.avgpool2d_backward(dy, x.shape, kernel, stride, padding),
+          ref.avgpool2d_backward(dy, x.shape, kernel, stride, padding))
+    assert {"maxpool2d_bwd_f32", "maxpool2d_bwd_scan_f32"} <= set(emulated)
+
+
+def test_activations_linear_and_bias(emulated):
+    rng = np.random.default_rng(2)
+    x, dy = rnd(rng, 3, 5, 7, scale=3.0), rnd(rng, 3, 5, 7)
+    for name in ("relu", "sigmoid", "tanh"):
+        y = getattr(ref, f"{name}_forward")(x)
+        close(getattr(cuda, f"{name}_forward")(x), y, rtol=2e-6, atol=1e-6, what=name)
+        close(getattr(cuda, f"{name}_backward")(dy, y), getattr(ref, f"{name}_backward")(dy, y), what=name)
+    close(cuda.leaky_relu_forward(x, 0.1), ref.leaky_relu_forward(x, 0.1))
+    close(cuda.leaky_relu_backward(dy, x, 0.1), ref.leaky_relu_backward(dy, x, 0.1))
+    close(cuda.bias_grad(dy), dy.astype(np.float64).sum(axis=(0, 2)))
+    xl, wl, bl, dyl = rnd(rng, 6, 13), rnd(rng, 4, 13), rnd(rng, 4), rnd(rng, 6, 4)
+    close(cuda.linear_forward(xl, wl, bl), ref.linear_forward(xl, wl, bl))
+    for got, want in zip(cuda.linear_backward(dyl, xl, wl), ref.linear_backward(dyl, xl, wl)):
+        close(got, want)
+
+
+@pytest.mark.parametrize("weighted, eps, reduction", [(False, 0.0, "mean"), (True, 0.1, "mean"), (True, 0.2, "sum")])
+def test_cross_entropy(emulated, weighted, eps, reduction):
+    rng = np.random.default_rng(3)
+    logits, target = rnd(rng, 9, 37, scale=3.0), rng.integers(0, 37, 9)
+    weight = (rng.random(37) + 0.1).astype(np.float32) if weighted else None
+    loss_want, probs_want = ref.softmax_cross_entropy_forward(logits, target, weight, eps, reduction)
+    loss, probs = cuda.softmax_cross_entropy_forward(logits, target.astype(np.int32), weight, eps, reduction)
+    assert loss.shape == ()
+    close(loss, loss_want)
+    close(probs, probs_want, atol=1e-6)
+    close(cuda.softmax_cross_entropy_backward(0.5, probs_want, target, weight, eps, reduction),
+          ref.softmax_cross_entropy_backward(0.5, probs_want, target, weight, eps, reduction), atol=1e-6)
+
+
+def test_elementwise_losses(emulated):
+    rng = np.random.default_rng(4)
+    x, t = rnd(rng, 5, 300, scale=3.0), rng.random((5, 300)).astype(np.float32)
+    for pw in (None, (rng.random(300) * 2).astype(np.float32), np.array([3.0], np.float32)):
+        for reduction in ("mean", "sum"):
+            close(cuda.bce_with_logits_forward(x, t, pw, reduction), ref.bce_with_logits_forward(x, t, pw, reduction))
+            close(cuda.bce_with_logits_backward(2.0, x, t, pw, reduction),
+                  ref.bce_with_logits_backward(2.0, x, t, pw, reduction), atol=1e-7)
+    close(cuda.mse_forward(x, t, "mean"), ref.mse_forward(x, t, "mean"))
+    close(cuda.mse_backward(1.0, x, t, "sum"), ref.mse_backward(1.0, x, t, "sum"))
+    for beta in (0.0, 0.7):
+        close(cuda.smooth_l1_forward(x, t, beta, "mean"), ref.smooth_l1_forward(x, t, beta, "mean"))
+        close(cuda.smooth_l1_backward(1.0, x, t, beta, "mean"), ref.smooth_l1_backward(1.0, x, t, beta, "mean"),
+              atol=1e-8)
+
+
+def test_optimizers(emulated):
+    rng = np.random.default_rng(5)
+    p = [rnd(rng, 3, 4), rnd(rng, 70)]
+    p_ref = [a.copy() for a in p]
+    bufs, bufs_ref = [np.zeros_like(a) for a in p], [np.zeros_like(a) for a in p]
+    m, v = [np.zeros_like(a) for a in p], [np.zeros_like(a) for a in p]
+    m_ref, v_ref = [np.zeros_like(a) for a in p], [np.zeros_like(a) for a in p]
+    for step in range(1, 4):
+        grads = [rnd(rng, *a.shape) for a in p]
+        cuda.sgd_step(p, grads, bufs, 0.1, 0.9, 0.1, 1e-2, True, step == 1)
+        ref.sgd_step(p_ref, grads, bufs_ref, 0.1, 0.9, 0.1, 1e-2, True, step == 1)
+        cuda.adam_step(p, grads, m, v, step, 1e-2, 0.7, 0.9, 1e-8, 1e-2, step % 2 == 0)
+        ref.adam_step(p_ref, grads, m_ref, v_ref, step, 1e-2, 0.7, 0.9, 1e-8, 1e-2, step % 2 == 0)
+    for got, want in zip(p + bufs + m + v, p_ref + bufs_ref + m_ref + v_ref):
+        close(got, want, rtol=1e-5, atol=1e-6)
