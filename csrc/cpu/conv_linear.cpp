@@ -222,24 +222,24 @@ void conv_backward_weight(const ConvGeom& g, const T* dy, const T* x, T* dw, T* 
     const MicroKernel<T> uk = current_ukernel<T>();
     const long P = g.P(), RS = g.R * g.S, CRS = g.CRS(), KP = g.K * P;
     const int MR = uk.mr, NR = uk.nr;
-    // A(k, (n,p)) = dy[n, k, p]
-    auto packA = [&](T* dst, long i, long mr, long k, long kc) {
+    // dy as a panel: rows k (output channels) i..i+mr, depths (n,p): dy[n, k, p]
+    auto pack_dy = [&](T* dst, long ld, long i, long mr, long k, long kc) {
         for (long ii = 0; ii < mr; ++ii) {
             long n = k / P, p = k % P;
             const T* src = dy + (i + ii) * P;
             for (long kk = 0; kk < kc; ++kk) {
-                dst[kk * MR + ii] = src[n * KP + p];
+                dst[kk * ld + ii] = src[n * KP + p];
                 if (++p == P) { p = 0; ++n; }
             }
         }
-        for (long ii = mr; ii < MR; ++ii)
-            for (long kk = 0; kk < kc; ++kk) dst[kk * MR + ii] = T(0);
+        for (long ii = mr; ii < ld; ++ii)
+            for (long kk = 0; kk < kc; ++kk) dst[kk * ld + ii] = T(0);
     };
-    // B((n,p), (c,r,s)) = xpad[n, c, oh*sh + r, ow*sw + s] = xp[poff(n,p) + coff(c,r,s)]
+    // x as a panel: (c,r,s) i..i+nr, depths (n,p): xpad[n, c, oh*sh + r, ow*sw + s] = xp[poff + coff]
     std::vector<T> xpad;
     const T* xp = padded_input(x, g.N, g.C, g.H, g.W, g.ph, g.pw, xpad);
     const long Wp = g.W + 2 * g.pw, HWp = (g.H + 2 * g.ph) * Wp, CHWp = g.C * HWp;
-    auto packB = [&](T* dst, long j, long nr, long k, long kc) {
+    auto pack_x = [&](T* dst, long ld, long j, long nr, long k, long kc) {
         long coff[32];
         for (long jj = 0; jj < nr; ++jj) {
             long col = j + jj;
@@ -247,13 +247,19 @@ void conv_backward_weight(const ConvGeom& g, const T* dy, const T* x, T* dw, T* 
         }
         long n = k / P, p = k % P, oh = p / g.Wo, ow = p % g.Wo;
         for (long kk = 0; kk < kc; ++kk) {
-            T* d = dst + kk * NR;
+            T* d = dst + kk * ld;
             const T* src = xp + n * CHWp + oh * g.sh * Wp + ow * g.sw;
             for (long jj = 0; jj < nr; ++jj) d[jj] = src[coff[jj]];
-            for (long jj = nr; jj < NR; ++jj) d[jj] = T(0);
+            for (long jj = nr; jj < ld; ++jj) d[jj] = T(0);
             if (++ow == g.Wo) { ow = 0; if (++oh == g.Ho) { oh = 0; ++n; } }
         }
     };
+    // Orientation: dw (K x CRS) as A = dy, B = x, or dw^T (CRS x K) as A = x, B = dy, whichever
+    // wastes less of the padded register tiles (conv1 of MnistCNN has CRS = 9 < NR = 32 columns).
+    auto fill = [](long rows, long mr, long cols, long nr) {
+        return double(rows * cols) / double(((rows + mr - 1) / mr) * mr * ((cols + nr - 1) / nr) * nr);
+    };
+    const bool transposed = fill(CRS, MR, g.K, NR) > fill(g.K, MR, CRS, NR);
     const long chunks = weight_chunks(g.N);
     const long WS = g.K * CRS;
     std::vector<T> partial(size_t(chunks > 1 ? chunks - 1 : 0) * WS);
@@ -265,15 +271,30 @@ void conv_backward_weight(const ConvGeom& g, const T* dy, const T* x, T* dw, T* 
         for (long ch = 0; ch < chunks; ++ch) {
             T* out = ch == 0 ? dw : partial.data() + (ch - 1) * WS;
             long n0 = ch * g.N / chunks, n1 = (ch + 1) * g.N / chunks;
-            auto store = [&](const T* tile, long i, long mr, long j, long nr, bool first) {
-                for (long ii = 0; ii < mr; ++ii) {
-                    T* dst = out + (i + ii) * CRS + j;
-                    const T* t = tile + ii * NR;
-                    if (first) for (long jj = 0; jj < nr; ++jj) dst[jj] = t[jj];
-                    else for (long jj = 0; jj < nr; ++jj) dst[jj] += t[jj];
-                }
-            };
-            gemm_block(uk, 0, g.K, 0, CRS, n0 * P, n1 * P, packA, packB, store, abuf.ptr, bbuf.ptr);
+            if (!transposed) {
+                auto store = [&](const T* tile, long i, long mr, long j, long nr, bool first) {
+                    for (long ii = 0; ii < mr; ++ii) {
+                        T* dst = out + (i + ii) * CRS + j;
+                        const T* t = tile + ii * NR;
+                        if (first) for (long jj = 0; jj < nr; ++jj) dst[jj] = t[jj];
+                        else for (long jj = 0; jj < nr; ++jj) dst[jj] += t[jj];
+                    }
+                };
+                auto packA = [&](T* d, long i, long mr, long k, long kc) { pack_dy(d, MR, i, mr, k, kc); };
+                auto packB = [&](T* d, long j, long nr, long k, long kc) { pack_x(d, NR, j, nr, k, kc); };
+                gemm_block(uk, 0, g.K, 0, CRS, n0 * P, n1 * P, packA, packB, store, abuf.ptr, bbuf.ptr);
+            } else {
+                auto store = [&](const T* tile, long i, long mr, long j, long nr, bool first) {
+                    for (long jj = 0; jj < nr; ++jj) {
+                        T* dst = out + (j + jj) * CRS + i;
+                        if (first) for (long ii = 0; ii < mr; ++ii) dst[ii] = tile[ii * NR + jj];
+                        else for (long ii = 0; ii < mr; ++ii) dst[ii] += tile[ii * NR + jj];
+                    }
+                };
+                auto packA = [&](T* d, long i, long mr, long k, long kc) { pack_x(d, MR, i, mr, k, kc); };
+                auto packB = [&](T* d, long j, long nr, long k, long kc) { pack_dy(d, NR, j, nr, k, kc); };
+                gemm_block(uk, 0, CRS, 0, g.K, n0 * P, n1 * P, packA, packB, store, abuf.ptr, bbuf.ptr);
+            }
         }
         // fixed-order reduction of the chunk partials (chunk 0 already lives in dw)
 #pragma omp for schedule(static)
