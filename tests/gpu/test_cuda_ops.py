@@ -176,7 +176,7 @@ def test_activations_match_reference(n, slope, seed):
         y = getattr(cuda, f"{name}_forward")(g(x))
         close(y, y_want, rtol=2e-6, atol=1e-6, what=f"{name}_forward")
         close(getattr(cuda, f"{name}_backward")(g(dy), g(y_want)), getattr(ref, f"{name}_backward")(dy, y_want),
-              rtol=1e-6, atol=1e-7, what=f"{name}_backward")
+              rtol=1e-6, atol=1e-6, what=f"{name}_backward")
     close(cuda.leaky_relu_forward(g(x), slope), ref.leaky_relu_forward(x, slope), what="leaky_relu_forward")
     close(cuda.leaky_relu_backward(g(dy), g(x), slope), ref.leaky_relu_backward(dy, x, slope),
           what="leaky_relu_backward")

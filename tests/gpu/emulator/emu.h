@@ -42,6 +42,7 @@ template <class T> inline T __shfl_down_sync(unsigned, T v, int off) {
 template <class T> inline T __shfl_sync(unsigned, T v, int src) { return emu_shfl(v, src); }
 inline float __int_as_float(unsigned int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline int min(int a, int b) { return a < b ? a : b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
 
 inline void emu_run(int gx, int gy, int gz, int bx, int by, int bz, long long smem, bool threaded,
                     const std::function<void()>& body) {
