@@ -6,8 +6,8 @@
 // bitwise reproducible run to run (no float atomics). Accumulation is in double.
 //
 // Kernels (v1):
-//   ce_fwd_rows_f32       softmax cross-entropy, one warp per row: max, sum of exp (log-sum-exp),
-//                         probs = exp(z - max) / sum, per-row loss
+//   ce_fwd_rows_f32       softmax cross-entropy (int32 labels), one warp per row: max, sum of
+//                         exp (log-sum-exp), probs = exp(z - max) / sum, per-row loss
 //                         (1-eps)*w[t]*(lse - z_t) + eps/C * sum_c w[c]*(lse - z_c) and the
 //                         row's weight w[t] (1 without class weights). A target outside [0, C)
 //                         makes that row's loss and weight NaN (a kernel cannot raise).
@@ -29,7 +29,7 @@
 
 // Launch: block 32*PYCNN_CE_ROWS_PER_BLOCK threads, grid ceil(N / PYCNN_CE_ROWS_PER_BLOCK).
 extern "C" __global__ void ce_fwd_rows_f32(
-    const float* __restrict__ logits, const long long* __restrict__ target,
+    const float* __restrict__ logits, const int* __restrict__ target,
     const float* __restrict__ weight, int has_weight, float eps,
     float* __restrict__ probs, double* __restrict__ rowloss, double* __restrict__ roww,
     int N, int C) {
@@ -54,7 +54,7 @@ extern "C" __global__ void ce_fwd_rows_f32(
     }
     smooth = pycnn_warp_sum_f64(smooth);
     if (lane == 0) {
-        const long long t = target[row];
+        const int t = target[row];
         if (t < 0 || t >= C) {
             rowloss[row] = (double)pycnn_nan();
             roww[row] = (double)pycnn_nan();
@@ -82,13 +82,13 @@ extern "C" __global__ void ce_fwd_finish_f32(const double* __restrict__ rowloss,
 }
 
 // Launch: one block of PYCNN_BLOCK threads. sums[0] = scale, sums[1] = sum_c w[c].
-extern "C" __global__ void ce_bwd_sums_f32(const long long* __restrict__ target,
+extern "C" __global__ void ce_bwd_sums_f32(const int* __restrict__ target,
                                            const float* __restrict__ weight, int has_weight,
                                            int N, int C, int mean, double dloss,
                                            float* __restrict__ sums) {
     double norm = 0.0, sumw = 0.0;
     for (int i = threadIdx.x; i < N; i += blockDim.x) {
-        const long long t = target[i];
+        const int t = target[i];
         if (t < 0 || t >= C) norm += (double)pycnn_nan();
         else norm += has_weight ? (double)weight[t] : 1.0;
     }
@@ -102,7 +102,7 @@ extern "C" __global__ void ce_bwd_sums_f32(const long long* __restrict__ target,
 }
 
 extern "C" __global__ void ce_bwd_f32(const float* __restrict__ probs,
-                                      const long long* __restrict__ target,
+                                      const int* __restrict__ target,
                                       const float* __restrict__ weight, int has_weight, float eps,
                                       const float* __restrict__ sums, float* __restrict__ dlogits,
                                       int N, int C) {
@@ -112,7 +112,7 @@ extern "C" __global__ void ce_bwd_f32(const float* __restrict__ probs,
     PYCNN_FOR_EACH(idx, total) {
         const int c = (int)(idx % C);
         const pycnn_i64 row = idx / C;
-        const long long t = target[row];
+        const int t = target[row];
         if (t < 0 || t >= C) {
             dlogits[idx] = pycnn_nan();
             continue;

@@ -197,7 +197,12 @@ def _check(op: str, name: str, a, ndim=None, dtype=np.float32):
 
 
 def _check_target(op: str, target, n: int):
-    """Class-index targets: a 1-D CuPy integer array of length n, returned as contiguous int64."""
+    """Class-index targets: a 1-D CuPy integer array of length n, returned as contiguous int32.
+
+    The kernels read int32 labels (what the training loop keeps on the GPU); other integer
+    dtypes are converted. Labels are not range-checked here (that would synchronize with the
+    device): a label outside [0, C) gives NaN in the kernels.
+    """
     cupy = _cupy()
     if not isinstance(target, cupy.ndarray):
         raise TypeError(f"{op}: target must be an integer CuPy array on the GPU, "
@@ -206,7 +211,7 @@ def _check_target(op: str, target, n: int):
         raise TypeError(f"{op}: target must hold integer class indices, got {target.dtype}")
     if target.shape != (n,):
         raise ValueError(f"{op}: target must have shape ({n},), got {target.shape}")
-    return cupy.ascontiguousarray(target.astype(cupy.int64, copy=False))
+    return cupy.ascontiguousarray(target.astype(cupy.int32, copy=False))
 
 
 def _device(op: str, **arrays) -> int:
