@@ -105,7 +105,10 @@ def test_available_reports_missing_driver(monkeypatch):
 def test_conv_version_selection(monkeypatch):
     monkeypatch.delenv("PYCNN_CONV_VERSION", raising=False)
     shape = ((64, 32, 13, 13), (64, 32, 3, 3), (1, 1), (0, 0))
-    assert cuda.conv_forward_version(*shape) == cuda.DEFAULT_CONV_VERSION
+    assert cuda.DEFAULT_CONV_VERSION == "auto"
+    assert cuda.conv_forward_version(*shape) == "2"  # 11x11 output: v2
+    assert cuda.conv_forward_version((64, 64, 5, 5), (64, 64, 3, 3), (1, 1), (0, 0)) == "1"  # 3x3 output
+    assert cuda.conv_forward_version((64, 64, 5, 5), (64, 64, 3, 3), (1, 1), (0, 0), "2") == "2"
     assert cuda.conv_forward_version(*shape, version="v1") == "1"
     monkeypatch.setenv("PYCNN_CONV_VERSION", "1")
     assert cuda.conv_forward_version(*shape) == "1"

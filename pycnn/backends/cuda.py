@@ -40,8 +40,11 @@ SOURCES = ("conv2d.cu", "pool2d.cu", "activation.cu", "loss.cu", "optim.cu")
 COMMON_HEADER = "common.cuh"
 INCLUDE_LINE = '#include "common.cuh"'
 COMPILE_OPTIONS = ("-std=c++17",)
-CONV_VERSIONS = ("1", "2")
-DEFAULT_CONV_VERSION = "2"  # v2 where it fits (shared memory, grid limits), v1 otherwise
+CONV_VERSIONS = ("1", "2")  # the conv2d forward kernels; "auto" picks one per shape
+DEFAULT_CONV_VERSION = "auto"
+# "auto" runs v2 when a 16x16 output tile is at least this full in both directions (a small
+# output such as 3x3 would leave most of v2's threads idle while v1 spreads over the batch).
+_AUTO_V2_MIN_OUT = 8
 _MAX_GRID = 1 << 20  # 1-D kernels use grid-stride loops, so the grid can be capped
 _MAX_GRID_YZ = 65535
 _MAX_STATIC_SMEM = 48 * 1024  # dynamic shared memory usable without an opt-in attribute
@@ -272,15 +275,15 @@ def _reduction(op: str, reduction) -> int:
 def conv_forward_version(x_shape, w_shape, stride, padding, version: str | None = None) -> str:
     """The conv2d_forward kernel version that runs for these shapes: '1' or '2'.
 
-    ``version`` (default ``$PYCNN_CONV_VERSION``, else DEFAULT_CONV_VERSION) asks for one; v2
-    falls back to v1 where its tile does not fit (dynamic shared memory over 48 KiB or a grid
-    dimension over 65535).
+    ``version`` (default ``$PYCNN_CONV_VERSION``, else DEFAULT_CONV_VERSION) is '1', '2' or
+    'auto' (v2 when the output is at least 8x8, else v1). v2 falls back to v1 where its tile
+    does not fit (dynamic shared memory over 48 KiB or a grid dimension over 65535).
     """
     if version is None:
-        version = os.environ.get("PYCNN_CONV_VERSION", DEFAULT_CONV_VERSION)
-    version = str(version).lstrip("v")
-    if version not in CONV_VERSIONS:
-        raise ValueError(f"conv2d_forward: conv version must be one of {CONV_VERSIONS} "
+        version = os.environ.get("PYCNN_CONV_VERSION") or DEFAULT_CONV_VERSION
+    version = str(version).lower().lstrip("v")
+    if version not in CONV_VERSIONS + ("auto",):
+        raise ValueError(f"conv2d_forward: conv version must be 'auto' or one of {CONV_VERSIONS} "
                          f"(PYCNN_CONV_VERSION), got {version!r}")
     if version == "1":
         return "1"
@@ -297,6 +300,8 @@ def conv_forward_version(x_shape, w_shape, stride, padding, version: str | None 
     gx = (Wo + tw - 1) // tw
     if smem > _MAX_STATIC_SMEM or gy > _MAX_GRID_YZ or gz > _MAX_GRID_YZ or gx > 2**31 - 1:
         return "1"
+    if version == "auto" and (Ho < _AUTO_V2_MIN_OUT or Wo < _AUTO_V2_MIN_OUT):
+        return "1"
     return "2"
 
 
@@ -308,7 +313,7 @@ def _conv2_smem(R: int, S: int, sh: int, sw: int) -> int:
 def conv2d_forward(x, w, b, stride, padding, *, version: str | None = None):
     """y (N,K,Ho,Wo) = conv2d(x (N,C,H,W), w (K,C,R,S)) + b (K,) or no bias.
 
-    ``version`` ('1' direct, '2' shared-memory tiled) overrides ``$PYCNN_CONV_VERSION``.
+    ``version`` ('1' direct, '2' shared-memory tiled, 'auto') overrides ``$PYCNN_CONV_VERSION``.
     """
     op = "conv2d_forward"
     cupy = _cupy()
