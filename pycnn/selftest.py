@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS_TIMEOUT = 150
 SANITIZER_TIMEOUT = 150  # runs concurrently with the test suite
 KERNELS_BUDGET = 60  # soft: no new shape is started after this
+KERNELS_TIMEOUT = 120  # hard: the timing subprocess is killed after this
 TRAINING_TIMEOUT = 90
 
 # Conv layer shapes (N, C, H=W, K, R=S, pad), stride 1, with the model they come from.
@@ -553,6 +554,20 @@ def kernel_benchmarks(budget: float = KERNELS_BUDGET) -> dict:
             "conv_env_version": os.environ.get("PYCNN_CONV_VERSION")}
 
 
+def run_kernel_benchmarks(timeout: float = KERNELS_TIMEOUT) -> dict:
+    """kernel_benchmarks() in a subprocess with a hard timeout; returns its dict (or an error)."""
+    with tempfile.TemporaryDirectory(prefix="pycnn-kernels-") as tmp:
+        path = Path(tmp) / "kernels.json"
+        res = _run([sys.executable, "-m", "pycnn.selftest", "--kernels-out", str(path)], timeout=timeout, env=_env())
+        try:
+            bench = json.loads(path.read_text())
+        except (OSError, ValueError):
+            why = f"timed out after {timeout} s" if res["timed_out"] else f"exited with rc {res['rc']}"
+            return {"entries": [], "error": f"kernel timing {why}:\n{_tail(res['output'], 25)}"}
+    bench["seconds"] = round(res["seconds"], 1)
+    return bench
+
+
 # ----------------------------------------------------------------------------- stage 4: training
 
 _TRAIN_SNIPPET = """
@@ -670,11 +685,11 @@ def gpu_selftest(out: Path | None, quick: bool) -> dict:
     stages["sanitizer_wait"] = round(_now() - t0, 1)
     write_record({**record, "stage_seconds": stages, "partial": True}, out)
 
-    # 3: kernel times (alone on the GPU).
+    # 3: kernel times (alone on the GPU), in a subprocess so that a hang cannot stall the record.
     t0 = _now()
     try:
-        bench = kernel_benchmarks()
-        record["kernels"] = bench.pop("entries")
+        bench = run_kernel_benchmarks()
+        record["kernels"] = bench.pop("entries", [])
         record["kernels_info"] = bench
     except Exception:  # noqa: BLE001
         record["kernels"] = []
@@ -705,9 +720,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="record path (default benchmarks/results/gpu-<date>-<sha>.json)")
     parser.add_argument("--quick", action="store_true", help="skip the sanitizers and the training run")
     parser.add_argument("--workload", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--kernels-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.workload:
         return workload()
+    if args.kernels_out is not None:
+        write_record(kernel_benchmarks(), args.kernels_out)
+        return 0
     if not args.gpu:
         parser.error("nothing to do: pass --gpu")
     record = gpu_selftest(args.out, args.quick)

@@ -1,0 +1,99 @@
+"""pycnn.selftest without a GPU: JUnit counting, sanitizer summaries (a fake compute-sanitizer),
+time limits, and the record's keys (DESIGN.md, "GPU verification records")."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from pycnn import selftest
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="1" failures="2"
+ skipped="3" tests="10"><testcase classname="tests.gpu.test_cuda_ops" name="test_a"><failure message="boom"/>
+</testcase><testcase classname="tests.gpu.test_cuda_ops" name="test_b"><error message="gate"/></testcase>
+</testsuite></testsuites>"""
+
+
+def test_run_tests_counts_from_junit(monkeypatch, tmp_path):
+    junit = tmp_path / "junit.xml"
+
+    def fake_run(cmd, timeout, env=None, cwd=None):
+        assert env["PYCNN_REQUIRE_GPU"] == "1" and "tests/gpu" in cmd
+        junit.write_text(JUNIT)
+        return {"rc": 1, "output": "", "seconds": 1.0, "timed_out": False}
+
+    monkeypatch.setattr(selftest, "_run", fake_run)
+    out = selftest.run_tests(junit)
+    assert (out["passed"], out["failed"], out["skipped"]) == (4, 3, 3)
+    assert [f["message"] for f in out["failures"]] == ["boom", "gate"]
+
+
+def test_run_tests_without_junit_is_a_failure(monkeypatch, tmp_path):
+    monkeypatch.setattr(selftest, "_run", lambda *a, **k: {"rc": None, "output": "hung", "seconds": 9.0,
+                                                          "timed_out": True})
+    out = selftest.run_tests(tmp_path / "missing.xml", timeout=9)
+    assert out["failed"] >= 1 and "timed out" in out["error"]
+
+
+def test_run_enforces_its_timeout():
+    start = time.perf_counter()
+    res = selftest._run(["sleep", "20"], timeout=1)
+    assert res["timed_out"] and res["rc"] is None and time.perf_counter() - start < 10
+
+
+@pytest.fixture
+def fake_sanitizer(tmp_path):
+    tool = tmp_path / "compute-sanitizer"
+    tool.write_text("#!/bin/sh\n"
+                    'echo "pycnn workload ok: 30 kernels launched"\n'
+                    'if [ "$2" = "memcheck" ]; then echo "========= ERROR SUMMARY: 0 errors"; '
+                    'else sleep 30; echo "========= RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)"; fi\n')
+    tool.chmod(0o755)
+    return str(tool)
+
+
+def test_sanitizer_summaries_and_timeout(fake_sanitizer):
+    handles = selftest.start_sanitizers(fake_sanitizer)
+    result = selftest.finish_sanitizers(fake_sanitizer, handles, deadline=time.perf_counter() + 3)
+    assert result["memcheck_errors"] == 0 and result["memcheck_workload_completed"]
+    assert result["racecheck_hazards"] == "timeout"  # recorded honestly, not as 0
+
+
+def test_sanitizer_unavailable():
+    result = selftest.finish_sanitizers(None, {}, deadline=time.perf_counter())
+    assert result["memcheck_errors"] == "unavailable" and result["racecheck_hazards"] == "unavailable"
+
+
+def test_find_compute_sanitizer_on_path(monkeypatch, fake_sanitizer):
+    monkeypatch.setenv("PATH", os.path.dirname(fake_sanitizer) + os.pathsep + os.environ.get("PATH", ""))
+    assert selftest.find_compute_sanitizer() == fake_sanitizer
+
+
+def test_record_has_the_design_keys(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(selftest, "environment", lambda: {"device": "NVIDIA H100 80GB HBM3", "driver": "580.1",
+                                                         "cupy": "14.2.0"})
+    monkeypatch.setattr(selftest, "run_tests", lambda path: {"passed": 5, "failed": 0, "skipped": 0, "failures": []})
+    entry = {"op": "conv2d_fwd", "shape": [64, 1, 28, 28, 32, 3, 3, 1, 0], "version": "v1", "ms": 0.02,
+             "reference": "numpy", "reference_ms": 3.0, "cudnn_ms": 0.0165, "layer": "MnistCNN conv1"}
+    monkeypatch.setattr(selftest, "run_kernel_benchmarks", lambda: {"entries": [entry], "errors": []})
+    monkeypatch.setenv("PYCNN_COMMIT", "f" * 40)
+    monkeypatch.setattr(selftest, "commit_sha", lambda: os.environ["PYCNN_COMMIT"])
+    out = tmp_path / "results" / "gpu.json"
+    assert selftest.main(["--gpu", "--quick", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    for key in ("commit", "date", "device", "driver", "cupy", "tests", "sanitizer", "kernels", "training"):
+        assert key in record, key
+    assert record["commit"] == "f" * 40
+    assert record["tests"] == {"passed": 5, "failed": 0, "skipped": 0, "failures": []}
+    assert set(record["sanitizer"]) >= {"memcheck_errors", "racecheck_hazards"}
+    assert record["kernels"] == [entry]
+    assert not list(out.parent.glob("*.tmp"))  # written through a temporary file, then renamed
+    printed = capsys.readouterr().out
+    assert "conv2d_fwd" in printed and "5 passed, 0 failed" in printed
+
+
+def test_default_out_name():
+    path = selftest.default_out("0123456789abcdef" * 2 + "01234567")
+    assert path.parent.name == "results" and path.name.startswith("gpu-") and path.name.endswith("-01234567.json")
