@@ -72,10 +72,21 @@ def conv_cases(draw):
     return (n, c, h, w), (k, c, kh, kw), (sh, sw), (ph, pw), draw(st.booleans()), draw(st.integers(0, 2**16))
 
 
+# Stride-1 convolutions have two code paths (row-extended and plain im2col, picked by
+# CONV_EXTENDED_MAX_WASTE and CONV_EXTENDED_MIN_ROWS_PER_FILTER): "auto" keeps the rule, the
+# others force one path wherever the stride allows it.
+CONV_PATHS = {"auto": None, "extended": (float("inf"), 0), "plain": (0.0, 0)}
+
+
+@pytest.mark.parametrize("path", list(CONV_PATHS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @SETTINGS
 @given(case=conv_cases())
-def test_conv2d_matches_reference(dtype, case):
+def test_conv2d_matches_reference(dtype, path, case, monkeypatch):
+    if CONV_PATHS[path] is not None:
+        max_waste, min_rows = CONV_PATHS[path]
+        monkeypatch.setattr(nb, "CONV_EXTENDED_MAX_WASTE", max_waste)
+        monkeypatch.setattr(nb, "CONV_EXTENDED_MIN_ROWS_PER_FILTER", min_rows)
     x_shape, w_shape, stride, padding, with_bias, seed = case
     rng = _rng(seed)
     x = rng.standard_normal(x_shape).astype(dtype)
@@ -95,18 +106,19 @@ def test_conv2d_matches_reference(dtype, case):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [
-    # (N, C, H, K, R, pad): real model layers, large enough to take the parallel, chunked path.
-    (64, 32, 13, 64, 3, 0),   # MnistCNN conv2
-    (64, 64, 5, 64, 3, 0),    # MnistCNN conv3: 9 output pixels, many samples per GEMM
-    (17, 6, 14, 16, 5, 2),    # odd batch: a ragged last chunk
+    # (N, C, H, K, R, pad, stride): model layers, large enough for the parallel, chunked path.
+    (64, 32, 13, 64, 3, 0, 1),   # MnistCNN conv2 (row-extended columns)
+    (64, 64, 5, 64, 3, 0, 1),    # MnistCNN conv3: 9 output pixels, plain im2col, 8 samples a GEMM
+    (17, 6, 14, 16, 5, 2, 1),    # odd batch: a ragged last chunk
+    (16, 8, 17, 12, 3, 1, 2),    # stride 2: plain im2col with padding
 ])
 def test_conv2d_model_layers_match_reference(dtype, shape):
-    n, c, h, k, r, pad = shape
+    n, c, h, k, r, pad, stride = shape
     rng = _rng(n * h)
     x = rng.standard_normal((n, c, h, h)).astype(dtype)
     w = rng.standard_normal((k, c, r, r)).astype(dtype)
     b = rng.standard_normal(k).astype(dtype)
-    args = ((1, 1), (pad, pad))
+    args = ((stride, stride), (pad, pad))
     y = nb.conv2d_forward(x, w, b, *args)
     assert_close(y, ref.conv2d_forward(x, w, b, *args), dtype, "forward")
     dy = rng.standard_normal(y.shape).astype(dtype)
@@ -396,6 +408,24 @@ def test_optimizer_large_parallel_path():
     assert_close(mine[0], theirs[0], np.float32)
 
 
+# ----------------------------------------------------------------------------- BLAS threads
+
+def test_blas_behind_numba_dot_is_single_threaded():
+    """Numba's np.dot calls SciPy's BLAS; inside prange it must run on the calling thread only."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    assert "NOT limited" not in nb.BLAS_THREADING, nb.BLAS_THREADING
+    if nb._per_call_blas_limit is not None:  # BLAS shared with NumPy: limited around each call
+        with nb._blas_one_thread():
+            infos = threadpoolctl.threadpool_info()
+        assert all(i["num_threads"] == 1 for i in infos if i["user_api"] == "blas")
+        return
+    markers = nb._scipy_blas_dir_markers()
+    scipy_blas = [i for i in threadpoolctl.threadpool_info()
+                  if i["user_api"] == "blas"
+                  and any(os.path.realpath(i["filepath"]).startswith(m) for m in markers)]
+    assert scipy_blas and all(i["num_threads"] == 1 for i in scipy_blas), scipy_blas
+
+
 # ----------------------------------------------------------------------------- thread count
 
 _THREAD_SCRIPT = textwrap.dedent("""
@@ -419,6 +449,12 @@ _THREAD_SCRIPT = textwrap.dedent("""
         results["conv_bwd_data_" + tag] = nb.conv2d_backward_data(dy, w, x.shape, (1, 1), (1, 1))
         dw, db = nb.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1))
         results["conv_bwd_w_" + tag], results["conv_bwd_b_" + tag] = dw, db
+        # Stride 2: the plain im2col path (the stride-1 call above takes the row-extended one).
+        y2 = nb.conv2d_forward(x, w, b, (2, 2), (1, 1))
+        results["conv_s2_fwd_" + tag] = y2
+        results["conv_s2_bwd_data_" + tag] = nb.conv2d_backward_data(y2, w, x.shape, (2, 2), (1, 1))
+        dw2, db2 = nb.conv2d_backward_weight(y2, x, w.shape, (2, 2), (1, 1))
+        results["conv_s2_bwd_w_" + tag], results["conv_s2_bwd_b_" + tag] = dw2, db2
         p, am = nb.maxpool2d_forward(y, (2, 2), (2, 2), (0, 0))
         results["maxpool_" + tag], results["argmax_" + tag] = p, am
         results["maxpool_bwd_" + tag] = nb.maxpool2d_backward(p, am, y.shape)

@@ -246,6 +246,185 @@ def _reduce_parts_row(parts, k, out):
             out[k, e] += parts[ci, k, e]
 
 
+# ============================================================================ convolution, stride 1
+# "Row-extended" im2col: for stride 1 the patch row (c, r, s) of one sample, laid out over
+# columns i*Wp + j (the padded width Wp instead of the output width Wo), is ONE contiguous run of
+# the padded input plane: xpad[c].flat[r*Wp + s : r*Wp + s + L] with L = (Ho-1)*Wp + Wo. So the
+# column buffer is built with C*R*S vectorized copies instead of C*R*S*Ho short loops, at the
+# price of Wp - Wo junk columns per output row (computed, then dropped). The wrappers take this
+# path when that waste is small (CONV_EXTENDED_MAX_WASTE). Backward passes put zeros into the
+# junk columns of dy, so they contribute nothing to dx or dw.
+
+@njit(cache=True, fastmath=FASTMATH)
+def _padded_plane(x, n, ph, pw, xpad):
+    """xpad (C, Hp*Wp) = x[n] with a zero border (xpad is reused, so the border is rewritten)."""
+    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    wp = width + 2 * pw
+    xpad[:, :] = 0.0
+    for c in range(channels):
+        for h in range(height):
+            dst = xpad[c, (h + ph) * wp + pw:(h + ph) * wp + pw + width]
+            dst[:] = x[n, c, h, :]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _ext_col_sample(xpad, kh, kw, wp, length, col, col_off):
+    """col[(c*kh + r)*kw + s, col_off:col_off+length] = xpad[c, r*wp + s : r*wp + s + length]."""
+    for c in range(xpad.shape[0]):
+        for r in range(kh):
+            for s in range(kw):
+                start = r * wp + s
+                col[(c * kh + r) * kw + s, col_off:col_off + length] = xpad[c, start:start + length]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _ext_dy_chunk(dy, n0, count, wp, length, dyc):
+    """dyc (K, count*length): dy[n0+t, k, i, j] at column t*length + i*wp + j, zeros elsewhere."""
+    k_out, ho, wo = dy.shape[1], dy.shape[2], dy.shape[3]
+    dyc[:, :] = 0.0
+    for t in range(count):
+        for k in range(k_out):
+            for i in range(ho):
+                base = t * length + i * wp
+                dyc[k, base:base + wo] = dy[n0 + t, k, i, :]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _conv_fwd_ext_chunk(x, w2, b, has_bias, kh, kw, ph, pw, n0, n1, y):
+    count = n1 - n0
+    k_out, crs = w2.shape
+    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    hp, wp = height + 2 * ph, width + 2 * pw
+    ho, wo = y.shape[2], y.shape[3]
+    length = (ho - 1) * wp + wo
+    xpad = np.empty((channels, hp * wp), dtype=x.dtype)
+    col = np.empty((crs, count * length), dtype=x.dtype)
+    for t in range(count):
+        _padded_plane(x, n0 + t, ph, pw, xpad)  # a copy even without padding: 1/(R*S) of col
+        _ext_col_sample(xpad, kh, kw, wp, length, col, t * length)
+    tmp = np.empty((k_out, count * length), dtype=x.dtype)
+    np.dot(w2, col, tmp)
+    for t in range(count):
+        for k in range(k_out):
+            bk = b[k] if has_bias else 0.0
+            for i in range(ho):
+                base = t * length + i * wp
+                for j in range(wo):
+                    y[n0 + t, k, i, j] = tmp[k, base + j] + bk
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def conv2d_fwd_ext(x, w2, b, has_bias, kh, kw, ph, pw, chunk, parallel, y):
+    """Stride-1 forward with the row-extended column buffer (see the section comment)."""
+    n = x.shape[0]
+    n_chunks = (n + chunk - 1) // chunk
+    if parallel:
+        for ci in prange(n_chunks):
+            n0 = ci * chunk
+            _conv_fwd_ext_chunk(x, w2, b, has_bias, kh, kw, ph, pw, n0, min(n, n0 + chunk), y)
+    else:
+        for ci in range(n_chunks):
+            n0 = ci * chunk
+            _conv_fwd_ext_chunk(x, w2, b, has_bias, kh, kw, ph, pw, n0, min(n, n0 + chunk), y)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _conv_bwd_data_ext_chunk(dy, w2, kh, kw, ph, pw, n0, n1, dx):
+    count = n1 - n0
+    k_out, crs = w2.shape
+    channels, height, width = dx.shape[1], dx.shape[2], dx.shape[3]
+    hp, wp = height + 2 * ph, width + 2 * pw
+    ho, wo = dy.shape[2], dy.shape[3]
+    length = (ho - 1) * wp + wo
+    dyc = np.empty((k_out, count * length), dtype=dy.dtype)
+    _ext_dy_chunk(dy, n0, count, wp, length, dyc)
+    dcol = np.empty((crs, count * length), dtype=dy.dtype)
+    np.dot(w2.T, dyc, dcol)
+    dxpad = np.empty((channels, hp * wp), dtype=dy.dtype)
+    for t in range(count):
+        dxpad[:, :] = 0.0
+        # Fixed (c, r, s) order: overlapping windows accumulate deterministically.
+        for c in range(channels):
+            for r in range(kh):
+                for s in range(kw):
+                    start = r * wp + s
+                    dxpad[c, start:start + length] += dcol[(c * kh + r) * kw + s,
+                                                           t * length:(t + 1) * length]
+        for c in range(channels):
+            for h in range(height):
+                dx[n0 + t, c, h, :] = dxpad[c, (h + ph) * wp + pw:(h + ph) * wp + pw + width]
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def conv2d_bwd_data_ext(dy, w2, kh, kw, ph, pw, chunk, parallel, dx):
+    """Stride-1 backward-data: dcol = w^T @ dy (junk columns zero), then contiguous row adds."""
+    n = dy.shape[0]
+    n_chunks = (n + chunk - 1) // chunk
+    if parallel:
+        for ci in prange(n_chunks):
+            n0 = ci * chunk
+            _conv_bwd_data_ext_chunk(dy, w2, kh, kw, ph, pw, n0, min(n, n0 + chunk), dx)
+    else:
+        for ci in range(n_chunks):
+            n0 = ci * chunk
+            _conv_bwd_data_ext_chunk(dy, w2, kh, kw, ph, pw, n0, min(n, n0 + chunk), dx)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _conv_bwd_weight_ext_chunk(dy, x, kh, kw, ph, pw, n0, n1, dw_part, db_part):
+    count = n1 - n0
+    k_out = dy.shape[1]
+    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    hp, wp = height + 2 * ph, width + 2 * pw
+    ho, wo = dy.shape[2], dy.shape[3]
+    length = (ho - 1) * wp + wo
+    crs = dw_part.shape[1]
+    xpad = np.empty((channels, hp * wp), dtype=x.dtype)
+    col = np.empty((crs, count * length), dtype=x.dtype)
+    for t in range(count):
+        _padded_plane(x, n0 + t, ph, pw, xpad)  # a copy even without padding: 1/(R*S) of col
+        _ext_col_sample(xpad, kh, kw, wp, length, col, t * length)
+    dyc = np.empty((k_out, count * length), dtype=dy.dtype)
+    _ext_dy_chunk(dy, n0, count, wp, length, dyc)
+    np.dot(dyc, col.T, dw_part)
+    for k in range(k_out):
+        acc = 0.0  # junk columns are zero, so summing whole rows is exact
+        for p in range(count * length):
+            acc += dyc[k, p]
+        db_part[k] = acc
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def conv2d_bwd_weight_ext(dy, x, kh, kw, ph, pw, chunk, parallel, dw2, db):
+    """Stride-1 backward-weight: per-chunk partials reduced in chunk order (as conv2d_bwd_weight)."""
+    n = dy.shape[0]
+    k_out, crs = dw2.shape
+    n_chunks = (n + chunk - 1) // chunk
+    dw_parts = np.empty((n_chunks, k_out, crs), dtype=dy.dtype)
+    db_parts = np.empty((n_chunks, k_out), dtype=np.float64)
+    if parallel:
+        for ci in prange(n_chunks):
+            n0 = ci * chunk
+            _conv_bwd_weight_ext_chunk(dy, x, kh, kw, ph, pw, n0, min(n, n0 + chunk),
+                                       dw_parts[ci], db_parts[ci])
+    else:
+        for ci in range(n_chunks):
+            n0 = ci * chunk
+            _conv_bwd_weight_ext_chunk(dy, x, kh, kw, ph, pw, n0, min(n, n0 + chunk),
+                                       dw_parts[ci], db_parts[ci])
+    for k in range(k_out):
+        acc = 0.0
+        for ci in range(n_chunks):
+            acc += db_parts[ci, k]
+        db[k] = acc
+    if parallel and n_chunks > 1:
+        for k in prange(k_out):
+            _reduce_parts_row(dw_parts, k, dw2)
+    else:
+        for k in range(k_out):
+            _reduce_parts_row(dw_parts, k, dw2)
+
+
 # ============================================================================ pooling
 # x is viewed as (N*C, H, W) planes; one plane is the unit of parallel work, so the scatter-adds
 # of the backward passes never race (windows of different planes never overlap).

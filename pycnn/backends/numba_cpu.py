@@ -6,7 +6,9 @@ Strategy (chosen by measurement on the 2-core development machine, see ANCHORS.m
   the shapes only); ``prange`` runs the chunks on Numba's threads; each chunk does im2col into its
   own buffer and ONE ``np.dot`` (BLAS GEMM) for the chunk. Backward-data is ``w^T @ dy`` followed
   by col2im; backward-weight sums per-chunk partial ``dw`` in chunk order. Direct convolution loops
-  were 2-10x slower than this on the model layer shapes.
+  were 2-10x slower than this on the model layer shapes. For stride 1 the column buffer is
+  "row-extended" (one contiguous copy per patch row instead of Ho short copies; see
+  ``_numba_kernels``), which took im2col from about half of the forward time to a small part.
 - BLAS runs on ONE thread. Numba's ``np.dot`` calls the BLAS SciPy ships (through
   ``scipy.linalg.cython_blas``); when every Numba thread called a 2-thread OpenBLAS, the two pools
   oversubscribed the cores and the GEMMs ran 5-10x slower. At import this module sets that BLAS
@@ -45,6 +47,12 @@ CONV_TARGET_COLUMNS = 256
 CONV_MIN_CHUNKS = 8
 # ... and caps one chunk's im2col buffer at this many elements.
 CONV_COLUMN_BUFFER_ELEMENTS = 1 << 22
+# Stride-1 convolutions with C*R*S >= 2K use the row-extended column buffer (one contiguous copy
+# per patch row, see _numba_kernels) when its extra junk columns cost at most this factor of
+# GEMM work: ((Ho-1)*Wp + Wo) / (Ho*Wo). MnistCNN conv2 is 1.17; conv3 (5x5 input) is 1.44 and
+# stays on the plain im2col, whose short copy loops are cheap there.
+CONV_EXTENDED_MAX_WASTE = 1.35
+CONV_EXTENDED_MIN_ROWS_PER_FILTER = 2  # C*R*S / K; see _extended_columns
 
 _IMPORT_ERROR: str | None = None
 try:
@@ -200,6 +208,21 @@ def _conv_parallel(n: int, chunk: int, macs: int) -> bool:
     return n > chunk and macs >= CONV_PARALLEL_MIN_MACS
 
 
+def _extended_columns(stride, padding, in_w, ho, wo, crs, k_out):
+    """Columns per sample of the row-extended buffer, or None when the plain im2col is used.
+
+    The extended buffer makes building the C*R*S column rows cheap but adds a crop of the K
+    output rows (the plain path's GEMM writes y directly), so it pays when C*R*S >= 2K: on
+    MnistCNN conv2 the forward went from 6.0 to 5.6 ms (one thread), on its 1-channel conv1 it
+    went from 0.6 to 1.2 ms, hence the rule.
+    """
+    if tuple(stride) != (1, 1) or crs < CONV_EXTENDED_MIN_ROWS_PER_FILTER * k_out:
+        return None
+    wp = in_w + 2 * padding[1]
+    length = (ho - 1) * wp + wo
+    return length if length <= CONV_EXTENDED_MAX_WASTE * ho * wo else None
+
+
 def conv2d_forward(x, w, b, stride, padding):
     """y (N,K,Ho,Wo) = cross-correlation of x (N,C,H,W) with w (K,C,R,S), plus b (K,) or None."""
     _require()
@@ -222,11 +245,18 @@ def conv2d_forward(x, w, b, stride, padding):
     ho, wo = _out_size(op, h, kh, sh, ph), _out_size(op, wd, kw, sw, pw)
     crs = c * kh * kw
     y = np.empty((n, k, ho, wo), dtype=x.dtype)
-    chunk = _conv_chunk(n, ho * wo, crs)
     bias = b if b is not None else np.empty(0, dtype=x.dtype)
+    parallel_macs = n * k * crs * ho * wo
+    extended = _extended_columns((sh, sw), (ph, pw), wd, ho, wo, crs, k)
     with _blas_one_thread():
-        _k.conv2d_fwd(x, w.reshape(k, crs), bias, b is not None, kh, kw, sh, sw, ph, pw, ho, wo,
-                      chunk, _conv_parallel(n, chunk, n * k * crs * ho * wo), y)
+        if extended:
+            chunk = _conv_chunk(n, extended, crs)
+            _k.conv2d_fwd_ext(x, w.reshape(k, crs), bias, b is not None, kh, kw, ph, pw, chunk,
+                              _conv_parallel(n, chunk, parallel_macs), y)
+        else:
+            chunk = _conv_chunk(n, ho * wo, crs)
+            _k.conv2d_fwd(x, w.reshape(k, crs), bias, b is not None, kh, kw, sh, sw, ph, pw, ho,
+                          wo, chunk, _conv_parallel(n, chunk, parallel_macs), y)
     return y
 
 
@@ -248,10 +278,17 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding):
                          f"and w {w.shape}, got {dy.shape}")
     crs = c * kh * kw
     dx = np.empty((n, c, h, wd), dtype=dy.dtype)
-    chunk = _conv_chunk(n, ho * wo, crs)
+    parallel_macs = n * k * crs * ho * wo
+    extended = _extended_columns((sh, sw), (ph, pw), wd, ho, wo, crs, k)
     with _blas_one_thread():
-        _k.conv2d_bwd_data(dy, w.reshape(k, crs), kh, kw, sh, sw, ph, pw, chunk,
-                           _conv_parallel(n, chunk, n * k * crs * ho * wo), dx)
+        if extended:
+            chunk = _conv_chunk(n, extended, crs)
+            _k.conv2d_bwd_data_ext(dy, w.reshape(k, crs), kh, kw, ph, pw, chunk,
+                                   _conv_parallel(n, chunk, parallel_macs), dx)
+        else:
+            chunk = _conv_chunk(n, ho * wo, crs)
+            _k.conv2d_bwd_data(dy, w.reshape(k, crs), kh, kw, sh, sw, ph, pw, chunk,
+                               _conv_parallel(n, chunk, parallel_macs), dx)
     return dx
 
 
@@ -274,10 +311,17 @@ def conv2d_backward_weight(dy, x, w_shape, stride, padding):
     crs = c * kh * kw
     dw = np.empty((k, crs), dtype=dy.dtype)
     db = np.empty(k, dtype=dy.dtype)
-    chunk = _conv_chunk(n, ho * wo, crs)
+    parallel_macs = n * k * crs * ho * wo
+    extended = _extended_columns((sh, sw), (ph, pw), wd, ho, wo, crs, k)
     with _blas_one_thread():
-        _k.conv2d_bwd_weight(dy, x, kh, kw, sh, sw, ph, pw, chunk,
-                             _conv_parallel(n, chunk, n * k * crs * ho * wo), dw, db)
+        if extended:
+            chunk = _conv_chunk(n, extended, crs)
+            _k.conv2d_bwd_weight_ext(dy, x, kh, kw, ph, pw, chunk,
+                                     _conv_parallel(n, chunk, parallel_macs), dw, db)
+        else:
+            chunk = _conv_chunk(n, ho * wo, crs)
+            _k.conv2d_bwd_weight(dy, x, kh, kw, sh, sw, ph, pw, chunk,
+                                 _conv_parallel(n, chunk, parallel_macs), dw, db)
     return dw.reshape(k, c, kh, kw), db
 
 
@@ -700,10 +744,12 @@ def warmup(dtype=np.float32) -> float:
     x = rng.standard_normal((2, 2, 5, 5)).astype(dtype)
     w = rng.standard_normal((3, 2, 3, 3)).astype(dtype)
     b = rng.standard_normal(3).astype(dtype)
-    for bias in (b, None):
-        y = conv2d_forward(x, w, bias, (1, 1), (1, 1))
-    conv2d_backward_data(y, w, x.shape, (1, 1), (1, 1))
-    conv2d_backward_weight(y, x, w.shape, (1, 1), (1, 1))
+    # Stride 1 on 5x5 takes the row-extended path, stride 2 the plain im2col path.
+    for stride in ((1, 1), (2, 2)):
+        for bias in (b, None):
+            y = conv2d_forward(x, w, bias, stride, (1, 1))
+        conv2d_backward_data(y, w, x.shape, stride, (1, 1))
+        conv2d_backward_weight(y, x, w.shape, stride, (1, 1))
     pooled, argmax = maxpool2d_forward(x, (2, 2), (2, 2), (0, 0))
     maxpool2d_backward(pooled, argmax, x.shape)
     pooled = avgpool2d_forward(x, (2, 2), (2, 2), (0, 0))
