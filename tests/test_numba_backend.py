@@ -244,7 +244,8 @@ def test_activations_match_reference(dtype, shape, seed, slope):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_activations_large_and_extreme_values(dtype):
     x = np.concatenate([np.array([-1e4, -90.0, -0.0, 0.0, 90.0, 1e4, np.inf, -np.inf, np.nan]),
-                        np.linspace(-20, 20, 70000)]).astype(dtype)
+                        np.linspace(-20, 20, 150000)]).astype(dtype)
+    assert x.size >= nb.PARALLEL_MIN_ELEMENTS  # the prange branch runs
     dy = np.ones_like(x)
     for name in ("relu", "sigmoid", "tanh"):
         y = getattr(nb, f"{name}_forward")(x)
@@ -336,16 +337,18 @@ def test_elementwise_losses_match_reference(dtype, shape, pos, reduction, dloss,
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_losses_large_parallel_path(dtype):
     rng = _rng(5)
-    x = rng.standard_normal((512, 128)).astype(dtype)
-    t = rng.random((512, 128)).astype(dtype)
+    x = rng.standard_normal((1100, 128)).astype(dtype)
+    t = rng.random((1100, 128)).astype(dtype)
+    assert x.size >= nb.PARALLEL_MIN_ELEMENTS  # the prange branch runs
     for name, args in (("bce_with_logits", (x, t, None)), ("mse", (x, t)),
                        ("smooth_l1", (x, t, 0.5))):
         assert_close(getattr(nb, f"{name}_forward")(*args, "mean"),
                      getattr(ref, f"{name}_forward")(*args, "mean"), dtype, name)
         assert_close(getattr(nb, f"{name}_backward")(1.0, *args, "sum"),
                      getattr(ref, f"{name}_backward")(1.0, *args, "sum"), dtype, name)
-    logits = 3 * x[:, :100]
-    target = rng.integers(0, 100, 512)
+    logits = np.ascontiguousarray(3 * np.tile(x[:, :100], (2, 1)))
+    assert logits.size >= nb.PARALLEL_MIN_ELEMENTS
+    target = rng.integers(0, 100, logits.shape[0])
     loss, probs = nb.softmax_cross_entropy_forward(logits, target, None, 0.1, "mean")
     loss_ref, probs_ref = ref.softmax_cross_entropy_forward(logits, target, None, 0.1, "mean")
     assert_close(loss, loss_ref, dtype)
@@ -400,6 +403,7 @@ def test_optimizer_rejects_non_contiguous_param():
 def test_optimizer_large_parallel_path():
     rng = _rng(9)
     p = rng.standard_normal((256, 800)).astype(np.float32)
+    assert p.size >= nb.PARALLEL_MIN_ELEMENTS  # the prange branch runs
     g = rng.standard_normal(p.shape).astype(np.float32)
     mine, theirs = [p.copy()], [p.copy()]
     sm, st_ = [[np.zeros_like(p)], [np.zeros_like(p)]], [[np.zeros_like(p)], [np.zeros_like(p)]]
@@ -473,7 +477,8 @@ _THREAD_SCRIPT = textwrap.dedent("""
         results["linear_" + tag] = logits
         for i, g in enumerate(nb.linear_backward(logits, feats, lw)):
             results[f"linear_bwd{i}_" + tag] = g
-        logits = np.ascontiguousarray(np.tile(logits, (20, 1)))
+        logits = np.ascontiguousarray(np.tile(logits, (40, 1)))
+        assert logits.size >= nb.PARALLEL_MIN_ELEMENTS
         target = rng.integers(0, 100, logits.shape[0])
         cw = rng.uniform(0.5, 2, 100).astype(dtype)
         loss, probs = nb.softmax_cross_entropy_forward(logits, target, cw, 0.1, "mean")

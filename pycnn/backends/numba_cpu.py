@@ -36,8 +36,10 @@ import numpy as np
 
 NAME = "numba"
 
-# Below this many elements an elementwise/pooling/loss kernel runs its serial loop.
-PARALLEL_MIN_ELEMENTS = 1 << 15
+# Below this many elements an elementwise/pooling/loss kernel runs its serial loop: these ops
+# are memory-bound at a fraction of a nanosecond per element, so below ~100k elements waking the
+# second thread (and waiting for it when the machine is busy) costs more than it saves.
+PARALLEL_MIN_ELEMENTS = 1 << 17
 # Below this many multiply-adds a convolution runs its chunks serially.
 CONV_PARALLEL_MIN_MACS = 1 << 18
 # A chunk batches samples until its GEMM has about this many columns (tiny layers such as
