@@ -38,10 +38,11 @@ SETTINGS = settings(max_examples=25, deadline=None,
 @pytest.fixture(autouse=True)
 def _restore_controls():
     """Every test leaves the ISA and thread count as it found them."""
-    isa, threads = native.isa(), native.get_num_threads()
+    isa, threads, winograd = native.isa(), native.get_num_threads(), native.get_winograd()
     yield
     native.set_isa(isa)
     native.set_num_threads(threads)
+    native.set_winograd(winograd)
 
 
 def configs():
@@ -124,6 +125,40 @@ def test_conv2d_blocking_edges(x_shape, w_shape, stride, padding, dtype):
     check_conv(x_shape, w_shape, stride, padding, dtype, seed=8, with_bias=False)
 
 
+@st.composite
+def winograd_cases(draw):
+    """3x3 stride-1 convolutions with >= 8 channels in and out: the Winograd F(2x2,3x3) path."""
+    n, c, k = draw(st.integers(1, 3)), draw(st.integers(8, 20)), draw(st.integers(8, 20))
+    pad = draw(st.integers(0, 2))
+    h = draw(st.integers(max(1, 3 - 2 * pad), 12))
+    w = draw(st.integers(max(1, 3 - 2 * pad), 12))
+    return (n, c, h, w), (k, c, 3, 3), (1, 1), (pad, pad), draw(st.sampled_from(DTYPES)), draw(st.integers(0, 2**31))
+
+
+@SETTINGS
+@given(winograd_cases(), st.booleans())
+def test_winograd_and_direct_conv_match_reference(case, winograd):
+    """Odd and even output sizes (partial 2x2 tiles), padding, partial tile panels; both paths."""
+    native.set_winograd(winograd)
+    check_conv(*case)
+
+
+def test_winograd_error_is_small():
+    """F(2x2,3x3) adds rounding error; measured against a float64 reference on the MnistCNN conv2 shape."""
+    rng = _rng(11)
+    x = rng.standard_normal((8, 32, 13, 13))
+    w = rng.standard_normal((64, 32, 3, 3))
+    y64 = ref.conv2d_forward(x, w, None, (1, 1), (0, 0))
+    scale = np.abs(y64).max()
+    errors = {}
+    for winograd in (False, True):
+        native.set_winograd(winograd)
+        y32 = native.conv2d_forward(x.astype(np.float32), w.astype(np.float32), None, (1, 1), (0, 0))
+        errors[winograd] = float(np.abs(y32 - y64).max() / scale)
+    assert errors[True] < 1e-5, errors
+    assert errors[True] < 4 * errors[False] + 1e-7, errors
+
+
 def test_results_do_not_depend_on_thread_count():
     rng = _rng(3)
     x = rng.standard_normal((16, 8, 11, 11)).astype(np.float32)
@@ -135,7 +170,10 @@ def test_results_do_not_depend_on_thread_count():
     outs = {}
     for threads in (1, 2, 3):
         native.set_num_threads(threads)
-        outs[threads] = [native.conv2d_forward(x, w, None, (1, 1), (0, 0)),
+        native.set_winograd(True)
+        wino = native.conv2d_forward(x, w, None, (1, 1), (1, 1))
+        native.set_winograd(False)
+        outs[threads] = [wino, native.conv2d_forward(x, w, None, (1, 1), (0, 0)),
                          native.conv2d_backward_data(dy, w, x.shape, (1, 1), (0, 0)),
                          *native.conv2d_backward_weight(dy, x, w.shape, (1, 1), (0, 0)),
                          native.linear_forward(lx, lw, None), *native.linear_backward(ldy, lx, lw)]

@@ -70,6 +70,18 @@ def isa_supported(name: str) -> bool:
     return _n.isa_supported(name)
 
 
+def set_winograd(on: bool) -> None:
+    """Use Winograd F(2x2,3x3) for 3x3 stride-1 convolutions with >= 8 channels in and out."""
+    _require()
+    _n.set_winograd(bool(on))
+
+
+def get_winograd() -> bool:
+    """Whether 3x3 stride-1 convolutions may use Winograd F(2x2,3x3)."""
+    _require()
+    return _n.get_winograd()
+
+
 def set_num_threads(n: int) -> None:
     """Set the number of OpenMP threads the native kernels use (>= 1)."""
     _require()
