@@ -6,7 +6,8 @@ set them):
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE PYTHONPATH=. python3 benchmarks/bench_native.py
 
-Reports median milliseconds, GFLOP/s (2*N*K*Ho*Wo*C*R*S per direction, the direct-convolution
+The machine is shared, so every time is given as the minimum and the median of the repeats; the
+ratios use the minima (the least disturbed runs of each side). Reports milliseconds, GFLOP/s (2*N*K*Ho*Wo*C*R*S per direction, the direct-convolution
 count, so a Winograd implementation shows up as "GFLOP/s-equivalent"), the fraction of the
 2-core FMA peak, and same-run ratios (reference time / native time: > 1 means native is faster).
 """
@@ -32,7 +33,8 @@ LAYERS = {
 }
 
 
-def median_ms(fn, repeats: int, min_time: float = 0.2) -> float:
+def time_ms(fn, repeats: int, min_time: float = 0.2) -> tuple[float, float]:
+    """(minimum, median) milliseconds of ``fn()`` over at least ``repeats`` calls."""
     fn()  # warm-up
     times = []
     start = time.perf_counter()
@@ -40,7 +42,7 @@ def median_ms(fn, repeats: int, min_time: float = 0.2) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return min(times) * 1e3, statistics.median(times) * 1e3
 
 
 def fma_peak(isa: str) -> float:
@@ -60,10 +62,21 @@ def bench_layer(name, shape, repeats, torch_mod):
     dy = rng.standard_normal(y.shape).astype(np.float32)
     ho, wo = y.shape[2:]
     flops = 2.0 * n * k * ho * wo * c * r * r
+    def direct(fn):
+        def run():
+            native.set_winograd(False)
+            try:
+                return fn()
+            finally:
+                native.set_winograd(True)
+        return run
+
+    nat = (lambda: native.conv2d_forward(x, w, b, st, pd),
+           lambda: native.conv2d_backward_data(dy, w, x.shape, st, pd),
+           lambda: native.conv2d_backward_weight(dy, x, w.shape, st, pd))
     impls = {
-        "native": (lambda: native.conv2d_forward(x, w, b, st, pd),
-                   lambda: native.conv2d_backward_data(dy, w, x.shape, st, pd),
-                   lambda: native.conv2d_backward_weight(dy, x, w.shape, st, pd)),
+        "native": nat,
+        "native-direct": tuple(direct(fn) for fn in nat),
         "numpy": (lambda: ref.conv2d_forward(x, w, b, st, pd),
                   lambda: ref.conv2d_backward_data(dy, w, x.shape, st, pd),
                   lambda: ref.conv2d_backward_weight(dy, x, w.shape, st, pd)),
@@ -79,7 +92,7 @@ def bench_layer(name, shape, repeats, torch_mod):
     out = {"layer": name, "shape": list(shape), "gflop": flops * 1e-9}
     for impl, fns in impls.items():
         reps = max(3, repeats // 5) if impl == "numpy" else repeats
-        out[impl] = [median_ms(fn, reps) for fn in fns]
+        out[impl] = [time_ms(fn, reps) for fn in fns]
     return out
 
 
@@ -106,19 +119,21 @@ def main() -> None:
           + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items())
           + f"; {args.threads}-core peak {peak_all:.0f} GFLOP/s"
           + (f"; torch {torch.__version__}" if torch else "; torch not installed"))
+    print("ms as min (median); GFLOP/s and % of the all-core FMA peak from the min; xR = other/native (>1: native faster)")
     results = []
     dirs = ("fwd", "bwd-data", "bwd-weight")
     for name in args.layers:
         res = bench_layer(name, LAYERS[name], args.repeats, torch)
         results.append(res)
         for d, direction in enumerate(dirs):
-            nat = res["native"][d]
+            nat, nat_med = res["native"][d]
             gf = res["gflop"] / (nat * 1e-3)
-            line = (f"{name:17s} {direction:10s} native {nat:7.3f} ms {gf:6.1f} GFLOP/s "
-                    f"({100 * gf / peak_all:4.1f}% of peak) | numpy {res['numpy'][d]:7.3f} ms "
-                    f"x{res['numpy'][d] / nat:5.2f}")
+            line = (f"{name:16s} {direction:10s} native {nat:6.3f} ({nat_med:6.3f}) ms {gf:6.1f} GFLOP/s "
+                    f"{100 * gf / peak_all:5.1f}% | direct {res['native-direct'][d][0]:6.3f} | "
+                    f"numpy {res['numpy'][d][0]:7.3f} x{res['numpy'][d][0] / nat:5.2f}")
             if torch:
-                line += f" | torch {res['torch'][d]:7.3f} ms x{res['torch'][d] / nat:5.2f}"
+                tmin, tmed = res["torch"][d]
+                line += f" | torch {tmin:6.3f} ({tmed:6.3f}) x{tmin / nat:5.2f}"
             print(line)
     if args.json:
         with open(args.json, "w") as fh:

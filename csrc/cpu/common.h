@@ -24,10 +24,14 @@ namespace py = pybind11;
 
 // ----------------------------------------------------------------------------- micro-kernels
 //
-// Contract of every micro-kernel: C[MR][NR] (row stride NR, a small scratch tile) =
-//   sum_{k < kc} A[k*MR + i] * B[k*NR + j]
+// Contract of every micro-kernel, for an MR x NR tile at c with row stride ldc:
+//   acc[i][j] = init[i] (or 0 when init is null) + sum_{k < kc} A[k*MR + i] * B[k*NR + j]
+//   c[i*ldc + j] = acc[i][j]            (accumulate == 0)
+//   c[i*ldc + j] += acc[i][j]           (accumulate != 0)
 // where A is an MR-wide packed panel of the left matrix and B an NR-wide packed panel of the
-// right matrix, both zero-padded at the edges by the packers, so the kernel never branches.
+// right matrix, both zero-padded at the edges by the packers, so the kernel never branches. c is
+// either the destination itself (a full tile whose rows are contiguous there: no copy) or a
+// scratch tile that the caller's store functor scatters.
 
 enum class Isa { scalar = 0, avx2 = 1, avx512 = 2 };
 
@@ -35,7 +39,7 @@ template <typename T>
 struct MicroKernel {
     int mr;
     int nr;
-    void (*run)(long kc, const T* a, const T* b, T* c);
+    void (*run)(long kc, const T* a, const T* b, T* c, long ldc, int accumulate, const T* init);
 };
 
 MicroKernel<float> ukernel_avx512_f32();

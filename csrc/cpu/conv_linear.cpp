@@ -116,7 +116,16 @@ void conv_forward_unpadded(const ConvGeom& g, const T* x, const T* w, const T* b
             }
         }
     };
-    gemm_parallel<T>(uk, g.K, g.N * P, CRS, packA, packB, store, num_threads());
+    // full tiles whose NR columns lie in one sample are written by the micro-kernel in place,
+    // the bias folded into its accumulator initialization
+    auto direct = [&](long i, long j, bool, long& ldc, const T*& init) -> T* {
+        const long n = j / P, p = j % P;
+        if (p + NR > P) return nullptr;
+        ldc = P;
+        init = b ? b + i : nullptr;
+        return y + (n * g.K + i) * P + p;
+    };
+    gemm_parallel<T>(uk, g.K, g.N * P, CRS, packA, packB, store, num_threads(), direct);
 }
 
 // ---------------------------------------------------------------------------- Winograd F(2x2, 3x3)
@@ -234,7 +243,7 @@ void conv_forward_winograd(const ConvGeom& g, const T* x, const T* w, const T* b
                 for (long jp = 0; jp < (tb + NR - 1) / NR; ++jp)
                     for (long ip = 0; ip < Kp / MR; ++ip)
                         uk.run(C, U.data() + xi * Kp * C + ip * MR * C, V.ptr + xi * vs + jp * C * NR,
-                               M.ptr + xi * ms + (ip * tpanels + jp) * MR * NR);
+                               M.ptr + xi * ms + (ip * tpanels + jp) * MR * NR, NR, 0, nullptr);
             // output transform Y = A^T M A (+ bias), across the NR tiles of a panel, then 2x2
             // outputs per tile written to y (cropped at the right and bottom edges)
             for (long p = 0; p * NR < tb; ++p) {
@@ -448,7 +457,11 @@ void conv_backward_weight(const ConvGeom& g, const T* dy, const T* x, T* dw, T* 
                 };
                 auto packA = [&](T* d, long i, long mr, long k, long kc) { pack_dy(d, MR, i, mr, k, kc); };
                 auto packB = [&](T* d, long j, long nr, long k, long kc) { pack_x(d, NR, j, nr, k, kc); };
-                gemm_block(uk, 0, g.K, 0, CRS, n0 * P, n1 * P, packA, packB, store, abuf.ptr, bbuf.ptr);
+                auto direct = [&](long i, long j, bool, long& ldc, const T*&) -> T* {
+                    ldc = CRS;
+                    return out + i * CRS + j;
+                };
+                gemm_block(uk, 0, g.K, 0, CRS, n0 * P, n1 * P, packA, packB, store, direct, abuf.ptr, bbuf.ptr);
             } else {
                 auto store = [&](const T* tile, long i, long mr, long j, long nr, bool first) {
                     for (long jj = 0; jj < nr; ++jj) {
@@ -459,7 +472,8 @@ void conv_backward_weight(const ConvGeom& g, const T* dy, const T* x, T* dw, T* 
                 };
                 auto packA = [&](T* d, long i, long mr, long k, long kc) { pack_x(d, MR, i, mr, k, kc); };
                 auto packB = [&](T* d, long j, long nr, long k, long kc) { pack_dy(d, NR, j, nr, k, kc); };
-                gemm_block(uk, 0, CRS, 0, g.K, n0 * P, n1 * P, packA, packB, store, abuf.ptr, bbuf.ptr);
+                gemm_block(uk, 0, CRS, 0, g.K, n0 * P, n1 * P, packA, packB, store, NoDirect(), abuf.ptr,
+                           bbuf.ptr);
             }
         }
         // fixed-order reduction of the chunk partials (chunk 0 already lives in dw)
@@ -503,7 +517,13 @@ void linear_forward(long N, long IN, long OUT, const T* x, const T* w, const T* 
             else for (long jj = 0; jj < nr; ++jj) dst[jj] += t[jj];
         }
     };
-    gemm_parallel<T>(uk, N, OUT, IN, packA, packB, store, num_threads());
+    // in place for full tiles, except the first K block when there is a (per-column) bias
+    auto direct = [&](long i, long j, bool first, long& ldc, const T*&) -> T* {
+        if (first && b) return nullptr;
+        ldc = OUT;
+        return y + i * OUT + j;
+    };
+    gemm_parallel<T>(uk, N, OUT, IN, packA, packB, store, num_threads(), direct);
 }
 
 // dx = dy @ w, dw = dy^T @ x, db = dy.sum(0)
@@ -512,6 +532,12 @@ void linear_backward(long N, long IN, long OUT, const T* dy, const T* x, const T
                      T* db) {
     const MicroKernel<T> uk = current_ukernel<T>();
     const int NR = uk.nr;
+    auto make_direct = [](T* c, long ldc_c) {
+        return [=](long i, long j, bool, long& ldc, const T*&) -> T* {
+            ldc = ldc_c;
+            return c + i * ldc_c + j;
+        };
+    };
     auto make_store = [NR](T* c, long ldc) {
         return [=](const T* tile, long i, long mr, long j, long nr, bool first) {
             for (long ii = 0; ii < mr; ++ii) {
@@ -524,10 +550,10 @@ void linear_backward(long N, long IN, long OUT, const T* dy, const T* x, const T
     };
     // dx[N, IN] = dy[N, OUT] @ w[OUT, IN]
     gemm_parallel<T>(uk, N, IN, OUT, StridedPackA<T>{dy, OUT, 1, uk.mr},
-                     StridedPackB<T>{w, IN, 1, NR}, make_store(dx, IN), num_threads());
+                     StridedPackB<T>{w, IN, 1, NR}, make_store(dx, IN), num_threads(), make_direct(dx, IN));
     // dw[OUT, IN] = dy^T[OUT, N] @ x[N, IN]; the reduction over N is never split between threads
     gemm_parallel<T>(uk, OUT, IN, N, StridedPackA<T>{dy, 1, OUT, uk.mr},
-                     StridedPackB<T>{x, IN, 1, NR}, make_store(dw, IN), num_threads());
+                     StridedPackB<T>{x, IN, 1, NR}, make_store(dw, IN), num_threads(), make_direct(dw, IN));
     for (long o = 0; o < OUT; ++o) {
         double s = 0.0;
         for (long n = 0; n < N; ++n) s += double(dy[n * OUT + o]);

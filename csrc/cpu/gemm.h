@@ -7,7 +7,12 @@
 //   packB(dst, j, nr, k, kc)  writes columns j..j+nr of B as an NR-wide panel dst[kk*NR + jj]
 //                             (columns nr..NR-1 zero) -- for convolution this IS the im2col gather,
 //   store(tile, i, mr, j, nr, first)  moves an MR x NR result tile (row stride NR) to C:
-//                             assign when `first` (the first K block), add otherwise.
+//                             assign when `first` (the first K block), add otherwise,
+//   direct(i, j, first, ldc, init)    for a FULL tile: a pointer to C(i, j) when rows i..i+MR-1,
+//                             columns j..j+NR-1 lie in C with unit column stride and row stride
+//                             ldc (the micro-kernel then writes C itself, with no scratch copy),
+//                             and per-row initial values `init` (a bias) for the first K block;
+//                             nullptr to go through `store`.
 //
 // Blocking (BLIS order): the K dimension is cut into blocks of at most KC so that one B panel
 // (KC x NR) stays in L1 while the MR x NR tile sweeps down M; the packed A block (M x KC, M is a
@@ -69,9 +74,15 @@ inline size_t gemm_bbuf_size(const MicroKernel<T>& uk) {
 // packing buffers (sizes from gemm_abuf_size / gemm_bbuf_size). Callers parallelize by giving
 // threads disjoint row/column ranges (no synchronization needed) or disjoint depth ranges that
 // write to separate partial outputs.
-template <typename T, typename PackA, typename PackB, typename Store>
+// The `direct` functor of callers whose C never takes tiles in place.
+struct NoDirect {
+    template <typename T>
+    T* operator()(long, long, bool, long&, const T*&) const { return nullptr; }
+};
+
+template <typename T, typename PackA, typename PackB, typename Store, typename Direct>
 void gemm_block(const MicroKernel<T>& uk, long i0, long i1, long j0, long j1, long k0, long k1,
-                PackA&& packA, PackB&& packB, Store&& store, T* abuf, T* bbuf) {
+                PackA&& packA, PackB&& packB, Store&& store, Direct&& direct, T* abuf, T* bbuf) {
     using B = GemmBlocking<T>;
     const long MR = uk.mr, NR = uk.nr;
     alignas(64) T tile[16 * 32];
@@ -100,8 +111,17 @@ void gemm_block(const MicroKernel<T>& uk, long i0, long i1, long j0, long j1, lo
                     const T* bp = bbuf + (jr / NR) * kc * NR;
                     const long nr = std::min(NR, nc - jr);
                     for (long ir = 0; ir < mc; ir += MR) {
-                        uk.run(kc, abuf + (ir / MR) * kc * MR, bp, tile);
-                        store(tile, ic + ir, std::min(MR, mc - ir), jc + jr, nr, first);
+                        const T* ap = abuf + (ir / MR) * kc * MR;
+                        const long mr = std::min(MR, mc - ir);
+                        long ldc = 0;
+                        const T* init = nullptr;
+                        T* c = (mr == MR && nr == NR) ? direct(ic + ir, jc + jr, first, ldc, init) : nullptr;
+                        if (c) {
+                            uk.run(kc, ap, bp, c, ldc, first ? 0 : 1, first ? init : nullptr);
+                        } else {
+                            uk.run(kc, ap, bp, tile, NR, 0, nullptr);
+                            store(tile, ic + ir, mr, jc + jr, nr, first);
+                        }
                     }
                 }
             }
@@ -113,9 +133,9 @@ void gemm_block(const MicroKernel<T>& uk, long i0, long i1, long j0, long j1, lo
 // whole micro-panels along N (or along M when N is too narrow to feed every thread); every
 // output element is computed by exactly one thread in the same order whatever the thread count,
 // so the result does not depend on it.
-template <typename T, typename PackA, typename PackB, typename Store>
+template <typename T, typename PackA, typename PackB, typename Store, typename Direct = NoDirect>
 void gemm_parallel(const MicroKernel<T>& uk, long M, long N, long K, PackA packA, PackB packB,
-                   Store store, int threads) {
+                   Store store, int threads, Direct direct = Direct()) {
     if (M <= 0 || N <= 0) return;
     const long MR = uk.mr, NR = uk.nr;
     const long n_panels = (N + NR - 1) / NR, m_panels = (M + MR - 1) / MR;
@@ -134,10 +154,10 @@ void gemm_parallel(const MicroKernel<T>& uk, long M, long N, long K, PackA packA
         for (long blk = 0; blk < blocks; ++blk) {
             if (split_n) {
                 long j0 = blk * per_block * NR, j1 = std::min(N, j0 + per_block * NR);
-                gemm_block(uk, 0, M, j0, j1, 0, K, packA, packB, store, abuf.ptr, bbuf.ptr);
+                gemm_block(uk, 0, M, j0, j1, 0, K, packA, packB, store, direct, abuf.ptr, bbuf.ptr);
             } else {
                 long i0 = blk * per_block * MR, i1 = std::min(M, i0 + per_block * MR);
-                gemm_block(uk, i0, i1, 0, N, 0, K, packA, packB, store, abuf.ptr, bbuf.ptr);
+                gemm_block(uk, i0, i1, 0, N, 0, K, packA, packB, store, direct, abuf.ptr, bbuf.ptr);
             }
         }
     }

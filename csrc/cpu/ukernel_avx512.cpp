@@ -27,6 +27,7 @@ struct Avx512F32 {
     static V load(const T* p) { return _mm512_loadu_ps(p); }
     static V bcast(T v) { return _mm512_set1_ps(v); }
     static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+    static V add(V a, V b) { return _mm512_add_ps(a, b); }
     static void store(T* p, V v) { _mm512_storeu_ps(p, v); }
 };
 
@@ -38,18 +39,20 @@ struct Avx512F64 {
     static V load(const T* p) { return _mm512_loadu_pd(p); }
     static V bcast(T v) { return _mm512_set1_pd(v); }
     static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+    static V add(V a, V b) { return _mm512_add_pd(a, b); }
     static void store(T* p, V v) { _mm512_storeu_pd(p, v); }
 };
 
 template <typename Tr, int MR, int NV>
-void ukernel(long kc, const typename Tr::T* a, const typename Tr::T* b, typename Tr::T* c) {
+void ukernel(long kc, const typename Tr::T* a, const typename Tr::T* b, typename Tr::T* c, long ldc,
+             int accumulate, const typename Tr::T* init) {
     using V = typename Tr::V;
     constexpr int W = Tr::width;
     V acc[MR][NV];
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[i][v] = Tr::zero();
+        for (int v = 0; v < NV; ++v) acc[i][v] = init ? Tr::bcast(init[i]) : Tr::zero();
     for (long k = 0; k < kc; ++k) {
         V bv[NV];
 #pragma GCC unroll 4
@@ -63,17 +66,27 @@ void ukernel(long kc, const typename Tr::T* a, const typename Tr::T* b, typename
         a += MR;
         b += NV * W;
     }
+    if (accumulate) {
 #pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i)
+        for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) Tr::store(c + i * NV * W + v * W, acc[i][v]);
+            for (int v = 0; v < NV; ++v)
+                Tr::store(c + i * ldc + v * W, Tr::add(Tr::load(c + i * ldc + v * W), acc[i][v]));
+    } else {
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) Tr::store(c + i * ldc + v * W, acc[i][v]);
+    }
 }
 
-void ukernel_f32(long kc, const float* a, const float* b, float* c) {
-    ukernel<Avx512F32, 8, 2>(kc, a, b, c);
+void ukernel_f32(long kc, const float* a, const float* b, float* c, long ldc, int accumulate,
+                 const float* init) {
+    ukernel<Avx512F32, 8, 2>(kc, a, b, c, ldc, accumulate, init);
 }
-void ukernel_f64(long kc, const double* a, const double* b, double* c) {
-    ukernel<Avx512F64, 8, 2>(kc, a, b, c);
+void ukernel_f64(long kc, const double* a, const double* b, double* c, long ldc, int accumulate,
+                 const double* init) {
+    ukernel<Avx512F64, 8, 2>(kc, a, b, c, ldc, accumulate, init);
 }
 
 // No loads or stores inside the loop: the FMA-port ceiling of one core.

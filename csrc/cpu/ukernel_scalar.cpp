@@ -7,8 +7,10 @@ namespace pycnn {
 namespace {
 
 template <typename T, int MR, int NR>
-void ukernel(long kc, const T* a, const T* b, T* c) {
-    T acc[MR][NR] = {};
+void ukernel(long kc, const T* a, const T* b, T* c, long ldc, int accumulate, const T* init) {
+    T acc[MR][NR];
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) acc[i][j] = init ? init[i] : T(0);
     for (long k = 0; k < kc; ++k) {
         for (int i = 0; i < MR; ++i)
             for (int j = 0; j < NR; ++j) acc[i][j] += a[i] * b[j];
@@ -16,11 +18,15 @@ void ukernel(long kc, const T* a, const T* b, T* c) {
         b += NR;
     }
     for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NR; ++j) c[i * NR + j] = acc[i][j];
+        for (int j = 0; j < NR; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
 }
 
-void ukernel_f32(long kc, const float* a, const float* b, float* c) { ukernel<float, 4, 8>(kc, a, b, c); }
-void ukernel_f64(long kc, const double* a, const double* b, double* c) { ukernel<double, 4, 8>(kc, a, b, c); }
+void ukernel_f32(long kc, const float* a, const float* b, float* c, long ldc, int acc, const float* init) {
+    ukernel<float, 4, 8>(kc, a, b, c, ldc, acc, init);
+}
+void ukernel_f64(long kc, const double* a, const double* b, double* c, long ldc, int acc, const double* init) {
+    ukernel<double, 4, 8>(kc, a, b, c, ldc, acc, init);
+}
 
 }  // namespace
 
