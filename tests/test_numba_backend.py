@@ -202,15 +202,20 @@ def test_pooling_large_parallel_path(dtype):
                  ref.avgpool2d_forward(x, (3, 3), (2, 2), (1, 1)), dtype)
 
 
-def test_maxpool_propagates_nan_like_reference():
-    x = np.arange(16, dtype=np.float64).reshape(1, 1, 4, 4)
+@pytest.mark.parametrize("window", [((2, 2), (2, 2), (0, 0)),   # the 2x2/2 specialization
+                                    ((3, 3), (1, 1), (1, 1)),   # the general loop, padded
+                                    ((2, 3), (1, 2), (1, 1))])
+def test_maxpool_propagates_nan_like_reference(window):
+    x = np.arange(36, dtype=np.float64).reshape(1, 1, 6, 6)
     x[0, 0, 0, 1] = np.nan
     x[0, 0, 1, 0] = np.nan
-    y, argmax = nb.maxpool2d_forward(x, (2, 2), (2, 2), (0, 0))
-    y_ref, argmax_ref = ref.maxpool2d_forward(x, (2, 2), (2, 2), (0, 0))
+    x[0, 0, 4, 4] = np.nan
+    y, argmax = nb.maxpool2d_forward(x, *window)
+    y_ref, argmax_ref = ref.maxpool2d_forward(x, *window)
     np.testing.assert_array_equal(y, y_ref)  # NaN in the same places
     assert np.array_equal(argmax, argmax_ref)
-    assert argmax[0, 0, 0, 0] == 1  # the first NaN in window order
+    if window[0] == (2, 2):
+        assert argmax[0, 0, 0, 0] == 1  # the first NaN in window order
 
 
 def test_pooling_rejects_padding_above_half_kernel():

