@@ -238,6 +238,21 @@ def test_pooling_matches_reference(case, with_ties):
                      "avgpool bwd")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_maxpool_nan_and_padding_follow_reference(dtype):
+    """A NaN wins its window (NumPy's argmax takes the first NaN); padded borders are -inf."""
+    rng = _rng(5)
+    x = rng.standard_normal((2, 3, 7, 6)).astype(dtype)
+    x[0, 0, 1, 1] = np.nan
+    x[1, 2, 4, 0] = np.nan
+    for _ in configs():
+        for kernel, stride, padding in [((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 1), (1, 1))]:
+            y_ref, am_ref = ref.maxpool2d_forward(x, kernel, stride, padding)
+            y, am = native.maxpool2d_forward(x, kernel, stride, padding)
+            np.testing.assert_array_equal(y, y_ref)
+            np.testing.assert_array_equal(am, am_ref)
+
+
 # ----------------------------------------------------------------------------- activations
 
 @pytest.mark.parametrize("dtype", DTYPES)

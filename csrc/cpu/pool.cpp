@@ -38,25 +38,27 @@ void maxpool_forward(const PoolGeom& g, const T* x, T* y, int32_t* argmax) {
     for (long pl = 0; pl < planes; ++pl) {
         const T* xp = x + pl * HW;
         for (long oh = 0; oh < g.Ho; ++oh) {
+            const long h0 = oh * g.sh - g.ph;
+            // rows and columns of the window that lie inside the image (padding is -inf: skipped)
+            const long r0 = std::max(0L, -h0), r1 = std::min(g.kh, g.H - h0);
             for (long ow = 0; ow < g.Wo; ++ow) {
-                long h0 = oh * g.sh - g.ph, w0 = ow * g.sw - g.pw;
-                T best = -std::numeric_limits<T>::infinity();
-                long bi = -1;
-                for (long r = 0; r < g.kh; ++r) {
-                    long h = h0 + r;
-                    if (h < 0 || h >= g.H) continue;
-                    for (long s = 0; s < g.kw; ++s) {
-                        long w = w0 + s;
-                        if (w < 0 || w >= g.W) continue;
-                        T v = xp[h * g.W + w];
+                const long w0 = ow * g.sw - g.pw;
+                const long s0 = std::max(0L, -w0), s1 = std::min(g.kw, g.W - w0);
+                const long base = h0 * g.W + w0;  // flat index of the window's (0, 0), maybe outside
+                long bi = r0 * g.W + s0;
+                T best = xp[base + bi];
+                for (long r = r0; r < r1; ++r)
+                    for (long s = s0; s < s1; ++s) {
+                        const T v = xp[base + r * g.W + s];
                         // strict '>' keeps the first maximum in row-major window order; a NaN
                         // wins once and then stays (NumPy's argmax picks the first NaN)
-                        bool better = bi < 0 || v > best || (std::isnan(v) && !std::isnan(best));
-                        if (better) { best = v; bi = h * g.W + w; }
+                        if (v > best || (v != v && best == best)) {
+                            best = v;
+                            bi = r * g.W + s;
+                        }
                     }
-                }
                 y[pl * P + oh * g.Wo + ow] = best;
-                argmax[pl * P + oh * g.Wo + ow] = int32_t(bi);
+                argmax[pl * P + oh * g.Wo + ow] = int32_t(base + bi);
             }
         }
     }
