@@ -896,7 +896,7 @@ def sgd_step(params, grads, momentum_buffers, lr, momentum, dampening, weight_de
                              f"buffer {buf.shape} must have one shape")
         if p.size:
             _launch(dev, "optim.cu", "sgd_step_f32", _grid1d(p.size), (BLOCK,),
-                    (p, g, buf, _f32(lr), _f32(momentum), _f32(dampening), _f32(weight_decay),
+                    (p, g, buf, _f32(lr), _f32(momentum), _f32(1.0 - float(dampening)), _f32(weight_decay),
                      _i32(bool(nesterov)), _i32(bool(first_step)), _i64(p.size)))
 
 
@@ -921,5 +921,6 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
                              f"{m.shape} and exp_avg_sqs[{i}] {v.shape} must have one shape")
         if p.size:
             _launch(dev, "optim.cu", "adam_step_f32", _grid1d(p.size), (BLOCK,),
-                    (p, g, m, v, _f32(lr), _f32(beta1), _f32(beta2), _f32(eps), _f32(weight_decay),
+                    (p, g, m, v, _f32(beta1), _f32(1.0 - float(beta1)), _f32(beta2), _f32(1.0 - float(beta2)),
+                     _f32(eps), _f32(weight_decay), _f32(1.0 - float(lr) * float(weight_decay)),
                      _i32(bool(decoupled)), _f32(step_size), _f32(bc2_sqrt), _i64(p.size)))
