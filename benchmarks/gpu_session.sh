@@ -11,7 +11,9 @@ stamp=$(date -u +%Y%m%d)
 sha8=${PYCNN_COMMIT:0:8}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 timeout 330 python3 -m pycnn.selftest --gpu --out "$OUT/gpu-$stamp-$sha8.json" 2>&1 | tee "$OUT/selftest.log" | tail -60
-for b in ${SKIP_MNISTCNN:+}${SKIP_MNISTCNN-64 512}; do
+batches="64 512"
+[ -n "${SKIP_MNISTCNN:-}" ] && batches=""
+for b in $batches; do
   timeout 90 python3 -m pycnn train mnist --model mnistcnn --epochs 1 --batch-size "$b" --backend cuda \
     --no-progress --out "$OUT/mnistcnn-b$b" 2>&1 | tail -3
 done
