@@ -388,7 +388,11 @@ class Tensor:
     def clamp(self, min=None, max=None):  # noqa: A002 - PyTorch's names
         a = self.data
         xp = array_module(a)
-        y = xp.clip(a, min, max)
+        y = a
+        if min is not None:
+            y = xp.maximum(y, a.dtype.type(min))
+        if max is not None:
+            y = xp.minimum(y, a.dtype.type(max))
         def backward(g):
             mask = xp.ones(a.shape, dtype=bool)
             if min is not None:
