@@ -368,6 +368,25 @@ def test_isa_env_var_forces_avx2():
     assert native.isa() in ("avx512", "avx2", "scalar")
 
 
+def test_import_without_extension_reports_why():
+    """native.py imports when pycnn._native is missing; available() and every op say why."""
+    code = (
+        "import sys, numpy as np\n"
+        "sys.modules['pycnn._native'] = None  # makes 'from pycnn import _native' raise ImportError\n"
+        "from pycnn.backends import native\n"
+        "ok, reason = native.available()\n"
+        "assert not ok and 'pycnn._native did not import' in reason, reason\n"
+        "try:\n"
+        "    native.relu_forward(np.zeros(3, np.float32))\n"
+        "except RuntimeError as exc:\n"
+        "    assert 'native backend is not available' in str(exc)\n"
+        "else:\n"
+        "    raise AssertionError('no error without the extension')\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 def test_controls_reject_bad_values():
     with pytest.raises(ValueError, match="set_num_threads"):
         native.set_num_threads(0)
