@@ -146,7 +146,9 @@ void gemm_parallel(const MicroKernel<T>& uk, long M, long N, long K, PackA packA
     long per_block = std::max(1L, panels / (4L * std::max(threads, 1)));
     if (split_n) per_block = std::min(per_block, GemmBlocking<T>::nc_max / NR);
     const long blocks = (panels + per_block - 1) / per_block;
-    const int nt = int(std::min<long>(threads, blocks));
+    // below ~256k multiply-adds starting and joining the threads costs more than they save
+    const bool tiny = double(M) * double(N) * double(K) < double(1L << 18);
+    const int nt = tiny ? 1 : int(std::min<long>(threads, blocks));
 #pragma omp parallel num_threads(nt)
     {
         Scratch<T> abuf(gemm_abuf_size(uk)), bbuf(gemm_bbuf_size(uk));
