@@ -289,42 +289,52 @@ class Tensor:
         return order
 
     # -- elementwise arithmetic (broadcasting; backward reduces to each input's shape)
-    def _coerce(self, other, op: str) -> "Tensor":
+    def _operand(self, other, op: str):
+        """(array or scalar, Tensor or None) for the other operand of a binary op.
+
+        Python and NumPy scalars stay scalars (a 0-d NumPy array would not mix with CuPy
+        arrays); arrays move to this tensor's device; tensors must already be there.
+        """
         if isinstance(other, Tensor):
             if other.device != self.device:
                 raise ValueError(f"{op}: tensors are on different devices: {self.device} and {other.device}")
-            return other
+            return other.data, other
         if isinstance(other, (int, float, bool, np.generic)):
-            return Tensor(self.data.dtype.type(other) if self.data.dtype.kind == "f" else other)
-        return Tensor(move_array(_as_array(other), self.device))
+            return (self.data.dtype.type(other) if self.data.dtype.kind == "f" else other), None
+        return move_array(_as_array(other), self.device), None
 
     def __add__(self, other):
-        other = self._coerce(other, "add")
-        return Tensor._from_op(self.data + other.data, (self, other), lambda g: (g, g), "add")
+        b, bt = self._operand(other, "add")
+        return Tensor._from_op(self.data + b, (self, bt), lambda g: (g, g), "add")
 
     __radd__ = __add__
 
     def __sub__(self, other):
-        other = self._coerce(other, "sub")
-        return Tensor._from_op(self.data - other.data, (self, other), lambda g: (g, -g), "sub")
+        b, bt = self._operand(other, "sub")
+        return Tensor._from_op(self.data - b, (self, bt), lambda g: (g, -g), "sub")
 
     def __rsub__(self, other):
-        return self._coerce(other, "sub").__sub__(self)
+        b, bt = self._operand(other, "sub")
+        return Tensor._from_op(b - self.data, (self, bt), lambda g: (-g, g), "rsub")
 
     def __mul__(self, other):
-        other = self._coerce(other, "mul")
-        a, b = self.data, other.data
-        return Tensor._from_op(a * b, (self, other), lambda g: (g * b, g * a), "mul")
+        a = self.data
+        b, bt = self._operand(other, "mul")
+        return Tensor._from_op(a * b, (self, bt), lambda g: (g * b, g * a if bt is not None else None), "mul")
 
     __rmul__ = __mul__
 
     def __truediv__(self, other):
-        other = self._coerce(other, "div")
-        a, b = self.data, other.data
-        return Tensor._from_op(a / b, (self, other), lambda g: (g / b, -g * a / (b * b)), "div")
+        a = self.data
+        b, bt = self._operand(other, "div")
+        return Tensor._from_op(a / b, (self, bt),
+                               lambda g: (g / b, -g * a / (b * b) if bt is not None else None), "div")
 
     def __rtruediv__(self, other):
-        return self._coerce(other, "div").__truediv__(self)
+        a = self.data
+        b, bt = self._operand(other, "div")
+        return Tensor._from_op(b / a, (self, bt),
+                               lambda g: (-g * b / (a * a), g / a if bt is not None else None), "rdiv")
 
     def __neg__(self):
         return Tensor._from_op(-self.data, (self,), lambda g: (-g,), "neg")
@@ -337,13 +347,13 @@ class Tensor:
         return Tensor._from_op(a ** e, (self,), lambda g: (g * e * a ** (e - 1),), "pow")
 
     def __matmul__(self, other):
-        other = self._coerce(other, "matmul")
-        a, b = self.data, other.data
+        a = self.data
+        b, bt = self._operand(other, "matmul")
         if a.ndim != 2 or b.ndim != 2:
             raise ValueError(f"matmul: expected two 2-D tensors, got shapes {a.shape} and {b.shape}")
         if a.shape[1] != b.shape[0]:
             raise ValueError(f"matmul: inner dimensions differ: {a.shape} @ {b.shape}")
-        return Tensor._from_op(a @ b, (self, other), lambda g: (g @ b.T, a.T @ g), "matmul")
+        return Tensor._from_op(a @ b, (self, bt), lambda g: (g @ b.T, a.T @ g if bt is not None else None), "matmul")
 
     # -- comparisons (no gradient)
     def _compare(self, other, fn):
