@@ -142,3 +142,17 @@ def test_extreme_logits_stay_finite():
     np.testing.assert_allclose(s.numpy(), [0.0, 1.0])
     b = F.binary_cross_entropy_with_logits(Tensor(np.array([-800.0, 800.0])), np.array([1.0, 0.0]), reduction="sum")
     assert b.item() == pytest.approx(1600.0)
+
+
+def test_maxpool_all_minus_inf_window_points_inside_the_input():
+    from pycnn.backends import numpy_ref
+
+    x = np.full((1, 1, 3, 3), -np.inf)
+    y, argmax = numpy_ref.maxpool2d_forward(x, (3, 3), (1, 1), (1, 1))
+    assert np.all(y == -np.inf)
+    rows, cols = argmax // 3, argmax % 3
+    assert rows.min() >= 0 and rows.max() < 3 and cols.min() >= 0 and cols.max() < 3
+    assert argmax[0, 0, 0, 0] == 0  # the first in-bounds element of the top-left window
+    x = np.array([[[[1.0, np.nan], [3.0, 2.0]]]])
+    y, argmax = numpy_ref.maxpool2d_forward(x, (2, 2), (2, 2), (0, 0))
+    assert np.isnan(y[0, 0, 0, 0]) and argmax[0, 0, 0, 0] == 1  # NaN propagates, as in PyTorch

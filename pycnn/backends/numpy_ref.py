@@ -112,8 +112,13 @@ def maxpool2d_forward(x, kernel, stride, padding):
     out_hw = (_out_size(h, kh, stride[0], padding[0]), _out_size(w, kw, stride[1], padding[1]))
     win = _windows(_pad(x, padding, -np.inf), kernel, stride, out_hw)
     flat = win.reshape(n, c, out_hw[0], out_hw[1], kh * kw)
-    pos = np.argmax(flat, axis=-1)  # first maximum in row-major window order (first NaN if any)
-    y = np.take_along_axis(flat, pos[..., None], axis=-1)[..., 0]
+    y = flat.max(axis=-1)  # NaN if the window holds a NaN
+    # The first in-bounds element equal to the max (or the first NaN): a padded -inf must not
+    # win a tie against a real -inf, or argmax would point outside the input plane.
+    inside = _windows(_pad(np.ones((1, 1, h, w), dtype=bool), padding, False), kernel, stride, out_hw)
+    inside = inside.reshape(1, 1, out_hw[0], out_hw[1], kh * kw)
+    hit = ((flat == y[..., None]) | (np.isnan(flat) & np.isnan(y)[..., None])) & inside
+    pos = np.argmax(hit, axis=-1)
     rows = np.arange(out_hw[0]).reshape(-1, 1) * stride[0] - padding[0] + pos // kw
     cols = np.arange(out_hw[1]).reshape(1, -1) * stride[1] - padding[1] + pos % kw
     argmax = (rows * w + cols).astype(np.int32)
