@@ -1,6 +1,7 @@
 """Digit localization: training, evaluation, prediction pictures and feature maps (+ their CLI)."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -25,7 +26,7 @@ class LocalizeConfig:
     canvas_size: int = 64
     n_train: int = 60000
     n_test: int = 10000
-    epochs: int = 6
+    epochs: int = 5
     batch_size: int = 64
     lr: float = 2e-3
     backend: str = "auto"
@@ -34,11 +35,11 @@ class LocalizeConfig:
     empty_prob: float = 0.1
     clutter: bool = True
     augment: bool = False
-    fresh_canvases: bool = False  # new digit placements every epoch (same 60k digits)
+    fresh_canvases: bool = True  # new digit placements every epoch (same 60k digits)
     width: int = 32
     presence_weight: float = 1.0
     class_weight_loss: float = 1.0
-    box_weight: float = 5.0
+    box_weight: float = 1.0
     class_weight: str | None = None  # None or "balanced"
     pos_weight: float | None = None
     init_from: str | None = None
@@ -284,7 +285,7 @@ def register_cli(sub) -> None:
     p.add_argument("--empty-prob", type=float, default=defaults.empty_prob)
     p.add_argument("--no-clutter", action="store_true")
     p.add_argument("--augment", action="store_true", help="rotate/translate/scale/noise each batch (boxes follow)")
-    p.add_argument("--fresh-canvases", action="store_true",
+    p.add_argument("--fresh-canvases", action=argparse.BooleanOptionalAction, default=defaults.fresh_canvases,
                    help="place the training digits anew every epoch (new positions, scales, clutter)")
     p.add_argument("--width", type=int, default=defaults.width, help="channels of the first conv (then 2x, 4x)")
     p.add_argument("--class-weight", choices=("balanced",), help="balanced class weights in the cross-entropy")
