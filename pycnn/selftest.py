@@ -611,19 +611,9 @@ def default_out(commit: str) -> Path:
 
 def write_record(record: dict, out: Path) -> None:
     """Write JSON to a temporary file beside ``out``, then rename it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(record, fh, indent=1, default=str)
-            fh.write("\n")
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from pycnn.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(out, (json.dumps(record, indent=1, default=str) + "\n").encode())
 
 
 def summary_table(record: dict) -> str:
