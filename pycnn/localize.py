@@ -26,7 +26,7 @@ class LocalizeConfig:
     canvas_size: int = 64
     n_train: int = 60000
     n_test: int = 10000
-    epochs: int = 5
+    epochs: int = 8
     batch_size: int = 64
     lr: float = 2e-3
     backend: str = "auto"

@@ -1,0 +1,100 @@
+"""Digit localization: the model, its loss, transfer learning and the CLI (tiny runs)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import pycnn
+from pycnn import Tensor
+from pycnn.localize import LocalizeConfig, localization_loss, train_localize
+from pycnn.models import LocalizationNet, Seed001Net
+
+
+def test_boxes_are_ordered_and_heads_have_the_right_shapes():
+    model = LocalizationNet(canvas_size=32, width=4)
+    presence, classes, boxes = model(Tensor(np.random.default_rng(0).random((3, 1, 32, 32)).astype(np.float32)))
+    assert presence.shape == (3,) and classes.shape == (3, 10) and boxes.shape == (3, 4)
+    b = boxes.numpy()
+    assert np.all(b[:, 0] <= b[:, 2]) and np.all(b[:, 1] <= b[:, 3])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        LocalizationNet(canvas_size=30)
+
+
+def test_loss_ignores_class_and_box_of_empty_canvases():
+    pycnn.manual_seed(0)
+    model = LocalizationNet(canvas_size=16, width=2)
+    x = Tensor(np.random.default_rng(1).random((4, 1, 16, 16)).astype(np.float32))
+    boxes = np.tile(np.array([[0.1, 0.1, 0.6, 0.6]], np.float32), (4, 1))
+    batch = {"present_host": np.array([1, 0, 1, 0], np.float32), "present": np.array([1, 0, 1, 0], np.float32),
+             "labels": np.array([3, 0, 5, 0]), "boxes": boxes}
+    total, parts = localization_loss(model(x), batch, LocalizeConfig())
+    changed = dict(batch, labels=np.array([3, 9, 5, 7]), boxes=boxes.copy())
+    changed["boxes"][[1, 3]] = [0.0, 0.0, 0.01, 0.01]  # absent rows: any label/box must not matter
+    total2, _ = localization_loss(model(x), changed, LocalizeConfig())
+    assert total.item() == pytest.approx(total2.item())
+    assert set(parts) == {"presence", "classes", "box"}
+
+
+def test_seed001net_trains_on_rgb_input():
+    pycnn.manual_seed(0)
+    model = Seed001Net(in_channels=3, image_size=32)
+    x = Tensor(np.random.default_rng(2).random((4, 3, 32, 32)).astype(np.float32))
+    y = np.array([1, 0, 1, 0], np.float32)
+    opt = pycnn.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss = pycnn.functional.binary_cross_entropy_with_logits(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.5
+    assert model.predict_proba(x).shape == (4,)
+
+
+def test_tiny_training_run_transfer_and_cli(mnist_path, tmp_path):
+    from pycnn.train import run_mnist
+
+    mnist = run_mnist("mnistcnn", epochs=1, backend="numpy", data_dir=str(mnist_path), limit_train=256,
+                      out_dir=str(tmp_path / "cls"), progress=False)
+    assert mnist["test_acc"] > 0.1
+    result = train_localize(canvas_size=32, n_train=256, n_test=128, epochs=1, backend="numpy", width=32,
+                            data_dir=str(mnist_path), out_dir=str(tmp_path / "loc"), progress=False,
+                            init_from=str(tmp_path / "cls" / "model.safetensors"), freeze_backbone=True)
+    assert result["init_loaded"] == ["features.0.weight", "features.0.bias", "features.3.weight", "features.3.bias"]
+    trained = result["model_object"]
+    from pycnn.checkpoint import load_checkpoint
+
+    cls_state, _ = load_checkpoint(tmp_path / "cls" / "model.safetensors")
+    # frozen: the backbone still holds the classifier's weights after training
+    np.testing.assert_array_equal(trained.features[0].weight.numpy(), cls_state["features.0.weight"])
+    assert set(result["test"]) >= {"presence_f1", "class_accuracy", "mean_iou", "localization_accuracy"}
+    ckpt = tmp_path / "loc" / "model.safetensors"
+    run = [sys.executable, "-m", "pycnn"]
+    ev = subprocess.run(run + ["evaluate", "localize", "--checkpoint", str(ckpt), "--seed", "5", "--n-test", "64",
+                               "--data-dir", str(mnist_path)], capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["samples"] == 64
+    for cmd, out in ((["predict", "localize"], "preds.png"), (["viz", "features"], "maps.png")):
+        proc = subprocess.run(run + cmd + ["--checkpoint", str(ckpt), "--out", str(tmp_path / out),
+                                           "--data-dir", str(mnist_path)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / out).stat().st_size > 5000
+
+
+def test_transfer_learning_loads_matching_backbone(mnist_path, tmp_path):
+    from pycnn.checkpoint import save_checkpoint
+
+    pycnn.manual_seed(3)
+    classifier = pycnn.models.MnistCNN()
+    save_checkpoint(classifier, tmp_path / "cls.safetensors", {"model": "mnistcnn"})
+    from pycnn.localize import _init_backbone
+
+    model = LocalizationNet(canvas_size=32)
+    loaded = _init_backbone(model, tmp_path / "cls.safetensors")
+    assert loaded == ["features.0.weight", "features.0.bias", "features.3.weight", "features.3.bias"]
+    np.testing.assert_array_equal(model.features[3].weight.numpy(), classifier.features[3].weight.numpy())
+    with pytest.raises(ValueError, match="--freeze-backbone needs --init-from"):
+        train_localize(freeze_backbone=True, progress=False)
