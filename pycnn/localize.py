@@ -122,7 +122,7 @@ def _init_backbone(model, path) -> list:
     state, _ = load_checkpoint(path)
     own = dict(model.named_parameters())
     loaded = []
-    for name, array in state.items():
+    for name, array in sorted(state.items()):
         if name in own and tuple(array.shape) == own[name].shape:
             own[name].data = move_array(np.array(array, dtype=own[name].dtype), own[name].device)
             loaded.append(name)
