@@ -308,11 +308,6 @@ def register_cli(sub) -> None:
 
 
 def _cmd(args) -> int:
-    # Several thread pools share 2 cores here (Numba's, the native backend's OpenMP, PyTorch's
-    # own OpenMP). By default an idle OpenMP worker spins for a while, stealing the core from the
-    # next backend's threads; passive waiting keeps one backend's pool from slowing the next.
-    # It must be set before any OpenMP runtime loads, which the lazy imports below guarantee.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     run(ops=args.ops, models=args.models, shapes=args.shapes, backend_names=args.backends, repeats=args.repeats,
         out=args.out, do_plot=args.plot, with_torch=not args.no_torch)
     return 0
