@@ -147,9 +147,9 @@ def environment() -> dict:
 
 def run_tests(junit_path: Path, timeout: float = TESTS_TIMEOUT) -> dict:
     """pytest tests/gpu with PYCNN_REQUIRE_GPU=1; counts from the JUnit XML."""
-    # The CPU emulation of the kernels (test_kernels_emulated.py) is for machines without a GPU.
+    # The CPU emulation of the kernels (tests marked emulated) is for machines without a GPU.
     cmd = [sys.executable, "-m", "pytest", "tests/gpu", "-q", "-p", "no:cacheprovider",
-           "--ignore=tests/gpu/test_kernels_emulated.py", f"--junitxml={junit_path}"]
+           "-m", "not emulated", f"--junitxml={junit_path}"]
     res = _run(cmd, timeout=timeout, env=_env(PYCNN_REQUIRE_GPU="1"))
     out = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0, "seconds": round(res["seconds"], 1),
            "rc": res["rc"], "timed_out": res["timed_out"], "failures": []}

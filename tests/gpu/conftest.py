@@ -36,3 +36,19 @@ def _gpu_or_skip(request):
     if require_gpu():
         pytest.fail(f"PYCNN_REQUIRE_GPU=1 but the CUDA backend cannot run here: {reason}", pytrace=False)
     pytest.skip(f"needs a CUDA device: {reason}")
+
+
+@pytest.fixture(scope="session")
+def emulator():
+    """The csrc/cuda kernels built for the CPU emulator (see emu_support.py), once per session."""
+    from emu_support import build_emulator
+
+    return build_emulator()
+
+
+@pytest.fixture
+def emulated(monkeypatch, emulator):
+    """Point the CUDA backend at NumPy arrays and the emulator; returns the launched kernel names."""
+    from emu_support import patch_backend
+
+    return patch_backend(monkeypatch, emulator)

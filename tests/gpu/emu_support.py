@@ -1,0 +1,124 @@
+"""Shared machinery of the emulated-kernel tests (see test_kernels_emulated.py): the build of the
+real csrc/cuda sources against tests/gpu/emulator/emu.h, the patching of the CUDA backend onto it,
+and small comparison helpers. The fixtures ``emulator`` and ``emulated`` are registered in
+tests/gpu/conftest.py; every test file using them carries ``pytestmark = EMULATED_MARKS``."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import types
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pycnn.backends import cuda
+
+EMU_HEADER = Path(__file__).resolve().parent / "emulator" / "emu.h"
+GXX = shutil.which("g++")
+# Module-level marks for emulated test files: skip without g++, and "emulated" so that the GPU
+# selftest (pycnn.selftest) can leave them out where the real kernels run.
+EMULATED_MARKS = [pytest.mark.skipif(GXX is None, reason="needs g++ (C++20) to build the kernel emulator"),
+                  pytest.mark.emulated]
+
+_NP = {"int": np.int32, "long long": np.int64, "float": np.float32, "double": np.float64}
+_CT = {"int": ctypes.c_int32, "long long": ctypes.c_int64, "float": ctypes.c_float, "double": ctypes.c_double}
+
+
+def _parse(text: str) -> dict:
+    """kernel -> (params [(name, is_ptr, ctype, decl)], needs real threads)."""
+    kernels = {}
+    for m in re.finditer(r'extern "C" __global__ void (\w+)\(([^)]*)\)\s*\{', text):
+        params = []
+        for decl in m.group(2).split(","):
+            decl = " ".join(decl.split())
+            plain = " ".join(decl.replace("__restrict__", "").replace("const", "").split())
+            is_ptr = "*" in plain
+            ctype = plain.split("*")[0].strip() if is_ptr else plain.rsplit(" ", 1)[0]
+            params.append((re.findall(r"(\w+)$", decl)[0], is_ptr, ctype, decl))
+        end = text.find('extern "C"', m.end())
+        body = text[m.end(): end if end >= 0 else len(text)]
+        kernels[m.group(1)] = (params, bool(re.search(r"__syncthreads|pycnn_block_sum|pycnn_warp_", body)))
+    return kernels
+
+
+def build_emulator():
+    """Compile the emulated kernels once (cached by content hash in the temp dir)."""
+    sources, kernels = {}, {}
+    for filename in cuda.SOURCES:
+        text = cuda.kernel_source(filename).replace("extern __shared__ float smem[];",
+                                                    "float* smem = emu_dynamic_smem;")
+        found = _parse(text)
+        kernels.update(found)
+        wrappers = [
+            f'extern "C" void emu_{name}(int gx, int gy, int gz, int bx, int by, int bz, long long smem, '
+            f'{", ".join(p[3] for p in params)}) {{ emu_run(gx, gy, gz, bx, by, bz, smem, '
+            f'{"true" if threaded else "false"}, [&]() {{ {name}({", ".join(p[0] for p in params)}); }}); }}'
+            for name, (params, threaded) in found.items()]
+        sources[filename] = '#include "emu.h"\n' + text + "\n" + "\n".join(wrappers) + "\n"
+    digest = hashlib.sha1(EMU_HEADER.read_bytes() + "".join(sources.values()).encode()).hexdigest()[:16]
+    build = Path(tempfile.gettempdir()) / f"pycnn-emu-{digest}"
+    lib = build / "libpycnn_emu.so"
+    if not lib.exists():
+        build.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for filename, src in sources.items():
+            path = build / f"{filename}.cpp"
+            path.write_text(src)
+            paths.append(str(path))
+        tmp = build / f"lib.{os.getpid()}.so"
+        proc = subprocess.run([GXX, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w",
+                               "-I", str(EMU_HEADER.parent), "-o", str(tmp), *paths],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"emulator build failed:\n{proc.stderr[-4000:]}"
+        os.replace(tmp, lib)
+    return ctypes.CDLL(str(lib)), kernels
+
+
+def patch_backend(monkeypatch, emulator):
+    """Point the CUDA backend at NumPy arrays and the emulator; returns the launched kernel names."""
+    lib, kernels = emulator
+    launched = []
+    fake_cupy = types.SimpleNamespace(
+        ndarray=np.ndarray, float32=np.float32, float64=np.float64, int32=np.int32, int64=np.int64,
+        empty=np.empty, empty_like=np.empty_like, ascontiguousarray=np.ascontiguousarray, matmul=np.matmul,
+        cuda=types.SimpleNamespace(Device=lambda dev=None: nullcontext(),
+                                   compiler=types.SimpleNamespace(CompileException=RuntimeError)))
+
+    def launch(dev, filename, kernel, grid, block, args, shared_mem=0):
+        params, threaded = kernels[kernel]
+        assert len(params) == len(args), kernel
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        block = tuple(block) + (1,) * (3 - len(block))
+        cargs = [ctypes.c_int(v) for v in grid + block] + [ctypes.c_longlong(shared_mem)]
+        for (name, is_ptr, ctype, _), arg in zip(params, args):
+            if is_ptr:
+                assert isinstance(arg, np.ndarray) and arg.dtype == _NP[ctype] and arg.flags.c_contiguous, \
+                    f"{kernel}: {name}"
+                cargs.append(ctypes.c_void_p(arg.ctypes.data))
+            else:
+                assert type(arg) is _NP[ctype], f"{kernel}: {name} is {type(arg)}"
+                cargs.append(_CT[ctype](arg.item()))
+        getattr(lib, f"emu_{kernel}")(*cargs)
+        launched.append(kernel)
+
+    monkeypatch.setattr(cuda, "_cupy", lambda: fake_cupy)
+    monkeypatch.setattr(cuda, "_device", lambda op, **arrays: 0)
+    monkeypatch.setattr(cuda, "_launch", launch)
+    monkeypatch.setattr(cuda, "BLOCK", 64)  # fewer emulated threads; kernels take any multiple of 32
+    return launched
+
+
+def rnd(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def close(got, want, rtol=1e-4, atol=1e-5, what=""):
+    assert got.dtype == np.float32 and got.shape == np.shape(want), what
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=what)
