@@ -76,8 +76,31 @@ def _check_window(op, x_shape, kernel, stride, padding, pool: bool):
 # ----------------------------------------------------------------------------- convolution
 
 
-def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0) -> Tensor:
+def _check_activation(op: str, activation) -> None:
+    if activation not in (None, "relu"):
+        raise ValueError(f"{op}: activation must be None or 'relu', got {activation!r}")
+
+
+def _fused_or_composed(be, fused_name: str, unfused, args, use_fused: bool):
+    """Run a backend's optional fused op (SPEC "Optional fused ops") when it has one, else the
+    plain op followed by relu_forward. Returns the plain op's full result with relu applied to its
+    first element (so pooling keeps its argmax)."""
+    fused = getattr(be, fused_name, None) if use_fused else None
+    if fused is not None:
+        return fused(*args)
+    out = unfused(*args)
+    if isinstance(out, tuple):
+        return (be.relu_forward(out[0]),) + out[1:]
+    return be.relu_forward(out)
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+           activation: str | None = None) -> Tensor:
     """2-D cross-correlation of NCHW ``x`` with ``weight`` (K, C, R, S), plus ``bias`` (K,).
+
+    ``activation="relu"`` returns relu(conv2d(...)) as one op: backends with a fused
+    conv + bias + ReLU kernel apply it in the kernel's epilogue (one pass over the output),
+    the others compose; the values are the same either way.
 
     Raises:
         ValueError: on shape mismatches, stride < 1, negative padding or a kernel larger than
@@ -96,37 +119,60 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padd
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {bias.shape}")
     _check_window(op, x.shape, weight.shape[2:], stride, padding, pool=False)
+    _check_activation(op, activation)
 
     be = _backend(x)
     xd, wd = _contiguous(x.data), _contiguous(weight.data)
-    y = be.conv2d_forward(xd, wd, None if bias is None else bias.data, stride, padding)
+    bd = None if bias is None else bias.data
+    if activation == "relu":
+        y = _fused_or_composed(be, "conv2d_bias_relu_forward", be.conv2d_forward, (xd, wd, bd, stride, padding),
+                               use_fused=bias is not None)
+    else:
+        y = be.conv2d_forward(xd, wd, bd, stride, padding)
 
     def backward(g):
         g = _contiguous(g)
+        if activation == "relu":
+            g = be.relu_backward(g, y)
         dx = be.conv2d_backward_data(g, wd, xd.shape, stride, padding) if x.requires_grad else None
         dw = db = None
         if weight.requires_grad or (bias is not None and bias.requires_grad):
             dw, db = be.conv2d_backward_weight(g, xd, wd.shape, stride, padding)
         return dx, dw, db
 
-    return Tensor._from_op(y, (x, weight, bias), backward, op)
+    return Tensor._from_op(y, (x, weight, bias), backward, op if activation is None else "conv2d_relu")
 
 
 # ----------------------------------------------------------------------------- pooling
 
 
-def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0) -> Tensor:
-    """Max pooling over NCHW windows; ``stride`` defaults to ``kernel_size`` (as in PyTorch)."""
+def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, activation: str | None = None) -> Tensor:
+    """Max pooling over NCHW windows; ``stride`` defaults to ``kernel_size`` (as in PyTorch).
+
+    ``activation="relu"`` returns relu(max_pool2d(...)) (= max_pool2d(relu(x))) as one op.
+    """
     op = "max_pool2d"
     _check_tensor(op, "input", x, 4)
     kernel = _pair(kernel_size, op, "kernel_size")
     stride = kernel if stride is None else _pair(stride, op, "stride")
     padding = _pair(padding, op, "padding")
     _check_window(op, x.shape, kernel, stride, padding, pool=True)
+    _check_activation(op, activation)
     be = _backend(x)
     xd = _contiguous(x.data)
-    y, argmax = be.maxpool2d_forward(xd, kernel, stride, padding)
-    return Tensor._from_op(y, (x,), lambda g: (be.maxpool2d_backward(_contiguous(g), argmax, xd.shape),), op)
+    if activation == "relu":
+        y, argmax = _fused_or_composed(be, "maxpool2d_relu_forward", be.maxpool2d_forward,
+                                       (xd, kernel, stride, padding), use_fused=True)
+    else:
+        y, argmax = be.maxpool2d_forward(xd, kernel, stride, padding)
+
+    def backward(g):
+        g = _contiguous(g)
+        if activation == "relu":
+            g = be.relu_backward(g, y)
+        return (be.maxpool2d_backward(g, argmax, xd.shape),)
+
+    return Tensor._from_op(y, (x,), backward, op if activation is None else "max_pool2d_relu")
 
 
 def avg_pool2d(x: Tensor, kernel_size, stride=None, padding=0) -> Tensor:
@@ -210,8 +256,11 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
 # ----------------------------------------------------------------------------- linear
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """y = x @ weight.T + bias, with x (N, in), weight (out, in), bias (out,)."""
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
+    """y = x @ weight.T + bias, with x (N, in), weight (out, in), bias (out,).
+
+    ``activation="relu"`` returns relu(linear(...)) as one op (fused where the backend can).
+    """
     op = "linear"
     _check_tensor(op, "input", x, 2)
     _check_tensor(op, "weight", weight, 2)
@@ -223,15 +272,24 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
                          f"{x.shape[1]} (input shape {x.shape}, weight shape {weight.shape})")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {bias.shape}")
+    _check_activation(op, activation)
     be = _backend(x)
     xd, wd = _contiguous(x.data), _contiguous(weight.data)
-    y = be.linear_forward(xd, wd, None if bias is None else bias.data)
+    bd = None if bias is None else bias.data
+    if activation == "relu":
+        y = _fused_or_composed(be, "linear_bias_relu_forward", be.linear_forward, (xd, wd, bd),
+                               use_fused=bias is not None)
+    else:
+        y = be.linear_forward(xd, wd, bd)
 
     def backward(g):
-        dx, dw, db = be.linear_backward(_contiguous(g), xd, wd)
+        g = _contiguous(g)
+        if activation == "relu":
+            g = be.relu_backward(g, y)
+        dx, dw, db = be.linear_backward(g, xd, wd)
         return dx, dw, db
 
-    return Tensor._from_op(y, (x, weight, bias), backward, op)
+    return Tensor._from_op(y, (x, weight, bias), backward, op if activation is None else "linear_relu")
 
 
 # ----------------------------------------------------------------------------- losses

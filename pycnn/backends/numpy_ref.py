@@ -319,3 +319,22 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
         v += (1.0 - beta2) * g * g
         denom = np.sqrt(v) / bias2_sqrt + eps
         p -= (step_size * m / denom).astype(p.dtype, copy=False)
+
+
+# ----------------------------------------------------------------------------- optional fused ops
+# The reference defines them by composition (SPEC "Optional fused ops"), so tests can compare a
+# backend's fused kernel with exactly what the unfused ops give.
+
+def conv2d_bias_relu_forward(x, w, b, stride, padding):
+    y = conv2d_forward(x, w, b, stride, padding)
+    return np.maximum(y, y.dtype.type(0), out=y)
+
+
+def maxpool2d_relu_forward(x, kernel, stride, padding):
+    y, argmax = maxpool2d_forward(x, kernel, stride, padding)
+    return np.maximum(y, y.dtype.type(0), out=y), argmax
+
+
+def linear_bias_relu_forward(x, w, b):
+    y = linear_forward(x, w, b)
+    return np.maximum(y, y.dtype.type(0), out=y)

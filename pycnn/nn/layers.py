@@ -38,13 +38,14 @@ class Conv2d(Module):
         self.weight = Parameter(init.kaiming_uniform(shape, dtype=dtype))
         self.bias = Parameter(init.default_bias((self.out_channels,), shape, dtype)) if bias else None
 
-    def forward(self, x):
+    def forward(self, x, activation: str | None = None):
+        """The convolution; ``activation="relu"`` also applies a ReLU as one fused op."""
         _check_input("Conv2d", x, 4)
         if x.shape[1] != self.in_channels:
             plural = "" if x.shape[1] == 1 else "s"
             raise ValueError(f"Conv2d(in_channels={self.in_channels}) got input with {x.shape[1]} "
                              f"channel{plural} (shape {x.shape})")
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, activation=activation)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -61,12 +62,13 @@ class Linear(Module):
         self.weight = Parameter(init.kaiming_uniform(shape, dtype=dtype))
         self.bias = Parameter(init.default_bias((self.out_features,), shape, dtype)) if bias else None
 
-    def forward(self, x):
+    def forward(self, x, activation: str | None = None):
+        """The affine map; ``activation="relu"`` also applies a ReLU as one fused op."""
         _check_input("Linear", x, 2)
         if x.shape[1] != self.in_features:
             raise ValueError(f"Linear(in_features={self.in_features}) got input with {x.shape[1]} "
                              f"features (shape {x.shape})")
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias, activation=activation)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -79,8 +81,9 @@ class MaxPool2d(Module):
         self.stride = self.kernel_size if stride is None else _pair(stride)
         self.padding = _pair(padding)
 
-    def forward(self, x):
-        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+    def forward(self, x, activation: str | None = None):
+        """The pooling; ``activation="relu"`` also applies a ReLU as one fused op."""
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, activation=activation)
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
@@ -146,7 +149,16 @@ class Dropout(Module):
 
 
 class Sequential(Module):
-    """Apply modules in order; children are named '0', '1', ..."""
+    """Apply modules in order; children are named '0', '1', ...
+
+    A Conv2d, Linear or MaxPool2d directly followed by a ReLU runs as one fused op
+    (functional's ``activation="relu"``: one kernel on backends that have it, one autograd node
+    everywhere). The values are the same as running the two modules one after the other; set
+    ``fuse_relu = False`` on an instance to run every module separately (e.g. to inspect the
+    output of the layer before its ReLU).
+    """
+
+    fuse_relu = True
 
     def __init__(self, *modules: Module):
         super().__init__()
@@ -165,6 +177,16 @@ class Sequential(Module):
         return iter(self._modules.values())
 
     def forward(self, x):
-        for module in self._modules.values():
-            x = module(x)
+        modules = list(self._modules.values())
+        i = 0
+        while i < len(modules):
+            module = modules[i]
+            # Exact types only: a subclass that overrides forward() is never bypassed.
+            if (self.fuse_relu and i + 1 < len(modules) and type(modules[i + 1]) is ReLU
+                    and type(module) in (Conv2d, Linear, MaxPool2d)):
+                x = module(x, activation="relu")
+                i += 2
+            else:
+                x = module(x)
+                i += 1
         return x
