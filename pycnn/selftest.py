@@ -1,7 +1,7 @@
 """GPU verification in one command: ``python -m pycnn.selftest --gpu [--out FILE] [--quick]``.
 
 Stages, each time-bounded, each isolated (a failure is recorded and the next stage still runs):
-  1. the GPU test suite (``pytest tests/gpu`` with PYCNN_REQUIRE_GPU=1), counted from JUnit XML;
+  1. the GPU test suite (tests/gpu and every ``gpu``-marked test, PYCNN_REQUIRE_GPU=1), counted from JUnit XML;
   2. compute-sanitizer memcheck and racecheck over ``python -m pycnn.selftest --workload`` (every
      kernel family once on small shapes, CuPy's memory pool off so that every array is its own
      allocation); they run while the test suite runs;
@@ -146,10 +146,11 @@ def environment() -> dict:
 
 
 def run_tests(junit_path: Path, timeout: float = TESTS_TIMEOUT) -> dict:
-    """pytest tests/gpu with PYCNN_REQUIRE_GPU=1; counts from the JUnit XML."""
+    """tests/gpu and every other ``gpu``-marked test, with PYCNN_REQUIRE_GPU=1; counts from the
+    JUnit XML."""
     # The CPU emulation of the kernels (tests marked emulated) is for machines without a GPU.
-    cmd = [sys.executable, "-m", "pytest", "tests/gpu", "-q", "-p", "no:cacheprovider",
-           "-m", "not emulated", f"--junitxml={junit_path}"]
+    cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider",
+           "-m", "(gpu or gpu_suite) and not emulated", f"--junitxml={junit_path}"]
     res = _run(cmd, timeout=timeout, env=_env(PYCNN_REQUIRE_GPU="1"))
     out = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0, "seconds": round(res["seconds"], 1),
            "rc": res["rc"], "timed_out": res["timed_out"], "failures": []}

@@ -17,6 +17,18 @@ settings.register_profile("pycnn", max_examples=30, deadline=None,
 settings.load_profile("pycnn")
 
 
+_GPU_DIR = Path(__file__).resolve().parent / "gpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test under tests/gpu ``gpu_suite``, so the GPU selftest can run that directory
+    plus the ``gpu``-marked tests that live next to the code they test (e.g. test_augment.py)
+    with one marker expression."""
+    for item in items:
+        if _GPU_DIR in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.gpu_suite)
+
+
 def mnist_dir() -> Path | None:
     """The MNIST directory tests read, or None when it is absent."""
     value = os.environ.get("PYCNN_DATA")

@@ -20,7 +20,7 @@ def test_run_tests_counts_from_junit(monkeypatch, tmp_path):
     junit = tmp_path / "junit.xml"
 
     def fake_run(cmd, timeout, env=None, cwd=None):
-        assert env["PYCNN_REQUIRE_GPU"] == "1" and "tests/gpu" in cmd
+        assert env["PYCNN_REQUIRE_GPU"] == "1" and "(gpu or gpu_suite) and not emulated" in cmd
         junit.write_text(JUNIT)
         return {"rc": 1, "output": "", "seconds": 1.0, "timed_out": False}
 
