@@ -1,4 +1,4 @@
-// activation.cu: elementwise activations (forward and backward), bias add and bias gradient.
+// activation.cu: elementwise activations (forward and backward) and the bias gradient.
 //
 // Kernels (v1; the elementwise ones are one thread per element over a flat, contiguous array,
 // so every warp reads and writes 32 consecutive floats: fully coalesced, memory-bound):
@@ -6,9 +6,8 @@
 //   leaky_relu_fwd_f32 / leaky_relu_bwd_f32 y = x > 0 ? x : slope*x;  dx = x > 0 ? dy : slope*dy
 //   sigmoid_fwd_f32 / sigmoid_bwd_f32       y = 1/(1+exp(-x)) in an overflow-free form; dx = dy*y*(1-y)
 //   tanh_fwd_f32 / tanh_bwd_f32             y = tanh(x);     dx = dy*(1-y*y)
-//   bias_add_f32                            y[n,k,p] += b[k] in place, y viewed as (N, K, P):
-//                                           P = H*W for NCHW, P = 1 for a (N, F) matrix
-//   bias_grad_f32                           db[k] = sum_{n,p} dy[n,k,p]: one block per channel, a
+//   bias_grad_f32                           db[k] = sum_{n,p} dy[n,k,p] (dy viewed as (N, K, P): P = H*W
+//                                           for NCHW, P = 1 for a (N, F) matrix): one block per channel, a
 //                                           fixed thread-to-element assignment and a fixed-order
 //                                           block reduction (deterministic, no atomics)
 #include "common.cuh"
@@ -76,12 +75,6 @@ extern "C" __global__ void tanh_bwd_f32(const float* __restrict__ dy, const floa
         // unfused forms differ by an ulp of v*v, which is a large relative error after cancellation.
         dx[i] = dy[i] * (1.0f - __fmul_rn(v, v));
     }
-}
-
-extern "C" __global__ void bias_add_f32(float* __restrict__ y, const float* __restrict__ b,
-                                        int N, int K, long long P) {
-    const pycnn_i64 total = (pycnn_i64)N * K * P;
-    PYCNN_FOR_EACH(i, total) { y[i] += b[(i / P) % K]; }
 }
 
 // Launch: grid K blocks of PYCNN_BLOCK threads.

@@ -5,16 +5,24 @@
 // partials in a fixed order. The host picks the grid from the element count alone, so a loss is
 // bitwise reproducible run to run (no float atomics). Accumulation is in double.
 //
-// Kernels (v1):
-//   ce_fwd_rows_f32       softmax cross-entropy (int32 labels), one warp per row: max, sum of
-//                         exp (log-sum-exp), probs = exp(z - max) / sum, per-row loss
-//                         (1-eps)*w[t]*(lse - z_t) + eps/C * sum_c w[c]*(lse - z_c) and the
-//                         row's weight w[t] (1 without class weights). A target outside [0, C)
-//                         makes that row's loss and weight NaN (a kernel cannot raise).
-//   ce_fwd_finish_f32     one block: loss = sum(rowloss) / (mean ? sum(roww) : 1)
-//   ce_bwd_sums_f32       one block: scale = dloss / (mean ? sum_i w[t_i] : 1) and sum_c w[c]
-//   ce_bwd_f32            one thread per logit: scale * ((1-eps)*w[t]*(p - [c==t])
-//                                                      + eps/C*(sum(w)*p - w[c]))
+// Kernels (v2 for cross-entropy: one launch each way, so the loss path has no host sync and a
+// graph holds two nodes for it; v1 was rows + finish and sums + elementwise):
+//   ce_fwd_f32            softmax cross-entropy (int32 labels) in ONE launch. One warp per row:
+//                         max, sum of exp (log-sum-exp), probs = exp(z - max) / sum, row loss
+//                         (1-eps)*w[t]*(lse - z_t) + eps/C * sum_c w[c]*(lse - z_c) and the row's
+//                         weight w[t] (1 without class weights); rows are assigned to warps by a
+//                         fixed grid-stride rule, each block writes (sum loss, sum weight) to its
+//                         partials slot, and the LAST block to finish (an integer atomic ticket,
+//                         not a float atomic) sums the partials in block order:
+//                         loss = sum(rowloss) / (mean ? sum(roww) : 1). The grid depends on N
+//                         alone, so the loss is bitwise reproducible. The last block resets the
+//                         ticket to 0, so the next launch (or graph replay) starts clean.
+//                         A target outside [0, C) makes that row's loss and weight NaN.
+//   ce_bwd_f32            ONE launch: one thread per logit, scale * ((1-eps)*w[t]*(p - [c==t])
+//                         + eps/C*(sum(w)*p - w[c])), scale = dloss / (mean ? sum_i w[t_i] : 1).
+//                         Without class weights the host passes norm = N and sum(w) = C; with
+//                         them every block computes both sums itself in the same fixed order
+//                         (cheap next to N*C, and no second launch or atomics needed).
 //   bce_fwd_partial_f32   per-block partial sums of pos_weight*t*softplus(-x) + (1-t)*softplus(x)
 //   bce_bwd_f32           scale * (-pos_weight*t*(1-sigmoid(x)) + (1-t)*sigmoid(x))
 //   mse_fwd_partial_f32 / mse_bwd_f32              (p-t)^2;  scale * 2*(p-t)
@@ -24,91 +32,113 @@
 #include "common.cuh"
 
 #ifndef PYCNN_CE_ROWS_PER_BLOCK
-#define PYCNN_CE_ROWS_PER_BLOCK 4  // warps (= rows) per block in ce_fwd_rows_f32
+#define PYCNN_CE_ROWS_PER_BLOCK 4  // warps (= rows at a time) per block in ce_fwd_f32
 #endif
 
-// Launch: block 32*PYCNN_CE_ROWS_PER_BLOCK threads, grid ceil(N / PYCNN_CE_ROWS_PER_BLOCK).
-extern "C" __global__ void ce_fwd_rows_f32(
+// Launch: block 32*PYCNN_CE_ROWS_PER_BLOCK threads, grid G blocks (G fixed by N on the host);
+// partials has 2*G slots; ticket is one int that is 0 before the launch (and is 0 again after).
+extern "C" __global__ void ce_fwd_f32(
     const float* __restrict__ logits, const int* __restrict__ target,
-    const float* __restrict__ weight, int has_weight, float eps,
-    float* __restrict__ probs, double* __restrict__ rowloss, double* __restrict__ roww,
-    int N, int C) {
+    const float* __restrict__ weight, int has_weight, float eps, float* __restrict__ probs,
+    double* __restrict__ partials, int* __restrict__ ticket, int N, int C, int mean,
+    float* __restrict__ out) {
+    __shared__ double warp_loss[PYCNN_CE_ROWS_PER_BLOCK];
+    __shared__ double warp_w[PYCNN_CE_ROWS_PER_BLOCK];
+    __shared__ int is_last;
     const int lane = threadIdx.x & 31;
-    const pycnn_i64 row = (pycnn_i64)blockIdx.x * PYCNN_CE_ROWS_PER_BLOCK + (threadIdx.x >> 5);
-    if (row >= N) return;  // whole warps leave together, so the shuffles below stay full-mask
-    const float* z = logits + row * C;
-    float* p = probs + row * C;
-
-    float m = pycnn_neg_inf();
-    for (int c = lane; c < C; c += 32) m = fmaxf(m, z[c]);
-    m = pycnn_warp_max(m);
-    float s = 0.0f;
-    for (int c = lane; c < C; c += 32) s += expf(z[c] - m);
-    s = pycnn_warp_sum(s);
-    const float inv_s = 1.0f / s;
-    const float lse = m + logf(s);
-    double smooth = 0.0;  // sum_c w[c] * (lse - z_c), only needed with label smoothing
-    for (int c = lane; c < C; c += 32) {
-        p[c] = expf(z[c] - m) * inv_s;
-        if (eps != 0.0f) smooth += (double)(has_weight ? weight[c] : 1.0f) * (double)(lse - z[c]);
-    }
-    smooth = pycnn_warp_sum_f64(smooth);
-    if (lane == 0) {
-        const int t = target[row];
-        if (t < 0 || t >= C) {
-            rowloss[row] = (double)pycnn_nan();
-            roww[row] = (double)pycnn_nan();
-        } else {
-            const double wt = has_weight ? (double)weight[t] : 1.0;
-            rowloss[row] = (1.0 - (double)eps) * wt * (double)(lse - z[t]) +
+    const int warp = threadIdx.x >> 5;
+    double my_loss = 0.0, my_w = 0.0;  // lane 0's running sums over this warp's rows
+    const pycnn_i64 row_step = (pycnn_i64)gridDim.x * PYCNN_CE_ROWS_PER_BLOCK;
+    // Whole warps take the same rows, so the full-mask shuffles below never see a missing lane.
+    for (pycnn_i64 row = (pycnn_i64)blockIdx.x * PYCNN_CE_ROWS_PER_BLOCK + warp; row < N;
+         row += row_step) {
+        const float* z = logits + row * C;
+        float* p = probs + row * C;
+        float m = pycnn_neg_inf();
+        for (int c = lane; c < C; c += 32) m = fmaxf(m, z[c]);
+        m = pycnn_warp_max(m);
+        float s = 0.0f;
+        for (int c = lane; c < C; c += 32) s += expf(z[c] - m);
+        s = pycnn_warp_sum(s);
+        const float inv_s = 1.0f / s;
+        const float lse = m + logf(s);
+        double smooth = 0.0;  // sum_c w[c] * (lse - z_c), only needed with label smoothing
+        for (int c = lane; c < C; c += 32) {
+            p[c] = expf(z[c] - m) * inv_s;
+            if (eps != 0.0f) smooth += (double)(has_weight ? weight[c] : 1.0f) * (double)(lse - z[c]);
+        }
+        smooth = pycnn_warp_sum_f64(smooth);
+        if (lane == 0) {
+            const int t = target[row];
+            if (t < 0 || t >= C) {
+                my_loss += (double)pycnn_nan();
+                my_w += (double)pycnn_nan();
+            } else {
+                const double wt = has_weight ? (double)weight[t] : 1.0;
+                my_loss += (1.0 - (double)eps) * wt * (double)(lse - z[t]) +
                            (double)eps / (double)C * smooth;
-            roww[row] = wt;
+                my_w += wt;
+            }
         }
     }
-}
-
-// Launch: one block of PYCNN_BLOCK threads.
-extern "C" __global__ void ce_fwd_finish_f32(const double* __restrict__ rowloss,
-                                             const double* __restrict__ roww, int N, int mean,
-                                             float* __restrict__ out) {
+    if (lane == 0) {
+        warp_loss[warp] = my_loss;
+        warp_w[warp] = my_w;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double sl = 0.0, sw = 0.0;
+        for (int w = 0; w < PYCNN_CE_ROWS_PER_BLOCK; ++w) {  // fixed order
+            sl += warp_loss[w];
+            sw += warp_w[w];
+        }
+        partials[2 * blockIdx.x] = sl;
+        partials[2 * blockIdx.x + 1] = sw;
+        // Make the partials visible device-wide before taking a ticket: whoever draws the last
+        // ticket then reads every block's slot.
+        __threadfence();
+        is_last = atomicAdd(ticket, 1) == (int)gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!is_last) return;  // uniform per block
+    __threadfence();
+    // volatile: read the other blocks' slots from L2, not from a possibly stale L1 line.
+    const volatile double* vp = partials;
     double sl = 0.0, sw = 0.0;
-    for (int i = threadIdx.x; i < N; i += blockDim.x) {
-        sl += rowloss[i];
-        sw += roww[i];
+    for (int b = threadIdx.x; b < (int)gridDim.x; b += blockDim.x) {
+        sl += vp[2 * b];
+        sw += vp[2 * b + 1];
     }
     sl = pycnn_block_sum_f64(sl);
     sw = pycnn_block_sum_f64(sw);
-    if (threadIdx.x == 0) out[0] = (float)(mean ? sl / sw : sl);
-}
-
-// Launch: one block of PYCNN_BLOCK threads. sums[0] = scale, sums[1] = sum_c w[c].
-extern "C" __global__ void ce_bwd_sums_f32(const int* __restrict__ target,
-                                           const float* __restrict__ weight, int has_weight,
-                                           int N, int C, int mean, double dloss,
-                                           float* __restrict__ sums) {
-    double norm = 0.0, sumw = 0.0;
-    for (int i = threadIdx.x; i < N; i += blockDim.x) {
-        const int t = target[i];
-        if (t < 0 || t >= C) norm += (double)pycnn_nan();
-        else norm += has_weight ? (double)weight[t] : 1.0;
-    }
-    for (int c = threadIdx.x; c < C; c += blockDim.x) sumw += has_weight ? (double)weight[c] : 1.0;
-    norm = pycnn_block_sum_f64(norm);
-    sumw = pycnn_block_sum_f64(sumw);
     if (threadIdx.x == 0) {
-        sums[0] = (float)(mean ? dloss / norm : dloss);
-        sums[1] = (float)sumw;
+        out[0] = (float)(mean ? sl / sw : sl);
+        *ticket = 0;  // ready for the next launch or graph replay
     }
 }
 
+// Launch: grid-stride over N*C logits, blocks of PYCNN_BLOCK threads. norm and sumw are only
+// read when has_weight == 0 (the host passes N and C); with weights each block recomputes them.
 extern "C" __global__ void ce_bwd_f32(const float* __restrict__ probs,
                                       const int* __restrict__ target,
                                       const float* __restrict__ weight, int has_weight, float eps,
-                                      const float* __restrict__ sums, float* __restrict__ dlogits,
-                                      int N, int C) {
+                                      double dloss, int mean, double norm, double sumw,
+                                      float* __restrict__ dlogits, int N, int C) {
+    if (has_weight) {  // uniform branch: every thread of every block takes it
+        double nw = 0.0, sw = 0.0;
+        if (mean) {
+            for (int i = threadIdx.x; i < N; i += blockDim.x) {
+                const int t = target[i];
+                nw += (t < 0 || t >= C) ? (double)pycnn_nan() : (double)weight[t];
+            }
+        }
+        for (int c = threadIdx.x; c < C; c += blockDim.x) sw += (double)weight[c];
+        norm = pycnn_block_sum_f64(nw);
+        sumw = pycnn_block_sum_f64(sw);
+    }
+    const float scale = (float)(mean ? dloss / norm : dloss);
+    const float sumw_f = (float)sumw;
     const pycnn_i64 total = (pycnn_i64)N * C;
-    const float scale = sums[0];
-    const float sumw = sums[1];
     PYCNN_FOR_EACH(idx, total) {
         const int c = (int)(idx % C);
         const pycnn_i64 row = idx / C;
@@ -121,7 +151,7 @@ extern "C" __global__ void ce_bwd_f32(const float* __restrict__ probs,
         const float wt = has_weight ? weight[t] : 1.0f;
         const float wc = has_weight ? weight[c] : 1.0f;
         float g = (1.0f - eps) * wt * (p - (c == t ? 1.0f : 0.0f));
-        if (eps != 0.0f) g += eps / (float)C * (sumw * p - wc);
+        if (eps != 0.0f) g += eps / (float)C * (sumw_f * p - wc);
         dlogits[idx] = g * scale;
     }
 }

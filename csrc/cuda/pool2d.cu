@@ -6,7 +6,9 @@
 // touches consecutive addresses along W):
 //   maxpool2d_fwd_f32        max over the window, padding acts as -inf (padded cells are skipped);
 //                            writes argmax (int32) = h*W + w inside the (n, c) plane, the first
-//                            maximum in row-major window order on ties.
+//                            maximum in row-major window order on ties. relu != 0 fuses
+//                            max-pool + ReLU: y = max(max_window, 0), argmax unchanged (the
+//                            SPEC's maxpool2d_relu_forward; saves a launch and a pass over y).
 //   maxpool2d_bwd_f32        gather: one thread per dx element loops over the (at most
 //                            ceil(kh/sh) * ceil(kw/sw)) windows that can contain it and sums dy
 //                            where argmax == its index, in row-major window order. No atomics, so
@@ -32,7 +34,8 @@ __device__ __forceinline__ int pycnn_last_window(int p, int st, int pad) {
 
 extern "C" __global__ void maxpool2d_fwd_f32(
     const float* __restrict__ x, float* __restrict__ y, int* __restrict__ argmax,
-    int N, int C, int H, int W, int Ho, int Wo, int kh, int kw, int sh, int sw, int ph, int pw) {
+    int N, int C, int H, int W, int Ho, int Wo, int kh, int kw, int sh, int sw, int ph, int pw,
+    int relu) {
     const pycnn_i64 total = (pycnn_i64)N * C * Ho * Wo;
     PYCNN_FOR_EACH(idx, total) {
         const int j = (int)(idx % Wo);
@@ -58,7 +61,9 @@ extern "C" __global__ void maxpool2d_fwd_f32(
                 }
             }
         }
-        y[idx] = best;
+        // relu(max) == max(relu): the argmax stays the window's maximum either way, and the ReLU
+        // backward (dy * (y > 0)) zeroes the gradient where the maximum was clipped.
+        y[idx] = (relu && !(best > 0.0f)) ? 0.0f : best;
         argmax[idx] = best_idx;
     }
 }

@@ -3,8 +3,9 @@
 Every function of SPEC.md is here with the same signature. Inputs are CuPy arrays, float32,
 C-contiguous, all on one device; each function checks that before launching and raises a
 TypeError/ValueError that names the op and the argument. Kernels are compiled once per device
-(``cupy.RawModule``) and cached. Linear layers use CuPy's matmul (cuBLAS); everything else is a
-kernel from csrc/cuda.
+(``cupy.RawModule``) and cached. Every op, Linear layers included (csrc/cuda/linear.cu, a
+hand-written GEMM), is a kernel from csrc/cuda: no cuBLAS call and no host synchronization on the
+training-step path, so a whole step can be captured in a CUDA graph (pycnn.cuda_graph).
 
 The .cu sources are read as package data (``pycnn._csrc``/cuda, see setup.py); a lenient
 editable install does not make that package importable, so the loader then falls back to the
@@ -35,8 +36,14 @@ DEFINES = {
     "PYCNN_CONV2_TILE_H": 16,
     "PYCNN_CONV2_KPB": 8,
     "PYCNN_CE_ROWS_PER_BLOCK": 4,
+    "PYCNN_GEMM_BM": 32,
+    "PYCNN_GEMM_BN": 32,
+    "PYCNN_GEMM_BK": 16,
+    "PYCNN_GEMM_TM": 2,
+    "PYCNN_GEMM_TN": 2,
+    "PYCNN_MT_MAX_TENSORS": 16,
 }
-SOURCES = ("conv2d.cu", "pool2d.cu", "activation.cu", "loss.cu", "optim.cu")
+SOURCES = ("conv2d.cu", "pool2d.cu", "activation.cu", "loss.cu", "optim.cu", "linear.cu")
 COMMON_HEADER = "common.cuh"
 INCLUDE_LINE = '#include "common.cuh"'
 COMPILE_OPTIONS = ("-std=c++17",)
@@ -49,6 +56,7 @@ _MAX_GRID = 1 << 20  # 1-D kernels use grid-stride loops, so the grid can be cap
 _MAX_GRID_YZ = 65535
 _MAX_STATIC_SMEM = 48 * 1024  # dynamic shared memory usable without an opt-in attribute
 _LOSS_PARTIALS = 1024  # max blocks of the first reduction level of a loss
+_MT_CHUNK = 4 * BLOCK  # elements per block of the multi-tensor optimizer kernels
 
 _CHECKOUT_DIR = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
 
@@ -58,6 +66,8 @@ _functions: dict = {}  # (device id, file name, kernel name) -> cupy.RawKernel
 # use the fast gather kernel for an argmax that maxpool2d_forward made, without changing the
 # SPEC signature. The weakref proves the id still names that same array.
 _pool_geometry: dict = {}
+_ce_tickets: dict = {}  # (device id, stream) -> int32 (1,) counter of ce_fwd_f32 (see _ce_ticket)
+_mt_tables: dict = {}  # multi-tensor optimizer tables, see _mt_table
 
 
 # ----------------------------------------------------------------------------- CuPy and sources
@@ -176,6 +186,50 @@ def _launch(dev: int, filename: str, kernel: str, grid, block, args, shared_mem:
 
 def _grid1d(n: int) -> tuple:
     return (max(1, min((n + BLOCK - 1) // BLOCK, _MAX_GRID)),)
+
+
+# ----------------------------------------------------------------------------- streams, tables
+
+
+def _ptr(a) -> int:
+    """The device address of a CuPy array (or the host address of a NumPy stand-in)."""
+    data = a.data
+    return int(data.ptr) if hasattr(data, "ptr") else int(a.ctypes.data)
+
+
+def _stream_key(cupy) -> int:
+    """An id of the current CUDA stream (0 where CuPy is faked)."""
+    get = getattr(cupy.cuda, "get_current_stream", None)
+    return int(get().ptr) if get is not None else 0
+
+
+def _capturing(cupy) -> bool:
+    """True while the current stream is being captured into a CUDA graph."""
+    get = getattr(cupy.cuda, "get_current_stream", None)
+    if get is None:
+        return False
+    try:
+        return bool(get().is_capturing())
+    except Exception:  # noqa: BLE001 - older CuPy or a driver that cannot tell: assume not
+        return False
+
+
+def _upload(op: str, cupy, dev: int, host: np.ndarray):
+    """Copy a small host table to a new device array (stream-ordered; never during a capture).
+
+    A host-to-device copy inside a CUDA-graph capture would bake a pointer to host staging memory
+    into the graph, so callers build their tables before capture (the warm-up steps do).
+    """
+    if _capturing(cupy):
+        raise RuntimeError(f"{op}: needs a host-to-device table copy, which cannot be captured in a "
+                           f"CUDA graph; run one eager step with the same arrays before capturing")
+    with cupy.cuda.Device(dev):
+        out = cupy.empty(host.shape, dtype=host.dtype)
+    if hasattr(out, "set"):
+        out.set(np.ascontiguousarray(host))
+    else:  # NumPy stand-ins of the CPU tests
+        out[...] = host
+    return out
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -433,7 +487,15 @@ def _pool_check(op: str, x):
 
 def maxpool2d_forward(x, kernel, stride, padding):
     """(y (N,C,Ho,Wo), argmax int32 (N,C,Ho,Wo)): max pooling, argmax = h*W + w in the plane."""
-    op = "maxpool2d_forward"
+    return _maxpool2d("maxpool2d_forward", x, kernel, stride, padding, relu=False)
+
+
+def maxpool2d_relu_forward(x, kernel, stride, padding):
+    """(relu(maxpool(x)), argmax) in one kernel (SPEC "Optional fused ops"); argmax as maxpool2d_forward."""
+    return _maxpool2d("maxpool2d_relu_forward", x, kernel, stride, padding, relu=True)
+
+
+def _maxpool2d(op: str, x, kernel, stride, padding, relu: bool):
     cupy = _cupy()
     N, C, H, W = _pool_check(op, x)
     kh, kw, sh, sw, ph, pw, Ho, Wo = _window(op, H, W, kernel, stride, padding)
@@ -447,7 +509,7 @@ def maxpool2d_forward(x, kernel, stride, padding):
     if y.size:
         _launch(dev, "pool2d.cu", "maxpool2d_fwd_f32", _grid1d(y.size), (BLOCK,),
                 (x, y, argmax, _i32(N), _i32(C), _i32(H), _i32(W), _i32(Ho), _i32(Wo),
-                 _i32(kh), _i32(kw), _i32(sh), _i32(sw), _i32(ph), _i32(pw)))
+                 _i32(kh), _i32(kw), _i32(sh), _i32(sw), _i32(ph), _i32(pw), _i32(relu)))
     _remember_pool_geometry(argmax, (N, C, H, W), (kh, kw), (sh, sw), (ph, pw))
     return y, argmax
 
@@ -621,12 +683,27 @@ def tanh_backward(dy, y):
 # ----------------------------------------------------------------------------- linear
 
 
-def linear_forward(x, w, b):
-    """y (N,OUT) = x (N,IN) @ w (OUT,IN).T + b (OUT,): cuBLAS matmul, then the bias kernel."""
-    op = "linear_forward"
-    cupy = _cupy()
+def _gemm(dev: int, A, sam: int, sak: int, B, sbk: int, sbn: int, C, M: int, N: int, K: int,
+          bias=None, relu: bool = False) -> None:
+    """C (M, N) = A @ B (+ bias[n]) (then ReLU) with linear_gemm_f32; A and B given by strides."""
+    bm, bn = DEFINES["PYCNN_GEMM_BM"], DEFINES["PYCNN_GEMM_BN"]
+    gx, gy = (N + bn - 1) // bn, (M + bm - 1) // bm
+    if M == 0 or N == 0:
+        return
+    if gy > _MAX_GRID_YZ:
+        raise ValueError(f"linear: {M} rows need {gy} row tiles, more than the {_MAX_GRID_YZ} "
+                         f"a grid allows (batch at most {_MAX_GRID_YZ * bm})")
+    block = (bn // DEFINES["PYCNN_GEMM_TN"], bm // DEFINES["PYCNN_GEMM_TM"])
+    _launch(dev, "linear.cu", "linear_gemm_f32", (gx, gy), block,
+            (A, _i64(sam), _i64(sak), B, _i64(sbk), _i64(sbn), C, _i32(M), _i32(N), _i32(K),
+             bias if bias is not None else C, _i32(bias is not None), _i32(bool(relu))))
+
+
+def _linear_checks(op: str, x, w, b, need_bias: bool) -> int:
     _check(op, "x", x, 2)
     _check(op, "w", w, 2)
+    if b is None and need_bias:
+        raise ValueError(f"{op}: b is required (a ({w.shape[0]},) bias), got None")
     if b is not None:
         _check(op, "b", b, 1)
     dev = _device(op, x=x, w=w, b=b)
@@ -635,16 +712,38 @@ def linear_forward(x, w, b):
                          f"(x {x.shape}, w {w.shape})")
     if b is not None and b.shape != (w.shape[0],):
         raise ValueError(f"{op}: b must have shape ({w.shape[0]},), got {b.shape}")
+    return dev
+
+
+def linear_forward(x, w, b):
+    """y (N,OUT) = x (N,IN) @ w (OUT,IN).T + b (OUT,): the linear.cu GEMM with a bias epilogue."""
+    op = "linear_forward"
+    cupy = _cupy()
+    dev = _linear_checks(op, x, w, b, need_bias=False)
+    (N, IN), OUT = x.shape, w.shape[0]
     with cupy.cuda.Device(dev):
-        y = cupy.ascontiguousarray(cupy.matmul(x, w.T))
-    if b is not None and y.size:
-        _launch(dev, "activation.cu", "bias_add_f32", _grid1d(y.size), (BLOCK,),
-                (y, b, _i32(y.shape[0]), _i32(y.shape[1]), _i64(1)))
+        y = cupy.empty((N, OUT), dtype=cupy.float32)
+    _gemm(dev, x, IN, 1, w, 1, IN, y, N, OUT, IN, bias=b)
+    return y
+
+
+def linear_bias_relu_forward(x, w, b):
+    """y = relu(x @ w.T + b) in one GEMM launch (SPEC "Optional fused ops"); b is required."""
+    op = "linear_bias_relu_forward"
+    cupy = _cupy()
+    dev = _linear_checks(op, x, w, b, need_bias=True)
+    (N, IN), OUT = x.shape, w.shape[0]
+    with cupy.cuda.Device(dev):
+        y = cupy.empty((N, OUT), dtype=cupy.float32)
+    _gemm(dev, x, IN, 1, w, 1, IN, y, N, OUT, IN, bias=b, relu=True)
     return y
 
 
 def linear_backward(dy, x, w):
-    """(dx = dy @ w, dw = dy.T @ x, db = dy.sum(0)); db by the deterministic bias_grad kernel."""
+    """(dx = dy @ w, dw = dy.T @ x, db = dy.sum(0)): two GEMM launches and bias_grad_f32.
+
+    Each output element sums over k in a fixed order (no split-K, no atomics): deterministic.
+    """
     op = "linear_backward"
     cupy = _cupy()
     _check(op, "dy", dy, 2)
@@ -657,9 +756,11 @@ def linear_backward(dy, x, w):
         raise ValueError(f"{op}: expected dy (N, OUT), x (N, IN), w (OUT, IN); got dy {dy.shape}, "
                          f"x {x.shape}, w {w.shape}")
     with cupy.cuda.Device(dev):
-        dx = cupy.ascontiguousarray(cupy.matmul(dy, w))
-        dw = cupy.ascontiguousarray(cupy.matmul(dy.T, x))
+        dx = cupy.empty((N, IN), dtype=cupy.float32)
+        dw = cupy.empty((OUT, IN), dtype=cupy.float32)
         db = cupy.empty((OUT,), dtype=cupy.float32)
+    _gemm(dev, dy, OUT, 1, w, IN, 1, dx, N, IN, OUT)   # dx[n, i] = sum_o dy[n, o] w[o, i]
+    _gemm(dev, dy, 1, OUT, x, IN, 1, dw, OUT, IN, N)   # dw[o, i] = sum_n dy[n, o] x[n, i]
     _bias_grad_into(dev, dy, db)
     return dx, dw, db
 
@@ -688,10 +789,29 @@ def _smoothing(op: str, label_smoothing) -> float:
     return eps
 
 
+def _ce_ticket(cupy, dev: int):
+    """The int32 counter that ce_fwd_f32's blocks draw from to elect the last block.
+
+    One per (device, stream): launches on one stream run in order, so they never share it at the
+    same time, and the kernel leaves it at 0. A graph captured on a stream keeps using that
+    stream's counter in every replay (replays run on the same stream, in order with eager work).
+    """
+    key = (dev, _stream_key(cupy))
+    ticket = _ce_tickets.get(key)
+    if ticket is None or not isinstance(ticket, cupy.ndarray):  # (a stand-in's array from a CPU test)
+        with cupy.cuda.Device(dev):
+            ticket = cupy.empty((1,), dtype=cupy.int32)
+            ticket.fill(0)
+        _ce_tickets[key] = ticket
+    return ticket
+
+
 def softmax_cross_entropy_forward(logits, target, weight, label_smoothing, reduction):
     """(loss 0-d, probs (N,C)): fused log-softmax + (weighted, smoothed) NLL, as PyTorch.
 
-    A target outside [0, C) yields a NaN loss (the kernel cannot raise; no host sync is made).
+    One kernel launch (ce_fwd_f32: rows, per-block partials and, in the last block, the final
+    fixed-order sum); no host synchronization. A target outside [0, C) yields a NaN loss (the
+    kernel cannot raise).
     """
     op = "softmax_cross_entropy_forward"
     cupy = _cupy()
@@ -702,25 +822,23 @@ def softmax_cross_entropy_forward(logits, target, weight, label_smoothing, reduc
     eps = _smoothing(op, label_smoothing)
     mean = _reduction(op, reduction)
     dev = _device(op, logits=logits, target=target, weight=weight)
+    if N and not C:
+        raise ValueError(f"{op}: logits must have at least one class, got shape {logits.shape}")
+    rows = DEFINES["PYCNN_CE_ROWS_PER_BLOCK"]
+    blocks = max(1, min((N + rows - 1) // rows, _LOSS_PARTIALS))  # a function of N alone
     with cupy.cuda.Device(dev):
         probs = cupy.empty_like(logits)
-        rowloss = cupy.empty((N,), dtype=cupy.float64)
-        roww = cupy.empty((N,), dtype=cupy.float64)
+        partials = cupy.empty((2 * blocks,), dtype=cupy.float64)
     loss = _scalar_out(cupy, dev)
-    rows = DEFINES["PYCNN_CE_ROWS_PER_BLOCK"]
     w_arg = weight if weight is not None else logits  # never read when has_weight == 0
-    if N and C:
-        _launch(dev, "loss.cu", "ce_fwd_rows_f32", ((N + rows - 1) // rows,), (32 * rows,),
-                (logits, target, w_arg, _i32(weight is not None), _f32(eps), probs, rowloss, roww,
-                 _i32(N), _i32(C)))
-    elif N:
-        raise ValueError(f"{op}: logits must have at least one class, got shape {logits.shape}")
-    _launch(dev, "loss.cu", "ce_fwd_finish_f32", (1,), (BLOCK,), (rowloss, roww, _i32(N), _i32(mean), loss))
+    _launch(dev, "loss.cu", "ce_fwd_f32", (blocks,), (32 * rows,),
+            (logits, target, w_arg, _i32(weight is not None), _f32(eps), probs, partials,
+             _ce_ticket(cupy, dev), _i32(N), _i32(C), _i32(mean), loss))
     return loss, probs
 
 
 def softmax_cross_entropy_backward(dloss, probs, target, weight, label_smoothing, reduction):
-    """dlogits (N,C) = dloss/norm * ((1-eps)*w[t]*(p - onehot) + eps/C*(sum(w)*p - w))."""
+    """dlogits (N,C) = dloss/norm * ((1-eps)*w[t]*(p - onehot) + eps/C*(sum(w)*p - w)); one launch."""
     op = "softmax_cross_entropy_backward"
     cupy = _cupy()
     _check(op, "probs", probs, 2)
@@ -732,15 +850,16 @@ def softmax_cross_entropy_backward(dloss, probs, target, weight, label_smoothing
     dev = _device(op, probs=probs, target=target, weight=weight)
     with cupy.cuda.Device(dev):
         dlogits = cupy.empty_like(probs)
-        sums = cupy.empty((2,), dtype=cupy.float32)
     if dlogits.size == 0:
         return dlogits
     w_arg = weight if weight is not None else probs
-    has_w = _i32(weight is not None)
-    _launch(dev, "loss.cu", "ce_bwd_sums_f32", (1,), (BLOCK,),
-            (target, w_arg, has_w, _i32(N), _i32(C), _i32(mean), _f64(float(dloss)), sums))
-    _launch(dev, "loss.cu", "ce_bwd_f32", _grid1d(dlogits.size), (BLOCK,),
-            (probs, target, w_arg, has_w, _f32(eps), sums, dlogits, _i32(N), _i32(C)))
+    grid = _grid1d(dlogits.size)
+    if weight is not None:  # every block sums the weights itself: keep the block count modest
+        grid = (min(grid[0], 256),)
+    # Without weights norm = N and sum(w) = C are known here; with weights the kernel sums them.
+    _launch(dev, "loss.cu", "ce_bwd_f32", grid, (BLOCK,),
+            (probs, target, w_arg, _i32(weight is not None), _f32(eps), _f64(float(dloss)), _i32(mean),
+             _f64(N), _f64(C), dlogits, _i32(N), _i32(C)))
     return dlogits
 
 
@@ -866,6 +985,16 @@ def smooth_l1_backward(dloss, pred, target, beta, reduction):
 
 
 # ----------------------------------------------------------------------------- optimizers
+#
+# One launch updates up to PYCNN_MT_MAX_TENSORS parameter tensors (optim.cu, "multi-tensor
+# layout"): a cached device table of (p, state1, state2, size) per tensor and (tensor, start) per
+# block, plus the gradient addresses as kernel arguments. The step-dependent scalars come from
+# adam_hyperparams / sgd_hyperparams (double on the host, rounded once) either as kernel
+# arguments (adam_step / sgd_step, the SPEC functions) or from a device buffer (adam_step_device /
+# sgd_step_device with a HyperParams buffer: what a captured CUDA graph uses).
+
+ADAM_HYPER = ("step_size", "bc2_sqrt", "decay_factor", "beta1", "one_minus_beta1")
+SGD_HYPER = ("lr", "momentum", "one_minus_dampening", "first_step")
 
 
 def _param_lists(op: str, **lists):
@@ -874,53 +1003,205 @@ def _param_lists(op: str, **lists):
         raise ValueError(f"{op}: parameter lists differ in length: {lengths}")
 
 
-def sgd_step(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, first_step):
-    """PyTorch's SGD, in place over a list of parameters (one launch per parameter)."""
-    op = "sgd_step"
-    momentum = float(momentum)
-    if momentum != 0.0:
+def adam_hyperparams(step: int, lr: float, beta1: float, beta2: float, weight_decay: float) -> np.ndarray:
+    """float32 [step_size, bc2_sqrt, 1 - lr*wd, beta1, 1 - beta1] for Adam step ``step`` (1-based).
+
+    Computed in double from Python floats and rounded once, as PyTorch's for-loop Adam does.
+    """
+    step = int(step)
+    if step < 1:
+        raise ValueError(f"adam_step: step is the 1-based count after incrementing, got {step}")
+    step_size = float(lr) / (1.0 - float(beta1) ** step)
+    bc2_sqrt = math.sqrt(1.0 - float(beta2) ** step)
+    return np.array([step_size, bc2_sqrt, 1.0 - float(lr) * float(weight_decay), float(beta1),
+                     1.0 - float(beta1)], dtype=np.float32)
+
+
+def sgd_hyperparams(lr: float, momentum: float, dampening: float, first_step: bool) -> np.ndarray:
+    """float32 [lr, momentum, 1 - dampening, first_step] for one SGD step."""
+    return np.array([float(lr), float(momentum), 1.0 - float(dampening), 1.0 if first_step else 0.0],
+                    dtype=np.float32)
+
+
+class HyperParams:
+    """A small float32 device buffer of step-dependent optimizer scalars, written from the host
+    with an async copy on the current stream (no host synchronization).
+
+    The values go through a ring of pinned host slots: an async copy from pageable memory may
+    synchronize, and a pinned slot must not be overwritten before its copy ran, so each slot
+    records an event and is reused only after it (which waits only if the GPU is ``slots``
+    writes behind the host). A CUDA graph reads ``device`` at every replay, so writing new
+    values before each replay changes the learning rate of a captured step.
+    """
+
+    def __init__(self, size: int, device_id: int | None = None, slots: int = 64):
+        cupy = _cupy()
+        import cupyx
+
+        self.size = int(size)
+        with cupy.cuda.Device(device_id):
+            self.device = cupy.zeros((self.size,), dtype=cupy.float32)
+            self._host = cupyx.empty_pinned((slots, self.size), dtype=np.float32)
+        self._events = [None] * slots
+        self._next = 0
+
+    def write(self, values) -> None:
+        """Copy ``values`` (``size`` floats) into the device buffer, ordered on the current stream."""
+        cupy = _cupy()
+        values = np.asarray(values, dtype=np.float32).reshape(-1)
+        if values.shape != (self.size,):
+            raise ValueError(f"HyperParams.write: expected {self.size} values, got {values.shape[0]}")
+        slot = self._next
+        self._next = (slot + 1) % len(self._events)
+        if self._events[slot] is not None:
+            self._events[slot].synchronize()
+        self._host[slot] = values
+        stream = cupy.cuda.get_current_stream()
+        self.device.data.copy_from_host_async(self._host[slot].ctypes.data, values.nbytes, stream)
+        event = cupy.cuda.Event(disable_timing=True)
+        event.record(stream)
+        self._events[slot] = event
+
+
+def _mt_table(op: str, cupy, dev: int, kind: str, tensors: list):
+    """(tensor table, chunk table, block count) on the device for <= 16 (p, s1, s2) triples.
+
+    Cached by the addresses and sizes (the table holds nothing else, so a hit is always right);
+    built once per parameter list, before any CUDA-graph capture (see _upload).
+    """
+    key = (dev, kind, tuple((_ptr(p), 0 if s1 is None else _ptr(s1), 0 if s2 is None else _ptr(s2), p.size)
+                            for p, s1, s2 in tensors))
+    entry = _mt_tables.get(key)
+    if entry is not None and isinstance(entry[0], cupy.ndarray):
+        return entry
+    rows, chunks = [], []
+    for t, (p, _, _) in enumerate(tensors):
+        rows.append(key[2][t])
+        chunks.extend((t, start) for start in range(0, p.size, _MT_CHUNK))
+    entry = (_upload(op, cupy, dev, np.array(rows, dtype=np.int64).reshape(-1)),
+             _upload(op, cupy, dev, np.array(chunks, dtype=np.int64).reshape(-1)), len(chunks))
+    _mt_tables[key] = entry
+    return entry
+
+
+def _mt_launch(op: str, kernel: str, dev: int, kind: str, tensors: list, grads: list, scalars: tuple) -> None:
+    """Launch ``kernel`` over all tensors, PYCNN_MT_MAX_TENSORS per launch (empty ones skipped)."""
+    cupy = _cupy()
+    live = [(t, g) for t, g in zip(tensors, grads) if t[0].size]
+    most = DEFINES["PYCNN_MT_MAX_TENSORS"]
+    for lo in range(0, len(live), most):
+        group = live[lo:lo + most]
+        table, chunks, blocks = _mt_table(op, cupy, dev, kind, [t for t, _ in group])
+        gptrs = [_i64(_ptr(g)) for _, g in group] + [_i64(0)] * (most - len(group))
+        _launch(dev, "optim.cu", kernel, (blocks,), (BLOCK,), (table, chunks, _i32(_MT_CHUNK), *scalars, *gptrs))
+
+
+def _sgd_inputs(op, params, grads, momentum_buffers, with_momentum: bool):
+    if with_momentum:
         if momentum_buffers is None:
-            raise ValueError(f"{op}: momentum={momentum} needs momentum_buffers, got None")
+            raise ValueError(f"{op}: momentum needs momentum_buffers, got None")
         _param_lists(op, params=params, grads=grads, momentum_buffers=momentum_buffers)
     else:
         _param_lists(op, params=params, grads=grads)
+    arrays, tensors = {}, []
     for i, (p, g) in enumerate(zip(params, grads)):
         _check(op, f"params[{i}]", p)
         _check(op, f"grads[{i}]", g)
-        buf = p  # never read or written when momentum == 0
-        if momentum != 0.0:
+        arrays[f"params[{i}]"], arrays[f"grads[{i}]"] = p, g
+        buf = None
+        if with_momentum:
             buf = _check(op, f"momentum_buffers[{i}]", momentum_buffers[i])
-        dev = _device(op, **{f"params[{i}]": p, f"grads[{i}]": g, f"momentum_buffers[{i}]": buf})
-        if not (p.shape == g.shape == buf.shape):
+            arrays[f"momentum_buffers[{i}]"] = buf
+        if p.shape != g.shape or (buf is not None and buf.shape != p.shape):
             raise ValueError(f"{op}: params[{i}] {p.shape}, grads[{i}] {g.shape} and its momentum "
-                             f"buffer {buf.shape} must have one shape")
-        if p.size:
-            _launch(dev, "optim.cu", "sgd_step_f32", _grid1d(p.size), (BLOCK,),
-                    (p, g, buf, _f32(lr), _f32(momentum), _f32(1.0 - float(dampening)), _f32(weight_decay),
-                     _i32(bool(nesterov)), _i32(bool(first_step)), _i64(p.size)))
+                             f"buffer {None if buf is None else buf.shape} must have one shape")
+        tensors.append((p, buf, None))
+    dev = _device(op, **arrays) if arrays else None
+    return dev, tensors
 
 
-def adam_step(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, decoupled):
-    """PyTorch's Adam (decoupled=False) or AdamW (decoupled=True), in place; step is 1-based."""
-    op = "adam_step"
+def sgd_step(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, first_step):
+    """PyTorch's SGD, in place over a list of parameters (one multi-tensor launch per 16 tensors)."""
+    op = "sgd_step"
+    has_momentum = float(momentum) != 0.0
+    dev, tensors = _sgd_inputs(op, params, grads, momentum_buffers, has_momentum)
+    if dev is None:
+        return
+    h = sgd_hyperparams(lr, momentum, dampening, first_step)
+    dummy = params[0]  # the hyper pointer is not read when use_hyper == 0
+    _mt_launch(op, "sgd_mt_f32", dev, "sgd", tensors, grads,
+               (dummy, _i32(0), h[0], h[1], h[2], _i32(bool(first_step)), _f32(weight_decay),
+                _i32(bool(nesterov)), _i32(has_momentum)))
+
+
+def sgd_step_device(params, grads, momentum_buffers, hyper, has_momentum, weight_decay, nesterov):
+    """sgd_step with lr, momentum, 1 - dampening and first_step read from ``hyper`` on the device.
+
+    ``hyper`` is a HyperParams (or its float32 device array) holding sgd_hyperparams(...); for
+    CUDA-graph replays, where the kernel arguments are frozen but the buffer is rewritten.
+    """
+    op = "sgd_step_device"
+    dev, tensors = _sgd_inputs(op, params, grads, momentum_buffers, bool(has_momentum))
+    if dev is None:
+        return
+    hyper = _hyper_array(op, hyper, len(SGD_HYPER))
+    _mt_launch(op, "sgd_mt_f32", dev, "sgd", tensors, grads,
+               (hyper, _i32(1), _f32(0), _f32(0), _f32(0), _i32(0), _f32(weight_decay),
+                _i32(bool(nesterov)), _i32(bool(has_momentum))))
+
+
+def _adam_inputs(op, params, grads, exp_avgs, exp_avg_sqs):
     _param_lists(op, params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
-    step = int(step)
-    if step < 1:
-        raise ValueError(f"{op}: step is the 1-based count after incrementing, got {step}")
-    # Host-side, in double, as PyTorch's for-loop Adam computes them from Python floats.
-    step_size = float(lr) / (1.0 - float(beta1) ** step)
-    bc2_sqrt = math.sqrt(1.0 - float(beta2) ** step)
+    arrays, tensors = {}, []
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         _check(op, f"params[{i}]", p)
         _check(op, f"grads[{i}]", g)
         _check(op, f"exp_avgs[{i}]", m)
         _check(op, f"exp_avg_sqs[{i}]", v)
-        dev = _device(op, **{f"params[{i}]": p, f"grads[{i}]": g, f"exp_avgs[{i}]": m, f"exp_avg_sqs[{i}]": v})
+        arrays.update({f"params[{i}]": p, f"grads[{i}]": g, f"exp_avgs[{i}]": m, f"exp_avg_sqs[{i}]": v})
         if not (p.shape == g.shape == m.shape == v.shape):
             raise ValueError(f"{op}: params[{i}] {p.shape}, grads[{i}] {g.shape}, exp_avgs[{i}] "
                              f"{m.shape} and exp_avg_sqs[{i}] {v.shape} must have one shape")
-        if p.size:
-            _launch(dev, "optim.cu", "adam_step_f32", _grid1d(p.size), (BLOCK,),
-                    (p, g, m, v, _f32(beta1), _f32(1.0 - float(beta1)), _f32(beta2), _f32(1.0 - float(beta2)),
-                     _f32(eps), _f32(weight_decay), _f32(1.0 - float(lr) * float(weight_decay)),
-                     _i32(bool(decoupled)), _f32(step_size), _f32(bc2_sqrt), _i64(p.size)))
+        tensors.append((p, m, v))
+    dev = _device(op, **arrays) if arrays else None
+    return dev, tensors
+
+
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, decoupled):
+    """PyTorch's Adam (decoupled=False) or AdamW (decoupled=True), in place; step is 1-based.
+
+    One multi-tensor launch per 16 tensors; the scalars come from adam_hyperparams.
+    """
+    op = "adam_step"
+    dev, tensors = _adam_inputs(op, params, grads, exp_avgs, exp_avg_sqs)
+    h = adam_hyperparams(step, lr, beta1, beta2, weight_decay)
+    if dev is None:
+        return
+    _mt_launch(op, "adam_mt_f32", dev, "adam", tensors, grads,
+               (params[0], _i32(0), h[0], h[1], h[2], h[3], h[4], _f32(beta2), _f32(1.0 - float(beta2)),
+                _f32(eps), _f32(weight_decay), _i32(bool(decoupled))))
+
+
+def adam_step_device(params, grads, exp_avgs, exp_avg_sqs, hyper, beta2, eps, weight_decay, decoupled):
+    """adam_step with step_size, bias correction, 1 - lr*wd and beta1 read from ``hyper`` on the device.
+
+    ``hyper`` is a HyperParams (or its float32 device array) holding adam_hyperparams(...) of
+    the step about to run; beta2, eps and weight_decay stay kernel arguments (a schedule does
+    not change them). For CUDA-graph replays.
+    """
+    op = "adam_step_device"
+    dev, tensors = _adam_inputs(op, params, grads, exp_avgs, exp_avg_sqs)
+    if dev is None:
+        return
+    hyper = _hyper_array(op, hyper, len(ADAM_HYPER))
+    _mt_launch(op, "adam_mt_f32", dev, "adam", tensors, grads,
+               (hyper, _i32(1), _f32(0), _f32(1), _f32(1), _f32(0), _f32(1), _f32(beta2),
+                _f32(1.0 - float(beta2)), _f32(eps), _f32(weight_decay), _i32(bool(decoupled))))
+
+
+def _hyper_array(op: str, hyper, size: int):
+    array = hyper.device if isinstance(hyper, HyperParams) else hyper
+    _check(op, "hyper", array, 1)
+    if array.shape[0] < size:
+        raise ValueError(f"{op}: hyper must hold {size} floats, got shape {array.shape}")
+    return array

@@ -83,3 +83,8 @@ inline void emu_run(int gx, int gy, int gz, int bx, int by, int bz, long long sm
                 for (auto& th : ts) th.join();
             }
 }
+// Added for loss.cu's last-block ticket (ce_fwd_f32): blocks run one after another here, so a
+// fence has nothing to order; the atomic keeps the ticket right when threads of a block race.
+#include <atomic>
+inline int atomicAdd(int* address, int value) { return std::atomic_ref<int>(*address).fetch_add(value); }
+inline void __threadfence() {}

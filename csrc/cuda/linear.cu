@@ -1,0 +1,105 @@
+// linear.cu: a hand-written single-precision GEMM for Linear layers, forward and backward.
+//
+// Why not cuBLAS: CuPy refuses cuBLAS calls while a stream is being captured into a CUDA graph
+// (see DESIGN.md), so a training step that uses cupy.matmul cannot be captured. This kernel is a
+// plain RawKernel launch and captures like any other.
+//
+// One kernel computes C (M, N) = A (M, K) @ B (K, N) with A and B given by element strides, so
+// the three products of a Linear layer need no transposed copies:
+//   forward   y  (N, OUT) = x (N, IN) @ w.T      A = x  (row-major),  B(k, n) = w[n, k]
+//   backward  dx (N, IN)  = dy (N, OUT) @ w      A = dy (row-major),  B = w (row-major)
+//             dw (OUT, IN) = dy.T @ x            A(m, k) = dy[k, m],  B = x (row-major)
+// (db = dy.sum(0) is bias_grad_f32 in activation.cu.) Every output element is the sum over k in
+// increasing order, so the result is bitwise reproducible: no split-K, no atomics.
+//
+// Kernels (v1):
+//   linear_gemm_f32   shared-memory tiles of BM x BK of A and BK x BN of B; a block of
+//                     (BN/TN) x (BM/TM) threads, each accumulating a TM x TN register block of C
+//                     (rows ty + i*(BM/TM), columns tx + j*(BN/TN): consecutive threads own
+//                     consecutive columns, so the stores and the shared-memory reads of B are
+//                     conflict-free and coalesced). Epilogue: + bias[n] (has_bias), then ReLU
+//                     (relu). Any M, N, K (tiles are bounds-checked; K = 0 gives bias or 0).
+#include "common.cuh"
+
+#ifndef PYCNN_GEMM_BM
+#define PYCNN_GEMM_BM 32  // rows of C per block
+#endif
+#ifndef PYCNN_GEMM_BN
+#define PYCNN_GEMM_BN 32  // columns of C per block
+#endif
+#ifndef PYCNN_GEMM_BK
+#define PYCNN_GEMM_BK 16  // depth of one shared-memory stage
+#endif
+#ifndef PYCNN_GEMM_TM
+#define PYCNN_GEMM_TM 2  // rows of C per thread (register block)
+#endif
+#ifndef PYCNN_GEMM_TN
+#define PYCNN_GEMM_TN 2  // columns of C per thread
+#endif
+
+#define PYCNN_GEMM_THREADS_X (PYCNN_GEMM_BN / PYCNN_GEMM_TN)
+#define PYCNN_GEMM_THREADS_Y (PYCNN_GEMM_BM / PYCNN_GEMM_TM)
+
+// Launch: block (PYCNN_GEMM_BN/TN, PYCNN_GEMM_BM/TM), grid (ceil(N/BN), ceil(M/BM)).
+// Element (m, k) of A is A[m*sam + k*sak]; element (k, n) of B is B[k*sbk + n*sbn].
+extern "C" __global__ void linear_gemm_f32(const float* __restrict__ A, long long sam,
+                                           long long sak, const float* __restrict__ B,
+                                           long long sbk, long long sbn, float* __restrict__ C,
+                                           int M, int N, int K, const float* __restrict__ bias,
+                                           int has_bias, int relu) {
+    // The +1 column of padding puts the transposed stores (one thread per k) into different banks.
+    __shared__ float As[PYCNN_GEMM_BK][PYCNN_GEMM_BM + 1];
+    __shared__ float Bs[PYCNN_GEMM_BK][PYCNN_GEMM_BN + 1];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int tid = ty * PYCNN_GEMM_THREADS_X + tx;
+    const int nthreads = PYCNN_GEMM_THREADS_X * PYCNN_GEMM_THREADS_Y;
+    const int m0 = blockIdx.y * PYCNN_GEMM_BM;
+    const int n0 = blockIdx.x * PYCNN_GEMM_BN;
+
+    float acc[PYCNN_GEMM_TM][PYCNN_GEMM_TN];
+    for (int i = 0; i < PYCNN_GEMM_TM; ++i)
+        for (int j = 0; j < PYCNN_GEMM_TN; ++j) acc[i][j] = 0.0f;
+
+    for (int k0 = 0; k0 < K; k0 += PYCNN_GEMM_BK) {
+        // Stage the tiles. Consecutive threads walk along whichever dimension is contiguous in
+        // memory (a uniform branch per launch), so global loads coalesce for every layout.
+        for (int e = tid; e < PYCNN_GEMM_BM * PYCNN_GEMM_BK; e += nthreads) {
+            int mm, kk;
+            if (sak == 1) { kk = e % PYCNN_GEMM_BK; mm = e / PYCNN_GEMM_BK; }
+            else { mm = e % PYCNN_GEMM_BM; kk = e / PYCNN_GEMM_BM; }
+            const int gm = m0 + mm, gk = k0 + kk;
+            As[kk][mm] = (gm < M && gk < K) ? A[(pycnn_i64)gm * sam + (pycnn_i64)gk * sak] : 0.0f;
+        }
+        for (int e = tid; e < PYCNN_GEMM_BK * PYCNN_GEMM_BN; e += nthreads) {
+            int nn, kk;
+            if (sbn == 1) { nn = e % PYCNN_GEMM_BN; kk = e / PYCNN_GEMM_BN; }
+            else { kk = e % PYCNN_GEMM_BK; nn = e / PYCNN_GEMM_BK; }
+            const int gn = n0 + nn, gk = k0 + kk;
+            Bs[kk][nn] = (gn < N && gk < K) ? B[(pycnn_i64)gk * sbk + (pycnn_i64)gn * sbn] : 0.0f;
+        }
+        __syncthreads();
+        // Zero-filled tails make the full BK loop exact: the padded products add +0.0f, and
+        // x + 0.0f == x for every x (also -0.0f + 0.0f = +0.0f, as cuBLAS/NumPy give for a 0 sum).
+        for (int kk = 0; kk < PYCNN_GEMM_BK; ++kk) {
+            float a[PYCNN_GEMM_TM], b[PYCNN_GEMM_TN];
+            for (int i = 0; i < PYCNN_GEMM_TM; ++i) a[i] = As[kk][ty + i * PYCNN_GEMM_THREADS_Y];
+            for (int j = 0; j < PYCNN_GEMM_TN; ++j) b[j] = Bs[kk][tx + j * PYCNN_GEMM_THREADS_X];
+            for (int i = 0; i < PYCNN_GEMM_TM; ++i)
+                for (int j = 0; j < PYCNN_GEMM_TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        }
+        __syncthreads();  // the next stage overwrites the tiles
+    }
+
+    for (int i = 0; i < PYCNN_GEMM_TM; ++i) {
+        const int m = m0 + ty + i * PYCNN_GEMM_THREADS_Y;
+        if (m >= M) continue;
+        for (int j = 0; j < PYCNN_GEMM_TN; ++j) {
+            const int n = n0 + tx + j * PYCNN_GEMM_THREADS_X;
+            if (n >= N) continue;
+            float v = acc[i][j];
+            if (has_bias) v += bias[n];
+            if (relu) v = v > 0.0f ? v : 0.0f;
+            C[(pycnn_i64)m * N + n] = v;
+        }
+    }
+}
