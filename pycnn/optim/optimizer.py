@@ -2,6 +2,12 @@
 
 The update itself is a backend function (``sgd_step`` / ``adam_step``) that works in place on
 the parameters' arrays, so on the GPU the whole update stays on the device.
+
+Device hyper-parameters (CUDA only, for CUDA graphs): after ``enable_device_hyperparams()``,
+``step()`` is ``prepare_step()`` (host: step counts, learning rate and bias corrections in double,
+written to a small device buffer with an async copy) followed by ``launch_step()`` (one
+multi-tensor kernel launch that reads those values on the device). A captured graph holds only
+``launch_step()``; calling ``prepare_step()`` before each replay keeps schedulers working.
 """
 from __future__ import annotations
 
@@ -26,10 +32,56 @@ class Optimizer:
             merged.setdefault("initial_lr", merged["lr"])
             self.param_groups.append(merged)
         self.state: dict = {}
+        self.device_hyperparams = False
+        self._hyper: list = []  # one cuda.HyperParams per group in device mode
 
     @property
     def lr(self) -> float:
         return self.param_groups[0]["lr"]
+
+    # -- device hyper-parameters (CUDA graphs)
+    _HYPER_SIZE = 0  # floats in the device buffer of one group (set by each optimizer)
+
+    def enable_device_hyperparams(self) -> None:
+        """Read the learning rate and step-dependent values from device memory from now on.
+
+        Needs every parameter on the GPU. ``step()`` keeps its meaning; a CUDA graph captures
+        ``launch_step()`` and calls ``prepare_step()`` before each replay.
+
+        Raises:
+            ValueError: when a parameter is not on the GPU.
+        """
+        from pycnn.backends import cuda
+
+        for gi, group in enumerate(self.param_groups):
+            devices = sorted({p.device for p in group["params"]})
+            if devices != ["cuda"]:
+                raise ValueError(f"{type(self).__name__}.enable_device_hyperparams: needs every parameter "
+                                 f"on the GPU, got devices {devices} in parameter group {gi}")
+        if not self.device_hyperparams:
+            self._hyper = [cuda.HyperParams(self._HYPER_SIZE, device_id=g["params"][0].data.device.id)
+                           for g in self.param_groups]
+            self.device_hyperparams = True
+
+    def _device_live(self, group) -> list:
+        """The parameters of a group that have a gradient (device mode: one list, one device)."""
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            if p.grad.data.shape != p.data.shape:
+                raise ValueError(f"{type(self).__name__}: gradient shape {p.grad.shape} != parameter shape {p.shape}")
+        return params
+
+    def prepare_step(self) -> None:
+        """Device mode: advance the step counts and write this step's values to the device buffer."""
+        raise NotImplementedError
+
+    def launch_step(self) -> None:
+        """Device mode: launch the update, reading the values ``prepare_step`` wrote (capturable)."""
+        raise NotImplementedError
+
+    def _check_device_mode(self, what: str) -> None:
+        if not self.device_hyperparams:
+            raise RuntimeError(f"{type(self).__name__}.{what}: call enable_device_hyperparams() first")
 
     def zero_grad(self) -> None:
         for group in self.param_groups:
@@ -70,7 +122,44 @@ class SGD(Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov))
 
+    _HYPER_SIZE = 4  # cuda.SGD_HYPER
+
+    def prepare_step(self) -> None:
+        from pycnn.backends import cuda
+
+        self._check_device_mode("prepare_step")
+        for group, hyper in zip(self.param_groups, self._hyper):
+            params = self._device_live(group)
+            if not params:
+                continue
+            states = [self._state_arrays(p, ("momentum_buffer",) if group["momentum"] else ()) for p in params]
+            counts = {st.get("steps", 0) for st in states}
+            first = counts == {0}
+            if len(counts) > 1 and 0 in counts:
+                raise ValueError("SGD (device hyper-parameters): some parameters of a group have stepped and "
+                                 "some not; a single launch needs them to start together")
+            hyper.write(cuda.sgd_hyperparams(group["lr"], group["momentum"], group["dampening"], first))
+            for st in states:
+                st["steps"] = st.get("steps", 0) + 1
+
+    def launch_step(self) -> None:
+        from pycnn.backends import cuda
+
+        self._check_device_mode("launch_step")
+        for group, hyper in zip(self.param_groups, self._hyper):
+            params = self._device_live(group)
+            if not params:
+                continue
+            has_momentum = bool(group["momentum"])
+            buffers = [self.state[id(p)]["momentum_buffer"] for p in params] if has_momentum else None
+            cuda.sgd_step_device([p.data for p in params], [p.grad.data for p in params], buffers, hyper,
+                                 has_momentum, group["weight_decay"], group["nesterov"])
+
     def step(self) -> None:
+        if self.device_hyperparams:
+            self.prepare_step()
+            self.launch_step()
+            return
         for group in self.param_groups:
             for device, params in self._live(group).items():
                 states = [self._state_arrays(p, ("momentum_buffer",) if group["momentum"] else ()) for p in params]
@@ -105,7 +194,45 @@ class Adam(Optimizer):
             raise ValueError(f"{type(self).__name__}: eps must be > 0, got {eps}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
+    _HYPER_SIZE = 5  # cuda.ADAM_HYPER
+
+    def prepare_step(self) -> None:
+        from pycnn.backends import cuda
+
+        self._check_device_mode("prepare_step")
+        for group, hyper in zip(self.param_groups, self._hyper):
+            params = self._device_live(group)
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            states = [self._state_arrays(p, ("exp_avg", "exp_avg_sq")) for p in params]
+            counts = {st.get("step", 0) for st in states}
+            if len(counts) > 1:
+                raise ValueError(f"{type(self).__name__} (device hyper-parameters): the parameters of a group "
+                                 f"are at different step counts {sorted(counts)}; one launch needs one count")
+            step = counts.pop() + 1
+            hyper.write(cuda.adam_hyperparams(step, group["lr"], beta1, beta2, group["weight_decay"]))
+            for st in states:
+                st["step"] = step
+
+    def launch_step(self) -> None:
+        from pycnn.backends import cuda
+
+        self._check_device_mode("launch_step")
+        for group, hyper in zip(self.param_groups, self._hyper):
+            params = self._device_live(group)
+            if not params:
+                continue
+            states = [self.state[id(p)] for p in params]
+            cuda.adam_step_device([p.data for p in params], [p.grad.data for p in params],
+                                  [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], hyper,
+                                  group["betas"][1], group["eps"], group["weight_decay"], self.decoupled)
+
     def step(self) -> None:
+        if self.device_hyperparams:
+            self.prepare_step()
+            self.launch_step()
+            return
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for device, params in self._live(group).items():

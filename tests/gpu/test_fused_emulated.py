@@ -1,0 +1,183 @@
+"""The fused and graph-ready kernels (linear.cu GEMM, one-launch cross-entropy, max-pool + ReLU,
+multi-tensor Adam/SGD with host or device hyper-parameters), run on the CPU emulator against
+numpy_ref. See test_kernels_emulated.py for how the emulator works; the same checks on a real GPU
+are in test_fused_ops.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from emu_support import EMULATED_MARKS, close, rnd
+from pycnn.backends import cuda
+from pycnn.backends import numpy_ref as ref
+
+pytestmark = EMULATED_MARKS
+
+
+# ----------------------------------------------------------------------------- linear (GEMM)
+
+
+@pytest.mark.parametrize("N, IN, OUT", [
+    (1, 1, 1),
+    (33, 17, 35),   # partial tiles in every direction (tiles are 32 x 32, depth 16)
+    (5, 70, 3),     # K spans several depth stages, a thin output
+    (40, 0, 6),     # no input features: y = bias, dw is empty
+])
+def test_linear_gemm_forward_backward(emulated, N, IN, OUT):
+    rng = np.random.default_rng(10)
+    x, w, b, dy = rnd(rng, N, IN), rnd(rng, OUT, IN), rnd(rng, OUT), rnd(rng, N, OUT)
+    x64, w64, b64, dy64 = (a.astype(np.float64) for a in (x, w, b, dy))
+    close(cuda.linear_forward(x, w, b), ref.linear_forward(x64, w64, b64), what="forward + bias")
+    close(cuda.linear_forward(x, w, None), ref.linear_forward(x64, w64, None), what="forward, no bias")
+    close(cuda.linear_bias_relu_forward(x, w, b), ref.linear_bias_relu_forward(x64, w64, b64), what="+relu")
+    for name, got, want in zip(("dx", "dw", "db"), cuda.linear_backward(dy, x, w), ref.linear_backward(dy64, x64, w64)):
+        close(got, want, what=name)
+    assert "linear_gemm_f32" in emulated and "bias_grad_f32" in emulated
+
+
+def test_linear_gemm_is_reproducible_and_relu_clips(emulated):
+    rng = np.random.default_rng(11)
+    x, w, b = rnd(rng, 9, 20), rnd(rng, 7, 20), rnd(rng, 7, scale=3.0)
+    y = cuda.linear_bias_relu_forward(x, w, b)
+    assert (y == 0).any() and (y >= 0).all()  # the bias makes some outputs negative before ReLU
+    dy = rnd(rng, 9, 7)
+    first, second = cuda.linear_backward(dy, x, w), cuda.linear_backward(dy, x, w)
+    for a, c in zip(first, second):
+        np.testing.assert_array_equal(a, c)
+    with pytest.raises(ValueError, match=r"linear_bias_relu_forward: b is required"):
+        cuda.linear_bias_relu_forward(x, w, None)
+    with pytest.raises(ValueError, match=r"linear_forward: x has 20 features but w expects 19"):
+        cuda.linear_forward(x, rnd(rng, 7, 19), None)
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+
+
+@pytest.mark.parametrize("N, C, weighted, eps, reduction", [
+    (1, 3, False, 0.0, "mean"),
+    (13, 37, False, 0.0, "mean"),   # 4 blocks of 4 rows: the last-block reduction
+    (13, 37, True, 0.1, "mean"),
+    (30, 10, True, 0.0, "sum"),
+    (30, 10, False, 0.3, "sum"),
+    (9, 70, True, 1.0, "mean"),    # C > 32: every lane loops; all smoothing
+])
+def test_cross_entropy_one_launch_each_way(emulated, N, C, weighted, eps, reduction):
+    rng = np.random.default_rng(12)
+    logits, target = rnd(rng, N, C, scale=3.0), rng.integers(0, C, N)
+    weight = (rng.random(C) + 0.1).astype(np.float32) if weighted else None
+    loss_want, probs_want = ref.softmax_cross_entropy_forward(logits.astype(np.float64), target,
+                                                              None if weight is None else weight.astype(np.float64),
+                                                              eps, reduction)
+    t32 = target.astype(np.int32)
+    start = len(emulated)
+    loss, probs = cuda.softmax_cross_entropy_forward(logits, t32, weight, eps, reduction)
+    assert emulated[start:] == ["ce_fwd_f32"]
+    assert loss.shape == ()
+    close(loss, loss_want)
+    close(probs, probs_want, atol=1e-6)
+    again, _ = cuda.softmax_cross_entropy_forward(logits, t32, weight, eps, reduction)
+    assert again.tobytes() == loss.tobytes()  # the ticket was reset and the sum order is fixed
+    start = len(emulated)
+    dlogits = cuda.softmax_cross_entropy_backward(0.5, probs, t32, weight, eps, reduction)
+    assert emulated[start:] == ["ce_bwd_f32"]
+    close(dlogits, ref.softmax_cross_entropy_backward(0.5, probs.astype(np.float64), target,
+                                                      None if weight is None else weight.astype(np.float64),
+                                                      eps, reduction), atol=1e-6)
+
+
+def test_cross_entropy_bad_label_gives_nan(emulated):
+    rng = np.random.default_rng(13)
+    logits = rnd(rng, 6, 5)
+    target = np.array([0, 1, 7, 2, 3, 4], np.int32)
+    loss, probs = cuda.softmax_cross_entropy_forward(logits, target, None, 0.0, "mean")
+    assert np.isnan(loss)
+    d = cuda.softmax_cross_entropy_backward(1.0, probs, target, None, 0.0, "mean")
+    assert np.isnan(d[2]).all() and np.isfinite(np.delete(d, 2, axis=0)).all()
+    ok, _ = cuda.softmax_cross_entropy_forward(logits, np.zeros(6, np.int32), None, 0.0, "mean")
+    assert np.isfinite(ok)  # the NaN did not stick in the ticket or the partials
+
+
+# ----------------------------------------------------------------------------- max-pool + ReLU
+
+
+@pytest.mark.parametrize("kernel, stride, padding", [((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 1), (1, 1))])
+def test_maxpool_relu(emulated, kernel, stride, padding):
+    rng = np.random.default_rng(14)
+    x = rnd(rng, 2, 3, 9, 10)
+    y_want, am_want = ref.maxpool2d_relu_forward(x, kernel, stride, padding)
+    start = len(emulated)
+    y, am = cuda.maxpool2d_relu_forward(x, kernel, stride, padding)
+    assert emulated[start:] == ["maxpool2d_fwd_f32"]
+    np.testing.assert_array_equal(y, y_want)
+    np.testing.assert_array_equal(am, am_want)
+    assert (y == 0).any()
+    # The backward SPEC composition: relu_backward, then maxpool2d_backward.
+    dy = rnd(rng, *y.shape)
+    g = cuda.relu_backward(dy, y)
+    close(cuda.maxpool2d_backward(g, am, x.shape), ref.maxpool2d_backward(ref.relu_backward(dy, y_want), am_want, x.shape))
+
+
+# ----------------------------------------------------------------------------- multi-tensor optimizers
+
+
+def _shapes():
+    # 19 tensors: more than one launch (16 per launch), one over the 1024-element chunk, one empty.
+    return [(3, 4), (1500,), (0,), (7,)] + [(i + 1,) for i in range(15)]
+
+
+def test_multi_tensor_adam_with_changing_lr(emulated):
+    rng = np.random.default_rng(15)
+    shapes = _shapes()
+    p = [rnd(rng, *s) for s in shapes]
+    p_host, p_ref = [a.copy() for a in p], [a.copy() for a in p]
+    zeros = lambda: [np.zeros_like(a) for a in p]  # noqa: E731
+    m, v, m_host, v_host, m_ref, v_ref = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
+    hyper = np.zeros(len(cuda.ADAM_HYPER), np.float32)
+    for step, (lr, beta1) in enumerate([(1e-2, 0.7), (3e-2, 0.75), (5e-3, 0.8), (1e-3, 0.9)], start=1):
+        grads = [rnd(rng, *s) for s in shapes]
+        decoupled = step % 2 == 0
+        start = len(emulated)
+        cuda.adam_step(p_host, grads, m_host, v_host, step, lr, beta1, 0.9, 1e-8, 1e-2, decoupled)
+        assert emulated[start:] == ["adam_mt_f32"] * 2  # 18 non-empty tensors: 16 + 2
+        hyper[...] = cuda.adam_hyperparams(step, lr, beta1, 0.9, 1e-2)  # what a graph replay reads
+        cuda.adam_step_device(p, grads, m, v, hyper, 0.9, 1e-8, 1e-2, decoupled)
+        ref.adam_step(p_ref, grads, m_ref, v_ref, step, lr, beta1, 0.9, 1e-8, 1e-2, decoupled)
+    for i, (got, host, want) in enumerate(zip(p + m + v, p_host + m_host + v_host, p_ref + m_ref + v_ref)):
+        np.testing.assert_array_equal(got, host, err_msg=f"device vs host hyper-parameters, array {i}")
+        close(got, want, rtol=1e-5, atol=1e-6, what=f"array {i}")
+
+
+@pytest.mark.parametrize("nesterov, dampening", [(True, 0.0), (False, 0.3)])
+def test_multi_tensor_sgd_with_changing_lr(emulated, nesterov, dampening):
+    rng = np.random.default_rng(16)
+    shapes = _shapes()
+    p = [rnd(rng, *s) for s in shapes]
+    p_host, p_ref = [a.copy() for a in p], [a.copy() for a in p]
+    bufs, bufs_host, bufs_ref = ([np.zeros_like(a) for a in p] for _ in range(3))
+    hyper = np.zeros(len(cuda.SGD_HYPER), np.float32)
+    for step, (lr, momentum) in enumerate([(0.1, 0.9), (0.05, 0.85), (0.2, 0.95)], start=1):
+        grads = [rnd(rng, *s) for s in shapes]
+        first = step == 1
+        cuda.sgd_step(p_host, grads, bufs_host, lr, momentum, dampening, 1e-2, nesterov, first)
+        hyper[...] = cuda.sgd_hyperparams(lr, momentum, dampening, first)
+        cuda.sgd_step_device(p, grads, bufs, hyper, True, 1e-2, nesterov)
+        ref.sgd_step(p_ref, grads, bufs_ref, lr, momentum, dampening, 1e-2, nesterov, first)
+    # without momentum (no buffers at all)
+    grads = [rnd(rng, *s) for s in shapes]
+    cuda.sgd_step(p_host, grads, None, 0.1, 0.0, 0.0, 0.0, False, False)
+    hyper[...] = cuda.sgd_hyperparams(0.1, 0.0, 0.0, False)
+    cuda.sgd_step_device(p, grads, None, hyper, False, 0.0, False)
+    ref.sgd_step(p_ref, grads, None, 0.1, 0.0, 0.0, 0.0, False, False)
+    for i, (got, host, want) in enumerate(zip(p + bufs, p_host + bufs_host, p_ref + bufs_ref)):
+        np.testing.assert_array_equal(got, host, err_msg=f"device vs host hyper-parameters, array {i}")
+        close(got, want, rtol=1e-5, atol=1e-6, what=f"array {i}")
+
+
+def test_device_optimizer_checks_hyper_buffer(emulated):
+    p = [np.zeros(3, np.float32)]
+    with pytest.raises(ValueError, match=r"adam_step_device: hyper must hold 5 floats, got shape \(2,\)"):
+        cuda.adam_step_device(p, p, p, p, np.zeros(2, np.float32), 0.9, 1e-8, 0.0, False)
+    with pytest.raises(TypeError, match=r"sgd_step_device: hyper must be float32"):
+        cuda.sgd_step_device(p, p, None, np.zeros(4, np.float64), False, 0.0, False)
+    with pytest.raises(ValueError, match=r"adam_step: step is the 1-based count"):
+        cuda.adam_hyperparams(0, 1e-3, 0.9, 0.999, 0.0)
