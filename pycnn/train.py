@@ -49,6 +49,7 @@ class TrainConfig:
     limit_train: int | None = None  # use only the first N training images (smoke tests)
     progress: bool = True
     betas: tuple = field(default=None)
+    cuda_graph: bool = False  # backend cuda: capture the training step in a CUDA graph (pycnn.cuda_graph)
 
     def resolved(self) -> "TrainConfig":
         """Fill unset fields from the model's recipe and validate them."""
@@ -74,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
         if cfg.backend not in ("auto",) + backends.ALL_BACKENDS:
             raise ValueError(f"backend must be 'auto' or one of {', '.join(backends.ALL_BACKENDS)}, got {cfg.backend!r}")
+        if cfg.cuda_graph and cfg.backend != "cuda":
+            raise ValueError(f"cuda_graph=True (--cuda-graph) needs backend 'cuda', got {cfg.backend!r}")
         return cfg
 
 
@@ -175,8 +178,22 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
         f"on {n:,} images, backend={backend_name}, batch={cfg.batch_size}, epochs={cfg.epochs}, "
         f"{cfg.optimizer} lr={cfg.lr}, schedule={cfg.schedule}")
 
+    graph_step = None
+    if cfg.cuda_graph:
+        from pycnn.cuda_graph import CudaGraphTrainStep
+
+        graph_step = CudaGraphTrainStep(net, opt, (cfg.batch_size,) + tuple(x_train.shape[1:]))
+        log(f"CUDA graph: the first {graph_step.warmup_steps} steps run eagerly, then the step is captured; "
+            f"a last partial batch of {n % cfg.batch_size} images runs eagerly" if n % cfg.batch_size else
+            f"CUDA graph: the first {graph_step.warmup_steps} steps run eagerly, then the step is captured")
+
     history = []
     for epoch in range(1, cfg.epochs + 1):
+        if graph_step is not None:
+            record = _graph_epoch(cfg, net, opt, scheduler, sched_unit, graph_step, x_train, y_train,
+                                  x_test, y_test, epoch, steps_per_epoch, log)
+            history.append(record)
+            continue
         net.train()
         order = (np.random.default_rng([cfg.seed, epoch]).permutation(n) if cfg.shuffle else None)
         order_dev = move_array(order, device) if order is not None else None
@@ -246,6 +263,9 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
               "test_acc": history[-1]["test_acc"], "epoch_s": history[-1]["epoch_s"],
               "samples_per_s": history[-1]["samples_per_s"],
               "train_s_total": sum(h["epoch_s"] for h in history)}
+    if graph_step is not None:
+        result["cuda_graph"] = {"captured": graph_step.captured, "reason": graph_step.reason,
+                                "warmup_steps": graph_step.warmup_steps}
     if cfg.out_dir:
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -261,6 +281,77 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
         log(f"wrote {out / 'model.safetensors'}, {out / 'metrics.json'}, {out / 'curves.png'}")
     result["model_object"] = net
     return result
+
+
+def _graph_epoch(cfg, net, opt, scheduler, sched_unit, graph_step, x_train, y_train, x_test, y_test,
+                 epoch: int, steps_per_epoch: int, log) -> dict:
+    """One epoch through a CudaGraphTrainStep (backend cuda, ``cuda_graph=True``).
+
+    Full batches replay the captured step; a last partial batch runs eagerly, so every image is
+    trained on once and the step count (and with it the schedule) is the eager path's. The loss
+    and the hit count are summed on the device; the host reads them every 50 steps (progress bar
+    and NaN check) and at the end of the epoch. ``train_loss`` is the mean of the per-step mean
+    losses, as in the eager path.
+    """
+    import cupy
+
+    n = len(x_train)
+    net.train()
+    cupy.cuda.get_current_stream().synchronize()  # data and model were made on the caller's stream
+    bar = _progress_bar(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", cfg.progress)
+    checked = 0
+    start = time.perf_counter()
+    with graph_step.stream:  # batches, replays and the eager tail all run in order on one stream
+        graph_step.reset_stats()
+        order = (np.random.default_rng([cfg.seed, epoch]).permutation(n) if cfg.shuffle else None)
+        order_dev = move_array(order, "cuda") if order is not None else None
+        for step in range(steps_per_epoch):
+            lo, hi = step * cfg.batch_size, min(n, (step + 1) * cfg.batch_size)
+            if order_dev is None:
+                xb, yb = x_train[lo:hi], y_train[lo:hi]
+            else:
+                idx = order_dev[lo:hi]
+                xb, yb = x_train[idx], y_train[idx]
+            if hi - lo == cfg.batch_size:
+                graph_step(xb, yb)
+            else:  # the last partial batch: eager, same optimizer (device hyper-parameters)
+                logits = net(Tensor(xb))
+                loss = F.cross_entropy(logits, yb)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                graph_step.loss_sum += loss.data
+                graph_step.correct += (logits.data.argmax(axis=1) == yb).sum()
+            if scheduler is not None and sched_unit == "batch":
+                scheduler.step()
+            if bar is not None and (step % 50 == 49 or step == steps_per_epoch - 1):
+                total = float(graph_step.loss_sum.get())  # one sync every 50 steps
+                if not math.isfinite(total):
+                    raise TrainingDiverged(f"training diverged: the loss became {total} at epoch {epoch}, "
+                                           f"between steps {checked} and {step} (0-based); try a lower --lr")
+                checked = step + 1
+                bar.set_postfix(loss=f"{total / (step + 1):.4f}", acc=f"{int(graph_step.correct.get()) / hi:.4f}",
+                                samples_s=f"{hi / (time.perf_counter() - start):,.0f}", refresh=False)
+                bar.update(step + 1 - bar.n)
+        loss_sum, correct = float(graph_step.loss_sum.get()), int(graph_step.correct.get())
+    epoch_s = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    if not math.isfinite(loss_sum):
+        raise TrainingDiverged(f"training diverged: the loss became {loss_sum} in epoch {epoch} (summed on the "
+                               f"device; the CUDA-graph path does not keep per-step losses); try a lower --lr")
+    if scheduler is not None and sched_unit == "epoch":
+        scheduler.step()
+    eval_start = time.perf_counter()
+    test_loss, test_acc = evaluate(net, x_test, y_test)
+    eval_s = time.perf_counter() - eval_start
+    record = {"epoch": epoch, "train_loss": loss_sum / steps_per_epoch, "train_acc": correct / n,
+              "test_loss": test_loss, "test_acc": test_acc, "epoch_s": epoch_s, "eval_s": eval_s,
+              "samples_per_s": n / epoch_s, "lr_end": opt.lr, "cuda_graph": graph_step.captured}
+    log(f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
+        f"test loss {test_loss:.4f} acc {test_acc:.4f} | {epoch_s:.2f} s ({n / epoch_s:,.0f} samples/s), "
+        f"eval {eval_s:.2f} s, CUDA graph {'replayed' if graph_step.captured else 'NOT used: ' + str(graph_step.reason)}")
+    return record
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):

@@ -111,3 +111,30 @@ def test_one_cycle_follows_its_formula(cycle_momentum):
     # PyTorch allows one more step() than total_steps (the update after the last batch) ...
     with pytest.raises(ValueError, match="more than total_steps"):
         sched.step()  # ... but not two
+
+
+def test_device_hyperparams_need_gpu_parameters_and_explicit_mode():
+    """Device hyper-parameters (CUDA graphs) are CUDA-only; the host path stays the default."""
+    p = param([1.0, 2.0])
+    opt = optim.Adam([p], lr=0.1)
+    assert not opt.device_hyperparams
+    with pytest.raises(ValueError, match=r"Adam.enable_device_hyperparams: needs every parameter on the GPU, "
+                                         r"got devices \['cpu'\] in parameter group 0"):
+        opt.enable_device_hyperparams()
+    with pytest.raises(RuntimeError, match=r"SGD.launch_step: call enable_device_hyperparams\(\) first"):
+        optim.SGD([p], lr=0.1).launch_step()
+    set_grad(p, [1.0, 1.0])
+    opt.step()  # still the host path after the refused switch
+    assert not opt.device_hyperparams and opt.state[id(p)]["step"] == 1
+
+
+def test_cuda_hyperparameter_values_match_the_host_formulas():
+    """The float32 values a captured graph reads are PyTorch's, computed in double then rounded once."""
+    from pycnn.backends import cuda
+
+    h = cuda.adam_hyperparams(3, 1e-3, 0.9, 0.999, 0.01)
+    want = [1e-3 / (1 - 0.9 ** 3), math.sqrt(1 - 0.999 ** 3), 1 - 1e-3 * 0.01, 0.9, 1 - 0.9]
+    assert h.dtype == np.float32 and h.tolist() == np.array(want, np.float32).tolist()
+    assert h[4] == np.float32(0.1) != np.float32(1.0) - np.float32(0.9)  # one rounding, not two
+    s = cuda.sgd_hyperparams(0.5, 0.9, 0.1, True)
+    assert s.tolist() == np.array([0.5, 0.9, 0.9, 1.0], np.float32).tolist()

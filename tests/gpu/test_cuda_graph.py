@@ -1,0 +1,126 @@
+"""CUDA-graph training steps (pycnn.cuda_graph) on the GPU: a replayed MnistCNN step gives the
+same parameters and losses as eager steps under a OneCycle schedule (lr and beta1 change every
+step), capture needs no cuBLAS, the eager fallback reports why, and run_mnist(cuda_graph=True)
+matches the eager run."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import pycnn
+import pycnn.cuda_graph
+import pycnn.functional as F
+import pycnn.train
+from pycnn import Tensor, models, optim
+
+try:
+    import cupy as cp
+except ImportError:  # the conftest gate skips (or fails) every test here
+    cp = None
+
+pytestmark = pytest.mark.gpu
+BATCH = 64
+
+
+def _model(seed=0):
+    pycnn.manual_seed(seed)
+    return models.MnistCNN().to("cuda")
+
+
+def _batches(steps, seed=1):
+    rng = np.random.default_rng(seed)
+    return [(cp.asarray(rng.standard_normal((BATCH, 1, 28, 28)).astype(np.float32)),
+             cp.asarray(rng.integers(0, 10, BATCH).astype(np.int32))) for _ in range(steps)]
+
+
+def _adam_onecycle(model, steps):
+    opt = optim.Adam(model.parameters(), lr=3e-3)
+    return opt, optim.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, cycle_momentum=True)
+
+
+def test_graph_replay_matches_eager_steps_under_onecycle():
+    steps = 10
+    batches = _batches(steps)
+    eager, graphed = _model(), _model()
+    opt_e, sched_e = _adam_onecycle(eager, steps)
+    opt_g, sched_g = _adam_onecycle(graphed, steps)
+    step = pycnn.cuda_graph.CudaGraphTrainStep(graphed, opt_g, (BATCH, 1, 28, 28), warmup_steps=2)
+    losses_e, losses_g, lrs = [], [], []
+    for x, y in batches:
+        logits = eager(Tensor(x))
+        loss = F.cross_entropy(logits, y)
+        opt_e.zero_grad()
+        loss.backward()
+        opt_e.step()
+        sched_e.step()
+        losses_e.append(float(loss.data))
+        losses_g.append(float(step(x, y).get()))
+        lrs.append(opt_g.lr)
+        sched_g.step()
+    assert step.captured and step.reason is None, step.reason  # also: no cuBLAS call was captured
+    assert len(set(lrs)) == steps  # the schedule changed the lr at every replay
+    np.testing.assert_allclose(losses_g, losses_e, rtol=1e-5)
+    for (name, pe), pg in zip(eager.named_parameters(), graphed.parameters()):
+        np.testing.assert_allclose(pg.numpy(), pe.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+    assert float(step.loss_sum.get()) == pytest.approx(sum(losses_e), rel=1e-5)
+
+
+def test_fallback_reports_cublas_and_keeps_training():
+    model = _model()
+    opt = optim.Adam(model.parameters(), lr=1e-3)
+
+    def loss_with_matmul(logits, y):
+        _ = cp.matmul(logits.data, logits.data.T)  # a cuBLAS call inside the step
+        return F.cross_entropy(logits, y)
+
+    step = pycnn.cuda_graph.CudaGraphTrainStep(model, opt, (BATCH, 1, 28, 28), loss_fn=loss_with_matmul,
+                                               warmup_steps=1)
+    before = [p.numpy().copy() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="eagerly"):
+        for x, y in _batches(3):
+            step(x, y)
+    assert not step.captured and "cuBLAS" in step.reason, step.reason
+    after = [p.numpy() for p in model.parameters()]
+    assert all(np.isfinite(a).all() for a in after) and any((a != b).any() for a, b in zip(after, before))
+    assert np.isfinite(float(step.loss.get()))
+
+
+def test_fallback_reports_a_host_sync():
+    model = _model()
+    opt = optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+
+    def loss_with_sync(logits, y):
+        loss = F.cross_entropy(logits, y)
+        float(loss.data)  # a device-to-host read inside the step
+        return loss
+
+    step = pycnn.cuda_graph.CudaGraphTrainStep(model, opt, (BATCH, 1, 28, 28), loss_fn=loss_with_sync,
+                                               warmup_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for x, y in _batches(3):
+            step(x, y)
+    assert not step.captured and step.reason.startswith("capture failed"), step.reason
+
+
+def test_wrong_batch_shape_is_refused():
+    model = _model()
+    step = pycnn.cuda_graph.CudaGraphTrainStep(model, optim.Adam(model.parameters()), (BATCH, 1, 28, 28))
+    x, y = _batches(1)[0]
+    with pytest.raises(ValueError, match=r"captured shapes x \(64, 1, 28, 28\).*got x \(10, 1, 28, 28\)"):
+        step(x[:10], y[:10])
+
+
+def test_run_mnist_cuda_graph_matches_eager(mnist_path):
+    # 4196 images at batch 256: 16 replayed steps (after 3 warm-up steps) and an eager tail of 100.
+    kwargs = dict(epochs=1, backend="cuda", data_dir=str(mnist_path), limit_train=4196, progress=False, seed=0)
+    eager = pycnn.train.run_mnist("fastmnist", **kwargs)
+    graphed = pycnn.train.run_mnist("fastmnist", cuda_graph=True, **kwargs)
+    assert graphed["cuda_graph"]["captured"], graphed["cuda_graph"]["reason"]
+    e, g = eager["history"][0], graphed["history"][0]
+    assert g["train_loss"] == pytest.approx(e["train_loss"], rel=1e-4)
+    assert g["train_acc"] == pytest.approx(e["train_acc"], abs=2e-3)
+    assert g["test_acc"] == pytest.approx(e["test_acc"], abs=2e-3)
+    assert g["lr_end"] == e["lr_end"]

@@ -1,0 +1,154 @@
+"""On the GPU: the linear.cu GEMM (forward, backward, bias/ReLU epilogue) on odd and model shapes,
+the one-launch cross-entropy forward/backward (many blocks, bitwise reproducible, ticket reset),
+max-pool + ReLU, and the multi-tensor Adam/SGD with host arguments and with the device
+hyper-parameter buffer written by async copies, all against numpy_ref. The same checks run on the
+CPU emulator in test_fused_emulated.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pycnn.backends import cuda
+from pycnn.backends import numpy_ref as ref
+
+try:
+    import cupy as cp
+except ImportError:  # the conftest gate skips (or fails) every test here
+    cp = None
+
+pytestmark = pytest.mark.gpu
+
+
+def g(a):
+    return cp.asarray(np.ascontiguousarray(a))
+
+
+def rnd(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def close(got, want, rtol=1e-4, atol=1e-5, what=""):
+    assert isinstance(got, cp.ndarray), f"{what}: expected a CuPy array, got {type(got)}"
+    got = cp.asnumpy(got)
+    assert got.shape == np.shape(want) and got.dtype == np.float32, f"{what}: {got.shape} {got.dtype}"
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=what)
+
+
+def same_bits(a, b) -> bool:
+    return cp.asnumpy(a).tobytes() == cp.asnumpy(b).tobytes()
+
+
+@pytest.mark.parametrize("N, IN, OUT", [
+    (1, 1, 1), (33, 17, 35), (5, 70, 3), (40, 0, 6),
+    (64, 576, 64), (512, 576, 64), (512, 64, 10), (256, 800, 256), (1000, 256, 10),  # model layers
+])
+def test_linear_gemm(N, IN, OUT):
+    rng = np.random.default_rng(N * 7 + IN)
+    x, w, b, dy = rnd(rng, N, IN), rnd(rng, OUT, IN), rnd(rng, OUT), rnd(rng, N, OUT)
+    x64, w64, b64, dy64 = (a.astype(np.float64) for a in (x, w, b, dy))
+    tol = 1e-5 + 2e-6 * max(IN, N, OUT)  # float32 sums of that many O(1) products
+    close(cuda.linear_forward(g(x), g(w), g(b)), ref.linear_forward(x64, w64, b64), atol=tol, what="forward")
+    close(cuda.linear_forward(g(x), g(w), None), ref.linear_forward(x64, w64, None), atol=tol, what="no bias")
+    close(cuda.linear_bias_relu_forward(g(x), g(w), g(b)), ref.linear_bias_relu_forward(x64, w64, b64),
+          atol=tol, what="bias+relu")
+    got = cuda.linear_backward(g(dy), g(x), g(w))
+    for name, a, want in zip(("dx", "dw", "db"), got, ref.linear_backward(dy64, x64, w64)):
+        close(a, want, atol=tol, what=name)
+    again = cuda.linear_backward(g(dy), g(x), g(w))
+    assert all(same_bits(a, c) for a, c in zip(got, again)), "linear_backward is not bitwise reproducible"
+
+
+@pytest.mark.parametrize("N, C, weighted, eps, reduction", [
+    (1, 3, False, 0.0, "mean"), (13, 37, True, 0.1, "mean"), (512, 10, False, 0.0, "mean"),
+    (512, 10, True, 0.2, "sum"), (10000, 10, False, 0.1, "mean"),   # > 1024 blocks' worth of rows
+    (300, 1000, True, 0.0, "mean"),
+])
+def test_cross_entropy_one_launch(N, C, weighted, eps, reduction):
+    rng = np.random.default_rng(N + C)
+    logits, target = rnd(rng, N, C, scale=3.0), rng.integers(0, C, N)
+    weight = (rng.random(C) + 0.1).astype(np.float32) if weighted else None
+    w64 = None if weight is None else weight.astype(np.float64)
+    loss_want, probs_want = ref.softmax_cross_entropy_forward(logits.astype(np.float64), target, w64, eps, reduction)
+    lg, tg, wg = g(logits), g(target.astype(np.int32)), None if weight is None else g(weight)
+    loss, probs = cuda.softmax_cross_entropy_forward(lg, tg, wg, eps, reduction)
+    close(loss, loss_want, rtol=1e-5, what="loss")
+    close(probs, probs_want, atol=1e-6, what="probs")
+    for _ in range(20):  # the last-block election must give the same bits every time
+        again, _ = cuda.softmax_cross_entropy_forward(lg, tg, wg, eps, reduction)
+        assert same_bits(again, loss)
+    d = cuda.softmax_cross_entropy_backward(0.5, probs, tg, wg, eps, reduction)
+    close(d, ref.softmax_cross_entropy_backward(0.5, probs.get().astype(np.float64), target, w64, eps, reduction),
+          atol=1e-6, what="dlogits")
+    assert same_bits(d, cuda.softmax_cross_entropy_backward(0.5, probs, tg, wg, eps, reduction))
+
+
+def test_cross_entropy_on_two_streams():
+    """Each stream has its own last-block ticket, so interleaved launches do not mix."""
+    rng = np.random.default_rng(3)
+    logits, target = g(rnd(rng, 4000, 10)), g(rng.integers(0, 10, 4000).astype(np.int32))
+    want, _ = cuda.softmax_cross_entropy_forward(logits, target, None, 0.0, "mean")
+    streams = [cp.cuda.Stream(non_blocking=True) for _ in range(2)]
+    outs = []
+    for _ in range(10):
+        for s in streams:
+            with s:
+                outs.append(cuda.softmax_cross_entropy_forward(logits, target, None, 0.0, "mean")[0])
+    for s in streams:
+        s.synchronize()
+    assert all(same_bits(o, want) for o in outs)
+
+
+@pytest.mark.parametrize("shape, kernel, stride, padding", [
+    ((64, 24, 24, 24), (2, 2), (2, 2), (0, 0)), ((3, 5, 11, 9), (3, 3), (2, 1), (1, 1)),
+])
+def test_maxpool_relu(shape, kernel, stride, padding):
+    rng = np.random.default_rng(4)
+    x = rnd(rng, *shape)
+    y_want, am_want = ref.maxpool2d_relu_forward(x, kernel, stride, padding)
+    y, am = cuda.maxpool2d_relu_forward(g(x), kernel, stride, padding)
+    np.testing.assert_array_equal(y.get(), y_want)
+    np.testing.assert_array_equal(am.get(), am_want)
+
+
+def _optimizer_case(rng):
+    shapes = [(32, 1, 3, 3), (32,), (64, 32, 3, 3), (64,), (0,), (64, 576), (64,), (10, 64), (10,)] + \
+             [(i + 2,) for i in range(10)]  # 19 tensors: two launches
+    return shapes, [rnd(rng, *s) for s in shapes]
+
+
+def test_multi_tensor_adam_device_hyperparams_follow_a_schedule():
+    rng = np.random.default_rng(5)
+    shapes, p0 = _optimizer_case(rng)
+    p_dev, p_host = [g(a) for a in p0], [g(a) for a in p0]
+    m_dev, v_dev, m_host, v_host = ([cp.zeros(s, cp.float32) for s in shapes] for _ in range(4))
+    p_ref = [a.copy() for a in p0]
+    m_ref, v_ref = [np.zeros(s, np.float32) for s in shapes], [np.zeros(s, np.float32) for s in shapes]
+    hyper = cuda.HyperParams(len(cuda.ADAM_HYPER))
+    lrs = np.concatenate([np.linspace(1e-3, 1e-2, 5), np.linspace(1e-2, 1e-4, 5)])
+    for step, lr in enumerate(lrs, start=1):
+        beta1 = 0.85 + 0.01 * (step % 3)
+        grads = [rnd(rng, *s) for s in shapes]
+        gg = [g(a) for a in grads]
+        hyper.write(cuda.adam_hyperparams(step, lr, beta1, 0.999, 1e-2))  # async, before the launch
+        cuda.adam_step_device(p_dev, gg, m_dev, v_dev, hyper, 0.999, 1e-8, 1e-2, True)
+        cuda.adam_step(p_host, gg, m_host, v_host, step, lr, beta1, 0.999, 1e-8, 1e-2, True)
+        ref.adam_step(p_ref, grads, m_ref, v_ref, step, lr, beta1, 0.999, 1e-8, 1e-2, True)
+    for i, (a, b, want) in enumerate(zip(p_dev + m_dev + v_dev, p_host + m_host + v_host, p_ref + m_ref + v_ref)):
+        assert same_bits(a, b), f"device vs host hyper-parameters differ, array {i}"
+        close(a, want, rtol=1e-5, atol=1e-6, what=f"array {i}")
+
+
+def test_multi_tensor_sgd_device_hyperparams():
+    rng = np.random.default_rng(6)
+    shapes, p0 = _optimizer_case(rng)
+    p_dev, p_ref = [g(a) for a in p0], [a.copy() for a in p0]
+    b_dev, b_ref = [cp.zeros(s, cp.float32) for s in shapes], [np.zeros(s, np.float32) for s in shapes]
+    hyper = cuda.HyperParams(len(cuda.SGD_HYPER))
+    for step in range(1, 7):
+        lr, momentum = 0.1 / step, 0.8 + 0.02 * step
+        grads = [rnd(rng, *s) for s in shapes]
+        hyper.write(cuda.sgd_hyperparams(lr, momentum, 0.0, step == 1))
+        cuda.sgd_step_device(p_dev, [g(a) for a in grads], b_dev, hyper, True, 1e-3, True)
+        ref.sgd_step(p_ref, grads, b_ref, lr, momentum, 0.0, 1e-3, True, step == 1)
+    for i, (a, want) in enumerate(zip(p_dev + b_dev, p_ref + b_ref)):
+        close(a, want, rtol=1e-5, atol=1e-6, what=f"array {i}")
