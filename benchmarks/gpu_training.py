@@ -1,0 +1,451 @@
+"""Whole-model GPU training throughput: pycnn eager, pycnn CUDA graph, PyTorch eager and PyTorch
+with its whole step in a CUDA graph, measured in the same run on the same GPU.
+
+    PYTHONPATH=. PYCNN_DATA=<mnist dir> python3 benchmarks/gpu_training.py --out $OUT/training.json
+
+What it measures (MNIST resident on the GPU, normalized as in ``pycnn train mnist``):
+- MnistCNN (Adam 1e-3) at batch 64 and 512: one timed epoch of full batches (the last partial
+  batch is dropped, the same for every variant) in a fixed shuffled order, after a few untimed
+  warm-up steps (and the capture, for the graph variants): samples/s and epoch seconds.
+- The FastMNIST recipe (ANCHORS.md: batch 256 in order, Adam 1e-2 betas (0.7, 0.9), one-cycle
+  without momentum cycling): wall time of one epoch plus the test evaluation, from the first
+  step (warm-up and capture included) to the accuracy on the host, and the test accuracy; the
+  pycnn graph variant over ``--seeds`` seeds (the target is a mean >= 99.0%).
+Kernels are compiled (and cuDNN initialized) by a throwaway step of each model first, so the
+timings do not include NVRTC. PyTorch runs fp32 (TF32 off) with cudnn.benchmark on. The pycnn
+graph variants also report the mean time of one bare ``graph.launch`` (replay_ms) next to the
+mean time of a whole step (step_ms: input copies, hyper-parameter write and replay), which says
+how much of a step is Python and how much is kernels.
+
+Writes a JSON record (environment + "end_to_end" entries with "reference" and
+"reference_samples_per_s", the DESIGN.md record format) to ``--out`` and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pycnn  # noqa: E402
+import pycnn.functional as F  # noqa: E402
+from pycnn import data, models, optim  # noqa: E402
+from pycnn.cuda_graph import CudaGraphTrainStep  # noqa: E402
+from pycnn.tensor import Tensor, no_grad  # noqa: E402
+
+WARMUP = 3  # untimed steps before a throughput epoch (the graph variants capture after them)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_data():
+    import cupy as cp
+
+    xtr, ytr = data.load_mnist("train", progress=False)
+    xte, yte = data.load_mnist("test", progress=False)
+    return (cp.asarray(data.normalize(xtr)), cp.asarray(ytr.astype(np.int32)),
+            cp.asarray(data.normalize(xte)), cp.asarray(yte.astype(np.int32)))
+
+
+def _sync():
+    import cupy as cp
+
+    cp.cuda.Device().synchronize()
+
+
+# ----------------------------------------------------------------------------- pycnn
+
+
+def pycnn_eval(net, x, y, batch=1000) -> float:
+    """Test accuracy with one host read at the end."""
+    net.eval()
+    hits = None
+    with no_grad():
+        for i in range(0, len(x), batch):
+            h = (net(Tensor(x[i:i + batch])).data.argmax(axis=1) == y[i:i + batch]).sum()
+            hits = h if hits is None else hits + h
+    net.train()
+    return int(hits) / len(x)
+
+
+def _pycnn_eager_step(net, opt, xb, yb):
+    loss = F.cross_entropy(net(Tensor(xb)), yb)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def pycnn_throughput(model_name, batch, graph, x, y, order) -> dict:
+    import cupy as cp
+
+    pycnn.manual_seed(0)
+    net = models.get_model(model_name).to("cuda")
+    opt = optim.Adam(net.parameters(), lr=1e-3)
+    steps = len(x) // batch
+    step = CudaGraphTrainStep(net, opt, (batch,) + tuple(x.shape[1:]), warmup_steps=WARMUP) if graph else None
+    stream = step.stream if graph else cp.cuda.get_current_stream()
+    out = {}
+    with stream:
+        idx = order[:batch]
+        xb0, yb0 = x[idx], y[idx]
+        for _ in range(WARMUP + 1):  # graph: 3 eager warm-up steps, then the capture (+ a replay)
+            if graph:
+                step(xb0, yb0)
+            else:
+                _pycnn_eager_step(net, opt, xb0, yb0)
+        stream.synchronize()
+        start = time.perf_counter()
+        for s in range(steps):
+            idx = order[s * batch:(s + 1) * batch]
+            if graph:
+                step(x[idx], y[idx])
+            else:
+                _pycnn_eager_step(net, opt, x[idx], y[idx])
+        stream.synchronize()
+        epoch_s = time.perf_counter() - start
+        if graph and step.captured:
+            reps = 50
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                step(xb0, yb0)
+            stream.synchronize()
+            out["step_ms"] = (time.perf_counter() - t0) / reps * 1e3
+            e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+            e0.record(stream)
+            for _ in range(reps):
+                opt.prepare_step()
+                step.graph.launch(stream)
+            e1.record(stream)
+            e1.synchronize()
+            out["replay_ms"] = cp.cuda.get_elapsed_time(e0, e1) / reps
+    out.update(samples_per_s=steps * batch / epoch_s, epoch_s=epoch_s, steps=steps)
+    if graph:
+        out.update(captured=step.captured, reason=step.reason)
+    return out
+
+
+def pycnn_fastmnist(graph, seed, xtr, ytr, xte, yte) -> dict:
+    import cupy as cp
+
+    pycnn.manual_seed(seed)
+    net = models.get_model("fastmnist").to("cuda")
+    opt = optim.Adam(net.parameters(), lr=1e-2, betas=(0.7, 0.9))
+    batch, n = 256, len(xtr)
+    steps = -(-n // batch)
+    sched = optim.OneCycleLR(opt, max_lr=1e-2, total_steps=steps, cycle_momentum=False)
+    _sync()
+    start = time.perf_counter()
+    step = CudaGraphTrainStep(net, opt, (batch, 1, 28, 28), warmup_steps=WARMUP) if graph else None
+    stream = step.stream if graph else cp.cuda.get_current_stream()
+    with stream:
+        for s in range(steps):
+            xb, yb = xtr[s * batch:(s + 1) * batch], ytr[s * batch:(s + 1) * batch]
+            if graph and len(xb) == batch:
+                step(xb, yb)
+            else:  # eager path, and the graph variant's last partial batch
+                _pycnn_eager_step(net, opt, xb, yb)
+            sched.step()
+        stream.synchronize()
+    train_s = time.perf_counter() - start
+    acc = pycnn_eval(net, xte, yte)
+    wall_s = time.perf_counter() - start
+    out = dict(train_s=train_s, wall_s=wall_s, test_acc=acc, seed=seed)
+    if graph:
+        out.update(captured=step.captured, reason=step.reason)
+    return out
+
+
+def pycnn_warmup(x, y, xte, yte) -> None:
+    """One pass through every kernel, shape and graph path the timed runs use (results dropped)."""
+    batches = {"mnistcnn": [int(b) for b in _BATCHES], "fastmnist": [256, len(x) % 256 or 256]}
+    for name, sizes in batches.items():
+        net = models.get_model(name).to("cuda")
+        opt = optim.Adam(net.parameters())
+        for b in sizes:
+            _pycnn_eager_step(net, opt, x[:b], y[:b])
+        step = CudaGraphTrainStep(net, optim.Adam(net.parameters()), (sizes[0], 1, 28, 28), warmup_steps=1)
+        with step.stream:
+            for _ in range(3):
+                step(x[:sizes[0]], y[:sizes[0]])
+            step.stream.synchronize()
+        pycnn_eval(net, xte, yte)
+
+
+def torch_warmup(torch, x, y, xte, yte) -> None:
+    for name, sizes in {"mnistcnn": [int(b) for b in _BATCHES], "fastmnist": [256, len(x) % 256 or 256]}.items():
+        net = torch_model(torch, name)
+        opt = torch.optim.Adam(net.parameters())
+        for b in sizes:
+            loss = torch.nn.functional.cross_entropy(net(x[:b]), y[:b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            net(xte[:1000])
+    torch.cuda.synchronize()
+
+
+_BATCHES = ["64", "512"]  # set from --batches in main
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as exc:
+        return None, f"torch not importable: {exc}"
+    if not torch.cuda.is_available():
+        return None, f"torch {torch.__version__} sees no CUDA device"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    return torch, None
+
+
+def torch_model(torch, name):
+    tnn = torch.nn
+    if name == "mnistcnn":
+        net = tnn.Sequential(tnn.Conv2d(1, 32, 3), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Conv2d(32, 64, 3), tnn.ReLU(),
+                             tnn.MaxPool2d(2), tnn.Conv2d(64, 64, 3), tnn.ReLU(), tnn.Flatten(), tnn.Linear(576, 64),
+                             tnn.ReLU(), tnn.Linear(64, 10))
+    else:
+        net = tnn.Sequential(tnn.Conv2d(1, 24, 5), tnn.MaxPool2d(2), tnn.ReLU(), tnn.Conv2d(24, 32, 3),
+                             tnn.MaxPool2d(2), tnn.ReLU(), tnn.Flatten(), tnn.Linear(800, 256), tnn.ReLU(),
+                             tnn.Linear(256, 10))
+    return net.cuda()
+
+
+class TorchGraphStep:
+    """PyTorch's whole step (forward, loss, backward, capturable Adam) in one CUDA graph: warm-up
+    steps on a side stream, then capture; the lr lives in a device tensor that schedulers fill."""
+
+    def __init__(self, torch, net, opt, batch, warmup=WARMUP):
+        self.torch, self.net, self.opt, self.warmup = torch, net, opt, warmup
+        self.x = torch.zeros((batch, 1, 28, 28), device="cuda")
+        self.y = torch.zeros((batch,), dtype=torch.long, device="cuda")
+        self.calls, self.graph, self.loss = 0, None, None
+        self.stream = torch.cuda.Stream()
+
+    def _body(self):
+        self.opt.zero_grad(set_to_none=True)
+        self.loss = self.torch.nn.functional.cross_entropy(self.net(self.x), self.y)
+        self.loss.backward()
+        self.opt.step()
+
+    def __call__(self, xb, yb):
+        torch = self.torch
+        self.x.copy_(xb)
+        self.y.copy_(yb)
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.calls < self.warmup:
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                self._body()
+            torch.cuda.current_stream().wait_stream(self.stream)
+        else:
+            self.graph = torch.cuda.CUDAGraph()
+            self.opt.zero_grad(set_to_none=True)
+            with torch.cuda.graph(self.graph):
+                self.loss = torch.nn.functional.cross_entropy(self.net(self.x), self.y)
+                self.loss.backward()
+                self.opt.step()
+            self.graph.replay()
+        self.calls += 1
+
+
+def torch_adam(torch, net, lr, betas, graph):
+    if graph:
+        return torch.optim.Adam(net.parameters(), lr=torch.tensor(lr, device="cuda"), betas=betas, capturable=True)
+    return torch.optim.Adam(net.parameters(), lr=lr, betas=betas)
+
+
+def torch_throughput(torch, model_name, batch, graph, x, y, order) -> dict:
+    torch.manual_seed(0)
+    net = torch_model(torch, model_name)
+    opt = torch_adam(torch, net, 1e-3, (0.9, 0.999), graph)
+    steps = len(x) // batch
+    step = TorchGraphStep(torch, net, opt, batch) if graph else None
+
+    def eager(xb, yb):
+        loss = torch.nn.functional.cross_entropy(net(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    run = step if graph else eager
+    idx = order[:batch]
+    for _ in range(WARMUP + 1):
+        run(x[idx], y[idx])
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for s in range(steps):
+        idx = order[s * batch:(s + 1) * batch]
+        run(x[idx], y[idx])
+    torch.cuda.synchronize()
+    epoch_s = time.perf_counter() - start
+    return dict(samples_per_s=steps * batch / epoch_s, epoch_s=epoch_s, steps=steps)
+
+
+def torch_fastmnist(torch, graph, seed, xtr, ytr, xte, yte) -> dict:
+    torch.manual_seed(seed)
+    net = torch_model(torch, "fastmnist")
+    opt = torch_adam(torch, net, 1e-2, (0.7, 0.9), graph)
+    batch, n = 256, len(xtr)
+    steps = -(-n // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps, cycle_momentum=False)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    step = TorchGraphStep(torch, net, opt, batch) if graph else None
+    for s in range(steps):
+        xb, yb = xtr[s * batch:(s + 1) * batch], ytr[s * batch:(s + 1) * batch]
+        if graph and len(xb) == batch:
+            step(xb, yb)
+        else:
+            loss = torch.nn.functional.cross_entropy(net(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    torch.cuda.synchronize()
+    train_s = time.perf_counter() - start
+    net.eval()
+    with torch.no_grad():
+        hits = sum((net(xte[i:i + 1000]).argmax(1) == yte[i:i + 1000]).sum() for i in range(0, len(xte), 1000))
+    acc = hits.item() / len(xte)
+    return dict(train_s=train_s, wall_s=time.perf_counter() - start, test_acc=acc, seed=seed)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _attempt(errors, what, fn, *args):
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - one failing variant must not lose the others
+        errors.append(f"{what}: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}")
+        print(f"ERROR {what}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON record to write")
+    parser.add_argument("--batches", default="64,512", help="MnistCNN batch sizes")
+    parser.add_argument("--seeds", type=int, default=5, help="FastMNIST seeds for the pycnn graph variant")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch references")
+    args = parser.parse_args(argv)
+    _BATCHES[:] = args.batches.split(",")
+
+    from pycnn.backends import cuda
+    from pycnn.selftest import commit_sha, environment
+
+    ok, reason = cuda.available()
+    if not ok:
+        print(f"CUDA backend unavailable: {reason}", file=sys.stderr)
+        return 2
+    t_start = time.perf_counter()
+    errors: list = []
+    xtr, ytr, xte, yte = load_data()
+    torch, torch_reason = (None, "--no-torch") if args.no_torch else _torch()
+    if torch is not None:
+        txtr, tytr = torch.from_dlpack(xtr), torch.from_dlpack(ytr).long()
+        txte, tyte = torch.from_dlpack(xte), torch.from_dlpack(yte).long()
+
+    # Compile pycnn's kernels (NVRTC), pick per-shape kernel versions and let cuDNN autotune,
+    # all outside the timed regions: every model at the batch sizes and tails it will see.
+    _attempt(errors, "pycnn warm-up", pycnn_warmup, xtr, ytr, xte, yte)
+    if torch is not None:
+        _attempt(errors, "torch warm-up", torch_warmup, torch, txtr, tytr, txte, tyte)
+    _sync()
+
+    entries, details = [], {"mnistcnn": {}, "fastmnist": {}}
+    rng = np.random.default_rng(0)
+    import cupy as cp
+
+    order = cp.asarray(rng.permutation(len(xtr)))
+    torder = torch.from_dlpack(order).long() if torch is not None else None
+    for batch in [int(b) for b in args.batches.split(",")]:
+        res = {"pycnn-eager": _attempt(errors, f"pycnn eager b{batch}", pycnn_throughput, "mnistcnn", batch,
+                                       False, xtr, ytr, order),
+               "pycnn-cudagraph": _attempt(errors, f"pycnn graph b{batch}", pycnn_throughput, "mnistcnn", batch,
+                                           True, xtr, ytr, order)}
+        if torch is not None:
+            res["pytorch-eager"] = _attempt(errors, f"torch eager b{batch}", torch_throughput, torch, "mnistcnn",
+                                            batch, False, txtr, tytr, torder)
+            res["pytorch-cudagraph"] = _attempt(errors, f"torch graph b{batch}", torch_throughput, torch,
+                                                "mnistcnn", batch, True, txtr, tytr, torder)
+        details["mnistcnn"][batch] = res
+        ref = res.get("pytorch-cudagraph") or {}
+        for variant in ("pycnn-eager", "pycnn-cudagraph"):
+            if res[variant] is None:
+                continue
+            entries.append({"model": "MnistCNN", "batch": batch, "variant": variant, "drop_last": True,
+                            **res[variant], "reference": "pytorch-cudagraph" if ref else "none",
+                            "reference_samples_per_s": ref.get("samples_per_s"),
+                            "pytorch_eager_samples_per_s": (res.get("pytorch-eager") or {}).get("samples_per_s")})
+
+    fm = {"pycnn-eager": [_attempt(errors, "pycnn eager fastmnist", pycnn_fastmnist, False, 0, xtr, ytr, xte, yte)],
+          "pycnn-cudagraph": [_attempt(errors, f"pycnn graph fastmnist seed {s}", pycnn_fastmnist, True, s,
+                                       xtr, ytr, xte, yte) for s in range(args.seeds)]}
+    if torch is not None:
+        fm["pytorch-eager"] = [_attempt(errors, "torch eager fastmnist", torch_fastmnist, torch, False, 0,
+                                        txtr, tytr, txte, tyte)]
+        fm["pytorch-cudagraph"] = [_attempt(errors, "torch graph fastmnist", torch_fastmnist, torch, True, 0,
+                                            txtr, tytr, txte, tyte)]
+    details["fastmnist"] = fm
+    tref = [r for r in fm.get("pytorch-eager", []) if r]
+    for variant in ("pycnn-eager", "pycnn-cudagraph"):
+        runs = [r for r in fm[variant] if r]
+        if not runs:
+            continue
+        entries.append({"model": "FastMNIST", "batch": 256, "variant": variant, "recipe": "1 epoch + test eval",
+                        "wall_s": min(r["wall_s"] for r in runs), "wall_s_runs": [r["wall_s"] for r in runs],
+                        "train_s": min(r["train_s"] for r in runs), "samples_per_s": len(xtr) / min(r["train_s"] for r in runs),
+                        "test_acc": float(np.mean([r["test_acc"] for r in runs])),
+                        "test_acc_runs": [r["test_acc"] for r in runs],
+                        "captured": runs[0].get("captured"), "reason": runs[0].get("reason"),
+                        "reference": "pytorch-eager" if tref else "none",
+                        "reference_wall_s": tref[0]["wall_s"] if tref else None,
+                        "reference_samples_per_s": len(xtr) / tref[0]["train_s"] if tref else None,
+                        "reference_test_acc": tref[0]["test_acc"] if tref else None})
+
+    record = {**environment(), "commit": commit_sha(),
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "benchmark": "gpu_training",
+              "torch": None if torch is None else torch.__version__, "torch_reason": torch_reason,
+              "end_to_end": entries, "details": details, "errors": errors,
+              "wall_s": time.perf_counter() - t_start}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1, default=str))
+    print(f"{'model':10} {'batch':>5} {'variant':16} {'samples/s':>10} {'epoch/wall s':>12} {'acc':>7}  reference")
+    for e in entries:
+        t = e.get("epoch_s", e.get("wall_s"))
+        ref = e.get("reference_samples_per_s")
+        print(f"{e['model']:10} {e['batch']:>5} {e['variant']:16} {e['samples_per_s']:>10,.0f} {t:>12.3f} "
+              f"{e.get('test_acc', float('nan')):>7.4f}  {e['reference']} "
+              f"{'' if ref is None or (isinstance(ref, float) and math.isnan(ref)) else f'{ref:,.0f}/s'}")
+    for name, res in details["mnistcnn"].items():
+        for v in ("pytorch-eager", "pytorch-cudagraph"):
+            if res.get(v):
+                print(f"MnistCNN   {name:>5} {v:16} {res[v]['samples_per_s']:>10,.0f} {res[v]['epoch_s']:>12.3f}")
+    for v in ("pytorch-eager", "pytorch-cudagraph"):
+        for r in details["fastmnist"].get(v, []):
+            if r:
+                print(f"FastMNIST    256 {v:16} {len(xtr) / r['train_s']:>10,.0f} {r['wall_s']:>12.3f} {r['test_acc']:>7.4f}")
+    print(f"written to {args.out} ({record['wall_s']:.1f} s)")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
