@@ -118,6 +118,9 @@ class CudaGraphTrainStep:
             self.logits = None  # allocated on the first step (its shape comes from the model)
             self.loss_sum = cupy.zeros((), dtype=cupy.float64)
             self.correct = cupy.zeros((), dtype=cupy.int64)
+        # Whatever the caller's stream did so far (the model's parameters, the optimizer's
+        # buffers) comes before the first step, even when later calls run on self.stream itself.
+        self.stream.wait_event(cupy.cuda.get_current_stream().record())
 
     # -- public
     def __call__(self, x, y):

@@ -1040,7 +1040,9 @@ class HyperParams:
 
         self.size = int(size)
         with cupy.cuda.Device(device_id):
-            self.device = cupy.zeros((self.size,), dtype=cupy.float32)
+            # empty, not zeros: a fill kernel on this (maybe other) stream could race with the
+            # first write(); every launch that reads the buffer comes after a write().
+            self.device = cupy.empty((self.size,), dtype=cupy.float32)
             self._host = cupyx.empty_pinned((slots, self.size), dtype=np.float32)
         self._events = [None] * slots
         self._next = 0
