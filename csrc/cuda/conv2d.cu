@@ -2,21 +2,53 @@
 //
 //   y[n,k,i,j] = b[k] + sum_{c,r,s} x[n,c,i*sh-ph+r, j*sw-pw+s] * w[k,c,r,s]
 //
-// Kernels and versions (each kept, tested against numpy_ref and benchmarked):
-//   conv2d_fwd_v1_f32         direct: one thread per output element, flat index with j fastest so
-//                             a warp reads consecutive x along W (coalesced for stride 1).
-//   conv2d_fwd_v2_f32         shared-memory tiled: a TILE_H x TILE_W block of outputs for one image
-//                             and CONV_KPB filters; per input channel the block stages the input
-//                             patch and the KPB filter slices in shared memory once, and each
-//                             thread reuses every staged x value for KPB filters (KPB x fewer
-//                             global loads than v1). Same summation order as v1 (c, r, s).
+// A ladder of versions for each direction, every one kept, tested against numpy_ref and
+// benchmarked (docs/kernels.md walks through them). Forward and backward sit side by side.
+//
+// v1 direct
+//   conv2d_fwd_v1_f32         one thread per output element, flat index with j fastest so a warp
+//                             reads consecutive x along W (coalesced for stride 1).
 //   conv2d_bwd_data_v1_f32    gather: one thread per dx element; it visits exactly the (k, r, s)
 //                             whose output position i = (h + ph - r) / sh is integral and in range.
 //                             No atomics, so dx is bitwise reproducible.
 //   conv2d_bwd_weight_v1_f32  one block per weight element; the block's threads stride over the
-//                             N*Ho*Wo products in a fixed assignment (coalesced along W) and a
-//                             fixed-order block reduction sums them: deterministic, no atomics.
-// The bias gradient db = dy.sum((0,2,3)) is bias_grad_f32 in activation.cu.
+//                             N*Ho*Wo products in a fixed assignment and a fixed-order block
+//                             reduction sums them: deterministic, no atomics.
+// v2 shared-memory tiled
+//   conv2d_fwd_v2_f32         a TILE_H x TILE_W tile of outputs of one image and KPB filters; per
+//                             input channel the block stages the input patch and KPB filter
+//                             slices once, each staged x is reused for KPB filters.
+//   conv2d_bwd_data_v2_f32    the mirror image: a tile of dx for KPB channels; per filter k the
+//                             block stages the dy patch the tile reads and the KPB weight slices.
+//   conv2d_bwd_weight_v2_f32  one block per (k, c) and image range: the x patch under a tile of
+//                             outputs is staged once and every thread reuses its dy value for all
+//                             R*S weights (register accumulators); fixed-order block sums, then
+//                             conv2d_bwd_weight_reduce_f32 adds the image ranges in a fixed order.
+// v3 implicit GEMM, register blocked (exact fp32, FMA)
+//   Each direction is a matrix product C (M x Ncols) = A (M x Kd) . B (Kd x Ncols) whose operands
+//   are gathered on the fly from the tensors (no im2col buffer):
+//     forward      M = K filters,  Ncols = N*Ho*Wo, Kd = C*R*S;   A = w,  B = im2col(x)
+//     bwd-data     M = C channels, Ncols = N*H*W,   Kd = K*R*S;   A = w^T, B = dy gathered at the
+//                  output positions that read each x (zero where (h+ph-r) is not a multiple of sh)
+//     bwd-weight   M = K filters,  Ncols = C*R*S,   Kd = N*Ho*Wo; A = dy, B = im2col(x)^T; the
+//                  long Kd is split over grid.z (split-K) into a partial-sum workspace that
+//                  conv2d_bwd_weight_reduce_f32 adds in a fixed order: deterministic, no atomics.
+//   A BM x BN block of C per 256-thread block, staged through BK-deep shared-memory tiles of A
+//   and B that all threads load cooperatively (float4 loads of A where rows are contiguous and
+//   16-byte aligned); each thread accumulates a TM x TN register tile with fmaf.
+//   conv2d_fwd_v3_f32, conv2d_bwd_data_v3_f32, conv2d_bwd_weight_v3_f32
+// v4 TF32 tensor cores (opt-in: allow_tf32 / PYCNN_ALLOW_TF32=1; sm_80 or newer)
+//   The same tiles and gathers as v3; each warp computes a 32 x 16 block of C with
+//   mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, operands rounded to TF32
+//   (cvt.rna.tf32.f32: 10-bit mantissa, relative rounding error <= 2^-11), fp32 accumulation.
+//   Error bound per output, with P = sum_k |a_k*b_k| over its Kd products:
+//     |C_tf32 - C_exact| <= (2^-10 + 2^-22 + Kd * 2^-23) * P    (operand rounding 2*2^-11 + its
+//   square, plus fp32 accumulation; 2^-23 per addition covers a truncating accumulator).
+//   conv2d_fwd_v4_f32, conv2d_bwd_data_v4_f32, conv2d_bwd_weight_v4_f32
+//
+// Epilogue of every forward kernel: + b[k] (has_bias), then ReLU (relu): conv2d_bias_relu_forward
+// is one kernel, not a second pass. The bias gradient db = dy.sum((0,2,3)) is bias_grad_f32 in
+// activation.cu.
 #include "common.cuh"
 
 #ifndef PYCNN_CONV2_TILE_W
@@ -31,7 +63,7 @@
 
 extern "C" __global__ void conv2d_fwd_v1_f32(
     const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
-    float* __restrict__ y, int has_bias, int N, int C, int H, int W, int K, int R, int S,
+    float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
     int Ho, int Wo, int sh, int sw, int ph, int pw) {
     const pycnn_i64 total = (pycnn_i64)N * K * Ho * Wo;
     PYCNN_FOR_EACH(idx, total) {
@@ -56,6 +88,7 @@ extern "C" __global__ void conv2d_fwd_v1_f32(
             }
         }
         if (has_bias) acc += b[k];
+        if (relu) acc = acc > 0.0f ? acc : 0.0f;  // fused epilogue (conv2d_bias_relu_forward)
         y[idx] = acc;
     }
 }
@@ -65,7 +98,7 @@ extern "C" __global__ void conv2d_fwd_v1_f32(
 // (the host checks it fits and otherwise runs v1).
 extern "C" __global__ void conv2d_fwd_v2_f32(
     const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
-    float* __restrict__ y, int has_bias, int N, int C, int H, int W, int K, int R, int S,
+    float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
     int Ho, int Wo, int sh, int sw, int ph, int pw) {
     extern __shared__ float smem[];
     const int PH = (PYCNN_CONV2_TILE_H - 1) * sh + R;  // input rows one tile of outputs reads
@@ -121,9 +154,395 @@ extern "C" __global__ void conv2d_fwd_v2_f32(
         if (k < K) {
             float v = acc[kk];
             if (has_bias) v += b[k];
+            if (relu) v = v > 0.0f ? v : 0.0f;
             y[(((pycnn_i64)n * K + k) * Ho + i) * Wo + j] = v;
         }
     }
+}
+
+
+// ----------------------------------------------------------------------------- v3 / v4 core
+//
+// The tile shape is fixed (the index arithmetic of the cooperative loads below depends on it);
+// the host mirrors it in cuda.py (_CONV3_BM, _CONV3_BN, _CONV3_BK).
+#define PYCNN_CONV3_BM 64       // rows of C (filters or channels) per block
+#define PYCNN_CONV3_BN 64       // columns of C (output pixels or weight taps) per block
+#define PYCNN_CONV3_BK 16       // depth of one shared-memory stage of A and B
+#define PYCNN_CONV3_TM 4        // v3: rows of C per thread (register tile)
+#define PYCNN_CONV3_TN 4        // v3: columns of C per thread
+#define PYCNN_CONV3_THREADS 256 // (BM/TM) * (BN/TN) threads; v4: 8 warps of 32 x 16
+// Row padding of the shared tiles: with a pitch of BM+8 floats the v4 fragment reads
+// As[k0+t][m0+g] (t = lane%4, g = lane/4) hit banks 8t+g, all 32 distinct.
+#define PYCNN_CONV3_PAD 8
+
+static_assert(PYCNN_CONV3_BM / PYCNN_CONV3_TM * (PYCNN_CONV3_BN / PYCNN_CONV3_TN) == PYCNN_CONV3_THREADS,
+              "v3 register tiles must cover the block tile");
+static_assert(PYCNN_CONV3_BM * PYCNN_CONV3_BK == 4 * PYCNN_CONV3_THREADS,
+              "each thread loads one float4 of A per stage");
+static_assert(PYCNN_CONV3_BK * PYCNN_CONV3_BN == 4 * PYCNN_CONV3_THREADS,
+              "each thread loads four elements of B per stage");
+static_assert(PYCNN_CONV3_BK % 8 == 0, "v4 consumes the stage in k-steps of 8");
+
+#define PYCNN_CONV_FWD 0
+#define PYCNN_CONV_BWD_DATA 1
+#define PYCNN_CONV_BWD_WEIGHT 2
+
+// TF32 helpers. Under nvcc/NVRTC they are one PTX instruction each; the CPU emulator
+// (tests/gpu/emulator/emu.h) defines the same two functions, emulating the instruction
+// bit-for-bit on the operands (fragment layout of the PTX ISA, round-to-nearest-away TF32).
+#if defined(__CUDACC__)
+__device__ __forceinline__ unsigned pycnn_tf32(float v) {
+#if __CUDA_ARCH__ >= 800
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
+    return r;
+#else
+    return __float_as_uint(v);  // never used: the host runs v4 only on sm_80 or newer
+#endif
+}
+
+// d (16x8, fp32) += a (16x8, tf32, row-major) . b (8x8, tf32, column-major), one warp.
+// Lane l holds (g = l/4, t = l%4): a = A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4];
+// b = B[t][g], B[t+4][g]; d = D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1].
+__device__ __forceinline__ void pycnn_mma_tf32_m16n8k8(float d[4], const unsigned a[4], const unsigned b[2]) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    (void)d; (void)a; (void)b;
+    __trap();  // tensor-core TF32 needs sm_80; the host never launches v4 below it
+#endif
+}
+#endif
+
+struct PycnnConvGemm {
+    const float* a_src;  // forward: w, bwd-data: w, bwd-weight: dy
+    const float* b_src;  // forward: x, bwd-data: dy, bwd-weight: x
+    float* out;          // forward: y, bwd-data: dx, bwd-weight: split-K partials (or dw)
+    const float* bias;
+    int has_bias, relu;
+    int N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw;
+    int M, Ncols, Kd;      // the GEMM
+    int k_begin, k_end;    // the part of Kd this block reduces over
+};
+
+// Offset of column n of C in the output tensor; row m adds m * pycnn_conv_out_mstride.
+template <int MODE>
+__device__ __forceinline__ pycnn_i64 pycnn_conv_out_base(const PycnnConvGemm& p, int n) {
+    if (MODE == PYCNN_CONV_FWD) {
+        const int HoWo = p.Ho * p.Wo;
+        const int img = n / HoWo;
+        return (pycnn_i64)img * p.K * HoWo + (n - img * HoWo);
+    } else if (MODE == PYCNN_CONV_BWD_DATA) {
+        const int HW = p.H * p.W;
+        const int img = n / HW;
+        return (pycnn_i64)img * p.C * HW + (n - img * HW);
+    } else {
+        return (pycnn_i64)blockIdx.z * p.M * p.Ncols + n;
+    }
+}
+
+template <int MODE>
+__device__ __forceinline__ int pycnn_conv_out_mstride(const PycnnConvGemm& p) {
+    return MODE == PYCNN_CONV_FWD ? p.Ho * p.Wo : (MODE == PYCNN_CONV_BWD_DATA ? p.H * p.W : p.Ncols);
+}
+
+template <int MODE>
+__device__ __forceinline__ void pycnn_conv_store(const PycnnConvGemm& p, pycnn_i64 base, int m, float v) {
+    if (MODE == PYCNN_CONV_FWD) {
+        if (p.has_bias) v += p.bias[m];
+        if (p.relu) v = v > 0.0f ? v : 0.0f;  // fused epilogue: no second pass over y
+    }
+    p.out[base + (pycnn_i64)m * pycnn_conv_out_mstride<MODE>(p)] = v;
+}
+
+// One block computes C[m0:m0+BM, n0:n0+BN] over Kd range [k_begin, k_end). Must be entered by
+// all PYCNN_CONV3_THREADS threads of a 1-D block (it synchronizes with __syncthreads).
+// Offsets inside x, dy and dx are int32: the host runs v3/v4 only when every tensor has fewer
+// than 2^31 elements (and falls back to v1 otherwise).
+template <int MODE, bool TF32>
+__device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
+    __shared__ float As[PYCNN_CONV3_BK][PYCNN_CONV3_BM + PYCNN_CONV3_PAD];  // A^T: [k][m]
+    __shared__ float Bs[PYCNN_CONV3_BK][PYCNN_CONV3_BN + PYCNN_CONV3_PAD];  // [k][n]
+    // Per stage, the BK reduction indices decoded once into (c, r, s) / (k, r, s) / (n, i, j)
+    // offsets, instead of three integer divisions in every one of the 2048 loads.
+    __shared__ int tab[PYCNN_CONV3_BK][4];
+
+    const int tid = threadIdx.x;
+    const int m0 = blockIdx.y * PYCNN_CONV3_BM;
+    const int n0 = blockIdx.x * PYCNN_CONV3_BN;
+    const int RS = p.R * p.S, HW = p.H * p.W, HoWo = p.Ho * p.Wo;
+
+    // B loads: this thread always loads column b_col of the tile (consecutive threads take
+    // consecutive columns: consecutive pixels of x / dy, coalesced) in rows b_row + 4q.
+    const int b_col = tid % PYCNN_CONV3_BN;
+    const int b_row = tid / PYCNN_CONV3_BN;
+    const int nb = n0 + b_col;
+    const bool nb_ok = nb < p.Ncols;
+    int cb0 = 0, cb1 = 0, cb2 = 0;  // the column's geometry, decoded once per block
+    if (nb_ok) {
+        if (MODE == PYCNN_CONV_FWD) {          // column = output pixel (img, i, j)
+            const int img = nb / HoWo, pix = nb - img * HoWo, i = pix / p.Wo;
+            cb0 = img * p.C * HW;
+            cb1 = i * p.sh - p.ph;
+            cb2 = (pix - i * p.Wo) * p.sw - p.pw;
+        } else if (MODE == PYCNN_CONV_BWD_DATA) {  // column = input pixel (img, h, w)
+            const int img = nb / HW, pix = nb - img * HW, h = pix / p.W;
+            cb0 = img * p.K * HoWo;
+            cb1 = h + p.ph;
+            cb2 = (pix - h * p.W) + p.pw;
+        } else {                               // column = weight tap (c, r, s)
+            const int c = nb / RS, rs = nb - c * RS, r = rs / p.S;
+            cb0 = c * HW;
+            cb1 = r;
+            cb2 = rs - r * p.S;
+        }
+    }
+    // A loads: row a_row of the tile, four consecutive reduction indices from a_k.
+    const int a_row = tid / (PYCNN_CONV3_BK / 4);
+    const int a_k = (tid % (PYCNN_CONV3_BK / 4)) * 4;
+    const int ma = m0 + a_row;
+    const bool ma_ok = ma < p.M;
+    // float4 loads need 16-byte aligned, contiguous rows: w rows of length Kd (forward), dy
+    // planes of HoWo pixels (bwd-weight).
+    const bool a_base_aligned = (reinterpret_cast<unsigned long long>(p.a_src) & 15ull) == 0;
+    const bool a_vec = a_base_aligned && (MODE == PYCNN_CONV_FWD ? (p.Kd % 4 == 0)
+                                          : (MODE == PYCNN_CONV_BWD_WEIGHT ? (HoWo % 4 == 0) : false));
+
+    float acc[16];
+#pragma unroll
+    for (int q = 0; q < 16; ++q) acc[q] = 0.0f;
+
+    for (int k0 = p.k_begin; k0 < p.k_end; k0 += PYCNN_CONV3_BK) {
+        if (tid < PYCNN_CONV3_BK) {
+            const int kd = k0 + tid;
+            int t0 = -1, t1 = 0, t2 = 0, t3 = 0;  // t0 == -1: past the end of this block's range
+            if (kd < p.k_end) {
+                if (MODE == PYCNN_CONV_FWD) {            // kd = (c, r, s)
+                    const int c = kd / RS, rs = kd - c * RS, r = rs / p.S;
+                    t0 = c * HW; t1 = r; t2 = rs - r * p.S;
+                } else if (MODE == PYCNN_CONV_BWD_DATA) {  // kd = (k, r, s)
+                    const int k = kd / RS, rs = kd - k * RS, r = rs / p.S;
+                    t0 = k * p.C * RS + rs; t1 = k * HoWo; t2 = r; t3 = rs - r * p.S;
+                } else {                                   // kd = (img, i, j)
+                    const int img = kd / HoWo, pix = kd - img * HoWo, i = pix / p.Wo;
+                    t0 = img * p.K * HoWo + pix; t1 = img * p.C * HW;
+                    t2 = i * p.sh - p.ph; t3 = (pix - i * p.Wo) * p.sw - p.pw;
+                }
+            }
+            tab[tid][0] = t0; tab[tid][1] = t1; tab[tid][2] = t2; tab[tid][3] = t3;
+        }
+        __syncthreads();
+
+        // ---- A tile (BM x BK), stored transposed As[k][m] so both compute loops read rows.
+        float av[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (ma_ok) {
+            if (MODE == PYCNN_CONV_FWD) {
+                const int kd = k0 + a_k;
+                const float* src = p.a_src + (pycnn_i64)ma * p.Kd + kd;
+                if (a_vec && kd + 3 < p.k_end) {
+                    const float4 v = *reinterpret_cast<const float4*>(src);
+                    av[0] = v.x; av[1] = v.y; av[2] = v.z; av[3] = v.w;
+                } else {
+                    for (int q = 0; q < 4; ++q)
+                        if (kd + q < p.k_end) av[q] = src[q];
+                }
+            } else if (MODE == PYCNN_CONV_BWD_DATA) {
+                for (int q = 0; q < 4; ++q) {
+                    const int t0 = tab[a_k + q][0];
+                    if (t0 >= 0) av[q] = p.a_src[t0 + ma * RS];  // w[k, c=ma, r, s]
+                }
+            } else {
+                const int t0 = tab[a_k][0], t3 = tab[a_k + 3][0];
+                const float* src = p.a_src + (pycnn_i64)ma * HoWo;  // dy[img, k=ma, pix]
+                if (a_vec && t0 >= 0 && t3 == t0 + 3 && (t0 & 3) == 0) {
+                    const float4 v = *reinterpret_cast<const float4*>(src + t0);
+                    av[0] = v.x; av[1] = v.y; av[2] = v.z; av[3] = v.w;
+                } else {
+                    for (int q = 0; q < 4; ++q) {
+                        const int tq = tab[a_k + q][0];
+                        if (tq >= 0) av[q] = src[tq];
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) As[a_k + q][a_row] = av[q];
+
+        // ---- B tile (BK x BN), zero outside the tensors (that is the zero padding).
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int row = b_row + q * (PYCNN_CONV3_THREADS / PYCNN_CONV3_BN);
+            const int t0 = tab[row][0];
+            float v = 0.0f;
+            if (nb_ok && t0 >= 0) {
+                if (MODE == PYCNN_CONV_FWD) {
+                    const int h = cb1 + tab[row][1], ww = cb2 + tab[row][2];
+                    if (h >= 0 && h < p.H && ww >= 0 && ww < p.W) v = p.b_src[cb0 + t0 + h * p.W + ww];
+                } else if (MODE == PYCNN_CONV_BWD_DATA) {
+                    // dy[img, k, i, j] with i*sh = h + ph - r: only integral, in-range i count.
+                    const int ti = cb1 - tab[row][2], tj = cb2 - tab[row][3];
+                    if (ti >= 0 && tj >= 0 && ti % p.sh == 0 && tj % p.sw == 0) {
+                        const int i = ti / p.sh, j = tj / p.sw;
+                        if (i < p.Ho && j < p.Wo) v = p.b_src[cb0 + tab[row][1] + i * p.Wo + j];
+                    }
+                } else {
+                    const int h = tab[row][2] + cb1, ww = tab[row][3] + cb2;
+                    if (h >= 0 && h < p.H && ww >= 0 && ww < p.W) v = p.b_src[tab[row][1] + cb0 + h * p.W + ww];
+                }
+            }
+            Bs[row][b_col] = v;
+        }
+        __syncthreads();
+
+        if (!TF32) {
+            // v3: thread (tx, ty) owns rows ty + 16i and columns tx + 16j: consecutive threads
+            // read consecutive Bs entries and write consecutive output pixels.
+            const int tx = tid % (PYCNN_CONV3_BN / PYCNN_CONV3_TN);
+            const int ty = tid / (PYCNN_CONV3_BN / PYCNN_CONV3_TN);
+#pragma unroll
+            for (int kk = 0; kk < PYCNN_CONV3_BK; ++kk) {
+                float a[PYCNN_CONV3_TM], b[PYCNN_CONV3_TN];
+#pragma unroll
+                for (int i = 0; i < PYCNN_CONV3_TM; ++i) a[i] = As[kk][ty + i * (PYCNN_CONV3_BM / PYCNN_CONV3_TM)];
+#pragma unroll
+                for (int j = 0; j < PYCNN_CONV3_TN; ++j) b[j] = Bs[kk][tx + j * (PYCNN_CONV3_BN / PYCNN_CONV3_TN)];
+#pragma unroll
+                for (int i = 0; i < PYCNN_CONV3_TM; ++i)
+#pragma unroll
+                    for (int j = 0; j < PYCNN_CONV3_TN; ++j)
+                        acc[i * PYCNN_CONV3_TN + j] = fmaf(a[i], b[j], acc[i * PYCNN_CONV3_TN + j]);
+            }
+        } else {
+            // v4: warp w owns rows wm..wm+31 and columns wn..wn+15 = 2 x 2 mma tiles of 16 x 8.
+            const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+            const int wm = (warp % 2) * 32, wn = (warp / 2) * 16;
+#pragma unroll
+            for (int kk = 0; kk < PYCNN_CONV3_BK; kk += 8) {
+                unsigned a[2][4], b[2][2];
+#pragma unroll
+                for (int mi = 0; mi < 2; ++mi) {
+                    const int r0 = wm + mi * 16 + g;
+                    a[mi][0] = pycnn_tf32(As[kk + t][r0]);
+                    a[mi][1] = pycnn_tf32(As[kk + t][r0 + 8]);
+                    a[mi][2] = pycnn_tf32(As[kk + t + 4][r0]);
+                    a[mi][3] = pycnn_tf32(As[kk + t + 4][r0 + 8]);
+                }
+#pragma unroll
+                for (int ni = 0; ni < 2; ++ni) {
+                    const int c0 = wn + ni * 8 + g;
+                    b[ni][0] = pycnn_tf32(Bs[kk + t][c0]);
+                    b[ni][1] = pycnn_tf32(Bs[kk + t + 4][c0]);
+                }
+#pragma unroll
+                for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+                    for (int ni = 0; ni < 2; ++ni) pycnn_mma_tf32_m16n8k8(&acc[(mi * 2 + ni) * 4], a[mi], b[ni]);
+            }
+        }
+        __syncthreads();  // the next stage overwrites tab, As and Bs
+    }
+
+    if (!TF32) {
+        const int tx = tid % (PYCNN_CONV3_BN / PYCNN_CONV3_TN);
+        const int ty = tid / (PYCNN_CONV3_BN / PYCNN_CONV3_TN);
+#pragma unroll
+        for (int j = 0; j < PYCNN_CONV3_TN; ++j) {
+            const int n = n0 + tx + j * (PYCNN_CONV3_BN / PYCNN_CONV3_TN);
+            if (n >= p.Ncols) continue;
+            const pycnn_i64 base = pycnn_conv_out_base<MODE>(p, n);
+#pragma unroll
+            for (int i = 0; i < PYCNN_CONV3_TM; ++i) {
+                const int m = m0 + ty + i * (PYCNN_CONV3_BM / PYCNN_CONV3_TM);
+                if (m < p.M) pycnn_conv_store<MODE>(p, base, m, acc[i * PYCNN_CONV3_TN + j]);
+            }
+        }
+    } else {
+        const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+        const int wm = (warp % 2) * 32, wn = (warp / 2) * 16;
+#pragma unroll
+        for (int ni = 0; ni < 2; ++ni)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int n = n0 + wn + ni * 8 + 2 * t + e;
+                if (n >= p.Ncols) continue;
+                const pycnn_i64 base = pycnn_conv_out_base<MODE>(p, n);
+#pragma unroll
+                for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int m = m0 + wm + mi * 16 + g + 8 * h;
+                        if (m < p.M) pycnn_conv_store<MODE>(p, base, m, acc[(mi * 2 + ni) * 4 + 2 * h + e]);
+                    }
+            }
+    }
+}
+
+// Launch (all v3/v4 kernels): block (PYCNN_CONV3_THREADS,), grid (ceil(Ncols/BN), ceil(M/BM), splits).
+__device__ __forceinline__ PycnnConvGemm pycnn_conv_params(int N, int C, int H, int W, int K, int R, int S,
+                                                           int Ho, int Wo, int sh, int sw, int ph, int pw) {
+    PycnnConvGemm p;
+    p.bias = nullptr; p.has_bias = 0; p.relu = 0;
+    p.N = N; p.C = C; p.H = H; p.W = W; p.K = K; p.R = R; p.S = S; p.Ho = Ho; p.Wo = Wo;
+    p.sh = sh; p.sw = sw; p.ph = ph; p.pw = pw;
+    return p;
+}
+
+template <bool TF32>
+__device__ __forceinline__ void pycnn_conv_fwd_gemm(const float* x, const float* w, const float* b, float* y,
+                                                    int has_bias, int relu, int N, int C, int H, int W, int K,
+                                                    int R, int S, int Ho, int Wo, int sh, int sw, int ph, int pw) {
+    PycnnConvGemm p = pycnn_conv_params(N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+    p.a_src = w; p.b_src = x; p.out = y; p.bias = b; p.has_bias = has_bias; p.relu = relu;
+    p.M = K; p.Ncols = N * Ho * Wo; p.Kd = C * R * S;
+    p.k_begin = 0; p.k_end = p.Kd;
+    pycnn_conv_igemm<PYCNN_CONV_FWD, TF32>(p);
+}
+
+template <bool TF32>
+__device__ __forceinline__ void pycnn_conv_bwd_data_gemm(const float* dy, const float* w, float* dx, int N, int C,
+                                                         int H, int W, int K, int R, int S, int Ho, int Wo,
+                                                         int sh, int sw, int ph, int pw) {
+    PycnnConvGemm p = pycnn_conv_params(N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+    p.a_src = w; p.b_src = dy; p.out = dx;
+    p.M = C; p.Ncols = N * H * W; p.Kd = K * R * S;
+    p.k_begin = 0; p.k_end = p.Kd;
+    pycnn_conv_igemm<PYCNN_CONV_BWD_DATA, TF32>(p);
+}
+
+// Split z reduces Kd indices [z*chunk, min((z+1)*chunk, Kd)); chunk is a multiple of BK.
+template <bool TF32>
+__device__ __forceinline__ void pycnn_conv_bwd_weight_gemm(const float* dy, const float* x, float* partial,
+                                                           int N, int C, int H, int W, int K, int R, int S,
+                                                           int Ho, int Wo, int sh, int sw, int ph, int pw,
+                                                           int chunk) {
+    PycnnConvGemm p = pycnn_conv_params(N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+    p.a_src = dy; p.b_src = x; p.out = partial;
+    p.M = K; p.Ncols = C * R * S; p.Kd = N * Ho * Wo;
+    p.k_begin = blockIdx.z * chunk;
+    p.k_end = min(p.Kd, p.k_begin + chunk);
+    pycnn_conv_igemm<PYCNN_CONV_BWD_WEIGHT, TF32>(p);
+}
+
+// The v3/v4 kernels are thin wrappers: the whole block runs pycnn_conv_igemm cooperatively
+// (it calls __syncthreads), so every launch uses exactly PYCNN_CONV3_THREADS threads.
+extern "C" __global__ void conv2d_fwd_v3_f32(
+    const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+    float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
+    int Ho, int Wo, int sh, int sw, int ph, int pw) {
+    // cooperative: the GEMM core synchronizes with __syncthreads
+    pycnn_conv_fwd_gemm<false>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+}
+
+extern "C" __global__ void conv2d_fwd_v4_f32(
+    const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+    float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
+    int Ho, int Wo, int sh, int sw, int ph, int pw) {
+    // cooperative: the GEMM core synchronizes with __syncthreads
+    pycnn_conv_fwd_gemm<true>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
 }
 
 extern "C" __global__ void conv2d_bwd_data_v1_f32(
@@ -156,6 +575,92 @@ extern "C" __global__ void conv2d_bwd_data_v1_f32(
         }
         dx[idx] = acc;
     }
+}
+
+// Launch: block (TILE_W, TILE_H), grid (ceil(W/TILE_W), ceil(H/TILE_H), N * ceil(C/KPB)),
+// dynamic shared memory (PHmax*PWmax + KPB*R*S) floats with PHmax = (TILE_H + R - 2)/sh + 2 and
+// PWmax = (TILE_W + S - 2)/sw + 2, the most dy rows/columns one tile of dx can read (the host
+// checks it fits and otherwise runs v1). Per element the same (k, r, s) order as v1.
+extern "C" __global__ void conv2d_bwd_data_v2_f32(
+    const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
+    int sh, int sw, int ph, int pw, int PHmax, int PWmax) {
+    extern __shared__ float smem[];
+    float* patch = smem;                  // [PH][PW] of dy[n, k], PH <= PHmax, PW <= PWmax
+    float* wtile = smem + PHmax * PWmax;  // [KPB][R*S] = w[k, c0:c0+KPB, :, :]
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int tid = ty * PYCNN_CONV2_TILE_W + tx;
+    const int nthreads = PYCNN_CONV2_TILE_W * PYCNN_CONV2_TILE_H;
+    const int cgroups = (C + PYCNN_CONV2_KPB - 1) / PYCNN_CONV2_KPB;
+    const int n = blockIdx.z / cgroups;
+    const int c0 = (blockIdx.z % cgroups) * PYCNN_CONV2_KPB;
+    const int hb = blockIdx.y * PYCNN_CONV2_TILE_H, wb = blockIdx.x * PYCNN_CONV2_TILE_W;
+    const int h = hb + ty, ww = wb + tx;
+    const int RS = R * S;
+    // The dy rows this tile reads: i*sh = h + ph - r for h in [hb, hb+TILE_H), r in [0, R).
+    const int lo_h = hb + ph - (R - 1), lo_w = wb + pw - (S - 1);
+    const int i_lo = lo_h <= 0 ? 0 : (lo_h + sh - 1) / sh;
+    const int j_lo = lo_w <= 0 ? 0 : (lo_w + sw - 1) / sw;
+    const int i_hi = min(Ho - 1, (hb + PYCNN_CONV2_TILE_H - 1 + ph) / sh);
+    const int j_hi = min(Wo - 1, (wb + PYCNN_CONV2_TILE_W - 1 + pw) / sw);
+    const int PH = i_hi - i_lo + 1, PW = j_hi - j_lo + 1;
+    const int npatch = (PH > 0 && PW > 0) ? PH * PW : 0;
+    const bool active = (h < H) && (ww < W);
+
+    float acc[PYCNN_CONV2_KPB];
+#pragma unroll
+    for (int cc = 0; cc < PYCNN_CONV2_KPB; ++cc) acc[cc] = 0.0f;
+
+    for (int k = 0; k < K; ++k) {
+        const float* dyp = dy + ((pycnn_i64)n * K + k) * (pycnn_i64)Ho * Wo;
+        for (int t = tid; t < npatch; t += nthreads)  // consecutive threads: consecutive j
+            patch[t] = dyp[(pycnn_i64)(i_lo + t / PW) * Wo + j_lo + t % PW];
+        for (int t = tid; t < PYCNN_CONV2_KPB * RS; t += nthreads) {
+            const int c = c0 + t / RS;
+            wtile[t] = (c < C) ? w[((pycnn_i64)k * C + c) * RS + t % RS] : 0.0f;
+        }
+        __syncthreads();
+        if (active) {
+            for (int r = 0; r < R; ++r) {
+                const int ti = h + ph - r;
+                if (ti < 0 || ti % sh != 0) continue;
+                const int i = ti / sh;
+                if (i >= Ho) continue;
+                for (int s = 0; s < S; ++s) {
+                    const int tj = ww + pw - s;
+                    if (tj < 0 || tj % sw != 0) continue;
+                    const int j = tj / sw;
+                    if (j >= Wo) continue;
+                    const float v = patch[(i - i_lo) * PW + (j - j_lo)];
+#pragma unroll
+                    for (int cc = 0; cc < PYCNN_CONV2_KPB; ++cc) acc[cc] += v * wtile[cc * RS + r * S + s];
+                }
+            }
+        }
+        __syncthreads();  // the next filter overwrites patch and wtile
+    }
+    if (!active) return;
+#pragma unroll
+    for (int cc = 0; cc < PYCNN_CONV2_KPB; ++cc) {
+        const int c = c0 + cc;
+        if (c < C) dx[(((pycnn_i64)n * C + c) * H + h) * W + ww] = acc[cc];
+    }
+}
+
+extern "C" __global__ void conv2d_bwd_data_v3_f32(
+    const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
+    int sh, int sw, int ph, int pw) {
+    // cooperative: the GEMM core synchronizes with __syncthreads
+    pycnn_conv_bwd_data_gemm<false>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+}
+
+extern "C" __global__ void conv2d_bwd_data_v4_f32(
+    const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
+    int sh, int sw, int ph, int pw) {
+    // cooperative: the GEMM core synchronizes with __syncthreads
+    pycnn_conv_bwd_data_gemm<true>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
 }
 
 // Launch: one block of PYCNN_BLOCK threads per weight element (grid K*C*R*S).
@@ -200,4 +705,93 @@ extern "C" __global__ void conv2d_bwd_weight_v1_f32(
     }
     const double total = pycnn_block_sum_f64((double)acc);
     if (threadIdx.x == 0) dw[widx] = (float)total;
+}
+
+#ifndef PYCNN_CONV2_MAX_RS
+#define PYCNN_CONV2_MAX_RS 25  // v2 bwd-weight keeps R*S accumulators in registers (5x5 at most)
+#endif
+
+// Launch: block (PYCNN_CONV2_TILE_W * PYCNN_CONV2_TILE_H,) (1-D, for pycnn_block_sum_f64), grid
+// (K*C, splits); split z covers images [z*imgs, (z+1)*imgs) and writes its R*S sums to
+// partial[z*K*C*R*S + (k*C + c)*R*S + rs] (splits == 1: partial is dw itself). Dynamic shared
+// memory: PH*PW floats with PH = (TILE_H-1)*sh + R, PW = (TILE_W-1)*sw + S, plus R*S ints.
+extern "C" __global__ void conv2d_bwd_weight_v2_f32(
+    const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ partial,
+    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
+    int sh, int sw, int ph, int pw, int imgs) {
+    extern __shared__ float smem[];
+    const int PH = (PYCNN_CONV2_TILE_H - 1) * sh + R, PW = (PYCNN_CONV2_TILE_W - 1) * sw + S;
+    float* patch = smem;                                   // [PH][PW] of x[n, c]
+    int* tap = reinterpret_cast<int*>(smem + PH * PW);     // tap q = (r, s) -> r*PW + s
+    const int tid = threadIdx.x;
+    const int nthreads = PYCNN_CONV2_TILE_W * PYCNN_CONV2_TILE_H;
+    const int tx = tid % PYCNN_CONV2_TILE_W, ty = tid / PYCNN_CONV2_TILE_W;
+    const int k = blockIdx.x / C, c = blockIdx.x % C;
+    const int RS = R * S;
+    for (int q = tid; q < RS; q += nthreads) tap[q] = (q / S) * PW + q % S;
+    float acc[PYCNN_CONV2_MAX_RS];
+#pragma unroll
+    for (int q = 0; q < PYCNN_CONV2_MAX_RS; ++q) acc[q] = 0.0f;
+
+    const int n_begin = blockIdx.y * imgs;
+    const int n_end = min(N, n_begin + imgs);
+    const int tiles_h = (Ho + PYCNN_CONV2_TILE_H - 1) / PYCNN_CONV2_TILE_H;
+    const int tiles_w = (Wo + PYCNN_CONV2_TILE_W - 1) / PYCNN_CONV2_TILE_W;
+    for (int n = n_begin; n < n_end; ++n) {
+        const float* xp = x + ((pycnn_i64)n * C + c) * (pycnn_i64)H * W;
+        const float* dyp = dy + ((pycnn_i64)n * K + k) * (pycnn_i64)Ho * Wo;
+        for (int tile = 0; tile < tiles_h * tiles_w; ++tile) {
+            const int ib = (tile / tiles_w) * PYCNN_CONV2_TILE_H, jb = (tile % tiles_w) * PYCNN_CONV2_TILE_W;
+            const int h0 = ib * sh - ph, w0 = jb * sw - pw;
+            __syncthreads();  // readers of the previous patch (and the tap table) are done
+            for (int t = tid; t < PH * PW; t += nthreads) {
+                const int hh = h0 + t / PW, wx = w0 + t % PW;
+                patch[t] = (hh >= 0 && hh < H && wx >= 0 && wx < W) ? xp[(pycnn_i64)hh * W + wx] : 0.0f;
+            }
+            __syncthreads();
+            const int i = ib + ty, j = jb + tx;
+            if (i < Ho && j < Wo) {
+                const float d = dyp[(pycnn_i64)i * Wo + j];  // one load, reused for all R*S taps
+                const float* base = patch + ty * sh * PW + tx * sw;
+#pragma unroll
+                for (int q = 0; q < PYCNN_CONV2_MAX_RS; ++q)
+                    if (q < RS) acc[q] += d * base[tap[q]];
+            }
+        }
+    }
+    float* out = partial + (pycnn_i64)blockIdx.y * K * C * RS + (pycnn_i64)blockIdx.x * RS;
+#pragma unroll
+    for (int q = 0; q < PYCNN_CONV2_MAX_RS; ++q) {
+        if (q < RS) {  // RS is uniform over the block, so every thread takes part in the sum
+            const double total = pycnn_block_sum_f64((double)acc[q]);
+            if (tid == 0) out[q] = (float)total;
+        }
+    }
+}
+
+extern "C" __global__ void conv2d_bwd_weight_v3_f32(
+    const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ partial,
+    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
+    int sh, int sw, int ph, int pw, int chunk) {
+    // cooperative: the GEMM core synchronizes with __syncthreads
+    pycnn_conv_bwd_weight_gemm<false>(dy, x, partial, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+}
+
+extern "C" __global__ void conv2d_bwd_weight_v4_f32(
+    const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ partial,
+    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
+    int sh, int sw, int ph, int pw, int chunk) {
+    // cooperative: the GEMM core synchronizes with __syncthreads
+    pycnn_conv_bwd_weight_gemm<true>(dy, x, partial, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+}
+
+// dw[e] = sum over splits z = 0, 1, ... of partial[z*count + e], always in that order (in double):
+// the second pass of the split reductions of v2/v3/v4, deterministic without atomics.
+extern "C" __global__ void conv2d_bwd_weight_reduce_f32(
+    const float* __restrict__ partial, float* __restrict__ dw, int splits, long long count) {
+    PYCNN_FOR_EACH(e, count) {
+        double s = 0.0;
+        for (int z = 0; z < splits; ++z) s += (double)partial[(pycnn_i64)z * count + e];
+        dw[e] = (float)s;
+    }
 }

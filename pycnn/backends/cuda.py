@@ -47,11 +47,16 @@ SOURCES = ("conv2d.cu", "pool2d.cu", "activation.cu", "loss.cu", "optim.cu", "li
 COMMON_HEADER = "common.cuh"
 INCLUDE_LINE = '#include "common.cuh"'
 COMPILE_OPTIONS = ("-std=c++17",)
-CONV_VERSIONS = ("1", "2")  # the conv2d forward kernels; "auto" picks one per shape
+# The exact-fp32 conv2d kernel versions (each direction): 1 direct, 2 shared-memory tiled,
+# 3 implicit GEMM; "auto" picks one per shape (conv_version). 4 is TF32 tensor cores, opt-in only.
+CONV_VERSIONS = ("1", "2", "3")
+CONV_TF32_VERSION = "4"
 DEFAULT_CONV_VERSION = "auto"
-# "auto" runs v2 when a 16x16 output tile is at least this full in both directions (a small
-# output such as 3x3 would leave most of v2's threads idle while v1 spreads over the batch).
+# "auto" runs v2 when a 16x16 tile is at least this full in both directions (a small output such
+# as 3x3 would leave most of v2's threads idle while v1 spreads over the batch).
 _AUTO_V2_MIN_OUT = 8
+# "auto" runs v3 when the GEMM has at least this many rows: a quarter of its 64-row tile.
+_AUTO_V3_MIN_ROWS = 16
 _MAX_GRID = 1 << 20  # 1-D kernels use grid-stride loops, so the grid can be capped
 _MAX_GRID_YZ = 65535
 _MAX_STATIC_SMEM = 48 * 1024  # dynamic shared memory usable without an opt-in attribute
@@ -324,39 +329,148 @@ def _reduction(op: str, reduction) -> int:
 
 
 # ----------------------------------------------------------------------------- convolution
+#
+# Every direction has the same ladder of kernel versions (csrc/cuda/conv2d.cu, docs/kernels.md):
+# 1 direct, 2 shared-memory tiled, 3 implicit GEMM with register blocking (exact fp32), and
+# 4 TF32 tensor cores (opt-in). A call picks one with ``version=`` or $PYCNN_CONV_VERSION
+# (1|2|3|4|auto); conv_version() says which kernel a call runs.
+
+_CONV_DIRECTIONS = {"forward": "conv2d_forward", "backward_data": "conv2d_backward_data",
+                    "backward_weight": "conv2d_backward_weight"}
+# The v3/v4 block tile (fixed in conv2d.cu: PYCNN_CONV3_BM/BN/BK) and its thread count.
+_CONV3_BM, _CONV3_BN, _CONV3_BK, _CONV3_THREADS = 64, 64, 16, 256
+_CONV2_MAX_RS = 25  # PYCNN_CONV2_MAX_RS: v2 bwd-weight keeps R*S register accumulators
+# v3/v4 index inside x, dy, dx and w with int32 (cheaper address arithmetic); larger tensors
+# run v1, which uses 64-bit offsets.
+_CONV_I32_LIMIT = 2**31 - 2**16
+# Split-K (v3/v4 bwd-weight) and image splits (v2 bwd-weight): aim for about two waves of blocks
+# on a 132-SM H100, but give every split at least _CONV_SPLIT_MIN_K products to sum. The split
+# depends on the shapes alone, so a shape always sums in the same order (same bits every run).
+_CONV_SPLIT_TARGET_BLOCKS = 264
+_CONV_SPLIT_MIN_K = 512
+_conv_tf32_capable: dict = {}  # device id -> compute capability >= 8.0
+_autotune_cache: dict = {}  # (direction, device, shapes, stride, padding, tf32) -> version
+_autotune_times: dict = {}  # the same key -> {version: median ms}, for benchmarks to report
+
+
+def _tf32_allowed(allow_tf32) -> bool:
+    """allow_tf32 if given, else $PYCNN_ALLOW_TF32 == '1'."""
+    if allow_tf32 is None:
+        return os.environ.get("PYCNN_ALLOW_TF32", "") == "1"
+    return bool(allow_tf32)
+
+
+def _requested_conv_version(op: str, version) -> str:
+    if version is None:
+        version = os.environ.get("PYCNN_CONV_VERSION") or DEFAULT_CONV_VERSION
+    requested = str(version).lower().lstrip("v")
+    allowed = CONV_VERSIONS + (CONV_TF32_VERSION, "auto")
+    if requested not in allowed:
+        raise ValueError(f"{op}: conv version must be one of {allowed} (argument version= or "
+                         f"PYCNN_CONV_VERSION), got {version!r}")
+    return requested
+
+
+def _conv_out(H: int, W: int, R: int, S: int, stride, padding) -> tuple[int, int]:
+    return (H + 2 * padding[0] - R) // stride[0] + 1, (W + 2 * padding[1] - S) // stride[1] + 1
+
+
+def _conv_gemm_fits(direction: str, x_shape, w_shape, Ho: int, Wo: int) -> bool:
+    """Whether v3/v4 can run: int32 offsets and grid limits (else they fall back to v1)."""
+    N, C, H, W = x_shape
+    K, _, R, S = w_shape
+    sizes = (N * C * H * W, N * K * Ho * Wo, K * C * R * S)
+    if max(sizes) >= _CONV_I32_LIMIT:
+        return False
+    rows = C if direction == "backward_data" else K
+    return (rows + _CONV3_BM - 1) // _CONV3_BM <= _MAX_GRID_YZ
+
+
+def _conv2_bwd_data_smem(R: int, S: int, sh: int, sw: int) -> tuple[int, int, int]:
+    """(bytes, PHmax, PWmax) of conv2d_bwd_data_v2_f32's shared memory."""
+    tw, th, kpb = DEFINES["PYCNN_CONV2_TILE_W"], DEFINES["PYCNN_CONV2_TILE_H"], DEFINES["PYCNN_CONV2_KPB"]
+    phm, pwm = (th + R - 2) // sh + 2, (tw + S - 2) // sw + 2
+    return 4 * (phm * pwm + kpb * R * S), phm, pwm
+
+
+def _conv2_bwd_weight_smem(R: int, S: int, sh: int, sw: int) -> int:
+    tw, th = DEFINES["PYCNN_CONV2_TILE_W"], DEFINES["PYCNN_CONV2_TILE_H"]
+    return 4 * (((th - 1) * sh + R) * ((tw - 1) * sw + S) + R * S)
+
+
+def _conv_v2_fits(direction: str, x_shape, w_shape, stride, Ho: int, Wo: int) -> bool:
+    N, C, H, W = x_shape
+    K, _, R, S = w_shape
+    sh, sw = stride
+    tw, th, kpb = DEFINES["PYCNN_CONV2_TILE_W"], DEFINES["PYCNN_CONV2_TILE_H"], DEFINES["PYCNN_CONV2_KPB"]
+    if direction == "forward":
+        return (_conv2_smem(R, S, sh, sw) <= _MAX_STATIC_SMEM and (Ho + th - 1) // th <= _MAX_GRID_YZ
+                and N * ((K + kpb - 1) // kpb) <= _MAX_GRID_YZ)
+    if direction == "backward_data":
+        return (_conv2_bwd_data_smem(R, S, sh, sw)[0] <= _MAX_STATIC_SMEM and (H + th - 1) // th <= _MAX_GRID_YZ
+                and N * ((C + kpb - 1) // kpb) <= _MAX_GRID_YZ)
+    return (R * S <= _CONV2_MAX_RS and _conv2_bwd_weight_smem(R, S, sh, sw) <= _MAX_STATIC_SMEM
+            and K * C <= 2**31 - 1)
+
+
+def conv_version(direction: str, x_shape, w_shape, stride, padding, version: str | None = None,
+                 allow_tf32: bool | None = None, *, tf32_capable: bool = True) -> str:
+    """The kernel version ('1'..'4') one conv call runs, before any autotuning.
+
+    Args:
+        direction: 'forward', 'backward_data' or 'backward_weight'.
+        x_shape, w_shape: (N, C, H, W) and (K, C, R, S); stride, padding: (h, w) pairs.
+        version: '1', '2', '3', '4' or 'auto' (default ``$PYCNN_CONV_VERSION``, else 'auto').
+        allow_tf32: opt in to v4 (default ``$PYCNN_ALLOW_TF32 == '1'``).
+        tf32_capable: whether the device has TF32 tensor cores (compute capability >= 8.0).
+
+    'auto' is a shape rule (measure with PYCNN_CONV_AUTOTUNE=1 to override it per shape):
+    v3 when the GEMM has at least _AUTO_V3_MIN_ROWS rows (K filters; C channels for
+    backward-data), so that its 64-row tile is at least a quarter busy; v4 instead of v3 only
+    with allow_tf32 on a TF32-capable GPU; otherwise v2 when the spatial size it tiles (the
+    output; the input for backward-data) is at least _AUTO_V2_MIN_OUT in both directions (a
+    16x16 tile of a tiny 3x3 output leaves most threads idle); otherwise v1. A version that
+    cannot run a shape (shared memory over 48 KiB, grid limits, tensors of 2^31 elements for v3/v4,
+    R*S > 25 for the v2 weight gradient) falls back to v1.
+
+    Raises:
+        ValueError: an unknown direction or version, or '4' without allow_tf32 or without TF32
+            hardware.
+    """
+    if direction not in _CONV_DIRECTIONS:
+        raise ValueError(f"conv_version: direction must be one of {tuple(_CONV_DIRECTIONS)}, got {direction!r}")
+    op = _CONV_DIRECTIONS[direction]
+    requested = _requested_conv_version(op, version)
+    tf32 = _tf32_allowed(allow_tf32)
+    if requested == CONV_TF32_VERSION:
+        if not tf32:
+            raise ValueError(f"{op}: conv version 4 computes with TF32 tensor cores (10-bit mantissa, "
+                             f"relative error up to about 1e-3); opt in with allow_tf32=True or "
+                             f"PYCNN_ALLOW_TF32=1, or pick an exact version {CONV_VERSIONS}")
+        if not tf32_capable:
+            raise ValueError(f"{op}: conv version 4 needs TF32 tensor cores (compute capability 8.0 "
+                             f"or newer); this GPU has none")
+    N, C, H, W = x_shape
+    K, _, R, S = w_shape
+    Ho, Wo = _conv_out(H, W, R, S, stride, padding)
+    gemm_ok = _conv_gemm_fits(direction, x_shape, w_shape, Ho, Wo)
+    v2_ok = _conv_v2_fits(direction, x_shape, w_shape, stride, Ho, Wo)
+    if requested == "auto":
+        rows = C if direction == "backward_data" else K
+        if rows >= _AUTO_V3_MIN_ROWS and gemm_ok:
+            return CONV_TF32_VERSION if (tf32 and tf32_capable) else "3"
+        tiled = (H, W) if direction == "backward_data" else (Ho, Wo)
+        return "2" if (min(tiled) >= _AUTO_V2_MIN_OUT and v2_ok) else "1"
+    if requested in ("3", CONV_TF32_VERSION):
+        return requested if gemm_ok else "1"
+    if requested == "2":
+        return "2" if v2_ok else "1"
+    return "1"
 
 
 def conv_forward_version(x_shape, w_shape, stride, padding, version: str | None = None) -> str:
-    """The conv2d_forward kernel version that runs for these shapes: '1' or '2'.
-
-    ``version`` (default ``$PYCNN_CONV_VERSION``, else DEFAULT_CONV_VERSION) is '1', '2' or
-    'auto' (v2 when the output is at least 8x8, else v1). v2 falls back to v1 where its tile
-    does not fit (dynamic shared memory over 48 KiB or a grid dimension over 65535).
-    """
-    if version is None:
-        version = os.environ.get("PYCNN_CONV_VERSION") or DEFAULT_CONV_VERSION
-    version = str(version).lower().lstrip("v")
-    if version not in CONV_VERSIONS + ("auto",):
-        raise ValueError(f"conv2d_forward: conv version must be 'auto' or one of {CONV_VERSIONS} "
-                         f"(PYCNN_CONV_VERSION), got {version!r}")
-    if version == "1":
-        return "1"
-    N, _, H, W = x_shape
-    K, _, R, S = w_shape
-    sh, sw = stride
-    ph, pw = padding
-    Ho = (H + 2 * ph - R) // sh + 1
-    Wo = (W + 2 * pw - S) // sw + 1
-    tw, th, kpb = DEFINES["PYCNN_CONV2_TILE_W"], DEFINES["PYCNN_CONV2_TILE_H"], DEFINES["PYCNN_CONV2_KPB"]
-    smem = _conv2_smem(R, S, sh, sw)
-    gy = (Ho + th - 1) // th
-    gz = N * ((K + kpb - 1) // kpb)
-    gx = (Wo + tw - 1) // tw
-    if smem > _MAX_STATIC_SMEM or gy > _MAX_GRID_YZ or gz > _MAX_GRID_YZ or gx > 2**31 - 1:
-        return "1"
-    if version == "auto" and (Ho < _AUTO_V2_MIN_OUT or Wo < _AUTO_V2_MIN_OUT):
-        return "1"
-    return "2"
+    """The conv2d_forward kernel version that runs for these shapes (see conv_version)."""
+    return conv_version("forward", x_shape, w_shape, stride, padding, version)
 
 
 def _conv2_smem(R: int, S: int, sh: int, sw: int) -> int:
@@ -364,12 +478,87 @@ def _conv2_smem(R: int, S: int, sh: int, sw: int) -> int:
     return 4 * (((th - 1) * sh + R) * ((tw - 1) * sw + S) + kpb * R * S)
 
 
-def conv2d_forward(x, w, b, stride, padding, *, version: str | None = None):
-    """y (N,K,Ho,Wo) = conv2d(x (N,C,H,W), w (K,C,R,S)) + b (K,) or no bias.
+def _is_tf32_capable(dev: int) -> bool:
+    """Compute capability >= 8.0 (cached per device); CuPy stand-ins without it count as capable."""
+    cap = _conv_tf32_capable.get(dev)
+    if cap is None:
+        cupy = _cupy()
+        try:
+            cap = int(cupy.cuda.Device(dev).compute_capability) >= 80
+        except AttributeError:  # the CPU emulator's stand-in device has no properties
+            cap = True
+        _conv_tf32_capable[dev] = cap
+    return cap
 
-    ``version`` ('1' direct, '2' shared-memory tiled, 'auto') overrides ``$PYCNN_CONV_VERSION``.
+
+def _autotune(key, candidates, run) -> str | None:
+    """The fastest of ``candidates`` for one shape, timed once with CUDA events and cached.
+
+    Each candidate runs once as a warm-up (it also compiles the kernel), then three times between
+    events; the median decides. Returns None while a CUDA graph is being captured (timing would
+    synchronize), so the caller uses the shape rule; run a step eagerly before capturing.
     """
-    op = "conv2d_forward"
+    pick = _autotune_cache.get(key)
+    if pick is not None:
+        return pick
+    cupy = _cupy()
+    if _capturing(cupy) or len(candidates) < 2:
+        return candidates[0] if len(candidates) == 1 else None
+    times = {}
+    for v in candidates:
+        run(v)
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        samples = []
+        for _ in range(3):
+            start.record()
+            run(v)
+            end.record()
+            end.synchronize()
+            samples.append(cupy.cuda.get_elapsed_time(start, end))
+        times[v] = sorted(samples)[1]
+    pick = min(times, key=times.get)
+    _autotune_cache[key] = pick
+    _autotune_times[key] = times
+    return pick
+
+
+def _conv_pick(direction: str, dev: int, geom: tuple, version, allow_tf32, run) -> str:
+    """Resolve the version of one call (shape rule, then the optional cached autotune)."""
+    N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
+    x_shape, w_shape, stride, padding = (N, C, H, W), (K, C, R, S), (sh, sw), (ph, pw)
+    op = _CONV_DIRECTIONS[direction]
+    requested = _requested_conv_version(op, version)
+    tf32 = _tf32_allowed(allow_tf32)
+    capable = _is_tf32_capable(dev) if (tf32 or requested == CONV_TF32_VERSION) else False
+    chosen = conv_version(direction, x_shape, w_shape, stride, padding, requested, tf32, tf32_capable=capable)
+    if requested == "auto" and os.environ.get("PYCNN_CONV_AUTOTUNE", "") == "1":
+        candidates = [v for v in CONV_VERSIONS
+                      if conv_version(direction, x_shape, w_shape, stride, padding, v, False) == v]
+        if tf32 and capable:
+            candidates.append(CONV_TF32_VERSION)
+        key = (direction, dev, x_shape, w_shape, stride, padding, tf32 and capable)
+        tuned = _autotune(key, candidates, run)
+        if tuned is not None:
+            chosen = tuned
+    return chosen
+
+
+def _conv_forward_run(version: str, dev: int, x, w, bias, y, has_bias: bool, relu: bool, geom: tuple) -> None:
+    N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
+    args = (x, w, bias, y, _i32(has_bias), _i32(relu), _i32(N), _i32(C), _i32(H), _i32(W), _i32(K),
+            _i32(R), _i32(S), _i32(Ho), _i32(Wo), _i32(sh), _i32(sw), _i32(ph), _i32(pw))
+    if version == "1":
+        _launch(dev, "conv2d.cu", "conv2d_fwd_v1_f32", _grid1d(y.size), (BLOCK,), args)
+    elif version == "2":
+        tw, th, kpb = DEFINES["PYCNN_CONV2_TILE_W"], DEFINES["PYCNN_CONV2_TILE_H"], DEFINES["PYCNN_CONV2_KPB"]
+        grid = ((Wo + tw - 1) // tw, (Ho + th - 1) // th, N * ((K + kpb - 1) // kpb))
+        _launch(dev, "conv2d.cu", "conv2d_fwd_v2_f32", grid, (tw, th), args, shared_mem=_conv2_smem(R, S, sh, sw))
+    else:
+        grid = ((N * Ho * Wo + _CONV3_BN - 1) // _CONV3_BN, (K + _CONV3_BM - 1) // _CONV3_BM, 1)
+        _launch(dev, "conv2d.cu", f"conv2d_fwd_v{version}_f32", grid, (_CONV3_THREADS,), args)
+
+
+def _conv2d_forward(op: str, x, w, b, stride, padding, relu: bool, version, allow_tf32):
     cupy = _cupy()
     _check(op, "x", x, 4)
     _check(op, "w", w, 4)
@@ -387,21 +576,63 @@ def conv2d_forward(x, w, b, stride, padding, *, version: str | None = None):
         y = cupy.empty((N, K, Ho, Wo), dtype=cupy.float32)
     if y.size == 0:
         return y
+    geom = (N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw)
     bias = b if b is not None else w  # never read when has_bias == 0
-    args = (x, w, bias, y, _i32(b is not None), _i32(N), _i32(C), _i32(H), _i32(W), _i32(K),
-            _i32(R), _i32(S), _i32(Ho), _i32(Wo), _i32(sh), _i32(sw), _i32(ph), _i32(pw))
-    if conv_forward_version(x.shape, w.shape, (sh, sw), (ph, pw), version) == "2":
-        tw, th, kpb = DEFINES["PYCNN_CONV2_TILE_W"], DEFINES["PYCNN_CONV2_TILE_H"], DEFINES["PYCNN_CONV2_KPB"]
-        grid = ((Wo + tw - 1) // tw, (Ho + th - 1) // th, N * ((K + kpb - 1) // kpb))
-        _launch(dev, "conv2d.cu", "conv2d_fwd_v2_f32", grid, (tw, th), args,
-                shared_mem=_conv2_smem(R, S, sh, sw))
-    else:
-        _launch(dev, "conv2d.cu", "conv2d_fwd_v1_f32", _grid1d(y.size), (BLOCK,), args)
+
+    def run(v):
+        _conv_forward_run(v, dev, x, w, bias, y, b is not None, relu, geom)
+
+    run(_conv_pick("forward", dev, geom, version, allow_tf32, run))
     return y
 
 
-def conv2d_backward_data(dy, w, x_shape, stride, padding):
-    """dx (N,C,H,W): gradient of conv2d with respect to its input (gather, deterministic)."""
+def conv2d_forward(x, w, b, stride, padding, *, version: str | None = None, allow_tf32: bool | None = None):
+    """y (N,K,Ho,Wo) = conv2d(x (N,C,H,W), w (K,C,R,S)) + b (K,) or no bias.
+
+    ``version`` ('1' direct, '2' shared-memory tiled, '3' implicit GEMM, '4' TF32 tensor cores,
+    'auto') overrides ``$PYCNN_CONV_VERSION``; '4' (and 'auto' choosing it) needs ``allow_tf32``
+    (or ``$PYCNN_ALLOW_TF32=1``). See conv_version.
+    """
+    return _conv2d_forward("conv2d_forward", x, w, b, stride, padding, False, version, allow_tf32)
+
+
+def conv2d_bias_relu_forward(x, w, b, stride, padding, *, version: str | None = None,
+                             allow_tf32: bool | None = None):
+    """y = relu(conv2d(x, w) + b) in one kernel: bias and ReLU are the forward kernel's epilogue.
+
+    ``b`` (K,) is required (SPEC "Optional fused ops"); ``version``/``allow_tf32`` as conv2d_forward.
+    """
+    op = "conv2d_bias_relu_forward"
+    if b is None:
+        raise ValueError(f"{op}: b is required (the fused op adds a bias), got None; "
+                         f"use conv2d_forward then relu_forward for a convolution without bias")
+    return _conv2d_forward(op, x, w, b, stride, padding, True, version, allow_tf32)
+
+
+def _conv_backward_data_run(version: str, dev: int, dy, w, dx, geom: tuple) -> None:
+    N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
+    args = (dy, w, dx, _i32(N), _i32(C), _i32(H), _i32(W), _i32(K), _i32(R), _i32(S),
+            _i32(Ho), _i32(Wo), _i32(sh), _i32(sw), _i32(ph), _i32(pw))
+    if version == "1":
+        _launch(dev, "conv2d.cu", "conv2d_bwd_data_v1_f32", _grid1d(dx.size), (BLOCK,), args)
+    elif version == "2":
+        tw, th, kpb = DEFINES["PYCNN_CONV2_TILE_W"], DEFINES["PYCNN_CONV2_TILE_H"], DEFINES["PYCNN_CONV2_KPB"]
+        smem, phm, pwm = _conv2_bwd_data_smem(R, S, sh, sw)
+        grid = ((W + tw - 1) // tw, (H + th - 1) // th, N * ((C + kpb - 1) // kpb))
+        _launch(dev, "conv2d.cu", "conv2d_bwd_data_v2_f32", grid, (tw, th), args + (_i32(phm), _i32(pwm)),
+                shared_mem=smem)
+    else:
+        grid = ((N * H * W + _CONV3_BN - 1) // _CONV3_BN, (C + _CONV3_BM - 1) // _CONV3_BM, 1)
+        _launch(dev, "conv2d.cu", f"conv2d_bwd_data_v{version}_f32", grid, (_CONV3_THREADS,), args)
+
+
+def conv2d_backward_data(dy, w, x_shape, stride, padding, *, version: str | None = None,
+                         allow_tf32: bool | None = None):
+    """dx (N,C,H,W): gradient of conv2d with respect to its input (deterministic, no atomics).
+
+    ``version``/``allow_tf32`` as conv2d_forward (v3/v4: dx as a GEMM of the transposed weights
+    with dy gathered at the output positions that read each input).
+    """
     op = "conv2d_backward_data"
     cupy = _cupy()
     _check(op, "dy", dy, 4)
@@ -421,14 +652,60 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding):
     if dy.size == 0:
         dx.fill(0)
         return dx
-    args = (dy, w, dx, _i32(N), _i32(C), _i32(H), _i32(W), _i32(K), _i32(R), _i32(S),
-            _i32(Ho), _i32(Wo), _i32(sh), _i32(sw), _i32(ph), _i32(pw))
-    _launch(dev, "conv2d.cu", "conv2d_bwd_data_v1_f32", _grid1d(dx.size), (BLOCK,), args)
+    geom = (N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw)
+    version_ran = _conv_pick("backward_data", dev, geom, version, allow_tf32,
+                             lambda v: _conv_backward_data_run(v, dev, dy, w, dx, geom))
+    _conv_backward_data_run(version_ran, dev, dy, w, dx, geom)
     return dx
 
 
-def conv2d_backward_weight(dy, x, w_shape, stride, padding):
-    """(dw (K,C,R,S), db (K,)): weight and bias gradients of conv2d (deterministic reductions)."""
+def _conv_splits(count: int, blocks: int, minimum: int, align: int) -> tuple[int, int]:
+    """(splits, chunk) cutting ``count`` summands into chunks of a multiple of ``align`` for a
+    grid of ``blocks`` blocks per split: about _CONV_SPLIT_TARGET_BLOCKS blocks in all, chunks of
+    at least ``minimum``. A function of the shapes only (a fixed summation order per shape)."""
+    want = max(1, -(-_CONV_SPLIT_TARGET_BLOCKS // max(blocks, 1)))
+    splits = max(1, min(want, -(-count // minimum), _MAX_GRID_YZ))
+    chunk = -(-count // splits)
+    chunk = -(-chunk // align) * align
+    return -(-count // chunk), chunk
+
+
+def _conv_backward_weight_run(version: str, dev: int, dy, x, dw, geom: tuple) -> None:
+    N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
+    cupy = _cupy()
+    args = (dy, x, dw, _i32(N), _i32(C), _i32(H), _i32(W), _i32(K), _i32(R), _i32(S),
+            _i32(Ho), _i32(Wo), _i32(sh), _i32(sw), _i32(ph), _i32(pw))
+    if version == "1":
+        _launch(dev, "conv2d.cu", "conv2d_bwd_weight_v1_f32", (dw.size,), (BLOCK,), args)
+        return
+    if version == "2":
+        splits, imgs = _conv_splits(N, K * C, 1, 1)
+        kernel, grid, block = "conv2d_bwd_weight_v2_f32", (K * C, splits), (DEFINES["PYCNN_CONV2_TILE_W"] *
+                                                                             DEFINES["PYCNN_CONV2_TILE_H"],)
+        extra, smem = imgs, _conv2_bwd_weight_smem(R, S, sh, sw)
+    else:
+        tiles = ((K + _CONV3_BM - 1) // _CONV3_BM) * ((C * R * S + _CONV3_BN - 1) // _CONV3_BN)
+        splits, chunk = _conv_splits(N * Ho * Wo, tiles, _CONV_SPLIT_MIN_K, _CONV3_BK)
+        kernel = f"conv2d_bwd_weight_v{version}_f32"
+        grid = ((C * R * S + _CONV3_BN - 1) // _CONV3_BN, (K + _CONV3_BM - 1) // _CONV3_BM, splits)
+        block, extra, smem = (_CONV3_THREADS,), chunk, 0
+    if splits == 1:  # one partial: the kernel writes dw itself
+        _launch(dev, "conv2d.cu", kernel, grid, block, args + (_i32(extra),), shared_mem=smem)
+        return
+    with cupy.cuda.Device(dev):
+        partial = cupy.empty((splits * dw.size,), dtype=cupy.float32)
+    _launch(dev, "conv2d.cu", kernel, grid, block, (dy, x, partial) + args[3:] + (_i32(extra),), shared_mem=smem)
+    _launch(dev, "conv2d.cu", "conv2d_bwd_weight_reduce_f32", _grid1d(dw.size), (BLOCK,),
+            (partial, dw, _i32(splits), _i64(dw.size)))
+
+
+def conv2d_backward_weight(dy, x, w_shape, stride, padding, *, version: str | None = None,
+                           allow_tf32: bool | None = None):
+    """(dw (K,C,R,S), db (K,)): weight and bias gradients of conv2d.
+
+    Deterministic in every version: fixed-order block sums and split partials added in a fixed
+    order by a second kernel, never float atomics. ``version``/``allow_tf32`` as conv2d_forward.
+    """
     op = "conv2d_backward_weight"
     cupy = _cupy()
     _check(op, "dy", dy, 4)
@@ -444,10 +721,13 @@ def conv2d_backward_weight(dy, x, w_shape, stride, padding):
     with cupy.cuda.Device(dev):
         dw = cupy.empty((K, C, R, S), dtype=cupy.float32)
         db = cupy.empty((K,), dtype=cupy.float32)
-    if dw.size:
-        args = (dy, x, dw, _i32(N), _i32(C), _i32(H), _i32(W), _i32(K), _i32(R), _i32(S),
-                _i32(Ho), _i32(Wo), _i32(sh), _i32(sw), _i32(ph), _i32(pw))
-        _launch(dev, "conv2d.cu", "conv2d_bwd_weight_v1_f32", (dw.size,), (BLOCK,), args)
+    geom = (N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw)
+    if dw.size and dy.size == 0:
+        dw.fill(0)
+    elif dw.size:
+        version_ran = _conv_pick("backward_weight", dev, geom, version, allow_tf32,
+                                 lambda v: _conv_backward_weight_run(v, dev, dy, x, dw, geom))
+        _conv_backward_weight_run(version_ran, dev, dy, x, dw, geom)
     _bias_grad_into(dev, dy, db)
     return dw, db
 

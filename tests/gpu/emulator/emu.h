@@ -16,7 +16,8 @@ inline thread_local emu_dim3 threadIdx, blockIdx;
 inline emu_dim3 blockDim, gridDim;
 inline float* emu_dynamic_smem = nullptr;
 inline std::barrier<>* emu_block_barrier = nullptr;
-struct EmuWarp { std::barrier<>* bar; double buf[32]; };
+// mma_a/mma_b: the operand registers of the 32 lanes during one emulated mma.sync.
+struct EmuWarp { std::barrier<>* bar; double buf[32]; unsigned mma_a[32][4]; unsigned mma_b[32][2]; };
 inline std::vector<EmuWarp>* emu_warps = nullptr;
 #define __global__
 #define __device__
@@ -43,6 +44,58 @@ template <class T> inline T __shfl_sync(unsigned, T v, int src) { return emu_shf
 inline float __int_as_float(unsigned int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+struct float4 { float x, y, z, w; };
+
+// ---- TF32 tensor-core emulation (conv2d.cu v4). The kernels call these two functions; under
+// nvcc/NVRTC they are the PTX instructions cvt.rna.tf32.f32 and
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32.
+#define PYCNN_EMULATED 1
+// cvt.rna.tf32.f32: round to the nearest TF32 (10 explicit mantissa bits), ties away from zero;
+// the result is a 32-bit pattern with the low 13 bits zero. Adding half an ulp (bit 12) to the
+// magnitude and truncating does exactly that, overflowing into the exponent (or to inf) where due.
+inline unsigned pycnn_tf32(float v) {
+    unsigned u = __float_as_uint(v);
+    if ((u & 0x7f800000u) == 0x7f800000u) return u;  // inf and NaN pass through
+    return (u + 0x1000u) & 0xffffe000u;
+}
+// One warp-wide D = A (16x8) . B (8x8) + C, all 32 lanes of the warp taking part (as on the GPU).
+// Fragment layout of the PTX ISA for m16n8k8 .tf32, lane l, g = l/4, t = l%4:
+//   a0 = A[g][t], a1 = A[g+8][t], a2 = A[g][t+4], a3 = A[g+8][t+4]; b0 = B[t][g], b1 = B[t+4][g];
+//   c0/d0 = D[g][2t], c1 = D[g][2t+1], c2 = D[g+8][2t], c3 = D[g+8][2t+1].
+// The tensor core reads only the TF32 bits of each operand (the low 13 bits are ignored); the
+// products of two TF32 values are exact in double, and their sum is rounded to fp32 once here.
+// The hardware's internal accumulation order and rounding are not specified by PTX, so the tests
+// hold v4 to an error bound (conv2d.cu header), never to this emulation's exact bits.
+inline void pycnn_mma_tf32_m16n8k8(float d[4], const unsigned a[4], const unsigned b[2]) {
+    const int tid = emu_tid();
+    EmuWarp& w = (*emu_warps)[tid / 32];
+    const int lane = tid % 32;
+    w.bar->arrive_and_wait();  // the previous mma's readers are done with the buffers
+    for (int i = 0; i < 4; ++i) w.mma_a[lane][i] = a[i];
+    w.mma_b[lane][0] = b[0];
+    w.mma_b[lane][1] = b[1];
+    w.bar->arrive_and_wait();
+    double A[16][8], B[8][8];
+    for (int l = 0; l < 32; ++l) {
+        const int g = l / 4, t = l % 4;
+        const unsigned* al = w.mma_a[l];
+        A[g][t] = __uint_as_float(al[0] & 0xffffe000u);
+        A[g + 8][t] = __uint_as_float(al[1] & 0xffffe000u);
+        A[g][t + 4] = __uint_as_float(al[2] & 0xffffe000u);
+        A[g + 8][t + 4] = __uint_as_float(al[3] & 0xffffe000u);
+        B[t][g] = __uint_as_float(w.mma_b[l][0] & 0xffffe000u);
+        B[t + 4][g] = __uint_as_float(w.mma_b[l][1] & 0xffffe000u);
+    }
+    const int g = lane / 4, t = lane % 4;
+    for (int r = 0; r < 4; ++r) {
+        const int row = g + 8 * (r / 2), col = 2 * t + (r % 2);
+        double s = d[r];
+        for (int k = 0; k < 8; ++k) s += A[row][k] * B[k][col];
+        d[r] = (float)s;
+    }
+}
 
 inline void emu_run(int gx, int gy, int gz, int bx, int by, int bz, long long smem, bool threaded,
                     const std::function<void()>& body) {

@@ -1,0 +1,226 @@
+"""The conv2d kernel ladder (csrc/cuda/conv2d.cu: v1 direct, v2 tiled, v3 implicit GEMM, v4 TF32
+tensor cores) run on the CPU emulator, every version x direction against numpy_ref in float64.
+
+v4's mma.sync is emulated by tests/gpu/emulator/emu.h (the PTX fragment layout, operands rounded
+to TF32 as cvt.rna does), so here v4 is held to the documented TF32 error bound and shown to
+differ from fp32; the real instruction is checked by test_conv_ladder.py on a GPU. Shapes are
+small (the emulator runs one std::thread per CUDA thread) but cover stride 2, padding, odd
+sizes, C = 1, K not a multiple of the 64-row tile and N*Ho*Wo not a multiple of the 64-column
+tile, several k-stages, and split-K.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from emu_support import EMULATED_MARKS, rnd
+from pycnn.backends import cuda
+from pycnn.backends import numpy_ref as ref
+
+pytestmark = EMULATED_MARKS
+
+# (N, C, H, W, K, R, S, stride, padding)
+SHAPES = {
+    "stride2-pad-odd": (2, 3, 9, 11, 10, 3, 2, (2, 1), (1, 0)),
+    "one-channel": (1, 1, 7, 6, 5, 3, 3, (1, 1), (1, 1)),
+    "multi-tile": (3, 4, 10, 9, 20, 3, 3, (1, 1), (1, 1)),    # 270 columns, Kd = 36: 3 k-stages
+    "two-row-tiles": (1, 2, 5, 4, 70, 2, 2, (1, 2), (1, 1)),  # K = 70 > 64
+    # v1/v2 launch a 64-256-thread block per weight element / per (k, c): emulated threads are
+    # expensive, so their shapes keep K*C small.
+    "stride2-small": (2, 2, 9, 11, 3, 3, 2, (2, 1), (1, 0)),
+    "v2-tiles": (1, 2, 18, 17, 3, 3, 3, (1, 1), (1, 1)),      # 2x2 tiles of 16x16
+}
+CASES = ([("1", n) for n in ("stride2-small", "one-channel", "v2-tiles")]
+         + [("2", n) for n in ("stride2-small", "one-channel", "v2-tiles")]
+         + [("3", n) for n in SHAPES])
+EXACT = ("1", "2", "3")
+KERNEL = {"forward": "conv2d_fwd_v{}_f32", "backward_data": "conv2d_bwd_data_v{}_f32",
+          "backward_weight": "conv2d_bwd_weight_v{}_f32"}
+TF32_U = 2.0 ** -11  # relative rounding of an operand to TF32 (10 explicit mantissa bits)
+
+
+def fp32_atol(length: int) -> float:
+    """fp32 accumulation of ``length`` products of O(1) values, against a float64 reference."""
+    return 1e-5 + 2e-6 * length
+
+
+def tf32_bound(length: int, abs_products):
+    """The documented v4 bound (conv2d.cu header): (2u + u^2 + length * 2^-23) * sum |a*b|."""
+    return (2 * TF32_U + TF32_U ** 2 + length * 2.0 ** -23) * abs_products + 1e-6
+
+
+def data(shape, seed, integers=False):
+    N, C, H, W, K, R, S, stride, padding = shape
+    rng = np.random.default_rng(seed)
+    Ho = (H + 2 * padding[0] - R) // stride[0] + 1
+    Wo = (W + 2 * padding[1] - S) // stride[1] + 1
+    if integers:  # small integers: every product and partial sum is exact in TF32 and fp32
+        draw = lambda *s: rng.integers(-8, 9, s).astype(np.float32)  # noqa: E731
+        return draw(N, C, H, W), draw(K, C, R, S), draw(K), draw(N, K, Ho, Wo)
+    return rnd(rng, N, C, H, W), rnd(rng, K, C, R, S), rnd(rng, K), rnd(rng, N, K, Ho, Wo)
+
+
+def run_all(shape, x, w, b, dy, version, allow_tf32=False):
+    _, _, _, _, _, _, _, stride, padding = shape
+    y = cuda.conv2d_forward(x, w, b, stride, padding, version=version, allow_tf32=allow_tf32)
+    dx = cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version=version, allow_tf32=allow_tf32)
+    dw, db = cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding, version=version, allow_tf32=allow_tf32)
+    return y, dx, dw, db
+
+
+def reference(shape, x, w, b, dy):
+    _, _, _, _, _, _, _, stride, padding = shape
+    x64, w64, dy64 = x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64)
+    y = ref.conv2d_forward(x64, w64, b.astype(np.float64), stride, padding)
+    dx = ref.conv2d_backward_data(dy64, w64, x.shape, stride, padding)
+    dw, db = ref.conv2d_backward_weight(dy64, x64, w.shape, stride, padding)
+    return y, dx, dw, db
+
+
+def lengths(shape):
+    """Reduction lengths of forward, backward-data and backward-weight."""
+    N, C, H, W, K, R, S, stride, padding = shape
+    Ho = (H + 2 * padding[0] - R) // stride[0] + 1
+    Wo = (W + 2 * padding[1] - S) // stride[1] + 1
+    return C * R * S, K * R * S, N * Ho * Wo
+
+
+def assert_ran(launched, version):
+    for direction, name in KERNEL.items():
+        assert name.format(version) in launched, f"{direction} did not run v{version}: {launched}"
+
+
+@pytest.mark.parametrize("version, name", CASES)
+def test_exact_versions_match_reference(emulated, version, name):
+    shape = SHAPES[name]
+    x, w, b, dy = data(shape, seed=1)
+    got = run_all(shape, x, w, b, dy, version)
+    want = reference(shape, x, w, b, dy)
+    lf, ld, lw = lengths(shape)
+    for what, g, wnt, length in zip(("y", "dx", "dw", "db"), got, want, (lf, ld, lw, lw)):
+        assert g.dtype == np.float32 and g.shape == wnt.shape, what
+        np.testing.assert_allclose(g, wnt, rtol=1e-4, atol=fp32_atol(length), err_msg=f"v{version} {name} {what}")
+    assert_ran(emulated, version)
+
+
+@pytest.mark.parametrize("name", ["stride2-pad-odd", "multi-tile", "two-row-tiles"])
+def test_tf32_within_documented_bound_and_not_fp32(emulated, name):
+    shape = SHAPES[name]
+    _, _, _, _, _, _, _, stride, padding = shape
+    x, w, b, dy = data(shape, seed=2)
+    got = run_all(shape, x, w, b, dy, "4", allow_tf32=True)
+    assert_ran(emulated, "4")
+    exact = run_all(shape, x, w, b, dy, "3")
+    want = reference(shape, x, w, b, dy)
+    ax, aw, ady = (np.abs(a.astype(np.float64)) for a in (x, w, dy))
+    products = (ref.conv2d_forward(ax, aw, np.abs(b.astype(np.float64)), stride, padding),
+                ref.conv2d_backward_data(ady, aw, x.shape, stride, padding),
+                ref.conv2d_backward_weight(ady, ax, w.shape, stride, padding)[0])
+    for what, g, e, wnt, p, length in zip(("y", "dx", "dw"), got, exact, want, products, lengths(shape)):
+        err = np.abs(g - wnt)
+        bound = tf32_bound(length, p)
+        assert np.all(err <= bound), f"v4 {name} {what}: error {err.max():.3g} over the TF32 bound"
+        # The tensor-core path really ran: TF32 rounding shows on random data.
+        assert not np.array_equal(g, e), f"v4 {name} {what} is bit-identical to fp32 v3"
+        assert err.max() > np.abs(e - wnt).max(), f"v4 {name} {what} is not less precise than v3"
+    np.testing.assert_array_equal(got[3], exact[3])  # db does not go through the tensor cores
+
+
+@pytest.mark.parametrize("name", ["stride2-pad-odd", "two-row-tiles"])
+def test_tf32_exact_on_tf32_representable_integers(emulated, name):
+    """Small integers are exact in TF32 and their sums exact in fp32: v4 must then equal the
+    reference bit for bit, which checks the mma fragment layout of the kernel and the emulator."""
+    shape = SHAPES[name]
+    x, w, b, dy = data(shape, seed=3, integers=True)
+    got = run_all(shape, x, w, b, dy, "4", allow_tf32=True)
+    for what, g, wnt in zip(("y", "dx", "dw", "db"), got, reference(shape, x, w, b, dy)):
+        np.testing.assert_array_equal(g, wnt.astype(np.float32), err_msg=f"v4 {name} {what}")
+
+
+@pytest.mark.parametrize("version", EXACT + ("4",))
+def test_fused_bias_relu_epilogue(emulated, version):
+    shape = SHAPES["multi-tile"]
+    _, _, _, _, _, _, _, stride, padding = shape
+    x, w, b, _ = data(shape, seed=4)
+    y = cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version=version, allow_tf32=version == "4")
+    assert emulated == [f"conv2d_fwd_v{version}_f32"], f"one kernel, no second pass: {emulated}"
+    plain = cuda.conv2d_forward(x, w, b, stride, padding, version=version, allow_tf32=version == "4")
+    np.testing.assert_array_equal(y, np.maximum(plain, 0.0))
+    assert (y == 0).any() and (y > 0).any()
+    x64, w64, b64 = x.astype(np.float64), w.astype(np.float64), b.astype(np.float64)
+    want = ref.conv2d_bias_relu_forward(x64, w64, b64, stride, padding)
+    if version == "4":  # ReLU does not widen an error, so the TF32 bound carries over
+        products = ref.conv2d_forward(np.abs(x64), np.abs(w64), np.abs(b64), stride, padding)
+        assert np.all(np.abs(y - want) <= tf32_bound(lengths(shape)[0], products))
+    else:
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=fp32_atol(lengths(shape)[0]))
+    with pytest.raises(ValueError, match=r"conv2d_bias_relu_forward: b is required"):
+        cuda.conv2d_bias_relu_forward(x, w, None, stride, padding)
+
+
+@pytest.mark.parametrize("version", ["2", "3", "4"])
+def test_split_weight_gradient_is_deterministic(emulated, version):
+    # 4 images of 16x16 outputs: v2 splits the images, v3/v4 split Kd = 1024 in two.
+    shape = (4, 2, 16, 16, 3, 3, 3, (1, 1), (1, 1))
+    x, w, b, dy = data(shape, seed=5)
+    first, _ = cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1), version=version,
+                                           allow_tf32=version == "4")
+    assert "conv2d_bwd_weight_reduce_f32" in emulated, "the split path did not run"
+    second, _ = cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1), version=version,
+                                            allow_tf32=version == "4")
+    assert first.tobytes() == second.tobytes()
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    want = ref.conv2d_backward_weight(dy64, x64, w.shape, (1, 1), (1, 1))[0]
+    if version == "4":
+        products = ref.conv2d_backward_weight(np.abs(dy64), np.abs(x64), w.shape, (1, 1), (1, 1))[0]
+        assert np.all(np.abs(first - want) <= tf32_bound(1024, products))
+    else:
+        np.testing.assert_allclose(first, want, rtol=1e-4, atol=fp32_atol(1024))
+
+
+def test_tf32_needs_opt_in(emulated, monkeypatch):
+    shape = SHAPES["multi-tile"]
+    x, w, b, dy = data(shape, seed=6)
+    monkeypatch.delenv("PYCNN_ALLOW_TF32", raising=False)
+    monkeypatch.delenv("PYCNN_CONV_VERSION", raising=False)
+    with pytest.raises(ValueError, match=r"conv2d_forward: conv version 4 computes with TF32.*allow_tf32=True"):
+        cuda.conv2d_forward(x, w, b, (1, 1), (1, 1), version="4")
+    with pytest.raises(ValueError, match=r"conv2d_backward_weight: conv version 4"):
+        cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1), version="v4")
+    cuda.conv2d_forward(x, w, b, (1, 1), (1, 1))  # auto: exact unless opted in
+    assert emulated == ["conv2d_fwd_v3_f32"]
+    monkeypatch.setenv("PYCNN_ALLOW_TF32", "1")
+    cuda.conv2d_forward(x, w, b, (1, 1), (1, 1))
+    assert emulated[-1] == "conv2d_fwd_v4_f32"
+    cuda.conv2d_forward(x, w, b, (1, 1), (1, 1), allow_tf32=False)  # the argument wins
+    assert emulated[-1] == "conv2d_fwd_v3_f32"
+    monkeypatch.setenv("PYCNN_CONV_VERSION", "2")
+    cuda.conv2d_backward_data(dy, w, x.shape, (1, 1), (1, 1))
+    assert emulated[-1] == "conv2d_bwd_data_v2_f32"
+
+
+def test_auto_rule_and_fallbacks(monkeypatch):
+    monkeypatch.delenv("PYCNN_CONV_VERSION", raising=False)
+    monkeypatch.delenv("PYCNN_ALLOW_TF32", raising=False)
+    v = cuda.conv_version
+    mnist2 = ((64, 32, 13, 13), (64, 32, 3, 3), (1, 1), (0, 0))
+    assert [v(d, *mnist2) for d in ("forward", "backward_data", "backward_weight")] == ["3", "3", "3"]
+    assert v("forward", *mnist2, allow_tf32=True) == "4"
+    assert v("forward", *mnist2, allow_tf32=True, tf32_capable=False) == "3"
+    lenet1 = ((64, 1, 28, 28), (6, 1, 5, 5), (1, 1), (2, 2))  # 6 filters: v3's tile mostly idle
+    assert v("forward", *lenet1) == "2"
+    assert v("backward_weight", *lenet1) == "2"
+    assert v("backward_data", *lenet1) == "2"  # C = 1 rows
+    tiny = ((64, 1, 5, 5), (6, 1, 3, 3), (1, 1), (0, 0))  # 3x3 output
+    assert v("forward", *tiny) == "1"
+    big7 = ((2, 3, 20, 20), (4, 3, 7, 7), (1, 1), (0, 0))  # R*S = 49 > 25 accumulators
+    assert v("backward_weight", *big7, "2") == "1"
+    huge = ((1, 1, 50000, 50000), (16, 1, 3, 3), (1, 1), (1, 1))  # 2.5e9 elements: int32 offsets
+    assert v("forward", *huge, "3") == "1"
+    assert cuda.conv_forward_version(*mnist2, "2") == "2"
+    with pytest.raises(ValueError, match=r"conv2d_backward_data: conv version must be one of"):
+        v("backward_data", *mnist2, "5")
+    with pytest.raises(ValueError, match=r"conv_version: direction must be one of"):
+        v("sideways", *mnist2)
+    with pytest.raises(ValueError, match=r"needs TF32 tensor cores"):
+        v("forward", *mnist2, "4", True, tf32_capable=False)
