@@ -106,8 +106,10 @@ def pycnn_throughput(model_name, batch, graph, x, y, order) -> dict:
         start = time.perf_counter()
         for s in range(steps):
             idx = order[s * batch:(s + 1) * batch]
-            if graph:
-                step(x[idx], y[idx])
+            if graph:  # gather straight into the captured input buffers, as pycnn.train does
+                cp.take(x, idx, axis=0, out=step.static_x)
+                cp.take(y, idx, axis=0, out=step.static_y)
+                step()
             else:
                 _pycnn_eager_step(net, opt, x[idx], y[idx])
         stream.synchronize()
@@ -243,10 +245,12 @@ class TorchGraphStep:
         self.loss.backward()
         self.opt.step()
 
-    def __call__(self, xb, yb):
+    def __call__(self, xb=None, yb=None):
+        """One step on (xb, yb), or on self.x / self.y as the caller filled them when omitted."""
         torch = self.torch
-        self.x.copy_(xb)
-        self.y.copy_(yb)
+        if xb is not None:
+            self.x.copy_(xb)
+            self.y.copy_(yb)
         if self.graph is not None:
             self.graph.replay()
         elif self.calls < self.warmup:
@@ -292,7 +296,12 @@ def torch_throughput(torch, model_name, batch, graph, x, y, order) -> dict:
     start = time.perf_counter()
     for s in range(steps):
         idx = order[s * batch:(s + 1) * batch]
-        run(x[idx], y[idx])
+        if graph:  # gather straight into the captured input buffers (same as the pycnn graph run)
+            torch.index_select(x, 0, idx, out=step.x)
+            torch.index_select(y, 0, idx, out=step.y)
+            step()
+        else:
+            run(x[idx], y[idx])
     torch.cuda.synchronize()
     epoch_s = time.perf_counter() - start
     return dict(samples_per_s=steps * batch / epoch_s, epoch_s=epoch_s, steps=steps)

@@ -123,15 +123,20 @@ class CudaGraphTrainStep:
         self.stream.wait_event(cupy.cuda.get_current_stream().record())
 
     # -- public
-    def __call__(self, x, y):
+    def __call__(self, x=None, y=None):
         """Train on one batch (x, y: CuPy arrays of the static shapes); returns ``self.loss``.
 
-        Nothing is read back to the host. The caller's current stream waits for the step
-        before its next work, and the step waits for the caller's earlier work (events, no
-        host synchronization), so it mixes freely with eager code on other streams.
+        With x and y omitted the batch is taken from ``static_x`` / ``static_y`` as the caller
+        left them (e.g. ``cupy.take(x_train, idx, axis=0, out=step.static_x)`` gathers a batch
+        without a second copy). Nothing is read back to the host. The caller's current stream
+        waits for the step before its next work, and the step waits for the caller's earlier
+        work (events, no host synchronization), so it mixes freely with eager code on other
+        streams.
         """
         cupy = _cupy()
-        if tuple(x.shape) != self.input_shape or tuple(y.shape) != self.target_shape:
+        if (x is None) != (y is None):
+            raise ValueError("CudaGraphTrainStep: pass both x and y, or neither (static_x/static_y filled by the caller)")
+        if x is not None and (tuple(x.shape) != self.input_shape or tuple(y.shape) != self.target_shape):
             raise ValueError(f"CudaGraphTrainStep: the batch must have the captured shapes x {self.input_shape}, "
                              f"y {self.target_shape}; got x {tuple(x.shape)}, y {tuple(y.shape)} "
                              f"(run a smaller last batch eagerly)")
@@ -139,8 +144,9 @@ class CudaGraphTrainStep:
         if caller.ptr != self.stream.ptr:
             self.stream.wait_event(caller.record())
         with self.stream:
-            self.static_x[...] = x
-            self.static_y[...] = y
+            if x is not None:
+                self.static_x[...] = x
+                self.static_y[...] = y
             if self.graph is not None:
                 self.optimizer.prepare_step()  # async write of this step's lr / bias corrections
                 self.graph.launch(self.stream)

@@ -307,14 +307,16 @@ def _graph_epoch(cfg, net, opt, scheduler, sched_unit, graph_step, x_train, y_tr
         order_dev = move_array(order, "cuda") if order is not None else None
         for step in range(steps_per_epoch):
             lo, hi = step * cfg.batch_size, min(n, (step + 1) * cfg.batch_size)
-            if order_dev is None:
-                xb, yb = x_train[lo:hi], y_train[lo:hi]
-            else:
-                idx = order_dev[lo:hi]
-                xb, yb = x_train[idx], y_train[idx]
-            if hi - lo == cfg.batch_size:
-                graph_step(xb, yb)
+            idx = None if order_dev is None else order_dev[lo:hi]
+            if hi - lo == cfg.batch_size and idx is not None:
+                # gather straight into the graph's input buffers (no second copy)
+                cupy.take(x_train, idx, axis=0, out=graph_step.static_x)
+                cupy.take(y_train, idx, axis=0, out=graph_step.static_y)
+                graph_step()
+            elif hi - lo == cfg.batch_size:
+                graph_step(x_train[lo:hi], y_train[lo:hi])
             else:  # the last partial batch: eager, same optimizer (device hyper-parameters)
+                xb, yb = (x_train[lo:hi], y_train[lo:hi]) if idx is None else (x_train[idx], y_train[idx])
                 logits = net(Tensor(xb))
                 loss = F.cross_entropy(logits, yb)
                 opt.zero_grad()
