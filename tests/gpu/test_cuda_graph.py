@@ -1,7 +1,7 @@
 """CUDA-graph training steps (pycnn.cuda_graph) on the GPU: a replayed MnistCNN step gives the
 same parameters and losses as eager steps under a OneCycle schedule (lr and beta1 change every
 step), capture needs no cuBLAS, the eager fallback reports why, and run_mnist(cuda_graph=True)
-matches the eager run."""
+matches the eager run. (The configuration check at the end runs without a GPU.)"""
 from __future__ import annotations
 
 import warnings
@@ -20,7 +20,7 @@ try:
 except ImportError:  # the conftest gate skips (or fails) every test here
     cp = None
 
-pytestmark = pytest.mark.gpu
+gpu = pytest.mark.gpu
 BATCH = 64
 
 
@@ -40,6 +40,7 @@ def _adam_onecycle(model, steps):
     return opt, optim.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, cycle_momentum=True)
 
 
+@gpu
 def test_graph_replay_matches_eager_steps_under_onecycle():
     steps = 10
     batches = _batches(steps)
@@ -67,6 +68,7 @@ def test_graph_replay_matches_eager_steps_under_onecycle():
     assert float(step.loss_sum.get()) == pytest.approx(sum(losses_e), rel=1e-5)
 
 
+@gpu
 def test_fallback_reports_cublas_and_keeps_training():
     model = _model()
     opt = optim.Adam(model.parameters(), lr=1e-3)
@@ -87,6 +89,7 @@ def test_fallback_reports_cublas_and_keeps_training():
     assert np.isfinite(float(step.loss.get()))
 
 
+@gpu
 def test_fallback_reports_a_host_sync():
     model = _model()
     opt = optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
@@ -105,6 +108,7 @@ def test_fallback_reports_a_host_sync():
     assert not step.captured and step.reason.startswith("capture failed"), step.reason
 
 
+@gpu
 def test_wrong_batch_shape_is_refused():
     model = _model()
     step = pycnn.cuda_graph.CudaGraphTrainStep(model, optim.Adam(model.parameters()), (BATCH, 1, 28, 28))
@@ -113,6 +117,7 @@ def test_wrong_batch_shape_is_refused():
         step(x[:10], y[:10])
 
 
+@gpu
 def test_run_mnist_cuda_graph_matches_eager(mnist_path):
     # 4196 images at batch 256: 16 replayed steps (after 3 warm-up steps) and an eager tail of 100.
     kwargs = dict(epochs=1, backend="cuda", data_dir=str(mnist_path), limit_train=4196, progress=False, seed=0)
@@ -124,3 +129,9 @@ def test_run_mnist_cuda_graph_matches_eager(mnist_path):
     assert g["train_acc"] == pytest.approx(e["train_acc"], abs=2e-3)
     assert g["test_acc"] == pytest.approx(e["test_acc"], abs=2e-3)
     assert g["lr_end"] == e["lr_end"]
+
+
+def test_cuda_graph_needs_the_cuda_backend():
+    with pytest.raises(ValueError, match=r"cuda_graph=True \(--cuda-graph\) needs backend 'cuda', got 'numpy'"):
+        pycnn.train.TrainConfig(model="fastmnist", backend="numpy", cuda_graph=True).resolved()
+    assert pycnn.train.TrainConfig(model="fastmnist", backend="cuda", cuda_graph=True).resolved().cuda_graph
