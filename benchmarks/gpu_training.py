@@ -15,7 +15,8 @@ Kernels are compiled (and cuDNN initialized) by a throwaway step of each model f
 timings do not include NVRTC. PyTorch runs fp32 (TF32 off) with cudnn.benchmark on. The pycnn
 graph variants also report the mean time of one bare ``graph.launch`` (replay_ms) next to the
 mean time of a whole step (step_ms: input copies, hyper-parameter write and replay), which says
-how much of a step is Python and how much is kernels.
+how much of a step is Python and how much is kernels, and a per-call profile of one step
+(each backend call captured alone in a graph and replayed: its GPU time without launch overhead).
 
 Writes a JSON record (environment + "end_to_end" entries with "reference" and
 "reference_samples_per_s", the DESIGN.md record format) to ``--out`` and prints a table.
@@ -121,10 +122,10 @@ def pycnn_throughput(model_name, batch, graph, x, y, order) -> dict:
                 step(xb0, yb0)
             stream.synchronize()
             out["step_ms"] = (time.perf_counter() - t0) / reps * 1e3
+            # Replays alone, queued back to back (the lr stays where it is): GPU time per step.
             e0, e1 = cp.cuda.Event(), cp.cuda.Event()
             e0.record(stream)
             for _ in range(reps):
-                opt.prepare_step()
                 step.graph.launch(stream)
             e1.record(stream)
             e1.synchronize()
@@ -197,6 +198,77 @@ def torch_warmup(torch, x, y, xte, yte) -> None:
 
 
 _BATCHES = ["64", "512"]  # set from --batches in main
+
+
+# Backend functions a training step calls; profile_step times each call of one step on its own.
+PROFILED = ("conv2d_forward", "conv2d_bias_relu_forward", "conv2d_backward_data", "conv2d_backward_weight",
+            "maxpool2d_forward", "maxpool2d_relu_forward", "maxpool2d_backward", "relu_forward", "relu_backward",
+            "linear_forward", "linear_bias_relu_forward", "linear_backward", "softmax_cross_entropy_forward",
+            "softmax_cross_entropy_backward", "adam_step", "adam_step_device")
+
+
+def profile_step(model_name, batch, x, y, reps=10) -> dict:
+    """Where the time of one training step goes: every backend call of one eager step is
+    captured alone in a CUDA graph ``reps`` times over and replayed, so its GPU time is measured
+    without Python's launch overhead. Returns per-call entries and their sum (compare with the
+    whole step's replay_ms: the difference is CuPy's own ops and launch gaps)."""
+    import cupy as cp
+
+    from pycnn.backends import cuda
+
+    net = models.get_model(model_name).to("cuda")
+    opt = optim.Adam(net.parameters(), lr=1e-3)
+    xb, yb = x[:batch], y[:batch]
+    for _ in range(2):
+        _pycnn_eager_step(net, opt, xb, yb)
+    calls, originals, depth = [], {}, [0]
+    for name in PROFILED:
+        fn = getattr(cuda, name, None)
+        if fn is None:
+            continue
+        originals[name] = fn
+
+        def recorder(*args, _name=name, _fn=fn, **kwargs):
+            if depth[0] == 0:  # only the calls functional makes (a fused op may call a plain one)
+                calls.append((_name, _fn, args, kwargs))
+            depth[0] += 1
+            try:
+                return _fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        setattr(cuda, name, recorder)
+    try:
+        _pycnn_eager_step(net, opt, xb, yb)
+    finally:
+        for name, fn in originals.items():
+            setattr(cuda, name, fn)
+    cp.cuda.Device().synchronize()
+    stream, pool = cp.cuda.Stream(non_blocking=True), cp.cuda.MemoryPool()
+    entries = []
+    for name, fn, args, kwargs in calls:
+        shapes = [list(a.shape) for a in args if hasattr(a, "shape")][:3]
+        try:
+            with stream, cp.cuda.using_allocator(pool.malloc):
+                fn(*args, **kwargs)  # warm (compiles, builds tables) outside the capture
+                stream.begin_capture()
+                try:
+                    for _ in range(reps):
+                        fn(*args, **kwargs)
+                finally:
+                    graph = stream.end_capture()
+                graph.launch(stream)
+                e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+                e0.record(stream)
+                for _ in range(3):
+                    graph.launch(stream)
+                e1.record(stream)
+                e1.synchronize()
+            entries.append({"op": name, "shapes": shapes, "us": cp.cuda.get_elapsed_time(e0, e1) * 1e3 / (3 * reps)})
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            entries.append({"op": name, "shapes": shapes, "error": f"{type(exc).__name__}: {exc}"})
+    return {"model": model_name, "batch": batch, "calls": entries,
+            "sum_us": sum(e.get("us", 0.0) for e in entries)}
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -405,6 +477,10 @@ def main(argv=None) -> int:
                             "reference_samples_per_s": ref.get("samples_per_s"),
                             "pytorch_eager_samples_per_s": (res.get("pytorch-eager") or {}).get("samples_per_s")})
 
+    profiles = [_attempt(errors, f"profile mnistcnn b{b}", profile_step, "mnistcnn", int(b), xtr, ytr)
+                for b in args.batches.split(",")]
+    profiles.append(_attempt(errors, "profile fastmnist b256", profile_step, "fastmnist", 256, xtr, ytr))
+
     fm = {"pycnn-eager": [_attempt(errors, "pycnn eager fastmnist", pycnn_fastmnist, False, 0, xtr, ytr, xte, yte)],
           "pycnn-cudagraph": [_attempt(errors, f"pycnn graph fastmnist seed {s}", pycnn_fastmnist, True, s,
                                        xtr, ytr, xte, yte) for s in range(args.seeds)]}
@@ -433,7 +509,8 @@ def main(argv=None) -> int:
     record = {**environment(), "commit": commit_sha(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "benchmark": "gpu_training",
               "torch": None if torch is None else torch.__version__, "torch_reason": torch_reason,
-              "end_to_end": entries, "details": details, "errors": errors,
+              "end_to_end": entries, "details": details, "step_profiles": [p for p in profiles if p],
+              "errors": errors,
               "wall_s": time.perf_counter() - t_start}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1, default=str))
@@ -452,6 +529,11 @@ def main(argv=None) -> int:
         for r in details["fastmnist"].get(v, []):
             if r:
                 print(f"FastMNIST    256 {v:16} {len(xtr) / r['train_s']:>10,.0f} {r['wall_s']:>12.3f} {r['test_acc']:>7.4f}")
+    for prof in record["step_profiles"]:
+        print(f"\n{prof['model']} b{prof['batch']}: GPU time of each backend call of one step "
+              f"(each alone in a graph), sum {prof['sum_us']:.0f} us")
+        for e in prof["calls"]:
+            print(f"  {e['op']:32} {str(e['shapes']):48} " + (f"{e['us']:8.1f} us" if "us" in e else e["error"]))
     print(f"written to {args.out} ({record['wall_s']:.1f} s)")
     return 1 if errors else 0
 
