@@ -1,0 +1,179 @@
+"""The conv2d kernel ladder on the GPU: every version (v1 direct, v2 tiled, v3 implicit GEMM, v4
+TF32 tensor cores) x direction against the float64 reference on every conv layer of the four
+models (benchmarks/shapes.py, batch 64) and the compute-bound 64x128x56x56 / 128 3x3 layer; v4
+against its documented TF32 bound and visibly different from fp32; the fused bias+ReLU epilogue;
+bitwise-deterministic weight gradients; the cached autotune. The same checks run on the CPU
+emulator in test_conv_ladder_emulated.py (small shapes); here the real mma.sync runs.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pycnn.backends import cuda
+from pycnn.backends import numpy_ref as ref
+
+try:
+    import cupy as cp
+except ImportError:  # the conftest gate skips (or fails) every test here
+    cp = None
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from shapes import CONV_SHAPES  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+VERSIONS = cuda.CONV_VERSIONS + (cuda.CONV_TF32_VERSION,)
+TF32_U = 2.0 ** -11
+# (id, N, C, H, W, K, R, S, stride, padding)
+LAYERS = [(c.id, c.batch, c.in_channels, c.size, c.size, c.out_channels, c.kernel, c.kernel,
+           (c.stride, c.stride), (c.padding, c.padding)) for c in CONV_SHAPES]
+BIG = ("compute-bound-64x128x56x56", 64, 128, 56, 56, 128, 3, 3, (1, 1), (1, 1))
+
+
+def fp32_atol(length: int) -> float:
+    return 1e-5 + 2e-6 * length  # as test_cuda_ops.conv_atol
+
+
+def tf32_bound(length: int, abs_products):
+    """conv2d.cu's documented v4 bound: (2u + u^2 + length * 2^-23) * sum |a*b|, u = 2^-11."""
+    return (2 * TF32_U + TF32_U ** 2 + length * 2.0 ** -23) * abs_products + 1e-6
+
+
+def _torch64():
+    try:
+        import torch
+
+        return torch if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001 - no torch: NumPy does the reference
+        return None
+
+
+def references(x, w, b, dy, stride, padding, abs_too: bool):
+    """float64 (y, dx, dw) and, with abs_too, the same of |x|, |w|, |b|, |dy| (sums of |products|).
+
+    NumPy (numpy_ref) on layers up to 1 GFLOP; above (the big layer: ~60 GFLOP per direction)
+    PyTorch in float64 on the GPU when it imports, else NumPy.
+    """
+    out = []
+    sets = [(x, w, b, dy)]
+    if abs_too:
+        sets.append(tuple(np.abs(a) for a in (x, w, b, dy)))
+    flops = 2.0 * dy.size * w[0].size
+    torch = _torch64() if flops > 1e9 else None
+    for xs, ws, bs, dys in sets:
+        x64, w64, b64, dy64 = (a.astype(np.float64) for a in (xs, ws, bs, dys))
+        if torch is None:
+            out.append((ref.conv2d_forward(x64, w64, b64, stride, padding),
+                        ref.conv2d_backward_data(dy64, w64, x.shape, stride, padding),
+                        ref.conv2d_backward_weight(dy64, x64, w.shape, stride, padding)[0]))
+            continue
+        tx, tw, tb, tdy = (torch.from_numpy(a).cuda() for a in (x64, w64, b64, dy64))
+        y = torch.nn.functional.conv2d(tx, tw, tb, list(stride), list(padding))
+        dx, dw, _ = torch.ops.aten.convolution_backward(tdy, tx, tw, None, list(stride), list(padding), [1, 1],
+                                                        False, [0, 0], 1, [True, True, False])
+        out.append(tuple(t.cpu().numpy() for t in (y, dx, dw)))
+    return out
+
+
+def run(version, x, w, b, dy, stride, padding):
+    allow = version == cuda.CONV_TF32_VERSION
+    y = cuda.conv2d_forward(x, w, b, stride, padding, version=version, allow_tf32=allow)
+    dx = cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version=version, allow_tf32=allow)
+    dw, _ = cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding, version=version, allow_tf32=allow)
+    return [cp.asnumpy(a) for a in (y, dx, dw)]
+
+
+def check_layer(layer, seed=0):
+    name, N, C, H, W, K, R, S, stride, padding = layer
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    w = (rng.standard_normal((K, C, R, S)) / np.sqrt(C * R * S)).astype(np.float32)
+    b = rng.standard_normal(K).astype(np.float32)
+    Ho = (H + 2 * padding[0] - R) // stride[0] + 1
+    Wo = (W + 2 * padding[1] - S) // stride[1] + 1
+    dy = rng.standard_normal((N, K, Ho, Wo)).astype(np.float32)
+    (want, products) = references(x, w, b, dy, stride, padding, abs_too=True)
+    lengths = (C * R * S, K * R * S, N * Ho * Wo)
+    gx, gw, gb, gdy = (cp.asarray(a) for a in (x, w, b, dy))
+    results = {}
+    for version in VERSIONS:
+        for direction in ("forward", "backward_data", "backward_weight"):
+            ran = cuda.conv_version(direction, x.shape, w.shape, stride, padding, version, allow_tf32=True)
+            assert ran == version, f"{name}: {direction} v{version} falls back to v{ran}"
+        results[version] = run(version, gx, gw, gb, gdy, stride, padding)
+        for what, got, wnt, p, length in zip(("y", "dx", "dw"), results[version], want, products, lengths):
+            where = f"{name} v{version} {what}"
+            if version == cuda.CONV_TF32_VERSION:
+                err = np.abs(got - wnt)
+                bound = tf32_bound(length, p)
+                assert np.all(err <= bound), f"{where}: error {err.max():.3g}, worst ratio to the TF32 bound " \
+                                             f"{(err / bound).max():.3g}"
+            else:
+                np.testing.assert_allclose(got, wnt, rtol=1e-4, atol=fp32_atol(length), err_msg=where)
+    for what, v4, v3 in zip(("y", "dx", "dw"), results["4"], results["3"]):
+        assert not np.array_equal(v4, v3), f"{name} {what}: v4 is bit-identical to fp32 v3 (no tensor cores?)"
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=[layer[0] for layer in LAYERS])
+def test_every_version_on_model_layers(layer):
+    check_layer(layer)
+
+
+def test_every_version_on_the_compute_bound_layer():
+    check_layer(BIG, seed=1)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_fused_bias_relu_is_one_kernel_and_matches(version):
+    _, N, C, H, W, K, R, S, stride, padding = LAYERS[3]  # MnistCNN conv2
+    rng = np.random.default_rng(2)
+    x = cp.asarray(rng.standard_normal((N, C, H, W)).astype(np.float32))
+    w = cp.asarray(rng.standard_normal((K, C, R, S)).astype(np.float32) * 0.1)
+    b = cp.asarray(rng.standard_normal(K).astype(np.float32))
+    allow = version == cuda.CONV_TF32_VERSION
+    fused = cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version=version, allow_tf32=allow)
+    plain = cuda.conv2d_forward(x, w, b, stride, padding, version=version, allow_tf32=allow)
+    assert cp.array_equal(fused, cp.maximum(plain, 0)), f"v{version}: fused epilogue != relu(conv + b)"
+    assert bool((fused == 0).any()) and bool((fused > 0).any())
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_weight_gradient_is_bitwise_deterministic(version):
+    _, N, C, H, W, K, R, S, stride, padding = BIG
+    rng = np.random.default_rng(3)
+    x = cp.asarray(rng.standard_normal((N, C, H, W)).astype(np.float32))
+    dy = cp.asarray(rng.standard_normal((N, K, H, W)).astype(np.float32))
+    allow = version == cuda.CONV_TF32_VERSION
+    first, _ = cuda.conv2d_backward_weight(dy, x, (K, C, R, S), stride, padding, version=version, allow_tf32=allow)
+    second, _ = cuda.conv2d_backward_weight(dy, x, (K, C, R, S), stride, padding, version=version, allow_tf32=allow)
+    assert cp.asnumpy(first).tobytes() == cp.asnumpy(second).tobytes()
+
+
+def test_autotune_times_each_exact_version_once_and_caches(monkeypatch):
+    monkeypatch.setenv("PYCNN_CONV_AUTOTUNE", "1")
+    monkeypatch.delenv("PYCNN_CONV_VERSION", raising=False)
+    monkeypatch.delenv("PYCNN_ALLOW_TF32", raising=False)
+    monkeypatch.setattr(cuda, "_autotune_cache", {})
+    monkeypatch.setattr(cuda, "_autotune_times", {})
+    _, N, C, H, W, K, R, S, stride, padding = LAYERS[3]
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    w = rng.standard_normal((K, C, R, S)).astype(np.float32)
+    y = cuda.conv2d_forward(cp.asarray(x), cp.asarray(w), None, stride, padding)
+    np.testing.assert_allclose(cp.asnumpy(y), ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64),
+                                                                 None, stride, padding), rtol=1e-4, atol=1e-3)
+    assert len(cuda._autotune_times) == 1
+    (key, times), = cuda._autotune_times.items()
+    assert set(times) == set(cuda.CONV_VERSIONS), "only the exact versions are candidates"
+    assert cuda._autotune_cache[key] == min(times, key=times.get)
+    cached = cuda._autotune_times[key]
+    cuda.conv2d_forward(cp.asarray(x), cp.asarray(w), None, stride, padding)
+    assert cuda._autotune_times[key] is cached and len(cuda._autotune_times) == 1, "timed twice"
+    cuda.conv2d_forward(cp.asarray(x), cp.asarray(w), None, stride, padding, allow_tf32=True)
+    tf32_times = [t for k, t in cuda._autotune_times.items() if k[-1]]
+    assert len(tf32_times) == 1 and "4" in tf32_times[0], "with allow_tf32, v4 is a candidate too"
+    print("autotune ms:", {("tf32" if k[-1] else "exact"): t for k, t in cuda._autotune_times.items()})
