@@ -4,6 +4,8 @@ numpy_ref. See test_kernels_emulated.py for how the emulator works; the same che
 are in test_fused_ops.py."""
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 
@@ -181,3 +183,67 @@ def test_device_optimizer_checks_hyper_buffer(emulated):
         cuda.sgd_step_device(p, p, None, np.zeros(4, np.float64), False, 0.0, False)
     with pytest.raises(ValueError, match=r"adam_step: step is the 1-based count"):
         cuda.adam_hyperparams(0, 1e-3, 0.9, 0.999, 0.0)
+
+
+# ----------------------------------------------------------------------------- optimizers' device mode
+
+
+class _DeviceArray(np.ndarray):
+    """A NumPy array that pycnn takes for a GPU array (so Optimizer runs its CUDA path)."""
+
+    __cuda_array_interface__: dict = {}
+    device = types.SimpleNamespace(id=0)
+
+
+class _FakeHyper:
+    """cuda.HyperParams without pinned memory or streams: write() stores the values at once."""
+
+    def __init__(self, size, device_id=None):
+        self.device = np.zeros(size, np.float32)
+
+    def write(self, values):
+        self.device[...] = values
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw", "sgd"])
+def test_optimizer_device_mode_follows_onecycle_like_the_host_path(emulated, monkeypatch, kind):
+    """prepare_step/launch_step (what a CUDA graph replays) against the ordinary CPU optimizer,
+    with OneCycle changing lr and beta1/momentum every step."""
+    from pycnn import nn, optim
+    from pycnn.optim import optimizer as optimizer_module
+    from pycnn.tensor import Tensor
+
+    monkeypatch.setattr(cuda, "HyperParams", _FakeHyper)
+    monkeypatch.setattr(optimizer_module, "array_module", lambda a: np)
+    rng = np.random.default_rng(17)
+    shapes = [(4, 3), (1500,), (5,)]
+    init = [rnd(rng, *s) for s in shapes]
+    dev = [nn.Parameter(a.copy().view(_DeviceArray)) for a in init]
+    host = [nn.Parameter(a.copy()) for a in init]
+    assert all(p.device == "cuda" for p in dev) and all(p.device == "cpu" for p in host)
+
+    def make(params):
+        if kind == "sgd":
+            return optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-3)
+        cls = optim.AdamW if kind == "adamw" else optim.Adam
+        return cls(params, lr=1e-2, betas=(0.8, 0.95), weight_decay=1e-2)
+
+    opt_dev, opt_host = make(dev), make(host)
+    opt_dev.enable_device_hyperparams()
+    steps = 6
+    scheds = [optim.OneCycleLR(o, max_lr=o.lr, total_steps=steps, cycle_momentum=True) for o in (opt_dev, opt_host)]
+    start = len(emulated)
+    for _ in range(steps):
+        grads = [rnd(rng, *s) for s in shapes]
+        for p, gr in zip(dev, grads):
+            p.grad = Tensor(gr.copy().view(_DeviceArray))
+        for p, gr in zip(host, grads):
+            p.grad = Tensor(gr.copy())
+        opt_dev.step()  # = prepare_step() + launch_step()
+        opt_host.step()
+        for s in scheds:
+            s.step()
+    kernel = "sgd_mt_f32" if kind == "sgd" else "adam_mt_f32"
+    assert emulated[start:] == [kernel] * steps  # one launch per step for all three tensors
+    for pd, ph in zip(dev, host):
+        close(np.asarray(pd.data).view(np.ndarray), ph.data, rtol=1e-5, atol=1e-6, what=kind)
