@@ -1,40 +1,246 @@
-"""CUDA kernel ladder benchmark: every conv2d kernel version and the other kernel families on the
-model layer shapes and the ANCHORS.md shapes, beside the NumPy reference and cuDNN (PyTorch, fp32,
-TF32 off) measured in the same run.
+"""CUDA conv2d kernel ladder benchmark: every version (v1 direct, v2 tiled, v3 implicit GEMM, v4 TF32
+tensor cores) x direction (forward, backward-data, backward-weight) on every conv layer of the
+LeNet5, MnistCNN, FastMNIST and localization models (benchmarks/shapes.py, batch 64) and on the
+compute-bound 64x128x56x56 layer with 128 3x3 filters (pad 1), beside cuDNN through PyTorch in
+fp32 (TF32 off) and in TF32, all measured in the same run.
 
-    python benchmarks/gpu_kernels.py [--budget SECONDS] [--json FILE]
+    python benchmarks/gpu_kernels.py [--json FILE] [--repeats 30] [--other-kernels]
 
-GPU times are the median of ~50 calls between CUDA events after a warm-up (10 calls for shapes
-slower than 5 ms); NumPy times are the median of 3 calls and are taken only on shapes up to
-``NUMPY_MAX_GFLOP``. The same measurements go into the GPU verification record written by
-``python -m pycnn.selftest --gpu``; this script is for looking at the kernels alone.
+Times are CUDA-event medians: 3 warm-up calls, then ``--repeats`` timed calls (5 for calls slower
+than 5 ms). Before a version is timed its output is compared with cuDNN's fp32 result
+(``max_rel_err_vs_cudnn``: max |ours - cuDNN| / max |cuDNN|), so a wrong kernel cannot hide behind
+a fast time. TFLOP/s counts 2*N*K*Ho*Wo*C*R*S per call (the same for all three directions).
+The record is the GPU verification format (``kernels`` entries as written by
+``python -m pycnn.selftest --gpu``), so benchmarks/kernels_table.py can render docs/kernels.md
+from it; ``--other-kernels`` also times the pooling/activation/linear/loss/optimizer kernels with
+the selftest's benchmark. The conv ladder takes well under two minutes of GPU time.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from shapes import CONV_SHAPES  # noqa: E402
 
 from pycnn import selftest  # noqa: E402
 from pycnn.backends import cuda  # noqa: E402
 
+BIG = ("compute-bound", (64, 128, 56, 56, 128, 3, 3, 1, 1))  # N, C, H, W, K, R, S, stride, pad
+DIRECTIONS = (("conv2d_fwd", "forward"), ("conv2d_bwd_data", "backward_data"),
+              ("conv2d_bwd_weight", "backward_weight"))
+VERSIONS = cuda.CONV_VERSIONS + (cuda.CONV_TF32_VERSION,)
+SLOW_MS = 5.0
+
+
+def layers():
+    """(label, [N, C, H, W, K, R, S, stride, pad]) for every distinct model layer and BIG."""
+    out, seen = [], set()
+    for c in CONV_SHAPES:
+        shape = tuple(c.as_record())
+        if shape not in seen:
+            seen.add(shape)
+            out.append((c.id, shape))
+    out.append(BIG)
+    return out
+
+
+def median_ms(fn, record, sync, elapsed, repeats: int) -> float:
+    """Median of ``repeats`` event-timed calls after 3 warm-ups (5 repeats for slow calls)."""
+    for _ in range(3):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    if (time.perf_counter() - t0) * 1e3 > SLOW_MS:
+        repeats = min(repeats, 5)
+    times = []
+    for _ in range(repeats):
+        start, end = record()
+        fn()
+        times.append(elapsed(start, end))
+    return statistics.median(times)
+
+
+def cupy_timer(cp):
+    def record():
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        return start, end
+
+    def elapsed(start, end):
+        end.record()
+        end.synchronize()
+        return cp.cuda.get_elapsed_time(start, end)
+
+    return record, cp.cuda.Device().synchronize, elapsed
+
+
+def torch_timer(torch):
+    def record():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        return start, end
+
+    def elapsed(start, end):
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    return record, torch.cuda.synchronize, elapsed
+
+
+def load_torch():
+    """(torch, description) or (None, why not)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None, "torch imports but sees no CUDA device"
+        return torch, f"torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}"
+    except Exception as exc:  # noqa: BLE001
+        return None, f"torch unavailable: {type(exc).__name__}: {exc}"
+
+
+def set_tf32(torch, on: bool) -> None:
+    torch.backends.cudnn.allow_tf32 = on
+    torch.backends.cuda.matmul.allow_tf32 = on
+
+
+def cudnn_layer(torch, x, w, dy, stride, pad, repeats):
+    """{direction: (ms fp32, ms tf32)} and the fp32 outputs {direction: array}."""
+    tx, tw, tdy = (torch.from_numpy(a).cuda() for a in (x, w, dy))
+    bwd = torch.ops.aten.convolution_backward
+    calls = {
+        "conv2d_fwd": lambda: torch.nn.functional.conv2d(tx, tw, None, stride, pad),
+        "conv2d_bwd_data": lambda: bwd(tdy, tx, tw, None, [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1,
+                                       [True, False, False])[0],
+        "conv2d_bwd_weight": lambda: bwd(tdy, tx, tw, None, [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1,
+                                         [False, True, False])[1],
+    }
+    timer = torch_timer(torch)
+    times, outputs = {}, {}
+    for op, fn in calls.items():
+        set_tf32(torch, False)
+        outputs[op] = fn().cpu().numpy()
+        fp32 = median_ms(fn, *timer, repeats)
+        set_tf32(torch, True)
+        tf32 = median_ms(fn, *timer, repeats)
+        times[op] = (fp32, tf32)
+    set_tf32(torch, False)
+    return times, outputs
+
+
+def tflops(flop: float, ms) -> float | None:
+    return None if not ms else round(flop / (ms * 1e-3) / 1e12, 3)
+
+
+def conv_ladder(repeats: int) -> dict:
+    """Every version x direction on every layer: the record's kernel entries and info."""
+    import cupy as cp
+
+    torch, torch_info = load_torch()
+    rng = np.random.default_rng(0)
+    timer = cupy_timer(cp)
+    entries, errors, auto = [], [], {}
+    t_start = time.perf_counter()
+    for label, shape in layers():
+        N, C, H, W, K, R, S, stride, pad = shape
+        Ho, Wo = (H + 2 * pad - R) // stride + 1, (W + 2 * pad - S) // stride + 1
+        flop = 2.0 * N * K * Ho * Wo * C * R * S
+        x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+        w = (rng.standard_normal((K, C, R, S)) / np.sqrt(C * R * S)).astype(np.float32)
+        dy = rng.standard_normal((N, K, Ho, Wo)).astype(np.float32)
+        gx, gw, gdy = cp.asarray(x), cp.asarray(w), cp.asarray(dy)
+        st, pd = (stride, stride), (pad, pad)
+        auto[label] = {d: cuda.conv_version(d, x.shape, w.shape, st, pd, "auto", False) for _, d in DIRECTIONS}
+        cudnn, cudnn_out = ({}, {})
+        if torch is not None:
+            try:
+                cudnn, cudnn_out = cudnn_layer(torch, x, w, dy, stride, pad, repeats)
+            except Exception as exc:  # noqa: BLE001 - record and time our kernels anyway
+                errors.append(f"{label} cuDNN: {type(exc).__name__}: {exc}")
+        calls = {
+            "conv2d_fwd": lambda v: cuda.conv2d_forward(gx, gw, None, st, pd, version=v, allow_tf32=v == "4"),
+            "conv2d_bwd_data": lambda v: cuda.conv2d_backward_data(gdy, gw, x.shape, st, pd, version=v,
+                                                                   allow_tf32=v == "4"),
+            "conv2d_bwd_weight": lambda v: cuda.conv2d_backward_weight(gdy, gx, w.shape, st, pd, version=v,
+                                                                       allow_tf32=v == "4")[0],
+        }
+        for op, direction in DIRECTIONS:
+            fp32_ms, tf32_ms = cudnn.get(op, (None, None))
+            for version in VERSIONS:
+                try:
+                    ran = cuda.conv_version(direction, x.shape, w.shape, st, pd, version, True)
+                    if ran != version:
+                        errors.append(f"{label} {op} v{version}: falls back to v{ran}, not timed")
+                        continue
+                    out = cp.asnumpy(calls[op](version))
+                    err = None
+                    if op in cudnn_out:
+                        want = cudnn_out[op]
+                        err = float(np.abs(out - want).max() / max(np.abs(want).max(), 1e-30))
+                    ms = median_ms(lambda: calls[op](version), *timer, repeats)
+                except Exception as exc:  # noqa: BLE001 - record and go on
+                    errors.append(f"{label} {op} v{version}: {type(exc).__name__}: {exc}")
+                    continue
+                entries.append({
+                    "op": op, "shape": list(shape), "version": f"v{version}", "ms": round(ms, 5),
+                    "reference": "cudnn", "reference_ms": None if fp32_ms is None else round(fp32_ms, 5),
+                    "cudnn_ms": None if fp32_ms is None else round(fp32_ms, 5),
+                    "cudnn_tf32_ms": None if tf32_ms is None else round(tf32_ms, 5),
+                    "tflops": tflops(flop, ms), "cudnn_tflops": tflops(flop, fp32_ms),
+                    "cudnn_tf32_tflops": tflops(flop, tf32_ms), "max_rel_err_vs_cudnn": err,
+                    "auto": auto[label][direction] == version, "layer": label})
+    info = {"errors": errors, "cudnn": torch_info, "repeats": repeats, "auto_versions": auto,
+            "conv_versions": list(VERSIONS), "conv_seconds": round(time.perf_counter() - t_start, 1),
+            "conv_env_version": os.environ.get("PYCNN_CONV_VERSION")}
+    return {"entries": entries, **info}
+
+
+def table(entries) -> str:
+    lines = [f"{'layer':<22}{'op':<19}{'ver':<5}{'ms':>9}{'TFLOP/s':>9}{'cuDNN ms':>10}{'x cuDNN':>9}"
+             f"{'TF32 ms':>9}{'x TF32':>8}{'rel err':>10}"]
+    for e in entries:
+        ms, dnn, t32, err = e["ms"], e.get("cudnn_ms"), e.get("cudnn_tf32_ms"), e.get("max_rel_err_vs_cudnn")
+        version = e["version"] + ("*" if e.get("auto") else "")
+        cells = [f"{dnn:.4f}" if dnn else "-", f"{dnn / ms:.2f}" if dnn and ms else "-",
+                 f"{t32:.4f}" if t32 else "-", f"{t32 / ms:.2f}" if t32 and ms else "-",
+                 f"{err:.1e}" if err is not None else "-"]
+        lines.append(f"{e['layer']:<22}{e['op']:<19}{version:<5}{ms:>9.4f}{(e['tflops'] or 0):>9.2f}"
+                     f"{cells[0]:>10}{cells[1]:>9}{cells[2]:>9}{cells[3]:>8}{cells[4]:>10}")
+    lines.append("(* = the version 'auto' picks; x cuDNN > 1 means faster than cuDNN)")
+    return "\n".join(lines)
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=float, default=selftest.KERNELS_BUDGET,
-                        help="seconds after which no new conv shape is started")
-    parser.add_argument("--json", type=Path, default=None, help="also write the entries as JSON here")
+    parser.add_argument("--json", type=Path, default=None, help="write the record (JSON) here")
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls per kernel (5 if slow)")
+    parser.add_argument("--other-kernels", action="store_true",
+                        help="also time the non-conv kernel families (the selftest's benchmark)")
     args = parser.parse_args(argv)
     ok, reason = cuda.available()
     if not ok:
         print(f"CUDA backend unavailable: {reason}", file=sys.stderr)
         return 2
-    bench = selftest.kernel_benchmarks(budget=args.budget)
-    record = {"kernels": bench.pop("entries"), "kernels_info": bench, **selftest.environment()}
-    print(selftest.summary_table(record))
+    bench = conv_ladder(args.repeats)
+    entries = bench.pop("entries")
+    if args.other_kernels:
+        other = selftest.kernel_benchmarks()
+        entries += [e for e in other.pop("entries") if not e["op"].startswith("conv2d")]
+        bench["errors"] += other.get("errors", [])
+    record = {"kernels": entries, "kernels_info": bench, **selftest.environment()}
+    print(table(entries))
     for err in bench["errors"]:
         print("ERROR", err, file=sys.stderr)
     if args.json:
