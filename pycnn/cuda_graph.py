@@ -12,8 +12,10 @@ step capturable (see ../shared/DESIGN.md):
 - the optimizer reads its learning rate and bias corrections from a device buffer
   (``Optimizer.enable_device_hyperparams``) that ``prepare_step()`` rewrites with an async copy
   before every replay, so schedulers keep working;
-- a private CuPy memory pool serves the warm-up and the capture and stays alive with the graph,
-  so the memory the graph uses is never handed to another allocation afterwards.
+- a private CuPy memory pool serves the warm-up and the capture and stays alive with the graph
+  (and with the gradients it made), so the memory the graph uses is never handed to another
+  allocation afterwards; what must outlive the step (optimizer state, the backend's tables) is
+  allocated outside it.
 
 The first ``warmup_steps`` calls are ordinary eager training steps on the step's own
 non-blocking stream (they compile kernels and create optimizer state and tables); the next call
@@ -104,9 +106,13 @@ class CudaGraphTrainStep:
         self.warmup_steps = int(warmup_steps)
         self.track_accuracy = bool(track_accuracy)
         optimizer.enable_device_hyperparams()
+        optimizer.init_state()  # before the warm-up: the state must not come from the private pool
 
         self.stream = cupy.cuda.Stream(non_blocking=True)
-        self._pool = cupy.cuda.MemoryPool()  # private: warm-up and capture only, alive with the graph
+        # Private: serves the warm-up and the capture only, and lives as long as this object (CuPy
+        # frees a pool's memory when the pool dies). Only the step itself and the gradients the
+        # capture made (which keep a reference to it, see _capture) point into it.
+        self._pool = cupy.cuda.MemoryPool()
         self.graph = None
         self.captured = False
         self.reason: str | None = None
@@ -213,12 +219,17 @@ class CudaGraphTrainStep:
         if error is not None:
             self.optimizer.zero_grad()  # gradients of the failed capture were never computed
             self.reason = f"capture failed: {type(error).__name__}: {error}"
-            self._pool = None  # nothing captured uses it; later eager steps use the default pool
             warnings.warn(f"CudaGraphTrainStep: running the training step eagerly ({self.reason})",
                           RuntimeWarning, stacklevel=3)
             return
         self.graph = graph
         self.captured = True
+        # The gradients the capture made live in the private pool; a parameter's .grad may be
+        # held after this step object is gone, so each keeps the pool alive.
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad._graph_pool = self._pool
 
 
 def make_train_step(model, optimizer, input_shape, **kwargs) -> CudaGraphTrainStep:

@@ -17,6 +17,7 @@ Importing this module never needs CuPy; ``available()`` says whether it can run 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import math
 import os
@@ -219,6 +220,21 @@ def _capturing(cupy) -> bool:
         return False
 
 
+def _persistent(cupy):
+    """A context in which CuPy allocates from its default pool, which lives as long as the process.
+
+    The caches of this module (optimizer tables, cross-entropy tickets) outlive any one call; made
+    inside ``cupy.cuda.using_allocator(private_pool.malloc)`` (a CUDA-graph step's warm-up) they
+    would be freed with that pool (CuPy frees a pool's memory when the pool object dies, even
+    where arrays still point into it).
+    """
+    using = getattr(cupy.cuda, "using_allocator", None)
+    default_pool = getattr(cupy, "get_default_memory_pool", None)
+    if using is None or default_pool is None:  # NumPy stand-ins of the CPU tests
+        return contextlib.nullcontext()
+    return using(default_pool().malloc)
+
+
 def _upload(op: str, cupy, dev: int, host: np.ndarray):
     """Copy a small host table to a new device array (stream-ordered; never during a capture).
 
@@ -228,7 +244,7 @@ def _upload(op: str, cupy, dev: int, host: np.ndarray):
     if _capturing(cupy):
         raise RuntimeError(f"{op}: needs a host-to-device table copy, which cannot be captured in a "
                            f"CUDA graph; run one eager step with the same arrays before capturing")
-    with cupy.cuda.Device(dev):
+    with cupy.cuda.Device(dev), _persistent(cupy):
         out = cupy.empty(host.shape, dtype=host.dtype)
     if hasattr(out, "set"):
         out.set(np.ascontiguousarray(host))
@@ -1079,7 +1095,7 @@ def _ce_ticket(cupy, dev: int):
     key = (dev, _stream_key(cupy))
     ticket = _ce_tickets.get(key)
     if ticket is None or not isinstance(ticket, cupy.ndarray):  # (a stand-in's array from a CPU test)
-        with cupy.cuda.Device(dev):
+        with cupy.cuda.Device(dev), _persistent(cupy):
             ticket = cupy.empty((1,), dtype=cupy.int32)
             ticket.fill(0)
         _ce_tickets[key] = ticket

@@ -63,6 +63,19 @@ class Optimizer:
                            for g in self.param_groups]
             self.device_hyperparams = True
 
+    def init_state(self) -> None:
+        """Create every parameter's state arrays now (zeros), on the current stream and allocator.
+
+        A CUDA-graph step calls this before its warm-up, so the state (which lives as long as the
+        optimizer) does not come from the step's private memory pool.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._state_arrays(p, self._state_names(group))
+
+    def _state_names(self, group) -> tuple:
+        return ()
+
     def _device_live(self, group) -> list:
         """The parameters of a group that have a gradient (device mode: one list, one device)."""
         params = [p for p in group["params"] if p.grad is not None]
@@ -123,6 +136,9 @@ class SGD(Optimizer):
                                       weight_decay=weight_decay, nesterov=nesterov))
 
     _HYPER_SIZE = 4  # cuda.SGD_HYPER
+
+    def _state_names(self, group) -> tuple:
+        return ("momentum_buffer",) if group["momentum"] else ()
 
     def prepare_step(self) -> None:
         from pycnn.backends import cuda
@@ -195,6 +211,9 @@ class Adam(Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     _HYPER_SIZE = 5  # cuda.ADAM_HYPER
+
+    def _state_names(self, group) -> tuple:
+        return ("exp_avg", "exp_avg_sq")
 
     def prepare_step(self) -> None:
         from pycnn.backends import cuda
