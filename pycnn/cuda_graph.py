@@ -110,8 +110,8 @@ class CudaGraphTrainStep:
 
         self.stream = cupy.cuda.Stream(non_blocking=True)
         # Private: serves the warm-up and the capture only, and lives as long as this object (CuPy
-        # frees a pool's memory when the pool dies). Only the step itself and the gradients the
-        # capture made (which keep a reference to it, see _capture) point into it.
+        # frees a pool's memory when the pool dies). Only the graph and the gradients the capture
+        # made (which keep a reference to it, see _capture) point into it.
         self._pool = cupy.cuda.MemoryPool()
         self.graph = None
         self.captured = False
@@ -191,8 +191,9 @@ class CudaGraphTrainStep:
             self.optimizer.launch_step()  # prepare_step runs on the host before each replay
         else:
             self.optimizer.step()
-        if self.logits is None:
-            self.logits = cupy.empty(logits.shape, dtype=logits.dtype)  # (warm-up: from the private pool)
+        if self.logits is None:  # first warm-up step; from the default pool, as the other outputs
+            with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc):
+                self.logits = cupy.empty(logits.shape, dtype=logits.dtype)
         self.loss[...] = loss.data
         self.logits[...] = logits.data
         self.loss_sum += loss.data
