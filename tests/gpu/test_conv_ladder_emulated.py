@@ -224,3 +224,34 @@ def test_auto_rule_and_fallbacks(monkeypatch):
         v("sideways", *mnist2)
     with pytest.raises(ValueError, match=r"needs TF32 tensor cores"):
         v("forward", *mnist2, "4", True, tf32_capable=False)
+
+
+def test_kernels_table_shows_only_measured_figures(tmp_path):
+    """benchmarks/kernels_table.py (docs/kernels.md's table): figures come from the newest record
+    with conv entries; what the record lacks is shown as '-' and named as not measured."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import kernels_table
+
+    big = [64, 128, 56, 56, 128, 3, 3, 1, 1]
+    old = {"date": "2026-01-01T00:00:00", "device": "Old GPU", "commit": "a" * 40,
+           "kernels": [{"op": "conv2d_fwd", "shape": big, "version": "v1", "ms": 99.0, "cudnn_ms": 9.0}]}
+    new = {"date": "2026-02-01T00:00:00", "device": "New GPU", "commit": "b" * 40, "kernels_info": {},
+           "kernels": [{"op": "conv2d_fwd", "shape": big, "version": "v3", "ms": 2.0, "cudnn_ms": 1.5,
+                        "cudnn_tf32_ms": 0.5}]}
+    (tmp_path / "gpu-1.json").write_text(json.dumps(new))
+    (tmp_path / "gpu-2.json").write_text(json.dumps(old))
+    (tmp_path / "gpu-3-localize.json").write_text(json.dumps({"date": "2027-01-01", "training": []}))
+    path, record = kernels_table.newest_record(tmp_path)
+    assert path.name == "gpu-1.json"
+    text = kernels_table.render(path, record)
+    flop = 2.0 * 64 * 128 * 56 * 56 * 128 * 9
+    assert f"| v3 implicit GEMM (fp32) | 2.00 ms, {flop / 2e-3 / 1e12:.2f} TFLOP/s | - | - |" in text
+    assert f"| cuDNN TF32 (same run) | 500 µs, {flop / 5e-4 / 1e12:.2f} TFLOP/s | - | - |" in text
+    assert "| v1 direct | - | - | - |" in text and "99.00" not in text
+    assert "v1 (all three directions)" in text and "v3 (backward-data, backward-weight)" in text
+    doc = f"intro\n{kernels_table.BEGIN}\nstale\n{kernels_table.END}\noutro\n"
+    assert kernels_table.update(doc, text) == f"intro\n{kernels_table.BEGIN}\n{text}{kernels_table.END}\noutro\n"
