@@ -1,24 +1,34 @@
 """``pycnn bench``: time ops and training steps per backend on the models' real layer shapes.
 
-Every figure is a median over repeats measured in one process, next to the NumPy reference
-(speedup) and PyTorch CPU (ratio) when torch imports, so ratios come from the same run.
+Every backend (and PyTorch CPU, the reference) runs in its OWN worker subprocess, so the thread
+pools of Numba, the native OpenMP runtime and PyTorch never share a process. The parent asks the
+workers for one timing round of one case at a time, interleaved A B ... B A (the order reverses
+every round), so a change of machine load hits every backend alike; a figure is the median over
+rounds of each round's median per-call time, and a ratio vs PyTorch is the median of the per-round
+ratios (each taken from two adjacent measurements). Conv directions also get GFLOP/s (the
+direct-convolution count 2*N*K*Ho*Wo*C*R*S, so Winograd shows up as "GFLOP/s-equivalent") and
+the fraction of the all-core fp32 FMA peak measured by the native backend's pure-FMA loop.
 Results go to ``benchmarks/results/cpu-<date>-<commit>.json``; ``--plot`` draws a bar chart.
+
+Run benchmarks with the machine's OpenBLAS overrides unset (a user's machine does not set them)::
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python3 -m pycnn.cli bench
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
+import statistics
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from pycnn import backends
-
-# (name, N, C, H, W, K, R, S, stride, pad): the conv layers of every model at its usual batch.
+# (N, C, H, W, K, R, S, stride, pad): the conv layers of every model at its usual batch.
 CONV_SHAPES = {
     "lenet5.conv1": (64, 1, 28, 28, 6, 5, 5, 1, 2),
     "lenet5.conv2": (64, 6, 14, 14, 16, 5, 5, 1, 0),
@@ -31,100 +41,67 @@ CONV_SHAPES = {
     "localize.conv2": (64, 32, 32, 32, 64, 3, 3, 1, 1),
     "localize.conv3": (64, 64, 16, 16, 128, 3, 3, 1, 1),
 }
-OPS = ("conv_fwd", "conv_bwd_data", "conv_bwd_weight", "maxpool", "relu", "linear", "cross_entropy", "adam")
+OPS = ("conv_fwd", "conv_bwd_data", "conv_bwd_weight", "maxpool", "relu")
+CONV_OPS = ("conv_fwd", "conv_bwd_data", "conv_bwd_weight")
 MODELS = ("lenet5", "mnistcnn", "fastmnist")
 MODEL_BATCH = {"lenet5": 64, "mnistcnn": 64, "fastmnist": 256}
+# Worker names: a backend of pycnn.backends, "torch" (PyTorch CPU), or "native-direct" (the native
+# backend with Winograd off: the plain packed-GEMM path, for comparison).
+TORCH = "torch"
 
 
-def _median_time(fn, repeats: int, min_time: float = 0.05) -> float:
-    fn()  # warm-up (compilation, caches)
-    times = []
-    deadline = time.perf_counter() + 30.0
-    while len(times) < repeats or sum(times) < min_time:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-        if time.perf_counter() > deadline and len(times) >= 3:
-            break
-    return float(np.median(times))
+# ============================================================================ cases (worker side)
 
-
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        return None
-    torch.set_num_threads(os.cpu_count() or 1)
-    return torch
-
-
-def _conv_cases(shape, be, rng, torch):
+def conv_flops(shape) -> float:
+    """2*N*K*Ho*Wo*C*R*S: the multiply-adds x 2 of one conv direction (direct count)."""
     n, c, h, w, k, r, s, stride, pad = shape
+    ho, wo = (h + 2 * pad - r) // stride + 1, (w + 2 * pad - s) // stride + 1
+    return 2.0 * n * k * ho * wo * c * r * s
+
+
+def _conv_arrays(shape):
+    n, c, h, w, k, r, s, stride, pad = shape
+    rng = np.random.default_rng(0)
+    ho, wo = (h + 2 * pad - r) // stride + 1, (w + 2 * pad - s) // stride + 1
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
-    wt = rng.standard_normal((k, c, r, s)).astype(np.float32)
+    wt = (rng.standard_normal((k, c, r, s)) * 0.1).astype(np.float32)
     b = rng.standard_normal(k).astype(np.float32)
-    st, pd = (stride, stride), (pad, pad)
+    dy = rng.standard_normal((n, k, ho, wo)).astype(np.float32)
+    return x, wt, b, dy, (stride, stride), (pad, pad)
+
+
+def _backend_op(be, op: str, shape):
+    x, wt, b, dy, st, pd = _conv_arrays(shape)
     y = be.conv2d_forward(x, wt, b, st, pd)
-    dy = rng.standard_normal(y.shape).astype(np.float32)
-    cases = {
+    return {
         "conv_fwd": lambda: be.conv2d_forward(x, wt, b, st, pd),
         "conv_bwd_data": lambda: be.conv2d_backward_data(dy, wt, x.shape, st, pd),
         "conv_bwd_weight": lambda: be.conv2d_backward_weight(dy, x, wt.shape, st, pd),
         "maxpool": lambda: be.maxpool2d_forward(y, (2, 2), (2, 2), (0, 0)),
         "relu": lambda: be.relu_forward(y),
-    }
-    flops = {"conv_fwd": 2.0 * y.size * c * r * s, "conv_bwd_data": 2.0 * y.size * c * r * s,
-             "conv_bwd_weight": 2.0 * y.size * c * r * s}
-    ref = None
-    if torch is not None:
-        tx, tw, tb = torch.from_numpy(x), torch.from_numpy(wt), torch.from_numpy(b)
-        tdy = torch.from_numpy(dy)
-        tF = torch.nn.functional
-
-        def tb_data():
-            return torch.ops.aten.convolution_backward(tdy, tx, tw, [k], st, pd, (1, 1), False, (0, 0), 1,
-                                                       (True, False, False))
-
-        def tb_weight():
-            return torch.ops.aten.convolution_backward(tdy, tx, tw, [k], st, pd, (1, 1), False, (0, 0), 1,
-                                                       (False, True, True))
-
-        ty = torch.from_numpy(y)
-        ref = {"conv_fwd": lambda: tF.conv2d(tx, tw, tb, st, pd), "conv_bwd_data": tb_data,
-               "conv_bwd_weight": tb_weight, "maxpool": lambda: tF.max_pool2d(ty, 2, 2, return_indices=True),
-               "relu": lambda: tF.relu(ty)}
-    return cases, flops, ref
+    }[op]
 
 
-def bench_ops(backend_names, shape_names, ops, repeats: int, torch=None, log=print) -> list:
-    rows = []
-    rng = np.random.default_rng(0)
-    for shape_name in shape_names:
-        shape = CONV_SHAPES[shape_name]
-        per_backend = {}
-        ref_cases = None
-        flops = {}
-        for name in backend_names:
-            be = backends.load(name)
-            cases, flops, ref = _conv_cases(shape, be, rng, torch)
-            ref_cases = ref_cases or ref
-            per_backend[name] = cases
-        for op in ops:
-            if op not in per_backend[backend_names[0]]:
-                continue
-            row = {"op": op, "shape_name": shape_name, "shape": list(shape), "ms": {}}
-            for name in backend_names:
-                row["ms"][name] = 1e3 * _median_time(per_backend[name][op], repeats)
-            if ref_cases is not None:
-                row["ms"]["torch"] = 1e3 * _median_time(ref_cases[op], repeats)
-            if op in flops:
-                row["gflop"] = flops[op] / 1e9
-            rows.append(row)
-            log(_format_row(row))
-    return rows
+def _torch_op(torch, op: str, shape):
+    x, wt, b, dy, st, pd = _conv_arrays(shape)
+    tx, tw, tb, tdy = (torch.from_numpy(a) for a in (x, wt, b, dy))
+    tF = torch.nn.functional
+    ty = tF.conv2d(tx, tw, tb, st, pd)
+    k = wt.shape[0]
+
+    def backward(mask):
+        return lambda: torch.ops.aten.convolution_backward(tdy, tx, tw, [k], st, pd, (1, 1), False, (0, 0), 1, mask)
+
+    return {
+        "conv_fwd": lambda: tF.conv2d(tx, tw, tb, st, pd),
+        "conv_bwd_data": backward((True, False, False)),
+        "conv_bwd_weight": backward((False, True, True)),
+        "maxpool": lambda: tF.max_pool2d(ty, 2, 2, return_indices=True),
+        "relu": lambda: tF.relu(ty),
+    }[op]
 
 
-def _train_step_fn(model_name, batch, device="cpu"):
+def _train_step_fn(model_name: str, batch: int):
     import pycnn
     from pycnn import functional as F
     from pycnn import models, optim
@@ -145,7 +122,7 @@ def _train_step_fn(model_name, batch, device="cpu"):
     return step
 
 
-def _torch_train_step_fn(torch, model_name, batch):
+def _torch_train_step_fn(torch, model_name: str, batch: int):
     import torch.nn as tnn
 
     layers = {
@@ -159,6 +136,7 @@ def _torch_train_step_fn(torch, model_name, batch):
                                             tnn.MaxPool2d(2), tnn.ReLU(), tnn.Flatten(), tnn.Linear(800, 256), tnn.ReLU(),
                                             tnn.Linear(256, 10)),
     }
+    torch.manual_seed(0)
     model = layers[model_name]()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
@@ -174,36 +152,172 @@ def _torch_train_step_fn(torch, model_name, batch):
     return step
 
 
-def bench_models(backend_names, model_names, repeats: int, torch=None, log=print) -> list:
-    import pycnn
+class _Worker:
+    """The worker side: builds the named backend's cases lazily and times them on request."""
 
-    rows = []
-    for model_name in model_names:
-        batch = MODEL_BATCH[model_name]
-        row = {"op": "train_step", "shape_name": f"{model_name}.b{batch}", "ms": {}}
-        for name in backend_names:
-            pycnn.set_backend(name)
-            row["ms"][name] = 1e3 * _median_time(_train_step_fn(model_name, batch), repeats)
-        if torch is not None:
-            row["ms"]["torch"] = 1e3 * _median_time(_torch_train_step_fn(torch, model_name, batch), repeats)
-        row["samples_per_s"] = {k: batch / (v / 1e3) for k, v in row["ms"].items()}
-        rows.append(row)
-        log(_format_row(row))
-    return rows
+    def __init__(self, name: str, threads: int):
+        self.name, self.cases = name, {}
+        if name == TORCH:
+            import torch
+
+            torch.set_num_threads(threads)
+            self.torch, self.be = torch, None
+        else:
+            import pycnn
+            from pycnn import backends
+
+            backend = "native" if name == "native-direct" else name
+            ok, why = backends.status(backend)
+            if not ok:
+                raise RuntimeError(f"backend {backend!r} unavailable: {why}")
+            self.be = backends.load(backend)
+            pycnn.set_backend(backend)
+            if backend == "native":
+                self.be.set_num_threads(threads)
+                self.be.set_winograd(name != "native-direct")
+            if backend == "numba":
+                import numba
+
+                numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+    def case(self, case_id: str):
+        if case_id not in self.cases:
+            op, target = case_id.split("/")
+            if op == "train_step":
+                model, batch = target.split(".b")
+                fn = (_torch_train_step_fn(self.torch, model, int(batch)) if self.be is None
+                      else _train_step_fn(model, int(batch)))
+            elif self.be is None:
+                fn = _torch_op(self.torch, op, CONV_SHAPES[target])
+            else:
+                fn = _backend_op(self.be, op, CONV_SHAPES[target])
+            fn()  # warm-up: compilation, caches, allocator
+            fn()
+            self.cases[case_id] = fn
+        return self.cases[case_id]
+
+    def handle(self, req: dict) -> dict:
+        if req["cmd"] == "time":
+            fn = self.case(req["case"])
+            times, cpu0 = [], time.process_time()
+            for _ in range(int(req["calls"])):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            return {"times": times, "cpu_s": time.process_time() - cpu0}
+        if req["cmd"] == "peak":  # one core's fp32 FMA peak per ISA, best of 5 (native only)
+            from pycnn.backends import native
+
+            threads = native.get_num_threads()
+            native.set_num_threads(1)
+            peaks = {isa: max(native._n.fma_peak_gflops(isa, 50_000_000) for _ in range(5))
+                     for isa in ("avx512", "avx2") if native.isa_supported(isa)}
+            native.set_num_threads(threads)
+            return {"peaks": peaks, "isa": native.isa()}
+        raise ValueError(f"unknown worker command {req['cmd']!r}")
 
 
-def _format_row(row) -> str:
-    ms = row["ms"]
-    base = ms.get("numpy")
-    parts = [f"{row['op']:16s} {row['shape_name']:18s}"]
-    for name, value in ms.items():
+def _worker_main(name: str, threads: int) -> None:
+    """Serve JSON-line requests on stdin; answers go to the original stdout, anything else that
+    the backends print goes to stderr (so it cannot corrupt the protocol)."""
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        worker = _Worker(name, threads)
+        out.write(json.dumps({"ready": True}) + "\n")
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which skips this worker
+        out.write(json.dumps({"error": f"{type(exc).__name__}: {exc}"}) + "\n")
+        out.flush()
+        return
+    out.flush()
+    for line in sys.stdin:
+        try:
+            reply = worker.handle(json.loads(line))
+        except Exception as exc:  # noqa: BLE001
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+# ============================================================================ parent side
+
+class WorkerProcess:
+    """A worker subprocess (``python -m pycnn.bench --worker NAME``) spoken to in JSON lines."""
+
+    def __init__(self, name: str, threads: int):
+        self.name = name
+        root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+        self.proc = subprocess.Popen([sys.executable, "-m", "pycnn.bench", "--worker", name, "--threads", str(threads)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=root)
+        hello = self._read()
+        if "error" in hello:
+            self.close()
+            raise RuntimeError(f"worker {name}: {hello['error']}")
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.name} exited (code {self.proc.poll()})")
+        return json.loads(line)
+
+    def ask(self, **req) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        reply = self._read()
+        if "error" in reply:
+            raise RuntimeError(f"worker {self.name}, {req}: {reply['error']}")
+        return reply
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+
+
+def interleaved(workers: dict, case_ids, rounds: int, round_s: float = 0.05, log=print) -> dict:
+    """Time every case on every worker over ``rounds`` rounds, interleaved.
+
+    For each case, round r asks the workers in order (reversed on odd rounds: A B, B A, ...) for
+    ``calls`` calls each, ``calls`` chosen per worker so one round takes about ``round_s`` seconds.
+    Returns {case: {worker: {"ms": median over rounds of the round medians, "rounds_ms": [...],
+    "cpu_ms": median CPU time per call (process time, all threads)}}}.
+    """
+    names = list(workers)
+    results = {}
+    for case in case_ids:
+        per = {n: {"rounds_ms": [], "cpu": []} for n in names}
+        calls = {}
+        for n in names:  # calibration call (after the worker's own warm-up)
+            t = workers[n].ask(cmd="time", case=case, calls=1)["times"][0]
+            calls[n] = int(min(200, max(1, round(round_s / max(t, 1e-6)))))
+        for r in range(rounds):
+            for n in (names if r % 2 == 0 else names[::-1]):
+                reply = workers[n].ask(cmd="time", case=case, calls=calls[n])
+                per[n]["rounds_ms"].append(1e3 * statistics.median(reply["times"]))
+                per[n]["cpu"].append(1e3 * reply["cpu_s"] / calls[n])
+        results[case] = {n: {"ms": statistics.median(v["rounds_ms"]), "rounds_ms": [round(t, 4) for t in v["rounds_ms"]],
+                             "cpu_ms": statistics.median(v["cpu"]), "calls": calls[n]} for n, v in per.items()}
+        log(_format_case(case, results[case]))
+    return results
+
+
+def paired_ratio(a_rounds, b_rounds) -> float:
+    """Median over rounds of a/b, each ratio from the same round (adjacent measurements)."""
+    return statistics.median(a / b for a, b in zip(a_rounds, b_rounds))
+
+
+def _format_case(case: str, res: dict) -> str:
+    parts = [f"{case:34s}"]
+    torch = res.get(TORCH)
+    for name, v in res.items():
         extra = ""
-        if base and name != "numpy":
-            extra = f" ({base / value:4.1f}x np"
-            if "torch" in ms and name != "torch":
-                extra += f", {ms['torch'] / value:4.2f}x torch"
-            extra += ")"
-        parts.append(f"{name} {value:8.3f} ms{extra}")
+        if torch is not None and name != TORCH:
+            extra = f" ({paired_ratio(torch['rounds_ms'], v['rounds_ms']):4.2f}x torch)"
+        parts.append(f"{name} {v['ms']:8.3f} ms{extra}")
     return " | ".join(parts)
 
 
@@ -242,51 +356,121 @@ def commit() -> str:
         return "unknown"
 
 
+def _dirty() -> bool:
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                             text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout
+        return bool(out.strip())
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def plot(rows, path) -> None:
     from pycnn.viz import _pyplot, save_figure
 
     plt = _pyplot()
+    rows = [r for r in rows if TORCH in r["ms"]]
     labels = [f"{r['op']}\n{r['shape_name']}" for r in rows]
-    names = [n for n in rows[0]["ms"] if n != "numpy"]
+    names = [n for n in rows[0]["ms"] if n != TORCH] if rows else []
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 4))
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
-        speedups = [r["ms"]["numpy"] / r["ms"][name] if name in r["ms"] and "numpy" in r["ms"] else 0 for r in rows]
-        ax.bar(np.arange(len(rows)) + i * width, speedups, width, label=name)
+        ax.bar(np.arange(len(rows)) + i * width, [r["x_torch"].get(name, 0) for r in rows], width, label=name)
     ax.set_xticks(np.arange(len(rows)) + width * (len(names) - 1) / 2)
     ax.set_xticklabels(labels, rotation=90, fontsize=6)
-    ax.set_ylabel("speedup over the NumPy reference")
+    ax.set_ylabel("speed relative to PyTorch CPU (same run)")
     ax.axhline(1.0, color="gray", lw=0.5)
     ax.legend()
     save_figure(fig, path)
     plt.close(fig)
 
 
-def run(ops=None, models=None, shapes=None, backend_names=None, repeats: int = 10, out=None, do_plot=False,
-        with_torch=True, log=print) -> dict:
+def run(ops=None, models=None, shapes=None, backend_names=None, repeats: int = 7, out=None, do_plot=False,
+        with_torch=True, threads=None, round_s: float = 0.05, log=print) -> dict:
+    """Time ``ops`` on ``shapes`` and training steps of ``models`` per backend, each backend in its
+    own worker process, interleaved over ``repeats`` rounds; write the JSON record to ``out``.
+
+    Args:
+        ops: op names from OPS (None: all; []: none). shapes: names from CONV_SHAPES (None: all).
+        models: names from MODELS (None: all; []: none). backend_names: workers (None: every
+            available CPU backend); "native-direct" is the native backend with Winograd off.
+        repeats: interleaved rounds per case. threads: threads per backend (default: all CPUs).
+    Returns:
+        The record (also written to ``out``, default benchmarks/results/cpu-<date>-<commit>.json).
+    Raises:
+        ValueError: on unknown shape, op or model names.
+    """
+    from pycnn import backends
+
     if backend_names is None:
         backend_names = [b for b in ("numpy", "numba", "native") if backends.status(b)[0]]
-    if "numpy" not in backend_names:
-        backend_names = ["numpy"] + list(backend_names)
-    torch = _torch() if with_torch else None
-    ops = list(OPS[:5]) if ops is None else ops
-    shapes = list(CONV_SHAPES) if shapes is None else shapes
-    unknown = [s for s in shapes if s not in CONV_SHAPES]
-    if unknown:
-        raise ValueError(f"unknown shape(s) {unknown}; expected names from {', '.join(CONV_SHAPES)}")
-    models = list(MODELS) if models is None else models
-    log(f"backends: {', '.join(backend_names)}{', torch (reference)' if torch else ''}")
-    rows = bench_ops(backend_names, shapes, ops, repeats, torch, log) if ops else []
-    rows += bench_models(backend_names, models, repeats, torch, log) if models else []
-    record = {"commit": commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine_info(), "backends": backend_names, "repeats": repeats, "results": rows}
+    threads = threads or os.cpu_count() or 1
+    ops = list(OPS) if ops is None else list(ops)
+    shapes = list(CONV_SHAPES) if shapes is None else list(shapes)
+    models = list(MODELS) if models is None else list(models)
+    for kind, given, known in (("shape", shapes, CONV_SHAPES), ("op", ops, OPS), ("model", models, MODELS)):
+        unknown = [s for s in given if s not in known]
+        if unknown:
+            raise ValueError(f"unknown {kind}(s) {unknown}; expected names from {', '.join(known)}")
+    names = list(backend_names) + ([TORCH] if with_torch else [])
+    load_before = os.getloadavg()
+    workers = {}
+    try:
+        for name in names:
+            try:
+                workers[name] = WorkerProcess(name, threads)
+            except RuntimeError as exc:
+                log(f"skipping {name}: {exc}")
+        log(f"workers (one process each, {threads} threads): {', '.join(workers)}; "
+            f"load average {load_before[0]:.2f}")
+        peak = None
+        native_worker = next((w for n, w in workers.items() if n.startswith("native")), None)
+        if native_worker is not None:
+            peak = native_worker.ask(cmd="peak")
+            log(f"one-core fp32 FMA peak (GFLOP/s): {peak['peaks']}, micro-kernel ISA {peak['isa']}")
+        cases = [f"{op}/{s}" for s in shapes for op in ops]
+        cases += [f"train_step/{m}.b{MODEL_BATCH[m]}" for m in models]
+        timed = interleaved(workers, cases, repeats, round_s, log)
+    finally:
+        for w in workers.values():
+            w.close()
+    peak_all = max(peak["peaks"].values()) * threads if peak and peak["peaks"] else None
+    rows = []
+    for case, res in timed.items():
+        op, target = case.split("/")
+        row = {"op": op, "shape_name": target, "ms": {n: round(v["ms"], 4) for n, v in res.items()},
+               "cpu_ms": {n: round(v["cpu_ms"], 4) for n, v in res.items()},
+               "rounds_ms": {n: v["rounds_ms"] for n, v in res.items()}}
+        if TORCH in res:
+            row["x_torch"] = {n: round(paired_ratio(res[TORCH]["rounds_ms"], v["rounds_ms"]), 3)
+                              for n, v in res.items() if n != TORCH}
+        if op in CONV_OPS:
+            row["shape"] = list(CONV_SHAPES[target])
+            row["gflop"] = conv_flops(CONV_SHAPES[target]) / 1e9
+            row["gflops"] = {n: round(row["gflop"] / (v / 1e3), 2) for n, v in row["ms"].items()}
+            if peak_all:
+                row["fraction_of_peak"] = {n: round(g / peak_all, 3) for n, g in row["gflops"].items()}
+        if op == "train_step":
+            batch = int(target.split(".b")[1])
+            row["samples_per_s"] = {n: round(batch / (v / 1e3), 1) for n, v in row["ms"].items()}
+        rows.append(row)
+    load_after = os.getloadavg()
+    record = {"commit": commit(), "commit_dirty": _dirty(),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(sys.argv), "machine": machine_info(), "backends": list(timed[cases[0]]) if cases else [],
+              "threads": threads, "repeats": repeats, "round_s": round_s,
+              "method": "one worker process per backend; rounds interleaved A B / B A; ms = median over rounds of "
+                        "round medians; x_torch = median of per-round torch_ms / backend_ms (> 1: faster than torch)",
+              "load_average": {"before": [round(v, 2) for v in load_before], "after": [round(v, 2) for v in load_after]},
+              "fma_peak_one_core_gflops": peak["peaks"] if peak else None, "peak_all_cores_gflops": peak_all,
+              "results": rows}
     if out is None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d")
         out = Path("benchmarks/results") / f"cpu-{stamp}-{record['commit'][:8]}.json"
     from pycnn.checkpoint import atomic_write_json
 
     atomic_write_json(out, record)
-    log(f"wrote {out}")
+    log(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; wrote {out}")
     if do_plot and rows:
         png = Path(out).with_suffix(".png")
         plot(rows, png)
@@ -295,12 +479,16 @@ def run(ops=None, models=None, shapes=None, backend_names=None, repeats: int = 1
 
 
 def register_cli(sub) -> None:
-    p = sub.add_parser("bench", help="benchmark ops and training steps per backend (vs NumPy and PyTorch)")
-    p.add_argument("--ops", nargs="*", choices=OPS[:5], help=f"ops to time (default: {' '.join(OPS[:5])}); none: skip")
+    p = sub.add_parser("bench", help="benchmark ops and training steps per backend (vs PyTorch CPU), "
+                                     "each backend in its own process")
+    p.add_argument("--ops", nargs="*", choices=OPS, help=f"ops to time (default: {' '.join(OPS)}); none: skip")
     p.add_argument("--shapes", nargs="*", help=f"layer shapes (default: all): {' '.join(CONV_SHAPES)}")
     p.add_argument("--models", nargs="*", choices=MODELS, help="training steps to time (default: all); none: skip")
-    p.add_argument("--backends", nargs="*", help="backends (default: every available CPU backend)")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--backends", nargs="*", help="backends (default: every available CPU backend); "
+                                                 "'native-direct' is native with Winograd off")
+    p.add_argument("--repeats", type=int, default=7, help="interleaved rounds per case (default 7)")
+    p.add_argument("--round-seconds", type=float, default=0.05, help="time per worker per round (default 0.05)")
+    p.add_argument("--threads", type=int, help="threads per backend (default: all CPUs)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference even if it imports")
     p.add_argument("--out", help="JSON path (default benchmarks/results/cpu-<date>-<commit>.json)")
     p.add_argument("--plot", action="store_true", help="also draw a bar chart PNG beside the JSON")
@@ -309,5 +497,16 @@ def register_cli(sub) -> None:
 
 def _cmd(args) -> int:
     run(ops=args.ops, models=args.models, shapes=args.shapes, backend_names=args.backends, repeats=args.repeats,
-        out=args.out, do_plot=args.plot, with_torch=not args.no_torch)
+        out=args.out, do_plot=args.plot, with_torch=not args.no_torch, threads=args.threads,
+        round_s=args.round_seconds)
     return 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    _parser = argparse.ArgumentParser(description="pycnn bench worker (started by `pycnn bench`)")
+    _parser.add_argument("--worker", required=True)
+    _parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    _args = _parser.parse_args()
+    _worker_main(_args.worker, _args.threads)
