@@ -39,10 +39,12 @@ SETTINGS = settings(max_examples=25, deadline=None,
 def _restore_controls():
     """Every test leaves the ISA and thread count as it found them."""
     isa, threads, winograd = native.isa(), native.get_num_threads(), native.get_winograd()
+    direct_weight = native.get_direct_weight()
     yield
     native.set_isa(isa)
     native.set_num_threads(threads)
     native.set_winograd(winograd)
+    native.set_direct_weight(direct_weight)
 
 
 def configs():
@@ -159,6 +161,46 @@ def test_winograd_error_is_small():
     assert errors[True] < 4 * errors[False] + 1e-7, errors
 
 
+@st.composite
+def direct_weight_cases(draw):
+    """Stride-1 convolutions for the direct backward-weight kernel (corr.h): few input channels,
+    filter widths 3 and 5 (specialized) and others (generic), row lengths around the vector width
+    (masked tails), odd K (a last block of one channel), padding."""
+    n, c, k = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 9))
+    kh, kw = draw(st.sampled_from([(3, 3), (5, 5), (1, 1), (2, 4), (4, 3), (3, 5)]))
+    ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
+    h = draw(st.integers(max(1, kh - 2 * ph), 12))
+    w = draw(st.integers(max(1, kw - 2 * pw), 40))
+    return (n, c, h, w), (k, c, kh, kw), (1, 1), (ph, pw), draw(st.sampled_from(DTYPES)), draw(st.integers(0, 2**31))
+
+
+@SETTINGS
+@given(direct_weight_cases())
+def test_direct_backward_weight_matches_reference(case):
+    """The direct small-channel backward-weight kernel, forced on, and the GEMM path, forced off."""
+    for mode in ("always", "never"):
+        native.set_direct_weight(mode)
+        check_conv(*case)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape,w_shape,padding", [
+    ((3, 1, 28, 28), (32, 1, 3, 3), (0, 0)),   # MnistCNN conv1
+    ((2, 1, 28, 28), (6, 1, 5, 5), (2, 2)),    # LeNet-5 conv1
+    ((17, 1, 12, 16), (5, 1, 5, 5), (0, 0)),   # 17 samples: two sample chunks of the kernel
+])
+def test_direct_backward_weight_model_shapes(x_shape, w_shape, padding, dtype):
+    native.set_direct_weight("always")
+    check_conv(x_shape, w_shape, (1, 1), padding, dtype, seed=12)
+
+
+def test_direct_weight_control():
+    native.set_direct_weight("never")
+    assert native.get_direct_weight() == "never"
+    with pytest.raises(ValueError, match="set_direct_weight: mode must be 'auto', 'always' or 'never', got 'yes'"):
+        native.set_direct_weight("yes")
+
+
 def test_results_do_not_depend_on_thread_count():
     rng = _rng(3)
     x = rng.standard_normal((16, 8, 11, 11)).astype(np.float32)
@@ -176,6 +218,7 @@ def test_results_do_not_depend_on_thread_count():
         outs[threads] = [wino, native.conv2d_forward(x, w, None, (1, 1), (0, 0)),
                          native.conv2d_backward_data(dy, w, x.shape, (1, 1), (0, 0)),
                          *native.conv2d_backward_weight(dy, x, w.shape, (1, 1), (0, 0)),
+                         *native.conv2d_backward_weight(dy[:, :5].copy(), x[:, :1].copy(), (5, 1, 3, 3), (1, 1), (0, 0)),
                          native.linear_forward(lx, lw, None), *native.linear_backward(ldy, lx, lw)]
     for threads in (2, 3):
         for a, b in zip(outs[1], outs[threads]):

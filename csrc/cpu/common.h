@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace pycnn {
 
@@ -40,6 +41,11 @@ struct MicroKernel {
     int mr;
     int nr;
     void (*run)(long kc, const T* a, const T* b, T* c, long ldc, int accumulate, const T* init);
+    // The direct row-correlation kernel of corr.h (small-channel backward-weight) and its vector
+    // width in elements: callers pad rows to multiples of `width`.
+    int width;
+    void (*corr)(long R, long S, long KB, const T* x, long ldx, long x_n, const T* dy, long ldd, long kstride,
+                 long dy_n, long np, long rows, long cols, T* out, long out_k, T* dsum);
 };
 
 MicroKernel<float> ukernel_avx512_f32();
@@ -98,6 +104,16 @@ void require(const py::array& a, const char* op, const char* name, int ndim = -1
 
 // Elementwise loops go parallel only above this many elements (below, the fork costs more).
 constexpr long kParallelMin = 1L << 15;
+
+// A scratch buffer of the calling thread that grows and is reused across calls: large buffers
+// allocated per call come from fresh pages (mmap) and their page faults cost more than the work
+// on the small layers. `Slot` separates buffers that one call holds at the same time.
+template <typename T, int Slot>
+T* thread_scratch(size_t n) {
+    thread_local std::vector<T> buf;
+    if (buf.size() < n) buf.resize(n);
+    return buf.data();
+}
 
 template <typename T>
 const T* cptr(const py::array& a) { return static_cast<const T*>(a.data()); }

@@ -25,6 +25,10 @@ struct Avx2F32 {
     static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
     static V add(V a, V b) { return _mm256_add_ps(a, b); }
     static void store(T* p, V v) { _mm256_storeu_ps(p, v); }
+    static __m256i tail_mask(int n) {
+        return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    }
+    static V load_tail(const T* p, __m256i m) { return _mm256_maskload_ps(p, m); }
 };
 
 struct Avx2F64 {
@@ -37,7 +41,22 @@ struct Avx2F64 {
     static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
     static V add(V a, V b) { return _mm256_add_pd(a, b); }
     static void store(T* p, V v) { _mm256_storeu_pd(p, v); }
+    static __m256i tail_mask(int n) {
+        return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+    }
+    static V load_tail(const T* p, __m256i m) { return _mm256_maskload_pd(p, m); }
 };
+
+#include "corr.h"
+
+void corr_f32(long R, long S, long KB, const float* x, long ldx, long x_n, const float* dy, long ldd,
+              long kstride, long dy_n, long np, long rows, long cols, float* out, long out_k, float* dsum) {
+    corr_dispatch<Avx2F32, 12>(R, S, KB, x, ldx, x_n, dy, ldd, kstride, dy_n, np, rows, cols, out, out_k, dsum);
+}
+void corr_f64(long R, long S, long KB, const double* x, long ldx, long x_n, const double* dy, long ldd,
+              long kstride, long dy_n, long np, long rows, long cols, double* out, long out_k, double* dsum) {
+    corr_dispatch<Avx2F64, 12>(R, S, KB, x, ldx, x_n, dy, ldd, kstride, dy_n, np, rows, cols, out, out_k, dsum);
+}
 
 template <typename Tr, int MR, int NV>
 void ukernel(long kc, const typename Tr::T* a, const typename Tr::T* b, typename Tr::T* c, long ldc,
@@ -140,8 +159,8 @@ double fma_loop(long iterations) {
 
 #pragma GCC pop_options
 
-MicroKernel<float> ukernel_avx2_f32() { return {6, 16, &ukernel_f32}; }
-MicroKernel<double> ukernel_avx2_f64() { return {6, 8, &ukernel_f64}; }
+MicroKernel<float> ukernel_avx2_f32() { return {6, 16, &ukernel_f32, 8, &corr_f32}; }
+MicroKernel<double> ukernel_avx2_f64() { return {6, 8, &ukernel_f64, 4, &corr_f64}; }
 double fma_peak_avx2(long iterations) { return fma_loop(iterations); }
 
 }  // namespace pycnn

@@ -29,6 +29,8 @@ struct Avx512F32 {
     static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
     static V add(V a, V b) { return _mm512_add_ps(a, b); }
     static void store(T* p, V v) { _mm512_storeu_ps(p, v); }
+    static __mmask16 tail_mask(int n) { return __mmask16((1u << n) - 1u); }  // n <= 16
+    static V load_tail(const T* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 };
 
 struct Avx512F64 {
@@ -41,7 +43,20 @@ struct Avx512F64 {
     static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
     static V add(V a, V b) { return _mm512_add_pd(a, b); }
     static void store(T* p, V v) { _mm512_storeu_pd(p, v); }
+    static __mmask8 tail_mask(int n) { return __mmask8((1u << n) - 1u); }
+    static V load_tail(const T* p, __mmask8 m) { return _mm512_maskz_loadu_pd(m, p); }
 };
+
+#include "corr.h"
+
+void corr_f32(long R, long S, long KB, const float* x, long ldx, long x_n, const float* dy, long ldd,
+              long kstride, long dy_n, long np, long rows, long cols, float* out, long out_k, float* dsum) {
+    corr_dispatch<Avx512F32, 27>(R, S, KB, x, ldx, x_n, dy, ldd, kstride, dy_n, np, rows, cols, out, out_k, dsum);
+}
+void corr_f64(long R, long S, long KB, const double* x, long ldx, long x_n, const double* dy, long ldd,
+              long kstride, long dy_n, long np, long rows, long cols, double* out, long out_k, double* dsum) {
+    corr_dispatch<Avx512F64, 27>(R, S, KB, x, ldx, x_n, dy, ldd, kstride, dy_n, np, rows, cols, out, out_k, dsum);
+}
 
 template <typename Tr, int MR, int NV>
 void ukernel(long kc, const typename Tr::T* a, const typename Tr::T* b, typename Tr::T* c, long ldc,
@@ -145,8 +160,8 @@ double fma_loop(long iterations) {
 
 #pragma GCC pop_options
 
-MicroKernel<float> ukernel_avx512_f32() { return {8, 32, &ukernel_f32}; }
-MicroKernel<double> ukernel_avx512_f64() { return {8, 16, &ukernel_f64}; }
+MicroKernel<float> ukernel_avx512_f32() { return {8, 32, &ukernel_f32, 16, &corr_f32}; }
+MicroKernel<double> ukernel_avx512_f64() { return {8, 16, &ukernel_f64, 8, &corr_f64}; }
 double fma_peak_avx512(long iterations) { return fma_loop(iterations); }
 
 }  // namespace pycnn

@@ -6,6 +6,32 @@ namespace pycnn {
 
 namespace {
 
+// Scalar "vector" traits so that corr.h compiles here too (width 1: no row padding needed).
+template <typename TT>
+struct ScalarTraits {
+    using T = TT;
+    using V = TT;
+    static constexpr int width = 1;
+    static V zero() { return V(0); }
+    static V load(const T* p) { return *p; }
+    static V fma(V a, V b, V c) { return a * b + c; }
+    static V add(V a, V b) { return a + b; }
+    static void store(T* p, V v) { *p = v; }
+    static int tail_mask(int) { return 0; }                 // width 1: there is never a tail
+    static V load_tail(const T* p, int) { return *p; }
+};
+
+#include "corr.h"
+
+void corr_f32(long R, long S, long KB, const float* x, long ldx, long x_n, const float* dy, long ldd,
+              long kstride, long dy_n, long np, long rows, long cols, float* out, long out_k, float* dsum) {
+    corr_dispatch<ScalarTraits<float>, 27>(R, S, KB, x, ldx, x_n, dy, ldd, kstride, dy_n, np, rows, cols, out, out_k, dsum);
+}
+void corr_f64(long R, long S, long KB, const double* x, long ldx, long x_n, const double* dy, long ldd,
+              long kstride, long dy_n, long np, long rows, long cols, double* out, long out_k, double* dsum) {
+    corr_dispatch<ScalarTraits<double>, 27>(R, S, KB, x, ldx, x_n, dy, ldd, kstride, dy_n, np, rows, cols, out, out_k, dsum);
+}
+
 template <typename T, int MR, int NR>
 void ukernel(long kc, const T* a, const T* b, T* c, long ldc, int accumulate, const T* init) {
     T acc[MR][NR];
@@ -30,7 +56,7 @@ void ukernel_f64(long kc, const double* a, const double* b, double* c, long ldc,
 
 }  // namespace
 
-MicroKernel<float> ukernel_scalar_f32() { return {4, 8, &ukernel_f32}; }
-MicroKernel<double> ukernel_scalar_f64() { return {4, 8, &ukernel_f64}; }
+MicroKernel<float> ukernel_scalar_f32() { return {4, 8, &ukernel_f32, 1, &corr_f32}; }
+MicroKernel<double> ukernel_scalar_f64() { return {4, 8, &ukernel_f64, 1, &corr_f64}; }
 
 }  // namespace pycnn

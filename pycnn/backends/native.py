@@ -82,6 +82,21 @@ def get_winograd() -> bool:
     return _n.get_winograd()
 
 
+def set_direct_weight(mode: str) -> None:
+    """Backward-weight through the direct small-channel kernel: 'auto' (when C*R*S <= 32, stride 1),
+    'always' (every stride-1 convolution; for tests and benchmarks) or 'never' (always the GEMM)."""
+    _require()
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"set_direct_weight: mode must be 'auto', 'always' or 'never', got {mode!r}")
+    _n.set_direct_weight(mode)
+
+
+def get_direct_weight() -> str:
+    """The backward-weight kernel choice: 'auto', 'always' or 'never'."""
+    _require()
+    return _n.get_direct_weight()
+
+
 def set_num_threads(n: int) -> None:
     """Set the number of OpenMP threads the native kernels use (>= 1)."""
     _require()

@@ -1,0 +1,141 @@
+// Direct "row correlation" kernels, included INSIDE each micro-kernel translation unit (after its
+// vector traits Tr and inside its `#pragma GCC target` region, so one source compiles for AVX-512,
+// AVX2 and plain C++). No #include here on purpose: library headers must not be compiled for the
+// target ISA.
+//
+// What it computes (np samples, one input channel, KB output channels):
+//   out[kb*out_k + r*S + s] += sum_{n < np} sum_{oh < rows} sum_{j < nvec*W}
+//                dy[n*dy_n + kb*kstride + oh*ldd + j] * x[n*x_n + (oh + r)*ldx + s + j]
+// which is conv backward-weight for (n, c) plane pairs: dw[k, c, r, s] = sum_{n,p} dy[n,k,p] *
+// x[n, c, oh + r, ow + s]. The accumulators live across the samples, so the horizontal sums at
+// the end are paid once per call, not once per plane. The caller pads dy's rows to nvec*W with zeros (and x's rows to
+// nvec*W + S - 1 with zeros), so there is no tail code and no bounds check here.
+//
+// Why not the GEMM: with one input channel the GEMM has C*R*S = 9 (or 25) rows, so it spends its
+// time packing dy and x into panels for a few FMAs per element. Here every dy vector is loaded
+// once and meets all R*S shifted x vectors while KB*R*S accumulators stay in registers:
+// ~1.5-2 FMAs per load and nothing packed. Lanes are reduced in a fixed order, so results do not
+// depend on anything but the inputs.
+
+// One vector position: every (r, s) x vector meets the KB dy vectors.
+template <class Tr, int RB, int SB, int KB>
+__attribute__((always_inline)) inline void corr_step(typename Tr::V (&acc)[KB][RB][SB], const typename Tr::V (&d)[KB],
+                                                     const typename Tr::T* xr, long ldx) {
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+        for (int s = 0; s < SB; ++s) {
+            const typename Tr::V xv = Tr::load(xr + r * ldx + s);
+#pragma GCC unroll 2
+            for (int kb = 0; kb < KB; ++kb) acc[kb][r][s] = Tr::fma(d[kb], xv, acc[kb][r][s]);
+        }
+}
+
+// dy rows are read where they are (row stride ldd, `cols` elements), the row's last vector with a
+// masked load (the masked lanes read as zero, so the x lanes they meet -- which
+// the caller pads with zeros, so they are finite -- add nothing). With DSUM the kernel also sums
+// the dy values it loads into dsum[kb] (db for free, from registers).
+template <class Tr, int RB, int SB, int KB, bool DSUM>
+void corr_rows_impl(const typename Tr::T* x, long ldx, long x_n, const typename Tr::T* dy, long ldd, long kstride,
+                    long dy_n, long np, long rows, long cols, typename Tr::T* out, long out_rs, long out_k,
+                    typename Tr::T* dsum) {
+    using T = typename Tr::T;
+    using V = typename Tr::V;
+    constexpr int W = Tr::width;
+    const long nfull = cols / W, tail = cols - nfull * W;
+    const auto mask = Tr::tail_mask(int(tail)), full = Tr::tail_mask(W);
+    V acc[KB][RB][SB], dacc[KB];
+#pragma GCC unroll 2
+    for (int kb = 0; kb < KB; ++kb) {
+        dacc[kb] = Tr::zero();
+#pragma GCC unroll 8
+        for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+            for (int s = 0; s < SB; ++s) acc[kb][r][s] = Tr::zero();
+    }
+    // one loop over all vectors of a row, every dy load masked (all lanes but in the row's last
+    // vector): a separate tail block made the compiler move the accumulators through the stack
+    const long nvec = nfull + (tail ? 1 : 0);
+    for (long n = 0; n < np; ++n, x += x_n, dy += dy_n)
+        for (long oh = 0; oh < rows; ++oh) {
+            const T* dr = dy + oh * ldd;
+            const T* xr = x + oh * ldx;
+            for (long v = 0; v < nvec; ++v) {
+                const auto m = v < nfull ? full : mask;
+                V d[KB];
+#pragma GCC unroll 2
+                for (int kb = 0; kb < KB; ++kb) d[kb] = Tr::load_tail(dr + kb * kstride + v * W, m);
+                corr_step<Tr, RB, SB, KB>(acc, d, xr + v * W, ldx);
+                if (DSUM)
+#pragma GCC unroll 2
+                    for (int kb = 0; kb < KB; ++kb) dacc[kb] = Tr::add(dacc[kb], d[kb]);
+            }
+        }
+    // horizontal sums in a fixed lane order (deterministic)
+    alignas(64) T lanes[W];
+    for (int kb = 0; kb < KB; ++kb) {
+        for (int r = 0; r < RB; ++r)
+            for (int s = 0; s < SB; ++s) {
+                Tr::store(lanes, acc[kb][r][s]);
+                T sum = T(0);
+                for (int j = 0; j < W; ++j) sum += lanes[j];
+                out[kb * out_k + r * out_rs + s] += sum;
+            }
+        if (DSUM) {
+            Tr::store(lanes, dacc[kb]);
+            T sum = T(0);
+            for (int j = 0; j < W; ++j) sum += lanes[j];
+            dsum[kb] = sum;
+        }
+    }
+}
+
+template <class Tr, int RB, int SB, int KB>
+void corr_rows(const typename Tr::T* x, long ldx, long x_n, const typename Tr::T* dy, long ldd, long kstride,
+               long dy_n, long np, long rows, long cols, typename Tr::T* out, long out_rs, long out_k,
+               typename Tr::T* dsum) {
+    if (dsum)
+        corr_rows_impl<Tr, RB, SB, KB, true>(x, ldx, x_n, dy, ldd, kstride, dy_n, np, rows, cols, out, out_rs, out_k, dsum);
+    else
+        corr_rows_impl<Tr, RB, SB, KB, false>(x, ldx, x_n, dy, ldd, kstride, dy_n, np, rows, cols, out, out_rs, out_k,
+                                              nullptr);
+}
+
+// Filter rows in blocks of RBMAX (the accumulators of one block fit the register file), then
+// single rows for the remainder.
+template <class Tr, int SB, int KB, int RBMAX>
+void corr_rblocks(long R, const typename Tr::T* x, long ldx, long x_n, const typename Tr::T* dy, long ldd,
+                  long kstride, long dy_n, long np, long rows, long cols, typename Tr::T* out, long out_k,
+                  typename Tr::T* dsum) {
+    long r = 0;
+    for (; r + RBMAX <= R; r += RBMAX, dsum = nullptr)
+        corr_rows<Tr, RBMAX, SB, KB>(x + r * ldx, ldx, x_n, dy, ldd, kstride, dy_n, np, rows, cols, out + r * SB, SB,
+                                     out_k, dsum);
+    for (; r < R; ++r, dsum = nullptr)
+        corr_rows<Tr, 1, SB, KB>(x + r * ldx, ldx, x_n, dy, ldd, kstride, dy_n, np, rows, cols, out + r * SB, SB, out_k,
+                                 dsum);
+}
+
+// Dispatch on the filter width (3 and 5 are specialized; anything else runs one (r, s) at a
+// time) and on KB (1 or 2). BUDGET is the number of accumulators the ISA's registers hold with
+// room for the loads: 27 of AVX-512's 32 zmm, 12 of AVX2's 16 ymm.
+template <class Tr, int BUDGET>
+void corr_dispatch(long R, long S, long KB, const typename Tr::T* x, long ldx, long x_n, const typename Tr::T* dy,
+                   long ldd, long kstride, long dy_n, long np, long rows, long cols, typename Tr::T* out, long out_k,
+                   typename Tr::T* dsum) {
+    constexpr int rb3k2 = BUDGET >= 18 ? 3 : 2, rb3k1 = 3;
+    constexpr int rb5k1 = BUDGET >= 25 ? 5 : 2;
+    if (S == 3 && KB == 2)
+        return corr_rblocks<Tr, 3, 2, rb3k2>(R, x, ldx, x_n, dy, ldd, kstride, dy_n, np, rows, cols, out, out_k, dsum);
+    if (S == 3)
+        return corr_rblocks<Tr, 3, 1, rb3k1>(R, x, ldx, x_n, dy, ldd, kstride, dy_n, np, rows, cols, out, out_k, dsum);
+    if (S == 5 && KB == 1)
+        return corr_rblocks<Tr, 5, 1, rb5k1>(R, x, ldx, x_n, dy, ldd, kstride, dy_n, np, rows, cols, out, out_k, dsum);
+    for (long kb = 0; kb < KB; ++kb)
+        for (long r = 0; r < R; ++r)
+            for (long s = 0; s < S; ++s)
+                corr_rows<Tr, 1, 1, 1>(x + r * ldx + s, ldx, x_n, dy + kb * kstride, ldd, kstride, dy_n, np, rows,
+                                       cols, out + kb * out_k + r * S + s, 1, out_k,
+                                       (dsum && r == 0 && s == 0) ? dsum + kb : nullptr);
+}
+
