@@ -1349,6 +1349,9 @@ class HyperParams:
         values = np.asarray(values, dtype=np.float32).reshape(-1)
         if values.shape != (self.size,):
             raise ValueError(f"HyperParams.write: expected {self.size} values, got {values.shape[0]}")
+        if _capturing(cupy):  # the copy would be captured reading a slot that later writes reuse
+            raise RuntimeError("HyperParams.write: called during CUDA-graph capture; capture only the "
+                               "launch (Optimizer.launch_step) and write before each replay (prepare_step)")
         slot = self._next
         self._next = (slot + 1) % len(self._events)
         if self._events[slot] is not None:
