@@ -182,6 +182,7 @@ static_assert(PYCNN_CONV3_BM * PYCNN_CONV3_BK == 4 * PYCNN_CONV3_THREADS,
 static_assert(PYCNN_CONV3_BK * PYCNN_CONV3_BN == 4 * PYCNN_CONV3_THREADS,
               "each thread loads four elements of B per stage");
 static_assert(PYCNN_CONV3_BK % 8 == 0, "v4 consumes the stage in k-steps of 8");
+static_assert(PYCNN_CONV3_TM == 4 && PYCNN_CONV3_TN == 4, "v3 reads its register tile as float4s");
 
 #define PYCNN_CONV_FWD 0
 #define PYCNN_CONV_BWD_DATA 1
@@ -259,17 +260,44 @@ __device__ __forceinline__ void pycnn_conv_store(const PycnnConvGemm& p, pycnn_i
     p.out[base + (pycnn_i64)m * pycnn_conv_out_mstride<MODE>(p)] = v;
 }
 
+// Decode reduction index kd into the offsets the loads need (tab row of pycnn_conv_igemm):
+//   forward     kd = (c, r, s):   c*H*W, r, s
+//   bwd-data    kd = (k, r, s):   k*C*R*S + r*S + s (into w), k*Ho*Wo (into dy), r, s
+//   bwd-weight  kd = (n, i, j):   n*K*Ho*Wo + i*Wo + j (into dy), n*C*H*W, i*sh - ph, j*sw - pw
+// and -1 in slot 0 past the end of the block's range (those rows load as zero).
+template <int MODE>
+__device__ __forceinline__ void pycnn_conv_decode(const PycnnConvGemm& p, int kd, int* t) {
+    const int RS = p.R * p.S, HW = p.H * p.W, HoWo = p.Ho * p.Wo;
+    int t0 = -1, t1 = 0, t2 = 0, t3 = 0;
+    if (kd < p.k_end) {
+        if (MODE == PYCNN_CONV_FWD) {
+            const int c = kd / RS, rs = kd - c * RS, r = rs / p.S;
+            t0 = c * HW; t1 = r; t2 = rs - r * p.S;
+        } else if (MODE == PYCNN_CONV_BWD_DATA) {
+            const int k = kd / RS, rs = kd - k * RS, r = rs / p.S;
+            t0 = k * p.C * RS + rs; t1 = k * HoWo; t2 = r; t3 = rs - r * p.S;
+        } else {
+            const int img = kd / HoWo, pix = kd - img * HoWo, i = pix / p.Wo;
+            t0 = img * p.K * HoWo + pix; t1 = img * p.C * HW;
+            t2 = i * p.sh - p.ph; t3 = (pix - i * p.Wo) * p.sw - p.pw;
+        }
+    }
+    t[0] = t0; t[1] = t1; t[2] = t2; t[3] = t3;
+}
+
 // One block computes C[m0:m0+BM, n0:n0+BN] over Kd range [k_begin, k_end). Must be entered by
 // all PYCNN_CONV3_THREADS threads of a 1-D block (it synchronizes with __syncthreads).
 // Offsets inside x, dy and dx are int32: the host runs v3/v4 only when every tensor has fewer
 // than 2^31 elements (and falls back to v1 otherwise).
 template <int MODE, bool TF32>
 __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
-    __shared__ float As[PYCNN_CONV3_BK][PYCNN_CONV3_BM + PYCNN_CONV3_PAD];  // A^T: [k][m]
-    __shared__ float Bs[PYCNN_CONV3_BK][PYCNN_CONV3_BN + PYCNN_CONV3_PAD];  // [k][n]
-    // Per stage, the BK reduction indices decoded once into (c, r, s) / (k, r, s) / (n, i, j)
-    // offsets, instead of three integer divisions in every one of the 2048 loads.
-    __shared__ int tab[PYCNN_CONV3_BK][4];
+    // 16-byte aligned rows (pitch BM+8 floats) so that v3 reads four values with one float4.
+    __shared__ __align__(16) float As[PYCNN_CONV3_BK][PYCNN_CONV3_BM + PYCNN_CONV3_PAD];  // A^T: [k][m]
+    __shared__ __align__(16) float Bs[PYCNN_CONV3_BK][PYCNN_CONV3_BN + PYCNN_CONV3_PAD];  // [k][n]
+    // Per stage, the BK reduction indices decoded once (pycnn_conv_decode) instead of three
+    // integer divisions in every one of the 2048 loads. Two buffers: the next stage's table is
+    // decoded while this stage computes, so a stage needs two __syncthreads, not three.
+    __shared__ int tab2[2][PYCNN_CONV3_BK][4];
 
     const int tid = threadIdx.x;
     const int m0 = blockIdx.y * PYCNN_CONV3_BM;
@@ -316,26 +344,11 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
 #pragma unroll
     for (int q = 0; q < 16; ++q) acc[q] = 0.0f;
 
-    for (int k0 = p.k_begin; k0 < p.k_end; k0 += PYCNN_CONV3_BK) {
-        if (tid < PYCNN_CONV3_BK) {
-            const int kd = k0 + tid;
-            int t0 = -1, t1 = 0, t2 = 0, t3 = 0;  // t0 == -1: past the end of this block's range
-            if (kd < p.k_end) {
-                if (MODE == PYCNN_CONV_FWD) {            // kd = (c, r, s)
-                    const int c = kd / RS, rs = kd - c * RS, r = rs / p.S;
-                    t0 = c * HW; t1 = r; t2 = rs - r * p.S;
-                } else if (MODE == PYCNN_CONV_BWD_DATA) {  // kd = (k, r, s)
-                    const int k = kd / RS, rs = kd - k * RS, r = rs / p.S;
-                    t0 = k * p.C * RS + rs; t1 = k * HoWo; t2 = r; t3 = rs - r * p.S;
-                } else {                                   // kd = (img, i, j)
-                    const int img = kd / HoWo, pix = kd - img * HoWo, i = pix / p.Wo;
-                    t0 = img * p.K * HoWo + pix; t1 = img * p.C * HW;
-                    t2 = i * p.sh - p.ph; t3 = (pix - i * p.Wo) * p.sw - p.pw;
-                }
-            }
-            tab[tid][0] = t0; tab[tid][1] = t1; tab[tid][2] = t2; tab[tid][3] = t3;
-        }
-        __syncthreads();
+    if (tid < PYCNN_CONV3_BK) pycnn_conv_decode<MODE>(p, p.k_begin + tid, tab2[0][tid]);
+    __syncthreads();
+    int buf = 0;
+    for (int k0 = p.k_begin; k0 < p.k_end; k0 += PYCNN_CONV3_BK, buf ^= 1) {
+        int (*tab)[4] = tab2[buf];
 
         // ---- A tile (BM x BK), stored transposed As[k][m] so both compute loops read rows.
         float av[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -397,19 +410,23 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
             Bs[row][b_col] = v;
         }
         __syncthreads();
+        // The next stage's table goes into the other buffer, which no thread reads any more.
+        if (tid < PYCNN_CONV3_BK && k0 + PYCNN_CONV3_BK < p.k_end)
+            pycnn_conv_decode<MODE>(p, k0 + PYCNN_CONV3_BK + tid, tab2[buf ^ 1][tid]);
 
         if (!TF32) {
-            // v3: thread (tx, ty) owns rows ty + 16i and columns tx + 16j: consecutive threads
-            // read consecutive Bs entries and write consecutive output pixels.
+            // v3: thread (tx, ty) owns the 4x4 block of rows 4ty.. and columns 4tx.. of the tile,
+            // read as one float4 of As and one of Bs per k: 3 shared-memory wavefronts per warp
+            // (As is a broadcast: a warp spans two ty) for 16 FMAs, so the FMA units, not shared
+            // memory, set the pace (scalar reads would need 8).
             const int tx = tid % (PYCNN_CONV3_BN / PYCNN_CONV3_TN);
             const int ty = tid / (PYCNN_CONV3_BN / PYCNN_CONV3_TN);
 #pragma unroll
             for (int kk = 0; kk < PYCNN_CONV3_BK; ++kk) {
-                float a[PYCNN_CONV3_TM], b[PYCNN_CONV3_TN];
-#pragma unroll
-                for (int i = 0; i < PYCNN_CONV3_TM; ++i) a[i] = As[kk][ty + i * (PYCNN_CONV3_BM / PYCNN_CONV3_TM)];
-#pragma unroll
-                for (int j = 0; j < PYCNN_CONV3_TN; ++j) b[j] = Bs[kk][tx + j * (PYCNN_CONV3_BN / PYCNN_CONV3_TN)];
+                const float4 a4 = *reinterpret_cast<const float4*>(&As[kk][ty * PYCNN_CONV3_TM]);
+                const float4 b4 = *reinterpret_cast<const float4*>(&Bs[kk][tx * PYCNN_CONV3_TN]);
+                const float a[4] = {a4.x, a4.y, a4.z, a4.w};
+                const float b[4] = {b4.x, b4.y, b4.z, b4.w};
 #pragma unroll
                 for (int i = 0; i < PYCNN_CONV3_TM; ++i)
 #pragma unroll
@@ -443,7 +460,7 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
                     for (int ni = 0; ni < 2; ++ni) pycnn_mma_tf32_m16n8k8(&acc[(mi * 2 + ni) * 4], a[mi], b[ni]);
             }
         }
-        __syncthreads();  // the next stage overwrites tab, As and Bs
+        __syncthreads();  // the next stage overwrites As and Bs
     }
 
     if (!TF32) {
@@ -451,12 +468,12 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
         const int ty = tid / (PYCNN_CONV3_BN / PYCNN_CONV3_TN);
 #pragma unroll
         for (int j = 0; j < PYCNN_CONV3_TN; ++j) {
-            const int n = n0 + tx + j * (PYCNN_CONV3_BN / PYCNN_CONV3_TN);
+            const int n = n0 + tx * PYCNN_CONV3_TN + j;
             if (n >= p.Ncols) continue;
             const pycnn_i64 base = pycnn_conv_out_base<MODE>(p, n);
 #pragma unroll
             for (int i = 0; i < PYCNN_CONV3_TM; ++i) {
-                const int m = m0 + ty + i * (PYCNN_CONV3_BM / PYCNN_CONV3_TM);
+                const int m = m0 + ty * PYCNN_CONV3_TM + i;
                 if (m < p.M) pycnn_conv_store<MODE>(p, base, m, acc[i * PYCNN_CONV3_TN + j]);
             }
         }

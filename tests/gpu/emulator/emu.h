@@ -24,6 +24,7 @@ inline std::vector<EmuWarp>* emu_warps = nullptr;
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
 inline int emu_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
 template <class T> inline T emu_shfl(T v, int src) {
