@@ -36,6 +36,27 @@ namespace py = pybind11;
 
 enum class Isa { scalar = 0, avx2 = 1, avx512 = 2 };
 
+// Everything Winograd F(2x2,3x3) (winograd.h) needs: the geometry of an already padded input
+// (Hp x Wp), the arrays, and caller-owned buffers: U (16 * Kp * C, Kp = K rounded up to MR) and
+// `scratch` (threads * 16 * (winograd_vs + winograd_ms)).
+template <typename T>
+struct WinogradArgs {
+    long N, C, Hp, Wp, K, Ho, Wo;
+    const T* x;
+    const T* w;
+    const T* b;
+    T* y;
+    T* U;
+    T* scratch;
+    int threads;
+};
+// Distances between the 16 transformed planes of a block (TB = 2*NR tiles): one cache line more
+// than the plane, so that the transforms' 16 streams do not all map to one L1 set.
+template <typename T>
+inline long winograd_vs(long C, long NR) { return C * 2 * NR + 64 / long(sizeof(T)); }
+template <typename T>
+inline long winograd_ms(long K, long MR, long NR) { return (K + MR - 1) / MR * MR * 2 * NR + 64 / long(sizeof(T)); }
+
 template <typename T>
 struct MicroKernel {
     int mr;
@@ -46,6 +67,8 @@ struct MicroKernel {
     int width;
     void (*corr)(long R, long S, long KB, const T* x, long ldx, long x_n, const T* dy, long ldd, long kstride,
                  long dy_n, long np, long rows, long cols, T* out, long out_k, T* dsum);
+    // Winograd F(2x2,3x3) forward with this ISA's transforms (winograd.h)
+    void (*winograd)(const WinogradArgs<T>& args);
 };
 
 MicroKernel<float> ukernel_avx512_f32();

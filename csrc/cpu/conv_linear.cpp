@@ -131,179 +131,59 @@ void conv_forward_unpadded(const ConvGeom& g, const T* x, const T* w, const T* b
 
 // ---------------------------------------------------------------------------- Winograd F(2x2, 3x3)
 
-// 3x3 stride-1 convolutions computed as Winograd F(2x2, 3x3) (Lavin & Gray 2016): each 2x2 output
-// tile comes from a 4x4 input tile; in the transformed domain the convolution becomes 16
-// independent GEMMs  M_xi[k, t] = sum_c U_xi[k, c] * V_xi[c, t]  (xi = one of the 4x4 positions,
-// t = a tile), which need 16*K*C multiply-adds per tile instead of 36*K*C: 2.25x fewer, paid for
-// with the input/output transforms (additions only) and a small extra rounding error (the
-// transform matrices hold 0, +-1 and 1/2; the tests compare it with the reference at the usual
-// tolerance). The 16 GEMMs run through the same micro-kernel as everything else, on blocks of
-// TB tiles: the transformed inputs of a block are written straight into packed B panels and the
-// micro-kernel writes its tiles straight into the block's transformed outputs, so everything a
-// block touches stays in L2.
-//   U = G g G^T,  G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]
-//   V = B^T d B,  B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]
-//   Y = A^T M A,  A^T = [1 1 1 0; 0 1 -1 -1]
+// The transforms and the 16 GEMMs live in winograd.h, compiled per ISA; here the buffers.
 template <typename T>
 void conv_forward_winograd(const ConvGeom& g, const T* x, const T* w, const T* b, T* y) {
     const MicroKernel<T> uk = current_ukernel<T>();
-    const long MR = uk.mr, NR = uk.nr, C = g.C, K = g.K, Hp = g.H, Wp = g.W, Ho = g.Ho, Wo = g.Wo;
-    const long tiles_h = (Ho + 1) / 2, tiles_w = (Wo + 1) / 2, TI = tiles_h * tiles_w;
-    const long tiles = g.N * TI;
-    const long Kp = (K + MR - 1) / MR * MR;
-    const long TB = 2 * NR;  // tiles per block: a function of the ISA only (thread-count free)
-    const long blocks = (tiles + TB - 1) / TB;
-
-    // Transformed, packed weights: U[xi] as MR-row A panels, panel-major, depth C.
-    std::vector<T> U(size_t(16 * Kp * C), T(0));
-    for (long k = 0; k < K; ++k)
-        for (long c = 0; c < C; ++c) {
-            const T* f = w + (k * C + c) * 9;
-            T t[4][3];  // G f
-            for (long j = 0; j < 3; ++j) {
-                t[0][j] = f[j];
-                t[1][j] = T(0.5) * (f[j] + f[3 + j] + f[6 + j]);
-                t[2][j] = T(0.5) * (f[j] - f[3 + j] + f[6 + j]);
-                t[3][j] = f[6 + j];
-            }
-            for (long i = 0; i < 4; ++i) {
-                T u[4] = {t[i][0], T(0.5) * (t[i][0] + t[i][1] + t[i][2]),
-                          T(0.5) * (t[i][0] - t[i][1] + t[i][2]), t[i][2]};
-                for (long j = 0; j < 4; ++j)
-                    U[size_t((i * 4 + j) * Kp * C + (k / MR) * MR * C + c * MR + k % MR)] = u[j];
-            }
-        }
-
-    // Distances between the 16 xi planes of the transformed inputs (vs) and outputs (ms): one
-    // cache line more than the plane size, so that the transforms' 16 streams do not all map to
-    // the same L1 set (power-of-two plane sizes made the transforms several times slower).
-    const long vs = C * TB + 64 / long(sizeof(T)), ms = Kp * TB + 64 / long(sizeof(T));
-    const int nt = int(std::min<long>(num_threads(), blocks));
-#pragma omp parallel num_threads(nt)
-    {
-        Scratch<T> V(size_t(16 * vs)), M(size_t(16 * ms));
-#pragma omp for schedule(static)
-        for (long blk = 0; blk < blocks; ++blk) {
-            const long t0 = blk * TB, tb = std::min(TB, tiles - t0);
-            // input transform, written as packed B panels V[xi][panel][c][NR]; the arithmetic runs
-            // across the NR tiles of a panel (contiguous, so the compiler vectorizes it)
-            const long tpanels = TB / NR;
-            for (long p = 0; p < tpanels; ++p) {
-                long off[32];
-                bool all_inside = true;
-                for (long jj = 0; jj < NR; ++jj) {
-                    const long tt = p * NR + jj;
-                    if (tt >= tb) { off[jj] = -1; all_inside = false; continue; }
-                    const long t = t0 + tt, n = t / TI, ti = t % TI;
-                    const long h0 = (ti / tiles_w) * 2, w0 = (ti % tiles_w) * 2;
-                    off[jj] = (n * C * Hp + h0) * Wp + w0;
-                    all_inside = all_inside && h0 + 4 <= Hp && w0 + 4 <= Wp;
-                }
-                for (long c = 0; c < C; ++c) {
-                    alignas(64) T d[16][32];
-                    const T* xc = x + c * Hp * Wp;
-                    if (all_inside) {
-                        for (long jj = 0; jj < NR; ++jj)
-                            for (long i = 0; i < 4; ++i)
-                                for (long j = 0; j < 4; ++j) d[i * 4 + j][jj] = xc[off[jj] + i * Wp + j];
-                    } else {
-                        for (long jj = 0; jj < NR; ++jj) {
-                            const long tt = p * NR + jj;
-                            long h0 = 0, w0 = 0;
-                            if (off[jj] >= 0) {
-                                const long ti = (t0 + tt) % TI;
-                                h0 = (ti / tiles_w) * 2;
-                                w0 = (ti % tiles_w) * 2;
-                            }
-                            for (long i = 0; i < 4; ++i)
-                                for (long j = 0; j < 4; ++j)
-                                    d[i * 4 + j][jj] = (off[jj] >= 0 && h0 + i < Hp && w0 + j < Wp)
-                                                           ? xc[off[jj] + i * Wp + j] : T(0);
-                        }
-                    }
-                    T* v = V.ptr + p * C * NR + c * NR;
-                    for (long jj = 0; jj < NR; ++jj) {  // V = (B^T d) B for all NR tiles at once
-                        T t[4][4];
-                        for (long j = 0; j < 4; ++j) {
-                            t[0][j] = d[j][jj] - d[8 + j][jj];
-                            t[1][j] = d[4 + j][jj] + d[8 + j][jj];
-                            t[2][j] = d[8 + j][jj] - d[4 + j][jj];
-                            t[3][j] = d[4 + j][jj] - d[12 + j][jj];
-                        }
-                        for (long i = 0; i < 4; ++i) {
-                            v[(i * 4 + 0) * vs + jj] = t[i][0] - t[i][2];
-                            v[(i * 4 + 1) * vs + jj] = t[i][1] + t[i][2];
-                            v[(i * 4 + 2) * vs + jj] = t[i][2] - t[i][1];
-                            v[(i * 4 + 3) * vs + jj] = t[i][1] - t[i][3];
-                        }
-                    }
-                }
-            }
-            // 16 GEMMs; M[xi] holds MR x NR result tiles: [k panel][tile panel][MR][NR]
-            for (long xi = 0; xi < 16; ++xi)
-                for (long jp = 0; jp < (tb + NR - 1) / NR; ++jp)
-                    for (long ip = 0; ip < Kp / MR; ++ip)
-                        uk.run(C, U.data() + xi * Kp * C + ip * MR * C, V.ptr + xi * vs + jp * C * NR,
-                               M.ptr + xi * ms + (ip * tpanels + jp) * MR * NR, NR, 0, nullptr);
-            // output transform Y = A^T M A (+ bias), across the NR tiles of a panel, then 2x2
-            // outputs per tile written to y (cropped at the right and bottom edges)
-            for (long p = 0; p * NR < tb; ++p) {
-                const long np = std::min(NR, tb - p * NR);
-                long yoff[32], oh[32], ow[32];
-                for (long jj = 0; jj < np; ++jj) {
-                    const long t = t0 + p * NR + jj, n = t / TI, ti = t % TI;
-                    oh[jj] = (ti / tiles_w) * 2;
-                    ow[jj] = (ti % tiles_w) * 2;
-                    yoff[jj] = n * K * Ho * Wo + oh[jj] * Wo + ow[jj];
-                }
-                for (long k = 0; k < K; ++k) {
-                    const T bias = b ? b[k] : T(0);
-                    const T* m = M.ptr + ((k / MR) * tpanels + p) * MR * NR + (k % MR) * NR;
-                    alignas(64) T o[4][32];
-                    for (long jj = 0; jj < NR; ++jj) {
-                        T s0[4], s1[4];
-                        for (long j = 0; j < 4; ++j) {
-                            s0[j] = m[j * ms + jj] + m[(4 + j) * ms + jj] + m[(8 + j) * ms + jj];
-                            s1[j] = m[(4 + j) * ms + jj] - m[(8 + j) * ms + jj] - m[(12 + j) * ms + jj];
-                        }
-                        o[0][jj] = s0[0] + s0[1] + s0[2] + bias;
-                        o[1][jj] = s0[1] - s0[2] - s0[3] + bias;
-                        o[2][jj] = s1[0] + s1[1] + s1[2] + bias;
-                        o[3][jj] = s1[1] - s1[2] - s1[3] + bias;
-                    }
-                    T* yk = y + k * Ho * Wo;
-                    for (long jj = 0; jj < np; ++jj) {
-                        T* dst = yk + yoff[jj];
-                        const bool right = ow[jj] + 1 < Wo, below = oh[jj] + 1 < Ho;
-                        dst[0] = o[0][jj];
-                        if (right) dst[1] = o[1][jj];
-                        if (below) {
-                            dst[Wo] = o[2][jj];
-                            if (right) dst[Wo + 1] = o[3][jj];
-                        }
-                    }
-                }
-            }
-        }
-    }
+    const long Kp = (g.K + uk.mr - 1) / uk.mr * uk.mr;
+    const int nt = num_threads();
+    const long per_thread = 16 * (winograd_vs<T>(g.C, uk.nr) + winograd_ms<T>(g.K, uk.mr, uk.nr));
+    WinogradArgs<T> a{g.N, g.C, g.H, g.W, g.K, g.Ho, g.Wo, x, w, b, y,
+                      thread_scratch<T, 2>(size_t(16 * Kp * g.C)), thread_scratch<T, 3>(size_t(nt * per_thread)), nt};
+    uk.winograd(a);
 }
 
 bool g_winograd = true;
 
+// x placed at (top, left) inside zero planes of Hp x Wp (one pass over the input), in the calling
+// thread's reusable scratch `Slot`.
+template <typename T, int Slot>
+const T* placed_input(const T* x, long N, long C, long H, long W, long top, long left, long Hp, long Wp) {
+    const long planes = N * C;
+    T* out = thread_scratch<T, Slot>(size_t(planes * Hp * Wp));
+#pragma omp parallel for schedule(static) num_threads(num_threads()) if (planes * Hp * Wp > kParallelMin)
+    for (long pl = 0; pl < planes; ++pl) {
+        T* d = out + pl * Hp * Wp;
+        const T* src = x + pl * H * W;
+        std::fill(d, d + Hp * Wp, T(0));
+        for (long h = 0; h < H; ++h) std::copy(src + h * W, src + (h + 1) * W, d + (top + h) * Wp + left);
+    }
+    return out;
+}
+
 template <typename T>
 void conv_forward(const ConvGeom& g, const T* x, const T* w, const T* b, T* y) {
+    // Winograd where it pays: 3x3, stride 1, and enough channels that the 16 GEMMs fill register
+    // tiles (tiny C or K leave the transforms dominating).
+    if (g_winograd && g.R == 3 && g.S == 3 && g.sh == 1 && g.sw == 1 && g.C >= 8 && g.K >= 8) {
+        // the input padded out to whole 4x4 tiles: every tile's gather then takes the fast path
+        // (partial edge tiles, bounds-checked per element and per channel, made most panels of
+        // the backward-data shapes slow)
+        ConvGeom gp = g;
+        gp.H = 2 * ((g.Ho + 1) / 2) + 2;
+        gp.W = 2 * ((g.Wo + 1) / 2) + 2;
+        gp.ph = gp.pw = 0;
+        const T* xp = placed_input<T, 4>(x, g.N, g.C, g.H, g.W, g.ph, g.pw, gp.H, gp.W);
+        conv_forward_winograd(gp, xp, w, b, y);
+        return;
+    }
     std::vector<T> xpad;
     const T* xp = padded_input(x, g.N, g.C, g.H, g.W, g.ph, g.pw, xpad);
     ConvGeom gp = g;
     gp.H = g.H + 2 * g.ph;
     gp.W = g.W + 2 * g.pw;
     gp.ph = gp.pw = 0;
-    // Winograd where it pays: 3x3, stride 1, and enough channels that the 16 GEMMs fill register
-    // tiles (tiny C or K leave the transforms dominating).
-    if (g_winograd && g.R == 3 && g.S == 3 && g.sh == 1 && g.sw == 1 && g.C >= 8 && g.K >= 8)
-        conv_forward_winograd(gp, xp, w, b, y);
-    else
-        conv_forward_unpadded(gp, xp, w, b, y);
+    conv_forward_unpadded(gp, xp, w, b, y);
 }
 
 // ---------------------------------------------------------------------------- backward data

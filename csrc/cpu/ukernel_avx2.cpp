@@ -6,6 +6,8 @@
 // accumulators, 2 for B, 1 broadcast) and fp64 a 6 x 8 tile: the classic Haswell-style shape.
 #include <immintrin.h>
 
+#include <omp.h>
+
 #include "common.h"
 
 namespace pycnn {
@@ -48,6 +50,11 @@ struct Avx2F64 {
 };
 
 #include "corr.h"
+
+#include "winograd.h"
+
+void winograd_f32(const WinogradArgs<float>& a) { winograd_f2x3<float, 16>(ukernel_avx2_f32(), a); }
+void winograd_f64(const WinogradArgs<double>& a) { winograd_f2x3<double, 8>(ukernel_avx2_f64(), a); }
 
 void corr_f32(long R, long S, long KB, const float* x, long ldx, long x_n, const float* dy, long ldd,
               long kstride, long dy_n, long np, long rows, long cols, float* out, long out_k, float* dsum) {
@@ -159,8 +166,8 @@ double fma_loop(long iterations) {
 
 #pragma GCC pop_options
 
-MicroKernel<float> ukernel_avx2_f32() { return {6, 16, &ukernel_f32, 8, &corr_f32}; }
-MicroKernel<double> ukernel_avx2_f64() { return {6, 8, &ukernel_f64, 4, &corr_f64}; }
+MicroKernel<float> ukernel_avx2_f32() { return {6, 16, &ukernel_f32, 8, &corr_f32, &winograd_f32}; }
+MicroKernel<double> ukernel_avx2_f64() { return {6, 8, &ukernel_f64, 4, &corr_f64, &winograd_f64}; }
 double fma_peak_avx2(long iterations) { return fma_loop(iterations); }
 
 }  // namespace pycnn

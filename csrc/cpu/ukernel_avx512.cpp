@@ -10,6 +10,8 @@
 // but the layer widths here are 6, 16, 24, 32 and 64 filters, which 8 divides far better.)
 #include <immintrin.h>
 
+#include <omp.h>
+
 #include "common.h"
 
 namespace pycnn {
@@ -48,6 +50,11 @@ struct Avx512F64 {
 };
 
 #include "corr.h"
+
+#include "winograd.h"
+
+void winograd_f32(const WinogradArgs<float>& a) { winograd_f2x3<float, 32>(ukernel_avx512_f32(), a); }
+void winograd_f64(const WinogradArgs<double>& a) { winograd_f2x3<double, 16>(ukernel_avx512_f64(), a); }
 
 void corr_f32(long R, long S, long KB, const float* x, long ldx, long x_n, const float* dy, long ldd,
               long kstride, long dy_n, long np, long rows, long cols, float* out, long out_k, float* dsum) {
@@ -160,8 +167,8 @@ double fma_loop(long iterations) {
 
 #pragma GCC pop_options
 
-MicroKernel<float> ukernel_avx512_f32() { return {8, 32, &ukernel_f32, 16, &corr_f32}; }
-MicroKernel<double> ukernel_avx512_f64() { return {8, 16, &ukernel_f64, 8, &corr_f64}; }
+MicroKernel<float> ukernel_avx512_f32() { return {8, 32, &ukernel_f32, 16, &corr_f32, &winograd_f32}; }
+MicroKernel<double> ukernel_avx512_f64() { return {8, 16, &ukernel_f64, 8, &corr_f64, &winograd_f64}; }
 double fma_peak_avx512(long iterations) { return fma_loop(iterations); }
 
 }  // namespace pycnn

@@ -1,5 +1,7 @@
 // Portable micro-kernel (plain C++, whatever the compiler makes of it) for x86-64 CPUs without
 // AVX2; same packed-panel contract as the SIMD kernels, with a 4 x 8 tile.
+#include <omp.h>
+
 #include "common.h"
 
 namespace pycnn {
@@ -22,6 +24,11 @@ struct ScalarTraits {
 };
 
 #include "corr.h"
+
+#include "winograd.h"
+
+void winograd_f32(const WinogradArgs<float>& a) { winograd_f2x3<float, 8>(ukernel_scalar_f32(), a); }
+void winograd_f64(const WinogradArgs<double>& a) { winograd_f2x3<double, 8>(ukernel_scalar_f64(), a); }
 
 void corr_f32(long R, long S, long KB, const float* x, long ldx, long x_n, const float* dy, long ldd,
               long kstride, long dy_n, long np, long rows, long cols, float* out, long out_k, float* dsum) {
@@ -56,7 +63,7 @@ void ukernel_f64(long kc, const double* a, const double* b, double* c, long ldc,
 
 }  // namespace
 
-MicroKernel<float> ukernel_scalar_f32() { return {4, 8, &ukernel_f32, 1, &corr_f32}; }
-MicroKernel<double> ukernel_scalar_f64() { return {4, 8, &ukernel_f64, 1, &corr_f64}; }
+MicroKernel<float> ukernel_scalar_f32() { return {4, 8, &ukernel_f32, 1, &corr_f32, &winograd_f32}; }
+MicroKernel<double> ukernel_scalar_f64() { return {4, 8, &ukernel_f64, 1, &corr_f64, &winograd_f64}; }
 
 }  // namespace pycnn

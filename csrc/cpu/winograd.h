@@ -1,0 +1,174 @@
+// Winograd F(2x2, 3x3) forward convolution, included INSIDE each micro-kernel translation unit
+// (after its `#pragma GCC target`, like corr.h), so the input and output transforms -- additions
+// across the NR tiles of a panel, which the compiler vectorizes -- run as AVX-512 or AVX2 code
+// instead of the baseline SSE2 of conv_linear.cpp: compiled for SSE2 they took two thirds of the
+// time of the Winograd paths. No #include and no std:: here on purpose (library code must not be
+// instantiated for the target ISA); the caller passes every buffer in (WinogradArgs, common.h).
+
+
+// 3x3 stride-1 convolutions computed as Winograd F(2x2, 3x3) (Lavin & Gray 2016): each 2x2 output
+// tile comes from a 4x4 input tile; in the transformed domain the convolution becomes 16
+// independent GEMMs  M_xi[k, t] = sum_c U_xi[k, c] * V_xi[c, t]  (xi = one of the 4x4 positions,
+// t = a tile), which need 16*K*C multiply-adds per tile instead of 36*K*C: 2.25x fewer, paid for
+// with the input/output transforms (additions only) and a small extra rounding error (the
+// transform matrices hold 0, +-1 and 1/2; the tests compare it with the reference at the usual
+// tolerance). The 16 GEMMs run through the same micro-kernel as everything else, on blocks of
+// TB tiles: the transformed inputs of a block are written straight into packed B panels and the
+// micro-kernel writes its tiles straight into the block's transformed outputs, so everything a
+// block touches stays in L2.
+//   U = G g G^T,  G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]
+//   V = B^T d B,  B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]
+//   Y = A^T M A,  A^T = [1 1 1 0; 0 1 -1 -1]
+// NR (the micro-kernel's tile width) is a compile-time constant so that the transform loops over
+// the NR tiles of a panel have a fixed trip count and vectorize (with the runtime uk.nr the
+// compiler left them scalar).
+template <typename T, int NR>
+void winograd_f2x3(const MicroKernel<T>& uk, const WinogradArgs<T>& a) {
+    const long MR = uk.mr, C = a.C, K = a.K, Hp = a.Hp, Wp = a.Wp, Ho = a.Ho, Wo = a.Wo;
+    const T* x = a.x;
+    const T* w = a.w;
+    const T* b = a.b;
+    T* y = a.y;
+    const long tiles_h = (Ho + 1) / 2, tiles_w = (Wo + 1) / 2, TI = tiles_h * tiles_w;
+    const long tiles = a.N * TI;
+    const long Kp = (K + MR - 1) / MR * MR;
+    const long TB = 2 * NR;  // tiles per block: a function of the ISA only (thread-count free)
+    const long blocks = (tiles + TB - 1) / TB;
+
+    // Transformed, packed weights: U[xi] as MR-row A panels, panel-major, depth C.
+    T* U = a.U;
+    for (long i = 0; i < 16 * Kp * C; ++i) U[i] = T(0);
+    for (long k = 0; k < K; ++k)
+        for (long c = 0; c < C; ++c) {
+            const T* f = w + (k * C + c) * 9;
+            T t[4][3];  // G f
+            for (long j = 0; j < 3; ++j) {
+                t[0][j] = f[j];
+                t[1][j] = T(0.5) * (f[j] + f[3 + j] + f[6 + j]);
+                t[2][j] = T(0.5) * (f[j] - f[3 + j] + f[6 + j]);
+                t[3][j] = f[6 + j];
+            }
+            for (long i = 0; i < 4; ++i) {
+                T u[4] = {t[i][0], T(0.5) * (t[i][0] + t[i][1] + t[i][2]),
+                          T(0.5) * (t[i][0] - t[i][1] + t[i][2]), t[i][2]};
+                for (long j = 0; j < 4; ++j)
+                    U[(i * 4 + j) * Kp * C + (k / MR) * MR * C + c * MR + k % MR] = u[j];
+            }
+        }
+
+    // Distances between the 16 xi planes of the transformed inputs (vs) and outputs (ms): one
+    // cache line more than the plane size, so that the transforms' 16 streams do not all map to
+    // the same L1 set (power-of-two plane sizes made the transforms several times slower).
+    const long vs = winograd_vs<T>(C, NR), ms = winograd_ms<T>(K, MR, NR);
+    const int nt = int(a.threads < blocks ? a.threads : blocks);
+#pragma omp parallel num_threads(nt)
+    {
+        // this thread's transformed inputs (V) and outputs (M), from the caller's scratch
+        T* const Vp = a.scratch + long(omp_get_thread_num()) * 16 * (vs + ms);
+        T* const Mp = Vp + 16 * vs;
+#pragma omp for schedule(static)
+        for (long blk = 0; blk < blocks; ++blk) {
+            const long t0 = blk * TB, tb = TB < tiles - t0 ? TB : tiles - t0;
+            // input transform, written as packed B panels V[xi][panel][c][NR]; the arithmetic runs
+            // across the NR tiles of a panel (contiguous, so the compiler vectorizes it)
+            const long tpanels = TB / NR;
+            for (long p = 0; p < tpanels; ++p) {
+                long off[32];
+                bool all_inside = true;
+                for (long jj = 0; jj < NR; ++jj) {
+                    const long tt = p * NR + jj;
+                    if (tt >= tb) { off[jj] = -1; all_inside = false; continue; }
+                    const long t = t0 + tt, n = t / TI, ti = t % TI;
+                    const long h0 = (ti / tiles_w) * 2, w0 = (ti % tiles_w) * 2;
+                    off[jj] = (n * C * Hp + h0) * Wp + w0;
+                    all_inside = all_inside && h0 + 4 <= Hp && w0 + 4 <= Wp;
+                }
+                for (long c = 0; c < C; ++c) {
+                    alignas(64) T d[16][NR];
+                    const T* xc = x + c * Hp * Wp;
+                    if (all_inside) {
+                        for (long jj = 0; jj < NR; ++jj)
+                            for (long i = 0; i < 4; ++i)
+                                for (long j = 0; j < 4; ++j) d[i * 4 + j][jj] = xc[off[jj] + i * Wp + j];
+                    } else {
+                        for (long jj = 0; jj < NR; ++jj) {
+                            const long tt = p * NR + jj;
+                            long h0 = 0, w0 = 0;
+                            if (off[jj] >= 0) {
+                                const long ti = (t0 + tt) % TI;
+                                h0 = (ti / tiles_w) * 2;
+                                w0 = (ti % tiles_w) * 2;
+                            }
+                            for (long i = 0; i < 4; ++i)
+                                for (long j = 0; j < 4; ++j)
+                                    d[i * 4 + j][jj] = (off[jj] >= 0 && h0 + i < Hp && w0 + j < Wp)
+                                                           ? xc[off[jj] + i * Wp + j] : T(0);
+                        }
+                    }
+                    T* v = Vp + p * C * NR + c * NR;
+                    T t[4][4][NR];  // B^T d, then V = (B^T d) B, for all NR tiles at once
+                    for (int j = 0; j < 4; ++j)
+                        for (int jj = 0; jj < NR; ++jj) {
+                            t[0][j][jj] = d[j][jj] - d[8 + j][jj];
+                            t[1][j][jj] = d[4 + j][jj] + d[8 + j][jj];
+                            t[2][j][jj] = d[8 + j][jj] - d[4 + j][jj];
+                            t[3][j][jj] = d[4 + j][jj] - d[12 + j][jj];
+                        }
+                    for (int i = 0; i < 4; ++i)
+                        for (int jj = 0; jj < NR; ++jj) {
+                            v[(i * 4 + 0) * vs + jj] = t[i][0][jj] - t[i][2][jj];
+                            v[(i * 4 + 1) * vs + jj] = t[i][1][jj] + t[i][2][jj];
+                            v[(i * 4 + 2) * vs + jj] = t[i][2][jj] - t[i][1][jj];
+                            v[(i * 4 + 3) * vs + jj] = t[i][1][jj] - t[i][3][jj];
+                        }
+                }
+            }
+            // 16 GEMMs; M[xi] holds MR x NR result tiles: [k panel][tile panel][MR][NR]
+            for (long xi = 0; xi < 16; ++xi)
+                for (long jp = 0; jp < (tb + NR - 1) / NR; ++jp)
+                    for (long ip = 0; ip < Kp / MR; ++ip)
+                        uk.run(C, U + xi * Kp * C + ip * MR * C, Vp + xi * vs + jp * C * NR,
+                               Mp + xi * ms + (ip * tpanels + jp) * MR * NR, NR, 0, nullptr);
+            // output transform Y = A^T M A (+ bias), across the NR tiles of a panel, then 2x2
+            // outputs per tile written to y (cropped at the right and bottom edges)
+            for (long p = 0; p * NR < tb; ++p) {
+                const long np = NR < tb - p * NR ? NR : tb - p * NR;
+                long yoff[32], oh[32], ow[32];
+                for (long jj = 0; jj < np; ++jj) {
+                    const long t = t0 + p * NR + jj, n = t / TI, ti = t % TI;
+                    oh[jj] = (ti / tiles_w) * 2;
+                    ow[jj] = (ti % tiles_w) * 2;
+                    yoff[jj] = n * K * Ho * Wo + oh[jj] * Wo + ow[jj];
+                }
+                for (long k = 0; k < K; ++k) {
+                    const T bias = b ? b[k] : T(0);
+                    const T* m = Mp + ((k / MR) * tpanels + p) * MR * NR + (k % MR) * NR;
+                    alignas(64) T o[4][NR];
+                    T s0[4][NR], s1[4][NR];
+                    for (int j = 0; j < 4; ++j)
+                        for (int jj = 0; jj < NR; ++jj) {
+                            s0[j][jj] = m[j * ms + jj] + m[(4 + j) * ms + jj] + m[(8 + j) * ms + jj];
+                            s1[j][jj] = m[(4 + j) * ms + jj] - m[(8 + j) * ms + jj] - m[(12 + j) * ms + jj];
+                        }
+                    for (int jj = 0; jj < NR; ++jj) {
+                        o[0][jj] = s0[0][jj] + s0[1][jj] + s0[2][jj] + bias;
+                        o[1][jj] = s0[1][jj] - s0[2][jj] - s0[3][jj] + bias;
+                        o[2][jj] = s1[0][jj] + s1[1][jj] + s1[2][jj] + bias;
+                        o[3][jj] = s1[1][jj] - s1[2][jj] - s1[3][jj] + bias;
+                    }
+                    T* yk = y + k * Ho * Wo;
+                    for (long jj = 0; jj < np; ++jj) {
+                        T* dst = yk + yoff[jj];
+                        const bool right = ow[jj] + 1 < Wo, below = oh[jj] + 1 < Ho;
+                        dst[0] = o[0][jj];
+                        if (right) dst[1] = o[1][jj];
+                        if (below) {
+                            dst[Wo] = o[2][jj];
+                            if (right) dst[Wo + 1] = o[3][jj];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
