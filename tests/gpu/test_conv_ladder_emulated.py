@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from emu_support import EMULATED_MARKS, rnd
 from pycnn.backends import cuda
@@ -101,6 +103,48 @@ def test_exact_versions_match_reference(emulated, version, name):
         assert g.dtype == np.float32 and g.shape == wnt.shape, what
         np.testing.assert_allclose(g, wnt, rtol=1e-4, atol=fp32_atol(length), err_msg=f"v{version} {name} {what}")
     assert_ran(emulated, version)
+
+
+@st.composite
+def small_shapes(draw):
+    H, W = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    R, S = draw(st.integers(1, min(5, H + 2 * ph))), draw(st.integers(1, min(5, W + 2 * pw)))
+    return (draw(st.integers(1, 3)), draw(st.integers(1, 4)), H, W, draw(st.integers(1, 9)), R, S,
+            (draw(st.integers(1, 3)), draw(st.integers(1, 3))), (ph, pw))
+
+
+@settings(max_examples=20, deadline=None)
+@given(shape=small_shapes(), seed=st.integers(0, 2**31 - 1))
+def test_drawn_shapes_every_version(emulator, shape, seed):
+    """Hypothesis-drawn shapes (batch 1, one channel, stride 3, kernel == padded input, ...):
+    v2 (its weight gradient only where K*C <= 4: one emulated block per (k, c)), v3 and v4."""
+    with pytest.MonkeyPatch.context() as mp:
+        from emu_support import patch_backend
+
+        launched = patch_backend(mp, emulator)
+        x, w, b, dy = data(shape, seed)
+        want = reference(shape, x, w, b, dy)
+        lf, ld, lw = lengths(shape)
+        _, _, _, _, _, _, _, stride, padding = shape
+        ax, aw, ab, ady = (np.abs(a.astype(np.float64)) for a in (x, w, b, dy))
+        products = (ref.conv2d_forward(ax, aw, ab, stride, padding),
+                    ref.conv2d_backward_data(ady, aw, x.shape, stride, padding),
+                    ref.conv2d_backward_weight(ady, ax, w.shape, stride, padding)[0])
+        for version in ("2", "3", "4"):
+            tf32 = version == "4"
+            kw = dict(version=version, allow_tf32=tf32)
+            got = [cuda.conv2d_forward(x, w, b, stride, padding, **kw),
+                   cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, **kw)]
+            if version != "2" or w.shape[0] * w.shape[1] <= 4:
+                got.append(cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding, **kw)[0])
+            for what, g, wnt, p, length in zip(("y", "dx", "dw"), got, want, products, (lf, ld, lw)):
+                where = f"v{version} {what} {shape}"
+                if tf32:
+                    assert np.all(np.abs(g - wnt) <= tf32_bound(length, p)), where
+                else:
+                    np.testing.assert_allclose(g, wnt, rtol=1e-4, atol=fp32_atol(length), err_msg=where)
+        assert "conv2d_fwd_v3_f32" in launched and "conv2d_bwd_data_v4_f32" in launched
 
 
 @pytest.mark.parametrize("name", ["stride2-pad-odd", "multi-tile", "two-row-tiles"])
