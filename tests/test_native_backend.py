@@ -39,12 +39,13 @@ SETTINGS = settings(max_examples=25, deadline=None,
 def _restore_controls():
     """Every test leaves the ISA and thread count as it found them."""
     isa, threads, winograd = native.isa(), native.get_num_threads(), native.get_winograd()
-    direct_weight = native.get_direct_weight()
+    direct_weight, data_path = native.get_direct_weight(), native.get_backward_data_path()
     yield
     native.set_isa(isa)
     native.set_num_threads(threads)
     native.set_winograd(winograd)
     native.set_direct_weight(direct_weight)
+    native.set_backward_data_path(data_path)
 
 
 def configs():
@@ -161,6 +162,16 @@ def test_winograd_error_is_small():
     assert errors[True] < 4 * errors[False] + 1e-7, errors
 
 
+@SETTINGS
+@given(conv_cases())
+def test_backward_data_paths_match_reference(case):
+    """Both backward-data algorithms, forced: the flipped forward convolution (stride 1; other
+    strides fall back) and the GEMM + row-wise col2im (every stride and padding)."""
+    for mode in ("col2im", "flipped"):
+        native.set_backward_data_path(mode)
+        check_conv(*case)
+
+
 @st.composite
 def direct_weight_cases(draw):
     """Stride-1 convolutions for the direct backward-weight kernel (corr.h): few input channels,
@@ -194,11 +205,23 @@ def test_direct_backward_weight_model_shapes(x_shape, w_shape, padding, dtype):
     check_conv(x_shape, w_shape, (1, 1), padding, dtype, seed=12)
 
 
-def test_direct_weight_control():
+def test_algorithm_controls():
     native.set_direct_weight("never")
     assert native.get_direct_weight() == "never"
     with pytest.raises(ValueError, match="set_direct_weight: mode must be 'auto', 'always' or 'never', got 'yes'"):
         native.set_direct_weight("yes")
+    native.set_backward_data_path("col2im")
+    assert native.get_backward_data_path() == "col2im"
+    with pytest.raises(ValueError, match="set_backward_data_path: mode must be 'auto', 'flipped' or 'col2im'"):
+        native.set_backward_data_path("scatter")
+
+
+def _col2im(fn):
+    native.set_backward_data_path("col2im")
+    try:
+        return fn()
+    finally:
+        native.set_backward_data_path("auto")
 
 
 def test_results_do_not_depend_on_thread_count():
@@ -219,6 +242,7 @@ def test_results_do_not_depend_on_thread_count():
                          native.conv2d_backward_data(dy, w, x.shape, (1, 1), (0, 0)),
                          *native.conv2d_backward_weight(dy, x, w.shape, (1, 1), (0, 0)),
                          *native.conv2d_backward_weight(dy[:, :5].copy(), x[:, :1].copy(), (5, 1, 3, 3), (1, 1), (0, 0)),
+                         _col2im(lambda: native.conv2d_backward_data(dy, w, x.shape, (1, 1), (0, 0))),
                          native.linear_forward(lx, lw, None), *native.linear_backward(ldy, lx, lw)]
     for threads in (2, 3):
         for a, b in zip(outs[1], outs[threads]):

@@ -203,68 +203,99 @@ void conv_backward_data_stride1(const ConvGeom& g, const T* dy, const T* w, T* d
     conv_forward<T>(f, dy, wt.data(), nullptr, dx);
 }
 
-// The general backward-data: dcol = w^T dy as a GEMM (M = C*R*S, N = the output pixels (n,p),
-// K = the output channels), whose result tiles the store functor adds straight into dx at their
-// window positions (col2im fused into the GEMM's store, so there is no column buffer). Used for
-// strides > 1 (and padding >= kernel), where the flipped forward convolution does not apply.
+// The general backward-data: dcol = w^T dy as a GEMM (M = C*R*S, N = the output pixels (n,p) of a
+// group of samples, K = the output channels) into a per-thread column buffer, then col2im: every
+// dcol row (c,r,s) adds into dx along contiguous runs of Wo outputs (one output row each), so the
+// scatter is a vectorizable row add with the bounds clipped once per run -- not per element, which
+// is what made the earlier fused-store version 2-3x slower than this. It needs the fewest
+// multiply-adds of all paths (no padding zeros), which wins where the spatial size is small.
 //   A((c,r,s), k) = w[k, c, r, s]     B(k, (n,p)) = dy[n, k, p]
-// Windows of neighbouring pixels overlap, so threads own whole groups of samples (a function of
-// the shape only); every dx element then receives its additions in one fixed order.
+// Threads own whole groups of samples (a function of the shape only); every dx element then
+// receives its additions in one fixed order, whatever the thread count.
 template <typename T>
 void conv_backward_data_col2im(const ConvGeom& g, const T* dy, const T* w, T* dx) {
     const MicroKernel<T> uk = current_ukernel<T>();
     const long P = g.P(), HW = g.HW(), RS = g.R * g.S, CRS = g.CRS(), KP = g.K * P, CHW = g.C * HW;
     const int NR = uk.nr;
     StridedPackA<T> packA{w, 1, CRS, uk.mr};
-    auto packB = [&](T* dst, long j, long nr, long k, long kc) {
-        long off[32];
-        for (long jj = 0; jj < nr; ++jj) off[jj] = ((j + jj) / P) * KP + (j + jj) % P;
-        for (long kk = 0; kk < kc; ++kk) {
-            T* d = dst + kk * NR;
-            const T* src = dy + (k + kk) * P;
-            for (long jj = 0; jj < nr; ++jj) d[jj] = src[off[jj]];
-            for (long jj = nr; jj < NR; ++jj) d[jj] = T(0);
-        }
-    };
-    auto store = [&](const T* tile, long i, long mr, long j, long nr, bool) {
-        long base[32], ih0[32], iw0[32];
-        for (long jj = 0; jj < nr; ++jj) {
-            const long col = j + jj, n = col / P, p = col % P;
-            ih0[jj] = (p / g.Wo) * g.sh - g.ph;
-            iw0[jj] = (p % g.Wo) * g.sw - g.pw;
-            base[jj] = n * CHW;
-        }
-        for (long ii = 0; ii < mr; ++ii) {
-            const long crs = i + ii, c = crs / RS, r = (crs / g.S) % g.R, s = crs % g.S;
-            const T* t = tile + ii * NR;
-            for (long jj = 0; jj < nr; ++jj) {
-                const long ih = ih0[jj] + r, iw = iw0[jj] + s;
-                if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) dx[base[jj] + c * HW + ih * g.W + iw] += t[jj];
-            }
-        }
-    };
-    const long group = std::max(1L, std::min(g.N, (256 + P - 1) / P));  // samples per work item
+    const long group = std::max(1L, std::min(g.N, (128 + P - 1) / P));  // samples per work item
     const long items = (g.N + group - 1) / group;
+    const long ldc = (group * P + NR - 1) / NR * NR;  // dcol row stride
     const int nt = int(std::min<long>(num_threads(), items));
 #pragma omp parallel num_threads(nt)
     {
         Scratch<T> abuf(gemm_abuf_size(uk)), bbuf(gemm_bbuf_size(uk));
+        T* dcol = thread_scratch<T, 5>(size_t(CRS * ldc));
 #pragma omp for schedule(static)
         for (long it = 0; it < items; ++it) {
-            const long n0 = it * group, n1 = std::min(g.N, n0 + group);
+            const long n0 = it * group, n1 = std::min(g.N, n0 + group), cols = (n1 - n0) * P;
+            auto packB = [&](T* dst, long j, long nr, long k, long kc) {
+                long off[32];
+                for (long jj = 0; jj < nr; ++jj) off[jj] = (n0 + (j + jj) / P) * KP + (j + jj) % P;
+                for (long kk = 0; kk < kc; ++kk) {
+                    T* d = dst + kk * NR;
+                    const T* src = dy + (k + kk) * P;
+                    for (long jj = 0; jj < nr; ++jj) d[jj] = src[off[jj]];
+                    for (long jj = nr; jj < NR; ++jj) d[jj] = T(0);
+                }
+            };
+            auto store = [&](const T* tile, long i, long mr, long j, long nr, bool first) {
+                for (long ii = 0; ii < mr; ++ii) {
+                    T* dst = dcol + (i + ii) * ldc + j;
+                    const T* t = tile + ii * NR;
+                    if (first) for (long jj = 0; jj < nr; ++jj) dst[jj] = t[jj];
+                    else for (long jj = 0; jj < nr; ++jj) dst[jj] += t[jj];
+                }
+            };
+            auto direct = [&](long i, long j, bool, long& ld, const T*&) -> T* {
+                ld = ldc;
+                return dcol + i * ldc + j;
+            };
+            gemm_block(uk, 0, CRS, 0, cols, 0, g.K, packA, packB, store, direct, abuf.ptr, bbuf.ptr);
             std::fill(dx + n0 * CHW, dx + n1 * CHW, T(0));
-            gemm_block(uk, 0, CRS, n0 * P, n1 * P, 0, g.K, packA, packB, store, NoDirect(), abuf.ptr, bbuf.ptr);
+            for (long crs = 0; crs < CRS; ++crs) {
+                const long c = crs / RS, r = (crs / g.S) % g.R, s = crs % g.S;
+                // outputs ow whose input column ow*sw + s - pw lies in [0, W)
+                const long last = g.W - 1 + g.pw - s;  // the largest ow*sw allowed
+                if (last < 0) continue;
+                const long lo = std::max(0L, (g.pw - s + g.sw - 1) / g.sw);
+                const long hi = std::min(g.Wo, last / g.sw + 1);
+                if (lo >= hi) continue;
+                for (long n = n0; n < n1; ++n) {
+                    const T* src = dcol + crs * ldc + (n - n0) * P;
+                    T* plane = dx + n * CHW + c * HW;
+                    for (long oh = 0; oh < g.Ho; ++oh) {
+                        const long ih = oh * g.sh + r - g.ph;
+                        if (ih < 0 || ih >= g.H) continue;
+                        const T* a = src + oh * g.Wo;
+                        T* d = plane + ih * g.W + s - g.pw;
+                        if (g.sw == 1)
+                            for (long ow = lo; ow < hi; ++ow) d[ow] += a[ow];
+                        else
+                            for (long ow = lo; ow < hi; ++ow) d[ow * g.sw] += a[ow];
+                    }
+                }
+            }
         }
     }
 }
 
+// Backward-data algorithm: 'auto', or forced for tests and benchmarks.
+enum class DataPath { automatic = 0, flipped = 1, col2im = 2 };
+DataPath g_data_path = DataPath::automatic;
+
 template <typename T>
 void conv_backward_data(const ConvGeom& g, const T* dy, const T* w, T* dx) {
-    // stride 1: the flipped forward convolution (contiguous-run packing, Winograd for 3x3). Measured
-    // on the model layers it beats the col2im path even where it multiplies padding zeros
-    // (MnistCNN conv2 5.5 vs 10.3 ms, one thread), because col2im's scattered adds are slow.
-    if (g.sh == 1 && g.sw == 1 && g.ph <= g.R - 1 && g.pw <= g.S - 1)
-        return conv_backward_data_stride1(g, dy, w, dx);
+    const bool flippable = g.sh == 1 && g.sw == 1 && g.ph <= g.R - 1 && g.pw <= g.S - 1;
+    if (g_data_path == DataPath::col2im || (g_data_path == DataPath::flipped && !flippable))
+        return conv_backward_data_col2im(g, dy, w, dx);
+    if (g_data_path == DataPath::flipped) return conv_backward_data_stride1(g, dy, w, dx);
+    // The flipped convolution pays when it gets Winograd (3x3, >= 8 channels each way) on images
+    // large enough that the padding ring of dy is a small part of the work: measured (one thread,
+    // ms, flipped / col2im) MnistCNN conv2 13x13 3.5 / 4.3, FastMNIST conv2 12x12 4.8 / 7.3, but
+    // MnistCNN conv3 5x5 1.13 / 0.98 and LeNet-5 conv2 (5x5 filters) 2.4 / 0.9.
+    const bool winograd = g_winograd && g.R == 3 && g.S == 3 && g.C >= 8 && g.K >= 8;
+    if (flippable && winograd && g.H * g.W >= 64) return conv_backward_data_stride1(g, dy, w, dx);
     conv_backward_data_col2im(g, dy, w, dx);
 }
 
@@ -691,6 +722,16 @@ void register_conv_linear(py::module_& m) {
     m.def("set_winograd", [](bool on) { g_winograd = on; },
           "Use Winograd F(2x2,3x3) for 3x3 stride-1 convolutions with >= 8 channels in and out.");
     m.def("get_winograd", []() { return g_winograd; });
+    m.def("set_backward_data_path", [](const std::string& mode) {
+        if (mode == "auto") g_data_path = DataPath::automatic;
+        else if (mode == "flipped") g_data_path = DataPath::flipped;
+        else if (mode == "col2im") g_data_path = DataPath::col2im;
+        else throw py::value_error("set_backward_data_path: mode must be 'auto', 'flipped' or 'col2im', got '" + mode + "'");
+    }, "Backward-data algorithm: 'auto', 'flipped' (stride 1: the forward convolution of dy with flipped "
+       "filters; other strides fall back to col2im) or 'col2im' (a GEMM whose store adds into dx).");
+    m.def("get_backward_data_path", []() {
+        return std::string(g_data_path == DataPath::automatic ? "auto" : g_data_path == DataPath::flipped ? "flipped" : "col2im");
+    });
     m.def("set_direct_weight", [](const std::string& mode) {
         if (mode == "auto") g_direct_weight = DirectMode::automatic;
         else if (mode == "always") g_direct_weight = DirectMode::always;

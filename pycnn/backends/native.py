@@ -82,6 +82,22 @@ def get_winograd() -> bool:
     return _n.get_winograd()
 
 
+def set_backward_data_path(mode: str) -> None:
+    """Backward-data algorithm: 'auto', 'flipped' (stride 1: the forward convolution of dy with the
+    flipped filters, Winograd for 3x3; other strides fall back to col2im) or 'col2im' (a GEMM
+    into a column buffer, then row-wise adds into dx)."""
+    _require()
+    if mode not in ("auto", "flipped", "col2im"):
+        raise ValueError(f"set_backward_data_path: mode must be 'auto', 'flipped' or 'col2im', got {mode!r}")
+    _n.set_backward_data_path(mode)
+
+
+def get_backward_data_path() -> str:
+    """The backward-data algorithm choice: 'auto', 'flipped' or 'col2im'."""
+    _require()
+    return _n.get_backward_data_path()
+
+
 def set_direct_weight(mode: str) -> None:
     """Backward-weight through the direct small-channel kernel: 'auto' (when C*R*S <= 32, stride 1),
     'always' (every stride-1 convolution; for tests and benchmarks) or 'never' (always the GEMM)."""
