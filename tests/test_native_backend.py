@@ -320,6 +320,72 @@ def test_maxpool_nan_and_padding_follow_reference(dtype):
             np.testing.assert_array_equal(am, am_ref)
 
 
+# ----------------------------------------------------------------------------- fused ops
+
+@SETTINGS
+@given(conv_cases(), st.booleans())
+def test_conv2d_bias_relu_matches_reference(case, winograd):
+    """conv + bias + ReLU in one kernel (GEMM epilogue, Winograd output transform) == the
+    reference's composition, on every ISA and thread count; half the outputs are negative."""
+    x_shape, w_shape, stride, padding, dtype, seed = case
+    native.set_winograd(winograd)
+    rng = _rng(seed)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    want = ref.conv2d_bias_relu_forward(x, w, b, stride, padding)
+    for isa, threads in configs():
+        assert_close(native.conv2d_bias_relu_forward(x, w, b, stride, padding), want, dtype,
+                     f"conv+bias+relu {isa}/{threads}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_bias_relu_winograd_model_shape(dtype):
+    """The Winograd path with the fused ReLU on the MnistCNN conv2 shape (several tile panels)."""
+    rng = _rng(21)
+    x = rng.standard_normal((3, 32, 13, 13)).astype(dtype)
+    w = rng.standard_normal((64, 32, 3, 3)).astype(dtype)
+    b = rng.standard_normal(64).astype(dtype)
+    want = ref.conv2d_bias_relu_forward(x, w, b, (1, 1), (0, 0))
+    assert (want == 0).mean() > 0.3
+    for isa, threads in configs():
+        assert_close(native.conv2d_bias_relu_forward(x, w, b, (1, 1), (0, 0)), want, dtype, f"{isa}/{threads}")
+
+
+@SETTINGS
+@given(pool_cases())
+def test_maxpool2d_relu_matches_reference(case):
+    shape, kernel, stride, padding, dtype, seed = case
+    x = _rng(seed).standard_normal(shape).astype(dtype)
+    x[..., 0] = np.nan  # NaN passes the ReLU, as in relu_forward / np.maximum
+    y_ref, am_ref = ref.maxpool2d_relu_forward(x, kernel, stride, padding)
+    for _ in configs():
+        y, am = native.maxpool2d_relu_forward(x, kernel, stride, padding)
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_array_equal(am, am_ref)
+
+
+@SETTINGS
+@given(st.integers(1, 40), st.integers(1, 100), st.integers(1, 45), st.sampled_from(DTYPES), st.integers(0, 2**31))
+def test_linear_bias_relu_matches_reference(n, fan_in, fan_out, dtype, seed):
+    rng = _rng(seed)
+    x = rng.standard_normal((n, fan_in)).astype(dtype)
+    w = rng.standard_normal((fan_out, fan_in)).astype(dtype)
+    b = rng.standard_normal(fan_out).astype(dtype)
+    want = ref.linear_bias_relu_forward(x, w, b)
+    for isa, threads in configs():
+        assert_close(native.linear_bias_relu_forward(x, w, b), want, dtype, f"linear+relu {isa}/{threads}")
+
+
+def test_fused_ops_require_bias():
+    with pytest.raises(TypeError, match=r"conv2d_bias_relu_forward: b is required"):
+        native.conv2d_bias_relu_forward(F32, W32, None, (1, 1), (0, 0))
+    with pytest.raises(TypeError, match=r"linear_bias_relu_forward: b is required"):
+        native.linear_bias_relu_forward(np.zeros((2, 3), np.float32), np.zeros((4, 3), np.float32), None)
+    with pytest.raises(ValueError, match=r"maxpool2d_relu_forward: padding must be <= kernel // 2"):
+        native.maxpool2d_relu_forward(F32, (2, 2), (2, 2), (2, 0))
+
+
 # ----------------------------------------------------------------------------- activations
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -49,6 +49,7 @@ struct WinogradArgs {
     T* U;
     T* scratch;
     int threads;
+    int relu;  // apply max(0, .) to the outputs (the fused conv + bias + ReLU)
 };
 // Distances between the 16 transformed planes of a block (TB = 2*NR tiles): one cache line more
 // than the plane, so that the transforms' 16 streams do not all map to one L1 set.

@@ -63,7 +63,7 @@ const T* padded_input(const T* x, long N, long C, long H, long W, long ph, long 
 // part. With stride 1, neighbouring output pixels of one row read neighbouring inputs, so each
 // NR-column panel is a few contiguous runs (one per output row it touches) that pack as copies.
 template <typename T>
-void conv_forward_unpadded(const ConvGeom& g, const T* x, const T* w, const T* b, T* y) {
+void conv_forward_unpadded(const ConvGeom& g, const T* x, const T* w, const T* b, T* y, bool relu = false) {
     const MicroKernel<T> uk = current_ukernel<T>();
     const long P = g.P(), CRS = g.CRS(), HW = g.HW(), CHW = g.C * HW;
     const int NR = uk.nr;
@@ -126,20 +126,33 @@ void conv_forward_unpadded(const ConvGeom& g, const T* x, const T* w, const T* b
         init = b ? b + i : nullptr;
         return y + (n * g.K + i) * P + p;
     };
-    gemm_parallel<T>(uk, g.K, g.N * P, CRS, packA, packB, store, num_threads(), direct);
+    // fused ReLU: applied to each finished block while it is in cache (columns (n,p) of rows k)
+    auto finish = [&](long i0, long i1, long j0, long j1) {
+        if (!relu) return;
+        for (long col = j0; col < j1;) {
+            const long n = col / P, p = col % P, run = std::min(j1 - col, P - p);
+            for (long k = i0; k < i1; ++k) {
+                T* v = y + (n * g.K + k) * P + p;
+                for (long t = 0; t < run; ++t) v[t] = v[t] < T(0) ? T(0) : v[t];
+            }
+            col += run;
+        }
+    };
+    gemm_parallel<T>(uk, g.K, g.N * P, CRS, packA, packB, store, num_threads(), direct, finish);
 }
 
 // ---------------------------------------------------------------------------- Winograd F(2x2, 3x3)
 
 // The transforms and the 16 GEMMs live in winograd.h, compiled per ISA; here the buffers.
 template <typename T>
-void conv_forward_winograd(const ConvGeom& g, const T* x, const T* w, const T* b, T* y) {
+void conv_forward_winograd(const ConvGeom& g, const T* x, const T* w, const T* b, T* y, bool relu) {
     const MicroKernel<T> uk = current_ukernel<T>();
     const long Kp = (g.K + uk.mr - 1) / uk.mr * uk.mr;
     const int nt = num_threads();
     const long per_thread = 16 * (winograd_vs<T>(g.C, uk.nr) + winograd_ms<T>(g.K, uk.mr, uk.nr));
     WinogradArgs<T> a{g.N, g.C, g.H, g.W, g.K, g.Ho, g.Wo, x, w, b, y,
-                      thread_scratch<T, 2>(size_t(16 * Kp * g.C)), thread_scratch<T, 3>(size_t(nt * per_thread)), nt};
+                      thread_scratch<T, 2>(size_t(16 * Kp * g.C)), thread_scratch<T, 3>(size_t(nt * per_thread)), nt,
+                      relu ? 1 : 0};
     uk.winograd(a);
 }
 
@@ -162,7 +175,7 @@ const T* placed_input(const T* x, long N, long C, long H, long W, long top, long
 }
 
 template <typename T>
-void conv_forward(const ConvGeom& g, const T* x, const T* w, const T* b, T* y) {
+void conv_forward(const ConvGeom& g, const T* x, const T* w, const T* b, T* y, bool relu = false) {
     // Winograd where it pays: 3x3, stride 1, and enough channels that the 16 GEMMs fill register
     // tiles (tiny C or K leave the transforms dominating).
     if (g_winograd && g.R == 3 && g.S == 3 && g.sh == 1 && g.sw == 1 && g.C >= 8 && g.K >= 8) {
@@ -174,7 +187,7 @@ void conv_forward(const ConvGeom& g, const T* x, const T* w, const T* b, T* y) {
         gp.W = 2 * ((g.Wo + 1) / 2) + 2;
         gp.ph = gp.pw = 0;
         const T* xp = placed_input<T, 4>(x, g.N, g.C, g.H, g.W, g.ph, g.pw, gp.H, gp.W);
-        conv_forward_winograd(gp, xp, w, b, y);
+        conv_forward_winograd(gp, xp, w, b, y, relu);
         return;
     }
     std::vector<T> xpad;
@@ -183,7 +196,7 @@ void conv_forward(const ConvGeom& g, const T* x, const T* w, const T* b, T* y) {
     gp.H = g.H + 2 * g.ph;
     gp.W = g.W + 2 * g.pw;
     gp.ph = gp.pw = 0;
-    conv_forward_unpadded(gp, xp, w, b, y);
+    conv_forward_unpadded(gp, xp, w, b, y, relu);
 }
 
 // ---------------------------------------------------------------------------- backward data
@@ -567,8 +580,9 @@ void check_geometry(const char* op, long sh, long sw, long ph, long pw) {
 }
 
 template <typename T>
-py::array conv2d_forward_t(py::array x, py::array w, py::object b, long sh, long sw, long ph, long pw) {
-    const char* op = "conv2d_forward";
+py::array conv2d_forward_t(py::array x, py::array w, py::object b, long sh, long sw, long ph, long pw,
+                           bool relu = false) {
+    const char* op = relu ? "conv2d_bias_relu_forward" : "conv2d_forward";
     require<T>(x, op, "x", 4);
     require<T>(w, op, "w", 4);
     const T* bp = nullptr;
@@ -577,7 +591,7 @@ py::array conv2d_forward_t(py::array x, py::array w, py::object b, long sh, long
         barr = py::reinterpret_borrow<py::array>(b);
         require<T>(barr, op, "b", 1);
         if (barr.shape(0) != w.shape(0))
-            throw py::value_error("conv2d_forward: b must have shape (" + std::to_string(w.shape(0)) +
+            throw py::value_error(std::string(op) + ": b must have shape (" + std::to_string(w.shape(0)) +
                                   ",), got (" + std::to_string(barr.shape(0)) + ",)");
         bp = cptr<T>(barr);
     }
@@ -585,10 +599,10 @@ py::array conv2d_forward_t(py::array x, py::array w, py::object b, long sh, long
     ConvGeom g{x.shape(0), x.shape(1), x.shape(2), x.shape(3), w.shape(0), w.shape(2), w.shape(3),
                sh, sw, ph, pw, 0, 0};
     if (w.shape(1) != g.C)
-        throw py::value_error("conv2d_forward: w has " + std::to_string(w.shape(1)) +
+        throw py::value_error(std::string(op) + ": w has " + std::to_string(w.shape(1)) +
                               " input channels but x has " + std::to_string(g.C));
     if (g.H + 2 * ph < g.R || g.W + 2 * pw < g.S)
-        throw py::value_error("conv2d_forward: kernel larger than the padded input");
+        throw py::value_error(std::string(op) + ": kernel larger than the padded input");
     g.Ho = out_size(g.H, g.R, sh, ph);
     g.Wo = out_size(g.W, g.S, sw, pw);
     py::array_t<T> y({g.N, g.K, g.Ho, g.Wo});
@@ -597,7 +611,7 @@ py::array conv2d_forward_t(py::array x, py::array w, py::object b, long sh, long
     T* yp = y.mutable_data();
     {
         py::gil_scoped_release release;
-        conv_forward<T>(g, xp, wp, bp, yp);
+        conv_forward<T>(g, xp, wp, bp, yp, relu);
     }
     return y;
 }
@@ -665,13 +679,13 @@ py::tuple conv2d_backward_weight_t(py::array dy, py::array x, long K, long C, lo
 }
 
 template <typename T>
-py::array linear_forward_t(py::array x, py::array w, py::object b) {
-    const char* op = "linear_forward";
+py::array linear_forward_t(py::array x, py::array w, py::object b, bool relu = false) {
+    const char* op = relu ? "linear_bias_relu_forward" : "linear_forward";
     require<T>(x, op, "x", 2);
     require<T>(w, op, "w", 2);
     const long N = x.shape(0), IN = x.shape(1), OUT = w.shape(0);
     if (w.shape(1) != IN)
-        throw py::value_error("linear_forward: w must have shape (OUT, " + std::to_string(IN) +
+        throw py::value_error(std::string(op) + ": w must have shape (OUT, " + std::to_string(IN) +
                               "), got second dimension " + std::to_string(w.shape(1)));
     const T* bp = nullptr;
     py::array barr;
@@ -679,7 +693,7 @@ py::array linear_forward_t(py::array x, py::array w, py::object b) {
         barr = py::reinterpret_borrow<py::array>(b);
         require<T>(barr, op, "b", 1);
         if (barr.shape(0) != OUT)
-            throw py::value_error("linear_forward: b must have shape (" + std::to_string(OUT) + ",)");
+            throw py::value_error(std::string(op) + ": b must have shape (" + std::to_string(OUT) + ",)");
         bp = cptr<T>(barr);
     }
     py::array_t<T> y({N, OUT});
@@ -689,6 +703,8 @@ py::array linear_forward_t(py::array x, py::array w, py::object b) {
     {
         py::gil_scoped_release release;
         linear_forward<T>(N, IN, OUT, xp, wp, bp, yp);
+        if (relu)  // y is (N, OUT): small next to the GEMM, one pass while it is in cache
+            for (long e = 0; e < N * OUT; ++e) yp[e] = yp[e] < T(0) ? T(0) : yp[e];
     }
     return y;
 }
@@ -764,6 +780,16 @@ void register_conv_linear(py::module_& m) {
         if (has_dtype<double>(x)) return linear_forward_t<double>(x, w, b);
         bad_float("linear_forward", "x", x);
     }, py::arg("x"), py::arg("w"), py::arg("b").none(true));
+    m.def("conv2d_bias_relu_forward", [](py::array x, py::array w, py::array b, long sh, long sw, long ph, long pw) {
+        if (has_dtype<float>(x)) return conv2d_forward_t<float>(x, w, b, sh, sw, ph, pw, true);
+        if (has_dtype<double>(x)) return conv2d_forward_t<double>(x, w, b, sh, sw, ph, pw, true);
+        bad_float("conv2d_bias_relu_forward", "x", x);
+    }, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("sh"), py::arg("sw"), py::arg("ph"), py::arg("pw"));
+    m.def("linear_bias_relu_forward", [](py::array x, py::array w, py::array b) {
+        if (has_dtype<float>(x)) return linear_forward_t<float>(x, w, b, true);
+        if (has_dtype<double>(x)) return linear_forward_t<double>(x, w, b, true);
+        bad_float("linear_bias_relu_forward", "x", x);
+    }, py::arg("x"), py::arg("w"), py::arg("b"));
     m.def("linear_backward", [](py::array dy, py::array x, py::array w) {
         if (has_dtype<float>(dy)) return linear_backward_t<float>(dy, x, w);
         if (has_dtype<double>(dy)) return linear_backward_t<double>(dy, x, w);

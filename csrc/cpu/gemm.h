@@ -133,9 +133,18 @@ void gemm_block(const MicroKernel<T>& uk, long i0, long i1, long j0, long j1, lo
 // whole micro-panels along N (or along M when N is too narrow to feed every thread); every
 // output element is computed by exactly one thread in the same order whatever the thread count,
 // so the result does not depend on it.
-template <typename T, typename PackA, typename PackB, typename Store, typename Direct = NoDirect>
+// The `finish` functor of callers with no epilogue.
+struct NoFinish {
+    void operator()(long, long, long, long) const {}
+};
+
+// `finish(i0, i1, j0, j1)` runs right after the block of rows [i0, i1) x columns [j0, j1) is
+// complete (all K blocks), by the thread that computed it, while the block is still in cache:
+// an epilogue such as a fused ReLU costs no extra pass over memory.
+template <typename T, typename PackA, typename PackB, typename Store, typename Direct = NoDirect,
+          typename Finish = NoFinish>
 void gemm_parallel(const MicroKernel<T>& uk, long M, long N, long K, PackA packA, PackB packB,
-                   Store store, int threads, Direct direct = Direct()) {
+                   Store store, int threads, Direct direct = Direct(), Finish finish = Finish()) {
     if (M <= 0 || N <= 0) return;
     const long MR = uk.mr, NR = uk.nr;
     const long n_panels = (N + NR - 1) / NR, m_panels = (M + MR - 1) / MR;
@@ -157,9 +166,11 @@ void gemm_parallel(const MicroKernel<T>& uk, long M, long N, long K, PackA packA
             if (split_n) {
                 long j0 = blk * per_block * NR, j1 = std::min(N, j0 + per_block * NR);
                 gemm_block(uk, 0, M, j0, j1, 0, K, packA, packB, store, direct, abuf.ptr, bbuf.ptr);
+                finish(0, M, j0, j1);
             } else {
                 long i0 = blk * per_block * MR, i1 = std::min(M, i0 + per_block * MR);
                 gemm_block(uk, i0, i1, 0, N, 0, K, packA, packB, store, direct, abuf.ptr, bbuf.ptr);
+                finish(i0, i1, 0, N);
             }
         }
     }

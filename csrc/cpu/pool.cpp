@@ -55,7 +55,9 @@ PoolGeom pool_geometry(const char* op, long N, long C, long H, long W, long kh, 
 }
 
 template <typename T>
-void maxpool_forward(const PoolGeom& g, const T* x, T* y, int32_t* argmax) {
+void maxpool_forward(const PoolGeom& g, const T* x, T* y, int32_t* argmax, bool relu = false) {
+    // fused ReLU (maxpool2d_relu_forward): relu(max) = max(relu); the argmax stays the max's
+    const T floor_value = relu ? T(0) : -std::numeric_limits<T>::infinity();
     const long planes = g.N * g.C, HW = g.H * g.W, P = g.Ho * g.Wo;
 #pragma omp parallel for schedule(static) num_threads(num_threads()) if (planes * P > 4096)
     for (long pl = 0; pl < planes; ++pl) {
@@ -83,7 +85,7 @@ void maxpool_forward(const PoolGeom& g, const T* x, T* y, int32_t* argmax) {
                     t = (d > best) | ((d != d) & (best == best));
                     best = select_bits(t, d, best);
                     bi = select_index(t, i0 + W + 1, bi);
-                    yo[ow] = best;
+                    yo[ow] = best < floor_value ? floor_value : best;
                     ao[ow] = int32_t(bi);
                 }
             }
@@ -108,7 +110,7 @@ void maxpool_forward(const PoolGeom& g, const T* x, T* y, int32_t* argmax) {
                         bi = select_index(take, r * g.W + s, bi);
                         best = select_bits(take, v, best);
                     }
-                y[pl * P + oh * g.Wo + ow] = best;
+                y[pl * P + oh * g.Wo + ow] = best < floor_value ? floor_value : best;
                 argmax[pl * P + oh * g.Wo + ow] = int32_t(base + bi);
             }
         }
@@ -178,8 +180,9 @@ void avgpool_backward(const PoolGeom& g, const T* dy, T* dx) {
 }
 
 template <typename T>
-py::tuple maxpool2d_forward_t(py::array x, long kh, long kw, long sh, long sw, long ph, long pw) {
-    const char* op = "maxpool2d_forward";
+py::tuple maxpool2d_forward_t(py::array x, long kh, long kw, long sh, long sw, long ph, long pw,
+                              bool relu = false) {
+    const char* op = relu ? "maxpool2d_relu_forward" : "maxpool2d_forward";
     require<T>(x, op, "x", 4);
     PoolGeom g = pool_geometry(op, x.shape(0), x.shape(1), x.shape(2), x.shape(3), kh, kw, sh, sw, ph, pw);
     py::array_t<T> y({g.N, g.C, g.Ho, g.Wo});
@@ -189,7 +192,7 @@ py::tuple maxpool2d_forward_t(py::array x, long kh, long kw, long sh, long sw, l
     int32_t* ap = am.mutable_data();
     {
         py::gil_scoped_release release;
-        maxpool_forward<T>(g, xp, yp, ap);
+        maxpool_forward<T>(g, xp, yp, ap, relu);
     }
     return py::make_tuple(y, am);
 }
@@ -262,6 +265,11 @@ void register_pool(py::module_& m) {
         if (has_dtype<float>(x)) return maxpool2d_forward_t<float>(x, kh, kw, sh, sw, ph, pw);
         if (has_dtype<double>(x)) return maxpool2d_forward_t<double>(x, kh, kw, sh, sw, ph, pw);
         bad_float("maxpool2d_forward", "x", x);
+    });
+    m.def("maxpool2d_relu_forward", [](py::array x, long kh, long kw, long sh, long sw, long ph, long pw) {
+        if (has_dtype<float>(x)) return maxpool2d_forward_t<float>(x, kh, kw, sh, sw, ph, pw, true);
+        if (has_dtype<double>(x)) return maxpool2d_forward_t<double>(x, kh, kw, sh, sw, ph, pw, true);
+        bad_float("maxpool2d_relu_forward", "x", x);
     });
     m.def("maxpool2d_backward", [](py::array dy, py::array argmax, long N, long C, long H, long W) {
         if (has_dtype<float>(dy)) return maxpool2d_backward_t<float>(dy, argmax, N, C, H, W);

@@ -156,6 +156,9 @@ void winograd_f2x3(const MicroKernel<T>& uk, const WinogradArgs<T>& a) {
                         o[2][jj] = s1[0][jj] + s1[1][jj] + s1[2][jj] + bias;
                         o[3][jj] = s1[1][jj] - s1[2][jj] - s1[3][jj] + bias;
                     }
+                    if (a.relu)  // fused ReLU (NaN passes, as in relu_forward)
+                        for (int q = 0; q < 4; ++q)
+                            for (int jj = 0; jj < NR; ++jj) o[q][jj] = o[q][jj] < T(0) ? T(0) : o[q][jj];
                     T* yk = y + k * Ho * Wo;
                     for (long jj = 0; jj < np; ++jj) {
                         T* dst = yk + yoff[jj];

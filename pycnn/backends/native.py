@@ -216,6 +216,25 @@ def conv2d_forward(x, w, b, stride, padding):
     return _n.conv2d_forward(x, w, b, sh, sw, ph, pw)
 
 
+def conv2d_bias_relu_forward(x, w, b, stride, padding):
+    """relu(conv2d_forward(x, w, b, ...)) in one kernel: the ReLU runs in the GEMM's (or the
+    Winograd output transform's) epilogue, with no extra pass over y. b (K,) is required."""
+    _require()
+    op = "conv2d_bias_relu_forward"
+    _float_array(op, "x", x, 4, what="(N, C, H, W)")
+    _float_array(op, "w", w, 4, x.dtype, "(K, C, R, S)")
+    if b is None:
+        raise TypeError(f"{op}: b is required (a ({w.shape[0]},) array), got None")
+    _optional_vector(op, "b", b, w.shape[0], x.dtype)
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(f"{op}: w expects {w.shape[1]} input channels, x has {x.shape[1]} "
+                         f"(x shape {x.shape}, w shape {w.shape})")
+    sh, sw = _pair(op, "stride", stride, 1)
+    ph, pw = _pair(op, "padding", padding, 0)
+    _check_window(op, x.shape[2:], w.shape[2:], (ph, pw))
+    return _n.conv2d_bias_relu_forward(x, w, b, sh, sw, ph, pw)
+
+
 def conv2d_backward_data(dy, w, x_shape, stride, padding):
     """dx (N,C,H,W): the gradient of conv2d_forward with respect to x."""
     _require()
@@ -253,6 +272,17 @@ def maxpool2d_forward(x, kernel, stride, padding):
     sh, sw = _pair(op, "stride", stride, 1)
     ph, pw = _pair(op, "padding", padding, 0)
     return _n.maxpool2d_forward(x, kh, kw, sh, sw, ph, pw)
+
+
+def maxpool2d_relu_forward(x, kernel, stride, padding):
+    """(relu(y), argmax): maxpool2d_forward with the ReLU applied to y in the same pass."""
+    _require()
+    op = "maxpool2d_relu_forward"
+    _float_array(op, "x", x, 4, what="(N, C, H, W)")
+    kh, kw = _pair(op, "kernel", kernel, 1)
+    sh, sw = _pair(op, "stride", stride, 1)
+    ph, pw = _pair(op, "padding", padding, 0)
+    return _n.maxpool2d_relu_forward(x, kh, kw, sh, sw, ph, pw)
 
 
 def maxpool2d_backward(dy, argmax, x_shape):
@@ -360,6 +390,20 @@ def linear_forward(x, w, b):
         raise ValueError(f"{op}: w expects {w.shape[1]} input features, x has {x.shape[1]}")
     _optional_vector(op, "b", b, w.shape[0], x.dtype)
     return _n.linear_forward(x, w, b)
+
+
+def linear_bias_relu_forward(x, w, b):
+    """relu(x @ w.T + b) with the ReLU applied while y is in cache. b (OUT,) is required."""
+    _require()
+    op = "linear_bias_relu_forward"
+    _float_array(op, "x", x, 2, what="(N, IN)")
+    _float_array(op, "w", w, 2, x.dtype, "(OUT, IN)")
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(f"{op}: w expects {w.shape[1]} input features, x has {x.shape[1]}")
+    if b is None:
+        raise TypeError(f"{op}: b is required (a ({w.shape[0]},) array), got None")
+    _optional_vector(op, "b", b, w.shape[0], x.dtype)
+    return _n.linear_bias_relu_forward(x, w, b)
 
 
 def linear_backward(dy, x, w):
