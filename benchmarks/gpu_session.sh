@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's checks, run on the lent GPU machine from the repository root:
 #   the selftest record (GPU tests, sanitizers, kernel timings, FastMNIST epoch), then
-#   MnistCNN epochs at batch 64 and 512 on the CUDA backend (throughput baseline for issue 6),
+#   MnistCNN epochs at batch 64 and 512 on the CUDA backend, eager and with the step in a CUDA graph,
+#   the training-throughput benchmark vs PyTorch eager / PyTorch CUDA graph (benchmarks/gpu_training.py),
 #   and with LOCALIZE_EPOCHS=N the digit-localization recipe on the GPU.
 # Usage: PYCNN_COMMIT=<sha> PYCNN_DATA=<mnist dir> OUT=<dir> [SKIP_MNISTCNN=1] [LOCALIZE_EPOCHS=N] \
 #        bash benchmarks/gpu_session.sh
@@ -14,12 +15,15 @@ timeout 330 python3 -m pycnn.selftest --gpu --out "$OUT/gpu-$stamp-$sha8.json" 2
 batches="64 512"
 [ -n "${SKIP_MNISTCNN:-}" ] && batches=""
 for b in $batches; do
-  timeout 90 python3 -m pycnn train mnist --model mnistcnn --epochs 1 --batch-size "$b" --backend cuda \
-    --no-progress --out "$OUT/mnistcnn-b$b" 2>&1 | tail -3
+  for mode in eager graph; do
+    flag=""; [ "$mode" = graph ] && flag="--cuda-graph"
+    timeout 90 python3 -m pycnn train mnist --model mnistcnn --epochs 1 --batch-size "$b" --backend cuda \
+      $flag --no-progress --out "$OUT/run" 2>&1 | tail -3
+    cp "$OUT/run/metrics.json" "$OUT/mnistcnn-b$b-$mode.json" 2>/dev/null
+    rm -rf "$OUT/run"
+  done
 done
-cp "$OUT"/mnistcnn-b64/metrics.json "$OUT/mnistcnn-b64.json" 2>/dev/null
-cp "$OUT"/mnistcnn-b512/metrics.json "$OUT/mnistcnn-b512.json" 2>/dev/null
-rm -rf "$OUT"/mnistcnn-b64 "$OUT"/mnistcnn-b512
+[ -z "${SKIP_TRAINING_BENCH:-}" ] && timeout 240 python3 benchmarks/gpu_training.py --out "$OUT/training.json" 2>&1 | tail -70
 if [ -n "${LOCALIZE_EPOCHS:-}" ]; then
   timeout "${LOCALIZE_TIMEOUT:-300}" python3 -m pycnn train localize --backend cuda --epochs "$LOCALIZE_EPOCHS" \
     --no-progress --out "$OUT/localize" 2>&1 | tail -25

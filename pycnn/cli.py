@@ -27,6 +27,8 @@ def _add_train_mnist_args(p: argparse.ArgumentParser) -> None:
                                                "(default: runs/<model>)")
     p.add_argument("--limit-train", type=int, help="train on the first N images only (quick checks)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="backend cuda: capture the training step in a CUDA graph and replay it (static shapes)")
 
 
 def cmd_train_mnist(args) -> int:
@@ -36,7 +38,7 @@ def cmd_train_mnist(args) -> int:
     result = run_mnist(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        optimizer=args.optimizer, schedule=args.schedule, backend=args.backend, seed=args.seed,
                        data_dir=args.data_dir, out_dir=out, limit_train=args.limit_train,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, cuda_graph=args.cuda_graph)
     print(f"test accuracy {result['test_acc']:.4f}; training {result['train_s_total']:.2f} s "
           f"({result['samples_per_s']:,.0f} samples/s in the last epoch); results in {out}/")
     return 0

@@ -310,12 +310,16 @@ def workload() -> int:
     cuda.leaky_relu_backward(x, cuda.leaky_relu_forward(x, 0.1), 0.1)
     xl, wl, bl = r(33, 70), r(12, 70), r(12)
     cuda.linear_forward(xl, wl, bl)
+    cuda.linear_bias_relu_forward(xl, wl, bl)
     cuda.linear_backward(r(33, 12), xl, wl)
+    cuda.maxpool2d_relu_forward(x, (2, 2), (2, 2), (0, 0))
     logits = r(37, 11)
     target = cp.asarray(rng.integers(0, 11, 37))
     weight = cp.abs(r(11)) + 0.1
     loss, probs = cuda.softmax_cross_entropy_forward(logits, target, weight, 0.1, "mean")
     cuda.softmax_cross_entropy_backward(1.0, probs, target, weight, 0.1, "mean")
+    loss, probs = cuda.softmax_cross_entropy_forward(logits, target, None, 0.0, "mean")
+    cuda.softmax_cross_entropy_backward(1.0, probs, target, None, 0.0, "mean")
     t = cp.abs(cp.tanh(logits))
     cuda.bce_with_logits_forward(logits, t, cp.abs(r(11)), "mean")
     cuda.bce_with_logits_backward(1.0, logits, t, cp.abs(r(11)), "sum")
@@ -327,6 +331,10 @@ def workload() -> int:
     cuda.sgd_step(params, grads, [cp.zeros_like(p) for p in params], 0.1, 0.9, 0.0, 1e-4, True, True)
     cuda.adam_step(params, grads, [cp.zeros_like(p) for p in params], [cp.zeros_like(p) for p in params],
                    1, 1e-3, 0.9, 0.999, 1e-8, 1e-2, True)
+    hyper = cuda.HyperParams(5)  # the device-resident hyper-parameters a CUDA graph replays with
+    hyper.write(cuda.adam_hyperparams(1, 1e-3, 0.9, 0.999, 0.0))
+    cuda.adam_step_device(params, grads, [cp.zeros_like(p) for p in params], [cp.zeros_like(p) for p in params],
+                          hyper, 0.999, 1e-8, 0.0, False)
     cp.cuda.Device().synchronize()
     print(f"pycnn workload ok: {len(cuda._functions)} kernels launched", flush=True)
     return 0
