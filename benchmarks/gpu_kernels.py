@@ -140,6 +140,15 @@ def cudnn_layer(torch, x, w, dy, stride, pad, repeats):
     return times, outputs
 
 
+def tile_of(direction: str, shape) -> int:
+    """The v3/v4 block tile (64 or 128) the backend uses for this layer and direction."""
+    N, C, H, W, K, R, S, stride, pad = shape
+    Ho, Wo = (H + 2 * pad - R) // stride + 1, (W + 2 * pad - S) // stride + 1
+    rows, cols = {"forward": (K, N * Ho * Wo), "backward_data": (C, N * H * W),
+                  "backward_weight": (K, C * R * S)}[direction]
+    return cuda._conv3_tile(direction, rows, cols)[0]
+
+
 def tflops(flop: float, ms) -> float | None:
     return None if not ms else round(flop / (ms * 1e-3) / 1e12, 3)
 
@@ -200,7 +209,8 @@ def conv_ladder(repeats: int) -> dict:
                     "cudnn_tf32_ms": None if tf32_ms is None else round(tf32_ms, 5),
                     "tflops": tflops(flop, ms), "cudnn_tflops": tflops(flop, fp32_ms),
                     "cudnn_tf32_tflops": tflops(flop, tf32_ms), "max_rel_err_vs_cudnn": err,
-                    "auto": auto[label][direction] == version, "layer": label})
+                    "auto": auto[label][direction] == version, "layer": label,
+                    "tile": tile_of(direction, shape) if version in ("3", "4") else None})
     info = {"errors": errors, "cudnn": torch_info, "repeats": repeats, "auto_versions": auto,
             "conv_versions": list(VERSIONS), "conv_seconds": round(time.perf_counter() - t_start, 1),
             "conv_env_version": os.environ.get("PYCNN_CONV_VERSION")}

@@ -35,16 +35,20 @@
 //                  conv2d_bwd_weight_reduce_f32 adds in a fixed order: deterministic, no atomics.
 //   A BM x BN block of C per 256-thread block, staged through BK-deep shared-memory tiles of A
 //   and B that all threads load cooperatively (float4 loads of A where rows are contiguous and
-//   16-byte aligned); each thread accumulates a TM x TN register tile with fmaf.
-//   conv2d_fwd_v3_f32, conv2d_bwd_data_v3_f32, conv2d_bwd_weight_v3_f32
+//   16-byte aligned); each thread accumulates a TM x TN register tile with fmaf, reading it from
+//   shared memory as float4s. Two tile sizes (the host picks one per shape):
+//   conv2d_fwd_v3_f32, conv2d_bwd_data_v3_f32, conv2d_bwd_weight_v3_f32                64 x 64, 4x4
+//   conv2d_fwd_v3_t128_f32, conv2d_bwd_data_v3_t128_f32, conv2d_bwd_weight_v3_t128_f32 128 x 128, 8x8
 // v4 TF32 tensor cores (opt-in: allow_tf32 / PYCNN_ALLOW_TF32=1; sm_80 or newer)
-//   The same tiles and gathers as v3; each warp computes a 32 x 16 block of C with
+//   The same tiles and gathers as v3; each warp computes a 32 x 16 (64 x 32) block of C with
 //   mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, operands rounded to TF32
 //   (cvt.rna.tf32.f32: 10-bit mantissa, relative rounding error <= 2^-11), fp32 accumulation.
 //   Error bound per output, with P = sum_k |a_k*b_k| over its Kd products:
 //     |C_tf32 - C_exact| <= (2^-10 + 2^-22 + Kd * 2^-23) * P    (operand rounding 2*2^-11 + its
 //   square, plus fp32 accumulation; 2^-23 per addition covers a truncating accumulator).
-//   conv2d_fwd_v4_f32, conv2d_bwd_data_v4_f32, conv2d_bwd_weight_v4_f32
+//   conv2d_fwd_v4_f32, conv2d_bwd_data_v4_f32, conv2d_bwd_weight_v4_f32  (64 x 64: warps of 32x16)
+//   conv2d_fwd_v4_t128_f32, conv2d_bwd_data_v4_t128_f32, conv2d_bwd_weight_v4_t128_f32
+//                                                         (128 x 128: warps of 64x32)
 //
 // Epilogue of every forward kernel: + b[k] (has_bias), then ReLU (relu): conv2d_bias_relu_forward
 // is one kernel, not a second pass. The bias gradient db = dy.sum((0,2,3)) is bias_grad_f32 in
@@ -163,26 +167,20 @@ extern "C" __global__ void conv2d_fwd_v2_f32(
 
 // ----------------------------------------------------------------------------- v3 / v4 core
 //
-// The tile shape is fixed (the index arithmetic of the cooperative loads below depends on it);
-// the host mirrors it in cuda.py (_CONV3_BM, _CONV3_BN, _CONV3_BK).
-#define PYCNN_CONV3_BM 64       // rows of C (filters or channels) per block
-#define PYCNN_CONV3_BN 64       // columns of C (output pixels or weight taps) per block
+// Two block tiles, both 256 threads and 16-deep stages (the host mirrors them in cuda.py):
+//   64 x 64    v3: a 4x4 register tile per thread;  v4: 8 warps of 32x16 (2x2 mma tiles)
+//   128 x 128  v3: an 8x8 register tile per thread; v4: 8 warps of 64x32 (4x4 mma tiles)
+// The large tile reads half as much shared memory per FMA (and the warps' mma tiles share their
+// fragments twice as often); it needs M >= 128 and enough tiles to fill the GPU, so the small
+// layers of the MNIST models use the 64 x 64 one (kernel names without _t128).
 #define PYCNN_CONV3_BK 16       // depth of one shared-memory stage of A and B
-#define PYCNN_CONV3_TM 4        // v3: rows of C per thread (register tile)
-#define PYCNN_CONV3_TN 4        // v3: columns of C per thread
-#define PYCNN_CONV3_THREADS 256 // (BM/TM) * (BN/TN) threads; v4: 8 warps of 32 x 16
-// Row padding of the shared tiles: with a pitch of BM+8 floats the v4 fragment reads
-// As[k0+t][m0+g] (t = lane%4, g = lane/4) hit banks 8t+g, all 32 distinct.
+#define PYCNN_CONV3_THREADS 256 // 16 x 16 threads; 8 warps
+// Row padding of the shared tiles: with a pitch of BM+8 floats (64+8, 128+8) the v4 fragment
+// reads As[k0+t][m0+g] (t = lane%4, g = lane/4) hit banks 8t+g, all 32 distinct.
 #define PYCNN_CONV3_PAD 8
 
-static_assert(PYCNN_CONV3_BM / PYCNN_CONV3_TM * (PYCNN_CONV3_BN / PYCNN_CONV3_TN) == PYCNN_CONV3_THREADS,
-              "v3 register tiles must cover the block tile");
-static_assert(PYCNN_CONV3_BM * PYCNN_CONV3_BK == 4 * PYCNN_CONV3_THREADS,
-              "each thread loads one float4 of A per stage");
-static_assert(PYCNN_CONV3_BK * PYCNN_CONV3_BN == 4 * PYCNN_CONV3_THREADS,
-              "each thread loads four elements of B per stage");
-static_assert(PYCNN_CONV3_BK % 8 == 0, "v4 consumes the stage in k-steps of 8");
-static_assert(PYCNN_CONV3_TM == 4 && PYCNN_CONV3_TN == 4, "v3 reads its register tile as float4s");
+static_assert(PYCNN_CONV3_BK == 16 && PYCNN_CONV3_THREADS == 256,
+              "the cooperative loads assume 16-deep stages and 256 threads");
 
 #define PYCNN_CONV_FWD 0
 #define PYCNN_CONV_BWD_DATA 1
@@ -289,25 +287,32 @@ __device__ __forceinline__ void pycnn_conv_decode(const PycnnConvGemm& p, int kd
 // all PYCNN_CONV3_THREADS threads of a 1-D block (it synchronizes with __syncthreads).
 // Offsets inside x, dy and dx are int32: the host runs v3/v4 only when every tensor has fewer
 // than 2^31 elements (and falls back to v1 otherwise).
-template <int MODE, bool TF32>
+template <int MODE, bool TF32, int BM, int BN>
 __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
+    static_assert((BM == 64 || BM == 128) && BN == BM, "tiles are 64x64 or 128x128");
+    constexpr int BK = PYCNN_CONV3_BK;
+    constexpr int TM = BM / 16, TN = BN / 16;        // v3 register tile (16 x 16 threads)
+    constexpr int A_ROWS = BM / 64;                  // A: each thread loads A_ROWS float4s ...
+    constexpr int B_STEP = PYCNN_CONV3_THREADS / BN; // B: ... and BN/16 values, rows B_STEP apart
+    constexpr int WM = BM / 2, WN = BN / 4;          // v4: 2 x 4 warps
+    constexpr int MI = WM / 16, NI = WN / 8;         // v4: mma tiles per warp
     // 16-byte aligned rows (pitch BM+8 floats) so that v3 reads four values with one float4.
-    __shared__ __align__(16) float As[PYCNN_CONV3_BK][PYCNN_CONV3_BM + PYCNN_CONV3_PAD];  // A^T: [k][m]
-    __shared__ __align__(16) float Bs[PYCNN_CONV3_BK][PYCNN_CONV3_BN + PYCNN_CONV3_PAD];  // [k][n]
+    __shared__ __align__(16) float As[BK][BM + PYCNN_CONV3_PAD];  // A^T: [k][m]
+    __shared__ __align__(16) float Bs[BK][BN + PYCNN_CONV3_PAD];  // [k][n]
     // Per stage, the BK reduction indices decoded once (pycnn_conv_decode) instead of three
-    // integer divisions in every one of the 2048 loads. Two buffers: the next stage's table is
-    // decoded while this stage computes, so a stage needs two __syncthreads, not three.
-    __shared__ int tab2[2][PYCNN_CONV3_BK][4];
+    // integer divisions in every load. Two buffers: the next stage's table is decoded while
+    // this stage computes, so a stage needs two __syncthreads, not three.
+    __shared__ int tab2[2][BK][4];
 
     const int tid = threadIdx.x;
-    const int m0 = blockIdx.y * PYCNN_CONV3_BM;
-    const int n0 = blockIdx.x * PYCNN_CONV3_BN;
+    const int m0 = blockIdx.y * BM;
+    const int n0 = blockIdx.x * BN;
     const int RS = p.R * p.S, HW = p.H * p.W, HoWo = p.Ho * p.Wo;
 
     // B loads: this thread always loads column b_col of the tile (consecutive threads take
-    // consecutive columns: consecutive pixels of x / dy, coalesced) in rows b_row + 4q.
-    const int b_col = tid % PYCNN_CONV3_BN;
-    const int b_row = tid / PYCNN_CONV3_BN;
+    // consecutive columns: consecutive pixels of x / dy, coalesced) in rows b_row + B_STEP*q.
+    const int b_col = tid % BN;
+    const int b_row = tid / BN;
     const int nb = n0 + b_col;
     const bool nb_ok = nb < p.Ncols;
     int cb0 = 0, cb1 = 0, cb2 = 0;  // the column's geometry, decoded once per block
@@ -329,66 +334,71 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
             cb2 = rs - r * p.S;
         }
     }
-    // A loads: row a_row of the tile, four consecutive reduction indices from a_k.
-    const int a_row = tid / (PYCNN_CONV3_BK / 4);
-    const int a_k = (tid % (PYCNN_CONV3_BK / 4)) * 4;
-    const int ma = m0 + a_row;
-    const bool ma_ok = ma < p.M;
+    // A loads: rows a_row + 64*rr of the tile, four consecutive reduction indices from a_k.
+    const int a_row = tid / (BK / 4);
+    const int a_k = (tid % (BK / 4)) * 4;
     // float4 loads need 16-byte aligned, contiguous rows: w rows of length Kd (forward), dy
     // planes of HoWo pixels (bwd-weight).
     const bool a_base_aligned = (reinterpret_cast<unsigned long long>(p.a_src) & 15ull) == 0;
     const bool a_vec = a_base_aligned && (MODE == PYCNN_CONV_FWD ? (p.Kd % 4 == 0)
                                           : (MODE == PYCNN_CONV_BWD_WEIGHT ? (HoWo % 4 == 0) : false));
 
-    float acc[16];
+    float acc[TM * TN];
 #pragma unroll
-    for (int q = 0; q < 16; ++q) acc[q] = 0.0f;
+    for (int q = 0; q < TM * TN; ++q) acc[q] = 0.0f;
 
-    if (tid < PYCNN_CONV3_BK) pycnn_conv_decode<MODE>(p, p.k_begin + tid, tab2[0][tid]);
+    if (tid < BK) pycnn_conv_decode<MODE>(p, p.k_begin + tid, tab2[0][tid]);
     __syncthreads();
     int buf = 0;
-    for (int k0 = p.k_begin; k0 < p.k_end; k0 += PYCNN_CONV3_BK, buf ^= 1) {
+    for (int k0 = p.k_begin; k0 < p.k_end; k0 += BK, buf ^= 1) {
         int (*tab)[4] = tab2[buf];
 
         // ---- A tile (BM x BK), stored transposed As[k][m] so both compute loops read rows.
-        float av[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        if (ma_ok) {
-            if (MODE == PYCNN_CONV_FWD) {
-                const int kd = k0 + a_k;
-                const float* src = p.a_src + (pycnn_i64)ma * p.Kd + kd;
-                if (a_vec && kd + 3 < p.k_end) {
-                    const float4 v = *reinterpret_cast<const float4*>(src);
-                    av[0] = v.x; av[1] = v.y; av[2] = v.z; av[3] = v.w;
-                } else {
-                    for (int q = 0; q < 4; ++q)
-                        if (kd + q < p.k_end) av[q] = src[q];
-                }
-            } else if (MODE == PYCNN_CONV_BWD_DATA) {
-                for (int q = 0; q < 4; ++q) {
-                    const int t0 = tab[a_k + q][0];
-                    if (t0 >= 0) av[q] = p.a_src[t0 + ma * RS];  // w[k, c=ma, r, s]
-                }
-            } else {
-                const int t0 = tab[a_k][0], t3 = tab[a_k + 3][0];
-                const float* src = p.a_src + (pycnn_i64)ma * HoWo;  // dy[img, k=ma, pix]
-                if (a_vec && t0 >= 0 && t3 == t0 + 3 && (t0 & 3) == 0) {
-                    const float4 v = *reinterpret_cast<const float4*>(src + t0);
-                    av[0] = v.x; av[1] = v.y; av[2] = v.z; av[3] = v.w;
-                } else {
+        // Not unrolled: unrolling keeps both rows' addresses live and pushes the 128x128 v3 kernels
+        // past 128 registers (one block per SM instead of two).
+#pragma unroll 1
+        for (int rr = 0; rr < A_ROWS; ++rr) {
+            const int row = a_row + 64 * rr;
+            const int ma = m0 + row;
+            float av[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (ma < p.M) {
+                if (MODE == PYCNN_CONV_FWD) {
+                    const int kd = k0 + a_k;
+                    const float* src = p.a_src + (pycnn_i64)ma * p.Kd + kd;
+                    if (a_vec && kd + 3 < p.k_end) {
+                        const float4 v = *reinterpret_cast<const float4*>(src);
+                        av[0] = v.x; av[1] = v.y; av[2] = v.z; av[3] = v.w;
+                    } else {
+                        for (int q = 0; q < 4; ++q)
+                            if (kd + q < p.k_end) av[q] = src[q];
+                    }
+                } else if (MODE == PYCNN_CONV_BWD_DATA) {
                     for (int q = 0; q < 4; ++q) {
-                        const int tq = tab[a_k + q][0];
-                        if (tq >= 0) av[q] = src[tq];
+                        const int t0 = tab[a_k + q][0];
+                        if (t0 >= 0) av[q] = p.a_src[t0 + ma * RS];  // w[k, c=ma, r, s]
+                    }
+                } else {
+                    const int t0 = tab[a_k][0], t3 = tab[a_k + 3][0];
+                    const float* src = p.a_src + (pycnn_i64)ma * HoWo;  // dy[img, k=ma, pix]
+                    if (a_vec && t0 >= 0 && t3 == t0 + 3 && (t0 & 3) == 0) {
+                        const float4 v = *reinterpret_cast<const float4*>(src + t0);
+                        av[0] = v.x; av[1] = v.y; av[2] = v.z; av[3] = v.w;
+                    } else {
+                        for (int q = 0; q < 4; ++q) {
+                            const int tq = tab[a_k + q][0];
+                            if (tq >= 0) av[q] = src[tq];
+                        }
                     }
                 }
             }
-        }
 #pragma unroll
-        for (int q = 0; q < 4; ++q) As[a_k + q][a_row] = av[q];
+            for (int q = 0; q < 4; ++q) As[a_k + q][row] = av[q];
+        }
 
         // ---- B tile (BK x BN), zero outside the tensors (that is the zero padding).
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const int row = b_row + q * (PYCNN_CONV3_THREADS / PYCNN_CONV3_BN);
+        for (int q = 0; q < BK / B_STEP; ++q) {
+            const int row = b_row + q * B_STEP;
             const int t0 = tab[row][0];
             float v = 0.0f;
             if (nb_ok && t0 >= 0) {
@@ -411,37 +421,41 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
         }
         __syncthreads();
         // The next stage's table goes into the other buffer, which no thread reads any more.
-        if (tid < PYCNN_CONV3_BK && k0 + PYCNN_CONV3_BK < p.k_end)
-            pycnn_conv_decode<MODE>(p, k0 + PYCNN_CONV3_BK + tid, tab2[buf ^ 1][tid]);
+        if (tid < BK && k0 + BK < p.k_end) pycnn_conv_decode<MODE>(p, k0 + BK + tid, tab2[buf ^ 1][tid]);
 
         if (!TF32) {
-            // v3: thread (tx, ty) owns the 4x4 block of rows 4ty.. and columns 4tx.. of the tile,
-            // read as one float4 of As and one of Bs per k: 3 shared-memory wavefronts per warp
-            // (As is a broadcast: a warp spans two ty) for 16 FMAs, so the FMA units, not shared
-            // memory, set the pace (scalar reads would need 8).
-            const int tx = tid % (PYCNN_CONV3_BN / PYCNN_CONV3_TN);
-            const int ty = tid / (PYCNN_CONV3_BN / PYCNN_CONV3_TN);
+            // v3: thread (tx, ty) owns the TM x TN block of rows TM*ty.. and columns TN*tx.. of
+            // the tile, read as float4s of As and Bs per k: for 4x4, 3 shared-memory wavefronts
+            // per warp (As is a broadcast: a warp spans two ty) for 16 FMAs, so the FMA units,
+            // not shared memory, set the pace (scalar reads would need 8); 8x8 needs 6 for 64.
+            const int tx = tid % 16, ty = tid / 16;
 #pragma unroll
-            for (int kk = 0; kk < PYCNN_CONV3_BK; ++kk) {
-                const float4 a4 = *reinterpret_cast<const float4*>(&As[kk][ty * PYCNN_CONV3_TM]);
-                const float4 b4 = *reinterpret_cast<const float4*>(&Bs[kk][tx * PYCNN_CONV3_TN]);
-                const float a[4] = {a4.x, a4.y, a4.z, a4.w};
-                const float b[4] = {b4.x, b4.y, b4.z, b4.w};
+            for (int kk = 0; kk < BK; ++kk) {
+                float a[TM], b[TN];
 #pragma unroll
-                for (int i = 0; i < PYCNN_CONV3_TM; ++i)
+                for (int i = 0; i < TM; i += 4) {
+                    const float4 v = *reinterpret_cast<const float4*>(&As[kk][ty * TM + i]);
+                    a[i] = v.x; a[i + 1] = v.y; a[i + 2] = v.z; a[i + 3] = v.w;
+                }
 #pragma unroll
-                    for (int j = 0; j < PYCNN_CONV3_TN; ++j)
-                        acc[i * PYCNN_CONV3_TN + j] = fmaf(a[i], b[j], acc[i * PYCNN_CONV3_TN + j]);
+                for (int j = 0; j < TN; j += 4) {
+                    const float4 v = *reinterpret_cast<const float4*>(&Bs[kk][tx * TN + j]);
+                    b[j] = v.x; b[j + 1] = v.y; b[j + 2] = v.z; b[j + 3] = v.w;
+                }
+#pragma unroll
+                for (int i = 0; i < TM; ++i)
+#pragma unroll
+                    for (int j = 0; j < TN; ++j) acc[i * TN + j] = fmaf(a[i], b[j], acc[i * TN + j]);
             }
         } else {
-            // v4: warp w owns rows wm..wm+31 and columns wn..wn+15 = 2 x 2 mma tiles of 16 x 8.
+            // v4: warp w owns rows wm..wm+WM-1 and columns wn..wn+WN-1 = MI x NI mma tiles of 16x8.
             const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-            const int wm = (warp % 2) * 32, wn = (warp / 2) * 16;
+            const int wm = (warp % 2) * WM, wn = (warp / 2) * WN;
 #pragma unroll
-            for (int kk = 0; kk < PYCNN_CONV3_BK; kk += 8) {
-                unsigned a[2][4], b[2][2];
+            for (int kk = 0; kk < BK; kk += 8) {
+                unsigned a[MI][4], b[NI][2];
 #pragma unroll
-                for (int mi = 0; mi < 2; ++mi) {
+                for (int mi = 0; mi < MI; ++mi) {
                     const int r0 = wm + mi * 16 + g;
                     a[mi][0] = pycnn_tf32(As[kk + t][r0]);
                     a[mi][1] = pycnn_tf32(As[kk + t][r0 + 8]);
@@ -449,56 +463,56 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
                     a[mi][3] = pycnn_tf32(As[kk + t + 4][r0 + 8]);
                 }
 #pragma unroll
-                for (int ni = 0; ni < 2; ++ni) {
+                for (int ni = 0; ni < NI; ++ni) {
                     const int c0 = wn + ni * 8 + g;
                     b[ni][0] = pycnn_tf32(Bs[kk + t][c0]);
                     b[ni][1] = pycnn_tf32(Bs[kk + t + 4][c0]);
                 }
 #pragma unroll
-                for (int mi = 0; mi < 2; ++mi)
+                for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-                    for (int ni = 0; ni < 2; ++ni) pycnn_mma_tf32_m16n8k8(&acc[(mi * 2 + ni) * 4], a[mi], b[ni]);
+                    for (int ni = 0; ni < NI; ++ni) pycnn_mma_tf32_m16n8k8(&acc[(mi * NI + ni) * 4], a[mi], b[ni]);
             }
         }
         __syncthreads();  // the next stage overwrites As and Bs
     }
 
     if (!TF32) {
-        const int tx = tid % (PYCNN_CONV3_BN / PYCNN_CONV3_TN);
-        const int ty = tid / (PYCNN_CONV3_BN / PYCNN_CONV3_TN);
+        const int tx = tid % 16, ty = tid / 16;
 #pragma unroll
-        for (int j = 0; j < PYCNN_CONV3_TN; ++j) {
-            const int n = n0 + tx * PYCNN_CONV3_TN + j;
+        for (int j = 0; j < TN; ++j) {
+            const int n = n0 + tx * TN + j;
             if (n >= p.Ncols) continue;
             const pycnn_i64 base = pycnn_conv_out_base<MODE>(p, n);
 #pragma unroll
-            for (int i = 0; i < PYCNN_CONV3_TM; ++i) {
-                const int m = m0 + ty * PYCNN_CONV3_TM + i;
-                if (m < p.M) pycnn_conv_store<MODE>(p, base, m, acc[i * PYCNN_CONV3_TN + j]);
+            for (int i = 0; i < TM; ++i) {
+                const int m = m0 + ty * TM + i;
+                if (m < p.M) pycnn_conv_store<MODE>(p, base, m, acc[i * TN + j]);
             }
         }
     } else {
         const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-        const int wm = (warp % 2) * 32, wn = (warp / 2) * 16;
+        const int wm = (warp % 2) * WM, wn = (warp / 2) * WN;
 #pragma unroll
-        for (int ni = 0; ni < 2; ++ni)
+        for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int n = n0 + wn + ni * 8 + 2 * t + e;
                 if (n >= p.Ncols) continue;
                 const pycnn_i64 base = pycnn_conv_out_base<MODE>(p, n);
 #pragma unroll
-                for (int mi = 0; mi < 2; ++mi)
+                for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
                         const int m = m0 + wm + mi * 16 + g + 8 * h;
-                        if (m < p.M) pycnn_conv_store<MODE>(p, base, m, acc[(mi * 2 + ni) * 4 + 2 * h + e]);
+                        if (m < p.M) pycnn_conv_store<MODE>(p, base, m, acc[(mi * NI + ni) * 4 + 2 * h + e]);
                     }
             }
     }
 }
 
-// Launch (all v3/v4 kernels): block (PYCNN_CONV3_THREADS,), grid (ceil(Ncols/BN), ceil(M/BM), splits).
+// Launch (all v3/v4 kernels): block (PYCNN_CONV3_THREADS,), grid (ceil(Ncols/T), ceil(M/T), splits)
+// with T = 64, or 128 for the _t128 kernels.
 __device__ __forceinline__ PycnnConvGemm pycnn_conv_params(int N, int C, int H, int W, int K, int R, int S,
                                                            int Ho, int Wo, int sh, int sw, int ph, int pw) {
     PycnnConvGemm p;
@@ -508,7 +522,7 @@ __device__ __forceinline__ PycnnConvGemm pycnn_conv_params(int N, int C, int H, 
     return p;
 }
 
-template <bool TF32>
+template <bool TF32, int T>
 __device__ __forceinline__ void pycnn_conv_fwd_gemm(const float* x, const float* w, const float* b, float* y,
                                                     int has_bias, int relu, int N, int C, int H, int W, int K,
                                                     int R, int S, int Ho, int Wo, int sh, int sw, int ph, int pw) {
@@ -516,10 +530,10 @@ __device__ __forceinline__ void pycnn_conv_fwd_gemm(const float* x, const float*
     p.a_src = w; p.b_src = x; p.out = y; p.bias = b; p.has_bias = has_bias; p.relu = relu;
     p.M = K; p.Ncols = N * Ho * Wo; p.Kd = C * R * S;
     p.k_begin = 0; p.k_end = p.Kd;
-    pycnn_conv_igemm<PYCNN_CONV_FWD, TF32>(p);
+    pycnn_conv_igemm<PYCNN_CONV_FWD, TF32, T, T>(p);
 }
 
-template <bool TF32>
+template <bool TF32, int T>
 __device__ __forceinline__ void pycnn_conv_bwd_data_gemm(const float* dy, const float* w, float* dx, int N, int C,
                                                          int H, int W, int K, int R, int S, int Ho, int Wo,
                                                          int sh, int sw, int ph, int pw) {
@@ -527,11 +541,11 @@ __device__ __forceinline__ void pycnn_conv_bwd_data_gemm(const float* dy, const 
     p.a_src = w; p.b_src = dy; p.out = dx;
     p.M = C; p.Ncols = N * H * W; p.Kd = K * R * S;
     p.k_begin = 0; p.k_end = p.Kd;
-    pycnn_conv_igemm<PYCNN_CONV_BWD_DATA, TF32>(p);
+    pycnn_conv_igemm<PYCNN_CONV_BWD_DATA, TF32, T, T>(p);
 }
 
 // Split z reduces Kd indices [z*chunk, min((z+1)*chunk, Kd)); chunk is a multiple of BK.
-template <bool TF32>
+template <bool TF32, int T>
 __device__ __forceinline__ void pycnn_conv_bwd_weight_gemm(const float* dy, const float* x, float* partial,
                                                            int N, int C, int H, int W, int K, int R, int S,
                                                            int Ho, int Wo, int sh, int sw, int ph, int pw,
@@ -541,7 +555,7 @@ __device__ __forceinline__ void pycnn_conv_bwd_weight_gemm(const float* dy, cons
     p.M = K; p.Ncols = C * R * S; p.Kd = N * Ho * Wo;
     p.k_begin = blockIdx.z * chunk;
     p.k_end = min(p.Kd, p.k_begin + chunk);
-    pycnn_conv_igemm<PYCNN_CONV_BWD_WEIGHT, TF32>(p);
+    pycnn_conv_igemm<PYCNN_CONV_BWD_WEIGHT, TF32, T, T>(p);
 }
 
 // The v3/v4 kernels are thin wrappers: the whole block runs pycnn_conv_igemm cooperatively
@@ -551,7 +565,15 @@ extern "C" __global__ void conv2d_fwd_v3_f32(
     float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
     int Ho, int Wo, int sh, int sw, int ph, int pw) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_fwd_gemm<false>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+    pycnn_conv_fwd_gemm<false, 64>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+}
+
+extern "C" __global__ void conv2d_fwd_v3_t128_f32(
+    const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+    float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
+    int Ho, int Wo, int sh, int sw, int ph, int pw) {
+    // cooperative: the GEMM core synchronizes with __syncthreads
+    pycnn_conv_fwd_gemm<false, 128>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
 }
 
 extern "C" __global__ void conv2d_fwd_v4_f32(
@@ -559,7 +581,15 @@ extern "C" __global__ void conv2d_fwd_v4_f32(
     float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
     int Ho, int Wo, int sh, int sw, int ph, int pw) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_fwd_gemm<true>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+    pycnn_conv_fwd_gemm<true, 64>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+}
+
+extern "C" __global__ void conv2d_fwd_v4_t128_f32(
+    const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+    float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
+    int Ho, int Wo, int sh, int sw, int ph, int pw) {
+    // cooperative: the GEMM core synchronizes with __syncthreads
+    pycnn_conv_fwd_gemm<true, 128>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
 }
 
 extern "C" __global__ void conv2d_bwd_data_v1_f32(
@@ -669,7 +699,15 @@ extern "C" __global__ void conv2d_bwd_data_v3_f32(
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
     int sh, int sw, int ph, int pw) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_bwd_data_gemm<false>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+    pycnn_conv_bwd_data_gemm<false, 64>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+}
+
+extern "C" __global__ void conv2d_bwd_data_v3_t128_f32(
+    const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
+    int sh, int sw, int ph, int pw) {
+    // cooperative: the GEMM core synchronizes with __syncthreads
+    pycnn_conv_bwd_data_gemm<false, 128>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
 }
 
 extern "C" __global__ void conv2d_bwd_data_v4_f32(
@@ -677,7 +715,15 @@ extern "C" __global__ void conv2d_bwd_data_v4_f32(
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
     int sh, int sw, int ph, int pw) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_bwd_data_gemm<true>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+    pycnn_conv_bwd_data_gemm<true, 64>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+}
+
+extern "C" __global__ void conv2d_bwd_data_v4_t128_f32(
+    const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
+    int sh, int sw, int ph, int pw) {
+    // cooperative: the GEMM core synchronizes with __syncthreads
+    pycnn_conv_bwd_data_gemm<true, 128>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
 }
 
 // Launch: one block of PYCNN_BLOCK threads per weight element (grid K*C*R*S).
@@ -791,7 +837,15 @@ extern "C" __global__ void conv2d_bwd_weight_v3_f32(
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
     int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_bwd_weight_gemm<false>(dy, x, partial, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_bwd_weight_gemm<false, 64>(dy, x, partial, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+}
+
+extern "C" __global__ void conv2d_bwd_weight_v3_t128_f32(
+    const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ partial,
+    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
+    int sh, int sw, int ph, int pw, int chunk) {
+    // cooperative: the GEMM core synchronizes with __syncthreads
+    pycnn_conv_bwd_weight_gemm<false, 128>(dy, x, partial, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
 extern "C" __global__ void conv2d_bwd_weight_v4_f32(
@@ -799,7 +853,15 @@ extern "C" __global__ void conv2d_bwd_weight_v4_f32(
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
     int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_bwd_weight_gemm<true>(dy, x, partial, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_bwd_weight_gemm<true, 64>(dy, x, partial, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+}
+
+extern "C" __global__ void conv2d_bwd_weight_v4_t128_f32(
+    const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ partial,
+    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
+    int sh, int sw, int ph, int pw, int chunk) {
+    // cooperative: the GEMM core synchronizes with __syncthreads
+    pycnn_conv_bwd_weight_gemm<true, 128>(dy, x, partial, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
 // dw[e] = sum over splits z = 0, 1, ... of partial[z*count + e], always in that order (in double):

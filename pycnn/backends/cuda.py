@@ -353,8 +353,12 @@ def _reduction(op: str, reduction) -> int:
 
 _CONV_DIRECTIONS = {"forward": "conv2d_forward", "backward_data": "conv2d_backward_data",
                     "backward_weight": "conv2d_backward_weight"}
-# The v3/v4 block tile (fixed in conv2d.cu: PYCNN_CONV3_BM/BN/BK) and its thread count.
-_CONV3_BM, _CONV3_BN, _CONV3_BK, _CONV3_THREADS = 64, 64, 16, 256
+# The v3/v4 block tiles of conv2d.cu: 64x64 (kernels *_v3_f32) or 128x128 (*_v3_t128_f32), both
+# 256 threads and 16-deep stages. The large tile halves the shared-memory traffic per FMA but needs
+# M >= 128 and at least _CONV3_T128_MIN_BLOCKS tiles (about two waves on a 132-SM H100).
+_CONV3_BM, _CONV3_BK, _CONV3_THREADS = 64, 16, 256
+_CONV3_BIG = 128
+_CONV3_T128_MIN_BLOCKS = 264
 _CONV2_MAX_RS = 25  # PYCNN_CONV2_MAX_RS: v2 bwd-weight keeps R*S register accumulators
 # v3/v4 index inside x, dy, dx and w with int32 (cheaper address arithmetic); larger tensors
 # run v1, which uses 64-bit offsets.
@@ -400,6 +404,20 @@ def _conv_gemm_fits(direction: str, x_shape, w_shape, Ho: int, Wo: int) -> bool:
         return False
     rows = C if direction == "backward_data" else K
     return (rows + _CONV3_BM - 1) // _CONV3_BM <= _MAX_GRID_YZ
+
+
+def _conv3_tile(direction: str, rows: int, cols: int) -> tuple[int, str]:
+    """(tile, kernel-name suffix) of v3/v4 for a GEMM of ``rows`` x ``cols`` outputs.
+
+    The weight gradient splits its long reduction over grid.z, which fills the GPU whatever the
+    tile count, so it takes the large tile as soon as both sides are at least 128.
+    """
+    big = _CONV3_BIG
+    if rows >= big and cols >= big:
+        tiles = -(-rows // big) * -(-cols // big)
+        if direction == "backward_weight" or tiles >= _CONV3_T128_MIN_BLOCKS:
+            return big, "_t128"
+    return _CONV3_BM, ""
 
 
 def _conv2_bwd_data_smem(R: int, S: int, sh: int, sw: int) -> tuple[int, int, int]:
@@ -570,8 +588,9 @@ def _conv_forward_run(version: str, dev: int, x, w, bias, y, has_bias: bool, rel
         grid = ((Wo + tw - 1) // tw, (Ho + th - 1) // th, N * ((K + kpb - 1) // kpb))
         _launch(dev, "conv2d.cu", "conv2d_fwd_v2_f32", grid, (tw, th), args, shared_mem=_conv2_smem(R, S, sh, sw))
     else:
-        grid = ((N * Ho * Wo + _CONV3_BN - 1) // _CONV3_BN, (K + _CONV3_BM - 1) // _CONV3_BM, 1)
-        _launch(dev, "conv2d.cu", f"conv2d_fwd_v{version}_f32", grid, (_CONV3_THREADS,), args)
+        tile, suffix = _conv3_tile("forward", K, N * Ho * Wo)
+        grid = ((N * Ho * Wo + tile - 1) // tile, (K + tile - 1) // tile, 1)
+        _launch(dev, "conv2d.cu", f"conv2d_fwd_v{version}{suffix}_f32", grid, (_CONV3_THREADS,), args)
 
 
 def _conv2d_forward(op: str, x, w, b, stride, padding, relu: bool, version, allow_tf32):
@@ -638,8 +657,9 @@ def _conv_backward_data_run(version: str, dev: int, dy, w, dx, geom: tuple) -> N
         _launch(dev, "conv2d.cu", "conv2d_bwd_data_v2_f32", grid, (tw, th), args + (_i32(phm), _i32(pwm)),
                 shared_mem=smem)
     else:
-        grid = ((N * H * W + _CONV3_BN - 1) // _CONV3_BN, (C + _CONV3_BM - 1) // _CONV3_BM, 1)
-        _launch(dev, "conv2d.cu", f"conv2d_bwd_data_v{version}_f32", grid, (_CONV3_THREADS,), args)
+        tile, suffix = _conv3_tile("backward_data", C, N * H * W)
+        grid = ((N * H * W + tile - 1) // tile, (C + tile - 1) // tile, 1)
+        _launch(dev, "conv2d.cu", f"conv2d_bwd_data_v{version}{suffix}_f32", grid, (_CONV3_THREADS,), args)
 
 
 def conv2d_backward_data(dy, w, x_shape, stride, padding, *, version: str | None = None,
@@ -700,10 +720,11 @@ def _conv_backward_weight_run(version: str, dev: int, dy, x, dw, geom: tuple) ->
                                                                              DEFINES["PYCNN_CONV2_TILE_H"],)
         extra, smem = imgs, _conv2_bwd_weight_smem(R, S, sh, sw)
     else:
-        tiles = ((K + _CONV3_BM - 1) // _CONV3_BM) * ((C * R * S + _CONV3_BN - 1) // _CONV3_BN)
+        tile, suffix = _conv3_tile("backward_weight", K, C * R * S)
+        tiles = ((K + tile - 1) // tile) * ((C * R * S + tile - 1) // tile)
         splits, chunk = _conv_splits(N * Ho * Wo, tiles, _CONV_SPLIT_MIN_K, _CONV3_BK)
-        kernel = f"conv2d_bwd_weight_v{version}_f32"
-        grid = ((C * R * S + _CONV3_BN - 1) // _CONV3_BN, (K + _CONV3_BM - 1) // _CONV3_BM, splits)
+        kernel = f"conv2d_bwd_weight_v{version}{suffix}_f32"
+        grid = ((C * R * S + tile - 1) // tile, (K + tile - 1) // tile, splits)
         block, extra, smem = (_CONV3_THREADS,), chunk, 0
     if splits == 1:  # one partial: the kernel writes dw itself
         _launch(dev, "conv2d.cu", kernel, grid, block, args + (_i32(extra),), shared_mem=smem)

@@ -125,6 +125,9 @@ def test_every_version_on_model_layers(layer):
 
 def test_every_version_on_the_compute_bound_layer():
     check_layer(BIG, seed=1)
+    compiled = {key[2] for key in cuda._functions}
+    for direction in ("fwd", "bwd_data", "bwd_weight"):  # this layer takes the 128x128 tiles
+        assert {f"conv2d_{direction}_v3_t128_f32", f"conv2d_{direction}_v4_t128_f32"} <= compiled
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -147,6 +147,33 @@ def test_drawn_shapes_every_version(emulator, shape, seed):
         assert "conv2d_fwd_v3_f32" in launched and "conv2d_bwd_data_v4_f32" in launched
 
 
+LARGE_1X1 = (1, 130, 12, 12, 130, 1, 1, (1, 1), (0, 0))
+LARGE_3X3 = (1, 129, 25, 12, 130, 3, 3, (2, 1), (1, 0))  # v4 here would take ~20 s to emulate
+
+
+@pytest.mark.parametrize("version, shape", [("3", LARGE_1X1), ("4", LARGE_1X1), ("3", LARGE_3X3)],
+                         ids=["v3-1x1", "v4-1x1", "v3-3x3-stride2"])
+def test_large_tile_kernels(emulated, monkeypatch, version, shape):
+    """The 128x128-tile kernels (*_t128_f32, 8x8 register tiles / 4x4 mma tiles per warp). On the
+    GPU they run for M >= 128 with enough tiles; here the tile threshold is lowered to 1."""
+    monkeypatch.setattr(cuda, "_CONV3_T128_MIN_BLOCKS", 1)
+    x, w, b, dy = data(shape, seed=7)
+    got = run_all(shape, x, w, b, dy, version, allow_tf32=version == "4")
+    for direction in ("fwd", "bwd_data", "bwd_weight"):
+        assert f"conv2d_{direction}_v{version}_t128_f32" in emulated, emulated
+    want = reference(shape, x, w, b, dy)
+    _, _, _, _, _, _, _, stride, padding = shape
+    ax, aw, ab, ady = (np.abs(a.astype(np.float64)) for a in (x, w, b, dy))
+    products = (ref.conv2d_forward(ax, aw, ab, stride, padding),
+                ref.conv2d_backward_data(ady, aw, x.shape, stride, padding),
+                ref.conv2d_backward_weight(ady, ax, w.shape, stride, padding)[0])
+    for what, g, wnt, p, length in zip(("y", "dx", "dw"), got, want, products, lengths(shape)):
+        if version == "4":
+            assert np.all(np.abs(g - wnt) <= tf32_bound(length, p)), what
+        else:
+            np.testing.assert_allclose(g, wnt, rtol=1e-4, atol=fp32_atol(length), err_msg=what)
+
+
 @pytest.mark.parametrize("name", ["stride2-pad-odd", "multi-tile", "two-row-tiles"])
 def test_tf32_within_documented_bound_and_not_fp32(emulated, name):
     shape = SHAPES[name]
