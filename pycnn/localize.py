@@ -40,6 +40,7 @@ class LocalizeConfig:
     presence_weight: float = 1.0
     class_weight_loss: float = 1.0
     box_weight: float = 1.0
+    label_smoothing: float = 0.0  # of the class cross-entropy
     class_weight: str | None = None  # None or "balanced"
     pos_weight: float | None = None
     init_from: str | None = None
@@ -56,6 +57,12 @@ class LocalizeConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.class_weight not in (None, "balanced"):
             raise ValueError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        for name in ("presence_weight", "class_weight_loss", "box_weight"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if self.freeze_backbone and not self.init_from:
             raise ValueError("--freeze-backbone needs --init-from CHECKPOINT (a frozen random backbone learns nothing)")
         return self
@@ -76,7 +83,8 @@ def localization_loss(outputs, batch: dict, cfg: LocalizeConfig, class_weights=N
     rows = np.flatnonzero(present > 0.5)
     if rows.size:
         index = move_array(rows, presence_logit.device)
-        ce = F.cross_entropy(class_logits[index], batch["labels"][index], weight=class_weights)
+        ce = F.cross_entropy(class_logits[index], batch["labels"][index], weight=class_weights,
+                             label_smoothing=cfg.label_smoothing)
         pred_boxes, true_boxes = boxes[index], batch["boxes"][index]
         box = F.smooth_l1_loss(pred_boxes, true_boxes, beta=0.02) * 10.0 + F.generalized_box_iou_loss(pred_boxes, true_boxes)
         total = total + ce * cfg.class_weight_loss + box * cfg.box_weight
@@ -291,6 +299,10 @@ def register_cli(sub) -> None:
     p.add_argument("--class-weight", choices=("balanced",), help="balanced class weights in the cross-entropy")
     p.add_argument("--pos-weight", type=float, help="weight of the positive (digit present) class in the BCE")
     p.add_argument("--box-weight", type=float, default=defaults.box_weight)
+    p.add_argument("--class-loss-weight", type=float, default=defaults.class_weight_loss,
+                   help="weight of the class cross-entropy in the total loss")
+    p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing,
+                   help="label smoothing of the class cross-entropy")
     p.add_argument("--init-from", help="checkpoint whose matching backbone weights initialize the model")
     p.add_argument("--freeze-backbone", action="store_true", help="train only the heads (needs --init-from)")
     p.add_argument("--data-dir")
@@ -324,7 +336,8 @@ def _cmd_train(args) -> int:
                             test_seed=args.test_seed, empty_prob=args.empty_prob, clutter=not args.no_clutter,
                             augment=args.augment, fresh_canvases=args.fresh_canvases, width=args.width,
                             class_weight=args.class_weight, pos_weight=args.pos_weight,
-                            box_weight=args.box_weight, init_from=args.init_from,
+                            box_weight=args.box_weight, class_weight_loss=args.class_loss_weight,
+                            label_smoothing=args.label_smoothing, init_from=args.init_from,
                             freeze_backbone=args.freeze_backbone, data_dir=args.data_dir, out_dir=args.out,
                             progress=not args.no_progress)
     print(json.dumps(result["test"], indent=2))

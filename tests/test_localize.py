@@ -98,3 +98,13 @@ def test_transfer_learning_loads_matching_backbone(mnist_path, tmp_path):
     np.testing.assert_array_equal(model.features[3].weight.numpy(), classifier.features[3].weight.numpy())
     with pytest.raises(ValueError, match="--freeze-backbone needs --init-from"):
         train_localize(freeze_backbone=True, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\), got 1.0"),
+    (dict(class_weight_loss=-1.0), "class_weight_loss must be a finite number >= 0, got -1.0"),
+    (dict(box_weight=float("nan")), "box_weight must be a finite number >= 0, got nan"),
+])
+def test_bad_loss_settings_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        train_localize(progress=False, **kwargs)
