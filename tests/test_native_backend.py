@@ -489,6 +489,24 @@ def test_adam_step_matches_reference(dtype, weight_decay, decoupled):
             assert_close(got, want, dtype, "adam")
 
 
+# ----------------------------------------------------------------------------- output-array cache
+
+def test_cached_output_buffers_never_alias_live_arrays():
+    """Outputs of >= 64 KiB come from a cache of freed buffers: a reused buffer must be one whose
+    array (and every view of it) is gone, never one still alive."""
+    x = _rng(4).standard_normal((64, 32, 26, 26)).astype(np.float32)  # 5.5 MB: cached size
+    a = native.relu_forward(x)
+    view = native.relu_forward(x)[::2]  # only a view keeps this buffer alive
+    kept = view.copy()
+    b = native.relu_forward(-x)
+    assert not np.shares_memory(a, b) and not np.shares_memory(view, b)
+    del a
+    c = native.relu_forward(-x)  # may take a's buffer, never view's
+    np.testing.assert_array_equal(view, kept)
+    np.testing.assert_array_equal(c, b)
+    assert c.flags.c_contiguous and c.flags.writeable and c.ctypes.data % 64 == 0
+
+
 # ----------------------------------------------------------------------------- controls and errors
 
 def test_isa_env_var_forces_avx2():

@@ -605,7 +605,7 @@ py::array conv2d_forward_t(py::array x, py::array w, py::object b, long sh, long
         throw py::value_error(std::string(op) + ": kernel larger than the padded input");
     g.Ho = out_size(g.H, g.R, sh, ph);
     g.Wo = out_size(g.W, g.S, sw, pw);
-    py::array_t<T> y({g.N, g.K, g.Ho, g.Wo});
+    py::array_t<T> y = new_array<T>({g.N, g.K, g.Ho, g.Wo});
     const T* xp = cptr<T>(x);
     const T* wp = cptr<T>(w);
     T* yp = y.mutable_data();
@@ -635,7 +635,7 @@ py::array conv2d_backward_data_t(py::array dy, py::array w, long N, long C, long
         throw py::value_error("conv2d_backward_data: dy must have shape (" + std::to_string(N) + ", " +
                               std::to_string(g.K) + ", " + std::to_string(g.Ho) + ", " +
                               std::to_string(g.Wo) + ")");
-    py::array_t<T> dx({N, C, H, W});
+    py::array_t<T> dx = new_array<T>({N, C, H, W});
     const T* dyp = cptr<T>(dy);
     const T* wp = cptr<T>(w);
     T* dxp = dx.mutable_data();
@@ -665,8 +665,8 @@ py::tuple conv2d_backward_weight_t(py::array dy, py::array x, long K, long C, lo
         throw py::value_error("conv2d_backward_weight: dy must have shape (" + std::to_string(g.N) +
                               ", " + std::to_string(K) + ", " + std::to_string(g.Ho) + ", " +
                               std::to_string(g.Wo) + ")");
-    py::array_t<T> dw({K, C, R, S});
-    py::array_t<T> db({K});
+    py::array_t<T> dw = new_array<T>({K, C, R, S});
+    py::array_t<T> db = new_array<T>({K});
     const T* dyp = cptr<T>(dy);
     const T* xp = cptr<T>(x);
     T* dwp = dw.mutable_data();
@@ -696,7 +696,7 @@ py::array linear_forward_t(py::array x, py::array w, py::object b, bool relu = f
             throw py::value_error(std::string(op) + ": b must have shape (" + std::to_string(OUT) + ",)");
         bp = cptr<T>(barr);
     }
-    py::array_t<T> y({N, OUT});
+    py::array_t<T> y = new_array<T>({N, OUT});
     const T* xp = cptr<T>(x);
     const T* wp = cptr<T>(w);
     T* yp = y.mutable_data();
@@ -718,7 +718,7 @@ py::tuple linear_backward_t(py::array dy, py::array x, py::array w) {
     const long N = x.shape(0), IN = x.shape(1), OUT = w.shape(0);
     if (w.shape(1) != IN || dy.shape(0) != N || dy.shape(1) != OUT)
         throw py::value_error("linear_backward: inconsistent shapes dy (N, OUT), x (N, IN), w (OUT, IN)");
-    py::array_t<T> dx({N, IN}), dw({OUT, IN}), db({OUT});
+    py::array_t<T> dx = new_array<T>({N, IN}), dw = new_array<T>({OUT, IN}), db = new_array<T>({OUT});
     const T* dyp = cptr<T>(dy);
     const T* xp = cptr<T>(x);
     const T* wp = cptr<T>(w);

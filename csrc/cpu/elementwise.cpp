@@ -47,7 +47,7 @@ py::array scalar_array(double v) {
 template <typename T, typename F>
 py::array unary(const char* op, py::array a, F f) {
     require<T>(a, op, "x");
-    py::array_t<T> out(shape_of(a));
+    py::array_t<T> out = new_array<T>(shape_of(a));
     const T* ap = cptr<T>(a);
     T* op_ = out.mutable_data();
     const long n = long(a.size());
@@ -64,7 +64,7 @@ py::array binary(const char* op, const char* an, py::array a, const char* bn, py
     require<T>(a, op, an);
     require<T>(b, op, bn);
     require_same_shape(op, bn, b, an, a);
-    py::array_t<T> out(shape_of(a));
+    py::array_t<T> out = new_array<T>(shape_of(a));
     const T* ap = cptr<T>(a);
     const T* bp = cptr<T>(b);
     T* op_ = out.mutable_data();
@@ -147,7 +147,7 @@ py::tuple softmax_ce_forward_t(py::array logits, py::array target, py::object we
     std::vector<int64_t> t = class_indices(op, target, n, classes);
     py::array wkeep;
     const T* w = class_weights<T>(op, weight, classes, wkeep);
-    py::array_t<T> probs({n, classes});
+    py::array_t<T> probs = new_array<T>({n, classes});
     const T* z = cptr<T>(logits);
     T* pr = probs.mutable_data();
     double total = 0.0, wsum = 0.0;
@@ -191,7 +191,7 @@ py::array softmax_ce_backward_t(double dloss, py::array probs, py::array target,
     for (long i = 0; i < n; ++i) wsum += w ? double(w[t[i]]) : 1.0;
     for (long c = 0; c < classes; ++c) wall += w ? double(w[c]) : 1.0;
     const double scale = dloss / reduction_norm(op, reduction, w ? wsum : double(n));
-    py::array_t<T> grad({n, classes});
+    py::array_t<T> grad = new_array<T>({n, classes});
     const T* p = cptr<T>(probs);
     T* g = grad.mutable_data();
     {
@@ -265,7 +265,7 @@ py::array bce_backward_t(double dloss, py::array logits, py::array target, py::o
     long period;
     py::array keep;
     const T* pw = pos_weights<T>(op, pos_weight, logits, period, keep);
-    py::array_t<T> grad(shape_of(logits));
+    py::array_t<T> grad = new_array<T>(shape_of(logits));
     const T* x = cptr<T>(logits);
     const T* t = cptr<T>(target);
     T* g = grad.mutable_data();

@@ -3,6 +3,12 @@
 // thread count, and a pure-FMA peak measurement for the benchmarks.
 #include <omp.h>
 
+#include <cstdlib>
+#include <mutex>
+#include <new>
+#include <unordered_map>
+#include <vector>
+
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -84,6 +90,55 @@ MicroKernel<double> current_ukernel<double>() {
         case Isa::avx2: return ukernel_avx2_f64();
         default: return ukernel_scalar_f64();
     }
+}
+
+// ---- the output-array cache (common.h: new_array)
+namespace {
+struct ArrayCache {
+    std::mutex mutex;
+    std::unordered_map<size_t, std::vector<void*>> free_lists;  // by exact size in bytes
+    size_t cached_bytes = 0;
+};
+// never destroyed: arrays may die during interpreter shutdown, after static destructors ran
+ArrayCache& array_cache() {
+    static ArrayCache* cache = new ArrayCache();
+    return *cache;
+}
+constexpr size_t kCacheMaxBytes = size_t(512) << 20;  // beyond this, freed buffers are released
+constexpr size_t kHeader = 64;                         // keeps the size; keeps data 64-byte aligned
+}  // namespace
+
+void* cached_alloc(size_t bytes) {
+    ArrayCache& c = array_cache();
+    {
+        std::lock_guard<std::mutex> lock(c.mutex);
+        auto it = c.free_lists.find(bytes);
+        if (it != c.free_lists.end() && !it->second.empty()) {
+            void* p = it->second.back();
+            it->second.pop_back();
+            c.cached_bytes -= bytes;
+            return p;
+        }
+    }
+    char* base = static_cast<char*>(std::aligned_alloc(64, (bytes + kHeader + 63) / 64 * 64));
+    if (!base) throw std::bad_alloc();
+    *reinterpret_cast<size_t*>(base) = bytes;
+    return base + kHeader;
+}
+
+void cached_free(void* p) {
+    char* base = static_cast<char*>(p) - kHeader;
+    const size_t bytes = *reinterpret_cast<size_t*>(base);
+    ArrayCache& c = array_cache();
+    {
+        std::lock_guard<std::mutex> lock(c.mutex);
+        if (c.cached_bytes + bytes <= kCacheMaxBytes) {
+            c.free_lists[bytes].push_back(p);
+            c.cached_bytes += bytes;
+            return;
+        }
+    }
+    std::free(base);
 }
 
 int num_threads() { return g_threads; }

@@ -185,8 +185,8 @@ py::tuple maxpool2d_forward_t(py::array x, long kh, long kw, long sh, long sw, l
     const char* op = relu ? "maxpool2d_relu_forward" : "maxpool2d_forward";
     require<T>(x, op, "x", 4);
     PoolGeom g = pool_geometry(op, x.shape(0), x.shape(1), x.shape(2), x.shape(3), kh, kw, sh, sw, ph, pw);
-    py::array_t<T> y({g.N, g.C, g.Ho, g.Wo});
-    py::array_t<int32_t> am({g.N, g.C, g.Ho, g.Wo});
+    py::array_t<T> y = new_array<T>({g.N, g.C, g.Ho, g.Wo});
+    py::array_t<int32_t> am = new_array<int32_t>({g.N, g.C, g.Ho, g.Wo});
     const T* xp = cptr<T>(x);
     T* yp = y.mutable_data();
     int32_t* ap = am.mutable_data();
@@ -213,7 +213,7 @@ py::array maxpool2d_backward_t(py::array dy, py::array argmax, long N, long C, l
         if (ap[i] < 0 || ap[i] >= HW)
             throw py::value_error("maxpool2d_backward: argmax holds " + std::to_string(ap[i]) +
                                   ", outside [0, H*W) = [0, " + std::to_string(HW) + ")");
-    py::array_t<T> dx({N, C, H, W});
+    py::array_t<T> dx = new_array<T>({N, C, H, W});
     const T* dyp = cptr<T>(dy);
     T* dxp = dx.mutable_data();
     {
@@ -228,7 +228,7 @@ py::array avgpool2d_forward_t(py::array x, long kh, long kw, long sh, long sw, l
     const char* op = "avgpool2d_forward";
     require<T>(x, op, "x", 4);
     PoolGeom g = pool_geometry(op, x.shape(0), x.shape(1), x.shape(2), x.shape(3), kh, kw, sh, sw, ph, pw);
-    py::array_t<T> y({g.N, g.C, g.Ho, g.Wo});
+    py::array_t<T> y = new_array<T>({g.N, g.C, g.Ho, g.Wo});
     const T* xp = cptr<T>(x);
     T* yp = y.mutable_data();
     {
@@ -248,7 +248,7 @@ py::array avgpool2d_backward_t(py::array dy, long N, long C, long H, long W, lon
         throw py::value_error("avgpool2d_backward: dy must have shape (" + std::to_string(N) + ", " +
                               std::to_string(C) + ", " + std::to_string(g.Ho) + ", " +
                               std::to_string(g.Wo) + ")");
-    py::array_t<T> dx({N, C, H, W});
+    py::array_t<T> dx = new_array<T>({N, C, H, W});
     const T* dyp = cptr<T>(dy);
     T* dxp = dx.mutable_data();
     {
