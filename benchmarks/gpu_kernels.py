@@ -171,7 +171,8 @@ def conv_ladder(repeats: int) -> dict:
         dy = rng.standard_normal((N, K, Ho, Wo)).astype(np.float32)
         gx, gw, gdy = cp.asarray(x), cp.asarray(w), cp.asarray(dy)
         st, pd = (stride, stride), (pad, pad)
-        auto[label] = {d: cuda.conv_version(d, x.shape, w.shape, st, pd, "auto", False) for _, d in DIRECTIONS}
+        auto[label] = {op: "v" + cuda.conv_version(d, x.shape, w.shape, st, pd, "auto", False)
+                       for op, d in DIRECTIONS}
         cudnn, cudnn_out = ({}, {})
         if torch is not None:
             try:
@@ -209,9 +210,19 @@ def conv_ladder(repeats: int) -> dict:
                     "cudnn_tf32_ms": None if tf32_ms is None else round(tf32_ms, 5),
                     "tflops": tflops(flop, ms), "cudnn_tflops": tflops(flop, fp32_ms),
                     "cudnn_tf32_tflops": tflops(flop, tf32_ms), "max_rel_err_vs_cudnn": err,
-                    "auto": auto[label][direction] == version, "layer": label,
+                    "auto": auto[label][op] == f"v{version}", "layer": label,
                     "tile": tile_of(direction, shape) if version in ("3", "4") else None})
+    # Was the shape rule right? The fastest measured exact version per layer and direction.
+    fastest = {}
+    for e in entries:
+        if e["version"] != f"v{cuda.CONV_TF32_VERSION}":
+            slot = fastest.setdefault(e["layer"], {})
+            best = slot.get(e["op"])
+            if best is None or e["ms"] < best[1]:
+                slot[e["op"]] = (e["version"], e["ms"])
+    fastest = {layer: {op: v for op, (v, _) in ops.items()} for layer, ops in fastest.items()}
     info = {"errors": errors, "cudnn": torch_info, "repeats": repeats, "auto_versions": auto,
+            "fastest_exact_versions": fastest,
             "conv_versions": list(VERSIONS), "conv_seconds": round(time.perf_counter() - t_start, 1),
             "conv_env_version": os.environ.get("PYCNN_CONV_VERSION")}
     return {"entries": entries, **info}

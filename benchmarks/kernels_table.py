@@ -38,7 +38,11 @@ def flop(shape) -> float:
 
 
 def newest_record(results: Path) -> tuple[Path, dict] | tuple[None, None]:
-    """The gpu-*.json record with conv2d kernel entries and the latest ``date`` (then file name)."""
+    """The gpu-*.json record with conv2d kernel entries and the latest ``date`` (then file name).
+
+    Records of the whole ladder (benchmarks/gpu_kernels.py: ``kernels_info.conv_versions``) win
+    over the selftest's, which time only some versions.
+    """
     best = None
     for path in sorted(results.glob("gpu-*.json")):
         try:
@@ -47,7 +51,8 @@ def newest_record(results: Path) -> tuple[Path, dict] | tuple[None, None]:
             continue
         if not any(str(e.get("op", "")).startswith("conv2d") for e in record.get("kernels") or []):
             continue
-        key = (str(record.get("date") or ""), path.name)
+        ladder = bool((record.get("kernels_info") or {}).get("conv_versions"))
+        key = (ladder, str(record.get("date") or ""), path.name)
         if best is None or key > best[0]:
             best = (key, path, record)
     return (best[1], best[2]) if best else (None, None)

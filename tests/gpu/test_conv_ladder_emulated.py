@@ -318,6 +318,10 @@ def test_kernels_table_shows_only_measured_figures(tmp_path):
     (tmp_path / "gpu-3-localize.json").write_text(json.dumps({"date": "2027-01-01", "training": []}))
     path, record = kernels_table.newest_record(tmp_path)
     assert path.name == "gpu-1.json"
+    ladder = dict(old, date="2025-01-01", kernels_info={"conv_versions": ["1", "2", "3", "4"]})
+    (tmp_path / "gpu-4.json").write_text(json.dumps(ladder))
+    assert kernels_table.newest_record(tmp_path)[0].name == "gpu-4.json", "a ladder record wins"
+    (tmp_path / "gpu-4.json").unlink()
     text = kernels_table.render(path, record)
     flop = 2.0 * 64 * 128 * 56 * 56 * 128 * 9
     assert f"| v3 implicit GEMM (fp32) | 2.00 ms, {flop / 2e-3 / 1e12:.2f} TFLOP/s | - | - |" in text
