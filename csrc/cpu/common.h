@@ -151,11 +151,14 @@ py::array_t<T> new_array(const std::vector<py::ssize_t>& shape) {
 // A scratch buffer of the calling thread that grows and is reused across calls: large buffers
 // allocated per call come from fresh pages (mmap) and their page faults cost more than the work
 // on the small layers. `Slot` separates buffers that one call holds at the same time.
+// The pointer is 64-byte aligned (packed GEMM panels: a vector load never splits a cache line).
 template <typename T, int Slot>
 T* thread_scratch(size_t n) {
     thread_local std::vector<T> buf;
-    if (buf.size() < n) buf.resize(n);
-    return buf.data();
+    const size_t pad = 64 / sizeof(T);
+    if (buf.size() < n + pad) buf.resize(n + pad);
+    const uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
+    return reinterpret_cast<T*>((p + 63) & ~uintptr_t(63));
 }
 
 template <typename T>

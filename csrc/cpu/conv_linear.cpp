@@ -30,26 +30,20 @@ struct ConvGeom {
 
 // ---------------------------------------------------------------------------- helpers
 
-// A zero-padded copy of x (N, C, H+2ph, W+2pw) when there is padding: it costs one pass over the
-// input (not an im2col buffer) and lets every gather below run without bounds checks.
-template <typename T>
-const T* padded_input(const T* x, long N, long C, long H, long W, long ph, long pw, std::vector<T>& buf) {
-    if (ph == 0 && pw == 0) return x;
-    const long Hp = H + 2 * ph, Wp = W + 2 * pw, planes = N * C;
-    buf.resize(size_t(planes * Hp * Wp));
-    T* out = buf.data();
+// A zero-padded copy of x where there is padding: it costs one pass over the input (not an
+// im2col buffer) and lets every gather below run without bounds checks.
+// x placed at (top, left) inside zero planes of Hp x Wp (one pass over the input), in the calling
+// thread's reusable scratch `Slot`.
+template <typename T, int Slot>
+const T* placed_input(const T* x, long N, long C, long H, long W, long top, long left, long Hp, long Wp) {
+    const long planes = N * C;
+    T* out = thread_scratch<T, Slot>(size_t(planes * Hp * Wp));
 #pragma omp parallel for schedule(static) num_threads(num_threads()) if (planes * Hp * Wp > kParallelMin)
     for (long pl = 0; pl < planes; ++pl) {
         T* d = out + pl * Hp * Wp;
         const T* src = x + pl * H * W;
-        std::fill(d, d + ph * Wp, T(0));
-        for (long h = 0; h < H; ++h) {
-            T* row = d + (ph + h) * Wp;
-            std::fill(row, row + pw, T(0));
-            std::copy(src + h * W, src + (h + 1) * W, row + pw);
-            std::fill(row + pw + W, row + Wp, T(0));
-        }
-        std::fill(d + (ph + H) * Wp, d + Hp * Wp, T(0));
+        std::fill(d, d + Hp * Wp, T(0));
+        for (long h = 0; h < H; ++h) std::copy(src + h * W, src + (h + 1) * W, d + (top + h) * Wp + left);
     }
     return out;
 }
@@ -158,22 +152,6 @@ void conv_forward_winograd(const ConvGeom& g, const T* x, const T* w, const T* b
 
 bool g_winograd = true;
 
-// x placed at (top, left) inside zero planes of Hp x Wp (one pass over the input), in the calling
-// thread's reusable scratch `Slot`.
-template <typename T, int Slot>
-const T* placed_input(const T* x, long N, long C, long H, long W, long top, long left, long Hp, long Wp) {
-    const long planes = N * C;
-    T* out = thread_scratch<T, Slot>(size_t(planes * Hp * Wp));
-#pragma omp parallel for schedule(static) num_threads(num_threads()) if (planes * Hp * Wp > kParallelMin)
-    for (long pl = 0; pl < planes; ++pl) {
-        T* d = out + pl * Hp * Wp;
-        const T* src = x + pl * H * W;
-        std::fill(d, d + Hp * Wp, T(0));
-        for (long h = 0; h < H; ++h) std::copy(src + h * W, src + (h + 1) * W, d + (top + h) * Wp + left);
-    }
-    return out;
-}
-
 template <typename T>
 void conv_forward(const ConvGeom& g, const T* x, const T* w, const T* b, T* y, bool relu = false) {
     // Winograd where it pays: 3x3, stride 1, and enough channels that the 16 GEMMs fill register
@@ -190,8 +168,8 @@ void conv_forward(const ConvGeom& g, const T* x, const T* w, const T* b, T* y, b
         conv_forward_winograd(gp, xp, w, b, y, relu);
         return;
     }
-    std::vector<T> xpad;
-    const T* xp = padded_input(x, g.N, g.C, g.H, g.W, g.ph, g.pw, xpad);
+    const T* xp = (g.ph || g.pw) ? placed_input<T, 8>(x, g.N, g.C, g.H, g.W, g.ph, g.pw, g.H + 2 * g.ph, g.W + 2 * g.pw)
+                                 : x;
     ConvGeom gp = g;
     gp.H = g.H + 2 * g.ph;
     gp.W = g.W + 2 * g.pw;
@@ -237,7 +215,8 @@ void conv_backward_data_col2im(const ConvGeom& g, const T* dy, const T* w, T* dx
     const int nt = int(std::min<long>(num_threads(), items));
 #pragma omp parallel num_threads(nt)
     {
-        Scratch<T> abuf(gemm_abuf_size(uk)), bbuf(gemm_bbuf_size(uk));
+        T* abuf = thread_scratch<T, 6>(gemm_abuf_size(uk));
+        T* bbuf = thread_scratch<T, 7>(gemm_bbuf_size(uk));
         T* dcol = thread_scratch<T, 5>(size_t(CRS * ldc));
 #pragma omp for schedule(static)
         for (long it = 0; it < items; ++it) {
@@ -264,7 +243,7 @@ void conv_backward_data_col2im(const ConvGeom& g, const T* dy, const T* w, T* dx
                 ld = ldc;
                 return dcol + i * ldc + j;
             };
-            gemm_block(uk, 0, CRS, 0, cols, 0, g.K, packA, packB, store, direct, abuf.ptr, bbuf.ptr);
+            gemm_block(uk, 0, CRS, 0, cols, 0, g.K, packA, packB, store, direct, abuf, bbuf);
             std::fill(dx + n0 * CHW, dx + n1 * CHW, T(0));
             for (long crs = 0; crs < CRS; ++crs) {
                 const long c = crs / RS, r = (crs / g.S) % g.R, s = crs % g.S;
@@ -425,8 +404,8 @@ void conv_backward_weight(const ConvGeom& g, const T* dy, const T* x, T* dw, T* 
                 for (long ii = mr; ii < ld; ++ii) dst[kk * ld + ii] = T(0);
     };
     // x as a panel: (c,r,s) i..i+nr, depths (n,p): xpad[n, c, oh*sh + r, ow*sw + s] = xp[poff + coff]
-    std::vector<T> xpad;
-    const T* xp = padded_input(x, g.N, g.C, g.H, g.W, g.ph, g.pw, xpad);
+    const T* xp = (g.ph || g.pw) ? placed_input<T, 9>(x, g.N, g.C, g.H, g.W, g.ph, g.pw, g.H + 2 * g.ph, g.W + 2 * g.pw)
+                                 : x;
     const long Wp = g.W + 2 * g.pw, HWp = (g.H + 2 * g.ph) * Wp, CHWp = g.C * HWp;
     auto pack_x = [&](T* dst, long ld, long j, long nr, long k, long kc) {
         long coff[32];
@@ -451,14 +430,15 @@ void conv_backward_weight(const ConvGeom& g, const T* dy, const T* x, T* dw, T* 
     const bool transposed = fill(CRS, MR, g.K, NR) > fill(g.K, MR, CRS, NR);
     const long chunks = weight_chunks(g.N);
     const long WS = g.K * CRS;
-    std::vector<T> partial(size_t(chunks > 1 ? chunks - 1 : 0) * WS);
+    T* partial = thread_scratch<T, 10>(size_t(chunks > 1 ? chunks - 1 : 0) * WS);
     const int nt = int(std::min<long>(num_threads(), std::max(chunks, 1L)));
 #pragma omp parallel num_threads(nt)
     {
-        Scratch<T> abuf(gemm_abuf_size(uk)), bbuf(gemm_bbuf_size(uk));
+        T* abuf = thread_scratch<T, 6>(gemm_abuf_size(uk));
+        T* bbuf = thread_scratch<T, 7>(gemm_bbuf_size(uk));
 #pragma omp for schedule(static)
         for (long ch = 0; ch < chunks; ++ch) {
-            T* out = ch == 0 ? dw : partial.data() + (ch - 1) * WS;
+            T* out = ch == 0 ? dw : partial + (ch - 1) * WS;
             long n0 = ch * g.N / chunks, n1 = (ch + 1) * g.N / chunks;
             if (!transposed) {
                 auto store = [&](const T* tile, long i, long mr, long j, long nr, bool first) {
@@ -475,7 +455,7 @@ void conv_backward_weight(const ConvGeom& g, const T* dy, const T* x, T* dw, T* 
                     ldc = CRS;
                     return out + i * CRS + j;
                 };
-                gemm_block(uk, 0, g.K, 0, CRS, n0 * P, n1 * P, packA, packB, store, direct, abuf.ptr, bbuf.ptr);
+                gemm_block(uk, 0, g.K, 0, CRS, n0 * P, n1 * P, packA, packB, store, direct, abuf, bbuf);
             } else {
                 auto store = [&](const T* tile, long i, long mr, long j, long nr, bool first) {
                     for (long jj = 0; jj < nr; ++jj) {
@@ -486,8 +466,7 @@ void conv_backward_weight(const ConvGeom& g, const T* dy, const T* x, T* dw, T* 
                 };
                 auto packA = [&](T* d, long i, long mr, long k, long kc) { pack_x(d, MR, i, mr, k, kc); };
                 auto packB = [&](T* d, long j, long nr, long k, long kc) { pack_dy(d, NR, j, nr, k, kc); };
-                gemm_block(uk, 0, CRS, 0, g.K, n0 * P, n1 * P, packA, packB, store, NoDirect(), abuf.ptr,
-                           bbuf.ptr);
+                gemm_block(uk, 0, CRS, 0, g.K, n0 * P, n1 * P, packA, packB, store, NoDirect(), abuf, bbuf);
             }
         }
         // fixed-order reduction of the chunk partials (chunk 0 already lives in dw)

@@ -40,20 +40,6 @@ struct GemmBlocking {
     static constexpr long mc_max = 256;
 };
 
-// 64-byte aligned scratch memory (one per thread), freed automatically.
-template <typename T>
-struct Scratch {
-    T* ptr = nullptr;
-    explicit Scratch(size_t n) {
-        size_t bytes = ((n * sizeof(T) + 63) / 64) * 64 + 64;
-        ptr = static_cast<T*>(std::aligned_alloc(64, bytes));
-        if (!ptr) throw std::bad_alloc();
-    }
-    ~Scratch() { std::free(ptr); }
-    Scratch(const Scratch&) = delete;
-    Scratch& operator=(const Scratch&) = delete;
-};
-
 // K blocks of (nearly) equal size: 288 becomes 144 + 144 rather than 256 + 32.
 inline long balanced_kc(long k, long kc_max) {
     if (k <= kc_max) return std::max(k, 1L);
@@ -160,16 +146,18 @@ void gemm_parallel(const MicroKernel<T>& uk, long M, long N, long K, PackA packA
     const int nt = tiny ? 1 : int(std::min<long>(threads, blocks));
 #pragma omp parallel num_threads(nt)
     {
-        Scratch<T> abuf(gemm_abuf_size(uk)), bbuf(gemm_bbuf_size(uk));
+        // per-thread packing buffers, kept between calls (fresh ones page-faulted on every call)
+        T* abuf = thread_scratch<T, 6>(gemm_abuf_size(uk));
+        T* bbuf = thread_scratch<T, 7>(gemm_bbuf_size(uk));
 #pragma omp for schedule(static)
         for (long blk = 0; blk < blocks; ++blk) {
             if (split_n) {
                 long j0 = blk * per_block * NR, j1 = std::min(N, j0 + per_block * NR);
-                gemm_block(uk, 0, M, j0, j1, 0, K, packA, packB, store, direct, abuf.ptr, bbuf.ptr);
+                gemm_block(uk, 0, M, j0, j1, 0, K, packA, packB, store, direct, abuf, bbuf);
                 finish(0, M, j0, j1);
             } else {
                 long i0 = blk * per_block * MR, i1 = std::min(M, i0 + per_block * MR);
-                gemm_block(uk, i0, i1, 0, N, 0, K, packA, packB, store, direct, abuf.ptr, bbuf.ptr);
+                gemm_block(uk, i0, i1, 0, N, 0, K, packA, packB, store, direct, abuf, bbuf);
                 finish(i0, i1, 0, N);
             }
         }
