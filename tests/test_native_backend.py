@@ -507,6 +507,25 @@ def test_cached_output_buffers_never_alias_live_arrays():
     assert c.flags.c_contiguous and c.flags.writeable and c.ctypes.data % 64 == 0
 
 
+# ----------------------------------------------------------------------------- benchmark runner
+
+def test_bench_runs_each_backend_in_its_own_worker(tmp_path):
+    """`pycnn bench` machinery: a worker subprocess per backend, interleaved rounds, a record
+    with per-round times, GFLOP/s and the fraction of the measured FMA peak."""
+    from pycnn import bench
+
+    out = tmp_path / "record.json"
+    record = bench.run(ops=["conv_fwd"], shapes=["mnistcnn.conv3"], models=[], backend_names=["native", "native-direct"],
+                       repeats=2, out=out, with_torch=False, threads=1, round_s=0.005, log=lambda *_: None)
+    assert out.exists() and record["threads"] == 1 and record["peak_all_cores_gflops"] > 0
+    (row,) = record["results"]
+    assert row["op"] == "conv_fwd" and set(row["ms"]) == {"native", "native-direct"}
+    assert all(len(r) == 2 for r in row["rounds_ms"].values())
+    assert 0 < row["fraction_of_peak"]["native"] < 5
+    with pytest.raises(ValueError, match="unknown shape"):
+        bench.run(shapes=["nope"], models=[], backend_names=["native"], out=tmp_path / "x.json")
+
+
 # ----------------------------------------------------------------------------- controls and errors
 
 def test_isa_env_var_forces_avx2():
