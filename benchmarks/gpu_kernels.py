@@ -4,7 +4,7 @@ LeNet5, MnistCNN, FastMNIST and localization models (benchmarks/shapes.py, batch
 compute-bound 64x128x56x56 layer with 128 3x3 filters (pad 1), beside cuDNN through PyTorch in
 fp32 (TF32 off) and in TF32, all measured in the same run.
 
-    python benchmarks/gpu_kernels.py [--json FILE] [--repeats 30] [--other-kernels]
+    python benchmarks/gpu_kernels.py [--json FILE] [--repeats 30] [--budget 100] [--other-kernels]
 
 Times are CUDA-event medians: 3 warm-up calls, then ``--repeats`` timed calls (5 for calls slower
 than 5 ms). Before a version is timed its output is compared with cuDNN's fp32 result
@@ -42,14 +42,14 @@ SLOW_MS = 5.0
 
 
 def layers():
-    """(label, [N, C, H, W, K, R, S, stride, pad]) for every distinct model layer and BIG."""
-    out, seen = [], set()
+    """(label, [N, C, H, W, K, R, S, stride, pad]): BIG first (a budget cut must not lose it), then
+    every distinct model layer."""
+    out, seen = [BIG], {BIG[1]}
     for c in CONV_SHAPES:
         shape = tuple(c.as_record())
         if shape not in seen:
             seen.add(shape)
             out.append((c.id, shape))
-    out.append(BIG)
     return out
 
 
@@ -153,8 +153,11 @@ def tflops(flop: float, ms) -> float | None:
     return None if not ms else round(flop / (ms * 1e-3) / 1e12, 3)
 
 
-def conv_ladder(repeats: int) -> dict:
-    """Every version x direction on every layer: the record's kernel entries and info."""
+def conv_ladder(repeats: int, budget: float = 100.0) -> dict:
+    """Every version x direction on every layer: the record's kernel entries and info.
+
+    No new layer is started after ``budget`` seconds (``truncated`` in the info then says so).
+    """
     import cupy as cp
 
     torch, torch_info = load_torch()
@@ -162,7 +165,11 @@ def conv_ladder(repeats: int) -> dict:
     timer = cupy_timer(cp)
     entries, errors, auto = [], [], {}
     t_start = time.perf_counter()
+    truncated = []
     for label, shape in layers():
+        if time.perf_counter() - t_start > budget:
+            truncated.append(label)
+            continue
         N, C, H, W, K, R, S, stride, pad = shape
         Ho, Wo = (H + 2 * pad - R) // stride + 1, (W + 2 * pad - S) // stride + 1
         flop = 2.0 * N * K * Ho * Wo * C * R * S
@@ -222,7 +229,7 @@ def conv_ladder(repeats: int) -> dict:
                 slot[e["op"]] = (e["version"], e["ms"])
     fastest = {layer: {op: v for op, (v, _) in ops.items()} for layer, ops in fastest.items()}
     info = {"errors": errors, "cudnn": torch_info, "repeats": repeats, "auto_versions": auto,
-            "fastest_exact_versions": fastest,
+            "fastest_exact_versions": fastest, "truncated": truncated,
             "conv_versions": list(VERSIONS), "conv_seconds": round(time.perf_counter() - t_start, 1),
             "conv_env_version": os.environ.get("PYCNN_CONV_VERSION")}
     return {"entries": entries, **info}
@@ -247,6 +254,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None, help="write the record (JSON) here")
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per kernel (5 if slow)")
+    parser.add_argument("--budget", type=float, default=100.0,
+                        help="seconds after which no new layer is started (the record lists the skipped ones)")
     parser.add_argument("--other-kernels", action="store_true",
                         help="also time the non-conv kernel families (the selftest's benchmark)")
     args = parser.parse_args(argv)
@@ -254,7 +263,7 @@ def main(argv=None) -> int:
     if not ok:
         print(f"CUDA backend unavailable: {reason}", file=sys.stderr)
         return 2
-    bench = conv_ladder(args.repeats)
+    bench = conv_ladder(args.repeats, args.budget)
     entries = bench.pop("entries")
     if args.other_kernels:
         other = selftest.kernel_benchmarks()
@@ -264,6 +273,8 @@ def main(argv=None) -> int:
     print(table(entries))
     for err in bench["errors"]:
         print("ERROR", err, file=sys.stderr)
+    if bench["truncated"]:
+        print(f"budget of {args.budget} s reached; not timed: {bench['truncated']}", file=sys.stderr)
     if args.json:
         selftest.write_record(record, args.json)
         print(f"written to {args.json}")
