@@ -130,6 +130,24 @@ def test_every_version_on_the_compute_bound_layer():
         assert {f"conv2d_{direction}_v3_t128_f32", f"conv2d_{direction}_v4_t128_f32"} <= compiled
 
 
+@pytest.mark.parametrize("layer", [LAYERS[3], LAYERS[9]], ids=[LAYERS[3][0], LAYERS[9][0]])
+def test_tf32_exact_on_small_integers(layer):
+    """Integers in [-8, 8] are exact in TF32 and every partial sum here stays below 2^24: the real
+    mma.sync must then give the reference bit for bit, whatever its rounding, which pins down the
+    fragment layout (a wrong lane mapping gives wrong sums, not rounding noise)."""
+    name, N, C, H, W, K, R, S, stride, padding = layer
+    rng = np.random.default_rng(5)
+    draw = lambda *shape: rng.integers(-8, 9, shape).astype(np.float32)  # noqa: E731
+    Ho = (H + 2 * padding[0] - R) // stride[0] + 1
+    Wo = (W + 2 * padding[1] - S) // stride[1] + 1
+    x, w, b, dy = draw(N, C, H, W), draw(K, C, R, S), draw(K), draw(N, K, Ho, Wo)
+    assert 64 * N * Ho * Wo < 2**24 and 64 * K * R * S < 2**24 and 64 * C * R * S < 2**24
+    got = run("4", *(cp.asarray(a) for a in (x, w, b, dy)), stride, padding)
+    want = references(x, w, b, dy, stride, padding, abs_too=False)[0]
+    for what, g, wnt in zip(("y", "dx", "dw"), got, want):
+        np.testing.assert_array_equal(g, wnt.astype(np.float32), err_msg=f"{name} v4 {what}")
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_fused_bias_relu_is_one_kernel_and_matches(version):
     _, N, C, H, W, K, R, S, stride, padding = LAYERS[3]  # MnistCNN conv2
