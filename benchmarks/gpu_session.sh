@@ -4,14 +4,21 @@
 #   MnistCNN epochs at batch 64 and 512 on the CUDA backend, eager and with the step in a CUDA graph,
 #   the training-throughput benchmark vs PyTorch eager / PyTorch CUDA graph (benchmarks/gpu_training.py),
 #   and with LOCALIZE_EPOCHS=N the digit-localization recipe on the GPU.
-# Usage: PYCNN_COMMIT=<sha> PYCNN_DATA=<mnist dir> OUT=<dir> [SKIP_MNISTCNN=1] [LOCALIZE_EPOCHS=N] \
+#   PART=1 runs only the selftest, PART=2 only the rest (the kernel ladder vs cuDNN, the training
+#   runs and benchmarks), so each fits one device call (<= 600 s); no PART runs both.
+# Usage: PYCNN_COMMIT=<sha> PYCNN_DATA=<mnist dir> OUT=<dir> [PART=1|2] [SKIP_MNISTCNN=1] [LOCALIZE_EPOCHS=N] \
 #        bash benchmarks/gpu_session.sh
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 stamp=$(date -u +%Y%m%d)
 sha8=${PYCNN_COMMIT:0:8}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-timeout 330 python3 -m pycnn.selftest --gpu --out "$OUT/gpu-$stamp-$sha8.json" 2>&1 | tee "$OUT/selftest.log" | tail -60
+part=${PART:-all}
+if [ "$part" != 2 ]; then
+  timeout 420 python3 -m pycnn.selftest --gpu --out "$OUT/gpu-$stamp-$sha8.json" 2>&1 | tee "$OUT/selftest.log" | tail -60
+fi
+[ "$part" = 1 ] && { ls -la "$OUT"; exit 0; }
+timeout 150 python3 benchmarks/gpu_kernels.py --json "$OUT/gpu-$stamp-$sha8-kernels.json" 2>&1 | tail -80
 batches="64 512"
 [ -n "${SKIP_MNISTCNN:-}" ] && batches=""
 for b in $batches; do

@@ -38,8 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Time limits (seconds). The whole run stays under 5 minutes on an H100 even when a stage times out.
 # Worst case (every stage hits its limit): 130 + 90 + 75 s = 295 s. A normal H100 run is expected
 # to take about a third of that.
-TESTS_TIMEOUT = 130
-SANITIZER_TIMEOUT = 130  # counted from the start: the sanitizers run beside the test suite
+TESTS_TIMEOUT = 200  # the conv ladder tests compile every kernel family once (NVRTC) and check big layers
+SANITIZER_TIMEOUT = 200  # counted from the start: the sanitizers run beside the test suite
 KERNELS_BUDGET = 50  # soft: no new shape is started after this
 KERNELS_TIMEOUT = 90  # hard: the timing subprocess is killed after this
 TRAINING_TIMEOUT = 75
@@ -293,10 +293,22 @@ def workload() -> int:
         return cp.asarray(rng.standard_normal(shape).astype(np.float32))
 
     x, w, b = r(3, 4, 19, 21), r(10, 4, 3, 3), r(10)
-    for version in cuda.CONV_VERSIONS:
-        y = cuda.conv2d_forward(x, w, b, (1, 1), (1, 1), version=version)
-        cuda.conv2d_forward(x, w, None, (2, 2), (0, 1), version=version)
+    versions = cuda.CONV_VERSIONS + (cuda.CONV_TF32_VERSION,)
+    for version in versions:
+        y = cuda.conv2d_forward(x, w, b, (1, 1), (1, 1), version=version, allow_tf32=True)
+        cuda.conv2d_forward(x, w, None, (2, 2), (0, 1), version=version, allow_tf32=True)
+        cuda.conv2d_bias_relu_forward(x, w, b, (1, 1), (1, 1), version=version, allow_tf32=True)
     dy = r(*y.shape)
+    for version in versions:  # every backward kernel under memcheck/racecheck, split paths included
+        cuda.conv2d_backward_data(dy, w, x.shape, (1, 1), (1, 1), version=version, allow_tf32=True)
+        cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1), version=version, allow_tf32=True)
+    xb, wb = r(4, 128, 6, 6), r(128, 128, 1, 1)  # the 128x128-tile kernels (M, Ncols >= 128)
+    cuda._CONV3_T128_MIN_BLOCKS, saved = 1, cuda._CONV3_T128_MIN_BLOCKS
+    for version in ("3", "4"):
+        yb = cuda.conv2d_forward(xb, wb, None, (1, 1), (0, 0), version=version, allow_tf32=True)
+        cuda.conv2d_backward_data(yb, wb, xb.shape, (1, 1), (0, 0), version=version, allow_tf32=True)
+        cuda.conv2d_backward_weight(yb, xb, wb.shape, (1, 1), (0, 0), version=version, allow_tf32=True)
+    cuda._CONV3_T128_MIN_BLOCKS = saved
     cuda.conv2d_backward_data(dy, w, x.shape, (1, 1), (1, 1))
     cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1))
     yp, am = cuda.maxpool2d_forward(x, (3, 3), (2, 2), (1, 1))
@@ -469,10 +481,10 @@ def kernel_benchmarks(budget: float = KERNELS_BUDGET) -> dict:
                 ms = _median_gpu_ms(lambda: cuda.conv2d_forward(gx, gw, None, stride, padding, version=version))
                 np_ms = _median_cpu_ms(lambda: ref.conv2d_forward(x, w, None, stride, padding)) if do_numpy else None
                 entries.append(_entry("conv2d_fwd", shape, f"v{version}", ms, np_ms, cudnn.get("fwd"), layer))
-            ms = _median_gpu_ms(lambda: cuda.conv2d_backward_data(gdy, gw, x.shape, stride, padding))
+            ms = _median_gpu_ms(lambda: cuda.conv2d_backward_data(gdy, gw, x.shape, stride, padding, version="1"))
             np_ms = _median_cpu_ms(lambda: ref.conv2d_backward_data(dy, w, x.shape, stride, padding)) if do_numpy else None
             entries.append(_entry("conv2d_bwd_data", shape, "v1", ms, np_ms, cudnn.get("bwd_data"), layer))
-            ms = _median_gpu_ms(lambda: cuda.conv2d_backward_weight(gdy, gx, w.shape, stride, padding))
+            ms = _median_gpu_ms(lambda: cuda.conv2d_backward_weight(gdy, gx, w.shape, stride, padding, version="1"))
             np_ms = _median_cpu_ms(lambda: ref.conv2d_backward_weight(dy, x, w.shape, stride, padding)) if do_numpy else None
             entries.append(_entry("conv2d_bwd_weight", shape, "v1", ms, np_ms, cudnn.get("bwd_weight"), layer))
 

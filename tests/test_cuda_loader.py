@@ -106,8 +106,11 @@ def test_conv_version_selection(monkeypatch):
     monkeypatch.delenv("PYCNN_CONV_VERSION", raising=False)
     shape = ((64, 32, 13, 13), (64, 32, 3, 3), (1, 1), (0, 0))
     assert cuda.DEFAULT_CONV_VERSION == "auto"
-    assert cuda.conv_forward_version(*shape) == "2"  # 11x11 output: v2
-    assert cuda.conv_forward_version((64, 64, 5, 5), (64, 64, 3, 3), (1, 1), (0, 0)) == "1"  # 3x3 output
+    assert cuda.conv_forward_version(*shape) == "3"  # 64 filters: the implicit GEMM
+    assert cuda.conv_forward_version((64, 64, 5, 5), (64, 64, 3, 3), (1, 1), (0, 0)) == "3"
+    few = ((64, 6, 14, 14), (8, 6, 3, 3), (1, 1), (0, 0))  # 8 filters: too few rows for v3's tile
+    assert cuda.conv_forward_version(*few) == "2"  # 12x12 output: v2
+    assert cuda.conv_forward_version((64, 6, 5, 5), (8, 6, 3, 3), (1, 1), (0, 0)) == "1"  # 3x3 output
     assert cuda.conv_forward_version((64, 64, 5, 5), (64, 64, 3, 3), (1, 1), (0, 0), "2") == "2"
     assert cuda.conv_forward_version(*shape, version="v1") == "1"
     monkeypatch.setenv("PYCNN_CONV_VERSION", "1")
@@ -219,16 +222,26 @@ def _f(*shape, seed=0):
     return _fake(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
 
 
-def test_every_function_launches_with_matching_argument_types(launches):
+def test_every_function_launches_with_matching_argument_types(launches, monkeypatch):
     x, w, b = _f(2, 3, 9, 7), _f(4, 3, 3, 2), _f(4)
-    for version in ("1", "2"):
-        y = cuda.conv2d_forward(x, w, b, (2, 1), (1, 0), version=version)
-        assert y.shape == (2, 4, 5, 6) and isinstance(y, FakeArray)
-    cuda.conv2d_forward(x, w, None, (1, 1), (0, 0))
     dy = _f(2, 4, 5, 6)
-    assert cuda.conv2d_backward_data(dy, w, x.shape, (2, 1), (1, 0)).shape == x.shape
-    dw, db = cuda.conv2d_backward_weight(dy, x, w.shape, (2, 1), (1, 0))
-    assert dw.shape == w.shape and db.shape == (4,)
+    for version in ("1", "2", "3", "4"):  # v2 bwd-weight splits this shape: + the reduce kernel
+        y = cuda.conv2d_forward(x, w, b, (2, 1), (1, 0), version=version, allow_tf32=True)
+        assert y.shape == (2, 4, 5, 6) and isinstance(y, FakeArray)
+        assert cuda.conv2d_backward_data(dy, w, x.shape, (2, 1), (1, 0), version=version,
+                                         allow_tf32=True).shape == x.shape
+        dw, db = cuda.conv2d_backward_weight(dy, x, w.shape, (2, 1), (1, 0), version=version, allow_tf32=True)
+        assert dw.shape == w.shape and db.shape == (4,)
+    cuda.conv2d_forward(x, w, None, (1, 1), (0, 0))
+    assert cuda.conv2d_bias_relu_forward(x, w, b, (1, 1), (0, 0)).shape == (2, 4, 7, 6)
+    # The 128x128-tile kernels (*_t128_f32) run for M >= 128 with enough tiles; lower the bar.
+    monkeypatch.setattr(cuda, "_CONV3_T128_MIN_BLOCKS", 1)
+    xb, wb, dyb = _f(1, 128, 12, 12), _f(128, 128, 1, 1), _f(1, 128, 12, 12)
+    for version in ("3", "4"):
+        cuda.conv2d_forward(xb, wb, None, (1, 1), (0, 0), version=version, allow_tf32=True)
+        cuda.conv2d_backward_data(dyb, wb, xb.shape, (1, 1), (0, 0), version=version, allow_tf32=True)
+        cuda.conv2d_backward_weight(dyb, xb, wb.shape, (1, 1), (0, 0), version=version, allow_tf32=True)
+    assert {f"conv2d_{d}_v{v}_t128_f32" for d in ("fwd", "bwd_data", "bwd_weight") for v in "34"} <= set(launches)
     y, am = cuda.maxpool2d_forward(x, (3, 3), (2, 2), (1, 1))
     assert y.shape == am.shape == (2, 3, 5, 4) and am.dtype == np.int32
     cuda.maxpool2d_backward(_f(*y.shape), am, x.shape)  # remembered geometry -> gather
