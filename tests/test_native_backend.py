@@ -40,7 +40,9 @@ def _restore_controls():
     """Every test leaves the ISA and thread count as it found them."""
     isa, threads, winograd = native.isa(), native.get_num_threads(), native.get_winograd()
     direct_weight, data_path = native.get_direct_weight(), native.get_backward_data_path()
+    direct_forward = native.get_direct_forward()
     yield
+    native.set_direct_forward(direct_forward)
     native.set_isa(isa)
     native.set_num_threads(threads)
     native.set_winograd(winograd)
@@ -172,6 +174,35 @@ def test_backward_data_paths_match_reference(case):
         check_conv(*case)
 
 
+@SETTINGS
+@given(conv_cases())
+def test_direct_forward_matches_reference(case):
+    """The direct forward kernel (dconv.h), forced on for every stride-1 case (with Winograd off),
+    incl. the fused bias + ReLU; other strides keep the GEMM. K up to 11 covers partial vectors."""
+    native.set_winograd(False)
+    native.set_direct_forward("always")
+    check_conv(*case)
+    x_shape, w_shape, stride, padding, dtype, seed = case
+    rng = _rng(seed)
+    x, w = rng.standard_normal(x_shape).astype(dtype), rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    want = ref.conv2d_bias_relu_forward(x, w, b, stride, padding)
+    for isa, threads in configs():
+        assert_close(native.conv2d_bias_relu_forward(x, w, b, stride, padding), want, dtype, f"{isa}/{threads}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape,w_shape,padding", [
+    ((3, 6, 14, 14), (16, 6, 5, 5), (0, 0)),    # LeNet-5 conv2
+    ((2, 5, 4, 9), (70, 5, 2, 2), (1, 1)),      # 70 channels: several channel blocks, partial vector
+    ((2, 64, 5, 5), (64, 64, 3, 3), (0, 0)),    # MnistCNN conv3: 4 vectors per block
+])
+def test_direct_forward_model_shapes(x_shape, w_shape, padding, dtype):
+    native.set_winograd(False)
+    native.set_direct_forward("always")
+    check_conv(x_shape, w_shape, (1, 1), padding, dtype, seed=31)
+
+
 @st.composite
 def direct_weight_cases(draw):
     """Stride-1 convolutions for the direct backward-weight kernel (corr.h): few input channels,
@@ -210,6 +241,10 @@ def test_algorithm_controls():
     assert native.get_direct_weight() == "never"
     with pytest.raises(ValueError, match="set_direct_weight: mode must be 'auto', 'always' or 'never', got 'yes'"):
         native.set_direct_weight("yes")
+    native.set_direct_forward("always")
+    assert native.get_direct_forward() == "always"
+    with pytest.raises(ValueError, match="set_direct_forward: mode must be 'auto', 'always' or 'never'"):
+        native.set_direct_forward("on")
     native.set_backward_data_path("col2im")
     assert native.get_backward_data_path() == "col2im"
     with pytest.raises(ValueError, match="set_backward_data_path: mode must be 'auto', 'flipped' or 'col2im'"):
@@ -222,6 +257,14 @@ def _col2im(fn):
         return fn()
     finally:
         native.set_backward_data_path("auto")
+
+
+def _direct_forward(fn):
+    native.set_direct_forward("always")
+    try:
+        return fn()
+    finally:
+        native.set_direct_forward("auto")
 
 
 def test_results_do_not_depend_on_thread_count():
@@ -243,6 +286,7 @@ def test_results_do_not_depend_on_thread_count():
                          *native.conv2d_backward_weight(dy, x, w.shape, (1, 1), (0, 0)),
                          *native.conv2d_backward_weight(dy[:, :5].copy(), x[:, :1].copy(), (5, 1, 3, 3), (1, 1), (0, 0)),
                          _col2im(lambda: native.conv2d_backward_data(dy, w, x.shape, (1, 1), (0, 0))),
+                         _direct_forward(lambda: native.conv2d_forward(x, w, None, (1, 1), (1, 1))),
                          native.linear_forward(lx, lw, None), *native.linear_backward(ldy, lx, lw)]
     for threads in (2, 3):
         for a, b in zip(outs[1], outs[threads]):

@@ -70,6 +70,9 @@ struct MicroKernel {
                  long dy_n, long np, long rows, long cols, T* out, long out_k, T* dsum);
     // Winograd F(2x2,3x3) forward with this ISA's transforms (winograd.h)
     void (*winograd)(const WinogradArgs<T>& args);
+    // direct stride-1 forward over KV output-channel vectors x dconv_pb[KV] pixels (dconv.h)
+    void (*dconv)(long KV, const T* x, const T* wt, const long* toff, long taps, T* out);
+    int dconv_pb[5];
 };
 
 MicroKernel<float> ukernel_avx512_f32();

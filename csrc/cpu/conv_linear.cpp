@@ -35,9 +35,11 @@ struct ConvGeom {
 // x placed at (top, left) inside zero planes of Hp x Wp (one pass over the input), in the calling
 // thread's reusable scratch `Slot`.
 template <typename T, int Slot>
-const T* placed_input(const T* x, long N, long C, long H, long W, long top, long left, long Hp, long Wp) {
+const T* placed_input(const T* x, long N, long C, long H, long W, long top, long left, long Hp, long Wp,
+                      long margin = 0) {
     const long planes = N * C;
-    T* out = thread_scratch<T, Slot>(size_t(planes * Hp * Wp));
+    T* out = thread_scratch<T, Slot>(size_t(planes * Hp * Wp + margin));
+    std::fill(out + planes * Hp * Wp, out + planes * Hp * Wp + margin, T(0));  // zeros after the end
 #pragma omp parallel for schedule(static) num_threads(num_threads()) if (planes * Hp * Wp > kParallelMin)
     for (long pl = 0; pl < planes; ++pl) {
         T* d = out + pl * Hp * Wp;
@@ -135,6 +137,70 @@ void conv_forward_unpadded(const ConvGeom& g, const T* x, const T* w, const T* b
     gemm_parallel<T>(uk, g.K, g.N * P, CRS, packA, packB, store, num_threads(), direct, finish);
 }
 
+// ---------------------------------------------------------------------------- direct forward
+
+// Stride-1 forward through the direct kernel of dconv.h (no im2col packing; see there why).
+// x is already padded (g.ph == g.pw == 0) and followed by at least PB - 1 readable zeros. Work
+// items are (channel block, sample, pixel block), each writing its own outputs: results do not
+// depend on the thread count.
+enum class DirectMode2 { automatic = 0, always = 1, never = 2 };
+DirectMode2 g_direct_forward = DirectMode2::automatic;
+
+template <typename T>
+void conv_forward_direct(const ConvGeom& g, const T* x, const T* w, const T* b, T* y, bool relu) {
+    const MicroKernel<T> uk = current_ukernel<T>();
+    const long V = uk.width, K = g.K, C = g.C, R = g.R, S = g.S, Hx = g.H, Wx = g.W, Ho = g.Ho, Wo = g.Wo;
+    const long taps = C * R * S, KVtot = (K + V - 1) / V;
+    const long nkb = (KVtot + 3) / 4, KVb = (KVtot + nkb - 1) / nkb;  // channel blocks of <= 4 vectors
+    // weights as [block][tap][KV*V] (lanes past K zero); tap offsets into a sample's input
+    T* wt = thread_scratch<T, 11>(size_t(nkb * KVb * V * taps));
+    long* toff = thread_scratch<long, 0>(size_t(taps));
+    for (long kb = 0; kb < nkb; ++kb) {
+        const long k0 = kb * KVb * V, kw = std::min(KVb, KVtot - kb * KVb) * V;
+        T* dst = wt + kb * KVb * V * taps;
+        for (long t = 0; t < taps; ++t)
+            for (long kk = 0; kk < kw; ++kk) dst[t * kw + kk] = k0 + kk < K ? w[(k0 + kk) * taps + t] : T(0);
+    }
+    for (long c = 0, t = 0; c < C; ++c)
+        for (long r = 0; r < R; ++r)
+            for (long s = 0; s < S; ++s, ++t) toff[t] = (c * Hx + r) * Wx + s;
+    const long Qs = (Ho - 1) * Wx + Wo;  // "wide" pixels of one sample (the last row cropped)
+    long PBmax = 0;
+    std::vector<long> items_per_kb(size_t(nkb), 0), nblk(size_t(nkb), 0);
+    for (long kb = 0; kb < nkb; ++kb) {
+        const long KV = std::min(KVb, KVtot - kb * KVb), PB = uk.dconv_pb[KV];
+        nblk[kb] = (Qs + PB - 1) / PB;
+        items_per_kb[kb] = g.N * nblk[kb];
+        PBmax = std::max(PBmax, PB);
+    }
+    long items = 0;
+    for (long kb = 0; kb < nkb; ++kb) items += items_per_kb[kb];
+#pragma omp parallel num_threads(int(std::min<long>(num_threads(), items)))
+    {
+        T* tile = thread_scratch<T, 12>(size_t(PBmax * KVb * V));
+#pragma omp for schedule(static)
+        for (long it = 0; it < items; ++it) {
+            long kb = 0, rest = it;
+            while (rest >= items_per_kb[kb]) rest -= items_per_kb[kb++];
+            const long n = rest / nblk[kb], blk = rest % nblk[kb];
+            const long KV = std::min(KVb, KVtot - kb * KVb), PB = uk.dconv_pb[KV], kw = KV * V;
+            const long k0 = kb * KVb * V, kn = std::min(kw, K - k0), q0 = blk * PB;
+            uk.dconv(KV, x + n * C * Hx * Wx + q0, wt + kb * KVb * V * taps, toff, taps, tile);
+            for (long i = 0; i < PB && q0 + i < Qs; ++i) {
+                const long q = q0 + i, oh = q / Wx, ow = q % Wx;
+                if (ow >= Wo) continue;  // a junk column of the wide order
+                T* yo = y + ((n * K + k0) * Ho + oh) * Wo + ow;
+                const T* src = tile + i * kw;
+                for (long kk = 0; kk < kn; ++kk) {
+                    T v = src[kk] + (b ? b[k0 + kk] : T(0));
+                    if (relu) v = v < T(0) ? T(0) : v;
+                    yo[kk * Ho * Wo] = v;
+                }
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------- Winograd F(2x2, 3x3)
 
 // The transforms and the 16 GEMMs live in winograd.h, compiled per ISA; here the buffers.
@@ -152,6 +218,16 @@ void conv_forward_winograd(const ConvGeom& g, const T* x, const T* w, const T* b
 
 bool g_winograd = true;
 
+// The direct forward pays where the GEMM is packing-bound (few output channels to reuse a packed
+// panel) but there are enough taps per output that the kernel's scattered output stores are a
+// small part: measured (one thread, ms, GEMM / direct) LeNet-5 conv2 (150 taps, K 16) 0.65 / 0.47;
+// but MnistCNN conv1 (9 taps) 0.59 / 0.85 and LeNet-5 conv1 (25 taps) 0.75 / 0.87.
+bool use_direct_forward(const ConvGeom& g) {
+    if (g_direct_forward == DirectMode2::never) return false;
+    if (g_direct_forward == DirectMode2::always) return true;
+    return g.K <= 32 && g.C * g.R * g.S >= 64;
+}
+
 template <typename T>
 void conv_forward(const ConvGeom& g, const T* x, const T* w, const T* b, T* y, bool relu = false) {
     // Winograd where it pays: 3x3, stride 1, and enough channels that the 16 GEMMs fill register
@@ -168,12 +244,16 @@ void conv_forward(const ConvGeom& g, const T* x, const T* w, const T* b, T* y, b
         conv_forward_winograd(gp, xp, w, b, y, relu);
         return;
     }
-    const T* xp = (g.ph || g.pw) ? placed_input<T, 8>(x, g.N, g.C, g.H, g.W, g.ph, g.pw, g.H + 2 * g.ph, g.W + 2 * g.pw)
-                                 : x;
     ConvGeom gp = g;
     gp.H = g.H + 2 * g.ph;
     gp.W = g.W + 2 * g.pw;
     gp.ph = gp.pw = 0;
+    if (g.sh == 1 && g.sw == 1 && use_direct_forward(g)) {
+        const T* xp = placed_input<T, 8>(x, g.N, g.C, g.H, g.W, g.ph, g.pw, gp.H, gp.W, 32);
+        conv_forward_direct(gp, xp, w, b, y, relu);
+        return;
+    }
+    const T* xp = (g.ph || g.pw) ? placed_input<T, 8>(x, g.N, g.C, g.H, g.W, g.ph, g.pw, gp.H, gp.W) : x;
     conv_forward_unpadded(gp, xp, w, b, y, relu);
 }
 
@@ -726,6 +806,16 @@ void register_conv_linear(py::module_& m) {
        "filters; other strides fall back to col2im) or 'col2im' (a GEMM whose store adds into dx).");
     m.def("get_backward_data_path", []() {
         return std::string(g_data_path == DataPath::automatic ? "auto" : g_data_path == DataPath::flipped ? "flipped" : "col2im");
+    });
+    m.def("set_direct_forward", [](const std::string& mode) {
+        if (mode == "auto") g_direct_forward = DirectMode2::automatic;
+        else if (mode == "always") g_direct_forward = DirectMode2::always;
+        else if (mode == "never") g_direct_forward = DirectMode2::never;
+        else throw py::value_error("set_direct_forward: mode must be 'auto', 'always' or 'never', got '" + mode + "'");
+    }, "Stride-1 forward (when not Winograd) through the direct kernel: 'auto', 'always' or 'never'.");
+    m.def("get_direct_forward", []() {
+        return std::string(g_direct_forward == DirectMode2::automatic ? "auto"
+                           : g_direct_forward == DirectMode2::always ? "always" : "never");
     });
     m.def("set_direct_weight", [](const std::string& mode) {
         if (mode == "auto") g_direct_weight = DirectMode::automatic;

@@ -51,6 +51,15 @@ struct Avx512F64 {
 
 #include "corr.h"
 
+#include "dconv.h"
+
+void dconv_f32(long KV, const float* x, const float* wt, const long* toff, long taps, float* out) {
+    dconv_dispatch<Avx512F32, 27>(KV, x, wt, toff, taps, out);
+}
+void dconv_f64(long KV, const double* x, const double* wt, const long* toff, long taps, double* out) {
+    dconv_dispatch<Avx512F64, 27>(KV, x, wt, toff, taps, out);
+}
+
 #include "winograd.h"
 
 void winograd_f32(const WinogradArgs<float>& a) { winograd_f2x3<float, 32>(ukernel_avx512_f32(), a); }
@@ -167,8 +176,8 @@ double fma_loop(long iterations) {
 
 #pragma GCC pop_options
 
-MicroKernel<float> ukernel_avx512_f32() { return {8, 32, &ukernel_f32, 16, &corr_f32, &winograd_f32}; }
-MicroKernel<double> ukernel_avx512_f64() { return {8, 16, &ukernel_f64, 8, &corr_f64, &winograd_f64}; }
+MicroKernel<float> ukernel_avx512_f32() { return {8, 32, &ukernel_f32, 16, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}}; }
+MicroKernel<double> ukernel_avx512_f64() { return {8, 16, &ukernel_f64, 8, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}}; }
 double fma_peak_avx512(long iterations) { return fma_loop(iterations); }
 
 }  // namespace pycnn

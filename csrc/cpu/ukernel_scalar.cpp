@@ -18,12 +18,22 @@ struct ScalarTraits {
     static V load(const T* p) { return *p; }
     static V fma(V a, V b, V c) { return a * b + c; }
     static V add(V a, V b) { return a + b; }
+    static V bcast(T v) { return v; }
     static void store(T* p, V v) { *p = v; }
     static int tail_mask(int) { return 0; }                 // width 1: there is never a tail
     static V load_tail(const T* p, int) { return *p; }
 };
 
 #include "corr.h"
+
+#include "dconv.h"
+
+void dconv_f32(long KV, const float* x, const float* wt, const long* toff, long taps, float* out) {
+    dconv_dispatch<ScalarTraits<float>, 27>(KV, x, wt, toff, taps, out);
+}
+void dconv_f64(long KV, const double* x, const double* wt, const long* toff, long taps, double* out) {
+    dconv_dispatch<ScalarTraits<double>, 27>(KV, x, wt, toff, taps, out);
+}
 
 #include "winograd.h"
 
@@ -63,7 +73,7 @@ void ukernel_f64(long kc, const double* a, const double* b, double* c, long ldc,
 
 }  // namespace
 
-MicroKernel<float> ukernel_scalar_f32() { return {4, 8, &ukernel_f32, 1, &corr_f32, &winograd_f32}; }
-MicroKernel<double> ukernel_scalar_f64() { return {4, 8, &ukernel_f64, 1, &corr_f64, &winograd_f64}; }
+MicroKernel<float> ukernel_scalar_f32() { return {4, 8, &ukernel_f32, 1, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}}; }
+MicroKernel<double> ukernel_scalar_f64() { return {4, 8, &ukernel_f64, 1, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}}; }
 
 }  // namespace pycnn

@@ -98,6 +98,21 @@ def get_backward_data_path() -> str:
     return _n.get_backward_data_path()
 
 
+def set_direct_forward(mode: str) -> None:
+    """Stride-1 forward (where Winograd does not apply) through the direct kernel vectorized over
+    output channels: 'auto' (K <= 32 and C*R*S >= 64), 'always' or 'never' (the packed GEMM)."""
+    _require()
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"set_direct_forward: mode must be 'auto', 'always' or 'never', got {mode!r}")
+    _n.set_direct_forward(mode)
+
+
+def get_direct_forward() -> str:
+    """The forward kernel choice: 'auto', 'always' or 'never'."""
+    _require()
+    return _n.get_direct_forward()
+
+
 def set_direct_weight(mode: str) -> None:
     """Backward-weight through the direct small-channel kernel: 'auto' (when C*R*S <= 32, stride 1),
     'always' (every stride-1 convolution; for tests and benchmarks) or 'never' (always the GEMM)."""
