@@ -394,7 +394,7 @@ void conv_backward_weight_direct(const ConvGeom& g, const T* dy, const T* x, T* 
     const long V = uk.width, R = g.R, S = g.S, RS = R * S, Ho = g.Ho, Wo = g.Wo, C = g.C, K = g.K;
     const long nvec = (Wo + V - 1) / V, Wop = nvec * V;
     // x as the kernel reads it: conv padding applied, rows widened to Wop + S - 1 with zeros so
-    // that the masked (zero) lanes of dy always meet finite values
+    // that the zero lanes of the kernel's padded dy tails always meet finite values
     const long Hx = Ho + R - 1, Wx = Wop + S - 1, planes = g.N * C;
     T* xb = thread_scratch<T, 0>(size_t(planes * Hx * Wx));
     const int nt = num_threads();

@@ -17,33 +17,21 @@
 // ~1.5-2 FMAs per load and nothing packed. Lanes are reduced in a fixed order, so results do not
 // depend on anything but the inputs.
 
-// One vector position: every (r, s) x vector meets the KB dy vectors.
-template <class Tr, int RB, int SB, int KB>
-__attribute__((always_inline)) inline void corr_step(typename Tr::V (&acc)[KB][RB][SB], const typename Tr::V (&d)[KB],
-                                                     const typename Tr::T* xr, long ldx) {
-#pragma GCC unroll 8
-    for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 8
-        for (int s = 0; s < SB; ++s) {
-            const typename Tr::V xv = Tr::load(xr + r * ldx + s);
-#pragma GCC unroll 2
-            for (int kb = 0; kb < KB; ++kb) acc[kb][r][s] = Tr::fma(d[kb], xv, acc[kb][r][s]);
-        }
-}
-
-// dy rows are read where they are (row stride ldd, `cols` elements), the row's last vector with a
-// masked load (the masked lanes read as zero, so the x lanes they meet -- which
-// the caller pads with zeros, so they are finite -- add nothing). With DSUM the kernel also sums
+// dy rows are read where they are (row stride ldd, `cols` elements), the row's last partial
+// vector from a zero-padded copy (its zero lanes meet x lanes that the caller pads with zeros, so
+// they are finite and add nothing). Masked loads did the same but made GCC keep the accumulators
+// in memory (a store of every accumulator per iteration). With DSUM the kernel also sums
 // the dy values it loads into dsum[kb] (db for free, from registers).
+// no-split-loops: GCC otherwise splits the v loop at v == nfull into two copies, and the
+// accumulators shared by both then went through the stack on every iteration.
 template <class Tr, int RB, int SB, int KB, bool DSUM>
-void corr_rows_impl(const typename Tr::T* x, long ldx, long x_n, const typename Tr::T* dy, long ldd, long kstride,
+__attribute__((optimize("no-split-loops", "no-unswitch-loops"))) void corr_rows_impl(const typename Tr::T* x, long ldx, long x_n, const typename Tr::T* dy, long ldd, long kstride,
                     long dy_n, long np, long rows, long cols, typename Tr::T* out, long out_rs, long out_k,
                     typename Tr::T* dsum) {
     using T = typename Tr::T;
     using V = typename Tr::V;
     constexpr int W = Tr::width;
     const long nfull = cols / W, tail = cols - nfull * W;
-    const auto mask = Tr::tail_mask(int(tail)), full = Tr::tail_mask(W);
     V acc[KB][RB][SB], dacc[KB];
 #pragma GCC unroll 2
     for (int kb = 0; kb < KB; ++kb) {
@@ -53,24 +41,47 @@ void corr_rows_impl(const typename Tr::T* x, long ldx, long x_n, const typename 
 #pragma GCC unroll 8
             for (int s = 0; s < SB; ++s) acc[kb][r][s] = Tr::zero();
     }
-    // one loop over all vectors of a row, every dy load masked (all lanes but in the row's last
-    // vector): a separate tail block made the compiler move the accumulators through the stack
+    // one loop over all vectors of a row (the last one from the tail copy): a separate tail
+    // block made the compiler move the accumulators through the stack
+    // The (sample, row) pairs run as ONE loop with pointers stepped by hand: with a separate
+    // sample loop around the row loop GCC kept the accumulators in memory across iterations.
     const long nvec = nfull + (tail ? 1 : 0);
-    for (long n = 0; n < np; ++n, x += x_n, dy += dy_n)
-        for (long oh = 0; oh < rows; ++oh) {
-            const T* dr = dy + oh * ldd;
-            const T* xr = x + oh * ldx;
+    const T* dr = dy;
+    const T* xr = x;
+    alignas(64) T tailbuf[KB][W];  // the row's last partial vector, zero padded
+    for (int kb = 0; kb < KB; ++kb)
+        for (int j = 0; j < W; ++j) tailbuf[kb][j] = T(0);
+    for (long row = 0, oh = 0; row < np * rows; ++row) {
+        if (tail)  // (a fixed-length select loop: a plain copy loop became a memmove call per row)
+            for (int kb = 0; kb < KB; ++kb)
+                for (int j = 0; j < W; ++j) tailbuf[kb][j] = j < tail ? dr[kb * kstride + nfull * W + j] : T(0);
+        {
             for (long v = 0; v < nvec; ++v) {
-                const auto m = v < nfull ? full : mask;
                 V d[KB];
 #pragma GCC unroll 2
-                for (int kb = 0; kb < KB; ++kb) d[kb] = Tr::load_tail(dr + kb * kstride + v * W, m);
-                corr_step<Tr, RB, SB, KB>(acc, d, xr + v * W, ldx);
+                for (int kb = 0; kb < KB; ++kb) d[kb] = Tr::load(v < nfull ? dr + kb * kstride + v * W : tailbuf[kb]);
+#pragma GCC unroll 8
+                for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+                    for (int s = 0; s < SB; ++s) {
+                        const V xv = Tr::load(xr + v * W + r * ldx + s);
+#pragma GCC unroll 2
+                        for (int kb = 0; kb < KB; ++kb) acc[kb][r][s] = Tr::fma(d[kb], xv, acc[kb][r][s]);
+                    }
                 if (DSUM)
 #pragma GCC unroll 2
                     for (int kb = 0; kb < KB; ++kb) dacc[kb] = Tr::add(dacc[kb], d[kb]);
             }
         }
+        if (++oh == rows) {  // next sample
+            oh = 0;
+            dr += dy_n - (rows - 1) * ldd;
+            xr += x_n - (rows - 1) * ldx;
+        } else {
+            dr += ldd;
+            xr += ldx;
+        }
+    }
     // horizontal sums in a fixed lane order (deterministic)
     alignas(64) T lanes[W];
     for (int kb = 0; kb < KB; ++kb) {

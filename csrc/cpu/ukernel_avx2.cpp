@@ -27,10 +27,6 @@ struct Avx2F32 {
     static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
     static V add(V a, V b) { return _mm256_add_ps(a, b); }
     static void store(T* p, V v) { _mm256_storeu_ps(p, v); }
-    static __m256i tail_mask(int n) {
-        return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    }
-    static V load_tail(const T* p, __m256i m) { return _mm256_maskload_ps(p, m); }
 };
 
 struct Avx2F64 {
@@ -43,10 +39,6 @@ struct Avx2F64 {
     static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
     static V add(V a, V b) { return _mm256_add_pd(a, b); }
     static void store(T* p, V v) { _mm256_storeu_pd(p, v); }
-    static __m256i tail_mask(int n) {
-        return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
-    }
-    static V load_tail(const T* p, __m256i m) { return _mm256_maskload_pd(p, m); }
 };
 
 #include "corr.h"

@@ -31,8 +31,6 @@ struct Avx512F32 {
     static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
     static V add(V a, V b) { return _mm512_add_ps(a, b); }
     static void store(T* p, V v) { _mm512_storeu_ps(p, v); }
-    static __mmask16 tail_mask(int n) { return __mmask16((1u << n) - 1u); }  // n <= 16
-    static V load_tail(const T* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 };
 
 struct Avx512F64 {
@@ -45,8 +43,6 @@ struct Avx512F64 {
     static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
     static V add(V a, V b) { return _mm512_add_pd(a, b); }
     static void store(T* p, V v) { _mm512_storeu_pd(p, v); }
-    static __mmask8 tail_mask(int n) { return __mmask8((1u << n) - 1u); }
-    static V load_tail(const T* p, __mmask8 m) { return _mm512_maskz_loadu_pd(m, p); }
 };
 
 #include "corr.h"

@@ -20,8 +20,6 @@ struct ScalarTraits {
     static V add(V a, V b) { return a + b; }
     static V bcast(T v) { return v; }
     static void store(T* p, V v) { *p = v; }
-    static int tail_mask(int) { return 0; }                 // width 1: there is never a tail
-    static V load_tail(const T* p, int) { return *p; }
 };
 
 #include "corr.h"
