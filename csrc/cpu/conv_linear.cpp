@@ -292,6 +292,22 @@ void conv_backward_data_col2im(const ConvGeom& g, const T* dy, const T* w, T* dx
     const long group = std::max(1L, std::min(g.N, (128 + P - 1) / P));  // samples per work item
     const long items = (g.N + group - 1) / group;
     const long ldc = (group * P + NR - 1) / NR * NR;  // dcol row stride
+    // for small output planes: the (tap, output pixel) pairs that land inside dx, as offsets into
+    // one sample's dcol columns (src) and one dx plane (dst), in (r, s, oh, ow) order
+    const bool small = P <= 16;
+    std::vector<long> map_src, map_dst;
+    if (small) {
+        for (long r = 0; r < g.R; ++r)
+            for (long s = 0; s < g.S; ++s)
+                for (long oh = 0; oh < g.Ho; ++oh)
+                    for (long ow = 0; ow < g.Wo; ++ow) {
+                        const long ih = oh * g.sh + r - g.ph, iw = ow * g.sw + s - g.pw;
+                        if (ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) continue;
+                        map_src.push_back((r * g.S + s) * ldc + oh * g.Wo + ow);
+                        map_dst.push_back(ih * g.W + iw);
+                    }
+    }
+    const long nmap = long(map_src.size());
     const int nt = int(std::min<long>(num_threads(), items));
 #pragma omp parallel num_threads(nt)
     {
@@ -325,6 +341,18 @@ void conv_backward_data_col2im(const ConvGeom& g, const T* dy, const T* w, T* dx
             };
             gemm_block(uk, 0, CRS, 0, cols, 0, g.K, packA, packB, store, direct, abuf, bbuf);
             std::fill(dx + n0 * CHW, dx + n1 * CHW, T(0));
+            if (small) {
+                // tiny planes (MnistCNN conv3: runs of Wo = 3): one flat loop per (sample, channel)
+                // over the R*S*P (tap, output) pairs through the precomputed maps, instead of R*S*Ho
+                // short runs whose loop overhead cost as much as the GEMM
+                for (long n = n0; n < n1; ++n)
+                    for (long c = 0; c < g.C; ++c) {
+                        const T* col = dcol + c * RS * ldc + (n - n0) * P;
+                        T* plane = dx + n * CHW + c * HW;
+                        for (long e = 0; e < nmap; ++e) plane[map_dst[e]] += col[map_src[e]];
+                    }
+                continue;
+            }
             for (long crs = 0; crs < CRS; ++crs) {
                 const long c = crs / RS, r = (crs / g.S) % g.R, s = crs % g.S;
                 // outputs ow whose input column ow*sw + s - pw lies in [0, W)
