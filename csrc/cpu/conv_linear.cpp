@@ -289,7 +289,11 @@ void conv_backward_data_col2im(const ConvGeom& g, const T* dy, const T* w, T* dx
     const long P = g.P(), HW = g.HW(), RS = g.R * g.S, CRS = g.CRS(), KP = g.K * P, CHW = g.C * HW;
     const int NR = uk.nr;
     StridedPackA<T> packA{w, 1, CRS, uk.mr};
-    const long group = std::max(1L, std::min(g.N, (128 + P - 1) / P));  // samples per work item
+    // samples per work item: ~128 dcol columns, but at least 4 items per thread so that both
+    // cores get equal shares on small layers (dx does not depend on the grouping: every column's
+    // GEMM sum and every element's col2im order are the same in any group)
+    const long per_thread = (g.N + 4L * num_threads() - 1) / (4L * num_threads());
+    const long group = std::max(1L, std::min({g.N, (128 + P - 1) / P, per_thread}));
     const long items = (g.N + group - 1) / group;
     const long ldc = (group * P + NR - 1) / NR * NR;  // dcol row stride
     // for small output planes: the (tap, output pixel) pairs that land inside dx, as offsets into
