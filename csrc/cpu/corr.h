@@ -64,7 +64,11 @@ __attribute__((optimize("no-split-loops", "no-unswitch-loops"))) void corr_rows_
                 for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
                     for (int s = 0; s < SB; ++s) {
-                        const V xv = Tr::load(xr + v * W + r * ldx + s);
+                        V xv = Tr::load(xr + v * W + r * ldx + s);
+                        // one load per x vector: otherwise GCC folds it into each of the KB FMAs
+                        // as a memory operand and loads it KB times (mostly cache-line-splitting
+                        // unaligned loads, the bottleneck here)
+                        if (KB > 1) __asm__("" : "+v"(xv));
 #pragma GCC unroll 2
                         for (int kb = 0; kb < KB; ++kb) acc[kb][r][s] = Tr::fma(d[kb], xv, acc[kb][r][s]);
                     }
