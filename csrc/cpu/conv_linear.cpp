@@ -529,6 +529,9 @@ void conv_backward_weight(const ConvGeom& g, const T* dy, const T* x, T* dw, T* 
         for (long kk = 0; kk < kc; ++kk) {
             T* d = dst + kk * ld;
             const T* src = xp + n * CHWp + oh * g.sh * Wp + ow * g.sw;
+            // unrolled: as a two-instruction loop its speed swung by ~20% between builds
+            // (code placement); with 8 gathers per iteration it is stable and faster
+#pragma GCC unroll 8
             for (long jj = 0; jj < nr; ++jj) d[jj] = src[coff[jj]];
             for (long jj = nr; jj < ld; ++jj) d[jj] = T(0);
             if (++ow == g.Wo) { ow = 0; if (++oh == g.Ho) { oh = 0; ++n; } }
