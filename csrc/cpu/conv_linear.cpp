@@ -86,6 +86,7 @@ void conv_forward_unpadded(const ConvGeom& g, const T* x, const T* w, const T* b
             for (long q = 0; q < nseg; ++q) {
                 const T* from = src + seg_off[q];
                 T* to = d + seg_col[q];
+                #pragma GCC unroll 8
                 for (long t = 0, L = seg_len[q]; t < L; ++t) to[t] = from[t];
             }
             for (long jj = nr; jj < NR; ++jj) d[jj] = T(0);
@@ -327,6 +328,7 @@ void conv_backward_data_col2im(const ConvGeom& g, const T* dy, const T* w, T* dx
                 for (long kk = 0; kk < kc; ++kk) {
                     T* d = dst + kk * NR;
                     const T* src = dy + (k + kk) * P;
+                    #pragma GCC unroll 8
                     for (long jj = 0; jj < nr; ++jj) d[jj] = src[off[jj]];
                     for (long jj = nr; jj < NR; ++jj) d[jj] = T(0);
                 }
@@ -507,6 +509,7 @@ void conv_backward_weight(const ConvGeom& g, const T* dy, const T* x, T* dw, T* 
             for (long ii = 0; ii < mr; ++ii) {
                 const T* src = dy + n * KP + (i + ii) * P + p;
                 T* d = dst + kk * ld + ii;
+                #pragma GCC unroll 8
                 for (long t = 0; t < run; ++t) d[t * ld] = src[t];
             }
             kk += run;
