@@ -191,8 +191,28 @@ def test_direct_forward_matches_reference(case):
         assert_close(native.conv2d_bias_relu_forward(x, w, b, stride, padding), want, dtype, f"{isa}/{threads}")
 
 
+@SETTINGS
+@given(conv_cases())
+def test_row_forward_matches_reference(case):
+    """The row kernel (rowconv.h), forced for stride-1 cases whose rows fit 4 vectors, with the
+    fused bias + ReLU (masked last-vector stores, channel blocks past K); other cases keep the GEMM."""
+    native.set_winograd(False)
+    native.set_direct_forward("rows")
+    check_conv(*case)
+    x_shape, w_shape, stride, padding, dtype, seed = case
+    rng = _rng(seed)
+    x, w = rng.standard_normal(x_shape).astype(dtype), rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    x[0, 0, 0, 0] = np.nan  # a NaN stays NaN through the fused ReLU, as in relu_forward
+    want = ref.conv2d_bias_relu_forward(x, w, b, stride, padding)
+    for isa, threads in configs():
+        assert_close(native.conv2d_bias_relu_forward(x, w, b, stride, padding), want, dtype, f"{isa}/{threads}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("x_shape,w_shape,padding", [
+    ((3, 1, 28, 28), (32, 1, 3, 3), (0, 0)),    # MnistCNN conv1 (row kernel in auto)
+    ((2, 1, 28, 28), (6, 1, 5, 5), (2, 2)),     # LeNet-5 conv1 (row kernel in auto)
     ((3, 6, 14, 14), (16, 6, 5, 5), (0, 0)),    # LeNet-5 conv2
     ((2, 5, 4, 9), (70, 5, 2, 2), (1, 1)),      # 70 channels: several channel blocks, partial vector
     ((2, 64, 5, 5), (64, 64, 3, 3), (0, 0)),    # MnistCNN conv3: 4 vectors per block
@@ -243,7 +263,7 @@ def test_algorithm_controls():
         native.set_direct_weight("yes")
     native.set_direct_forward("always")
     assert native.get_direct_forward() == "always"
-    with pytest.raises(ValueError, match="set_direct_forward: mode must be 'auto', 'always' or 'never'"):
+    with pytest.raises(ValueError, match="set_direct_forward: mode must be 'auto', 'always', 'rows' or 'never'"):
         native.set_direct_forward("on")
     native.set_backward_data_path("col2im")
     assert native.get_backward_data_path() == "col2im"

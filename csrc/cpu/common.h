@@ -58,6 +58,16 @@ inline long winograd_vs(long C, long NR) { return C * 2 * NR + 64 / long(sizeof(
 template <typename T>
 inline long winograd_ms(long K, long MR, long NR) { return (K + MR - 1) / MR * MR * 2 * NR + 64 / long(sizeof(T)); }
 
+// Where rowconv.h writes one output row of kn channels: y (row of the first channel), ky (distance
+// between channels' rows), wo (row length), bias (kn values or null), relu (fused ReLU).
+template <typename T>
+struct RowOut {
+    T* y;
+    long ky, wo, kn;
+    const T* bias;
+    int relu;
+};
+
 template <typename T>
 struct MicroKernel {
     int mr;
@@ -73,6 +83,11 @@ struct MicroKernel {
     // direct stride-1 forward over KV output-channel vectors x dconv_pb[KV] pixels (dconv.h)
     void (*dconv)(long KV, const T* x, const T* wt, const long* toff, long taps, T* out);
     int dconv_pb[5];
+    // direct stride-1 forward along output rows for few input channels (rowconv.h): rowconv_kb[NV]
+    // output channels per call for rows of NV vectors (NV <= 4)
+    void (*rowconv)(long NV, const T* x, long ldx, long cs, long C, long R, long S, const T* w,
+                    const RowOut<T>& out);
+    int rowconv_kb[5];
 };
 
 MicroKernel<float> ukernel_avx512_f32();

@@ -144,7 +144,7 @@ void conv_forward_unpadded(const ConvGeom& g, const T* x, const T* w, const T* b
 // x is already padded (g.ph == g.pw == 0) and followed by at least PB - 1 readable zeros. Work
 // items are (channel block, sample, pixel block), each writing its own outputs: results do not
 // depend on the thread count.
-enum class DirectMode2 { automatic = 0, always = 1, never = 2 };
+enum class DirectMode2 { automatic = 0, always = 1, never = 2, rows = 3 };
 DirectMode2 g_direct_forward = DirectMode2::automatic;
 
 template <typename T>
@@ -202,6 +202,27 @@ void conv_forward_direct(const ConvGeom& g, const T* x, const T* w, const T* b, 
     }
 }
 
+// Stride-1 forward along output rows (rowconv.h) for few input channels: x is padded (g.ph ==
+// g.pw == 0) and followed by readable zeros. Work items are (sample, channel block, output row),
+// each writing its own outputs in a fixed order: results do not depend on the thread count.
+template <typename T>
+void conv_forward_rows(const ConvGeom& g, const T* x, const T* w, const T* b, T* y, bool relu) {
+    const MicroKernel<T> uk = current_ukernel<T>();
+    const long V = uk.width, K = g.K, Hx = g.H, Wx = g.W, Ho = g.Ho, Wo = g.Wo, CRS = g.CRS();
+    const long NV = (Wo + V - 1) / V, KB = uk.rowconv_kb[NV], nkb = (K + KB - 1) / KB;
+    T* wpad = thread_scratch<T, 13>(size_t(nkb * KB * CRS));  // the filters, zero rows past K
+    std::copy(w, w + K * CRS, wpad);
+    std::fill(wpad + K * CRS, wpad + nkb * KB * CRS, T(0));
+    const long items = g.N * nkb * Ho;
+#pragma omp parallel for schedule(static) num_threads(int(std::min<long>(num_threads(), items)))
+    for (long it = 0; it < items; ++it) {
+        const long n = it / (nkb * Ho), kb = (it / Ho) % nkb, oh = it % Ho;
+        const long k0 = kb * KB, kn = std::min(KB, K - k0);
+        const RowOut<T> out{y + ((n * K + k0) * Ho + oh) * Wo, Ho * Wo, Wo, kn, b ? b + k0 : nullptr, relu ? 1 : 0};
+        uk.rowconv(NV, x + (n * g.C * Hx + oh) * Wx, Wx, Hx * Wx, g.C, g.R, g.S, wpad + k0 * CRS, out);
+    }
+}
+
 // ---------------------------------------------------------------------------- Winograd F(2x2, 3x3)
 
 // The transforms and the 16 GEMMs live in winograd.h, compiled per ISA; here the buffers.
@@ -219,12 +240,22 @@ void conv_forward_winograd(const ConvGeom& g, const T* x, const T* w, const T* b
 
 bool g_winograd = true;
 
+// The row kernel for the C = 1 layers (C*R*S <= 32), where the GEMM's depth is 9 or 25; rows of
+// at most 4 vectors (64 fp32 outputs with AVX-512).
+bool use_row_forward(const ConvGeom& g, long width) {
+    const long Wo = g.W + 2 * g.pw - g.S + 1;
+    if ((Wo + width - 1) / width > 4) return false;
+    if (g_direct_forward == DirectMode2::rows) return true;
+    if (g_direct_forward != DirectMode2::automatic) return false;
+    return g.C * g.R * g.S <= 32;
+}
+
 // The direct forward pays where the GEMM is packing-bound (few output channels to reuse a packed
 // panel) but there are enough taps per output that the kernel's scattered output stores are a
 // small part: measured (one thread, ms, GEMM / direct) LeNet-5 conv2 (150 taps, K 16) 0.65 / 0.47;
 // but MnistCNN conv1 (9 taps) 0.59 / 0.85 and LeNet-5 conv1 (25 taps) 0.75 / 0.87.
 bool use_direct_forward(const ConvGeom& g) {
-    if (g_direct_forward == DirectMode2::never) return false;
+    if (g_direct_forward == DirectMode2::never || g_direct_forward == DirectMode2::rows) return false;
     if (g_direct_forward == DirectMode2::always) return true;
     return g.K <= 32 && g.C * g.R * g.S >= 64;
 }
@@ -249,6 +280,11 @@ void conv_forward(const ConvGeom& g, const T* x, const T* w, const T* b, T* y, b
     gp.H = g.H + 2 * g.ph;
     gp.W = g.W + 2 * g.pw;
     gp.ph = gp.pw = 0;
+    if (g.sh == 1 && g.sw == 1 && use_row_forward(g, current_ukernel<T>().width)) {
+        const T* xp = placed_input<T, 8>(x, g.N, g.C, g.H, g.W, g.ph, g.pw, gp.H, gp.W, 64);
+        conv_forward_rows(gp, xp, w, b, y, relu);
+        return;
+    }
     if (g.sh == 1 && g.sw == 1 && use_direct_forward(g)) {
         const T* xp = placed_input<T, 8>(x, g.N, g.C, g.H, g.W, g.ph, g.pw, gp.H, gp.W, 32);
         conv_forward_direct(gp, xp, w, b, y, relu);
@@ -849,11 +885,14 @@ void register_conv_linear(py::module_& m) {
         if (mode == "auto") g_direct_forward = DirectMode2::automatic;
         else if (mode == "always") g_direct_forward = DirectMode2::always;
         else if (mode == "never") g_direct_forward = DirectMode2::never;
-        else throw py::value_error("set_direct_forward: mode must be 'auto', 'always' or 'never', got '" + mode + "'");
-    }, "Stride-1 forward (when not Winograd) through the direct kernel: 'auto', 'always' or 'never'.");
+        else if (mode == "rows") g_direct_forward = DirectMode2::rows;
+        else throw py::value_error("set_direct_forward: mode must be 'auto', 'always', 'rows' or 'never', got '" + mode + "'");
+    }, "Stride-1 forward (when not Winograd): 'auto', 'always' (the channel-vectorized direct kernel), "
+       "'rows' (the row kernel, where rows fit 4 vectors) or 'never' (the GEMM).");
     m.def("get_direct_forward", []() {
         return std::string(g_direct_forward == DirectMode2::automatic ? "auto"
-                           : g_direct_forward == DirectMode2::always ? "always" : "never");
+                           : g_direct_forward == DirectMode2::always ? "always"
+                           : g_direct_forward == DirectMode2::rows ? "rows" : "never");
     });
     m.def("set_direct_weight", [](const std::string& mode) {
         if (mode == "auto") g_direct_weight = DirectMode::automatic;

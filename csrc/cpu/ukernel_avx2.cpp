@@ -27,6 +27,10 @@ struct Avx2F32 {
     static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
     static V add(V a, V b) { return _mm256_add_ps(a, b); }
     static void store(T* p, V v) { _mm256_storeu_ps(p, v); }
+    static void store_n(T* p, V v, int n) {
+        _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), v);
+    }
+    static V max0(V v) { return _mm256_max_ps(_mm256_setzero_ps(), v); }  // NaN in v stays NaN
 };
 
 struct Avx2F64 {
@@ -39,6 +43,10 @@ struct Avx2F64 {
     static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
     static V add(V a, V b) { return _mm256_add_pd(a, b); }
     static void store(T* p, V v) { _mm256_storeu_pd(p, v); }
+    static void store_n(T* p, V v, int n) {
+        _mm256_maskstore_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3)), v);
+    }
+    static V max0(V v) { return _mm256_max_pd(_mm256_setzero_pd(), v); }
 };
 
 #include "corr.h"
@@ -50,6 +58,17 @@ void dconv_f32(long KV, const float* x, const float* wt, const long* toff, long 
 }
 void dconv_f64(long KV, const double* x, const double* wt, const long* toff, long taps, double* out) {
     dconv_dispatch<Avx2F64, 12>(KV, x, wt, toff, taps, out);
+}
+
+#include "rowconv.h"
+
+void rowconv_f32(long NV, const float* x, long ldx, long cs, long C, long R, long S, const float* w,
+                 const RowOut<float>& out) {
+    rowconv_dispatch<Avx2F32, 12>(NV, x, ldx, cs, C, R, S, w, out);
+}
+void rowconv_f64(long NV, const double* x, long ldx, long cs, long C, long R, long S, const double* w,
+                 const RowOut<double>& out) {
+    rowconv_dispatch<Avx2F64, 12>(NV, x, ldx, cs, C, R, S, w, out);
 }
 
 #include "winograd.h"
@@ -167,8 +186,8 @@ double fma_loop(long iterations) {
 
 #pragma GCC pop_options
 
-MicroKernel<float> ukernel_avx2_f32() { return {6, 16, &ukernel_f32, 8, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<12>(1), dconv_pb<12>(2), dconv_pb<12>(3), dconv_pb<12>(4)}}; }
-MicroKernel<double> ukernel_avx2_f64() { return {6, 8, &ukernel_f64, 4, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<12>(1), dconv_pb<12>(2), dconv_pb<12>(3), dconv_pb<12>(4)}}; }
+MicroKernel<float> ukernel_avx2_f32() { return {6, 16, &ukernel_f32, 8, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<12>(1), dconv_pb<12>(2), dconv_pb<12>(3), dconv_pb<12>(4)}, &rowconv_f32, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}}; }
+MicroKernel<double> ukernel_avx2_f64() { return {6, 8, &ukernel_f64, 4, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<12>(1), dconv_pb<12>(2), dconv_pb<12>(3), dconv_pb<12>(4)}, &rowconv_f64, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}}; }
 double fma_peak_avx2(long iterations) { return fma_loop(iterations); }
 
 }  // namespace pycnn

@@ -31,6 +31,10 @@ struct Avx512F32 {
     static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
     static V add(V a, V b) { return _mm512_add_ps(a, b); }
     static void store(T* p, V v) { _mm512_storeu_ps(p, v); }
+    static void store_n(T* p, V v, int n) { _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1u), v); }
+    static V max0(V v) {  // v < 0 -> 0; a NaN stays NaN (as relu_forward)
+        return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ), v, _mm512_setzero_ps());
+    }
 };
 
 struct Avx512F64 {
@@ -43,6 +47,10 @@ struct Avx512F64 {
     static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
     static V add(V a, V b) { return _mm512_add_pd(a, b); }
     static void store(T* p, V v) { _mm512_storeu_pd(p, v); }
+    static void store_n(T* p, V v, int n) { _mm512_mask_storeu_pd(p, __mmask8((1u << n) - 1u), v); }
+    static V max0(V v) {
+        return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(v, _mm512_setzero_pd(), _CMP_LT_OQ), v, _mm512_setzero_pd());
+    }
 };
 
 #include "corr.h"
@@ -54,6 +62,17 @@ void dconv_f32(long KV, const float* x, const float* wt, const long* toff, long 
 }
 void dconv_f64(long KV, const double* x, const double* wt, const long* toff, long taps, double* out) {
     dconv_dispatch<Avx512F64, 27>(KV, x, wt, toff, taps, out);
+}
+
+#include "rowconv.h"
+
+void rowconv_f32(long NV, const float* x, long ldx, long cs, long C, long R, long S, const float* w,
+                 const RowOut<float>& out) {
+    rowconv_dispatch<Avx512F32, 27>(NV, x, ldx, cs, C, R, S, w, out);
+}
+void rowconv_f64(long NV, const double* x, long ldx, long cs, long C, long R, long S, const double* w,
+                 const RowOut<double>& out) {
+    rowconv_dispatch<Avx512F64, 27>(NV, x, ldx, cs, C, R, S, w, out);
 }
 
 #include "winograd.h"
@@ -172,8 +191,8 @@ double fma_loop(long iterations) {
 
 #pragma GCC pop_options
 
-MicroKernel<float> ukernel_avx512_f32() { return {8, 32, &ukernel_f32, 16, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}}; }
-MicroKernel<double> ukernel_avx512_f64() { return {8, 16, &ukernel_f64, 8, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}}; }
+MicroKernel<float> ukernel_avx512_f32() { return {8, 32, &ukernel_f32, 16, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f32, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}}; }
+MicroKernel<double> ukernel_avx512_f64() { return {8, 16, &ukernel_f64, 8, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f64, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}}; }
 double fma_peak_avx512(long iterations) { return fma_loop(iterations); }
 
 }  // namespace pycnn

@@ -19,6 +19,8 @@ struct ScalarTraits {
     static V fma(V a, V b, V c) { return a * b + c; }
     static V add(V a, V b) { return a + b; }
     static V bcast(T v) { return v; }
+    static void store_n(T* p, V v, int n) { if (n > 0) *p = v; }
+    static V max0(V v) { return v < T(0) ? T(0) : v; }
     static void store(T* p, V v) { *p = v; }
 };
 
@@ -31,6 +33,17 @@ void dconv_f32(long KV, const float* x, const float* wt, const long* toff, long 
 }
 void dconv_f64(long KV, const double* x, const double* wt, const long* toff, long taps, double* out) {
     dconv_dispatch<ScalarTraits<double>, 27>(KV, x, wt, toff, taps, out);
+}
+
+#include "rowconv.h"
+
+void rowconv_f32(long NV, const float* x, long ldx, long cs, long C, long R, long S, const float* w,
+                 const RowOut<float>& out) {
+    rowconv_dispatch<ScalarTraits<float>, 27>(NV, x, ldx, cs, C, R, S, w, out);
+}
+void rowconv_f64(long NV, const double* x, long ldx, long cs, long C, long R, long S, const double* w,
+                 const RowOut<double>& out) {
+    rowconv_dispatch<ScalarTraits<double>, 27>(NV, x, ldx, cs, C, R, S, w, out);
 }
 
 #include "winograd.h"
@@ -71,7 +84,7 @@ void ukernel_f64(long kc, const double* a, const double* b, double* c, long ldc,
 
 }  // namespace
 
-MicroKernel<float> ukernel_scalar_f32() { return {4, 8, &ukernel_f32, 1, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}}; }
-MicroKernel<double> ukernel_scalar_f64() { return {4, 8, &ukernel_f64, 1, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}}; }
+MicroKernel<float> ukernel_scalar_f32() { return {4, 8, &ukernel_f32, 1, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f32, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}}; }
+MicroKernel<double> ukernel_scalar_f64() { return {4, 8, &ukernel_f64, 1, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f64, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}}; }
 
 }  // namespace pycnn

@@ -99,16 +99,18 @@ def get_backward_data_path() -> str:
 
 
 def set_direct_forward(mode: str) -> None:
-    """Stride-1 forward (where Winograd does not apply) through the direct kernel vectorized over
-    output channels: 'auto' (K <= 32 and C*R*S >= 64), 'always' or 'never' (the packed GEMM)."""
+    """Stride-1 forward where Winograd does not apply: 'auto' (the row kernel for C*R*S <= 32,
+    the channel-vectorized direct kernel for K <= 32 and C*R*S >= 64, else the packed GEMM),
+    'always' (the channel-vectorized kernel), 'rows' (the row kernel where output rows fit 4
+    vectors) or 'never' (the packed GEMM)."""
     _require()
-    if mode not in ("auto", "always", "never"):
-        raise ValueError(f"set_direct_forward: mode must be 'auto', 'always' or 'never', got {mode!r}")
+    if mode not in ("auto", "always", "rows", "never"):
+        raise ValueError(f"set_direct_forward: mode must be 'auto', 'always', 'rows' or 'never', got {mode!r}")
     _n.set_direct_forward(mode)
 
 
 def get_direct_forward() -> str:
-    """The forward kernel choice: 'auto', 'always' or 'never'."""
+    """The forward kernel choice: 'auto', 'always', 'rows' or 'never'."""
     _require()
     return _n.get_direct_forward()
 

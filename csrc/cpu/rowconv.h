@@ -1,0 +1,71 @@
+// Direct stride-1 forward for few input channels, vectorized along the output row; included INSIDE
+// each micro-kernel translation unit (after its vector traits and `#pragma GCC target`, like
+// corr.h; no #include and no std:: here on purpose).
+//
+// The first layers of the MNIST models have C = 1: the GEMM's depth is C*R*S = 9 or 25 and its
+// B panels (the im2col gather) are used by one or four A panels, so it spends its time packing.
+// Here one output row of KB channels is computed straight from the (padded) input rows:
+//   acc[kb][v] += w[k0 + kb, c, r, s] (broadcast) * x[c, oh + r, v*W + s .. + W)   over (c, r, s)
+// NV vectors cover the row (lanes past Wo are junk, dropped by the caller, which also pads the
+// weights to KB channels with zeros and leaves readable values after the input's last row). The
+// results go straight to y (RowOut, common.h).
+template <class Tr, int KB, int NV>
+void rowconv_tile(const typename Tr::T* x, long ldx, long cs, long C, long R, long S, const typename Tr::T* w,
+                  const RowOut<typename Tr::T>& o) {
+    using V = typename Tr::V;
+    constexpr int W = Tr::width;
+    V acc[KB][NV];
+#pragma GCC unroll 8
+    for (int kb = 0; kb < KB; ++kb)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[kb][v] = Tr::zero();
+    const long taps = C * R * S;
+    for (long c = 0, t = 0; c < C; ++c)
+        for (long r = 0; r < R; ++r)
+            for (long s = 0; s < S; ++s, ++t) {
+                V xv[NV];
+#pragma GCC unroll 4
+                for (int v = 0; v < NV; ++v) {
+                    xv[v] = Tr::load(x + c * cs + r * ldx + s + v * W);
+                    __asm__("" : "+v"(xv[v]));  // one load per vector, not one per FMA (see corr.h)
+                }
+#pragma GCC unroll 8
+                for (int kb = 0; kb < KB; ++kb) {
+                    const V wb = Tr::bcast(w[kb * taps + t]);
+#pragma GCC unroll 4
+                    for (int v = 0; v < NV; ++v) acc[kb][v] = Tr::fma(wb, xv[v], acc[kb][v]);
+                }
+            }
+    // epilogue straight into the output rows: bias, the fused ReLU (max(0, v) keeps a NaN), and
+    // the row's last vector stored with only its Wo - (NV-1)*W valid lanes (a scalar copy of
+    // every output through a tile cost more than the FMAs on these 9-tap layers)
+    const int last = int(o.wo - (NV - 1) * W);
+    for (int kb = 0; kb < KB && kb < o.kn; ++kb) {
+        const V bias = Tr::bcast(o.bias ? o.bias[kb] : typename Tr::T(0));
+        typename Tr::T* row = o.y + kb * o.ky;
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+            V r = Tr::add(acc[kb][v], bias);
+            if (o.relu) r = Tr::max0(r);
+            if (v < NV - 1) Tr::store(row + v * W, r);
+            else Tr::store_n(row + v * W, r, last);
+        }
+    }
+}
+
+// Channels per call for NV row vectors: what fits the register budget (as in corr.h), at most 8.
+template <int BUDGET>
+constexpr int rowconv_kb(int nv) {
+    return (BUDGET - nv) / nv > 8 ? 8 : ((BUDGET - nv) / nv < 1 ? 1 : (BUDGET - nv) / nv);
+}
+
+template <class Tr, int BUDGET>
+void rowconv_dispatch(long NV, const typename Tr::T* x, long ldx, long cs, long C, long R, long S,
+                      const typename Tr::T* w, const RowOut<typename Tr::T>& out) {
+    switch (NV) {
+        case 1: return rowconv_tile<Tr, rowconv_kb<BUDGET>(1), 1>(x, ldx, cs, C, R, S, w, out);
+        case 2: return rowconv_tile<Tr, rowconv_kb<BUDGET>(2), 2>(x, ldx, cs, C, R, S, w, out);
+        case 3: return rowconv_tile<Tr, rowconv_kb<BUDGET>(3), 3>(x, ldx, cs, C, R, S, w, out);
+        default: return rowconv_tile<Tr, rowconv_kb<BUDGET>(4), 4>(x, ldx, cs, C, R, S, w, out);
+    }
+}
