@@ -65,6 +65,8 @@ def native_extensions():
         Extension(
             "pycnn._native",
             sources=sources,
+            # The kernels live mostly in headers: an edit to one must rebuild the extension.
+            depends=sorted(glob.glob(os.path.join("csrc", "cpu", "*.h"))),
             include_dirs=[pybind11.get_include(), os.path.join("csrc", "cpu")],
             language="c++",
             extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-fvisibility=hidden"],
