@@ -40,8 +40,9 @@ def _restore_controls():
     """Every test leaves the ISA and thread count as it found them."""
     isa, threads, winograd = native.isa(), native.get_num_threads(), native.get_winograd()
     direct_weight, data_path = native.get_direct_weight(), native.get_backward_data_path()
-    direct_forward = native.get_direct_forward()
+    direct_forward, small_plane = native.get_direct_forward(), native.get_small_plane()
     yield
+    native.set_small_plane(small_plane)
     native.set_direct_forward(direct_forward)
     native.set_isa(isa)
     native.set_num_threads(threads)
@@ -224,6 +225,44 @@ def test_direct_forward_model_shapes(x_shape, w_shape, padding, dtype):
 
 
 @st.composite
+def small_plane_cases(draw):
+    """3x3 stride-1 convolutions whose output plane is at most 3x3 (smallplane.h): every plane size
+    1..3 x 1..3, padding (cropped from the backward scatter), channel counts across vector and
+    block edges (K up to 70: several output-channel blocks, a partial last vector)."""
+    ho, wo = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    ph, pw = draw(st.integers(0, (ho + 1) // 2)), draw(st.integers(0, (wo + 1) // 2))
+    h, w = ho + 2 - 2 * ph, wo + 2 - 2 * pw
+    n, c, k = draw(st.integers(1, 3)), draw(st.integers(1, 40)), draw(st.integers(1, 70))
+    return (n, c, h, w), (k, c, 3, 3), (1, 1), (ph, pw), draw(st.sampled_from(DTYPES)), draw(st.integers(0, 2**31))
+
+
+@SETTINGS
+@given(small_plane_cases())
+def test_small_plane_kernels_match_reference(case):
+    """Forward (with the fused bias + ReLU, NaN passing) and backward-data through the small-plane
+    kernels -- on AVX2 the backward planes above 1x1 do not fit the registers and take the GEMM --
+    and the same cases with them switched off."""
+    x_shape, w_shape, stride, padding, dtype, seed = case
+    for small in (True, False):
+        native.set_small_plane(small)
+        check_conv(*case)
+    native.set_small_plane(True)
+    rng = _rng(seed)
+    x, w = rng.standard_normal(x_shape).astype(dtype), rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    x[0, 0, 0, 0] = np.nan
+    want = ref.conv2d_bias_relu_forward(x, w, b, stride, padding)
+    for isa, threads in configs():
+        assert_close(native.conv2d_bias_relu_forward(x, w, b, stride, padding), want, dtype, f"{isa}/{threads}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_plane_model_shape(dtype):
+    """MnistCNN conv3 (64 -> 64 channels on 5x5), the shape the kernels were written for."""
+    check_conv((3, 64, 5, 5), (64, 64, 3, 3), (1, 1), (0, 0), dtype, seed=41)
+
+
+@st.composite
 def direct_weight_cases(draw):
     """Stride-1 convolutions for the direct backward-weight kernel (corr.h): few input channels,
     filter widths 3 and 5 (specialized) and others (generic), row lengths around the vector width
@@ -269,6 +308,8 @@ def test_algorithm_controls():
     assert native.get_backward_data_path() == "col2im"
     with pytest.raises(ValueError, match="set_backward_data_path: mode must be 'auto', 'flipped' or 'col2im'"):
         native.set_backward_data_path("scatter")
+    native.set_small_plane(False)
+    assert native.get_small_plane() is False
 
 
 def _col2im(fn):
@@ -307,6 +348,8 @@ def test_results_do_not_depend_on_thread_count():
                          *native.conv2d_backward_weight(dy[:, :5].copy(), x[:, :1].copy(), (5, 1, 3, 3), (1, 1), (0, 0)),
                          _col2im(lambda: native.conv2d_backward_data(dy, w, x.shape, (1, 1), (0, 0))),
                          _direct_forward(lambda: native.conv2d_forward(x, w, None, (1, 1), (1, 1))),
+                         native.conv2d_forward(x[:, :, :5, :5].copy(), w, None, (1, 1), (0, 0)),
+                         native.conv2d_backward_data(dy[:, :, :3, :3].copy(), w, (16, 8, 5, 5), (1, 1), (0, 0)),
                          native.linear_forward(lx, lw, None), *native.linear_backward(ldy, lx, lw)]
     for threads in (2, 3):
         for a, b in zip(outs[1], outs[threads]):

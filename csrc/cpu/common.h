@@ -68,6 +68,16 @@ struct RowOut {
     int relu;
 };
 
+// The direct small-plane 3x3 kernels (smallplane.h) for a register budget (27 of AVX-512's 32
+// vector registers, 12 of AVX2's 16): output-channel vectors per forward call for a plane of P
+// output pixels (accumulators P*KV + KV weight vectors + one broadcast), and whether the
+// backward-data accumulators of an HO x WO output plane ((HO+2)*(WO+2), plus a weight vector and a
+// broadcast) fit.
+constexpr int small_forward_kv(int budget, int P) {
+    return (budget - 1) / (P + 1) > 4 ? 4 : (budget - 1) / (P + 1);
+}
+constexpr bool small_backward_fits(int budget, int HO, int WO) { return (HO + 2) * (WO + 2) + 2 <= budget; }
+
 template <typename T>
 struct MicroKernel {
     int mr;
@@ -88,6 +98,12 @@ struct MicroKernel {
     void (*rowconv)(long NV, const T* x, long ldx, long cs, long C, long R, long S, const T* w,
                     const RowOut<T>& out);
     int rowconv_kb[5];
+    // direct 3x3 stride-1 forward / backward-data for output planes of at most 3x3 (smallplane.h);
+    // false (nothing computed) for a plane they do not handle; `small_budget` is the register
+    // budget they were compiled for (small_forward_kv, small_backward_fits)
+    bool (*small_forward)(long Ho, long Wo, const T* x, long C, const T* wt, T* out);
+    bool (*small_backward_data)(long Ho, long Wo, const T* dy, long K, const T* wt, T* out);
+    int small_budget;
 };
 
 MicroKernel<float> ukernel_avx512_f32();

@@ -223,6 +223,88 @@ void conv_forward_rows(const ConvGeom& g, const T* x, const T* w, const T* b, T*
     }
 }
 
+// ---------------------------------------------------------------------------- small planes
+
+// The direct 3x3 kernels of smallplane.h, for output planes of at most 3x3 (MnistCNN conv3: 5x5
+// input, 64 -> 64 channels). 'auto' uses them wherever they apply; 'never' for comparisons.
+bool g_small_plane = true;
+
+// Forward: work items are (sample, output-channel block), each writing its own outputs.
+template <typename T>
+bool conv_forward_small(const ConvGeom& g, const T* x, const T* w, const T* b, T* y, bool relu) {
+    const MicroKernel<T> uk = current_ukernel<T>();
+    if (!g_small_plane || g.R != 3 || g.S != 3 || g.sh != 1 || g.sw != 1 || g.Ho > 3 || g.Wo > 3) return false;
+    const long KV = small_forward_kv(uk.small_budget, int(g.Ho * g.Wo));
+    if (KV < 1) return false;
+    const long KB = KV * uk.width, nkb = (g.K + KB - 1) / KB, taps = g.C * 9, P = g.Ho * g.Wo;
+    const long Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw, plane = Hp * Wp;
+    const T* xp = (g.ph || g.pw) ? placed_input<T, 8>(x, g.N, g.C, g.H, g.W, g.ph, g.pw, Hp, Wp) : x;
+    // weights as [block][c][r][s][KB] (lanes past K zero): one vector load per tap
+    T* wt = thread_scratch<T, 14>(size_t(nkb * taps * KB));
+    for (long kb = 0; kb < nkb; ++kb)
+        for (long t = 0; t < taps; ++t)
+            for (long kk = 0; kk < KB; ++kk) {
+                const long k = kb * KB + kk;
+                wt[(kb * taps + t) * KB + kk] = k < g.K ? w[k * taps + t] : T(0);
+            }
+    const long items = g.N * nkb;
+#pragma omp parallel num_threads(int(std::min<long>(num_threads(), items)))
+    {
+        T* tile = thread_scratch<T, 15>(size_t(P * KB));
+#pragma omp for schedule(static)
+        for (long it = 0; it < items; ++it) {
+            const long n = it / nkb, kb = it % nkb, k0 = kb * KB, kn = std::min(KB, g.K - k0);
+            uk.small_forward(g.Ho, g.Wo, xp + n * g.C * plane, g.C, wt + kb * taps * KB, tile);
+            for (long kk = 0; kk < kn; ++kk) {
+                T* yo = y + (n * g.K + k0 + kk) * P;
+                const T bias = b ? b[k0 + kk] : T(0);
+                for (long p = 0; p < P; ++p) {
+                    T v = tile[p * KB + kk] + bias;
+                    if (relu) v = v < T(0) ? T(0) : v;  // NaN passes, as in relu_forward
+                    yo[p] = v;
+                }
+            }
+        }
+    }
+    return true;
+}
+
+// Backward-data: work items are (sample, input-channel block of one vector); the kernel scatters
+// into the padded plane's gradient and the padding ring is cropped here.
+template <typename T>
+bool conv_backward_data_small(const ConvGeom& g, const T* dy, const T* w, T* dx) {
+    const MicroKernel<T> uk = current_ukernel<T>();
+    if (!g_small_plane || g.R != 3 || g.S != 3 || g.sh != 1 || g.sw != 1 || g.Ho > 3 || g.Wo > 3) return false;
+    if (!small_backward_fits(uk.small_budget, int(g.Ho), int(g.Wo))) return false;
+    const long V = uk.width, ncb = (g.C + V - 1) / V, taps = g.K * 9, P = g.Ho * g.Wo;
+    const long Wp = g.Wo + 2, Q = (g.Ho + 2) * Wp, HW = g.HW();
+    // weights as [block][k][r][s][V] (lanes past C zero)
+    T* wt = thread_scratch<T, 14>(size_t(ncb * taps * V));
+    for (long cb = 0; cb < ncb; ++cb)
+        for (long k = 0; k < g.K; ++k)
+            for (long rs = 0; rs < 9; ++rs)
+                for (long l = 0; l < V; ++l) {
+                    const long c = cb * V + l;
+                    wt[((cb * g.K + k) * 9 + rs) * V + l] = c < g.C ? w[(k * g.C + c) * 9 + rs] : T(0);
+                }
+    const long items = g.N * ncb;
+#pragma omp parallel num_threads(int(std::min<long>(num_threads(), items)))
+    {
+        T* tile = thread_scratch<T, 15>(size_t(Q * V));
+#pragma omp for schedule(static)
+        for (long it = 0; it < items; ++it) {
+            const long n = it / ncb, cb = it % ncb, c0 = cb * V, cn = std::min(V, g.C - c0);
+            uk.small_backward_data(g.Ho, g.Wo, dy + n * g.K * P, g.K, wt + cb * taps * V, tile);
+            for (long l = 0; l < cn; ++l) {
+                T* plane = dx + (n * g.C + c0 + l) * HW;
+                for (long ih = 0; ih < g.H; ++ih)
+                    for (long iw = 0; iw < g.W; ++iw) plane[ih * g.W + iw] = tile[((ih + g.ph) * Wp + iw + g.pw) * V + l];
+            }
+        }
+    }
+    return true;
+}
+
 // ---------------------------------------------------------------------------- Winograd F(2x2, 3x3)
 
 // The transforms and the 16 GEMMs live in winograd.h, compiled per ISA; here the buffers.
@@ -262,6 +344,7 @@ bool use_direct_forward(const ConvGeom& g) {
 
 template <typename T>
 void conv_forward(const ConvGeom& g, const T* x, const T* w, const T* b, T* y, bool relu = false) {
+    if (conv_forward_small(g, x, w, b, y, relu)) return;
     // Winograd where it pays: 3x3, stride 1, and enough channels that the 16 GEMMs fill register
     // tiles (tiny C or K leave the transforms dominating).
     if (g_winograd && g.R == 3 && g.S == 3 && g.sh == 1 && g.sw == 1 && g.C >= 8 && g.K >= 8) {
@@ -432,6 +515,7 @@ void conv_backward_data(const ConvGeom& g, const T* dy, const T* w, T* dx) {
     if (g_data_path == DataPath::col2im || (g_data_path == DataPath::flipped && !flippable))
         return conv_backward_data_col2im(g, dy, w, dx);
     if (g_data_path == DataPath::flipped) return conv_backward_data_stride1(g, dy, w, dx);
+    if (conv_backward_data_small(g, dy, w, dx)) return;
     // The flipped convolution pays when it gets Winograd (3x3, >= 8 channels each way) on images
     // large enough that the padding ring of dy is a small part of the work: measured (one thread,
     // ms, flipped / col2im) MnistCNN conv2 13x13 3.5 / 4.3, FastMNIST conv2 12x12 4.8 / 7.3, but
@@ -871,6 +955,9 @@ void register_conv_linear(py::module_& m) {
     m.def("set_winograd", [](bool on) { g_winograd = on; },
           "Use Winograd F(2x2,3x3) for 3x3 stride-1 convolutions with >= 8 channels in and out.");
     m.def("get_winograd", []() { return g_winograd; });
+    m.def("set_small_plane", [](bool on) { g_small_plane = on; },
+          "Use the direct small-plane kernels (3x3 stride 1, output planes up to 3x3) for forward and backward-data.");
+    m.def("get_small_plane", []() { return g_small_plane; });
     m.def("set_backward_data_path", [](const std::string& mode) {
         if (mode == "auto") g_data_path = DataPath::automatic;
         else if (mode == "flipped") g_data_path = DataPath::flipped;

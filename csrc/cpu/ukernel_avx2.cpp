@@ -60,6 +60,21 @@ void dconv_f64(long KV, const double* x, const double* wt, const long* toff, lon
     dconv_dispatch<Avx2F64, 12>(KV, x, wt, toff, taps, out);
 }
 
+#include "smallplane.h"
+
+bool small_forward_f32(long Ho, long Wo, const float* x, long C, const float* wt, float* out) {
+    return small_forward_dispatch<Avx2F32, 12>(Ho, Wo, x, C, wt, out);
+}
+bool small_forward_f64(long Ho, long Wo, const double* x, long C, const double* wt, double* out) {
+    return small_forward_dispatch<Avx2F64, 12>(Ho, Wo, x, C, wt, out);
+}
+bool small_backward_data_f32(long Ho, long Wo, const float* dy, long K, const float* wt, float* out) {
+    return small_backward_data_dispatch<Avx2F32, 12>(Ho, Wo, dy, K, wt, out);
+}
+bool small_backward_data_f64(long Ho, long Wo, const double* dy, long K, const double* wt, double* out) {
+    return small_backward_data_dispatch<Avx2F64, 12>(Ho, Wo, dy, K, wt, out);
+}
+
 #include "rowconv.h"
 
 void rowconv_f32(long NV, const float* x, long ldx, long cs, long C, long R, long S, const float* w,
@@ -186,8 +201,8 @@ double fma_loop(long iterations) {
 
 #pragma GCC pop_options
 
-MicroKernel<float> ukernel_avx2_f32() { return {6, 16, &ukernel_f32, 8, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<12>(1), dconv_pb<12>(2), dconv_pb<12>(3), dconv_pb<12>(4)}, &rowconv_f32, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}}; }
-MicroKernel<double> ukernel_avx2_f64() { return {6, 8, &ukernel_f64, 4, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<12>(1), dconv_pb<12>(2), dconv_pb<12>(3), dconv_pb<12>(4)}, &rowconv_f64, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}}; }
+MicroKernel<float> ukernel_avx2_f32() { return {6, 16, &ukernel_f32, 8, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<12>(1), dconv_pb<12>(2), dconv_pb<12>(3), dconv_pb<12>(4)}, &rowconv_f32, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f32, &small_backward_data_f32, 12}; }
+MicroKernel<double> ukernel_avx2_f64() { return {6, 8, &ukernel_f64, 4, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<12>(1), dconv_pb<12>(2), dconv_pb<12>(3), dconv_pb<12>(4)}, &rowconv_f64, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f64, &small_backward_data_f64, 12}; }
 double fma_peak_avx2(long iterations) { return fma_loop(iterations); }
 
 }  // namespace pycnn

@@ -64,6 +64,21 @@ void dconv_f64(long KV, const double* x, const double* wt, const long* toff, lon
     dconv_dispatch<Avx512F64, 27>(KV, x, wt, toff, taps, out);
 }
 
+#include "smallplane.h"
+
+bool small_forward_f32(long Ho, long Wo, const float* x, long C, const float* wt, float* out) {
+    return small_forward_dispatch<Avx512F32, 27>(Ho, Wo, x, C, wt, out);
+}
+bool small_forward_f64(long Ho, long Wo, const double* x, long C, const double* wt, double* out) {
+    return small_forward_dispatch<Avx512F64, 27>(Ho, Wo, x, C, wt, out);
+}
+bool small_backward_data_f32(long Ho, long Wo, const float* dy, long K, const float* wt, float* out) {
+    return small_backward_data_dispatch<Avx512F32, 27>(Ho, Wo, dy, K, wt, out);
+}
+bool small_backward_data_f64(long Ho, long Wo, const double* dy, long K, const double* wt, double* out) {
+    return small_backward_data_dispatch<Avx512F64, 27>(Ho, Wo, dy, K, wt, out);
+}
+
 #include "rowconv.h"
 
 void rowconv_f32(long NV, const float* x, long ldx, long cs, long C, long R, long S, const float* w,
@@ -191,8 +206,8 @@ double fma_loop(long iterations) {
 
 #pragma GCC pop_options
 
-MicroKernel<float> ukernel_avx512_f32() { return {8, 32, &ukernel_f32, 16, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f32, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}}; }
-MicroKernel<double> ukernel_avx512_f64() { return {8, 16, &ukernel_f64, 8, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f64, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}}; }
+MicroKernel<float> ukernel_avx512_f32() { return {8, 32, &ukernel_f32, 16, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f32, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f32, &small_backward_data_f32, 27}; }
+MicroKernel<double> ukernel_avx512_f64() { return {8, 16, &ukernel_f64, 8, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f64, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f64, &small_backward_data_f64, 27}; }
 double fma_peak_avx512(long iterations) { return fma_loop(iterations); }
 
 }  // namespace pycnn

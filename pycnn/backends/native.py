@@ -82,6 +82,19 @@ def get_winograd() -> bool:
     return _n.get_winograd()
 
 
+def set_small_plane(on: bool) -> None:
+    """Use the direct small-plane kernels (3x3 stride-1 convolutions whose output plane is at most
+    3x3, e.g. MnistCNN conv3) for forward and backward-data where they apply ('auto' does)."""
+    _require()
+    _n.set_small_plane(bool(on))
+
+
+def get_small_plane() -> bool:
+    """Whether the small-plane kernels may be used."""
+    _require()
+    return _n.get_small_plane()
+
+
 def set_backward_data_path(mode: str) -> None:
     """Backward-data algorithm: 'auto', 'flipped' (stride 1: the forward convolution of dy with the
     flipped filters, Winograd for 3x3; other strides fall back to col2im) or 'col2im' (a GEMM
