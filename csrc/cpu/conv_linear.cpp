@@ -355,7 +355,8 @@ void conv_forward(const ConvGeom& g, const T* x, const T* w, const T* b, T* y, b
         gp.H = 2 * ((g.Ho + 1) / 2) + 2;
         gp.W = 2 * ((g.Wo + 1) / 2) + 2;
         gp.ph = gp.pw = 0;
-        const T* xp = placed_input<T, 4>(x, g.N, g.C, g.H, g.W, g.ph, g.pw, gp.H, gp.W);
+        // (16 readable zeros after the end: the row-wise input transform reads past a row's last tile)
+        const T* xp = placed_input<T, 4>(x, g.N, g.C, g.H, g.W, g.ph, g.pw, gp.H, gp.W, 16);
         conv_forward_winograd(gp, xp, w, b, y, relu);
         return;
     }

@@ -26,6 +26,18 @@ struct Avx2F32 {
     static V bcast(T v) { return _mm256_set1_ps(v); }
     static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
     static V add(V a, V b) { return _mm256_add_ps(a, b); }
+    static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+    // lanes start, start + 2, start + 4, ... (indices mod 8) moved to lanes 0, 1, 2, ...
+    static V lanes2(V v, int start) {
+        const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+        return _mm256_permutevar8x32_ps(v, _mm256_and_si256(_mm256_add_epi32(idx, _mm256_set1_epi32(start)), _mm256_set1_epi32(7)));
+    }
+    // lanes [lo, hi) of the low half (hi <= 4) to p[lo .. hi), as one masked 128-bit store
+    static void store_half(T* p, V v, int lo, int hi) {
+        const __m128i lane = _mm_setr_epi32(0, 1, 2, 3);
+        const __m128i in = _mm_and_si128(_mm_cmpgt_epi32(_mm_set1_epi32(hi), lane), _mm_cmpgt_epi32(lane, _mm_set1_epi32(lo - 1)));
+        _mm_maskstore_ps(p, in, _mm256_castps256_ps128(v));
+    }
     static void store(T* p, V v) { _mm256_storeu_ps(p, v); }
     static void store_n(T* p, V v, int n) {
         _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), v);
@@ -88,8 +100,8 @@ void rowconv_f64(long NV, const double* x, long ldx, long cs, long C, long R, lo
 
 #include "winograd.h"
 
-void winograd_f32(const WinogradArgs<float>& a) { winograd_f2x3<float, 16>(ukernel_avx2_f32(), a); }
-void winograd_f64(const WinogradArgs<double>& a) { winograd_f2x3<double, 8>(ukernel_avx2_f64(), a); }
+void winograd_f32(const WinogradArgs<float>& a) { winograd_f2x3<Avx2F32, 16>(ukernel_avx2_f32(), a); }
+void winograd_f64(const WinogradArgs<double>& a) { winograd_f2x3<Avx2F64, 8>(ukernel_avx2_f64(), a); }
 
 void corr_f32(long R, long S, long KB, const float* x, long ldx, long x_n, const float* dy, long ldd,
               long kstride, long dy_n, long np, long rows, long cols, float* out, long out_k, float* dsum) {

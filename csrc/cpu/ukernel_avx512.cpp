@@ -18,6 +18,9 @@ namespace pycnn {
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+// GCC 12 warns "'__Y' may be used uninitialized" inside its own headers for the 512 -> 256-bit
+// casts (implemented as an extract from an _mm512_undefined value): a known false positive.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace {
 
@@ -30,6 +33,16 @@ struct Avx512F32 {
     static V bcast(T v) { return _mm512_set1_ps(v); }
     static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
     static V add(V a, V b) { return _mm512_add_ps(a, b); }
+    static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+    // lanes start, start + 2, start + 4, ... (indices mod 16) moved to lanes 0, 1, 2, ...
+    static V lanes2(V v, int start) {
+        const __m512i idx = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        return _mm512_maskz_permutexvar_ps(__mmask16(0xffff), _mm512_and_si512(_mm512_add_epi32(idx, _mm512_set1_epi32(start)), _mm512_set1_epi32(15)), v);
+    }
+    // lanes [lo, hi) of the low half (hi <= 8) to p[lo .. hi), as one masked 256-bit store
+    static void store_half(T* p, V v, int lo, int hi) {
+        _mm256_mask_storeu_ps(p, __mmask8(((1u << hi) - 1u) & ~((1u << lo) - 1u)), _mm512_castps512_ps256(v));
+    }
     static void store(T* p, V v) { _mm512_storeu_ps(p, v); }
     static void store_n(T* p, V v, int n) { _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1u), v); }
     static V max0(V v) {  // v < 0 -> 0; a NaN stays NaN (as relu_forward)
@@ -46,6 +59,14 @@ struct Avx512F64 {
     static V bcast(T v) { return _mm512_set1_pd(v); }
     static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
     static V add(V a, V b) { return _mm512_add_pd(a, b); }
+    static V sub(V a, V b) { return _mm512_sub_pd(a, b); }
+    static V lanes2(V v, int start) {
+        const __m512i idx = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);
+        return _mm512_maskz_permutexvar_pd(__mmask8(0xff), _mm512_and_si512(_mm512_add_epi64(idx, _mm512_set1_epi64(start)), _mm512_set1_epi64(7)), v);
+    }
+    static void store_half(T* p, V v, int lo, int hi) {  // lanes [lo, hi), hi <= 4
+        _mm256_mask_storeu_pd(p, __mmask8(((1u << hi) - 1u) & ~((1u << lo) - 1u)), _mm512_castpd512_pd256(v));
+    }
     static void store(T* p, V v) { _mm512_storeu_pd(p, v); }
     static void store_n(T* p, V v, int n) { _mm512_mask_storeu_pd(p, __mmask8((1u << n) - 1u), v); }
     static V max0(V v) {
@@ -92,8 +113,8 @@ void rowconv_f64(long NV, const double* x, long ldx, long cs, long C, long R, lo
 
 #include "winograd.h"
 
-void winograd_f32(const WinogradArgs<float>& a) { winograd_f2x3<float, 32>(ukernel_avx512_f32(), a); }
-void winograd_f64(const WinogradArgs<double>& a) { winograd_f2x3<double, 16>(ukernel_avx512_f64(), a); }
+void winograd_f32(const WinogradArgs<float>& a) { winograd_f2x3<Avx512F32, 32>(ukernel_avx512_f32(), a); }
+void winograd_f64(const WinogradArgs<double>& a) { winograd_f2x3<Avx512F64, 16>(ukernel_avx512_f64(), a); }
 
 void corr_f32(long R, long S, long KB, const float* x, long ldx, long x_n, const float* dy, long ldd,
               long kstride, long dy_n, long np, long rows, long cols, float* out, long out_k, float* dsum) {

@@ -63,8 +63,8 @@ void rowconv_f64(long NV, const double* x, long ldx, long cs, long C, long R, lo
 
 #include "winograd.h"
 
-void winograd_f32(const WinogradArgs<float>& a) { winograd_f2x3<float, 8>(ukernel_scalar_f32(), a); }
-void winograd_f64(const WinogradArgs<double>& a) { winograd_f2x3<double, 8>(ukernel_scalar_f64(), a); }
+void winograd_f32(const WinogradArgs<float>& a) { winograd_f2x3<ScalarTraits<float>, 8>(ukernel_scalar_f32(), a); }
+void winograd_f64(const WinogradArgs<double>& a) { winograd_f2x3<ScalarTraits<double>, 8>(ukernel_scalar_f64(), a); }
 
 void corr_f32(long R, long S, long KB, const float* x, long ldx, long x_n, const float* dy, long ldd,
               long kstride, long dy_n, long np, long rows, long cols, float* out, long out_k, float* dsum) {
