@@ -167,10 +167,15 @@ void conv_forward_direct(const ConvGeom& g, const T* x, const T* w, const T* b, 
             for (long s = 0; s < S; ++s, ++t) toff[t] = (c * Hx + r) * Wx + s;
     const long Qs = (Ho - 1) * Wx + Wo;  // "wide" pixels of one sample (the last row cropped)
     long PBmax = 0;
-    std::vector<long> items_per_kb(size_t(nkb), 0), nblk(size_t(nkb), 0);
+    // Pixel blocks: where a block of PB wide pixels spans whole output rows, blocks start at row
+    // boundaries and hold RB rows (LeNet-5 conv2, 14-wide input, PB 24: two rows of 10, 20 useful
+    // pixels of 24 computed, against 100 of 144 with back-to-back blocks that start mid-row and
+    // compute the junk columns between rows); otherwise back to back over the wide pixels.
+    std::vector<long> items_per_kb(size_t(nkb), 0), nblk(size_t(nkb), 0), rows_per_blk(size_t(nkb), 0);
     for (long kb = 0; kb < nkb; ++kb) {
         const long KV = std::min(KVb, KVtot - kb * KVb), PB = uk.dconv_pb[KV];
-        nblk[kb] = (Qs + PB - 1) / PB;
+        rows_per_blk[kb] = PB >= Wo ? (PB - Wo) / Wx + 1 : 0;
+        nblk[kb] = rows_per_blk[kb] ? (Ho + rows_per_blk[kb] - 1) / rows_per_blk[kb] : (Qs + PB - 1) / PB;
         items_per_kb[kb] = g.N * nblk[kb];
         PBmax = std::max(PBmax, PB);
     }
@@ -185,10 +190,12 @@ void conv_forward_direct(const ConvGeom& g, const T* x, const T* w, const T* b, 
             while (rest >= items_per_kb[kb]) rest -= items_per_kb[kb++];
             const long n = rest / nblk[kb], blk = rest % nblk[kb];
             const long KV = std::min(KVb, KVtot - kb * KVb), PB = uk.dconv_pb[KV], kw = KV * V;
-            const long k0 = kb * KVb * V, kn = std::min(kw, K - k0), q0 = blk * PB;
+            const long RB = rows_per_blk[kb], k0 = kb * KVb * V, kn = std::min(kw, K - k0);
+            const long q0 = RB ? blk * RB * Wx : blk * PB, oh_end = RB ? std::min(Ho, (blk + 1) * RB) : Ho;
             uk.dconv(KV, x + n * C * Hx * Wx + q0, wt + kb * KVb * V * taps, toff, taps, tile);
             for (long i = 0; i < PB && q0 + i < Qs; ++i) {
                 const long q = q0 + i, oh = q / Wx, ow = q % Wx;
+                if (oh >= oh_end) break;  // the next block's rows
                 if (ow >= Wo) continue;  // a junk column of the wide order
                 T* yo = y + ((n * K + k0) * Ho + oh) * Wo + ow;
                 const T* src = tile + i * kw;
