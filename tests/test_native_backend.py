@@ -41,7 +41,9 @@ def _restore_controls():
     isa, threads, winograd = native.isa(), native.get_num_threads(), native.get_winograd()
     direct_weight, data_path = native.get_direct_weight(), native.get_backward_data_path()
     direct_forward, small_plane = native.get_direct_forward(), native.get_small_plane()
+    sliding = native.get_sliding_weight()
     yield
+    native.set_sliding_weight(sliding)
     native.set_small_plane(small_plane)
     native.set_direct_forward(direct_forward)
     native.set_isa(isa)
@@ -278,9 +280,12 @@ def direct_weight_cases(draw):
 @SETTINGS
 @given(direct_weight_cases())
 def test_direct_backward_weight_matches_reference(case):
-    """The direct small-channel backward-weight kernel, forced on, and the GEMM path, forced off."""
-    for mode in ("always", "never"):
+    """The direct small-channel backward-weight kernel, forced on -- in its sliding-window form (3x3
+    and 5x5 filters with at least R output rows, AVX-512 and scalar) and without it -- and the GEMM
+    path, forced off. Heights from 1 cover the fallback below R output rows."""
+    for mode, sliding in (("always", True), ("always", False), ("never", True)):
         native.set_direct_weight(mode)
+        native.set_sliding_weight(sliding)
         check_conv(*case)
 
 
@@ -292,7 +297,25 @@ def test_direct_backward_weight_matches_reference(case):
 ])
 def test_direct_backward_weight_model_shapes(x_shape, w_shape, padding, dtype):
     native.set_direct_weight("always")
-    check_conv(x_shape, w_shape, (1, 1), padding, dtype, seed=12)
+    for sliding in (True, False):
+        native.set_sliding_weight(sliding)
+        check_conv(x_shape, w_shape, (1, 1), padding, dtype, seed=12)
+
+
+def test_sliding_weight_keeps_nonfinite_pairs_out():
+    """The sliding window skips (rather than multiplies by zero) the pairs of edge x rows with dy rows
+    outside the output: an inf in x's first row must give what the reference gives, not NaN."""
+    rng = _rng(5)
+    x = rng.standard_normal((2, 1, 9, 20))
+    x[0, 0, 0, 3] = np.inf
+    dy = rng.standard_normal((2, 4, 5, 16))
+    want, _ = ref.conv2d_backward_weight(dy, x, (4, 1, 5, 5), (1, 1), (0, 0))
+    native.set_direct_weight("always")
+    for sliding in (True, False):
+        native.set_sliding_weight(sliding)
+        got, _ = native.conv2d_backward_weight(dy, x, (4, 1, 5, 5), (1, 1), (0, 0))
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
 
 
 def test_algorithm_controls():

@@ -78,6 +78,10 @@ constexpr int small_forward_kv(int budget, int P) {
 }
 constexpr bool small_backward_fits(int budget, int HO, int WO) { return (HO + 2) * (WO + 2) + 2 <= budget; }
 
+// Backward-weight's direct kernel (corr.h) uses its sliding-window form where it applies (switch
+// for tests and benchmarks; defined in conv_linear.cpp).
+extern bool g_corr_slide;
+
 template <typename T>
 struct MicroKernel {
     int mr;

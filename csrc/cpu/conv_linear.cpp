@@ -19,6 +19,8 @@
 
 namespace pycnn {
 
+bool g_corr_slide = true;
+
 namespace {
 
 struct ConvGeom {
@@ -963,6 +965,9 @@ void register_conv_linear(py::module_& m) {
     m.def("set_winograd", [](bool on) { g_winograd = on; },
           "Use Winograd F(2x2,3x3) for 3x3 stride-1 convolutions with >= 8 channels in and out.");
     m.def("get_winograd", []() { return g_winograd; });
+    m.def("set_sliding_weight", [](bool on) { g_corr_slide = on; },
+          "Backward-weight's direct kernel (few input channels): the sliding-window form where it fits.");
+    m.def("get_sliding_weight", []() { return g_corr_slide; });
     m.def("set_small_plane", [](bool on) { g_small_plane = on; },
           "Use the direct small-plane kernels (3x3 stride 1, output planes up to 3x3) for forward and backward-data.");
     m.def("get_small_plane", []() { return g_small_plane; });

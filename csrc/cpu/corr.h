@@ -105,6 +105,130 @@ __attribute__((optimize("no-split-loops", "no-unswitch-loops"))) void corr_rows_
     }
 }
 
+// The same sums by a sliding window, for R x S filters whose R*S*KB accumulators, a window of R dy
+// rows (KB vectors each) and one x vector fit the registers. The kernel above loads all R*S
+// shifted x vectors for every dy vector: R*S + KB loads per R*S*KB FMAs, most of them unaligned
+// and splitting cache lines, which made it load-bound (FastMNIST conv1 backward-weight at a third
+// of the FMA peak). Here one column vector is walked down the x rows: x row i meets dy rows i - r
+// (r < R), held in a window of registers (win[R-1-r] = dy row i - r, shifted by one per row), so
+// each x row is loaded S times per column and each dy row once: S + KB loads per R*S*KB FMAs.
+// The first and last R-1 x rows meet fewer dy rows: they are peeled into loops with compile-time
+// bounds (a runtime test per FMA made GCC keep the accumulators in memory), and pairs with a dy
+// row outside [0, rows) are skipped, not multiplied by zero (0 * inf would be NaN). Needs
+// rows >= R - 1. The partial last vector of a row is a masked load (zero lanes meet the caller's
+// zero-padded x lanes).
+// Compile-time integers and the peeled head / tail steps of corr_slide_impl (no <utility> here).
+template <int V>
+struct IntC {
+    static constexpr int value = V;
+};
+template <int I, int N>
+struct CorrPeel {  // head: step(0, I + 1) for I < N; tail: step(I + 1, N + 1) for I < N
+    template <class F>
+    static void head(F& f) {
+        f(IntC<0>{}, IntC<I + 1>{}, true);
+        CorrPeel<I + 1, N>::head(f);
+    }
+    template <class F>
+    static void tail(F& f) {
+        f(IntC<I + 1>{}, IntC<N + 1>{}, false);
+        CorrPeel<I + 1, N>::tail(f);
+    }
+};
+template <int N>
+struct CorrPeel<N, N> {
+    template <class F>
+    static void head(F&) {}
+    template <class F>
+    static void tail(F&) {}
+};
+
+template <class Tr, int R, int S, int KB, bool DSUM>
+__attribute__((optimize("no-split-loops", "no-unswitch-loops"))) void corr_slide_impl(
+    const typename Tr::T* x, long ldx, long x_n, const typename Tr::T* dy, long ldd, long kstride, long dy_n,
+    long np, long rows, long cols, typename Tr::T* out, long out_k, typename Tr::T* dsum) {
+    using T = typename Tr::T;
+    using V = typename Tr::V;
+    constexpr int W = Tr::width;
+    const long nfull = cols / W, tail = cols - nfull * W, nvec = nfull + (tail ? 1 : 0);
+    V acc[KB][R][S], dacc[KB];
+#pragma GCC unroll 2
+    for (int kb = 0; kb < KB; ++kb) {
+        dacc[kb] = Tr::zero();
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+            for (int s = 0; s < S; ++s) acc[kb][r][s] = Tr::zero();
+    }
+    // one loop over the (sample, column vector) sweeps, pointers computed per sweep
+    for (long sweep = 0; sweep < np * nvec; ++sweep) {
+        const long n = sweep / nvec, v = sweep % nvec;
+        const int lanes = v < nfull ? W : int(tail);
+        const T* xr = x + n * x_n + v * W;
+        const T* dr = dy + n * dy_n + v * W;
+        V win[R][KB];
+#pragma GCC unroll 8
+        for (int j = 0; j < R; ++j)
+#pragma GCC unroll 2
+            for (int kb = 0; kb < KB; ++kb) win[j][kb] = Tr::zero();
+        // x row i: shift the window, take dy row i (if any), FMA the pairs r in [rlo, rhi)
+        auto step = [&](auto rlo, auto rhi, bool take) {
+#pragma GCC unroll 8
+            for (int j = 0; j + 1 < R; ++j)
+#pragma GCC unroll 2
+                for (int kb = 0; kb < KB; ++kb) win[j][kb] = win[j + 1][kb];
+#pragma GCC unroll 2
+            for (int kb = 0; kb < KB; ++kb) {
+                win[R - 1][kb] = take ? Tr::load_n(dr + kb * kstride, lanes) : Tr::zero();
+                if (DSUM && take) dacc[kb] = Tr::add(dacc[kb], win[R - 1][kb]);
+            }
+#pragma GCC unroll 8
+            for (int s = 0; s < S; ++s) {
+                V xv = Tr::load(xr + s);
+                __asm__("" : "+v"(xv));  // one load, not one per FMA (see corr_rows_impl)
+#pragma GCC unroll 8
+                for (int r = decltype(rlo)::value; r < decltype(rhi)::value; ++r)
+#pragma GCC unroll 2
+                    for (int kb = 0; kb < KB; ++kb) acc[kb][r][s] = Tr::fma(win[R - 1 - r][kb], xv, acc[kb][r][s]);
+            }
+            xr += ldx;
+            if (take) dr += ldd;
+        };
+        // head: x rows 0 .. R-2 meet dy rows i - r >= 0, i.e. r <= i
+        CorrPeel<0, R - 1>::head(step);
+        // interior: every r
+        for (long i = R - 1; i < rows; ++i) step(IntC<0>{}, IntC<R>{}, true);
+        // tail: x rows rows + t meet dy rows < rows, i.e. r > t
+        CorrPeel<0, R - 1>::tail(step);
+    }
+    // horizontal sums in a fixed lane order (deterministic)
+    alignas(64) T lanes_buf[W];
+    for (int kb = 0; kb < KB; ++kb) {
+        for (int r = 0; r < R; ++r)
+            for (int s = 0; s < S; ++s) {
+                Tr::store(lanes_buf, acc[kb][r][s]);
+                T sum = T(0);
+                for (int j = 0; j < W; ++j) sum += lanes_buf[j];
+                out[kb * out_k + r * S + s] += sum;
+            }
+        if (DSUM) {
+            Tr::store(lanes_buf, dacc[kb]);
+            T sum = T(0);
+            for (int j = 0; j < W; ++j) sum += lanes_buf[j];
+            dsum[kb] = sum;
+        }
+    }
+}
+
+template <class Tr, int R, int S, int KB>
+void corr_slide(const typename Tr::T* x, long ldx, long x_n, const typename Tr::T* dy, long ldd, long kstride,
+                long dy_n, long np, long rows, long cols, typename Tr::T* out, long out_k, typename Tr::T* dsum) {
+    if (dsum)
+        corr_slide_impl<Tr, R, S, KB, true>(x, ldx, x_n, dy, ldd, kstride, dy_n, np, rows, cols, out, out_k, dsum);
+    else
+        corr_slide_impl<Tr, R, S, KB, false>(x, ldx, x_n, dy, ldd, kstride, dy_n, np, rows, cols, out, out_k, nullptr);
+}
+
 template <class Tr, int RB, int SB, int KB>
 void corr_rows(const typename Tr::T* x, long ldx, long x_n, const typename Tr::T* dy, long ldd, long kstride,
                long dy_n, long np, long rows, long cols, typename Tr::T* out, long out_rs, long out_k,
@@ -140,6 +264,15 @@ void corr_dispatch(long R, long S, long KB, const typename Tr::T* x, long ldx, l
                    typename Tr::T* dsum) {
     constexpr int rb3k2 = BUDGET >= 18 ? 3 : 2, rb3k1 = 3;
     constexpr int rb5k1 = BUDGET >= 25 ? 5 : 2;
+    // the sliding window where it fits (accumulators + window + x vector + dy sums)
+    if constexpr (BUDGET >= 27) {
+        if (g_corr_slide && rows >= R && R == 3 && S == 3 && KB == 2)
+            return corr_slide<Tr, 3, 3, 2>(x, ldx, x_n, dy, ldd, kstride, dy_n, np, rows, cols, out, out_k, dsum);
+        if (g_corr_slide && rows >= R && R == 3 && S == 3 && KB == 1)
+            return corr_slide<Tr, 3, 3, 1>(x, ldx, x_n, dy, ldd, kstride, dy_n, np, rows, cols, out, out_k, dsum);
+        if (g_corr_slide && rows >= R && R == 5 && S == 5 && KB == 1)
+            return corr_slide<Tr, 5, 5, 1>(x, ldx, x_n, dy, ldd, kstride, dy_n, np, rows, cols, out, out_k, dsum);
+    }
     if (S == 3 && KB == 2)
         return corr_rblocks<Tr, 3, 2, rb3k2>(R, x, ldx, x_n, dy, ldd, kstride, dy_n, np, rows, cols, out, out_k, dsum);
     if (S == 3)

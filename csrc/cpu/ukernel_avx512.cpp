@@ -30,6 +30,7 @@ struct Avx512F32 {
     static constexpr int width = 16;
     static V zero() { return _mm512_setzero_ps(); }
     static V load(const T* p) { return _mm512_loadu_ps(p); }
+    static V load_n(const T* p, int n) { return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1u), p); }  // lanes >= n: 0
     static V bcast(T v) { return _mm512_set1_ps(v); }
     static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
     static V add(V a, V b) { return _mm512_add_ps(a, b); }
@@ -56,6 +57,7 @@ struct Avx512F64 {
     static constexpr int width = 8;
     static V zero() { return _mm512_setzero_pd(); }
     static V load(const T* p) { return _mm512_loadu_pd(p); }
+    static V load_n(const T* p, int n) { return _mm512_maskz_loadu_pd(__mmask8((1u << n) - 1u), p); }
     static V bcast(T v) { return _mm512_set1_pd(v); }
     static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
     static V add(V a, V b) { return _mm512_add_pd(a, b); }

@@ -16,6 +16,7 @@ struct ScalarTraits {
     static constexpr int width = 1;
     static V zero() { return V(0); }
     static V load(const T* p) { return *p; }
+    static V load_n(const T* p, int n) { return n > 0 ? *p : V(0); }
     static V fma(V a, V b, V c) { return a * b + c; }
     static V add(V a, V b) { return a + b; }
     static V bcast(T v) { return v; }

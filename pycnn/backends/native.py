@@ -82,6 +82,20 @@ def get_winograd() -> bool:
     return _n.get_winograd()
 
 
+def set_sliding_weight(on: bool) -> None:
+    """Backward-weight's direct kernel for few input channels (corr.h): walk the x rows with a
+    sliding window of dy rows in registers (3x3 and 5x5 filters, AVX-512 and the scalar kernel) --
+    True, the default -- or load every shifted x vector for every dy vector (False)."""
+    _require()
+    _n.set_sliding_weight(bool(on))
+
+
+def get_sliding_weight() -> bool:
+    """Whether backward-weight's direct kernel may use its sliding-window form."""
+    _require()
+    return _n.get_sliding_weight()
+
+
 def set_small_plane(on: bool) -> None:
     """Use the direct small-plane kernels (3x3 stride-1 convolutions whose output plane is at most
     3x3, e.g. MnistCNN conv3) for forward and backward-data where they apply ('auto' does)."""
