@@ -452,6 +452,21 @@ def main(argv=None) -> int:
     _sync()
 
     entries, details = [], {"mnistcnn": {}, "fastmnist": {}}
+    profiles: list = []
+
+    def save(partial: bool) -> dict:
+        """Write the record as it stands (after every stage: a timeout keeps what was measured)."""
+        record = {**environment(), "commit": commit_sha(),
+                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "benchmark": "gpu_training",
+                  "torch": None if torch is None else torch.__version__, "torch_reason": torch_reason,
+                  "end_to_end": entries, "details": details, "step_profiles": [p for p in profiles if p],
+                  "errors": errors, "partial": partial,
+                  "wall_s": time.perf_counter() - t_start}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=1, default=str))
+        tmp.replace(args.out)  # a failed write never destroys the previous record
+        return record
     rng = np.random.default_rng(0)
     import cupy as cp
 
@@ -476,10 +491,12 @@ def main(argv=None) -> int:
                             **res[variant], "reference": "pytorch-cudagraph" if ref else "none",
                             "reference_samples_per_s": ref.get("samples_per_s"),
                             "pytorch_eager_samples_per_s": (res.get("pytorch-eager") or {}).get("samples_per_s")})
+        save(partial=True)
 
-    profiles = [_attempt(errors, f"profile mnistcnn b{b}", profile_step, "mnistcnn", int(b), xtr, ytr)
-                for b in args.batches.split(",")]
+    profiles += [_attempt(errors, f"profile mnistcnn b{b}", profile_step, "mnistcnn", int(b), xtr, ytr)
+                 for b in args.batches.split(",")]
     profiles.append(_attempt(errors, "profile fastmnist b256", profile_step, "fastmnist", 256, xtr, ytr))
+    save(partial=True)
 
     fm = {"pycnn-eager": [_attempt(errors, "pycnn eager fastmnist", pycnn_fastmnist, False, 0, xtr, ytr, xte, yte)],
           "pycnn-cudagraph": [_attempt(errors, f"pycnn graph fastmnist seed {s}", pycnn_fastmnist, True, s,
@@ -506,14 +523,7 @@ def main(argv=None) -> int:
                         "reference_samples_per_s": len(xtr) / tref[0]["train_s"] if tref else None,
                         "reference_test_acc": tref[0]["test_acc"] if tref else None})
 
-    record = {**environment(), "commit": commit_sha(),
-              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "benchmark": "gpu_training",
-              "torch": None if torch is None else torch.__version__, "torch_reason": torch_reason,
-              "end_to_end": entries, "details": details, "step_profiles": [p for p in profiles if p],
-              "errors": errors,
-              "wall_s": time.perf_counter() - t_start}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1, default=str))
+    record = save(partial=False)
     print(f"{'model':10} {'batch':>5} {'variant':16} {'samples/s':>10} {'epoch/wall s':>12} {'acc':>7}  reference")
     for e in entries:
         t = e.get("epoch_s", e.get("wall_s"))
