@@ -302,20 +302,31 @@ def test_direct_backward_weight_model_shapes(x_shape, w_shape, padding, dtype):
         check_conv(x_shape, w_shape, (1, 1), padding, dtype, seed=12)
 
 
-def test_sliding_weight_keeps_nonfinite_pairs_out():
-    """The sliding window skips (rather than multiplies by zero) the pairs of edge x rows with dy rows
-    outside the output: an inf in x's first row must give what the reference gives, not NaN."""
+@pytest.mark.parametrize("x_shape,dy_shape,w_shape,padding,where", [
+    ((2, 1, 9, 20), (2, 4, 5, 16), (4, 1, 5, 5), (0, 0), (0, 0, 0, 3)),    # first row: sliding head
+    ((1, 1, 28, 28), (1, 2, 28, 28), (2, 1, 3, 3), (1, 1), (0, 0, 10, 27)),  # last column, pad 1
+    ((1, 1, 28, 28), (1, 3, 24, 24), (3, 1, 5, 5), (0, 0), (0, 0, 5, 24)),   # past Wo = 24
+])
+def test_direct_weight_nonfinite_x_follows_reference(x_shape, dy_shape, w_shape, padding, where):
+    """An inf in x gives inf/NaN exactly where the reference has them: the direct kernels' zero dy
+    lanes past Wo and the sliding window's edge rows must not turn 0 * inf into NaN elsewhere."""
     rng = _rng(5)
-    x = rng.standard_normal((2, 1, 9, 20))
-    x[0, 0, 0, 3] = np.inf
-    dy = rng.standard_normal((2, 4, 5, 16))
-    want, _ = ref.conv2d_backward_weight(dy, x, (4, 1, 5, 5), (1, 1), (0, 0))
-    native.set_direct_weight("always")
-    for sliding in (True, False):
-        native.set_sliding_weight(sliding)
-        got, _ = native.conv2d_backward_weight(dy, x, (4, 1, 5, 5), (1, 1), (0, 0))
-        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-        np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    for dtype in DTYPES:
+        x = rng.standard_normal(x_shape).astype(dtype)
+        x[where] = np.inf
+        dy = rng.standard_normal(dy_shape).astype(dtype)
+        want, want_db = ref.conv2d_backward_weight(dy, x, w_shape, (1, 1), padding)
+        native.set_direct_weight("always")
+        for sliding in (True, False):
+            native.set_sliding_weight(sliding)
+            for isa, threads in configs():
+                got, db = native.conv2d_backward_weight(dy, x, w_shape, (1, 1), padding)
+                tag = f"{isa}/{threads}t sliding={sliding} {np.dtype(dtype)}"
+                np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=tag)
+                np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=tag)
+                finite = np.isfinite(want)
+                assert_close(got[finite], want[finite], dtype, tag)
+                assert_close(db, want_db, dtype, tag)
 
 
 def test_algorithm_controls():

@@ -183,7 +183,7 @@ void conv_forward_direct(const ConvGeom& g, const T* x, const T* w, const T* b, 
     }
     long items = 0;
     for (long kb = 0; kb < nkb; ++kb) items += items_per_kb[kb];
-#pragma omp parallel num_threads(int(std::min<long>(num_threads(), items)))
+#pragma omp parallel num_threads(int(std::max<long>(1, std::min<long>(num_threads(), items))))
     {
         T* tile = thread_scratch<T, 12>(size_t(PBmax * KVb * V));
 #pragma omp for schedule(static)
@@ -223,7 +223,7 @@ void conv_forward_rows(const ConvGeom& g, const T* x, const T* w, const T* b, T*
     std::copy(w, w + K * CRS, wpad);
     std::fill(wpad + K * CRS, wpad + nkb * KB * CRS, T(0));
     const long items = g.N * nkb * Ho;
-#pragma omp parallel for schedule(static) num_threads(int(std::min<long>(num_threads(), items)))
+#pragma omp parallel for schedule(static) num_threads(int(std::max<long>(1, std::min<long>(num_threads(), items))))
     for (long it = 0; it < items; ++it) {
         const long n = it / (nkb * Ho), kb = (it / Ho) % nkb, oh = it % Ho;
         const long k0 = kb * KB, kn = std::min(KB, K - k0);
@@ -257,7 +257,7 @@ bool conv_forward_small(const ConvGeom& g, const T* x, const T* w, const T* b, T
                 wt[(kb * taps + t) * KB + kk] = k < g.K ? w[k * taps + t] : T(0);
             }
     const long items = g.N * nkb;
-#pragma omp parallel num_threads(int(std::min<long>(num_threads(), items)))
+#pragma omp parallel num_threads(int(std::max<long>(1, std::min<long>(num_threads(), items))))
     {
         T* tile = thread_scratch<T, 15>(size_t(P * KB));
 #pragma omp for schedule(static)
@@ -297,7 +297,7 @@ bool conv_backward_data_small(const ConvGeom& g, const T* dy, const T* w, T* dx)
                     wt[((cb * g.K + k) * 9 + rs) * V + l] = c < g.C ? w[(k * g.C + c) * 9 + rs] : T(0);
                 }
     const long items = g.N * ncb;
-#pragma omp parallel num_threads(int(std::min<long>(num_threads(), items)))
+#pragma omp parallel num_threads(int(std::max<long>(1, std::min<long>(num_threads(), items))))
     {
         T* tile = thread_scratch<T, 15>(size_t(Q * V));
 #pragma omp for schedule(static)
@@ -553,16 +553,21 @@ bool use_direct_weight(const ConvGeom& g) {
 }
 
 template <typename T>
-void conv_backward_weight_direct(const ConvGeom& g, const T* dy, const T* x, T* dw, T* db) {
+bool conv_backward_weight_direct(const ConvGeom& g, const T* dy, const T* x, T* dw, T* db) {
     const MicroKernel<T> uk = current_ukernel<T>();
     const long V = uk.width, R = g.R, S = g.S, RS = R * S, Ho = g.Ho, Wo = g.Wo, C = g.C, K = g.K;
     const long nvec = (Wo + V - 1) / V, Wop = nvec * V;
-    // x as the kernel reads it: conv padding applied, rows widened to Wop + S - 1 with zeros so
-    // that the zero lanes of the kernel's padded dy tails always meet finite values
+    // x as the kernel reads it: conv padding applied, rows widened to Wop + S - 1 with zeros.
+    // The kernel's last vector of a row has zero dy lanes past Wo, and those meet x columns up to
+    // Wop + S - 2, which hold real inputs where the conv padding is narrower than S - 1: a finite
+    // x gives 0 there, but an inf or NaN would put a NaN into dw that the definition does not
+    // have. So the copy also checks that x is finite (probe = sum of x * 0: NaN iff any x is not)
+    // and hands such inputs to the GEMM path, whose padding lanes never reach a stored result.
     const long Hx = Ho + R - 1, Wx = Wop + S - 1, planes = g.N * C;
     T* xb = thread_scratch<T, 0>(size_t(planes * Hx * Wx));
     const int nt = num_threads();
-#pragma omp parallel for schedule(static) num_threads(nt) if (planes * Hx * Wx > kParallelMin)
+    T probe = T(0);
+#pragma omp parallel for schedule(static) num_threads(nt) if (planes * Hx * Wx > kParallelMin) reduction(+ : probe)
     for (long pl = 0; pl < planes; ++pl) {
         T* d = xb + pl * Hx * Wx;
         const T* src = x + pl * g.H * g.W;
@@ -571,9 +576,14 @@ void conv_backward_weight_direct(const ConvGeom& g, const T* dy, const T* x, T* 
             const long sh = h - g.ph;
             if (sh < 0 || sh >= g.H) continue;
             const long w0 = std::max(0L, g.pw), w1 = std::min(Wx, g.W + g.pw);
-            for (long w = w0; w < w1; ++w) d[h * Wx + w] = src[sh * g.W + (w - g.pw)];
+            for (long w = w0; w < w1; ++w) {
+                const T v = src[sh * g.W + (w - g.pw)];
+                d[h * Wx + w] = v;
+                probe += v * T(0);
+            }
         }
     }
+    if (!(probe == T(0))) return false;
     const long KB = (S == 3 && K >= 2) ? 2 : 1;
     const long kblocks = (K + KB - 1) / KB;
     // samples per corr call: the kernel's horizontal sums are paid once per chunk; chunk partials
@@ -594,6 +604,7 @@ void conv_backward_weight_direct(const ConvGeom& g, const T* dy, const T* x, T* 
         }
         for (long kb = 0; kb < kn; ++kb) db[k0 + kb] = T(dbl[kb]);
     }
+    return true;
 }
 
 // Number of batch chunks of the backward-weight reduction: a function of the batch size only,
@@ -624,10 +635,7 @@ void conv_bias_grad(const ConvGeom& g, const T* dy, T* db) {
 
 template <typename T>
 void conv_backward_weight(const ConvGeom& g, const T* dy, const T* x, T* dw, T* db) {
-    if (g.N > 0 && use_direct_weight<T>(g)) {
-        conv_backward_weight_direct(g, dy, x, dw, db);
-        return;
-    }
+    if (g.N > 0 && use_direct_weight<T>(g) && conv_backward_weight_direct(g, dy, x, dw, db)) return;
     const MicroKernel<T> uk = current_ukernel<T>();
     const long P = g.P(), RS = g.R * g.S, CRS = g.CRS(), KP = g.K * P;
     const int MR = uk.mr, NR = uk.nr;

@@ -8,8 +8,11 @@
 //                dy[n*dy_n + kb*kstride + oh*ldd + j] * x[n*x_n + (oh + r)*ldx + s + j]
 // which is conv backward-weight for (n, c) plane pairs: dw[k, c, r, s] = sum_{n,p} dy[n,k,p] *
 // x[n, c, oh + r, ow + s]. The accumulators live across the samples, so the horizontal sums at
-// the end are paid once per call, not once per plane. The caller pads dy's rows to nvec*W with zeros (and x's rows to
-// nvec*W + S - 1 with zeros), so there is no tail code and no bounds check here.
+// the end are paid once per call, not once per plane. The caller widens x's rows to nvec*W + S - 1
+// (zeros past the input), so x needs no bounds check here; dy is read in place, its last partial
+// vector zero-padded (below). Those zero dy lanes meet x values that may be real inputs (where
+// the conv padding is narrower than S - 1): 0 * x adds nothing only for a finite x, so the caller
+// sends inputs with an inf or NaN in x to the GEMM path instead (conv_backward_weight_direct).
 //
 // Why not the GEMM: with one input channel the GEMM has C*R*S = 9 (or 25) rows, so it spends its
 // time packing dy and x into panels for a few FMAs per element. Here every dy vector is loaded
@@ -18,8 +21,8 @@
 // depend on anything but the inputs.
 
 // dy rows are read where they are (row stride ldd, `cols` elements), the row's last partial
-// vector from a zero-padded copy (its zero lanes meet x lanes that the caller pads with zeros, so
-// they are finite and add nothing). Masked loads did the same but made GCC keep the accumulators
+// vector from a zero-padded copy (its zero lanes meet finite x values, see above, and add
+// nothing). Masked loads did the same but made GCC keep the accumulators
 // in memory (a store of every accumulator per iteration). With DSUM the kernel also sums
 // the dy values it loads into dsum[kb] (db for free, from registers).
 // no-split-loops: GCC otherwise splits the v loop at v == nfull into two copies, and the
@@ -114,9 +117,8 @@ __attribute__((optimize("no-split-loops", "no-unswitch-loops"))) void corr_rows_
 // each x row is loaded S times per column and each dy row once: S + KB loads per R*S*KB FMAs.
 // The first and last R-1 x rows meet fewer dy rows: they are peeled into loops with compile-time
 // bounds (a runtime test per FMA made GCC keep the accumulators in memory), and pairs with a dy
-// row outside [0, rows) are skipped, not multiplied by zero (0 * inf would be NaN). Needs
-// rows >= R - 1. The partial last vector of a row is a masked load (zero lanes meet the caller's
-// zero-padded x lanes).
+// row outside [0, rows) are skipped, not multiplied by zero. Needs rows >= R - 1. The partial last
+// vector of a row is a masked load (its zero lanes meet finite x values, see the top of the file).
 // Compile-time integers and the peeled head / tail steps of corr_slide_impl (no <utility> here).
 template <int V>
 struct IntC {
