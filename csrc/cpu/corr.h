@@ -20,6 +20,31 @@
 // ~1.5-2 FMAs per load and nothing packed. Lanes are reduced in a fixed order, so results do not
 // depend on anything but the inputs.
 
+// The end of both kernels: each accumulator's lanes summed in a fixed order (deterministic) and
+// added to out[kb*out_k + r*out_rs + s]; with DSUM the dy sums written to dsum[kb].
+template <class Tr, int KB, int RB, int SB, bool DSUM>
+void corr_finish(const typename Tr::V (&acc)[KB][RB][SB], const typename Tr::V (&dacc)[KB], typename Tr::T* out,
+                 long out_rs, long out_k, typename Tr::T* dsum) {
+    using T = typename Tr::T;
+    constexpr int W = Tr::width;
+    alignas(64) T lanes[W];
+    for (int kb = 0; kb < KB; ++kb) {
+        for (int r = 0; r < RB; ++r)
+            for (int s = 0; s < SB; ++s) {
+                Tr::store(lanes, acc[kb][r][s]);
+                T sum = T(0);
+                for (int j = 0; j < W; ++j) sum += lanes[j];
+                out[kb * out_k + r * out_rs + s] += sum;
+            }
+        if (DSUM) {
+            Tr::store(lanes, dacc[kb]);
+            T sum = T(0);
+            for (int j = 0; j < W; ++j) sum += lanes[j];
+            dsum[kb] = sum;
+        }
+    }
+}
+
 // dy rows are read where they are (row stride ldd, `cols` elements), the row's last partial
 // vector from a zero-padded copy (its zero lanes meet finite x values, see above, and add
 // nothing). Masked loads did the same but made GCC keep the accumulators
@@ -89,23 +114,7 @@ __attribute__((optimize("no-split-loops", "no-unswitch-loops"))) void corr_rows_
             xr += ldx;
         }
     }
-    // horizontal sums in a fixed lane order (deterministic)
-    alignas(64) T lanes[W];
-    for (int kb = 0; kb < KB; ++kb) {
-        for (int r = 0; r < RB; ++r)
-            for (int s = 0; s < SB; ++s) {
-                Tr::store(lanes, acc[kb][r][s]);
-                T sum = T(0);
-                for (int j = 0; j < W; ++j) sum += lanes[j];
-                out[kb * out_k + r * out_rs + s] += sum;
-            }
-        if (DSUM) {
-            Tr::store(lanes, dacc[kb]);
-            T sum = T(0);
-            for (int j = 0; j < W; ++j) sum += lanes[j];
-            dsum[kb] = sum;
-        }
-    }
+    corr_finish<Tr, KB, RB, SB, DSUM>(acc, dacc, out, out_rs, out_k, dsum);
 }
 
 // The same sums by a sliding window, for R x S filters whose R*S*KB accumulators, a window of R dy
@@ -203,23 +212,7 @@ __attribute__((optimize("no-split-loops", "no-unswitch-loops"))) void corr_slide
         // tail: x rows rows + t meet dy rows < rows, i.e. r > t
         CorrPeel<0, R - 1>::tail(step);
     }
-    // horizontal sums in a fixed lane order (deterministic)
-    alignas(64) T lanes_buf[W];
-    for (int kb = 0; kb < KB; ++kb) {
-        for (int r = 0; r < R; ++r)
-            for (int s = 0; s < S; ++s) {
-                Tr::store(lanes_buf, acc[kb][r][s]);
-                T sum = T(0);
-                for (int j = 0; j < W; ++j) sum += lanes_buf[j];
-                out[kb * out_k + r * S + s] += sum;
-            }
-        if (DSUM) {
-            Tr::store(lanes_buf, dacc[kb]);
-            T sum = T(0);
-            for (int j = 0; j < W; ++j) sum += lanes_buf[j];
-            dsum[kb] = sum;
-        }
-    }
+    corr_finish<Tr, KB, R, S, DSUM>(acc, dacc, out, S, out_k, dsum);
 }
 
 template <class Tr, int R, int S, int KB>
