@@ -5,6 +5,10 @@ compute-bound 64x128x56x56 layer with 128 3x3 filters (pad 1), beside cuDNN thro
 fp32 (TF32 off) and in TF32, all measured in the same run.
 
     python benchmarks/gpu_kernels.py [--json FILE] [--repeats 30] [--budget 100] [--other-kernels]
+                                     [--layers all|big] [--versions 1,2,3,4]
+    PYCNN_CONV_STAGES=1 python benchmarks/gpu_kernels.py --layers big --versions 3,4 --json FILE
+        (v3/v4 with the main loop that loads through registers instead of the double-buffered
+        cp.async one: each entry's "stages" says which loop ran)
 
 Times are CUDA-event medians: 3 warm-up calls, then ``--repeats`` timed calls (5 for calls slower
 than 5 ms). Before a version is timed its output is compared with cuDNN's fp32 result
@@ -153,8 +157,9 @@ def tflops(flop: float, ms) -> float | None:
     return None if not ms else round(flop / (ms * 1e-3) / 1e12, 3)
 
 
-def conv_ladder(repeats: int, budget: float = 100.0) -> dict:
-    """Every version x direction on every layer: the record's kernel entries and info.
+def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, versions=VERSIONS) -> dict:
+    """Every version x direction on every layer (or on the compute-bound one only): the record's
+    kernel entries and info.
 
     No new layer is started after ``budget`` seconds (``truncated`` in the info then says so).
     """
@@ -166,7 +171,8 @@ def conv_ladder(repeats: int, budget: float = 100.0) -> dict:
     entries, errors, auto = [], [], {}
     t_start = time.perf_counter()
     truncated = []
-    for label, shape in layers():
+    stages = cuda.compile_defines()["PYCNN_CONV3_STAGES"]
+    for label, shape in (layers()[:1] if only_big else layers()):
         if time.perf_counter() - t_start > budget:
             truncated.append(label)
             continue
@@ -195,7 +201,7 @@ def conv_ladder(repeats: int, budget: float = 100.0) -> dict:
         }
         for op, direction in DIRECTIONS:
             fp32_ms, tf32_ms = cudnn.get(op, (None, None))
-            for version in VERSIONS:
+            for version in versions:
                 try:
                     ran = cuda.conv_version(direction, x.shape, w.shape, st, pd, version, True)
                     if ran != version:
@@ -218,7 +224,8 @@ def conv_ladder(repeats: int, budget: float = 100.0) -> dict:
                     "tflops": tflops(flop, ms), "cudnn_tflops": tflops(flop, fp32_ms),
                     "cudnn_tf32_tflops": tflops(flop, tf32_ms), "max_rel_err_vs_cudnn": err,
                     "auto": auto[label][op] == f"v{version}", "layer": label,
-                    "tile": tile_of(direction, shape) if version in ("3", "4") else None})
+                    "tile": tile_of(direction, shape) if version in ("3", "4") else None,
+                    "stages": stages if version in ("3", "4") else None})
     # Was the shape rule right? The fastest measured exact version per layer and direction.
     fastest = {}
     for e in entries:
@@ -230,7 +237,8 @@ def conv_ladder(repeats: int, budget: float = 100.0) -> dict:
     fastest = {layer: {op: v for op, (v, _) in ops.items()} for layer, ops in fastest.items()}
     info = {"errors": errors, "cudnn": torch_info, "repeats": repeats, "auto_versions": auto,
             "fastest_exact_versions": fastest, "truncated": truncated,
-            "conv_versions": list(VERSIONS), "conv_seconds": round(time.perf_counter() - t_start, 1),
+            "conv_versions": list(versions), "conv_stages": stages, "conv_layers": "big" if only_big else "all",
+            "conv_seconds": round(time.perf_counter() - t_start, 1),
             "conv_env_version": os.environ.get("PYCNN_CONV_VERSION")}
     return {"entries": entries, **info}
 
@@ -256,14 +264,22 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per kernel (5 if slow)")
     parser.add_argument("--budget", type=float, default=100.0,
                         help="seconds after which no new layer is started (the record lists the skipped ones)")
+    parser.add_argument("--layers", choices=("all", "big"), default="all",
+                        help="every model layer and the compute-bound one, or the compute-bound one only")
+    parser.add_argument("--versions", default=",".join(VERSIONS),
+                        help=f"comma-separated conv versions to time (default {','.join(VERSIONS)})")
     parser.add_argument("--other-kernels", action="store_true",
                         help="also time the non-conv kernel families (the selftest's benchmark)")
     args = parser.parse_args(argv)
+    versions = tuple(v.strip() for v in args.versions.split(",") if v.strip())
+    unknown = [v for v in versions if v not in VERSIONS]
+    if unknown or not versions:
+        parser.error(f"--versions: expected a comma-separated subset of {','.join(VERSIONS)}, got {args.versions!r}")
     ok, reason = cuda.available()
     if not ok:
         print(f"CUDA backend unavailable: {reason}", file=sys.stderr)
         return 2
-    bench = conv_ladder(args.repeats, args.budget)
+    bench = conv_ladder(args.repeats, args.budget, only_big=args.layers == "big", versions=versions)
     entries = bench.pop("entries")
     if args.other_kernels:
         other = selftest.kernel_benchmarks()

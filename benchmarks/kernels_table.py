@@ -40,8 +40,9 @@ def flop(shape) -> float:
 def newest_record(results: Path) -> tuple[Path, dict] | tuple[None, None]:
     """The gpu-*.json record with conv2d kernel entries and the latest ``date`` (then file name).
 
-    Records of the whole ladder (benchmarks/gpu_kernels.py: ``kernels_info.conv_versions``) win
-    over the selftest's, which time only some versions.
+    Records of the whole ladder (benchmarks/gpu_kernels.py with every version on every layer) win
+    over the selftest's, which time only some versions, and over partial gpu_kernels.py runs
+    (``--layers big``, ``--versions``).
     """
     best = None
     for path in sorted(results.glob("gpu-*.json")):
@@ -51,11 +52,29 @@ def newest_record(results: Path) -> tuple[Path, dict] | tuple[None, None]:
             continue
         if not any(str(e.get("op", "")).startswith("conv2d") for e in record.get("kernels") or []):
             continue
-        ladder = bool((record.get("kernels_info") or {}).get("conv_versions"))
+        info = record.get("kernels_info") or {}
+        ladder = set(info.get("conv_versions") or ()) >= {v[1:] for v in VERSIONS} and \
+            info.get("conv_layers", "all") == "all"
         key = (ladder, str(record.get("date") or ""), path.name)
         if best is None or key > best[0]:
             best = (key, path, record)
     return (best[1], best[2]) if best else (None, None)
+
+
+def one_stage_record(results: Path, commit) -> dict | None:
+    """The newest record of v3/v4 run with PYCNN_CONV_STAGES=1 (``kernels_info.conv_stages`` 1) at
+    ``commit``: the main loop without cp.async double buffering, for comparison."""
+    best = None
+    for path in sorted(results.glob("gpu-*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if (record.get("kernels_info") or {}).get("conv_stages") == 1 and record.get("commit") == commit:
+            key = (str(record.get("date") or ""), path.name)
+            if best is None or key > best[0]:
+                best = (key, record)
+    return best[1] if best else None
 
 
 def cell(ms, shape) -> str:
@@ -65,8 +84,9 @@ def cell(ms, shape) -> str:
         f"{ms:.2f} ms, {flop(shape) / (ms * 1e-3) / 1e12:.2f} TFLOP/s"
 
 
-def render(path: Path | None, record: dict | None) -> str:
-    """The markdown that goes between the markers."""
+def render(path: Path | None, record: dict | None, one_stage: dict | None = None) -> str:
+    """The markdown that goes between the markers (``one_stage``: a PYCNN_CONV_STAGES=1 record of
+    the same commit, whose v3/v4 rows are added where it measured them)."""
     if record is None:
         return "No GPU record with conv2d kernel timings exists yet in benchmarks/results/."
     kernels = [e for e in record.get("kernels") or [] if str(e.get("op", "")).startswith("conv2d")]
@@ -88,6 +108,13 @@ def render(path: Path | None, record: dict | None) -> str:
                 if e is None and (v, d) not in missing:
                     missing.append((v, d))
             lines.append(f"| {VERSION_NAMES[v]} | " + " | ".join(cells) + " |")
+        for v in ("v3", "v4"):
+            single = {e["op"]: e for e in (one_stage or {}).get("kernels") or []
+                      if list(e.get("shape", [])) == shape and e.get("version") == v}
+            if single:
+                cells = [cell(single[op]["ms"], shape) if op in single else "-" for op, _ in DIRECTIONS]
+                lines.append(f"| {VERSION_NAMES[v]}, 1-stage loop (PYCNN_CONV_STAGES=1, separate run) | "
+                             + " | ".join(cells) + " |")
         for label, key in (("cuDNN fp32", "cudnn_ms"), ("cuDNN TF32", "cudnn_tf32_ms")):
             cells = []
             for op, d in DIRECTIONS:
@@ -124,8 +151,9 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if the doc's table is out of date")
     args = parser.parse_args(argv)
     path, record = newest_record(args.results)
+    one_stage = one_stage_record(args.results, record.get("commit")) if record else None
     text = args.doc.read_text(encoding="utf-8")
-    new = update(text, render(path, record))
+    new = update(text, render(path, record, one_stage))
     if args.check:
         print("up to date" if new == text else f"{args.doc} is out of date: run benchmarks/kernels_table.py")
         return 0 if new == text else 1

@@ -69,6 +69,16 @@ def test_kernel_source_inlines_common_header_and_defines():
         assert text.index("#define PYCNN_BLOCK") < text.index("#ifndef PYCNN_BLOCK")
 
 
+def test_conv_stages_come_from_the_environment(monkeypatch):
+    monkeypatch.delenv("PYCNN_CONV_STAGES", raising=False)
+    assert "#define PYCNN_CONV3_STAGES 2\n" in cuda.kernel_source("conv2d.cu")
+    monkeypatch.setenv("PYCNN_CONV_STAGES", "1")
+    assert "#define PYCNN_CONV3_STAGES 1\n" in cuda.kernel_source("conv2d.cu")
+    monkeypatch.setenv("PYCNN_CONV_STAGES", "3")
+    with pytest.raises(ValueError, match=r"PYCNN_CONV_STAGES must be 1 .* or 2 .*got '3'"):
+        cuda.kernel_source("conv2d.cu")
+
+
 def test_kernel_names_are_extern_c_and_versioned():
     names = {f: cuda.kernel_names(f) for f in cuda.SOURCES}
     assert {"conv2d_fwd_v1_f32", "conv2d_fwd_v2_f32", "conv2d_bwd_data_v1_f32",

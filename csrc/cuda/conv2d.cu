@@ -34,9 +34,12 @@
 //                  long Kd is split over grid.z (split-K) into a partial-sum workspace that
 //                  conv2d_bwd_weight_reduce_f32 adds in a fixed order: deterministic, no atomics.
 //   A BM x BN block of C per 256-thread block, staged through BK-deep shared-memory tiles of A
-//   and B that all threads load cooperatively (float4 loads of A where rows are contiguous and
-//   16-byte aligned); each thread accumulates a TM x TN register tile with fmaf, reading it from
-//   shared memory as float4s. Two tile sizes (the host picks one per shape):
+//   and B that all threads load cooperatively; each thread accumulates a TM x TN register tile
+//   with fmaf, reading it from shared memory as float4s. The tiles are double-buffered: while the
+//   block computes on one, cp.async copies the next one from global to shared memory
+//   (PYCNN_CONV3_STAGES=2, the default; 1 = the plain loop that loads through registers, with
+//   float4 loads of A where four values are contiguous, kept for comparison). Both sum in the
+//   same order: the results are bitwise equal. Two tile sizes (the host picks one per shape):
 //   conv2d_fwd_v3_f32, conv2d_bwd_data_v3_f32, conv2d_bwd_weight_v3_f32                64 x 64, 4x4
 //   conv2d_fwd_v3_t128_f32, conv2d_bwd_data_v3_t128_f32, conv2d_bwd_weight_v3_t128_f32 128 x 128, 8x8
 // v4 TF32 tensor cores (opt-in: allow_tf32 / PYCNN_ALLOW_TF32=1; sm_80 or newer)
@@ -178,6 +181,18 @@ extern "C" __global__ void conv2d_fwd_v2_f32(
 // Row padding of the shared tiles: with a pitch of BM+8 floats (64+8, 128+8) the v4 fragment
 // reads As[k0+t][m0+g] (t = lane%4, g = lane/4) hit banks 8t+g, all 32 distinct.
 #define PYCNN_CONV3_PAD 8
+// Shared-memory stages of the v3/v4 main loop (the host sets it; $PYCNN_CONV_STAGES):
+//   1  each thread loads its share of the next tile into registers and stores it to shared memory,
+//      then the block computes on it: a block waits out every tile's global-load latency, and
+//      only a second resident block can fill that time.
+//   2  double buffering with cp.async (sm_80+): the copies of tile s+1 go straight from global
+//      to shared memory (no registers) while the block computes on tile s, so one block's own
+//      loads overlap its math. A copy whose element is padding or outside the tensor copies zero
+//      bytes and zero-fills (src-size 0), which is the convolution's zero padding.
+#ifndef PYCNN_CONV3_STAGES
+#define PYCNN_CONV3_STAGES 2
+#endif
+static_assert(PYCNN_CONV3_STAGES == 1 || PYCNN_CONV3_STAGES == 2, "PYCNN_CONV3_STAGES is 1 or 2");
 
 static_assert(PYCNN_CONV3_BK == 16 && PYCNN_CONV3_THREADS == 256,
               "the cooperative loads assume 16-deep stages and 256 threads");
@@ -213,6 +228,38 @@ __device__ __forceinline__ void pycnn_mma_tf32_m16n8k8(float d[4], const unsigne
 #else
     (void)d; (void)a; (void)b;
     __trap();  // tensor-core TF32 needs sm_80; the host never launches v4 below it
+#endif
+}
+
+// Asynchronous 4-byte copy global -> shared (cp.async.ca, sm_80+). valid == false copies nothing
+// and writes 0 (src-size 0: the source is not read; src must still be a valid address). Below
+// sm_80 it is an ordinary load and store. The emulator (emu.h) defines the same three functions
+// and holds every copy back until the wait that covers its group, as the hardware may.
+__device__ __forceinline__ void pycnn_cp_async_f32(float* dst, const float* src, bool valid) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0)
+                 : "memory");
+#else
+    float v = 0.0f;
+    if (valid) v = *src;
+    *dst = v;
+#endif
+}
+
+// Closes the group of copies issued since the last commit.
+__device__ __forceinline__ void pycnn_cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most PENDING of this thread's committed groups are still in flight (its own
+// copies only: a __syncthreads after it makes every thread's copies visible to the block).
+template <int PENDING>
+__device__ __forceinline__ void pycnn_cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
 #endif
 }
 #endif
@@ -283,6 +330,172 @@ __device__ __forceinline__ void pycnn_conv_decode(const PycnnConvGemm& p, int kd
     t[0] = t0; t[1] = t1; t[2] = t2; t[3] = t3;
 }
 
+// Per-thread constants of the tile loads, decoded once per block.
+struct PycnnConvLoader {
+    int m0;                // first row of C this block computes
+    int b_col, b_row;      // B: this thread loads column b_col of the tile, rows b_row + B_STEP*q
+    bool nb_ok;            // that column exists (n0 + b_col < Ncols)
+    int cb0, cb1, cb2;     // the column's geometry (see pycnn_conv_b_elem)
+    int a_row, a_k;        // A: rows a_row + 64*rr of the tile, reduction indices a_k .. a_k+3
+};
+
+// Address of A[ma][k0 + kk] (A as in the file header), or nullptr where the element is zero
+// (row past M, or reduction index past the block's range: tab row slot 0 is -1 there).
+template <int MODE>
+__device__ __forceinline__ const float* pycnn_conv_a_elem(const PycnnConvGemm& p, const int (*tab)[4], int k0,
+                                                          int ma, int kk) {
+    if (ma >= p.M) return nullptr;
+    if (MODE == PYCNN_CONV_FWD) {  // w[k=ma, kd]: rows of length Kd
+        const int kd = k0 + kk;
+        return kd < p.k_end ? p.a_src + (pycnn_i64)ma * p.Kd + kd : nullptr;
+    }
+    const int t0 = tab[kk][0];
+    if (t0 < 0) return nullptr;
+    if (MODE == PYCNN_CONV_BWD_DATA) return p.a_src + t0 + ma * p.R * p.S;  // w[k, c=ma, r, s]
+    return p.a_src + (pycnn_i64)ma * p.Ho * p.Wo + t0;                        // dy[img, k=ma, pix]
+}
+
+// Address of B[kd][column] for the tab row t of kd, or nullptr where B is zero: outside the
+// tensor (that is the zero padding) or, in bwd-data, at a position no output reads.
+template <int MODE>
+__device__ __forceinline__ const float* pycnn_conv_b_elem(const PycnnConvGemm& p, const PycnnConvLoader& L,
+                                                          const int* t) {
+    if (!L.nb_ok || t[0] < 0) return nullptr;
+    if (MODE == PYCNN_CONV_FWD) {  // x[img, c, i*sh - ph + r, j*sw - pw + s]
+        const int h = L.cb1 + t[1], ww = L.cb2 + t[2];
+        if (h < 0 || h >= p.H || ww < 0 || ww >= p.W) return nullptr;
+        return p.b_src + L.cb0 + t[0] + h * p.W + ww;
+    } else if (MODE == PYCNN_CONV_BWD_DATA) {
+        // dy[img, k, i, j] with i*sh = h + ph - r: only integral, in-range i count.
+        const int ti = L.cb1 - t[2], tj = L.cb2 - t[3];
+        if (ti < 0 || tj < 0 || ti % p.sh != 0 || tj % p.sw != 0) return nullptr;
+        const int i = ti / p.sh, j = tj / p.sw;
+        if (i >= p.Ho || j >= p.Wo) return nullptr;
+        return p.b_src + L.cb0 + t[1] + i * p.Wo + j;
+    } else {                       // x[img, c, i*sh - ph + r, j*sw - pw + s], kd = (img, i, j)
+        const int h = t[2] + L.cb1, ww = t[3] + L.cb2;
+        if (h < 0 || h >= p.H || ww < 0 || ww >= p.W) return nullptr;
+        return p.b_src + t[1] + L.cb0 + h * p.W + ww;
+    }
+}
+
+// Stage the A (BM x BK, stored transposed As[k][m] so both compute loops read rows) and B
+// (BK x BN) tiles of reduction indices k0 .. k0+BK-1. ASYNC: cp.async copies (complete after the
+// matching pycnn_cp_async_wait); otherwise loads through registers, float4 where four A values
+// are contiguous and 16-byte aligned.
+template <int MODE, int BM, int BN, bool ASYNC>
+__device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, const PycnnConvLoader& L,
+                                                     const int (*tab)[4], int k0,
+                                                     float (*As)[BM + PYCNN_CONV3_PAD],
+                                                     float (*Bs)[BN + PYCNN_CONV3_PAD]) {
+    constexpr int BK = PYCNN_CONV3_BK;
+    constexpr int A_ROWS = BM / 64;
+    constexpr int B_STEP = PYCNN_CONV3_THREADS / BN;
+    // Not unrolled: unrolling keeps both rows' addresses live and pushes the 128x128 v3 kernels
+    // past 128 registers (one block per SM instead of two).
+#pragma unroll 1
+    for (int rr = 0; rr < A_ROWS; ++rr) {
+        const int row = L.a_row + 64 * rr;
+        const int ma = L.m0 + row;
+        if (ASYNC) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const float* e = pycnn_conv_a_elem<MODE>(p, tab, k0, ma, L.a_k + q);
+                pycnn_cp_async_f32(&As[L.a_k + q][row], e ? e : p.a_src, e != nullptr);
+            }
+        } else {
+            float av[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            const float* first = pycnn_conv_a_elem<MODE>(p, tab, k0, ma, L.a_k);
+            const float* last = pycnn_conv_a_elem<MODE>(p, tab, k0, ma, L.a_k + 3);
+            // Offsets grow by at least 1 per reduction index in every mode, so last == first + 3
+            // means the four values are contiguous.
+            if (first && last == first + 3 && (reinterpret_cast<unsigned long long>(first) & 15ull) == 0) {
+                const float4 v = *reinterpret_cast<const float4*>(first);
+                av[0] = v.x; av[1] = v.y; av[2] = v.z; av[3] = v.w;
+            } else {
+                for (int q = 0; q < 4; ++q) {
+                    const float* e = pycnn_conv_a_elem<MODE>(p, tab, k0, ma, L.a_k + q);
+                    if (e) av[q] = *e;
+                }
+            }
+#pragma unroll
+            for (int q = 0; q < 4; ++q) As[L.a_k + q][row] = av[q];
+        }
+    }
+#pragma unroll
+    for (int q = 0; q < BK / B_STEP; ++q) {
+        const int row = L.b_row + q * B_STEP;
+        const float* e = pycnn_conv_b_elem<MODE>(p, L, tab[row]);
+        if (ASYNC) {
+            pycnn_cp_async_f32(&Bs[row][L.b_col], e ? e : p.b_src, e != nullptr);
+        } else {
+            Bs[row][L.b_col] = e ? *e : 0.0f;
+        }
+    }
+}
+
+// acc += As^T . Bs over one BK-deep stage, the thread's share of the BM x BN block.
+template <bool TF32, int BM, int BN>
+__device__ __forceinline__ void pycnn_conv_mma_tile(const float (*As)[BM + PYCNN_CONV3_PAD],
+                                                    const float (*Bs)[BN + PYCNN_CONV3_PAD], float* acc) {
+    constexpr int BK = PYCNN_CONV3_BK;
+    constexpr int TM = BM / 16, TN = BN / 16;  // v3 register tile (16 x 16 threads)
+    constexpr int WM = BM / 2, WN = BN / 4;    // v4: 2 x 4 warps
+    constexpr int MI = WM / 16, NI = WN / 8;   // v4: mma tiles per warp
+    const int tid = threadIdx.x;
+    if (!TF32) {
+        // v3: thread (tx, ty) owns the TM x TN block of rows TM*ty.. and columns TN*tx.. of
+        // the tile, read as float4s of As and Bs per k: for 4x4, 3 shared-memory wavefronts
+        // per warp (As is a broadcast: a warp spans two ty) for 16 FMAs, so the FMA units,
+        // not shared memory, set the pace (scalar reads would need 8); 8x8 needs 6 for 64.
+        const int tx = tid % 16, ty = tid / 16;
+#pragma unroll
+        for (int kk = 0; kk < BK; ++kk) {
+            float a[TM], b[TN];
+#pragma unroll
+            for (int i = 0; i < TM; i += 4) {
+                const float4 v = *reinterpret_cast<const float4*>(&As[kk][ty * TM + i]);
+                a[i] = v.x; a[i + 1] = v.y; a[i + 2] = v.z; a[i + 3] = v.w;
+            }
+#pragma unroll
+            for (int j = 0; j < TN; j += 4) {
+                const float4 v = *reinterpret_cast<const float4*>(&Bs[kk][tx * TN + j]);
+                b[j] = v.x; b[j + 1] = v.y; b[j + 2] = v.z; b[j + 3] = v.w;
+            }
+#pragma unroll
+            for (int i = 0; i < TM; ++i)
+#pragma unroll
+                for (int j = 0; j < TN; ++j) acc[i * TN + j] = fmaf(a[i], b[j], acc[i * TN + j]);
+        }
+    } else {
+        // v4: warp w owns rows wm..wm+WM-1 and columns wn..wn+WN-1 = MI x NI mma tiles of 16x8.
+        const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+        const int wm = (warp % 2) * WM, wn = (warp / 2) * WN;
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 8) {
+            unsigned a[MI][4], b[NI][2];
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {
+                const int r0 = wm + mi * 16 + g;
+                a[mi][0] = pycnn_tf32(As[kk + t][r0]);
+                a[mi][1] = pycnn_tf32(As[kk + t][r0 + 8]);
+                a[mi][2] = pycnn_tf32(As[kk + t + 4][r0]);
+                a[mi][3] = pycnn_tf32(As[kk + t + 4][r0 + 8]);
+            }
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni) {
+                const int c0 = wn + ni * 8 + g;
+                b[ni][0] = pycnn_tf32(Bs[kk + t][c0]);
+                b[ni][1] = pycnn_tf32(Bs[kk + t + 4][c0]);
+            }
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < NI; ++ni) pycnn_mma_tf32_m16n8k8(&acc[(mi * NI + ni) * 4], a[mi], b[ni]);
+        }
+    }
+}
+
 // One block computes C[m0:m0+BM, n0:n0+BN] over Kd range [k_begin, k_end). Must be entered by
 // all PYCNN_CONV3_THREADS threads of a 1-D block (it synchronizes with __syncthreads).
 // Offsets inside x, dy and dx are int32: the host runs v3/v4 only when every tensor has fewer
@@ -291,190 +504,89 @@ template <int MODE, bool TF32, int BM, int BN>
 __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
     static_assert((BM == 64 || BM == 128) && BN == BM, "tiles are 64x64 or 128x128");
     constexpr int BK = PYCNN_CONV3_BK;
-    constexpr int TM = BM / 16, TN = BN / 16;        // v3 register tile (16 x 16 threads)
-    constexpr int A_ROWS = BM / 64;                  // A: each thread loads A_ROWS float4s ...
-    constexpr int B_STEP = PYCNN_CONV3_THREADS / BN; // B: ... and BN/16 values, rows B_STEP apart
-    constexpr int WM = BM / 2, WN = BN / 4;          // v4: 2 x 4 warps
-    constexpr int MI = WM / 16, NI = WN / 8;         // v4: mma tiles per warp
+    constexpr int STAGES = PYCNN_CONV3_STAGES;
+    constexpr int TM = BM / 16, TN = BN / 16;  // v3 register tile (16 x 16 threads)
+    constexpr int WM = BM / 2, WN = BN / 4;    // v4: 2 x 4 warps
+    constexpr int MI = WM / 16, NI = WN / 8;   // v4: mma tiles per warp
     // 16-byte aligned rows (pitch BM+8 floats) so that v3 reads four values with one float4.
-    __shared__ __align__(16) float As[BK][BM + PYCNN_CONV3_PAD];  // A^T: [k][m]
-    __shared__ __align__(16) float Bs[BK][BN + PYCNN_CONV3_PAD];  // [k][n]
+    __shared__ __align__(16) float As[STAGES][BK][BM + PYCNN_CONV3_PAD];  // A^T: [k][m]
+    __shared__ __align__(16) float Bs[STAGES][BK][BN + PYCNN_CONV3_PAD];  // [k][n]
     // Per stage, the BK reduction indices decoded once (pycnn_conv_decode) instead of three
-    // integer divisions in every load. Two buffers: the next stage's table is decoded while
-    // this stage computes, so a stage needs two __syncthreads, not three.
-    __shared__ int tab2[2][BK][4];
+    // integer divisions in every load; the next stage's table is decoded while this one is used.
+    // 1 stage: two tables (decode s+1 while computing s). 2 stages: three (tiles s+1 are being
+    // copied from table s+1 while table s+2 is decoded).
+    __shared__ int tabs[STAGES + 1][BK][4];
 
     const int tid = threadIdx.x;
-    const int m0 = blockIdx.y * BM;
     const int n0 = blockIdx.x * BN;
     const int RS = p.R * p.S, HW = p.H * p.W, HoWo = p.Ho * p.Wo;
 
-    // B loads: this thread always loads column b_col of the tile (consecutive threads take
-    // consecutive columns: consecutive pixels of x / dy, coalesced) in rows b_row + B_STEP*q.
-    const int b_col = tid % BN;
-    const int b_row = tid / BN;
-    const int nb = n0 + b_col;
-    const bool nb_ok = nb < p.Ncols;
-    int cb0 = 0, cb1 = 0, cb2 = 0;  // the column's geometry, decoded once per block
-    if (nb_ok) {
+    PycnnConvLoader L;
+    L.m0 = blockIdx.y * BM;
+    // B loads: consecutive threads take consecutive columns (consecutive pixels of x / dy: coalesced).
+    L.b_col = tid % BN;
+    L.b_row = tid / BN;
+    const int nb = n0 + L.b_col;
+    L.nb_ok = nb < p.Ncols;
+    L.cb0 = L.cb1 = L.cb2 = 0;
+    if (L.nb_ok) {
         if (MODE == PYCNN_CONV_FWD) {          // column = output pixel (img, i, j)
             const int img = nb / HoWo, pix = nb - img * HoWo, i = pix / p.Wo;
-            cb0 = img * p.C * HW;
-            cb1 = i * p.sh - p.ph;
-            cb2 = (pix - i * p.Wo) * p.sw - p.pw;
+            L.cb0 = img * p.C * HW;
+            L.cb1 = i * p.sh - p.ph;
+            L.cb2 = (pix - i * p.Wo) * p.sw - p.pw;
         } else if (MODE == PYCNN_CONV_BWD_DATA) {  // column = input pixel (img, h, w)
             const int img = nb / HW, pix = nb - img * HW, h = pix / p.W;
-            cb0 = img * p.K * HoWo;
-            cb1 = h + p.ph;
-            cb2 = (pix - h * p.W) + p.pw;
+            L.cb0 = img * p.K * HoWo;
+            L.cb1 = h + p.ph;
+            L.cb2 = (pix - h * p.W) + p.pw;
         } else {                               // column = weight tap (c, r, s)
             const int c = nb / RS, rs = nb - c * RS, r = rs / p.S;
-            cb0 = c * HW;
-            cb1 = r;
-            cb2 = rs - r * p.S;
+            L.cb0 = c * HW;
+            L.cb1 = r;
+            L.cb2 = rs - r * p.S;
         }
     }
-    // A loads: rows a_row + 64*rr of the tile, four consecutive reduction indices from a_k.
-    const int a_row = tid / (BK / 4);
-    const int a_k = (tid % (BK / 4)) * 4;
-    // float4 loads need 16-byte aligned, contiguous rows: w rows of length Kd (forward), dy
-    // planes of HoWo pixels (bwd-weight).
-    const bool a_base_aligned = (reinterpret_cast<unsigned long long>(p.a_src) & 15ull) == 0;
-    const bool a_vec = a_base_aligned && (MODE == PYCNN_CONV_FWD ? (p.Kd % 4 == 0)
-                                          : (MODE == PYCNN_CONV_BWD_WEIGHT ? (HoWo % 4 == 0) : false));
+    L.a_row = tid / (BK / 4);
+    L.a_k = (tid % (BK / 4)) * 4;
 
+    static_assert(MI * NI * 4 == TM * TN, "v3 and v4 hold the same number of accumulators per thread");
     float acc[TM * TN];
 #pragma unroll
     for (int q = 0; q < TM * TN; ++q) acc[q] = 0.0f;
 
-    if (tid < BK) pycnn_conv_decode<MODE>(p, p.k_begin + tid, tab2[0][tid]);
+    if (tid < BK) pycnn_conv_decode<MODE>(p, p.k_begin + tid, tabs[0][tid]);
     __syncthreads();
-    int buf = 0;
-    for (int k0 = p.k_begin; k0 < p.k_end; k0 += BK, buf ^= 1) {
-        int (*tab)[4] = tab2[buf];
-
-        // ---- A tile (BM x BK), stored transposed As[k][m] so both compute loops read rows.
-        // Not unrolled: unrolling keeps both rows' addresses live and pushes the 128x128 v3 kernels
-        // past 128 registers (one block per SM instead of two).
-#pragma unroll 1
-        for (int rr = 0; rr < A_ROWS; ++rr) {
-            const int row = a_row + 64 * rr;
-            const int ma = m0 + row;
-            float av[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            if (ma < p.M) {
-                if (MODE == PYCNN_CONV_FWD) {
-                    const int kd = k0 + a_k;
-                    const float* src = p.a_src + (pycnn_i64)ma * p.Kd + kd;
-                    if (a_vec && kd + 3 < p.k_end) {
-                        const float4 v = *reinterpret_cast<const float4*>(src);
-                        av[0] = v.x; av[1] = v.y; av[2] = v.z; av[3] = v.w;
-                    } else {
-                        for (int q = 0; q < 4; ++q)
-                            if (kd + q < p.k_end) av[q] = src[q];
-                    }
-                } else if (MODE == PYCNN_CONV_BWD_DATA) {
-                    for (int q = 0; q < 4; ++q) {
-                        const int t0 = tab[a_k + q][0];
-                        if (t0 >= 0) av[q] = p.a_src[t0 + ma * RS];  // w[k, c=ma, r, s]
-                    }
-                } else {
-                    const int t0 = tab[a_k][0], t3 = tab[a_k + 3][0];
-                    const float* src = p.a_src + (pycnn_i64)ma * HoWo;  // dy[img, k=ma, pix]
-                    if (a_vec && t0 >= 0 && t3 == t0 + 3 && (t0 & 3) == 0) {
-                        const float4 v = *reinterpret_cast<const float4*>(src + t0);
-                        av[0] = v.x; av[1] = v.y; av[2] = v.z; av[3] = v.w;
-                    } else {
-                        for (int q = 0; q < 4; ++q) {
-                            const int tq = tab[a_k + q][0];
-                            if (tq >= 0) av[q] = src[tq];
-                        }
-                    }
-                }
-            }
-#pragma unroll
-            for (int q = 0; q < 4; ++q) As[a_k + q][row] = av[q];
+    if (STAGES == 1) {
+        int s = 0;
+        for (int k0 = p.k_begin; k0 < p.k_end; k0 += BK, ++s) {
+            pycnn_conv_load_tile<MODE, BM, BN, false>(p, L, tabs[s % 2], k0, As[0], Bs[0]);
+            __syncthreads();
+            // The next stage's table goes into the other slot, which no thread reads any more.
+            if (tid < BK && k0 + BK < p.k_end) pycnn_conv_decode<MODE>(p, k0 + BK + tid, tabs[(s + 1) % 2][tid]);
+            pycnn_conv_mma_tile<TF32, BM, BN>(As[0], Bs[0], acc);
+            __syncthreads();  // the next stage overwrites As and Bs
         }
-
-        // ---- B tile (BK x BN), zero outside the tensors (that is the zero padding).
-#pragma unroll
-        for (int q = 0; q < BK / B_STEP; ++q) {
-            const int row = b_row + q * B_STEP;
-            const int t0 = tab[row][0];
-            float v = 0.0f;
-            if (nb_ok && t0 >= 0) {
-                if (MODE == PYCNN_CONV_FWD) {
-                    const int h = cb1 + tab[row][1], ww = cb2 + tab[row][2];
-                    if (h >= 0 && h < p.H && ww >= 0 && ww < p.W) v = p.b_src[cb0 + t0 + h * p.W + ww];
-                } else if (MODE == PYCNN_CONV_BWD_DATA) {
-                    // dy[img, k, i, j] with i*sh = h + ph - r: only integral, in-range i count.
-                    const int ti = cb1 - tab[row][2], tj = cb2 - tab[row][3];
-                    if (ti >= 0 && tj >= 0 && ti % p.sh == 0 && tj % p.sw == 0) {
-                        const int i = ti / p.sh, j = tj / p.sw;
-                        if (i < p.Ho && j < p.Wo) v = p.b_src[cb0 + tab[row][1] + i * p.Wo + j];
-                    }
-                } else {
-                    const int h = tab[row][2] + cb1, ww = tab[row][3] + cb2;
-                    if (h >= 0 && h < p.H && ww >= 0 && ww < p.W) v = p.b_src[tab[row][1] + cb0 + h * p.W + ww];
-                }
-            }
-            Bs[row][b_col] = v;
+    } else {
+        // Prologue: tile 0 in flight, table 1 decoded.
+        pycnn_conv_load_tile<MODE, BM, BN, true>(p, L, tabs[0], p.k_begin, As[0], Bs[0]);
+        pycnn_cp_async_commit();
+        if (tid < BK && p.k_begin + BK < p.k_end) pycnn_conv_decode<MODE>(p, p.k_begin + BK + tid, tabs[1][tid]);
+        int s = 0;
+        for (int k0 = p.k_begin; k0 < p.k_end; k0 += BK, ++s) {
+            const int cur = s & 1;
+            // Table s+1 is visible, and every thread is done computing on buffer cur^1 (stage s-1).
+            __syncthreads();
+            if (k0 + BK < p.k_end)
+                pycnn_conv_load_tile<MODE, BM, BN, true>(p, L, tabs[(s + 1) % 3], k0 + BK, As[cur ^ 1], Bs[cur ^ 1]);
+            pycnn_cp_async_commit();  // (an empty group on the last stage keeps the count uniform)
+            // Slot (s+2)%3 last served the copies of stage s-1, issued two iterations ago.
+            if (tid < BK && k0 + 2 * BK < p.k_end)
+                pycnn_conv_decode<MODE>(p, k0 + 2 * BK + tid, tabs[(s + 2) % 3][tid]);
+            pycnn_cp_async_wait<1>();  // this thread's copies of stage s have landed ...
+            __syncthreads();           // ... and everyone's
+            pycnn_conv_mma_tile<TF32, BM, BN>(As[cur], Bs[cur], acc);
         }
-        __syncthreads();
-        // The next stage's table goes into the other buffer, which no thread reads any more.
-        if (tid < BK && k0 + BK < p.k_end) pycnn_conv_decode<MODE>(p, k0 + BK + tid, tab2[buf ^ 1][tid]);
-
-        if (!TF32) {
-            // v3: thread (tx, ty) owns the TM x TN block of rows TM*ty.. and columns TN*tx.. of
-            // the tile, read as float4s of As and Bs per k: for 4x4, 3 shared-memory wavefronts
-            // per warp (As is a broadcast: a warp spans two ty) for 16 FMAs, so the FMA units,
-            // not shared memory, set the pace (scalar reads would need 8); 8x8 needs 6 for 64.
-            const int tx = tid % 16, ty = tid / 16;
-#pragma unroll
-            for (int kk = 0; kk < BK; ++kk) {
-                float a[TM], b[TN];
-#pragma unroll
-                for (int i = 0; i < TM; i += 4) {
-                    const float4 v = *reinterpret_cast<const float4*>(&As[kk][ty * TM + i]);
-                    a[i] = v.x; a[i + 1] = v.y; a[i + 2] = v.z; a[i + 3] = v.w;
-                }
-#pragma unroll
-                for (int j = 0; j < TN; j += 4) {
-                    const float4 v = *reinterpret_cast<const float4*>(&Bs[kk][tx * TN + j]);
-                    b[j] = v.x; b[j + 1] = v.y; b[j + 2] = v.z; b[j + 3] = v.w;
-                }
-#pragma unroll
-                for (int i = 0; i < TM; ++i)
-#pragma unroll
-                    for (int j = 0; j < TN; ++j) acc[i * TN + j] = fmaf(a[i], b[j], acc[i * TN + j]);
-            }
-        } else {
-            // v4: warp w owns rows wm..wm+WM-1 and columns wn..wn+WN-1 = MI x NI mma tiles of 16x8.
-            const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-            const int wm = (warp % 2) * WM, wn = (warp / 2) * WN;
-#pragma unroll
-            for (int kk = 0; kk < BK; kk += 8) {
-                unsigned a[MI][4], b[NI][2];
-#pragma unroll
-                for (int mi = 0; mi < MI; ++mi) {
-                    const int r0 = wm + mi * 16 + g;
-                    a[mi][0] = pycnn_tf32(As[kk + t][r0]);
-                    a[mi][1] = pycnn_tf32(As[kk + t][r0 + 8]);
-                    a[mi][2] = pycnn_tf32(As[kk + t + 4][r0]);
-                    a[mi][3] = pycnn_tf32(As[kk + t + 4][r0 + 8]);
-                }
-#pragma unroll
-                for (int ni = 0; ni < NI; ++ni) {
-                    const int c0 = wn + ni * 8 + g;
-                    b[ni][0] = pycnn_tf32(Bs[kk + t][c0]);
-                    b[ni][1] = pycnn_tf32(Bs[kk + t + 4][c0]);
-                }
-#pragma unroll
-                for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-                    for (int ni = 0; ni < NI; ++ni) pycnn_mma_tf32_m16n8k8(&acc[(mi * NI + ni) * 4], a[mi], b[ni]);
-            }
-        }
-        __syncthreads();  // the next stage overwrites As and Bs
     }
 
     if (!TF32) {
@@ -486,7 +598,7 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
             const pycnn_i64 base = pycnn_conv_out_base<MODE>(p, n);
 #pragma unroll
             for (int i = 0; i < TM; ++i) {
-                const int m = m0 + ty * TM + i;
+                const int m = L.m0 + ty * TM + i;
                 if (m < p.M) pycnn_conv_store<MODE>(p, base, m, acc[i * TN + j]);
             }
         }
@@ -504,7 +616,7 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
                 for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
-                        const int m = m0 + wm + mi * 16 + g + 8 * h;
+                        const int m = L.m0 + wm + mi * 16 + g + 8 * h;
                         if (m < p.M) pycnn_conv_store<MODE>(p, base, m, acc[(mi * NI + ni) * 4 + 2 * h + e]);
                     }
             }

@@ -43,6 +43,9 @@ DEFINES = {
     "PYCNN_GEMM_TM": 2,
     "PYCNN_GEMM_TN": 2,
     "PYCNN_MT_MAX_TENSORS": 16,
+    # v3/v4 main loop: 2 = double-buffered cp.async copies, 1 = loads through registers
+    # (conv2d.cu); $PYCNN_CONV_STAGES overrides it when a module is first compiled.
+    "PYCNN_CONV3_STAGES": 2,
 }
 SOURCES = ("conv2d.cu", "pool2d.cu", "activation.cu", "loss.cu", "optim.cu", "linear.cu")
 COMMON_HEADER = "common.cuh"
@@ -139,8 +142,20 @@ def kernel_source(filename: str) -> str:
     if INCLUDE_LINE in text:
         text = text.replace(INCLUDE_LINE, f"// ---- begin {COMMON_HEADER} ----\n{header}\n"
                                           f"// ---- end {COMMON_HEADER} ----", 1)
-    defines = "".join(f"#define {key} {value}\n" for key, value in DEFINES.items())
+    defines = "".join(f"#define {key} {value}\n" for key, value in compile_defines().items())
     return f"// pycnn CUDA source {filename}\n{defines}{text}"
+
+
+def compile_defines() -> dict:
+    """DEFINES with the choices the environment makes at compile time ($PYCNN_CONV_STAGES)."""
+    defines = dict(DEFINES)
+    stages = os.environ.get("PYCNN_CONV_STAGES", "")
+    if stages:
+        if stages not in ("1", "2"):
+            raise ValueError(f"PYCNN_CONV_STAGES must be 1 (v3/v4 load tiles through registers) or 2 "
+                             f"(double-buffered cp.async copies), got {stages!r}")
+        defines["PYCNN_CONV3_STAGES"] = int(stages)
+    return defines
 
 
 def _function(device_id: int, filename: str, kernel: str):

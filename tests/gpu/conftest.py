@@ -46,6 +46,16 @@ def emulator():
     return build_emulator()
 
 
+@pytest.fixture(scope="session")
+def emulator_one_stage():
+    """The same, compiled with PYCNN_CONV_STAGES=1 (v3/v4 load their tiles through registers)."""
+    from emu_support import build_emulator
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYCNN_CONV_STAGES", "1")
+        return build_emulator()
+
+
 @pytest.fixture
 def emulated(monkeypatch, emulator):
     """Point the CUDA backend at NumPy arrays and the emulator; returns the launched kernel names."""

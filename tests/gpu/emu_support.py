@@ -61,6 +61,8 @@ def build_emulator():
             f'{", ".join(p[3] for p in params)}) {{ emu_run(gx, gy, gz, bx, by, bz, smem, '
             f'{"true" if threaded else "false"}, [&]() {{ {name}({", ".join(p[0] for p in params)}); }}); }}'
             for name, (params, threaded) in found.items()]
+        if not sources:  # once per library: the harness reads the cp.async error count after each launch
+            wrappers.append('extern "C" int emu_copy_error_count() { return emu_copy_errors.load(); }')
         sources[filename] = '#include "emu.h"\n' + text + "\n" + "\n".join(wrappers) + "\n"
     digest = hashlib.sha1(EMU_HEADER.read_bytes() + "".join(sources.values()).encode()).hexdigest()[:16]
     build = Path(tempfile.gettempdir()) / f"pycnn-emu-{digest}"
@@ -106,6 +108,7 @@ def patch_backend(monkeypatch, emulator):
                 assert type(arg) is _NP[ctype], f"{kernel}: {name} is {type(arg)}"
                 cargs.append(_CT[ctype](arg.item()))
         getattr(lib, f"emu_{kernel}")(*cargs)
+        assert lib.emu_copy_error_count() == 0, f"{kernel}: a thread exited with cp.async copies it never waited for"
         launched.append(kernel)
 
     monkeypatch.setattr(cuda, "_cupy", lambda: fake_cupy)

@@ -147,7 +147,7 @@ def test_drawn_shapes_every_version(emulator, shape, seed):
         assert "conv2d_fwd_v3_f32" in launched and "conv2d_bwd_data_v4_f32" in launched
 
 
-LARGE_1X1 = (1, 132, 12, 12, 130, 1, 1, (1, 1), (0, 0))  # Kd = 132, HoWo = 144: float4 A loads
+LARGE_1X1 = (1, 132, 12, 12, 130, 1, 1, (1, 1), (0, 0))  # Kd = 132, HoWo = 144: float4 A loads (1 stage)
 LARGE_3X3 = (1, 129, 25, 12, 130, 3, 3, (2, 1), (1, 0))  # v4 here would take ~20 s to emulate
 
 
@@ -321,12 +321,97 @@ def test_kernels_table_shows_only_measured_figures(tmp_path):
     ladder = dict(old, date="2025-01-01", kernels_info={"conv_versions": ["1", "2", "3", "4"]})
     (tmp_path / "gpu-4.json").write_text(json.dumps(ladder))
     assert kernels_table.newest_record(tmp_path)[0].name == "gpu-4.json", "a ladder record wins"
+    # a later partial gpu_kernels.py run (--layers big, or some versions) does not replace it
+    partial = dict(old, date="2026-03-01", kernels_info={"conv_versions": ["3", "4"], "conv_layers": "big",
+                                                         "conv_stages": 1})
+    (tmp_path / "gpu-5.json").write_text(json.dumps(partial))
+    assert kernels_table.newest_record(tmp_path)[0].name == "gpu-4.json"
     (tmp_path / "gpu-4.json").unlink()
+    (tmp_path / "gpu-5.json").unlink()
     text = kernels_table.render(path, record)
     flop = 2.0 * 64 * 128 * 56 * 56 * 128 * 9
     assert f"| v3 implicit GEMM (fp32) | 2.00 ms, {flop / 2e-3 / 1e12:.2f} TFLOP/s | - | - |" in text
     assert f"| cuDNN TF32 (same run) | 500 µs, {flop / 5e-4 / 1e12:.2f} TFLOP/s | - | - |" in text
     assert "| v1 direct | - | - | - |" in text and "99.00" not in text
     assert "v1 (all three directions)" in text and "v3 (backward-data, backward-weight)" in text
+    assert "1-stage loop" not in text
+    # the PYCNN_CONV_STAGES=1 rows come from a record of the same commit only
+    single = {"date": "2026-02-02", "commit": "b" * 40, "kernels_info": {"conv_stages": 1},
+              "kernels": [{"op": "conv2d_bwd_data", "shape": big, "version": "v4", "ms": 4.0}]}
+    (tmp_path / "gpu-6.json").write_text(json.dumps(single))
+    assert kernels_table.one_stage_record(tmp_path, "a" * 40) is None
+    one = kernels_table.one_stage_record(tmp_path, "b" * 40)
+    staged = kernels_table.render(path, record, one)
+    assert (f"| v4 TF32 tensor cores, 1-stage loop (PYCNN_CONV_STAGES=1, separate run) | - | 4.00 ms, "
+            f"{flop / 4e-3 / 1e12:.2f} TFLOP/s | - |") in staged
+    assert "v3 implicit GEMM (fp32), 1-stage" not in staged
     doc = f"intro\n{kernels_table.BEGIN}\nstale\n{kernels_table.END}\noutro\n"
     assert kernels_table.update(doc, text) == f"intro\n{kernels_table.BEGIN}\n{text}{kernels_table.END}\noutro\n"
+
+
+@pytest.mark.parametrize("version, shape, t128", [
+    ("3", SHAPES["multi-tile"], False), ("3", SHAPES["stride2-pad-odd"], False),
+    ("4", SHAPES["multi-tile"], False), ("3", LARGE_1X1, True)],
+    ids=["v3-multi-tile", "v3-stride2", "v4-multi-tile", "v3-t128-1x1"])
+def test_one_stage_main_loop_gives_the_same_bits(emulator, emulator_one_stage, version, shape, t128):
+    """PYCNN_CONV_STAGES=1 (loads through registers, float4 where A is contiguous) and the default
+    double-buffered cp.async loop stage the same tiles and sum them in the same order: the results
+    are bitwise equal, and both match the reference."""
+    from emu_support import patch_backend
+
+    x, w, b, dy = data(shape, seed=5)
+    results = []
+    for build in (emulator, emulator_one_stage):
+        with pytest.MonkeyPatch.context() as mp:
+            launched = patch_backend(mp, build)
+            if t128:
+                mp.setattr(cuda, "_CONV3_T128_MIN_BLOCKS", 1)
+            results.append(run_all(shape, x, w, b, dy, version, allow_tf32=version == "4"))
+            suffix = "_t128" if t128 else ""
+            assert f"conv2d_fwd_v{version}{suffix}_f32" in launched, launched
+    for what, two, one in zip(("y", "dx", "dw", "db"), *results):
+        np.testing.assert_array_equal(one, two, err_msg=f"v{version} {what}: 1 stage vs 2 stages")
+    if version == "3":
+        want = reference(shape, x, w, b, dy)
+        for what, g, wnt, length in zip(("y", "dx", "dw", "db"), results[0], want, lengths(shape) + (lengths(shape)[2],)):
+            np.testing.assert_allclose(g, wnt, rtol=1e-4, atol=fp32_atol(length), err_msg=f"v{version} {what}")
+
+
+def test_gpu_kernels_benchmark_runs_on_the_emulator(emulated, monkeypatch, tmp_path):
+    """benchmarks/gpu_kernels.py end to end (--layers big --versions 3,4), on a tiny stand-in for
+    the compute-bound layer: the GPU session cannot afford to find a broken script. No cuDNN here,
+    so the cross-check column stays empty; times are the emulator's and mean nothing."""
+    import json
+    import sys
+    import time
+    import types
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import gpu_kernels
+
+    class Event:
+        def record(self):
+            self.t = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+    fake_cp = types.SimpleNamespace(
+        asarray=np.ascontiguousarray, asnumpy=np.asarray,
+        cuda=types.SimpleNamespace(Event=Event, Device=lambda *a: types.SimpleNamespace(synchronize=lambda: None),
+                                   get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3))
+    monkeypatch.setitem(sys.modules, "cupy", fake_cp)
+    monkeypatch.setattr(gpu_kernels, "BIG", ("tiny", (2, 3, 6, 5, 4, 3, 3, 1, 1)))
+    monkeypatch.setattr(gpu_kernels, "load_torch", lambda: (None, "not in this test"))
+    monkeypatch.setattr(gpu_kernels.cuda, "available", lambda: (True, ""))
+    out = tmp_path / "k.json"
+    rc = gpu_kernels.main(["--layers", "big", "--versions", "3,4", "--repeats", "2", "--json", str(out)])
+    record = json.loads(out.read_text())
+    info = record["kernels_info"]
+    assert rc == 0 and info["errors"] == [], info["errors"]
+    assert info["conv_stages"] == 2 and info["conv_versions"] == ["3", "4"]
+    got = sorted((e["op"], e["version"], e["stages"], e["layer"]) for e in record["kernels"])
+    assert got == sorted((op, v, 2, "tiny") for op in ("conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight")
+                         for v in ("v3", "v4"))
+    assert "conv2d_fwd_v4_f32" in emulated

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <barrier>
 #include <cmath>
+#include <atomic>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -98,6 +99,38 @@ inline void pycnn_mma_tf32_m16n8k8(float d[4], const unsigned a[4], const unsign
     }
 }
 
+// ---- cp.async emulation (conv2d.cu's pipelined v3/v4 main loop). Each thread keeps its copies
+// back: a copy is queued when issued (its source value read then: no kernel writes what it
+// copies), its group closes at commit, and it lands in shared memory only when a wait covers its
+// group. A kernel that computes on a buffer before waiting for it reads the old contents (and
+// fails its test), which the hardware may or may not show.
+struct EmuCopy { float* dst; float value; };
+inline thread_local std::vector<EmuCopy> emu_open_group;
+inline thread_local std::vector<std::vector<EmuCopy>> emu_committed_groups;
+inline void pycnn_cp_async_f32(float* dst, const float* src, bool valid) {
+    emu_open_group.push_back({dst, valid ? *src : 0.0f});
+}
+inline void pycnn_cp_async_commit() {
+    emu_committed_groups.push_back(std::move(emu_open_group));
+    emu_open_group.clear();
+}
+template <int PENDING> inline void pycnn_cp_async_wait() {
+    while (emu_committed_groups.size() > (size_t)PENDING) {
+        for (const EmuCopy& c : emu_committed_groups.front()) *c.dst = c.value;
+        emu_committed_groups.erase(emu_committed_groups.begin());
+    }
+}
+// At a thread's exit: copies never waited for are an error (the kernel would read or leave
+// unfinished data); counted in emu_copy_errors, which the test harness checks after each launch.
+inline std::atomic<int> emu_copy_errors{0};
+inline void emu_check_copies_done() {
+    bool pending = !emu_open_group.empty();
+    for (const auto& g : emu_committed_groups) pending = pending || !g.empty();
+    emu_open_group.clear();
+    emu_committed_groups.clear();
+    if (pending) emu_copy_errors.fetch_add(1);
+}
+
 inline void emu_run(int gx, int gy, int gz, int bx, int by, int bz, long long smem, bool threaded,
                     const std::function<void()>& body) {
     gridDim = {(unsigned)gx, (unsigned)gy, (unsigned)gz};
@@ -113,6 +146,7 @@ inline void emu_run(int gx, int gy, int gz, int bx, int by, int bz, long long sm
                         blockIdx = {(unsigned)x, (unsigned)y, (unsigned)z};
                         threadIdx = {(unsigned)(t % bx), (unsigned)((t / bx) % by), (unsigned)(t / (bx * by))};
                         body();
+                        emu_check_copies_done();
                     }
                     continue;
                 }
@@ -133,6 +167,7 @@ inline void emu_run(int gx, int gy, int gz, int bx, int by, int bz, long long sm
                         blockIdx = {(unsigned)x, (unsigned)y, (unsigned)z};
                         threadIdx = {(unsigned)(t % bx), (unsigned)((t / bx) % by), (unsigned)(t / (bx * by))};
                         body();
+                        emu_check_copies_done();
                     });
                 for (auto& th : ts) th.join();
             }
