@@ -1,5 +1,5 @@
 """CUDA conv2d kernel ladder benchmark: every version (v1 direct, v2 tiled, v3 implicit GEMM, v4 TF32
-tensor cores) x direction (forward, backward-data, backward-weight) on every conv layer of the
+tensor cores, v5 Winograd where it applies: 3x3 stride-1 forward and backward-data) x direction (forward, backward-data, backward-weight) on every conv layer of the
 LeNet5, MnistCNN, FastMNIST and localization models (benchmarks/shapes.py, batch 64) and on the
 compute-bound 64x128x56x56 layer with 128 3x3 filters (pad 1), beside cuDNN through PyTorch in
 fp32 (TF32 off) and in TF32, all measured in the same run.
@@ -41,7 +41,7 @@ from pycnn.backends import cuda  # noqa: E402
 BIG = ("compute-bound", (64, 128, 56, 56, 128, 3, 3, 1, 1))  # N, C, H, W, K, R, S, stride, pad
 DIRECTIONS = (("conv2d_fwd", "forward"), ("conv2d_bwd_data", "backward_data"),
               ("conv2d_bwd_weight", "backward_weight"))
-VERSIONS = cuda.CONV_VERSIONS + (cuda.CONV_TF32_VERSION,)
+VERSIONS = cuda.CONV_VERSIONS + (cuda.CONV_TF32_VERSION, cuda.CONV_WINOGRAD_VERSION)
 SLOW_MS = 5.0
 
 
@@ -205,7 +205,8 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                 try:
                     ran = cuda.conv_version(direction, x.shape, w.shape, st, pd, version, True)
                     if ran != version:
-                        errors.append(f"{label} {op} v{version}: falls back to v{ran}, not timed")
+                        if version != cuda.CONV_WINOGRAD_VERSION:  # (v5 exists for 3x3 stride 1 only)
+                            errors.append(f"{label} {op} v{version}: falls back to v{ran}, not timed")
                         continue
                     out = cp.asnumpy(calls[op](version))
                     err = None
@@ -229,7 +230,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
     # Was the shape rule right? The fastest measured exact version per layer and direction.
     fastest = {}
     for e in entries:
-        if e["version"] != f"v{cuda.CONV_TF32_VERSION}":
+        if e["version"] in [f"v{v}" for v in cuda.CONV_VERSIONS]:  # what "auto" chooses from
             slot = fastest.setdefault(e["layer"], {})
             best = slot.get(e["op"])
             if best is None or e["ms"] < best[1]:

@@ -25,9 +25,10 @@ SHAPES = [
     ("MnistCNN conv2 (batch 64): x 64x32x13x13, 64 filters 3x3", [64, 32, 13, 13, 64, 3, 3, 1, 0]),
 ]
 DIRECTIONS = [("conv2d_fwd", "forward"), ("conv2d_bwd_data", "backward-data"), ("conv2d_bwd_weight", "backward-weight")]
-VERSIONS = ["v1", "v2", "v3", "v4"]
+VERSIONS = ["v1", "v2", "v3", "v4", "v5"]
 VERSION_NAMES = {"v1": "v1 direct", "v2": "v2 shared-memory tiled", "v3": "v3 implicit GEMM (fp32)",
-                 "v4": "v4 TF32 tensor cores"}
+                 "v4": "v4 TF32 tensor cores", "v5": "v5 Winograd F(4x4,3x3) (fp32)"}
+LADDER = {"1", "2", "3", "4"}  # a record timing these on every layer is a whole-ladder record
 
 
 def flop(shape) -> float:
@@ -53,7 +54,7 @@ def newest_record(results: Path) -> tuple[Path, dict] | tuple[None, None]:
         if not any(str(e.get("op", "")).startswith("conv2d") for e in record.get("kernels") or []):
             continue
         info = record.get("kernels_info") or {}
-        ladder = set(info.get("conv_versions") or ()) >= {v[1:] for v in VERSIONS} and \
+        ladder = set(info.get("conv_versions") or ()) >= LADDER and \
             info.get("conv_layers", "all") == "all"
         key = (ladder, str(record.get("date") or ""), path.name)
         if best is None or key > best[0]:
@@ -103,6 +104,9 @@ def render(path: Path | None, record: dict | None, one_stage: dict | None = None
         for v in VERSIONS:
             cells = []
             for op, d in DIRECTIONS:
+                if v == "v5" and op == "conv2d_bwd_weight":
+                    cells.append("n/a (v5: forward, backward-data)")
+                    continue
                 e = found.get((op, v))
                 cells.append(cell(e["ms"], shape) if e else "-")
                 if e is None and (v, d) not in missing:

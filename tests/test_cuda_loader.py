@@ -185,7 +185,7 @@ def _signatures():
     sigs = {}
     for filename in cuda.SOURCES:
         text = (CUDA_DIR / filename).read_text()
-        for m in re.finditer(r'extern "C" __global__ void (\w+)\(([^)]*)\)', text):
+        for m in re.finditer(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\(([^)]*)\)', text):
             params = []
             for p in m.group(2).split(","):
                 p = " ".join(p.replace("__restrict__", "").replace("const", "").split())
@@ -252,6 +252,11 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
         cuda.conv2d_backward_data(dyb, wb, xb.shape, (1, 1), (0, 0), version=version, allow_tf32=True)
         cuda.conv2d_backward_weight(dyb, xb, wb.shape, (1, 1), (0, 0), version=version, allow_tf32=True)
     assert {f"conv2d_{d}_v{v}_t128_f32" for d in ("fwd", "bwd_data", "bwd_weight") for v in "34"} <= set(launches)
+    # v5 (Winograd): 3x3 stride 1; 2 * 8 * 8 = 128 tiles and 128 filters take the 128x128 GEMM tile
+    for xw, ww in ((_f(2, 3, 9, 7), _f(5, 3, 3, 3)), (_f(2, 4, 32, 32), _f(128, 4, 3, 3))):
+        yw = cuda.conv2d_forward(xw, ww, _f(ww.shape[0]), (1, 1), (1, 1), version="5")
+        assert cuda.conv2d_backward_data(_f(*yw.shape), ww, xw.shape, (1, 1), (1, 1), version="5").shape == xw.shape
+    assert {"conv2d_wino_gemm_f32", "conv2d_wino_gemm_t128_f32"} <= set(launches)
     y, am = cuda.maxpool2d_forward(x, (3, 3), (2, 2), (1, 1))
     assert y.shape == am.shape == (2, 3, 5, 4) and am.dtype == np.int32
     cuda.maxpool2d_backward(_f(*y.shape), am, x.shape)  # remembered geometry -> gather

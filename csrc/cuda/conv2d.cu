@@ -38,8 +38,9 @@
 //   with fmaf, reading it from shared memory as float4s. The tiles are double-buffered: while the
 //   block computes on one, cp.async copies the next one from global to shared memory
 //   (PYCNN_CONV3_STAGES=2, the default; 1 = the plain loop that loads through registers, with
-//   float4 loads of A where four values are contiguous, kept for comparison). Both sum in the
-//   same order: the results are bitwise equal. Two tile sizes (the host picks one per shape):
+//   float4 loads of A where four values are contiguous, kept for comparison: the pre-pipeline
+//   design, not its exact machine code). Both sum in the same order: the results are bitwise
+//   equal. Two tile sizes (the host picks one per shape):
 //   conv2d_fwd_v3_f32, conv2d_bwd_data_v3_f32, conv2d_bwd_weight_v3_f32                64 x 64, 4x4
 //   conv2d_fwd_v3_t128_f32, conv2d_bwd_data_v3_t128_f32, conv2d_bwd_weight_v3_t128_f32 128 x 128, 8x8
 // v4 TF32 tensor cores (opt-in: allow_tf32 / PYCNN_ALLOW_TF32=1; sm_80 or newer)
@@ -52,6 +53,11 @@
 //   conv2d_fwd_v4_f32, conv2d_bwd_data_v4_f32, conv2d_bwd_weight_v4_f32  (64 x 64: warps of 32x16)
 //   conv2d_fwd_v4_t128_f32, conv2d_bwd_data_v4_t128_f32, conv2d_bwd_weight_v4_t128_f32
 //                                                         (128 x 128: warps of 64x32)
+// v5 Winograd F(4x4, 3x3) (3x3 filters, stride 1; forward and backward-data): input, filter and
+//   output transforms around 36 batched GEMMs on the v3 core; 4x fewer multiply-adds, ~10x the
+//   rounding error of the direct sums (details at the end of this file):
+//   conv2d_wino_filter_f32, conv2d_wino_input_f32, conv2d_wino_gemm_f32,
+//   conv2d_wino_gemm_t128_f32, conv2d_wino_output_f32
 //
 // Epilogue of every forward kernel: + b[k] (has_bias), then ReLU (relu): conv2d_bias_relu_forward
 // is one kernel, not a second pass. The bias gradient db = dy.sum((0,2,3)) is bias_grad_f32 in
@@ -200,6 +206,9 @@ static_assert(PYCNN_CONV3_BK == 16 && PYCNN_CONV3_THREADS == 256,
 #define PYCNN_CONV_FWD 0
 #define PYCNN_CONV_BWD_DATA 1
 #define PYCNN_CONV_BWD_WEIGHT 2
+// Not a convolution direction: the batched GEMM of v5 (Winograd), C[z] = A[z] . B[z] over
+// grid.z = z, all three row-major (A: M x Kd, B: Kd x Ncols, C: M x Ncols, one after another).
+#define PYCNN_CONV_BATCHED_GEMM 3
 
 // TF32 helpers. Under nvcc/NVRTC they are one PTX instruction each; the CPU emulator
 // (tests/gpu/emulator/emu.h) defines the same two functions, emulating the instruction
@@ -234,7 +243,8 @@ __device__ __forceinline__ void pycnn_mma_tf32_m16n8k8(float d[4], const unsigne
 // Asynchronous 4-byte copy global -> shared (cp.async.ca, sm_80+). valid == false copies nothing
 // and writes 0 (src-size 0: the source is not read; src must still be a valid address). Below
 // sm_80 it is an ordinary load and store. The emulator (emu.h) defines the same three functions
-// and holds every copy back until the wait that covers its group, as the hardware may.
+// and lands a copy either at the wait that covers its group or at issue (the two extremes the
+// hardware allows; the tests run both).
 __device__ __forceinline__ void pycnn_cp_async_f32(float* dst, const float* src, bool valid) {
 #if __CUDA_ARCH__ >= 800
     const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
@@ -321,6 +331,8 @@ __device__ __forceinline__ void pycnn_conv_decode(const PycnnConvGemm& p, int kd
         } else if (MODE == PYCNN_CONV_BWD_DATA) {
             const int k = kd / RS, rs = kd - k * RS, r = rs / p.S;
             t0 = k * p.C * RS + rs; t1 = k * HoWo; t2 = r; t3 = rs - r * p.S;
+        } else if (MODE == PYCNN_CONV_BATCHED_GEMM) {
+            t0 = kd * p.Ncols;  // row kd of B[z]
         } else {
             const int img = kd / HoWo, pix = kd - img * HoWo, i = pix / p.Wo;
             t0 = img * p.K * HoWo + pix; t1 = img * p.C * HW;
@@ -345,9 +357,10 @@ template <int MODE>
 __device__ __forceinline__ const float* pycnn_conv_a_elem(const PycnnConvGemm& p, const int (*tab)[4], int k0,
                                                           int ma, int kk) {
     if (ma >= p.M) return nullptr;
-    if (MODE == PYCNN_CONV_FWD) {  // w[k=ma, kd]: rows of length Kd
+    if (MODE == PYCNN_CONV_FWD || MODE == PYCNN_CONV_BATCHED_GEMM) {  // w[k=ma, kd] or A[z][ma][kd]
         const int kd = k0 + kk;
-        return kd < p.k_end ? p.a_src + (pycnn_i64)ma * p.Kd + kd : nullptr;
+        const pycnn_i64 row = MODE == PYCNN_CONV_FWD ? ma : (pycnn_i64)blockIdx.z * p.M + ma;
+        return kd < p.k_end ? p.a_src + row * p.Kd + kd : nullptr;
     }
     const int t0 = tab[kk][0];
     if (t0 < 0) return nullptr;
@@ -372,6 +385,8 @@ __device__ __forceinline__ const float* pycnn_conv_b_elem(const PycnnConvGemm& p
         const int i = ti / p.sh, j = tj / p.sw;
         if (i >= p.Ho || j >= p.Wo) return nullptr;
         return p.b_src + L.cb0 + t[1] + i * p.Wo + j;
+    } else if (MODE == PYCNN_CONV_BATCHED_GEMM) {  // B[z][kd][column]
+        return p.b_src + (pycnn_i64)blockIdx.z * p.Kd * p.Ncols + t[0] + L.cb0;
     } else {                       // x[img, c, i*sh - ph + r, j*sw - pw + s], kd = (img, i, j)
         const int h = t[2] + L.cb1, ww = t[3] + L.cb2;
         if (h < 0 || h >= p.H || ww < 0 || ww >= p.W) return nullptr;
@@ -512,10 +527,11 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
     __shared__ __align__(16) float As[STAGES][BK][BM + PYCNN_CONV3_PAD];  // A^T: [k][m]
     __shared__ __align__(16) float Bs[STAGES][BK][BN + PYCNN_CONV3_PAD];  // [k][n]
     // Per stage, the BK reduction indices decoded once (pycnn_conv_decode) instead of three
-    // integer divisions in every load; the next stage's table is decoded while this one is used.
-    // 1 stage: two tables (decode s+1 while computing s). 2 stages: three (tiles s+1 are being
-    // copied from table s+1 while table s+2 is decoded).
-    __shared__ int tabs[STAGES + 1][BK][4];
+    // integer divisions in every load; the next table is decoded while the other one is used.
+    // Two slots suffice in both loops: a table is read only while its stage's loads are issued
+    // (the copies in flight never look at it again), and the slot a decode overwrites was last
+    // read before the barrier that precedes the decode.
+    __shared__ int tabs[2][BK][4];
 
     const int tid = threadIdx.x;
     const int n0 = blockIdx.x * BN;
@@ -540,6 +556,8 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
             L.cb0 = img * p.K * HoWo;
             L.cb1 = h + p.ph;
             L.cb2 = (pix - h * p.W) + p.pw;
+        } else if (MODE == PYCNN_CONV_BATCHED_GEMM) {  // column = column of B[z]
+            L.cb0 = nb;
         } else {                               // column = weight tap (c, r, s)
             const int c = nb / RS, rs = nb - c * RS, r = rs / p.S;
             L.cb0 = c * HW;
@@ -578,15 +596,17 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
             // Table s+1 is visible, and every thread is done computing on buffer cur^1 (stage s-1).
             __syncthreads();
             if (k0 + BK < p.k_end)
-                pycnn_conv_load_tile<MODE, BM, BN, true>(p, L, tabs[(s + 1) % 3], k0 + BK, As[cur ^ 1], Bs[cur ^ 1]);
+                pycnn_conv_load_tile<MODE, BM, BN, true>(p, L, tabs[(s + 1) % 2], k0 + BK, As[cur ^ 1], Bs[cur ^ 1]);
             pycnn_cp_async_commit();  // (an empty group on the last stage keeps the count uniform)
-            // Slot (s+2)%3 last served the copies of stage s-1, issued two iterations ago.
+            // Slot s%2 last served the loads of stage s, issued before the barrier above.
             if (tid < BK && k0 + 2 * BK < p.k_end)
-                pycnn_conv_decode<MODE>(p, k0 + 2 * BK + tid, tabs[(s + 2) % 3][tid]);
+                pycnn_conv_decode<MODE>(p, k0 + 2 * BK + tid, tabs[s % 2][tid]);
             pycnn_cp_async_wait<1>();  // this thread's copies of stage s have landed ...
             __syncthreads();           // ... and everyone's
             pycnn_conv_mma_tile<TF32, BM, BN>(As[cur], Bs[cur], acc);
         }
+        pycnn_cp_async_wait<0>();  // nothing left in flight (only empty groups; free, and safe for
+                                   // an epilogue that would reuse the shared memory)
     }
 
     if (!TF32) {
@@ -984,5 +1004,173 @@ extern "C" __global__ void conv2d_bwd_weight_reduce_f32(
         double s = 0.0;
         for (int z = 0; z < splits; ++z) s += (double)partial[(pycnn_i64)z * count + e];
         dw[e] = (float)s;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// v5 Winograd F(4x4, 3x3): 3x3 filters, stride 1 (forward, and backward-data as the forward
+// convolution of dy with the flipped, transposed filters and padding 2 - p). Exact fp32
+// arithmetic but not the direct sums: Y = A^T [ (G g G^T) o (B^T d B) ] A per 4x4 output tile
+// computes 36 products where the direct sum needs 144 (4x fewer multiply-adds), at the cost of
+// transforms whose constants (up to 8 and 1/24) scale rounding errors: about 1e-5 relative to
+// the largest output on random data, ~10x the direct fp32 sums (tests hold v5 to a looser bound).
+// Four launches over three workspaces (P = N * ceil(Ho/4) * ceil(Wo/4) tiles, e = 36 positions):
+//   conv2d_wino_filter_f32   U[e][m][c] = (G g_mc G^T)[e]                    (Cout x Cin per e)
+//   conv2d_wino_input_f32    V[e][c][p] = (B^T d_cp B)[e], d = the 6x6 patch of tile p (stride 4)
+//   conv2d_wino_gemm[_t128]_f32   M[e] = U[e] . V[e]: 36 GEMMs on the v3 core (grid.z = e)
+//   conv2d_wino_output_f32   y tile = A^T M[.][m][p] A (+ bias, ReLU), edges clipped
+// The workspaces cost 36/16 = 2.25 floats per input and per output element over the tensors.
+
+// B^T (6x6) applied to a 6-vector: the input transform along one axis.
+__device__ __forceinline__ void pycnn_wino_bt(const float d[6], float t[6]) {
+    t[0] = 4.0f * d[0] - 5.0f * d[2] + d[4];
+    t[1] = -4.0f * (d[1] + d[2]) + d[3] + d[4];
+    t[2] = 4.0f * (d[1] - d[2]) - d[3] + d[4];
+    t[3] = 2.0f * (d[3] - d[1]) - d[2] + d[4];
+    t[4] = 2.0f * (d[1] - d[3]) - d[2] + d[4];
+    t[5] = 4.0f * d[1] - 5.0f * d[3] + d[5];
+}
+
+// G (6x3) applied to a 3-vector: the filter transform along one axis.
+__device__ __forceinline__ void pycnn_wino_g(const float g[3], float t[6]) {
+    t[0] = 0.25f * g[0];
+    t[1] = (g[0] + g[1] + g[2]) * (-1.0f / 6.0f);
+    t[2] = (g[0] - g[1] + g[2]) * (-1.0f / 6.0f);
+    t[3] = g[0] * (1.0f / 24.0f) + g[1] * (1.0f / 12.0f) + g[2] * (1.0f / 6.0f);
+    t[4] = g[0] * (1.0f / 24.0f) - g[1] * (1.0f / 12.0f) + g[2] * (1.0f / 6.0f);
+    t[5] = g[2];
+}
+
+// A^T (4x6) applied to a 6-vector: the output transform along one axis.
+__device__ __forceinline__ void pycnn_wino_at(const float m[6], float o[4]) {
+    const float s12 = m[1] + m[2], d12 = m[1] - m[2], s34 = m[3] + m[4], d34 = m[3] - m[4];
+    o[0] = m[0] + s12 + s34;
+    o[1] = d12 + 2.0f * d34;
+    o[2] = s12 + 4.0f * s34;
+    o[3] = d12 + 8.0f * d34 + m[5];
+}
+
+// One thread per (m, c): U[e][m][c]. flip = 0: g = w[m][c] (w is Cout x Cin x 3 x 3, forward).
+// flip = 1: g = w[c][m] rotated by 180 degrees (w is Cin x Cout x 3 x 3: backward-data, where
+// the "input" is dy with Cin = K channels and the "output" dx has Cout = C).
+extern "C" __global__ void conv2d_wino_filter_f32(const float* __restrict__ w, float* __restrict__ U,
+                                                  int Cout, int Cin, int flip) {
+    const pycnn_i64 total = (pycnn_i64)Cout * Cin;
+    PYCNN_FOR_EACH(idx, total) {
+        const int m = (int)(idx / Cin), c = (int)(idx - (pycnn_i64)m * Cin);
+        float g[3][3];
+        for (int r = 0; r < 3; ++r)
+            for (int s = 0; s < 3; ++s)
+                g[r][s] = flip ? w[((pycnn_i64)c * Cout + m) * 9 + (2 - r) * 3 + (2 - s)]
+                               : w[((pycnn_i64)m * Cin + c) * 9 + r * 3 + s];
+        float t[6][3];  // G g: columns of g transformed
+        for (int s = 0; s < 3; ++s) {
+            const float col[3] = {g[0][s], g[1][s], g[2][s]};
+            float out[6];
+            pycnn_wino_g(col, out);
+            for (int i = 0; i < 6; ++i) t[i][s] = out[i];
+        }
+        for (int i = 0; i < 6; ++i) {  // (G g) G^T: rows transformed
+            float out[6];
+            pycnn_wino_g(t[i], out);
+            for (int j = 0; j < 6; ++j) U[((pycnn_i64)(i * 6 + j) * Cout + m) * Cin + c] = out[j];
+        }
+    }
+}
+
+// One thread per (c, p), p the tile index (n, ti, tj) with tj fastest: consecutive threads write
+// consecutive V addresses. The 6x6 patch starts at (4 ti - ph, 4 tj - pw); outside x it is zero.
+extern "C" __global__ void conv2d_wino_input_f32(const float* __restrict__ x, float* __restrict__ V, int N,
+                                                 int Cin, int H, int W, int ph, int pw, int TH, int TW) {
+    const pycnn_i64 P = (pycnn_i64)N * TH * TW;
+    const pycnn_i64 total = (pycnn_i64)Cin * P;
+    PYCNN_FOR_EACH(idx, total) {
+        const int c = (int)(idx / P);
+        const pycnn_i64 p = idx - (pycnn_i64)c * P;
+        const int n = (int)(p / (TH * TW)), t = (int)(p - (pycnn_i64)n * TH * TW);
+        const int ti = t / TW, tj = t - ti * TW;
+        const int h0 = 4 * ti - ph, w0 = 4 * tj - pw;
+        const float* xc = x + ((pycnn_i64)n * Cin + c) * H * W;
+        float tmp[6][6];  // B^T d: columns transformed
+        for (int j = 0; j < 6; ++j) {
+            float col[6];
+            const int ww = w0 + j;
+            for (int i = 0; i < 6; ++i) {
+                const int h = h0 + i;
+                col[i] = (h >= 0 && h < H && ww >= 0 && ww < W) ? xc[(pycnn_i64)h * W + ww] : 0.0f;
+            }
+            float out[6];
+            pycnn_wino_bt(col, out);
+            for (int i = 0; i < 6; ++i) tmp[i][j] = out[i];
+        }
+        for (int i = 0; i < 6; ++i) {  // (B^T d) B: rows transformed
+            float out[6];
+            pycnn_wino_bt(tmp[i], out);
+            for (int j = 0; j < 6; ++j) V[((pycnn_i64)(i * 6 + j) * Cin + c) * P + p] = out[j];
+        }
+    }
+}
+
+// M[z] (M x Ncols) = A[z] (M x Kd) . B[z] (Kd x Ncols), z = blockIdx.z; the v3 core (exact fp32).
+// Launch: block (PYCNN_CONV3_THREADS,), grid (ceil(Ncols/T), ceil(M/T), batches), T = 64 or 128.
+template <int T>
+__device__ __forceinline__ void pycnn_wino_gemm(const float* A, const float* B, float* Cm, int M, int Ncols,
+                                                int Kd) {
+    PycnnConvGemm p = pycnn_conv_params(0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0);
+    p.a_src = A; p.b_src = B; p.out = Cm;
+    p.M = M; p.Ncols = Ncols; p.Kd = Kd;
+    p.k_begin = 0; p.k_end = Kd;
+    pycnn_conv_igemm<PYCNN_CONV_BATCHED_GEMM, false, T, T>(p);
+}
+
+extern "C" __global__ void conv2d_wino_gemm_f32(const float* __restrict__ A, const float* __restrict__ B,
+                                                float* __restrict__ Cm, int M, int Ncols, int Kd) {
+    // cooperative: the GEMM core synchronizes with __syncthreads
+    pycnn_wino_gemm<64>(A, B, Cm, M, Ncols, Kd);
+}
+
+extern "C" __global__ void conv2d_wino_gemm_t128_f32(const float* __restrict__ A, const float* __restrict__ B,
+                                                     float* __restrict__ Cm, int M, int Ncols, int Kd) {
+    // cooperative: the GEMM core synchronizes with __syncthreads
+    pycnn_wino_gemm<128>(A, B, Cm, M, Ncols, Kd);
+}
+
+// One thread per (m, p): reads the 36 values M[e][m][p] (consecutive threads, consecutive p),
+// writes the 4x4 output tile clipped to Ho x Wo, with the forward epilogue (bias, ReLU).
+// A memory-bound pass: left alone the compiler keeps all 36 + 24 values live (104 registers on
+// sm_90: two blocks per SM); capped at 64 (four blocks) it needs no spills.
+extern "C" __global__ void __launch_bounds__(PYCNN_BLOCK, 4) conv2d_wino_output_f32(const float* __restrict__ Mw, const float* __restrict__ b,
+                                                  float* __restrict__ y, int has_bias, int relu, int N, int Cout,
+                                                  int Ho, int Wo, int TH, int TW) {
+    const pycnn_i64 P = (pycnn_i64)N * TH * TW;
+    const pycnn_i64 total = (pycnn_i64)Cout * P;
+    PYCNN_FOR_EACH(idx, total) {
+        const int m = (int)(idx / P);
+        const pycnn_i64 p = idx - (pycnn_i64)m * P;
+        const int n = (int)(p / (TH * TW)), t = (int)(p - (pycnn_i64)n * TH * TW);
+        const int ti = t / TW, tj = t - ti * TW;
+        float tmp[4][6];  // A^T M: columns transformed
+        for (int j = 0; j < 6; ++j) {
+            float col[6];
+            for (int i = 0; i < 6; ++i) col[i] = Mw[((pycnn_i64)(i * 6 + j) * Cout + m) * P + p];
+            float out[4];
+            pycnn_wino_at(col, out);
+            for (int i = 0; i < 4; ++i) tmp[i][j] = out[i];
+        }
+        const float bias = has_bias ? b[m] : 0.0f;
+        float* ym = y + ((pycnn_i64)n * Cout + m) * Ho * Wo;
+        for (int i = 0; i < 4; ++i) {
+            const int h = 4 * ti + i;
+            if (h >= Ho) break;
+            float out[4];
+            pycnn_wino_at(tmp[i], out);  // (A^T M) A: rows transformed
+            for (int j = 0; j < 4; ++j) {
+                const int ww = 4 * tj + j;
+                if (ww >= Wo) break;
+                float v = out[j] + bias;
+                if (relu) v = v > 0.0f ? v : 0.0f;
+                ym[(pycnn_i64)h * Wo + ww] = v;
+            }
+        }
     }
 }

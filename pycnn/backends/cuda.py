@@ -21,6 +21,7 @@ import contextlib
 import importlib.resources
 import math
 import os
+import re
 import weakref
 from pathlib import Path
 
@@ -55,6 +56,9 @@ COMPILE_OPTIONS = ("-std=c++17",)
 # 3 implicit GEMM; "auto" picks one per shape (conv_version). 4 is TF32 tensor cores, opt-in only.
 CONV_VERSIONS = ("1", "2", "3")
 CONV_TF32_VERSION = "4"
+# 5 is Winograd F(4x4, 3x3) for 3x3 stride-1 forward and backward-data: fp32 arithmetic, 4x fewer
+# multiply-adds, ~10x the rounding error of the direct sums. Opt-in (version='5'); never "auto".
+CONV_WINOGRAD_VERSION = "5"
 DEFAULT_CONV_VERSION = "auto"
 # "auto" runs v2 when a 16x16 tile is at least this full in both directions (a small output such
 # as 3x3 would leave most of v2's threads idle while v1 spreads over the batch).
@@ -189,13 +193,14 @@ def compile_all(device_id: int | None = None) -> list[str]:
     return names
 
 
+# A kernel definition: extern "C" __global__ void [__launch_bounds__(...)] name(
+KERNEL_DEF = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\(')
+
+
 def kernel_names(filename: str) -> list[str]:
     """The extern "C" __global__ kernel names defined in one csrc/cuda file."""
     text, _ = load_source(filename)
-    names = []
-    for chunk in text.split('extern "C" __global__ void ')[1:]:
-        names.append(chunk.split("(", 1)[0].strip())
-    return names
+    return KERNEL_DEF.findall(text)
 
 
 def _launch(dev: int, filename: str, kernel: str, grid, block, args, shared_mem: int = 0) -> None:
@@ -399,7 +404,7 @@ def _requested_conv_version(op: str, version) -> str:
     if version is None:
         version = os.environ.get("PYCNN_CONV_VERSION") or DEFAULT_CONV_VERSION
     requested = str(version).lower().lstrip("v")
-    allowed = CONV_VERSIONS + (CONV_TF32_VERSION, "auto")
+    allowed = CONV_VERSIONS + (CONV_TF32_VERSION, CONV_WINOGRAD_VERSION, "auto")
     if requested not in allowed:
         raise ValueError(f"{op}: conv version must be one of {allowed} (argument version= or "
                          f"PYCNN_CONV_VERSION), got {version!r}")
@@ -435,6 +440,21 @@ def _conv3_tile(direction: str, rows: int, cols: int) -> tuple[int, str]:
     return _CONV3_BM, ""
 
 
+def _conv_winograd_fits(direction: str, x_shape, w_shape, stride, padding, Ho: int, Wo: int) -> bool:
+    """Whether v5 (Winograd F(4x4, 3x3)) can run: forward or backward-data, 3x3 filters, stride 1
+    (backward-data also padding <= 2: it is a forward convolution of dy with padding 2 - p), and
+    workspaces of 36 x channels x tiles under the int32 limit."""
+    N, C, H, W = x_shape
+    K, _, R, S = w_shape
+    if direction == "backward_weight" or (R, S) != (3, 3) or tuple(stride) != (1, 1):
+        return False
+    if direction == "backward_data" and max(padding) > 2:
+        return False
+    hout, wout, cin, cout = (Ho, Wo, C, K) if direction == "forward" else (H, W, K, C)
+    tiles = N * -(-hout // 4) * -(-wout // 4)
+    return 36 * max(cin, cout) * tiles < _CONV_I32_LIMIT and -(-cout // _CONV3_BM) <= _MAX_GRID_YZ
+
+
 def _conv2_bwd_data_smem(R: int, S: int, sh: int, sw: int) -> tuple[int, int, int]:
     """(bytes, PHmax, PWmax) of conv2d_bwd_data_v2_f32's shared memory."""
     tw, th, kpb = DEFINES["PYCNN_CONV2_TILE_W"], DEFINES["PYCNN_CONV2_TILE_H"], DEFINES["PYCNN_CONV2_KPB"]
@@ -464,12 +484,12 @@ def _conv_v2_fits(direction: str, x_shape, w_shape, stride, Ho: int, Wo: int) ->
 
 def conv_version(direction: str, x_shape, w_shape, stride, padding, version: str | None = None,
                  allow_tf32: bool | None = None, *, tf32_capable: bool = True) -> str:
-    """The kernel version ('1'..'4') one conv call runs, before any autotuning.
+    """The kernel version ('1'..'5') one conv call runs, before any autotuning.
 
     Args:
         direction: 'forward', 'backward_data' or 'backward_weight'.
         x_shape, w_shape: (N, C, H, W) and (K, C, R, S); stride, padding: (h, w) pairs.
-        version: '1', '2', '3', '4' or 'auto' (default ``$PYCNN_CONV_VERSION``, else 'auto').
+        version: '1', '2', '3', '4', '5' or 'auto' (default ``$PYCNN_CONV_VERSION``, else 'auto').
         allow_tf32: opt in to v4 (default ``$PYCNN_ALLOW_TF32 == '1'``).
         tf32_capable: whether the device has TF32 tensor cores (compute capability >= 8.0).
 
@@ -480,7 +500,9 @@ def conv_version(direction: str, x_shape, w_shape, stride, padding, version: str
     output; the input for backward-data) is at least _AUTO_V2_MIN_OUT in both directions (a
     16x16 tile of a tiny 3x3 output leaves most threads idle); otherwise v1. A version that
     cannot run a shape (shared memory over 48 KiB, grid limits, tensors of 2^31 elements for v3/v4,
-    R*S > 25 for the v2 weight gradient) falls back to v1.
+    R*S > 25 for the v2 weight gradient) falls back to v1. '5' (Winograd) runs only 3x3 stride-1
+    forward and backward-data (backward-data with padding <= 2); elsewhere it resolves as 'auto'
+    without TF32.
 
     Raises:
         ValueError: an unknown direction or version, or '4' without allow_tf32 or without TF32
@@ -504,6 +526,10 @@ def conv_version(direction: str, x_shape, w_shape, stride, padding, version: str
     Ho, Wo = _conv_out(H, W, R, S, stride, padding)
     gemm_ok = _conv_gemm_fits(direction, x_shape, w_shape, Ho, Wo)
     v2_ok = _conv_v2_fits(direction, x_shape, w_shape, stride, Ho, Wo)
+    if requested == CONV_WINOGRAD_VERSION:
+        if _conv_winograd_fits(direction, x_shape, w_shape, stride, padding, Ho, Wo):
+            return CONV_WINOGRAD_VERSION
+        requested, tf32 = "auto", False  # not a 3x3 stride-1 forward/backward-data: the exact rule
     if requested == "auto":
         rows = C if direction == "backward_data" else K
         if rows >= _AUTO_V3_MIN_ROWS and gemm_ok:
@@ -598,6 +624,8 @@ def _conv_forward_run(version: str, dev: int, x, w, bias, y, has_bias: bool, rel
             _i32(R), _i32(S), _i32(Ho), _i32(Wo), _i32(sh), _i32(sw), _i32(ph), _i32(pw))
     if version == "1":
         _launch(dev, "conv2d.cu", "conv2d_fwd_v1_f32", _grid1d(y.size), (BLOCK,), args)
+    elif version == CONV_WINOGRAD_VERSION:
+        _conv_winograd_run(dev, x, w, bias, y, has_bias, relu, (ph, pw), flip=False)
     elif version == "2":
         tw, th, kpb = DEFINES["PYCNN_CONV2_TILE_W"], DEFINES["PYCNN_CONV2_TILE_H"], DEFINES["PYCNN_CONV2_KPB"]
         grid = ((Wo + tw - 1) // tw, (Ho + th - 1) // th, N * ((K + kpb - 1) // kpb))
@@ -606,6 +634,37 @@ def _conv_forward_run(version: str, dev: int, x, w, bias, y, has_bias: bool, rel
         tile, suffix = _conv3_tile("forward", K, N * Ho * Wo)
         grid = ((N * Ho * Wo + tile - 1) // tile, (K + tile - 1) // tile, 1)
         _launch(dev, "conv2d.cu", f"conv2d_fwd_v{version}{suffix}_f32", grid, (_CONV3_THREADS,), args)
+
+
+def _conv_winograd_run(dev: int, inp, w, bias, out, has_bias: bool, relu: bool, padding, flip: bool) -> None:
+    """v5: out = conv(inp, filters) as Winograd F(4x4, 3x3) in four launches (conv2d.cu, v5).
+
+    Forward: inp = x, filters = w, out = y. Backward-data (flip): inp = dy, filters = w rotated by
+    180 degrees with K and C swapped, padding 2 - p, out = dx (no bias, no ReLU).
+    """
+    cupy = _cupy()
+    N, cin, hin, win = inp.shape
+    _, cout, hout, wout = out.shape
+    th, tw = -(-hout // 4), -(-wout // 4)
+    tiles = N * th * tw
+    with cupy.cuda.Device(dev):
+        U = cupy.empty((36 * cout * cin,), dtype=cupy.float32)
+        V = cupy.empty((36 * cin * tiles,), dtype=cupy.float32)
+        M = cupy.empty((36 * cout * tiles,), dtype=cupy.float32)
+    _launch(dev, "conv2d.cu", "conv2d_wino_filter_f32", _grid1d(cout * cin), (BLOCK,),
+            (w, U, _i32(cout), _i32(cin), _i32(flip)))
+    _launch(dev, "conv2d.cu", "conv2d_wino_input_f32", _grid1d(cin * tiles), (BLOCK,),
+            (inp, V, _i32(N), _i32(cin), _i32(hin), _i32(win), _i32(padding[0]), _i32(padding[1]),
+             _i32(th), _i32(tw)))
+    big = _CONV3_BIG
+    tile, suffix = (big, "_t128") if (cout >= big and tiles >= big and
+                                      36 * -(-cout // big) * -(-tiles // big) >= _CONV3_T128_MIN_BLOCKS) \
+        else (_CONV3_BM, "")
+    _launch(dev, "conv2d.cu", f"conv2d_wino_gemm{suffix}_f32", (-(-tiles // tile), -(-cout // tile), 36),
+            (_CONV3_THREADS,), (U, V, M, _i32(cout), _i32(tiles), _i32(cin)))
+    _launch(dev, "conv2d.cu", "conv2d_wino_output_f32", _grid1d(cout * tiles), (BLOCK,),
+            (M, bias, out, _i32(has_bias), _i32(relu), _i32(N), _i32(cout), _i32(hout), _i32(wout),
+             _i32(th), _i32(tw)))
 
 
 def _conv2d_forward(op: str, x, w, b, stride, padding, relu: bool, version, allow_tf32):
@@ -640,7 +699,7 @@ def conv2d_forward(x, w, b, stride, padding, *, version: str | None = None, allo
     """y (N,K,Ho,Wo) = conv2d(x (N,C,H,W), w (K,C,R,S)) + b (K,) or no bias.
 
     ``version`` ('1' direct, '2' shared-memory tiled, '3' implicit GEMM, '4' TF32 tensor cores,
-    'auto') overrides ``$PYCNN_CONV_VERSION``; '4' (and 'auto' choosing it) needs ``allow_tf32``
+    '5' Winograd F(4x4, 3x3) for 3x3 stride 1, 'auto') overrides ``$PYCNN_CONV_VERSION``; '4' (and 'auto' choosing it) needs ``allow_tf32``
     (or ``$PYCNN_ALLOW_TF32=1``). See conv_version.
     """
     return _conv2d_forward("conv2d_forward", x, w, b, stride, padding, False, version, allow_tf32)
@@ -665,6 +724,8 @@ def _conv_backward_data_run(version: str, dev: int, dy, w, dx, geom: tuple) -> N
             _i32(Ho), _i32(Wo), _i32(sh), _i32(sw), _i32(ph), _i32(pw))
     if version == "1":
         _launch(dev, "conv2d.cu", "conv2d_bwd_data_v1_f32", _grid1d(dx.size), (BLOCK,), args)
+    elif version == CONV_WINOGRAD_VERSION:
+        _conv_winograd_run(dev, dy, w, w, dx, False, False, (2 - ph, 2 - pw), flip=True)
     elif version == "2":
         tw, th, kpb = DEFINES["PYCNN_CONV2_TILE_W"], DEFINES["PYCNN_CONV2_TILE_H"], DEFINES["PYCNN_CONV2_KPB"]
         smem, phm, pwm = _conv2_bwd_data_smem(R, S, sh, sw)

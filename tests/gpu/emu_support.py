@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import tempfile
 import types
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ _CT = {"int": ctypes.c_int32, "long long": ctypes.c_int64, "float": ctypes.c_flo
 def _parse(text: str) -> dict:
     """kernel -> (params [(name, is_ptr, ctype, decl)], needs real threads)."""
     kernels = {}
-    for m in re.finditer(r'extern "C" __global__ void (\w+)\(([^)]*)\)\s*\{', text):
+    for m in re.finditer(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\(([^)]*)\)\s*\{', text):
         params = []
         for decl in m.group(2).split(","):
             decl = " ".join(decl.split())
@@ -63,6 +63,7 @@ def build_emulator():
             for name, (params, threaded) in found.items()]
         if not sources:  # once per library: the harness reads the cp.async error count after each launch
             wrappers.append('extern "C" int emu_copy_error_count() { return emu_copy_errors.load(); }')
+            wrappers.append('extern "C" void emu_set_cp_async_eager(int on) { emu_cp_async_eager.store(on); }')
         sources[filename] = '#include "emu.h"\n' + text + "\n" + "\n".join(wrappers) + "\n"
     digest = hashlib.sha1(EMU_HEADER.read_bytes() + "".join(sources.values()).encode()).hexdigest()[:16]
     build = Path(tempfile.gettempdir()) / f"pycnn-emu-{digest}"
@@ -125,3 +126,14 @@ def rnd(rng, *shape, scale=1.0):
 def close(got, want, rtol=1e-4, atol=1e-5, what=""):
     assert got.dtype == np.float32 and got.shape == np.shape(want), what
     np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=what)
+
+
+@contextmanager
+def cp_async_eager(emulator):
+    """Inside: every emulated cp.async lands the moment it is issued (see emu.h)."""
+    lib = emulator[0]
+    lib.emu_set_cp_async_eager(1)
+    try:
+        yield
+    finally:
+        lib.emu_set_cp_async_eager(0)

@@ -1,5 +1,6 @@
 """The conv2d kernel ladder on the GPU: every version (v1 direct, v2 tiled, v3 implicit GEMM, v4
-TF32 tensor cores) x direction against the float64 reference on every conv layer of the four
+TF32 tensor cores; v5 Winograd on the 3x3 stride-1 layers, forward and backward-data) x direction
+against the float64 reference on every conv layer of the four
 models (benchmarks/shapes.py, batch 64) and the compute-bound 64x128x56x56 / 128 3x3 layer; v4
 against its documented TF32 bound and visibly different from fp32; the fused bias+ReLU epilogue;
 bitwise-deterministic weight gradients; the cached autotune. The same checks run on the CPU
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.gpu
 
 VERSIONS = cuda.CONV_VERSIONS + (cuda.CONV_TF32_VERSION,)
 TF32_U = 2.0 ** -11
+WINO_RTOL = 1e-4  # v5's error bound relative to the largest output (test_conv_ladder_emulated.py)
 # (id, N, C, H, W, K, R, S, stride, padding)
 LAYERS = [(c.id, c.batch, c.in_channels, c.size, c.size, c.out_channels, c.kernel, c.kernel,
            (c.stride, c.stride), (c.padding, c.padding)) for c in CONV_SHAPES]
@@ -116,6 +118,14 @@ def check_layer(layer, seed=0):
                 np.testing.assert_allclose(got, wnt, rtol=1e-4, atol=fp32_atol(length), err_msg=where)
     for what, v4, v3 in zip(("y", "dx", "dw"), results["4"], results["3"]):
         assert not np.array_equal(v4, v3), f"{name} {what}: v4 is bit-identical to fp32 v3 (no tensor cores?)"
+    # v5 (Winograd) where it applies, to 1e-4 of the largest reference value (see WINO_RTOL)
+    wino = {"y": lambda: cuda.conv2d_forward(gx, gw, gb, stride, padding, version="5"),
+            "dx": lambda: cuda.conv2d_backward_data(gdy, gw, x.shape, stride, padding, version="5")}
+    for (what, call), direction, wnt in zip(wino.items(), ("forward", "backward_data"), want):
+        if cuda.conv_version(direction, x.shape, w.shape, stride, padding, "5") != "5":
+            continue
+        err = float(np.abs(cp.asnumpy(call()) - wnt).max())
+        assert err <= WINO_RTOL * np.abs(wnt).max(), f"{name} v5 {what}: error {err:.3g}, max {np.abs(wnt).max():.3g}"
 
 
 @pytest.mark.parametrize("layer", LAYERS, ids=[layer[0] for layer in LAYERS])

@@ -10,6 +10,8 @@ tile, several k-stages, and split-K.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -290,7 +292,7 @@ def test_auto_rule_and_fallbacks(monkeypatch):
     assert v("forward", *huge, "3") == "1"
     assert cuda.conv_forward_version(*mnist2, "2") == "2"
     with pytest.raises(ValueError, match=r"conv2d_backward_data: conv version must be one of"):
-        v("backward_data", *mnist2, "5")
+        v("backward_data", *mnist2, "6")
     with pytest.raises(ValueError, match=r"conv_version: direction must be one of"):
         v("sideways", *mnist2)
     with pytest.raises(ValueError, match=r"needs TF32 tensor cores"):
@@ -333,6 +335,8 @@ def test_kernels_table_shows_only_measured_figures(tmp_path):
     assert f"| v3 implicit GEMM (fp32) | 2.00 ms, {flop / 2e-3 / 1e12:.2f} TFLOP/s | - | - |" in text
     assert f"| cuDNN TF32 (same run) | 500 µs, {flop / 5e-4 / 1e12:.2f} TFLOP/s | - | - |" in text
     assert "| v1 direct | - | - | - |" in text and "99.00" not in text
+    assert "| v5 Winograd F(4x4,3x3) (fp32) | - | - | n/a (v5: forward, backward-data) |" in text
+    assert "v5 (forward, backward-data)" in text
     assert "v1 (all three directions)" in text and "v3 (backward-data, backward-weight)" in text
     assert "1-stage loop" not in text
     # the PYCNN_CONV_STAGES=1 rows come from a record of the same commit only
@@ -378,7 +382,7 @@ def test_one_stage_main_loop_gives_the_same_bits(emulator, emulator_one_stage, v
 
 
 def test_gpu_kernels_benchmark_runs_on_the_emulator(emulated, monkeypatch, tmp_path):
-    """benchmarks/gpu_kernels.py end to end (--layers big --versions 3,4), on a tiny stand-in for
+    """benchmarks/gpu_kernels.py end to end (--layers big --versions 3,4,5), on a tiny stand-in for
     the compute-bound layer: the GPU session cannot afford to find a broken script. No cuDNN here,
     so the cross-check column stays empty; times are the emulator's and mean nothing."""
     import json
@@ -406,12 +410,128 @@ def test_gpu_kernels_benchmark_runs_on_the_emulator(emulated, monkeypatch, tmp_p
     monkeypatch.setattr(gpu_kernels, "load_torch", lambda: (None, "not in this test"))
     monkeypatch.setattr(gpu_kernels.cuda, "available", lambda: (True, ""))
     out = tmp_path / "k.json"
-    rc = gpu_kernels.main(["--layers", "big", "--versions", "3,4", "--repeats", "2", "--json", str(out)])
+    rc = gpu_kernels.main(["--layers", "big", "--versions", "3,4,5", "--repeats", "2", "--json", str(out)])
     record = json.loads(out.read_text())
     info = record["kernels_info"]
     assert rc == 0 and info["errors"] == [], info["errors"]
-    assert info["conv_stages"] == 2 and info["conv_versions"] == ["3", "4"]
+    assert info["conv_stages"] == 2 and info["conv_versions"] == ["3", "4", "5"]
     got = sorted((e["op"], e["version"], e["stages"], e["layer"]) for e in record["kernels"])
-    assert got == sorted((op, v, 2, "tiny") for op in ("conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight")
-                         for v in ("v3", "v4"))
+    want = [(op, v, 2, "tiny") for op in ("conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight") for v in ("v3", "v4")]
+    want += [(op, "v5", None, "tiny") for op in ("conv2d_fwd", "conv2d_bwd_data")]  # no v5 weight gradient
+    assert got == sorted(want)
+    assert info["fastest_exact_versions"]["tiny"]["conv2d_fwd"] == "v3", "v4 and v5 are not candidates of auto"
     assert "conv2d_fwd_v4_f32" in emulated
+
+
+# Winograd F(4x4, 3x3) (v5): fp32 arithmetic through transforms with constants up to 8 and 1/24,
+# so its error is ~10x the direct sums' (measured here 0.2-5e-6 of the largest output on random
+# data). Held to 1e-4 of the largest reference value: 20x the worst seen, far below what any
+# indexing or transform mistake produces (errors of the order of the outputs themselves).
+WINO_RTOL = 1e-4
+
+
+def wino_close(got, want, what):
+    assert got.dtype == np.float32 and got.shape == want.shape, what
+    err = np.abs(got - want).max() if want.size else 0.0
+    assert err <= WINO_RTOL * max(np.abs(want).max(), 1e-30), f"{what}: error {err:.3g} vs max {np.abs(want).max():.3g}"
+
+
+# (N, C, H, W, K, ph, pw): tile edges (sizes not multiples of 4), padding 0/1/2, one channel,
+# K = 70 (two 64-row tiles of the GEMM), an output smaller than one tile.
+WINO_SHAPES = [(2, 3, 9, 11, 5, 1, 1), (1, 4, 6, 5, 3, 0, 0), (2, 2, 13, 13, 70, 2, 1), (1, 1, 3, 3, 2, 2, 2),
+               (1, 40, 7, 8, 6, 1, 0)]
+
+
+@pytest.mark.parametrize("shape", WINO_SHAPES, ids=[str(s) for s in WINO_SHAPES])
+def test_winograd_forward_and_backward_data(emulated, shape):
+    N, C, H, W, K, ph, pw = shape
+    conv = (N, C, H, W, K, 3, 3, (1, 1), (ph, pw))
+    x, w, b, dy = data(conv, seed=3)
+    y = cuda.conv2d_forward(x, w, b, (1, 1), (ph, pw), version="5")
+    fused = cuda.conv2d_bias_relu_forward(x, w, b, (1, 1), (ph, pw), version="5")
+    dx = cuda.conv2d_backward_data(dy, w, x.shape, (1, 1), (ph, pw), version="5")
+    want_y, want_dx, _, _ = reference(conv, x, w, b, dy)
+    wino_close(y, want_y, f"v5 y {shape}")
+    wino_close(fused, np.maximum(want_y, 0), f"v5 relu(y + b) {shape}")
+    assert np.all(fused >= 0) and np.array_equal(fused, np.maximum(y, 0)), "the epilogue is the one of y"
+    wino_close(dx, want_dx, f"v5 dx {shape}")
+    for kernel in ("conv2d_wino_filter_f32", "conv2d_wino_input_f32", "conv2d_wino_gemm_f32",
+                   "conv2d_wino_output_f32"):
+        assert kernel in emulated, emulated
+    assert not any(k.startswith("conv2d_fwd_v") or k.startswith("conv2d_bwd_data_v") for k in emulated), emulated
+
+
+def test_winograd_large_gemm_tile(emulated, monkeypatch):
+    """The 128x128 GEMM tile (conv2d_wino_gemm_t128_f32): >= 128 output channels and tiles."""
+    monkeypatch.setattr(cuda, "_CONV3_T128_MIN_BLOCKS", 1)
+    conv = (2, 3, 32, 29, 130, 3, 3, (1, 1), (1, 1))  # 2 * 8 * 8 = 128 tiles of 4x4
+    x, w, b, dy = data(conv, seed=4)
+    y = cuda.conv2d_forward(x, w, b, (1, 1), (1, 1), version="5")
+    assert "conv2d_wino_gemm_t128_f32" in emulated, emulated
+    wino_close(y, reference(conv, x, w, b, dy)[0], "v5 t128 y")
+
+
+def test_winograd_version_rule():
+    v = cuda.conv_version
+    x, w3, w5 = (8, 16, 12, 12), (32, 16, 3, 3), (32, 16, 5, 5)
+    assert v("forward", x, w3, (1, 1), (1, 1), "5") == "5"
+    assert v("backward_data", x, w3, (1, 1), (2, 0), "5") == "5"
+    # elsewhere '5' means the exact shape rule ('auto' without TF32)
+    for direction, w, stride, pad in [("backward_weight", w3, (1, 1), (1, 1)), ("forward", w3, (2, 2), (1, 1)),
+                                      ("forward", w5, (1, 1), (2, 2)), ("backward_data", w3, (1, 1), (3, 3))]:
+        assert v(direction, x, w, stride, pad, "5", allow_tf32=True) == v(direction, x, w, stride, pad, "auto",
+                                                                          allow_tf32=False)
+    assert v("forward", x, w3, (1, 1), (1, 1), "auto") != "5", "auto never picks Winograd"
+    with pytest.raises(ValueError, match="conv version must be one of"):
+        v("forward", x, w3, (1, 1), (1, 1), "6")
+
+
+@st.composite
+def winograd_shapes(draw):
+    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    H, W = draw(st.integers(max(1, 3 - 2 * ph), 14)), draw(st.integers(max(1, 3 - 2 * pw), 14))
+    return (draw(st.integers(1, 2)), draw(st.integers(1, 6)), H, W, draw(st.integers(1, 9)), ph, pw)
+
+
+@settings(max_examples=15, deadline=None)
+@given(shape=winograd_shapes(), seed=st.integers(0, 2**31 - 1))
+def test_winograd_drawn_shapes(emulator, shape, seed):
+    """v5 on hypothesis-drawn 3x3 stride-1 shapes: outputs of 1 pixel to 3.5 tiles, every padding."""
+    from emu_support import patch_backend
+
+    N, C, H, W, K, ph, pw = shape
+    conv = (N, C, H, W, K, 3, 3, (1, 1), (ph, pw))
+    with pytest.MonkeyPatch.context() as mp:
+        launched = patch_backend(mp, emulator)
+        x, w, b, dy = data(conv, seed)
+        want_y, want_dx, _, _ = reference(conv, x, w, b, dy)
+        wino_close(cuda.conv2d_forward(x, w, b, (1, 1), (ph, pw), version="5"), want_y, f"v5 y {shape}")
+        wino_close(cuda.conv2d_backward_data(dy, w, x.shape, (1, 1), (ph, pw), version="5"), want_dx,
+                   f"v5 dx {shape}")
+        assert "conv2d_wino_output_f32" in launched
+
+
+@pytest.mark.parametrize("version, name", [("3", "multi-tile"), ("3", "stride2-pad-odd"), ("3", "two-row-tiles"),
+                                           ("4", "multi-tile"), ("3", "large-1x1"), ("5", "winograd")])
+def test_pipelined_kernels_with_copies_landing_at_issue(emulator, version, name):
+    """The emulator lands cp.async copies as late as allowed (at the covering wait) by default;
+    here also as early (at issue), which exposes a copy into a buffer other threads still read.
+    Both must give the same bits (and the late ones are checked against the reference above)."""
+    from emu_support import cp_async_eager, patch_backend
+
+    shape = {"large-1x1": LARGE_1X1, "winograd": (2, 40, 7, 8, 6, 3, 3, (1, 1), (1, 1))}.get(name) or SHAPES[name]
+    x, w, b, dy = data(shape, seed=6)
+    results = []
+    for eager in (False, True):
+        with pytest.MonkeyPatch.context() as mp:
+            patch_backend(mp, emulator)
+            mp.setattr(cuda, "_CONV3_T128_MIN_BLOCKS", 1)
+            with cp_async_eager(emulator) if eager else nullcontext():
+                if version == "5":
+                    _, _, _, _, _, _, _, stride, padding = shape
+                    results.append((cuda.conv2d_forward(x, w, b, stride, padding, version="5"),
+                                    cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="5")))
+                else:
+                    results.append(run_all(shape, x, w, b, dy, version, allow_tf32=version == "4"))
+    for what, late, eager in zip(("y", "dx", "dw", "db"), *results):
+        np.testing.assert_array_equal(eager, late, err_msg=f"v{version} {name} {what}: copies landing at issue")

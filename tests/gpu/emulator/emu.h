@@ -21,6 +21,7 @@ inline std::barrier<>* emu_block_barrier = nullptr;
 struct EmuWarp { std::barrier<>* bar; double buf[32]; unsigned mma_a[32][4]; unsigned mma_b[32][2]; };
 inline std::vector<EmuWarp>* emu_warps = nullptr;
 #define __global__
+#define __launch_bounds__(...)
 #define __device__
 #define __forceinline__ inline
 #define __restrict__ __restrict
@@ -99,16 +100,25 @@ inline void pycnn_mma_tf32_m16n8k8(float d[4], const unsigned a[4], const unsign
     }
 }
 
-// ---- cp.async emulation (conv2d.cu's pipelined v3/v4 main loop). Each thread keeps its copies
-// back: a copy is queued when issued (its source value read then: no kernel writes what it
-// copies), its group closes at commit, and it lands in shared memory only when a wait covers its
-// group. A kernel that computes on a buffer before waiting for it reads the old contents (and
-// fails its test), which the hardware may or may not show.
+// ---- cp.async emulation (conv2d.cu's pipelined v3/v4 main loop). On the GPU a copy lands at
+// some time between its issue and the wait that covers its group; the emulator takes either end:
+//   late (default): a copy is queued when issued (its source value read then: no kernel writes
+//     what it copies), its group closes at commit, and it lands only when a wait covers it. A
+//     kernel that computes on a buffer before waiting for it reads the old contents.
+//   eager (emu_cp_async_eager = 1): a copy lands at once. A kernel that copies into a buffer
+//     other threads may still be reading (a missing barrier) corrupts their operands.
+// The tests run the pipelined kernels both ways.
 struct EmuCopy { float* dst; float value; };
+inline std::atomic<int> emu_cp_async_eager{0};
 inline thread_local std::vector<EmuCopy> emu_open_group;
 inline thread_local std::vector<std::vector<EmuCopy>> emu_committed_groups;
 inline void pycnn_cp_async_f32(float* dst, const float* src, bool valid) {
-    emu_open_group.push_back({dst, valid ? *src : 0.0f});
+    const float value = valid ? *src : 0.0f;
+    if (emu_cp_async_eager.load()) {
+        *dst = value;
+        return;
+    }
+    emu_open_group.push_back({dst, value});
 }
 inline void pycnn_cp_async_commit() {
     emu_committed_groups.push_back(std::move(emu_open_group));
