@@ -1,5 +1,5 @@
 """CUDA conv2d kernel ladder benchmark: every version (v1 direct, v2 tiled, v3 implicit GEMM, v4 TF32
-tensor cores, v5 Winograd where it applies: 3x3 stride-1 forward and backward-data) x direction (forward, backward-data, backward-weight) on every conv layer of the
+tensor cores, v5 Winograd where it applies: 3x3 stride 1) x direction (forward, backward-data, backward-weight) on every conv layer of the
 LeNet5, MnistCNN, FastMNIST and localization models (benchmarks/shapes.py, batch 64) and on the
 compute-bound 64x128x56x56 layer with 128 3x3 filters (pad 1), beside cuDNN through PyTorch in
 fp32 (TF32 off) and in TF32, all measured in the same run.

@@ -104,9 +104,6 @@ def render(path: Path | None, record: dict | None, one_stage: dict | None = None
         for v in VERSIONS:
             cells = []
             for op, d in DIRECTIONS:
-                if v == "v5" and op == "conv2d_bwd_weight":
-                    cells.append("n/a (v5: forward, backward-data)")
-                    continue
                 e = found.get((op, v))
                 cells.append(cell(e["ms"], shape) if e else "-")
                 if e is None and (v, d) not in missing:

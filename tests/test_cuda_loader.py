@@ -256,7 +256,13 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
     for xw, ww in ((_f(2, 3, 9, 7), _f(5, 3, 3, 3)), (_f(2, 4, 32, 32), _f(128, 4, 3, 3))):
         yw = cuda.conv2d_forward(xw, ww, _f(ww.shape[0]), (1, 1), (1, 1), version="5")
         assert cuda.conv2d_backward_data(_f(*yw.shape), ww, xw.shape, (1, 1), (1, 1), version="5").shape == xw.shape
-    assert {"conv2d_wino_gemm_f32", "conv2d_wino_gemm_t128_f32"} <= set(launches)
+        assert cuda.conv2d_backward_weight(_f(*yw.shape), xw, ww.shape, (1, 1), (1, 1), version="5")[0].shape == \
+            ww.shape
+    # the weight gradient's 128x128 GEMM tile needs >= 128 filters and channels
+    xw, ww = _f(4, 128, 40, 40), _f(128, 128, 3, 3)
+    cuda.conv2d_backward_weight(_f(4, 128, 40, 40), xw, ww.shape, (1, 1), (1, 1), version="5")
+    assert {"conv2d_wino_gemm_f32", "conv2d_wino_gemm_t128_f32", "conv2d_wino_wgrad_gemm_f32",
+            "conv2d_wino_wgrad_gemm_t128_f32"} <= set(launches)
     y, am = cuda.maxpool2d_forward(x, (3, 3), (2, 2), (1, 1))
     assert y.shape == am.shape == (2, 3, 5, 4) and am.dtype == np.int32
     cuda.maxpool2d_backward(_f(*y.shape), am, x.shape)  # remembered geometry -> gather

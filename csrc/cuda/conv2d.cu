@@ -53,11 +53,14 @@
 //   conv2d_fwd_v4_f32, conv2d_bwd_data_v4_f32, conv2d_bwd_weight_v4_f32  (64 x 64: warps of 32x16)
 //   conv2d_fwd_v4_t128_f32, conv2d_bwd_data_v4_t128_f32, conv2d_bwd_weight_v4_t128_f32
 //                                                         (128 x 128: warps of 64x32)
-// v5 Winograd F(4x4, 3x3) (3x3 filters, stride 1; forward and backward-data): input, filter and
+// v5 Winograd F(4x4, 3x3) (3x3 filters, stride 1; all three directions): input, filter and
 //   output transforms around 36 batched GEMMs on the v3 core; 4x fewer multiply-adds, ~10x the
 //   rounding error of the direct sums (details at the end of this file):
-//   conv2d_wino_filter_f32, conv2d_wino_input_f32, conv2d_wino_gemm_f32,
-//   conv2d_wino_gemm_t128_f32, conv2d_wino_output_f32
+//   forward / bwd-data  conv2d_wino_filter_f32, conv2d_wino_input_f32, conv2d_wino_gemm_f32,
+//                       conv2d_wino_gemm_t128_f32, conv2d_wino_output_f32
+//   bwd-weight          conv2d_wino_input_f32, conv2d_wino_dy_f32, conv2d_wino_wgrad_gemm_f32,
+//                       conv2d_wino_wgrad_gemm_t128_f32, conv2d_bwd_weight_reduce_f32,
+//                       conv2d_wino_wgrad_output_f32
 //
 // Epilogue of every forward kernel: + b[k] (has_bias), then ReLU (relu): conv2d_bias_relu_forward
 // is one kernel, not a second pass. The bias gradient db = dy.sum((0,2,3)) is bias_grad_f32 in
@@ -206,9 +209,13 @@ static_assert(PYCNN_CONV3_BK == 16 && PYCNN_CONV3_THREADS == 256,
 #define PYCNN_CONV_FWD 0
 #define PYCNN_CONV_BWD_DATA 1
 #define PYCNN_CONV_BWD_WEIGHT 2
-// Not a convolution direction: the batched GEMM of v5 (Winograd), C[z] = A[z] . B[z] over
-// grid.z = z, all three row-major (A: M x Kd, B: Kd x Ncols, C: M x Ncols, one after another).
+// Not convolution directions: the batched GEMMs of v5 (Winograd), C[b] = A[b] . B[b] for the
+// matrix b = p.batch, A row-major M x Kd (one after another), and B either row-major Kd x Ncols
+// (BATCHED_GEMM) or given transposed, row-major Ncols x Kd (BATCHED_GEMM_NT: both operands
+// contiguous along the reduction, as the weight gradient's are). C[z] goes to the z-th
+// M x Ncols slot, z = blockIdx.z (one per matrix, or per matrix and split-K part).
 #define PYCNN_CONV_BATCHED_GEMM 3
+#define PYCNN_CONV_BATCHED_GEMM_NT 4
 
 // TF32 helpers. Under nvcc/NVRTC they are one PTX instruction each; the CPU emulator
 // (tests/gpu/emulator/emu.h) defines the same two functions, emulating the instruction
@@ -283,6 +290,7 @@ struct PycnnConvGemm {
     int N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw;
     int M, Ncols, Kd;      // the GEMM
     int k_begin, k_end;    // the part of Kd this block reduces over
+    int batch;             // batched GEMMs (v5): which matrix of the batch
 };
 
 // Offset of column n of C in the output tensor; row m adds m * pycnn_conv_out_mstride.
@@ -332,7 +340,9 @@ __device__ __forceinline__ void pycnn_conv_decode(const PycnnConvGemm& p, int kd
             const int k = kd / RS, rs = kd - k * RS, r = rs / p.S;
             t0 = k * p.C * RS + rs; t1 = k * HoWo; t2 = r; t3 = rs - r * p.S;
         } else if (MODE == PYCNN_CONV_BATCHED_GEMM) {
-            t0 = kd * p.Ncols;  // row kd of B[z]
+            t0 = kd * p.Ncols;  // row kd of B[b]
+        } else if (MODE == PYCNN_CONV_BATCHED_GEMM_NT) {
+            t0 = kd;            // (B is read row by row, like A: only the range check uses it)
         } else {
             const int img = kd / HoWo, pix = kd - img * HoWo, i = pix / p.Wo;
             t0 = img * p.K * HoWo + pix; t1 = img * p.C * HW;
@@ -344,7 +354,7 @@ __device__ __forceinline__ void pycnn_conv_decode(const PycnnConvGemm& p, int kd
 
 // Per-thread constants of the tile loads, decoded once per block.
 struct PycnnConvLoader {
-    int m0;                // first row of C this block computes
+    int m0, n0;            // first row and column of C this block computes
     int b_col, b_row;      // B: this thread loads column b_col of the tile, rows b_row + B_STEP*q
     bool nb_ok;            // that column exists (n0 + b_col < Ncols)
     int cb0, cb1, cb2;     // the column's geometry (see pycnn_conv_b_elem)
@@ -357,9 +367,9 @@ template <int MODE>
 __device__ __forceinline__ const float* pycnn_conv_a_elem(const PycnnConvGemm& p, const int (*tab)[4], int k0,
                                                           int ma, int kk) {
     if (ma >= p.M) return nullptr;
-    if (MODE == PYCNN_CONV_FWD || MODE == PYCNN_CONV_BATCHED_GEMM) {  // w[k=ma, kd] or A[z][ma][kd]
+    if (MODE == PYCNN_CONV_FWD || MODE >= PYCNN_CONV_BATCHED_GEMM) {  // w[k=ma, kd] or A[b][ma][kd]
         const int kd = k0 + kk;
-        const pycnn_i64 row = MODE == PYCNN_CONV_FWD ? ma : (pycnn_i64)blockIdx.z * p.M + ma;
+        const pycnn_i64 row = MODE == PYCNN_CONV_FWD ? ma : (pycnn_i64)p.batch * p.M + ma;
         return kd < p.k_end ? p.a_src + row * p.Kd + kd : nullptr;
     }
     const int t0 = tab[kk][0];
@@ -385,8 +395,8 @@ __device__ __forceinline__ const float* pycnn_conv_b_elem(const PycnnConvGemm& p
         const int i = ti / p.sh, j = tj / p.sw;
         if (i >= p.Ho || j >= p.Wo) return nullptr;
         return p.b_src + L.cb0 + t[1] + i * p.Wo + j;
-    } else if (MODE == PYCNN_CONV_BATCHED_GEMM) {  // B[z][kd][column]
-        return p.b_src + (pycnn_i64)blockIdx.z * p.Kd * p.Ncols + t[0] + L.cb0;
+    } else if (MODE == PYCNN_CONV_BATCHED_GEMM) {  // B[b][kd][column]
+        return p.b_src + (pycnn_i64)p.batch * p.Kd * p.Ncols + t[0] + L.cb0;
     } else {                       // x[img, c, i*sh - ph + r, j*sw - pw + s], kd = (img, i, j)
         const int h = t[2] + L.cb1, ww = t[3] + L.cb2;
         if (h < 0 || h >= p.H || ww < 0 || ww >= p.W) return nullptr;
@@ -394,10 +404,41 @@ __device__ __forceinline__ const float* pycnn_conv_b_elem(const PycnnConvGemm& p
     }
 }
 
+// Four consecutive reduction values of one row of A (or of B given transposed) into column col,
+// rows kk .. kk+3, of a transposed shared tile. elem(q) is the address of value q, or nullptr
+// where it is zero. ASYNC: cp.async copies; otherwise loads through registers, one float4 where
+// the four values are contiguous and 16-byte aligned (the element offsets grow by at least 1
+// per reduction index in every mode, so last == first + 3 means contiguous).
+template <int PITCH, bool ASYNC, class Elem>
+__device__ __forceinline__ void pycnn_conv_load_quad(float (*dst)[PITCH], int kk, int col, const float* any_valid,
+                                                     Elem elem) {
+    if (ASYNC) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const float* e = elem(q);
+            pycnn_cp_async_f32(&dst[kk + q][col], e ? e : any_valid, e != nullptr);
+        }
+    } else {
+        float v4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        const float* first = elem(0);
+        const float* last = elem(3);
+        if (first && last == first + 3 && (reinterpret_cast<unsigned long long>(first) & 15ull) == 0) {
+            const float4 v = *reinterpret_cast<const float4*>(first);
+            v4[0] = v.x; v4[1] = v.y; v4[2] = v.z; v4[3] = v.w;
+        } else {
+            for (int q = 0; q < 4; ++q) {
+                const float* e = elem(q);
+                if (e) v4[q] = *e;
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) dst[kk + q][col] = v4[q];
+    }
+}
+
 // Stage the A (BM x BK, stored transposed As[k][m] so both compute loops read rows) and B
 // (BK x BN) tiles of reduction indices k0 .. k0+BK-1. ASYNC: cp.async copies (complete after the
-// matching pycnn_cp_async_wait); otherwise loads through registers, float4 where four A values
-// are contiguous and 16-byte aligned.
+// matching pycnn_cp_async_wait); otherwise loads through registers.
 template <int MODE, int BM, int BN, bool ASYNC>
 __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, const PycnnConvLoader& L,
                                                      const int (*tab)[4], int k0,
@@ -412,39 +453,32 @@ __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, con
     for (int rr = 0; rr < A_ROWS; ++rr) {
         const int row = L.a_row + 64 * rr;
         const int ma = L.m0 + row;
-        if (ASYNC) {
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const float* e = pycnn_conv_a_elem<MODE>(p, tab, k0, ma, L.a_k + q);
-                pycnn_cp_async_f32(&As[L.a_k + q][row], e ? e : p.a_src, e != nullptr);
-            }
-        } else {
-            float av[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            const float* first = pycnn_conv_a_elem<MODE>(p, tab, k0, ma, L.a_k);
-            const float* last = pycnn_conv_a_elem<MODE>(p, tab, k0, ma, L.a_k + 3);
-            // Offsets grow by at least 1 per reduction index in every mode, so last == first + 3
-            // means the four values are contiguous.
-            if (first && last == first + 3 && (reinterpret_cast<unsigned long long>(first) & 15ull) == 0) {
-                const float4 v = *reinterpret_cast<const float4*>(first);
-                av[0] = v.x; av[1] = v.y; av[2] = v.z; av[3] = v.w;
-            } else {
-                for (int q = 0; q < 4; ++q) {
-                    const float* e = pycnn_conv_a_elem<MODE>(p, tab, k0, ma, L.a_k + q);
-                    if (e) av[q] = *e;
-                }
-            }
-#pragma unroll
-            for (int q = 0; q < 4; ++q) As[L.a_k + q][row] = av[q];
-        }
+        pycnn_conv_load_quad<BM + PYCNN_CONV3_PAD, ASYNC>(
+            As, L.a_k, row, p.a_src, [&](int q) { return pycnn_conv_a_elem<MODE>(p, tab, k0, ma, L.a_k + q); });
     }
+    if constexpr (MODE == PYCNN_CONV_BATCHED_GEMM_NT) {
+        // B given transposed (Ncols x Kd, contiguous along the reduction): loaded like A, four
+        // consecutive reduction indices per thread, so a warp reads whole row segments.
+#pragma unroll 1
+        for (int rr = 0; rr < BN / 64; ++rr) {
+            const int row = L.a_row + 64 * rr;
+            const int n = L.n0 + row;
+            const float* src = p.b_src + ((pycnn_i64)p.batch * p.Ncols + n) * p.Kd;
+            pycnn_conv_load_quad<BN + PYCNN_CONV3_PAD, ASYNC>(Bs, L.a_k, row, p.b_src, [&](int q) {
+                const int kd = k0 + L.a_k + q;
+                return (n < p.Ncols && kd < p.k_end) ? src + kd : nullptr;
+            });
+        }
+    } else {
 #pragma unroll
-    for (int q = 0; q < BK / B_STEP; ++q) {
-        const int row = L.b_row + q * B_STEP;
-        const float* e = pycnn_conv_b_elem<MODE>(p, L, tab[row]);
-        if (ASYNC) {
-            pycnn_cp_async_f32(&Bs[row][L.b_col], e ? e : p.b_src, e != nullptr);
-        } else {
-            Bs[row][L.b_col] = e ? *e : 0.0f;
+        for (int q = 0; q < BK / B_STEP; ++q) {
+            const int row = L.b_row + q * B_STEP;
+            const float* e = pycnn_conv_b_elem<MODE>(p, L, tab[row]);
+            if (ASYNC) {
+                pycnn_cp_async_f32(&Bs[row][L.b_col], e ? e : p.b_src, e != nullptr);
+            } else {
+                Bs[row][L.b_col] = e ? *e : 0.0f;
+            }
         }
     }
 }
@@ -539,6 +573,7 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
 
     PycnnConvLoader L;
     L.m0 = blockIdx.y * BM;
+    L.n0 = n0;
     // B loads: consecutive threads take consecutive columns (consecutive pixels of x / dy: coalesced).
     L.b_col = tid % BN;
     L.b_row = tid / BN;
@@ -556,7 +591,7 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
             L.cb0 = img * p.K * HoWo;
             L.cb1 = h + p.ph;
             L.cb2 = (pix - h * p.W) + p.pw;
-        } else if (MODE == PYCNN_CONV_BATCHED_GEMM) {  // column = column of B[z]
+        } else if (MODE >= PYCNN_CONV_BATCHED_GEMM) {  // column = column of B[b] (NT: unused)
             L.cb0 = nb;
         } else {                               // column = weight tap (c, r, s)
             const int c = nb / RS, rs = nb - c * RS, r = rs / p.S;
@@ -648,7 +683,7 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
 __device__ __forceinline__ PycnnConvGemm pycnn_conv_params(int N, int C, int H, int W, int K, int R, int S,
                                                            int Ho, int Wo, int sh, int sw, int ph, int pw) {
     PycnnConvGemm p;
-    p.bias = nullptr; p.has_bias = 0; p.relu = 0;
+    p.bias = nullptr; p.has_bias = 0; p.relu = 0; p.batch = 0;
     p.N = N; p.C = C; p.H = H; p.W = W; p.K = K; p.R = R; p.S = S; p.Ho = Ho; p.Wo = Wo;
     p.sh = sh; p.sw = sw; p.ph = ph; p.pw = pw;
     return p;
@@ -1009,7 +1044,8 @@ extern "C" __global__ void conv2d_bwd_weight_reduce_f32(
 
 // ---------------------------------------------------------------------------------------------
 // v5 Winograd F(4x4, 3x3): 3x3 filters, stride 1 (forward, and backward-data as the forward
-// convolution of dy with the flipped, transposed filters and padding 2 - p). Exact fp32
+// convolution of dy with the flipped, transposed filters and padding 2 - p; the weight gradient
+// further below). Exact fp32
 // arithmetic but not the direct sums: Y = A^T [ (G g G^T) o (B^T d B) ] A per 4x4 output tile
 // computes 36 products where the direct sum needs 144 (4x fewer multiply-adds), at the cost of
 // transforms whose constants (up to 8 and 1/24) scale rounding errors: about 1e-5 relative to
@@ -1120,6 +1156,7 @@ __device__ __forceinline__ void pycnn_wino_gemm(const float* A, const float* B, 
     p.a_src = A; p.b_src = B; p.out = Cm;
     p.M = M; p.Ncols = Ncols; p.Kd = Kd;
     p.k_begin = 0; p.k_end = Kd;
+    p.batch = blockIdx.z;
     pycnn_conv_igemm<PYCNN_CONV_BATCHED_GEMM, false, T, T>(p);
 }
 
@@ -1171,6 +1208,116 @@ extern "C" __global__ void __launch_bounds__(PYCNN_BLOCK, 4) conv2d_wino_output_
                 if (relu) v = v > 0.0f ? v : 0.0f;
                 ym[(pycnn_i64)h * Wo + ww] = v;
             }
+        }
+    }
+}
+
+// ---- v5 weight gradient. The forward tile is Y = A^T [ U o V ] A with U = G g G^T and
+// V = B^T d B, linear in g, so its gradient with respect to g is
+//     dg = G^T [ (A dY A^T) o V ] G        (dY: the 4x4 tile of dy, zero past Ho x Wo)
+// summed over every tile p of every image. The sum over p happens on the 6x6 grid, before G^T.G:
+//   conv2d_wino_input_f32       V[e][c][p]   (the forward's input transform, unchanged)
+//   conv2d_wino_dy_f32          Y[e][k][p] = (A dY_kp A^T)[e]
+//   conv2d_wino_wgrad_gemm[_t128]_f32   Mw[e] = Y[e] . V[e]^T: 36 GEMMs (K x C) whose reduction
+//                               runs over the P tiles, split over grid.z = split * 36 + e into
+//                               partials that conv2d_bwd_weight_reduce_f32 adds in a fixed order
+//   conv2d_wino_wgrad_output_f32   dw[k][c] = G^T Mw[.][k][c] G (3x3)
+// Deterministic like v3: fixed split, fixed order of the partial sums.
+
+// A (6x4, the transpose of A^T) applied to a 4-vector.
+__device__ __forceinline__ void pycnn_wino_a(const float v[4], float t[6]) {
+    const float s02 = v[0] + v[2], s13 = v[1] + v[3];
+    t[0] = v[0];
+    t[1] = s02 + s13;
+    t[2] = s02 - s13;
+    t[3] = v[0] + 4.0f * v[2] + 2.0f * (v[1] + 4.0f * v[3]);
+    t[4] = v[0] + 4.0f * v[2] - 2.0f * (v[1] + 4.0f * v[3]);
+    t[5] = v[3];
+}
+
+// G^T (3x6) applied to a 6-vector.
+__device__ __forceinline__ void pycnn_wino_gt(const float m[6], float g[3]) {
+    const float s12 = m[1] + m[2], d12 = m[1] - m[2], s34 = m[3] + m[4], d34 = m[3] - m[4];
+    g[0] = 0.25f * m[0] - s12 * (1.0f / 6.0f) + s34 * (1.0f / 24.0f);
+    g[1] = -d12 * (1.0f / 6.0f) + d34 * (1.0f / 12.0f);
+    g[2] = -s12 * (1.0f / 6.0f) + s34 * (1.0f / 6.0f) + m[5];
+}
+
+// One thread per (k, p): Y[e][k][p] from the 4x4 tile of dy at (4 ti, 4 tj), zero past Ho x Wo.
+extern "C" __global__ void conv2d_wino_dy_f32(const float* __restrict__ dy, float* __restrict__ Y, int N, int K,
+                                              int Ho, int Wo, int TH, int TW) {
+    const pycnn_i64 P = (pycnn_i64)N * TH * TW;
+    const pycnn_i64 total = (pycnn_i64)K * P;
+    PYCNN_FOR_EACH(idx, total) {
+        const int k = (int)(idx / P);
+        const pycnn_i64 p = idx - (pycnn_i64)k * P;
+        const int n = (int)(p / (TH * TW)), t = (int)(p - (pycnn_i64)n * TH * TW);
+        const int ti = t / TW, tj = t - ti * TW;
+        const float* dyk = dy + ((pycnn_i64)n * K + k) * Ho * Wo;
+        float tmp[6][4];  // A dY: columns transformed
+        for (int j = 0; j < 4; ++j) {
+            float col[4];
+            const int ww = 4 * tj + j;
+            for (int i = 0; i < 4; ++i) {
+                const int h = 4 * ti + i;
+                col[i] = (h < Ho && ww < Wo) ? dyk[(pycnn_i64)h * Wo + ww] : 0.0f;
+            }
+            float out[6];
+            pycnn_wino_a(col, out);
+            for (int i = 0; i < 6; ++i) tmp[i][j] = out[i];
+        }
+        for (int i = 0; i < 6; ++i) {  // (A dY) A^T: rows transformed
+            float out[6];
+            pycnn_wino_a(tmp[i], out);
+            for (int j = 0; j < 6; ++j) Y[((pycnn_i64)(i * 6 + j) * K + k) * P + p] = out[j];
+        }
+    }
+}
+
+// Mw[e] (K x C) = Y[e] (K x P) . V[e]^T (P x C), e = blockIdx.z % 36, reduction part
+// blockIdx.z / 36 of size chunk (a multiple of PYCNN_CONV3_BK); writes slot blockIdx.z.
+template <int T>
+__device__ __forceinline__ void pycnn_wino_wgrad_gemm(const float* Y, const float* V, float* partial, int K, int C,
+                                                      int P, int chunk) {
+    PycnnConvGemm p = pycnn_conv_params(0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0);
+    p.a_src = Y; p.b_src = V; p.out = partial;
+    p.M = K; p.Ncols = C; p.Kd = P;
+    p.batch = blockIdx.z % 36;
+    p.k_begin = (blockIdx.z / 36) * chunk;
+    p.k_end = min(P, p.k_begin + chunk);
+    pycnn_conv_igemm<PYCNN_CONV_BATCHED_GEMM_NT, false, T, T>(p);
+}
+
+extern "C" __global__ void conv2d_wino_wgrad_gemm_f32(const float* __restrict__ Y, const float* __restrict__ V,
+                                                      float* __restrict__ partial, int K, int C, int P, int chunk) {
+    // cooperative: the GEMM core synchronizes with __syncthreads
+    pycnn_wino_wgrad_gemm<64>(Y, V, partial, K, C, P, chunk);
+}
+
+extern "C" __global__ void conv2d_wino_wgrad_gemm_t128_f32(const float* __restrict__ Y, const float* __restrict__ V,
+                                                           float* __restrict__ partial, int K, int C, int P,
+                                                           int chunk) {
+    // cooperative: the GEMM core synchronizes with __syncthreads
+    pycnn_wino_wgrad_gemm<128>(Y, V, partial, K, C, P, chunk);
+}
+
+// One thread per (k, c): dw[k][c] (3x3) = G^T Mw[.][k][c] G.
+extern "C" __global__ void conv2d_wino_wgrad_output_f32(const float* __restrict__ Mw, float* __restrict__ dw, int K,
+                                                        int C) {
+    const pycnn_i64 total = (pycnn_i64)K * C;
+    PYCNN_FOR_EACH(idx, total) {
+        float tmp[3][6];  // G^T Mw: columns transformed
+        for (int j = 0; j < 6; ++j) {
+            float col[6];
+            for (int i = 0; i < 6; ++i) col[i] = Mw[(pycnn_i64)(i * 6 + j) * total + idx];
+            float out[3];
+            pycnn_wino_gt(col, out);
+            for (int i = 0; i < 3; ++i) tmp[i][j] = out[i];
+        }
+        for (int i = 0; i < 3; ++i) {  // (G^T Mw) G: rows transformed
+            float out[3];
+            pycnn_wino_gt(tmp[i], out);
+            for (int j = 0; j < 3; ++j) dw[idx * 9 + i * 3 + j] = out[j];
         }
     }
 }

@@ -56,8 +56,8 @@ COMPILE_OPTIONS = ("-std=c++17",)
 # 3 implicit GEMM; "auto" picks one per shape (conv_version). 4 is TF32 tensor cores, opt-in only.
 CONV_VERSIONS = ("1", "2", "3")
 CONV_TF32_VERSION = "4"
-# 5 is Winograd F(4x4, 3x3) for 3x3 stride-1 forward and backward-data: fp32 arithmetic, 4x fewer
-# multiply-adds, ~10x the rounding error of the direct sums. Opt-in (version='5'); never "auto".
+# 5 is Winograd F(4x4, 3x3) for 3x3 stride-1 convolutions (all three directions): fp32 arithmetic,
+# 4x fewer multiply-adds, ~10x the rounding error of the direct sums. Opt-in (version='5'); never "auto".
 CONV_WINOGRAD_VERSION = "5"
 DEFAULT_CONV_VERSION = "auto"
 # "auto" runs v2 when a 16x16 tile is at least this full in both directions (a small output such
@@ -441,16 +441,16 @@ def _conv3_tile(direction: str, rows: int, cols: int) -> tuple[int, str]:
 
 
 def _conv_winograd_fits(direction: str, x_shape, w_shape, stride, padding, Ho: int, Wo: int) -> bool:
-    """Whether v5 (Winograd F(4x4, 3x3)) can run: forward or backward-data, 3x3 filters, stride 1
-    (backward-data also padding <= 2: it is a forward convolution of dy with padding 2 - p), and
-    workspaces of 36 x channels x tiles under the int32 limit."""
+    """Whether v5 (Winograd F(4x4, 3x3)) can run: 3x3 filters, stride 1 (backward-data also
+    padding <= 2: it is a forward convolution of dy with padding 2 - p), and workspaces of
+    36 x channels x tiles under the int32 limit."""
     N, C, H, W = x_shape
     K, _, R, S = w_shape
-    if direction == "backward_weight" or (R, S) != (3, 3) or tuple(stride) != (1, 1):
+    if (R, S) != (3, 3) or tuple(stride) != (1, 1):
         return False
     if direction == "backward_data" and max(padding) > 2:
         return False
-    hout, wout, cin, cout = (Ho, Wo, C, K) if direction == "forward" else (H, W, K, C)
+    hout, wout, cin, cout = (H, W, K, C) if direction == "backward_data" else (Ho, Wo, C, K)
     tiles = N * -(-hout // 4) * -(-wout // 4)
     return 36 * max(cin, cout) * tiles < _CONV_I32_LIMIT and -(-cout // _CONV3_BM) <= _MAX_GRID_YZ
 
@@ -501,8 +501,7 @@ def conv_version(direction: str, x_shape, w_shape, stride, padding, version: str
     16x16 tile of a tiny 3x3 output leaves most threads idle); otherwise v1. A version that
     cannot run a shape (shared memory over 48 KiB, grid limits, tensors of 2^31 elements for v3/v4,
     R*S > 25 for the v2 weight gradient) falls back to v1. '5' (Winograd) runs only 3x3 stride-1
-    forward and backward-data (backward-data with padding <= 2); elsewhere it resolves as 'auto'
-    without TF32.
+    convolutions (backward-data with padding <= 2); elsewhere it resolves as 'auto' without TF32.
 
     Raises:
         ValueError: an unknown direction or version, or '4' without allow_tf32 or without TF32
@@ -636,8 +635,17 @@ def _conv_forward_run(version: str, dev: int, x, w, bias, y, has_bias: bool, rel
         _launch(dev, "conv2d.cu", f"conv2d_fwd_v{version}{suffix}_f32", grid, (_CONV3_THREADS,), args)
 
 
+def _wino_gemm_tile(rows: int, cols: int, blocks_per_tile: int) -> tuple[int, str]:
+    """(tile, kernel suffix) of a v5 GEMM: 128x128 where both sides are >= 128 and the grid (with
+    ``blocks_per_tile`` blocks per tile: matrices, splits) has about two waves of them."""
+    big = _CONV3_BIG
+    if rows >= big and cols >= big and blocks_per_tile * -(-rows // big) * -(-cols // big) >= _CONV3_T128_MIN_BLOCKS:
+        return big, "_t128"
+    return _CONV3_BM, ""
+
+
 def _conv_winograd_run(dev: int, inp, w, bias, out, has_bias: bool, relu: bool, padding, flip: bool) -> None:
-    """v5: out = conv(inp, filters) as Winograd F(4x4, 3x3) in four launches (conv2d.cu, v5).
+    """v5 forward / backward-data: out = conv(inp, filters) as Winograd F(4x4, 3x3), four launches.
 
     Forward: inp = x, filters = w, out = y. Backward-data (flip): inp = dy, filters = w rotated by
     180 degrees with K and C swapped, padding 2 - p, out = dx (no bias, no ReLU).
@@ -656,15 +664,46 @@ def _conv_winograd_run(dev: int, inp, w, bias, out, has_bias: bool, relu: bool, 
     _launch(dev, "conv2d.cu", "conv2d_wino_input_f32", _grid1d(cin * tiles), (BLOCK,),
             (inp, V, _i32(N), _i32(cin), _i32(hin), _i32(win), _i32(padding[0]), _i32(padding[1]),
              _i32(th), _i32(tw)))
-    big = _CONV3_BIG
-    tile, suffix = (big, "_t128") if (cout >= big and tiles >= big and
-                                      36 * -(-cout // big) * -(-tiles // big) >= _CONV3_T128_MIN_BLOCKS) \
-        else (_CONV3_BM, "")
+    tile, suffix = _wino_gemm_tile(cout, tiles, 36)
     _launch(dev, "conv2d.cu", f"conv2d_wino_gemm{suffix}_f32", (-(-tiles // tile), -(-cout // tile), 36),
             (_CONV3_THREADS,), (U, V, M, _i32(cout), _i32(tiles), _i32(cin)))
     _launch(dev, "conv2d.cu", "conv2d_wino_output_f32", _grid1d(cout * tiles), (BLOCK,),
             (M, bias, out, _i32(has_bias), _i32(relu), _i32(N), _i32(cout), _i32(hout), _i32(wout),
              _i32(th), _i32(tw)))
+
+
+def _conv_winograd_weight_run(dev: int, dy, x, dw, geom: tuple) -> None:
+    """v5 weight gradient: dw = G^T [ sum over tiles of (A dY A^T) o (B^T d B) ] G (conv2d.cu)."""
+    cupy = _cupy()
+    N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
+    th, tw = -(-Ho // 4), -(-Wo // 4)
+    tiles = N * th * tw
+    with cupy.cuda.Device(dev):
+        V = cupy.empty((36 * C * tiles,), dtype=cupy.float32)
+        Y = cupy.empty((36 * K * tiles,), dtype=cupy.float32)
+        Mw = cupy.empty((36 * K * C,), dtype=cupy.float32)
+    _launch(dev, "conv2d.cu", "conv2d_wino_input_f32", _grid1d(C * tiles), (BLOCK,),
+            (x, V, _i32(N), _i32(C), _i32(H), _i32(W), _i32(ph), _i32(pw), _i32(th), _i32(tw)))
+    _launch(dev, "conv2d.cu", "conv2d_wino_dy_f32", _grid1d(K * tiles), (BLOCK,),
+            (dy, Y, _i32(N), _i32(K), _i32(Ho), _i32(Wo), _i32(th), _i32(tw)))
+    # Split-K over the tiles fills the GPU whatever the tile count (as v3's weight gradient), so
+    # the large tile goes wherever both sides reach 128; at most 8 splits (_conv_splits), so
+    # 36 * splits stays far below the grid.z limit.
+    tile, suffix = _wino_gemm_tile(K, C, _CONV3_T128_MIN_BLOCKS)
+    blocks = 36 * -(-K // tile) * -(-C // tile)
+    splits, chunk = _conv_splits(tiles, blocks, _CONV_SPLIT_MIN_K, _CONV3_BK)
+    grid = (-(-C // tile), -(-K // tile), 36 * splits)
+    if splits == 1:
+        _launch(dev, "conv2d.cu", f"conv2d_wino_wgrad_gemm{suffix}_f32", grid, (_CONV3_THREADS,),
+                (Y, V, Mw, _i32(K), _i32(C), _i32(tiles), _i32(chunk)))
+    else:
+        with cupy.cuda.Device(dev):
+            partial = cupy.empty((splits * Mw.size,), dtype=cupy.float32)
+        _launch(dev, "conv2d.cu", f"conv2d_wino_wgrad_gemm{suffix}_f32", grid, (_CONV3_THREADS,),
+                (Y, V, partial, _i32(K), _i32(C), _i32(tiles), _i32(chunk)))
+        _launch(dev, "conv2d.cu", "conv2d_bwd_weight_reduce_f32", _grid1d(Mw.size), (BLOCK,),
+                (partial, Mw, _i32(splits), _i64(Mw.size)))
+    _launch(dev, "conv2d.cu", "conv2d_wino_wgrad_output_f32", _grid1d(K * C), (BLOCK,), (Mw, dw, _i32(K), _i32(C)))
 
 
 def _conv2d_forward(op: str, x, w, b, stride, padding, relu: bool, version, allow_tf32):
@@ -789,6 +828,9 @@ def _conv_backward_weight_run(version: str, dev: int, dy, x, dw, geom: tuple) ->
             _i32(Ho), _i32(Wo), _i32(sh), _i32(sw), _i32(ph), _i32(pw))
     if version == "1":
         _launch(dev, "conv2d.cu", "conv2d_bwd_weight_v1_f32", (dw.size,), (BLOCK,), args)
+        return
+    if version == CONV_WINOGRAD_VERSION:
+        _conv_winograd_weight_run(dev, dy, x, dw, geom)
         return
     if version == "2":
         splits, imgs = _conv_splits(N, K * C, 1, 1)

@@ -1,5 +1,5 @@
 """The conv2d kernel ladder on the GPU: every version (v1 direct, v2 tiled, v3 implicit GEMM, v4
-TF32 tensor cores; v5 Winograd on the 3x3 stride-1 layers, forward and backward-data) x direction
+TF32 tensor cores; v5 Winograd on the 3x3 stride-1 layers) x direction
 against the float64 reference on every conv layer of the four
 models (benchmarks/shapes.py, batch 64) and the compute-bound 64x128x56x56 / 128 3x3 layer; v4
 against its documented TF32 bound and visibly different from fp32; the fused bias+ReLU epilogue;
@@ -120,8 +120,9 @@ def check_layer(layer, seed=0):
         assert not np.array_equal(v4, v3), f"{name} {what}: v4 is bit-identical to fp32 v3 (no tensor cores?)"
     # v5 (Winograd) where it applies, to 1e-4 of the largest reference value (see WINO_RTOL)
     wino = {"y": lambda: cuda.conv2d_forward(gx, gw, gb, stride, padding, version="5"),
-            "dx": lambda: cuda.conv2d_backward_data(gdy, gw, x.shape, stride, padding, version="5")}
-    for (what, call), direction, wnt in zip(wino.items(), ("forward", "backward_data"), want):
+            "dx": lambda: cuda.conv2d_backward_data(gdy, gw, x.shape, stride, padding, version="5"),
+            "dw": lambda: cuda.conv2d_backward_weight(gdy, gx, w.shape, stride, padding, version="5")[0]}
+    for (what, call), direction, wnt in zip(wino.items(), ("forward", "backward_data", "backward_weight"), want):
         if cuda.conv_version(direction, x.shape, w.shape, stride, padding, "5") != "5":
             continue
         err = float(np.abs(cp.asnumpy(call()) - wnt).max())

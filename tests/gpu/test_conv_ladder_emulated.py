@@ -335,8 +335,8 @@ def test_kernels_table_shows_only_measured_figures(tmp_path):
     assert f"| v3 implicit GEMM (fp32) | 2.00 ms, {flop / 2e-3 / 1e12:.2f} TFLOP/s | - | - |" in text
     assert f"| cuDNN TF32 (same run) | 500 µs, {flop / 5e-4 / 1e12:.2f} TFLOP/s | - | - |" in text
     assert "| v1 direct | - | - | - |" in text and "99.00" not in text
-    assert "| v5 Winograd F(4x4,3x3) (fp32) | - | - | n/a (v5: forward, backward-data) |" in text
-    assert "v5 (forward, backward-data)" in text
+    assert "| v5 Winograd F(4x4,3x3) (fp32) | - | - | - |" in text
+    assert "v5 (all three directions)" in text
     assert "v1 (all three directions)" in text and "v3 (backward-data, backward-weight)" in text
     assert "1-stage loop" not in text
     # the PYCNN_CONV_STAGES=1 rows come from a record of the same commit only
@@ -417,7 +417,7 @@ def test_gpu_kernels_benchmark_runs_on_the_emulator(emulated, monkeypatch, tmp_p
     assert info["conv_stages"] == 2 and info["conv_versions"] == ["3", "4", "5"]
     got = sorted((e["op"], e["version"], e["stages"], e["layer"]) for e in record["kernels"])
     want = [(op, v, 2, "tiny") for op in ("conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight") for v in ("v3", "v4")]
-    want += [(op, "v5", None, "tiny") for op in ("conv2d_fwd", "conv2d_bwd_data")]  # no v5 weight gradient
+    want += [(op, "v5", None, "tiny") for op in ("conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight")]
     assert got == sorted(want)
     assert info["fastest_exact_versions"]["tiny"]["conv2d_fwd"] == "v3", "v4 and v5 are not candidates of auto"
     assert "conv2d_fwd_v4_f32" in emulated
@@ -442,33 +442,51 @@ WINO_SHAPES = [(2, 3, 9, 11, 5, 1, 1), (1, 4, 6, 5, 3, 0, 0), (2, 2, 13, 13, 70,
                (1, 40, 7, 8, 6, 1, 0)]
 
 
-@pytest.mark.parametrize("shape", WINO_SHAPES, ids=[str(s) for s in WINO_SHAPES])
-def test_winograd_forward_and_backward_data(emulated, shape):
+# the weight gradient's reduction (over 4x4 tiles) also cut into parts of 16 where it has more
+WINO_CASES = [(s, False) for s in WINO_SHAPES] + [(WINO_SHAPES[0], True), (WINO_SHAPES[2], True)]
+
+
+@pytest.mark.parametrize("shape, split", WINO_CASES, ids=[f"{s}{'-split-k' if k else ''}" for s, k in WINO_CASES])
+def test_winograd_every_direction(emulated, monkeypatch, shape, split):
     N, C, H, W, K, ph, pw = shape
     conv = (N, C, H, W, K, 3, 3, (1, 1), (ph, pw))
+    if split:  # the weight gradient's reduction over tiles cut into parts of 16 (as large layers are)
+        monkeypatch.setattr(cuda, "_CONV_SPLIT_MIN_K", 16)
     x, w, b, dy = data(conv, seed=3)
     y = cuda.conv2d_forward(x, w, b, (1, 1), (ph, pw), version="5")
     fused = cuda.conv2d_bias_relu_forward(x, w, b, (1, 1), (ph, pw), version="5")
     dx = cuda.conv2d_backward_data(dy, w, x.shape, (1, 1), (ph, pw), version="5")
-    want_y, want_dx, _, _ = reference(conv, x, w, b, dy)
+    dw, db = cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (ph, pw), version="5")
+    want_y, want_dx, want_dw, want_db = reference(conv, x, w, b, dy)
     wino_close(y, want_y, f"v5 y {shape}")
     wino_close(fused, np.maximum(want_y, 0), f"v5 relu(y + b) {shape}")
     assert np.all(fused >= 0) and np.array_equal(fused, np.maximum(y, 0)), "the epilogue is the one of y"
     wino_close(dx, want_dx, f"v5 dx {shape}")
+    wino_close(dw, want_dw, f"v5 dw {shape}")
+    np.testing.assert_allclose(db, want_db, rtol=1e-5, atol=1e-5)
     for kernel in ("conv2d_wino_filter_f32", "conv2d_wino_input_f32", "conv2d_wino_gemm_f32",
-                   "conv2d_wino_output_f32"):
+                   "conv2d_wino_output_f32", "conv2d_wino_dy_f32", "conv2d_wino_wgrad_gemm_f32",
+                   "conv2d_wino_wgrad_output_f32"):
         assert kernel in emulated, emulated
-    assert not any(k.startswith("conv2d_fwd_v") or k.startswith("conv2d_bwd_data_v") for k in emulated), emulated
+    assert ("conv2d_bwd_weight_reduce_f32" in emulated) == (split and N * -(-(H + 2 * ph - 2) // 4) *
+                                                             -(-(W + 2 * pw - 2) // 4) > 16)
+    assert not any(k.startswith("conv2d_fwd_v") or k.startswith("conv2d_bwd_") and "_v" in k for k in emulated), emulated
 
 
 def test_winograd_large_gemm_tile(emulated, monkeypatch):
-    """The 128x128 GEMM tile (conv2d_wino_gemm_t128_f32): >= 128 output channels and tiles."""
+    """The 128x128 GEMM tiles: forward with >= 128 filters and tiles (conv2d_wino_gemm_t128_f32),
+    weight gradient with >= 128 filters and channels (conv2d_wino_wgrad_gemm_t128_f32)."""
     monkeypatch.setattr(cuda, "_CONV3_T128_MIN_BLOCKS", 1)
     conv = (2, 3, 32, 29, 130, 3, 3, (1, 1), (1, 1))  # 2 * 8 * 8 = 128 tiles of 4x4
     x, w, b, dy = data(conv, seed=4)
     y = cuda.conv2d_forward(x, w, b, (1, 1), (1, 1), version="5")
     assert "conv2d_wino_gemm_t128_f32" in emulated, emulated
     wino_close(y, reference(conv, x, w, b, dy)[0], "v5 t128 y")
+    conv = (1, 130, 5, 4, 129, 3, 3, (1, 1), (1, 1))  # one tile of 4x4 per image
+    x, w, b, dy = data(conv, seed=5)
+    dw, _ = cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1), version="5")
+    assert "conv2d_wino_wgrad_gemm_t128_f32" in emulated, emulated
+    wino_close(dw, reference(conv, x, w, b, dy)[2], "v5 t128 dw")
 
 
 def test_winograd_version_rule():
@@ -476,8 +494,9 @@ def test_winograd_version_rule():
     x, w3, w5 = (8, 16, 12, 12), (32, 16, 3, 3), (32, 16, 5, 5)
     assert v("forward", x, w3, (1, 1), (1, 1), "5") == "5"
     assert v("backward_data", x, w3, (1, 1), (2, 0), "5") == "5"
+    assert v("backward_weight", x, w3, (1, 1), (3, 3), "5") == "5"
     # elsewhere '5' means the exact shape rule ('auto' without TF32)
-    for direction, w, stride, pad in [("backward_weight", w3, (1, 1), (1, 1)), ("forward", w3, (2, 2), (1, 1)),
+    for direction, w, stride, pad in [("backward_weight", w3, (1, 2), (1, 1)), ("forward", w3, (2, 2), (1, 1)),
                                       ("forward", w5, (1, 1), (2, 2)), ("backward_data", w3, (1, 1), (3, 3))]:
         assert v(direction, x, w, stride, pad, "5", allow_tf32=True) == v(direction, x, w, stride, pad, "auto",
                                                                           allow_tf32=False)
@@ -493,10 +512,11 @@ def winograd_shapes(draw):
     return (draw(st.integers(1, 2)), draw(st.integers(1, 6)), H, W, draw(st.integers(1, 9)), ph, pw)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(shape=winograd_shapes(), seed=st.integers(0, 2**31 - 1))
 def test_winograd_drawn_shapes(emulator, shape, seed):
-    """v5 on hypothesis-drawn 3x3 stride-1 shapes: outputs of 1 pixel to 3.5 tiles, every padding."""
+    """v5 on hypothesis-drawn 3x3 stride-1 shapes, all three directions: outputs of 1 pixel to
+    3.5 tiles, every padding."""
     from emu_support import patch_backend
 
     N, C, H, W, K, ph, pw = shape
@@ -508,7 +528,9 @@ def test_winograd_drawn_shapes(emulator, shape, seed):
         wino_close(cuda.conv2d_forward(x, w, b, (1, 1), (ph, pw), version="5"), want_y, f"v5 y {shape}")
         wino_close(cuda.conv2d_backward_data(dy, w, x.shape, (1, 1), (ph, pw), version="5"), want_dx,
                    f"v5 dx {shape}")
-        assert "conv2d_wino_output_f32" in launched
+        wino_close(cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (ph, pw), version="5")[0],
+                   reference(conv, x, w, b, dy)[2], f"v5 dw {shape}")
+        assert "conv2d_wino_output_f32" in launched and "conv2d_wino_wgrad_output_f32" in launched
 
 
 @pytest.mark.parametrize("version, name", [("3", "multi-tile"), ("3", "stride2-pad-odd"), ("3", "two-row-tiles"),
@@ -528,10 +550,7 @@ def test_pipelined_kernels_with_copies_landing_at_issue(emulator, version, name)
             mp.setattr(cuda, "_CONV3_T128_MIN_BLOCKS", 1)
             with cp_async_eager(emulator) if eager else nullcontext():
                 if version == "5":
-                    _, _, _, _, _, _, _, stride, padding = shape
-                    results.append((cuda.conv2d_forward(x, w, b, stride, padding, version="5"),
-                                    cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="5")))
-                else:
-                    results.append(run_all(shape, x, w, b, dy, version, allow_tf32=version == "4"))
+                    mp.setattr(cuda, "_CONV_SPLIT_MIN_K", 16)  # split the weight gradient's GEMM too
+                results.append(run_all(shape, x, w, b, dy, version, allow_tf32=version == "4"))
     for what, late, eager in zip(("y", "dx", "dw", "db"), *results):
         np.testing.assert_array_equal(eager, late, err_msg=f"v{version} {name} {what}: copies landing at issue")
