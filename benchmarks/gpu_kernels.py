@@ -5,9 +5,9 @@ compute-bound 64x128x56x56 layer with 128 3x3 filters (pad 1), beside cuDNN thro
 fp32 (TF32 off) and in TF32, all measured in the same run.
 
     python benchmarks/gpu_kernels.py [--json FILE] [--repeats 30] [--budget 100] [--other-kernels]
-                                     [--layers all|big] [--versions 1,2,3,4]
-    PYCNN_CONV_STAGES=1 python benchmarks/gpu_kernels.py --layers big --versions 3,4 --json FILE
-        (v3/v4 with the main loop that loads through registers instead of the double-buffered
+                                     [--layers all|big] [--versions 1,2,3,4,5]
+    PYCNN_CONV_STAGES=1 python benchmarks/gpu_kernels.py --layers big --versions 3,4,5 --json FILE
+        (v3-v5 with the GEMM main loop that loads through registers instead of the double-buffered
         cp.async one: each entry's "stages" says which loop ran)
 
 Times are CUDA-event medians: 3 warm-up calls, then ``--repeats`` timed calls (5 for calls slower
@@ -226,7 +226,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                     "cudnn_tf32_tflops": tflops(flop, tf32_ms), "max_rel_err_vs_cudnn": err,
                     "auto": auto[label][op] == f"v{version}", "layer": label,
                     "tile": tile_of(direction, shape) if version in ("3", "4") else None,
-                    "stages": stages if version in ("3", "4") else None})
+                    "stages": stages if version in ("3", "4", "5") else None})  # (v5's GEMMs: the v3 core)
     # Was the shape rule right? The fastest measured exact version per layer and direction.
     fastest = {}
     for e in entries:

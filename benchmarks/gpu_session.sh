@@ -3,7 +3,7 @@
 #   PART=1: the selftest record (GPU tests with the sanitizers beside them, kernel timings, a
 #           FastMNIST epoch);
 #   PART=2: the kernel ladder vs cuDNN (benchmarks/gpu_kernels.py), the training-throughput
-#           benchmark vs PyTorch eager / PyTorch CUDA graph (benchmarks/gpu_training.py), v3/v4 with
+#           benchmark vs PyTorch eager / PyTorch CUDA graph (benchmarks/gpu_training.py), v3-v5 with
 #           the single-stage main loop on the compute-bound layer (PYCNN_CONV_STAGES=1), then, with
 #           the time left, MnistCNN epochs at batch 64 and 512 through the CLI, eager and with the
 #           step in a CUDA graph, and with LOCALIZE_EPOCHS=N the digit-localization recipe;
@@ -48,10 +48,10 @@ step "kernel ladder vs cuDNN" 150 python3 benchmarks/gpu_kernels.py --budget "$k
   --json "$OUT/gpu-$stamp-$sha8-kernels.json" 2>&1 | tail -80
 [ -z "${SKIP_TRAINING_BENCH:-}" ] && step "training throughput vs PyTorch" 240 \
   python3 benchmarks/gpu_training.py --out "$OUT/training.json" 2>&1 | tail -70
-# The v3/v4 main loop without cp.async double buffering, on the compute-bound layer: is the
-# default (PYCNN_CONV3_STAGES=2) the faster one there?
-step "v3/v4 with PYCNN_CONV_STAGES=1 (compute-bound layer)" 60 env PYCNN_CONV_STAGES=1 \
-  python3 benchmarks/gpu_kernels.py --layers big --versions 3,4 --repeats 10 \
+# The v3/v4/v5 GEMM main loop without cp.async double buffering, on the compute-bound layer: is
+# the default (PYCNN_CONV3_STAGES=2) the faster one there?
+step "v3/v4/v5 with PYCNN_CONV_STAGES=1 (compute-bound layer)" 60 env PYCNN_CONV_STAGES=1 \
+  python3 benchmarks/gpu_kernels.py --layers big --versions 3,4,5 --repeats 10 \
   --json "$OUT/gpu-$stamp-$sha8-kernels-stages1.json" 2>&1 | tail -12
 batches="64 512"
 [ -n "${SKIP_MNISTCNN:-}" ] && batches=""

@@ -109,7 +109,7 @@ def render(path: Path | None, record: dict | None, one_stage: dict | None = None
                 if e is None and (v, d) not in missing:
                     missing.append((v, d))
             lines.append(f"| {VERSION_NAMES[v]} | " + " | ".join(cells) + " |")
-        for v in ("v3", "v4"):
+        for v in ("v3", "v4", "v5"):
             single = {e["op"]: e for e in (one_stage or {}).get("kernels") or []
                       if list(e.get("shape", [])) == shape and e.get("version") == v}
             if single:

@@ -417,7 +417,7 @@ def test_gpu_kernels_benchmark_runs_on_the_emulator(emulated, monkeypatch, tmp_p
     assert info["conv_stages"] == 2 and info["conv_versions"] == ["3", "4", "5"]
     got = sorted((e["op"], e["version"], e["stages"], e["layer"]) for e in record["kernels"])
     want = [(op, v, 2, "tiny") for op in ("conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight") for v in ("v3", "v4")]
-    want += [(op, "v5", None, "tiny") for op in ("conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight")]
+    want += [(op, "v5", 2, "tiny") for op in ("conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight")]
     assert got == sorted(want)
     assert info["fastest_exact_versions"]["tiny"]["conv2d_fwd"] == "v3", "v4 and v5 are not candidates of auto"
     assert "conv2d_fwd_v4_f32" in emulated
