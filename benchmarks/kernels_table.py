@@ -38,6 +38,15 @@ def flop(shape) -> float:
     return 2.0 * N * K * Ho * Wo * C * R * S
 
 
+def _records(results: Path):
+    """(path, record) of every readable benchmarks/results/gpu-*.json, in name order."""
+    for path in sorted(results.glob("gpu-*.json")):
+        try:
+            yield path, json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+
+
 def newest_record(results: Path) -> tuple[Path, dict] | tuple[None, None]:
     """The gpu-*.json record with conv2d kernel entries and the latest ``date`` (then file name).
 
@@ -46,11 +55,7 @@ def newest_record(results: Path) -> tuple[Path, dict] | tuple[None, None]:
     (``--layers big``, ``--versions``).
     """
     best = None
-    for path in sorted(results.glob("gpu-*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
+    for path, record in _records(results):
         if not any(str(e.get("op", "")).startswith("conv2d") for e in record.get("kernels") or []):
             continue
         info = record.get("kernels_info") or {}
@@ -66,11 +71,7 @@ def one_stage_record(results: Path, commit) -> dict | None:
     """The newest record of v3/v4 run with PYCNN_CONV_STAGES=1 (``kernels_info.conv_stages`` 1) at
     ``commit``: the main loop without cp.async double buffering, for comparison."""
     best = None
-    for path in sorted(results.glob("gpu-*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
+    for path, record in _records(results):
         if (record.get("kernels_info") or {}).get("conv_stages") == 1 and record.get("commit") == commit:
             key = (str(record.get("date") or ""), path.name)
             if best is None or key > best[0]:

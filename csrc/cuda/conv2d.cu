@@ -1086,6 +1086,44 @@ __device__ __forceinline__ void pycnn_wino_at(const float m[6], float o[4]) {
     o[3] = d12 + 8.0f * d34 + m[5];
 }
 
+// out = T in T^T for a 1-D transform T (OUT x IN) given as t(const float in[IN], float out[OUT]):
+// T along the columns of in, then along the rows of the result. Every transform of v5 is one.
+template <int IN, int OUT, class Transform>
+__device__ __forceinline__ void pycnn_wino_2d(const float (&in)[IN][IN], float (&out)[OUT][OUT], Transform t) {
+    float tmp[OUT][IN];
+#pragma unroll
+    for (int j = 0; j < IN; ++j) {
+        float col[IN], res[OUT];
+#pragma unroll
+        for (int i = 0; i < IN; ++i) col[i] = in[i][j];
+        t(col, res);
+#pragma unroll
+        for (int i = 0; i < OUT; ++i) tmp[i][j] = res[i];
+    }
+#pragma unroll
+    for (int i = 0; i < OUT; ++i) t(tmp[i], out[i]);
+}
+
+// Thread idx of a (row, tile) pass over rows x P tiles, P = N * TH * TW, tiles fastest (so that
+// consecutive threads touch consecutive workspace addresses): the row (channel or filter), the
+// tile index p and its image n and tile coordinates (ti, tj).
+struct PycnnWinoTile {
+    int row;
+    pycnn_i64 p;
+    int n, ti, tj;
+};
+
+__device__ __forceinline__ PycnnWinoTile pycnn_wino_tile(pycnn_i64 idx, pycnn_i64 P, int TH, int TW) {
+    PycnnWinoTile t;
+    t.row = (int)(idx / P);
+    t.p = idx - (pycnn_i64)t.row * P;
+    t.n = (int)(t.p / (TH * TW));
+    const int in_image = (int)(t.p - (pycnn_i64)t.n * TH * TW);
+    t.ti = in_image / TW;
+    t.tj = in_image - t.ti * TW;
+    return t;
+}
+
 // One thread per (m, c): U[e][m][c]. flip = 0: g = w[m][c] (w is Cout x Cin x 3 x 3, forward).
 // flip = 1: g = w[c][m] rotated by 180 degrees (w is Cin x Cout x 3 x 3: backward-data, where
 // the "input" is dy with Cin = K channels and the "output" dx has Cout = C).
@@ -1099,18 +1137,9 @@ extern "C" __global__ void conv2d_wino_filter_f32(const float* __restrict__ w, f
             for (int s = 0; s < 3; ++s)
                 g[r][s] = flip ? w[((pycnn_i64)c * Cout + m) * 9 + (2 - r) * 3 + (2 - s)]
                                : w[((pycnn_i64)m * Cin + c) * 9 + r * 3 + s];
-        float t[6][3];  // G g: columns of g transformed
-        for (int s = 0; s < 3; ++s) {
-            const float col[3] = {g[0][s], g[1][s], g[2][s]};
-            float out[6];
-            pycnn_wino_g(col, out);
-            for (int i = 0; i < 6; ++i) t[i][s] = out[i];
-        }
-        for (int i = 0; i < 6; ++i) {  // (G g) G^T: rows transformed
-            float out[6];
-            pycnn_wino_g(t[i], out);
-            for (int j = 0; j < 6; ++j) U[((pycnn_i64)(i * 6 + j) * Cout + m) * Cin + c] = out[j];
-        }
+        float u[6][6];
+        pycnn_wino_2d(g, u, pycnn_wino_g);  // G g G^T
+        for (int e = 0; e < 36; ++e) U[((pycnn_i64)e * Cout + m) * Cin + c] = u[e / 6][e % 6];
     }
 }
 
@@ -1121,29 +1150,19 @@ extern "C" __global__ void conv2d_wino_input_f32(const float* __restrict__ x, fl
     const pycnn_i64 P = (pycnn_i64)N * TH * TW;
     const pycnn_i64 total = (pycnn_i64)Cin * P;
     PYCNN_FOR_EACH(idx, total) {
-        const int c = (int)(idx / P);
-        const pycnn_i64 p = idx - (pycnn_i64)c * P;
-        const int n = (int)(p / (TH * TW)), t = (int)(p - (pycnn_i64)n * TH * TW);
-        const int ti = t / TW, tj = t - ti * TW;
-        const int h0 = 4 * ti - ph, w0 = 4 * tj - pw;
+        const PycnnWinoTile t = pycnn_wino_tile(idx, P, TH, TW);
+        const int c = t.row, n = t.n;
+        const pycnn_i64 p = t.p;
+        const int h0 = 4 * t.ti - ph, w0 = 4 * t.tj - pw;
         const float* xc = x + ((pycnn_i64)n * Cin + c) * H * W;
-        float tmp[6][6];  // B^T d: columns transformed
-        for (int j = 0; j < 6; ++j) {
-            float col[6];
-            const int ww = w0 + j;
-            for (int i = 0; i < 6; ++i) {
-                const int h = h0 + i;
-                col[i] = (h >= 0 && h < H && ww >= 0 && ww < W) ? xc[(pycnn_i64)h * W + ww] : 0.0f;
+        float d[6][6], v[6][6];
+        for (int i = 0; i < 6; ++i)
+            for (int j = 0; j < 6; ++j) {
+                const int h = h0 + i, ww = w0 + j;
+                d[i][j] = (h >= 0 && h < H && ww >= 0 && ww < W) ? xc[(pycnn_i64)h * W + ww] : 0.0f;
             }
-            float out[6];
-            pycnn_wino_bt(col, out);
-            for (int i = 0; i < 6; ++i) tmp[i][j] = out[i];
-        }
-        for (int i = 0; i < 6; ++i) {  // (B^T d) B: rows transformed
-            float out[6];
-            pycnn_wino_bt(tmp[i], out);
-            for (int j = 0; j < 6; ++j) V[((pycnn_i64)(i * 6 + j) * Cin + c) * P + p] = out[j];
-        }
+        pycnn_wino_2d(d, v, pycnn_wino_bt);  // B^T d B
+        for (int e = 0; e < 36; ++e) V[((pycnn_i64)e * Cin + c) * P + p] = v[e / 6][e % 6];
     }
 }
 
@@ -1176,39 +1195,26 @@ extern "C" __global__ void conv2d_wino_gemm_t128_f32(const float* __restrict__ A
 // writes the 4x4 output tile clipped to Ho x Wo, with the forward epilogue (bias, ReLU).
 // A memory-bound pass: left alone the compiler keeps all 36 + 24 values live (104 registers on
 // sm_90: two blocks per SM); capped at 64 (four blocks) it needs no spills.
-extern "C" __global__ void __launch_bounds__(PYCNN_BLOCK, 4) conv2d_wino_output_f32(const float* __restrict__ Mw, const float* __restrict__ b,
-                                                  float* __restrict__ y, int has_bias, int relu, int N, int Cout,
-                                                  int Ho, int Wo, int TH, int TW) {
+extern "C" __global__ void __launch_bounds__(PYCNN_BLOCK, 4) conv2d_wino_output_f32(
+    const float* __restrict__ Mw, const float* __restrict__ b, float* __restrict__ y, int has_bias, int relu,
+    int N, int Cout, int Ho, int Wo, int TH, int TW) {
     const pycnn_i64 P = (pycnn_i64)N * TH * TW;
     const pycnn_i64 total = (pycnn_i64)Cout * P;
     PYCNN_FOR_EACH(idx, total) {
-        const int m = (int)(idx / P);
-        const pycnn_i64 p = idx - (pycnn_i64)m * P;
-        const int n = (int)(p / (TH * TW)), t = (int)(p - (pycnn_i64)n * TH * TW);
-        const int ti = t / TW, tj = t - ti * TW;
-        float tmp[4][6];  // A^T M: columns transformed
-        for (int j = 0; j < 6; ++j) {
-            float col[6];
-            for (int i = 0; i < 6; ++i) col[i] = Mw[((pycnn_i64)(i * 6 + j) * Cout + m) * P + p];
-            float out[4];
-            pycnn_wino_at(col, out);
-            for (int i = 0; i < 4; ++i) tmp[i][j] = out[i];
-        }
+        const PycnnWinoTile t = pycnn_wino_tile(idx, P, TH, TW);
+        const int m = t.row, n = t.n, ti = t.ti, tj = t.tj;
+        const pycnn_i64 p = t.p;
+        float mt[6][6], out[4][4];
+        for (int e = 0; e < 36; ++e) mt[e / 6][e % 6] = Mw[((pycnn_i64)e * Cout + m) * P + p];
+        pycnn_wino_2d(mt, out, pycnn_wino_at);  // A^T M A
         const float bias = has_bias ? b[m] : 0.0f;
         float* ym = y + ((pycnn_i64)n * Cout + m) * Ho * Wo;
-        for (int i = 0; i < 4; ++i) {
-            const int h = 4 * ti + i;
-            if (h >= Ho) break;
-            float out[4];
-            pycnn_wino_at(tmp[i], out);  // (A^T M) A: rows transformed
-            for (int j = 0; j < 4; ++j) {
-                const int ww = 4 * tj + j;
-                if (ww >= Wo) break;
-                float v = out[j] + bias;
+        for (int i = 0; i < 4 && 4 * ti + i < Ho; ++i)
+            for (int j = 0; j < 4 && 4 * tj + j < Wo; ++j) {
+                float v = out[i][j] + bias;
                 if (relu) v = v > 0.0f ? v : 0.0f;
-                ym[(pycnn_i64)h * Wo + ww] = v;
+                ym[(pycnn_i64)(4 * ti + i) * Wo + 4 * tj + j] = v;
             }
-        }
     }
 }
 
@@ -1249,28 +1255,18 @@ extern "C" __global__ void conv2d_wino_dy_f32(const float* __restrict__ dy, floa
     const pycnn_i64 P = (pycnn_i64)N * TH * TW;
     const pycnn_i64 total = (pycnn_i64)K * P;
     PYCNN_FOR_EACH(idx, total) {
-        const int k = (int)(idx / P);
-        const pycnn_i64 p = idx - (pycnn_i64)k * P;
-        const int n = (int)(p / (TH * TW)), t = (int)(p - (pycnn_i64)n * TH * TW);
-        const int ti = t / TW, tj = t - ti * TW;
+        const PycnnWinoTile t = pycnn_wino_tile(idx, P, TH, TW);
+        const int k = t.row, n = t.n, ti = t.ti, tj = t.tj;
+        const pycnn_i64 p = t.p;
         const float* dyk = dy + ((pycnn_i64)n * K + k) * Ho * Wo;
-        float tmp[6][4];  // A dY: columns transformed
-        for (int j = 0; j < 4; ++j) {
-            float col[4];
-            const int ww = 4 * tj + j;
-            for (int i = 0; i < 4; ++i) {
-                const int h = 4 * ti + i;
-                col[i] = (h < Ho && ww < Wo) ? dyk[(pycnn_i64)h * Wo + ww] : 0.0f;
+        float dt[4][4], yt[6][6];
+        for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 4; ++j) {
+                const int h = 4 * ti + i, ww = 4 * tj + j;
+                dt[i][j] = (h < Ho && ww < Wo) ? dyk[(pycnn_i64)h * Wo + ww] : 0.0f;
             }
-            float out[6];
-            pycnn_wino_a(col, out);
-            for (int i = 0; i < 6; ++i) tmp[i][j] = out[i];
-        }
-        for (int i = 0; i < 6; ++i) {  // (A dY) A^T: rows transformed
-            float out[6];
-            pycnn_wino_a(tmp[i], out);
-            for (int j = 0; j < 6; ++j) Y[((pycnn_i64)(i * 6 + j) * K + k) * P + p] = out[j];
-        }
+        pycnn_wino_2d(dt, yt, pycnn_wino_a);  // A dY A^T
+        for (int e = 0; e < 36; ++e) Y[((pycnn_i64)e * K + k) * P + p] = yt[e / 6][e % 6];
     }
 }
 
@@ -1306,18 +1302,9 @@ extern "C" __global__ void conv2d_wino_wgrad_output_f32(const float* __restrict_
                                                         int C) {
     const pycnn_i64 total = (pycnn_i64)K * C;
     PYCNN_FOR_EACH(idx, total) {
-        float tmp[3][6];  // G^T Mw: columns transformed
-        for (int j = 0; j < 6; ++j) {
-            float col[6];
-            for (int i = 0; i < 6; ++i) col[i] = Mw[(pycnn_i64)(i * 6 + j) * total + idx];
-            float out[3];
-            pycnn_wino_gt(col, out);
-            for (int i = 0; i < 3; ++i) tmp[i][j] = out[i];
-        }
-        for (int i = 0; i < 3; ++i) {  // (G^T Mw) G: rows transformed
-            float out[3];
-            pycnn_wino_gt(tmp[i], out);
-            for (int j = 0; j < 3; ++j) dw[idx * 9 + i * 3 + j] = out[j];
-        }
+        float mt[6][6], g[3][3];
+        for (int e = 0; e < 36; ++e) mt[e / 6][e % 6] = Mw[(pycnn_i64)e * total + idx];
+        pycnn_wino_2d(mt, g, pycnn_wino_gt);  // G^T Mw G
+        for (int e = 0; e < 9; ++e) dw[idx * 9 + e] = g[e / 3][e % 3];
     }
 }

@@ -644,6 +644,14 @@ def _wino_gemm_tile(rows: int, cols: int, blocks_per_tile: int) -> tuple[int, st
     return _CONV3_BM, ""
 
 
+def _wino_input(dev: int, inp, V, padding, th: int, tw: int) -> None:
+    """V[e][c][p] = (B^T d B)[e] for the 6x6 patch d of every channel c and th x tw tile p of inp."""
+    N, cin, hin, win = inp.shape
+    _launch(dev, "conv2d.cu", "conv2d_wino_input_f32", _grid1d(cin * N * th * tw), (BLOCK,),
+            (inp, V, _i32(N), _i32(cin), _i32(hin), _i32(win), _i32(padding[0]), _i32(padding[1]),
+             _i32(th), _i32(tw)))
+
+
 def _conv_winograd_run(dev: int, inp, w, bias, out, has_bias: bool, relu: bool, padding, flip: bool) -> None:
     """v5 forward / backward-data: out = conv(inp, filters) as Winograd F(4x4, 3x3), four launches.
 
@@ -661,9 +669,7 @@ def _conv_winograd_run(dev: int, inp, w, bias, out, has_bias: bool, relu: bool, 
         M = cupy.empty((36 * cout * tiles,), dtype=cupy.float32)
     _launch(dev, "conv2d.cu", "conv2d_wino_filter_f32", _grid1d(cout * cin), (BLOCK,),
             (w, U, _i32(cout), _i32(cin), _i32(flip)))
-    _launch(dev, "conv2d.cu", "conv2d_wino_input_f32", _grid1d(cin * tiles), (BLOCK,),
-            (inp, V, _i32(N), _i32(cin), _i32(hin), _i32(win), _i32(padding[0]), _i32(padding[1]),
-             _i32(th), _i32(tw)))
+    _wino_input(dev, inp, V, padding, th, tw)
     tile, suffix = _wino_gemm_tile(cout, tiles, 36)
     _launch(dev, "conv2d.cu", f"conv2d_wino_gemm{suffix}_f32", (-(-tiles // tile), -(-cout // tile), 36),
             (_CONV3_THREADS,), (U, V, M, _i32(cout), _i32(tiles), _i32(cin)))
@@ -682,8 +688,7 @@ def _conv_winograd_weight_run(dev: int, dy, x, dw, geom: tuple) -> None:
         V = cupy.empty((36 * C * tiles,), dtype=cupy.float32)
         Y = cupy.empty((36 * K * tiles,), dtype=cupy.float32)
         Mw = cupy.empty((36 * K * C,), dtype=cupy.float32)
-    _launch(dev, "conv2d.cu", "conv2d_wino_input_f32", _grid1d(C * tiles), (BLOCK,),
-            (x, V, _i32(N), _i32(C), _i32(H), _i32(W), _i32(ph), _i32(pw), _i32(th), _i32(tw)))
+    _wino_input(dev, x, V, (ph, pw), th, tw)
     _launch(dev, "conv2d.cu", "conv2d_wino_dy_f32", _grid1d(K * tiles), (BLOCK,),
             (dy, Y, _i32(N), _i32(K), _i32(Ho), _i32(Wo), _i32(th), _i32(tw)))
     # Split-K over the tiles fills the GPU whatever the tile count (as v3's weight gradient), so
