@@ -678,6 +678,27 @@ def _conv_winograd_run(dev: int, inp, w, bias, out, has_bias: bool, relu: bool, 
              _i32(th), _i32(tw)))
 
 
+# v5 weight gradient: at most this many tiles summed in fp32 by one split (the partials are then
+# added in double). Each product is of transformed values (up to 15^2 x dy times 10^2 x x), so the
+# fp32 sum's error grows with its length: NumPy emulation of the kernels on 56x56 layers (review of
+# 2f603e5) gave 1.9e-5 of the largest gradient with chunks of 1568 tiles, 5.8e-5 with 12544 and
+# 9.1e-5 with 25088, against the tests' bound of 1e-4.
+_WINO_MAX_CHUNK = 2048
+
+
+def _wino_splits(tiles: int, blocks: int) -> tuple[int, int]:
+    """(splits, chunk) of the v5 weight-gradient GEMMs (``blocks`` blocks per split): as many
+    splits as fit in _CONV_SPLIT_TARGET_BLOCKS (whole waves: a few blocks of a second wave would
+    take as long as the first), at least enough for chunks of _WINO_MAX_CHUNK tiles, at least one
+    16-deep stage each, and grid.z within its limit. A function of the shapes only (a fixed
+    summation order per shape)."""
+    splits = max(1, _CONV_SPLIT_TARGET_BLOCKS // blocks, -(-tiles // _WINO_MAX_CHUNK))
+    splits = min(splits, -(-tiles // _CONV3_BK), _MAX_GRID_YZ // 36)  # grid.z = 36 * splits
+    chunk = -(-tiles // splits)
+    chunk = -(-chunk // _CONV3_BK) * _CONV3_BK
+    return -(-tiles // chunk), chunk
+
+
 def _conv_winograd_weight_run(dev: int, dy, x, dw, geom: tuple) -> None:
     """v5 weight gradient: dw = G^T [ sum over tiles of (A dY A^T) o (B^T d B) ] G (conv2d.cu)."""
     cupy = _cupy()
@@ -692,11 +713,9 @@ def _conv_winograd_weight_run(dev: int, dy, x, dw, geom: tuple) -> None:
     _launch(dev, "conv2d.cu", "conv2d_wino_dy_f32", _grid1d(K * tiles), (BLOCK,),
             (dy, Y, _i32(N), _i32(K), _i32(Ho), _i32(Wo), _i32(th), _i32(tw)))
     # Split-K over the tiles fills the GPU whatever the tile count (as v3's weight gradient), so
-    # the large tile goes wherever both sides reach 128; at most 8 splits (_conv_splits), so
-    # 36 * splits stays far below the grid.z limit.
+    # the large tile goes wherever both sides reach 128.
     tile, suffix = _wino_gemm_tile(K, C, _CONV3_T128_MIN_BLOCKS)
-    blocks = 36 * -(-K // tile) * -(-C // tile)
-    splits, chunk = _conv_splits(tiles, blocks, _CONV_SPLIT_MIN_K, _CONV3_BK)
+    splits, chunk = _wino_splits(tiles, 36 * -(-K // tile) * -(-C // tile))
     grid = (-(-C // tile), -(-K // tile), 36 * splits)
     if splits == 1:
         _launch(dev, "conv2d.cu", f"conv2d_wino_wgrad_gemm{suffix}_f32", grid, (_CONV3_THREADS,),
