@@ -264,6 +264,13 @@ __device__ __forceinline__ void pycnn_cp_async_f32(float* dst, const float* src,
 #endif
 }
 
+// One 16-byte store of four floats to global memory; dst must be 16-byte aligned. Inline PTX:
+// written as a float4 store, NVVM split it into four scalar stores in the conv epilogues.
+__device__ __forceinline__ void pycnn_store_f32x4(float* dst, float a, float b, float c, float d) {
+    asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(a), "f"(b), "f"(c), "f"(d)
+                 : "memory");
+}
+
 // Closes the group of copies issued since the last commit.
 __device__ __forceinline__ void pycnn_cp_async_commit() {
 #if __CUDA_ARCH__ >= 800
@@ -315,12 +322,17 @@ __device__ __forceinline__ int pycnn_conv_out_mstride(const PycnnConvGemm& p) {
 }
 
 template <int MODE>
-__device__ __forceinline__ void pycnn_conv_store(const PycnnConvGemm& p, pycnn_i64 base, int m, float v) {
+__device__ __forceinline__ float pycnn_conv_epilogue(const PycnnConvGemm& p, int m, float v) {
     if (MODE == PYCNN_CONV_FWD) {
         if (p.has_bias) v += p.bias[m];
         if (p.relu) v = v > 0.0f ? v : 0.0f;  // fused epilogue: no second pass over y
     }
-    p.out[base + (pycnn_i64)m * pycnn_conv_out_mstride<MODE>(p)] = v;
+    return v;
+}
+
+template <int MODE>
+__device__ __forceinline__ void pycnn_conv_store(const PycnnConvGemm& p, pycnn_i64 base, int m, float v) {
+    p.out[base + (pycnn_i64)m * pycnn_conv_out_mstride<MODE>(p)] = pycnn_conv_epilogue<MODE>(p, m, v);
 }
 
 // Decode reduction index kd into the offsets the loads need (tab row of pycnn_conv_igemm):
@@ -493,10 +505,12 @@ __device__ __forceinline__ void pycnn_conv_mma_tile(const float (*As)[BM + PYCNN
     constexpr int MI = WM / 16, NI = WN / 8;   // v4: mma tiles per warp
     const int tid = threadIdx.x;
     if (!TF32) {
-        // v3: thread (tx, ty) owns the TM x TN block of rows TM*ty.. and columns TN*tx.. of
-        // the tile, read as float4s of As and Bs per k: for 4x4, 3 shared-memory wavefronts
-        // per warp (As is a broadcast: a warp spans two ty) for 16 FMAs, so the FMA units,
-        // not shared memory, set the pace (scalar reads would need 8); 8x8 needs 6 for 64.
+        // v3: thread (tx, ty) owns TM rows TM*ty.. and TN columns in groups of four,
+        // 4*tx + 64*jj + (0..3), of the tile, read as float4s of As and Bs per k: for 4x4, 3
+        // shared-memory wavefronts per warp (As is a broadcast: a warp spans two ty) for 16 FMAs,
+        // so the FMA units, not shared memory, set the pace (scalar reads would need 8); 8x8 needs
+        // 6 for 64. Groups 64 apart (not TN consecutive columns) keep the 16 tx of a float4 read
+        // in one contiguous 256-byte row segment, and let the epilogue store them as float4s.
         const int tx = tid % 16, ty = tid / 16;
 #pragma unroll
         for (int kk = 0; kk < BK; ++kk) {
@@ -508,7 +522,7 @@ __device__ __forceinline__ void pycnn_conv_mma_tile(const float (*As)[BM + PYCNN
             }
 #pragma unroll
             for (int j = 0; j < TN; j += 4) {
-                const float4 v = *reinterpret_cast<const float4*>(&Bs[kk][tx * TN + j]);
+                const float4 v = *reinterpret_cast<const float4*>(&Bs[kk][tx * 4 + 16 * j]);  // 64 * (j / 4)
                 b[j] = v.x; b[j + 1] = v.y; b[j + 2] = v.z; b[j + 3] = v.w;
             }
 #pragma unroll
@@ -645,16 +659,30 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
     }
 
     if (!TF32) {
+        // Columns nb .. nb+3 of a group: one float4 store per row where their four outputs are
+        // contiguous (out_base grows by at least 1 per column, so base(nb+3) == base(nb) + 3 says
+        // so) and 16-byte aligned; otherwise four scalar stores.
         const int tx = tid % 16, ty = tid / 16;
+        const int mstride = pycnn_conv_out_mstride<MODE>(p);
 #pragma unroll
-        for (int j = 0; j < TN; ++j) {
-            const int n = n0 + tx * TN + j;
-            if (n >= p.Ncols) continue;
-            const pycnn_i64 base = pycnn_conv_out_base<MODE>(p, n);
+        for (int jj = 0; jj < TN / 4; ++jj) {
+            const int nb = n0 + tx * 4 + 64 * jj;
+            if (nb >= p.Ncols) continue;
+            const pycnn_i64 base = pycnn_conv_out_base<MODE>(p, nb);
+            const bool contiguous = nb + 3 < p.Ncols && pycnn_conv_out_base<MODE>(p, nb + 3) == base + 3;
 #pragma unroll
             for (int i = 0; i < TM; ++i) {
                 const int m = L.m0 + ty * TM + i;
-                if (m < p.M) pycnn_conv_store<MODE>(p, base, m, acc[i * TN + j]);
+                if (m >= p.M) continue;
+                const float* a = &acc[i * TN + 4 * jj];
+                float* dst = p.out + base + (pycnn_i64)m * mstride;
+                if (contiguous && (reinterpret_cast<unsigned long long>(dst) & 15ull) == 0) {
+                    pycnn_store_f32x4(dst, pycnn_conv_epilogue<MODE>(p, m, a[0]), pycnn_conv_epilogue<MODE>(p, m, a[1]),
+                                      pycnn_conv_epilogue<MODE>(p, m, a[2]), pycnn_conv_epilogue<MODE>(p, m, a[3]));
+                } else {
+                    for (int q = 0; q < 4 && nb + q < p.Ncols; ++q)
+                        pycnn_conv_store<MODE>(p, pycnn_conv_out_base<MODE>(p, nb + q), m, a[q]);
+                }
             }
         }
     } else {

@@ -130,6 +130,11 @@ template <int PENDING> inline void pycnn_cp_async_wait() {
         emu_committed_groups.erase(emu_committed_groups.begin());
     }
 }
+// conv2d.cu's vector store (st.global.v4.f32 on the GPU).
+inline void pycnn_store_f32x4(float* dst, float a, float b, float c, float d) {
+    dst[0] = a; dst[1] = b; dst[2] = c; dst[3] = d;
+}
+
 // At a thread's exit: copies never waited for are an error (the kernel would read or leave
 // unfinished data); counted in emu_copy_errors, which the test harness checks after each launch.
 inline std::atomic<int> emu_copy_errors{0};
