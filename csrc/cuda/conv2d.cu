@@ -1141,12 +1141,16 @@ struct PycnnWinoTile {
     int n, ti, tj;
 };
 
+// 32-bit arithmetic: the host keeps 36 * rows * P below 2^31 (a 64-bit division is a ~70-
+// instruction subroutine call on the GPU).
 __device__ __forceinline__ PycnnWinoTile pycnn_wino_tile(pycnn_i64 idx, pycnn_i64 P, int TH, int TW) {
+    const unsigned i = (unsigned)idx, tiles = (unsigned)P, per_image = (unsigned)(TH * TW);
     PycnnWinoTile t;
-    t.row = (int)(idx / P);
-    t.p = idx - (pycnn_i64)t.row * P;
-    t.n = (int)(t.p / (TH * TW));
-    const int in_image = (int)(t.p - (pycnn_i64)t.n * TH * TW);
+    t.row = (int)(i / tiles);
+    const unsigned p = i - (unsigned)t.row * tiles;
+    t.p = p;
+    t.n = (int)(p / per_image);
+    const int in_image = (int)(p - (unsigned)t.n * per_image);
     t.ti = in_image / TW;
     t.tj = in_image - t.ti * TW;
     return t;
