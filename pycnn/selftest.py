@@ -293,7 +293,7 @@ def workload() -> int:
         return cp.asarray(rng.standard_normal(shape).astype(np.float32))
 
     x, w, b = r(3, 4, 19, 21), r(10, 4, 3, 3), r(10)
-    versions = cuda.CONV_VERSIONS + (cuda.CONV_TF32_VERSION,)
+    versions = cuda.CONV_VERSIONS + (cuda.CONV_TF32_VERSION, cuda.CONV_WINOGRAD_VERSION)
     for version in versions:
         y = cuda.conv2d_forward(x, w, b, (1, 1), (1, 1), version=version, allow_tf32=True)
         cuda.conv2d_forward(x, w, None, (2, 2), (0, 1), version=version, allow_tf32=True)
@@ -308,6 +308,12 @@ def workload() -> int:
         yb = cuda.conv2d_forward(xb, wb, None, (1, 1), (0, 0), version=version, allow_tf32=True)
         cuda.conv2d_backward_data(yb, wb, xb.shape, (1, 1), (0, 0), version=version, allow_tf32=True)
         cuda.conv2d_backward_weight(yb, xb, wb.shape, (1, 1), (0, 0), version=version, allow_tf32=True)
+    # v5's 128x128 GEMM tiles: forward (128 filters, 2 * 8 * 8 = 128 tiles), weight gradient (128 x 128)
+    xw, ww = r(2, 8, 32, 32), r(128, 8, 3, 3)
+    yw = cuda.conv2d_forward(xw, ww, None, (1, 1), (1, 1), version="5")
+    cuda.conv2d_backward_data(yw, ww, xw.shape, (1, 1), (1, 1), version="5")
+    xw, ww = r(2, 128, 16, 16), r(128, 128, 3, 3)
+    cuda.conv2d_backward_weight(r(2, 128, 16, 16), xw, ww.shape, (1, 1), (1, 1), version="5")
     cuda._CONV3_T128_MIN_BLOCKS = saved
     cuda.conv2d_backward_data(dy, w, x.shape, (1, 1), (1, 1))
     cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1))
