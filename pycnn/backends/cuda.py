@@ -44,8 +44,9 @@ DEFINES = {
     "PYCNN_GEMM_TM": 2,
     "PYCNN_GEMM_TN": 2,
     "PYCNN_MT_MAX_TENSORS": 16,
-    # v3/v4 main loop: 2 = double-buffered cp.async copies, 1 = loads through registers
-    # (conv2d.cu); $PYCNN_CONV_STAGES overrides it when a module is first compiled.
+    # main loop of the v3/v4 kernels and v5's GEMMs: 2 = double-buffered cp.async copies,
+    # 1 = loads through registers (conv2d.cu); $PYCNN_CONV_STAGES overrides it when a module is
+    # first compiled.
     "PYCNN_CONV3_STAGES": 2,
 }
 SOURCES = ("conv2d.cu", "pool2d.cu", "activation.cu", "loss.cu", "optim.cu", "linear.cu")
@@ -528,7 +529,7 @@ def conv_version(direction: str, x_shape, w_shape, stride, padding, version: str
     if requested == CONV_WINOGRAD_VERSION:
         if _conv_winograd_fits(direction, x_shape, w_shape, stride, padding, Ho, Wo):
             return CONV_WINOGRAD_VERSION
-        requested, tf32 = "auto", False  # not a 3x3 stride-1 forward/backward-data: the exact rule
+        requested, tf32 = "auto", False  # not a 3x3 stride-1 layer v5 takes: the exact rule
     if requested == "auto":
         rows = C if direction == "backward_data" else K
         if rows >= _AUTO_V3_MIN_ROWS and gemm_ok:
