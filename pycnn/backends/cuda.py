@@ -472,7 +472,7 @@ def _conv_v2_fits(direction: str, x_shape, w_shape, stride, Ho: int, Wo: int) ->
     N, C, H, W = x_shape
     K, _, R, S = w_shape
     sh, sw = stride
-    tw, th, kpb = DEFINES["PYCNN_CONV2_TILE_W"], DEFINES["PYCNN_CONV2_TILE_H"], DEFINES["PYCNN_CONV2_KPB"]
+    th, kpb = DEFINES["PYCNN_CONV2_TILE_H"], DEFINES["PYCNN_CONV2_KPB"]
     if direction == "forward":
         return (_conv2_smem(R, S, sh, sw) <= _MAX_STATIC_SMEM and (Ho + th - 1) // th <= _MAX_GRID_YZ
                 and N * ((K + kpb - 1) // kpb) <= _MAX_GRID_YZ)
@@ -645,6 +645,13 @@ def _wino_gemm_tile(rows: int, cols: int, blocks_per_tile: int) -> tuple[int, st
     return _CONV3_BM, ""
 
 
+def _wino_workspaces(dev: int, *sizes: int) -> list:
+    """One float32 workspace of 36 * size per size: a matrix per position of the 6x6 grid."""
+    cupy = _cupy()
+    with cupy.cuda.Device(dev):
+        return [cupy.empty((36 * size,), dtype=cupy.float32) for size in sizes]
+
+
 def _wino_input(dev: int, inp, V, padding, th: int, tw: int) -> None:
     """V[e][c][p] = (B^T d B)[e] for the 6x6 patch d of every channel c and th x tw tile p of inp."""
     N, cin, hin, win = inp.shape
@@ -659,15 +666,11 @@ def _conv_winograd_run(dev: int, inp, w, bias, out, has_bias: bool, relu: bool, 
     Forward: inp = x, filters = w, out = y. Backward-data (flip): inp = dy, filters = w rotated by
     180 degrees with K and C swapped, padding 2 - p, out = dx (no bias, no ReLU).
     """
-    cupy = _cupy()
     N, cin, hin, win = inp.shape
     _, cout, hout, wout = out.shape
     th, tw = -(-hout // 4), -(-wout // 4)
     tiles = N * th * tw
-    with cupy.cuda.Device(dev):
-        U = cupy.empty((36 * cout * cin,), dtype=cupy.float32)
-        V = cupy.empty((36 * cin * tiles,), dtype=cupy.float32)
-        M = cupy.empty((36 * cout * tiles,), dtype=cupy.float32)
+    U, V, M = _wino_workspaces(dev, cout * cin, cin * tiles, cout * tiles)
     _launch(dev, "conv2d.cu", "conv2d_wino_filter_f32", _grid1d(cout * cin), (BLOCK,),
             (w, U, _i32(cout), _i32(cin), _i32(flip)))
     _wino_input(dev, inp, V, padding, th, tw)
@@ -706,10 +709,7 @@ def _conv_winograd_weight_run(dev: int, dy, x, dw, geom: tuple) -> None:
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
     th, tw = -(-Ho // 4), -(-Wo // 4)
     tiles = N * th * tw
-    with cupy.cuda.Device(dev):
-        V = cupy.empty((36 * C * tiles,), dtype=cupy.float32)
-        Y = cupy.empty((36 * K * tiles,), dtype=cupy.float32)
-        Mw = cupy.empty((36 * K * C,), dtype=cupy.float32)
+    V, Y, Mw = _wino_workspaces(dev, C * tiles, K * tiles, K * C)
     _wino_input(dev, x, V, (ph, pw), th, tw)
     _launch(dev, "conv2d.cu", "conv2d_wino_dy_f32", _grid1d(K * tiles), (BLOCK,),
             (dy, Y, _i32(N), _i32(K), _i32(Ho), _i32(Wo), _i32(th), _i32(tw)))
