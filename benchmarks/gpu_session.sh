@@ -12,10 +12,13 @@
 # script (default 560: a device call may run 600 s). Each step's timeout is the smaller of its
 # own cap and the time left; a step with less than 30 s left is skipped and says so. Every
 # benchmark writes its record as it goes, so a step cut short keeps what it measured.
+# SELFTEST_ARGS=--tests-only keeps the selftest to the tests and sanitizers when PART=2 follows in
+# the same call (its kernel timings and FastMNIST epoch repeat what gpu_kernels.py and
+# gpu_training.py measure).
 # Device time is scarce (15 minutes a session, machine start included): set DEADLINE_S from the
 # device tool's budget_left_s, e.g. PART=1 DEADLINE_S=330 then PART=2 DEADLINE_S=<what is left>.
 # Usage: PYCNN_COMMIT=<sha> PYCNN_DATA=<mnist dir> OUT=<dir> [PART=1|2] [DEADLINE_S=560] \
-#        [SKIP_MNISTCNN=1] [SKIP_TRAINING_BENCH=1] [LOCALIZE_EPOCHS=N] bash benchmarks/gpu_session.sh
+#        [SELFTEST_ARGS=--tests-only] [SKIP_MNISTCNN=1] [SKIP_TRAINING_BENCH=1] [LOCALIZE_EPOCHS=N] bash benchmarks/gpu_session.sh
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 stamp=$(date -u +%Y%m%d)
@@ -39,7 +42,7 @@ step() {
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 if [ "$part" != 2 ]; then
-  step "selftest" 420 python3 -m pycnn.selftest --gpu --out "$OUT/gpu-$stamp-$sha8.json" 2>&1 | tee "$OUT/selftest.log" | tail -60
+  step "selftest" 420 python3 -m pycnn.selftest --gpu ${SELFTEST_ARGS:-} --out "$OUT/gpu-$stamp-$sha8.json" 2>&1 | tee "$OUT/selftest.log" | tail -60
 fi
 [ "$part" = 1 ] && { ls -la "$OUT"; exit 0; }
 # (gpu_kernels.py writes its record at the end: its own budget stops new layers in time for that)

@@ -668,8 +668,9 @@ def summary_table(record: dict) -> str:
     return "\n".join(lines)
 
 
-def gpu_selftest(out: Path | None, quick: bool) -> dict:
-    """Run every stage and write the record; returns the record."""
+def gpu_selftest(out: Path | None, quick: bool, tests_only: bool = False) -> dict:
+    """Run every stage and write the record; returns the record. ``tests_only`` stops after the
+    tests and the sanitizers (benchmarks/gpu_kernels.py and gpu_training.py time the rest)."""
     t_start = _now()
     commit = commit_sha()
     record: dict = {"commit": commit, "commit_dirty": _dirty(),
@@ -702,6 +703,14 @@ def gpu_selftest(out: Path | None, quick: bool) -> dict:
             record["sanitizer"] = {"memcheck_errors": "error", "racecheck_hazards": "error",
                                    "error": f"{type(exc).__name__}: {exc}"}
     stages["sanitizer_wait"] = round(_now() - t0, 1)
+    if tests_only:
+        record["kernels"], record["training"] = [], []
+        record["kernels_info"] = {"skipped": "--tests-only"}
+        stages["total"] = round(_now() - t_start, 1)
+        record["stage_seconds"] = stages
+        write_record(record, out)
+        record["_out"] = str(out)
+        return record
     write_record({**record, "stage_seconds": stages, "partial": True}, out)
 
     # 3: kernel times (alone on the GPU), in a subprocess so that a hang cannot stall the record.
@@ -738,6 +747,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu", action="store_true", help="run the GPU verification and write the record")
     parser.add_argument("--out", type=Path, default=None, help="record path (default benchmarks/results/gpu-<date>-<sha>.json)")
     parser.add_argument("--quick", action="store_true", help="skip the sanitizers and the training run")
+    parser.add_argument("--tests-only", action="store_true",
+                        help="stop after the tests and the sanitizers (no kernel timings, no training run)")
     parser.add_argument("--workload", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--kernels-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -748,7 +759,7 @@ def main(argv=None) -> int:
         return 0
     if not args.gpu:
         parser.error("nothing to do: pass --gpu")
-    record = gpu_selftest(args.out, args.quick)
+    record = gpu_selftest(args.out, args.quick, args.tests_only)
     print(summary_table(record))
     print(f"record written to {record['_out']}")
     t = record.get("tests", {})

@@ -94,6 +94,26 @@ def test_record_has_the_design_keys(monkeypatch, tmp_path, capsys):
     assert "conv2d_fwd" in printed and "5 passed, 0 failed" in printed
 
 
+def test_tests_only_skips_the_timings(tmp_path, monkeypatch):
+    """--tests-only writes a complete record from the tests and sanitizers alone and never starts
+    the kernel timings or the training run."""
+    monkeypatch.setattr(selftest, "environment", lambda: {"device": "NVIDIA H200", "driver": "580.1", "cupy": "14.2.0"})
+    monkeypatch.setattr(selftest, "run_tests", lambda path: {"passed": 3, "failed": 0, "skipped": 0, "failures": []})
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a timing stage ran under --tests-only")
+
+    monkeypatch.setattr(selftest, "run_kernel_benchmarks", must_not_run)
+    monkeypatch.setattr(selftest, "run_training", must_not_run)
+    monkeypatch.setattr(selftest, "commit_sha", lambda: "e" * 40)
+    out = tmp_path / "gpu.json"
+    assert selftest.main(["--gpu", "--quick", "--tests-only", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["tests"]["passed"] == 3 and "partial" not in record
+    assert record["kernels"] == [] and record["training"] == []
+    assert record["kernels_info"] == {"skipped": "--tests-only"}
+
+
 def test_default_out_name():
     path = selftest.default_out("0123456789abcdef" * 2 + "01234567")
     assert path.parent.name == "results" and path.name.startswith("gpu-") and path.name.endswith("-01234567.json")
