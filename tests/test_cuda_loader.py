@@ -242,6 +242,10 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
                                          allow_tf32=True).shape == x.shape
         dw, db = cuda.conv2d_backward_weight(dy, x, w.shape, (2, 1), (1, 0), version=version, allow_tf32=True)
         assert dw.shape == w.shape and db.shape == (4,)
+        if version in ("3", "4"):  # 18 taps took the narrow kernel; the GEMM one too
+            with monkeypatch.context() as m:
+                m.setattr(cuda, "_CONV_NARROW_TAPS", 0)
+                cuda.conv2d_backward_weight(dy, x, w.shape, (2, 1), (1, 0), version=version, allow_tf32=True)
     cuda.conv2d_forward(x, w, None, (1, 1), (0, 0))
     assert cuda.conv2d_bias_relu_forward(x, w, b, (1, 1), (0, 0)).shape == (2, 4, 7, 6)
     # The 128x128-tile kernels (*_t128_f32) run for M >= 128 with enough tiles; lower the bar.
@@ -278,6 +282,7 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
     cuda.leaky_relu_backward(_f(*x.shape), x, 0.1)
     xl, wl, bl = _f(5, 7), _f(3, 7), _f(3)
     assert cuda.linear_forward(xl, wl, bl).shape == (5, 3)
+    assert cuda.linear_bias_relu_forward(_f(5, 70), _f(3, 70), bl).shape == (5, 3)  # split-K + reduce
     dx, dwl, dbl = cuda.linear_backward(_f(5, 3), xl, wl)
     assert dx.shape == (5, 7) and dwl.shape == (3, 7) and dbl.shape == (3,)
     logits, weight = _f(6, 10), _fake(np.abs(np.random.default_rng(1).random(10)).astype(np.float32))

@@ -11,6 +11,10 @@
 //   pycnn_neg_inf()           -inf without <cmath>
 //   pycnn_warp_sum / _max     fixed-order warp reductions (shfl_down, then lane 0 broadcasts)
 //   pycnn_block_sum_f64       fixed-order block reduction; every thread gets the same total
+//   pycnn_split_index         idx -> (plane, row, column) of an NCHW-like tensor, in 32-bit
+//                             arithmetic when the tensor allows it
+//   pycnn_split_reduce        second pass of a split-K product: partial sums added in a fixed
+//                             order, then the bias / ReLU epilogue
 #pragma once
 
 #ifndef PYCNN_BLOCK
@@ -72,4 +76,40 @@ __device__ __forceinline__ double pycnn_block_sum_f64(double v) {
     const double result = total;
     __syncthreads();  // the shared slots may be reused by a following call
     return result;
+}
+
+// Flat index idx of a [planes][rows][cols] tensor of total elements -> (plane, row, col). 64-bit
+// division is a long software sequence on the GPU (it made the max-pool kernels integer-bound:
+// 125 us for MnistCNN's pool backward at batch 512 on an H200), so tensors under 2^31 elements
+// take the 32-bit path (a uniform branch).
+__device__ __forceinline__ void pycnn_split_index(pycnn_i64 idx, pycnn_i64 total, int rows, int cols,
+                                                  pycnn_i64& plane, int& row, int& col) {
+    if (total <= 0x7fffffffLL) {
+        const int i = (int)idx, q = i / cols;
+        col = i - q * cols;
+        plane = q / rows;
+        row = q - (int)plane * rows;
+    } else {
+        const pycnn_i64 q = idx / cols;
+        col = (int)(idx - q * cols);
+        plane = q / rows;
+        row = (int)(q - plane * rows);
+    }
+}
+
+// out[e] = sum over z = 0, 1, ..., splits-1 of partial[z*count + e], always in that order (in
+// double), then + bias[(e / inner) % channels] (has_bias), then ReLU (relu). The second pass of
+// every split-K product (conv2d.cu, linear.cu): deterministic without atomics, and the epilogue
+// the split kernels could not apply to their partial sums. Grid-stride over count elements.
+__device__ __forceinline__ void pycnn_split_reduce(const float* __restrict__ partial, float* __restrict__ out,
+                                                   int splits, pycnn_i64 count, const float* __restrict__ bias,
+                                                   int has_bias, int relu, pycnn_i64 inner, int channels) {
+    PYCNN_FOR_EACH(e, count) {
+        double s = 0.0;
+        for (int z = 0; z < splits; ++z) s += (double)partial[(pycnn_i64)z * count + e];
+        float v = (float)s;
+        if (has_bias) v += bias[(e / inner) % channels];
+        if (relu) v = v > 0.0f ? v : 0.0f;
+        out[e] = v;
+    }
 }

@@ -23,7 +23,7 @@
 //   conv2d_bwd_weight_v2_f32  one block per (k, c) and image range: the x patch under a tile of
 //                             outputs is staged once and every thread reuses its dy value for all
 //                             R*S weights (register accumulators); fixed-order block sums, then
-//                             conv2d_bwd_weight_reduce_f32 adds the image ranges in a fixed order.
+//                             conv2d_split_reduce_f32 adds the image ranges in a fixed order.
 // v3 implicit GEMM, register blocked (exact fp32, FMA)
 //   Each direction is a matrix product C (M x Ncols) = A (M x Kd) . B (Kd x Ncols) whose operands
 //   are gathered on the fly from the tensors (no im2col buffer):
@@ -32,7 +32,11 @@
 //                  output positions that read each x (zero where (h+ph-r) is not a multiple of sh)
 //     bwd-weight   M = K filters,  Ncols = C*R*S,   Kd = N*Ho*Wo; A = dy, B = im2col(x)^T; the
 //                  long Kd is split over grid.z (split-K) into a partial-sum workspace that
-//                  conv2d_bwd_weight_reduce_f32 adds in a fixed order: deterministic, no atomics.
+//                  conv2d_split_reduce_f32 adds in a fixed order: deterministic, no atomics.
+//   Forward and bwd-data split their reduction the same way when their output tiles are too
+//   few to fill the GPU (small layers); the split reduce then applies bias and ReLU.
+//   conv2d_bwd_weight_narrow_f32: the weight gradient when C*R*S <= 25 (first layers), where a
+//   64-wide tile would be mostly empty: register accumulators per filter tap, split over images.
 //   A BM x BN block of C per 256-thread block, staged through BK-deep shared-memory tiles of A
 //   and B that all threads load cooperatively; each thread accumulates a TM x TN register tile
 //   with fmaf, reading it from shared memory as float4s. The tiles are double-buffered: while the
@@ -59,7 +63,7 @@
 //   forward / bwd-data  conv2d_wino_filter_f32, conv2d_wino_input_f32, conv2d_wino_gemm_f32,
 //                       conv2d_wino_gemm_t128_f32, conv2d_wino_output_f32
 //   bwd-weight          conv2d_wino_input_f32, conv2d_wino_dy_f32, conv2d_wino_wgrad_gemm_f32,
-//                       conv2d_wino_wgrad_gemm_t128_f32, conv2d_bwd_weight_reduce_f32,
+//                       conv2d_wino_wgrad_gemm_t128_f32, conv2d_split_reduce_f32,
 //                       conv2d_wino_wgrad_output_f32
 //
 // Epilogue of every forward kernel: + b[k] (has_bias), then ReLU (relu): conv2d_bias_relu_forward
@@ -297,6 +301,7 @@ struct PycnnConvGemm {
     int N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw;
     int M, Ncols, Kd;      // the GEMM
     int k_begin, k_end;    // the part of Kd this block reduces over
+    pycnn_i64 split_stride;  // forward / bwd-data split-K: elements between the partial outputs
     int batch;             // batched GEMMs (v5): which matrix of the batch
 };
 
@@ -306,11 +311,11 @@ __device__ __forceinline__ pycnn_i64 pycnn_conv_out_base(const PycnnConvGemm& p,
     if (MODE == PYCNN_CONV_FWD) {
         const int HoWo = p.Ho * p.Wo;
         const int img = n / HoWo;
-        return (pycnn_i64)img * p.K * HoWo + (n - img * HoWo);
+        return (pycnn_i64)blockIdx.z * p.split_stride + (pycnn_i64)img * p.K * HoWo + (n - img * HoWo);
     } else if (MODE == PYCNN_CONV_BWD_DATA) {
         const int HW = p.H * p.W;
         const int img = n / HW;
-        return (pycnn_i64)img * p.C * HW + (n - img * HW);
+        return (pycnn_i64)blockIdx.z * p.split_stride + (pycnn_i64)img * p.C * HW + (n - img * HW);
     } else {
         return (pycnn_i64)blockIdx.z * p.M * p.Ncols + n;
     }
@@ -711,31 +716,41 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
 __device__ __forceinline__ PycnnConvGemm pycnn_conv_params(int N, int C, int H, int W, int K, int R, int S,
                                                            int Ho, int Wo, int sh, int sw, int ph, int pw) {
     PycnnConvGemm p;
-    p.bias = nullptr; p.has_bias = 0; p.relu = 0; p.batch = 0;
+    p.bias = nullptr; p.has_bias = 0; p.relu = 0; p.batch = 0; p.split_stride = 0;
     p.N = N; p.C = C; p.H = H; p.W = W; p.K = K; p.R = R; p.S = S; p.Ho = Ho; p.Wo = Wo;
     p.sh = sh; p.sw = sw; p.ph = ph; p.pw = pw;
     return p;
 }
 
+// Forward and backward-data split-K (small layers, whose few output tiles would leave most SMs
+// idle through a long reduction): split z sums Kd indices [z*chunk, min((z+1)*chunk, Kd)) into
+// the z-th copy of the output (out + z * output size) without the epilogue; the host launches
+// them with has_bias = relu = 0 and conv2d_split_reduce_f32 adds the copies in a fixed order and
+// applies bias and ReLU. Unsplit: one z, chunk >= Kd, out is y / dx.
 template <bool TF32, int T>
 __device__ __forceinline__ void pycnn_conv_fwd_gemm(const float* x, const float* w, const float* b, float* y,
                                                     int has_bias, int relu, int N, int C, int H, int W, int K,
-                                                    int R, int S, int Ho, int Wo, int sh, int sw, int ph, int pw) {
+                                                    int R, int S, int Ho, int Wo, int sh, int sw, int ph, int pw,
+                                                    int chunk) {
     PycnnConvGemm p = pycnn_conv_params(N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
     p.a_src = w; p.b_src = x; p.out = y; p.bias = b; p.has_bias = has_bias; p.relu = relu;
     p.M = K; p.Ncols = N * Ho * Wo; p.Kd = C * R * S;
-    p.k_begin = 0; p.k_end = p.Kd;
+    p.k_begin = blockIdx.z * chunk;
+    p.k_end = min(p.Kd, p.k_begin + chunk);
+    p.split_stride = (pycnn_i64)N * K * Ho * Wo;
     pycnn_conv_igemm<PYCNN_CONV_FWD, TF32, T, T>(p);
 }
 
 template <bool TF32, int T>
 __device__ __forceinline__ void pycnn_conv_bwd_data_gemm(const float* dy, const float* w, float* dx, int N, int C,
                                                          int H, int W, int K, int R, int S, int Ho, int Wo,
-                                                         int sh, int sw, int ph, int pw) {
+                                                         int sh, int sw, int ph, int pw, int chunk) {
     PycnnConvGemm p = pycnn_conv_params(N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
     p.a_src = w; p.b_src = dy; p.out = dx;
     p.M = C; p.Ncols = N * H * W; p.Kd = K * R * S;
-    p.k_begin = 0; p.k_end = p.Kd;
+    p.k_begin = blockIdx.z * chunk;
+    p.k_end = min(p.Kd, p.k_begin + chunk);
+    p.split_stride = (pycnn_i64)N * C * H * W;
     pycnn_conv_igemm<PYCNN_CONV_BWD_DATA, TF32, T, T>(p);
 }
 
@@ -758,33 +773,33 @@ __device__ __forceinline__ void pycnn_conv_bwd_weight_gemm(const float* dy, cons
 extern "C" __global__ void conv2d_fwd_v3_f32(
     const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
     float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
-    int Ho, int Wo, int sh, int sw, int ph, int pw) {
+    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_fwd_gemm<false, 64>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+    pycnn_conv_fwd_gemm<false, 64>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
 extern "C" __global__ void conv2d_fwd_v3_t128_f32(
     const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
     float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
-    int Ho, int Wo, int sh, int sw, int ph, int pw) {
+    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_fwd_gemm<false, 128>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+    pycnn_conv_fwd_gemm<false, 128>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
 extern "C" __global__ void conv2d_fwd_v4_f32(
     const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
     float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
-    int Ho, int Wo, int sh, int sw, int ph, int pw) {
+    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_fwd_gemm<true, 64>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+    pycnn_conv_fwd_gemm<true, 64>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
 extern "C" __global__ void conv2d_fwd_v4_t128_f32(
     const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
     float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
-    int Ho, int Wo, int sh, int sw, int ph, int pw) {
+    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_fwd_gemm<true, 128>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+    pycnn_conv_fwd_gemm<true, 128>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
 extern "C" __global__ void conv2d_bwd_data_v1_f32(
@@ -892,33 +907,33 @@ extern "C" __global__ void conv2d_bwd_data_v2_f32(
 extern "C" __global__ void conv2d_bwd_data_v3_f32(
     const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
-    int sh, int sw, int ph, int pw) {
+    int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_bwd_data_gemm<false, 64>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+    pycnn_conv_bwd_data_gemm<false, 64>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
 extern "C" __global__ void conv2d_bwd_data_v3_t128_f32(
     const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
-    int sh, int sw, int ph, int pw) {
+    int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_bwd_data_gemm<false, 128>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+    pycnn_conv_bwd_data_gemm<false, 128>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
 extern "C" __global__ void conv2d_bwd_data_v4_f32(
     const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
-    int sh, int sw, int ph, int pw) {
+    int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_bwd_data_gemm<true, 64>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+    pycnn_conv_bwd_data_gemm<true, 64>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
 extern "C" __global__ void conv2d_bwd_data_v4_t128_f32(
     const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
-    int sh, int sw, int ph, int pw) {
+    int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_bwd_data_gemm<true, 128>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+    pycnn_conv_bwd_data_gemm<true, 128>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
 // Launch: one block of PYCNN_BLOCK threads per weight element (grid K*C*R*S).
@@ -1059,14 +1074,78 @@ extern "C" __global__ void conv2d_bwd_weight_v4_t128_f32(
     pycnn_conv_bwd_weight_gemm<true, 128>(dy, x, partial, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
-// dw[e] = sum over splits z = 0, 1, ... of partial[z*count + e], always in that order (in double):
-// the second pass of the split reductions of v2/v3/v4, deterministic without atomics.
-extern "C" __global__ void conv2d_bwd_weight_reduce_f32(
-    const float* __restrict__ partial, float* __restrict__ dw, int splits, long long count) {
-    PYCNN_FOR_EACH(e, count) {
-        double s = 0.0;
-        for (int z = 0; z < splits; ++z) s += (double)partial[(pycnn_i64)z * count + e];
-        dw[e] = (float)s;
+// The second pass of every split in this file (v2 image ranges, v3/v4 split-K, v5 weight
+// gradient): out[e] = sum of the splits' partial[z*count + e] in increasing z (in double), then
+// + b[(e / inner) % channels] (has_bias) and ReLU (relu): the forward epilogue that split
+// kernels leave out. Deterministic, no atomics (pycnn_split_reduce in common.cuh).
+extern "C" __global__ void conv2d_split_reduce_f32(
+    const float* __restrict__ partial, float* __restrict__ out, int splits, long long count,
+    const float* __restrict__ bias, int has_bias, int relu, long long inner, int channels) {
+    pycnn_split_reduce(partial, out, splits, count, bias, has_bias, relu, inner, channels);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Narrow weight gradient (v3/v4 when C*R*S <= PYCNN_CONV_NARROW_MAX: the first layer of a
+// network, C = 1). As a GEMM its C*R*S columns would fill a fraction of a 64-wide tile (9 of 64
+// for a 3x3 filter on one channel) while the reduction over N*Ho*Wo is long, so instead:
+// block (k, z) sums the products of filter k over the reduction indices
+// [z*chunk, min((z+1)*chunk, N*Ho*Wo)); each thread takes every 256th index (n, i, j), reads
+// dy[n,k,i,j] once and adds it times the C*R*S inputs under it into register accumulators
+// (coalesced: consecutive threads, consecutive j). A fixed-order block reduction (warp trees,
+// then the warps in order) writes out[z*K*Q + k*Q + q], Q = C*R*S: dw itself when there is one
+// split, else partials for conv2d_split_reduce_f32. Deterministic.
+// Launch: grid (K, splits), block (PYCNN_BLOCK,).
+// 25 taps: a 5x5 filter on one channel, 3x3 on two. With the tap table hoisted into registers
+// (25 offsets, rows, columns) and 25 accumulators the kernel takes 128 registers, two blocks per
+// SM; at 32 taps it needed 162 (one block), or spilled when capped.
+#ifndef PYCNN_CONV_NARROW_MAX
+#define PYCNN_CONV_NARROW_MAX 25
+#endif
+extern "C" __global__ void __launch_bounds__(PYCNN_BLOCK, 2) conv2d_bwd_weight_narrow_f32(
+    const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ out,
+    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
+    int sh, int sw, int ph, int pw, int chunk) {
+    __shared__ int q_off[PYCNN_CONV_NARROW_MAX], q_r[PYCNN_CONV_NARROW_MAX], q_s[PYCNN_CONV_NARROW_MAX];
+    __shared__ float warp_sums[PYCNN_BLOCK / 32][PYCNN_CONV_NARROW_MAX];
+    const int RS = R * S, Q = C * RS, HoWo = Ho * Wo, k = blockIdx.x;
+    if (threadIdx.x < Q) {  // tap q = (c, r, s): its offset inside one image of x, and r, s
+        const int c = threadIdx.x / RS, rs = threadIdx.x - c * RS, r = rs / S;
+        q_r[threadIdx.x] = r;
+        q_s[threadIdx.x] = rs - r * S;
+        q_off[threadIdx.x] = c * H * W + r * W + (rs - r * S);
+    }
+    __syncthreads();
+    float acc[PYCNN_CONV_NARROW_MAX];
+#pragma unroll
+    for (int q = 0; q < PYCNN_CONV_NARROW_MAX; ++q) acc[q] = 0.0f;
+    const int total = N * HoWo;
+    const int begin = blockIdx.y * chunk, end = min(total, begin + chunk);
+    for (int kd = begin + threadIdx.x; kd < end; kd += blockDim.x) {
+        const int n = kd / HoWo, pix = kd - n * HoWo, i = pix / Wo, j = pix - i * Wo;
+        const float d = dy[((pycnn_i64)n * K + k) * HoWo + pix];
+        const int h0 = i * sh - ph, w0 = j * sw - pw;
+        const int base = n * C * H * W + h0 * W + w0;  // x offset of tap (0, 0, 0); read only when in range
+#pragma unroll
+        for (int q = 0; q < PYCNN_CONV_NARROW_MAX; ++q) {
+            if (q < Q) {
+                const int h = h0 + q_r[q], w = w0 + q_s[q];
+                if ((unsigned)h < (unsigned)H && (unsigned)w < (unsigned)W) acc[q] = fmaf(d, x[base + q_off[q]], acc[q]);
+            }
+        }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int q = 0; q < PYCNN_CONV_NARROW_MAX; ++q) {
+        if (q < Q) {  // uniform across the block: every lane takes part in the shuffles
+            const float v = pycnn_warp_sum(acc[q]);
+            if (lane == 0) warp_sums[warp][q] = v;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < Q) {
+        float v = 0.0f;
+        for (int wi = 0; wi < PYCNN_BLOCK / 32; ++wi) v += warp_sums[wi][threadIdx.x];
+        out[(pycnn_i64)blockIdx.y * K * Q + (pycnn_i64)k * Q + threadIdx.x] = v;
     }
 }
 
@@ -1258,7 +1337,7 @@ extern "C" __global__ void __launch_bounds__(PYCNN_BLOCK, 4) conv2d_wino_output_
 //   conv2d_wino_dy_f32          Y[e][k][p] = (A dY_kp A^T)[e]
 //   conv2d_wino_wgrad_gemm[_t128]_f32   Mw[e] = Y[e] . V[e]^T: 36 GEMMs (K x C) whose reduction
 //                               runs over the P tiles, split over grid.z = split * 36 + e into
-//                               partials that conv2d_bwd_weight_reduce_f32 adds in a fixed order
+//                               partials that conv2d_split_reduce_f32 adds in a fixed order
 //   conv2d_wino_wgrad_output_f32   dw[k][c] = G^T Mw[.][k][c] G (3x3)
 // Deterministic like v3: fixed split, fixed order of the partial sums.
 

@@ -48,6 +48,8 @@ DEFINES = {
     # 1 = loads through registers (conv2d.cu); $PYCNN_CONV_STAGES overrides it when a module is
     # first compiled.
     "PYCNN_CONV3_STAGES": 2,
+    # taps (C*R*S) up to which v3/v4 compute the weight gradient with conv2d_bwd_weight_narrow_f32
+    "PYCNN_CONV_NARROW_MAX": 25,
 }
 SOURCES = ("conv2d.cu", "pool2d.cu", "activation.cu", "loss.cu", "optim.cu", "linear.cu")
 COMMON_HEADER = "common.cuh"
@@ -389,6 +391,22 @@ _CONV_I32_LIMIT = 2**31 - 2**16
 # depends on the shapes alone, so a shape always sums in the same order (same bits every run).
 _CONV_SPLIT_TARGET_BLOCKS = 264
 _CONV_SPLIT_MIN_K = 512
+# v3/v4 split-K of all three directions (64x64 tiles): aim for 528 blocks, four per SM (the
+# 64x64 kernels take <= 64 registers and 19 KB of shared memory, so four fit) with at least
+# _CONV3_SPLIT_MIN_K products per split (four 16-deep stages: shorter ones are mostly pipeline
+# prologue). Forward and backward-data split only when their output tiles make fewer than
+# _CONV_SPLIT_TARGET_BLOCKS blocks (the small layers: on an H200, MnistCNN's conv3 forward ran 9
+# blocks through 36 stages and took 53 us; the split copies cost one extra pass over the output).
+# The weight gradient always splits its long reduction (N*Ho*Wo). 128x128 tiles (two blocks per
+# SM) aim for _CONV_SPLIT_TARGET_BLOCKS.
+_CONV3_SPLIT_TARGET_BLOCKS = 528
+_CONV3_SPLIT_MIN_K = 64
+_CONV3_SPLIT_BELOW_BLOCKS = _CONV_SPLIT_TARGET_BLOCKS  # forward / bwd-data: split below this many tiles
+# Narrow weight gradient (conv2d_bwd_weight_narrow_f32): v3/v4 take it up to this many taps
+# (C*R*S; the kernel's register arrays hold PYCNN_CONV_NARROW_MAX), splits of at least
+# _CONV_NARROW_MIN_K products.
+_CONV_NARROW_TAPS = DEFINES["PYCNN_CONV_NARROW_MAX"]
+_CONV_NARROW_MIN_K = 1024
 _conv_tf32_capable: dict = {}  # device id -> compute capability >= 8.0
 _autotune_cache: dict = {}  # (direction, device, shapes, stride, padding, tf32) -> version
 _autotune_times: dict = {}  # the same key -> {version: median ms}, for benchmarks to report
@@ -618,6 +636,33 @@ def _conv_pick(direction: str, dev: int, geom: tuple, version, allow_tf32, run) 
     return chosen
 
 
+def _conv3_splits(direction: str, tile: int, blocks: int, Kd: int) -> tuple[int, int]:
+    """(splits, chunk) of a v3/v4 GEMM with ``blocks`` output tiles and reduction length ``Kd``
+    (see _CONV3_SPLIT_TARGET_BLOCKS); (1, Kd) when it does not split."""
+    if tile == _CONV3_BIG:
+        if direction != "backward_weight":
+            return 1, Kd
+        return _conv_splits(Kd, blocks, _CONV_SPLIT_MIN_K, _CONV3_BK)
+    if direction != "backward_weight" and blocks >= _CONV3_SPLIT_BELOW_BLOCKS:
+        return 1, Kd
+    return _conv_splits(Kd, blocks, _CONV3_SPLIT_MIN_K, _CONV3_BK, target=_CONV3_SPLIT_TARGET_BLOCKS)
+
+
+def _split_reduce(dev: int, partial, out, splits: int, bias=None, relu: bool = False, inner: int = 1,
+                  channels: int = 1) -> None:
+    """out = the fixed-order sum of ``splits`` partial copies of out (+ bias over ``channels``
+    every ``inner`` elements, then ReLU): conv2d_split_reduce_f32."""
+    _launch(dev, "conv2d.cu", "conv2d_split_reduce_f32", _grid1d(out.size), (BLOCK,),
+            (partial, out, _i32(splits), _i64(out.size), bias if bias is not None else out,
+             _i32(bias is not None), _i32(bool(relu)), _i64(inner), _i32(channels)))
+
+
+def _split_workspace(dev: int, splits: int, size: int):
+    cupy = _cupy()
+    with cupy.cuda.Device(dev):
+        return cupy.empty((splits * size,), dtype=cupy.float32)
+
+
 def _conv_forward_run(version: str, dev: int, x, w, bias, y, has_bias: bool, relu: bool, geom: tuple) -> None:
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
     args = (x, w, bias, y, _i32(has_bias), _i32(relu), _i32(N), _i32(C), _i32(H), _i32(W), _i32(K),
@@ -632,8 +677,16 @@ def _conv_forward_run(version: str, dev: int, x, w, bias, y, has_bias: bool, rel
         _launch(dev, "conv2d.cu", "conv2d_fwd_v2_f32", grid, (tw, th), args, shared_mem=_conv2_smem(R, S, sh, sw))
     else:
         tile, suffix = _conv3_tile("forward", K, N * Ho * Wo)
-        grid = ((N * Ho * Wo + tile - 1) // tile, (K + tile - 1) // tile, 1)
-        _launch(dev, "conv2d.cu", f"conv2d_fwd_v{version}{suffix}_f32", grid, (_CONV3_THREADS,), args)
+        grid = ((N * Ho * Wo + tile - 1) // tile, (K + tile - 1) // tile)
+        splits, chunk = _conv3_splits("forward", tile, grid[0] * grid[1], C * R * S)
+        kernel = f"conv2d_fwd_v{version}{suffix}_f32"
+        if splits == 1:
+            _launch(dev, "conv2d.cu", kernel, grid + (1,), (_CONV3_THREADS,), args + (_i32(chunk),))
+            return
+        partial = _split_workspace(dev, splits, y.size)  # the epilogue moves to the reduce
+        _launch(dev, "conv2d.cu", kernel, grid + (splits,), (_CONV3_THREADS,),
+                (x, w, bias, partial, _i32(0), _i32(0)) + args[6:] + (_i32(chunk),))
+        _split_reduce(dev, partial, y, splits, bias if has_bias else None, relu, Ho * Wo, K)
 
 
 def _wino_gemm_tile(rows: int, cols: int, blocks_per_tile: int) -> tuple[int, str]:
@@ -705,7 +758,6 @@ def _wino_splits(tiles: int, blocks: int) -> tuple[int, int]:
 
 def _conv_winograd_weight_run(dev: int, dy, x, dw, geom: tuple) -> None:
     """v5 weight gradient: dw = G^T [ sum over tiles of (A dY A^T) o (B^T d B) ] G (conv2d.cu)."""
-    cupy = _cupy()
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
     th, tw = -(-Ho // 4), -(-Wo // 4)
     tiles = N * th * tw
@@ -722,12 +774,10 @@ def _conv_winograd_weight_run(dev: int, dy, x, dw, geom: tuple) -> None:
         _launch(dev, "conv2d.cu", f"conv2d_wino_wgrad_gemm{suffix}_f32", grid, (_CONV3_THREADS,),
                 (Y, V, Mw, _i32(K), _i32(C), _i32(tiles), _i32(chunk)))
     else:
-        with cupy.cuda.Device(dev):
-            partial = cupy.empty((splits * Mw.size,), dtype=cupy.float32)
+        partial = _split_workspace(dev, splits, Mw.size)
         _launch(dev, "conv2d.cu", f"conv2d_wino_wgrad_gemm{suffix}_f32", grid, (_CONV3_THREADS,),
                 (Y, V, partial, _i32(K), _i32(C), _i32(tiles), _i32(chunk)))
-        _launch(dev, "conv2d.cu", "conv2d_bwd_weight_reduce_f32", _grid1d(Mw.size), (BLOCK,),
-                (partial, Mw, _i32(splits), _i64(Mw.size)))
+        _split_reduce(dev, partial, Mw, splits)
     _launch(dev, "conv2d.cu", "conv2d_wino_wgrad_output_f32", _grid1d(K * C), (BLOCK,), (Mw, dw, _i32(K), _i32(C)))
 
 
@@ -798,8 +848,16 @@ def _conv_backward_data_run(version: str, dev: int, dy, w, dx, geom: tuple) -> N
                 shared_mem=smem)
     else:
         tile, suffix = _conv3_tile("backward_data", C, N * H * W)
-        grid = ((N * H * W + tile - 1) // tile, (C + tile - 1) // tile, 1)
-        _launch(dev, "conv2d.cu", f"conv2d_bwd_data_v{version}{suffix}_f32", grid, (_CONV3_THREADS,), args)
+        grid = ((N * H * W + tile - 1) // tile, (C + tile - 1) // tile)
+        splits, chunk = _conv3_splits("backward_data", tile, grid[0] * grid[1], K * R * S)
+        kernel = f"conv2d_bwd_data_v{version}{suffix}_f32"
+        if splits == 1:
+            _launch(dev, "conv2d.cu", kernel, grid + (1,), (_CONV3_THREADS,), args + (_i32(chunk),))
+            return
+        partial = _split_workspace(dev, splits, dx.size)
+        _launch(dev, "conv2d.cu", kernel, grid + (splits,), (_CONV3_THREADS,),
+                (dy, w, partial) + args[3:] + (_i32(chunk),))
+        _split_reduce(dev, partial, dx, splits)
 
 
 def conv2d_backward_data(dy, w, x_shape, stride, padding, *, version: str | None = None,
@@ -835,11 +893,12 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, *, version: str | None
     return dx
 
 
-def _conv_splits(count: int, blocks: int, minimum: int, align: int) -> tuple[int, int]:
+def _conv_splits(count: int, blocks: int, minimum: int, align: int,
+                 target: int = _CONV_SPLIT_TARGET_BLOCKS) -> tuple[int, int]:
     """(splits, chunk) cutting ``count`` summands into chunks of a multiple of ``align`` for a
-    grid of ``blocks`` blocks per split: about _CONV_SPLIT_TARGET_BLOCKS blocks in all, chunks of
-    at least ``minimum``. A function of the shapes only (a fixed summation order per shape)."""
-    want = max(1, -(-_CONV_SPLIT_TARGET_BLOCKS // max(blocks, 1)))
+    grid of ``blocks`` blocks per split: about ``target`` blocks in all, chunks of at least
+    ``minimum``. A function of the shapes only (a fixed summation order per shape)."""
+    want = max(1, -(-target // max(blocks, 1)))
     splits = max(1, min(want, -(-count // minimum), _MAX_GRID_YZ))
     chunk = -(-count // splits)
     chunk = -(-chunk // align) * align
@@ -848,7 +907,6 @@ def _conv_splits(count: int, blocks: int, minimum: int, align: int) -> tuple[int
 
 def _conv_backward_weight_run(version: str, dev: int, dy, x, dw, geom: tuple) -> None:
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
-    cupy = _cupy()
     args = (dy, x, dw, _i32(N), _i32(C), _i32(H), _i32(W), _i32(K), _i32(R), _i32(S),
             _i32(Ho), _i32(Wo), _i32(sh), _i32(sw), _i32(ph), _i32(pw))
     if version == "1":
@@ -857,7 +915,12 @@ def _conv_backward_weight_run(version: str, dev: int, dy, x, dw, geom: tuple) ->
     if version == CONV_WINOGRAD_VERSION:
         _conv_winograd_weight_run(dev, dy, x, dw, geom)
         return
-    if version == "2":
+    if version in ("3", CONV_TF32_VERSION) and C * R * S <= min(_CONV_NARROW_TAPS, DEFINES["PYCNN_CONV_NARROW_MAX"]):
+        # A first layer (C*R*S taps, e.g. 9 or 25): register accumulators per tap, not a GEMM tile
+        # that would be mostly empty (exact fp32 for v4 too: there is no product to speed up).
+        splits, chunk = _conv_splits(N * Ho * Wo, K, _CONV_NARROW_MIN_K, 32, target=_CONV3_SPLIT_TARGET_BLOCKS)
+        kernel, grid, block, extra, smem = "conv2d_bwd_weight_narrow_f32", (K, splits), (BLOCK,), chunk, 0
+    elif version == "2":
         splits, imgs = _conv_splits(N, K * C, 1, 1)
         kernel, grid, block = "conv2d_bwd_weight_v2_f32", (K * C, splits), (DEFINES["PYCNN_CONV2_TILE_W"] *
                                                                              DEFINES["PYCNN_CONV2_TILE_H"],)
@@ -865,18 +928,16 @@ def _conv_backward_weight_run(version: str, dev: int, dy, x, dw, geom: tuple) ->
     else:
         tile, suffix = _conv3_tile("backward_weight", K, C * R * S)
         tiles = ((K + tile - 1) // tile) * ((C * R * S + tile - 1) // tile)
-        splits, chunk = _conv_splits(N * Ho * Wo, tiles, _CONV_SPLIT_MIN_K, _CONV3_BK)
+        splits, chunk = _conv3_splits("backward_weight", tile, tiles, N * Ho * Wo)
         kernel = f"conv2d_bwd_weight_v{version}{suffix}_f32"
         grid = ((C * R * S + tile - 1) // tile, (K + tile - 1) // tile, splits)
         block, extra, smem = (_CONV3_THREADS,), chunk, 0
     if splits == 1:  # one partial: the kernel writes dw itself
         _launch(dev, "conv2d.cu", kernel, grid, block, args + (_i32(extra),), shared_mem=smem)
         return
-    with cupy.cuda.Device(dev):
-        partial = cupy.empty((splits * dw.size,), dtype=cupy.float32)
+    partial = _split_workspace(dev, splits, dw.size)
     _launch(dev, "conv2d.cu", kernel, grid, block, (dy, x, partial) + args[3:] + (_i32(extra),), shared_mem=smem)
-    _launch(dev, "conv2d.cu", "conv2d_bwd_weight_reduce_f32", _grid1d(dw.size), (BLOCK,),
-            (partial, dw, _i32(splits), _i64(dw.size)))
+    _split_reduce(dev, partial, dw, splits)
 
 
 def conv2d_backward_weight(dy, x, w_shape, stride, padding, *, version: str | None = None,
@@ -1143,9 +1204,28 @@ def tanh_backward(dy, y):
 # ----------------------------------------------------------------------------- linear
 
 
+# Split-K of the Linear GEMM (linear.cu): when its output tiles make fewer than _GEMM_SPLIT_BELOW
+# blocks, split the reduction into about _GEMM_SPLIT_TARGET blocks in all, each at least
+# _GEMM_SPLIT_MIN_K deep (two 16-deep stages). On an H200 MnistCNN's fc1 at batch 64 (4 tiles,
+# K = 576) took 49 us unsplit.
+_GEMM_SPLIT_BELOW = 132
+_GEMM_SPLIT_TARGET = 264
+_GEMM_SPLIT_MIN_K = 32
+
+
+def _gemm_splits(blocks: int, K: int) -> tuple[int, int]:
+    """(splits, kchunk) of a linear_gemm_f32 launch with ``blocks`` output tiles (shapes only)."""
+    if blocks >= _GEMM_SPLIT_BELOW or K <= _GEMM_SPLIT_MIN_K:
+        return 1, max(K, 1)
+    bk = DEFINES["PYCNN_GEMM_BK"]
+    return _conv_splits(K, blocks, _GEMM_SPLIT_MIN_K, bk, target=_GEMM_SPLIT_TARGET)
+
+
 def _gemm(dev: int, A, sam: int, sak: int, B, sbk: int, sbn: int, C, M: int, N: int, K: int,
           bias=None, relu: bool = False) -> None:
-    """C (M, N) = A @ B (+ bias[n]) (then ReLU) with linear_gemm_f32; A and B given by strides."""
+    """C (M, N) = A @ B (+ bias[n]) (then ReLU) with linear_gemm_f32; A and B given by strides.
+    Few output tiles split the reduction (_gemm_splits) and add the parts with
+    linear_split_reduce_f32, which applies the epilogue."""
     bm, bn = DEFINES["PYCNN_GEMM_BM"], DEFINES["PYCNN_GEMM_BN"]
     gx, gy = (N + bn - 1) // bn, (M + bm - 1) // bm
     if M == 0 or N == 0:
@@ -1154,9 +1234,17 @@ def _gemm(dev: int, A, sam: int, sak: int, B, sbk: int, sbn: int, C, M: int, N: 
         raise ValueError(f"linear: {M} rows need {gy} row tiles, more than the {_MAX_GRID_YZ} "
                          f"a grid allows (batch at most {_MAX_GRID_YZ * bm})")
     block = (bn // DEFINES["PYCNN_GEMM_TN"], bm // DEFINES["PYCNN_GEMM_TM"])
-    _launch(dev, "linear.cu", "linear_gemm_f32", (gx, gy), block,
-            (A, _i64(sam), _i64(sak), B, _i64(sbk), _i64(sbn), C, _i32(M), _i32(N), _i32(K),
-             bias if bias is not None else C, _i32(bias is not None), _i32(bool(relu))))
+    splits, kchunk = _gemm_splits(gx * gy, K)
+    out = C if splits == 1 else _split_workspace(dev, splits, M * N)
+    epilogue = splits == 1
+    _launch(dev, "linear.cu", "linear_gemm_f32", (gx, gy, splits), block,
+            (A, _i64(sam), _i64(sak), B, _i64(sbk), _i64(sbn), out, _i32(M), _i32(N), _i32(K),
+             bias if bias is not None else C, _i32(epilogue and bias is not None),
+             _i32(epilogue and bool(relu)), _i32(kchunk)))
+    if not epilogue:
+        _launch(dev, "linear.cu", "linear_split_reduce_f32", _grid1d(M * N), (BLOCK,),
+                (out, C, _i32(splits), _i64(M * N), bias if bias is not None else C,
+                 _i32(bias is not None), _i32(bool(relu)), _i32(N)))
 
 
 def _linear_checks(op: str, x, w, b, need_bias: bool) -> int:
@@ -1200,9 +1288,11 @@ def linear_bias_relu_forward(x, w, b):
 
 
 def linear_backward(dy, x, w):
-    """(dx = dy @ w, dw = dy.T @ x, db = dy.sum(0)): two GEMM launches and bias_grad_f32.
+    """(dx = dy @ w, dw = dy.T @ x, db = dy.sum(0)): two GEMMs (each split-K with a reduce pass
+    when its outputs are few) and bias_grad_f32.
 
-    Each output element sums over k in a fixed order (no split-K, no atomics): deterministic.
+    Each output element is a fixed-order sum that depends on the shapes only (no atomics):
+    deterministic.
     """
     op = "linear_backward"
     cupy = _cupy()

@@ -43,6 +43,13 @@ KERNEL = {"forward": "conv2d_fwd_v{}_f32", "backward_data": "conv2d_bwd_data_v{}
 TF32_U = 2.0 ** -11  # relative rounding of an operand to TF32 (10 explicit mantissa bits)
 
 
+@pytest.fixture(autouse=True)
+def gemm_weight_gradient(monkeypatch):
+    """The ladder tests hold v3/v4's weight gradient to its GEMM kernels: the narrow kernel that
+    would take these small-C shapes (C*R*S <= 25) has its own tests below."""
+    monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 0)
+
+
 def fp32_atol(length: int) -> float:
     """fp32 accumulation of ``length`` products of O(1) values, against a float64 reference."""
     return 1e-5 + 2e-6 * length
@@ -238,7 +245,7 @@ def test_split_weight_gradient_is_deterministic(emulated, version):
     x, w, b, dy = data(shape, seed=5)
     first, _ = cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1), version=version,
                                            allow_tf32=version == "4")
-    assert "conv2d_bwd_weight_reduce_f32" in emulated, "the split path did not run"
+    assert "conv2d_split_reduce_f32" in emulated, "the split path did not run"
     second, _ = cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1), version=version,
                                             allow_tf32=version == "4")
     assert first.tobytes() == second.tobytes()
@@ -397,20 +404,42 @@ def test_gpu_kernels_benchmark_runs_on_the_emulator(emulated, monkeypatch, tmp_p
     import gpu_kernels
 
     class Event:
-        def record(self):
+        def record(self, stream=None):
             self.t = time.perf_counter()
 
         def synchronize(self):
             pass
 
+    captures = []
+
+    class Stream:  # stand-in for the graph timing: the captured calls ran once, launch() is free
+        def __init__(self, non_blocking=False):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def begin_capture(self):
+            captures.append("begin")
+
+        def end_capture(self):
+            captures.append("end")
+            return types.SimpleNamespace(launch=lambda stream=None: None)
+
     fake_cp = types.SimpleNamespace(
         asarray=np.ascontiguousarray, asnumpy=np.asarray,
         cuda=types.SimpleNamespace(Event=Event, Device=lambda *a: types.SimpleNamespace(synchronize=lambda: None),
-                                   get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3))
+                                   get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3, Stream=Stream,
+                                   MemoryPool=lambda: types.SimpleNamespace(malloc=None),
+                                   using_allocator=lambda malloc: nullcontext()))
     monkeypatch.setitem(sys.modules, "cupy", fake_cp)
     monkeypatch.setattr(gpu_kernels, "BIG", ("tiny", (2, 3, 6, 5, 4, 3, 3, 1, 1)))
     monkeypatch.setattr(gpu_kernels, "load_torch", lambda: (None, "not in this test"))
     monkeypatch.setattr(gpu_kernels.cuda, "available", lambda: (True, ""))
+    monkeypatch.setattr(gpu_kernels, "SLOW_MS", 1e9)  # every call also takes the graph timing path
     out = tmp_path / "k.json"
     rc = gpu_kernels.main(["--layers", "big", "--versions", "3,5", "--repeats", "1", "--json", str(out)])
     record = json.loads(out.read_text())
@@ -422,6 +451,8 @@ def test_gpu_kernels_benchmark_runs_on_the_emulator(emulated, monkeypatch, tmp_p
                          for v in ("v3", "v5"))
     assert info["fastest_exact_versions"]["tiny"]["conv2d_fwd"] == "v3", "v5 is not a candidate of auto"
     assert "conv2d_wino_wgrad_gemm_f32" in emulated
+    assert captures == ["begin", "end"] * 6 and all(e["gpu_ms"] >= 0 for e in record["kernels"])
+    assert "GPU us" in gpu_kernels.table(record["kernels"])
 
 
 # Winograd F(4x4, 3x3) (v5): fp32 arithmetic through transforms with constants up to 8 and 1/24,
@@ -467,7 +498,7 @@ def test_winograd_every_direction(emulated, shape):
         assert kernel in emulated, emulated
     # the weight gradient's reduction over the 4x4 tiles is split (parts of >= 16) where it has more
     tiles = N * -(-(H + 2 * ph - 2) // 4) * -(-(W + 2 * pw - 2) // 4)
-    assert ("conv2d_bwd_weight_reduce_f32" in emulated) == (tiles > 16)
+    assert ("conv2d_split_reduce_f32" in emulated) == (tiles > 16)
     assert not any(k.startswith("conv2d_fwd_v") or k.startswith("conv2d_bwd_") and "_v" in k for k in emulated), emulated
 
 
@@ -551,3 +582,108 @@ def test_pipelined_kernels_with_copies_landing_at_issue(emulator, version, name)
                 results.append(run_all(shape, x, w, b, dy, version, allow_tf32=version == "4"))
     for what, late, eager in zip(("y", "dx", "dw", "db"), *results):
         np.testing.assert_array_equal(eager, late, err_msg=f"v{version} {name} {what}: copies landing at issue")
+
+
+# Split-K of forward and backward-data (small layers): (N, C, H, W, K, R, S, stride, padding)
+# with reductions of 72 (forward: C*R*S) and 90 (backward-data: K*R*S) products.
+SPLIT_SHAPE = (2, 8, 7, 6, 10, 3, 3, (1, 1), (1, 1))
+
+
+@pytest.mark.parametrize("version", ["3", "4"])
+@pytest.mark.parametrize("min_k", [64, 16])
+def test_split_k_forward_and_backward_data(emulated, monkeypatch, version, min_k):
+    """Few output tiles: the reduction is split over grid.z into partial outputs that
+    conv2d_split_reduce_f32 adds (and for the forward, applies bias and ReLU to). min_k=16 makes
+    splits of one 16-deep stage and a short last one (72 = 4*16 + 8)."""
+    monkeypatch.setattr(cuda, "_CONV3_SPLIT_MIN_K", min_k)
+    shape = SPLIT_SHAPE
+    _, _, _, _, _, _, _, stride, padding = shape
+    tf32 = version == "4"
+    x, w, b, dy = data(shape, seed=11)
+    y = cuda.conv2d_forward(x, w, b, stride, padding, version=version, allow_tf32=tf32)
+    fused = cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version=version, allow_tf32=tf32)
+    dx = cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version=version, allow_tf32=tf32)
+    assert emulated.count("conv2d_split_reduce_f32") == 3, emulated
+    want_y, want_dx, _, _ = reference(shape, x, w, b, dy)
+    lf, ld, _ = lengths(shape)
+    if tf32:
+        x64, w64, dy64 = (a.astype(np.float64) for a in (x, w, dy))
+        py = ref.conv2d_forward(np.abs(x64), np.abs(w64), np.abs(b.astype(np.float64)), stride, padding)
+        pdx = ref.conv2d_backward_data(np.abs(dy64), np.abs(w64), x.shape, stride, padding)
+        assert np.all(np.abs(y - want_y) <= tf32_bound(lf, py))
+        assert np.all(np.abs(dx - want_dx) <= tf32_bound(ld, pdx))
+    else:
+        np.testing.assert_allclose(y, want_y, rtol=1e-4, atol=fp32_atol(lf))
+        np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=fp32_atol(ld))
+    np.testing.assert_array_equal(fused, np.maximum(y, 0.0))  # the reduce's epilogue
+    assert (fused == 0).any() and (fused > 0).any()
+    # the same call again gives the same bits (the split depends on the shapes only) ...
+    again = cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version=version, allow_tf32=tf32)
+    assert again.tobytes() == dx.tobytes()
+    # ... and unsplit (one kernel, epilogue in the kernel) agrees to rounding
+    monkeypatch.setattr(cuda, "_CONV3_SPLIT_BELOW_BLOCKS", 0)
+    del emulated[:]
+    y1 = cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version=version, allow_tf32=tf32)
+    dx1 = cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version=version, allow_tf32=tf32)
+    assert emulated == [f"conv2d_fwd_v{version}_f32", f"conv2d_bwd_data_v{version}_f32"], emulated
+    tol = 2e-3 if tf32 else 1e-5
+    np.testing.assert_allclose(y1, fused, rtol=tol, atol=tol)
+    np.testing.assert_allclose(dx1, dx, rtol=tol, atol=tol)
+
+
+def test_split_rule():
+    """Forward / backward-data split only below _CONV3_SPLIT_BELOW_BLOCKS tiles and only with
+    >= _CONV3_SPLIT_MIN_K products per split; 128x128 tiles never; chunks are whole stages."""
+    assert cuda._conv3_splits("forward", 64, 9, 576) == (9, 64)    # MnistCNN conv3: 9 tiles
+    assert cuda._conv3_splits("forward", 64, 300, 576) == (1, 576)
+    assert cuda._conv3_splits("backward_data", 64, 169, 576) == (4, 144)
+    assert cuda._conv3_splits("forward", 64, 9, 40)[0] == 1  # under two splits' worth
+    assert cuda._conv3_splits("forward", 128, 9, 4096) == (1, 4096)
+    for direction in ("forward", "backward_data", "backward_weight"):
+        for blocks, kd in ((1, 10000), (7, 1000), (100, 333), (263, 5000)):
+            splits, chunk = cuda._conv3_splits(direction, 64, blocks, kd)
+            assert chunk % 16 == 0 or splits == 1
+            assert (splits - 1) * chunk < kd <= splits * chunk  # every split has work
+            assert splits == 1 or blocks * splits <= cuda._CONV3_SPLIT_TARGET_BLOCKS + blocks
+
+
+# Narrow weight gradient: (N, C, H, W, K, R, S, stride, padding) with C*R*S <= 25 taps.
+NARROW_SHAPES = {
+    "1x3x3-pad": (3, 1, 9, 8, 5, 3, 3, (1, 1), (1, 1)),
+    "1x5x5-stride2": (2, 1, 13, 12, 4, 5, 5, (2, 2), (2, 1)),
+    "2x3x3-odd": (2, 2, 9, 11, 3, 3, 3, (2, 1), (1, 0)),
+    "2x4x3": (2, 2, 8, 7, 6, 4, 3, (1, 1), (0, 1)),  # 24 taps
+}
+
+
+@pytest.mark.parametrize("version", ["3", "4"])
+@pytest.mark.parametrize("name", list(NARROW_SHAPES))
+@pytest.mark.parametrize("min_k", [1024, 40])
+def test_narrow_weight_gradient(emulated, monkeypatch, version, name, min_k):
+    """C*R*S <= 25: conv2d_bwd_weight_narrow_f32 (exact fp32 also under v4), one split or several
+    (min_k=40: splits of 64 products, the last one short), deterministic."""
+    monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 25)
+    monkeypatch.setattr(cuda, "_CONV_NARROW_MIN_K", min_k)
+    shape = NARROW_SHAPES[name]
+    _, _, _, _, _, _, _, stride, padding = shape
+    x, w, b, dy = data(shape, seed=12)
+    dw, db = cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding, version=version,
+                                         allow_tf32=version == "4")
+    assert "conv2d_bwd_weight_narrow_f32" in emulated, emulated
+    assert ("conv2d_split_reduce_f32" in emulated) == (min_k < 1024), emulated
+    _, _, want_dw, want_db = reference(shape, x, w, b, dy)
+    np.testing.assert_allclose(dw, want_dw, rtol=1e-4, atol=fp32_atol(lengths(shape)[2]))
+    np.testing.assert_allclose(db, want_db, rtol=1e-4, atol=fp32_atol(lengths(shape)[2]))
+    again, _ = cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding, version=version,
+                                           allow_tf32=version == "4")
+    assert again.tobytes() == dw.tobytes()
+
+
+def test_narrow_weight_gradient_only_for_few_taps(emulated, monkeypatch):
+    """27 taps (3 channels of 3x3) is past the kernel's 25 accumulators: the GEMM runs."""
+    monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 25)
+    shape = (1, 3, 6, 5, 4, 3, 3, (1, 1), (1, 1))
+    x, w, b, dy = data(shape, seed=13)
+    dw, _ = cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1), version="3")
+    assert "conv2d_bwd_weight_v3_f32" in emulated and "conv2d_bwd_weight_narrow_f32" not in emulated
+    np.testing.assert_allclose(dw, reference(shape, x, w, b, dy)[2], rtol=1e-4, atol=fp32_atol(30))
