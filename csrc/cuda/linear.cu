@@ -9,8 +9,15 @@
 //   forward   y  (N, OUT) = x (N, IN) @ w.T      A = x  (row-major),  B(k, n) = w[n, k]
 //   backward  dx (N, IN)  = dy (N, OUT) @ w      A = dy (row-major),  B = w (row-major)
 //             dw (OUT, IN) = dy.T @ x            A(m, k) = dy[k, m],  B = x (row-major)
-// (db = dy.sum(0) is bias_grad_f32 in activation.cu.) Every output element is the sum over k in
-// increasing order, so the result is bitwise reproducible: no split-K, no atomics.
+// (db = dy.sum(0) is bias_grad_f32 in activation.cu.)
+//
+// Split-K: a Linear layer's outputs are few (64 x 64 for MnistCNN's fc1 at batch 64: four 32x32
+// tiles) while its reduction is long (576), so four blocks would walk 36 stages each while the
+// rest of the GPU idles. The host then splits the reduction over grid.z: split z sums k in
+// [z*kchunk, min((z+1)*kchunk, K)) into the z-th copy of C (C + z*M*N) without the epilogue, and
+// linear_split_reduce_f32 adds the copies in increasing z (in double) and applies bias and ReLU.
+// Each output is the same fixed-order sum on every run (the split depends on the shapes only):
+// bitwise reproducible, no atomics.
 //
 // Kernels (v1):
 //   linear_gemm_f32   shared-memory tiles of BM x BK of A and BK x BN of B; a block of
@@ -19,6 +26,7 @@
 //                     consecutive columns, so the stores and the shared-memory reads of B are
 //                     conflict-free and coalesced). Epilogue: + bias[n] (has_bias), then ReLU
 //                     (relu). Any M, N, K (tiles are bounds-checked; K = 0 gives bias or 0).
+//   linear_split_reduce_f32   the second pass of a split-K product (see above).
 #include "common.cuh"
 
 #ifndef PYCNN_GEMM_BM
@@ -40,13 +48,14 @@
 #define PYCNN_GEMM_THREADS_X (PYCNN_GEMM_BN / PYCNN_GEMM_TN)
 #define PYCNN_GEMM_THREADS_Y (PYCNN_GEMM_BM / PYCNN_GEMM_TM)
 
-// Launch: block (PYCNN_GEMM_BN/TN, PYCNN_GEMM_BM/TM), grid (ceil(N/BN), ceil(M/BM)).
+// Launch: block (PYCNN_GEMM_BN/TN, PYCNN_GEMM_BM/TM), grid (ceil(N/BN), ceil(M/BM), splits);
+// kchunk >= K for one split.
 // Element (m, k) of A is A[m*sam + k*sak]; element (k, n) of B is B[k*sbk + n*sbn].
 extern "C" __global__ void linear_gemm_f32(const float* __restrict__ A, long long sam,
                                            long long sak, const float* __restrict__ B,
                                            long long sbk, long long sbn, float* __restrict__ C,
                                            int M, int N, int K, const float* __restrict__ bias,
-                                           int has_bias, int relu) {
+                                           int has_bias, int relu, int kchunk) {
     // The +1 column of padding puts the transposed stores (one thread per k) into different banks.
     __shared__ float As[PYCNN_GEMM_BK][PYCNN_GEMM_BM + 1];
     __shared__ float Bs[PYCNN_GEMM_BK][PYCNN_GEMM_BN + 1];
@@ -55,12 +64,15 @@ extern "C" __global__ void linear_gemm_f32(const float* __restrict__ A, long lon
     const int nthreads = PYCNN_GEMM_THREADS_X * PYCNN_GEMM_THREADS_Y;
     const int m0 = blockIdx.y * PYCNN_GEMM_BM;
     const int n0 = blockIdx.x * PYCNN_GEMM_BN;
+    const int k_begin = blockIdx.z * kchunk;
+    const int k_end = min(K, k_begin + kchunk);
+    C += (pycnn_i64)blockIdx.z * M * N;  // this split's copy of C (the only one when unsplit)
 
     float acc[PYCNN_GEMM_TM][PYCNN_GEMM_TN];
     for (int i = 0; i < PYCNN_GEMM_TM; ++i)
         for (int j = 0; j < PYCNN_GEMM_TN; ++j) acc[i][j] = 0.0f;
 
-    for (int k0 = 0; k0 < K; k0 += PYCNN_GEMM_BK) {
+    for (int k0 = k_begin; k0 < k_end; k0 += PYCNN_GEMM_BK) {
         // Stage the tiles. Consecutive threads walk along whichever dimension is contiguous in
         // memory (a uniform branch per launch), so global loads coalesce for every layout.
         for (int e = tid; e < PYCNN_GEMM_BM * PYCNN_GEMM_BK; e += nthreads) {
@@ -68,14 +80,14 @@ extern "C" __global__ void linear_gemm_f32(const float* __restrict__ A, long lon
             if (sak == 1) { kk = e % PYCNN_GEMM_BK; mm = e / PYCNN_GEMM_BK; }
             else { mm = e % PYCNN_GEMM_BM; kk = e / PYCNN_GEMM_BM; }
             const int gm = m0 + mm, gk = k0 + kk;
-            As[kk][mm] = (gm < M && gk < K) ? A[(pycnn_i64)gm * sam + (pycnn_i64)gk * sak] : 0.0f;
+            As[kk][mm] = (gm < M && gk < k_end) ? A[(pycnn_i64)gm * sam + (pycnn_i64)gk * sak] : 0.0f;
         }
         for (int e = tid; e < PYCNN_GEMM_BK * PYCNN_GEMM_BN; e += nthreads) {
             int nn, kk;
             if (sbn == 1) { nn = e % PYCNN_GEMM_BN; kk = e / PYCNN_GEMM_BN; }
             else { kk = e % PYCNN_GEMM_BK; nn = e / PYCNN_GEMM_BK; }
             const int gn = n0 + nn, gk = k0 + kk;
-            Bs[kk][nn] = (gn < N && gk < K) ? B[(pycnn_i64)gk * sbk + (pycnn_i64)gn * sbn] : 0.0f;
+            Bs[kk][nn] = (gn < N && gk < k_end) ? B[(pycnn_i64)gk * sbk + (pycnn_i64)gn * sbn] : 0.0f;
         }
         __syncthreads();
         // Zero-filled tails make the full BK loop exact: the padded products add +0.0f, and
@@ -102,4 +114,11 @@ extern "C" __global__ void linear_gemm_f32(const float* __restrict__ A, long lon
             C[(pycnn_i64)m * N + n] = v;
         }
     }
+}
+
+// C[e] = sum over z of partial[z*M*N + e] (fixed order, double) + bias[e % N], then ReLU.
+extern "C" __global__ void linear_split_reduce_f32(const float* __restrict__ partial, float* __restrict__ C,
+                                                   int splits, long long count, const float* __restrict__ bias,
+                                                   int has_bias, int relu, int N) {
+    pycnn_split_reduce(partial, C, splits, count, bias, has_bias, relu, 1, N);
 }

@@ -37,6 +37,27 @@ def test_linear_gemm_forward_backward(emulated, N, IN, OUT):
     assert "linear_gemm_f32" in emulated and "bias_grad_f32" in emulated
 
 
+@pytest.mark.parametrize("split", [True, False])
+def test_linear_split_k(emulated, monkeypatch, split):
+    """Few output tiles and a long reduction: split over grid.z (parts of >= 32, the last one
+    short: 70 = 32 + 32 + 6), linear_split_reduce_f32 adds them and applies bias and ReLU.
+    Unsplit (_GEMM_SPLIT_BELOW = 0): one launch with the epilogue inside."""
+    if not split:
+        monkeypatch.setattr(cuda, "_GEMM_SPLIT_BELOW", 0)
+    rng = np.random.default_rng(14)
+    x, w, b, dy = rnd(rng, 6, 70), rnd(rng, 5, 70), rnd(rng, 5, scale=3.0), rnd(rng, 6, 5)
+    x64, w64, b64, dy64 = (a.astype(np.float64) for a in (x, w, b, dy))
+    y = cuda.linear_bias_relu_forward(x, w, b)
+    assert emulated.count("linear_split_reduce_f32") == (1 if split else 0), emulated
+    close(y, ref.linear_bias_relu_forward(x64, w64, b64), what="+relu")
+    assert (y == 0).any() and (y > 0).any()
+    close(cuda.linear_forward(x, w, b), ref.linear_forward(x64, w64, b64), what="forward + bias")
+    dx, dw, db = cuda.linear_backward(dy, x, w)  # dw: K = 6 rows of the batch, never split
+    for name, got, want in zip(("dx", "dw", "db"), (dx, dw, db), ref.linear_backward(dy64, x64, w64)):
+        close(got, want, what=name)
+    assert cuda.linear_bias_relu_forward(x, w, b).tobytes() == y.tobytes()
+
+
 def test_linear_gemm_is_reproducible_and_relu_clips(emulated):
     rng = np.random.default_rng(11)
     x, w, b = rnd(rng, 9, 20), rnd(rng, 7, 20), rnd(rng, 7, scale=3.0)
