@@ -38,9 +38,9 @@ extern "C" __global__ void maxpool2d_fwd_f32(
     int relu) {
     const pycnn_i64 total = (pycnn_i64)N * C * Ho * Wo;
     PYCNN_FOR_EACH(idx, total) {
-        const int j = (int)(idx % Wo);
-        const int i = (int)((idx / Wo) % Ho);
-        const pycnn_i64 plane = idx / ((pycnn_i64)Wo * Ho);  // n * C + c
+        int i, j;
+        pycnn_i64 plane;  // n * C + c
+        pycnn_split_index(idx, total, Ho, Wo, plane, i, j);
         const float* xp = x + plane * H * (pycnn_i64)W;
         const int h0 = i * sh - ph;
         const int w0 = j * sw - pw;
@@ -73,9 +73,9 @@ extern "C" __global__ void maxpool2d_bwd_f32(
     int N, int C, int H, int W, int Ho, int Wo, int kh, int kw, int sh, int sw, int ph, int pw) {
     const pycnn_i64 total = (pycnn_i64)N * C * H * W;
     PYCNN_FOR_EACH(idx, total) {
-        const int ww = (int)(idx % W);
-        const int h = (int)((idx / W) % H);
-        const pycnn_i64 plane = idx / ((pycnn_i64)W * H);
+        int h, ww;
+        pycnn_i64 plane;
+        pycnn_split_index(idx, total, H, W, plane, h, ww);
         const int me = h * W + ww;
         const int i_lo = pycnn_first_window(h, kh, sh, ph);
         const int i_hi = min(pycnn_last_window(h, sh, ph), Ho - 1);
@@ -118,9 +118,9 @@ extern "C" __global__ void avgpool2d_fwd_f32(
     const pycnn_i64 total = (pycnn_i64)N * C * Ho * Wo;
     const float inv = 1.0f / (float)(kh * kw);  // padded zeros count (count_include_pad=True)
     PYCNN_FOR_EACH(idx, total) {
-        const int j = (int)(idx % Wo);
-        const int i = (int)((idx / Wo) % Ho);
-        const pycnn_i64 plane = idx / ((pycnn_i64)Wo * Ho);
+        int i, j;
+        pycnn_i64 plane;
+        pycnn_split_index(idx, total, Ho, Wo, plane, i, j);
         const float* xp = x + plane * H * (pycnn_i64)W;
         const int h0 = i * sh - ph;
         const int w0 = j * sw - pw;
@@ -144,9 +144,9 @@ extern "C" __global__ void avgpool2d_bwd_f32(
     const pycnn_i64 total = (pycnn_i64)N * C * H * W;
     const float inv = 1.0f / (float)(kh * kw);
     PYCNN_FOR_EACH(idx, total) {
-        const int ww = (int)(idx % W);
-        const int h = (int)((idx / W) % H);
-        const pycnn_i64 plane = idx / ((pycnn_i64)W * H);
+        int h, ww;
+        pycnn_i64 plane;
+        pycnn_split_index(idx, total, H, W, plane, h, ww);
         const int i_lo = pycnn_first_window(h, kh, sh, ph);
         const int i_hi = min(pycnn_last_window(h, sh, ph), Ho - 1);
         const int j_lo = pycnn_first_window(ww, kw, sw, pw);
