@@ -11,7 +11,12 @@ fp32 (TF32 off) and in TF32, all measured in the same run.
         cp.async one: each entry's "stages" says which loop ran)
 
 Times are CUDA-event medians: 3 warm-up calls, then ``--repeats`` timed calls (5 for calls slower
-than 5 ms). Before a version is timed its output is compared with cuDNN's fp32 result
+than 5 ms); each such call includes the host's work to issue it (Python and CuPy for pycnn,
+PyTorch's dispatcher for cuDNN), which is most of a small layer's time. ``gpu_ms`` (and
+``cudnn_gpu_ms``, ``cudnn_tf32_gpu_ms``) is the GPU time alone: 10 calls captured in one CUDA
+graph (CuPy's stream capture; torch.cuda.graph for cuDNN), replayed 3 times, mean per call: what
+a call costs inside a captured training step (taken for calls under 5 ms; slower ones keep their
+event time, where the host's share is negligible). Before a version is timed its output is compared with cuDNN's fp32 result
 (``max_rel_err_vs_cudnn``: max |ours - cuDNN| / max |cuDNN|), so a wrong kernel cannot hide behind
 a fast time. TFLOP/s counts 2*N*K*Ho*Wo*C*R*S per call (the same for all three directions).
 The record is the GPU verification format (``kernels`` entries as written by
@@ -75,6 +80,52 @@ def median_ms(fn, record, sync, elapsed, repeats: int) -> float:
     return statistics.median(times)
 
 
+GRAPH_REPS = 10
+
+
+def cupy_graph_ms(cp, fn, reps: int = GRAPH_REPS) -> float:
+    """GPU ms of one call: ``reps`` calls captured in one graph (on a private pool), 3 replays."""
+    stream, pool = cp.cuda.Stream(non_blocking=True), cp.cuda.MemoryPool()
+    with stream, cp.cuda.using_allocator(pool.malloc):
+        fn()  # warm outside the capture (compiles, builds tables)
+        stream.begin_capture()
+        try:
+            for _ in range(reps):
+                fn()
+        finally:
+            graph = stream.end_capture()
+        graph.launch(stream)
+        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        e0.record(stream)
+        for _ in range(3):
+            graph.launch(stream)
+        e1.record(stream)
+        e1.synchronize()
+    return cp.cuda.get_elapsed_time(e0, e1) / (3 * reps)
+
+
+def torch_graph_ms(torch, fn, reps: int = GRAPH_REPS) -> float:
+    """The same for a PyTorch call (torch.cuda.graph; warmed on a side stream as PyTorch asks)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(3):
+        graph.replay()
+    e1.record()
+    e1.synchronize()
+    return e0.elapsed_time(e1) / (3 * reps)
+
+
 def cupy_timer(cp):
     def record():
         start, end = cp.cuda.Event(), cp.cuda.Event()
@@ -121,7 +172,8 @@ def set_tf32(torch, on: bool) -> None:
 
 
 def cudnn_layer(torch, x, w, dy, stride, pad, repeats):
-    """{direction: (ms fp32, ms tf32)} and the fp32 outputs {direction: array}."""
+    """{direction: (ms fp32, ms tf32, GPU ms fp32, GPU ms tf32)} and the fp32 outputs
+    {direction: array}."""
     tx, tw, tdy = (torch.from_numpy(a).cuda() for a in (x, w, dy))
     bwd = torch.ops.aten.convolution_backward
     calls = {
@@ -137,9 +189,11 @@ def cudnn_layer(torch, x, w, dy, stride, pad, repeats):
         set_tf32(torch, False)
         outputs[op] = fn().cpu().numpy()
         fp32 = median_ms(fn, *timer, repeats)
+        fp32_gpu = torch_graph_ms(torch, fn) if fp32 < SLOW_MS else fp32
         set_tf32(torch, True)
         tf32 = median_ms(fn, *timer, repeats)
-        times[op] = (fp32, tf32)
+        tf32_gpu = torch_graph_ms(torch, fn) if tf32 < SLOW_MS else tf32
+        times[op] = (fp32, tf32, fp32_gpu, tf32_gpu)
     set_tf32(torch, False)
     return times, outputs
 
@@ -200,7 +254,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                                                                        allow_tf32=v == "4")[0],
         }
         for op, direction in DIRECTIONS:
-            fp32_ms, tf32_ms = cudnn.get(op, (None, None))
+            fp32_ms, tf32_ms, fp32_gpu, tf32_gpu = cudnn.get(op, (None, None, None, None))
             for version in versions:
                 try:
                     ran = cuda.conv_version(direction, x.shape, w.shape, st, pd, version, True)
@@ -214,6 +268,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                         want = cudnn_out[op]
                         err = float(np.abs(out - want).max() / max(np.abs(want).max(), 1e-30))
                     ms = median_ms(lambda: calls[op](version), *timer, repeats)
+                    gpu_ms = cupy_graph_ms(cp, lambda: calls[op](version)) if ms < SLOW_MS else ms
                 except Exception as exc:  # noqa: BLE001 - record and go on
                     errors.append(f"{label} {op} v{version}: {type(exc).__name__}: {exc}")
                     continue
@@ -222,6 +277,9 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                     "reference": "cudnn", "reference_ms": None if fp32_ms is None else round(fp32_ms, 5),
                     "cudnn_ms": None if fp32_ms is None else round(fp32_ms, 5),
                     "cudnn_tf32_ms": None if tf32_ms is None else round(tf32_ms, 5),
+                    "gpu_ms": round(gpu_ms, 5),
+                    "cudnn_gpu_ms": None if fp32_gpu is None else round(fp32_gpu, 5),
+                    "cudnn_tf32_gpu_ms": None if tf32_gpu is None else round(tf32_gpu, 5),
                     "tflops": tflops(flop, ms), "cudnn_tflops": tflops(flop, fp32_ms),
                     "cudnn_tf32_tflops": tflops(flop, tf32_ms), "max_rel_err_vs_cudnn": err,
                     "auto": auto[label][op] == f"v{version}", "layer": label,
@@ -246,16 +304,21 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
 
 def table(entries) -> str:
     lines = [f"{'layer':<22}{'op':<19}{'ver':<5}{'ms':>9}{'TFLOP/s':>9}{'cuDNN ms':>10}{'x cuDNN':>9}"
-             f"{'TF32 ms':>9}{'x TF32':>8}{'rel err':>10}"]
+             f"{'TF32 ms':>9}{'x TF32':>8}{'GPU us':>9}{'cuDNN us':>9}{'x GPU':>7}{'rel err':>10}"]
     for e in entries:
         ms, dnn, t32, err = e["ms"], e.get("cudnn_ms"), e.get("cudnn_tf32_ms"), e.get("max_rel_err_vs_cudnn")
+        gpu, dnn_gpu = e.get("gpu_ms"), e.get("cudnn_gpu_ms")
         version = e["version"] + ("*" if e.get("auto") else "")
         cells = [f"{dnn:.4f}" if dnn else "-", f"{dnn / ms:.2f}" if dnn and ms else "-",
                  f"{t32:.4f}" if t32 else "-", f"{t32 / ms:.2f}" if t32 and ms else "-",
+                 f"{gpu * 1e3:.1f}" if gpu else "-", f"{dnn_gpu * 1e3:.1f}" if dnn_gpu else "-",
+                 f"{dnn_gpu / gpu:.2f}" if dnn_gpu and gpu else "-",
                  f"{err:.1e}" if err is not None else "-"]
         lines.append(f"{e['layer']:<22}{e['op']:<19}{version:<5}{ms:>9.4f}{(e['tflops'] or 0):>9.2f}"
-                     f"{cells[0]:>10}{cells[1]:>9}{cells[2]:>9}{cells[3]:>8}{cells[4]:>10}")
-    lines.append("(* = the version 'auto' picks; x cuDNN > 1 means faster than cuDNN)")
+                     f"{cells[0]:>10}{cells[1]:>9}{cells[2]:>9}{cells[3]:>8}{cells[4]:>9}{cells[5]:>9}"
+                     f"{cells[6]:>7}{cells[7]:>10}")
+    lines.append("(* = the version 'auto' picks; x cuDNN > 1 means faster than cuDNN; ms: one call with the "
+                 "host's work, GPU us: in a CUDA graph)")
     return "\n".join(lines)
 
 

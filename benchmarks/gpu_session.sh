@@ -18,7 +18,7 @@
 # Device time is scarce (15 minutes a session, machine start included): set DEADLINE_S from the
 # device tool's budget_left_s, e.g. PART=1 DEADLINE_S=330 then PART=2 DEADLINE_S=<what is left>.
 # Usage: PYCNN_COMMIT=<sha> PYCNN_DATA=<mnist dir> OUT=<dir> [PART=1|2] [DEADLINE_S=560] \
-#        [SELFTEST_ARGS=--tests-only] [SKIP_MNISTCNN=1] [SKIP_TRAINING_BENCH=1] [LOCALIZE_EPOCHS=N] bash benchmarks/gpu_session.sh
+#        [SELFTEST_ARGS=--tests-only] [SKIP_STAGES1=1] [SKIP_MNISTCNN=1] [SKIP_TRAINING_BENCH=1] [LOCALIZE_EPOCHS=N] bash benchmarks/gpu_session.sh
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 stamp=$(date -u +%Y%m%d)
@@ -53,7 +53,7 @@ step "kernel ladder vs cuDNN" 150 python3 benchmarks/gpu_kernels.py --budget "$k
   python3 benchmarks/gpu_training.py --out "$OUT/training.json" 2>&1 | tail -70
 # The v3/v4/v5 GEMM main loop without cp.async double buffering, on the compute-bound layer: is
 # the default (PYCNN_CONV3_STAGES=2) the faster one there?
-step "v3/v4/v5 with PYCNN_CONV_STAGES=1 (compute-bound layer)" 60 env PYCNN_CONV_STAGES=1 \
+[ -z "${SKIP_STAGES1:-}" ] && step "v3/v4/v5 with PYCNN_CONV_STAGES=1 (compute-bound layer)" 60 env PYCNN_CONV_STAGES=1 \
   python3 benchmarks/gpu_kernels.py --layers big --versions 3,4,5 --repeats 10 \
   --json "$OUT/gpu-$stamp-$sha8-kernels-stages1.json" 2>&1 | tail -12
 batches="64 512"

@@ -96,12 +96,17 @@ def _env(**extra) -> dict:
 
 
 def commit_sha() -> str:
-    """The commit being verified: git rev-parse HEAD, else $PYCNN_COMMIT, else 'unknown'."""
+    """The commit being verified: $PYCNN_COMMIT when set, else git rev-parse HEAD, else 'unknown'.
+
+    The variable wins: the device machine gets the working tree with a copy of .git that can be
+    older than it (a record of 6dac495's tree once said 1cdc751, the session's starting commit).
+    """
+    explicit = os.environ.get("PYCNN_COMMIT", "").strip()
+    if explicit:
+        return explicit
     res = _run(["git", "rev-parse", "HEAD"], timeout=10)
     sha = res["output"].strip() if res["rc"] == 0 else ""
-    if re.fullmatch(r"[0-9a-f]{40}", sha):
-        return sha
-    return os.environ.get("PYCNN_COMMIT", "unknown")
+    return sha if re.fullmatch(r"[0-9a-f]{40}", sha) else "unknown"
 
 
 def _dirty() -> bool | None:

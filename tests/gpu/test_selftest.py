@@ -114,6 +114,14 @@ def test_tests_only_skips_the_timings(tmp_path, monkeypatch):
     assert record["kernels_info"] == {"skipped": "--tests-only"}
 
 
+def test_commit_sha_prefers_the_variable(monkeypatch):
+    monkeypatch.setenv("PYCNN_COMMIT", "a" * 40)
+    assert selftest.commit_sha() == "a" * 40
+    monkeypatch.delenv("PYCNN_COMMIT")
+    sha = selftest.commit_sha()
+    assert sha == "unknown" or len(sha) == 40
+
+
 def test_default_out_name():
     path = selftest.default_out("0123456789abcdef" * 2 + "01234567")
     assert path.parent.name == "results" and path.name.startswith("gpu-") and path.name.endswith("-01234567.json")
