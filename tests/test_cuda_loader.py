@@ -273,6 +273,9 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
     cuda.maxpool2d_backward(_f(*y.shape), _fake(am.copy()), x.shape)  # unknown -> scan
     cuda.maxpool2d_backward(_f(*y.shape), am, x.shape, kernel=(3, 3), stride=(2, 2), padding=(1, 1))
     assert launches[-3:] == ["maxpool2d_bwd_f32", "maxpool2d_bwd_scan_f32", "maxpool2d_bwd_f32"]
+    y2, am2 = cuda.maxpool2d_forward(x, (2, 2), (2, 2), (0, 0))
+    cuda.maxpool2d_backward(_f(*y2.shape), am2, x.shape)  # windows tile the input
+    assert launches[-1] == "maxpool2d_bwd_tiled_f32"
     ya = cuda.avgpool2d_forward(x, (2, 3), (2, 2), (1, 1))
     cuda.avgpool2d_backward(_f(*ya.shape), x.shape, (2, 3), (2, 2), (1, 1))
     for name in ("relu", "sigmoid", "tanh"):

@@ -13,6 +13,11 @@
 //                            ceil(kh/sh) * ceil(kw/sw)) windows that can contain it and sums dy
 //                            where argmax == its index, in row-major window order. No atomics, so
 //                            dx is bitwise reproducible even with overlapping windows.
+//   maxpool2d_bwd_tiled_f32  windows that tile the input (stride == kernel, no padding: the usual
+//                            2x2 / stride 2): one thread per window writes its kh x kw cell of dx,
+//                            dy at the argmax and 0 elsewhere (plus the rows / columns past the
+//                            last window, which no window reads). Each dx element has one writer:
+//                            deterministic, and 1/(kh*kw) of the gather's threads and index math.
 //   maxpool2d_bwd_scan_f32   the same sum when the window geometry is unknown: one thread per dx
 //                            row scans every output of its plane in row-major order. Slower
 //                            (O(Ho*Wo) per row) but deterministic; used only when the caller does
@@ -90,6 +95,28 @@ extern "C" __global__ void maxpool2d_bwd_f32(
             }
         }
         dx[idx] = acc;
+    }
+}
+
+// Launch: one thread per pooled output (N*C*Ho*Wo); requires sh == kh, sw == kw, no padding.
+// H - Ho*kh and W - Wo*kw (< kh, < kw) rows / columns at the bottom / right belong to no window:
+// the threads of the last window row / column zero them.
+extern "C" __global__ void maxpool2d_bwd_tiled_f32(
+    const float* __restrict__ dy, const int* __restrict__ argmax, float* __restrict__ dx,
+    int N, int C, int H, int W, int Ho, int Wo, int kh, int kw) {
+    const pycnn_i64 total = (pycnn_i64)N * C * Ho * Wo;
+    PYCNN_FOR_EACH(idx, total) {
+        int i, j;
+        pycnn_i64 plane;
+        pycnn_split_index(idx, total, Ho, Wo, plane, i, j);
+        const int target = argmax[idx];
+        const float g = dy[idx];
+        float* dxp = dx + plane * H * (pycnn_i64)W;
+        const int h0 = i * kh, w0 = j * kw;
+        const int h1 = i == Ho - 1 ? H : h0 + kh;  // the last window row also owns the leftover rows
+        const int w1 = j == Wo - 1 ? W : w0 + kw;
+        for (int h = h0; h < h1; ++h)
+            for (int w = w0; w < w1; ++w) dxp[h * W + w] = (h * W + w == target) ? g : 0.0f;
     }
 }
 

@@ -60,7 +60,8 @@ COMPILE_OPTIONS = ("-std=c++17",)
 CONV_VERSIONS = ("1", "2", "3")
 CONV_TF32_VERSION = "4"
 # 5 is Winograd F(4x4, 3x3) for 3x3 stride-1 convolutions (all three directions): fp32 arithmetic,
-# 4x fewer multiply-adds, ~10x the rounding error of the direct sums. Opt-in (version='5'); never "auto".
+# 4x fewer multiply-adds, ~10x the rounding error of the direct sums. Opt-in: version='5', or
+# PYCNN_CONV_WINOGRAD=1, which lets "auto" pick it where it measured faster (_winograd_pays).
 CONV_WINOGRAD_VERSION = "5"
 DEFAULT_CONV_VERSION = "auto"
 # "auto" runs v2 when a 16x16 tile is at least this full in both directions (a small output such
@@ -68,6 +69,10 @@ DEFAULT_CONV_VERSION = "auto"
 _AUTO_V2_MIN_OUT = 8
 # "auto" runs v3 when the GEMM has at least this many rows: a quarter of its 64-row tile.
 _AUTO_V3_MIN_ROWS = 16
+# ... except backward-data, whose v3 on an H200 beat v2 at C = 6 (LeNet5 conv2: 58 vs 110 us of
+# GPU time) and lost to v1 at C = 1 (the first layers: 97 vs 114 us and worse for v3): v3 from
+# this many channels, v1 below it.
+_AUTO_V3_MIN_ROWS_BWD_DATA = 4
 _MAX_GRID = 1 << 20  # 1-D kernels use grid-stride loops, so the grid can be capped
 _MAX_GRID_YZ = 65535
 _MAX_STATIC_SMEM = 48 * 1024  # dynamic shared memory usable without an opt-in attribute
@@ -419,6 +424,28 @@ def _tf32_allowed(allow_tf32) -> bool:
     return bool(allow_tf32)
 
 
+def _winograd_allowed() -> bool:
+    """$PYCNN_CONV_WINOGRAD == '1': "auto" may pick v5 (see _winograd_pays)."""
+    return os.environ.get("PYCNN_CONV_WINOGRAD", "") == "1"
+
+
+def _winograd_pays(direction: str, x_shape, w_shape, Ho: int, Wo: int) -> bool:
+    """Where v5 beat every exact version in GPU time (H200, CUDA graphs; benchmarks/results
+    gpu-20261126-6c6898d0-kernels.json), for a layer v5 can run:
+      forward         C, K >= 16 and an output of at least 8x8 (MnistCNN conv2: 20 vs 30 us;
+                      its 3x3-output conv3 lost, 18 vs 14 us)
+      backward-data   K >= 16 and an input of at least 8x8 (MnistCNN conv2: 30 vs 71 us)
+      backward-weight C, K >= 64 and an output of at least 16x16 (64x128x56x56: 1.10 vs 3.79 ms;
+                      at 32 channels it only tied)"""
+    N, C, H, W = x_shape
+    K = w_shape[0]
+    if direction == "forward":
+        return min(C, K) >= 16 and min(Ho, Wo) >= 8
+    if direction == "backward_data":
+        return K >= 16 and min(H, W) >= 8
+    return min(C, K) >= 64 and min(Ho, Wo) >= 16
+
+
 def _requested_conv_version(op: str, version) -> str:
     if version is None:
         version = os.environ.get("PYCNN_CONV_VERSION") or DEFAULT_CONV_VERSION
@@ -513,14 +540,17 @@ def conv_version(direction: str, x_shape, w_shape, stride, padding, version: str
         tf32_capable: whether the device has TF32 tensor cores (compute capability >= 8.0).
 
     'auto' is a shape rule (measure with PYCNN_CONV_AUTOTUNE=1 to override it per shape):
-    v3 when the GEMM has at least _AUTO_V3_MIN_ROWS rows (K filters; C channels for
-    backward-data), so that its 64-row tile is at least a quarter busy; v4 instead of v3 only
-    with allow_tf32 on a TF32-capable GPU; otherwise v2 when the spatial size it tiles (the
-    output; the input for backward-data) is at least _AUTO_V2_MIN_OUT in both directions (a
-    16x16 tile of a tiny 3x3 output leaves most threads idle); otherwise v1. A version that
+    v3 when the GEMM has at least _AUTO_V3_MIN_ROWS rows (K filters), so that its 64-row tile is
+    at least a quarter busy, or for backward-data at least _AUTO_V3_MIN_ROWS_BWD_DATA channels
+    (fewer run v1), or for the weight gradient at most _CONV_NARROW_TAPS taps C*R*S (v3 then runs
+    the narrow kernel, no tile); v4 instead of v3 only with allow_tf32 on a TF32-capable GPU;
+    otherwise v2 when the spatial size it tiles (the output) is at least _AUTO_V2_MIN_OUT in both
+    directions (a 16x16 tile of a tiny 3x3 output leaves most threads idle); otherwise v1. A version that
     cannot run a shape (shared memory over 48 KiB, grid limits, tensors of 2^31 elements for v3/v4,
     R*S > 25 for the v2 weight gradient) falls back to v1. '5' (Winograd) runs only 3x3 stride-1
     convolutions (backward-data with padding <= 2); elsewhere it resolves as 'auto' without TF32.
+    With $PYCNN_CONV_WINOGRAD=1 (and without TF32) 'auto' runs v5 where _winograd_pays says it
+    measured faster.
 
     Raises:
         ValueError: an unknown direction or version, or '4' without allow_tf32 or without TF32
@@ -549,9 +579,18 @@ def conv_version(direction: str, x_shape, w_shape, stride, padding, version: str
             return CONV_WINOGRAD_VERSION
         requested, tf32 = "auto", False  # not a 3x3 stride-1 layer v5 takes: the exact rule
     if requested == "auto":
-        rows = C if direction == "backward_data" else K
-        if rows >= _AUTO_V3_MIN_ROWS and gemm_ok:
+        if (_winograd_allowed() and not (tf32 and tf32_capable)
+                and _conv_winograd_fits(direction, x_shape, w_shape, stride, padding, Ho, Wo)
+                and _winograd_pays(direction, x_shape, w_shape, Ho, Wo)):
+            return CONV_WINOGRAD_VERSION
+        if direction == "backward_data":
+            v3_worth = C >= _AUTO_V3_MIN_ROWS_BWD_DATA
+        else:
+            v3_worth = K >= _AUTO_V3_MIN_ROWS or (direction == "backward_weight" and C * R * S <= _CONV_NARROW_TAPS)
+        if v3_worth and gemm_ok:
             return CONV_TF32_VERSION if (tf32 and tf32_capable) else "3"
+        if direction == "backward_data":
+            return "1"
         tiled = (H, W) if direction == "backward_data" else (Ho, Wo)
         return "2" if (min(tiled) >= _AUTO_V2_MIN_OUT and v2_ok) else "1"
     if requested in ("3", CONV_TF32_VERSION):
@@ -629,7 +668,10 @@ def _conv_pick(direction: str, dev: int, geom: tuple, version, allow_tf32, run) 
                       if conv_version(direction, x_shape, w_shape, stride, padding, v, False) == v]
         if tf32 and capable:
             candidates.append(CONV_TF32_VERSION)
-        key = (direction, dev, x_shape, w_shape, stride, padding, tf32 and capable)
+        elif _winograd_allowed() and conv_version(direction, x_shape, w_shape, stride, padding,
+                                                  CONV_WINOGRAD_VERSION, False) == CONV_WINOGRAD_VERSION:
+            candidates.append(CONV_WINOGRAD_VERSION)
+        key = (direction, dev, x_shape, w_shape, stride, padding, tf32 and capable, candidates[-1])
         tuned = _autotune(key, candidates, run)
         if tuned is not None:
             chosen = tuned
@@ -987,6 +1029,12 @@ def bias_grad(dy):
     return db
 
 
+# bias_grad_f32 streams dy with few registers (eight blocks fit on an SM): aim for about eight
+# blocks per SM of a 132-SM GPU, each summing at least _BIAS_GRAD_MIN_K elements.
+_BIAS_GRAD_TARGET_BLOCKS = 1056
+_BIAS_GRAD_MIN_K = 2048
+
+
 def _bias_grad_into(dev: int, dy, db) -> None:
     N, K = dy.shape[0], dy.shape[1]
     P = int(np.prod(dy.shape[2:], dtype=np.int64)) if dy.ndim > 2 else 1
@@ -995,7 +1043,12 @@ def _bias_grad_into(dev: int, dy, db) -> None:
     if N == 0 or P == 0:
         db.fill(0)
         return
-    _launch(dev, "activation.cu", "bias_grad_f32", (K,), (BLOCK,), (dy, db, _i32(N), _i32(K), _i64(P)))
+    splits, chunk = _conv_splits(N * P, K, _BIAS_GRAD_MIN_K, BLOCK, target=_BIAS_GRAD_TARGET_BLOCKS)
+    out = db if splits == 1 else _split_workspace(dev, splits, K)
+    _launch(dev, "activation.cu", "bias_grad_f32", (K, splits), (BLOCK,),
+            (dy, out, _i32(N), _i32(K), _i64(P), _i64(chunk)))
+    if splits > 1:
+        _launch(dev, "activation.cu", "bias_grad_reduce_f32", _grid1d(K), (BLOCK,), (out, db, _i32(splits), _i32(K)))
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -1089,9 +1142,14 @@ def maxpool2d_backward(dy, argmax, x_shape, *, kernel=None, stride=None, padding
         if (Ho2, Wo2) != (Ho, Wo):
             raise ValueError(f"{op}: kernel {geometry[0]}, stride {geometry[1]}, padding "
                              f"{geometry[2]} on {(H, W)} give a {(Ho2, Wo2)} output, but dy is {dy.shape}")
-        _launch(dev, "pool2d.cu", "maxpool2d_bwd_f32", _grid1d(dx.size), (BLOCK,),
-                (dy, argmax, dx, _i32(N), _i32(C), _i32(H), _i32(W), _i32(Ho), _i32(Wo),
-                 _i32(kh), _i32(kw), _i32(sh), _i32(sw), _i32(ph), _i32(pw)))
+        if (sh, sw) == (kh, kw) and (ph, pw) == (0, 0):  # windows tile the input: one writer each
+            _launch(dev, "pool2d.cu", "maxpool2d_bwd_tiled_f32", _grid1d(dy.size), (BLOCK,),
+                    (dy, argmax, dx, _i32(N), _i32(C), _i32(H), _i32(W), _i32(Ho), _i32(Wo),
+                     _i32(kh), _i32(kw)))
+        else:
+            _launch(dev, "pool2d.cu", "maxpool2d_bwd_f32", _grid1d(dx.size), (BLOCK,),
+                    (dy, argmax, dx, _i32(N), _i32(C), _i32(H), _i32(W), _i32(Ho), _i32(Wo),
+                     _i32(kh), _i32(kw), _i32(sh), _i32(sw), _i32(ph), _i32(pw)))
     else:
         _launch(dev, "pool2d.cu", "maxpool2d_bwd_scan_f32", _grid1d(N * C * H), (BLOCK,),
                 (dy, argmax, dx, _i32(N), _i32(C), _i32(H), _i32(W), _i32(Ho), _i32(Wo)))

@@ -280,6 +280,7 @@ def test_tf32_needs_opt_in(emulated, monkeypatch):
 
 
 def test_auto_rule_and_fallbacks(monkeypatch):
+    monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 25)  # (the module's fixture turns it off)
     monkeypatch.delenv("PYCNN_CONV_VERSION", raising=False)
     monkeypatch.delenv("PYCNN_ALLOW_TF32", raising=False)
     v = cuda.conv_version
@@ -289,8 +290,10 @@ def test_auto_rule_and_fallbacks(monkeypatch):
     assert v("forward", *mnist2, allow_tf32=True, tf32_capable=False) == "3"
     lenet1 = ((64, 1, 28, 28), (6, 1, 5, 5), (1, 1), (2, 2))  # 6 filters: v3's tile mostly idle
     assert v("forward", *lenet1) == "2"
-    assert v("backward_weight", *lenet1) == "2"
-    assert v("backward_data", *lenet1) == "2"  # C = 1 rows
+    assert v("backward_weight", *lenet1) == "3"  # 25 taps: the narrow kernel
+    assert v("backward_data", *lenet1) == "1"  # C = 1 rows: v1 measured faster than v2
+    lenet2 = ((64, 6, 14, 14), (16, 6, 5, 5), (1, 1), (0, 0))
+    assert v("backward_data", *lenet2) == "3"  # 6 channels already favour the GEMM
     tiny = ((64, 1, 5, 5), (6, 1, 3, 3), (1, 1), (0, 0))  # 3x3 output
     assert v("forward", *tiny) == "1"
     big7 = ((2, 3, 20, 20), (4, 3, 7, 7), (1, 1), (0, 0))  # R*S = 49 > 25 accumulators
@@ -516,6 +519,31 @@ def test_winograd_large_gemm_tile(emulated, monkeypatch):
     dw, _ = cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1), version="5")
     assert "conv2d_wino_wgrad_gemm_t128_f32" in emulated, emulated
     wino_close(dw, reference(conv, x, w, b, dy)[2], "v5 t128 dw")
+
+
+def test_winograd_in_auto_only_when_allowed(emulated, monkeypatch):
+    """PYCNN_CONV_WINOGRAD=1 lets "auto" pick v5 where it measured faster (cuda._winograd_pays);
+    without it, or with TF32 allowed, "auto" stays with the direct versions."""
+    monkeypatch.delenv("PYCNN_CONV_VERSION", raising=False)
+    monkeypatch.delenv("PYCNN_ALLOW_TF32", raising=False)
+    v = cuda.conv_version
+    directions = ("forward", "backward_data", "backward_weight")
+    mnist2 = ((64, 32, 13, 13), (64, 32, 3, 3), (1, 1), (0, 0))
+    mnist3 = ((64, 64, 5, 5), (64, 64, 3, 3), (1, 1), (0, 0))  # 3x3 output: v5 lost there
+    big = ((64, 128, 56, 56), (128, 128, 3, 3), (1, 1), (1, 1))
+    strided = ((64, 32, 13, 13), (64, 32, 3, 3), (2, 2), (0, 0))
+    assert [v(d, *big) for d in directions] == ["3", "3", "3"]
+    monkeypatch.setenv("PYCNN_CONV_WINOGRAD", "1")
+    assert [v(d, *mnist2) for d in directions] == ["5", "5", "3"]
+    assert [v(d, *big) for d in directions] == ["5", "5", "5"]
+    assert [v(d, *mnist3) for d in directions] == ["3", "3", "3"]
+    assert [v(d, *strided) for d in directions] == ["3", "3", "3"]
+    assert v("forward", *big, allow_tf32=True) == "4"
+    x, w, b, _ = data((1, 16, 8, 8, 16, 3, 3, (1, 1), (1, 1)), seed=15)
+    y = cuda.conv2d_forward(x, w, b, (1, 1), (1, 1))
+    assert "conv2d_wino_gemm_f32" in emulated, emulated
+    want = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), (1, 1), (1, 1))
+    wino_close(y, want, "auto -> v5")
 
 
 def test_winograd_version_rule():

@@ -51,6 +51,7 @@ def test_conv2d(emulated, N, C, H, W, K, R, S, stride, padding):
     ((2, 2), (2, 2), (0, 0), False),
     ((3, 3), (2, 2), (1, 1), True),    # overlapping windows, padding, many ties
     ((3, 2), (1, 3), (1, 0), True),
+    ((3, 3), (3, 3), (0, 0), True),    # tiles: 9 rows = 3 windows, 10 columns = 3 + a leftover one
 ])
 def test_pooling(emulated, kernel, stride, padding, ties):
     rng = np.random.default_rng(1)
@@ -66,7 +67,9 @@ def test_pooling(emulated, kernel, stride, padding, ties):
     close(cuda.avgpool2d_forward(x, kernel, stride, padding), ref.avgpool2d_forward(x, kernel, stride, padding))
     close(cuda.avgpool2d_backward(dy, x.shape, kernel, stride, padding),
           ref.avgpool2d_backward(dy, x.shape, kernel, stride, padding))
-    assert {"maxpool2d_bwd_f32", "maxpool2d_bwd_scan_f32"} <= set(emulated)
+    tiled = stride == kernel and padding == (0, 0)  # (2x2 on 9 rows: a leftover row too)
+    gather = "maxpool2d_bwd_tiled_f32" if tiled else "maxpool2d_bwd_f32"
+    assert {gather, "maxpool2d_bwd_scan_f32"} <= set(emulated), emulated
 
 
 def test_activations_linear_and_bias(emulated):
@@ -83,6 +86,19 @@ def test_activations_linear_and_bias(emulated):
     close(cuda.linear_forward(xl, wl, bl), ref.linear_forward(xl, wl, bl))
     for got, want in zip(cuda.linear_backward(dyl, xl, wl), ref.linear_backward(dyl, xl, wl)):
         close(got, want)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 10, 9), (700, 3)])
+def test_bias_grad_split_over_element_ranges(emulated, monkeypatch, shape):
+    """Ranges of >= 256 elements per block (270 = 256 + 14 per channel; 700 rows of a matrix in
+    three ranges), added by bias_grad_reduce_f32 in a fixed order: the same bits every call."""
+    monkeypatch.setattr(cuda, "_BIAS_GRAD_MIN_K", 256)
+    dy = rnd(np.random.default_rng(8), *shape)
+    db = cuda.bias_grad(dy)
+    assert emulated == ["bias_grad_f32", "bias_grad_reduce_f32"], emulated
+    axes = (0,) + tuple(range(2, dy.ndim))
+    close(db, dy.astype(np.float64).sum(axis=axes))
+    assert cuda.bias_grad(dy).tobytes() == db.tobytes()
 
 
 @pytest.mark.parametrize("weighted, eps, reduction", [(False, 0.0, "mean"), (True, 0.1, "mean"), (True, 0.2, "sum")])
