@@ -242,6 +242,10 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
                                          allow_tf32=True).shape == x.shape
         dw, db = cuda.conv2d_backward_weight(dy, x, w.shape, (2, 1), (1, 0), version=version, allow_tf32=True)
         assert dw.shape == w.shape and db.shape == (4,)
+        if version == "3":  # one channel of 3x3 and 5x5: the compile-time-tap narrow kernels
+            for r in (3, 5):
+                x1 = _f(2, 1, 9, 8)
+                cuda.conv2d_backward_weight(_f(2, 4, 10 - r, 9 - r), x1, (4, 1, r, r), (1, 1), (0, 0), version="3")
         if version in ("3", "4"):  # 18 taps took the narrow kernel; the GEMM one too
             with monkeypatch.context() as m:
                 m.setattr(cuda, "_CONV_NARROW_TAPS", 0)

@@ -36,7 +36,9 @@
 //   Forward and bwd-data split their reduction the same way when their output tiles are too
 //   few to fill the GPU (small layers); the split reduce then applies bias and ReLU.
 //   conv2d_bwd_weight_narrow_f32: the weight gradient when C*R*S <= 25 (first layers), where a
-//   64-wide tile would be mostly empty: register accumulators per filter tap, split over images.
+//   64-wide tile would be mostly empty: register accumulators per filter tap, split over images;
+//   conv2d_bwd_weight_narrow_c1_3x3_f32, conv2d_bwd_weight_narrow_c1_5x5_f32: the same for one
+//   channel and a compile-time filter size (a third of the registers).
 //   A BM x BN block of C per 256-thread block, staged through BK-deep shared-memory tiles of A
 //   and B that all threads load cooperatively; each thread accumulates a TM x TN register tile
 //   with fmaf, reading it from shared memory as float4s. The tiles are double-buffered: while the
@@ -1147,6 +1149,77 @@ extern "C" __global__ void __launch_bounds__(PYCNN_BLOCK, 2) conv2d_bwd_weight_n
         for (int wi = 0; wi < PYCNN_BLOCK / 32; ++wi) v += warp_sums[wi][threadIdx.x];
         out[(pycnn_i64)blockIdx.y * K * Q + (pycnn_i64)k * Q + threadIdx.x] = v;
     }
+}
+
+// The narrow weight gradient of one input channel with a compile-time R x S filter (the first
+// layers of the MNIST models: 3x3, 5x5): no tap table, so 9 or 25 accumulators and a few
+// indices are all the registers it needs (40-60 instead of 128): four times the resident warps
+// to hide the loads with, and no bounds checks for windows inside the image (all of them
+// without padding). Same thread-to-index assignment and reduction order as the generic kernel.
+// Launch: as conv2d_bwd_weight_narrow_f32 (C must be 1).
+template <int R, int S>
+__device__ __forceinline__ void pycnn_conv_bwd_weight_narrow_c1(const float* __restrict__ dy,
+                                                                const float* __restrict__ x, float* __restrict__ out,
+                                                                int N, int H, int W, int K, int Ho, int Wo,
+                                                                int sh, int sw, int ph, int pw, int chunk) {
+    constexpr int Q = R * S;
+    __shared__ float warp_sums[PYCNN_BLOCK / 32][Q];
+    const int HoWo = Ho * Wo, k = blockIdx.x;
+    float acc[Q];
+#pragma unroll
+    for (int q = 0; q < Q; ++q) acc[q] = 0.0f;
+    const int total = N * HoWo;
+    const int begin = blockIdx.y * chunk, end = min(total, begin + chunk);
+    for (int kd = begin + threadIdx.x; kd < end; kd += blockDim.x) {
+        const int n = kd / HoWo, pix = kd - n * HoWo, i = pix / Wo, j = pix - i * Wo;
+        const float d = dy[((pycnn_i64)n * K + k) * HoWo + pix];
+        const int h0 = i * sh - ph, w0 = j * sw - pw;
+        const float* xw = x + (pycnn_i64)n * H * W;
+        if (h0 >= 0 && w0 >= 0 && h0 + R <= H && w0 + S <= W) {
+            const float* xr = xw + h0 * W + w0;
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int s2 = 0; s2 < S; ++s2) acc[r * S + s2] = fmaf(d, xr[r * W + s2], acc[r * S + s2]);
+        } else {
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int s2 = 0; s2 < S; ++s2) {
+                    const int h = h0 + r, w = w0 + s2;
+                    if ((unsigned)h < (unsigned)H && (unsigned)w < (unsigned)W)
+                        acc[r * S + s2] = fmaf(d, xw[h * W + w], acc[r * S + s2]);
+                }
+        }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+        const float v = pycnn_warp_sum(acc[q]);
+        if (lane == 0) warp_sums[warp][q] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < Q) {
+        float v = 0.0f;
+        for (int wi = 0; wi < PYCNN_BLOCK / 32; ++wi) v += warp_sums[wi][threadIdx.x];
+        out[(pycnn_i64)blockIdx.y * K * Q + (pycnn_i64)k * Q + threadIdx.x] = v;
+    }
+}
+
+extern "C" __global__ void conv2d_bwd_weight_narrow_c1_3x3_f32(
+    const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ out,
+    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
+    int sh, int sw, int ph, int pw, int chunk) {
+    // cooperative: ends with a block reduction (__syncthreads); C == 1, R == S == 3 (host-checked)
+    pycnn_conv_bwd_weight_narrow_c1<3, 3>(dy, x, out, N, H, W, K, Ho, Wo, sh, sw, ph, pw, chunk);
+}
+
+extern "C" __global__ void conv2d_bwd_weight_narrow_c1_5x5_f32(
+    const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ out,
+    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
+    int sh, int sw, int ph, int pw, int chunk) {
+    // cooperative: ends with a block reduction (__syncthreads); C == 1, R == S == 5 (host-checked)
+    pycnn_conv_bwd_weight_narrow_c1<5, 5>(dy, x, out, N, H, W, K, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -38,11 +38,13 @@ DEFINES = {
     "PYCNN_CONV2_TILE_H": 16,
     "PYCNN_CONV2_KPB": 8,
     "PYCNN_CE_ROWS_PER_BLOCK": 4,
-    "PYCNN_GEMM_BM": 32,
-    "PYCNN_GEMM_BN": 32,
+    # linear.cu: 64x64 tiles, 4x4 per thread (on an H200 the 32x32 / 2x2 tiles it had ran
+    # FastMNIST's fc1 backward, two 256x800x256 products, at 4 TFLOP/s)
+    "PYCNN_GEMM_BM": 64,
+    "PYCNN_GEMM_BN": 64,
     "PYCNN_GEMM_BK": 16,
-    "PYCNN_GEMM_TM": 2,
-    "PYCNN_GEMM_TN": 2,
+    "PYCNN_GEMM_TM": 4,
+    "PYCNN_GEMM_TN": 4,
     "PYCNN_MT_MAX_TENSORS": 16,
     # main loop of the v3/v4 kernels and v5's GEMMs: 2 = double-buffered cp.async copies,
     # 1 = loads through registers (conv2d.cu); $PYCNN_CONV_STAGES overrides it when a module is
@@ -412,8 +414,11 @@ _CONV3_SPLIT_BELOW_BLOCKS = _CONV_SPLIT_TARGET_BLOCKS  # forward / bwd-data: spl
 # _CONV_NARROW_MIN_K products.
 _CONV_NARROW_TAPS = DEFINES["PYCNN_CONV_NARROW_MAX"]
 _CONV_NARROW_MIN_K = 1024
+# ... and about this many blocks in all: eight per SM (the one-channel kernels take 40-56
+# registers, six or more blocks fit; the generic one two).
+_CONV_NARROW_TARGET_BLOCKS = 1056
 _conv_tf32_capable: dict = {}  # device id -> compute capability >= 8.0
-_autotune_cache: dict = {}  # (direction, device, shapes, stride, padding, tf32) -> version
+_autotune_cache: dict = {}  # (direction, device, shapes, stride, padding, winograd, tf32) -> version
 _autotune_times: dict = {}  # the same key -> {version: median ms}, for benchmarks to report
 
 
@@ -671,7 +676,8 @@ def _conv_pick(direction: str, dev: int, geom: tuple, version, allow_tf32, run) 
         elif _winograd_allowed() and conv_version(direction, x_shape, w_shape, stride, padding,
                                                   CONV_WINOGRAD_VERSION, False) == CONV_WINOGRAD_VERSION:
             candidates.append(CONV_WINOGRAD_VERSION)
-        key = (direction, dev, x_shape, w_shape, stride, padding, tf32 and capable, candidates[-1])
+        key = (direction, dev, x_shape, w_shape, stride, padding, CONV_WINOGRAD_VERSION in candidates,
+               tf32 and capable)
         tuned = _autotune(key, candidates, run)
         if tuned is not None:
             chosen = tuned
@@ -960,8 +966,11 @@ def _conv_backward_weight_run(version: str, dev: int, dy, x, dw, geom: tuple) ->
     if version in ("3", CONV_TF32_VERSION) and C * R * S <= min(_CONV_NARROW_TAPS, DEFINES["PYCNN_CONV_NARROW_MAX"]):
         # A first layer (C*R*S taps, e.g. 9 or 25): register accumulators per tap, not a GEMM tile
         # that would be mostly empty (exact fp32 for v4 too: there is no product to speed up).
-        splits, chunk = _conv_splits(N * Ho * Wo, K, _CONV_NARROW_MIN_K, 32, target=_CONV3_SPLIT_TARGET_BLOCKS)
-        kernel, grid, block, extra, smem = "conv2d_bwd_weight_narrow_f32", (K, splits), (BLOCK,), chunk, 0
+        splits, chunk = _conv_splits(N * Ho * Wo, K, _CONV_NARROW_MIN_K, 32, target=_CONV_NARROW_TARGET_BLOCKS)
+        kernel = "conv2d_bwd_weight_narrow_f32"
+        if C == 1 and (R, S) in ((3, 3), (5, 5)):
+            kernel = f"conv2d_bwd_weight_narrow_c1_{R}x{S}_f32"  # compile-time taps: fewer registers
+        grid, block, extra, smem = (K, splits), (BLOCK,), chunk, 0
     elif version == "2":
         splits, imgs = _conv_splits(N, K * C, 1, 1)
         kernel, grid, block = "conv2d_bwd_weight_v2_f32", (K * C, splits), (DEFINES["PYCNN_CONV2_TILE_W"] *

@@ -681,6 +681,8 @@ NARROW_SHAPES = {
     "1x5x5-stride2": (2, 1, 13, 12, 4, 5, 5, (2, 2), (2, 1)),
     "2x3x3-odd": (2, 2, 9, 11, 3, 3, 3, (2, 1), (1, 0)),
     "2x4x3": (2, 2, 8, 7, 6, 4, 3, (1, 1), (0, 1)),  # 24 taps
+    "1x3x3-nopad": (2, 1, 10, 9, 3, 3, 3, (1, 1), (0, 0)),  # every window inside: no bounds checks
+    "1x4x4": (3, 1, 13, 13, 3, 4, 4, (2, 2), (1, 1)),  # one channel, but no compile-time kernel
 }
 
 
@@ -697,7 +699,10 @@ def test_narrow_weight_gradient(emulated, monkeypatch, version, name, min_k):
     x, w, b, dy = data(shape, seed=12)
     dw, db = cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding, version=version,
                                          allow_tf32=version == "4")
-    assert "conv2d_bwd_weight_narrow_f32" in emulated, emulated
+    C, R, S = shape[1], shape[5], shape[6]
+    fixed = C == 1 and (R, S) in ((3, 3), (5, 5))
+    kernel = f"conv2d_bwd_weight_narrow_c1_{R}x{S}_f32" if fixed else "conv2d_bwd_weight_narrow_f32"
+    assert kernel in emulated, emulated  # one channel of 3x3 / 5x5: the compile-time-tap kernels
     assert ("conv2d_split_reduce_f32" in emulated) == (min_k < 1024), emulated
     _, _, want_dw, want_db = reference(shape, x, w, b, dy)
     np.testing.assert_allclose(dw, want_dw, rtol=1e-4, atol=fp32_atol(lengths(shape)[2]))
