@@ -11,8 +11,8 @@
 //             dw (OUT, IN) = dy.T @ x            A(m, k) = dy[k, m],  B = x (row-major)
 // (db = dy.sum(0) is bias_grad_f32 in activation.cu.)
 //
-// Split-K: a Linear layer's outputs are few (64 x 64 for MnistCNN's fc1 at batch 64: four 32x32
-// tiles) while its reduction is long (576), so four blocks would walk 36 stages each while the
+// Split-K: a Linear layer's outputs are few (64 x 64 for MnistCNN's fc1 at batch 64: one 64x64
+// tile) while its reduction is long (576), so one block would walk 36 stages while the
 // rest of the GPU idles. The host then splits the reduction over grid.z: split z sums k in
 // [z*kchunk, min((z+1)*kchunk, K)) into the z-th copy of C (C + z*M*N) without the epilogue, and
 // linear_split_reduce_f32 adds the copies in increasing z (in double) and applies bias and ReLU.
@@ -30,19 +30,19 @@
 #include "common.cuh"
 
 #ifndef PYCNN_GEMM_BM
-#define PYCNN_GEMM_BM 32  // rows of C per block
+#define PYCNN_GEMM_BM 64  // rows of C per block
 #endif
 #ifndef PYCNN_GEMM_BN
-#define PYCNN_GEMM_BN 32  // columns of C per block
+#define PYCNN_GEMM_BN 64  // columns of C per block
 #endif
 #ifndef PYCNN_GEMM_BK
 #define PYCNN_GEMM_BK 16  // depth of one shared-memory stage
 #endif
 #ifndef PYCNN_GEMM_TM
-#define PYCNN_GEMM_TM 2  // rows of C per thread (register block)
+#define PYCNN_GEMM_TM 4  // rows of C per thread (register block)
 #endif
 #ifndef PYCNN_GEMM_TN
-#define PYCNN_GEMM_TN 2  // columns of C per thread
+#define PYCNN_GEMM_TN 4  // columns of C per thread
 #endif
 
 #define PYCNN_GEMM_THREADS_X (PYCNN_GEMM_BN / PYCNN_GEMM_TN)

@@ -21,7 +21,8 @@ pytestmark = EMULATED_MARKS
 
 @pytest.mark.parametrize("N, IN, OUT", [
     (1, 1, 1),
-    (33, 17, 35),   # partial tiles in every direction (tiles are 32 x 32, depth 16)
+    (33, 17, 35),   # partial tiles in every direction (tiles are 64 x 64, depth 16)
+    (70, 20, 66),   # two row tiles and two column tiles
     (5, 70, 3),     # K spans several depth stages, a thin output
     (40, 0, 6),     # no input features: y = bias, dw is empty
 ])
