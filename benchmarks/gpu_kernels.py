@@ -198,13 +198,16 @@ def cudnn_layer(torch, x, w, dy, stride, pad, repeats):
     return times, outputs
 
 
-def tile_of(direction: str, shape) -> int:
-    """The v3/v4 block tile (64 or 128) the backend uses for this layer and direction."""
+def tile_of(direction: str, shape, version: str) -> str:
+    """The v3/v4 block tile the backend uses for this layer and direction ("64x64", "32x128", ...)."""
     N, C, H, W, K, R, S, stride, pad = shape
     Ho, Wo = (H + 2 * pad - R) // stride + 1, (W + 2 * pad - S) // stride + 1
     rows, cols = {"forward": (K, N * Ho * Wo), "backward_data": (C, N * H * W),
                   "backward_weight": (K, C * R * S)}[direction]
-    return cuda._conv3_tile(direction, rows, cols)[0]
+    if direction == "backward_weight" and C * R * S <= cuda._CONV_NARROW_TAPS:
+        return "narrow"  # conv2d_bwd_weight_narrow*: no GEMM tile
+    bm, bn, _ = cuda._conv3_tile(direction, rows, cols, version)
+    return f"{bm}x{bn}"
 
 
 def tflops(flop: float, ms) -> float | None:
@@ -283,7 +286,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                     "tflops": tflops(flop, ms), "cudnn_tflops": tflops(flop, fp32_ms),
                     "cudnn_tf32_tflops": tflops(flop, tf32_ms), "max_rel_err_vs_cudnn": err,
                     "auto": auto[label][op] == f"v{version}", "layer": label,
-                    "tile": tile_of(direction, shape) if version in ("3", "4") else None,
+                    "tile": tile_of(direction, shape, version) if version in ("3", "4") else None,
                     "stages": stages if version in ("3", "4", "5") else None})  # (v5's GEMMs: the v3 core)
     # Was the shape rule right? The fastest measured exact version per layer and direction.
     fastest = {}
@@ -349,7 +352,9 @@ def main(argv=None) -> int:
         other = selftest.kernel_benchmarks()
         entries += [e for e in other.pop("entries") if not e["op"].startswith("conv2d")]
         bench["errors"] += other.get("errors", [])
-    record = {"kernels": entries, "kernels_info": bench, **selftest.environment()}
+    record = {"commit": selftest.commit_sha(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "command": "python benchmarks/gpu_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "kernels": entries, "kernels_info": bench, **selftest.environment()}
     print(table(entries))
     for err in bench["errors"]:
         print("ERROR", err, file=sys.stderr)

@@ -75,5 +75,13 @@ if [ -n "${LOCALIZE_EPOCHS:-}" ]; then
   cp "$OUT/localize/metrics.json" "$OUT/localize-metrics.json" 2>/dev/null
   rm -rf "$OUT/localize"
 fi
+# One record in the DESIGN.md format: the selftest's tests + the ladder + the training figures.
+if [ -f "$OUT/gpu-$stamp-$sha8.json" ]; then
+  merge_args=()
+  [ -f "$OUT/gpu-$stamp-$sha8-kernels.json" ] && merge_args+=(--kernels "$OUT/gpu-$stamp-$sha8-kernels.json")
+  [ -f "$OUT/training.json" ] && merge_args+=(--training "$OUT/training.json")
+  python3 benchmarks/gpu_record.py --selftest "$OUT/gpu-$stamp-$sha8.json" "${merge_args[@]}" \
+    --out "$OUT/gpu-$stamp-$sha8.json" && rm -f "$OUT/gpu-$stamp-$sha8-kernels.json" "$OUT/training.json"
+fi
 echo "== done at $SECONDS s"
 ls -la "$OUT"

@@ -678,9 +678,13 @@ def gpu_selftest(out: Path | None, quick: bool, tests_only: bool = False) -> dic
     tests and the sanitizers (benchmarks/gpu_kernels.py and gpu_training.py time the rest)."""
     t_start = _now()
     commit = commit_sha()
-    record: dict = {"commit": commit, "commit_dirty": _dirty(),
+    # With $PYCNN_COMMIT the tree came without its own .git (the device machine): git status there
+    # compares against another commit, so whether the tree was dirty is unknown.
+    dirty = None if os.environ.get("PYCNN_COMMIT", "").strip() else _dirty()
+    record: dict = {"commit": commit, "commit_dirty": dirty,
                     "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    "command": "python -m pycnn.selftest --gpu" + (" --quick" if quick else "")}
+                    "command": "python -m pycnn.selftest --gpu" + (" --quick" if quick else "")
+                    + (" --tests-only" if tests_only else "")}
     stages: dict = {}
     try:
         record.update(environment())

@@ -246,6 +246,12 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
             for r in (3, 5):
                 x1 = _f(2, 1, 9, 8)
                 cuda.conv2d_backward_weight(_f(2, 4, 10 - r, 9 - r), x1, (4, 1, r, r), (1, 1), (0, 0), version="3")
+        if version == "3":  # 4 filters took the 32x128 tile; 40 the 64x64 one
+            x40, w40 = _f(2, 5, 9, 7), _f(40, 5, 3, 2)  # 30 taps: past the narrow kernel
+            dy40 = _f(2, 40, 5, 6)
+            cuda.conv2d_forward(x40, w40, None, (2, 1), (1, 0), version="3")
+            cuda.conv2d_backward_weight(dy40, x40, w40.shape, (2, 1), (1, 0), version="3")
+            cuda.conv2d_backward_data(_f(2, 4, 5, 6), _f(4, 40, 3, 2), (2, 40, 9, 7), (2, 1), (1, 0), version="3")
         if version in ("3", "4"):  # 18 taps took the narrow kernel; the GEMM one too
             with monkeypatch.context() as m:
                 m.setattr(cuda, "_CONV_NARROW_TAPS", 0)

@@ -49,6 +49,8 @@
 //   equal. Two tile sizes (the host picks one per shape):
 //   conv2d_fwd_v3_f32, conv2d_bwd_data_v3_f32, conv2d_bwd_weight_v3_f32                64 x 64, 4x4
 //   conv2d_fwd_v3_t128_f32, conv2d_bwd_data_v3_t128_f32, conv2d_bwd_weight_v3_t128_f32 128 x 128, 8x8
+//   conv2d_fwd_v3_m32_f32, conv2d_bwd_data_v3_m32_f32, conv2d_bwd_weight_v3_m32_f32    32 x 128, 2x8
+//     (GEMMs of at most 32 rows: a 64-row tile would be at least half empty)
 // v4 TF32 tensor cores (opt-in: allow_tf32 / PYCNN_ALLOW_TF32=1; sm_80 or newer)
 //   The same tiles and gathers as v3; each warp computes a 32 x 16 (64 x 32) block of C with
 //   mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, operands rounded to TF32
@@ -464,13 +466,14 @@ __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, con
                                                      float (*As)[BM + PYCNN_CONV3_PAD],
                                                      float (*Bs)[BN + PYCNN_CONV3_PAD]) {
     constexpr int BK = PYCNN_CONV3_BK;
-    constexpr int A_ROWS = BM / 64;
+    constexpr int A_ROWS = BM >= 64 ? BM / 64 : 1;  // 64 rows of four indices per pass
     constexpr int B_STEP = PYCNN_CONV3_THREADS / BN;
     // Not unrolled: unrolling keeps both rows' addresses live and pushes the 128x128 v3 kernels
     // past 128 registers (one block per SM instead of two).
 #pragma unroll 1
     for (int rr = 0; rr < A_ROWS; ++rr) {
         const int row = L.a_row + 64 * rr;
+        if (BM < 64 && row >= BM) break;  // 32-row tiles: threads 128..255 load no A
         const int ma = L.m0 + row;
         pycnn_conv_load_quad<BM + PYCNN_CONV3_PAD, ASYNC>(
             As, L.a_k, row, p.a_src, [&](int q) { return pycnn_conv_a_elem<MODE>(p, tab, k0, ma, L.a_k + q); });
@@ -522,10 +525,15 @@ __device__ __forceinline__ void pycnn_conv_mma_tile(const float (*As)[BM + PYCNN
 #pragma unroll
         for (int kk = 0; kk < BK; ++kk) {
             float a[TM], b[TN];
+            if constexpr (TM % 4 == 0) {
 #pragma unroll
-            for (int i = 0; i < TM; i += 4) {
-                const float4 v = *reinterpret_cast<const float4*>(&As[kk][ty * TM + i]);
-                a[i] = v.x; a[i + 1] = v.y; a[i + 2] = v.z; a[i + 3] = v.w;
+                for (int i = 0; i < TM; i += 4) {
+                    const float4 v = *reinterpret_cast<const float4*>(&As[kk][ty * TM + i]);
+                    a[i] = v.x; a[i + 1] = v.y; a[i + 2] = v.z; a[i + 3] = v.w;
+                }
+            } else {  // 32-row tiles: two rows per thread, one float2
+                const float2 v = *reinterpret_cast<const float2*>(&As[kk][ty * TM]);
+                a[0] = v.x; a[1] = v.y;
             }
 #pragma unroll
             for (int j = 0; j < TN; j += 4) {
@@ -572,7 +580,8 @@ __device__ __forceinline__ void pycnn_conv_mma_tile(const float (*As)[BM + PYCNN
 // than 2^31 elements (and falls back to v1 otherwise).
 template <int MODE, bool TF32, int BM, int BN>
 __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
-    static_assert((BM == 64 || BM == 128) && BN == BM, "tiles are 64x64 or 128x128");
+    static_assert(((BM == 64 || BM == 128) && BN == BM) || (!TF32 && BM == 32 && BN == 128),
+                  "tiles are 64x64 or 128x128, or 32x128 for v3");
     constexpr int BK = PYCNN_CONV3_BK;
     constexpr int STAGES = PYCNN_CONV3_STAGES;
     constexpr int TM = BM / 16, TN = BN / 16;  // v3 register tile (16 x 16 threads)
@@ -729,7 +738,7 @@ __device__ __forceinline__ PycnnConvGemm pycnn_conv_params(int N, int C, int H, 
 // the z-th copy of the output (out + z * output size) without the epilogue; the host launches
 // them with has_bias = relu = 0 and conv2d_split_reduce_f32 adds the copies in a fixed order and
 // applies bias and ReLU. Unsplit: one z, chunk >= Kd, out is y / dx.
-template <bool TF32, int T>
+template <bool TF32, int BM, int BN = BM>
 __device__ __forceinline__ void pycnn_conv_fwd_gemm(const float* x, const float* w, const float* b, float* y,
                                                     int has_bias, int relu, int N, int C, int H, int W, int K,
                                                     int R, int S, int Ho, int Wo, int sh, int sw, int ph, int pw,
@@ -740,10 +749,10 @@ __device__ __forceinline__ void pycnn_conv_fwd_gemm(const float* x, const float*
     p.k_begin = blockIdx.z * chunk;
     p.k_end = min(p.Kd, p.k_begin + chunk);
     p.split_stride = (pycnn_i64)N * K * Ho * Wo;
-    pycnn_conv_igemm<PYCNN_CONV_FWD, TF32, T, T>(p);
+    pycnn_conv_igemm<PYCNN_CONV_FWD, TF32, BM, BN>(p);
 }
 
-template <bool TF32, int T>
+template <bool TF32, int BM, int BN = BM>
 __device__ __forceinline__ void pycnn_conv_bwd_data_gemm(const float* dy, const float* w, float* dx, int N, int C,
                                                          int H, int W, int K, int R, int S, int Ho, int Wo,
                                                          int sh, int sw, int ph, int pw, int chunk) {
@@ -753,11 +762,11 @@ __device__ __forceinline__ void pycnn_conv_bwd_data_gemm(const float* dy, const 
     p.k_begin = blockIdx.z * chunk;
     p.k_end = min(p.Kd, p.k_begin + chunk);
     p.split_stride = (pycnn_i64)N * C * H * W;
-    pycnn_conv_igemm<PYCNN_CONV_BWD_DATA, TF32, T, T>(p);
+    pycnn_conv_igemm<PYCNN_CONV_BWD_DATA, TF32, BM, BN>(p);
 }
 
 // Split z reduces Kd indices [z*chunk, min((z+1)*chunk, Kd)); chunk is a multiple of BK.
-template <bool TF32, int T>
+template <bool TF32, int BM, int BN = BM>
 __device__ __forceinline__ void pycnn_conv_bwd_weight_gemm(const float* dy, const float* x, float* partial,
                                                            int N, int C, int H, int W, int K, int R, int S,
                                                            int Ho, int Wo, int sh, int sw, int ph, int pw,
@@ -767,7 +776,7 @@ __device__ __forceinline__ void pycnn_conv_bwd_weight_gemm(const float* dy, cons
     p.M = K; p.Ncols = C * R * S; p.Kd = N * Ho * Wo;
     p.k_begin = blockIdx.z * chunk;
     p.k_end = min(p.Kd, p.k_begin + chunk);
-    pycnn_conv_igemm<PYCNN_CONV_BWD_WEIGHT, TF32, T, T>(p);
+    pycnn_conv_igemm<PYCNN_CONV_BWD_WEIGHT, TF32, BM, BN>(p);
 }
 
 // The v3/v4 kernels are thin wrappers: the whole block runs pycnn_conv_igemm cooperatively
@@ -786,6 +795,17 @@ extern "C" __global__ void conv2d_fwd_v3_t128_f32(
     int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: the GEMM core synchronizes with __syncthreads
     pycnn_conv_fwd_gemm<false, 128>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+}
+
+// 32 x 128 tiles (v3 only) for GEMMs of at most 32 rows (K <= 32 filters; C <= 32 channels for
+// backward-data), where a 64-row tile would compute at least half zeros: the same 4096 outputs
+// and 16 FMAs per thread per k as 64 x 64, all of them useful.
+extern "C" __global__ void conv2d_fwd_v3_m32_f32(
+    const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+    float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
+    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk) {
+    // cooperative: the GEMM core synchronizes with __syncthreads
+    pycnn_conv_fwd_gemm<false, 32, 128>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
 extern "C" __global__ void conv2d_fwd_v4_f32(
@@ -920,6 +940,14 @@ extern "C" __global__ void conv2d_bwd_data_v3_t128_f32(
     int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: the GEMM core synchronizes with __syncthreads
     pycnn_conv_bwd_data_gemm<false, 128>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+}
+
+extern "C" __global__ void conv2d_bwd_data_v3_m32_f32(
+    const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
+    int sh, int sw, int ph, int pw, int chunk) {
+    // cooperative: the GEMM core synchronizes with __syncthreads
+    pycnn_conv_bwd_data_gemm<false, 32, 128>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
 extern "C" __global__ void conv2d_bwd_data_v4_f32(
@@ -1058,6 +1086,14 @@ extern "C" __global__ void conv2d_bwd_weight_v3_t128_f32(
     int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: the GEMM core synchronizes with __syncthreads
     pycnn_conv_bwd_weight_gemm<false, 128>(dy, x, partial, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+}
+
+extern "C" __global__ void conv2d_bwd_weight_v3_m32_f32(
+    const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ partial,
+    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
+    int sh, int sw, int ph, int pw, int chunk) {
+    // cooperative: the GEMM core synchronizes with __syncthreads
+    pycnn_conv_bwd_weight_gemm<false, 32, 128>(dy, x, partial, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
 extern "C" __global__ void conv2d_bwd_weight_v4_f32(

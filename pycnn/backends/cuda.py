@@ -388,6 +388,10 @@ _CONV_DIRECTIONS = {"forward": "conv2d_forward", "backward_data": "conv2d_backwa
 # M >= 128 and at least _CONV3_T128_MIN_BLOCKS tiles (about two waves on a 132-SM H100).
 _CONV3_BM, _CONV3_BK, _CONV3_THREADS = 64, 16, 256
 _CONV3_BIG = 128
+# v3 GEMMs with at most this many rows use the 32x128 tile (conv2d_*_v3_m32_f32). On an H200 the
+# 64x64 tile ran MnistCNN conv2's backward-data (32 channels) at 446 us of a 1.3 ms step
+# (batch 512), half of every tile computing zeros.
+_CONV3_M32_MAX_ROWS = 32
 _CONV3_T128_MIN_BLOCKS = 264
 _CONV2_MAX_RS = 25  # PYCNN_CONV2_MAX_RS: v2 bwd-weight keeps R*S register accumulators
 # v3/v4 index inside x, dy, dx and w with int32 (cheaper address arithmetic); larger tensors
@@ -477,18 +481,21 @@ def _conv_gemm_fits(direction: str, x_shape, w_shape, Ho: int, Wo: int) -> bool:
     return (rows + _CONV3_BM - 1) // _CONV3_BM <= _MAX_GRID_YZ
 
 
-def _conv3_tile(direction: str, rows: int, cols: int) -> tuple[int, str]:
-    """(tile, kernel-name suffix) of v3/v4 for a GEMM of ``rows`` x ``cols`` outputs.
+def _conv3_tile(direction: str, rows: int, cols: int, version: str = "3") -> tuple[int, int, str]:
+    """(tile rows, tile columns, kernel-name suffix) of v3/v4 for a GEMM of ``rows`` x ``cols``.
 
     The weight gradient splits its long reduction over grid.z, which fills the GPU whatever the
-    tile count, so it takes the large tile as soon as both sides are at least 128.
+    tile count, so it takes the large tile as soon as both sides are at least 128. v3 GEMMs of at
+    most _CONV3_M32_MAX_ROWS rows take 32x128 tiles (a 64-row tile would be half empty).
     """
     big = _CONV3_BIG
     if rows >= big and cols >= big:
         tiles = -(-rows // big) * -(-cols // big)
         if direction == "backward_weight" or tiles >= _CONV3_T128_MIN_BLOCKS:
-            return big, "_t128"
-    return _CONV3_BM, ""
+            return big, big, "_t128"
+    if version == "3" and rows <= _CONV3_M32_MAX_ROWS:
+        return 32, 128, "_m32"
+    return _CONV3_BM, _CONV3_BM, ""
 
 
 def _conv_winograd_fits(direction: str, x_shape, w_shape, stride, padding, Ho: int, Wo: int) -> bool:
@@ -685,8 +692,9 @@ def _conv_pick(direction: str, dev: int, geom: tuple, version, allow_tf32, run) 
 
 
 def _conv3_splits(direction: str, tile: int, blocks: int, Kd: int) -> tuple[int, int]:
-    """(splits, chunk) of a v3/v4 GEMM with ``blocks`` output tiles and reduction length ``Kd``
-    (see _CONV3_SPLIT_TARGET_BLOCKS); (1, Kd) when it does not split."""
+    """(splits, chunk) of a v3/v4 GEMM with ``blocks`` output tiles of ``tile`` rows and reduction
+    length ``Kd`` (see _CONV3_SPLIT_TARGET_BLOCKS); (1, Kd) when it does not split. 64x64 and
+    32x128 tiles (4096 outputs, about 60 registers, four blocks per SM) split alike."""
     if tile == _CONV3_BIG:
         if direction != "backward_weight":
             return 1, Kd
@@ -724,9 +732,9 @@ def _conv_forward_run(version: str, dev: int, x, w, bias, y, has_bias: bool, rel
         grid = ((Wo + tw - 1) // tw, (Ho + th - 1) // th, N * ((K + kpb - 1) // kpb))
         _launch(dev, "conv2d.cu", "conv2d_fwd_v2_f32", grid, (tw, th), args, shared_mem=_conv2_smem(R, S, sh, sw))
     else:
-        tile, suffix = _conv3_tile("forward", K, N * Ho * Wo)
-        grid = ((N * Ho * Wo + tile - 1) // tile, (K + tile - 1) // tile)
-        splits, chunk = _conv3_splits("forward", tile, grid[0] * grid[1], C * R * S)
+        bm, bn, suffix = _conv3_tile("forward", K, N * Ho * Wo, version)
+        grid = ((N * Ho * Wo + bn - 1) // bn, (K + bm - 1) // bm)
+        splits, chunk = _conv3_splits("forward", bm, grid[0] * grid[1], C * R * S)
         kernel = f"conv2d_fwd_v{version}{suffix}_f32"
         if splits == 1:
             _launch(dev, "conv2d.cu", kernel, grid + (1,), (_CONV3_THREADS,), args + (_i32(chunk),))
@@ -895,9 +903,9 @@ def _conv_backward_data_run(version: str, dev: int, dy, w, dx, geom: tuple) -> N
         _launch(dev, "conv2d.cu", "conv2d_bwd_data_v2_f32", grid, (tw, th), args + (_i32(phm), _i32(pwm)),
                 shared_mem=smem)
     else:
-        tile, suffix = _conv3_tile("backward_data", C, N * H * W)
-        grid = ((N * H * W + tile - 1) // tile, (C + tile - 1) // tile)
-        splits, chunk = _conv3_splits("backward_data", tile, grid[0] * grid[1], K * R * S)
+        bm, bn, suffix = _conv3_tile("backward_data", C, N * H * W, version)
+        grid = ((N * H * W + bn - 1) // bn, (C + bm - 1) // bm)
+        splits, chunk = _conv3_splits("backward_data", bm, grid[0] * grid[1], K * R * S)
         kernel = f"conv2d_bwd_data_v{version}{suffix}_f32"
         if splits == 1:
             _launch(dev, "conv2d.cu", kernel, grid + (1,), (_CONV3_THREADS,), args + (_i32(chunk),))
@@ -977,11 +985,11 @@ def _conv_backward_weight_run(version: str, dev: int, dy, x, dw, geom: tuple) ->
                                                                              DEFINES["PYCNN_CONV2_TILE_H"],)
         extra, smem = imgs, _conv2_bwd_weight_smem(R, S, sh, sw)
     else:
-        tile, suffix = _conv3_tile("backward_weight", K, C * R * S)
-        tiles = ((K + tile - 1) // tile) * ((C * R * S + tile - 1) // tile)
-        splits, chunk = _conv3_splits("backward_weight", tile, tiles, N * Ho * Wo)
+        bm, bn, suffix = _conv3_tile("backward_weight", K, C * R * S, version)
+        tiles = ((K + bm - 1) // bm) * ((C * R * S + bn - 1) // bn)
+        splits, chunk = _conv3_splits("backward_weight", bm, tiles, N * Ho * Wo)
         kernel = f"conv2d_bwd_weight_v{version}{suffix}_f32"
-        grid = ((C * R * S + tile - 1) // tile, (K + tile - 1) // tile, splits)
+        grid = ((C * R * S + bn - 1) // bn, (K + bm - 1) // bm, splits)
         block, extra, smem = (_CONV3_THREADS,), chunk, 0
     if splits == 1:  # one partial: the kernel writes dw itself
         _launch(dev, "conv2d.cu", kernel, grid, block, args + (_i32(extra),), shared_mem=smem)

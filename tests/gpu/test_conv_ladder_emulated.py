@@ -34,6 +34,9 @@ SHAPES = {
     "stride2-small": (2, 2, 9, 11, 3, 3, 2, (2, 1), (1, 0)),
     "v2-tiles": (1, 2, 18, 17, 3, 3, 3, (1, 1), (1, 1)),      # 2x2 tiles of 16x16
 }
+# Split-K of forward and backward-data (small layers): (N, C, H, W, K, R, S, stride, padding)
+# with reductions of 72 (forward: C*R*S) and 90 (backward-data: K*R*S) products.
+SPLIT_SHAPE = (2, 8, 7, 6, 10, 3, 3, (1, 1), (1, 1))
 CASES = ([("1", n) for n in ("stride2-small", "one-channel", "v2-tiles")]
          + [("2", n) for n in ("stride2-small", "one-channel", "v2-tiles")]
          + [("3", n) for n in SHAPES])
@@ -45,9 +48,11 @@ TF32_U = 2.0 ** -11  # relative rounding of an operand to TF32 (10 explicit mant
 
 @pytest.fixture(autouse=True)
 def gemm_weight_gradient(monkeypatch):
-    """The ladder tests hold v3/v4's weight gradient to its GEMM kernels: the narrow kernel that
-    would take these small-C shapes (C*R*S <= 25) has its own tests below."""
+    """The ladder tests hold v3/v4 to their 64x64 GEMM kernels: the narrow weight-gradient kernel
+    and the 32x128 tiles that would take these small shapes (C*R*S <= 25, at most 32 rows) have
+    their own tests (test_narrow_*, test_v3_tile_shapes, and m32 cases of the pipeline tests)."""
     monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 0)
+    monkeypatch.setattr(cuda, "_CONV3_M32_MAX_ROWS", 0)
 
 
 def fp32_atol(length: int) -> float:
@@ -365,9 +370,9 @@ def test_kernels_table_shows_only_measured_figures(tmp_path):
 
 @pytest.mark.parametrize("version, shape, t128", [
     ("3", SHAPES["multi-tile"], False), ("3", SHAPES["stride2-pad-odd"], False),
-    ("4", SHAPES["multi-tile"], False), ("3", LARGE_1X1, True),
+    ("4", SHAPES["multi-tile"], False), ("3", LARGE_1X1, True), ("3", SPLIT_SHAPE, "m32"),
     ("5", (2, 40, 13, 11, 6, 3, 3, (1, 1), (1, 1)), False)],  # v5: both GEMM modes; 24 tiles: split, float4 rows
-    ids=["v3-multi-tile", "v3-stride2", "v4-multi-tile", "v3-t128-1x1", "v5"])
+    ids=["v3-multi-tile", "v3-stride2", "v4-multi-tile", "v3-t128-1x1", "v3-m32-split", "v5"])
 def test_one_stage_main_loop_gives_the_same_bits(emulator, emulator_one_stage, version, shape, t128):
     """PYCNN_CONV_STAGES=1 (loads through registers, float4 where A is contiguous) and the default
     double-buffered cp.async loop stage the same tiles and sum them in the same order: the results
@@ -379,10 +384,12 @@ def test_one_stage_main_loop_gives_the_same_bits(emulator, emulator_one_stage, v
     for build in (emulator, emulator_one_stage):
         with pytest.MonkeyPatch.context() as mp:
             launched = patch_backend(mp, build)
-            if t128:
+            if t128 == "m32":
+                mp.setattr(cuda, "_CONV3_M32_MAX_ROWS", 32)
+            elif t128:
                 mp.setattr(cuda, "_CONV3_T128_MIN_BLOCKS", 1)
             results.append(run_all(shape, x, w, b, dy, version, allow_tf32=version == "4"))
-            suffix = "_t128" if t128 else ""
+            suffix = "_m32" if t128 == "m32" else ("_t128" if t128 else "")
             first = "conv2d_wino_gemm_f32" if version == "5" else f"conv2d_fwd_v{version}{suffix}_f32"
             assert first in launched, launched
     for what, two, one in zip(("y", "dx", "dw", "db"), *results):
@@ -591,7 +598,8 @@ def test_winograd_drawn_shapes(emulator, shape, seed):
 
 
 @pytest.mark.parametrize("version, name", [("3", "multi-tile"), ("3", "stride2-pad-odd"), ("3", "two-row-tiles"),
-                                           ("4", "multi-tile"), ("3", "large-1x1"), ("5", "winograd")])
+                                           ("4", "multi-tile"), ("3", "large-1x1"), ("5", "winograd"),
+                                           ("3", "m32-split")])
 def test_pipelined_kernels_with_copies_landing_at_issue(emulator, version, name):
     """The emulator lands cp.async copies as late as allowed (at the covering wait) by default;
     here also as early (at issue), which exposes a copy into a buffer other threads still read.
@@ -599,22 +607,24 @@ def test_pipelined_kernels_with_copies_landing_at_issue(emulator, version, name)
     from emu_support import cp_async_eager, patch_backend
 
     # (winograd: 2 * 3 * 3 = 18 tiles, so its weight gradient is split in two)
-    shape = {"large-1x1": LARGE_1X1, "winograd": (2, 40, 9, 11, 6, 3, 3, (1, 1), (1, 1))}.get(name) or SHAPES[name]
+    shape = {"large-1x1": LARGE_1X1, "winograd": (2, 40, 9, 11, 6, 3, 3, (1, 1), (1, 1)),
+             "m32-split": SPLIT_SHAPE}.get(name) or SHAPES[name]
     x, w, b, dy = data(shape, seed=6)
     results = []
     for eager in (False, True):
         with pytest.MonkeyPatch.context() as mp:
-            patch_backend(mp, emulator)
+            launched = patch_backend(mp, emulator)
             mp.setattr(cuda, "_CONV3_T128_MIN_BLOCKS", 1)
+            if name == "m32-split":  # 32x128 tiles (threads 128..255 issue no A copies), split-K
+                mp.setattr(cuda, "_CONV3_M32_MAX_ROWS", 32)
             with cp_async_eager(emulator) if eager else nullcontext():
                 results.append(run_all(shape, x, w, b, dy, version, allow_tf32=version == "4"))
+            if name == "m32-split":
+                assert "conv2d_bwd_data_v3_m32_f32" in launched and "conv2d_split_reduce_f32" in launched
     for what, late, eager in zip(("y", "dx", "dw", "db"), *results):
         np.testing.assert_array_equal(eager, late, err_msg=f"v{version} {name} {what}: copies landing at issue")
 
 
-# Split-K of forward and backward-data (small layers): (N, C, H, W, K, R, S, stride, padding)
-# with reductions of 72 (forward: C*R*S) and 90 (backward-data: K*R*S) products.
-SPLIT_SHAPE = (2, 8, 7, 6, 10, 3, 3, (1, 1), (1, 1))
 
 
 @pytest.mark.parametrize("version", ["3", "4"])
@@ -720,3 +730,31 @@ def test_narrow_weight_gradient_only_for_few_taps(emulated, monkeypatch):
     dw, _ = cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1), version="3")
     assert "conv2d_bwd_weight_v3_f32" in emulated and "conv2d_bwd_weight_narrow_f32" not in emulated
     np.testing.assert_allclose(dw, reference(shape, x, w, b, dy)[2], rtol=1e-4, atol=fp32_atol(30))
+
+
+@pytest.mark.parametrize("name", ["stride2-pad-odd", "multi-tile", "one-channel"])
+def test_v3_tile_shapes(emulated, monkeypatch, name):
+    """v3 GEMMs of <= 32 rows run 32x128 tiles (*_v3_m32_f32); with that turned off the same
+    shapes run 64x64 tiles: both agree with the reference (the 64x64 path of small-K layers is
+    otherwise only reached through v4)."""
+    shape = SHAPES[name]
+    x, w, b, dy = data(shape, seed=16)
+    want = reference(shape, x, w, b, dy)
+    lf, ld, lw = lengths(shape)
+    for m32 in (True, False):
+        monkeypatch.setattr(cuda, "_CONV3_M32_MAX_ROWS", 32 if m32 else 0)
+        del emulated[:]
+        got = run_all(shape, x, w, b, dy, "3")
+        suffix = "_m32" if m32 else ""
+        for kernel in KERNEL.values():
+            assert kernel.format("3").replace("_f32", f"{suffix}_f32") in emulated, (m32, emulated)
+        for what, g, wnt, length in zip(("y", "dx", "dw", "db"), got, want, (lf, ld, lw, lw)):
+            np.testing.assert_allclose(g, wnt, rtol=1e-4, atol=fp32_atol(length), err_msg=f"m32={m32} {name} {what}")
+
+
+def test_v3_tile_rule(monkeypatch):
+    monkeypatch.setattr(cuda, "_CONV3_M32_MAX_ROWS", 32)  # (the module's fixture turns it off)
+    assert cuda._conv3_tile("backward_data", 32, 10816, "3") == (32, 128, "_m32")
+    assert cuda._conv3_tile("backward_data", 32, 10816, "4") == (64, 64, "")  # v4 keeps its warp tiles
+    assert cuda._conv3_tile("forward", 33, 10816, "3") == (64, 64, "")
+    assert cuda._conv3_tile("backward_weight", 128, 1152, "3") == (128, 128, "_t128")

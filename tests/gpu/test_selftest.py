@@ -122,6 +122,37 @@ def test_commit_sha_prefers_the_variable(monkeypatch):
     assert sha == "unknown" or len(sha) == 40
 
 
+def test_gpu_record_merges_one_session(tmp_path):
+    """benchmarks/gpu_record.py: the selftest's tests + the ladder's kernels + the training
+    benchmark's end-to-end figures in one DESIGN.md record; another commit's record is refused."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import gpu_record
+
+    sha = "c" * 40
+    paths = {}
+    for name, rec in (("s.json", {"commit": sha, "device": "NVIDIA H200", "tests": {"passed": 3, "failed": 0},
+                                  "sanitizer": {"memcheck_errors": 0}, "kernels": [], "training": []}),
+                      ("k.json", {"commit": sha, "kernels": [{"op": "conv2d_fwd", "ms": 1.0}],
+                                  "kernels_info": {"conv_layers": "all"}}),
+                      ("t.json", {"commit": sha, "end_to_end": [{"model": "MnistCNN", "samples_per_s": 5.0}],
+                                  "details": {}, "step_profiles": [], "errors": [], "torch": "2.11"})):
+        paths[name] = tmp_path / name
+        paths[name].write_text(json.dumps(rec))
+    out = tmp_path / "gpu.json"
+    assert gpu_record.main(["--selftest", str(paths["s.json"]), "--kernels", str(paths["k.json"]),
+                            "--training", str(paths["t.json"]), "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["tests"]["passed"] == 3 and record["kernels"][0]["op"] == "conv2d_fwd"
+    assert record["training"][0]["samples_per_s"] == 5.0 and record["merged_from"] == ["s.json", "k.json", "t.json"]
+    paths["k.json"].write_text(json.dumps({"commit": "d" * 40, "kernels": []}))
+    with pytest.raises(ValueError, match="kernel ladder record is of commit"):
+        gpu_record.main(["--selftest", str(paths["s.json"]), "--kernels", str(paths["k.json"]), "--out", str(out)])
+    assert json.loads(out.read_text())["tests"]["passed"] == 3  # the refused merge left the file alone
+
+
 def test_default_out_name():
     path = selftest.default_out("0123456789abcdef" * 2 + "01234567")
     assert path.parent.name == "results" and path.name.startswith("gpu-") and path.name.endswith("-01234567.json")
