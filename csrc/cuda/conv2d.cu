@@ -1189,7 +1189,7 @@ extern "C" __global__ void __launch_bounds__(PYCNN_BLOCK, 2) conv2d_bwd_weight_n
 
 // The narrow weight gradient of one input channel with a compile-time R x S filter (the first
 // layers of the MNIST models: 3x3, 5x5): no tap table, so 9 or 25 accumulators and a few
-// indices are all the registers it needs (40-60 instead of 128): four times the resident warps
+// indices are all the registers it needs (40 and 56 instead of 128): three times the resident warps
 // to hide the loads with, and no bounds checks for windows inside the image (all of them
 // without padding). Same thread-to-index assignment and reduction order as the generic kernel.
 // Launch: as conv2d_bwd_weight_narrow_f32 (C must be 1).
