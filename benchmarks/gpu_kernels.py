@@ -42,6 +42,7 @@ from shapes import CONV_SHAPES  # noqa: E402
 
 from pycnn import selftest  # noqa: E402
 from pycnn.backends import cuda  # noqa: E402
+from pycnn.cuda_graph import graph_time_ms  # noqa: E402
 
 BIG = ("compute-bound", (64, 128, 56, 56, 128, 3, 3, 1, 1))  # N, C, H, W, K, R, S, stride, pad
 DIRECTIONS = (("conv2d_fwd", "forward"), ("conv2d_bwd_data", "backward_data"),
@@ -84,24 +85,8 @@ GRAPH_REPS = 10
 
 
 def cupy_graph_ms(cp, fn, reps: int = GRAPH_REPS) -> float:
-    """GPU ms of one call: ``reps`` calls captured in one graph (on a private pool), 3 replays."""
-    stream, pool = cp.cuda.Stream(non_blocking=True), cp.cuda.MemoryPool()
-    with stream, cp.cuda.using_allocator(pool.malloc):
-        fn()  # warm outside the capture (compiles, builds tables)
-        stream.begin_capture()
-        try:
-            for _ in range(reps):
-                fn()
-        finally:
-            graph = stream.end_capture()
-        graph.launch(stream)
-        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-        e0.record(stream)
-        for _ in range(3):
-            graph.launch(stream)
-        e1.record(stream)
-        e1.synchronize()
-    return cp.cuda.get_elapsed_time(e0, e1) / (3 * reps)
+    """GPU ms of one pycnn call: ``reps`` calls captured in one graph, 3 replays (graph_time_ms)."""
+    return graph_time_ms(fn, reps)
 
 
 def torch_graph_ms(torch, fn, reps: int = GRAPH_REPS) -> float:

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pycnn  # noqa: E402
 import pycnn.functional as F  # noqa: E402
 from pycnn import data, models, optim  # noqa: E402
-from pycnn.cuda_graph import CudaGraphTrainStep  # noqa: E402
+from pycnn.cuda_graph import CudaGraphTrainStep, graph_time_ms  # noqa: E402
 from pycnn.tensor import Tensor, no_grad  # noqa: E402
 
 WARMUP = 3  # untimed steps before a throughput epoch (the graph variants capture after them)
@@ -270,27 +270,12 @@ def profile_step(model_name, batch, x, y, reps=10) -> dict:
         for name, fn in originals.items():
             setattr(cuda, name, fn)
     cp.cuda.Device().synchronize()
-    stream, pool = cp.cuda.Stream(non_blocking=True), cp.cuda.MemoryPool()
     entries = []
     for name, fn, args, kwargs in calls:
         shapes = [list(a.shape) for a in args if hasattr(a, "shape")][:3]
         try:
-            with stream, cp.cuda.using_allocator(pool.malloc):
-                fn(*args, **kwargs)  # warm (compiles, builds tables) outside the capture
-                stream.begin_capture()
-                try:
-                    for _ in range(reps):
-                        fn(*args, **kwargs)
-                finally:
-                    graph = stream.end_capture()
-                graph.launch(stream)
-                e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-                e0.record(stream)
-                for _ in range(3):
-                    graph.launch(stream)
-                e1.record(stream)
-                e1.synchronize()
-            entries.append({"op": name, "shapes": shapes, "us": cp.cuda.get_elapsed_time(e0, e1) * 1e3 / (3 * reps)})
+            us = graph_time_ms(lambda: fn(*args, **kwargs), reps) * 1e3  # noqa: B023 - called at once
+            entries.append({"op": name, "shapes": shapes, "us": us})
         except Exception as exc:  # noqa: BLE001 - report and go on
             entries.append({"op": name, "shapes": shapes, "error": f"{type(exc).__name__}: {exc}"})
     return {"model": model_name, "batch": batch, "calls": entries,

@@ -238,4 +238,33 @@ def make_train_step(model, optimizer, input_shape, **kwargs) -> CudaGraphTrainSt
     return CudaGraphTrainStep(model, optimizer, input_shape, **kwargs)
 
 
-__all__ = ["CudaGraphTrainStep", "make_train_step"]
+def graph_time_ms(fn, reps: int = 10, replays: int = 3) -> float:
+    """GPU milliseconds of one ``fn()`` call without the host's share of it.
+
+    ``fn`` runs once (compiling kernels, building tables), then ``reps`` calls are captured into
+    one CUDA graph on a private stream and memory pool, and the graph is replayed ``replays``
+    times between two events: the mean per call. What a call costs inside a captured training
+    step; benchmarks/gpu_kernels.py and gpu_training.py report it beside the time of a call
+    issued from Python.
+    """
+    cp = _cupy()
+    stream, pool = cp.cuda.Stream(non_blocking=True), cp.cuda.MemoryPool()
+    with stream, cp.cuda.using_allocator(pool.malloc):
+        fn()
+        stream.begin_capture()
+        try:
+            for _ in range(reps):
+                fn()
+        finally:
+            graph = stream.end_capture()
+        graph.launch(stream)
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record(stream)
+        for _ in range(replays):
+            graph.launch(stream)
+        end.record(stream)
+        end.synchronize()
+    return cp.cuda.get_elapsed_time(start, end) / (replays * reps)
+
+
+__all__ = ["CudaGraphTrainStep", "make_train_step", "graph_time_ms"]
