@@ -719,6 +719,26 @@ def _split_workspace(dev: int, splits: int, size: int):
         return cupy.empty((splits * size,), dtype=cupy.float32)
 
 
+def _conv3_output_gemm(dev: int, direction: str, version: str, rows: int, cols: int, Kd: int, args: tuple,
+                       out, out_index: int, reduce_kwargs: dict) -> None:
+    """v3/v4 forward or backward-data as a rows x cols GEMM over Kd: one launch, or, with few
+    output tiles, split-K into partial copies of ``out`` (``args[out_index]``; the forward's
+    has_bias and relu, which follow it, are zeroed: the epilogue moves to the reduce) and
+    conv2d_split_reduce_f32 with ``reduce_kwargs``."""
+    bm, bn, suffix = _conv3_tile(direction, rows, cols, version)
+    grid = ((cols + bn - 1) // bn, (rows + bm - 1) // bm)
+    splits, chunk = _conv3_splits(direction, bm, grid[0] * grid[1], Kd)
+    kernel = f"conv2d_{'fwd' if direction == 'forward' else 'bwd_data'}_v{version}{suffix}_f32"
+    if splits > 1:
+        partial = _split_workspace(dev, splits, out.size)
+        args = args[:out_index] + (partial,) + args[out_index + 1:]
+        if direction == "forward":
+            args = args[:out_index + 1] + (_i32(0), _i32(0)) + args[out_index + 3:]
+    _launch(dev, "conv2d.cu", kernel, grid + (splits,), (_CONV3_THREADS,), args + (_i32(chunk),))
+    if splits > 1:
+        _split_reduce(dev, partial, out, splits, **reduce_kwargs)
+
+
 def _conv_forward_run(version: str, dev: int, x, w, bias, y, has_bias: bool, relu: bool, geom: tuple) -> None:
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
     args = (x, w, bias, y, _i32(has_bias), _i32(relu), _i32(N), _i32(C), _i32(H), _i32(W), _i32(K),
@@ -732,17 +752,8 @@ def _conv_forward_run(version: str, dev: int, x, w, bias, y, has_bias: bool, rel
         grid = ((Wo + tw - 1) // tw, (Ho + th - 1) // th, N * ((K + kpb - 1) // kpb))
         _launch(dev, "conv2d.cu", "conv2d_fwd_v2_f32", grid, (tw, th), args, shared_mem=_conv2_smem(R, S, sh, sw))
     else:
-        bm, bn, suffix = _conv3_tile("forward", K, N * Ho * Wo, version)
-        grid = ((N * Ho * Wo + bn - 1) // bn, (K + bm - 1) // bm)
-        splits, chunk = _conv3_splits("forward", bm, grid[0] * grid[1], C * R * S)
-        kernel = f"conv2d_fwd_v{version}{suffix}_f32"
-        if splits == 1:
-            _launch(dev, "conv2d.cu", kernel, grid + (1,), (_CONV3_THREADS,), args + (_i32(chunk),))
-            return
-        partial = _split_workspace(dev, splits, y.size)  # the epilogue moves to the reduce
-        _launch(dev, "conv2d.cu", kernel, grid + (splits,), (_CONV3_THREADS,),
-                (x, w, bias, partial, _i32(0), _i32(0)) + args[6:] + (_i32(chunk),))
-        _split_reduce(dev, partial, y, splits, bias if has_bias else None, relu, Ho * Wo, K)
+        _conv3_output_gemm(dev, "forward", version, K, N * Ho * Wo, C * R * S, args, y, 3,
+                           {"bias": bias if has_bias else None, "relu": relu, "inner": Ho * Wo, "channels": K})
 
 
 def _wino_gemm_tile(rows: int, cols: int, blocks_per_tile: int) -> tuple[int, str]:
@@ -903,17 +914,7 @@ def _conv_backward_data_run(version: str, dev: int, dy, w, dx, geom: tuple) -> N
         _launch(dev, "conv2d.cu", "conv2d_bwd_data_v2_f32", grid, (tw, th), args + (_i32(phm), _i32(pwm)),
                 shared_mem=smem)
     else:
-        bm, bn, suffix = _conv3_tile("backward_data", C, N * H * W, version)
-        grid = ((N * H * W + bn - 1) // bn, (C + bm - 1) // bm)
-        splits, chunk = _conv3_splits("backward_data", bm, grid[0] * grid[1], K * R * S)
-        kernel = f"conv2d_bwd_data_v{version}{suffix}_f32"
-        if splits == 1:
-            _launch(dev, "conv2d.cu", kernel, grid + (1,), (_CONV3_THREADS,), args + (_i32(chunk),))
-            return
-        partial = _split_workspace(dev, splits, dx.size)
-        _launch(dev, "conv2d.cu", kernel, grid + (splits,), (_CONV3_THREADS,),
-                (dy, w, partial) + args[3:] + (_i32(chunk),))
-        _split_reduce(dev, partial, dx, splits)
+        _conv3_output_gemm(dev, "backward_data", version, C, N * H * W, K * R * S, args, dx, 2, {})
 
 
 def conv2d_backward_data(dy, w, x_shape, stride, padding, *, version: str | None = None,
