@@ -345,32 +345,40 @@ __device__ __forceinline__ void pycnn_conv_store(const PycnnConvGemm& p, pycnn_i
 }
 
 // Decode reduction index kd into the offsets the loads need (tab row of pycnn_conv_igemm):
-//   forward     kd = (c, r, s):   c*H*W, r, s
-//   bwd-data    kd = (k, r, s):   k*C*R*S + r*S + s (into w), k*Ho*Wo (into dy), r, s
-//   bwd-weight  kd = (n, i, j):   n*K*Ho*Wo + i*Wo + j (into dy), n*C*H*W, i*sh - ph, j*sw - pw
+//   forward     kd = (c, r, s):   c*H*W + r*W + s, r, s
+//   bwd-data    kd = (k, r, s):   k*C*R*S + r*S + s (into w), k*Ho*Wo - (r/sh)*Wo - s/sw (into dy),
+//                                 r/sh, s/sw, (r%sh)*sw + s%sw   (see pycnn_conv_b_elem)
+//   bwd-weight  kd = (n, i, j):   n*K*Ho*Wo + i*Wo + j (into dy), n*C*H*W + (i*sh - ph)*W + j*sw - pw,
+//                                 i*sh - ph, j*sw - pw
+// (the offsets into x and dy already include the row and column terms, so each load adds two
+// numbers; the rows and columns themselves are there for the bounds checks)
 // and -1 in slot 0 past the end of the block's range (those rows load as zero).
+#define PYCNN_CONV_TAB 8  // ints per tab row (5 used; 8 keeps rows 16-byte aligned: vector reads)
 template <int MODE>
 __device__ __forceinline__ void pycnn_conv_decode(const PycnnConvGemm& p, int kd, int* t) {
     const int RS = p.R * p.S, HW = p.H * p.W, HoWo = p.Ho * p.Wo;
-    int t0 = -1, t1 = 0, t2 = 0, t3 = 0;
+    int t0 = -1, t1 = 0, t2 = 0, t3 = 0, t4 = 0;
     if (kd < p.k_end) {
         if (MODE == PYCNN_CONV_FWD) {
             const int c = kd / RS, rs = kd - c * RS, r = rs / p.S;
-            t0 = c * HW; t1 = r; t2 = rs - r * p.S;
+            t1 = r; t2 = rs - r * p.S; t0 = c * HW + t1 * p.W + t2;
         } else if (MODE == PYCNN_CONV_BWD_DATA) {
-            const int k = kd / RS, rs = kd - k * RS, r = rs / p.S;
-            t0 = k * p.C * RS + rs; t1 = k * HoWo; t2 = r; t3 = rs - r * p.S;
+            const int k = kd / RS, rs = kd - k * RS, r = rs / p.S, s = rs - r * p.S;
+            const int rq = r / p.sh, sq = s / p.sw;
+            t0 = k * p.C * RS + rs; t1 = k * HoWo - rq * p.Wo - sq; t2 = rq; t3 = sq;
+            t4 = (r - rq * p.sh) * p.sw + (s - sq * p.sw);
         } else if (MODE == PYCNN_CONV_BATCHED_GEMM) {
             t0 = kd * p.Ncols;  // row kd of B[b]
         } else if (MODE == PYCNN_CONV_BATCHED_GEMM_NT) {
             t0 = kd;            // (B is read row by row, like A: only the range check uses it)
         } else {
             const int img = kd / HoWo, pix = kd - img * HoWo, i = pix / p.Wo;
-            t0 = img * p.K * HoWo + pix; t1 = img * p.C * HW;
+            t0 = img * p.K * HoWo + pix;
             t2 = i * p.sh - p.ph; t3 = (pix - i * p.Wo) * p.sw - p.pw;
+            t1 = img * p.C * HW + t2 * p.W + t3;
         }
     }
-    t[0] = t0; t[1] = t1; t[2] = t2; t[3] = t3;
+    t[0] = t0; t[1] = t1; t[2] = t2; t[3] = t3; t[4] = t4;
 }
 
 // Per-thread constants of the tile loads, decoded once per block.
@@ -378,14 +386,14 @@ struct PycnnConvLoader {
     int m0, n0;            // first row and column of C this block computes
     int b_col, b_row;      // B: this thread loads column b_col of the tile, rows b_row + B_STEP*q
     bool nb_ok;            // that column exists (n0 + b_col < Ncols)
-    int cb0, cb1, cb2;     // the column's geometry (see pycnn_conv_b_elem)
+    int cb0, cb1, cb2, cb3;  // the column's geometry (see pycnn_conv_b_elem)
     int a_row, a_k;        // A: rows a_row + 64*rr of the tile, reduction indices a_k .. a_k+3
 };
 
 // Address of A[ma][k0 + kk] (A as in the file header), or nullptr where the element is zero
 // (row past M, or reduction index past the block's range: tab row slot 0 is -1 there).
 template <int MODE>
-__device__ __forceinline__ const float* pycnn_conv_a_elem(const PycnnConvGemm& p, const int (*tab)[4], int k0,
+__device__ __forceinline__ const float* pycnn_conv_a_elem(const PycnnConvGemm& p, const int (*tab)[PYCNN_CONV_TAB], int k0,
                                                           int ma, int kk) {
     if (ma >= p.M) return nullptr;
     if (MODE == PYCNN_CONV_FWD || MODE >= PYCNN_CONV_BATCHED_GEMM) {  // w[k=ma, kd] or A[b][ma][kd]
@@ -407,21 +415,24 @@ __device__ __forceinline__ const float* pycnn_conv_b_elem(const PycnnConvGemm& p
     if (!L.nb_ok || t[0] < 0) return nullptr;
     if (MODE == PYCNN_CONV_FWD) {  // x[img, c, i*sh - ph + r, j*sw - pw + s]
         const int h = L.cb1 + t[1], ww = L.cb2 + t[2];
-        if (h < 0 || h >= p.H || ww < 0 || ww >= p.W) return nullptr;
-        return p.b_src + L.cb0 + t[0] + h * p.W + ww;
+        if ((unsigned)h >= (unsigned)p.H || (unsigned)ww >= (unsigned)p.W) return nullptr;  // < 0 wraps
+        return p.b_src + L.cb0 + t[0];  // cb0 + t0 = img*C*H*W + c*H*W + h*W + ww
     } else if (MODE == PYCNN_CONV_BWD_DATA) {
-        // dy[img, k, i, j] with i*sh = h + ph - r: only integral, in-range i count.
-        const int ti = L.cb1 - t[2], tj = L.cb2 - t[3];
-        if (ti < 0 || tj < 0 || ti % p.sh != 0 || tj % p.sw != 0) return nullptr;
-        const int i = ti / p.sh, j = tj / p.sw;
-        if (i >= p.Ho || j >= p.Wo) return nullptr;
-        return p.b_src + L.cb0 + t[1] + i * p.Wo + j;
+        // dy[img, k, i, j] with i*sh = h + ph - r: only integral, in-range i count. Without a
+        // division: h + ph - r is a multiple of sh exactly when (h + ph) % sh == r % sh, and then
+        // i = (h + ph)/sh - r/sh (likewise j); the loader holds the column's quotients (cb1, cb2)
+        // and remainder pair (cb3), the tab row those of (r, s) (a runtime division per element
+        // here was most of this loop's instructions).
+        if (t[4] != L.cb3) return nullptr;
+        const int i = L.cb1 - t[2], j = L.cb2 - t[3];
+        if ((unsigned)i >= (unsigned)p.Ho || (unsigned)j >= (unsigned)p.Wo) return nullptr;  // < 0 wraps
+        return p.b_src + L.cb0 + t[1];  // cb0 + t1 = img*K*Ho*Wo + k*Ho*Wo + i*Wo + j
     } else if (MODE == PYCNN_CONV_BATCHED_GEMM) {  // B[b][kd][column]
         return p.b_src + (pycnn_i64)p.batch * p.Kd * p.Ncols + t[0] + L.cb0;
     } else {                       // x[img, c, i*sh - ph + r, j*sw - pw + s], kd = (img, i, j)
         const int h = t[2] + L.cb1, ww = t[3] + L.cb2;
-        if (h < 0 || h >= p.H || ww < 0 || ww >= p.W) return nullptr;
-        return p.b_src + t[1] + L.cb0 + h * p.W + ww;
+        if ((unsigned)h >= (unsigned)p.H || (unsigned)ww >= (unsigned)p.W) return nullptr;  // < 0 wraps
+        return p.b_src + t[1] + L.cb0;  // t1 + cb0 = img*C*H*W + c*H*W + h*W + ww
     }
 }
 
@@ -462,7 +473,7 @@ __device__ __forceinline__ void pycnn_conv_load_quad(float (*dst)[PITCH], int kk
 // matching pycnn_cp_async_wait); otherwise loads through registers.
 template <int MODE, int BM, int BN, bool ASYNC>
 __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, const PycnnConvLoader& L,
-                                                     const int (*tab)[4], int k0,
+                                                     const int (*tab)[PYCNN_CONV_TAB], int k0,
                                                      float (*As)[BM + PYCNN_CONV3_PAD],
                                                      float (*Bs)[BN + PYCNN_CONV3_PAD]) {
     constexpr int BK = PYCNN_CONV3_BK;
@@ -595,7 +606,7 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
     // Two slots suffice in both loops: a table is read only while its stage's loads are issued
     // (the copies in flight never look at it again), and the slot a decode overwrites was last
     // read before the barrier that precedes the decode.
-    __shared__ int tabs[2][BK][4];
+    __shared__ __align__(16) int tabs[2][BK][PYCNN_CONV_TAB];
 
     const int tid = threadIdx.x;
     const int n0 = blockIdx.x * BN;
@@ -609,25 +620,27 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
     L.b_row = tid / BN;
     const int nb = n0 + L.b_col;
     L.nb_ok = nb < p.Ncols;
-    L.cb0 = L.cb1 = L.cb2 = 0;
+    L.cb0 = L.cb1 = L.cb2 = L.cb3 = 0;
     if (L.nb_ok) {
         if (MODE == PYCNN_CONV_FWD) {          // column = output pixel (img, i, j)
             const int img = nb / HoWo, pix = nb - img * HoWo, i = pix / p.Wo;
-            L.cb0 = img * p.C * HW;
             L.cb1 = i * p.sh - p.ph;
             L.cb2 = (pix - i * p.Wo) * p.sw - p.pw;
+            L.cb0 = img * p.C * HW + L.cb1 * p.W + L.cb2;
         } else if (MODE == PYCNN_CONV_BWD_DATA) {  // column = input pixel (img, h, w)
             const int img = nb / HW, pix = nb - img * HW, h = pix / p.W;
-            L.cb0 = img * p.K * HoWo;
-            L.cb1 = h + p.ph;
-            L.cb2 = (pix - h * p.W) + p.pw;
+            const int hp = h + p.ph, wp = (pix - h * p.W) + p.pw;
+            L.cb1 = hp / p.sh;
+            L.cb2 = wp / p.sw;
+            L.cb3 = (hp - L.cb1 * p.sh) * p.sw + (wp - L.cb2 * p.sw);
+            L.cb0 = img * p.K * HoWo + L.cb1 * p.Wo + L.cb2;
         } else if (MODE >= PYCNN_CONV_BATCHED_GEMM) {  // column = column of B[b] (NT: unused)
             L.cb0 = nb;
         } else {                               // column = weight tap (c, r, s)
             const int c = nb / RS, rs = nb - c * RS, r = rs / p.S;
-            L.cb0 = c * HW;
             L.cb1 = r;
             L.cb2 = rs - r * p.S;
+            L.cb0 = c * HW + L.cb1 * p.W + L.cb2;
         }
     }
     L.a_row = tid / (BK / 4);
