@@ -228,7 +228,8 @@ _BATCHES = ["64", "512"]  # set from --batches in main
 
 # Backend functions a training step calls; profile_step times each call of one step on its own.
 PROFILED = ("conv2d_forward", "conv2d_bias_relu_forward", "conv2d_backward_data", "conv2d_backward_weight",
-            "maxpool2d_forward", "maxpool2d_relu_forward", "maxpool2d_backward", "relu_forward", "relu_backward",
+            "maxpool2d_forward", "maxpool2d_relu_forward", "maxpool2d_backward", "maxpool2d_relu_backward",
+            "relu_forward", "relu_backward",
             "linear_forward", "linear_bias_relu_forward", "linear_backward", "softmax_cross_entropy_forward",
             "softmax_cross_entropy_backward", "adam_step", "adam_step_device")
 

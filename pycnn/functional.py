@@ -169,6 +169,9 @@ def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, activation: str |
     def backward(g):
         g = _contiguous(g)
         if activation == "relu":
+            fused = getattr(be, "maxpool2d_relu_backward", None)
+            if fused is not None:
+                return (fused(g, y, argmax, xd.shape),)
             g = be.relu_backward(g, y)
         return (be.maxpool2d_backward(g, argmax, xd.shape),)
 

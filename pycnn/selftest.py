@@ -335,7 +335,9 @@ def workload() -> int:
     cuda.linear_forward(xl, wl, bl)
     cuda.linear_bias_relu_forward(xl, wl, bl)
     cuda.linear_backward(r(33, 12), xl, wl)
-    cuda.maxpool2d_relu_forward(x, (2, 2), (2, 2), (0, 0))
+    yr, amr = cuda.maxpool2d_relu_forward(x, (2, 2), (2, 2), (0, 0))
+    cuda.maxpool2d_relu_backward(r(*yr.shape), yr, amr, x.shape)  # the tiled kernel with its ReLU mask
+    cuda.maxpool2d_relu_backward(r(*yp.shape), cuda.relu_forward(yp), am, x.shape)  # the gather, masked
     logits = r(37, 11)
     target = cp.asarray(rng.integers(0, 11, 37))
     weight = cp.abs(r(11)) + 0.1

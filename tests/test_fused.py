@@ -26,7 +26,7 @@ def _model(dtype):
     pycnn.manual_seed(3)
     return nn.Sequential(
         nn.Conv2d(2, 5, 3, padding=1, dtype=dtype), nn.ReLU(),
-        nn.MaxPool2d(2), nn.ReLU(),                     # pool + ReLU (a no-op after ReLU, still fused)
+        nn.MaxPool2d(2), nn.ReLU(),                     # conv, max-pool + ReLU; then a ReLU on its own
         nn.Conv2d(5, 4, 3, stride=2, dtype=dtype), nn.ReLU(),
         nn.AvgPool2d(1), nn.ReLU(),                     # not fusable: stays two modules
         nn.Flatten(), nn.Linear(4, 6, dtype=dtype), nn.ReLU(), nn.Linear(6, 3, dtype=dtype))
@@ -60,8 +60,32 @@ def test_fused_graph_has_one_node_per_pair():
         seen.add(id(t))
         ops.append(t._op)
         stack.extend(p for p in t._parents if p is not None)
-    assert ops.count("conv2d_relu") == 2 and ops.count("max_pool2d_relu") == 1
-    assert ops.count("linear_relu") == 1 and ops.count("relu") == 1  # the one after AvgPool2d
+    # Conv2d, ReLU, MaxPool2d -> conv2d, max_pool2d_relu; the ReLU after them stays alone, and so
+    # does the one after AvgPool2d.
+    assert ops.count("conv2d") == 1 and ops.count("max_pool2d_relu") == 1 and ops.count("conv2d_relu") == 1
+    assert ops.count("linear_relu") == 1 and ops.count("relu") == 2
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("pool", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1)])
+def test_conv_relu_maxpool_moves_the_relu_exactly(backend, pool):
+    """Conv2d, ReLU, MaxPool2d runs as conv, then max-pool + ReLU: bitwise the same output and
+    gradients as the three modules one by one (a ReLU commutes with a max), including windows
+    that are all negative (their gradient must vanish) and ties at zero."""
+    pycnn.set_backend(backend)
+    pycnn.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(**pool))
+    model[0].bias.data[:3] -= 4.0  # channels 0-2 mostly negative before the ReLU: clipped windows
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 2, 8, 8)).astype(np.float32)
+    x[0, :, :4, :4] = 0.0           # exact ties (conv output = bias) inside a window
+    r = rng.standard_normal(model(Tensor(x)).shape).astype(np.float32)
+    fused = _grads(model, x, r)
+    assert (fused[0] == 0).any() and (fused[0] > 0).any()
+    model.fuse_relu = False
+    plain = _grads(model, x, r)
+    for got, want in zip([fused[0], fused[1], *fused[2]], [plain[0], plain[1], *plain[2]]):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("name, call", [
@@ -69,6 +93,8 @@ def test_fused_graph_has_one_node_per_pair():
      lambda x, rng: F.conv2d(x, Tensor(rng.standard_normal((4, 3, 3, 3))), Tensor(rng.standard_normal(4)), 1, 1,
                              activation="relu")),
     ("maxpool2d_relu_forward", lambda x, rng: F.max_pool2d(x, 2, activation="relu")),
+    ("maxpool2d_relu_backward",
+     lambda x, rng: _backward_of(F.max_pool2d(Tensor(x.numpy(), requires_grad=True), 2, activation="relu"), rng)),
     ("linear_bias_relu_forward",
      lambda x, rng: F.linear(x.flatten(1), Tensor(rng.standard_normal((4, 48))), Tensor(rng.standard_normal(4)),
                              activation="relu")),
@@ -86,6 +112,22 @@ def test_backend_fused_kernel_is_used(monkeypatch, name, call):
     y = call(Tensor(rng.standard_normal((2, 3, 4, 4))), rng)
     assert calls == [name]
     assert (y.numpy() >= 0).all() and (y.numpy() > 0).any()
+
+
+def _backward_of(y, rng):
+    """Backpropagate a random gradient through y; returns y (the call's output for the checks)."""
+    (y * Tensor(rng.standard_normal(y.shape))).sum().backward()
+    return y
+
+
+def test_reference_maxpool_relu_backward_is_the_composition():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 3, 6, 7)) - 1.5  # some windows entirely negative: clipped
+    y, am = ref.maxpool2d_relu_forward(x, (3, 3), (2, 2), (1, 1))
+    dy = rng.standard_normal(y.shape)
+    assert (y == 0).any()
+    np.testing.assert_array_equal(ref.maxpool2d_relu_backward(dy, y, am, x.shape),
+                                  ref.maxpool2d_backward(dy * (y > 0), am, x.shape))
 
 
 def test_conv_without_bias_composes():

@@ -22,9 +22,20 @@
 //                            row scans every output of its plane in row-major order. Slower
 //                            (O(Ho*Wo) per row) but deterministic; used only when the caller does
 //                            not pass kernel/stride/padding.
+//   The three backward kernels take relu and relu_y: relu == 0 is plain max-pool (relu_y is not
+//   read); relu != 0 says relu_y is the output y of the fused max-pool + ReLU, and each dy[o]
+//   counts only where y[o] > 0 (the SPEC's
+//   maxpool2d_relu_backward = relu_backward then maxpool2d_backward, without the pass that
+//   writes the masked dy).
 //   avgpool2d_fwd_f32        mean over the window, padded zeros count in the divisor (kh*kw).
 //   avgpool2d_bwd_f32        gather: dx = sum over containing windows of dy / (kh*kw).
 #include "common.cuh"
+
+// dy[o], or 0 where the fused ReLU clipped output o (relu_y[o] <= 0); relu_backward's rule.
+__device__ __forceinline__ float pycnn_pool_grad(const float* __restrict__ dy, const float* __restrict__ relu_y,
+                                                 int relu, pycnn_i64 o) {
+    return (!relu || relu_y[o] > 0.0f) ? dy[o] : 0.0f;
+}
 
 // First output row/column whose window [o*st - pad, o*st - pad + k - 1] contains position p.
 __device__ __forceinline__ int pycnn_first_window(int p, int k, int st, int pad) {
@@ -74,8 +85,9 @@ extern "C" __global__ void maxpool2d_fwd_f32(
 }
 
 extern "C" __global__ void maxpool2d_bwd_f32(
-    const float* __restrict__ dy, const int* __restrict__ argmax, float* __restrict__ dx,
-    int N, int C, int H, int W, int Ho, int Wo, int kh, int kw, int sh, int sw, int ph, int pw) {
+    const float* __restrict__ dy, const float* __restrict__ relu_y, const int* __restrict__ argmax,
+    float* __restrict__ dx,
+    int N, int C, int H, int W, int Ho, int Wo, int kh, int kw, int sh, int sw, int ph, int pw, int relu) {
     const pycnn_i64 total = (pycnn_i64)N * C * H * W;
     PYCNN_FOR_EACH(idx, total) {
         int h, ww;
@@ -91,7 +103,7 @@ extern "C" __global__ void maxpool2d_bwd_f32(
         for (int i = i_lo; i <= i_hi; ++i) {
             for (int j = j_lo; j <= j_hi; ++j) {
                 const pycnn_i64 o = base + (pycnn_i64)i * Wo + j;
-                if (argmax[o] == me) acc += dy[o];
+                if (argmax[o] == me) acc += pycnn_pool_grad(dy, relu_y, relu, o);
             }
         }
         dx[idx] = acc;
@@ -102,15 +114,16 @@ extern "C" __global__ void maxpool2d_bwd_f32(
 // H - Ho*kh and W - Wo*kw (< kh, < kw) rows / columns at the bottom / right belong to no window:
 // the threads of the last window row / column zero them.
 extern "C" __global__ void maxpool2d_bwd_tiled_f32(
-    const float* __restrict__ dy, const int* __restrict__ argmax, float* __restrict__ dx,
-    int N, int C, int H, int W, int Ho, int Wo, int kh, int kw) {
+    const float* __restrict__ dy, const float* __restrict__ relu_y, const int* __restrict__ argmax,
+    float* __restrict__ dx,
+    int N, int C, int H, int W, int Ho, int Wo, int kh, int kw, int relu) {
     const pycnn_i64 total = (pycnn_i64)N * C * Ho * Wo;
     PYCNN_FOR_EACH(idx, total) {
         int i, j;
         pycnn_i64 plane;
         pycnn_split_index(idx, total, Ho, Wo, plane, i, j);
         const int target = argmax[idx];
-        const float g = dy[idx];
+        const float g = pycnn_pool_grad(dy, relu_y, relu, idx);
         float* dxp = dx + plane * H * (pycnn_i64)W;
         const int h0 = i * kh, w0 = j * kw;
         const int h1 = i == Ho - 1 ? H : h0 + kh;  // the last window row also owns the leftover rows
@@ -122,8 +135,9 @@ extern "C" __global__ void maxpool2d_bwd_tiled_f32(
 
 // One thread per (n, c, h) row of dx: it owns the row, so plain stores suffice.
 extern "C" __global__ void maxpool2d_bwd_scan_f32(
-    const float* __restrict__ dy, const int* __restrict__ argmax, float* __restrict__ dx,
-    int N, int C, int H, int W, int Ho, int Wo) {
+    const float* __restrict__ dy, const float* __restrict__ relu_y, const int* __restrict__ argmax,
+    float* __restrict__ dx,
+    int N, int C, int H, int W, int Ho, int Wo, int relu) {
     const pycnn_i64 rows = (pycnn_i64)N * C * H;
     PYCNN_FOR_EACH(row, rows) {
         const int h = (int)(row % H);
@@ -134,7 +148,7 @@ extern "C" __global__ void maxpool2d_bwd_scan_f32(
         const int lo = h * W, hi = h * W + W;  // argmax values that fall in this row
         for (pycnn_i64 o = 0; o < (pycnn_i64)Ho * Wo; ++o) {
             const int a = argmax[base + o];
-            if (a >= lo && a < hi) dxr[a - lo] += dy[base + o];
+            if (a >= lo && a < hi) dxr[a - lo] += pycnn_pool_grad(dy, relu_y, relu, base + o);
         }
     }
 }

@@ -1131,17 +1131,32 @@ def maxpool2d_backward(dy, argmax, x_shape, *, kernel=None, stride=None, padding
     ``argmax``) each input element gathers from the few windows that contain it; without it a
     slower row-scan kernel computes the same sums.
     """
-    op = "maxpool2d_backward"
+    return _maxpool2d_backward("maxpool2d_backward", dy, None, argmax, x_shape, (kernel, stride, padding))
+
+
+def maxpool2d_relu_backward(dy, y, argmax, x_shape, *, kernel=None, stride=None, padding=None):
+    """dx = maxpool2d_backward(relu_backward(dy, y), argmax, x_shape) in one kernel (SPEC "Optional
+    fused ops"): the backward of maxpool2d_relu_forward, whose output is ``y``. The ReLU mask is
+    read where the gradient is scattered, so the masked dy is never written out."""
+    return _maxpool2d_backward("maxpool2d_relu_backward", dy, y, argmax, x_shape, (kernel, stride, padding))
+
+
+def _maxpool2d_backward(op: str, dy, relu_y, argmax, x_shape, given) -> object:
     cupy = _cupy()
     _check(op, "dy", dy, 4)
     _check(op, "argmax", argmax, 4, dtype=np.int32)
-    dev = _device(op, dy=dy, argmax=argmax)
+    if relu_y is not None:
+        _check(op, "y", relu_y, 4)
+        if relu_y.shape != dy.shape:
+            raise ValueError(f"{op}: y {relu_y.shape} must have the shape of dy {dy.shape}")
+    dev = _device(op, dy=dy, y=relu_y, argmax=argmax)
+    relu = relu_y is not None
+    mask = relu_y if relu else dy  # never read when relu == 0
     N, C, H, W = _shape4(op, "x_shape", x_shape)
     if argmax.shape != dy.shape or dy.shape[:2] != (N, C):
         raise ValueError(f"{op}: dy {dy.shape} and argmax {argmax.shape} must have one shape "
                          f"(N, C, Ho, Wo) with N, C of x_shape {(N, C, H, W)}")
     Ho, Wo = dy.shape[2:]
-    given = (kernel, stride, padding)
     if any(v is not None for v in given):
         if any(v is None for v in given):
             raise ValueError(f"{op}: pass all of kernel, stride and padding, or none of them")
@@ -1162,15 +1177,15 @@ def maxpool2d_backward(dy, argmax, x_shape, *, kernel=None, stride=None, padding
                              f"{geometry[2]} on {(H, W)} give a {(Ho2, Wo2)} output, but dy is {dy.shape}")
         if (sh, sw) == (kh, kw) and (ph, pw) == (0, 0):  # windows tile the input: one writer each
             _launch(dev, "pool2d.cu", "maxpool2d_bwd_tiled_f32", _grid1d(dy.size), (BLOCK,),
-                    (dy, argmax, dx, _i32(N), _i32(C), _i32(H), _i32(W), _i32(Ho), _i32(Wo),
-                     _i32(kh), _i32(kw)))
+                    (dy, mask, argmax, dx, _i32(N), _i32(C), _i32(H), _i32(W), _i32(Ho), _i32(Wo),
+                     _i32(kh), _i32(kw), _i32(relu)))
         else:
             _launch(dev, "pool2d.cu", "maxpool2d_bwd_f32", _grid1d(dx.size), (BLOCK,),
-                    (dy, argmax, dx, _i32(N), _i32(C), _i32(H), _i32(W), _i32(Ho), _i32(Wo),
-                     _i32(kh), _i32(kw), _i32(sh), _i32(sw), _i32(ph), _i32(pw)))
+                    (dy, mask, argmax, dx, _i32(N), _i32(C), _i32(H), _i32(W), _i32(Ho), _i32(Wo),
+                     _i32(kh), _i32(kw), _i32(sh), _i32(sw), _i32(ph), _i32(pw), _i32(relu)))
     else:
         _launch(dev, "pool2d.cu", "maxpool2d_bwd_scan_f32", _grid1d(N * C * H), (BLOCK,),
-                (dy, argmax, dx, _i32(N), _i32(C), _i32(H), _i32(W), _i32(Ho), _i32(Wo)))
+                (dy, mask, argmax, dx, _i32(N), _i32(C), _i32(H), _i32(W), _i32(Ho), _i32(Wo), _i32(relu)))
     return dx
 
 

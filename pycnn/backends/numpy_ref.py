@@ -335,6 +335,10 @@ def maxpool2d_relu_forward(x, kernel, stride, padding):
     return np.maximum(y, y.dtype.type(0), out=y), argmax
 
 
+def maxpool2d_relu_backward(dy, y, argmax, x_shape):
+    return maxpool2d_backward(relu_backward(dy, y), argmax, x_shape)
+
+
 def linear_bias_relu_forward(x, w, b):
     y = linear_forward(x, w, b)
     return np.maximum(y, y.dtype.type(0), out=y)

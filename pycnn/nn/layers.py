@@ -153,9 +153,12 @@ class Sequential(Module):
 
     A Conv2d, Linear or MaxPool2d directly followed by a ReLU runs as one fused op
     (functional's ``activation="relu"``: one kernel on backends that have it, one autograd node
-    everywhere). The values are the same as running the two modules one after the other; set
-    ``fuse_relu = False`` on an instance to run every module separately (e.g. to inspect the
-    output of the layer before its ReLU).
+    everywhere). Conv2d, ReLU, MaxPool2d runs as the convolution, then max-pool + ReLU: a ReLU
+    commutes with a max (it never reorders values), so the values and gradients are exactly those of
+    the three modules, and the ReLU's backward touches the pooled output instead of the 2x2 (or
+    larger) times bigger convolution output. The values are the same as running the modules one
+    after the other; set ``fuse_relu = False`` on an instance to run every module separately (e.g.
+    to inspect the output of the layer before its ReLU).
     """
 
     fuse_relu = True
@@ -179,11 +182,14 @@ class Sequential(Module):
     def forward(self, x):
         modules = list(self._modules.values())
         i = 0
+        # Exact types only: a subclass that overrides forward() is never bypassed.
+        types = [type(m) for m in modules] + [None, None]
         while i < len(modules):
             module = modules[i]
-            # Exact types only: a subclass that overrides forward() is never bypassed.
-            if (self.fuse_relu and i + 1 < len(modules) and type(modules[i + 1]) is ReLU
-                    and type(module) in (Conv2d, Linear, MaxPool2d)):
+            if self.fuse_relu and types[i:i + 3] == [Conv2d, ReLU, MaxPool2d]:
+                x = modules[i + 2](module(x), activation="relu")  # pool(relu(conv)) == relu(pool(conv))
+                i += 3
+            elif self.fuse_relu and types[i + 1] is ReLU and types[i] in (Conv2d, Linear, MaxPool2d):
                 x = module(x, activation="relu")
                 i += 2
             else:

@@ -135,10 +135,24 @@ def test_maxpool_relu(emulated, kernel, stride, padding):
     np.testing.assert_array_equal(y, y_want)
     np.testing.assert_array_equal(am, am_want)
     assert (y == 0).any()
-    # The backward SPEC composition: relu_backward, then maxpool2d_backward.
+    # The backward SPEC composition: relu_backward, then maxpool2d_backward ...
     dy = rnd(rng, *y.shape)
     g = cuda.relu_backward(dy, y)
-    close(cuda.maxpool2d_backward(g, am, x.shape), ref.maxpool2d_backward(ref.relu_backward(dy, y_want), am_want, x.shape))
+    composed = cuda.maxpool2d_backward(g, am, x.shape)
+    close(composed, ref.maxpool2d_backward(ref.relu_backward(dy, y_want), am_want, x.shape))
+    # ... and the fused backward: one launch, bitwise the composition; the geometry-free scan
+    # kernel (argmax not from a forward) too.
+    start = len(emulated)
+    fused = cuda.maxpool2d_relu_backward(dy, y, am, x.shape)
+    tiled = stride == kernel and padding == (0, 0)
+    assert emulated[start:] == ["maxpool2d_bwd_tiled_f32" if tiled else "maxpool2d_bwd_f32"]
+    np.testing.assert_array_equal(fused, composed)
+    start = len(emulated)
+    np.testing.assert_array_equal(cuda.maxpool2d_relu_backward(dy, y, am.copy(), x.shape), composed)
+    assert emulated[start:] == ["maxpool2d_bwd_scan_f32"]
+    assert (composed[x < 0] == 0).all() and (g == 0).any() and (g != 0).any()
+    with pytest.raises(ValueError, match=r"maxpool2d_relu_backward: y \(2, 3, 1, 1\) must have the shape of dy"):
+        cuda.maxpool2d_relu_backward(dy, y[:, :, :1, :1].copy(), am, x.shape)
 
 
 # ----------------------------------------------------------------------------- multi-tensor optimizers

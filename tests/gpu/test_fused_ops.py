@@ -1,7 +1,7 @@
 """On the GPU: the linear.cu GEMM (forward, backward, bias/ReLU epilogue) on odd and model shapes,
 the one-launch cross-entropy forward/backward (many blocks, bitwise reproducible, ticket reset),
-max-pool + ReLU, and the multi-tensor Adam/SGD with host arguments and with the device
-hyper-parameter buffer written by async copies, all against numpy_ref. The same checks run on the
+max-pool + ReLU (forward and fused backward), and the multi-tensor Adam/SGD with host arguments
+and with the device hyper-parameter buffer written by async copies, all against numpy_ref. The same checks run on the
 CPU emulator in test_fused_emulated.py."""
 from __future__ import annotations
 
@@ -108,6 +108,11 @@ def test_maxpool_relu(shape, kernel, stride, padding):
     y, am = cuda.maxpool2d_relu_forward(g(x), kernel, stride, padding)
     np.testing.assert_array_equal(y.get(), y_want)
     np.testing.assert_array_equal(am.get(), am_want)
+    # The fused backward is bitwise relu_backward then maxpool2d_backward (and equals numpy_ref).
+    dy = g(rnd(rng, *y.shape))
+    composed = cuda.maxpool2d_backward(cuda.relu_backward(dy, y), am, x.shape)
+    assert same_bits(cuda.maxpool2d_relu_backward(dy, y, am, x.shape), composed)
+    close(composed, ref.maxpool2d_relu_backward(dy.get(), y_want, am_want, x.shape))
 
 
 def _optimizer_case(rng):
