@@ -693,6 +693,11 @@ NARROW_SHAPES = {
     "2x4x3": (2, 2, 8, 7, 6, 4, 3, (1, 1), (0, 1)),  # 24 taps
     "1x3x3-nopad": (2, 1, 10, 9, 3, 3, 3, (1, 1), (0, 0)),  # every window inside: no bounds checks
     "1x4x4": (3, 1, 13, 13, 3, 4, 4, (2, 2), (1, 1)),  # one channel, but no compile-time kernel
+    # Several indices per thread (the block steps 256 indices: carries into i and n): 16*15 = 240
+    # pixels per image (a step crosses an image), 20*19 = 380 (a step stays inside one image).
+    "1x3x3-long": (4, 1, 16, 15, 2, 3, 3, (1, 1), (1, 1)),
+    "1x5x5-long": (3, 1, 20, 19, 2, 5, 5, (1, 1), (2, 2)),
+    "2x3x3-long": (3, 2, 15, 14, 2, 3, 3, (1, 1), (1, 1)),
 }
 
 
@@ -713,7 +718,10 @@ def test_narrow_weight_gradient(emulated, monkeypatch, version, name, min_k):
     fixed = C == 1 and (R, S) in ((3, 3), (5, 5))
     kernel = f"conv2d_bwd_weight_narrow_c1_{R}x{S}_f32" if fixed else "conv2d_bwd_weight_narrow_f32"
     assert kernel in emulated, emulated  # one channel of 3x3 / 5x5: the compile-time-tap kernels
-    assert ("conv2d_split_reduce_f32" in emulated) == (min_k < 1024), emulated
+    N, K, (Ho, Wo) = shape[0], shape[4], dy.shape[2:]
+    splits, _ = cuda._conv_splits(N * Ho * Wo, K, min_k, 32, target=cuda._CONV_NARROW_TARGET_BLOCKS)
+    assert splits > 1 or min_k == 1024
+    assert ("conv2d_split_reduce_f32" in emulated) == (splits > 1), emulated
     _, _, want_dw, want_db = reference(shape, x, w, b, dy)
     np.testing.assert_allclose(dw, want_dw, rtol=1e-4, atol=fp32_atol(lengths(shape)[2]))
     np.testing.assert_allclose(db, want_db, rtol=1e-4, atol=fp32_atol(lengths(shape)[2]))
