@@ -12,13 +12,18 @@
 # script (default 560: a device call may run 600 s). Each step's timeout is the smaller of its
 # own cap and the time left; a step with less than 30 s left is skipped and says so. Every
 # benchmark writes its record as it goes, so a step cut short keeps what it measured.
+# NCU=1 adds, after the training benchmark, Nsight Compute over one eager MnistCNN step at batch 64
+# and 512 (benchmarks/gpu_ncu_step.py: speed of light, occupancy, launch stats and warp stall
+# reasons of every kernel, CSV files ncu-mnistcnn-b64.csv / -b512.csv); files come back 8 at most,
+# so pair it with SKIP_MNISTCNN=1.
 # SELFTEST_ARGS=--tests-only keeps the selftest to the tests and sanitizers when PART=2 follows in
 # the same call (its kernel timings and FastMNIST epoch repeat what gpu_kernels.py and
 # gpu_training.py measure).
 # Device time is scarce (15 minutes a session, machine start included): set DEADLINE_S from the
 # device tool's budget_left_s, e.g. PART=1 DEADLINE_S=330 then PART=2 DEADLINE_S=<what is left>.
 # Usage: PYCNN_COMMIT=<sha> PYCNN_DATA=<mnist dir> OUT=<dir> [PART=1|2] [DEADLINE_S=560] \
-#        [SELFTEST_ARGS=--tests-only] [SKIP_STAGES1=1] [SKIP_MNISTCNN=1] [SKIP_TRAINING_BENCH=1] [LOCALIZE_EPOCHS=N] bash benchmarks/gpu_session.sh
+#        [SELFTEST_ARGS=--tests-only] [SKIP_STAGES1=1] [SKIP_MNISTCNN=1] [SKIP_TRAINING_BENCH=1] [NCU=1]
+#        [LOCALIZE_EPOCHS=N] bash benchmarks/gpu_session.sh
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 stamp=$(date -u +%Y%m%d)
@@ -51,6 +56,16 @@ step "kernel ladder vs cuDNN" 150 python3 benchmarks/gpu_kernels.py --budget "$k
   --json "$OUT/gpu-$stamp-$sha8-kernels.json" 2>&1 | tail -80
 [ -z "${SKIP_TRAINING_BENCH:-}" ] && step "training throughput vs PyTorch" 240 \
   python3 benchmarks/gpu_training.py --out "$OUT/training.json" 2>&1 | tail -70
+if [ -n "${NCU:-}" ]; then
+  ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  for b in 64 512; do
+    if [ -z "$ncu_bin" ]; then echo "== skipped: ncu (not found)"; break; fi
+    step "ncu: one MnistCNN step at batch $b" 120 "$ncu_bin" --clock-control none --profile-from-start off \
+      --csv --page raw --section SpeedOfLight --section Occupancy --section LaunchStats \
+      --section WarpStateStats --log-file "$OUT/ncu-mnistcnn-b$b.csv" \
+      python3 benchmarks/gpu_ncu_step.py --model mnistcnn --batch "$b" 2>&1 | tail -5
+  done
+fi
 # The v3/v4/v5 GEMM main loop without cp.async double buffering, on the compute-bound layer: is
 # the default (PYCNN_CONV3_STAGES=2) the faster one there?
 [ -z "${SKIP_STAGES1:-}" ] && step "v3/v4/v5 with PYCNN_CONV_STAGES=1 (compute-bound layer)" 60 env PYCNN_CONV_STAGES=1 \
