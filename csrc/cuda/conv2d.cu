@@ -33,6 +33,9 @@
 //     bwd-weight   M = K filters,  Ncols = C*R*S,   Kd = N*Ho*Wo; A = dy, B = im2col(x)^T; the
 //                  long Kd is split over grid.z (split-K) into a partial-sum workspace that
 //                  conv2d_split_reduce_f32 adds in a fixed order: deterministic, no atomics.
+//                  With bias_grad the blocks of the first column tile also sum the rows of the A
+//                  tiles they stage, db[k] = sum over Kd of dy (per split, reduced the same way):
+//                  the bias gradient without a second pass over dy.
 //   Forward and bwd-data split their reduction the same way when their output tiles are too
 //   few to fill the GPU (small layers); the split reduce then applies bias and ReLU.
 //   conv2d_bwd_weight_narrow_f32: the weight gradient when C*R*S <= 25 (first layers), where a
@@ -71,8 +74,9 @@
 //                       conv2d_wino_wgrad_output_f32
 //
 // Epilogue of every forward kernel: + b[k] (has_bias), then ReLU (relu): conv2d_bias_relu_forward
-// is one kernel, not a second pass. The bias gradient db = dy.sum((0,2,3)) is bias_grad_f32 in
-// activation.cu.
+// is one kernel, not a second pass. The bias gradient db = dy.sum((0,2,3)): v3/v4 weight-gradient
+// kernels (GEMM and narrow) sum it while they read dy (bias_grad = 1); after v1, v2 and v5 it is
+// bias_grad_f32 in activation.cu.
 #include "common.cuh"
 
 #ifndef PYCNN_CONV2_TILE_W
@@ -307,6 +311,8 @@ struct PycnnConvGemm {
     int k_begin, k_end;    // the part of Kd this block reduces over
     pycnn_i64 split_stride;  // forward / bwd-data split-K: elements between the partial outputs
     int batch;             // batched GEMMs (v5): which matrix of the batch
+    float* db_out;         // bwd-weight with bias_grad: db (or its split partials, M apart)
+    int bias_grad;
 };
 
 // Offset of column n of C in the output tensor; row m adds m * pycnn_conv_out_mstride.
@@ -585,6 +591,13 @@ __device__ __forceinline__ void pycnn_conv_mma_tile(const float (*As)[BM + PYCNN
     }
 }
 
+// acc += row m of one staged A tile (As[k][m], k = 0 .. BK-1) in order: the bias gradient.
+template <int BM>
+__device__ __forceinline__ void pycnn_conv_sum_a_row(const float (*As)[BM + PYCNN_CONV3_PAD], int m, float& acc) {
+#pragma unroll
+    for (int kk = 0; kk < PYCNN_CONV3_BK; ++kk) acc += As[kk][m];
+}
+
 // One block computes C[m0:m0+BM, n0:n0+BN] over Kd range [k_begin, k_end). Must be entered by
 // all PYCNN_CONV3_THREADS threads of a 1-D block (it synchronizes with __syncthreads).
 // Offsets inside x, dy and dx are int32: the host runs v3/v4 only when every tensor has fewer
@@ -650,6 +663,11 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
     float acc[TM * TN];
 #pragma unroll
     for (int q = 0; q < TM * TN; ++q) acc[q] = 0.0f;
+    // Bias gradient (bwd-weight): thread tid < BM of a first-column block sums row tid of every A
+    // tile (dy of filter m0 + tid over the block's reduction range) in reduction order; exact fp32
+    // in v4 too (As holds the fp32 values; only the mma fragments are rounded to TF32).
+    const bool sums_bias = MODE == PYCNN_CONV_BWD_WEIGHT && p.bias_grad && blockIdx.x == 0 && tid < BM;
+    float db_acc = 0.0f;
 
     if (tid < BK) pycnn_conv_decode<MODE>(p, p.k_begin + tid, tabs[0][tid]);
     __syncthreads();
@@ -660,6 +678,7 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
             __syncthreads();
             // The next stage's table goes into the other slot, which no thread reads any more.
             if (tid < BK && k0 + BK < p.k_end) pycnn_conv_decode<MODE>(p, k0 + BK + tid, tabs[(s + 1) % 2][tid]);
+            if (sums_bias) pycnn_conv_sum_a_row<BM>(As[0], tid, db_acc);
             pycnn_conv_mma_tile<TF32, BM, BN>(As[0], Bs[0], acc);
             __syncthreads();  // the next stage overwrites As and Bs
         }
@@ -681,11 +700,13 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
                 pycnn_conv_decode<MODE>(p, k0 + 2 * BK + tid, tabs[s % 2][tid]);
             pycnn_cp_async_wait<1>();  // this thread's copies of stage s have landed ...
             __syncthreads();           // ... and everyone's
+            if (sums_bias) pycnn_conv_sum_a_row<BM>(As[cur], tid, db_acc);
             pycnn_conv_mma_tile<TF32, BM, BN>(As[cur], Bs[cur], acc);
         }
         pycnn_cp_async_wait<0>();  // nothing left in flight (only empty groups; free, and safe for
                                    // an epilogue that would reuse the shared memory)
     }
+    if (sums_bias && L.m0 + tid < p.M) p.db_out[(pycnn_i64)blockIdx.z * p.M + L.m0 + tid] = db_acc;
 
     if (!TF32) {
         // Columns nb .. nb+3 of a group: one float4 store per row where their four outputs are
@@ -741,6 +762,7 @@ __device__ __forceinline__ PycnnConvGemm pycnn_conv_params(int N, int C, int H, 
                                                            int Ho, int Wo, int sh, int sw, int ph, int pw) {
     PycnnConvGemm p;
     p.bias = nullptr; p.has_bias = 0; p.relu = 0; p.batch = 0; p.split_stride = 0;
+    p.db_out = nullptr; p.bias_grad = 0;
     p.N = N; p.C = C; p.H = H; p.W = W; p.K = K; p.R = R; p.S = S; p.Ho = Ho; p.Wo = Wo;
     p.sh = sh; p.sw = sw; p.ph = ph; p.pw = pw;
     return p;
@@ -781,11 +803,12 @@ __device__ __forceinline__ void pycnn_conv_bwd_data_gemm(const float* dy, const 
 // Split z reduces Kd indices [z*chunk, min((z+1)*chunk, Kd)); chunk is a multiple of BK.
 template <bool TF32, int BM, int BN = BM>
 __device__ __forceinline__ void pycnn_conv_bwd_weight_gemm(const float* dy, const float* x, float* partial,
+                                                           float* db_partial, int bias_grad,
                                                            int N, int C, int H, int W, int K, int R, int S,
                                                            int Ho, int Wo, int sh, int sw, int ph, int pw,
                                                            int chunk) {
     PycnnConvGemm p = pycnn_conv_params(N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
-    p.a_src = dy; p.b_src = x; p.out = partial;
+    p.a_src = dy; p.b_src = x; p.out = partial; p.db_out = db_partial; p.bias_grad = bias_grad;
     p.M = K; p.Ncols = C * R * S; p.Kd = N * Ho * Wo;
     p.k_begin = blockIdx.z * chunk;
     p.k_end = min(p.Kd, p.k_begin + chunk);
@@ -1087,42 +1110,47 @@ extern "C" __global__ void conv2d_bwd_weight_v2_f32(
 
 extern "C" __global__ void conv2d_bwd_weight_v3_f32(
     const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ partial,
+    float* __restrict__ db_partial, int bias_grad,
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
     int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_bwd_weight_gemm<false, 64>(dy, x, partial, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_bwd_weight_gemm<false, 64>(dy, x, partial, db_partial, bias_grad, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
 extern "C" __global__ void conv2d_bwd_weight_v3_t128_f32(
     const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ partial,
+    float* __restrict__ db_partial, int bias_grad,
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
     int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_bwd_weight_gemm<false, 128>(dy, x, partial, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_bwd_weight_gemm<false, 128>(dy, x, partial, db_partial, bias_grad, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
 extern "C" __global__ void conv2d_bwd_weight_v3_m32_f32(
     const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ partial,
+    float* __restrict__ db_partial, int bias_grad,
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
     int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_bwd_weight_gemm<false, 32, 128>(dy, x, partial, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_bwd_weight_gemm<false, 32, 128>(dy, x, partial, db_partial, bias_grad, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
 extern "C" __global__ void conv2d_bwd_weight_v4_f32(
     const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ partial,
+    float* __restrict__ db_partial, int bias_grad,
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
     int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_bwd_weight_gemm<true, 64>(dy, x, partial, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_bwd_weight_gemm<true, 64>(dy, x, partial, db_partial, bias_grad, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
 extern "C" __global__ void conv2d_bwd_weight_v4_t128_f32(
     const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ partial,
+    float* __restrict__ db_partial, int bias_grad,
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
     int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_bwd_weight_gemm<true, 128>(dy, x, partial, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_bwd_weight_gemm<true, 128>(dy, x, partial, db_partial, bias_grad, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
 // The second pass of every split in this file (v2 image ranges, v3/v4 split-K, v5 weight
@@ -1144,7 +1172,8 @@ extern "C" __global__ void conv2d_split_reduce_f32(
 // dy[n,k,i,j] once and adds it times the C*R*S inputs under it into register accumulators
 // (coalesced: consecutive threads, consecutive j). A fixed-order block reduction (warp trees,
 // then the warps in order) writes out[z*K*Q + k*Q + q], Q = C*R*S: dw itself when there is one
-// split, else partials for conv2d_split_reduce_f32. Deterministic.
+// split, else partials for conv2d_split_reduce_f32. Deterministic. With bias_grad the same loop
+// also sums dy (one more accumulator) into db_out[z*K + k]: the bias gradient in the same pass.
 // Launch: grid (K, splits), block (PYCNN_BLOCK,).
 // 25 taps: a 5x5 filter on one channel, 3x3 on two. With the tap table hoisted into registers
 // (25 offsets, rows, columns) and 25 accumulators the kernel takes 128 registers, two blocks per
@@ -1170,12 +1199,33 @@ struct PycnnPixelWalk {
         if (i >= Ho) { i -= Ho; ++n; }
     }
 };
+
+// The end of a narrow kernel, after the warps left their tap sums in warp_sums[warp][0..Q-1]:
+// the bias accumulator goes the same way (slot Q), then thread q adds the warps in order and
+// writes tap q of filter k (and thread Q the bias gradient) for this split (blockIdx.y).
+template <int MAXQ>
+__device__ __forceinline__ void pycnn_narrow_finish(float (*warp_sums)[MAXQ + 1], int Q, float acc_db,
+                                                    float* __restrict__ out, float* __restrict__ db_out,
+                                                    int bias_grad, int K, int k) {
+    if (bias_grad) {  // uniform across the block
+        const float v = pycnn_warp_sum(acc_db);
+        if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5][Q] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < Q + (bias_grad ? 1 : 0)) {
+        float v = 0.0f;
+        for (int wi = 0; wi < PYCNN_BLOCK / 32; ++wi) v += warp_sums[wi][threadIdx.x];
+        if (threadIdx.x < Q) out[(pycnn_i64)blockIdx.y * K * Q + (pycnn_i64)k * Q + threadIdx.x] = v;
+        else db_out[(pycnn_i64)blockIdx.y * K + k] = v;
+    }
+}
 extern "C" __global__ void __launch_bounds__(PYCNN_BLOCK, 2) conv2d_bwd_weight_narrow_f32(
     const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ out,
+    float* __restrict__ db_out, int bias_grad,
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
     int sh, int sw, int ph, int pw, int chunk) {
     __shared__ int q_off[PYCNN_CONV_NARROW_MAX], q_r[PYCNN_CONV_NARROW_MAX], q_s[PYCNN_CONV_NARROW_MAX];
-    __shared__ float warp_sums[PYCNN_BLOCK / 32][PYCNN_CONV_NARROW_MAX];
+    __shared__ float warp_sums[PYCNN_BLOCK / 32][PYCNN_CONV_NARROW_MAX + 1];
     const int RS = R * S, Q = C * RS, HoWo = Ho * Wo, k = blockIdx.x;
     if (threadIdx.x < Q) {  // tap q = (c, r, s): its offset inside one image of x, and r, s
         const int c = threadIdx.x / RS, rs = threadIdx.x - c * RS, r = rs / S;
@@ -1184,7 +1234,7 @@ extern "C" __global__ void __launch_bounds__(PYCNN_BLOCK, 2) conv2d_bwd_weight_n
         q_off[threadIdx.x] = c * H * W + r * W + (rs - r * S);
     }
     __syncthreads();
-    float acc[PYCNN_CONV_NARROW_MAX];
+    float acc[PYCNN_CONV_NARROW_MAX], acc_db = 0.0f;
 #pragma unroll
     for (int q = 0; q < PYCNN_CONV_NARROW_MAX; ++q) acc[q] = 0.0f;
     const int total = N * HoWo;
@@ -1195,6 +1245,7 @@ extern "C" __global__ void __launch_bounds__(PYCNN_BLOCK, 2) conv2d_bwd_weight_n
         const float d = dy[((pycnn_i64)n * K + k) * HoWo + i * Wo + j];
         const int h0 = i * sh - ph, w0 = j * sw - pw;
         const int base = n * C * H * W + h0 * W + w0;  // x offset of tap (0, 0, 0); read only when in range
+        acc_db += d;
 #pragma unroll
         for (int q = 0; q < PYCNN_CONV_NARROW_MAX; ++q) {
             if (q < Q) {
@@ -1211,29 +1262,28 @@ extern "C" __global__ void __launch_bounds__(PYCNN_BLOCK, 2) conv2d_bwd_weight_n
             if (lane == 0) warp_sums[warp][q] = v;
         }
     }
-    __syncthreads();
-    if (threadIdx.x < Q) {
-        float v = 0.0f;
-        for (int wi = 0; wi < PYCNN_BLOCK / 32; ++wi) v += warp_sums[wi][threadIdx.x];
-        out[(pycnn_i64)blockIdx.y * K * Q + (pycnn_i64)k * Q + threadIdx.x] = v;
-    }
+    pycnn_narrow_finish<PYCNN_CONV_NARROW_MAX>(warp_sums, Q, acc_db, out, db_out, bias_grad, K, k);
 }
 
 // The narrow weight gradient of one input channel with a compile-time R x S filter (the first
 // layers of the MNIST models: 3x3, 5x5): no tap table, so 9 or 25 accumulators and a few
-// indices are all the registers it needs (40 and 56 instead of 128): three times the resident warps
+// indices are all the registers it needs (40 and 64 instead of 128): three times the resident warps
 // to hide the loads with, and no bounds checks for windows inside the image (all of them
 // without padding). Same thread-to-index assignment and reduction order as the generic kernel.
+// Launch bounds: 3x3 asks for six blocks per SM (40 registers, no spills; left alone it took 48
+// once the bias accumulator and the pixel walk came in, five blocks); 5x5 for four (64
+// registers: six would spill).
 // Launch: as conv2d_bwd_weight_narrow_f32 (C must be 1).
 template <int R, int S>
 __device__ __forceinline__ void pycnn_conv_bwd_weight_narrow_c1(const float* __restrict__ dy,
                                                                 const float* __restrict__ x, float* __restrict__ out,
+                                                                float* __restrict__ db_out, int bias_grad,
                                                                 int N, int H, int W, int K, int Ho, int Wo,
                                                                 int sh, int sw, int ph, int pw, int chunk) {
     constexpr int Q = R * S;
-    __shared__ float warp_sums[PYCNN_BLOCK / 32][Q];
+    __shared__ float warp_sums[PYCNN_BLOCK / 32][Q + 1];
     const int HoWo = Ho * Wo, k = blockIdx.x;
-    float acc[Q];
+    float acc[Q], acc_db = 0.0f;
 #pragma unroll
     for (int q = 0; q < Q; ++q) acc[q] = 0.0f;
     const int total = N * HoWo;
@@ -1244,6 +1294,7 @@ __device__ __forceinline__ void pycnn_conv_bwd_weight_narrow_c1(const float* __r
         const float d = dy[((pycnn_i64)n * K + k) * HoWo + i * Wo + j];
         const int h0 = i * sh - ph, w0 = j * sw - pw;
         const float* xw = x + (pycnn_i64)n * H * W;
+        acc_db += d;
         if (h0 >= 0 && w0 >= 0 && h0 + R <= H && w0 + S <= W) {
             const float* xr = xw + h0 * W + w0;
 #pragma unroll
@@ -1267,28 +1318,23 @@ __device__ __forceinline__ void pycnn_conv_bwd_weight_narrow_c1(const float* __r
         const float v = pycnn_warp_sum(acc[q]);
         if (lane == 0) warp_sums[warp][q] = v;
     }
-    __syncthreads();
-    if (threadIdx.x < Q) {
-        float v = 0.0f;
-        for (int wi = 0; wi < PYCNN_BLOCK / 32; ++wi) v += warp_sums[wi][threadIdx.x];
-        out[(pycnn_i64)blockIdx.y * K * Q + (pycnn_i64)k * Q + threadIdx.x] = v;
-    }
+    pycnn_narrow_finish<Q>(warp_sums, Q, acc_db, out, db_out, bias_grad, K, k);
 }
 
-extern "C" __global__ void conv2d_bwd_weight_narrow_c1_3x3_f32(
+extern "C" __global__ void __launch_bounds__(PYCNN_BLOCK, 6) conv2d_bwd_weight_narrow_c1_3x3_f32(
     const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ out,
-    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
+    float* __restrict__ db_out, int bias_grad, int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
     int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: ends with a block reduction (__syncthreads); C == 1, R == S == 3 (host-checked)
-    pycnn_conv_bwd_weight_narrow_c1<3, 3>(dy, x, out, N, H, W, K, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_bwd_weight_narrow_c1<3, 3>(dy, x, out, db_out, bias_grad, N, H, W, K, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
-extern "C" __global__ void conv2d_bwd_weight_narrow_c1_5x5_f32(
+extern "C" __global__ void __launch_bounds__(PYCNN_BLOCK, 4) conv2d_bwd_weight_narrow_c1_5x5_f32(
     const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ out,
-    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
+    float* __restrict__ db_out, int bias_grad, int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
     int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: ends with a block reduction (__syncthreads); C == 1, R == S == 5 (host-checked)
-    pycnn_conv_bwd_weight_narrow_c1<5, 5>(dy, x, out, N, H, W, K, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_bwd_weight_narrow_c1<5, 5>(dy, x, out, db_out, bias_grad, N, H, W, K, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
 // ---------------------------------------------------------------------------------------------

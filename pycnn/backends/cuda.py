@@ -962,16 +962,19 @@ def _conv_splits(count: int, blocks: int, minimum: int, align: int,
     return -(-count // chunk), chunk
 
 
-def _conv_backward_weight_run(version: str, dev: int, dy, x, dw, geom: tuple) -> None:
+def _conv_backward_weight_run(version: str, dev: int, dy, x, dw, geom: tuple, db=None) -> bool:
+    """dw of ``version``; with ``db`` given, v3/v4 (GEMM and narrow kernels) also sum the bias
+    gradient into it in the same pass over dy. Returns whether db was written."""
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
     args = (dy, x, dw, _i32(N), _i32(C), _i32(H), _i32(W), _i32(K), _i32(R), _i32(S),
             _i32(Ho), _i32(Wo), _i32(sh), _i32(sw), _i32(ph), _i32(pw))
     if version == "1":
         _launch(dev, "conv2d.cu", "conv2d_bwd_weight_v1_f32", (dw.size,), (BLOCK,), args)
-        return
+        return False
     if version == CONV_WINOGRAD_VERSION:
         _conv_winograd_weight_run(dev, dy, x, dw, geom)
-        return
+        return False
+    fused_db = db is not None and version in ("3", CONV_TF32_VERSION)
     if version in ("3", CONV_TF32_VERSION) and C * R * S <= min(_CONV_NARROW_TAPS, DEFINES["PYCNN_CONV_NARROW_MAX"]):
         # A first layer (C*R*S taps, e.g. 9 or 25): register accumulators per tap, not a GEMM tile
         # that would be mostly empty (exact fp32 for v4 too: there is no product to speed up).
@@ -992,12 +995,21 @@ def _conv_backward_weight_run(version: str, dev: int, dy, x, dw, geom: tuple) ->
         kernel = f"conv2d_bwd_weight_v{version}{suffix}_f32"
         grid = ((C * R * S + bn - 1) // bn, (K + bm - 1) // bm, splits)
         block, extra, smem = (_CONV3_THREADS,), chunk, 0
-    if splits == 1:  # one partial: the kernel writes dw itself
-        _launch(dev, "conv2d.cu", kernel, grid, block, args + (_i32(extra),), shared_mem=smem)
-        return
-    partial = _split_workspace(dev, splits, dw.size)
-    _launch(dev, "conv2d.cu", kernel, grid, block, (dy, x, partial) + args[3:] + (_i32(extra),), shared_mem=smem)
-    _split_reduce(dev, partial, dw, splits)
+    # v3/v4 and narrow kernels take (db or its split partials, bias_grad) after dw; v2 does not.
+    # One split: the kernel writes dw (and db) itself; else split partials, reduced in order.
+    if splits == 1:
+        dw_out, db_out = dw, db
+    else:
+        partial = _split_workspace(dev, splits, dw.size + (K if fused_db else 0))
+        dw_out, db_out = partial[:splits * dw.size], partial[splits * dw.size:]
+    db_args = () if version == "2" else ((db_out, _i32(1)) if fused_db else (dw_out, _i32(0)))
+    _launch(dev, "conv2d.cu", kernel, grid, block, (dy, x, dw_out) + db_args + args[3:] + (_i32(extra),),
+            shared_mem=smem)
+    if splits > 1:
+        _split_reduce(dev, dw_out, dw, splits)
+        if fused_db:
+            _split_reduce(dev, db_out, db, splits)
+    return fused_db
 
 
 def conv2d_backward_weight(dy, x, w_shape, stride, padding, *, version: str | None = None,
@@ -1028,7 +1040,8 @@ def conv2d_backward_weight(dy, x, w_shape, stride, padding, *, version: str | No
     elif dw.size:
         version_ran = _conv_pick("backward_weight", dev, geom, version, allow_tf32,
                                  lambda v: _conv_backward_weight_run(v, dev, dy, x, dw, geom))
-        _conv_backward_weight_run(version_ran, dev, dy, x, dw, geom)
+        if _conv_backward_weight_run(version_ran, dev, dy, x, dw, geom, db):
+            return dw, db  # the kernel summed the bias gradient too
     _bias_grad_into(dev, dy, db)
     return dw, db
 

@@ -248,14 +248,17 @@ def test_split_weight_gradient_is_deterministic(emulated, version):
     # 4 images of 16x16 outputs: v2 splits the images, v3/v4 split Kd = 1024 in two.
     shape = (4, 2, 16, 16, 3, 3, 3, (1, 1), (1, 1))
     x, w, b, dy = data(shape, seed=5)
-    first, _ = cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1), version=version,
-                                           allow_tf32=version == "4")
-    assert "conv2d_split_reduce_f32" in emulated, "the split path did not run"
-    second, _ = cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1), version=version,
+    first, db = cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1), version=version,
                                             allow_tf32=version == "4")
-    assert first.tobytes() == second.tobytes()
+    assert "conv2d_split_reduce_f32" in emulated, "the split path did not run"
+    # v3/v4 sum the bias gradient inside the GEMM (exact fp32 in v4 too); v2 runs bias_grad_f32.
+    assert ("bias_grad_f32" in emulated) == (version == "2"), emulated
+    second, db2 = cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1), version=version,
+                                              allow_tf32=version == "4")
+    assert first.tobytes() == second.tobytes() and db.tobytes() == db2.tobytes()
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
-    want = ref.conv2d_backward_weight(dy64, x64, w.shape, (1, 1), (1, 1))[0]
+    want, want_db = ref.conv2d_backward_weight(dy64, x64, w.shape, (1, 1), (1, 1))
+    np.testing.assert_allclose(db, want_db, rtol=1e-5, atol=fp32_atol(1024))
     if version == "4":
         products = ref.conv2d_backward_weight(np.abs(dy64), np.abs(x64), w.shape, (1, 1), (1, 1))[0]
         assert np.all(np.abs(first - want) <= tf32_bound(1024, products))
@@ -718,6 +721,7 @@ def test_narrow_weight_gradient(emulated, monkeypatch, version, name, min_k):
     fixed = C == 1 and (R, S) in ((3, 3), (5, 5))
     kernel = f"conv2d_bwd_weight_narrow_c1_{R}x{S}_f32" if fixed else "conv2d_bwd_weight_narrow_f32"
     assert kernel in emulated, emulated  # one channel of 3x3 / 5x5: the compile-time-tap kernels
+    assert "bias_grad_f32" not in emulated, emulated  # db summed in the same pass
     N, K, (Ho, Wo) = shape[0], shape[4], dy.shape[2:]
     splits, _ = cuda._conv_splits(N * Ho * Wo, K, min_k, 32, target=cuda._CONV_NARROW_TARGET_BLOCKS)
     assert splits > 1 or min_k == 1024
