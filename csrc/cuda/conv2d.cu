@@ -310,7 +310,7 @@ struct PycnnConvGemm {
     int M, Ncols, Kd;      // the GEMM
     int k_begin, k_end;    // the part of Kd this block reduces over
     pycnn_i64 split_stride;  // forward / bwd-data split-K: elements between the partial outputs
-    int batch;             // batched GEMMs (v5): which matrix of the batch
+    int batch;             // batched GEMMs (v5): which matrix (a_src, b_src point at A[b], B[b])
     float* db_out;         // bwd-weight with bias_grad: db (or its split partials, M apart)
     int bias_grad;
 };
@@ -396,82 +396,87 @@ struct PycnnConvLoader {
     int a_row, a_k;        // A: rows a_row + 64*rr of the tile, reduction indices a_k .. a_k+3
 };
 
-// Address of A[ma][k0 + kk] (A as in the file header), or nullptr where the element is zero
-// (row past M, or reduction index past the block's range: tab row slot 0 is -1 there).
+// Element offsets for the tile loads. Each returns whether the element is nonzero data and
+// sets off (from a_src / b_src) only then matters; the callers copy from src + (ok ? off : 0)
+// with the zero-fill flag (src itself is always a valid address). Predicates and a select, no
+// branches and no null pointers: written with early returns that yield nullptr, these loads
+// compiled to a divergent branch, a 64-bit null test and two selects per element, about a
+// third of the v3 main loop's instructions.
+//
+// A[ma][k0 + kk] (A as in the file header): zero past row M or past the block's reduction range
+// (tab row slot 0 is -1 there).
 template <int MODE>
-__device__ __forceinline__ const float* pycnn_conv_a_elem(const PycnnConvGemm& p, const int (*tab)[PYCNN_CONV_TAB], int k0,
-                                                          int ma, int kk) {
-    if (ma >= p.M) return nullptr;
+__device__ __forceinline__ bool pycnn_conv_a_elem(const PycnnConvGemm& p, const int (*tab)[PYCNN_CONV_TAB], int k0,
+                                                  int ma, int kk, int& off) {
     if (MODE == PYCNN_CONV_FWD || MODE >= PYCNN_CONV_BATCHED_GEMM) {  // w[k=ma, kd] or A[b][ma][kd]
         const int kd = k0 + kk;
-        const pycnn_i64 row = MODE == PYCNN_CONV_FWD ? ma : (pycnn_i64)p.batch * p.M + ma;
-        return kd < p.k_end ? p.a_src + row * p.Kd + kd : nullptr;
+        off = ma * p.Kd + kd;
+        return (ma < p.M) & (kd < p.k_end);
     }
     const int t0 = tab[kk][0];
-    if (t0 < 0) return nullptr;
-    if (MODE == PYCNN_CONV_BWD_DATA) return p.a_src + t0 + ma * p.R * p.S;  // w[k, c=ma, r, s]
-    return p.a_src + (pycnn_i64)ma * p.Ho * p.Wo + t0;                        // dy[img, k=ma, pix]
+    if (MODE == PYCNN_CONV_BWD_DATA) off = t0 + ma * p.R * p.S;  // w[k, c=ma, r, s]
+    else off = ma * p.Ho * p.Wo + t0;                            // dy[img, k=ma, pix]
+    return (ma < p.M) & (t0 >= 0);
 }
 
-// Address of B[kd][column] for the tab row t of kd, or nullptr where B is zero: outside the
-// tensor (that is the zero padding) or, in bwd-data, at a position no output reads.
+// B[kd][column] for the tab row t of kd: zero outside the tensor (that is the zero padding) or,
+// in bwd-data, at a position no output reads.
 template <int MODE>
-__device__ __forceinline__ const float* pycnn_conv_b_elem(const PycnnConvGemm& p, const PycnnConvLoader& L,
-                                                          const int* t) {
-    if (!L.nb_ok || t[0] < 0) return nullptr;
+__device__ __forceinline__ bool pycnn_conv_b_elem(const PycnnConvGemm& p, const PycnnConvLoader& L, const int* t,
+                                                  int& off) {
+    // (& rather than &&: every operand is already loaded, so no short-circuit branches)
+    const bool ok = L.nb_ok & (t[0] >= 0);
     if (MODE == PYCNN_CONV_FWD) {  // x[img, c, i*sh - ph + r, j*sw - pw + s]
         const int h = L.cb1 + t[1], ww = L.cb2 + t[2];
-        if ((unsigned)h >= (unsigned)p.H || (unsigned)ww >= (unsigned)p.W) return nullptr;  // < 0 wraps
-        return p.b_src + L.cb0 + t[0];  // cb0 + t0 = img*C*H*W + c*H*W + h*W + ww
+        off = L.cb0 + t[0];  // = img*C*H*W + c*H*W + h*W + ww
+        return ok & ((unsigned)h < (unsigned)p.H) & ((unsigned)ww < (unsigned)p.W);  // < 0 wraps
     } else if (MODE == PYCNN_CONV_BWD_DATA) {
         // dy[img, k, i, j] with i*sh = h + ph - r: only integral, in-range i count. Without a
         // division: h + ph - r is a multiple of sh exactly when (h + ph) % sh == r % sh, and then
         // i = (h + ph)/sh - r/sh (likewise j); the loader holds the column's quotients (cb1, cb2)
         // and remainder pair (cb3), the tab row those of (r, s) (a runtime division per element
         // here was most of this loop's instructions).
-        if (t[4] != L.cb3) return nullptr;
         const int i = L.cb1 - t[2], j = L.cb2 - t[3];
-        if ((unsigned)i >= (unsigned)p.Ho || (unsigned)j >= (unsigned)p.Wo) return nullptr;  // < 0 wraps
-        return p.b_src + L.cb0 + t[1];  // cb0 + t1 = img*K*Ho*Wo + k*Ho*Wo + i*Wo + j
-    } else if (MODE == PYCNN_CONV_BATCHED_GEMM) {  // B[b][kd][column]
-        return p.b_src + (pycnn_i64)p.batch * p.Kd * p.Ncols + t[0] + L.cb0;
+        off = L.cb0 + t[1];  // = img*K*Ho*Wo + k*Ho*Wo + i*Wo + j
+        return ok & (t[4] == L.cb3) & ((unsigned)i < (unsigned)p.Ho) & ((unsigned)j < (unsigned)p.Wo);
+    } else if (MODE == PYCNN_CONV_BATCHED_GEMM) {  // B[b][kd][column] (b_src points at B[b])
+        off = t[0] + L.cb0;
+        return ok;
     } else {                       // x[img, c, i*sh - ph + r, j*sw - pw + s], kd = (img, i, j)
         const int h = t[2] + L.cb1, ww = t[3] + L.cb2;
-        if ((unsigned)h >= (unsigned)p.H || (unsigned)ww >= (unsigned)p.W) return nullptr;  // < 0 wraps
-        return p.b_src + t[1] + L.cb0;  // t1 + cb0 = img*C*H*W + c*H*W + h*W + ww
+        off = t[1] + L.cb0;  // = img*C*H*W + c*H*W + h*W + ww
+        return ok & ((unsigned)h < (unsigned)p.H) & ((unsigned)ww < (unsigned)p.W);
     }
 }
 
-// Four consecutive reduction values of one row of A (or of B given transposed) into column col,
-// rows kk .. kk+3, of a transposed shared tile. elem(q) is the address of value q, or nullptr
-// where it is zero. ASYNC: cp.async copies; otherwise loads through registers, one float4 where
-// the four values are contiguous and 16-byte aligned (the element offsets grow by at least 1
-// per reduction index in every mode, so last == first + 3 means contiguous).
+// One element into shared memory: cp.async (zero-fill where !ok) or a load through a register.
+template <bool ASYNC>
+__device__ __forceinline__ void pycnn_conv_load_elem(float* dst, const float* src, bool ok, int off) {
+    if (ASYNC) pycnn_cp_async_f32(dst, src + (ok ? off : 0), ok);
+    else *dst = ok ? src[off] : 0.0f;
+}
+
+// Four consecutive reduction values of one row of A (or of B given transposed) from src into
+// column col, rows kk .. kk+3, of a transposed shared tile; elem(q, off) says whether value q is
+// data and where (as pycnn_conv_a_elem). ASYNC: cp.async copies; otherwise loads through
+// registers, one float4 where the four values are contiguous and 16-byte aligned (the element
+// offsets grow by at least 1 per reduction index in every mode, so off3 == off0 + 3 means
+// contiguous).
 template <int PITCH, bool ASYNC, class Elem>
-__device__ __forceinline__ void pycnn_conv_load_quad(float (*dst)[PITCH], int kk, int col, const float* any_valid,
+__device__ __forceinline__ void pycnn_conv_load_quad(float (*dst)[PITCH], int kk, int col, const float* src,
                                                      Elem elem) {
-    if (ASYNC) {
+    int off[4];
+    bool ok[4];
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const float* e = elem(q);
-            pycnn_cp_async_f32(&dst[kk + q][col], e ? e : any_valid, e != nullptr);
-        }
-    } else {
-        float v4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        const float* first = elem(0);
-        const float* last = elem(3);
-        if (first && last == first + 3 && (reinterpret_cast<unsigned long long>(first) & 15ull) == 0) {
-            const float4 v = *reinterpret_cast<const float4*>(first);
-            v4[0] = v.x; v4[1] = v.y; v4[2] = v.z; v4[3] = v.w;
-        } else {
-            for (int q = 0; q < 4; ++q) {
-                const float* e = elem(q);
-                if (e) v4[q] = *e;
-            }
-        }
-#pragma unroll
-        for (int q = 0; q < 4; ++q) dst[kk + q][col] = v4[q];
+    for (int q = 0; q < 4; ++q) ok[q] = elem(q, off[q]);
+    if (!ASYNC && ok[0] && ok[3] && off[3] == off[0] + 3 &&
+        (reinterpret_cast<unsigned long long>(src + off[0]) & 15ull) == 0) {
+        const float4 v = *reinterpret_cast<const float4*>(src + off[0]);
+        dst[kk][col] = v.x; dst[kk + 1][col] = v.y; dst[kk + 2][col] = v.z; dst[kk + 3][col] = v.w;
+        return;
     }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) pycnn_conv_load_elem<ASYNC>(&dst[kk + q][col], src, ok[q], off[q]);
 }
 
 // Stage the A (BM x BK, stored transposed As[k][m] so both compute loops read rows) and B
@@ -492,8 +497,9 @@ __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, con
         const int row = L.a_row + 64 * rr;
         if (BM < 64 && row >= BM) break;  // 32-row tiles: threads 128..255 load no A
         const int ma = L.m0 + row;
-        pycnn_conv_load_quad<BM + PYCNN_CONV3_PAD, ASYNC>(
-            As, L.a_k, row, p.a_src, [&](int q) { return pycnn_conv_a_elem<MODE>(p, tab, k0, ma, L.a_k + q); });
+        pycnn_conv_load_quad<BM + PYCNN_CONV3_PAD, ASYNC>(As, L.a_k, row, p.a_src, [&](int q, int& off) {
+            return pycnn_conv_a_elem<MODE>(p, tab, k0, ma, L.a_k + q, off);
+        });
     }
     if constexpr (MODE == PYCNN_CONV_BATCHED_GEMM_NT) {
         // B given transposed (Ncols x Kd, contiguous along the reduction): loaded like A, four
@@ -502,22 +508,19 @@ __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, con
         for (int rr = 0; rr < BN / 64; ++rr) {
             const int row = L.a_row + 64 * rr;
             const int n = L.n0 + row;
-            const float* src = p.b_src + ((pycnn_i64)p.batch * p.Ncols + n) * p.Kd;
-            pycnn_conv_load_quad<BN + PYCNN_CONV3_PAD, ASYNC>(Bs, L.a_k, row, p.b_src, [&](int q) {
+            pycnn_conv_load_quad<BN + PYCNN_CONV3_PAD, ASYNC>(Bs, L.a_k, row, p.b_src, [&](int q, int& off) {
                 const int kd = k0 + L.a_k + q;
-                return (n < p.Ncols && kd < p.k_end) ? src + kd : nullptr;
+                off = n * p.Kd + kd;
+                return (n < p.Ncols) & (kd < p.k_end);
             });
         }
     } else {
 #pragma unroll
         for (int q = 0; q < BK / B_STEP; ++q) {
             const int row = L.b_row + q * B_STEP;
-            const float* e = pycnn_conv_b_elem<MODE>(p, L, tab[row]);
-            if (ASYNC) {
-                pycnn_cp_async_f32(&Bs[row][L.b_col], e ? e : p.b_src, e != nullptr);
-            } else {
-                Bs[row][L.b_col] = e ? *e : 0.0f;
-            }
+            int off;
+            const bool ok = pycnn_conv_b_elem<MODE>(p, L, tab[row], off);
+            pycnn_conv_load_elem<ASYNC>(&Bs[row][L.b_col], p.b_src, ok, off);
         }
     }
 }
@@ -1471,10 +1474,12 @@ template <int T>
 __device__ __forceinline__ void pycnn_wino_gemm(const float* A, const float* B, float* Cm, int M, int Ncols,
                                                 int Kd) {
     PycnnConvGemm p = pycnn_conv_params(0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0);
-    p.a_src = A; p.b_src = B; p.out = Cm;
+    p.batch = blockIdx.z;
+    p.a_src = A + (pycnn_i64)p.batch * M * Kd;  // the loads index inside matrix b in int32
+    p.b_src = B + (pycnn_i64)p.batch * Kd * Ncols;
+    p.out = Cm;
     p.M = M; p.Ncols = Ncols; p.Kd = Kd;
     p.k_begin = 0; p.k_end = Kd;
-    p.batch = blockIdx.z;
     pycnn_conv_igemm<PYCNN_CONV_BATCHED_GEMM, false, T, T>(p);
 }
 
@@ -1575,9 +1580,11 @@ template <int T>
 __device__ __forceinline__ void pycnn_wino_wgrad_gemm(const float* Y, const float* V, float* partial, int K, int C,
                                                       int P, int chunk) {
     PycnnConvGemm p = pycnn_conv_params(0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0);
-    p.a_src = Y; p.b_src = V; p.out = partial;
-    p.M = K; p.Ncols = C; p.Kd = P;
     p.batch = blockIdx.z % 36;
+    p.a_src = Y + (pycnn_i64)p.batch * K * P;  // the loads index inside matrix e in int32
+    p.b_src = V + (pycnn_i64)p.batch * C * P;
+    p.out = partial;
+    p.M = K; p.Ncols = C; p.Kd = P;
     p.k_begin = (blockIdx.z / 36) * chunk;
     p.k_end = min(P, p.k_begin + chunk);
     pycnn_conv_igemm<PYCNN_CONV_BATCHED_GEMM_NT, false, T, T>(p);
