@@ -243,9 +243,12 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
         dw, db = cuda.conv2d_backward_weight(dy, x, w.shape, (2, 1), (1, 0), version=version, allow_tf32=True)
         assert dw.shape == w.shape and db.shape == (4,)
         if version == "3":  # one channel of 3x3 and 5x5: the compile-time-tap narrow kernels
-            for r in (3, 5):
+            for r in (3, 5):  # (and the narrow forward kernels)
                 x1 = _f(2, 1, 9, 8)
                 cuda.conv2d_backward_weight(_f(2, 4, 10 - r, 9 - r), x1, (4, 1, r, r), (1, 1), (0, 0), version="3")
+                assert cuda.conv2d_forward(x1, _f(4, 1, r, r), None, (1, 1), (0, 0), version="3").shape == \
+                    (2, 4, 10 - r, 9 - r)
+                assert launches[-1] == f"conv2d_fwd_narrow_c1_{r}x{r}_f32"
         if version == "3":  # 4 filters took the 32x128 tile; 40 the 64x64 one
             x40, w40 = _f(2, 5, 9, 7), _f(40, 5, 3, 2)  # 30 taps: past the narrow kernel
             dy40 = _f(2, 40, 5, 6)

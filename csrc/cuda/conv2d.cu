@@ -42,6 +42,8 @@
 //   64-wide tile would be mostly empty: register accumulators per filter tap, split over images;
 //   conv2d_bwd_weight_narrow_c1_3x3_f32, conv2d_bwd_weight_narrow_c1_5x5_f32: the same for one
 //   channel and a compile-time filter size (a third of the registers).
+//   conv2d_fwd_narrow_c1_3x3_f32, conv2d_fwd_narrow_c1_5x5_f32: the forward of one channel and a
+//   3x3 / 5x5 filter, one thread per output pixel for all filters (no 9- or 25-deep GEMM tile).
 //   A BM x BN block of C per 256-thread block, staged through BK-deep shared-memory tiles of A
 //   and B that all threads load cooperatively; each thread accumulates a TM x TN register tile
 //   with fmaf, reading it from shared memory as float4s. The tiles are double-buffered: while the
@@ -1338,6 +1340,77 @@ extern "C" __global__ void __launch_bounds__(PYCNN_BLOCK, 4) conv2d_bwd_weight_n
     int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: ends with a block reduction (__syncthreads); C == 1, R == S == 5 (host-checked)
     pycnn_conv_bwd_weight_narrow_c1<5, 5>(dy, x, out, db_out, bias_grad, N, H, W, K, Ho, Wo, sh, sw, ph, pw, chunk);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Narrow forward (v3/v4 for one input channel and a 3x3 or 5x5 filter: the first layers of the
+// MNIST models). As a GEMM its reduction is 9 or 25 deep, a single 16-deep stage or two, so the
+// tile machinery (staging, tab decode, barriers) is most of the work and the y stores are the
+// only real cost: MnistCNN conv1 took 33 us at batch 512 for 44 MB of output. Here each thread
+// takes one output pixel (n, i, j): its R x S inputs go to registers once, and the filters,
+// staged in shared memory with rows padded to a multiple of four (float4 reads; every thread
+// reads the same address: a broadcast), give all K outputs, each stored coalesced (consecutive
+// threads, consecutive pixels). The sum runs over the taps in order from zero with fmaf, then
+// bias and ReLU: the order of the unsplit v3 kernel (which is what v3 runs here: 9 or 25
+// products never split), so the results are bitwise the same.
+// Launch: grid (ceil(N*Ho*Wo / PYCNN_BLOCK),), block (PYCNN_BLOCK,); K * PYCNN_NARROW_FWD_PITCH(R*S)
+// <= PYCNN_CONV_NARROW_FWD_MAX_W (host-checked).
+#ifndef PYCNN_CONV_NARROW_FWD_MAX_W
+#define PYCNN_CONV_NARROW_FWD_MAX_W 2048
+#endif
+#define PYCNN_NARROW_FWD_PITCH(q) (((q) + 3) / 4 * 4)
+template <int R, int S>
+__device__ __forceinline__ void pycnn_conv_fwd_narrow_c1(const float* __restrict__ x, const float* __restrict__ w,
+                                                         const float* __restrict__ b, float* __restrict__ y,
+                                                         int has_bias, int relu, int N, int H, int W, int K,
+                                                         int Ho, int Wo, int sh, int sw, int ph, int pw) {
+    constexpr int Q = R * S, QP = PYCNN_NARROW_FWD_PITCH(Q);
+    __shared__ __align__(16) float ws[PYCNN_CONV_NARROW_FWD_MAX_W];
+    for (int e = threadIdx.x; e < K * QP; e += blockDim.x) {
+        const int k = e / QP, q = e - k * QP;
+        ws[e] = q < Q ? w[k * Q + q] : 0.0f;
+    }
+    __syncthreads();
+    const int HoWo = Ho * Wo;
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;  // y has < 2^31 elements (host-checked)
+    if (idx >= N * HoWo) return;
+    const int n = idx / HoWo, pix = idx - n * HoWo, i = pix / Wo, j = pix - i * Wo;
+    const int h0 = i * sh - ph, w0 = j * sw - pw;
+    const float* xn = x + (pycnn_i64)n * H * W;
+    float xv[Q];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int s2 = 0; s2 < S; ++s2) {
+            const int h = h0 + r, ww = w0 + s2;
+            xv[r * S + s2] = ((unsigned)h < (unsigned)H && (unsigned)ww < (unsigned)W) ? xn[h * W + ww] : 0.0f;
+        }
+    float* yp = y + (pycnn_i64)n * K * HoWo + pix;
+    for (int k = 0; k < K; ++k) {
+        const float* wk = ws + k * QP;
+        float acc = 0.0f;
+#pragma unroll
+        for (int q = 0; q < Q; ++q) acc = fmaf(wk[q], xv[q], acc);
+        if (has_bias) acc += b[k];
+        if (relu) acc = acc > 0.0f ? acc : 0.0f;
+        yp[(pycnn_i64)k * HoWo] = acc;
+    }
+}
+
+extern "C" __global__ void conv2d_fwd_narrow_c1_3x3_f32(
+    const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+    float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
+    int Ho, int Wo, int sh, int sw, int ph, int pw) {
+    // cooperative: the filter staging synchronizes with __syncthreads; C == 1, R == S == 3 (host-checked)
+    pycnn_conv_fwd_narrow_c1<3, 3>(x, w, b, y, has_bias, relu, N, H, W, K, Ho, Wo, sh, sw, ph, pw);
+}
+
+extern "C" __global__ void conv2d_fwd_narrow_c1_5x5_f32(
+    const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+    float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
+    int Ho, int Wo, int sh, int sw, int ph, int pw) {
+    // cooperative: the filter staging synchronizes with __syncthreads; C == 1, R == S == 5 (host-checked)
+    pycnn_conv_fwd_narrow_c1<5, 5>(x, w, b, y, has_bias, relu, N, H, W, K, Ho, Wo, sh, sw, ph, pw);
 }
 
 // ---------------------------------------------------------------------------------------------

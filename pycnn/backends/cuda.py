@@ -52,6 +52,8 @@ DEFINES = {
     "PYCNN_CONV3_STAGES": 2,
     # taps (C*R*S) up to which v3/v4 compute the weight gradient with conv2d_bwd_weight_narrow_f32
     "PYCNN_CONV_NARROW_MAX": 25,
+    # shared-memory floats for the filters of conv2d_fwd_narrow_c1_*: K rows of R*S padded to 4
+    "PYCNN_CONV_NARROW_FWD_MAX_W": 2048,
 }
 SOURCES = ("conv2d.cu", "pool2d.cu", "activation.cu", "loss.cu", "optim.cu", "linear.cu")
 COMMON_HEADER = "common.cuh"
@@ -421,6 +423,19 @@ _CONV_NARROW_MIN_K = 1024
 # ... and about this many blocks in all: eight per SM (the one-channel kernels take 40-56
 # registers, six or more blocks fit; the generic one two).
 _CONV_NARROW_TARGET_BLOCKS = 1056
+
+
+def _conv_narrow_forward(C: int, K: int, R: int, S: int) -> str | None:
+    """The narrow forward kernel v3/v4 run for one input channel and a 3x3 / 5x5 filter (a
+    9- or 25-deep GEMM is all tile overhead), or None: conv2d_fwd_narrow_c1_{R}x{S}_f32 while
+    the K filters fit its shared memory."""
+    if C != 1 or (R, S) not in ((3, 3), (5, 5)) or not _CONV_NARROW_TAPS:
+        return None
+    if K * (-(-R * S // 4) * 4) > DEFINES["PYCNN_CONV_NARROW_FWD_MAX_W"]:
+        return None
+    return f"conv2d_fwd_narrow_c1_{R}x{S}_f32"
+
+
 _conv_tf32_capable: dict = {}  # device id -> compute capability >= 8.0
 _autotune_cache: dict = {}  # (direction, device, shapes, stride, padding, winograd, tf32) -> version
 _autotune_times: dict = {}  # the same key -> {version: median ms}, for benchmarks to report
@@ -751,6 +766,9 @@ def _conv_forward_run(version: str, dev: int, x, w, bias, y, has_bias: bool, rel
         tw, th, kpb = DEFINES["PYCNN_CONV2_TILE_W"], DEFINES["PYCNN_CONV2_TILE_H"], DEFINES["PYCNN_CONV2_KPB"]
         grid = ((Wo + tw - 1) // tw, (Ho + th - 1) // th, N * ((K + kpb - 1) // kpb))
         _launch(dev, "conv2d.cu", "conv2d_fwd_v2_f32", grid, (tw, th), args, shared_mem=_conv2_smem(R, S, sh, sw))
+    elif _conv_narrow_forward(C, K, R, S):  # first layers (exact fp32 under v4 too)
+        pixels = N * Ho * Wo
+        _launch(dev, "conv2d.cu", _conv_narrow_forward(C, K, R, S), ((pixels + BLOCK - 1) // BLOCK,), (BLOCK,), args)
     else:
         _conv3_output_gemm(dev, "forward", version, K, N * Ho * Wo, C * R * S, args, y, 3,
                            {"bias": bias if has_bias else None, "relu": relu, "inner": Ho * Wo, "channels": K})

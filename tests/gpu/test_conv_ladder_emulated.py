@@ -48,9 +48,10 @@ TF32_U = 2.0 ** -11  # relative rounding of an operand to TF32 (10 explicit mant
 
 @pytest.fixture(autouse=True)
 def gemm_weight_gradient(monkeypatch):
-    """The ladder tests hold v3/v4 to their 64x64 GEMM kernels: the narrow weight-gradient kernel
-    and the 32x128 tiles that would take these small shapes (C*R*S <= 25, at most 32 rows) have
-    their own tests (test_narrow_*, test_v3_tile_shapes, and m32 cases of the pipeline tests)."""
+    """The ladder tests hold v3/v4 to their 64x64 GEMM kernels: the narrow weight-gradient and
+    forward kernels and the 32x128 tiles that would take these small shapes (C*R*S <= 25, at most
+    32 rows) have their own tests (test_narrow_*, test_v3_tile_shapes, and m32 cases of the
+    pipeline tests)."""
     monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 0)
     monkeypatch.setattr(cuda, "_CONV3_M32_MAX_ROWS", 0)
 
@@ -732,6 +733,56 @@ def test_narrow_weight_gradient(emulated, monkeypatch, version, name, min_k):
     again, _ = cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding, version=version,
                                            allow_tf32=version == "4")
     assert again.tobytes() == dw.tobytes()
+
+
+# Narrow forward (one channel, 3x3 / 5x5): (N, C, H, W, K, R, S, stride, padding)
+NARROW_FWD_SHAPES = {
+    "3x3-pad": (3, 1, 9, 8, 5, 3, 3, (1, 1), (1, 1)),
+    "3x3-stride2-odd": (2, 1, 11, 9, 7, 3, 3, (2, 1), (1, 0)),
+    "5x5-pad2": (2, 1, 12, 13, 4, 5, 5, (1, 1), (2, 2)),
+    "5x5-more-pixels-than-a-block": (2, 1, 16, 15, 3, 5, 5, (1, 1), (0, 2)),  # 2*12*15 = 360 pixels
+}
+
+
+@pytest.mark.parametrize("version", ["3", "4"])
+@pytest.mark.parametrize("name", list(NARROW_FWD_SHAPES))
+def test_narrow_forward(emulated, monkeypatch, version, name):
+    """One channel and a 3x3 / 5x5 filter: conv2d_fwd_narrow_c1_* (exact fp32 under v4 too), with
+    and without bias and ReLU, bitwise equal to the 64x64 GEMM kernel (the same order of sums)."""
+    monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 25)
+    shape = NARROW_FWD_SHAPES[name]
+    _, _, _, _, _, R, S, stride, padding = shape
+    x, w, b, dy = data(shape, seed=17)
+    kw = dict(version=version, allow_tf32=version == "4")
+    y = cuda.conv2d_forward(x, w, b, stride, padding, **kw)
+    y_nobias = cuda.conv2d_forward(x, w, None, stride, padding, **kw)
+    y_relu = cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, **kw)
+    assert emulated == [f"conv2d_fwd_narrow_c1_{R}x{S}_f32"] * 3, emulated
+    want = reference(shape, x, w, b, dy)[0]
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=fp32_atol(R * S))
+    np.testing.assert_array_equal(y_relu, np.maximum(y, 0))
+    assert (y_relu == 0).any() and (y_relu > 0).any()
+    monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 0)  # the GEMM kernel, 64x64 tiles
+    gemm = [cuda.conv2d_forward(x, w, b, stride, padding, version="3"),
+            cuda.conv2d_forward(x, w, None, stride, padding, version="3"),
+            cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version="3")]
+    assert emulated[3:] == ["conv2d_fwd_v3_f32"] * 3, emulated
+    for got, same in zip((y, y_nobias, y_relu), gemm):
+        assert got.tobytes() == same.tobytes()
+
+
+def test_narrow_forward_only_where_it_applies(emulated, monkeypatch):
+    """Two channels, a 3x5 filter, or filters past the kernel's shared memory: the GEMM runs."""
+    monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 25)
+    assert cuda._conv_narrow_forward(1, 6, 5, 5) == "conv2d_fwd_narrow_c1_5x5_f32"
+    assert cuda._conv_narrow_forward(1, 73, 5, 5) == "conv2d_fwd_narrow_c1_5x5_f32"  # 73 * 28 <= 2048
+    for C, K, R, S in ((2, 8, 3, 3), (1, 8, 3, 5), (1, 74, 5, 5), (1, 171, 3, 3)):
+        assert cuda._conv_narrow_forward(C, K, R, S) is None, (C, K, R, S)
+    shape = (1, 2, 7, 6, 3, 3, 3, (1, 1), (1, 1))
+    x, w, b, dy = data(shape, seed=18)
+    y = cuda.conv2d_forward(x, w, b, (1, 1), (1, 1), version="3")
+    assert emulated == ["conv2d_fwd_v3_f32"], emulated
+    np.testing.assert_allclose(y, reference(shape, x, w, b, dy)[0], rtol=1e-5, atol=fp32_atol(18))
 
 
 def test_narrow_weight_gradient_only_for_few_taps(emulated, monkeypatch):
