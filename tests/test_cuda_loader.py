@@ -256,6 +256,10 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
             cuda.conv2d_backward_weight(dy40, x40, w40.shape, (2, 1), (1, 0), version="3")
             cuda.conv2d_backward_data(_f(2, 4, 5, 6), _f(4, 40, 3, 2), (2, 40, 9, 7), (2, 1), (1, 0), version="3")
         if version in ("3", "4"):  # 18 taps took the narrow kernel; the GEMM one too
+            with monkeypatch.context() as m:  # splits of 32 products: dw and db reduced in one launch
+                m.setattr(cuda, "_CONV_NARROW_MIN_K", 32)
+                cuda.conv2d_backward_weight(dy, x, w.shape, (2, 1), (1, 0), version=version, allow_tf32=True)
+                assert launches[-1] == "conv2d_wgrad_split_reduce_f32"
             with monkeypatch.context() as m:
                 m.setattr(cuda, "_CONV_NARROW_TAPS", 0)
                 cuda.conv2d_backward_weight(dy, x, w.shape, (2, 1), (1, 0), version=version, allow_tf32=True)

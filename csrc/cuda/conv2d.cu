@@ -34,7 +34,8 @@
 //                  long Kd is split over grid.z (split-K) into a partial-sum workspace that
 //                  conv2d_split_reduce_f32 adds in a fixed order: deterministic, no atomics.
 //                  With bias_grad the blocks of the first column tile also sum the rows of the A
-//                  tiles they stage, db[k] = sum over Kd of dy (per split, reduced the same way):
+//                  tiles they stage, db[k] = sum over Kd of dy (per split; then
+//                  conv2d_wgrad_split_reduce_f32 adds the dw and db partials in one launch):
 //                  the bias gradient without a second pass over dy.
 //   Forward and bwd-data split their reduction the same way when their output tiles are too
 //   few to fill the GPU (small layers); the split reduce then applies bias and ReLU.
@@ -1166,6 +1167,22 @@ extern "C" __global__ void conv2d_split_reduce_f32(
     const float* __restrict__ partial, float* __restrict__ out, int splits, long long count,
     const float* __restrict__ bias, int has_bias, int relu, long long inner, int channels) {
     pycnn_split_reduce(partial, out, splits, count, bias, has_bias, relu, inner, channels);
+}
+
+// The two split reductions of a weight gradient that summed its bias gradient too (v3/v4, the
+// narrow kernels), in one launch: elements e < count_w add dw's partials, the rest db's, each
+// exactly as conv2d_split_reduce_f32 would (double, splits in order: the same bits).
+extern "C" __global__ void conv2d_wgrad_split_reduce_f32(
+    const float* __restrict__ partial_w, float* __restrict__ dw, long long count_w,
+    const float* __restrict__ partial_b, float* __restrict__ db, long long count_b, int splits) {
+    PYCNN_FOR_EACH(e, count_w + count_b) {
+        const bool is_w = e < count_w;
+        const float* part = is_w ? partial_w : partial_b;
+        const pycnn_i64 count = is_w ? count_w : count_b, i = is_w ? e : e - count_w;
+        double s = 0.0;
+        for (int z = 0; z < splits; ++z) s += (double)part[(pycnn_i64)z * count + i];
+        (is_w ? dw : db)[i] = (float)s;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

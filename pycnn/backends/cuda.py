@@ -1023,10 +1023,11 @@ def _conv_backward_weight_run(version: str, dev: int, dy, x, dw, geom: tuple, db
     db_args = () if version == "2" else ((db_out, _i32(1)) if fused_db else (dw_out, _i32(0)))
     _launch(dev, "conv2d.cu", kernel, grid, block, (dy, x, dw_out) + db_args + args[3:] + (_i32(extra),),
             shared_mem=smem)
-    if splits > 1:
+    if splits > 1 and fused_db:  # both reductions in one launch
+        _launch(dev, "conv2d.cu", "conv2d_wgrad_split_reduce_f32", _grid1d(dw.size + db.size), (BLOCK,),
+                (dw_out, dw, _i64(dw.size), db_out, db, _i64(db.size), _i32(splits)))
+    elif splits > 1:
         _split_reduce(dev, dw_out, dw, splits)
-        if fused_db:
-            _split_reduce(dev, db_out, db, splits)
     return fused_db
 
 

@@ -251,8 +251,10 @@ def test_split_weight_gradient_is_deterministic(emulated, version):
     x, w, b, dy = data(shape, seed=5)
     first, db = cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1), version=version,
                                             allow_tf32=version == "4")
-    assert "conv2d_split_reduce_f32" in emulated, "the split path did not run"
-    # v3/v4 sum the bias gradient inside the GEMM (exact fp32 in v4 too); v2 runs bias_grad_f32.
+    # v3/v4 sum the bias gradient inside the GEMM (exact fp32 in v4 too) and reduce both splits
+    # in one launch; v2 runs bias_grad_f32.
+    reduce = "conv2d_split_reduce_f32" if version == "2" else "conv2d_wgrad_split_reduce_f32"
+    assert reduce in emulated, "the split path did not run"
     assert ("bias_grad_f32" in emulated) == (version == "2"), emulated
     second, db2 = cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1), version=version,
                                               allow_tf32=version == "4")
@@ -726,7 +728,7 @@ def test_narrow_weight_gradient(emulated, monkeypatch, version, name, min_k):
     N, K, (Ho, Wo) = shape[0], shape[4], dy.shape[2:]
     splits, _ = cuda._conv_splits(N * Ho * Wo, K, min_k, 32, target=cuda._CONV_NARROW_TARGET_BLOCKS)
     assert splits > 1 or min_k == 1024
-    assert ("conv2d_split_reduce_f32" in emulated) == (splits > 1), emulated
+    assert ("conv2d_wgrad_split_reduce_f32" in emulated) == (splits > 1), emulated
     _, _, want_dw, want_db = reference(shape, x, w, b, dy)
     np.testing.assert_allclose(dw, want_dw, rtol=1e-4, atol=fp32_atol(lengths(shape)[2]))
     np.testing.assert_allclose(db, want_db, rtol=1e-4, atol=fp32_atol(lengths(shape)[2]))
