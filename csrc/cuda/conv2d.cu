@@ -1408,6 +1408,10 @@ __device__ __forceinline__ void pycnn_conv_fwd_narrow_c1(const float* __restrict
         float acc = 0.0f;
 #pragma unroll
         for (int q = 0; q < Q; ++q) acc = fmaf(wk[q], xv[q], acc);
+        // The GEMM pads the reduction to a multiple of 16 with zeros, and fmaf(0, 0, -0) is +0:
+        // adding +0 (not an identity in IEEE arithmetic, so the compiler keeps it) makes a -0
+        // sum +0 here too, and the two kernels bitwise equal down to the sign of zero.
+        acc += 0.0f;
         if (has_bias) acc += b[k];
         if (relu) acc = acc > 0.0f ? acc : 0.0f;
         yp[(pycnn_i64)k * HoWo] = acc;

@@ -420,8 +420,9 @@ _CONV3_SPLIT_BELOW_BLOCKS = _CONV_SPLIT_TARGET_BLOCKS  # forward / bwd-data: spl
 # _CONV_NARROW_MIN_K products.
 _CONV_NARROW_TAPS = DEFINES["PYCNN_CONV_NARROW_MAX"]
 _CONV_NARROW_MIN_K = 1024
-# ... and about this many blocks in all: eight per SM (the one-channel kernels take 40-56
-# registers, six or more blocks fit; the generic one two).
+# ... and about this many blocks in all: eight per 132-SM GPU's SM, chosen when the one-channel
+# kernels fit six or more; now the 3x3 one is bounded to six blocks per SM (40 registers), the
+# 5x5 one to four (64) and the generic one to two, so the grid runs in more than one wave.
 _CONV_NARROW_TARGET_BLOCKS = 1056
 
 

@@ -155,8 +155,9 @@ class Sequential(Module):
     (functional's ``activation="relu"``: one kernel on backends that have it, one autograd node
     everywhere). Conv2d, ReLU, MaxPool2d runs as the convolution, then max-pool + ReLU: a ReLU
     commutes with a max (it never reorders values), so the values and gradients are exactly those of
-    the three modules, and the ReLU's backward touches the pooled output instead of the 2x2 (or
-    larger) times bigger convolution output. The values are the same as running the modules one
+    the three modules (for outputs without NaN: a NaN in a window is clipped to 0 before the max
+    in one order and after it in the other), and the ReLU's backward touches the pooled output
+    instead of the 2x2 (or larger) times bigger convolution output. The values are the same as running the modules one
     after the other; set ``fuse_relu = False`` on an instance to run every module separately (e.g.
     to inspect the output of the layer before its ReLU).
     """

@@ -773,6 +773,21 @@ def test_narrow_forward(emulated, monkeypatch, version, name):
         assert got.tobytes() == same.tobytes()
 
 
+def test_narrow_forward_signed_zero_as_the_gemm(emulated, monkeypatch):
+    """Sums that underflow to -0: the GEMM's zero-padded reduction rows make them +0, and so does
+    the narrow kernel (bitwise equal, sign of zero included)."""
+    x = np.zeros((1, 1, 6, 6), np.float32)
+    x[0, 0, 2, 2] = 1e-30
+    w = np.full((2, 1, 3, 3), -1e-20, np.float32)
+    outs = []
+    for taps in (25, 0):
+        monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", taps)
+        outs.append(cuda.conv2d_forward(x, w, None, (1, 1), (1, 1), version="3"))
+    assert emulated == ["conv2d_fwd_narrow_c1_3x3_f32", "conv2d_fwd_v3_f32"], emulated
+    assert (outs[0] == 0).all() and not np.signbit(outs[1]).any()
+    assert outs[0].tobytes() == outs[1].tobytes()
+
+
 def test_narrow_forward_only_where_it_applies(emulated, monkeypatch):
     """Two channels, a 3x5 filter, or filters past the kernel's shared memory: the GEMM runs."""
     monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 25)
