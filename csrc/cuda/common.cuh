@@ -15,6 +15,8 @@
 //                             arithmetic when the tensor allows it
 //   pycnn_split_reduce        second pass of a split-K product: partial sums added in a fixed
 //                             order, then the bias / ReLU epilogue
+//   pycnn_split_reduce_pair   two of them (no epilogue) in one grid: a weight gradient and the
+//                             bias gradient its kernel summed alongside
 #pragma once
 
 #ifndef PYCNN_BLOCK
@@ -111,5 +113,21 @@ __device__ __forceinline__ void pycnn_split_reduce(const float* __restrict__ par
         if (has_bias) v += bias[(e / inner) % channels];
         if (relu) v = v > 0.0f ? v : 0.0f;
         out[e] = v;
+    }
+}
+
+// Two split reductions in one grid (no epilogue): elements e < count_a sum partial_a into out_a,
+// the rest partial_b into out_b, each as pycnn_split_reduce (double, splits in order: the same
+// bits). A weight gradient and the bias gradient its kernel summed alongside.
+__device__ __forceinline__ void pycnn_split_reduce_pair(const float* __restrict__ partial_a, float* __restrict__ out_a,
+                                                        pycnn_i64 count_a, const float* __restrict__ partial_b,
+                                                        float* __restrict__ out_b, pycnn_i64 count_b, int splits) {
+    PYCNN_FOR_EACH(e, count_a + count_b) {
+        const bool is_a = e < count_a;
+        const float* part = is_a ? partial_a : partial_b;
+        const pycnn_i64 count = is_a ? count_a : count_b, i = is_a ? e : e - count_a;
+        double s = 0.0;
+        for (int z = 0; z < splits; ++z) s += (double)part[(pycnn_i64)z * count + i];
+        (is_a ? out_a : out_b)[i] = (float)s;
     }
 }

@@ -1175,14 +1175,7 @@ extern "C" __global__ void conv2d_split_reduce_f32(
 extern "C" __global__ void conv2d_wgrad_split_reduce_f32(
     const float* __restrict__ partial_w, float* __restrict__ dw, long long count_w,
     const float* __restrict__ partial_b, float* __restrict__ db, long long count_b, int splits) {
-    PYCNN_FOR_EACH(e, count_w + count_b) {
-        const bool is_w = e < count_w;
-        const float* part = is_w ? partial_w : partial_b;
-        const pycnn_i64 count = is_w ? count_w : count_b, i = is_w ? e : e - count_w;
-        double s = 0.0;
-        for (int z = 0; z < splits; ++z) s += (double)part[(pycnn_i64)z * count + i];
-        (is_w ? dw : db)[i] = (float)s;
-    }
+    pycnn_split_reduce_pair(partial_w, dw, count_w, partial_b, db, count_b, splits);
 }
 
 // ---------------------------------------------------------------------------------------------

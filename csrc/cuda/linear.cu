@@ -9,7 +9,9 @@
 //   forward   y  (N, OUT) = x (N, IN) @ w.T      A = x  (row-major),  B(k, n) = w[n, k]
 //   backward  dx (N, IN)  = dy (N, OUT) @ w      A = dy (row-major),  B = w (row-major)
 //             dw (OUT, IN) = dy.T @ x            A(m, k) = dy[k, m],  B = x (row-major)
-// (db = dy.sum(0) is bias_grad_f32 in activation.cu.)
+// db = dy.sum(0) is the row sums of that A: with sum_rows the blocks of the first column tile add
+// up each row of the A tiles they stage (in k order) into row_sums, per split; the dw GEMM gives
+// the bias gradient without a second pass over dy (bias_grad_f32 in activation.cu otherwise).
 //
 // Split-K: a Linear layer's outputs are few (64 x 64 for MnistCNN's fc1 at batch 64: one 64x64
 // tile) while its reduction is long (576), so one block would walk 36 stages while the
@@ -27,6 +29,8 @@
 //                     conflict-free and coalesced). Epilogue: + bias[n] (has_bias), then ReLU
 //                     (relu). Any M, N, K (tiles are bounds-checked; K = 0 gives bias or 0).
 //   linear_split_reduce_f32   the second pass of a split-K product (see above).
+//   linear_wgrad_split_reduce_f32  the second pass of a split dw GEMM with its row sums (db):
+//                     both reductions in one launch.
 #include "common.cuh"
 
 #ifndef PYCNN_GEMM_BM
@@ -55,7 +59,8 @@ extern "C" __global__ void linear_gemm_f32(const float* __restrict__ A, long lon
                                            long long sak, const float* __restrict__ B,
                                            long long sbk, long long sbn, float* __restrict__ C,
                                            int M, int N, int K, const float* __restrict__ bias,
-                                           int has_bias, int relu, int kchunk) {
+                                           int has_bias, int relu, int kchunk, float* __restrict__ row_sums,
+                                           int sum_rows) {
     // The +1 column of padding puts the transposed stores (one thread per k) into different banks.
     __shared__ float As[PYCNN_GEMM_BK][PYCNN_GEMM_BM + 1];
     __shared__ float Bs[PYCNN_GEMM_BK][PYCNN_GEMM_BN + 1];
@@ -71,6 +76,8 @@ extern "C" __global__ void linear_gemm_f32(const float* __restrict__ A, long lon
     float acc[PYCNN_GEMM_TM][PYCNN_GEMM_TN];
     for (int i = 0; i < PYCNN_GEMM_TM; ++i)
         for (int j = 0; j < PYCNN_GEMM_TN; ++j) acc[i][j] = 0.0f;
+    const bool sums_row = sum_rows && blockIdx.x == 0 && tid < PYCNN_GEMM_BM;  // row m0 + tid of A
+    float row_acc = 0.0f;
 
     for (int k0 = k_begin; k0 < k_end; k0 += PYCNN_GEMM_BK) {
         // Stage the tiles. Consecutive threads walk along whichever dimension is contiguous in
@@ -90,6 +97,8 @@ extern "C" __global__ void linear_gemm_f32(const float* __restrict__ A, long lon
             Bs[kk][nn] = (gn < N && gk < k_end) ? B[(pycnn_i64)gk * sbk + (pycnn_i64)gn * sbn] : 0.0f;
         }
         __syncthreads();
+        if (sums_row)
+            for (int kk = 0; kk < PYCNN_GEMM_BK; ++kk) row_acc += As[kk][tid];
         // Zero-filled tails make the full BK loop exact: the padded products add +0.0f, and
         // x + 0.0f == x for every x (also -0.0f + 0.0f = +0.0f, as cuBLAS/NumPy give for a 0 sum).
         for (int kk = 0; kk < PYCNN_GEMM_BK; ++kk) {
@@ -102,6 +111,7 @@ extern "C" __global__ void linear_gemm_f32(const float* __restrict__ A, long lon
         __syncthreads();  // the next stage overwrites the tiles
     }
 
+    if (sums_row && m0 + tid < M) row_sums[(pycnn_i64)blockIdx.z * M + m0 + tid] = row_acc;
     for (int i = 0; i < PYCNN_GEMM_TM; ++i) {
         const int m = m0 + ty + i * PYCNN_GEMM_THREADS_Y;
         if (m >= M) continue;
@@ -121,4 +131,11 @@ extern "C" __global__ void linear_split_reduce_f32(const float* __restrict__ par
                                                    int splits, long long count, const float* __restrict__ bias,
                                                    int has_bias, int relu, int N) {
     pycnn_split_reduce(partial, C, splits, count, bias, has_bias, relu, 1, N);
+}
+
+// dw = the sum of the split partials of C (M x N), db = that of the row sums (M), in one grid.
+extern "C" __global__ void linear_wgrad_split_reduce_f32(const float* __restrict__ partial, float* __restrict__ C,
+                                                         long long count, const float* __restrict__ partial_rows,
+                                                         float* __restrict__ rows, int M, int splits) {
+    pycnn_split_reduce_pair(partial, C, count, partial_rows, rows, M, splits);
 }

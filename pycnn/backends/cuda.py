@@ -1346,29 +1346,40 @@ def _gemm_splits(blocks: int, K: int) -> tuple[int, int]:
 
 
 def _gemm(dev: int, A, sam: int, sak: int, B, sbk: int, sbn: int, C, M: int, N: int, K: int,
-          bias=None, relu: bool = False) -> None:
+          bias=None, relu: bool = False, row_sums=None) -> bool:
     """C (M, N) = A @ B (+ bias[n]) (then ReLU) with linear_gemm_f32; A and B given by strides.
     Few output tiles split the reduction (_gemm_splits) and add the parts with
-    linear_split_reduce_f32, which applies the epilogue."""
+    linear_split_reduce_f32, which applies the epilogue. With ``row_sums`` (M,) the kernel also
+    writes the row sums of A into it (the bias gradient of the dw product); returns whether it did
+    (not when C is empty: nothing is launched)."""
     bm, bn = DEFINES["PYCNN_GEMM_BM"], DEFINES["PYCNN_GEMM_BN"]
     gx, gy = (N + bn - 1) // bn, (M + bm - 1) // bm
     if M == 0 or N == 0:
-        return
+        return False
     if gy > _MAX_GRID_YZ:
         raise ValueError(f"linear: {M} rows need {gy} row tiles, more than the {_MAX_GRID_YZ} "
                          f"a grid allows (batch at most {_MAX_GRID_YZ * bm})")
     block = (bn // DEFINES["PYCNN_GEMM_TN"], bm // DEFINES["PYCNN_GEMM_TM"])
     splits, kchunk = _gemm_splits(gx * gy, K)
-    out = C if splits == 1 else _split_workspace(dev, splits, M * N)
+    sums = row_sums is not None
+    if splits == 1:
+        out, rows_out = C, row_sums
+    else:  # split partials of C, then (with row sums) theirs
+        work = _split_workspace(dev, splits, M * N + (M if sums else 0))
+        out, rows_out = work[:splits * M * N], work[splits * M * N:]
     epilogue = splits == 1
     _launch(dev, "linear.cu", "linear_gemm_f32", (gx, gy, splits), block,
             (A, _i64(sam), _i64(sak), B, _i64(sbk), _i64(sbn), out, _i32(M), _i32(N), _i32(K),
              bias if bias is not None else C, _i32(epilogue and bias is not None),
-             _i32(epilogue and bool(relu)), _i32(kchunk)))
-    if not epilogue:
+             _i32(epilogue and bool(relu)), _i32(kchunk), rows_out if sums else out, _i32(sums)))
+    if not epilogue and sums:  # (the dw product: no bias, no ReLU) both reductions in one launch
+        _launch(dev, "linear.cu", "linear_wgrad_split_reduce_f32", _grid1d(M * N + M), (BLOCK,),
+                (out, C, _i64(M * N), rows_out, row_sums, _i32(M), _i32(splits)))
+    elif not epilogue:
         _launch(dev, "linear.cu", "linear_split_reduce_f32", _grid1d(M * N), (BLOCK,),
                 (out, C, _i32(splits), _i64(M * N), bias if bias is not None else C,
                  _i32(bias is not None), _i32(bool(relu)), _i32(N)))
+    return sums
 
 
 def _linear_checks(op: str, x, w, b, need_bias: bool) -> int:
@@ -1413,7 +1424,8 @@ def linear_bias_relu_forward(x, w, b):
 
 def linear_backward(dy, x, w):
     """(dx = dy @ w, dw = dy.T @ x, db = dy.sum(0)): two GEMMs (each split-K with a reduce pass
-    when its outputs are few) and bias_grad_f32.
+    when its outputs are few); the dw GEMM sums db from the dy tiles it stages (bias_grad_f32
+    only when dw is empty).
 
     Each output element is a fixed-order sum that depends on the shapes only (no atomics):
     deterministic.
@@ -1434,8 +1446,9 @@ def linear_backward(dy, x, w):
         dw = cupy.empty((OUT, IN), dtype=cupy.float32)
         db = cupy.empty((OUT,), dtype=cupy.float32)
     _gemm(dev, dy, OUT, 1, w, IN, 1, dx, N, IN, OUT)   # dx[n, i] = sum_o dy[n, o] w[o, i]
-    _gemm(dev, dy, 1, OUT, x, IN, 1, dw, OUT, IN, N)   # dw[o, i] = sum_n dy[n, o] x[n, i]
-    _bias_grad_into(dev, dy, db)
+    # dw[o, i] = sum_n dy[n, o] x[n, i]; db[o] = sum_n dy[n, o], the row sums of its A
+    if not _gemm(dev, dy, 1, OUT, x, IN, 1, dw, OUT, IN, N, row_sums=db):
+        _bias_grad_into(dev, dy, db)
     return dx, dw, db
 
 

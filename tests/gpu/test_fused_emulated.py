@@ -35,7 +35,8 @@ def test_linear_gemm_forward_backward(emulated, N, IN, OUT):
     close(cuda.linear_bias_relu_forward(x, w, b), ref.linear_bias_relu_forward(x64, w64, b64), what="+relu")
     for name, got, want in zip(("dx", "dw", "db"), cuda.linear_backward(dy, x, w), ref.linear_backward(dy64, x64, w64)):
         close(got, want, what=name)
-    assert "linear_gemm_f32" in emulated and "bias_grad_f32" in emulated
+    # db comes with the dw product (its row sums), unless dw is empty (no input features)
+    assert "linear_gemm_f32" in emulated and ("bias_grad_f32" in emulated) == (IN == 0), emulated
 
 
 @pytest.mark.parametrize("split", [True, False])
@@ -57,6 +58,16 @@ def test_linear_split_k(emulated, monkeypatch, split):
     for name, got, want in zip(("dx", "dw", "db"), (dx, dw, db), ref.linear_backward(dy64, x64, w64)):
         close(got, want, what=name)
     assert cuda.linear_bias_relu_forward(x, w, b).tobytes() == y.tobytes()
+    # A batch of 70: the dw product (5 x 7, K = 70) splits too; its row sums (db) ride along and
+    # linear_wgrad_split_reduce_f32 reduces both in one launch.
+    xb, dyb = rnd(rng, 70, 7), rnd(rng, 70, 5)
+    del emulated[:]
+    got = cuda.linear_backward(dyb, xb, w[:, :7].copy())
+    want = ref.linear_backward(dyb.astype(np.float64), xb.astype(np.float64), w[:, :7].astype(np.float64))
+    for name, g, wnt in zip(("dx", "dw", "db"), got, want):
+        close(g, wnt, what=f"batch 70 {name}")
+    assert ("linear_wgrad_split_reduce_f32" in emulated) == split and "bias_grad_f32" not in emulated, emulated
+    assert all(a.tobytes() == c.tobytes() for a, c in zip(got, cuda.linear_backward(dyb, xb, w[:, :7].copy())))
 
 
 def test_linear_gemm_is_reproducible_and_relu_clips(emulated):
