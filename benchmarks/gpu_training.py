@@ -19,7 +19,10 @@ timings do not include NVRTC. PyTorch runs fp32 (TF32 off) with cudnn.benchmark 
 graph variants also report the mean time of one bare ``graph.launch`` (replay_ms) next to the
 mean time of a whole step (step_ms: input copies, hyper-parameter write and replay), which says
 how much of a step is Python and how much is kernels, and a per-call profile of one step
-(each backend call captured alone in a graph and replayed: its GPU time without launch overhead).
+(each backend call captured alone in a graph and replayed: its GPU time without launch overhead;
+conv2d_backward's two halves are also timed alone, outside the sum). "pycnn-cudagraph-1stream" is
+the graph variant with PYCNN_BACKWARD_STREAMS=0 (every backward op in order on one stream): the
+A/B of the side stream that runs the weight gradients beside the data gradients.
 
 Writes a JSON record (environment + "end_to_end" entries with "reference" and
 "reference_samples_per_s", the DESIGN.md record format) to ``--out`` and prints a table.
@@ -53,24 +56,29 @@ WARMUP = 3  # untimed steps before a throughput epoch (the graph variants captur
 
 
 @contextlib.contextmanager
-def winograd_auto():
-    """PYCNN_CONV_WINOGRAD=1 for the calls inside (the backend reads it at every call)."""
-    old = os.environ.get("PYCNN_CONV_WINOGRAD")
-    os.environ["PYCNN_CONV_WINOGRAD"] = "1"
+def env_set(name: str, value: str):
+    """$name = value for the calls inside (the backend reads its switches at every call)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("PYCNN_CONV_WINOGRAD", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["PYCNN_CONV_WINOGRAD"] = old
+            os.environ[name] = old
+
+
+def with_env(name: str, value: str, fn):
+    def run(*args):
+        with env_set(name, value):
+            return fn(*args)
+    return run
 
 
 def with_winograd(fn):
-    def run(*args):
-        with winograd_auto():
-            return fn(*args)
-    return run
+    """fn with PYCNN_CONV_WINOGRAD=1."""
+    return with_env("PYCNN_CONV_WINOGRAD", "1", fn)
 
 
 def load_data():
@@ -227,7 +235,8 @@ _BATCHES = ["64", "512"]  # set from --batches in main
 
 
 # Backend functions a training step calls; profile_step times each call of one step on its own.
-PROFILED = ("conv2d_forward", "conv2d_bias_relu_forward", "conv2d_backward_data", "conv2d_backward_weight",
+PROFILED = ("conv2d_forward", "conv2d_bias_relu_forward", "conv2d_backward", "conv2d_backward_data",
+            "conv2d_backward_weight",
             "maxpool2d_forward", "maxpool2d_relu_forward", "maxpool2d_backward", "maxpool2d_relu_backward",
             "relu_forward", "relu_backward",
             "linear_forward", "linear_bias_relu_forward", "linear_backward", "softmax_cross_entropy_forward",
@@ -256,8 +265,9 @@ def profile_step(model_name, batch, x, y, reps=10) -> dict:
         originals[name] = fn
 
         def recorder(*args, _name=name, _fn=fn, **kwargs):
-            if depth[0] == 0:  # only the calls functional makes (a fused op may call a plain one)
-                calls.append((_name, _fn, args, kwargs))
+            # the calls functional makes, and (depth > 0) the plain ops a combined one calls, e.g.
+            # conv2d_backward's two halves: timed alone too, left out of the sum
+            calls.append((_name, _fn, args, kwargs, depth[0]))
             depth[0] += 1
             try:
                 return _fn(*args, **kwargs)
@@ -272,15 +282,16 @@ def profile_step(model_name, batch, x, y, reps=10) -> dict:
             setattr(cuda, name, fn)
     cp.cuda.Device().synchronize()
     entries = []
-    for name, fn, args, kwargs in calls:
+    for name, fn, args, kwargs, inner in calls:
         shapes = [list(a.shape) for a in args if hasattr(a, "shape")][:3]
+        entry = {"op": name, "shapes": shapes, **({"inner": True} if inner else {})}
         try:
-            us = graph_time_ms(lambda: fn(*args, **kwargs), reps) * 1e3  # noqa: B023 - called at once
-            entries.append({"op": name, "shapes": shapes, "us": us})
+            entry["us"] = graph_time_ms(lambda: fn(*args, **kwargs), reps) * 1e3  # noqa: B023 - called at once
         except Exception as exc:  # noqa: BLE001 - report and go on
-            entries.append({"op": name, "shapes": shapes, "error": f"{type(exc).__name__}: {exc}"})
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+        entries.append(entry)
     return {"model": model_name, "batch": batch, "calls": entries,
-            "sum_us": sum(e.get("us", 0.0) for e in entries)}
+            "sum_us": sum(e.get("us", 0.0) for e in entries if not e.get("inner"))}
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -491,7 +502,11 @@ def main(argv=None) -> int:
                                            True, xtr, ytr, order),
                "pycnn-cudagraph-winograd": _attempt(errors, f"pycnn graph winograd b{batch}",
                                                     with_winograd(pycnn_throughput), "mnistcnn", batch, True,
-                                                    xtr, ytr, order)}
+                                                    xtr, ytr, order),
+               # the A/B of the side stream: every backward op in order on one stream
+               "pycnn-cudagraph-1stream": _attempt(errors, f"pycnn graph one stream b{batch}",
+                                                   with_env("PYCNN_BACKWARD_STREAMS", "0", pycnn_throughput),
+                                                   "mnistcnn", batch, True, xtr, ytr, order)}
         if torch is not None:
             res["pytorch-eager"] = _attempt(errors, f"torch eager b{batch}", torch_throughput, torch, "mnistcnn",
                                             batch, False, txtr, tytr, torder)
@@ -499,7 +514,7 @@ def main(argv=None) -> int:
                                                 "mnistcnn", batch, True, txtr, tytr, torder)
         details["mnistcnn"][batch] = res
         ref = res.get("pytorch-cudagraph") or {}
-        for variant in ("pycnn-eager", "pycnn-cudagraph", "pycnn-cudagraph-winograd"):
+        for variant in ("pycnn-eager", "pycnn-cudagraph", "pycnn-cudagraph-winograd", "pycnn-cudagraph-1stream"):
             if res[variant] is None:
                 continue
             entries.append({"model": "MnistCNN", "batch": batch, "variant": variant, "drop_last": True,
@@ -561,7 +576,8 @@ def main(argv=None) -> int:
         print(f"\n{prof['model']} b{prof['batch']}: GPU time of each backend call of one step "
               f"(each alone in a graph), sum {prof['sum_us']:.0f} us")
         for e in prof["calls"]:
-            print(f"  {e['op']:32} {str(e['shapes']):48} " + (f"{e['us']:8.1f} us" if "us" in e else e["error"]))
+            op = ("  . " if e.get("inner") else "") + e["op"]  # inside the call above, not in the sum
+            print(f"  {op:32} {str(e['shapes']):48} " + (f"{e['us']:8.1f} us" if "us" in e else e["error"]))
     print(f"written to {args.out} ({record['wall_s']:.1f} s)")
     return 1 if errors else 0
 

@@ -15,7 +15,10 @@ step capturable (see ../shared/DESIGN.md):
 - a private CuPy memory pool serves the warm-up and the capture and stays alive with the graph
   (and with the gradients it made), so the memory the graph uses is never handed to another
   allocation afterwards; what must outlive the step (optimizer state, the backend's tables) is
-  allocated outside it.
+  allocated outside it;
+- the convolution and Linear backward ops fork their weight gradient onto a side stream and join
+  it back within the op (``_forked`` in backends/cuda.py, ``PYCNN_BACKWARD_STREAMS``); the capture
+  follows the fork and join events, so the graph gets two parallel branches per such op.
 
 The first ``warmup_steps`` calls are ordinary eager training steps on the step's own
 non-blocking stream (they compile kernels and create optimizer state and tables); the next call

@@ -134,9 +134,14 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padd
         g = _contiguous(g)
         if activation == "relu":
             g = be.relu_backward(g, y)
-        dx = be.conv2d_backward_data(g, wd, xd.shape, stride, padding) if x.requires_grad else None
+        need_data = x.requires_grad
+        need_weight = weight.requires_grad or (bias is not None and bias.requires_grad)
+        both = getattr(be, "conv2d_backward", None)  # optional: both halves at once (SPEC)
+        if both is not None:
+            return both(g, xd, wd, stride, padding, need_data, need_weight)
+        dx = be.conv2d_backward_data(g, wd, xd.shape, stride, padding) if need_data else None
         dw = db = None
-        if weight.requires_grad or (bias is not None and bias.requires_grad):
+        if need_weight:
             dw, db = be.conv2d_backward_weight(g, xd, wd.shape, stride, padding)
         return dx, dw, db
 

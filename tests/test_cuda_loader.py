@@ -305,8 +305,9 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
     assert cuda.linear_bias_relu_forward(_f(5, 70), _f(3, 70), bl).shape == (5, 3)  # split-K + reduce
     dx, dwl, dbl = cuda.linear_backward(_f(5, 3), xl, wl)
     assert dx.shape == (5, 7) and dwl.shape == (3, 7) and dbl.shape == (3,)
+    n = len(launches)
     cuda.linear_backward(_f(70, 3), _f(70, 7), wl)  # a batch of 70: dw split-K, with db alongside
-    assert launches[-1] == "linear_wgrad_split_reduce_f32"
+    assert launches[n:n + 2] == ["linear_gemm_f32", "linear_wgrad_split_reduce_f32"]  # dw first, then dx
     logits, weight = _f(6, 10), _fake(np.abs(np.random.default_rng(1).random(10)).astype(np.float32))
     for tdtype in (np.int64, np.int32):
         target = _fake(np.arange(6, dtype=tdtype) % 10)

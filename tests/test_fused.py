@@ -160,3 +160,41 @@ def test_reference_fused_ops_equal_composition():
     xl, wl = rng.standard_normal((5, 7)), rng.standard_normal((3, 7))
     np.testing.assert_array_equal(ref.linear_bias_relu_forward(xl, wl, b[:3]),
                                   np.maximum(ref.linear_forward(xl, wl, b[:3]), 0))
+    dy = rng.standard_normal((2, 4, 3, 4))
+    dx, dw, db = ref.conv2d_backward(dy, x, w, (2, 1), (1, 0), True, True)
+    np.testing.assert_array_equal(dx, ref.conv2d_backward_data(dy, w, x.shape, (2, 1), (1, 0)))
+    for got, want in zip((dw, db), ref.conv2d_backward_weight(dy, x, w.shape, (2, 1), (1, 0))):
+        np.testing.assert_array_equal(got, want)
+    assert ref.conv2d_backward(dy, x, w, (2, 1), (1, 0), False, True)[0] is None
+    assert ref.conv2d_backward(dy, x, w, (2, 1), (1, 0), True, False)[1:] == (None, None)
+
+
+@pytest.mark.parametrize("x_grad, w_grad, b_grad", [(True, True, True), (False, True, True), (True, False, False),
+                                                    (True, False, True), (False, False, True)])
+def test_conv_backward_asks_the_backend_for_what_is_needed(monkeypatch, x_grad, w_grad, b_grad):
+    """functional.conv2d's backward makes one conv2d_backward call (a backend may run its two halves
+    concurrently), asking for dx only when x needs it and for (dw, db) when either needs it."""
+    calls = []
+    original = ref.conv2d_backward
+
+    def spy(*args):
+        calls.append(args[5:])
+        return original(*args)
+
+    monkeypatch.setattr(ref, "conv2d_backward", spy)
+    pycnn.set_backend("numpy")
+    rng = np.random.default_rng(2)
+    x = Tensor(rng.standard_normal((2, 3, 6, 6)), requires_grad=x_grad)
+    w = Tensor(rng.standard_normal((4, 3, 3, 3)), requires_grad=w_grad)
+    b = Tensor(rng.standard_normal(4), requires_grad=b_grad)
+    dy = rng.standard_normal((2, 4, 6, 6))
+    (F.conv2d(x, w, b, 1, 1) * Tensor(dy)).sum().backward()
+    assert calls == [(x_grad, w_grad or b_grad)]
+    if x_grad:
+        np.testing.assert_array_equal(x.grad.numpy(), ref.conv2d_backward_data(dy, w.numpy(), x.shape, (1, 1), (1, 1)))
+    dw, db = ref.conv2d_backward_weight(dy, x.numpy(), w.shape, (1, 1), (1, 1))
+    for p, want in ((w, dw), (b, db)):
+        if p.requires_grad:
+            np.testing.assert_array_equal(p.grad.numpy(), want)
+        else:
+            assert p.grad is None

@@ -22,6 +22,7 @@ import importlib.resources
 import math
 import os
 import re
+import threading
 import weakref
 from pathlib import Path
 
@@ -93,6 +94,9 @@ _functions: dict = {}  # (device id, file name, kernel name) -> cupy.RawKernel
 _pool_geometry: dict = {}
 _ce_tickets: dict = {}  # (device id, stream) -> int32 (1,) counter of ce_fwd_f32 (see _ce_ticket)
 _mt_tables: dict = {}  # multi-tensor optimizer tables, see _mt_table
+# Per thread: device id -> (side stream, fork event, join event) of _forked (one set per thread,
+# so that two threads never re-record each other's events).
+_side = threading.local()
 
 
 # ----------------------------------------------------------------------------- CuPy and sources
@@ -250,6 +254,64 @@ def _capturing(cupy) -> bool:
         return bool(get().is_capturing())
     except Exception:  # noqa: BLE001 - older CuPy or a driver that cannot tell: assume not
         return False
+
+
+def _backward_streams_on(cupy) -> bool:
+    """Whether a backward op with two independent halves runs one of them on a side stream
+    ($PYCNN_BACKWARD_STREAMS: '1', the default, or '0'). CuPy stand-ins without streams (the CPU
+    tests) run everything in order."""
+    mode = os.environ.get("PYCNN_BACKWARD_STREAMS", "1")
+    if mode not in ("0", "1"):
+        raise ValueError(f"PYCNN_BACKWARD_STREAMS must be '0' or '1', got {mode!r}")
+    return mode == "1" and hasattr(cupy.cuda, "Stream") and hasattr(cupy.cuda, "get_current_stream")
+
+
+@contextlib.contextmanager
+def _forked(cupy, dev: int):
+    """Fork the current stream into this thread's side stream for ``dev``; join at the end.
+
+    Yields the side stream: launches made inside ``with side:`` run after everything the current
+    stream had been given before the block (fork: the side stream waits for an event recorded
+    there) and may overlap what the current stream is given inside the block; whatever the
+    current stream is given after the block waits for them (join), exception or not, so a
+    CUDA-graph capture always gets its side branch back. Arrays the side work reads or writes
+    are the caller's until it returns, and CuPy's pool gives memory freed by either stream back
+    to the stream that allocated it, so no later allocation can race with the side work.
+    Inside a capture the fork and join become graph edges: the graph runs both halves in parallel.
+    """
+    main = cupy.cuda.get_current_stream()
+    entry = getattr(_side, "streams", {}).get(dev)
+    if entry is None:
+        with cupy.cuda.Device(dev):
+            entry = (cupy.cuda.Stream(non_blocking=True), cupy.cuda.Event(disable_timing=True),
+                     cupy.cuda.Event(disable_timing=True))
+        if not hasattr(_side, "streams"):
+            _side.streams = {}
+        _side.streams[dev] = entry
+    side, fork, join = entry
+    if side.ptr == main.ptr:  # already on the side stream (a caller's own `with`): stay in order
+        yield side
+        return
+    fork.record(main)
+    side.wait_event(fork)
+    try:
+        yield side
+    finally:
+        join.record(side)
+        main.wait_event(join)
+
+
+def _two_halves(cupy, dev: int, side_half, main_half):
+    """(side_half(), main_half()): two independent launch sequences of one backward op. With
+    $PYCNN_BACKWARD_STREAMS on, side_half's launches go to the side stream (_forked) and overlap
+    main_half's; else both run in order on the current stream. Every kernel computes the same
+    bits either way (no kernel reads what the other half writes)."""
+    if not _backward_streams_on(cupy):
+        return side_half(), main_half()
+    with _forked(cupy, dev) as side:
+        with side:
+            side_result = side_half()
+        return side_result, main_half()
 
 
 def _persistent(cupy):
@@ -1066,6 +1128,30 @@ def conv2d_backward_weight(dy, x, w_shape, stride, padding, *, version: str | No
     return dw, db
 
 
+def conv2d_backward(dy, x, w, stride, padding, need_data: bool = True, need_weight: bool = True, *,
+                    version: str | None = None, allow_tf32: bool | None = None):
+    """(dx or None, dw or None, db or None): both gradients of one convolution (SPEC "Optional
+    fused ops"), the same arrays conv2d_backward_data and conv2d_backward_weight return.
+
+    With both asked for, the weight gradient runs on a side stream while the current stream
+    computes dx (_two_halves; $PYCNN_BACKWARD_STREAMS=0 runs them in order): the two only read
+    dy, x and w, and at batch 64 neither fills an H100/H200 on its own. ``version``/``allow_tf32``
+    as conv2d_forward.
+    """
+    def weight_half():
+        return conv2d_backward_weight(dy, x, w.shape, stride, padding, version=version, allow_tf32=allow_tf32)
+
+    def data_half():
+        return conv2d_backward_data(dy, w, x.shape, stride, padding, version=version, allow_tf32=allow_tf32)
+
+    if need_data and need_weight:
+        _check("conv2d_backward", "dy", dy, 4)
+        (dw, db), dx = _two_halves(_cupy(), _device("conv2d_backward", dy=dy, x=x, w=w), weight_half, data_half)
+        return dx, dw, db
+    dw, db = weight_half() if need_weight else (None, None)
+    return (data_half() if need_data else None), dw, db
+
+
 def bias_grad(dy):
     """db (K,) = dy summed over every axis but axis 1, for dy (N, K, ...); fixed order, no atomics."""
     op = "bias_grad"
@@ -1425,7 +1511,7 @@ def linear_bias_relu_forward(x, w, b):
 def linear_backward(dy, x, w):
     """(dx = dy @ w, dw = dy.T @ x, db = dy.sum(0)): two GEMMs (each split-K with a reduce pass
     when its outputs are few); the dw GEMM sums db from the dy tiles it stages (bias_grad_f32
-    only when dw is empty).
+    only when dw is empty). The dw GEMM runs on a side stream, beside dx's (see conv2d_backward).
 
     Each output element is a fixed-order sum that depends on the shapes only (no atomics):
     deterministic.
@@ -1445,10 +1531,15 @@ def linear_backward(dy, x, w):
         dx = cupy.empty((N, IN), dtype=cupy.float32)
         dw = cupy.empty((OUT, IN), dtype=cupy.float32)
         db = cupy.empty((OUT,), dtype=cupy.float32)
-    _gemm(dev, dy, OUT, 1, w, IN, 1, dx, N, IN, OUT)   # dx[n, i] = sum_o dy[n, o] w[o, i]
-    # dw[o, i] = sum_n dy[n, o] x[n, i]; db[o] = sum_n dy[n, o], the row sums of its A
-    if not _gemm(dev, dy, 1, OUT, x, IN, 1, dw, OUT, IN, N, row_sums=db):
-        _bias_grad_into(dev, dy, db)
+
+    def weight_half():  # dw[o, i] = sum_n dy[n, o] x[n, i]; db[o] = sum_n dy[n, o], the row sums of its A
+        if not _gemm(dev, dy, 1, OUT, x, IN, 1, dw, OUT, IN, N, row_sums=db):
+            _bias_grad_into(dev, dy, db)
+
+    def data_half():  # dx[n, i] = sum_o dy[n, o] w[o, i]
+        _gemm(dev, dy, OUT, 1, w, IN, 1, dx, N, IN, OUT)
+
+    _two_halves(cupy, dev, weight_half, data_half)  # dw on a side stream (see conv2d_backward)
     return dx, dw, db
 
 

@@ -342,3 +342,9 @@ def maxpool2d_relu_backward(dy, y, argmax, x_shape):
 def linear_bias_relu_forward(x, w, b):
     y = linear_forward(x, w, b)
     return np.maximum(y, y.dtype.type(0), out=y)
+
+
+def conv2d_backward(dy, x, w, stride, padding, need_data, need_weight):
+    dx = conv2d_backward_data(dy, w, x.shape, stride, padding) if need_data else None
+    dw, db = conv2d_backward_weight(dy, x, w.shape, stride, padding) if need_weight else (None, None)
+    return dx, dw, db

@@ -69,6 +69,30 @@ def test_graph_replay_matches_eager_steps_under_onecycle():
 
 
 @gpu
+def test_graph_with_two_backward_streams_matches_one_stream(monkeypatch):
+    """The captured step forks each backward's weight gradient onto a side stream (graph edges:
+    the two halves run in parallel in every replay); the parameters after 6 steps are bitwise
+    those of a graph captured with PYCNN_BACKWARD_STREAMS=0, so no replay reads a gradient before
+    it is written."""
+    steps, results = 6, {}
+    batches = _batches(steps, seed=3)
+    for mode in ("1", "0"):
+        monkeypatch.setenv("PYCNN_BACKWARD_STREAMS", mode)
+        model = _model()
+        opt, sched = _adam_onecycle(model, steps)
+        step = pycnn.cuda_graph.CudaGraphTrainStep(model, opt, (BATCH, 1, 28, 28), warmup_steps=2)
+        losses = []
+        for x, y in batches:
+            losses.append(float(step(x, y).get()))
+            sched.step()
+        assert step.captured and step.reason is None, step.reason
+        results[mode] = (losses, [p.numpy() for p in model.parameters()])
+    assert results["1"][0] == results["0"][0]
+    for a, b in zip(results["1"][1], results["0"][1]):
+        assert a.tobytes() == b.tobytes()
+
+
+@gpu
 def test_fallback_reports_cublas_and_keeps_training():
     model = _model()
     opt = optim.Adam(model.parameters(), lr=1e-3)

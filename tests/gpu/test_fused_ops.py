@@ -157,3 +157,46 @@ def test_multi_tensor_sgd_device_hyperparams():
         ref.sgd_step(p_ref, grads, b_ref, lr, momentum, 0.0, 1e-3, True, step == 1)
     for i, (a, want) in enumerate(zip(p_dev + b_dev, p_ref + b_ref)):
         close(a, want, rtol=1e-5, atol=1e-6, what=f"array {i}")
+
+
+@pytest.mark.parametrize("N, C, H, K, R, pad", [
+    (64, 32, 13, 64, 3, 0),    # MnistCNN conv2: neither half fills the GPU alone
+    (64, 64, 5, 64, 3, 0),     # MnistCNN conv3
+    (512, 32, 13, 64, 3, 0),
+    (3, 5, 9, 7, 3, 1),        # odd sizes, v2/v1 territory
+])
+def test_conv2d_backward_on_two_streams(monkeypatch, N, C, H, K, R, pad):
+    """Both halves of conv2d_backward (the weight gradient on the side stream, dx on the current
+    one) give the bits of the one-stream order and of the two plain ops; the current stream's
+    next kernel sees both results (read right after, on the current stream, with no sync)."""
+    rng = np.random.default_rng(N + C)
+    x, w = g(rnd(rng, N, C, H, H)), g(rnd(rng, K, C, R, R))
+    Ho = H + 2 * pad - R + 1
+    dy = g(rnd(rng, N, K, Ho, Ho))
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        for _ in range(3):  # repeated: a missing join would show as a race now and then
+            dx, dw, db = cuda.conv2d_backward(dy, x, w, (1, 1), (pad, pad))
+            sums = cp.stack([dx.sum(), dw.sum(), db.sum()])  # on the current stream
+            monkeypatch.setenv("PYCNN_BACKWARD_STREAMS", "0")
+            one = cuda.conv2d_backward(dy, x, w, (1, 1), (pad, pad))
+            monkeypatch.delenv("PYCNN_BACKWARD_STREAMS")
+            assert all(same_bits(a, b) for a, b in zip((dx, dw, db), one))
+            assert same_bits(sums, cp.stack([one[0].sum(), one[1].sum(), one[2].sum()]))
+        assert same_bits(dx, cuda.conv2d_backward_data(dy, w, x.shape, (1, 1), (pad, pad)))
+        plain = cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (pad, pad))
+        assert same_bits(dw, plain[0]) and same_bits(db, plain[1])
+    assert cuda._side.streams[cp.cuda.Device().id][0].ptr != stream.ptr  # it did fork
+
+
+def test_linear_backward_on_two_streams(monkeypatch):
+    rng = np.random.default_rng(7)
+    x, w, dy = g(rnd(rng, 512, 576)), g(rnd(rng, 64, 576)), g(rnd(rng, 512, 64))
+    got = cuda.linear_backward(dy, x, w)
+    monkeypatch.setenv("PYCNN_BACKWARD_STREAMS", "0")
+    one = cuda.linear_backward(dy, x, w)
+    assert all(same_bits(a, b) for a, b in zip(got, one))
+    want = ref.linear_backward(cp.asnumpy(dy).astype(np.float64), cp.asnumpy(x).astype(np.float64),
+                               cp.asnumpy(w).astype(np.float64))
+    for name, a, b in zip(("dx", "dw", "db"), got, want):
+        close(a, b, rtol=1e-4, atol=1e-4, what=name)
