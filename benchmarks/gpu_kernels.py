@@ -191,8 +191,8 @@ def tile_of(direction: str, shape, version: str) -> str:
                   "backward_weight": (K, C * R * S)}[direction]
     if direction == "backward_weight" and C * R * S <= cuda._CONV_NARROW_TAPS:
         return "narrow"  # conv2d_bwd_weight_narrow*: no GEMM tile
-    if direction == "forward" and cuda._conv_narrow_forward(C, K, R, S):
-        return "narrow"  # conv2d_fwd_narrow_c1_*: one thread per output pixel
+    if direction in ("forward", "backward_data") and cuda._conv_narrow_forward(C, K, R, S, direction):
+        return "narrow"  # conv2d_{fwd,bwd_data}_narrow_c1_*: one thread per output / input pixel
     bm, bn, _ = cuda._conv3_tile(direction, rows, cols, version)
     return f"{bm}x{bn}"
 

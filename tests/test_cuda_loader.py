@@ -249,6 +249,9 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
                 assert cuda.conv2d_forward(x1, _f(4, 1, r, r), None, (1, 1), (0, 0), version="3").shape == \
                     (2, 4, 10 - r, 9 - r)
                 assert launches[-1] == f"conv2d_fwd_narrow_c1_{r}x{r}_f32"
+                assert cuda.conv2d_backward_data(_f(2, 4, 10 - r, 9 - r), _f(4, 1, r, r), x1.shape, (1, 1), (0, 0),
+                                                 version="3").shape == x1.shape
+                assert launches[-1] == f"conv2d_bwd_data_narrow_c1_{r}x{r}_f32"
         if version == "3":  # 4 filters took the 32x128 tile; 40 the 64x64 one
             x40, w40 = _f(2, 5, 9, 7), _f(40, 5, 3, 2)  # 30 taps: past the narrow kernel
             dy40 = _f(2, 40, 5, 6)

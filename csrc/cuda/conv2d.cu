@@ -44,7 +44,9 @@
 //   conv2d_bwd_weight_narrow_c1_3x3_f32, conv2d_bwd_weight_narrow_c1_5x5_f32: the same for one
 //   channel and a compile-time filter size (a third of the registers).
 //   conv2d_fwd_narrow_c1_3x3_f32, conv2d_fwd_narrow_c1_5x5_f32: the forward of one channel and a
-//   3x3 / 5x5 filter, one thread per output pixel for all filters (no 9- or 25-deep GEMM tile).
+//   3x3 / 5x5 filter, one thread per output pixel for all filters (no 9- or 25-deep GEMM tile);
+//   conv2d_bwd_data_narrow_c1_3x3_f32, conv2d_bwd_data_narrow_c1_5x5_f32: its backward-data, one
+//   thread per input pixel (a one-row GEMM would leave 31 of 32 tile rows empty).
 //   A BM x BN block of C per 256-thread block, staged through BK-deep shared-memory tiles of A
 //   and B that all threads load cooperatively; each thread accumulates a TM x TN register tile
 //   with fmaf, reading it from shared memory as float4s. The tiles are double-buffered: while the
@@ -1425,6 +1427,81 @@ extern "C" __global__ void conv2d_fwd_narrow_c1_5x5_f32(
     int Ho, int Wo, int sh, int sw, int ph, int pw) {
     // cooperative: the filter staging synchronizes with __syncthreads; C == 1, R == S == 5 (host-checked)
     pycnn_conv_fwd_narrow_c1<5, 5>(x, w, b, y, has_bias, relu, N, H, W, K, Ho, Wo, sh, sw, ph, pw);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Narrow backward-data (v3/v4 for one channel and a 3x3 or 5x5 filter: the first layers again).
+// As a GEMM, dx has a single row (C = 1), so a 32- or 64-row tile is at least 31/32 empty, and v1,
+// the gather kernel the shape rule ran instead, pays a runtime division and modulo by the stride
+// per (k, r, s) term: on an H200 it took 97 us for MnistCNN conv1 (cuDNN: 15 us). Here each
+// thread takes one input pixel (n, h, w) and finds once, for each filter row r, the output row i
+// with i*sh = h + ph - r (if it is integral and in range), likewise per column s; then for all K
+// filters it sums w[k, r, s] * dy[n, k, i, j] from the filters staged in shared memory (every
+// thread reads the same address: a broadcast) and dy (consecutive threads, consecutive j). The
+// sum runs over (k, r, s) in the GEMM's reduction order with fmaf, a term no output reaches
+// being fmaf(w, 0, acc) exactly as the GEMM's zero-filled B, so the results are bitwise those
+// of the unsplit v3 kernel. Launch: grid (ceil(N*H*W / PYCNN_BLOCK),), block (PYCNN_BLOCK,);
+// K * PYCNN_NARROW_FWD_PITCH(R*S) <= PYCNN_CONV_NARROW_FWD_MAX_W (host-checked).
+template <int R, int S>
+__device__ __forceinline__ void pycnn_conv_bwd_data_narrow_c1(const float* __restrict__ dy, const float* __restrict__ w,
+                                                              float* __restrict__ dx, int N, int H, int W, int K,
+                                                              int Ho, int Wo, int sh, int sw, int ph, int pw) {
+    constexpr int Q = R * S, QP = PYCNN_NARROW_FWD_PITCH(Q);
+    __shared__ __align__(16) float ws[PYCNN_CONV_NARROW_FWD_MAX_W];
+    for (int e = threadIdx.x; e < K * QP; e += blockDim.x) {
+        const int k = e / QP, q = e - k * QP;
+        ws[e] = q < Q ? w[k * Q + q] : 0.0f;  // w[k, 0, r, s] (C == 1)
+    }
+    __syncthreads();
+    const int HW = H * W, HoWo = Ho * Wo;
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;  // dx has < 2^31 elements (host-checked)
+    if (idx >= N * HW) return;
+    const int n = idx / HW, pix = idx - n * HW, h = pix / W, ww = pix - h * W;
+    // Per filter row r: the offset i*Wo of the output row that reads (h, ww) through r, and
+    // whether there is one; per filter column s the same for j. R + S divisions per thread,
+    // none in the K * R * S loop.
+    int row_off[R], col[S];
+    bool row_ok[R], col_ok[S];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int t = h + ph - r, i = t / sh;
+        row_ok[r] = (t >= 0) & (i * sh == t) & (i < Ho);
+        row_off[r] = i * Wo;
+    }
+#pragma unroll
+    for (int s2 = 0; s2 < S; ++s2) {
+        const int t = ww + pw - s2, j = t / sw;
+        col_ok[s2] = (t >= 0) & (j * sw == t) & (j < Wo);
+        col[s2] = j;
+    }
+    const float* dyk = dy + (pycnn_i64)n * K * HoWo;
+    float acc = 0.0f;
+    for (int k = 0; k < K; ++k, dyk += HoWo) {
+        const float* wk = ws + k * QP;
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int s2 = 0; s2 < S; ++s2) {
+                const bool ok = row_ok[r] & col_ok[s2];
+                acc = fmaf(wk[r * S + s2], ok ? dyk[row_off[r] + col[s2]] : 0.0f, acc);
+            }
+    }
+    acc += 0.0f;  // the GEMM's zero-padded reduction rows: -0 becomes +0 there too
+    dx[idx] = acc;
+}
+
+extern "C" __global__ void conv2d_bwd_data_narrow_c1_3x3_f32(
+    const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo, int sh, int sw, int ph, int pw) {
+    // cooperative: the filter staging synchronizes with __syncthreads; C == 1, R == S == 3 (host-checked)
+    pycnn_conv_bwd_data_narrow_c1<3, 3>(dy, w, dx, N, H, W, K, Ho, Wo, sh, sw, ph, pw);
+}
+
+extern "C" __global__ void conv2d_bwd_data_narrow_c1_5x5_f32(
+    const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo, int sh, int sw, int ph, int pw) {
+    // cooperative: the filter staging synchronizes with __syncthreads; C == 1, R == S == 5 (host-checked)
+    pycnn_conv_bwd_data_narrow_c1<5, 5>(dy, w, dx, N, H, W, K, Ho, Wo, sh, sw, ph, pw);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -76,7 +76,9 @@ _AUTO_V2_MIN_OUT = 8
 _AUTO_V3_MIN_ROWS = 16
 # ... except backward-data, whose v3 on an H200 beat v2 at C = 6 (LeNet5 conv2: 58 vs 110 us of
 # GPU time) and lost to v1 at C = 1 (the first layers: 97 vs 114 us and worse for v3): v3 from
-# this many channels, v1 below it.
+# this many channels, v1 below it; except one channel with a 3x3 / 5x5 filter, where v3 runs
+# conv2d_bwd_data_narrow_c1_* (not yet timed on a GPU: chosen because it is v1's gather without
+# v1's per-term division and modulo, filters in shared memory).
 _AUTO_V3_MIN_ROWS_BWD_DATA = 4
 _MAX_GRID = 1 << 20  # 1-D kernels use grid-stride loops, so the grid can be capped
 _MAX_GRID_YZ = 65535
@@ -488,15 +490,16 @@ _CONV_NARROW_MIN_K = 1024
 _CONV_NARROW_TARGET_BLOCKS = 1056
 
 
-def _conv_narrow_forward(C: int, K: int, R: int, S: int) -> str | None:
-    """The narrow forward kernel v3/v4 run for one input channel and a 3x3 / 5x5 filter (a
-    9- or 25-deep GEMM is all tile overhead), or None: conv2d_fwd_narrow_c1_{R}x{S}_f32 while
-    the K filters fit its shared memory."""
+def _conv_narrow_forward(C: int, K: int, R: int, S: int, direction: str = "forward") -> str | None:
+    """The narrow kernel v3/v4 run for one channel and a 3x3 / 5x5 filter, or None: in the
+    forward conv2d_fwd_narrow_c1_{R}x{S}_f32 (a 9- or 25-deep GEMM is all tile overhead), in the
+    backward-data (direction='backward_data') conv2d_bwd_data_narrow_c1_{R}x{S}_f32 (a one-row
+    GEMM), while the K filters fit their shared memory."""
     if C != 1 or (R, S) not in ((3, 3), (5, 5)) or not _CONV_NARROW_TAPS:
         return None
     if K * (-(-R * S // 4) * 4) > DEFINES["PYCNN_CONV_NARROW_FWD_MAX_W"]:
         return None
-    return f"conv2d_fwd_narrow_c1_{R}x{S}_f32"
+    return f"conv2d_{'fwd' if direction == 'forward' else 'bwd_data'}_narrow_c1_{R}x{S}_f32"
 
 
 _conv_tf32_capable: dict = {}  # device id -> compute capability >= 8.0
@@ -632,8 +635,9 @@ def conv_version(direction: str, x_shape, w_shape, stride, padding, version: str
     'auto' is a shape rule (measure with PYCNN_CONV_AUTOTUNE=1 to override it per shape):
     v3 when the GEMM has at least _AUTO_V3_MIN_ROWS rows (K filters), so that its 64-row tile is
     at least a quarter busy, or for backward-data at least _AUTO_V3_MIN_ROWS_BWD_DATA channels
-    (fewer run v1), or for the weight gradient at most _CONV_NARROW_TAPS taps C*R*S (v3 then runs
-    the narrow kernel, no tile); v4 instead of v3 only with allow_tf32 on a TF32-capable GPU;
+    or one channel with a 3x3 / 5x5 filter (v3 then runs the narrow kernel; other shapes with
+    fewer channels run v1), or for the weight gradient at most _CONV_NARROW_TAPS taps C*R*S (v3
+    then runs the narrow kernel, no tile); v4 instead of v3 only with allow_tf32 on a TF32-capable GPU;
     otherwise v2 when the spatial size it tiles (the output) is at least _AUTO_V2_MIN_OUT in both
     directions (a 16x16 tile of a tiny 3x3 output leaves most threads idle); otherwise v1. A version that
     cannot run a shape (shared memory over 48 KiB, grid limits, tensors of 2^31 elements for v3/v4,
@@ -673,8 +677,8 @@ def conv_version(direction: str, x_shape, w_shape, stride, padding, version: str
                 and _conv_winograd_fits(direction, x_shape, w_shape, stride, padding, Ho, Wo)
                 and _winograd_pays(direction, x_shape, w_shape, Ho, Wo)):
             return CONV_WINOGRAD_VERSION
-        if direction == "backward_data":
-            v3_worth = C >= _AUTO_V3_MIN_ROWS_BWD_DATA
+        if direction == "backward_data":  # (one channel, 3x3 / 5x5: v3 runs the narrow kernel)
+            v3_worth = C >= _AUTO_V3_MIN_ROWS_BWD_DATA or bool(_conv_narrow_forward(C, K, R, S, direction))
         else:
             v3_worth = K >= _AUTO_V3_MIN_ROWS or (direction == "backward_weight" and C * R * S <= _CONV_NARROW_TAPS)
         if v3_worth and gemm_ok:
@@ -994,6 +998,9 @@ def _conv_backward_data_run(version: str, dev: int, dy, w, dx, geom: tuple) -> N
         grid = ((W + tw - 1) // tw, (H + th - 1) // th, N * ((C + kpb - 1) // kpb))
         _launch(dev, "conv2d.cu", "conv2d_bwd_data_v2_f32", grid, (tw, th), args + (_i32(phm), _i32(pwm)),
                 shared_mem=smem)
+    elif _conv_narrow_forward(C, K, R, S, "backward_data"):  # first layers (exact fp32 under v4 too)
+        _launch(dev, "conv2d.cu", _conv_narrow_forward(C, K, R, S, "backward_data"),
+                ((N * H * W + BLOCK - 1) // BLOCK,), (BLOCK,), args)
     else:
         _conv3_output_gemm(dev, "backward_data", version, C, N * H * W, K * R * S, args, dx, 2, {})
 

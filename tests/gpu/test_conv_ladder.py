@@ -180,9 +180,9 @@ def test_fused_bias_relu_is_one_kernel_and_matches(version):
 @pytest.mark.parametrize("layer", [lay for lay in LAYERS if lay[2] == 1 and lay[6:8] in ((3, 3), (5, 5))],
                          ids=lambda lay: lay[0])
 def test_narrow_first_layer_kernels_match_the_gemm_bitwise(monkeypatch, layer):
-    """One channel, 3x3 / 5x5 (the first layers): v3 runs the narrow forward and weight-gradient
-    kernels. The forward sums in the GEMM kernel's order (bitwise equal to it); the weight
-    gradient's bias sum stays within fp32 rounding of a separate bias_grad."""
+    """One channel, 3x3 / 5x5 (the first layers): v3 runs the narrow forward, backward-data and
+    weight-gradient kernels. The forward and backward-data sum in the GEMM kernel's order (bitwise
+    equal to it); the weight gradient's bias sum stays within fp32 rounding of a separate bias_grad."""
     _, N, C, H, W, K, R, S, stride, padding = layer
     rng = np.random.default_rng(6)
     x = cp.asarray(rng.standard_normal((N, C, H, W)).astype(np.float32))
@@ -193,9 +193,13 @@ def test_narrow_first_layer_kernels_match_the_gemm_bitwise(monkeypatch, layer):
               cuda.conv2d_forward(x, w, None, stride, padding, version="3")]
     dy = cp.asarray(rng.standard_normal(narrow[1].shape).astype(np.float32))
     _, db = cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding, version="3")
-    monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 0)  # the GEMM kernels
+    narrow.append(cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="3"))
+    assert cuda.conv_version("backward_data", x.shape, w.shape, stride, padding, "auto") == "3"
+    monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 0)  # the GEMM kernels (unsplit: the same sums)
+    monkeypatch.setattr(cuda, "_CONV3_SPLIT_BELOW_BLOCKS", 0)
     gemm = [cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version="3"),
-            cuda.conv2d_forward(x, w, None, stride, padding, version="3")]
+            cuda.conv2d_forward(x, w, None, stride, padding, version="3"),
+            cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="3")]
     for a, g in zip(narrow, gemm):
         assert cp.asnumpy(a).tobytes() == cp.asnumpy(g).tobytes()
     scale = float(cp.abs(dy).sum(axis=(0, 2, 3)).max())  # two fp32 orders of the same sum

@@ -302,7 +302,9 @@ def test_auto_rule_and_fallbacks(monkeypatch):
     lenet1 = ((64, 1, 28, 28), (6, 1, 5, 5), (1, 1), (2, 2))  # 6 filters: v3's tile mostly idle
     assert v("forward", *lenet1) == "2"
     assert v("backward_weight", *lenet1) == "3"  # 25 taps: the narrow kernel
-    assert v("backward_data", *lenet1) == "1"  # C = 1 rows: v1 measured faster than v2
+    assert v("backward_data", *lenet1) == "3"  # one channel, 5x5: the narrow kernel
+    assert v("backward_data", (64, 1, 28, 28), (6, 1, 5, 3), (1, 1), (2, 2)) == "1"  # 5x3: v1's gather
+    assert v("backward_data", (64, 2, 28, 28), (6, 2, 5, 5), (1, 1), (2, 2)) == "1"  # C = 2 rows: v1
     lenet2 = ((64, 6, 14, 14), (16, 6, 5, 5), (1, 1), (0, 0))
     assert v("backward_data", *lenet2) == "3"  # 6 channels already favour the GEMM
     tiny = ((64, 1, 5, 5), (6, 1, 3, 3), (1, 1), (0, 0))  # 3x3 output
@@ -800,6 +802,62 @@ def test_narrow_forward_only_where_it_applies(emulated, monkeypatch):
     y = cuda.conv2d_forward(x, w, b, (1, 1), (1, 1), version="3")
     assert emulated == ["conv2d_fwd_v3_f32"], emulated
     np.testing.assert_allclose(y, reference(shape, x, w, b, dy)[0], rtol=1e-5, atol=fp32_atol(18))
+
+
+# Narrow backward-data (one channel, 3x3 / 5x5): the forward's shapes, and stride 2 in both
+# directions (pixels no output reads, others read through several taps)
+NARROW_BWD_DATA_SHAPES = {**NARROW_FWD_SHAPES, "3x3-stride2-both": (2, 1, 10, 11, 6, 3, 3, (2, 2), (1, 1)),
+                          "5x5-stride3": (1, 1, 13, 12, 3, 5, 5, (3, 2), (0, 1))}
+
+
+@pytest.mark.parametrize("version", ["3", "4"])
+@pytest.mark.parametrize("name", list(NARROW_BWD_DATA_SHAPES))
+def test_narrow_backward_data(emulated, monkeypatch, version, name):
+    """One channel and a 3x3 / 5x5 filter: v3 (and v4: exact fp32 here) run
+    conv2d_bwd_data_narrow_c1_*, which agrees with the reference and is bitwise the unsplit 64x64
+    GEMM kernel (the same order of sums, zero terms included); 'auto' picks it."""
+    monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 25)
+    shape = NARROW_BWD_DATA_SHAPES[name]
+    N, C, H, W, K, R, S, stride, padding = shape
+    x, w, b, dy = data(shape, seed=19)
+    dx = cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version=version, allow_tf32=version == "4")
+    assert emulated == [f"conv2d_bwd_data_narrow_c1_{R}x{S}_f32"], emulated
+    np.testing.assert_allclose(dx, reference(shape, x, w, b, dy)[1], rtol=1e-5, atol=fp32_atol(K * R * S))
+    assert cuda.conv_version("backward_data", x.shape, w.shape, stride, padding, "auto") == "3"
+    monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 0)  # the GEMM kernel, 64x64 tiles, one split
+    monkeypatch.setattr(cuda, "_CONV3_SPLIT_BELOW_BLOCKS", 0)
+    gemm = cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="3")
+    assert emulated[1:] == ["conv2d_bwd_data_v3_f32"], emulated
+    assert dx.tobytes() == gemm.tobytes()
+
+
+def test_narrow_backward_data_signed_zero_as_the_gemm(emulated, monkeypatch):
+    """dx sums that underflow to -0 come out +0 in both kernels (bitwise equal)."""
+    monkeypatch.setattr(cuda, "_CONV3_SPLIT_BELOW_BLOCKS", 0)
+    dy = np.zeros((1, 2, 4, 4), np.float32)
+    dy[0, :, 1, 1] = 1e-30
+    w = np.full((2, 1, 3, 3), -1e-20, np.float32)
+    outs = []
+    for taps in (25, 0):
+        monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", taps)
+        outs.append(cuda.conv2d_backward_data(dy, w, (1, 1, 6, 6), (1, 1), (0, 0), version="3"))
+    assert emulated == ["conv2d_bwd_data_narrow_c1_3x3_f32", "conv2d_bwd_data_v3_f32"], emulated
+    assert (outs[0] == 0).all() and not np.signbit(outs[1]).any()
+    assert outs[0].tobytes() == outs[1].tobytes()
+
+
+def test_narrow_backward_data_only_where_it_applies(emulated, monkeypatch):
+    """Two channels or a 3x5 filter: the GEMM (v3) or v1 (auto below 4 channels) runs."""
+    monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 25)
+    assert cuda._conv_narrow_forward(1, 73, 5, 5, "backward_data") == "conv2d_bwd_data_narrow_c1_5x5_f32"
+    for C, K, R, S in ((2, 8, 3, 3), (1, 8, 3, 5), (1, 74, 5, 5)):
+        assert cuda._conv_narrow_forward(C, K, R, S, "backward_data") is None, (C, K, R, S)
+    shape = (1, 2, 7, 6, 3, 3, 3, (1, 1), (1, 1))
+    x, w, b, dy = data(shape, seed=20)
+    dx = cuda.conv2d_backward_data(dy, w, x.shape, (1, 1), (1, 1), version="3")
+    assert emulated == ["conv2d_bwd_data_v3_f32"], emulated
+    np.testing.assert_allclose(dx, reference(shape, x, w, b, dy)[1], rtol=1e-5, atol=fp32_atol(27))
+    assert cuda.conv_version("backward_data", (1, 1, 7, 6), (3, 1, 3, 5), (1, 1), (1, 1), "auto") == "1"
 
 
 def test_narrow_weight_gradient_only_for_few_taps(emulated, monkeypatch):
