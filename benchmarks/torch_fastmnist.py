@@ -1,6 +1,7 @@
 """PyTorch CPU reference for the FastMNIST recipe (ANCHORS.md), timed like `pycnn train mnist`.
 
-Same model, recipe and data pipeline (normalized arrays in memory, batches of 256 in order,
+Same model, recipe and data pipeline (normalized arrays in memory, batches of 256 gathered in the
+seed's random order, pycnn.train.epoch_order, inside the timed loop as pycnn's training loop does,
 Adam lr 1e-2 betas (0.7, 0.9), one-cycle without momentum cycling); prints the training time of
 one epoch, the test accuracy and the whole-process time, so the figures can sit next to pycnn's.
 Run: python benchmarks/torch_fastmnist.py [--threads N]
@@ -15,6 +16,7 @@ import torch  # noqa: E402
 import torch.nn as tnn  # noqa: E402
 
 from pycnn import data  # noqa: E402
+from pycnn.train import epoch_order  # noqa: E402
 
 
 def main():
@@ -34,9 +36,11 @@ def main():
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.7, 0.9))
     steps = -(-len(xtr) // 256)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps, cycle_momentum=False)
+    order = torch.from_numpy(epoch_order(args.seed, 1, len(xtr)))
     start = time.perf_counter()
     for i in range(steps):
-        xb, yb = xtr[i * 256:(i + 1) * 256], ytr[i * 256:(i + 1) * 256]
+        idx = order[i * 256:(i + 1) * 256]
+        xb, yb = xtr[idx], ytr[idx]
         loss = torch.nn.functional.cross_entropy(model(xb), yb)
         opt.zero_grad()
         loss.backward()

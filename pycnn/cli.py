@@ -21,6 +21,9 @@ def _add_train_mnist_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (default: the model's recipe)")
     p.add_argument("--backend", default="auto", choices=("auto",) + backends.ALL_BACKENDS,
                    help="compute backend; auto = native, else numba, else numpy (CPU)")
+    p.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=None,
+                   help="visit the training images in a random order per epoch (--no-shuffle: the file's "
+                        "order); default: the model's recipe (all three shuffle)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", help="directory holding the MNIST IDX files (else $PYCNN_DATA, the cache, a download)")
     p.add_argument("--out", default=None, help="output directory for metrics.json, curves.png, model.safetensors "
@@ -36,7 +39,8 @@ def cmd_train_mnist(args) -> int:
 
     out = args.out or f"runs/{args.model}"
     result = run_mnist(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       optimizer=args.optimizer, schedule=args.schedule, backend=args.backend, seed=args.seed,
+                       optimizer=args.optimizer, schedule=args.schedule, shuffle=args.shuffle,
+                       backend=args.backend, seed=args.seed,
                        data_dir=args.data_dir, out_dir=out, limit_train=args.limit_train,
                        progress=not args.no_progress, cuda_graph=args.cuda_graph)
     print(f"test accuracy {result['test_acc']:.4f}; training {result['train_s_total']:.2f} s "

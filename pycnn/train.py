@@ -16,10 +16,15 @@ from pycnn.checkpoint import atomic_write_json, save_checkpoint
 from pycnn.tensor import Tensor, move_array, no_grad
 
 # Per-model recipes. FastMNIST is the published one-epoch recipe of ANCHORS.md: Adam 1e-2 with
-# betas (0.7, 0.9), one-cycle without momentum cycling, batch 256, one pass in order.
+# betas (0.7, 0.9), one-cycle without momentum cycling, batch 256, one pass over the training set
+# in a random order. The published code (github.com/tuomaso/train_mnist_fast: data_saver.py, then
+# 8_Final_00s76.ipynb) trains "in order" on a copy of the set it stored shuffled (a DataLoader with
+# shuffle=True), not in the IDX file's order; the order matters: native backend, seeds 0-9, mean
+# test accuracy 99.063% shuffled against 98.971% in file order (both +-0.06% per seed; the
+# published figure is 99.041 +- 0.066% over 30 runs). Here each seed draws its permutation.
 RECIPES = {
     "fastmnist": dict(epochs=1, batch_size=256, lr=1e-2, optimizer="adam", betas=(0.7, 0.9),
-                      schedule="onecycle", shuffle=False),
+                      schedule="onecycle", shuffle=True),
     "mnistcnn": dict(epochs=3, batch_size=64, lr=1e-3, optimizer="adam", betas=(0.9, 0.999),
                      schedule="none", shuffle=True),
     "lenet5": dict(epochs=3, batch_size=64, lr=1e-3, optimizer="adam", betas=(0.9, 0.999),
@@ -142,6 +147,11 @@ def _check_finite(losses: np.ndarray, first_step: int, epoch: int) -> None:
                                f"step {step} (0-based, within the epoch); try a lower --lr")
 
 
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order in which a shuffling recipe visits the ``n`` training images in ``epoch`` (from 1)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
     """Train an MNIST classifier and evaluate it on the 10k test set after every epoch.
 
@@ -195,7 +205,7 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
             history.append(record)
             continue
         net.train()
-        order = (np.random.default_rng([cfg.seed, epoch]).permutation(n) if cfg.shuffle else None)
+        order = epoch_order(cfg.seed, epoch, n) if cfg.shuffle else None
         order_dev = move_array(order, device) if order is not None else None
         loss_buf = [] if device == "cpu" else move_array(np.zeros(steps_per_epoch, np.float32), device)
         correct = 0
@@ -303,7 +313,7 @@ def _graph_epoch(cfg, net, opt, scheduler, sched_unit, graph_step, x_train, y_tr
     start = time.perf_counter()
     with graph_step.stream:  # batches, replays and the eager tail all run in order on one stream
         graph_step.reset_stats()
-        order = (np.random.default_rng([cfg.seed, epoch]).permutation(n) if cfg.shuffle else None)
+        order = epoch_order(cfg.seed, epoch, n) if cfg.shuffle else None
         order_dev = move_array(order, "cuda") if order is not None else None
         for step in range(steps_per_epoch):
             lo, hi = step * cfg.batch_size, min(n, (step + 1) * cfg.batch_size)
