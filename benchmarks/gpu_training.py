@@ -22,9 +22,10 @@ graph variants also report the mean time of one bare ``graph.launch`` (replay_ms
 mean time of a whole step (step_ms: input copies, hyper-parameter write and replay), which says
 how much of a step is Python and how much is kernels, and a per-call profile of one step
 (each backend call captured alone in a graph and replayed: its GPU time without launch overhead;
-conv2d_backward's two halves are also timed alone, outside the sum). "pycnn-cudagraph-1stream" is
-the graph variant with PYCNN_BACKWARD_STREAMS=0 (every backward op in order on one stream): the
-A/B of the side stream that runs the weight gradients beside the data gradients.
+conv2d_backward's two halves are also timed alone, outside the sum). "pycnn-eager-1stream" and
+"pycnn-cudagraph-1stream" are the eager and graph variants with PYCNN_BACKWARD_STREAMS=0 (every
+backward op in order on one stream): the A/B of the side stream that runs the weight gradients
+beside the data gradients.
 
 Writes a JSON record (environment + "end_to_end" entries with "reference" and
 "reference_samples_per_s", the DESIGN.md record format) to ``--out`` and prints a table.
@@ -519,6 +520,9 @@ def main(argv=None) -> int:
                                                     with_winograd(pycnn_throughput), "mnistcnn", batch, True,
                                                     xtr, ytr, order),
                # the A/B of the side stream: every backward op in order on one stream
+               "pycnn-eager-1stream": _attempt(errors, f"pycnn eager one stream b{batch}",
+                                               with_env("PYCNN_BACKWARD_STREAMS", "0", pycnn_throughput),
+                                               "mnistcnn", batch, False, xtr, ytr, order),
                "pycnn-cudagraph-1stream": _attempt(errors, f"pycnn graph one stream b{batch}",
                                                    with_env("PYCNN_BACKWARD_STREAMS", "0", pycnn_throughput),
                                                    "mnistcnn", batch, True, xtr, ytr, order)}
@@ -529,7 +533,8 @@ def main(argv=None) -> int:
                                                 "mnistcnn", batch, True, txtr, tytr, torder)
         details["mnistcnn"][batch] = res
         ref = res.get("pytorch-cudagraph") or {}
-        for variant in ("pycnn-eager", "pycnn-cudagraph", "pycnn-cudagraph-winograd", "pycnn-cudagraph-1stream"):
+        for variant in ("pycnn-eager", "pycnn-cudagraph", "pycnn-cudagraph-winograd", "pycnn-eager-1stream",
+                        "pycnn-cudagraph-1stream"):
             if res[variant] is None:
                 continue
             entries.append({"model": "MnistCNN", "batch": batch, "variant": variant, "drop_last": True,

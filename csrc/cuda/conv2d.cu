@@ -1440,7 +1440,7 @@ extern "C" __global__ void conv2d_fwd_narrow_c1_5x5_f32(
 // thread reads the same address: a broadcast) and dy (consecutive threads, consecutive j). The
 // sum runs over (k, r, s) in the GEMM's reduction order with fmaf, a term no output reaches
 // being fmaf(w, 0, acc) exactly as the GEMM's zero-filled B, so the results are bitwise those
-// of the unsplit v3 kernel. Launch: grid (ceil(N*H*W / PYCNN_BLOCK),), block (PYCNN_BLOCK,);
+// of the unsplit v3 kernel, signed zeros included. Launch: grid (ceil(N*H*W / PYCNN_BLOCK),), block (PYCNN_BLOCK,);
 // K * PYCNN_NARROW_FWD_PITCH(R*S) <= PYCNN_CONV_NARROW_FWD_MAX_W (host-checked).
 template <int R, int S>
 __device__ __forceinline__ void pycnn_conv_bwd_data_narrow_c1(const float* __restrict__ dy, const float* __restrict__ w,
@@ -1486,7 +1486,9 @@ __device__ __forceinline__ void pycnn_conv_bwd_data_narrow_c1(const float* __res
                 acc = fmaf(wk[r * S + s2], ok ? dyk[row_off[r] + col[s2]] : 0.0f, acc);
             }
     }
-    acc += 0.0f;  // the GEMM's zero-padded reduction rows: -0 becomes +0 there too
+    // The GEMM pads its reduction of K*R*S to whole 16-deep stages with zero rows, whose fmaf
+    // (0, 0, -0) turns a -0 sum into +0: do the same where it has such rows (K % 16 != 0).
+    if ((K * Q) % PYCNN_CONV3_BK) acc += 0.0f;
     dx[idx] = acc;
 }
 

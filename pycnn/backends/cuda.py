@@ -278,37 +278,41 @@ def _forked(cupy, dev: int):
     current stream is given after the block waits for them (join), exception or not, so a
     CUDA-graph capture always gets its side branch back. Arrays the side work reads or writes
     are the caller's until it returns, and CuPy's pool gives memory freed by either stream back
-    to the stream that allocated it, so no later allocation can race with the side work.
+    to the stream that allocated it. So the side half allocates only scratch (reused by later side
+    work alone, in order); whatever it returns must be allocated by the caller on the current
+    stream before the fork: a result from the side stream's pool, freed while another stream still
+    read it, could be handed to a later fork from that other stream (the side stream is shared).
     Inside a capture the fork and join become graph edges: the graph runs both halves in parallel.
     """
-    main = cupy.cuda.get_current_stream()
-    entry = getattr(_side, "streams", {}).get(dev)
-    if entry is None:
-        with cupy.cuda.Device(dev):
+    with cupy.cuda.Device(dev):  # the current stream of dev (CuPy keeps one per device), which launches use
+        main = cupy.cuda.get_current_stream()
+        entry = getattr(_side, "streams", {}).get(dev)
+        if entry is None:
             entry = (cupy.cuda.Stream(non_blocking=True), cupy.cuda.Event(disable_timing=True),
                      cupy.cuda.Event(disable_timing=True))
-        if not hasattr(_side, "streams"):
-            _side.streams = {}
-        _side.streams[dev] = entry
-    side, fork, join = entry
-    if side.ptr == main.ptr:  # already on the side stream (a caller's own `with`): stay in order
-        yield side
-        return
-    fork.record(main)
-    side.wait_event(fork)
-    try:
-        yield side
-    finally:
-        join.record(side)
-        main.wait_event(join)
+            if not hasattr(_side, "streams"):
+                _side.streams = {}
+            _side.streams[dev] = entry
+        side, fork, join = entry
+        if side.ptr == main.ptr:  # already on the side stream (a caller's own `with`): stay in order
+            yield side
+            return
+        fork.record(main)
+        side.wait_event(fork)
+        try:
+            yield side
+        finally:
+            join.record(side)
+            main.wait_event(join)
 
 
-def _two_halves(cupy, dev: int, side_half, main_half):
+def _two_halves(cupy, dev: int, side_half, main_half, concurrent: bool = True):
     """(side_half(), main_half()): two independent launch sequences of one backward op. With
-    $PYCNN_BACKWARD_STREAMS on, side_half's launches go to the side stream (_forked) and overlap
-    main_half's; else both run in order on the current stream. Every kernel computes the same
-    bits either way (no kernel reads what the other half writes)."""
-    if not _backward_streams_on(cupy):
+    $PYCNN_BACKWARD_STREAMS on (and ``concurrent``), side_half's launches go to the side stream
+    (_forked) and overlap main_half's; else both run in order on the current stream. Every kernel
+    computes the same bits either way (no kernel reads what the other half writes). side_half
+    writes its results into arrays the caller allocated (see _forked)."""
+    if not (concurrent and _backward_streams_on(cupy)):
         return side_half(), main_half()
     with _forked(cupy, dev) as side:
         with side:
@@ -505,6 +509,7 @@ def _conv_narrow_forward(C: int, K: int, R: int, S: int, direction: str = "forwa
 _conv_tf32_capable: dict = {}  # device id -> compute capability >= 8.0
 _autotune_cache: dict = {}  # (direction, device, shapes, stride, padding, winograd, tf32) -> version
 _autotune_times: dict = {}  # the same key -> {version: median ms}, for benchmarks to report
+_conv_backward_tuned: set = set()  # conv2d_backward calls whose shapes had their autotune call (in order)
 
 
 def _tf32_allowed(allow_tf32) -> bool:
@@ -1102,11 +1107,12 @@ def _conv_backward_weight_run(version: str, dev: int, dy, x, dw, geom: tuple, db
 
 
 def conv2d_backward_weight(dy, x, w_shape, stride, padding, *, version: str | None = None,
-                           allow_tf32: bool | None = None):
+                           allow_tf32: bool | None = None, out=None):
     """(dw (K,C,R,S), db (K,)): weight and bias gradients of conv2d.
 
     Deterministic in every version: fixed-order block sums and split partials added in a fixed
     order by a second kernel, never float atomics. ``version``/``allow_tf32`` as conv2d_forward.
+    ``out``: a (dw, db) pair of float32 C-contiguous arrays of those shapes to write into.
     """
     op = "conv2d_backward_weight"
     cupy = _cupy()
@@ -1120,9 +1126,18 @@ def conv2d_backward_weight(dy, x, w_shape, stride, padding, *, version: str | No
     _, _, sh, sw, ph, pw, Ho, Wo = _window(op, H, W, (R, S), stride, padding)
     if dy.shape != (N, K, Ho, Wo):
         raise ValueError(f"{op}: dy must have shape {(N, K, Ho, Wo)}, got {dy.shape}")
-    with cupy.cuda.Device(dev):
-        dw = cupy.empty((K, C, R, S), dtype=cupy.float32)
-        db = cupy.empty((K,), dtype=cupy.float32)
+    if out is None:
+        with cupy.cuda.Device(dev):
+            dw = cupy.empty((K, C, R, S), dtype=cupy.float32)
+            db = cupy.empty((K,), dtype=cupy.float32)
+    else:
+        dw, db = out
+        for name, a, shape in (("dw", dw, (K, C, R, S)), ("db", db, (K,))):
+            _check(op, f"out {name}", a)
+            if a.shape != shape or not a.flags.c_contiguous:
+                raise ValueError(f"{op}: out {name} must be a C-contiguous array of shape {shape}, "
+                                 f"got shape {a.shape}{'' if a.flags.c_contiguous else ' (not contiguous)'}")
+        _device(op, dy=dy, dw=dw, db=db)
     geom = (N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw)
     if dw.size and dy.size == 0:
         dw.fill(0)
@@ -1145,18 +1160,36 @@ def conv2d_backward(dy, x, w, stride, padding, need_data: bool = True, need_weig
     dy, x and w, and at batch 64 neither fills an H100/H200 on its own. ``version``/``allow_tf32``
     as conv2d_forward.
     """
-    def weight_half():
-        return conv2d_backward_weight(dy, x, w.shape, stride, padding, version=version, allow_tf32=allow_tf32)
+    op = "conv2d_backward"
 
     def data_half():
         return conv2d_backward_data(dy, w, x.shape, stride, padding, version=version, allow_tf32=allow_tf32)
 
-    if need_data and need_weight:
-        _check("conv2d_backward", "dy", dy, 4)
-        (dw, db), dx = _two_halves(_cupy(), _device("conv2d_backward", dy=dy, x=x, w=w), weight_half, data_half)
-        return dx, dw, db
-    dw, db = weight_half() if need_weight else (None, None)
-    return (data_half() if need_data else None), dw, db
+    if not (need_data and need_weight):
+        dw, db = (conv2d_backward_weight(dy, x, w.shape, stride, padding, version=version, allow_tf32=allow_tf32)
+                  if need_weight else (None, None))
+        return (data_half() if need_data else None), dw, db
+    cupy = _cupy()
+    _check(op, "dy", dy, 4)
+    _check(op, "x", x, 4)
+    _check(op, "w", w, 4)
+    dev = _device(op, dy=dy, x=x, w=w)
+    with cupy.cuda.Device(dev):  # on the current stream, before the fork (see _forked)
+        dw = cupy.empty(w.shape, dtype=cupy.float32)
+        db = cupy.empty((w.shape[0],), dtype=cupy.float32)
+
+    def weight_half():
+        return conv2d_backward_weight(dy, x, w.shape, stride, padding, version=version, allow_tf32=allow_tf32,
+                                      out=(dw, db))
+
+    # With PYCNN_CONV_AUTOTUNE=1 a shape's first call times its candidates: in order, so that the
+    # other half's kernels do not slow the timings the cached pick rests on.
+    key = (dev, dy.shape, x.shape, w.shape, _pair(op, "stride", stride), _pair(op, "padding", padding))
+    tuning = os.environ.get("PYCNN_CONV_AUTOTUNE", "") == "1" and key not in _conv_backward_tuned
+    _, dx = _two_halves(cupy, dev, weight_half, data_half, concurrent=not tuning)
+    if tuning:
+        _conv_backward_tuned.add(key)
+    return dx, dw, db
 
 
 def bias_grad(dy):

@@ -54,12 +54,15 @@ class _Log:
 
         class Event:
             def __init__(self, disable_timing=False):
-                assert disable_timing
                 self.mark = None
 
-            def record(self, stream):
+            def record(self, stream=None):
+                stream = stream or log.current[-1]
                 self.mark = (stream.name, len(log.events))  # what the stream was given up to here
                 log.events.append((stream.name, "record", self.mark))
+
+            def synchronize(self):
+                pass
 
         return Event
 
@@ -74,6 +77,14 @@ def streams(emulated, monkeypatch):
     monkeypatch.setattr(fake.cuda, "Stream", log.stream(None), raising=False)
     monkeypatch.setattr(fake.cuda, "Event", log.event_type(), raising=False)
     monkeypatch.setattr(fake.cuda, "get_current_stream", lambda: log.current[-1], raising=False)
+    monkeypatch.setattr(fake.cuda, "get_elapsed_time", lambda start, end: 1.0, raising=False)
+    empty = fake.empty
+
+    def logged_empty(shape, dtype=np.float32):
+        log.events.append((log.current[-1].name, "alloc", tuple(np.atleast_1d(shape))))
+        return empty(shape, dtype=dtype)
+
+    monkeypatch.setattr(fake, "empty", logged_empty)
     monkeypatch.setattr(cuda, "_side", threading.local())  # no side stream cached by another test
     launch = cuda._launch
 
@@ -95,6 +106,11 @@ def _check_fork_join(events, side_kernels, main_kernels):
     fork_at = next(i for i, e in enumerate(ev) if e[0] == side)
     assert ev[fork_at][1] == "wait" and ev[fork_at][2][0] == "main", ev
     assert all(e[0] == "main" and e[1] != "launch" for e in ev[:fork_at]), ev  # no op work before the fork
+    # the results (dw, db; dx) come from the current stream's pool, dw and db before the fork;
+    # the side stream allocates scratch only (split-K partials)
+    results = [e[2] for e in ev[:fork_at] if e[1] == "alloc"]
+    side_allocs = [e[2] for e in ev if e[0] != "main" and e[1] == "alloc"]
+    assert len(results) >= 2 and not set(side_allocs) & set(results), (results, side_allocs)
     assert [e[2] for e in ev if e[0] == side and e[1] == "launch"] == side_kernels
     assert [e[2] for e in ev if e[0] == "main" and e[1] == "launch"] == main_kernels
     last_side = max(i for i, e in enumerate(events) if e[0] == side)
@@ -168,3 +184,35 @@ def test_bad_switch_is_a_clear_error(streams, monkeypatch):
     x, w, dy = rnd(rng, 1, 1, 4, 4), rnd(rng, 1, 1, 3, 3), rnd(rng, 1, 1, 2, 2)
     with pytest.raises(ValueError, match=r"PYCNN_BACKWARD_STREAMS must be '0' or '1', got 'yes'"):
         cuda.conv2d_backward(dy, x, w, (1, 1), (0, 0))
+
+
+def test_autotuned_shapes_tune_in_order_then_fork(streams, monkeypatch):
+    """PYCNN_CONV_AUTOTUNE=1: a shape's first conv2d_backward times its candidates with the other
+    half not running beside it (no fork); later calls of that shape fork."""
+    log, launched = streams
+    monkeypatch.setenv("PYCNN_CONV_AUTOTUNE", "1")
+    monkeypatch.setattr(cuda, "_autotune_cache", {})
+    monkeypatch.setattr(cuda, "_conv_backward_tuned", set())
+    rng = np.random.default_rng(5)
+    x, w, dy = rnd(rng, 1, 2, 6, 6), rnd(rng, 3, 2, 3, 3), rnd(rng, 1, 3, 4, 4)
+    first = cuda.conv2d_backward(dy, x, w, (1, 1), (0, 0))
+    assert {e[0] for e in log.events if e[1] != "new"} == {"main"} and len(cuda._autotune_cache) == 2
+    n = len(log.events)
+    second = cuda.conv2d_backward(dy, x, w, (1, 1), (0, 0))
+    assert any(e[0] != "main" and e[1] == "launch" for e in log.events[n:])
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_weight_gradient_into_given_arrays(streams):
+    rng = np.random.default_rng(6)
+    x, w, dy = rnd(rng, 1, 2, 6, 6), rnd(rng, 3, 2, 3, 3), rnd(rng, 1, 3, 4, 4)
+    dw, db = np.full(w.shape, np.nan, np.float32), np.full(3, np.nan, np.float32)
+    got = cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (0, 0), out=(dw, db))
+    assert got[0] is dw and got[1] is db
+    want = cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (0, 0))
+    np.testing.assert_array_equal(dw, want[0])
+    np.testing.assert_array_equal(db, want[1])
+    with pytest.raises(ValueError, match=r"conv2d_backward_weight: out db must be a C-contiguous array of shape "
+                                         r"\(3,\), got shape \(4,\)"):
+        cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (0, 0), out=(dw, np.zeros(4, np.float32)))
