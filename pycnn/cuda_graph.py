@@ -197,11 +197,21 @@ class CudaGraphTrainStep:
         if self.logits is None:  # first warm-up step; from the default pool, as the other outputs
             with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc):
                 self.logits = cupy.empty(logits.shape, dtype=logits.dtype)
+        ld, yd = logits.data, self.static_y
+        fused = (ld.ndim == 2 and ld.dtype == cupy.float32 and ld.flags.c_contiguous and loss.data.ndim == 0
+                 and loss.data.dtype == cupy.float32
+                 and (not self.track_accuracy or (yd.dtype == cupy.int32 and yd.shape == ld.shape[:1])))
+        if fused:  # one launch instead of seven small CuPy kernels (loss.cu train_step_stats_f32)
+            from pycnn.backends import cuda as cuda_backend
+
+            cuda_backend.train_step_stats(ld, yd if self.track_accuracy else None, loss.data,
+                                          self.loss, self.logits, self.loss_sum, self.correct)
+            return
         self.loss[...] = loss.data
-        self.logits[...] = logits.data
+        self.logits[...] = ld
         self.loss_sum += loss.data
         if self.track_accuracy:
-            self.correct += (logits.data.argmax(axis=1) == self.static_y).sum()
+            self.correct += (ld.argmax(axis=1) == yd).sum()
 
     def _eager_step(self) -> None:
         self._body(capturing=False)

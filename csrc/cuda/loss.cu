@@ -28,6 +28,8 @@
 //   mse_fwd_partial_f32 / mse_bwd_f32              (p-t)^2;  scale * 2*(p-t)
 //   smooth_l1_fwd_partial_f32 / smooth_l1_bwd_f32  PyTorch's smooth L1 (beta == 0 is L1)
 //   sum_partials_f32      one block: out[0] = scale * sum(partials)
+//   train_step_stats_f32  one block: the end of a captured training step (copies of loss and
+//                         logits, the running loss sum and count of correct argmax predictions)
 // pos_weight has L entries (1 or the size of the last dim) and element i uses pos_weight[i % L].
 #include "common.cuh"
 
@@ -246,4 +248,46 @@ extern "C" __global__ void sum_partials_f32(const double* __restrict__ partials,
     for (int i = threadIdx.x; i < G; i += blockDim.x) acc += partials[i];
     acc = pycnn_block_sum_f64(acc);
     if (threadIdx.x == 0) out[0] = (float)(acc * scale);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bookkeeping at the end of a captured training step (pycnn.cuda_graph), in one launch where
+// CuPy ran seven small kernels one after another (two copies, argmax, ==, sum, two +=; about
+// 2 us each inside a graph, at batch 64 a step is ~270 us):
+//   loss_out[0] = loss[0];  logits_out = logits;  loss_sum[0] += (double)loss[0];
+//   with count: correct[0] += #{n : argmax_c logits[n, c] == target[n]}
+// The argmax is NumPy's (and CuPy's): the first largest value, a NaN counting as the largest.
+// One block: a fixed row assignment and a fixed-order block sum (deterministic; a count below
+// 2^53 is exact in double).
+// Launch: grid (1,), block (PYCNN_BLOCK,).
+extern "C" __global__ void train_step_stats_f32(const float* __restrict__ logits, const int* __restrict__ target,
+                                                const float* __restrict__ loss, int N, int C, int count,
+                                                float* __restrict__ loss_out, float* __restrict__ logits_out,
+                                                double* __restrict__ loss_sum, long long* __restrict__ correct) {
+    // cooperative: ends with a block sum (__syncthreads)
+    const pycnn_i64 total = (pycnn_i64)N * C;
+    for (pycnn_i64 i = threadIdx.x; i < total; i += blockDim.x) logits_out[i] = logits[i];
+    double hits = 0.0;
+    if (count && C > 0) {
+        for (int n = threadIdx.x; n < N; n += blockDim.x) {
+            const float* row = logits + (pycnn_i64)n * C;
+            int best = 0;
+            float top = row[0];
+            for (int c = 1; c < C; ++c) {
+                const float v = row[c];
+                if (v > top || (v != v && top == top)) {  // (a NaN wins over any number, the first NaN stays)
+                    top = v;
+                    best = c;
+                }
+            }
+            hits += best == target[n] ? 1.0 : 0.0;
+        }
+    }
+    hits = pycnn_block_sum_f64(hits);
+    if (threadIdx.x == 0) {
+        const float l = loss[0];
+        loss_out[0] = l;
+        loss_sum[0] += (double)l;
+        if (count) correct[0] += (long long)hits;
+    }
 }

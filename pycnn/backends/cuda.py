@@ -1655,6 +1655,37 @@ def softmax_cross_entropy_forward(logits, target, weight, label_smoothing, reduc
     return loss, probs
 
 
+def train_step_stats(logits, target, loss, loss_out, logits_out, loss_sum, correct) -> None:
+    """The bookkeeping at the end of a captured training step, one launch (train_step_stats_f32):
+    loss_out[()] = loss, logits_out[...] = logits, loss_sum += loss and, with ``target`` (int32
+    class labels, (N,)), correct += the number of rows whose argmax (NumPy's: the first maximum,
+    NaN counting as the largest) is the target. Not in the backend table (pycnn.cuda_graph's helper).
+
+    Args: logits, logits_out (N, C) float32; loss, loss_out 0-d float32; loss_sum 0-d float64;
+    correct 0-d int64; all C-contiguous on one device.
+    """
+    op = "train_step_stats"
+    _check(op, "logits", logits, 2)
+    _check(op, "logits_out", logits_out, 2)
+    _check(op, "loss", loss, 0)
+    _check(op, "loss_out", loss_out, 0)
+    _check(op, "loss_sum", loss_sum, 0, np.float64)
+    _check(op, "correct", correct, 0, np.int64)
+    if logits_out.shape != logits.shape:
+        raise ValueError(f"{op}: logits_out {logits_out.shape} must have the shape of logits {logits.shape}")
+    N, C = logits.shape
+    if target is not None:
+        _check(op, "target", target, 1, np.int32)
+        if target.shape != (N,):
+            raise ValueError(f"{op}: target must have shape ({N},) (one label per row), got {target.shape}")
+    dev = _device(op, logits=logits, target=target, loss=loss, loss_out=loss_out, logits_out=logits_out,
+                  loss_sum=loss_sum, correct=correct)
+    labels = target if target is not None else correct.reshape(1).view(np.int32)  # (not read then)
+    _launch(dev, "loss.cu", "train_step_stats_f32", (1,), (BLOCK,),
+            (logits, labels, loss, _i32(N), _i32(C), _i32(target is not None), loss_out, logits_out, loss_sum,
+             correct))
+
+
 def softmax_cross_entropy_backward(dloss, probs, target, weight, label_smoothing, reduction):
     """dlogits (N,C) = dloss/norm * ((1-eps)*w[t]*(p - onehot) + eps/C*(sum(w)*p - w)); one launch."""
     op = "softmax_cross_entropy_backward"

@@ -294,3 +294,31 @@ def test_optimizer_device_mode_follows_onecycle_like_the_host_path(emulated, mon
     assert emulated[start:] == [kernel] * steps  # one launch per step for all three tensors
     for pd, ph in zip(dev, host):
         close(np.asarray(pd.data).view(np.ndarray), ph.data, rtol=1e-5, atol=1e-6, what=kind)
+
+
+@pytest.mark.parametrize("N, C", [(1, 1), (7, 10), (300, 3)])  # 300 rows: more than a block's threads
+def test_train_step_stats(emulated, N, C):
+    """The end of a captured training step in one launch: copies of loss and logits, the running
+    loss sum (float64) and the count of rows whose argmax is the target, NumPy's argmax (first
+    maximum; a NaN counts as the largest, the first NaN wins) on ties and NaNs."""
+    rng = np.random.default_rng(N)
+    logits = rng.integers(-2, 3, (N, C)).astype(np.float32)  # many ties
+    if N > 1:
+        logits[1, -1] = np.nan
+        logits[N - 1, :] = np.nan
+    target = rng.integers(0, C, N).astype(np.int32)
+    target[: N // 2] = np.argmax(logits[: N // 2], axis=1)  # half the rows right for sure
+    if N > 1:
+        target[1], target[N - 1] = C - 1, 0  # right by NumPy's rule: the NaN, the first of all-NaN
+    loss = np.array(0.75, np.float32)
+    loss_out, logits_out = np.zeros((), np.float32), np.zeros((N, C), np.float32)
+    loss_sum, correct = np.array(1.5, np.float64), np.array(3, np.int64)
+    cuda.train_step_stats(logits, target, loss, loss_out, logits_out, loss_sum, correct)
+    assert emulated == ["train_step_stats_f32"]
+    assert loss_out == np.float32(0.75) and loss_sum == 2.25
+    np.testing.assert_array_equal(logits_out, logits)
+    assert correct == 3 + int((np.argmax(logits, axis=1) == target).sum())
+    cuda.train_step_stats(logits, None, loss, loss_out, logits_out, loss_sum, correct)  # no accuracy
+    assert loss_sum == 3.0 and correct == 3 + int((np.argmax(logits, axis=1) == target).sum())
+    with pytest.raises(ValueError, match=r"train_step_stats: target must have shape \(%d,\)" % N):
+        cuda.train_step_stats(logits, np.zeros(N + 1, np.int32), loss, loss_out, logits_out, loss_sum, correct)

@@ -200,3 +200,21 @@ def test_linear_backward_on_two_streams(monkeypatch):
                                cp.asnumpy(w).astype(np.float64))
     for name, a, b in zip(("dx", "dw", "db"), got, want):
         close(a, b, rtol=1e-4, atol=1e-4, what=name)
+
+
+def test_train_step_stats_matches_cupy():
+    """CudaGraphTrainStep's one-launch bookkeeping against the CuPy ops it replaces (argmax with
+    ties and NaNs, the running sums)."""
+    rng = np.random.default_rng(8)
+    logits = cp.asarray(rng.integers(-2, 3, (512, 10)).astype(np.float32))
+    logits[3, 7] = cp.nan
+    logits[9, :] = cp.nan
+    target = cp.asarray(rng.integers(0, 10, 512).astype(np.int32))
+    loss = cp.asarray(np.float32(0.5))
+    loss_out, logits_out = cp.zeros((), cp.float32), cp.zeros((512, 10), cp.float32)
+    loss_sum, correct = cp.zeros((), cp.float64), cp.zeros((), cp.int64)
+    for _ in range(2):
+        cuda.train_step_stats(logits, target, loss, loss_out, logits_out, loss_sum, correct)
+    assert float(loss_sum.get()) == 1.0 and float(loss_out.get()) == 0.5
+    assert same_bits(logits_out, logits)
+    assert int(correct.get()) == 2 * int((logits.argmax(axis=1) == target).sum().get())
