@@ -55,6 +55,9 @@ DEFINES = {
     "PYCNN_CONV_NARROW_MAX": 25,
     # shared-memory floats for the filters of conv2d_fwd_narrow_c1_*: K rows of R*S padded to 4
     "PYCNN_CONV_NARROW_FWD_MAX_W": 2048,
+    # filters per block of conv2d_bwd_weight_narrow_c1_3x3_f32 / _5x5_f32 (registers: 78 and 105)
+    "PYCNN_NARROW_C1_KB_3x3": 4,
+    "PYCNN_NARROW_C1_KB_5x5": 2,
 }
 SOURCES = ("conv2d.cu", "pool2d.cu", "activation.cu", "loss.cu", "optim.cu", "linear.cu")
 COMMON_HEADER = "common.cuh"
@@ -492,6 +495,11 @@ _CONV_NARROW_MIN_K = 1024
 # kernels fit six or more; now the 3x3 one is bounded to six blocks per SM (40 registers), the
 # 5x5 one to four (64) and the generic one to two, so the grid runs in more than one wave.
 _CONV_NARROW_TARGET_BLOCKS = 1056
+# The one-channel 3x3 / 5x5 weight-gradient kernels take this many filters per block
+# (PYCNN_NARROW_C1_KB_* in conv2d.cu); _CONV_NARROW_C1 = False runs the generic narrow kernel
+# there instead (tests compare the two).
+_CONV_NARROW_C1_FILTERS = {(3, 3): DEFINES["PYCNN_NARROW_C1_KB_3x3"], (5, 5): DEFINES["PYCNN_NARROW_C1_KB_5x5"]}
+_CONV_NARROW_C1 = True
 
 
 def _conv_narrow_forward(C: int, K: int, R: int, S: int, direction: str = "forward") -> str | None:
@@ -1071,11 +1079,13 @@ def _conv_backward_weight_run(version: str, dev: int, dy, x, dw, geom: tuple, db
     if version in ("3", CONV_TF32_VERSION) and C * R * S <= min(_CONV_NARROW_TAPS, DEFINES["PYCNN_CONV_NARROW_MAX"]):
         # A first layer (C*R*S taps, e.g. 9 or 25): register accumulators per tap, not a GEMM tile
         # that would be mostly empty (exact fp32 for v4 too: there is no product to speed up).
-        splits, chunk = _conv_splits(N * Ho * Wo, K, _CONV_NARROW_MIN_K, 32, target=_CONV_NARROW_TARGET_BLOCKS)
-        kernel = "conv2d_bwd_weight_narrow_f32"
-        if C == 1 and (R, S) in ((3, 3), (5, 5)):
-            kernel = f"conv2d_bwd_weight_narrow_c1_{R}x{S}_f32"  # compile-time taps: fewer registers
-        grid, block, extra, smem = (K, splits), (BLOCK,), chunk, 0
+        kernel, groups = "conv2d_bwd_weight_narrow_f32", K
+        if C == 1 and (R, S) in _CONV_NARROW_C1_FILTERS and _CONV_NARROW_C1:
+            # compile-time taps, and KB filters per block sharing each window of x
+            kernel = f"conv2d_bwd_weight_narrow_c1_{R}x{S}_f32"
+            groups = -(-K // _CONV_NARROW_C1_FILTERS[(R, S)])
+        splits, chunk = _conv_splits(N * Ho * Wo, groups, _CONV_NARROW_MIN_K, 32, target=_CONV_NARROW_TARGET_BLOCKS)
+        grid, block, extra, smem = (groups, splits), (BLOCK,), chunk, 0
     elif version == "2":
         splits, imgs = _conv_splits(N, K * C, 1, 1)
         kernel, grid, block = "conv2d_bwd_weight_v2_f32", (K * C, splits), (DEFINES["PYCNN_CONV2_TILE_W"] *

@@ -706,7 +706,29 @@ NARROW_SHAPES = {
     "1x3x3-long": (4, 1, 16, 15, 2, 3, 3, (1, 1), (1, 1)),
     "1x5x5-long": (3, 1, 20, 19, 2, 5, 5, (1, 1), (2, 2)),
     "2x3x3-long": (3, 2, 15, 14, 2, 3, 3, (1, 1), (1, 1)),
+    # more filters than one block of the one-channel kernels takes (4 for 3x3, 2 for 5x5): two
+    # groups of 3x3 (the second with 2 of 4 filters), three of 5x5 (the last with 1 of 2)
+    "1x3x3-groups": (2, 1, 9, 8, 6, 3, 3, (1, 1), (1, 1)),
+    "1x5x5-groups": (2, 1, 11, 10, 5, 5, 5, (1, 1), (2, 1)),
 }
+
+
+@pytest.mark.parametrize("name", ["1x3x3-nopad", "1x3x3-long", "1x5x5-long", "1x3x3-groups", "1x5x5-groups"])
+def test_narrow_c1_weight_gradient_is_the_generic_kernel_bitwise(emulated, monkeypatch, name):
+    """The one-channel kernels take several filters per block and read each window of x once for
+    all of them; per filter they sum in the generic narrow kernel's order: with one split each
+    (the splits follow the block count, which differs), dw and db are bitwise the same."""
+    monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 25)
+    monkeypatch.setattr(cuda, "_CONV_NARROW_MIN_K", 1 << 30)
+    shape = NARROW_SHAPES[name]
+    _, _, _, _, K, R, S, stride, padding = shape
+    x, w, b, dy = data(shape, seed=21)
+    fixed = cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding, version="3")
+    monkeypatch.setattr(cuda, "_CONV_NARROW_C1", False)
+    generic = cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding, version="3")
+    assert emulated == [f"conv2d_bwd_weight_narrow_c1_{R}x{S}_f32", "conv2d_bwd_weight_narrow_f32"], emulated
+    for a, g in zip(fixed, generic):
+        assert a.tobytes() == g.tobytes()
 
 
 @pytest.mark.parametrize("version", ["3", "4"])
