@@ -318,6 +318,10 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
             loss, probs = cuda.softmax_cross_entropy_forward(logits, target, wgt, 0.1, "mean")
             assert loss.shape == () and probs.shape == logits.shape
             cuda.softmax_cross_entropy_backward(1.0, probs, target, wgt, 0.1, "sum")
+    scalar = lambda dtype: np.zeros((), dtype).view(FakeArray)  # noqa: E731 - (0-d: not _fake's ascontiguousarray)
+    stats = (scalar(np.float32), _f(6, 10), scalar(np.float64), scalar(np.int64))
+    for labels in (target, None):  # (int32 labels from the loop above; None: no accuracy count)
+        cuda.train_step_stats(logits, labels, scalar(np.float32), *stats)
     t = _fake(np.random.default_rng(2).random((6, 10)).astype(np.float32))
     for pw in (None, _f(10), _f(1)):
         assert cuda.bce_with_logits_forward(logits, t, pw, "mean").shape == ()
