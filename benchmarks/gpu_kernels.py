@@ -5,7 +5,7 @@ compute-bound 64x128x56x56 layer with 128 3x3 filters (pad 1), beside cuDNN thro
 fp32 (TF32 off) and in TF32, all measured in the same run.
 
     python benchmarks/gpu_kernels.py [--json FILE] [--repeats 30] [--budget 100] [--other-kernels]
-                                     [--layers all|big] [--versions 1,2,3,4,5]
+                                     [--layers all|big|models] [--versions 1,2,3,4,5]
     PYCNN_CONV_STAGES=1 python benchmarks/gpu_kernels.py --layers big --versions 3,4,5 --json FILE
         (v3-v5 with the GEMM main loop that loads through registers instead of the double-buffered
         cp.async one: each entry's "stages" says which loop ran)
@@ -201,7 +201,8 @@ def tflops(flop: float, ms) -> float | None:
     return None if not ms else round(flop / (ms * 1e-3) / 1e12, 3)
 
 
-def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, versions=VERSIONS) -> dict:
+def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, versions=VERSIONS,
+                models_only: bool = False) -> dict:
     """Every version x direction on every layer (or on the compute-bound one only): the record's
     kernel entries and info.
 
@@ -216,7 +217,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
     t_start = time.perf_counter()
     truncated = []
     stages = cuda.compile_defines()["PYCNN_CONV3_STAGES"]
-    for label, shape in (layers()[:1] if only_big else layers()):
+    for label, shape in (layers()[:1] if only_big else layers()[1:] if models_only else layers()):
         if time.perf_counter() - t_start > budget:
             truncated.append(label)
             continue
@@ -286,7 +287,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
     fastest = {layer: {op: v for op, (v, _) in ops.items()} for layer, ops in fastest.items()}
     info = {"errors": errors, "cudnn": torch_info, "repeats": repeats, "auto_versions": auto,
             "fastest_exact_versions": fastest, "truncated": truncated,
-            "conv_versions": list(versions), "conv_stages": stages, "conv_layers": "big" if only_big else "all",
+            "conv_versions": list(versions), "conv_stages": stages, "conv_layers": "big" if only_big else "models" if models_only else "all",
             "conv_seconds": round(time.perf_counter() - t_start, 1),
             "conv_env_version": os.environ.get("PYCNN_CONV_VERSION")}
     return {"entries": entries, **info}
@@ -318,8 +319,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per kernel (5 if slow)")
     parser.add_argument("--budget", type=float, default=100.0,
                         help="seconds after which no new layer is started (the record lists the skipped ones)")
-    parser.add_argument("--layers", choices=("all", "big"), default="all",
-                        help="every model layer and the compute-bound one, or the compute-bound one only")
+    parser.add_argument("--layers", choices=("all", "big", "models"), default="all",
+                        help="every model layer and the compute-bound one, the compute-bound one only, "
+                             "or the model layers only")
     parser.add_argument("--versions", default=",".join(VERSIONS),
                         help=f"comma-separated conv versions to time (default {','.join(VERSIONS)})")
     parser.add_argument("--other-kernels", action="store_true",
@@ -333,7 +335,8 @@ def main(argv=None) -> int:
     if not ok:
         print(f"CUDA backend unavailable: {reason}", file=sys.stderr)
         return 2
-    bench = conv_ladder(args.repeats, args.budget, only_big=args.layers == "big", versions=versions)
+    bench = conv_ladder(args.repeats, args.budget, only_big=args.layers == "big", versions=versions,
+                        models_only=args.layers == "models")
     entries = bench.pop("entries")
     if args.other_kernels:
         other = selftest.kernel_benchmarks()

@@ -580,7 +580,9 @@ def _conv3_tile(direction: str, rows: int, cols: int, version: str = "3") -> tup
 
     The weight gradient splits its long reduction over grid.z, which fills the GPU whatever the
     tile count, so it takes the large tile as soon as both sides are at least 128. v3 GEMMs of at
-    most _CONV3_M32_MAX_ROWS rows take 32x128 tiles (a 64-row tile would be half empty).
+    most _CONV3_M32_MAX_ROWS rows take 32x128 tiles (a 64-row tile would be half empty). With
+    $PYCNN_CONV3_N128=1, v3 forward and backward-data GEMMs of 33-64 rows take 64x128 tiles
+    (conv2d_*_v3_n128_f32): an experiment for the next GPU measurement, off by default.
     """
     big = _CONV3_BIG
     if rows >= big and cols >= big:
@@ -589,6 +591,9 @@ def _conv3_tile(direction: str, rows: int, cols: int, version: str = "3") -> tup
             return big, big, "_t128"
     if version == "3" and rows <= _CONV3_M32_MAX_ROWS:
         return 32, 128, "_m32"
+    if (version == "3" and direction != "backward_weight" and rows <= _CONV3_BM
+            and os.environ.get("PYCNN_CONV3_N128", "") == "1"):
+        return _CONV3_BM, 128, "_n128"
     return _CONV3_BM, _CONV3_BM, ""
 
 

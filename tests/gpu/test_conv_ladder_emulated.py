@@ -885,6 +885,32 @@ def test_narrow_backward_data_only_where_it_applies(emulated, monkeypatch):
     assert cuda.conv_version("backward_data", (1, 1, 7, 6), (3, 1, 3, 5), (1, 1), (1, 1), "auto") == "1"
 
 
+@pytest.mark.parametrize("shape", [
+    (2, 40, 6, 5, 36, 3, 3, (1, 1), (1, 1)),   # 36 filters, 40 channels: 33-64 rows both ways; 60 columns
+    (1, 34, 12, 13, 48, 3, 2, (2, 1), (1, 0)),  # 156 input pixels: two 128-wide column tiles in backward-data
+], ids=["one-column-tile", "stride2-two-column-tiles"])
+def test_v3_n128_tiles(emulated, monkeypatch, shape):
+    """PYCNN_CONV3_N128=1: v3 forward and backward-data GEMMs of 33-64 rows run 64x128 tiles
+    (conv2d_*_v3_n128_f32), which agree with the reference and, unsplit, are bitwise the 64x64
+    kernels (the same order of sums per output); the weight gradient keeps its tiles."""
+    monkeypatch.setattr(cuda, "_CONV3_SPLIT_BELOW_BLOCKS", 0)
+    x, w, b, dy = data(shape, seed=22)
+    _, _, _, _, _, _, _, stride, padding = shape
+    want = reference(shape, x, w, b, dy)
+    lf, ld, _ = lengths(shape)
+    monkeypatch.setenv("PYCNN_CONV3_N128", "1")
+    y = cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version="3")
+    dx = cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="3")
+    assert emulated == ["conv2d_fwd_v3_n128_f32", "conv2d_bwd_data_v3_n128_f32"], emulated
+    np.testing.assert_allclose(y, np.maximum(want[0], 0), rtol=1e-5, atol=fp32_atol(lf))
+    np.testing.assert_allclose(dx, want[1], rtol=1e-5, atol=fp32_atol(ld))
+    assert cuda._conv3_tile("backward_weight", 36, 360) == (64, 64, "")
+    monkeypatch.delenv("PYCNN_CONV3_N128")
+    assert cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version="3").tobytes() == y.tobytes()
+    assert cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="3").tobytes() == dx.tobytes()
+    assert emulated[2:] == ["conv2d_fwd_v3_f32", "conv2d_bwd_data_v3_f32"], emulated
+
+
 def test_narrow_weight_gradient_only_for_few_taps(emulated, monkeypatch):
     """27 taps (3 channels of 3x3) is past the kernel's 25 accumulators: the GEMM runs."""
     monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 25)
