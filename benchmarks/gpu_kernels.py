@@ -9,6 +9,9 @@ fp32 (TF32 off) and in TF32, all measured in the same run.
     PYCNN_CONV_STAGES=1 python benchmarks/gpu_kernels.py --layers big --versions 3,4,5 --json FILE
         (v3-v5 with the GEMM main loop that loads through registers instead of the double-buffered
         cp.async one: each entry's "stages" says which loop ran)
+    python benchmarks/gpu_kernels.py --layers models --versions 3,3w --batch 512 --json FILE
+        (v3 with its default tiles and, as "wide": true entries, with PYCNN_CONV3_WIDE=1, on the
+        model layers at batch 512)
 
 Times are CUDA-event medians: 3 warm-up calls, then ``--repeats`` timed calls (5 for calls slower
 than 5 ms); each such call includes the host's work to issue it (Python and CuPy for pycnn,
@@ -27,6 +30,7 @@ the selftest's benchmark. The conv ladder takes well under two minutes of GPU ti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -48,15 +52,19 @@ BIG = ("compute-bound", (64, 128, 56, 56, 128, 3, 3, 1, 1))  # N, C, H, W, K, R,
 DIRECTIONS = (("conv2d_fwd", "forward"), ("conv2d_bwd_data", "backward_data"),
               ("conv2d_bwd_weight", "backward_weight"))
 VERSIONS = cuda.CONV_VERSIONS + (cuda.CONV_TF32_VERSION, cuda.CONV_WINOGRAD_VERSION)
+# "3w": v3 with PYCNN_CONV3_WIDE=1 (the opt-in wide tiles), timed beside "3" when asked for.
+WIDE = "3w"
 SLOW_MS = 5.0
 
 
-def layers():
+def layers(batch: int | None = None):
     """(label, [N, C, H, W, K, R, S, stride, pad]): BIG first (a budget cut must not lose it), then
-    every distinct model layer."""
+    every distinct model layer (at ``batch`` instead of 64 when given)."""
     out, seen = [BIG], {BIG[1]}
     for c in CONV_SHAPES:
         shape = tuple(c.as_record())
+        if batch:
+            shape = (batch,) + shape[1:]
         if shape not in seen:
             seen.add(shape)
             out.append((c.id, shape))
@@ -201,8 +209,25 @@ def tflops(flop: float, ms) -> float | None:
     return None if not ms else round(flop / (ms * 1e-3) / 1e12, 3)
 
 
+@contextlib.contextmanager
+def wide_tiles(on: bool):
+    """PYCNN_CONV3_WIDE=1 inside when ``on`` (the backend reads it at every call)."""
+    if not on:
+        yield
+        return
+    old = os.environ.get("PYCNN_CONV3_WIDE")
+    os.environ["PYCNN_CONV3_WIDE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYCNN_CONV3_WIDE", None)
+        else:
+            os.environ["PYCNN_CONV3_WIDE"] = old
+
+
 def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, versions=VERSIONS,
-                models_only: bool = False) -> dict:
+                models_only: bool = False, batch: int | None = None) -> dict:
     """Every version x direction on every layer (or on the compute-bound one only): the record's
     kernel entries and info.
 
@@ -217,7 +242,8 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
     t_start = time.perf_counter()
     truncated = []
     stages = cuda.compile_defines()["PYCNN_CONV3_STAGES"]
-    for label, shape in (layers()[:1] if only_big else layers()[1:] if models_only else layers()):
+    every = layers(batch)
+    for label, shape in (every[:1] if only_big else every[1:] if models_only else every):
         if time.perf_counter() - t_start > budget:
             truncated.append(label)
             continue
@@ -246,22 +272,32 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
         }
         for op, direction in DIRECTIONS:
             fp32_ms, tf32_ms, fp32_gpu, tf32_gpu = cudnn.get(op, (None, None, None, None))
-            for version in versions:
+            for tag in versions:
+                version, wide = tag.rstrip("w"), tag == WIDE
+
+                def run(op=op, version=version, wide=wide):
+                    with wide_tiles(wide):
+                        return calls[op](version)
+
                 try:
                     ran = cuda.conv_version(direction, x.shape, w.shape, st, pd, version, True)
                     if ran != version:
                         if version != cuda.CONV_WINOGRAD_VERSION:  # (v5 exists for 3x3 stride 1 only)
                             errors.append(f"{label} {op} v{version}: falls back to v{ran}, not timed")
                         continue
-                    out = cp.asnumpy(calls[op](version))
+                    with wide_tiles(wide):
+                        tile = tile_of(direction, shape, version) if version in ("3", "4") else None
+                    if wide and (direction == "backward_weight" or tile in ("narrow", "128x128")):
+                        continue  # no wide tile there: the same kernel as v3
+                    out = cp.asnumpy(run())
                     err = None
                     if op in cudnn_out:
                         want = cudnn_out[op]
                         err = float(np.abs(out - want).max() / max(np.abs(want).max(), 1e-30))
-                    ms = median_ms(lambda: calls[op](version), *timer, repeats)
-                    gpu_ms = cupy_graph_ms(cp, lambda: calls[op](version)) if ms < SLOW_MS else ms
+                    ms = median_ms(run, *timer, repeats)
+                    gpu_ms = cupy_graph_ms(cp, run) if ms < SLOW_MS else ms
                 except Exception as exc:  # noqa: BLE001 - record and go on
-                    errors.append(f"{label} {op} v{version}: {type(exc).__name__}: {exc}")
+                    errors.append(f"{label} {op} v{tag}: {type(exc).__name__}: {exc}")
                     continue
                 entries.append({
                     "op": op, "shape": list(shape), "version": f"v{version}", "ms": round(ms, 5),
@@ -273,13 +309,13 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                     "cudnn_tf32_gpu_ms": None if tf32_gpu is None else round(tf32_gpu, 5),
                     "tflops": tflops(flop, ms), "cudnn_tflops": tflops(flop, fp32_ms),
                     "cudnn_tf32_tflops": tflops(flop, tf32_ms), "max_rel_err_vs_cudnn": err,
-                    "auto": auto[label][op] == f"v{version}", "layer": label,
-                    "tile": tile_of(direction, shape, version) if version in ("3", "4") else None,
+                    "auto": auto[label][op] == f"v{version}" and not wide, "layer": label,
+                    "tile": tile, **({"wide": True} if wide else {}),
                     "stages": stages if version in ("3", "4", "5") else None})  # (v5's GEMMs: the v3 core)
     # Was the shape rule right? The fastest measured exact version per layer and direction.
     fastest = {}
     for e in entries:
-        if e["version"] in [f"v{v}" for v in cuda.CONV_VERSIONS]:  # what "auto" chooses from
+        if e["version"] in [f"v{v}" for v in cuda.CONV_VERSIONS] and not e.get("wide"):  # what "auto" chooses from
             slot = fastest.setdefault(e["layer"], {})
             best = slot.get(e["op"])
             if best is None or e["ms"] < best[1]:
@@ -289,7 +325,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
             "fastest_exact_versions": fastest, "truncated": truncated,
             "conv_versions": list(versions), "conv_stages": stages, "conv_layers": "big" if only_big else "models" if models_only else "all",
             "conv_seconds": round(time.perf_counter() - t_start, 1),
-            "conv_env_version": os.environ.get("PYCNN_CONV_VERSION")}
+            "conv_env_version": os.environ.get("PYCNN_CONV_VERSION"), "batch": batch}
     return {"entries": entries, **info}
 
 
@@ -299,7 +335,7 @@ def table(entries) -> str:
     for e in entries:
         ms, dnn, t32, err = e["ms"], e.get("cudnn_ms"), e.get("cudnn_tf32_ms"), e.get("max_rel_err_vs_cudnn")
         gpu, dnn_gpu = e.get("gpu_ms"), e.get("cudnn_gpu_ms")
-        version = e["version"] + ("*" if e.get("auto") else "")
+        version = e["version"] + ("w" if e.get("wide") else "") + ("*" if e.get("auto") else "")
         cells = [f"{dnn:.4f}" if dnn else "-", f"{dnn / ms:.2f}" if dnn and ms else "-",
                  f"{t32:.4f}" if t32 else "-", f"{t32 / ms:.2f}" if t32 and ms else "-",
                  f"{gpu * 1e3:.1f}" if gpu else "-", f"{dnn_gpu * 1e3:.1f}" if dnn_gpu else "-",
@@ -308,8 +344,8 @@ def table(entries) -> str:
         lines.append(f"{e['layer']:<22}{e['op']:<19}{version:<5}{ms:>9.4f}{(e['tflops'] or 0):>9.2f}"
                      f"{cells[0]:>10}{cells[1]:>9}{cells[2]:>9}{cells[3]:>8}{cells[4]:>9}{cells[5]:>9}"
                      f"{cells[6]:>7}{cells[7]:>10}")
-    lines.append("(* = the version 'auto' picks; x cuDNN > 1 means faster than cuDNN; ms: one call with the "
-                 "host's work, GPU us: in a CUDA graph)")
+    lines.append("(* = the version 'auto' picks; v3w = v3 with PYCNN_CONV3_WIDE=1; x cuDNN > 1 means faster "
+                 "than cuDNN; ms: one call with the host's work, GPU us: in a CUDA graph)")
     return "\n".join(lines)
 
 
@@ -322,13 +358,15 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", choices=("all", "big", "models"), default="all",
                         help="every model layer and the compute-bound one, the compute-bound one only, "
                              "or the model layers only")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch of the model layers (default 64, as benchmarks/shapes.py)")
     parser.add_argument("--versions", default=",".join(VERSIONS),
                         help=f"comma-separated conv versions to time (default {','.join(VERSIONS)})")
     parser.add_argument("--other-kernels", action="store_true",
                         help="also time the non-conv kernel families (the selftest's benchmark)")
     args = parser.parse_args(argv)
     versions = tuple(v.strip() for v in args.versions.split(",") if v.strip())
-    unknown = [v for v in versions if v not in VERSIONS]
+    unknown = [v for v in versions if v not in VERSIONS + (WIDE,)]
     if unknown or not versions:
         parser.error(f"--versions: expected a comma-separated subset of {','.join(VERSIONS)}, got {args.versions!r}")
     ok, reason = cuda.available()
@@ -336,7 +374,7 @@ def main(argv=None) -> int:
         print(f"CUDA backend unavailable: {reason}", file=sys.stderr)
         return 2
     bench = conv_ladder(args.repeats, args.budget, only_big=args.layers == "big", versions=versions,
-                        models_only=args.layers == "models")
+                        models_only=args.layers == "models", batch=args.batch)
     entries = bench.pop("entries")
     if args.other_kernels:
         other = selftest.kernel_benchmarks()

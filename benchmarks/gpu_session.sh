@@ -22,7 +22,7 @@
 # Device time is scarce (15 minutes a session, machine start included): set DEADLINE_S from the
 # device tool's budget_left_s, e.g. PART=1 DEADLINE_S=330 then PART=2 DEADLINE_S=<what is left>.
 # Usage: PYCNN_COMMIT=<sha> PYCNN_DATA=<mnist dir> OUT=<dir> [PART=1|2] [DEADLINE_S=560] \
-#        [SELFTEST_ARGS=--tests-only] [SKIP_STAGES1=1] [SKIP_MNISTCNN=1] [SKIP_TRAINING_BENCH=1] [NCU=1] [N128=1]
+#        [SELFTEST_ARGS=--tests-only] [SKIP_STAGES1=1] [SKIP_MNISTCNN=1] [SKIP_TRAINING_BENCH=1] [NCU=1] [WIDE=1]
 #        [LOCALIZE_EPOCHS=N] bash benchmarks/gpu_session.sh
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -66,11 +66,16 @@ if [ -n "${NCU:-}" ]; then
       python3 benchmarks/gpu_ncu_step.py --model mnistcnn --batch "$b" 2>&1 | tail -5
   done
 fi
-# N128=1: v3 again with PYCNN_CONV3_N128=1 (64x128 tiles for the 33-64-row forward and
-# backward-data GEMMs, off by default until measured): compare its rows with the ladder's.
-[ -n "${N128:-}" ] && step "v3 with 64x128 tiles (PYCNN_CONV3_N128=1)" 60 env PYCNN_CONV3_N128=1 \
-  python3 benchmarks/gpu_kernels.py --layers models --versions 3 --repeats 10 --budget 40 \
-  --json "$OUT/gpu-$stamp-$sha8-kernels-n128.json" 2>&1 | tail -30
+# WIDE=1: v3 on the model layers with the default tiles and with PYCNN_CONV3_WIDE=1 (32x256 /
+# 64x128 tiles for the forward and backward-data GEMMs, off by default until measured), side by
+# side, at batch 64 and at batch 512 (where MnistCNN conv2's backward-data took 398 us).
+if [ -n "${WIDE:-}" ]; then
+  for b in 64 512; do
+    step "v3 default vs wide tiles, model layers at batch $b" 60 \
+      python3 benchmarks/gpu_kernels.py --layers models --versions 3,3w --batch "$b" --repeats 10 --budget 35 \
+      --json "$OUT/gpu-$stamp-$sha8-kernels-wide-b$b.json" 2>&1 | tail -40
+  done
+fi
 # The v3/v4/v5 GEMM main loop without cp.async double buffering, on the compute-bound layer: is
 # the default (PYCNN_CONV3_STAGES=2) the faster one there?
 [ -z "${SKIP_STAGES1:-}" ] && step "v3/v4/v5 with PYCNN_CONV_STAGES=1 (compute-bound layer)" 60 env PYCNN_CONV_STAGES=1 \

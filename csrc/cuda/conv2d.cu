@@ -60,7 +60,8 @@
 //   conv2d_fwd_v3_m32_f32, conv2d_bwd_data_v3_m32_f32, conv2d_bwd_weight_v3_m32_f32    32 x 128, 2x8
 //     (GEMMs of at most 32 rows: a 64-row tile would be at least half empty)
 //   conv2d_fwd_v3_n128_f32, conv2d_bwd_data_v3_n128_f32                                64 x 128, 4x8
-//     (GEMMs of 33-64 rows; opt-in until timed: PYCNN_CONV3_N128=1)
+//   conv2d_fwd_v3_m32n256_f32, conv2d_bwd_data_v3_m32n256_f32                          32 x 256, 2x16
+//     (wide tiles for 33-64 and <= 32 rows; opt-in until timed: PYCNN_CONV3_WIDE=1)
 // v4 TF32 tensor cores (opt-in: allow_tf32 / PYCNN_ALLOW_TF32=1; sm_80 or newer)
 //   The same tiles and gathers as v3; each warp computes a 32 x 16 (64 x 32) block of C with
 //   mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, operands rounded to TF32
@@ -614,8 +615,9 @@ __device__ __forceinline__ void pycnn_conv_sum_a_row(const float (*As)[BM + PYCN
 // than 2^31 elements (and falls back to v1 otherwise).
 template <int MODE, bool TF32, int BM, int BN>
 __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
-    static_assert(((BM == 64 || BM == 128) && BN == BM) || (!TF32 && (BM == 32 || BM == 64) && BN == 128),
-                  "tiles are 64x64 or 128x128, or 32x128 / 64x128 for v3");
+    static_assert(((BM == 64 || BM == 128) && BN == BM) ||
+                  (!TF32 && ((BM == 32 && (BN == 128 || BN == 256)) || (BM == 64 && BN == 128))),
+                  "tiles are 64x64 or 128x128, or 32x128 / 32x256 / 64x128 for v3");
     constexpr int BK = PYCNN_CONV3_BK;
     constexpr int STAGES = PYCNN_CONV3_STAGES;
     constexpr int TM = BM / 16, TN = BN / 16;  // v3 register tile (16 x 16 threads)
@@ -854,10 +856,19 @@ extern "C" __global__ void conv2d_fwd_v3_m32_f32(
     pycnn_conv_fwd_gemm<false, 32, 128>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
-// 64 x 128 tiles (v3 only, opt-in while untimed: PYCNN_CONV3_N128=1 on the host) for GEMMs of
-// 33-64 rows and many columns (64 filters, or 64 channels for backward-data): 32 outputs and
-// FMAs per thread per k for three float4 shared-memory reads instead of 16 for two, and each
-// staged row of A serves 128 columns instead of 64.
+// Wide tiles (v3 only, opt-in while untimed: PYCNN_CONV3_WIDE=1 on the host), twice the columns
+// of the default ones: 64 x 128 for GEMMs of 33-64 rows (64 filters, or 64 channels for
+// backward-data), 32 x 256 for at most 32 rows. 32 outputs and FMAs per thread per k for three
+// (64x128) or five (32x256) shared-memory reads instead of 16 for two, each staged row of A
+// serving twice the columns. (32 x 256: 40 KB of static shared memory, double-buffered.)
+extern "C" __global__ void conv2d_fwd_v3_m32n256_f32(
+    const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+    float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
+    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk) {
+    // cooperative: the GEMM core synchronizes with __syncthreads
+    pycnn_conv_fwd_gemm<false, 32, 256>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+}
+
 extern "C" __global__ void conv2d_fwd_v3_n128_f32(
     const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
     float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
@@ -1006,6 +1017,14 @@ extern "C" __global__ void conv2d_bwd_data_v3_m32_f32(
     int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: the GEMM core synchronizes with __syncthreads
     pycnn_conv_bwd_data_gemm<false, 32, 128>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+}
+
+extern "C" __global__ void conv2d_bwd_data_v3_m32n256_f32(
+    const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
+    int sh, int sw, int ph, int pw, int chunk) {
+    // cooperative: the GEMM core synchronizes with __syncthreads (32 x 256 tiles, see the forward)
+    pycnn_conv_bwd_data_gemm<false, 32, 256>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
 extern "C" __global__ void conv2d_bwd_data_v3_n128_f32(

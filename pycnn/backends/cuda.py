@@ -581,18 +581,20 @@ def _conv3_tile(direction: str, rows: int, cols: int, version: str = "3") -> tup
     The weight gradient splits its long reduction over grid.z, which fills the GPU whatever the
     tile count, so it takes the large tile as soon as both sides are at least 128. v3 GEMMs of at
     most _CONV3_M32_MAX_ROWS rows take 32x128 tiles (a 64-row tile would be half empty). With
-    $PYCNN_CONV3_N128=1, v3 forward and backward-data GEMMs of 33-64 rows take 64x128 tiles
-    (conv2d_*_v3_n128_f32): an experiment for the next GPU measurement, off by default.
+    $PYCNN_CONV3_WIDE=1, v3 forward and backward-data GEMMs take tiles twice as wide: 32x256
+    for those (conv2d_*_v3_m32n256_f32) and 64x128 for 33-64 rows (conv2d_*_v3_n128_f32): an
+    experiment for the next GPU measurement, off by default.
     """
     big = _CONV3_BIG
     if rows >= big and cols >= big:
         tiles = -(-rows // big) * -(-cols // big)
         if direction == "backward_weight" or tiles >= _CONV3_T128_MIN_BLOCKS:
             return big, big, "_t128"
+    wide = (version == "3" and direction != "backward_weight" and rows <= _CONV3_BM
+            and os.environ.get("PYCNN_CONV3_WIDE", "") == "1")
     if version == "3" and rows <= _CONV3_M32_MAX_ROWS:
-        return 32, 128, "_m32"
-    if (version == "3" and direction != "backward_weight" and rows <= _CONV3_BM
-            and os.environ.get("PYCNN_CONV3_N128", "") == "1"):
+        return (32, 256, "_m32n256") if wide else (32, 128, "_m32")
+    if wide:
         return _CONV3_BM, 128, "_n128"
     return _CONV3_BM, _CONV3_BM, ""
 

@@ -408,10 +408,9 @@ def test_one_stage_main_loop_gives_the_same_bits(emulator, emulator_one_stage, v
             np.testing.assert_allclose(g, wnt, rtol=1e-4, atol=fp32_atol(length), err_msg=f"v{version} {what}")
 
 
-def test_gpu_kernels_benchmark_runs_on_the_emulator(emulated, monkeypatch, tmp_path):
-    """benchmarks/gpu_kernels.py end to end (--layers big --versions 3,5), on a tiny stand-in for
-    the compute-bound layer: the GPU session cannot afford to find a broken script. No cuDNN here,
-    so the cross-check column stays empty; times are the emulator's and mean nothing."""
+def _gpu_kernels_on_the_emulator(monkeypatch):
+    """benchmarks/gpu_kernels.py with CuPy replaced by NumPy stand-ins (the kernels run on the
+    emulator; the graph timing captures and replays nothing). Returns (module, captures)."""
     import json
     import sys
     import time
@@ -454,10 +453,20 @@ def test_gpu_kernels_benchmark_runs_on_the_emulator(emulated, monkeypatch, tmp_p
                                    MemoryPool=lambda: types.SimpleNamespace(malloc=None),
                                    using_allocator=lambda malloc: nullcontext()))
     monkeypatch.setitem(sys.modules, "cupy", fake_cp)
-    monkeypatch.setattr(gpu_kernels, "BIG", ("tiny", (2, 3, 6, 5, 4, 3, 3, 1, 1)))
     monkeypatch.setattr(gpu_kernels, "load_torch", lambda: (None, "not in this test"))
     monkeypatch.setattr(gpu_kernels.cuda, "available", lambda: (True, ""))
     monkeypatch.setattr(gpu_kernels, "SLOW_MS", 1e9)  # every call also takes the graph timing path
+    return gpu_kernels, captures
+
+
+def test_gpu_kernels_benchmark_runs_on_the_emulator(emulated, monkeypatch, tmp_path):
+    """benchmarks/gpu_kernels.py end to end (--layers big --versions 3,5), on a tiny stand-in for
+    the compute-bound layer: the GPU session cannot afford to find a broken script. No cuDNN here,
+    so the cross-check column stays empty; times are the emulator's and mean nothing."""
+    import json
+
+    gpu_kernels, captures = _gpu_kernels_on_the_emulator(monkeypatch)
+    monkeypatch.setattr(gpu_kernels, "BIG", ("tiny", (2, 3, 6, 5, 4, 3, 3, 1, 1)))
     out = tmp_path / "k.json"
     rc = gpu_kernels.main(["--layers", "big", "--versions", "3,5", "--repeats", "1", "--json", str(out)])
     record = json.loads(out.read_text())
@@ -471,6 +480,38 @@ def test_gpu_kernels_benchmark_runs_on_the_emulator(emulated, monkeypatch, tmp_p
     assert "conv2d_wino_wgrad_gemm_f32" in emulated
     assert captures == ["begin", "end"] * 6 and all(e["gpu_ms"] >= 0 for e in record["kernels"])
     assert "GPU us" in gpu_kernels.table(record["kernels"])
+
+
+def test_gpu_kernels_wide_tiles_at_a_batch(emulated, monkeypatch, tmp_path):
+    """--layers models --versions 3,3w --batch N: the model layers at batch N (here 1, on two
+    stand-in layers), v3 with its default tiles and, marked "wide", with PYCNN_CONV3_WIDE=1 for
+    the forward and backward-data GEMMs that have a wide tile (not the weight gradient)."""
+    import json
+
+    gpu_kernels, _ = _gpu_kernels_on_the_emulator(monkeypatch)
+    from shapes import ConvShape  # (benchmarks/ is on sys.path now)
+
+    monkeypatch.setattr(gpu_kernels, "CONV_SHAPES", [ConvShape("t", "a", 64, 40, 36, 5, 3, padding=1),
+                                                     ConvShape("t", "b", 64, 20, 24, 6, 3)])
+    monkeypatch.delenv("PYCNN_CONV3_WIDE", raising=False)
+    monkeypatch.setattr(cuda, "_CONV3_M32_MAX_ROWS", 32)  # (the module's fixture turns the 32-row tiles off)
+    out = tmp_path / "w.json"
+    rc = gpu_kernels.main(["--layers", "models", "--versions", "3,3w", "--batch", "1", "--repeats", "1",
+                           "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert rc == 0 and record["kernels_info"]["errors"] == [], record["kernels_info"]["errors"]
+    assert record["kernels_info"]["batch"] == 1 and "PYCNN_CONV3_WIDE" not in __import__("os").environ
+    got = sorted((e["layer"], e["op"], e.get("wide", False), e["tile"], e["shape"][0]) for e in record["kernels"])
+    want = []
+    for layer, fwd_wide, fwd_default in (("t-a", "64x128", "64x64"), ("t-b", "32x256", "32x128")):
+        want += [(layer, "conv2d_fwd", False, fwd_default, 1), (layer, "conv2d_fwd", True, fwd_wide, 1),
+                 (layer, "conv2d_bwd_weight", False, "64x64" if layer == "t-a" else "32x128", 1)]
+    want += [("t-a", "conv2d_bwd_data", False, "64x64", 1), ("t-a", "conv2d_bwd_data", True, "64x128", 1),
+             ("t-b", "conv2d_bwd_data", False, "32x128", 1), ("t-b", "conv2d_bwd_data", True, "32x256", 1)]
+    assert got == sorted(want)
+    assert {"conv2d_fwd_v3_n128_f32", "conv2d_fwd_v3_m32n256_f32", "conv2d_bwd_data_v3_n128_f32",
+            "conv2d_bwd_data_v3_m32n256_f32"} <= set(emulated)
+    assert "v3w" in gpu_kernels.table(record["kernels"])
 
 
 # Winograd F(4x4, 3x3) (v5): fp32 arithmetic through transforms with constants up to 8 and 1/24,
@@ -885,30 +926,36 @@ def test_narrow_backward_data_only_where_it_applies(emulated, monkeypatch):
     assert cuda.conv_version("backward_data", (1, 1, 7, 6), (3, 1, 3, 5), (1, 1), (1, 1), "auto") == "1"
 
 
-@pytest.mark.parametrize("shape", [
-    (2, 40, 6, 5, 36, 3, 3, (1, 1), (1, 1)),   # 36 filters, 40 channels: 33-64 rows both ways; 60 columns
-    (1, 34, 12, 13, 48, 3, 2, (2, 1), (1, 0)),  # 156 input pixels: two 128-wide column tiles in backward-data
-], ids=["one-column-tile", "stride2-two-column-tiles"])
-def test_v3_n128_tiles(emulated, monkeypatch, shape):
-    """PYCNN_CONV3_N128=1: v3 forward and backward-data GEMMs of 33-64 rows run 64x128 tiles
-    (conv2d_*_v3_n128_f32), which agree with the reference and, unsplit, are bitwise the 64x64
-    kernels (the same order of sums per output); the weight gradient keeps its tiles."""
+@pytest.mark.parametrize("shape, suffix", [
+    ((2, 40, 6, 5, 36, 3, 3, (1, 1), (1, 1)), ("_n128", "_n128")),   # 33-64 rows both ways; 60 columns
+    ((1, 34, 12, 13, 48, 3, 2, (2, 1), (1, 0)), ("_n128", "_n128")),  # two 128-wide column tiles in bwd-data
+    ((2, 20, 13, 12, 24, 3, 3, (1, 1), (1, 1)), ("_m32n256", "_m32n256")),  # <= 32 rows; 312 columns: two tiles
+    ((1, 50, 9, 8, 12, 3, 3, (1, 1), (0, 0)), ("_m32n256", "_n128")),  # 12 filters, 50 channels
+], ids=["64x128-one-tile", "64x128-stride2", "32x256-two-tiles", "mixed"])
+def test_v3_wide_tiles(emulated, monkeypatch, shape, suffix):
+    """PYCNN_CONV3_WIDE=1: v3 forward and backward-data GEMMs run tiles twice as wide, 32x256 for
+    at most 32 rows and 64x128 for 33-64 (conv2d_*_v3_m32n256_f32 / _n128_f32); they agree with
+    the reference and, unsplit, are bitwise the default kernels (the same order of sums per
+    output); the weight gradient keeps its tiles."""
     monkeypatch.setattr(cuda, "_CONV3_SPLIT_BELOW_BLOCKS", 0)
+    monkeypatch.setattr(cuda, "_CONV3_M32_MAX_ROWS", 32)
     x, w, b, dy = data(shape, seed=22)
     _, _, _, _, _, _, _, stride, padding = shape
     want = reference(shape, x, w, b, dy)
     lf, ld, _ = lengths(shape)
-    monkeypatch.setenv("PYCNN_CONV3_N128", "1")
+    monkeypatch.setenv("PYCNN_CONV3_WIDE", "1")
     y = cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version="3")
     dx = cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="3")
-    assert emulated == ["conv2d_fwd_v3_n128_f32", "conv2d_bwd_data_v3_n128_f32"], emulated
+    assert emulated == [f"conv2d_fwd_v3{suffix[0]}_f32", f"conv2d_bwd_data_v3{suffix[1]}_f32"], emulated
     np.testing.assert_allclose(y, np.maximum(want[0], 0), rtol=1e-5, atol=fp32_atol(lf))
     np.testing.assert_allclose(dx, want[1], rtol=1e-5, atol=fp32_atol(ld))
     assert cuda._conv3_tile("backward_weight", 36, 360) == (64, 64, "")
-    monkeypatch.delenv("PYCNN_CONV3_N128")
+    monkeypatch.delenv("PYCNN_CONV3_WIDE")
     assert cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version="3").tobytes() == y.tobytes()
     assert cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="3").tobytes() == dx.tobytes()
-    assert emulated[2:] == ["conv2d_fwd_v3_f32", "conv2d_bwd_data_v3_f32"], emulated
+    default = {"_n128": "", "_m32n256": "_m32"}
+    assert emulated[2:] == [f"conv2d_fwd_v3{default[suffix[0]]}_f32",
+                            f"conv2d_bwd_data_v3{default[suffix[1]]}_f32"], emulated
 
 
 def test_narrow_weight_gradient_only_for_few_taps(emulated, monkeypatch):
