@@ -205,18 +205,28 @@ def tile_of(direction: str, shape, version: str) -> str:
     return f"{bm}x{bn}"
 
 
+def splits_of(direction: str, shape, version: str) -> int | None:
+    """Split-K parts of a v3/v4 forward or backward-data GEMM (None elsewhere)."""
+    if version not in ("3", "4") or direction == "backward_weight" or tile_of(direction, shape, version) == "narrow":
+        return None
+    N, C, H, W, K, R, S, stride, pad = shape
+    Ho, Wo = (H + 2 * pad - R) // stride + 1, (W + 2 * pad - S) // stride + 1
+    rows, cols, Kd = (K, N * Ho * Wo, C * R * S) if direction == "forward" else (C, N * H * W, K * R * S)
+    return cuda._conv3_output_plan(direction, version, rows, cols, Kd)[3]
+
+
 def tflops(flop: float, ms) -> float | None:
     return None if not ms else round(flop / (ms * 1e-3) / 1e12, 3)
 
 
 @contextlib.contextmanager
 def wide_tiles(on: bool):
-    """PYCNN_CONV3_WIDE=1 inside when ``on`` (the backend reads it at every call)."""
-    if not on:
-        yield
-        return
+    """PYCNN_CONV3_WIDE=1 inside when ``on``, unset when not (the backend reads it at every call)."""
     old = os.environ.get("PYCNN_CONV3_WIDE")
-    os.environ["PYCNN_CONV3_WIDE"] = "1"
+    if on:
+        os.environ["PYCNN_CONV3_WIDE"] = "1"
+    else:  # (the default tiles even when the caller's environment asks for wide ones)
+        os.environ.pop("PYCNN_CONV3_WIDE", None)
     try:
         yield
     finally:
@@ -287,8 +297,11 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                         continue
                     with wide_tiles(wide):
                         tile = tile_of(direction, shape, version) if version in ("3", "4") else None
-                    if wide and (direction == "backward_weight" or tile in ("narrow", "128x128")):
-                        continue  # no wide tile there: the same kernel as v3
+                        splits = splits_of(direction, shape, version)
+                    with wide_tiles(False):
+                        default_tile = tile_of(direction, shape, version) if version in ("3", "4") else None
+                    if wide and tile == default_tile:
+                        continue  # no wide tile for this GEMM: the same kernel as v3
                     out = cp.asnumpy(run())
                     err = None
                     if op in cudnn_out:
@@ -310,7 +323,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                     "tflops": tflops(flop, ms), "cudnn_tflops": tflops(flop, fp32_ms),
                     "cudnn_tf32_tflops": tflops(flop, tf32_ms), "max_rel_err_vs_cudnn": err,
                     "auto": auto[label][op] == f"v{version}" and not wide, "layer": label,
-                    "tile": tile, **({"wide": True} if wide else {}),
+                    "tile": tile, "splits": splits, **({"wide": True} if wide else {}),
                     "stages": stages if version in ("3", "4", "5") else None})  # (v5's GEMMs: the v3 core)
     # Was the shape rule right? The fastest measured exact version per layer and direction.
     fastest = {}

@@ -1341,6 +1341,7 @@ __device__ __forceinline__ void pycnn_conv_bwd_weight_narrow_c1(const float* __r
                                                                 int N, int H, int W, int K, int Ho, int Wo,
                                                                 int sh, int sw, int ph, int pw, int chunk) {
     constexpr int Q = R * S, SLOTS = KB * (Q + 1);  // per filter: Q taps, then its bias sum
+    static_assert(SLOTS <= PYCNN_BLOCK, "one thread per slot writes the results: KB*(R*S+1) <= PYCNN_BLOCK");
     __shared__ float warp_sums[PYCNN_BLOCK / 32][SLOTS];
     const int HoWo = Ho * Wo, k0 = blockIdx.x * KB, kn = min(KB, K - k0);
     float acc[KB][Q], acc_db[KB];

@@ -495,10 +495,15 @@ _CONV_NARROW_MIN_K = 1024
 # kernels fit six or more; now the 3x3 one is bounded to six blocks per SM (40 registers), the
 # 5x5 one to four (64) and the generic one to two, so the grid runs in more than one wave.
 _CONV_NARROW_TARGET_BLOCKS = 1056
+# The one-channel kernels with KB filters per block fit three (3x3) or two (5x5) blocks per SM and
+# do KB filters' work per block: about half the blocks, so that a thread still walks a few tens of
+# pixels per block (its fixed cost, the warp sums of KB*(R*S+1) values, stays small). A guess to
+# time on a GPU, like the rest of that kernel.
+_CONV_NARROW_C1_TARGET_BLOCKS = 528
 # The one-channel 3x3 / 5x5 weight-gradient kernels take this many filters per block
 # (PYCNN_NARROW_C1_KB_* in conv2d.cu); _CONV_NARROW_C1 = False runs the generic narrow kernel
 # there instead (tests compare the two).
-_CONV_NARROW_C1_FILTERS = {(3, 3): DEFINES["PYCNN_NARROW_C1_KB_3x3"], (5, 5): DEFINES["PYCNN_NARROW_C1_KB_5x5"]}
+_CONV_NARROW_C1_FILTERS = {(3, 3): "PYCNN_NARROW_C1_KB_3x3", (5, 5): "PYCNN_NARROW_C1_KB_5x5"}  # DEFINES keys
 _CONV_NARROW_C1 = True
 
 
@@ -821,15 +826,27 @@ def _split_workspace(dev: int, splits: int, size: int):
         return cupy.empty((splits * size,), dtype=cupy.float32)
 
 
+def _conv3_output_plan(direction: str, version: str, rows: int, cols: int, Kd: int) -> tuple:
+    """(tile rows, tile columns, kernel suffix, splits, chunk) of a v3/v4 forward or
+    backward-data GEMM. A wide tile (PYCNN_CONV3_WIDE=1) splits the reduction as the default
+    tile of its rows would: the same sums in the same order, so only the tile width differs."""
+    bm, bn, suffix = _conv3_tile(direction, rows, cols, version)
+    if suffix in ("_n128", "_m32n256"):
+        dm, dn = (32, 128) if suffix == "_m32n256" else (_CONV3_BM, _CONV3_BM)
+        splits, chunk = _conv3_splits(direction, dm, -(-cols // dn) * -(-rows // dm), Kd)
+    else:
+        splits, chunk = _conv3_splits(direction, bm, -(-cols // bn) * -(-rows // bm), Kd)
+    return bm, bn, suffix, splits, chunk
+
+
 def _conv3_output_gemm(dev: int, direction: str, version: str, rows: int, cols: int, Kd: int, args: tuple,
                        out, out_index: int, reduce_kwargs: dict) -> None:
     """v3/v4 forward or backward-data as a rows x cols GEMM over Kd: one launch, or, with few
     output tiles, split-K into partial copies of ``out`` (``args[out_index]``; the forward's
     has_bias and relu, which follow it, are zeroed: the epilogue moves to the reduce) and
     conv2d_split_reduce_f32 with ``reduce_kwargs``."""
-    bm, bn, suffix = _conv3_tile(direction, rows, cols, version)
+    bm, bn, suffix, splits, chunk = _conv3_output_plan(direction, version, rows, cols, Kd)
     grid = ((cols + bn - 1) // bn, (rows + bm - 1) // bm)
-    splits, chunk = _conv3_splits(direction, bm, grid[0] * grid[1], Kd)
     kernel = f"conv2d_{'fwd' if direction == 'forward' else 'bwd_data'}_v{version}{suffix}_f32"
     if splits > 1:
         partial = _split_workspace(dev, splits, out.size)
@@ -1086,12 +1103,13 @@ def _conv_backward_weight_run(version: str, dev: int, dy, x, dw, geom: tuple, db
     if version in ("3", CONV_TF32_VERSION) and C * R * S <= min(_CONV_NARROW_TAPS, DEFINES["PYCNN_CONV_NARROW_MAX"]):
         # A first layer (C*R*S taps, e.g. 9 or 25): register accumulators per tap, not a GEMM tile
         # that would be mostly empty (exact fp32 for v4 too: there is no product to speed up).
-        kernel, groups = "conv2d_bwd_weight_narrow_f32", K
+        kernel, groups, target = "conv2d_bwd_weight_narrow_f32", K, _CONV_NARROW_TARGET_BLOCKS
         if C == 1 and (R, S) in _CONV_NARROW_C1_FILTERS and _CONV_NARROW_C1:
-            # compile-time taps, and KB filters per block sharing each window of x
+            # compile-time taps, and KB filters per block sharing each window of x (KB as compiled)
             kernel = f"conv2d_bwd_weight_narrow_c1_{R}x{S}_f32"
-            groups = -(-K // _CONV_NARROW_C1_FILTERS[(R, S)])
-        splits, chunk = _conv_splits(N * Ho * Wo, groups, _CONV_NARROW_MIN_K, 32, target=_CONV_NARROW_TARGET_BLOCKS)
+            groups = -(-K // compile_defines()[_CONV_NARROW_C1_FILTERS[(R, S)]])
+            target = _CONV_NARROW_C1_TARGET_BLOCKS
+        splits, chunk = _conv_splits(N * Ho * Wo, groups, _CONV_NARROW_MIN_K, 32, target=target)
         grid, block, extra, smem = (groups, splits), (BLOCK,), chunk, 0
     elif version == "2":
         splits, imgs = _conv_splits(N, K * C, 1, 1)

@@ -492,22 +492,28 @@ def test_gpu_kernels_wide_tiles_at_a_batch(emulated, monkeypatch, tmp_path):
     from shapes import ConvShape  # (benchmarks/ is on sys.path now)
 
     monkeypatch.setattr(gpu_kernels, "CONV_SHAPES", [ConvShape("t", "a", 64, 40, 36, 5, 3, padding=1),
-                                                     ConvShape("t", "b", 64, 20, 24, 6, 3)])
-    monkeypatch.delenv("PYCNN_CONV3_WIDE", raising=False)
+                                                     ConvShape("t", "b", 64, 20, 24, 6, 3),
+                                                     ConvShape("t", "c", 64, 40, 72, 4, 3, padding=1)])
+    monkeypatch.setenv("PYCNN_CONV3_WIDE", "1")  # the plain "3" rows must not inherit it
     monkeypatch.setattr(cuda, "_CONV3_M32_MAX_ROWS", 32)  # (the module's fixture turns the 32-row tiles off)
     out = tmp_path / "w.json"
     rc = gpu_kernels.main(["--layers", "models", "--versions", "3,3w", "--batch", "1", "--repeats", "1",
                            "--json", str(out)])
     record = json.loads(out.read_text())
     assert rc == 0 and record["kernels_info"]["errors"] == [], record["kernels_info"]["errors"]
-    assert record["kernels_info"]["batch"] == 1 and "PYCNN_CONV3_WIDE" not in __import__("os").environ
+    assert record["kernels_info"]["batch"] == 1 and __import__("os").environ["PYCNN_CONV3_WIDE"] == "1"
     got = sorted((e["layer"], e["op"], e.get("wide", False), e["tile"], e["shape"][0]) for e in record["kernels"])
+    assert all((e["splits"] is None) == (e["op"] == "conv2d_bwd_weight") for e in record["kernels"])
     want = []
     for layer, fwd_wide, fwd_default in (("t-a", "64x128", "64x64"), ("t-b", "32x256", "32x128")):
         want += [(layer, "conv2d_fwd", False, fwd_default, 1), (layer, "conv2d_fwd", True, fwd_wide, 1),
                  (layer, "conv2d_bwd_weight", False, "64x64" if layer == "t-a" else "32x128", 1)]
     want += [("t-a", "conv2d_bwd_data", False, "64x64", 1), ("t-a", "conv2d_bwd_data", True, "64x128", 1),
              ("t-b", "conv2d_bwd_data", False, "32x128", 1), ("t-b", "conv2d_bwd_data", True, "32x256", 1)]
+    # 72 filters: no wide tile for its forward (the same 64x64 kernel: not timed twice), one for
+    # its backward-data (40 channels)
+    want += [("t-c", "conv2d_fwd", False, "64x64", 1), ("t-c", "conv2d_bwd_weight", False, "64x64", 1),
+             ("t-c", "conv2d_bwd_data", False, "64x64", 1), ("t-c", "conv2d_bwd_data", True, "64x128", 1)]
     assert got == sorted(want)
     assert {"conv2d_fwd_v3_n128_f32", "conv2d_fwd_v3_m32n256_f32", "conv2d_bwd_data_v3_n128_f32",
             "conv2d_bwd_data_v3_m32n256_f32"} <= set(emulated)
@@ -932,12 +938,14 @@ def test_narrow_backward_data_only_where_it_applies(emulated, monkeypatch):
     ((2, 20, 13, 12, 24, 3, 3, (1, 1), (1, 1)), ("_m32n256", "_m32n256")),  # <= 32 rows; 312 columns: two tiles
     ((1, 50, 9, 8, 12, 3, 3, (1, 1), (0, 0)), ("_m32n256", "_n128")),  # 12 filters, 50 channels
 ], ids=["64x128-one-tile", "64x128-stride2", "32x256-two-tiles", "mixed"])
-def test_v3_wide_tiles(emulated, monkeypatch, shape, suffix):
+@pytest.mark.parametrize("split", [False, True])
+def test_v3_wide_tiles(emulated, monkeypatch, shape, suffix, split):
     """PYCNN_CONV3_WIDE=1: v3 forward and backward-data GEMMs run tiles twice as wide, 32x256 for
     at most 32 rows and 64x128 for 33-64 (conv2d_*_v3_m32n256_f32 / _n128_f32); they agree with
-    the reference and, unsplit, are bitwise the default kernels (the same order of sums per
-    output); the weight gradient keeps its tiles."""
-    monkeypatch.setattr(cuda, "_CONV3_SPLIT_BELOW_BLOCKS", 0)
+    the reference and are bitwise the default kernels (the same order of sums per output), split
+    or not: a wide tile takes the default tile's split-K plan; the weight gradient keeps its tiles."""
+    if not split:
+        monkeypatch.setattr(cuda, "_CONV3_SPLIT_BELOW_BLOCKS", 0)
     monkeypatch.setattr(cuda, "_CONV3_M32_MAX_ROWS", 32)
     x, w, b, dy = data(shape, seed=22)
     _, _, _, _, _, _, _, stride, padding = shape
@@ -946,7 +954,9 @@ def test_v3_wide_tiles(emulated, monkeypatch, shape, suffix):
     monkeypatch.setenv("PYCNN_CONV3_WIDE", "1")
     y = cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version="3")
     dx = cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="3")
-    assert emulated == [f"conv2d_fwd_v3{suffix[0]}_f32", f"conv2d_bwd_data_v3{suffix[1]}_f32"], emulated
+    reduce = ["conv2d_split_reduce_f32"] if split else []
+    assert emulated == ([f"conv2d_fwd_v3{suffix[0]}_f32"] + reduce + [f"conv2d_bwd_data_v3{suffix[1]}_f32"]
+                        + reduce), emulated
     np.testing.assert_allclose(y, np.maximum(want[0], 0), rtol=1e-5, atol=fp32_atol(lf))
     np.testing.assert_allclose(dx, want[1], rtol=1e-5, atol=fp32_atol(ld))
     assert cuda._conv3_tile("backward_weight", 36, 360) == (64, 64, "")
@@ -954,8 +964,8 @@ def test_v3_wide_tiles(emulated, monkeypatch, shape, suffix):
     assert cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version="3").tobytes() == y.tobytes()
     assert cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="3").tobytes() == dx.tobytes()
     default = {"_n128": "", "_m32n256": "_m32"}
-    assert emulated[2:] == [f"conv2d_fwd_v3{default[suffix[0]]}_f32",
-                            f"conv2d_bwd_data_v3{default[suffix[1]]}_f32"], emulated
+    assert emulated[len(emulated) // 2:] == ([f"conv2d_fwd_v3{default[suffix[0]]}_f32"] + reduce
+                                             + [f"conv2d_bwd_data_v3{default[suffix[1]]}_f32"] + reduce), emulated
 
 
 def test_narrow_weight_gradient_only_for_few_taps(emulated, monkeypatch):
