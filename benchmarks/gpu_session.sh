@@ -108,5 +108,6 @@ if [ -f "$OUT/gpu-$stamp-$sha8.json" ]; then
   python3 benchmarks/gpu_record.py --selftest "$OUT/gpu-$stamp-$sha8.json" "${merge_args[@]}" \
     --out "$OUT/gpu-$stamp-$sha8.json" && rm -f "$OUT/gpu-$stamp-$sha8-kernels.json" "$OUT/training.json"
 fi
+[ -f "$OUT/gpu-$stamp-$sha8.json" ] && python3 benchmarks/targets.py "$OUT/gpu-$stamp-$sha8.json" 2>&1 | head -70
 echo "== done at $SECONDS s"
 ls -la "$OUT"

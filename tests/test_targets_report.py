@@ -1,0 +1,65 @@
+"""benchmarks/targets.py: issue 6's targets read from a GPU record (no GPU needed)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import targets  # noqa: E402
+
+RECORD = REPO / "benchmarks" / "results" / "gpu-20261126-9c6a545c.json"
+
+
+def test_report_of_a_committed_record():
+    """The figures of record 9c6a545c as the README quotes them, each with its verdict."""
+    text = targets.report(json.loads(RECORD.read_text()), RECORD.name)
+    assert "missed  MnistCNN b64 pycnn-cudagraph                  215,709 samples/s (target 300,000; " \
+           "PyTorch graph 146,935, eager 33,986)" in text
+    assert "missed  FastMNIST pycnn-cudagraph-winograd     0.094 s (fastest of 5), mean acc 98.90% over 5 seed(s)" in text
+    assert "model layers x directions no slower than cuDNN fp32 ('auto'): 9/30 in GPU time, 1/30 per call" in text
+    assert "MET     compute-bound conv2d_fwd         exact fp32 (v3): 0.68x cuDNN fp32's throughput" in text
+    assert "missed  compute-bound conv2d_fwd         v4 TF32: 0.22x cuDNN TF32's throughput" in text
+    assert "v5 Winograd (fp32, opt-in): 1.89x cuDNN fp32" in text
+
+
+def _entry(op, shape, version, gpu, dnn_gpu, ms, dnn, **extra):
+    return {"op": op, "shape": shape, "version": version, "gpu_ms": gpu, "cudnn_gpu_ms": dnn_gpu, "ms": ms,
+            "cudnn_ms": dnn, "layer": extra.pop("layer", "l"), **extra}
+
+
+def test_met_and_missing_figures(tmp_path):
+    big = targets.BIG
+    record = {
+        "commit": "abc", "device": "GPU", "date": "2026-11-27",
+        "training": [
+            {"model": "MnistCNN", "batch": 64, "variant": "pycnn-cudagraph", "samples_per_s": 310_000.0,
+             "reference_samples_per_s": 150_000.0},
+            {"model": "FastMNIST", "batch": 256, "variant": "pycnn-cudagraph", "wall_s": 0.091, "test_acc": 0.9905,
+             "test_acc_runs": [0.99, 0.991], "reference_wall_s": 0.35, "reference_test_acc": 0.989},
+        ],
+        "kernels": [
+            _entry("conv2d_fwd", [64, 32, 13, 13, 64, 3, 3, 1, 0], "v3", 0.010, 0.015, 0.030, 0.033, auto=True),
+            _entry("conv2d_fwd", [64, 32, 13, 13, 64, 3, 3, 1, 0], "v3", 0.001, 0.015, 0.001, 0.033, auto=True,
+                   wide=True),  # an A/B entry: not what "auto" runs
+            _entry("conv2d_fwd", big, "v3", 1.0, 0.8, 1.0, 0.8, cudnn_tf32_gpu_ms=0.3),
+            _entry("conv2d_fwd", big, "v4", 0.5, 0.8, 0.5, 0.8, cudnn_tf32_gpu_ms=0.3),
+        ],
+    }
+    text = targets.report(record, "r.json")
+    assert "MET     MnistCNN b64 pycnn-cudagraph" in text and "310,000 samples/s" in text
+    assert "missed  MnistCNN b512 >= 1,000,000 samples/s: not in record" in text
+    assert "MET     FastMNIST pycnn-cudagraph              0.091 s (fastest of 2), mean acc 99.05%" in text
+    assert "MET     model layers x directions no slower than cuDNN fp32 ('auto'): 1/1 in GPU time, 1/1 per call" in text
+    assert "MET     compute-bound conv2d_fwd         exact fp32 (v3): 0.80x" in text
+    assert "MET     compute-bound conv2d_fwd         v4 TF32: 0.60x" in text
+    assert "missed  compute-bound conv2d_bwd_data    v4 TF32: not in record" in text
+    path = tmp_path / "gpu-x.json"
+    path.write_text(json.dumps(record))
+    (tmp_path / "gpu-y.json").write_text(json.dumps({"date": "2099", "kernels": []}))  # no training: skipped
+    assert targets.newest_record(tmp_path) == path
+    with pytest.raises(FileNotFoundError, match="no GPU record with training and kernel figures"):
+        targets.newest_record(tmp_path / "nowhere")
