@@ -20,9 +20,11 @@
 # the same call (its kernel timings and FastMNIST epoch repeat what gpu_kernels.py and
 # gpu_training.py measure).
 # Device time is scarce (15 minutes a session, machine start included): set DEADLINE_S from the
-# device tool's budget_left_s, e.g. PART=1 DEADLINE_S=330 then PART=2 DEADLINE_S=<what is left>.
+# device tool's budget_left_s, e.g. PART=1 DEADLINE_S=330 then PART=2 DEADLINE_S=<what is left>,
+# or a first call with the tests, ladder, training and WIDE=1, then a second one with
+# PART=2 SKIP_LADDER=1 SKIP_TRAINING_BENCH=1 NCU=1 for Nsight Compute alone.
 # Usage: PYCNN_COMMIT=<sha> PYCNN_DATA=<mnist dir> OUT=<dir> [PART=1|2] [DEADLINE_S=560] \
-#        [SELFTEST_ARGS=--tests-only] [SKIP_STAGES1=1] [SKIP_MNISTCNN=1] [SKIP_TRAINING_BENCH=1] [NCU=1] [WIDE=1]
+#        [SELFTEST_ARGS=--tests-only] [SKIP_STAGES1=1] [SKIP_MNISTCNN=1] [SKIP_TRAINING_BENCH=1] [NCU=1] [WIDE=1] [SKIP_LADDER=1]
 #        [LOCALIZE_EPOCHS=N] bash benchmarks/gpu_session.sh
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -52,7 +54,7 @@ fi
 [ "$part" = 1 ] && { ls -la "$OUT"; exit 0; }
 # (gpu_kernels.py writes its record at the end: its own budget stops new layers in time for that)
 kbudget=$(( deadline - SECONDS - 60 < 100 ? deadline - SECONDS - 60 : 100 ))
-step "kernel ladder vs cuDNN" 150 python3 benchmarks/gpu_kernels.py --budget "$kbudget" \
+[ -z "${SKIP_LADDER:-}" ] && step "kernel ladder vs cuDNN" 150 python3 benchmarks/gpu_kernels.py --budget "$kbudget" \
   --json "$OUT/gpu-$stamp-$sha8-kernels.json" 2>&1 | tail -80
 [ -z "${SKIP_TRAINING_BENCH:-}" ] && step "training throughput vs PyTorch" 240 \
   python3 benchmarks/gpu_training.py --out "$OUT/training.json" 2>&1 | tail -70
