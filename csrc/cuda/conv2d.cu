@@ -1323,6 +1323,21 @@ extern "C" __global__ void __launch_bounds__(PYCNN_BLOCK, 2) conv2d_bwd_weight_n
     pycnn_narrow_finish<PYCNN_CONV_NARROW_MAX>(warp_sums, Q, acc_db, out, db_out, bias_grad, K, k);
 }
 
+// The R x S window of an image plane at (h0, w0) into registers, zero outside the plane; in[q]
+// says whether tap q is inside (the narrow kernels of one channel).
+template <int R, int S>
+__device__ __forceinline__ void pycnn_window_regs(const float* __restrict__ plane, int h0, int w0, int H, int W,
+                                                  float (&xv)[R * S], bool (&in)[R * S]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int s2 = 0; s2 < S; ++s2) {
+            const int h = h0 + r, w = w0 + s2;
+            in[r * S + s2] = (unsigned)h < (unsigned)H && (unsigned)w < (unsigned)W;  // (< 0 wraps)
+            xv[r * S + s2] = in[r * S + s2] ? plane[h * W + w] : 0.0f;
+        }
+}
+
 // The narrow weight gradient of one input channel with a compile-time R x S filter (the first
 // layers of the MNIST models: 3x3, 5x5): no tap table, and each block takes KB filters at once
 // (4 for 3x3, 2 for 5x5). A thread reads the R x S window of x under its pixel once into
@@ -1378,14 +1393,7 @@ __device__ __forceinline__ void pycnn_conv_bwd_weight_narrow_c1(const float* __r
                 for (int q = 0; q < Q; ++q) acc[kb][q] = fmaf(d[kb], xv[q], acc[kb][q]);
         } else {  // a window over the padding: taps outside add nothing (not even a +0)
             bool in[Q];
-#pragma unroll
-            for (int r = 0; r < R; ++r)
-#pragma unroll
-                for (int s2 = 0; s2 < S; ++s2) {
-                    const int h = h0 + r, w = w0 + s2;
-                    in[r * S + s2] = (unsigned)h < (unsigned)H && (unsigned)w < (unsigned)W;
-                    xv[r * S + s2] = in[r * S + s2] ? xw[h * W + w] : 0.0f;
-                }
+            pycnn_window_regs<R, S>(xw, h0, w0, H, W, xv, in);
 #pragma unroll
             for (int kb = 0; kb < KB; ++kb)
 #pragma unroll
@@ -1481,13 +1489,8 @@ __device__ __forceinline__ void pycnn_conv_fwd_narrow_c1(const float* __restrict
     const int h0 = i * sh - ph, w0 = j * sw - pw;
     const float* xn = x + (pycnn_i64)n * H * W;
     float xv[Q];
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int s2 = 0; s2 < S; ++s2) {
-            const int h = h0 + r, ww = w0 + s2;
-            xv[r * S + s2] = ((unsigned)h < (unsigned)H && (unsigned)ww < (unsigned)W) ? xn[h * W + ww] : 0.0f;
-        }
+    bool in[Q];  // (unused here)
+    pycnn_window_regs<R, S>(xn, h0, w0, H, W, xv, in);
     float* yp = y + (pycnn_i64)n * K * HoWo + pix;
     for (int k = 0; k < K; ++k) {
         const float* wk = ws + k * QP;
