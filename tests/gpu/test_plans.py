@@ -1,0 +1,195 @@
+"""Launch plans of the CUDA backend's conv ops (cuda._plans): a call's decisions are made once per
+distinct call and replayed. On the CPU with CuPy replaced by NumPy and launches recorded, not run:
+a cached call launches exactly what the uncached call did, any change of what a plan was decided
+from (a module constant, an environment setting, the arguments) gives a new decision, and bad
+arguments raise as before. What the launched kernels compute is the emulated tests' business."""
+from __future__ import annotations
+
+import os
+import types
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+
+from pycnn.backends import cuda
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """CuPy as NumPy, launches recorded as (kernel, grid, block, args, shared_mem) with arrays
+    named: "in<i>" for the i-th array of ``inputs`` (set by the test), else "new<shape>"."""
+    fake = types.SimpleNamespace(
+        ndarray=np.ndarray, float32=np.float32, int32=np.int32, empty=np.empty,
+        ascontiguousarray=np.ascontiguousarray,
+        cuda=types.SimpleNamespace(Device=lambda dev=None: nullcontext()))
+    state = types.SimpleNamespace(launches=[], inputs=[])
+
+    def describe(a):
+        if isinstance(a, np.ndarray) and not isinstance(a, np.generic):
+            for i, known in enumerate(state.inputs):
+                if a is known:
+                    return f"in{i}"
+            return f"new{a.shape}"
+        return (type(a).__name__, a.item())
+
+    def launch(dev, filename, kernel, grid, block, args, shared_mem=0):
+        state.launches.append((kernel, tuple(grid), tuple(block), tuple(describe(a) for a in args), shared_mem))
+
+    monkeypatch.setattr(cuda, "_cupy", lambda: fake)
+    monkeypatch.setattr(cuda, "_device", lambda op, **arrays: 0)
+    monkeypatch.setattr(cuda, "_launch", launch)
+    for name in ("PYCNN_CONV_VERSION", "PYCNN_ALLOW_TF32", "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_AUTOTUNE",
+                 "PYCNN_CONV3_WIDE", "PYCNN_BACKWARD_STREAMS"):
+        monkeypatch.delenv(name, raising=False)
+    cuda.clear_plans()
+    return state
+
+
+def _zeros(*shape):
+    return np.zeros(shape, np.float32)
+
+
+# (x shape, w shape, stride, padding): a first layer (narrow kernels), MnistCNN conv2 and conv3
+# at batch 64 (split-K in every direction for conv3), a strided padded layer
+LAYERS = [((64, 1, 28, 28), (32, 1, 3, 3), 1, 0), ((64, 32, 13, 13), (64, 32, 3, 3), 1, 0),
+          ((64, 64, 5, 5), (64, 64, 3, 3), (1, 1), (0, 0)), ((8, 6, 15, 15), (20, 6, 5, 5), 2, (2, 1))]
+
+
+def _calls(x_shape, w_shape, stride, padding, version):
+    """(name, function of (x, w, b, dy)) for every conv op of one layer."""
+    return [
+        ("forward", lambda x, w, b, dy: cuda.conv2d_forward(x, w, None, stride, padding, version=version)),
+        ("bias_relu", lambda x, w, b, dy: cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version=version)),
+        ("backward_data", lambda x, w, b, dy: cuda.conv2d_backward_data(dy, w, x.shape, stride, padding,
+                                                                        version=version)),
+        ("backward_weight", lambda x, w, b, dy: cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding,
+                                                                            version=version)),
+        ("backward_weight_out", lambda x, w, b, dy: cuda.conv2d_backward_weight(
+            dy, x, w.shape, stride, padding, version=version, out=(_zeros(*w.shape), _zeros(w.shape[0])))),
+    ]
+
+
+@pytest.mark.parametrize("version", ["1", "2", "3", "5", None])
+@pytest.mark.parametrize("layer", LAYERS, ids=["first", "mnistcnn-conv2", "mnistcnn-conv3", "strided"])
+def test_a_cached_call_launches_what_the_first_call_did(recorded, monkeypatch, layer, version):
+    x_shape, w_shape, stride, padding = layer
+    x, w, b = _zeros(*x_shape), _zeros(*w_shape), _zeros(w_shape[0])
+    y_shape = cuda.conv2d_forward(x, w, None, stride, padding, version="1").shape
+    dy = _zeros(*y_shape)
+    recorded.inputs = [x, w, b, dy]
+    picks = []
+    pick = cuda._conv_pick
+    monkeypatch.setattr(cuda, "_conv_pick", lambda *a, **k: picks.append(a[0]) or pick(*a, **k))
+    for name, call in _calls(x_shape, w_shape, stride, padding, version):
+        recorded.launches.clear()
+        first = call(x, w, b, dy)
+        first_launches, first_picks = list(recorded.launches), len(picks)
+        recorded.launches.clear()
+        second = call(x, w, b, dy)
+        assert first_launches, name
+        assert recorded.launches == first_launches, f"{name}: the cached plan launched something else"
+        assert len(picks) == first_picks, f"{name}: the second call decided again"
+        for a, c in zip(first if isinstance(first, tuple) else (first,), second if isinstance(second, tuple) else (second,)):
+            assert a.shape == c.shape and a.dtype == c.dtype and a is not c, name
+
+
+def test_assigning_a_module_constant_drops_the_plans(recorded, monkeypatch):
+    x, w = _zeros(64, 1, 28, 28), _zeros(32, 1, 3, 3)
+    cuda.conv2d_forward(x, w, None, 1, 0, version="3")
+    assert recorded.launches[-1][0] == "conv2d_fwd_narrow_c1_3x3_f32"
+    assert cuda._plans
+    monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 0)
+    assert not cuda._plans
+    cuda.conv2d_forward(x, w, None, 1, 0, version="3")
+    assert recorded.launches[-1][0].startswith("conv2d_fwd_v3"), "the plan made before the change ran"
+    monkeypatch.undo()
+
+
+def test_an_environment_setting_is_part_of_the_key(recorded, monkeypatch):
+    x, w = _zeros(64, 32, 13, 13), _zeros(64, 32, 3, 3)
+
+    def kernel():
+        recorded.launches.clear()
+        cuda.conv2d_forward(x, w, None, 1, 0)
+        return recorded.launches[0][0]
+
+    monkeypatch.setenv("PYCNN_CONV_VERSION", "1")
+    assert kernel() == "conv2d_fwd_v1_f32"
+    monkeypatch.setenv("PYCNN_CONV_VERSION", "3")
+    assert kernel() == "conv2d_fwd_v3_f32"
+    monkeypatch.setenv("PYCNN_CONV3_WIDE", "1")
+    assert kernel() == "conv2d_fwd_v3_n128_f32"
+    monkeypatch.delenv("PYCNN_CONV_VERSION")
+    monkeypatch.setenv("PYCNN_CONV_WINOGRAD", "1")
+    assert kernel() == "conv2d_wino_filter_f32"
+
+
+def test_bad_arguments_raise_after_the_shape_was_cached(recorded):
+    x, w, b = _zeros(4, 3, 8, 8), _zeros(5, 3, 3, 3), _zeros(5)
+    dy = _zeros(4, 5, 6, 6)
+    cuda.conv2d_forward(x, w, b, 1, 0)
+    cuda.conv2d_backward_data(dy, w, x.shape, 1, 0)
+    cuda.conv2d_backward_weight(dy, x, w.shape, 1, 0)
+    with pytest.raises(ValueError, match="b must have shape"):
+        cuda.conv2d_forward(x, w, _zeros(4), 1, 0)
+    with pytest.raises(TypeError, match="x must be float32"):
+        cuda.conv2d_forward(x.astype(np.float64), w, b, 1, 0)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cuda.conv2d_forward(np.asfortranarray(x), w, b, 1, 0)
+    with pytest.raises(ValueError, match="dy must have shape"):
+        cuda.conv2d_backward_data(dy, w, (4, 3, 9, 9), 1, 0)
+    with pytest.raises(ValueError, match="out dw must be"):
+        cuda.conv2d_backward_weight(dy, x, w.shape, 1, 0, out=(_zeros(5, 3, 3, 2), _zeros(5)))
+    with pytest.raises(ValueError, match="stride >= 1"):
+        cuda.conv2d_forward(x, w, b, 0, 0)
+    # a list stride is not hashable: that call is checked and runs without a plan
+    assert cuda.conv2d_forward(x, w, b, [1, 1], [0, 0]).shape == (4, 5, 6, 6)
+
+
+def test_a_pick_put_off_during_a_capture_is_not_cached(recorded, monkeypatch):
+    monkeypatch.setenv("PYCNN_CONV_AUTOTUNE", "1")
+    monkeypatch.setattr(cuda, "_capturing", lambda cupy: True)
+    monkeypatch.setattr(cuda, "_autotune_cache", {})
+    x, w = _zeros(64, 32, 13, 13), _zeros(64, 32, 3, 3)
+    cuda.conv2d_forward(x, w, None, 1, 0)
+    assert not cuda._plans, "the shape rule's pick, made while the autotune could not run, was kept"
+    monkeypatch.delenv("PYCNN_CONV_AUTOTUNE")
+    cuda.conv2d_forward(x, w, None, 1, 0)
+    assert len(cuda._plans) == 1
+
+
+@pytest.mark.parametrize("value", [None, "", "1", "é-ü"])
+def test_env_reads_what_os_environ_holds(monkeypatch, value):
+    name = "PYCNN_TEST_PLANS_SETTING"
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+    assert cuda._env(name) == os.environ.get(name, "")
+    assert cuda._env("PYCNN_CONV3_WIDE") == os.environ.get("PYCNN_CONV3_WIDE", "")
+
+
+def test_the_cache_is_bounded(recorded, monkeypatch):
+    monkeypatch.setattr(cuda, "_MAX_PLANS", 3)
+    w = _zeros(2, 1, 3, 3)
+    for n in range(1, 8):
+        cuda.conv2d_forward(_zeros(n, 1, 5, 5), w, None, 1, 0)
+        assert 1 <= len(cuda._plans) <= 3
+
+
+@pytest.mark.parametrize("batch", [8, 64, 512])
+def test_a_cached_linear_call_launches_what_the_first_call_did(recorded, batch):
+    x, w, b = _zeros(batch, 576), _zeros(64, 576), _zeros(64)
+    dy = _zeros(batch, 64)
+    recorded.inputs = [x, w, b, dy]
+    calls = {"forward": lambda: cuda.linear_forward(x, w, b),
+             "bias_relu": lambda: cuda.linear_bias_relu_forward(x, w, b),
+             "backward": lambda: cuda.linear_backward(dy, x, w)}
+    for name, call in calls.items():
+        recorded.launches.clear()
+        call()
+        first = list(recorded.launches)
+        recorded.launches.clear()
+        call()
+        assert first and recorded.launches == first, name
