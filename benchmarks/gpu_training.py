@@ -25,7 +25,8 @@ how much of a step is Python and how much is kernels, and a per-call profile of 
 conv2d_backward's two halves are also timed alone, outside the sum). "pycnn-eager-1stream" and
 "pycnn-cudagraph-1stream" are the eager and graph variants with PYCNN_BACKWARD_STREAMS=0 (every
 backward op in order on one stream): the A/B of the side stream that runs the weight gradients
-beside the data gradients.
+beside the data gradients. "pycnn-cudagraph-2pass" is the graph variant with PYCNN_SPLIT_FINISH=0
+(split-K GEMMs summed by a separate reduce launch instead of inside the kernel): its A/B.
 
 Writes a JSON record (environment + "end_to_end" entries with "reference" and
 "reference_samples_per_s", the DESIGN.md record format) to ``--out`` and prints a table.
@@ -525,7 +526,11 @@ def main(argv=None) -> int:
                                                "mnistcnn", batch, False, xtr, ytr, order),
                "pycnn-cudagraph-1stream": _attempt(errors, f"pycnn graph one stream b{batch}",
                                                    with_env("PYCNN_BACKWARD_STREAMS", "0", pycnn_throughput),
-                                                   "mnistcnn", batch, True, xtr, ytr, order)}
+                                                   "mnistcnn", batch, True, xtr, ytr, order),
+               # the A/B of the split-K sums finished inside the GEMM kernels
+               "pycnn-cudagraph-2pass": _attempt(errors, f"pycnn graph two-pass split-K b{batch}",
+                                                 with_env("PYCNN_SPLIT_FINISH", "0", pycnn_throughput),
+                                                 "mnistcnn", batch, True, xtr, ytr, order)}
         if torch is not None:
             res["pytorch-eager"] = _attempt(errors, f"torch eager b{batch}", torch_throughput, torch, "mnistcnn",
                                             batch, False, txtr, tytr, torder)
@@ -534,7 +539,7 @@ def main(argv=None) -> int:
         details["mnistcnn"][batch] = res
         ref = res.get("pytorch-cudagraph") or {}
         for variant in ("pycnn-eager", "pycnn-cudagraph", "pycnn-cudagraph-winograd", "pycnn-eager-1stream",
-                        "pycnn-cudagraph-1stream"):
+                        "pycnn-cudagraph-1stream", "pycnn-cudagraph-2pass"):
             if res[variant] is None:
                 continue
             entries.append({"model": "MnistCNN", "batch": batch, "variant": variant, "drop_last": True,

@@ -321,6 +321,15 @@ struct PycnnConvGemm {
     int batch;             // batched GEMMs (v5): which matrix (a_src, b_src point at A[b], B[b])
     float* db_out;         // bwd-weight with bias_grad: db (or its split partials, M apart)
     int bias_grad;
+    // Split-K finished in the kernel (finish = 1, gridDim.z > 1): out holds the splits' partial
+    // copies; the last split to finish a tile (tickets[tile], one int per tile, 0 before the
+    // launch and again after it) adds them into final_out (and db's into final_db), with the
+    // forward's bias and ReLU (final_bias, final_relu). See pycnn_conv_split_finish.
+    int* tickets;
+    int finish;
+    float* final_out;
+    float* final_db;
+    int final_bias, final_relu;
 };
 
 // Offset of column n of C in the output tensor; row m adds m * pycnn_conv_out_mstride.
@@ -609,6 +618,54 @@ __device__ __forceinline__ void pycnn_conv_sum_a_row(const float (*As)[BM + PYCN
     for (int kk = 0; kk < PYCNN_CONV3_BK; ++kk) acc += As[kk][m];
 }
 
+// The second pass of a split-K product inside the GEMM kernel (finish = 1): after a block has
+// stored its partial tile, it takes a ticket for its tile; the block that draws the last one
+// (every other split of the tile has stored its part) adds the gridDim.z partial copies of each
+// element of the tile in split order, in double, applies the forward epilogue and writes the
+// result: exactly what conv2d_split_reduce_f32 / conv2d_wgrad_split_reduce_f32 compute (the same
+// bits), without their launch. Deterministic: which block adds does not change the order of the
+// sum. It resets the ticket for the next launch or graph replay. The threadfence-then-ticket
+// order is CUDA's threadFenceReduction pattern (as ce_fwd_f32 in loss.cu).
+template <int MODE, int BM, int BN>
+__device__ __forceinline__ void pycnn_conv_split_finish(const PycnnConvGemm& p, int m0, int n0) {
+    __shared__ int is_last;
+    __threadfence();  // this thread's partial stores are visible device-wide before the ticket
+    __syncthreads();
+    const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+    if (threadIdx.x == 0) is_last = atomicAdd(&p.tickets[tile], 1) == (int)gridDim.z - 1;
+    __syncthreads();
+    if (!is_last) return;  // uniform per block
+    __threadfence();
+    // volatile: read the other blocks' parts from L2, never from a stale L1 line
+    const volatile float* part = p.out;
+    const int splits = gridDim.z, mstride = pycnn_conv_out_mstride<MODE>(p);
+    const pycnn_i64 zoff = (pycnn_i64)blockIdx.z * p.split_stride;  // out_base's offset of this split
+    for (int e = threadIdx.x; e < BM * BN; e += PYCNN_CONV3_THREADS) {
+        const int m = m0 + e / BN, n = n0 + e % BN;  // consecutive threads: consecutive columns
+        if (m >= p.M || n >= p.Ncols) continue;
+        const pycnn_i64 off = pycnn_conv_out_base<MODE>(p, n) - zoff + (pycnn_i64)m * mstride;
+        double sum = 0.0;
+        for (int z = 0; z < splits; ++z) sum += (double)part[(pycnn_i64)z * p.split_stride + off];
+        float v = (float)sum;
+        if (MODE == PYCNN_CONV_FWD) {
+            if (p.final_bias) v += p.bias[m];
+            if (p.final_relu) v = v > 0.0f ? v : 0.0f;
+        }
+        p.final_out[off] = v;
+    }
+    if (MODE == PYCNN_CONV_BWD_WEIGHT && p.bias_grad && blockIdx.x == 0) {  // the tile's rows of db
+        const volatile float* db_part = p.db_out;
+        for (int r = threadIdx.x; r < BM; r += PYCNN_CONV3_THREADS) {
+            const int m = m0 + r;
+            if (m >= p.M) continue;
+            double sum = 0.0;
+            for (int z = 0; z < splits; ++z) sum += (double)db_part[(pycnn_i64)z * p.M + m];
+            p.final_db[m] = (float)sum;
+        }
+    }
+    if (threadIdx.x == 0) p.tickets[tile] = 0;
+}
+
 // One block computes C[m0:m0+BM, n0:n0+BN] over Kd range [k_begin, k_end). Must be entered by
 // all PYCNN_CONV3_THREADS threads of a 1-D block (it synchronizes with __syncthreads).
 // Offsets inside x, dy and dx are int32: the host runs v3/v4 only when every tensor has fewer
@@ -766,6 +823,7 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
                     }
             }
     }
+    if (p.finish && gridDim.z > 1) pycnn_conv_split_finish<MODE, BM, BN>(p, L.m0, n0);
 }
 
 // Launch (all v3/v4 kernels): block (PYCNN_CONV3_THREADS,), grid (ceil(Ncols/T), ceil(M/T), splits)
@@ -775,6 +833,8 @@ __device__ __forceinline__ PycnnConvGemm pycnn_conv_params(int N, int C, int H, 
     PycnnConvGemm p;
     p.bias = nullptr; p.has_bias = 0; p.relu = 0; p.batch = 0; p.split_stride = 0;
     p.db_out = nullptr; p.bias_grad = 0;
+    p.tickets = nullptr; p.finish = 0; p.final_out = nullptr; p.final_db = nullptr;
+    p.final_bias = 0; p.final_relu = 0;
     p.N = N; p.C = C; p.H = H; p.W = W; p.K = K; p.R = R; p.S = S; p.Ho = Ho; p.Wo = Wo;
     p.sh = sh; p.sw = sw; p.ph = ph; p.pw = pw;
     return p;
@@ -789,26 +849,33 @@ template <bool TF32, int BM, int BN = BM>
 __device__ __forceinline__ void pycnn_conv_fwd_gemm(const float* x, const float* w, const float* b, float* y,
                                                     int has_bias, int relu, int N, int C, int H, int W, int K,
                                                     int R, int S, int Ho, int Wo, int sh, int sw, int ph, int pw,
-                                                    int chunk) {
+                                                    int chunk, int* tickets, int finish, float* y_final) {
     PycnnConvGemm p = pycnn_conv_params(N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
     p.a_src = w; p.b_src = x; p.out = y; p.bias = b; p.has_bias = has_bias; p.relu = relu;
     p.M = K; p.Ncols = N * Ho * Wo; p.Kd = C * R * S;
     p.k_begin = blockIdx.z * chunk;
     p.k_end = min(p.Kd, p.k_begin + chunk);
     p.split_stride = (pycnn_i64)N * K * Ho * Wo;
+    p.tickets = tickets; p.finish = finish; p.final_out = y_final;
+    if (finish && gridDim.z > 1) {  // the partials go without the epilogue; the finishing sum applies it
+        p.final_bias = has_bias; p.final_relu = relu;
+        p.has_bias = 0; p.relu = 0;
+    }
     pycnn_conv_igemm<PYCNN_CONV_FWD, TF32, BM, BN>(p);
 }
 
 template <bool TF32, int BM, int BN = BM>
 __device__ __forceinline__ void pycnn_conv_bwd_data_gemm(const float* dy, const float* w, float* dx, int N, int C,
                                                          int H, int W, int K, int R, int S, int Ho, int Wo,
-                                                         int sh, int sw, int ph, int pw, int chunk) {
+                                                         int sh, int sw, int ph, int pw, int chunk,
+                                                         int* tickets, int finish, float* dx_final) {
     PycnnConvGemm p = pycnn_conv_params(N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
     p.a_src = w; p.b_src = dy; p.out = dx;
     p.M = C; p.Ncols = N * H * W; p.Kd = K * R * S;
     p.k_begin = blockIdx.z * chunk;
     p.k_end = min(p.Kd, p.k_begin + chunk);
     p.split_stride = (pycnn_i64)N * C * H * W;
+    p.tickets = tickets; p.finish = finish; p.final_out = dx_final;
     pycnn_conv_igemm<PYCNN_CONV_BWD_DATA, TF32, BM, BN>(p);
 }
 
@@ -818,12 +885,15 @@ __device__ __forceinline__ void pycnn_conv_bwd_weight_gemm(const float* dy, cons
                                                            float* db_partial, int bias_grad,
                                                            int N, int C, int H, int W, int K, int R, int S,
                                                            int Ho, int Wo, int sh, int sw, int ph, int pw,
-                                                           int chunk) {
+                                                           int chunk, int* tickets, int finish, float* dw_final,
+                                                           float* db_final) {
     PycnnConvGemm p = pycnn_conv_params(N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
     p.a_src = dy; p.b_src = x; p.out = partial; p.db_out = db_partial; p.bias_grad = bias_grad;
     p.M = K; p.Ncols = C * R * S; p.Kd = N * Ho * Wo;
     p.k_begin = blockIdx.z * chunk;
     p.k_end = min(p.Kd, p.k_begin + chunk);
+    p.split_stride = (pycnn_i64)K * C * R * S;  // split z's partial copy (pycnn_conv_out_base)
+    p.tickets = tickets; p.finish = finish; p.final_out = dw_final; p.final_db = db_final;
     pycnn_conv_igemm<PYCNN_CONV_BWD_WEIGHT, TF32, BM, BN>(p);
 }
 
@@ -832,17 +902,17 @@ __device__ __forceinline__ void pycnn_conv_bwd_weight_gemm(const float* dy, cons
 extern "C" __global__ void conv2d_fwd_v3_f32(
     const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
     float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
-    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk) {
+    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ y_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_fwd_gemm<false, 64>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_fwd_gemm<false, 64>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, y_final);
 }
 
 extern "C" __global__ void conv2d_fwd_v3_t128_f32(
     const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
     float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
-    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk) {
+    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ y_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_fwd_gemm<false, 128>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_fwd_gemm<false, 128>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, y_final);
 }
 
 // 32 x 128 tiles (v3 only) for GEMMs of at most 32 rows (K <= 32 filters; C <= 32 channels for
@@ -851,9 +921,9 @@ extern "C" __global__ void conv2d_fwd_v3_t128_f32(
 extern "C" __global__ void conv2d_fwd_v3_m32_f32(
     const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
     float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
-    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk) {
+    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ y_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_fwd_gemm<false, 32, 128>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_fwd_gemm<false, 32, 128>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, y_final);
 }
 
 // Wide tiles (v3 only, opt-in while untimed: PYCNN_CONV3_WIDE=1 on the host), twice the columns
@@ -864,33 +934,33 @@ extern "C" __global__ void conv2d_fwd_v3_m32_f32(
 extern "C" __global__ void conv2d_fwd_v3_m32n256_f32(
     const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
     float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
-    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk) {
+    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ y_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_fwd_gemm<false, 32, 256>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_fwd_gemm<false, 32, 256>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, y_final);
 }
 
 extern "C" __global__ void conv2d_fwd_v3_n128_f32(
     const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
     float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
-    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk) {
+    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ y_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_fwd_gemm<false, 64, 128>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_fwd_gemm<false, 64, 128>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, y_final);
 }
 
 extern "C" __global__ void conv2d_fwd_v4_f32(
     const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
     float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
-    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk) {
+    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ y_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_fwd_gemm<true, 64>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_fwd_gemm<true, 64>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, y_final);
 }
 
 extern "C" __global__ void conv2d_fwd_v4_t128_f32(
     const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
     float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
-    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk) {
+    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ y_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_fwd_gemm<true, 128>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_fwd_gemm<true, 128>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, y_final);
 }
 
 extern "C" __global__ void conv2d_bwd_data_v1_f32(
@@ -998,57 +1068,57 @@ extern "C" __global__ void conv2d_bwd_data_v2_f32(
 extern "C" __global__ void conv2d_bwd_data_v3_f32(
     const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
-    int sh, int sw, int ph, int pw, int chunk) {
+    int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ dx_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_bwd_data_gemm<false, 64>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_bwd_data_gemm<false, 64>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, dx_final);
 }
 
 extern "C" __global__ void conv2d_bwd_data_v3_t128_f32(
     const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
-    int sh, int sw, int ph, int pw, int chunk) {
+    int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ dx_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_bwd_data_gemm<false, 128>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_bwd_data_gemm<false, 128>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, dx_final);
 }
 
 extern "C" __global__ void conv2d_bwd_data_v3_m32_f32(
     const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
-    int sh, int sw, int ph, int pw, int chunk) {
+    int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ dx_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_bwd_data_gemm<false, 32, 128>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_bwd_data_gemm<false, 32, 128>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, dx_final);
 }
 
 extern "C" __global__ void conv2d_bwd_data_v3_m32n256_f32(
     const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
-    int sh, int sw, int ph, int pw, int chunk) {
+    int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ dx_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads (32 x 256 tiles, see the forward)
-    pycnn_conv_bwd_data_gemm<false, 32, 256>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_bwd_data_gemm<false, 32, 256>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, dx_final);
 }
 
 extern "C" __global__ void conv2d_bwd_data_v3_n128_f32(
     const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
-    int sh, int sw, int ph, int pw, int chunk) {
+    int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ dx_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads (64 x 128 tiles, see the forward)
-    pycnn_conv_bwd_data_gemm<false, 64, 128>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_bwd_data_gemm<false, 64, 128>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, dx_final);
 }
 
 extern "C" __global__ void conv2d_bwd_data_v4_f32(
     const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
-    int sh, int sw, int ph, int pw, int chunk) {
+    int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ dx_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_bwd_data_gemm<true, 64>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_bwd_data_gemm<true, 64>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, dx_final);
 }
 
 extern "C" __global__ void conv2d_bwd_data_v4_t128_f32(
     const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
-    int sh, int sw, int ph, int pw, int chunk) {
+    int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ dx_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_bwd_data_gemm<true, 128>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_bwd_data_gemm<true, 128>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, dx_final);
 }
 
 // Launch: one block of PYCNN_BLOCK threads per weight element (grid K*C*R*S).
@@ -1161,45 +1231,45 @@ extern "C" __global__ void conv2d_bwd_weight_v3_f32(
     const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ partial,
     float* __restrict__ db_partial, int bias_grad,
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
-    int sh, int sw, int ph, int pw, int chunk) {
+    int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ dw_final, float* __restrict__ db_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_bwd_weight_gemm<false, 64>(dy, x, partial, db_partial, bias_grad, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_bwd_weight_gemm<false, 64>(dy, x, partial, db_partial, bias_grad, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, dw_final, db_final);
 }
 
 extern "C" __global__ void conv2d_bwd_weight_v3_t128_f32(
     const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ partial,
     float* __restrict__ db_partial, int bias_grad,
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
-    int sh, int sw, int ph, int pw, int chunk) {
+    int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ dw_final, float* __restrict__ db_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_bwd_weight_gemm<false, 128>(dy, x, partial, db_partial, bias_grad, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_bwd_weight_gemm<false, 128>(dy, x, partial, db_partial, bias_grad, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, dw_final, db_final);
 }
 
 extern "C" __global__ void conv2d_bwd_weight_v3_m32_f32(
     const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ partial,
     float* __restrict__ db_partial, int bias_grad,
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
-    int sh, int sw, int ph, int pw, int chunk) {
+    int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ dw_final, float* __restrict__ db_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_bwd_weight_gemm<false, 32, 128>(dy, x, partial, db_partial, bias_grad, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_bwd_weight_gemm<false, 32, 128>(dy, x, partial, db_partial, bias_grad, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, dw_final, db_final);
 }
 
 extern "C" __global__ void conv2d_bwd_weight_v4_f32(
     const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ partial,
     float* __restrict__ db_partial, int bias_grad,
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
-    int sh, int sw, int ph, int pw, int chunk) {
+    int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ dw_final, float* __restrict__ db_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_bwd_weight_gemm<true, 64>(dy, x, partial, db_partial, bias_grad, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_bwd_weight_gemm<true, 64>(dy, x, partial, db_partial, bias_grad, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, dw_final, db_final);
 }
 
 extern "C" __global__ void conv2d_bwd_weight_v4_t128_f32(
     const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ partial,
     float* __restrict__ db_partial, int bias_grad,
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
-    int sh, int sw, int ph, int pw, int chunk) {
+    int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ dw_final, float* __restrict__ db_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads
-    pycnn_conv_bwd_weight_gemm<true, 128>(dy, x, partial, db_partial, bias_grad, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_conv_bwd_weight_gemm<true, 128>(dy, x, partial, db_partial, bias_grad, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, dw_final, db_final);
 }
 
 // The second pass of every split in this file (v2 image ranges, v3/v4 split-K, v5 weight

@@ -271,10 +271,19 @@ def _kernel_launch(filename: str, kernel: str, grid, block, args: tuple, shared_
 class _Plan(NamedTuple):
     """The launches of one op call, in order, and the float32 scratch arrays they use (allocated
     per run, by name and element count). ``out_shape``: the result's shape, for calls that find
-    the plan cached."""
+    the plan cached. ``fallback``: for a plan whose launches finish their split-K sums in the
+    kernel (they take this stream's "tickets", see _split_tickets), the same work with a separate
+    reduce launch, run where no tickets are at hand."""
     launches: tuple
     scratch: tuple = ()
     out_shape: tuple | None = None
+    fallback: "_Plan | None" = None
+
+
+def _plan_then(plan: _Plan, launches: tuple, scratch: tuple) -> _Plan:
+    """``plan`` (and its fallback) followed by more launches and their scratch."""
+    fallback = _plan_then(plan.fallback, launches, scratch) if plan.fallback is not None else None
+    return plan._replace(launches=plan.launches + launches, scratch=plan.scratch + scratch, fallback=fallback)
 
 
 _plans: dict = {}  # (op, device, shapes, arguments, settings) -> _Plan
@@ -298,6 +307,12 @@ def _keep_plan(key, plan: _Plan) -> None:
 
 def _run_plan(dev: int, plan: _Plan, arrays: dict) -> None:
     """Allocate the plan's scratch into ``arrays`` (name -> array), then launch in order."""
+    if plan.fallback is not None:
+        tickets = _split_tickets(_cupy(), dev)
+        if tickets is None:
+            plan = plan.fallback
+        else:
+            arrays["tickets"] = tickets
     if plan.scratch:
         cupy = _cupy()
         with cupy.cuda.Device(dev):
@@ -330,7 +345,7 @@ def _env(name: str) -> str:
 
 # The environment variables a conv plan depends on (part of its key).
 _CONV_SETTINGS = ("PYCNN_CONV_VERSION", "PYCNN_ALLOW_TF32", "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_AUTOTUNE",
-                  "PYCNN_CONV3_WIDE")
+                  "PYCNN_CONV3_WIDE", "PYCNN_SPLIT_FINISH")
 _CONV_SETTING_KEYS = tuple(os.fsencode(name) for name in _CONV_SETTINGS)
 
 
@@ -471,6 +486,41 @@ def _upload(op: str, cupy, dev: int, host: np.ndarray):
     else:  # NumPy stand-ins of the CPU tests
         out[...] = host
     return out
+
+
+# Split-K finished inside the GEMM kernels (v3/v4 conv GEMMs): the last split to store its part
+# of an output tile adds all the parts (pycnn_conv_split_finish in conv2d.cu), which saves the
+# separate reduce launch (a graph node, and CuPy's launch cost per call). Each tile draws from an
+# int32 counter that is 0 between launches. One array of them per (device, stream): launches on one
+# stream never overlap, and a graph captured on a stream keeps that stream's counters (graph
+# replays are ordered with eager work on the same streams in pycnn.cuda_graph). A GEMM with more
+# tiles than _SPLIT_TICKETS, or a capture on a stream that has no counters yet (they are zeroed
+# with a copy, which a capture cannot hold), reduces with the separate launch instead.
+_SPLIT_TICKETS = 1 << 14  # (64 KiB a stream; a split weight gradient of 2048x2048x3x3 has 2304 tiles)
+_split_ticket_arrays: dict = {}  # (device id, stream) -> int32 (_SPLIT_TICKETS,), all 0
+
+
+def _split_finish_on() -> bool:
+    """Whether v3/v4 conv GEMMs finish their split-K sums in the kernel ($PYCNN_SPLIT_FINISH:
+    '1', the default, or '0': a separate conv2d_split_reduce_f32 launch)."""
+    mode = _env("PYCNN_SPLIT_FINISH") or "1"
+    if mode not in ("0", "1"):
+        raise ValueError(f"PYCNN_SPLIT_FINISH must be '0' or '1', got {mode!r}")
+    return mode == "1"
+
+
+def _split_tickets(cupy, dev: int):
+    """This stream's tile counters for finishing split-K GEMMs, or None (see above)."""
+    key = (dev, _stream_key(cupy))
+    tickets = _split_ticket_arrays.get(key)
+    if tickets is None or not isinstance(tickets, cupy.ndarray):  # (a stand-in's array from a CPU test)
+        if _capturing(cupy):
+            return None
+        with cupy.cuda.Device(dev), _persistent(cupy):
+            tickets = cupy.empty((_SPLIT_TICKETS,), dtype=cupy.int32)
+            tickets.fill(0)
+        _split_ticket_arrays[key] = tickets
+    return tickets
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -959,20 +1009,29 @@ def _conv3_output_gemm(direction: str, version: str, rows: int, cols: int, Kd: i
                        out_index: int, out_size: int, reduce_kwargs: dict) -> _Plan:
     """v3/v4 forward or backward-data as a rows x cols GEMM over Kd: one launch, or, with few
     output tiles, split-K into partial copies of the output (``args[out_index]``, of
-    ``out_size`` elements; the forward's has_bias and relu, which follow it, are zeroed: the
-    epilogue moves to the reduce) and conv2d_split_reduce_f32 with ``reduce_kwargs``."""
+    ``out_size`` elements), summed by the last split of each tile inside the kernel, or, as the
+    fallback (or with PYCNN_SPLIT_FINISH=0), by conv2d_split_reduce_f32 with ``reduce_kwargs``
+    (the forward's has_bias and relu, which follow the output, are then zeroed: the epilogue moves
+    to the reduce)."""
     bm, bn, suffix, splits, chunk = _conv3_output_plan(direction, version, rows, cols, Kd)
     grid = ((cols + bn - 1) // bn, (rows + bm - 1) // bm, splits)
     kernel = f"conv2d_{'fwd' if direction == 'forward' else 'bwd_data'}_v{version}{suffix}_f32"
+    no_finish = (None, _i32(0), None)  # tickets, finish, final output
     if splits == 1:
-        return _Plan((_kernel_launch("conv2d.cu", kernel, grid, (_CONV3_THREADS,), args + (_i32(chunk),)),))
+        return _Plan((_kernel_launch("conv2d.cu", kernel, grid, (_CONV3_THREADS,), args + (_i32(chunk),) + no_finish),))
     out = args[out_index]
     args = args[:out_index] + ("partial",) + args[out_index + 1:]
+    scratch = (("partial", splits * out_size),)
+    two_pass_args = args
     if direction == "forward":
-        args = args[:out_index + 1] + (_i32(0), _i32(0)) + args[out_index + 3:]
-    return _Plan((_kernel_launch("conv2d.cu", kernel, grid, (_CONV3_THREADS,), args + (_i32(chunk),)),
-                  _split_reduce_launch("partial", out, splits, out_size, **reduce_kwargs)),
-                 scratch=(("partial", splits * out_size),))
+        two_pass_args = args[:out_index + 1] + (_i32(0), _i32(0)) + args[out_index + 3:]
+    plan = _Plan((_kernel_launch("conv2d.cu", kernel, grid, (_CONV3_THREADS,),
+                                 two_pass_args + (_i32(chunk),) + no_finish),
+                  _split_reduce_launch("partial", out, splits, out_size, **reduce_kwargs)), scratch=scratch)
+    if not _split_finish_on() or grid[0] * grid[1] > _SPLIT_TICKETS:
+        return plan
+    return _Plan((_kernel_launch("conv2d.cu", kernel, grid, (_CONV3_THREADS,),
+                                 args + (_i32(chunk), "tickets", _i32(1), out)),), scratch=scratch, fallback=plan)
 
 
 def _geometry_args(geom: tuple) -> tuple:
@@ -1247,6 +1306,7 @@ def _conv_backward_weight_plan(version: str, geom: tuple, with_db: bool) -> _Pla
     elif version == CONV_WINOGRAD_VERSION:
         plan = _winograd_weight_plan(geom)
     else:
+        gemm = False
         if version in ("3", CONV_TF32_VERSION) and C * R * S <= min(_CONV_NARROW_TAPS, DEFINES["PYCNN_CONV_NARROW_MAX"]):
             # A first layer (C*R*S taps, e.g. 9 or 25): register accumulators per tap, not a GEMM
             # tile that would be mostly empty (exact fp32 for v4 too: no product to speed up).
@@ -1270,7 +1330,9 @@ def _conv_backward_weight_plan(version: str, geom: tuple, with_db: bool) -> _Pla
             kernel = f"conv2d_bwd_weight_v{version}{suffix}_f32"
             grid = ((C * R * S + bn - 1) // bn, (K + bm - 1) // bm, splits)
             block, extra, smem = (_CONV3_THREADS,), chunk, 0
+            gemm = True  # (the v3/v4 GEMM kernels take the split-finish arguments)
         # v3/v4 and narrow kernels take (db or its split partials, bias_grad) after dw; v2 does not.
+        # The GEMM kernels end with (tickets, finish, final dw, final db).
         # One split: the kernel writes dw (and db) itself; else split partials, reduced in order.
         dw_count = K * C * R * S
         scratch = ()
@@ -1280,8 +1342,9 @@ def _conv_backward_weight_plan(version: str, geom: tuple, with_db: bool) -> _Pla
             dw_out, db_out = "partial", "db_partial"
             scratch = (("partial", splits * dw_count),) + ((("db_partial", splits * K),) if fused_db else ())
         db_args = () if version == "2" else ((db_out, _i32(1)) if fused_db else (dw_out, _i32(0)))
+        no_finish = (None, _i32(0), None, None) if gemm else ()
         launches = [_kernel_launch("conv2d.cu", kernel, grid, block, ("dy", "x", dw_out) + db_args + tail
-                                   + (_i32(extra),), shared_mem=smem)]
+                                   + (_i32(extra),) + no_finish, shared_mem=smem)]
         if splits > 1 and fused_db:  # both reductions in one launch
             launches.append(_kernel_launch("conv2d.cu", "conv2d_wgrad_split_reduce_f32", _grid1d(dw_count + K),
                                            (BLOCK,), (dw_out, "dw", _i64(dw_count), db_out, "db", _i64(K),
@@ -1289,9 +1352,12 @@ def _conv_backward_weight_plan(version: str, geom: tuple, with_db: bool) -> _Pla
         elif splits > 1:
             launches.append(_split_reduce_launch(dw_out, "dw", splits, dw_count))
         plan = _Plan(tuple(launches), scratch=scratch)
+        if gemm and splits > 1 and _split_finish_on() and grid[0] * grid[1] <= _SPLIT_TICKETS:
+            finish = ("tickets", _i32(1), "dw", "db" if fused_db else None)
+            plan = _Plan((_kernel_launch("conv2d.cu", kernel, grid, block, ("dy", "x", dw_out) + db_args + tail
+                                         + (_i32(extra),) + finish),), scratch=scratch, fallback=plan)
     if with_db and not fused_db:
-        launches, scratch = _bias_grad_launches(N, K, Ho * Wo, "dy", "db")
-        plan = plan._replace(launches=plan.launches + launches, scratch=plan.scratch + scratch)
+        plan = _plan_then(plan, *_bias_grad_launches(N, K, Ho * Wo, "dy", "db"))
     return plan
 
 

@@ -101,7 +101,9 @@ def patch_backend(monkeypatch, emulator):
         block = tuple(block) + (1,) * (3 - len(block))
         cargs = [ctypes.c_int(v) for v in grid + block] + [ctypes.c_longlong(shared_mem)]
         for (name, is_ptr, ctype, _), arg in zip(params, args):
-            if is_ptr:
+            if is_ptr and arg is None:  # a null pointer (CuPy passes None as one)
+                cargs.append(ctypes.c_void_p(None))
+            elif is_ptr:
                 assert isinstance(arg, np.ndarray) and arg.dtype == _NP[ctype] and arg.flags.c_contiguous, \
                     f"{kernel}: {name}"
                 cargs.append(ctypes.c_void_p(arg.ctypes.data))
@@ -115,6 +117,7 @@ def patch_backend(monkeypatch, emulator):
     monkeypatch.setattr(cuda, "_cupy", lambda: fake_cupy)
     monkeypatch.setattr(cuda, "_device", lambda op, **arrays: 0)
     monkeypatch.setattr(cuda, "_launch", launch)
+    monkeypatch.setattr(cuda, "_split_ticket_arrays", {})  # counters of this test's stand-in arrays
     monkeypatch.setattr(cuda, "BLOCK", 64)  # fewer emulated threads; kernels take any multiple of 32
     return launched
 

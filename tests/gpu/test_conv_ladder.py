@@ -218,6 +218,36 @@ def test_weight_gradient_is_bitwise_deterministic(version):
     assert cp.asnumpy(first).tobytes() == cp.asnumpy(second).tobytes()
 
 
+@pytest.mark.parametrize("layer", LAYERS, ids=[layer[0] for layer in LAYERS])
+def test_split_finish_in_kernel_is_bitwise_the_two_pass_sum(monkeypatch, layer):
+    """The last-split election of pycnn_conv_split_finish on real hardware, where the splits of
+    a tile run at the same time (the CPU emulator runs blocks one after another): every op of a
+    model layer gives the bits of the separate reduce launch, five times over, at two batch sizes,
+    and every tile counter is back at 0."""
+    _, N, C, H, W, K, R, S, stride, padding = layer
+    rng = np.random.default_rng(8)
+    for batch in (N, 8 * N):
+        x = cp.asarray(rng.standard_normal((batch, C, H, W)).astype(np.float32))
+        w = cp.asarray(rng.standard_normal((K, C, R, S)).astype(np.float32) * 0.3)
+        b = cp.asarray(rng.standard_normal(K).astype(np.float32))
+        Ho, Wo = (H + 2 * padding[0] - R) // stride[0] + 1, (W + 2 * padding[1] - S) // stride[1] + 1
+        dy = cp.asarray(rng.standard_normal((batch, K, Ho, Wo)).astype(np.float32))
+
+        def run():
+            y = cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version="3")
+            dx = cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="3")
+            dw, db = cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding, version="3")
+            return [cp.asnumpy(a).tobytes() for a in (y, dx, dw, db)]
+
+        monkeypatch.setenv("PYCNN_SPLIT_FINISH", "0")
+        want = run()
+        monkeypatch.setenv("PYCNN_SPLIT_FINISH", "1")
+        for _ in range(5):
+            assert run() == want, f"batch {batch}: the in-kernel finish differs from the two-pass sum"
+    cp.cuda.Device().synchronize()
+    assert all(int(t.max()) == 0 for t in cuda._split_ticket_arrays.values()), "a tile counter was left set"
+
+
 def test_autotune_times_each_exact_version_once_and_caches(monkeypatch):
     monkeypatch.setenv("PYCNN_CONV_AUTOTUNE", "1")
     monkeypatch.delenv("PYCNN_CONV_VERSION", raising=False)

@@ -245,8 +245,10 @@ def test_fused_bias_relu_epilogue(emulated, version):
 
 
 @pytest.mark.parametrize("version", ["2", "3", "4"])
-def test_split_weight_gradient_is_deterministic(emulated, version):
-    # 4 images of 16x16 outputs: v2 splits the images, v3/v4 split Kd = 1024 in two.
+def test_split_weight_gradient_is_deterministic(emulated, monkeypatch, version):
+    # 4 images of 16x16 outputs: v2 splits the images, v3/v4 split Kd = 1024 in two. (The v3/v4
+    # GEMMs' in-kernel finish of the split sums: test_split_finish_in_kernel_is_the_two_pass_sum.)
+    monkeypatch.setenv("PYCNN_SPLIT_FINISH", "0")
     shape = (4, 2, 16, 16, 3, 3, 3, (1, 1), (1, 1))
     x, w, b, dy = data(shape, seed=5)
     first, db = cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1), version=version,
@@ -672,6 +674,7 @@ def test_pipelined_kernels_with_copies_landing_at_issue(emulator, version, name)
             mp.setattr(cuda, "_CONV3_T128_MIN_BLOCKS", 1)
             if name == "m32-split":  # 32x128 tiles (threads 128..255 issue no A copies), split-K
                 mp.setattr(cuda, "_CONV3_M32_MAX_ROWS", 32)
+                mp.setenv("PYCNN_SPLIT_FINISH", "0")
             with cp_async_eager(emulator) if eager else nullcontext():
                 results.append(run_all(shape, x, w, b, dy, version, allow_tf32=version == "4"))
             if name == "m32-split":
@@ -689,6 +692,7 @@ def test_split_k_forward_and_backward_data(emulated, monkeypatch, version, min_k
     conv2d_split_reduce_f32 adds (and for the forward, applies bias and ReLU to). min_k=16 makes
     splits of one 16-deep stage and a short last one (72 = 4*16 + 8)."""
     monkeypatch.setattr(cuda, "_CONV3_SPLIT_MIN_K", min_k)
+    monkeypatch.setenv("PYCNN_SPLIT_FINISH", "0")  # the two-pass sum; in the kernel: see below
     shape = SPLIT_SHAPE
     _, _, _, _, _, _, _, stride, padding = shape
     tf32 = version == "4"
@@ -954,7 +958,7 @@ def test_v3_wide_tiles(emulated, monkeypatch, shape, suffix, split):
     monkeypatch.setenv("PYCNN_CONV3_WIDE", "1")
     y = cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version="3")
     dx = cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="3")
-    reduce = ["conv2d_split_reduce_f32"] if split else []
+    reduce = ["conv2d_split_reduce_f32"] if split and not cuda._split_finish_on() else []
     assert emulated == ([f"conv2d_fwd_v3{suffix[0]}_f32"] + reduce + [f"conv2d_bwd_data_v3{suffix[1]}_f32"]
                         + reduce), emulated
     np.testing.assert_allclose(y, np.maximum(want[0], 0), rtol=1e-5, atol=fp32_atol(lf))
@@ -1004,3 +1008,52 @@ def test_v3_tile_rule(monkeypatch):
     assert cuda._conv3_tile("backward_data", 32, 10816, "4") == (64, 64, "")  # v4 keeps its warp tiles
     assert cuda._conv3_tile("forward", 33, 10816, "3") == (64, 64, "")
     assert cuda._conv3_tile("backward_weight", 128, 1152, "3") == (128, 128, "_t128")
+
+
+# (shape, tile overrides): the split-K GEMMs of every tile kind, one and several output tiles
+SPLIT_FINISH_CASES = {
+    "64x64": (SPLIT_SHAPE, {"_CONV3_M32_MAX_ROWS": 0}),
+    "64x64-multi-tile": (SHAPES["multi-tile"], {"_CONV3_M32_MAX_ROWS": 0, "_CONV3_SPLIT_MIN_K": 16}),
+    "m32": (SPLIT_SHAPE, {"_CONV3_M32_MAX_ROWS": 32, "_CONV3_SPLIT_MIN_K": 16}),
+    # (the weight gradient on 128x128 tiles; forward and backward-data on 64x64 ones)
+    "t128": ((2, 130, 4, 4, 129, 1, 1, (1, 1), (0, 0)), {"_CONV3_T128_MIN_BLOCKS": 1, "_CONV_SPLIT_MIN_K": 16}),
+}
+# how many of the four ops of each case split (and so reduce in the two-pass path)
+SPLIT_FINISH_REDUCES = {"64x64": 4, "64x64-multi-tile": 4, "m32": 4, "t128": 4}
+
+
+@pytest.mark.parametrize("version", ["3", "4"])
+@pytest.mark.parametrize("case", list(SPLIT_FINISH_CASES))
+def test_split_finish_in_kernel_is_the_two_pass_sum(emulated, monkeypatch, version, case):
+    """PYCNN_SPLIT_FINISH=1 (the default): the last split of each output tile adds the splits'
+    partial tiles inside the GEMM kernel (pycnn_conv_split_finish): one launch per op, the same
+    bits as the separate reduce launches of PYCNN_SPLIT_FINISH=0 (fused bias + ReLU, dx, dw and the
+    bias gradient summed alongside), every tile counter back at 0 afterwards."""
+    shape, overrides = SPLIT_FINISH_CASES[case]
+    for name, value in overrides.items():
+        monkeypatch.setattr(cuda, name, value)
+    monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 0)
+    tf32 = version == "4"
+    _, _, _, _, _, _, _, stride, padding = shape
+    x, w, b, dy = data(shape, seed=31)
+    results = {}
+    for finish in ("0", "1"):
+        monkeypatch.setenv("PYCNN_SPLIT_FINISH", finish)
+        del emulated[:]
+        y = cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version=version, allow_tf32=tf32)
+        results[finish] = (y,) + run_all(shape, x, w, b, dy, version, allow_tf32=tf32)
+        reduces = [k for k in emulated if "reduce" in k]
+        if finish == "1":
+            assert emulated and not reduces, f"{case}: a separate reduce ran: {emulated}"
+        else:
+            assert len(reduces) == SPLIT_FINISH_REDUCES[case], f"{case}: {emulated}"
+    if case == "t128":
+        assert f"conv2d_bwd_weight_v{version}_t128_f32" in emulated, emulated
+    for what, a, c in zip(("relu(y)", "y", "dx", "dw", "db"), results["0"], results["1"]):
+        assert a.tobytes() == c.tobytes(), f"v{version} {case} {what}: in-kernel finish differs"
+    tickets = cuda._split_ticket_arrays
+    assert tickets and all(not t.any() for t in tickets.values()), "a tile counter was left set"
+    want = reference(shape, x, w, b, dy)
+    if not tf32:
+        for what, got, ref_value, length in zip(("y", "dx", "dw"), results["1"][1:4], want, lengths(shape)):
+            np.testing.assert_allclose(got, ref_value, rtol=1e-4, atol=fp32_atol(length), err_msg=what)

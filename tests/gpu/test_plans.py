@@ -26,6 +26,8 @@ def recorded(monkeypatch):
     state = types.SimpleNamespace(launches=[], inputs=[])
 
     def describe(a):
+        if a is None:
+            return "null"
         if isinstance(a, np.ndarray) and not isinstance(a, np.generic):
             for i, known in enumerate(state.inputs):
                 if a is known:
@@ -39,8 +41,9 @@ def recorded(monkeypatch):
     monkeypatch.setattr(cuda, "_cupy", lambda: fake)
     monkeypatch.setattr(cuda, "_device", lambda op, **arrays: 0)
     monkeypatch.setattr(cuda, "_launch", launch)
+    monkeypatch.setattr(cuda, "_split_ticket_arrays", {})
     for name in ("PYCNN_CONV_VERSION", "PYCNN_ALLOW_TF32", "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_AUTOTUNE",
-                 "PYCNN_CONV3_WIDE", "PYCNN_BACKWARD_STREAMS"):
+                 "PYCNN_CONV3_WIDE", "PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH"):
         monkeypatch.delenv(name, raising=False)
     cuda.clear_plans()
     return state

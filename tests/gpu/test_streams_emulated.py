@@ -71,7 +71,7 @@ class _Log:
 def streams(emulated, monkeypatch):
     """Stand-in streams on the emulated backend; yields (log, launched kernel names)."""
     log = _Log()
-    main = log.main()
+    main = log.main_stream = log.main()
     log.current.append(main)
     fake = cuda._cupy()
     monkeypatch.setattr(fake.cuda, "Stream", log.stream(None), raising=False)
@@ -130,7 +130,10 @@ def test_conv2d_backward_forks_the_weight_gradient(streams, monkeypatch, version
     data_kernels = launched[both:]
     want_dw = cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (0, 0), version=version)
     weight_kernels = launched[both + len(data_kernels):]
-    assert len(data_kernels) > (version == "3") and weight_kernels, launched  # v3: split-K and its reduce
+    assert data_kernels and weight_kernels, launched
+    if version == "3":  # dx: split-K finished in the kernel, with the tile counters of the current stream
+        assert data_kernels == ["conv2d_bwd_data_v3_m32_f32"], data_kernels
+        assert list(cuda._split_ticket_arrays) == [(0, log.main_stream.ptr)], cuda._split_ticket_arrays
     _check_fork_join(events, weight_kernels, data_kernels)
     np.testing.assert_array_equal(dx, want_dx)
     for got, want in zip((dw, db), want_dw):
@@ -141,6 +144,23 @@ def test_conv2d_backward_forks_the_weight_gradient(streams, monkeypatch, version
     for got, want in zip((dx, dw, db), cuda.conv2d_backward(dy, x, w, (1, 1), (0, 0), version=version)):
         np.testing.assert_array_equal(got, want)
     assert {e[0] for e in log.events[n:]} == {"main"}  # nothing forked
+
+
+def test_each_stream_finishes_its_splits_with_its_own_tile_counters(streams, monkeypatch):
+    """Both halves split their GEMM here; running at the same time, they must not share the tile
+    counters of pycnn_conv_split_finish: the side stream's launches take the side stream's."""
+    log, launched = streams
+    rng = np.random.default_rng(3)
+    x, w = rnd(rng, 8, 5, 7, 6), rnd(rng, 20, 5, 3, 3)
+    dy = rnd(rng, 8, 20, 5, 4)
+    got = cuda.conv2d_backward(dy, x, w, (1, 1), (0, 0), version="3")
+    assert "reduce" not in " ".join(launched), launched
+    streams_used = {key[1] for key in cuda._split_ticket_arrays}
+    assert len(streams_used) == 2 and log.main_stream.ptr in streams_used, cuda._split_ticket_arrays
+    monkeypatch.setenv("PYCNN_BACKWARD_STREAMS", "0")
+    monkeypatch.setenv("PYCNN_SPLIT_FINISH", "0")
+    for a, b in zip(got, cuda.conv2d_backward(dy, x, w, (1, 1), (0, 0), version="3")):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_linear_backward_forks_the_weight_gradient(streams, monkeypatch):
