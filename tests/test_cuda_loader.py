@@ -318,12 +318,19 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
     cuda.leaky_relu_backward(_f(*x.shape), x, 0.1)
     xl, wl, bl = _f(5, 7), _f(3, 7), _f(3)
     assert cuda.linear_forward(xl, wl, bl).shape == (5, 3)
-    assert cuda.linear_bias_relu_forward(_f(5, 70), _f(3, 70), bl).shape == (5, 3)  # split-K + reduce
+    assert cuda.linear_bias_relu_forward(_f(5, 70), _f(3, 70), bl).shape == (5, 3)  # split-K, finished inside
     dx, dwl, dbl = cuda.linear_backward(_f(5, 3), xl, wl)
     assert dx.shape == (5, 7) and dwl.shape == (3, 7) and dbl.shape == (3,)
     n = len(launches)
     cuda.linear_backward(_f(70, 3), _f(70, 7), wl)  # a batch of 70: dw split-K, with db alongside
-    assert launches[n:n + 2] == ["linear_gemm_f32", "linear_wgrad_split_reduce_f32"]  # dw first, then dx
+    assert launches[n:] == ["linear_gemm_f32", "linear_gemm_f32"]  # dw first (finished inside), then dx
+    with monkeypatch.context() as m:  # the split-K sums as a second launch
+        m.setenv("PYCNN_SPLIT_FINISH", "0")
+        assert cuda.linear_bias_relu_forward(_f(5, 70), _f(3, 70), bl).shape == (5, 3)
+        assert launches[-1] == "linear_split_reduce_f32"
+        n = len(launches)
+        cuda.linear_backward(_f(70, 3), _f(70, 7), wl)
+        assert launches[n:n + 2] == ["linear_gemm_f32", "linear_wgrad_split_reduce_f32"]
     logits, weight = _f(6, 10), _fake(np.abs(np.random.default_rng(1).random(10)).astype(np.float32))
     for tdtype in (np.int64, np.int32):
         target = _fake(np.arange(6, dtype=tdtype) % 10)

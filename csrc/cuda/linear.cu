@@ -17,9 +17,11 @@
 // tile) while its reduction is long (576), so one block would walk 36 stages while the
 // rest of the GPU idles. The host then splits the reduction over grid.z: split z sums k in
 // [z*kchunk, min((z+1)*kchunk, K)) into the z-th copy of C (C + z*M*N) without the epilogue, and
-// linear_split_reduce_f32 adds the copies in increasing z (in double) and applies bias and ReLU.
-// Each output is the same fixed-order sum on every run (the split depends on the shapes only):
-// bitwise reproducible, no atomics.
+// the copies are added in increasing z (in double) before bias and ReLU: with finish = 1 by the
+// last split to store its part of each output tile, inside this kernel (tickets, as in
+// pycnn_conv_split_finish of conv2d.cu), else by linear_split_reduce_f32. Each output is the same
+// fixed-order sum on every run (the split depends on the shapes only): bitwise reproducible; the
+// only atomic is the integer ticket that elects the finishing block.
 //
 // Kernels (v1):
 //   linear_gemm_f32   shared-memory tiles of BM x BK of A and BK x BN of B; a block of
@@ -28,7 +30,8 @@
 //                     consecutive columns, so the stores and the shared-memory reads of B are
 //                     conflict-free and coalesced). Epilogue: + bias[n] (has_bias), then ReLU
 //                     (relu). Any M, N, K (tiles are bounds-checked; K = 0 gives bias or 0).
-//   linear_split_reduce_f32   the second pass of a split-K product (see above).
+//   linear_split_reduce_f32   the second pass of a split-K product (see above) when the kernel
+//                     does not finish it.
 //   linear_wgrad_split_reduce_f32  the second pass of a split dw GEMM with its row sums (db):
 //                     both reductions in one launch.
 #include "common.cuh"
@@ -60,7 +63,8 @@ extern "C" __global__ void linear_gemm_f32(const float* __restrict__ A, long lon
                                            long long sbk, long long sbn, float* __restrict__ C,
                                            int M, int N, int K, const float* __restrict__ bias,
                                            int has_bias, int relu, int kchunk, float* __restrict__ row_sums,
-                                           int sum_rows) {
+                                           int sum_rows, int* __restrict__ tickets, int finish,
+                                           float* __restrict__ C_final, float* __restrict__ rows_final) {
     // The +1 column of padding puts the transposed stores (one thread per k) into different banks.
     __shared__ float As[PYCNN_GEMM_BK][PYCNN_GEMM_BM + 1];
     __shared__ float Bs[PYCNN_GEMM_BK][PYCNN_GEMM_BN + 1];
@@ -72,6 +76,8 @@ extern "C" __global__ void linear_gemm_f32(const float* __restrict__ A, long lon
     const int k_begin = blockIdx.z * kchunk;
     const int k_end = min(K, k_begin + kchunk);
     C += (pycnn_i64)blockIdx.z * M * N;  // this split's copy of C (the only one when unsplit)
+    // Split and finished here: the parts go without the epilogue, the finishing sum applies it.
+    const bool finishing = finish && gridDim.z > 1;
 
     float acc[PYCNN_GEMM_TM][PYCNN_GEMM_TN];
     for (int i = 0; i < PYCNN_GEMM_TM; ++i)
@@ -119,11 +125,44 @@ extern "C" __global__ void linear_gemm_f32(const float* __restrict__ A, long lon
             const int n = n0 + tx + j * PYCNN_GEMM_THREADS_X;
             if (n >= N) continue;
             float v = acc[i][j];
-            if (has_bias) v += bias[n];
-            if (relu) v = v > 0.0f ? v : 0.0f;
+            if (has_bias && !finishing) v += bias[n];
+            if (relu && !finishing) v = v > 0.0f ? v : 0.0f;
             C[(pycnn_i64)m * N + n] = v;
         }
     }
+    if (!finishing) return;
+    // The last split to store its part of this tile adds the parts (see the header).
+    __shared__ int is_last;
+    __threadfence();  // this thread's part is visible device-wide before the ticket
+    __syncthreads();
+    const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+    if (tid == 0) is_last = atomicAdd(&tickets[tile], 1) == (int)gridDim.z - 1;
+    __syncthreads();
+    if (!is_last) return;  // uniform per block
+    __threadfence();
+    // volatile: the other blocks' parts from L2, never from a stale L1 line
+    const volatile float* part = C - (pycnn_i64)blockIdx.z * M * N;
+    for (int e = tid; e < PYCNN_GEMM_BM * PYCNN_GEMM_BN; e += nthreads) {
+        const int m = m0 + e / PYCNN_GEMM_BN, n = n0 + e % PYCNN_GEMM_BN;
+        if (m >= M || n >= N) continue;
+        const pycnn_i64 off = (pycnn_i64)m * N + n;
+        double sum = 0.0;
+        for (int z = 0; z < (int)gridDim.z; ++z) sum += (double)part[(pycnn_i64)z * M * N + off];
+        float v = (float)sum;
+        if (has_bias) v += bias[n];
+        if (relu) v = v > 0.0f ? v : 0.0f;
+        C_final[off] = v;
+    }
+    if (sum_rows && blockIdx.x == 0) {
+        const volatile float* rows_part = row_sums;
+        for (int r = tid; r < PYCNN_GEMM_BM; r += nthreads) {
+            if (m0 + r >= M) continue;
+            double sum = 0.0;
+            for (int z = 0; z < (int)gridDim.z; ++z) sum += (double)rows_part[(pycnn_i64)z * M + m0 + r];
+            rows_final[m0 + r] = (float)sum;
+        }
+    }
+    if (tid == 0) tickets[tile] = 0;
 }
 
 // C[e] = sum over z of partial[z*M*N + e] (fixed order, double) + bias[e % N], then ReLU.

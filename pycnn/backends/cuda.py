@@ -488,7 +488,7 @@ def _upload(op: str, cupy, dev: int, host: np.ndarray):
     return out
 
 
-# Split-K finished inside the GEMM kernels (v3/v4 conv GEMMs): the last split to store its part
+# Split-K finished inside the GEMM kernels (v3/v4 conv GEMMs, linear_gemm_f32): the last split to store its part
 # of an output tile adds all the parts (pycnn_conv_split_finish in conv2d.cu), which saves the
 # separate reduce launch (a graph node, and CuPy's launch cost per call). Each tile draws from an
 # int32 counter that is 0 between launches. One array of them per (device, stream): launches on one
@@ -501,7 +501,7 @@ _split_ticket_arrays: dict = {}  # (device id, stream) -> int32 (_SPLIT_TICKETS,
 
 
 def _split_finish_on() -> bool:
-    """Whether v3/v4 conv GEMMs finish their split-K sums in the kernel ($PYCNN_SPLIT_FINISH:
+    """Whether the v3/v4 conv GEMMs and the Linear GEMM finish their split-K sums in the kernel ($PYCNN_SPLIT_FINISH:
     '1', the default, or '0': a separate conv2d_split_reduce_f32 launch)."""
     mode = _env("PYCNN_SPLIT_FINISH") or "1"
     if mode not in ("0", "1"):
@@ -1759,7 +1759,8 @@ def _gemm(dev: int, A, sam: int, sak: int, B, sbk: int, sbn: int, C, M: int, N: 
     (not when C is empty: nothing is launched). The launches are a cached plan (see _plans)."""
     if M == 0 or N == 0:
         return False
-    key = ("gemm", M, N, K, sam, sak, sbk, sbn, bias is not None, bool(relu), row_sums is not None)
+    key = ("gemm", M, N, K, sam, sak, sbk, sbn, bias is not None, bool(relu), row_sums is not None,
+           _env("PYCNN_SPLIT_FINISH"))
     plan = _plans.get(key)
     if plan is None:
         plan = _gemm_plan(M, N, K, sam, sak, sbk, sbn, bias is not None, bool(relu), row_sums is not None)
@@ -1785,10 +1786,11 @@ def _gemm_plan(M: int, N: int, K: int, sam: int, sak: int, sbk: int, sbn: int, h
         out, rows_out = "partial", "rows_partial"
         scratch = (("partial", splits * M * N),) + ((("rows_partial", splits * M),) if sums else ())
     epilogue = splits == 1
+    no_finish = (None, _i32(0), None, None)  # tickets, finish, final C, final row sums
     launches = [_kernel_launch("linear.cu", "linear_gemm_f32", (gx, gy, splits), block,
                                ("A", _i64(sam), _i64(sak), "B", _i64(sbk), _i64(sbn), out, _i32(M), _i32(N),
                                 _i32(K), "bias", _i32(epilogue and has_bias), _i32(epilogue and relu),
-                                _i32(kchunk), rows_out if sums else out, _i32(sums)))]
+                                _i32(kchunk), rows_out if sums else out, _i32(sums)) + no_finish)]
     if not epilogue and sums:  # (the dw product: no bias, no ReLU) both reductions in one launch
         launches.append(_kernel_launch("linear.cu", "linear_wgrad_split_reduce_f32", _grid1d(M * N + M), (BLOCK,),
                                        (out, "C", _i64(M * N), rows_out, "row_sums", _i32(M), _i32(splits))))
@@ -1796,7 +1798,15 @@ def _gemm_plan(M: int, N: int, K: int, sam: int, sak: int, sbk: int, sbn: int, h
         launches.append(_kernel_launch("linear.cu", "linear_split_reduce_f32", _grid1d(M * N), (BLOCK,),
                                        (out, "C", _i32(splits), _i64(M * N), "bias", _i32(has_bias),
                                         _i32(relu), _i32(N))))
-    return _Plan(tuple(launches), scratch=scratch)
+    plan = _Plan(tuple(launches), scratch=scratch)
+    if epilogue or not _split_finish_on() or gx * gy > _SPLIT_TICKETS:
+        return plan
+    # split-K finished by the last split of each tile, inside the kernel (see _split_tickets)
+    return _Plan((_kernel_launch("linear.cu", "linear_gemm_f32", (gx, gy, splits), block,
+                                 ("A", _i64(sam), _i64(sak), "B", _i64(sbk), _i64(sbn), out, _i32(M), _i32(N),
+                                  _i32(K), "bias", _i32(has_bias), _i32(relu), _i32(kchunk),
+                                  rows_out if sums else out, _i32(sums), "tickets", _i32(1), "C",
+                                  "row_sums" if sums else None)),), scratch=scratch, fallback=plan)
 
 
 def _linear_checks(op: str, x, w, b, need_bias: bool) -> int:

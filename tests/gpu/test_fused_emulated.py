@@ -39,18 +39,23 @@ def test_linear_gemm_forward_backward(emulated, N, IN, OUT):
     assert "linear_gemm_f32" in emulated and ("bias_grad_f32" in emulated) == (IN == 0), emulated
 
 
+@pytest.mark.parametrize("finish", ["1", "0"])
 @pytest.mark.parametrize("split", [True, False])
-def test_linear_split_k(emulated, monkeypatch, split):
+def test_linear_split_k(emulated, monkeypatch, split, finish):
     """Few output tiles and a long reduction: split over grid.z (parts of >= 32, the last one
-    short: 70 = 32 + 32 + 6), linear_split_reduce_f32 adds them and applies bias and ReLU.
-    Unsplit (_GEMM_SPLIT_BELOW = 0): one launch with the epilogue inside."""
+    short: 70 = 32 + 32 + 6); the last split of each tile adds them and applies bias and ReLU
+    inside the kernel (PYCNN_SPLIT_FINISH=1, the default), or linear_split_reduce_f32 does (0):
+    the same bits. Unsplit (_GEMM_SPLIT_BELOW = 0): one launch with the epilogue inside."""
+    monkeypatch.setenv("PYCNN_SPLIT_FINISH", finish)
+    two_pass = split and finish == "0"
     if not split:
         monkeypatch.setattr(cuda, "_GEMM_SPLIT_BELOW", 0)
     rng = np.random.default_rng(14)
     x, w, b, dy = rnd(rng, 6, 70), rnd(rng, 5, 70), rnd(rng, 5, scale=3.0), rnd(rng, 6, 5)
     x64, w64, b64, dy64 = (a.astype(np.float64) for a in (x, w, b, dy))
     y = cuda.linear_bias_relu_forward(x, w, b)
-    assert emulated.count("linear_split_reduce_f32") == (1 if split else 0), emulated
+    assert emulated.count("linear_split_reduce_f32") == (1 if two_pass else 0), emulated
+    assert emulated.count("linear_gemm_f32") == 1, emulated
     close(y, ref.linear_bias_relu_forward(x64, w64, b64), what="+relu")
     assert (y == 0).any() and (y > 0).any()
     close(cuda.linear_forward(x, w, b), ref.linear_forward(x64, w64, b64), what="forward + bias")
@@ -66,8 +71,13 @@ def test_linear_split_k(emulated, monkeypatch, split):
     want = ref.linear_backward(dyb.astype(np.float64), xb.astype(np.float64), w[:, :7].astype(np.float64))
     for name, g, wnt in zip(("dx", "dw", "db"), got, want):
         close(g, wnt, what=f"batch 70 {name}")
-    assert ("linear_wgrad_split_reduce_f32" in emulated) == split and "bias_grad_f32" not in emulated, emulated
+    assert ("linear_wgrad_split_reduce_f32" in emulated) == two_pass and "bias_grad_f32" not in emulated, emulated
     assert all(a.tobytes() == c.tobytes() for a, c in zip(got, cuda.linear_backward(dyb, xb, w[:, :7].copy())))
+    if split and finish == "1":  # the other way of adding the parts gives the same bits
+        assert all(not t.any() for t in cuda._split_ticket_arrays.values()), "a tile counter was left set"
+        monkeypatch.setenv("PYCNN_SPLIT_FINISH", "0")
+        assert cuda.linear_bias_relu_forward(x, w, b).tobytes() == y.tobytes()
+        assert all(a.tobytes() == c.tobytes() for a, c in zip(got, cuda.linear_backward(dyb, xb, w[:, :7].copy())))
 
 
 def test_linear_gemm_is_reproducible_and_relu_clips(emulated):

@@ -218,3 +218,25 @@ def test_train_step_stats_matches_cupy():
     assert float(loss_sum.get()) == 1.0 and float(loss_out.get()) == 0.5
     assert same_bits(logits_out, logits)
     assert int(correct.get()) == 2 * int((logits.argmax(axis=1) == target).sum().get())
+
+
+@pytest.mark.parametrize("batch, features, out", [(64, 576, 64), (512, 576, 64), (256, 800, 256), (64, 64, 10)],
+                         ids=["mnistcnn-fc1-b64", "mnistcnn-fc1-b512", "fastmnist-fc1", "mnistcnn-fc2"])
+def test_linear_split_finish_in_kernel_is_bitwise_the_two_pass_sum(monkeypatch, batch, features, out):
+    """linear_gemm_f32's last-split election on real hardware (the emulator runs blocks one after
+    another): forward with bias + ReLU and both backward products give the bits of the separate
+    reduce launches, five times over, and the tile counters end at 0."""
+    rng = np.random.default_rng(9)
+    x, w, b, dy = (g(rnd(rng, *s)) for s in ((batch, features), (out, features), (out,), (batch, out)))
+
+    def run():
+        y = cuda.linear_bias_relu_forward(x, w, b)
+        return [cp.asnumpy(a).tobytes() for a in (y,) + tuple(cuda.linear_backward(dy, x, w))]
+
+    monkeypatch.setenv("PYCNN_SPLIT_FINISH", "0")
+    want = run()
+    monkeypatch.setenv("PYCNN_SPLIT_FINISH", "1")
+    for _ in range(5):
+        assert run() == want
+    cp.cuda.Device().synchronize()
+    assert all(int(t.max()) == 0 for t in cuda._split_ticket_arrays.values())

@@ -196,3 +196,19 @@ def test_a_cached_linear_call_launches_what_the_first_call_did(recorded, batch):
         recorded.launches.clear()
         call()
         assert first and recorded.launches == first, name
+
+
+def test_a_capture_on_a_stream_without_tile_counters_reduces_in_a_second_launch(recorded, monkeypatch):
+    """The split-K finish needs zeroed counters, which a capture cannot make: the plan's fallback
+    (the separate reduce launch) runs instead, and the next eager call makes them."""
+    x, w, b = _zeros(64, 64, 5, 5), _zeros(64, 64, 3, 3), _zeros(64)
+    monkeypatch.setattr(cuda, "_capturing", lambda cupy: True)
+    cuda.conv2d_bias_relu_forward(x, w, b, 1, 0)
+    assert [k[0] for k in recorded.launches] == ["conv2d_fwd_v3_f32", "conv2d_split_reduce_f32"]
+    assert not cuda._split_ticket_arrays
+    monkeypatch.setattr(cuda, "_capturing", lambda cupy: False)
+    recorded.launches.clear()
+    cuda.conv2d_bias_relu_forward(x, w, b, 1, 0)
+    kernel, _, _, args, _ = recorded.launches[0]
+    assert len(recorded.launches) == 1 and kernel == "conv2d_fwd_v3_f32"
+    assert args[-3:] == ("new(16384,)", ("int32", 1), "new(64, 64, 3, 3)"), args  # tickets, finish, y
