@@ -1150,6 +1150,18 @@ def _winograd_weight_plan(geom: tuple) -> _Plan:
     return _Plan(tuple(launches), scratch=scratch)
 
 
+def _run_cached(cupy, dev: int, key, arrays: dict, out_name: str):
+    """When ``key`` has a cached plan: allocate its result as ``arrays[out_name]``, run the plan
+    and return the result (the call's arguments were checked when the plan was made); else None."""
+    plan = _plans.get(key) if key is not None else None
+    if plan is None:
+        return None
+    with cupy.cuda.Device(dev):
+        arrays[out_name] = out = cupy.empty(plan.out_shape, dtype=cupy.float32)
+    _run_plan(dev, plan, arrays)
+    return out
+
+
 def _conv2d_forward(op: str, x, w, b, stride, padding, relu: bool, version, allow_tf32):
     cupy = _cupy()
     _check(op, "x", x, 4)
@@ -1161,11 +1173,8 @@ def _conv2d_forward(op: str, x, w, b, stride, padding, relu: bool, version, allo
     arrays = {"x": x, "w": w, "bias": b if has_bias else w}  # bias is never read when has_bias == 0
     key = _plan_key(op, dev, (x.shape, w.shape, b.shape if has_bias else None, stride, padding,
                                   version, allow_tf32))
-    plan = _plans.get(key) if key is not None else None
-    if plan is not None:  # this call's arguments were checked when the plan was made
-        with cupy.cuda.Device(dev):
-            arrays["y"] = y = cupy.empty(plan.out_shape, dtype=cupy.float32)
-        _run_plan(dev, plan, arrays)
+    y = _run_cached(cupy, dev, key, arrays, "y")
+    if y is not None:
         return y
     N, C, H, W = x.shape
     K, Cw, R, S = w.shape
@@ -1249,19 +1258,12 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, *, version: str | None
     dev = _device(op, dy=dy, w=w)
     arrays = {"dy": dy, "w": w}
     key = _plan_key(op, dev, (dy.shape, w.shape, x_shape, stride, padding, version, allow_tf32))
-    plan = _plans.get(key) if key is not None else None
-    if plan is not None:  # this call's arguments were checked when the plan was made
-        with cupy.cuda.Device(dev):
-            arrays["dx"] = dx = cupy.empty(plan.out_shape, dtype=cupy.float32)
-        _run_plan(dev, plan, arrays)
+    dx = _run_cached(cupy, dev, key, arrays, "dx")
+    if dx is not None:
         return dx
-    N, C, H, W = _shape4(op, "x_shape", x_shape)
-    K, Cw, R, S = w.shape
-    if Cw != C:
-        raise ValueError(f"{op}: w has {Cw} input channels but x_shape has {C}")
-    _, _, sh, sw, ph, pw, Ho, Wo = _window(op, H, W, (R, S), stride, padding)
-    if dy.shape != (N, K, Ho, Wo):
-        raise ValueError(f"{op}: dy must have shape {(N, K, Ho, Wo)}, got {dy.shape}")
+    geom = _conv_backward_geometry(op, _shape4(op, "x_shape", x_shape), w.shape, dy.shape, stride, padding,
+                                   "x_shape", "w")
+    N, C, H, W = geom[:4]
     with cupy.cuda.Device(dev):
         arrays["dx"] = dx = cupy.empty((N, C, H, W), dtype=cupy.float32)
     if dx.size == 0:
@@ -1269,7 +1271,6 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, *, version: str | None
     if dy.size == 0:
         dx.fill(0)
         return dx
-    geom = (N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw)
     version_ran, final = _conv_pick("backward_data", dev, geom, version, allow_tf32,
                                     lambda v: _run_plan(dev, _conv_backward_data_plan(v, geom), arrays))
     plan = _conv_backward_data_plan(version_ran, geom)._replace(out_shape=(N, C, H, W))
@@ -1277,6 +1278,21 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, *, version: str | None
         _keep_plan(key, plan)
     _run_plan(dev, plan, arrays)
     return dx
+
+
+def _conv_backward_geometry(op: str, x_shape, w_shape, dy_shape, stride, padding, x_name: str,
+                            w_name: str) -> tuple:
+    """(N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw) of a backward op, after checking that the
+    shapes agree (``x_name``/``w_name``: how the op's arguments call x and w)."""
+    N, C, H, W = x_shape
+    K, Cw, R, S = w_shape
+    if Cw != C:
+        raise ValueError(f"{op}: {w_name} has {Cw} input channels but {x_name} has {C} "
+                         f"({x_name} {tuple(x_shape)}, {w_name} {tuple(w_shape)})")
+    _, _, sh, sw, ph, pw, Ho, Wo = _window(op, H, W, (R, S), stride, padding)
+    if tuple(dy_shape) != (N, K, Ho, Wo):
+        raise ValueError(f"{op}: dy must have shape {(N, K, Ho, Wo)}, got {tuple(dy_shape)}")
+    return N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw
 
 
 def _conv_splits(count: int, blocks: int, minimum: int, align: int,
@@ -1377,13 +1393,9 @@ def conv2d_backward_weight(dy, x, w_shape, stride, padding, *, version: str | No
     key = _plan_key(op, dev, (dy.shape, x.shape, w_shape, stride, padding, version, allow_tf32))
     plan = _plans.get(key) if key is not None else None
     if plan is None:
-        K, C, R, S = _shape4(op, "w_shape", w_shape)
-        N, Cx, H, W = x.shape
-        if Cx != C:
-            raise ValueError(f"{op}: w_shape has {C} input channels but x has {Cx} (x {x.shape})")
-        _, _, sh, sw, ph, pw, Ho, Wo = _window(op, H, W, (R, S), stride, padding)
-        if dy.shape != (N, K, Ho, Wo):
-            raise ValueError(f"{op}: dy must have shape {(N, K, Ho, Wo)}, got {dy.shape}")
+        geom = _conv_backward_geometry(op, x.shape, _shape4(op, "w_shape", w_shape), dy.shape, stride, padding,
+                                       "x", "w_shape")
+        K, C, R, S = geom[4], geom[1], geom[5], geom[6]
     else:
         K, C, R, S = plan.out_shape
     if out is None:
@@ -1407,7 +1419,6 @@ def conv2d_backward_weight(dy, x, w_shape, stride, padding, *, version: str | No
             dw.fill(0)
         _bias_grad_into(dev, dy, db)
         return dw, db
-    geom = (N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw)
     version_ran, final = _conv_pick("backward_weight", dev, geom, version, allow_tf32,
                                     lambda v: _run_plan(dev, _conv_backward_weight_plan(v, geom, False), arrays))
     plan = _conv_backward_weight_plan(version_ran, geom, True)._replace(out_shape=(K, C, R, S))
