@@ -12,6 +12,9 @@ fp32 (TF32 off) and in TF32, all measured in the same run.
     python benchmarks/gpu_kernels.py --layers models --versions 3,3w --batch 512 --json FILE
         (v3 with its default tiles and, as "wide": true entries, with PYCNN_CONV3_WIDE=1, on the
         model layers at batch 512)
+    python benchmarks/gpu_kernels.py --layers models --versions 3,3@264,3@1056 --batch 64 --json FILE
+        (v3 with split-K aimed at 264 or 1056 blocks instead of _CONV3_SPLIT_TARGET_BLOCKS, as
+        entries with "split_target"; a GEMM whose split count does not change is not timed again)
 
 Times are CUDA-event medians: 3 warm-up calls, then ``--repeats`` timed calls (5 for calls slower
 than 5 ms); each such call includes the host's work to issue it (Python and CuPy for pycnn,
@@ -54,6 +57,17 @@ DIRECTIONS = (("conv2d_fwd", "forward"), ("conv2d_bwd_data", "backward_data"),
 VERSIONS = cuda.CONV_VERSIONS + (cuda.CONV_TF32_VERSION, cuda.CONV_WINOGRAD_VERSION)
 # "3w": v3 with PYCNN_CONV3_WIDE=1 (the opt-in wide tiles), timed beside "3" when asked for.
 WIDE = "3w"
+# "3@T": v3 with cuda._CONV3_SPLIT_TARGET_BLOCKS = T (how many blocks split-K GEMMs aim at).
+
+
+def parse_tag(tag: str) -> tuple[str, bool, int | None]:
+    """(version, wide tiles, split target) of a --versions entry: "3", "3w", "3@264"."""
+    if "@" in tag:
+        version, target = tag.split("@", 1)
+        if version != "3" or not target.isdigit() or int(target) < 1:
+            raise ValueError(f"a split-target entry is 3@<blocks>, got {tag!r}")
+        return version, False, int(target)
+    return tag.rstrip("w"), tag == WIDE, None
 SLOW_MS = 5.0
 
 
@@ -206,17 +220,35 @@ def tile_of(direction: str, shape, version: str) -> str:
 
 
 def splits_of(direction: str, shape, version: str) -> int | None:
-    """Split-K parts of a v3/v4 forward or backward-data GEMM (None elsewhere)."""
-    if version not in ("3", "4") or direction == "backward_weight" or tile_of(direction, shape, version) == "narrow":
+    """Split-K parts of a v3/v4 GEMM (None for other versions and the narrow kernels)."""
+    if version not in ("3", "4") or tile_of(direction, shape, version) == "narrow":
         return None
     N, C, H, W, K, R, S, stride, pad = shape
     Ho, Wo = (H + 2 * pad - R) // stride + 1, (W + 2 * pad - S) // stride + 1
+    if direction == "backward_weight":
+        bm, bn, _ = cuda._conv3_tile(direction, K, C * R * S, version)
+        tiles = -(-K // bm) * -(-(C * R * S) // bn)
+        return cuda._conv3_splits(direction, bm, tiles, N * Ho * Wo)[0]
     rows, cols, Kd = (K, N * Ho * Wo, C * R * S) if direction == "forward" else (C, N * H * W, K * R * S)
     return cuda._conv3_output_plan(direction, version, rows, cols, Kd)[3]
 
 
 def tflops(flop: float, ms) -> float | None:
     return None if not ms else round(flop / (ms * 1e-3) / 1e12, 3)
+
+
+@contextlib.contextmanager
+def variant(wide: bool, split_target: int | None):
+    """The wide tiles (wide_tiles) and a split-K target (cuda._CONV3_SPLIT_TARGET_BLOCKS) inside."""
+    old = cuda._CONV3_SPLIT_TARGET_BLOCKS
+    if split_target is not None:
+        cuda._CONV3_SPLIT_TARGET_BLOCKS = split_target  # (empties the backend's launch plans)
+    try:
+        with wide_tiles(wide):
+            yield
+    finally:
+        if split_target is not None:
+            cuda._CONV3_SPLIT_TARGET_BLOCKS = old
 
 
 @contextlib.contextmanager
@@ -283,10 +315,10 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
         for op, direction in DIRECTIONS:
             fp32_ms, tf32_ms, fp32_gpu, tf32_gpu = cudnn.get(op, (None, None, None, None))
             for tag in versions:
-                version, wide = tag.rstrip("w"), tag == WIDE
+                version, wide, target = parse_tag(tag)
 
-                def run(op=op, version=version, wide=wide):
-                    with wide_tiles(wide):
+                def run(op=op, version=version, wide=wide, target=target):
+                    with variant(wide, target):
                         return calls[op](version)
 
                 try:
@@ -295,13 +327,16 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                         if version != cuda.CONV_WINOGRAD_VERSION:  # (v5 exists for 3x3 stride 1 only)
                             errors.append(f"{label} {op} v{version}: falls back to v{ran}, not timed")
                         continue
-                    with wide_tiles(wide):
+                    with variant(wide, target):
                         tile = tile_of(direction, shape, version) if version in ("3", "4") else None
                         splits = splits_of(direction, shape, version)
-                    with wide_tiles(False):
+                    with variant(False, None):
                         default_tile = tile_of(direction, shape, version) if version in ("3", "4") else None
+                        default_splits = splits_of(direction, shape, version)
                     if wide and tile == default_tile:
                         continue  # no wide tile for this GEMM: the same kernel as v3
+                    if target is not None and splits == default_splits:
+                        continue  # the same split as v3's default: the same launches
                     out = cp.asnumpy(run())
                     err = None
                     if op in cudnn_out:
@@ -322,13 +357,15 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                     "cudnn_tf32_gpu_ms": None if tf32_gpu is None else round(tf32_gpu, 5),
                     "tflops": tflops(flop, ms), "cudnn_tflops": tflops(flop, fp32_ms),
                     "cudnn_tf32_tflops": tflops(flop, tf32_ms), "max_rel_err_vs_cudnn": err,
-                    "auto": auto[label][op] == f"v{version}" and not wide, "layer": label,
+                    "auto": auto[label][op] == f"v{version}" and not wide and target is None, "layer": label,
                     "tile": tile, "splits": splits, **({"wide": True} if wide else {}),
+                    **({"split_target": target} if target is not None else {}),
                     "stages": stages if version in ("3", "4", "5") else None})  # (v5's GEMMs: the v3 core)
     # Was the shape rule right? The fastest measured exact version per layer and direction.
     fastest = {}
     for e in entries:
-        if e["version"] in [f"v{v}" for v in cuda.CONV_VERSIONS] and not e.get("wide"):  # what "auto" chooses from
+        if (e["version"] in [f"v{v}" for v in cuda.CONV_VERSIONS] and not e.get("wide")
+                and e.get("split_target") is None):  # what "auto" chooses from
             slot = fastest.setdefault(e["layer"], {})
             best = slot.get(e["op"])
             if best is None or e["ms"] < best[1]:
@@ -343,21 +380,23 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
 
 
 def table(entries) -> str:
-    lines = [f"{'layer':<22}{'op':<19}{'ver':<5}{'ms':>9}{'TFLOP/s':>9}{'cuDNN ms':>10}{'x cuDNN':>9}"
+    lines = [f"{'layer':<22}{'op':<19}{'ver':<9}{'ms':>9}{'TFLOP/s':>9}{'cuDNN ms':>10}{'x cuDNN':>9}"
              f"{'TF32 ms':>9}{'x TF32':>8}{'GPU us':>9}{'cuDNN us':>9}{'x GPU':>7}{'rel err':>10}"]
     for e in entries:
         ms, dnn, t32, err = e["ms"], e.get("cudnn_ms"), e.get("cudnn_tf32_ms"), e.get("max_rel_err_vs_cudnn")
         gpu, dnn_gpu = e.get("gpu_ms"), e.get("cudnn_gpu_ms")
-        version = e["version"] + ("w" if e.get("wide") else "") + ("*" if e.get("auto") else "")
+        version = (e["version"] + ("w" if e.get("wide") else "")
+                   + (f"@{e['split_target']}" if e.get("split_target") else "") + ("*" if e.get("auto") else ""))
         cells = [f"{dnn:.4f}" if dnn else "-", f"{dnn / ms:.2f}" if dnn and ms else "-",
                  f"{t32:.4f}" if t32 else "-", f"{t32 / ms:.2f}" if t32 and ms else "-",
                  f"{gpu * 1e3:.1f}" if gpu else "-", f"{dnn_gpu * 1e3:.1f}" if dnn_gpu else "-",
                  f"{dnn_gpu / gpu:.2f}" if dnn_gpu and gpu else "-",
                  f"{err:.1e}" if err is not None else "-"]
-        lines.append(f"{e['layer']:<22}{e['op']:<19}{version:<5}{ms:>9.4f}{(e['tflops'] or 0):>9.2f}"
+        lines.append(f"{e['layer']:<22}{e['op']:<19}{version:<9}{ms:>9.4f}{(e['tflops'] or 0):>9.2f}"
                      f"{cells[0]:>10}{cells[1]:>9}{cells[2]:>9}{cells[3]:>8}{cells[4]:>9}{cells[5]:>9}"
                      f"{cells[6]:>7}{cells[7]:>10}")
-    lines.append("(* = the version 'auto' picks; v3w = v3 with PYCNN_CONV3_WIDE=1; x cuDNN > 1 means faster "
+    lines.append("(* = the version 'auto' picks; v3w = v3 with PYCNN_CONV3_WIDE=1; v3@T = split-K aimed at T "
+                 "blocks; x cuDNN > 1 means faster "
                  "than cuDNN; ms: one call with the host's work, GPU us: in a CUDA graph)")
     return "\n".join(lines)
 
@@ -379,9 +418,14 @@ def main(argv=None) -> int:
                         help="also time the non-conv kernel families (the selftest's benchmark)")
     args = parser.parse_args(argv)
     versions = tuple(v.strip() for v in args.versions.split(",") if v.strip())
-    unknown = [v for v in versions if v not in VERSIONS + (WIDE,)]
+    unknown = [v for v in versions if v not in VERSIONS + (WIDE,) and not v.startswith("3@")]
+    try:
+        [parse_tag(v) for v in versions]
+    except ValueError as exc:
+        unknown.append(str(exc))
     if unknown or not versions:
-        parser.error(f"--versions: expected a comma-separated subset of {','.join(VERSIONS)}, got {args.versions!r}")
+        parser.error(f"--versions: expected a comma-separated subset of {','.join(VERSIONS)}, 3w or 3@<blocks>, "
+                     f"got {args.versions!r}")
     ok, reason = cuda.available()
     if not ok:
         print(f"CUDA backend unavailable: {reason}", file=sys.stderr)

@@ -69,13 +69,14 @@ if [ -n "${NCU:-}" ]; then
   done
 fi
 # WIDE=1: v3 on the model layers with the default tiles and with PYCNN_CONV3_WIDE=1 (32x256 /
-# 64x128 tiles for the forward and backward-data GEMMs, off by default until measured), side by
-# side, at batch 64 and at batch 512 (where MnistCNN conv2's backward-data took 398 us).
+# 64x128 tiles for the forward and backward-data GEMMs, off by default until measured), and with
+# split-K aimed at 264 and 1056 blocks instead of 528 (v3@T), side by side, at batch 64 and at
+# batch 512 (where MnistCNN conv2's backward-data took 398 us).
 if [ -n "${WIDE:-}" ]; then
   for b in 64 512; do
-    step "v3 default vs wide tiles, model layers at batch $b" 60 \
-      python3 benchmarks/gpu_kernels.py --layers models --versions 3,3w --batch "$b" --repeats 10 --budget 35 \
-      --json "$OUT/gpu-$stamp-$sha8-kernels-wide-b$b.json" 2>&1 | tail -40
+    step "v3 default vs wide tiles vs split targets, model layers at batch $b" 75 \
+      python3 benchmarks/gpu_kernels.py --layers models --versions 3,3w,3@264,3@1056 --batch "$b" --repeats 10 \
+      --budget 45 --json "$OUT/gpu-$stamp-$sha8-kernels-wide-b$b.json" 2>&1 | tail -60
   done
 fi
 # The v3/v4/v5 GEMM main loop without cp.async double buffering, on the compute-bound layer: is

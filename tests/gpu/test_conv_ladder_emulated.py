@@ -484,6 +484,32 @@ def test_gpu_kernels_benchmark_runs_on_the_emulator(emulated, monkeypatch, tmp_p
     assert "GPU us" in gpu_kernels.table(record["kernels"])
 
 
+def test_gpu_kernels_split_targets(emulated, monkeypatch, tmp_path):
+    """--versions 3,3@T: v3 again with split-K aimed at T blocks, as "split_target" entries, only
+    where that changes a GEMM's split count; the module's target is restored afterwards, and such
+    entries are neither "auto" nor candidates of the fastest exact version."""
+    import json
+
+    gpu_kernels, _ = _gpu_kernels_on_the_emulator(monkeypatch)
+    from shapes import ConvShape
+
+    monkeypatch.setattr(gpu_kernels, "CONV_SHAPES", [ConvShape("t", "a", 64, 8, 12, 7, 3, padding=1)])
+    default_target = cuda._CONV3_SPLIT_TARGET_BLOCKS
+    out = tmp_path / "s.json"
+    rc = gpu_kernels.main(["--layers", "models", "--versions", "3,3@1", "--batch", "2", "--repeats", "1",
+                           "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert rc == 0 and record["kernels_info"]["errors"] == [], record["kernels_info"]["errors"]
+    assert cuda._CONV3_SPLIT_TARGET_BLOCKS == default_target
+    plain = {e["op"]: e for e in record["kernels"] if "split_target" not in e}
+    swept = [e for e in record["kernels"] if "split_target" in e]
+    assert set(plain) == {"conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"} and swept
+    for e in swept:
+        assert e["split_target"] == 1 and not e["auto"] and e["splits"] < plain[e["op"]]["splits"], e
+    assert "v3@1" in gpu_kernels.table(record["kernels"])
+    assert record["kernels_info"]["fastest_exact_versions"]["t-a"] == {op: "v3" for op in plain}
+
+
 def test_gpu_kernels_wide_tiles_at_a_batch(emulated, monkeypatch, tmp_path):
     """--layers models --versions 3,3w --batch N: the model layers at batch N (here 1, on two
     stand-in layers), v3 with its default tiles and, marked "wide", with PYCNN_CONV3_WIDE=1 for
@@ -505,7 +531,7 @@ def test_gpu_kernels_wide_tiles_at_a_batch(emulated, monkeypatch, tmp_path):
     assert rc == 0 and record["kernels_info"]["errors"] == [], record["kernels_info"]["errors"]
     assert record["kernels_info"]["batch"] == 1 and __import__("os").environ["PYCNN_CONV3_WIDE"] == "1"
     got = sorted((e["layer"], e["op"], e.get("wide", False), e["tile"], e["shape"][0]) for e in record["kernels"])
-    assert all((e["splits"] is None) == (e["op"] == "conv2d_bwd_weight") for e in record["kernels"])
+    assert all(isinstance(e["splits"], int) for e in record["kernels"])  # (all of them GEMMs here)
     want = []
     for layer, fwd_wide, fwd_default in (("t-a", "64x128", "64x64"), ("t-b", "32x256", "32x128")):
         want += [(layer, "conv2d_fwd", False, fwd_default, 1), (layer, "conv2d_fwd", True, fwd_wide, 1),
