@@ -211,7 +211,8 @@ def launches(monkeypatch):
         assert src == filename, f"{kernel} is in {src}, launched from {filename}"
         assert len(args) == len(params), f"{kernel}: {len(args)} args for {len(params)} params"
         for i, (arg, (is_ptr, dtype)) in enumerate(zip(args, params)):
-            if is_ptr and arg is None:  # a null pointer (CuPy passes None as one)
+            if is_ptr and isinstance(arg, np.integer) and arg == 0:  # cuda._NULL: a null pointer
+                assert arg.dtype.itemsize == 8, f"{kernel} arg {i}: a null pointer must be 8 bytes"
                 continue
             if is_ptr:
                 assert isinstance(arg, FakeArray), f"{kernel} arg {i}: expected an array, got {type(arg)}"

@@ -100,7 +100,7 @@ _functions: dict = {}  # (device id, file name, kernel name) -> cupy.RawKernel
 # use the fast gather kernel for an argmax that maxpool2d_forward made, without changing the
 # SPEC signature. The weakref proves the id still names that same array.
 _pool_geometry: dict = {}
-_ce_tickets: dict = {}  # (device id, stream) -> int32 (1,) counter of ce_fwd_f32 (see _ce_ticket)
+_ce_tickets: dict = {}  # (device id,) + _stream_key -> int32 (1,) counter of ce_fwd_f32 (see _ce_ticket)
 _mt_tables: dict = {}  # multi-tensor optimizer tables, see _mt_table
 # Per thread: device id -> (side stream, fork event, join event) of _forked (one set per thread,
 # so that two threads never re-record each other's events).
@@ -293,7 +293,9 @@ _MAX_PLANS = 4096
 
 
 def clear_plans() -> None:
-    """Forget every cached launch plan (the next call of each shape decides again)."""
+    """Forget every cached launch plan (the next call of each shape decides again). Assigning a
+    module attribute does this by itself; changing one of the module's dicts in place (DEFINES,
+    _autotune_cache) does not: call this after it."""
     _plans.clear()
 
 
@@ -356,10 +358,17 @@ def _conv_settings() -> tuple:
     return tuple(map(_ENVIRON_DATA.get, _CONV_SETTING_KEYS))
 
 
-def _plan_key(op: str, dev: int, parts: tuple):
-    """The _plans key of one call, or None when an argument is not hashable (e.g. a list stride:
-    that call takes the uncached path, which checks and normalizes it)."""
-    key = (op, dev) + parts + (_conv_settings(),)
+def _plan_key(op: str, dev: int, parts: tuple, stride, padding, version, allow_tf32):
+    """The _plans key of one conv call, or None: then the call takes the uncached path, which
+    checks and normalizes its arguments. Keys compare with ==, under which 1.0 == True == 1: so
+    stride and padding are cached only as Python ints or pairs of them, and version and
+    allow_tf32 with their types (the uncached path rejects a float stride or version)."""
+    for pair in (stride, padding):
+        if not (type(pair) is int or (type(pair) is tuple and len(pair) == 2
+                                       and type(pair[0]) is int and type(pair[1]) is int)):
+            return None
+    key = (op, dev) + parts + (stride, padding, type(version), version, type(allow_tf32), allow_tf32,
+                               _conv_settings())
     try:
         hash(key)
     except TypeError:
@@ -376,10 +385,27 @@ def _ptr(a) -> int:
     return int(data.ptr) if hasattr(data, "ptr") else int(a.ctypes.data)
 
 
-def _stream_key(cupy) -> int:
-    """An id of the current CUDA stream (0 where CuPy is faked)."""
+# cudaStreamPerThread: with CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1 every thread's current stream
+# has this handle, yet each thread's is a different stream (they run concurrently).
+_PER_THREAD_STREAM = 2
+
+
+def _stream_key(cupy, dev: int) -> tuple:
+    """An id of ``dev``'s current CUDA stream, the one launches for ``dev`` go to: (handle, the
+    thread for the per-thread default stream, else None); (0, None) where CuPy is faked. Per-stream
+    counters (_ce_ticket, _split_tickets) are keyed by it: launches on one stream never overlap."""
     get = getattr(cupy.cuda, "get_current_stream", None)
-    return int(get().ptr) if get is not None else 0
+    if get is None:
+        return 0, None
+    with cupy.cuda.Device(dev):
+        ptr = int(get().ptr)
+    return ptr, (threading.get_ident() if ptr == _PER_THREAD_STREAM else None)
+
+
+# A NULL device pointer for kernel arguments a launch never reads (the split-finish outputs of an
+# unsplit GEMM): CuPy passes an integer scalar by value, 8 zero bytes. (None is not one in every
+# CuPy version: some pass the address of nothing.)
+_NULL = np.intp(0)
 
 
 def _capturing(cupy) -> bool:
@@ -497,12 +523,12 @@ def _upload(op: str, cupy, dev: int, host: np.ndarray):
 # tiles than _SPLIT_TICKETS, or a capture on a stream that has no counters yet (they are zeroed
 # with a copy, which a capture cannot hold), reduces with the separate launch instead.
 _SPLIT_TICKETS = 1 << 14  # (64 KiB a stream; a split weight gradient of 2048x2048x3x3 has 2304 tiles)
-_split_ticket_arrays: dict = {}  # (device id, stream) -> int32 (_SPLIT_TICKETS,), all 0
+_split_ticket_arrays: dict = {}  # (device id,) + _stream_key -> int32 (_SPLIT_TICKETS,), all 0
 
 
 def _split_finish_on() -> bool:
-    """Whether the v3/v4 conv GEMMs and the Linear GEMM finish their split-K sums in the kernel ($PYCNN_SPLIT_FINISH:
-    '1', the default, or '0': a separate conv2d_split_reduce_f32 launch)."""
+    """Whether the v3/v4 conv GEMMs and the Linear GEMM finish their split-K sums in the kernel
+    ($PYCNN_SPLIT_FINISH: '1', the default, or '0': a separate reduce launch)."""
     mode = _env("PYCNN_SPLIT_FINISH") or "1"
     if mode not in ("0", "1"):
         raise ValueError(f"PYCNN_SPLIT_FINISH must be '0' or '1', got {mode!r}")
@@ -511,7 +537,7 @@ def _split_finish_on() -> bool:
 
 def _split_tickets(cupy, dev: int):
     """This stream's tile counters for finishing split-K GEMMs, or None (see above)."""
-    key = (dev, _stream_key(cupy))
+    key = (dev,) + _stream_key(cupy, dev)
     tickets = _split_ticket_arrays.get(key)
     if tickets is None or not isinstance(tickets, cupy.ndarray):  # (a stand-in's array from a CPU test)
         if _capturing(cupy):
@@ -1016,7 +1042,7 @@ def _conv3_output_gemm(direction: str, version: str, rows: int, cols: int, Kd: i
     bm, bn, suffix, splits, chunk = _conv3_output_plan(direction, version, rows, cols, Kd)
     grid = ((cols + bn - 1) // bn, (rows + bm - 1) // bm, splits)
     kernel = f"conv2d_{'fwd' if direction == 'forward' else 'bwd_data'}_v{version}{suffix}_f32"
-    no_finish = (None, _i32(0), None)  # tickets, finish, final output
+    no_finish = (_NULL, _i32(0), _NULL)  # tickets, finish, final output
     if splits == 1:
         return _Plan((_kernel_launch("conv2d.cu", kernel, grid, (_CONV3_THREADS,), args + (_i32(chunk),) + no_finish),))
     out = args[out_index]
@@ -1042,6 +1068,7 @@ def _geometry_args(geom: tuple) -> tuple:
 def _conv_forward_plan(version: str, geom: tuple, has_bias: bool, relu: bool) -> _Plan:
     """The launches of conv2d_forward in ``version``; arrays x, w, bias (w when has_bias is 0:
     never read), y."""
+    _split_finish_on()  # (a bad $PYCNN_SPLIT_FINISH is an error for every shape, split or not)
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
     args = ("x", "w", "bias", "y", _i32(has_bias), _i32(relu)) + _geometry_args(geom)
     if version == "1":
@@ -1171,8 +1198,8 @@ def _conv2d_forward(op: str, x, w, b, stride, padding, relu: bool, version, allo
     dev = _device(op, x=x, w=w, b=b)
     has_bias = b is not None
     arrays = {"x": x, "w": w, "bias": b if has_bias else w}  # bias is never read when has_bias == 0
-    key = _plan_key(op, dev, (x.shape, w.shape, b.shape if has_bias else None, stride, padding,
-                                  version, allow_tf32))
+    key = _plan_key(op, dev, (x.shape, w.shape, b.shape if has_bias else None), stride, padding, version,
+                    allow_tf32)
     y = _run_cached(cupy, dev, key, arrays, "y")
     if y is not None:
         return y
@@ -1225,6 +1252,7 @@ def conv2d_bias_relu_forward(x, w, b, stride, padding, *, version: str | None = 
 
 def _conv_backward_data_plan(version: str, geom: tuple) -> _Plan:
     """The launches of conv2d_backward_data in ``version``; arrays dy, w, dx."""
+    _split_finish_on()
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
     args = ("dy", "w", "dx") + _geometry_args(geom)
     if version == "1":
@@ -1257,7 +1285,7 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, *, version: str | None
     _check(op, "w", w, 4)
     dev = _device(op, dy=dy, w=w)
     arrays = {"dy": dy, "w": w}
-    key = _plan_key(op, dev, (dy.shape, w.shape, x_shape, stride, padding, version, allow_tf32))
+    key = _plan_key(op, dev, (dy.shape, w.shape, x_shape), stride, padding, version, allow_tf32)
     dx = _run_cached(cupy, dev, key, arrays, "dx")
     if dx is not None:
         return dx
@@ -1313,6 +1341,7 @@ def _conv_backward_weight_plan(version: str, geom: tuple, with_db: bool) -> _Pla
     With ``with_db``, v3/v4 (GEMM and narrow kernels) sum the bias gradient into db in the same
     pass over dy; other versions end with bias_grad's launches. Either way the plan writes db.
     """
+    _split_finish_on()
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
     tail = _geometry_args(geom)
     fused_db = with_db and version in ("3", CONV_TF32_VERSION)
@@ -1358,7 +1387,7 @@ def _conv_backward_weight_plan(version: str, geom: tuple, with_db: bool) -> _Pla
             dw_out, db_out = "partial", "db_partial"
             scratch = (("partial", splits * dw_count),) + ((("db_partial", splits * K),) if fused_db else ())
         db_args = () if version == "2" else ((db_out, _i32(1)) if fused_db else (dw_out, _i32(0)))
-        no_finish = (None, _i32(0), None, None) if gemm else ()
+        no_finish = (_NULL, _i32(0), _NULL, _NULL) if gemm else ()
         launches = [_kernel_launch("conv2d.cu", kernel, grid, block, ("dy", "x", dw_out) + db_args + tail
                                    + (_i32(extra),) + no_finish, shared_mem=smem)]
         if splits > 1 and fused_db:  # both reductions in one launch
@@ -1369,7 +1398,7 @@ def _conv_backward_weight_plan(version: str, geom: tuple, with_db: bool) -> _Pla
             launches.append(_split_reduce_launch(dw_out, "dw", splits, dw_count))
         plan = _Plan(tuple(launches), scratch=scratch)
         if gemm and splits > 1 and _split_finish_on() and grid[0] * grid[1] <= _SPLIT_TICKETS:
-            finish = ("tickets", _i32(1), "dw", "db" if fused_db else None)
+            finish = ("tickets", _i32(1), "dw", "db" if fused_db else _NULL)
             plan = _Plan((_kernel_launch("conv2d.cu", kernel, grid, block, ("dy", "x", dw_out) + db_args + tail
                                          + (_i32(extra),) + finish),), scratch=scratch, fallback=plan)
     if with_db and not fused_db:
@@ -1390,7 +1419,7 @@ def conv2d_backward_weight(dy, x, w_shape, stride, padding, *, version: str | No
     _check(op, "dy", dy, 4)
     _check(op, "x", x, 4)
     dev = _device(op, dy=dy, x=x)
-    key = _plan_key(op, dev, (dy.shape, x.shape, w_shape, stride, padding, version, allow_tf32))
+    key = _plan_key(op, dev, (dy.shape, x.shape, w_shape), stride, padding, version, allow_tf32)
     plan = _plans.get(key) if key is not None else None
     if plan is None:
         geom = _conv_backward_geometry(op, x.shape, _shape4(op, "w_shape", w_shape), dy.shape, stride, padding,
@@ -1784,6 +1813,7 @@ def _gemm(dev: int, A, sam: int, sak: int, B, sbk: int, sbn: int, C, M: int, N: 
 def _gemm_plan(M: int, N: int, K: int, sam: int, sak: int, sbk: int, sbn: int, has_bias: bool, relu: bool,
                sums: bool) -> _Plan:
     """The launches of _gemm (arrays A, B, C, bias and row_sums by name; M, N > 0)."""
+    _split_finish_on()
     bm, bn = DEFINES["PYCNN_GEMM_BM"], DEFINES["PYCNN_GEMM_BN"]
     gx, gy = (N + bn - 1) // bn, (M + bm - 1) // bm
     if gy > _MAX_GRID_YZ:
@@ -1797,7 +1827,7 @@ def _gemm_plan(M: int, N: int, K: int, sam: int, sak: int, sbk: int, sbn: int, h
         out, rows_out = "partial", "rows_partial"
         scratch = (("partial", splits * M * N),) + ((("rows_partial", splits * M),) if sums else ())
     epilogue = splits == 1
-    no_finish = (None, _i32(0), None, None)  # tickets, finish, final C, final row sums
+    no_finish = (_NULL, _i32(0), _NULL, _NULL)  # tickets, finish, final C, final row sums
     launches = [_kernel_launch("linear.cu", "linear_gemm_f32", (gx, gy, splits), block,
                                ("A", _i64(sam), _i64(sak), "B", _i64(sbk), _i64(sbn), out, _i32(M), _i32(N),
                                 _i32(K), "bias", _i32(epilogue and has_bias), _i32(epilogue and relu),
@@ -1817,7 +1847,7 @@ def _gemm_plan(M: int, N: int, K: int, sam: int, sak: int, sbk: int, sbn: int, h
                                  ("A", _i64(sam), _i64(sak), "B", _i64(sbk), _i64(sbn), out, _i32(M), _i32(N),
                                   _i32(K), "bias", _i32(has_bias), _i32(relu), _i32(kchunk),
                                   rows_out if sums else out, _i32(sums), "tickets", _i32(1), "C",
-                                  "row_sums" if sums else None)),), scratch=scratch, fallback=plan)
+                                  "row_sums" if sums else _NULL)),), scratch=scratch, fallback=plan)
 
 
 def _linear_checks(op: str, x, w, b, need_bias: bool) -> int:
@@ -1926,7 +1956,7 @@ def _ce_ticket(cupy, dev: int):
     same time, and the kernel leaves it at 0. A graph captured on a stream keeps using that
     stream's counter in every replay (replays run on the same stream, in order with eager work).
     """
-    key = (dev, _stream_key(cupy))
+    key = (dev,) + _stream_key(cupy, dev)
     ticket = _ce_tickets.get(key)
     if ticket is None or not isinstance(ticket, cupy.ndarray):  # (a stand-in's array from a CPU test)
         with cupy.cuda.Device(dev), _persistent(cupy):

@@ -101,7 +101,7 @@ def patch_backend(monkeypatch, emulator):
         block = tuple(block) + (1,) * (3 - len(block))
         cargs = [ctypes.c_int(v) for v in grid + block] + [ctypes.c_longlong(shared_mem)]
         for (name, is_ptr, ctype, _), arg in zip(params, args):
-            if is_ptr and arg is None:  # a null pointer (CuPy passes None as one)
+            if is_ptr and isinstance(arg, np.integer) and arg == 0:  # cuda._NULL: a null pointer
                 cargs.append(ctypes.c_void_p(None))
             elif is_ptr:
                 assert isinstance(arg, np.ndarray) and arg.dtype == _NP[ctype] and arg.flags.c_contiguous, \

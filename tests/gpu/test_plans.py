@@ -26,7 +26,7 @@ def recorded(monkeypatch):
     state = types.SimpleNamespace(launches=[], inputs=[])
 
     def describe(a):
-        if a is None:
+        if a is cuda._NULL:
             return "null"
         if isinstance(a, np.ndarray) and not isinstance(a, np.generic):
             for i, known in enumerate(state.inputs):
@@ -212,3 +212,49 @@ def test_a_capture_on_a_stream_without_tile_counters_reduces_in_a_second_launch(
     kernel, _, _, args, _ = recorded.launches[0]
     assert len(recorded.launches) == 1 and kernel == "conv2d_fwd_v3_f32"
     assert args[-3:] == ("new(16384,)", ("int32", 1), "new(64, 64, 3, 3)"), args  # tickets, finish, y
+
+
+def test_arguments_equal_to_cached_ones_but_of_another_type_are_still_checked(recorded):
+    """Keys compare with ==, and 1.0 == True == 1: a float stride or version must still raise
+    after the int call was cached."""
+    x, w = _zeros(2, 3, 6, 6), _zeros(4, 3, 3, 3)
+    cuda.conv2d_forward(x, w, None, 1, 0, version="3")
+    cuda.conv2d_forward(x, w, None, 1, 0, version=3)
+    with pytest.raises(TypeError, match="stride must be a pair of ints"):
+        cuda.conv2d_forward(x, w, None, 1.0, 0)
+    with pytest.raises(TypeError, match="padding must be a pair of ints"):
+        cuda.conv2d_forward(x, w, None, (1, 1), 0.0)
+    with pytest.raises(ValueError, match="conv version must be one of"):
+        cuda.conv2d_forward(x, w, None, 1, 0, version=3.0)
+
+
+def test_a_bad_split_finish_setting_raises_for_every_shape(recorded, monkeypatch):
+    monkeypatch.setenv("PYCNN_SPLIT_FINISH", "yes")
+    with pytest.raises(ValueError, match="PYCNN_SPLIT_FINISH must be '0' or '1'"):
+        cuda.conv2d_forward(_zeros(1, 1, 5, 5), _zeros(2, 1, 3, 3), None, 1, 0, version="1")  # (never splits)
+    with pytest.raises(ValueError, match="PYCNN_SPLIT_FINISH must be '0' or '1'"):
+        cuda.linear_forward(_zeros(2, 3), _zeros(4, 3), None)
+
+
+def test_counters_are_per_thread_on_the_per_thread_default_stream(monkeypatch):
+    """Every thread's per-thread default stream has the same handle (2) but is its own stream:
+    tile counters keyed by the handle alone would be shared by concurrent launches."""
+    import threading
+
+    stream = types.SimpleNamespace(ptr=cuda._PER_THREAD_STREAM)
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(get_current_stream=lambda: stream,
+                                                            Device=lambda dev=None: nullcontext()))
+    keys, both_alive = [], threading.Barrier(2)  # (a finished thread's id may be given to the next)
+
+    def draw():
+        keys.append(cuda._stream_key(fake, 0))
+        both_alive.wait()
+
+    threads = [threading.Thread(target=draw) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(keys)) == 2 and all(k[0] == cuda._PER_THREAD_STREAM for k in keys)
+    stream.ptr = 12345  # an ordinary stream: one key whatever the thread
+    assert cuda._stream_key(fake, 0) == (12345, None)

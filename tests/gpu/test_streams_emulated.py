@@ -133,7 +133,7 @@ def test_conv2d_backward_forks_the_weight_gradient(streams, monkeypatch, version
     assert data_kernels and weight_kernels, launched
     if version == "3":  # dx: split-K finished in the kernel, with the tile counters of the current stream
         assert data_kernels == ["conv2d_bwd_data_v3_m32_f32"], data_kernels
-        assert list(cuda._split_ticket_arrays) == [(0, log.main_stream.ptr)], cuda._split_ticket_arrays
+        assert list(cuda._split_ticket_arrays) == [(0, log.main_stream.ptr, None)], cuda._split_ticket_arrays
     _check_fork_join(events, weight_kernels, data_kernels)
     np.testing.assert_array_equal(dx, want_dx)
     for got, want in zip((dw, db), want_dw):
