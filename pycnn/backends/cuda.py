@@ -330,7 +330,9 @@ def _run_plan(dev: int, plan: _Plan, arrays: dict) -> None:
 # os.environ.get costs about a microsecond (it encodes the name and decodes the value) and a conv
 # call reads several settings. On POSIX os.environ keeps its contents in a dict of bytes (_data,
 # which every change made through os.environ, monkeypatch.setenv included, updates): read there.
-_ENVIRON_DATA = os.environ._data if (os.name == "posix" and isinstance(getattr(os.environ, "_data", None), dict)) else None
+_ENVIRON_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+if not isinstance(_ENVIRON_DATA, dict):  # (another Python's os.environ: read through it)
+    _ENVIRON_DATA = None
 _ENV_KEYS: dict = {}
 
 
@@ -1352,7 +1354,8 @@ def _conv_backward_weight_plan(version: str, geom: tuple, with_db: bool) -> _Pla
         plan = _winograd_weight_plan(geom)
     else:
         gemm = False
-        if version in ("3", CONV_TF32_VERSION) and C * R * S <= min(_CONV_NARROW_TAPS, DEFINES["PYCNN_CONV_NARROW_MAX"]):
+        narrow_taps = min(_CONV_NARROW_TAPS, DEFINES["PYCNN_CONV_NARROW_MAX"])
+        if version in ("3", CONV_TF32_VERSION) and C * R * S <= narrow_taps:
             # A first layer (C*R*S taps, e.g. 9 or 25): register accumulators per tap, not a GEMM
             # tile that would be mostly empty (exact fp32 for v4 too: no product to speed up).
             kernel, groups, target = "conv2d_bwd_weight_narrow_f32", K, _CONV_NARROW_TARGET_BLOCKS

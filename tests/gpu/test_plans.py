@@ -93,7 +93,8 @@ def test_a_cached_call_launches_what_the_first_call_did(recorded, monkeypatch, l
         assert first_launches, name
         assert recorded.launches == first_launches, f"{name}: the cached plan launched something else"
         assert len(picks) == first_picks, f"{name}: the second call decided again"
-        for a, c in zip(first if isinstance(first, tuple) else (first,), second if isinstance(second, tuple) else (second,)):
+        pairs = zip(first if isinstance(first, tuple) else (first,), second if isinstance(second, tuple) else (second,))
+        for a, c in pairs:
             assert a.shape == c.shape and a.dtype == c.dtype and a is not c, name
 
 
