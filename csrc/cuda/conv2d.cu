@@ -636,22 +636,50 @@ __device__ __forceinline__ void pycnn_conv_split_finish(const PycnnConvGemm& p, 
     __syncthreads();
     if (!is_last) return;  // uniform per block
     __threadfence();
-    // volatile: read the other blocks' parts from L2, never from a stale L1 line
-    const volatile float* part = p.out;
     const int splits = gridDim.z, mstride = pycnn_conv_out_mstride<MODE>(p);
     const pycnn_i64 zoff = (pycnn_i64)blockIdx.z * p.split_stride;  // out_base's offset of this split
-    for (int e = threadIdx.x; e < BM * BN; e += PYCNN_CONV3_THREADS) {
-        const int m = m0 + e / BN, n = n0 + e % BN;  // consecutive threads: consecutive columns
-        if (m >= p.M || n >= p.Ncols) continue;
-        const pycnn_i64 off = pycnn_conv_out_base<MODE>(p, n) - zoff + (pycnn_i64)m * mstride;
-        double sum = 0.0;
-        for (int z = 0; z < splits; ++z) sum += (double)part[(pycnn_i64)z * p.split_stride + off];
-        float v = (float)sum;
-        if (MODE == PYCNN_CONV_FWD) {
-            if (p.final_bias) v += p.bias[m];
-            if (p.final_relu) v = v > 0.0f ? v : 0.0f;
+    // A thread adds GROUP elements at a time, split by split: the GROUP loads of one split are
+    // independent, so they are in flight together (one element at a time would wait for L2 once
+    // per load: splits x elements round trips). Each element still sums its parts in split order.
+    // GROUP = 8 keeps the finish within the main loop's registers (offsets are int32: an output
+    // tensor has fewer than 2^31 elements, and each split's copy is addressed from its own base).
+    constexpr int PER_THREAD = BM * BN / PYCNN_CONV3_THREADS;
+    constexpr int GROUP = PER_THREAD < 8 ? PER_THREAD : 8;
+    static_assert(PER_THREAD % GROUP == 0, "the tile's elements split evenly into groups");
+#pragma unroll 1
+    for (int g = 0; g < PER_THREAD; g += GROUP) {
+        int off[GROUP];
+        bool ok[GROUP];
+        double sum[GROUP];
+#pragma unroll
+        for (int q = 0; q < GROUP; ++q) {
+            const int e = threadIdx.x + (g + q) * PYCNN_CONV3_THREADS;
+            const int m = m0 + e / BN, n = n0 + e % BN;  // consecutive threads: consecutive columns
+            ok[q] = m < p.M && n < p.Ncols;
+            off[q] = ok[q] ? (int)(pycnn_conv_out_base<MODE>(p, n) - zoff + (pycnn_i64)m * mstride) : 0;
+            sum[q] = 0.0;
         }
-        p.final_out[off] = v;
+#pragma unroll 1
+        for (int z = 0; z < splits; ++z) {
+            // volatile: the other blocks' parts from L2, never from a stale L1 line
+            const volatile float* part = p.out + (pycnn_i64)z * p.split_stride;
+            float v[GROUP];
+#pragma unroll
+            for (int q = 0; q < GROUP; ++q) v[q] = ok[q] ? part[off[q]] : 0.0f;
+#pragma unroll
+            for (int q = 0; q < GROUP; ++q) sum[q] += (double)v[q];
+        }
+#pragma unroll
+        for (int q = 0; q < GROUP; ++q) {
+            if (!ok[q]) continue;
+            const int m = m0 + (threadIdx.x + (g + q) * PYCNN_CONV3_THREADS) / BN;
+            float v = (float)sum[q];
+            if (MODE == PYCNN_CONV_FWD) {
+                if (p.final_bias) v += p.bias[m];
+                if (p.final_relu) v = v > 0.0f ? v : 0.0f;
+            }
+            p.final_out[off[q]] = v;
+        }
     }
     if (MODE == PYCNN_CONV_BWD_WEIGHT && p.bias_grad && blockIdx.x == 0) {  // the tile's rows of db
         const volatile float* db_part = p.db_out;
@@ -764,11 +792,15 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
             if (k0 + BK < p.k_end)
                 pycnn_conv_load_tile<MODE, BM, BN, true>(p, L, tabs[(s + 1) % 2], k0 + BK, As[cur ^ 1], Bs[cur ^ 1]);
             pycnn_cp_async_commit();  // (an empty group on the last stage keeps the count uniform)
-            // Slot s%2 last served the loads of stage s, issued before the barrier above.
-            if (tid < BK && k0 + 2 * BK < p.k_end)
-                pycnn_conv_decode<MODE>(p, k0 + 2 * BK + tid, tabs[s % 2][tid]);
             pycnn_cp_async_wait<1>();  // this thread's copies of stage s have landed ...
             __syncthreads();           // ... and everyone's
+            // Table s+2 goes into slot s%2, which last served the loads of stage s (issued in the
+            // previous iteration); the loads of stage s+2 read it after the next iteration's first
+            // barrier. Decoded here, after the barrier, so that its integer divisions (two, four in
+            // backward-data, on half of warp 0) overlap the other warps' products instead of
+            // holding all eight warps at the barrier above.
+            if (tid < BK && k0 + 2 * BK < p.k_end)
+                pycnn_conv_decode<MODE>(p, k0 + 2 * BK + tid, tabs[s % 2][tid]);
             if (sums_bias) pycnn_conv_sum_a_row<BM>(As[cur], tid, db_acc);
             pycnn_conv_mma_tile<TF32, BM, BN>(As[cur], Bs[cur], acc);
         }

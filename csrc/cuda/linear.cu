@@ -140,18 +140,44 @@ extern "C" __global__ void linear_gemm_f32(const float* __restrict__ A, long lon
     __syncthreads();
     if (!is_last) return;  // uniform per block
     __threadfence();
-    // volatile: the other blocks' parts from L2, never from a stale L1 line
-    const volatile float* part = C - (pycnn_i64)blockIdx.z * M * N;
-    for (int e = tid; e < PYCNN_GEMM_BM * PYCNN_GEMM_BN; e += nthreads) {
-        const int m = m0 + e / PYCNN_GEMM_BN, n = n0 + e % PYCNN_GEMM_BN;
-        if (m >= M || n >= N) continue;
-        const pycnn_i64 off = (pycnn_i64)m * N + n;
-        double sum = 0.0;
-        for (int z = 0; z < (int)gridDim.z; ++z) sum += (double)part[(pycnn_i64)z * M * N + off];
-        float v = (float)sum;
-        if (has_bias) v += bias[n];
-        if (relu) v = v > 0.0f ? v : 0.0f;
-        C_final[off] = v;
+    // GROUP elements at a time, split by split, so that their loads are in flight together (see
+    // pycnn_conv_split_finish in conv2d.cu); each element sums its parts in split order.
+    constexpr int PER_THREAD = PYCNN_GEMM_BM * PYCNN_GEMM_BN / (PYCNN_GEMM_THREADS_X * PYCNN_GEMM_THREADS_Y);
+    constexpr int GROUP = PER_THREAD < 8 ? PER_THREAD : 8;
+    static_assert(PER_THREAD % GROUP == 0, "the tile's elements split evenly into groups");
+    const float* parts = C - (pycnn_i64)blockIdx.z * M * N;
+#pragma unroll 1
+    for (int g = 0; g < PER_THREAD; g += GROUP) {
+        pycnn_i64 off[GROUP];
+        bool ok[GROUP];
+        double sum[GROUP];
+#pragma unroll
+        for (int q = 0; q < GROUP; ++q) {
+            const int e = tid + (g + q) * nthreads;
+            const int m = m0 + e / PYCNN_GEMM_BN, n = n0 + e % PYCNN_GEMM_BN;
+            ok[q] = m < M && n < N;
+            off[q] = ok[q] ? (pycnn_i64)m * N + n : 0;
+            sum[q] = 0.0;
+        }
+#pragma unroll 1
+        for (int z = 0; z < (int)gridDim.z; ++z) {
+            // volatile: the other blocks' parts from L2, never from a stale L1 line
+            const volatile float* part = parts + (pycnn_i64)z * M * N;
+            float v[GROUP];
+#pragma unroll
+            for (int q = 0; q < GROUP; ++q) v[q] = ok[q] ? part[off[q]] : 0.0f;
+#pragma unroll
+            for (int q = 0; q < GROUP; ++q) sum[q] += (double)v[q];
+        }
+#pragma unroll
+        for (int q = 0; q < GROUP; ++q) {
+            if (!ok[q]) continue;
+            const int n = n0 + (tid + (g + q) * nthreads) % PYCNN_GEMM_BN;
+            float v = (float)sum[q];
+            if (has_bias) v += bias[n];
+            if (relu) v = v > 0.0f ? v : 0.0f;
+            C_final[off[q]] = v;
+        }
     }
     if (sum_rows && blockIdx.x == 0) {
         const volatile float* rows_part = row_sums;

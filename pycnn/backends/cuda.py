@@ -526,6 +526,18 @@ def _upload(op: str, cupy, dev: int, host: np.ndarray):
 # with a copy, which a capture cannot hold), reduces with the separate launch instead.
 _SPLIT_TICKETS = 1 << 14  # (64 KiB a stream; a split weight gradient of 2048x2048x3x3 has 2304 tiles)
 _split_ticket_arrays: dict = {}  # (device id,) + _stream_key -> int32 (_SPLIT_TICKETS,), all 0
+# ... and a GEMM of more splits than this: one block per tile reads all of that tile's parts (its
+# threads keep 8 loads in flight, so about 2 x splits L2 round trips for a 64x64 tile), while a
+# separate reduce spreads the reading over the whole GPU. A weight gradient split 100 ways over 5
+# tiles (MnistCNN conv2 at batch 64) would have 5 blocks read 7.7 MB. Where the two cost the same
+# is a guess until a GPU times both (gpu_training.py's pycnn-cudagraph-2pass A/B).
+_SPLIT_FINISH_MAX_SPLITS = 8
+
+
+def _finishes_in_kernel(tiles: int, splits: int) -> bool:
+    """Whether a split-K GEMM of ``tiles`` output tiles adds its ``splits`` parts inside the kernel
+    (else: the separate reduce launch; see _SPLIT_TICKETS and _SPLIT_FINISH_MAX_SPLITS)."""
+    return (1 < splits <= _SPLIT_FINISH_MAX_SPLITS and tiles <= _SPLIT_TICKETS) and _split_finish_on()
 
 
 def _split_finish_on() -> bool:
@@ -670,17 +682,29 @@ _CONV_I32_LIMIT = 2**31 - 2**16
 # depends on the shapes alone, so a shape always sums in the same order (same bits every run).
 _CONV_SPLIT_TARGET_BLOCKS = 264
 _CONV_SPLIT_MIN_K = 512
-# v3/v4 split-K of all three directions (64x64 tiles): aim for 528 blocks, four per SM (the
-# 64x64 kernels take <= 64 registers and 19 KB of shared memory, so four fit) with at least
-# _CONV3_SPLIT_MIN_K products per split (four 16-deep stages: shorter ones are mostly pipeline
-# prologue). Forward and backward-data split only when their output tiles make fewer than
-# _CONV_SPLIT_TARGET_BLOCKS blocks (the small layers: on an H200, MnistCNN's conv3 forward ran 9
-# blocks through 36 stages and took 53 us; the split copies cost one extra pass over the output).
-# The weight gradient always splits its long reduction (N*Ho*Wo). 128x128 tiles (two blocks per
-# SM) aim for _CONV_SPLIT_TARGET_BLOCKS.
+# v3/v4 split-K of all three directions (64x64 and 32x128 tiles; 128x128 ones: see below). Four
+# such blocks fit on an SM (<= 64 registers, 19-23 KB of shared memory), _CONV3_SPLIT_TARGET_BLOCKS
+# = 528 on a 132-SM H100 / H200: one "round" of blocks. Every split sums at least
+# _CONV3_SPLIT_MIN_K products (four 16-deep stages: shorter ones are mostly pipeline prologue).
+# The MNIST layers' GEMMs run at 3-17 TFLOP/s of the ~67 the FMAs allow: a block's time is set by
+# the latency of its stages, not by how many blocks share its SM, so a grid takes about
+#     rounds x (stages per block + _CONV3_BLOCK_OVERHEAD_STAGES (+ 1 for a split's partial copy))
+# with rounds = ceil(blocks / 528): the "waves" rule picks the split count that minimizes it
+# (fewer splits on a tie). The rule before ("fill": aim for 528 blocks, rounding the split count
+# up, split forward / backward-data only below 264 tiles) could overshoot a round: MnistCNN conv2's
+# forward at batch 64 ran 121 tiles x 5 splits = 605 blocks, two rounds of 4 stages, where 4
+# splits (484 blocks) is one round of 5; its backward-data at batch 512 ran 676 unsplit blocks of
+# 36 stages in two rounds (the second 28% full, 398 us of a 1.2 ms step), where 3 splits run 4
+# rounds of 12. A model, not a measurement: _CONV3_SPLIT_RULE = "fill" brings the old rule back
+# for the GPU's A/B (gpu_kernels.py --versions 3,3fill). Either way the split depends on the shapes
+# alone, so a shape always sums in the same order (the same bits every run).
 _CONV3_SPLIT_TARGET_BLOCKS = 528
 _CONV3_SPLIT_MIN_K = 64
-_CONV3_SPLIT_BELOW_BLOCKS = _CONV_SPLIT_TARGET_BLOCKS  # forward / bwd-data: split below this many tiles
+_CONV3_SPLIT_RULE = "waves"
+_CONV3_BLOCK_OVERHEAD_STAGES = 2  # the first copy's latency, the epilogue's stores (in stages)
+# Forward and backward-data split only below this many output tiles (beyond four rounds a last
+# partial round costs little); 0 turns their split-K off. "fill" used _CONV_SPLIT_TARGET_BLOCKS.
+_CONV3_SPLIT_BELOW_BLOCKS = 4 * _CONV3_SPLIT_TARGET_BLOCKS
 # Narrow weight gradient (conv2d_bwd_weight_narrow_f32): v3/v4 take it up to this many taps
 # (C*R*S; the kernel's register arrays hold PYCNN_CONV_NARROW_MAX), splits of at least
 # _CONV_NARROW_MIN_K products.
@@ -1006,9 +1030,36 @@ def _conv3_splits(direction: str, tile: int, blocks: int, Kd: int) -> tuple[int,
         if direction != "backward_weight":
             return 1, Kd
         return _conv_splits(Kd, blocks, _CONV_SPLIT_MIN_K, _CONV3_BK)
+    if _CONV3_SPLIT_RULE == "fill":
+        if direction != "backward_weight" and blocks >= _CONV_SPLIT_TARGET_BLOCKS:
+            return 1, Kd
+        return _conv_splits(Kd, blocks, _CONV3_SPLIT_MIN_K, _CONV3_BK, target=_CONV3_SPLIT_TARGET_BLOCKS)
+    if _CONV3_SPLIT_RULE != "waves":
+        raise ValueError(f"_CONV3_SPLIT_RULE must be 'waves' or 'fill', got {_CONV3_SPLIT_RULE!r}")
     if direction != "backward_weight" and blocks >= _CONV3_SPLIT_BELOW_BLOCKS:
         return 1, Kd
-    return _conv_splits(Kd, blocks, _CONV3_SPLIT_MIN_K, _CONV3_BK, target=_CONV3_SPLIT_TARGET_BLOCKS)
+    return _waves_splits(blocks, Kd, _CONV3_SPLIT_MIN_K, _CONV3_BK, _CONV3_SPLIT_TARGET_BLOCKS)
+
+
+def _waves_splits(blocks: int, count: int, minimum: int, align: int, slots: int) -> tuple[int, int]:
+    """(splits, chunk) of ``count`` summands (chunks of a multiple of ``align``, at least
+    ``minimum`` summands each) for ``blocks`` blocks per split, minimizing
+    ceil(blocks * splits / slots) x (chunk / align + _CONV3_BLOCK_OVERHEAD_STAGES (+ 1 when split)),
+    the fewest splits among equals (see _CONV3_SPLIT_RULE)."""
+    blocks = max(blocks, 1)
+    stages = -(-count // align)
+    best = (-(-blocks // slots) * (stages + _CONV3_BLOCK_OVERHEAD_STAGES), 1, max(count, 1))
+    # (beyond a few rounds more splits only add overhead: the search stops there)
+    most = min(-(-count // minimum), _MAX_GRID_YZ, 4 * -(-slots // blocks) + 8)
+    for splits in range(2, most + 1):
+        chunk = -(-count // splits)
+        chunk = -(-chunk // align) * align
+        if -(-count // chunk) != splits:
+            continue  # (the same chunks as a smaller split count: already costed)
+        cost = -(-blocks * splits // slots) * (chunk // align + _CONV3_BLOCK_OVERHEAD_STAGES + 1)
+        if cost < best[0]:
+            best = (cost, splits, chunk)
+    return best[1], best[2]
 
 
 def _split_reduce_launch(partial: str, out: str, splits: int, count: int, bias: str | None = None,
@@ -1056,7 +1107,7 @@ def _conv3_output_gemm(direction: str, version: str, rows: int, cols: int, Kd: i
     plan = _Plan((_kernel_launch("conv2d.cu", kernel, grid, (_CONV3_THREADS,),
                                  two_pass_args + (_i32(chunk),) + no_finish),
                   _split_reduce_launch("partial", out, splits, out_size, **reduce_kwargs)), scratch=scratch)
-    if not _split_finish_on() or grid[0] * grid[1] > _SPLIT_TICKETS:
+    if not _finishes_in_kernel(grid[0] * grid[1], splits):
         return plan
     return _Plan((_kernel_launch("conv2d.cu", kernel, grid, (_CONV3_THREADS,),
                                  args + (_i32(chunk), "tickets", _i32(1), out)),), scratch=scratch, fallback=plan)
@@ -1400,7 +1451,7 @@ def _conv_backward_weight_plan(version: str, geom: tuple, with_db: bool) -> _Pla
         elif splits > 1:
             launches.append(_split_reduce_launch(dw_out, "dw", splits, dw_count))
         plan = _Plan(tuple(launches), scratch=scratch)
-        if gemm and splits > 1 and _split_finish_on() and grid[0] * grid[1] <= _SPLIT_TICKETS:
+        if gemm and _finishes_in_kernel(grid[0] * grid[1], splits):
             finish = ("tickets", _i32(1), "dw", "db" if fused_db else _NULL)
             plan = _Plan((_kernel_launch("conv2d.cu", kernel, grid, block, ("dy", "x", dw_out) + db_args + tail
                                          + (_i32(extra),) + finish),), scratch=scratch, fallback=plan)
@@ -1843,7 +1894,7 @@ def _gemm_plan(M: int, N: int, K: int, sam: int, sak: int, sbk: int, sbn: int, h
                                        (out, "C", _i32(splits), _i64(M * N), "bias", _i32(has_bias),
                                         _i32(relu), _i32(N))))
     plan = _Plan(tuple(launches), scratch=scratch)
-    if epilogue or not _split_finish_on() or gx * gy > _SPLIT_TICKETS:
+    if epilogue or not _finishes_in_kernel(gx * gy, splits):
         return plan
     # split-K finished by the last split of each tile, inside the kernel (see _split_tickets)
     return _Plan((_kernel_launch("linear.cu", "linear_gemm_f32", (gx, gy, splits), block,

@@ -754,20 +754,43 @@ def test_split_k_forward_and_backward_data(emulated, monkeypatch, version, min_k
     np.testing.assert_allclose(dx1, dx, rtol=tol, atol=tol)
 
 
-def test_split_rule():
-    """Forward / backward-data split only below _CONV3_SPLIT_BELOW_BLOCKS tiles and only with
-    >= _CONV3_SPLIT_MIN_K products per split; 128x128 tiles never; chunks are whole stages."""
-    assert cuda._conv3_splits("forward", 64, 9, 576) == (9, 64)    # MnistCNN conv3: 9 tiles
-    assert cuda._conv3_splits("forward", 64, 300, 576) == (1, 576)
-    assert cuda._conv3_splits("backward_data", 64, 169, 576) == (4, 144)
+def test_split_rule(monkeypatch):
+    """v3/v4 split-K ("waves", the default): the split count that minimizes rounds of 528 blocks x
+    (stages + 2, + 1 when split), with >= _CONV3_SPLIT_MIN_K products per split, whole stages per
+    chunk, the fewest splits among equals; forward / backward-data not at all from
+    _CONV3_SPLIT_BELOW_BLOCKS tiles; 128x128 tiles never. "fill" is the rule it replaced."""
+    assert cuda._CONV3_SPLIT_RULE == "waves"
+    assert cuda._conv3_splits("forward", 64, 9, 576) == (9, 64)      # MnistCNN conv3 (b64): 9 tiles
+    assert cuda._conv3_splits("forward", 64, 121, 288) == (4, 80)    # conv2 (b64): one round, not 605 blocks
+    assert cuda._conv3_splits("backward_data", 32, 676, 576) == (3, 192)  # conv2 (b512): 4 rounds of 12
+    assert cuda._conv3_splits("forward", 64, 968, 288) == (1, 288)   # conv2 (b512): two full rounds
+    assert cuda._conv3_splits("backward_weight", 64, 5, 61952)[0] == 105  # 525 blocks, one round
     assert cuda._conv3_splits("forward", 64, 9, 40)[0] == 1  # under two splits' worth
     assert cuda._conv3_splits("forward", 128, 9, 4096) == (1, 4096)
+    assert cuda._conv3_splits("forward", 64, cuda._CONV3_SPLIT_BELOW_BLOCKS, 4096) == (1, 4096)
+    slots, extra = cuda._CONV3_SPLIT_TARGET_BLOCKS, cuda._CONV3_BLOCK_OVERHEAD_STAGES
+
+    def cost(blocks, kd, splits, chunk):
+        return -(-blocks * splits // slots) * (chunk // 16 + extra + (splits > 1))
+
     for direction in ("forward", "backward_data", "backward_weight"):
-        for blocks, kd in ((1, 10000), (7, 1000), (100, 333), (263, 5000)):
+        for blocks, kd in ((1, 10000), (7, 1000), (100, 333), (263, 5000), (300, 576), (700, 2000)):
             splits, chunk = cuda._conv3_splits(direction, 64, blocks, kd)
             assert chunk % 16 == 0 or splits == 1
             assert (splits - 1) * chunk < kd <= splits * chunk  # every split has work
-            assert splits == 1 or blocks * splits <= cuda._CONV3_SPLIT_TARGET_BLOCKS + blocks
+            assert splits == 1 or chunk >= cuda._CONV3_SPLIT_MIN_K
+            for other in range(1, min(-(-kd // cuda._CONV3_SPLIT_MIN_K), 64) + 1):  # nothing cheaper
+                c = -(-(-(-kd // other)) // 16) * 16
+                if other > 1 and -(-kd // c) == other:
+                    assert cost(blocks, kd, splits, chunk) <= cost(blocks, kd, other, c), (blocks, kd, other)
+            assert cost(blocks, kd, splits, chunk) <= cost(blocks, kd, 1, 16 * -(-kd // 16))
+    monkeypatch.setattr(cuda, "_CONV3_SPLIT_RULE", "fill")
+    assert cuda._conv3_splits("forward", 64, 121, 288) == (5, 64)  # 605 blocks
+    assert cuda._conv3_splits("forward", 64, 300, 576) == (1, 576)
+    assert cuda._conv3_splits("backward_data", 64, 169, 576) == (4, 144)
+    monkeypatch.setattr(cuda, "_CONV3_SPLIT_RULE", "round")
+    with pytest.raises(ValueError, match="_CONV3_SPLIT_RULE"):
+        cuda._conv3_splits("forward", 64, 121, 288)
 
 
 # Narrow weight gradient: (N, C, H, W, K, R, S, stride, padding) with C*R*S <= 25 taps.
@@ -1059,6 +1082,7 @@ def test_split_finish_in_kernel_is_the_two_pass_sum(emulated, monkeypatch, versi
     for name, value in overrides.items():
         monkeypatch.setattr(cuda, name, value)
     monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 0)
+    monkeypatch.setattr(cuda, "_SPLIT_FINISH_MAX_SPLITS", 1 << 16)  # (these tiny GEMMs split many ways)
     tf32 = version == "4"
     _, _, _, _, _, _, _, stride, padding = shape
     x, w, b, dy = data(shape, seed=31)
@@ -1083,3 +1107,4 @@ def test_split_finish_in_kernel_is_the_two_pass_sum(emulated, monkeypatch, versi
     if not tf32:
         for what, got, ref_value, length in zip(("y", "dx", "dw"), results["1"][1:4], want, lengths(shape)):
             np.testing.assert_allclose(got, ref_value, rtol=1e-4, atol=fp32_atol(length), err_msg=what)
+

@@ -202,7 +202,7 @@ def test_a_cached_linear_call_launches_what_the_first_call_did(recorded, batch):
 def test_a_capture_on_a_stream_without_tile_counters_reduces_in_a_second_launch(recorded, monkeypatch):
     """The split-K finish needs zeroed counters, which a capture cannot make: the plan's fallback
     (the separate reduce launch) runs instead, and the next eager call makes them."""
-    x, w, b = _zeros(64, 64, 5, 5), _zeros(64, 64, 3, 3), _zeros(64)
+    x, w, b = _zeros(64, 32, 13, 13), _zeros(64, 32, 3, 3), _zeros(64)  # (MnistCNN conv2: 4 splits)
     monkeypatch.setattr(cuda, "_capturing", lambda cupy: True)
     cuda.conv2d_bias_relu_forward(x, w, b, 1, 0)
     assert [k[0] for k in recorded.launches] == ["conv2d_fwd_v3_f32", "conv2d_split_reduce_f32"]
@@ -212,7 +212,25 @@ def test_a_capture_on_a_stream_without_tile_counters_reduces_in_a_second_launch(
     cuda.conv2d_bias_relu_forward(x, w, b, 1, 0)
     kernel, _, _, args, _ = recorded.launches[0]
     assert len(recorded.launches) == 1 and kernel == "conv2d_fwd_v3_f32"
-    assert args[-3:] == ("new(16384,)", ("int32", 1), "new(64, 64, 3, 3)"), args  # tickets, finish, y
+    assert args[-3:] == ("new(16384,)", ("int32", 1), "new(64, 64, 11, 11)"), args  # tickets, finish, y
+
+
+def test_only_few_splits_are_finished_in_the_kernel(recorded, monkeypatch):
+    """A GEMM split more than _SPLIT_FINISH_MAX_SPLITS ways (MnistCNN conv2's weight gradient at
+    batch 64: 97 splits over 5 tiles) adds its parts in a separate reduce launch, which reads them
+    with the whole GPU; one split at most that many ways (its forward: 4) finishes inside."""
+    x, w, b = _zeros(64, 32, 13, 13), _zeros(64, 32, 3, 3), _zeros(64)
+    dy = _zeros(64, 64, 11, 11)
+    assert cuda._SPLIT_FINISH_MAX_SPLITS == 8
+    cuda.conv2d_bias_relu_forward(x, w, b, 1, 0)
+    cuda.conv2d_backward_weight(dy, x, w.shape, 1, 0)
+    assert [k[0] for k in recorded.launches] == ["conv2d_fwd_v3_f32", "conv2d_bwd_weight_v3_f32",
+                                                 "conv2d_wgrad_split_reduce_f32"]
+    assert recorded.launches[0][1][2] == 4 and recorded.launches[1][1][2] == 97  # grid.z: the splits
+    monkeypatch.setattr(cuda, "_SPLIT_FINISH_MAX_SPLITS", 100)
+    recorded.launches.clear()
+    cuda.conv2d_backward_weight(dy, x, w.shape, 1, 0)
+    assert [k[0] for k in recorded.launches] == ["conv2d_bwd_weight_v3_f32"]
 
 
 def test_arguments_equal_to_cached_ones_but_of_another_type_are_still_checked(recorded):
