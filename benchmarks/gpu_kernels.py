@@ -12,6 +12,12 @@ fp32 (TF32 off) and in TF32, all measured in the same run.
     python benchmarks/gpu_kernels.py --layers models --versions 3,3w --batch 512 --json FILE
         (v3 with its default tiles and, as "wide": true entries, with PYCNN_CONV3_WIDE=1, on the
         model layers at batch 512)
+    python benchmarks/gpu_kernels.py --layers all --versions 3,3f --json FILE
+        (v3 and, as "flip": true backward-data entries, the stride-1 backward-data run as the
+        forward GEMM of dy with the flipped filters, PYCNN_CONV_BWD_DATA_FLIP=1)
+    python benchmarks/gpu_kernels.py --layers models --versions 3,3fill --batch 512 --json FILE
+        (v3 and, as "split_rule": "fill" entries where it splits differently, v3 with the split-K
+        rule before the "waves" one: cuda._CONV3_SPLIT_RULE)
     python benchmarks/gpu_kernels.py --layers models --versions 3,3@264,3@1056 --batch 64 --json FILE
         (v3 with split-K aimed at 264 or 1056 blocks instead of _CONV3_SPLIT_TARGET_BLOCKS, as
         entries with "split_target"; a GEMM whose split count does not change is not timed again)
@@ -39,6 +45,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -57,17 +64,34 @@ DIRECTIONS = (("conv2d_fwd", "forward"), ("conv2d_bwd_data", "backward_data"),
 VERSIONS = cuda.CONV_VERSIONS + (cuda.CONV_TF32_VERSION, cuda.CONV_WINOGRAD_VERSION)
 # "3w": v3 with PYCNN_CONV3_WIDE=1 (the opt-in wide tiles), timed beside "3" when asked for.
 WIDE = "3w"
+# "3f": v3 with PYCNN_CONV_BWD_DATA_FLIP=1 (stride-1 backward-data through the forward kernels);
+# backward-data entries only.
+FLIP = "3f"
+# "3fill": v3 with the split-K rule before the "waves" one (cuda._CONV3_SPLIT_RULE = "fill").
+FILL = "3fill"
 # "3@T": v3 with cuda._CONV3_SPLIT_TARGET_BLOCKS = T (how many blocks split-K GEMMs aim at).
 
 
-def parse_tag(tag: str) -> tuple[str, bool, int | None]:
-    """(version, wide tiles, split target) of a --versions entry: "3", "3w", "3@264"."""
+class Tag(NamedTuple):
+    """A --versions entry: the version and the variant of it ("3", "3w", "3f", "3fill", "3@264")."""
+    version: str
+    wide: bool = False
+    split_target: int | None = None
+    flip: bool = False
+    split_rule: str | None = None
+
+
+def parse_tag(tag: str) -> Tag:
     if "@" in tag:
         version, target = tag.split("@", 1)
         if version != "3" or not target.isdigit() or int(target) < 1:
             raise ValueError(f"a split-target entry is 3@<blocks>, got {tag!r}")
-        return version, False, int(target)
-    return tag.rstrip("w"), tag == WIDE, None
+        return Tag(version, split_target=int(target))
+    if tag in (WIDE, FLIP):
+        return Tag("3", wide=tag == WIDE, flip=tag == FLIP)
+    if tag == FILL:
+        return Tag("3", split_rule="fill")
+    return Tag(tag)
 SLOW_MS = 5.0
 
 
@@ -205,6 +229,13 @@ def cudnn_layer(torch, x, w, dy, stride, pad, repeats):
     return times, outputs
 
 
+def _geometry(shape) -> tuple:
+    """The backend's (N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw) of a layer shape."""
+    N, C, H, W, K, R, S, stride, pad = shape
+    Ho, Wo = (H + 2 * pad - R) // stride + 1, (W + 2 * pad - S) // stride + 1
+    return N, C, H, W, K, R, S, Ho, Wo, stride, stride, pad, pad
+
+
 def tile_of(direction: str, shape, version: str) -> str:
     """The v3/v4 block tile the backend uses for this layer and direction ("64x64", "32x128", ...)."""
     N, C, H, W, K, R, S, stride, pad = shape
@@ -238,34 +269,41 @@ def tflops(flop: float, ms) -> float | None:
 
 
 @contextlib.contextmanager
-def variant(wide: bool, split_target: int | None):
-    """The wide tiles (wide_tiles) and a split-K target (cuda._CONV3_SPLIT_TARGET_BLOCKS) inside."""
-    old = cuda._CONV3_SPLIT_TARGET_BLOCKS
-    if split_target is not None:
-        cuda._CONV3_SPLIT_TARGET_BLOCKS = split_target  # (empties the backend's launch plans)
+def variant(tag: Tag):
+    """The tag's variant inside: wide tiles (PYCNN_CONV3_WIDE), the flipped backward-data
+    (PYCNN_CONV_BWD_DATA_FLIP), a split-K target (cuda._CONV3_SPLIT_TARGET_BLOCKS) and rule
+    (cuda._CONV3_SPLIT_RULE). (Assigning a backend constant empties its launch plans.)"""
+    old = cuda._CONV3_SPLIT_TARGET_BLOCKS, cuda._CONV3_SPLIT_RULE
+    if tag.split_target is not None:
+        cuda._CONV3_SPLIT_TARGET_BLOCKS = tag.split_target
+    if tag.split_rule is not None:
+        cuda._CONV3_SPLIT_RULE = tag.split_rule
     try:
-        with wide_tiles(wide):
+        with env_switch("PYCNN_CONV3_WIDE", tag.wide), env_switch("PYCNN_CONV_BWD_DATA_FLIP", tag.flip):
             yield
     finally:
-        if split_target is not None:
-            cuda._CONV3_SPLIT_TARGET_BLOCKS = old
+        if tag.split_target is not None:
+            cuda._CONV3_SPLIT_TARGET_BLOCKS = old[0]
+        if tag.split_rule is not None:
+            cuda._CONV3_SPLIT_RULE = old[1]
 
 
 @contextlib.contextmanager
-def wide_tiles(on: bool):
-    """PYCNN_CONV3_WIDE=1 inside when ``on``, unset when not (the backend reads it at every call)."""
-    old = os.environ.get("PYCNN_CONV3_WIDE")
+def env_switch(name: str, on: bool):
+    """``name``=1 inside when ``on``, unset when not (the backend reads it at every call; unset
+    even when the caller's environment sets it, so that a plain "3" is the default)."""
+    old = os.environ.get(name)
     if on:
-        os.environ["PYCNN_CONV3_WIDE"] = "1"
-    else:  # (the default tiles even when the caller's environment asks for wide ones)
-        os.environ.pop("PYCNN_CONV3_WIDE", None)
+        os.environ[name] = "1"
+    else:
+        os.environ.pop(name, None)
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("PYCNN_CONV3_WIDE", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["PYCNN_CONV3_WIDE"] = old
+            os.environ[name] = old
 
 
 def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, versions=VERSIONS,
@@ -315,10 +353,13 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
         for op, direction in DIRECTIONS:
             fp32_ms, tf32_ms, fp32_gpu, tf32_gpu = cudnn.get(op, (None, None, None, None))
             for tag in versions:
-                version, wide, target = parse_tag(tag)
+                parsed = parse_tag(tag)
+                version, wide, target, flip, rule = parsed
+                if flip and direction != "backward_data":
+                    continue
 
-                def run(op=op, version=version, wide=wide, target=target):
-                    with variant(wide, target):
+                def run(op=op, version=version, parsed=parsed):
+                    with variant(parsed):
                         return calls[op](version)
 
                 try:
@@ -327,16 +368,19 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                         if version != cuda.CONV_WINOGRAD_VERSION:  # (v5 exists for 3x3 stride 1 only)
                             errors.append(f"{label} {op} v{version}: falls back to v{ran}, not timed")
                         continue
-                    with variant(wide, target):
+                    with variant(parsed):
                         tile = tile_of(direction, shape, version) if version in ("3", "4") else None
                         splits = splits_of(direction, shape, version)
-                    with variant(False, None):
+                        flipped = flip and cuda._bwd_data_flips(_geometry(shape))
+                    with variant(Tag(version)):
                         default_tile = tile_of(direction, shape, version) if version in ("3", "4") else None
                         default_splits = splits_of(direction, shape, version)
                     if wide and tile == default_tile:
                         continue  # no wide tile for this GEMM: the same kernel as v3
-                    if target is not None and splits == default_splits:
+                    if (target is not None or rule is not None) and splits == default_splits:
                         continue  # the same split as v3's default: the same launches
+                    if flip and (not flipped or tile == "narrow"):
+                        continue  # (stride > 1, or a first layer's narrow kernel: v3 as it is)
                     out = cp.asnumpy(run())
                     err = None
                     if op in cudnn_out:
@@ -357,15 +401,16 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                     "cudnn_tf32_gpu_ms": None if tf32_gpu is None else round(tf32_gpu, 5),
                     "tflops": tflops(flop, ms), "cudnn_tflops": tflops(flop, fp32_ms),
                     "cudnn_tf32_tflops": tflops(flop, tf32_ms), "max_rel_err_vs_cudnn": err,
-                    "auto": auto[label][op] == f"v{version}" and not wide and target is None, "layer": label,
+                    "auto": auto[label][op] == f"v{version}" and parsed == Tag(version), "layer": label,
                     "tile": tile, "splits": splits, **({"wide": True} if wide else {}),
+                    **({"flip": True} if flip else {}), **({"split_rule": rule} if rule else {}),
                     **({"split_target": target} if target is not None else {}),
                     "stages": stages if version in ("3", "4", "5") else None})  # (v5's GEMMs: the v3 core)
     # Was the shape rule right? The fastest measured exact version per layer and direction.
     fastest = {}
     for e in entries:
-        if (e["version"] in [f"v{v}" for v in cuda.CONV_VERSIONS] and not e.get("wide")
-                and e.get("split_target") is None):  # what "auto" chooses from
+        if (e["version"] in [f"v{v}" for v in cuda.CONV_VERSIONS]
+                and not any(e.get(k) for k in ("wide", "flip", "split_target", "split_rule"))):  # auto's choices
             slot = fastest.setdefault(e["layer"], {})
             best = slot.get(e["op"])
             if best is None or e["ms"] < best[1]:
@@ -385,7 +430,8 @@ def table(entries) -> str:
     for e in entries:
         ms, dnn, t32, err = e["ms"], e.get("cudnn_ms"), e.get("cudnn_tf32_ms"), e.get("max_rel_err_vs_cudnn")
         gpu, dnn_gpu = e.get("gpu_ms"), e.get("cudnn_gpu_ms")
-        version = (e["version"] + ("w" if e.get("wide") else "")
+        version = (e["version"] + ("w" if e.get("wide") else "") + ("f" if e.get("flip") else "")
+                   + (e["split_rule"] if e.get("split_rule") else "")
                    + (f"@{e['split_target']}" if e.get("split_target") else "") + ("*" if e.get("auto") else ""))
         cells = [f"{dnn:.4f}" if dnn else "-", f"{dnn / ms:.2f}" if dnn and ms else "-",
                  f"{t32:.4f}" if t32 else "-", f"{t32 / ms:.2f}" if t32 and ms else "-",
@@ -395,7 +441,9 @@ def table(entries) -> str:
         lines.append(f"{e['layer']:<22}{e['op']:<19}{version:<9}{ms:>9.4f}{(e['tflops'] or 0):>9.2f}"
                      f"{cells[0]:>10}{cells[1]:>9}{cells[2]:>9}{cells[3]:>8}{cells[4]:>9}{cells[5]:>9}"
                      f"{cells[6]:>7}{cells[7]:>10}")
-    lines.append("(* = the version 'auto' picks; v3w = v3 with PYCNN_CONV3_WIDE=1; v3@T = split-K aimed at T "
+    lines.append("(* = the version 'auto' picks; v3w = v3 with PYCNN_CONV3_WIDE=1; v3f = backward-data as the "
+                 "forward GEMM of the flipped filters (PYCNN_CONV_BWD_DATA_FLIP=1); v3fill = the split-K rule "
+                 "before 'waves'; v3@T = split-K aimed at T "
                  "blocks; x cuDNN > 1 means faster "
                  "than cuDNN; ms: one call with the host's work, GPU us: in a CUDA graph)")
     return "\n".join(lines)
@@ -418,13 +466,13 @@ def main(argv=None) -> int:
                         help="also time the non-conv kernel families (the selftest's benchmark)")
     args = parser.parse_args(argv)
     versions = tuple(v.strip() for v in args.versions.split(",") if v.strip())
-    unknown = [v for v in versions if v not in VERSIONS + (WIDE,) and not v.startswith("3@")]
+    unknown = [v for v in versions if v not in VERSIONS + (WIDE, FLIP, FILL) and not v.startswith("3@")]
     try:
         [parse_tag(v) for v in versions]
     except ValueError as exc:
         unknown.append(str(exc))
     if unknown or not versions:
-        parser.error(f"--versions: expected a comma-separated subset of {','.join(VERSIONS)}, 3w or 3@<blocks>, "
+        parser.error(f"--versions: expected a comma-separated subset of {','.join(VERSIONS)}, 3w, 3f, 3fill or 3@<blocks>, "
                      f"got {args.versions!r}")
     ok, reason = cuda.available()
     if not ok:

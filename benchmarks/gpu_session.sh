@@ -24,7 +24,8 @@
 # or a first call with the tests, ladder, training and WIDE=1, then a second one with
 # PART=2 SKIP_LADDER=1 SKIP_TRAINING_BENCH=1 NCU=1 for Nsight Compute alone.
 # Usage: PYCNN_COMMIT=<sha> PYCNN_DATA=<mnist dir> OUT=<dir> [PART=1|2] [DEADLINE_S=560] \
-#        [SELFTEST_ARGS=--tests-only] [SKIP_STAGES1=1] [SKIP_MNISTCNN=1] [SKIP_TRAINING_BENCH=1] [NCU=1] [WIDE=1] [SKIP_LADDER=1]
+#        [SELFTEST_ARGS=--tests-only] [SKIP_STAGES1=1] [SKIP_MNISTCNN=1] [SKIP_TRAINING_BENCH=1] [NCU=1] [WIDE=1]
+#        [SKIP_LADDER=1]
 #        [LOCALIZE_EPOCHS=N] bash benchmarks/gpu_session.sh
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -69,14 +70,17 @@ if [ -n "${NCU:-}" ]; then
   done
 fi
 # WIDE=1: v3 on the model layers with the default tiles and with PYCNN_CONV3_WIDE=1 (32x256 /
-# 64x128 tiles for the forward and backward-data GEMMs, off by default until measured), and with
-# split-K aimed at 264 and 1056 blocks instead of 528 (v3@T), side by side, at batch 64 and at
-# batch 512 (where MnistCNN conv2's backward-data took 398 us).
+# 64x128 tiles for the forward and backward-data GEMMs, off by default until measured), the
+# stride-1 backward-data as the forward GEMM of the flipped filters (v3f,
+# PYCNN_CONV_BWD_DATA_FLIP=1), the split-K rule before "waves" (v3fill), and split-K with rounds
+# of 264 and 1056 blocks instead of 528 (v3@T), side by side, at batch 64 (with the
+# compute-bound layer) and at batch 512 (where MnistCNN conv2's backward-data took 398 us).
 if [ -n "${WIDE:-}" ]; then
   for b in 64 512; do
-    step "v3 default vs wide tiles vs split targets, model layers at batch $b" 75 \
-      python3 benchmarks/gpu_kernels.py --layers models --versions 3,3w,3@264,3@1056 --batch "$b" --repeats 10 \
-      --budget 45 --json "$OUT/gpu-$stamp-$sha8-kernels-wide-b$b.json" 2>&1 | tail -60
+    layers=models; [ "$b" = 64 ] && layers=all
+    step "v3 default vs wide tiles vs flipped backward-data vs split targets, $layers layers at batch $b" 80 \
+      python3 benchmarks/gpu_kernels.py --layers "$layers" --versions 3,3w,3f,3fill,3@264,3@1056 --batch "$b" \
+      --repeats 10 --budget 50 --json "$OUT/gpu-$stamp-$sha8-kernels-wide-b$b.json" 2>&1 | tail -60
   done
 fi
 # The v3/v4/v5 GEMM main loop without cp.async double buffering, on the compute-bound layer: is

@@ -27,6 +27,9 @@ conv2d_backward's two halves are also timed alone, outside the sum). "pycnn-eage
 backward op in order on one stream): the A/B of the side stream that runs the weight gradients
 beside the data gradients. "pycnn-cudagraph-2pass" is the graph variant with PYCNN_SPLIT_FINISH=0
 (split-K GEMMs summed by a separate reduce launch instead of inside the kernel): its A/B.
+"pycnn-cudagraph-flip" is the graph variant with PYCNN_CONV_BWD_DATA_FLIP=1 (stride-1
+backward-data as the forward GEMM of dy with the flipped filters): its A/B; "pycnn-cudagraph-fill"
+the graph variant with the split-K rule before "waves" (cuda._CONV3_SPLIT_RULE = "fill").
 
 Writes a JSON record (environment + "end_to_end" entries with "reference" and
 "reference_samples_per_s", the DESIGN.md record format) to ``--out`` and prints a table.
@@ -77,6 +80,20 @@ def with_env(name: str, value: str, fn):
     def run(*args):
         with env_set(name, value):
             return fn(*args)
+    return run
+
+
+def with_split_rule(rule: str, fn):
+    """fn with the backend's v3/v4 split-K rule set to ``rule`` (cuda._CONV3_SPLIT_RULE)."""
+    from pycnn.backends import cuda
+
+    def run(*args):
+        old = cuda._CONV3_SPLIT_RULE
+        cuda._CONV3_SPLIT_RULE = rule  # (assigning it empties the backend's launch plans)
+        try:
+            return fn(*args)
+        finally:
+            cuda._CONV3_SPLIT_RULE = old
     return run
 
 
@@ -530,7 +547,15 @@ def main(argv=None) -> int:
                # the A/B of the split-K sums finished inside the GEMM kernels
                "pycnn-cudagraph-2pass": _attempt(errors, f"pycnn graph two-pass split-K b{batch}",
                                                  with_env("PYCNN_SPLIT_FINISH", "0", pycnn_throughput),
-                                                 "mnistcnn", batch, True, xtr, ytr, order)}
+                                                 "mnistcnn", batch, True, xtr, ytr, order),
+               # the A/B of the stride-1 backward-data run as the forward GEMM of flipped filters
+               "pycnn-cudagraph-flip": _attempt(errors, f"pycnn graph flipped backward-data b{batch}",
+                                                with_env("PYCNN_CONV_BWD_DATA_FLIP", "1", pycnn_throughput),
+                                                "mnistcnn", batch, True, xtr, ytr, order),
+               # the A/B of the "waves" split-K rule: the rule before it
+               "pycnn-cudagraph-fill": _attempt(errors, f"pycnn graph split rule 'fill' b{batch}",
+                                                with_split_rule("fill", pycnn_throughput),
+                                                "mnistcnn", batch, True, xtr, ytr, order)}
         if torch is not None:
             res["pytorch-eager"] = _attempt(errors, f"torch eager b{batch}", torch_throughput, torch, "mnistcnn",
                                             batch, False, txtr, tytr, torder)
@@ -539,7 +564,8 @@ def main(argv=None) -> int:
         details["mnistcnn"][batch] = res
         ref = res.get("pytorch-cudagraph") or {}
         for variant in ("pycnn-eager", "pycnn-cudagraph", "pycnn-cudagraph-winograd", "pycnn-eager-1stream",
-                        "pycnn-cudagraph-1stream", "pycnn-cudagraph-2pass"):
+                        "pycnn-cudagraph-1stream", "pycnn-cudagraph-2pass", "pycnn-cudagraph-flip",
+                        "pycnn-cudagraph-fill"):
             if res[variant] is None:
                 continue
             entries.append({"model": "MnistCNN", "batch": batch, "variant": variant, "drop_last": True,

@@ -77,8 +77,14 @@ def training_lines(record: dict) -> list[str]:
     return lines
 
 
+def is_variant(entry: dict) -> bool:
+    """A gpu_kernels.py entry of an experiment beside a version (v3w wide tiles, v3f flipped
+    backward-data, v3@T split target, v3fill split rule), not the version as the backend runs it."""
+    return bool(entry.get("wide") or entry.get("flip") or entry.get("split_target") or entry.get("split_rule"))
+
+
 def layer_lines(record: dict) -> list[str]:
-    auto = [k for k in record.get("kernels", []) if k.get("auto") and not k.get("wide") and k["shape"] != BIG]
+    auto = [k for k in record.get("kernels", []) if k.get("auto") and not is_variant(k) and k["shape"] != BIG]
     if not auto:
         return ["missed  model layers no slower than cuDNN: no 'auto' entries in record"]
     lines, met_gpu, met_call = [], 0, 0
@@ -98,7 +104,7 @@ def layer_lines(record: dict) -> list[str]:
 
 
 def compute_bound_lines(record: dict) -> list[str]:
-    big = [k for k in record.get("kernels", []) if k["shape"] == BIG and not k.get("wide")]
+    big = [k for k in record.get("kernels", []) if k["shape"] == BIG and not is_variant(k)]
     if not big:
         return ["missed  compute-bound layer: not in record"]
     lines = []

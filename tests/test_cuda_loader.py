@@ -290,6 +290,11 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
         cuda.conv2d_backward_data(dyb, wb, xb.shape, (1, 1), (0, 0), version=version, allow_tf32=True)
         cuda.conv2d_backward_weight(dyb, xb, wb.shape, (1, 1), (0, 0), version=version, allow_tf32=True)
     assert {f"conv2d_{d}_v{v}_t128_f32" for d in ("fwd", "bwd_data", "bwd_weight") for v in "34"} <= set(launches)
+    with monkeypatch.context() as m:  # stride-1 backward-data as the forward GEMM of flipped filters
+        m.setenv("PYCNN_CONV_BWD_DATA_FLIP", "1")
+        n = len(launches)
+        assert cuda.conv2d_backward_data(_f(2, 4, 7, 6), w, x.shape, (1, 1), (0, 0), version="3").shape == x.shape
+        assert launches[n:] == ["conv2d_flip_weights_f32", "conv2d_fwd_v3_m32_f32"]  # (3 channels: 32 rows)
     # v5 (Winograd): 3x3 stride 1; 2 * 8 * 8 = 128 tiles and 128 filters take the 128x128 GEMM tile
     for xw, ww in ((_f(2, 3, 9, 7), _f(5, 3, 3, 3)), (_f(2, 4, 32, 32), _f(128, 4, 3, 3))):
         yw = cuda.conv2d_forward(xw, ww, _f(ww.shape[0]), (1, 1), (1, 1), version="5")

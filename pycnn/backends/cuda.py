@@ -286,6 +286,22 @@ def _plan_then(plan: _Plan, launches: tuple, scratch: tuple) -> _Plan:
     return plan._replace(launches=plan.launches + launches, scratch=plan.scratch + scratch, fallback=fallback)
 
 
+def _plan_after(launches: tuple, scratch: tuple, plan: _Plan) -> _Plan:
+    """Some launches and their scratch, then ``plan`` (and so its fallback)."""
+    fallback = _plan_after(launches, scratch, plan.fallback) if plan.fallback is not None else None
+    return plan._replace(launches=launches + plan.launches, scratch=scratch + plan.scratch, fallback=fallback)
+
+
+def _plan_renamed(plan: _Plan, names: dict) -> _Plan:
+    """``plan`` with its arrays renamed (old name -> new name; names not in ``names`` stay)."""
+    def renamed(launch: _Launch) -> _Launch:
+        args = tuple(names.get(a, a) if isinstance(a, str) else a for a in launch.args)
+        return launch._replace(args=args, slots=tuple((i, names.get(n, n)) for i, n in launch.slots))
+    fallback = _plan_renamed(plan.fallback, names) if plan.fallback is not None else None
+    return plan._replace(launches=tuple(map(renamed, plan.launches)),
+                         scratch=tuple((names.get(n, n), count) for n, count in plan.scratch), fallback=fallback)
+
+
 _plans: dict = {}  # (op, device, shapes, arguments, settings) -> _Plan
 # A bound on _plans (a program that feeds ever new shapes would otherwise grow it without end);
 # past it the cache starts over. A plan takes a few hundred bytes.
@@ -349,7 +365,7 @@ def _env(name: str) -> str:
 
 # The environment variables a conv plan depends on (part of its key).
 _CONV_SETTINGS = ("PYCNN_CONV_VERSION", "PYCNN_ALLOW_TF32", "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_AUTOTUNE",
-                  "PYCNN_CONV3_WIDE", "PYCNN_SPLIT_FINISH")
+                  "PYCNN_CONV3_WIDE", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP")
 _CONV_SETTING_KEYS = tuple(os.fsencode(name) for name in _CONV_SETTINGS)
 
 
@@ -1322,7 +1338,35 @@ def _conv_backward_data_plan(version: str, geom: tuple) -> _Plan:
     narrow = _conv_narrow_forward(C, K, R, S, "backward_data")
     if narrow:  # first layers (exact fp32 under v4 too)
         return _Plan((_kernel_launch("conv2d.cu", narrow, ((N * H * W + BLOCK - 1) // BLOCK,), (BLOCK,), args),))
+    if _bwd_data_flips(geom):
+        return _bwd_data_flip_plan(version, geom)
     return _conv3_output_gemm("backward_data", version, C, N * H * W, K * R * S, args, 2, N * C * H * W, {})
+
+
+def _bwd_data_flips(geom: tuple) -> bool:
+    """Whether a v3/v4 backward-data runs as the forward GEMM of dy with flipped filters
+    (_bwd_data_flip_plan): with $PYCNN_CONV_BWD_DATA_FLIP=1 (an experiment until a GPU has timed
+    it; '0' or unset: the backward-data GEMM), for stride 1 and padding below the filter size."""
+    setting = _env("PYCNN_CONV_BWD_DATA_FLIP")
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"PYCNN_CONV_BWD_DATA_FLIP must be 1 (stride-1 backward-data through the forward "
+                         f"kernels) or 0, got {setting!r}")
+    N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
+    return setting == "1" and (sh, sw) == (1, 1) and ph < R and pw < S
+
+
+def _bwd_data_flip_plan(version: str, geom: tuple) -> _Plan:
+    """Stride-1 backward-data as a forward convolution: dx = conv2d(dy, wf, padding (R-1-ph,
+    S-1-pw)) with wf[c, k] = w[k, c] rotated by 180 degrees (conv2d_flip_weights_f32 writes it into
+    scratch "wflip"); the same products as the backward-data GEMM, summed in another order (exact
+    fp32 both, not the same bits). Arrays dy, w, dx."""
+    N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
+    flipped = (N, K, Ho, Wo, C, R, S, H, W, 1, 1, R - 1 - ph, S - 1 - pw)  # (the forward's geometry)
+    forward = _plan_renamed(_conv_forward_plan(version, flipped, False, False),
+                            {"x": "dy", "w": "wflip", "bias": "wflip", "y": "dx"})
+    flip = _kernel_launch("conv2d.cu", "conv2d_flip_weights_f32", _grid1d(K * C * R * S), (BLOCK,),
+                          ("w", "wflip", _i32(K), _i32(C), _i32(R * S)))
+    return _plan_after((flip,), (("wflip", K * C * R * S),), forward)
 
 
 def conv2d_backward_data(dy, w, x_shape, stride, padding, *, version: str | None = None,

@@ -249,6 +249,32 @@ def test_split_finish_in_kernel_is_bitwise_the_two_pass_sum(monkeypatch, layer):
     assert all(int(t.max()) == 0 for t in cuda._split_ticket_arrays.values()), "a tile counter was left set"
 
 
+@pytest.mark.parametrize("layer", LAYERS, ids=[layer[0] for layer in LAYERS])
+def test_backward_data_through_the_forward_kernels(monkeypatch, layer):
+    """PYCNN_CONV_BWD_DATA_FLIP=1 on the GPU: a stride-1 backward-data of every model layer (v3,
+    two batch sizes) as the forward GEMM of the flipped filters agrees with the backward-data GEMM
+    to fp32 rounding (other summation order), and with the float64 reference."""
+    _, N, C, H, W, K, R, S, stride, padding = layer
+    if tuple(stride) != (1, 1):
+        pytest.skip("the flipped path is for stride 1")
+    rng = np.random.default_rng(9)
+    for batch in (N, 8 * N):
+        w = rng.standard_normal((K, C, R, S)).astype(np.float32) * 0.3
+        Ho, Wo = (H + 2 * padding[0] - R) // stride[0] + 1, (W + 2 * padding[1] - S) // stride[1] + 1
+        dy = rng.standard_normal((batch, K, Ho, Wo)).astype(np.float32)
+        x_shape = (batch, C, H, W)
+        monkeypatch.setenv("PYCNN_CONV_BWD_DATA_FLIP", "0")
+        plain = cp.asnumpy(cuda.conv2d_backward_data(cp.asarray(dy), cp.asarray(w), x_shape, stride, padding,
+                                                     version="3"))
+        monkeypatch.setenv("PYCNN_CONV_BWD_DATA_FLIP", "1")
+        flipped = cp.asnumpy(cuda.conv2d_backward_data(cp.asarray(dy), cp.asarray(w), x_shape, stride, padding,
+                                                       version="3"))
+        want = ref.conv2d_backward_data(dy.astype(np.float64), w.astype(np.float64), x_shape, stride, padding)
+        scale = max(np.abs(want).max(), 1e-30)
+        assert np.abs(flipped - want).max() <= 1e-5 * scale * np.sqrt(K * R * S), f"batch {batch}"
+        assert np.abs(flipped - plain).max() <= 1e-5 * scale * np.sqrt(K * R * S), f"batch {batch}"
+
+
 def test_autotune_times_each_exact_version_once_and_caches(monkeypatch):
     monkeypatch.setenv("PYCNN_CONV_AUTOTUNE", "1")
     monkeypatch.delenv("PYCNN_CONV_VERSION", raising=False)

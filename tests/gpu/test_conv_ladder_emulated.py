@@ -510,6 +510,31 @@ def test_gpu_kernels_split_targets(emulated, monkeypatch, tmp_path):
     assert record["kernels_info"]["fastest_exact_versions"]["t-a"] == {op: "v3" for op in plain}
 
 
+def test_gpu_kernels_old_split_rule(emulated, monkeypatch, tmp_path):
+    """--versions 3,3fill: v3 again under the split-K rule "waves" replaced ("split_rule": "fill"
+    entries), only where the two rules split a GEMM differently; the rule is restored after."""
+    import json
+
+    gpu_kernels, _ = _gpu_kernels_on_the_emulator(monkeypatch)
+    from shapes import ConvShape
+
+    monkeypatch.setattr(gpu_kernels, "CONV_SHAPES", [ConvShape("t", "a", 64, 8, 12, 7, 3, padding=1)])
+    monkeypatch.setattr(cuda, "_CONV3_SPLIT_TARGET_BLOCKS", 3)  # a 3-block "GPU": 2 tiles x 2 splits is 2 rounds
+    out = tmp_path / "r.json"
+    rc = gpu_kernels.main(["--layers", "models", "--versions", "3,3fill", "--batch", "2", "--repeats", "1",
+                           "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert rc == 0 and record["kernels_info"]["errors"] == [], record["kernels_info"]["errors"]
+    assert cuda._CONV3_SPLIT_RULE == "waves"
+    fill = [e for e in record["kernels"] if e.get("split_rule")]
+    plain = {e["op"]: e for e in record["kernels"] if not e.get("split_rule")}
+    assert fill and all(e["split_rule"] == "fill" and not e["auto"] for e in fill)
+    for e in fill:
+        assert e["splits"] != plain[e["op"]]["splits"], e
+    assert plain["conv2d_fwd"]["splits"] == 1 and any(e["op"] == "conv2d_fwd" and e["splits"] == 2 for e in fill)
+    assert "v3fill" in gpu_kernels.table(record["kernels"])
+
+
 def test_gpu_kernels_wide_tiles_at_a_batch(emulated, monkeypatch, tmp_path):
     """--layers models --versions 3,3w --batch N: the model layers at batch N (here 1, on two
     stand-in layers), v3 with its default tiles and, marked "wide", with PYCNN_CONV3_WIDE=1 for
@@ -546,6 +571,41 @@ def test_gpu_kernels_wide_tiles_at_a_batch(emulated, monkeypatch, tmp_path):
     assert {"conv2d_fwd_v3_n128_f32", "conv2d_fwd_v3_m32n256_f32", "conv2d_bwd_data_v3_n128_f32",
             "conv2d_bwd_data_v3_m32n256_f32"} <= set(emulated)
     assert "v3w" in gpu_kernels.table(record["kernels"])
+
+
+def test_gpu_kernels_flipped_backward_data(emulated, monkeypatch, tmp_path):
+    """--versions 3,3f: v3 and, as "flip" entries, the stride-1 backward-data through the forward
+    kernels (PYCNN_CONV_BWD_DATA_FLIP=1, unset again afterwards); backward-data only, not for
+    stride 2; checked against v3's output, and neither "auto" nor a candidate of the fastest exact
+    version. The tables of docs/kernels.md and benchmarks/targets.py leave the entries out."""
+    import json
+    import os
+
+    gpu_kernels, _ = _gpu_kernels_on_the_emulator(monkeypatch)
+    import kernels_table  # (benchmarks/ is on sys.path now)
+    import targets
+    from shapes import ConvShape
+
+    monkeypatch.setattr(gpu_kernels, "CONV_SHAPES", [ConvShape("t", "a", 64, 8, 12, 7, 3, padding=1),
+                                                     ConvShape("t", "s2", 64, 8, 12, 7, 3, stride=2)])
+    out = tmp_path / "f.json"
+    rc = gpu_kernels.main(["--layers", "models", "--versions", "3,3f", "--batch", "2", "--repeats", "1",
+                           "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert rc == 0 and record["kernels_info"]["errors"] == [], record["kernels_info"]["errors"]
+    assert "PYCNN_CONV_BWD_DATA_FLIP" not in os.environ
+    flipped = [e for e in record["kernels"] if e.get("flip")]
+    assert [(e["layer"], e["op"], e["version"], e["auto"]) for e in flipped] == [
+        ("t-a", "conv2d_bwd_data", "v3", False)]
+    assert "conv2d_flip_weights_f32" in emulated
+    assert len([e for e in record["kernels"] if not e.get("flip")]) == 6
+    assert "v3f" in gpu_kernels.table(record["kernels"])
+    assert all(targets.is_variant(e) == bool(e.get("flip")) for e in record["kernels"])
+    # docs/kernels.md's table: a (faster) experiment on a documented shape does not take v3's cell
+    shape = kernels_table.SHAPES[0][1]
+    entry = {"op": "conv2d_bwd_data", "version": "v3", "shape": shape}
+    doc = kernels_table.render(out, {"kernels": [{**entry, "ms": 2.0}, {**entry, "ms": 0.5, "flip": True}]})
+    assert kernels_table.cell(2.0, shape, None) in doc and kernels_table.cell(0.5, shape, None) not in doc
 
 
 # Winograd F(4x4, 3x3) (v5): fp32 arithmetic through transforms with constants up to 8 and 1/24,
@@ -1108,3 +1168,77 @@ def test_split_finish_in_kernel_is_the_two_pass_sum(emulated, monkeypatch, versi
         for what, got, ref_value, length in zip(("y", "dx", "dw"), results["1"][1:4], want, lengths(shape)):
             np.testing.assert_allclose(got, ref_value, rtol=1e-4, atol=fp32_atol(length), err_msg=what)
 
+
+# (N, C, H, W, K, R, S, stride, padding), the overrides of cuda's tile/split constants, and the
+# forward kernel the flipped backward-data must run.
+FLIP_CASES = {
+    "64x64-pad1": (SHAPES["multi-tile"], {}, "conv2d_fwd_v{}_f32"),
+    "pad0-3x2": ((2, 3, 7, 6, 9, 3, 2, (1, 1), (0, 0)), {}, "conv2d_fwd_v{}_f32"),
+    "pad-max-one-channel": ((1, 1, 7, 6, 5, 3, 3, (1, 1), (2, 2)), {}, "conv2d_fwd_v{}_f32"),
+    "split": (SPLIT_SHAPE, {"_CONV3_SPLIT_MIN_K": 16}, "conv2d_fwd_v{}_f32"),
+    "m32-split": (SPLIT_SHAPE, {"_CONV3_M32_MAX_ROWS": 32, "_CONV3_SPLIT_MIN_K": 16}, "conv2d_fwd_v3_m32_f32"),
+}
+
+
+@pytest.mark.parametrize("version", ["3", "4"])
+@pytest.mark.parametrize("case", list(FLIP_CASES))
+def test_backward_data_through_the_forward_kernels(emulated, monkeypatch, version, case):
+    """PYCNN_CONV_BWD_DATA_FLIP=1: a stride-1 backward-data runs conv2d_flip_weights_f32 and then
+    the forward GEMM of dy with the flipped filters (padding R-1-p): the same dx as the reference
+    (v3: fp32 accumulation; v4: within the TF32 bound), in both split-K finishes, and not the
+    backward-data kernels; with the setting off, the backward-data GEMM."""
+    shape, overrides, forward_kernel = FLIP_CASES[case]
+    if version == "4" and "m32" in case:
+        pytest.skip("v4 has no 32-row tiles")
+    for name, value in overrides.items():
+        monkeypatch.setattr(cuda, name, value)
+    _, _, _, _, _, _, _, stride, padding = shape
+    tf32 = version == "4"
+    x, w, b, dy = data(shape, seed=41)
+    want = reference(shape, x, w, b, dy)[1]
+    length = lengths(shape)[1]
+    monkeypatch.setenv("PYCNN_CONV_BWD_DATA_FLIP", "1")
+    results = []
+    for finish in ("0", "1"):
+        monkeypatch.setenv("PYCNN_SPLIT_FINISH", finish)
+        del emulated[:]
+        dx = cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version=version, allow_tf32=tf32)
+        assert emulated[0] == "conv2d_flip_weights_f32", emulated
+        assert forward_kernel.format(version) in emulated, emulated
+        assert not any("bwd_data" in k for k in emulated), emulated
+        if "split" in case:
+            assert any("reduce" in k for k in emulated) == (finish == "0"), emulated
+        results.append(dx)
+        if tf32:
+            dy64, w64 = dy.astype(np.float64), w.astype(np.float64)
+            bound = tf32_bound(length, ref.conv2d_backward_data(np.abs(dy64), np.abs(w64), x.shape, stride, padding))
+            assert np.all(np.abs(dx - want) <= bound), case
+        else:
+            np.testing.assert_allclose(dx, want, rtol=1e-4, atol=fp32_atol(length), err_msg=case)
+    assert results[0].tobytes() == results[1].tobytes(), "the in-kernel finish changed the flipped path's bits"
+    monkeypatch.setenv("PYCNN_CONV_BWD_DATA_FLIP", "0")
+    del emulated[:]
+    cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version=version, allow_tf32=tf32)
+    assert "conv2d_flip_weights_f32" not in emulated and any("bwd_data" in k for k in emulated), emulated
+
+
+def test_backward_data_flip_only_where_it_applies(emulated, monkeypatch):
+    """The flipped path needs stride 1; other strides keep the backward-data GEMM, and v1/v2
+    ignore the setting. A setting other than 0 / 1 is an error that names it."""
+    monkeypatch.setenv("PYCNN_CONV_BWD_DATA_FLIP", "1")
+    for name in ("stride2-pad-odd", "two-row-tiles"):
+        shape = SHAPES[name]
+        x, w, b, dy = data(shape, seed=43)
+        del emulated[:]
+        dx = cuda.conv2d_backward_data(dy, w, x.shape, shape[7], shape[8], version="3")
+        assert emulated == ["conv2d_bwd_data_v3_f32"], (name, emulated)
+        np.testing.assert_allclose(dx, reference(shape, x, w, b, dy)[1], rtol=1e-4, atol=fp32_atol(lengths(shape)[1]))
+    shape = SHAPES["multi-tile"]
+    x, w, b, dy = data(shape, seed=44)
+    for version in ("1", "2"):
+        del emulated[:]
+        cuda.conv2d_backward_data(dy, w, x.shape, shape[7], shape[8], version=version)
+        assert emulated == [f"conv2d_bwd_data_v{version}_f32"], emulated
+    monkeypatch.setenv("PYCNN_CONV_BWD_DATA_FLIP", "yes")
+    with pytest.raises(ValueError, match="PYCNN_CONV_BWD_DATA_FLIP"):
+        cuda.conv2d_backward_data(dy, w, x.shape, shape[7], shape[8], version="3")

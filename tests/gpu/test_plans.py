@@ -73,9 +73,11 @@ def _calls(x_shape, w_shape, stride, padding, version):
     ]
 
 
+@pytest.mark.parametrize("flip", ["0", "1"])
 @pytest.mark.parametrize("version", ["1", "2", "3", "5", None])
 @pytest.mark.parametrize("layer", LAYERS, ids=["first", "mnistcnn-conv2", "mnistcnn-conv3", "strided"])
-def test_a_cached_call_launches_what_the_first_call_did(recorded, monkeypatch, layer, version):
+def test_a_cached_call_launches_what_the_first_call_did(recorded, monkeypatch, layer, version, flip):
+    monkeypatch.setenv("PYCNN_CONV_BWD_DATA_FLIP", flip)  # (1: stride-1 backward-data as a forward GEMM)
     x_shape, w_shape, stride, padding = layer
     x, w, b = _zeros(*x_shape), _zeros(*w_shape), _zeros(w_shape[0])
     y_shape = cuda.conv2d_forward(x, w, None, stride, padding, version="1").shape
@@ -127,6 +129,17 @@ def test_an_environment_setting_is_part_of_the_key(recorded, monkeypatch):
     monkeypatch.delenv("PYCNN_CONV_VERSION")
     monkeypatch.setenv("PYCNN_CONV_WINOGRAD", "1")
     assert kernel() == "conv2d_wino_filter_f32"
+    dy = _zeros(64, 64, 11, 11)
+    monkeypatch.delenv("PYCNN_CONV_WINOGRAD")
+    monkeypatch.delenv("PYCNN_CONV3_WIDE")
+    monkeypatch.setenv("PYCNN_CONV_VERSION", "3")
+    recorded.launches.clear()
+    cuda.conv2d_backward_data(dy, w, x.shape, 1, 0)
+    assert [k for k, *_ in recorded.launches] == ["conv2d_bwd_data_v3_m32_f32"]
+    monkeypatch.setenv("PYCNN_CONV_BWD_DATA_FLIP", "1")
+    recorded.launches.clear()
+    cuda.conv2d_backward_data(dy, w, x.shape, 1, 0)
+    assert [k for k, *_ in recorded.launches] == ["conv2d_flip_weights_f32", "conv2d_fwd_v3_m32_f32"]
 
 
 def test_bad_arguments_raise_after_the_shape_was_cached(recorded):
