@@ -15,6 +15,10 @@ fp32 (TF32 off) and in TF32, all measured in the same run.
     python benchmarks/gpu_kernels.py --layers all --versions 3,3f --json FILE
         (v3 and, as "flip": true backward-data entries, the stride-1 backward-data run as the
         forward GEMM of dy with the flipped filters, PYCNN_CONV_BWD_DATA_FLIP=1)
+    python benchmarks/gpu_kernels.py --layers all --models mnistcnn --versions 3 --knockouts 1,2,4,8 --json FILE
+        (v3, then v3 recompiled with parts of its main loop left out, PYCNN_CONV3_KNOCKOUT=1 the
+        products, 2 the B-tile copies, 4 the A-tile copies, 8 the index decode: as "knockout"
+        entries whose time difference to v3 says what each part costs; their results are wrong)
     python benchmarks/gpu_kernels.py --layers models --versions 3,3fill --batch 512 --json FILE
         (v3 and, as "split_rule": "fill" entries where it splits differently, v3 with the split-K
         rule before the "waves" one: cuda._CONV3_SPLIT_RULE)
@@ -44,6 +48,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -306,16 +311,43 @@ def env_switch(name: str, on: bool):
             os.environ[name] = old
 
 
+@contextlib.contextmanager
+def knockout(mask: int):
+    """The conv kernels compiled with PYCNN_CONV3_KNOCKOUT=mask inside (parts of the v3/v4 main
+    loop left out: timing only, wrong results), the normal ones again afterwards."""
+    def fresh_modules():
+        for cache in (cuda._modules, cuda._functions):
+            for key in [k for k in cache if k[1] == "conv2d.cu"]:
+                del cache[key]
+        cuda.clear_plans()
+
+    old = os.environ.get("PYCNN_CONV3_KNOCKOUT")
+    os.environ["PYCNN_CONV3_KNOCKOUT"] = str(mask)
+    fresh_modules()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the backend's warning that the results are wrong)
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("PYCNN_CONV3_KNOCKOUT", None)
+        else:
+            os.environ["PYCNN_CONV3_KNOCKOUT"] = old
+        fresh_modules()
+
+
 def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, versions=VERSIONS,
-                models_only: bool = False, batch: int | None = None) -> dict:
+                models_only: bool = False, batch: int | None = None, models: tuple = (),
+                reference: bool = True) -> dict:
     """Every version x direction on every layer (or on the compute-bound one only): the record's
-    kernel entries and info.
+    kernel entries and info. ``models``: only the layers of these models (and the compute-bound
+    one unless ``models_only``); ``reference=False``: no cuDNN.
 
     No new layer is started after ``budget`` seconds (``truncated`` in the info then says so).
     """
     import cupy as cp
 
-    torch, torch_info = load_torch()
+    torch, torch_info = load_torch() if reference else (None, "not run")
     rng = np.random.default_rng(0)
     timer = cupy_timer(cp)
     entries, errors, auto = [], [], {}
@@ -323,6 +355,8 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
     truncated = []
     stages = cuda.compile_defines()["PYCNN_CONV3_STAGES"]
     every = layers(batch)
+    if models:
+        every = every[:1] + [(label, shape) for label, shape in every[1:] if label.split("-")[0] in models]
     for label, shape in (every[:1] if only_big else every[1:] if models_only else every):
         if time.perf_counter() - t_start > budget:
             truncated.append(label)
@@ -432,6 +466,7 @@ def table(entries) -> str:
         gpu, dnn_gpu = e.get("gpu_ms"), e.get("cudnn_gpu_ms")
         version = (e["version"] + ("w" if e.get("wide") else "") + ("f" if e.get("flip") else "")
                    + (e["split_rule"] if e.get("split_rule") else "")
+                   + (f"-k{e['knockout']}" if e.get("knockout") else "")
                    + (f"@{e['split_target']}" if e.get("split_target") else "") + ("*" if e.get("auto") else ""))
         cells = [f"{dnn:.4f}" if dnn else "-", f"{dnn / ms:.2f}" if dnn and ms else "-",
                  f"{t32:.4f}" if t32 else "-", f"{t32 / ms:.2f}" if t32 and ms else "-",
@@ -442,8 +477,8 @@ def table(entries) -> str:
                      f"{cells[0]:>10}{cells[1]:>9}{cells[2]:>9}{cells[3]:>8}{cells[4]:>9}{cells[5]:>9}"
                      f"{cells[6]:>7}{cells[7]:>10}")
     lines.append("(* = the version 'auto' picks; v3w = v3 with PYCNN_CONV3_WIDE=1; v3f = backward-data as the "
-                 "forward GEMM of the flipped filters (PYCNN_CONV_BWD_DATA_FLIP=1); v3fill = the split-K rule "
-                 "before 'waves'; v3@T = split-K aimed at T "
+                 "forward GEMM of the flipped filters (PYCNN_CONV_BWD_DATA_FLIP=1); v3-kM = v3 compiled with "
+                 "PYCNN_CONV3_KNOCKOUT=M (timing only); v3fill = the split-K rule before 'waves'; v3@T = split-K aimed at T "
                  "blocks; x cuDNN > 1 means faster "
                  "than cuDNN; ms: one call with the host's work, GPU us: in a CUDA graph)")
     return "\n".join(lines)
@@ -462,6 +497,12 @@ def main(argv=None) -> int:
                         help="batch of the model layers (default 64, as benchmarks/shapes.py)")
     parser.add_argument("--versions", default=",".join(VERSIONS),
                         help=f"comma-separated conv versions to time (default {','.join(VERSIONS)})")
+    parser.add_argument("--models", default="",
+                        help="comma-separated model names (mnistcnn, lenet5, ...): only their layers")
+    parser.add_argument("--knockouts", default="",
+                        help="comma-separated PYCNN_CONV3_KNOCKOUT masks (1 products, 2 B-tile copies, 4 A-tile "
+                             "copies, 8 index decode): v3 again with those parts of its main loop left out, as "
+                             "entries with \"knockout\" (times only: the results are wrong)")
     parser.add_argument("--other-kernels", action="store_true",
                         help="also time the non-conv kernel families (the selftest's benchmark)")
     args = parser.parse_args(argv)
@@ -474,13 +515,27 @@ def main(argv=None) -> int:
     if unknown or not versions:
         parser.error(f"--versions: expected a comma-separated subset of {','.join(VERSIONS)}, 3w, 3f, 3fill or 3@<blocks>, "
                      f"got {args.versions!r}")
+    try:
+        knockouts = [int(k) for k in args.knockouts.split(",") if k.strip()]
+    except ValueError:
+        knockouts = [0]
+    if any(not 0 < k < 16 for k in knockouts):
+        parser.error(f"--knockouts: expected comma-separated masks from 1 to 15, got {args.knockouts!r}")
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     ok, reason = cuda.available()
     if not ok:
         print(f"CUDA backend unavailable: {reason}", file=sys.stderr)
         return 2
-    bench = conv_ladder(args.repeats, args.budget, only_big=args.layers == "big", versions=versions,
-                        models_only=args.layers == "models", batch=args.batch)
+    scope = {"only_big": args.layers == "big", "models_only": args.layers == "models", "batch": args.batch,
+             "models": models}
+    bench = conv_ladder(args.repeats, args.budget, versions=versions, **scope)
     entries = bench.pop("entries")
+    for mask in knockouts:
+        with knockout(mask):
+            part = conv_ladder(args.repeats, args.budget, versions=("3",), reference=False, **scope)
+        entries += [{**e, "knockout": mask, "auto": False} for e in part["entries"]]
+        bench["errors"] += [f"knockout {mask}: {err}" for err in part["errors"]]
+    bench["knockouts"] = knockouts
     if args.other_kernels:
         other = selftest.kernel_benchmarks()
         entries += [e for e in other.pop("entries") if not e["op"].startswith("conv2d")]

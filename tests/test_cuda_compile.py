@@ -37,11 +37,29 @@ def test_nvcc_compiles_every_kernel_file(tmp_path):
     jobs = [(src, arch) for src in sorted(CUDA_DIR.glob("*.cu")) for arch in ARCHS]
     # the v3/v4 main loop that loads through registers ($PYCNN_CONV_STAGES=1) is device code too
     jobs.append((CUDA_DIR / "conv2d.cu", "sm_90", "-DPYCNN_CONV3_STAGES=1"))
+    # ... and so are the timing experiments' knockouts (every part of the main loop left out)
+    jobs.append((CUDA_DIR / "conv2d.cu", "sm_90", "-DPYCNN_CONV3_KNOCKOUT=15"))
     with ThreadPoolExecutor(max_workers=2) as pool:  # the dev machines have 2 cores
         results = list(pool.map(lambda job: _nvcc(job[0], job[1], tmp_path, *job[2:]), jobs))
     failures = [f"{name}:\n{log}" for name, rc, log in results if rc != 0]
     assert not failures, "\n\n".join(failures)
-    assert len(results) == 2 * len(cuda.SOURCES) + 1
+    assert len(results) == 2 * len(cuda.SOURCES) + 2
+
+
+@pytest.mark.parametrize("value, ok", [("", True), ("0", True), ("5", True), ("15", True), ("16", False),
+                                       ("-1", False), ("x", False)])
+def test_knockout_setting(monkeypatch, value, ok):
+    """$PYCNN_CONV3_KNOCKOUT (timing experiments) goes into the compiled source as a define, only
+    when set to a mask from 1 to 15; anything else is an error that names it."""
+    monkeypatch.setenv("PYCNN_CONV3_KNOCKOUT", value)
+    if not ok:
+        with pytest.raises(ValueError, match="PYCNN_CONV3_KNOCKOUT"):
+            cuda.compile_defines()
+        return
+    defines = cuda.compile_defines()
+    assert defines.get("PYCNN_CONV3_KNOCKOUT", 0) == (int(value) if value else 0)
+    # (conv2d.cu's own default is one #define; a set mask adds one in front of it)
+    assert cuda.kernel_source("conv2d.cu").count("#define PYCNN_CONV3_KNOCKOUT") == (2 if value not in ("", "0") else 1)
 
 
 def _nvrtc():

@@ -228,6 +228,19 @@ static_assert(PYCNN_CONV3_STAGES == 1 || PYCNN_CONV3_STAGES == 2, "PYCNN_CONV3_S
 static_assert(PYCNN_CONV3_BK == 16 && PYCNN_CONV3_THREADS == 256,
               "the cooperative loads assume 16-deep stages and 256 threads");
 
+// Timing experiments only (benchmarks/gpu_kernels.py --knockouts): a bit mask, set at compile
+// time by $PYCNN_CONV3_KNOCKOUT, that leaves one part out of the v3/v4 GEMM main loop, so that
+// the time saved says what that part costs (where no profiler reads the hardware counters):
+//   1 the products (pycnn_conv_mma_tile and the bias-gradient row sums)
+//   2 the B-tile copies (the gathers from x / dy)
+//   4 the A-tile copies
+//   8 the per-stage decode of the reduction indices (stages 2.. reuse the tables of stages 0, 1)
+// With any bit set the results are WRONG; the backend warns when it compiles such a module.
+#ifndef PYCNN_CONV3_KNOCKOUT
+#define PYCNN_CONV3_KNOCKOUT 0
+#endif
+#define PYCNN_KO(bit) ((PYCNN_CONV3_KNOCKOUT & (bit)) != 0)
+
 #define PYCNN_CONV_FWD 0
 #define PYCNN_CONV_BWD_DATA 1
 #define PYCNN_CONV_BWD_WEIGHT 2
@@ -512,7 +525,7 @@ __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, con
     // Not unrolled: unrolling keeps both rows' addresses live and pushes the 128x128 v3 kernels
     // past 128 registers (one block per SM instead of two).
 #pragma unroll 1
-    for (int rr = 0; rr < A_ROWS; ++rr) {
+    for (int rr = 0; rr < (PYCNN_KO(4) ? 0 : A_ROWS); ++rr) {
         const int row = L.a_row + 64 * rr;
         if (BM < 64 && row >= BM) break;  // 32-row tiles: threads 128..255 load no A
         const int ma = L.m0 + row;
@@ -533,7 +546,7 @@ __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, con
                 return (n < p.Ncols) & (kd < p.k_end);
             });
         }
-    } else {
+    } else if (!PYCNN_KO(2)) {
 #pragma unroll
         for (int q = 0; q < BK / B_STEP; ++q) {
             const int row = L.b_row + q * B_STEP;
@@ -776,9 +789,10 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
             pycnn_conv_load_tile<MODE, BM, BN, false>(p, L, tabs[s % 2], k0, As[0], Bs[0]);
             __syncthreads();
             // The next stage's table goes into the other slot, which no thread reads any more.
-            if (tid < BK && k0 + BK < p.k_end) pycnn_conv_decode<MODE>(p, k0 + BK + tid, tabs[(s + 1) % 2][tid]);
-            if (sums_bias) pycnn_conv_sum_a_row<BM>(As[0], tid, db_acc);
-            pycnn_conv_mma_tile<TF32, BM, BN>(As[0], Bs[0], acc);
+            if (tid < BK && k0 + BK < p.k_end && (!PYCNN_KO(8) || s == 0))
+                pycnn_conv_decode<MODE>(p, k0 + BK + tid, tabs[(s + 1) % 2][tid]);
+            if (sums_bias && !PYCNN_KO(1)) pycnn_conv_sum_a_row<BM>(As[0], tid, db_acc);
+            if (!PYCNN_KO(1)) pycnn_conv_mma_tile<TF32, BM, BN>(As[0], Bs[0], acc);
             __syncthreads();  // the next stage overwrites As and Bs
         }
     } else {
@@ -801,10 +815,10 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
             // barrier. Decoded here, after the barrier, so that its integer divisions (two, four in
             // backward-data, on half of warp 0) overlap the other warps' products instead of
             // holding all eight warps at the barrier above.
-            if (tid < BK && k0 + 2 * BK < p.k_end)
+            if (tid < BK && k0 + 2 * BK < p.k_end && !PYCNN_KO(8))
                 pycnn_conv_decode<MODE>(p, k0 + 2 * BK + tid, tabs[s % 2][tid]);
-            if (sums_bias) pycnn_conv_sum_a_row<BM>(As[cur], tid, db_acc);
-            pycnn_conv_mma_tile<TF32, BM, BN>(As[cur], Bs[cur], acc);
+            if (sums_bias && !PYCNN_KO(1)) pycnn_conv_sum_a_row<BM>(As[cur], tid, db_acc);
+            if (!PYCNN_KO(1)) pycnn_conv_mma_tile<TF32, BM, BN>(As[cur], Bs[cur], acc);
         }
         pycnn_cp_async_wait<0>();  // nothing left in flight (only empty groups; free, and safe for
                                    // an epilogue that would reuse the shared memory)

@@ -25,6 +25,7 @@ import re
 import sys
 import threading
 import types
+import warnings
 import weakref
 from pathlib import Path
 from typing import NamedTuple
@@ -175,7 +176,8 @@ def kernel_source(filename: str) -> str:
 
 
 def compile_defines() -> dict:
-    """DEFINES with the choices the environment makes at compile time ($PYCNN_CONV_STAGES)."""
+    """DEFINES with the choices the environment makes at compile time ($PYCNN_CONV_STAGES, and
+    for timing experiments only $PYCNN_CONV3_KNOCKOUT: see conv2d.cu)."""
     defines = dict(DEFINES)
     stages = os.environ.get("PYCNN_CONV_STAGES", "")
     if stages:
@@ -183,6 +185,12 @@ def compile_defines() -> dict:
             raise ValueError(f"PYCNN_CONV_STAGES must be 1 (v3/v4 load tiles through registers) or 2 "
                              f"(double-buffered cp.async copies), got {stages!r}")
         defines["PYCNN_CONV3_STAGES"] = int(stages)
+    knockout = os.environ.get("PYCNN_CONV3_KNOCKOUT", "")
+    if knockout not in ("", "0"):
+        if not knockout.isdigit() or not 0 < int(knockout) < 16:
+            raise ValueError(f"PYCNN_CONV3_KNOCKOUT must be a bit mask from 0 to 15 (1 products, 2 B-tile "
+                             f"copies, 4 A-tile copies, 8 index decode), got {knockout!r}")
+        defines["PYCNN_CONV3_KNOCKOUT"] = int(knockout)
     return defines
 
 
@@ -195,6 +203,9 @@ def _function(device_id: int, filename: str, kernel: str):
     module = _modules.get((device_id, filename))
     with cupy.cuda.Device(device_id):
         if module is None:
+            if filename == "conv2d.cu" and compile_defines().get("PYCNN_CONV3_KNOCKOUT"):
+                warnings.warn("PYCNN_CONV3_KNOCKOUT is set: the v3/v4 convolution kernels leave out part of "
+                              "their work (a timing experiment) and compute WRONG results", stacklevel=3)
             module = cupy.RawModule(code=kernel_source(filename), options=COMPILE_OPTIONS)
             _modules[(device_id, filename)] = module
         try:

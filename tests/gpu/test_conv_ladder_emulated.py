@@ -573,6 +573,41 @@ def test_gpu_kernels_wide_tiles_at_a_batch(emulated, monkeypatch, tmp_path):
     assert "v3w" in gpu_kernels.table(record["kernels"])
 
 
+def test_gpu_kernels_knockouts(emulated, monkeypatch, tmp_path):
+    """--knockouts 1,8 --models mnistcnn: v3 on the compute-bound layer and MnistCNN's (stand-ins
+    here), then again with the conv module rebuilt under PYCNN_CONV3_KNOCKOUT=1 and =8, as
+    "knockout" entries without cuDNN; the setting and the normal module are back afterwards. (The
+    emulator's kernels are built once, so only the script's plumbing is exercised here; every mask
+    compiles with nvcc in test_cuda_compile.py.)"""
+    import json
+    import os
+
+    gpu_kernels, _ = _gpu_kernels_on_the_emulator(monkeypatch)
+    import targets
+    from shapes import ConvShape
+
+    monkeypatch.setattr(gpu_kernels, "BIG", ("tiny", (2, 3, 6, 5, 4, 3, 3, 1, 1)))
+    monkeypatch.setattr(gpu_kernels, "CONV_SHAPES", [ConvShape("mnistcnn", "c2", 64, 8, 12, 7, 3),
+                                                     ConvShape("lenet5", "c2", 64, 6, 16, 9, 5)])
+    stale = (0, "conv2d.cu")
+    monkeypatch.setitem(cuda._modules, stale, "a module built before")
+    out = tmp_path / "k.json"
+    rc = gpu_kernels.main(["--layers", "all", "--models", "mnistcnn", "--versions", "3", "--knockouts", "1,8",
+                           "--batch", "2", "--repeats", "1", "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert rc == 0 and record["kernels_info"]["errors"] == [], record["kernels_info"]["errors"]
+    assert "PYCNN_CONV3_KNOCKOUT" not in os.environ and stale not in cuda._modules
+    got = sorted((e["layer"], e["op"], e.get("knockout", 0)) for e in record["kernels"])
+    assert got == sorted((layer, op, k) for layer in ("tiny", "mnistcnn-c2") for k in (0, 1, 8)
+                         for op in ("conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"))
+    assert all(not e["auto"] and e["cudnn_ms"] is None for e in record["kernels"] if e.get("knockout"))
+    assert record["kernels_info"]["knockouts"] == [1, 8]
+    assert "v3-k8" in gpu_kernels.table(record["kernels"])
+    assert all(targets.is_variant(e) == bool(e.get("knockout")) for e in record["kernels"])
+    with pytest.raises(SystemExit):
+        gpu_kernels.main(["--knockouts", "16"])
+
+
 def test_gpu_kernels_flipped_backward_data(emulated, monkeypatch, tmp_path):
     """--versions 3,3f: v3 and, as "flip" entries, the stride-1 backward-data through the forward
     kernels (PYCNN_CONV_BWD_DATA_FLIP=1, unset again afterwards); backward-data only, not for
