@@ -729,6 +729,10 @@ _CONV3_SPLIT_TARGET_BLOCKS = 528
 _CONV3_SPLIT_MIN_K = 64
 _CONV3_SPLIT_RULE = "waves"
 _CONV3_BLOCK_OVERHEAD_STAGES = 2  # the first copy's latency, the epilogue's stores (in stages)
+# A split count above _SPLIT_FINISH_MAX_SPLITS also costs the separate reduce launch (a graph node
+# that waits for the whole GEMM): so much, in stages. (Not the setting of PYCNN_SPLIT_FINISH: the
+# split count, and so the bits, must not depend on how the parts are added.)
+_CONV3_REDUCE_LAUNCH_STAGES = 2
 # Forward and backward-data split only below this many output tiles (beyond four rounds a last
 # partial round costs little); 0 turns their split-K off. "fill" used _CONV_SPLIT_TARGET_BLOCKS.
 _CONV3_SPLIT_BELOW_BLOCKS = 4 * _CONV3_SPLIT_TARGET_BLOCKS
@@ -1071,8 +1075,9 @@ def _conv3_splits(direction: str, tile: int, blocks: int, Kd: int) -> tuple[int,
 def _waves_splits(blocks: int, count: int, minimum: int, align: int, slots: int) -> tuple[int, int]:
     """(splits, chunk) of ``count`` summands (chunks of a multiple of ``align``, at least
     ``minimum`` summands each) for ``blocks`` blocks per split, minimizing
-    ceil(blocks * splits / slots) x (chunk / align + _CONV3_BLOCK_OVERHEAD_STAGES (+ 1 when split)),
-    the fewest splits among equals (see _CONV3_SPLIT_RULE)."""
+    ceil(blocks * splits / slots) x (chunk / align + _CONV3_BLOCK_OVERHEAD_STAGES (+ 1 when split))
+    (+ _CONV3_REDUCE_LAUNCH_STAGES for more splits than the kernel finishes itself), the fewest
+    splits among equals (see _CONV3_SPLIT_RULE)."""
     blocks = max(blocks, 1)
     stages = -(-count // align)
     best = (-(-blocks // slots) * (stages + _CONV3_BLOCK_OVERHEAD_STAGES), 1, max(count, 1))
@@ -1084,6 +1089,8 @@ def _waves_splits(blocks: int, count: int, minimum: int, align: int, slots: int)
         if -(-count // chunk) != splits:
             continue  # (the same chunks as a smaller split count: already costed)
         cost = -(-blocks * splits // slots) * (chunk // align + _CONV3_BLOCK_OVERHEAD_STAGES + 1)
+        if splits > _SPLIT_FINISH_MAX_SPLITS:
+            cost += _CONV3_REDUCE_LAUNCH_STAGES
         if cost < best[0]:
             best = (cost, splits, chunk)
     return best[1], best[2]

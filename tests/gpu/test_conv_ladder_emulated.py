@@ -851,11 +851,13 @@ def test_split_k_forward_and_backward_data(emulated, monkeypatch, version, min_k
 
 def test_split_rule(monkeypatch):
     """v3/v4 split-K ("waves", the default): the split count that minimizes rounds of 528 blocks x
-    (stages + 2, + 1 when split), with >= _CONV3_SPLIT_MIN_K products per split, whole stages per
-    chunk, the fewest splits among equals; forward / backward-data not at all from
-    _CONV3_SPLIT_BELOW_BLOCKS tiles; 128x128 tiles never. "fill" is the rule it replaced."""
+    (stages + 2, + 1 when split), + 2 for a separate reduce launch (more than 8 splits), with >=
+    _CONV3_SPLIT_MIN_K products per split, whole stages per chunk, the fewest splits among equals;
+    forward / backward-data not at all from _CONV3_SPLIT_BELOW_BLOCKS tiles; 128x128 tiles never.
+    "fill" is the rule it replaced."""
     assert cuda._CONV3_SPLIT_RULE == "waves"
-    assert cuda._conv3_splits("forward", 64, 9, 576) == (9, 64)      # MnistCNN conv3 (b64): 9 tiles
+    assert cuda._conv3_splits("forward", 64, 9, 576) == (8, 80)      # MnistCNN conv3 (b64): 9 tiles,
+    #                                                                  finished in the kernel (not 9)
     assert cuda._conv3_splits("forward", 64, 121, 288) == (4, 80)    # conv2 (b64): one round, not 605 blocks
     assert cuda._conv3_splits("backward_data", 32, 676, 576) == (3, 192)  # conv2 (b512): 4 rounds of 12
     assert cuda._conv3_splits("forward", 64, 968, 288) == (1, 288)   # conv2 (b512): two full rounds
@@ -866,7 +868,8 @@ def test_split_rule(monkeypatch):
     slots, extra = cuda._CONV3_SPLIT_TARGET_BLOCKS, cuda._CONV3_BLOCK_OVERHEAD_STAGES
 
     def cost(blocks, kd, splits, chunk):
-        return -(-blocks * splits // slots) * (chunk // 16 + extra + (splits > 1))
+        reduce = cuda._CONV3_REDUCE_LAUNCH_STAGES if splits > cuda._SPLIT_FINISH_MAX_SPLITS else 0
+        return -(-blocks * splits // slots) * (chunk // 16 + extra + (splits > 1)) + reduce
 
     for direction in ("forward", "backward_data", "backward_weight"):
         for blocks, kd in ((1, 10000), (7, 1000), (100, 333), (263, 5000), (300, 576), (700, 2000)):
