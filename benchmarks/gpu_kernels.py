@@ -478,7 +478,8 @@ def table(entries) -> str:
                      f"{cells[6]:>7}{cells[7]:>10}")
     lines.append("(* = the version 'auto' picks; v3w = v3 with PYCNN_CONV3_WIDE=1; v3f = backward-data as the "
                  "forward GEMM of the flipped filters (PYCNN_CONV_BWD_DATA_FLIP=1); v3-kM = v3 compiled with "
-                 "PYCNN_CONV3_KNOCKOUT=M (timing only); v3fill = the split-K rule before 'waves'; v3@T = split-K aimed at T "
+                 "PYCNN_CONV3_KNOCKOUT=M (timing only); v3fill = the split-K rule before 'waves'; "
+                 "v3@T = split-K aimed at T "
                  "blocks; x cuDNN > 1 means faster "
                  "than cuDNN; ms: one call with the host's work, GPU us: in a CUDA graph)")
     return "\n".join(lines)
@@ -513,7 +514,8 @@ def main(argv=None) -> int:
     except ValueError as exc:
         unknown.append(str(exc))
     if unknown or not versions:
-        parser.error(f"--versions: expected a comma-separated subset of {','.join(VERSIONS)}, 3w, 3f, 3fill or 3@<blocks>, "
+        parser.error(f"--versions: expected a comma-separated subset of {','.join(VERSIONS)}, "
+                     f"3w, 3f, 3fill or 3@<blocks>, "
                      f"got {args.versions!r}")
     try:
         knockouts = [int(k) for k in args.knockouts.split(",") if k.strip()]
