@@ -17,6 +17,8 @@
 //                             order, then the bias / ReLU epilogue
 //   pycnn_split_reduce_pair   two of them (no epilogue) in one grid: a weight gradient and the
 //                             bias gradient its kernel summed alongside
+//   pycnn_sum_split_parts     the same sums for a few elements of one thread, inside the GEMM
+//                             kernel that finishes its own split-K product (PycnnSplitGroup)
 #pragma once
 
 #ifndef PYCNN_BLOCK
@@ -129,5 +131,35 @@ __device__ __forceinline__ void pycnn_split_reduce_pair(const float* __restrict_
         double s = 0.0;
         for (int z = 0; z < splits; ++z) s += (double)part[(pycnn_i64)z * count + i];
         (is_a ? out_a : out_b)[i] = (float)s;
+    }
+}
+
+// How many of its PER_THREAD elements a finishing thread sums at once in pycnn_sum_split_parts:
+// 8 (or the largest of 4, 2, 1 that divides PER_THREAD): 8 loads in flight per split, and few
+// enough registers (offsets, double sums) to stay within the GEMM main loop's.
+template <int PER_THREAD>
+struct PycnnSplitGroup {
+    static constexpr int value = PER_THREAD % 8 == 0 ? 8 : PER_THREAD % 4 == 0 ? 4 : PER_THREAD % 2 == 0 ? 2 : 1;
+};
+
+// sum[q] = the sum over z = 0, 1, ..., splits-1 of parts[z*stride + off[q]] (0 where !ok[q]), in
+// that order, in double: pycnn_split_reduce's sum (the same bits) for the GROUP elements of one
+// thread. The GROUP loads of a split are independent, so they are in flight together (one element
+// at a time would wait for L2 once per load). volatile: the other blocks' parts from L2, never
+// from a stale L1 line (the caller has fenced after the election, see pycnn_conv_split_finish).
+template <int GROUP, class Offset>
+__device__ __forceinline__ void pycnn_sum_split_parts(const float* parts, pycnn_i64 stride, int splits,
+                                                      const Offset (&off)[GROUP], const bool (&ok)[GROUP],
+                                                      double (&sum)[GROUP]) {
+#pragma unroll
+    for (int q = 0; q < GROUP; ++q) sum[q] = 0.0;
+#pragma unroll 1
+    for (int z = 0; z < splits; ++z) {
+        const volatile float* part = parts + (pycnn_i64)z * stride;
+        float v[GROUP];
+#pragma unroll
+        for (int q = 0; q < GROUP; ++q) v[q] = ok[q] ? part[off[q]] : 0.0f;
+#pragma unroll
+        for (int q = 0; q < GROUP; ++q) sum[q] += (double)v[q];
     }
 }

@@ -653,14 +653,11 @@ __device__ __forceinline__ void pycnn_conv_split_finish(const PycnnConvGemm& p, 
     __threadfence();
     const int splits = gridDim.z, mstride = pycnn_conv_out_mstride<MODE>(p);
     const pycnn_i64 zoff = (pycnn_i64)blockIdx.z * p.split_stride;  // out_base's offset of this split
-    // A thread adds GROUP elements at a time, split by split: the GROUP loads of one split are
-    // independent, so they are in flight together (one element at a time would wait for L2 once
-    // per load: splits x elements round trips). Each element still sums its parts in split order.
-    // GROUP = 8 keeps the finish within the main loop's registers (offsets are int32: an output
-    // tensor has fewer than 2^31 elements, and each split's copy is addressed from its own base).
+    // A thread adds GROUP of its elements at a time, split by split (pycnn_sum_split_parts: their
+    // loads in flight together), each in split order. Offsets are int32: an output tensor has
+    // fewer than 2^31 elements, and each split's copy is addressed from its own base.
     constexpr int PER_THREAD = BM * BN / PYCNN_CONV3_THREADS;
-    constexpr int GROUP = PER_THREAD < 8 ? PER_THREAD : 8;
-    static_assert(PER_THREAD % GROUP == 0, "the tile's elements split evenly into groups");
+    constexpr int GROUP = PycnnSplitGroup<PER_THREAD>::value;
 #pragma unroll 1
     for (int g = 0; g < PER_THREAD; g += GROUP) {
         int off[GROUP];
@@ -672,18 +669,8 @@ __device__ __forceinline__ void pycnn_conv_split_finish(const PycnnConvGemm& p, 
             const int m = m0 + e / BN, n = n0 + e % BN;  // consecutive threads: consecutive columns
             ok[q] = m < p.M && n < p.Ncols;
             off[q] = ok[q] ? (int)(pycnn_conv_out_base<MODE>(p, n) - zoff + (pycnn_i64)m * mstride) : 0;
-            sum[q] = 0.0;
         }
-#pragma unroll 1
-        for (int z = 0; z < splits; ++z) {
-            // volatile: the other blocks' parts from L2, never from a stale L1 line
-            const volatile float* part = p.out + (pycnn_i64)z * p.split_stride;
-            float v[GROUP];
-#pragma unroll
-            for (int q = 0; q < GROUP; ++q) v[q] = ok[q] ? part[off[q]] : 0.0f;
-#pragma unroll
-            for (int q = 0; q < GROUP; ++q) sum[q] += (double)v[q];
-        }
+        pycnn_sum_split_parts<GROUP>(p.out, p.split_stride, splits, off, ok, sum);
 #pragma unroll
         for (int q = 0; q < GROUP; ++q) {
             if (!ok[q]) continue;
@@ -789,7 +776,8 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
             pycnn_conv_load_tile<MODE, BM, BN, false>(p, L, tabs[s % 2], k0, As[0], Bs[0]);
             __syncthreads();
             // The next stage's table goes into the other slot, which no thread reads any more.
-            if (tid < BK && k0 + BK < p.k_end && (!PYCNN_KO(8) || s == 0))
+            // (the constant first: a trailing "&& true" changed nvcc's code for the whole loop)
+            if ((!PYCNN_KO(8) || s == 0) && tid < BK && k0 + BK < p.k_end)
                 pycnn_conv_decode<MODE>(p, k0 + BK + tid, tabs[(s + 1) % 2][tid]);
             if (sums_bias && !PYCNN_KO(1)) pycnn_conv_sum_a_row<BM>(As[0], tid, db_acc);
             if (!PYCNN_KO(1)) pycnn_conv_mma_tile<TF32, BM, BN>(As[0], Bs[0], acc);
@@ -815,7 +803,7 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
             // barrier. Decoded here, after the barrier, so that its integer divisions (two, four in
             // backward-data, on half of warp 0) overlap the other warps' products instead of
             // holding all eight warps at the barrier above.
-            if (tid < BK && k0 + 2 * BK < p.k_end && !PYCNN_KO(8))
+            if (!PYCNN_KO(8) && tid < BK && k0 + 2 * BK < p.k_end)
                 pycnn_conv_decode<MODE>(p, k0 + 2 * BK + tid, tabs[s % 2][tid]);
             if (sums_bias && !PYCNN_KO(1)) pycnn_conv_sum_a_row<BM>(As[cur], tid, db_acc);
             if (!PYCNN_KO(1)) pycnn_conv_mma_tile<TF32, BM, BN>(As[cur], Bs[cur], acc);

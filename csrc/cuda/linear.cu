@@ -140,12 +140,10 @@ extern "C" __global__ void linear_gemm_f32(const float* __restrict__ A, long lon
     __syncthreads();
     if (!is_last) return;  // uniform per block
     __threadfence();
-    // GROUP elements at a time, split by split, so that their loads are in flight together (see
-    // pycnn_conv_split_finish in conv2d.cu); each element sums its parts in split order.
+    // GROUP of its elements at a time, split by split (pycnn_sum_split_parts: their loads in
+    // flight together), each in split order.
     constexpr int PER_THREAD = PYCNN_GEMM_BM * PYCNN_GEMM_BN / (PYCNN_GEMM_THREADS_X * PYCNN_GEMM_THREADS_Y);
-    constexpr int GROUP = PER_THREAD < 8 ? PER_THREAD : 8;
-    static_assert(PER_THREAD % GROUP == 0, "the tile's elements split evenly into groups");
-    const float* parts = C - (pycnn_i64)blockIdx.z * M * N;
+    constexpr int GROUP = PycnnSplitGroup<PER_THREAD>::value;
 #pragma unroll 1
     for (int g = 0; g < PER_THREAD; g += GROUP) {
         pycnn_i64 off[GROUP];
@@ -157,18 +155,9 @@ extern "C" __global__ void linear_gemm_f32(const float* __restrict__ A, long lon
             const int m = m0 + e / PYCNN_GEMM_BN, n = n0 + e % PYCNN_GEMM_BN;
             ok[q] = m < M && n < N;
             off[q] = ok[q] ? (pycnn_i64)m * N + n : 0;
-            sum[q] = 0.0;
         }
-#pragma unroll 1
-        for (int z = 0; z < (int)gridDim.z; ++z) {
-            // volatile: the other blocks' parts from L2, never from a stale L1 line
-            const volatile float* part = parts + (pycnn_i64)z * M * N;
-            float v[GROUP];
-#pragma unroll
-            for (int q = 0; q < GROUP; ++q) v[q] = ok[q] ? part[off[q]] : 0.0f;
-#pragma unroll
-            for (int q = 0; q < GROUP; ++q) sum[q] += (double)v[q];
-        }
+        pycnn_sum_split_parts<GROUP>(C - (pycnn_i64)blockIdx.z * M * N, (pycnn_i64)M * N, (int)gridDim.z, off, ok,
+                                     sum);
 #pragma unroll
         for (int q = 0; q < GROUP; ++q) {
             if (!ok[q]) continue;
