@@ -555,8 +555,8 @@ _SPLIT_TICKETS = 1 << 14  # (64 KiB a stream; a split weight gradient of 2048x20
 _split_ticket_arrays: dict = {}  # (device id,) + _stream_key -> int32 (_SPLIT_TICKETS,), all 0
 # ... and a GEMM of more splits than this: one block per tile reads all of that tile's parts (its
 # threads keep 8 loads in flight, so about 2 x splits L2 round trips for a 64x64 tile), while a
-# separate reduce spreads the reading over the whole GPU. A weight gradient split 100 ways over 5
-# tiles (MnistCNN conv2 at batch 64) would have 5 blocks read 7.7 MB. Where the two cost the same
+# separate reduce spreads the reading over the whole GPU. A weight gradient split 97 ways over 5
+# tiles (MnistCNN conv2 at batch 64) would have 5 blocks read 7.5 MB. Where the two cost the same
 # is a guess until a GPU times both (gpu_training.py's pycnn-cudagraph-2pass A/B).
 _SPLIT_FINISH_MAX_SPLITS = 8
 
@@ -770,7 +770,7 @@ def _conv_narrow_forward(C: int, K: int, R: int, S: int, direction: str = "forwa
 
 
 _conv_tf32_capable: dict = {}  # device id -> compute capability >= 8.0
-_autotune_cache: dict = {}  # (direction, device, shapes, stride, padding, winograd, tf32) -> version
+_autotune_cache: dict = {}  # (direction, device, shapes, stride, padding, winograd, settings, tf32) -> version
 _autotune_times: dict = {}  # the same key -> {version: median ms}, for benchmarks to report
 _conv_backward_tuned: set = set()  # conv2d_backward calls whose shapes had their autotune call (in order)
 
@@ -1043,8 +1043,10 @@ def _conv_pick(direction: str, dev: int, geom: tuple, version, allow_tf32, run) 
         elif _winograd_allowed() and conv_version(direction, x_shape, w_shape, stride, padding,
                                                   CONV_WINOGRAD_VERSION, False) == CONV_WINOGRAD_VERSION:
             candidates.append(CONV_WINOGRAD_VERSION)
+        # (with the settings that change what a version launches: a pick made without them is
+        # not the pick with them; tf32 stays last)
         key = (direction, dev, x_shape, w_shape, stride, padding, CONV_WINOGRAD_VERSION in candidates,
-               tf32 and capable)
+               _env("PYCNN_CONV3_WIDE"), _env("PYCNN_CONV_BWD_DATA_FLIP"), _CONV3_SPLIT_RULE, tf32 and capable)
         tuned = _autotune(key, candidates, run)
         if tuned is not None:
             chosen = tuned
@@ -1073,22 +1075,24 @@ def _conv3_splits(direction: str, tile: int, blocks: int, Kd: int) -> tuple[int,
 
 
 def _waves_splits(blocks: int, count: int, minimum: int, align: int, slots: int) -> tuple[int, int]:
-    """(splits, chunk) of ``count`` summands (chunks of a multiple of ``align``, at least
-    ``minimum`` summands each) for ``blocks`` blocks per split, minimizing
+    """(splits, chunk) of ``count`` summands (chunks of a multiple of ``align``, at most
+    ceil(count / minimum) of them, so about ``minimum`` summands or more each; the last chunk
+    takes the rest) for ``blocks`` blocks per split, minimizing
     ceil(blocks * splits / slots) x (chunk / align + _CONV3_BLOCK_OVERHEAD_STAGES (+ 1 when split))
     (+ _CONV3_REDUCE_LAUNCH_STAGES for more splits than the kernel finishes itself), the fewest
     splits among equals (see _CONV3_SPLIT_RULE)."""
     blocks = max(blocks, 1)
     stages = -(-count // align)
     best = (-(-blocks // slots) * (stages + _CONV3_BLOCK_OVERHEAD_STAGES), 1, max(count, 1))
-    # (beyond a few rounds more splits only add overhead: the search stops there)
-    most = min(-(-count // minimum), _MAX_GRID_YZ, 4 * -(-slots // blocks) + 8)
-    for splits in range(2, most + 1):
+    for splits in range(2, min(-(-count // minimum), _MAX_GRID_YZ) + 1):
+        rounds = -(-blocks * splits // slots)
+        if rounds * (_CONV3_BLOCK_OVERHEAD_STAGES + 2) >= best[0]:
+            break  # (a bound on every larger split count's cost: rounds only grow, a chunk is >= 1 stage)
         chunk = -(-count // splits)
         chunk = -(-chunk // align) * align
         if -(-count // chunk) != splits:
             continue  # (the same chunks as a smaller split count: already costed)
-        cost = -(-blocks * splits // slots) * (chunk // align + _CONV3_BLOCK_OVERHEAD_STAGES + 1)
+        cost = rounds * (chunk // align + _CONV3_BLOCK_OVERHEAD_STAGES + 1)
         if splits > _SPLIT_FINISH_MAX_SPLITS:
             cost += _CONV3_REDUCE_LAUNCH_STAGES
         if cost < best[0]:
@@ -1340,6 +1344,7 @@ def conv2d_bias_relu_forward(x, w, b, stride, padding, *, version: str | None = 
 def _conv_backward_data_plan(version: str, geom: tuple) -> _Plan:
     """The launches of conv2d_backward_data in ``version``; arrays dy, w, dx."""
     _split_finish_on()
+    flips = _bwd_data_flips(geom)  # (a bad $PYCNN_CONV_BWD_DATA_FLIP is an error for every version)
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
     args = ("dy", "w", "dx") + _geometry_args(geom)
     if version == "1":
@@ -1356,7 +1361,7 @@ def _conv_backward_data_plan(version: str, geom: tuple) -> _Plan:
     narrow = _conv_narrow_forward(C, K, R, S, "backward_data")
     if narrow:  # first layers (exact fp32 under v4 too)
         return _Plan((_kernel_launch("conv2d.cu", narrow, ((N * H * W + BLOCK - 1) // BLOCK,), (BLOCK,), args),))
-    if _bwd_data_flips(geom):
+    if flips:
         return _bwd_data_flip_plan(version, geom)
     return _conv3_output_gemm("backward_data", version, C, N * H * W, K * R * S, args, 2, N * C * H * W, {})
 

@@ -1215,6 +1215,9 @@ FLIP_CASES = {
     "pad-max-one-channel": ((1, 1, 7, 6, 5, 3, 3, (1, 1), (2, 2)), {}, "conv2d_fwd_v{}_f32"),
     "split": (SPLIT_SHAPE, {"_CONV3_SPLIT_MIN_K": 16}, "conv2d_fwd_v{}_f32"),
     "m32-split": (SPLIT_SHAPE, {"_CONV3_M32_MAX_ROWS": 32, "_CONV3_SPLIT_MIN_K": 16}, "conv2d_fwd_v3_m32_f32"),
+    # one filter: the flipped forward has one input channel and runs the narrow one-channel kernel
+    "one-filter-narrow": ((2, 3, 7, 6, 1, 3, 3, (1, 1), (1, 1)), {"_CONV_NARROW_TAPS": 25},
+                          "conv2d_fwd_narrow_c1_3x3_f32"),
 }
 
 
@@ -1242,7 +1245,7 @@ def test_backward_data_through_the_forward_kernels(emulated, monkeypatch, versio
         del emulated[:]
         dx = cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version=version, allow_tf32=tf32)
         assert emulated[0] == "conv2d_flip_weights_f32", emulated
-        assert forward_kernel.format(version) in emulated, emulated
+        assert forward_kernel.format(version) in emulated, emulated  # (the narrow kernel: exact fp32 in v4)
         assert not any("bwd_data" in k for k in emulated), emulated
         if "split" in case:
             assert any("reduce" in k for k in emulated) == (finish == "0"), emulated
@@ -1278,5 +1281,6 @@ def test_backward_data_flip_only_where_it_applies(emulated, monkeypatch):
         cuda.conv2d_backward_data(dy, w, x.shape, shape[7], shape[8], version=version)
         assert emulated == [f"conv2d_bwd_data_v{version}_f32"], emulated
     monkeypatch.setenv("PYCNN_CONV_BWD_DATA_FLIP", "yes")
-    with pytest.raises(ValueError, match="PYCNN_CONV_BWD_DATA_FLIP"):
-        cuda.conv2d_backward_data(dy, w, x.shape, shape[7], shape[8], version="3")
+    for version in ("1", "3"):
+        with pytest.raises(ValueError, match="PYCNN_CONV_BWD_DATA_FLIP"):
+            cuda.conv2d_backward_data(dy, w, x.shape, shape[7], shape[8], version=version)
