@@ -19,6 +19,8 @@ fp32 (TF32 off) and in TF32, all measured in the same run.
         (v3, then v3 recompiled with parts of its main loop left out, PYCNN_CONV3_KNOCKOUT=1 the
         products, 2 the B-tile copies, 4 the A-tile copies, 8 the index decode: as "knockout"
         entries whose time difference to v3 says what each part costs; their results are wrong)
+    python benchmarks/gpu_kernels.py --layers all --versions 3 --also-stages 3 --batch 512 --json FILE
+        (v3, then v3 rebuilt with PYCNN_CONV_STAGES=3, two tiles in flight, as "rebuilt" entries)
     python benchmarks/gpu_kernels.py --layers models --versions 3,3fill --batch 512 --json FILE
         (v3 and, as "split_rule": "fill" entries where it splits differently, v3 with the split-K
         rule before the "waves" one: cuda._CONV3_SPLIT_RULE)
@@ -312,27 +314,28 @@ def env_switch(name: str, on: bool):
 
 
 @contextlib.contextmanager
-def knockout(mask: int):
-    """The conv kernels compiled with PYCNN_CONV3_KNOCKOUT=mask inside (parts of the v3/v4 main
-    loop left out: timing only, wrong results), the normal ones again afterwards."""
+def rebuilt(name: str, value: str):
+    """The conv kernels compiled with the compile-time setting ``name``=``value`` inside
+    (PYCNN_CONV3_KNOCKOUT: parts of the v3/v4 main loop left out, timing only, wrong results;
+    PYCNN_CONV_STAGES: the main loop's pipeline depth), the normal ones again afterwards."""
     def fresh_modules():
         for cache in (cuda._modules, cuda._functions):
             for key in [k for k in cache if k[1] == "conv2d.cu"]:
                 del cache[key]
         cuda.clear_plans()
 
-    old = os.environ.get("PYCNN_CONV3_KNOCKOUT")
-    os.environ["PYCNN_CONV3_KNOCKOUT"] = str(mask)
+    old = os.environ.get(name)
+    os.environ[name] = value
     fresh_modules()
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # (the backend's warning that the results are wrong)
+            warnings.simplefilter("ignore")  # (the backend's warning that knockout results are wrong)
             yield
     finally:
         if old is None:
-            os.environ.pop("PYCNN_CONV3_KNOCKOUT", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["PYCNN_CONV3_KNOCKOUT"] = old
+            os.environ[name] = old
         fresh_modules()
 
 
@@ -467,6 +470,7 @@ def table(entries) -> str:
         version = (e["version"] + ("w" if e.get("wide") else "") + ("f" if e.get("flip") else "")
                    + (e["split_rule"] if e.get("split_rule") else "")
                    + (f"-k{e['knockout']}" if e.get("knockout") else "")
+                   + (f"-s{e['stages']}" if e.get("rebuilt") else "")
                    + (f"@{e['split_target']}" if e.get("split_target") else "") + ("*" if e.get("auto") else ""))
         cells = [f"{dnn:.4f}" if dnn else "-", f"{dnn / ms:.2f}" if dnn and ms else "-",
                  f"{t32:.4f}" if t32 else "-", f"{t32 / ms:.2f}" if t32 and ms else "-",
@@ -478,7 +482,8 @@ def table(entries) -> str:
                      f"{cells[6]:>7}{cells[7]:>10}")
     lines.append("(* = the version 'auto' picks; v3w = v3 with PYCNN_CONV3_WIDE=1; v3f = backward-data as the "
                  "forward GEMM of the flipped filters (PYCNN_CONV_BWD_DATA_FLIP=1); v3-kM = v3 compiled with "
-                 "PYCNN_CONV3_KNOCKOUT=M (timing only); v3fill = the split-K rule before 'waves'; "
+                 "PYCNN_CONV3_KNOCKOUT=M (timing only); v3-sN = v3 rebuilt with PYCNN_CONV_STAGES=N; "
+                 "v3fill = the split-K rule before 'waves'; "
                  "v3@T = split-K aimed at T "
                  "blocks; x cuDNN > 1 means faster "
                  "than cuDNN; ms: one call with the host's work, GPU us: in a CUDA graph)")
@@ -504,6 +509,9 @@ def main(argv=None) -> int:
                         help="comma-separated PYCNN_CONV3_KNOCKOUT masks (1 products, 2 B-tile copies, 4 A-tile "
                              "copies, 8 index decode): v3 again with those parts of its main loop left out, as "
                              "entries with \"knockout\" (times only: the results are wrong)")
+    parser.add_argument("--also-stages", default="",
+                        help="comma-separated PYCNN_CONV_STAGES values (1, 2, 3): v3 again with the conv module "
+                             "rebuilt with that main-loop depth, as entries with \"rebuilt\" and their \"stages\"")
     parser.add_argument("--other-kernels", action="store_true",
                         help="also time the non-conv kernel families (the selftest's benchmark)")
     args = parser.parse_args(argv)
@@ -523,6 +531,10 @@ def main(argv=None) -> int:
         knockouts = [0]
     if any(not 0 < k < 16 for k in knockouts):
         parser.error(f"--knockouts: expected comma-separated masks from 1 to 15, got {args.knockouts!r}")
+    also_stages = [s.strip() for s in args.also_stages.split(",") if s.strip()]
+    if any(s not in ("1", "2", "3") for s in also_stages):
+        parser.error(f"--also-stages: expected comma-separated loop depths 1, 2 or 3, got {args.also_stages!r}")
+    also_stages = [int(s) for s in also_stages]
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     ok, reason = cuda.available()
     if not ok:
@@ -533,11 +545,16 @@ def main(argv=None) -> int:
     bench = conv_ladder(args.repeats, args.budget, versions=versions, **scope)
     entries = bench.pop("entries")
     for mask in knockouts:
-        with knockout(mask):
+        with rebuilt("PYCNN_CONV3_KNOCKOUT", str(mask)):
             part = conv_ladder(args.repeats, args.budget, versions=("3",), reference=False, **scope)
         entries += [{**e, "knockout": mask, "auto": False} for e in part["entries"]]
         bench["errors"] += [f"knockout {mask}: {err}" for err in part["errors"]]
     bench["knockouts"] = knockouts
+    for stages in also_stages:  # (entries whose "stages" says which loop ran; "rebuilt" marks them)
+        with rebuilt("PYCNN_CONV_STAGES", str(stages)):
+            part = conv_ladder(args.repeats, args.budget, versions=("3",), reference=False, **scope)
+        entries += [{**e, "rebuilt": f"PYCNN_CONV_STAGES={stages}", "auto": False} for e in part["entries"]]
+        bench["errors"] += [f"stages {stages}: {err}" for err in part["errors"]]
     if args.other_kernels:
         other = selftest.kernel_benchmarks()
         entries += [e for e in other.pop("entries") if not e["op"].startswith("conv2d")]

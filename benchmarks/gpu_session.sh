@@ -86,10 +86,11 @@ fi
 # KNOCKOUT=1: where v3's time goes without a profiler: v3 on the compute-bound layer and MnistCNN's
 # layers at batch 512, then recompiled with the products, the B-tile copies, the A-tile copies or
 # the index decode left out (PYCNN_CONV3_KNOCKOUT=1/2/4/8; the results are wrong, the times are
-# the point): each difference to v3 is what that part costs. Four NVRTC compiles of conv2d.cu.
-[ -n "${KNOCKOUT:-}" ] && step "v3 knockouts (compute-bound + MnistCNN layers at batch 512)" 110 \
-  python3 benchmarks/gpu_kernels.py --layers all --models mnistcnn --versions 3 --knockouts 1,2,4,8 --batch 512 \
-  --repeats 10 --budget 60 --json "$OUT/gpu-$stamp-$sha8-kernels-knockouts.json" 2>&1 | tail -40
+# the point): each difference to v3 is what that part costs; and with two tiles in flight
+# (PYCNN_CONV_STAGES=3, "rebuilt" entries). Five NVRTC compiles of conv2d.cu.
+[ -n "${KNOCKOUT:-}" ] && step "v3 knockouts and 3-stage loop (compute-bound + MnistCNN layers at batch 512)" 130 \
+  python3 benchmarks/gpu_kernels.py --layers all --models mnistcnn --versions 3 --knockouts 1,2,4,8 --also-stages 3 \
+  --batch 512 --repeats 10 --budget 60 --json "$OUT/gpu-$stamp-$sha8-kernels-knockouts.json" 2>&1 | tail -40
 # The v3/v4/v5 GEMM main loop without cp.async double buffering, on the compute-bound layer: is
 # the default (PYCNN_CONV3_STAGES=2) the faster one there?
 [ -z "${SKIP_STAGES1:-}" ] && step "v3/v4/v5 with PYCNN_CONV_STAGES=1 (compute-bound layer)" 60 env PYCNN_CONV_STAGES=1 \

@@ -75,7 +75,9 @@ def test_conv_stages_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("PYCNN_CONV_STAGES", "1")
     assert "#define PYCNN_CONV3_STAGES 1\n" in cuda.kernel_source("conv2d.cu")
     monkeypatch.setenv("PYCNN_CONV_STAGES", "3")
-    with pytest.raises(ValueError, match=r"PYCNN_CONV_STAGES must be 1 .* or 2 .*got '3'"):
+    assert "#define PYCNN_CONV3_STAGES 3\n" in cuda.kernel_source("conv2d.cu")
+    monkeypatch.setenv("PYCNN_CONV_STAGES", "4")
+    with pytest.raises(ValueError, match=r"PYCNN_CONV_STAGES must be 1 .*, 2 .* or 3 .*got '4'"):
         cuda.kernel_source("conv2d.cu")
 
 

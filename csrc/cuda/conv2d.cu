@@ -55,8 +55,8 @@
 //   block computes on one, cp.async copies the next one from global to shared memory
 //   (PYCNN_CONV3_STAGES=2, the default; 1 = the plain loop that loads through registers, with
 //   float4 loads of A where four values are contiguous, kept for comparison: the pre-pipeline
-//   design, not its exact machine code). Both sum in the same order: the results are bitwise
-//   equal. Two tile sizes (the host picks one per shape):
+//   design, not its exact machine code; 3 = two tiles in flight). All sum in the same order: the
+//   results are bitwise equal. Two tile sizes (the host picks one per shape):
 //   conv2d_fwd_v3_f32, conv2d_bwd_data_v3_f32, conv2d_bwd_weight_v3_f32                64 x 64, 4x4
 //   conv2d_fwd_v3_t128_f32, conv2d_bwd_data_v3_t128_f32, conv2d_bwd_weight_v3_t128_f32 128 x 128, 8x8
 //   conv2d_fwd_v3_m32_f32, conv2d_bwd_data_v3_m32_f32, conv2d_bwd_weight_v3_m32_f32    32 x 128, 2x8
@@ -220,10 +220,13 @@ extern "C" __global__ void conv2d_fwd_v2_f32(
 //      to shared memory (no registers) while the block computes on tile s, so one block's own
 //      loads overlap its math. A copy whose element is padding or outside the tensor copies zero
 //      bytes and zero-fills (src-size 0), which is the convolution's zero padding.
+//   3  the same with tiles s+1 and s+2 in flight (three buffers): two stages of math to hide a
+//      copy's latency behind. Only for tiles whose three stages fit 48 KB of static shared memory
+//      (64x64, 32x128, 64x128); the others run two. Opt-in until timed.
 #ifndef PYCNN_CONV3_STAGES
 #define PYCNN_CONV3_STAGES 2
 #endif
-static_assert(PYCNN_CONV3_STAGES == 1 || PYCNN_CONV3_STAGES == 2, "PYCNN_CONV3_STAGES is 1 or 2");
+static_assert(PYCNN_CONV3_STAGES >= 1 && PYCNN_CONV3_STAGES <= 3, "PYCNN_CONV3_STAGES is 1, 2 or 3");
 
 static_assert(PYCNN_CONV3_BK == 16 && PYCNN_CONV3_THREADS == 256,
               "the cooperative loads assume 16-deep stages and 256 threads");
@@ -706,7 +709,12 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
                   (!TF32 && ((BM == 32 && (BN == 128 || BN == 256)) || (BM == 64 && BN == 128))),
                   "tiles are 64x64 or 128x128, or 32x128 / 32x256 / 64x128 for v3");
     constexpr int BK = PYCNN_CONV3_BK;
-    constexpr int STAGES = PYCNN_CONV3_STAGES;
+    // (a third stage only where three fit the 48 KB of static shared memory: 64x64, 32x128 and
+    // 64x128 tiles; the others keep two)
+    constexpr int STAGE_BYTES = BK * (BM + BN + 2 * PYCNN_CONV3_PAD) * 4;
+    constexpr int STAGES = PYCNN_CONV3_STAGES > 2 && PYCNN_CONV3_STAGES * STAGE_BYTES > 44 * 1024
+                               ? 2 : PYCNN_CONV3_STAGES;
+    constexpr int TABS = STAGES < 2 ? 2 : STAGES;  // decoded index tables (see below)
     constexpr int TM = BM / 16, TN = BN / 16;  // v3 register tile (16 x 16 threads)
     constexpr int WM = BM / 2, WN = BN / 4;    // v4: 2 x 4 warps
     constexpr int MI = WM / 16, NI = WN / 8;   // v4: mma tiles per warp
@@ -715,10 +723,10 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
     __shared__ __align__(16) float Bs[STAGES][BK][BN + PYCNN_CONV3_PAD];  // [k][n]
     // Per stage, the BK reduction indices decoded once (pycnn_conv_decode) instead of three
     // integer divisions in every load; the next table is decoded while the other one is used.
-    // Two slots suffice in both loops: a table is read only while its stage's loads are issued
-    // (the copies in flight never look at it again), and the slot a decode overwrites was last
-    // read before the barrier that precedes the decode.
-    __shared__ __align__(16) int tabs[2][BK][PYCNN_CONV_TAB];
+    // A table is read only while its stage's loads are issued (the copies in flight never look
+    // at it again), and the slot a decode overwrites was last read before the barrier that
+    // precedes the decode: two slots suffice for one and two stages, one per stage beyond.
+    __shared__ __align__(16) int tabs[TABS][BK][PYCNN_CONV_TAB];
 
     const int tid = threadIdx.x;
     const int n0 = blockIdx.x * BN;
@@ -784,27 +792,43 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
             __syncthreads();  // the next stage overwrites As and Bs
         }
     } else {
-        // Prologue: tile 0 in flight, table 1 decoded.
+        // AHEAD = STAGES-1 tiles in flight while the block computes on one (1 by default; 2 with
+        // PYCNN_CONV3_STAGES=3, for latency that one stage of math does not cover).
+        constexpr int AHEAD = STAGES - 1;
+        // Prologue: tiles 0 .. AHEAD-1 in flight, the table of tile AHEAD decoded.
         pycnn_conv_load_tile<MODE, BM, BN, true>(p, L, tabs[0], p.k_begin, As[0], Bs[0]);
         pycnn_cp_async_commit();
         if (tid < BK && p.k_begin + BK < p.k_end) pycnn_conv_decode<MODE>(p, p.k_begin + BK + tid, tabs[1][tid]);
+        if constexpr (AHEAD > 1) {
+            __syncthreads();  // table 1 is visible (decoded only if stage 1 exists)
+            if (p.k_begin + BK < p.k_end)
+                pycnn_conv_load_tile<MODE, BM, BN, true>(p, L, tabs[1], p.k_begin + BK, As[1], Bs[1]);
+            pycnn_cp_async_commit();  // (empty if not: the count of groups stays uniform)
+            if (tid < BK && p.k_begin + 2 * BK < p.k_end)
+                pycnn_conv_decode<MODE>(p, p.k_begin + 2 * BK + tid, tabs[2][tid]);
+        }
         int s = 0;
         for (int k0 = p.k_begin; k0 < p.k_end; k0 += BK, ++s) {
-            const int cur = s & 1;
-            // Table s+1 is visible, and every thread is done computing on buffer cur^1 (stage s-1).
+            // (with two stages: s & 1 and cur ^ 1, the expressions this loop had before it took
+            // more stages; its machine code is unchanged)
+            const int cur = STAGES == 2 ? (s & 1) : s % STAGES;
+            // Table s+AHEAD is visible, and every thread is done computing on the buffer of stage
+            // s-1, which the copies of stage s+AHEAD now fill.
             __syncthreads();
-            if (k0 + BK < p.k_end)
-                pycnn_conv_load_tile<MODE, BM, BN, true>(p, L, tabs[(s + 1) % 2], k0 + BK, As[cur ^ 1], Bs[cur ^ 1]);
-            pycnn_cp_async_commit();  // (an empty group on the last stage keeps the count uniform)
-            pycnn_cp_async_wait<1>();  // this thread's copies of stage s have landed ...
-            __syncthreads();           // ... and everyone's
-            // Table s+2 goes into slot s%2, which last served the loads of stage s (issued in the
-            // previous iteration); the loads of stage s+2 read it after the next iteration's first
-            // barrier. Decoded here, after the barrier, so that its integer divisions (two, four in
-            // backward-data, on half of warp 0) overlap the other warps' products instead of
-            // holding all eight warps at the barrier above.
-            if (!PYCNN_KO(8) && tid < BK && k0 + 2 * BK < p.k_end)
-                pycnn_conv_decode<MODE>(p, k0 + 2 * BK + tid, tabs[s % 2][tid]);
+            if (k0 + AHEAD * BK < p.k_end)
+                pycnn_conv_load_tile<MODE, BM, BN, true>(
+                    p, L, tabs[(s + AHEAD) % STAGES], k0 + AHEAD * BK, As[STAGES == 2 ? (cur ^ 1) : (s + AHEAD) % STAGES],
+                    Bs[STAGES == 2 ? (cur ^ 1) : (s + AHEAD) % STAGES]);
+            pycnn_cp_async_commit();      // (empty groups at the end keep the count uniform)
+            pycnn_cp_async_wait<AHEAD>();  // this thread's copies of stage s have landed ...
+            __syncthreads();               // ... and everyone's
+            // Table s+STAGES goes into slot s%STAGES, which last served the loads of stage s
+            // (issued AHEAD iterations ago); the loads of stage s+STAGES read it after the next
+            // iteration's first barrier. Decoded here, after the barrier, so that its integer
+            // divisions (two, four in backward-data, on half of warp 0) overlap the other warps'
+            // products instead of holding all eight warps at the barrier above.
+            if (!PYCNN_KO(8) && tid < BK && k0 + STAGES * BK < p.k_end)
+                pycnn_conv_decode<MODE>(p, k0 + STAGES * BK + tid, tabs[s % STAGES][tid]);
             if (sums_bias && !PYCNN_KO(1)) pycnn_conv_sum_a_row<BM>(As[cur], tid, db_acc);
             if (!PYCNN_KO(1)) pycnn_conv_mma_tile<TF32, BM, BN>(As[cur], Bs[cur], acc);
         }

@@ -52,8 +52,8 @@ DEFINES = {
     "PYCNN_GEMM_TN": 4,
     "PYCNN_MT_MAX_TENSORS": 16,
     # main loop of the v3/v4 kernels and v5's GEMMs: 2 = double-buffered cp.async copies,
-    # 1 = loads through registers (conv2d.cu); $PYCNN_CONV_STAGES overrides it when a module is
-    # first compiled.
+    # 1 = loads through registers, 3 = two tiles in flight (64x64, 32x128 and 64x128 tiles; the
+    # others keep 2) (conv2d.cu); $PYCNN_CONV_STAGES overrides it when a module is first compiled.
     "PYCNN_CONV3_STAGES": 2,
     # taps (C*R*S) up to which v3/v4 compute the weight gradient with conv2d_bwd_weight_narrow_f32
     "PYCNN_CONV_NARROW_MAX": 25,
@@ -181,9 +181,9 @@ def compile_defines() -> dict:
     defines = dict(DEFINES)
     stages = os.environ.get("PYCNN_CONV_STAGES", "")
     if stages:
-        if stages not in ("1", "2"):
-            raise ValueError(f"PYCNN_CONV_STAGES must be 1 (v3/v4 load tiles through registers) or 2 "
-                             f"(double-buffered cp.async copies), got {stages!r}")
+        if stages not in ("1", "2", "3"):
+            raise ValueError(f"PYCNN_CONV_STAGES must be 1 (v3/v4 load tiles through registers), 2 "
+                             f"(double-buffered cp.async copies) or 3 (two tiles in flight), got {stages!r}")
         defines["PYCNN_CONV3_STAGES"] = int(stages)
     knockout = os.environ.get("PYCNN_CONV3_KNOCKOUT", "")
     if knockout not in ("", "0"):

@@ -56,6 +56,16 @@ def emulator_one_stage():
         return build_emulator()
 
 
+@pytest.fixture(scope="session")
+def emulator_three_stage():
+    """The same, compiled with PYCNN_CONV_STAGES=3 (two tiles in flight where three fit)."""
+    from emu_support import build_emulator
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYCNN_CONV_STAGES", "3")
+        return build_emulator()
+
+
 @pytest.fixture
 def emulated(monkeypatch, emulator):
     """Point the CUDA backend at NumPy arrays and the emulator; returns the launched kernel names."""

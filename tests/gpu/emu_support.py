@@ -65,7 +65,13 @@ def build_emulator():
             wrappers.append('extern "C" int emu_copy_error_count() { return emu_copy_errors.load(); }')
             wrappers.append('extern "C" void emu_set_cp_async_eager(int on) { emu_cp_async_eager.store(on); }')
         sources[filename] = '#include "emu.h"\n' + text + "\n" + "\n".join(wrappers) + "\n"
-    digest = hashlib.sha1(EMU_HEADER.read_bytes() + "".join(sources.values()).encode()).hexdigest()[:16]
+    # -fno-gnu-unique: the kernels' __shared__ arrays are statics of inline functions, which g++
+    # otherwise makes "unique" symbols that the dynamic linker binds once per process, so a second
+    # build (PYCNN_CONV_STAGES=1 or 3) loaded beside the first would use the first one's arrays,
+    # whose sizes differ. Without it each library keeps its own (ctypes loads them RTLD_LOCAL).
+    flags = ["-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-fno-gnu-unique"]
+    digest = hashlib.sha1(EMU_HEADER.read_bytes() + "".join(sources.values()).encode()
+                          + " ".join(flags).encode()).hexdigest()[:16]
     build = Path(tempfile.gettempdir()) / f"pycnn-emu-{digest}"
     lib = build / "libpycnn_emu.so"
     if not lib.exists():
@@ -76,8 +82,7 @@ def build_emulator():
             path.write_text(src)
             paths.append(str(path))
         tmp = build / f"lib.{os.getpid()}.so"
-        proc = subprocess.run([GXX, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w",
-                               "-I", str(EMU_HEADER.parent), "-o", str(tmp), *paths],
+        proc = subprocess.run([GXX, *flags, "-I", str(EMU_HEADER.parent), "-o", str(tmp), *paths],
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"emulator build failed:\n{proc.stderr[-4000:]}"
         os.replace(tmp, lib)

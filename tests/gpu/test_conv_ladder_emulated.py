@@ -383,15 +383,17 @@ def test_kernels_table_shows_only_measured_figures(tmp_path):
     ("4", SHAPES["multi-tile"], False), ("3", LARGE_1X1, True), ("3", SPLIT_SHAPE, "m32"),
     ("5", (2, 40, 13, 11, 6, 3, 3, (1, 1), (1, 1)), False)],  # v5: both GEMM modes; 24 tiles: split, float4 rows
     ids=["v3-multi-tile", "v3-stride2", "v4-multi-tile", "v3-t128-1x1", "v3-m32-split", "v5"])
-def test_one_stage_main_loop_gives_the_same_bits(emulator, emulator_one_stage, version, shape, t128):
-    """PYCNN_CONV_STAGES=1 (loads through registers, float4 where A is contiguous) and the default
-    double-buffered cp.async loop stage the same tiles and sum them in the same order: the results
-    are bitwise equal, and both match the reference."""
+def test_every_main_loop_gives_the_same_bits(emulator, emulator_one_stage, emulator_three_stage, version, shape,
+                                              t128):
+    """PYCNN_CONV_STAGES=1 (loads through registers, float4 where A is contiguous), the default
+    double-buffered cp.async loop and PYCNN_CONV_STAGES=3 (two tiles in flight; 128x128 tiles keep
+    two stages) stage the same tiles and sum them in the same order: the results are bitwise
+    equal, and they match the reference."""
     from emu_support import patch_backend
 
     x, w, b, dy = data(shape, seed=5)
     results = []
-    for build in (emulator, emulator_one_stage):
+    for build in (emulator, emulator_one_stage, emulator_three_stage):
         with pytest.MonkeyPatch.context() as mp:
             launched = patch_backend(mp, build)
             if t128 == "m32":
@@ -402,8 +404,9 @@ def test_one_stage_main_loop_gives_the_same_bits(emulator, emulator_one_stage, v
             suffix = "_m32" if t128 == "m32" else ("_t128" if t128 else "")
             first = "conv2d_wino_gemm_f32" if version == "5" else f"conv2d_fwd_v{version}{suffix}_f32"
             assert first in launched, launched
-    for what, two, one in zip(("y", "dx", "dw", "db"), *results):
+    for what, two, one, three in zip(("y", "dx", "dw", "db"), *results):
         np.testing.assert_array_equal(one, two, err_msg=f"v{version} {what}: 1 stage vs 2 stages")
+        np.testing.assert_array_equal(three, two, err_msg=f"v{version} {what}: 3 stages vs 2 stages")
     if version == "3":
         want = reference(shape, x, w, b, dy)
         for what, g, wnt, length in zip(("y", "dx", "dw", "db"), results[0], want, lengths(shape) + (lengths(shape)[2],)):
@@ -574,9 +577,10 @@ def test_gpu_kernels_wide_tiles_at_a_batch(emulated, monkeypatch, tmp_path):
 
 
 def test_gpu_kernels_knockouts(emulated, monkeypatch, tmp_path):
-    """--knockouts 1,8 --models mnistcnn: v3 on the compute-bound layer and MnistCNN's (stand-ins
-    here), then again with the conv module rebuilt under PYCNN_CONV3_KNOCKOUT=1 and =8, as
-    "knockout" entries without cuDNN; the setting and the normal module are back afterwards. (The
+    """--knockouts 1,8 --also-stages 3 --models mnistcnn: v3 on the compute-bound layer and
+    MnistCNN's (stand-ins here), then again with the conv module rebuilt under
+    PYCNN_CONV3_KNOCKOUT=1 and =8 ("knockout" entries) and PYCNN_CONV_STAGES=3 ("rebuilt"), without
+    cuDNN; the settings and the normal module are back afterwards. (The
     emulator's kernels are built once, so only the script's plumbing is exercised here; every mask
     compiles with nvcc in test_cuda_compile.py.)"""
     import json
@@ -593,19 +597,23 @@ def test_gpu_kernels_knockouts(emulated, monkeypatch, tmp_path):
     monkeypatch.setitem(cuda._modules, stale, "a module built before")
     out = tmp_path / "k.json"
     rc = gpu_kernels.main(["--layers", "all", "--models", "mnistcnn", "--versions", "3", "--knockouts", "1,8",
-                           "--batch", "2", "--repeats", "1", "--json", str(out)])
+                           "--also-stages", "3", "--batch", "2", "--repeats", "1", "--json", str(out)])
     record = json.loads(out.read_text())
     assert rc == 0 and record["kernels_info"]["errors"] == [], record["kernels_info"]["errors"]
-    assert "PYCNN_CONV3_KNOCKOUT" not in os.environ and stale not in cuda._modules
-    got = sorted((e["layer"], e["op"], e.get("knockout", 0)) for e in record["kernels"])
-    assert got == sorted((layer, op, k) for layer in ("tiny", "mnistcnn-c2") for k in (0, 1, 8)
-                         for op in ("conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"))
+    assert "PYCNN_CONV3_KNOCKOUT" not in os.environ and "PYCNN_CONV_STAGES" not in os.environ
+    assert stale not in cuda._modules
+    got = sorted((e["layer"], e["op"], e.get("knockout", 0), e["stages"]) for e in record["kernels"])
+    assert got == sorted((layer, op, k, stages) for layer in ("tiny", "mnistcnn-c2") for k, stages in
+                         ((0, 2), (1, 2), (8, 2), (0, 3)) for op in ("conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"))
+    assert all(bool(e.get("rebuilt")) == (e["stages"] == 3) for e in record["kernels"])
+    assert "v3-s3" in gpu_kernels.table(record["kernels"])
     assert all(not e["auto"] and e["cudnn_ms"] is None for e in record["kernels"] if e.get("knockout"))
     assert record["kernels_info"]["knockouts"] == [1, 8]
     assert "v3-k8" in gpu_kernels.table(record["kernels"])
-    assert all(targets.is_variant(e) == bool(e.get("knockout")) for e in record["kernels"])
-    with pytest.raises(SystemExit):
-        gpu_kernels.main(["--knockouts", "16"])
+    assert all(targets.is_variant(e) == bool(e.get("knockout") or e.get("rebuilt")) for e in record["kernels"])
+    for bad in (["--knockouts", "16"], ["--also-stages", "4"]):
+        with pytest.raises(SystemExit):
+            gpu_kernels.main(bad)
 
 
 def test_gpu_kernels_flipped_backward_data(emulated, monkeypatch, tmp_path):
@@ -778,11 +786,15 @@ def test_winograd_drawn_shapes(emulator, shape, seed):
 @pytest.mark.parametrize("version, name", [("3", "multi-tile"), ("3", "stride2-pad-odd"), ("3", "two-row-tiles"),
                                            ("4", "multi-tile"), ("3", "large-1x1"), ("5", "winograd"),
                                            ("3", "m32-split")])
-def test_pipelined_kernels_with_copies_landing_at_issue(emulator, version, name):
+@pytest.mark.parametrize("stages", [2, 3])
+def test_pipelined_kernels_with_copies_landing_at_issue(emulator, emulator_three_stage, version, name, stages):
     """The emulator lands cp.async copies as late as allowed (at the covering wait) by default;
     here also as early (at issue), which exposes a copy into a buffer other threads still read.
-    Both must give the same bits (and the late ones are checked against the reference above)."""
+    Both must give the same bits (and the late ones are checked against the reference above), with
+    one tile in flight (the default) and with two (PYCNN_CONV_STAGES=3)."""
     from emu_support import cp_async_eager, patch_backend
+
+    emulator = emulator if stages == 2 else emulator_three_stage
 
     # (winograd: 2 * 3 * 3 = 18 tiles, so its weight gradient is split in two)
     shape = {"large-1x1": LARGE_1X1, "winograd": (2, 40, 9, 11, 6, 3, 3, (1, 1), (1, 1)),
