@@ -318,13 +318,16 @@ def _scalar_loss(op, loss, parents, grad_fn):
     """Wrap a 0-d loss; its backward calls ``grad_fn(dloss: float)``.
 
     On the GPU the upstream gradient stays on the device (reading it would synchronize every
-    step), so the backward runs with dloss=1 and the result is scaled on the device.
+    step), so the backward runs with dloss=1 and the result is scaled on the device; the
+    ``loss.backward()`` of a training step (dloss = 1) calls ``grad_fn(1.0)`` alone
+    (``unit_gradient``: no array of ones, no multiply).
     """
     def backward(g):
         if isinstance(g, np.ndarray):
             return (grad_fn(float(g)),)
         return (grad_fn(1.0) * g,)
 
+    backward.unit_gradient = lambda: (grad_fn(1.0),)
     return Tensor._from_op(loss, parents, backward, op)
 
 

@@ -16,6 +16,10 @@ import numpy as np
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 _state = threading.local()
+# The seed of backward() without a gradient, for a root whose backward function has a
+# ``unit_gradient`` (the scalar losses): it then runs that instead of multiplying its gradient by
+# an array of ones (on the GPU a fill and a multiply kernel per step, two nodes of a captured step).
+_UNIT = object()
 
 
 def is_grad_enabled() -> bool:
@@ -238,7 +242,10 @@ class Tensor:
         if gradient is None:
             if self.size != 1:
                 raise RuntimeError(f"backward() without a gradient needs a scalar output, got shape {self.shape}")
-            seed = xp.ones(self.data.shape, dtype=self.dtype)
+            if getattr(self._backward, "unit_gradient", None) is not None:
+                seed = _UNIT
+            else:
+                seed = xp.ones(self.data.shape, dtype=self.dtype)
         else:
             seed = _as_array(gradient, self.dtype)
             if seed.shape != self.data.shape:
@@ -258,7 +265,7 @@ class Tensor:
                     else:
                         node.grad.data = node.grad.data + grad
                 continue
-            parent_grads = node._backward(grad)
+            parent_grads = node._backward.unit_gradient() if grad is _UNIT else node._backward(grad)
             for parent, pgrad in zip(node._parents, parent_grads):
                 if parent is None or pgrad is None or not parent.requires_grad:
                     continue

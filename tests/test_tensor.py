@@ -82,6 +82,45 @@ def test_backward_needs_scalar_or_gradient():
         (x * 2).backward(np.ones(3))
 
 
+def test_a_loss_backward_without_a_gradient_takes_its_unit_path(monkeypatch):
+    """loss.backward() on a scalar loss runs the loss's unit_gradient: grad_fn(1.0) as it is, no
+    array of ones and no multiply (two kernels per step on the GPU); an explicit gradient, or a
+    loss that is not the root, still scales by the upstream gradient. The results are the ones
+    the multiply by 1 gave."""
+    from pycnn import functional as F
+
+    logits = Tensor(np.array([[1.0, 2.0, 0.5], [0.1, -1.0, 3.0]], dtype=np.float32), requires_grad=True)
+    target = np.array([1, 2])
+    calls = []
+    make_ones = []
+    original = np.ones
+
+    def counting_ones(shape, *args, **kwargs):
+        if shape == ():  # (the seed of a 0-d loss; the backend may make others)
+            make_ones.append(shape)
+        return original(shape, *args, **kwargs)
+
+    loss = F.cross_entropy(logits, target)
+    backward = loss._backward
+    assert backward.unit_gradient is not None
+    monkeypatch.setattr(loss, "_backward", lambda g: calls.append(g) or backward(g))
+    loss._backward.unit_gradient = backward.unit_gradient
+    monkeypatch.setattr(np, "ones", counting_ones)
+    loss.backward()
+    monkeypatch.setattr(np, "ones", original)
+    assert calls == [] and make_ones == [], "the unit path multiplied by an array of ones"
+    unit = logits.grad.numpy().copy()
+    logits.grad = None
+    F.cross_entropy(logits, target).backward(np.float32(1.0))  # the general path: the same bits
+    assert logits.grad.numpy().tobytes() == unit.tobytes()
+    logits.grad = None
+    F.cross_entropy(logits, target).backward(np.float32(2.0))
+    np.testing.assert_allclose(logits.grad.numpy(), 2 * unit, rtol=1e-6)
+    logits.grad = None
+    (F.cross_entropy(logits, target) * 3).backward()  # a loss inside the graph: scaled as before
+    np.testing.assert_allclose(logits.grad.numpy(), 3 * unit, rtol=1e-6)
+
+
 def test_no_grad_and_detach():
     x = t64([1.0, 2.0])
     with no_grad():
