@@ -1,0 +1,78 @@
+"""benchmarks/gpu_session.sh, checked without a GPU: the script parses, and every command line it
+gives benchmarks/gpu_kernels.py and benchmarks/gpu_training.py passes their argument checks (a
+typo there would cost a lent GPU's minutes: the session would find it only when the step runs)."""
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
+# values for the script's variables (the loops take each of their values in turn)
+VARIABLES = {"OUT": "/tmp/out", "stamp": "20261127", "sha8": "abcdef12", "kbudget": "100",
+             "LOCALIZE_EPOCHS": "2"}
+LOOPS = {"b": ("64", "512"), "layers": ("all", "models")}
+
+
+def commands(script: str, program: str) -> list[list[str]]:
+    """Every argument list the script passes to ``program`` (continuation lines joined, pipes
+    and redirections dropped, each loop variable expanded to each of its values)."""
+    text = script.replace("\\\n", " ")
+    found = []
+    for line in text.splitlines():
+        if program not in line or line.lstrip().startswith("#"):
+            continue
+        tail = line.split(program, 1)[1]
+        tail = re.split(r"\s(?:2>&1|\|)", tail)[0]
+        variants = [tail]
+        for name, values in LOOPS.items():
+            if f"${name}" in tail or f"${{{name}}}" in tail:
+                variants = [v.replace(f'"${name}"', value).replace(f"${name}", value)
+                            for v in variants for value in values]
+        for v in variants:
+            for name, value in VARIABLES.items():
+                v = v.replace(f"${{{name}}}", value).replace(f"${name}", value)
+            assert "$" not in v, f"an unexpanded variable in: {v}"
+            found.append(shlex.split(v))
+    return found
+
+
+def test_the_script_parses():
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    proc = subprocess.run([bash, "-n", str(SCRIPT)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_gpu_kernels_command_line_passes_the_argument_checks(monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_kernels
+
+    monkeypatch.setattr(gpu_kernels.cuda, "available", lambda: (False, "no GPU in this test"))
+    lines = commands(SCRIPT.read_text(), "benchmarks/gpu_kernels.py")
+    assert len(lines) >= 5, lines  # the ladder, WIDE at two batches (two layer sets), KNOCKOUT, STAGES1
+    for argv in lines:
+        # 2 = the checks passed and the script stopped at "CUDA backend unavailable"
+        assert gpu_kernels.main(argv) == 2, argv
+    with pytest.raises(SystemExit):  # (and a bad line would not pass)
+        gpu_kernels.main(["--versions", "3,3x"])
+
+
+def test_every_gpu_training_command_line_passes_the_argument_checks(monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_training
+
+    from pycnn.backends import cuda
+
+    monkeypatch.setattr(cuda, "available", lambda: (False, "no GPU in this test"))
+    lines = commands(SCRIPT.read_text(), "benchmarks/gpu_training.py")
+    assert lines, "the script runs gpu_training.py"
+    for argv in lines:
+        assert gpu_training.main(argv) == 2, argv
