@@ -296,14 +296,13 @@ def variant(tag: Tag):
 
 
 @contextlib.contextmanager
-def env_switch(name: str, on: bool):
-    """``name``=1 inside when ``on``, unset when not (the backend reads it at every call; unset
-    even when the caller's environment sets it, so that a plain "3" is the default)."""
+def env_value(name: str, value: str | None):
+    """$``name`` = ``value`` inside (None: unset), as it was afterwards."""
     old = os.environ.get(name)
-    if on:
-        os.environ[name] = "1"
-    else:
+    if value is None:
         os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
     try:
         yield
     finally:
@@ -311,6 +310,12 @@ def env_switch(name: str, on: bool):
             os.environ.pop(name, None)
         else:
             os.environ[name] = old
+
+
+def env_switch(name: str, on: bool):
+    """``name``=1 inside when ``on``, unset when not (the backend reads it at every call; unset
+    even when the caller's environment sets it, so that a plain "3" is the default)."""
+    return env_value(name, "1" if on else None)
 
 
 @contextlib.contextmanager
@@ -324,19 +329,14 @@ def rebuilt(name: str, value: str):
                 del cache[key]
         cuda.clear_plans()
 
-    old = os.environ.get(name)
-    os.environ[name] = value
-    fresh_modules()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # (the backend's warning that knockout results are wrong)
-            yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
+    with env_value(name, value):
         fresh_modules()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (the backend's warning that knockout results are wrong)
+                yield
+        finally:
+            fresh_modules()  # (the next call compiles the normal module again)
 
 
 def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, versions=VERSIONS,
