@@ -101,6 +101,28 @@ def with_split_rule(rule: str, fn):
     return run
 
 
+def pycnn_variants() -> list:
+    """(variant, what it is, throughput function, graph) of every pycnn MnistCNN throughput run,
+    in the order they run (each at every batch size, into the record under its variant name)."""
+    one_stream = with_env("PYCNN_BACKWARD_STREAMS", "0", pycnn_throughput)
+    return [
+        ("pycnn-eager", "eager", pycnn_throughput, False),
+        ("pycnn-cudagraph", "graph", pycnn_throughput, True),
+        ("pycnn-cudagraph-winograd", "graph winograd", with_winograd(pycnn_throughput), True),
+        # the A/B of the side stream: every backward op in order on one stream
+        ("pycnn-eager-1stream", "eager one stream", one_stream, False),
+        ("pycnn-cudagraph-1stream", "graph one stream", one_stream, True),
+        # the A/B of the split-K sums finished inside the GEMM kernels
+        ("pycnn-cudagraph-2pass", "graph two-pass split-K", with_env("PYCNN_SPLIT_FINISH", "0", pycnn_throughput),
+         True),
+        # the A/B of the stride-1 backward-data run as the forward GEMM of flipped filters
+        ("pycnn-cudagraph-flip", "graph flipped backward-data",
+         with_env("PYCNN_CONV_BWD_DATA_FLIP", "1", pycnn_throughput), True),
+        # the A/B of the "waves" split-K rule: the rule before it
+        ("pycnn-cudagraph-fill", "graph split rule 'fill'", with_split_rule("fill", pycnn_throughput), True),
+    ]
+
+
 def with_winograd(fn):
     """fn with PYCNN_CONV_WINOGRAD=1."""
     return with_env("PYCNN_CONV_WINOGRAD", "1", fn)
@@ -533,33 +555,10 @@ def main(argv=None) -> int:
 
     order = cp.asarray(rng.permutation(len(xtr)))
     torder = torch.from_dlpack(order).long() if torch is not None else None
+    variants = pycnn_variants()
     for batch in [int(b) for b in args.batches.split(",")]:
-        res = {"pycnn-eager": _attempt(errors, f"pycnn eager b{batch}", pycnn_throughput, "mnistcnn", batch,
-                                       False, xtr, ytr, order),
-               "pycnn-cudagraph": _attempt(errors, f"pycnn graph b{batch}", pycnn_throughput, "mnistcnn", batch,
-                                           True, xtr, ytr, order),
-               "pycnn-cudagraph-winograd": _attempt(errors, f"pycnn graph winograd b{batch}",
-                                                    with_winograd(pycnn_throughput), "mnistcnn", batch, True,
-                                                    xtr, ytr, order),
-               # the A/B of the side stream: every backward op in order on one stream
-               "pycnn-eager-1stream": _attempt(errors, f"pycnn eager one stream b{batch}",
-                                               with_env("PYCNN_BACKWARD_STREAMS", "0", pycnn_throughput),
-                                               "mnistcnn", batch, False, xtr, ytr, order),
-               "pycnn-cudagraph-1stream": _attempt(errors, f"pycnn graph one stream b{batch}",
-                                                   with_env("PYCNN_BACKWARD_STREAMS", "0", pycnn_throughput),
-                                                   "mnistcnn", batch, True, xtr, ytr, order),
-               # the A/B of the split-K sums finished inside the GEMM kernels
-               "pycnn-cudagraph-2pass": _attempt(errors, f"pycnn graph two-pass split-K b{batch}",
-                                                 with_env("PYCNN_SPLIT_FINISH", "0", pycnn_throughput),
-                                                 "mnistcnn", batch, True, xtr, ytr, order),
-               # the A/B of the stride-1 backward-data run as the forward GEMM of flipped filters
-               "pycnn-cudagraph-flip": _attempt(errors, f"pycnn graph flipped backward-data b{batch}",
-                                                with_env("PYCNN_CONV_BWD_DATA_FLIP", "1", pycnn_throughput),
-                                                "mnistcnn", batch, True, xtr, ytr, order),
-               # the A/B of the "waves" split-K rule: the rule before it
-               "pycnn-cudagraph-fill": _attempt(errors, f"pycnn graph split rule 'fill' b{batch}",
-                                                with_split_rule("fill", pycnn_throughput),
-                                                "mnistcnn", batch, True, xtr, ytr, order)}
+        res = {name: _attempt(errors, f"pycnn {label} b{batch}", fn, "mnistcnn", batch, graph, xtr, ytr, order)
+               for name, label, fn, graph in variants}
         if torch is not None:
             res["pytorch-eager"] = _attempt(errors, f"torch eager b{batch}", torch_throughput, torch, "mnistcnn",
                                             batch, False, txtr, tytr, torder)
@@ -567,9 +566,7 @@ def main(argv=None) -> int:
                                                 "mnistcnn", batch, True, txtr, tytr, torder)
         details["mnistcnn"][batch] = res
         ref = res.get("pytorch-cudagraph") or {}
-        for variant in ("pycnn-eager", "pycnn-cudagraph", "pycnn-cudagraph-winograd", "pycnn-eager-1stream",
-                        "pycnn-cudagraph-1stream", "pycnn-cudagraph-2pass", "pycnn-cudagraph-flip",
-                        "pycnn-cudagraph-fill"):
+        for variant, *_ in variants:
             if res[variant] is None:
                 continue
             entries.append({"model": "MnistCNN", "batch": batch, "variant": variant, "drop_last": True,

@@ -76,3 +76,43 @@ def test_every_gpu_training_command_line_passes_the_argument_checks(monkeypatch)
     assert lines, "the script runs gpu_training.py"
     for argv in lines:
         assert gpu_training.main(argv) == 2, argv
+
+
+def test_every_training_variant_runs_with_its_setting(monkeypatch):
+    """gpu_training.py's MnistCNN variants (pycnn_variants): unique names, the graph flag that
+    their names say, and each throughput run made with its A/B setting in force (and the setting
+    gone afterwards); the throughput function itself is a stand-in here."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import os
+
+    import gpu_training
+
+    from pycnn.backends import cuda
+
+    seen = {}
+
+    def stand_in(model, batch, graph, *rest):
+        seen[len(seen)] = {name: os.environ.get(name) for name in
+                           ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP",
+                            "PYCNN_CONV_WINOGRAD")} | {"rule": cuda._CONV3_SPLIT_RULE, "graph": graph}
+        return {}
+
+    for name in ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_CONV_WINOGRAD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(gpu_training, "pycnn_throughput", stand_in)
+    variants = gpu_training.pycnn_variants()
+    names = [v[0] for v in variants]
+    assert len(set(names)) == len(names) and all(n.startswith("pycnn-") for n in names)
+    for i, (name, _, fn, graph) in enumerate(variants):
+        assert graph == ("cudagraph" in name), name
+        fn("mnistcnn", 64, graph)
+        setting = {k: v for k, v in seen[i].items() if v is not None and k not in ("rule", "graph")}
+        want = {"pycnn-cudagraph-winograd": {"PYCNN_CONV_WINOGRAD": "1"},
+                "pycnn-eager-1stream": {"PYCNN_BACKWARD_STREAMS": "0"},
+                "pycnn-cudagraph-1stream": {"PYCNN_BACKWARD_STREAMS": "0"},
+                "pycnn-cudagraph-2pass": {"PYCNN_SPLIT_FINISH": "0"},
+                "pycnn-cudagraph-flip": {"PYCNN_CONV_BWD_DATA_FLIP": "1"}}.get(name, {})
+        assert setting == want, name
+        assert seen[i]["rule"] == ("fill" if name == "pycnn-cudagraph-fill" else "waves"), name
+        assert seen[i]["graph"] == graph
+    assert cuda._CONV3_SPLIT_RULE == "waves" and "PYCNN_CONV_BWD_DATA_FLIP" not in os.environ
