@@ -29,7 +29,10 @@ beside the data gradients. "pycnn-cudagraph-2pass" is the graph variant with PYC
 (split-K GEMMs summed by a separate reduce launch instead of inside the kernel): its A/B.
 "pycnn-cudagraph-flip" is the graph variant with PYCNN_CONV_BWD_DATA_FLIP=1 (stride-1
 backward-data as the forward GEMM of dy with the flipped filters): its A/B; "pycnn-cudagraph-fill"
-the graph variant with the split-K rule before "waves" (cuda._CONV3_SPLIT_RULE = "fill").
+the graph variant with the split-K rule before "waves" (cuda._CONV3_SPLIT_RULE = "fill");
+"pycnn-cudagraph-nopoolfuse" the graph variant with PYCNN_CONV_POOL_FUSE=0 (conv1, then max-pool
++ ReLU, and in the backward the pool's backward, then conv1's weight gradient, instead of the
+kernels that never store conv1's output or its gradient).
 
 Writes a JSON record (environment + "end_to_end" entries with "reference" and
 "reference_samples_per_s", the DESIGN.md record format) to ``--out`` and prints a table.
@@ -120,6 +123,10 @@ def pycnn_variants() -> list:
          with_env("PYCNN_CONV_BWD_DATA_FLIP", "1", pycnn_throughput), True),
         # the A/B of the "waves" split-K rule: the rule before it
         ("pycnn-cudagraph-fill", "graph split rule 'fill'", with_split_rule("fill", pycnn_throughput), True),
+        # the A/B of conv1 + max-pool + ReLU in one kernel (and its weight gradient from the pooled
+        # gradient): conv1 writes its output, the pool reads it
+        ("pycnn-cudagraph-nopoolfuse", "graph conv1 and pool unfused",
+         with_env("PYCNN_CONV_POOL_FUSE", "0", pycnn_throughput), True),
     ]
 
 
@@ -294,7 +301,8 @@ _BATCHES = ["64", "512"]  # set from --batches in main
 
 
 # Backend functions a training step calls; profile_step times each call of one step on its own.
-PROFILED = ("conv2d_forward", "conv2d_bias_relu_forward", "conv2d_backward", "conv2d_backward_data",
+PROFILED = ("conv2d_forward", "conv2d_bias_relu_forward", "conv2d_maxpool2d_relu_forward",
+            "conv2d_maxpool2d_relu_backward_weight", "conv2d_backward", "conv2d_backward_data",
             "conv2d_backward_weight",
             "maxpool2d_forward", "maxpool2d_relu_forward", "maxpool2d_backward", "maxpool2d_relu_backward",
             "relu_forward", "relu_backward",

@@ -44,8 +44,17 @@ def calls() -> dict:
     x2, w2, b2, dy2 = z(64, 32, 13, 13), z(64, 32, 3, 3), z(64), z(64, 64, 11, 11)
     a1, fw, fb, dfc = z(64, 576), z(64, 576), z(64), z(64, 64)
     y1 = z(64, 32, 26, 26)
+    p1, d1 = z(64, 32, 13, 13), z(64, 32, 13, 13)
+    am1 = np.zeros((64, 32, 13, 13), np.int32)
+    cuda._remember_pool_geometry(am1, y1.shape, (2, 2), (2, 2), (0, 0))  # as conv1's pooled forward would
     return {
         "conv1 forward + bias + ReLU": lambda: cuda.conv2d_bias_relu_forward(x1, w1, b1, (1, 1), (0, 0)),
+        "conv1 + max-pool + ReLU": lambda: cuda.conv2d_maxpool2d_relu_forward(x1, w1, b1, (1, 1), (0, 0), (2, 2),
+                                                                              (2, 2), (0, 0)),
+        "conv1 wgrad from pooled dy": lambda: cuda.conv2d_maxpool2d_relu_backward_weight(d1, p1, am1, x1, w1.shape,
+                                                                                         (1, 1), (0, 0)),
+        "conv1 weight gradient": lambda: cuda.conv2d_backward_weight(y1, x1, w1.shape, (1, 1), (0, 0)),
+        "max-pool + ReLU backward": lambda: cuda.maxpool2d_relu_backward(d1, p1, am1, y1.shape),
         "conv2 forward + bias + ReLU": lambda: cuda.conv2d_bias_relu_forward(x2, w2, b2, (1, 1), (0, 0)),
         "conv2 backward-data": lambda: cuda.conv2d_backward_data(dy2, w2, x2.shape, (1, 1), (0, 0)),
         "conv2 weight gradient": lambda: cuda.conv2d_backward_weight(dy2, x2, w2.shape, (1, 1), (0, 0)),

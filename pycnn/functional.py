@@ -107,18 +107,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padd
             the padded input. TypeError: on non-float input or mixed dtypes.
     """
     op = "conv2d"
-    _check_tensor(op, "input", x, 4)
-    _check_tensor(op, "weight", weight, 4)
-    if bias is not None:
-        _check_tensor(op, "bias", bias, 1)
-    _same_device_and_dtype(op, input=x, weight=weight, bias=bias)
-    stride, padding = _pair(stride, op, "stride"), _pair(padding, op, "padding")
-    if x.shape[1] != weight.shape[1]:
-        raise ValueError(f"{op}: weight expects {weight.shape[1]} input channels but input has "
-                         f"{x.shape[1]} (input shape {x.shape}, weight shape {weight.shape})")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {bias.shape}")
-    _check_window(op, x.shape, weight.shape[2:], stride, padding, pool=False)
+    stride, padding = _check_conv(op, x, weight, bias, stride, padding)
     _check_activation(op, activation)
 
     be = _backend(x)
@@ -134,18 +123,90 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padd
         g = _contiguous(g)
         if activation == "relu":
             g = be.relu_backward(g, y)
-        need_data = x.requires_grad
-        need_weight = weight.requires_grad or (bias is not None and bias.requires_grad)
-        both = getattr(be, "conv2d_backward", None)  # optional: both halves at once (SPEC)
-        if both is not None:
-            return both(g, xd, wd, stride, padding, need_data, need_weight)
-        dx = be.conv2d_backward_data(g, wd, xd.shape, stride, padding) if need_data else None
-        dw = db = None
-        if need_weight:
-            dw, db = be.conv2d_backward_weight(g, xd, wd.shape, stride, padding)
-        return dx, dw, db
+        return _conv_backward(be, g, x, weight, bias, xd, wd, stride, padding)
 
     return Tensor._from_op(y, (x, weight, bias), backward, op if activation is None else "conv2d_relu")
+
+
+def _check_conv(op: str, x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding):
+    """Check a convolution's operands; returns (stride, padding) as pairs."""
+    _check_tensor(op, "input", x, 4)
+    _check_tensor(op, "weight", weight, 4)
+    if bias is not None:
+        _check_tensor(op, "bias", bias, 1)
+    _same_device_and_dtype(op, input=x, weight=weight, bias=bias)
+    stride, padding = _pair(stride, op, "stride"), _pair(padding, op, "padding")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"{op}: weight expects {weight.shape[1]} input channels but input has "
+                         f"{x.shape[1]} (input shape {x.shape}, weight shape {weight.shape})")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {bias.shape}")
+    _check_window(op, x.shape, weight.shape[2:], stride, padding, pool=False)
+    return stride, padding
+
+
+def _conv_backward(be, g, x: Tensor, weight: Tensor, bias: Tensor | None, xd, wd, stride, padding):
+    """(dx, dw, db) of a convolution for the gradient ``g`` of its output (the halves that are needed)."""
+    need_data = x.requires_grad
+    need_weight = weight.requires_grad or (bias is not None and bias.requires_grad)
+    both = getattr(be, "conv2d_backward", None)  # optional: both halves at once (SPEC)
+    if both is not None:
+        return both(g, xd, wd, stride, padding, need_data, need_weight)
+    dx = be.conv2d_backward_data(g, wd, xd.shape, stride, padding) if need_data else None
+    dw = db = None
+    if need_weight:
+        dw, db = be.conv2d_backward_weight(g, xd, wd.shape, stride, padding)
+    return dx, dw, db
+
+
+def conv2d_max_pool2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+                           pool_size=2, pool_stride=None, pool_padding=0) -> Tensor:
+    """relu(max_pool2d(conv2d(x, weight, bias, stride, padding), pool_size, pool_stride, pool_padding))
+    as one op; ``pool_stride`` defaults to ``pool_size``. The same as max-pooling relu(conv2d(...)):
+    a ReLU commutes with a max (see Sequential, which runs Conv2d, ReLU, MaxPool2d and Conv2d,
+    MaxPool2d, ReLU through this).
+
+    Backends with the fused ``conv2d_maxpool2d_relu_forward`` (SPEC "Optional fused ops": the
+    CUDA backend for one-channel 3x3 / 5x5 layers, the first layers of the MNIST models) never
+    store the convolution's output, and with ``conv2d_maxpool2d_relu_backward_weight`` (when ``x``
+    needs no gradient) not its gradient either; the others run conv2d, then max-pool + ReLU. The
+    values are those of the separate ops; the weight gradient from the pooled gradient adds the
+    same terms in another order (equal to rounding).
+
+    Raises:
+        ValueError / TypeError: as conv2d and max_pool2d (the pooling window checked against the
+            convolution's output size).
+    """
+    op = "conv2d_max_pool2d_relu"
+    stride, padding = _check_conv(op, x, weight, bias, stride, padding)
+    kernel = _pair(pool_size, op, "pool_size")
+    pool_stride = kernel if pool_stride is None else _pair(pool_stride, op, "pool_stride")
+    pool_padding = _pair(pool_padding, op, "pool_padding")
+    R, S = weight.shape[2:]
+    conv_shape = (x.shape[0], weight.shape[0], (x.shape[2] + 2 * padding[0] - R) // stride[0] + 1,
+                  (x.shape[3] + 2 * padding[1] - S) // stride[1] + 1)
+    _check_window(op, conv_shape, kernel, pool_stride, pool_padding, pool=True)
+
+    be = _backend(x)
+    xd, wd = _contiguous(x.data), _contiguous(weight.data)
+    bd = None if bias is None else bias.data
+    fused = getattr(be, "conv2d_maxpool2d_relu_forward", None)
+    if fused is not None:
+        y, argmax = fused(xd, wd, bd, stride, padding, kernel, pool_stride, pool_padding)
+    else:  # (the convolution's output is not kept: the backward needs only argmax and y)
+        y, argmax = _fused_or_composed(be, "maxpool2d_relu_forward", be.maxpool2d_forward,
+                                       (be.conv2d_forward(xd, wd, bd, stride, padding), kernel, pool_stride,
+                                        pool_padding), use_fused=True)
+
+    def backward(g):
+        g = _contiguous(g)
+        weight_only = getattr(be, "conv2d_maxpool2d_relu_backward_weight", None)
+        if weight_only is not None and not x.requires_grad:  # a first layer: from the pooled gradient
+            return (None,) + tuple(weight_only(g, y, argmax, xd, wd.shape, stride, padding))
+        g = _pool_relu_backward(be, g, y, argmax, conv_shape)
+        return _conv_backward(be, g, x, weight, bias, xd, wd, stride, padding)
+
+    return Tensor._from_op(y, (x, weight, bias), backward, op)
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -174,13 +235,18 @@ def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, activation: str |
     def backward(g):
         g = _contiguous(g)
         if activation == "relu":
-            fused = getattr(be, "maxpool2d_relu_backward", None)
-            if fused is not None:
-                return (fused(g, y, argmax, xd.shape),)
-            g = be.relu_backward(g, y)
+            return (_pool_relu_backward(be, g, y, argmax, xd.shape),)
         return (be.maxpool2d_backward(g, argmax, xd.shape),)
 
     return Tensor._from_op(y, (x,), backward, op if activation is None else "max_pool2d_relu")
+
+
+def _pool_relu_backward(be, g, y, argmax, x_shape: tuple):
+    """The input gradient of relu(max-pool) with output ``y``: the backend's fused op where it has one."""
+    fused = getattr(be, "maxpool2d_relu_backward", None)
+    if fused is not None:
+        return fused(g, y, argmax, x_shape)
+    return be.maxpool2d_backward(be.relu_backward(g, y), argmax, x_shape)
 
 
 def avg_pool2d(x: Tensor, kernel_size, stride=None, padding=0) -> Tensor:
@@ -460,6 +526,6 @@ def flatten(x: Tensor, start_dim: int = 1) -> Tensor:
     return x.flatten(start_dim)
 
 
-__all__ = ["conv2d", "max_pool2d", "avg_pool2d", "relu", "leaky_relu", "sigmoid", "tanh", "softmax",
+__all__ = ["conv2d", "conv2d_max_pool2d_relu", "max_pool2d", "avg_pool2d", "relu", "leaky_relu", "sigmoid", "tanh", "softmax",
            "log_softmax", "dropout", "linear", "cross_entropy", "binary_cross_entropy_with_logits",
            "mse_loss", "smooth_l1_loss", "generalized_box_iou_loss", "flatten", "is_grad_enabled"]

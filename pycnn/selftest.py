@@ -320,8 +320,9 @@ def workload() -> int:
     xw, ww = r(2, 128, 16, 16), r(128, 128, 3, 3)
     cuda.conv2d_backward_weight(r(2, 128, 16, 16), xw, ww.shape, (1, 1), (1, 1), version="5")
     cuda._CONV3_T128_MIN_BLOCKS = saved
-    # The first-layer kernels (one channel, 3x3 / 5x5): narrow forward and backward-data (stride 1
-    # and 2), narrow weight gradient with its bias sum, split and not, and the combined split reduce.
+    # The first-layer kernels (one channel, 3x3 / 5x5): narrow forward (alone and with the pool
+    # fused) and backward-data (stride 1 and 2), narrow weight gradient with its bias sum, split
+    # and not, and the combined split reduce.
     saved = cuda._CONV_NARROW_MIN_K
     for k1 in (3, 5):
         x1, w1, b1 = r(3, 1, 19, 21), r(8, 1, k1, k1), r(8)
@@ -330,6 +331,15 @@ def workload() -> int:
         y2 = cuda.conv2d_forward(x1, w1, None, (2, 2), (0, 0), version="3")
         cuda.conv2d_backward_data(r(*y1.shape), w1, x1.shape, (1, 1), pad, version="3")
         cuda.conv2d_backward_data(r(*y2.shape), w1, x1.shape, (2, 2), (0, 0), version="3")
+        # the forward with the 2x2 max-pool + ReLU fused (20 filters: groups of 8, 8 and 4; a 19x21
+        # output whose last row and column belong to no window), and its pool backward
+        yp1, am1 = cuda.conv2d_maxpool2d_relu_forward(x1, r(20, 1, k1, k1), r(20), (1, 1), pad, 2, 2, 0)
+        cuda.maxpool2d_relu_backward(r(*yp1.shape), yp1, am1, (3, 20, 19, 21))
+        # ... and the weight gradient from the pooled gradient, split and not
+        for min_k in (4096, 64):
+            cuda._CONV_NARROW_MIN_K = min_k
+            cuda.conv2d_maxpool2d_relu_backward_weight(r(*yp1.shape), yp1, am1, x1, (20, 1, k1, k1), (1, 1), pad)
+        cuda._CONV_NARROW_MIN_K = saved
         for min_k in (4096, 256):  # one split (dw and db written directly), five
             cuda._CONV_NARROW_MIN_K = min_k
             cuda.conv2d_backward_weight(r(*y1.shape), x1, w1.shape, (1, 1), pad, version="3")

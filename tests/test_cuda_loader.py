@@ -257,6 +257,12 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
                 assert cuda.conv2d_backward_data(_f(2, 4, 10 - r, 9 - r), _f(4, 1, r, r), x1.shape, (1, 1), (0, 0),
                                                  version="3").shape == x1.shape
                 assert launches[-1] == f"conv2d_bwd_data_narrow_c1_{r}x{r}_f32"
+                y, am = cuda.conv2d_maxpool2d_relu_forward(x1, _f(20, 1, r, r), _f(20), 1, 0, 2, 2, 0)
+                assert launches[-1] == f"conv2d_fwd_pool_narrow_c1_{r}x{r}_f32"
+                assert y.shape == am.shape == (2, 20, (10 - r) // 2, (9 - r) // 2)
+                dw, db = cuda.conv2d_maxpool2d_relu_backward_weight(_f(*y.shape), y, am, x1, (20, 1, r, r), 1, 0)
+                assert launches[-1] == f"conv2d_bwd_weight_pool_narrow_c1_{r}x{r}_f32"
+                assert dw.shape == (20, 1, r, r) and db.shape == (20,)
         if version == "3":  # 4 filters took the 32x128 tile; 40 the 64x64 one
             x40, w40 = _f(2, 5, 9, 7), _f(40, 5, 3, 2)  # 30 taps: past the narrow kernel
             dy40 = _f(2, 40, 5, 6)

@@ -60,21 +60,25 @@ def test_fused_graph_has_one_node_per_pair():
         seen.add(id(t))
         ops.append(t._op)
         stack.extend(p for p in t._parents if p is not None)
-    # Conv2d, ReLU, MaxPool2d -> conv2d, max_pool2d_relu; the ReLU after them stays alone, and so
-    # does the one after AvgPool2d.
-    assert ops.count("conv2d") == 1 and ops.count("max_pool2d_relu") == 1 and ops.count("conv2d_relu") == 1
+    # Conv2d, ReLU, MaxPool2d -> one conv2d_max_pool2d_relu; the ReLU after them stays alone, and
+    # so does the one after AvgPool2d.
+    assert ops.count("conv2d_max_pool2d_relu") == 1 and ops.count("conv2d_relu") == 1
+    assert ops.count("conv2d") == 0 and ops.count("max_pool2d_relu") == 0
     assert ops.count("linear_relu") == 1 and ops.count("relu") == 2
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("pool", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1)])
-def test_conv_relu_maxpool_moves_the_relu_exactly(backend, pool):
-    """Conv2d, ReLU, MaxPool2d runs as conv, then max-pool + ReLU: bitwise the same output and
-    gradients as the three modules one by one (a ReLU commutes with a max), including windows
-    that are all negative (their gradient must vanish) and ties at zero."""
+@pytest.mark.parametrize("relu_first", [True, False])
+def test_conv_relu_maxpool_moves_the_relu_exactly(backend, pool, relu_first):
+    """Conv2d, ReLU, MaxPool2d (and Conv2d, MaxPool2d, ReLU) runs as one op, conv then max-pool +
+    ReLU: bitwise the same output and gradients as the three modules one by one (a ReLU commutes
+    with a max), including windows that are all negative (their gradient must vanish) and ties at
+    zero."""
     pycnn.set_backend(backend)
     pycnn.manual_seed(7)
-    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(**pool))
+    pair = (nn.ReLU(), nn.MaxPool2d(**pool)) if relu_first else (nn.MaxPool2d(**pool), nn.ReLU())
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), *pair)
     model[0].bias.data[:3] -= 4.0  # channels 0-2 mostly negative before the ReLU: clipped windows
     rng = np.random.default_rng(8)
     x = rng.standard_normal((2, 2, 8, 8)).astype(np.float32)
@@ -95,6 +99,12 @@ def test_conv_relu_maxpool_moves_the_relu_exactly(backend, pool):
     ("maxpool2d_relu_forward", lambda x, rng: F.max_pool2d(x, 2, activation="relu")),
     ("maxpool2d_relu_backward",
      lambda x, rng: _backward_of(F.max_pool2d(Tensor(x.numpy(), requires_grad=True), 2, activation="relu"), rng)),
+    ("conv2d_maxpool2d_relu_forward",
+     lambda x, rng: F.conv2d_max_pool2d_relu(x, Tensor(rng.standard_normal((4, 3, 3, 3))), None, 1, 1, 2)),
+    ("conv2d_maxpool2d_relu_backward_weight",  # x needs no gradient: the weights' from the pooled one
+     lambda x, rng: _backward_of(F.conv2d_max_pool2d_relu(
+         x, Tensor(rng.standard_normal((4, 3, 3, 3)), requires_grad=True),
+         Tensor(rng.standard_normal(4), requires_grad=True), 1, 1, 2), rng)),
     ("linear_bias_relu_forward",
      lambda x, rng: F.linear(x.flatten(1), Tensor(rng.standard_normal((4, 48))), Tensor(rng.standard_normal(4)),
                              activation="relu")),
@@ -198,3 +208,35 @@ def test_conv_backward_asks_the_backend_for_what_is_needed(monkeypatch, x_grad, 
             np.testing.assert_array_equal(p.grad.numpy(), want)
         else:
             assert p.grad is None
+
+
+def test_conv_max_pool_relu_checks_the_pool_against_the_conv_output():
+    x, w = Tensor(np.ones((1, 1, 6, 6))), Tensor(np.ones((2, 1, 3, 3)))
+    with pytest.raises(ValueError, match=r"conv2d_max_pool2d_relu: kernel 5x5 is larger than the padded input 4x4"):
+        F.conv2d_max_pool2d_relu(x, w, None, pool_size=5)
+    with pytest.raises(ValueError, match=r"conv2d_max_pool2d_relu: weight expects 1 input channels but input has 2"):
+        F.conv2d_max_pool2d_relu(Tensor(np.ones((1, 2, 6, 6))), w)
+    y = F.conv2d_max_pool2d_relu(x, w, Tensor(np.array([-10.0, 1.0])), padding=1, pool_size=3, pool_stride=2,
+                                 pool_padding=1)
+    assert y.shape == (1, 2, 3, 3) and (y.numpy()[0, 0] == 0).all() and (y.numpy()[0, 1] > 0).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_first_layer_conv_pool_gradients(backend):
+    """A first layer (input without gradient) through Sequential's conv + max-pool + ReLU op: the
+    weight gradients of the three modules run one by one (bitwise on the backends that compose)."""
+    pycnn.set_backend(backend)
+    pycnn.manual_seed(11)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 3 * 3, 3))
+    model[0].bias.data[:4] -= 1.0
+    rng = np.random.default_rng(12)
+    x = Tensor(rng.standard_normal((4, 1, 8, 8)).astype(np.float32))
+    r = Tensor(rng.standard_normal((4, 3)).astype(np.float32))
+    grads = []
+    for fuse in (True, False):
+        model.fuse_relu = fuse
+        model.zero_grad()
+        (model(x) * r).sum().backward()
+        grads.append([p.grad.numpy().copy() for p in model.parameters()])
+    for got, want in zip(*grads):
+        np.testing.assert_array_equal(got, want)

@@ -94,10 +94,11 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
     def stand_in(model, batch, graph, *rest):
         seen[len(seen)] = {name: os.environ.get(name) for name in
                            ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP",
-                            "PYCNN_CONV_WINOGRAD")} | {"rule": cuda._CONV3_SPLIT_RULE, "graph": graph}
+                            "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_POOL_FUSE")} | {"rule": cuda._CONV3_SPLIT_RULE, "graph": graph}
         return {}
 
-    for name in ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_CONV_WINOGRAD"):
+    for name in ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_CONV_WINOGRAD",
+                 "PYCNN_CONV_POOL_FUSE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(gpu_training, "pycnn_throughput", stand_in)
     variants = gpu_training.pycnn_variants()
@@ -111,7 +112,8 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
                 "pycnn-eager-1stream": {"PYCNN_BACKWARD_STREAMS": "0"},
                 "pycnn-cudagraph-1stream": {"PYCNN_BACKWARD_STREAMS": "0"},
                 "pycnn-cudagraph-2pass": {"PYCNN_SPLIT_FINISH": "0"},
-                "pycnn-cudagraph-flip": {"PYCNN_CONV_BWD_DATA_FLIP": "1"}}.get(name, {})
+                "pycnn-cudagraph-flip": {"PYCNN_CONV_BWD_DATA_FLIP": "1"},
+                "pycnn-cudagraph-nopoolfuse": {"PYCNN_CONV_POOL_FUSE": "0"}}.get(name, {})
         assert setting == want, name
         assert seen[i]["rule"] == ("fill" if name == "pycnn-cudagraph-fill" else "waves"), name
         assert seen[i]["graph"] == graph

@@ -47,6 +47,10 @@
 //   3x3 / 5x5 filter, one thread per output pixel for all filters (no 9- or 25-deep GEMM tile);
 //   conv2d_bwd_data_narrow_c1_3x3_f32, conv2d_bwd_data_narrow_c1_5x5_f32: its backward-data, one
 //   thread per input pixel (a one-row GEMM would leave 31 of 32 tile rows empty).
+//   conv2d_fwd_pool_narrow_c1_3x3_f32, conv2d_fwd_pool_narrow_c1_5x5_f32: that forward with the
+//   2x2 max-pool + ReLU after it fused (the convolution output is never stored);
+//   conv2d_bwd_weight_pool_narrow_c1_3x3_f32, conv2d_bwd_weight_pool_narrow_c1_5x5_f32: their
+//   weight gradient from the pooled gradient (the convolution-sized gradient is never stored).
 //   conv2d_flip_weights_f32: w[k,c,r,s] -> w[k,c,R-1-r,S-1-s] as (c, k, r, s), so that a stride-1
 //   backward-data can run as the forward GEMM of dy (opt-in: PYCNN_CONV_BWD_DATA_FLIP=1).
 //   A BM x BN block of C per 256-thread block, staged through BK-deep shared-memory tiles of A
@@ -1487,6 +1491,43 @@ __device__ __forceinline__ void pycnn_window_regs(const float* __restrict__ plan
         }
 }
 
+// The end of a one-channel narrow weight-gradient kernel of KB filters (k0 .. k0 + kn - 1) with Q
+// taps each, after its threads summed their pixels into acc (and the bias sums into acc_db): a
+// fixed-order block reduction (warp trees, then the warps in order) writes this split's
+// (blockIdx.y) sums to out[z*K*Q + k*Q + q] and, with bias_grad, db_out[z*K + k].
+template <int Q, int KB>
+__device__ __forceinline__ void pycnn_narrow_c1_finish(const float (&acc)[KB][Q], const float (&acc_db)[KB],
+                                                       float* __restrict__ out, float* __restrict__ db_out,
+                                                       int bias_grad, int K, int k0, int kn) {
+    constexpr int SLOTS = KB * (Q + 1);  // per filter: Q taps, then its bias sum
+    static_assert(SLOTS <= PYCNN_BLOCK, "one thread per slot writes the results: KB*(Q+1) <= PYCNN_BLOCK");
+    __shared__ float warp_sums[PYCNN_BLOCK / 32][SLOTS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int kb = 0; kb < KB; ++kb) {
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+            const float v = pycnn_warp_sum(acc[kb][q]);
+            if (lane == 0) warp_sums[warp][kb * (Q + 1) + q] = v;
+        }
+        if (bias_grad) {  // uniform across the block
+            const float v = pycnn_warp_sum(acc_db[kb]);
+            if (lane == 0) warp_sums[warp][kb * (Q + 1) + Q] = v;
+        }
+    }
+    __syncthreads();
+    // slot t = (filter kb, tap q or the bias): the warps added in order, as pycnn_narrow_finish
+    if (threadIdx.x < SLOTS) {
+        const int kb = threadIdx.x / (Q + 1), q = threadIdx.x - kb * (Q + 1);
+        if (kb < kn && (q < Q || bias_grad)) {
+            float v = 0.0f;
+            for (int wi = 0; wi < PYCNN_BLOCK / 32; ++wi) v += warp_sums[wi][threadIdx.x];
+            if (q < Q) out[(pycnn_i64)blockIdx.y * K * Q + (pycnn_i64)(k0 + kb) * Q + q] = v;
+            else db_out[(pycnn_i64)blockIdx.y * K + k0 + kb] = v;
+        }
+    }
+}
+
 // The narrow weight gradient of one input channel with a compile-time R x S filter (the first
 // layers of the MNIST models: 3x3, 5x5): no tap table, and each block takes KB filters at once
 // (4 for 3x3, 2 for 5x5). A thread reads the R x S window of x under its pixel once into
@@ -1504,9 +1545,7 @@ __device__ __forceinline__ void pycnn_conv_bwd_weight_narrow_c1(const float* __r
                                                                 float* __restrict__ db_out, int bias_grad,
                                                                 int N, int H, int W, int K, int Ho, int Wo,
                                                                 int sh, int sw, int ph, int pw, int chunk) {
-    constexpr int Q = R * S, SLOTS = KB * (Q + 1);  // per filter: Q taps, then its bias sum
-    static_assert(SLOTS <= PYCNN_BLOCK, "one thread per slot writes the results: KB*(R*S+1) <= PYCNN_BLOCK");
-    __shared__ float warp_sums[PYCNN_BLOCK / 32][SLOTS];
+    constexpr int Q = R * S;
     const int HoWo = Ho * Wo, k0 = blockIdx.x * KB, kn = min(KB, K - k0);
     float acc[KB][Q], acc_db[KB];
 #pragma unroll
@@ -1550,30 +1589,7 @@ __device__ __forceinline__ void pycnn_conv_bwd_weight_narrow_c1(const float* __r
                     if (in[q]) acc[kb][q] = fmaf(d[kb], xv[q], acc[kb][q]);
         }
     }
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int kb = 0; kb < KB; ++kb) {
-#pragma unroll
-        for (int q = 0; q < Q; ++q) {
-            const float v = pycnn_warp_sum(acc[kb][q]);
-            if (lane == 0) warp_sums[warp][kb * (Q + 1) + q] = v;
-        }
-        if (bias_grad) {  // uniform across the block
-            const float v = pycnn_warp_sum(acc_db[kb]);
-            if (lane == 0) warp_sums[warp][kb * (Q + 1) + Q] = v;
-        }
-    }
-    __syncthreads();
-    // slot t = (filter kb, tap q or the bias): the warps added in order, as pycnn_narrow_finish
-    if (threadIdx.x < SLOTS) {
-        const int kb = threadIdx.x / (Q + 1), q = threadIdx.x - kb * (Q + 1);
-        if (kb < kn && (q < Q || bias_grad)) {
-            float v = 0.0f;
-            for (int wi = 0; wi < PYCNN_BLOCK / 32; ++wi) v += warp_sums[wi][threadIdx.x];
-            if (q < Q) out[(pycnn_i64)blockIdx.y * K * Q + (pycnn_i64)(k0 + kb) * Q + q] = v;
-            else db_out[(pycnn_i64)blockIdx.y * K + k0 + kb] = v;
-        }
-    }
+    pycnn_narrow_c1_finish<Q, KB>(acc, acc_db, out, db_out, bias_grad, K, k0, kn);
 }
 
 // Filters per block (the host's cuda.DEFINES set them; these are the defaults for a plain nvcc).
@@ -1670,6 +1686,179 @@ extern "C" __global__ void conv2d_fwd_narrow_c1_5x5_f32(
     int Ho, int Wo, int sh, int sw, int ph, int pw) {
     // cooperative: the filter staging synchronizes with __syncthreads; C == 1, R == S == 5 (host-checked)
     pycnn_conv_fwd_narrow_c1<5, 5>(x, w, b, y, has_bias, relu, N, H, W, K, Ho, Wo, sh, sw, ph, pw);
+}
+
+// ---------------------------------------------------------------------------------------------
+// First layer forward with its pooling fused: conv (one channel, 3x3 or 5x5, stride 1) + bias,
+// then a 2x2 stride-2 max-pool and a ReLU (the SPEC's conv2d_maxpool2d_relu_forward). Unfused,
+// the convolution writes its whole output (MnistCNN conv1: 44 MB at batch 512) and the pool reads
+// it back, only to keep a quarter of it; here the convolution output lives in registers. Each
+// thread takes one pooled pixel (n, pi, pj) and PYCNN_CONV_POOL_KB filters (grid.y picks which):
+// its (R+1) x (S+1) input patch goes to registers once and gives the four convolution outputs of
+// the 2x2 window, each summed exactly as conv2d_fwd_narrow_c1_* sums it (taps in order from zero
+// with fmaf, padded taps included as products with 0, then the bias), and the window's
+// maximum is chosen as maxpool2d_fwd_f32 chooses it (the first maximum in row-major order; argmax
+// = h * Wo + w in the convolution output's plane). So y and argmax are bitwise what the two
+// unfused kernels give. Output rows / columns past the last pool window (Ho or Wo odd) are never
+// computed: no window reads them.
+// Launch: grid (ceil(N*Hp*Wp / PYCNN_BLOCK), ceil(K / PYCNN_CONV_POOL_KB)), block (PYCNN_BLOCK,);
+// N*K*Ho*Wo < 2^31 (host-checked).
+#ifndef PYCNN_CONV_POOL_KB
+#define PYCNN_CONV_POOL_KB 8
+#endif
+template <int R, int S>
+__device__ __forceinline__ void pycnn_conv_pool_narrow_c1(const float* __restrict__ x, const float* __restrict__ w,
+                                                          const float* __restrict__ b, float* __restrict__ y,
+                                                          int* __restrict__ argmax, int has_bias, int N, int H,
+                                                          int W, int K, int Wo, int Hp, int Wp, int ph, int pw) {
+    constexpr int KB = PYCNN_CONV_POOL_KB, Q = R * S, QP = PYCNN_NARROW_FWD_PITCH(Q), PS = S + 1;
+    __shared__ __align__(16) float ws[KB * QP];  // this block's filters, rows padded to 4
+    const int k0 = blockIdx.y * KB;
+    const int kn = min(KB, K - k0);
+    for (int e = threadIdx.x; e < KB * QP; e += blockDim.x) {
+        const int kb = e / QP, q = e - kb * QP;
+        ws[e] = (q < Q && kb < kn) ? w[(k0 + kb) * Q + q] : 0.0f;
+    }
+    __syncthreads();
+    const int HpWp = Hp * Wp;
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= N * HpWp) return;
+    const int n = idx / HpWp, pix = idx - n * HpWp, pi = pix / Wp, pj = pix - pi * Wp;
+    const int i0 = 2 * pi, j0 = 2 * pj;  // the window's top-left convolution output
+    float xv[(R + 1) * PS];
+    bool in[(R + 1) * PS];  // (unused here)
+    pycnn_window_regs<R + 1, S + 1>(x + (pycnn_i64)n * H * W, i0 - ph, j0 - pw, H, W, xv, in);
+    float* yp = y + ((pycnn_i64)n * K + k0) * HpWp + pix;
+    int* ap = argmax + ((pycnn_i64)n * K + k0) * HpWp + pix;
+    for (int kb = 0; kb < kn; ++kb) {
+        float wr[Q];
+#pragma unroll
+        for (int q = 0; q < Q; ++q) wr[q] = ws[kb * QP + q];
+        float v[4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {  // window cells in row-major order: (0,0) (0,1) (1,0) (1,1)
+            const int a = c >> 1, bb = c & 1;
+            float acc = 0.0f;
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int s2 = 0; s2 < S; ++s2) acc = fmaf(wr[r * S + s2], xv[(a + r) * PS + bb + s2], acc);
+            // (the narrow forward's "+0" is left out: a sum of -0 and one of +0 compare equal
+            // and both give a 0 output, so the sign of a zero sum cannot show in y or argmax)
+            if (has_bias) acc += b[k0 + kb];
+            v[c] = acc;
+        }
+        float best = v[0];
+        int cell = 0;
+#pragma unroll
+        for (int c = 1; c < 4; ++c)
+            if (v[c] > best) {  // strict: the first maximum stays (and a NaN first cell stays)
+                best = v[c];
+                cell = c;
+            }
+        yp[(pycnn_i64)kb * HpWp] = best > 0.0f ? best : 0.0f;  // relu(max); a NaN gives 0, as the pool
+        ap[(pycnn_i64)kb * HpWp] = (i0 + (cell >> 1)) * Wo + j0 + (cell & 1);
+    }
+}
+
+extern "C" __global__ void conv2d_fwd_pool_narrow_c1_3x3_f32(
+    const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+    float* __restrict__ y, int* __restrict__ argmax, int has_bias, int N, int H, int W, int K, int Wo, int Hp,
+    int Wp, int ph, int pw) {
+    // cooperative: the filter staging synchronizes with __syncthreads; C == 1, R == S == 3 (host-checked)
+    pycnn_conv_pool_narrow_c1<3, 3>(x, w, b, y, argmax, has_bias, N, H, W, K, Wo, Hp, Wp, ph, pw);
+}
+
+extern "C" __global__ void conv2d_fwd_pool_narrow_c1_5x5_f32(
+    const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+    float* __restrict__ y, int* __restrict__ argmax, int has_bias, int N, int H, int W, int K, int Wo, int Hp,
+    int Wp, int ph, int pw) {
+    // cooperative: the filter staging synchronizes with __syncthreads; C == 1, R == S == 5 (host-checked)
+    pycnn_conv_pool_narrow_c1<5, 5>(x, w, b, y, argmax, has_bias, N, H, W, K, Wo, Hp, Wp, ph, pw);
+}
+
+// Its weight gradient (the SPEC's conv2d_maxpool2d_relu_backward_weight, for a first layer: x
+// needs no gradient). Unfused, the pool's backward writes the convolution-sized gradient (44 MB
+// at batch 512 for MnistCNN conv1, three quarters zeros) and the narrow weight gradient reads it
+// back. Only the pooled outputs carry a gradient, each to the one convolution output its argmax
+// names, so here the threads walk the pooled pixels: for each of KB filters, dy masked by the
+// ReLU (y > 0, as maxpool2d_bwd_*'s relu mode), its cell (from argmax: one of the 2x2 window,
+// no division) and the R x S window of x under that cell. The same accumulators, block reduction
+// and split partials as pycnn_conv_bwd_weight_narrow_c1; the sums run over the nonzero terms of
+// the unfused sums in another order, so the results agree to rounding, not bitwise.
+// Launch: grid (ceil(K / KB), splits), block (PYCNN_BLOCK,); argmax from a 2x2 stride-2 pool of
+// the convolution output (N, K, Ho, Wo) without padding, conv stride 1 (host-checked).
+// Launch bounds as the unfused kernels': three blocks per SM for 3x3 (ptxas: 80 registers and 8
+// bytes spilled; two blocks would take 104 registers and spill nothing: a choice to time), two for
+// 5x5 (111 registers).
+template <int R, int S, int KB>
+__device__ __forceinline__ void pycnn_conv_bwd_weight_pool_narrow_c1(
+    const float* __restrict__ dy, const float* __restrict__ y, const int* __restrict__ argmax,
+    const float* __restrict__ x, float* __restrict__ out, float* __restrict__ db_out, int N, int H, int W, int K,
+    int Wo, int Hp, int Wp, int ph, int pw, int chunk) {
+    constexpr int Q = R * S;
+    const int HpWp = Hp * Wp, k0 = blockIdx.x * KB, kn = min(KB, K - k0);
+    float acc[KB][Q], acc_db[KB];
+#pragma unroll
+    for (int kb = 0; kb < KB; ++kb) {
+        acc_db[kb] = 0.0f;
+#pragma unroll
+        for (int q = 0; q < Q; ++q) acc[kb][q] = 0.0f;
+    }
+    const int total = N * HpWp;
+    const int begin = blockIdx.y * chunk, end = min(total, begin + chunk);
+    PycnnPixelWalk at(begin + threadIdx.x, blockDim.x, Hp, Wp);
+    for (int kd = begin + threadIdx.x; kd < end; kd += blockDim.x, at.advance(Hp, Wp)) {
+        const int n = at.n, pi = at.i, pj = at.j;
+        const pycnn_i64 o = ((pycnn_i64)n * K + k0) * HpWp + pi * Wp + pj;
+        const int corner = 2 * pi * Wo + 2 * pj;  // the window's first cell in the conv output plane
+        const float* xw = x + (pycnn_i64)n * H * W;
+#pragma unroll
+        for (int kb = 0; kb < KB; ++kb) {
+            if (kb >= kn) break;  // (uniform across the block: the last group may hold fewer filters)
+            const pycnn_i64 ok = o + (pycnn_i64)kb * HpWp;
+            const float g = y[ok] > 0.0f ? dy[ok] : 0.0f;
+            acc_db[kb] += g;
+            const int delta = argmax[ok] - corner;  // 0, 1, Wo or Wo + 1
+            const int di = delta >= Wo ? 1 : 0, dj = delta - di * Wo;
+            const int h0 = 2 * pi + di - ph, w0 = 2 * pj + dj - pw;
+            float xv[Q];
+            if (h0 >= 0 && w0 >= 0 && h0 + R <= H && w0 + S <= W) {
+                const float* xr = xw + h0 * W + w0;
+#pragma unroll
+                for (int r = 0; r < R; ++r)
+#pragma unroll
+                    for (int s2 = 0; s2 < S; ++s2) xv[r * S + s2] = xr[r * W + s2];
+#pragma unroll
+                for (int q = 0; q < Q; ++q) acc[kb][q] = fmaf(g, xv[q], acc[kb][q]);
+            } else {  // a window over the padding: taps outside add nothing
+                bool in[Q];
+                pycnn_window_regs<R, S>(xw, h0, w0, H, W, xv, in);
+#pragma unroll
+                for (int q = 0; q < Q; ++q)
+                    if (in[q]) acc[kb][q] = fmaf(g, xv[q], acc[kb][q]);
+            }
+        }
+    }
+    pycnn_narrow_c1_finish<Q, KB>(acc, acc_db, out, db_out, 1, K, k0, kn);
+}
+
+extern "C" __global__ void __launch_bounds__(PYCNN_BLOCK, 3) conv2d_bwd_weight_pool_narrow_c1_3x3_f32(
+    const float* __restrict__ dy, const float* __restrict__ y, const int* __restrict__ argmax,
+    const float* __restrict__ x, float* __restrict__ out, float* __restrict__ db_out, int N, int H, int W, int K,
+    int Wo, int Hp, int Wp, int ph, int pw, int chunk) {
+    // cooperative: ends with a block reduction (__syncthreads); C == 1, R == S == 3 (host-checked)
+    pycnn_conv_bwd_weight_pool_narrow_c1<3, 3, PYCNN_NARROW_C1_KB_3x3>(dy, y, argmax, x, out, db_out, N, H, W, K,
+                                                                        Wo, Hp, Wp, ph, pw, chunk);
+}
+
+extern "C" __global__ void __launch_bounds__(PYCNN_BLOCK, 2) conv2d_bwd_weight_pool_narrow_c1_5x5_f32(
+    const float* __restrict__ dy, const float* __restrict__ y, const int* __restrict__ argmax,
+    const float* __restrict__ x, float* __restrict__ out, float* __restrict__ db_out, int N, int H, int W, int K,
+    int Wo, int Hp, int Wp, int ph, int pw, int chunk) {
+    // cooperative: ends with a block reduction (__syncthreads); C == 1, R == S == 5 (host-checked)
+    pycnn_conv_bwd_weight_pool_narrow_c1<5, 5, PYCNN_NARROW_C1_KB_5x5>(dy, y, argmax, x, out, db_out, N, H, W, K,
+                                                                        Wo, Hp, Wp, ph, pw, chunk);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -62,6 +62,8 @@ DEFINES = {
     # filters per block of conv2d_bwd_weight_narrow_c1_3x3_f32 / _5x5_f32 (registers: 78 and 105)
     "PYCNN_NARROW_C1_KB_3x3": 4,
     "PYCNN_NARROW_C1_KB_5x5": 2,
+    # filters per thread of conv2d_fwd_pool_narrow_c1_* (grid.y = ceil(K / this))
+    "PYCNN_CONV_POOL_KB": 8,
 }
 SOURCES = ("conv2d.cu", "pool2d.cu", "activation.cu", "loss.cu", "optim.cu", "linear.cu")
 COMMON_HEADER = "common.cuh"
@@ -376,7 +378,7 @@ def _env(name: str) -> str:
 
 # The environment variables a conv plan depends on (part of its key).
 _CONV_SETTINGS = ("PYCNN_CONV_VERSION", "PYCNN_ALLOW_TF32", "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_AUTOTUNE",
-                  "PYCNN_CONV3_WIDE", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP")
+                  "PYCNN_CONV3_WIDE", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_CONV_POOL_FUSE")
 _CONV_SETTING_KEYS = tuple(os.fsencode(name) for name in _CONV_SETTINGS)
 
 
@@ -1339,6 +1341,150 @@ def conv2d_bias_relu_forward(x, w, b, stride, padding, *, version: str | None = 
         raise ValueError(f"{op}: b is required (the fused op adds a bias), got None; "
                          f"use conv2d_forward then relu_forward for a convolution without bias")
     return _conv2d_forward(op, x, w, b, stride, padding, True, version, allow_tf32)
+
+
+def _conv_pool_kernel(x_shape, w_shape, stride, padding, pool: tuple) -> str | None:
+    """The fused kernel conv2d_maxpool2d_relu_forward runs for these shapes, or None (it then
+    runs conv2d_forward and maxpool2d_relu_forward): conv2d_fwd_pool_narrow_c1_{R}x{S}_f32 where
+    the convolution would run the narrow forward (one channel, 3x3 / 5x5, v3 or v4 by the version
+    setting), with stride 1 and a 2x2 stride-2 pool without padding, unless
+    $PYCNN_CONV_POOL_FUSE=0 (for A/Bs). Kept in _plans per shapes and settings (the shape rule
+    behind it costs about 10 us of Python a call)."""
+    key = ("conv_pool_kernel", tuple(x_shape), tuple(w_shape), tuple(stride), tuple(padding), pool, _conv_settings())
+    if key in _plans:
+        return _plans[key]
+    name = _conv_pool_kernel_uncached(x_shape, w_shape, stride, padding, pool)
+    _keep_plan(key, name)
+    return name
+
+
+def _conv_pool_kernel_uncached(x_shape, w_shape, stride, padding, pool: tuple) -> str | None:
+    setting = _env("PYCNN_CONV_POOL_FUSE")
+    if setting not in (None, "", "0", "1"):
+        raise ValueError(f"conv2d_maxpool2d_relu_forward: PYCNN_CONV_POOL_FUSE must be 0 or 1, got {setting!r}")
+    C, K, R, S = x_shape[1], w_shape[0], w_shape[2], w_shape[3]
+    narrow = _conv_narrow_forward(C, K, R, S)
+    if setting == "0" or narrow is None or tuple(stride) != (1, 1) or pool != ((2, 2), (2, 2), (0, 0)):
+        return None
+    requested = _requested_conv_version("conv2d_forward", None)
+    if requested not in ("auto", "3", CONV_TF32_VERSION):
+        return None
+    # (the narrow kernel is what v3 and v4 run here: ask the shape rule about v3, which needs no TF32)
+    # (and for its int32 limits: x and the convolution output under 2^31 elements)
+    if conv_version("forward", x_shape, w_shape, stride, padding, "auto" if requested == "auto" else "3",
+                    False) != "3":
+        return None
+    return narrow.replace("fwd_narrow", "fwd_pool_narrow")
+
+
+def conv2d_maxpool2d_relu_forward(x, w, b, stride, padding, kernel, pool_stride, pool_padding):
+    """(y, argmax) = maxpool2d_relu_forward(conv2d_forward(x, w, b, stride, padding), kernel,
+    pool_stride, pool_padding) (SPEC "Optional fused ops"); ``b`` may be None.
+
+    One kernel for one-channel 3x3 / 5x5 convolutions of stride 1 followed by a 2x2 stride-2 pool
+    (the first layers of the MNIST models; see _conv_pool_kernel): the convolution's output stays
+    in registers, and y and argmax are bitwise those of the two ops. Other shapes run the two ops.
+    """
+    op = "conv2d_maxpool2d_relu_forward"
+    cupy = _cupy()
+    _check(op, "x", x, 4)
+    _check(op, "w", w, 4)
+    if b is not None:
+        _check(op, "b", b, 1)
+    dev = _device(op, x=x, w=w, b=b)
+    N, C, H, W = x.shape
+    K, Cw, R, S = w.shape
+    if Cw != C:
+        raise ValueError(f"{op}: w has {Cw} input channels but x has {C} (x {x.shape}, w {w.shape})")
+    if b is not None and b.shape != (K,):
+        raise ValueError(f"{op}: b must have shape ({K},), got {b.shape}")
+    _, _, sh, sw, ph, pw, Ho, Wo = _window(op, H, W, (R, S), stride, padding)
+    pkh, pkw, psh, psw, pph, ppw, Hp, Wp = _window(op, Ho, Wo, kernel, pool_stride, pool_padding)
+    name = _conv_pool_kernel(x.shape, w.shape, (sh, sw), (ph, pw), ((pkh, pkw), (psh, psw), (pph, ppw)))
+    if name is None:
+        return maxpool2d_relu_forward(conv2d_forward(x, w, b, stride, padding), kernel, pool_stride, pool_padding)
+    with cupy.cuda.Device(dev):
+        y = cupy.empty((N, K, Hp, Wp), dtype=cupy.float32)
+        argmax = cupy.empty((N, K, Hp, Wp), dtype=cupy.int32)
+    if y.size:
+        kb = DEFINES["PYCNN_CONV_POOL_KB"]
+        _launch(dev, "conv2d.cu", name, (-(-N * Hp * Wp // BLOCK), -(-K // kb)), (BLOCK,),
+                (x, w, w if b is None else b, y, argmax, _i32(b is not None), _i32(N), _i32(H), _i32(W), _i32(K),
+                 _i32(Wo), _i32(Hp), _i32(Wp), _i32(ph), _i32(pw)))
+    _remember_pool_geometry(argmax, (N, K, Ho, Wo), (2, 2), (2, 2), (0, 0))
+    return y, argmax
+
+
+def conv2d_maxpool2d_relu_backward_weight(dy, y, argmax, x, w_shape, stride, padding):
+    """(dw, db) = conv2d_backward_weight(maxpool2d_relu_backward(dy, y, argmax, conv_shape), x,
+    w_shape, stride, padding) (SPEC "Optional fused ops"): the weight and bias gradients of the
+    convolution of conv2d_maxpool2d_relu_forward, whose outputs are ``y`` and ``argmax``, for a
+    layer whose input needs no gradient (a first layer).
+
+    Where the forward could run its fused kernel (see _conv_pool_kernel) one kernel walks the
+    pooled gradient (conv2d_bwd_weight_pool_narrow_c1_*, and a reduce launch when split): the
+    convolution-sized gradient, three quarters zeros, is never stored. Its sums add the nonzero
+    terms of the two ops' sums in another order: equal to rounding, deterministic. Elsewhere the
+    two ops.
+    """
+    op = "conv2d_maxpool2d_relu_backward_weight"
+    cupy = _cupy()
+    _check(op, "dy", dy, 4)
+    _check(op, "y", y, 4)
+    _check(op, "argmax", argmax, 4, dtype=np.int32)
+    _check(op, "x", x, 4)
+    dev = _device(op, dy=dy, y=y, argmax=argmax, x=x)
+    N, C, H, W = x.shape
+    K, Cw, R, S = _shape4(op, "w_shape", w_shape)
+    if Cw != C:
+        raise ValueError(f"{op}: w_shape has {Cw} input channels but x has {C} (x {x.shape}, w_shape {tuple(w_shape)})")
+    _, _, sh, sw, ph, pw, Ho, Wo = _window(op, H, W, (R, S), stride, padding)
+    conv_shape = (N, K, Ho, Wo)
+    if y.shape != dy.shape or argmax.shape != dy.shape:
+        raise ValueError(f"{op}: dy, y and argmax must have one shape, got dy {dy.shape}, y {y.shape}, "
+                         f"argmax {argmax.shape}")
+    pool = _recall_pool_geometry(argmax, conv_shape)
+    kernel = None
+    if pool is not None and _conv_pool_kernel(x.shape, (K, C, R, S), (sh, sw), (ph, pw), pool):
+        kernel = f"conv2d_bwd_weight_pool_narrow_c1_{R}x{S}_f32"
+    if kernel is None:
+        return conv2d_backward_weight(maxpool2d_relu_backward(dy, y, argmax, conv_shape), x, (K, C, R, S), stride,
+                                      padding)
+    Hp, Wp = Ho // 2, Wo // 2
+    if dy.shape != (N, K, Hp, Wp):
+        raise ValueError(f"{op}: dy must have shape {(N, K, Hp, Wp)} (the 2x2 pool of the convolution's "
+                         f"{conv_shape}), got {dy.shape}")
+    with cupy.cuda.Device(dev):
+        dw = cupy.empty((K, C, R, S), dtype=cupy.float32)
+        db = cupy.empty((K,), dtype=cupy.float32)
+    if N == 0 or K == 0:
+        dw.fill(0)
+        db.fill(0)
+        return dw, db
+    key = (op, dev, dy.shape, x.shape, (K, C, R, S), (sh, sw), (ph, pw), _conv_settings())
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _conv_pool_wgrad_plan(kernel, (N, H, W, K, R, S, Wo, Hp, Wp, ph, pw))
+        _keep_plan(key, plan)
+    _run_plan(dev, plan, {"dy": dy, "y": y, "argmax": argmax, "x": x, "dw": dw, "db": db})
+    return dw, db
+
+
+def _conv_pool_wgrad_plan(kernel: str, geom: tuple) -> _Plan:
+    """conv2d_maxpool2d_relu_backward_weight's launches (arrays dy, y, argmax, x, dw, db): the
+    kernel over splits of the pooled pixels, then the split reduce when there are several."""
+    N, H, W, K, R, S, Wo, Hp, Wp, ph, pw = geom
+    groups = -(-K // compile_defines()[_CONV_NARROW_C1_FILTERS[(R, S)]])
+    splits, chunk = _conv_splits(N * Hp * Wp, groups, _CONV_NARROW_MIN_K, 32, target=_CONV_NARROW_C1_TARGET_BLOCKS)
+    dw_count = K * R * S
+    outs, scratch, reduce = ("dw", "db"), (), ()
+    if splits > 1:  # split partials, added in split order by one launch (as the unfused kernel's)
+        outs = ("partial", "db_partial")
+        scratch = (("partial", splits * dw_count), ("db_partial", splits * K))
+        reduce = (_kernel_launch("conv2d.cu", "conv2d_wgrad_split_reduce_f32", _grid1d(dw_count + K), (BLOCK,),
+                                 ("partial", "dw", _i64(dw_count), "db_partial", "db", _i64(K), _i32(splits))),)
+    args = ("dy", "y", "argmax", "x") + outs + tuple(_i32(v) for v in (N, H, W, K, Wo, Hp, Wp, ph, pw, chunk))
+    return _Plan((_kernel_launch("conv2d.cu", kernel, (groups, splits), (BLOCK,), args),) + reduce, scratch=scratch)
 
 
 def _conv_backward_data_plan(version: str, geom: tuple) -> _Plan:

@@ -339,6 +339,17 @@ def maxpool2d_relu_backward(dy, y, argmax, x_shape):
     return maxpool2d_backward(relu_backward(dy, y), argmax, x_shape)
 
 
+def conv2d_maxpool2d_relu_forward(x, w, b, stride, padding, kernel, pool_stride, pool_padding):
+    return maxpool2d_relu_forward(conv2d_forward(x, w, b, stride, padding), kernel, pool_stride, pool_padding)
+
+
+def conv2d_maxpool2d_relu_backward_weight(dy, y, argmax, x, w_shape, stride, padding):
+    n, k = x.shape[0], w_shape[0]
+    conv_shape = (n, k, _out_size(x.shape[2], w_shape[2], stride[0], padding[0]),
+                  _out_size(x.shape[3], w_shape[3], stride[1], padding[1]))
+    return conv2d_backward_weight(maxpool2d_relu_backward(dy, y, argmax, conv_shape), x, w_shape, stride, padding)
+
+
 def linear_bias_relu_forward(x, w, b):
     y = linear_forward(x, w, b)
     return np.maximum(y, y.dtype.type(0), out=y)

@@ -40,12 +40,22 @@ class Conv2d(Module):
 
     def forward(self, x, activation: str | None = None):
         """The convolution; ``activation="relu"`` also applies a ReLU as one fused op."""
+        self._check(x)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, activation=activation)
+
+    def _check(self, x) -> None:
         _check_input("Conv2d", x, 4)
         if x.shape[1] != self.in_channels:
             plural = "" if x.shape[1] == 1 else "s"
             raise ValueError(f"Conv2d(in_channels={self.in_channels}) got input with {x.shape[1]} "
                              f"channel{plural} (shape {x.shape})")
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, activation=activation)
+
+    def forward_pooled(self, x, pool: "MaxPool2d"):
+        """relu(pool(self(x))) for a MaxPool2d ``pool``, as one op (F.conv2d_max_pool2d_relu: where the
+        backend can, the convolution's output is never stored)."""
+        self._check(x)
+        return F.conv2d_max_pool2d_relu(x, self.weight, self.bias, self.stride, self.padding,
+                                        pool.kernel_size, pool.stride, pool.padding)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -153,13 +163,15 @@ class Sequential(Module):
 
     A Conv2d, Linear or MaxPool2d directly followed by a ReLU runs as one fused op
     (functional's ``activation="relu"``: one kernel on backends that have it, one autograd node
-    everywhere). Conv2d, ReLU, MaxPool2d runs as the convolution, then max-pool + ReLU: a ReLU
-    commutes with a max (it never reorders values), so the values and gradients are exactly those of
-    the three modules (for outputs without NaN: a NaN in a window is clipped to 0 before the max
-    in one order and after it in the other), and the ReLU's backward touches the pooled output
-    instead of the 2x2 (or larger) times bigger convolution output. The values are the same as running the modules one
-    after the other; set ``fuse_relu = False`` on an instance to run every module separately (e.g.
-    to inspect the output of the layer before its ReLU).
+    everywhere). Conv2d, ReLU, MaxPool2d and Conv2d, MaxPool2d, ReLU run as one op,
+    F.conv2d_max_pool2d_relu: the convolution, then max-pool + ReLU. A ReLU commutes with a max
+    (it never reorders values), so the values and gradients are exactly those of the three modules
+    (for outputs without NaN: a NaN in a window is clipped to 0 before the max in one order and
+    after it in the other); the ReLU's backward touches the pooled output instead of the 2x2 (or
+    larger) times bigger convolution output, and where the backend has the fused kernel (CUDA,
+    one-channel first layers) the convolution's output is never stored. The Conv2d's and
+    MaxPool2d's own forward() are not called then. Set ``fuse_relu = False`` on an instance to run
+    every module separately (e.g. to inspect the output of the layer before its ReLU).
     """
 
     fuse_relu = True
@@ -187,8 +199,9 @@ class Sequential(Module):
         types = [type(m) for m in modules] + [None, None]
         while i < len(modules):
             module = modules[i]
-            if self.fuse_relu and types[i:i + 3] == [Conv2d, ReLU, MaxPool2d]:
-                x = modules[i + 2](module(x), activation="relu")  # pool(relu(conv)) == relu(pool(conv))
+            if self.fuse_relu and types[i:i + 3] in ([Conv2d, ReLU, MaxPool2d], [Conv2d, MaxPool2d, ReLU]):
+                pool = modules[i + 1] if types[i + 1] is MaxPool2d else modules[i + 2]
+                x = module.forward_pooled(x, pool)  # pool(relu(conv)) == relu(pool(conv))
                 i += 3
             elif self.fuse_relu and types[i + 1] is ReLU and types[i] in (Conv2d, Linear, MaxPool2d):
                 x = module(x, activation="relu")

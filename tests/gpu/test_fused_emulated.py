@@ -176,6 +176,137 @@ def test_maxpool_relu(emulated, kernel, stride, padding):
         cuda.maxpool2d_relu_backward(dy, y[:, :, :1, :1].copy(), am, x.shape)
 
 
+# ----------------------------------------------------------------------------- conv + max-pool + ReLU
+
+
+@pytest.mark.parametrize("x_shape, K, RS, padding, bias", [
+    ((3, 1, 14, 14), 32, 3, 0, True),    # MnistCNN conv1 (a 12x12 output, 6x6 pooled), 4 groups of 8 filters
+    ((2, 1, 12, 12), 20, 5, 0, True),    # 5x5 (FastMNIST conv1), 20 filters: groups of 8, 8 and 4
+    ((2, 1, 10, 10), 16, 5, 2, False),   # padding 2 (LeNet5 conv1), no bias: windows over the padding
+    ((2, 1, 10, 11), 17, 3, 0, True),    # an 8x9 output: its last column belongs to no window
+    ((1, 1, 9, 8), 16, 3, 1, True),      # padding 1, a 9x8 output: its last row belongs to no window
+    ((2, 1, 10, 10), 6, 5, 2, True),     # LeNet5's 6 filters: "auto" runs v2 there, v3 the narrow kernel
+])
+def test_conv_maxpool_relu_fused(emulated, monkeypatch, x_shape, K, RS, padding, bias):
+    """The first-layer conv + bias + 2x2 max-pool + ReLU kernel: y and argmax bitwise the
+    unfused CUDA ops' (conv2d_forward's narrow kernel, then maxpool2d_relu_forward), close to the
+    float64 reference, and its argmax usable by the fused pool backward (the tiled kernel, from the
+    geometry the op remembers)."""
+    if K < 16:
+        monkeypatch.setenv("PYCNN_CONV_VERSION", "3")
+    rng = np.random.default_rng(21)
+    x, w = rnd(rng, *x_shape), rnd(rng, K, 1, RS, RS)
+    b = rnd(rng, K) if bias else None
+    if bias:
+        b[: K // 2] -= 3.0  # mostly negative channels: windows the ReLU clips to 0
+    x[0, 0, :4, :4] = 0.5  # a constant patch: equal outputs in a window, where the first one wins
+    args = ((1, 1), (padding, padding), (2, 2), (2, 2), (0, 0))
+    start = len(emulated)
+    y, am = cuda.conv2d_maxpool2d_relu_forward(x, w, b, *args)
+    assert emulated[start:] == [f"conv2d_fwd_pool_narrow_c1_{RS}x{RS}_f32"]
+    conv = cuda.conv2d_forward(x, w, b, 1, padding)
+    assert emulated[-1] == f"conv2d_fwd_narrow_c1_{RS}x{RS}_f32"
+    y_want, am_want = cuda.maxpool2d_relu_forward(conv, (2, 2), (2, 2), (0, 0))
+    np.testing.assert_array_equal(y, y_want)
+    np.testing.assert_array_equal(am, am_want)
+    assert y.dtype == np.float32 and am.dtype == np.int32 and (y == 0).any() and (y > 0).any()
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    y64, _ = ref.conv2d_maxpool2d_relu_forward(x64, w64, None if b is None else b.astype(np.float64), *args)
+    close(y, y64)
+    dy = rnd(rng, *y.shape)
+    start = len(emulated)
+    dconv = cuda.maxpool2d_relu_backward(dy, y, am, conv.shape)
+    assert emulated[start:] == ["maxpool2d_bwd_tiled_f32"]
+    np.testing.assert_array_equal(dconv, cuda.maxpool2d_relu_backward(dy, y_want, am_want, conv.shape))
+
+
+@pytest.mark.parametrize("x_shape, K, RS, padding, min_k", [
+    ((3, 1, 14, 14), 32, 3, 0, None),  # MnistCNN conv1's shape, one split (KB = 4 filters per block)
+    ((3, 1, 14, 14), 32, 3, 0, 32),    # splits of 32 pooled pixels, added by the reduce launch
+    ((2, 1, 12, 12), 20, 5, 0, None),  # 5x5 (KB = 2)
+    ((2, 1, 10, 10), 16, 5, 2, 32),    # padding 2: windows over it; split
+    ((2, 1, 10, 11), 17, 3, 0, None),  # an 8x9 output (a column no window reads); 17 filters: a group of 1
+])
+def test_conv_maxpool_relu_backward_weight(emulated, monkeypatch, x_shape, K, RS, padding, min_k):
+    """The first layer's weight gradient from the pooled gradient: the unfused pair's (pool
+    backward, then the narrow weight gradient) to rounding, and the float64 reference's; where the
+    argmax's geometry is unknown it runs the pair itself."""
+    if min_k:
+        monkeypatch.setattr(cuda, "_CONV_NARROW_MIN_K", min_k)
+    rng = np.random.default_rng(24)
+    x, w, b = rnd(rng, *x_shape), rnd(rng, K, 1, RS, RS), rnd(rng, K)
+    b[: K // 2] -= 2.0
+    pad = (padding, padding)
+    y, am = cuda.conv2d_maxpool2d_relu_forward(x, w, b, (1, 1), pad, 2, 2, 0)
+    dy = rnd(rng, *y.shape)
+    start = len(emulated)
+    dw, db = cuda.conv2d_maxpool2d_relu_backward_weight(dy, y, am, x, w.shape, (1, 1), pad)
+    assert emulated[start:] == [f"conv2d_bwd_weight_pool_narrow_c1_{RS}x{RS}_f32"] + \
+        (["conv2d_wgrad_split_reduce_f32"] if min_k else [])
+    conv_shape = (x_shape[0], K, x_shape[2] + 2 * padding - RS + 1, x_shape[3] + 2 * padding - RS + 1)
+    start = len(emulated)
+    dw_pair, db_pair = cuda.conv2d_backward_weight(cuda.maxpool2d_relu_backward(dy, y, am, conv_shape), x, w.shape,
+                                                   (1, 1), pad)
+    assert emulated[start:][:2] == ["maxpool2d_bwd_tiled_f32", f"conv2d_bwd_weight_narrow_c1_{RS}x{RS}_f32"]
+    close(dw, dw_pair, rtol=1e-5, atol=1e-5, what="dw vs the pair")
+    close(db, db_pair, rtol=1e-5, atol=1e-5, what="db vs the pair")
+    dw64, db64 = ref.conv2d_maxpool2d_relu_backward_weight(dy.astype(np.float64), y.astype(np.float64), am,
+                                                           x.astype(np.float64), w.shape, (1, 1), pad)
+    close(dw, dw64, what="dw vs float64")
+    close(db, db64, what="db vs float64")
+    assert (db != 0).all() and (y == 0).any()
+    # an argmax whose pool geometry the backend does not know (not from its forward): the pair
+    start = len(emulated)
+    dw2, db2 = cuda.conv2d_maxpool2d_relu_backward_weight(dy, y, am.copy(), x, w.shape, (1, 1), pad)
+    assert not any("pool_narrow" in k for k in emulated[start:]), emulated[start:]
+    np.testing.assert_array_equal(dw2, dw_pair)
+    np.testing.assert_array_equal(db2, db_pair)
+
+
+@pytest.mark.parametrize("case", ["stride 2", "pool 3", "pool padding", "three channels", "7x7", "fuse off",
+                                  "version 1"])
+def test_conv_maxpool_relu_composed(emulated, monkeypatch, case):
+    """Where the fused kernel does not apply (or is switched off) the op runs the two unfused ops,
+    with the same results."""
+    rng = np.random.default_rng(22)
+    C, RS, stride, pool = 1, 3, 1, ((2, 2), (2, 2), (0, 0))
+    if case == "stride 2":
+        stride = 2
+    elif case == "pool 3":
+        pool = ((3, 3), (3, 3), (0, 0))
+    elif case == "pool padding":
+        pool = ((2, 2), (2, 2), (1, 1))
+    elif case == "three channels":
+        C = 3
+    elif case == "7x7":
+        RS = 7
+    elif case == "fuse off":
+        monkeypatch.setenv("PYCNN_CONV_POOL_FUSE", "0")
+    else:
+        monkeypatch.setenv("PYCNN_CONV_VERSION", "1")
+    x, w, b = rnd(rng, 2, C, 13, 13), rnd(rng, 4, C, RS, RS), rnd(rng, 4)
+    start = len(emulated)
+    y, am = cuda.conv2d_maxpool2d_relu_forward(x, w, b, stride, 0, *pool)
+    assert not any("pool_narrow" in k for k in emulated[start:]), emulated[start:]
+    y_want, am_want = cuda.maxpool2d_relu_forward(cuda.conv2d_forward(x, w, b, stride, 0), *pool)
+    np.testing.assert_array_equal(y, y_want)
+    np.testing.assert_array_equal(am, am_want)
+
+
+def test_conv_maxpool_relu_errors(emulated, monkeypatch):
+    rng = np.random.default_rng(23)
+    x, w = rnd(rng, 1, 1, 8, 8), rnd(rng, 2, 1, 3, 3)
+    with pytest.raises(ValueError, match=r"conv2d_maxpool2d_relu_forward: b must have shape \(2,\)"):
+        cuda.conv2d_maxpool2d_relu_forward(x, w, rnd(rng, 3), 1, 0, 2, 2, 0)
+    with pytest.raises(ValueError, match="conv2d_maxpool2d_relu_forward: w has 1 input channels but x has 2"):
+        cuda.conv2d_maxpool2d_relu_forward(rnd(rng, 1, 2, 8, 8), w, None, 1, 0, 2, 2, 0)
+    with pytest.raises(ValueError, match="conv2d_maxpool2d_relu_forward: kernel .* does not fit"):
+        cuda.conv2d_maxpool2d_relu_forward(x, w, None, 1, 0, 7, 7, 0)  # the 6x6 output is smaller
+    monkeypatch.setenv("PYCNN_CONV_POOL_FUSE", "yes")
+    with pytest.raises(ValueError, match="PYCNN_CONV_POOL_FUSE must be 0 or 1, got 'yes'"):
+        cuda.conv2d_maxpool2d_relu_forward(x, w, None, 1, 0, 2, 2, 0)
+
+
 # ----------------------------------------------------------------------------- multi-tensor optimizers
 
 

@@ -1,6 +1,6 @@
 """On the GPU: the linear.cu GEMM (forward, backward, bias/ReLU epilogue) on odd and model shapes,
 the one-launch cross-entropy forward/backward (many blocks, bitwise reproducible, ticket reset),
-max-pool + ReLU (forward and fused backward), and the multi-tensor Adam/SGD with host arguments
+max-pool + ReLU (forward and fused backward), the first layers' conv + max-pool + ReLU kernel, and the multi-tensor Adam/SGD with host arguments
 and with the device hyper-parameter buffer written by async copies, all against numpy_ref. The same checks run on the
 CPU emulator in test_fused_emulated.py."""
 from __future__ import annotations
@@ -113,6 +113,39 @@ def test_maxpool_relu(shape, kernel, stride, padding):
     composed = cuda.maxpool2d_backward(cuda.relu_backward(dy, y), am, x.shape)
     assert same_bits(cuda.maxpool2d_relu_backward(dy, y, am, x.shape), composed)
     close(composed, ref.maxpool2d_relu_backward(dy.get(), y_want, am_want, x.shape))
+
+
+@pytest.mark.parametrize("x_shape, K, RS, padding", [
+    ((64, 1, 28, 28), 32, 3, 0),   # MnistCNN conv1 + pool
+    ((256, 1, 28, 28), 24, 5, 0),  # FastMNIST conv1 + pool (batch 256)
+    ((5, 1, 28, 28), 20, 5, 2),    # LeNet5-like padding 2, 20 filters (groups of 8, 8 and 4)
+    ((3, 1, 11, 12), 17, 3, 1),    # a 11x12 output: its last row belongs to no window
+])
+def test_conv_maxpool_relu_fused_kernel(x_shape, K, RS, padding):
+    """conv2d_maxpool2d_relu_forward's fused kernel: y and argmax bitwise the unfused ops', and
+    close to numpy_ref; the pool backward finds its geometry (tiled kernel) and matches; the weight
+    gradient from the pooled gradient matches the unfused pair's."""
+    rng = np.random.default_rng(9)
+    x, w, b = rnd(rng, *x_shape), rnd(rng, K, 1, RS, RS), rnd(rng, K)
+    b[: K // 2] -= 2.0
+    assert cuda._conv_pool_kernel(x_shape, w.shape, (1, 1), (padding, padding), ((2, 2), (2, 2), (0, 0)))
+    y, am = cuda.conv2d_maxpool2d_relu_forward(g(x), g(w), g(b), 1, padding, 2, 2, 0)
+    conv = cuda.conv2d_forward(g(x), g(w), g(b), 1, padding)
+    y_want, am_want = cuda.maxpool2d_relu_forward(conv, 2, 2, 0)
+    assert same_bits(y, y_want) and same_bits(am, am_want)
+    y64, am64 = ref.conv2d_maxpool2d_relu_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64),
+                                                  (1, 1), (padding, padding), (2, 2), (2, 2), (0, 0))
+    close(y, y64)
+    assert (y.get() == 0).any() and (y.get() > 0).any()
+    dy = g(rnd(rng, *y.shape))
+    dconv = cuda.maxpool2d_relu_backward(dy, y, am, conv.shape)
+    assert same_bits(dconv, cuda.maxpool2d_relu_backward(dy, y_want, am_want, conv.shape))
+    # the weight gradient from the pooled gradient: the unfused pair's to rounding
+    dw, db = cuda.conv2d_maxpool2d_relu_backward_weight(dy, y, am, g(x), w.shape, 1, padding)
+    dw_pair, db_pair = cuda.conv2d_backward_weight(dconv, g(x), w.shape, 1, padding)
+    scale = float(cp.abs(dw_pair).max())
+    close(dw, cp.asnumpy(dw_pair), rtol=1e-4, atol=1e-5 * scale, what="dw")
+    close(db, cp.asnumpy(db_pair), rtol=1e-4, atol=1e-5 * float(cp.abs(db_pair).max()), what="db")
 
 
 def _optimizer_case(rng):
