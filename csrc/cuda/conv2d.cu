@@ -1491,6 +1491,18 @@ __device__ __forceinline__ void pycnn_window_regs(const float* __restrict__ plan
         }
 }
 
+// The register sums of a one-channel narrow weight-gradient kernel (KB filters, Q taps each, and
+// each filter's bias sum), zeroed.
+template <int Q, int KB>
+__device__ __forceinline__ void pycnn_zero_sums(float (&acc)[KB][Q], float (&acc_db)[KB]) {
+#pragma unroll
+    for (int kb = 0; kb < KB; ++kb) {
+        acc_db[kb] = 0.0f;
+#pragma unroll
+        for (int q = 0; q < Q; ++q) acc[kb][q] = 0.0f;
+    }
+}
+
 // The end of a one-channel narrow weight-gradient kernel of KB filters (k0 .. k0 + kn - 1) with Q
 // taps each, after its threads summed their pixels into acc (and the bias sums into acc_db): a
 // fixed-order block reduction (warp trees, then the warps in order) writes this split's
@@ -1548,12 +1560,7 @@ __device__ __forceinline__ void pycnn_conv_bwd_weight_narrow_c1(const float* __r
     constexpr int Q = R * S;
     const int HoWo = Ho * Wo, k0 = blockIdx.x * KB, kn = min(KB, K - k0);
     float acc[KB][Q], acc_db[KB];
-#pragma unroll
-    for (int kb = 0; kb < KB; ++kb) {
-        acc_db[kb] = 0.0f;
-#pragma unroll
-        for (int q = 0; q < Q; ++q) acc[kb][q] = 0.0f;
-    }
+    pycnn_zero_sums<Q, KB>(acc, acc_db);
     const int total = N * HoWo;
     const int begin = blockIdx.y * chunk, end = min(total, begin + chunk);
     PycnnPixelWalk at(begin + threadIdx.x, blockDim.x, Ho, Wo);
@@ -1790,7 +1797,7 @@ extern "C" __global__ void conv2d_fwd_pool_narrow_c1_5x5_f32(
 // the convolution output (N, K, Ho, Wo) without padding, conv stride 1 (host-checked).
 // Launch bounds as the unfused kernels': three blocks per SM for 3x3 (ptxas: 80 registers and 8
 // bytes spilled; two blocks would take 104 registers and spill nothing: a choice to time), two for
-// 5x5 (111 registers).
+// 5x5 (121 registers).
 template <int R, int S, int KB>
 __device__ __forceinline__ void pycnn_conv_bwd_weight_pool_narrow_c1(
     const float* __restrict__ dy, const float* __restrict__ y, const int* __restrict__ argmax,
@@ -1799,12 +1806,7 @@ __device__ __forceinline__ void pycnn_conv_bwd_weight_pool_narrow_c1(
     constexpr int Q = R * S;
     const int HpWp = Hp * Wp, k0 = blockIdx.x * KB, kn = min(KB, K - k0);
     float acc[KB][Q], acc_db[KB];
-#pragma unroll
-    for (int kb = 0; kb < KB; ++kb) {
-        acc_db[kb] = 0.0f;
-#pragma unroll
-        for (int q = 0; q < Q; ++q) acc[kb][q] = 0.0f;
-    }
+    pycnn_zero_sums<Q, KB>(acc, acc_db);
     const int total = N * HpWp;
     const int begin = blockIdx.y * chunk, end = min(total, begin + chunk);
     PycnnPixelWalk at(begin + threadIdx.x, blockDim.x, Hp, Wp);

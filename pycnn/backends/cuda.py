@@ -1282,13 +1282,18 @@ def _run_cached(cupy, dev: int, key, arrays: dict, out_name: str):
     return out
 
 
-def _conv2d_forward(op: str, x, w, b, stride, padding, relu: bool, version, allow_tf32):
-    cupy = _cupy()
+def _conv_forward_operands(op: str, x, w, b) -> int:
+    """Check a forward convolution's x, w and (optional) b arrays; returns their device."""
     _check(op, "x", x, 4)
     _check(op, "w", w, 4)
     if b is not None:
         _check(op, "b", b, 1)
-    dev = _device(op, x=x, w=w, b=b)
+    return _device(op, x=x, w=w, b=b)
+
+
+def _conv2d_forward(op: str, x, w, b, stride, padding, relu: bool, version, allow_tf32):
+    cupy = _cupy()
+    dev = _conv_forward_operands(op, x, w, b)
     has_bias = b is not None
     arrays = {"x": x, "w": w, "bias": b if has_bias else w}  # bias is never read when has_bias == 0
     key = _plan_key(op, dev, (x.shape, w.shape, b.shape if has_bias else None), stride, padding, version,
@@ -1346,8 +1351,8 @@ def conv2d_bias_relu_forward(x, w, b, stride, padding, *, version: str | None = 
 def _conv_pool_kernel(x_shape, w_shape, stride, padding, pool: tuple) -> str | None:
     """The fused kernel conv2d_maxpool2d_relu_forward runs for these shapes, or None (it then
     runs conv2d_forward and maxpool2d_relu_forward): conv2d_fwd_pool_narrow_c1_{R}x{S}_f32 where
-    the convolution would run the narrow forward (one channel, 3x3 / 5x5, v3 or v4 by the version
-    setting), with stride 1 and a 2x2 stride-2 pool without padding, unless
+    the convolution would run the narrow forward (one channel, 3x3 / 5x5, v3 by the version setting
+    "auto" or "3"), with stride 1 and a 2x2 stride-2 pool without padding, unless
     $PYCNN_CONV_POOL_FUSE=0 (for A/Bs). Kept in _plans per shapes and settings (the shape rule
     behind it costs about 10 us of Python a call)."""
     key = ("conv_pool_kernel", tuple(x_shape), tuple(w_shape), tuple(stride), tuple(padding), pool, _conv_settings())
@@ -1366,13 +1371,13 @@ def _conv_pool_kernel_uncached(x_shape, w_shape, stride, padding, pool: tuple) -
     narrow = _conv_narrow_forward(C, K, R, S)
     if setting == "0" or narrow is None or tuple(stride) != (1, 1) or pool != ((2, 2), (2, 2), (0, 0)):
         return None
+    # v4 runs the same narrow kernel, but its opt-in checks (TF32 allowed, TF32 hardware) belong to
+    # conv2d_forward: a v4 request takes the two ops, which make them
     requested = _requested_conv_version("conv2d_forward", None)
-    if requested not in ("auto", "3", CONV_TF32_VERSION):
+    if requested not in ("auto", "3"):
         return None
-    # (the narrow kernel is what v3 and v4 run here: ask the shape rule about v3, which needs no TF32)
-    # (and for its int32 limits: x and the convolution output under 2^31 elements)
-    if conv_version("forward", x_shape, w_shape, stride, padding, "auto" if requested == "auto" else "3",
-                    False) != "3":
+    # (the shape rule also checks the int32 limits: x and the convolution output under 2^31 elements)
+    if conv_version("forward", x_shape, w_shape, stride, padding, requested, False) != "3":
         return None
     return narrow.replace("fwd_narrow", "fwd_pool_narrow")
 
@@ -1387,11 +1392,7 @@ def conv2d_maxpool2d_relu_forward(x, w, b, stride, padding, kernel, pool_stride,
     """
     op = "conv2d_maxpool2d_relu_forward"
     cupy = _cupy()
-    _check(op, "x", x, 4)
-    _check(op, "w", w, 4)
-    if b is not None:
-        _check(op, "b", b, 1)
-    dev = _device(op, x=x, w=w, b=b)
+    dev = _conv_forward_operands(op, x, w, b)
     N, C, H, W = x.shape
     K, Cw, R, S = w.shape
     if Cw != C:
@@ -1424,8 +1425,9 @@ def conv2d_maxpool2d_relu_backward_weight(dy, y, argmax, x, w_shape, stride, pad
     Where the forward could run its fused kernel (see _conv_pool_kernel) one kernel walks the
     pooled gradient (conv2d_bwd_weight_pool_narrow_c1_*, and a reduce launch when split): the
     convolution-sized gradient, three quarters zeros, is never stored. Its sums add the nonzero
-    terms of the two ops' sums in another order: equal to rounding, deterministic. Elsewhere the
-    two ops.
+    terms of the two ops' sums in another order: equal to rounding, deterministic (for finite x: the
+    two ops also add 0 * x where no gradient arrives, a NaN where x holds an inf; this does not).
+    Elsewhere the two ops.
     """
     op = "conv2d_maxpool2d_relu_backward_weight"
     cupy = _cupy()

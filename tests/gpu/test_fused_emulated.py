@@ -305,6 +305,13 @@ def test_conv_maxpool_relu_errors(emulated, monkeypatch):
     monkeypatch.setenv("PYCNN_CONV_POOL_FUSE", "yes")
     with pytest.raises(ValueError, match="PYCNN_CONV_POOL_FUSE must be 0 or 1, got 'yes'"):
         cuda.conv2d_maxpool2d_relu_forward(x, w, None, 1, 0, 2, 2, 0)
+    # v4 without the TF32 opt-in: the error conv2d_forward gives, fused or not (review of 4909f8a)
+    monkeypatch.setenv("PYCNN_CONV_VERSION", "4")
+    monkeypatch.delenv("PYCNN_ALLOW_TF32", raising=False)
+    for fuse in ("1", "0"):
+        monkeypatch.setenv("PYCNN_CONV_POOL_FUSE", fuse)
+        with pytest.raises(ValueError, match="conv version 4 computes with TF32"):
+            cuda.conv2d_maxpool2d_relu_forward(rnd(rng, 1, 1, 8, 8), rnd(rng, 32, 1, 3, 3), None, 1, 0, 2, 2, 0)
 
 
 # ----------------------------------------------------------------------------- multi-tensor optimizers
