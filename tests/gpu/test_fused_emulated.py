@@ -263,6 +263,44 @@ def test_conv_maxpool_relu_backward_weight(emulated, monkeypatch, x_shape, K, RS
     np.testing.assert_array_equal(db2, db_pair)
 
 
+@pytest.mark.parametrize("order", ["relu first", "pool first"])
+def test_first_layer_through_sequential(emulated, monkeypatch, order):
+    """A MnistCNN-like model through Sequential and pycnn.functional with the emulated CUDA kernels
+    as the backend: the first layer runs the two fused kernels (forward, weight gradient from the
+    pooled gradient), the second the unfused pair, and the outputs and every parameter's gradient
+    match the NumPy reference backend's."""
+    import pycnn
+    import pycnn.functional as F
+    from pycnn import Tensor, nn
+
+    monkeypatch.setattr(cuda, "BLOCK", 256)  # the block size the kernels are compiled for, as on a GPU
+    pycnn.manual_seed(5)
+    pool = (lambda: (nn.ReLU(), nn.MaxPool2d(2))) if order == "relu first" else (lambda: (nn.MaxPool2d(2), nn.ReLU()))
+    model = nn.Sequential(nn.Conv2d(1, 16, 3), *pool(), nn.Conv2d(16, 16, 3), *pool(), nn.Flatten(),
+                          nn.Linear(16 * 2 * 2, 5))
+    model[0].bias.data[:8] -= 1.0  # clipped windows
+    rng = np.random.default_rng(25)
+    x = Tensor(rnd(rng, 3, 1, 14, 14))
+    r = Tensor(rnd(rng, 3, 5))
+
+    def run(backend):
+        monkeypatch.setattr(F, "_backend", lambda t: backend)
+        model.zero_grad()
+        out = model(x)
+        (out * r).sum().backward()
+        return out.numpy().copy(), [p.grad.numpy().copy() for p in model.parameters()]
+
+    start = len(emulated)
+    got = run(cuda)
+    ran = emulated[start:]
+    assert "conv2d_fwd_pool_narrow_c1_3x3_f32" in ran and "conv2d_bwd_weight_pool_narrow_c1_3x3_f32" in ran, ran
+    assert "maxpool2d_fwd_f32" in ran and "conv2d_fwd_narrow_c1_3x3_f32" not in ran, ran  # (the second layer's pool)
+    want = run(ref)
+    close(got[0], want[0], what="output")
+    for i, (g, w) in enumerate(zip(got[1], want[1])):
+        close(g, w, rtol=1e-4, atol=1e-4, what=f"gradient of parameter {i}")
+
+
 @pytest.mark.parametrize("case", ["stride 2", "pool 3", "pool padding", "three channels", "7x7", "fuse off",
                                   "version 1"])
 def test_conv_maxpool_relu_composed(emulated, monkeypatch, case):
