@@ -273,7 +273,6 @@ def test_first_layer_through_sequential(emulated, monkeypatch, order):
     import pycnn.functional as F
     from pycnn import Tensor, nn
 
-    monkeypatch.setattr(cuda, "BLOCK", 256)  # the block size the kernels are compiled for, as on a GPU
     pycnn.manual_seed(5)
     pool = (lambda: (nn.ReLU(), nn.MaxPool2d(2))) if order == "relu first" else (lambda: (nn.MaxPool2d(2), nn.ReLU()))
     model = nn.Sequential(nn.Conv2d(1, 16, 3), *pool(), nn.Conv2d(16, 16, 3), *pool(), nn.Flatten(),
