@@ -1795,9 +1795,9 @@ extern "C" __global__ void conv2d_fwd_pool_narrow_c1_5x5_f32(
 // the unfused sums in another order, so the results agree to rounding, not bitwise.
 // Launch: grid (ceil(K / KB), splits), block (PYCNN_BLOCK,); argmax from a 2x2 stride-2 pool of
 // the convolution output (N, K, Ho, Wo) without padding, conv stride 1 (host-checked).
-// Launch bounds as the unfused kernels': three blocks per SM for 3x3 (ptxas: 80 registers and 8
-// bytes spilled; two blocks would take 104 registers and spill nothing: a choice to time), two for
-// 5x5 (121 registers).
+// Launch bounds as the unfused kernels': three blocks per SM for 3x3 (ptxas: 80 registers), two
+// for 5x5 (121). A missing filter of the last group is computed on filter k0's values and not
+// written: with a `break` there instead, the 3x3 kernel spilled 8 bytes at three blocks per SM.
 template <int R, int S, int KB>
 __device__ __forceinline__ void pycnn_conv_bwd_weight_pool_narrow_c1(
     const float* __restrict__ dy, const float* __restrict__ y, const int* __restrict__ argmax,
@@ -1817,8 +1817,8 @@ __device__ __forceinline__ void pycnn_conv_bwd_weight_pool_narrow_c1(
         const float* xw = x + (pycnn_i64)n * H * W;
 #pragma unroll
         for (int kb = 0; kb < KB; ++kb) {
-            if (kb >= kn) break;  // (uniform across the block: the last group may hold fewer filters)
-            const pycnn_i64 ok = o + (pycnn_i64)kb * HpWp;
+            // (the last group may hold fewer filters: a missing one's loads read filter k0's)
+            const pycnn_i64 ok = o + (kb < kn ? (pycnn_i64)kb * HpWp : 0);
             const float g = y[ok] > 0.0f ? dy[ok] : 0.0f;
             acc_db[kb] += g;
             const int delta = argmax[ok] - corner;  // 0, 1, Wo or Wo + 1
