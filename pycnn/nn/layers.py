@@ -168,8 +168,10 @@ class Sequential(Module):
     (it never reorders values), so the values and gradients are exactly those of the three modules
     (for outputs without NaN: a NaN in a window is clipped to 0 before the max in one order and
     after it in the other); the ReLU's backward touches the pooled output instead of the 2x2 (or
-    larger) times bigger convolution output, and where the backend has the fused kernel (CUDA,
-    one-channel first layers) the convolution's output is never stored. The Conv2d's and
+    larger) times bigger convolution output, and where the backend has the fused kernels (CUDA,
+    one-channel first layers) the convolution's output is never stored, nor, for a first layer,
+    its gradient (the weight gradient is then summed from the pooled gradient: equal to rounding,
+    not bitwise). The Conv2d's and
     MaxPool2d's own forward() are not called then. Set ``fuse_relu = False`` on an instance to run
     every module separately (e.g. to inspect the output of the layer before its ReLU).
     """
