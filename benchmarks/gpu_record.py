@@ -42,6 +42,7 @@ def merge(selftest: dict, kernels: dict | None = None, training: dict | None = N
         record["training"] = training.get("end_to_end") or []
         record["training_details"] = training.get("details") or {}
         record["step_profiles"] = training.get("step_profiles") or []
+        record["autotune"] = training.get("autotune") or []
         record["training_errors"] = training.get("errors") or []
         record["torch"] = training.get("torch")
     record["merged_from"] = list(sources or [])

@@ -33,7 +33,12 @@ backward-data as the forward GEMM of dy with the flipped filters): its A/B; "pyc
 the graph variant with the split-K rule before "waves" (cuda._CONV3_SPLIT_RULE = "fill");
 "pycnn-cudagraph-nopoolfuse" the graph variant with PYCNN_CONV_POOL_FUSE=0 (conv1, then max-pool
 + ReLU, and in the backward the pool's backward, then conv1's weight gradient, instead of the
-kernels that never store conv1's output or its gradient).
+kernels that never store conv1's output or its gradient). "pycnn-cudagraph-autotune" (MnistCNN and
+FastMNIST) is the graph variant with PYCNN_CONV_AUTOTUNE=1: each conv call signature's first call
+times every exact version and v3's variants (wide tiles, flipped backward-data, the other split
+rule) in CUDA graphs and keeps the fastest, in untimed warm-up steps (for FastMNIST an untimed
+warm-up pass under the autotune first, as the kernels' compilation); the record's "autotune" lists
+every pick and the GPU times it chose from.
 
 Writes a JSON record (environment + "end_to_end" entries with "reference" and
 "reference_samples_per_s", the DESIGN.md record format) to ``--out`` and prints a table.
@@ -133,7 +138,29 @@ def pycnn_variants() -> list:
         # gradient): conv1 writes its output, the pool reads it
         ("pycnn-cudagraph-nopoolfuse", "graph conv1 and pool unfused",
          with_env("PYCNN_CONV_POOL_FUSE", "0", pycnn_throughput), True),
+        # every conv layer's version and v3 variant (wide tiles, flipped backward-data, split rule)
+        # picked by timing them in its first (untimed, eager) warm-up step; the picks go into the
+        # record ("autotune")
+        ("pycnn-cudagraph-autotune", "graph autotuned", with_autotune(pycnn_throughput), True),
     ]
+
+
+def with_autotune(fn):
+    """fn with PYCNN_CONV_AUTOTUNE=1."""
+    return with_env("PYCNN_CONV_AUTOTUNE", "1", fn)
+
+
+def autotune_picks() -> list:
+    """What the backend's autotune timed in this process and picked, per conv call signature."""
+    from pycnn.backends import cuda
+
+    picks = []
+    for key, times in cuda._autotune_times.items():
+        direction, _, x_shape, w_shape, stride, padding = key[:6]
+        picks.append({"direction": direction, "x_shape": list(x_shape), "w_shape": list(w_shape),
+                      "stride": list(stride), "padding": list(padding), "pick": cuda._autotune_cache.get(key),
+                      "gpu_ms": {label: round(ms, 5) for label, ms in sorted(times.items(), key=lambda t: t[1])}})
+    return picks
 
 
 def with_winograd(fn):
@@ -558,6 +585,7 @@ def main(argv=None) -> int:
                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "benchmark": "gpu_training",
                   "torch": None if torch is None else torch.__version__, "torch_reason": torch_reason,
                   "end_to_end": entries, "details": details, "step_profiles": [p for p in profiles if p],
+                  "autotune": autotune_picks(),
                   "errors": errors, "partial": partial,
                   "wall_s": time.perf_counter() - t_start}
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -601,6 +629,12 @@ def main(argv=None) -> int:
           "pycnn-cudagraph-winograd": [_attempt(errors, f"pycnn graph winograd fastmnist seed {s}",
                                                 with_winograd(pycnn_fastmnist), True, s, xtr, ytr, xte, yte)
                                        for s in range(args.seeds)]}
+    # The autotuned recipe: its picks are made in an untimed warm-up (as the kernels' compilation
+    # and cuDNN's own autotune are), then the clocked runs find them cached.
+    _attempt(errors, "pycnn autotune warm-up", with_autotune(pycnn_warmup), xtr, ytr, xte, yte)
+    fm["pycnn-cudagraph-autotune"] = [_attempt(errors, f"pycnn graph autotuned fastmnist seed {s}",
+                                               with_autotune(pycnn_fastmnist), True, s, xtr, ytr, xte, yte)
+                                      for s in range(args.seeds)]
     if torch is not None:
         fm["pytorch-eager"] = [_attempt(errors, "torch eager fastmnist", torch_fastmnist, torch, False, 0,
                                         txtr, tytr, txte, tyte)]
@@ -608,7 +642,7 @@ def main(argv=None) -> int:
                                             txtr, tytr, txte, tyte)]
     details["fastmnist"] = fm
     tref = [r for r in fm.get("pytorch-eager", []) if r]
-    for variant in ("pycnn-eager", "pycnn-cudagraph", "pycnn-cudagraph-winograd"):
+    for variant in ("pycnn-eager", "pycnn-cudagraph", "pycnn-cudagraph-winograd", "pycnn-cudagraph-autotune"):
         runs = [r for r in fm[variant] if r]
         if not runs:
             continue

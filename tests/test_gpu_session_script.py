@@ -94,11 +94,11 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
     def stand_in(model, batch, graph, *rest):
         seen[len(seen)] = {name: os.environ.get(name) for name in
                            ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP",
-                            "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_POOL_FUSE")} | {"rule": cuda._CONV3_SPLIT_RULE, "graph": graph}
+                            "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_POOL_FUSE", "PYCNN_CONV_AUTOTUNE")} | {"rule": cuda._CONV3_SPLIT_RULE, "graph": graph}
         return {}
 
     for name in ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_CONV_WINOGRAD",
-                 "PYCNN_CONV_POOL_FUSE"):
+                 "PYCNN_CONV_POOL_FUSE", "PYCNN_CONV_AUTOTUNE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(gpu_training, "pycnn_throughput", stand_in)
     variants = gpu_training.pycnn_variants()
@@ -113,8 +113,28 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
                 "pycnn-cudagraph-1stream": {"PYCNN_BACKWARD_STREAMS": "0"},
                 "pycnn-cudagraph-2pass": {"PYCNN_SPLIT_FINISH": "0"},
                 "pycnn-cudagraph-flip": {"PYCNN_CONV_BWD_DATA_FLIP": "1"},
-                "pycnn-cudagraph-nopoolfuse": {"PYCNN_CONV_POOL_FUSE": "0"}}.get(name, {})
+                "pycnn-cudagraph-nopoolfuse": {"PYCNN_CONV_POOL_FUSE": "0"},
+                "pycnn-cudagraph-autotune": {"PYCNN_CONV_AUTOTUNE": "1"}}.get(name, {})
         assert setting == want, name
         assert seen[i]["rule"] == ("fill" if name == "pycnn-cudagraph-fill" else "waves"), name
         assert seen[i]["graph"] == graph
     assert cuda._CONV3_SPLIT_RULE == "waves" and "PYCNN_CONV_BWD_DATA_FLIP" not in os.environ
+
+
+def test_autotune_picks_in_the_record(monkeypatch):
+    """gpu_training.py's "autotune" record entries, from the backend's autotune caches."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import json
+
+    import gpu_training
+
+    from pycnn.backends import cuda
+
+    key = ("backward_data", 0, (64, 32, 13, 13), (64, 32, 3, 3), (1, 1), (0, 0), False, "", "", "waves", False)
+    monkeypatch.setattr(cuda, "_autotune_times", {key: {"3": 0.05, "3+flip": 0.03, "1": 0.6}})
+    monkeypatch.setattr(cuda, "_autotune_cache", {key: "3+flip"})
+    picks = gpu_training.autotune_picks()
+    assert picks == [{"direction": "backward_data", "x_shape": [64, 32, 13, 13], "w_shape": [64, 32, 3, 3],
+                      "stride": [1, 1], "padding": [0, 0], "pick": "3+flip",
+                      "gpu_ms": {"3+flip": 0.03, "3": 0.05, "1": 0.6}}]
+    json.dumps(picks)

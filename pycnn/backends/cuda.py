@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.resources
+import itertools
 import math
 import os
 import re
@@ -365,8 +366,28 @@ if not isinstance(_ENVIRON_DATA, dict):  # (another Python's os.environ: read th
 _ENV_KEYS: dict = {}
 
 
+# While the autotune builds one candidate's plan, the settings that candidate varies (see
+# _TUNE_VARIANTS): name -> value, what _env returns for that name instead of the environment's.
+# "_CONV3_SPLIT_RULE" stands for the module constant of that name (see _conv3_splits).
+_setting_overrides: dict = {}
+
+
+@contextlib.contextmanager
+def _overriding(pairs: tuple):
+    """Inside: _env(name) returns value for every (name, value) in ``pairs``."""
+    saved = dict(_setting_overrides)
+    _setting_overrides.update(pairs)
+    try:
+        yield
+    finally:
+        _setting_overrides.clear()
+        _setting_overrides.update(saved)
+
+
 def _env(name: str) -> str:
-    """os.environ.get(name, '')."""
+    """os.environ.get(name, ''), or the value an autotune candidate sets (_overriding)."""
+    if _setting_overrides and name in _setting_overrides:
+        return _setting_overrides[name]
     if _ENVIRON_DATA is None:
         return os.environ.get(name, "")
     key = _ENV_KEYS.get(name)
@@ -772,8 +793,8 @@ def _conv_narrow_forward(C: int, K: int, R: int, S: int, direction: str = "forwa
 
 
 _conv_tf32_capable: dict = {}  # device id -> compute capability >= 8.0
-_autotune_cache: dict = {}  # (direction, device, shapes, stride, padding, winograd, settings, tf32) -> version
-_autotune_times: dict = {}  # the same key -> {version: median ms}, for benchmarks to report
+_autotune_cache: dict = {}  # (direction, device, shapes, stride, padding, winograd, settings, tf32) -> label
+_autotune_times: dict = {}  # the same key -> {candidate label: GPU ms}, for benchmarks to report
 _conv_backward_tuned: set = set()  # conv2d_backward calls whose shapes had their autotune call (in order)
 
 
@@ -994,41 +1015,127 @@ def _is_tf32_capable(dev: int) -> bool:
     return cap
 
 
-def _autotune(key, candidates, run) -> str | None:
-    """The fastest of ``candidates`` for one shape, timed once with CUDA events and cached.
+# Beside each v3/v4 candidate's default plan the autotune times its variants, wherever the setting
+# a variant changes is not set by the user (a set one holds for every candidate): a candidate's
+# label is its version and the variants it takes, e.g. "3+wide+fill" (label part -> setting, value).
+_TUNE_VARIANTS = {
+    "wide": ("PYCNN_CONV3_WIDE", "1"),  # v3 forward / backward-data tiles twice as wide
+    "flip": ("PYCNN_CONV_BWD_DATA_FLIP", "1"),  # stride-1 backward-data through the forward kernels
+    "fill": ("_CONV3_SPLIT_RULE", "fill"),  # the other split-K rule (see _CONV3_SPLIT_RULE)
+    "waves": ("_CONV3_SPLIT_RULE", "waves"),
+}
+# A candidate whose call takes at least this long (CUDA events around one call from Python) is
+# timed so, median of three: the host's launches are a small part of it. A faster one is timed in
+# a CUDA graph of _TUNE_GRAPH_REPS calls, replayed three times, what it costs in a captured step
+# (from Python a small layer's launches take longer than its kernels, and would decide the pick).
+_TUNE_EAGER_MS = 1.0
+_TUNE_GRAPH_REPS = 10
+_tune_streams: dict = {}  # device id -> the stream candidates are timed on (one, so one set of split tickets)
 
-    Each candidate runs once as a warm-up (it also compiles the kernel), then three times between
-    events; the median decides. Returns None while a CUDA graph is being captured (timing would
-    synchronize), so the caller uses the shape rule; run a step eagerly before capturing.
+
+def _tune_labels(direction: str, versions: list) -> list[str]:
+    """The autotune's candidate labels: each version, and after a v3/v4 one that version with
+    every combination of the variants that apply to ``direction`` and are not set by the user.
+    (A variant that does not change a shape's launches is dropped when the plans are built.)"""
+    labels = []
+    for version in versions:
+        labels.append(version)
+        if version not in ("3", CONV_TF32_VERSION):
+            continue
+        options = []
+        if version == "3" and direction != "backward_weight" and _env("PYCNN_CONV3_WIDE") == "":
+            options.append("wide")
+        if direction == "backward_data" and _env("PYCNN_CONV_BWD_DATA_FLIP") == "":
+            options.append("flip")
+        options.append("fill" if _CONV3_SPLIT_RULE == "waves" else "waves")
+        for n in range(1, len(options) + 1):
+            labels += ["+".join((version,) + combo) for combo in itertools.combinations(options, n)]
+    return labels
+
+
+def _tune_variant(label: str) -> tuple[str, tuple]:
+    """(version, settings) of an autotune label: "3+flip" -> ("3", (("PYCNN_CONV_BWD_DATA_FLIP", "1"),))."""
+    version, *variants = label.split("+")
+    return version, tuple(_TUNE_VARIANTS[name] for name in variants)
+
+
+def _plan_time_ms(cupy, dev: int, run) -> float:
+    """GPU milliseconds of one ``run()`` (an autotune candidate's plan on the caller's arrays).
+
+    On a stream and memory pool of its own, after the caller's stream has finished making the
+    operands: one untimed call (it compiles the kernels and makes the stream's split tickets),
+    one call between CUDA events; if that took _TUNE_EAGER_MS or more, two more such calls and
+    the median, else _TUNE_GRAPH_REPS calls captured in a CUDA graph, replayed three times.
+    """
+    cupy.cuda.get_current_stream().synchronize()
+    stream = _tune_streams.get(dev)
+    if stream is None:
+        with cupy.cuda.Device(dev):
+            stream = _tune_streams[dev] = cupy.cuda.Stream(non_blocking=True)
+    pool = cupy.cuda.MemoryPool()
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+
+    def timed(fn, calls: int) -> float:
+        start.record(stream)
+        fn()
+        end.record(stream)
+        end.synchronize()
+        return cupy.cuda.get_elapsed_time(start, end) / calls
+
+    with cupy.cuda.Device(dev), stream, cupy.cuda.using_allocator(pool.malloc):
+        run()
+        once = timed(run, 1)
+        if once >= _TUNE_EAGER_MS:
+            return sorted([once, timed(run, 1), timed(run, 1)])[1]
+        stream.begin_capture()
+        try:
+            for _ in range(_TUNE_GRAPH_REPS):
+                run()
+        finally:
+            graph = stream.end_capture()
+        graph.launch(stream)
+
+        def replays():
+            for _ in range(3):
+                graph.launch(stream)
+        return timed(replays, 3 * _TUNE_GRAPH_REPS)
+
+
+def _autotune(key, dev: int, labels: list, build, run) -> str | None:
+    """The label of the fastest candidate plan for one shape, timed once and cached.
+
+    ``build(label)`` makes a candidate's plan, ``run(plan)`` runs it; candidates whose plans are
+    the same launches as an earlier one's are not timed again (_autotune_times lists those
+    timed). Returns None while a CUDA graph is being captured (timing would synchronize), so the
+    caller uses the shape rule; run a step eagerly before capturing.
     """
     pick = _autotune_cache.get(key)
     if pick is not None:
         return pick
+    if len(labels) == 1:
+        return labels[0]
     cupy = _cupy()
-    if _capturing(cupy) or len(candidates) < 2:
-        return candidates[0] if len(candidates) == 1 else None
-    times = {}
-    for v in candidates:
-        run(v)
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        samples = []
-        for _ in range(3):
-            start.record()
-            run(v)
-            end.record()
-            end.synchronize()
-            samples.append(cupy.cuda.get_elapsed_time(start, end))
-        times[v] = sorted(samples)[1]
+    if _capturing(cupy):
+        return None
+    plans: dict = {}
+    for label in labels:
+        plan = build(label)
+        if plan not in plans.values():
+            plans[label] = plan
+    times = {label: _plan_time_ms(cupy, dev, lambda plan=plan: run(plan)) for label, plan in plans.items()}
     pick = min(times, key=times.get)
     _autotune_cache[key] = pick
     _autotune_times[key] = times
     return pick
 
 
-def _conv_pick(direction: str, dev: int, geom: tuple, version, allow_tf32, run) -> tuple[str, bool]:
-    """(version, final): the version of one call (shape rule, then the optional cached autotune);
-    final is False when the autotune had to be put off (a CUDA-graph capture), so the plan made
-    from this pick must not be cached."""
+def _conv_pick(direction: str, dev: int, geom: tuple, version, allow_tf32, build, run) -> tuple[str, tuple, bool]:
+    """(version, settings, final) of one call: the shape rule's version, or with
+    $PYCNN_CONV_AUTOTUNE=1 and 'auto' the cached autotune's pick, whose plan is to be built with
+    ``settings`` overriding the environment (_overriding; () but for a v3/v4 variant). final is
+    False when the autotune had to be put off (a CUDA-graph capture), so the plan made from this
+    pick must not be cached. ``build(version)`` makes the plan the autotune times, ``run(plan)``
+    runs it on the call's arrays."""
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
     x_shape, w_shape, stride, padding = (N, C, H, W), (K, C, R, S), (sh, sw), (ph, pw)
     op = _CONV_DIRECTIONS[direction]
@@ -1036,25 +1143,28 @@ def _conv_pick(direction: str, dev: int, geom: tuple, version, allow_tf32, run) 
     tf32 = _tf32_allowed(allow_tf32)
     capable = _is_tf32_capable(dev) if (tf32 or requested == CONV_TF32_VERSION) else False
     chosen = conv_version(direction, x_shape, w_shape, stride, padding, requested, tf32, tf32_capable=capable)
-    final = True
-    if requested == "auto" and _env("PYCNN_CONV_AUTOTUNE") == "1":
-        candidates = [v for v in CONV_VERSIONS
-                      if conv_version(direction, x_shape, w_shape, stride, padding, v, False) == v]
-        if tf32 and capable:
-            candidates.append(CONV_TF32_VERSION)
-        elif _winograd_allowed() and conv_version(direction, x_shape, w_shape, stride, padding,
-                                                  CONV_WINOGRAD_VERSION, False) == CONV_WINOGRAD_VERSION:
-            candidates.append(CONV_WINOGRAD_VERSION)
-        # (with the settings that change what a version launches: a pick made without them is
-        # not the pick with them; tf32 stays last)
-        key = (direction, dev, x_shape, w_shape, stride, padding, CONV_WINOGRAD_VERSION in candidates,
-               _env("PYCNN_CONV3_WIDE"), _env("PYCNN_CONV_BWD_DATA_FLIP"), _CONV3_SPLIT_RULE, tf32 and capable)
-        tuned = _autotune(key, candidates, run)
-        if tuned is not None:
-            chosen = tuned
-        else:
-            final = False
-    return chosen, final
+    if requested != "auto" or _env("PYCNN_CONV_AUTOTUNE") != "1":
+        return chosen, (), True
+    versions = [v for v in CONV_VERSIONS if conv_version(direction, x_shape, w_shape, stride, padding, v, False) == v]
+    if tf32 and capable:
+        versions.append(CONV_TF32_VERSION)
+    elif _winograd_allowed() and conv_version(direction, x_shape, w_shape, stride, padding,
+                                              CONV_WINOGRAD_VERSION, False) == CONV_WINOGRAD_VERSION:
+        versions.append(CONV_WINOGRAD_VERSION)
+    # (with the settings that change what a version launches: a pick made without them is not the
+    # pick with them; tf32 stays last)
+    key = (direction, dev, x_shape, w_shape, stride, padding, CONV_WINOGRAD_VERSION in versions,
+           _env("PYCNN_CONV3_WIDE"), _env("PYCNN_CONV_BWD_DATA_FLIP"), _CONV3_SPLIT_RULE, tf32 and capable)
+
+    def build_label(label):
+        v, settings = _tune_variant(label)
+        with _overriding(settings):
+            return build(v)
+
+    tuned = _autotune(key, dev, _tune_labels(direction, versions), build_label, run)
+    if tuned is None:
+        return chosen, (), False
+    return (*_tune_variant(tuned), True)
 
 
 def _conv3_splits(direction: str, tile: int, blocks: int, Kd: int) -> tuple[int, int]:
@@ -1065,12 +1175,13 @@ def _conv3_splits(direction: str, tile: int, blocks: int, Kd: int) -> tuple[int,
         if direction != "backward_weight":
             return 1, Kd
         return _conv_splits(Kd, blocks, _CONV_SPLIT_MIN_K, _CONV3_BK)
-    if _CONV3_SPLIT_RULE == "fill":
+    rule = _setting_overrides.get("_CONV3_SPLIT_RULE", _CONV3_SPLIT_RULE)
+    if rule == "fill":
         if direction != "backward_weight" and blocks >= _CONV_SPLIT_TARGET_BLOCKS:
             return 1, Kd
         return _conv_splits(Kd, blocks, _CONV3_SPLIT_MIN_K, _CONV3_BK, target=_CONV3_SPLIT_TARGET_BLOCKS)
-    if _CONV3_SPLIT_RULE != "waves":
-        raise ValueError(f"_CONV3_SPLIT_RULE must be 'waves' or 'fill', got {_CONV3_SPLIT_RULE!r}")
+    if rule != "waves":
+        raise ValueError(f"_CONV3_SPLIT_RULE must be 'waves' or 'fill', got {rule!r}")
     if direction != "backward_weight" and blocks >= _CONV3_SPLIT_BELOW_BLOCKS:
         return 1, Kd
     return _waves_splits(blocks, Kd, _CONV3_SPLIT_MIN_K, _CONV3_BK, _CONV3_SPLIT_TARGET_BLOCKS)
@@ -1314,11 +1425,13 @@ def _conv2d_forward(op: str, x, w, b, stride, padding, relu: bool, version, allo
         return y
     geom = (N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw)
 
-    def run(v):
-        _run_plan(dev, _conv_forward_plan(v, geom, has_bias, relu), arrays)
+    def build(v):
+        return _conv_forward_plan(v, geom, has_bias, relu)
 
-    version_ran, final = _conv_pick("forward", dev, geom, version, allow_tf32, run)
-    plan = _conv_forward_plan(version_ran, geom, has_bias, relu)._replace(out_shape=(N, K, Ho, Wo))
+    version_ran, settings, final = _conv_pick("forward", dev, geom, version, allow_tf32, build,
+                                              lambda plan: _run_plan(dev, plan, dict(arrays)))
+    with _overriding(settings):
+        plan = build(version_ran)._replace(out_shape=(N, K, Ho, Wo))
     if final:
         _keep_plan(key, plan)
     _run_plan(dev, plan, arrays)
@@ -1567,9 +1680,11 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, *, version: str | None
     if dy.size == 0:
         dx.fill(0)
         return dx
-    version_ran, final = _conv_pick("backward_data", dev, geom, version, allow_tf32,
-                                    lambda v: _run_plan(dev, _conv_backward_data_plan(v, geom), arrays))
-    plan = _conv_backward_data_plan(version_ran, geom)._replace(out_shape=(N, C, H, W))
+    version_ran, settings, final = _conv_pick("backward_data", dev, geom, version, allow_tf32,
+                                              lambda v: _conv_backward_data_plan(v, geom),
+                                              lambda plan: _run_plan(dev, plan, dict(arrays)))
+    with _overriding(settings):
+        plan = _conv_backward_data_plan(version_ran, geom)._replace(out_shape=(N, C, H, W))
     if final:
         _keep_plan(key, plan)
     _run_plan(dev, plan, arrays)
@@ -1717,9 +1832,11 @@ def conv2d_backward_weight(dy, x, w_shape, stride, padding, *, version: str | No
             dw.fill(0)
         _bias_grad_into(dev, dy, db)
         return dw, db
-    version_ran, final = _conv_pick("backward_weight", dev, geom, version, allow_tf32,
-                                    lambda v: _run_plan(dev, _conv_backward_weight_plan(v, geom, False), arrays))
-    plan = _conv_backward_weight_plan(version_ran, geom, True)._replace(out_shape=(K, C, R, S))
+    version_ran, settings, final = _conv_pick("backward_weight", dev, geom, version, allow_tf32,
+                                              lambda v: _conv_backward_weight_plan(v, geom, False),
+                                              lambda plan: _run_plan(dev, plan, dict(arrays)))
+    with _overriding(settings):
+        plan = _conv_backward_weight_plan(version_ran, geom, True)._replace(out_shape=(K, C, R, S))
     if final:
         _keep_plan(key, plan)
     _run_plan(dev, plan, arrays)

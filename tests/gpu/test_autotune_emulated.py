@@ -1,0 +1,215 @@
+"""PYCNN_CONV_AUTOTUNE=1 on the CPU emulator, with stand-in streams, CUDA graphs and events whose
+elapsed time is a cost model (a cost per kernel name): which candidates the autotune times (each
+version, and v3's variants where the user has not set them), that a candidate is timed in a graph
+of several calls unless one call is slow, that equal plans are timed once, and that the pick's
+plan, built with the variant's settings, runs and gives the reference's results while the
+environment stays untouched. On a GPU, tests/gpu/test_conv_ladder.py times real kernels."""
+from __future__ import annotations
+
+import contextlib
+import types
+
+import numpy as np
+import pytest
+
+from emu_support import EMULATED_MARKS, rnd
+from pycnn.backends import cuda
+from pycnn.backends import numpy_ref as ref
+
+pytestmark = EMULATED_MARKS
+
+
+class _Device:
+    """Stand-in streams, graphs and events over the emulator: launches issued while a stream
+    captures are kept for its graph instead of run; ``timeline`` lists the kernels that ran, and
+    an event's elapsed time is the ``costs`` of the kernels between its two marks."""
+
+    def __init__(self, launch):
+        self.launch, self.timeline, self.costs, self.default_cost, self.captures = launch, [], {}, 1e-3, 0
+        self.capturing = None  # the list a capture collects launches into
+        device = self
+
+        class Stream:
+            def __init__(self, non_blocking=False):
+                self.ptr = id(self)
+
+            def __enter__(self):
+                device.stack.append(self)
+                return self
+
+            def __exit__(self, *exc):
+                device.stack.pop()
+                return False
+
+            def synchronize(self):
+                pass
+
+            def is_capturing(self):
+                return device.capturing is not None and device.stack[-1] is self
+
+            def begin_capture(self):
+                device.capturing = []
+
+            def end_capture(self):
+                captured, device.capturing = device.capturing, None
+                device.captures += 1
+
+                def replay(stream=None):
+                    for args, kwargs in captured:
+                        device.run(*args, **kwargs)
+                return types.SimpleNamespace(launch=replay)
+
+        class Event:
+            def __init__(self, disable_timing=False):
+                self.mark = 0
+
+            def record(self, stream=None):
+                self.mark = len(device.timeline)
+
+            def synchronize(self):
+                pass
+
+        self.Stream, self.Event = Stream, Event
+        self.stack = [Stream()]
+
+    def run(self, dev, filename, kernel, *args, **kwargs):
+        self.timeline.append(kernel)
+        return self.launch(dev, filename, kernel, *args, **kwargs)
+
+    def issue(self, dev, filename, kernel, *args, **kwargs):
+        if self.capturing is not None:
+            self.capturing.append(((dev, filename, kernel) + args, kwargs))
+        else:
+            self.run(dev, filename, kernel, *args, **kwargs)
+
+    def elapsed(self, start, end) -> float:
+        return sum(self.costs.get(k, self.default_cost) for k in self.timeline[start.mark:end.mark])
+
+
+@pytest.fixture
+def device(emulated, monkeypatch):
+    fake = cuda._cupy()
+    dev = _Device(cuda._launch)
+    for name, value in (("Stream", dev.Stream), ("Event", dev.Event), ("get_current_stream", lambda: dev.stack[-1]),
+                        ("get_elapsed_time", dev.elapsed),
+                        ("MemoryPool", lambda: types.SimpleNamespace(malloc=None)),
+                        ("using_allocator", lambda malloc=None: contextlib.nullcontext())):
+        monkeypatch.setattr(fake.cuda, name, value, raising=False)
+    monkeypatch.setattr(cuda, "_launch", dev.issue)
+    monkeypatch.setattr(cuda, "_tune_streams", {})
+    monkeypatch.setattr(cuda, "_TUNE_GRAPH_REPS", 2)  # (fewer emulated calls)
+    monkeypatch.setattr(cuda, "_autotune_cache", {})
+    monkeypatch.setattr(cuda, "_autotune_times", {})
+    monkeypatch.setenv("PYCNN_CONV_AUTOTUNE", "1")
+    for name in ("PYCNN_CONV_VERSION", "PYCNN_ALLOW_TF32", "PYCNN_CONV_WINOGRAD", "PYCNN_CONV3_WIDE",
+                 "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_BACKWARD_STREAMS"):
+        monkeypatch.delenv(name, raising=False)
+    return dev
+
+
+def _only_times():
+    (key, times), = cuda._autotune_times.items()
+    return key, times
+
+
+def test_flip_variant_wins_when_the_forward_kernels_are_cheaper(device):
+    """Backward-data of a stride-1 layer: the flipped plan (the forward GEMM of rotated filters)
+    is a candidate beside the backward-data GEMM; made cheaper, it is picked, runs, and is exact."""
+    device.costs = {"conv2d_fwd_v3_m32_f32": 1e-4, "conv2d_fwd_v3_f32": 1e-4, "conv2d_flip_weights_f32": 1e-4}
+    device.default_cost = 1e-2
+    rng = np.random.default_rng(0)
+    w, dy = rnd(rng, 12, 6, 3, 3), rnd(rng, 2, 12, 5, 6)
+    x_shape = (2, 6, 7, 8)
+    dx = cuda.conv2d_backward_data(dy, w, x_shape, (1, 1), (0, 0))
+    want = ref.conv2d_backward_data(dy.astype(np.float64), w.astype(np.float64), x_shape, (1, 1), (0, 0))
+    np.testing.assert_allclose(dx, want, rtol=1e-5, atol=1e-5)
+    key, times = _only_times()
+    assert {"1", "3", "3+flip"} <= set(times), times
+    pick = cuda._autotune_cache[key]
+    assert "flip" in pick.split("+") and pick == min(times, key=times.get), (pick, times)
+    assert device.captures >= 1, "the fast candidates were not timed in a graph"
+    assert cuda._setting_overrides == {} and "PYCNN_CONV_BWD_DATA_FLIP" not in cuda.os.environ
+    # the next call runs the cached plan: the flipped launches, nothing timed again
+    n = len(device.timeline)
+    np.testing.assert_array_equal(cuda.conv2d_backward_data(dy, w, x_shape, (1, 1), (0, 0)), dx)
+    assert device.timeline[n:][0] == "conv2d_flip_weights_f32", device.timeline[n:]
+    assert "conv2d_bwd_data_v3_m32_f32" not in device.timeline[n:]
+    assert len(cuda._autotune_times) == 1
+
+
+def test_wide_variant_for_the_forward(device):
+    device.costs = {"conv2d_fwd_v3_m32n256_f32": 1e-4}
+    rng = np.random.default_rng(1)
+    x, w, b = rnd(rng, 3, 5, 9, 9), rnd(rng, 20, 5, 3, 3), rnd(rng, 20)
+    y = cuda.conv2d_forward(x, w, b, (1, 1), (1, 1))
+    np.testing.assert_allclose(y, ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64),
+                                                     b.astype(np.float64), (1, 1), (1, 1)), rtol=1e-5, atol=1e-5)
+    key, times = _only_times()
+    assert cuda._autotune_cache[key].split("+")[:2] == ["3", "wide"], times
+    assert device.timeline[-1] == "conv2d_fwd_v3_m32n256_f32", "the call's own run is not the pick's plan"
+    assert "flip" not in " ".join(times), "flip is a backward-data variant"
+    # without the autotune the shape rule's default tile runs (another plan key)
+    n = len(device.timeline)
+    cuda.os.environ.pop("PYCNN_CONV_AUTOTUNE")
+    np.testing.assert_array_equal(cuda.conv2d_forward(x, w, b, (1, 1), (1, 1)), y)
+    assert "conv2d_fwd_v3_m32_f32" in device.timeline[n:], device.timeline[n:]
+
+
+def test_a_set_variant_holds_for_every_candidate(device, monkeypatch):
+    monkeypatch.setenv("PYCNN_CONV_BWD_DATA_FLIP", "0")
+    monkeypatch.setenv("PYCNN_CONV3_WIDE", "1")
+    device.costs = {"conv2d_fwd_v3_m32_f32": 1e-4, "conv2d_flip_weights_f32": 1e-4}
+    rng = np.random.default_rng(2)
+    w, dy = rnd(rng, 12, 6, 3, 3), rnd(rng, 2, 12, 5, 6)
+    cuda.conv2d_backward_data(dy, w, (2, 6, 7, 8), (1, 1), (0, 0))
+    _, times = _only_times()
+    labels = " ".join(times)
+    assert "flip" not in labels and "wide" not in labels, times
+    assert "conv2d_bwd_data_v3_m32n256_f32" in device.timeline, "PYCNN_CONV3_WIDE=1 gives every v3 plan wide tiles"
+
+
+def test_equal_plans_are_timed_once(device):
+    """A variant that changes nothing for a shape (here the wide tile of a GEMM of more than 64
+    rows) is not timed: every timed label's plan differs from the others."""
+    rng = np.random.default_rng(3)
+    x, w = rnd(rng, 1, 2, 5, 5), rnd(rng, 70, 2, 3, 3)
+    cuda.conv2d_forward(x, w, None, (1, 1), (0, 0))
+    _, times = _only_times()
+    geom = (1, 2, 5, 5, 70, 3, 3, 3, 3, 1, 1, 0, 0)
+    plans = []
+    for label in times:
+        version, settings = cuda._tune_variant(label)
+        with cuda._overriding(settings):
+            plans.append(cuda._conv_forward_plan(version, geom, False, False))
+    assert all(a != b for i, a in enumerate(plans) for b in plans[i + 1:]), times
+    assert "3" in times and "3+wide" not in times, f"a 70-row GEMM has no wide tile: {times}"
+
+
+def test_a_slow_candidate_is_timed_from_python(device):
+    """One call of _TUNE_EAGER_MS or more: the median of three calls, no graph."""
+    device.costs = {"conv2d_fwd_v1_f32": 5.0, "conv2d_fwd_v2_f32": 3.0, "conv2d_fwd_v3_m32_f32": 2.0,
+                    "conv2d_fwd_v3_m32n256_f32": 2.5}
+    rng = np.random.default_rng(4)
+    x, w = rnd(rng, 2, 3, 10, 10), rnd(rng, 8, 3, 3, 3)
+    cuda.conv2d_forward(x, w, None, (1, 1), (0, 0))
+    key, times = _only_times()
+    assert device.captures == 0
+    assert times["1"] == 5.0 and times["2"] == 3.0 and times["3"] >= 2.0, times
+    assert cuda._autotune_cache[key].split("+")[0] == "3"
+
+
+def test_overrides_are_undone_when_a_build_fails(monkeypatch):
+    with pytest.raises(RuntimeError, match="boom"):
+        with cuda._overriding((("PYCNN_CONV3_WIDE", "1"),)):
+            assert cuda._env("PYCNN_CONV3_WIDE") == "1"
+            raise RuntimeError("boom")
+    assert cuda._setting_overrides == {}
+    monkeypatch.setenv("PYCNN_CONV3_WIDE", "0")
+    assert cuda._env("PYCNN_CONV3_WIDE") == "0"
+
+
+def test_labels_name_their_settings():
+    assert cuda._tune_variant("3") == ("3", ())
+    assert cuda._tune_variant("3+wide+flip") == ("3", (("PYCNN_CONV3_WIDE", "1"), ("PYCNN_CONV_BWD_DATA_FLIP", "1")))
+    labels = cuda._tune_labels("backward_weight", ["1", "2", "3"])
+    assert labels[:3] == ["1", "2", "3"] and not any("wide" in lab or "flip" in lab for lab in labels), labels
