@@ -156,10 +156,12 @@ def autotune_picks() -> list:
 
     picks = []
     for key, times in cuda._autotune_times.items():
-        direction, _, x_shape, w_shape, stride, padding = key[:6]
+        direction, _, x_shape, w_shape, stride, padding, winograd = key[:7]
         picks.append({"direction": direction, "x_shape": list(x_shape), "w_shape": list(w_shape),
-                      "stride": list(stride), "padding": list(padding), "pick": cuda._autotune_cache.get(key),
-                      "gpu_ms": {label: round(ms, 5) for label, ms in sorted(times.items(), key=lambda t: t[1])}})
+                      "stride": list(stride), "padding": list(padding), "winograd": winograd, "tf32": key[-1],
+                      "pick": cuda._autotune_cache.get(key),
+                      "gpu_ms": {label: round(ms, 5) for label, ms in sorted(times.items(), key=lambda t: t[1])},
+                      **({"failed": cuda._autotune_failures[key]} if key in cuda._autotune_failures else {})})
     return picks
 
 

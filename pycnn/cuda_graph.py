@@ -260,24 +260,14 @@ def graph_time_ms(fn, reps: int = 10, replays: int = 3) -> float:
     step; benchmarks/gpu_kernels.py and gpu_training.py report it beside the time of a call
     issued from Python.
     """
+    from pycnn.backends import cuda as cuda_backend
+
     cp = _cupy()
     stream, pool = cp.cuda.Stream(non_blocking=True), cp.cuda.MemoryPool()
+    stream.wait_event(cp.cuda.get_current_stream().record())  # fn's operands come from the caller's stream
     with stream, cp.cuda.using_allocator(pool.malloc):
         fn()
-        stream.begin_capture()
-        try:
-            for _ in range(reps):
-                fn()
-        finally:
-            graph = stream.end_capture()
-        graph.launch(stream)
-        start, end = cp.cuda.Event(), cp.cuda.Event()
-        start.record(stream)
-        for _ in range(replays):
-            graph.launch(stream)
-        end.record(stream)
-        end.synchronize()
-    return cp.cuda.get_elapsed_time(start, end) / (replays * reps)
+        return cuda_backend._graph_replay_ms(cp, stream, fn, reps, replays)
 
 
 __all__ = ["CudaGraphTrainStep", "make_train_step", "graph_time_ms"]

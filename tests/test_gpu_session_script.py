@@ -94,7 +94,8 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
     def stand_in(model, batch, graph, *rest):
         seen[len(seen)] = {name: os.environ.get(name) for name in
                            ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP",
-                            "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_POOL_FUSE", "PYCNN_CONV_AUTOTUNE")} | {"rule": cuda._CONV3_SPLIT_RULE, "graph": graph}
+                            "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_POOL_FUSE", "PYCNN_CONV_AUTOTUNE")}
+        seen[len(seen) - 1] |= {"rule": cuda._CONV3_SPLIT_RULE, "graph": graph}
         return {}
 
     for name in ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_CONV_WINOGRAD",
@@ -133,8 +134,9 @@ def test_autotune_picks_in_the_record(monkeypatch):
     key = ("backward_data", 0, (64, 32, 13, 13), (64, 32, 3, 3), (1, 1), (0, 0), False, "", "", "waves", False)
     monkeypatch.setattr(cuda, "_autotune_times", {key: {"3": 0.05, "3+flip": 0.03, "1": 0.6}})
     monkeypatch.setattr(cuda, "_autotune_cache", {key: "3+flip"})
+    monkeypatch.setattr(cuda, "_autotune_failures", {key: {"3+wide": "RuntimeError: boom"}})
     picks = gpu_training.autotune_picks()
     assert picks == [{"direction": "backward_data", "x_shape": [64, 32, 13, 13], "w_shape": [64, 32, 3, 3],
-                      "stride": [1, 1], "padding": [0, 0], "pick": "3+flip",
-                      "gpu_ms": {"3+flip": 0.03, "3": 0.05, "1": 0.6}}]
+                      "stride": [1, 1], "padding": [0, 0], "winograd": False, "tf32": False, "pick": "3+flip",
+                      "gpu_ms": {"3+flip": 0.03, "3": 0.05, "1": 0.6}, "failed": {"3+wide": "RuntimeError: boom"}}]
     json.dumps(picks)

@@ -367,27 +367,33 @@ _ENV_KEYS: dict = {}
 
 
 # While the autotune builds one candidate's plan, the settings that candidate varies (see
-# _TUNE_VARIANTS): name -> value, what _env returns for that name instead of the environment's.
+# _TUNE_VARIANTS), per thread (another thread's calls keep the environment's values):
+# .overrides = {name: value}, what _env returns for that name instead of the environment's.
 # "_CONV3_SPLIT_RULE" stands for the module constant of that name (see _conv3_splits).
-_setting_overrides: dict = {}
+_tune_local = threading.local()
+
+
+def _overrides() -> dict:
+    """This thread's setting overrides (empty outside _overriding)."""
+    return getattr(_tune_local, "overrides", None) or {}
 
 
 @contextlib.contextmanager
 def _overriding(pairs: tuple):
-    """Inside: _env(name) returns value for every (name, value) in ``pairs``."""
-    saved = dict(_setting_overrides)
-    _setting_overrides.update(pairs)
+    """Inside (this thread): _env(name) returns value for every (name, value) in ``pairs``."""
+    saved = _overrides()
+    _tune_local.overrides = {**saved, **dict(pairs)}
     try:
         yield
     finally:
-        _setting_overrides.clear()
-        _setting_overrides.update(saved)
+        _tune_local.overrides = saved
 
 
 def _env(name: str) -> str:
     """os.environ.get(name, ''), or the value an autotune candidate sets (_overriding)."""
-    if _setting_overrides and name in _setting_overrides:
-        return _setting_overrides[name]
+    overrides = getattr(_tune_local, "overrides", None)
+    if overrides and name in overrides:
+        return overrides[name]
     if _ENVIRON_DATA is None:
         return os.environ.get(name, "")
     key = _ENV_KEYS.get(name)
@@ -1024,13 +1030,15 @@ _TUNE_VARIANTS = {
     "fill": ("_CONV3_SPLIT_RULE", "fill"),  # the other split-K rule (see _CONV3_SPLIT_RULE)
     "waves": ("_CONV3_SPLIT_RULE", "waves"),
 }
-# A candidate whose call takes at least this long (CUDA events around one call from Python) is
-# timed so, median of three: the host's launches are a small part of it. A faster one is timed in
-# a CUDA graph of _TUNE_GRAPH_REPS calls, replayed three times, what it costs in a captured step
-# (from Python a small layer's launches take longer than its kernels, and would decide the pick).
-_TUNE_EAGER_MS = 1.0
+# Each candidate is timed as it runs in a captured training step: calls captured in a CUDA graph
+# on a stream of its own, the graph replayed between two events (from Python a small layer's
+# launches take longer than its kernels, and would decide the pick). One call between events
+# first sizes that: _TUNE_GRAPH_REPS calls replayed three times for a call under _TUNE_GRAPH_MS,
+# fewer calls (at least one, replayed once) for slower ones (v1 of a big layer takes tens of ms).
+_TUNE_GRAPH_MS = 1.0
 _TUNE_GRAPH_REPS = 10
-_tune_streams: dict = {}  # device id -> the stream candidates are timed on (one, so one set of split tickets)
+_tune_streams: dict = {}  # (device id, thread) -> the stream candidates are timed on
+_autotune_failures: dict = {}  # autotune key -> {label: error} of candidates left out after failing
 
 
 def _tune_labels(direction: str, versions: list) -> list[str]:
@@ -1059,46 +1067,59 @@ def _tune_variant(label: str) -> tuple[str, tuple]:
     return version, tuple(_TUNE_VARIANTS[name] for name in variants)
 
 
+def _graph_replay_ms(cupy, stream, fn, reps: int, replays: int, warm: bool = True) -> float:
+    """Mean GPU milliseconds of one ``fn()``: ``reps`` calls captured into a CUDA graph on
+    ``stream`` (the current stream, inside the caller's context), the graph replayed ``replays``
+    times between two events, after one untimed replay when ``warm``. An error inside the capture
+    ends the capture and is raised as it was."""
+    stream.begin_capture()
+    try:
+        for _ in range(reps):
+            fn()
+    except BaseException:
+        try:
+            stream.end_capture()
+        except Exception:  # noqa: BLE001 - the capture is invalid after the error: raise that error
+            pass
+        raise
+    graph = stream.end_capture()
+    if warm:
+        graph.launch(stream)
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record(stream)
+    for _ in range(replays):
+        graph.launch(stream)
+    end.record(stream)
+    end.synchronize()
+    return cupy.cuda.get_elapsed_time(start, end) / (replays * reps)
+
+
 def _plan_time_ms(cupy, dev: int, run) -> float:
     """GPU milliseconds of one ``run()`` (an autotune candidate's plan on the caller's arrays).
 
-    On a stream and memory pool of its own, after the caller's stream has finished making the
-    operands: one untimed call (it compiles the kernels and makes the stream's split tickets),
-    one call between CUDA events; if that took _TUNE_EAGER_MS or more, two more such calls and
-    the median, else _TUNE_GRAPH_REPS calls captured in a CUDA graph, replayed three times.
+    On ``dev``, after the caller's stream has finished making the operands, on this thread's tune
+    stream and a memory pool of its own: one untimed call (it compiles the kernels and makes the
+    stream's split tickets), one call between events (which sizes the graph), then the call in a
+    CUDA graph (see _TUNE_GRAPH_MS).
     """
-    cupy.cuda.get_current_stream().synchronize()
-    stream = _tune_streams.get(dev)
-    if stream is None:
-        with cupy.cuda.Device(dev):
-            stream = _tune_streams[dev] = cupy.cuda.Stream(non_blocking=True)
-    pool = cupy.cuda.MemoryPool()
-    start, end = cupy.cuda.Event(), cupy.cuda.Event()
-
-    def timed(fn, calls: int) -> float:
-        start.record(stream)
-        fn()
-        end.record(stream)
-        end.synchronize()
-        return cupy.cuda.get_elapsed_time(start, end) / calls
-
-    with cupy.cuda.Device(dev), stream, cupy.cuda.using_allocator(pool.malloc):
-        run()
-        once = timed(run, 1)
-        if once >= _TUNE_EAGER_MS:
-            return sorted([once, timed(run, 1), timed(run, 1)])[1]
-        stream.begin_capture()
-        try:
-            for _ in range(_TUNE_GRAPH_REPS):
-                run()
-        finally:
-            graph = stream.end_capture()
-        graph.launch(stream)
-
-        def replays():
-            for _ in range(3):
-                graph.launch(stream)
-        return timed(replays, 3 * _TUNE_GRAPH_REPS)
+    with cupy.cuda.Device(dev):
+        cupy.cuda.get_current_stream().synchronize()
+        key = (dev, threading.get_ident())
+        stream = _tune_streams.get(key)
+        if stream is None:
+            stream = _tune_streams[key] = cupy.cuda.Stream(non_blocking=True)
+        pool = cupy.cuda.MemoryPool()
+        with stream, cupy.cuda.using_allocator(pool.malloc):
+            run()
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record(stream)
+            run()
+            end.record(stream)
+            end.synchronize()
+            once = cupy.cuda.get_elapsed_time(start, end)
+            fast = once < _TUNE_GRAPH_MS
+            reps = max(1, min(_TUNE_GRAPH_REPS, int(_TUNE_GRAPH_MS / max(once, 1e-6))))
+            return _graph_replay_ms(cupy, stream, run, reps, 3 if fast else 1, warm=fast)
 
 
 def _autotune(key, dev: int, labels: list, build, run) -> str | None:
@@ -1122,7 +1143,20 @@ def _autotune(key, dev: int, labels: list, build, run) -> str | None:
         plan = build(label)
         if plan not in plans.values():
             plans[label] = plan
-    times = {label: _plan_time_ms(cupy, dev, lambda plan=plan: run(plan)) for label, plan in plans.items()}
+    times, failures, first_error = {}, {}, None
+    for label, plan in plans.items():
+        try:
+            times[label] = _plan_time_ms(cupy, dev, lambda plan=plan: run(plan))
+        except Exception as exc:  # noqa: BLE001 - one broken candidate must not fail the call: left out, said
+            failures[label] = f"{type(exc).__name__}: {exc}"
+            first_error = first_error or exc
+    if not times:
+        raise first_error
+    if failures:
+        _autotune_failures[key] = failures
+        warnings.warn(f"conv autotune ({key[0]}, x {key[2]}, w {key[3]}): candidates left out after failing: "
+                      + "; ".join(f"{label}: {error}" for label, error in failures.items()), RuntimeWarning,
+                      stacklevel=2)
     pick = min(times, key=times.get)
     _autotune_cache[key] = pick
     _autotune_times[key] = times
@@ -1175,7 +1209,7 @@ def _conv3_splits(direction: str, tile: int, blocks: int, Kd: int) -> tuple[int,
         if direction != "backward_weight":
             return 1, Kd
         return _conv_splits(Kd, blocks, _CONV_SPLIT_MIN_K, _CONV3_BK)
-    rule = _setting_overrides.get("_CONV3_SPLIT_RULE", _CONV3_SPLIT_RULE)
+    rule = _overrides().get("_CONV3_SPLIT_RULE", _CONV3_SPLIT_RULE)
     if rule == "fill":
         if direction != "backward_weight" and blocks >= _CONV_SPLIT_TARGET_BLOCKS:
             return 1, Kd

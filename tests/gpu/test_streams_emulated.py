@@ -232,7 +232,7 @@ def test_autotuned_shapes_tune_in_order_then_fork(streams, monkeypatch):
     x, w, dy = rnd(rng, 1, 2, 6, 6), rnd(rng, 3, 2, 3, 3), rnd(rng, 1, 3, 4, 4)
     first = cuda.conv2d_backward(dy, x, w, (1, 1), (0, 0))
     # no fork: the main stream and the stream the candidates are timed on, one after the other
-    tuner = cuda._tune_streams[0].name
+    (tuner,) = [stream.name for stream in cuda._tune_streams.values()]
     assert {e[0] for e in log.events if e[1] != "new"} == {"main", tuner} and len(cuda._autotune_cache) == 2
     assert not [e for e in log.events if e[1] == "wait"], log.events
     n = len(log.events)
