@@ -1916,7 +1916,7 @@ def conv2d_backward(dy, x, w, stride, padding, need_data: bool = True, need_weig
         key = (dev, dy.shape, x.shape, w.shape, _pair(op, "stride", stride), _pair(op, "padding", padding))
         tuning = key not in _conv_backward_tuned
     _, dx = _two_halves(cupy, dev, weight_half, data_half, concurrent=not tuning)
-    if tuning:
+    if tuning and not _capturing(cupy):  # (inside a capture the autotune was put off: still to come)
         _conv_backward_tuned.add(key)
     return dx, dw, db
 

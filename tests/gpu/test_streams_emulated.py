@@ -254,3 +254,24 @@ def test_weight_gradient_into_given_arrays(streams):
     with pytest.raises(ValueError, match=r"conv2d_backward_weight: out db must be a C-contiguous array of shape "
                                          r"\(3,\), got shape \(4,\)"):
         cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (0, 0), out=(dw, np.zeros(4, np.float32)))
+
+
+def test_a_shape_first_met_in_a_capture_still_tunes_in_order(streams, monkeypatch):
+    """The autotune is put off inside a capture; the shape's first call outside one must still time
+    its candidates with the halves in order (not forked), and only then fork."""
+    log, _ = streams
+    monkeypatch.setenv("PYCNN_CONV_AUTOTUNE", "1")
+    monkeypatch.setattr(cuda, "_autotune_cache", {})
+    monkeypatch.setattr(cuda, "_conv_backward_tuned", set())
+    rng = np.random.default_rng(7)
+    x, w, dy = rnd(rng, 1, 2, 6, 6), rnd(rng, 3, 2, 3, 3), rnd(rng, 1, 3, 4, 4)
+    monkeypatch.setattr(cuda, "_capturing", lambda cupy: True)
+    cuda.conv2d_backward(dy, x, w, (1, 1), (0, 0))
+    assert not cuda._autotune_cache and not cuda._conv_backward_tuned
+    monkeypatch.setattr(cuda, "_capturing", lambda cupy: False)
+    n = len(log.events)
+    cuda.conv2d_backward(dy, x, w, (1, 1), (0, 0))
+    assert not [e for e in log.events[n:] if e[1] == "wait"] and len(cuda._autotune_cache) == 2
+    n = len(log.events)
+    cuda.conv2d_backward(dy, x, w, (1, 1), (0, 0))
+    assert [e for e in log.events[n:] if e[1] == "wait"], "tuned: the halves fork"
