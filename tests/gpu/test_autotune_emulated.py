@@ -45,6 +45,9 @@ class _Device:
             def synchronize(self):
                 pass
 
+            def wait_event(self, event):  # (launches run when issued: nothing to wait for)
+                pass
+
             def is_capturing(self):
                 return device.capturing is not None and device.stack[-1] is self
 
@@ -251,3 +254,43 @@ def test_labels_name_their_settings():
     assert cuda._tune_variant("3+wide+flip") == ("3", (("PYCNN_CONV3_WIDE", "1"), ("PYCNN_CONV_BWD_DATA_FLIP", "1")))
     labels = cuda._tune_labels("backward_weight", ["1", "2", "3"])
     assert labels[:3] == ["1", "2", "3"] and not any("wide" in lab or "flip" in lab for lab in labels), labels
+
+
+def test_a_model_trains_through_the_autotune(device, monkeypatch):
+    """A small CNN through Sequential, functional and the emulated kernels with the autotune on (the
+    backward's two halves tuned in order, then forked): outputs and every gradient are the NumPy
+    backend's, and a second step runs the cached picks without timing anything again."""
+    import pycnn
+    import pycnn.functional as F
+    from pycnn import Tensor, nn
+
+    monkeypatch.setattr(cuda, "CONV_VERSIONS", ("1", "3"))  # (v2's emulated 256-thread blocks are slow, and
+    # v1's weight gradient, a block per weight: a small model)
+    monkeypatch.setattr(cuda, "_TUNE_GRAPH_REPS", 1)
+    for name in ("PYCNN_CONV3_WIDE", "PYCNN_CONV_BWD_DATA_FLIP"):  # (the variants: the tests above)
+        monkeypatch.setenv(name, "0")
+    pycnn.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6, 5))
+    rng = np.random.default_rng(9)
+    x, r = Tensor(rnd(rng, 2, 1, 10, 10)), Tensor(rnd(rng, 2, 5))
+
+    def run(backend):
+        monkeypatch.setattr(F, "_backend", lambda t: backend)
+        model.zero_grad()
+        out = model(x)
+        (out * r).sum().backward()
+        return out.numpy().copy(), [p.grad.numpy().copy() for p in model.parameters()]
+
+    got = run(cuda)
+    tuned = dict(cuda._autotune_times)
+    assert {key[0] for key in tuned} == {"forward", "backward_data", "backward_weight"}, tuned
+    want = run(ref)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-5)
+    for g, w in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+    n = len(device.timeline)
+    again = run(cuda)
+    assert cuda._autotune_times == tuned and device.captures and len(device.timeline) - n < 20
+    for a, b in zip(again[1], got[1]):
+        np.testing.assert_array_equal(a, b)
