@@ -370,12 +370,16 @@ _ENV_KEYS: dict = {}
 # _TUNE_VARIANTS), per thread (another thread's calls keep the environment's values):
 # .overrides = {name: value}, what _env returns for that name instead of the environment's.
 # "_CONV3_SPLIT_RULE" stands for the module constant of that name (see _conv3_splits).
-_tune_local = threading.local()
+class _TuneLocal(threading.local):
+    overrides: dict = {}  # (a class default: a thread's first read finds it without an AttributeError)
+
+
+_tune_local = _TuneLocal()
 
 
 def _overrides() -> dict:
     """This thread's setting overrides (empty outside _overriding)."""
-    return getattr(_tune_local, "overrides", None) or {}
+    return _tune_local.overrides
 
 
 @contextlib.contextmanager
@@ -391,7 +395,7 @@ def _overriding(pairs: tuple):
 
 def _env(name: str) -> str:
     """os.environ.get(name, ''), or the value an autotune candidate sets (_overriding)."""
-    overrides = getattr(_tune_local, "overrides", None)
+    overrides = _tune_local.overrides
     if overrides and name in overrides:
         return overrides[name]
     if _ENVIRON_DATA is None:

@@ -444,6 +444,14 @@ def _gpu_kernels_on_the_emulator(monkeypatch):
         def __exit__(self, *exc):
             return False
 
+        def record(self):
+            event = Event()
+            event.record(self)
+            return event
+
+        def wait_event(self, event):
+            pass
+
         def begin_capture(self):
             captures.append("begin")
 
@@ -455,6 +463,7 @@ def _gpu_kernels_on_the_emulator(monkeypatch):
         asarray=np.ascontiguousarray, asnumpy=np.asarray,
         cuda=types.SimpleNamespace(Event=Event, Device=lambda *a: types.SimpleNamespace(synchronize=lambda: None),
                                    get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3, Stream=Stream,
+                                   get_current_stream=Stream,
                                    MemoryPool=lambda: types.SimpleNamespace(malloc=None),
                                    using_allocator=lambda malloc: nullcontext()))
     monkeypatch.setitem(sys.modules, "cupy", fake_cp)
