@@ -127,6 +127,18 @@ def patch_backend(monkeypatch, emulator):
     return launched
 
 
+def model_gradients(monkeypatch, model, x, r, backend):
+    """(output, every parameter's gradient) of (model(x) * r).sum(), with ``backend`` serving
+    pycnn.functional's calls."""
+    import pycnn.functional as F
+
+    monkeypatch.setattr(F, "_backend", lambda t: backend)
+    model.zero_grad()
+    out = model(x)
+    (out * r).sum().backward()
+    return out.numpy().copy(), [p.grad.numpy().copy() for p in model.parameters()]
+
+
 def rnd(rng, *shape, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 

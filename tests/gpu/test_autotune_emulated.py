@@ -13,7 +13,7 @@ import types
 import numpy as np
 import pytest
 
-from emu_support import EMULATED_MARKS, rnd
+from emu_support import EMULATED_MARKS, model_gradients, rnd
 from pycnn.backends import cuda
 from pycnn.backends import numpy_ref as ref
 
@@ -261,7 +261,6 @@ def test_a_model_trains_through_the_autotune(device, monkeypatch):
     backward's two halves tuned in order, then forked): outputs and every gradient are the NumPy
     backend's, and a second step runs the cached picks without timing anything again."""
     import pycnn
-    import pycnn.functional as F
     from pycnn import Tensor, nn
 
     monkeypatch.setattr(cuda, "CONV_VERSIONS", ("1", "3"))  # (v2's emulated 256-thread blocks are slow, and
@@ -276,11 +275,7 @@ def test_a_model_trains_through_the_autotune(device, monkeypatch):
     x, r = Tensor(rnd(rng, 2, 1, 10, 10)), Tensor(rnd(rng, 2, 5))
 
     def run(backend):
-        monkeypatch.setattr(F, "_backend", lambda t: backend)
-        model.zero_grad()
-        out = model(x)
-        (out * r).sum().backward()
-        return out.numpy().copy(), [p.grad.numpy().copy() for p in model.parameters()]
+        return model_gradients(monkeypatch, model, x, r, backend)
 
     got = run(cuda)
     tuned = dict(cuda._autotune_times)

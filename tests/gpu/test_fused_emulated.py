@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 
-from emu_support import EMULATED_MARKS, close, rnd
+from emu_support import EMULATED_MARKS, close, model_gradients, rnd
 from pycnn.backends import cuda
 from pycnn.backends import numpy_ref as ref
 
@@ -270,7 +270,6 @@ def test_first_layer_through_sequential(emulated, monkeypatch, order):
     pooled gradient), the second the unfused pair, and the outputs and every parameter's gradient
     match the NumPy reference backend's."""
     import pycnn
-    import pycnn.functional as F
     from pycnn import Tensor, nn
 
     pycnn.manual_seed(5)
@@ -283,11 +282,7 @@ def test_first_layer_through_sequential(emulated, monkeypatch, order):
     r = Tensor(rnd(rng, 3, 5))
 
     def run(backend):
-        monkeypatch.setattr(F, "_backend", lambda t: backend)
-        model.zero_grad()
-        out = model(x)
-        (out * r).sum().backward()
-        return out.numpy().copy(), [p.grad.numpy().copy() for p in model.parameters()]
+        return model_gradients(monkeypatch, model, x, r, backend)
 
     start = len(emulated)
     got = run(cuda)
