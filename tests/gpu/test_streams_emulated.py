@@ -221,15 +221,20 @@ def test_bad_switch_is_a_clear_error(streams, monkeypatch):
         cuda.conv2d_backward(dy, x, w, (1, 1), (0, 0))
 
 
-def test_autotuned_shapes_tune_in_order_then_fork(streams, monkeypatch):
-    """PYCNN_CONV_AUTOTUNE=1: a shape's first conv2d_backward times its candidates with the other
-    half not running beside it (no fork); later calls of that shape fork."""
-    log, launched = streams
+@pytest.fixture
+def autotuned_layer(streams, monkeypatch):
+    """PYCNN_CONV_AUTOTUNE=1 with empty autotune caches: (log, x, w, dy) of a small layer."""
     monkeypatch.setenv("PYCNN_CONV_AUTOTUNE", "1")
     monkeypatch.setattr(cuda, "_autotune_cache", {})
     monkeypatch.setattr(cuda, "_conv_backward_tuned", set())
     rng = np.random.default_rng(5)
-    x, w, dy = rnd(rng, 1, 2, 6, 6), rnd(rng, 3, 2, 3, 3), rnd(rng, 1, 3, 4, 4)
+    return streams[0], rnd(rng, 1, 2, 6, 6), rnd(rng, 3, 2, 3, 3), rnd(rng, 1, 3, 4, 4)
+
+
+def test_autotuned_shapes_tune_in_order_then_fork(autotuned_layer):
+    """PYCNN_CONV_AUTOTUNE=1: a shape's first conv2d_backward times its candidates with the other
+    half not running beside it (no fork); later calls of that shape fork."""
+    log, x, w, dy = autotuned_layer
     first = cuda.conv2d_backward(dy, x, w, (1, 1), (0, 0))
     # no fork: the main stream and the stream the candidates are timed on, one after the other
     (tuner,) = [stream.name for stream in cuda._tune_streams.values()]
@@ -256,15 +261,10 @@ def test_weight_gradient_into_given_arrays(streams):
         cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (0, 0), out=(dw, np.zeros(4, np.float32)))
 
 
-def test_a_shape_first_met_in_a_capture_still_tunes_in_order(streams, monkeypatch):
+def test_a_shape_first_met_in_a_capture_still_tunes_in_order(autotuned_layer, monkeypatch):
     """The autotune is put off inside a capture; the shape's first call outside one must still time
     its candidates with the halves in order (not forked), and only then fork."""
-    log, _ = streams
-    monkeypatch.setenv("PYCNN_CONV_AUTOTUNE", "1")
-    monkeypatch.setattr(cuda, "_autotune_cache", {})
-    monkeypatch.setattr(cuda, "_conv_backward_tuned", set())
-    rng = np.random.default_rng(7)
-    x, w, dy = rnd(rng, 1, 2, 6, 6), rnd(rng, 3, 2, 3, 3), rnd(rng, 1, 3, 4, 4)
+    log, x, w, dy = autotuned_layer
     monkeypatch.setattr(cuda, "_capturing", lambda cupy: True)
     cuda.conv2d_backward(dy, x, w, (1, 1), (0, 0))
     assert not cuda._autotune_cache and not cuda._conv_backward_tuned
