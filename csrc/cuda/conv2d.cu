@@ -432,7 +432,8 @@ struct PycnnConvLoader {
     int b_col, b_row;      // B: this thread loads column b_col of the tile, rows b_row + B_STEP*q
     bool nb_ok;            // that column exists (n0 + b_col < Ncols)
     int cb0, cb1, cb2, cb3;  // the column's geometry (see pycnn_conv_b_elem)
-    int a_row, a_k;        // A: rows a_row + 64*rr of the tile, reduction indices a_k .. a_k+3
+    int a_row, a_k;        // A through registers: rows a_row + 64*rr, reduction indices a_k .. a_k+3
+    int c_row, c_k;        // A by cp.async: rows c_row + 16*i, reduction index c_k (pycnn_conv_copy_transposed)
 };
 
 // Element offsets for the tile loads. Each returns whether the element is nonzero data and
@@ -444,18 +445,29 @@ struct PycnnConvLoader {
 //
 // A[ma][k0 + kk] (A as in the file header): zero past row M or past the block's reduction range
 // (tab row slot 0 is -1 there).
+// Split as column kk's part and a row stride, off = kbase + ma * rstride, so that a thread that
+// copies one reduction index of several rows decodes it once (pycnn_conv_copy_transposed).
+template <int MODE>
+__device__ __forceinline__ bool pycnn_conv_a_column(const PycnnConvGemm& p, const int (*tab)[PYCNN_CONV_TAB], int k0,
+                                                    int kk, int& kbase, int& rstride) {
+    if (MODE == PYCNN_CONV_FWD || MODE >= PYCNN_CONV_BATCHED_GEMM) {  // w[k=ma, kd] or A[b][ma][kd]
+        kbase = k0 + kk;
+        rstride = p.Kd;
+        return kbase < p.k_end;
+    }
+    kbase = tab[kk][0];
+    rstride = MODE == PYCNN_CONV_BWD_DATA ? p.R * p.S    // w[k, c=ma, r, s]
+                                          : p.Ho * p.Wo;  // dy[img, k=ma, pix]
+    return kbase >= 0;
+}
+
 template <int MODE>
 __device__ __forceinline__ bool pycnn_conv_a_elem(const PycnnConvGemm& p, const int (*tab)[PYCNN_CONV_TAB], int k0,
                                                   int ma, int kk, int& off) {
-    if (MODE == PYCNN_CONV_FWD || MODE >= PYCNN_CONV_BATCHED_GEMM) {  // w[k=ma, kd] or A[b][ma][kd]
-        const int kd = k0 + kk;
-        off = ma * p.Kd + kd;
-        return (ma < p.M) & (kd < p.k_end);
-    }
-    const int t0 = tab[kk][0];
-    if (MODE == PYCNN_CONV_BWD_DATA) off = t0 + ma * p.R * p.S;  // w[k, c=ma, r, s]
-    else off = ma * p.Ho * p.Wo + t0;                            // dy[img, k=ma, pix]
-    return (ma < p.M) & (t0 >= 0);
+    int kbase, rstride;
+    const bool kok = pycnn_conv_a_column<MODE>(p, tab, k0, kk, kbase, rstride);
+    off = kbase + ma * rstride;
+    return (ma < p.M) & kok;
 }
 
 // B[kd][column] for the tab row t of kd: zero outside the tensor (that is the zero padding) or,
@@ -495,27 +507,48 @@ __device__ __forceinline__ void pycnn_conv_load_elem(float* dst, const float* sr
     else *dst = ok ? src[off] : 0.0f;
 }
 
-// Four consecutive reduction values of one row of A (or of B given transposed) from src into
-// column col, rows kk .. kk+3, of a transposed shared tile; elem(q, off) says whether value q is
-// data and where (as pycnn_conv_a_elem). ASYNC: cp.async copies; otherwise loads through
-// registers, one float4 where the four values are contiguous and 16-byte aligned (the element
-// offsets grow by at least 1 per reduction index in every mode, so off3 == off0 + 3 means
-// contiguous).
-template <int PITCH, bool ASYNC, class Elem>
+// Through registers (the single-stage loop, PYCNN_CONV_STAGES=1): four consecutive reduction
+// values of one row of A (or of B given transposed) from src into column col, rows kk .. kk+3,
+// of a transposed shared tile; elem(q, off) says whether value q is data and where (as
+// pycnn_conv_a_elem). One float4 load where the four values are contiguous and 16-byte aligned
+// (the element offsets grow by at least 1 per reduction index in every mode, so off3 == off0 + 3
+// means contiguous).
+template <int PITCH, class Elem>
 __device__ __forceinline__ void pycnn_conv_load_quad(float (*dst)[PITCH], int kk, int col, const float* src,
                                                      Elem elem) {
     int off[4];
     bool ok[4];
 #pragma unroll
     for (int q = 0; q < 4; ++q) ok[q] = elem(q, off[q]);
-    if (!ASYNC && ok[0] && ok[3] && off[3] == off[0] + 3 &&
-        (reinterpret_cast<unsigned long long>(src + off[0]) & 15ull) == 0) {
+    if (ok[0] && ok[3] && off[3] == off[0] + 3 && (reinterpret_cast<unsigned long long>(src + off[0]) & 15ull) == 0) {
         const float4 v = *reinterpret_cast<const float4*>(src + off[0]);
         dst[kk][col] = v.x; dst[kk + 1][col] = v.y; dst[kk + 2][col] = v.z; dst[kk + 3][col] = v.w;
         return;
     }
 #pragma unroll
-    for (int q = 0; q < 4; ++q) pycnn_conv_load_elem<ASYNC>(&dst[kk + q][col], src, ok[q], off[q]);
+    for (int q = 0; q < 4; ++q) pycnn_conv_load_elem<false>(&dst[kk + q][col], src, ok[q], off[q]);
+}
+
+// cp.async copies of one reduction index of ROWS rows of a row-major operand (rows contiguous
+// along the reduction) into the transposed shared tile dst[k][row]: element (first + row, kk) is
+// at src + kbase + (first + row) * rstride, data where kok and first + row < limit (else zero).
+// The thread mapping is the point (pycnn_conv_copy_lane): lane l of warp w copies index
+// kk = 4*(w%4) + l/8 of rows 8*(w/4) + l%8 + 16*i, so one warp instruction covers 8 rows x 4
+// consecutive indices: 8 16-byte global segments, and shared stores to banks (8*kk + row) % 32
+// with a pitch of 72 or 136 floats (= 8 mod 32): 32 distinct. (pycnn_conv_load_quad's mapping,
+// four indices of one row per thread, put 4 lanes on each bank per store instruction and spread
+// a warp's loads over 8 rows x 16 indices; timed on an H200, its A copies were 28% of v3's
+// forward on MnistCNN conv2 at batch 512: record gpu-20261127-73e9961e-kernels-knockouts.json.)
+template <int ROWS, int PITCH>
+__device__ __forceinline__ void pycnn_conv_copy_transposed(float (*dst)[PITCH], const float* src, int row0, int kk,
+                                                           int first, int limit, int kbase, int rstride, bool kok) {
+    static_assert(PITCH % 32 == 8 && ROWS % 16 == 0, "the bank and row arithmetic above");
+#pragma unroll 1
+    for (int row = row0; row < ROWS; row += 16) {
+        const int r = first + row;
+        const bool ok = kok & (r < limit);
+        pycnn_cp_async_f32(&dst[kk][row], src + (ok ? kbase + r * rstride : 0), ok);
+    }
 }
 
 // Stage the A (BM x BK, stored transposed As[k][m] so both compute loops read rows) and B
@@ -531,23 +564,34 @@ __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, con
     constexpr int B_STEP = PYCNN_CONV3_THREADS / BN;
     // Not unrolled: unrolling keeps both rows' addresses live and pushes the 128x128 v3 kernels
     // past 128 registers (one block per SM instead of two).
+    if constexpr (ASYNC) {
+        if (!PYCNN_KO(4)) {
+            int kbase, rstride;
+            const bool kok = pycnn_conv_a_column<MODE>(p, tab, k0, L.c_k, kbase, rstride);
+            pycnn_conv_copy_transposed<BM>(As, p.a_src, L.c_row, L.c_k, L.m0, p.M, kbase, rstride, kok);
+        }
+    } else {
 #pragma unroll 1
-    for (int rr = 0; rr < (PYCNN_KO(4) ? 0 : A_ROWS); ++rr) {
-        const int row = L.a_row + 64 * rr;
-        if (BM < 64 && row >= BM) break;  // 32-row tiles: threads 128..255 load no A
-        const int ma = L.m0 + row;
-        pycnn_conv_load_quad<BM + PYCNN_CONV3_PAD, ASYNC>(As, L.a_k, row, p.a_src, [&](int q, int& off) {
-            return pycnn_conv_a_elem<MODE>(p, tab, k0, ma, L.a_k + q, off);
-        });
+        for (int rr = 0; rr < (PYCNN_KO(4) ? 0 : A_ROWS); ++rr) {
+            const int row = L.a_row + 64 * rr;
+            if (BM < 64 && row >= BM) break;  // 32-row tiles: threads 128..255 load no A
+            const int ma = L.m0 + row;
+            pycnn_conv_load_quad<BM + PYCNN_CONV3_PAD>(As, L.a_k, row, p.a_src, [&](int q, int& off) {
+                return pycnn_conv_a_elem<MODE>(p, tab, k0, ma, L.a_k + q, off);
+            });
+        }
     }
-    if constexpr (MODE == PYCNN_CONV_BATCHED_GEMM_NT) {
-        // B given transposed (Ncols x Kd, contiguous along the reduction): loaded like A, four
-        // consecutive reduction indices per thread, so a warp reads whole row segments.
+    if constexpr (MODE == PYCNN_CONV_BATCHED_GEMM_NT && ASYNC) {
+        // B given transposed (Ncols x Kd, contiguous along the reduction): copied like A.
+        const int kd = k0 + L.c_k;
+        pycnn_conv_copy_transposed<BN>(Bs, p.b_src, L.c_row, L.c_k, L.n0, p.Ncols, kd, p.Kd, kd < p.k_end);
+    } else if constexpr (MODE == PYCNN_CONV_BATCHED_GEMM_NT) {
+        // (through registers: four consecutive reduction indices per thread, as A)
 #pragma unroll 1
         for (int rr = 0; rr < BN / 64; ++rr) {
             const int row = L.a_row + 64 * rr;
             const int n = L.n0 + row;
-            pycnn_conv_load_quad<BN + PYCNN_CONV3_PAD, ASYNC>(Bs, L.a_k, row, p.b_src, [&](int q, int& off) {
+            pycnn_conv_load_quad<BN + PYCNN_CONV3_PAD>(Bs, L.a_k, row, p.b_src, [&](int q, int& off) {
                 const int kd = k0 + L.a_k + q;
                 off = n * p.Kd + kd;
                 return (n < p.Ncols) & (kd < p.k_end);
@@ -769,6 +813,8 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
     }
     L.a_row = tid / (BK / 4);
     L.a_k = (tid % (BK / 4)) * 4;
+    L.c_row = 8 * (tid / 128) + tid % 8;        // 8 * (warp / 4) + lane % 8
+    L.c_k = 4 * ((tid / 32) % 4) + (tid % 32) / 8;  // 4 * (warp % 4) + lane / 8
 
     static_assert(MI * NI * 4 == TM * TN, "v3 and v4 hold the same number of accumulators per thread");
     float acc[TM * TN];
