@@ -13,6 +13,7 @@
 //   pycnn_block_sum_f64       fixed-order block reduction; every thread gets the same total
 //   pycnn_split_index         idx -> (plane, row, column) of an NCHW-like tensor, in 32-bit
 //                             arithmetic when the tensor allows it
+//   pycnn_sum_parts           a strided sum in a fixed order, in double, loads in flight together
 //   pycnn_split_reduce        second pass of a split-K product: partial sums added in a fixed
 //                             order, then the bias / ReLU epilogue
 //   pycnn_split_reduce_pair   two of them (no epilogue) in one grid: a weight gradient and the
@@ -101,6 +102,27 @@ __device__ __forceinline__ void pycnn_split_index(pycnn_i64 idx, pycnn_i64 total
     }
 }
 
+// The sum over z = 0, 1, ..., splits-1 of part[z * stride], in that order, in double, with
+// PYCNN_SUM_LOADS loads in flight at a time (their adds still in order). The plain loop waited for
+// L2 once per split, or per few: the separate reduce of MnistCNN conv2's weight gradient at batch
+// 64 (97 splits) took 16 us on an H200 (ncu, record gpu-20261127-73e9961e).
+#define PYCNN_SUM_LOADS 16
+__device__ __forceinline__ double pycnn_sum_parts(const float* __restrict__ part, pycnn_i64 stride, int splits) {
+    double s = 0.0;
+    int z = 0;
+#pragma unroll 1
+    for (; z + PYCNN_SUM_LOADS <= splits; z += PYCNN_SUM_LOADS) {
+        float v[PYCNN_SUM_LOADS];
+#pragma unroll
+        for (int u = 0; u < PYCNN_SUM_LOADS; ++u) v[u] = part[(pycnn_i64)(z + u) * stride];
+#pragma unroll
+        for (int u = 0; u < PYCNN_SUM_LOADS; ++u) s += (double)v[u];
+    }
+#pragma unroll 1
+    for (; z < splits; ++z) s += (double)part[(pycnn_i64)z * stride];
+    return s;
+}
+
 // out[e] = sum over z = 0, 1, ..., splits-1 of partial[z*count + e], always in that order (in
 // double), then + bias[(e / inner) % channels] (has_bias), then ReLU (relu). The second pass of
 // every split-K product (conv2d.cu, linear.cu): deterministic without atomics, and the epilogue
@@ -109,9 +131,7 @@ __device__ __forceinline__ void pycnn_split_reduce(const float* __restrict__ par
                                                    int splits, pycnn_i64 count, const float* __restrict__ bias,
                                                    int has_bias, int relu, pycnn_i64 inner, int channels) {
     PYCNN_FOR_EACH(e, count) {
-        double s = 0.0;
-        for (int z = 0; z < splits; ++z) s += (double)partial[(pycnn_i64)z * count + e];
-        float v = (float)s;
+        float v = (float)pycnn_sum_parts(partial + e, count, splits);
         if (has_bias) v += bias[(e / inner) % channels];
         if (relu) v = v > 0.0f ? v : 0.0f;
         out[e] = v;
@@ -128,38 +148,48 @@ __device__ __forceinline__ void pycnn_split_reduce_pair(const float* __restrict_
         const bool is_a = e < count_a;
         const float* part = is_a ? partial_a : partial_b;
         const pycnn_i64 count = is_a ? count_a : count_b, i = is_a ? e : e - count_a;
-        double s = 0.0;
-        for (int z = 0; z < splits; ++z) s += (double)part[(pycnn_i64)z * count + i];
-        (is_a ? out_a : out_b)[i] = (float)s;
+        (is_a ? out_a : out_b)[i] = (float)pycnn_sum_parts(part + i, count, splits);
     }
 }
 
 // How many of its PER_THREAD elements a finishing thread sums at once in pycnn_sum_split_parts:
-// 8 (or the largest of 4, 2, 1 that divides PER_THREAD): 8 loads in flight per split, and few
-// enough registers (offsets, double sums) to stay within the GEMM main loop's.
+// 4 (or 2, 1 where 4 does not divide PER_THREAD), with the loads of 32 / GROUP splits (8: every
+// split a kernel finishes, see _SPLIT_FINISH_MAX_SPLITS in cuda.py) in flight together. 8
+// elements x 4 splits would cost more registers (double sums): the 64x64 v3 kernels would pass
+// 64 (four blocks per SM).
 template <int PER_THREAD>
 struct PycnnSplitGroup {
-    static constexpr int value = PER_THREAD % 8 == 0 ? 8 : PER_THREAD % 4 == 0 ? 4 : PER_THREAD % 2 == 0 ? 2 : 1;
+    static constexpr int value = PER_THREAD % 4 == 0 ? 4 : PER_THREAD % 2 == 0 ? 2 : 1;
 };
 
 // sum[q] = the sum over z = 0, 1, ..., splits-1 of parts[z*stride + off[q]] (0 where !ok[q]), in
 // that order, in double: pycnn_split_reduce's sum (the same bits) for the GROUP elements of one
-// thread. The GROUP loads of a split are independent, so they are in flight together (one element
-// at a time would wait for L2 once per load). volatile: the other blocks' parts from L2, never
-// from a stale L1 line (the caller has fenced after the election, see pycnn_conv_split_finish).
+// thread. The loads of SPLITS_AT_ONCE splits of the GROUP elements (32 in all) are in flight
+// together, then added in split order: one L2 round trip per 32 loads (per split, as this once
+// did, a 64x64 tile of 8 splits kept its finishing block 16 round trips long). volatile: the
+// other blocks' parts from L2, never from a stale L1 line (the caller has fenced after the
+// election, see pycnn_conv_split_finish).
 template <int GROUP, class Offset>
 __device__ __forceinline__ void pycnn_sum_split_parts(const float* parts, pycnn_i64 stride, int splits,
                                                       const Offset (&off)[GROUP], const bool (&ok)[GROUP],
                                                       double (&sum)[GROUP]) {
+    constexpr int SPLITS_AT_ONCE = 32 / GROUP;
 #pragma unroll
     for (int q = 0; q < GROUP; ++q) sum[q] = 0.0;
 #pragma unroll 1
-    for (int z = 0; z < splits; ++z) {
-        const volatile float* part = parts + (pycnn_i64)z * stride;
-        float v[GROUP];
+    for (int z0 = 0; z0 < splits; z0 += SPLITS_AT_ONCE) {
+        float v[SPLITS_AT_ONCE][GROUP];
 #pragma unroll
-        for (int q = 0; q < GROUP; ++q) v[q] = ok[q] ? part[off[q]] : 0.0f;
+        for (int dz = 0; dz < SPLITS_AT_ONCE; ++dz) {
+            const volatile float* part = parts + (pycnn_i64)(z0 + dz) * stride;
 #pragma unroll
-        for (int q = 0; q < GROUP; ++q) sum[q] += (double)v[q];
+            for (int q = 0; q < GROUP; ++q) v[dz][q] = ok[q] && z0 + dz < splits ? part[off[q]] : 0.0f;
+        }
+#pragma unroll
+        for (int dz = 0; dz < SPLITS_AT_ONCE; ++dz) {
+            if (z0 + dz >= splits) break;  // (adding the 0 would turn a -0 sum into +0)
+#pragma unroll
+            for (int q = 0; q < GROUP; ++q) sum[q] += (double)v[dz][q];
+        }
     }
 }

@@ -704,8 +704,8 @@ __device__ __forceinline__ void pycnn_conv_split_finish(const PycnnConvGemm& p, 
     __threadfence();
     const int splits = gridDim.z, mstride = pycnn_conv_out_mstride<MODE>(p);
     const pycnn_i64 zoff = (pycnn_i64)blockIdx.z * p.split_stride;  // out_base's offset of this split
-    // A thread adds GROUP of its elements at a time, split by split (pycnn_sum_split_parts: their
-    // loads in flight together), each in split order. Offsets are int32: an output tensor has
+    // A thread adds GROUP of its elements at a time (pycnn_sum_split_parts: the loads of up to 8
+    // splits of them in flight together), each in split order. Offsets are int32: an output tensor has
     // fewer than 2^31 elements, and each split's copy is addressed from its own base.
     constexpr int PER_THREAD = BM * BN / PYCNN_CONV3_THREADS;
     constexpr int GROUP = PycnnSplitGroup<PER_THREAD>::value;

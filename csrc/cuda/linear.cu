@@ -140,8 +140,8 @@ extern "C" __global__ void linear_gemm_f32(const float* __restrict__ A, long lon
     __syncthreads();
     if (!is_last) return;  // uniform per block
     __threadfence();
-    // GROUP of its elements at a time, split by split (pycnn_sum_split_parts: their loads in
-    // flight together), each in split order.
+    // GROUP of its elements at a time (pycnn_sum_split_parts: the loads of up to 8 splits of them
+    // in flight together), each in split order.
     constexpr int PER_THREAD = PYCNN_GEMM_BM * PYCNN_GEMM_BN / (PYCNN_GEMM_THREADS_X * PYCNN_GEMM_THREADS_Y);
     constexpr int GROUP = PycnnSplitGroup<PER_THREAD>::value;
 #pragma unroll 1

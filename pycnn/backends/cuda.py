@@ -587,8 +587,9 @@ def _upload(op: str, cupy, dev: int, host: np.ndarray):
 _SPLIT_TICKETS = 1 << 14  # (64 KiB a stream; a split weight gradient of 2048x2048x3x3 has 2304 tiles)
 _split_ticket_arrays: dict = {}  # (device id,) + _stream_key -> int32 (_SPLIT_TICKETS,), all 0
 # ... and a GEMM of more splits than this: one block per tile reads all of that tile's parts (its
-# threads keep 8 loads in flight, so about 2 x splits L2 round trips for a 64x64 tile), while a
-# separate reduce spreads the reading over the whole GPU. A weight gradient split 97 ways over 5
+# threads keep 4 elements x up to 8 splits of loads in flight, so 4 L2 round trips for a 64x64
+# tile of at most 8 splits; 16 before 2026-11-27, when the loads of one split at a time were in
+# flight), while a separate reduce spreads the reading over the whole GPU. A weight gradient split 97 ways over 5
 # tiles (MnistCNN conv2 at batch 64) would have 5 blocks read 7.5 MB. Where the two cost the same
 # is a guess until a GPU times both (gpu_training.py's pycnn-cudagraph-2pass A/B).
 _SPLIT_FINISH_MAX_SPLITS = 8

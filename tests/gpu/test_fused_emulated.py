@@ -40,6 +40,25 @@ def test_linear_gemm_forward_backward(emulated, N, IN, OUT):
 
 
 @pytest.mark.parametrize("finish", ["1", "0"])
+def test_linear_split_parts_add_in_split_order(emulated, monkeypatch, finish):
+    """K = 256: 8 splits of 32, finished inside the kernel (1: pycnn_sum_split_parts, all 8 splits'
+    loads in flight together) or by linear_split_reduce_f32 (0: pycnn_sum_parts). Splits 0 and 1
+    hold +1e30 and -1e30 (one product each), the others small sums: added in split order the two
+    cancel and the rest is the product of columns 64.. alone; in any other order a 1e30 swallows
+    the small parts (53 bits of double), leaving 0 or 1e30."""
+    monkeypatch.setenv("PYCNN_SPLIT_FINISH", finish)
+    assert cuda._gemm_splits(1, 256) == (8, 32)
+    rng = np.random.default_rng(21)
+    x, w = rnd(rng, 4, 256), rnd(rng, 3, 256)
+    x[:, 0], w[:, 0] = 1e15, 1e15
+    x[:, 32], w[:, 32] = -1e15, 1e15
+    y = cuda.linear_forward(x, w, None)
+    assert emulated.count("linear_split_reduce_f32") == (finish == "0"), emulated
+    want = x[:, 64:].astype(np.float64) @ w[:, 64:].T.astype(np.float64)
+    close(y, want, what=f"finish={finish}")
+
+
+@pytest.mark.parametrize("finish", ["1", "0"])
 @pytest.mark.parametrize("split", [True, False])
 def test_linear_split_k(emulated, monkeypatch, split, finish):
     """Few output tiles and a long reduction: split over grid.z (parts of >= 32, the last one

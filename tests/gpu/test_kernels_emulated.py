@@ -146,3 +146,48 @@ def test_optimizers(emulated):
         ref.adam_step(p_ref, grads, m_ref, v_ref, step, 1e-2, 0.7, 0.9, 1e-8, 1e-2, step % 2 == 0)
     for got, want in zip(p + bufs + m + v, p_ref + bufs_ref + m_ref + v_ref):
         close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _in_order_sum(parts):
+    """parts[0] + parts[1] + ... in that order, in float64, then float32: the reduce kernels' sum."""
+    total = np.zeros(parts.shape[1:], dtype=np.float64)
+    for part in parts:
+        total = total + part.astype(np.float64)
+    return total
+
+
+@pytest.mark.parametrize("splits", [1, 15, 16, 17, 33, 97])
+def test_split_reduce_kernels_sum_in_split_order(emulated, splits):
+    """The second pass of split-K (pycnn_sum_parts: 16 loads in flight, then the rest one by one)
+    adds the parts in split order in double, bit for bit, on both sides of a 16-split batch and
+    through MnistCNN conv2's 97; a -0 total stays +0 as in the in-order sum from +0."""
+    rng = np.random.default_rng(splits)
+    count, channels, inner = 2 * 3 * 5, 3, 5  # (2, 3, 5): bias per channel, 5 elements apart
+    parts = rnd(rng, splits, count)
+    # +1e30 then -1e30 at the start of every 8 splits in half of the columns: added in order they
+    # cancel and the small parts after them count; in any other order the small parts are lost
+    # to a 1e30 (a double holds 53 bits), so the result shows the order of the adds
+    big = rng.random(count) < 0.5
+    pairs = np.arange(0, splits - 1, 8)
+    parts[np.ix_(pairs, big)] = 1e30
+    parts[np.ix_(pairs + 1, big)] = -1e30
+    parts[:, 0] = -0.0
+    bias = rnd(rng, channels)
+    out = np.full(count, np.nan, dtype=np.float32)
+    cuda._launch(0, "conv2d.cu", "conv2d_split_reduce_f32", (1,), (64,),
+                 (parts, out, np.int32(splits), np.int64(count), bias, np.int32(1), np.int32(1), np.int64(inner),
+                  np.int32(channels)))
+    summed = _in_order_sum(parts).astype(np.float32)
+    want = np.maximum(summed + np.repeat(np.tile(bias, 2), inner), np.float32(0))
+    assert out.tobytes() == want.tobytes()
+    # the pair: a weight gradient's parts and its bias gradient's, in one grid
+    parts_b = parts[:, :channels] * np.float32(-0.5)
+    dw, db = np.full(count, np.nan, dtype=np.float32), np.full(channels, np.nan, dtype=np.float32)
+    cuda._launch(0, "conv2d.cu", "conv2d_wgrad_split_reduce_f32", (1,), (64,),
+                 (parts, dw, np.int64(count), parts_b, db, np.int64(channels), np.int32(splits)))
+    assert dw.tobytes() == summed.tobytes() and np.signbit(dw[0]) == np.False_
+    assert db.tobytes() == _in_order_sum(parts_b).astype(np.float32).tobytes()
+    c = np.full(count, np.nan, dtype=np.float32)
+    cuda._launch(0, "linear.cu", "linear_split_reduce_f32", (1,), (64,),
+                 (parts, c, np.int32(splits), np.int64(count), bias, np.int32(1), np.int32(0), np.int32(channels)))
+    assert c.tobytes() == (summed + np.tile(bias, count // channels)).tobytes()
