@@ -331,6 +331,7 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
     cuda.leaky_relu_forward(x, 0.1)
     cuda.leaky_relu_backward(_f(*x.shape), x, 0.1)
     xl, wl, bl = _f(5, 7), _f(3, 7), _f(3)
+    monkeypatch.setenv("PYCNN_SPLIT_FINISH", "1")  # (opt-in: the split-K sums inside the kernel)
     assert cuda.linear_forward(xl, wl, bl).shape == (5, 3)
     assert cuda.linear_bias_relu_forward(_f(5, 70), _f(3, 70), bl).shape == (5, 3)  # split-K, finished inside
     dx, dwl, dbl = cuda.linear_backward(_f(5, 3), xl, wl)

@@ -576,22 +576,28 @@ def _upload(op: str, cupy, dev: int, host: np.ndarray):
     return out
 
 
-# Split-K finished inside the GEMM kernels (v3/v4 conv GEMMs, linear_gemm_f32): the last split to store its part
-# of an output tile adds all the parts (pycnn_conv_split_finish in conv2d.cu), which saves the
-# separate reduce launch (a graph node, and CuPy's launch cost per call). Each tile draws from an
-# int32 counter that is 0 between launches. One array of them per (device, stream): launches on one
-# stream never overlap, and a graph captured on a stream keeps that stream's counters (graph
-# replays are ordered with eager work on the same streams in pycnn.cuda_graph). A GEMM with more
-# tiles than _SPLIT_TICKETS, or a capture on a stream that has no counters yet (they are zeroed
-# with a copy, which a capture cannot hold), reduces with the separate launch instead.
+# Split-K finished inside the GEMM kernels (v3/v4 conv GEMMs, linear_gemm_f32), opt-in
+# (PYCNN_SPLIT_FINISH=1): the last split to store its part of an output tile adds all the parts
+# (pycnn_conv_split_finish in conv2d.cu), which saves the separate reduce launch (a graph node, and
+# CuPy's launch cost per call). Timed on an H200 it lost to that launch everywhere it ran: the
+# MnistCNN step in a CUDA graph took 0.232 ms against 0.204 at batch 64 (records 73e9961e, and
+# 40eb354d after its loads went in flight together: 286,533 against 323,757 samples/s; each call
+# alone in a graph, conv3's forward 19.9 against 13.9 us, the step's calls 203.5 against 175.1 us
+# in all), and 0.6-1.4 % slower at batch 512. The fence and ticket of every block and the
+# finishing block's serial tail cost more than a reduce spread over the GPU. Kept as the
+# documented, tested alternative. Each tile draws from an int32 counter that is 0 between
+# launches. One array of them per (device, stream): launches on one stream never overlap, and a
+# graph captured on a stream keeps that stream's counters (graph replays are ordered with eager
+# work on the same streams in pycnn.cuda_graph). A GEMM with more tiles than _SPLIT_TICKETS, or a
+# capture on a stream that has no counters yet (they are zeroed with a copy, which a capture cannot
+# hold), reduces with the separate launch instead.
 _SPLIT_TICKETS = 1 << 14  # (64 KiB a stream; a split weight gradient of 2048x2048x3x3 has 2304 tiles)
 _split_ticket_arrays: dict = {}  # (device id,) + _stream_key -> int32 (_SPLIT_TICKETS,), all 0
 # ... and a GEMM of more splits than this: one block per tile reads all of that tile's parts (its
 # threads keep 4 elements x up to 8 splits of loads in flight, so 4 L2 round trips for a 64x64
 # tile of at most 8 splits; 16 before 2026-11-27, when the loads of one split at a time were in
 # flight), while a separate reduce spreads the reading over the whole GPU. A weight gradient split 97 ways over 5
-# tiles (MnistCNN conv2 at batch 64) would have 5 blocks read 7.5 MB. Where the two cost the same
-# is a guess until a GPU times both (gpu_training.py's pycnn-cudagraph-2pass A/B).
+# tiles (MnistCNN conv2 at batch 64) would have 5 blocks read 7.5 MB.
 _SPLIT_FINISH_MAX_SPLITS = 8
 
 
@@ -603,8 +609,8 @@ def _finishes_in_kernel(tiles: int, splits: int) -> bool:
 
 def _split_finish_on() -> bool:
     """Whether the v3/v4 conv GEMMs and the Linear GEMM finish their split-K sums in the kernel
-    ($PYCNN_SPLIT_FINISH: '1', the default, or '0': a separate reduce launch)."""
-    mode = _env("PYCNN_SPLIT_FINISH") or "1"
+    ($PYCNN_SPLIT_FINISH: '1', or '0', the default: a separate reduce launch, faster on the H200)."""
+    mode = _env("PYCNN_SPLIT_FINISH") or "0"
     if mode not in ("0", "1"):
         raise ValueError(f"PYCNN_SPLIT_FINISH must be '0' or '1', got {mode!r}")
     return mode == "1"

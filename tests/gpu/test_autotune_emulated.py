@@ -120,7 +120,8 @@ def _only_times():
 def test_flip_variant_wins_when_the_forward_kernels_are_cheaper(device):
     """Backward-data of a stride-1 layer: the flipped plan (the forward GEMM of rotated filters)
     is a candidate beside the backward-data GEMM; made cheaper, it is picked, runs, and is exact."""
-    device.costs = {"conv2d_fwd_v3_m32_f32": 1e-4, "conv2d_fwd_v3_f32": 1e-4, "conv2d_flip_weights_f32": 1e-4}
+    device.costs = {"conv2d_fwd_v3_m32_f32": 1e-4, "conv2d_fwd_v3_f32": 1e-4, "conv2d_flip_weights_f32": 1e-4,
+                    "conv2d_split_reduce_f32": 1e-4}  # (the flipped GEMM's split-K sums)
     device.default_cost = 1e-2
     rng = np.random.default_rng(0)
     w, dy = rnd(rng, 12, 6, 3, 3), rnd(rng, 2, 12, 5, 6)

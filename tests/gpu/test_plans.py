@@ -113,6 +113,7 @@ def test_assigning_a_module_constant_drops_the_plans(recorded, monkeypatch):
 
 
 def test_an_environment_setting_is_part_of_the_key(recorded, monkeypatch):
+    monkeypatch.setenv("PYCNN_SPLIT_FINISH", "1")  # (a split GEMM is one launch: the lists below)
     x, w = _zeros(64, 32, 13, 13), _zeros(64, 32, 3, 3)
 
     def kernel():
@@ -215,6 +216,7 @@ def test_a_cached_linear_call_launches_what_the_first_call_did(recorded, batch):
 def test_a_capture_on_a_stream_without_tile_counters_reduces_in_a_second_launch(recorded, monkeypatch):
     """The split-K finish needs zeroed counters, which a capture cannot make: the plan's fallback
     (the separate reduce launch) runs instead, and the next eager call makes them."""
+    monkeypatch.setenv("PYCNN_SPLIT_FINISH", "1")
     x, w, b = _zeros(64, 32, 13, 13), _zeros(64, 32, 3, 3), _zeros(64)  # (MnistCNN conv2: 4 splits)
     monkeypatch.setattr(cuda, "_capturing", lambda cupy: True)
     cuda.conv2d_bias_relu_forward(x, w, b, 1, 0)
@@ -231,7 +233,9 @@ def test_a_capture_on_a_stream_without_tile_counters_reduces_in_a_second_launch(
 def test_only_few_splits_are_finished_in_the_kernel(recorded, monkeypatch):
     """A GEMM split more than _SPLIT_FINISH_MAX_SPLITS ways (MnistCNN conv2's weight gradient at
     batch 64: 97 splits over 5 tiles) adds its parts in a separate reduce launch, which reads them
-    with the whole GPU; one split at most that many ways (its forward: 4) finishes inside."""
+    with the whole GPU; one split at most that many ways (its forward: 4) finishes inside (with the
+    opt-in PYCNN_SPLIT_FINISH=1)."""
+    monkeypatch.setenv("PYCNN_SPLIT_FINISH", "1")
     x, w, b = _zeros(64, 32, 13, 13), _zeros(64, 32, 3, 3), _zeros(64)
     dy = _zeros(64, 64, 11, 11)
     assert cuda._SPLIT_FINISH_MAX_SPLITS == 8

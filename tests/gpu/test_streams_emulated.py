@@ -135,6 +135,7 @@ def _check_fork_join(events, side_kernels, main_kernels):
 
 @pytest.mark.parametrize("version", ["3", "1"])
 def test_conv2d_backward_forks_the_weight_gradient(streams, monkeypatch, version):
+    monkeypatch.setenv("PYCNN_SPLIT_FINISH", "1")  # (dx's split-K: one launch, below)
     log, launched = streams
     rng = np.random.default_rng(0)
     x, w = rnd(rng, 2, 5, 7, 6), rnd(rng, 20, 5, 3, 3)
@@ -164,6 +165,7 @@ def test_conv2d_backward_forks_the_weight_gradient(streams, monkeypatch, version
 def test_each_stream_finishes_its_splits_with_its_own_tile_counters(streams, monkeypatch):
     """Both halves split their GEMM here; running at the same time, they must not share the tile
     counters of pycnn_conv_split_finish: the side stream's launches take the side stream's."""
+    monkeypatch.setenv("PYCNN_SPLIT_FINISH", "1")
     log, launched = streams
     rng = np.random.default_rng(3)
     x, w = rnd(rng, 8, 5, 7, 6), rnd(rng, 20, 5, 3, 3)
