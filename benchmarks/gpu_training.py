@@ -26,8 +26,12 @@ how much of a step is Python and how much is kernels, and a per-call profile of 
 conv2d_backward's two halves are also timed alone, outside the sum). "pycnn-eager-1stream" and
 "pycnn-cudagraph-1stream" are the eager and graph variants with PYCNN_BACKWARD_STREAMS=0 (every
 backward op in order on one stream): the A/B of the side stream that runs the weight gradients
-beside the data gradients. "pycnn-cudagraph-2pass" is the graph variant with PYCNN_SPLIT_FINISH=0
-(split-K GEMMs summed by a separate reduce launch instead of inside the kernel): its A/B.
+beside the data gradients. "pycnn-cudagraph-1pass" is the graph variant with PYCNN_SPLIT_FINISH=1
+(split-K GEMMs of at most 8 splits summed inside the kernel instead of by the separate reduce
+launch): its A/B (records up to 40eb354d have the reverse, "pycnn-cudagraph-2pass", from when the
+in-kernel sum was the default).
+"pycnn-cudagraph-nowide" is the graph variant with PYCNN_CONV3_WIDE=0 (v3 GEMMs in their narrower
+tiles even where 264 or more wide ones would run): its A/B.
 "pycnn-cudagraph-flip" is the graph variant with PYCNN_CONV_BWD_DATA_FLIP=1 (stride-1
 backward-data as the forward GEMM of dy with the flipped filters): its A/B; "pycnn-cudagraph-fill"
 the graph variant with the split-K rule before "waves" (cuda._CONV3_SPLIT_RULE = "fill");
@@ -126,12 +130,15 @@ def pycnn_variants() -> list:
         # the A/B of the side stream: every backward op in order on one stream
         ("pycnn-eager-1stream", "eager one stream", one_stream, False),
         ("pycnn-cudagraph-1stream", "graph one stream", one_stream, True),
-        # the A/B of the split-K sums finished inside the GEMM kernels
-        ("pycnn-cudagraph-2pass", "graph two-pass split-K", with_env("PYCNN_SPLIT_FINISH", "0", pycnn_throughput),
-         True),
+        # the A/B of the split-K sums finished inside the GEMM kernels (opt-in)
+        ("pycnn-cudagraph-1pass", "graph split-K summed in the GEMMs",
+         with_env("PYCNN_SPLIT_FINISH", "1", pycnn_throughput), True),
         # the A/B of the stride-1 backward-data run as the forward GEMM of flipped filters
         ("pycnn-cudagraph-flip", "graph flipped backward-data",
          with_env("PYCNN_CONV_BWD_DATA_FLIP", "1", pycnn_throughput), True),
+        # the A/B of the wide v3 tiles where there are enough of them (_CONV3_WIDE_MIN_TILES)
+        ("pycnn-cudagraph-nowide", "graph v3 without wide tiles",
+         with_env("PYCNN_CONV3_WIDE", "0", pycnn_throughput), True),
         # the A/B of the "waves" split-K rule: the rule before it
         ("pycnn-cudagraph-fill", "graph split rule 'fill'", with_split_rule("fill", pycnn_throughput), True),
         # the A/B of conv1 + max-pool + ReLU in one kernel (and its weight gradient from the pooled

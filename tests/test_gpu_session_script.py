@@ -94,12 +94,13 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
     def stand_in(model, batch, graph, *rest):
         seen[len(seen)] = {name: os.environ.get(name) for name in
                            ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP",
-                            "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_POOL_FUSE", "PYCNN_CONV_AUTOTUNE")}
+                            "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_POOL_FUSE", "PYCNN_CONV_AUTOTUNE",
+                            "PYCNN_CONV3_WIDE")}
         seen[len(seen) - 1] |= {"rule": cuda._CONV3_SPLIT_RULE, "graph": graph}
         return {}
 
     for name in ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_CONV_WINOGRAD",
-                 "PYCNN_CONV_POOL_FUSE", "PYCNN_CONV_AUTOTUNE"):
+                 "PYCNN_CONV_POOL_FUSE", "PYCNN_CONV_AUTOTUNE", "PYCNN_CONV3_WIDE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(gpu_training, "pycnn_throughput", stand_in)
     variants = gpu_training.pycnn_variants()
@@ -112,8 +113,9 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
         want = {"pycnn-cudagraph-winograd": {"PYCNN_CONV_WINOGRAD": "1"},
                 "pycnn-eager-1stream": {"PYCNN_BACKWARD_STREAMS": "0"},
                 "pycnn-cudagraph-1stream": {"PYCNN_BACKWARD_STREAMS": "0"},
-                "pycnn-cudagraph-2pass": {"PYCNN_SPLIT_FINISH": "0"},
+                "pycnn-cudagraph-1pass": {"PYCNN_SPLIT_FINISH": "1"},
                 "pycnn-cudagraph-flip": {"PYCNN_CONV_BWD_DATA_FLIP": "1"},
+                "pycnn-cudagraph-nowide": {"PYCNN_CONV3_WIDE": "0"},
                 "pycnn-cudagraph-nopoolfuse": {"PYCNN_CONV_POOL_FUSE": "0"},
                 "pycnn-cudagraph-autotune": {"PYCNN_CONV_AUTOTUNE": "1"}}.get(name, {})
         assert setting == want, name

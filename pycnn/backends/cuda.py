@@ -870,24 +870,46 @@ def _conv_gemm_fits(direction: str, x_shape, w_shape, Ho: int, Wo: int) -> bool:
     return (rows + _CONV3_BM - 1) // _CONV3_BM <= _MAX_GRID_YZ
 
 
+# v3 forward and backward-data GEMMs of at most 64 rows take tiles twice as wide (32x256 /
+# 64x128) where there are at least this many of them (two per SM of an H100/H200), unless
+# $PYCNN_CONV3_WIDE says otherwise ('1': always, '0': never). In the H200 ladder of every model
+# layer at batch 64 and 512 (records gpu-20261127-73e9961e-kernels-wide-b64 / -b512) each such
+# GEMM with 264 or more wide tiles ran faster wide: MnistCNN conv2 at batch 512 126 -> 108 us
+# forward and 225 -> 206 us backward-data, the localization model's conv2 and conv3 by 7-27%.
+# With fewer, the narrower tiles' extra blocks (and split-K) won or tied: MnistCNN conv3 at
+# batch 64 took 12 us against 32 wide; three GEMMs of 200-400 wide tiles would have won 2-6%.
+_CONV3_WIDE_MIN_TILES = 264
+
+
+def _conv3_wide_setting() -> str:
+    """$PYCNN_CONV3_WIDE: '' (the tile-count rule above), '1' or '0'."""
+    setting = _env("PYCNN_CONV3_WIDE")
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"PYCNN_CONV3_WIDE must be '0' or '1' (or unset), got {setting!r}")
+    return setting
+
+
 def _conv3_tile(direction: str, rows: int, cols: int, version: str = "3") -> tuple[int, int, str]:
     """(tile rows, tile columns, kernel-name suffix) of v3/v4 for a GEMM of ``rows`` x ``cols``.
 
     The weight gradient splits its long reduction over grid.z, which fills the GPU whatever the
     tile count, so it takes the large tile as soon as both sides are at least 128. v3 GEMMs of at
-    most _CONV3_M32_MAX_ROWS rows take 32x128 tiles (a 64-row tile would be half empty). With
-    $PYCNN_CONV3_WIDE=1, v3 forward and backward-data GEMMs take tiles twice as wide: 32x256
-    for those (conv2d_*_v3_m32n256_f32) and 64x128 for 33-64 rows (conv2d_*_v3_n128_f32): an
-    experiment for the next GPU measurement, off by default.
+    most _CONV3_M32_MAX_ROWS rows take 32x128 tiles (a 64-row tile would be half empty). v3
+    forward and backward-data GEMMs of at most 64 rows take tiles twice as wide, 32x256
+    (conv2d_*_v3_m32n256_f32) and 64x128 (conv2d_*_v3_n128_f32), where that still makes
+    _CONV3_WIDE_MIN_TILES tiles ($PYCNN_CONV3_WIDE=1: always, 0: never).
     """
     big = _CONV3_BIG
     if rows >= big and cols >= big:
         tiles = -(-rows // big) * -(-cols // big)
         if direction == "backward_weight" or tiles >= _CONV3_T128_MIN_BLOCKS:
             return big, big, "_t128"
-    wide = (version == "3" and direction != "backward_weight" and rows <= _CONV3_BM
-            and _env("PYCNN_CONV3_WIDE") == "1")
-    if version == "3" and rows <= _CONV3_M32_MAX_ROWS:
+    setting = _conv3_wide_setting()
+    m32 = version == "3" and rows <= _CONV3_M32_MAX_ROWS
+    wide = version == "3" and direction != "backward_weight" and rows <= _CONV3_BM and setting != "0"
+    if wide and setting == "":
+        wide = -(-cols // (256 if m32 else 128)) >= _CONV3_WIDE_MIN_TILES
+    if m32:
         return (32, 256, "_m32n256") if wide else (32, 128, "_m32")
     if wide:
         return _CONV3_BM, 128, "_n128"
@@ -1036,7 +1058,8 @@ def _is_tf32_capable(dev: int) -> bool:
 # a variant changes is not set by the user (a set one holds for every candidate): a candidate's
 # label is its version and the variants it takes, e.g. "3+wide+fill" (label part -> setting, value).
 _TUNE_VARIANTS = {
-    "wide": ("PYCNN_CONV3_WIDE", "1"),  # v3 forward / backward-data tiles twice as wide
+    "wide": ("PYCNN_CONV3_WIDE", "1"),  # v3 forward / backward-data tiles twice as wide ...
+    "nowide": ("PYCNN_CONV3_WIDE", "0"),  # ... or never (unset: where there are enough of them)
     "flip": ("PYCNN_CONV_BWD_DATA_FLIP", "1"),  # stride-1 backward-data through the forward kernels
     "fill": ("_CONV3_SPLIT_RULE", "fill"),  # the other split-K rule (see _CONV3_SPLIT_RULE)
     "waves": ("_CONV3_SPLIT_RULE", "waves"),
@@ -1062,13 +1085,15 @@ def _tune_labels(direction: str, versions: list) -> list[str]:
         if version not in ("3", CONV_TF32_VERSION):
             continue
         options = []
-        if version == "3" and direction != "backward_weight" and _env("PYCNN_CONV3_WIDE") == "":
-            options.append("wide")
+        if version == "3" and direction != "backward_weight" and _conv3_wide_setting() == "":
+            options.append("wide")  # (and "nowide" below: the default is either, by tile count)
         if direction == "backward_data" and _env("PYCNN_CONV_BWD_DATA_FLIP") == "":
             options.append("flip")
         options.append("fill" if _CONV3_SPLIT_RULE == "waves" else "waves")
-        for n in range(1, len(options) + 1):
-            labels += ["+".join((version,) + combo) for combo in itertools.combinations(options, n)]
+        combos = [c for n in range(1, len(options) + 1) for c in itertools.combinations(options, n)]
+        if "wide" in options:
+            combos += [("nowide",) + c[1:] for c in combos if c[0] == "wide"]
+        labels += ["+".join((version,) + combo) for combo in combos]
     return labels
 
 

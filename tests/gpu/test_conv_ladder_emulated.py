@@ -1178,6 +1178,33 @@ def test_v3_tile_rule(monkeypatch):
     assert cuda._conv3_tile("backward_weight", 128, 1152, "3") == (128, 128, "_t128")
 
 
+def test_v3_wide_tiles_where_there_are_enough(monkeypatch):
+    """Unset, PYCNN_CONV3_WIDE gives v3 forward / backward-data GEMMs of at most 64 rows the wide
+    tiles where _CONV3_WIDE_MIN_TILES of them (264) or more fill the grid: MnistCNN conv2 at batch
+    512 (121 x 512 columns: 484 tiles of 128), not at batch 64; '1' always, '0' never, and
+    anything else is an error that names the setting. The weight gradient and v4 keep theirs."""
+    monkeypatch.setattr(cuda, "_CONV3_M32_MAX_ROWS", 32)  # (the module's fixture turns it off)
+    monkeypatch.delenv("PYCNN_CONV3_WIDE", raising=False)
+    n = cuda._CONV3_WIDE_MIN_TILES
+    assert n == 264
+    assert cuda._conv3_tile("forward", 64, 128 * n) == (64, 128, "_n128")
+    assert cuda._conv3_tile("forward", 64, 128 * (n - 1)) == (64, 64, "")
+    assert cuda._conv3_tile("backward_data", 32, 256 * n - 255) == (32, 256, "_m32n256")
+    assert cuda._conv3_tile("backward_data", 32, 256 * (n - 1)) == (32, 128, "_m32")
+    assert cuda._conv3_tile("forward", 64, 512 * 121) == (64, 128, "_n128")
+    assert cuda._conv3_tile("forward", 64, 64 * 121) == (64, 64, "")
+    assert cuda._conv3_tile("backward_weight", 64, 128 * n) == (64, 64, "")
+    assert cuda._conv3_tile("forward", 64, 128 * n, "4") == (64, 64, "")
+    assert cuda._conv3_tile("forward", 65, 128 * n) == (64, 64, "")  # (more rows than a wide tile)
+    monkeypatch.setenv("PYCNN_CONV3_WIDE", "0")
+    assert cuda._conv3_tile("forward", 64, 128 * n) == (64, 64, "")
+    monkeypatch.setenv("PYCNN_CONV3_WIDE", "1")
+    assert cuda._conv3_tile("forward", 64, 128) == (64, 128, "_n128")
+    monkeypatch.setenv("PYCNN_CONV3_WIDE", "yes")
+    with pytest.raises(ValueError, match="PYCNN_CONV3_WIDE must be '0' or '1'"):
+        cuda._conv3_tile("forward", 64, 128)
+
+
 # (shape, tile overrides): the split-K GEMMs of every tile kind, one and several output tiles
 SPLIT_FINISH_CASES = {
     "64x64": (SPLIT_SHAPE, {"_CONV3_M32_MAX_ROWS": 0}),
@@ -1293,7 +1320,7 @@ def test_backward_data_flip_only_where_it_applies(emulated, monkeypatch):
         x, w, b, dy = data(shape, seed=43)
         del emulated[:]
         dx = cuda.conv2d_backward_data(dy, w, x.shape, shape[7], shape[8], version="3")
-        assert emulated == ["conv2d_bwd_data_v3_f32"], (name, emulated)
+        assert [k for k in emulated if k != "conv2d_split_reduce_f32"] == ["conv2d_bwd_data_v3_f32"], (name, emulated)
         np.testing.assert_allclose(dx, reference(shape, x, w, b, dy)[1], rtol=1e-4, atol=fp32_atol(lengths(shape)[1]))
     shape = SHAPES["multi-tile"]
     x, w, b, dy = data(shape, seed=44)
