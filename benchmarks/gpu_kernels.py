@@ -69,7 +69,8 @@ BIG = ("compute-bound", (64, 128, 56, 56, 128, 3, 3, 1, 1))  # N, C, H, W, K, R,
 DIRECTIONS = (("conv2d_fwd", "forward"), ("conv2d_bwd_data", "backward_data"),
               ("conv2d_bwd_weight", "backward_weight"))
 VERSIONS = cuda.CONV_VERSIONS + (cuda.CONV_TF32_VERSION, cuda.CONV_WINOGRAD_VERSION)
-# "3w": v3 with PYCNN_CONV3_WIDE=1 (the opt-in wide tiles), timed beside "3" when asked for.
+# "3w": v3 with PYCNN_CONV3_WIDE=1 (wide tiles always; "3" takes them only where 264 or more of
+# them fill the GPU), timed beside "3" when asked for.
 WIDE = "3w"
 # "3f": v3 with PYCNN_CONV_BWD_DATA_FLIP=1 (stride-1 backward-data through the forward kernels);
 # backward-data entries only.

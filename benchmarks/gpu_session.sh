@@ -70,7 +70,8 @@ if [ -n "${NCU:-}" ]; then
   done
 fi
 # WIDE=1: v3 on the model layers with the default tiles and with PYCNN_CONV3_WIDE=1 (32x256 /
-# 64x128 tiles for the forward and backward-data GEMMs, off by default until measured), the
+# 64x128 tiles for the forward and backward-data GEMMs; the default takes them where 264 or
+# more of them fill the GPU), the
 # stride-1 backward-data as the forward GEMM of the flipped filters (v3f,
 # PYCNN_CONV_BWD_DATA_FLIP=1), the split-K rule before "waves" (v3fill), and split-K with rounds
 # of 264 and 1056 blocks instead of 528 (v3@T), side by side, at batch 64 (with the

@@ -1036,7 +1036,8 @@ extern "C" __global__ void conv2d_fwd_v3_m32_f32(
     pycnn_conv_fwd_gemm<false, 32, 128>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, y_final);
 }
 
-// Wide tiles (v3 only, opt-in while untimed: PYCNN_CONV3_WIDE=1 on the host), twice the columns
+// Wide tiles (v3 only; the host runs them where 264 or more fill the GPU, see
+// _CONV3_WIDE_MIN_TILES in cuda.py, or as PYCNN_CONV3_WIDE=1/0 says), twice the columns
 // of the default ones: 64 x 128 for GEMMs of 33-64 rows (64 filters, or 64 channels for
 // backward-data), 32 x 256 for at most 32 rows. 32 outputs and FMAs per thread per k for three
 // (64x128) or five (32x256) shared-memory reads instead of 16 for two, each staged row of A
