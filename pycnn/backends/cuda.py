@@ -597,8 +597,8 @@ _split_ticket_arrays: dict = {}  # (device id,) + _stream_key -> int32 (_SPLIT_T
 # ... and a GEMM of more splits than this: one block per tile reads all of that tile's parts (its
 # threads keep 4 elements x up to 8 splits of loads in flight, so 4 L2 round trips for a 64x64
 # tile of at most 8 splits; 16 before 2026-11-27, when the loads of one split at a time were in
-# flight), while a separate reduce spreads the reading over the whole GPU. A weight gradient split 97 ways over 5
-# tiles (MnistCNN conv2 at batch 64) would have 5 blocks read 7.5 MB.
+# flight), while a separate reduce spreads the reading over the whole GPU. A weight gradient
+# split 97 ways over 5 tiles (MnistCNN conv2 at batch 64) would have 5 blocks read 7.5 MB.
 _SPLIT_FINISH_MAX_SPLITS = 8
 
 
@@ -877,8 +877,9 @@ def _conv_gemm_fits(direction: str, x_shape, w_shape, Ho: int, Wo: int) -> bool:
 # layer at batch 64 and 512 (records gpu-20261127-73e9961e-kernels-wide-b64 / -b512) each such
 # GEMM with 264 or more wide tiles ran faster wide: MnistCNN conv2 at batch 512 126 -> 108 us
 # forward and 225 -> 206 us backward-data, the localization model's conv2 and conv3 by 7-27%.
-# With fewer, the narrower tiles' extra blocks (and split-K) won or tied: MnistCNN conv3 at
-# batch 64 took 12 us against 32 wide; three GEMMs of 200-400 wide tiles would have won 2-6%.
+# With fewer it was mixed: the narrower tiles' extra blocks (and split-K) won on 7 GEMMs of 5-61
+# wide tiles (MnistCNN conv3 at batch 64: 12 us against 32 wide), wide won on 5 of 42-200 by
+# 1-7%: 264 is the conservative line, where every wide pick won.
 _CONV3_WIDE_MIN_TILES = 264
 
 
