@@ -532,7 +532,7 @@ __device__ __forceinline__ void pycnn_conv_load_quad(float (*dst)[PITCH], int kk
 // cp.async copies of one reduction index of ROWS rows of a row-major operand (rows contiguous
 // along the reduction) into the transposed shared tile dst[k][row]: element (first + row, kk) is
 // at src + kbase + (first + row) * rstride, data where kok and first + row < limit (else zero).
-// The thread mapping is the point (pycnn_conv_copy_lane): lane l of warp w copies index
+// The thread mapping is the point (L.c_row, L.c_k, set in pycnn_conv_igemm): lane l of warp w copies index
 // kk = 4*(w%4) + l/8 of rows 8*(w/4) + l%8 + 16*i, so one warp instruction covers 8 rows x 4
 // consecutive indices: 8 16-byte global segments, and shared stores to banks (8*kk + row) % 32
 // with a pitch of 72 or 136 floats (= 8 mod 32): 32 distinct. (pycnn_conv_load_quad's mapping,
@@ -562,8 +562,6 @@ __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, con
     constexpr int BK = PYCNN_CONV3_BK;
     constexpr int A_ROWS = BM >= 64 ? BM / 64 : 1;  // 64 rows of four indices per pass
     constexpr int B_STEP = PYCNN_CONV3_THREADS / BN;
-    // Not unrolled: unrolling keeps both rows' addresses live and pushes the 128x128 v3 kernels
-    // past 128 registers (one block per SM instead of two).
     if constexpr (ASYNC) {
         if (!PYCNN_KO(4)) {
             int kbase, rstride;
@@ -571,6 +569,8 @@ __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, con
             pycnn_conv_copy_transposed<BM>(As, p.a_src, L.c_row, L.c_k, L.m0, p.M, kbase, rstride, kok);
         }
     } else {
+        // Not unrolled: unrolling keeps both rows' addresses live and pushes the 128x128 v3
+        // kernels past 128 registers (one block per SM instead of two).
 #pragma unroll 1
         for (int rr = 0; rr < (PYCNN_KO(4) ? 0 : A_ROWS); ++rr) {
             const int row = L.a_row + 64 * rr;
@@ -705,8 +705,8 @@ __device__ __forceinline__ void pycnn_conv_split_finish(const PycnnConvGemm& p, 
     const int splits = gridDim.z, mstride = pycnn_conv_out_mstride<MODE>(p);
     const pycnn_i64 zoff = (pycnn_i64)blockIdx.z * p.split_stride;  // out_base's offset of this split
     // A thread adds GROUP of its elements at a time (pycnn_sum_split_parts: the loads of up to 8
-    // splits of them in flight together), each in split order. Offsets are int32: an output tensor has
-    // fewer than 2^31 elements, and each split's copy is addressed from its own base.
+    // splits of them in flight together), each in split order. Offsets are int32: an output
+    // tensor has fewer than 2^31 elements, and each split's copy is addressed from its own base.
     constexpr int PER_THREAD = BM * BN / PYCNN_CONV3_THREADS;
     constexpr int GROUP = PycnnSplitGroup<PER_THREAD>::value;
 #pragma unroll 1
