@@ -21,6 +21,9 @@ fp32 (TF32 off) and in TF32, all measured in the same run.
         entries whose time difference to v3 says what each part costs; their results are wrong)
     python benchmarks/gpu_kernels.py --layers all --versions 3 --also-stages 3 --batch 512 --json FILE
         (v3, then v3 rebuilt with PYCNN_CONV_STAGES=3, two tiles in flight, as "rebuilt" entries)
+    python benchmarks/gpu_kernels.py --layers all --versions 3 --also-warp-cols 16 --batch 512 --json FILE
+        (v3, then v3 rebuilt with PYCNN_CONV3_WARP_COLS=16, the warp layout of 16 x 2 register
+        tiles, as "rebuilt" entries with "warp_cols": 16)
     python benchmarks/gpu_kernels.py --layers models --versions 3,3fill --batch 512 --json FILE
         (v3 and, as "split_rule": "fill" entries where it splits differently, v3 with the split-K
         rule before the "waves" one: cuda._CONV3_SPLIT_RULE)
@@ -323,7 +326,8 @@ def env_switch(name: str, on: bool):
 def rebuilt(name: str, value: str):
     """The conv kernels compiled with the compile-time setting ``name``=``value`` inside
     (PYCNN_CONV3_KNOCKOUT: parts of the v3/v4 main loop left out, timing only, wrong results;
-    PYCNN_CONV_STAGES: the main loop's pipeline depth), the normal ones again afterwards."""
+    PYCNN_CONV_STAGES: the main loop's pipeline depth; PYCNN_CONV3_WARP_COLS: v3's warp layout),
+    the normal ones again afterwards."""
     def fresh_modules():
         for cache in (cuda._modules, cuda._functions):
             for key in [k for k in cache if k[1] == "conv2d.cu"]:
@@ -358,6 +362,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
     t_start = time.perf_counter()
     truncated = []
     stages = cuda.compile_defines()["PYCNN_CONV3_STAGES"]
+    warp_cols = cuda.compile_defines()["PYCNN_CONV3_WARP_COLS"]
     every = layers(batch)
     if models:
         every = every[:1] + [(label, shape) for label, shape in every[1:] if label.split("-")[0] in models]
@@ -443,7 +448,8 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                     "tile": tile, "splits": splits, **({"wide": True} if wide else {}),
                     **({"flip": True} if flip else {}), **({"split_rule": rule} if rule else {}),
                     **({"split_target": target} if target is not None else {}),
-                    "stages": stages if version in ("3", "4", "5") else None})  # (v5's GEMMs: the v3 core)
+                    "stages": stages if version in ("3", "4", "5") else None,  # (v5's GEMMs: the v3 core)
+                    "warp_cols": warp_cols if version in ("3", "5") else None})
     # Was the shape rule right? The fastest measured exact version per layer and direction.
     fastest = {}
     for e in entries:
@@ -471,7 +477,8 @@ def table(entries) -> str:
         version = (e["version"] + ("w" if e.get("wide") else "") + ("f" if e.get("flip") else "")
                    + (e["split_rule"] if e.get("split_rule") else "")
                    + (f"-k{e['knockout']}" if e.get("knockout") else "")
-                   + (f"-s{e['stages']}" if e.get("rebuilt") else "")
+                   + (f"-s{e['stages']}" if str(e.get("rebuilt", "")).startswith("PYCNN_CONV_STAGES") else "")
+                   + (f"-l{e['warp_cols']}" if str(e.get("rebuilt", "")).startswith("PYCNN_CONV3_WARP_COLS") else "")
                    + (f"@{e['split_target']}" if e.get("split_target") else "") + ("*" if e.get("auto") else ""))
         cells = [f"{dnn:.4f}" if dnn else "-", f"{dnn / ms:.2f}" if dnn and ms else "-",
                  f"{t32:.4f}" if t32 else "-", f"{t32 / ms:.2f}" if t32 and ms else "-",
@@ -484,6 +491,7 @@ def table(entries) -> str:
     lines.append("(* = the version 'auto' picks; v3w = v3 with PYCNN_CONV3_WIDE=1; v3f = backward-data as the "
                  "forward GEMM of the flipped filters (PYCNN_CONV_BWD_DATA_FLIP=1); v3-kM = v3 compiled with "
                  "PYCNN_CONV3_KNOCKOUT=M (timing only); v3-sN = v3 rebuilt with PYCNN_CONV_STAGES=N; "
+                 "v3-lN = v3 rebuilt with PYCNN_CONV3_WARP_COLS=N; "
                  "v3fill = the split-K rule before 'waves'; "
                  "v3@T = split-K aimed at T "
                  "blocks; x cuDNN > 1 means faster "
@@ -513,6 +521,9 @@ def main(argv=None) -> int:
     parser.add_argument("--also-stages", default="",
                         help="comma-separated PYCNN_CONV_STAGES values (1, 2, 3): v3 again with the conv module "
                              "rebuilt with that main-loop depth, as entries with \"rebuilt\" and their \"stages\"")
+    parser.add_argument("--also-warp-cols", default="",
+                        help="comma-separated PYCNN_CONV3_WARP_COLS values (8, 16): v3 again with the conv module "
+                             "rebuilt with that warp layout, as entries with \"rebuilt\" and their \"warp_cols\"")
     parser.add_argument("--other-kernels", action="store_true",
                         help="also time the non-conv kernel families (the selftest's benchmark)")
     args = parser.parse_args(argv)
@@ -536,6 +547,9 @@ def main(argv=None) -> int:
     if any(s not in ("1", "2", "3") for s in also_stages):
         parser.error(f"--also-stages: expected comma-separated loop depths 1, 2 or 3, got {args.also_stages!r}")
     also_stages = [int(s) for s in also_stages]
+    also_warp_cols = [s.strip() for s in args.also_warp_cols.split(",") if s.strip()]
+    if any(s not in ("8", "16") for s in also_warp_cols):
+        parser.error(f"--also-warp-cols: expected comma-separated lane counts 8 or 16, got {args.also_warp_cols!r}")
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     ok, reason = cuda.available()
     if not ok:
@@ -556,6 +570,11 @@ def main(argv=None) -> int:
             part = conv_ladder(args.repeats, args.budget, versions=("3",), reference=False, **scope)
         entries += [{**e, "rebuilt": f"PYCNN_CONV_STAGES={stages}", "auto": False} for e in part["entries"]]
         bench["errors"] += [f"stages {stages}: {err}" for err in part["errors"]]
+    for cols in also_warp_cols:  # (entries whose "warp_cols" says which layout ran; "rebuilt" marks them)
+        with rebuilt("PYCNN_CONV3_WARP_COLS", cols):
+            part = conv_ladder(args.repeats, args.budget, versions=("3",), reference=False, **scope)
+        entries += [{**e, "rebuilt": f"PYCNN_CONV3_WARP_COLS={cols}", "auto": False} for e in part["entries"]]
+        bench["errors"] += [f"warp cols {cols}: {err}" for err in part["errors"]]
     if args.other_kernels:
         other = selftest.kernel_benchmarks()
         entries += [e for e in other.pop("entries") if not e["op"].startswith("conv2d")]

@@ -38,13 +38,14 @@ def test_nvcc_compiles_every_kernel_file(tmp_path):
     # the v3/v4 main loop that loads through registers ($PYCNN_CONV_STAGES=1) is device code too
     jobs.append((CUDA_DIR / "conv2d.cu", "sm_90", "-DPYCNN_CONV3_STAGES=1"))
     jobs.append((CUDA_DIR / "conv2d.cu", "sm_90", "-DPYCNN_CONV3_STAGES=3"))  # (two tiles in flight)
+    jobs.append((CUDA_DIR / "conv2d.cu", "sm_90", "-DPYCNN_CONV3_WARP_COLS=16"))  # (the 16 x 2 warp layout)
     # ... and so are the timing experiments' knockouts (every part of the main loop left out)
     jobs.append((CUDA_DIR / "conv2d.cu", "sm_90", "-DPYCNN_CONV3_KNOCKOUT=15"))
     with ThreadPoolExecutor(max_workers=2) as pool:  # the dev machines have 2 cores
         results = list(pool.map(lambda job: _nvcc(job[0], job[1], tmp_path, *job[2:]), jobs))
     failures = [f"{name}:\n{log}" for name, rc, log in results if rc != 0]
     assert not failures, "\n\n".join(failures)
-    assert len(results) == 2 * len(cuda.SOURCES) + 3
+    assert len(results) == 2 * len(cuda.SOURCES) + 4
 
 
 @pytest.mark.parametrize("value, ok", [("", True), ("0", True), ("5", True), ("15", True), ("16", False),

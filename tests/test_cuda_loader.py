@@ -81,6 +81,16 @@ def test_conv_stages_come_from_the_environment(monkeypatch):
         cuda.kernel_source("conv2d.cu")
 
 
+def test_warp_layout_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("PYCNN_CONV3_WARP_COLS", raising=False)
+    assert "#define PYCNN_CONV3_WARP_COLS 8\n" in cuda.kernel_source("conv2d.cu")
+    monkeypatch.setenv("PYCNN_CONV3_WARP_COLS", "16")
+    assert "#define PYCNN_CONV3_WARP_COLS 16\n" in cuda.kernel_source("conv2d.cu")
+    monkeypatch.setenv("PYCNN_CONV3_WARP_COLS", "4")
+    with pytest.raises(ValueError, match=r"PYCNN_CONV3_WARP_COLS must be 8 .* or 16 .*got '4'"):
+        cuda.kernel_source("conv2d.cu")
+
+
 def test_kernel_names_are_extern_c_and_versioned():
     names = {f: cuda.kernel_names(f) for f in cuda.SOURCES}
     assert {"conv2d_fwd_v1_f32", "conv2d_fwd_v2_f32", "conv2d_bwd_data_v1_f32",

@@ -232,6 +232,19 @@ extern "C" __global__ void conv2d_fwd_v2_f32(
 #endif
 static_assert(PYCNN_CONV3_STAGES >= 1 && PYCNN_CONV3_STAGES <= 3, "PYCNN_CONV3_STAGES is 1, 2 or 3");
 
+// How the 32 lanes of a warp sit on v3's 16 x 16 grid of register tiles (the host sets it;
+// $PYCNN_CONV3_WARP_COLS): 8 = 8 columns x 4 rows of tiles per warp, 16 = 16 columns x 2 rows
+// (the layout before 2026-11-27, kept to time one against the other). Each k of the product
+// reads a float4 of As per row of tiles and of Bs per column of tiles; a warp's float4 read
+// costs one shared-memory wavefront per 128 distinct bytes. 16 x 2: As 2 distinct float4
+// (1 wavefront), Bs 16 distinct (256 bytes, 2): 3 wavefronts per pair of reads. 8 x 4: As 4
+// distinct (1), Bs 8 distinct (128 bytes, 1): 2. Which thread computes a tile changes, the sums
+// do not: the same bits either way.
+#ifndef PYCNN_CONV3_WARP_COLS
+#define PYCNN_CONV3_WARP_COLS 8
+#endif
+static_assert(PYCNN_CONV3_WARP_COLS == 8 || PYCNN_CONV3_WARP_COLS == 16, "PYCNN_CONV3_WARP_COLS is 8 or 16");
+
 static_assert(PYCNN_CONV3_BK == 16 && PYCNN_CONV3_THREADS == 256,
               "the cooperative loads assume 16-deep stages and 256 threads");
 
@@ -608,6 +621,15 @@ __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, con
     }
 }
 
+// v3: the register tile (tx, ty) of thread tid, both 0 .. 15 (PYCNN_CONV3_WARP_COLS above): warp
+// w covers columns of tiles LX*(w % (16/LX)) .. +LX-1 and rows LY*(w / (16/LX)) .. +LY-1.
+__device__ __forceinline__ void pycnn_conv_thread_tile(int tid, int& tx, int& ty) {
+    constexpr int LX = PYCNN_CONV3_WARP_COLS, LY = 32 / LX;
+    const int warp = tid / 32, lane = tid % 32;
+    tx = (warp % (16 / LX)) * LX + lane % LX;
+    ty = (warp / (16 / LX)) * LY + lane / LX;
+}
+
 // acc += As^T . Bs over one BK-deep stage, the thread's share of the BM x BN block.
 template <bool TF32, int BM, int BN>
 __device__ __forceinline__ void pycnn_conv_mma_tile(const float (*As)[BM + PYCNN_CONV3_PAD],
@@ -619,12 +641,15 @@ __device__ __forceinline__ void pycnn_conv_mma_tile(const float (*As)[BM + PYCNN
     const int tid = threadIdx.x;
     if (!TF32) {
         // v3: thread (tx, ty) owns TM rows TM*ty.. and TN columns in groups of four,
-        // 4*tx + 64*jj + (0..3), of the tile, read as float4s of As and Bs per k: for 4x4, 3
-        // shared-memory wavefronts per warp (As is a broadcast: a warp spans two ty) for 16 FMAs,
-        // so the FMA units, not shared memory, set the pace (scalar reads would need 8); 8x8 needs
-        // 6 for 64. Groups 64 apart (not TN consecutive columns) keep the 16 tx of a float4 read
-        // in one contiguous 256-byte row segment, and let the epilogue store them as float4s.
-        const int tx = tid % 16, ty = tid / 16;
+        // 4*tx + 64*jj + (0..3), of the tile, read as float4s of As and Bs per k. Shared-memory
+        // wavefronts per warp and k (PYCNN_CONV3_WARP_COLS = 8; 16 in parentheses): 4x4 tiles 2 (3)
+        // for 16 FMAs, 4x8 3 (5) for 32, 8x8 4 (6) for 64, 2x8 3 (5) for 16 (scalar reads: 8 for
+        // 4x4). NCU measured the v3 GEMMs at 83-92% of shared-memory throughput with 16 x 2, so
+        // these reads, not the FMA units, set the pace. Groups 64 apart (not TN consecutive
+        // columns) keep a warp's tx of a float4 read in one contiguous row segment, and let the
+        // epilogue store them as float4s.
+        int tx, ty;
+        pycnn_conv_thread_tile(tid, tx, ty);
 #pragma unroll
         for (int kk = 0; kk < BK; ++kk) {
             float a[TM], b[TN];
@@ -891,7 +916,8 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
         // Columns nb .. nb+3 of a group: one float4 store per row where their four outputs are
         // contiguous (out_base grows by at least 1 per column, so base(nb+3) == base(nb) + 3 says
         // so) and 16-byte aligned; otherwise four scalar stores.
-        const int tx = tid % 16, ty = tid / 16;
+        int tx, ty;
+        pycnn_conv_thread_tile(tid, tx, ty);
         const int mstride = pycnn_conv_out_mstride<MODE>(p);
 #pragma unroll
         for (int jj = 0; jj < TN / 4; ++jj) {

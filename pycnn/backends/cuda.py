@@ -56,6 +56,10 @@ DEFINES = {
     # 1 = loads through registers, 3 = two tiles in flight (64x64, 32x128 and 64x128 tiles; the
     # others keep 2) (conv2d.cu); $PYCNN_CONV_STAGES overrides it when a module is first compiled.
     "PYCNN_CONV3_STAGES": 2,
+    # lanes of a warp along the columns of v3's grid of register tiles: 8 (8 x 4 tiles per warp,
+    # two shared-memory wavefronts per k of a 4x4 tile) or 16 (16 x 2, three); conv2d.cu.
+    # $PYCNN_CONV3_WARP_COLS overrides it when a module is first compiled.
+    "PYCNN_CONV3_WARP_COLS": 8,
     # taps (C*R*S) up to which v3/v4 compute the weight gradient with conv2d_bwd_weight_narrow_f32
     "PYCNN_CONV_NARROW_MAX": 25,
     # shared-memory floats for the filters of conv2d_fwd_narrow_c1_*: K rows of R*S padded to 4
@@ -180,8 +184,8 @@ def kernel_source(filename: str) -> str:
 
 
 def compile_defines() -> dict:
-    """DEFINES with the choices the environment makes at compile time ($PYCNN_CONV_STAGES, and
-    for timing experiments only $PYCNN_CONV3_KNOCKOUT: see conv2d.cu)."""
+    """DEFINES with the choices the environment makes at compile time ($PYCNN_CONV_STAGES,
+    $PYCNN_CONV3_WARP_COLS, and for timing experiments only $PYCNN_CONV3_KNOCKOUT: see conv2d.cu)."""
     defines = dict(DEFINES)
     stages = os.environ.get("PYCNN_CONV_STAGES", "")
     if stages:
@@ -189,6 +193,12 @@ def compile_defines() -> dict:
             raise ValueError(f"PYCNN_CONV_STAGES must be 1 (v3/v4 load tiles through registers), 2 "
                              f"(double-buffered cp.async copies) or 3 (two tiles in flight), got {stages!r}")
         defines["PYCNN_CONV3_STAGES"] = int(stages)
+    warp_cols = os.environ.get("PYCNN_CONV3_WARP_COLS", "")
+    if warp_cols:
+        if warp_cols not in ("8", "16"):
+            raise ValueError(f"PYCNN_CONV3_WARP_COLS must be 8 (8 x 4 register tiles per warp) or 16 (16 x 2), "
+                             f"got {warp_cols!r}")
+        defines["PYCNN_CONV3_WARP_COLS"] = int(warp_cols)
     knockout = os.environ.get("PYCNN_CONV3_KNOCKOUT", "")
     if knockout not in ("", "0"):
         if not knockout.isdigit() or not 0 < int(knockout) < 16:

@@ -66,6 +66,16 @@ def emulator_three_stage():
         return build_emulator()
 
 
+@pytest.fixture(scope="session")
+def emulator_warp_cols16():
+    """The same, compiled with PYCNN_CONV3_WARP_COLS=16 (v3's warps cover 16 x 2 register tiles)."""
+    from emu_support import build_emulator
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYCNN_CONV3_WARP_COLS", "16")
+        return build_emulator()
+
+
 @pytest.fixture
 def emulated(monkeypatch, emulator):
     """Point the CUDA backend at NumPy arrays and the emulator; returns the launched kernel names."""

@@ -413,6 +413,43 @@ def test_every_main_loop_gives_the_same_bits(emulator, emulator_one_stage, emula
             np.testing.assert_allclose(g, wnt, rtol=1e-4, atol=fp32_atol(length), err_msg=f"v{version} {what}")
 
 
+@pytest.mark.parametrize("shape, tile, suffixes", [
+    (SHAPES["multi-tile"], "", ("", "", "")),
+    (LARGE_1X1, "t128", ("_t128", "_t128", "_t128")),
+    (SPLIT_SHAPE, "m32", ("_m32", "_m32", "_m32")),
+    ((2, 40, 6, 5, 36, 3, 3, (1, 1), (1, 1)), "wide", ("_n128", "_n128", "")),
+    ((2, 20, 13, 12, 24, 3, 3, (1, 1), (1, 1)), "wide", ("_m32n256", "_m32n256", "_m32")),
+], ids=["64x64", "128x128", "32x128", "64x128", "32x256"])
+def test_warp_layouts_give_the_same_bits(emulator, emulator_warp_cols16, shape, tile, suffixes):
+    """PYCNN_CONV3_WARP_COLS=8 (the default: a warp covers 8 x 4 register tiles) and =16 (16 x 2)
+    only change which thread computes which outputs of a v3 tile, not the order of any sum: every
+    tile shape gives bitwise the same y, dx, dw and db both ways, and the reference's values (a
+    layout that missed or doubled a tile would not)."""
+    from emu_support import patch_backend
+
+    x, w, b, dy = data(shape, seed=31)
+    results = []
+    for build in (emulator, emulator_warp_cols16):
+        with pytest.MonkeyPatch.context() as mp:
+            launched = patch_backend(mp, build)
+            mp.setattr(cuda, "_CONV3_SPLIT_BELOW_BLOCKS", 0)  # (whole tiles, one block each)
+            if tile == "t128":
+                mp.setattr(cuda, "_CONV3_T128_MIN_BLOCKS", 1)
+            elif tile == "m32":
+                mp.setattr(cuda, "_CONV3_M32_MAX_ROWS", 32)
+            elif tile == "wide":
+                mp.setattr(cuda, "_CONV3_M32_MAX_ROWS", 32)
+                mp.setenv("PYCNN_CONV3_WIDE", "1")
+            results.append(run_all(shape, x, w, b, dy, "3"))
+            for direction, suffix in zip(("fwd", "bwd_data", "bwd_weight"), suffixes):
+                assert f"conv2d_{direction}_v3{suffix}_f32" in launched, launched
+    for what, eight, sixteen in zip(("y", "dx", "dw", "db"), *results):
+        np.testing.assert_array_equal(eight, sixteen, err_msg=f"{what}: 8 x 4 vs 16 x 2 lanes per warp")
+    want = reference(shape, x, w, b, dy)
+    for what, g, wnt, length in zip(("y", "dx", "dw", "db"), results[0], want, lengths(shape) + (lengths(shape)[2],)):
+        np.testing.assert_allclose(g, wnt, rtol=1e-4, atol=fp32_atol(length), err_msg=what)
+
+
 def _gpu_kernels_on_the_emulator(monkeypatch):
     """benchmarks/gpu_kernels.py with CuPy replaced by NumPy stand-ins (the kernels run on the
     emulator; the graph timing captures and replays nothing). Returns (module, captures)."""
@@ -606,21 +643,24 @@ def test_gpu_kernels_knockouts(emulated, monkeypatch, tmp_path):
     monkeypatch.setitem(cuda._modules, stale, "a module built before")
     out = tmp_path / "k.json"
     rc = gpu_kernels.main(["--layers", "all", "--models", "mnistcnn", "--versions", "3", "--knockouts", "1,8",
-                           "--also-stages", "3", "--batch", "2", "--repeats", "1", "--json", str(out)])
+                           "--also-stages", "3", "--also-warp-cols", "16", "--batch", "2", "--repeats", "1",
+                           "--json", str(out)])
     record = json.loads(out.read_text())
     assert rc == 0 and record["kernels_info"]["errors"] == [], record["kernels_info"]["errors"]
-    assert "PYCNN_CONV3_KNOCKOUT" not in os.environ and "PYCNN_CONV_STAGES" not in os.environ
+    for name in ("PYCNN_CONV3_KNOCKOUT", "PYCNN_CONV_STAGES", "PYCNN_CONV3_WARP_COLS"):
+        assert name not in os.environ, name
     assert stale not in cuda._modules
-    got = sorted((e["layer"], e["op"], e.get("knockout", 0), e["stages"]) for e in record["kernels"])
-    assert got == sorted((layer, op, k, stages) for layer in ("tiny", "mnistcnn-c2") for k, stages in
-                         ((0, 2), (1, 2), (8, 2), (0, 3)) for op in ("conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"))
-    assert all(bool(e.get("rebuilt")) == (e["stages"] == 3) for e in record["kernels"])
-    assert "v3-s3" in gpu_kernels.table(record["kernels"])
+    got = sorted((e["layer"], e["op"], e.get("knockout", 0), e["stages"], e["warp_cols"]) for e in record["kernels"])
+    assert got == sorted((layer, op, k, stages, cols) for layer in ("tiny", "mnistcnn-c2")
+                         for k, stages, cols in ((0, 2, 8), (1, 2, 8), (8, 2, 8), (0, 3, 8), (0, 2, 16))
+                         for op in ("conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"))
+    assert all(bool(e.get("rebuilt")) == (e["stages"] == 3 or e["warp_cols"] == 16) for e in record["kernels"])
+    assert "v3-s3" in gpu_kernels.table(record["kernels"]) and "v3-l16" in gpu_kernels.table(record["kernels"])
     assert all(not e["auto"] and e["cudnn_ms"] is None for e in record["kernels"] if e.get("knockout"))
     assert record["kernels_info"]["knockouts"] == [1, 8]
     assert "v3-k8" in gpu_kernels.table(record["kernels"])
     assert all(targets.is_variant(e) == bool(e.get("knockout") or e.get("rebuilt")) for e in record["kernels"])
-    for bad in (["--knockouts", "16"], ["--also-stages", "4"]):
+    for bad in (["--knockouts", "16"], ["--also-stages", "4"], ["--also-warp-cols", "4"]):
         with pytest.raises(SystemExit):
             gpu_kernels.main(bad)
 
