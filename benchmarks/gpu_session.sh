@@ -25,7 +25,7 @@
 # PART=2 SKIP_LADDER=1 SKIP_TRAINING_BENCH=1 NCU=1 for Nsight Compute alone.
 # Usage: PYCNN_COMMIT=<sha> PYCNN_DATA=<mnist dir> OUT=<dir> [PART=1|2] [DEADLINE_S=560] \
 #        [SELFTEST_ARGS=--tests-only] [SKIP_STAGES1=1] [SKIP_MNISTCNN=1] [SKIP_TRAINING_BENCH=1] [NCU=1] [WIDE=1]
-#        [KNOCKOUT=1] [LAYOUT=1] [SKIP_LADDER=1]
+#        [KNOCKOUT=1] [LAYOUT=1] [WIDESPLITS=1] [SKIP_LADDER=1]
 #        [LOCALIZE_EPOCHS=N] bash benchmarks/gpu_session.sh
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -92,17 +92,23 @@ fi
 [ -n "${KNOCKOUT:-}" ] && step "v3 knockouts and 3-stage loop (compute-bound + MnistCNN layers at batch 512)" 130 \
   python3 benchmarks/gpu_kernels.py --layers all --models mnistcnn --versions 3 --knockouts 1,2,4,8 --also-stages 3 \
   --batch 512 --repeats 10 --budget 60 --json "$OUT/gpu-$stamp-$sha8-kernels-knockouts.json" 2>&1 | tail -40
-# LAYOUT=1: v3 with its warps on 8 x 4 register tiles (the default) and rebuilt with 16 x 2
-# (PYCNN_CONV3_WARP_COLS=16, the layout before), on every model layer at batch 64 and on the
+# LAYOUT=1: v3 with its warps on 16 x 2 register tiles (the default) and rebuilt with 8 x 4
+# (PYCNN_CONV3_WARP_COLS=8), on every model layer at batch 64 and on the
 # compute-bound layer and MnistCNN's layers at batch 512. Two NVRTC compiles of conv2d.cu each.
 if [ -n "${LAYOUT:-}" ]; then
-  step "v3 warp layouts 8 x 4 vs 16 x 2, model layers at batch 64" 70 \
-    python3 benchmarks/gpu_kernels.py --layers models --versions 3 --also-warp-cols 16 --batch 64 \
+  step "v3 warp layouts 16 x 2 vs 8 x 4, model layers at batch 64" 70 \
+    python3 benchmarks/gpu_kernels.py --layers models --versions 3 --also-warp-cols 8 --batch 64 \
     --repeats 10 --budget 40 --json "$OUT/gpu-$stamp-$sha8-kernels-layout-b64.json" 2>&1 | tail -40
-  step "v3 warp layouts 8 x 4 vs 16 x 2, compute-bound + MnistCNN layers at batch 512" 70 \
-    python3 benchmarks/gpu_kernels.py --layers all --models mnistcnn --versions 3 --also-warp-cols 16 --batch 512 \
+  step "v3 warp layouts 16 x 2 vs 8 x 4, compute-bound + MnistCNN layers at batch 512" 70 \
+    python3 benchmarks/gpu_kernels.py --layers all --models mnistcnn --versions 3 --also-warp-cols 8 --batch 512 \
     --repeats 10 --budget 40 --json "$OUT/gpu-$stamp-$sha8-kernels-layout-b512.json" 2>&1 | tail -40
 fi
+# WIDESPLITS=1: v3 with the wide tiles' own split-K plans (the default) and split as the default
+# tiles of their rows (v3i, cuda._CONV3_WIDE_OWN_SPLITS = False), every model layer at batch 512
+# (a GEMM whose plan is the same both ways is timed once).
+[ -n "${WIDESPLITS:-}" ] && step "v3 wide tiles' own split-K vs inherited, model layers at batch 512" 70 \
+  python3 benchmarks/gpu_kernels.py --layers models --versions 3,3i --batch 512 --repeats 10 --budget 40 \
+  --json "$OUT/gpu-$stamp-$sha8-kernels-widesplits-b512.json" 2>&1 | tail -40
 # The v3/v4/v5 GEMM main loop without cp.async double buffering, on the compute-bound layer: is
 # the default (PYCNN_CONV3_STAGES=2) the faster one there?
 [ -z "${SKIP_STAGES1:-}" ] && step "v3/v4/v5 with PYCNN_CONV_STAGES=1 (compute-bound layer)" 60 env PYCNN_CONV_STAGES=1 \

@@ -32,8 +32,8 @@ launch): its A/B (records up to 40eb354d have the reverse, "pycnn-cudagraph-2pas
 in-kernel sum was the default).
 "pycnn-cudagraph-nowide" is the graph variant with PYCNN_CONV3_WIDE=0 (v3 GEMMs in their narrower
 tiles even where 264 or more wide ones would run): its A/B.
-"pycnn-cudagraph-lanes16" is the graph variant with the conv kernels rebuilt with
-PYCNN_CONV3_WARP_COLS=16 (v3's warps on 16 x 2 register tiles, the layout before 8 x 4): its A/B.
+"pycnn-cudagraph-wideinherit" is the graph variant with cuda._CONV3_WIDE_OWN_SPLITS = False (wide
+tiles split as the default tile of their rows would, the plan before 2026-11-27): its A/B.
 "pycnn-cudagraph-flip" is the graph variant with PYCNN_CONV_BWD_DATA_FLIP=1 (stride-1
 backward-data as the forward GEMM of dy with the flipped filters): its A/B; "pycnn-cudagraph-fill"
 the graph variant with the split-K rule before "waves" (cuda._CONV3_SPLIT_RULE = "fill");
@@ -64,7 +64,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pycnn  # noqa: E402
 import pycnn.functional as F  # noqa: E402
@@ -108,28 +107,17 @@ def with_env(name: str, value: str, fn):
     return run
 
 
-def with_rebuilt(name: str, value: str, fn):
-    """fn with the conv kernels compiled with the compile-time setting name=value (gpu_kernels.rebuilt:
-    the module is compiled again in fn's untimed warm-up, and the normal one after it)."""
-    from gpu_kernels import rebuilt
-
-    def run(*args):
-        with rebuilt(name, value):
-            return fn(*args)
-    return run
-
-
-def with_split_rule(rule: str, fn):
-    """fn with the backend's v3/v4 split-K rule set to ``rule`` (cuda._CONV3_SPLIT_RULE)."""
+def with_constant(name: str, value, fn):
+    """fn with the backend's module constant ``name`` (cuda._CONV3_SPLIT_RULE, ...) set to ``value``."""
     from pycnn.backends import cuda
 
     def run(*args):
-        old = cuda._CONV3_SPLIT_RULE
-        cuda._CONV3_SPLIT_RULE = rule  # (assigning it empties the backend's launch plans)
+        old = getattr(cuda, name)
+        setattr(cuda, name, value)  # (assigning it empties the backend's launch plans)
         try:
             return fn(*args)
         finally:
-            cuda._CONV3_SPLIT_RULE = old
+            setattr(cuda, name, old)
     return run
 
 
@@ -153,11 +141,11 @@ def pycnn_variants() -> list:
         # the A/B of the wide v3 tiles where there are enough of them (_CONV3_WIDE_MIN_TILES)
         ("pycnn-cudagraph-nowide", "graph v3 without wide tiles",
          with_env("PYCNN_CONV3_WIDE", "0", pycnn_throughput), True),
-        # the A/B of v3's warp layout (8 x 4 register tiles per warp): 16 x 2, rebuilt
-        ("pycnn-cudagraph-lanes16", "graph v3 warps on 16 x 2 tiles",
-         with_rebuilt("PYCNN_CONV3_WARP_COLS", "16", pycnn_throughput), True),
+        # the A/B of wide tiles planning their own split-K: split as the default tiles (before)
+        ("pycnn-cudagraph-wideinherit", "graph wide tiles split as the default tiles",
+         with_constant("_CONV3_WIDE_OWN_SPLITS", False, pycnn_throughput), True),
         # the A/B of the "waves" split-K rule: the rule before it
-        ("pycnn-cudagraph-fill", "graph split rule 'fill'", with_split_rule("fill", pycnn_throughput), True),
+        ("pycnn-cudagraph-fill", "graph split rule 'fill'", with_constant("_CONV3_SPLIT_RULE", "fill", pycnn_throughput), True),
         # the A/B of conv1 + max-pool + ReLU in one kernel (and its weight gradient from the pooled
         # gradient): conv1 writes its output, the pool reads it
         ("pycnn-cudagraph-nopoolfuse", "graph conv1 and pool unfused",

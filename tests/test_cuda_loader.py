@@ -83,9 +83,9 @@ def test_conv_stages_come_from_the_environment(monkeypatch):
 
 def test_warp_layout_comes_from_the_environment(monkeypatch):
     monkeypatch.delenv("PYCNN_CONV3_WARP_COLS", raising=False)
-    assert "#define PYCNN_CONV3_WARP_COLS 8\n" in cuda.kernel_source("conv2d.cu")
-    monkeypatch.setenv("PYCNN_CONV3_WARP_COLS", "16")
     assert "#define PYCNN_CONV3_WARP_COLS 16\n" in cuda.kernel_source("conv2d.cu")
+    monkeypatch.setenv("PYCNN_CONV3_WARP_COLS", "8")
+    assert "#define PYCNN_CONV3_WARP_COLS 8\n" in cuda.kernel_source("conv2d.cu")
     monkeypatch.setenv("PYCNN_CONV3_WARP_COLS", "4")
     with pytest.raises(ValueError, match=r"PYCNN_CONV3_WARP_COLS must be 8 .* or 16 .*got '4'"):
         cuda.kernel_source("conv2d.cu")

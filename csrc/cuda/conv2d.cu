@@ -233,15 +233,17 @@ extern "C" __global__ void conv2d_fwd_v2_f32(
 static_assert(PYCNN_CONV3_STAGES >= 1 && PYCNN_CONV3_STAGES <= 3, "PYCNN_CONV3_STAGES is 1, 2 or 3");
 
 // How the 32 lanes of a warp sit on v3's 16 x 16 grid of register tiles (the host sets it;
-// $PYCNN_CONV3_WARP_COLS): 8 = 8 columns x 4 rows of tiles per warp, 16 = 16 columns x 2 rows
-// (the layout before 2026-11-27, kept to time one against the other). Each k of the product
-// reads a float4 of As per row of tiles and of Bs per column of tiles; a warp's float4 read
-// costs one shared-memory wavefront per 128 distinct bytes. 16 x 2: As 2 distinct float4
-// (1 wavefront), Bs 16 distinct (256 bytes, 2): 3 wavefronts per pair of reads. 8 x 4: As 4
-// distinct (1), Bs 8 distinct (128 bytes, 1): 2. Which thread computes a tile changes, the sums
-// do not: the same bits either way.
+// $PYCNN_CONV3_WARP_COLS): 16 = 16 columns x 2 rows of tiles per warp, 8 = 8 columns x 4 rows.
+// Each k of the product reads a float4 of As per row of tiles and of Bs per column of tiles; a
+// warp's float4 read costs one shared-memory wavefront per 128 distinct bytes, so on paper
+// 16 x 2 needs 3 wavefronts per pair of reads (As: 2 distinct float4, 1; Bs: 16 distinct, 2) and
+// 8 x 4 needs 2 (As 4 distinct, 1; Bs 8, 1). Timed on an H200 (record gpu-20261127-353c79e4,
+// the v3 ladder rebuilt both ways in one run) 8 x 4 gained nothing: every model layer within
+// +-5% (MnistCNN conv2 forward at batch 512 107.3 against 101.6 us), so the layout the kernels
+// were tuned with stays the default. Which thread computes a tile changes, the sums do not:
+// the same bits either way.
 #ifndef PYCNN_CONV3_WARP_COLS
-#define PYCNN_CONV3_WARP_COLS 8
+#define PYCNN_CONV3_WARP_COLS 16
 #endif
 static_assert(PYCNN_CONV3_WARP_COLS == 8 || PYCNN_CONV3_WARP_COLS == 16, "PYCNN_CONV3_WARP_COLS is 8 or 16");
 
@@ -641,13 +643,13 @@ __device__ __forceinline__ void pycnn_conv_mma_tile(const float (*As)[BM + PYCNN
     const int tid = threadIdx.x;
     if (!TF32) {
         // v3: thread (tx, ty) owns TM rows TM*ty.. and TN columns in groups of four,
-        // 4*tx + 64*jj + (0..3), of the tile, read as float4s of As and Bs per k. Shared-memory
-        // wavefronts per warp and k (PYCNN_CONV3_WARP_COLS = 8; 16 in parentheses): 4x4 tiles 2 (3)
-        // for 16 FMAs, 4x8 3 (5) for 32, 8x8 4 (6) for 64, 2x8 3 (5) for 16 (scalar reads: 8 for
-        // 4x4). NCU measured the v3 GEMMs at 83-92% of shared-memory throughput with 16 x 2, so
-        // these reads, not the FMA units, set the pace. Groups 64 apart (not TN consecutive
-        // columns) keep a warp's tx of a float4 read in one contiguous row segment, and let the
-        // epilogue store them as float4s.
+        // 4*tx + 64*jj + (0..3), of the tile, read as float4s of As and Bs per k: for 4x4, 3
+        // shared-memory wavefronts per warp (As is a broadcast: a warp spans two ty) for 16 FMAs
+        // (scalar reads would need 8); 8x8 needs 6 for 64. (Nsight Compute put the v3 GEMMs at
+        // 83-92% of L1/shared-memory throughput; fewer wavefronts per read, PYCNN_CONV3_WARP_COLS=8,
+        // did not make them faster.) Groups 64 apart (not TN consecutive columns) keep the 16 tx of
+        // a float4 read in one contiguous 256-byte row segment, and let the epilogue store them as
+        // float4s.
         int tx, ty;
         pycnn_conv_thread_tile(tid, tx, ty);
 #pragma unroll

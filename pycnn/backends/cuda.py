@@ -56,10 +56,10 @@ DEFINES = {
     # 1 = loads through registers, 3 = two tiles in flight (64x64, 32x128 and 64x128 tiles; the
     # others keep 2) (conv2d.cu); $PYCNN_CONV_STAGES overrides it when a module is first compiled.
     "PYCNN_CONV3_STAGES": 2,
-    # lanes of a warp along the columns of v3's grid of register tiles: 8 (8 x 4 tiles per warp,
-    # two shared-memory wavefronts per k of a 4x4 tile) or 16 (16 x 2, three); conv2d.cu.
+    # lanes of a warp along the columns of v3's grid of register tiles: 16 (16 x 2 tiles per warp)
+    # or 8 (8 x 4: fewer shared-memory wavefronts on paper, no faster on an H200); conv2d.cu.
     # $PYCNN_CONV3_WARP_COLS overrides it when a module is first compiled.
-    "PYCNN_CONV3_WARP_COLS": 8,
+    "PYCNN_CONV3_WARP_COLS": 16,
     # taps (C*R*S) up to which v3/v4 compute the weight gradient with conv2d_bwd_weight_narrow_f32
     "PYCNN_CONV_NARROW_MAX": 25,
     # shared-memory floats for the filters of conv2d_fwd_narrow_c1_*: K rows of R*S padded to 4
@@ -891,6 +891,15 @@ def _conv_gemm_fits(direction: str, x_shape, w_shape, Ho: int, Wo: int) -> bool:
 # wide tiles (MnistCNN conv3 at batch 64: 12 us against 32 wide), wide won on 5 of 42-200 by
 # 1-7%: 264 is the conservative line, where every wide pick won.
 _CONV3_WIDE_MIN_TILES = 264
+# Split-K of the wide tiles. They use 71-80 registers per thread (sm_90): three blocks per SM, not
+# four, so a round holds _CONV3_SPLIT_TARGET_BLOCKS * 3 / 4 of them (396 on 132 SMs), and they
+# plan their splits with their own tile count and that round. Before 2026-11-27 a wide tile took
+# the split plan of the default tile of its rows (_CONV3_WIDE_OWN_SPLITS = False brings that back
+# for the A/B): MnistCNN conv2's backward-data at batch 512 then ran 338 wide tiles x 3 splits,
+# 1014 blocks in three rounds of 12 stages and a 20 us reduce (Nsight Compute, record
+# gpu-20261127-353c79e4), where 338 unsplit blocks make one round of 36 stages.
+_CONV3_WIDE_OWN_SPLITS = True
+_CONV3_WIDE_BLOCKS_PER_SM, _CONV3_BLOCKS_PER_SM = 3, 4
 
 
 def _conv3_wide_setting() -> str:
@@ -1236,7 +1245,8 @@ def _conv_pick(direction: str, dev: int, geom: tuple, version, allow_tf32, build
     # (with the settings that change what a version launches: a pick made without them is not the
     # pick with them; tf32 stays last)
     key = (direction, dev, x_shape, w_shape, stride, padding, CONV_WINOGRAD_VERSION in versions,
-           _env("PYCNN_CONV3_WIDE"), _env("PYCNN_CONV_BWD_DATA_FLIP"), _CONV3_SPLIT_RULE, tf32 and capable)
+           _env("PYCNN_CONV3_WIDE"), _env("PYCNN_CONV_BWD_DATA_FLIP"), _CONV3_SPLIT_RULE, _CONV3_WIDE_OWN_SPLITS,
+           tf32 and capable)
 
     def build_label(label):
         v, settings = _tune_variant(label)
@@ -1249,10 +1259,12 @@ def _conv_pick(direction: str, dev: int, geom: tuple, version, allow_tf32, build
     return (*_tune_variant(tuned), True)
 
 
-def _conv3_splits(direction: str, tile: int, blocks: int, Kd: int) -> tuple[int, int]:
+def _conv3_splits(direction: str, tile: int, blocks: int, Kd: int, wide: bool = False) -> tuple[int, int]:
     """(splits, chunk) of a v3/v4 GEMM with ``blocks`` output tiles of ``tile`` rows and reduction
     length ``Kd`` (see _CONV3_SPLIT_TARGET_BLOCKS); (1, Kd) when it does not split. 64x64 and
-    32x128 tiles (4096 outputs, about 60 registers, four blocks per SM) split alike."""
+    32x128 tiles (4096 outputs, about 60 registers, four blocks per SM) split alike; ``wide``
+    tiles (64x128, 32x256) fit three blocks per SM, so a round holds fewer of them (the "waves"
+    rule; "fill" aims them at the same block count)."""
     if tile == _CONV3_BIG:
         if direction != "backward_weight":
             return 1, Kd
@@ -1266,7 +1278,10 @@ def _conv3_splits(direction: str, tile: int, blocks: int, Kd: int) -> tuple[int,
         raise ValueError(f"_CONV3_SPLIT_RULE must be 'waves' or 'fill', got {rule!r}")
     if direction != "backward_weight" and blocks >= _CONV3_SPLIT_BELOW_BLOCKS:
         return 1, Kd
-    return _waves_splits(blocks, Kd, _CONV3_SPLIT_MIN_K, _CONV3_BK, _CONV3_SPLIT_TARGET_BLOCKS)
+    slots = _CONV3_SPLIT_TARGET_BLOCKS
+    if wide:
+        slots = max(1, slots * _CONV3_WIDE_BLOCKS_PER_SM // _CONV3_BLOCKS_PER_SM)
+    return _waves_splits(blocks, Kd, _CONV3_SPLIT_MIN_K, _CONV3_BK, slots)
 
 
 def _waves_splits(blocks: int, count: int, minimum: int, align: int, slots: int) -> tuple[int, int]:
@@ -1306,10 +1321,13 @@ def _split_reduce_launch(partial: str, out: str, splits: int, count: int, bias: 
 
 def _conv3_output_plan(direction: str, version: str, rows: int, cols: int, Kd: int) -> tuple:
     """(tile rows, tile columns, kernel suffix, splits, chunk) of a v3/v4 forward or
-    backward-data GEMM. A wide tile (PYCNN_CONV3_WIDE=1) splits the reduction as the default
-    tile of its rows would: the same sums in the same order, so only the tile width differs."""
+    backward-data GEMM. A wide tile plans its splits with its own tile count and three blocks per
+    SM (_CONV3_WIDE_OWN_SPLITS; False: as the default tile of its rows would, the same sums in the
+    same order)."""
     bm, bn, suffix = _conv3_tile(direction, rows, cols, version)
-    if suffix in ("_n128", "_m32n256"):
+    if suffix in ("_n128", "_m32n256") and _CONV3_WIDE_OWN_SPLITS:
+        splits, chunk = _conv3_splits(direction, bm, -(-cols // bn) * -(-rows // bm), Kd, wide=True)
+    elif suffix in ("_n128", "_m32n256"):
         dm, dn = (32, 128) if suffix == "_m32n256" else (_CONV3_BM, _CONV3_BM)
         splits, chunk = _conv3_splits(direction, dm, -(-cols // dn) * -(-rows // dm), Kd)
     else:

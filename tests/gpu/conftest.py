@@ -67,12 +67,12 @@ def emulator_three_stage():
 
 
 @pytest.fixture(scope="session")
-def emulator_warp_cols16():
-    """The same, compiled with PYCNN_CONV3_WARP_COLS=16 (v3's warps cover 16 x 2 register tiles)."""
+def emulator_warp_cols8():
+    """The same, compiled with PYCNN_CONV3_WARP_COLS=8 (v3's warps cover 8 x 4 register tiles)."""
     from emu_support import build_emulator
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYCNN_CONV3_WARP_COLS", "16")
+        mp.setenv("PYCNN_CONV3_WARP_COLS", "8")
         return build_emulator()
 
 

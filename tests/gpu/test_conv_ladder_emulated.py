@@ -420,8 +420,8 @@ def test_every_main_loop_gives_the_same_bits(emulator, emulator_one_stage, emula
     ((2, 40, 6, 5, 36, 3, 3, (1, 1), (1, 1)), "wide", ("_n128", "_n128", "")),
     ((2, 20, 13, 12, 24, 3, 3, (1, 1), (1, 1)), "wide", ("_m32n256", "_m32n256", "_m32")),
 ], ids=["64x64", "128x128", "32x128", "64x128", "32x256"])
-def test_warp_layouts_give_the_same_bits(emulator, emulator_warp_cols16, shape, tile, suffixes):
-    """PYCNN_CONV3_WARP_COLS=8 (the default: a warp covers 8 x 4 register tiles) and =16 (16 x 2)
+def test_warp_layouts_give_the_same_bits(emulator, emulator_warp_cols8, shape, tile, suffixes):
+    """PYCNN_CONV3_WARP_COLS=16 (the default: a warp covers 16 x 2 register tiles) and =8 (8 x 4)
     only change which thread computes which outputs of a v3 tile, not the order of any sum: every
     tile shape gives bitwise the same y, dx, dw and db both ways, and the reference's values (a
     layout that missed or doubled a tile would not)."""
@@ -429,7 +429,7 @@ def test_warp_layouts_give_the_same_bits(emulator, emulator_warp_cols16, shape, 
 
     x, w, b, dy = data(shape, seed=31)
     results = []
-    for build in (emulator, emulator_warp_cols16):
+    for build in (emulator, emulator_warp_cols8):
         with pytest.MonkeyPatch.context() as mp:
             launched = patch_backend(mp, build)
             mp.setattr(cuda, "_CONV3_SPLIT_BELOW_BLOCKS", 0)  # (whole tiles, one block each)
@@ -443,7 +443,7 @@ def test_warp_layouts_give_the_same_bits(emulator, emulator_warp_cols16, shape, 
             results.append(run_all(shape, x, w, b, dy, "3"))
             for direction, suffix in zip(("fwd", "bwd_data", "bwd_weight"), suffixes):
                 assert f"conv2d_{direction}_v3{suffix}_f32" in launched, launched
-    for what, eight, sixteen in zip(("y", "dx", "dw", "db"), *results):
+    for what, sixteen, eight in zip(("y", "dx", "dw", "db"), *results):
         np.testing.assert_array_equal(eight, sixteen, err_msg=f"{what}: 8 x 4 vs 16 x 2 lanes per warp")
     want = reference(shape, x, w, b, dy)
     for what, g, wnt, length in zip(("y", "dx", "dw", "db"), results[0], want, lengths(shape) + (lengths(shape)[2],)):
@@ -643,7 +643,7 @@ def test_gpu_kernels_knockouts(emulated, monkeypatch, tmp_path):
     monkeypatch.setitem(cuda._modules, stale, "a module built before")
     out = tmp_path / "k.json"
     rc = gpu_kernels.main(["--layers", "all", "--models", "mnistcnn", "--versions", "3", "--knockouts", "1,8",
-                           "--also-stages", "3", "--also-warp-cols", "16", "--batch", "2", "--repeats", "1",
+                           "--also-stages", "3", "--also-warp-cols", "8", "--batch", "2", "--repeats", "1",
                            "--json", str(out)])
     record = json.loads(out.read_text())
     assert rc == 0 and record["kernels_info"]["errors"] == [], record["kernels_info"]["errors"]
@@ -652,10 +652,10 @@ def test_gpu_kernels_knockouts(emulated, monkeypatch, tmp_path):
     assert stale not in cuda._modules
     got = sorted((e["layer"], e["op"], e.get("knockout", 0), e["stages"], e["warp_cols"]) for e in record["kernels"])
     assert got == sorted((layer, op, k, stages, cols) for layer in ("tiny", "mnistcnn-c2")
-                         for k, stages, cols in ((0, 2, 8), (1, 2, 8), (8, 2, 8), (0, 3, 8), (0, 2, 16))
+                         for k, stages, cols in ((0, 2, 16), (1, 2, 16), (8, 2, 16), (0, 3, 16), (0, 2, 8))
                          for op in ("conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"))
-    assert all(bool(e.get("rebuilt")) == (e["stages"] == 3 or e["warp_cols"] == 16) for e in record["kernels"])
-    assert "v3-s3" in gpu_kernels.table(record["kernels"]) and "v3-l16" in gpu_kernels.table(record["kernels"])
+    assert all(bool(e.get("rebuilt")) == (e["stages"] == 3 or e["warp_cols"] == 8) for e in record["kernels"])
+    assert "v3-s3" in gpu_kernels.table(record["kernels"]) and "v3-l8" in gpu_kernels.table(record["kernels"])
     assert all(not e["auto"] and e["cudnn_ms"] is None for e in record["kernels"] if e.get("knockout"))
     assert record["kernels_info"]["knockouts"] == [1, 8]
     assert "v3-k8" in gpu_kernels.table(record["kernels"])
@@ -1154,8 +1154,10 @@ def test_narrow_backward_data_only_where_it_applies(emulated, monkeypatch):
 def test_v3_wide_tiles(emulated, monkeypatch, shape, suffix, split):
     """PYCNN_CONV3_WIDE=1: v3 forward and backward-data GEMMs run tiles twice as wide, 32x256 for
     at most 32 rows and 64x128 for 33-64 (conv2d_*_v3_m32n256_f32 / _n128_f32); they agree with
-    the reference and are bitwise the default kernels (the same order of sums per output), split
-    or not: a wide tile takes the default tile's split-K plan; the weight gradient keeps its tiles."""
+    the reference and, given the default tile's split-K plan (_CONV3_WIDE_OWN_SPLITS = False),
+    are bitwise the default kernels (the same order of sums per output), split or not; the weight
+    gradient keeps its tiles."""
+    monkeypatch.setattr(cuda, "_CONV3_WIDE_OWN_SPLITS", False)
     if not split:
         monkeypatch.setattr(cuda, "_CONV3_SPLIT_BELOW_BLOCKS", 0)
     monkeypatch.setattr(cuda, "_CONV3_M32_MAX_ROWS", 32)
@@ -1216,6 +1218,40 @@ def test_v3_tile_rule(monkeypatch):
     assert cuda._conv3_tile("backward_data", 32, 10816, "4") == (64, 64, "")  # v4 keeps its warp tiles
     assert cuda._conv3_tile("forward", 33, 10816, "3") == (64, 64, "")
     assert cuda._conv3_tile("backward_weight", 128, 1152, "3") == (128, 128, "_t128")
+
+
+def test_wide_tiles_plan_their_own_splits(emulated, monkeypatch):
+    """A wide tile plans split-K with its own tile count and three blocks per SM
+    (_CONV3_WIDE_OWN_SPLITS): MnistCNN conv2 at batch 512 runs its backward-data unsplit (338
+    tiles, one round of 396) instead of 3 ways, its forward (484 tiles) 2 ways instead of 1. On a
+    small GEMM with a small round the own plan splits differently from the inherited one, runs
+    those launches and agrees with the reference."""
+    monkeypatch.delenv("PYCNN_CONV3_WIDE", raising=False)
+    monkeypatch.setattr(cuda, "_CONV3_M32_MAX_ROWS", 32)  # (this module's fixture turns the 32-row tiles off)
+    conv2_b512 = {"backward_data": (32, 512 * 13 * 13, 64 * 9), "forward": (64, 512 * 11 * 11, 32 * 9)}
+    want = {"backward_data": ((32, 256, "_m32n256", 1, 576), 3), "forward": ((64, 128, "_n128", 2, 144), 1)}
+    for direction, (rows, cols, Kd) in conv2_b512.items():
+        assert cuda._conv3_output_plan(direction, "3", rows, cols, Kd) == want[direction][0], direction
+        monkeypatch.setattr(cuda, "_CONV3_WIDE_OWN_SPLITS", False)
+        assert cuda._conv3_output_plan(direction, "3", rows, cols, Kd)[3] == want[direction][1], direction
+        monkeypatch.setattr(cuda, "_CONV3_WIDE_OWN_SPLITS", True)
+
+    shape = (3, 40, 9, 9, 36, 3, 3, (1, 1), (1, 1))  # 36 filters, 40 channels: 64x128 tiles both ways
+    monkeypatch.setenv("PYCNN_CONV3_WIDE", "1")
+    monkeypatch.setattr(cuda, "_CONV3_SPLIT_TARGET_BLOCKS", 8)  # (a GPU of two SMs: wide rounds of 6)
+    assert cuda._conv3_output_plan("forward", "3", 36, 3 * 81, 360)[3] == 3
+    assert cuda._conv3_output_plan("backward_data", "3", 40, 3 * 81, 324)[3] == 3
+    x, w, b, dy = data(shape, seed=23)
+    ref = reference(shape, x, w, b, dy)
+    lf, ld, _ = lengths(shape)
+    y = cuda.conv2d_forward(x, w, b, (1, 1), (1, 1), version="3")
+    dx = cuda.conv2d_backward_data(dy, w, x.shape, (1, 1), (1, 1), version="3")
+    assert emulated == ["conv2d_fwd_v3_n128_f32", "conv2d_split_reduce_f32", "conv2d_bwd_data_v3_n128_f32",
+                        "conv2d_split_reduce_f32"], emulated
+    np.testing.assert_allclose(y, ref[0], rtol=1e-5, atol=fp32_atol(lf))
+    np.testing.assert_allclose(dx, ref[1], rtol=1e-5, atol=fp32_atol(ld))
+    monkeypatch.setattr(cuda, "_CONV3_WIDE_OWN_SPLITS", False)
+    assert cuda._conv3_output_plan("forward", "3", 36, 3 * 81, 360)[3] == 2
 
 
 def test_v3_wide_tiles_where_there_are_enough(monkeypatch):
