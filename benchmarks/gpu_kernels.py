@@ -24,9 +24,9 @@ fp32 (TF32 off) and in TF32, all measured in the same run.
     python benchmarks/gpu_kernels.py --layers all --versions 3 --also-warp-cols 8 --batch 512 --json FILE
         (v3, then v3 rebuilt with PYCNN_CONV3_WARP_COLS=8, warps on 8 x 4 register tiles instead
         of 16 x 2, as "rebuilt" entries with "warp_cols": 8)
-    python benchmarks/gpu_kernels.py --layers models --versions 3,3i --batch 512 --json FILE
-        (v3 and, as "wide_splits": "inherited" entries where it splits differently, v3 with its
-        wide tiles split as the default tile of their rows would: cuda._CONV3_WIDE_OWN_SPLITS = False)
+    python benchmarks/gpu_kernels.py --layers models --versions 3,3o --batch 512 --json FILE
+        (v3 and, as "wide_splits": "own" entries where it splits differently, v3 with its wide
+        tiles planning their own split-K: cuda._CONV3_WIDE_OWN_SPLITS = True)
     python benchmarks/gpu_kernels.py --layers models --versions 3,3fill --batch 512 --json FILE
         (v3 and, as "split_rule": "fill" entries where it splits differently, v3 with the split-K
         rule before the "waves" one: cuda._CONV3_SPLIT_RULE)
@@ -83,9 +83,8 @@ WIDE = "3w"
 FLIP = "3f"
 # "3fill": v3 with the split-K rule before the "waves" one (cuda._CONV3_SPLIT_RULE = "fill").
 FILL = "3fill"
-# "3i": v3 with wide tiles split as the default tile of their rows would (the plan before
-# cuda._CONV3_WIDE_OWN_SPLITS).
-INHERIT = "3i"
+# "3o": v3 with wide tiles planning their own split-K (cuda._CONV3_WIDE_OWN_SPLITS = True).
+OWN = "3o"
 # "3@T": v3 with cuda._CONV3_SPLIT_TARGET_BLOCKS = T (how many blocks split-K GEMMs aim at).
 
 
@@ -96,7 +95,7 @@ class Tag(NamedTuple):
     split_target: int | None = None
     flip: bool = False
     split_rule: str | None = None
-    inherit: bool = False
+    own_splits: bool = False
 
 
 def parse_tag(tag: str) -> Tag:
@@ -109,8 +108,8 @@ def parse_tag(tag: str) -> Tag:
         return Tag("3", wide=tag == WIDE, flip=tag == FLIP)
     if tag == FILL:
         return Tag("3", split_rule="fill")
-    if tag == INHERIT:
-        return Tag("3", inherit=True)
+    if tag == OWN:
+        return Tag("3", own_splits=True)
     return Tag(tag)
 SLOW_MS = 5.0
 
@@ -298,8 +297,8 @@ def variant(tag: Tag):
         cuda._CONV3_SPLIT_TARGET_BLOCKS = tag.split_target
     if tag.split_rule is not None:
         cuda._CONV3_SPLIT_RULE = tag.split_rule
-    if tag.inherit:
-        cuda._CONV3_WIDE_OWN_SPLITS = False
+    if tag.own_splits:
+        cuda._CONV3_WIDE_OWN_SPLITS = True
     try:
         with env_switch("PYCNN_CONV3_WIDE", tag.wide), env_switch("PYCNN_CONV_BWD_DATA_FLIP", tag.flip):
             yield
@@ -308,7 +307,7 @@ def variant(tag: Tag):
             cuda._CONV3_SPLIT_TARGET_BLOCKS = old[0]
         if tag.split_rule is not None:
             cuda._CONV3_SPLIT_RULE = old[1]
-        if tag.inherit:
+        if tag.own_splits:
             cuda._CONV3_WIDE_OWN_SPLITS = old[2]
 
 
@@ -410,7 +409,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
             fp32_ms, tf32_ms, fp32_gpu, tf32_gpu = cudnn.get(op, (None, None, None, None))
             for tag in versions:
                 parsed = parse_tag(tag)
-                version, wide, target, flip, rule, inherit = parsed
+                version, wide, target, flip, rule, own = parsed
                 if flip and direction != "backward_data":
                     continue
 
@@ -433,7 +432,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                         default_splits = splits_of(direction, shape, version)
                     if wide and tile == default_tile:
                         continue  # no wide tile for this GEMM: the same kernel as v3
-                    if (target is not None or rule is not None or inherit) and splits == default_splits:
+                    if (target is not None or rule is not None or own) and splits == default_splits:
                         continue  # the same split as v3's default: the same launches
                     if flip and (not flipped or tile == "narrow"):
                         continue  # (stride > 1, or a first layer's narrow kernel: v3 as it is)
@@ -461,7 +460,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                     "tile": tile, "splits": splits, **({"wide": True} if wide else {}),
                     **({"flip": True} if flip else {}), **({"split_rule": rule} if rule else {}),
                     **({"split_target": target} if target is not None else {}),
-                    **({"wide_splits": "inherited"} if inherit else {}),
+                    **({"wide_splits": "own"} if own else {}),
                     "stages": stages if version in ("3", "4", "5") else None,  # (v5's GEMMs: the v3 core)
                     "warp_cols": warp_cols if version in ("3", "5") else None})
     # Was the shape rule right? The fastest measured exact version per layer and direction.
@@ -489,7 +488,7 @@ def table(entries) -> str:
         ms, dnn, t32, err = e["ms"], e.get("cudnn_ms"), e.get("cudnn_tf32_ms"), e.get("max_rel_err_vs_cudnn")
         gpu, dnn_gpu = e.get("gpu_ms"), e.get("cudnn_gpu_ms")
         version = (e["version"] + ("w" if e.get("wide") else "") + ("f" if e.get("flip") else "")
-                   + (e["split_rule"] if e.get("split_rule") else "") + ("i" if e.get("wide_splits") else "")
+                   + (e["split_rule"] if e.get("split_rule") else "") + ("o" if e.get("wide_splits") else "")
                    + (f"-k{e['knockout']}" if e.get("knockout") else "")
                    + (f"-s{e['stages']}" if str(e.get("rebuilt", "")).startswith("PYCNN_CONV_STAGES") else "")
                    + (f"-l{e['warp_cols']}" if str(e.get("rebuilt", "")).startswith("PYCNN_CONV3_WARP_COLS") else "")
@@ -506,7 +505,7 @@ def table(entries) -> str:
                  "forward GEMM of the flipped filters (PYCNN_CONV_BWD_DATA_FLIP=1); v3-kM = v3 compiled with "
                  "PYCNN_CONV3_KNOCKOUT=M (timing only); v3-sN = v3 rebuilt with PYCNN_CONV_STAGES=N; "
                  "v3-lN = v3 rebuilt with PYCNN_CONV3_WARP_COLS=N; "
-                 "v3fill = the split-K rule before 'waves'; v3i = wide tiles split as the default tiles; "
+                 "v3fill = the split-K rule before 'waves'; v3o = wide tiles planning their own split-K; "
                  "v3@T = split-K aimed at T "
                  "blocks; x cuDNN > 1 means faster "
                  "than cuDNN; ms: one call with the host's work, GPU us: in a CUDA graph)")
@@ -542,14 +541,14 @@ def main(argv=None) -> int:
                         help="also time the non-conv kernel families (the selftest's benchmark)")
     args = parser.parse_args(argv)
     versions = tuple(v.strip() for v in args.versions.split(",") if v.strip())
-    unknown = [v for v in versions if v not in VERSIONS + (WIDE, FLIP, FILL, INHERIT) and not v.startswith("3@")]
+    unknown = [v for v in versions if v not in VERSIONS + (WIDE, FLIP, FILL, OWN) and not v.startswith("3@")]
     try:
         [parse_tag(v) for v in versions]
     except ValueError as exc:
         unknown.append(str(exc))
     if unknown or not versions:
         parser.error(f"--versions: expected a comma-separated subset of {','.join(VERSIONS)}, "
-                     f"3w, 3f, 3fill, 3i or 3@<blocks>, "
+                     f"3w, 3f, 3fill, 3o or 3@<blocks>, "
                      f"got {args.versions!r}")
     try:
         knockouts = [int(k) for k in args.knockouts.split(",") if k.strip()]

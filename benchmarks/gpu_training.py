@@ -32,8 +32,8 @@ launch): its A/B (records up to 40eb354d have the reverse, "pycnn-cudagraph-2pas
 in-kernel sum was the default).
 "pycnn-cudagraph-nowide" is the graph variant with PYCNN_CONV3_WIDE=0 (v3 GEMMs in their narrower
 tiles even where 264 or more wide ones would run): its A/B.
-"pycnn-cudagraph-wideinherit" is the graph variant with cuda._CONV3_WIDE_OWN_SPLITS = False (wide
-tiles split as the default tile of their rows would, the plan before 2026-11-27): its A/B.
+"pycnn-cudagraph-wideown" is the graph variant with cuda._CONV3_WIDE_OWN_SPLITS = True (wide tiles
+plan their own split-K instead of taking the default tile's): its A/B.
 "pycnn-cudagraph-flip" is the graph variant with PYCNN_CONV_BWD_DATA_FLIP=1 (stride-1
 backward-data as the forward GEMM of dy with the flipped filters): its A/B; "pycnn-cudagraph-fill"
 the graph variant with the split-K rule before "waves" (cuda._CONV3_SPLIT_RULE = "fill");
@@ -141,9 +141,9 @@ def pycnn_variants() -> list:
         # the A/B of the wide v3 tiles where there are enough of them (_CONV3_WIDE_MIN_TILES)
         ("pycnn-cudagraph-nowide", "graph v3 without wide tiles",
          with_env("PYCNN_CONV3_WIDE", "0", pycnn_throughput), True),
-        # the A/B of wide tiles planning their own split-K: split as the default tiles (before)
-        ("pycnn-cudagraph-wideinherit", "graph wide tiles split as the default tiles",
-         with_constant("_CONV3_WIDE_OWN_SPLITS", False, pycnn_throughput), True),
+        # the A/B of wide tiles planning their own split-K (opt-in; they take the default tile's)
+        ("pycnn-cudagraph-wideown", "graph wide tiles' own split-K",
+         with_constant("_CONV3_WIDE_OWN_SPLITS", True, pycnn_throughput), True),
         # the A/B of the "waves" split-K rule: the rule before it
         ("pycnn-cudagraph-fill", "graph split rule 'fill'", with_constant("_CONV3_SPLIT_RULE", "fill", pycnn_throughput), True),
         # the A/B of conv1 + max-pool + ReLU in one kernel (and its weight gradient from the pooled

@@ -122,9 +122,9 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
         assert setting == want, name
         assert seen[i]["rule"] == ("fill" if name == "pycnn-cudagraph-fill" else "waves"), name
         assert seen[i]["graph"] == graph
-        assert seen[i]["own_splits"] == (name != "pycnn-cudagraph-wideinherit"), name
+        assert seen[i]["own_splits"] == (name == "pycnn-cudagraph-wideown"), name
     assert cuda._CONV3_SPLIT_RULE == "waves" and "PYCNN_CONV_BWD_DATA_FLIP" not in os.environ
-    assert cuda._CONV3_WIDE_OWN_SPLITS is True
+    assert cuda._CONV3_WIDE_OWN_SPLITS is False
 
 
 def test_autotune_picks_in_the_record(monkeypatch):

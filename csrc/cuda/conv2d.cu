@@ -627,9 +627,14 @@ __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, con
 // w covers columns of tiles LX*(w % (16/LX)) .. +LX-1 and rows LY*(w / (16/LX)) .. +LY-1.
 __device__ __forceinline__ void pycnn_conv_thread_tile(int tid, int& tx, int& ty) {
     constexpr int LX = PYCNN_CONV3_WARP_COLS, LY = 32 / LX;
-    const int warp = tid / 32, lane = tid % 32;
-    tx = (warp % (16 / LX)) * LX + lane % LX;
-    ty = (warp / (16 / LX)) * LY + lane / LX;
+    if constexpr (LX == 16) {  // (the same numbers; written so, the kernels' machine code is that
+        tx = tid % 16;         // of the 16 x 2 kernels GPU-tested before the switch existed)
+        ty = tid / 16;
+    } else {
+        const int warp = tid / 32, lane = tid % 32;
+        tx = (warp % (16 / LX)) * LX + lane % LX;
+        ty = (warp / (16 / LX)) * LY + lane / LX;
+    }
 }
 
 // acc += As^T . Bs over one BK-deep stage, the thread's share of the BM x BN block.

@@ -892,13 +892,16 @@ def _conv_gemm_fits(direction: str, x_shape, w_shape, Ho: int, Wo: int) -> bool:
 # 1-7%: 264 is the conservative line, where every wide pick won.
 _CONV3_WIDE_MIN_TILES = 264
 # Split-K of the wide tiles. They use 71-80 registers per thread (sm_90): three blocks per SM, not
-# four, so a round holds _CONV3_SPLIT_TARGET_BLOCKS * 3 / 4 of them (396 on 132 SMs), and they
-# plan their splits with their own tile count and that round. Before 2026-11-27 a wide tile took
-# the split plan of the default tile of its rows (_CONV3_WIDE_OWN_SPLITS = False brings that back
-# for the A/B): MnistCNN conv2's backward-data at batch 512 then ran 338 wide tiles x 3 splits,
-# 1014 blocks in three rounds of 12 stages and a 20 us reduce (Nsight Compute, record
-# gpu-20261127-353c79e4), where 338 unsplit blocks make one round of 36 stages.
-_CONV3_WIDE_OWN_SPLITS = True
+# four, so a round holds _CONV3_SPLIT_TARGET_BLOCKS * 3 / 4 of them (396 on 132 SMs). By default
+# a wide tile takes the split plan of the default tile of its rows (the same sums in the same
+# order as that tile), planned for 64x64 / 32x128 tiles at four per SM: MnistCNN conv2's
+# backward-data at batch 512 runs 338 wide tiles x 3 splits, 1014 blocks in three rounds of 12
+# stages and a 20 us reduce (Nsight Compute, record gpu-20261127-353c79e4), where 338 unsplit
+# blocks would make one round of 36 stages. _CONV3_WIDE_OWN_SPLITS = True plans them with their
+# own tile count and round instead (that GEMM unsplit, conv2's forward at batch 512 2 ways instead
+# of 1): opt-in until a GPU has timed it (gpu_kernels.py --versions 3,3o; gpu_training.py's
+# pycnn-cudagraph-wideown; gpu_session.sh WIDESPLITS=1).
+_CONV3_WIDE_OWN_SPLITS = False
 _CONV3_WIDE_BLOCKS_PER_SM, _CONV3_BLOCKS_PER_SM = 3, 4
 
 
@@ -1321,9 +1324,9 @@ def _split_reduce_launch(partial: str, out: str, splits: int, count: int, bias: 
 
 def _conv3_output_plan(direction: str, version: str, rows: int, cols: int, Kd: int) -> tuple:
     """(tile rows, tile columns, kernel suffix, splits, chunk) of a v3/v4 forward or
-    backward-data GEMM. A wide tile plans its splits with its own tile count and three blocks per
-    SM (_CONV3_WIDE_OWN_SPLITS; False: as the default tile of its rows would, the same sums in the
-    same order)."""
+    backward-data GEMM. A wide tile splits the reduction as the default tile of its rows would (the
+    same sums in the same order, so only the tile width differs), or with _CONV3_WIDE_OWN_SPLITS
+    plans its splits with its own tile count and three blocks per SM."""
     bm, bn, suffix = _conv3_tile(direction, rows, cols, version)
     if suffix in ("_n128", "_m32n256") and _CONV3_WIDE_OWN_SPLITS:
         splits, chunk = _conv3_splits(direction, bm, -(-cols // bn) * -(-rows // bm), Kd, wide=True)

@@ -584,6 +584,33 @@ def test_gpu_kernels_old_split_rule(emulated, monkeypatch, tmp_path):
     assert "v3fill" in gpu_kernels.table(record["kernels"])
 
 
+def test_gpu_kernels_wide_tiles_own_splits(emulated, monkeypatch, tmp_path):
+    """--versions 3,3o: v3 again with its wide tiles planning their own split-K ("wide_splits":
+    "own" entries, cuda._CONV3_WIDE_OWN_SPLITS), only where that splits a GEMM differently; the
+    constant is restored after."""
+    import json
+
+    gpu_kernels, _ = _gpu_kernels_on_the_emulator(monkeypatch)
+    import targets
+    from shapes import ConvShape
+
+    monkeypatch.setattr(gpu_kernels, "CONV_SHAPES", [ConvShape("t", "a", 64, 40, 36, 9, 3, padding=1)])
+    monkeypatch.setattr(cuda, "_CONV3_WIDE_MIN_TILES", 1)  # (wide tiles by default, whatever their count)
+    monkeypatch.setattr(cuda, "_CONV3_SPLIT_TARGET_BLOCKS", 8)  # (a GPU of two SMs: wide rounds of 6)
+    out = tmp_path / "o.json"
+    rc = gpu_kernels.main(["--layers", "models", "--versions", "3,3o", "--batch", "3", "--repeats", "1",
+                           "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert rc == 0 and record["kernels_info"]["errors"] == [], record["kernels_info"]["errors"]
+    assert cuda._CONV3_WIDE_OWN_SPLITS is False
+    got = sorted((e["op"], e.get("wide_splits", ""), e["tile"], e["splits"]) for e in record["kernels"])
+    assert got == sorted([("conv2d_fwd", "", "64x128", 2), ("conv2d_fwd", "own", "64x128", 3),
+                          ("conv2d_bwd_data", "", "64x128", 2), ("conv2d_bwd_data", "own", "64x128", 3),
+                          ("conv2d_bwd_weight", "", "64x64", record["kernels"][-1]["splits"])]), got
+    assert all(targets.is_variant(e) == bool(e.get("wide_splits")) for e in record["kernels"])
+    assert "v3o" in gpu_kernels.table(record["kernels"])
+
+
 def test_gpu_kernels_wide_tiles_at_a_batch(emulated, monkeypatch, tmp_path):
     """--layers models --versions 3,3w --batch N: the model layers at batch N (here 1, on two
     stand-in layers), v3 with its default tiles and, marked "wide", with PYCNN_CONV3_WIDE=1 for
@@ -1221,12 +1248,14 @@ def test_v3_tile_rule(monkeypatch):
 
 
 def test_wide_tiles_plan_their_own_splits(emulated, monkeypatch):
-    """A wide tile plans split-K with its own tile count and three blocks per SM
-    (_CONV3_WIDE_OWN_SPLITS): MnistCNN conv2 at batch 512 runs its backward-data unsplit (338
-    tiles, one round of 396) instead of 3 ways, its forward (484 tiles) 2 ways instead of 1. On a
-    small GEMM with a small round the own plan splits differently from the inherited one, runs
-    those launches and agrees with the reference."""
+    """With _CONV3_WIDE_OWN_SPLITS (opt-in) a wide tile plans split-K with its own tile count and
+    three blocks per SM: MnistCNN conv2 at batch 512 runs its backward-data unsplit (338 tiles, one
+    round of 396) instead of 3 ways, its forward (484 tiles) 2 ways instead of 1. On a small GEMM
+    with a small round the own plan splits differently from the inherited one, runs those launches
+    and agrees with the reference."""
     monkeypatch.delenv("PYCNN_CONV3_WIDE", raising=False)
+    assert cuda._CONV3_WIDE_OWN_SPLITS is False  # (opt-in until a GPU has timed it)
+    monkeypatch.setattr(cuda, "_CONV3_WIDE_OWN_SPLITS", True)
     monkeypatch.setattr(cuda, "_CONV3_M32_MAX_ROWS", 32)  # (this module's fixture turns the 32-row tiles off)
     conv2_b512 = {"backward_data": (32, 512 * 13 * 13, 64 * 9), "forward": (64, 512 * 11 * 11, 32 * 9)}
     want = {"backward_data": ((32, 256, "_m32n256", 1, 576), 3), "forward": ((64, 128, "_n128", 2, 144), 1)}
