@@ -29,6 +29,7 @@ VERSIONS = ["v1", "v2", "v3", "v4", "v5"]
 VERSION_NAMES = {"v1": "v1 direct", "v2": "v2 shared-memory tiled", "v3": "v3 implicit GEMM (fp32)",
                  "v4": "v4 TF32 tensor cores", "v5": "v5 Winograd F(4x4,3x3) (fp32)"}
 LADDER = {"1", "2", "3", "4"}  # a record timing these on every layer is a whole-ladder record
+DEFAULT_WARP_COLS = 16  # PYCNN_CONV3_WARP_COLS of the backend (pycnn/backends/cuda.py DEFINES)
 
 
 def flop(shape) -> float:
@@ -113,6 +114,11 @@ def render(path: Path | None, record: dict | None, one_stage: dict | None = None
                 "of one call issued from Python (the host's work included). "
                 if any(e.get("gpu_ms") for e in kernels) else "Median of CUDA-event timings of one call. ")
              + "TFLOP/s = 2·N·K·Ho·Wo·C·R·S / time.", ""]
+    layouts = sorted({e["warp_cols"] for e in kernels if e.get("warp_cols") not in (None, DEFAULT_WARP_COLS)})
+    if layouts:  # (a record made when another v3 warp layout was the default)
+        lines += [f"In this record v3 and v5 ran with PYCNN_CONV3_WARP_COLS={', '.join(map(str, layouts))}, "
+                  f"the default of its commit (the backend's default is {DEFAULT_WARP_COLS}: warps on "
+                  f"{DEFAULT_WARP_COLS} x {32 // DEFAULT_WARP_COLS} register tiles).", ""]
     for title, shape in SHAPES:
         missing = []
         found = {(e["op"], e["version"]): e for e in kernels if list(e.get("shape", [])) == shape}

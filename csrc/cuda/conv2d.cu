@@ -237,7 +237,7 @@ static_assert(PYCNN_CONV3_STAGES >= 1 && PYCNN_CONV3_STAGES <= 3, "PYCNN_CONV3_S
 // Each k of the product reads a float4 of As per row of tiles and of Bs per column of tiles; a
 // warp's float4 read costs one shared-memory wavefront per 128 distinct bytes, so on paper
 // 16 x 2 needs 3 wavefronts per pair of reads (As: 2 distinct float4, 1; Bs: 16 distinct, 2) and
-// 8 x 4 needs 2 (As 4 distinct, 1; Bs 8, 1). Timed on an H200 (record gpu-20261127-353c79e4,
+// 8 x 4 needs 2 (As 4 distinct, 1; Bs 8, 1). Timed on an H200 (record gpu-20261127-353c79ea,
 // the v3 ladder rebuilt both ways in one run) 8 x 4 gained nothing: every model layer within
 // +-5% (MnistCNN conv2 forward at batch 512 107.3 against 101.6 us), so the layout the kernels
 // were tuned with stays the default. Which thread computes a tile changes, the sums do not:

@@ -896,7 +896,7 @@ _CONV3_WIDE_MIN_TILES = 264
 # a wide tile takes the split plan of the default tile of its rows (the same sums in the same
 # order as that tile), planned for 64x64 / 32x128 tiles at four per SM: MnistCNN conv2's
 # backward-data at batch 512 runs 338 wide tiles x 3 splits, 1014 blocks in three rounds of 12
-# stages and a 20 us reduce (Nsight Compute, record gpu-20261127-353c79e4), where 338 unsplit
+# stages and a 20 us reduce (Nsight Compute, record gpu-20261127-353c79ea), where 338 unsplit
 # blocks would make one round of 36 stages. _CONV3_WIDE_OWN_SPLITS = True plans them with their
 # own tile count and round instead (that GEMM unsplit, conv2's forward at batch 512 2 ways instead
 # of 1): opt-in until a GPU has timed it (gpu_kernels.py --versions 3,3o; gpu_training.py's

@@ -363,7 +363,11 @@ def test_kernels_table_shows_only_measured_figures(tmp_path):
     assert "| v5 Winograd F(4x4,3x3) (fp32) | - | - | - |" in text
     assert "v5 (all three directions)" in text
     assert "v1 (all three directions)" in text and "v3 (backward-data, backward-weight)" in text
-    assert "1-stage loop" not in text
+    assert "1-stage loop" not in text and "PYCNN_CONV3_WARP_COLS" not in text
+    # a record made with another v3 warp layout says so (the backend's default is kernels_table's)
+    assert kernels_table.DEFAULT_WARP_COLS == cuda.DEFINES["PYCNN_CONV3_WARP_COLS"]
+    eight = dict(record, kernels=[dict(e, warp_cols=8) for e in record["kernels"]])
+    assert "In this record v3 and v5 ran with PYCNN_CONV3_WARP_COLS=8" in kernels_table.render(path, eight)
     # the PYCNN_CONV_STAGES=1 rows come from a record of the same commit only
     single = {"date": "2026-02-02", "commit": "b" * 40, "kernels_info": {"conv_stages": 1},
               "kernels": [{"op": "conv2d_bwd_data", "shape": big, "version": "v4", "ms": 4.0}]}
