@@ -15,7 +15,9 @@
 # NCU=1 adds, after the training benchmark, Nsight Compute over one eager MnistCNN step at batch 64
 # and 512 (benchmarks/gpu_ncu_step.py: speed of light, occupancy, launch stats and warp stall
 # reasons of every kernel, CSV files ncu-mnistcnn-b64.csv / -b512.csv); files come back 8 at most,
-# so pair it with SKIP_MNISTCNN=1.
+# so pair it with SKIP_MNISTCNN=1. NCU_MEM=1 adds the memory workload sections (shared-memory
+# wavefronts and bank conflicts, global requests and sectors through L1, per operation: what fills
+# the v3 GEMMs' L1 throughput; benchmarks/ncu_summary.py prints them).
 # SELFTEST_ARGS=--tests-only keeps the selftest to the tests and sanitizers when PART=2 follows in
 # the same call (its kernel timings and FastMNIST epoch repeat what gpu_kernels.py and
 # gpu_training.py measure).
@@ -24,7 +26,7 @@
 # or a first call with the tests, ladder, training and WIDE=1, then a second one with
 # PART=2 SKIP_LADDER=1 SKIP_TRAINING_BENCH=1 NCU=1 for Nsight Compute alone.
 # Usage: PYCNN_COMMIT=<sha> PYCNN_DATA=<mnist dir> OUT=<dir> [PART=1|2] [DEADLINE_S=560] \
-#        [SELFTEST_ARGS=--tests-only] [SKIP_STAGES1=1] [SKIP_MNISTCNN=1] [SKIP_TRAINING_BENCH=1] [NCU=1] [WIDE=1]
+#        [SELFTEST_ARGS=--tests-only] [SKIP_STAGES1=1] [SKIP_MNISTCNN=1] [SKIP_TRAINING_BENCH=1] [NCU=1 [NCU_MEM=1]] [WIDE=1]
 #        [KNOCKOUT=1] [LAYOUT=1] [WIDESPLITS=1] [SKIP_LADDER=1]
 #        [LOCALIZE_EPOCHS=N] bash benchmarks/gpu_session.sh
 set -u
@@ -65,7 +67,8 @@ if [ -n "${NCU:-}" ]; then
     if [ -z "$ncu_bin" ]; then echo "== skipped: ncu (not found)"; break; fi
     step "ncu: one MnistCNN step at batch $b" 120 "$ncu_bin" --clock-control none --profile-from-start off \
       --csv --page raw --section SpeedOfLight --section Occupancy --section LaunchStats \
-      --section WarpStateStats --log-file "$OUT/ncu-mnistcnn-b$b.csv" \
+      --section WarpStateStats ${NCU_MEM:+--section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables} \
+      --log-file "$OUT/ncu-mnistcnn-b$b.csv" \
       python3 benchmarks/gpu_ncu_step.py --model mnistcnn --batch "$b" 2>&1 | tail -5
   done
 fi

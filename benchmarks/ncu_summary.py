@@ -1,7 +1,10 @@
 """Summarize an Nsight Compute CSV (``ncu --csv --page raw``, e.g. from gpu_session.sh's NCU=1
 stage): one line per kernel launch with its duration, SM and memory throughput (% of peak),
 achieved occupancy, registers, grid, and the three largest warp stall reasons (cycles per issued
-instruction), then the total.
+instruction), then the total. Files made with gpu_session.sh NCU_MEM=1 (Nsight Compute's memory
+workload sections) also get a second table per launch: how L1's work splits between shared-memory
+loads and stores and global-memory requests, counted in wavefronts, requests and sectors, with
+shared-memory bank conflicts: which of them fills a kernel's L1 throughput.
 
     python3 benchmarks/ncu_summary.py ncu-mnistcnn-b64.csv [more.csv ...]
 
@@ -23,6 +26,10 @@ COLUMNS = {  # label: raw metric name
     "grid": "launch__grid_size",
 }
 STALL = re.compile(r"^smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio$")
+# the memory-workload metrics (whichever the file has): shared-memory wavefronts and bank
+# conflicts per operation, global-memory requests and sectors through L1 per operation
+MEMORY = re.compile(r"^l1tex__(data_pipe_lsu_wavefronts_mem_shared(?:_op_\w+)?|data_bank_conflicts_pipe_lsu_mem_shared"
+                    r"(?:_op_\w+)?|t_(?:requests|sectors)_pipe_lsu_mem_global_op_\w+)\.sum$")
 
 
 def _number(text: str):
@@ -39,6 +46,15 @@ def read_rows(path: str) -> tuple[list[dict], dict]:
     rows = list(csv.DictReader(lines))
     units = rows.pop(0) if rows and not (rows[0].get("ID") or "").strip().isdigit() else {}
     return rows, units
+
+
+def _memory_label(name: str) -> str:
+    """'t_sectors_pipe_lsu_mem_global_op_ld' -> 'sectors global ld', and so on."""
+    for long, short in (("data_pipe_lsu_wavefronts_mem_shared", "shared wavefronts"),
+                        ("data_bank_conflicts_pipe_lsu_mem_shared", "bank conflicts"),
+                        ("_pipe_lsu_mem_global", " global"), ("_op_", " ")):
+        name = name.replace(long, short)
+    return name.removeprefix("t_")
 
 
 def summarize(path: str) -> str:
@@ -63,6 +79,15 @@ def summarize(path: str) -> str:
                          if k and STALL.match(k)), reverse=True)[:3]
         out.append(f"{name:44s} " + " ".join(cells) + "  " + ", ".join(f"{n} {v:.1f}" for v, n in stalls))
     out.append(f"total kernel time {total:.1f} us")
+    memory = sorted({k for row in rows for k in row if k and MEMORY.match(k)})
+    if memory:
+        labels = [_memory_label(MEMORY.match(k).group(1)) for k in memory]
+        out.append("L1 work per launch (thousands): " + "; ".join(f"{i + 1} = {label}" for i, label in enumerate(labels)))
+        out.append(f"{'kernel':44s} " + " ".join(f"{i + 1:>8d}" for i in range(len(memory))))
+        for row in rows:
+            name = (row.get("Kernel Name") or row.get("Function Name") or "?")[:44]
+            cells = [_number(row.get(k, "")) for k in memory]
+            out.append(f"{name:44s} " + " ".join(f"{v / 1e3:8.1f}" if v is not None else f"{'-':>8s}" for v in cells))
     return "\n".join(out)
 
 

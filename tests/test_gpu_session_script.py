@@ -145,3 +145,30 @@ def test_autotune_picks_in_the_record(monkeypatch):
                       "stride": [1, 1], "padding": [0, 0], "winograd": False, "tf32": False, "pick": "3+flip",
                       "gpu_ms": {"3+flip": 0.03, "3": 0.05, "1": 0.6}, "failed": {"3+wide": "RuntimeError: boom"}}]
     json.dumps(picks)
+
+
+def test_ncu_summary_reads_the_memory_workload_metrics(tmp_path):
+    """benchmarks/ncu_summary.py: one line per launch from a raw-page CSV (units row skipped), and,
+    where the file has Nsight Compute's memory workload metrics (NCU_MEM=1), a second table of
+    shared-memory wavefronts, bank conflicts and global requests / sectors per launch."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ncu_summary
+
+    header = ["ID", "Kernel Name", "gpu__time_duration.sum",
+              "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum",
+              "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum",
+              "l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum", "smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio"]
+    rows = [header, ["", "", "usecond", "", "", "", "ratio"],
+            ["0", "conv2d_fwd_v3_f32", "12.5", "2,048,000", "1,000", "512,000", "1.5"],
+            ["1", "relu_bwd_f32", "3.0", "", "", "64,000", "0.2"]]
+    path = tmp_path / "ncu.csv"
+    path.write_text("==PROF== a line ncu writes\n" + "\n".join(",".join(f'"{c}"' for c in r) for r in rows) + "\n")
+    text = ncu_summary.summarize(str(path))
+    assert "2 kernel launches" in text and "total kernel time 15.5 us" in text
+    assert "1 = bank conflicts ld; 2 = shared wavefronts ld; 3 = sectors global ld" in text
+    assert [line.split()[1:] for line in text.splitlines() if line.startswith("conv2d_fwd_v3_f32")][-1] == \
+        ["1.0", "2048.0", "512.0"]
+    assert [line.split()[1:] for line in text.splitlines() if line.startswith("relu_bwd_f32")][-1] == ["-", "-", "64.0"]
+    old = tmp_path / "old.csv"  # (a file without them: the first table only)
+    old.write_text("\n".join(",".join(f'"{c}"' for c in [r[0], r[1], r[2]]) for r in rows) + "\n")
+    assert "L1 work" not in ncu_summary.summarize(str(old))
