@@ -106,11 +106,12 @@ if [ -n "${LAYOUT:-}" ]; then
     python3 benchmarks/gpu_kernels.py --layers all --models mnistcnn --versions 3 --also-warp-cols 8 --batch 512 \
     --repeats 10 --budget 40 --json "$OUT/gpu-$stamp-$sha8-kernels-layout-b512.json" 2>&1 | tail -40
 fi
-# WIDESPLITS=1: v3 with its wide tiles split as the default tiles of their rows (the default) and
-# planning their own split-K (v3o, cuda._CONV3_WIDE_OWN_SPLITS = True), every model layer at
-# batch 512 (a GEMM whose plan is the same both ways is timed once).
-[ -n "${WIDESPLITS:-}" ] && step "v3 wide tiles' inherited split-K vs their own, model layers at batch 512" 70 \
-  python3 benchmarks/gpu_kernels.py --layers models --versions 3,3o --batch 512 --repeats 10 --budget 40 \
+# WIDESPLITS=1: v3 with its wide tiles split as the default tiles of their rows (the default),
+# planning their own split-K (v3o, cuda._CONV3_WIDE_OWN_SPLITS = True) and with the 64x128 ones
+# run by 128 threads, 8x8 register tiles (v3r, PYCNN_CONV3_R8=1), every model layer at batch 512
+# (a GEMM that a variant does not change is timed once).
+[ -n "${WIDESPLITS:-}" ] && step "v3 wide tiles: own split-K, 128 threads, model layers at batch 512" 70 \
+  python3 benchmarks/gpu_kernels.py --layers models --versions 3,3o,3r --batch 512 --repeats 10 --budget 40 \
   --json "$OUT/gpu-$stamp-$sha8-kernels-widesplits-b512.json" 2>&1 | tail -40
 # The v3/v4/v5 GEMM main loop without cp.async double buffering, on the compute-bound layer: is
 # the default (PYCNN_CONV3_STAGES=2) the faster one there?

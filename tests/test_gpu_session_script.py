@@ -95,13 +95,13 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
         seen[len(seen)] = {name: os.environ.get(name) for name in
                            ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP",
                             "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_POOL_FUSE", "PYCNN_CONV_AUTOTUNE",
-                            "PYCNN_CONV3_WIDE")}
+                            "PYCNN_CONV3_WIDE", "PYCNN_CONV3_R8")}
         seen[len(seen) - 1] |= {"rule": cuda._CONV3_SPLIT_RULE, "graph": graph,
                                 "own_splits": cuda._CONV3_WIDE_OWN_SPLITS}
         return {}
 
     for name in ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_CONV_WINOGRAD",
-                 "PYCNN_CONV_POOL_FUSE", "PYCNN_CONV_AUTOTUNE", "PYCNN_CONV3_WIDE"):
+                 "PYCNN_CONV_POOL_FUSE", "PYCNN_CONV_AUTOTUNE", "PYCNN_CONV3_WIDE", "PYCNN_CONV3_R8"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(gpu_training, "pycnn_throughput", stand_in)
     variants = gpu_training.pycnn_variants()
@@ -117,6 +117,7 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
                 "pycnn-cudagraph-1pass": {"PYCNN_SPLIT_FINISH": "1"},
                 "pycnn-cudagraph-flip": {"PYCNN_CONV_BWD_DATA_FLIP": "1"},
                 "pycnn-cudagraph-nowide": {"PYCNN_CONV3_WIDE": "0"},
+                "pycnn-cudagraph-r8": {"PYCNN_CONV3_R8": "1"},
                 "pycnn-cudagraph-nopoolfuse": {"PYCNN_CONV_POOL_FUSE": "0"},
                 "pycnn-cudagraph-autotune": {"PYCNN_CONV_AUTOTUNE": "1"}}.get(name, {})
         assert setting == want, name

@@ -67,7 +67,10 @@
 //     (GEMMs of at most 32 rows: a 64-row tile would be at least half empty)
 //   conv2d_fwd_v3_n128_f32, conv2d_bwd_data_v3_n128_f32                                64 x 128, 4x8
 //   conv2d_fwd_v3_m32n256_f32, conv2d_bwd_data_v3_m32n256_f32                          32 x 256, 2x16
-//     (wide tiles for 33-64 and <= 32 rows; opt-in until timed: PYCNN_CONV3_WIDE=1)
+//     (wide tiles for 33-64 and <= 32 rows, where 264 or more of them fill the GPU;
+//     PYCNN_CONV3_WIDE=1 always, 0 never)
+//   conv2d_fwd_v3_n128r8_f32, conv2d_bwd_data_v3_n128r8_f32   64 x 128 with 128 threads, 8x8
+//     (opt-in until timed: PYCNN_CONV3_R8=1 runs them wherever _n128 would run)
 // v4 TF32 tensor cores (opt-in: allow_tf32 / PYCNN_ALLOW_TF32=1; sm_80 or newer)
 //   The same tiles and gathers as v3; each warp computes a 32 x 16 (64 x 32) block of C with
 //   mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, operands rounded to TF32
@@ -210,9 +213,11 @@ extern "C" __global__ void conv2d_fwd_v2_f32(
 //   128 x 128  v3: an 8x8 register tile per thread; v4: 8 warps of 64x32 (4x4 mma tiles)
 // The large tile reads half as much shared memory per FMA (and the warps' mma tiles share their
 // fragments twice as often); it needs M >= 128 and enough tiles to fill the GPU, so the small
-// layers of the MNIST models use the 64 x 64 one (kernel names without _t128).
+// layers of the MNIST models use the 64 x 64 one (kernel names without _t128). v3 also has
+// 32 x 128, 32 x 256 and 64 x 128 tiles of 256 threads, and 64 x 128 with 128 threads (16 x 8
+// of them, an 8x8 register tile each: kernels _n128r8, opt-in).
 #define PYCNN_CONV3_BK 16       // depth of one shared-memory stage of A and B
-#define PYCNN_CONV3_THREADS 256 // 16 x 16 threads; 8 warps
+#define PYCNN_CONV3_THREADS 256 // 16 x 16 threads; 8 warps (the _n128r8 kernels: 128, 16 x 8)
 // Row padding of the shared tiles: with a pitch of BM+8 floats (64+8, 128+8) the v4 fragment
 // reads As[k0+t][m0+g] (t = lane%4, g = lane/4) hit banks 8t+g, all 32 distinct.
 #define PYCNN_CONV3_PAD 8
@@ -248,7 +253,7 @@ static_assert(PYCNN_CONV3_STAGES >= 1 && PYCNN_CONV3_STAGES <= 3, "PYCNN_CONV3_S
 static_assert(PYCNN_CONV3_WARP_COLS == 8 || PYCNN_CONV3_WARP_COLS == 16, "PYCNN_CONV3_WARP_COLS is 8 or 16");
 
 static_assert(PYCNN_CONV3_BK == 16 && PYCNN_CONV3_THREADS == 256,
-              "the cooperative loads assume 16-deep stages and 256 threads");
+              "the cooperative loads assume 16-deep stages and 256 threads (or 128, see pycnn_conv_igemm)");
 
 // Timing experiments only (benchmarks/gpu_kernels.py --knockouts): a bit mask, set at compile
 // time by $PYCNN_CONV3_KNOCKOUT, that leaves one part out of the v3/v4 GEMM main loop, so that
@@ -548,18 +553,19 @@ __device__ __forceinline__ void pycnn_conv_load_quad(float (*dst)[PITCH], int kk
 // along the reduction) into the transposed shared tile dst[k][row]: element (first + row, kk) is
 // at src + kbase + (first + row) * rstride, data where kok and first + row < limit (else zero).
 // The thread mapping is the point (L.c_row, L.c_k, set in pycnn_conv_igemm): lane l of warp w copies index
-// kk = 4*(w%4) + l/8 of rows 8*(w/4) + l%8 + 16*i, so one warp instruction covers 8 rows x 4
+// kk = 4*(w%4) + l/8 of rows 8*(w/4) + l%8 + ROW_STEP*i (ROW_STEP = 16 with 256 threads, 8 with
+// 128, whose four warps have w/4 = 0), so one warp instruction covers 8 rows x 4
 // consecutive indices: 8 16-byte global segments, and shared stores to banks (8*kk + row) % 32
 // with a pitch of 72 or 136 floats (= 8 mod 32): 32 distinct. (pycnn_conv_load_quad's mapping,
 // four indices of one row per thread, put 4 lanes on each bank per store instruction and spread
 // a warp's loads over 8 rows x 16 indices; timed on an H200, its A copies were 28% of v3's
 // forward on MnistCNN conv2 at batch 512: record gpu-20261127-73e9961e-kernels-knockouts.json.)
-template <int ROWS, int PITCH>
+template <int ROWS, int ROW_STEP, int PITCH>
 __device__ __forceinline__ void pycnn_conv_copy_transposed(float (*dst)[PITCH], const float* src, int row0, int kk,
                                                            int first, int limit, int kbase, int rstride, bool kok) {
-    static_assert(PITCH % 32 == 8 && ROWS % 16 == 0, "the bank and row arithmetic above");
+    static_assert(PITCH % 32 == 8 && ROWS % ROW_STEP == 0 && ROW_STEP % 8 == 0, "the bank and row arithmetic above");
 #pragma unroll 1
-    for (int row = row0; row < ROWS; row += 16) {
+    for (int row = row0; row < ROWS; row += ROW_STEP) {
         const int r = first + row;
         const bool ok = kok & (r < limit);
         pycnn_cp_async_f32(&dst[kk][row], src + (ok ? kbase + r * rstride : 0), ok);
@@ -569,27 +575,30 @@ __device__ __forceinline__ void pycnn_conv_copy_transposed(float (*dst)[PITCH], 
 // Stage the A (BM x BK, stored transposed As[k][m] so both compute loops read rows) and B
 // (BK x BN) tiles of reduction indices k0 .. k0+BK-1. ASYNC: cp.async copies (complete after the
 // matching pycnn_cp_async_wait); otherwise loads through registers.
-template <int MODE, int BM, int BN, bool ASYNC>
+template <int MODE, int BM, int BN, bool ASYNC, int THREADS = PYCNN_CONV3_THREADS>
 __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, const PycnnConvLoader& L,
                                                      const int (*tab)[PYCNN_CONV_TAB], int k0,
                                                      float (*As)[BM + PYCNN_CONV3_PAD],
                                                      float (*Bs)[BN + PYCNN_CONV3_PAD]) {
     constexpr int BK = PYCNN_CONV3_BK;
-    constexpr int A_ROWS = BM >= 64 ? BM / 64 : 1;  // 64 rows of four indices per pass
-    constexpr int B_STEP = PYCNN_CONV3_THREADS / BN;
+    constexpr int PASS_ROWS = THREADS / 4;  // rows of four indices per pass of the register loads
+    constexpr int A_ROWS = BM >= PASS_ROWS ? BM / PASS_ROWS : 1;
+    constexpr int ROW_STEP = 16 * THREADS / 256;  // of the cp.async copies (pycnn_conv_copy_transposed)
+    constexpr int B_STEP = THREADS / BN;
+    static_assert(B_STEP >= 1 && BK % B_STEP == 0, "each thread loads rows of one column of B");
     if constexpr (ASYNC) {
         if (!PYCNN_KO(4)) {
             int kbase, rstride;
             const bool kok = pycnn_conv_a_column<MODE>(p, tab, k0, L.c_k, kbase, rstride);
-            pycnn_conv_copy_transposed<BM>(As, p.a_src, L.c_row, L.c_k, L.m0, p.M, kbase, rstride, kok);
+            pycnn_conv_copy_transposed<BM, ROW_STEP>(As, p.a_src, L.c_row, L.c_k, L.m0, p.M, kbase, rstride, kok);
         }
     } else {
         // Not unrolled: unrolling keeps both rows' addresses live and pushes the 128x128 v3
         // kernels past 128 registers (one block per SM instead of two).
 #pragma unroll 1
         for (int rr = 0; rr < (PYCNN_KO(4) ? 0 : A_ROWS); ++rr) {
-            const int row = L.a_row + 64 * rr;
-            if (BM < 64 && row >= BM) break;  // 32-row tiles: threads 128..255 load no A
+            const int row = L.a_row + PASS_ROWS * rr;
+            if (BM < PASS_ROWS && row >= BM) break;  // 32-row tiles: threads 128..255 load no A
             const int ma = L.m0 + row;
             pycnn_conv_load_quad<BM + PYCNN_CONV3_PAD>(As, L.a_k, row, p.a_src, [&](int q, int& off) {
                 return pycnn_conv_a_elem<MODE>(p, tab, k0, ma, L.a_k + q, off);
@@ -599,12 +608,12 @@ __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, con
     if constexpr (MODE == PYCNN_CONV_BATCHED_GEMM_NT && ASYNC) {
         // B given transposed (Ncols x Kd, contiguous along the reduction): copied like A.
         const int kd = k0 + L.c_k;
-        pycnn_conv_copy_transposed<BN>(Bs, p.b_src, L.c_row, L.c_k, L.n0, p.Ncols, kd, p.Kd, kd < p.k_end);
+        pycnn_conv_copy_transposed<BN, ROW_STEP>(Bs, p.b_src, L.c_row, L.c_k, L.n0, p.Ncols, kd, p.Kd, kd < p.k_end);
     } else if constexpr (MODE == PYCNN_CONV_BATCHED_GEMM_NT) {
         // (through registers: four consecutive reduction indices per thread, as A)
 #pragma unroll 1
-        for (int rr = 0; rr < BN / 64; ++rr) {
-            const int row = L.a_row + 64 * rr;
+        for (int rr = 0; rr < BN / PASS_ROWS; ++rr) {
+            const int row = L.a_row + PASS_ROWS * rr;
             const int n = L.n0 + row;
             pycnn_conv_load_quad<BN + PYCNN_CONV3_PAD>(Bs, L.a_k, row, p.b_src, [&](int q, int& off) {
                 const int kd = k0 + L.a_k + q;
@@ -638,11 +647,11 @@ __device__ __forceinline__ void pycnn_conv_thread_tile(int tid, int& tx, int& ty
 }
 
 // acc += As^T . Bs over one BK-deep stage, the thread's share of the BM x BN block.
-template <bool TF32, int BM, int BN>
+template <bool TF32, int BM, int BN, int THREADS = PYCNN_CONV3_THREADS>
 __device__ __forceinline__ void pycnn_conv_mma_tile(const float (*As)[BM + PYCNN_CONV3_PAD],
                                                     const float (*Bs)[BN + PYCNN_CONV3_PAD], float* acc) {
     constexpr int BK = PYCNN_CONV3_BK;
-    constexpr int TM = BM / 16, TN = BN / 16;  // v3 register tile (16 x 16 threads)
+    constexpr int TM = BM / (THREADS / 16), TN = BN / 16;  // v3 register tile (16 x THREADS/16 threads)
     constexpr int WM = BM / 2, WN = BN / 4;    // v4: 2 x 4 warps
     constexpr int MI = WM / 16, NI = WN / 8;   // v4: mma tiles per warp
     const int tid = threadIdx.x;
@@ -724,7 +733,7 @@ __device__ __forceinline__ void pycnn_conv_sum_a_row(const float (*As)[BM + PYCN
 // bits), without their launch. Deterministic: which block adds does not change the order of the
 // sum. It resets the ticket for the next launch or graph replay. The threadfence-then-ticket
 // order is CUDA's threadFenceReduction pattern (as ce_fwd_f32 in loss.cu).
-template <int MODE, int BM, int BN>
+template <int MODE, int BM, int BN, int THREADS = PYCNN_CONV3_THREADS>
 __device__ __forceinline__ void pycnn_conv_split_finish(const PycnnConvGemm& p, int m0, int n0) {
     __shared__ int is_last;
     __threadfence();  // this thread's partial stores are visible device-wide before the ticket
@@ -739,7 +748,7 @@ __device__ __forceinline__ void pycnn_conv_split_finish(const PycnnConvGemm& p, 
     // A thread adds GROUP of its elements at a time (pycnn_sum_split_parts: the loads of up to 8
     // splits of them in flight together), each in split order. Offsets are int32: an output
     // tensor has fewer than 2^31 elements, and each split's copy is addressed from its own base.
-    constexpr int PER_THREAD = BM * BN / PYCNN_CONV3_THREADS;
+    constexpr int PER_THREAD = BM * BN / THREADS;
     constexpr int GROUP = PycnnSplitGroup<PER_THREAD>::value;
 #pragma unroll 1
     for (int g = 0; g < PER_THREAD; g += GROUP) {
@@ -748,7 +757,7 @@ __device__ __forceinline__ void pycnn_conv_split_finish(const PycnnConvGemm& p, 
         double sum[GROUP];
 #pragma unroll
         for (int q = 0; q < GROUP; ++q) {
-            const int e = threadIdx.x + (g + q) * PYCNN_CONV3_THREADS;
+            const int e = threadIdx.x + (g + q) * THREADS;
             const int m = m0 + e / BN, n = n0 + e % BN;  // consecutive threads: consecutive columns
             ok[q] = m < p.M && n < p.Ncols;
             off[q] = ok[q] ? (int)(pycnn_conv_out_base<MODE>(p, n) - zoff + (pycnn_i64)m * mstride) : 0;
@@ -757,7 +766,7 @@ __device__ __forceinline__ void pycnn_conv_split_finish(const PycnnConvGemm& p, 
 #pragma unroll
         for (int q = 0; q < GROUP; ++q) {
             if (!ok[q]) continue;
-            const int m = m0 + (threadIdx.x + (g + q) * PYCNN_CONV3_THREADS) / BN;
+            const int m = m0 + (threadIdx.x + (g + q) * THREADS) / BN;
             float v = (float)sum[q];
             if (MODE == PYCNN_CONV_FWD) {
                 if (p.final_bias) v += p.bias[m];
@@ -768,7 +777,7 @@ __device__ __forceinline__ void pycnn_conv_split_finish(const PycnnConvGemm& p, 
     }
     if (MODE == PYCNN_CONV_BWD_WEIGHT && p.bias_grad && blockIdx.x == 0) {  // the tile's rows of db
         const volatile float* db_part = p.db_out;
-        for (int r = threadIdx.x; r < BM; r += PYCNN_CONV3_THREADS) {
+        for (int r = threadIdx.x; r < BM; r += THREADS) {
             const int m = m0 + r;
             if (m >= p.M) continue;
             double sum = 0.0;
@@ -780,14 +789,17 @@ __device__ __forceinline__ void pycnn_conv_split_finish(const PycnnConvGemm& p, 
 }
 
 // One block computes C[m0:m0+BM, n0:n0+BN] over Kd range [k_begin, k_end). Must be entered by
-// all PYCNN_CONV3_THREADS threads of a 1-D block (it synchronizes with __syncthreads).
+// all THREADS threads of a 1-D block (it synchronizes with __syncthreads): PYCNN_CONV3_THREADS, or
+// 128 for v3's 64 x 128 tile with an 8x8 register tile per thread.
 // Offsets inside x, dy and dx are int32: the host runs v3/v4 only when every tensor has fewer
 // than 2^31 elements (and falls back to v1 otherwise).
-template <int MODE, bool TF32, int BM, int BN>
+template <int MODE, bool TF32, int BM, int BN, int THREADS = PYCNN_CONV3_THREADS>
 __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
     static_assert(((BM == 64 || BM == 128) && BN == BM) ||
                   (!TF32 && ((BM == 32 && (BN == 128 || BN == 256)) || (BM == 64 && BN == 128))),
                   "tiles are 64x64 or 128x128, or 32x128 / 32x256 / 64x128 for v3");
+    static_assert(THREADS == PYCNN_CONV3_THREADS || (THREADS == 128 && !TF32 && BM == 64 && BN == 128),
+                  "256 threads, or 128 for v3's 64x128 tile (8x8 per thread)");
     constexpr int BK = PYCNN_CONV3_BK;
     // (a third stage only where three fit the 48 KB of static shared memory: 64x64, 32x128 and
     // 64x128 tiles; the others keep two)
@@ -795,7 +807,7 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
     constexpr int STAGES = PYCNN_CONV3_STAGES > 2 && PYCNN_CONV3_STAGES * STAGE_BYTES > 44 * 1024
                                ? 2 : PYCNN_CONV3_STAGES;
     constexpr int TABS = STAGES < 2 ? 2 : STAGES;  // decoded index tables (see below)
-    constexpr int TM = BM / 16, TN = BN / 16;  // v3 register tile (16 x 16 threads)
+    constexpr int TM = BM / (THREADS / 16), TN = BN / 16;  // v3 register tile (16 x THREADS/16 threads)
     constexpr int WM = BM / 2, WN = BN / 4;    // v4: 2 x 4 warps
     constexpr int MI = WM / 16, NI = WN / 8;   // v4: mma tiles per warp
     // 16-byte aligned rows (pitch BM+8 floats) so that v3 reads four values with one float4.
@@ -848,7 +860,8 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
     L.c_row = 8 * (tid / 128) + tid % 8;        // 8 * (warp / 4) + lane % 8
     L.c_k = 4 * ((tid / 32) % 4) + (tid % 32) / 8;  // 4 * (warp % 4) + lane / 8
 
-    static_assert(MI * NI * 4 == TM * TN, "v3 and v4 hold the same number of accumulators per thread");
+    static_assert(THREADS != PYCNN_CONV3_THREADS || MI * NI * 4 == TM * TN,
+                  "v3 and v4 hold the same number of accumulators per thread");
     float acc[TM * TN];
 #pragma unroll
     for (int q = 0; q < TM * TN; ++q) acc[q] = 0.0f;
@@ -863,14 +876,14 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
     if (STAGES == 1) {
         int s = 0;
         for (int k0 = p.k_begin; k0 < p.k_end; k0 += BK, ++s) {
-            pycnn_conv_load_tile<MODE, BM, BN, false>(p, L, tabs[s % 2], k0, As[0], Bs[0]);
+            pycnn_conv_load_tile<MODE, BM, BN, false, THREADS>(p, L, tabs[s % 2], k0, As[0], Bs[0]);
             __syncthreads();
             // The next stage's table goes into the other slot, which no thread reads any more.
             // (the constant first: a trailing "&& true" changed nvcc's code for the whole loop)
             if ((!PYCNN_KO(8) || s == 0) && tid < BK && k0 + BK < p.k_end)
                 pycnn_conv_decode<MODE>(p, k0 + BK + tid, tabs[(s + 1) % 2][tid]);
             if (sums_bias && !PYCNN_KO(1)) pycnn_conv_sum_a_row<BM>(As[0], tid, db_acc);
-            if (!PYCNN_KO(1)) pycnn_conv_mma_tile<TF32, BM, BN>(As[0], Bs[0], acc);
+            if (!PYCNN_KO(1)) pycnn_conv_mma_tile<TF32, BM, BN, THREADS>(As[0], Bs[0], acc);
             __syncthreads();  // the next stage overwrites As and Bs
         }
     } else {
@@ -878,13 +891,13 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
         // PYCNN_CONV3_STAGES=3, for latency that one stage of math does not cover).
         constexpr int AHEAD = STAGES - 1;
         // Prologue: tiles 0 .. AHEAD-1 in flight, the table of tile AHEAD decoded.
-        pycnn_conv_load_tile<MODE, BM, BN, true>(p, L, tabs[0], p.k_begin, As[0], Bs[0]);
+        pycnn_conv_load_tile<MODE, BM, BN, true, THREADS>(p, L, tabs[0], p.k_begin, As[0], Bs[0]);
         pycnn_cp_async_commit();
         if (tid < BK && p.k_begin + BK < p.k_end) pycnn_conv_decode<MODE>(p, p.k_begin + BK + tid, tabs[1][tid]);
         if constexpr (AHEAD > 1) {
             __syncthreads();  // table 1 is visible (decoded only if stage 1 exists)
             if (p.k_begin + BK < p.k_end)
-                pycnn_conv_load_tile<MODE, BM, BN, true>(p, L, tabs[1], p.k_begin + BK, As[1], Bs[1]);
+                pycnn_conv_load_tile<MODE, BM, BN, true, THREADS>(p, L, tabs[1], p.k_begin + BK, As[1], Bs[1]);
             pycnn_cp_async_commit();  // (empty if not: the count of groups stays uniform)
             if (tid < BK && p.k_begin + 2 * BK < p.k_end)
                 pycnn_conv_decode<MODE>(p, p.k_begin + 2 * BK + tid, tabs[2][tid]);
@@ -898,7 +911,7 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
             // s-1, which the copies of stage s+AHEAD now fill.
             __syncthreads();
             if (k0 + AHEAD * BK < p.k_end)
-                pycnn_conv_load_tile<MODE, BM, BN, true>(
+                pycnn_conv_load_tile<MODE, BM, BN, true, THREADS>(
                     p, L, tabs[(s + AHEAD) % STAGES], k0 + AHEAD * BK, As[STAGES == 2 ? (cur ^ 1) : (s + AHEAD) % STAGES],
                     Bs[STAGES == 2 ? (cur ^ 1) : (s + AHEAD) % STAGES]);
             pycnn_cp_async_commit();      // (empty groups at the end keep the count uniform)
@@ -912,7 +925,7 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
             if (!PYCNN_KO(8) && tid < BK && k0 + STAGES * BK < p.k_end)
                 pycnn_conv_decode<MODE>(p, k0 + STAGES * BK + tid, tabs[s % STAGES][tid]);
             if (sums_bias && !PYCNN_KO(1)) pycnn_conv_sum_a_row<BM>(As[cur], tid, db_acc);
-            if (!PYCNN_KO(1)) pycnn_conv_mma_tile<TF32, BM, BN>(As[cur], Bs[cur], acc);
+            if (!PYCNN_KO(1)) pycnn_conv_mma_tile<TF32, BM, BN, THREADS>(As[cur], Bs[cur], acc);
         }
         pycnn_cp_async_wait<0>();  // nothing left in flight (only empty groups; free, and safe for
                                    // an epilogue that would reuse the shared memory)
@@ -966,7 +979,7 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
                     }
             }
     }
-    if (p.finish && gridDim.z > 1) pycnn_conv_split_finish<MODE, BM, BN>(p, L.m0, n0);
+    if (p.finish && gridDim.z > 1) pycnn_conv_split_finish<MODE, BM, BN, THREADS>(p, L.m0, n0);
 }
 
 // Launch (all v3/v4 kernels): block (PYCNN_CONV3_THREADS,), grid (ceil(Ncols/T), ceil(M/T), splits)
@@ -988,7 +1001,7 @@ __device__ __forceinline__ PycnnConvGemm pycnn_conv_params(int N, int C, int H, 
 // the z-th copy of the output (out + z * output size) without the epilogue; the host launches
 // them with has_bias = relu = 0 and conv2d_split_reduce_f32 adds the copies in a fixed order and
 // applies bias and ReLU. Unsplit: one z, chunk >= Kd, out is y / dx.
-template <bool TF32, int BM, int BN = BM>
+template <bool TF32, int BM, int BN = BM, int THREADS = PYCNN_CONV3_THREADS>
 __device__ __forceinline__ void pycnn_conv_fwd_gemm(const float* x, const float* w, const float* b, float* y,
                                                     int has_bias, int relu, int N, int C, int H, int W, int K,
                                                     int R, int S, int Ho, int Wo, int sh, int sw, int ph, int pw,
@@ -1004,10 +1017,10 @@ __device__ __forceinline__ void pycnn_conv_fwd_gemm(const float* x, const float*
         p.final_bias = has_bias; p.final_relu = relu;
         p.has_bias = 0; p.relu = 0;
     }
-    pycnn_conv_igemm<PYCNN_CONV_FWD, TF32, BM, BN>(p);
+    pycnn_conv_igemm<PYCNN_CONV_FWD, TF32, BM, BN, THREADS>(p);
 }
 
-template <bool TF32, int BM, int BN = BM>
+template <bool TF32, int BM, int BN = BM, int THREADS = PYCNN_CONV3_THREADS>
 __device__ __forceinline__ void pycnn_conv_bwd_data_gemm(const float* dy, const float* w, float* dx, int N, int C,
                                                          int H, int W, int K, int R, int S, int Ho, int Wo,
                                                          int sh, int sw, int ph, int pw, int chunk,
@@ -1019,7 +1032,7 @@ __device__ __forceinline__ void pycnn_conv_bwd_data_gemm(const float* dy, const 
     p.k_end = min(p.Kd, p.k_begin + chunk);
     p.split_stride = (pycnn_i64)N * C * H * W;
     p.tickets = tickets; p.finish = finish; p.final_out = dx_final;
-    pycnn_conv_igemm<PYCNN_CONV_BWD_DATA, TF32, BM, BN>(p);
+    pycnn_conv_igemm<PYCNN_CONV_BWD_DATA, TF32, BM, BN, THREADS>(p);
 }
 
 // Split z reduces Kd indices [z*chunk, min((z+1)*chunk, Kd)); chunk is a multiple of BK.
@@ -1089,6 +1102,20 @@ extern "C" __global__ void conv2d_fwd_v3_n128_f32(
     int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ y_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads
     pycnn_conv_fwd_gemm<false, 64, 128>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, y_final);
+}
+
+// The 64 x 128 tile with 128 threads (v3 only, opt-in: PYCNN_CONV3_R8=1 on the host): an 8x8
+// register tile per thread instead of 4x8, the same outputs and the same order of sums per output
+// (bitwise the _n128 kernel). Per k a warp reads 4 float4s of shared memory for 64 FMAs instead of
+// 3 for 32, and the products are a larger share of the loop's instructions (74% in the 128x128
+// kernel against 60% in _n128's); the block has half the threads to hide latency with.
+// __launch_bounds__(128, 4): at most 128 registers, four blocks (16 warps) per SM.
+extern "C" __global__ void __launch_bounds__(128, 4) conv2d_fwd_v3_n128r8_f32(
+    const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+    float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
+    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ y_final) {
+    // cooperative: the GEMM core synchronizes with __syncthreads (128 threads)
+    pycnn_conv_fwd_gemm<false, 64, 128, 128>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, y_final);
 }
 
 extern "C" __global__ void conv2d_fwd_v4_f32(
@@ -1247,6 +1274,15 @@ extern "C" __global__ void conv2d_bwd_data_v3_n128_f32(
     int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ dx_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads (64 x 128 tiles, see the forward)
     pycnn_conv_bwd_data_gemm<false, 64, 128>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, dx_final);
+}
+
+// 64 x 128 tiles with 128 threads, 8x8 per thread (see conv2d_fwd_v3_n128r8_f32).
+extern "C" __global__ void __launch_bounds__(128, 4) conv2d_bwd_data_v3_n128r8_f32(
+    const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
+    int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ dx_final) {
+    // cooperative: the GEMM core synchronizes with __syncthreads (128 threads)
+    pycnn_conv_bwd_data_gemm<false, 64, 128, 128>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, dx_final);
 }
 
 extern "C" __global__ void conv2d_bwd_data_v4_f32(

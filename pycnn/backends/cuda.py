@@ -420,7 +420,8 @@ def _env(name: str) -> str:
 
 # The environment variables a conv plan depends on (part of its key).
 _CONV_SETTINGS = ("PYCNN_CONV_VERSION", "PYCNN_ALLOW_TF32", "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_AUTOTUNE",
-                  "PYCNN_CONV3_WIDE", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_CONV_POOL_FUSE")
+                  "PYCNN_CONV3_WIDE", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_CONV_POOL_FUSE",
+                  "PYCNN_CONV3_R8")
 _CONV_SETTING_KEYS = tuple(os.fsencode(name) for name in _CONV_SETTINGS)
 
 
@@ -913,6 +914,25 @@ def _conv3_wide_setting() -> str:
     return setting
 
 
+# The 64x128 tile with 128 threads and an 8x8 register tile each (conv2d_*_v3_n128r8_f32; bitwise
+# the 256-thread _n128 kernels): $PYCNN_CONV3_R8=1 runs it wherever _n128 would run. Opt-in until
+# a GPU has timed it (gpu_kernels.py --versions 3,3r; gpu_training.py's pycnn-cudagraph-r8).
+_CONV3_R8_THREADS = 128
+
+
+def _conv3_r8_setting() -> str:
+    """$PYCNN_CONV3_R8: '' or '0' (the 256-thread 64x128 kernels) or '1' (the 128-thread ones)."""
+    setting = _env("PYCNN_CONV3_R8")
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"PYCNN_CONV3_R8 must be '0' or '1' (or unset), got {setting!r}")
+    return setting
+
+
+def _conv3_threads(suffix: str) -> int:
+    """Threads per block of the v3/v4 GEMM kernels with this name suffix."""
+    return _CONV3_R8_THREADS if suffix == "_n128r8" else _CONV3_THREADS
+
+
 def _conv3_tile(direction: str, rows: int, cols: int, version: str = "3") -> tuple[int, int, str]:
     """(tile rows, tile columns, kernel-name suffix) of v3/v4 for a GEMM of ``rows`` x ``cols``.
 
@@ -936,7 +956,7 @@ def _conv3_tile(direction: str, rows: int, cols: int, version: str = "3") -> tup
     if m32:
         return (32, 256, "_m32n256") if wide else (32, 128, "_m32")
     if wide:
-        return _CONV3_BM, 128, "_n128"
+        return _CONV3_BM, 128, "_n128r8" if _conv3_r8_setting() == "1" else "_n128"
     return _CONV3_BM, _CONV3_BM, ""
 
 
@@ -1248,7 +1268,8 @@ def _conv_pick(direction: str, dev: int, geom: tuple, version, allow_tf32, build
     # (with the settings that change what a version launches: a pick made without them is not the
     # pick with them; tf32 stays last)
     key = (direction, dev, x_shape, w_shape, stride, padding, CONV_WINOGRAD_VERSION in versions,
-           _env("PYCNN_CONV3_WIDE"), _env("PYCNN_CONV_BWD_DATA_FLIP"), _CONV3_SPLIT_RULE, _CONV3_WIDE_OWN_SPLITS,
+           _env("PYCNN_CONV3_WIDE"), _env("PYCNN_CONV_BWD_DATA_FLIP"), _env("PYCNN_CONV3_R8"), _CONV3_SPLIT_RULE,
+           _CONV3_WIDE_OWN_SPLITS,
            tf32 and capable)
 
     def build_label(label):
@@ -1328,9 +1349,9 @@ def _conv3_output_plan(direction: str, version: str, rows: int, cols: int, Kd: i
     same sums in the same order, so only the tile width differs), or with _CONV3_WIDE_OWN_SPLITS
     plans its splits with its own tile count and three blocks per SM."""
     bm, bn, suffix = _conv3_tile(direction, rows, cols, version)
-    if suffix in ("_n128", "_m32n256") and _CONV3_WIDE_OWN_SPLITS:
+    if suffix in ("_n128", "_n128r8", "_m32n256") and _CONV3_WIDE_OWN_SPLITS:
         splits, chunk = _conv3_splits(direction, bm, -(-cols // bn) * -(-rows // bm), Kd, wide=True)
-    elif suffix in ("_n128", "_m32n256"):
+    elif suffix in ("_n128", "_n128r8", "_m32n256"):
         dm, dn = (32, 128) if suffix == "_m32n256" else (_CONV3_BM, _CONV3_BM)
         splits, chunk = _conv3_splits(direction, dm, -(-cols // dn) * -(-rows // dm), Kd)
     else:
@@ -1349,21 +1370,22 @@ def _conv3_output_gemm(direction: str, version: str, rows: int, cols: int, Kd: i
     bm, bn, suffix, splits, chunk = _conv3_output_plan(direction, version, rows, cols, Kd)
     grid = ((cols + bn - 1) // bn, (rows + bm - 1) // bm, splits)
     kernel = f"conv2d_{'fwd' if direction == 'forward' else 'bwd_data'}_v{version}{suffix}_f32"
+    block = (_conv3_threads(suffix),)
     no_finish = (_NULL, _i32(0), _NULL)  # tickets, finish, final output
     if splits == 1:
-        return _Plan((_kernel_launch("conv2d.cu", kernel, grid, (_CONV3_THREADS,), args + (_i32(chunk),) + no_finish),))
+        return _Plan((_kernel_launch("conv2d.cu", kernel, grid, block, args + (_i32(chunk),) + no_finish),))
     out = args[out_index]
     args = args[:out_index] + ("partial",) + args[out_index + 1:]
     scratch = (("partial", splits * out_size),)
     two_pass_args = args
     if direction == "forward":
         two_pass_args = args[:out_index + 1] + (_i32(0), _i32(0)) + args[out_index + 3:]
-    plan = _Plan((_kernel_launch("conv2d.cu", kernel, grid, (_CONV3_THREADS,),
+    plan = _Plan((_kernel_launch("conv2d.cu", kernel, grid, block,
                                  two_pass_args + (_i32(chunk),) + no_finish),
                   _split_reduce_launch("partial", out, splits, out_size, **reduce_kwargs)), scratch=scratch)
     if not _finishes_in_kernel(grid[0] * grid[1], splits):
         return plan
-    return _Plan((_kernel_launch("conv2d.cu", kernel, grid, (_CONV3_THREADS,),
+    return _Plan((_kernel_launch("conv2d.cu", kernel, grid, block,
                                  args + (_i32(chunk), "tickets", _i32(1), out)),), scratch=scratch, fallback=plan)
 
 

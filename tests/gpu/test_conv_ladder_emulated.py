@@ -589,9 +589,10 @@ def test_gpu_kernels_old_split_rule(emulated, monkeypatch, tmp_path):
 
 
 def test_gpu_kernels_wide_tiles_own_splits(emulated, monkeypatch, tmp_path):
-    """--versions 3,3o: v3 again with its wide tiles planning their own split-K ("wide_splits":
-    "own" entries, cuda._CONV3_WIDE_OWN_SPLITS), only where that splits a GEMM differently; the
-    constant is restored after."""
+    """--versions 3,3o,3r: v3 again with its wide tiles planning their own split-K ("wide_splits":
+    "own" entries, cuda._CONV3_WIDE_OWN_SPLITS), only where that splits a GEMM differently, and
+    with its 64x128 tiles run by 128 threads ("r8" entries, PYCNN_CONV3_R8=1), only where a GEMM
+    has them; the settings are restored after."""
     import json
 
     gpu_kernels, _ = _gpu_kernels_on_the_emulator(monkeypatch)
@@ -602,17 +603,22 @@ def test_gpu_kernels_wide_tiles_own_splits(emulated, monkeypatch, tmp_path):
     monkeypatch.setattr(cuda, "_CONV3_WIDE_MIN_TILES", 1)  # (wide tiles by default, whatever their count)
     monkeypatch.setattr(cuda, "_CONV3_SPLIT_TARGET_BLOCKS", 8)  # (a GPU of two SMs: wide rounds of 6)
     out = tmp_path / "o.json"
-    rc = gpu_kernels.main(["--layers", "models", "--versions", "3,3o", "--batch", "3", "--repeats", "1",
+    monkeypatch.delenv("PYCNN_CONV3_R8", raising=False)
+    rc = gpu_kernels.main(["--layers", "models", "--versions", "3,3o,3r", "--batch", "3", "--repeats", "1",
                            "--json", str(out)])
     record = json.loads(out.read_text())
     assert rc == 0 and record["kernels_info"]["errors"] == [], record["kernels_info"]["errors"]
-    assert cuda._CONV3_WIDE_OWN_SPLITS is False
-    got = sorted((e["op"], e.get("wide_splits", ""), e["tile"], e["splits"]) for e in record["kernels"])
-    assert got == sorted([("conv2d_fwd", "", "64x128", 2), ("conv2d_fwd", "own", "64x128", 3),
-                          ("conv2d_bwd_data", "", "64x128", 2), ("conv2d_bwd_data", "own", "64x128", 3),
-                          ("conv2d_bwd_weight", "", "64x64", record["kernels"][-1]["splits"])]), got
-    assert all(targets.is_variant(e) == bool(e.get("wide_splits")) for e in record["kernels"])
-    assert "v3o" in gpu_kernels.table(record["kernels"])
+    assert cuda._CONV3_WIDE_OWN_SPLITS is False and "PYCNN_CONV3_R8" not in __import__("os").environ
+    got = sorted((e["op"], e.get("wide_splits", ""), e.get("r8", False), e["tile"], e["splits"])
+                 for e in record["kernels"])
+    wgrad_splits = next(e["splits"] for e in record["kernels"] if e["op"] == "conv2d_bwd_weight")
+    assert got == sorted([("conv2d_fwd", "", False, "64x128", 2), ("conv2d_fwd", "own", False, "64x128", 3),
+                          ("conv2d_fwd", "", True, "64x128/128 threads", 2),
+                          ("conv2d_bwd_data", "", False, "64x128", 2), ("conv2d_bwd_data", "own", False, "64x128", 3),
+                          ("conv2d_bwd_data", "", True, "64x128/128 threads", 2),
+                          ("conv2d_bwd_weight", "", False, "64x64", wgrad_splits)]), got
+    assert all(targets.is_variant(e) == bool(e.get("wide_splits") or e.get("r8")) for e in record["kernels"])
+    assert "v3o" in gpu_kernels.table(record["kernels"]) and "v3r" in gpu_kernels.table(record["kernels"])
 
 
 def test_gpu_kernels_wide_tiles_at_a_batch(emulated, monkeypatch, tmp_path):
@@ -1249,6 +1255,46 @@ def test_v3_tile_rule(monkeypatch):
     assert cuda._conv3_tile("backward_data", 32, 10816, "4") == (64, 64, "")  # v4 keeps its warp tiles
     assert cuda._conv3_tile("forward", 33, 10816, "3") == (64, 64, "")
     assert cuda._conv3_tile("backward_weight", 128, 1152, "3") == (128, 128, "_t128")
+
+
+@pytest.mark.parametrize("build", ["emulator", "emulator_one_stage", "emulator_three_stage"])
+@pytest.mark.parametrize("shape, split", [
+    ((2, 40, 6, 5, 36, 3, 3, (1, 1), (1, 1)), False),   # 36 filters, 40 channels: 64x128 both ways
+    ((1, 34, 12, 13, 48, 3, 2, (2, 1), (1, 0)), False),  # stride 2; two 128-wide column tiles in bwd-data
+    ((3, 40, 9, 9, 36, 3, 3, (1, 1), (1, 1)), True),     # split-K (a small "GPU")
+], ids=["one-tile", "stride2", "split"])
+def test_r8_tiles_give_the_n128_bits(request, monkeypatch, build, shape, split):
+    """PYCNN_CONV3_R8=1: the 64x128 v3 tiles run by 128 threads with 8x8 register tiles
+    (conv2d_*_v3_n128r8_f32, launched with 128 threads) give bitwise the 256-thread _n128
+    kernels' y and dx (the same sums in the same order per output), with every main loop (one,
+    two, three stages: the loads of a 128-thread block take twice the passes), split or not,
+    and the reference's values."""
+    from emu_support import patch_backend
+
+    launched = patch_backend(monkeypatch, request.getfixturevalue(build))
+    monkeypatch.setenv("PYCNN_CONV3_WIDE", "1")
+    monkeypatch.setattr(cuda, "_CONV3_M32_MAX_ROWS", 32)
+    if split:
+        monkeypatch.setattr(cuda, "_CONV3_SPLIT_TARGET_BLOCKS", 8)
+    else:
+        monkeypatch.setattr(cuda, "_CONV3_SPLIT_BELOW_BLOCKS", 0)
+    x, w, b, dy = data(shape, seed=29)
+    _, _, _, _, _, _, _, stride, padding = shape
+    results = {}
+    for r8 in ("0", "1"):
+        monkeypatch.setenv("PYCNN_CONV3_R8", r8)
+        n = len(launched)
+        results[r8] = (cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version="3"),
+                       cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="3"))
+        suffix = "_n128r8" if r8 == "1" else "_n128"
+        assert {f"conv2d_fwd_v3{suffix}_f32", f"conv2d_bwd_data_v3{suffix}_f32"} <= set(launched[n:]), launched[n:]
+        assert ("conv2d_split_reduce_f32" in launched[n:]) == split, launched[n:]
+    for what, a, c in zip(("y", "dx"), results["0"], results["1"]):
+        np.testing.assert_array_equal(c, a, err_msg=f"{what}: 128 threads (8x8) vs 256 (4x8)")
+    want = reference(shape, x, w, b, dy)
+    lf, ld, _ = lengths(shape)
+    np.testing.assert_allclose(results["1"][0], np.maximum(want[0], 0), rtol=1e-5, atol=fp32_atol(lf))
+    np.testing.assert_allclose(results["1"][1], want[1], rtol=1e-5, atol=fp32_atol(ld))
 
 
 def test_wide_tiles_plan_their_own_splits(emulated, monkeypatch):
