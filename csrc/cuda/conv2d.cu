@@ -1107,8 +1107,9 @@ extern "C" __global__ void conv2d_fwd_v3_n128_f32(
 // The 64 x 128 tile with 128 threads (v3 only, opt-in: PYCNN_CONV3_R8=1 on the host): an 8x8
 // register tile per thread instead of 4x8, the same outputs and the same order of sums per output
 // (bitwise the _n128 kernel). Per k a warp reads 4 float4s of shared memory for 64 FMAs instead of
-// 3 for 32, and the products are a larger share of the loop's instructions (74% in the 128x128
-// kernel against 60% in _n128's); the block has half the threads to hide latency with.
+// 3 for 32, and the products should be a larger share of the loop's instructions, as in the
+// 128x128 kernel (74% FMAs in its main loop against 60% in _n128's); the block has half the
+// threads to hide latency with. Untimed: the A/B decides (benchmarks/gpu_session.sh WIDESPLITS=1).
 // __launch_bounds__(128, 4): at most 128 registers, four blocks (16 warps) per SM.
 extern "C" __global__ void __launch_bounds__(128, 4) conv2d_fwd_v3_n128r8_f32(
     const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
