@@ -1350,7 +1350,8 @@ def _conv3_output_plan(direction: str, version: str, rows: int, cols: int, Kd: i
     plans its splits with its own tile count and three blocks per SM."""
     bm, bn, suffix = _conv3_tile(direction, rows, cols, version)
     if suffix in ("_n128", "_n128r8", "_m32n256") and _CONV3_WIDE_OWN_SPLITS:
-        splits, chunk = _conv3_splits(direction, bm, -(-cols // bn) * -(-rows // bm), Kd, wide=True)
+        # (the 128-thread kernels fit four blocks per SM, as the default tiles)
+        splits, chunk = _conv3_splits(direction, bm, -(-cols // bn) * -(-rows // bm), Kd, wide=suffix != "_n128r8")
     elif suffix in ("_n128", "_n128r8", "_m32n256"):
         dm, dn = (32, 128) if suffix == "_m32n256" else (_CONV3_BM, _CONV3_BM)
         splits, chunk = _conv3_splits(direction, dm, -(-cols // dn) * -(-rows // dm), Kd)

@@ -1331,6 +1331,10 @@ def test_wide_tiles_plan_their_own_splits(emulated, monkeypatch):
     np.testing.assert_allclose(dx, ref[1], rtol=1e-5, atol=fp32_atol(ld))
     monkeypatch.setattr(cuda, "_CONV3_WIDE_OWN_SPLITS", False)
     assert cuda._conv3_output_plan("forward", "3", 36, 3 * 81, 360)[3] == 2
+    # the 128-thread 64x128 kernels fit four blocks per SM: their own plan counts rounds of 8 here
+    monkeypatch.setattr(cuda, "_CONV3_WIDE_OWN_SPLITS", True)
+    monkeypatch.setenv("PYCNN_CONV3_R8", "1")
+    assert cuda._conv3_output_plan("forward", "3", 36, 3 * 81, 360)[2:4] == ("_n128r8", 4)
 
 
 def test_v3_wide_tiles_where_there_are_enough(monkeypatch):
