@@ -476,7 +476,8 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
     fastest = {}
     for e in entries:
         if (e["version"] in [f"v{v}" for v in cuda.CONV_VERSIONS]
-                and not any(e.get(k) for k in ("wide", "flip", "split_target", "split_rule", "wide_splits", "r8"))):  # auto's choices
+                and not any(e.get(k) for k in ("wide", "flip", "split_target", "split_rule", "wide_splits",
+                                                "r8"))):  # auto's choices
             slot = fastest.setdefault(e["layer"], {})
             best = slot.get(e["op"])
             if best is None or e["ms"] < best[1]:
@@ -497,7 +498,8 @@ def table(entries) -> str:
         ms, dnn, t32, err = e["ms"], e.get("cudnn_ms"), e.get("cudnn_tf32_ms"), e.get("max_rel_err_vs_cudnn")
         gpu, dnn_gpu = e.get("gpu_ms"), e.get("cudnn_gpu_ms")
         version = (e["version"] + ("w" if e.get("wide") else "") + ("f" if e.get("flip") else "")
-                   + (e["split_rule"] if e.get("split_rule") else "") + ("o" if e.get("wide_splits") else "") + ("r" if e.get("r8") else "")
+                   + (e["split_rule"] if e.get("split_rule") else "")
+                   + ("o" if e.get("wide_splits") else "") + ("r" if e.get("r8") else "")
                    + (f"-k{e['knockout']}" if e.get("knockout") else "")
                    + (f"-s{e['stages']}" if str(e.get("rebuilt", "")).startswith("PYCNN_CONV_STAGES") else "")
                    + (f"-l{e['warp_cols']}" if str(e.get("rebuilt", "")).startswith("PYCNN_CONV3_WARP_COLS") else "")

@@ -150,7 +150,8 @@ def pycnn_variants() -> list:
         ("pycnn-cudagraph-wideown", "graph wide tiles' own split-K",
          with_constant("_CONV3_WIDE_OWN_SPLITS", True, pycnn_throughput), True),
         # the A/B of the "waves" split-K rule: the rule before it
-        ("pycnn-cudagraph-fill", "graph split rule 'fill'", with_constant("_CONV3_SPLIT_RULE", "fill", pycnn_throughput), True),
+        ("pycnn-cudagraph-fill", "graph split rule 'fill'",
+         with_constant("_CONV3_SPLIT_RULE", "fill", pycnn_throughput), True),
         # the A/B of conv1 + max-pool + ReLU in one kernel (and its weight gradient from the pooled
         # gradient): conv1 writes its output, the pool reads it
         ("pycnn-cudagraph-nopoolfuse", "graph conv1 and pool unfused",

@@ -82,7 +82,8 @@ def summarize(path: str) -> str:
     memory = sorted({k for row in rows for k in row if k and MEMORY.match(k)})
     if memory:
         labels = [_memory_label(MEMORY.match(k).group(1)) for k in memory]
-        out.append("L1 work per launch (thousands): " + "; ".join(f"{i + 1} = {label}" for i, label in enumerate(labels)))
+        out.append("L1 work per launch (thousands): "
+                   + "; ".join(f"{i + 1} = {label}" for i, label in enumerate(labels)))
         out.append(f"{'kernel':44s} " + " ".join(f"{i + 1:>8d}" for i in range(len(memory))))
         for row in rows:
             name = (row.get("Kernel Name") or row.get("Function Name") or "?")[:44]

@@ -158,7 +158,8 @@ def test_ncu_summary_reads_the_memory_workload_metrics(tmp_path):
     header = ["ID", "Kernel Name", "gpu__time_duration.sum",
               "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum",
               "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum",
-              "l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum", "smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio"]
+              "l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum",
+              "smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio"]
     rows = [header, ["", "", "usecond", "", "", "", "ratio"],
             ["0", "conv2d_fwd_v3_f32", "12.5", "2,048,000", "1,000", "512,000", "1.5"],
             ["1", "relu_bwd_f32", "3.0", "", "", "64,000", "0.2"]]

@@ -940,8 +940,9 @@ def _conv3_tile(direction: str, rows: int, cols: int, version: str = "3") -> tup
     tile count, so it takes the large tile as soon as both sides are at least 128. v3 GEMMs of at
     most _CONV3_M32_MAX_ROWS rows take 32x128 tiles (a 64-row tile would be half empty). v3
     forward and backward-data GEMMs of at most 64 rows take tiles twice as wide, 32x256
-    (conv2d_*_v3_m32n256_f32) and 64x128 (conv2d_*_v3_n128_f32), where that still makes
-    _CONV3_WIDE_MIN_TILES tiles ($PYCNN_CONV3_WIDE=1: always, 0: never).
+    (conv2d_*_v3_m32n256_f32) and 64x128 (conv2d_*_v3_n128_f32, or with $PYCNN_CONV3_R8=1 the
+    128-thread conv2d_*_v3_n128r8_f32), where that still makes _CONV3_WIDE_MIN_TILES tiles
+    ($PYCNN_CONV3_WIDE=1: always, 0: never).
     """
     big = _CONV3_BIG
     if rows >= big and cols >= big:
@@ -1351,7 +1352,8 @@ def _conv3_output_plan(direction: str, version: str, rows: int, cols: int, Kd: i
     bm, bn, suffix = _conv3_tile(direction, rows, cols, version)
     if suffix in ("_n128", "_n128r8", "_m32n256") and _CONV3_WIDE_OWN_SPLITS:
         # (the 128-thread kernels fit four blocks per SM, as the default tiles)
-        splits, chunk = _conv3_splits(direction, bm, -(-cols // bn) * -(-rows // bm), Kd, wide=suffix != "_n128r8")
+        tiles = -(-cols // bn) * -(-rows // bm)
+        splits, chunk = _conv3_splits(direction, bm, tiles, Kd, wide=suffix != "_n128r8")
     elif suffix in ("_n128", "_n128r8", "_m32n256"):
         dm, dn = (32, 128) if suffix == "_m32n256" else (_CONV3_BM, _CONV3_BM)
         splits, chunk = _conv3_splits(direction, dm, -(-cols // dn) * -(-rows // dm), Kd)
