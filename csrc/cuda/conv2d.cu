@@ -982,8 +982,8 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
     if (p.finish && gridDim.z > 1) pycnn_conv_split_finish<MODE, BM, BN, THREADS>(p, L.m0, n0);
 }
 
-// Launch (all v3/v4 kernels): block (PYCNN_CONV3_THREADS,), grid (ceil(Ncols/T), ceil(M/T), splits)
-// with T = 64, or 128 for the _t128 kernels.
+// Launch (all v3/v4 kernels): block (PYCNN_CONV3_THREADS,) (the _n128r8 kernels: (128,)), grid
+// (ceil(Ncols/BN), ceil(M/BM), splits) with the kernel's BM x BN tile.
 __device__ __forceinline__ PycnnConvGemm pycnn_conv_params(int N, int C, int H, int W, int K, int R, int S,
                                                            int Ho, int Wo, int sh, int sw, int ph, int pw) {
     PycnnConvGemm p;

@@ -1291,6 +1291,14 @@ def test_r8_tiles_give_the_n128_bits(request, monkeypatch, build, shape, split):
         assert ("conv2d_split_reduce_f32" in launched[n:]) == split, launched[n:]
     for what, a, c in zip(("y", "dx"), results["0"], results["1"]):
         np.testing.assert_array_equal(c, a, err_msg=f"{what}: 128 threads (8x8) vs 256 (4x8)")
+    if split:  # the splits summed by the last block of each tile (PYCNN_SPLIT_FINISH=1): the same bits
+        monkeypatch.setenv("PYCNN_SPLIT_FINISH", "1")
+        n = len(launched)
+        finished = (cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version="3"),
+                    cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="3"))
+        assert launched[n:] == ["conv2d_fwd_v3_n128r8_f32", "conv2d_bwd_data_v3_n128r8_f32"], launched[n:]
+        for what, a, c in zip(("y", "dx"), results["0"], finished):
+            np.testing.assert_array_equal(c, a, err_msg=f"{what}: 128 threads, split-K summed in the kernel")
     want = reference(shape, x, w, b, dy)
     lf, ld, _ = lengths(shape)
     np.testing.assert_allclose(results["1"][0], np.maximum(want[0], 0), rtol=1e-5, atol=fp32_atol(lf))
