@@ -69,25 +69,20 @@ def test_kernel_source_inlines_common_header_and_defines():
         assert text.index("#define PYCNN_BLOCK") < text.index("#ifndef PYCNN_BLOCK")
 
 
-def test_conv_stages_come_from_the_environment(monkeypatch):
-    monkeypatch.delenv("PYCNN_CONV_STAGES", raising=False)
-    assert "#define PYCNN_CONV3_STAGES 2\n" in cuda.kernel_source("conv2d.cu")
-    monkeypatch.setenv("PYCNN_CONV_STAGES", "1")
-    assert "#define PYCNN_CONV3_STAGES 1\n" in cuda.kernel_source("conv2d.cu")
-    monkeypatch.setenv("PYCNN_CONV_STAGES", "3")
-    assert "#define PYCNN_CONV3_STAGES 3\n" in cuda.kernel_source("conv2d.cu")
-    monkeypatch.setenv("PYCNN_CONV_STAGES", "4")
-    with pytest.raises(ValueError, match=r"PYCNN_CONV_STAGES must be 1 .*, 2 .* or 3 .*got '4'"):
-        cuda.kernel_source("conv2d.cu")
-
-
-def test_warp_layout_comes_from_the_environment(monkeypatch):
-    monkeypatch.delenv("PYCNN_CONV3_WARP_COLS", raising=False)
-    assert "#define PYCNN_CONV3_WARP_COLS 16\n" in cuda.kernel_source("conv2d.cu")
-    monkeypatch.setenv("PYCNN_CONV3_WARP_COLS", "8")
-    assert "#define PYCNN_CONV3_WARP_COLS 8\n" in cuda.kernel_source("conv2d.cu")
-    monkeypatch.setenv("PYCNN_CONV3_WARP_COLS", "4")
-    with pytest.raises(ValueError, match=r"PYCNN_CONV3_WARP_COLS must be 8 .* or 16 .*got '4'"):
+@pytest.mark.parametrize("env, define, default, others, bad, message", [
+    ("PYCNN_CONV_STAGES", "PYCNN_CONV3_STAGES", "2", ("1", "3"), "4", r"must be 1 .*, 2 .* or 3 .*got '4'"),
+    ("PYCNN_CONV3_WARP_COLS", "PYCNN_CONV3_WARP_COLS", "16", ("8",), "4", r"must be 8 .* or 16 .*got '4'"),
+])
+def test_compile_settings_come_from_the_environment(monkeypatch, env, define, default, others, bad, message):
+    """The main loop's depth and v3's warp layout are compile-time defines set from the environment
+    (the default when unset); a value the kernels do not have is an error that names the variable."""
+    monkeypatch.delenv(env, raising=False)
+    assert f"#define {define} {default}\n" in cuda.kernel_source("conv2d.cu")
+    for value in others:
+        monkeypatch.setenv(env, value)
+        assert f"#define {define} {value}\n" in cuda.kernel_source("conv2d.cu")
+    monkeypatch.setenv(env, bad)
+    with pytest.raises(ValueError, match=f"{env} {message}"):
         cuda.kernel_source("conv2d.cu")
 
 
