@@ -24,12 +24,10 @@ fp32 (TF32 off) and in TF32, all measured in the same run.
     python benchmarks/gpu_kernels.py --layers all --versions 3 --also-warp-cols 8 --batch 512 --json FILE
         (v3, then v3 rebuilt with PYCNN_CONV3_WARP_COLS=8, warps on 8 x 4 register tiles instead
         of 16 x 2, as "rebuilt" entries with "warp_cols": 8)
-    python benchmarks/gpu_kernels.py --layers models --versions 3,3o --batch 512 --json FILE
-        (v3 and, as "wide_splits": "own" entries where it splits differently, v3 with its wide
-        tiles planning their own split-K: cuda._CONV3_WIDE_OWN_SPLITS = True)
-    python benchmarks/gpu_kernels.py --layers models --versions 3,3r --batch 512 --json FILE
-        (v3 and, as "r8": true entries, v3 with its 64x128 tiles run by 128 threads with 8x8
-        register tiles, PYCNN_CONV3_R8=1, where a GEMM has such tiles)
+    python benchmarks/gpu_kernels.py --layers models --versions 3,3t --batch 512 --json FILE
+        (v3 and, as "threads": 256 entries, v3 with its 64x128 tiles run by 256 threads with 4x8
+        register tiles instead of 128 with 8x8, PYCNN_CONV3_R8=0, where a GEMM has such tiles;
+        older records have the reverse A/B as "r8": true entries, and "wide_splits": "own" ones)
     python benchmarks/gpu_kernels.py --layers models --versions 3,3fill --batch 512 --json FILE
         (v3 and, as "split_rule": "fill" entries where it splits differently, v3 with the split-K
         rule before the "waves" one: cuda._CONV3_SPLIT_RULE)
@@ -86,10 +84,8 @@ WIDE = "3w"
 FLIP = "3f"
 # "3fill": v3 with the split-K rule before the "waves" one (cuda._CONV3_SPLIT_RULE = "fill").
 FILL = "3fill"
-# "3o": v3 with wide tiles planning their own split-K (cuda._CONV3_WIDE_OWN_SPLITS = True).
-OWN = "3o"
-# "3r": v3 with PYCNN_CONV3_R8=1 (the 64x128 tiles by 128 threads, 8x8 register tiles).
-R8 = "3r"
+# "3t": v3 with PYCNN_CONV3_R8=0 (the 64x128 tiles by 256 threads, 4x8 register tiles).
+T256 = "3t"
 # "3@T": v3 with cuda._CONV3_SPLIT_TARGET_BLOCKS = T (how many blocks split-K GEMMs aim at).
 
 
@@ -100,8 +96,7 @@ class Tag(NamedTuple):
     split_target: int | None = None
     flip: bool = False
     split_rule: str | None = None
-    own_splits: bool = False
-    r8: bool = False
+    threads256: bool = False
 
 
 def parse_tag(tag: str) -> Tag:
@@ -114,10 +109,8 @@ def parse_tag(tag: str) -> Tag:
         return Tag("3", wide=tag == WIDE, flip=tag == FLIP)
     if tag == FILL:
         return Tag("3", split_rule="fill")
-    if tag == OWN:
-        return Tag("3", own_splits=True)
-    if tag == R8:
-        return Tag("3", r8=True)
+    if tag == T256:
+        return Tag("3", threads256=True)
     return Tag(tag)
 SLOW_MS = 5.0
 
@@ -300,24 +293,20 @@ def variant(tag: Tag):
     """The tag's variant inside: wide tiles (PYCNN_CONV3_WIDE), the flipped backward-data
     (PYCNN_CONV_BWD_DATA_FLIP), a split-K target (cuda._CONV3_SPLIT_TARGET_BLOCKS) and rule
     (cuda._CONV3_SPLIT_RULE). (Assigning a backend constant empties its launch plans.)"""
-    old = cuda._CONV3_SPLIT_TARGET_BLOCKS, cuda._CONV3_SPLIT_RULE, cuda._CONV3_WIDE_OWN_SPLITS
+    old = cuda._CONV3_SPLIT_TARGET_BLOCKS, cuda._CONV3_SPLIT_RULE
     if tag.split_target is not None:
         cuda._CONV3_SPLIT_TARGET_BLOCKS = tag.split_target
     if tag.split_rule is not None:
         cuda._CONV3_SPLIT_RULE = tag.split_rule
-    if tag.own_splits:
-        cuda._CONV3_WIDE_OWN_SPLITS = True
     try:
         with env_switch("PYCNN_CONV3_WIDE", tag.wide), env_switch("PYCNN_CONV_BWD_DATA_FLIP", tag.flip), \
-                env_switch("PYCNN_CONV3_R8", tag.r8):
+                env_value("PYCNN_CONV3_R8", "0" if tag.threads256 else None):
             yield
     finally:
         if tag.split_target is not None:
             cuda._CONV3_SPLIT_TARGET_BLOCKS = old[0]
         if tag.split_rule is not None:
             cuda._CONV3_SPLIT_RULE = old[1]
-        if tag.own_splits:
-            cuda._CONV3_WIDE_OWN_SPLITS = old[2]
 
 
 @contextlib.contextmanager
@@ -418,7 +407,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
             fp32_ms, tf32_ms, fp32_gpu, tf32_gpu = cudnn.get(op, (None, None, None, None))
             for tag in versions:
                 parsed = parse_tag(tag)
-                version, wide, target, flip, rule, own, r8 = parsed
+                version, wide, target, flip, rule, threads256 = parsed
                 if flip and direction != "backward_data":
                     continue
 
@@ -439,9 +428,9 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                     with variant(Tag(version)):
                         default_tile = tile_of(direction, shape, version) if version in ("3", "4") else None
                         default_splits = splits_of(direction, shape, version)
-                    if (wide or r8) and tile == default_tile:
-                        continue  # no wide (or 128-thread) tile for this GEMM: the same kernel as v3
-                    if (target is not None or rule is not None or own) and splits == default_splits:
+                    if (wide or threads256) and tile == default_tile:
+                        continue  # no wide (or 64x128) tile for this GEMM: the same kernel as v3
+                    if (target is not None or rule is not None) and splits == default_splits:
                         continue  # the same split as v3's default: the same launches
                     if flip and (not flipped or tile == "narrow"):
                         continue  # (stride > 1, or a first layer's narrow kernel: v3 as it is)
@@ -469,7 +458,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                     "tile": tile, "splits": splits, **({"wide": True} if wide else {}),
                     **({"flip": True} if flip else {}), **({"split_rule": rule} if rule else {}),
                     **({"split_target": target} if target is not None else {}),
-                    **({"wide_splits": "own"} if own else {}), **({"r8": True} if r8 else {}),
+                    **({"threads": 256} if threads256 else {}),
                     "stages": stages if version in ("3", "4", "5") else None,  # (v5's GEMMs: the v3 core)
                     "warp_cols": warp_cols if version in ("3", "5") else None})
     # Was the shape rule right? The fastest measured exact version per layer and direction.
@@ -477,7 +466,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
     for e in entries:
         if (e["version"] in [f"v{v}" for v in cuda.CONV_VERSIONS]
                 and not any(e.get(k) for k in ("wide", "flip", "split_target", "split_rule", "wide_splits",
-                                                "r8"))):  # auto's choices
+                                                "r8", "threads"))):  # auto's choices
             slot = fastest.setdefault(e["layer"], {})
             best = slot.get(e["op"])
             if best is None or e["ms"] < best[1]:
@@ -500,6 +489,7 @@ def table(entries) -> str:
         version = (e["version"] + ("w" if e.get("wide") else "") + ("f" if e.get("flip") else "")
                    + (e["split_rule"] if e.get("split_rule") else "")
                    + ("o" if e.get("wide_splits") else "") + ("r" if e.get("r8") else "")
+                   + ("t" if e.get("threads") == 256 else "")
                    + (f"-k{e['knockout']}" if e.get("knockout") else "")
                    + (f"-s{e['stages']}" if str(e.get("rebuilt", "")).startswith("PYCNN_CONV_STAGES") else "")
                    + (f"-l{e['warp_cols']}" if str(e.get("rebuilt", "")).startswith("PYCNN_CONV3_WARP_COLS") else "")
@@ -516,8 +506,8 @@ def table(entries) -> str:
                  "forward GEMM of the flipped filters (PYCNN_CONV_BWD_DATA_FLIP=1); v3-kM = v3 compiled with "
                  "PYCNN_CONV3_KNOCKOUT=M (timing only); v3-sN = v3 rebuilt with PYCNN_CONV_STAGES=N; "
                  "v3-lN = v3 rebuilt with PYCNN_CONV3_WARP_COLS=N; "
-                 "v3fill = the split-K rule before 'waves'; v3o = wide tiles planning their own split-K; "
-                 "v3r = 64x128 tiles by 128 threads (PYCNN_CONV3_R8=1); "
+                 "v3fill = the split-K rule before 'waves'; "
+                 "v3t = 64x128 tiles by 256 threads (PYCNN_CONV3_R8=0); "
                  "v3@T = split-K aimed at T "
                  "blocks; x cuDNN > 1 means faster "
                  "than cuDNN; ms: one call with the host's work, GPU us: in a CUDA graph)")
@@ -553,14 +543,14 @@ def main(argv=None) -> int:
                         help="also time the non-conv kernel families (the selftest's benchmark)")
     args = parser.parse_args(argv)
     versions = tuple(v.strip() for v in args.versions.split(",") if v.strip())
-    unknown = [v for v in versions if v not in VERSIONS + (WIDE, FLIP, FILL, OWN, R8) and not v.startswith("3@")]
+    unknown = [v for v in versions if v not in VERSIONS + (WIDE, FLIP, FILL, T256) and not v.startswith("3@")]
     try:
         [parse_tag(v) for v in versions]
     except ValueError as exc:
         unknown.append(str(exc))
     if unknown or not versions:
         parser.error(f"--versions: expected a comma-separated subset of {','.join(VERSIONS)}, "
-                     f"3w, 3f, 3fill, 3o, 3r or 3@<blocks>, "
+                     f"3w, 3f, 3fill, 3t or 3@<blocks>, "
                      f"got {args.versions!r}")
     try:
         knockouts = [int(k) for k in args.knockouts.split(",") if k.strip()]

@@ -27,7 +27,7 @@
 # PART=2 SKIP_LADDER=1 SKIP_TRAINING_BENCH=1 NCU=1 for Nsight Compute alone.
 # Usage: PYCNN_COMMIT=<sha> PYCNN_DATA=<mnist dir> OUT=<dir> [PART=1|2] [DEADLINE_S=560] \
 #        [SELFTEST_ARGS=--tests-only] [SKIP_STAGES1=1] [SKIP_MNISTCNN=1] [SKIP_TRAINING_BENCH=1] [NCU=1 [NCU_MEM=1]] [WIDE=1]
-#        [KNOCKOUT=1] [LAYOUT=1] [WIDESPLITS=1] [SKIP_LADDER=1]
+#        [KNOCKOUT=1] [LAYOUT=1] [THREADS=1] [SKIP_LADDER=1]
 #        [LOCALIZE_EPOCHS=N] bash benchmarks/gpu_session.sh
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -106,13 +106,12 @@ if [ -n "${LAYOUT:-}" ]; then
     python3 benchmarks/gpu_kernels.py --layers all --models mnistcnn --versions 3 --also-warp-cols 8 --batch 512 \
     --repeats 10 --budget 40 --json "$OUT/gpu-$stamp-$sha8-kernels-layout-b512.json" 2>&1 | tail -40
 fi
-# WIDESPLITS=1: v3 with its wide tiles split as the default tiles of their rows (the default),
-# planning their own split-K (v3o, cuda._CONV3_WIDE_OWN_SPLITS = True) and with the 64x128 ones
-# run by 128 threads, 8x8 register tiles (v3r, PYCNN_CONV3_R8=1), every model layer at batch 512
-# (a GEMM that a variant does not change is timed once).
-[ -n "${WIDESPLITS:-}" ] && step "v3 wide tiles: own split-K, 128 threads, model layers at batch 512" 70 \
-  python3 benchmarks/gpu_kernels.py --layers models --versions 3,3o,3r --batch 512 --repeats 10 --budget 40 \
-  --json "$OUT/gpu-$stamp-$sha8-kernels-widesplits-b512.json" 2>&1 | tail -40
+# THREADS=1: v3 with its 64x128 tiles run by 128 threads with 8x8 register tiles (the default)
+# and by 256 threads with 4x8 (v3t, PYCNN_CONV3_R8=0), every model layer at batch 512 (a GEMM
+# without such tiles is timed once).
+[ -n "${THREADS:-}" ] && step "v3 64x128 tiles by 128 vs 256 threads, model layers at batch 512" 70 \
+  python3 benchmarks/gpu_kernels.py --layers models --versions 3,3t --batch 512 --repeats 10 --budget 40 \
+  --json "$OUT/gpu-$stamp-$sha8-kernels-threads-b512.json" 2>&1 | tail -40
 # The v3/v4/v5 GEMM main loop without cp.async double buffering, on the compute-bound layer: is
 # the default (PYCNN_CONV3_STAGES=2) the faster one there?
 [ -z "${SKIP_STAGES1:-}" ] && step "v3/v4/v5 with PYCNN_CONV_STAGES=1 (compute-bound layer)" 60 env PYCNN_CONV_STAGES=1 \

@@ -32,10 +32,10 @@ launch): its A/B (records up to 40eb354d have the reverse, "pycnn-cudagraph-2pas
 in-kernel sum was the default).
 "pycnn-cudagraph-nowide" is the graph variant with PYCNN_CONV3_WIDE=0 (v3 GEMMs in their narrower
 tiles even where 264 or more wide ones would run): its A/B.
-"pycnn-cudagraph-r8" is the graph variant with PYCNN_CONV3_R8=1 (v3's 64x128 tiles run by 128 threads
-with 8x8 register tiles instead of 256 with 4x8): its A/B.
-"pycnn-cudagraph-wideown" is the graph variant with cuda._CONV3_WIDE_OWN_SPLITS = True (wide tiles
-plan their own split-K instead of taking the default tile's): its A/B.
+"pycnn-cudagraph-t256" is the graph variant with PYCNN_CONV3_R8=0 (v3's 64x128 tiles run by 256
+threads with 4x8 register tiles instead of 128 with 8x8): its A/B (records up to 15daa69e have the
+reverse, "pycnn-cudagraph-r8", from when 256 threads were the default, and
+"pycnn-cudagraph-wideown", wide tiles planning their own split-K, since removed: it lost).
 "pycnn-cudagraph-flip" is the graph variant with PYCNN_CONV_BWD_DATA_FLIP=1 (stride-1
 backward-data as the forward GEMM of dy with the flipped filters): its A/B; "pycnn-cudagraph-fill"
 the graph variant with the split-K rule before "waves" (cuda._CONV3_SPLIT_RULE = "fill");
@@ -143,12 +143,9 @@ def pycnn_variants() -> list:
         # the A/B of the wide v3 tiles where there are enough of them (_CONV3_WIDE_MIN_TILES)
         ("pycnn-cudagraph-nowide", "graph v3 without wide tiles",
          with_env("PYCNN_CONV3_WIDE", "0", pycnn_throughput), True),
-        # the A/B of the 64x128 tiles run by 128 threads with 8x8 register tiles (opt-in)
-        ("pycnn-cudagraph-r8", "graph 64x128 tiles by 128 threads",
-         with_env("PYCNN_CONV3_R8", "1", pycnn_throughput), True),
-        # the A/B of wide tiles planning their own split-K (opt-in; they take the default tile's)
-        ("pycnn-cudagraph-wideown", "graph wide tiles' own split-K",
-         with_constant("_CONV3_WIDE_OWN_SPLITS", True, pycnn_throughput), True),
+        # the A/B of the 64x128 tiles run by 128 threads with 8x8 register tiles: 256 with 4x8
+        ("pycnn-cudagraph-t256", "graph 64x128 tiles by 256 threads",
+         with_env("PYCNN_CONV3_R8", "0", pycnn_throughput), True),
         # the A/B of the "waves" split-K rule: the rule before it
         ("pycnn-cudagraph-fill", "graph split rule 'fill'",
          with_constant("_CONV3_SPLIT_RULE", "fill", pycnn_throughput), True),

@@ -279,20 +279,20 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
             with monkeypatch.context() as m:  # the opt-in wide tiles: 64x128 (40 rows), 32x256 (4 rows)
                 m.setenv("PYCNN_CONV3_WIDE", "1")
                 cuda.conv2d_forward(x40, w40, None, (2, 1), (1, 0), version="3")
-                assert launches[-1] == "conv2d_fwd_v3_n128_f32"
+                assert launches[-1] == "conv2d_fwd_v3_n128r8_f32"  # (64x128 tiles by 128 threads)
                 cuda.conv2d_backward_data(_f(2, 4, 5, 6), _f(4, 40, 3, 2), (2, 40, 9, 7), (2, 1), (1, 0),
                                           version="3")
-                assert launches[-1] == "conv2d_bwd_data_v3_n128_f32"
+                assert launches[-1] == "conv2d_bwd_data_v3_n128r8_f32"
                 cuda.conv2d_forward(x40, _f(4, 5, 3, 2), None, (2, 1), (1, 0), version="3")
                 assert launches[-1] == "conv2d_fwd_v3_m32n256_f32"
                 cuda.conv2d_backward_data(dy40, w40[:, :4].copy(), (2, 4, 9, 7), (2, 1), (1, 0), version="3")
                 assert "conv2d_bwd_data_v3_m32n256_f32" in launches[-2:]  # (split-K: then the reduce)
-                m.setenv("PYCNN_CONV3_R8", "1")  # the 64x128 tiles by 128 threads
+                m.setenv("PYCNN_CONV3_R8", "0")  # the 64x128 tiles by 256 threads
                 cuda.conv2d_forward(x40, w40, None, (2, 1), (1, 0), version="3")
-                assert launches[-1] == "conv2d_fwd_v3_n128r8_f32"
+                assert launches[-1] == "conv2d_fwd_v3_n128_f32"
                 cuda.conv2d_backward_data(_f(2, 4, 5, 6), _f(4, 40, 3, 2), (2, 40, 9, 7), (2, 1), (1, 0),
                                           version="3")
-                assert launches[-1] == "conv2d_bwd_data_v3_n128r8_f32"
+                assert launches[-1] == "conv2d_bwd_data_v3_n128_f32"
                 m.setenv("PYCNN_CONV3_R8", "2")
                 with pytest.raises(ValueError, match="PYCNN_CONV3_R8 must be '0' or '1'"):
                     cuda.conv2d_forward(x40, w40, None, (2, 1), (1, 0), version="3")

@@ -96,8 +96,7 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
                            ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP",
                             "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_POOL_FUSE", "PYCNN_CONV_AUTOTUNE",
                             "PYCNN_CONV3_WIDE", "PYCNN_CONV3_R8")}
-        seen[len(seen) - 1] |= {"rule": cuda._CONV3_SPLIT_RULE, "graph": graph,
-                                "own_splits": cuda._CONV3_WIDE_OWN_SPLITS}
+        seen[len(seen) - 1] |= {"rule": cuda._CONV3_SPLIT_RULE, "graph": graph}
         return {}
 
     for name in ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_CONV_WINOGRAD",
@@ -110,22 +109,20 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
     for i, (name, _, fn, graph) in enumerate(variants):
         assert graph == ("cudagraph" in name), name
         fn("mnistcnn", 64, graph)
-        setting = {k: v for k, v in seen[i].items() if v is not None and k not in ("rule", "graph", "own_splits")}
+        setting = {k: v for k, v in seen[i].items() if v is not None and k not in ("rule", "graph")}
         want = {"pycnn-cudagraph-winograd": {"PYCNN_CONV_WINOGRAD": "1"},
                 "pycnn-eager-1stream": {"PYCNN_BACKWARD_STREAMS": "0"},
                 "pycnn-cudagraph-1stream": {"PYCNN_BACKWARD_STREAMS": "0"},
                 "pycnn-cudagraph-1pass": {"PYCNN_SPLIT_FINISH": "1"},
                 "pycnn-cudagraph-flip": {"PYCNN_CONV_BWD_DATA_FLIP": "1"},
                 "pycnn-cudagraph-nowide": {"PYCNN_CONV3_WIDE": "0"},
-                "pycnn-cudagraph-r8": {"PYCNN_CONV3_R8": "1"},
+                "pycnn-cudagraph-t256": {"PYCNN_CONV3_R8": "0"},
                 "pycnn-cudagraph-nopoolfuse": {"PYCNN_CONV_POOL_FUSE": "0"},
                 "pycnn-cudagraph-autotune": {"PYCNN_CONV_AUTOTUNE": "1"}}.get(name, {})
         assert setting == want, name
         assert seen[i]["rule"] == ("fill" if name == "pycnn-cudagraph-fill" else "waves"), name
         assert seen[i]["graph"] == graph
-        assert seen[i]["own_splits"] == (name == "pycnn-cudagraph-wideown"), name
     assert cuda._CONV3_SPLIT_RULE == "waves" and "PYCNN_CONV_BWD_DATA_FLIP" not in os.environ
-    assert cuda._CONV3_WIDE_OWN_SPLITS is False
 
 
 def test_autotune_picks_in_the_record(monkeypatch):

@@ -66,11 +66,12 @@
 //   conv2d_fwd_v3_m32_f32, conv2d_bwd_data_v3_m32_f32, conv2d_bwd_weight_v3_m32_f32    32 x 128, 2x8
 //     (GEMMs of at most 32 rows: a 64-row tile would be at least half empty)
 //   conv2d_fwd_v3_n128_f32, conv2d_bwd_data_v3_n128_f32                                64 x 128, 4x8
+//     (with PYCNN_CONV3_R8=0; the default 64 x 128 kernels are the _n128r8 ones below)
 //   conv2d_fwd_v3_m32n256_f32, conv2d_bwd_data_v3_m32n256_f32                          32 x 256, 2x16
 //     (wide tiles for 33-64 and <= 32 rows, where 264 or more of them fill the GPU;
 //     PYCNN_CONV3_WIDE=1 always, 0 never)
 //   conv2d_fwd_v3_n128r8_f32, conv2d_bwd_data_v3_n128r8_f32   64 x 128 with 128 threads, 8x8
-//     (opt-in until timed: PYCNN_CONV3_R8=1 runs them wherever _n128 would run)
+//     (the default 64 x 128 tiles: 4-9% faster than _n128 on an H200, gpu-20261127-15daa69e)
 // v4 TF32 tensor cores (opt-in: allow_tf32 / PYCNN_ALLOW_TF32=1; sm_80 or newer)
 //   The same tiles and gathers as v3; each warp computes a 32 x 16 (64 x 32) block of C with
 //   mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, operands rounded to TF32
@@ -215,7 +216,7 @@ extern "C" __global__ void conv2d_fwd_v2_f32(
 // fragments twice as often); it needs M >= 128 and enough tiles to fill the GPU, so the small
 // layers of the MNIST models use the 64 x 64 one (kernel names without _t128). v3 also has
 // 32 x 128, 32 x 256 and 64 x 128 tiles of 256 threads, and 64 x 128 with 128 threads (16 x 8
-// of them, an 8x8 register tile each: kernels _n128r8, opt-in).
+// of them, an 8x8 register tile each: kernels _n128r8, the default 64 x 128 ones).
 #define PYCNN_CONV3_BK 16       // depth of one shared-memory stage of A and B
 #define PYCNN_CONV3_THREADS 256 // 16 x 16 threads; 8 warps (the _n128r8 kernels: 128, 16 x 8)
 // Row padding of the shared tiles: with a pitch of BM+8 floats (64+8, 128+8) the v4 fragment
@@ -1104,12 +1105,13 @@ extern "C" __global__ void conv2d_fwd_v3_n128_f32(
     pycnn_conv_fwd_gemm<false, 64, 128>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, y_final);
 }
 
-// The 64 x 128 tile with 128 threads (v3 only, opt-in: PYCNN_CONV3_R8=1 on the host): an 8x8
+// The 64 x 128 tile with 128 threads (v3 only; the default, PYCNN_CONV3_R8=0 runs _n128): an 8x8
 // register tile per thread instead of 4x8, the same outputs and the same order of sums per output
 // (bitwise the _n128 kernel). Per k a warp reads 4 float4s of shared memory for 64 FMAs instead of
 // 3 for 32, and the products should be a larger share of the loop's instructions, as in the
 // 128x128 kernel (74% FMAs in its main loop against 60% in _n128's); the block has half the
-// threads to hide latency with. Untimed: the A/B decides (benchmarks/gpu_session.sh WIDESPLITS=1).
+// threads to hide latency with. On an H200 it was 4-9% faster than _n128 on every layer with such
+// tiles (MnistCNN conv2's forward at batch 512 94.9 vs 102.3 us; record gpu-20261127-15daa69e).
 // __launch_bounds__(128, 4): at most 128 registers, four blocks (16 warps) per SM.
 extern "C" __global__ void __launch_bounds__(128, 4) conv2d_fwd_v3_n128r8_f32(
     const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,

@@ -892,18 +892,11 @@ def _conv_gemm_fits(direction: str, x_shape, w_shape, Ho: int, Wo: int) -> bool:
 # wide tiles (MnistCNN conv3 at batch 64: 12 us against 32 wide), wide won on 5 of 42-200 by
 # 1-7%: 264 is the conservative line, where every wide pick won.
 _CONV3_WIDE_MIN_TILES = 264
-# Split-K of the wide tiles. They use 71-80 registers per thread (sm_90): three blocks per SM, not
-# four, so a round holds _CONV3_SPLIT_TARGET_BLOCKS * 3 / 4 of them (396 on 132 SMs). By default
-# a wide tile takes the split plan of the default tile of its rows (the same sums in the same
-# order as that tile), planned for 64x64 / 32x128 tiles at four per SM: MnistCNN conv2's
-# backward-data at batch 512 runs 338 wide tiles x 3 splits, 1014 blocks in three rounds of 12
-# stages and a 20 us reduce (Nsight Compute, record gpu-20261127-353c79ea), where 338 unsplit
-# blocks would make one round of 36 stages. _CONV3_WIDE_OWN_SPLITS = True plans them with their
-# own tile count and round instead (that GEMM unsplit, conv2's forward at batch 512 2 ways instead
-# of 1): opt-in until a GPU has timed it (gpu_kernels.py --versions 3,3o; gpu_training.py's
-# pycnn-cudagraph-wideown; gpu_session.sh WIDESPLITS=1).
-_CONV3_WIDE_OWN_SPLITS = False
-_CONV3_WIDE_BLOCKS_PER_SM, _CONV3_BLOCKS_PER_SM = 3, 4
+# Split-K of the wide tiles: a wide tile takes the split plan of the default tile of its rows (the
+# same sums in the same order as that tile), planned for 64x64 / 32x128 tiles at four per SM. (A
+# plan of their own, with their tile count and three blocks per SM, was timed on an H200 and lost
+# on every layer where it differed, e.g. MnistCNN conv2's forward at batch 512 122.8 vs 102.3 us
+# and the step 694k vs 721k samples/s: record gpu-20261127-15daa69e, docs/kernels.md.)
 
 
 def _conv3_wide_setting() -> str:
@@ -914,14 +907,16 @@ def _conv3_wide_setting() -> str:
     return setting
 
 
-# The 64x128 tile with 128 threads and an 8x8 register tile each (conv2d_*_v3_n128r8_f32; bitwise
-# the 256-thread _n128 kernels): $PYCNN_CONV3_R8=1 runs it wherever _n128 would run. Opt-in until
-# a GPU has timed it (gpu_kernels.py --versions 3,3r; gpu_training.py's pycnn-cudagraph-r8).
+# The 64x128 tile runs with 128 threads and an 8x8 register tile each (conv2d_*_v3_n128r8_f32),
+# bitwise the 256-thread kernels with 4x8 register tiles (conv2d_*_v3_n128_f32), which
+# $PYCNN_CONV3_R8=0 runs instead. On an H200 the 128-thread ones were 4-9% faster on every layer
+# that has such tiles (MnistCNN conv2's forward at batch 512 94.9 vs 102.3 us; record
+# gpu-20261127-15daa69e), so they are the default (gpu_kernels.py --versions 3,3t times the other).
 _CONV3_R8_THREADS = 128
 
 
 def _conv3_r8_setting() -> str:
-    """$PYCNN_CONV3_R8: '' or '0' (the 256-thread 64x128 kernels) or '1' (the 128-thread ones)."""
+    """$PYCNN_CONV3_R8: '' or '1' (the 128-thread 64x128 kernels) or '0' (the 256-thread ones)."""
     setting = _env("PYCNN_CONV3_R8")
     if setting not in ("", "0", "1"):
         raise ValueError(f"PYCNN_CONV3_R8 must be '0' or '1' (or unset), got {setting!r}")
@@ -940,8 +935,8 @@ def _conv3_tile(direction: str, rows: int, cols: int, version: str = "3") -> tup
     tile count, so it takes the large tile as soon as both sides are at least 128. v3 GEMMs of at
     most _CONV3_M32_MAX_ROWS rows take 32x128 tiles (a 64-row tile would be half empty). v3
     forward and backward-data GEMMs of at most 64 rows take tiles twice as wide, 32x256
-    (conv2d_*_v3_m32n256_f32) and 64x128 (conv2d_*_v3_n128_f32, or with $PYCNN_CONV3_R8=1 the
-    128-thread conv2d_*_v3_n128r8_f32), where that still makes _CONV3_WIDE_MIN_TILES tiles
+    (conv2d_*_v3_m32n256_f32) and 64x128 (the 128-thread conv2d_*_v3_n128r8_f32, or with
+    $PYCNN_CONV3_R8=0 the 256-thread conv2d_*_v3_n128_f32), where that still makes _CONV3_WIDE_MIN_TILES tiles
     ($PYCNN_CONV3_WIDE=1: always, 0: never).
     """
     big = _CONV3_BIG
@@ -957,7 +952,7 @@ def _conv3_tile(direction: str, rows: int, cols: int, version: str = "3") -> tup
     if m32:
         return (32, 256, "_m32n256") if wide else (32, 128, "_m32")
     if wide:
-        return _CONV3_BM, 128, "_n128r8" if _conv3_r8_setting() == "1" else "_n128"
+        return _CONV3_BM, 128, "_n128" if _conv3_r8_setting() == "0" else "_n128r8"
     return _CONV3_BM, _CONV3_BM, ""
 
 
@@ -1270,7 +1265,6 @@ def _conv_pick(direction: str, dev: int, geom: tuple, version, allow_tf32, build
     # pick with them; tf32 stays last)
     key = (direction, dev, x_shape, w_shape, stride, padding, CONV_WINOGRAD_VERSION in versions,
            _env("PYCNN_CONV3_WIDE"), _env("PYCNN_CONV_BWD_DATA_FLIP"), _env("PYCNN_CONV3_R8"), _CONV3_SPLIT_RULE,
-           _CONV3_WIDE_OWN_SPLITS,
            tf32 and capable)
 
     def build_label(label):
@@ -1284,12 +1278,11 @@ def _conv_pick(direction: str, dev: int, geom: tuple, version, allow_tf32, build
     return (*_tune_variant(tuned), True)
 
 
-def _conv3_splits(direction: str, tile: int, blocks: int, Kd: int, wide: bool = False) -> tuple[int, int]:
+def _conv3_splits(direction: str, tile: int, blocks: int, Kd: int) -> tuple[int, int]:
     """(splits, chunk) of a v3/v4 GEMM with ``blocks`` output tiles of ``tile`` rows and reduction
     length ``Kd`` (see _CONV3_SPLIT_TARGET_BLOCKS); (1, Kd) when it does not split. 64x64 and
-    32x128 tiles (4096 outputs, about 60 registers, four blocks per SM) split alike; ``wide``
-    tiles (64x128, 32x256) fit three blocks per SM, so a round holds fewer of them (the "waves"
-    rule; "fill" aims them at the same block count)."""
+    32x128 tiles (4096 outputs, about 60 registers, four blocks per SM) split alike; the wide
+    tiles take the plan of those (_conv3_output_plan)."""
     if tile == _CONV3_BIG:
         if direction != "backward_weight":
             return 1, Kd
@@ -1303,10 +1296,7 @@ def _conv3_splits(direction: str, tile: int, blocks: int, Kd: int, wide: bool = 
         raise ValueError(f"_CONV3_SPLIT_RULE must be 'waves' or 'fill', got {rule!r}")
     if direction != "backward_weight" and blocks >= _CONV3_SPLIT_BELOW_BLOCKS:
         return 1, Kd
-    slots = _CONV3_SPLIT_TARGET_BLOCKS
-    if wide:
-        slots = max(1, slots * _CONV3_WIDE_BLOCKS_PER_SM // _CONV3_BLOCKS_PER_SM)
-    return _waves_splits(blocks, Kd, _CONV3_SPLIT_MIN_K, _CONV3_BK, slots)
+    return _waves_splits(blocks, Kd, _CONV3_SPLIT_MIN_K, _CONV3_BK, _CONV3_SPLIT_TARGET_BLOCKS)
 
 
 def _waves_splits(blocks: int, count: int, minimum: int, align: int, slots: int) -> tuple[int, int]:
@@ -1347,14 +1337,9 @@ def _split_reduce_launch(partial: str, out: str, splits: int, count: int, bias: 
 def _conv3_output_plan(direction: str, version: str, rows: int, cols: int, Kd: int) -> tuple:
     """(tile rows, tile columns, kernel suffix, splits, chunk) of a v3/v4 forward or
     backward-data GEMM. A wide tile splits the reduction as the default tile of its rows would (the
-    same sums in the same order, so only the tile width differs), or with _CONV3_WIDE_OWN_SPLITS
-    plans its splits with its own tile count and three blocks per SM."""
+    same sums in the same order, so only the tile width differs)."""
     bm, bn, suffix = _conv3_tile(direction, rows, cols, version)
-    if suffix in ("_n128", "_n128r8", "_m32n256") and _CONV3_WIDE_OWN_SPLITS:
-        # (the 128-thread kernels fit four blocks per SM, as the default tiles)
-        tiles = -(-cols // bn) * -(-rows // bm)
-        splits, chunk = _conv3_splits(direction, bm, tiles, Kd, wide=suffix != "_n128r8")
-    elif suffix in ("_n128", "_n128r8", "_m32n256"):
+    if suffix in ("_n128", "_n128r8", "_m32n256"):
         dm, dn = (32, 128) if suffix == "_m32n256" else (_CONV3_BM, _CONV3_BM)
         splits, chunk = _conv3_splits(direction, dm, -(-cols // dn) * -(-rows // dm), Kd)
     else:

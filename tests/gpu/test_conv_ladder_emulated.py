@@ -421,7 +421,7 @@ def test_every_main_loop_gives_the_same_bits(emulator, emulator_one_stage, emula
     (SHAPES["multi-tile"], "", ("", "", "")),
     (LARGE_1X1, "t128", ("_t128", "_t128", "_t128")),
     (SPLIT_SHAPE, "m32", ("_m32", "_m32", "_m32")),
-    ((2, 40, 6, 5, 36, 3, 3, (1, 1), (1, 1)), "wide", ("_n128", "_n128", "")),
+    ((2, 40, 6, 5, 36, 3, 3, (1, 1), (1, 1)), "wide", ("_n128r8", "_n128r8", "")),
     ((2, 20, 13, 12, 24, 3, 3, (1, 1), (1, 1)), "wide", ("_m32n256", "_m32n256", "_m32")),
 ], ids=["64x64", "128x128", "32x128", "64x128", "32x256"])
 def test_warp_layouts_give_the_same_bits(emulator, emulator_warp_cols8, shape, tile, suffixes):
@@ -588,11 +588,10 @@ def test_gpu_kernels_old_split_rule(emulated, monkeypatch, tmp_path):
     assert "v3fill" in gpu_kernels.table(record["kernels"])
 
 
-def test_gpu_kernels_wide_tiles_own_splits(emulated, monkeypatch, tmp_path):
-    """--versions 3,3o,3r: v3 again with its wide tiles planning their own split-K ("wide_splits":
-    "own" entries, cuda._CONV3_WIDE_OWN_SPLITS), only where that splits a GEMM differently, and
-    with its 64x128 tiles run by 128 threads ("r8" entries, PYCNN_CONV3_R8=1), only where a GEMM
-    has them; the settings are restored after."""
+def test_gpu_kernels_64x128_tiles_by_256_threads(emulated, monkeypatch, tmp_path):
+    """--versions 3,3t: v3 again with its 64x128 tiles run by 256 threads with 4x8 register tiles
+    ("threads": 256 entries, PYCNN_CONV3_R8=0) instead of 128 with 8x8, only where a GEMM has
+    them; the setting is restored after."""
     import json
 
     gpu_kernels, _ = _gpu_kernels_on_the_emulator(monkeypatch)
@@ -601,24 +600,23 @@ def test_gpu_kernels_wide_tiles_own_splits(emulated, monkeypatch, tmp_path):
 
     monkeypatch.setattr(gpu_kernels, "CONV_SHAPES", [ConvShape("t", "a", 64, 40, 36, 9, 3, padding=1)])
     monkeypatch.setattr(cuda, "_CONV3_WIDE_MIN_TILES", 1)  # (wide tiles by default, whatever their count)
-    monkeypatch.setattr(cuda, "_CONV3_SPLIT_TARGET_BLOCKS", 8)  # (a GPU of two SMs: wide rounds of 6)
+    monkeypatch.setattr(cuda, "_CONV3_SPLIT_TARGET_BLOCKS", 8)  # (a GPU of two SMs)
     out = tmp_path / "o.json"
     monkeypatch.delenv("PYCNN_CONV3_R8", raising=False)
-    rc = gpu_kernels.main(["--layers", "models", "--versions", "3,3o,3r", "--batch", "3", "--repeats", "1",
+    rc = gpu_kernels.main(["--layers", "models", "--versions", "3,3t", "--batch", "3", "--repeats", "1",
                            "--json", str(out)])
     record = json.loads(out.read_text())
     assert rc == 0 and record["kernels_info"]["errors"] == [], record["kernels_info"]["errors"]
-    assert cuda._CONV3_WIDE_OWN_SPLITS is False and "PYCNN_CONV3_R8" not in __import__("os").environ
-    got = sorted((e["op"], e.get("wide_splits", ""), e.get("r8", False), e["tile"], e["splits"])
-                 for e in record["kernels"])
+    assert "PYCNN_CONV3_R8" not in __import__("os").environ
+    got = sorted((e["op"], e.get("threads", 0), e["tile"], e["splits"]) for e in record["kernels"])
     wgrad_splits = next(e["splits"] for e in record["kernels"] if e["op"] == "conv2d_bwd_weight")
-    assert got == sorted([("conv2d_fwd", "", False, "64x128", 2), ("conv2d_fwd", "own", False, "64x128", 3),
-                          ("conv2d_fwd", "", True, "64x128/128 threads", 2),
-                          ("conv2d_bwd_data", "", False, "64x128", 2), ("conv2d_bwd_data", "own", False, "64x128", 3),
-                          ("conv2d_bwd_data", "", True, "64x128/128 threads", 2),
-                          ("conv2d_bwd_weight", "", False, "64x64", wgrad_splits)]), got
-    assert all(targets.is_variant(e) == bool(e.get("wide_splits") or e.get("r8")) for e in record["kernels"])
-    assert "v3o" in gpu_kernels.table(record["kernels"]) and "v3r" in gpu_kernels.table(record["kernels"])
+    assert got == sorted([("conv2d_fwd", 0, "64x128/128 threads", 2), ("conv2d_fwd", 256, "64x128", 2),
+                          ("conv2d_bwd_data", 0, "64x128/128 threads", 2), ("conv2d_bwd_data", 256, "64x128", 2),
+                          ("conv2d_bwd_weight", 0, "64x64", wgrad_splits)]), got
+    assert all(targets.is_variant(e) == bool(e.get("threads")) for e in record["kernels"])
+    assert {"conv2d_fwd_v3_n128_f32", "conv2d_fwd_v3_n128r8_f32", "conv2d_bwd_data_v3_n128_f32",
+            "conv2d_bwd_data_v3_n128r8_f32"} <= set(emulated)
+    assert "v3t" in gpu_kernels.table(record["kernels"])
 
 
 def test_gpu_kernels_wide_tiles_at_a_batch(emulated, monkeypatch, tmp_path):
@@ -644,17 +642,17 @@ def test_gpu_kernels_wide_tiles_at_a_batch(emulated, monkeypatch, tmp_path):
     got = sorted((e["layer"], e["op"], e.get("wide", False), e["tile"], e["shape"][0]) for e in record["kernels"])
     assert all(isinstance(e["splits"], int) for e in record["kernels"])  # (all of them GEMMs here)
     want = []
-    for layer, fwd_wide, fwd_default in (("t-a", "64x128", "64x64"), ("t-b", "32x256", "32x128")):
+    for layer, fwd_wide, fwd_default in (("t-a", "64x128/128 threads", "64x64"), ("t-b", "32x256", "32x128")):
         want += [(layer, "conv2d_fwd", False, fwd_default, 1), (layer, "conv2d_fwd", True, fwd_wide, 1),
                  (layer, "conv2d_bwd_weight", False, "64x64" if layer == "t-a" else "32x128", 1)]
-    want += [("t-a", "conv2d_bwd_data", False, "64x64", 1), ("t-a", "conv2d_bwd_data", True, "64x128", 1),
+    want += [("t-a", "conv2d_bwd_data", False, "64x64", 1), ("t-a", "conv2d_bwd_data", True, "64x128/128 threads", 1),
              ("t-b", "conv2d_bwd_data", False, "32x128", 1), ("t-b", "conv2d_bwd_data", True, "32x256", 1)]
     # 72 filters: no wide tile for its forward (the same 64x64 kernel: not timed twice), one for
     # its backward-data (40 channels)
     want += [("t-c", "conv2d_fwd", False, "64x64", 1), ("t-c", "conv2d_bwd_weight", False, "64x64", 1),
-             ("t-c", "conv2d_bwd_data", False, "64x64", 1), ("t-c", "conv2d_bwd_data", True, "64x128", 1)]
+             ("t-c", "conv2d_bwd_data", False, "64x64", 1), ("t-c", "conv2d_bwd_data", True, "64x128/128 threads", 1)]
     assert got == sorted(want)
-    assert {"conv2d_fwd_v3_n128_f32", "conv2d_fwd_v3_m32n256_f32", "conv2d_bwd_data_v3_n128_f32",
+    assert {"conv2d_fwd_v3_n128r8_f32", "conv2d_fwd_v3_m32n256_f32", "conv2d_bwd_data_v3_n128r8_f32",
             "conv2d_bwd_data_v3_m32n256_f32"} <= set(emulated)
     assert "v3w" in gpu_kernels.table(record["kernels"])
 
@@ -1182,19 +1180,17 @@ def test_narrow_backward_data_only_where_it_applies(emulated, monkeypatch):
 
 
 @pytest.mark.parametrize("shape, suffix", [
-    ((2, 40, 6, 5, 36, 3, 3, (1, 1), (1, 1)), ("_n128", "_n128")),   # 33-64 rows both ways; 60 columns
-    ((1, 34, 12, 13, 48, 3, 2, (2, 1), (1, 0)), ("_n128", "_n128")),  # two 128-wide column tiles in bwd-data
+    ((2, 40, 6, 5, 36, 3, 3, (1, 1), (1, 1)), ("_n128r8", "_n128r8")),   # 33-64 rows both ways; 60 columns
+    ((1, 34, 12, 13, 48, 3, 2, (2, 1), (1, 0)), ("_n128r8", "_n128r8")),  # two 128-wide column tiles in bwd-data
     ((2, 20, 13, 12, 24, 3, 3, (1, 1), (1, 1)), ("_m32n256", "_m32n256")),  # <= 32 rows; 312 columns: two tiles
-    ((1, 50, 9, 8, 12, 3, 3, (1, 1), (0, 0)), ("_m32n256", "_n128")),  # 12 filters, 50 channels
+    ((1, 50, 9, 8, 12, 3, 3, (1, 1), (0, 0)), ("_m32n256", "_n128r8")),  # 12 filters, 50 channels
 ], ids=["64x128-one-tile", "64x128-stride2", "32x256-two-tiles", "mixed"])
 @pytest.mark.parametrize("split", [False, True])
 def test_v3_wide_tiles(emulated, monkeypatch, shape, suffix, split):
     """PYCNN_CONV3_WIDE=1: v3 forward and backward-data GEMMs run tiles twice as wide, 32x256 for
-    at most 32 rows and 64x128 for 33-64 (conv2d_*_v3_m32n256_f32 / _n128_f32); they agree with
-    the reference and, given the default tile's split-K plan (_CONV3_WIDE_OWN_SPLITS = False),
-    are bitwise the default kernels (the same order of sums per output), split or not; the weight
+    at most 32 rows and 64x128 for 33-64 (conv2d_*_v3_m32n256_f32 / _n128r8_f32); they agree with
+    the reference and, with the default tile's split-K plan, are bitwise the default kernels (the same order of sums per output), split or not; the weight
     gradient keeps its tiles."""
-    monkeypatch.setattr(cuda, "_CONV3_WIDE_OWN_SPLITS", False)
     if not split:
         monkeypatch.setattr(cuda, "_CONV3_SPLIT_BELOW_BLOCKS", 0)
     monkeypatch.setattr(cuda, "_CONV3_M32_MAX_ROWS", 32)
@@ -1214,7 +1210,7 @@ def test_v3_wide_tiles(emulated, monkeypatch, shape, suffix, split):
     monkeypatch.delenv("PYCNN_CONV3_WIDE")
     assert cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version="3").tobytes() == y.tobytes()
     assert cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="3").tobytes() == dx.tobytes()
-    default = {"_n128": "", "_m32n256": "_m32"}
+    default = {"_n128r8": "", "_m32n256": "_m32"}
     assert emulated[len(emulated) // 2:] == ([f"conv2d_fwd_v3{default[suffix[0]]}_f32"] + reduce
                                              + [f"conv2d_bwd_data_v3{default[suffix[1]]}_f32"] + reduce), emulated
 
@@ -1264,8 +1260,8 @@ def test_v3_tile_rule(monkeypatch):
     ((3, 40, 9, 9, 36, 3, 3, (1, 1), (1, 1)), True),     # split-K (a small "GPU")
 ], ids=["one-tile", "stride2", "split"])
 def test_r8_tiles_give_the_n128_bits(request, monkeypatch, build, shape, split):
-    """PYCNN_CONV3_R8=1: the 64x128 v3 tiles run by 128 threads with 8x8 register tiles
-    (conv2d_*_v3_n128r8_f32, launched with 128 threads) give bitwise the 256-thread _n128
+    """The 64x128 v3 tiles run by 128 threads with 8x8 register tiles (conv2d_*_v3_n128r8_f32,
+    launched with 128 threads; the default, PYCNN_CONV3_R8=1) give bitwise the 256-thread _n128
     kernels' y and dx (the same sums in the same order per output), with every main loop (one,
     two, three stages: the loads of a 128-thread block take twice the passes), split or not,
     and the reference's values."""
@@ -1305,44 +1301,18 @@ def test_r8_tiles_give_the_n128_bits(request, monkeypatch, build, shape, split):
     np.testing.assert_allclose(results["1"][1], want[1], rtol=1e-5, atol=fp32_atol(ld))
 
 
-def test_wide_tiles_plan_their_own_splits(emulated, monkeypatch):
-    """With _CONV3_WIDE_OWN_SPLITS (opt-in) a wide tile plans split-K with its own tile count and
-    three blocks per SM: MnistCNN conv2 at batch 512 runs its backward-data unsplit (338 tiles, one
-    round of 396) instead of 3 ways, its forward (484 tiles) 2 ways instead of 1. On a small GEMM
-    with a small round the own plan splits differently from the inherited one, runs those launches
-    and agrees with the reference."""
+def test_wide_tiles_take_the_default_tiles_split_plan(monkeypatch):
+    """A wide tile splits its reduction as the default tile of its rows would (the same sums in the
+    same order): MnistCNN conv2 at batch 512 runs its backward-data in 338 32x256 tiles 3 ways
+    (the plan of 676 32x128 tiles), its forward in 484 64x128 tiles unsplit (968 64x64 tiles)."""
     monkeypatch.delenv("PYCNN_CONV3_WIDE", raising=False)
-    assert cuda._CONV3_WIDE_OWN_SPLITS is False  # (opt-in until a GPU has timed it)
-    monkeypatch.setattr(cuda, "_CONV3_WIDE_OWN_SPLITS", True)
+    monkeypatch.delenv("PYCNN_CONV3_R8", raising=False)
     monkeypatch.setattr(cuda, "_CONV3_M32_MAX_ROWS", 32)  # (this module's fixture turns the 32-row tiles off)
-    conv2_b512 = {"backward_data": (32, 512 * 13 * 13, 64 * 9), "forward": (64, 512 * 11 * 11, 32 * 9)}
-    want = {"backward_data": ((32, 256, "_m32n256", 1, 576), 3), "forward": ((64, 128, "_n128", 2, 144), 1)}
-    for direction, (rows, cols, Kd) in conv2_b512.items():
-        assert cuda._conv3_output_plan(direction, "3", rows, cols, Kd) == want[direction][0], direction
-        monkeypatch.setattr(cuda, "_CONV3_WIDE_OWN_SPLITS", False)
-        assert cuda._conv3_output_plan(direction, "3", rows, cols, Kd)[3] == want[direction][1], direction
-        monkeypatch.setattr(cuda, "_CONV3_WIDE_OWN_SPLITS", True)
-
-    shape = (3, 40, 9, 9, 36, 3, 3, (1, 1), (1, 1))  # 36 filters, 40 channels: 64x128 tiles both ways
-    monkeypatch.setenv("PYCNN_CONV3_WIDE", "1")
-    monkeypatch.setattr(cuda, "_CONV3_SPLIT_TARGET_BLOCKS", 8)  # (a GPU of two SMs: wide rounds of 6)
-    assert cuda._conv3_output_plan("forward", "3", 36, 3 * 81, 360)[3] == 3
-    assert cuda._conv3_output_plan("backward_data", "3", 40, 3 * 81, 324)[3] == 3
-    x, w, b, dy = data(shape, seed=23)
-    ref = reference(shape, x, w, b, dy)
-    lf, ld, _ = lengths(shape)
-    y = cuda.conv2d_forward(x, w, b, (1, 1), (1, 1), version="3")
-    dx = cuda.conv2d_backward_data(dy, w, x.shape, (1, 1), (1, 1), version="3")
-    assert emulated == ["conv2d_fwd_v3_n128_f32", "conv2d_split_reduce_f32", "conv2d_bwd_data_v3_n128_f32",
-                        "conv2d_split_reduce_f32"], emulated
-    np.testing.assert_allclose(y, ref[0], rtol=1e-5, atol=fp32_atol(lf))
-    np.testing.assert_allclose(dx, ref[1], rtol=1e-5, atol=fp32_atol(ld))
-    monkeypatch.setattr(cuda, "_CONV3_WIDE_OWN_SPLITS", False)
-    assert cuda._conv3_output_plan("forward", "3", 36, 3 * 81, 360)[3] == 2
-    # the 128-thread 64x128 kernels fit four blocks per SM: their own plan counts rounds of 8 here
-    monkeypatch.setattr(cuda, "_CONV3_WIDE_OWN_SPLITS", True)
-    monkeypatch.setenv("PYCNN_CONV3_R8", "1")
-    assert cuda._conv3_output_plan("forward", "3", 36, 3 * 81, 360)[2:4] == ("_n128r8", 4)
+    assert cuda._conv3_output_plan("backward_data", "3", 32, 512 * 13 * 13, 64 * 9) == (32, 256, "_m32n256", 3, 192)
+    assert cuda._conv3_output_plan("forward", "3", 64, 512 * 11 * 11, 32 * 9) == (64, 128, "_n128r8", 1, 288)
+    monkeypatch.setenv("PYCNN_CONV3_WIDE", "0")
+    assert cuda._conv3_output_plan("backward_data", "3", 32, 512 * 13 * 13, 64 * 9) == (32, 128, "_m32", 3, 192)
+    assert cuda._conv3_output_plan("forward", "3", 64, 512 * 11 * 11, 32 * 9) == (64, 64, "", 1, 288)
 
 
 def test_v3_wide_tiles_where_there_are_enough(monkeypatch):
@@ -1354,11 +1324,11 @@ def test_v3_wide_tiles_where_there_are_enough(monkeypatch):
     monkeypatch.delenv("PYCNN_CONV3_WIDE", raising=False)
     n = cuda._CONV3_WIDE_MIN_TILES
     assert n == 264
-    assert cuda._conv3_tile("forward", 64, 128 * n) == (64, 128, "_n128")
+    assert cuda._conv3_tile("forward", 64, 128 * n) == (64, 128, "_n128r8")
     assert cuda._conv3_tile("forward", 64, 128 * (n - 1)) == (64, 64, "")
     assert cuda._conv3_tile("backward_data", 32, 256 * n - 255) == (32, 256, "_m32n256")
     assert cuda._conv3_tile("backward_data", 32, 256 * (n - 1)) == (32, 128, "_m32")
-    assert cuda._conv3_tile("forward", 64, 512 * 121) == (64, 128, "_n128")
+    assert cuda._conv3_tile("forward", 64, 512 * 121) == (64, 128, "_n128r8")
     assert cuda._conv3_tile("forward", 64, 64 * 121) == (64, 64, "")
     assert cuda._conv3_tile("backward_weight", 64, 128 * n) == (64, 64, "")
     assert cuda._conv3_tile("forward", 64, 128 * n, "4") == (64, 64, "")
@@ -1366,7 +1336,7 @@ def test_v3_wide_tiles_where_there_are_enough(monkeypatch):
     monkeypatch.setenv("PYCNN_CONV3_WIDE", "0")
     assert cuda._conv3_tile("forward", 64, 128 * n) == (64, 64, "")
     monkeypatch.setenv("PYCNN_CONV3_WIDE", "1")
-    assert cuda._conv3_tile("forward", 64, 128) == (64, 128, "_n128")
+    assert cuda._conv3_tile("forward", 64, 128) == (64, 128, "_n128r8")
     monkeypatch.setenv("PYCNN_CONV3_WIDE", "yes")
     with pytest.raises(ValueError, match="PYCNN_CONV3_WIDE must be '0' or '1'"):
         cuda._conv3_tile("forward", 64, 128)

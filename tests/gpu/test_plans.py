@@ -126,7 +126,10 @@ def test_an_environment_setting_is_part_of_the_key(recorded, monkeypatch):
     monkeypatch.setenv("PYCNN_CONV_VERSION", "3")
     assert kernel() == "conv2d_fwd_v3_f32"
     monkeypatch.setenv("PYCNN_CONV3_WIDE", "1")
+    assert kernel() == "conv2d_fwd_v3_n128r8_f32"
+    monkeypatch.setenv("PYCNN_CONV3_R8", "0")
     assert kernel() == "conv2d_fwd_v3_n128_f32"
+    monkeypatch.delenv("PYCNN_CONV3_R8")
     monkeypatch.delenv("PYCNN_CONV_VERSION")
     monkeypatch.setenv("PYCNN_CONV_WINOGRAD", "1")
     assert kernel() == "conv2d_wino_filter_f32"
