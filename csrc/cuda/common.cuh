@@ -102,24 +102,30 @@ __device__ __forceinline__ void pycnn_split_index(pycnn_i64 idx, pycnn_i64 total
     }
 }
 
-// The sum over z = 0, 1, ..., splits-1 of part[z * stride], in that order, in double, with
-// PYCNN_SUM_LOADS loads in flight at a time (their adds still in order). The plain loop waited for
-// L2 once per split, or per few: the separate reduce of MnistCNN conv2's weight gradient at batch
-// 64 (97 splits) took 16 us on an H200 (ncu, record gpu-20261127-73e9961e).
+// The sum over z = 0, 1, ..., splits-1 of part[z * stride], in that order, in double, with LOADS
+// loads in flight at a time (their adds still in order; the last batch's loads past splits are
+// predicated off, not issued one by one). The plain loop waited for L2 once per split, or per few:
+// the separate reduce of MnistCNN conv2's weight gradient at batch 64 (97 splits) took 16 us on
+// an H200 (ncu, record gpu-20261127-73e9961e). A thread's time is about one L2 round trip per
+// batch, so a reduce of few outputs and many splits (a weight gradient: a few thousand threads,
+// 58-264 splits) takes the wide batch, PYCNN_SUM_LOADS_WIDE, and one of many outputs and few
+// splits (split-K of a forward GEMM: millions of threads, 2-8 splits) the narrow one.
 #define PYCNN_SUM_LOADS 16
+#define PYCNN_SUM_LOADS_WIDE 64
+template <int LOADS = PYCNN_SUM_LOADS>
 __device__ __forceinline__ double pycnn_sum_parts(const float* __restrict__ part, pycnn_i64 stride, int splits) {
     double s = 0.0;
-    int z = 0;
 #pragma unroll 1
-    for (; z + PYCNN_SUM_LOADS <= splits; z += PYCNN_SUM_LOADS) {
-        float v[PYCNN_SUM_LOADS];
+    for (int z = 0; z < splits; z += LOADS) {
+        float v[LOADS];
 #pragma unroll
-        for (int u = 0; u < PYCNN_SUM_LOADS; ++u) v[u] = part[(pycnn_i64)(z + u) * stride];
+        for (int u = 0; u < LOADS; ++u) v[u] = z + u < splits ? part[(pycnn_i64)(z + u) * stride] : 0.0f;
 #pragma unroll
-        for (int u = 0; u < PYCNN_SUM_LOADS; ++u) s += (double)v[u];
+        for (int u = 0; u < LOADS; ++u) {
+            if (z + u >= splits) break;  // (adding the 0 would turn a -0 sum into +0)
+            s += (double)v[u];
+        }
     }
-#pragma unroll 1
-    for (; z < splits; ++z) s += (double)part[(pycnn_i64)z * stride];
     return s;
 }
 
@@ -140,7 +146,8 @@ __device__ __forceinline__ void pycnn_split_reduce(const float* __restrict__ par
 
 // Two split reductions in one grid (no epilogue): elements e < count_a sum partial_a into out_a,
 // the rest partial_b into out_b, each as pycnn_split_reduce (double, splits in order: the same
-// bits). A weight gradient and the bias gradient its kernel summed alongside.
+// bits). A weight gradient and the bias gradient its kernel summed alongside: few outputs, many
+// splits, so PYCNN_SUM_LOADS_WIDE loads in flight per thread.
 __device__ __forceinline__ void pycnn_split_reduce_pair(const float* __restrict__ partial_a, float* __restrict__ out_a,
                                                         pycnn_i64 count_a, const float* __restrict__ partial_b,
                                                         float* __restrict__ out_b, pycnn_i64 count_b, int splits) {
@@ -148,7 +155,7 @@ __device__ __forceinline__ void pycnn_split_reduce_pair(const float* __restrict_
         const bool is_a = e < count_a;
         const float* part = is_a ? partial_a : partial_b;
         const pycnn_i64 count = is_a ? count_a : count_b, i = is_a ? e : e - count_a;
-        (is_a ? out_a : out_b)[i] = (float)pycnn_sum_parts(part + i, count, splits);
+        (is_a ? out_a : out_b)[i] = (float)pycnn_sum_parts<PYCNN_SUM_LOADS_WIDE>(part + i, count, splits);
     }
 }
 

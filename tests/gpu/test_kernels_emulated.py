@@ -156,11 +156,13 @@ def _in_order_sum(parts):
     return total
 
 
-@pytest.mark.parametrize("splits", [1, 15, 16, 17, 33, 97])
+@pytest.mark.parametrize("splits", [1, 3, 15, 16, 17, 33, 63, 64, 65, 97, 264])
 def test_split_reduce_kernels_sum_in_split_order(emulated, splits):
-    """The second pass of split-K (pycnn_sum_parts: 16 loads in flight, then the rest one by one)
-    adds the parts in split order in double, bit for bit, on both sides of a 16-split batch and
-    through MnistCNN conv2's 97; a -0 total stays +0 as in the in-order sum from +0."""
+    """The second pass of split-K (pycnn_sum_parts: batches of 16 loads in flight, 64 in the
+    weight gradients' pair reduce, the last batch's loads past the splits predicated off) adds
+    the parts in split order in double, bit for bit, on both sides of a 16- and a 64-split batch
+    and through MnistCNN conv2's 97 and conv1's 264; a -0 total stays +0 as in the in-order sum
+    from +0."""
     rng = np.random.default_rng(splits)
     count, channels, inner = 2 * 3 * 5, 3, 5  # (2, 3, 5): bias per channel, 5 elements apart
     parts = rnd(rng, splits, count)
