@@ -14,6 +14,7 @@
 //   pycnn_split_index         idx -> (plane, row, column) of an NCHW-like tensor, in 32-bit
 //                             arithmetic when the tensor allows it
 //   pycnn_sum_parts           a strided sum in a fixed order, in double, loads in flight together
+//   pycnn_sum_parts_wide      the same sum with more loads in flight (few threads, many splits)
 //   pycnn_split_reduce        second pass of a split-K product: partial sums added in a fixed
 //                             order, then the bias / ReLU epilogue
 //   pycnn_split_reduce_pair   two of them (no epilogue) in one grid: a weight gradient and the
@@ -102,26 +103,50 @@ __device__ __forceinline__ void pycnn_split_index(pycnn_i64 idx, pycnn_i64 total
     }
 }
 
-// The sum over z = 0, 1, ..., splits-1 of part[z * stride], in that order, in double, with LOADS
-// loads in flight at a time (their adds still in order; the last batch's loads past splits are
-// predicated off, not issued one by one). The plain loop waited for L2 once per split, or per few:
-// the separate reduce of MnistCNN conv2's weight gradient at batch 64 (97 splits) took 16 us on
-// an H200 (ncu, record gpu-20261127-73e9961e). A thread's time is about one L2 round trip per
-// batch, so a reduce of few outputs and many splits (a weight gradient: a few thousand threads,
-// 58-264 splits) takes the wide batch, PYCNN_SUM_LOADS_WIDE, and one of many outputs and few
-// splits (split-K of a forward GEMM: millions of threads, 2-8 splits) the narrow one.
+// The sum over z = 0, 1, ..., splits-1 of part[z * stride], in that order, in double, with
+// PYCNN_SUM_LOADS loads in flight at a time (their adds still in order). The plain loop waited for
+// L2 once per split, or per few: the separate reduce of MnistCNN conv2's weight gradient at batch
+// 64 (97 splits) took 16 us on an H200 (ncu, record gpu-20261127-73e9961e). The rest of the
+// splits go one by one: split-K of a forward or backward-data GEMM (2-8 splits, millions of
+// threads) has enough threads in flight, at 32 registers. (Predicating the tail's loads instead
+// took 48: the 3-split reduce of MnistCNN conv2's backward-data at batch 512 went from 20.1 to
+// 26.7 us at the lower occupancy, record gpu-20261127-f4e21b1f.)
 #define PYCNN_SUM_LOADS 16
-#define PYCNN_SUM_LOADS_WIDE 64
-template <int LOADS = PYCNN_SUM_LOADS>
 __device__ __forceinline__ double pycnn_sum_parts(const float* __restrict__ part, pycnn_i64 stride, int splits) {
     double s = 0.0;
+    int z = 0;
 #pragma unroll 1
-    for (int z = 0; z < splits; z += LOADS) {
-        float v[LOADS];
+    for (; z + PYCNN_SUM_LOADS <= splits; z += PYCNN_SUM_LOADS) {
+        float v[PYCNN_SUM_LOADS];
 #pragma unroll
-        for (int u = 0; u < LOADS; ++u) v[u] = z + u < splits ? part[(pycnn_i64)(z + u) * stride] : 0.0f;
+        for (int u = 0; u < PYCNN_SUM_LOADS; ++u) v[u] = part[(pycnn_i64)(z + u) * stride];
 #pragma unroll
-        for (int u = 0; u < LOADS; ++u) {
+        for (int u = 0; u < PYCNN_SUM_LOADS; ++u) s += (double)v[u];
+    }
+#pragma unroll 1
+    for (; z < splits; ++z) s += (double)part[(pycnn_i64)z * stride];
+    return s;
+}
+
+// pycnn_sum_parts's sum (the same adds in the same order: the same bits) for a reduce of few
+// outputs and many splits: a weight gradient's (a few thousand threads, 58-264 splits). A thread's
+// time is about one L2 round trip per batch of loads, so it issues PYCNN_SUM_LOADS_WIDE at a time,
+// the last batch's loads past the splits predicated off rather than one by one: 97 splits take 2
+// round trips instead of 7. On an H200 the three weight-gradient reduces of the MnistCNN step at
+// batch 512 took 7.2, 8.6 and 7.3 us instead of 11.8, 15.8 and 9.6 (ncu, records
+// gpu-20261127-221f3c58 / f4e21b1f; 108 registers, fine for grids of 2-145 blocks).
+#define PYCNN_SUM_LOADS_WIDE 64
+__device__ __forceinline__ double pycnn_sum_parts_wide(const float* __restrict__ part, pycnn_i64 stride,
+                                                       int splits) {
+    double s = 0.0;
+#pragma unroll 1
+    for (int z = 0; z < splits; z += PYCNN_SUM_LOADS_WIDE) {
+        float v[PYCNN_SUM_LOADS_WIDE];
+#pragma unroll
+        for (int u = 0; u < PYCNN_SUM_LOADS_WIDE; ++u)
+            v[u] = z + u < splits ? part[(pycnn_i64)(z + u) * stride] : 0.0f;
+#pragma unroll
+        for (int u = 0; u < PYCNN_SUM_LOADS_WIDE; ++u) {
             if (z + u >= splits) break;  // (adding the 0 would turn a -0 sum into +0)
             s += (double)v[u];
         }
@@ -147,7 +172,7 @@ __device__ __forceinline__ void pycnn_split_reduce(const float* __restrict__ par
 // Two split reductions in one grid (no epilogue): elements e < count_a sum partial_a into out_a,
 // the rest partial_b into out_b, each as pycnn_split_reduce (double, splits in order: the same
 // bits). A weight gradient and the bias gradient its kernel summed alongside: few outputs, many
-// splits, so PYCNN_SUM_LOADS_WIDE loads in flight per thread.
+// splits, so pycnn_sum_parts_wide.
 __device__ __forceinline__ void pycnn_split_reduce_pair(const float* __restrict__ partial_a, float* __restrict__ out_a,
                                                         pycnn_i64 count_a, const float* __restrict__ partial_b,
                                                         float* __restrict__ out_b, pycnn_i64 count_b, int splits) {
@@ -155,7 +180,7 @@ __device__ __forceinline__ void pycnn_split_reduce_pair(const float* __restrict_
         const bool is_a = e < count_a;
         const float* part = is_a ? partial_a : partial_b;
         const pycnn_i64 count = is_a ? count_a : count_b, i = is_a ? e : e - count_a;
-        (is_a ? out_a : out_b)[i] = (float)pycnn_sum_parts<PYCNN_SUM_LOADS_WIDE>(part + i, count, splits);
+        (is_a ? out_a : out_b)[i] = (float)pycnn_sum_parts_wide(part + i, count, splits);
     }
 }
 
