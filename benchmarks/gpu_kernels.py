@@ -28,6 +28,9 @@ fp32 (TF32 off) and in TF32, all measured in the same run.
         (v3 and, as "threads": 256 entries, v3 with its 64x128 tiles run by 256 threads with 4x8
         register tiles instead of 128 with 8x8, PYCNN_CONV3_R8=0, where a GEMM has such tiles;
         older records have the reverse A/B as "r8": true entries, and "wide_splits": "own" ones)
+    python benchmarks/gpu_kernels.py --layers models --versions 3,3m --batch 512 --json FILE
+        (v3 and, as "m32t128": true entries, v3 with its 32x256 tiles run by 128 threads with 4x16
+        register tiles instead of 256 with 2x16, PYCNN_CONV3_M32T128=1, where a GEMM has them)
     python benchmarks/gpu_kernels.py --layers models --versions 3,3fill --batch 512 --json FILE
         (v3 and, as "split_rule": "fill" entries where it splits differently, v3 with the split-K
         rule before the "waves" one: cuda._CONV3_SPLIT_RULE)
@@ -86,6 +89,8 @@ FLIP = "3f"
 FILL = "3fill"
 # "3t": v3 with PYCNN_CONV3_R8=0 (the 64x128 tiles by 256 threads, 4x8 register tiles).
 T256 = "3t"
+# "3m": v3 with PYCNN_CONV3_M32T128=1 (the 32x256 tiles by 128 threads, 4x16 register tiles).
+M32T128 = "3m"
 # "3@T": v3 with cuda._CONV3_SPLIT_TARGET_BLOCKS = T (how many blocks split-K GEMMs aim at).
 
 
@@ -97,6 +102,7 @@ class Tag(NamedTuple):
     flip: bool = False
     split_rule: str | None = None
     threads256: bool = False
+    m32t128: bool = False
 
 
 def parse_tag(tag: str) -> Tag:
@@ -111,6 +117,8 @@ def parse_tag(tag: str) -> Tag:
         return Tag("3", split_rule="fill")
     if tag == T256:
         return Tag("3", threads256=True)
+    if tag == M32T128:
+        return Tag("3", m32t128=True)
     return Tag(tag)
 SLOW_MS = 5.0
 
@@ -267,7 +275,7 @@ def tile_of(direction: str, shape, version: str) -> str:
     if direction in ("forward", "backward_data") and cuda._conv_narrow_forward(C, K, R, S, direction):
         return "narrow"  # conv2d_{fwd,bwd_data}_narrow_c1_*: one thread per output / input pixel
     bm, bn, suffix = cuda._conv3_tile(direction, rows, cols, version)
-    return f"{bm}x{bn}" + ("/128 threads" if suffix == "_n128r8" else "")
+    return f"{bm}x{bn}" + ("/128 threads" if suffix in ("_n128r8", "_m32n256t128") else "")
 
 
 def splits_of(direction: str, shape, version: str) -> int | None:
@@ -300,7 +308,8 @@ def variant(tag: Tag):
         cuda._CONV3_SPLIT_RULE = tag.split_rule
     try:
         with env_switch("PYCNN_CONV3_WIDE", tag.wide), env_switch("PYCNN_CONV_BWD_DATA_FLIP", tag.flip), \
-                env_value("PYCNN_CONV3_R8", "0" if tag.threads256 else None):
+                env_value("PYCNN_CONV3_R8", "0" if tag.threads256 else None), \
+                env_switch("PYCNN_CONV3_M32T128", tag.m32t128):
             yield
     finally:
         if tag.split_target is not None:
@@ -407,7 +416,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
             fp32_ms, tf32_ms, fp32_gpu, tf32_gpu = cudnn.get(op, (None, None, None, None))
             for tag in versions:
                 parsed = parse_tag(tag)
-                version, wide, target, flip, rule, threads256 = parsed
+                version, wide, target, flip, rule, threads256, m32t128 = parsed
                 if flip and direction != "backward_data":
                     continue
 
@@ -428,8 +437,8 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                     with variant(Tag(version)):
                         default_tile = tile_of(direction, shape, version) if version in ("3", "4") else None
                         default_splits = splits_of(direction, shape, version)
-                    if (wide or threads256) and tile == default_tile:
-                        continue  # no wide (or 64x128) tile for this GEMM: the same kernel as v3
+                    if (wide or threads256 or m32t128) and tile == default_tile:
+                        continue  # no wide (64x128, 32x256) tile for this GEMM: the same kernel as v3
                     if (target is not None or rule is not None) and splits == default_splits:
                         continue  # the same split as v3's default: the same launches
                     if flip and (not flipped or tile == "narrow"):
@@ -458,7 +467,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                     "tile": tile, "splits": splits, **({"wide": True} if wide else {}),
                     **({"flip": True} if flip else {}), **({"split_rule": rule} if rule else {}),
                     **({"split_target": target} if target is not None else {}),
-                    **({"threads": 256} if threads256 else {}),
+                    **({"threads": 256} if threads256 else {}), **({"m32t128": True} if m32t128 else {}),
                     "stages": stages if version in ("3", "4", "5") else None,  # (v5's GEMMs: the v3 core)
                     "warp_cols": warp_cols if version in ("3", "5") else None})
     # Was the shape rule right? The fastest measured exact version per layer and direction.
@@ -466,7 +475,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
     for e in entries:
         if (e["version"] in [f"v{v}" for v in cuda.CONV_VERSIONS]
                 and not any(e.get(k) for k in ("wide", "flip", "split_target", "split_rule", "wide_splits",
-                                                "r8", "threads"))):  # auto's choices
+                                                "r8", "threads", "m32t128"))):  # auto's choices
             slot = fastest.setdefault(e["layer"], {})
             best = slot.get(e["op"])
             if best is None or e["ms"] < best[1]:
@@ -489,7 +498,7 @@ def table(entries) -> str:
         version = (e["version"] + ("w" if e.get("wide") else "") + ("f" if e.get("flip") else "")
                    + (e["split_rule"] if e.get("split_rule") else "")
                    + ("o" if e.get("wide_splits") else "") + ("r" if e.get("r8") else "")
-                   + ("t" if e.get("threads") == 256 else "")
+                   + ("t" if e.get("threads") == 256 else "") + ("m" if e.get("m32t128") else "")
                    + (f"-k{e['knockout']}" if e.get("knockout") else "")
                    + (f"-s{e['stages']}" if str(e.get("rebuilt", "")).startswith("PYCNN_CONV_STAGES") else "")
                    + (f"-l{e['warp_cols']}" if str(e.get("rebuilt", "")).startswith("PYCNN_CONV3_WARP_COLS") else "")
@@ -508,6 +517,7 @@ def table(entries) -> str:
                  "v3-lN = v3 rebuilt with PYCNN_CONV3_WARP_COLS=N; "
                  "v3fill = the split-K rule before 'waves'; "
                  "v3t = 64x128 tiles by 256 threads (PYCNN_CONV3_R8=0); "
+                 "v3m = 32x256 tiles by 128 threads (PYCNN_CONV3_M32T128=1); "
                  "v3@T = split-K aimed at T "
                  "blocks; x cuDNN > 1 means faster "
                  "than cuDNN; ms: one call with the host's work, GPU us: in a CUDA graph)")
@@ -543,14 +553,14 @@ def main(argv=None) -> int:
                         help="also time the non-conv kernel families (the selftest's benchmark)")
     args = parser.parse_args(argv)
     versions = tuple(v.strip() for v in args.versions.split(",") if v.strip())
-    unknown = [v for v in versions if v not in VERSIONS + (WIDE, FLIP, FILL, T256) and not v.startswith("3@")]
+    unknown = [v for v in versions if v not in VERSIONS + (WIDE, FLIP, FILL, T256, M32T128) and not v.startswith("3@")]
     try:
         [parse_tag(v) for v in versions]
     except ValueError as exc:
         unknown.append(str(exc))
     if unknown or not versions:
         parser.error(f"--versions: expected a comma-separated subset of {','.join(VERSIONS)}, "
-                     f"3w, 3f, 3fill, 3t or 3@<blocks>, "
+                     f"3w, 3f, 3fill, 3t, 3m or 3@<blocks>, "
                      f"got {args.versions!r}")
     try:
         knockouts = [int(k) for k in args.knockouts.split(",") if k.strip()]

@@ -107,10 +107,11 @@ if [ -n "${LAYOUT:-}" ]; then
     --repeats 10 --budget 40 --json "$OUT/gpu-$stamp-$sha8-kernels-layout-b512.json" 2>&1 | tail -40
 fi
 # THREADS=1: v3 with its 64x128 tiles run by 128 threads with 8x8 register tiles (the default)
-# and by 256 threads with 4x8 (v3t, PYCNN_CONV3_R8=0), every model layer at batch 512 (a GEMM
-# without such tiles is timed once).
-[ -n "${THREADS:-}" ] && step "v3 64x128 tiles by 128 vs 256 threads, model layers at batch 512" 70 \
-  python3 benchmarks/gpu_kernels.py --layers models --versions 3,3t --batch 512 --repeats 10 --budget 40 \
+# and by 256 threads with 4x8 (v3t, PYCNN_CONV3_R8=0), and its 32x256 tiles by 256 threads with
+# 2x16 (the default) and by 128 with 4x16 (v3m, PYCNN_CONV3_M32T128=1), every model layer at
+# batch 512 (a GEMM without such tiles is timed once).
+[ -n "${THREADS:-}" ] && step "v3 wide tiles by 128 vs 256 threads, model layers at batch 512" 70 \
+  python3 benchmarks/gpu_kernels.py --layers models --versions 3,3t,3m --batch 512 --repeats 10 --budget 40 \
   --json "$OUT/gpu-$stamp-$sha8-kernels-threads-b512.json" 2>&1 | tail -40
 # The v3/v4/v5 GEMM main loop without cp.async double buffering, on the compute-bound layer: is
 # the default (PYCNN_CONV3_STAGES=2) the faster one there?

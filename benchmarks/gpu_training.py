@@ -36,6 +36,8 @@ tiles even where 264 or more wide ones would run): its A/B.
 threads with 4x8 register tiles instead of 128 with 8x8): its A/B (records up to 15daa69e have the
 reverse, "pycnn-cudagraph-r8", from when 256 threads were the default, and
 "pycnn-cudagraph-wideown", wide tiles planning their own split-K, since removed: it lost).
+"pycnn-cudagraph-m32t128" is the graph variant with PYCNN_CONV3_M32T128=1 (v3's 32x256 tiles run
+by 128 threads with 4x16 register tiles instead of 256 with 2x16; opt-in until timed): its A/B.
 "pycnn-cudagraph-flip" is the graph variant with PYCNN_CONV_BWD_DATA_FLIP=1 (stride-1
 backward-data as the forward GEMM of dy with the flipped filters): its A/B; "pycnn-cudagraph-fill"
 the graph variant with the split-K rule before "waves" (cuda._CONV3_SPLIT_RULE = "fill");
@@ -146,6 +148,9 @@ def pycnn_variants() -> list:
         # the A/B of the 64x128 tiles run by 128 threads with 8x8 register tiles: 256 with 4x8
         ("pycnn-cudagraph-t256", "graph 64x128 tiles by 256 threads",
          with_env("PYCNN_CONV3_R8", "0", pycnn_throughput), True),
+        # the A/B of the 32x256 tiles run by 128 threads with 4x16 register tiles (opt-in)
+        ("pycnn-cudagraph-m32t128", "graph 32x256 tiles by 128 threads",
+         with_env("PYCNN_CONV3_M32T128", "1", pycnn_throughput), True),
         # the A/B of the "waves" split-K rule: the rule before it
         ("pycnn-cudagraph-fill", "graph split rule 'fill'",
          with_constant("_CONV3_SPLIT_RULE", "fill", pycnn_throughput), True),

@@ -104,7 +104,7 @@ def render(path: Path | None, record: dict | None, one_stage: dict | None = None
     # targets, knockouts)
     kernels = [e for e in record.get("kernels") or [] if str(e.get("op", "")).startswith("conv2d")
                and not any(e.get(k) for k in ("wide", "flip", "split_target", "split_rule", "knockout",
-                                                   "rebuilt", "wide_splits", "r8", "threads"))]
+                                                   "rebuilt", "wide_splits", "r8", "threads", "m32t128"))]
     info = record.get("kernels_info") or {}
     lines = [f"Measured on {record.get('device', 'an unnamed GPU')} (record `{path.name}`, commit "
              f"{str(record.get('commit', '?'))[:8]}, {record.get('date', 'undated')}; reference "

@@ -82,6 +82,7 @@ def is_variant(entry: dict) -> bool:
     backward-data, v3@T split target, v3-kM knockout), not the version as the backend runs it."""
     return bool(entry.get("wide") or entry.get("flip") or entry.get("split_target") or entry.get("knockout")
                 or entry.get("split_rule") or entry.get("wide_splits") or entry.get("r8") or entry.get("threads")
+                or entry.get("m32t128")
                 or entry.get("rebuilt"))
 
 

@@ -232,7 +232,8 @@ def launches(monkeypatch):
         assert 1 <= grid[0] <= 2**31 - 1 and 1 <= grid[1] <= 65535 and 1 <= grid[2] <= 65535, grid
         assert 1 <= block[0] * block[1] * block[2] <= 1024, block
         if "_v3_" in kernel or "_v4_" in kernel:  # the GEMM kernels' thread maps (conv2d.cu) need these
-            assert block == ((128, 1, 1) if kernel.endswith("_n128r8_f32") else (256, 1, 1)), (kernel, block)
+            narrow_block = kernel.endswith(("_n128r8_f32", "_m32n256t128_f32"))  # (128-thread tiles)
+            assert block == ((128, 1, 1) if narrow_block else (256, 1, 1)), (kernel, block)
         assert 0 <= shared_mem <= 48 * 1024
         record.append(kernel)
 
@@ -296,6 +297,14 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
                 m.setenv("PYCNN_CONV3_R8", "2")
                 with pytest.raises(ValueError, match="PYCNN_CONV3_R8 must be '0' or '1'"):
                     cuda.conv2d_forward(x40, w40, None, (2, 1), (1, 0), version="3")
+                m.setenv("PYCNN_CONV3_M32T128", "1")  # the 32x256 tiles by 128 threads
+                cuda.conv2d_forward(x40, _f(4, 5, 3, 2), None, (2, 1), (1, 0), version="3")
+                assert launches[-1] == "conv2d_fwd_v3_m32n256t128_f32"
+                cuda.conv2d_backward_data(dy40, w40[:, :4].copy(), (2, 4, 9, 7), (2, 1), (1, 0), version="3")
+                assert "conv2d_bwd_data_v3_m32n256t128_f32" in launches[-2:]
+                m.setenv("PYCNN_CONV3_M32T128", "yes")
+                with pytest.raises(ValueError, match="PYCNN_CONV3_M32T128 must be '0' or '1'"):
+                    cuda.conv2d_forward(x40, _f(4, 5, 3, 2), None, (2, 1), (1, 0), version="3")
         if version in ("3", "4"):  # 18 taps took the narrow kernel; the GEMM one too
             with monkeypatch.context() as m:  # splits of 32 products: dw and db reduced in one launch
                 m.setattr(cuda, "_CONV_NARROW_MIN_K", 32)

@@ -95,12 +95,13 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
         seen[len(seen)] = {name: os.environ.get(name) for name in
                            ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP",
                             "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_POOL_FUSE", "PYCNN_CONV_AUTOTUNE",
-                            "PYCNN_CONV3_WIDE", "PYCNN_CONV3_R8")}
+                            "PYCNN_CONV3_WIDE", "PYCNN_CONV3_R8", "PYCNN_CONV3_M32T128")}
         seen[len(seen) - 1] |= {"rule": cuda._CONV3_SPLIT_RULE, "graph": graph}
         return {}
 
     for name in ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_CONV_WINOGRAD",
-                 "PYCNN_CONV_POOL_FUSE", "PYCNN_CONV_AUTOTUNE", "PYCNN_CONV3_WIDE", "PYCNN_CONV3_R8"):
+                 "PYCNN_CONV_POOL_FUSE", "PYCNN_CONV_AUTOTUNE", "PYCNN_CONV3_WIDE", "PYCNN_CONV3_R8",
+                 "PYCNN_CONV3_M32T128"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(gpu_training, "pycnn_throughput", stand_in)
     variants = gpu_training.pycnn_variants()
@@ -117,6 +118,7 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
                 "pycnn-cudagraph-flip": {"PYCNN_CONV_BWD_DATA_FLIP": "1"},
                 "pycnn-cudagraph-nowide": {"PYCNN_CONV3_WIDE": "0"},
                 "pycnn-cudagraph-t256": {"PYCNN_CONV3_R8": "0"},
+                "pycnn-cudagraph-m32t128": {"PYCNN_CONV3_M32T128": "1"},
                 "pycnn-cudagraph-nopoolfuse": {"PYCNN_CONV_POOL_FUSE": "0"},
                 "pycnn-cudagraph-autotune": {"PYCNN_CONV_AUTOTUNE": "1"}}.get(name, {})
         assert setting == want, name

@@ -72,6 +72,8 @@
 //     PYCNN_CONV3_WIDE=1 always, 0 never)
 //   conv2d_fwd_v3_n128r8_f32, conv2d_bwd_data_v3_n128r8_f32   64 x 128 with 128 threads, 8x8
 //     (the default 64 x 128 tiles: 4-9% faster than _n128 on an H200, gpu-20261127-15daa69e)
+//   conv2d_fwd_v3_m32n256t128_f32, conv2d_bwd_data_v3_m32n256t128_f32   32 x 256 with 128
+//     threads, 4x16 (opt-in until timed: PYCNN_CONV3_M32T128=1 runs them wherever _m32n256 would)
 // v4 TF32 tensor cores (opt-in: allow_tf32 / PYCNN_ALLOW_TF32=1; sm_80 or newer)
 //   The same tiles and gathers as v3; each warp computes a 32 x 16 (64 x 32) block of C with
 //   mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, operands rounded to TF32
@@ -216,9 +218,10 @@ extern "C" __global__ void conv2d_fwd_v2_f32(
 // fragments twice as often); it needs M >= 128 and enough tiles to fill the GPU, so the small
 // layers of the MNIST models use the 64 x 64 one (kernel names without _t128). v3 also has
 // 32 x 128, 32 x 256 and 64 x 128 tiles of 256 threads, and 64 x 128 with 128 threads (16 x 8
-// of them, an 8x8 register tile each: kernels _n128r8, the default 64 x 128 ones).
+// of them, an 8x8 register tile each: kernels _n128r8, the default 64 x 128 ones), and 32 x 256
+// with 128 threads (4x16 each: kernels _m32n256t128, opt-in).
 #define PYCNN_CONV3_BK 16       // depth of one shared-memory stage of A and B
-#define PYCNN_CONV3_THREADS 256 // 16 x 16 threads; 8 warps (the _n128r8 kernels: 128, 16 x 8)
+#define PYCNN_CONV3_THREADS 256 // 16 x 16 threads; 8 warps (_n128r8, _m32n256t128: 128, 16 x 8)
 // Row padding of the shared tiles: with a pitch of BM+8 floats (64+8, 128+8) the v4 fragment
 // reads As[k0+t][m0+g] (t = lane%4, g = lane/4) hit banks 8t+g, all 32 distinct.
 #define PYCNN_CONV3_PAD 8
@@ -576,8 +579,11 @@ __device__ __forceinline__ void pycnn_conv_copy_transposed(float (*dst)[PITCH], 
 // Stage the A (BM x BK, stored transposed As[k][m] so both compute loops read rows) and B
 // (BK x BN) tiles of reduction indices k0 .. k0+BK-1. ASYNC: cp.async copies (complete after the
 // matching pycnn_cp_async_wait); otherwise loads through registers.
+// L2: the loader of a thread's second column of B, where the tile has twice as many columns as
+// the block has threads (32 x 256 with 128 threads); otherwise unused.
 template <int MODE, int BM, int BN, bool ASYNC, int THREADS = PYCNN_CONV3_THREADS>
 __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, const PycnnConvLoader& L,
+                                                     const PycnnConvLoader& L2,
                                                      const int (*tab)[PYCNN_CONV_TAB], int k0,
                                                      float (*As)[BM + PYCNN_CONV3_PAD],
                                                      float (*Bs)[BN + PYCNN_CONV3_PAD]) {
@@ -585,8 +591,9 @@ __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, con
     constexpr int PASS_ROWS = THREADS / 4;  // rows of four indices per pass of the register loads
     constexpr int A_ROWS = BM >= PASS_ROWS ? BM / PASS_ROWS : 1;
     constexpr int ROW_STEP = 16 * THREADS / 256;  // of the cp.async copies (pycnn_conv_copy_transposed)
-    constexpr int B_STEP = THREADS / BN;
-    static_assert(B_STEP >= 1 && BK % B_STEP == 0, "each thread loads rows of one column of B");
+    constexpr int B_STEP = THREADS >= BN ? THREADS / BN : 1;
+    static_assert((THREADS >= BN || BN == 2 * THREADS) && BK % B_STEP == 0,
+                  "each thread loads rows of one column of B (or all rows of two)");
     if constexpr (ASYNC) {
         if (!PYCNN_KO(4)) {
             int kbase, rstride;
@@ -629,6 +636,14 @@ __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, con
             int off;
             const bool ok = pycnn_conv_b_elem<MODE>(p, L, tab[row], off);
             pycnn_conv_load_elem<ASYNC>(&Bs[row][L.b_col], p.b_src, ok, off);
+        }
+        if constexpr (BN > THREADS) {
+#pragma unroll
+            for (int row = 0; row < BK; ++row) {
+                int off;
+                const bool ok = pycnn_conv_b_elem<MODE>(p, L2, tab[row], off);
+                pycnn_conv_load_elem<ASYNC>(&Bs[row][L2.b_col], p.b_src, ok, off);
+            }
         }
     }
 }
@@ -789,9 +804,38 @@ __device__ __forceinline__ void pycnn_conv_split_finish(const PycnnConvGemm& p, 
     if (threadIdx.x == 0) p.tickets[tile] = 0;
 }
 
+// The geometry of B's column nb for its loads (L.nb_ok, L.cb0 .. cb3; see pycnn_conv_b_elem).
+template <int MODE>
+__device__ __forceinline__ void pycnn_conv_b_column(const PycnnConvGemm& p, int nb, int RS, int HW, int HoWo,
+                                                    PycnnConvLoader& L) {
+    L.cb0 = L.cb1 = L.cb2 = L.cb3 = 0;
+    if (L.nb_ok) {
+        if (MODE == PYCNN_CONV_FWD) {          // column = output pixel (img, i, j)
+            const int img = nb / HoWo, pix = nb - img * HoWo, i = pix / p.Wo;
+            L.cb1 = i * p.sh - p.ph;
+            L.cb2 = (pix - i * p.Wo) * p.sw - p.pw;
+            L.cb0 = img * p.C * HW + L.cb1 * p.W + L.cb2;
+        } else if (MODE == PYCNN_CONV_BWD_DATA) {  // column = input pixel (img, h, w)
+            const int img = nb / HW, pix = nb - img * HW, h = pix / p.W;
+            const int hp = h + p.ph, wp = (pix - h * p.W) + p.pw;
+            L.cb1 = hp / p.sh;
+            L.cb2 = wp / p.sw;
+            L.cb3 = (hp - L.cb1 * p.sh) * p.sw + (wp - L.cb2 * p.sw);
+            L.cb0 = img * p.K * HoWo + L.cb1 * p.Wo + L.cb2;
+        } else if (MODE >= PYCNN_CONV_BATCHED_GEMM) {  // column = column of B[b] (NT: unused)
+            L.cb0 = nb;
+        } else {                               // column = weight tap (c, r, s)
+            const int c = nb / RS, rs = nb - c * RS, r = rs / p.S;
+            L.cb1 = r;
+            L.cb2 = rs - r * p.S;
+            L.cb0 = c * HW + L.cb1 * p.W + L.cb2;
+        }
+    }
+}
+
 // One block computes C[m0:m0+BM, n0:n0+BN] over Kd range [k_begin, k_end). Must be entered by
 // all THREADS threads of a 1-D block (it synchronizes with __syncthreads): PYCNN_CONV3_THREADS, or
-// 128 for v3's 64 x 128 tile with an 8x8 register tile per thread.
+// 128 for v3's 64 x 128 tile with an 8x8 register tile per thread and its 32 x 256 tile with 4x16.
 // Offsets inside x, dy and dx are int32: the host runs v3/v4 only when every tensor has fewer
 // than 2^31 elements (and falls back to v1 otherwise).
 template <int MODE, bool TF32, int BM, int BN, int THREADS = PYCNN_CONV3_THREADS>
@@ -799,8 +843,9 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
     static_assert(((BM == 64 || BM == 128) && BN == BM) ||
                   (!TF32 && ((BM == 32 && (BN == 128 || BN == 256)) || (BM == 64 && BN == 128))),
                   "tiles are 64x64 or 128x128, or 32x128 / 32x256 / 64x128 for v3");
-    static_assert(THREADS == PYCNN_CONV3_THREADS || (THREADS == 128 && !TF32 && BM == 64 && BN == 128),
-                  "256 threads, or 128 for v3's 64x128 tile (8x8 per thread)");
+    static_assert(THREADS == PYCNN_CONV3_THREADS ||
+                  (THREADS == 128 && !TF32 && ((BM == 64 && BN == 128) || (BM == 32 && BN == 256))),
+                  "256 threads, or 128 for v3's 64x128 (8x8 per thread) and 32x256 (4x16) tiles");
     constexpr int BK = PYCNN_CONV3_BK;
     // (a third stage only where three fit the 48 KB of static shared memory: 64x64, 32x128 and
     // 64x128 tiles; the others keep two)
@@ -833,33 +878,18 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
     L.b_row = tid / BN;
     const int nb = n0 + L.b_col;
     L.nb_ok = nb < p.Ncols;
-    L.cb0 = L.cb1 = L.cb2 = L.cb3 = 0;
-    if (L.nb_ok) {
-        if (MODE == PYCNN_CONV_FWD) {          // column = output pixel (img, i, j)
-            const int img = nb / HoWo, pix = nb - img * HoWo, i = pix / p.Wo;
-            L.cb1 = i * p.sh - p.ph;
-            L.cb2 = (pix - i * p.Wo) * p.sw - p.pw;
-            L.cb0 = img * p.C * HW + L.cb1 * p.W + L.cb2;
-        } else if (MODE == PYCNN_CONV_BWD_DATA) {  // column = input pixel (img, h, w)
-            const int img = nb / HW, pix = nb - img * HW, h = pix / p.W;
-            const int hp = h + p.ph, wp = (pix - h * p.W) + p.pw;
-            L.cb1 = hp / p.sh;
-            L.cb2 = wp / p.sw;
-            L.cb3 = (hp - L.cb1 * p.sh) * p.sw + (wp - L.cb2 * p.sw);
-            L.cb0 = img * p.K * HoWo + L.cb1 * p.Wo + L.cb2;
-        } else if (MODE >= PYCNN_CONV_BATCHED_GEMM) {  // column = column of B[b] (NT: unused)
-            L.cb0 = nb;
-        } else {                               // column = weight tap (c, r, s)
-            const int c = nb / RS, rs = nb - c * RS, r = rs / p.S;
-            L.cb1 = r;
-            L.cb2 = rs - r * p.S;
-            L.cb0 = c * HW + L.cb1 * p.W + L.cb2;
-        }
-    }
+    pycnn_conv_b_column<MODE>(p, nb, RS, HW, HoWo, L);
     L.a_row = tid / (BK / 4);
     L.a_k = (tid % (BK / 4)) * 4;
     L.c_row = 8 * (tid / 128) + tid % 8;        // 8 * (warp / 4) + lane % 8
     L.c_k = 4 * ((tid / 32) % 4) + (tid % 32) / 8;  // 4 * (warp % 4) + lane / 8
+    PycnnConvLoader L2 = L;  // (32 x 256 with 128 threads: each thread's second column, THREADS on)
+    if constexpr (BN > THREADS) {
+        L2.b_col = tid + THREADS;
+        const int nb2 = n0 + L2.b_col;
+        L2.nb_ok = nb2 < p.Ncols;
+        pycnn_conv_b_column<MODE>(p, nb2, RS, HW, HoWo, L2);
+    }
 
     static_assert(THREADS != PYCNN_CONV3_THREADS || MI * NI * 4 == TM * TN,
                   "v3 and v4 hold the same number of accumulators per thread");
@@ -877,7 +907,7 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
     if (STAGES == 1) {
         int s = 0;
         for (int k0 = p.k_begin; k0 < p.k_end; k0 += BK, ++s) {
-            pycnn_conv_load_tile<MODE, BM, BN, false, THREADS>(p, L, tabs[s % 2], k0, As[0], Bs[0]);
+            pycnn_conv_load_tile<MODE, BM, BN, false, THREADS>(p, L, L2, tabs[s % 2], k0, As[0], Bs[0]);
             __syncthreads();
             // The next stage's table goes into the other slot, which no thread reads any more.
             // (the constant first: a trailing "&& true" changed nvcc's code for the whole loop)
@@ -892,13 +922,13 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
         // PYCNN_CONV3_STAGES=3, for latency that one stage of math does not cover).
         constexpr int AHEAD = STAGES - 1;
         // Prologue: tiles 0 .. AHEAD-1 in flight, the table of tile AHEAD decoded.
-        pycnn_conv_load_tile<MODE, BM, BN, true, THREADS>(p, L, tabs[0], p.k_begin, As[0], Bs[0]);
+        pycnn_conv_load_tile<MODE, BM, BN, true, THREADS>(p, L, L2, tabs[0], p.k_begin, As[0], Bs[0]);
         pycnn_cp_async_commit();
         if (tid < BK && p.k_begin + BK < p.k_end) pycnn_conv_decode<MODE>(p, p.k_begin + BK + tid, tabs[1][tid]);
         if constexpr (AHEAD > 1) {
             __syncthreads();  // table 1 is visible (decoded only if stage 1 exists)
             if (p.k_begin + BK < p.k_end)
-                pycnn_conv_load_tile<MODE, BM, BN, true, THREADS>(p, L, tabs[1], p.k_begin + BK, As[1], Bs[1]);
+                pycnn_conv_load_tile<MODE, BM, BN, true, THREADS>(p, L, L2, tabs[1], p.k_begin + BK, As[1], Bs[1]);
             pycnn_cp_async_commit();  // (empty if not: the count of groups stays uniform)
             if (tid < BK && p.k_begin + 2 * BK < p.k_end)
                 pycnn_conv_decode<MODE>(p, p.k_begin + 2 * BK + tid, tabs[2][tid]);
@@ -913,7 +943,7 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
             __syncthreads();
             if (k0 + AHEAD * BK < p.k_end)
                 pycnn_conv_load_tile<MODE, BM, BN, true, THREADS>(
-                    p, L, tabs[(s + AHEAD) % STAGES], k0 + AHEAD * BK, As[STAGES == 2 ? (cur ^ 1) : (s + AHEAD) % STAGES],
+                    p, L, L2, tabs[(s + AHEAD) % STAGES], k0 + AHEAD * BK, As[STAGES == 2 ? (cur ^ 1) : (s + AHEAD) % STAGES],
                     Bs[STAGES == 2 ? (cur ^ 1) : (s + AHEAD) % STAGES]);
             pycnn_cp_async_commit();      // (empty groups at the end keep the count uniform)
             pycnn_cp_async_wait<AHEAD>();  // this thread's copies of stage s have landed ...
@@ -983,8 +1013,8 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
     if (p.finish && gridDim.z > 1) pycnn_conv_split_finish<MODE, BM, BN, THREADS>(p, L.m0, n0);
 }
 
-// Launch (all v3/v4 kernels): block (PYCNN_CONV3_THREADS,) (the _n128r8 kernels: (128,)), grid
-// (ceil(Ncols/BN), ceil(M/BM), splits) with the kernel's BM x BN tile.
+// Launch (all v3/v4 kernels): block (PYCNN_CONV3_THREADS,) (the _n128r8 and _m32n256t128 kernels:
+// (128,)), grid (ceil(Ncols/BN), ceil(M/BM), splits) with the kernel's BM x BN tile.
 __device__ __forceinline__ PycnnConvGemm pycnn_conv_params(int N, int C, int H, int W, int K, int R, int S,
                                                            int Ho, int Wo, int sh, int sw, int ph, int pw) {
     PycnnConvGemm p;
@@ -1095,6 +1125,24 @@ extern "C" __global__ void conv2d_fwd_v3_m32n256_f32(
     int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ y_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads
     pycnn_conv_fwd_gemm<false, 32, 256>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, y_final);
+}
+
+// The 32 x 256 tile with 128 threads (v3 only, opt-in: PYCNN_CONV3_M32T128=1 on the host): a 4x16
+// register tile per thread instead of 2x16, the same outputs and the same order of sums per output
+// (bitwise the _m32n256 kernel). Nsight Compute of MnistCNN conv2's backward-data at batch 512 on
+// _m32n256 (record gpu-20261127-15daa69e): 20 shared-memory read wavefronts per warp per k for 32
+// FMAs per thread (16 floats of B, four float4s over 512 distinct bytes per warp), against 11 for
+// the 64 x 128 tile, and L1 at 85% of its peak. Here a warp reads one A float4 (two distinct ones:
+// one wavefront) and four B float4s (16 distinct per read, two wavefronts each) for 64 FMAs per
+// thread: 9 wavefronts per 64 instead of 20 per 32. Each thread copies all 16 rows of two columns
+// of B (tid and tid + 128: the second loader L2 of pycnn_conv_igemm). Untimed: the A/B decides
+// (benchmarks/gpu_session.sh THREADS=1).
+extern "C" __global__ void __launch_bounds__(128, 4) conv2d_fwd_v3_m32n256t128_f32(
+    const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+    float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
+    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ y_final) {
+    // cooperative: the GEMM core synchronizes with __syncthreads (128 threads)
+    pycnn_conv_fwd_gemm<false, 32, 256, 128>(x, w, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, y_final);
 }
 
 extern "C" __global__ void conv2d_fwd_v3_n128_f32(
@@ -1269,6 +1317,15 @@ extern "C" __global__ void conv2d_bwd_data_v3_m32n256_f32(
     int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ dx_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads (32 x 256 tiles, see the forward)
     pycnn_conv_bwd_data_gemm<false, 32, 256>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, dx_final);
+}
+
+// 32 x 256 tiles with 128 threads, 4x16 per thread (see conv2d_fwd_v3_m32n256t128_f32).
+extern "C" __global__ void __launch_bounds__(128, 4) conv2d_bwd_data_v3_m32n256t128_f32(
+    const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
+    int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ dx_final) {
+    // cooperative: the GEMM core synchronizes with __syncthreads (128 threads)
+    pycnn_conv_bwd_data_gemm<false, 32, 256, 128>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, dx_final);
 }
 
 extern "C" __global__ void conv2d_bwd_data_v3_n128_f32(

@@ -421,7 +421,7 @@ def _env(name: str) -> str:
 # The environment variables a conv plan depends on (part of its key).
 _CONV_SETTINGS = ("PYCNN_CONV_VERSION", "PYCNN_ALLOW_TF32", "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_AUTOTUNE",
                   "PYCNN_CONV3_WIDE", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_CONV_POOL_FUSE",
-                  "PYCNN_CONV3_R8")
+                  "PYCNN_CONV3_R8", "PYCNN_CONV3_M32T128")
 _CONV_SETTING_KEYS = tuple(os.fsencode(name) for name in _CONV_SETTINGS)
 
 
@@ -923,9 +923,22 @@ def _conv3_r8_setting() -> str:
     return setting
 
 
+# The 32x256 tile with 128 threads and a 4x16 register tile each (conv2d_*_v3_m32n256t128_f32;
+# bitwise the 256-thread _m32n256 kernels with 2x16): $PYCNN_CONV3_M32T128=1 runs it wherever
+# _m32n256 would run. Nsight Compute put _m32n256 at 20 shared-memory read wavefronts per warp
+# per k for 32 FMAs a thread (record gpu-20261127-15daa69e); 4x16 reads 9 for 64. Opt-in until a
+# GPU has timed it (gpu_kernels.py --versions 3,3m; gpu_training.py's pycnn-cudagraph-m32t128).
+def _conv3_m32t128_setting() -> str:
+    """$PYCNN_CONV3_M32T128: '' or '0' (the 256-thread 32x256 kernels) or '1' (the 128-thread ones)."""
+    setting = _env("PYCNN_CONV3_M32T128")
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"PYCNN_CONV3_M32T128 must be '0' or '1' (or unset), got {setting!r}")
+    return setting
+
+
 def _conv3_threads(suffix: str) -> int:
     """Threads per block of the v3/v4 GEMM kernels with this name suffix."""
-    return _CONV3_R8_THREADS if suffix == "_n128r8" else _CONV3_THREADS
+    return _CONV3_R8_THREADS if suffix in ("_n128r8", "_m32n256t128") else _CONV3_THREADS
 
 
 def _conv3_tile(direction: str, rows: int, cols: int, version: str = "3") -> tuple[int, int, str]:
@@ -935,7 +948,8 @@ def _conv3_tile(direction: str, rows: int, cols: int, version: str = "3") -> tup
     tile count, so it takes the large tile as soon as both sides are at least 128. v3 GEMMs of at
     most _CONV3_M32_MAX_ROWS rows take 32x128 tiles (a 64-row tile would be half empty). v3
     forward and backward-data GEMMs of at most 64 rows take tiles twice as wide, 32x256
-    (conv2d_*_v3_m32n256_f32) and 64x128 (the 128-thread conv2d_*_v3_n128r8_f32, or with
+    (conv2d_*_v3_m32n256_f32, or with $PYCNN_CONV3_M32T128=1 the 128-thread
+    conv2d_*_v3_m32n256t128_f32) and 64x128 (the 128-thread conv2d_*_v3_n128r8_f32, or with
     $PYCNN_CONV3_R8=0 the 256-thread conv2d_*_v3_n128_f32), where that still makes _CONV3_WIDE_MIN_TILES tiles
     ($PYCNN_CONV3_WIDE=1: always, 0: never).
     """
@@ -950,7 +964,9 @@ def _conv3_tile(direction: str, rows: int, cols: int, version: str = "3") -> tup
     if wide and setting == "":
         wide = -(-cols // (256 if m32 else 128)) >= _CONV3_WIDE_MIN_TILES
     if m32:
-        return (32, 256, "_m32n256") if wide else (32, 128, "_m32")
+        if not wide:
+            return 32, 128, "_m32"
+        return 32, 256, "_m32n256t128" if _conv3_m32t128_setting() == "1" else "_m32n256"
     if wide:
         return _CONV3_BM, 128, "_n128" if _conv3_r8_setting() == "0" else "_n128r8"
     return _CONV3_BM, _CONV3_BM, ""
@@ -1264,8 +1280,8 @@ def _conv_pick(direction: str, dev: int, geom: tuple, version, allow_tf32, build
     # (with the settings that change what a version launches: a pick made without them is not the
     # pick with them; tf32 stays last)
     key = (direction, dev, x_shape, w_shape, stride, padding, CONV_WINOGRAD_VERSION in versions,
-           _env("PYCNN_CONV3_WIDE"), _env("PYCNN_CONV_BWD_DATA_FLIP"), _env("PYCNN_CONV3_R8"), _CONV3_SPLIT_RULE,
-           tf32 and capable)
+           _env("PYCNN_CONV3_WIDE"), _env("PYCNN_CONV_BWD_DATA_FLIP"), _env("PYCNN_CONV3_R8"), _env("PYCNN_CONV3_M32T128"),
+           _CONV3_SPLIT_RULE, tf32 and capable)
 
     def build_label(label):
         v, settings = _tune_variant(label)
@@ -1339,8 +1355,8 @@ def _conv3_output_plan(direction: str, version: str, rows: int, cols: int, Kd: i
     backward-data GEMM. A wide tile splits the reduction as the default tile of its rows would (the
     same sums in the same order, so only the tile width differs)."""
     bm, bn, suffix = _conv3_tile(direction, rows, cols, version)
-    if suffix in ("_n128", "_n128r8", "_m32n256"):
-        dm, dn = (32, 128) if suffix == "_m32n256" else (_CONV3_BM, _CONV3_BM)
+    if suffix in ("_n128", "_n128r8", "_m32n256", "_m32n256t128"):
+        dm, dn = (32, 128) if suffix.startswith("_m32n256") else (_CONV3_BM, _CONV3_BM)
         splits, chunk = _conv3_splits(direction, dm, -(-cols // dn) * -(-rows // dm), Kd)
     else:
         splits, chunk = _conv3_splits(direction, bm, -(-cols // bn) * -(-rows // bm), Kd)

@@ -588,35 +588,50 @@ def test_gpu_kernels_old_split_rule(emulated, monkeypatch, tmp_path):
     assert "v3fill" in gpu_kernels.table(record["kernels"])
 
 
-def test_gpu_kernels_64x128_tiles_by_256_threads(emulated, monkeypatch, tmp_path):
-    """--versions 3,3t: v3 again with its 64x128 tiles run by 256 threads with 4x8 register tiles
-    ("threads": 256 entries, PYCNN_CONV3_R8=0) instead of 128 with 8x8, only where a GEMM has
-    them; the setting is restored after."""
+def test_gpu_kernels_wide_tiles_by_other_thread_counts(emulated, monkeypatch, tmp_path):
+    """--versions 3,3t,3m: v3 again with its 64x128 tiles run by 256 threads with 4x8 register
+    tiles ("threads": 256 entries, PYCNN_CONV3_R8=0) instead of 128 with 8x8, and with its 32x256
+    tiles run by 128 threads with 4x16 ("m32t128" entries, PYCNN_CONV3_M32T128=1) instead of 256
+    with 2x16, each only where a GEMM has such tiles (with the default's split plan); the
+    settings are restored after."""
     import json
 
     gpu_kernels, _ = _gpu_kernels_on_the_emulator(monkeypatch)
     import targets
     from shapes import ConvShape
 
-    monkeypatch.setattr(gpu_kernels, "CONV_SHAPES", [ConvShape("t", "a", 64, 40, 36, 9, 3, padding=1)])
+    monkeypatch.setattr(gpu_kernels, "CONV_SHAPES", [ConvShape("t", "a", 64, 40, 36, 9, 3, padding=1),
+                                                     ConvShape("t", "b", 64, 20, 24, 9, 3, padding=1)])
     monkeypatch.setattr(cuda, "_CONV3_WIDE_MIN_TILES", 1)  # (wide tiles by default, whatever their count)
+    monkeypatch.setattr(cuda, "_CONV3_M32_MAX_ROWS", 32)  # (the module's fixture turns the 32-row tiles off)
     monkeypatch.setattr(cuda, "_CONV3_SPLIT_TARGET_BLOCKS", 8)  # (a GPU of two SMs)
     out = tmp_path / "o.json"
     monkeypatch.delenv("PYCNN_CONV3_R8", raising=False)
-    rc = gpu_kernels.main(["--layers", "models", "--versions", "3,3t", "--batch", "3", "--repeats", "1",
+    monkeypatch.delenv("PYCNN_CONV3_M32T128", raising=False)
+    rc = gpu_kernels.main(["--layers", "models", "--versions", "3,3t,3m", "--batch", "3", "--repeats", "1",
                            "--json", str(out)])
     record = json.loads(out.read_text())
     assert rc == 0 and record["kernels_info"]["errors"] == [], record["kernels_info"]["errors"]
-    assert "PYCNN_CONV3_R8" not in __import__("os").environ
-    got = sorted((e["op"], e.get("threads", 0), e["tile"], e["splits"]) for e in record["kernels"])
-    wgrad_splits = next(e["splits"] for e in record["kernels"] if e["op"] == "conv2d_bwd_weight")
-    assert got == sorted([("conv2d_fwd", 0, "64x128/128 threads", 2), ("conv2d_fwd", 256, "64x128", 2),
-                          ("conv2d_bwd_data", 0, "64x128/128 threads", 2), ("conv2d_bwd_data", 256, "64x128", 2),
-                          ("conv2d_bwd_weight", 0, "64x64", wgrad_splits)]), got
-    assert all(targets.is_variant(e) == bool(e.get("threads")) for e in record["kernels"])
+    environ = __import__("os").environ
+    assert "PYCNN_CONV3_R8" not in environ and "PYCNN_CONV3_M32T128" not in environ
+    got = sorted((e["layer"], e["op"], e.get("threads", 0), e.get("m32t128", False), e["tile"])
+                 for e in record["kernels"])
+    assert got == sorted([("t-a", "conv2d_fwd", 0, False, "64x128/128 threads"), ("t-a", "conv2d_fwd", 256, False, "64x128"),
+                          ("t-a", "conv2d_bwd_data", 0, False, "64x128/128 threads"),
+                          ("t-a", "conv2d_bwd_data", 256, False, "64x128"), ("t-a", "conv2d_bwd_weight", 0, False, "64x64"),
+                          ("t-b", "conv2d_fwd", 0, False, "32x256"), ("t-b", "conv2d_fwd", 0, True, "32x256/128 threads"),
+                          ("t-b", "conv2d_bwd_data", 0, False, "32x256"),
+                          ("t-b", "conv2d_bwd_data", 0, True, "32x256/128 threads"),
+                          ("t-b", "conv2d_bwd_weight", 0, False, "32x128")]), got
+    splits = {(e["layer"], e["op"]): e["splits"] for e in record["kernels"] if not targets.is_variant(e)}
+    assert all(e["splits"] == splits[e["layer"], e["op"]] for e in record["kernels"])
+    assert splits["t-a", "conv2d_fwd"] == 2  # (split, so the variants' split paths ran too)
+    assert all(targets.is_variant(e) == bool(e.get("threads") or e.get("m32t128")) for e in record["kernels"])
     assert {"conv2d_fwd_v3_n128_f32", "conv2d_fwd_v3_n128r8_f32", "conv2d_bwd_data_v3_n128_f32",
-            "conv2d_bwd_data_v3_n128r8_f32"} <= set(emulated)
-    assert "v3t" in gpu_kernels.table(record["kernels"])
+            "conv2d_bwd_data_v3_n128r8_f32", "conv2d_fwd_v3_m32n256_f32", "conv2d_fwd_v3_m32n256t128_f32",
+            "conv2d_bwd_data_v3_m32n256_f32", "conv2d_bwd_data_v3_m32n256t128_f32"} <= set(emulated)
+    table = gpu_kernels.table(record["kernels"])
+    assert "v3t" in table and "v3m" in table
 
 
 def test_gpu_kernels_wide_tiles_at_a_batch(emulated, monkeypatch, tmp_path):
@@ -1253,20 +1268,33 @@ def test_v3_tile_rule(monkeypatch):
     assert cuda._conv3_tile("backward_weight", 128, 1152, "3") == (128, 128, "_t128")
 
 
+# The 128-thread v3 tiles and the 256-thread ones they replace: (setting, its value for the
+# 128-thread kernels, their suffix, the 256-thread suffix).
+_THREADS128 = {"64x128": ("PYCNN_CONV3_R8", "_n128r8", "_n128"),
+               "32x256": ("PYCNN_CONV3_M32T128", "_m32n256t128", "_m32n256")}
+
+
 @pytest.mark.parametrize("build", ["emulator", "emulator_one_stage", "emulator_three_stage"])
-@pytest.mark.parametrize("shape, split", [
-    ((2, 40, 6, 5, 36, 3, 3, (1, 1), (1, 1)), False),   # 36 filters, 40 channels: 64x128 both ways
-    ((1, 34, 12, 13, 48, 3, 2, (2, 1), (1, 0)), False),  # stride 2; two 128-wide column tiles in bwd-data
-    ((3, 40, 9, 9, 36, 3, 3, (1, 1), (1, 1)), True),     # split-K (a small "GPU")
-], ids=["one-tile", "stride2", "split"])
-def test_r8_tiles_give_the_n128_bits(request, monkeypatch, build, shape, split):
-    """The 64x128 v3 tiles run by 128 threads with 8x8 register tiles (conv2d_*_v3_n128r8_f32,
-    launched with 128 threads; the default, PYCNN_CONV3_R8=1) give bitwise the 256-thread _n128
-    kernels' y and dx (the same sums in the same order per output), with every main loop (one,
-    two, three stages: the loads of a 128-thread block take twice the passes), split or not,
-    and the reference's values."""
+@pytest.mark.parametrize("tile, shape, split", [
+    ("64x128", (2, 40, 6, 5, 36, 3, 3, (1, 1), (1, 1)), False),   # 36 filters, 40 channels: 64x128 both ways
+    ("64x128", (1, 34, 12, 13, 48, 3, 2, (2, 1), (1, 0)), False),  # stride 2; two 128-wide column tiles in bwd-data
+    ("64x128", (3, 40, 9, 9, 36, 3, 3, (1, 1), (1, 1)), True),     # split-K (a small "GPU")
+    # 24 filters, 20 channels: 32x256 both ways; 180 columns, so the second B column of a thread
+    # (tid + 128) is data for some threads and past the end for the others
+    ("32x256", (2, 20, 10, 9, 24, 3, 3, (1, 1), (1, 1)), False),
+    ("32x256", (1, 18, 24, 13, 28, 3, 2, (2, 1), (1, 0)), False),  # stride 2; 312 bwd-data columns: two tiles
+    ("32x256", (3, 20, 9, 9, 24, 3, 3, (1, 1), (1, 1)), True),     # split-K, 243 columns
+], ids=["64x128-one-tile", "64x128-stride2", "64x128-split", "32x256-one-tile", "32x256-stride2", "32x256-split"])
+def test_128_thread_tiles_give_the_256_thread_bits(request, monkeypatch, build, tile, shape, split):
+    """The 64x128 v3 tiles run by 128 threads with 8x8 register tiles (conv2d_*_v3_n128r8_f32; the
+    default, PYCNN_CONV3_R8=1) and the 32x256 ones with 4x16 (conv2d_*_v3_m32n256t128_f32,
+    PYCNN_CONV3_M32T128=1: each thread loads two columns of B), launched with 128 threads, give
+    bitwise the 256-thread kernels' y and dx (the same sums in the same order per output), with
+    every main loop (one, two, three stages: the loads of a 128-thread block take twice the
+    passes), split or not, and the reference's values."""
     from emu_support import patch_backend
 
+    setting, fast, slow = _THREADS128[tile]
     launched = patch_backend(monkeypatch, request.getfixturevalue(build))
     monkeypatch.setenv("PYCNN_CONV3_WIDE", "1")
     monkeypatch.setattr(cuda, "_CONV3_M32_MAX_ROWS", 32)
@@ -1277,22 +1305,22 @@ def test_r8_tiles_give_the_n128_bits(request, monkeypatch, build, shape, split):
     x, w, b, dy = data(shape, seed=29)
     _, _, _, _, _, _, _, stride, padding = shape
     results = {}
-    for r8 in ("0", "1"):
-        monkeypatch.setenv("PYCNN_CONV3_R8", r8)
+    for value in ("0", "1"):
+        monkeypatch.setenv(setting, value)
         n = len(launched)
-        results[r8] = (cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version="3"),
-                       cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="3"))
-        suffix = "_n128r8" if r8 == "1" else "_n128"
+        results[value] = (cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version="3"),
+                          cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="3"))
+        suffix = fast if value == "1" else slow
         assert {f"conv2d_fwd_v3{suffix}_f32", f"conv2d_bwd_data_v3{suffix}_f32"} <= set(launched[n:]), launched[n:]
         assert ("conv2d_split_reduce_f32" in launched[n:]) == split, launched[n:]
     for what, a, c in zip(("y", "dx"), results["0"], results["1"]):
-        np.testing.assert_array_equal(c, a, err_msg=f"{what}: 128 threads (8x8) vs 256 (4x8)")
+        np.testing.assert_array_equal(c, a, err_msg=f"{what}: {tile} by 128 threads vs 256")
     if split:  # the splits summed by the last block of each tile (PYCNN_SPLIT_FINISH=1): the same bits
         monkeypatch.setenv("PYCNN_SPLIT_FINISH", "1")
         n = len(launched)
         finished = (cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version="3"),
                     cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="3"))
-        assert launched[n:] == ["conv2d_fwd_v3_n128r8_f32", "conv2d_bwd_data_v3_n128r8_f32"], launched[n:]
+        assert launched[n:] == [f"conv2d_fwd_v3{fast}_f32", f"conv2d_bwd_data_v3{fast}_f32"], launched[n:]
         for what, a, c in zip(("y", "dx"), results["0"], finished):
             np.testing.assert_array_equal(c, a, err_msg=f"{what}: 128 threads, split-K summed in the kernel")
     want = reference(shape, x, w, b, dy)
