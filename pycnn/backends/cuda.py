@@ -899,12 +899,17 @@ _CONV3_WIDE_MIN_TILES = 264
 # and the step 694k vs 721k samples/s: record gpu-20261127-15daa69e, docs/kernels.md.)
 
 
+def _switch_setting(name: str) -> str:
+    """$``name`` as '' (unset: the default), '0' or '1'; anything else is an error that names it."""
+    setting = _env(name)
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"{name} must be '0' or '1' (or unset), got {setting!r}")
+    return setting
+
+
 def _conv3_wide_setting() -> str:
     """$PYCNN_CONV3_WIDE: '' (the tile-count rule above), '1' or '0'."""
-    setting = _env("PYCNN_CONV3_WIDE")
-    if setting not in ("", "0", "1"):
-        raise ValueError(f"PYCNN_CONV3_WIDE must be '0' or '1' (or unset), got {setting!r}")
-    return setting
+    return _switch_setting("PYCNN_CONV3_WIDE")
 
 
 # The 64x128 tile runs with 128 threads and an 8x8 register tile each (conv2d_*_v3_n128r8_f32),
@@ -917,10 +922,7 @@ _CONV3_R8_THREADS = 128
 
 def _conv3_r8_setting() -> str:
     """$PYCNN_CONV3_R8: '' or '1' (the 128-thread 64x128 kernels) or '0' (the 256-thread ones)."""
-    setting = _env("PYCNN_CONV3_R8")
-    if setting not in ("", "0", "1"):
-        raise ValueError(f"PYCNN_CONV3_R8 must be '0' or '1' (or unset), got {setting!r}")
-    return setting
+    return _switch_setting("PYCNN_CONV3_R8")
 
 
 # The 32x256 tile with 128 threads and a 4x16 register tile each (conv2d_*_v3_m32n256t128_f32;
@@ -930,10 +932,7 @@ def _conv3_r8_setting() -> str:
 # GPU has timed it (gpu_kernels.py --versions 3,3m; gpu_training.py's pycnn-cudagraph-m32t128).
 def _conv3_m32t128_setting() -> str:
     """$PYCNN_CONV3_M32T128: '' or '0' (the 256-thread 32x256 kernels) or '1' (the 128-thread ones)."""
-    setting = _env("PYCNN_CONV3_M32T128")
-    if setting not in ("", "0", "1"):
-        raise ValueError(f"PYCNN_CONV3_M32T128 must be '0' or '1' (or unset), got {setting!r}")
-    return setting
+    return _switch_setting("PYCNN_CONV3_M32T128")
 
 
 def _conv3_threads(suffix: str) -> int:
