@@ -349,7 +349,7 @@ def rebuilt(name: str, value: str):
     the normal ones again afterwards."""
     def fresh_modules():
         for cache in (cuda._modules, cuda._functions):
-            for key in [k for k in cache if k[1] == "conv2d.cu"]:
+            for key in [k for k in cache if k[1] in cuda.CONV_CORE_SOURCES]:
                 del cache[key]
         cuda.clear_plans()
 

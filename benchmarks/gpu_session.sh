@@ -91,13 +91,13 @@ fi
 # layers at batch 512, then recompiled with the products, the B-tile copies, the A-tile copies or
 # the index decode left out (PYCNN_CONV3_KNOCKOUT=1/2/4/8; the results are wrong, the times are
 # the point): each difference to v3 is what that part costs; and with two tiles in flight
-# (PYCNN_CONV_STAGES=3, "rebuilt" entries). Five NVRTC compiles of conv2d.cu.
+# (PYCNN_CONV_STAGES=3, "rebuilt" entries). Five NVRTC compiles of the GEMM-core files (conv2d_igemm*.cu, _narrow, _winograd).
 [ -n "${KNOCKOUT:-}" ] && step "v3 knockouts and 3-stage loop (compute-bound + MnistCNN layers at batch 512)" 130 \
   python3 benchmarks/gpu_kernels.py --layers all --models mnistcnn --versions 3 --knockouts 1,2,4,8 --also-stages 3 \
   --batch 512 --repeats 10 --budget 60 --json "$OUT/gpu-$stamp-$sha8-kernels-knockouts.json" 2>&1 | tail -40
 # LAYOUT=1: v3 with its warps on 16 x 2 register tiles (the default) and rebuilt with 8 x 4
 # (PYCNN_CONV3_WARP_COLS=8), on every model layer at batch 64 and on the
-# compute-bound layer and MnistCNN's layers at batch 512. Two NVRTC compiles of conv2d.cu each.
+# compute-bound layer and MnistCNN's layers at batch 512. Two NVRTC compiles of the GEMM-core files each.
 if [ -n "${LAYOUT:-}" ]; then
   step "v3 warp layouts 16 x 2 vs 8 x 4, model layers at batch 64" 70 \
     python3 benchmarks/gpu_kernels.py --layers models --versions 3 --also-warp-cols 8 --batch 64 \

@@ -27,25 +27,27 @@ def _nvcc(source: Path, arch: str, out_dir: Path, *defines: str) -> tuple[str, i
 
 
 def test_every_source_is_listed():
-    on_disk = sorted(p.name for p in CUDA_DIR.glob("*.cu"))
-    assert on_disk == sorted(cuda.SOURCES)
-    assert (CUDA_DIR / "common.cuh").is_file()
+    assert sorted(p.name for p in CUDA_DIR.glob("*.cu")) == sorted(cuda.SOURCES)
+    assert sorted(p.name for p in CUDA_DIR.glob("*.cuh")) == sorted(cuda.HEADERS)
+    # the files the core's compile-time settings rebuild are exactly those that include it
+    includes_core = [f for f in cuda.SOURCES if '#include "conv2d_igemm.cuh"' in (CUDA_DIR / f).read_text()]
+    assert sorted(includes_core) == sorted(cuda.CONV_CORE_SOURCES)
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
 def test_nvcc_compiles_every_kernel_file(tmp_path):
     jobs = [(src, arch) for src in sorted(CUDA_DIR.glob("*.cu")) for arch in ARCHS]
-    # the v3/v4 main loop that loads through registers ($PYCNN_CONV_STAGES=1) is device code too
-    jobs.append((CUDA_DIR / "conv2d.cu", "sm_90", "-DPYCNN_CONV3_STAGES=1"))
-    jobs.append((CUDA_DIR / "conv2d.cu", "sm_90", "-DPYCNN_CONV3_STAGES=3"))  # (two tiles in flight)
-    jobs.append((CUDA_DIR / "conv2d.cu", "sm_90", "-DPYCNN_CONV3_WARP_COLS=8"))  # (the 8 x 4 warp layout)
-    # ... and so are the timing experiments' knockouts (every part of the main loop left out)
-    jobs.append((CUDA_DIR / "conv2d.cu", "sm_90", "-DPYCNN_CONV3_KNOCKOUT=15"))
+    # The files with the GEMM core, in every compile-time setting of it: the v3/v4 main loop that
+    # loads through registers ($PYCNN_CONV_STAGES=1) and the one with two tiles in flight (3), the
+    # 8 x 4 warp layout, and the timing experiments' knockouts (every part of the main loop left out).
+    for define in ("-DPYCNN_CONV3_STAGES=1", "-DPYCNN_CONV3_STAGES=3", "-DPYCNN_CONV3_WARP_COLS=8",
+                   "-DPYCNN_CONV3_KNOCKOUT=15"):
+        jobs += [(CUDA_DIR / src, "sm_90", define) for src in cuda.CONV_CORE_SOURCES]
     with ThreadPoolExecutor(max_workers=2) as pool:  # the dev machines have 2 cores
         results = list(pool.map(lambda job: _nvcc(job[0], job[1], tmp_path, *job[2:]), jobs))
     failures = [f"{name}:\n{log}" for name, rc, log in results if rc != 0]
     assert not failures, "\n\n".join(failures)
-    assert len(results) == 2 * len(cuda.SOURCES) + 4
+    assert len(results) == 2 * len(cuda.SOURCES) + 4 * len(cuda.CONV_CORE_SOURCES)
 
 
 @pytest.mark.parametrize("value, ok", [("", True), ("0", True), ("5", True), ("15", True), ("16", False),
@@ -60,8 +62,10 @@ def test_knockout_setting(monkeypatch, value, ok):
         return
     defines = cuda.compile_defines()
     assert defines.get("PYCNN_CONV3_KNOCKOUT", 0) == (int(value) if value else 0)
-    # (conv2d.cu's own default is one #define; a set mask adds one in front of it)
-    assert cuda.kernel_source("conv2d.cu").count("#define PYCNN_CONV3_KNOCKOUT") == (2 if value not in ("", "0") else 1)
+    # (the core's own default is one #define; a set mask adds one in front of it)
+    for filename in cuda.CONV_CORE_SOURCES:
+        count = cuda.kernel_source(filename).count("#define PYCNN_CONV3_KNOCKOUT")
+        assert count == (2 if value not in ("", "0") else 1), filename
 
 
 def _nvrtc():

@@ -26,7 +26,7 @@ def test_checkout_fallback_when_package_data_is_not_importable(monkeypatch):
         raise ModuleNotFoundError("No module named 'pycnn._csrc'")
 
     monkeypatch.setattr(importlib.resources, "files", broken)
-    for filename in (*cuda.SOURCES, cuda.COMMON_HEADER):
+    for filename in (*cuda.SOURCES, *cuda.HEADERS):
         text, origin = cuda.load_source(filename)
         assert origin == "checkout"
         assert text == (CUDA_DIR / filename).read_text(encoding="utf-8")
@@ -55,10 +55,14 @@ def test_missing_source_names_both_places(monkeypatch, tmp_path):
         cuda.load_source("conv2d.cu")
 
 
-def test_kernel_source_inlines_common_header_and_defines():
+def test_kernel_source_inlines_headers_and_defines():
     for filename in cuda.SOURCES:
         text = cuda.kernel_source(filename)
-        assert cuda.INCLUDE_LINE not in text
+        # each header once, nested ones too (conv2d_igemm.cuh includes common.cuh, so do its users)
+        assert text.count("// ---- begin common.cuh ----") == 1, filename
+        core = '#include "conv2d_igemm.cuh"' in (CUDA_DIR / filename).read_text()
+        assert text.count("// ---- begin conv2d_igemm.cuh ----") == int(core), filename
+        assert ("pycnn_conv_igemm(" in text) == core, filename
         directives = [ln for ln in text.splitlines() if ln.lstrip().startswith("#include")]
         assert directives == []  # NVRTC has no system headers and no include path here
         assert "pycnn_block_sum_f64" in text
@@ -77,13 +81,32 @@ def test_compile_settings_come_from_the_environment(monkeypatch, env, define, de
     """The main loop's depth and v3's warp layout are compile-time defines set from the environment
     (the default when unset); a value the kernels do not have is an error that names the variable."""
     monkeypatch.delenv(env, raising=False)
-    assert f"#define {define} {default}\n" in cuda.kernel_source("conv2d.cu")
+    assert f"#define {define} {default}\n" in cuda.kernel_source("conv2d_igemm.cu")
     for value in others:
         monkeypatch.setenv(env, value)
-        assert f"#define {define} {value}\n" in cuda.kernel_source("conv2d.cu")
+        assert f"#define {define} {value}\n" in cuda.kernel_source("conv2d_igemm.cu")
     monkeypatch.setenv(env, bad)
     with pytest.raises(ValueError, match=f"{env} {message}"):
-        cuda.kernel_source("conv2d.cu")
+        cuda.kernel_source("conv2d_igemm.cu")
+
+
+def test_kernel_source_refuses_an_unknown_include(monkeypatch):
+    """NVRTC gets no include path: an #include of anything but csrc/cuda's headers is an error that
+    names the file and the header (not a compile failure on the GPU machine)."""
+    real = cuda.load_source
+    monkeypatch.setattr(cuda, "load_source", lambda name: ('#include "common.cuh"\n#include "extra.cuh"\n', "checkout")
+                        if name == "pool2d.cu" else real(name))
+    with pytest.raises(ValueError, match=r"pool2d\.cu includes 'extra\.cuh'"):
+        cuda.kernel_source("pool2d.cu")
+
+
+def test_kernel_file_finds_each_kernel_in_its_source():
+    for filename in cuda.SOURCES:
+        for kernel in cuda.kernel_names(filename):
+            assert cuda.kernel_file(kernel) == filename
+    assert cuda.kernel_file("conv2d_fwd_v3_n128r8_f32") == "conv2d_igemm.cu"
+    with pytest.raises(RuntimeError, match=r"no kernel named 'conv2d_fwd_v9_f32'"):
+        cuda.kernel_file("conv2d_fwd_v9_f32")
 
 
 def test_kernel_names_are_extern_c_and_versioned():

@@ -156,7 +156,7 @@ __device__ __forceinline__ double pycnn_sum_parts_wide(const float* __restrict__
 
 // out[e] = sum over z = 0, 1, ..., splits-1 of partial[z*count + e], always in that order (in
 // double), then + bias[(e / inner) % channels] (has_bias), then ReLU (relu). The second pass of
-// every split-K product (conv2d.cu, linear.cu): deterministic without atomics, and the epilogue
+// every split-K product (conv2d_igemm.cuh, linear.cu): deterministic without atomics, and the epilogue
 // the split kernels could not apply to their partial sums. Grid-stride over count elements.
 __device__ __forceinline__ void pycnn_split_reduce(const float* __restrict__ partial, float* __restrict__ out,
                                                    int splits, pycnn_i64 count, const float* __restrict__ bias,

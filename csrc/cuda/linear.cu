@@ -19,7 +19,7 @@
 // [z*kchunk, min((z+1)*kchunk, K)) into the z-th copy of C (C + z*M*N) without the epilogue, and
 // the copies are added in increasing z (in double) before bias and ReLU: with finish = 1 by the
 // last split to store its part of each output tile, inside this kernel (tickets, as in
-// pycnn_conv_split_finish of conv2d.cu), else by linear_split_reduce_f32. Each output is the same
+// pycnn_conv_split_finish of conv2d_igemm.cuh), else by linear_split_reduce_f32. Each output is the same
 // fixed-order sum on every run (the split depends on the shapes only): bitwise reproducible; the
 // only atomic is the integer ticket that elects the finishing block.
 //

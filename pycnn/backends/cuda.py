@@ -54,10 +54,10 @@ DEFINES = {
     "PYCNN_MT_MAX_TENSORS": 16,
     # main loop of the v3/v4 kernels and v5's GEMMs: 2 = double-buffered cp.async copies,
     # 1 = loads through registers, 3 = two tiles in flight (64x64, 32x128 and 64x128 tiles; the
-    # others keep 2) (conv2d.cu); $PYCNN_CONV_STAGES overrides it when a module is first compiled.
+    # others keep 2) (conv2d_igemm.cuh); $PYCNN_CONV_STAGES overrides it when a module is first compiled.
     "PYCNN_CONV3_STAGES": 2,
     # lanes of a warp along the columns of v3's grid of register tiles: 16 (16 x 2 tiles per warp)
-    # or 8 (8 x 4: fewer shared-memory wavefronts on paper, no faster on an H200); conv2d.cu.
+    # or 8 (8 x 4: fewer shared-memory wavefronts on paper, no faster on an H200); conv2d_igemm.cuh.
     # $PYCNN_CONV3_WARP_COLS overrides it when a module is first compiled.
     "PYCNN_CONV3_WARP_COLS": 16,
     # taps (C*R*S) up to which v3/v4 compute the weight gradient with conv2d_bwd_weight_narrow_f32
@@ -70,9 +70,16 @@ DEFINES = {
     # filters per thread of conv2d_fwd_pool_narrow_c1_* (grid.y = ceil(K / this))
     "PYCNN_CONV_POOL_KB": 8,
 }
-SOURCES = ("conv2d.cu", "pool2d.cu", "activation.cu", "loss.cu", "optim.cu", "linear.cu")
-COMMON_HEADER = "common.cuh"
-INCLUDE_LINE = '#include "common.cuh"'
+# The kernel files, one RawModule each (compiled on the first launch of one of its kernels). The
+# convolution ladder spans several (conv2d.cu has the map); the others are one op family each.
+SOURCES = ("conv2d.cu", "conv2d_igemm.cu", "conv2d_igemm_alt.cu", "conv2d_narrow.cu", "conv2d_winograd.cu",
+           "pool2d.cu", "activation.cu", "loss.cu", "optim.cu", "linear.cu")
+# Headers the sources #include "..."; kernel_source pastes each in (NVRTC gets one self-contained text).
+HEADERS = ("common.cuh", "conv2d_igemm.cuh")
+# The sources that include the convolutions' GEMM core, conv2d_igemm.cuh: its compile-time settings
+# (PYCNN_CONV3_STAGES, PYCNN_CONV3_WARP_COLS, PYCNN_CONV3_KNOCKOUT) change what they compile to.
+CONV_CORE_SOURCES = ("conv2d_igemm.cu", "conv2d_igemm_alt.cu", "conv2d_narrow.cu", "conv2d_winograd.cu")
+_INCLUDE = re.compile(r'^#include "([\w.]+)"[ \t]*$', re.MULTILINE)
 COMPILE_OPTIONS = ("-std=c++17",)
 # The exact-fp32 conv2d kernel versions (each direction): 1 direct, 2 shared-memory tiled,
 # 3 implicit GEMM; "auto" picks one per shape (conv_version). 4 is TF32 tensor cores, opt-in only.
@@ -172,20 +179,31 @@ def load_source(filename: str) -> tuple[str, str]:
 
 
 def kernel_source(filename: str) -> str:
-    """The text handed to NVRTC: #defines, then the .cu with common.cuh pasted in."""
+    """The text handed to NVRTC: #defines, then the .cu with the headers it includes
+    (``#include "name.cuh"``, csrc/cuda's own, nested ones too) pasted in, each once."""
     text, _ = load_source(filename)
-    header, _ = load_source(COMMON_HEADER)
-    header = "\n".join(line for line in header.splitlines() if line.strip() != "#pragma once")
-    if INCLUDE_LINE in text:
-        text = text.replace(INCLUDE_LINE, f"// ---- begin {COMMON_HEADER} ----\n{header}\n"
-                                          f"// ---- end {COMMON_HEADER} ----", 1)
+    pasted = set()
+
+    def paste(match):
+        name = match.group(1)
+        if name not in HEADERS:
+            raise ValueError(f"CUDA backend: {filename} includes {name!r}, which is not one of the kernel "
+                             f"headers {HEADERS} (NVRTC is given no include path)")
+        if name in pasted:  # (what #pragma once does)
+            return f"// ---- {name}: pasted above ----"
+        pasted.add(name)
+        header, _ = load_source(name)
+        header = "\n".join(line for line in header.splitlines() if line.strip() != "#pragma once")
+        return f"// ---- begin {name} ----\n{_INCLUDE.sub(paste, header)}\n// ---- end {name} ----"
+
+    text = _INCLUDE.sub(paste, text)
     defines = "".join(f"#define {key} {value}\n" for key, value in compile_defines().items())
     return f"// pycnn CUDA source {filename}\n{defines}{text}"
 
 
 def compile_defines() -> dict:
     """DEFINES with the choices the environment makes at compile time ($PYCNN_CONV_STAGES,
-    $PYCNN_CONV3_WARP_COLS, and for timing experiments only $PYCNN_CONV3_KNOCKOUT: see conv2d.cu)."""
+    $PYCNN_CONV3_WARP_COLS, and for timing experiments only $PYCNN_CONV3_KNOCKOUT: see conv2d_igemm.cuh)."""
     defines = dict(DEFINES)
     stages = os.environ.get("PYCNN_CONV_STAGES", "")
     if stages:
@@ -217,7 +235,7 @@ def _function(device_id: int, filename: str, kernel: str):
     module = _modules.get((device_id, filename))
     with cupy.cuda.Device(device_id):
         if module is None:
-            if filename == "conv2d.cu" and compile_defines().get("PYCNN_CONV3_KNOCKOUT"):
+            if filename in CONV_CORE_SOURCES and compile_defines().get("PYCNN_CONV3_KNOCKOUT"):
                 warnings.warn("PYCNN_CONV3_KNOCKOUT is set: the v3/v4 convolution kernels leave out part of "
                               "their work (a timing experiment) and compute WRONG results", stacklevel=3)
             module = cupy.RawModule(code=kernel_source(filename), options=COMPILE_OPTIONS)
@@ -250,6 +268,20 @@ def kernel_names(filename: str) -> list[str]:
     """The extern "C" __global__ kernel names defined in one csrc/cuda file."""
     text, _ = load_source(filename)
     return KERNEL_DEF.findall(text)
+
+
+_kernel_files: dict = {}  # kernel name -> the file of SOURCES that defines it (see kernel_file)
+
+
+def kernel_file(kernel: str) -> str:
+    """The csrc/cuda file of SOURCES that defines ``kernel`` (the convolutions' launches look their
+    file up: their kernel names are built from the version and tile)."""
+    if not _kernel_files:
+        _kernel_files.update({name: filename for filename in SOURCES for name in kernel_names(filename)})
+    try:
+        return _kernel_files[kernel]
+    except KeyError:
+        raise RuntimeError(f"CUDA backend: no kernel named {kernel!r} in csrc/cuda ({', '.join(SOURCES)})") from None
 
 
 def _launch(dev: int, filename: str, kernel: str, grid, block, args, shared_mem: int = 0) -> None:
@@ -291,6 +323,11 @@ def _kernel_launch(filename: str, kernel: str, grid, block, args: tuple, shared_
     """A _Launch whose str arguments name arrays (operands such as "x", or scratch of the plan)."""
     slots = tuple((i, a) for i, a in enumerate(args) if isinstance(a, str))
     return _Launch(filename, kernel, tuple(grid), tuple(block), tuple(args), slots, int(shared_mem))
+
+
+def _conv_launch(kernel: str, grid, block, args: tuple, shared_mem: int = 0) -> _Launch:
+    """_kernel_launch of a convolution kernel, from whichever conv2d*.cu file defines it."""
+    return _kernel_launch(kernel_file(kernel), kernel, grid, block, args, shared_mem)
 
 
 class _Plan(NamedTuple):
@@ -590,7 +627,7 @@ def _upload(op: str, cupy, dev: int, host: np.ndarray):
 
 # Split-K finished inside the GEMM kernels (v3/v4 conv GEMMs, linear_gemm_f32), opt-in
 # (PYCNN_SPLIT_FINISH=1): the last split to store its part of an output tile adds all the parts
-# (pycnn_conv_split_finish in conv2d.cu), which saves the separate reduce launch (a graph node, and
+# (pycnn_conv_split_finish in conv2d_igemm.cuh), which saves the separate reduce launch (a graph node, and
 # CuPy's launch cost per call). Timed on an H200 it lost to that launch everywhere it ran: the
 # MnistCNN step in a CUDA graph took 0.232 ms against 0.204 at batch 64 (records 73e9961e, and
 # 40eb354d after its loads went in flight together: 286,533 against 323,757 samples/s; each call
@@ -735,14 +772,14 @@ def _reduction(op: str, reduction) -> int:
 
 # ----------------------------------------------------------------------------- convolution
 #
-# Every direction has the same ladder of kernel versions (csrc/cuda/conv2d.cu, docs/kernels.md):
+# Every direction has the same ladder of kernel versions (csrc/cuda/conv2d*.cu, docs/kernels.md):
 # 1 direct, 2 shared-memory tiled, 3 implicit GEMM with register blocking (exact fp32), and
 # 4 TF32 tensor cores (opt-in). A call picks one with ``version=`` or $PYCNN_CONV_VERSION
 # (1|2|3|4|auto); conv_version() says which kernel a call runs.
 
 _CONV_DIRECTIONS = {"forward": "conv2d_forward", "backward_data": "conv2d_backward_data",
                     "backward_weight": "conv2d_backward_weight"}
-# The v3/v4 block tiles of conv2d.cu: 64x64 (kernels *_v3_f32) or 128x128 (*_v3_t128_f32), both
+# The v3/v4 block tiles of conv2d_igemm.cu: 64x64 (kernels *_v3_f32) or 128x128 (*_v3_t128_f32), both
 # 256 threads and 16-deep stages. The large tile halves the shared-memory traffic per FMA but needs
 # M >= 128 and at least _CONV3_T128_MIN_BLOCKS tiles (about two waves on a 132-SM H100).
 _CONV3_BM, _CONV3_BK, _CONV3_THREADS = 64, 16, 256
@@ -803,7 +840,7 @@ _CONV_NARROW_TARGET_BLOCKS = 1056
 # time on a GPU, like the rest of that kernel.
 _CONV_NARROW_C1_TARGET_BLOCKS = 528
 # The one-channel 3x3 / 5x5 weight-gradient kernels take this many filters per block
-# (PYCNN_NARROW_C1_KB_* in conv2d.cu); _CONV_NARROW_C1 = False runs the generic narrow kernel
+# (PYCNN_NARROW_C1_KB_* in conv2d_narrow.cu); _CONV_NARROW_C1 = False runs the generic narrow kernel
 # there instead (tests compare the two).
 _CONV_NARROW_C1_FILTERS = {(3, 3): "PYCNN_NARROW_C1_KB_3x3", (5, 5): "PYCNN_NARROW_C1_KB_5x5"}  # DEFINES keys
 _CONV_NARROW_C1 = True
@@ -1344,9 +1381,9 @@ def _split_reduce_launch(partial: str, out: str, splits: int, count: int, bias: 
                          relu: bool = False, inner: int = 1, channels: int = 1) -> _Launch:
     """out = the fixed-order sum of ``splits`` partial copies of out (+ bias over ``channels``
     every ``inner`` elements, then ReLU): conv2d_split_reduce_f32 (arrays by name, see _Launch)."""
-    return _kernel_launch("conv2d.cu", "conv2d_split_reduce_f32", _grid1d(count), (BLOCK,),
-                          (partial, out, _i32(splits), _i64(count), bias if bias is not None else out,
-                           _i32(bias is not None), _i32(bool(relu)), _i64(inner), _i32(channels)))
+    return _conv_launch("conv2d_split_reduce_f32", _grid1d(count), (BLOCK,),
+                        (partial, out, _i32(splits), _i64(count), bias if bias is not None else out,
+                         _i32(bias is not None), _i32(bool(relu)), _i64(inner), _i32(channels)))
 
 
 def _conv3_output_plan(direction: str, version: str, rows: int, cols: int, Kd: int) -> tuple:
@@ -1376,20 +1413,20 @@ def _conv3_output_gemm(direction: str, version: str, rows: int, cols: int, Kd: i
     block = (_conv3_threads(suffix),)
     no_finish = (_NULL, _i32(0), _NULL)  # tickets, finish, final output
     if splits == 1:
-        return _Plan((_kernel_launch("conv2d.cu", kernel, grid, block, args + (_i32(chunk),) + no_finish),))
+        return _Plan((_conv_launch(kernel, grid, block, args + (_i32(chunk),) + no_finish),))
     out = args[out_index]
     args = args[:out_index] + ("partial",) + args[out_index + 1:]
     scratch = (("partial", splits * out_size),)
     two_pass_args = args
     if direction == "forward":
         two_pass_args = args[:out_index + 1] + (_i32(0), _i32(0)) + args[out_index + 3:]
-    plan = _Plan((_kernel_launch("conv2d.cu", kernel, grid, block,
-                                 two_pass_args + (_i32(chunk),) + no_finish),
+    plan = _Plan((_conv_launch(kernel, grid, block,
+                               two_pass_args + (_i32(chunk),) + no_finish),
                   _split_reduce_launch("partial", out, splits, out_size, **reduce_kwargs)), scratch=scratch)
     if not _finishes_in_kernel(grid[0] * grid[1], splits):
         return plan
-    return _Plan((_kernel_launch("conv2d.cu", kernel, grid, block,
-                                 args + (_i32(chunk), "tickets", _i32(1), out)),), scratch=scratch, fallback=plan)
+    return _Plan((_conv_launch(kernel, grid, block,
+                               args + (_i32(chunk), "tickets", _i32(1), out)),), scratch=scratch, fallback=plan)
 
 
 def _geometry_args(geom: tuple) -> tuple:
@@ -1404,18 +1441,18 @@ def _conv_forward_plan(version: str, geom: tuple, has_bias: bool, relu: bool) ->
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
     args = ("x", "w", "bias", "y", _i32(has_bias), _i32(relu)) + _geometry_args(geom)
     if version == "1":
-        return _Plan((_kernel_launch("conv2d.cu", "conv2d_fwd_v1_f32", _grid1d(N * K * Ho * Wo), (BLOCK,), args),))
+        return _Plan((_conv_launch("conv2d_fwd_v1_f32", _grid1d(N * K * Ho * Wo), (BLOCK,), args),))
     if version == CONV_WINOGRAD_VERSION:
         return _winograd_plan("x", (N, C, H, W), "w", "bias", "y", (N, K, Ho, Wo), has_bias, relu, (ph, pw),
                               flip=False)
     if version == "2":
         tw, th, kpb = DEFINES["PYCNN_CONV2_TILE_W"], DEFINES["PYCNN_CONV2_TILE_H"], DEFINES["PYCNN_CONV2_KPB"]
         grid = ((Wo + tw - 1) // tw, (Ho + th - 1) // th, N * ((K + kpb - 1) // kpb))
-        return _Plan((_kernel_launch("conv2d.cu", "conv2d_fwd_v2_f32", grid, (tw, th), args,
-                                     shared_mem=_conv2_smem(R, S, sh, sw)),))
+        return _Plan((_conv_launch("conv2d_fwd_v2_f32", grid, (tw, th), args,
+                                   shared_mem=_conv2_smem(R, S, sh, sw)),))
     narrow = _conv_narrow_forward(C, K, R, S)
     if narrow:  # first layers (exact fp32 under v4 too)
-        return _Plan((_kernel_launch("conv2d.cu", narrow, ((N * Ho * Wo + BLOCK - 1) // BLOCK,), (BLOCK,), args),))
+        return _Plan((_conv_launch(narrow, ((N * Ho * Wo + BLOCK - 1) // BLOCK,), (BLOCK,), args),))
     return _conv3_output_gemm("forward", version, K, N * Ho * Wo, C * R * S, args, 3, N * K * Ho * Wo,
                               {"bias": "bias" if has_bias else None, "relu": relu, "inner": Ho * Wo, "channels": K})
 
@@ -1432,9 +1469,9 @@ def _wino_gemm_tile(rows: int, cols: int, blocks_per_tile: int) -> tuple[int, st
 def _wino_input_launch(inp: str, inp_shape: tuple, V: str, padding, th: int, tw: int) -> _Launch:
     """V[e][c][p] = (B^T d B)[e] for the 6x6 patch d of every channel c and th x tw tile p of inp."""
     N, cin, hin, win = inp_shape
-    return _kernel_launch("conv2d.cu", "conv2d_wino_input_f32", _grid1d(cin * N * th * tw), (BLOCK,),
-                          (inp, V, _i32(N), _i32(cin), _i32(hin), _i32(win), _i32(padding[0]), _i32(padding[1]),
-                           _i32(th), _i32(tw)))
+    return _conv_launch("conv2d_wino_input_f32", _grid1d(cin * N * th * tw), (BLOCK,),
+                        (inp, V, _i32(N), _i32(cin), _i32(hin), _i32(win), _i32(padding[0]), _i32(padding[1]),
+                         _i32(th), _i32(tw)))
 
 
 def _winograd_plan(inp: str, inp_shape: tuple, w: str, bias: str, out: str, out_shape: tuple,
@@ -1451,14 +1488,14 @@ def _winograd_plan(inp: str, inp_shape: tuple, w: str, bias: str, out: str, out_
     tiles = N * th * tw
     tile, suffix = _wino_gemm_tile(cout, tiles, 36)
     return _Plan((
-        _kernel_launch("conv2d.cu", "conv2d_wino_filter_f32", _grid1d(cout * cin), (BLOCK,),
-                       (w, "U", _i32(cout), _i32(cin), _i32(flip))),
+        _conv_launch("conv2d_wino_filter_f32", _grid1d(cout * cin), (BLOCK,),
+                     (w, "U", _i32(cout), _i32(cin), _i32(flip))),
         _wino_input_launch(inp, inp_shape, "V", padding, th, tw),
-        _kernel_launch("conv2d.cu", f"conv2d_wino_gemm{suffix}_f32", (-(-tiles // tile), -(-cout // tile), 36),
-                       (_CONV3_THREADS,), ("U", "V", "M", _i32(cout), _i32(tiles), _i32(cin))),
-        _kernel_launch("conv2d.cu", "conv2d_wino_output_f32", _grid1d(cout * tiles), (BLOCK,),
-                       ("M", bias, out, _i32(has_bias), _i32(relu), _i32(N), _i32(cout), _i32(hout), _i32(wout),
-                        _i32(th), _i32(tw)))),
+        _conv_launch(f"conv2d_wino_gemm{suffix}_f32", (-(-tiles // tile), -(-cout // tile), 36),
+                     (_CONV3_THREADS,), ("U", "V", "M", _i32(cout), _i32(tiles), _i32(cin))),
+        _conv_launch("conv2d_wino_output_f32", _grid1d(cout * tiles), (BLOCK,),
+                     ("M", bias, out, _i32(has_bias), _i32(relu), _i32(N), _i32(cout), _i32(hout), _i32(wout),
+                      _i32(th), _i32(tw)))),
         scratch=(("U", 36 * cout * cin), ("V", 36 * cin * tiles), ("M", 36 * cout * tiles)))
 
 
@@ -1484,7 +1521,7 @@ def _wino_splits(tiles: int, blocks: int) -> tuple[int, int]:
 
 
 def _winograd_weight_plan(geom: tuple) -> _Plan:
-    """v5 weight gradient: dw = G^T [ sum over tiles of (A dY A^T) o (B^T d B) ] G (conv2d.cu)."""
+    """v5 weight gradient: dw = G^T [ sum over tiles of (A dY A^T) o (B^T d B) ] G (conv2d_winograd.cu)."""
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
     th, tw = -(-Ho // 4), -(-Wo // 4)
     tiles = N * th * tw
@@ -1497,15 +1534,15 @@ def _winograd_weight_plan(geom: tuple) -> _Plan:
     gemm_out = "Mw" if splits == 1 else "partial"
     launches = [
         _wino_input_launch("x", (N, C, H, W), "V", (ph, pw), th, tw),
-        _kernel_launch("conv2d.cu", "conv2d_wino_dy_f32", _grid1d(K * tiles), (BLOCK,),
-                       ("dy", "Y", _i32(N), _i32(K), _i32(Ho), _i32(Wo), _i32(th), _i32(tw))),
-        _kernel_launch("conv2d.cu", f"conv2d_wino_wgrad_gemm{suffix}_f32", grid, (_CONV3_THREADS,),
-                       ("Y", "V", gemm_out, _i32(K), _i32(C), _i32(tiles), _i32(chunk)))]
+        _conv_launch("conv2d_wino_dy_f32", _grid1d(K * tiles), (BLOCK,),
+                     ("dy", "Y", _i32(N), _i32(K), _i32(Ho), _i32(Wo), _i32(th), _i32(tw))),
+        _conv_launch(f"conv2d_wino_wgrad_gemm{suffix}_f32", grid, (_CONV3_THREADS,),
+                     ("Y", "V", gemm_out, _i32(K), _i32(C), _i32(tiles), _i32(chunk)))]
     if splits > 1:
         scratch += (("partial", splits * 36 * K * C),)
         launches.append(_split_reduce_launch("partial", "Mw", splits, 36 * K * C))
-    launches.append(_kernel_launch("conv2d.cu", "conv2d_wino_wgrad_output_f32", _grid1d(K * C), (BLOCK,),
-                                   ("Mw", "dw", _i32(K), _i32(C))))
+    launches.append(_conv_launch("conv2d_wino_wgrad_output_f32", _grid1d(K * C), (BLOCK,),
+                                 ("Mw", "dw", _i32(K), _i32(C))))
     return _Plan(tuple(launches), scratch=scratch)
 
 
@@ -1650,7 +1687,7 @@ def conv2d_maxpool2d_relu_forward(x, w, b, stride, padding, kernel, pool_stride,
         argmax = cupy.empty((N, K, Hp, Wp), dtype=cupy.int32)
     if y.size:
         kb = DEFINES["PYCNN_CONV_POOL_KB"]
-        _launch(dev, "conv2d.cu", name, (-(-N * Hp * Wp // BLOCK), -(-K // kb)), (BLOCK,),
+        _launch(dev, kernel_file(name), name, (-(-N * Hp * Wp // BLOCK), -(-K // kb)), (BLOCK,),
                 (x, w, w if b is None else b, y, argmax, _i32(b is not None), _i32(N), _i32(H), _i32(W), _i32(K),
                  _i32(Wo), _i32(Hp), _i32(Wp), _i32(ph), _i32(pw)))
     _remember_pool_geometry(argmax, (N, K, Ho, Wo), (2, 2), (2, 2), (0, 0))
@@ -1724,10 +1761,10 @@ def _conv_pool_wgrad_plan(kernel: str, geom: tuple) -> _Plan:
     if splits > 1:  # split partials, added in split order by one launch (as the unfused kernel's)
         outs = ("partial", "db_partial")
         scratch = (("partial", splits * dw_count), ("db_partial", splits * K))
-        reduce = (_kernel_launch("conv2d.cu", "conv2d_wgrad_split_reduce_f32", _grid1d(dw_count + K), (BLOCK,),
-                                 ("partial", "dw", _i64(dw_count), "db_partial", "db", _i64(K), _i32(splits))),)
+        reduce = (_conv_launch("conv2d_wgrad_split_reduce_f32", _grid1d(dw_count + K), (BLOCK,),
+                               ("partial", "dw", _i64(dw_count), "db_partial", "db", _i64(K), _i32(splits))),)
     args = ("dy", "y", "argmax", "x") + outs + tuple(_i32(v) for v in (N, H, W, K, Wo, Hp, Wp, ph, pw, chunk))
-    return _Plan((_kernel_launch("conv2d.cu", kernel, (groups, splits), (BLOCK,), args),) + reduce, scratch=scratch)
+    return _Plan((_conv_launch(kernel, (groups, splits), (BLOCK,), args),) + reduce, scratch=scratch)
 
 
 def _conv_backward_data_plan(version: str, geom: tuple) -> _Plan:
@@ -1737,7 +1774,7 @@ def _conv_backward_data_plan(version: str, geom: tuple) -> _Plan:
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
     args = ("dy", "w", "dx") + _geometry_args(geom)
     if version == "1":
-        return _Plan((_kernel_launch("conv2d.cu", "conv2d_bwd_data_v1_f32", _grid1d(N * C * H * W), (BLOCK,), args),))
+        return _Plan((_conv_launch("conv2d_bwd_data_v1_f32", _grid1d(N * C * H * W), (BLOCK,), args),))
     if version == CONV_WINOGRAD_VERSION:
         return _winograd_plan("dy", (N, K, Ho, Wo), "w", "w", "dx", (N, C, H, W), False, False,
                               (2 - ph, 2 - pw), flip=True)
@@ -1745,11 +1782,11 @@ def _conv_backward_data_plan(version: str, geom: tuple) -> _Plan:
         tw, th, kpb = DEFINES["PYCNN_CONV2_TILE_W"], DEFINES["PYCNN_CONV2_TILE_H"], DEFINES["PYCNN_CONV2_KPB"]
         smem, phm, pwm = _conv2_bwd_data_smem(R, S, sh, sw)
         grid = ((W + tw - 1) // tw, (H + th - 1) // th, N * ((C + kpb - 1) // kpb))
-        return _Plan((_kernel_launch("conv2d.cu", "conv2d_bwd_data_v2_f32", grid, (tw, th),
-                                     args + (_i32(phm), _i32(pwm)), shared_mem=smem),))
+        return _Plan((_conv_launch("conv2d_bwd_data_v2_f32", grid, (tw, th),
+                                   args + (_i32(phm), _i32(pwm)), shared_mem=smem),))
     narrow = _conv_narrow_forward(C, K, R, S, "backward_data")
     if narrow:  # first layers (exact fp32 under v4 too)
-        return _Plan((_kernel_launch("conv2d.cu", narrow, ((N * H * W + BLOCK - 1) // BLOCK,), (BLOCK,), args),))
+        return _Plan((_conv_launch(narrow, ((N * H * W + BLOCK - 1) // BLOCK,), (BLOCK,), args),))
     if flips:
         return _bwd_data_flip_plan(version, geom)
     return _conv3_output_gemm("backward_data", version, C, N * H * W, K * R * S, args, 2, N * C * H * W, {})
@@ -1776,8 +1813,8 @@ def _bwd_data_flip_plan(version: str, geom: tuple) -> _Plan:
     flipped = (N, K, Ho, Wo, C, R, S, H, W, 1, 1, R - 1 - ph, S - 1 - pw)  # (the forward's geometry)
     forward = _plan_renamed(_conv_forward_plan(version, flipped, False, False),
                             {"x": "dy", "w": "wflip", "bias": "wflip", "y": "dx"})
-    flip = _kernel_launch("conv2d.cu", "conv2d_flip_weights_f32", _grid1d(K * C * R * S), (BLOCK,),
-                          ("w", "wflip", _i32(K), _i32(C), _i32(R * S)))
+    flip = _conv_launch("conv2d_flip_weights_f32", _grid1d(K * C * R * S), (BLOCK,),
+                        ("w", "wflip", _i32(K), _i32(C), _i32(R * S)))
     return _plan_after((flip,), (("wflip", K * C * R * S),), forward)
 
 
@@ -1857,8 +1894,8 @@ def _conv_backward_weight_plan(version: str, geom: tuple, with_db: bool) -> _Pla
     tail = _geometry_args(geom)
     fused_db = with_db and version in ("3", CONV_TF32_VERSION)
     if version == "1":
-        plan = _Plan((_kernel_launch("conv2d.cu", "conv2d_bwd_weight_v1_f32", (K * C * R * S,), (BLOCK,),
-                                     ("dy", "x", "dw") + tail),))
+        plan = _Plan((_conv_launch("conv2d_bwd_weight_v1_f32", (K * C * R * S,), (BLOCK,),
+                                   ("dy", "x", "dw") + tail),))
     elif version == CONV_WINOGRAD_VERSION:
         plan = _winograd_weight_plan(geom)
     else:
@@ -1900,19 +1937,19 @@ def _conv_backward_weight_plan(version: str, geom: tuple, with_db: bool) -> _Pla
             scratch = (("partial", splits * dw_count),) + ((("db_partial", splits * K),) if fused_db else ())
         db_args = () if version == "2" else ((db_out, _i32(1)) if fused_db else (dw_out, _i32(0)))
         no_finish = (_NULL, _i32(0), _NULL, _NULL) if gemm else ()
-        launches = [_kernel_launch("conv2d.cu", kernel, grid, block, ("dy", "x", dw_out) + db_args + tail
-                                   + (_i32(extra),) + no_finish, shared_mem=smem)]
+        launches = [_conv_launch(kernel, grid, block, ("dy", "x", dw_out) + db_args + tail
+                                 + (_i32(extra),) + no_finish, shared_mem=smem)]
         if splits > 1 and fused_db:  # both reductions in one launch
-            launches.append(_kernel_launch("conv2d.cu", "conv2d_wgrad_split_reduce_f32", _grid1d(dw_count + K),
-                                           (BLOCK,), (dw_out, "dw", _i64(dw_count), db_out, "db", _i64(K),
-                                                      _i32(splits))))
+            launches.append(_conv_launch("conv2d_wgrad_split_reduce_f32", _grid1d(dw_count + K),
+                                         (BLOCK,), (dw_out, "dw", _i64(dw_count), db_out, "db", _i64(K),
+                                                    _i32(splits))))
         elif splits > 1:
             launches.append(_split_reduce_launch(dw_out, "dw", splits, dw_count))
         plan = _Plan(tuple(launches), scratch=scratch)
         if gemm and _finishes_in_kernel(grid[0] * grid[1], splits):
             finish = ("tickets", _i32(1), "dw", "db" if fused_db else _NULL)
-            plan = _Plan((_kernel_launch("conv2d.cu", kernel, grid, block, ("dy", "x", dw_out) + db_args + tail
-                                         + (_i32(extra),) + finish),), scratch=scratch, fallback=plan)
+            plan = _Plan((_conv_launch(kernel, grid, block, ("dy", "x", dw_out) + db_args + tail
+                                       + (_i32(extra),) + finish),), scratch=scratch, fallback=plan)
     if with_db and not fused_db:
         plan = _plan_then(plan, *_bias_grad_launches(N, K, Ho * Wo, "dy", "db"))
     return plan

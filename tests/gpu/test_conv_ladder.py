@@ -41,7 +41,7 @@ def fp32_atol(length: int) -> float:
 
 
 def tf32_bound(length: int, abs_products):
-    """conv2d.cu's documented v4 bound: (2u + u^2 + length * 2^-23) * sum |a*b|, u = 2^-11."""
+    """conv2d_igemm.cu's documented v4 bound: (2u + u^2 + length * 2^-23) * sum |a*b|, u = 2^-11."""
     return (2 * TF32_U + TF32_U ** 2 + length * 2.0 ** -23) * abs_products + 1e-6
 
 

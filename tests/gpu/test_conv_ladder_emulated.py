@@ -1,4 +1,4 @@
-"""The conv2d kernel ladder (csrc/cuda/conv2d.cu: v1 direct, v2 tiled, v3 implicit GEMM, v4 TF32
+"""The conv2d kernel ladder (csrc/cuda/conv2d*.cu: v1 direct, v2 tiled, v3 implicit GEMM, v4 TF32
 tensor cores) run on the CPU emulator, every version x direction against numpy_ref in float64.
 
 v4's mma.sync is emulated by tests/gpu/emulator/emu.h (the PTX fragment layout, operands rounded
@@ -62,7 +62,7 @@ def fp32_atol(length: int) -> float:
 
 
 def tf32_bound(length: int, abs_products):
-    """The documented v4 bound (conv2d.cu header): (2u + u^2 + length * 2^-23) * sum |a*b|."""
+    """The documented v4 bound (conv2d_igemm.cu header): (2u + u^2 + length * 2^-23) * sum |a*b|."""
     return (2 * TF32_U + TF32_U ** 2 + length * 2.0 ** -23) * abs_products + 1e-6
 
 
@@ -689,8 +689,10 @@ def test_gpu_kernels_knockouts(emulated, monkeypatch, tmp_path):
     monkeypatch.setattr(gpu_kernels, "BIG", ("tiny", (2, 3, 6, 5, 4, 3, 3, 1, 1)))
     monkeypatch.setattr(gpu_kernels, "CONV_SHAPES", [ConvShape("mnistcnn", "c2", 64, 8, 12, 7, 3),
                                                      ConvShape("lenet5", "c2", 64, 6, 16, 9, 5)])
-    stale = (0, "conv2d.cu")
+    stale = (0, "conv2d_igemm.cu")  # (a file with the GEMM core: rebuilt by the settings)
+    unaffected = (0, "conv2d.cu")  # (v1/v2: no setting of the core changes them)
     monkeypatch.setitem(cuda._modules, stale, "a module built before")
+    monkeypatch.setitem(cuda._modules, unaffected, "a module built before")
     out = tmp_path / "k.json"
     rc = gpu_kernels.main(["--layers", "all", "--models", "mnistcnn", "--versions", "3", "--knockouts", "1,8",
                            "--also-stages", "3", "--also-warp-cols", "8", "--batch", "2", "--repeats", "1",
@@ -699,7 +701,7 @@ def test_gpu_kernels_knockouts(emulated, monkeypatch, tmp_path):
     assert rc == 0 and record["kernels_info"]["errors"] == [], record["kernels_info"]["errors"]
     for name in ("PYCNN_CONV3_KNOCKOUT", "PYCNN_CONV_STAGES", "PYCNN_CONV3_WARP_COLS"):
         assert name not in os.environ, name
-    assert stale not in cuda._modules
+    assert stale not in cuda._modules and cuda._modules[unaffected] == "a module built before"
     got = sorted((e["layer"], e["op"], e.get("knockout", 0), e["stages"], e["warp_cols"]) for e in record["kernels"])
     assert got == sorted((layer, op, k, stages, cols) for layer in ("tiny", "mnistcnn-c2")
                          for k, stages, cols in ((0, 2, 16), (1, 2, 16), (8, 2, 16), (0, 3, 16), (0, 2, 8))

@@ -52,7 +52,7 @@ inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); retu
 struct float4 { float x, y, z, w; };
 struct alignas(8) float2 { float x, y; };
 
-// ---- TF32 tensor-core emulation (conv2d.cu v4). The kernels call these two functions; under
+// ---- TF32 tensor-core emulation (conv2d_igemm.cu v4). The kernels call these two functions; under
 // nvcc/NVRTC they are the PTX instructions cvt.rna.tf32.f32 and
 // mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32.
 #define PYCNN_EMULATED 1
@@ -71,7 +71,7 @@ inline unsigned pycnn_tf32(float v) {
 // The tensor core reads only the TF32 bits of each operand (the low 13 bits are ignored); the
 // products of two TF32 values are exact in double, and their sum is rounded to fp32 once here.
 // The hardware's internal accumulation order and rounding are not specified by PTX, so the tests
-// hold v4 to an error bound (conv2d.cu header), never to this emulation's exact bits.
+// hold v4 to an error bound (conv2d_igemm.cu header), never to this emulation's exact bits.
 inline void pycnn_mma_tf32_m16n8k8(float d[4], const unsigned a[4], const unsigned b[2]) {
     const int tid = emu_tid();
     EmuWarp& w = (*emu_warps)[tid / 32];
@@ -101,7 +101,7 @@ inline void pycnn_mma_tf32_m16n8k8(float d[4], const unsigned a[4], const unsign
     }
 }
 
-// ---- cp.async emulation (conv2d.cu's pipelined v3/v4 main loop). On the GPU a copy lands at
+// ---- cp.async emulation (conv2d_igemm.cuh's pipelined v3/v4 main loop). On the GPU a copy lands at
 // some time between its issue and the wait that covers its group; the emulator takes either end:
 //   late (default): a copy is queued when issued (its source value read then: no kernel writes
 //     what it copies), its group closes at commit, and it lands only when a wait covers it. A
@@ -131,7 +131,7 @@ template <int PENDING> inline void pycnn_cp_async_wait() {
         emu_committed_groups.erase(emu_committed_groups.begin());
     }
 }
-// conv2d.cu's vector store (st.global.v4.f32 on the GPU).
+// conv2d_igemm.cuh's vector store (st.global.v4.f32 on the GPU).
 inline void pycnn_store_f32x4(float* dst, float a, float b, float c, float d) {
     dst[0] = a; dst[1] = b; dst[2] = c; dst[3] = d;
 }
