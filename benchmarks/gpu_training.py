@@ -365,6 +365,41 @@ PROFILED = ("conv2d_forward", "conv2d_bias_relu_forward", "conv2d_maxpool2d_relu
             "softmax_cross_entropy_backward", "adam_step", "adam_step_device")
 
 
+# Launch-shape constants of the CUDA backend that are still guesses (see their comments in
+# cuda.py), and the calls they shape: profile_step times each such call of the step again at
+# these values (entries under "sweeps", not in the sum), so one GPU run says where they belong.
+# _CONV_NARROW_C1_TARGET_BLOCKS (528): MnistCNN conv1's fused weight gradient at batch 512 ran 528
+# blocks where three fit an SM (1.33 rounds of 396 on an H200) in 54.6 us, mostly waiting on
+# global loads (Nsight Compute, record gpu-20261127-f4e21b1f).
+SWEEPS = {"conv2d_maxpool2d_relu_backward_weight": ("_CONV_NARROW_C1_TARGET_BLOCKS",
+                                                    (132, 264, 396, 792, 1056, 1584))}
+
+
+def sweep_call(name: str, fn, args, kwargs, timer) -> list:
+    """One call timed (``timer(thunk) -> us``) at each value of its SWEEPS constant, the constant
+    restored afterwards; [] for a call without one. Entries: op, sweep {constant: value}, us or
+    error."""
+    from pycnn.backends import cuda
+
+    if name not in SWEEPS:
+        return []
+    constant, values = SWEEPS[name]
+    default = getattr(cuda, constant)
+    entries = []
+    try:
+        for value in values:
+            setattr(cuda, constant, value)  # (assigning a backend attribute empties its plan cache)
+            entry = {"op": name, "sweep": {constant: value}}
+            try:
+                entry["us"] = timer(lambda: fn(*args, **kwargs))
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                entry["error"] = f"{type(exc).__name__}: {exc}"
+            entries.append(entry)
+    finally:
+        setattr(cuda, constant, default)
+    return entries
+
+
 def profile_step(model_name, batch, x, y, reps=10) -> dict:
     """Where the time of one training step goes: every backend call of one eager step is
     captured alone in a CUDA graph ``reps`` times over and replayed, so its GPU time is measured
@@ -412,8 +447,12 @@ def profile_step(model_name, batch, x, y, reps=10) -> dict:
         except Exception as exc:  # noqa: BLE001 - report and go on
             entry["error"] = f"{type(exc).__name__}: {exc}"
         entries.append(entry)
+    sweeps = []
+    for name, fn, args, kwargs, inner in calls:
+        if not inner:
+            sweeps += sweep_call(name, fn, args, kwargs, lambda thunk: graph_time_ms(thunk, reps) * 1e3)
     return {"model": model_name, "batch": batch, "calls": entries,
-            "sum_us": sum(e.get("us", 0.0) for e in entries if not e.get("inner"))}
+            "sum_us": sum(e.get("us", 0.0) for e in entries if not e.get("inner")), "sweeps": sweeps}
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -701,6 +740,9 @@ def main(argv=None) -> int:
         for e in prof["calls"]:
             op = ("  . " if e.get("inner") else "") + e["op"]  # inside the call above, not in the sum
             print(f"  {op:32} {str(e['shapes']):48} " + (f"{e['us']:8.1f} us" if "us" in e else e["error"]))
+        for e in prof.get("sweeps", []):  # (records before 2026-11-27's last runs have none)
+            (constant, value), = e["sweep"].items()
+            print(f"  sweep {e['op']:26} {constant} = {value:<6} " + (f"{e['us']:8.1f} us" if "us" in e else e["error"]))
     print(f"written to {args.out} ({record['wall_s']:.1f} s)")
     return 1 if errors else 0
 

@@ -78,6 +78,40 @@ def test_every_gpu_training_command_line_passes_the_argument_checks(monkeypatch)
         assert gpu_training.main(argv) == 2, argv
 
 
+def test_step_profile_sweeps_time_each_value_and_restore_the_constant():
+    """gpu_training.sweep_call (profile_step's sweeps): the call runs once per value with the
+    backend constant set to it, a failing value is reported and the next one still runs, the
+    constant (and with it the plan cache's contents) is the default again afterwards; calls
+    without a sweep give nothing."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_training
+
+    from pycnn.backends import cuda
+
+    name = "conv2d_maxpool2d_relu_backward_weight"
+    constant, values = gpu_training.SWEEPS[name]
+    default = getattr(cuda, constant)
+    assert default not in values and len(set(values)) == len(values)
+    seen = []
+
+    def fn(tag):
+        seen.append((tag, getattr(cuda, constant)))
+        if getattr(cuda, constant) == values[1]:
+            raise RuntimeError("too many blocks")
+
+    def timer(thunk):
+        thunk()
+        return float(getattr(cuda, constant))
+
+    entries = gpu_training.sweep_call(name, fn, ("t",), {}, timer)
+    assert seen == [("t", v) for v in values]
+    assert [e["sweep"] for e in entries] == [{constant: v} for v in values]
+    assert entries[1] == {"op": name, "sweep": {constant: values[1]}, "error": "RuntimeError: too many blocks"}
+    assert [e.get("us") for e in entries] == [float(v) if i != 1 else None for i, v in enumerate(values)]
+    assert getattr(cuda, constant) == default
+    assert gpu_training.sweep_call("relu_forward", fn, ("t",), {}, timer) == [] and len(seen) == len(values)
+
+
 def test_every_training_variant_runs_with_its_setting(monkeypatch):
     """gpu_training.py's MnistCNN variants (pycnn_variants): unique names, the graph flag that
     their names say, and each throughput run made with its A/B setting in force (and the setting

@@ -837,7 +837,8 @@ _CONV_NARROW_TARGET_BLOCKS = 1056
 # The one-channel kernels with KB filters per block fit three (3x3) or two (5x5) blocks per SM and
 # do KB filters' work per block: about half the blocks, so that a thread still walks a few tens of
 # pixels per block (its fixed cost, the warp sums of KB*(R*S+1) values, stays small). A guess to
-# time on a GPU, like the rest of that kernel.
+# time on a GPU, like the rest of that kernel: benchmarks/gpu_training.py's step profiles time the
+# fused first-layer weight gradient at other values too (its SWEEPS).
 _CONV_NARROW_C1_TARGET_BLOCKS = 528
 # The one-channel 3x3 / 5x5 weight-gradient kernels take this many filters per block
 # (PYCNN_NARROW_C1_KB_* in conv2d_narrow.cu); _CONV_NARROW_C1 = False runs the generic narrow kernel
