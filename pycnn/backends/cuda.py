@@ -816,6 +816,15 @@ _CONV_SPLIT_MIN_K = 512
 # alone, so a shape always sums in the same order (the same bits every run).
 _CONV3_SPLIT_TARGET_BLOCKS = 528
 _CONV3_SPLIT_MIN_K = 64
+# The 128x128 tiles' round: two blocks per SM (115-127 registers x 256 threads, 36 KB of shared
+# memory; ptxas -v for sm_90), 264 on a 132-SM H100 / H200. Their weight-gradient split takes the
+# "waves" rule with this round. The rule before (_conv_splits, kept as "fill") rounded the split
+# count up to reach 264 blocks, which overshoots whenever the tile count does not divide 264: on
+# the compute-bound layer 9 tiles x 30 splits = 270 blocks, and at batch 512 localization conv3's
+# 5 x 53 = 265, each a second round for 6 blocks (1 block). In record gpu-20261127-221f3c58 those
+# two took 2.76 ms (forward, the same GEMM size unsplit: 1.70 ms) and 965 us (cuDNN: 826, 339 us);
+# waves picks 29 and 52 splits (261 and 260 blocks, one round each). A model, not a measurement.
+_CONV3_T128_SLOTS = 264
 _CONV3_SPLIT_RULE = "waves"
 _CONV3_BLOCK_OVERHEAD_STAGES = 2  # the first copy's latency, the epilogue's stores (in stages)
 # A split count above _SPLIT_FINISH_MAX_SPLITS also costs the separate reduce launch (a graph node
@@ -1335,12 +1344,15 @@ def _conv3_splits(direction: str, tile: int, blocks: int, Kd: int) -> tuple[int,
     """(splits, chunk) of a v3/v4 GEMM with ``blocks`` output tiles of ``tile`` rows and reduction
     length ``Kd`` (see _CONV3_SPLIT_TARGET_BLOCKS); (1, Kd) when it does not split. 64x64 and
     32x128 tiles (4096 outputs, about 60 registers, four blocks per SM) split alike; the wide
-    tiles take the plan of those (_conv3_output_plan)."""
+    tiles take the plan of those (_conv3_output_plan). 128x128 tiles split only the weight
+    gradient, by the same rule with rounds of _CONV3_T128_SLOTS blocks."""
+    rule = _overrides().get("_CONV3_SPLIT_RULE", _CONV3_SPLIT_RULE)
     if tile == _CONV3_BIG:
         if direction != "backward_weight":
             return 1, Kd
-        return _conv_splits(Kd, blocks, _CONV_SPLIT_MIN_K, _CONV3_BK)
-    rule = _overrides().get("_CONV3_SPLIT_RULE", _CONV3_SPLIT_RULE)
+        if rule == "fill":
+            return _conv_splits(Kd, blocks, _CONV_SPLIT_MIN_K, _CONV3_BK)
+        return _waves_splits(blocks, Kd, _CONV3_SPLIT_MIN_K, _CONV3_BK, _CONV3_T128_SLOTS)
     if rule == "fill":
         if direction != "backward_weight" and blocks >= _CONV_SPLIT_TARGET_BLOCKS:
             return 1, Kd

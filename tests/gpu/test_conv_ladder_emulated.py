@@ -966,7 +966,8 @@ def test_split_rule(monkeypatch):
     """v3/v4 split-K ("waves", the default): the split count that minimizes rounds of 528 blocks x
     (stages + 2, + 1 when split), + 2 for a separate reduce launch (more than 8 splits), with >=
     _CONV3_SPLIT_MIN_K products per split, whole stages per chunk, the fewest splits among equals;
-    forward / backward-data not at all from _CONV3_SPLIT_BELOW_BLOCKS tiles; 128x128 tiles never.
+    forward / backward-data not at all from _CONV3_SPLIT_BELOW_BLOCKS tiles; 128x128 tiles only
+    in the weight gradient, with rounds of 264 blocks.
     "fill" is the rule it replaced."""
     assert cuda._CONV3_SPLIT_RULE == "waves"
     assert cuda._conv3_splits("forward", 64, 9, 576) == (8, 80)      # MnistCNN conv3 (b64): 9 tiles,
@@ -977,28 +978,37 @@ def test_split_rule(monkeypatch):
     assert cuda._conv3_splits("backward_weight", 64, 5, 61952)[0] == 105  # 525 blocks, one round
     assert cuda._conv3_splits("forward", 64, 9, 40)[0] == 1  # under two splits' worth
     assert cuda._conv3_splits("forward", 128, 9, 4096) == (1, 4096)
+    # 128x128 weight gradients: rounds of 264 blocks (two per SM), no second round for a few
+    assert cuda._conv3_splits("backward_weight", 128, 9, 64 * 56 * 56) == (29, 6928)  # compute-bound: 261
+    assert cuda._conv3_splits("backward_weight", 128, 5, 512 * 16 * 16) == (52, 2528)  # localization conv3
     assert cuda._conv3_splits("forward", 64, cuda._CONV3_SPLIT_BELOW_BLOCKS, 4096) == (1, 4096)
-    slots, extra = cuda._CONV3_SPLIT_TARGET_BLOCKS, cuda._CONV3_BLOCK_OVERHEAD_STAGES
+    extra = cuda._CONV3_BLOCK_OVERHEAD_STAGES
 
-    def cost(blocks, kd, splits, chunk):
+    def cost(blocks, kd, splits, chunk, slots):
         reduce = cuda._CONV3_REDUCE_LAUNCH_STAGES if splits > cuda._SPLIT_FINISH_MAX_SPLITS else 0
         return -(-blocks * splits // slots) * (chunk // 16 + extra + (splits > 1)) + reduce
 
-    for direction in ("forward", "backward_data", "backward_weight"):
-        for blocks, kd in ((1, 10000), (7, 1000), (100, 333), (263, 5000), (300, 576), (700, 2000)):
-            splits, chunk = cuda._conv3_splits(direction, 64, blocks, kd)
-            assert chunk % 16 == 0 or splits == 1
-            assert (splits - 1) * chunk < kd <= splits * chunk  # every split has work
-            assert splits == 1 or chunk >= cuda._CONV3_SPLIT_MIN_K
-            for other in range(1, min(-(-kd // cuda._CONV3_SPLIT_MIN_K), 64) + 1):  # nothing cheaper
-                c = -(-(-(-kd // other)) // 16) * 16
-                if other > 1 and -(-kd // c) == other:
-                    assert cost(blocks, kd, splits, chunk) <= cost(blocks, kd, other, c), (blocks, kd, other)
-            assert cost(blocks, kd, splits, chunk) <= cost(blocks, kd, 1, 16 * -(-kd // 16))
+    cases = [(direction, 64, cuda._CONV3_SPLIT_TARGET_BLOCKS, blocks, kd)
+             for direction in ("forward", "backward_data", "backward_weight")
+             for blocks, kd in ((1, 10000), (7, 1000), (100, 333), (263, 5000), (300, 576), (700, 2000))]
+    cases += [("backward_weight", 128, cuda._CONV3_T128_SLOTS, blocks, kd)
+              for blocks, kd in ((1, 100000), (5, 16384), (9, 200704), (40, 9000), (131, 50000), (300, 50000))]
+    for direction, tile, slots, blocks, kd in cases:
+        splits, chunk = cuda._conv3_splits(direction, tile, blocks, kd)
+        assert chunk % 16 == 0 or splits == 1
+        assert (splits - 1) * chunk < kd <= splits * chunk  # every split has work
+        assert splits == 1 or chunk >= cuda._CONV3_SPLIT_MIN_K
+        best = cost(blocks, kd, splits, chunk, slots)
+        for other in range(1, min(-(-kd // cuda._CONV3_SPLIT_MIN_K), 300) + 1):  # nothing cheaper
+            c = -(-(-(-kd // other)) // 16) * 16
+            if other > 1 and -(-kd // c) == other:
+                assert best <= cost(blocks, kd, other, c, slots), (tile, blocks, kd, other)
+        assert best <= cost(blocks, kd, 1, 16 * -(-kd // 16), slots)
     monkeypatch.setattr(cuda, "_CONV3_SPLIT_RULE", "fill")
     assert cuda._conv3_splits("forward", 64, 121, 288) == (5, 64)  # 605 blocks
     assert cuda._conv3_splits("forward", 64, 300, 576) == (1, 576)
     assert cuda._conv3_splits("backward_data", 64, 169, 576) == (4, 144)
+    assert cuda._conv3_splits("backward_weight", 128, 9, 64 * 56 * 56) == (30, 6704)  # 270 blocks
     monkeypatch.setattr(cuda, "_CONV3_SPLIT_RULE", "round")
     with pytest.raises(ValueError, match="_CONV3_SPLIT_RULE"):
         cuda._conv3_splits("forward", 64, 121, 288)
@@ -1378,7 +1388,7 @@ SPLIT_FINISH_CASES = {
     "64x64-multi-tile": (SHAPES["multi-tile"], {"_CONV3_M32_MAX_ROWS": 0, "_CONV3_SPLIT_MIN_K": 16}),
     "m32": (SPLIT_SHAPE, {"_CONV3_M32_MAX_ROWS": 32, "_CONV3_SPLIT_MIN_K": 16}),
     # (the weight gradient on 128x128 tiles; forward and backward-data on 64x64 ones)
-    "t128": ((2, 130, 4, 4, 129, 1, 1, (1, 1), (0, 0)), {"_CONV3_T128_MIN_BLOCKS": 1, "_CONV_SPLIT_MIN_K": 16}),
+    "t128": ((2, 130, 6, 6, 129, 1, 1, (1, 1), (0, 0)), {"_CONV3_SPLIT_MIN_K": 16}),
 }
 # how many of the four ops of each case split (and so reduce in the two-pass path)
 SPLIT_FINISH_REDUCES = {"64x64": 4, "64x64-multi-tile": 4, "m32": 4, "t128": 4}
