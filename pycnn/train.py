@@ -152,6 +152,40 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+# Backends that compile kernels the first time they run them (NVRTC, Numba): in the epoch that
+# contains those first steps, the log line also gives their time and the rate after them.
+_COMPILES_ON_FIRST_USE = ("cuda", "numba")
+
+
+def _first_steps_fields(n: int, batch_size: int, epoch_s: float, first) -> dict:
+    """The record fields of an epoch's first steps, timed apart (``first`` = (steps, seconds),
+    or None when the epoch had no such steps): on the GPU they include compiling every kernel on
+    first use and, with a CUDA graph, the eager warm-up steps and the capture."""
+    if first is None:
+        return {}
+    steps, seconds = first
+    fields = {"first_steps": steps, "first_steps_s": seconds}
+    rest = n - min(n, steps * batch_size)
+    if rest > 0 and epoch_s > seconds:
+        fields["samples_per_s_after_first_steps"] = rest / (epoch_s - seconds)
+    return fields
+
+
+def first_steps_name(k: int) -> str:
+    """'the first step' or 'the first k steps'."""
+    return "the first step" if k == 1 else f"the first {k} steps"
+
+
+def _first_steps_note(record: dict, what: str) -> str:
+    """The log line's note on an epoch's first steps ('' when not timed apart)."""
+    if "first_steps" not in record:
+        return ""
+    note = f"; {first_steps_name(record['first_steps'])} ({what}) took {record['first_steps_s']:.2f} s"
+    if "samples_per_s_after_first_steps" in record:
+        note += f", {record['samples_per_s_after_first_steps']:,.0f} samples/s after"
+    return note
+
+
 def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
     """Train an MNIST classifier and evaluate it on the 10k test set after every epoch.
 
@@ -211,6 +245,7 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
         correct = 0
         bar = _progress_bar(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", cfg.progress)
         checked = 0
+        first = None  # (steps, seconds) of epoch 1's first step, timed apart (kernels compile there)
         start = time.perf_counter()
         for step in range(steps_per_epoch):
             lo, hi = step * cfg.batch_size, min(n, (step + 1) * cfg.batch_size)
@@ -236,6 +271,12 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
             else:
                 loss_buf[step] = loss.data  # stays on the device: no host sync per step
                 correct = correct + hits
+            if epoch == 1 and step == 0:
+                if device == "cuda":  # (one host sync per run: the step's kernels have finished)
+                    import cupy
+
+                    cupy.cuda.get_current_stream().synchronize()
+                first = (1, time.perf_counter() - start)
             if bar is not None and (device == "cpu" or step % 50 == 49 or step == steps_per_epoch - 1):
                 if device == "cuda":  # one sync every 50 steps for the bar and the NaN check
                     recent = loss_buf[checked:step + 1].get()
@@ -262,10 +303,13 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
         eval_s = time.perf_counter() - eval_start
         record = {"epoch": epoch, "train_loss": float(train_losses.mean()), "train_acc": int(correct) / n,
                   "test_loss": test_loss, "test_acc": test_acc, "epoch_s": epoch_s, "eval_s": eval_s,
-                  "samples_per_s": n / epoch_s, "lr_end": opt.lr}
+                  "samples_per_s": n / epoch_s, "lr_end": opt.lr,
+                  **_first_steps_fields(n, cfg.batch_size, epoch_s, first)}
         history.append(record)
+        note = (_first_steps_note(record, "kernels compile on first use")
+                if backend_name in _COMPILES_ON_FIRST_USE else "")
         log(f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
-            f"test loss {test_loss:.4f} acc {test_acc:.4f} | {epoch_s:.2f} s ({n / epoch_s:,.0f} samples/s), "
+            f"test loss {test_loss:.4f} acc {test_acc:.4f} | {epoch_s:.2f} s ({n / epoch_s:,.0f} samples/s{note}), "
             f"eval {eval_s:.2f} s")
 
     cfg_dict = asdict(cfg)
@@ -310,6 +354,8 @@ def _graph_epoch(cfg, net, opt, scheduler, sched_unit, graph_step, x_train, y_tr
     cupy.cuda.get_current_stream().synchronize()  # data and model were made on the caller's stream
     bar = _progress_bar(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", cfg.progress)
     checked = 0
+    first = None  # (steps, seconds): the warm-up steps and the capture, when this epoch has them
+    timing_first = graph_step.steps == 0
     start = time.perf_counter()
     with graph_step.stream:  # batches, replays and the eager tail all run in order on one stream
         graph_step.reset_stats()
@@ -334,6 +380,10 @@ def _graph_epoch(cfg, net, opt, scheduler, sched_unit, graph_step, x_train, y_tr
                 opt.step()
                 graph_step.loss_sum += loss.data
                 graph_step.correct += (logits.data.argmax(axis=1) == yb).sum()
+            if timing_first and (graph_step.steps == graph_step.warmup_steps + 1 or step == steps_per_epoch - 1):
+                graph_step.stream.synchronize()  # (once per run: the warm-up, capture and first replay are done)
+                first = (step + 1, time.perf_counter() - start)
+                timing_first = False
             if scheduler is not None and sched_unit == "batch":
                 scheduler.step()
             if bar is not None and (step % 50 == 49 or step == steps_per_epoch - 1):
@@ -359,9 +409,11 @@ def _graph_epoch(cfg, net, opt, scheduler, sched_unit, graph_step, x_train, y_tr
     eval_s = time.perf_counter() - eval_start
     record = {"epoch": epoch, "train_loss": loss_sum / steps_per_epoch, "train_acc": correct / n,
               "test_loss": test_loss, "test_acc": test_acc, "epoch_s": epoch_s, "eval_s": eval_s,
-              "samples_per_s": n / epoch_s, "lr_end": opt.lr, "cuda_graph": graph_step.captured}
+              "samples_per_s": n / epoch_s, "lr_end": opt.lr, "cuda_graph": graph_step.captured,
+              **_first_steps_fields(n, cfg.batch_size, epoch_s, first)}
+    note = _first_steps_note(record, "eager warm-up, kernels compiling on first use, the capture")
     log(f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
-        f"test loss {test_loss:.4f} acc {test_acc:.4f} | {epoch_s:.2f} s ({n / epoch_s:,.0f} samples/s), "
+        f"test loss {test_loss:.4f} acc {test_acc:.4f} | {epoch_s:.2f} s ({n / epoch_s:,.0f} samples/s{note}), "
         f"eval {eval_s:.2f} s, CUDA graph {'replayed' if graph_step.captured else 'NOT used: ' + str(graph_step.reason)}")
     return record
 

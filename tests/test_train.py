@@ -140,6 +140,25 @@ def test_cli_train_evaluate_info(mnist_path, tmp_path):
     assert proc.returncode == 0 and "numpy" in proc.stdout and "cuda" in proc.stdout
 
 
+def test_first_steps_are_timed_apart(mnist_path, capsys):
+    """Epoch 1 times its first step apart (kernels compile there on the CUDA and Numba backends):
+    the record has first_steps, first_steps_s and the rate of the steps after it; the log line
+    says so where kernels compile on first use; later epochs have no such fields."""
+    result = run_mnist("fastmnist", epochs=2, batch_size=128, backend="numba", data_dir=str(mnist_path),
+                       limit_train=512, progress=True, seed=5)
+    first, second = result["history"]
+    assert first["first_steps"] == 1 and 0 < first["first_steps_s"] < first["epoch_s"]
+    assert first["samples_per_s_after_first_steps"] == pytest.approx(
+        (512 - 128) / (first["epoch_s"] - first["first_steps_s"]))
+    assert "first_steps" not in second and "samples_per_s_after_first_steps" not in second
+    log = capsys.readouterr().out
+    assert "the first step (kernels compile on first use) took" in log and "samples/s after" in log
+    result = run_mnist("fastmnist", epochs=1, batch_size=128, backend="numpy", data_dir=str(mnist_path),
+                       limit_train=256, progress=True, seed=5)
+    assert result["history"][0]["first_steps"] == 1  # (recorded on every backend, logged where it compiles)
+    assert "the first step" not in capsys.readouterr().out
+
+
 def test_cli_reports_bad_arguments_clearly(tmp_path):
     proc = run_cli("train", "mnist", "--epochs", "0", "--backend", "numpy")
     assert proc.returncode == 2 and "epochs must be >= 1, got 0" in proc.stderr
