@@ -153,6 +153,12 @@ def test_run_mnist_cuda_graph_matches_eager(mnist_path):
     assert g["train_acc"] == pytest.approx(e["train_acc"], abs=2e-3)
     assert g["test_acc"] == pytest.approx(e["test_acc"], abs=2e-3)
     assert g["lr_end"] == e["lr_end"]
+    # the warm-up steps and the capture step are timed apart in both (eager: the first step)
+    assert e["first_steps"] == 1 and g["first_steps"] == graphed["cuda_graph"]["warmup_steps"] + 1
+    for r in (e, g):
+        assert 0 < r["first_steps_s"] < r["epoch_s"]
+        rest = 4196 - r["first_steps"] * 256
+        assert r["samples_per_s_after_first_steps"] == pytest.approx(rest / (r["epoch_s"] - r["first_steps_s"]))
 
 
 def test_cuda_graph_needs_the_cuda_backend():
