@@ -1,0 +1,106 @@
+"""benchmarks/sass_mix.py: the instruction mix of each kernel's hot loop, read from nvdisasm's
+listing (parsing on a fixed listing; the whole path with nvcc + nvdisasm where both exist)."""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import sass_mix  # noqa: E402
+
+# A hand-made listing in nvdisasm -c's format: an outer loop (.L_x_1 .. 0x00e0) with a nested
+# copy loop (.L_x_2 .. 0x0080), two FFMAs, an LDS.128 and an LDS, a gather with its dead
+# instructions, and a second kernel without a loop.
+LISTING = """
+//--------------------- .text.gemm --------------------------
+.text.gemm:
+        /*0000*/                   S2R R0, SR_TID.X ;
+.L_x_1:
+        /*0010*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+.L_x_2:
+        /*0020*/                   IMAD.IADD R2, R0, 0x1, R3 ;
+        /*0030*/                   ISETP.GE.AND P0, PT, R2, 0x10, PT ;
+        /*0040*/                   LDGSTS.E [R4], desc[UR16][R6.64], P0 ;
+        /*0050*/              @!PT LDS RZ, [RZ] ;
+        /*0060*/              @!PT LDS RZ, [RZ] ;
+        /*0070*/                   IADD3 R3, R3, 0x8, RZ ;
+        /*0080*/               @P0 BRA `(.L_x_2) ;
+        /*0090*/                   LDS.128 R8, [R5] ;
+        /*00a0*/                   LDS R12, [R5+0x10] ;
+        /*00b0*/                   FFMA R20, R8, R12, R20 ;
+        /*00c0*/                   FFMA R21, R9, R12, R21 ;
+        /*00d0*/                   ISETP.NE.AND P1, PT, R3, R13, PT ;
+        /*00e0*/               @P1 BRA `(.L_x_1) ;
+        /*00f0*/                   STG.E desc[UR16][R14.64], R20 ;
+        /*0100*/                   EXIT ;
+//--------------------- .text.copy --------------------------
+.text.copy:
+        /*0000*/                   LDG.E R2, desc[UR4][R2.64] ;
+        /*0010*/                   STG.E desc[UR4][R4.64], R2 ;
+        /*0020*/                   EXIT ;
+"""
+
+
+def test_listing_is_parsed_into_kernels_and_labels():
+    kernels = sass_mix.parse_sass(LISTING)
+    assert set(kernels) == {"gemm", "copy"}
+    instrs, labels = kernels["gemm"]
+    assert labels == {".L_x_1": 0x10, ".L_x_2": 0x20} and len(instrs) == 17
+    assert instrs[4].opcode == "LDGSTS.E" and instrs[5].pred == "@!PT" and instrs[8].pred == "@P0"
+    assert sass_mix.loops(instrs, labels) == [(0x10, 0xE0), (0x20, 0x80)]
+    assert sass_mix.loops(*kernels["copy"]) == []
+
+
+def test_hot_loop_counts_one_iteration_with_nested_loops_apart():
+    mix = sass_mix.hot_loop(*sass_mix.parse_sass(LISTING)["gemm"])
+    assert (mix.start, mix.end) == (0x10, 0xE0)
+    assert mix.nested == [(7, 1)]  # the copy loop: 7 instructions, one LDGSTS
+    assert mix.instructions == 7 and mix.ffma == 2 and mix.hmma == 0
+    assert mix.kinds == {"fma": 2, "lds": 2, "cp": 0, "bar": 1, "dead": 0, "other": 2}
+    assert mix.lds_bytes == 16 + 4 and mix.fma_share == pytest.approx(2 / 7)
+    assert sass_mix.hot_loop(*sass_mix.parse_sass(LISTING)["copy"]) is None
+    kinds = [sass_mix.kind_of(i) for i in sass_mix.parse_sass(LISTING)["gemm"][0][2:9]]
+    assert kinds == ["other", "other", "cp", "dead", "dead", "other", "other"]
+
+
+def test_ptxas_register_counts():
+    log = ("ptxas info    : Compiling entry function 'a_f32' for 'sm_90'\n"
+           "ptxas info    : Function properties for a_f32\n"
+           "ptxas info    : Used 127 registers, used 1 barriers, 27664 bytes smem\n"
+           "ptxas info    : Compiling entry function 'b_f32' for 'sm_90'\n"
+           "ptxas info    : Used 32 registers\n")
+    assert sass_mix.ptxas_registers(log) == {"a_f32": 127, "b_f32": 32}
+
+
+NVCC, NVDISASM = shutil.which("nvcc"), sass_mix.find_nvdisasm()
+SOURCE = """
+extern "C" __global__ void chain(const float* a, float* out, int n) {
+    float acc = 0.0f;
+#pragma unroll 1
+    for (int i = 0; i < n; ++i) acc = fmaf(a[i], acc, 1.0f);  // one load and one FFMA per trip
+    out[threadIdx.x] = acc;
+}
+extern "C" __global__ void plain(float* x) { x[threadIdx.x] += 1.0f; }
+"""
+
+
+@pytest.mark.skipif(NVCC is None or NVDISASM is None, reason="needs nvcc and nvdisasm (the dev extra)")
+def test_compiled_loop_has_one_ffma_and_one_load(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "k.cu").write_text(SOURCE)
+    work = tmp_path / "out"
+    work.mkdir()
+    result = sass_mix.analyse(src, None, [], "sm_90", NVCC, NVDISASM, work)
+    assert set(result) == {"chain", "plain"} and result["plain"]["loop"] is None
+    mix = result["chain"]["loop"]
+    assert mix.ffma == 1 and mix.kinds["cp"] == 1 and mix.nested == []
+    assert result["chain"]["registers"] and result["chain"]["file"] == "k.cu"
+    # the command line on one of the repository's files, a kernel without an arithmetic loop
+    assert sass_mix.main(["--file", "pool2d.cu", "--all", "maxpool2d_fwd_f32"]) == 0
+    assert "maxpool2d_fwd_f32" in capsys.readouterr().out
+    assert sass_mix.main(["--file", "nothere.cu"]) == 2
+    assert "no nothere.cu in" in capsys.readouterr().err
