@@ -345,22 +345,16 @@ def env_switch(name: str, on: bool):
 def rebuilt(name: str, value: str):
     """The conv kernels compiled with the compile-time setting ``name``=``value`` inside
     (PYCNN_CONV3_KNOCKOUT: parts of the v3/v4 main loop left out, timing only, wrong results;
-    PYCNN_CONV_STAGES: the main loop's pipeline depth; PYCNN_CONV3_WARP_COLS: v3's warp layout),
-    the normal ones again afterwards."""
-    def fresh_modules():
-        for cache in (cuda._modules, cuda._functions):
-            for key in [k for k in cache if k[1] in cuda.CONV_CORE_SOURCES]:
-                del cache[key]
-        cuda.clear_plans()
-
+    PYCNN_CONV_STAGES: the main loop's pipeline depth; PYCNN_CONV3_WARP_COLS: v3's warp layout;
+    PYCNN_CONV3_LEAN_GATHER: the B-tile gather), the normal ones again afterwards."""
     with env_value(name, value):
-        fresh_modules()
+        cuda.forget_conv_core_modules()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # (the backend's warning that knockout results are wrong)
                 yield
         finally:
-            fresh_modules()  # (the next call compiles the normal module again)
+            cuda.forget_conv_core_modules()  # (the next call compiles the normal module again)
 
 
 def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, versions=VERSIONS,
@@ -502,6 +496,7 @@ def table(entries) -> str:
                    + (f"-k{e['knockout']}" if e.get("knockout") else "")
                    + (f"-s{e['stages']}" if str(e.get("rebuilt", "")).startswith("PYCNN_CONV_STAGES") else "")
                    + (f"-l{e['warp_cols']}" if str(e.get("rebuilt", "")).startswith("PYCNN_CONV3_WARP_COLS") else "")
+                   + ("-lean" if e.get("lean_gather") else "")
                    + (f"@{e['split_target']}" if e.get("split_target") else "") + ("*" if e.get("auto") else ""))
         cells = [f"{dnn:.4f}" if dnn else "-", f"{dnn / ms:.2f}" if dnn and ms else "-",
                  f"{t32:.4f}" if t32 else "-", f"{t32 / ms:.2f}" if t32 and ms else "-",
@@ -515,6 +510,7 @@ def table(entries) -> str:
                  "forward GEMM of the flipped filters (PYCNN_CONV_BWD_DATA_FLIP=1); v3-kM = v3 compiled with "
                  "PYCNN_CONV3_KNOCKOUT=M (timing only); v3-sN = v3 rebuilt with PYCNN_CONV_STAGES=N; "
                  "v3-lN = v3 rebuilt with PYCNN_CONV3_WARP_COLS=N; "
+                 "v3-lean = v3 rebuilt with PYCNN_CONV3_LEAN_GATHER=1; "
                  "v3fill = the split-K rule before 'waves'; "
                  "v3t = 64x128 tiles by 256 threads (PYCNN_CONV3_R8=0); "
                  "v3m = 32x256 tiles by 128 threads (PYCNN_CONV3_M32T128=1); "
@@ -549,6 +545,9 @@ def main(argv=None) -> int:
     parser.add_argument("--also-warp-cols", default="",
                         help="comma-separated PYCNN_CONV3_WARP_COLS values (8, 16): v3 again with the conv module "
                              "rebuilt with that warp layout, as entries with \"rebuilt\" and their \"warp_cols\"")
+    parser.add_argument("--also-lean", action="store_true",
+                        help="v3 again with the conv modules rebuilt with PYCNN_CONV3_LEAN_GATHER=1 (the B-tile "
+                             "gather with fewer instructions), as entries with \"rebuilt\" and \"lean_gather\"")
     parser.add_argument("--other-kernels", action="store_true",
                         help="also time the non-conv kernel families (the selftest's benchmark)")
     args = parser.parse_args(argv)
@@ -600,6 +599,12 @@ def main(argv=None) -> int:
             part = conv_ladder(args.repeats, args.budget, versions=("3",), reference=False, **scope)
         entries += [{**e, "rebuilt": f"PYCNN_CONV3_WARP_COLS={cols}", "auto": False} for e in part["entries"]]
         bench["errors"] += [f"warp cols {cols}: {err}" for err in part["errors"]]
+    if args.also_lean:  # (the same sums: tests/gpu/test_conv_ladder.py checks the bits on the GPU)
+        with rebuilt("PYCNN_CONV3_LEAN_GATHER", "1"):
+            part = conv_ladder(args.repeats, args.budget, versions=("3",), reference=False, **scope)
+        entries += [{**e, "rebuilt": "PYCNN_CONV3_LEAN_GATHER=1", "lean_gather": True, "auto": False}
+                    for e in part["entries"]]
+        bench["errors"] += [f"lean gather: {err}" for err in part["errors"]]
     if args.other_kernels:
         other = selftest.kernel_benchmarks()
         entries += [e for e in other.pop("entries") if not e["op"].startswith("conv2d")]

@@ -113,6 +113,12 @@ fi
 [ -n "${THREADS:-}" ] && step "v3 wide tiles by 128 vs 256 threads, model layers at batch 512" 70 \
   python3 benchmarks/gpu_kernels.py --layers models --versions 3,3t,3m --batch 512 --repeats 10 --budget 40 \
   --json "$OUT/gpu-$stamp-$sha8-kernels-threads-b512.json" 2>&1 | tail -40
+# LEAN=1: v3 as it is and rebuilt with PYCNN_CONV3_LEAN_GATHER=1 (the B-tile gather with fewer
+# instructions per element, benchmarks/sass_mix.py; the same bits), on the compute-bound layer and
+# every model layer at batch 512. Two NVRTC builds of the GEMM-core files.
+[ -n "${LEAN:-}" ] && step "v3 default vs lean gather, compute-bound + model layers at batch 512" 100 \
+  python3 benchmarks/gpu_kernels.py --layers all --versions 3 --also-lean --batch 512 --repeats 10 --budget 40 \
+  --json "$OUT/gpu-$stamp-$sha8-kernels-lean-b512.json" 2>&1 | tail -40
 # The v3/v4/v5 GEMM main loop without cp.async double buffering, on the compute-bound layer: is
 # the default (PYCNN_CONV3_STAGES=2) the faster one there?
 [ -z "${SKIP_STAGES1:-}" ] && step "v3/v4/v5 with PYCNN_CONV_STAGES=1 (compute-bound layer)" 60 env PYCNN_CONV_STAGES=1 \

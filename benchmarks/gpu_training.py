@@ -38,6 +38,9 @@ reverse, "pycnn-cudagraph-r8", from when 256 threads were the default, and
 "pycnn-cudagraph-wideown", wide tiles planning their own split-K, since removed: it lost).
 "pycnn-cudagraph-m32t128" is the graph variant with PYCNN_CONV3_M32T128=1 (v3's 32x256 tiles run
 by 128 threads with 4x16 register tiles instead of 256 with 2x16; opt-in until timed): its A/B.
+"pycnn-cudagraph-lean" is the graph variant with the GEMM-core kernels rebuilt with
+PYCNN_CONV3_LEAN_GATHER=1 (the B-tile gather with fewer instructions per element; the same bits;
+opt-in until timed; its NVRTC compile falls in the untimed warm-up): its A/B.
 "pycnn-cudagraph-flip" is the graph variant with PYCNN_CONV_BWD_DATA_FLIP=1 (stride-1
 backward-data as the forward GEMM of dy with the flipped filters): its A/B; "pycnn-cudagraph-fill"
 the graph variant with the split-K rule before "waves" (cuda._CONV3_SPLIT_RULE = "fill");
@@ -111,6 +114,21 @@ def with_env(name: str, value: str, fn):
     return run
 
 
+def with_rebuilt(name: str, value: str, fn):
+    """fn with the convolutions' GEMM-core kernel files compiled with the compile-time setting
+    ``name`` = ``value`` (in fn's untimed warm-up), and compiled back afterwards."""
+    from pycnn.backends import cuda
+
+    def run(*args):
+        with env_set(name, value):
+            cuda.forget_conv_core_modules()
+            try:
+                return fn(*args)
+            finally:
+                cuda.forget_conv_core_modules()
+    return run
+
+
 def with_constant(name: str, value, fn):
     """fn with the backend's module constant ``name`` (cuda._CONV3_SPLIT_RULE, ...) set to ``value``."""
     from pycnn.backends import cuda
@@ -151,6 +169,9 @@ def pycnn_variants() -> list:
         # the A/B of the 32x256 tiles run by 128 threads with 4x16 register tiles (opt-in)
         ("pycnn-cudagraph-m32t128", "graph 32x256 tiles by 128 threads",
          with_env("PYCNN_CONV3_M32T128", "1", pycnn_throughput), True),
+        # the A/B of the B-tile gather with fewer instructions per element (opt-in; a rebuild)
+        ("pycnn-cudagraph-lean", "graph lean B-tile gather",
+         with_rebuilt("PYCNN_CONV3_LEAN_GATHER", "1", pycnn_throughput), True),
         # the A/B of the "waves" split-K rule: the rule before it
         ("pycnn-cudagraph-fill", "graph split rule 'fill'",
          with_constant("_CONV3_SPLIT_RULE", "fill", pycnn_throughput), True),

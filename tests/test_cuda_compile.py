@@ -42,15 +42,16 @@ def test_nvcc_compiles_every_kernel_file(tmp_path):
     jobs = [(src, arch) for src in sorted(CUDA_DIR.glob("*.cu")) for arch in ARCHS]
     # The files with the GEMM core, in every compile-time setting of it: the v3/v4 main loop that
     # loads through registers ($PYCNN_CONV_STAGES=1) and the one with two tiles in flight (3), the
-    # 8 x 4 warp layout, and the timing experiments' knockouts (every part of the main loop left out).
+    # 8 x 4 warp layout, the lean gather, and the timing experiments' knockouts (every part of the
+    # main loop left out).
     for define in ("-DPYCNN_CONV3_STAGES=1", "-DPYCNN_CONV3_STAGES=3", "-DPYCNN_CONV3_WARP_COLS=8",
-                   "-DPYCNN_CONV3_KNOCKOUT=15"):
+                   "-DPYCNN_CONV3_LEAN_GATHER=1", "-DPYCNN_CONV3_KNOCKOUT=15"):
         jobs += [(CUDA_DIR / src, "sm_90", define) for src in cuda.CONV_CORE_SOURCES]
     with ThreadPoolExecutor(max_workers=2) as pool:  # the dev machines have 2 cores
         results = list(pool.map(lambda job: _nvcc(job[0], job[1], tmp_path, *job[2:]), jobs))
     failures = [f"{name}:\n{log}" for name, rc, log in results if rc != 0]
     assert not failures, "\n\n".join(failures)
-    assert len(results) == 2 * len(cuda.SOURCES) + 4 * len(cuda.CONV_CORE_SOURCES)
+    assert len(results) == 2 * len(cuda.SOURCES) + 5 * len(cuda.CONV_CORE_SOURCES)
 
 
 @pytest.mark.parametrize("value, ok", [("", True), ("0", True), ("5", True), ("15", True), ("16", False),
@@ -69,6 +70,19 @@ def test_knockout_setting(monkeypatch, value, ok):
     for filename in cuda.CONV_CORE_SOURCES:
         count = cuda.kernel_source(filename).count("#define PYCNN_CONV3_KNOCKOUT")
         assert count == (2 if value not in ("", "0") else 1), filename
+
+
+@pytest.mark.parametrize("value, ok", [("", True), ("0", True), ("1", True), ("2", False), ("yes", False)])
+def test_lean_gather_setting(monkeypatch, value, ok):
+    """$PYCNN_CONV3_LEAN_GATHER: 0 or 1 into the compiled source of the GEMM-core files; anything
+    else is an error that names it."""
+    monkeypatch.setenv("PYCNN_CONV3_LEAN_GATHER", value)
+    if not ok:
+        with pytest.raises(ValueError, match="PYCNN_CONV3_LEAN_GATHER must be 0 .* or 1"):
+            cuda.compile_defines()
+        return
+    assert cuda.compile_defines()["PYCNN_CONV3_LEAN_GATHER"] == (1 if value == "1" else 0)
+    assert f"#define PYCNN_CONV3_LEAN_GATHER {1 if value == '1' else 0}\n" in cuda.kernel_source("conv2d_igemm.cu")
 
 
 def _libnvrtc():
@@ -148,8 +162,13 @@ def test_nvrtc_compiles_the_backend_sources(arch):
     if compile_source is None:
         pytest.skip("no libnvrtc (pip install nvidia-cuda-nvrtc, in the [dev] extra on Linux) and no CuPy")
     options = [*cuda.COMPILE_OPTIONS, "-ftz=true", f"-arch=sm_{arch}"]
+    jobs = [(f, cuda.kernel_source(f)) for f in cuda.SOURCES]
+    if arch == "90":  # (and the opt-in lean gather's text of the GEMM-core files, as a GPU A/B compiles it)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PYCNN_CONV3_LEAN_GATHER", "1")
+            jobs += [(f"{f} (lean gather)", cuda.kernel_source(f)) for f in cuda.CONV_CORE_SOURCES]
     with ThreadPoolExecutor(max_workers=2) as pool:  # (the dev machines have 2 cores)
-        results = list(pool.map(lambda f: (f, *compile_source(cuda.kernel_source(f), f, options)), cuda.SOURCES))
+        results = list(pool.map(lambda job: (job[0], *compile_source(job[1], job[0].split()[0], options)), jobs))
     for filename, ok, log in results:
         log = log.strip("\x00 \n")
         assert ok, f"NVRTC failed on {filename} (sm_{arch}):\n{log}"

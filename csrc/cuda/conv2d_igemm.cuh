@@ -69,6 +69,24 @@ static_assert(PYCNN_CONV3_BK == 16 && PYCNN_CONV3_THREADS == 256,
 #ifndef PYCNN_CONV3_KNOCKOUT
 #define PYCNN_CONV3_KNOCKOUT 0
 #endif
+
+// The B-tile gather with fewer instructions per element (the host sets it; $PYCNN_CONV3_LEAN_GATHER;
+// opt-in until an A/B on a GPU times it). Each B element of the cp.async loop cost 19 issue slots
+// in the backward-data kernels (benchmarks/sass_mix.py: two shared loads of its row's table entry,
+// three tests folded into the predicate, a sign extension and two selects for the 64-bit address,
+// the copy and three never-executed instructions ptxas puts after it), against 32 FMAs per element
+// on a 32-row tile. With 1: a row past the block's range and a column past the GEMM carry a
+// sentinel coordinate (PYCNN_CONV_OUTSIDE) that fails the bounds test the element makes anyway, so
+// neither needs its own test; the backward-data table keeps the B fields in slots 4..7 (one 16-byte
+// read); and the offset, never negative where the element is data, widens to 64 bits without a sign.
+// The same elements are copied into the same places: the results are the same bits.
+#ifndef PYCNN_CONV3_LEAN_GATHER
+#define PYCNN_CONV3_LEAN_GATHER 0
+#endif
+#define PYCNN_CONV_LEAN (PYCNN_CONV3_LEAN_GATHER != 0)
+// A coordinate outside every tensor (lean gather): h + OUTSIDE or i - OUTSIDE fails the unsigned
+// "< H" test; two of them still fit an int (2^29).
+#define PYCNN_CONV_OUTSIDE (1 << 28)
 #define PYCNN_KO(bit) ((PYCNN_CONV3_KNOCKOUT & (bit)) != 0)
 
 #define PYCNN_CONV_FWD 0
@@ -220,7 +238,10 @@ __device__ __forceinline__ void pycnn_conv_store(const PycnnConvGemm& p, pycnn_i
 //                                 i*sh - ph, j*sw - pw
 // (the offsets into x and dy already include the row and column terms, so each load adds two
 // numbers; the rows and columns themselves are there for the bounds checks)
-// and -1 in slot 0 past the end of the block's range (those rows load as zero).
+// and -1 in slot 0 past the end of the block's range (those rows load as zero). With the lean
+// gather, backward-data also has B's four fields in slots 4..7 (t1 t2 t3 t4: one aligned 16-byte
+// read), and past the range the row coordinate B tests is PYCNN_CONV_OUTSIDE (forward: r = t1;
+// bwd-data: r/sh = t2, slot 5; bwd-weight: i*sh - ph = t2), so B needs no test of slot 0.
 #define PYCNN_CONV_TAB 8  // ints per tab row (5 used; 8 keeps rows 16-byte aligned: vector reads)
 template <int MODE>
 __device__ __forceinline__ void pycnn_conv_decode(const PycnnConvGemm& p, int kd, int* t) {
@@ -246,7 +267,14 @@ __device__ __forceinline__ void pycnn_conv_decode(const PycnnConvGemm& p, int kd
             t1 = img * p.C * HW + t2 * p.W + t3;
         }
     }
+    if (PYCNN_CONV_LEAN && kd >= p.k_end) {
+        if (MODE == PYCNN_CONV_FWD) t1 = PYCNN_CONV_OUTSIDE;
+        else if (MODE == PYCNN_CONV_BWD_DATA || MODE == PYCNN_CONV_BWD_WEIGHT) t2 = PYCNN_CONV_OUTSIDE;
+    }
     t[0] = t0; t[1] = t1; t[2] = t2; t[3] = t3; t[4] = t4;
+    if (PYCNN_CONV_LEAN && MODE == PYCNN_CONV_BWD_DATA) {
+        t[4] = t1; t[5] = t2; t[6] = t3; t[7] = t4;
+    }
 }
 
 // Per-thread constants of the tile loads, decoded once per block.
@@ -323,11 +351,39 @@ __device__ __forceinline__ bool pycnn_conv_b_elem(const PycnnConvGemm& p, const 
     }
 }
 
+// The lean gather's pycnn_conv_b_elem (PYCNN_CONV3_LEAN_GATHER): the row's fields come in one
+// int4 read ahead (table slots 0..3, backward-data 4..7: see pycnn_conv_decode), and a row past the
+// range or a column past the GEMM fails the coordinate test (PYCNN_CONV_OUTSIDE), so neither is
+// tested on its own. The same elements, the same offsets.
+template <int MODE>
+__device__ __forceinline__ bool pycnn_conv_b_lean(const PycnnConvGemm& p, const PycnnConvLoader& L, int4 b,
+                                                  int& off) {
+    static_assert(MODE <= PYCNN_CONV_BWD_WEIGHT, "the convolution directions only");
+    if (MODE == PYCNN_CONV_FWD) {  // b = (t0, r, s, -)
+        const int h = L.cb1 + b.y, ww = L.cb2 + b.z;
+        off = L.cb0 + b.x;
+        return ((unsigned)h < (unsigned)p.H) & ((unsigned)ww < (unsigned)p.W);
+    } else if (MODE == PYCNN_CONV_BWD_DATA) {  // b = (t1, r/sh, s/sw, remainders)
+        const int i = L.cb1 - b.y, j = L.cb2 - b.z;
+        off = L.cb0 + b.x;
+        return (b.w == L.cb3) & ((unsigned)i < (unsigned)p.Ho) & ((unsigned)j < (unsigned)p.Wo);
+    } else {  // b = (t0, t1, i*sh - ph, j*sw - pw)
+        const int h = b.z + L.cb1, ww = b.w + L.cb2;
+        off = b.y + L.cb0;
+        return ((unsigned)h < (unsigned)p.H) & ((unsigned)ww < (unsigned)p.W);
+    }
+}
+
 // One element into shared memory: cp.async (zero-fill where !ok) or a load through a register.
 template <bool ASYNC>
 __device__ __forceinline__ void pycnn_conv_load_elem(float* dst, const float* src, bool ok, int off) {
-    if (ASYNC) pycnn_cp_async_f32(dst, src + (ok ? off : 0), ok);
-    else *dst = ok ? src[off] : 0.0f;
+    if (ASYNC) {
+        // (lean: off >= 0 wherever ok, so it widens without a sign extension)
+        if (PYCNN_CONV_LEAN) pycnn_cp_async_f32(dst, src + (unsigned)(ok ? off : 0), ok);
+        else pycnn_cp_async_f32(dst, src + (ok ? off : 0), ok);
+    } else {
+        *dst = ok ? src[off] : 0.0f;
+    }
 }
 
 // Through registers (the single-stage loop, PYCNN_CONV_STAGES=1): four consecutive reduction
@@ -371,7 +427,10 @@ __device__ __forceinline__ void pycnn_conv_copy_transposed(float (*dst)[PITCH], 
     for (int row = row0; row < ROWS; row += ROW_STEP) {
         const int r = first + row;
         const bool ok = kok & (r < limit);
-        pycnn_cp_async_f32(&dst[kk][row], src + (ok ? kbase + r * rstride : 0), ok);
+        if (PYCNN_CONV_LEAN)  // (never negative where ok: no sign extension, as pycnn_conv_load_elem)
+            pycnn_cp_async_f32(&dst[kk][row], src + (unsigned)(ok ? kbase + r * rstride : 0), ok);
+        else
+            pycnn_cp_async_f32(&dst[kk][row], src + (ok ? kbase + r * rstride : 0), ok);
     }
 }
 
@@ -427,6 +486,32 @@ __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, con
                 off = n * p.Kd + kd;
                 return (n < p.Ncols) & (kd < p.k_end);
             });
+        }
+    } else if constexpr (PYCNN_CONV_LEAN && MODE <= PYCNN_CONV_BWD_WEIGHT && !PYCNN_KO(2)) {
+        // Lean gather: the table rows of LEAN_GROUP copies are read first, then their copies are
+        // issued. ptxas puts three never-executed instructions between a shared-memory load and a
+        // following cp.async (sass_mix.py's "dead" column: 48 of the 32x256 backward-data loop's
+        // 1079 instructions, one row read per copy); grouped, that is once per group. The 32 x 256
+        // tile's two columns per thread share each row read.
+        constexpr int ROWS = BK / B_STEP, LEAN_GROUP = ROWS < 4 ? ROWS : 4;
+        constexpr int SLOT = MODE == PYCNN_CONV_BWD_DATA ? 4 : 0;
+#pragma unroll
+        for (int q0 = 0; q0 < ROWS; q0 += LEAN_GROUP) {
+            int4 b[LEAN_GROUP];
+#pragma unroll
+            for (int g = 0; g < LEAN_GROUP; ++g)
+                b[g] = *reinterpret_cast<const int4*>(&tab[L.b_row + (q0 + g) * B_STEP][SLOT]);
+#pragma unroll
+            for (int g = 0; g < LEAN_GROUP; ++g) {
+                const int row = L.b_row + (q0 + g) * B_STEP;
+                int off;
+                const bool ok = pycnn_conv_b_lean<MODE>(p, L, b[g], off);
+                pycnn_conv_load_elem<ASYNC>(&Bs[row][L.b_col], p.b_src, ok, off);
+                if constexpr (BN > THREADS) {
+                    const bool ok2 = pycnn_conv_b_lean<MODE>(p, L2, b[g], off);
+                    pycnn_conv_load_elem<ASYNC>(&Bs[row][L2.b_col], p.b_src, ok2, off);
+                }
+            }
         }
     } else if (!PYCNN_KO(2)) {
 #pragma unroll
@@ -629,6 +714,10 @@ __device__ __forceinline__ void pycnn_conv_b_column(const PycnnConvGemm& p, int 
             L.cb2 = rs - r * p.S;
             L.cb0 = c * HW + L.cb1 * p.W + L.cb2;
         }
+    } else if (PYCNN_CONV_LEAN) {
+        // (a column past the GEMM: its coordinate test fails, so it loads zeros as in the default
+        // gather; its products are never stored either way)
+        L.cb1 = MODE == PYCNN_CONV_BWD_DATA ? -PYCNN_CONV_OUTSIDE : PYCNN_CONV_OUTSIDE;
     }
 }
 

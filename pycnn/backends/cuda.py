@@ -60,6 +60,11 @@ DEFINES = {
     # or 8 (8 x 4: fewer shared-memory wavefronts on paper, no faster on an H200); conv2d_igemm.cuh.
     # $PYCNN_CONV3_WARP_COLS overrides it when a module is first compiled.
     "PYCNN_CONV3_WARP_COLS": 16,
+    # 1: the v3/v4 B-tile gathers with fewer instructions per element (sentinel coordinates instead
+    # of validity tests, table rows read in groups ahead of their cp.async copies; the same bits),
+    # conv2d_igemm.cuh; opt-in until a GPU times it. $PYCNN_CONV3_LEAN_GATHER overrides it when a
+    # module is first compiled.
+    "PYCNN_CONV3_LEAN_GATHER": 0,
     # taps (C*R*S) up to which v3/v4 compute the weight gradient with conv2d_bwd_weight_narrow_f32
     "PYCNN_CONV_NARROW_MAX": 25,
     # shared-memory floats for the filters of conv2d_fwd_narrow_c1_*: K rows of R*S padded to 4
@@ -77,7 +82,8 @@ SOURCES = ("conv2d.cu", "conv2d_igemm.cu", "conv2d_igemm_alt.cu", "conv2d_narrow
 # Headers the sources #include "..."; kernel_source pastes each in (NVRTC gets one self-contained text).
 HEADERS = ("common.cuh", "conv2d_igemm.cuh")
 # The sources that include the convolutions' GEMM core, conv2d_igemm.cuh: its compile-time settings
-# (PYCNN_CONV3_STAGES, PYCNN_CONV3_WARP_COLS, PYCNN_CONV3_KNOCKOUT) change what they compile to.
+# (PYCNN_CONV3_STAGES, PYCNN_CONV3_WARP_COLS, PYCNN_CONV3_LEAN_GATHER, PYCNN_CONV3_KNOCKOUT) change what
+# they compile to.
 CONV_CORE_SOURCES = ("conv2d_igemm.cu", "conv2d_igemm_alt.cu", "conv2d_narrow.cu", "conv2d_winograd.cu")
 _INCLUDE = re.compile(r'^#include "([\w.]+)"[ \t]*$', re.MULTILINE)
 COMPILE_OPTIONS = ("-std=c++17",)
@@ -203,7 +209,8 @@ def kernel_source(filename: str) -> str:
 
 def compile_defines() -> dict:
     """DEFINES with the choices the environment makes at compile time ($PYCNN_CONV_STAGES,
-    $PYCNN_CONV3_WARP_COLS, and for timing experiments only $PYCNN_CONV3_KNOCKOUT: see conv2d_igemm.cuh)."""
+    $PYCNN_CONV3_WARP_COLS, $PYCNN_CONV3_LEAN_GATHER, and for timing experiments only
+    $PYCNN_CONV3_KNOCKOUT: see conv2d_igemm.cuh)."""
     defines = dict(DEFINES)
     stages = os.environ.get("PYCNN_CONV_STAGES", "")
     if stages:
@@ -217,6 +224,12 @@ def compile_defines() -> dict:
             raise ValueError(f"PYCNN_CONV3_WARP_COLS must be 8 (8 x 4 register tiles per warp) or 16 (16 x 2), "
                              f"got {warp_cols!r}")
         defines["PYCNN_CONV3_WARP_COLS"] = int(warp_cols)
+    lean = os.environ.get("PYCNN_CONV3_LEAN_GATHER", "")
+    if lean:
+        if lean not in ("0", "1"):
+            raise ValueError(f"PYCNN_CONV3_LEAN_GATHER must be 0 (the B-tile gather as timed) or 1 (fewer "
+                             f"instructions per element, opt-in), got {lean!r}")
+        defines["PYCNN_CONV3_LEAN_GATHER"] = int(lean)
     knockout = os.environ.get("PYCNN_CONV3_KNOCKOUT", "")
     if knockout not in ("", "0"):
         if not knockout.isdigit() or not 0 < int(knockout) < 16:
@@ -375,6 +388,17 @@ def clear_plans() -> None:
     module attribute does this by itself; changing one of the module's dicts in place (DEFINES,
     _autotune_cache) does not: call this after it."""
     _plans.clear()
+
+
+def forget_conv_core_modules() -> None:
+    """Forget the compiled modules of the files with the convolutions' GEMM core
+    (CONV_CORE_SOURCES) and every cached plan: the next launch compiles them again with the
+    compile-time settings of the environment then ($PYCNN_CONV_STAGES, $PYCNN_CONV3_WARP_COLS,
+    $PYCNN_CONV3_LEAN_GATHER, $PYCNN_CONV3_KNOCKOUT). For A/B runs in one process."""
+    for cache in (_modules, _functions):
+        for key in [k for k in cache if k[1] in CONV_CORE_SOURCES]:
+            del cache[key]
+    clear_plans()
 
 
 def _keep_plan(key, plan: _Plan) -> None:

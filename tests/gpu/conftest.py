@@ -76,6 +76,16 @@ def emulator_warp_cols8():
         return build_emulator()
 
 
+@pytest.fixture(scope="session")
+def emulator_lean():
+    """The same, compiled with PYCNN_CONV3_LEAN_GATHER=1 (v3/v4's B-tile gather with fewer instructions)."""
+    from emu_support import build_emulator
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYCNN_CONV3_LEAN_GATHER", "1")
+        return build_emulator()
+
+
 @pytest.fixture
 def emulated(monkeypatch, emulator):
     """Point the CUDA backend at NumPy arrays and the emulator; returns the launched kernel names."""

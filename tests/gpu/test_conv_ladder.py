@@ -254,6 +254,49 @@ def test_split_finish_in_kernel_is_bitwise_the_two_pass_sum(monkeypatch, layer):
     assert all(int(t.max()) == 0 for t in cuda._split_ticket_arrays.values()), "a tile counter was left set"
 
 
+GEMM_LAYERS = [lay for lay in LAYERS if lay[2] * lay[6] * lay[7] > 25] + [BIG]  # (not the narrow first layers)
+
+
+@pytest.mark.parametrize("layer", GEMM_LAYERS, ids=[layer[0] for layer in GEMM_LAYERS])
+def test_lean_gather_gives_the_same_bits(monkeypatch, layer):
+    """PYCNN_CONV3_LEAN_GATHER=1 on the GPU (NVRTC's code, the real cp.async zero-fill): v3 and v4
+    give bitwise the outputs of the default gather on every model layer at two batch sizes (the
+    second takes the wide tiles) and on the compute-bound layer, also with the 32 x 256 tiles on
+    128 threads (PYCNN_CONV3_M32T128=1)."""
+    _, N, C, H, W, K, R, S, stride, padding = layer
+    rng = np.random.default_rng(12)
+    batches = (N,) if layer is BIG else (N, 8 * N)
+    for batch in batches:
+        x = cp.asarray(rng.standard_normal((batch, C, H, W)).astype(np.float32))
+        w = cp.asarray(rng.standard_normal((K, C, R, S)).astype(np.float32) * 0.3)
+        b = cp.asarray(rng.standard_normal(K).astype(np.float32))
+        Ho, Wo = (H + 2 * padding[0] - R) // stride[0] + 1, (W + 2 * padding[1] - S) // stride[1] + 1
+        dy = cp.asarray(rng.standard_normal((batch, K, Ho, Wo)).astype(np.float32))
+
+        def run():
+            out = []
+            for version in ("3", cuda.CONV_TF32_VERSION):
+                tf32 = version == cuda.CONV_TF32_VERSION
+                out.append(cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version=version, allow_tf32=tf32))
+                out.append(cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version=version,
+                                                     allow_tf32=tf32))
+                out += cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding, version=version, allow_tf32=tf32)
+            return [cp.asnumpy(a).tobytes() for a in out]
+
+        try:
+            for m32t128 in ("0", "1"):
+                monkeypatch.setenv("PYCNN_CONV3_M32T128", m32t128)
+                results = []
+                for lean in ("0", "1"):
+                    monkeypatch.setenv("PYCNN_CONV3_LEAN_GATHER", lean)
+                    cuda.forget_conv_core_modules()
+                    results.append(run())
+                assert results[0] == results[1], f"batch {batch}, M32T128={m32t128}: the lean gather differs"
+        finally:
+            monkeypatch.delenv("PYCNN_CONV3_LEAN_GATHER", raising=False)
+            cuda.forget_conv_core_modules()  # (the default build for the tests after this one)
+
+
 @pytest.mark.parametrize("layer", LAYERS, ids=[layer[0] for layer in LAYERS])
 def test_backward_data_through_the_forward_kernels(monkeypatch, layer):
     """PYCNN_CONV_BWD_DATA_FLIP=1 on the GPU: a stride-1 backward-data of every model layer (v3,

@@ -454,6 +454,50 @@ def test_warp_layouts_give_the_same_bits(emulator, emulator_warp_cols8, shape, t
         np.testing.assert_allclose(g, wnt, rtol=1e-4, atol=fp32_atol(length), err_msg=what)
 
 
+@pytest.mark.parametrize("version, shape, tile, suffixes", [
+    ("3", SHAPES["multi-tile"], "", ("", "", "")),
+    ("3", SHAPES["stride2-pad-odd"], "", ("", "", "")),
+    ("4", SHAPES["two-row-tiles"], "", ("", "", "")),
+    ("3", LARGE_1X1, "t128", ("_t128", "_t128", "_t128")),
+    ("3", SPLIT_SHAPE, "m32", ("_m32", "_m32", "_m32")),
+    ("3", (2, 40, 6, 5, 36, 3, 3, (1, 1), (1, 1)), "wide", ("_n128r8", "_n128r8", "")),
+    ("3", (2, 20, 13, 12, 24, 3, 3, (2, 1), (1, 1)), "wide", ("_m32n256", "_m32n256", "_m32")),
+    ("3", (2, 20, 13, 12, 24, 3, 3, (1, 1), (1, 1)), "m32t128", ("_m32n256t128", "_m32n256t128", "_m32")),
+], ids=["64x64", "64x64-stride2", "v4-64x64", "128x128", "32x128", "64x128", "32x256-stride2", "32x256-128thr"])
+def test_lean_gather_gives_the_same_bits(emulator, emulator_lean, version, shape, tile, suffixes):
+    """PYCNN_CONV3_LEAN_GATHER=1 copies the same elements into the same places as the default
+    gather: rows past a block's reduction range and columns past the GEMM through a sentinel
+    coordinate, strided backward-data through the remainder test, the 32 x 256 tiles' second
+    column from the same row read. Every tile kind (split where a tile's range ends inside a
+    stage, partial tiles, two strides) gives bitwise the same y, dx, dw and db, and the reference's."""
+    from emu_support import patch_backend
+
+    x, w, b, dy = data(shape, seed=37)
+    results = []
+    for build in (emulator, emulator_lean):
+        with pytest.MonkeyPatch.context() as mp:
+            launched = patch_backend(mp, build)
+            mp.setattr(cuda, "_CONV3_SPLIT_MIN_K", 16)  # (splits whose ranges end inside a stage)
+            if tile == "t128":
+                mp.setattr(cuda, "_CONV3_T128_MIN_BLOCKS", 1)
+            elif tile in ("m32", "wide", "m32t128"):
+                mp.setattr(cuda, "_CONV3_M32_MAX_ROWS", 32)
+            if tile in ("wide", "m32t128"):
+                mp.setenv("PYCNN_CONV3_WIDE", "1")
+            if tile == "m32t128":
+                mp.setenv("PYCNN_CONV3_M32T128", "1")
+            results.append(run_all(shape, x, w, b, dy, version, allow_tf32=version == "4"))
+            for direction, suffix in zip(("fwd", "bwd_data", "bwd_weight"), suffixes):
+                assert f"conv2d_{direction}_v{version}{suffix}_f32" in launched, launched
+    for what, default, lean in zip(("y", "dx", "dw", "db"), *results):
+        np.testing.assert_array_equal(lean, default, err_msg=f"v{version} {what}: lean gather vs default")
+    if version == "3":
+        want = reference(shape, x, w, b, dy)
+        for what, g, wnt, length in zip(("y", "dx", "dw", "db"), results[1], want,
+                                         lengths(shape) + (lengths(shape)[2],)):
+            np.testing.assert_allclose(g, wnt, rtol=1e-4, atol=fp32_atol(length), err_msg=what)
+
+
 def _gpu_kernels_on_the_emulator(monkeypatch):
     """benchmarks/gpu_kernels.py with CuPy replaced by NumPy stand-ins (the kernels run on the
     emulator; the graph timing captures and replays nothing). Returns (module, captures)."""
@@ -695,19 +739,23 @@ def test_gpu_kernels_knockouts(emulated, monkeypatch, tmp_path):
     monkeypatch.setitem(cuda._modules, unaffected, "a module built before")
     out = tmp_path / "k.json"
     rc = gpu_kernels.main(["--layers", "all", "--models", "mnistcnn", "--versions", "3", "--knockouts", "1,8",
-                           "--also-stages", "3", "--also-warp-cols", "8", "--batch", "2", "--repeats", "1",
-                           "--json", str(out)])
+                           "--also-stages", "3", "--also-warp-cols", "8", "--also-lean", "--batch", "2",
+                           "--repeats", "1", "--json", str(out)])
     record = json.loads(out.read_text())
     assert rc == 0 and record["kernels_info"]["errors"] == [], record["kernels_info"]["errors"]
-    for name in ("PYCNN_CONV3_KNOCKOUT", "PYCNN_CONV_STAGES", "PYCNN_CONV3_WARP_COLS"):
+    for name in ("PYCNN_CONV3_KNOCKOUT", "PYCNN_CONV_STAGES", "PYCNN_CONV3_WARP_COLS", "PYCNN_CONV3_LEAN_GATHER"):
         assert name not in os.environ, name
     assert stale not in cuda._modules and cuda._modules[unaffected] == "a module built before"
-    got = sorted((e["layer"], e["op"], e.get("knockout", 0), e["stages"], e["warp_cols"]) for e in record["kernels"])
-    assert got == sorted((layer, op, k, stages, cols) for layer in ("tiny", "mnistcnn-c2")
-                         for k, stages, cols in ((0, 2, 16), (1, 2, 16), (8, 2, 16), (0, 3, 16), (0, 2, 8))
+    got = sorted((e["layer"], e["op"], e.get("knockout", 0), e["stages"], e["warp_cols"], e.get("lean_gather", False))
+                 for e in record["kernels"])
+    assert got == sorted((layer, op, k, stages, cols, lean) for layer in ("tiny", "mnistcnn-c2")
+                         for k, stages, cols, lean in ((0, 2, 16, False), (1, 2, 16, False), (8, 2, 16, False),
+                                                       (0, 3, 16, False), (0, 2, 8, False), (0, 2, 16, True))
                          for op in ("conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"))
-    assert all(bool(e.get("rebuilt")) == (e["stages"] == 3 or e["warp_cols"] == 8) for e in record["kernels"])
+    assert all(bool(e.get("rebuilt")) == (e["stages"] == 3 or e["warp_cols"] == 8 or e.get("lean_gather", False))
+               for e in record["kernels"])
     assert "v3-s3" in gpu_kernels.table(record["kernels"]) and "v3-l8" in gpu_kernels.table(record["kernels"])
+    assert "v3-lean" in gpu_kernels.table(record["kernels"])
     assert all(not e["auto"] and e["cudnn_ms"] is None for e in record["kernels"] if e.get("knockout"))
     assert record["kernels_info"]["knockouts"] == [1, 8]
     assert "v3-k8" in gpu_kernels.table(record["kernels"])

@@ -51,6 +51,7 @@ inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); r
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 struct float4 { float x, y, z, w; };
 struct alignas(8) float2 { float x, y; };
+struct int4 { int x, y, z, w; };
 
 // ---- TF32 tensor-core emulation (conv2d_igemm.cu v4). The kernels call these two functions; under
 // nvcc/NVRTC they are the PTX instructions cvt.rna.tf32.f32 and
