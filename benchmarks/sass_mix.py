@@ -13,7 +13,7 @@ body issues per iteration, by kind:
             (ptxas puts three after each LDGSTS of a gather)
     other   everything else: the integer address and predicate arithmetic, moves, branches
 
-and prints one row per kernel: registers (ptxas), the loop's instructions, how many are FMAs and
+and prints one row per kernel: registers (ptxas; kernels that spill are named below the table), the loop's instructions, how many are FMAs and
 their share of the loop's issue slots (an FFMA-bound loop can run the FMAs at most that fraction of
 the SM's peak), and the rest by kind. Loops nested in the hot loop (the "#pragma unroll 1" copy
 loops) are counted apart: their trip count is not in the machine code.
@@ -23,7 +23,8 @@ loops) are counted apart: their trip count is not in the machine code.
     python3 benchmarks/sass_mix.py --file conv2d_igemm.cu --define PYCNN_CONV3_STAGES=3
     python3 benchmarks/sass_mix.py --rev HEAD~3 --json mix.json
 
-Static counts, not timings: what the loop issues, not how long it stalls. They say where a GEMM's
+Static counts, not timings: what the loop issues, not how long it stalls, and a branch inside the
+loop counts as taken (e.g. the v3 table decode, which only warp 0 runs). They say where a GEMM's
 issue slots go (a gather's address arithmetic against its FMAs) and compare two versions of a
 kernel before a GPU run times them. nvcc's code, which matched NVRTC's (the GPU path) for every
 convolution kernel checked (see cubin_diff.py). nvdisasm comes from the CUDA toolkit or the
@@ -193,19 +194,23 @@ def hot_loop(instrs: list[Instr], labels: dict[str, int]) -> LoopMix | None:
 
 _PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)'")
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores")
 
 
-def ptxas_registers(log: str) -> dict[str, int]:
-    """{kernel: registers} from ``ptxas -v`` output."""
-    regs, current = {}, None
+def ptxas_registers(log: str) -> dict[str, tuple[int, int]]:
+    """{kernel: (registers, bytes of spill stores)} from ``ptxas -v`` output."""
+    regs, current, spills = {}, None, 0
     for line in log.splitlines():
         m = _PTXAS_ENTRY.search(line)
         if m:
-            current = m.group(1)
+            current, spills = m.group(1), 0
             continue
+        m = _PTXAS_SPILLS.search(line)
+        if m and current:
+            spills = int(m.group(1))
         m = _PTXAS_REGS.search(line)
         if m and current:
-            regs[current] = int(m.group(1))
+            regs[current] = (int(m.group(1)), spills)
             current = None
     return regs
 
@@ -251,14 +256,16 @@ def analyse(source_dir: Path, files: list[str] | None, defines: list[str], arch:
         for src, log, sass in pool.map(build, sources):
             regs = ptxas_registers(log)
             for kernel, (instrs, labels) in parse_sass(sass).items():
-                result[kernel] = {"file": src.name, "registers": regs.get(kernel), "loop": hot_loop(instrs, labels)}
+                registers, spills = regs.get(kernel, (None, None))
+                result[kernel] = {"file": src.name, "registers": registers, "spill_bytes": spills,
+                                  "loop": hot_loop(instrs, labels)}
     return result
 
 
 def row(kernel: str, info: dict) -> dict:
     """One kernel's figures as a flat dict (the --json entries)."""
     mix = info["loop"]
-    out = {"kernel": kernel, "file": info["file"], "registers": info["registers"]}
+    out = {"kernel": kernel, "file": info["file"], "registers": info["registers"], "spill_bytes": info["spill_bytes"]}
     if mix is not None:
         out.update(loop_instructions=mix.instructions, ffma=mix.ffma, hmma=mix.hmma,
                    fma_share=round(mix.fma_share, 4), lds=mix.kinds["lds"], lds_bytes_per_thread=mix.lds_bytes,
@@ -313,6 +320,9 @@ def main(argv=None) -> int:
         print(f"{r['kernel']:{width}s} {r['registers'] or '?':>4} {r['loop_instructions']:6d} "
               f"{r['ffma'] + r['hmma']:5d} {100 * r['fma_share']:4.1f}% {r['lds']:4d} {r['lds_bytes_per_thread']:5d} "
               f"{r['copies_and_global']:4d} {r['barriers']:3d} {r['dead']:4d} {r['other']:5d}  {nested}")
+    spilled = [r["kernel"] for r in rows if r["spill_bytes"]]
+    if spilled:
+        print("spills registers to local memory (ptxas): " + ", ".join(spilled))
     if args.json:
         Path(args.json).write_text(json.dumps({"arch": args.arch, "revision": args.rev or "working tree",
                                                "defines": args.define, "kernels": rows}, indent=1) + "\n")

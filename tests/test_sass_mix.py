@@ -69,10 +69,13 @@ def test_hot_loop_counts_one_iteration_with_nested_loops_apart():
 def test_ptxas_register_counts():
     log = ("ptxas info    : Compiling entry function 'a_f32' for 'sm_90'\n"
            "ptxas info    : Function properties for a_f32\n"
+           "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
            "ptxas info    : Used 127 registers, used 1 barriers, 27664 bytes smem\n"
            "ptxas info    : Compiling entry function 'b_f32' for 'sm_90'\n"
-           "ptxas info    : Used 32 registers\n")
-    assert sass_mix.ptxas_registers(log) == {"a_f32": 127, "b_f32": 32}
+           "ptxas info    : Function properties for b_f32\n"
+           "    24 bytes stack frame, 24 bytes spill stores, 24 bytes spill loads\n"
+           "ptxas info    : Used 255 registers\n")
+    assert sass_mix.ptxas_registers(log) == {"a_f32": (127, 0), "b_f32": (255, 24)}
 
 
 NVCC, NVDISASM = shutil.which("nvcc"), sass_mix.find_nvdisasm()
@@ -98,7 +101,7 @@ def test_compiled_loop_has_one_ffma_and_one_load(tmp_path, capsys):
     assert set(result) == {"chain", "plain"} and result["plain"]["loop"] is None
     mix = result["chain"]["loop"]
     assert mix.ffma == 1 and mix.kinds["cp"] == 1 and mix.nested == []
-    assert result["chain"]["registers"] and result["chain"]["file"] == "k.cu"
+    assert result["chain"]["registers"] and result["chain"]["spill_bytes"] == 0 and result["chain"]["file"] == "k.cu"
     # the command line on one of the repository's files, a kernel without an arithmetic loop
     assert sass_mix.main(["--file", "pool2d.cu", "--all", "maxpool2d_fwd_f32"]) == 0
     assert "maxpool2d_fwd_f32" in capsys.readouterr().out
