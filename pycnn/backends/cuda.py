@@ -207,29 +207,35 @@ def kernel_source(filename: str) -> str:
     return f"// pycnn CUDA source {filename}\n{defines}{text}"
 
 
+def _compile_choice(name: str, choices: dict) -> int | None:
+    """The integer value of the compile-time setting $``name`` (None when unset or empty); a value
+    not among ``choices`` ({value: what it means}) is an error that lists them."""
+    value = os.environ.get(name, "")
+    if not value:
+        return None
+    if value not in choices:
+        options = [f"{v} ({what})" for v, what in choices.items()]
+        raise ValueError(f"{name} must be {', '.join(options[:-1])} or {options[-1]}, got {value!r}")
+    return int(value)
+
+
 def compile_defines() -> dict:
     """DEFINES with the choices the environment makes at compile time ($PYCNN_CONV_STAGES,
     $PYCNN_CONV3_WARP_COLS, $PYCNN_CONV3_LEAN_GATHER, and for timing experiments only
     $PYCNN_CONV3_KNOCKOUT: see conv2d_igemm.cuh)."""
     defines = dict(DEFINES)
-    stages = os.environ.get("PYCNN_CONV_STAGES", "")
-    if stages:
-        if stages not in ("1", "2", "3"):
-            raise ValueError(f"PYCNN_CONV_STAGES must be 1 (v3/v4 load tiles through registers), 2 "
-                             f"(double-buffered cp.async copies) or 3 (two tiles in flight), got {stages!r}")
-        defines["PYCNN_CONV3_STAGES"] = int(stages)
-    warp_cols = os.environ.get("PYCNN_CONV3_WARP_COLS", "")
-    if warp_cols:
-        if warp_cols not in ("8", "16"):
-            raise ValueError(f"PYCNN_CONV3_WARP_COLS must be 8 (8 x 4 register tiles per warp) or 16 (16 x 2), "
-                             f"got {warp_cols!r}")
-        defines["PYCNN_CONV3_WARP_COLS"] = int(warp_cols)
-    lean = os.environ.get("PYCNN_CONV3_LEAN_GATHER", "")
-    if lean:
-        if lean not in ("0", "1"):
-            raise ValueError(f"PYCNN_CONV3_LEAN_GATHER must be 0 (the B-tile gather as timed) or 1 (fewer "
-                             f"instructions per element, opt-in), got {lean!r}")
-        defines["PYCNN_CONV3_LEAN_GATHER"] = int(lean)
+    stages = _compile_choice("PYCNN_CONV_STAGES", {"1": "v3/v4 load tiles through registers",
+                                                   "2": "double-buffered cp.async copies",
+                                                   "3": "two tiles in flight"})
+    if stages is not None:
+        defines["PYCNN_CONV3_STAGES"] = stages
+    warp_cols = _compile_choice("PYCNN_CONV3_WARP_COLS", {"8": "8 x 4 register tiles per warp", "16": "16 x 2"})
+    if warp_cols is not None:
+        defines["PYCNN_CONV3_WARP_COLS"] = warp_cols
+    lean = _compile_choice("PYCNN_CONV3_LEAN_GATHER", {"0": "the B-tile gather as timed",
+                                                       "1": "fewer instructions per element, opt-in"})
+    if lean is not None:
+        defines["PYCNN_CONV3_LEAN_GATHER"] = lean
     knockout = os.environ.get("PYCNN_CONV3_KNOCKOUT", "")
     if knockout not in ("", "0"):
         if not knockout.isdigit() or not 0 < int(knockout) < 16:

@@ -223,6 +223,17 @@ def test_weight_gradient_is_bitwise_deterministic(version):
     assert cp.asnumpy(first).tobytes() == cp.asnumpy(second).tobytes()
 
 
+def _layer_arrays(layer, batch: int, rng):
+    """Random x, w, b, dy on the GPU for ``layer`` at ``batch`` images."""
+    _, _, C, H, W, K, R, S, stride, padding = layer
+    Ho, Wo = (H + 2 * padding[0] - R) // stride[0] + 1, (W + 2 * padding[1] - S) // stride[1] + 1
+    x = cp.asarray(rng.standard_normal((batch, C, H, W)).astype(np.float32))
+    w = cp.asarray(rng.standard_normal((K, C, R, S)).astype(np.float32) * 0.3)
+    b = cp.asarray(rng.standard_normal(K).astype(np.float32))
+    dy = cp.asarray(rng.standard_normal((batch, K, Ho, Wo)).astype(np.float32))
+    return x, w, b, dy
+
+
 @pytest.mark.parametrize("layer", LAYERS, ids=[layer[0] for layer in LAYERS])
 def test_split_finish_in_kernel_is_bitwise_the_two_pass_sum(monkeypatch, layer):
     """The last-split election of pycnn_conv_split_finish on real hardware, where the splits of
@@ -233,11 +244,7 @@ def test_split_finish_in_kernel_is_bitwise_the_two_pass_sum(monkeypatch, layer):
     monkeypatch.setattr(cuda, "_SPLIT_FINISH_MAX_SPLITS", 1 << 16)  # every split count finishes inside
     rng = np.random.default_rng(8)
     for batch in (N, 8 * N):
-        x = cp.asarray(rng.standard_normal((batch, C, H, W)).astype(np.float32))
-        w = cp.asarray(rng.standard_normal((K, C, R, S)).astype(np.float32) * 0.3)
-        b = cp.asarray(rng.standard_normal(K).astype(np.float32))
-        Ho, Wo = (H + 2 * padding[0] - R) // stride[0] + 1, (W + 2 * padding[1] - S) // stride[1] + 1
-        dy = cp.asarray(rng.standard_normal((batch, K, Ho, Wo)).astype(np.float32))
+        x, w, b, dy = _layer_arrays(layer, batch, rng)
 
         def run():
             y = cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version="3")
@@ -267,11 +274,7 @@ def test_lean_gather_gives_the_same_bits(monkeypatch, layer):
     rng = np.random.default_rng(12)
     batches = (N,) if layer is BIG else (N, 8 * N)
     for batch in batches:
-        x = cp.asarray(rng.standard_normal((batch, C, H, W)).astype(np.float32))
-        w = cp.asarray(rng.standard_normal((K, C, R, S)).astype(np.float32) * 0.3)
-        b = cp.asarray(rng.standard_normal(K).astype(np.float32))
-        Ho, Wo = (H + 2 * padding[0] - R) // stride[0] + 1, (W + 2 * padding[1] - S) // stride[1] + 1
-        dy = cp.asarray(rng.standard_normal((batch, K, Ho, Wo)).astype(np.float32))
+        x, w, b, dy = _layer_arrays(layer, batch, rng)
 
         def run():
             out = []
