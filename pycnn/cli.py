@@ -35,7 +35,7 @@ def _add_train_mnist_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train_mnist(args) -> int:
-    from pycnn.train import _COMPILES_ON_FIRST_USE, first_steps_name, run_mnist
+    from pycnn.train import COMPILES_ON_FIRST_USE, first_steps_name, run_mnist
 
     out = args.out or f"runs/{args.model}"
     result = run_mnist(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -45,7 +45,7 @@ def cmd_train_mnist(args) -> int:
                        progress=not args.no_progress, cuda_graph=args.cuda_graph)
     last = result["history"][-1]
     after = ""
-    if result["versions"].get("backend") in _COMPILES_ON_FIRST_USE and "samples_per_s_after_first_steps" in last:
+    if result["versions"].get("backend") in COMPILES_ON_FIRST_USE and "samples_per_s_after_first_steps" in last:
         after = (f", {last['samples_per_s_after_first_steps']:,.0f} after "
                  f"{first_steps_name(last['first_steps'])}")
     print(f"test accuracy {result['test_acc']:.4f}; training {result['train_s_total']:.2f} s "

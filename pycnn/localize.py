@@ -17,6 +17,7 @@ from pycnn.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from pycnn.data.localization import load_localization
 from pycnn.models import LocalizationNet
 from pycnn.tensor import Tensor, move_array, no_grad
+from pycnn.train import COMPILES_ON_FIRST_USE, first_steps_fields, first_steps_note
 
 TEST_SEED_DEFAULT = 1_000_003  # evaluation canvases use a seed that training never uses
 
@@ -213,6 +214,7 @@ def train_localize(**kwargs) -> dict:
 
             bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="step", dynamic_ncols=True, mininterval=0.5)
         losses = []
+        first = None  # (steps, seconds) of epoch 1's first step, timed apart (kernels compile there)
         start = time.perf_counter()
         for step in range(steps):
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
@@ -235,6 +237,8 @@ def train_localize(**kwargs) -> dict:
             if not math.isfinite(value):
                 raise FloatingPointError(f"localization training diverged: loss {value} at epoch {epoch}, step {step}")
             losses.append(value)
+            if epoch == 1 and step == 0:  # (float(total.data) has waited for the step's kernels)
+                first = (1, time.perf_counter() - start)
             if bar is not None:
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
                 bar.update(1)
@@ -242,8 +246,10 @@ def train_localize(**kwargs) -> dict:
             bar.close()
         epoch_s = time.perf_counter() - start
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "epoch_s": epoch_s,
-                        "samples_per_s": n / epoch_s})
-        log(f"epoch {epoch}: loss {history[-1]['train_loss']:.4f}, {epoch_s:.1f} s ({n / epoch_s:,.0f} canvases/s)")
+                        "samples_per_s": n / epoch_s, **first_steps_fields(n, cfg.batch_size, epoch_s, first)})
+        note = (first_steps_note(history[-1], "kernels compile on first use")
+                if backend_name in COMPILES_ON_FIRST_USE else "")
+        log(f"epoch {epoch}: loss {history[-1]['train_loss']:.4f}, {epoch_s:.1f} s ({n / epoch_s:,.0f} canvases/s{note})")
     train_s = time.perf_counter() - start_all
     eval_start = time.perf_counter()
     scores = score(predict(model, test["images"]), test)

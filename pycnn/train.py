@@ -154,10 +154,10 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 
 # Backends that compile kernels the first time they run them (NVRTC, Numba): in the epoch that
 # contains those first steps, the log line also gives their time and the rate after them.
-_COMPILES_ON_FIRST_USE = ("cuda", "numba")
+COMPILES_ON_FIRST_USE = ("cuda", "numba")
 
 
-def _first_steps_fields(n: int, batch_size: int, epoch_s: float, first) -> dict:
+def first_steps_fields(n: int, batch_size: int, epoch_s: float, first) -> dict:
     """The record fields of an epoch's first steps, timed apart (``first`` = (steps, seconds),
     or None when the epoch had no such steps): on the GPU they include compiling every kernel on
     first use and, with a CUDA graph, the eager warm-up steps and the capture."""
@@ -176,7 +176,7 @@ def first_steps_name(k: int) -> str:
     return "the first step" if k == 1 else f"the first {k} steps"
 
 
-def _first_steps_note(record: dict, what: str) -> str:
+def first_steps_note(record: dict, what: str) -> str:
     """The log line's note on an epoch's first steps ('' when not timed apart)."""
     if "first_steps" not in record:
         return ""
@@ -304,10 +304,10 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
         record = {"epoch": epoch, "train_loss": float(train_losses.mean()), "train_acc": int(correct) / n,
                   "test_loss": test_loss, "test_acc": test_acc, "epoch_s": epoch_s, "eval_s": eval_s,
                   "samples_per_s": n / epoch_s, "lr_end": opt.lr,
-                  **_first_steps_fields(n, cfg.batch_size, epoch_s, first)}
+                  **first_steps_fields(n, cfg.batch_size, epoch_s, first)}
         history.append(record)
-        note = (_first_steps_note(record, "kernels compile on first use")
-                if backend_name in _COMPILES_ON_FIRST_USE else "")
+        note = (first_steps_note(record, "kernels compile on first use")
+                if backend_name in COMPILES_ON_FIRST_USE else "")
         log(f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
             f"test loss {test_loss:.4f} acc {test_acc:.4f} | {epoch_s:.2f} s ({n / epoch_s:,.0f} samples/s{note}), "
             f"eval {eval_s:.2f} s")
@@ -410,8 +410,8 @@ def _graph_epoch(cfg, net, opt, scheduler, sched_unit, graph_step, x_train, y_tr
     record = {"epoch": epoch, "train_loss": loss_sum / steps_per_epoch, "train_acc": correct / n,
               "test_loss": test_loss, "test_acc": test_acc, "epoch_s": epoch_s, "eval_s": eval_s,
               "samples_per_s": n / epoch_s, "lr_end": opt.lr, "cuda_graph": graph_step.captured,
-              **_first_steps_fields(n, cfg.batch_size, epoch_s, first)}
-    note = _first_steps_note(record, "eager warm-up, kernels compiling on first use, the capture")
+              **first_steps_fields(n, cfg.batch_size, epoch_s, first)}
+    note = first_steps_note(record, "eager warm-up, kernels compiling on first use, the capture")
     log(f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
         f"test loss {test_loss:.4f} acc {test_acc:.4f} | {epoch_s:.2f} s ({n / epoch_s:,.0f} samples/s{note}), "
         f"eval {eval_s:.2f} s, CUDA graph {'replayed' if graph_step.captured else 'NOT used: ' + str(graph_step.reason)}")

@@ -71,6 +71,8 @@ def test_tiny_training_run_transfer_and_cli(mnist_path, tmp_path):
     # frozen: the backbone still holds the classifier's weights after training
     np.testing.assert_array_equal(trained.features[0].weight.numpy(), cls_state["features.0.weight"])
     assert set(result["test"]) >= {"presence_f1", "class_accuracy", "mean_iou", "localization_accuracy"}
+    epoch = result["history"][0]  # (the first step timed apart, as in run_mnist)
+    assert epoch["first_steps"] == 1 and 0 < epoch["first_steps_s"] < epoch["epoch_s"]
     ckpt = tmp_path / "loc" / "model.safetensors"
     run = [sys.executable, "-m", "pycnn"]
     ev = subprocess.run(run + ["evaluate", "localize", "--checkpoint", str(ckpt), "--seed", "5", "--n-test", "64",
