@@ -195,11 +195,13 @@ def hot_loop(instrs: list[Instr], labels: dict[str, int]) -> LoopMix | None:
 _PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)'")
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores")
+_PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
 
 
-def ptxas_registers(log: str) -> dict[str, tuple[int, int]]:
-    """{kernel: (registers, bytes of spill stores)} from ``ptxas -v`` output."""
-    regs, current, spills = {}, None, 0
+def ptxas_resources(log: str) -> dict[str, tuple[int, int, int]]:
+    """{kernel: (registers, bytes of spill stores, bytes of static shared memory)} from ``ptxas -v``
+    output."""
+    found, current, spills = {}, None, 0
     for line in log.splitlines():
         m = _PTXAS_ENTRY.search(line)
         if m:
@@ -210,9 +212,28 @@ def ptxas_registers(log: str) -> dict[str, tuple[int, int]]:
             spills = int(m.group(1))
         m = _PTXAS_REGS.search(line)
         if m and current:
-            regs[current] = (int(m.group(1)), spills)
+            smem = _PTXAS_SMEM.search(line)
+            found[current] = (int(m.group(1)), spills, int(smem.group(1)) if smem else 0)
             current = None
-    return regs
+    return found
+
+
+# sm_90 (H100 / H200) per-SM limits, for blocks_per_sm
+SM90 = {"registers": 65536, "warps": 64, "blocks": 32, "shared": 228 * 1024, "shared_reserved": 1024}
+
+
+def blocks_per_sm(registers: int, threads: int, shared: int = 0, limits: dict = SM90) -> int:
+    """How many blocks of ``threads`` threads fit on one SM at ``registers`` per thread and
+    ``shared`` bytes of shared memory per block: registers go to warps in units of 256 (a thread's
+    count rounded up to a multiple of 8), each block also holds 1 KB of shared memory for the
+    system, and the driver picks the shared-memory carve-out that the other limits leave room for
+    (so shared memory limits only what the largest carve-out cannot hold). Nsight Compute's
+    occupancy limits of the MnistCNN step's kernels (record gpu-20261127-f4e21b1f) agree."""
+    warps = -(-threads // 32)
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = limits["registers"] // (per_warp * warps)
+    by_shared = limits["shared"] // (shared + limits["shared_reserved"])
+    return max(0, min(by_registers, limits["warps"] // warps, limits["blocks"], by_shared))
 
 
 def find_nvdisasm() -> str | None:
@@ -230,8 +251,9 @@ def find_nvdisasm() -> str | None:
 
 
 def analyse(source_dir: Path, files: list[str] | None, defines: list[str], arch: str, nvcc: str,
-            nvdisasm: str, work: Path) -> dict[str, dict]:
-    """{kernel: {"file", "registers", "loop": LoopMix or None}} for the .cu files of source_dir."""
+            nvdisasm: str | None, work: Path) -> dict[str, dict]:
+    """{kernel: {"file", "registers", "spill_bytes", "shared_bytes", "loop": LoopMix or None}} for
+    the .cu files of source_dir (nvdisasm None: ptxas's resources only, every "loop" None)."""
     sources = sorted(source_dir.glob("*.cu"))
     if files:
         missing = sorted(set(files) - {s.name for s in sources})
@@ -241,31 +263,41 @@ def analyse(source_dir: Path, files: list[str] | None, defines: list[str], arch:
 
     def build(src: Path) -> tuple[Path, str, str]:
         out = work / f"{src.stem}.cubin"
-        proc = subprocess.run([nvcc, "-std=c++17", f"-arch={arch}", "-cubin", "-Xptxas", "-v",
-                               *[f"-D{d}" for d in defines], "-I", str(source_dir), "-o", str(out), str(src)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"sass_mix: nvcc failed on {src}:\n{proc.stderr[-3000:]}")
+        log = compile_cubin(nvcc, src, source_dir, out, arch, defines)
+        if nvdisasm is None:
+            return src, log, ""
         dis = subprocess.run([nvdisasm, "-c", str(out)], capture_output=True, text=True)
         if dis.returncode != 0:
             raise RuntimeError(f"sass_mix: nvdisasm failed on {out}:\n{dis.stderr[-2000:]}")
-        return src, proc.stderr + proc.stdout, dis.stdout
+        return src, log, dis.stdout
 
     result = {}
     with ThreadPoolExecutor(max_workers=2) as pool:
         for src, log, sass in pool.map(build, sources):
-            regs = ptxas_registers(log)
-            for kernel, (instrs, labels) in parse_sass(sass).items():
-                registers, spills = regs.get(kernel, (None, None))
+            resources = ptxas_resources(log)
+            listing = parse_sass(sass) if sass else dict.fromkeys(resources, ([], {}))
+            for kernel, (instrs, labels) in listing.items():
+                registers, spills, shared = resources.get(kernel, (None, None, None))
                 result[kernel] = {"file": src.name, "registers": registers, "spill_bytes": spills,
-                                  "loop": hot_loop(instrs, labels)}
+                                  "shared_bytes": shared, "loop": hot_loop(instrs, labels)}
     return result
+
+
+def compile_cubin(nvcc: str, src: Path, source_dir: Path, out: Path, arch: str, defines=()) -> str:
+    """nvcc -cubin with ptxas -v: returns ptxas's report (RuntimeError with nvcc's if it fails)."""
+    proc = subprocess.run([nvcc, "-std=c++17", f"-arch={arch}", "-cubin", "-Xptxas", "-v",
+                           *[f"-D{d}" for d in defines], "-I", str(source_dir), "-o", str(out), str(src)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"sass_mix: nvcc failed on {src}:\n{proc.stderr[-3000:]}")
+    return proc.stderr + proc.stdout
 
 
 def row(kernel: str, info: dict) -> dict:
     """One kernel's figures as a flat dict (the --json entries)."""
     mix = info["loop"]
-    out = {"kernel": kernel, "file": info["file"], "registers": info["registers"], "spill_bytes": info["spill_bytes"]}
+    out = {"kernel": kernel, "file": info["file"], "registers": info["registers"], "spill_bytes": info["spill_bytes"],
+           "shared_bytes": info["shared_bytes"]}
     if mix is not None:
         out.update(loop_instructions=mix.instructions, ffma=mix.ffma, hmma=mix.hmma,
                    fma_share=round(mix.fma_share, 4), lds=mix.kinds["lds"], lds_bytes_per_thread=mix.lds_bytes,

@@ -11,6 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import sass_mix  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # A hand-made listing in nvdisasm -c's format: an outer loop (.L_x_1 .. 0x00e0) with a nested
 # copy loop (.L_x_2 .. 0x0080), two FFMAs, an LDS.128 and an LDS, a gather with its dead
 # instructions, and a second kernel without a loop.
@@ -75,7 +77,22 @@ def test_ptxas_register_counts():
            "ptxas info    : Function properties for b_f32\n"
            "    24 bytes stack frame, 24 bytes spill stores, 24 bytes spill loads\n"
            "ptxas info    : Used 255 registers\n")
-    assert sass_mix.ptxas_registers(log) == {"a_f32": (127, 0), "b_f32": (255, 24)}
+    assert sass_mix.ptxas_resources(log) == {"a_f32": (127, 0, 27664), "b_f32": (255, 24, 0)}
+
+
+def test_blocks_per_sm_matches_nsight_computes_limits():
+    """The occupancy arithmetic against Nsight Compute's limits for kernels of the MnistCNN step
+    (record gpu-20261127-f4e21b1f: registers, block size, static shared memory -> blocks per SM)."""
+    for registers, threads, shared, want in ((127, 128, 27664, 4),   # conv2d_fwd_v3_n128r8_f32
+                                             (56, 256, 19472, 4),    # conv2d_fwd_v3_f32
+                                             (79, 256, 39952, 3),    # conv2d_bwd_data_v3_m32n256_f32
+                                             (80, 256, 1280, 3),     # conv2d_bwd_weight_pool_narrow_c1_3x3_f32
+                                             (40, 256, 384, 6),      # conv2d_fwd_pool_narrow_c1_3x3_f32
+                                             (128, 256, 8324, 2),    # linear_gemm_f32
+                                             (32, 256, 0, 8)):       # maxpool2d_fwd_f32
+        assert sass_mix.blocks_per_sm(registers, threads, shared) == want, (registers, threads, shared)
+    assert sass_mix.blocks_per_sm(32, 256, 200 * 1024) == 1  # shared memory limits past the carve-out
+    assert sass_mix.blocks_per_sm(32, 32) == 32  # at most 32 blocks
 
 
 NVCC, NVDISASM = shutil.which("nvcc"), sass_mix.find_nvdisasm()
@@ -102,8 +119,38 @@ def test_compiled_loop_has_one_ffma_and_one_load(tmp_path, capsys):
     mix = result["chain"]["loop"]
     assert mix.ffma == 1 and mix.kinds["cp"] == 1 and mix.nested == []
     assert result["chain"]["registers"] and result["chain"]["spill_bytes"] == 0 and result["chain"]["file"] == "k.cu"
+    assert result["chain"]["shared_bytes"] == 0
     # the command line on one of the repository's files, a kernel without an arithmetic loop
     assert sass_mix.main(["--file", "pool2d.cu", "--all", "maxpool2d_fwd_f32"]) == 0
     assert "maxpool2d_fwd_f32" in capsys.readouterr().out
     assert sass_mix.main(["--file", "nothere.cu"]) == 2
     assert "no nothere.cu in" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc")
+@pytest.mark.parametrize("lean", ["0", "1"])
+def test_gemm_tiles_fit_the_blocks_per_sm_the_split_rule_counts(tmp_path, lean):
+    """The split-K rule (cuda._conv3_splits) counts rounds of _CONV3_SPLIT_TARGET_BLOCKS = 4 blocks
+    per SM of a 132-SM GPU for the 64x64 and 32x128 tiles and _CONV3_T128_SLOTS = 2 per SM for the
+    128x128 ones. ptxas's registers and shared memory for sm_90 must give exactly that, for v3 and v4,
+    in the default build and with the lean gather: a kernel change that cost one more register
+    past 64 (or 128) would silently make every split plan's rounds wrong."""
+    from pycnn.backends import cuda
+
+    result = sass_mix.analyse(ROOT / "csrc" / "cuda", ["conv2d_igemm.cu"], [f"PYCNN_CONV3_LEAN_GATHER={lean}"],
+                              "sm_90", NVCC, None, tmp_path)
+    slots = {"": cuda._CONV3_SPLIT_TARGET_BLOCKS, "_m32": cuda._CONV3_SPLIT_TARGET_BLOCKS,
+             "_t128": cuda._CONV3_T128_SLOTS}
+    checked = 0
+    for direction in ("fwd", "bwd_data", "bwd_weight"):
+        for version in ("3", "4"):
+            for suffix, want in slots.items():
+                kernel = f"conv2d_{direction}_v{version}{suffix}_f32"
+                if kernel not in result:
+                    assert version == "4" and suffix == "_m32", kernel  # (v4 has no 32-row tile)
+                    continue
+                info = result[kernel]
+                per_sm = sass_mix.blocks_per_sm(info["registers"], cuda._conv3_threads(suffix), info["shared_bytes"])
+                assert per_sm * 132 == want and info["spill_bytes"] == 0, (kernel, info, per_sm)
+                checked += 1
+    assert checked == 15
