@@ -27,7 +27,7 @@
 # PART=2 SKIP_LADDER=1 SKIP_TRAINING_BENCH=1 NCU=1 for Nsight Compute alone.
 # Usage: PYCNN_COMMIT=<sha> PYCNN_DATA=<mnist dir> OUT=<dir> [PART=1|2] [DEADLINE_S=560] \
 #        [SELFTEST_ARGS=--tests-only] [SKIP_STAGES1=1] [SKIP_MNISTCNN=1] [SKIP_TRAINING_BENCH=1] [NCU=1 [NCU_MEM=1]] [WIDE=1]
-#        [KNOCKOUT=1] [LAYOUT=1] [THREADS=1] [SKIP_LADDER=1]
+#        [KNOCKOUT=1] [LAYOUT=1] [THREADS=1] [LEAN=1] [SKIP_LADDER=1]
 #        [LOCALIZE_EPOCHS=N] bash benchmarks/gpu_session.sh
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
