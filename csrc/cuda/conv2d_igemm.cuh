@@ -78,7 +78,8 @@ static_assert(PYCNN_CONV3_BK == 16 && PYCNN_CONV3_THREADS == 256,
 // on a 32-row tile. With 1: a row past the block's range and a column past the GEMM carry a
 // sentinel coordinate (PYCNN_CONV_OUTSIDE) that fails the bounds test the element makes anyway, so
 // neither needs its own test; the backward-data table keeps the B fields in slots 4..7 (one 16-byte
-// read); and the offset, never negative where the element is data, widens to 64 bits without a sign.
+// read); a thread reads four rows' fields before it issues their copies (see pycnn_conv_load_tile);
+// and the offset, never negative where the element is data, widens to 64 bits without a sign.
 // The same elements are copied into the same places: the results are the same bits.
 #ifndef PYCNN_CONV3_LEAN_GATHER
 #define PYCNN_CONV3_LEAN_GATHER 0

@@ -86,6 +86,17 @@ def emulator_lean():
         return build_emulator()
 
 
+@pytest.fixture(scope="session")
+def emulator_lean_one_stage():
+    """The same, compiled with PYCNN_CONV3_LEAN_GATHER=1 and PYCNN_CONV_STAGES=1."""
+    from emu_support import build_emulator
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYCNN_CONV3_LEAN_GATHER", "1")
+        mp.setenv("PYCNN_CONV_STAGES", "1")
+        return build_emulator()
+
+
 @pytest.fixture
 def emulated(monkeypatch, emulator):
     """Point the CUDA backend at NumPy arrays and the emulator; returns the launched kernel names."""

@@ -464,17 +464,21 @@ def test_warp_layouts_give_the_same_bits(emulator, emulator_warp_cols8, shape, t
     ("3", (2, 20, 13, 12, 24, 3, 3, (2, 1), (1, 1)), "wide", ("_m32n256", "_m32n256", "_m32")),
     ("3", (2, 20, 13, 12, 24, 3, 3, (1, 1), (1, 1)), "m32t128", ("_m32n256t128", "_m32n256t128", "_m32")),
 ], ids=["64x64-stride2", "v4-64x64", "128x128", "32x256-stride2", "32x256-128thr"])
-def test_lean_gather_gives_the_same_bits(emulator, emulator_lean, version, shape, tile, suffixes):
+@pytest.mark.parametrize("stages", ["2", "1"])
+def test_lean_gather_gives_the_same_bits(request, stages, version, shape, tile, suffixes):
     """PYCNN_CONV3_LEAN_GATHER=1 copies the same elements into the same places as the default
     gather: rows past a block's reduction range and columns past the GEMM through a sentinel
     coordinate, strided backward-data through the remainder test, the 32 x 256 tiles' second
     column from the same row read. Every tile kind (split where a tile's range ends inside a
-    stage, partial tiles, two strides) gives bitwise the same y, dx, dw and db, and the reference's."""
+    stage, partial tiles, two strides) gives bitwise the same y, dx, dw and db, and the reference's,
+    in the cp.async loop and in the single-stage loop (PYCNN_CONV_STAGES=1)."""
     from emu_support import patch_backend
 
+    builds = (("emulator", "emulator_lean") if stages == "2" else
+              ("emulator_one_stage", "emulator_lean_one_stage"))  # (the loop loading through registers)
     x, w, b, dy = data(shape, seed=37)
     results = []
-    for build in (emulator, emulator_lean):
+    for build in map(request.getfixturevalue, builds):
         with pytest.MonkeyPatch.context() as mp:
             launched = patch_backend(mp, build)
             mp.setattr(cuda, "_CONV3_SPLIT_MIN_K", 16)  # (splits whose ranges end inside a stage)
