@@ -38,63 +38,51 @@ def _gpu_or_skip(request):
     pytest.skip(f"needs a CUDA device: {reason}")
 
 
+def _emulator_built_with(**settings):
+    """The csrc/cuda kernels built for the CPU emulator with these compile-time settings in the
+    environment (emu_support.build_emulator caches each build by its sources)."""
+    from emu_support import build_emulator
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in settings.items():
+            mp.setenv(name, value)
+        return build_emulator()
+
+
 @pytest.fixture(scope="session")
 def emulator():
     """The csrc/cuda kernels built for the CPU emulator (see emu_support.py), once per session."""
-    from emu_support import build_emulator
-
-    return build_emulator()
+    return _emulator_built_with()
 
 
 @pytest.fixture(scope="session")
 def emulator_one_stage():
     """The same, compiled with PYCNN_CONV_STAGES=1 (v3/v4 load their tiles through registers)."""
-    from emu_support import build_emulator
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYCNN_CONV_STAGES", "1")
-        return build_emulator()
+    return _emulator_built_with(PYCNN_CONV_STAGES="1")
 
 
 @pytest.fixture(scope="session")
 def emulator_three_stage():
     """The same, compiled with PYCNN_CONV_STAGES=3 (two tiles in flight where three fit)."""
-    from emu_support import build_emulator
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYCNN_CONV_STAGES", "3")
-        return build_emulator()
+    return _emulator_built_with(PYCNN_CONV_STAGES="3")
 
 
 @pytest.fixture(scope="session")
 def emulator_warp_cols8():
     """The same, compiled with PYCNN_CONV3_WARP_COLS=8 (v3's warps cover 8 x 4 register tiles)."""
-    from emu_support import build_emulator
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYCNN_CONV3_WARP_COLS", "8")
-        return build_emulator()
+    return _emulator_built_with(PYCNN_CONV3_WARP_COLS="8")
 
 
 @pytest.fixture(scope="session")
 def emulator_lean():
     """The same, compiled with PYCNN_CONV3_LEAN_GATHER=1 (v3/v4's B-tile gather with fewer instructions)."""
-    from emu_support import build_emulator
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYCNN_CONV3_LEAN_GATHER", "1")
-        return build_emulator()
+    return _emulator_built_with(PYCNN_CONV3_LEAN_GATHER="1")
 
 
 @pytest.fixture(scope="session")
 def emulator_lean_one_stage():
     """The same, compiled with PYCNN_CONV3_LEAN_GATHER=1 and PYCNN_CONV_STAGES=1."""
-    from emu_support import build_emulator
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYCNN_CONV3_LEAN_GATHER", "1")
-        mp.setenv("PYCNN_CONV_STAGES", "1")
-        return build_emulator()
+    return _emulator_built_with(PYCNN_CONV3_LEAN_GATHER="1", PYCNN_CONV_STAGES="1")
 
 
 @pytest.fixture
