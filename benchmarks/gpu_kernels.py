@@ -31,6 +31,9 @@ fp32 (TF32 off) and in TF32, all measured in the same run.
     python benchmarks/gpu_kernels.py --layers models --versions 3,3m --batch 512 --json FILE
         (v3 and, as "m32t128": true entries, v3 with its 32x256 tiles run by 128 threads with 4x16
         register tiles instead of 256 with 2x16, PYCNN_CONV3_M32T128=1, where a GEMM has them)
+    python benchmarks/gpu_kernels.py --layers all --versions 4,4n --json FILE
+        (v4 and, as "nhwc": true entries, v4's channels-last kernel, PYCNN_CONV4_NHWC=1, on the
+        forward and stride-1 backward-data GEMMs whose reduction channels are a multiple of 16)
     python benchmarks/gpu_kernels.py --layers models --versions 3,3fill --batch 512 --json FILE
         (v3 and, as "split_rule": "fill" entries where it splits differently, v3 with the split-K
         rule before the "waves" one: cuda._CONV3_SPLIT_RULE)
@@ -91,6 +94,8 @@ FILL = "3fill"
 T256 = "3t"
 # "3m": v3 with PYCNN_CONV3_M32T128=1 (the 32x256 tiles by 128 threads, 4x16 register tiles).
 M32T128 = "3m"
+# "4n": v4 with PYCNN_CONV4_NHWC=1 (the channels-last kernel, conv2d_nhwc.cu) where it applies.
+NHWC = "4n"
 # "3@T": v3 with cuda._CONV3_SPLIT_TARGET_BLOCKS = T (how many blocks split-K GEMMs aim at).
 
 
@@ -103,6 +108,7 @@ class Tag(NamedTuple):
     split_rule: str | None = None
     threads256: bool = False
     m32t128: bool = False
+    nhwc: bool = False
 
 
 def parse_tag(tag: str) -> Tag:
@@ -119,6 +125,8 @@ def parse_tag(tag: str) -> Tag:
         return Tag("3", threads256=True)
     if tag == M32T128:
         return Tag("3", m32t128=True)
+    if tag == NHWC:
+        return Tag("4", nhwc=True)
     return Tag(tag)
 SLOW_MS = 5.0
 
@@ -265,9 +273,12 @@ def _geometry(shape) -> tuple:
 
 
 def tile_of(direction: str, shape, version: str) -> str:
-    """The v3/v4 block tile the backend uses for this layer and direction ("64x64", "32x128", ...)."""
+    """The v3/v4 block tile the backend uses for this layer and direction ("64x64", "32x128", ...;
+    "nhwc 128x128" for v4's channels-last kernel)."""
     N, C, H, W, K, R, S, stride, pad = shape
     Ho, Wo = (H + 2 * pad - R) // stride + 1, (W + 2 * pad - S) // stride + 1
+    if version == cuda.CONV_TF32_VERSION and cuda._conv4_nhwc(direction, _geometry(shape)):
+        return f"nhwc {cuda._CONV4_NHWC_TILE}x{cuda._CONV4_NHWC_TILE}"
     rows, cols = {"forward": (K, N * Ho * Wo), "backward_data": (C, N * H * W),
                   "backward_weight": (K, C * R * S)}[direction]
     if direction == "backward_weight" and C * R * S <= cuda._CONV_NARROW_TAPS:
@@ -282,6 +293,8 @@ def splits_of(direction: str, shape, version: str) -> int | None:
     """Split-K parts of a v3/v4 GEMM (None for other versions and the narrow kernels)."""
     if version not in ("3", "4") or tile_of(direction, shape, version) == "narrow":
         return None
+    if tile_of(direction, shape, version).startswith("nhwc"):
+        return 1  # (no split-K)
     N, C, H, W, K, R, S, stride, pad = shape
     Ho, Wo = (H + 2 * pad - R) // stride + 1, (W + 2 * pad - S) // stride + 1
     if direction == "backward_weight":
@@ -300,7 +313,8 @@ def tflops(flop: float, ms) -> float | None:
 def variant(tag: Tag):
     """The tag's variant inside: wide tiles (PYCNN_CONV3_WIDE), the flipped backward-data
     (PYCNN_CONV_BWD_DATA_FLIP), a split-K target (cuda._CONV3_SPLIT_TARGET_BLOCKS) and rule
-    (cuda._CONV3_SPLIT_RULE). (Assigning a backend constant empties its launch plans.)"""
+    (cuda._CONV3_SPLIT_RULE), v4's channels-last kernel (PYCNN_CONV4_NHWC). (Assigning a backend
+    constant empties its launch plans.)"""
     old = cuda._CONV3_SPLIT_TARGET_BLOCKS, cuda._CONV3_SPLIT_RULE
     if tag.split_target is not None:
         cuda._CONV3_SPLIT_TARGET_BLOCKS = tag.split_target
@@ -309,7 +323,7 @@ def variant(tag: Tag):
     try:
         with env_switch("PYCNN_CONV3_WIDE", tag.wide), env_switch("PYCNN_CONV_BWD_DATA_FLIP", tag.flip), \
                 env_value("PYCNN_CONV3_R8", "0" if tag.threads256 else None), \
-                env_switch("PYCNN_CONV3_M32T128", tag.m32t128):
+                env_switch("PYCNN_CONV3_M32T128", tag.m32t128), env_switch("PYCNN_CONV4_NHWC", tag.nhwc):
             yield
     finally:
         if tag.split_target is not None:
@@ -410,7 +424,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
             fp32_ms, tf32_ms, fp32_gpu, tf32_gpu = cudnn.get(op, (None, None, None, None))
             for tag in versions:
                 parsed = parse_tag(tag)
-                version, wide, target, flip, rule, threads256, m32t128 = parsed
+                version, wide, target, flip, rule, threads256, m32t128, nhwc = parsed
                 if flip and direction != "backward_data":
                     continue
 
@@ -431,8 +445,8 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                     with variant(Tag(version)):
                         default_tile = tile_of(direction, shape, version) if version in ("3", "4") else None
                         default_splits = splits_of(direction, shape, version)
-                    if (wide or threads256 or m32t128) and tile == default_tile:
-                        continue  # no wide (64x128, 32x256) tile for this GEMM: the same kernel as v3
+                    if (wide or threads256 or m32t128 or nhwc) and tile == default_tile:
+                        continue  # no such tile (wide 64x128 / 32x256, channels last) here: the default kernel
                     if (target is not None or rule is not None) and splits == default_splits:
                         continue  # the same split as v3's default: the same launches
                     if flip and (not flipped or tile == "narrow"):
@@ -462,6 +476,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                     **({"flip": True} if flip else {}), **({"split_rule": rule} if rule else {}),
                     **({"split_target": target} if target is not None else {}),
                     **({"threads": 256} if threads256 else {}), **({"m32t128": True} if m32t128 else {}),
+                    **({"nhwc": True} if nhwc else {}),
                     "stages": stages if version in ("3", "4", "5") else None,  # (v5's GEMMs: the v3 core)
                     "warp_cols": warp_cols if version in ("3", "5") else None})
     # Was the shape rule right? The fastest measured exact version per layer and direction.
@@ -469,7 +484,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
     for e in entries:
         if (e["version"] in [f"v{v}" for v in cuda.CONV_VERSIONS]
                 and not any(e.get(k) for k in ("wide", "flip", "split_target", "split_rule", "wide_splits",
-                                                "r8", "threads", "m32t128"))):  # auto's choices
+                                                "r8", "threads", "m32t128", "nhwc"))):  # auto's choices
             slot = fastest.setdefault(e["layer"], {})
             best = slot.get(e["op"])
             if best is None or e["ms"] < best[1]:
@@ -493,6 +508,7 @@ def table(entries) -> str:
                    + (e["split_rule"] if e.get("split_rule") else "")
                    + ("o" if e.get("wide_splits") else "") + ("r" if e.get("r8") else "")
                    + ("t" if e.get("threads") == 256 else "") + ("m" if e.get("m32t128") else "")
+                   + ("n" if e.get("nhwc") else "")
                    + (f"-k{e['knockout']}" if e.get("knockout") else "")
                    + (f"-s{e['stages']}" if str(e.get("rebuilt", "")).startswith("PYCNN_CONV_STAGES") else "")
                    + (f"-l{e['warp_cols']}" if str(e.get("rebuilt", "")).startswith("PYCNN_CONV3_WARP_COLS") else "")
@@ -514,6 +530,7 @@ def table(entries) -> str:
                  "v3fill = the split-K rule before 'waves'; "
                  "v3t = 64x128 tiles by 256 threads (PYCNN_CONV3_R8=0); "
                  "v3m = 32x256 tiles by 128 threads (PYCNN_CONV3_M32T128=1); "
+                 "v4n = v4's channels-last kernel (PYCNN_CONV4_NHWC=1); "
                  "v3@T = split-K aimed at T "
                  "blocks; x cuDNN > 1 means faster "
                  "than cuDNN; ms: one call with the host's work, GPU us: in a CUDA graph)")
@@ -552,14 +569,15 @@ def main(argv=None) -> int:
                         help="also time the non-conv kernel families (the selftest's benchmark)")
     args = parser.parse_args(argv)
     versions = tuple(v.strip() for v in args.versions.split(",") if v.strip())
-    unknown = [v for v in versions if v not in VERSIONS + (WIDE, FLIP, FILL, T256, M32T128) and not v.startswith("3@")]
+    unknown = [v for v in versions if v not in VERSIONS + (WIDE, FLIP, FILL, T256, M32T128, NHWC)
+               and not v.startswith("3@")]
     try:
         [parse_tag(v) for v in versions]
     except ValueError as exc:
         unknown.append(str(exc))
     if unknown or not versions:
         parser.error(f"--versions: expected a comma-separated subset of {','.join(VERSIONS)}, "
-                     f"3w, 3f, 3fill, 3t, 3m or 3@<blocks>, "
+                     f"3w, 3f, 3fill, 3t, 3m, 4n or 3@<blocks>, "
                      f"got {args.versions!r}")
     try:
         knockouts = [int(k) for k in args.knockouts.split(",") if k.strip()]

@@ -27,7 +27,7 @@
 # PART=2 SKIP_LADDER=1 SKIP_TRAINING_BENCH=1 NCU=1 for Nsight Compute alone.
 # Usage: PYCNN_COMMIT=<sha> PYCNN_DATA=<mnist dir> OUT=<dir> [PART=1|2] [DEADLINE_S=560] \
 #        [SELFTEST_ARGS=--tests-only] [SKIP_STAGES1=1] [SKIP_MNISTCNN=1] [SKIP_TRAINING_BENCH=1] [NCU=1 [NCU_MEM=1]] [WIDE=1]
-#        [KNOCKOUT=1] [LAYOUT=1] [THREADS=1] [LEAN=1] [SKIP_LADDER=1]
+#        [KNOCKOUT=1] [LAYOUT=1] [THREADS=1] [LEAN=1] [NHWC=1] [SKIP_LADDER=1]
 #        [LOCALIZE_EPOCHS=N] bash benchmarks/gpu_session.sh
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -119,6 +119,13 @@ fi
 [ -n "${LEAN:-}" ] && step "v3 default vs lean gather, compute-bound + model layers at batch 512" 100 \
   python3 benchmarks/gpu_kernels.py --layers all --versions 3 --also-lean --batch 512 --repeats 10 --budget 40 \
   --json "$OUT/gpu-$stamp-$sha8-kernels-lean-b512.json" 2>&1 | tail -40
+# NHWC=1: v4 as it is and through its channels-last kernel (v4n, PYCNN_CONV4_NHWC=1: the input
+# transposed to NHWC, 16-byte copies, ldmatrix fragments) on the compute-bound layer and every
+# model layer at batch 64 (forward and stride-1 backward-data where the reduction channels are a
+# multiple of 16; the others are timed once). One more NVRTC compile (conv2d_nhwc.cu).
+[ -n "${NHWC:-}" ] && step "v4 vs v4 channels last, compute-bound + model layers" 90 \
+  python3 benchmarks/gpu_kernels.py --layers all --versions 4,4n --repeats 10 --budget 40 \
+  --json "$OUT/gpu-$stamp-$sha8-kernels-nhwc.json" 2>&1 | tail -40
 # The v3/v4/v5 GEMM main loop without cp.async double buffering, on the compute-bound layer: is
 # the default (PYCNN_CONV3_STAGES=2) the faster one there?
 [ -z "${SKIP_STAGES1:-}" ] && step "v3/v4/v5 with PYCNN_CONV_STAGES=1 (compute-bound layer)" 60 env PYCNN_CONV_STAGES=1 \

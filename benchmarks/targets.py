@@ -82,7 +82,7 @@ def is_variant(entry: dict) -> bool:
     backward-data, v3@T split target, v3-kM knockout), not the version as the backend runs it."""
     return bool(entry.get("wide") or entry.get("flip") or entry.get("split_target") or entry.get("knockout")
                 or entry.get("split_rule") or entry.get("wide_splits") or entry.get("r8") or entry.get("threads")
-                or entry.get("m32t128")
+                or entry.get("m32t128") or entry.get("nhwc")
                 or entry.get("rebuilt"))
 
 
@@ -130,6 +130,10 @@ def compute_bound_lines(record: dict) -> list[str]:
                          f"(target >= 0.50)")
         elif not v4:
             lines.append(f"missed  compute-bound {op:18} v4 TF32: not in record")
+        nhwc = [k for k in record.get("kernels", []) if k["shape"] == BIG and k["op"] == op and k.get("nhwc")]
+        if nhwc and nhwc[0].get("cudnn_tf32_gpu_ms"):
+            lines.append(f"        compute-bound {op:18} v4 channels last (opt-in, PYCNN_CONV4_NHWC=1): "
+                         f"{nhwc[0]['cudnn_tf32_gpu_ms'] / nhwc[0]['gpu_ms']:.2f}x cuDNN TF32")
     return lines
 
 

@@ -346,6 +346,15 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
         cuda.conv2d_backward_data(dyb, wb, xb.shape, (1, 1), (0, 0), version=version, allow_tf32=True)
         cuda.conv2d_backward_weight(dyb, xb, wb.shape, (1, 1), (0, 0), version=version, allow_tf32=True)
     assert {f"conv2d_{d}_v{v}_t128_f32" for d in ("fwd", "bwd_data", "bwd_weight") for v in "34"} <= set(launches)
+    with monkeypatch.context() as m:  # v4 channels last: 128 channels both ways, stride 1
+        m.setenv("PYCNN_CONV4_NHWC", "1")
+        cuda.conv2d_forward(xb, wb, _f(128), (1, 1), (0, 0), version="4", allow_tf32=True)
+        assert launches[-3:] == ["conv2d_nchw_to_nhwc_f32", "conv2d_nhwc_filters_f32", "conv2d_fwd_v4nhwc_f32"]
+        cuda.conv2d_backward_data(dyb, wb, xb.shape, (1, 1), (0, 0), version="4", allow_tf32=True)
+        assert launches[-1] == "conv2d_fwd_v4nhwc_f32"
+        m.setenv("PYCNN_CONV4_NHWC", "on")
+        with pytest.raises(ValueError, match="PYCNN_CONV4_NHWC must be '0' or '1'"):
+            cuda.conv2d_forward(xb, wb, None, (1, 1), (0, 0), version="4", allow_tf32=True)
     with monkeypatch.context() as m:  # stride-1 backward-data as the forward GEMM of flipped filters
         m.setenv("PYCNN_CONV_BWD_DATA_FLIP", "1")
         n = len(launches)

@@ -47,6 +47,7 @@ def test_met_and_missing_figures(tmp_path):
                    wide=True),  # an A/B entry: not what "auto" runs
             _entry("conv2d_fwd", big, "v3", 1.0, 0.8, 1.0, 0.8, cudnn_tf32_gpu_ms=0.3),
             _entry("conv2d_fwd", big, "v4", 0.5, 0.8, 0.5, 0.8, cudnn_tf32_gpu_ms=0.3),
+            _entry("conv2d_fwd", big, "v4", 0.4, 0.8, 0.4, 0.8, cudnn_tf32_gpu_ms=0.3, nhwc=True),  # listed apart
         ],
     }
     text = targets.report(record, "r.json")
@@ -56,6 +57,7 @@ def test_met_and_missing_figures(tmp_path):
     assert "MET     model layers x directions no slower than cuDNN fp32 ('auto'): 1/1 in GPU time, 1/1 per call" in text
     assert "MET     compute-bound conv2d_fwd         exact fp32 (v3): 0.80x" in text
     assert "MET     compute-bound conv2d_fwd         v4 TF32: 0.60x" in text
+    assert "        compute-bound conv2d_fwd         v4 channels last (opt-in, PYCNN_CONV4_NHWC=1): 0.75x" in text
     assert "missed  compute-bound conv2d_bwd_data    v4 TF32: not in record" in text
     path = tmp_path / "gpu-x.json"
     path.write_text(json.dumps(record))

@@ -170,6 +170,35 @@ __device__ __forceinline__ void pycnn_cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
 #endif
 }
+
+// Asynchronous 16-byte copy global -> shared (cp.async.cg: four floats, bypassing L1, which the
+// channels-last tiles of conv2d_nhwc.cu do not reuse); dst and src 16-byte aligned. valid ==
+// false writes four zeros without reading src (src must still be a valid address).
+__device__ __forceinline__ void pycnn_cp_async_f32x4(float* dst, const float* src, bool valid) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+#else
+    for (int i = 0; i < 4; ++i) dst[i] = valid ? src[i] : 0.0f;
+#endif
+}
+
+// ldmatrix.sync.aligned.m8n8.x4 on 32-bit elements (one warp, sm_75+): four 8 x 4 float matrices
+// from shared memory, a row of 16 bytes each. Lane l gives the address of row l%8 of matrix l/8 and
+// receives, in r[i], element l%4 of row l/4 of matrix i: exactly an m16n8k8 TF32 fragment when
+// the matrices are the fragment's four 8 x 4 quarters of a tile stored along k (see conv2d_nhwc.cu).
+__device__ __forceinline__ void pycnn_ldmatrix_x4(unsigned r[4], const float* row) {
+#if __CUDA_ARCH__ >= 750
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#else
+    (void)r; (void)row;
+    __trap();  // the host runs the channels-last v4 only on sm_80 or newer
+#endif
+}
 #endif
 
 struct PycnnConvGemm {

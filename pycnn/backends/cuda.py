@@ -78,13 +78,14 @@ DEFINES = {
 # The kernel files, one RawModule each (compiled on the first launch of one of its kernels). The
 # convolution ladder spans several (conv2d.cu has the map); the others are one op family each.
 SOURCES = ("conv2d.cu", "conv2d_igemm.cu", "conv2d_igemm_alt.cu", "conv2d_narrow.cu", "conv2d_winograd.cu",
-           "pool2d.cu", "activation.cu", "loss.cu", "optim.cu", "linear.cu")
+           "conv2d_nhwc.cu", "pool2d.cu", "activation.cu", "loss.cu", "optim.cu", "linear.cu")
 # Headers the sources #include "..."; kernel_source pastes each in (NVRTC gets one self-contained text).
 HEADERS = ("common.cuh", "conv2d_igemm.cuh")
 # The sources that include the convolutions' GEMM core, conv2d_igemm.cuh: its compile-time settings
 # (PYCNN_CONV3_STAGES, PYCNN_CONV3_WARP_COLS, PYCNN_CONV3_LEAN_GATHER, PYCNN_CONV3_KNOCKOUT) change what
 # they compile to.
-CONV_CORE_SOURCES = ("conv2d_igemm.cu", "conv2d_igemm_alt.cu", "conv2d_narrow.cu", "conv2d_winograd.cu")
+CONV_CORE_SOURCES = ("conv2d_igemm.cu", "conv2d_igemm_alt.cu", "conv2d_narrow.cu", "conv2d_winograd.cu",
+                     "conv2d_nhwc.cu")
 _INCLUDE = re.compile(r'^#include "([\w.]+)"[ \t]*$', re.MULTILINE)
 COMPILE_OPTIONS = ("-std=c++17",)
 # The exact-fp32 conv2d kernel versions (each direction): 1 direct, 2 shared-memory tiled,
@@ -488,7 +489,7 @@ def _env(name: str) -> str:
 # The environment variables a conv plan depends on (part of its key).
 _CONV_SETTINGS = ("PYCNN_CONV_VERSION", "PYCNN_ALLOW_TF32", "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_AUTOTUNE",
                   "PYCNN_CONV3_WIDE", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_CONV_POOL_FUSE",
-                  "PYCNN_CONV3_R8", "PYCNN_CONV3_M32T128")
+                  "PYCNN_CONV3_R8", "PYCNN_CONV3_M32T128", "PYCNN_CONV4_NHWC")
 _CONV_SETTING_KEYS = tuple(os.fsencode(name) for name in _CONV_SETTINGS)
 
 
@@ -1012,6 +1013,50 @@ def _conv3_m32t128_setting() -> str:
     return _switch_setting("PYCNN_CONV3_M32T128")
 
 
+# v4 channels last (conv2d_nhwc.cu): the input transposed to NHWC and the filters reordered so that
+# a 16-deep stage is 16 channels of one tap (four 16-byte copies per pixel under one bounds test),
+# tiles stored along the reduction for ldmatrix, each element rounded to TF32 once. Static count
+# (benchmarks/sass_mix.py): 172 instructions per stage for 32 mma, against 442 plus 17 per gathered
+# element in conv2d_fwd_v4_t128_f32. $PYCNN_CONV4_NHWC=1 runs it wherever v4 runs a forward or a
+# stride-1 backward-data GEMM whose reduction channels (C, or K for backward-data) are a multiple
+# of 16; opt-in until a GPU has timed it (gpu_kernels.py --versions 4,4n).
+_CONV4_NHWC_TILE = 128
+_CONV4_NHWC_CHANNELS = 16
+
+
+def _conv4_nhwc(direction: str, geom: tuple) -> bool:
+    """Whether a v4 forward or backward-data call with this geometry runs the channels-last kernel."""
+    if _switch_setting("PYCNN_CONV4_NHWC") != "1" or direction == "backward_weight":
+        return False
+    N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
+    if direction == "backward_data":  # (as the forward convolution of dy with the flipped filters)
+        if (sh, sw) != (1, 1) or ph >= R or pw >= S:
+            return False
+        channels, rows, inp, out = K, C, N * K * Ho * Wo, N * C * H * W
+    else:
+        channels, rows, inp, out = C, K, N * C * H * W, N * K * Ho * Wo
+    return (channels % _CONV4_NHWC_CHANNELS == 0 and max(inp, out) < 2**31 and N <= _MAX_GRID_YZ
+            and -(-rows // _CONV4_NHWC_TILE) <= _MAX_GRID_YZ)
+
+
+def _conv4_nhwc_plan(inp: str, w: str, bias: str, out: str, geom: tuple, has_bias: bool, relu: bool,
+                     flip: bool) -> _Plan:
+    """The channels-last v4 convolution of ``inp`` (NCHW) with the filters ``w`` into ``out``
+    (NCHW), ``geom`` the forward geometry (N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw): the
+    transpose of inp into scratch "nhwc_in", the filters reordered into "nhwc_w" (``flip``: w is
+    (C, K, R, S) to this geometry, rotated and transposed, for backward-data), then the GEMM."""
+    N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
+    w_rows, w_channels = (C, K) if flip else (K, C)  # (w's own first two sizes)
+    transpose = _conv_launch("conv2d_nchw_to_nhwc_f32", (-(-(H * W) // 32), -(-C // 32), N), (32, 8),
+                             (inp, "nhwc_in", _i32(C), _i32(H * W)))
+    filters = _conv_launch("conv2d_nhwc_filters_f32", _grid1d(K * C * R * S), (BLOCK,),
+                           (w, "nhwc_w", _i32(w_rows), _i32(w_channels), _i32(R), _i32(S), _i32(int(flip))))
+    tile = _CONV4_NHWC_TILE
+    gemm = _conv_launch("conv2d_fwd_v4nhwc_f32", (-(-(N * Ho * Wo) // tile), -(-K // tile)), (256,),
+                        ("nhwc_in", "nhwc_w", bias, out, _i32(has_bias), _i32(relu)) + _geometry_args(geom))
+    return _Plan((transpose, filters, gemm), scratch=(("nhwc_in", N * C * H * W), ("nhwc_w", K * C * R * S)))
+
+
 def _conv3_threads(suffix: str) -> int:
     """Threads per block of the v3/v4 GEMM kernels with this name suffix."""
     return _CONV3_R8_THREADS if suffix in ("_n128r8", "_m32n256t128") else _CONV3_THREADS
@@ -1496,6 +1541,8 @@ def _conv_forward_plan(version: str, geom: tuple, has_bias: bool, relu: bool) ->
     narrow = _conv_narrow_forward(C, K, R, S)
     if narrow:  # first layers (exact fp32 under v4 too)
         return _Plan((_conv_launch(narrow, ((N * Ho * Wo + BLOCK - 1) // BLOCK,), (BLOCK,), args),))
+    if version == CONV_TF32_VERSION and _conv4_nhwc("forward", geom):
+        return _conv4_nhwc_plan("x", "w", "bias", "y", geom, has_bias, relu, flip=False)
     return _conv3_output_gemm("forward", version, K, N * Ho * Wo, C * R * S, args, 3, N * K * Ho * Wo,
                               {"bias": "bias" if has_bias else None, "relu": relu, "inner": Ho * Wo, "channels": K})
 
@@ -1830,6 +1877,9 @@ def _conv_backward_data_plan(version: str, geom: tuple) -> _Plan:
     narrow = _conv_narrow_forward(C, K, R, S, "backward_data")
     if narrow:  # first layers (exact fp32 under v4 too)
         return _Plan((_conv_launch(narrow, ((N * H * W + BLOCK - 1) // BLOCK,), (BLOCK,), args),))
+    if version == CONV_TF32_VERSION and _conv4_nhwc("backward_data", geom):
+        flipped = (N, K, Ho, Wo, C, R, S, H, W, 1, 1, R - 1 - ph, S - 1 - pw)  # (see _bwd_data_flip_plan)
+        return _conv4_nhwc_plan("dy", "w", "w", "dx", flipped, False, False, flip=True)
     if flips:
         return _bwd_data_flip_plan(version, geom)
     return _conv3_output_gemm("backward_data", version, C, N * H * W, K * R * S, args, 2, N * C * H * W, {})

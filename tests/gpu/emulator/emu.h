@@ -18,7 +18,8 @@ inline emu_dim3 blockDim, gridDim;
 inline float* emu_dynamic_smem = nullptr;
 inline std::barrier<>* emu_block_barrier = nullptr;
 // mma_a/mma_b: the operand registers of the 32 lanes during one emulated mma.sync.
-struct EmuWarp { std::barrier<>* bar; double buf[32]; unsigned mma_a[32][4]; unsigned mma_b[32][2]; };
+// rows: the row addresses the 32 lanes give one emulated ldmatrix.
+struct EmuWarp { std::barrier<>* bar; double buf[32]; unsigned mma_a[32][4]; unsigned mma_b[32][2]; const float* rows[32]; };
 inline std::vector<EmuWarp>* emu_warps = nullptr;
 #define __global__
 #define __launch_bounds__(...)
@@ -131,6 +132,21 @@ template <int PENDING> inline void pycnn_cp_async_wait() {
         for (const EmuCopy& c : emu_committed_groups.front()) *c.dst = c.value;
         emu_committed_groups.erase(emu_committed_groups.begin());
     }
+}
+// 16-byte cp.async (conv2d_nhwc.cu): four 4-byte copies in one group, landing as those do.
+inline void pycnn_cp_async_f32x4(float* dst, const float* src, bool valid) {
+    for (int i = 0; i < 4; ++i) pycnn_cp_async_f32(dst + i, valid ? src + i : src, valid);
+}
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16 read as 32-bit elements (conv2d_nhwc.cu): lane l gives
+// the address of row l%8 of matrix l/8 (four floats) and receives element l%4 of row l/4 of matrix
+// i in r[i]. A warp-wide exchange of the row addresses, as on the GPU every lane takes part.
+inline void pycnn_ldmatrix_x4(unsigned r[4], const float* row) {
+    EmuWarp& w = (*emu_warps)[emu_tid() / 32];
+    const int lane = emu_tid() % 32;
+    w.bar->arrive_and_wait();  // the previous exchange's readers are done with rows
+    w.rows[lane] = row;
+    w.bar->arrive_and_wait();
+    for (int i = 0; i < 4; ++i) r[i] = __float_as_uint(w.rows[8 * i + lane / 4][lane % 4]);
 }
 // conv2d_igemm.cuh's vector store (st.global.v4.f32 on the GPU).
 inline void pycnn_store_f32x4(float* dst, float a, float b, float c, float d) {

@@ -1,0 +1,230 @@
+// conv2d_nhwc.cu: v4 channels-last, TF32 tensor cores through ldmatrix (conv2d.cu has the map of
+// the whole ladder). Opt-in until a GPU has timed it: PYCNN_CONV4_NHWC=1 runs it wherever v4 runs
+// a forward or stride-1 backward-data GEMM whose reduction channels are a multiple of 16.
+//
+// Why a second v4. v4's implicit GEMM (conv2d_igemm.cuh) gathers x in its NCHW layout. The 16
+// reduction indices of a stage are (channel, filter row, filter column) triples whose input
+// elements lie apart, so each element is a 4-byte copy with its own address and bounds test, and
+// the tiles sit in shared memory along m and n, from where an mma fragment takes 4-byte reads and
+// a TF32 conversion per element per warp. benchmarks/sass_mix.py counts, per 16-deep stage of the
+// 128x128 kernel, 32 mma among 442 instructions, plus 17 per gathered element: the tensor cores
+// wait on the issue of everything else (0.32x cuDNN's TF32 on the compute-bound layer, record
+// gpu-20261127-221f3c58). Channels last turns that around:
+//   * The reduction runs over (filter row r, filter column s, channel c), c fastest, and C % 16
+//     == 0, so a stage is 16 consecutive channels of one tap (r, s). For one output pixel those
+//     are 64 contiguous bytes of xt (x in NHWC): four 16-byte copies under one bounds test. The
+//     filters, reordered to [K][R][S][C], are contiguous along the reduction too.
+//   * Both tiles are stored along k, [row][k], which is what ldmatrix reads: one ldmatrix.x4 is
+//     a whole A fragment of an m16n8k8 mma (four 8x4 quarters), or the B fragments of two.
+//   * Each thread rounds the 16 elements it copied to TF32 once, in shared memory, when its copies
+//     have landed (cvt.rna, v4's rounding), instead of every warp rounding every fragment it reads.
+// The price is two extra passes before the GEMM: the transpose of the input
+// (conv2d_nchw_to_nhwc_f32, one read and one write of x) and the reorder of the filters
+// (conv2d_nhwc_filters_f32). The output is stored NCHW straight from the accumulators.
+//
+// Backward-data (stride 1) runs the same kernel: dx is the forward convolution of dy with the
+// flipped, transposed filters wf[c][k][r][s] = w[k][c][R-1-r][S-1-s] and padding (R-1-ph,
+// S-1-pw), which conv2d_nhwc_filters_f32 writes with flip = 1. Its reduction channels are then
+// dy's K (K % 16 == 0).
+// The arithmetic is v4's (TF32 operands, fp32 accumulation, the bound of the conv2d_igemm.cu
+// header), in another order of the sums (tap-major), so not v4's bits.
+//   conv2d_nchw_to_nhwc_f32   x (N, C, H*W) -> xt (N, H*W, C)
+//   conv2d_nhwc_filters_f32   w (K, C, R, S) -> wt (K, R, S, C), or (flip) (C, R, S, K) rotated
+//   conv2d_fwd_v4nhwc_f32     y (NCHW) = wt . im2col(xt) (+ bias, ReLU)
+#include "conv2d_igemm.cuh"
+
+// x (N, C, HW) -> xt (N, HW, C), a 32 x 32 tile of (channel, pixel) per block through shared memory:
+// read along the pixels and written along the channels, both coalesced. The tile has one spare
+// column so that the transposed reads (a column per warp) fall in 32 different banks.
+// Launch: block (32, 8), grid (ceil(HW / 32), ceil(C / 32), N).
+extern "C" __global__ void conv2d_nchw_to_nhwc_f32(const float* __restrict__ x, float* __restrict__ xt, int C,
+                                                   int HW) {
+    __shared__ float tile[32][33];
+    const int p0 = blockIdx.x * 32, c0 = blockIdx.y * 32;
+    const pycnn_i64 image = (pycnn_i64)blockIdx.z * C * HW;
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        const int c = c0 + i, p = p0 + threadIdx.x;
+        if (c < C && p < HW) tile[i][threadIdx.x] = x[image + (pycnn_i64)c * HW + p];
+    }
+    __syncthreads();
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        const int p = p0 + i, c = c0 + threadIdx.x;
+        if (p < HW && c < C) xt[image + (pycnn_i64)p * C + c] = tile[threadIdx.x][i];
+    }
+}
+
+// The filters as the channels-last GEMM's A (row m, reduction index (r, s, channel)), one thread
+// per element, walking wt in order:
+//   flip = 0 (forward)         rows K, channels C:  wt[k][r][s][c] = w[k][c][r][s]
+//   flip = 1 (backward-data)   rows C, channels K:  wt[c][r][s][k] = w[k][c][R-1-r][S-1-s]
+// Launch: grid-stride over K*C*R*S elements, blocks of PYCNN_BLOCK threads.
+extern "C" __global__ void conv2d_nhwc_filters_f32(const float* __restrict__ w, float* __restrict__ wt, int K,
+                                                   int C, int R, int S, int flip) {
+    const int channels = flip ? K : C;
+    const pycnn_i64 total = (pycnn_i64)K * C * R * S;
+    PYCNN_FOR_EACH(idx, total) {
+        const int ch = (int)(idx % channels);
+        const pycnn_i64 tap_row = idx / channels;  // (m, r, s)
+        const int s = (int)(tap_row % S), r = (int)((tap_row / S) % R), m = (int)(tap_row / ((pycnn_i64)R * S));
+        const int k = flip ? ch : m, c = flip ? m : ch;
+        const int rr = flip ? R - 1 - r : r, ss = flip ? S - 1 - s : s;
+        wt[idx] = w[(((pycnn_i64)k * C + c) * R + rr) * S + ss];
+    }
+}
+
+#define PYCNN_NHWC_BM 128  // filters (output channels) per block
+#define PYCNN_NHWC_BN 128  // output pixels per block
+#define PYCNN_NHWC_BK 16   // reduction indices per stage: 16 channels of one tap
+// Tile rows of BK + 4 floats (80 bytes): the eight 16-byte rows that one phase of an ldmatrix
+// reads start at banks 20*i mod 32 = 0, 20, 8, 28, 16, 4, 24, 12 (i = 0..7) and span four banks
+// each, so the eight rows cover all 32 banks once: no conflicts. (A pitch of 16 would put them
+// all on banks 0-3.)
+#define PYCNN_NHWC_PITCH (PYCNN_NHWC_BK + 4)
+
+// Per-thread state of the tile copies: thread tid copies 16 bytes (reduction indices 4q..4q+3
+// of the stage, q = tid % 4) of rows tid/4 and tid/4 + 64 of both tiles, 2 x 512 copies per stage.
+struct PycnnNhwcLoader {
+    const float* a_src[2];  // filter row m (its stage-0 16 bytes); any valid address past K
+    bool a_ok[2];           // m < K
+    int b_row[2];           // image * H: the pixel's first row in xt's N*H rows
+    int b_ih[2], b_iw[2];   // its window's top-left input coordinate (ih: OUTSIDE past the GEMM)
+};
+
+// Issue the copies of stage (tap r, s; channels c0..c0+15) = reduction indices k0..k0+15 into the
+// tiles As, Bs ([row][PITCH]). A copy outside the input (the zero padding) or past the GEMM
+// zero-fills its 16 bytes.
+__device__ __forceinline__ void pycnn_nhwc_load_stage(const PycnnNhwcLoader& L, const float* xt, int C, int H,
+                                                      int W, int k0, int r, int s, int c0,
+                                                      float (*As)[PYCNN_NHWC_PITCH], float (*Bs)[PYCNN_NHWC_PITCH]) {
+    const int q = threadIdx.x % 4, row = threadIdx.x / 4;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        pycnn_cp_async_f32x4(&As[row + 64 * j][4 * q], L.a_src[j] + k0, L.a_ok[j]);
+        const int ih = L.b_ih[j] + r, iw = L.b_iw[j] + s;
+        const bool ok = (unsigned)ih < (unsigned)H && (unsigned)iw < (unsigned)W;
+        // (unsigned: wraps harmlessly where ok is false; where it is true the offset is below 2^31)
+        const unsigned off = ((unsigned)(L.b_row[j] + ih) * W + iw) * C + c0 + 4 * q;
+        pycnn_cp_async_f32x4(&Bs[row + 64 * j][4 * q], xt + (ok ? off : 0u), ok);
+    }
+}
+
+// Round the four floats at v (16-byte aligned, shared memory) to TF32 in place.
+__device__ __forceinline__ void pycnn_tf32_round4(float* v) {
+    float4 f = *reinterpret_cast<float4*>(v);
+    f.x = __uint_as_float(pycnn_tf32(f.x));
+    f.y = __uint_as_float(pycnn_tf32(f.y));
+    f.z = __uint_as_float(pycnn_tf32(f.z));
+    f.w = __uint_as_float(pycnn_tf32(f.w));
+    *reinterpret_cast<float4*>(v) = f;
+}
+
+// y = conv2d(x, w) (+ bias, ReLU) from xt (NHWC) and wt ([K][R][S][C]): the GEMM
+// y[k][pixel] = sum over (r, s, c) of wt[k][r][s][c] * xt[pixel's window at (r, s)][c] on 128 x 128
+// tiles (filters x output pixels), 8 warps of 64 x 32 (4 x 4 mma tiles each), 16-deep stages,
+// two shared-memory buffers filled by cp.async while the block computes on the other one.
+// Launch: block (256,), grid (ceil(N*Ho*Wo / 128), ceil(K / 128)). The host guarantees C % 16 == 0,
+// 16-byte aligned xt and wt, and fewer than 2^31 elements in xt and y.
+// __launch_bounds__(256, 2): at most 128 registers, so that two blocks (16 warps) share an SM.
+extern "C" __global__ void __launch_bounds__(256, 2) conv2d_fwd_v4nhwc_f32(
+    const float* __restrict__ xt, const float* __restrict__ wt, const float* __restrict__ b,
+    float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
+    int Ho, int Wo, int sh, int sw, int ph, int pw) {
+    // cooperative: synchronizes with __syncthreads (256 threads)
+    constexpr int BM = PYCNN_NHWC_BM, BN = PYCNN_NHWC_BN, BK = PYCNN_NHWC_BK;
+    __shared__ __align__(16) float As[2][BM][PYCNN_NHWC_PITCH];  // [filter][k]
+    __shared__ __align__(16) float Bs[2][BN][PYCNN_NHWC_PITCH];  // [output pixel][k]
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const int Kd = R * S * C, HoWo = Ho * Wo, Ncols = N * HoWo;
+
+    PycnnNhwcLoader L;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int m = m0 + tid / 4 + 64 * j;
+        L.a_ok[j] = m < K;
+        L.a_src[j] = wt + (pycnn_i64)(L.a_ok[j] ? m : 0) * Kd + 4 * (tid % 4);
+        const int n = n0 + tid / 4 + 64 * j;
+        const int nn = n < Ncols ? n : 0;
+        const int img = nn / HoWo, pix = nn - img * HoWo, oh = pix / Wo;
+        L.b_row[j] = img * H;
+        L.b_ih[j] = n < Ncols ? oh * sh - ph : PYCNN_CONV_OUTSIDE;
+        L.b_iw[j] = (pix - oh * Wo) * sw - pw;
+    }
+
+    float acc[4][4][4];  // [mi][ni][fragment register]
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
+    const int wm = (warp % 2) * 64, wn = (warp / 2) * 32;  // the warp's 64 x 32 of the block tile
+
+    const int stages = Kd / BK;
+    int r = 0, s = 0, c0 = 0;  // tap and first channel of the next stage to copy
+    pycnn_nhwc_load_stage(L, xt, C, H, W, 0, r, s, c0, As[0], Bs[0]);
+    pycnn_cp_async_commit();
+    for (int st = 0; st < stages; ++st) {
+        const int cur = st & 1;
+        if ((c0 += BK) == C) {  // the next stage's tap and channels
+            c0 = 0;
+            if (++s == S) { s = 0; ++r; }
+        }
+        __syncthreads();  // every warp is done with buffer cur ^ 1 (stage st - 1): refill it
+        if (st + 1 < stages) pycnn_nhwc_load_stage(L, xt, C, H, W, (st + 1) * BK, r, s, c0, As[cur ^ 1], Bs[cur ^ 1]);
+        pycnn_cp_async_commit();  // (empty at the end: the count of groups stays uniform)
+        pycnn_cp_async_wait<1>();  // this thread's copies of stage st have landed: round them ...
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            pycnn_tf32_round4(&As[cur][tid / 4 + 64 * j][4 * (tid % 4)]);
+            pycnn_tf32_round4(&Bs[cur][tid / 4 + 64 * j][4 * (tid % 4)]);
+        }
+        __syncthreads();  // ... and everyone's are there
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 8) {
+            // A: lanes 0-15 address rows 0-15 at k = kk, lanes 16-31 the same rows at kk + 4:
+            // matrices (rows 0-7, k 0-3), (8-15, 0-3), (0-7, 4-7), (8-15, 4-7) = a0, a1, a2, a3.
+            // B: lanes 0-7 rows (pixels) 0-7 at kk, 8-15 the same at kk + 4, 16-31 pixels 8-15:
+            // b0, b1 of the first n8 tile, then of the second.
+            unsigned a[4][4], bf[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+                pycnn_ldmatrix_x4(a[mi], &As[cur][wm + 16 * mi + lane % 16][kk + 4 * (lane / 16)]);
+#pragma unroll
+            for (int nj = 0; nj < 2; ++nj) {
+                unsigned f[4];
+                pycnn_ldmatrix_x4(f, &Bs[cur][wn + 16 * nj + 8 * (lane / 16) + lane % 8][kk + 4 * ((lane / 8) % 2)]);
+                bf[2 * nj][0] = f[0]; bf[2 * nj][1] = f[1];
+                bf[2 * nj + 1][0] = f[2]; bf[2 * nj + 1][1] = f[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) pycnn_mma_tf32_m16n8k8(acc[mi][ni], a[mi], bf[ni]);
+        }
+    }
+    pycnn_cp_async_wait<0>();  // (only empty groups are left)
+
+    // Lane (g, t) holds D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1] of each 16 x 8 tile.
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int n = n0 + wn + 8 * ni + 2 * t + e;
+            if (n >= Ncols) continue;
+            const int img = n / HoWo;
+            float* out = y + (pycnn_i64)img * K * HoWo + (n - img * HoWo);
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int m = m0 + wm + 16 * mi + g + 8 * h;
+                    if (m >= K) continue;
+                    float v = acc[mi][ni][2 * h + e];
+                    if (has_bias) v += b[m];
+                    if (relu) v = v > 0.0f ? v : 0.0f;
+                    out[(pycnn_i64)m * HoWo] = v;
+                }
+        }
+}
