@@ -277,14 +277,14 @@ def tile_of(direction: str, shape, version: str) -> str:
     "nhwc 128x128" for v4's channels-last kernel)."""
     N, C, H, W, K, R, S, stride, pad = shape
     Ho, Wo = (H + 2 * pad - R) // stride + 1, (W + 2 * pad - S) // stride + 1
-    if version == cuda.CONV_TF32_VERSION and cuda._conv4_nhwc(direction, _geometry(shape)):
-        return f"nhwc {cuda._CONV4_NHWC_TILE}x{cuda._CONV4_NHWC_TILE}"
     rows, cols = {"forward": (K, N * Ho * Wo), "backward_data": (C, N * H * W),
                   "backward_weight": (K, C * R * S)}[direction]
     if direction == "backward_weight" and C * R * S <= cuda._CONV_NARROW_TAPS:
         return "narrow"  # conv2d_bwd_weight_narrow*: no GEMM tile
     if direction in ("forward", "backward_data") and cuda._conv_narrow_forward(C, K, R, S, direction):
         return "narrow"  # conv2d_{fwd,bwd_data}_narrow_c1_*: one thread per output / input pixel
+    if version == cuda.CONV_TF32_VERSION and cuda._conv4_nhwc(direction, _geometry(shape)):
+        return f"nhwc {cuda._CONV4_NHWC_TILE}x{cuda._CONV4_NHWC_TILE}"
     bm, bn, suffix = cuda._conv3_tile(direction, rows, cols, version)
     return f"{bm}x{bn}" + ("/128 threads" if suffix in ("_n128r8", "_m32n256t128") else "")
 
@@ -293,10 +293,13 @@ def splits_of(direction: str, shape, version: str) -> int | None:
     """Split-K parts of a v3/v4 GEMM (None for other versions and the narrow kernels)."""
     if version not in ("3", "4") or tile_of(direction, shape, version) == "narrow":
         return None
-    if tile_of(direction, shape, version).startswith("nhwc"):
-        return 1  # (no split-K)
     N, C, H, W, K, R, S, stride, pad = shape
     Ho, Wo = (H + 2 * pad - R) // stride + 1, (W + 2 * pad - S) // stride + 1
+    if tile_of(direction, shape, version).startswith("nhwc"):  # (split-K in the weight gradient only)
+        if direction != "backward_weight":
+            return 1
+        big = cuda._CONV3_BIG
+        return cuda._conv3_splits(direction, big, -(-K // big) * -(-(C * R * S) // big), N * Ho * Wo)[0]
     if direction == "backward_weight":
         bm, bn, _ = cuda._conv3_tile(direction, K, C * R * S, version)
         tiles = -(-K // bm) * -(-(C * R * S) // bn)

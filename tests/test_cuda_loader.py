@@ -352,6 +352,10 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
         assert launches[-3:] == ["conv2d_nchw_to_nhwc_f32", "conv2d_nhwc_filters_f32", "conv2d_fwd_v4nhwc_f32"]
         cuda.conv2d_backward_data(dyb, wb, xb.shape, (1, 1), (0, 0), version="4", allow_tf32=True)
         assert launches[-1] == "conv2d_fwd_v4nhwc_f32"
+        n = len(launches)
+        cuda.conv2d_backward_weight(dyb, xb, wb.shape, (1, 1), (0, 0), version="4", allow_tf32=True)
+        assert launches[n:n + 3] == ["conv2d_nchw_to_nhwc_f32", "conv2d_bwd_weight_v4nhwc_f32",
+                                     "conv2d_nhwc_wgrad_reduce_f32"] and "bias_grad_f32" in launches[n + 3:]
         m.setenv("PYCNN_CONV4_NHWC", "on")
         with pytest.raises(ValueError, match="PYCNN_CONV4_NHWC must be '0' or '1'"):
             cuda.conv2d_forward(xb, wb, None, (1, 1), (0, 0), version="4", allow_tf32=True)

@@ -154,3 +154,17 @@ def test_gemm_tiles_fit_the_blocks_per_sm_the_split_rule_counts(tmp_path, lean):
                 assert per_sm * 132 == want and info["spill_bytes"] == 0, (kernel, info, per_sm)
                 checked += 1
     assert checked == 15
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc")
+def test_channels_last_weight_gradient_fits_the_slots_its_split_counts(tmp_path):
+    """The channels-last v4 weight gradient splits by the 128x128 tiles' rule (_CONV3_T128_SLOTS
+    blocks per round): its kernel must fit exactly two 256-thread blocks per SM, without spills,
+    and so must the forward one, which shares its tile."""
+    from pycnn.backends import cuda
+
+    result = sass_mix.analyse(ROOT / "csrc" / "cuda", ["conv2d_nhwc.cu"], [], "sm_90", NVCC, None, tmp_path)
+    for kernel in ("conv2d_bwd_weight_v4nhwc_f32", "conv2d_fwd_v4nhwc_f32"):
+        info = result[kernel]
+        per_sm = sass_mix.blocks_per_sm(info["registers"], 256, info["shared_bytes"])
+        assert per_sm * 132 == cuda._CONV3_T128_SLOTS and info["spill_bytes"] == 0, (kernel, info, per_sm)

@@ -28,9 +28,18 @@
 // dy's K (K % 16 == 0).
 // The arithmetic is v4's (TF32 operands, fp32 accumulation, the bound of the conv2d_igemm.cu
 // header), in another order of the sums (tap-major), so not v4's bits.
-//   conv2d_nchw_to_nhwc_f32   x (N, C, H*W) -> xt (N, H*W, C)
-//   conv2d_nhwc_filters_f32   w (K, C, R, S) -> wt (K, R, S, C), or (flip) (C, R, S, K) rotated
-//   conv2d_fwd_v4nhwc_f32     y (NCHW) = wt . im2col(xt) (+ bias, ReLU)
+// The weight gradient reduces over output pixels instead: dw[k][(r, s, c)] = sum over pixels p of
+// dy[k][p] * xt[p's window at (r, s)][c]. Its A (dy, NCHW) is contiguous along the pixels, so it
+// is copied 16 bytes at a time and read with ldmatrix as above (Ho*Wo % 4 == 0). Its B (xt) is
+// contiguous along the columns (r, s, c): copied 16 bytes at a time too (C % 4 == 0), but stored
+// [pixel][column] and read with 4-byte loads (ldmatrix's transposing form works on 16-bit elements
+// only). Split-K over the pixels writes partial copies of dw in (r, s, c) order, which
+// conv2d_nhwc_wgrad_reduce_f32 adds in split order into dw (K, C, R, S).
+//   conv2d_nchw_to_nhwc_f32        x (N, C, H*W) -> xt (N, H*W, C)
+//   conv2d_nhwc_filters_f32        w (K, C, R, S) -> wt (K, R, S, C), or (flip) (C, R, S, K) rotated
+//   conv2d_fwd_v4nhwc_f32          y (NCHW) = wt . im2col(xt) (+ bias, ReLU)
+//   conv2d_bwd_weight_v4nhwc_f32   partial[z] (K, R*S*C) = dy . im2col(xt)^T over split z's pixels
+//   conv2d_nhwc_wgrad_reduce_f32   dw (K, C, R, S) = the sum of the partials, in split order
 #include "conv2d_igemm.cuh"
 
 // x (N, C, HW) -> xt (N, HW, C), a 32 x 32 tile of (channel, pixel) per block through shared memory:
@@ -227,4 +236,171 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv2d_fwd_v4nhwc_f32(
                     out[(pycnn_i64)m * HoWo] = v;
                 }
         }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weight gradient. Per stage, 16 output pixels of the reduction; per pixel (decoded once per
+// stage by 16 threads into a shared table, as the v3 core does for its reduction indices) the
+// image's first row in xt, the window's top-left input coordinate and the offset of its dy
+// column (-1 and OUTSIDE past the split's range: the copies zero-fill).
+struct PycnnNhwcPixel {
+    int row, ih, iw, dy_off;
+};
+
+__device__ __forceinline__ PycnnNhwcPixel pycnn_nhwc_pixel(int p, int p_end, int H, int K, int Ho, int Wo, int sh,
+                                                           int sw, int ph, int pw) {
+    PycnnNhwcPixel e;
+    if (p >= p_end) {
+        e.row = 0; e.ih = PYCNN_CONV_OUTSIDE; e.iw = 0; e.dy_off = -1;
+        return e;
+    }
+    const int HoWo = Ho * Wo, img = p / HoWo, pix = p - img * HoWo, oh = pix / Wo;
+    e.row = img * H;
+    e.ih = oh * sh - ph;
+    e.iw = (pix - oh * Wo) * sw - pw;
+    e.dy_off = img * K * HoWo + pix;
+    return e;
+}
+
+// Bs rows: 128 columns + 8 floats, so that the 4-byte B fragment reads Bs[k0 + t][n0 + g]
+// (t = lane % 4, g = lane / 4) hit banks 8t + g: all 32 distinct.
+#define PYCNN_NHWC_WG_PITCH (PYCNN_NHWC_BN + 8)
+
+// partial[z][m][n] = sum over pixels p in split z's range of dy[p's image][m][p's pixel] *
+// xt[p's window at tap (r, s)][c], n = (r*S + s)*C + c: 128 x 128 tiles (filters x columns),
+// 8 warps of 64 x 32, stages of 16 pixels, two buffers filled by cp.async.
+// Copies per stage: A (dy) 128 filters x 4 groups of 4 pixels, B (xt) 16 pixels x 32 groups of
+// 4 columns: two 16-byte copies of each per thread; a thread's B columns are the same in every
+// stage, so their tap and channel are decoded once.
+// Launch: block (256,), grid (ceil(R*S*C / 128), ceil(K / 128), splits); split z reduces pixels
+// [z*chunk, min((z+1)*chunk, N*Ho*Wo)), chunk a multiple of 16. The host guarantees C % 4 == 0,
+// Ho*Wo % 4 == 0 (a group of 4 pixels lies in one image, 16-byte aligned), 16-byte aligned dy
+// and xt, and fewer than 2^31 elements in dy and xt.
+extern "C" __global__ void __launch_bounds__(256, 2) conv2d_bwd_weight_v4nhwc_f32(
+    const float* __restrict__ dy, const float* __restrict__ xt, float* __restrict__ partial, int N, int C, int H,
+    int W, int K, int R, int S, int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk) {
+    // cooperative: synchronizes with __syncthreads (256 threads)
+    constexpr int BM = PYCNN_NHWC_BM, BN = PYCNN_NHWC_BN, BK = PYCNN_NHWC_BK;
+    __shared__ __align__(16) float As[2][BM][PYCNN_NHWC_PITCH];     // [filter][pixel]
+    __shared__ __align__(16) float Bs[2][BK][PYCNN_NHWC_WG_PITCH];  // [pixel][column]
+    __shared__ PycnnNhwcPixel tab[2][BK];
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const int Ncols = R * S * C, HoWo = Ho * Wo;
+    const int p_begin = blockIdx.z * chunk, p_end = min(N * HoWo, p_begin + chunk);
+
+    // A: rows tid/4 and tid/4 + 64 (filters), pixel group q = tid % 4 of the stage.
+    const int aq = tid % 4;
+    int a_row_off[2];
+    bool a_ok[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int m = m0 + tid / 4 + 64 * j;
+        a_ok[j] = m < K;
+        a_row_off[j] = (a_ok[j] ? m : 0) * HoWo;
+    }
+    // B: column group bq = tid % 32 (columns n0 + 4bq .. +3: one tap, four channels), pixels
+    // tid/32 and tid/32 + 8 of the stage.
+    const int bq = tid % 32, brow = tid / 32;
+    const int n = n0 + 4 * bq;
+    const bool b_col_ok = n < Ncols;
+    const int c = (b_col_ok ? n : 0) % C, rs = (b_col_ok ? n : 0) / C, r = rs / S, s = rs - r * S;
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
+    const int wm = (warp % 2) * 64, wn = (warp / 2) * 32;
+    const int g = lane / 4, t = lane % 4;
+
+    // Issue stage k0's copies, its pixels described by tab[slot].
+    auto load_stage = [&](int slot, int buf) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const PycnnNhwcPixel e = tab[slot][4 * aq];  // (the group's first pixel; the rest follow it)
+            const bool ok = a_ok[j] & (e.dy_off >= 0);
+            pycnn_cp_async_f32x4(&As[buf][tid / 4 + 64 * j][4 * aq], dy + (ok ? e.dy_off + a_row_off[j] : 0), ok);
+        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const PycnnNhwcPixel e = tab[slot][brow + 8 * j];
+            const int ih = e.ih + r, iw = e.iw + s;
+            const bool ok = b_col_ok & ((unsigned)ih < (unsigned)H) & ((unsigned)iw < (unsigned)W);
+            const unsigned off = ((unsigned)(e.row + ih) * W + iw) * C + c;
+            pycnn_cp_async_f32x4(&Bs[buf][brow + 8 * j][4 * bq], xt + (ok ? off : 0u), ok);
+        }
+    };
+
+    if (tid < BK) tab[0][tid] = pycnn_nhwc_pixel(p_begin + tid, p_end, H, K, Ho, Wo, sh, sw, ph, pw);
+    __syncthreads();
+    load_stage(0, 0);
+    pycnn_cp_async_commit();
+    int st = 0;
+    for (int k0 = p_begin; k0 < p_end; k0 += BK, ++st) {
+        const int cur = st & 1;
+        // The next stage's pixels go into the other table slot, last read by the copies of stage
+        // st - 1, issued before the previous iteration's barriers.
+        if (tid < BK && k0 + BK < p_end)
+            tab[cur ^ 1][tid] = pycnn_nhwc_pixel(k0 + BK + tid, p_end, H, K, Ho, Wo, sh, sw, ph, pw);
+        __syncthreads();  // the table is visible, and every warp is done with buffer cur ^ 1
+        if (k0 + BK < p_end) load_stage(cur ^ 1, cur ^ 1);
+        pycnn_cp_async_commit();
+        pycnn_cp_async_wait<1>();  // this thread's copies of stage st have landed: round them ...
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            pycnn_tf32_round4(&As[cur][tid / 4 + 64 * j][4 * aq]);
+            pycnn_tf32_round4(&Bs[cur][brow + 8 * j][4 * bq]);
+        }
+        __syncthreads();  // ... and everyone's are there
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 8) {
+            unsigned a[4][4], bf[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+                pycnn_ldmatrix_x4(a[mi], &As[cur][wm + 16 * mi + lane % 16][kk + 4 * (lane / 16)]);
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) {
+                bf[ni][0] = __float_as_uint(Bs[cur][kk + t][wn + 8 * ni + g]);
+                bf[ni][1] = __float_as_uint(Bs[cur][kk + t + 4][wn + 8 * ni + g]);
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) pycnn_mma_tf32_m16n8k8(acc[mi][ni], a[mi], bf[ni]);
+        }
+    }
+    pycnn_cp_async_wait<0>();
+
+    float* out = partial + (pycnn_i64)blockIdx.z * K * Ncols;
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int col = n0 + wn + 8 * ni + 2 * t + e;
+            if (col >= Ncols) continue;
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int m = m0 + wm + 16 * mi + g + 8 * h;
+                    if (m < K) out[(pycnn_i64)m * Ncols + col] = acc[mi][ni][2 * h + e];
+                }
+        }
+}
+
+// dw[k][c][r][s] = sum over z = 0 .. splits-1, in that order, of partial[z][k][(r*S + s)*C + c].
+// Launch: grid-stride over K*C*RS elements, blocks of PYCNN_BLOCK threads (walking dw in order).
+extern "C" __global__ void conv2d_nhwc_wgrad_reduce_f32(const float* __restrict__ partial, float* __restrict__ dw,
+                                                        int splits, int K, int C, int RS) {
+    const pycnn_i64 total = (pycnn_i64)K * C * RS;
+    PYCNN_FOR_EACH(idx, total) {
+        const int rs = (int)(idx % RS), c = (int)((idx / RS) % C), k = (int)(idx / ((pycnn_i64)RS * C));
+        const pycnn_i64 src = (pycnn_i64)k * RS * C + (pycnn_i64)rs * C + c;
+        float sum = 0.0f;
+        for (int z = 0; z < splits; ++z) sum += partial[(pycnn_i64)z * total + src];
+        dw[idx] = sum;
+    }
 }

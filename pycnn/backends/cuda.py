@@ -1019,24 +1019,29 @@ def _conv3_m32t128_setting() -> str:
 # (benchmarks/sass_mix.py): 172 instructions per stage for 32 mma, against 442 plus 17 per gathered
 # element in conv2d_fwd_v4_t128_f32. $PYCNN_CONV4_NHWC=1 runs it wherever v4 runs a forward or a
 # stride-1 backward-data GEMM whose reduction channels (C, or K for backward-data) are a multiple
-# of 16; opt-in until a GPU has timed it (gpu_kernels.py --versions 4,4n).
+# of 16, and a weight gradient with C % 4 == 0 and Ho*Wo % 4 == 0 (282 instructions per stage
+# there, against 490 plus the gather); opt-in until a GPU has timed it (gpu_kernels.py --versions 4,4n).
 _CONV4_NHWC_TILE = 128
-_CONV4_NHWC_CHANNELS = 16
+_CONV4_NHWC_CHANNELS = 16  # forward / backward-data: a stage is 16 channels of one tap
+_CONV4_NHWC_GROUP = 4      # weight gradient: 16-byte groups of channels (xt) and of pixels (dy)
 
 
 def _conv4_nhwc(direction: str, geom: tuple) -> bool:
-    """Whether a v4 forward or backward-data call with this geometry runs the channels-last kernel."""
-    if _switch_setting("PYCNN_CONV4_NHWC") != "1" or direction == "backward_weight":
+    """Whether a v4 call in ``direction`` with this geometry runs the channels-last kernels."""
+    if _switch_setting("PYCNN_CONV4_NHWC") != "1":
         return False
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
+    sizes_ok = max(N * C * H * W, N * K * Ho * Wo) < 2**31 and N <= _MAX_GRID_YZ
+    if direction == "backward_weight":
+        return (sizes_ok and C % _CONV4_NHWC_GROUP == 0 and (Ho * Wo) % _CONV4_NHWC_GROUP == 0
+                and -(-K // _CONV4_NHWC_TILE) <= _MAX_GRID_YZ)
     if direction == "backward_data":  # (as the forward convolution of dy with the flipped filters)
         if (sh, sw) != (1, 1) or ph >= R or pw >= S:
             return False
-        channels, rows, inp, out = K, C, N * K * Ho * Wo, N * C * H * W
+        channels, rows = K, C
     else:
-        channels, rows, inp, out = C, K, N * C * H * W, N * K * Ho * Wo
-    return (channels % _CONV4_NHWC_CHANNELS == 0 and max(inp, out) < 2**31 and N <= _MAX_GRID_YZ
-            and -(-rows // _CONV4_NHWC_TILE) <= _MAX_GRID_YZ)
+        channels, rows = C, K
+    return sizes_ok and channels % _CONV4_NHWC_CHANNELS == 0 and -(-rows // _CONV4_NHWC_TILE) <= _MAX_GRID_YZ
 
 
 def _conv4_nhwc_plan(inp: str, w: str, bias: str, out: str, geom: tuple, has_bias: bool, relu: bool,
@@ -1055,6 +1060,26 @@ def _conv4_nhwc_plan(inp: str, w: str, bias: str, out: str, geom: tuple, has_bia
     gemm = _conv_launch("conv2d_fwd_v4nhwc_f32", (-(-(N * Ho * Wo) // tile), -(-K // tile)), (256,),
                         ("nhwc_in", "nhwc_w", bias, out, _i32(has_bias), _i32(relu)) + _geometry_args(geom))
     return _Plan((transpose, filters, gemm), scratch=(("nhwc_in", N * C * H * W), ("nhwc_w", K * C * R * S)))
+
+
+def _conv4_nhwc_weight_plan(geom: tuple, with_db: bool) -> _Plan:
+    """The channels-last v4 weight gradient (arrays dy, x, dw, db): x transposed into "nhwc_in",
+    the GEMM over split-K parts of the output pixels into "partial" (split like the 128x128 v4
+    kernel), their sum in split order into dw, and, with ``with_db``, bias_grad's launches."""
+    N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
+    tile, cols = _CONV4_NHWC_TILE, R * S * C
+    grid = (-(-cols // tile), -(-K // tile))
+    splits, chunk = _conv3_splits("backward_weight", _CONV3_BIG, grid[0] * grid[1], N * Ho * Wo)
+    transpose = _conv_launch("conv2d_nchw_to_nhwc_f32", (-(-(H * W) // 32), -(-C // 32), N), (32, 8),
+                             ("x", "nhwc_in", _i32(C), _i32(H * W)))
+    gemm = _conv_launch("conv2d_bwd_weight_v4nhwc_f32", grid + (splits,), (256,),
+                        ("dy", "nhwc_in", "partial") + _geometry_args(geom) + (_i32(chunk),))
+    reduce = _conv_launch("conv2d_nhwc_wgrad_reduce_f32", _grid1d(K * C * R * S), (BLOCK,),
+                          ("partial", "dw", _i32(splits), _i32(K), _i32(C), _i32(R * S)))
+    plan = _Plan((transpose, gemm, reduce), scratch=(("nhwc_in", N * C * H * W), ("partial", splits * K * cols)))
+    if with_db:
+        plan = _plan_then(plan, *_bias_grad_launches(N, K, Ho * Wo, "dy", "db"))
+    return plan
 
 
 def _conv3_threads(suffix: str) -> int:
@@ -1986,6 +2011,9 @@ def _conv_backward_weight_plan(version: str, geom: tuple, with_db: bool) -> _Pla
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
     tail = _geometry_args(geom)
     fused_db = with_db and version in ("3", CONV_TF32_VERSION)
+    narrow_taps = min(_CONV_NARROW_TAPS, DEFINES["PYCNN_CONV_NARROW_MAX"])
+    if version == CONV_TF32_VERSION and C * R * S > narrow_taps and _conv4_nhwc("backward_weight", geom):
+        return _conv4_nhwc_weight_plan(geom, with_db)
     if version == "1":
         plan = _Plan((_conv_launch("conv2d_bwd_weight_v1_f32", (K * C * R * S,), (BLOCK,),
                                    ("dy", "x", "dw") + tail),))
@@ -1993,7 +2021,6 @@ def _conv_backward_weight_plan(version: str, geom: tuple, with_db: bool) -> _Pla
         plan = _winograd_weight_plan(geom)
     else:
         gemm = False
-        narrow_taps = min(_CONV_NARROW_TAPS, DEFINES["PYCNN_CONV_NARROW_MAX"])
         if version in ("3", CONV_TF32_VERSION) and C * R * S <= narrow_taps:
             # A first layer (C*R*S taps, e.g. 9 or 25): register accumulators per tap, not a GEMM
             # tile that would be mostly empty (exact fp32 for v4 too: no product to speed up).

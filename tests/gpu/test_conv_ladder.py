@@ -300,7 +300,8 @@ def test_lean_gather_gives_the_same_bits(monkeypatch, layer):
             cuda.forget_conv_core_modules()  # (the default build for the tests after this one)
 
 
-NHWC_LAYERS = [lay for lay in GEMM_LAYERS if lay[2] % 16 == 0 or lay[5] % 16 == 0]
+NHWC_LAYERS = [lay for lay in GEMM_LAYERS if lay[2] % 4 == 0 or lay[5] % 16 == 0]
+DIRECTION_INDEX = {"forward": 0, "backward_data": 1, "backward_weight": 2}
 
 
 def _planned_kernels() -> set:
@@ -310,15 +311,16 @@ def _planned_kernels() -> set:
 @pytest.mark.parametrize("layer", NHWC_LAYERS, ids=[layer[0] for layer in NHWC_LAYERS])
 def test_v4_nhwc_within_the_tf32_bound(monkeypatch, layer):
     """PYCNN_CONV4_NHWC=1 on the GPU (the real ldmatrix, 16-byte cp.async and mma.sync): v4's
-    forward (C % 16 == 0) and stride-1 backward-data (K % 16 == 0) through the channels-last kernel
-    stay within the documented TF32 bound of the float64 reference, at two batch sizes; on small
-    integers they are exact."""
+    forward (C % 16 == 0), stride-1 backward-data (K % 16 == 0) and weight gradient (C and Ho*Wo
+    multiples of 4) through the channels-last kernels stay within the documented TF32 bound of the
+    float64 reference, at two batch sizes; on small integers they are exact."""
     _, N, C, H, W, K, R, S, stride, padding = layer
     rng = np.random.default_rng(13)
     monkeypatch.setenv("PYCNN_CONV4_NHWC", "1")
     cuda.clear_plans()
-    geom = (N, C, H, W, K, R, S, 0, 0, *stride, *padding)  # (Ho, Wo do not matter to the rule)
-    directions = [d for d in ("forward", "backward_data") if cuda._conv4_nhwc(d, geom)]
+    Ho, Wo = (H + 2 * padding[0] - R) // stride[0] + 1, (W + 2 * padding[1] - S) // stride[1] + 1
+    geom = (N, C, H, W, K, R, S, Ho, Wo, *stride, *padding)
+    directions = [d for d in ("forward", "backward_data", "backward_weight") if cuda._conv4_nhwc(d, geom)]
     assert directions, "no direction of this layer takes the channels-last kernel"
     for batch in ((N,) if layer is BIG else (N, 8 * N)):
         x, w, b, dy = _layer_arrays(layer, batch, rng)
@@ -326,26 +328,33 @@ def test_v4_nhwc_within_the_tf32_bound(monkeypatch, layer):
         want, products = references(hx, hw, hb, hdy, stride, padding, abs_too=True)
         got = {"forward": lambda: cuda.conv2d_forward(x, w, b, stride, padding, version="4", allow_tf32=True),
                "backward_data": lambda: cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="4",
-                                                                  allow_tf32=True)}
-        lengths = {"forward": C * R * S, "backward_data": K * R * S}
+                                                                  allow_tf32=True),
+               "backward_weight": lambda: cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding, version="4",
+                                                                      allow_tf32=True)[0]}
+        lengths = {"forward": C * R * S, "backward_data": K * R * S, "backward_weight": batch * Ho * Wo}
         for direction in directions:
             out = cp.asnumpy(got[direction]())
-            index = 0 if direction == "forward" else 1
+            index = DIRECTION_INDEX[direction]
             err = np.abs(out - want[index])
             bound = tf32_bound(lengths[direction], products[index])
             assert np.all(err <= bound), f"batch {batch} {direction}: worst ratio to the bound {(err / bound).max():.3g}"
-    assert "conv2d_fwd_v4nhwc_f32" in _planned_kernels()
-    if layer is not BIG:  # small integers: exact sums, so the reference's bits
+    planned = _planned_kernels()
+    assert ("conv2d_fwd_v4nhwc_f32" in planned) == ("forward" in directions or "backward_data" in directions)
+    assert ("conv2d_bwd_weight_v4nhwc_f32" in planned) == ("backward_weight" in directions)
+    if layer is not BIG:  # small integers: exact sums (below 2^24 at batch N), so the reference's bits
         draw = lambda *shape: cp.asarray(rng.integers(-8, 9, shape).astype(np.float32))  # noqa: E731
-        Ho, Wo = (H + 2 * padding[0] - R) // stride[0] + 1, (W + 2 * padding[1] - S) // stride[1] + 1
         x, w, dy = draw(N, C, H, W), draw(K, C, R, S), draw(N, K, Ho, Wo)
+        assert 64 * max(C * R * S, K * R * S, N * Ho * Wo) < 2**24
         want = references(*(cp.asnumpy(a) for a in (x, w, cp.zeros(K, cp.float32), dy)), stride, padding,
                           abs_too=False)[0]
+        calls = {"forward": lambda: cuda.conv2d_forward(x, w, None, stride, padding, version="4", allow_tf32=True),
+                 "backward_data": lambda: cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="4",
+                                                                    allow_tf32=True),
+                 "backward_weight": lambda: cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding,
+                                                                        version="4", allow_tf32=True)[0]}
         for direction in directions:
-            out = (cuda.conv2d_forward(x, w, None, stride, padding, version="4", allow_tf32=True)
-                   if direction == "forward" else
-                   cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="4", allow_tf32=True))
-            np.testing.assert_array_equal(cp.asnumpy(out), want[0 if direction == "forward" else 1].astype(np.float32),
+            np.testing.assert_array_equal(cp.asnumpy(calls[direction]()),
+                                          want[DIRECTION_INDEX[direction]].astype(np.float32),
                                           err_msg=f"{direction} on integers")
 
 

@@ -1565,29 +1565,34 @@ def test_backward_data_flip_only_where_it_applies(emulated, monkeypatch):
             cuda.conv2d_backward_data(dy, w, x.shape, shape[7], shape[8], version=version)
 
 
-# v4 channels last (conv2d_nhwc.cu, PYCNN_CONV4_NHWC=1): forward, and stride-1 backward-data as the
-# forward convolution of dy with the flipped filters. (N, C, H, W, K, R, S, stride, padding); the
-# reduction channels (C forward, K backward-data) are multiples of 16.
+# v4 channels last (conv2d_nhwc.cu, PYCNN_CONV4_NHWC=1): forward, stride-1 backward-data as the
+# forward convolution of dy with the flipped filters, and the weight gradient. (N, C, H, W, K, R,
+# S, stride, padding) with C a multiple of 16 (forward), K one of 16 (backward-data) where
+# stride 1, and Ho*Wo a multiple of 4 (weight gradient).
 NHWC_SHAPES = {
-    # 9 stages; 84 output pixels (a column tile that ends inside the block); both directions
-    "pad-3x3": (2, 16, 6, 7, 32, 3, 3, (1, 1), (1, 1)),
+    # 9 stages; 96 output pixels (a column tile that ends inside the block); all three directions
+    "pad-3x3": (2, 16, 6, 8, 32, 3, 3, (1, 1), (1, 1)),
     # two row tiles (K = 144 > 128) and two column tiles (168 pixels); backward-data's reduction
-    # runs over 144 channels x 9 taps (81 stages) into C = 16 rows
+    # runs over 144 channels x 9 taps (81 stages) into C = 16 rows; the weight gradient has 2 x 2
+    # tiles of 144 filters x 144 columns (r, s, c) over 168 pixels (11 stages, the last one short)
     "two-tiles": (3, 16, 8, 7, 144, 3, 3, (1, 1), (1, 1)),
-    # stride 2, a 3x2 filter, padding on one side only: forward in NHWC, backward-data not (stride)
-    "stride2": (2, 32, 9, 8, 20, 3, 2, (2, 1), (1, 0)),
+    # stride 2, a 3x2 filter, padding on one side only: forward and weight gradient in NHWC,
+    # backward-data not (stride 2)
+    "stride2": (2, 32, 9, 9, 20, 3, 2, (2, 1), (1, 0)),
 }
 NHWC_GEMM = "conv2d_fwd_v4nhwc_f32"
+NHWC_WGRAD = "conv2d_bwd_weight_v4nhwc_f32"
 
 
 def run_nhwc(monkeypatch, shape, x, w, b, dy, relu=False):
-    """y (with bias, and ReLU when asked) and dx of v4 with PYCNN_CONV4_NHWC=1."""
+    """y (with bias, and ReLU when asked), dx, dw and db of v4 with PYCNN_CONV4_NHWC=1."""
     _, _, _, _, _, _, _, stride, padding = shape
     monkeypatch.setenv("PYCNN_CONV4_NHWC", "1")
     forward = cuda.conv2d_bias_relu_forward if relu else cuda.conv2d_forward
     y = forward(x, w, b, stride, padding, version="4", allow_tf32=True)
     dx = cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="4", allow_tf32=True)
-    return y, dx
+    dw, db = cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding, version="4", allow_tf32=True)
+    return y, dx, dw, db
 
 
 def nhwc_runs_backward_data(shape) -> bool:
@@ -1597,41 +1602,64 @@ def nhwc_runs_backward_data(shape) -> bool:
 
 @pytest.mark.parametrize("name", list(NHWC_SHAPES))
 def test_v4_nhwc_within_tf32_bound(emulated, monkeypatch, name):
-    """The channels-last kernel ran (forward; backward-data where stride 1 and K % 16 == 0, the
-    v4 GEMM elsewhere) and stays within v4's documented TF32 bound, visibly rounded to TF32."""
+    """The channels-last kernels ran (forward and weight gradient; backward-data where stride 1 and
+    K % 16 == 0, the v4 GEMM elsewhere) and stay within v4's documented TF32 bound, visibly
+    rounded to TF32; db (not a tensor-core sum) is v3's."""
     shape = NHWC_SHAPES[name]
     _, _, _, _, _, _, _, stride, padding = shape
     x, w, b, dy = data(shape, seed=11)
-    y, dx = run_nhwc(monkeypatch, shape, x, w, b, dy)
+    got = run_nhwc(monkeypatch, shape, x, w, b, dy)
     assert emulated.count(NHWC_GEMM) == (2 if nhwc_runs_backward_data(shape) else 1), emulated
-    assert "conv2d_nchw_to_nhwc_f32" in emulated and "conv2d_nhwc_filters_f32" in emulated
+    assert {"conv2d_nchw_to_nhwc_f32", "conv2d_nhwc_filters_f32", NHWC_WGRAD,
+            "conv2d_nhwc_wgrad_reduce_f32"} <= set(emulated)
     if not nhwc_runs_backward_data(shape):
         assert "conv2d_bwd_data_v4_f32" in emulated
     want = reference(shape, x, w, b, dy)
     ax, aw, ady = (np.abs(a.astype(np.float64)) for a in (x, w, dy))
     products = (ref.conv2d_forward(ax, aw, np.abs(b.astype(np.float64)), stride, padding),
-                ref.conv2d_backward_data(ady, aw, x.shape, stride, padding))
-    exact = (cuda.conv2d_forward(x, w, b, stride, padding, version="3"),
-             cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="3"))
-    for what, got, e, wnt, p, length in zip(("y", "dx"), (y, dx), exact, want, products, lengths(shape)):
-        assert got.dtype == np.float32 and got.shape == wnt.shape, what
-        err = np.abs(got - wnt)
+                ref.conv2d_backward_data(ady, aw, x.shape, stride, padding),
+                ref.conv2d_backward_weight(ady, ax, w.shape, stride, padding)[0])
+    exact = run_all(shape, x, w, b, dy, "3")
+    for what, g, e, wnt, p, length in zip(("y", "dx", "dw"), got, exact, want, products, lengths(shape)):
+        assert g.dtype == np.float32 and g.shape == wnt.shape, what
+        err = np.abs(g - wnt)
         assert np.all(err <= tf32_bound(length, p)), f"v4 NHWC {name} {what}: error {err.max():.3g} over the bound"
-        assert not np.array_equal(got, e), f"v4 NHWC {name} {what} is bit-identical to fp32 v3"
+        assert not np.array_equal(g, e), f"v4 NHWC {name} {what} is bit-identical to fp32 v3"
+    np.testing.assert_allclose(got[3], exact[3], rtol=1e-5, atol=1e-5, err_msg="db")
 
 
 @pytest.mark.parametrize("name", list(NHWC_SHAPES))
 def test_v4_nhwc_exact_on_tf32_representable_integers(emulated, monkeypatch, name):
-    """On small integers every product and sum is exact: the channels-last kernel must equal the
-    reference bit for bit, which checks its ldmatrix fragments, the tap and channel order of both
-    operands, the flipped filters, the padding and the NCHW stores."""
+    """On small integers every product and sum is exact: the channels-last kernels must equal the
+    reference bit for bit, which checks their ldmatrix and 4-byte fragments, the tap and channel
+    order of both operands, the flipped filters, the padding, the split-K reduce into (K, C, R, S)
+    and the NCHW stores."""
     shape = NHWC_SHAPES[name]
     x, w, b, dy = data(shape, seed=12, integers=True)
     got = run_nhwc(monkeypatch, shape, x, w, b, dy, relu=True)
     want = reference(shape, x, w, b, dy)
-    np.testing.assert_array_equal(got[0], np.maximum(want[0], 0).astype(np.float32), err_msg=f"{name} y")
-    np.testing.assert_array_equal(got[1], want[1].astype(np.float32), err_msg=f"{name} dx")
-    assert NHWC_GEMM in emulated
+    want = (np.maximum(want[0], 0),) + tuple(want[1:])
+    for what, g, wnt in zip(("y", "dx", "dw", "db"), got, want):
+        np.testing.assert_array_equal(g, wnt.astype(np.float32), err_msg=f"{name} {what}")
+    assert NHWC_GEMM in emulated and NHWC_WGRAD in emulated
+
+
+def test_v4_nhwc_weight_gradient_split_k(emulated, monkeypatch):
+    """Split-K of the channels-last weight gradient: with parts of 16 pixels (the "two-tiles"
+    layer's 168 pixels in 11 parts, the last one short) the partials add up, in split order, to
+    the unsplit result within fp32 rounding and to the reference exactly on integers."""
+    shape = NHWC_SHAPES["two-tiles"]
+    x, w, b, dy = data(shape, seed=14, integers=True)
+    monkeypatch.setattr(cuda, "_CONV3_SPLIT_MIN_K", 16)
+    monkeypatch.setattr(cuda, "_CONV3_T128_SLOTS", 64)  # (so that splitting pays: 4 tiles, 64 slots)
+    N, C, H, W, K, R, S, stride, padding = shape
+    splits = cuda._conv3_splits("backward_weight", cuda._CONV3_BIG, 4, N * 7 * 8)[0]
+    assert splits > 1
+    dw, db = run_nhwc(monkeypatch, shape, x, w, b, dy)[2:]
+    want = reference(shape, x, w, b, dy)
+    np.testing.assert_array_equal(dw, want[2].astype(np.float32))
+    np.testing.assert_array_equal(db, want[3].astype(np.float32))
+    assert "conv2d_nhwc_wgrad_reduce_f32" in emulated
 
 
 def test_v4_nhwc_with_copies_landing_at_issue(emulator, monkeypatch):
@@ -1647,21 +1675,24 @@ def test_v4_nhwc_with_copies_landing_at_issue(emulator, monkeypatch):
             launched = patch_backend(mp, emulator)
             with cp_async_eager(emulator) if eager else nullcontext():
                 results.append(run_nhwc(mp, shape, x, w, b, dy))
-            assert launched.count(NHWC_GEMM) == 2
-    for what, late, eager in zip(("y", "dx"), *results):
+            assert launched.count(NHWC_GEMM) == 2 and NHWC_WGRAD in launched
+    for what, late, eager in zip(("y", "dx", "dw", "db"), *results):
         np.testing.assert_array_equal(eager, late, err_msg=f"v4 NHWC {what}: copies landing at issue")
 
 
 def test_v4_nhwc_only_where_it_applies(monkeypatch):
-    """The channels-last kernel takes v4's forward and stride-1 backward-data GEMMs whose reduction
-    channels are a multiple of 16, only with PYCNN_CONV4_NHWC=1; a bad value is an error naming it."""
+    """The channels-last kernels take v4's forward and stride-1 backward-data GEMMs whose reduction
+    channels are a multiple of 16, and weight gradients with C and Ho*Wo multiples of 4, only with
+    PYCNN_CONV4_NHWC=1; a bad value is an error naming it."""
     geom = lambda N, C, H, W, K, R, S, sh, ph: (  # noqa: E731 - (N, C, H, W, K, R, S, Ho, Wo, ...)
         N, C, H, W, K, R, S, (H + 2 * ph - R) // sh + 1, (W + 2 * ph - S) // sh + 1, sh, sh, ph, ph)
     g = geom(2, 32, 8, 8, 48, 3, 3, 1, 1)
     assert not cuda._conv4_nhwc("forward", g)  # (unset: off)
     monkeypatch.setenv("PYCNN_CONV4_NHWC", "1")
-    assert cuda._conv4_nhwc("forward", g) and cuda._conv4_nhwc("backward_data", g)
-    assert not cuda._conv4_nhwc("backward_weight", g)
+    assert all(cuda._conv4_nhwc(d, g) for d in ("forward", "backward_data", "backward_weight"))
+    assert cuda._conv4_nhwc("backward_weight", geom(2, 4, 8, 8, 5, 3, 3, 1, 1))      # C % 4, Ho*Wo % 4
+    assert not cuda._conv4_nhwc("backward_weight", geom(2, 6, 8, 8, 48, 3, 3, 1, 1))  # C % 4
+    assert not cuda._conv4_nhwc("backward_weight", geom(2, 32, 7, 7, 48, 3, 3, 1, 1))  # Ho*Wo = 49
     assert not cuda._conv4_nhwc("forward", geom(2, 24, 8, 8, 48, 3, 3, 1, 1))        # C % 16
     assert cuda._conv4_nhwc("backward_data", geom(2, 24, 8, 8, 48, 3, 3, 1, 1))      # (K = 48)
     assert not cuda._conv4_nhwc("backward_data", geom(2, 32, 8, 8, 40, 3, 3, 1, 1))  # K % 16
@@ -1675,13 +1706,13 @@ def test_v4_nhwc_only_where_it_applies(monkeypatch):
 
 def test_gpu_kernels_times_the_channels_last_kernel(emulated, monkeypatch, tmp_path):
     """gpu_kernels.py --versions 4,4n: v4 and, as "nhwc" entries with their own tile, v4's
-    channels-last kernel on the forward and backward-data (16 channels each way), not on the
-    weight gradient; PYCNN_CONV4_NHWC is unset again afterwards."""
+    channels-last kernels in all three directions (16 channels each way, 24 output pixels);
+    PYCNN_CONV4_NHWC is unset again afterwards."""
     import json
     import os
 
     gpu_kernels, _ = _gpu_kernels_on_the_emulator(monkeypatch)
-    monkeypatch.setattr(gpu_kernels, "BIG", ("tiny16", (1, 16, 5, 6, 16, 1, 1, 1, 0)))
+    monkeypatch.setattr(gpu_kernels, "BIG", ("tiny16", (1, 16, 4, 6, 16, 1, 1, 1, 0)))
     monkeypatch.delenv("PYCNN_CONV4_NHWC", raising=False)
     out = tmp_path / "k.json"
     rc = gpu_kernels.main(["--layers", "big", "--versions", "4,4n", "--repeats", "1", "--json", str(out)])
@@ -1689,7 +1720,7 @@ def test_gpu_kernels_times_the_channels_last_kernel(emulated, monkeypatch, tmp_p
     assert rc == 0 and record["kernels_info"]["errors"] == [], record["kernels_info"]["errors"]
     got = sorted((e["op"], e["version"], e.get("nhwc", False), e["tile"]) for e in record["kernels"])
     assert got == [("conv2d_bwd_data", "v4", False, "64x64"), ("conv2d_bwd_data", "v4", True, "nhwc 128x128"),
-                   ("conv2d_bwd_weight", "v4", False, "64x64"),
+                   ("conv2d_bwd_weight", "v4", False, "64x64"), ("conv2d_bwd_weight", "v4", True, "nhwc 128x128"),
                    ("conv2d_fwd", "v4", False, "64x64"), ("conv2d_fwd", "v4", True, "nhwc 128x128")]
     assert emulated.count(NHWC_GEMM) >= 4  # (each of the two entries: a check call, then timed ones)
     assert "PYCNN_CONV4_NHWC" not in os.environ
