@@ -127,6 +127,44 @@ __device__ __forceinline__ void pycnn_tf32_round4(float* v) {
     *reinterpret_cast<float4*>(v) = f;
 }
 
+// Wait until this thread's copies of the stage being computed have landed (all but the newest
+// group) and round the four 16-byte chunks it copied to TF32 in place, once for every warp that
+// reads them; the caller's next __syncthreads publishes them.
+__device__ __forceinline__ void pycnn_nhwc_land_rounded(float* a0, float* a1, float* b0, float* b1) {
+    pycnn_cp_async_wait<1>();
+    pycnn_tf32_round4(a0);
+    pycnn_tf32_round4(b0);
+    pycnn_tf32_round4(a1);
+    pycnn_tf32_round4(b1);
+}
+
+// The warp's A fragments of one 8-deep step kk, rows wm .. wm+63 of a tile stored [row][k]:
+// lanes 0-15 address rows 0-15 at k = kk, lanes 16-31 the same rows at kk + 4, so the four
+// matrices are (rows 0-7, k 0-3), (8-15, 0-3), (0-7, 4-7), (8-15, 4-7) = a0, a1, a2, a3.
+__device__ __forceinline__ void pycnn_nhwc_a_fragments(unsigned (&a)[4][4], const float (*As)[PYCNN_NHWC_PITCH],
+                                                       int wm, int kk, int lane) {
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) pycnn_ldmatrix_x4(a[mi], &As[wm + 16 * mi + lane % 16][kk + 4 * (lane / 16)]);
+}
+
+// acc[mi][ni] += the warp's 4 x 4 mma tiles of 16 x 8 (A fragments a[mi], B fragments b[ni]).
+__device__ __forceinline__ void pycnn_nhwc_mma_4x4(float (&acc)[4][4][4], const unsigned (&a)[4][4],
+                                                   const unsigned (&b)[4][2]) {
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) pycnn_mma_tf32_m16n8k8(acc[mi][ni], a[mi], b[ni]);
+}
+
+__device__ __forceinline__ void pycnn_nhwc_zero(float (&acc)[4][4][4]) {
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
+}
+
 // y = conv2d(x, w) (+ bias, ReLU) from xt (NHWC) and wt ([K][R][S][C]): the GEMM
 // y[k][pixel] = sum over (r, s, c) of wt[k][r][s][c] * xt[pixel's window at (r, s)][c] on 128 x 128
 // tiles (filters x output pixels), 8 warps of 64 x 32 (4 x 4 mma tiles each), 16-deep stages,
@@ -161,12 +199,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv2d_fwd_v4nhwc_f32(
     }
 
     float acc[4][4][4];  // [mi][ni][fragment register]
-#pragma unroll
-    for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
+    pycnn_nhwc_zero(acc);
     const int wm = (warp % 2) * 64, wn = (warp / 2) * 32;  // the warp's 64 x 32 of the block tile
 
     const int stages = Kd / BK;
@@ -182,23 +215,15 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv2d_fwd_v4nhwc_f32(
         __syncthreads();  // every warp is done with buffer cur ^ 1 (stage st - 1): refill it
         if (st + 1 < stages) pycnn_nhwc_load_stage(L, xt, C, H, W, (st + 1) * BK, r, s, c0, As[cur ^ 1], Bs[cur ^ 1]);
         pycnn_cp_async_commit();  // (empty at the end: the count of groups stays uniform)
-        pycnn_cp_async_wait<1>();  // this thread's copies of stage st have landed: round them ...
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            pycnn_tf32_round4(&As[cur][tid / 4 + 64 * j][4 * (tid % 4)]);
-            pycnn_tf32_round4(&Bs[cur][tid / 4 + 64 * j][4 * (tid % 4)]);
-        }
-        __syncthreads();  // ... and everyone's are there
+        pycnn_nhwc_land_rounded(&As[cur][tid / 4][4 * (tid % 4)], &As[cur][tid / 4 + 64][4 * (tid % 4)],
+                                &Bs[cur][tid / 4][4 * (tid % 4)], &Bs[cur][tid / 4 + 64][4 * (tid % 4)]);
+        __syncthreads();  // everyone's copies of stage st are there, rounded
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 8) {
-            // A: lanes 0-15 address rows 0-15 at k = kk, lanes 16-31 the same rows at kk + 4:
-            // matrices (rows 0-7, k 0-3), (8-15, 0-3), (0-7, 4-7), (8-15, 4-7) = a0, a1, a2, a3.
-            // B: lanes 0-7 rows (pixels) 0-7 at kk, 8-15 the same at kk + 4, 16-31 pixels 8-15:
-            // b0, b1 of the first n8 tile, then of the second.
+            // B: lanes 0-7 address rows (pixels) 0-7 at kk, 8-15 the same at kk + 4, 16-31 pixels
+            // 8-15: b0, b1 of the first n8 tile, then of the second.
             unsigned a[4][4], bf[4][2];
-#pragma unroll
-            for (int mi = 0; mi < 4; ++mi)
-                pycnn_ldmatrix_x4(a[mi], &As[cur][wm + 16 * mi + lane % 16][kk + 4 * (lane / 16)]);
+            pycnn_nhwc_a_fragments(a, As[cur], wm, kk, lane);
 #pragma unroll
             for (int nj = 0; nj < 2; ++nj) {
                 unsigned f[4];
@@ -206,10 +231,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv2d_fwd_v4nhwc_f32(
                 bf[2 * nj][0] = f[0]; bf[2 * nj][1] = f[1];
                 bf[2 * nj + 1][0] = f[2]; bf[2 * nj + 1][1] = f[3];
             }
-#pragma unroll
-            for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-                for (int ni = 0; ni < 4; ++ni) pycnn_mma_tf32_m16n8k8(acc[mi][ni], a[mi], bf[ni]);
+            pycnn_nhwc_mma_4x4(acc, a, bf);
         }
     }
     pycnn_cp_async_wait<0>();  // (only empty groups are left)
@@ -307,12 +329,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv2d_bwd_weight_v4nhwc_f3
     const int c = (b_col_ok ? n : 0) % C, rs = (b_col_ok ? n : 0) / C, r = rs / S, s = rs - r * S;
 
     float acc[4][4][4];
-#pragma unroll
-    for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
+    pycnn_nhwc_zero(acc);
     const int wm = (warp % 2) * 64, wn = (warp / 2) * 32;
     const int g = lane / 4, t = lane % 4;
 
@@ -348,28 +365,19 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv2d_bwd_weight_v4nhwc_f3
         __syncthreads();  // the table is visible, and every warp is done with buffer cur ^ 1
         if (k0 + BK < p_end) load_stage(cur ^ 1, cur ^ 1);
         pycnn_cp_async_commit();
-        pycnn_cp_async_wait<1>();  // this thread's copies of stage st have landed: round them ...
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            pycnn_tf32_round4(&As[cur][tid / 4 + 64 * j][4 * aq]);
-            pycnn_tf32_round4(&Bs[cur][brow + 8 * j][4 * bq]);
-        }
-        __syncthreads();  // ... and everyone's are there
+        pycnn_nhwc_land_rounded(&As[cur][tid / 4][4 * aq], &As[cur][tid / 4 + 64][4 * aq], &Bs[cur][brow][4 * bq],
+                                &Bs[cur][brow + 8][4 * bq]);
+        __syncthreads();  // everyone's copies of stage st are there, rounded
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 8) {
             unsigned a[4][4], bf[4][2];
-#pragma unroll
-            for (int mi = 0; mi < 4; ++mi)
-                pycnn_ldmatrix_x4(a[mi], &As[cur][wm + 16 * mi + lane % 16][kk + 4 * (lane / 16)]);
+            pycnn_nhwc_a_fragments(a, As[cur], wm, kk, lane);
 #pragma unroll
             for (int ni = 0; ni < 4; ++ni) {
                 bf[ni][0] = __float_as_uint(Bs[cur][kk + t][wn + 8 * ni + g]);
                 bf[ni][1] = __float_as_uint(Bs[cur][kk + t + 4][wn + 8 * ni + g]);
             }
-#pragma unroll
-            for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-                for (int ni = 0; ni < 4; ++ni) pycnn_mma_tf32_m16n8k8(acc[mi][ni], a[mi], bf[ni]);
+            pycnn_nhwc_mma_4x4(acc, a, bf);
         }
     }
     pycnn_cp_async_wait<0>();
