@@ -1265,6 +1265,7 @@ _TUNE_VARIANTS = {
     "flip": ("PYCNN_CONV_BWD_DATA_FLIP", "1"),  # stride-1 backward-data through the forward kernels
     "fill": ("_CONV3_SPLIT_RULE", "fill"),  # the other split-K rule (see _CONV3_SPLIT_RULE)
     "waves": ("_CONV3_SPLIT_RULE", "waves"),
+    "nhwc": ("PYCNN_CONV4_NHWC", "1"),  # v4 through the channels-last kernels (conv2d_nhwc.cu)
 }
 # Each candidate is timed as it runs in a captured training step: calls captured in a CUDA graph
 # on a stream of its own, the graph replayed between two events (from Python a small layer's
@@ -1291,6 +1292,8 @@ def _tune_labels(direction: str, versions: list) -> list[str]:
             options.append("wide")  # (and "nowide" below: the default is either, by tile count)
         if direction == "backward_data" and _env("PYCNN_CONV_BWD_DATA_FLIP") == "":
             options.append("flip")
+        if version == CONV_TF32_VERSION and _env("PYCNN_CONV4_NHWC") == "":
+            options.append("nhwc")
         options.append("fill" if _CONV3_SPLIT_RULE == "waves" else "waves")
         combos = [c for n in range(1, len(options) + 1) for c in itertools.combinations(options, n)]
         if "wide" in options:
@@ -1427,7 +1430,7 @@ def _conv_pick(direction: str, dev: int, geom: tuple, version, allow_tf32, build
     # pick with them; tf32 stays last)
     key = (direction, dev, x_shape, w_shape, stride, padding, CONV_WINOGRAD_VERSION in versions,
            _env("PYCNN_CONV3_WIDE"), _env("PYCNN_CONV_BWD_DATA_FLIP"), _env("PYCNN_CONV3_R8"), _env("PYCNN_CONV3_M32T128"),
-           _CONV3_SPLIT_RULE, tf32 and capable)
+           _env("PYCNN_CONV4_NHWC"), _CONV3_SPLIT_RULE, tf32 and capable)
 
     def build_label(label):
         v, settings = _tune_variant(label)

@@ -174,6 +174,28 @@ def test_a_set_variant_holds_for_every_candidate(device, monkeypatch):
     assert "conv2d_bwd_data_v3_m32n256_f32" in device.timeline, "PYCNN_CONV3_WIDE=1 gives every v3 plan wide tiles"
 
 
+def test_channels_last_variant_of_v4(device, monkeypatch):
+    """With TF32 allowed, v4's channels-last kernels (PYCNN_CONV4_NHWC) are a candidate beside
+    v4's GEMM; made cheaper, they are picked, run within the TF32 bound, and the environment
+    stays untouched. Set by the user, the setting holds for every candidate instead."""
+    device.costs = {"conv2d_fwd_v4nhwc_f32": 1e-4, "conv2d_nchw_to_nhwc_f32": 1e-4, "conv2d_nhwc_filters_f32": 1e-4}
+    device.default_cost = 1e-2
+    monkeypatch.setattr(cuda, "CONV_VERSIONS", ("3",))  # (v1/v2: their own tests)
+    rng = np.random.default_rng(5)
+    x, w, b = rnd(rng, 1, 16, 6, 5), rnd(rng, 8, 16, 3, 3), rnd(rng, 8)
+    y = cuda.conv2d_forward(x, w, b, (1, 1), (1, 1), allow_tf32=True)
+    want = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), (1, 1), (1, 1))
+    np.testing.assert_allclose(y, want, rtol=0, atol=2e-3 * np.abs(want).max())
+    key, times = _only_times()
+    assert {"3", "4", "4+nhwc"} <= set(times), times
+    assert cuda._autotune_cache[key] == "4+nhwc" and device.timeline[-1] == "conv2d_fwd_v4nhwc_f32"
+    assert "PYCNN_CONV4_NHWC" not in cuda.os.environ and cuda._overrides() == {}
+    monkeypatch.setenv("PYCNN_CONV4_NHWC", "0")
+    cuda.conv2d_forward(x, w, b, (1, 1), (1, 1), allow_tf32=True)
+    times = [t for k, t in cuda._autotune_times.items() if k != key][0]
+    assert "nhwc" not in " ".join(times), times
+
+
 def test_equal_plans_are_timed_once(device):
     """A variant that changes nothing for a shape (here the wide tile of a GEMM of more than 64
     rows) is not timed: every timed label's plan differs from the others."""
