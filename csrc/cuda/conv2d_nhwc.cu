@@ -296,8 +296,8 @@ __device__ __forceinline__ PycnnNhwcPixel pycnn_nhwc_pixel(int p, int p_end, int
 // stage, so their tap and channel are decoded once.
 // Launch: block (256,), grid (ceil(R*S*C / 128), ceil(K / 128), splits); split z reduces pixels
 // [z*chunk, min((z+1)*chunk, N*Ho*Wo)), chunk a multiple of 16. The host guarantees C % 4 == 0,
-// Ho*Wo % 4 == 0 (a group of 4 pixels lies in one image, 16-byte aligned), 16-byte aligned dy
-// and xt, and fewer than 2^31 elements in dy and xt.
+// Ho*Wo % 4 == 0 (a group of 4 pixels lies in one image, 16 bytes apart from the start of dy),
+// a 16-byte aligned xt, and fewer than 2^31 elements in dy and xt.
 extern "C" __global__ void __launch_bounds__(256, 2) conv2d_bwd_weight_v4nhwc_f32(
     const float* __restrict__ dy, const float* __restrict__ xt, float* __restrict__ partial, int N, int C, int H,
     int W, int K, int R, int S, int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk) {
@@ -333,13 +333,24 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv2d_bwd_weight_v4nhwc_f3
     const int wm = (warp % 2) * 64, wn = (warp / 2) * 32;
     const int g = lane / 4, t = lane % 4;
 
+    // dy is the caller's array, which need not start on 16 bytes (a contiguous view at an odd
+    // offset): then its groups go as four 4-byte copies (a uniform branch; xt is our own scratch).
+    const bool dy_aligned = (reinterpret_cast<unsigned long long>(dy) & 15ull) == 0;
+
     // Issue stage k0's copies, its pixels described by tab[slot].
     auto load_stage = [&](int slot, int buf) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
             const PycnnNhwcPixel e = tab[slot][4 * aq];  // (the group's first pixel; the rest follow it)
             const bool ok = a_ok[j] & (e.dy_off >= 0);
-            pycnn_cp_async_f32x4(&As[buf][tid / 4 + 64 * j][4 * aq], dy + (ok ? e.dy_off + a_row_off[j] : 0), ok);
+            float* dst = &As[buf][tid / 4 + 64 * j][4 * aq];
+            const float* src = dy + (ok ? e.dy_off + a_row_off[j] : 0);
+            if (dy_aligned) {
+                pycnn_cp_async_f32x4(dst, src, ok);
+            } else {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) pycnn_cp_async_f32(dst + i, src + (ok ? i : 0), ok);
+            }
         }
 #pragma unroll
         for (int j = 0; j < 2; ++j) {

@@ -338,6 +338,12 @@ def test_v4_nhwc_within_the_tf32_bound(monkeypatch, layer):
             err = np.abs(out - want[index])
             bound = tf32_bound(lengths[direction], products[index])
             assert np.all(err <= bound), f"batch {batch} {direction}: worst ratio to the bound {(err / bound).max():.3g}"
+    if "backward_weight" in directions:  # dy 4 bytes past a 16-byte boundary: 4-byte copies, same bits
+        shifted = cp.empty(dy.size + 1, cp.float32)[1:].reshape(dy.shape)
+        shifted[...] = dy
+        assert shifted.data.ptr % 16 == 4
+        np.testing.assert_array_equal(cp.asnumpy(got["backward_weight"]()), cp.asnumpy(
+            cuda.conv2d_backward_weight(shifted, x, w.shape, stride, padding, version="4", allow_tf32=True)[0]))
     planned = _planned_kernels()
     assert ("conv2d_fwd_v4nhwc_f32" in planned) == ("forward" in directions or "backward_data" in directions)
     assert ("conv2d_bwd_weight_v4nhwc_f32" in planned) == ("backward_weight" in directions)

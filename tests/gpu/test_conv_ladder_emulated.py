@@ -1662,6 +1662,26 @@ def test_v4_nhwc_weight_gradient_split_k(emulated, monkeypatch):
     assert "conv2d_nhwc_wgrad_reduce_f32" in emulated
 
 
+def test_v4_nhwc_weight_gradient_of_a_misaligned_dy(emulated, monkeypatch):
+    """dy is read straight from the caller's array, which may start 4 bytes past a 16-byte
+    boundary (a contiguous view at an odd offset): the kernel then copies 4 bytes at a time, to
+    the same bits."""
+    shape = NHWC_SHAPES["stride2"]
+    x, w, b, dy = data(shape, seed=15)
+    monkeypatch.setenv("PYCNN_CONV4_NHWC", "1")
+    _, _, _, _, _, _, _, stride, padding = shape
+    aligned = cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding, version="4", allow_tf32=True)
+    base = np.empty(dy.size + 4, np.float32)
+    offset = next(i for i in range(4) if (base[i:].ctypes.data & 15) == 4)
+    shifted = base[offset:offset + dy.size].reshape(dy.shape)
+    shifted[...] = dy
+    assert shifted.ctypes.data % 16 == 4 and shifted.flags.c_contiguous
+    got = cuda.conv2d_backward_weight(shifted, x, w.shape, stride, padding, version="4", allow_tf32=True)
+    assert emulated.count(NHWC_WGRAD) == 2
+    for what, g, a in zip(("dw", "db"), got, aligned):
+        np.testing.assert_array_equal(g, a, err_msg=what)
+
+
 def test_v4_nhwc_with_copies_landing_at_issue(emulator, monkeypatch):
     """The same bits when the 16-byte copies land at issue (a copy into the buffer other warps
     still read would show) as when they land at the wait."""
