@@ -30,7 +30,7 @@
 // header), in another order of the sums (tap-major), so not v4's bits.
 // The weight gradient reduces over output pixels instead: dw[k][(r, s, c)] = sum over pixels p of
 // dy[k][p] * xt[p's window at (r, s)][c]. Its A (dy, NCHW) is contiguous along the pixels, so it
-// is copied 16 bytes at a time and read with ldmatrix as above (Ho*Wo % 4 == 0). Its B (xt) is
+// is copied 16 bytes at a time (where Ho*Wo % 4 == 0; else 4) and read with ldmatrix as above. Its B (xt) is
 // contiguous along the columns (r, s, c): copied 16 bytes at a time too (C % 4 == 0), but stored
 // [pixel][column] and read with 4-byte loads (ldmatrix's transposing form works on 16-bit elements
 // only). Split-K over the pixels writes partial copies of dw in (r, s, c) order, which
@@ -296,7 +296,6 @@ __device__ __forceinline__ PycnnNhwcPixel pycnn_nhwc_pixel(int p, int p_end, int
 // stage, so their tap and channel are decoded once.
 // Launch: block (256,), grid (ceil(R*S*C / 128), ceil(K / 128), splits); split z reduces pixels
 // [z*chunk, min((z+1)*chunk, N*Ho*Wo)), chunk a multiple of 16. The host guarantees C % 4 == 0,
-// Ho*Wo % 4 == 0 (a group of 4 pixels lies in one image, 16 bytes apart from the start of dy),
 // a 16-byte aligned xt, and fewer than 2^31 elements in dy and xt.
 extern "C" __global__ void __launch_bounds__(256, 2) conv2d_bwd_weight_v4nhwc_f32(
     const float* __restrict__ dy, const float* __restrict__ xt, float* __restrict__ partial, int N, int C, int H,
@@ -333,23 +332,28 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv2d_bwd_weight_v4nhwc_f3
     const int wm = (warp % 2) * 64, wn = (warp / 2) * 32;
     const int g = lane / 4, t = lane % 4;
 
-    // dy is the caller's array, which need not start on 16 bytes (a contiguous view at an odd
-    // offset): then its groups go as four 4-byte copies (a uniform branch; xt is our own scratch).
-    const bool dy_aligned = (reinterpret_cast<unsigned long long>(dy) & 15ull) == 0;
+    // A group of four pixels is one 16-byte copy of dy where Ho*Wo % 4 == 0 (the group lies in
+    // one image) and dy starts on 16 bytes (it is the caller's array: a contiguous view can start
+    // at any float). Otherwise (a uniform branch) each pixel is a 4-byte copy from its own table
+    // entry: groups that cross images, or end past the split's range, come out right too.
+    const bool dy_quads = (reinterpret_cast<unsigned long long>(dy) & 15ull) == 0 && HoWo % 4 == 0;
 
     // Issue stage k0's copies, its pixels described by tab[slot].
     auto load_stage = [&](int slot, int buf) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-            const PycnnNhwcPixel e = tab[slot][4 * aq];  // (the group's first pixel; the rest follow it)
-            const bool ok = a_ok[j] & (e.dy_off >= 0);
             float* dst = &As[buf][tid / 4 + 64 * j][4 * aq];
-            const float* src = dy + (ok ? e.dy_off + a_row_off[j] : 0);
-            if (dy_aligned) {
-                pycnn_cp_async_f32x4(dst, src, ok);
+            if (dy_quads) {
+                const int off = tab[slot][4 * aq].dy_off;  // (the group's first pixel; the rest follow it)
+                const bool ok = a_ok[j] & (off >= 0);
+                pycnn_cp_async_f32x4(dst, dy + (ok ? off + a_row_off[j] : 0), ok);
             } else {
 #pragma unroll
-                for (int i = 0; i < 4; ++i) pycnn_cp_async_f32(dst + i, src + (ok ? i : 0), ok);
+                for (int i = 0; i < 4; ++i) {
+                    const int off = tab[slot][4 * aq + i].dy_off;
+                    const bool ok = a_ok[j] & (off >= 0);
+                    pycnn_cp_async_f32(dst + i, dy + (ok ? off + a_row_off[j] : 0), ok);
+                }
             }
         }
 #pragma unroll

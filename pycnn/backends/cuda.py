@@ -1019,11 +1019,11 @@ def _conv3_m32t128_setting() -> str:
 # (benchmarks/sass_mix.py): 172 instructions per stage for 32 mma, against 442 plus 17 per gathered
 # element in conv2d_fwd_v4_t128_f32. $PYCNN_CONV4_NHWC=1 runs it wherever v4 runs a forward or a
 # stride-1 backward-data GEMM whose reduction channels (C, or K for backward-data) are a multiple
-# of 16, and a weight gradient with C % 4 == 0 and Ho*Wo % 4 == 0 (282 instructions per stage
-# there, against 490 plus the gather); opt-in until a GPU has timed it (gpu_kernels.py --versions 4,4n).
+# of 16, and a weight gradient with C % 4 == 0 (282 instructions per stage there where Ho*Wo % 4
+# == 0, against 490 plus the gather); opt-in until a GPU has timed it (gpu_kernels.py --versions 4,4n).
 _CONV4_NHWC_TILE = 128
 _CONV4_NHWC_CHANNELS = 16  # forward / backward-data: a stage is 16 channels of one tap
-_CONV4_NHWC_GROUP = 4      # weight gradient: 16-byte groups of channels (xt) and of pixels (dy)
+_CONV4_NHWC_GROUP = 4      # weight gradient: 16-byte groups of channels (xt)
 
 
 def _conv4_nhwc(direction: str, geom: tuple) -> bool:
@@ -1033,8 +1033,7 @@ def _conv4_nhwc(direction: str, geom: tuple) -> bool:
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
     sizes_ok = max(N * C * H * W, N * K * Ho * Wo) < 2**31 and N <= _MAX_GRID_YZ
     if direction == "backward_weight":
-        return (sizes_ok and C % _CONV4_NHWC_GROUP == 0 and (Ho * Wo) % _CONV4_NHWC_GROUP == 0
-                and -(-K // _CONV4_NHWC_TILE) <= _MAX_GRID_YZ)
+        return sizes_ok and C % _CONV4_NHWC_GROUP == 0 and -(-K // _CONV4_NHWC_TILE) <= _MAX_GRID_YZ
     if direction == "backward_data":  # (as the forward convolution of dy with the flipped filters)
         if (sh, sw) != (1, 1) or ph >= R or pw >= S:
             return False

@@ -1567,8 +1567,8 @@ def test_backward_data_flip_only_where_it_applies(emulated, monkeypatch):
 
 # v4 channels last (conv2d_nhwc.cu, PYCNN_CONV4_NHWC=1): forward, stride-1 backward-data as the
 # forward convolution of dy with the flipped filters, and the weight gradient. (N, C, H, W, K, R,
-# S, stride, padding) with C a multiple of 16 (forward), K one of 16 (backward-data) where
-# stride 1, and Ho*Wo a multiple of 4 (weight gradient).
+# S, stride, padding) with C a multiple of 16 (forward; the last shape has 8: v4's GEMM), K one
+# of 16 (backward-data) where stride 1, and C one of 4 (weight gradient).
 NHWC_SHAPES = {
     # 9 stages; 96 output pixels (a column tile that ends inside the block); all three directions
     "pad-3x3": (2, 16, 6, 8, 32, 3, 3, (1, 1), (1, 1)),
@@ -1579,6 +1579,9 @@ NHWC_SHAPES = {
     # stride 2, a 3x2 filter, padding on one side only: forward and weight gradient in NHWC,
     # backward-data not (stride 2)
     "stride2": (2, 32, 9, 9, 20, 3, 2, (2, 1), (1, 0)),
+    # 3x3 outputs: the weight gradient's groups of four pixels cross images (4-byte dy copies);
+    # 8 channels: the forward runs v4's GEMM
+    "odd-pixels": (3, 8, 5, 5, 16, 3, 3, (1, 1), (0, 0)),
 }
 NHWC_GEMM = "conv2d_fwd_v4nhwc_f32"
 NHWC_WGRAD = "conv2d_bwd_weight_v4nhwc_f32"
@@ -1600,6 +1603,10 @@ def nhwc_runs_backward_data(shape) -> bool:
     return stride == (1, 1) and K % 16 == 0
 
 
+def nhwc_runs_forward(shape) -> bool:
+    return shape[1] % 16 == 0
+
+
 @pytest.mark.parametrize("name", list(NHWC_SHAPES))
 def test_v4_nhwc_within_tf32_bound(emulated, monkeypatch, name):
     """The channels-last kernels ran (forward and weight gradient; backward-data where stride 1 and
@@ -1609,11 +1616,13 @@ def test_v4_nhwc_within_tf32_bound(emulated, monkeypatch, name):
     _, _, _, _, _, _, _, stride, padding = shape
     x, w, b, dy = data(shape, seed=11)
     got = run_nhwc(monkeypatch, shape, x, w, b, dy)
-    assert emulated.count(NHWC_GEMM) == (2 if nhwc_runs_backward_data(shape) else 1), emulated
+    assert emulated.count(NHWC_GEMM) == nhwc_runs_forward(shape) + nhwc_runs_backward_data(shape), emulated
     assert {"conv2d_nchw_to_nhwc_f32", "conv2d_nhwc_filters_f32", NHWC_WGRAD,
             "conv2d_nhwc_wgrad_reduce_f32"} <= set(emulated)
     if not nhwc_runs_backward_data(shape):
         assert "conv2d_bwd_data_v4_f32" in emulated
+    if not nhwc_runs_forward(shape):
+        assert "conv2d_fwd_v4_f32" in emulated
     want = reference(shape, x, w, b, dy)
     ax, aw, ady = (np.abs(a.astype(np.float64)) for a in (x, w, dy))
     products = (ref.conv2d_forward(ax, aw, np.abs(b.astype(np.float64)), stride, padding),
@@ -1641,7 +1650,8 @@ def test_v4_nhwc_exact_on_tf32_representable_integers(emulated, monkeypatch, nam
     want = (np.maximum(want[0], 0),) + tuple(want[1:])
     for what, g, wnt in zip(("y", "dx", "dw", "db"), got, want):
         np.testing.assert_array_equal(g, wnt.astype(np.float32), err_msg=f"{name} {what}")
-    assert NHWC_GEMM in emulated and NHWC_WGRAD in emulated
+    assert NHWC_WGRAD in emulated and (NHWC_GEMM in emulated) == (nhwc_runs_forward(shape) or
+                                                                 nhwc_runs_backward_data(shape))
 
 
 def test_v4_nhwc_weight_gradient_split_k(emulated, monkeypatch):
@@ -1702,7 +1712,7 @@ def test_v4_nhwc_with_copies_landing_at_issue(emulator, monkeypatch):
 
 def test_v4_nhwc_only_where_it_applies(monkeypatch):
     """The channels-last kernels take v4's forward and stride-1 backward-data GEMMs whose reduction
-    channels are a multiple of 16, and weight gradients with C and Ho*Wo multiples of 4, only with
+    channels are a multiple of 16, and weight gradients with C a multiple of 4, only with
     PYCNN_CONV4_NHWC=1; a bad value is an error naming it."""
     geom = lambda N, C, H, W, K, R, S, sh, ph: (  # noqa: E731 - (N, C, H, W, K, R, S, Ho, Wo, ...)
         N, C, H, W, K, R, S, (H + 2 * ph - R) // sh + 1, (W + 2 * ph - S) // sh + 1, sh, sh, ph, ph)
@@ -1710,9 +1720,9 @@ def test_v4_nhwc_only_where_it_applies(monkeypatch):
     assert not cuda._conv4_nhwc("forward", g)  # (unset: off)
     monkeypatch.setenv("PYCNN_CONV4_NHWC", "1")
     assert all(cuda._conv4_nhwc(d, g) for d in ("forward", "backward_data", "backward_weight"))
-    assert cuda._conv4_nhwc("backward_weight", geom(2, 4, 8, 8, 5, 3, 3, 1, 1))      # C % 4, Ho*Wo % 4
+    assert cuda._conv4_nhwc("backward_weight", geom(2, 4, 8, 8, 5, 3, 3, 1, 1))      # C % 4
     assert not cuda._conv4_nhwc("backward_weight", geom(2, 6, 8, 8, 48, 3, 3, 1, 1))  # C % 4
-    assert not cuda._conv4_nhwc("backward_weight", geom(2, 32, 7, 7, 48, 3, 3, 1, 1))  # Ho*Wo = 49
+    assert cuda._conv4_nhwc("backward_weight", geom(2, 32, 7, 7, 48, 3, 3, 1, 1))  # (any Ho*Wo: 49 here)
     assert not cuda._conv4_nhwc("forward", geom(2, 24, 8, 8, 48, 3, 3, 1, 1))        # C % 16
     assert cuda._conv4_nhwc("backward_data", geom(2, 24, 8, 8, 48, 3, 3, 1, 1))      # (K = 48)
     assert not cuda._conv4_nhwc("backward_data", geom(2, 32, 8, 8, 40, 3, 3, 1, 1))  # K % 16
