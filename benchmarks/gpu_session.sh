@@ -57,8 +57,9 @@ fi
 [ "$part" = 1 ] && { ls -la "$OUT"; exit 0; }
 # (gpu_kernels.py writes its record at the end: its own budget stops new layers in time for that)
 kbudget=$(( deadline - SECONDS - 60 < 100 ? deadline - SECONDS - 60 : 100 ))
+# (4n: v4's channels-last kernels beside v4, the docs table's own row; opt-in until timed)
 [ -z "${SKIP_LADDER:-}" ] && step "kernel ladder vs cuDNN" 150 python3 benchmarks/gpu_kernels.py --budget "$kbudget" \
-  --json "$OUT/gpu-$stamp-$sha8-kernels.json" 2>&1 | tail -80
+  --versions 1,2,3,4,4n,5 --json "$OUT/gpu-$stamp-$sha8-kernels.json" 2>&1 | tail -80
 [ -z "${SKIP_TRAINING_BENCH:-}" ] && step "training throughput vs PyTorch" 240 \
   python3 benchmarks/gpu_training.py --out "$OUT/training.json" 2>&1 | tail -70
 if [ -n "${NCU:-}" ]; then
@@ -119,13 +120,14 @@ fi
 [ -n "${LEAN:-}" ] && step "v3 default vs lean gather, compute-bound + model layers at batch 512" 100 \
   python3 benchmarks/gpu_kernels.py --layers all --versions 3 --also-lean --batch 512 --repeats 10 --budget 40 \
   --json "$OUT/gpu-$stamp-$sha8-kernels-lean-b512.json" 2>&1 | tail -40
-# NHWC=1: v4 as it is and through its channels-last kernel (v4n, PYCNN_CONV4_NHWC=1: the input
+# NHWC=1: v4 as it is and through its channels-last kernels (v4n, PYCNN_CONV4_NHWC=1: the input
 # transposed to NHWC, 16-byte copies, ldmatrix fragments) on the compute-bound layer and every
-# model layer at batch 64 (forward and stride-1 backward-data where the reduction channels are a
-# multiple of 16; the others are timed once). One more NVRTC compile (conv2d_nhwc.cu).
+# model layer at batch 512 (forward and stride-1 backward-data where the reduction channels are a
+# multiple of 16, weight gradients where C is one of 4; the others are timed once). The main
+# ladder times 4n at batch 64 already.
 [ -n "${NHWC:-}" ] && step "v4 vs v4 channels last, compute-bound + model layers" 90 \
-  python3 benchmarks/gpu_kernels.py --layers all --versions 4,4n --repeats 10 --budget 40 \
-  --json "$OUT/gpu-$stamp-$sha8-kernels-nhwc.json" 2>&1 | tail -40
+  python3 benchmarks/gpu_kernels.py --layers all --versions 4,4n --batch 512 --repeats 10 --budget 40 \
+  --json "$OUT/gpu-$stamp-$sha8-kernels-nhwc-b512.json" 2>&1 | tail -40
 # The v3/v4/v5 GEMM main loop without cp.async double buffering, on the compute-bound layer: is
 # the default (PYCNN_CONV3_STAGES=2) the faster one there?
 [ -z "${SKIP_STAGES1:-}" ] && step "v3/v4/v5 with PYCNN_CONV_STAGES=1 (compute-bound layer)" 60 env PYCNN_CONV_STAGES=1 \

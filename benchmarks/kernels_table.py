@@ -101,10 +101,12 @@ def render(path: Path | None, record: dict | None, one_stage: dict | None = None
     if record is None:
         return "No GPU record with conv2d kernel timings exists yet in benchmarks/results/."
     # (not the experiments timed beside a version: wide tiles, flipped backward-data, split
-    # targets, knockouts)
-    kernels = [e for e in record.get("kernels") or [] if str(e.get("op", "")).startswith("conv2d")
-               and not any(e.get(k) for k in ("wide", "flip", "split_target", "split_rule", "knockout",
-                                                   "rebuilt", "wide_splits", "r8", "threads", "m32t128"))]
+    # targets, knockouts; v4's channels-last kernels get a row of their own where the record has them)
+    conv = [e for e in record.get("kernels") or [] if str(e.get("op", "")).startswith("conv2d")]
+    kernels = [e for e in conv if not any(e.get(k) for k in ("wide", "flip", "split_target", "split_rule", "knockout",
+                                                             "rebuilt", "wide_splits", "r8", "threads", "m32t128",
+                                                             "nhwc"))]
+    nhwc_entries = [e for e in conv if e.get("nhwc") and e.get("version") == "v4" and not e.get("rebuilt")]
     info = record.get("kernels_info") or {}
     lines = [f"Measured on {record.get('device', 'an unnamed GPU')} (record `{path.name}`, commit "
              f"{str(record.get('commit', '?'))[:8]}, {record.get('date', 'undated')}; reference "
@@ -132,6 +134,11 @@ def render(path: Path | None, record: dict | None, one_stage: dict | None = None
                 if e is None and (v, d) not in missing:
                     missing.append((v, d))
             lines.append(f"| {VERSION_NAMES[v]} | " + " | ".join(cells) + " |")
+            nhwc = {e["op"]: e for e in nhwc_entries if list(e.get("shape", [])) == shape}
+            if v == "v4" and nhwc:
+                cells = [cell(nhwc[op]["ms"], shape, nhwc[op].get("gpu_ms")) if op in nhwc else "-"
+                         for op, _ in DIRECTIONS]
+                lines.append("| v4 channels last (PYCNN_CONV4_NHWC=1) | " + " | ".join(cells) + " |")
         for v in ("v3", "v4", "v5"):
             single = {e["op"]: e for e in (one_stage or {}).get("kernels") or []
                       if list(e.get("shape", [])) == shape and e.get("version") == v}

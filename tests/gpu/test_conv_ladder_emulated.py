@@ -363,7 +363,13 @@ def test_kernels_table_shows_only_measured_figures(tmp_path):
     assert "| v5 Winograd F(4x4,3x3) (fp32) | - | - | - |" in text
     assert "v5 (all three directions)" in text
     assert "v1 (all three directions)" in text and "v3 (backward-data, backward-weight)" in text
-    assert "1-stage loop" not in text and "PYCNN_CONV3_WARP_COLS" not in text
+    assert "1-stage loop" not in text and "PYCNN_CONV3_WARP_COLS" not in text and "channels last" not in text
+    # v4's channels-last entries: a row of their own below v4, not v4's cells
+    nhwc = dict(record, kernels=record["kernels"] + [{"op": "conv2d_fwd", "shape": big, "version": "v4", "ms": 1.0,
+                                                       "nhwc": True}])
+    with_nhwc = kernels_table.render(path, nhwc)
+    assert f"| v4 channels last (PYCNN_CONV4_NHWC=1) | 1.00 ms, {flop / 1e-3 / 1e12:.2f} TFLOP/s | - | - |" in with_nhwc
+    assert "| v4 TF32 tensor cores | - | - | - |" in with_nhwc
     # a record made with another v3 warp layout says so (the backend's default is kernels_table's)
     assert kernels_table.DEFAULT_WARP_COLS == cuda.DEFINES["PYCNN_CONV3_WARP_COLS"]
     eight = dict(record, kernels=[dict(e, warp_cols=8) for e in record["kernels"]])
