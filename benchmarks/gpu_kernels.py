@@ -34,6 +34,9 @@ fp32 (TF32 off) and in TF32, all measured in the same run.
     python benchmarks/gpu_kernels.py --layers all --versions 4,4n --json FILE
         (v4 and, as "nhwc": true entries, v4's channels-last kernel, PYCNN_CONV4_NHWC=1, on the
         forward and stride-1 backward-data GEMMs whose reduction channels are a multiple of 16)
+    python benchmarks/gpu_kernels.py --layers models --versions 3,3n --batch 512 --json FILE
+        (v3 and, as "nhwc": true entries, v3's channels-last forward / backward-data kernels,
+        PYCNN_CONV3_NHWC=1, on the GEMMs of at most 64 rows with 16k reduction channels)
     python benchmarks/gpu_kernels.py --layers models --versions 3,3fill --batch 512 --json FILE
         (v3 and, as "split_rule": "fill" entries where it splits differently, v3 with the split-K
         rule before the "waves" one: cuda._CONV3_SPLIT_RULE)
@@ -94,8 +97,10 @@ FILL = "3fill"
 T256 = "3t"
 # "3m": v3 with PYCNN_CONV3_M32T128=1 (the 32x256 tiles by 128 threads, 4x16 register tiles).
 M32T128 = "3m"
-# "4n": v4 with PYCNN_CONV4_NHWC=1 (the channels-last kernel, conv2d_nhwc.cu) where it applies.
+# "4n": v4 with PYCNN_CONV4_NHWC=1 (the channels-last kernels, conv2d_nhwc.cu) where they apply;
+# "3n": v3 with PYCNN_CONV3_NHWC=1 (its channels-last forward / backward-data kernels).
 NHWC = "4n"
+NHWC3 = "3n"
 # "3@T": v3 with cuda._CONV3_SPLIT_TARGET_BLOCKS = T (how many blocks split-K GEMMs aim at).
 
 
@@ -125,8 +130,8 @@ def parse_tag(tag: str) -> Tag:
         return Tag("3", threads256=True)
     if tag == M32T128:
         return Tag("3", m32t128=True)
-    if tag == NHWC:
-        return Tag("4", nhwc=True)
+    if tag in (NHWC, NHWC3):
+        return Tag(tag[0], nhwc=True)
     return Tag(tag)
 SLOW_MS = 5.0
 
@@ -285,6 +290,8 @@ def tile_of(direction: str, shape, version: str) -> str:
         return "narrow"  # conv2d_{fwd,bwd_data}_narrow_c1_*: one thread per output / input pixel
     if version == cuda.CONV_TF32_VERSION and cuda._conv4_nhwc(direction, _geometry(shape)):
         return f"nhwc {cuda._CONV4_NHWC_TILE}x{cuda._CONV4_NHWC_TILE}"
+    if version == "3" and cuda._conv3_nhwc(direction, _geometry(shape)):
+        return f"nhwc {cuda._conv3_nhwc(direction, _geometry(shape))}x{cuda._CONV3_NHWC_COLS}"
     bm, bn, suffix = cuda._conv3_tile(direction, rows, cols, version)
     return f"{bm}x{bn}" + ("/128 threads" if suffix in ("_n128r8", "_m32n256t128") else "")
 
@@ -326,7 +333,9 @@ def variant(tag: Tag):
     try:
         with env_switch("PYCNN_CONV3_WIDE", tag.wide), env_switch("PYCNN_CONV_BWD_DATA_FLIP", tag.flip), \
                 env_value("PYCNN_CONV3_R8", "0" if tag.threads256 else None), \
-                env_switch("PYCNN_CONV3_M32T128", tag.m32t128), env_switch("PYCNN_CONV4_NHWC", tag.nhwc):
+                env_switch("PYCNN_CONV3_M32T128", tag.m32t128), \
+                env_switch("PYCNN_CONV4_NHWC", tag.nhwc and tag.version == "4"), \
+                env_switch("PYCNN_CONV3_NHWC", tag.nhwc and tag.version == "3"):
             yield
     finally:
         if tag.split_target is not None:
@@ -533,7 +542,8 @@ def table(entries) -> str:
                  "v3fill = the split-K rule before 'waves'; "
                  "v3t = 64x128 tiles by 256 threads (PYCNN_CONV3_R8=0); "
                  "v3m = 32x256 tiles by 128 threads (PYCNN_CONV3_M32T128=1); "
-                 "v4n = v4's channels-last kernel (PYCNN_CONV4_NHWC=1); "
+                 "v4n = v4's channels-last kernels (PYCNN_CONV4_NHWC=1); "
+                 "v3n = v3's channels-last kernels (PYCNN_CONV3_NHWC=1); "
                  "v3@T = split-K aimed at T "
                  "blocks; x cuDNN > 1 means faster "
                  "than cuDNN; ms: one call with the host's work, GPU us: in a CUDA graph)")
@@ -572,7 +582,7 @@ def main(argv=None) -> int:
                         help="also time the non-conv kernel families (the selftest's benchmark)")
     args = parser.parse_args(argv)
     versions = tuple(v.strip() for v in args.versions.split(",") if v.strip())
-    unknown = [v for v in versions if v not in VERSIONS + (WIDE, FLIP, FILL, T256, M32T128, NHWC)
+    unknown = [v for v in versions if v not in VERSIONS + (WIDE, FLIP, FILL, T256, M32T128, NHWC, NHWC3)
                and not v.startswith("3@")]
     try:
         [parse_tag(v) for v in versions]
@@ -580,7 +590,7 @@ def main(argv=None) -> int:
         unknown.append(str(exc))
     if unknown or not versions:
         parser.error(f"--versions: expected a comma-separated subset of {','.join(VERSIONS)}, "
-                     f"3w, 3f, 3fill, 3t, 3m, 4n or 3@<blocks>, "
+                     f"3w, 3f, 3fill, 3t, 3m, 3n, 4n or 3@<blocks>, "
                      f"got {args.versions!r}")
     try:
         knockouts = [int(k) for k in args.knockouts.split(",") if k.strip()]

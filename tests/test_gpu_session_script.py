@@ -129,7 +129,8 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
         seen[len(seen)] = {name: os.environ.get(name) for name in
                            ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP",
                             "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_POOL_FUSE", "PYCNN_CONV_AUTOTUNE",
-                            "PYCNN_CONV3_WIDE", "PYCNN_CONV3_R8", "PYCNN_CONV3_M32T128", "PYCNN_CONV3_LEAN_GATHER")}
+                            "PYCNN_CONV3_WIDE", "PYCNN_CONV3_R8", "PYCNN_CONV3_M32T128", "PYCNN_CONV3_LEAN_GATHER",
+                            "PYCNN_CONV3_NHWC")}
         seen[len(seen) - 1] |= {"rule": cuda._CONV3_SPLIT_RULE, "graph": graph, "forgot": forgot[0]}
         return {}
 
@@ -141,7 +142,7 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
     monkeypatch.setattr(cuda, "forget_conv_core_modules", forget)
     for name in ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_CONV_WINOGRAD",
                  "PYCNN_CONV_POOL_FUSE", "PYCNN_CONV_AUTOTUNE", "PYCNN_CONV3_WIDE", "PYCNN_CONV3_R8",
-                 "PYCNN_CONV3_M32T128", "PYCNN_CONV3_LEAN_GATHER"):
+                 "PYCNN_CONV3_M32T128", "PYCNN_CONV3_LEAN_GATHER", "PYCNN_CONV3_NHWC"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(gpu_training, "pycnn_throughput", stand_in)
     variants = gpu_training.pycnn_variants()
@@ -160,6 +161,7 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
                 "pycnn-cudagraph-t256": {"PYCNN_CONV3_R8": "0"},
                 "pycnn-cudagraph-m32t128": {"PYCNN_CONV3_M32T128": "1"},
                 "pycnn-cudagraph-lean": {"PYCNN_CONV3_LEAN_GATHER": "1"},
+                "pycnn-cudagraph-nhwc": {"PYCNN_CONV3_NHWC": "1"},
                 "pycnn-cudagraph-nopoolfuse": {"PYCNN_CONV_POOL_FUSE": "0"},
                 "pycnn-cudagraph-autotune": {"PYCNN_CONV_AUTOTUNE": "1"}}.get(name, {})
         assert setting == want, name

@@ -1,6 +1,7 @@
-// conv2d_nhwc.cu: v4 channels-last, TF32 tensor cores through ldmatrix (conv2d.cu has the map of
-// the whole ladder). Opt-in until a GPU has timed it: PYCNN_CONV4_NHWC=1 runs it wherever v4 runs
-// a forward or stride-1 backward-data GEMM whose reduction channels are a multiple of 16.
+// conv2d_nhwc.cu: the ladder's channels-last kernels (conv2d.cu has the map of the whole ladder):
+// v4 with TF32 tensor cores through ldmatrix in all three directions (PYCNN_CONV4_NHWC=1), and v3
+// (exact fp32) for the forward and stride-1 backward-data of GEMMs of at most 64 rows
+// (PYCNN_CONV3_NHWC=1, at the end of this file). Opt-in until a GPU has timed them.
 //
 // Why a second v4. v4's implicit GEMM (conv2d_igemm.cuh) gathers x in its NCHW layout. The 16
 // reduction indices of a stage are (channel, filter row, filter column) triples whose input
@@ -40,6 +41,8 @@
 //   conv2d_fwd_v4nhwc_f32          y (NCHW) = wt . im2col(xt) (+ bias, ReLU)
 //   conv2d_bwd_weight_v4nhwc_f32   partial[z] (K, R*S*C) = dy . im2col(xt)^T over split z's pixels
 //   conv2d_nhwc_wgrad_reduce_f32   dw (K, C, R, S) = the sum of the partials, in split order
+//   conv2d_fwd_v3nhwc_m32_f32, conv2d_fwd_v3nhwc_m64_f32   v3 (exact fp32): y = wt . im2col(xt) on
+//                                  32x256 / 64x256 tiles (the end of this file)
 #include "conv2d_igemm.cuh"
 
 // x (N, C, HW) -> xt (N, HW, C), a 32 x 32 tile of (channel, pixel) per block through shared memory:
@@ -426,4 +429,166 @@ extern "C" __global__ void conv2d_nhwc_wgrad_reduce_f32(const float* __restrict_
         for (int z = 0; z < splits; ++z) sum += partial[(pycnn_i64)z * total + src];
         dw[idx] = sum;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// v3 channels last (exact fp32; opt-in, PYCNN_CONV3_NHWC=1): the forward convolution, and the
+// stride-1 backward-data through it, for GEMMs of at most 64 rows (the MNIST layers' filters and
+// channels) on 32 x 256 and 64 x 256 tiles of 256 threads with v3's register tiles (2x16 and 4x16
+// outputs per thread, read as float2/float4 from [k][row] tiles). v3's 32x256 kernel gathers each
+// B element with a 4-byte copy of its own (about 17 instructions, against 32 FMAs per element:
+// 47% of its loop is FFMA; MnistCNN conv2's backward-data at batch 512, the largest kernel of that
+// step, runs it). Here a thread owns one output pixel of the tile and loads that pixel's 16
+// channels of the stage's tap as four 16-byte loads under one bounds test, then stores them into
+// the [k][pixel] tile with 16 4-byte stores (consecutive threads, consecutive pixels: no bank
+// conflicts). The loads of stage s+1 are issued before the products of stage s and stored after
+// them (registers as the second buffer, the classic pre-cp.async pipeline: one barrier a stage).
+// The sums are exact fp32 in the order (r, s, c): v3's arithmetic, not v3's bits.
+// Launch: block (256,), grid (ceil(N*Ho*Wo / 256), ceil(K / BM)); the host guarantees C % 16 == 0,
+// K <= 64 (BM = 64) or <= 32 (BM = 32), 16-byte aligned xt and wt, and fewer than 2^31 elements
+// in xt and y.
+#define PYCNN_NHWC3_BN 256  // output pixels per block: one per thread
+#define PYCNN_NHWC3_PAD 8   // row padding of the [k][...] tiles (16-byte aligned rows)
+
+template <int BM>
+__device__ __forceinline__ void pycnn_nhwc3_forward(const float* __restrict__ xt, const float* __restrict__ wt,
+                                                    const float* __restrict__ b, float* __restrict__ y,
+                                                    int has_bias, int relu, int N, int C, int H, int W, int K,
+                                                    int R, int S, int Ho, int Wo, int sh, int sw, int ph, int pw) {
+    constexpr int BN = PYCNN_NHWC3_BN, BK = PYCNN_NHWC_BK, TM = BM / 16, TN = 16;
+    __shared__ __align__(16) float As[2][BK][BM + PYCNN_NHWC3_PAD];  // [k][filter]
+    __shared__ __align__(16) float Bs[2][BK][BN + PYCNN_NHWC3_PAD];  // [k][output pixel]
+    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
+    const int Kd = R * S * C, HoWo = Ho * Wo, Ncols = N * HoWo;
+
+    // B: pixel n0 + tid, its image's first row in xt and its window's top-left input coordinate.
+    const int n = n0 + tid, nn = n < Ncols ? n : 0;
+    const int img = nn / HoWo, pix = nn - img * HoWo, oh = pix / Wo;
+    const int b_row = img * H, b_ih = n < Ncols ? oh * sh - ph : PYCNN_CONV_OUTSIDE, b_iw = (pix - oh * Wo) * sw - pw;
+    // A: threads tid < 4*BM load 4 reduction indices (quad a_q) of filter row a_m, rows fastest
+    // across the lanes so that their transposed stores hit consecutive banks.
+    const int a_m = tid % BM, a_q = tid / BM;
+    const bool a_ok = tid < 4 * BM && m0 + a_m < K;
+    const float* a_src = wt + (pycnn_i64)(a_ok ? m0 + a_m : 0) * Kd + 4 * (a_ok ? a_q : 0);
+
+    float4 ra, rb[4];
+    const float4 zero = {0.0f, 0.0f, 0.0f, 0.0f};
+    // Stage k0 (tap r, s; channels c0 .. c0+15) into registers.
+    auto load = [&](int k0, int r, int s, int c0) {
+        ra = a_ok ? *reinterpret_cast<const float4*>(a_src + k0) : zero;
+        const int ih = b_ih + r, iw = b_iw + s;
+        const bool ok = (unsigned)ih < (unsigned)H && (unsigned)iw < (unsigned)W;
+        const float* src = xt + (ok ? ((unsigned)(b_row + ih) * W + iw) * C + c0 : 0u);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) rb[q] = ok ? *reinterpret_cast<const float4*>(src + 4 * q) : zero;
+    };
+    auto store = [&](int buf) {
+        if (tid < 4 * BM) {
+            As[buf][4 * a_q][a_m] = ra.x; As[buf][4 * a_q + 1][a_m] = ra.y;
+            As[buf][4 * a_q + 2][a_m] = ra.z; As[buf][4 * a_q + 3][a_m] = ra.w;
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            Bs[buf][4 * q][tid] = rb[q].x; Bs[buf][4 * q + 1][tid] = rb[q].y;
+            Bs[buf][4 * q + 2][tid] = rb[q].z; Bs[buf][4 * q + 3][tid] = rb[q].w;
+        }
+    };
+
+    float acc[TM * TN];
+#pragma unroll
+    for (int i = 0; i < TM * TN; ++i) acc[i] = 0.0f;
+    const int stages = Kd / BK;
+    int r = 0, s = 0, c0 = 0;  // tap and first channel of the next stage to load
+    auto advance = [&]() {
+        if ((c0 += BK) == C) {
+            c0 = 0;
+            if (++s == S) { s = 0; ++r; }
+        }
+    };
+    load(0, r, s, c0);
+    advance();
+    store(0);
+    __syncthreads();
+    for (int st = 0; st < stages; ++st) {
+        const int cur = st & 1;
+        const bool more = st + 1 < stages;
+        if (more) {  // in flight during the products below
+            load((st + 1) * BK, r, s, c0);
+            advance();
+        }
+#pragma unroll
+        for (int kk = 0; kk < BK; ++kk) {
+            float a[TM], bv[TN];
+            if constexpr (TM == 4) {
+                const float4 v = *reinterpret_cast<const float4*>(&As[cur][kk][ty * 4]);
+                a[0] = v.x; a[1] = v.y; a[2] = v.z; a[3] = v.w;
+            } else {
+                const float2 v = *reinterpret_cast<const float2*>(&As[cur][kk][ty * 2]);
+                a[0] = v.x; a[1] = v.y;
+            }
+#pragma unroll
+            for (int j = 0; j < TN; j += 4) {  // columns 4*tx + 64*(j/4): a warp's 16 tx read 256 contiguous bytes
+                const float4 v = *reinterpret_cast<const float4*>(&Bs[cur][kk][tx * 4 + 16 * j]);
+                bv[j] = v.x; bv[j + 1] = v.y; bv[j + 2] = v.z; bv[j + 3] = v.w;
+            }
+#pragma unroll
+            for (int i = 0; i < TM; ++i)
+#pragma unroll
+                for (int j = 0; j < TN; ++j) acc[i * TN + j] = fmaf(a[i], bv[j], acc[i * TN + j]);
+        }
+        if (more) store(cur ^ 1);  // (buffer cur ^ 1 was last read before the previous barrier)
+        __syncthreads();
+    }
+
+    // Columns nb .. nb+3 of a group: one 16-byte store per row where the four outputs are
+    // contiguous (one image) and 16-byte aligned, else four scalar stores.
+#pragma unroll
+    for (int jj = 0; jj < TN / 4; ++jj) {
+        const int nb = n0 + tx * 4 + 64 * jj;
+        if (nb >= Ncols) continue;
+        const int im = nb / HoWo;
+        const pycnn_i64 base = (pycnn_i64)im * K * HoWo + (nb - im * HoWo);
+        const bool contiguous = nb + 3 < Ncols && (nb + 3) / HoWo == im;
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+            const int m = m0 + ty * TM + i;
+            if (m >= K) continue;
+            float v[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                v[q] = acc[i * TN + 4 * jj + q];
+                if (has_bias) v[q] += b[m];
+                if (relu) v[q] = v[q] > 0.0f ? v[q] : 0.0f;
+            }
+            float* dst = y + base + (pycnn_i64)m * HoWo;
+            if (contiguous && (reinterpret_cast<unsigned long long>(dst) & 15ull) == 0) {
+                pycnn_store_f32x4(dst, v[0], v[1], v[2], v[3]);
+            } else {
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    const int nq = nb + q;
+                    if (nq >= Ncols) break;
+                    const int iq = nq / HoWo;
+                    y[(pycnn_i64)iq * K * HoWo + (nq - iq * HoWo) + (pycnn_i64)m * HoWo] = v[q];
+                }
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) conv2d_fwd_v3nhwc_m32_f32(
+    const float* __restrict__ xt, const float* __restrict__ wt, const float* __restrict__ b,
+    float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
+    int Ho, int Wo, int sh, int sw, int ph, int pw) {
+    // cooperative: synchronizes with __syncthreads (256 threads)
+    pycnn_nhwc3_forward<32>(xt, wt, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) conv2d_fwd_v3nhwc_m64_f32(
+    const float* __restrict__ xt, const float* __restrict__ wt, const float* __restrict__ b,
+    float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
+    int Ho, int Wo, int sh, int sw, int ph, int pw) {
+    // cooperative: synchronizes with __syncthreads (256 threads)
+    pycnn_nhwc3_forward<64>(xt, wt, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
 }

@@ -489,7 +489,7 @@ def _env(name: str) -> str:
 # The environment variables a conv plan depends on (part of its key).
 _CONV_SETTINGS = ("PYCNN_CONV_VERSION", "PYCNN_ALLOW_TF32", "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_AUTOTUNE",
                   "PYCNN_CONV3_WIDE", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_CONV_POOL_FUSE",
-                  "PYCNN_CONV3_R8", "PYCNN_CONV3_M32T128", "PYCNN_CONV4_NHWC")
+                  "PYCNN_CONV3_R8", "PYCNN_CONV3_M32T128", "PYCNN_CONV4_NHWC", "PYCNN_CONV3_NHWC")
 _CONV_SETTING_KEYS = tuple(os.fsencode(name) for name in _CONV_SETTINGS)
 
 
@@ -1026,26 +1026,57 @@ _CONV4_NHWC_CHANNELS = 16  # forward / backward-data: a stage is 16 channels of 
 _CONV4_NHWC_GROUP = 4      # weight gradient: 16-byte groups of channels (xt)
 
 
+def _nhwc_gemm(direction: str, geom: tuple) -> tuple[int, int] | None:
+    """(reduction channels, GEMM rows) of a forward or stride-1 backward-data call that a
+    channels-last forward kernel can run (backward-data as the forward convolution of dy with the
+    flipped filters), or None: channels a multiple of 16, tensors below 2^31 elements."""
+    N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
+    if direction == "backward_data":
+        if (sh, sw) != (1, 1) or ph >= R or pw >= S:
+            return None
+        channels, rows = K, C
+    else:
+        channels, rows = C, K
+    if channels % _CONV4_NHWC_CHANNELS or max(N * C * H * W, N * K * Ho * Wo) >= 2**31 or N > _MAX_GRID_YZ:
+        return None
+    return channels, rows
+
+
 def _conv4_nhwc(direction: str, geom: tuple) -> bool:
     """Whether a v4 call in ``direction`` with this geometry runs the channels-last kernels."""
     if _switch_setting("PYCNN_CONV4_NHWC") != "1":
         return False
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
-    sizes_ok = max(N * C * H * W, N * K * Ho * Wo) < 2**31 and N <= _MAX_GRID_YZ
     if direction == "backward_weight":
-        return sizes_ok and C % _CONV4_NHWC_GROUP == 0 and -(-K // _CONV4_NHWC_TILE) <= _MAX_GRID_YZ
-    if direction == "backward_data":  # (as the forward convolution of dy with the flipped filters)
-        if (sh, sw) != (1, 1) or ph >= R or pw >= S:
-            return False
-        channels, rows = K, C
-    else:
-        channels, rows = C, K
-    return sizes_ok and channels % _CONV4_NHWC_CHANNELS == 0 and -(-rows // _CONV4_NHWC_TILE) <= _MAX_GRID_YZ
+        return (max(N * C * H * W, N * K * Ho * Wo) < 2**31 and N <= _MAX_GRID_YZ and C % _CONV4_NHWC_GROUP == 0
+                and -(-K // _CONV4_NHWC_TILE) <= _MAX_GRID_YZ)
+    gemm = _nhwc_gemm(direction, geom)
+    return gemm is not None and -(-gemm[1] // _CONV4_NHWC_TILE) <= _MAX_GRID_YZ
 
 
-def _conv4_nhwc_plan(inp: str, w: str, bias: str, out: str, geom: tuple, has_bias: bool, relu: bool,
-                     flip: bool) -> _Plan:
-    """The channels-last v4 convolution of ``inp`` (NCHW) with the filters ``w`` into ``out``
+# v3 channels last (conv2d_nhwc.cu, exact fp32): the forward, and the stride-1 backward-data through
+# it, of GEMMs of at most 64 rows on 32x256 / 64x256 tiles, each thread loading its pixel's 16
+# channels of a stage with four 16-byte loads (no 4-byte gather): sass_mix counts 675 instructions
+# per stage for 512 FMAs (32 rows; 76% FMA) where v3's 32x256 backward-data kernel issues 1079 plus
+# 17 per gathered element. $PYCNN_CONV3_NHWC=1 runs it wherever it applies (reduction channels a
+# multiple of 16); opt-in until a GPU has timed it (gpu_kernels.py --versions 3,3n).
+_CONV3_NHWC_MAX_ROWS = 64
+_CONV3_NHWC_COLS = 256
+
+
+def _conv3_nhwc(direction: str, geom: tuple) -> int | None:
+    """The tile rows (32 or 64) of a v3 call in ``direction`` that runs the channels-last kernel, or None."""
+    if _switch_setting("PYCNN_CONV3_NHWC") != "1" or direction == "backward_weight":
+        return None
+    gemm = _nhwc_gemm(direction, geom)
+    if gemm is None or gemm[1] > _CONV3_NHWC_MAX_ROWS:
+        return None
+    return 32 if gemm[1] <= 32 else 64
+
+
+def _nhwc_plan(version: str, inp: str, w: str, bias: str, out: str, geom: tuple, has_bias: bool, relu: bool,
+               flip: bool) -> _Plan:
+    """The channels-last v3 or v4 convolution of ``inp`` (NCHW) with the filters ``w`` into ``out``
     (NCHW), ``geom`` the forward geometry (N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw): the
     transpose of inp into scratch "nhwc_in", the filters reordered into "nhwc_w" (``flip``: w is
     (C, K, R, S) to this geometry, rotated and transposed, for backward-data), then the GEMM."""
@@ -1055,8 +1086,12 @@ def _conv4_nhwc_plan(inp: str, w: str, bias: str, out: str, geom: tuple, has_bia
                              (inp, "nhwc_in", _i32(C), _i32(H * W)))
     filters = _conv_launch("conv2d_nhwc_filters_f32", _grid1d(K * C * R * S), (BLOCK,),
                            (w, "nhwc_w", _i32(w_rows), _i32(w_channels), _i32(R), _i32(S), _i32(int(flip))))
-    tile = _CONV4_NHWC_TILE
-    gemm = _conv_launch("conv2d_fwd_v4nhwc_f32", (-(-(N * Ho * Wo) // tile), -(-K // tile)), (256,),
+    if version == CONV_TF32_VERSION:
+        kernel, rows, cols = "conv2d_fwd_v4nhwc_f32", _CONV4_NHWC_TILE, _CONV4_NHWC_TILE
+    else:
+        rows, cols = (32 if K <= 32 else 64), _CONV3_NHWC_COLS
+        kernel = f"conv2d_fwd_v3nhwc_m{rows}_f32"
+    gemm = _conv_launch(kernel, (-(-(N * Ho * Wo) // cols), -(-K // rows)), (256,),
                         ("nhwc_in", "nhwc_w", bias, out, _i32(has_bias), _i32(relu)) + _geometry_args(geom))
     return _Plan((transpose, filters, gemm), scratch=(("nhwc_in", N * C * H * W), ("nhwc_w", K * C * R * S)))
 
@@ -1429,7 +1464,7 @@ def _conv_pick(direction: str, dev: int, geom: tuple, version, allow_tf32, build
     # pick with them; tf32 stays last)
     key = (direction, dev, x_shape, w_shape, stride, padding, CONV_WINOGRAD_VERSION in versions,
            _env("PYCNN_CONV3_WIDE"), _env("PYCNN_CONV_BWD_DATA_FLIP"), _env("PYCNN_CONV3_R8"), _env("PYCNN_CONV3_M32T128"),
-           _env("PYCNN_CONV4_NHWC"), _CONV3_SPLIT_RULE, tf32 and capable)
+           _env("PYCNN_CONV4_NHWC"), _env("PYCNN_CONV3_NHWC"), _CONV3_SPLIT_RULE, tf32 and capable)
 
     def build_label(label):
         v, settings = _tune_variant(label)
@@ -1568,8 +1603,9 @@ def _conv_forward_plan(version: str, geom: tuple, has_bias: bool, relu: bool) ->
     narrow = _conv_narrow_forward(C, K, R, S)
     if narrow:  # first layers (exact fp32 under v4 too)
         return _Plan((_conv_launch(narrow, ((N * Ho * Wo + BLOCK - 1) // BLOCK,), (BLOCK,), args),))
-    if version == CONV_TF32_VERSION and _conv4_nhwc("forward", geom):
-        return _conv4_nhwc_plan("x", "w", "bias", "y", geom, has_bias, relu, flip=False)
+    if (_conv4_nhwc("forward", geom) if version == CONV_TF32_VERSION else
+            version == "3" and _conv3_nhwc("forward", geom)):
+        return _nhwc_plan(version, "x", "w", "bias", "y", geom, has_bias, relu, flip=False)
     return _conv3_output_gemm("forward", version, K, N * Ho * Wo, C * R * S, args, 3, N * K * Ho * Wo,
                               {"bias": "bias" if has_bias else None, "relu": relu, "inner": Ho * Wo, "channels": K})
 
@@ -1904,9 +1940,10 @@ def _conv_backward_data_plan(version: str, geom: tuple) -> _Plan:
     narrow = _conv_narrow_forward(C, K, R, S, "backward_data")
     if narrow:  # first layers (exact fp32 under v4 too)
         return _Plan((_conv_launch(narrow, ((N * H * W + BLOCK - 1) // BLOCK,), (BLOCK,), args),))
-    if version == CONV_TF32_VERSION and _conv4_nhwc("backward_data", geom):
+    if (_conv4_nhwc("backward_data", geom) if version == CONV_TF32_VERSION else
+            version == "3" and _conv3_nhwc("backward_data", geom)):
         flipped = (N, K, Ho, Wo, C, R, S, H, W, 1, 1, R - 1 - ph, S - 1 - pw)  # (see _bwd_data_flip_plan)
-        return _conv4_nhwc_plan("dy", "w", "w", "dx", flipped, False, False, flip=True)
+        return _nhwc_plan(version, "dy", "w", "w", "dx", flipped, False, False, flip=True)
     if flips:
         return _bwd_data_flip_plan(version, geom)
     return _conv3_output_gemm("backward_data", version, C, N * H * W, K * R * S, args, 2, N * C * H * W, {})

@@ -364,6 +364,45 @@ def test_v4_nhwc_within_the_tf32_bound(monkeypatch, layer):
                                           err_msg=f"{direction} on integers")
 
 
+NHWC3_LAYERS = [lay for lay in GEMM_LAYERS if (lay[2] % 16 == 0 and lay[5] <= 64)
+                or (lay[5] % 16 == 0 and lay[2] <= 64 and lay[8] == (1, 1))]
+
+
+@pytest.mark.parametrize("layer", NHWC3_LAYERS, ids=[layer[0] for layer in NHWC3_LAYERS])
+def test_v3_nhwc_is_exact_fp32(monkeypatch, layer):
+    """PYCNN_CONV3_NHWC=1 on the GPU: v3's channels-last forward (with bias and ReLU) and stride-1
+    backward-data agree with the float64 reference to fp32 rounding at two batch sizes, and on small
+    integers bit for bit."""
+    _, N, C, H, W, K, R, S, stride, padding = layer
+    Ho, Wo = (H + 2 * padding[0] - R) // stride[0] + 1, (W + 2 * padding[1] - S) // stride[1] + 1
+    geom = (N, C, H, W, K, R, S, Ho, Wo, *stride, *padding)
+    monkeypatch.setenv("PYCNN_CONV3_NHWC", "1")
+    cuda.clear_plans()
+    directions = [d for d in ("forward", "backward_data") if cuda._conv3_nhwc(d, geom)]
+    assert directions
+    rng = np.random.default_rng(14)
+    for batch in (N, 8 * N):
+        x, w, b, dy = _layer_arrays(layer, batch, rng)
+        want = references(*(cp.asnumpy(a) for a in (x, w, b, dy)), stride, padding, abs_too=False)[0]
+        if "forward" in directions:
+            y = cp.asnumpy(cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version="3"))
+            np.testing.assert_allclose(y, np.maximum(want[0], 0), rtol=1e-4, atol=fp32_atol(C * R * S))
+        if "backward_data" in directions:
+            dx = cp.asnumpy(cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="3"))
+            np.testing.assert_allclose(dx, want[1], rtol=1e-4, atol=fp32_atol(K * R * S))
+    assert any(k.startswith("conv2d_fwd_v3nhwc_") for k in _planned_kernels())
+    draw = lambda *shape: cp.asarray(rng.integers(-8, 9, shape).astype(np.float32))  # noqa: E731
+    x, w, dy = draw(N, C, H, W), draw(K, C, R, S), draw(N, K, Ho, Wo)
+    want = references(*(cp.asnumpy(a) for a in (x, w, cp.zeros(K, cp.float32), dy)), stride, padding,
+                      abs_too=False)[0]
+    if "forward" in directions:
+        np.testing.assert_array_equal(cp.asnumpy(cuda.conv2d_forward(x, w, None, stride, padding, version="3")),
+                                      want[0].astype(np.float32))
+    if "backward_data" in directions:
+        np.testing.assert_array_equal(cp.asnumpy(cuda.conv2d_backward_data(dy, w, x.shape, stride, padding,
+                                                                           version="3")), want[1].astype(np.float32))
+
+
 @pytest.mark.parametrize("layer", LAYERS, ids=[layer[0] for layer in LAYERS])
 def test_backward_data_through_the_forward_kernels(monkeypatch, layer):
     """PYCNN_CONV_BWD_DATA_FLIP=1 on the GPU: a stride-1 backward-data of every model layer (v3,

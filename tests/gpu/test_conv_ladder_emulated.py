@@ -1741,23 +1741,104 @@ def test_v4_nhwc_only_where_it_applies(monkeypatch):
 
 
 def test_gpu_kernels_times_the_channels_last_kernel(emulated, monkeypatch, tmp_path):
-    """gpu_kernels.py --versions 4,4n: v4 and, as "nhwc" entries with their own tile, v4's
-    channels-last kernels in all three directions (16 channels each way, 24 output pixels);
-    PYCNN_CONV4_NHWC is unset again afterwards."""
+    """gpu_kernels.py --versions 3,3n,4,4n: v3 and v4 and, as "nhwc" entries with their own tile,
+    their channels-last kernels (v4: all three directions; v3: forward and backward-data; 16
+    channels each way, 24 output pixels); the settings are unset again afterwards."""
     import json
     import os
 
     gpu_kernels, _ = _gpu_kernels_on_the_emulator(monkeypatch)
     monkeypatch.setattr(gpu_kernels, "BIG", ("tiny16", (1, 16, 4, 6, 16, 1, 1, 1, 0)))
     monkeypatch.delenv("PYCNN_CONV4_NHWC", raising=False)
+    monkeypatch.delenv("PYCNN_CONV3_NHWC", raising=False)
     out = tmp_path / "k.json"
-    rc = gpu_kernels.main(["--layers", "big", "--versions", "4,4n", "--repeats", "1", "--json", str(out)])
+    rc = gpu_kernels.main(["--layers", "big", "--versions", "3,3n,4,4n", "--repeats", "1", "--json", str(out)])
     record = json.loads(out.read_text())
     assert rc == 0 and record["kernels_info"]["errors"] == [], record["kernels_info"]["errors"]
     got = sorted((e["op"], e["version"], e.get("nhwc", False), e["tile"]) for e in record["kernels"])
-    assert got == [("conv2d_bwd_data", "v4", False, "64x64"), ("conv2d_bwd_data", "v4", True, "nhwc 128x128"),
+    assert got == [("conv2d_bwd_data", "v3", False, "64x64"), ("conv2d_bwd_data", "v3", True, "nhwc 32x256"),
+                   ("conv2d_bwd_data", "v4", False, "64x64"), ("conv2d_bwd_data", "v4", True, "nhwc 128x128"),
+                   ("conv2d_bwd_weight", "v3", False, "64x64"),
                    ("conv2d_bwd_weight", "v4", False, "64x64"), ("conv2d_bwd_weight", "v4", True, "nhwc 128x128"),
+                   ("conv2d_fwd", "v3", False, "64x64"), ("conv2d_fwd", "v3", True, "nhwc 32x256"),
                    ("conv2d_fwd", "v4", False, "64x64"), ("conv2d_fwd", "v4", True, "nhwc 128x128")]
     assert emulated.count(NHWC_GEMM) >= 4  # (each of the two entries: a check call, then timed ones)
-    assert "PYCNN_CONV4_NHWC" not in os.environ
-    assert "v4n" in gpu_kernels.table(record["kernels"])
+    assert emulated.count("conv2d_fwd_v3nhwc_m32_f32") >= 4
+    assert "PYCNN_CONV4_NHWC" not in os.environ and "PYCNN_CONV3_NHWC" not in os.environ
+    assert "v4n" in gpu_kernels.table(record["kernels"]) and "v3n" in gpu_kernels.table(record["kernels"])
+
+
+# v3 channels last (conv2d_nhwc.cu, PYCNN_CONV3_NHWC=1, exact fp32): forward and stride-1
+# backward-data of GEMMs of at most 64 rows. (N, C, H, W, K, R, S, stride, padding).
+NHWC3_SHAPES = {
+    # 32 filters (32-row tile) and backward-data into 16 channels, 96 pixels
+    "m32": (2, 16, 6, 8, 32, 3, 3, (1, 1), (1, 1)),
+    # 48 filters: a 64-row tile with 16 rows past K; backward-data 48 -> 32 channels, no padding
+    "m64-partial": (3, 32, 7, 9, 48, 3, 3, (1, 1), (0, 0)),
+    # two column tiles (396 pixels) of 64 rows; backward-data over 64 channels x 9 taps
+    "two-col-tiles": (3, 16, 12, 11, 64, 3, 3, (1, 1), (1, 1)),
+    # stride 2 and a 3x2 filter: the forward only (backward-data keeps v3's GEMM)
+    "stride2": (2, 32, 9, 9, 20, 3, 2, (2, 1), (1, 0)),
+}
+NHWC3_KERNELS = ("conv2d_fwd_v3nhwc_m32_f32", "conv2d_fwd_v3nhwc_m64_f32")
+
+
+def run_nhwc3(monkeypatch, shape, x, w, b, dy):
+    _, _, _, _, _, _, _, stride, padding = shape
+    monkeypatch.setenv("PYCNN_CONV3_NHWC", "1")
+    y = cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version="3")
+    dx = cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="3")
+    monkeypatch.delenv("PYCNN_CONV3_NHWC")
+    return y, dx
+
+
+@pytest.mark.parametrize("name", list(NHWC3_SHAPES))
+def test_v3_nhwc_is_exact_fp32(emulated, monkeypatch, name):
+    """The channels-last v3 kernel (forward with bias and ReLU; backward-data where stride 1)
+    agrees with the float64 reference to fp32 rounding, and with v3's GEMM to the same tolerance
+    (another order of the sums, so not its bits)."""
+    shape = NHWC3_SHAPES[name]
+    N, C, H, W, K, R, S, stride, padding = shape
+    x, w, b, dy = data(shape, seed=21)
+    y, dx = run_nhwc3(monkeypatch, shape, x, w, b, dy)
+    ran = [k for k in emulated if k in NHWC3_KERNELS]
+    assert ran[0] == f"conv2d_fwd_v3nhwc_m{32 if K <= 32 else 64}_f32", emulated
+    assert len(ran) == (2 if stride == (1, 1) else 1), emulated
+    want = reference(shape, x, w, b, dy)
+    lf, ld, _ = lengths(shape)
+    np.testing.assert_allclose(y, np.maximum(want[0], 0), rtol=1e-4, atol=fp32_atol(lf), err_msg=f"{name} y")
+    np.testing.assert_allclose(dx, want[1], rtol=1e-4, atol=fp32_atol(ld), err_msg=f"{name} dx")
+    v3 = cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version="3")
+    np.testing.assert_allclose(y, v3, rtol=1e-5, atol=fp32_atol(lf))
+
+
+@pytest.mark.parametrize("name", list(NHWC3_SHAPES))
+def test_v3_nhwc_exact_on_integers(emulated, monkeypatch, name):
+    """Small integers: every sum exact, so the reference's bits: checks the tap and channel walk,
+    the register pipeline, the flipped filters, the row and column bounds and the stores."""
+    shape = NHWC3_SHAPES[name]
+    x, w, b, dy = data(shape, seed=22, integers=True)
+    y, dx = run_nhwc3(monkeypatch, shape, x, w, b, dy)
+    want = reference(shape, x, w, b, dy)
+    np.testing.assert_array_equal(y, np.maximum(want[0], 0).astype(np.float32), err_msg=f"{name} y")
+    np.testing.assert_array_equal(dx, want[1].astype(np.float32), err_msg=f"{name} dx")
+
+
+def test_v3_nhwc_only_where_it_applies(monkeypatch):
+    """At most 64 GEMM rows, reduction channels a multiple of 16, stride 1 for backward-data, the
+    weight gradient never; only with PYCNN_CONV3_NHWC=1, and a bad value is an error naming it."""
+    def geom(N, C, H, W, K, R, S, sh, ph):
+        return N, C, H, W, K, R, S, (H + 2 * ph - R) // sh + 1, (W + 2 * ph - S) // sh + 1, sh, sh, ph, ph
+
+    g = geom(2, 32, 8, 8, 48, 3, 3, 1, 1)
+    assert cuda._conv3_nhwc("forward", g) is None
+    monkeypatch.setenv("PYCNN_CONV3_NHWC", "1")
+    assert cuda._conv3_nhwc("forward", g) == 64 and cuda._conv3_nhwc("backward_data", g) == 32
+    assert cuda._conv3_nhwc("backward_weight", g) is None
+    assert cuda._conv3_nhwc("forward", geom(2, 32, 8, 8, 65, 3, 3, 1, 1)) is None   # 65 rows
+    assert cuda._conv3_nhwc("forward", geom(2, 24, 8, 8, 48, 3, 3, 1, 1)) is None   # C % 16
+    assert cuda._conv3_nhwc("backward_data", geom(2, 32, 9, 9, 48, 3, 3, 2, 1)) is None  # stride 2
+    assert cuda._conv3_nhwc("backward_data", geom(2, 80, 8, 8, 48, 3, 3, 1, 1)) is None  # 80 rows
+    monkeypatch.setenv("PYCNN_CONV3_NHWC", "2")
+    with pytest.raises(ValueError, match="PYCNN_CONV3_NHWC must be '0' or '1'"):
+        cuda._conv3_nhwc("forward", g)
