@@ -31,8 +31,8 @@
 // header), in another order of the sums (tap-major), so not v4's bits.
 // The weight gradient reduces over output pixels instead: dw[k][(r, s, c)] = sum over pixels p of
 // dy[k][p] * xt[p's window at (r, s)][c]. Its A (dy, NCHW) is contiguous along the pixels, so it
-// is copied 16 bytes at a time (where Ho*Wo % 4 == 0; else 4) and read with ldmatrix as above. Its B (xt) is
-// contiguous along the columns (r, s, c): copied 16 bytes at a time too (C % 4 == 0), but stored
+// is copied 16 bytes at a time (where Ho*Wo % 4 == 0; else 4) and read with ldmatrix as above.
+// Its B (xt) is contiguous along the columns (r, s, c): copied 16 bytes at a time too (C % 4 == 0), but stored
 // [pixel][column] and read with 4-byte loads (ldmatrix's transposing form works on 16-bit elements
 // only). Split-K over the pixels writes partial copies of dw in (r, s, c) order, which
 // conv2d_nhwc_wgrad_reduce_f32 adds in split order into dw (K, C, R, S).
