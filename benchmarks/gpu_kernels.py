@@ -35,8 +35,9 @@ fp32 (TF32 off) and in TF32, all measured in the same run.
         (v4 and, as "nhwc": true entries, v4's channels-last kernel, PYCNN_CONV4_NHWC=1, on the
         forward and stride-1 backward-data GEMMs whose reduction channels are a multiple of 16)
     python benchmarks/gpu_kernels.py --layers models --versions 3,3n --batch 512 --json FILE
-        (v3 and, as "nhwc": true entries, v3's channels-last forward / backward-data kernels,
-        PYCNN_CONV3_NHWC=1, on the GEMMs of at most 64 rows with 16k reduction channels)
+        (v3 and, as "nhwc": true entries, v3's channels-last kernels, PYCNN_CONV3_NHWC=1, on the
+        GEMMs of at most 64 rows: forward / backward-data with 16k reduction channels, weight
+        gradients with C and K multiples of 4)
     python benchmarks/gpu_kernels.py --layers models --versions 3,3fill --batch 512 --json FILE
         (v3 and, as "split_rule": "fill" entries where it splits differently, v3 with the split-K
         rule before the "waves" one: cuda._CONV3_SPLIT_RULE)
@@ -98,7 +99,7 @@ T256 = "3t"
 # "3m": v3 with PYCNN_CONV3_M32T128=1 (the 32x256 tiles by 128 threads, 4x16 register tiles).
 M32T128 = "3m"
 # "4n": v4 with PYCNN_CONV4_NHWC=1 (the channels-last kernels, conv2d_nhwc.cu) where they apply;
-# "3n": v3 with PYCNN_CONV3_NHWC=1 (its channels-last forward / backward-data kernels).
+# "3n": v3 with PYCNN_CONV3_NHWC=1 (its channels-last kernels, all three directions).
 NHWC = "4n"
 NHWC3 = "3n"
 # "3@T": v3 with cuda._CONV3_SPLIT_TARGET_BLOCKS = T (how many blocks split-K GEMMs aim at).
@@ -291,6 +292,9 @@ def tile_of(direction: str, shape, version: str) -> str:
     if version == cuda.CONV_TF32_VERSION and cuda._conv4_nhwc(direction, _geometry(shape)):
         return f"nhwc {cuda._CONV4_NHWC_TILE}x{cuda._CONV4_NHWC_TILE}"
     if version == "3" and cuda._conv3_nhwc(direction, _geometry(shape)):
+        if direction == "backward_weight":
+            rows, cols = cuda._nhwc_weight_tiling(version, _geometry(shape))[:2]
+            return f"nhwc {rows}x{cols}"
         return f"nhwc {cuda._conv3_nhwc(direction, _geometry(shape))}x{cuda._CONV3_NHWC_COLS}"
     bm, bn, suffix = cuda._conv3_tile(direction, rows, cols, version)
     return f"{bm}x{bn}" + ("/128 threads" if suffix in ("_n128r8", "_m32n256t128") else "")
@@ -305,8 +309,7 @@ def splits_of(direction: str, shape, version: str) -> int | None:
     if tile_of(direction, shape, version).startswith("nhwc"):  # (split-K in the weight gradient only)
         if direction != "backward_weight":
             return 1
-        big = cuda._CONV3_BIG
-        return cuda._conv3_splits(direction, big, -(-K // big) * -(-(C * R * S) // big), N * Ho * Wo)[0]
+        return cuda._nhwc_weight_tiling(version, _geometry(shape))[3]
     if direction == "backward_weight":
         bm, bn, _ = cuda._conv3_tile(direction, K, C * R * S, version)
         tiles = -(-K // bm) * -(-(C * R * S) // bn)

@@ -171,7 +171,7 @@ def pycnn_variants() -> list:
         # the A/B of the 32x256 tiles run by 128 threads with 4x16 register tiles (opt-in)
         ("pycnn-cudagraph-m32t128", "graph 32x256 tiles by 128 threads",
          with_env("PYCNN_CONV3_M32T128", "1", pycnn_throughput), True),
-        # the A/B of v3's channels-last forward / backward-data kernels (opt-in; conv2d_nhwc.cu)
+        # the A/B of v3's channels-last kernels (opt-in; conv2d_nhwc.cu)
         ("pycnn-cudagraph-nhwc", "graph v3 channels last",
          with_env("PYCNN_CONV3_NHWC", "1", pycnn_throughput), True),
         # the A/B of the B-tile gather with fewer instructions per element (opt-in; a rebuild)

@@ -158,13 +158,14 @@ def test_gemm_tiles_fit_the_blocks_per_sm_the_split_rule_counts(tmp_path, lean):
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 def test_channels_last_weight_gradient_fits_the_slots_its_split_counts(tmp_path):
-    """The channels-last v4 weight gradient splits by the 128x128 tiles' rule (_CONV3_T128_SLOTS
-    blocks per round): its kernel must fit exactly two 256-thread blocks per SM, without spills,
-    and so must the forward one, which shares its tile."""
+    """The channels-last weight gradients (v4, and v3's 32- and 64-row ones) split by the 128x128
+    tiles' rule (_CONV3_T128_SLOTS blocks per round): their kernels must fit exactly two
+    256-thread blocks per SM, without spills, and so must v4's forward, which shares its tile."""
     from pycnn.backends import cuda
 
     result = sass_mix.analyse(ROOT / "csrc" / "cuda", ["conv2d_nhwc.cu"], [], "sm_90", NVCC, None, tmp_path)
-    for kernel in ("conv2d_bwd_weight_v4nhwc_f32", "conv2d_fwd_v4nhwc_f32"):
+    for kernel in ("conv2d_bwd_weight_v4nhwc_f32", "conv2d_fwd_v4nhwc_f32", "conv2d_bwd_weight_v3nhwc_m32_f32",
+                   "conv2d_bwd_weight_v3nhwc_m64_f32"):
         info = result[kernel]
         per_sm = sass_mix.blocks_per_sm(info["registers"], 256, info["shared_bytes"])
         assert per_sm * 132 == cuda._CONV3_T128_SLOTS and info["spill_bytes"] == 0, (kernel, info, per_sm)

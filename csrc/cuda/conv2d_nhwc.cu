@@ -1,7 +1,7 @@
 // conv2d_nhwc.cu: the ladder's channels-last kernels (conv2d.cu has the map of the whole ladder):
 // v4 with TF32 tensor cores through ldmatrix in all three directions (PYCNN_CONV4_NHWC=1), and v3
-// (exact fp32) for the forward and stride-1 backward-data of GEMMs of at most 64 rows
-// (PYCNN_CONV3_NHWC=1, at the end of this file). Opt-in until a GPU has timed them.
+// (exact fp32) for GEMMs of at most 64 rows, also in all three directions (PYCNN_CONV3_NHWC=1, at
+// the end of this file). Opt-in until a GPU has timed them.
 //
 // Why a second v4. v4's implicit GEMM (conv2d_igemm.cuh) gathers x in its NCHW layout. The 16
 // reduction indices of a stage are (channel, filter row, filter column) triples whose input
@@ -43,6 +43,8 @@
 //   conv2d_nhwc_wgrad_reduce_f32   dw (K, C, R, S) = the sum of the partials, in split order
 //   conv2d_fwd_v3nhwc_m32_f32, conv2d_fwd_v3nhwc_m64_f32   v3 (exact fp32): y = wt . im2col(xt) on
 //                                  32x256 / 64x256 tiles (the end of this file)
+//   conv2d_bwd_weight_v3nhwc_m32_f32, conv2d_bwd_weight_v3nhwc_m64_f32   v3: partial[z] (K, R*S*C)
+//                                  = dyt^T . im2col(xt) over split z's pixels, dyt = dy in NHWC
 #include "conv2d_igemm.cuh"
 
 // x (N, C, HW) -> xt (N, HW, C), a 32 x 32 tile of (channel, pixel) per block through shared memory:
@@ -450,6 +452,35 @@ extern "C" __global__ void conv2d_nhwc_wgrad_reduce_f32(const float* __restrict_
 #define PYCNN_NHWC3_BN 256  // output pixels per block: one per thread
 #define PYCNN_NHWC3_PAD 8   // row padding of the [k][...] tiles (16-byte aligned rows)
 
+// The products of one 16-deep stage on v3's register tile: acc[i*TN + j] += As[kk][ty*TM + i] *
+// Bs[kk][column j] for kk = 0..15, the thread's columns 4*tx + 64*(j/4) + j%4 (a warp's 16 tx read
+// 256 contiguous bytes of a row; TN = 8 or 16), rows read as one float4 (TM = 4) or float2 (TM = 2).
+template <int TM, int TN, int PA, int PB>
+__device__ __forceinline__ void pycnn_nhwc3_products(const float (*As)[PA], const float (*Bs)[PB], float* acc,
+                                                     int tx, int ty) {
+    static_assert(TM == 2 || TM == 4, "rows per thread");
+#pragma unroll
+    for (int kk = 0; kk < PYCNN_NHWC_BK; ++kk) {
+        float a[TM], bv[TN];
+        if constexpr (TM == 4) {
+            const float4 v = *reinterpret_cast<const float4*>(&As[kk][ty * 4]);
+            a[0] = v.x; a[1] = v.y; a[2] = v.z; a[3] = v.w;
+        } else {
+            const float2 v = *reinterpret_cast<const float2*>(&As[kk][ty * 2]);
+            a[0] = v.x; a[1] = v.y;
+        }
+#pragma unroll
+        for (int j = 0; j < TN; j += 4) {
+            const float4 v = *reinterpret_cast<const float4*>(&Bs[kk][tx * 4 + 16 * j]);
+            bv[j] = v.x; bv[j + 1] = v.y; bv[j + 2] = v.z; bv[j + 3] = v.w;
+        }
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+            for (int j = 0; j < TN; ++j) acc[i * TN + j] = fmaf(a[i], bv[j], acc[i * TN + j]);
+    }
+}
+
 template <int BM>
 __device__ __forceinline__ void pycnn_nhwc3_forward(const float* __restrict__ xt, const float* __restrict__ wt,
                                                     const float* __restrict__ b, float* __restrict__ y,
@@ -517,26 +548,7 @@ __device__ __forceinline__ void pycnn_nhwc3_forward(const float* __restrict__ xt
             load((st + 1) * BK, r, s, c0);
             advance();
         }
-#pragma unroll
-        for (int kk = 0; kk < BK; ++kk) {
-            float a[TM], bv[TN];
-            if constexpr (TM == 4) {
-                const float4 v = *reinterpret_cast<const float4*>(&As[cur][kk][ty * 4]);
-                a[0] = v.x; a[1] = v.y; a[2] = v.z; a[3] = v.w;
-            } else {
-                const float2 v = *reinterpret_cast<const float2*>(&As[cur][kk][ty * 2]);
-                a[0] = v.x; a[1] = v.y;
-            }
-#pragma unroll
-            for (int j = 0; j < TN; j += 4) {  // columns 4*tx + 64*(j/4): a warp's 16 tx read 256 contiguous bytes
-                const float4 v = *reinterpret_cast<const float4*>(&Bs[cur][kk][tx * 4 + 16 * j]);
-                bv[j] = v.x; bv[j + 1] = v.y; bv[j + 2] = v.z; bv[j + 3] = v.w;
-            }
-#pragma unroll
-            for (int i = 0; i < TM; ++i)
-#pragma unroll
-                for (int j = 0; j < TN; ++j) acc[i * TN + j] = fmaf(a[i], bv[j], acc[i * TN + j]);
-        }
+        pycnn_nhwc3_products<TM, TN>(As[cur], Bs[cur], acc, tx, ty);
         if (more) store(cur ^ 1);  // (buffer cur ^ 1 was last read before the previous barrier)
         __syncthreads();
     }
@@ -591,4 +603,130 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv2d_fwd_v3nhwc_m64_f32(
     int Ho, int Wo, int sh, int sw, int ph, int pw) {
     // cooperative: synchronizes with __syncthreads (256 threads)
     pycnn_nhwc3_forward<64>(xt, wt, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+}
+
+// v3 channels-last weight gradient (exact fp32; PYCNN_CONV3_NHWC=1, GEMMs of at most 64 rows):
+// partial[z][m][n] = sum over the output pixels p of split z, in order, of dyt[p][m] *
+// xt[p's window at tap (r, s)][c], n = (r*S + s)*C + c, with dyt = dy in NHWC (N*Ho*Wo, K) and xt
+// = x in NHWC. v3's weight gradient gathers both operands with 4-byte copies from NCHW; here a
+// stage of 16 pixels is, for A, 16 rows of dyt (16-byte loads, contiguous along the filters), and
+// for B, per pixel, 16-byte groups of four channels of one tap (contiguous along the columns): no
+// table, one decode of a pixel per thread and stage, and both tiles are stored as they are read,
+// [pixel][row] and [pixel][column], which is what v3's register tile reads (no transposing
+// stores). BM x 128 tiles (BM = 32 or 64 filters), 256 threads with 2x8 / 4x8 outputs each, loads
+// of the next stage in registers during the products (as the forward above).
+// Launch: block (256,), grid (ceil(R*S*C / 128), ceil(K / BM), splits); split z sums pixels
+// [z*chunk, min((z+1)*chunk, N*Ho*Wo)), chunk a multiple of 16. The host guarantees C % 4 == 0,
+// K % 4 == 0 and K <= BM (one row of tiles: BM = 32 or 64), 16-byte aligned dyt and xt, and fewer
+// than 2^31 elements in xt and dyt. conv2d_nhwc_wgrad_reduce_f32 adds the partials into dw.
+#define PYCNN_NHWC3_WG_BN 128  // columns (r, s, c) per block
+
+template <int BM>
+__device__ __forceinline__ void pycnn_nhwc3_weight(const float* __restrict__ dyt, const float* __restrict__ xt,
+                                                   float* __restrict__ partial, int N, int C, int H, int W, int K,
+                                                   int R, int S, int Ho, int Wo, int sh, int sw, int ph, int pw,
+                                                   int chunk) {
+    constexpr int BN = PYCNN_NHWC3_WG_BN, BK = PYCNN_NHWC_BK, TM = BM / 16, TN = 8, AQ = BM / 4;
+    __shared__ __align__(16) float As[2][BK][BM + PYCNN_NHWC3_PAD];  // [pixel][filter]
+    __shared__ __align__(16) float Bs[2][BK][BN + PYCNN_NHWC3_PAD];  // [pixel][column]
+    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const int Ncols = R * S * C, HoWo = Ho * Wo;
+    const int p_begin = blockIdx.z * chunk, p_end = min(N * HoWo, p_begin + chunk);
+
+    // A: threads tid < 4*BM copy filters m0 + 4*a_q .. +3 of the stage's pixel a_p (K % 4 == 0:
+    // a group is all in or all out).
+    const int a_p = tid / AQ, a_q = tid % AQ;
+    const bool a_ok = tid < 4 * BM && m0 + 4 * a_q < K;
+    const float* a_src = dyt + (a_ok ? m0 + 4 * a_q : 0);
+    // B: the stage's pixel b_p = ty, column groups tx and tx + 16 (columns n0 + 4*tx + 64*j .. +3:
+    // one tap, four channels), whose tap and offset in xt relative to the window are fixed.
+    int b_r[2], b_s[2], b_off[2];
+    bool b_ok[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int n = n0 + 4 * tx + 64 * j;
+        b_ok[j] = n < Ncols;
+        const int c = (b_ok[j] ? n : 0) % C, rs = (b_ok[j] ? n : 0) / C;
+        b_r[j] = rs / S;
+        b_s[j] = rs - b_r[j] * S;
+        b_off[j] = (b_r[j] * W + b_s[j]) * C + c;
+    }
+
+    // The thread's B pixel of the next stage to load, (image, oh, ow), advanced by 16 pixels a stage
+    // as a mixed-radix sum with the digits of 16 (no division in the loop: one carry per digit,
+    // as every digit of 16 is below its radix).
+    const int HoWo_step = BK / HoWo, pix_step = BK - HoWo_step * HoWo;
+    const int oh_step = pix_step / Wo, ow_step = pix_step - oh_step * Wo;
+    int img = (p_begin + ty) / HoWo, oh = (p_begin + ty - img * HoWo) / Wo;
+    int ow = p_begin + ty - img * HoWo - oh * Wo;
+
+    float4 ra, rb[2];
+    const float4 zero = {0.0f, 0.0f, 0.0f, 0.0f};
+    // The stage of pixels k0 .. k0+15 into registers; pixels past the split read as zeros.
+    auto load = [&](int k0) {
+        const int pa = k0 + a_p;
+        ra = a_ok && pa < p_end ? *reinterpret_cast<const float4*>(a_src + pa * K) : zero;
+        const int ih0 = k0 + ty < p_end ? oh * sh - ph : PYCNN_CONV_OUTSIDE, iw0 = ow * sw - pw;
+        const int base = ((img * H + ih0) * W + iw0) * C;  // (meaningless where ih0 is OUTSIDE: unused)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int ih = ih0 + b_r[j], iw = iw0 + b_s[j];
+            const bool ok = b_ok[j] & ((unsigned)ih < (unsigned)H) & ((unsigned)iw < (unsigned)W);
+            rb[j] = ok ? *reinterpret_cast<const float4*>(xt + base + b_off[j]) : zero;
+        }
+        ow += ow_step; oh += oh_step; img += HoWo_step;
+        if (ow >= Wo) { ow -= Wo; ++oh; }
+        if (oh >= Ho) { oh -= Ho; ++img; }
+    };
+    auto store = [&](int buf) {
+        if (tid < 4 * BM) *reinterpret_cast<float4*>(&As[buf][a_p][4 * a_q]) = ra;
+        *reinterpret_cast<float4*>(&Bs[buf][ty][4 * tx]) = rb[0];
+        *reinterpret_cast<float4*>(&Bs[buf][ty][64 + 4 * tx]) = rb[1];
+    };
+
+    float acc[TM * TN];
+#pragma unroll
+    for (int i = 0; i < TM * TN; ++i) acc[i] = 0.0f;
+    load(p_begin);
+    store(0);
+    __syncthreads();
+    int st = 0;
+    for (int k0 = p_begin; k0 < p_end; k0 += BK, ++st) {
+        const int cur = st & 1;
+        const bool more = k0 + BK < p_end;
+        if (more) load(k0 + BK);  // in flight during the products
+        pycnn_nhwc3_products<TM, TN>(As[cur], Bs[cur], acc, tx, ty);
+        if (more) store(cur ^ 1);  // (buffer cur ^ 1 was last read before the previous barrier)
+        __syncthreads();
+    }
+
+    // Columns 4*tx + 64*jj .. +3 of each row: one 16-byte store (R*S*C % 4 == 0: all four or none).
+    float* out = partial + (pycnn_i64)blockIdx.z * K * Ncols;
+#pragma unroll
+    for (int jj = 0; jj < 2; ++jj) {
+        const int col = n0 + 4 * tx + 64 * jj;
+        if (col >= Ncols) continue;
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+            const int m = m0 + ty * TM + i;
+            if (m < K)
+                pycnn_store_f32x4(out + (pycnn_i64)m * Ncols + col, acc[i * TN + 4 * jj], acc[i * TN + 4 * jj + 1],
+                                  acc[i * TN + 4 * jj + 2], acc[i * TN + 4 * jj + 3]);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) conv2d_bwd_weight_v3nhwc_m32_f32(
+    const float* __restrict__ dyt, const float* __restrict__ xt, float* __restrict__ partial, int N, int C, int H,
+    int W, int K, int R, int S, int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk) {
+    // cooperative: synchronizes with __syncthreads (256 threads)
+    pycnn_nhwc3_weight<32>(dyt, xt, partial, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) conv2d_bwd_weight_v3nhwc_m64_f32(
+    const float* __restrict__ dyt, const float* __restrict__ xt, float* __restrict__ partial, int N, int C, int H,
+    int W, int K, int R, int S, int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk) {
+    // cooperative: synchronizes with __syncthreads (256 threads)
+    pycnn_nhwc3_weight<64>(dyt, xt, partial, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }

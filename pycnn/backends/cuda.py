@@ -1058,20 +1058,36 @@ def _conv4_nhwc(direction: str, geom: tuple) -> bool:
 # it, of GEMMs of at most 64 rows on 32x256 / 64x256 tiles, each thread loading its pixel's 16
 # channels of a stage with four 16-byte loads (no 4-byte gather): sass_mix counts 675 instructions
 # per stage for 512 FMAs (32 rows; 76% FMA) where v3's 32x256 backward-data kernel issues 1079 plus
-# 17 per gathered element. $PYCNN_CONV3_NHWC=1 runs it wherever it applies (reduction channels a
-# multiple of 16); opt-in until a GPU has timed it (gpu_kernels.py --versions 3,3n).
+# 17 per gathered element. The weight gradient of at most 64 filters too, on 32x128 / 64x128 tiles
+# of (filters, (r, s, c) columns) reading dy and x transposed to NHWC with 16-byte loads: 664
+# instructions per 16-pixel stage for 512 FMAs (64 rows; 77%), where v3's 64x64 kernel issues 529
+# for 256 plus 15 per gathered element (8 a thread). $PYCNN_CONV3_NHWC=1 runs them wherever they
+# apply (forward / backward-data: reduction channels a multiple of 16; weight gradient: C and K
+# multiples of 4); opt-in until a GPU has timed them (gpu_kernels.py --versions 3,3n).
 _CONV3_NHWC_MAX_ROWS = 64
 _CONV3_NHWC_COLS = 256
 
 
 def _conv3_nhwc(direction: str, geom: tuple) -> int | None:
-    """The tile rows (32 or 64) of a v3 call in ``direction`` that runs the channels-last kernel, or None."""
-    if _switch_setting("PYCNN_CONV3_NHWC") != "1" or direction == "backward_weight":
+    """The tile rows (32 or 64) of a v3 call in ``direction`` that runs the channels-last kernel, or None.
+
+    The weight gradient's GEMM has K rows and reads dy and x as NHWC rows of 16-byte groups, so
+    it takes K and C multiples of 4 (its callers leave first layers, C*R*S <= the narrow taps,
+    to the narrow kernel first)."""
+    if _switch_setting("PYCNN_CONV3_NHWC") != "1":
         return None
-    gemm = _nhwc_gemm(direction, geom)
-    if gemm is None or gemm[1] > _CONV3_NHWC_MAX_ROWS:
-        return None
-    return 32 if gemm[1] <= 32 else 64
+    if direction == "backward_weight":
+        N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
+        if (C % _CONV4_NHWC_GROUP or K % _CONV4_NHWC_GROUP or K > _CONV3_NHWC_MAX_ROWS or N > _MAX_GRID_YZ
+                or max(N * C * H * W, N * K * Ho * Wo) >= 2**31):
+            return None
+        rows = K
+    else:
+        gemm = _nhwc_gemm(direction, geom)
+        if gemm is None or gemm[1] > _CONV3_NHWC_MAX_ROWS:
+            return None
+        rows = gemm[1]
+    return 32 if rows <= 32 else 64
 
 
 def _nhwc_plan(version: str, inp: str, w: str, bias: str, out: str, geom: tuple, has_bias: bool, relu: bool,
@@ -1096,21 +1112,46 @@ def _nhwc_plan(version: str, inp: str, w: str, bias: str, out: str, geom: tuple,
     return _Plan((transpose, filters, gemm), scratch=(("nhwc_in", N * C * H * W), ("nhwc_w", K * C * R * S)))
 
 
-def _conv4_nhwc_weight_plan(geom: tuple, with_db: bool) -> _Plan:
-    """The channels-last v4 weight gradient (arrays dy, x, dw, db): x transposed into "nhwc_in",
-    the GEMM over split-K parts of the output pixels into "partial" (split like the 128x128 v4
-    kernel), their sum in split order into dw, and, with ``with_db``, bias_grad's launches."""
+# The channels-last weight gradients' tiles: v4 128x128, v3 (32 or 64 filters) x 128 columns.
+_CONV3_NHWC_WGRAD_COLS = 128
+
+
+def _nhwc_weight_tiling(version: str, geom: tuple) -> tuple[int, int, tuple, int, int]:
+    """(tile rows, tile columns, grid, splits, chunk) of the channels-last weight gradient of a
+    v3 or v4 call (_conv3_nhwc / _conv4_nhwc say it applies). Both kernels hold two blocks per SM
+    (about 100-128 registers x 256 threads), so the pixels split as the 128x128 tiles' do."""
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
-    tile, cols = _CONV4_NHWC_TILE, R * S * C
-    grid = (-(-cols // tile), -(-K // tile))
+    if version == CONV_TF32_VERSION:
+        rows, cols = _CONV4_NHWC_TILE, _CONV4_NHWC_TILE
+    else:
+        rows, cols = _conv3_nhwc("backward_weight", geom), _CONV3_NHWC_WGRAD_COLS
+    grid = (-(-(R * S * C) // cols), -(-K // rows))
     splits, chunk = _conv3_splits("backward_weight", _CONV3_BIG, grid[0] * grid[1], N * Ho * Wo)
-    transpose = _conv_launch("conv2d_nchw_to_nhwc_f32", (-(-(H * W) // 32), -(-C // 32), N), (32, 8),
-                             ("x", "nhwc_in", _i32(C), _i32(H * W)))
-    gemm = _conv_launch("conv2d_bwd_weight_v4nhwc_f32", grid + (splits,), (256,),
-                        ("dy", "nhwc_in", "partial") + _geometry_args(geom) + (_i32(chunk),))
-    reduce = _conv_launch("conv2d_nhwc_wgrad_reduce_f32", _grid1d(K * C * R * S), (BLOCK,),
-                          ("partial", "dw", _i32(splits), _i32(K), _i32(C), _i32(R * S)))
-    plan = _Plan((transpose, gemm, reduce), scratch=(("nhwc_in", N * C * H * W), ("partial", splits * K * cols)))
+    return rows, cols, grid + (splits,), splits, chunk
+
+
+def _nhwc_weight_plan(version: str, geom: tuple, with_db: bool) -> _Plan:
+    """The channels-last v3 or v4 weight gradient (arrays dy, x, dw, db): x transposed into
+    "nhwc_in" (v3: dy too, into "nhwc_dy"), the GEMM over split-K parts of the output pixels into
+    "partial" in (k, r, s, c) order, their sum in split order into dw (K, C, R, S), and, with
+    ``with_db``, bias_grad's launches."""
+    N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
+    rows, cols, grid, splits, chunk = _nhwc_weight_tiling(version, geom)
+    launches = [_conv_launch("conv2d_nchw_to_nhwc_f32", (-(-(H * W) // 32), -(-C // 32), N), (32, 8),
+                             ("x", "nhwc_in", _i32(C), _i32(H * W)))]
+    scratch = [("nhwc_in", N * C * H * W), ("partial", splits * K * R * S * C)]
+    if version == CONV_TF32_VERSION:
+        kernel, dy = "conv2d_bwd_weight_v4nhwc_f32", "dy"  # (reads dy in NCHW: contiguous along the pixels)
+    else:
+        kernel, dy = f"conv2d_bwd_weight_v3nhwc_m{rows}_f32", "nhwc_dy"
+        launches.append(_conv_launch("conv2d_nchw_to_nhwc_f32", (-(-(Ho * Wo) // 32), -(-K // 32), N), (32, 8),
+                                     ("dy", "nhwc_dy", _i32(K), _i32(Ho * Wo))))
+        scratch.append(("nhwc_dy", N * K * Ho * Wo))
+    launches.append(_conv_launch(kernel, grid, (256,), (dy, "nhwc_in", "partial") + _geometry_args(geom)
+                                 + (_i32(chunk),)))
+    launches.append(_conv_launch("conv2d_nhwc_wgrad_reduce_f32", _grid1d(K * C * R * S), (BLOCK,),
+                                 ("partial", "dw", _i32(splits), _i32(K), _i32(C), _i32(R * S))))
+    plan = _Plan(tuple(launches), scratch=tuple(scratch))
     if with_db:
         plan = _plan_then(plan, *_bias_grad_launches(N, K, Ho * Wo, "dy", "db"))
     return plan
@@ -2051,8 +2092,9 @@ def _conv_backward_weight_plan(version: str, geom: tuple, with_db: bool) -> _Pla
     tail = _geometry_args(geom)
     fused_db = with_db and version in ("3", CONV_TF32_VERSION)
     narrow_taps = min(_CONV_NARROW_TAPS, DEFINES["PYCNN_CONV_NARROW_MAX"])
-    if version == CONV_TF32_VERSION and C * R * S > narrow_taps and _conv4_nhwc("backward_weight", geom):
-        return _conv4_nhwc_weight_plan(geom, with_db)
+    if C * R * S > narrow_taps and (_conv4_nhwc("backward_weight", geom) if version == CONV_TF32_VERSION else
+                                    version == "3" and _conv3_nhwc("backward_weight", geom)):
+        return _nhwc_weight_plan(version, geom, with_db)
     if version == "1":
         plan = _Plan((_conv_launch("conv2d_bwd_weight_v1_f32", (K * C * R * S,), (BLOCK,),
                                    ("dy", "x", "dw") + tail),))

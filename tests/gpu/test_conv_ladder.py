@@ -365,20 +365,21 @@ def test_v4_nhwc_within_the_tf32_bound(monkeypatch, layer):
 
 
 NHWC3_LAYERS = [lay for lay in GEMM_LAYERS if (lay[2] % 16 == 0 and lay[5] <= 64)
-                or (lay[5] % 16 == 0 and lay[2] <= 64 and lay[8] == (1, 1))]
+                or (lay[5] % 16 == 0 and lay[2] <= 64 and lay[8] == (1, 1))
+                or (lay[2] % 4 == 0 and lay[5] % 4 == 0 and lay[5] <= 64)]
 
 
 @pytest.mark.parametrize("layer", NHWC3_LAYERS, ids=[layer[0] for layer in NHWC3_LAYERS])
 def test_v3_nhwc_is_exact_fp32(monkeypatch, layer):
-    """PYCNN_CONV3_NHWC=1 on the GPU: v3's channels-last forward (with bias and ReLU) and stride-1
-    backward-data agree with the float64 reference to fp32 rounding at two batch sizes, and on small
-    integers bit for bit."""
+    """PYCNN_CONV3_NHWC=1 on the GPU: v3's channels-last forward (with bias and ReLU), stride-1
+    backward-data and weight gradient agree with the float64 reference to fp32 rounding at two
+    batch sizes (the larger one split-K in the weight gradient), and on small integers bit for bit."""
     _, N, C, H, W, K, R, S, stride, padding = layer
     Ho, Wo = (H + 2 * padding[0] - R) // stride[0] + 1, (W + 2 * padding[1] - S) // stride[1] + 1
     geom = (N, C, H, W, K, R, S, Ho, Wo, *stride, *padding)
     monkeypatch.setenv("PYCNN_CONV3_NHWC", "1")
     cuda.clear_plans()
-    directions = [d for d in ("forward", "backward_data") if cuda._conv3_nhwc(d, geom)]
+    directions = [d for d in ("forward", "backward_data", "backward_weight") if cuda._conv3_nhwc(d, geom)]
     assert directions
     rng = np.random.default_rng(14)
     for batch in (N, 8 * N):
@@ -390,7 +391,15 @@ def test_v3_nhwc_is_exact_fp32(monkeypatch, layer):
         if "backward_data" in directions:
             dx = cp.asnumpy(cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="3"))
             np.testing.assert_allclose(dx, want[1], rtol=1e-4, atol=fp32_atol(K * R * S))
-    assert any(k.startswith("conv2d_fwd_v3nhwc_") for k in _planned_kernels())
+        if "backward_weight" in directions:
+            dw, db = cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding, version="3")
+            np.testing.assert_allclose(cp.asnumpy(dw), want[2], rtol=1e-4, atol=fp32_atol(batch * Ho * Wo))
+            want_db = cp.asnumpy(dy).astype(np.float64).sum(axis=(0, 2, 3))
+            np.testing.assert_allclose(cp.asnumpy(db), want_db, rtol=1e-4, atol=fp32_atol(batch * Ho * Wo))
+    planned = _planned_kernels()
+    assert any(k.startswith("conv2d_fwd_v3nhwc_") for k in planned) == bool({"forward", "backward_data"}
+                                                                           & set(directions))
+    assert any(k.startswith("conv2d_bwd_weight_v3nhwc_") for k in planned) == ("backward_weight" in directions)
     draw = lambda *shape: cp.asarray(rng.integers(-8, 9, shape).astype(np.float32))  # noqa: E731
     x, w, dy = draw(N, C, H, W), draw(K, C, R, S), draw(N, K, Ho, Wo)
     want = references(*(cp.asnumpy(a) for a in (x, w, cp.zeros(K, cp.float32), dy)), stride, padding,
@@ -401,6 +410,10 @@ def test_v3_nhwc_is_exact_fp32(monkeypatch, layer):
     if "backward_data" in directions:
         np.testing.assert_array_equal(cp.asnumpy(cuda.conv2d_backward_data(dy, w, x.shape, stride, padding,
                                                                            version="3")), want[1].astype(np.float32))
+    if "backward_weight" in directions:
+        dw, db = cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding, version="3")
+        np.testing.assert_array_equal(cp.asnumpy(dw), want[2].astype(np.float32))
+        np.testing.assert_array_equal(cp.asnumpy(db), cp.asnumpy(dy).astype(np.float64).sum(axis=(0, 2, 3)))
 
 
 @pytest.mark.parametrize("layer", LAYERS, ids=[layer[0] for layer in LAYERS])

@@ -1742,8 +1742,8 @@ def test_v4_nhwc_only_where_it_applies(monkeypatch):
 
 def test_gpu_kernels_times_the_channels_last_kernel(emulated, monkeypatch, tmp_path):
     """gpu_kernels.py --versions 3,3n,4,4n: v3 and v4 and, as "nhwc" entries with their own tile,
-    their channels-last kernels (v4: all three directions; v3: forward and backward-data; 16
-    channels each way, 24 output pixels); the settings are unset again afterwards."""
+    their channels-last kernels (all three directions; 16 channels each way, 24 output pixels);
+    the settings are unset again afterwards."""
     import json
     import os
 
@@ -1758,7 +1758,7 @@ def test_gpu_kernels_times_the_channels_last_kernel(emulated, monkeypatch, tmp_p
     got = sorted((e["op"], e["version"], e.get("nhwc", False), e["tile"]) for e in record["kernels"])
     assert got == [("conv2d_bwd_data", "v3", False, "64x64"), ("conv2d_bwd_data", "v3", True, "nhwc 32x256"),
                    ("conv2d_bwd_data", "v4", False, "64x64"), ("conv2d_bwd_data", "v4", True, "nhwc 128x128"),
-                   ("conv2d_bwd_weight", "v3", False, "64x64"),
+                   ("conv2d_bwd_weight", "v3", False, "64x64"), ("conv2d_bwd_weight", "v3", True, "nhwc 32x128"),
                    ("conv2d_bwd_weight", "v4", False, "64x64"), ("conv2d_bwd_weight", "v4", True, "nhwc 128x128"),
                    ("conv2d_fwd", "v3", False, "64x64"), ("conv2d_fwd", "v3", True, "nhwc 32x256"),
                    ("conv2d_fwd", "v4", False, "64x64"), ("conv2d_fwd", "v4", True, "nhwc 128x128")]
@@ -1768,65 +1768,111 @@ def test_gpu_kernels_times_the_channels_last_kernel(emulated, monkeypatch, tmp_p
     assert "v4n" in gpu_kernels.table(record["kernels"]) and "v3n" in gpu_kernels.table(record["kernels"])
 
 
-# v3 channels last (conv2d_nhwc.cu, PYCNN_CONV3_NHWC=1, exact fp32): forward and stride-1
-# backward-data of GEMMs of at most 64 rows. (N, C, H, W, K, R, S, stride, padding).
+# v3 channels last (conv2d_nhwc.cu, PYCNN_CONV3_NHWC=1, exact fp32): forward, stride-1
+# backward-data and weight gradient of GEMMs of at most 64 rows.
+# (N, C, H, W, K, R, S, stride, padding).
 NHWC3_SHAPES = {
-    # 32 filters (32-row tile) and backward-data into 16 channels, 96 pixels
+    # 32 filters (32-row tile) and backward-data into 16 channels, 96 pixels; weight gradient
+    # 32 x 144 columns: two column tiles, the second 16 wide
     "m32": (2, 16, 6, 8, 32, 3, 3, (1, 1), (1, 1)),
     # 48 filters: a 64-row tile with 16 rows past K; backward-data 48 -> 32 channels, no padding
     "m64-partial": (3, 32, 7, 9, 48, 3, 3, (1, 1), (0, 0)),
     # two column tiles (396 pixels) of 64 rows; backward-data over 64 channels x 9 taps
     "two-col-tiles": (3, 16, 12, 11, 64, 3, 3, (1, 1), (1, 1)),
-    # stride 2 and a 3x2 filter: the forward only (backward-data keeps v3's GEMM)
+    # stride 2 and a 3x2 filter: the forward and the weight gradient (backward-data keeps v3's GEMM)
     "stride2": (2, 32, 9, 9, 20, 3, 2, (2, 1), (1, 0)),
+    # 3x3 outputs: a 16-pixel stage spans two images (the weight gradient's pixel walk carries
+    # into the image), 45 pixels: the last stage short
+    "small-images": (5, 16, 5, 5, 16, 3, 3, (1, 1), (0, 0)),
 }
 NHWC3_KERNELS = ("conv2d_fwd_v3nhwc_m32_f32", "conv2d_fwd_v3nhwc_m64_f32")
+NHWC3_WGRAD_KERNELS = ("conv2d_bwd_weight_v3nhwc_m32_f32", "conv2d_bwd_weight_v3nhwc_m64_f32")
 
 
 def run_nhwc3(monkeypatch, shape, x, w, b, dy):
+    """(y with bias and ReLU, dx, dw, db) of v3 with PYCNN_CONV3_NHWC=1."""
     _, _, _, _, _, _, _, stride, padding = shape
     monkeypatch.setenv("PYCNN_CONV3_NHWC", "1")
     y = cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version="3")
     dx = cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version="3")
+    dw, db = cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding, version="3")
     monkeypatch.delenv("PYCNN_CONV3_NHWC")
-    return y, dx
+    return y, dx, dw, db
 
 
 @pytest.mark.parametrize("name", list(NHWC3_SHAPES))
 def test_v3_nhwc_is_exact_fp32(emulated, monkeypatch, name):
-    """The channels-last v3 kernel (forward with bias and ReLU; backward-data where stride 1)
-    agrees with the float64 reference to fp32 rounding, and with v3's GEMM to the same tolerance
-    (another order of the sums, so not its bits)."""
+    """The channels-last v3 kernels (forward with bias and ReLU; backward-data where stride 1;
+    the weight gradient) agree with the float64 reference to fp32 rounding, and with v3's GEMMs to
+    the same tolerance (another order of the sums, so not their bits)."""
     shape = NHWC3_SHAPES[name]
     N, C, H, W, K, R, S, stride, padding = shape
     x, w, b, dy = data(shape, seed=21)
-    y, dx = run_nhwc3(monkeypatch, shape, x, w, b, dy)
+    y, dx, dw, db = run_nhwc3(monkeypatch, shape, x, w, b, dy)
+    rows = 32 if K <= 32 else 64
     ran = [k for k in emulated if k in NHWC3_KERNELS]
-    assert ran[0] == f"conv2d_fwd_v3nhwc_m{32 if K <= 32 else 64}_f32", emulated
+    assert ran[0] == f"conv2d_fwd_v3nhwc_m{rows}_f32", emulated
     assert len(ran) == (2 if stride == (1, 1) else 1), emulated
+    assert [k for k in emulated if k in NHWC3_WGRAD_KERNELS] == [f"conv2d_bwd_weight_v3nhwc_m{rows}_f32"]
     want = reference(shape, x, w, b, dy)
-    lf, ld, _ = lengths(shape)
+    lf, ld, lw = lengths(shape)
     np.testing.assert_allclose(y, np.maximum(want[0], 0), rtol=1e-4, atol=fp32_atol(lf), err_msg=f"{name} y")
     np.testing.assert_allclose(dx, want[1], rtol=1e-4, atol=fp32_atol(ld), err_msg=f"{name} dx")
+    np.testing.assert_allclose(dw, want[2], rtol=1e-4, atol=fp32_atol(lw), err_msg=f"{name} dw")
+    np.testing.assert_allclose(db, want[3], rtol=1e-4, atol=fp32_atol(N * lw), err_msg=f"{name} db")
     v3 = cuda.conv2d_bias_relu_forward(x, w, b, stride, padding, version="3")
     np.testing.assert_allclose(y, v3, rtol=1e-5, atol=fp32_atol(lf))
+    v3_dw = cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding, version="3")[0]
+    np.testing.assert_allclose(dw, v3_dw, rtol=1e-5, atol=fp32_atol(lw))
 
 
 @pytest.mark.parametrize("name", list(NHWC3_SHAPES))
 def test_v3_nhwc_exact_on_integers(emulated, monkeypatch, name):
     """Small integers: every sum exact, so the reference's bits: checks the tap and channel walk,
-    the register pipeline, the flipped filters, the row and column bounds and the stores."""
+    the register pipeline, the flipped filters, the pixel walk of the weight gradient, the row
+    and column bounds, the stores and the reorder of its partials into (K, C, R, S)."""
     shape = NHWC3_SHAPES[name]
     x, w, b, dy = data(shape, seed=22, integers=True)
-    y, dx = run_nhwc3(monkeypatch, shape, x, w, b, dy)
+    y, dx, dw, db = run_nhwc3(monkeypatch, shape, x, w, b, dy)
     want = reference(shape, x, w, b, dy)
     np.testing.assert_array_equal(y, np.maximum(want[0], 0).astype(np.float32), err_msg=f"{name} y")
     np.testing.assert_array_equal(dx, want[1].astype(np.float32), err_msg=f"{name} dx")
+    np.testing.assert_array_equal(dw, want[2].astype(np.float32), err_msg=f"{name} dw")
+    np.testing.assert_array_equal(db, want[3].astype(np.float32), err_msg=f"{name} db")
+
+
+@pytest.mark.parametrize("name", ["m64-partial", "small-images"])
+def test_v3_nhwc_weight_gradient_split_k(emulated, monkeypatch, name):
+    """Split-K of v3's channels-last weight gradient: with parts of 16 pixels each split starts
+    its pixel walk at its own pixel (on "small-images" in the middle of an image) and the
+    partials add up, in split order, to the reference exactly on integers, and to the unsplit
+    result within fp32 rounding on random data."""
+    shape = NHWC3_SHAPES[name]
+    N, C, H, W, K, R, S, stride, padding = shape
+    x, w, b, dy = data(shape, seed=23, integers=True)
+    xr, wr, br, dyr = data(shape, seed=24)
+    whole = run_nhwc3(monkeypatch, shape, xr, wr, br, dyr)[2]
+    monkeypatch.setattr(cuda, "_CONV3_SPLIT_MIN_K", 16)
+    monkeypatch.setattr(cuda, "_CONV3_T128_SLOTS", 64)  # (so that splitting pays)
+    cuda.clear_plans()
+    Ho, Wo = dy.shape[2:]
+    geom = (N, C, H, W, K, R, S, Ho, Wo) + stride + padding
+    monkeypatch.setenv("PYCNN_CONV3_NHWC", "1")
+    splits = cuda._nhwc_weight_tiling("3", geom)[3]
+    monkeypatch.delenv("PYCNN_CONV3_NHWC")
+    assert splits > 1
+    dw, db = run_nhwc3(monkeypatch, shape, x, w, b, dy)[2:]
+    want = reference(shape, x, w, b, dy)
+    np.testing.assert_array_equal(dw, want[2].astype(np.float32))
+    np.testing.assert_array_equal(db, want[3].astype(np.float32))
+    split = run_nhwc3(monkeypatch, shape, xr, wr, br, dyr)[2]
+    np.testing.assert_allclose(split, whole, rtol=1e-5, atol=fp32_atol(lengths(shape)[2]))
 
 
 def test_v3_nhwc_only_where_it_applies(monkeypatch):
-    """At most 64 GEMM rows, reduction channels a multiple of 16, stride 1 for backward-data, the
-    weight gradient never; only with PYCNN_CONV3_NHWC=1, and a bad value is an error naming it."""
+    """At most 64 GEMM rows, reduction channels a multiple of 16 and stride 1 for backward-data;
+    the weight gradient at most 64 filters, C and K multiples of 4; only with
+    PYCNN_CONV3_NHWC=1, and a bad value is an error naming it."""
     def geom(N, C, H, W, K, R, S, sh, ph):
         return N, C, H, W, K, R, S, (H + 2 * ph - R) // sh + 1, (W + 2 * ph - S) // sh + 1, sh, sh, ph, ph
 
@@ -1834,7 +1880,11 @@ def test_v3_nhwc_only_where_it_applies(monkeypatch):
     assert cuda._conv3_nhwc("forward", g) is None
     monkeypatch.setenv("PYCNN_CONV3_NHWC", "1")
     assert cuda._conv3_nhwc("forward", g) == 64 and cuda._conv3_nhwc("backward_data", g) == 32
-    assert cuda._conv3_nhwc("backward_weight", g) is None
+    assert cuda._conv3_nhwc("backward_weight", g) == 64
+    assert cuda._conv3_nhwc("backward_weight", geom(2, 24, 8, 8, 20, 3, 3, 2, 1)) == 32  # any stride
+    assert cuda._conv3_nhwc("backward_weight", geom(2, 6, 8, 8, 16, 3, 3, 1, 1)) is None  # C % 4
+    assert cuda._conv3_nhwc("backward_weight", geom(2, 8, 8, 8, 18, 3, 3, 1, 1)) is None  # K % 4
+    assert cuda._conv3_nhwc("backward_weight", geom(2, 8, 8, 8, 68, 3, 3, 1, 1)) is None  # 68 filters
     assert cuda._conv3_nhwc("forward", geom(2, 32, 8, 8, 65, 3, 3, 1, 1)) is None   # 65 rows
     assert cuda._conv3_nhwc("forward", geom(2, 24, 8, 8, 48, 3, 3, 1, 1)) is None   # C % 16
     assert cuda._conv3_nhwc("backward_data", geom(2, 32, 9, 9, 48, 3, 3, 2, 1)) is None  # stride 2
