@@ -1340,7 +1340,8 @@ _TUNE_VARIANTS = {
     "flip": ("PYCNN_CONV_BWD_DATA_FLIP", "1"),  # stride-1 backward-data through the forward kernels
     "fill": ("_CONV3_SPLIT_RULE", "fill"),  # the other split-K rule (see _CONV3_SPLIT_RULE)
     "waves": ("_CONV3_SPLIT_RULE", "waves"),
-    "nhwc": ("PYCNN_CONV4_NHWC", "1"),  # v4 through the channels-last kernels (conv2d_nhwc.cu)
+    # the channels-last kernels of the candidate's version (conv2d_nhwc.cu): a setting per version
+    "nhwc": {"3": ("PYCNN_CONV3_NHWC", "1"), CONV_TF32_VERSION: ("PYCNN_CONV4_NHWC", "1")},
 }
 # Each candidate is timed as it runs in a captured training step: calls captured in a CUDA graph
 # on a stream of its own, the graph replayed between two events (from Python a small layer's
@@ -1367,7 +1368,7 @@ def _tune_labels(direction: str, versions: list) -> list[str]:
             options.append("wide")  # (and "nowide" below: the default is either, by tile count)
         if direction == "backward_data" and _env("PYCNN_CONV_BWD_DATA_FLIP") == "":
             options.append("flip")
-        if version == CONV_TF32_VERSION and _env("PYCNN_CONV4_NHWC") == "":
+        if _env(_TUNE_VARIANTS["nhwc"][version][0]) == "":
             options.append("nhwc")
         options.append("fill" if _CONV3_SPLIT_RULE == "waves" else "waves")
         combos = [c for n in range(1, len(options) + 1) for c in itertools.combinations(options, n)]
@@ -1380,7 +1381,8 @@ def _tune_labels(direction: str, versions: list) -> list[str]:
 def _tune_variant(label: str) -> tuple[str, tuple]:
     """(version, settings) of an autotune label: "3+flip" -> ("3", (("PYCNN_CONV_BWD_DATA_FLIP", "1"),))."""
     version, *variants = label.split("+")
-    return version, tuple(_TUNE_VARIANTS[name] for name in variants)
+    settings = (_TUNE_VARIANTS[name] for name in variants)
+    return version, tuple(s[version] if isinstance(s, dict) else s for s in settings)
 
 
 def _graph_replay_ms(cupy, stream, fn, reps: int, replays: int, warm: bool = True) -> float:

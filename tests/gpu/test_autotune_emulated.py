@@ -107,7 +107,7 @@ def device(emulated, monkeypatch):
     monkeypatch.setattr(cuda, "_autotune_failures", {})
     monkeypatch.setenv("PYCNN_CONV_AUTOTUNE", "1")
     for name in ("PYCNN_CONV_VERSION", "PYCNN_ALLOW_TF32", "PYCNN_CONV_WINOGRAD", "PYCNN_CONV3_WIDE",
-                 "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_BACKWARD_STREAMS"):
+                 "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_BACKWARD_STREAMS", "PYCNN_CONV3_NHWC", "PYCNN_CONV4_NHWC"):
         monkeypatch.delenv(name, raising=False)
     return dev
 
@@ -193,7 +193,31 @@ def test_channels_last_variant_of_v4(device, monkeypatch):
     monkeypatch.setenv("PYCNN_CONV4_NHWC", "0")
     cuda.conv2d_forward(x, w, b, (1, 1), (1, 1), allow_tf32=True)
     times = [t for k, t in cuda._autotune_times.items() if k != key][0]
-    assert "nhwc" not in " ".join(times), times
+    assert not any(label.startswith("4+") and "nhwc" in label for label in times), times
+    assert "3+nhwc" in times  # (v3's own setting, still unset)
+
+
+def test_channels_last_variant_of_v3(device, monkeypatch):
+    """In exact fp32, v3's channels-last kernels (PYCNN_CONV3_NHWC) are a candidate beside v3's
+    GEMM in each direction; made cheaper, they are picked and give the reference's values (the
+    weight gradient through its transposes and reorder), and the environment stays untouched."""
+    device.costs = {"conv2d_fwd_v3nhwc_m32_f32": 1e-4, "conv2d_bwd_weight_v3nhwc_m32_f32": 1e-4,
+                    "conv2d_nchw_to_nhwc_f32": 1e-4, "conv2d_nhwc_filters_f32": 1e-4,
+                    "conv2d_nhwc_wgrad_reduce_f32": 1e-4, "bias_grad_f32": 1e-4}
+    device.default_cost = 1e-2
+    monkeypatch.setattr(cuda, "CONV_VERSIONS", ("3",))
+    rng = np.random.default_rng(6)
+    x, w, dy = rnd(rng, 2, 16, 6, 5), rnd(rng, 24, 16, 3, 3), rnd(rng, 2, 24, 6, 5)
+    x64, w64, dy64 = (a.astype(np.float64) for a in (x, w, dy))
+    y = cuda.conv2d_forward(x, w, None, (1, 1), (1, 1))
+    np.testing.assert_allclose(y, ref.conv2d_forward(x64, w64, None, (1, 1), (1, 1)), rtol=1e-4, atol=1e-4)
+    dw, db = cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1))
+    want_dw, want_db = ref.conv2d_backward_weight(dy64, x64, w.shape, (1, 1), (1, 1))
+    np.testing.assert_allclose(dw, want_dw, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(db, want_db, rtol=1e-4, atol=1e-4)
+    assert sorted(cuda._autotune_cache.values()) == ["3+nhwc", "3+nhwc"], cuda._autotune_times
+    assert "conv2d_bwd_weight_v3nhwc_m32_f32" in device.timeline
+    assert "PYCNN_CONV3_NHWC" not in cuda.os.environ and cuda._overrides() == {}
 
 
 def test_equal_plans_are_timed_once(device):
@@ -275,6 +299,8 @@ def test_overrides_are_undone_when_a_build_fails(monkeypatch):
 def test_labels_name_their_settings():
     assert cuda._tune_variant("3") == ("3", ())
     assert cuda._tune_variant("3+wide+flip") == ("3", (("PYCNN_CONV3_WIDE", "1"), ("PYCNN_CONV_BWD_DATA_FLIP", "1")))
+    assert cuda._tune_variant("3+nhwc") == ("3", (("PYCNN_CONV3_NHWC", "1"),))
+    assert cuda._tune_variant("4+nhwc+fill") == ("4", (("PYCNN_CONV4_NHWC", "1"), ("_CONV3_SPLIT_RULE", "fill")))
     labels = cuda._tune_labels("backward_weight", ["1", "2", "3"])
     assert labels[:3] == ["1", "2", "3"] and not any("wide" in lab or "flip" in lab for lab in labels), labels
 
