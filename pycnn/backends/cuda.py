@@ -1056,9 +1056,9 @@ def _conv4_nhwc(direction: str, geom: tuple) -> bool:
 
 # v3 channels last (conv2d_nhwc.cu, exact fp32): the forward, and the stride-1 backward-data through
 # it, of GEMMs of at most 64 rows on 32x256 / 64x256 tiles, each thread loading its pixel's 16
-# channels of a stage with four 16-byte loads (no 4-byte gather): sass_mix counts 675 instructions
-# per stage for 512 FMAs (32 rows; 76% FMA) where v3's 32x256 backward-data kernel issues 1079 plus
-# 17 per gathered element. The weight gradient of at most 64 filters too, on 32x128 / 64x128 tiles
+# channels of a stage with four 16-byte loads (no 4-byte gather): sass_mix counts 684 instructions
+# per stage for 512 FMAs (32 rows; 75% FMA; three blocks per SM) where v3's 32x256 backward-data
+# kernel issues 1079 plus 17 per gathered element. The weight gradient of at most 64 filters too, on 32x128 / 64x128 tiles
 # of (filters, (r, s, c) columns) reading dy and x transposed to NHWC with 16-byte loads: 664
 # instructions per 16-pixel stage for 512 FMAs (64 rows; 77%), where v3's 64x64 kernel issues 529
 # for 256 plus 15 per gathered element (8 a thread). $PYCNN_CONV3_NHWC=1 runs them wherever they
