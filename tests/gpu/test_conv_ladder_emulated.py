@@ -1869,6 +1869,23 @@ def test_v3_nhwc_weight_gradient_split_k(emulated, monkeypatch, name):
     np.testing.assert_allclose(split, whole, rtol=1e-5, atol=fp32_atol(lengths(shape)[2]))
 
 
+@pytest.mark.parametrize("shape", [(2, 4, 7, 6, 8, 3, 3, (1, 1), (1, 1)), (3, 32, 5, 5, 12, 1, 1, (2, 2), (0, 0))],
+                         ids=["four-channels", "1x1-stride2"])
+def test_v3_nhwc_weight_gradient_alone(emulated, monkeypatch, shape):
+    """Layers where only the weight gradient runs channels last (C or K not a multiple of 16):
+    four channels, a 16-byte group being a whole tap; a 1x1 filter with stride 2. Bitwise on
+    small integers."""
+    N, C, H, W, K, R, S, stride, padding = shape
+    x, w, b, dy = data(shape, seed=25, integers=True)
+    monkeypatch.setenv("PYCNN_CONV3_NHWC", "1")
+    dw, db = cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding, version="3")
+    monkeypatch.delenv("PYCNN_CONV3_NHWC")
+    assert "conv2d_bwd_weight_v3nhwc_m32_f32" in emulated, emulated
+    want = reference(shape, x, w, b, dy)
+    np.testing.assert_array_equal(dw, want[2].astype(np.float32))
+    np.testing.assert_array_equal(db, want[3].astype(np.float32))
+
+
 def test_v3_nhwc_only_where_it_applies(monkeypatch):
     """At most 64 GEMM rows, reduction channels a multiple of 16 and stride 1 for backward-data;
     the weight gradient at most 64 filters, C and K multiples of 4; only with
