@@ -35,9 +35,9 @@ fp32 (TF32 off) and in TF32, all measured in the same run.
         (v4 and, as "nhwc": true entries, v4's channels-last kernel, PYCNN_CONV4_NHWC=1, on the
         forward and stride-1 backward-data GEMMs whose reduction channels are a multiple of 16)
     python benchmarks/gpu_kernels.py --layers models --versions 3,3n --batch 512 --json FILE
-        (v3 and, as "nhwc": true entries, v3's channels-last kernels, PYCNN_CONV3_NHWC=1, on the
-        GEMMs of at most 64 rows: forward / backward-data with 16k reduction channels, weight
-        gradients with C and K multiples of 4)
+        (v3 and, as "nhwc": true entries, v3's channels-last kernels, PYCNN_CONV3_NHWC=1:
+        forward / backward-data with 16k reduction channels, weight gradients with C and K
+        multiples of 4)
     python benchmarks/gpu_kernels.py --layers models --versions 3,3fill --batch 512 --json FILE
         (v3 and, as "split_rule": "fill" entries where it splits differently, v3 with the split-K
         rule before the "waves" one: cuda._CONV3_SPLIT_RULE)
@@ -306,10 +306,12 @@ def splits_of(direction: str, shape, version: str) -> int | None:
         return None
     N, C, H, W, K, R, S, stride, pad = shape
     Ho, Wo = (H + 2 * pad - R) // stride + 1, (W + 2 * pad - S) // stride + 1
-    if tile_of(direction, shape, version).startswith("nhwc"):  # (split-K in the weight gradient only)
-        if direction != "backward_weight":
-            return 1
-        return cuda._nhwc_weight_tiling(version, _geometry(shape))[3]
+    if tile_of(direction, shape, version).startswith("nhwc"):
+        geom = _geometry(shape)
+        if direction == "backward_weight":
+            return cuda._nhwc_weight_tiling(version, geom)[3]
+        return cuda._nhwc_forward_tiling(version, cuda._flipped_geometry(geom) if direction == "backward_data"
+                                         else geom)[3]
     if direction == "backward_weight":
         bm, bn, _ = cuda._conv3_tile(direction, K, C * R * S, version)
         tiles = -(-K // bm) * -(-(C * R * S) // bn)

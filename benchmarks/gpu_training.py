@@ -36,8 +36,8 @@ tiles even where 264 or more wide ones would run): its A/B.
 threads with 4x8 register tiles instead of 128 with 8x8): its A/B (records up to 15daa69e have the
 reverse, "pycnn-cudagraph-r8", from when 256 threads were the default, and
 "pycnn-cudagraph-wideown", wide tiles planning their own split-K, since removed: it lost).
-"pycnn-cudagraph-nhwc" is the graph variant with PYCNN_CONV3_NHWC=1 (v3's forward and stride-1
-backward-data of at most 64 rows through the channels-last kernels of conv2d_nhwc.cu, opt-in).
+"pycnn-cudagraph-nhwc" is the graph variant with PYCNN_CONV3_NHWC=1 (v3's forward, stride-1
+backward-data and weight gradient through the channels-last kernels of conv2d_nhwc.cu, opt-in).
 "pycnn-cudagraph-m32t128" is the graph variant with PYCNN_CONV3_M32T128=1 (v3's 32x256 tiles run
 by 128 threads with 4x16 register tiles instead of 256 with 2x16; opt-in until timed): its A/B.
 "pycnn-cudagraph-lean" is the graph variant with the GEMM-core kernels rebuilt with

@@ -356,12 +356,18 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
         cuda.conv2d_backward_weight(dyb, xb, wb.shape, (1, 1), (0, 0), version="4", allow_tf32=True)
         assert launches[n:n + 3] == ["conv2d_nchw_to_nhwc_f32", "conv2d_bwd_weight_v4nhwc_f32",
                                      "conv2d_nhwc_wgrad_reduce_f32"] and "bias_grad_f32" in launches[n + 3:]
-        m.setenv("PYCNN_CONV3_NHWC", "1")  # v3 channels last: at most 64 rows (here 48 filters, 128 channels)
+        m.setenv("PYCNN_CONV3_NHWC", "1")  # v3 channels last (here 48 filters, 16 channels)
         xs, ws = _f(2, 16, 6, 5), _f(48, 16, 3, 3)
+        n = len(launches)  # (one tile: split-K, then the reduce)
         cuda.conv2d_forward(xs, ws, None, (1, 1), (1, 1), version="3")
-        assert launches[-3:] == ["conv2d_nchw_to_nhwc_f32", "conv2d_nhwc_filters_f32", "conv2d_fwd_v3nhwc_m64_f32"]
+        assert launches[n:] == ["conv2d_nchw_to_nhwc_f32", "conv2d_nhwc_filters_f32", "conv2d_fwd_v3nhwc_m64_f32",
+                                "conv2d_split_reduce_f32"]
         cuda.conv2d_backward_data(_f(2, 48, 6, 5), ws, xs.shape, (1, 1), (1, 1), version="3")
-        assert launches[-1] == "conv2d_fwd_v3nhwc_m32_f32"
+        assert launches[-2:] == ["conv2d_fwd_v3nhwc_m32_f32", "conv2d_split_reduce_f32"]
+        with monkeypatch.context() as unsplit:
+            unsplit.setattr(cuda, "_CONV3_SPLIT_MIN_K", 10**6)
+            cuda.conv2d_forward(xs, ws, _f(48), (1, 1), (1, 1), version="3")
+            assert launches[-1] == "conv2d_fwd_v3nhwc_m64_f32"
         for filters in (48, 20):  # weight gradient: x and dy transposed, the GEMM, the reorder, db
             n = len(launches)
             cuda.conv2d_backward_weight(_f(2, filters, 3, 2), xs, (filters, 16, 3, 3), (2, 2), (1, 0), version="3")

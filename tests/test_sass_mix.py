@@ -160,7 +160,8 @@ def test_gemm_tiles_fit_the_blocks_per_sm_the_split_rule_counts(tmp_path, lean):
 def test_channels_last_weight_gradient_fits_the_slots_its_split_counts(tmp_path):
     """The channels-last weight gradients (v4, and v3's 32- and 64-row ones) split by the 128x128
     tiles' rule (_CONV3_T128_SLOTS blocks per round): their kernels must fit exactly two
-    256-thread blocks per SM, without spills, and so must v4's forward, which shares its tile."""
+    256-thread blocks per SM, without spills, and so must v4's forward, which shares its tile;
+    v3's channels-last forward kernels the three (32 rows) and two (64) of _CONV3_NHWC_SLOTS."""
     from pycnn.backends import cuda
 
     result = sass_mix.analyse(ROOT / "csrc" / "cuda", ["conv2d_nhwc.cu"], [], "sm_90", NVCC, None, tmp_path)
@@ -169,3 +170,8 @@ def test_channels_last_weight_gradient_fits_the_slots_its_split_counts(tmp_path)
         info = result[kernel]
         per_sm = sass_mix.blocks_per_sm(info["registers"], 256, info["shared_bytes"])
         assert per_sm * 132 == cuda._CONV3_T128_SLOTS and info["spill_bytes"] == 0, (kernel, info, per_sm)
+    # v3's channels-last forward kernels: the rounds their split rule counts (_CONV3_NHWC_SLOTS)
+    for rows, slots in cuda._CONV3_NHWC_SLOTS.items():
+        info = result[f"conv2d_fwd_v3nhwc_m{rows}_f32"]
+        per_sm = sass_mix.blocks_per_sm(info["registers"], 256, info["shared_bytes"])
+        assert per_sm * 132 == slots and info["spill_bytes"] == 0, (rows, info, per_sm)

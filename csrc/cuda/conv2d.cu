@@ -11,7 +11,7 @@
 //   conv2d_igemm_alt.cu  v3 tile variants that run only when asked (A/B timing)
 //   conv2d_narrow.cu     what v3/v4 run on the narrow first layers (one input channel, C*R*S <= 25)
 //   conv2d_winograd.cu   v5 Winograd F(4x4, 3x3)
-//   conv2d_nhwc.cu       channels last (opt-in): NHWC input, 16-byte copies; v4 with ldmatrix, v3 <= 64 rows
+//   conv2d_nhwc.cu       channels last (opt-in): NHWC input, 16-byte copies; v4 with ldmatrix, v3 exact
 // (One file would do for NVRTC, but at 2,400 lines its sm_90 compile took 26-31 s with nvcc on a
 // 2-core machine, most of it the two dozen instantiations of the GEMM core; split, the largest part,
 // conv2d_igemm.cu, takes 12-15 s. Every kernel's sm_90 machine code is the same as before the split.)

@@ -1,7 +1,7 @@
 // conv2d_nhwc.cu: the ladder's channels-last kernels (conv2d.cu has the map of the whole ladder):
 // v4 with TF32 tensor cores through ldmatrix in all three directions (PYCNN_CONV4_NHWC=1), and v3
-// (exact fp32) for GEMMs of at most 64 rows, also in all three directions (PYCNN_CONV3_NHWC=1, at
-// the end of this file). Opt-in until a GPU has timed them.
+// (exact fp32) on 32- and 64-row tiles, also in all three directions (PYCNN_CONV3_NHWC=1, at the
+// end of this file). Opt-in until a GPU has timed them.
 //
 // Why a second v4. v4's implicit GEMM (conv2d_igemm.cuh) gathers x in its NCHW layout. The 16
 // reduction indices of a stage are (channel, filter row, filter column) triples whose input
@@ -435,9 +435,9 @@ extern "C" __global__ void conv2d_nhwc_wgrad_reduce_f32(const float* __restrict_
 
 // ---------------------------------------------------------------------------------------------
 // v3 channels last (exact fp32; opt-in, PYCNN_CONV3_NHWC=1): the forward convolution, and the
-// stride-1 backward-data through it, for GEMMs of at most 64 rows (the MNIST layers' filters and
-// channels) on 32 x 256 and 64 x 256 tiles of 256 threads with v3's register tiles (2x16 and 4x16
-// outputs per thread, read as float2/float4 from [k][row] tiles). v3's 32x256 kernel gathers each
+// stride-1 backward-data through it, on 32 x 256 tiles (GEMMs of at most 32 rows) and 64 x 256
+// ones (the rest, in as many row tiles as it takes) of 256 threads with v3's register tiles (2x16
+// and 4x16 outputs per thread, read as float2/float4 from [k][row] tiles). v3's 32x256 kernel gathers each
 // B element with a 4-byte copy of its own (about 17 instructions, against 32 FMAs per element:
 // 47% of its loop is FFMA; MnistCNN conv2's backward-data at batch 512, the largest kernel of that
 // step, runs it). Here a thread owns one output pixel of the tile and loads that pixel's 16
@@ -445,10 +445,13 @@ extern "C" __global__ void conv2d_nhwc_wgrad_reduce_f32(const float* __restrict_
 // the [k][pixel] tile with 16 4-byte stores (consecutive threads, consecutive pixels: no bank
 // conflicts). The loads of stage s+1 are issued before the products of stage s and stored after
 // them (registers as the second buffer, the classic pre-cp.async pipeline: one barrier a stage).
-// The sums are exact fp32 in the order (r, s, c): v3's arithmetic, not v3's bits.
-// Launch: block (256,), grid (ceil(N*Ho*Wo / 256), ceil(K / BM)); the host guarantees C % 16 == 0,
-// K <= 64 (BM = 64) or <= 32 (BM = 32), 16-byte aligned xt and wt, and fewer than 2^31 elements
-// in xt and y.
+// The sums are exact fp32 in the order (r, s, c): v3's arithmetic, not v3's bits. Few tiles (a
+// batch of 64) split the reduction over grid.z: split z writes its sums into y + z*N*K*Ho*Wo,
+// without bias and ReLU, and conv2d_split_reduce_f32 adds the copies in order and applies them.
+// Launch: block (256,), grid (ceil(N*Ho*Wo / 256), ceil(K / BM), splits), split z summing
+// reduction indices [z*chunk, min((z+1)*chunk, R*S*C)); the host guarantees C % 16 == 0, chunk %
+// 16 == 0, 16-byte aligned xt and wt, and fewer than 2^31
+// elements in xt and in each copy of y.
 #define PYCNN_NHWC3_BN 256  // output pixels per block: one per thread
 #define PYCNN_NHWC3_PAD 8   // row padding of the [k][...] tiles (16-byte aligned rows)
 
@@ -485,7 +488,8 @@ template <int BM>
 __device__ __forceinline__ void pycnn_nhwc3_forward(const float* __restrict__ xt, const float* __restrict__ wt,
                                                     const float* __restrict__ b, float* __restrict__ y,
                                                     int has_bias, int relu, int N, int C, int H, int W, int K,
-                                                    int R, int S, int Ho, int Wo, int sh, int sw, int ph, int pw) {
+                                                    int R, int S, int Ho, int Wo, int sh, int sw, int ph, int pw,
+                                                    int chunk) {
     constexpr int BN = PYCNN_NHWC3_BN, BK = PYCNN_NHWC_BK, TM = BM / 16, TN = 16;
     __shared__ __align__(16) float As[2][BK][BM + PYCNN_NHWC3_PAD];  // [k][filter]
     __shared__ __align__(16) float Bs[2][BK][BN + PYCNN_NHWC3_PAD];  // [k][output pixel]
@@ -529,15 +533,19 @@ __device__ __forceinline__ void pycnn_nhwc3_forward(const float* __restrict__ xt
     float acc[TM * TN];
 #pragma unroll
     for (int i = 0; i < TM * TN; ++i) acc[i] = 0.0f;
-    const int stages = Kd / BK;
-    int r = 0, s = 0, c0 = 0;  // tap and first channel of the next stage to load
+    // Split z sums reduction indices [k_begin, k_end) (whole stages: Kd and chunk are multiples
+    // of 16) into its own copy of y; its first stage's tap and channel from k_begin.
+    const int k_begin = blockIdx.z * chunk, stages = (min(Kd, k_begin + chunk) - k_begin) / BK;
+    y += (pycnn_i64)blockIdx.z * N * K * HoWo;
+    int c0 = k_begin % C, s = k_begin / C, r = s / S;  // tap and first channel of the next stage to load
+    s -= r * S;
     auto advance = [&]() {
         if ((c0 += BK) == C) {
             c0 = 0;
             if (++s == S) { s = 0; ++r; }
         }
     };
-    load(0, r, s, c0);
+    load(k_begin, r, s, c0);
     advance();
     store(0);
     __syncthreads();
@@ -545,7 +553,7 @@ __device__ __forceinline__ void pycnn_nhwc3_forward(const float* __restrict__ xt
         const int cur = st & 1;
         const bool more = st + 1 < stages;
         if (more) {  // in flight during the products below
-            load((st + 1) * BK, r, s, c0);
+            load(k_begin + (st + 1) * BK, r, s, c0);
             advance();
         }
         pycnn_nhwc3_products<TM, TN>(As[cur], Bs[cur], acc, tx, ty);
@@ -595,20 +603,20 @@ __device__ __forceinline__ void pycnn_nhwc3_forward(const float* __restrict__ xt
 extern "C" __global__ void __launch_bounds__(256, 3) conv2d_fwd_v3nhwc_m32_f32(
     const float* __restrict__ xt, const float* __restrict__ wt, const float* __restrict__ b,
     float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
-    int Ho, int Wo, int sh, int sw, int ph, int pw) {
+    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: synchronizes with __syncthreads (256 threads)
-    pycnn_nhwc3_forward<32>(xt, wt, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+    pycnn_nhwc3_forward<32>(xt, wt, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) conv2d_fwd_v3nhwc_m64_f32(
     const float* __restrict__ xt, const float* __restrict__ wt, const float* __restrict__ b,
     float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,
-    int Ho, int Wo, int sh, int sw, int ph, int pw) {
+    int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: synchronizes with __syncthreads (256 threads)
-    pycnn_nhwc3_forward<64>(xt, wt, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw);
+    pycnn_nhwc3_forward<64>(xt, wt, b, y, has_bias, relu, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
 }
 
-// v3 channels-last weight gradient (exact fp32; PYCNN_CONV3_NHWC=1, GEMMs of at most 64 rows):
+// v3 channels-last weight gradient (exact fp32; PYCNN_CONV3_NHWC=1):
 // partial[z][m][n] = sum over the output pixels p of split z, in order, of dyt[p][m] *
 // xt[p's window at tap (r, s)][c], n = (r*S + s)*C + c, with dyt = dy in NHWC (N*Ho*Wo, K) and xt
 // = x in NHWC. v3's weight gradient gathers both operands with 4-byte copies from NCHW; here a
@@ -620,7 +628,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv2d_fwd_v3nhwc_m64_f32(
 // of the next stage in registers during the products (as the forward above).
 // Launch: block (256,), grid (ceil(R*S*C / 128), ceil(K / BM), splits); split z sums pixels
 // [z*chunk, min((z+1)*chunk, N*Ho*Wo)), chunk a multiple of 16. The host guarantees C % 4 == 0,
-// K % 4 == 0 and K <= BM (one row of tiles: BM = 32 or 64), 16-byte aligned dyt and xt, and fewer
+// K % 4 == 0 (BM = 32 for K <= 32, else 64), 16-byte aligned dyt and xt, and fewer
 // than 2^31 elements in xt and dyt. conv2d_nhwc_wgrad_reduce_f32 adds the partials into dw.
 #define PYCNN_NHWC3_WG_BN 128  // columns (r, s, c) per block
 

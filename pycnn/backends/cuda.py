@@ -1055,21 +1055,22 @@ def _conv4_nhwc(direction: str, geom: tuple) -> bool:
 
 
 # v3 channels last (conv2d_nhwc.cu, exact fp32): the forward, and the stride-1 backward-data through
-# it, of GEMMs of at most 64 rows on 32x256 / 64x256 tiles, each thread loading its pixel's 16
-# channels of a stage with four 16-byte loads (no 4-byte gather): sass_mix counts 684 instructions
-# per stage for 512 FMAs (32 rows; 75% FMA; three blocks per SM) where v3's 32x256 backward-data
-# kernel issues 1079 plus 17 per gathered element. The weight gradient of at most 64 filters too, on 32x128 / 64x128 tiles
-# of (filters, (r, s, c) columns) reading dy and x transposed to NHWC with 16-byte loads: 664
-# instructions per 16-pixel stage for 512 FMAs (64 rows; 77%), where v3's 64x64 kernel issues 529
-# for 256 plus 15 per gathered element (8 a thread). $PYCNN_CONV3_NHWC=1 runs them wherever they
-# apply (forward / backward-data: reduction channels a multiple of 16; weight gradient: C and K
-# multiples of 4); opt-in until a GPU has timed them (gpu_kernels.py --versions 3,3n).
-_CONV3_NHWC_MAX_ROWS = 64
+# it, on 32x256 / 64x256 tiles (32 rows where the GEMM has at most 32; more rows take more 64-row
+# tiles), each thread loading its pixel's 16 channels of a stage with four 16-byte loads (no
+# 4-byte gather): sass_mix counts 684 instructions per stage for 512 FMAs (32 rows; 75% FMA; three
+# blocks per SM) where v3's 32x256 backward-data kernel issues 1079 plus 17 per gathered element,
+# and 1189 for 1024 on 64 rows (86%; v3's 128x128 kernel: 1394 for 1024 plus 15 per gathered
+# element). The weight gradient too, on 32x128 / 64x128 tiles of (filters, (r, s, c) columns)
+# reading dy and x transposed to NHWC with 16-byte loads: 664 instructions per 16-pixel stage for
+# 512 FMAs (64 rows; 77%), where v3's 64x64 kernel issues 529 for 256 plus 15 per gathered element
+# (8 a thread). $PYCNN_CONV3_NHWC=1 runs them wherever they apply (forward / backward-data:
+# reduction channels a multiple of 16; weight gradient: C and K multiples of 4); opt-in until a
+# GPU has timed them (gpu_kernels.py --versions 3,3n).
 _CONV3_NHWC_COLS = 256
 
 
 def _conv3_nhwc(direction: str, geom: tuple) -> int | None:
-    """The tile rows (32 or 64) of a v3 call in ``direction`` that runs the channels-last kernel, or None.
+    """The tile rows (32 or 64) of a v3 call in ``direction`` that runs the channels-last kernels, or None.
 
     The weight gradient's GEMM has K rows and reads dy and x as NHWC rows of 16-byte groups, so
     it takes K and C multiples of 4 (its callers leave first layers, C*R*S <= the narrow taps,
@@ -1078,16 +1079,42 @@ def _conv3_nhwc(direction: str, geom: tuple) -> int | None:
         return None
     if direction == "backward_weight":
         N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
-        if (C % _CONV4_NHWC_GROUP or K % _CONV4_NHWC_GROUP or K > _CONV3_NHWC_MAX_ROWS or N > _MAX_GRID_YZ
+        if (C % _CONV4_NHWC_GROUP or K % _CONV4_NHWC_GROUP or N > _MAX_GRID_YZ
                 or max(N * C * H * W, N * K * Ho * Wo) >= 2**31):
             return None
         rows = K
     else:
         gemm = _nhwc_gemm(direction, geom)
-        if gemm is None or gemm[1] > _CONV3_NHWC_MAX_ROWS:
+        if gemm is None:
             return None
         rows = gemm[1]
-    return 32 if rows <= 32 else 64
+    return None if -(-rows // 64) > _MAX_GRID_YZ else 32 if rows <= 32 else 64
+
+
+# v3's channels-last forward kernels fit three 32-row or two 64-row blocks per SM (80 / 128
+# registers x 256 threads; tests/test_sass_mix.py holds them to it): one round of blocks on a
+# 132-SM H100 / H200. A forward / backward-data GEMM with fewer tiles than four rounds splits its
+# reduction by the "waves" rule with these rounds (the partial copies always added by a separate
+# conv2d_split_reduce_f32: no in-kernel finish).
+_CONV3_NHWC_SLOTS = {32: 3 * 132, 64: 2 * 132}
+
+
+def _nhwc_forward_tiling(version: str, geom: tuple) -> tuple[int, int, tuple, int, int]:
+    """(tile rows, tile columns, grid, splits, chunk) of the channels-last forward GEMM of a v3 or
+    v4 call in the forward geometry ``geom`` (backward-data: the flipped one). v4's 128x128 tiles
+    never split; v3's split their reduction (chunk: reduction indices per split) when few."""
+    N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
+    Kd = R * S * C
+    if version == CONV_TF32_VERSION:
+        rows, cols = _CONV4_NHWC_TILE, _CONV4_NHWC_TILE
+    else:
+        rows, cols = (32 if K <= 32 else 64), _CONV3_NHWC_COLS
+    grid = (-(-(N * Ho * Wo) // cols), -(-K // rows))
+    splits, chunk = 1, Kd
+    if version != CONV_TF32_VERSION and grid[0] * grid[1] < 4 * _CONV3_NHWC_SLOTS[rows]:
+        splits, chunk = _waves_splits(grid[0] * grid[1], Kd, _CONV3_SPLIT_MIN_K, _CONV4_NHWC_CHANNELS,
+                                      _CONV3_NHWC_SLOTS[rows], finish_max=1)
+    return rows, cols, grid + (splits,), splits, chunk
 
 
 def _nhwc_plan(version: str, inp: str, w: str, bias: str, out: str, geom: tuple, has_bias: bool, relu: bool,
@@ -1095,21 +1122,31 @@ def _nhwc_plan(version: str, inp: str, w: str, bias: str, out: str, geom: tuple,
     """The channels-last v3 or v4 convolution of ``inp`` (NCHW) with the filters ``w`` into ``out``
     (NCHW), ``geom`` the forward geometry (N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw): the
     transpose of inp into scratch "nhwc_in", the filters reordered into "nhwc_w" (``flip``: w is
-    (C, K, R, S) to this geometry, rotated and transposed, for backward-data), then the GEMM."""
+    (C, K, R, S) to this geometry, rotated and transposed, for backward-data), then the GEMM (v3
+    split-K: into partial copies of out, added in order, bias and ReLU after, by a second pass)."""
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
     w_rows, w_channels = (C, K) if flip else (K, C)  # (w's own first two sizes)
     transpose = _conv_launch("conv2d_nchw_to_nhwc_f32", (-(-(H * W) // 32), -(-C // 32), N), (32, 8),
                              (inp, "nhwc_in", _i32(C), _i32(H * W)))
     filters = _conv_launch("conv2d_nhwc_filters_f32", _grid1d(K * C * R * S), (BLOCK,),
                            (w, "nhwc_w", _i32(w_rows), _i32(w_channels), _i32(R), _i32(S), _i32(int(flip))))
+    scratch = (("nhwc_in", N * C * H * W), ("nhwc_w", K * C * R * S))
+    rows, cols, grid, splits, chunk = _nhwc_forward_tiling(version, geom)
     if version == CONV_TF32_VERSION:
-        kernel, rows, cols = "conv2d_fwd_v4nhwc_f32", _CONV4_NHWC_TILE, _CONV4_NHWC_TILE
-    else:
-        rows, cols = (32 if K <= 32 else 64), _CONV3_NHWC_COLS
-        kernel = f"conv2d_fwd_v3nhwc_m{rows}_f32"
-    gemm = _conv_launch(kernel, (-(-(N * Ho * Wo) // cols), -(-K // rows)), (256,),
-                        ("nhwc_in", "nhwc_w", bias, out, _i32(has_bias), _i32(relu)) + _geometry_args(geom))
-    return _Plan((transpose, filters, gemm), scratch=(("nhwc_in", N * C * H * W), ("nhwc_w", K * C * R * S)))
+        gemm = _conv_launch("conv2d_fwd_v4nhwc_f32", grid[:2], (256,),
+                            ("nhwc_in", "nhwc_w", bias, out, _i32(has_bias), _i32(relu)) + _geometry_args(geom))
+        return _Plan((transpose, filters, gemm), scratch=scratch)
+    kernel = f"conv2d_fwd_v3nhwc_m{rows}_f32"
+    if splits == 1:
+        gemm = _conv_launch(kernel, grid, (256,), ("nhwc_in", "nhwc_w", bias, out, _i32(has_bias), _i32(relu))
+                            + _geometry_args(geom) + (_i32(chunk),))
+        return _Plan((transpose, filters, gemm), scratch=scratch)
+    count = N * K * Ho * Wo
+    gemm = _conv_launch(kernel, grid, (256,), ("nhwc_in", "nhwc_w", bias, "partial", _i32(0), _i32(0))
+                        + _geometry_args(geom) + (_i32(chunk),))
+    reduce = _split_reduce_launch("partial", out, splits, count, bias=bias if has_bias else None, relu=relu,
+                                  inner=Ho * Wo, channels=K)
+    return _Plan((transpose, filters, gemm, reduce), scratch=scratch + (("partial", splits * count),))
 
 
 # The channels-last weight gradients' tiles: v4 128x128, v3 (32 or 64 filters) x 128 columns.
@@ -1544,13 +1581,16 @@ def _conv3_splits(direction: str, tile: int, blocks: int, Kd: int) -> tuple[int,
     return _waves_splits(blocks, Kd, _CONV3_SPLIT_MIN_K, _CONV3_BK, _CONV3_SPLIT_TARGET_BLOCKS)
 
 
-def _waves_splits(blocks: int, count: int, minimum: int, align: int, slots: int) -> tuple[int, int]:
+def _waves_splits(blocks: int, count: int, minimum: int, align: int, slots: int,
+                  finish_max: int | None = None) -> tuple[int, int]:
     """(splits, chunk) of ``count`` summands (chunks of a multiple of ``align``, at most
     ceil(count / minimum) of them, so about ``minimum`` summands or more each; the last chunk
     takes the rest) for ``blocks`` blocks per split, minimizing
     ceil(blocks * splits / slots) x (chunk / align + _CONV3_BLOCK_OVERHEAD_STAGES (+ 1 when split))
-    (+ _CONV3_REDUCE_LAUNCH_STAGES for more splits than the kernel finishes itself), the fewest
-    splits among equals (see _CONV3_SPLIT_RULE)."""
+    (+ _CONV3_REDUCE_LAUNCH_STAGES for more splits than the kernel finishes itself:
+    ``finish_max``, _SPLIT_FINISH_MAX_SPLITS unless given), the fewest splits among equals (see
+    _CONV3_SPLIT_RULE)."""
+    finish_max = _SPLIT_FINISH_MAX_SPLITS if finish_max is None else finish_max
     blocks = max(blocks, 1)
     stages = -(-count // align)
     best = (-(-blocks // slots) * (stages + _CONV3_BLOCK_OVERHEAD_STAGES), 1, max(count, 1))
@@ -1563,7 +1603,7 @@ def _waves_splits(blocks: int, count: int, minimum: int, align: int, slots: int)
         if -(-count // chunk) != splits:
             continue  # (the same chunks as a smaller split count: already costed)
         cost = rounds * (chunk // align + _CONV3_BLOCK_OVERHEAD_STAGES + 1)
-        if splits > _SPLIT_FINISH_MAX_SPLITS:
+        if splits > finish_max:
             cost += _CONV3_REDUCE_LAUNCH_STAGES
         if cost < best[0]:
             best = (cost, splits, chunk)
@@ -1985,8 +2025,7 @@ def _conv_backward_data_plan(version: str, geom: tuple) -> _Plan:
         return _Plan((_conv_launch(narrow, ((N * H * W + BLOCK - 1) // BLOCK,), (BLOCK,), args),))
     if (_conv4_nhwc("backward_data", geom) if version == CONV_TF32_VERSION else
             version == "3" and _conv3_nhwc("backward_data", geom)):
-        flipped = (N, K, Ho, Wo, C, R, S, H, W, 1, 1, R - 1 - ph, S - 1 - pw)  # (see _bwd_data_flip_plan)
-        return _nhwc_plan(version, "dy", "w", "w", "dx", flipped, False, False, flip=True)
+        return _nhwc_plan(version, "dy", "w", "w", "dx", _flipped_geometry(geom), False, False, flip=True)
     if flips:
         return _bwd_data_flip_plan(version, geom)
     return _conv3_output_gemm("backward_data", version, C, N * H * W, K * R * S, args, 2, N * C * H * W, {})
@@ -2004,14 +2043,20 @@ def _bwd_data_flips(geom: tuple) -> bool:
     return setting == "1" and (sh, sw) == (1, 1) and ph < R and pw < S
 
 
+def _flipped_geometry(geom: tuple) -> tuple:
+    """The forward geometry of a stride-1 backward-data run as the forward convolution of dy with
+    the flipped filters (C outputs from K channels, padding R-1-ph, S-1-pw)."""
+    N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
+    return N, K, Ho, Wo, C, R, S, H, W, 1, 1, R - 1 - ph, S - 1 - pw
+
+
 def _bwd_data_flip_plan(version: str, geom: tuple) -> _Plan:
     """Stride-1 backward-data as a forward convolution: dx = conv2d(dy, wf, padding (R-1-ph,
     S-1-pw)) with wf[c, k] = w[k, c] rotated by 180 degrees (conv2d_flip_weights_f32 writes it into
     scratch "wflip"); the same products as the backward-data GEMM, summed in another order (exact
     fp32 both, not the same bits). Arrays dy, w, dx."""
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
-    flipped = (N, K, Ho, Wo, C, R, S, H, W, 1, 1, R - 1 - ph, S - 1 - pw)  # (the forward's geometry)
-    forward = _plan_renamed(_conv_forward_plan(version, flipped, False, False),
+    forward = _plan_renamed(_conv_forward_plan(version, _flipped_geometry(geom), False, False),
                             {"x": "dy", "w": "wflip", "bias": "wflip", "y": "dx"})
     flip = _conv_launch("conv2d_flip_weights_f32", _grid1d(K * C * R * S), (BLOCK,),
                         ("w", "wflip", _i32(K), _i32(C), _i32(R * S)))

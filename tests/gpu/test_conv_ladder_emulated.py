@@ -1769,7 +1769,7 @@ def test_gpu_kernels_times_the_channels_last_kernel(emulated, monkeypatch, tmp_p
 
 
 # v3 channels last (conv2d_nhwc.cu, PYCNN_CONV3_NHWC=1, exact fp32): forward, stride-1
-# backward-data and weight gradient of GEMMs of at most 64 rows.
+# backward-data and weight gradient on 32- and 64-row tiles.
 # (N, C, H, W, K, R, S, stride, padding).
 NHWC3_SHAPES = {
     # 32 filters (32-row tile) and backward-data into 16 channels, 96 pixels; weight gradient
@@ -1784,6 +1784,9 @@ NHWC3_SHAPES = {
     # 3x3 outputs: a 16-pixel stage spans two images (the weight gradient's pixel walk carries
     # into the image), 45 pixels: the last stage short
     "small-images": (5, 16, 5, 5, 16, 3, 3, (1, 1), (0, 0)),
+    # 80 filters: two row tiles of 64, the second a quarter full, in the forward and the weight
+    # gradient; backward-data from 80 channels into 16
+    "two-row-tiles": (2, 16, 6, 5, 80, 3, 3, (1, 1), (1, 1)),
 }
 NHWC3_KERNELS = ("conv2d_fwd_v3nhwc_m32_f32", "conv2d_fwd_v3nhwc_m64_f32")
 NHWC3_WGRAD_KERNELS = ("conv2d_bwd_weight_v3nhwc_m32_f32", "conv2d_bwd_weight_v3nhwc_m64_f32")
@@ -1869,6 +1872,32 @@ def test_v3_nhwc_weight_gradient_split_k(emulated, monkeypatch, name):
     np.testing.assert_allclose(split, whole, rtol=1e-5, atol=fp32_atol(lengths(shape)[2]))
 
 
+def test_v3_nhwc_forward_split_k(emulated, monkeypatch):
+    """Split-K of v3's channels-last forward / backward-data (few tiles: every NHWC3_SHAPES layer
+    splits): splits of 80 reduction indices start mid-tap (64 channels), one of 16 is a single
+    stage, and without a split (the rule kept from splitting) the kernel applies bias and ReLU
+    itself. Bitwise on small integers each way, and the split count is what the rule says."""
+    shape = (2, 64, 6, 5, 32, 3, 3, (1, 1), (1, 1))
+    N, C, H, W, K, R, S, stride, padding = shape
+    x, w, b, dy = data(shape, seed=26, integers=True)
+    want = reference(shape, x, w, b, dy)
+    geom = (N, C, H, W, K, R, S, H, W, 1, 1, 1, 1)
+    monkeypatch.setattr(cuda, "_CONV3_SPLIT_MIN_K", 16)
+    for slots, splits in ((8, 8), (64, 36), (None, 1)):
+        if slots is None:
+            monkeypatch.setattr(cuda, "_CONV3_SPLIT_MIN_K", 10**6)
+        else:
+            monkeypatch.setattr(cuda, "_CONV3_NHWC_SLOTS", {32: slots, 64: slots})
+        monkeypatch.setenv("PYCNN_CONV3_NHWC", "1")
+        assert cuda._nhwc_forward_tiling("3", geom)[3] == splits
+        monkeypatch.delenv("PYCNN_CONV3_NHWC")
+        n = len(emulated)
+        y, dx = run_nhwc3(monkeypatch, shape, x, w, b, dy)[:2]
+        assert ("conv2d_split_reduce_f32" in emulated[n:]) == (splits > 1), emulated[n:]
+        np.testing.assert_array_equal(y, np.maximum(want[0], 0).astype(np.float32), err_msg=f"{splits} splits")
+        np.testing.assert_array_equal(dx, want[1].astype(np.float32), err_msg=f"{splits} splits")
+
+
 @pytest.mark.parametrize("shape", [(2, 4, 7, 6, 8, 3, 3, (1, 1), (1, 1)), (3, 32, 5, 5, 12, 1, 1, (2, 2), (0, 0))],
                          ids=["four-channels", "1x1-stride2"])
 def test_v3_nhwc_weight_gradient_alone(emulated, monkeypatch, shape):
@@ -1887,8 +1916,8 @@ def test_v3_nhwc_weight_gradient_alone(emulated, monkeypatch, shape):
 
 
 def test_v3_nhwc_only_where_it_applies(monkeypatch):
-    """At most 64 GEMM rows, reduction channels a multiple of 16 and stride 1 for backward-data;
-    the weight gradient at most 64 filters, C and K multiples of 4; only with
+    """Reduction channels a multiple of 16 and stride 1 for backward-data, 32-row tiles up to 32
+    GEMM rows and 64-row ones above; the weight gradient C and K multiples of 4; only with
     PYCNN_CONV3_NHWC=1, and a bad value is an error naming it."""
     def geom(N, C, H, W, K, R, S, sh, ph):
         return N, C, H, W, K, R, S, (H + 2 * ph - R) // sh + 1, (W + 2 * ph - S) // sh + 1, sh, sh, ph, ph
@@ -1901,11 +1930,12 @@ def test_v3_nhwc_only_where_it_applies(monkeypatch):
     assert cuda._conv3_nhwc("backward_weight", geom(2, 24, 8, 8, 20, 3, 3, 2, 1)) == 32  # any stride
     assert cuda._conv3_nhwc("backward_weight", geom(2, 6, 8, 8, 16, 3, 3, 1, 1)) is None  # C % 4
     assert cuda._conv3_nhwc("backward_weight", geom(2, 8, 8, 8, 18, 3, 3, 1, 1)) is None  # K % 4
-    assert cuda._conv3_nhwc("backward_weight", geom(2, 8, 8, 8, 68, 3, 3, 1, 1)) is None  # 68 filters
-    assert cuda._conv3_nhwc("forward", geom(2, 32, 8, 8, 65, 3, 3, 1, 1)) is None   # 65 rows
+    assert cuda._conv3_nhwc("backward_weight", geom(2, 8, 8, 8, 68, 3, 3, 1, 1)) == 64  # two row tiles
+    assert cuda._conv3_nhwc("forward", geom(2, 32, 8, 8, 65, 3, 3, 1, 1)) == 64   # 65 rows: two tiles
     assert cuda._conv3_nhwc("forward", geom(2, 24, 8, 8, 48, 3, 3, 1, 1)) is None   # C % 16
     assert cuda._conv3_nhwc("backward_data", geom(2, 32, 9, 9, 48, 3, 3, 2, 1)) is None  # stride 2
-    assert cuda._conv3_nhwc("backward_data", geom(2, 80, 8, 8, 48, 3, 3, 1, 1)) is None  # 80 rows
+    assert cuda._conv3_nhwc("backward_data", geom(2, 80, 8, 8, 48, 3, 3, 1, 1)) == 64  # 80 rows
+    assert cuda._conv3_nhwc("backward_data", geom(2, 80, 8, 8, 40, 3, 3, 1, 1)) is None  # K % 16
     monkeypatch.setenv("PYCNN_CONV3_NHWC", "2")
     with pytest.raises(ValueError, match="PYCNN_CONV3_NHWC must be '0' or '1'"):
         cuda._conv3_nhwc("forward", g)
