@@ -103,7 +103,29 @@ def layer_lines(record: dict) -> list[str]:
                      f"({'ok' if ok_gpu else 'slower'}); per call {call_cell} ({'ok' if ok_call else 'slower'})")
     lines.insert(0, f"{verdict(met_gpu == len(auto) and met_call == len(auto))}  model layers x directions no slower "
                     f"than cuDNN fp32 ('auto'): {met_gpu}/{len(auto)} in GPU time, {met_call}/{len(auto)} per call")
+    lines += channels_last_lines(record, auto)
     return lines
+
+
+def channels_last_lines(record: dict, auto: list) -> list[str]:
+    """What v3's channels-last kernels (gpu_kernels.py's "3n" entries, opt-in) would change for the
+    model layers: on how many layer directions they beat what 'auto' runs, and the GPU-time count
+    no slower than cuDNN with them taken wherever they are faster (the case for a default)."""
+    key = lambda k: (k["layer"], k["op"], tuple(k["shape"]))  # noqa: E731
+    nhwc = {key(k): k for k in record.get("kernels", [])
+            if k.get("nhwc") and k["version"] == "v3" and k["shape"] != BIG and k.get("gpu_ms")}
+    if not nhwc:
+        return []
+    faster, met, compared = 0, 0, 0
+    for k in auto:
+        gpu, dnn_gpu, alt = k.get("gpu_ms"), k.get("cudnn_gpu_ms"), nhwc.get(key(k))
+        if alt and gpu:
+            compared += 1
+            faster += alt["gpu_ms"] < gpu
+            gpu = min(gpu, alt["gpu_ms"])
+        met += bool(gpu and dnn_gpu and gpu <= dnn_gpu)
+    return [f"        v3 channels last (opt-in, PYCNN_CONV3_NHWC=1): faster than 'auto' on {faster} of the {compared} "
+            f"layer directions it runs; taken where faster, {met}/{len(auto)} no slower than cuDNN in GPU time"]
 
 
 def compute_bound_lines(record: dict) -> list[str]:
@@ -130,10 +152,14 @@ def compute_bound_lines(record: dict) -> list[str]:
                          f"(target >= 0.50)")
         elif not v4:
             lines.append(f"missed  compute-bound {op:18} v4 TF32: not in record")
-        nhwc = [k for k in record.get("kernels", []) if k["shape"] == BIG and k["op"] == op and k.get("nhwc")]
-        if nhwc and nhwc[0].get("cudnn_tf32_gpu_ms"):
+        nhwc = {k["version"]: k for k in record.get("kernels", []) if k["shape"] == BIG and k["op"] == op
+                and k.get("nhwc")}
+        if "v3" in nhwc and nhwc["v3"].get("cudnn_gpu_ms"):
+            lines.append(f"        compute-bound {op:18} v3 channels last (exact fp32, opt-in, PYCNN_CONV3_NHWC=1): "
+                         f"{nhwc['v3']['cudnn_gpu_ms'] / nhwc['v3']['gpu_ms']:.2f}x cuDNN fp32")
+        if "v4" in nhwc and nhwc["v4"].get("cudnn_tf32_gpu_ms"):
             lines.append(f"        compute-bound {op:18} v4 channels last (opt-in, PYCNN_CONV4_NHWC=1): "
-                         f"{nhwc[0]['cudnn_tf32_gpu_ms'] / nhwc[0]['gpu_ms']:.2f}x cuDNN TF32")
+                         f"{nhwc['v4']['cudnn_tf32_gpu_ms'] / nhwc['v4']['gpu_ms']:.2f}x cuDNN TF32")
     return lines
 
 

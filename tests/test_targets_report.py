@@ -48,6 +48,7 @@ def test_met_and_missing_figures(tmp_path):
             _entry("conv2d_fwd", big, "v3", 1.0, 0.8, 1.0, 0.8, cudnn_tf32_gpu_ms=0.3),
             _entry("conv2d_fwd", big, "v4", 0.5, 0.8, 0.5, 0.8, cudnn_tf32_gpu_ms=0.3),
             _entry("conv2d_fwd", big, "v4", 0.4, 0.8, 0.4, 0.8, cudnn_tf32_gpu_ms=0.3, nhwc=True),  # listed apart
+            _entry("conv2d_fwd", big, "v3", 1.6, 0.8, 1.6, 0.8, cudnn_tf32_gpu_ms=0.3, nhwc=True),  # (exact: fp32)
         ],
     }
     text = targets.report(record, "r.json")
@@ -58,6 +59,8 @@ def test_met_and_missing_figures(tmp_path):
     assert "MET     compute-bound conv2d_fwd         exact fp32 (v3): 0.80x" in text
     assert "MET     compute-bound conv2d_fwd         v4 TF32: 0.60x" in text
     assert "        compute-bound conv2d_fwd         v4 channels last (opt-in, PYCNN_CONV4_NHWC=1): 0.75x" in text
+    assert "v3 channels last (exact fp32, opt-in, PYCNN_CONV3_NHWC=1): 0.50x cuDNN fp32" in text
+    assert "faster than 'auto'" not in text  # (no v3 channels-last entry of a model layer)
     assert "missed  compute-bound conv2d_bwd_data    v4 TF32: not in record" in text
     path = tmp_path / "gpu-x.json"
     path.write_text(json.dumps(record))
@@ -65,3 +68,21 @@ def test_met_and_missing_figures(tmp_path):
     assert targets.newest_record(tmp_path) == path
     with pytest.raises(FileNotFoundError, match="no GPU record with training and kernel figures"):
         targets.newest_record(tmp_path / "nowhere")
+
+
+def test_what_v3_channels_last_would_change():
+    """The "3n" entries of model layers against what 'auto' runs: counted where faster, and the
+    GPU-time count with them taken there; entries of other layers or versions do not count."""
+    shape, other = [64, 32, 13, 13, 64, 3, 3, 1, 0], [64, 64, 5, 5, 64, 3, 3, 1, 0]
+    record = {"kernels": [
+        _entry("conv2d_fwd", shape, "v3", 0.030, 0.020, 0.05, 0.04, auto=True),  # slower than cuDNN ...
+        _entry("conv2d_fwd", shape, "v3", 0.015, 0.020, 0.05, 0.04, nhwc=True),  # ... not with channels last
+        _entry("conv2d_bwd_data", shape, "v3", 0.030, 0.020, 0.05, 0.04, auto=True),
+        _entry("conv2d_bwd_data", shape, "v3", 0.040, 0.020, 0.05, 0.04, nhwc=True),  # slower: not taken
+        _entry("conv2d_bwd_data", shape, "v4", 0.001, 0.020, 0.05, 0.04, nhwc=True),  # v4: not v3's
+        _entry("conv2d_fwd", other, "v3", 0.010, 0.020, 0.05, 0.04, auto=True, layer="m"),  # no 3n entry
+    ]}
+    lines = targets.layer_lines(record)
+    assert "1/3 in GPU time" in lines[0]
+    assert lines[-1] == ("        v3 channels last (opt-in, PYCNN_CONV3_NHWC=1): faster than 'auto' on 1 of the 2 "
+                         "layer directions it runs; taken where faster, 2/3 no slower than cuDNN in GPU time")
