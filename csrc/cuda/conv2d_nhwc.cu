@@ -679,12 +679,14 @@ __device__ __forceinline__ void pycnn_nhwc3_weight(const float* __restrict__ dyt
         const int pa = k0 + a_p;
         ra = a_ok && pa < p_end ? *reinterpret_cast<const float4*>(a_src + pa * K) : zero;
         const int ih0 = k0 + ty < p_end ? oh * sh - ph : PYCNN_CONV_OUTSIDE, iw0 = ow * sw - pw;
-        const int base = ((img * H + ih0) * W + iw0) * C;  // (meaningless where ih0 is OUTSIDE: unused)
+        // (unsigned: the window's corner may lie in the padding, and past the split's range the
+        // value is unused; where a load is made the offset is below 2^31)
+        const unsigned base = (((unsigned)(img * H) + ih0) * W + iw0) * C;
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
             const int ih = ih0 + b_r[j], iw = iw0 + b_s[j];
             const bool ok = b_ok[j] & ((unsigned)ih < (unsigned)H) & ((unsigned)iw < (unsigned)W);
-            rb[j] = ok ? *reinterpret_cast<const float4*>(xt + base + b_off[j]) : zero;
+            rb[j] = ok ? *reinterpret_cast<const float4*>(xt + (base + b_off[j])) : zero;
         }
         ow += ow_step; oh += oh_step; img += HoWo_step;
         if (ow >= Wo) { ow -= Wo; ++oh; }

@@ -1061,8 +1061,8 @@ def _conv4_nhwc(direction: str, geom: tuple) -> bool:
 # blocks per SM) where v3's 32x256 backward-data kernel issues 1079 plus 17 per gathered element,
 # and 1189 for 1024 on 64 rows (86%; v3's 128x128 kernel: 1394 for 1024 plus 15 per gathered
 # element). The weight gradient too, on 32x128 / 64x128 tiles of (filters, (r, s, c) columns)
-# reading dy and x transposed to NHWC with 16-byte loads: 664 instructions per 16-pixel stage for
-# 512 FMAs (64 rows; 77%), where v3's 64x64 kernel issues 529 for 256 plus 15 per gathered element
+# reading dy and x transposed to NHWC with 16-byte loads: 658 instructions per 16-pixel stage for
+# 512 FMAs (64 rows; 78%), where v3's 64x64 kernel issues 529 for 256 plus 15 per gathered element
 # (8 a thread). $PYCNN_CONV3_NHWC=1 runs them wherever they apply (forward / backward-data:
 # reduction channels a multiple of 16; weight gradient: C and K multiples of 4); opt-in until a
 # GPU has timed them (gpu_kernels.py --versions 3,3n).
