@@ -285,6 +285,41 @@ def finish_sanitizers(tool_path: str | None, handles: dict, deadline: float) -> 
     return result
 
 
+def _channels_last_workload(cuda, r, xp) -> None:
+    """The channels-last kernels of conv2d_nhwc.cu (opt-in settings, set here for these calls):
+    v3's forward (32- and 64-row tiles, split-K and not), backward-data and weight gradient (32-
+    and 64-row tiles, rows past K), and v4's three directions with dy 16-byte aligned and
+    not (its weight gradient's two copy paths). ``r(*shape)``: random float32 arrays of the array
+    module ``xp`` (CuPy; NumPy on the CPU emulator)."""
+    saved_env = {name: os.environ.get(name) for name in ("PYCNN_CONV3_NHWC", "PYCNN_CONV4_NHWC")}
+    saved_min_k = cuda._CONV3_SPLIT_MIN_K
+    try:
+        os.environ["PYCNN_CONV3_NHWC"] = os.environ["PYCNN_CONV4_NHWC"] = "1"
+        x, b = r(3, 16, 7, 6), r(48)
+        for min_k in (saved_min_k, 10**9):  # (small layers split; a huge minimum keeps them whole)
+            cuda._CONV3_SPLIT_MIN_K = min_k
+            for filters, stride in ((48, (1, 1)), (20, (2, 1))):
+                w = r(filters, 16, 3, 3)
+                y = cuda.conv2d_bias_relu_forward(x, w, b[:filters], stride, (1, 1), version="3")
+                dy = r(*y.shape)
+                cuda.conv2d_backward_data(dy, w, x.shape, stride, (1, 1), version="3")
+                cuda.conv2d_backward_weight(dy, x, w.shape, stride, (1, 1), version="3")
+        w = r(48, 16, 3, 3)
+        y = cuda.conv2d_forward(x, w, b, (1, 1), (1, 1), version="4", allow_tf32=True)
+        cuda.conv2d_backward_data(r(*y.shape), w, x.shape, (1, 1), (1, 1), version="4", allow_tf32=True)
+        shifted = xp.empty(y.size + 1, xp.float32)[1:].reshape(y.shape)  # 4 bytes past 16
+        shifted[...] = r(*y.shape)
+        for dy in (shifted, r(*y.shape)):
+            cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1), version="4", allow_tf32=True)
+    finally:
+        cuda._CONV3_SPLIT_MIN_K = saved_min_k
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def workload() -> int:
     """Every kernel family once on small shapes (the sanitizers' target). Returns an exit code."""
     import cupy as cp
@@ -346,6 +381,7 @@ def workload() -> int:
         cuda._CONV_NARROW_MIN_K = saved
     cuda.conv2d_backward_data(dy, w, x.shape, (1, 1), (1, 1))
     cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1))
+    _channels_last_workload(cuda, r, cp)
     yp, am = cuda.maxpool2d_forward(x, (3, 3), (2, 2), (1, 1))
     cuda.maxpool2d_backward(r(*yp.shape), am, x.shape)
     cuda.maxpool2d_backward(r(*yp.shape), am.copy(), x.shape)  # unknown geometry: row scan

@@ -10,6 +10,7 @@ tile, several k-stages, and split-K.
 """
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 
 import numpy as np
@@ -1913,6 +1914,24 @@ def test_v3_nhwc_weight_gradient_alone(emulated, monkeypatch, shape):
     want = reference(shape, x, w, b, dy)
     np.testing.assert_array_equal(dw, want[2].astype(np.float32))
     np.testing.assert_array_equal(db, want[3].astype(np.float32))
+
+
+def test_the_sanitizer_workload_runs_every_channels_last_kernel(emulated, monkeypatch):
+    """pycnn.selftest's workload (what compute-sanitizer's memcheck and racecheck run on the GPU)
+    reaches each kernel of conv2d_nhwc.cu, split and unsplit, both dy paths of v4's weight
+    gradient, and leaves the settings and the split minimum as they were."""
+    from pycnn import selftest
+
+    monkeypatch.setenv("PYCNN_CONV4_NHWC", "0")
+    monkeypatch.delenv("PYCNN_CONV3_NHWC", raising=False)
+    rng = np.random.default_rng(27)
+    selftest._channels_last_workload(cuda, lambda *shape: rng.standard_normal(shape).astype(np.float32), np)
+    nhwc_kernels = {"conv2d_nchw_to_nhwc_f32", "conv2d_nhwc_filters_f32", "conv2d_fwd_v4nhwc_f32",
+                    "conv2d_bwd_weight_v4nhwc_f32", "conv2d_nhwc_wgrad_reduce_f32", "conv2d_split_reduce_f32",
+                    *NHWC3_KERNELS, *NHWC3_WGRAD_KERNELS}
+    assert nhwc_kernels <= set(emulated), nhwc_kernels - set(emulated)
+    assert os.environ["PYCNN_CONV4_NHWC"] == "0" and "PYCNN_CONV3_NHWC" not in os.environ
+    assert cuda._CONV3_SPLIT_MIN_K == 64
 
 
 def test_v3_nhwc_only_where_it_applies(monkeypatch):
