@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emu_support import EMULATED_MARKS, rnd
+from emu_support import EMULATED_MARKS, close, model_gradients, rnd
 from pycnn.backends import cuda
 from pycnn.backends import numpy_ref as ref
 
@@ -1914,6 +1914,36 @@ def test_v3_nhwc_weight_gradient_alone(emulated, monkeypatch, shape):
     want = reference(shape, x, w, b, dy)
     np.testing.assert_array_equal(dw, want[2].astype(np.float32))
     np.testing.assert_array_equal(db, want[3].astype(np.float32))
+
+
+def test_v3_nhwc_trains_a_model(emulated, monkeypatch):
+    """A small CNN through Sequential, autograd and the emulated kernels with PYCNN_CONV3_NHWC=1:
+    its two GEMM convolutions run the channels-last kernels in all three directions (the backward's
+    halves on their two streams), and the output and every parameter's gradient are the NumPy
+    reference backend's."""
+    import pycnn
+    from pycnn import Tensor, nn
+
+    pycnn.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 48, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(48, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 5))
+    rng = np.random.default_rng(28)
+    x, r = Tensor(rnd(rng, 3, 1, 14, 14)), Tensor(rnd(rng, 3, 5))
+    monkeypatch.setenv("PYCNN_CONV_VERSION", "3")
+    monkeypatch.setenv("PYCNN_CONV3_NHWC", "1")
+    start = len(emulated)
+    got = model_gradients(monkeypatch, model, x, r, cuda)
+    ran = emulated[start:]
+    # 64-row tiles: conv2's forward (48 filters), conv3's backward-data (into 48 channels) and conv2's
+    # weight gradient; 32-row: the other three
+    for kernel in ("conv2d_fwd_v3nhwc_m32_f32", "conv2d_fwd_v3nhwc_m64_f32"):
+        assert ran.count(kernel) == 2, (kernel, ran)
+    for kernel in NHWC3_WGRAD_KERNELS:
+        assert ran.count(kernel) == 1, (kernel, ran)
+    want = model_gradients(monkeypatch, model, x, r, ref)
+    close(got[0], want[0], what="output")
+    for i, (g, w) in enumerate(zip(got[1], want[1])):
+        close(g, w, rtol=1e-4, atol=1e-4, what=f"gradient of parameter {i}")
 
 
 def test_the_sanitizer_workload_runs_every_channels_last_kernel(emulated, monkeypatch):
