@@ -597,9 +597,9 @@ __device__ __forceinline__ void pycnn_nhwc3_forward(const float* __restrict__ xt
     }
 }
 
-// Three 32-row blocks per SM (ptxas: 80 registers, 39 KB of shared memory; 684 instructions a
-// stage against 675 at two blocks and 123 registers): MnistCNN conv2's backward-data at batch 512
-// is 338 tiles, one round of 396 slots instead of two of 264.
+// Three 32-row blocks per SM (ptxas: 80 registers, 39 KB of shared memory; 694 instructions a
+// stage, 684 before split-K, against 675 at two blocks and 123 registers): MnistCNN conv2's
+// backward-data at batch 512 is 338 tiles, one round of 396 slots instead of two of 264.
 extern "C" __global__ void __launch_bounds__(256, 3) conv2d_fwd_v3nhwc_m32_f32(
     const float* __restrict__ xt, const float* __restrict__ wt, const float* __restrict__ b,
     float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,

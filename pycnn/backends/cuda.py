@@ -1057,9 +1057,9 @@ def _conv4_nhwc(direction: str, geom: tuple) -> bool:
 # v3 channels last (conv2d_nhwc.cu, exact fp32): the forward, and the stride-1 backward-data through
 # it, on 32x256 / 64x256 tiles (32 rows where the GEMM has at most 32; more rows take more 64-row
 # tiles), each thread loading its pixel's 16 channels of a stage with four 16-byte loads (no
-# 4-byte gather): sass_mix counts 684 instructions per stage for 512 FMAs (32 rows; 75% FMA; three
+# 4-byte gather): sass_mix counts 694 instructions per stage for 512 FMAs (32 rows; 74% FMA; three
 # blocks per SM) where v3's 32x256 backward-data kernel issues 1079 plus 17 per gathered element,
-# and 1189 for 1024 on 64 rows (86%; v3's 128x128 kernel: 1394 for 1024 plus 15 per gathered
+# and 1196 for 1024 on 64 rows (86%; v3's 128x128 kernel: 1394 for 1024 plus 15 per gathered
 # element). The weight gradient too, on 32x128 / 64x128 tiles of (filters, (r, s, c) columns)
 # reading dy and x transposed to NHWC with 16-byte loads: 658 instructions per 16-pixel stage for
 # 512 FMAs (64 rows; 78%), where v3's 64x64 kernel issues 529 for 256 plus 15 per gathered element
