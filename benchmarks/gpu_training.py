@@ -426,11 +426,13 @@ def sweep_call(name: str, fn, args, kwargs, timer) -> list:
     return entries
 
 
-def profile_step(model_name, batch, x, y, reps=10) -> dict:
+def profile_step(model_name, batch, x, y, reps=10, variant="") -> dict:
     """Where the time of one training step goes: every backend call of one eager step is
     captured alone in a CUDA graph ``reps`` times over and replayed, so its GPU time is measured
     without Python's launch overhead. Returns per-call entries and their sum (compare with the
-    whole step's replay_ms: the difference is CuPy's own ops and launch gaps)."""
+    whole step's replay_ms: the difference is CuPy's own ops and launch gaps). ``variant`` names
+    the settings the caller ran it under (e.g. "nhwc": PYCNN_CONV3_NHWC=1); such a profile
+    leaves out the sweeps (they time what the default profile times)."""
     import cupy as cp
 
     from pycnn.backends import cuda
@@ -475,10 +477,24 @@ def profile_step(model_name, batch, x, y, reps=10) -> dict:
         entries.append(entry)
     sweeps = []
     for name, fn, args, kwargs, inner in calls:
-        if not inner:
+        if not inner and not variant:
             sweeps += sweep_call(name, fn, args, kwargs, lambda thunk: graph_time_ms(thunk, reps) * 1e3)
-    return {"model": model_name, "batch": batch, "calls": entries,
+    return {"model": model_name, "batch": batch, **({"variant": variant} if variant else {}), "calls": entries,
             "sum_us": sum(e.get("us", 0.0) for e in entries if not e.get("inner")), "sweeps": sweeps}
+
+
+def print_profiles(profiles: list) -> None:
+    """profile_step's results as a table: each call's GPU time, then the sweeps."""
+    for prof in profiles:
+        variant = f" ({prof['variant']})" if prof.get("variant") else ""
+        print(f"\n{prof['model']} b{prof['batch']}{variant}: GPU time of each backend call of one step "
+              f"(each alone in a graph), sum {prof['sum_us']:.0f} us")
+        for e in prof["calls"]:
+            op = ("  . " if e.get("inner") else "") + e["op"]  # inside the call above, not in the sum
+            print(f"  {op:32} {str(e['shapes']):48} " + (f"{e['us']:8.1f} us" if "us" in e else e["error"]))
+        for e in prof.get("sweeps", []):  # (records before 2026-11-27's last runs have none)
+            (constant, value), = e["sweep"].items()
+            print(f"  sweep {e['op']:26} {constant} = {value:<6} " + (f"{e['us']:8.1f} us" if "us" in e else e["error"]))
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -707,6 +723,9 @@ def main(argv=None) -> int:
 
     profiles += [_attempt(errors, f"profile mnistcnn b{b}", profile_step, "mnistcnn", int(b), xtr, ytr)
                  for b in args.batches.split(",")]
+    # ... and with v3's channels-last kernels (opt-in until timed): where that step's time goes
+    profiles += [_attempt(errors, f"profile mnistcnn b{b} nhwc", with_env("PYCNN_CONV3_NHWC", "1", profile_step),
+                          "mnistcnn", int(b), xtr, ytr, 10, "nhwc") for b in args.batches.split(",")]
     profiles.append(_attempt(errors, "profile fastmnist b256", profile_step, "fastmnist", 256, xtr, ytr))
     save(partial=True)
 
@@ -760,15 +779,7 @@ def main(argv=None) -> int:
         for r in details["fastmnist"].get(v, []):
             if r:
                 print(f"FastMNIST    256 {v:16} {len(xtr) / r['train_s']:>10,.0f} {r['wall_s']:>12.3f} {r['test_acc']:>7.4f}")
-    for prof in record["step_profiles"]:
-        print(f"\n{prof['model']} b{prof['batch']}: GPU time of each backend call of one step "
-              f"(each alone in a graph), sum {prof['sum_us']:.0f} us")
-        for e in prof["calls"]:
-            op = ("  . " if e.get("inner") else "") + e["op"]  # inside the call above, not in the sum
-            print(f"  {op:32} {str(e['shapes']):48} " + (f"{e['us']:8.1f} us" if "us" in e else e["error"]))
-        for e in prof.get("sweeps", []):  # (records before 2026-11-27's last runs have none)
-            (constant, value), = e["sweep"].items()
-            print(f"  sweep {e['op']:26} {constant} = {value:<6} " + (f"{e['us']:8.1f} us" if "us" in e else e["error"]))
+    print_profiles(record["step_profiles"])
     print(f"written to {args.out} ({record['wall_s']:.1f} s)")
     return 1 if errors else 0
 

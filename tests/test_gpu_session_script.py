@@ -112,6 +112,29 @@ def test_step_profile_sweeps_time_each_value_and_restore_the_constant():
     assert gpu_training.sweep_call("relu_forward", fn, ("t",), {}, timer) == [] and len(seen) == len(values)
 
 
+def test_step_profiles_print_with_their_variant(capsys):
+    """gpu_training.print_profiles: a profile run under other settings (the channels-last one) is
+    titled with its variant; calls inside a combined call are marked and a failed one shows its
+    error; sweeps follow."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_training
+
+    calls = [{"op": "conv2d_backward", "shapes": [[512, 64, 11, 11]], "us": 120.04},
+             {"op": "conv2d_backward_data", "shapes": [[512, 64, 11, 11]], "inner": True, "us": 80.0},
+             {"op": "linear_forward", "shapes": [[512, 576]], "error": "RuntimeError: boom"}]
+    sweeps = [{"op": "conv2d_maxpool2d_relu_backward_weight", "sweep": {"_CONV_NARROW_C1_TARGET_BLOCKS": 396},
+               "us": 40.0}]
+    gpu_training.print_profiles([{"model": "mnistcnn", "batch": 512, "calls": calls, "sum_us": 120.0,
+                                  "sweeps": sweeps},
+                                 {"model": "mnistcnn", "batch": 512, "variant": "nhwc", "calls": calls[:1],
+                                  "sum_us": 120.0, "sweeps": []}])
+    out = capsys.readouterr().out
+    assert "mnistcnn b512: GPU time of each backend call of one step (each alone in a graph), sum 120 us" in out
+    assert "mnistcnn b512 (nhwc): GPU time of each backend call" in out
+    assert "  . conv2d_backward_data" in out and "RuntimeError: boom" in out and "   120.0 us" in out
+    assert "sweep conv2d_maxpool2d_relu_backward_weight _CONV_NARROW_C1_TARGET_BLOCKS = 396" in out
+
+
 def test_every_training_variant_runs_with_its_setting(monkeypatch):
     """gpu_training.py's MnistCNN variants (pycnn_variants): unique names, the graph flag that
     their names say, and each throughput run made with its A/B setting in force (and the setting
