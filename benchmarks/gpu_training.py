@@ -398,7 +398,8 @@ PROFILED = ("conv2d_forward", "conv2d_bias_relu_forward", "conv2d_maxpool2d_relu
 # blocks where three fit an SM (1.33 rounds of 396 on an H200) in 54.6 us, mostly waiting on
 # global loads (Nsight Compute, record gpu-20261127-f4e21b1f).
 SWEEPS = {"conv2d_maxpool2d_relu_backward_weight": ("_CONV_NARROW_C1_TARGET_BLOCKS",
-                                                    (132, 264, 396, 792, 1056, 1584))}
+                                                    (132, 264, 396, 792, 1056, 1584)),
+          "maxpool2d_relu_backward": ("_POOL_BWD_X4", (False, True))}
 
 
 def sweep_call(name: str, fn, args, kwargs, timer) -> list:

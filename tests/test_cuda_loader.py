@@ -402,6 +402,9 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
     y2, am2 = cuda.maxpool2d_forward(x, (2, 2), (2, 2), (0, 0))
     cuda.maxpool2d_backward(_f(*y2.shape), am2, x.shape)  # windows tile the input
     assert launches[-1] == "maxpool2d_bwd_tiled_f32"
+    monkeypatch.setattr(cuda, "_POOL_BWD_X4", True)
+    cuda.maxpool2d_backward(_f(*y2.shape), am2, x.shape)  # the same, four dx elements a thread
+    assert launches[-1] == "maxpool2d_bwd_tiled_x4_f32"
     ya = cuda.avgpool2d_forward(x, (2, 3), (2, 2), (1, 1))
     cuda.avgpool2d_backward(_f(*ya.shape), x.shape, (2, 3), (2, 2), (1, 1))
     for name in ("relu", "sigmoid", "tanh"):

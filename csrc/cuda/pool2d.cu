@@ -18,6 +18,8 @@
 //                            dy at the argmax and 0 elsewhere (plus the rows / columns past the
 //                            last window, which no window reads). Each dx element has one writer:
 //                            deterministic, and 1/(kh*kw) of the gather's threads and index math.
+//   maxpool2d_bwd_tiled_x4_f32  the same dx, one thread per four consecutive dx elements and one
+//                            16-byte store (coalesced writes; opt-in, cuda._POOL_BWD_X4).
 //   maxpool2d_bwd_scan_f32   the same sum when the window geometry is unknown: one thread per dx
 //                            row scans every output of its plane in row-major order. Slower
 //                            (O(Ho*Wo) per row) but deterministic; used only when the caller does
@@ -130,6 +132,58 @@ extern "C" __global__ void maxpool2d_bwd_tiled_f32(
         const int w1 = j == Wo - 1 ? W : w0 + kw;
         for (int h = h0; h < h1; ++h)
             for (int w = w0; w < w1; ++w) dxp[h * W + w] = (h * W + w == target) ? g : 0.0f;
+    }
+}
+
+// The same dx as maxpool2d_bwd_tiled_f32 (windows that tile the input), written the other way
+// round: each thread owns four consecutive dx elements (flat NCHW index 4t .. 4t+3) and stores
+// them with one 16-byte store, so a warp writes 512 contiguous bytes. Why: in the tiled kernel a
+// warp's store touches about 14 sectors with 2-3 floats each (its 32 windows' cells lie two floats
+// apart over several rows), nine times over; on an H200 the L2's partial-sector writes, not DRAM,
+// set its time (20.8 us at batch 512 for MnistCNN's second pool: lg_throttle, ~6.6 sector writes
+// per full sector of dx; record gpu-20261127-221f3c58). Each element reads the argmax of its
+// window (neighbouring threads read the same few: L1 hits) and, only where it is the argmax, dy
+// (and y for the ReLU mask). The element's (plane, row, column) and window (i, j) are found by
+// division once per thread and then advanced with carries. Elements in the rows / columns past
+// the last window get 0, as in the tiled kernel. Every element has one writer: deterministic,
+// the same values as the tiled kernel (one dy or 0 each, no sums).
+// Launch: one thread per four elements (ceil(N*C*H*W / 4)); dx 16-byte aligned (a fresh CuPy
+// array); the last thread's elements past the end are not stored.
+extern "C" __global__ void maxpool2d_bwd_tiled_x4_f32(
+    const float* __restrict__ dy, const float* __restrict__ relu_y, const int* __restrict__ argmax,
+    float* __restrict__ dx,
+    int N, int C, int H, int W, int Ho, int Wo, int kh, int kw, int relu) {
+    const pycnn_i64 total = (pycnn_i64)N * C * H * W, quads = (total + 3) / 4;
+    PYCNN_FOR_EACH(t, quads) {
+        const pycnn_i64 first = 4 * t;
+        int h, w;
+        pycnn_i64 plane;
+        pycnn_split_index(first, total, H, W, plane, h, w);
+        int i = h / kh, hr = h - i * kh;  // window row and the row inside it
+        int j = w / kw, wr = w - j * kw;
+        float v[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            v[e] = 0.0f;
+            if (i < Ho && j < Wo) {
+                const pycnn_i64 o = (plane * Ho + i) * (pycnn_i64)Wo + j;
+                if (argmax[o] == h * W + w) v[e] = pycnn_pool_grad(dy, relu_y, relu, o);
+            }
+            // next element: column, then row, then plane (W, H may be smaller than 4)
+            if (++wr == kw) { wr = 0; ++j; }
+            if (++w == W) {
+                w = 0; j = 0; wr = 0;
+                if (++hr == kh) { hr = 0; ++i; }
+                if (++h == H) { h = 0; i = 0; hr = 0; ++plane; }
+            }
+        }
+        if (first + 3 < total) {
+            *reinterpret_cast<float4*>(dx + first) = make_float4(v[0], v[1], v[2], v[3]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 4; ++e)  // (constant indices: v stays in registers)
+                if (first + e < total) dx[first + e] = v[e];
+        }
     }
 }
 

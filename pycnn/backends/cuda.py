@@ -2349,6 +2349,15 @@ def _bias_grad_into(dev: int, dy, db) -> None:
 # ----------------------------------------------------------------------------- pooling
 
 
+# Max-pool backward where the windows tile the input (stride == kernel, no padding): False runs
+# maxpool2d_bwd_tiled_f32 (one thread per window, what every GPU record so far timed), True
+# maxpool2d_bwd_tiled_x4_f32 (one thread per four dx elements, one 16-byte store: coalesced). The
+# second should cost a third of the first (pool2d.cu says why); not yet timed on a GPU, so it
+# stays opt-in: benchmarks/gpu_training.py's step profiles time it (SWEEPS) and the selftest's
+# kernel benchmark times both.
+_POOL_BWD_X4 = False
+
+
 def _pool_check(op: str, x):
     _check(op, "x", x, 4)
     return x.shape
@@ -2452,7 +2461,11 @@ def _maxpool2d_backward(op: str, dy, relu_y, argmax, x_shape, given) -> object:
         if (Ho2, Wo2) != (Ho, Wo):
             raise ValueError(f"{op}: kernel {geometry[0]}, stride {geometry[1]}, padding "
                              f"{geometry[2]} on {(H, W)} give a {(Ho2, Wo2)} output, but dy is {dy.shape}")
-        if (sh, sw) == (kh, kw) and (ph, pw) == (0, 0):  # windows tile the input: one writer each
+        if (sh, sw) == (kh, kw) and (ph, pw) == (0, 0) and _POOL_BWD_X4:  # coalesced stores
+            _launch(dev, "pool2d.cu", "maxpool2d_bwd_tiled_x4_f32", _grid1d(-(-dx.size // 4)), (BLOCK,),
+                    (dy, mask, argmax, dx, _i32(N), _i32(C), _i32(H), _i32(W), _i32(Ho), _i32(Wo),
+                     _i32(kh), _i32(kw), _i32(relu)))
+        elif (sh, sw) == (kh, kw) and (ph, pw) == (0, 0):  # windows tile the input: one writer each
             _launch(dev, "pool2d.cu", "maxpool2d_bwd_tiled_f32", _grid1d(dy.size), (BLOCK,),
                     (dy, mask, argmax, dx, _i32(N), _i32(C), _i32(H), _i32(W), _i32(Ho), _i32(Wo),
                      _i32(kh), _i32(kw), _i32(relu)))

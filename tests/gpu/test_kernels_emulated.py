@@ -72,6 +72,35 @@ def test_pooling(emulated, kernel, stride, padding, ties):
     assert {gather, "maxpool2d_bwd_scan_f32"} <= set(emulated), emulated
 
 
+@pytest.mark.parametrize("shape, kernel", [
+    ((2, 3, 9, 10), (3, 3)),   # 9 rows = 3 windows, 10 columns = 3 + a leftover column
+    ((3, 2, 11, 11), (2, 2)),  # MnistCNN's second pool: a leftover row and column
+    ((1, 3, 5, 3), (2, 1)),    # rows narrower than four elements; 45 elements, the last store short
+    ((2, 1, 2, 6), (2, 3)),
+])
+@pytest.mark.parametrize("fused_relu", [False, True])
+def test_maxpool_backward_x4_is_the_tiled_kernel(emulated, monkeypatch, shape, kernel, fused_relu):
+    """maxpool2d_bwd_tiled_x4_f32 (four dx elements a thread, one 16-byte store) writes exactly
+    the tiled kernel's dx: dy at each argmax (masked by the fused ReLU), 0 elsewhere, including
+    the rows / columns past the last window and a last thread with fewer than four elements."""
+    rng = np.random.default_rng(11)
+    x = rng.integers(-2, 3, shape).astype(np.float32)  # ties: the first maximum is the argmax
+    forward = cuda.maxpool2d_relu_forward if fused_relu else cuda.maxpool2d_forward
+    y, am = forward(x, kernel, kernel, (0, 0))
+    dy = rnd(rng, *y.shape)
+    backward = ((lambda: cuda.maxpool2d_relu_backward(dy, y, am, x.shape)) if fused_relu else
+                (lambda: cuda.maxpool2d_backward(dy, am, x.shape)))
+    start = len(emulated)
+    tiled = backward()
+    monkeypatch.setattr(cuda, "_POOL_BWD_X4", True)
+    x4 = backward()
+    assert emulated[start:] == ["maxpool2d_bwd_tiled_f32", "maxpool2d_bwd_tiled_x4_f32"], emulated[start:]
+    np.testing.assert_array_equal(x4, tiled)
+    g = ref.relu_backward(dy, y) if fused_relu else dy
+    close(x4, ref.maxpool2d_backward(g, am, x.shape))
+    assert (x4 != 0).any()
+
+
 def test_activations_linear_and_bias(emulated):
     rng = np.random.default_rng(2)
     x, dy = rnd(rng, 3, 5, 7, scale=3.0), rnd(rng, 3, 5, 7)
