@@ -15,6 +15,9 @@ fp32 (TF32 off) and in TF32, all measured in the same run.
     python benchmarks/gpu_kernels.py --layers all --versions 3,3f --json FILE
         (v3 and, as "flip": true backward-data entries, the stride-1 backward-data run as the
         forward GEMM of dy with the flipped filters, PYCNN_CONV_BWD_DATA_FLIP=1)
+    python benchmarks/gpu_kernels.py --layers models --versions 3,3c --batch 512 --json FILE
+        (v3 and, as "col2im": true backward-data entries, backward-data as a 1x1 GEMM of dy and a
+        fold, PYCNN_CONV_BWD_DATA_COL2IM=1: no products of the padding around dy)
     python benchmarks/gpu_kernels.py --layers all --models mnistcnn --versions 3 --knockouts 1,2,4,8 --json FILE
         (v3, then v3 recompiled with parts of its main loop left out, PYCNN_CONV3_KNOCKOUT=1 the
         products, 2 the B-tile copies, 4 the A-tile copies, 8 the index decode: as "knockout"
@@ -92,6 +95,9 @@ WIDE = "3w"
 # "3f": v3 with PYCNN_CONV_BWD_DATA_FLIP=1 (stride-1 backward-data through the forward kernels);
 # backward-data entries only.
 FLIP = "3f"
+# "3c": v3 with PYCNN_CONV_BWD_DATA_COL2IM=1 (backward-data as a 1x1 GEMM of dy and a fold, any
+# stride); backward-data entries only ("col2im": true).
+COL2IM = "3c"
 # "3fill": v3 with the split-K rule before the "waves" one (cuda._CONV3_SPLIT_RULE = "fill").
 FILL = "3fill"
 # "3t": v3 with PYCNN_CONV3_R8=0 (the 64x128 tiles by 256 threads, 4x8 register tiles).
@@ -115,6 +121,7 @@ class Tag(NamedTuple):
     threads256: bool = False
     m32t128: bool = False
     nhwc: bool = False
+    col2im: bool = False
 
 
 def parse_tag(tag: str) -> Tag:
@@ -133,6 +140,8 @@ def parse_tag(tag: str) -> Tag:
         return Tag("3", m32t128=True)
     if tag in (NHWC, NHWC3):
         return Tag(tag[0], nhwc=True)
+    if tag == COL2IM:
+        return Tag("3", col2im=True)
     return Tag(tag)
 SLOW_MS = 5.0
 
@@ -289,6 +298,8 @@ def tile_of(direction: str, shape, version: str) -> str:
         return "narrow"  # conv2d_bwd_weight_narrow*: no GEMM tile
     if direction in ("forward", "backward_data") and cuda._conv_narrow_forward(C, K, R, S, direction):
         return "narrow"  # conv2d_{fwd,bwd_data}_narrow_c1_*: one thread per output / input pixel
+    if direction == "backward_data" and version in ("3", "4") and cuda._bwd_data_col2im(_geometry(shape)):
+        return "col2im " + tile_of("forward", _col2im_gemm_shape(shape), version)  # (its 1x1 forward GEMM)
     if version == cuda.CONV_TF32_VERSION and cuda._conv4_nhwc(direction, _geometry(shape)):
         return f"nhwc {cuda._CONV4_NHWC_TILE}x{cuda._CONV4_NHWC_TILE}"
     if version == "3" and cuda._conv3_nhwc(direction, _geometry(shape)):
@@ -300,10 +311,19 @@ def tile_of(direction: str, shape, version: str) -> str:
     return f"{bm}x{bn}" + ("/128 threads" if suffix in ("_n128r8", "_m32n256t128") else "")
 
 
+def _col2im_gemm_shape(shape) -> tuple:
+    """The 1x1 forward convolution the col2im backward-data of ``shape`` runs (dy into cols)."""
+    N, C, H, W, K, R, S, stride, pad = shape
+    Ho, Wo = (H + 2 * pad - R) // stride + 1, (W + 2 * pad - S) // stride + 1
+    return N, K, Ho, Wo, C * R * S, 1, 1, 1, 0
+
+
 def splits_of(direction: str, shape, version: str) -> int | None:
     """Split-K parts of a v3/v4 GEMM (None for other versions and the narrow kernels)."""
     if version not in ("3", "4") or tile_of(direction, shape, version) == "narrow":
         return None
+    if tile_of(direction, shape, version).startswith("col2im"):
+        return splits_of("forward", _col2im_gemm_shape(shape), version)
     N, C, H, W, K, R, S, stride, pad = shape
     Ho, Wo = (H + 2 * pad - R) // stride + 1, (W + 2 * pad - S) // stride + 1
     if tile_of(direction, shape, version).startswith("nhwc"):
@@ -340,7 +360,8 @@ def variant(tag: Tag):
                 env_value("PYCNN_CONV3_R8", "0" if tag.threads256 else None), \
                 env_switch("PYCNN_CONV3_M32T128", tag.m32t128), \
                 env_switch("PYCNN_CONV4_NHWC", tag.nhwc and tag.version == "4"), \
-                env_switch("PYCNN_CONV3_NHWC", tag.nhwc and tag.version == "3"):
+                env_switch("PYCNN_CONV3_NHWC", tag.nhwc and tag.version == "3"), \
+                env_switch("PYCNN_CONV_BWD_DATA_COL2IM", tag.col2im):
             yield
     finally:
         if tag.split_target is not None:
@@ -441,8 +462,8 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
             fp32_ms, tf32_ms, fp32_gpu, tf32_gpu = cudnn.get(op, (None, None, None, None))
             for tag in versions:
                 parsed = parse_tag(tag)
-                version, wide, target, flip, rule, threads256, m32t128, nhwc = parsed
-                if flip and direction != "backward_data":
+                version, wide, target, flip, rule, threads256, m32t128, nhwc, col2im = parsed
+                if (flip or col2im) and direction != "backward_data":
                     continue
 
                 def run(op=op, version=version, parsed=parsed):
@@ -459,6 +480,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                         tile = tile_of(direction, shape, version) if version in ("3", "4") else None
                         splits = splits_of(direction, shape, version)
                         flipped = flip and cuda._bwd_data_flips(_geometry(shape))
+                        folded = col2im and cuda._bwd_data_col2im(_geometry(shape))
                     with variant(Tag(version)):
                         default_tile = tile_of(direction, shape, version) if version in ("3", "4") else None
                         default_splits = splits_of(direction, shape, version)
@@ -468,6 +490,8 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                         continue  # the same split as v3's default: the same launches
                     if flip and (not flipped or tile == "narrow"):
                         continue  # (stride > 1, or a first layer's narrow kernel: v3 as it is)
+                    if col2im and (not folded or tile == "narrow"):
+                        continue  # (1x1 filters, cols past its cap, a first layer: v3 as it is)
                     out = cp.asnumpy(run())
                     err = None
                     if op in cudnn_out:
@@ -490,7 +514,8 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                     "cudnn_tf32_tflops": tflops(flop, tf32_ms), "max_rel_err_vs_cudnn": err,
                     "auto": auto[label][op] == f"v{version}" and parsed == Tag(version), "layer": label,
                     "tile": tile, "splits": splits, **({"wide": True} if wide else {}),
-                    **({"flip": True} if flip else {}), **({"split_rule": rule} if rule else {}),
+                    **({"flip": True} if flip else {}), **({"col2im": True} if col2im else {}),
+                    **({"split_rule": rule} if rule else {}),
                     **({"split_target": target} if target is not None else {}),
                     **({"threads": 256} if threads256 else {}), **({"m32t128": True} if m32t128 else {}),
                     **({"nhwc": True} if nhwc else {}),
@@ -500,7 +525,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
     fastest = {}
     for e in entries:
         if (e["version"] in [f"v{v}" for v in cuda.CONV_VERSIONS]
-                and not any(e.get(k) for k in ("wide", "flip", "split_target", "split_rule", "wide_splits",
+                and not any(e.get(k) for k in ("wide", "flip", "col2im", "split_target", "split_rule", "wide_splits",
                                                 "r8", "threads", "m32t128", "nhwc"))):  # auto's choices
             slot = fastest.setdefault(e["layer"], {})
             best = slot.get(e["op"])
@@ -522,6 +547,7 @@ def table(entries) -> str:
         ms, dnn, t32, err = e["ms"], e.get("cudnn_ms"), e.get("cudnn_tf32_ms"), e.get("max_rel_err_vs_cudnn")
         gpu, dnn_gpu = e.get("gpu_ms"), e.get("cudnn_gpu_ms")
         version = (e["version"] + ("w" if e.get("wide") else "") + ("f" if e.get("flip") else "")
+                   + ("c" if e.get("col2im") else "")
                    + (e["split_rule"] if e.get("split_rule") else "")
                    + ("o" if e.get("wide_splits") else "") + ("r" if e.get("r8") else "")
                    + ("t" if e.get("threads") == 256 else "") + ("m" if e.get("m32t128") else "")
@@ -587,7 +613,7 @@ def main(argv=None) -> int:
                         help="also time the non-conv kernel families (the selftest's benchmark)")
     args = parser.parse_args(argv)
     versions = tuple(v.strip() for v in args.versions.split(",") if v.strip())
-    unknown = [v for v in versions if v not in VERSIONS + (WIDE, FLIP, FILL, T256, M32T128, NHWC, NHWC3)
+    unknown = [v for v in versions if v not in VERSIONS + (WIDE, FLIP, COL2IM, FILL, T256, M32T128, NHWC, NHWC3)
                and not v.startswith("3@")]
     try:
         [parse_tag(v) for v in versions]
@@ -595,7 +621,7 @@ def main(argv=None) -> int:
         unknown.append(str(exc))
     if unknown or not versions:
         parser.error(f"--versions: expected a comma-separated subset of {','.join(VERSIONS)}, "
-                     f"3w, 3f, 3fill, 3t, 3m, 3n, 4n or 3@<blocks>, "
+                     f"3w, 3f, 3c, 3fill, 3t, 3m, 3n, 4n or 3@<blocks>, "
                      f"got {args.versions!r}")
     try:
         knockouts = [int(k) for k in args.knockouts.split(",") if k.strip()]

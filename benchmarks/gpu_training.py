@@ -38,6 +38,11 @@ reverse, "pycnn-cudagraph-r8", from when 256 threads were the default, and
 "pycnn-cudagraph-wideown", wide tiles planning their own split-K, since removed: it lost).
 "pycnn-cudagraph-nhwc" is the graph variant with PYCNN_CONV3_NHWC=1 (v3's forward, stride-1
 backward-data and weight gradient through the channels-last kernels of conv2d_nhwc.cu, opt-in).
+"pycnn-cudagraph-col2im" is the graph variant with PYCNN_CONV_BWD_DATA_COL2IM=1 (v3's
+backward-data as a 1x1 forward GEMM of dy into cols and a fold of cols into dx: none of the
+products of the padding around dy; opt-in until timed); "pycnn-cudagraph-optins" has every
+exact-fp32 opt-in on at once (PYCNN_CONV3_NHWC=1, PYCNN_CONV_BWD_DATA_COL2IM=1, the max-pool
+backward's 16-byte stores, cuda._POOL_BWD_X4): the step the batch-512 target would get from them.
 "pycnn-cudagraph-m32t128" is the graph variant with PYCNN_CONV3_M32T128=1 (v3's 32x256 tiles run
 by 128 threads with 4x16 register tiles instead of 256 with 2x16; opt-in until timed): its A/B.
 "pycnn-cudagraph-lean" is the graph variant with the GEMM-core kernels rebuilt with
@@ -174,6 +179,12 @@ def pycnn_variants() -> list:
         # the A/B of v3's channels-last kernels (opt-in; conv2d_nhwc.cu)
         ("pycnn-cudagraph-nhwc", "graph v3 channels last",
          with_env("PYCNN_CONV3_NHWC", "1", pycnn_throughput), True),
+        # the A/B of backward-data as a 1x1 GEMM of dy and a fold (opt-in; no padding products)
+        ("pycnn-cudagraph-col2im", "graph col2im backward-data",
+         with_env("PYCNN_CONV_BWD_DATA_COL2IM", "1", pycnn_throughput), True),
+        # every exact-fp32 opt-in at once: v3 channels last, col2im backward-data (before the
+        # channels-last one where both apply) and the max-pool backward's 16-byte stores
+        ("pycnn-cudagraph-optins", "graph all exact opt-ins", with_optins(pycnn_throughput), True),
         # the A/B of the B-tile gather with fewer instructions per element (opt-in; a rebuild)
         ("pycnn-cudagraph-lean", "graph lean B-tile gather",
          with_rebuilt("PYCNN_CONV3_LEAN_GATHER", "1", pycnn_throughput), True),
@@ -189,6 +200,13 @@ def pycnn_variants() -> list:
         # record ("autotune")
         ("pycnn-cudagraph-autotune", "graph autotuned", with_autotune(pycnn_throughput), True),
     ]
+
+
+def with_optins(fn):
+    """fn with every exact-fp32 opt-in on: PYCNN_CONV3_NHWC=1, PYCNN_CONV_BWD_DATA_COL2IM=1 and
+    the max-pool backward's 16-byte stores (cuda._POOL_BWD_X4)."""
+    return with_env("PYCNN_CONV3_NHWC", "1", with_env("PYCNN_CONV_BWD_DATA_COL2IM", "1",
+                                                      with_constant("_POOL_BWD_X4", True, fn)))
 
 
 def with_autotune(fn):
@@ -432,7 +450,7 @@ def profile_step(model_name, batch, x, y, reps=10, variant="") -> dict:
     captured alone in a CUDA graph ``reps`` times over and replayed, so its GPU time is measured
     without Python's launch overhead. Returns per-call entries and their sum (compare with the
     whole step's replay_ms: the difference is CuPy's own ops and launch gaps). ``variant`` names
-    the settings the caller ran it under (e.g. "nhwc": PYCNN_CONV3_NHWC=1); such a profile
+    the settings the caller ran it under (e.g. "optins": with_optins); such a profile
     leaves out the sweeps (they time what the default profile times)."""
     import cupy as cp
 
@@ -724,9 +742,10 @@ def main(argv=None) -> int:
 
     profiles += [_attempt(errors, f"profile mnistcnn b{b}", profile_step, "mnistcnn", int(b), xtr, ytr)
                  for b in args.batches.split(",")]
-    # ... and with v3's channels-last kernels (opt-in until timed): where that step's time goes
-    profiles += [_attempt(errors, f"profile mnistcnn b{b} nhwc", with_env("PYCNN_CONV3_NHWC", "1", profile_step),
-                          "mnistcnn", int(b), xtr, ytr, 10, "nhwc") for b in args.batches.split(",")]
+    # ... and with every exact opt-in (v3 channels last, col2im backward-data, the pool backward's
+    # 16-byte stores; not yet defaults): where that step's time goes
+    profiles += [_attempt(errors, f"profile mnistcnn b{b} optins", with_optins(profile_step),
+                          "mnistcnn", int(b), xtr, ytr, 10, "optins") for b in args.batches.split(",")]
     profiles.append(_attempt(errors, "profile fastmnist b256", profile_step, "fastmnist", 256, xtr, ytr))
     save(partial=True)
 

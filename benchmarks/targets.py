@@ -79,10 +79,11 @@ def training_lines(record: dict) -> list[str]:
 
 def is_variant(entry: dict) -> bool:
     """A gpu_kernels.py entry of an experiment beside a version (v3w wide tiles, v3f flipped
-    backward-data, v3@T split target, v3-kM knockout), not the version as the backend runs it."""
+    backward-data, v3c col2im backward-data, v3@T split target, v3-kM knockout), not the version
+    as the backend runs it."""
     return bool(entry.get("wide") or entry.get("flip") or entry.get("split_target") or entry.get("knockout")
                 or entry.get("split_rule") or entry.get("wide_splits") or entry.get("r8") or entry.get("threads")
-                or entry.get("m32t128") or entry.get("nhwc")
+                or entry.get("m32t128") or entry.get("nhwc") or entry.get("col2im")
                 or entry.get("rebuilt"))
 
 
@@ -107,29 +108,58 @@ def layer_lines(record: dict) -> list[str]:
     return lines
 
 
-def channels_last_lines(record: dict, auto: list) -> list[str]:
-    """What v3's channels-last kernels (gpu_kernels.py's "3n" entries, opt-in) would change for the
-    model layers: on how many layer directions they beat what 'auto' runs, and the GPU-time count
-    no slower than cuDNN with them taken wherever they are faster (the case for a default)."""
+# The exact-fp32 opt-ins of v3 that gpu_kernels.py times beside it on the model layers: (the
+# label of a what-if line, which entries are that opt-in's).
+OPT_INS = (
+    ("v3 channels last (opt-in, PYCNN_CONV3_NHWC=1)", lambda k: bool(k.get("nhwc")) and k["version"] == "v3"),
+    ("v3 col2im backward-data (opt-in, PYCNN_CONV_BWD_DATA_COL2IM=1)",
+     lambda k: bool(k.get("col2im")) and k["version"] == "v3"),
+)
+
+
+def _what_if(auto: list, alternatives: dict) -> tuple[int, int, int, int]:
+    """(faster, compared, met in GPU time, met per call) of the 'auto' entries with an alternative
+    (layer, op, shape) -> [entries] taken wherever one is faster in GPU time."""
     key = lambda k: (k["layer"], k["op"], tuple(k["shape"]))  # noqa: E731
-    nhwc = {key(k): k for k in record.get("kernels", [])
-            if k.get("nhwc") and k["version"] == "v3" and k["shape"] != BIG and k.get("gpu_ms")}
-    if not nhwc:
-        return []
     faster, met_gpu, met_call, compared = 0, 0, 0, 0
     for k in auto:
         gpu, dnn_gpu, ms, dnn = k.get("gpu_ms"), k.get("cudnn_gpu_ms"), k.get("ms"), k.get("cudnn_ms")
-        alt = nhwc.get(key(k))
-        if alt and gpu:
+        alts = alternatives.get(key(k), [])
+        if alts and gpu:
             compared += 1
-            if alt["gpu_ms"] < gpu:  # (its per-call time comes with it: more launches, a transpose)
+            best = min(alts, key=lambda a: a["gpu_ms"])
+            if best["gpu_ms"] < gpu:  # (its per-call time comes with it: more launches, a transpose)
                 faster += 1
-                gpu, ms = alt["gpu_ms"], alt.get("ms")
+                gpu, ms = best["gpu_ms"], best.get("ms")
         met_gpu += bool(gpu and dnn_gpu and gpu <= dnn_gpu)
         met_call += bool(ms and dnn and ms <= dnn)
-    return [f"        v3 channels last (opt-in, PYCNN_CONV3_NHWC=1): faster than 'auto' on {faster} of the {compared} "
-            f"layer directions it runs; taken where faster, {met_gpu}/{len(auto)} no slower than cuDNN in GPU "
-            f"time, {met_call}/{len(auto)} per call"]
+    return faster, compared, met_gpu, met_call
+
+
+def channels_last_lines(record: dict, auto: list) -> list[str]:
+    """What each exact opt-in of v3 (OPT_INS: gpu_kernels.py's "3n" and "3c" entries) would change
+    for the model layers: on how many layer directions it beats what 'auto' runs, and the counts
+    no slower than cuDNN with it taken wherever it is faster (the case for a default); with more
+    than one in the record, all of them together too."""
+    key = lambda k: (k["layer"], k["op"], tuple(k["shape"]))  # noqa: E731
+    lines, together = [], {}
+    for label, belongs in OPT_INS:
+        alternatives = {}
+        for k in record.get("kernels", []):
+            if belongs(k) and k["shape"] != BIG and k.get("gpu_ms"):
+                alternatives.setdefault(key(k), []).append(k)
+                together.setdefault(key(k), []).append(k)
+        if not alternatives:
+            continue
+        faster, compared, met_gpu, met_call = _what_if(auto, alternatives)
+        lines.append(f"        {label}: faster than 'auto' on {faster} of the {compared} layer directions it runs; "
+                     f"taken where faster, {met_gpu}/{len(auto)} no slower than cuDNN in GPU time, "
+                     f"{met_call}/{len(auto)} per call")
+    if len(lines) > 1:
+        faster, compared, met_gpu, met_call = _what_if(auto, together)
+        lines.append(f"        all of them, each taken where fastest: faster than 'auto' on {faster} of {compared}; "
+                     f"{met_gpu}/{len(auto)} no slower than cuDNN in GPU time, {met_call}/{len(auto)} per call")
+    return lines
 
 
 def compute_bound_lines(record: dict) -> list[str]:

@@ -382,6 +382,11 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
         n = len(launches)
         assert cuda.conv2d_backward_data(_f(2, 4, 7, 6), w, x.shape, (1, 1), (0, 0), version="3").shape == x.shape
         assert launches[n:] == ["conv2d_flip_weights_f32", "conv2d_fwd_v3_m32_f32"]  # (3 channels: 32 rows)
+    with monkeypatch.context() as m:  # backward-data as a 1x1 GEMM of dy and a fold
+        m.setenv("PYCNN_CONV_BWD_DATA_COL2IM", "1")
+        n = len(launches)
+        assert cuda.conv2d_backward_data(_f(2, 4, 7, 6), w, x.shape, (1, 1), (0, 0), version="3").shape == x.shape
+        assert launches[n] == "conv2d_nchw_to_nhwc_f32" and launches[-1] == "conv2d_col2im_f32", launches[n:]
     # v5 (Winograd): 3x3 stride 1; 2 * 8 * 8 = 128 tiles and 128 filters take the 128x128 GEMM tile
     for xw, ww in ((_f(2, 3, 9, 7), _f(5, 3, 3, 3)), (_f(2, 4, 32, 32), _f(128, 4, 3, 3))):
         yw = cuda.conv2d_forward(xw, ww, _f(ww.shape[0]), (1, 1), (1, 1), version="5")

@@ -153,8 +153,9 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
                            ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP",
                             "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_POOL_FUSE", "PYCNN_CONV_AUTOTUNE",
                             "PYCNN_CONV3_WIDE", "PYCNN_CONV3_R8", "PYCNN_CONV3_M32T128", "PYCNN_CONV3_LEAN_GATHER",
-                            "PYCNN_CONV3_NHWC")}
-        seen[len(seen) - 1] |= {"rule": cuda._CONV3_SPLIT_RULE, "graph": graph, "forgot": forgot[0]}
+                            "PYCNN_CONV3_NHWC", "PYCNN_CONV_BWD_DATA_COL2IM")}
+        seen[len(seen) - 1] |= {"rule": cuda._CONV3_SPLIT_RULE, "graph": graph, "forgot": forgot[0],
+                                "pool_x4": cuda._POOL_BWD_X4}
         return {}
 
     forgot = [0]  # forget_conv_core_modules calls so far (a rebuilt variant: one before, one after)
@@ -165,7 +166,7 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
     monkeypatch.setattr(cuda, "forget_conv_core_modules", forget)
     for name in ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_CONV_WINOGRAD",
                  "PYCNN_CONV_POOL_FUSE", "PYCNN_CONV_AUTOTUNE", "PYCNN_CONV3_WIDE", "PYCNN_CONV3_R8",
-                 "PYCNN_CONV3_M32T128", "PYCNN_CONV3_LEAN_GATHER", "PYCNN_CONV3_NHWC"):
+                 "PYCNN_CONV3_M32T128", "PYCNN_CONV3_LEAN_GATHER", "PYCNN_CONV3_NHWC", "PYCNN_CONV_BWD_DATA_COL2IM"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(gpu_training, "pycnn_throughput", stand_in)
     variants = gpu_training.pycnn_variants()
@@ -174,7 +175,8 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
     for i, (name, _, fn, graph) in enumerate(variants):
         assert graph == ("cudagraph" in name), name
         fn("mnistcnn", 64, graph)
-        setting = {k: v for k, v in seen[i].items() if v is not None and k not in ("rule", "graph", "forgot")}
+        setting = {k: v for k, v in seen[i].items()
+                   if v is not None and k not in ("rule", "graph", "forgot", "pool_x4")}
         want = {"pycnn-cudagraph-winograd": {"PYCNN_CONV_WINOGRAD": "1"},
                 "pycnn-eager-1stream": {"PYCNN_BACKWARD_STREAMS": "0"},
                 "pycnn-cudagraph-1stream": {"PYCNN_BACKWARD_STREAMS": "0"},
@@ -185,15 +187,18 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
                 "pycnn-cudagraph-m32t128": {"PYCNN_CONV3_M32T128": "1"},
                 "pycnn-cudagraph-lean": {"PYCNN_CONV3_LEAN_GATHER": "1"},
                 "pycnn-cudagraph-nhwc": {"PYCNN_CONV3_NHWC": "1"},
+                "pycnn-cudagraph-col2im": {"PYCNN_CONV_BWD_DATA_COL2IM": "1"},
+                "pycnn-cudagraph-optins": {"PYCNN_CONV3_NHWC": "1", "PYCNN_CONV_BWD_DATA_COL2IM": "1"},
                 "pycnn-cudagraph-nopoolfuse": {"PYCNN_CONV_POOL_FUSE": "0"},
                 "pycnn-cudagraph-autotune": {"PYCNN_CONV_AUTOTUNE": "1"}}.get(name, {})
         assert setting == want, name
         assert seen[i]["rule"] == ("fill" if name == "pycnn-cudagraph-fill" else "waves"), name
         assert seen[i]["graph"] == graph
+        assert seen[i]["pool_x4"] == (name == "pycnn-cudagraph-optins"), name
         rebuilt = name == "pycnn-cudagraph-lean"  # (the kernels compiled with the setting, and back after)
         assert seen[i]["forgot"] == forgot[0] - 1 if rebuilt else seen[i]["forgot"] == forgot[0], name
     assert cuda._CONV3_SPLIT_RULE == "waves" and "PYCNN_CONV_BWD_DATA_FLIP" not in os.environ
-    assert "PYCNN_CONV3_LEAN_GATHER" not in os.environ
+    assert "PYCNN_CONV3_LEAN_GATHER" not in os.environ and cuda._POOL_BWD_X4 is False
 
 
 def test_autotune_picks_in_the_record(monkeypatch):

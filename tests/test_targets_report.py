@@ -70,6 +70,30 @@ def test_met_and_missing_figures(tmp_path):
         targets.newest_record(tmp_path / "nowhere")
 
 
+def test_what_the_col2im_backward_data_would_change_alone_and_with_channels_last():
+    """"3c" entries (col2im: true) get their own what-if line, and with "3n" entries in the record
+    too, a line for both taken wherever one of them is fastest."""
+    shape = [64, 64, 5, 5, 64, 3, 3, 1, 0]
+    record = {"kernels": [
+        _entry("conv2d_bwd_data", shape, "v3", 0.030, 0.020, 0.05, 0.04, auto=True),
+        _entry("conv2d_bwd_data", shape, "v3", 0.018, 0.020, 0.04, 0.04, col2im=True),  # faster, under cuDNN
+        _entry("conv2d_bwd_data", shape, "v3", 0.025, 0.020, 0.05, 0.04, nhwc=True),  # faster, not enough
+        _entry("conv2d_fwd", shape, "v3", 0.030, 0.020, 0.05, 0.04, auto=True),
+        _entry("conv2d_fwd", shape, "v3", 0.015, 0.020, 0.03, 0.04, nhwc=True),
+    ]}
+    lines = targets.layer_lines(record)
+    assert "0/2 in GPU time" in lines[0]
+    assert lines[-3].endswith("v3 channels last (opt-in, PYCNN_CONV3_NHWC=1): faster than 'auto' on 2 of the 2 "
+                              "layer directions it runs; taken where faster, 1/2 no slower than cuDNN in GPU time, "
+                              "1/2 per call")
+    assert lines[-2] == ("        v3 col2im backward-data (opt-in, PYCNN_CONV_BWD_DATA_COL2IM=1): faster than 'auto' "
+                         "on 1 of the 1 layer directions it runs; taken where faster, 1/2 no slower than cuDNN in GPU "
+                         "time, 1/2 per call")
+    assert lines[-1] == ("        all of them, each taken where fastest: faster than 'auto' on 2 of 2; 2/2 no slower "
+                         "than cuDNN in GPU time, 2/2 per call")
+    assert targets.is_variant(record["kernels"][1])
+
+
 def test_what_v3_channels_last_would_change():
     """The "3n" entries of model layers against what 'auto' runs: counted where faster, and the
     GPU-time count with them taken there; entries of other layers or versions do not count."""

@@ -39,6 +39,8 @@
 //   conv2d_split_reduce_f32        the second pass of every split sum: v2's image ranges, v3/v4's
 //                                  split-K, v5's weight gradient (+ bias and ReLU for a forward)
 //   conv2d_wgrad_split_reduce_f32  a weight gradient's dw and db partials in one launch
+// conv2d_col2im_f32 (end of this file): the fold of v3/v4's backward-data run as a 1x1 GEMM of dy
+//   (opt-in, PYCNN_CONV_BWD_DATA_COL2IM=1): no products of the padding around dy.
 //
 // Epilogue of every forward kernel: + b[k] (has_bias), then ReLU (relu): conv2d_bias_relu_forward
 // is one kernel, not a second pass. The bias gradient db = dy.sum((0,2,3)): v3/v4 weight-gradient
@@ -381,4 +383,39 @@ extern "C" __global__ void conv2d_wgrad_split_reduce_f32(
     const float* __restrict__ partial_w, float* __restrict__ dw, long long count_w,
     const float* __restrict__ partial_b, float* __restrict__ db, long long count_b, int splits) {
     pycnn_split_reduce_pair(partial_w, dw, count_w, partial_b, db, count_b, splits);
+}
+
+// Backward-data as a 1x1 GEMM and a fold (v3/v4, opt-in: PYCNN_CONV_BWD_DATA_COL2IM=1). The
+// backward-data GEMM (and the flipped forward) runs over every (dx pixel, k, r, s), but an output
+// position only reads dy where h + ph - r lands on an output row: for MnistCNN's conv3 (5x5 from
+// 3x3, a 3x3 filter) 81 of the 225 taps per channel, so 2.8x the products that count. Instead
+//   cols[n, (c,r,s), i, j] = sum_k w[k,c,r,s] * dy[n,k,i,j]
+// is a 1x1 convolution of dy with the filters transposed (the forward kernels; only products that
+// count), and this kernel folds cols into dx: dx[n,c,h,w] = the sum over the taps (r, s) with
+// h + ph - r = i*sh and w + pw - s = j*sw, i, j in range, of cols[n, (c,r,s), i, j], in (r, s)
+// order. Exact fp32 (each term is the GEMM's fp32 sum over k); not v3's bits (another order).
+// One thread per dx element: consecutive threads, consecutive w, consecutive j for stride 1.
+// Launch: grid-stride over N*C*H*W, blocks of PYCNN_BLOCK threads.
+extern "C" __global__ void conv2d_col2im_f32(
+    const float* __restrict__ cols, float* __restrict__ dx, int N, int C, int H, int W, int R, int S,
+    int Ho, int Wo, int sh, int sw, int ph, int pw) {
+    const pycnn_i64 total = (pycnn_i64)N * C * H * W;
+    PYCNN_FOR_EACH(idx, total) {
+        int h, w;
+        pycnn_i64 plane;  // n*C + c: the rows (c, r, s) of image n start at plane * R*S
+        pycnn_split_index(idx, total, H, W, plane, h, w);
+        const float* taps = cols + plane * R * S * (pycnn_i64)Ho * Wo;
+        float acc = 0.0f;
+        for (int r = 0; r < R; ++r) {
+            const int hi = h + ph - r;
+            if (hi < 0 || hi % sh != 0 || hi / sh >= Ho) continue;
+            const float* row = taps + ((pycnn_i64)r * S * Ho + hi / sh) * Wo;
+            for (int s = 0; s < S; ++s) {
+                const int wi = w + pw - s;
+                if (wi < 0 || wi % sw != 0 || wi / sw >= Wo) continue;
+                acc += row[(pycnn_i64)s * Ho * Wo + wi / sw];
+            }
+        }
+        dx[idx] = acc;
+    }
 }

@@ -489,7 +489,8 @@ def _env(name: str) -> str:
 # The environment variables a conv plan depends on (part of its key).
 _CONV_SETTINGS = ("PYCNN_CONV_VERSION", "PYCNN_ALLOW_TF32", "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_AUTOTUNE",
                   "PYCNN_CONV3_WIDE", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_CONV_POOL_FUSE",
-                  "PYCNN_CONV3_R8", "PYCNN_CONV3_M32T128", "PYCNN_CONV4_NHWC", "PYCNN_CONV3_NHWC")
+                  "PYCNN_CONV3_R8", "PYCNN_CONV3_M32T128", "PYCNN_CONV4_NHWC", "PYCNN_CONV3_NHWC",
+                  "PYCNN_CONV_BWD_DATA_COL2IM")
 _CONV_SETTING_KEYS = tuple(os.fsencode(name) for name in _CONV_SETTINGS)
 
 
@@ -1375,6 +1376,7 @@ _TUNE_VARIANTS = {
     "wide": ("PYCNN_CONV3_WIDE", "1"),  # v3 forward / backward-data tiles twice as wide ...
     "nowide": ("PYCNN_CONV3_WIDE", "0"),  # ... or never (unset: where there are enough of them)
     "flip": ("PYCNN_CONV_BWD_DATA_FLIP", "1"),  # stride-1 backward-data through the forward kernels
+    "col2im": ("PYCNN_CONV_BWD_DATA_COL2IM", "1"),  # backward-data as a 1x1 GEMM of dy and a fold
     "fill": ("_CONV3_SPLIT_RULE", "fill"),  # the other split-K rule (see _CONV3_SPLIT_RULE)
     "waves": ("_CONV3_SPLIT_RULE", "waves"),
     # the channels-last kernels of the candidate's version (conv2d_nhwc.cu): a setting per version
@@ -1405,6 +1407,8 @@ def _tune_labels(direction: str, versions: list) -> list[str]:
             options.append("wide")  # (and "nowide" below: the default is either, by tile count)
         if direction == "backward_data" and _env("PYCNN_CONV_BWD_DATA_FLIP") == "":
             options.append("flip")
+        if direction == "backward_data" and _env("PYCNN_CONV_BWD_DATA_COL2IM") == "":
+            options.append("col2im")
         if _env(_TUNE_VARIANTS["nhwc"][version][0]) == "":
             options.append("nhwc")
         options.append("fill" if _CONV3_SPLIT_RULE == "waves" else "waves")
@@ -1544,7 +1548,8 @@ def _conv_pick(direction: str, dev: int, geom: tuple, version, allow_tf32, build
     # pick with them; tf32 stays last)
     key = (direction, dev, x_shape, w_shape, stride, padding, CONV_WINOGRAD_VERSION in versions,
            _env("PYCNN_CONV3_WIDE"), _env("PYCNN_CONV_BWD_DATA_FLIP"), _env("PYCNN_CONV3_R8"), _env("PYCNN_CONV3_M32T128"),
-           _env("PYCNN_CONV4_NHWC"), _env("PYCNN_CONV3_NHWC"), _CONV3_SPLIT_RULE, tf32 and capable)
+           _env("PYCNN_CONV4_NHWC"), _env("PYCNN_CONV3_NHWC"), _env("PYCNN_CONV_BWD_DATA_COL2IM"), _CONV3_SPLIT_RULE,
+           tf32 and capable)
 
     def build_label(label):
         v, settings = _tune_variant(label)
@@ -2007,6 +2012,7 @@ def _conv_backward_data_plan(version: str, geom: tuple) -> _Plan:
     """The launches of conv2d_backward_data in ``version``; arrays dy, w, dx."""
     _split_finish_on()
     flips = _bwd_data_flips(geom)  # (a bad $PYCNN_CONV_BWD_DATA_FLIP is an error for every version)
+    col2im = _bwd_data_col2im(geom)  # (likewise $PYCNN_CONV_BWD_DATA_COL2IM)
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
     args = ("dy", "w", "dx") + _geometry_args(geom)
     if version == "1":
@@ -2023,6 +2029,8 @@ def _conv_backward_data_plan(version: str, geom: tuple) -> _Plan:
     narrow = _conv_narrow_forward(C, K, R, S, "backward_data")
     if narrow:  # first layers (exact fp32 under v4 too)
         return _Plan((_conv_launch(narrow, ((N * H * W + BLOCK - 1) // BLOCK,), (BLOCK,), args),))
+    if col2im:
+        return _bwd_data_col2im_plan(version, geom)
     if (_conv4_nhwc("backward_data", geom) if version == CONV_TF32_VERSION else
             version == "3" and _conv3_nhwc("backward_data", geom)):
         return _nhwc_plan(version, "dy", "w", "w", "dx", _flipped_geometry(geom), False, False, flip=True)
@@ -2041,6 +2049,41 @@ def _bwd_data_flips(geom: tuple) -> bool:
                          f"kernels) or 0, got {setting!r}")
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
     return setting == "1" and (sh, sw) == (1, 1) and ph < R and pw < S
+
+
+# The col2im backward-data's scratch, cols (N, C*R*S, Ho, Wo), is at most this many floats (256
+# MiB): past it the usual GEMM runs (the compute-bound 64x128x56x56 layer's cols would be 925 MB).
+_COL2IM_MAX_FLOATS = 1 << 26
+
+
+def _bwd_data_col2im(geom: tuple) -> bool:
+    """Whether a v3/v4 backward-data runs as a 1x1 GEMM of dy and a fold (_bwd_data_col2im_plan):
+    with $PYCNN_CONV_BWD_DATA_COL2IM=1 (an experiment until a GPU has timed it; '0' or unset: the
+    backward-data GEMM), for filters of more than one tap whose cols scratch fits
+    _COL2IM_MAX_FLOATS."""
+    setting = _env("PYCNN_CONV_BWD_DATA_COL2IM")
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"PYCNN_CONV_BWD_DATA_COL2IM must be 1 (backward-data as a 1x1 GEMM of dy and a fold) "
+                         f"or 0, got {setting!r}")
+    N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
+    return setting == "1" and R * S > 1 and N * C * R * S * Ho * Wo <= _COL2IM_MAX_FLOATS
+
+
+def _bwd_data_col2im_plan(version: str, geom: tuple) -> _Plan:
+    """Backward-data without the padding's products (conv2d_col2im_f32 in conv2d.cu says why):
+    the filters transposed to wt (C*R*S, K) (conv2d_nchw_to_nhwc_f32 on w seen as one K-channel
+    image of C*R*S pixels), cols = the 1x1 forward convolution of dy with wt (the forward plan of
+    ``version``: its tiles, split-K, and channels-last kernels where they are on), then the fold of
+    cols into dx. Arrays dy, w, dx; scratch "wt", "cols"."""
+    N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
+    taps = C * R * S
+    transpose = _conv_launch("conv2d_nchw_to_nhwc_f32", (-(-taps // 32), -(-K // 32), 1), (32, 8),
+                             ("w", "wt", _i32(K), _i32(taps)))
+    gemm = _plan_renamed(_conv_forward_plan(version, (N, K, Ho, Wo, taps, 1, 1, Ho, Wo, 1, 1, 0, 0), False, False),
+                         {"x": "dy", "w": "wt", "bias": "wt", "y": "cols"})
+    fold = _conv_launch("conv2d_col2im_f32", _grid1d(N * C * H * W), (BLOCK,),
+                        ("cols", "dx") + tuple(_i32(v) for v in (N, C, H, W, R, S, Ho, Wo, sh, sw, ph, pw)))
+    return _plan_then(_plan_after((transpose,), (("wt", K * taps),), gemm), (fold,), (("cols", N * taps * Ho * Wo),))
 
 
 def _flipped_geometry(geom: tuple) -> tuple:

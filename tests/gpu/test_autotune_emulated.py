@@ -107,7 +107,8 @@ def device(emulated, monkeypatch):
     monkeypatch.setattr(cuda, "_autotune_failures", {})
     monkeypatch.setenv("PYCNN_CONV_AUTOTUNE", "1")
     for name in ("PYCNN_CONV_VERSION", "PYCNN_ALLOW_TF32", "PYCNN_CONV_WINOGRAD", "PYCNN_CONV3_WIDE",
-                 "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_BACKWARD_STREAMS", "PYCNN_CONV3_NHWC", "PYCNN_CONV4_NHWC"):
+                 "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_BACKWARD_STREAMS", "PYCNN_CONV3_NHWC", "PYCNN_CONV4_NHWC",
+                 "PYCNN_CONV_BWD_DATA_COL2IM"):
         monkeypatch.delenv(name, raising=False)
     return dev
 
@@ -141,6 +142,30 @@ def test_flip_variant_wins_when_the_forward_kernels_are_cheaper(device):
     assert device.timeline[n:][0] == "conv2d_flip_weights_f32", device.timeline[n:]
     assert "conv2d_bwd_data_v3_m32_f32" not in device.timeline[n:]
     assert len(cuda._autotune_times) == 1
+
+
+def test_col2im_variant_wins_when_its_kernels_are_cheaper(device, monkeypatch):
+    """Backward-data of a layer whose dy is mostly padding for the GEMM (3x3 from 5x5): the col2im
+    plan (filters transposed, a 1x1 forward GEMM, the fold) is a candidate in any stride; made
+    cheaper, it is picked and runs, exact; set to 0 by the user, it is no candidate."""
+    device.costs = {"conv2d_fwd_v3_m32_f32": 1e-4, "conv2d_fwd_v3_f32": 1e-4, "conv2d_nchw_to_nhwc_f32": 1e-4,
+                    "conv2d_col2im_f32": 1e-4, "conv2d_split_reduce_f32": 1e-4}
+    device.default_cost = 1e-2
+    monkeypatch.setattr(cuda, "CONV_VERSIONS", ("3",))  # (v1/v2: their own tests)
+    monkeypatch.setenv("PYCNN_CONV_BWD_DATA_FLIP", "0")
+    rng = np.random.default_rng(3)
+    w, dy = rnd(rng, 12, 6, 3, 3), rnd(rng, 2, 12, 3, 2)
+    x_shape = (2, 6, 7, 6)  # stride 2: no flipped path here
+    dx = cuda.conv2d_backward_data(dy, w, x_shape, (2, 2), (0, 0))
+    want = ref.conv2d_backward_data(dy.astype(np.float64), w.astype(np.float64), x_shape, (2, 2), (0, 0))
+    np.testing.assert_allclose(dx, want, rtol=1e-5, atol=1e-5)
+    key, times = _only_times()
+    assert "3+col2im" in times and cuda._autotune_cache[key].split("+")[:2] == ["3", "col2im"], times
+    assert device.timeline[-1] == "conv2d_col2im_f32" and "PYCNN_CONV_BWD_DATA_COL2IM" not in cuda.os.environ
+    monkeypatch.setenv("PYCNN_CONV_BWD_DATA_COL2IM", "0")
+    cuda.conv2d_backward_data(dy, w, x_shape, (2, 2), (0, 0))
+    times = [t for k, t in cuda._autotune_times.items() if k != key][0]
+    assert "col2im" not in " ".join(times), times
 
 
 def test_wide_variant_for_the_forward(device):

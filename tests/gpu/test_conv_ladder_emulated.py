@@ -811,6 +811,34 @@ def test_gpu_kernels_flipped_backward_data(emulated, monkeypatch, tmp_path):
     assert kernels_table.cell(2.0, shape, None) in doc and kernels_table.cell(0.5, shape, None) not in doc
 
 
+def test_gpu_kernels_col2im_backward_data(emulated, monkeypatch, tmp_path):
+    """--versions 3,3c: v3 and, as "col2im" entries, the backward-data as a 1x1 GEMM and a fold
+    (PYCNN_CONV_BWD_DATA_COL2IM=1, unset again afterwards), in any stride, backward-data only;
+    tile "col2im <its GEMM's tile>"; never "auto", and a variant for targets.py."""
+    import json
+    import os
+
+    gpu_kernels, _ = _gpu_kernels_on_the_emulator(monkeypatch)
+    import targets
+    from shapes import ConvShape
+
+    monkeypatch.setattr(gpu_kernels, "CONV_SHAPES", [ConvShape("t", "a", 64, 8, 12, 7, 3, padding=1),
+                                                     ConvShape("t", "s2", 64, 8, 12, 7, 3, stride=2)])
+    out = tmp_path / "c.json"
+    rc = gpu_kernels.main(["--layers", "models", "--versions", "3,3c", "--batch", "2", "--repeats", "1",
+                           "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert rc == 0 and record["kernels_info"]["errors"] == [], record["kernels_info"]["errors"]
+    assert "PYCNN_CONV_BWD_DATA_COL2IM" not in os.environ
+    folded = [e for e in record["kernels"] if e.get("col2im")]
+    assert [(e["layer"], e["op"], e["version"], e["auto"]) for e in folded] == [
+        ("t-a", "conv2d_bwd_data", "v3", False), ("t-s2", "conv2d_bwd_data", "v3", False)]
+    assert all(e["tile"].startswith("col2im ") and e["max_rel_err_vs_cudnn"] is None for e in folded), folded
+    assert "conv2d_col2im_f32" in emulated
+    assert "v3c" in gpu_kernels.table(record["kernels"])
+    assert all(targets.is_variant(e) == bool(e.get("col2im")) for e in record["kernels"])
+
+
 # Winograd F(4x4, 3x3) (v5): fp32 arithmetic through transforms with constants up to 8 and 1/24,
 # so its error is ~10x the direct sums' (0.2-5e-6 of the largest output on these small shapes;
 # a NumPy emulation of the kernels on 56x56 layers with 128 channels: 1.3e-5 forward, 1.9e-5
@@ -1570,6 +1598,92 @@ def test_backward_data_flip_only_where_it_applies(emulated, monkeypatch):
     for version in ("1", "3"):
         with pytest.raises(ValueError, match="PYCNN_CONV_BWD_DATA_FLIP"):
             cuda.conv2d_backward_data(dy, w, x.shape, shape[7], shape[8], version=version)
+
+
+# The col2im backward-data (PYCNN_CONV_BWD_DATA_COL2IM=1): (N, C, H, W, K, R, S, stride, padding)
+# and the overrides of cuda's tile/split constants.
+COL2IM_CASES = {
+    "mnistcnn-conv3-like": ((3, 8, 5, 5, 6, 3, 3, (1, 1), (0, 0)), {}),  # 3x3 from 5x5: most taps miss
+    "stride2-pad-odd": (SHAPES["stride2-pad-odd"], {}),  # taps that skip rows, a 3x2 filter, padding
+    "stride2-one-row-left": ((2, 3, 8, 8, 5, 3, 3, (2, 2), (0, 0)), {}),  # the last row reaches no output
+    "two-row-tiles": (SHAPES["two-row-tiles"], {}),  # C*R*S = 8 rows, K = 70 reduction
+    "split": ((2, 16, 6, 6, 40, 3, 3, (1, 1), (1, 1)), {"_CONV3_SPLIT_MIN_K": 16}),  # the 1x1 GEMM split-K
+}
+
+
+@pytest.mark.parametrize("version", ["3", "4"])
+@pytest.mark.parametrize("case", list(COL2IM_CASES))
+def test_backward_data_as_a_1x1_gemm_and_a_fold(emulated, monkeypatch, version, case):
+    """PYCNN_CONV_BWD_DATA_COL2IM=1: the filters transposed, the forward GEMM of dy as a 1x1
+    convolution into cols, conv2d_col2im_f32 folding cols into dx: the reference's dx (v3: fp32
+    accumulation; v4: within the TF32 bound), any stride and padding, no backward-data kernel;
+    with the setting 0, the backward-data GEMM again."""
+    shape, overrides = COL2IM_CASES[case]
+    for name, value in overrides.items():
+        monkeypatch.setattr(cuda, name, value)
+    stride, padding = shape[7], shape[8]
+    tf32 = version == "4"
+    x, w, b, dy = data(shape, seed=47)
+    want = reference(shape, x, w, b, dy)[1]
+    length = lengths(shape)[1]
+    monkeypatch.setenv("PYCNN_CONV_BWD_DATA_COL2IM", "1")
+    del emulated[:]
+    dx = cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version=version, allow_tf32=tf32)
+    assert emulated[0] == "conv2d_nchw_to_nhwc_f32" and emulated[-1] == "conv2d_col2im_f32", emulated
+    assert any(k.startswith(f"conv2d_fwd_v{version}") for k in emulated), emulated
+    assert not any("bwd_data" in k for k in emulated), emulated
+    if case == "split":
+        assert "conv2d_split_reduce_f32" in emulated, emulated
+    if tf32:
+        dy64, w64 = dy.astype(np.float64), w.astype(np.float64)
+        bound = tf32_bound(length, ref.conv2d_backward_data(np.abs(dy64), np.abs(w64), x.shape, stride, padding))
+        assert np.all(np.abs(dx - want) <= bound), case
+    else:
+        np.testing.assert_allclose(dx, want, rtol=1e-4, atol=fp32_atol(length), err_msg=case)
+    monkeypatch.setenv("PYCNN_CONV_BWD_DATA_COL2IM", "0")
+    del emulated[:]
+    cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version=version, allow_tf32=tf32)
+    assert "conv2d_col2im_f32" not in emulated and any("bwd_data" in k for k in emulated), emulated
+
+
+def test_backward_data_col2im_is_exact_on_small_integers(emulated, monkeypatch):
+    """On small integers every product and partial sum is exact in fp32: the col2im path gives
+    the reference's dx bit for bit (a misplaced or doubled tap cannot hide in a tolerance)."""
+    shape = (2, 3, 7, 6, 5, 3, 2, (2, 1), (1, 1))
+    x, w, b, dy = data(shape, seed=48, integers=True)
+    monkeypatch.setenv("PYCNN_CONV_BWD_DATA_COL2IM", "1")
+    del emulated[:]
+    dx = cuda.conv2d_backward_data(dy, w, x.shape, shape[7], shape[8], version="3")
+    assert "conv2d_col2im_f32" in emulated, emulated
+    np.testing.assert_array_equal(dx, ref.conv2d_backward_data(dy.astype(np.float64), w.astype(np.float64),
+                                                               x.shape, shape[7], shape[8]))
+
+
+def test_backward_data_col2im_only_where_it_applies(emulated, monkeypatch):
+    """1x1 filters, a cols scratch past _COL2IM_MAX_FLOATS and v1/v2 keep their kernels; the
+    narrow first-layer kernel comes first; a setting other than 0 / 1 is an error naming it."""
+    monkeypatch.setenv("PYCNN_CONV_BWD_DATA_COL2IM", "1")
+    one_by_one = (2, 4, 5, 5, 6, 1, 1, (1, 1), (0, 0))
+    shape = SHAPES["multi-tile"]
+    small = SHAPES["stride2-small"]
+    for case, version, limit in ((one_by_one, "3", None), (shape, "3", 3 * 4 * 9 * 10 * 9 - 1),
+                                 (small, "1", None), (small, "2", None)):
+        if limit is not None:
+            monkeypatch.setattr(cuda, "_COL2IM_MAX_FLOATS", limit)
+        x, w, b, dy = data(case, seed=49)
+        del emulated[:]
+        dx = cuda.conv2d_backward_data(dy, w, x.shape, case[7], case[8], version=version)
+        assert "conv2d_col2im_f32" not in emulated, (case, version, emulated)
+        np.testing.assert_allclose(dx, reference(case, x, w, b, dy)[1], rtol=1e-4, atol=fp32_atol(lengths(case)[1]))
+        monkeypatch.setattr(cuda, "_COL2IM_MAX_FLOATS", 1 << 26)
+    monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 25)
+    x, w, b, dy = data((1, 1, 7, 6, 5, 3, 3, (1, 1), (1, 1)), seed=50)
+    del emulated[:]
+    cuda.conv2d_backward_data(dy, w, x.shape, (1, 1), (1, 1), version="3")
+    assert emulated == ["conv2d_bwd_data_narrow_c1_3x3_f32"], emulated
+    monkeypatch.setenv("PYCNN_CONV_BWD_DATA_COL2IM", "yes")
+    with pytest.raises(ValueError, match="PYCNN_CONV_BWD_DATA_COL2IM must be 1"):
+        cuda.conv2d_backward_data(dy, w, x.shape, (1, 1), (1, 1), version="3")
 
 
 # v4 channels last (conv2d_nhwc.cu, PYCNN_CONV4_NHWC=1): forward, stride-1 backward-data as the
