@@ -443,6 +443,31 @@ def test_backward_data_through_the_forward_kernels(monkeypatch, layer):
         assert np.abs(flipped - plain).max() <= 1e-5 * scale * np.sqrt(K * R * S), f"batch {batch}"
 
 
+@pytest.mark.parametrize("layer", LAYERS, ids=[layer[0] for layer in LAYERS])
+def test_backward_data_as_a_1x1_gemm_and_a_fold(monkeypatch, layer):
+    """PYCNN_CONV_BWD_DATA_COL2IM=1 on the GPU: the backward-data of every model layer (v3, two
+    batch sizes, any stride) as the 1x1 forward GEMM into cols and the fold agrees with the
+    backward-data GEMM to fp32 rounding (another summation order) and with the float64 reference;
+    the first layers (one channel) keep their narrow kernel."""
+    _, N, C, H, W, K, R, S, stride, padding = layer
+    rng = np.random.default_rng(10)
+    for batch in (N, 8 * N):
+        w = rng.standard_normal((K, C, R, S)).astype(np.float32) * 0.3
+        Ho, Wo = (H + 2 * padding[0] - R) // stride[0] + 1, (W + 2 * padding[1] - S) // stride[1] + 1
+        dy = rng.standard_normal((batch, K, Ho, Wo)).astype(np.float32)
+        x_shape = (batch, C, H, W)
+        monkeypatch.setenv("PYCNN_CONV_BWD_DATA_COL2IM", "0")
+        plain = cp.asnumpy(cuda.conv2d_backward_data(cp.asarray(dy), cp.asarray(w), x_shape, stride, padding,
+                                                     version="3"))
+        monkeypatch.setenv("PYCNN_CONV_BWD_DATA_COL2IM", "1")
+        folded = cp.asnumpy(cuda.conv2d_backward_data(cp.asarray(dy), cp.asarray(w), x_shape, stride, padding,
+                                                      version="3"))
+        want = ref.conv2d_backward_data(dy.astype(np.float64), w.astype(np.float64), x_shape, stride, padding)
+        scale = max(np.abs(want).max(), 1e-30)
+        assert np.abs(folded - want).max() <= 1e-5 * scale * np.sqrt(K * R * S), f"batch {batch}"
+        assert np.abs(folded - plain).max() <= 1e-5 * scale * np.sqrt(K * R * S), f"batch {batch}"
+
+
 def test_autotune_times_each_exact_version_once_and_caches(monkeypatch):
     monkeypatch.setenv("PYCNN_CONV_AUTOTUNE", "1")
     monkeypatch.delenv("PYCNN_CONV_VERSION", raising=False)

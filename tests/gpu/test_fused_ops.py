@@ -115,6 +115,21 @@ def test_maxpool_relu(shape, kernel, stride, padding):
     close(composed, ref.maxpool2d_relu_backward(dy.get(), y_want, am_want, x.shape))
 
 
+@pytest.mark.parametrize("shape, kernel", [((64, 64, 11, 11), (2, 2)), ((512, 32, 26, 26), (2, 2)),
+                                           ((3, 5, 9, 7), (3, 2))])
+def test_maxpool_backward_x4_is_the_tiled_kernel(monkeypatch, shape, kernel):
+    """cuda._POOL_BWD_X4 on the GPU (16-byte stores): bitwise the tiled kernel's dx, fused ReLU or
+    not, on MnistCNN's two pools and a shape whose element count is not a multiple of four."""
+    rng = np.random.default_rng(5)
+    x = g(rnd(rng, *shape))
+    y, am = cuda.maxpool2d_relu_forward(x, kernel, kernel, (0, 0))
+    dy = g(rnd(rng, *y.shape))
+    tiled = [cuda.maxpool2d_relu_backward(dy, y, am, shape), cuda.maxpool2d_backward(dy, am, shape)]
+    monkeypatch.setattr(cuda, "_POOL_BWD_X4", True)
+    x4 = [cuda.maxpool2d_relu_backward(dy, y, am, shape), cuda.maxpool2d_backward(dy, am, shape)]
+    assert all(same_bits(a, b) for a, b in zip(x4, tiled))
+
+
 @pytest.mark.parametrize("x_shape, K, RS, padding", [
     ((64, 1, 28, 28), 32, 3, 0),   # MnistCNN conv1 + pool
     ((256, 1, 28, 28), 24, 5, 0),  # FastMNIST conv1 + pool (batch 256)
