@@ -329,7 +329,9 @@ def _grid1d(n: int) -> tuple:
 
 class _Launch(NamedTuple):
     """One kernel launch of a plan. ``args`` holds the scalar arguments, NumPy scalars made once,
-    and at the positions in ``slots`` the names of the arrays a run fills in."""
+    and at the positions in ``slots`` the names of the arrays a run fills in. ``makes``: the
+    scratch array this launch alone writes from the call's operands (a transposed copy), which a
+    caller that already has it passes in instead (see _run_plan)."""
     filename: str
     kernel: str
     grid: tuple
@@ -337,6 +339,7 @@ class _Launch(NamedTuple):
     args: tuple
     slots: tuple  # ((position in args, array name), ...)
     shared_mem: int
+    makes: str = ""
 
 
 def _kernel_launch(filename: str, kernel: str, grid, block, args: tuple, shared_mem: int = 0) -> _Launch:
@@ -378,7 +381,8 @@ def _plan_renamed(plan: _Plan, names: dict) -> _Plan:
     """``plan`` with its arrays renamed (old name -> new name; names not in ``names`` stay)."""
     def renamed(launch: _Launch) -> _Launch:
         args = tuple(names.get(a, a) if isinstance(a, str) else a for a in launch.args)
-        return launch._replace(args=args, slots=tuple((i, names.get(n, n)) for i, n in launch.slots))
+        return launch._replace(args=args, slots=tuple((i, names.get(n, n)) for i, n in launch.slots),
+                               makes=names.get(launch.makes, launch.makes))
     fallback = _plan_renamed(plan.fallback, names) if plan.fallback is not None else None
     return plan._replace(launches=tuple(map(renamed, plan.launches)),
                          scratch=tuple((names.get(n, n), count) for n, count in plan.scratch), fallback=fallback)
@@ -417,19 +421,26 @@ def _keep_plan(key, plan: _Plan) -> None:
 
 
 def _run_plan(dev: int, plan: _Plan, arrays: dict) -> None:
-    """Allocate the plan's scratch into ``arrays`` (name -> array), then launch in order."""
+    """Allocate the plan's scratch into ``arrays`` (name -> array), then launch in order. Scratch
+    the caller put into ``arrays`` already is used as it is, and a launch that ``makes`` it is
+    left out (conv2d_backward transposes dy once for both halves)."""
     if plan.fallback is not None:
         tickets = _split_tickets(_cupy(), dev)
         if tickets is None:
             plan = plan.fallback
         else:
             arrays["tickets"] = tickets
+    given = ()
     if plan.scratch:
         cupy = _cupy()
+        given = [name for name, _ in plan.scratch if name in arrays]
         with cupy.cuda.Device(dev):
             for name, count in plan.scratch:
-                arrays[name] = cupy.empty((count,), dtype=cupy.float32)
+                if name not in given:
+                    arrays[name] = cupy.empty((count,), dtype=cupy.float32)
     for launch in plan.launches:
+        if launch.makes and launch.makes in given:
+            continue
         args = list(launch.args)
         for i, name in launch.slots:
             args[i] = arrays[name]
@@ -1118,32 +1129,41 @@ def _nhwc_forward_tiling(version: str, geom: tuple) -> tuple[int, int, tuple, in
     return rows, cols, grid + (splits,), splits, chunk
 
 
+def _nhwc_transpose(src: str, N: int, C: int, HW: int) -> tuple[_Launch, tuple]:
+    """(launch, scratch entry) of the copy of operand ``src`` (N, C, HW) in NHWC order, (N, HW, C),
+    into scratch "nhwc_<src>": the launch ``makes`` it, so a caller holding that copy already
+    passes it in and the launch is left out (_run_plan)."""
+    launch = _conv_launch("conv2d_nchw_to_nhwc_f32", (-(-HW // 32), -(-C // 32), N), (32, 8),
+                          (src, f"nhwc_{src}", _i32(C), _i32(HW)))
+    return launch._replace(makes=f"nhwc_{src}"), (f"nhwc_{src}", N * C * HW)
+
+
 def _nhwc_plan(version: str, inp: str, w: str, bias: str, out: str, geom: tuple, has_bias: bool, relu: bool,
                flip: bool) -> _Plan:
     """The channels-last v3 or v4 convolution of ``inp`` (NCHW) with the filters ``w`` into ``out``
     (NCHW), ``geom`` the forward geometry (N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw): the
-    transpose of inp into scratch "nhwc_in", the filters reordered into "nhwc_w" (``flip``: w is
+    transpose of inp into scratch "nhwc_<inp>", the filters reordered into "nhwc_w" (``flip``: w is
     (C, K, R, S) to this geometry, rotated and transposed, for backward-data), then the GEMM (v3
     split-K: into partial copies of out, added in order, bias and ReLU after, by a second pass)."""
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
     w_rows, w_channels = (C, K) if flip else (K, C)  # (w's own first two sizes)
-    transpose = _conv_launch("conv2d_nchw_to_nhwc_f32", (-(-(H * W) // 32), -(-C // 32), N), (32, 8),
-                             (inp, "nhwc_in", _i32(C), _i32(H * W)))
+    transpose, transposed = _nhwc_transpose(inp, N, C, H * W)
     filters = _conv_launch("conv2d_nhwc_filters_f32", _grid1d(K * C * R * S), (BLOCK,),
                            (w, "nhwc_w", _i32(w_rows), _i32(w_channels), _i32(R), _i32(S), _i32(int(flip))))
-    scratch = (("nhwc_in", N * C * H * W), ("nhwc_w", K * C * R * S))
+    scratch = (transposed, ("nhwc_w", K * C * R * S))
+    nhwc_in = transposed[0]
     rows, cols, grid, splits, chunk = _nhwc_forward_tiling(version, geom)
     if version == CONV_TF32_VERSION:
         gemm = _conv_launch("conv2d_fwd_v4nhwc_f32", grid[:2], (256,),
-                            ("nhwc_in", "nhwc_w", bias, out, _i32(has_bias), _i32(relu)) + _geometry_args(geom))
+                            (nhwc_in, "nhwc_w", bias, out, _i32(has_bias), _i32(relu)) + _geometry_args(geom))
         return _Plan((transpose, filters, gemm), scratch=scratch)
     kernel = f"conv2d_fwd_v3nhwc_m{rows}_f32"
     if splits == 1:
-        gemm = _conv_launch(kernel, grid, (256,), ("nhwc_in", "nhwc_w", bias, out, _i32(has_bias), _i32(relu))
+        gemm = _conv_launch(kernel, grid, (256,), (nhwc_in, "nhwc_w", bias, out, _i32(has_bias), _i32(relu))
                             + _geometry_args(geom) + (_i32(chunk),))
         return _Plan((transpose, filters, gemm), scratch=scratch)
     count = N * K * Ho * Wo
-    gemm = _conv_launch(kernel, grid, (256,), ("nhwc_in", "nhwc_w", bias, "partial", _i32(0), _i32(0))
+    gemm = _conv_launch(kernel, grid, (256,), (nhwc_in, "nhwc_w", bias, "partial", _i32(0), _i32(0))
                         + _geometry_args(geom) + (_i32(chunk),))
     reduce = _split_reduce_launch("partial", out, splits, count, bias=bias if has_bias else None, relu=relu,
                                   inner=Ho * Wo, channels=K)
@@ -1170,22 +1190,22 @@ def _nhwc_weight_tiling(version: str, geom: tuple) -> tuple[int, int, tuple, int
 
 def _nhwc_weight_plan(version: str, geom: tuple, with_db: bool) -> _Plan:
     """The channels-last v3 or v4 weight gradient (arrays dy, x, dw, db): x transposed into
-    "nhwc_in" (v3: dy too, into "nhwc_dy"), the GEMM over split-K parts of the output pixels into
+    "nhwc_x" (v3: dy too, into "nhwc_dy"), the GEMM over split-K parts of the output pixels into
     "partial" in (k, r, s, c) order, their sum in split order into dw (K, C, R, S), and, with
     ``with_db``, bias_grad's launches."""
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
     rows, cols, grid, splits, chunk = _nhwc_weight_tiling(version, geom)
-    launches = [_conv_launch("conv2d_nchw_to_nhwc_f32", (-(-(H * W) // 32), -(-C // 32), N), (32, 8),
-                             ("x", "nhwc_in", _i32(C), _i32(H * W)))]
-    scratch = [("nhwc_in", N * C * H * W), ("partial", splits * K * R * S * C)]
+    transpose_x, x_scratch = _nhwc_transpose("x", N, C, H * W)
+    launches = [transpose_x]
+    scratch = [x_scratch, ("partial", splits * K * R * S * C)]
     if version == CONV_TF32_VERSION:
         kernel, dy = "conv2d_bwd_weight_v4nhwc_f32", "dy"  # (reads dy in NCHW: contiguous along the pixels)
     else:
         kernel, dy = f"conv2d_bwd_weight_v3nhwc_m{rows}_f32", "nhwc_dy"
-        launches.append(_conv_launch("conv2d_nchw_to_nhwc_f32", (-(-(Ho * Wo) // 32), -(-K // 32), N), (32, 8),
-                                     ("dy", "nhwc_dy", _i32(K), _i32(Ho * Wo))))
-        scratch.append(("nhwc_dy", N * K * Ho * Wo))
-    launches.append(_conv_launch(kernel, grid, (256,), (dy, "nhwc_in", "partial") + _geometry_args(geom)
+        transpose_dy, dy_scratch = _nhwc_transpose("dy", N, K, Ho * Wo)
+        launches.append(transpose_dy)
+        scratch.append(dy_scratch)
+    launches.append(_conv_launch(kernel, grid, (256,), (dy, "nhwc_x", "partial") + _geometry_args(geom)
                                  + (_i32(chunk),)))
     launches.append(_conv_launch("conv2d_nhwc_wgrad_reduce_f32", _grid1d(K * C * R * S), (BLOCK,),
                                  ("partial", "dw", _i32(splits), _i32(K), _i32(C), _i32(R * S))))
@@ -2113,12 +2133,18 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, *, version: str | None
     ``version``/``allow_tf32`` as conv2d_forward (v3/v4: dx as a GEMM of the transposed weights
     with dy gathered at the output positions that read each input).
     """
+    return _conv2d_backward_data(dy, w, x_shape, stride, padding, version, allow_tf32, {})
+
+
+def _conv2d_backward_data(dy, w, x_shape, stride, padding, version, allow_tf32, given: dict):
+    """conv2d_backward_data; ``given``: scratch the caller made already ({"nhwc_dy": dy in NHWC
+    order} from conv2d_backward), used instead of the plan's own copy."""
     op = "conv2d_backward_data"
     cupy = _cupy()
     _check(op, "dy", dy, 4)
     _check(op, "w", w, 4)
     dev = _device(op, dy=dy, w=w)
-    arrays = {"dy": dy, "w": w}
+    arrays = {"dy": dy, "w": w, **given}
     key = _plan_key(op, dev, (dy.shape, w.shape, x_shape), stride, padding, version, allow_tf32)
     dx = _run_cached(cupy, dev, key, arrays, "dx")
     if dx is not None:
@@ -2254,6 +2280,11 @@ def conv2d_backward_weight(dy, x, w_shape, stride, padding, *, version: str | No
     order by a second kernel, never float atomics. ``version``/``allow_tf32`` as conv2d_forward.
     ``out``: a (dw, db) pair of float32 C-contiguous arrays of those shapes to write into.
     """
+    return _conv2d_backward_weight(dy, x, w_shape, stride, padding, version, allow_tf32, out, {})
+
+
+def _conv2d_backward_weight(dy, x, w_shape, stride, padding, version, allow_tf32, out, given: dict):
+    """conv2d_backward_weight; ``given`` as in _conv2d_backward_data."""
     op = "conv2d_backward_weight"
     cupy = _cupy()
     _check(op, "dy", dy, 4)
@@ -2279,7 +2310,7 @@ def conv2d_backward_weight(dy, x, w_shape, stride, padding, *, version: str | No
                 raise ValueError(f"{op}: out {name} must be a C-contiguous array of shape {shape}, "
                                  f"got shape {a.shape}{'' if a.flags.c_contiguous else ' (not contiguous)'}")
         _device(op, dy=dy, dw=dw, db=db)
-    arrays = {"dy": dy, "x": x, "dw": dw, "db": db}
+    arrays = {"dy": dy, "x": x, "dw": dw, "db": db, **given}
     if plan is not None:  # this call's arguments were checked when the plan was made
         _run_plan(dev, plan, arrays)
         return dw, db
@@ -2310,9 +2341,10 @@ def conv2d_backward(dy, x, w, stride, padding, need_data: bool = True, need_weig
     as conv2d_forward.
     """
     op = "conv2d_backward"
+    given = {}  # dy in NHWC order when both halves read that copy (made once, before the fork)
 
     def data_half():
-        return conv2d_backward_data(dy, w, x.shape, stride, padding, version=version, allow_tf32=allow_tf32)
+        return _conv2d_backward_data(dy, w, x.shape, stride, padding, version, allow_tf32, given)
 
     if not (need_data and need_weight):
         dw, db = (conv2d_backward_weight(dy, x, w.shape, stride, padding, version=version, allow_tf32=allow_tf32)
@@ -2328,8 +2360,7 @@ def conv2d_backward(dy, x, w, stride, padding, need_data: bool = True, need_weig
         db = cupy.empty((w.shape[0],), dtype=cupy.float32)
 
     def weight_half():
-        return conv2d_backward_weight(dy, x, w.shape, stride, padding, version=version, allow_tf32=allow_tf32,
-                                      out=(dw, db))
+        return _conv2d_backward_weight(dy, x, w.shape, stride, padding, version, allow_tf32, (dw, db), given)
 
     # With PYCNN_CONV_AUTOTUNE=1 a shape's first call times its candidates: in order, so that the
     # other half's kernels do not slow the timings the cached pick rests on.
@@ -2337,10 +2368,34 @@ def conv2d_backward(dy, x, w, stride, padding, need_data: bool = True, need_weig
     if _env("PYCNN_CONV_AUTOTUNE") == "1":
         key = (dev, dy.shape, x.shape, w.shape, _pair(op, "stride", stride), _pair(op, "padding", padding))
         tuning = key not in _conv_backward_tuned
+    transpose = None
+    if not tuning and (_env("PYCNN_CONV3_NHWC") == "1" or _env("PYCNN_CONV_AUTOTUNE") == "1"):
+        # (only v3's channels-last kernels copy dy: other calls skip the two plan lookups)
+        transpose = _shared_dy_transpose(dev, dy, x, w, stride, padding, version, allow_tf32)
+    if transpose is not None:  # on the current stream, before the fork: both halves read it
+        with cupy.cuda.Device(dev):
+            given["nhwc_dy"] = cupy.empty((dy.size,), dtype=cupy.float32)
+        _run_plan(dev, _Plan((transpose,)), {"dy": dy, **given})
     _, dx = _two_halves(cupy, dev, weight_half, data_half, concurrent=not tuning)
     if tuning and not _capturing(cupy):  # (inside a capture the autotune was put off: still to come)
         _conv_backward_tuned.add(key)
     return dx, dw, db
+
+
+def _shared_dy_transpose(dev: int, dy, x, w, stride, padding, version, allow_tf32) -> _Launch | None:
+    """The launch that copies dy into NHWC order ("nhwc_dy") when the cached plans of both halves
+    of this conv2d_backward call start with that same copy (v3's channels-last backward-data and
+    weight gradient: ~32 MB of traffic each for MnistCNN conv2 at batch 512), else None. Only
+    cached plans are looked at: a shape's first call (and the autotune's) runs both copies."""
+    keys = (_plan_key("conv2d_backward_data", dev, (dy.shape, w.shape, x.shape), stride, padding, version,
+                      allow_tf32),
+            _plan_key("conv2d_backward_weight", dev, (dy.shape, x.shape, w.shape), stride, padding, version,
+                      allow_tf32))
+    plans = [_plans.get(key) if key is not None else None for key in keys]
+    if None in plans:
+        return None
+    made = [next((launch for launch in plan.launches if launch.makes == "nhwc_dy"), None) for plan in plans]
+    return made[0] if made[0] is not None and made[0] == made[1] else None
 
 
 def bias_grad(dy):

@@ -2030,6 +2030,31 @@ def test_v3_nhwc_weight_gradient_alone(emulated, monkeypatch, shape):
     np.testing.assert_array_equal(db, want[3].astype(np.float32))
 
 
+def test_v3_nhwc_backward_transposes_dy_once(emulated, monkeypatch):
+    """conv2d_backward with both halves channels last: once their plans are cached, dy is copied
+    into NHWC order once, before the fork, and both halves read that copy (two transposes a call,
+    not three); the same bits as the first call, which made its own copies, and the reference's
+    on small integers. A half alone (conv2d_backward_weight) still makes its own."""
+    shape = NHWC3_SHAPES["m64-partial"]
+    N, C, H, W, K, R, S, stride, padding = shape
+    x, w, b, dy = data(shape, seed=26, integers=True)
+    monkeypatch.setenv("PYCNN_CONV3_NHWC", "1")
+    results = []
+    for _ in range(2):
+        del emulated[:]
+        results.append(cuda.conv2d_backward(dy, x, w, stride, padding, version="3"))
+        results[-1] += (emulated.count("conv2d_nchw_to_nhwc_f32"),)
+    assert [r[3] for r in results] == [3, 2], results
+    for first, second in zip(results[0][:3], results[1][:3]):
+        assert first.tobytes() == second.tobytes()
+    want = reference(shape, x, w, b, dy)
+    for got, ref_value in zip(results[1][:3], want[1:]):
+        np.testing.assert_array_equal(got, ref_value)
+    del emulated[:]
+    cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding, version="3")
+    assert emulated.count("conv2d_nchw_to_nhwc_f32") == 2, emulated
+
+
 def test_v3_nhwc_trains_a_model(emulated, monkeypatch):
     """A small CNN through Sequential, autograd and the emulated kernels with PYCNN_CONV3_NHWC=1:
     its two GEMM convolutions run the channels-last kernels in all three directions (the backward's
