@@ -1646,6 +1646,20 @@ def test_backward_data_as_a_1x1_gemm_and_a_fold(emulated, monkeypatch, version, 
     assert "conv2d_col2im_f32" not in emulated and any("bwd_data" in k for k in emulated), emulated
 
 
+def test_backward_data_col2im_through_the_channels_last_forward(emulated, monkeypatch):
+    """With PYCNN_CONV3_NHWC=1 too, the col2im path's 1x1 GEMM (16 channels of dy) runs v3's
+    channels-last forward; the fold gives the reference's dx bit for bit on small integers."""
+    shape = (2, 4, 6, 6, 16, 3, 3, (1, 1), (0, 0))
+    x, w, b, dy = data(shape, seed=51, integers=True)
+    monkeypatch.setenv("PYCNN_CONV_BWD_DATA_COL2IM", "1")
+    monkeypatch.setenv("PYCNN_CONV3_NHWC", "1")
+    del emulated[:]
+    dx = cuda.conv2d_backward_data(dy, w, x.shape, shape[7], shape[8], version="3")
+    assert "conv2d_fwd_v3nhwc_m64_f32" in emulated and emulated[-1] == "conv2d_col2im_f32", emulated
+    np.testing.assert_array_equal(dx, ref.conv2d_backward_data(dy.astype(np.float64), w.astype(np.float64),
+                                                               x.shape, shape[7], shape[8]))
+
+
 def test_backward_data_col2im_is_exact_on_small_integers(emulated, monkeypatch):
     """On small integers every product and partial sum is exact in fp32: the col2im path gives
     the reference's dx bit for bit (a misplaced or doubled tap cannot hide in a tolerance)."""
