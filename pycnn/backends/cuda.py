@@ -420,26 +420,26 @@ def _keep_plan(key, plan: _Plan) -> None:
     _plans[key] = plan
 
 
-def _run_plan(dev: int, plan: _Plan, arrays: dict) -> None:
+def _run_plan(dev: int, plan: _Plan, arrays: dict, given: dict | None = None) -> None:
     """Allocate the plan's scratch into ``arrays`` (name -> array), then launch in order. Scratch
-    the caller put into ``arrays`` already is used as it is, and a launch that ``makes`` it is
-    left out (conv2d_backward transposes dy once for both halves)."""
+    in ``given`` (name -> array the caller made) is used as it is, and a launch that ``makes`` it
+    is left out (conv2d_backward transposes dy once for both halves)."""
     if plan.fallback is not None:
         tickets = _split_tickets(_cupy(), dev)
         if tickets is None:
             plan = plan.fallback
         else:
             arrays["tickets"] = tickets
-    given = ()
     if plan.scratch:
         cupy = _cupy()
-        given = [name for name, _ in plan.scratch if name in arrays]
         with cupy.cuda.Device(dev):
             for name, count in plan.scratch:
-                if name not in given:
+                if given is not None and name in given:
+                    arrays[name] = given[name]
+                else:
                     arrays[name] = cupy.empty((count,), dtype=cupy.float32)
     for launch in plan.launches:
-        if launch.makes and launch.makes in given:
+        if given is not None and launch.makes in given:
             continue
         args = list(launch.args)
         for i, name in launch.slots:
@@ -1807,15 +1807,16 @@ def _winograd_weight_plan(geom: tuple) -> _Plan:
     return _Plan(tuple(launches), scratch=scratch)
 
 
-def _run_cached(cupy, dev: int, key, arrays: dict, out_name: str):
+def _run_cached(cupy, dev: int, key, arrays: dict, out_name: str, given: dict | None = None):
     """When ``key`` has a cached plan: allocate its result as ``arrays[out_name]``, run the plan
-    and return the result (the call's arguments were checked when the plan was made); else None."""
+    (with the caller's ``given`` scratch, see _run_plan) and return the result (the call's
+    arguments were checked when the plan was made); else None."""
     plan = _plans.get(key) if key is not None else None
     if plan is None:
         return None
     with cupy.cuda.Device(dev):
         arrays[out_name] = out = cupy.empty(plan.out_shape, dtype=cupy.float32)
-    _run_plan(dev, plan, arrays)
+    _run_plan(dev, plan, arrays, given)
     return out
 
 
@@ -2133,20 +2134,20 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, *, version: str | None
     ``version``/``allow_tf32`` as conv2d_forward (v3/v4: dx as a GEMM of the transposed weights
     with dy gathered at the output positions that read each input).
     """
-    return _conv2d_backward_data(dy, w, x_shape, stride, padding, version, allow_tf32, {})
+    return _conv2d_backward_data(dy, w, x_shape, stride, padding, version, allow_tf32, None)
 
 
-def _conv2d_backward_data(dy, w, x_shape, stride, padding, version, allow_tf32, given: dict):
+def _conv2d_backward_data(dy, w, x_shape, stride, padding, version, allow_tf32, given: dict | None):
     """conv2d_backward_data; ``given``: scratch the caller made already ({"nhwc_dy": dy in NHWC
-    order} from conv2d_backward), used instead of the plan's own copy."""
+    order} from conv2d_backward) or None, used instead of the plan's own copy (_run_plan)."""
     op = "conv2d_backward_data"
     cupy = _cupy()
     _check(op, "dy", dy, 4)
     _check(op, "w", w, 4)
     dev = _device(op, dy=dy, w=w)
-    arrays = {"dy": dy, "w": w, **given}
+    arrays = {"dy": dy, "w": w}
     key = _plan_key(op, dev, (dy.shape, w.shape, x_shape), stride, padding, version, allow_tf32)
-    dx = _run_cached(cupy, dev, key, arrays, "dx")
+    dx = _run_cached(cupy, dev, key, arrays, "dx", given)
     if dx is not None:
         return dx
     geom = _conv_backward_geometry(op, _shape4(op, "x_shape", x_shape), w.shape, dy.shape, stride, padding,
@@ -2166,7 +2167,7 @@ def _conv2d_backward_data(dy, w, x_shape, stride, padding, version, allow_tf32, 
         plan = _conv_backward_data_plan(version_ran, geom)._replace(out_shape=(N, C, H, W))
     if final:
         _keep_plan(key, plan)
-    _run_plan(dev, plan, arrays)
+    _run_plan(dev, plan, arrays, given)
     return dx
 
 
@@ -2280,10 +2281,10 @@ def conv2d_backward_weight(dy, x, w_shape, stride, padding, *, version: str | No
     order by a second kernel, never float atomics. ``version``/``allow_tf32`` as conv2d_forward.
     ``out``: a (dw, db) pair of float32 C-contiguous arrays of those shapes to write into.
     """
-    return _conv2d_backward_weight(dy, x, w_shape, stride, padding, version, allow_tf32, out, {})
+    return _conv2d_backward_weight(dy, x, w_shape, stride, padding, version, allow_tf32, out, None)
 
 
-def _conv2d_backward_weight(dy, x, w_shape, stride, padding, version, allow_tf32, out, given: dict):
+def _conv2d_backward_weight(dy, x, w_shape, stride, padding, version, allow_tf32, out, given: dict | None):
     """conv2d_backward_weight; ``given`` as in _conv2d_backward_data."""
     op = "conv2d_backward_weight"
     cupy = _cupy()
@@ -2310,9 +2311,9 @@ def _conv2d_backward_weight(dy, x, w_shape, stride, padding, version, allow_tf32
                 raise ValueError(f"{op}: out {name} must be a C-contiguous array of shape {shape}, "
                                  f"got shape {a.shape}{'' if a.flags.c_contiguous else ' (not contiguous)'}")
         _device(op, dy=dy, dw=dw, db=db)
-    arrays = {"dy": dy, "x": x, "dw": dw, "db": db, **given}
+    arrays = {"dy": dy, "x": x, "dw": dw, "db": db}
     if plan is not None:  # this call's arguments were checked when the plan was made
-        _run_plan(dev, plan, arrays)
+        _run_plan(dev, plan, arrays, given)
         return dw, db
     if dw.size == 0 or dy.size == 0:
         if dw.size:
@@ -2326,7 +2327,7 @@ def _conv2d_backward_weight(dy, x, w_shape, stride, padding, version, allow_tf32
         plan = _conv_backward_weight_plan(version_ran, geom, True)._replace(out_shape=(K, C, R, S))
     if final:
         _keep_plan(key, plan)
-    _run_plan(dev, plan, arrays)
+    _run_plan(dev, plan, arrays, given)
     return dw, db
 
 
@@ -2344,7 +2345,7 @@ def conv2d_backward(dy, x, w, stride, padding, need_data: bool = True, need_weig
     given = {}  # dy in NHWC order when both halves read that copy (made once, before the fork)
 
     def data_half():
-        return _conv2d_backward_data(dy, w, x.shape, stride, padding, version, allow_tf32, given)
+        return _conv2d_backward_data(dy, w, x.shape, stride, padding, version, allow_tf32, given or None)
 
     if not (need_data and need_weight):
         dw, db = (conv2d_backward_weight(dy, x, w.shape, stride, padding, version=version, allow_tf32=allow_tf32)
@@ -2360,7 +2361,8 @@ def conv2d_backward(dy, x, w, stride, padding, need_data: bool = True, need_weig
         db = cupy.empty((w.shape[0],), dtype=cupy.float32)
 
     def weight_half():
-        return _conv2d_backward_weight(dy, x, w.shape, stride, padding, version, allow_tf32, (dw, db), given)
+        return _conv2d_backward_weight(dy, x, w.shape, stride, padding, version, allow_tf32, (dw, db),
+                                       given or None)
 
     # With PYCNN_CONV_AUTOTUNE=1 a shape's first call times its candidates: in order, so that the
     # other half's kernels do not slow the timings the cached pick rests on.
@@ -2375,7 +2377,7 @@ def conv2d_backward(dy, x, w, stride, padding, need_data: bool = True, need_weig
     if transpose is not None:  # on the current stream, before the fork: both halves read it
         with cupy.cuda.Device(dev):
             given["nhwc_dy"] = cupy.empty((dy.size,), dtype=cupy.float32)
-        _run_plan(dev, _Plan((transpose,)), {"dy": dy, **given})
+        _run_plan(dev, _Plan((transpose,)), {"dy": dy, "nhwc_dy": given["nhwc_dy"]})
     _, dx = _two_halves(cupy, dev, weight_half, data_half, concurrent=not tuning)
     if tuning and not _capturing(cupy):  # (inside a capture the autotune was put off: still to come)
         _conv_backward_tuned.add(key)
