@@ -139,9 +139,10 @@ extern "C" __global__ void maxpool2d_bwd_tiled_f32(
 // round: each thread owns four consecutive dx elements (flat NCHW index 4t .. 4t+3) and stores
 // them with one 16-byte store, so a warp writes 512 contiguous bytes. Why: in the tiled kernel a
 // warp's store touches about 14 sectors with 2-3 floats each (its 32 windows' cells lie two floats
-// apart over several rows), nine times over; on an H200 the L2's partial-sector writes, not DRAM,
-// set its time (20.8 us at batch 512 for MnistCNN's second pool: lg_throttle, ~6.6 sector writes
-// per full sector of dx; record gpu-20261127-221f3c58). Each element reads the argmax of its
+// apart over several rows), up to nine times over: by that count ~6.6 partial-sector writes per
+// sector of dx, which would make the L2, not DRAM, its limit (on an H200 it took 20.8 us at batch
+// 512 for MnistCNN's second pool, ~6 us of traffic, stalled on lg_throttle among others; record
+// gpu-20261127-221f3c58). Each element reads the argmax of its
 // window (neighbouring threads read the same few: L1 hits) and, only where it is the argmax, dy
 // (and y for the ReLU mask). The element's (plane, row, column) and window (i, j) are found by
 // division once per thread and then advanced with carries. Elements in the rows / columns past

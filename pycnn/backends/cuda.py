@@ -2386,7 +2386,7 @@ def conv2d_backward(dy, x, w, stride, padding, need_data: bool = True, need_weig
 
 def _shared_dy_transpose(dev: int, dy, x, w, stride, padding, version, allow_tf32) -> _Launch | None:
     """The launch that copies dy into NHWC order ("nhwc_dy") when the cached plans of both halves
-    of this conv2d_backward call start with that same copy (v3's channels-last backward-data and
+    of this conv2d_backward call make that same copy (v3's channels-last backward-data and
     weight gradient: ~32 MB of traffic each for MnistCNN conv2 at batch 512), else None. Only
     cached plans are looked at: a shape's first call (and the autotune's) runs both copies."""
     keys = (_plan_key("conv2d_backward_data", dev, (dy.shape, w.shape, x.shape), stride, padding, version,
@@ -2453,8 +2453,8 @@ def _bias_grad_into(dev: int, dy, db) -> None:
 # maxpool2d_bwd_tiled_f32 (one thread per window, what every GPU record so far timed), True
 # maxpool2d_bwd_tiled_x4_f32 (one thread per four dx elements, one 16-byte store: coalesced). The
 # second should cost a third of the first (pool2d.cu says why); not yet timed on a GPU, so it
-# stays opt-in: benchmarks/gpu_training.py's step profiles time it (SWEEPS) and the selftest's
-# kernel benchmark times both.
+# stays opt-in: benchmarks/gpu_training.py's step profiles time both (SWEEPS), its
+# pycnn-cudagraph-optins step runs it, and the selftest's sanitizer workload checks it.
 _POOL_BWD_X4 = False
 
 
