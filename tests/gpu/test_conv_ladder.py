@@ -417,13 +417,23 @@ def test_v3_nhwc_is_exact_fp32(monkeypatch, layer):
         np.testing.assert_array_equal(cp.asnumpy(db), cp.asnumpy(dy).astype(np.float64).sum(axis=(0, 2, 3)))
 
 
+# The backward-data paths a setting turns on (v3): (setting, whether stride 1 only).
+BACKWARD_DATA_PATHS = {
+    "flip": ("PYCNN_CONV_BWD_DATA_FLIP", True),  # the forward GEMM of the flipped filters
+    "col2im": ("PYCNN_CONV_BWD_DATA_COL2IM", False),  # a 1x1 forward GEMM of dy into cols, the fold
+}
+
+
+@pytest.mark.parametrize("path", list(BACKWARD_DATA_PATHS))
 @pytest.mark.parametrize("layer", LAYERS, ids=[layer[0] for layer in LAYERS])
-def test_backward_data_through_the_forward_kernels(monkeypatch, layer):
-    """PYCNN_CONV_BWD_DATA_FLIP=1 on the GPU: a stride-1 backward-data of every model layer (v3,
-    two batch sizes) as the forward GEMM of the flipped filters agrees with the backward-data GEMM
-    to fp32 rounding (other summation order), and with the float64 reference."""
+def test_backward_data_paths_agree_with_the_gemm(monkeypatch, layer, path):
+    """PYCNN_CONV_BWD_DATA_FLIP=1 (stride 1) and PYCNN_CONV_BWD_DATA_COL2IM=1 (any stride) on the
+    GPU: the backward-data of every model layer (v3, two batch sizes) through that path agrees
+    with the backward-data GEMM to fp32 rounding (other summation orders) and with the float64
+    reference (the one-channel first layers keep their narrow kernel either way)."""
     _, N, C, H, W, K, R, S, stride, padding = layer
-    if tuple(stride) != (1, 1):
+    setting, stride_one = BACKWARD_DATA_PATHS[path]
+    if stride_one and tuple(stride) != (1, 1):
         pytest.skip("the flipped path is for stride 1")
     rng = np.random.default_rng(9)
     for batch in (N, 8 * N):
@@ -431,41 +441,16 @@ def test_backward_data_through_the_forward_kernels(monkeypatch, layer):
         Ho, Wo = (H + 2 * padding[0] - R) // stride[0] + 1, (W + 2 * padding[1] - S) // stride[1] + 1
         dy = rng.standard_normal((batch, K, Ho, Wo)).astype(np.float32)
         x_shape = (batch, C, H, W)
-        monkeypatch.setenv("PYCNN_CONV_BWD_DATA_FLIP", "0")
-        plain = cp.asnumpy(cuda.conv2d_backward_data(cp.asarray(dy), cp.asarray(w), x_shape, stride, padding,
-                                                     version="3"))
-        monkeypatch.setenv("PYCNN_CONV_BWD_DATA_FLIP", "1")
-        flipped = cp.asnumpy(cuda.conv2d_backward_data(cp.asarray(dy), cp.asarray(w), x_shape, stride, padding,
-                                                       version="3"))
+        results = []
+        for value in ("0", "1"):
+            monkeypatch.setenv(setting, value)
+            results.append(cp.asnumpy(cuda.conv2d_backward_data(cp.asarray(dy), cp.asarray(w), x_shape, stride,
+                                                                padding, version="3")))
+        plain, other = results
         want = ref.conv2d_backward_data(dy.astype(np.float64), w.astype(np.float64), x_shape, stride, padding)
         scale = max(np.abs(want).max(), 1e-30)
-        assert np.abs(flipped - want).max() <= 1e-5 * scale * np.sqrt(K * R * S), f"batch {batch}"
-        assert np.abs(flipped - plain).max() <= 1e-5 * scale * np.sqrt(K * R * S), f"batch {batch}"
-
-
-@pytest.mark.parametrize("layer", LAYERS, ids=[layer[0] for layer in LAYERS])
-def test_backward_data_as_a_1x1_gemm_and_a_fold(monkeypatch, layer):
-    """PYCNN_CONV_BWD_DATA_COL2IM=1 on the GPU: the backward-data of every model layer (v3, two
-    batch sizes, any stride) as the 1x1 forward GEMM into cols and the fold agrees with the
-    backward-data GEMM to fp32 rounding (another summation order) and with the float64 reference;
-    the first layers (one channel) keep their narrow kernel."""
-    _, N, C, H, W, K, R, S, stride, padding = layer
-    rng = np.random.default_rng(10)
-    for batch in (N, 8 * N):
-        w = rng.standard_normal((K, C, R, S)).astype(np.float32) * 0.3
-        Ho, Wo = (H + 2 * padding[0] - R) // stride[0] + 1, (W + 2 * padding[1] - S) // stride[1] + 1
-        dy = rng.standard_normal((batch, K, Ho, Wo)).astype(np.float32)
-        x_shape = (batch, C, H, W)
-        monkeypatch.setenv("PYCNN_CONV_BWD_DATA_COL2IM", "0")
-        plain = cp.asnumpy(cuda.conv2d_backward_data(cp.asarray(dy), cp.asarray(w), x_shape, stride, padding,
-                                                     version="3"))
-        monkeypatch.setenv("PYCNN_CONV_BWD_DATA_COL2IM", "1")
-        folded = cp.asnumpy(cuda.conv2d_backward_data(cp.asarray(dy), cp.asarray(w), x_shape, stride, padding,
-                                                      version="3"))
-        want = ref.conv2d_backward_data(dy.astype(np.float64), w.astype(np.float64), x_shape, stride, padding)
-        scale = max(np.abs(want).max(), 1e-30)
-        assert np.abs(folded - want).max() <= 1e-5 * scale * np.sqrt(K * R * S), f"batch {batch}"
-        assert np.abs(folded - plain).max() <= 1e-5 * scale * np.sqrt(K * R * S), f"batch {batch}"
+        assert np.abs(other - want).max() <= 1e-5 * scale * np.sqrt(K * R * S), f"batch {batch}"
+        assert np.abs(other - plain).max() <= 1e-5 * scale * np.sqrt(K * R * S), f"batch {batch}"
 
 
 def test_autotune_times_each_exact_version_once_and_caches(monkeypatch):

@@ -67,6 +67,19 @@ def tf32_bound(length: int, abs_products):
     return (2 * TF32_U + TF32_U ** 2 + length * 2.0 ** -23) * abs_products + 1e-6
 
 
+def check_dx(dx, want, shape, dy, w, tf32: bool, what: str) -> None:
+    """A backward-data result against the float64 reference ``want``: within fp32 rounding of the
+    reduction's length, or with ``tf32`` within v4's documented bound."""
+    N, C, H, W, K, R, S, stride, padding = shape
+    length = lengths(shape)[1]
+    if tf32:
+        dy64, w64 = dy.astype(np.float64), w.astype(np.float64)
+        bound = tf32_bound(length, ref.conv2d_backward_data(np.abs(dy64), np.abs(w64), (N, C, H, W), stride, padding))
+        assert np.all(np.abs(dx - want) <= bound), what
+    else:
+        np.testing.assert_allclose(dx, want, rtol=1e-4, atol=fp32_atol(length), err_msg=what)
+
+
 def data(shape, seed, integers=False):
     N, C, H, W, K, R, S, stride, padding = shape
     rng = np.random.default_rng(seed)
@@ -776,14 +789,26 @@ def test_gpu_kernels_knockouts(emulated, monkeypatch, tmp_path):
             gpu_kernels.main(bad)
 
 
-def test_gpu_kernels_flipped_backward_data(emulated, monkeypatch, tmp_path):
-    """--versions 3,3f: v3 and, as "flip" entries, the stride-1 backward-data through the forward
-    kernels (PYCNN_CONV_BWD_DATA_FLIP=1, unset again afterwards); backward-data only, not for
-    stride 2; checked against v3's output, and neither "auto" nor a candidate of the fastest exact
-    version. The tables of docs/kernels.md and benchmarks/targets.py leave the entries out."""
+# gpu_kernels.py's backward-data experiments: tag -> (entry key, setting, a kernel only that path
+# runs, the layers it runs on of "t-a" (stride 1) and "t-s2" (stride 2)).
+BACKWARD_DATA_TAGS = {
+    "3f": ("flip", "PYCNN_CONV_BWD_DATA_FLIP", "conv2d_flip_weights_f32", ["t-a"]),
+    "3c": ("col2im", "PYCNN_CONV_BWD_DATA_COL2IM", "conv2d_col2im_f32", ["t-a", "t-s2"]),
+}
+
+
+@pytest.mark.parametrize("tag", list(BACKWARD_DATA_TAGS))
+def test_gpu_kernels_backward_data_experiments(emulated, monkeypatch, tmp_path, tag):
+    """--versions 3,3f / 3,3c: v3 and, as "flip" / "col2im" entries, the stride-1 backward-data
+    through the forward kernels (PYCNN_CONV_BWD_DATA_FLIP=1) / the backward-data as a 1x1 GEMM and
+    a fold in any stride (PYCNN_CONV_BWD_DATA_COL2IM=1; tile "col2im <its GEMM's tile>"), the
+    setting unset again afterwards; backward-data only, and neither "auto" nor a candidate of the
+    fastest exact version. The tables of docs/kernels.md and benchmarks/targets.py leave the
+    entries out."""
     import json
     import os
 
+    key, setting, kernel, layers = BACKWARD_DATA_TAGS[tag]
     gpu_kernels, _ = _gpu_kernels_on_the_emulator(monkeypatch)
     import kernels_table  # (benchmarks/ is on sys.path now)
     import targets
@@ -792,51 +817,25 @@ def test_gpu_kernels_flipped_backward_data(emulated, monkeypatch, tmp_path):
     monkeypatch.setattr(gpu_kernels, "CONV_SHAPES", [ConvShape("t", "a", 64, 8, 12, 7, 3, padding=1),
                                                      ConvShape("t", "s2", 64, 8, 12, 7, 3, stride=2)])
     out = tmp_path / "f.json"
-    rc = gpu_kernels.main(["--layers", "models", "--versions", "3,3f", "--batch", "2", "--repeats", "1",
+    rc = gpu_kernels.main(["--layers", "models", "--versions", f"3,{tag}", "--batch", "2", "--repeats", "1",
                            "--json", str(out)])
     record = json.loads(out.read_text())
     assert rc == 0 and record["kernels_info"]["errors"] == [], record["kernels_info"]["errors"]
-    assert "PYCNN_CONV_BWD_DATA_FLIP" not in os.environ
-    flipped = [e for e in record["kernels"] if e.get("flip")]
-    assert [(e["layer"], e["op"], e["version"], e["auto"]) for e in flipped] == [
-        ("t-a", "conv2d_bwd_data", "v3", False)]
-    assert "conv2d_flip_weights_f32" in emulated
-    assert len([e for e in record["kernels"] if not e.get("flip")]) == 6
-    assert "v3f" in gpu_kernels.table(record["kernels"])
-    assert all(targets.is_variant(e) == bool(e.get("flip")) for e in record["kernels"])
+    assert setting not in os.environ
+    variants = [e for e in record["kernels"] if e.get(key)]
+    assert [(e["layer"], e["op"], e["version"], e["auto"]) for e in variants] == [
+        (layer, "conv2d_bwd_data", "v3", False) for layer in layers]
+    assert kernel in emulated
+    assert len([e for e in record["kernels"] if not e.get(key)]) == 6
+    assert f"v{tag}" in gpu_kernels.table(record["kernels"])
+    assert all(targets.is_variant(e) == bool(e.get(key)) for e in record["kernels"])
+    if key == "col2im":
+        assert all(e["tile"].startswith("col2im ") for e in variants), variants
     # docs/kernels.md's table: a (faster) experiment on a documented shape does not take v3's cell
     shape = kernels_table.SHAPES[0][1]
     entry = {"op": "conv2d_bwd_data", "version": "v3", "shape": shape}
-    doc = kernels_table.render(out, {"kernels": [{**entry, "ms": 2.0}, {**entry, "ms": 0.5, "flip": True}]})
+    doc = kernels_table.render(out, {"kernels": [{**entry, "ms": 2.0}, {**entry, "ms": 0.5, key: True}]})
     assert kernels_table.cell(2.0, shape, None) in doc and kernels_table.cell(0.5, shape, None) not in doc
-
-
-def test_gpu_kernels_col2im_backward_data(emulated, monkeypatch, tmp_path):
-    """--versions 3,3c: v3 and, as "col2im" entries, the backward-data as a 1x1 GEMM and a fold
-    (PYCNN_CONV_BWD_DATA_COL2IM=1, unset again afterwards), in any stride, backward-data only;
-    tile "col2im <its GEMM's tile>"; never "auto", and a variant for targets.py."""
-    import json
-    import os
-
-    gpu_kernels, _ = _gpu_kernels_on_the_emulator(monkeypatch)
-    import targets
-    from shapes import ConvShape
-
-    monkeypatch.setattr(gpu_kernels, "CONV_SHAPES", [ConvShape("t", "a", 64, 8, 12, 7, 3, padding=1),
-                                                     ConvShape("t", "s2", 64, 8, 12, 7, 3, stride=2)])
-    out = tmp_path / "c.json"
-    rc = gpu_kernels.main(["--layers", "models", "--versions", "3,3c", "--batch", "2", "--repeats", "1",
-                           "--json", str(out)])
-    record = json.loads(out.read_text())
-    assert rc == 0 and record["kernels_info"]["errors"] == [], record["kernels_info"]["errors"]
-    assert "PYCNN_CONV_BWD_DATA_COL2IM" not in os.environ
-    folded = [e for e in record["kernels"] if e.get("col2im")]
-    assert [(e["layer"], e["op"], e["version"], e["auto"]) for e in folded] == [
-        ("t-a", "conv2d_bwd_data", "v3", False), ("t-s2", "conv2d_bwd_data", "v3", False)]
-    assert all(e["tile"].startswith("col2im ") and e["max_rel_err_vs_cudnn"] is None for e in folded), folded
-    assert "conv2d_col2im_f32" in emulated
-    assert "v3c" in gpu_kernels.table(record["kernels"])
-    assert all(targets.is_variant(e) == bool(e.get("col2im")) for e in record["kernels"])
 
 
 # Winograd F(4x4, 3x3) (v5): fp32 arithmetic through transforms with constants up to 8 and 1/24,
@@ -1551,7 +1550,6 @@ def test_backward_data_through_the_forward_kernels(emulated, monkeypatch, versio
     tf32 = version == "4"
     x, w, b, dy = data(shape, seed=41)
     want = reference(shape, x, w, b, dy)[1]
-    length = lengths(shape)[1]
     monkeypatch.setenv("PYCNN_CONV_BWD_DATA_FLIP", "1")
     results = []
     for finish in ("0", "1"):
@@ -1564,12 +1562,7 @@ def test_backward_data_through_the_forward_kernels(emulated, monkeypatch, versio
         if "split" in case:
             assert any("reduce" in k for k in emulated) == (finish == "0"), emulated
         results.append(dx)
-        if tf32:
-            dy64, w64 = dy.astype(np.float64), w.astype(np.float64)
-            bound = tf32_bound(length, ref.conv2d_backward_data(np.abs(dy64), np.abs(w64), x.shape, stride, padding))
-            assert np.all(np.abs(dx - want) <= bound), case
-        else:
-            np.testing.assert_allclose(dx, want, rtol=1e-4, atol=fp32_atol(length), err_msg=case)
+        check_dx(dx, want, shape, dy, w, tf32, case)
     assert results[0].tobytes() == results[1].tobytes(), "the in-kernel finish changed the flipped path's bits"
     monkeypatch.setenv("PYCNN_CONV_BWD_DATA_FLIP", "0")
     del emulated[:]
@@ -1625,7 +1618,6 @@ def test_backward_data_as_a_1x1_gemm_and_a_fold(emulated, monkeypatch, version, 
     tf32 = version == "4"
     x, w, b, dy = data(shape, seed=47)
     want = reference(shape, x, w, b, dy)[1]
-    length = lengths(shape)[1]
     monkeypatch.setenv("PYCNN_CONV_BWD_DATA_COL2IM", "1")
     del emulated[:]
     dx = cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version=version, allow_tf32=tf32)
@@ -1634,12 +1626,7 @@ def test_backward_data_as_a_1x1_gemm_and_a_fold(emulated, monkeypatch, version, 
     assert not any("bwd_data" in k for k in emulated), emulated
     if case == "split":
         assert "conv2d_split_reduce_f32" in emulated, emulated
-    if tf32:
-        dy64, w64 = dy.astype(np.float64), w.astype(np.float64)
-        bound = tf32_bound(length, ref.conv2d_backward_data(np.abs(dy64), np.abs(w64), x.shape, stride, padding))
-        assert np.all(np.abs(dx - want) <= bound), case
-    else:
-        np.testing.assert_allclose(dx, want, rtol=1e-4, atol=fp32_atol(length), err_msg=case)
+    check_dx(dx, want, shape, dy, w, tf32, case)
     monkeypatch.setenv("PYCNN_CONV_BWD_DATA_COL2IM", "0")
     del emulated[:]
     cuda.conv2d_backward_data(dy, w, x.shape, stride, padding, version=version, allow_tf32=tf32)
