@@ -45,6 +45,7 @@
 //                                  32x256 / 64x256 tiles (the end of this file)
 //   conv2d_bwd_weight_v3nhwc_m32_f32, conv2d_bwd_weight_v3nhwc_m64_f32   v3: partial[z] (K, R*S*C)
 //                                  = dyt^T . im2col(xt) over split z's pixels, dyt = dy in NHWC
+//                                  (with bias_grad also db_partial[z] (K), from the A tiles)
 #include "conv2d_igemm.cuh"
 
 // x (N, C, HW) -> xt (N, HW, C), a 32 x 32 tile of (channel, pixel) per block through shared memory:
@@ -626,6 +627,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv2d_fwd_v3nhwc_m64_f32(
 // [pixel][row] and [pixel][column], which is what v3's register tile reads (no transposing
 // stores). BM x 128 tiles (BM = 32 or 64 filters), 256 threads with 2x8 / 4x8 outputs each, loads
 // of the next stage in registers during the products (as the forward above).
+// With bias_grad the blocks of the first column tile also sum the bias gradient from the A tiles
+// they load anyway (dy read once for dw and db, as v3's GEMM does; a separate bias_grad pass reads
+// all of dy again, 16 MB for MnistCNN conv2 at batch 512): each A thread adds its four filters of
+// its pixel lane (0..15) over the stages, then the 16 lanes are added in order into
+// db_partial[z*K + m].
 // Launch: block (256,), grid (ceil(R*S*C / 128), ceil(K / BM), splits); split z sums pixels
 // [z*chunk, min((z+1)*chunk, N*Ho*Wo)), chunk a multiple of 16. The host guarantees C % 4 == 0,
 // K % 4 == 0 (BM = 32 for K <= 32, else 64), 16-byte aligned dyt and xt, and fewer
@@ -634,7 +640,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv2d_fwd_v3nhwc_m64_f32(
 
 template <int BM>
 __device__ __forceinline__ void pycnn_nhwc3_weight(const float* __restrict__ dyt, const float* __restrict__ xt,
-                                                   float* __restrict__ partial, int N, int C, int H, int W, int K,
+                                                   float* __restrict__ partial, float* __restrict__ db_partial,
+                                                   int bias_grad, int N, int C, int H, int W, int K,
                                                    int R, int S, int Ho, int Wo, int sh, int sw, int ph, int pw,
                                                    int chunk) {
     constexpr int BN = PYCNN_NHWC3_WG_BN, BK = PYCNN_NHWC_BK, TM = BM / 16, TN = 8, AQ = BM / 4;
@@ -674,6 +681,8 @@ __device__ __forceinline__ void pycnn_nhwc3_weight(const float* __restrict__ dyt
 
     float4 ra, rb[2];
     const float4 zero = {0.0f, 0.0f, 0.0f, 0.0f};
+    float4 db_lane = zero;  // this A thread's filters summed over its pixel lane (bias_grad)
+    const bool sums_db = bias_grad && blockIdx.x == 0;  // (uniform over the block)
     // The stage of pixels k0 .. k0+15 into registers; pixels past the split read as zeros.
     auto load = [&](int k0) {
         const int pa = k0 + a_p;
@@ -693,6 +702,9 @@ __device__ __forceinline__ void pycnn_nhwc3_weight(const float* __restrict__ dyt
         if (oh >= Ho) { oh -= Ho; ++img; }
     };
     auto store = [&](int buf) {
+        if (sums_db) {  // every stage is stored once: each pixel of the split counted once
+            db_lane.x += ra.x; db_lane.y += ra.y; db_lane.z += ra.z; db_lane.w += ra.w;
+        }
         if (tid < 4 * BM) *reinterpret_cast<float4*>(&As[buf][a_p][4 * a_q]) = ra;
         *reinterpret_cast<float4*>(&Bs[buf][ty][4 * tx]) = rb[0];
         *reinterpret_cast<float4*>(&Bs[buf][ty][64 + 4 * tx]) = rb[1];
@@ -713,6 +725,16 @@ __device__ __forceinline__ void pycnn_nhwc3_weight(const float* __restrict__ dyt
         if (more) store(cur ^ 1);  // (buffer cur ^ 1 was last read before the previous barrier)
         __syncthreads();
     }
+    if (sums_db) {  // the 16 pixel lanes of each filter, added in lane order (As is free now)
+        if (tid < 4 * BM) *reinterpret_cast<float4*>(&As[0][a_p][4 * a_q]) = db_lane;
+        __syncthreads();
+        if (tid < BM && m0 + tid < K) {
+            float v = 0.0f;
+#pragma unroll
+            for (int p = 0; p < BK; ++p) v += As[0][p][tid];
+            db_partial[(pycnn_i64)blockIdx.z * K + m0 + tid] = v;
+        }
+    }
 
     // Columns 4*tx + 64*jj .. +3 of each row: one 16-byte store (R*S*C % 4 == 0: all four or none).
     float* out = partial + (pycnn_i64)blockIdx.z * K * Ncols;
@@ -731,15 +753,19 @@ __device__ __forceinline__ void pycnn_nhwc3_weight(const float* __restrict__ dyt
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) conv2d_bwd_weight_v3nhwc_m32_f32(
-    const float* __restrict__ dyt, const float* __restrict__ xt, float* __restrict__ partial, int N, int C, int H,
+    const float* __restrict__ dyt, const float* __restrict__ xt, float* __restrict__ partial,
+    float* __restrict__ db_partial, int bias_grad, int N, int C, int H,
     int W, int K, int R, int S, int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: synchronizes with __syncthreads (256 threads)
-    pycnn_nhwc3_weight<32>(dyt, xt, partial, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_nhwc3_weight<32>(dyt, xt, partial, db_partial, bias_grad, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw,
+                           chunk);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) conv2d_bwd_weight_v3nhwc_m64_f32(
-    const float* __restrict__ dyt, const float* __restrict__ xt, float* __restrict__ partial, int N, int C, int H,
+    const float* __restrict__ dyt, const float* __restrict__ xt, float* __restrict__ partial,
+    float* __restrict__ db_partial, int bias_grad, int N, int C, int H,
     int W, int K, int R, int S, int Ho, int Wo, int sh, int sw, int ph, int pw, int chunk) {
     // cooperative: synchronizes with __syncthreads (256 threads)
-    pycnn_nhwc3_weight<64>(dyt, xt, partial, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk);
+    pycnn_nhwc3_weight<64>(dyt, xt, partial, db_partial, bias_grad, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw,
+                           chunk);
 }

@@ -1073,9 +1073,9 @@ def _conv4_nhwc(direction: str, geom: tuple) -> bool:
 # blocks per SM) where v3's 32x256 backward-data kernel issues 1079 plus 17 per gathered element,
 # and 1196 for 1024 on 64 rows (86%; v3's 128x128 kernel: 1394 for 1024 plus 15 per gathered
 # element). The weight gradient too, on 32x128 / 64x128 tiles of (filters, (r, s, c) columns)
-# reading dy and x transposed to NHWC with 16-byte loads: 658 instructions per 16-pixel stage for
-# 512 FMAs (64 rows; 78%), where v3's 64x64 kernel issues 529 for 256 plus 15 per gathered element
-# (8 a thread). $PYCNN_CONV3_NHWC=1 runs them wherever they apply (forward / backward-data:
+# reading dy and x transposed to NHWC with 16-byte loads: 660 instructions per 16-pixel stage for
+# 512 FMAs (64 rows; 78%; the bias gradient summed from the dy tiles included), where v3's 64x64
+# kernel issues 529 for 256 plus 15 per gathered element (8 a thread). $PYCNN_CONV3_NHWC=1 runs them wherever they apply (forward / backward-data:
 # reduction channels a multiple of 16; weight gradient: C and K multiples of 4); opt-in until a
 # GPU has timed them (gpu_kernels.py --versions 3,3n).
 _CONV3_NHWC_COLS = 256
@@ -1192,27 +1192,36 @@ def _nhwc_weight_plan(version: str, geom: tuple, with_db: bool) -> _Plan:
     """The channels-last v3 or v4 weight gradient (arrays dy, x, dw, db): x transposed into
     "nhwc_x" (v3: dy too, into "nhwc_dy"), the GEMM over split-K parts of the output pixels into
     "partial" in (k, r, s, c) order, their sum in split order into dw (K, C, R, S), and, with
-    ``with_db``, bias_grad's launches."""
+    ``with_db``, db: v3's GEMM sums it from the dy tiles it loads (into db itself when unsplit,
+    else into "db_partial", added in split order by bias_grad_reduce_f32); after v4's, bias_grad's
+    launches."""
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw = geom
     rows, cols, grid, splits, chunk = _nhwc_weight_tiling(version, geom)
     transpose_x, x_scratch = _nhwc_transpose("x", N, C, H * W)
     launches = [transpose_x]
     scratch = [x_scratch, ("partial", splits * K * R * S * C)]
-    if version == CONV_TF32_VERSION:
-        kernel, dy = "conv2d_bwd_weight_v4nhwc_f32", "dy"  # (reads dy in NCHW: contiguous along the pixels)
-    else:
-        kernel, dy = f"conv2d_bwd_weight_v3nhwc_m{rows}_f32", "nhwc_dy"
-        transpose_dy, dy_scratch = _nhwc_transpose("dy", N, K, Ho * Wo)
-        launches.append(transpose_dy)
-        scratch.append(dy_scratch)
-    launches.append(_conv_launch(kernel, grid, (256,), (dy, "nhwc_x", "partial") + _geometry_args(geom)
-                                 + (_i32(chunk),)))
-    launches.append(_conv_launch("conv2d_nhwc_wgrad_reduce_f32", _grid1d(K * C * R * S), (BLOCK,),
-                                 ("partial", "dw", _i32(splits), _i32(K), _i32(C), _i32(R * S))))
-    plan = _Plan(tuple(launches), scratch=tuple(scratch))
+    reduce = _conv_launch("conv2d_nhwc_wgrad_reduce_f32", _grid1d(K * C * R * S), (BLOCK,),
+                          ("partial", "dw", _i32(splits), _i32(K), _i32(C), _i32(R * S)))
+    if version == CONV_TF32_VERSION:  # (reads dy in NCHW: contiguous along the pixels)
+        launches += [_conv_launch("conv2d_bwd_weight_v4nhwc_f32", grid, (256,), ("dy", "nhwc_x", "partial")
+                                  + _geometry_args(geom) + (_i32(chunk),)), reduce]
+        plan = _Plan(tuple(launches), scratch=tuple(scratch))
+        return _plan_then(plan, *_bias_grad_launches(N, K, Ho * Wo, "dy", "db")) if with_db else plan
+    transpose_dy, dy_scratch = _nhwc_transpose("dy", N, K, Ho * Wo)
+    launches.append(transpose_dy)
+    scratch.append(dy_scratch)
+    db_out = "partial"  # (not written without with_db)
     if with_db:
-        plan = _plan_then(plan, *_bias_grad_launches(N, K, Ho * Wo, "dy", "db"))
-    return plan
+        db_out = "db" if splits == 1 else "db_partial"
+        if splits > 1:
+            scratch.append(("db_partial", splits * K))
+    launches += [_conv_launch(f"conv2d_bwd_weight_v3nhwc_m{rows}_f32", grid, (256,),
+                              ("nhwc_dy", "nhwc_x", "partial", db_out, _i32(with_db)) + _geometry_args(geom)
+                              + (_i32(chunk),)), reduce]
+    if with_db and splits > 1:
+        launches.append(_kernel_launch("activation.cu", "bias_grad_reduce_f32", _grid1d(K), (BLOCK,),
+                                       ("db_partial", "db", _i32(splits), _i32(K))))
+    return _Plan(tuple(launches), scratch=tuple(scratch))
 
 
 def _conv3_threads(suffix: str) -> int:

@@ -1964,13 +1964,13 @@ def test_v3_nhwc_exact_on_integers(emulated, monkeypatch, name):
 def test_v3_nhwc_weight_gradient_split_k(emulated, monkeypatch, name):
     """Split-K of v3's channels-last weight gradient: with parts of 16 pixels each split starts
     its pixel walk at its own pixel (on "small-images" in the middle of an image) and the
-    partials add up, in split order, to the reference exactly on integers, and to the unsplit
-    result within fp32 rounding on random data."""
+    partials (dw, and db from the dy tiles) add up, in split order, to the reference exactly on
+    integers, and to the unsplit result within fp32 rounding on random data."""
     shape = NHWC3_SHAPES[name]
     N, C, H, W, K, R, S, stride, padding = shape
     x, w, b, dy = data(shape, seed=23, integers=True)
     xr, wr, br, dyr = data(shape, seed=24)
-    whole = run_nhwc3(monkeypatch, shape, xr, wr, br, dyr)[2]
+    whole = run_nhwc3(monkeypatch, shape, xr, wr, br, dyr)[2:]
     monkeypatch.setattr(cuda, "_CONV3_SPLIT_MIN_K", 16)
     monkeypatch.setattr(cuda, "_CONV3_T128_SLOTS", 64)  # (so that splitting pays)
     cuda.clear_plans()
@@ -1980,12 +1980,16 @@ def test_v3_nhwc_weight_gradient_split_k(emulated, monkeypatch, name):
     splits = cuda._nhwc_weight_tiling("3", geom)[3]
     monkeypatch.delenv("PYCNN_CONV3_NHWC")
     assert splits > 1
+    del emulated[:]
     dw, db = run_nhwc3(monkeypatch, shape, x, w, b, dy)[2:]
+    # db from the GEMM's dy tiles, per split, added in split order: no bias_grad pass over dy
+    assert "bias_grad_reduce_f32" in emulated and "bias_grad_f32" not in emulated, emulated
     want = reference(shape, x, w, b, dy)
     np.testing.assert_array_equal(dw, want[2].astype(np.float32))
     np.testing.assert_array_equal(db, want[3].astype(np.float32))
-    split = run_nhwc3(monkeypatch, shape, xr, wr, br, dyr)[2]
-    np.testing.assert_allclose(split, whole, rtol=1e-5, atol=fp32_atol(lengths(shape)[2]))
+    split_dw, split_db = run_nhwc3(monkeypatch, shape, xr, wr, br, dyr)[2:]
+    np.testing.assert_allclose(split_dw, whole[0], rtol=1e-5, atol=fp32_atol(lengths(shape)[2]))
+    np.testing.assert_allclose(split_db, whole[1], rtol=1e-5, atol=fp32_atol(N * Ho * Wo))
 
 
 def test_v3_nhwc_forward_split_k(emulated, monkeypatch):
