@@ -2109,8 +2109,10 @@ def _bwd_data_col2im_plan(version: str, geom: tuple) -> _Plan:
     taps = C * R * S
     transpose = _conv_launch("conv2d_nchw_to_nhwc_f32", (-(-taps // 32), -(-K // 32), 1), (32, 8),
                              ("w", "wt", _i32(K), _i32(taps)))
+    # (with v3 channels last, the 1x1 GEMM's NHWC copy of its input is the weight gradient's
+    # "nhwc_dy": named so, conv2d_backward makes it once for both)
     gemm = _plan_renamed(_conv_forward_plan(version, (N, K, Ho, Wo, taps, 1, 1, Ho, Wo, 1, 1, 0, 0), False, False),
-                         {"x": "dy", "w": "wt", "bias": "wt", "y": "cols"})
+                         {"x": "dy", "w": "wt", "bias": "wt", "y": "cols", "nhwc_x": "nhwc_dy"})
     fold = _conv_launch("conv2d_col2im_f32", _grid1d(N * C * H * W), (BLOCK,),
                         ("cols", "dx") + tuple(_i32(v) for v in (N, C, H, W, R, S, Ho, Wo, sh, sw, ph, pw)))
     return _plan_then(_plan_after((transpose,), (("wt", K * taps),), gemm), (fold,), (("cols", N * taps * Ho * Wo),))

@@ -2035,21 +2035,27 @@ def test_v3_nhwc_weight_gradient_alone(emulated, monkeypatch, shape):
     np.testing.assert_array_equal(db, want[3].astype(np.float32))
 
 
-def test_v3_nhwc_backward_transposes_dy_once(emulated, monkeypatch):
+@pytest.mark.parametrize("col2im", [False, True])
+def test_v3_nhwc_backward_transposes_dy_once(emulated, monkeypatch, col2im):
     """conv2d_backward with both halves channels last: once their plans are cached, dy is copied
     into NHWC order once, before the fork, and both halves read that copy (two transposes a call,
-    not three); the same bits as the first call, which made its own copies, and the reference's
-    on small integers. A half alone (conv2d_backward_weight) still makes its own."""
+    not three; with the col2im backward-data, whose 1x1 GEMM runs channels last on dy, and its
+    transposed filters: three, not four); the same bits as the first call, which made its own
+    copies, and the reference's on small integers. A half alone (conv2d_backward_weight) still
+    makes its own."""
     shape = NHWC3_SHAPES["m64-partial"]
     N, C, H, W, K, R, S, stride, padding = shape
     x, w, b, dy = data(shape, seed=26, integers=True)
     monkeypatch.setenv("PYCNN_CONV3_NHWC", "1")
+    if col2im:
+        monkeypatch.setenv("PYCNN_CONV_BWD_DATA_COL2IM", "1")
     results = []
     for _ in range(2):
         del emulated[:]
         results.append(cuda.conv2d_backward(dy, x, w, stride, padding, version="3"))
         results[-1] += (emulated.count("conv2d_nchw_to_nhwc_f32"),)
-    assert [r[3] for r in results] == [3, 2], results
+        assert ("conv2d_col2im_f32" in emulated) == col2im, emulated
+    assert [r[3] for r in results] == ([4, 3] if col2im else [3, 2]), results
     for first, second in zip(results[0][:3], results[1][:3]):
         assert first.tobytes() == second.tobytes()
     want = reference(shape, x, w, b, dy)
@@ -2084,6 +2090,37 @@ def test_v3_nhwc_trains_a_model(emulated, monkeypatch):
         assert ran.count(kernel) == 2, (kernel, ran)
     for kernel in NHWC3_WGRAD_KERNELS:
         assert ran.count(kernel) == 1, (kernel, ran)
+    want = model_gradients(monkeypatch, model, x, r, ref)
+    close(got[0], want[0], what="output")
+    for i, (g, w) in enumerate(zip(got[1], want[1])):
+        close(g, w, rtol=1e-4, atol=1e-4, what=f"gradient of parameter {i}")
+
+
+def test_mnistcnn_trains_with_every_exact_opt_in(emulated, monkeypatch):
+    """MnistCNN (batch 2) through autograd with what gpu_training.py's pycnn-cudagraph-optins
+    turns on: v3 channels last, the col2im backward-data, the max-pool backward's 16-byte stores.
+    Each runs where it applies (conv3's backward-data through col2im, whose 1x1 GEMM runs channels
+    last; conv2 and conv3 channels last otherwise; both pools' backward four elements a thread)
+    and the output and every gradient are the NumPy reference backend's."""
+    import pycnn
+    from pycnn import Tensor
+    from pycnn.models import MnistCNN
+
+    pycnn.manual_seed(8)
+    model = MnistCNN()
+    rng = np.random.default_rng(29)
+    x, r = Tensor(rnd(rng, 2, 1, 28, 28)), Tensor(rnd(rng, 2, 10))
+    monkeypatch.setenv("PYCNN_CONV3_NHWC", "1")
+    monkeypatch.setenv("PYCNN_CONV_BWD_DATA_COL2IM", "1")
+    monkeypatch.setattr(cuda, "_POOL_BWD_X4", True)
+    monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 25)  # (conv1: the first-layer kernels, as on the GPU)
+    start = len(emulated)
+    got = model_gradients(monkeypatch, model, x, r, cuda)
+    ran = emulated[start:]
+    assert ran.count("conv2d_col2im_f32") == 2 and ran.count("maxpool2d_bwd_tiled_x4_f32") >= 1, ran
+    assert not any("bwd_data_v3" in k or k == "maxpool2d_bwd_tiled_f32" for k in ran), ran
+    assert sum(k.startswith("conv2d_fwd_v3nhwc") for k in ran) >= 3, ran
+    assert sum(k.startswith("conv2d_bwd_weight_v3nhwc") for k in ran) == 2, ran
     want = model_gradients(monkeypatch, model, x, r, ref)
     close(got[0], want[0], what="output")
     for i, (g, w) in enumerate(zip(got[1], want[1])):
