@@ -2,13 +2,14 @@
 
     python benchmarks/gpu_record.py --selftest OUT/gpu-<date>-<sha8>.json \\
         [--kernels OUT/gpu-<date>-<sha8>-kernels.json] [--training OUT/training.json] \\
-        --out OUT/gpu-<date>-<sha8>.json
+        [--host-costs OUT/host-costs.json] --out OUT/gpu-<date>-<sha8>.json
 
 The selftest record (``python -m pycnn.selftest --gpu [--tests-only]``) gives the commit, the
 environment, the GPU tests and the sanitizers; the kernel ladder (``benchmarks/gpu_kernels.py
 --json``) its ``kernels`` entries and ``kernels_info``; the training benchmark
 (``benchmarks/gpu_training.py --out``) its ``end_to_end`` entries as ``training``, with its details
-and per-call step profiles. Records of another commit are refused (a record describes one tree).
+and per-call step profiles; ``benchmarks/host_overhead.py --gpu --json`` the parts of a call's host
+time as ``host_costs``. Records of another commit are refused (a record describes one tree).
 The output is written through a temporary file, so a failed write keeps the previous file.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _same_commit(record: dict, other: dict, what: str) -> None:
 
 
 def merge(selftest: dict, kernels: dict | None = None, training: dict | None = None,
-          sources: list | None = None) -> dict:
+          sources: list | None = None, host_costs: dict | None = None) -> dict:
     """The selftest record with the ladder's kernels and the training benchmark's figures."""
     record = dict(selftest)
     record.pop("_out", None)
@@ -45,6 +46,8 @@ def merge(selftest: dict, kernels: dict | None = None, training: dict | None = N
         record["autotune"] = training.get("autotune") or []
         record["training_errors"] = training.get("errors") or []
         record["torch"] = training.get("torch")
+    if host_costs is not None:  # (measured by the same tree in the same call: it names no commit)
+        record["host_costs"] = host_costs
     record["merged_from"] = list(sources or [])
     return record
 
@@ -54,11 +57,12 @@ def main(argv=None) -> int:
     parser.add_argument("--selftest", type=Path, required=True)
     parser.add_argument("--kernels", type=Path, default=None)
     parser.add_argument("--training", type=Path, default=None)
+    parser.add_argument("--host-costs", type=Path, default=None)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     load = lambda p: None if p is None else json.loads(p.read_text())  # noqa: E731
-    sources = [p.name for p in (args.selftest, args.kernels, args.training) if p is not None]
-    record = merge(load(args.selftest), load(args.kernels), load(args.training), sources)
+    sources = [p.name for p in (args.selftest, args.kernels, args.training, args.host_costs) if p is not None]
+    record = merge(load(args.selftest), load(args.kernels), load(args.training), sources, load(args.host_costs))
     from pycnn.selftest import write_record
 
     write_record(record, args.out)

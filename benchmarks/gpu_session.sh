@@ -27,7 +27,7 @@
 # PART=2 SKIP_LADDER=1 SKIP_TRAINING_BENCH=1 NCU=1 for Nsight Compute alone.
 # Usage: PYCNN_COMMIT=<sha> PYCNN_DATA=<mnist dir> OUT=<dir> [PART=1|2] [DEADLINE_S=560] \
 #        [SELFTEST_ARGS=--tests-only] [SKIP_STAGES1=1] [SKIP_MNISTCNN=1] [SKIP_TRAINING_BENCH=1] [NCU=1 [NCU_MEM=1]] [WIDE=1]
-#        [KNOCKOUT=1] [LAYOUT=1] [THREADS=1] [LEAN=1] [NHWC=1] [SKIP_LADDER=1]
+#        [KNOCKOUT=1] [LAYOUT=1] [THREADS=1] [LEAN=1] [NHWC=1] [SKIP_LADDER=1] [SKIP_HOST_COSTS=1]
 #        [LOCALIZE_EPOCHS=N] bash benchmarks/gpu_session.sh
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -63,6 +63,10 @@ kbudget=$(( deadline - SECONDS - 60 < 100 ? deadline - SECONDS - 60 : 100 ))
   --versions 1,2,3,3c,3n,4,4n,5 --json "$OUT/gpu-$stamp-$sha8-kernels.json" 2>&1 | tail -80
 [ -z "${SKIP_TRAINING_BENCH:-}" ] && step "training throughput vs PyTorch" 240 \
   python3 benchmarks/gpu_training.py --out "$OUT/training.json" 2>&1 | tail -70
+# Where the host's share of a small layer's call goes (CuPy's allocation, device context and launch
+# from Python, pycnn's own work, cProfile of two conv calls): issue 6's per-call comparisons.
+[ -z "${SKIP_HOST_COSTS:-}" ] && step "host costs of a call (real CuPy)" 60 \
+  python3 benchmarks/host_overhead.py --gpu --json "$OUT/host-costs.json" 2>&1 | tail -50
 if [ -n "${NCU:-}" ]; then
   ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   for b in 64 512; do
@@ -159,8 +163,10 @@ if [ -f "$OUT/gpu-$stamp-$sha8.json" ]; then
   merge_args=()
   [ -f "$OUT/gpu-$stamp-$sha8-kernels.json" ] && merge_args+=(--kernels "$OUT/gpu-$stamp-$sha8-kernels.json")
   [ -f "$OUT/training.json" ] && merge_args+=(--training "$OUT/training.json")
+  [ -f "$OUT/host-costs.json" ] && merge_args+=(--host-costs "$OUT/host-costs.json")
   python3 benchmarks/gpu_record.py --selftest "$OUT/gpu-$stamp-$sha8.json" "${merge_args[@]}" \
-    --out "$OUT/gpu-$stamp-$sha8.json" && rm -f "$OUT/gpu-$stamp-$sha8-kernels.json" "$OUT/training.json"
+    --out "$OUT/gpu-$stamp-$sha8.json" && rm -f "$OUT/gpu-$stamp-$sha8-kernels.json" "$OUT/training.json" \
+    "$OUT/host-costs.json"
 fi
 [ -f "$OUT/gpu-$stamp-$sha8.json" ] && python3 benchmarks/targets.py "$OUT/gpu-$stamp-$sha8.json" 2>&1 | head -70
 echo "== done at $SECONDS s"

@@ -42,7 +42,9 @@ backward-data and weight gradient through the channels-last kernels of conv2d_nh
 backward-data as a 1x1 forward GEMM of dy into cols and a fold of cols into dx: none of the
 products of the padding around dy; opt-in until timed); "pycnn-cudagraph-optins" has every
 exact-fp32 opt-in on at once (PYCNN_CONV3_NHWC=1, PYCNN_CONV_BWD_DATA_COL2IM=1, the max-pool
-backward's 16-byte stores, cuda._POOL_BWD_X4): the step the batch-512 target would get from them.
+backward's 16-byte stores, cuda._POOL_BWD_X4): the step the batch-512 target would get from them;
+"pycnn-cudagraph-winograd-optins" adds PYCNN_CONV_WINOGRAD=1 (v5 on the layers where it pays, the
+opt-ins on the rest).
 "pycnn-cudagraph-m32t128" is the graph variant with PYCNN_CONV3_M32T128=1 (v3's 32x256 tiles run
 by 128 threads with 4x16 register tiles instead of 256 with 2x16; opt-in until timed): its A/B.
 "pycnn-cudagraph-lean" is the graph variant with the GEMM-core kernels rebuilt with
@@ -185,6 +187,10 @@ def pycnn_variants() -> list:
         # every exact-fp32 opt-in at once: v3 channels last, col2im backward-data (before the
         # channels-last one where both apply) and the max-pool backward's 16-byte stores
         ("pycnn-cudagraph-optins", "graph all exact opt-ins", with_optins(pycnn_throughput), True),
+        # ... and Winograd where it measured faster (_winograd_pays; fp32 arithmetic, not exact):
+        # the fastest step pycnn has without TF32, for the batch-512 target
+        ("pycnn-cudagraph-winograd-optins", "graph winograd + exact opt-ins",
+         with_winograd(with_optins(pycnn_throughput)), True),
         # the A/B of the B-tile gather with fewer instructions per element (opt-in; a rebuild)
         ("pycnn-cudagraph-lean", "graph lean B-tile gather",
          with_rebuilt("PYCNN_CONV3_LEAN_GATHER", "1", pycnn_throughput), True),

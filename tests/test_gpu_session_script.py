@@ -65,6 +65,18 @@ def test_every_gpu_kernels_command_line_passes_the_argument_checks(monkeypatch):
         gpu_kernels.main(["--versions", "3,3x"])
 
 
+def test_the_host_costs_command_line_passes_the_argument_checks(monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import host_overhead
+
+    lines = commands(SCRIPT.read_text(), "benchmarks/host_overhead.py")
+    assert lines and all("--gpu" in argv for argv in lines), lines
+    monkeypatch.setitem(sys.modules, "cupy", None)  # (no GPU here: the mode says so and returns 1)
+    for argv in lines:
+        assert host_overhead.main(argv) == 1, argv
+        assert "needs CuPy and a CUDA GPU" in capsys.readouterr().err
+
+
 def test_every_gpu_training_command_line_passes_the_argument_checks(monkeypatch):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import gpu_training
@@ -189,12 +201,14 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
                 "pycnn-cudagraph-nhwc": {"PYCNN_CONV3_NHWC": "1"},
                 "pycnn-cudagraph-col2im": {"PYCNN_CONV_BWD_DATA_COL2IM": "1"},
                 "pycnn-cudagraph-optins": {"PYCNN_CONV3_NHWC": "1", "PYCNN_CONV_BWD_DATA_COL2IM": "1"},
+                "pycnn-cudagraph-winograd-optins": {"PYCNN_CONV3_NHWC": "1", "PYCNN_CONV_BWD_DATA_COL2IM": "1",
+                                                    "PYCNN_CONV_WINOGRAD": "1"},
                 "pycnn-cudagraph-nopoolfuse": {"PYCNN_CONV_POOL_FUSE": "0"},
                 "pycnn-cudagraph-autotune": {"PYCNN_CONV_AUTOTUNE": "1"}}.get(name, {})
         assert setting == want, name
         assert seen[i]["rule"] == ("fill" if name == "pycnn-cudagraph-fill" else "waves"), name
         assert seen[i]["graph"] == graph
-        assert seen[i]["pool_x4"] == (name == "pycnn-cudagraph-optins"), name
+        assert seen[i]["pool_x4"] == name.endswith("-optins"), name
         rebuilt = name == "pycnn-cudagraph-lean"  # (the kernels compiled with the setting, and back after)
         assert seen[i]["forgot"] == forgot[0] - 1 if rebuilt else seen[i]["forgot"] == forgot[0], name
     assert cuda._CONV3_SPLIT_RULE == "waves" and "PYCNN_CONV_BWD_DATA_FLIP" not in os.environ

@@ -25,3 +25,32 @@ def test_host_overhead_reports_every_op(monkeypatch, capsys):
     assert "us/call" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         host_overhead.main(["--reps", "0"])
+
+
+def test_gpu_mode_says_what_it_needs(monkeypatch, capsys):
+    """--gpu without CuPy (or a device) fails with a message naming what is missing; --json
+    belongs to --gpu."""
+    import host_overhead
+
+    monkeypatch.setitem(sys.modules, "cupy", None)  # (an import of cupy raises ImportError)
+    assert host_overhead.main(["--gpu", "--reps", "3"]) == 1
+    assert "needs CuPy and a CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        host_overhead.main(["--json", "x.json"])
+
+
+def test_probe_kernels_compile_with_nvcc(tmp_path):
+    """The --gpu mode's empty probe kernels are valid CUDA (compiled as the kernel files are)."""
+    import shutil
+    import subprocess
+
+    import host_overhead
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not installed")
+    src = tmp_path / "probe.cu"
+    src.write_text(host_overhead.PROBE_SOURCE)
+    proc = subprocess.run([nvcc, "-c", "-o", str(tmp_path / "probe.o"), str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert host_overhead.PROBE_SOURCE.count("int i") == host_overhead._PROBE_INTS

@@ -138,15 +138,20 @@ def test_gpu_record_merges_one_session(tmp_path):
                       ("k.json", {"commit": sha, "kernels": [{"op": "conv2d_fwd", "ms": 1.0}],
                                   "kernels_info": {"conv_layers": "all"}}),
                       ("t.json", {"commit": sha, "end_to_end": [{"model": "MnistCNN", "samples_per_s": 5.0}],
-                                  "details": {}, "step_profiles": [], "errors": [], "torch": "2.11"})):
+                                  "details": {}, "step_profiles": [], "errors": [], "torch": "2.11"}),
+                      ("h.json", {"device": "NVIDIA H200", "primitives": {"with cupy.cuda.Device(0)": {
+                          "host_us": 1.0, "synced_us": 1.1}}, "ops": {}, "errors": []})):
         paths[name] = tmp_path / name
         paths[name].write_text(json.dumps(rec))
     out = tmp_path / "gpu.json"
     assert gpu_record.main(["--selftest", str(paths["s.json"]), "--kernels", str(paths["k.json"]),
-                            "--training", str(paths["t.json"]), "--out", str(out)]) == 0
+                            "--training", str(paths["t.json"]), "--host-costs", str(paths["h.json"]),
+                            "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["tests"]["passed"] == 3 and record["kernels"][0]["op"] == "conv2d_fwd"
-    assert record["training"][0]["samples_per_s"] == 5.0 and record["merged_from"] == ["s.json", "k.json", "t.json"]
+    assert record["training"][0]["samples_per_s"] == 5.0
+    assert record["merged_from"] == ["s.json", "k.json", "t.json", "h.json"]
+    assert record["host_costs"]["primitives"]["with cupy.cuda.Device(0)"]["host_us"] == 1.0
     paths["k.json"].write_text(json.dumps({"commit": "d" * 40, "kernels": []}))
     with pytest.raises(ValueError, match="kernel ladder record is of commit"):
         gpu_record.main(["--selftest", str(paths["s.json"]), "--kernels", str(paths["k.json"]), "--out", str(out)])
