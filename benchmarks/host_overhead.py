@@ -130,12 +130,14 @@ def _best_of(fn, reps: int, sync, rounds: int = 5) -> dict:
 
 
 def _driver_launch(cp, function, arrays: list, ints: list):
-    """A thunk launching ``function`` (a cupy.cuda.Function) through cuLaunchKernel
+    """A thunk launching ``function`` (RawModule.get_function's RawKernel, whose ``kernel`` is the
+    cupy.cuda.Function; or that Function) through cuLaunchKernel
     (cupy.cuda.driver.launchKernel) with its arguments packed once into a ctypes array: the floor
     of a launch from Python, what a launch path that keeps packed arguments per plan could reach."""
     values = [ctypes.c_void_p(int(a.data.ptr)) for a in arrays] + [ctypes.c_int32(v) for v in ints]
     params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
-    launch, fptr, stream = cp.cuda.driver.launchKernel, int(function.ptr), int(cp.cuda.get_current_stream().ptr)
+    fptr = int(getattr(function, "kernel", function).ptr)
+    launch, stream = cp.cuda.driver.launchKernel, int(cp.cuda.get_current_stream().ptr)
     address = ctypes.addressof(params)
 
     def run():
