@@ -42,7 +42,8 @@ backward-data and weight gradient through the channels-last kernels of conv2d_nh
 backward-data as a 1x1 forward GEMM of dy into cols and a fold of cols into dx: none of the
 products of the padding around dy; opt-in until timed); "pycnn-cudagraph-optins" has every
 exact-fp32 opt-in on at once (PYCNN_CONV3_NHWC=1, PYCNN_CONV_BWD_DATA_COL2IM=1, the max-pool
-backward's 16-byte stores, cuda._POOL_BWD_X4): the step the batch-512 target would get from them;
+backward's 16-byte stores, cuda._POOL_BWD_X4, the first layer's weight gradient with the image in
+shared memory, cuda._CONV_POOL_WGRAD_STAGED): the step the batch-512 target would get from them;
 "pycnn-cudagraph-winograd-optins" adds PYCNN_CONV_WINOGRAD=1 (v5 on the layers where it pays, the
 opt-ins on the rest).
 "pycnn-cudagraph-m32t128" is the graph variant with PYCNN_CONV3_M32T128=1 (v3's 32x256 tiles run
@@ -209,10 +210,11 @@ def pycnn_variants() -> list:
 
 
 def with_optins(fn):
-    """fn with every exact-fp32 opt-in on: PYCNN_CONV3_NHWC=1, PYCNN_CONV_BWD_DATA_COL2IM=1 and
-    the max-pool backward's 16-byte stores (cuda._POOL_BWD_X4)."""
-    return with_env("PYCNN_CONV3_NHWC", "1", with_env("PYCNN_CONV_BWD_DATA_COL2IM", "1",
-                                                      with_constant("_POOL_BWD_X4", True, fn)))
+    """fn with every exact-fp32 opt-in on: PYCNN_CONV3_NHWC=1, PYCNN_CONV_BWD_DATA_COL2IM=1, the
+    max-pool backward's 16-byte stores (cuda._POOL_BWD_X4) and the first layer's fused weight
+    gradient with the image in shared memory (cuda._CONV_POOL_WGRAD_STAGED)."""
+    fn = with_constant("_POOL_BWD_X4", True, with_constant("_CONV_POOL_WGRAD_STAGED", True, fn))
+    return with_env("PYCNN_CONV3_NHWC", "1", with_env("PYCNN_CONV_BWD_DATA_COL2IM", "1", fn))
 
 
 def with_autotune(fn):
@@ -420,34 +422,35 @@ PROFILED = ("conv2d_forward", "conv2d_bias_relu_forward", "conv2d_maxpool2d_relu
 # these values (entries under "sweeps", not in the sum), so one GPU run says where they belong.
 # _CONV_NARROW_C1_TARGET_BLOCKS (528): MnistCNN conv1's fused weight gradient at batch 512 ran 528
 # blocks where three fit an SM (1.33 rounds of 396 on an H200) in 54.6 us, mostly waiting on
-# global loads (Nsight Compute, record gpu-20261127-f4e21b1f).
-SWEEPS = {"conv2d_maxpool2d_relu_backward_weight": ("_CONV_NARROW_C1_TARGET_BLOCKS",
-                                                    (132, 264, 396, 792, 1056, 1584)),
-          "maxpool2d_relu_backward": ("_POOL_BWD_X4", (False, True))}
+# global loads (Nsight Compute, record gpu-20261127-f4e21b1f); _CONV_POOL_WGRAD_STAGED runs it with
+# the image in shared memory instead, _POOL_BWD_X4 the pool backward with 16-byte stores (opt-ins).
+# name -> ((constant, values), ...): each constant swept alone, the others at their defaults.
+SWEEPS = {"conv2d_maxpool2d_relu_backward_weight": (("_CONV_NARROW_C1_TARGET_BLOCKS",
+                                                     (132, 264, 396, 792, 1056, 1584)),
+                                                    ("_CONV_POOL_WGRAD_STAGED", (True,))),
+          "maxpool2d_relu_backward": (("_POOL_BWD_X4", (False, True)),)}
 
 
 def sweep_call(name: str, fn, args, kwargs, timer) -> list:
-    """One call timed (``timer(thunk) -> us``) at each value of its SWEEPS constant, the constant
-    restored afterwards; [] for a call without one. Entries: op, sweep {constant: value}, us or
-    error."""
+    """One call timed (``timer(thunk) -> us``) at each value of each of its SWEEPS constants (one
+    constant at a time), each constant restored afterwards; [] for a call without one. Entries:
+    op, sweep {constant: value}, us or error."""
     from pycnn.backends import cuda
 
-    if name not in SWEEPS:
-        return []
-    constant, values = SWEEPS[name]
-    default = getattr(cuda, constant)
     entries = []
-    try:
-        for value in values:
-            setattr(cuda, constant, value)  # (assigning a backend attribute empties its plan cache)
-            entry = {"op": name, "sweep": {constant: value}}
-            try:
-                entry["us"] = timer(lambda: fn(*args, **kwargs))
-            except Exception as exc:  # noqa: BLE001 - report and go on
-                entry["error"] = f"{type(exc).__name__}: {exc}"
-            entries.append(entry)
-    finally:
-        setattr(cuda, constant, default)
+    for constant, values in SWEEPS.get(name, ()):
+        default = getattr(cuda, constant)
+        try:
+            for value in values:
+                setattr(cuda, constant, value)  # (assigning a backend attribute empties its plan cache)
+                entry = {"op": name, "sweep": {constant: value}}
+                try:
+                    entry["us"] = timer(lambda: fn(*args, **kwargs))
+                except Exception as exc:  # noqa: BLE001 - report and go on
+                    entry["error"] = f"{type(exc).__name__}: {exc}"
+                entries.append(entry)
+        finally:
+            setattr(cuda, constant, default)
     return entries
 
 

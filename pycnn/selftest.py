@@ -320,6 +320,22 @@ def _channels_last_workload(cuda, r, xp) -> None:
                 os.environ[name] = value
 
 
+def _staged_pool_wgrad_workload(cuda, dy, y, argmax, x, w_shape, padding) -> None:
+    """The first layer's weight gradient from the pooled gradient with the image in shared memory
+    (cuda._CONV_POOL_WGRAD_STAGED; the padded plane staged between two barriers: racecheck's
+    business): all N images in one block, two a block (for N = 3 the last block one), one a block.
+    The backend's settings are restored afterwards."""
+    saved_staged, saved_target = cuda._CONV_POOL_WGRAD_STAGED, cuda._CONV_POOL_STAGED_TARGET_BLOCKS
+    groups, N = -(-w_shape[0] // (cuda.BLOCK // 32)), x.shape[0]  # (blocks = groups x image splits)
+    try:
+        cuda._CONV_POOL_WGRAD_STAGED = True
+        for target in (groups, N * groups - 1, N * groups):
+            cuda._CONV_POOL_STAGED_TARGET_BLOCKS = target
+            cuda.conv2d_maxpool2d_relu_backward_weight(dy, y, argmax, x, w_shape, (1, 1), padding)
+    finally:
+        cuda._CONV_POOL_WGRAD_STAGED, cuda._CONV_POOL_STAGED_TARGET_BLOCKS = saved_staged, saved_target
+
+
 def workload() -> int:
     """Every kernel family once on small shapes (the sanitizers' target). Returns an exit code."""
     import cupy as cp
@@ -375,6 +391,7 @@ def workload() -> int:
             cuda._CONV_NARROW_MIN_K = min_k
             cuda.conv2d_maxpool2d_relu_backward_weight(r(*yp1.shape), yp1, am1, x1, (20, 1, k1, k1), (1, 1), pad)
         cuda._CONV_NARROW_MIN_K = saved
+        _staged_pool_wgrad_workload(cuda, r(*yp1.shape), yp1, am1, x1, (20, 1, k1, k1), pad)
         for min_k in (4096, 256):  # one split (dw and db written directly), five
             cuda._CONV_NARROW_MIN_K = min_k
             cuda.conv2d_backward_weight(r(*y1.shape), x1, w1.shape, (1, 1), pad, version="3")
@@ -770,7 +787,7 @@ def gpu_selftest(out: Path | None, quick: bool, tests_only: bool = False) -> dic
     with tempfile.TemporaryDirectory(prefix="pycnn-selftest-") as tmp:
         try:
             record["tests"] = run_tests(Path(tmp) / "junit.xml")
-        except Exception as exc:  # noqa: BLE001
+        except Exception:  # noqa: BLE001
             record["tests"] = {"passed": 0, "failed": 1, "skipped": 0, "error": traceback.format_exc(limit=3)}
     stages["tests"] = round(_now() - t0, 1)
     t0 = _now()

@@ -294,6 +294,13 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
                 dw, db = cuda.conv2d_maxpool2d_relu_backward_weight(_f(*y.shape), y, am, x1, (20, 1, r, r), 1, 0)
                 assert launches[-1] == f"conv2d_bwd_weight_pool_narrow_c1_{r}x{r}_f32"
                 assert dw.shape == (20, 1, r, r) and db.shape == (20,)
+                with monkeypatch.context() as m:  # the image staged in shared memory (opt-in)
+                    m.setattr(cuda, "_CONV_POOL_WGRAD_STAGED", True)
+                    n = len(launches)
+                    dw, db = cuda.conv2d_maxpool2d_relu_backward_weight(_f(*y.shape), y, am, x1, (20, 1, r, r), 1, 0)
+                    assert launches[n:] == [f"conv2d_bwd_weight_pool_staged_c1_{r}x{r}_f32",
+                                            "conv2d_wgrad_split_reduce_f32"], launches[n:]  # (an image a split)
+                    assert dw.shape == (20, 1, r, r) and db.shape == (20,)
         if version == "3":  # 4 filters took the 32x128 tile; 40 the 64x64 one
             x40, w40 = _f(2, 5, 9, 7), _f(40, 5, 3, 2)  # 30 taps: past the narrow kernel
             dy40 = _f(2, 40, 5, 6)

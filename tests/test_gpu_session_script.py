@@ -90,7 +90,7 @@ def test_every_gpu_training_command_line_passes_the_argument_checks(monkeypatch)
         assert gpu_training.main(argv) == 2, argv
 
 
-def test_step_profile_sweeps_time_each_value_and_restore_the_constant():
+def test_step_profile_sweeps_time_each_value_and_restore_the_constant(monkeypatch):
     """gpu_training.sweep_call (profile_step's sweeps): the call runs once per value with the
     backend constant set to it, a failing value is reported and the next one still runs, the
     constant (and with it the plan cache's contents) is the default again afterwards; calls
@@ -101,7 +101,8 @@ def test_step_profile_sweeps_time_each_value_and_restore_the_constant():
     from pycnn.backends import cuda
 
     name = "conv2d_maxpool2d_relu_backward_weight"
-    constant, values = gpu_training.SWEEPS[name]
+    (constant, values), (constant2, values2) = gpu_training.SWEEPS[name]  # (the second: staged or not)
+    monkeypatch.setitem(gpu_training.SWEEPS, name, ((constant, values),))
     default = getattr(cuda, constant)
     assert default not in values and len(set(values)) == len(values)
     seen = []
@@ -122,6 +123,16 @@ def test_step_profile_sweeps_time_each_value_and_restore_the_constant():
     assert [e.get("us") for e in entries] == [float(v) if i != 1 else None for i, v in enumerate(values)]
     assert getattr(cuda, constant) == default
     assert gpu_training.sweep_call("relu_forward", fn, ("t",), {}, timer) == [] and len(seen) == len(values)
+    # two constants: each swept alone, the other at its default, both restored
+    monkeypatch.setitem(gpu_training.SWEEPS, name, ((constant, values[:2]), (constant2, values2)))
+    seen.clear()
+    entries = gpu_training.sweep_call(name, lambda tag: seen.append((getattr(cuda, constant),
+                                                                     getattr(cuda, constant2))), ("t",), {},
+                                      lambda thunk: (thunk(), 1.0)[1])
+    default2 = getattr(cuda, constant2)
+    assert seen == [(v, default2) for v in values[:2]] + [(default, v) for v in values2]
+    assert [e["sweep"] for e in entries] == [{constant: v} for v in values[:2]] + [{constant2: v} for v in values2]
+    assert getattr(cuda, constant) == default and default2 not in values2
 
 
 def test_step_profiles_print_with_their_variant(capsys):
@@ -167,7 +178,7 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
                             "PYCNN_CONV3_WIDE", "PYCNN_CONV3_R8", "PYCNN_CONV3_M32T128", "PYCNN_CONV3_LEAN_GATHER",
                             "PYCNN_CONV3_NHWC", "PYCNN_CONV_BWD_DATA_COL2IM")}
         seen[len(seen) - 1] |= {"rule": cuda._CONV3_SPLIT_RULE, "graph": graph, "forgot": forgot[0],
-                                "pool_x4": cuda._POOL_BWD_X4}
+                                "pool_x4": cuda._POOL_BWD_X4, "staged": cuda._CONV_POOL_WGRAD_STAGED}
         return {}
 
     forgot = [0]  # forget_conv_core_modules calls so far (a rebuilt variant: one before, one after)
@@ -188,7 +199,7 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
         assert graph == ("cudagraph" in name), name
         fn("mnistcnn", 64, graph)
         setting = {k: v for k, v in seen[i].items()
-                   if v is not None and k not in ("rule", "graph", "forgot", "pool_x4")}
+                   if v is not None and k not in ("rule", "graph", "forgot", "pool_x4", "staged")}
         want = {"pycnn-cudagraph-winograd": {"PYCNN_CONV_WINOGRAD": "1"},
                 "pycnn-eager-1stream": {"PYCNN_BACKWARD_STREAMS": "0"},
                 "pycnn-cudagraph-1stream": {"PYCNN_BACKWARD_STREAMS": "0"},
@@ -208,11 +219,12 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
         assert setting == want, name
         assert seen[i]["rule"] == ("fill" if name == "pycnn-cudagraph-fill" else "waves"), name
         assert seen[i]["graph"] == graph
-        assert seen[i]["pool_x4"] == name.endswith("-optins"), name
+        assert seen[i]["pool_x4"] == seen[i]["staged"] == name.endswith("-optins"), name
         rebuilt = name == "pycnn-cudagraph-lean"  # (the kernels compiled with the setting, and back after)
         assert seen[i]["forgot"] == forgot[0] - 1 if rebuilt else seen[i]["forgot"] == forgot[0], name
     assert cuda._CONV3_SPLIT_RULE == "waves" and "PYCNN_CONV_BWD_DATA_FLIP" not in os.environ
     assert "PYCNN_CONV3_LEAN_GATHER" not in os.environ and cuda._POOL_BWD_X4 is False
+    assert cuda._CONV_POOL_WGRAD_STAGED is False
 
 
 def test_autotune_picks_in_the_record(monkeypatch):

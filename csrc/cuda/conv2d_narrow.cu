@@ -13,6 +13,8 @@
 //   2x2 max-pool + ReLU after it fused (the convolution output is never stored);
 //   conv2d_bwd_weight_pool_narrow_c1_3x3_f32, conv2d_bwd_weight_pool_narrow_c1_5x5_f32: their
 //   weight gradient from the pooled gradient (the convolution-sized gradient is never stored).
+//   conv2d_bwd_weight_pool_staged_c1_3x3_f32, conv2d_bwd_weight_pool_staged_c1_5x5_f32: the same
+//   with the image staged in shared memory, a warp per filter (opt-in until timed).
 // (The GEMM core is included for its stage depth PYCNN_CONV3_BK, which the backward-data mimics;
 // none of its templates is instantiated here.)
 #include "conv2d_igemm.cuh"
@@ -504,6 +506,95 @@ extern "C" __global__ void __launch_bounds__(PYCNN_BLOCK, 2) conv2d_bwd_weight_p
     // cooperative: ends with a block reduction (__syncthreads); C == 1, R == S == 5 (host-checked)
     pycnn_conv_bwd_weight_pool_narrow_c1<5, 5, PYCNN_NARROW_C1_KB_5x5>(dy, y, argmax, x, out, db_out, N, H, W, K,
                                                                         Wo, Hp, Wp, ph, pw, chunk);
+}
+
+// The same weight gradient with the image in shared memory (opt-in: cuda._CONV_POOL_WGRAD_STAGED).
+// Above, each pooled pixel's x window is read from global memory at an address that depends on
+// its argmax, a second round trip after the one for dy, y and argmax: MnistCNN conv1's at batch
+// 512 took 53 us on an H200 at 18% of the SMs' throughput, waiting on those loads (ncu,
+// record gpu-20261127-221f3c58), for ~35 MB of traffic (~10 us). Here a block stages one image
+// plane of x, zero-padded, in shared memory at a time; each warp owns one filter and its lanes
+// walk that filter's pooled pixels of the image (consecutive lanes, consecutive pixels:
+// coalesced dy, y and argmax, all independent of each other), reading the window from shared
+// memory. No per-block reduction across warps: a warp's lanes are summed by a warp tree, written
+// as split blockIdx.y's partial of its filter. Sums per lane over the images in order, then the
+// lanes' tree, then the splits in order (conv2d_wgrad_split_reduce_f32): deterministic; the
+// nonzero terms of the other kernels' sums in another order (equal to rounding).
+// Launch: grid (ceil(K / warps), splits), block (32 * warps,), dynamic shared memory
+// (H + 2ph) * (W + 2pw) floats; split z takes images [z * images, min(N, (z + 1) * images)). The
+// argmax is the fused forward's (a 2x2 stride-2 pool of the stride-1 convolution, host-checked);
+// its cell is clamped to the window, so no argmax can read outside the staged plane.
+template <int R, int S>
+__device__ __forceinline__ void pycnn_conv_bwd_weight_pool_staged_c1(
+    const float* __restrict__ dy, const float* __restrict__ y, const int* __restrict__ argmax,
+    const float* __restrict__ x, float* __restrict__ out, float* __restrict__ db_out, int N, int H, int W, int K,
+    int Wo, int Hp, int Wp, int ph, int pw, int images) {
+    constexpr int Q = R * S;
+    extern __shared__ float smem[];
+    const int Hx = H + 2 * ph, Wx = W + 2 * pw, HpWp = Hp * Wp;
+    const int lane = threadIdx.x & 31, k = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const bool active = k < K;  // uniform across a warp (a last group may have fewer filters)
+    const int n_begin = blockIdx.y * images, n_end = min(N, n_begin + images);
+    // a lane's pooled pixels p = lane, lane + 32, ...: (pi, pj) advanced by 32 with one carry
+    const int step_i = 32 / Wp, step_j = 32 - step_i * Wp;
+    float acc[Q], acc_db = 0.0f;
+#pragma unroll
+    for (int q = 0; q < Q; ++q) acc[q] = 0.0f;
+    for (int n = n_begin; n < n_end; ++n) {
+        __syncthreads();  // the previous image's readers are done
+        const float* xn = x + (pycnn_i64)n * H * W;
+        for (int t = threadIdx.x; t < Hx * Wx; t += blockDim.x) {
+            const int hx = t / Wx, h = hx - ph, w = t - hx * Wx - pw;
+            smem[t] = ((unsigned)h < (unsigned)H && (unsigned)w < (unsigned)W) ? xn[h * W + w] : 0.0f;
+        }
+        __syncthreads();
+        if (!active) continue;
+        const pycnn_i64 plane = ((pycnn_i64)n * K + k) * HpWp;
+        int pi = lane / Wp, pj = lane - (lane / Wp) * Wp;
+#pragma unroll 2
+        for (int p = lane; p < HpWp; p += 32) {
+            const float g = y[plane + p] > 0.0f ? dy[plane + p] : 0.0f;  // the ReLU mask, as the pool's backward
+            const int delta = argmax[plane + p] - (2 * pi * Wo + 2 * pj);  // 0, 1, Wo or Wo + 1
+            const int di = delta >= Wo ? 1 : 0, dj0 = delta - di * Wo, dj = dj0 < 0 ? 0 : dj0 > 1 ? 1 : dj0;
+            // the window of conv output (2pi + di, 2pj + dj) starts there in the padded plane
+            const float* xw = smem + (2 * pi + di) * Wx + 2 * pj + dj;
+            acc_db += g;
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int s2 = 0; s2 < S; ++s2) acc[r * S + s2] = fmaf(g, xw[r * Wx + s2], acc[r * S + s2]);
+            pj += step_j;
+            pi += step_i;
+            if (pj >= Wp) {
+                pj -= Wp;
+                ++pi;
+            }
+        }
+    }
+    if (!active) return;  // (no barrier follows)
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+        const float v = pycnn_warp_sum(acc[q]);
+        if (lane == 0) out[(pycnn_i64)blockIdx.y * K * Q + (pycnn_i64)k * Q + q] = v;
+    }
+    const float v = pycnn_warp_sum(acc_db);
+    if (lane == 0) db_out[(pycnn_i64)blockIdx.y * K + k] = v;
+}
+
+extern "C" __global__ void conv2d_bwd_weight_pool_staged_c1_3x3_f32(
+    const float* __restrict__ dy, const float* __restrict__ y, const int* __restrict__ argmax,
+    const float* __restrict__ x, float* __restrict__ out, float* __restrict__ db_out, int N, int H, int W, int K,
+    int Wo, int Hp, int Wp, int ph, int pw, int images) {
+    // cooperative: the image staging synchronizes with __syncthreads; C == 1, R == S == 3 (host-checked)
+    pycnn_conv_bwd_weight_pool_staged_c1<3, 3>(dy, y, argmax, x, out, db_out, N, H, W, K, Wo, Hp, Wp, ph, pw, images);
+}
+
+extern "C" __global__ void conv2d_bwd_weight_pool_staged_c1_5x5_f32(
+    const float* __restrict__ dy, const float* __restrict__ y, const int* __restrict__ argmax,
+    const float* __restrict__ x, float* __restrict__ out, float* __restrict__ db_out, int N, int H, int W, int K,
+    int Wo, int Hp, int Wp, int ph, int pw, int images) {
+    // cooperative: the image staging synchronizes with __syncthreads; C == 1, R == S == 5 (host-checked)
+    pycnn_conv_bwd_weight_pool_staged_c1<5, 5>(dy, y, argmax, x, out, db_out, N, H, W, K, Wo, Hp, Wp, ph, pw, images);
 }
 
 // ---------------------------------------------------------------------------------------------

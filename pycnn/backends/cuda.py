@@ -897,6 +897,16 @@ _CONV_NARROW_C1_TARGET_BLOCKS = 528
 # there instead (tests compare the two).
 _CONV_NARROW_C1_FILTERS = {(3, 3): "PYCNN_NARROW_C1_KB_3x3", (5, 5): "PYCNN_NARROW_C1_KB_5x5"}  # DEFINES keys
 _CONV_NARROW_C1 = True
+# The fused first-layer weight gradient (conv2d_maxpool2d_relu_backward_weight) with the image in
+# shared memory and a warp per filter (conv2d_bwd_weight_pool_staged_c1_*): True runs it where the
+# zero-padded plane fits _MAX_STATIC_SMEM, False (the default: what every GPU record timed) the
+# kernel that reads each window from global memory after its argmax. It should be several times
+# faster (conv2d_narrow.cu says why); not yet timed, so opt-in: the step profiles time both
+# (gpu_training.py's SWEEPS), the pycnn-cudagraph-optins step runs it, the sanitizers check it.
+_CONV_POOL_WGRAD_STAGED = False
+# ... its grid: about this many blocks (ceil(K / 8) filter groups x image splits), six 3x3 ones
+# fitting an SM (40 registers); fewer splits mean a shorter split reduce (a guess to time).
+_CONV_POOL_STAGED_TARGET_BLOCKS = 528
 
 
 def _conv_narrow_forward(C: int, K: int, R: int, S: int, direction: str = "forward") -> str | None:
@@ -2015,7 +2025,9 @@ def conv2d_maxpool2d_relu_backward_weight(dy, y, argmax, x, w_shape, stride, pad
     key = (op, dev, dy.shape, x.shape, (K, C, R, S), (sh, sw), (ph, pw), _conv_settings())
     plan = _plans.get(key)
     if plan is None:
-        plan = _conv_pool_wgrad_plan(kernel, (N, H, W, K, R, S, Wo, Hp, Wp, ph, pw))
+        geom = (N, H, W, K, R, S, Wo, Hp, Wp, ph, pw)
+        staged = _CONV_POOL_WGRAD_STAGED and (H + 2 * ph) * (W + 2 * pw) * 4 <= _MAX_STATIC_SMEM
+        plan = _conv_pool_wgrad_staged_plan(geom) if staged else _conv_pool_wgrad_plan(kernel, geom)
         _keep_plan(key, plan)
     _run_plan(dev, plan, {"dy": dy, "y": y, "argmax": argmax, "x": x, "dw": dw, "db": db})
     return dw, db
@@ -2027,15 +2039,38 @@ def _conv_pool_wgrad_plan(kernel: str, geom: tuple) -> _Plan:
     N, H, W, K, R, S, Wo, Hp, Wp, ph, pw = geom
     groups = -(-K // compile_defines()[_CONV_NARROW_C1_FILTERS[(R, S)]])
     splits, chunk = _conv_splits(N * Hp * Wp, groups, _CONV_NARROW_MIN_K, 32, target=_CONV_NARROW_C1_TARGET_BLOCKS)
-    dw_count = K * R * S
-    outs, scratch, reduce = ("dw", "db"), (), ()
-    if splits > 1:  # split partials, added in split order by one launch (as the unfused kernel's)
-        outs = ("partial", "db_partial")
-        scratch = (("partial", splits * dw_count), ("db_partial", splits * K))
-        reduce = (_conv_launch("conv2d_wgrad_split_reduce_f32", _grid1d(dw_count + K), (BLOCK,),
-                               ("partial", "dw", _i64(dw_count), "db_partial", "db", _i64(K), _i32(splits))),)
+    # split partials, added in split order by one launch (as the unfused kernel's)
+    outs, scratch, reduce = _wgrad_split_outputs(splits, K * R * S, K)
     args = ("dy", "y", "argmax", "x") + outs + tuple(_i32(v) for v in (N, H, W, K, Wo, Hp, Wp, ph, pw, chunk))
     return _Plan((_conv_launch(kernel, (groups, splits), (BLOCK,), args),) + reduce, scratch=scratch)
+
+
+def _wgrad_split_outputs(splits: int, dw_count: int, K: int) -> tuple[tuple, tuple, tuple]:
+    """(outputs, scratch, reduce launches) of a fused weight gradient whose kernel writes dw and
+    db per split: dw and db themselves for one split, else partials added in split order by
+    conv2d_wgrad_split_reduce_f32."""
+    if splits == 1:
+        return ("dw", "db"), (), ()
+    scratch = (("partial", splits * dw_count), ("db_partial", splits * K))
+    reduce = _conv_launch("conv2d_wgrad_split_reduce_f32", _grid1d(dw_count + K), (BLOCK,),
+                          ("partial", "dw", _i64(dw_count), "db_partial", "db", _i64(K), _i32(splits)))
+    return ("partial", "db_partial"), scratch, (reduce,)
+
+
+def _conv_pool_wgrad_staged_plan(geom: tuple) -> _Plan:
+    """conv2d_maxpool2d_relu_backward_weight through conv2d_bwd_weight_pool_staged_c1_* (arrays dy,
+    y, argmax, x, dw, db): a warp per filter, blocks of ``images`` images each (about
+    _CONV_POOL_STAGED_TARGET_BLOCKS blocks), the zero-padded image plane in dynamic shared
+    memory; then the split reduce when there are several splits."""
+    N, H, W, K, R, S, Wo, Hp, Wp, ph, pw = geom
+    groups = -(-K // (BLOCK // 32))
+    images = max(1, -(-N * groups // _CONV_POOL_STAGED_TARGET_BLOCKS))
+    splits = -(-N // images)
+    outs, scratch, reduce = _wgrad_split_outputs(splits, K * R * S, K)
+    args = ("dy", "y", "argmax", "x") + outs + tuple(_i32(v) for v in (N, H, W, K, Wo, Hp, Wp, ph, pw, images))
+    launch = _conv_launch(f"conv2d_bwd_weight_pool_staged_c1_{R}x{S}_f32", (groups, splits), (BLOCK,), args,
+                          shared_mem=(H + 2 * ph) * (W + 2 * pw) * 4)
+    return _Plan((launch,) + reduce, scratch=scratch)
 
 
 def _conv_backward_data_plan(version: str, geom: tuple) -> _Plan:

@@ -525,7 +525,6 @@ def test_lean_gather_gives_the_same_bits(request, stages, version, shape, tile, 
 def _gpu_kernels_on_the_emulator(monkeypatch):
     """benchmarks/gpu_kernels.py with CuPy replaced by NumPy stand-ins (the kernels run on the
     emulator; the graph timing captures and replays nothing). Returns (module, captures)."""
-    import json
     import sys
     import time
     import types

@@ -282,6 +282,87 @@ def test_conv_maxpool_relu_backward_weight(emulated, monkeypatch, x_shape, K, RS
     np.testing.assert_array_equal(db2, db_pair)
 
 
+@pytest.mark.parametrize("x_shape, K, RS, padding, target", [
+    ((3, 1, 14, 14), 32, 3, 0, None),  # MnistCNN conv1's shape: an image per split, the split reduce
+    ((5, 1, 14, 14), 32, 3, 0, 7),     # three images a block (5 = 3 + 2: a shorter last split)
+    ((1, 1, 14, 14), 32, 3, 0, None),  # one split: dw and db written directly, no reduce
+    ((2, 1, 10, 10), 16, 5, 2, None),  # 5x5 over padding 2 (the staged plane's zero border)
+    ((2, 1, 10, 11), 17, 3, 0, None),  # an 8x9 output (a column no window reads); 17 filters: idle warps
+    ((1, 1, 6, 82), 32, 3, 0, None),   # pooled rows of 40 (> 32 lanes: a lane's step stays in its row)
+    ((2, 1, 12, 12), 32, 3, 1, 16),    # padding 1; both images in one block
+])
+def test_conv_maxpool_relu_backward_weight_staged(emulated, monkeypatch, x_shape, K, RS, padding, target):
+    """cuda._CONV_POOL_WGRAD_STAGED: the image-in-shared-memory kernel gives the float64
+    reference's dw and db and the global-memory kernel's to rounding; on small integers (every sum
+    exact) bitwise the global-memory kernel's."""
+    if target:
+        monkeypatch.setattr(cuda, "_CONV_POOL_STAGED_TARGET_BLOCKS", target)
+    rng = np.random.default_rng(31)
+    x, w, b = rnd(rng, *x_shape), rnd(rng, K, 1, RS, RS), rnd(rng, K)
+    b[: K // 2] -= 2.0
+    pad = (padding, padding)
+    y, am = cuda.conv2d_maxpool2d_relu_forward(x, w, b, (1, 1), pad, 2, 2, 0)
+    dy = rnd(rng, *y.shape)
+    want = cuda.conv2d_maxpool2d_relu_backward_weight(dy, y, am, x, w.shape, (1, 1), pad)
+    monkeypatch.setattr(cuda, "_CONV_POOL_WGRAD_STAGED", True)
+    start = len(emulated)
+    dw, db = cuda.conv2d_maxpool2d_relu_backward_weight(dy, y, am, x, w.shape, (1, 1), pad)
+    groups = -(-K // (cuda.BLOCK // 32))
+    images = max(1, -(-x_shape[0] * groups // cuda._CONV_POOL_STAGED_TARGET_BLOCKS))
+    split = -(-x_shape[0] // images) > 1
+    assert emulated[start:] == [f"conv2d_bwd_weight_pool_staged_c1_{RS}x{RS}_f32"] + \
+        (["conv2d_wgrad_split_reduce_f32"] if split else [])
+    close(dw, want[0], rtol=1e-5, atol=1e-5, what="dw vs the global-memory kernel")
+    close(db, want[1], rtol=1e-5, atol=1e-5, what="db vs the global-memory kernel")
+    dw64, db64 = ref.conv2d_maxpool2d_relu_backward_weight(dy.astype(np.float64), y.astype(np.float64), am,
+                                                           x.astype(np.float64), w.shape, (1, 1), pad)
+    close(dw, dw64, what="dw vs float64")
+    close(db, db64, what="db vs float64")
+    assert (db != 0).all() and (y == 0).any() and (y > 0).any()
+    # small integers: every partial sum exact, so any order gives the same bits
+    xi = rng.integers(-3, 4, x_shape).astype(np.float32)
+    wi, bi = rng.integers(-2, 3, w.shape).astype(np.float32), rng.integers(-4, 3, K).astype(np.float32)
+    yi, ami = cuda.conv2d_maxpool2d_relu_forward(xi, wi, bi, (1, 1), pad, 2, 2, 0)
+    dyi = rng.integers(-3, 4, yi.shape).astype(np.float32)
+    got = cuda.conv2d_maxpool2d_relu_backward_weight(dyi, yi, ami, xi, w.shape, (1, 1), pad)
+    monkeypatch.setattr(cuda, "_CONV_POOL_WGRAD_STAGED", False)
+    want = cuda.conv2d_maxpool2d_relu_backward_weight(dyi, yi, ami, xi, w.shape, (1, 1), pad)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_conv_maxpool_relu_backward_weight_staged_plane_too_big(emulated, monkeypatch):
+    """A padded image plane over the static shared-memory limit keeps the global-memory kernel."""
+    monkeypatch.setattr(cuda, "_CONV_POOL_WGRAD_STAGED", True)
+    monkeypatch.setattr(cuda, "_MAX_STATIC_SMEM", 4 * 14 * 14 - 4)  # (one float short of a 14x14 plane)
+    rng = np.random.default_rng(5)
+    x, w, b = rnd(rng, 2, 1, 14, 14), rnd(rng, 32, 1, 3, 3), rnd(rng, 32)
+    y, am = cuda.conv2d_maxpool2d_relu_forward(x, w, b, (1, 1), (0, 0), 2, 2, 0)
+    start = len(emulated)
+    cuda.conv2d_maxpool2d_relu_backward_weight(rnd(rng, *y.shape), y, am, x, w.shape, (1, 1), (0, 0))
+    assert emulated[start] == "conv2d_bwd_weight_pool_narrow_c1_3x3_f32", emulated[start:]
+
+
+def test_the_sanitizer_workload_runs_the_staged_weight_gradient(emulated):
+    """pycnn.selftest's workload reaches the staged first-layer weight gradient in one block, in
+    splits with a short last one and an image a split (each with its reduce), and restores the
+    backend's settings."""
+    from pycnn import selftest
+
+    rng = np.random.default_rng(12)
+    x = rnd(rng, 3, 1, 19, 21)
+    for k1 in (3, 5):
+        pad = (k1 // 2, k1 // 2)
+        y, am = cuda.conv2d_maxpool2d_relu_forward(x, rnd(rng, 20, 1, k1, k1), rnd(rng, 20), (1, 1), pad, 2, 2, 0)
+        start = len(emulated)
+        selftest._staged_pool_wgrad_workload(cuda, rnd(rng, *y.shape), y, am, x, (20, 1, k1, k1), pad)
+        staged = f"conv2d_bwd_weight_pool_staged_c1_{k1}x{k1}_f32"
+        reduce = "conv2d_wgrad_split_reduce_f32"
+        # (3, 2 and 1 images a block)
+        assert emulated[start:] == [staged, staged, reduce, staged, reduce], emulated[start:]
+    assert cuda._CONV_POOL_WGRAD_STAGED is False and cuda._CONV_POOL_STAGED_TARGET_BLOCKS == 528
+
+
 @pytest.mark.parametrize("order", ["relu first", "pool first"])
 def test_first_layer_through_sequential(emulated, monkeypatch, order):
     """A MnistCNN-like model through Sequential and pycnn.functional with the emulated CUDA kernels

@@ -135,11 +135,13 @@ def test_maxpool_backward_x4_is_the_tiled_kernel(monkeypatch, shape, kernel):
     ((256, 1, 28, 28), 24, 5, 0),  # FastMNIST conv1 + pool (batch 256)
     ((5, 1, 28, 28), 20, 5, 2),    # LeNet5-like padding 2, 20 filters (groups of 8, 8 and 4)
     ((3, 1, 11, 12), 17, 3, 1),    # a 11x12 output: its last row belongs to no window
+    ((512, 1, 28, 28), 32, 3, 0),  # MnistCNN conv1 + pool at batch 512 (the staged kernel: 4 images a block)
 ])
-def test_conv_maxpool_relu_fused_kernel(x_shape, K, RS, padding):
+def test_conv_maxpool_relu_fused_kernel(monkeypatch, x_shape, K, RS, padding):
     """conv2d_maxpool2d_relu_forward's fused kernel: y and argmax bitwise the unfused ops', and
     close to numpy_ref; the pool backward finds its geometry (tiled kernel) and matches; the weight
-    gradient from the pooled gradient matches the unfused pair's."""
+    gradient from the pooled gradient matches the unfused pair's, also with the image staged in
+    shared memory (cuda._CONV_POOL_WGRAD_STAGED)."""
     rng = np.random.default_rng(9)
     x, w, b = rnd(rng, *x_shape), rnd(rng, K, 1, RS, RS), rnd(rng, K)
     b[: K // 2] -= 2.0
@@ -161,6 +163,13 @@ def test_conv_maxpool_relu_fused_kernel(x_shape, K, RS, padding):
     scale = float(cp.abs(dw_pair).max())
     close(dw, cp.asnumpy(dw_pair), rtol=1e-4, atol=1e-5 * scale, what="dw")
     close(db, cp.asnumpy(db_pair), rtol=1e-4, atol=1e-5 * float(cp.abs(db_pair).max()), what="db")
+    launched, launch = [], cuda._launch
+    monkeypatch.setattr(cuda, "_launch", lambda *args, **kwargs: (launched.append(args[2]), launch(*args, **kwargs)))
+    monkeypatch.setattr(cuda, "_CONV_POOL_WGRAD_STAGED", True)
+    dw, db = cuda.conv2d_maxpool2d_relu_backward_weight(dy, y, am, g(x), w.shape, 1, padding)
+    assert launched[0] == f"conv2d_bwd_weight_pool_staged_c1_{RS}x{RS}_f32", launched
+    close(dw, cp.asnumpy(dw_pair), rtol=1e-4, atol=1e-5 * scale, what="dw (staged)")
+    close(db, cp.asnumpy(db_pair), rtol=1e-4, atol=1e-5 * float(cp.abs(db_pair).max()), what="db (staged)")
 
 
 def _optimizer_case(rng):
