@@ -28,6 +28,7 @@
 # Usage: PYCNN_COMMIT=<sha> PYCNN_DATA=<mnist dir> OUT=<dir> [PART=1|2] [DEADLINE_S=560] \
 #        [SELFTEST_ARGS=--tests-only] [SKIP_STAGES1=1] [SKIP_MNISTCNN=1] [SKIP_TRAINING_BENCH=1] [NCU=1 [NCU_MEM=1]] [WIDE=1]
 #        [KNOCKOUT=1] [LAYOUT=1] [THREADS=1] [LEAN=1] [NHWC=1] [SKIP_LADDER=1] [SKIP_HOST_COSTS=1]
+#        [TRAINING_VARIANTS=pycnn-cudagraph,pycnn-cudagraph-optins,...]
 #        [LOCALIZE_EPOCHS=N] bash benchmarks/gpu_session.sh
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -61,8 +62,10 @@ kbudget=$(( deadline - SECONDS - 60 < 100 ? deadline - SECONDS - 60 : 100 ))
 # 3c: v3's backward-data as a 1x1 GEMM of dy and a fold, opt-in until timed)
 [ -z "${SKIP_LADDER:-}" ] && step "kernel ladder vs cuDNN" 150 python3 benchmarks/gpu_kernels.py --budget "$kbudget" \
   --versions 1,2,3,3c,3n,4,4n,5 --json "$OUT/gpu-$stamp-$sha8-kernels.json" 2>&1 | tail -80
+# (TRAINING_VARIANTS=a,b,...: only those pycnn MnistCNN variants, for a short session)
+tv=""; [ -n "${TRAINING_VARIANTS:-}" ] && tv="--variants=$TRAINING_VARIANTS"  # (no spaces in it: unquoted below)
 [ -z "${SKIP_TRAINING_BENCH:-}" ] && step "training throughput vs PyTorch" 240 \
-  python3 benchmarks/gpu_training.py --out "$OUT/training.json" 2>&1 | tail -70
+  python3 benchmarks/gpu_training.py --out "$OUT/training.json" $tv 2>&1 | tail -70
 # Where the host's share of a small layer's call goes (CuPy's allocation, device context and launch
 # from Python, pycnn's own work, cProfile of two conv calls): issue 6's per-call comparisons.
 [ -z "${SKIP_HOST_COSTS:-}" ] && step "host costs of a call (real CuPy)" 60 \

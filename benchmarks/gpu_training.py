@@ -682,8 +682,16 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default="64,512", help="MnistCNN batch sizes")
     parser.add_argument("--seeds", type=int, default=5, help="FastMNIST seeds for the pycnn graph variant")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch references")
+    parser.add_argument("--variants", default="all",
+                        help="comma-separated pycnn MnistCNN variants to run, e.g. pycnn-cudagraph,pycnn-cudagraph-optins "
+                             "(default all: pycnn_variants; the PyTorch references always run)")
     args = parser.parse_args(argv)
     _BATCHES[:] = args.batches.split(",")
+    known = [v[0] for v in pycnn_variants()]
+    wanted = known if args.variants == "all" else args.variants.split(",")
+    unknown = [name for name in wanted if name not in known]
+    if unknown or not wanted:
+        parser.error(f"--variants: unknown {unknown or args.variants!r}; known: {', '.join(known)}")
 
     from pycnn.backends import cuda
     from pycnn.selftest import commit_sha, environment
@@ -729,7 +737,7 @@ def main(argv=None) -> int:
 
     order = cp.asarray(rng.permutation(len(xtr)))
     torder = torch.from_dlpack(order).long() if torch is not None else None
-    variants = pycnn_variants()
+    variants = [v for v in pycnn_variants() if v[0] in wanted]
     for batch in [int(b) for b in args.batches.split(",")]:
         res = {name: _attempt(errors, f"pycnn {label} b{batch}", fn, "mnistcnn", batch, graph, xtr, ytr, order)
                for name, label, fn, graph in variants}

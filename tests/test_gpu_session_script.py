@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 # values for the script's variables (the loops take each of their values in turn)
 VARIABLES = {"OUT": "/tmp/out", "stamp": "20261127", "sha8": "abcdef12", "kbudget": "100",
-             "LOCALIZE_EPOCHS": "2"}
+             "LOCALIZE_EPOCHS": "2", "tv": "--variants=pycnn-cudagraph,pycnn-cudagraph-optins"}
 LOOPS = {"b": ("64", "512"), "layers": ("all", "models")}
 
 
@@ -88,6 +88,10 @@ def test_every_gpu_training_command_line_passes_the_argument_checks(monkeypatch)
     assert lines, "the script runs gpu_training.py"
     for argv in lines:
         assert gpu_training.main(argv) == 2, argv
+    assert gpu_training.main(["--out", "t.json", "--variants", "pycnn-cudagraph-winograd-optins"]) == 2
+    for bad in ("pycnn-cudagraph-nope", "pycnn-cudagraph,", ""):  # (a typo would cost the session its figures)
+        with pytest.raises(SystemExit):
+            gpu_training.main(["--out", "t.json", "--variants", bad])
 
 
 def test_step_profile_sweeps_time_each_value_and_restore_the_constant(monkeypatch):
