@@ -43,7 +43,8 @@ backward-data as a 1x1 forward GEMM of dy into cols and a fold of cols into dx: 
 products of the padding around dy; opt-in until timed); "pycnn-cudagraph-optins" has every
 exact-fp32 opt-in on at once (PYCNN_CONV3_NHWC=1, PYCNN_CONV_BWD_DATA_COL2IM=1, the max-pool
 backward's 16-byte stores, cuda._POOL_BWD_X4, the first layer's weight gradient with the image in
-shared memory, cuda._CONV_POOL_WGRAD_STAGED): the step the batch-512 target would get from them;
+shared memory, cuda._CONV_POOL_WGRAD_STAGED, the 2x2 pool forward, cuda._POOL_FWD_2X2): the step
+the batch-512 target would get from them;
 "pycnn-cudagraph-winograd-optins" adds PYCNN_CONV_WINOGRAD=1 (v5 on the layers where it pays, the
 opt-ins on the rest).
 "pycnn-cudagraph-m32t128" is the graph variant with PYCNN_CONV3_M32T128=1 (v3's 32x256 tiles run
@@ -211,9 +212,11 @@ def pycnn_variants() -> list:
 
 def with_optins(fn):
     """fn with every exact-fp32 opt-in on: PYCNN_CONV3_NHWC=1, PYCNN_CONV_BWD_DATA_COL2IM=1, the
-    max-pool backward's 16-byte stores (cuda._POOL_BWD_X4) and the first layer's fused weight
-    gradient with the image in shared memory (cuda._CONV_POOL_WGRAD_STAGED)."""
-    fn = with_constant("_POOL_BWD_X4", True, with_constant("_CONV_POOL_WGRAD_STAGED", True, fn))
+    max-pool backward's 16-byte stores (cuda._POOL_BWD_X4), the 2x2 pool forward
+    (cuda._POOL_FWD_2X2) and the first layer's fused weight gradient with the image in shared
+    memory (cuda._CONV_POOL_WGRAD_STAGED)."""
+    fn = with_constant("_POOL_FWD_2X2", True, with_constant("_CONV_POOL_WGRAD_STAGED", True, fn))
+    fn = with_constant("_POOL_BWD_X4", True, fn)
     return with_env("PYCNN_CONV3_NHWC", "1", with_env("PYCNN_CONV_BWD_DATA_COL2IM", "1", fn))
 
 
@@ -423,12 +426,15 @@ PROFILED = ("conv2d_forward", "conv2d_bias_relu_forward", "conv2d_maxpool2d_relu
 # _CONV_NARROW_C1_TARGET_BLOCKS (528): MnistCNN conv1's fused weight gradient at batch 512 ran 528
 # blocks where three fit an SM (1.33 rounds of 396 on an H200) in 54.6 us, mostly waiting on
 # global loads (Nsight Compute, record gpu-20261127-f4e21b1f); _CONV_POOL_WGRAD_STAGED runs it with
-# the image in shared memory instead, _POOL_BWD_X4 the pool backward with 16-byte stores (opt-ins).
+# the image in shared memory instead, _POOL_BWD_X4 the pool backward with 16-byte stores,
+# _POOL_FWD_2X2 the 2x2 pool forward with the window's shape compiled in (opt-ins).
 # name -> ((constant, values), ...): each constant swept alone, the others at their defaults.
 SWEEPS = {"conv2d_maxpool2d_relu_backward_weight": (("_CONV_NARROW_C1_TARGET_BLOCKS",
                                                      (132, 264, 396, 792, 1056, 1584)),
                                                     ("_CONV_POOL_WGRAD_STAGED", (True,))),
-          "maxpool2d_relu_backward": (("_POOL_BWD_X4", (False, True)),)}
+          "maxpool2d_relu_backward": (("_POOL_BWD_X4", (False, True)),),
+          # (conv2's forward + its pool: the 2x2 pool kernel with the window's shape compiled in)
+          "conv2d_maxpool2d_relu_forward": (("_POOL_FWD_2X2", (True,)),)}
 
 
 def sweep_call(name: str, fn, args, kwargs, timer) -> list:

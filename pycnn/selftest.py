@@ -414,15 +414,16 @@ def workload() -> int:
     cuda.linear_backward(r(33, 12), xl, wl)
     yr, amr = cuda.maxpool2d_relu_forward(x, (2, 2), (2, 2), (0, 0))
     cuda.maxpool2d_relu_backward(r(*yr.shape), yr, amr, x.shape)  # the tiled kernel with its ReLU mask
-    saved_x4 = cuda._POOL_BWD_X4
+    saved_x4, saved_2x2 = cuda._POOL_BWD_X4, cuda._POOL_FWD_2X2
     try:  # its four-elements-a-thread form, also on 297 elements (the last thread stores one)
-        cuda._POOL_BWD_X4 = True
+        cuda._POOL_BWD_X4 = cuda._POOL_FWD_2X2 = True  # (and the 2x2 forward, odd sizes included)
+        cuda.maxpool2d_relu_forward(x, (2, 2), (2, 2), (0, 0))
         cuda.maxpool2d_relu_backward(r(*yr.shape), yr, amr, x.shape)
         xo = r(1, 3, 9, 11)
         yo, amo = cuda.maxpool2d_forward(xo, (2, 2), (2, 2), (0, 0))
         cuda.maxpool2d_backward(r(*yo.shape), amo, xo.shape)
     finally:
-        cuda._POOL_BWD_X4 = saved_x4
+        cuda._POOL_BWD_X4, cuda._POOL_FWD_2X2 = saved_x4, saved_2x2
     cuda.maxpool2d_relu_backward(r(*yp.shape), cuda.relu_forward(yp), am, x.shape)  # the gather, masked
     logits = r(37, 11)
     target = cp.asarray(rng.integers(0, 11, 37))

@@ -412,6 +412,10 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
     cuda.maxpool2d_backward(_f(*y.shape), am, x.shape, kernel=(3, 3), stride=(2, 2), padding=(1, 1))
     assert launches[-3:] == ["maxpool2d_bwd_f32", "maxpool2d_bwd_scan_f32", "maxpool2d_bwd_f32"]
     y2, am2 = cuda.maxpool2d_forward(x, (2, 2), (2, 2), (0, 0))
+    with monkeypatch.context() as m:  # the 2x2 window's own forward kernel (opt-in)
+        m.setattr(cuda, "_POOL_FWD_2X2", True)
+        assert cuda.maxpool2d_relu_forward(x, (2, 2), (2, 2), (0, 0))[0].shape == y2.shape
+        assert launches[-1] == "maxpool2d_fwd_2x2_f32"
     cuda.maxpool2d_backward(_f(*y2.shape), am2, x.shape)  # windows tile the input
     assert launches[-1] == "maxpool2d_bwd_tiled_f32"
     monkeypatch.setattr(cuda, "_POOL_BWD_X4", True)

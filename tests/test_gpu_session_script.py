@@ -182,7 +182,8 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
                             "PYCNN_CONV3_WIDE", "PYCNN_CONV3_R8", "PYCNN_CONV3_M32T128", "PYCNN_CONV3_LEAN_GATHER",
                             "PYCNN_CONV3_NHWC", "PYCNN_CONV_BWD_DATA_COL2IM")}
         seen[len(seen) - 1] |= {"rule": cuda._CONV3_SPLIT_RULE, "graph": graph, "forgot": forgot[0],
-                                "pool_x4": cuda._POOL_BWD_X4, "staged": cuda._CONV_POOL_WGRAD_STAGED}
+                                "pool_x4": cuda._POOL_BWD_X4, "staged": cuda._CONV_POOL_WGRAD_STAGED,
+                                "pool_2x2": cuda._POOL_FWD_2X2}
         return {}
 
     forgot = [0]  # forget_conv_core_modules calls so far (a rebuilt variant: one before, one after)
@@ -203,7 +204,7 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
         assert graph == ("cudagraph" in name), name
         fn("mnistcnn", 64, graph)
         setting = {k: v for k, v in seen[i].items()
-                   if v is not None and k not in ("rule", "graph", "forgot", "pool_x4", "staged")}
+                   if v is not None and k not in ("rule", "graph", "forgot", "pool_x4", "staged", "pool_2x2")}
         want = {"pycnn-cudagraph-winograd": {"PYCNN_CONV_WINOGRAD": "1"},
                 "pycnn-eager-1stream": {"PYCNN_BACKWARD_STREAMS": "0"},
                 "pycnn-cudagraph-1stream": {"PYCNN_BACKWARD_STREAMS": "0"},
@@ -223,12 +224,12 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
         assert setting == want, name
         assert seen[i]["rule"] == ("fill" if name == "pycnn-cudagraph-fill" else "waves"), name
         assert seen[i]["graph"] == graph
-        assert seen[i]["pool_x4"] == seen[i]["staged"] == name.endswith("-optins"), name
+        assert seen[i]["pool_x4"] == seen[i]["staged"] == seen[i]["pool_2x2"] == name.endswith("-optins"), name
         rebuilt = name == "pycnn-cudagraph-lean"  # (the kernels compiled with the setting, and back after)
         assert seen[i]["forgot"] == forgot[0] - 1 if rebuilt else seen[i]["forgot"] == forgot[0], name
     assert cuda._CONV3_SPLIT_RULE == "waves" and "PYCNN_CONV_BWD_DATA_FLIP" not in os.environ
     assert "PYCNN_CONV3_LEAN_GATHER" not in os.environ and cuda._POOL_BWD_X4 is False
-    assert cuda._CONV_POOL_WGRAD_STAGED is False
+    assert cuda._CONV_POOL_WGRAD_STAGED is False and cuda._POOL_FWD_2X2 is False
 
 
 def test_autotune_picks_in_the_record(monkeypatch):

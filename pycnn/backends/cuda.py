@@ -2502,6 +2502,10 @@ def _bias_grad_into(dev: int, dy, db) -> None:
 # stays opt-in: benchmarks/gpu_training.py's step profiles time both (SWEEPS), its
 # pycnn-cudagraph-optins step runs it, and the selftest's sanitizer workload checks it.
 _POOL_BWD_X4 = False
+# Max-pool forward with a 2x2 window, stride 2, no padding: False runs maxpool2d_fwd_f32 (what every
+# GPU record timed), True maxpool2d_fwd_2x2_f32 (the same bits, the window's shape compiled in;
+# pool2d.cu says why it should be faster). Not yet timed: opt-in, like _POOL_BWD_X4.
+_POOL_FWD_2X2 = False
 
 
 def _pool_check(op: str, x):
@@ -2530,7 +2534,10 @@ def _maxpool2d(op: str, x, kernel, stride, padding, relu: bool):
     with cupy.cuda.Device(dev):
         y = cupy.empty((N, C, Ho, Wo), dtype=cupy.float32)
         argmax = cupy.empty((N, C, Ho, Wo), dtype=cupy.int32)
-    if y.size:
+    if y.size and _POOL_FWD_2X2 and (kh, kw, sh, sw, ph, pw) == (2, 2, 2, 2, 0, 0):
+        _launch(dev, "pool2d.cu", "maxpool2d_fwd_2x2_f32", _grid1d(y.size), (BLOCK,),
+                (x, y, argmax, _i32(N), _i32(C), _i32(H), _i32(W), _i32(Ho), _i32(Wo), _i32(relu)))
+    elif y.size:
         _launch(dev, "pool2d.cu", "maxpool2d_fwd_f32", _grid1d(y.size), (BLOCK,),
                 (x, y, argmax, _i32(N), _i32(C), _i32(H), _i32(W), _i32(Ho), _i32(Wo),
                  _i32(kh), _i32(kw), _i32(sh), _i32(sw), _i32(ph), _i32(pw), _i32(relu)))

@@ -195,6 +195,30 @@ def test_maxpool_relu(emulated, kernel, stride, padding):
         cuda.maxpool2d_relu_backward(dy, y[:, :, :1, :1].copy(), am, x.shape)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 9, 10), (1, 2, 4, 4), (3, 1, 11, 11)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_maxpool_2x2_forward_is_the_general_kernel(emulated, monkeypatch, shape, relu):
+    """cuda._POOL_FWD_2X2: a 2x2 stride-2 pool through maxpool2d_fwd_2x2_f32 gives bitwise the
+    general kernel's y and argmax, odd sizes (a row / column no window reads), ties (small
+    integers: the first maximum), NaN and infinities (a NaN first cell stays) included."""
+    rng = np.random.default_rng(17)
+    x = rng.integers(-2, 3, shape).astype(np.float32)
+    x.flat[0], x.flat[5], x.flat[7] = np.nan, np.inf, -np.inf
+    x.flat[-3] = np.nan
+    forward = cuda.maxpool2d_relu_forward if relu else cuda.maxpool2d_forward
+    want = forward(x, (2, 2), (2, 2), (0, 0))
+    monkeypatch.setattr(cuda, "_POOL_FWD_2X2", True)
+    start = len(emulated)
+    got = forward(x, (2, 2), (2, 2), (0, 0))
+    assert emulated[start:] == ["maxpool2d_fwd_2x2_f32"]
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert got[1].dtype == np.int32
+    start = len(emulated)
+    forward(x, (2, 2), (1, 1), (0, 0))  # another geometry: the general kernel
+    assert emulated[start:] == ["maxpool2d_fwd_f32"]
+
+
 # ----------------------------------------------------------------------------- conv + max-pool + ReLU
 
 

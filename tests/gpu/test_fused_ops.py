@@ -130,6 +130,18 @@ def test_maxpool_backward_x4_is_the_tiled_kernel(monkeypatch, shape, kernel):
     assert all(same_bits(a, b) for a, b in zip(x4, tiled))
 
 
+@pytest.mark.parametrize("shape", [(64, 64, 11, 11), (512, 64, 11, 11), (256, 32, 10, 10), (3, 5, 9, 7)])
+def test_maxpool_2x2_forward_is_the_general_kernel(monkeypatch, shape):
+    """cuda._POOL_FWD_2X2 on the GPU: bitwise the general kernel's y and argmax, with the ReLU and
+    without, on MnistCNN's conv2 pool at batch 64 and 512, FastMNIST's at 256 and odd sizes."""
+    rng = np.random.default_rng(8)
+    x = g(rnd(rng, *shape))
+    want = [cuda.maxpool2d_relu_forward(x, 2, 2, 0), cuda.maxpool2d_forward(x, 2, 2, 0)]
+    monkeypatch.setattr(cuda, "_POOL_FWD_2X2", True)
+    got = [cuda.maxpool2d_relu_forward(x, 2, 2, 0), cuda.maxpool2d_forward(x, 2, 2, 0)]
+    assert all(same_bits(a, b) for pair in zip(got, want) for a, b in zip(*pair))
+
+
 @pytest.mark.parametrize("x_shape, K, RS, padding", [
     ((64, 1, 28, 28), 32, 3, 0),   # MnistCNN conv1 + pool
     ((256, 1, 28, 28), 24, 5, 0),  # FastMNIST conv1 + pool (batch 256)
