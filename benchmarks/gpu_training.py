@@ -158,10 +158,35 @@ def pycnn_variants() -> list:
     """(variant, what it is, throughput function, graph) of every pycnn MnistCNN throughput run,
     in the order they run (each at every batch size, into the record under its variant name)."""
     one_stream = with_env("PYCNN_BACKWARD_STREAMS", "0", pycnn_throughput)
+    # The default and what could become it first (a step cut short by its deadline keeps them),
+    # then the A/Bs of settings already decided.
     return [
         ("pycnn-eager", "eager", pycnn_throughput, False),
         ("pycnn-cudagraph", "graph", pycnn_throughput, True),
+        # every exact-fp32 opt-in at once: v3 channels last, col2im backward-data (before the
+        # channels-last one where both apply), the max-pool kernels' and the first layer's (with_optins)
+        ("pycnn-cudagraph-optins", "graph all exact opt-ins", with_optins(pycnn_throughput), True),
+        # ... and Winograd where it measured faster (_winograd_pays; fp32 arithmetic, not exact):
+        # the fastest step pycnn has without TF32, for the batch-512 target
+        ("pycnn-cudagraph-winograd-optins", "graph winograd + exact opt-ins",
+         with_winograd(with_optins(pycnn_throughput)), True),
+        # every conv layer's version and v3 variant (wide tiles, flipped backward-data, split rule)
+        # picked by timing them in its first (untimed, eager) warm-up step; the picks go into the
+        # record ("autotune")
+        ("pycnn-cudagraph-autotune", "graph autotuned", with_autotune(pycnn_throughput), True),
         ("pycnn-cudagraph-winograd", "graph winograd", with_winograd(pycnn_throughput), True),
+        # the A/B of v3's channels-last kernels (opt-in; conv2d_nhwc.cu)
+        ("pycnn-cudagraph-nhwc", "graph v3 channels last",
+         with_env("PYCNN_CONV3_NHWC", "1", pycnn_throughput), True),
+        # the A/B of backward-data as a 1x1 GEMM of dy and a fold (opt-in; no padding products)
+        ("pycnn-cudagraph-col2im", "graph col2im backward-data",
+         with_env("PYCNN_CONV_BWD_DATA_COL2IM", "1", pycnn_throughput), True),
+        # the A/B of the B-tile gather with fewer instructions per element (opt-in; a rebuild)
+        ("pycnn-cudagraph-lean", "graph lean B-tile gather",
+         with_rebuilt("PYCNN_CONV3_LEAN_GATHER", "1", pycnn_throughput), True),
+        # the A/B of the 32x256 tiles run by 128 threads with 4x16 register tiles (opt-in)
+        ("pycnn-cudagraph-m32t128", "graph 32x256 tiles by 128 threads",
+         with_env("PYCNN_CONV3_M32T128", "1", pycnn_throughput), True),
         # the A/B of the side stream: every backward op in order on one stream
         ("pycnn-eager-1stream", "eager one stream", one_stream, False),
         ("pycnn-cudagraph-1stream", "graph one stream", one_stream, True),
@@ -177,25 +202,6 @@ def pycnn_variants() -> list:
         # the A/B of the 64x128 tiles run by 128 threads with 8x8 register tiles: 256 with 4x8
         ("pycnn-cudagraph-t256", "graph 64x128 tiles by 256 threads",
          with_env("PYCNN_CONV3_R8", "0", pycnn_throughput), True),
-        # the A/B of the 32x256 tiles run by 128 threads with 4x16 register tiles (opt-in)
-        ("pycnn-cudagraph-m32t128", "graph 32x256 tiles by 128 threads",
-         with_env("PYCNN_CONV3_M32T128", "1", pycnn_throughput), True),
-        # the A/B of v3's channels-last kernels (opt-in; conv2d_nhwc.cu)
-        ("pycnn-cudagraph-nhwc", "graph v3 channels last",
-         with_env("PYCNN_CONV3_NHWC", "1", pycnn_throughput), True),
-        # the A/B of backward-data as a 1x1 GEMM of dy and a fold (opt-in; no padding products)
-        ("pycnn-cudagraph-col2im", "graph col2im backward-data",
-         with_env("PYCNN_CONV_BWD_DATA_COL2IM", "1", pycnn_throughput), True),
-        # every exact-fp32 opt-in at once: v3 channels last, col2im backward-data (before the
-        # channels-last one where both apply) and the max-pool backward's 16-byte stores
-        ("pycnn-cudagraph-optins", "graph all exact opt-ins", with_optins(pycnn_throughput), True),
-        # ... and Winograd where it measured faster (_winograd_pays; fp32 arithmetic, not exact):
-        # the fastest step pycnn has without TF32, for the batch-512 target
-        ("pycnn-cudagraph-winograd-optins", "graph winograd + exact opt-ins",
-         with_winograd(with_optins(pycnn_throughput)), True),
-        # the A/B of the B-tile gather with fewer instructions per element (opt-in; a rebuild)
-        ("pycnn-cudagraph-lean", "graph lean B-tile gather",
-         with_rebuilt("PYCNN_CONV3_LEAN_GATHER", "1", pycnn_throughput), True),
         # the A/B of the "waves" split-K rule: the rule before it
         ("pycnn-cudagraph-fill", "graph split rule 'fill'",
          with_constant("_CONV3_SPLIT_RULE", "fill", pycnn_throughput), True),
@@ -203,10 +209,6 @@ def pycnn_variants() -> list:
         # gradient): conv1 writes its output, the pool reads it
         ("pycnn-cudagraph-nopoolfuse", "graph conv1 and pool unfused",
          with_env("PYCNN_CONV_POOL_FUSE", "0", pycnn_throughput), True),
-        # every conv layer's version and v3 variant (wide tiles, flipped backward-data, split rule)
-        # picked by timing them in its first (untimed, eager) warm-up step; the picks go into the
-        # record ("autotune")
-        ("pycnn-cudagraph-autotune", "graph autotuned", with_autotune(pycnn_throughput), True),
     ]
 
 
@@ -685,7 +687,8 @@ def _attempt(errors, what, fn, *args):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON record to write")
-    parser.add_argument("--batches", default="64,512", help="MnistCNN batch sizes")
+    parser.add_argument("--batches", default="512,64",
+                        help="MnistCNN batch sizes, in the order they run (default 512,64: the open target first)")
     parser.add_argument("--seeds", type=int, default=5, help="FastMNIST seeds for the pycnn graph variant")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch references")
     parser.add_argument("--variants", default="all",
