@@ -263,6 +263,16 @@ def test_conv_maxpool_relu_fused(emulated, monkeypatch, x_shape, K, RS, padding,
     np.testing.assert_array_equal(dconv, cuda.maxpool2d_relu_backward(dy, y_want, am_want, conv.shape))
 
 
+def _first_layer_case(rng, x_shape, K, RS, padding):
+    """(x, w, padding pair, y, argmax, dy) of a first layer's fused conv + pool + ReLU forward with
+    half its biases pushed below zero (so the ReLU clips), and a pooled gradient."""
+    x, w, b = rnd(rng, *x_shape), rnd(rng, K, 1, RS, RS), rnd(rng, K)
+    b[: K // 2] -= 2.0
+    pad = (padding, padding)
+    y, am = cuda.conv2d_maxpool2d_relu_forward(x, w, b, (1, 1), pad, 2, 2, 0)
+    return x, w, pad, y, am, rnd(rng, *y.shape)
+
+
 @pytest.mark.parametrize("x_shape, K, RS, padding, min_k", [
     ((3, 1, 14, 14), 32, 3, 0, None),  # MnistCNN conv1's shape, one split (KB = 4 filters per block)
     ((3, 1, 14, 14), 32, 3, 0, 32),    # splits of 32 pooled pixels, added by the reduce launch
@@ -276,12 +286,7 @@ def test_conv_maxpool_relu_backward_weight(emulated, monkeypatch, x_shape, K, RS
     argmax's geometry is unknown it runs the pair itself."""
     if min_k:
         monkeypatch.setattr(cuda, "_CONV_NARROW_MIN_K", min_k)
-    rng = np.random.default_rng(24)
-    x, w, b = rnd(rng, *x_shape), rnd(rng, K, 1, RS, RS), rnd(rng, K)
-    b[: K // 2] -= 2.0
-    pad = (padding, padding)
-    y, am = cuda.conv2d_maxpool2d_relu_forward(x, w, b, (1, 1), pad, 2, 2, 0)
-    dy = rnd(rng, *y.shape)
+    x, w, pad, y, am, dy = _first_layer_case(np.random.default_rng(24), x_shape, K, RS, padding)
     start = len(emulated)
     dw, db = cuda.conv2d_maxpool2d_relu_backward_weight(dy, y, am, x, w.shape, (1, 1), pad)
     assert emulated[start:] == [f"conv2d_bwd_weight_pool_narrow_c1_{RS}x{RS}_f32"] + \
@@ -322,11 +327,7 @@ def test_conv_maxpool_relu_backward_weight_staged(emulated, monkeypatch, x_shape
     if target:
         monkeypatch.setattr(cuda, "_CONV_POOL_STAGED_TARGET_BLOCKS", target)
     rng = np.random.default_rng(31)
-    x, w, b = rnd(rng, *x_shape), rnd(rng, K, 1, RS, RS), rnd(rng, K)
-    b[: K // 2] -= 2.0
-    pad = (padding, padding)
-    y, am = cuda.conv2d_maxpool2d_relu_forward(x, w, b, (1, 1), pad, 2, 2, 0)
-    dy = rnd(rng, *y.shape)
+    x, w, pad, y, am, dy = _first_layer_case(rng, x_shape, K, RS, padding)
     want = cuda.conv2d_maxpool2d_relu_backward_weight(dy, y, am, x, w.shape, (1, 1), pad)
     monkeypatch.setattr(cuda, "_CONV_POOL_WGRAD_STAGED", True)
     start = len(emulated)
