@@ -199,7 +199,8 @@ extern "C" __global__ void maxpool2d_bwd_tiled_x4_f32(
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             v[e] = 0.0f;
-            if (i < Ho && j < Wo) {
+            // (past the last element the walk has moved on to plane N*C: nothing to read there)
+            if (first + e < total && i < Ho && j < Wo) {
                 const pycnn_i64 o = (plane * Ho + i) * (pycnn_i64)Wo + j;
                 if (argmax[o] == h * W + w) v[e] = pycnn_pool_grad(dy, relu_y, relu, o);
             }

@@ -18,6 +18,7 @@ Importing this module never needs CuPy; ``available()`` says whether it can run 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.resources
 import itertools
 import math
@@ -399,6 +400,7 @@ def clear_plans() -> None:
     module attribute does this by itself; changing one of the module's dicts in place (DEFINES,
     _autotune_cache) does not: call this after it."""
     _plans.clear()
+    _packs.clear()
 
 
 def forget_conv_core_modules() -> None:
@@ -420,6 +422,92 @@ def _keep_plan(key, plan: _Plan) -> None:
     _plans[key] = plan
 
 
+# ----------------------------------------------------------------------------- packed launches
+#
+# CuPy's launch converts every argument of every call into a C value (a Python object made per
+# argument, a NumPy scalar inspected per scalar): a conv GEMM takes about 20 arguments, most of them
+# the same int32 geometry at every call. With PYCNN_FAST_LAUNCH=1 a plan's launch keeps its
+# arguments packed as ctypes values with the void* array cuLaunchKernel takes (_Packed, made once
+# per launch and thread); a run writes the arrays' device addresses into their slots and calls
+# cuLaunchKernel (cupy.cuda.driver.launchKernel) on the current stream: the driver copies the
+# values at the launch, so the next run may overwrite them. Opt-in until the GPU host says what it
+# saves (benchmarks/host_overhead.py --gpu times the ops both ways); the tests check the packing
+# on the CPU emulator, which unpacks the void* array by each kernel's declared parameter types.
+_PACK_CTYPES = {np.int32: ctypes.c_int32, np.int64: ctypes.c_int64, np.float32: ctypes.c_float,
+                np.float64: ctypes.c_double}
+
+
+class _Packed(NamedTuple):
+    """One launch's kernel arguments as ctypes values (the array slots' values written per run),
+    the void* array of their addresses, and that array's address for cuLaunchKernel."""
+    launch: _Launch  # (held: the cache below is keyed by its id)
+    values: list
+    params: object
+    address: int
+    grid: tuple  # (x, y, z)
+    block: tuple
+
+
+_packs: dict = {}  # (id(launch), thread) -> _Packed; emptied with the plans
+_function_ptrs: dict = {}  # (device, file, kernel) -> the CUfunction handle
+_thread_contexts = threading.local()  # .devices: the devices whose context this thread made current
+
+
+def _fast_launch_on() -> bool:
+    """$PYCNN_FAST_LAUNCH == '1': plans launch through _launch_packed (see above)."""
+    return _env("PYCNN_FAST_LAUNCH") == "1"
+
+
+def _pack(launch: _Launch) -> _Packed:
+    """The ctypes values of a launch's arguments: its scalars (NumPy int32/int64/float32/float64,
+    at their widths) set once, a void* slot for each named array."""
+    values = []
+    for i, arg in enumerate(launch.args):
+        if isinstance(arg, str):
+            values.append(ctypes.c_void_p(0))
+        else:
+            kind = _PACK_CTYPES.get(type(arg))
+            if kind is None:
+                raise TypeError(f"CUDA backend: {launch.kernel} argument {i} is a {type(arg).__name__}; a packed "
+                                f"launch takes NumPy int32, int64, float32 or float64 scalars and arrays")
+            values.append(kind(arg.item()))
+    params = (ctypes.c_void_p * max(1, len(values)))(*[ctypes.addressof(v) for v in values])
+    grid, block = tuple(launch.grid) + (1,) * (3 - len(launch.grid)), tuple(launch.block) + (1,) * (3 - len(launch.block))
+    return _Packed(launch, values, params, ctypes.addressof(params), grid, block)
+
+
+def _packed(launch: _Launch) -> _Packed:
+    """This thread's _Packed of ``launch`` (two threads running one plan fill their own values)."""
+    key = (id(launch), threading.get_ident())
+    packed = _packs.get(key)
+    if packed is None or packed.launch is not launch:
+        if len(_packs) >= 4 * _MAX_PLANS:
+            _packs.clear()
+        packed = _packs[key] = _pack(launch)
+    return packed
+
+
+def _launch_packed(dev: int, filename: str, kernel: str, grid: tuple, block: tuple, shared_mem: int,
+                   address: int) -> None:
+    """cuLaunchKernel of ``kernel`` on ``dev``'s current stream with the argument array at
+    ``address`` (a _Packed's)."""
+    cupy = _cupy()
+    with cupy.cuda.Device(dev):
+        fptr = _function_ptrs.get((dev, filename, kernel))
+        if fptr is None:
+            fn = _function(dev, filename, kernel)
+            # (RawModule.get_function gives a RawKernel; its .kernel is this device's Function)
+            fptr = _function_ptrs[(dev, filename, kernel)] = int(getattr(fn, "kernel", fn).ptr)
+        devices = getattr(_thread_contexts, "devices", None)
+        if devices is None:
+            devices = _thread_contexts.devices = set()
+        if dev not in devices:  # the driver API needs the context current on this thread: a runtime
+            cupy.cuda.runtime.memGetInfo()  # call makes it so (what CuPy's own launch ensures)
+            devices.add(dev)
+        cupy.cuda.driver.launchKernel(fptr, grid[0], grid[1], grid[2], block[0], block[1], block[2], shared_mem,
+                                      cupy.cuda.get_current_stream().ptr, address, 0)
+
+
 def _run_plan(dev: int, plan: _Plan, arrays: dict, given: dict | None = None) -> None:
     """Allocate the plan's scratch into ``arrays`` (name -> array), then launch in order. Scratch
     in ``given`` (name -> array the caller made) is used as it is, and a launch that ``makes`` it
@@ -438,8 +526,16 @@ def _run_plan(dev: int, plan: _Plan, arrays: dict, given: dict | None = None) ->
                     arrays[name] = given[name]
                 else:
                     arrays[name] = cupy.empty((count,), dtype=cupy.float32)
+    fast = _fast_launch_on()
     for launch in plan.launches:
         if given is not None and launch.makes in given:
+            continue
+        if fast:
+            packed = _packed(launch)
+            for i, name in launch.slots:
+                packed.values[i].value = _ptr(arrays[name])
+            _launch_packed(dev, launch.filename, launch.kernel, packed.grid, packed.block, launch.shared_mem,
+                           packed.address)
             continue
         args = list(launch.args)
         for i, name in launch.slots:

@@ -49,6 +49,11 @@ def _parse(text: str) -> dict:
     return kernels
 
 
+def _param_type(decl: str) -> str:
+    """The C type of a kernel parameter declaration: "const float* __restrict__ dy" -> "const float*"."""
+    return re.sub(r"\w+$", "", decl.replace("__restrict__", "")).strip()
+
+
 def build_emulator():
     """Compile the emulated kernels once (cached by content hash in the temp dir)."""
     sources, kernels = {}, {}
@@ -62,6 +67,13 @@ def build_emulator():
             f'{", ".join(p[3] for p in params)}) {{ emu_run(gx, gy, gz, bx, by, bz, smem, '
             f'{"true" if threaded else "false"}, [&]() {{ {name}({", ".join(p[0] for p in params)}); }}); }}'
             for name, (params, threaded) in found.items()]
+        # ... and as cuLaunchKernel takes them: a void* array pointing at each argument's value,
+        # read back by the kernel's declared parameter types (cuda._launch_packed's packing)
+        wrappers += [
+            f'extern "C" void emup_{name}(int gx, int gy, int gz, int bx, int by, int bz, long long smem, '
+            f'void** p) {{ emu_run(gx, gy, gz, bx, by, bz, smem, {"true" if threaded else "false"}, [&]() {{ '
+            f'{name}({", ".join(f"*({_param_type(q[3])}*)p[{i}]" for i, q in enumerate(params))}); }}); }}'
+            for name, (params, threaded) in found.items()]
         if not sources:  # once per library: the harness reads the cp.async error count after each launch
             wrappers.append('extern "C" int emu_copy_error_count() { return emu_copy_errors.load(); }')
             wrappers.append('extern "C" void emu_set_cp_async_eager(int on) { emu_cp_async_eager.store(on); }')
@@ -71,6 +83,8 @@ def build_emulator():
     # build (PYCNN_CONV_STAGES=1 or 3) loaded beside the first would use the first one's arrays,
     # whose sizes differ. Without it each library keeps its own (ctypes loads them RTLD_LOCAL).
     flags = ["-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-fno-gnu-unique"]
+    if os.environ.get("PYCNN_EMU_ASAN") == "1":  # (see test_emulator_asan.py: out-of-bounds accesses)
+        flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
     digest = hashlib.sha1(EMU_HEADER.read_bytes() + "".join(sources.values()).encode()
                           + " ".join(flags).encode()).hexdigest()[:16]
     build = Path(tempfile.gettempdir()) / f"pycnn-emu-{digest}"
@@ -128,9 +142,16 @@ def patch_backend(monkeypatch, emulator):
         assert lib.emu_copy_error_count() == 0, f"{kernel}: a thread exited with cp.async copies it never waited for"
         launched.append(kernel)
 
+    def launch_packed(dev, filename, kernel, grid, block, shared_mem, address):
+        getattr(lib, f"emup_{kernel}")(*(ctypes.c_int(v) for v in tuple(grid) + tuple(block)),
+                                       ctypes.c_longlong(shared_mem), ctypes.c_void_p(address))
+        assert lib.emu_copy_error_count() == 0, f"{kernel}: a thread exited with cp.async copies it never waited for"
+        launched.append(kernel)
+
     monkeypatch.setattr(cuda, "_cupy", lambda: fake_cupy)
     monkeypatch.setattr(cuda, "_device", lambda op, **arrays: 0)
     monkeypatch.setattr(cuda, "_launch", launch)
+    monkeypatch.setattr(cuda, "_launch_packed", launch_packed)
     monkeypatch.setattr(cuda, "_split_ticket_arrays", {})  # counters of this test's stand-in arrays
     monkeypatch.setattr(cuda, "BLOCK", 64)  # fewer emulated threads; kernels take any multiple of 32
     return launched

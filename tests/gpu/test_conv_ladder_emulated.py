@@ -2097,10 +2097,12 @@ def test_v3_nhwc_trains_a_model(emulated, monkeypatch):
 
 def test_mnistcnn_trains_with_every_exact_opt_in(emulated, monkeypatch):
     """MnistCNN (batch 2) through autograd with what gpu_training.py's pycnn-cudagraph-optins
-    turns on: v3 channels last, the col2im backward-data, the max-pool backward's 16-byte stores.
-    Each runs where it applies (conv3's backward-data through col2im, whose 1x1 GEMM runs channels
-    last; conv2 and conv3 channels last otherwise; both pools' backward four elements a thread)
-    and the output and every gradient are the NumPy reference backend's."""
+    turns on: v3 channels last, the col2im backward-data, the max-pool backward's 16-byte stores,
+    the 2x2 pool forward, the first layer's weight gradient with the image in shared memory. Each
+    runs where it applies (conv3's backward-data through col2im, whose 1x1 GEMM runs channels last;
+    conv2 and conv3 channels last otherwise; both pools' backward four elements a thread; conv2's
+    pool forward; conv1's weight gradient) and the output and every gradient are the NumPy
+    reference backend's."""
     import pycnn
     from pycnn import Tensor
     from pycnn.models import MnistCNN
@@ -2112,10 +2114,14 @@ def test_mnistcnn_trains_with_every_exact_opt_in(emulated, monkeypatch):
     monkeypatch.setenv("PYCNN_CONV3_NHWC", "1")
     monkeypatch.setenv("PYCNN_CONV_BWD_DATA_COL2IM", "1")
     monkeypatch.setattr(cuda, "_POOL_BWD_X4", True)
+    monkeypatch.setattr(cuda, "_POOL_FWD_2X2", True)
+    monkeypatch.setattr(cuda, "_CONV_POOL_WGRAD_STAGED", True)
     monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 25)  # (conv1: the first-layer kernels, as on the GPU)
     start = len(emulated)
     got = model_gradients(monkeypatch, model, x, r, cuda)
     ran = emulated[start:]
+    assert "maxpool2d_fwd_2x2_f32" in ran and "conv2d_bwd_weight_pool_staged_c1_3x3_f32" in ran, ran
+    assert "maxpool2d_fwd_f32" not in ran and "conv2d_bwd_weight_pool_narrow_c1_3x3_f32" not in ran, ran
     assert ran.count("conv2d_col2im_f32") == 2 and ran.count("maxpool2d_bwd_tiled_x4_f32") >= 1, ran
     assert not any("bwd_data_v3" in k or k == "maxpool2d_bwd_tiled_f32" for k in ran), ran
     assert sum(k.startswith("conv2d_fwd_v3nhwc") for k in ran) >= 3, ran
