@@ -47,6 +47,8 @@ shared memory, cuda._CONV_POOL_WGRAD_STAGED, the 2x2 pool forward, cuda._POOL_FW
 the batch-512 target would get from them;
 "pycnn-cudagraph-winograd-optins" adds PYCNN_CONV_WINOGRAD=1 (v5 on the layers where it pays, the
 opt-ins on the rest).
+"pycnn-eager-packed" is the eager variant with PYCNN_FAST_LAUNCH=1 (the plans' launches with their
+arguments packed for cuLaunchKernel: less host work a call; opt-in until timed).
 "pycnn-cudagraph-m32t128" is the graph variant with PYCNN_CONV3_M32T128=1 (v3's 32x256 tiles run
 by 128 threads with 4x16 register tiles instead of 256 with 2x16; opt-in until timed): its A/B.
 "pycnn-cudagraph-lean" is the graph variant with the GEMM-core kernels rebuilt with
@@ -187,6 +189,8 @@ def pycnn_variants() -> list:
         # the A/B of the 32x256 tiles run by 128 threads with 4x16 register tiles (opt-in)
         ("pycnn-cudagraph-m32t128", "graph 32x256 tiles by 128 threads",
          with_env("PYCNN_CONV3_M32T128", "1", pycnn_throughput), True),
+        # the A/B of the plans' launches with packed arguments (opt-in; the host's work: eager)
+        ("pycnn-eager-packed", "eager packed launches", with_env("PYCNN_FAST_LAUNCH", "1", pycnn_throughput), False),
         # the A/B of the side stream: every backward op in order on one stream
         ("pycnn-eager-1stream", "eager one stream", one_stream, False),
         ("pycnn-cudagraph-1stream", "graph one stream", one_stream, True),

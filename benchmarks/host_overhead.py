@@ -13,7 +13,8 @@ benchmarks/gpu_kernels.py measures the whole call there ("ms" beside "gpu_ms").
 On a GPU (real CuPy) it splits that whole call into its parts instead: what CuPy's primitives cost
 from Python (an allocation, a device context, a launch of an empty kernel with 3 and with 20
 arguments, the same 20-argument launch through cuLaunchKernel with the arguments packed once, an
-event pair), the same ops as above with real arrays and launches, and the Python functions a conv
+event pair), the same ops as above with real arrays and launches (and again with
+PYCNN_FAST_LAUNCH=1: the plans' launches packed), and the Python functions a conv
 call spends its time in (cProfile). Each figure: the best of 5 rounds of ``--reps`` calls, "host
 us" up to the last call returning, "synced us" including the wait for the GPU to drain the
 queue (where the GPU is slower than the host's launches, that is what it shows). For the per-call
@@ -26,6 +27,7 @@ import argparse
 import cProfile
 import ctypes
 import json
+import os
 import pstats
 import sys
 import time
@@ -251,6 +253,11 @@ def gpu_main(reps: int, json_path: Path | None) -> int:
     record = {"device": props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"]),
               "cupy": cp.__version__, "python": sys.version.split()[0], "reps": reps,
               "primitives": primitives(cp, reps, errors), "ops": gpu_ops(cp, reps, errors)}
+    os.environ["PYCNN_FAST_LAUNCH"] = "1"  # the same ops with the plans' packed launches
+    try:
+        record["ops_fast_launch"] = gpu_ops(cp, reps, errors)
+    finally:
+        os.environ.pop("PYCNN_FAST_LAUNCH", None)
     try:
         record["profile"] = profile_ops(cp, max(1, reps // 4))
     except Exception as exc:  # noqa: BLE001
@@ -260,9 +267,12 @@ def gpu_main(reps: int, json_path: Path | None) -> int:
     print(f"{'':58}{'host us':>9}{'synced us':>11}")
     for name, t in record["primitives"].items():
         print(f"{name:58}{t['host_us']:>9.2f}{t['synced_us']:>11.2f}")
-    print(f"{'op (MnistCNN, batch 64)':46}{'launches':>12}{'host us':>9}{'synced us':>11}")
+    print(f"{'op (MnistCNN, batch 64)':46}{'launches':>9}{'host us':>9}{'synced us':>11}"
+          f"{'packed host us':>16}{'synced us':>11}")
     for name, t in record["ops"].items():
-        print(f"{name:46}{t['launches']:>12}{t['host_us']:>9.2f}{t['synced_us']:>11.2f}")
+        f = record["ops_fast_launch"].get(name, {})
+        print(f"{name:46}{t['launches']:>9}{t['host_us']:>9.2f}{t['synced_us']:>11.2f}"
+              f"{f.get('host_us', float('nan')):>16.2f}{f.get('synced_us', float('nan')):>11.2f}")
     for name, rows in record.get("profile", {}).items():
         print(f"cProfile, {name}: function, calls, own us, cumulative us (per op call)")
         for row in rows[:12]:

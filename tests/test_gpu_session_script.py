@@ -180,7 +180,7 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
                            ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP",
                             "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_POOL_FUSE", "PYCNN_CONV_AUTOTUNE",
                             "PYCNN_CONV3_WIDE", "PYCNN_CONV3_R8", "PYCNN_CONV3_M32T128", "PYCNN_CONV3_LEAN_GATHER",
-                            "PYCNN_CONV3_NHWC", "PYCNN_CONV_BWD_DATA_COL2IM")}
+                            "PYCNN_CONV3_NHWC", "PYCNN_CONV_BWD_DATA_COL2IM", "PYCNN_FAST_LAUNCH")}
         seen[len(seen) - 1] |= {"rule": cuda._CONV3_SPLIT_RULE, "graph": graph, "forgot": forgot[0],
                                 "pool_x4": cuda._POOL_BWD_X4, "staged": cuda._CONV_POOL_WGRAD_STAGED,
                                 "pool_2x2": cuda._POOL_FWD_2X2}
@@ -194,7 +194,8 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
     monkeypatch.setattr(cuda, "forget_conv_core_modules", forget)
     for name in ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_CONV_WINOGRAD",
                  "PYCNN_CONV_POOL_FUSE", "PYCNN_CONV_AUTOTUNE", "PYCNN_CONV3_WIDE", "PYCNN_CONV3_R8",
-                 "PYCNN_CONV3_M32T128", "PYCNN_CONV3_LEAN_GATHER", "PYCNN_CONV3_NHWC", "PYCNN_CONV_BWD_DATA_COL2IM"):
+                 "PYCNN_CONV3_M32T128", "PYCNN_CONV3_LEAN_GATHER", "PYCNN_CONV3_NHWC", "PYCNN_CONV_BWD_DATA_COL2IM",
+                 "PYCNN_FAST_LAUNCH"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(gpu_training, "pycnn_throughput", stand_in)
     variants = gpu_training.pycnn_variants()
@@ -207,6 +208,7 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
                    if v is not None and k not in ("rule", "graph", "forgot", "pool_x4", "staged", "pool_2x2")}
         want = {"pycnn-cudagraph-winograd": {"PYCNN_CONV_WINOGRAD": "1"},
                 "pycnn-eager-1stream": {"PYCNN_BACKWARD_STREAMS": "0"},
+                "pycnn-eager-packed": {"PYCNN_FAST_LAUNCH": "1"},
                 "pycnn-cudagraph-1stream": {"PYCNN_BACKWARD_STREAMS": "0"},
                 "pycnn-cudagraph-1pass": {"PYCNN_SPLIT_FINISH": "1"},
                 "pycnn-cudagraph-flip": {"PYCNN_CONV_BWD_DATA_FLIP": "1"},

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import pycnn
+import pycnn.backends.cuda
 import pycnn.cuda_graph
 import pycnn.functional as F
 import pycnn.train
@@ -83,6 +84,41 @@ def test_graph_with_two_backward_streams_matches_one_stream(monkeypatch):
         step = pycnn.cuda_graph.CudaGraphTrainStep(model, opt, (BATCH, 1, 28, 28), warmup_steps=2)
         losses = []
         for x, y in batches:
+            losses.append(float(step(x, y).get()))
+            sched.step()
+        assert step.captured and step.reason is None, step.reason
+        results[mode] = (losses, [p.numpy() for p in model.parameters()])
+    assert results["1"][0] == results["0"][0]
+    for a, b in zip(results["1"][1], results["0"][1]):
+        assert a.tobytes() == b.tobytes()
+
+
+@gpu
+@pytest.mark.parametrize("optins", [False, True])
+def test_packed_launches_give_the_same_steps_eager_and_captured(monkeypatch, optins):
+    """PYCNN_FAST_LAUNCH=1 (plan launches through cuLaunchKernel with packed arguments): 4 eager
+    steps and then 6 captured, replayed ones give bitwise the losses and parameters of CuPy's own
+    launches, with the default kernels and with every exact opt-in (their other plans)."""
+    if optins:
+        monkeypatch.setenv("PYCNN_CONV3_NHWC", "1")
+        monkeypatch.setenv("PYCNN_CONV_BWD_DATA_COL2IM", "1")
+        for name in ("_POOL_BWD_X4", "_POOL_FWD_2X2", "_CONV_POOL_WGRAD_STAGED"):
+            monkeypatch.setattr(pycnn.backends.cuda, name, True)
+    batches, results = _batches(10, seed=5), {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("PYCNN_FAST_LAUNCH", mode)
+        model = _model()
+        opt, sched = _adam_onecycle(model, len(batches))
+        losses = []
+        for x, y in batches[:4]:
+            loss = F.cross_entropy(model(Tensor(x)), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.data))
+        step = pycnn.cuda_graph.CudaGraphTrainStep(model, opt, (BATCH, 1, 28, 28), warmup_steps=1)
+        for x, y in batches[4:]:
             losses.append(float(step(x, y).get()))
             sched.step()
         assert step.captured and step.reason is None, step.reason

@@ -22,7 +22,7 @@ def test_host_costs_measures_every_part(tmp_path):
     assert record["errors"] == []
     assert len(record["primitives"]) == 9
     assert all(t["synced_us"] >= t["host_us"] > 0 for t in record["primitives"].values())
-    assert list(record["ops"]) == list(host_overhead.calls())
+    assert list(record["ops"]) == list(record["ops_fast_launch"]) == list(host_overhead.calls())
     assert record["ops"]["conv1 forward + bias + ReLU"]["launches"] == 1
     assert set(record["profile"]) == set(host_overhead.PROFILED_OPS)
     assert all(rows for rows in record["profile"].values())
