@@ -399,6 +399,16 @@ def workload() -> int:
     cuda.conv2d_backward_data(dy, w, x.shape, (1, 1), (1, 1))
     cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1))
     _channels_last_workload(cuda, r, cp)
+    saved_fast = os.environ.get("PYCNN_FAST_LAUNCH")
+    os.environ["PYCNN_FAST_LAUNCH"] = "1"  # the plans' packed launches (cuLaunchKernel), split-K included
+    try:
+        cuda.conv2d_bias_relu_forward(x, w, b, (1, 1), (1, 1))
+        cuda.conv2d_backward(dy, x, w, (1, 1), (1, 1))
+    finally:
+        if saved_fast is None:
+            os.environ.pop("PYCNN_FAST_LAUNCH", None)
+        else:
+            os.environ["PYCNN_FAST_LAUNCH"] = saved_fast
     yp, am = cuda.maxpool2d_forward(x, (3, 3), (2, 2), (1, 1))
     cuda.maxpool2d_backward(r(*yp.shape), am, x.shape)
     cuda.maxpool2d_backward(r(*yp.shape), am.copy(), x.shape)  # unknown geometry: row scan
