@@ -5,7 +5,8 @@ compute-sanitizer's memcheck would see it, in a scarce GPU session. Here the emu
 goes in a child process with libasan preloaded, so NumPy's arrays (the kernels' operands) get
 redzones and ASan stops the run at the first access outside one.
 
-Measured on the 2-core dev machine (2026-11-28): test_fused_emulated.py takes 82 s this way; the
+Measured on the 2-core dev machine (2026-11-28): test_fused_emulated.py takes 82 s this way, the
+ladder's channels-last and col2im tests 6.9 min (with the ASan build of the emulator, ~40 s); the
 whole of test_kernels_emulated.py and test_conv_ladder_emulated.py (297 tests) 27.5 min, too long
 for every CI run: here the fused kernels and the channels-last and col2im conv paths, the opt-in
 kernels no GPU has run yet. It found the x4 max-pool backward's read past argmax (fixed)."""
