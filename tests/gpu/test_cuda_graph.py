@@ -41,6 +41,23 @@ def _adam_onecycle(model, steps):
     return opt, optim.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, cycle_momentum=True)
 
 
+def _replayed(step, sched, batches, losses, model):
+    """Run ``batches`` through the graph step (the schedule stepped after each), check that it was
+    captured; (losses with these appended, the parameters as host arrays)."""
+    for x, y in batches:
+        losses.append(float(step(x, y).get()))
+        sched.step()
+    assert step.captured and step.reason is None, step.reason
+    return losses, [p.numpy() for p in model.parameters()]
+
+
+def _same_run(a, b):
+    """Two (losses, parameters) of _replayed: the same losses and bitwise the same parameters."""
+    assert a[0] == b[0]
+    for pa, pb in zip(a[1], b[1]):
+        assert pa.tobytes() == pb.tobytes()
+
+
 @gpu
 def test_graph_replay_matches_eager_steps_under_onecycle():
     steps = 10
@@ -83,14 +100,8 @@ def test_graph_with_two_backward_streams_matches_one_stream(monkeypatch):
         opt, sched = _adam_onecycle(model, steps)
         step = pycnn.cuda_graph.CudaGraphTrainStep(model, opt, (BATCH, 1, 28, 28), warmup_steps=2)
         losses = []
-        for x, y in batches:
-            losses.append(float(step(x, y).get()))
-            sched.step()
-        assert step.captured and step.reason is None, step.reason
-        results[mode] = (losses, [p.numpy() for p in model.parameters()])
-    assert results["1"][0] == results["0"][0]
-    for a, b in zip(results["1"][1], results["0"][1]):
-        assert a.tobytes() == b.tobytes()
+        results[mode] = _replayed(step, sched, batches, losses, model)
+    _same_run(results["1"], results["0"])
 
 
 @gpu
@@ -118,14 +129,8 @@ def test_packed_launches_give_the_same_steps_eager_and_captured(monkeypatch, opt
             sched.step()
             losses.append(float(loss.data))
         step = pycnn.cuda_graph.CudaGraphTrainStep(model, opt, (BATCH, 1, 28, 28), warmup_steps=1)
-        for x, y in batches[4:]:
-            losses.append(float(step(x, y).get()))
-            sched.step()
-        assert step.captured and step.reason is None, step.reason
-        results[mode] = (losses, [p.numpy() for p in model.parameters()])
-    assert results["1"][0] == results["0"][0]
-    for a, b in zip(results["1"][1], results["0"][1]):
-        assert a.tobytes() == b.tobytes()
+        results[mode] = _replayed(step, sched, batches[4:], losses, model)
+    _same_run(results["1"], results["0"])
 
 
 @gpu
