@@ -32,15 +32,17 @@ SETTINGS = settings(max_examples=25, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def assert_close(actual, expected, dtype, what=""):
-    """Same shape and dtype; |a - e| <= rtol * (|e| + max finite |e|); NaN/inf where e has them."""
+def assert_close(actual, expected, dtype, what="", scale=0.0):
+    """Same shape and dtype; |a - e| <= rtol * (|e| + max(max finite |e|, scale)); NaN/inf where e
+    has them. ``scale``: the size of the terms a result is a difference of, where that is larger
+    than the result (a loss near 0 is log-sum-exp minus a logit: its rounding is the logits')."""
     expected = np.asarray(expected)
     actual = np.asarray(actual)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     assert actual.dtype == np.dtype(dtype), f"{what}: dtype {actual.dtype} != {np.dtype(dtype)}"
     rtol = RTOL[np.dtype(dtype)]
     finite = np.abs(expected[np.isfinite(expected)])
-    scale = float(finite.max()) if finite.size else 0.0
+    scale = max(float(finite.max()) if finite.size else 0.0, scale)
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale + 1e-30,
                                err_msg=what)
 
@@ -297,7 +299,7 @@ def test_softmax_cross_entropy_matches_reference(dtype, n, classes, weighted, sm
     loss_ref, probs_ref = ref.softmax_cross_entropy_forward(logits, target, weight, smoothing,
                                                             reduction)
     assert loss.shape == () and loss.dtype == np.dtype(dtype)
-    assert_close(loss, loss_ref, dtype, "loss")
+    assert_close(loss, loss_ref, dtype, "loss", scale=float(np.abs(logits).max()))
     assert_close(probs, probs_ref, dtype, "probs")
     assert_close(nb.softmax_cross_entropy_backward(dloss, probs_ref, target, weight, smoothing,
                                                    reduction),
