@@ -41,6 +41,9 @@ fp32 (TF32 off) and in TF32, all measured in the same run.
         (v3 and, as "nhwc": true entries, v3's channels-last kernels, PYCNN_CONV3_NHWC=1:
         forward / backward-data with 16k reduction channels, weight gradients with C and K
         multiples of 4)
+    python benchmarks/gpu_kernels.py --layers all --versions 3,3px --batch 512 --json FILE
+        (v3 and, as "px": true weight-gradient entries, v3's weight gradient with B copied by 4
+        pixels x 8 columns per warp, PYCNN_CONV3_WGRAD_PX=1, where it runs a v3 GEMM tile)
     python benchmarks/gpu_kernels.py --layers models --versions 3,3fill --batch 512 --json FILE
         (v3 and, as "split_rule": "fill" entries where it splits differently, v3 with the split-K
         rule before the "waves" one: cuda._CONV3_SPLIT_RULE)
@@ -108,6 +111,9 @@ M32T128 = "3m"
 # "3n": v3 with PYCNN_CONV3_NHWC=1 (its channels-last kernels, all three directions).
 NHWC = "4n"
 NHWC3 = "3n"
+# "3px": v3 with PYCNN_CONV3_WGRAD_PX=1 (the weight gradient's B copied by 4 pixels x 8 columns per
+# warp); weight-gradient entries with a v3 GEMM tile only ("px": true).
+PX = "3px"
 # "3@T": v3 with cuda._CONV3_SPLIT_TARGET_BLOCKS = T (how many blocks split-K GEMMs aim at).
 
 
@@ -122,6 +128,7 @@ class Tag(NamedTuple):
     m32t128: bool = False
     nhwc: bool = False
     col2im: bool = False
+    px: bool = False
 
 
 def parse_tag(tag: str) -> Tag:
@@ -142,6 +149,8 @@ def parse_tag(tag: str) -> Tag:
         return Tag(tag[0], nhwc=True)
     if tag == COL2IM:
         return Tag("3", col2im=True)
+    if tag == PX:
+        return Tag("3", px=True)
     return Tag(tag)
 SLOW_MS = 5.0
 
@@ -361,7 +370,8 @@ def variant(tag: Tag):
                 env_switch("PYCNN_CONV3_M32T128", tag.m32t128), \
                 env_switch("PYCNN_CONV4_NHWC", tag.nhwc and tag.version == "4"), \
                 env_switch("PYCNN_CONV3_NHWC", tag.nhwc and tag.version == "3"), \
-                env_switch("PYCNN_CONV_BWD_DATA_COL2IM", tag.col2im):
+                env_switch("PYCNN_CONV_BWD_DATA_COL2IM", tag.col2im), \
+                env_switch("PYCNN_CONV3_WGRAD_PX", tag.px):
             yield
     finally:
         if tag.split_target is not None:
@@ -462,8 +472,10 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
             fp32_ms, tf32_ms, fp32_gpu, tf32_gpu = cudnn.get(op, (None, None, None, None))
             for tag in versions:
                 parsed = parse_tag(tag)
-                version, wide, target, flip, rule, threads256, m32t128, nhwc, col2im = parsed
+                version, wide, target, flip, rule, threads256, m32t128, nhwc, col2im, px = parsed
                 if (flip or col2im) and direction != "backward_data":
+                    continue
+                if px and direction != "backward_weight":
                     continue
 
                 def run(op=op, version=version, parsed=parsed):
@@ -492,6 +504,8 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                         continue  # (stride > 1, or a first layer's narrow kernel: v3 as it is)
                     if col2im and (not folded or tile == "narrow"):
                         continue  # (1x1 filters, cols past its cap, a first layer: v3 as it is)
+                    if px and (tile == "narrow" or tile.startswith("nhwc")):
+                        continue  # (a first layer's narrow kernel, channels last: no such GEMM)
                     out = cp.asnumpy(run())
                     err = None
                     if op in cudnn_out:
@@ -518,7 +532,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
                     **({"split_rule": rule} if rule else {}),
                     **({"split_target": target} if target is not None else {}),
                     **({"threads": 256} if threads256 else {}), **({"m32t128": True} if m32t128 else {}),
-                    **({"nhwc": True} if nhwc else {}),
+                    **({"nhwc": True} if nhwc else {}), **({"px": True} if px else {}),
                     "stages": stages if version in ("3", "4", "5") else None,  # (v5's GEMMs: the v3 core)
                     "warp_cols": warp_cols if version in ("3", "5") else None})
     # Was the shape rule right? The fastest measured exact version per layer and direction.
@@ -526,7 +540,7 @@ def conv_ladder(repeats: int, budget: float = 100.0, only_big: bool = False, ver
     for e in entries:
         if (e["version"] in [f"v{v}" for v in cuda.CONV_VERSIONS]
                 and not any(e.get(k) for k in ("wide", "flip", "col2im", "split_target", "split_rule", "wide_splits",
-                                                "r8", "threads", "m32t128", "nhwc"))):  # auto's choices
+                                                "r8", "threads", "m32t128", "nhwc", "px"))):  # auto's choices
             slot = fastest.setdefault(e["layer"], {})
             best = slot.get(e["op"])
             if best is None or e["ms"] < best[1]:
@@ -551,7 +565,7 @@ def table(entries) -> str:
                    + (e["split_rule"] if e.get("split_rule") else "")
                    + ("o" if e.get("wide_splits") else "") + ("r" if e.get("r8") else "")
                    + ("t" if e.get("threads") == 256 else "") + ("m" if e.get("m32t128") else "")
-                   + ("n" if e.get("nhwc") else "")
+                   + ("n" if e.get("nhwc") else "") + ("px" if e.get("px") else "")
                    + (f"-k{e['knockout']}" if e.get("knockout") else "")
                    + (f"-s{e['stages']}" if str(e.get("rebuilt", "")).startswith("PYCNN_CONV_STAGES") else "")
                    + (f"-l{e['warp_cols']}" if str(e.get("rebuilt", "")).startswith("PYCNN_CONV3_WARP_COLS") else "")
@@ -575,6 +589,7 @@ def table(entries) -> str:
                  "v3m = 32x256 tiles by 128 threads (PYCNN_CONV3_M32T128=1); "
                  "v4n = v4's channels-last kernels (PYCNN_CONV4_NHWC=1); "
                  "v3n = v3's channels-last kernels (PYCNN_CONV3_NHWC=1); "
+                 "v3px = v3's weight gradient by pixel lanes (PYCNN_CONV3_WGRAD_PX=1); "
                  "v3@T = split-K aimed at T "
                  "blocks; x cuDNN > 1 means faster "
                  "than cuDNN; ms: one call with the host's work, GPU us: in a CUDA graph)")
@@ -613,7 +628,7 @@ def main(argv=None) -> int:
                         help="also time the non-conv kernel families (the selftest's benchmark)")
     args = parser.parse_args(argv)
     versions = tuple(v.strip() for v in args.versions.split(",") if v.strip())
-    unknown = [v for v in versions if v not in VERSIONS + (WIDE, FLIP, COL2IM, FILL, T256, M32T128, NHWC, NHWC3)
+    unknown = [v for v in versions if v not in VERSIONS + (WIDE, FLIP, COL2IM, FILL, T256, M32T128, NHWC, NHWC3, PX)
                and not v.startswith("3@")]
     try:
         [parse_tag(v) for v in versions]
@@ -621,7 +636,7 @@ def main(argv=None) -> int:
         unknown.append(str(exc))
     if unknown or not versions:
         parser.error(f"--versions: expected a comma-separated subset of {','.join(VERSIONS)}, "
-                     f"3w, 3f, 3c, 3fill, 3t, 3m, 3n, 4n or 3@<blocks>, "
+                     f"3w, 3f, 3c, 3fill, 3t, 3m, 3n, 3px, 4n or 3@<blocks>, "
                      f"got {args.versions!r}")
     try:
         knockouts = [int(k) for k in args.knockouts.split(",") if k.strip()]

@@ -59,9 +59,10 @@ fi
 # (gpu_kernels.py writes its record at the end: its own budget stops new layers in time for that)
 kbudget=$(( deadline - SECONDS - 60 < 100 ? deadline - SECONDS - 60 : 100 ))
 # (3n, 4n: v3's and v4's channels-last kernels beside them, opt-in until timed; 4n has a docs row;
-# 3c: v3's backward-data as a 1x1 GEMM of dy and a fold, opt-in until timed)
+# 3c: v3's backward-data as a 1x1 GEMM of dy and a fold, opt-in until timed; 3px: v3's weight
+# gradient with B copied by 4 pixels x 8 columns per warp, opt-in until timed)
 [ -z "${SKIP_LADDER:-}" ] && step "kernel ladder vs cuDNN" 150 python3 benchmarks/gpu_kernels.py --budget "$kbudget" \
-  --versions 1,2,3,3c,3n,4,4n,5 --json "$OUT/gpu-$stamp-$sha8-kernels.json" 2>&1 | tail -80
+  --versions 1,2,3,3c,3n,3px,4,4n,5 --json "$OUT/gpu-$stamp-$sha8-kernels.json" 2>&1 | tail -80
 # (TRAINING_VARIANTS=a,b,...: only those pycnn MnistCNN variants, for a short session)
 tv=""; [ -n "${TRAINING_VARIANTS:-}" ] && tv="--variants=$TRAINING_VARIANTS"  # (no spaces in it: unquoted below)
 [ -z "${SKIP_TRAINING_BENCH:-}" ] && step "training throughput vs PyTorch" 240 \
@@ -132,10 +133,10 @@ fi
 # v4n, PYCNN_CONV4_NHWC=1: the input transposed to NHWC, 16-byte loads; v4 with ldmatrix) on the
 # compute-bound layer and every model layer at batch 512 (where they apply; the others are timed
 # once), and v3's col2im backward-data (v3c, PYCNN_CONV_BWD_DATA_COL2IM=1) beside them. The main
-# ladder times 3c, 3n and 4n at batch 64 already; gpu_training.py's pycnn-cudagraph-nhwc,
-# -col2im and -optins run the MnistCNN step with them.
-[ -n "${NHWC:-}" ] && step "v3/v4 vs their channels-last kernels and col2im, compute-bound + model layers" 100 \
-  python3 benchmarks/gpu_kernels.py --layers all --versions 3,3c,3n,4,4n --batch 512 --repeats 10 --budget 50 \
+# ladder times 3c, 3n, 3px and 4n at batch 64 already; gpu_training.py's pycnn-cudagraph-nhwc,
+# -col2im, -px and -optins run the MnistCNN step with them. (3px: the weight gradient by pixel lanes.)
+[ -n "${NHWC:-}" ] && step "v3/v4 vs their channels-last kernels, col2im and px, compute-bound + model layers" 100 \
+  python3 benchmarks/gpu_kernels.py --layers all --versions 3,3c,3n,3px,4,4n --batch 512 --repeats 10 --budget 50 \
   --json "$OUT/gpu-$stamp-$sha8-kernels-nhwc-b512.json" 2>&1 | tail -40
 # The v3/v4/v5 GEMM main loop without cp.async double buffering, on the compute-bound layer: is
 # the default (PYCNN_CONV3_STAGES=2) the faster one there?

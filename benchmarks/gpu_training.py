@@ -38,10 +38,14 @@ reverse, "pycnn-cudagraph-r8", from when 256 threads were the default, and
 "pycnn-cudagraph-wideown", wide tiles planning their own split-K, since removed: it lost).
 "pycnn-cudagraph-nhwc" is the graph variant with PYCNN_CONV3_NHWC=1 (v3's forward, stride-1
 backward-data and weight gradient through the channels-last kernels of conv2d_nhwc.cu, opt-in).
+"pycnn-cudagraph-px" is the graph variant with PYCNN_CONV3_WGRAD_PX=1 (v3's weight gradient copying
+B by 4 output pixels x 8 columns per warp instead of 1 x 32: fewer global-memory sectors per copy;
+the same bits; opt-in until timed).
 "pycnn-cudagraph-col2im" is the graph variant with PYCNN_CONV_BWD_DATA_COL2IM=1 (v3's
 backward-data as a 1x1 forward GEMM of dy into cols and a fold of cols into dx: none of the
 products of the padding around dy; opt-in until timed); "pycnn-cudagraph-optins" has every
-exact-fp32 opt-in on at once (PYCNN_CONV3_NHWC=1, PYCNN_CONV_BWD_DATA_COL2IM=1, the max-pool
+exact-fp32 opt-in on at once (PYCNN_CONV3_NHWC=1, PYCNN_CONV_BWD_DATA_COL2IM=1,
+PYCNN_CONV3_WGRAD_PX=1, the max-pool
 backward's 16-byte stores, cuda._POOL_BWD_X4, the first layer's weight gradient with the image in
 shared memory, cuda._CONV_POOL_WGRAD_STAGED, the 2x2 pool forward, cuda._POOL_FWD_2X2): the step
 the batch-512 target would get from them;
@@ -183,6 +187,9 @@ def pycnn_variants() -> list:
         # the A/B of backward-data as a 1x1 GEMM of dy and a fold (opt-in; no padding products)
         ("pycnn-cudagraph-col2im", "graph col2im backward-data",
          with_env("PYCNN_CONV_BWD_DATA_COL2IM", "1", pycnn_throughput), True),
+        # the A/B of v3's weight gradient with B copied by 4 pixels x 8 columns per warp (opt-in)
+        ("pycnn-cudagraph-px", "graph weight gradient by pixel lanes",
+         with_env("PYCNN_CONV3_WGRAD_PX", "1", pycnn_throughput), True),
         # the A/B of the B-tile gather with fewer instructions per element (opt-in; a rebuild)
         ("pycnn-cudagraph-lean", "graph lean B-tile gather",
          with_rebuilt("PYCNN_CONV3_LEAN_GATHER", "1", pycnn_throughput), True),
@@ -217,12 +224,13 @@ def pycnn_variants() -> list:
 
 
 def with_optins(fn):
-    """fn with every exact-fp32 opt-in on: PYCNN_CONV3_NHWC=1, PYCNN_CONV_BWD_DATA_COL2IM=1, the
-    max-pool backward's 16-byte stores (cuda._POOL_BWD_X4), the 2x2 pool forward
-    (cuda._POOL_FWD_2X2) and the first layer's fused weight gradient with the image in shared
-    memory (cuda._CONV_POOL_WGRAD_STAGED)."""
+    """fn with every exact-fp32 opt-in on: PYCNN_CONV3_NHWC=1, PYCNN_CONV_BWD_DATA_COL2IM=1,
+    PYCNN_CONV3_WGRAD_PX=1 (v3's weight gradients that do not run channels last), the max-pool
+    backward's 16-byte stores (cuda._POOL_BWD_X4), the 2x2 pool forward (cuda._POOL_FWD_2X2) and the
+    first layer's fused weight gradient with the image in shared memory
+    (cuda._CONV_POOL_WGRAD_STAGED)."""
     fn = with_constant("_POOL_FWD_2X2", True, with_constant("_CONV_POOL_WGRAD_STAGED", True, fn))
-    fn = with_constant("_POOL_BWD_X4", True, fn)
+    fn = with_constant("_POOL_BWD_X4", True, with_env("PYCNN_CONV3_WGRAD_PX", "1", fn))
     return with_env("PYCNN_CONV3_NHWC", "1", with_env("PYCNN_CONV_BWD_DATA_COL2IM", "1", fn))
 
 

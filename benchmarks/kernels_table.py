@@ -105,7 +105,7 @@ def render(path: Path | None, record: dict | None, one_stage: dict | None = None
     conv = [e for e in record.get("kernels") or [] if str(e.get("op", "")).startswith("conv2d")]
     kernels = [e for e in conv if not any(e.get(k) for k in ("wide", "flip", "col2im", "split_target", "split_rule",
                                                              "knockout", "rebuilt", "wide_splits", "r8", "threads",
-                                                             "m32t128", "nhwc"))]
+                                                             "m32t128", "nhwc", "px"))]
     nhwc_entries = [e for e in conv if e.get("nhwc") and e.get("version") == "v4" and not e.get("rebuilt")]
     info = record.get("kernels_info") or {}
     lines = [f"Measured on {record.get('device', 'an unnamed GPU')} (record `{path.name}`, commit "

@@ -79,11 +79,11 @@ def training_lines(record: dict) -> list[str]:
 
 def is_variant(entry: dict) -> bool:
     """A gpu_kernels.py entry of an experiment beside a version (v3w wide tiles, v3f flipped
-    backward-data, v3c col2im backward-data, v3@T split target, v3-kM knockout), not the version
-    as the backend runs it."""
+    backward-data, v3c col2im backward-data, v3px pixel-lane weight gradient, v3@T split target,
+    v3-kM knockout), not the version as the backend runs it."""
     return bool(entry.get("wide") or entry.get("flip") or entry.get("split_target") or entry.get("knockout")
                 or entry.get("split_rule") or entry.get("wide_splits") or entry.get("r8") or entry.get("threads")
-                or entry.get("m32t128") or entry.get("nhwc") or entry.get("col2im")
+                or entry.get("m32t128") or entry.get("nhwc") or entry.get("col2im") or entry.get("px")
                 or entry.get("rebuilt"))
 
 

@@ -320,6 +320,25 @@ def _channels_last_workload(cuda, r, xp) -> None:
                 os.environ[name] = value
 
 
+def _wgrad_px_workload(cuda, r) -> None:
+    """v3's weight gradient with B copied by 4 pixels x 8 columns per warp (PYCNN_CONV3_WGRAD_PX=1,
+    opt-in, set here for these calls): its 32x128, 64x64 and 128x128 tiles, each with partial row
+    and column tiles, split and not. ``r(*shape)`` as in _channels_last_workload."""
+    saved_px, saved_min_k = os.environ.get("PYCNN_CONV3_WGRAD_PX"), cuda._CONV3_SPLIT_MIN_K
+    try:
+        os.environ["PYCNN_CONV3_WGRAD_PX"] = "1"
+        for min_k in (saved_min_k, 10**9):
+            cuda._CONV3_SPLIT_MIN_K = min_k
+            for n, c, h, w, k in ((3, 4, 19, 21, 10), (2, 9, 9, 11, 40), (1, 15, 6, 7, 130)):
+                cuda.conv2d_backward_weight(r(n, k, h, w), r(n, c, h, w), (k, c, 3, 3), (1, 1), (1, 1), version="3")
+    finally:
+        cuda._CONV3_SPLIT_MIN_K = saved_min_k
+        if saved_px is None:
+            os.environ.pop("PYCNN_CONV3_WGRAD_PX", None)
+        else:
+            os.environ["PYCNN_CONV3_WGRAD_PX"] = saved_px
+
+
 def _staged_pool_wgrad_workload(cuda, dy, y, argmax, x, w_shape, padding) -> None:
     """The first layer's weight gradient from the pooled gradient with the image in shared memory
     (cuda._CONV_POOL_WGRAD_STAGED; the padded plane staged between two barriers: racecheck's
@@ -399,6 +418,7 @@ def workload() -> int:
     cuda.conv2d_backward_data(dy, w, x.shape, (1, 1), (1, 1))
     cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (1, 1))
     _channels_last_workload(cuda, r, cp)
+    _wgrad_px_workload(cuda, r)
     saved_fast = os.environ.get("PYCNN_FAST_LAUNCH")
     os.environ["PYCNN_FAST_LAUNCH"] = "1"  # the plans' packed launches (cuLaunchKernel), split-K included
     try:

@@ -335,6 +335,13 @@ def test_every_function_launches_with_matching_argument_types(launches, monkeypa
                 m.setenv("PYCNN_CONV3_M32T128", "yes")
                 with pytest.raises(ValueError, match="PYCNN_CONV3_M32T128 must be '0' or '1'"):
                     cuda.conv2d_forward(x40, _f(4, 5, 3, 2), None, (2, 1), (1, 0), version="3")
+            with monkeypatch.context() as m:  # the weight gradient by pixel lanes: 64x64, 32x128, 128x128
+                m.setenv("PYCNN_CONV3_WGRAD_PX", "1")
+                for k, c, suffix in ((40, 5, ""), (4, 5, "_m32"), (130, 25, "_t128")):
+                    dw, db = cuda.conv2d_backward_weight(_f(2, k, 5, 6), _f(2, c, 9, 7), (k, c, 3, 2), (2, 1), (1, 0),
+                                                         version="3")
+                    assert f"conv2d_bwd_weight_v3{suffix}_px_f32" in launches[-2:], launches[-2:]
+                    assert dw.shape == (k, c, 3, 2) and db.shape == (k,)
         if version in ("3", "4"):  # 18 taps took the narrow kernel; the GEMM one too
             with monkeypatch.context() as m:  # splits of 32 products: dw and db reduced in one launch
                 m.setattr(cuda, "_CONV_NARROW_MIN_K", 32)

@@ -180,7 +180,8 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
                            ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP",
                             "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_POOL_FUSE", "PYCNN_CONV_AUTOTUNE",
                             "PYCNN_CONV3_WIDE", "PYCNN_CONV3_R8", "PYCNN_CONV3_M32T128", "PYCNN_CONV3_LEAN_GATHER",
-                            "PYCNN_CONV3_NHWC", "PYCNN_CONV_BWD_DATA_COL2IM", "PYCNN_FAST_LAUNCH")}
+                            "PYCNN_CONV3_NHWC", "PYCNN_CONV_BWD_DATA_COL2IM", "PYCNN_FAST_LAUNCH",
+                            "PYCNN_CONV3_WGRAD_PX")}
         seen[len(seen) - 1] |= {"rule": cuda._CONV3_SPLIT_RULE, "graph": graph, "forgot": forgot[0],
                                 "pool_x4": cuda._POOL_BWD_X4, "staged": cuda._CONV_POOL_WGRAD_STAGED,
                                 "pool_2x2": cuda._POOL_FWD_2X2}
@@ -195,7 +196,7 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
     for name in ("PYCNN_BACKWARD_STREAMS", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_CONV_WINOGRAD",
                  "PYCNN_CONV_POOL_FUSE", "PYCNN_CONV_AUTOTUNE", "PYCNN_CONV3_WIDE", "PYCNN_CONV3_R8",
                  "PYCNN_CONV3_M32T128", "PYCNN_CONV3_LEAN_GATHER", "PYCNN_CONV3_NHWC", "PYCNN_CONV_BWD_DATA_COL2IM",
-                 "PYCNN_FAST_LAUNCH"):
+                 "PYCNN_FAST_LAUNCH", "PYCNN_CONV3_WGRAD_PX"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(gpu_training, "pycnn_throughput", stand_in)
     variants = gpu_training.pycnn_variants()
@@ -218,9 +219,11 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
                 "pycnn-cudagraph-lean": {"PYCNN_CONV3_LEAN_GATHER": "1"},
                 "pycnn-cudagraph-nhwc": {"PYCNN_CONV3_NHWC": "1"},
                 "pycnn-cudagraph-col2im": {"PYCNN_CONV_BWD_DATA_COL2IM": "1"},
-                "pycnn-cudagraph-optins": {"PYCNN_CONV3_NHWC": "1", "PYCNN_CONV_BWD_DATA_COL2IM": "1"},
+                "pycnn-cudagraph-px": {"PYCNN_CONV3_WGRAD_PX": "1"},
+                "pycnn-cudagraph-optins": {"PYCNN_CONV3_NHWC": "1", "PYCNN_CONV_BWD_DATA_COL2IM": "1",
+                                           "PYCNN_CONV3_WGRAD_PX": "1"},
                 "pycnn-cudagraph-winograd-optins": {"PYCNN_CONV3_NHWC": "1", "PYCNN_CONV_BWD_DATA_COL2IM": "1",
-                                                    "PYCNN_CONV_WINOGRAD": "1"},
+                                                    "PYCNN_CONV3_WGRAD_PX": "1", "PYCNN_CONV_WINOGRAD": "1"},
                 "pycnn-cudagraph-nopoolfuse": {"PYCNN_CONV_POOL_FUSE": "0"},
                 "pycnn-cudagraph-autotune": {"PYCNN_CONV_AUTOTUNE": "1"}}.get(name, {})
         assert setting == want, name
@@ -231,6 +234,7 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
         assert seen[i]["forgot"] == forgot[0] - 1 if rebuilt else seen[i]["forgot"] == forgot[0], name
     assert cuda._CONV3_SPLIT_RULE == "waves" and "PYCNN_CONV_BWD_DATA_FLIP" not in os.environ
     assert "PYCNN_CONV3_LEAN_GATHER" not in os.environ and cuda._POOL_BWD_X4 is False
+    assert "PYCNN_CONV3_WGRAD_PX" not in os.environ
     assert cuda._CONV_POOL_WGRAD_STAGED is False and cuda._POOL_FWD_2X2 is False
 
 

@@ -468,8 +468,11 @@ __device__ __forceinline__ void pycnn_conv_copy_transposed(float (*dst)[PITCH], 
 // (BK x BN) tiles of reduction indices k0 .. k0+BK-1. ASYNC: cp.async copies (complete after the
 // matching pycnn_cp_async_wait); otherwise loads through registers.
 // L2: the loader of a thread's second column of B, where the tile has twice as many columns as
-// the block has threads (32 x 256 with 128 threads); otherwise unused.
-template <int MODE, int BM, int BN, bool ASYNC, int THREADS = PYCNN_CONV3_THREADS>
+// the block has threads (32 x 256 with 128 threads), or with PIXEL_LANES where it has 128 columns;
+// otherwise unused.
+// PIXEL_LANES (the weight gradient's _px kernels; see pycnn_conv_igemm): a warp copies B's rows
+// kk = lane % 4 + 4 q of 8 columns, instead of one row of 32 columns.
+template <int MODE, int BM, int BN, bool ASYNC, int THREADS = PYCNN_CONV3_THREADS, bool PIXEL_LANES = false>
 __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, const PycnnConvLoader& L,
                                                      const PycnnConvLoader& L2,
                                                      const int (*tab)[PYCNN_CONV_TAB], int k0,
@@ -479,9 +482,15 @@ __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, con
     constexpr int PASS_ROWS = THREADS / 4;  // rows of four indices per pass of the register loads
     constexpr int A_ROWS = BM >= PASS_ROWS ? BM / PASS_ROWS : 1;
     constexpr int ROW_STEP = 16 * THREADS / 256;  // of the cp.async copies (pycnn_conv_copy_transposed)
-    constexpr int B_STEP = THREADS >= BN ? THREADS / BN : 1;
+    constexpr int B_STEP = PIXEL_LANES ? 4 : THREADS >= BN ? THREADS / BN : 1;
+    // a second column of B per thread (loader L2): all rows of it (32 x 256 by 128 threads), or
+    // with PIXEL_LANES the rows of the first (128 columns)
+    constexpr bool TWO_COLUMNS = PIXEL_LANES ? BN == 128 : BN > THREADS;
     static_assert((THREADS >= BN || BN == 2 * THREADS) && BK % B_STEP == 0,
                   "each thread loads rows of one column of B (or all rows of two)");
+    static_assert(!PIXEL_LANES || (MODE == PYCNN_CONV_BWD_WEIGHT && THREADS == 256 && BK == 16 &&
+                                   (BN == 64 || BN == 128)),
+                  "pixel lanes: the weight gradient's 256-thread tiles of 64 or 128 columns");
     if constexpr (ASYNC) {
         if (!PYCNN_KO(4)) {
             int kbase, rstride;
@@ -537,7 +546,7 @@ __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, con
                 int off;
                 const bool ok = pycnn_conv_b_lean<MODE>(p, L, b[g], off);
                 pycnn_conv_load_elem<ASYNC>(&Bs[row][L.b_col], p.b_src, ok, off);
-                if constexpr (BN > THREADS) {
+                if constexpr (TWO_COLUMNS) {
                     const bool ok2 = pycnn_conv_b_lean<MODE>(p, L2, b[g], off);
                     pycnn_conv_load_elem<ASYNC>(&Bs[row][L2.b_col], p.b_src, ok2, off);
                 }
@@ -551,7 +560,15 @@ __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, con
             const bool ok = pycnn_conv_b_elem<MODE>(p, L, tab[row], off);
             pycnn_conv_load_elem<ASYNC>(&Bs[row][L.b_col], p.b_src, ok, off);
         }
-        if constexpr (BN > THREADS) {
+        if constexpr (PIXEL_LANES && TWO_COLUMNS) {
+#pragma unroll
+            for (int q = 0; q < BK / B_STEP; ++q) {
+                const int row = L.b_row + q * B_STEP;
+                int off;
+                const bool ok = pycnn_conv_b_elem<MODE>(p, L2, tab[row], off);
+                pycnn_conv_load_elem<ASYNC>(&Bs[row][L2.b_col], p.b_src, ok, off);
+            }
+        } else if constexpr (TWO_COLUMNS) {
 #pragma unroll
             for (int row = 0; row < BK; ++row) {
                 int off;
@@ -756,7 +773,18 @@ __device__ __forceinline__ void pycnn_conv_b_column(const PycnnConvGemm& p, int 
 // 128 for v3's 64 x 128 tile with an 8x8 register tile per thread and its 32 x 256 tile with 4x16.
 // Offsets inside x, dy and dx are int32: the host runs v3/v4 only when every tensor has fewer
 // than 2^31 elements (and falls back to v1 otherwise).
-template <int MODE, bool TF32, int BM, int BN, int THREADS = PYCNN_CONV3_THREADS>
+//
+// PIXEL_LANES (weight gradient only: the _px kernels, opt-in): which thread copies which element of
+// B = im2col(x)^T. By default a warp copies one reduction row (one output pixel) of 32 consecutive
+// columns (c, r, s): 3.5 channels x 3 filter rows of x, about 12 short runs apart in memory, 12.6
+// 32-byte sectors per warp request on MnistCNN conv2 (benchmarks/gather_sectors.py, a model of the
+// addresses; for the whole kernel it gives 11.9 where Nsight Compute counted 12.5). With PIXEL_LANES a
+// warp copies 4 consecutive pixels (rows kk = lane % 4 + 4 q) of 8 consecutive columns
+// (8 * warp + lane / 4, and + 64 in a 128-column tile): runs of 4-6 floats along an image row, 8
+// lanes each, about 5 sectors per request. The shared-memory stores stay conflict-free: the bank
+// of Bs[kk][col] is 8 kk + col mod 32 (row pitch 8 mod 32), 32 distinct for 4 rows x 8 columns.
+// The same elements land in the same places: the same bits.
+template <int MODE, bool TF32, int BM, int BN, int THREADS = PYCNN_CONV3_THREADS, bool PIXEL_LANES = false>
 __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
     static_assert(((BM == 64 || BM == 128) && BN == BM) ||
                   (!TF32 && ((BM == 32 && (BN == 128 || BN == 256)) || (BM == 64 && BN == 128))),
@@ -791,9 +819,15 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
     PycnnConvLoader L;
     L.m0 = blockIdx.y * BM;
     L.n0 = n0;
-    // B loads: consecutive threads take consecutive columns (consecutive pixels of x / dy: coalesced).
-    L.b_col = tid % BN;
-    L.b_row = tid / BN;
+    // B loads: consecutive threads take consecutive columns (consecutive pixels of x / dy: coalesced),
+    // or with PIXEL_LANES 4 rows (pixels) x 8 columns per warp (see above).
+    if constexpr (PIXEL_LANES) {
+        L.b_col = 8 * (tid / 32) + (tid % 32) / 4;
+        L.b_row = tid % 4;
+    } else {
+        L.b_col = tid % BN;
+        L.b_row = tid / BN;
+    }
     const int nb = n0 + L.b_col;
     L.nb_ok = nb < p.Ncols;
     pycnn_conv_b_column<MODE>(p, nb, RS, HW, HoWo, L);
@@ -804,6 +838,12 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
     PycnnConvLoader L2 = L;  // (32 x 256 with 128 threads: each thread's second column, THREADS on)
     if constexpr (BN > THREADS) {
         L2.b_col = tid + THREADS;
+        const int nb2 = n0 + L2.b_col;
+        L2.nb_ok = nb2 < p.Ncols;
+        pycnn_conv_b_column<MODE>(p, nb2, RS, HW, HoWo, L2);
+    }
+    if constexpr (PIXEL_LANES && BN == 128) {  // (the first column covers 64: 8 warps x 8)
+        L2.b_col = L.b_col + 64;
         const int nb2 = n0 + L2.b_col;
         L2.nb_ok = nb2 < p.Ncols;
         pycnn_conv_b_column<MODE>(p, nb2, RS, HW, HoWo, L2);
@@ -825,7 +865,7 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
     if (STAGES == 1) {
         int s = 0;
         for (int k0 = p.k_begin; k0 < p.k_end; k0 += BK, ++s) {
-            pycnn_conv_load_tile<MODE, BM, BN, false, THREADS>(p, L, L2, tabs[s % 2], k0, As[0], Bs[0]);
+            pycnn_conv_load_tile<MODE, BM, BN, false, THREADS, PIXEL_LANES>(p, L, L2, tabs[s % 2], k0, As[0], Bs[0]);
             __syncthreads();
             // The next stage's table goes into the other slot, which no thread reads any more.
             // (the constant first: a trailing "&& true" changed nvcc's code for the whole loop)
@@ -840,13 +880,13 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
         // PYCNN_CONV3_STAGES=3, for latency that one stage of math does not cover).
         constexpr int AHEAD = STAGES - 1;
         // Prologue: tiles 0 .. AHEAD-1 in flight, the table of tile AHEAD decoded.
-        pycnn_conv_load_tile<MODE, BM, BN, true, THREADS>(p, L, L2, tabs[0], p.k_begin, As[0], Bs[0]);
+        pycnn_conv_load_tile<MODE, BM, BN, true, THREADS, PIXEL_LANES>(p, L, L2, tabs[0], p.k_begin, As[0], Bs[0]);
         pycnn_cp_async_commit();
         if (tid < BK && p.k_begin + BK < p.k_end) pycnn_conv_decode<MODE>(p, p.k_begin + BK + tid, tabs[1][tid]);
         if constexpr (AHEAD > 1) {
             __syncthreads();  // table 1 is visible (decoded only if stage 1 exists)
             if (p.k_begin + BK < p.k_end)
-                pycnn_conv_load_tile<MODE, BM, BN, true, THREADS>(p, L, L2, tabs[1], p.k_begin + BK, As[1], Bs[1]);
+                pycnn_conv_load_tile<MODE, BM, BN, true, THREADS, PIXEL_LANES>(p, L, L2, tabs[1], p.k_begin + BK, As[1], Bs[1]);
             pycnn_cp_async_commit();  // (empty if not: the count of groups stays uniform)
             if (tid < BK && p.k_begin + 2 * BK < p.k_end)
                 pycnn_conv_decode<MODE>(p, p.k_begin + 2 * BK + tid, tabs[2][tid]);
@@ -860,7 +900,7 @@ __device__ __forceinline__ void pycnn_conv_igemm(const PycnnConvGemm& p) {
             // s-1, which the copies of stage s+AHEAD now fill.
             __syncthreads();
             if (k0 + AHEAD * BK < p.k_end)
-                pycnn_conv_load_tile<MODE, BM, BN, true, THREADS>(
+                pycnn_conv_load_tile<MODE, BM, BN, true, THREADS, PIXEL_LANES>(
                     p, L, L2, tabs[(s + AHEAD) % STAGES], k0 + AHEAD * BK, As[STAGES == 2 ? (cur ^ 1) : (s + AHEAD) % STAGES],
                     Bs[STAGES == 2 ? (cur ^ 1) : (s + AHEAD) % STAGES]);
             pycnn_cp_async_commit();      // (empty groups at the end keep the count uniform)
@@ -985,7 +1025,8 @@ __device__ __forceinline__ void pycnn_conv_bwd_data_gemm(const float* dy, const 
 }
 
 // Split z reduces Kd indices [z*chunk, min((z+1)*chunk, Kd)); chunk is a multiple of BK.
-template <bool TF32, int BM, int BN = BM>
+// PIXEL_LANES: B's copies by 4 pixels x 8 columns per warp (see pycnn_conv_igemm).
+template <bool TF32, int BM, int BN = BM, bool PIXEL_LANES = false>
 __device__ __forceinline__ void pycnn_conv_bwd_weight_gemm(const float* dy, const float* x, float* partial,
                                                            float* db_partial, int bias_grad,
                                                            int N, int C, int H, int W, int K, int R, int S,
@@ -999,5 +1040,5 @@ __device__ __forceinline__ void pycnn_conv_bwd_weight_gemm(const float* dy, cons
     p.k_end = min(p.Kd, p.k_begin + chunk);
     p.split_stride = (pycnn_i64)K * C * R * S;  // split z's partial copy (pycnn_conv_out_base)
     p.tickets = tickets; p.finish = finish; p.final_out = dw_final; p.final_db = db_final;
-    pycnn_conv_igemm<PYCNN_CONV_BWD_WEIGHT, TF32, BM, BN>(p);
+    pycnn_conv_igemm<PYCNN_CONV_BWD_WEIGHT, TF32, BM, BN, PYCNN_CONV3_THREADS, PIXEL_LANES>(p);
 }

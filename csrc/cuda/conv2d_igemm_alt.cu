@@ -8,6 +8,9 @@
 //     record gpu-20261127-15daa69e)
 //   conv2d_fwd_v3_m32n256t128_f32, conv2d_bwd_data_v3_m32n256t128_f32   32 x 256 with 128
 //     threads, 4x16 each (PYCNN_CONV3_M32T128=1 runs them wherever _m32n256 would: not yet timed)
+//   conv2d_bwd_weight_v3_px_f32, conv2d_bwd_weight_v3_t128_px_f32, conv2d_bwd_weight_v3_m32_px_f32
+//     the weight gradient's 64 x 64, 128 x 128 and 32 x 128 tiles with B copied by 4 pixels x 8
+//     columns per warp (PYCNN_CONV3_WGRAD_PX=1 runs them: not yet timed)
 #include "conv2d_igemm.cuh"
 
 // The 32 x 256 tile with 128 threads (v3 only, opt-in: PYCNN_CONV3_M32T128=1 on the host): a 4x16
@@ -54,4 +57,36 @@ extern "C" __global__ void conv2d_bwd_data_v3_n128_f32(
     int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ dx_final) {
     // cooperative: the GEMM core synchronizes with __syncthreads (64 x 128 tiles, see the forward)
     pycnn_conv_bwd_data_gemm<false, 64, 128>(dy, w, dx, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, dx_final);
+}
+
+// The weight gradient with B = im2col(x)^T copied by 4 consecutive output pixels x 8 consecutive
+// columns (c, r, s) per warp instead of 1 pixel x 32 columns (opt-in: PYCNN_CONV3_WGRAD_PX=1 on the
+// host): fewer 32-byte sectors per copy instruction (about 5 instead of 12-13 on the MNIST layers
+// and the compute-bound one, benchmarks/gather_sectors.py), the same shared-memory contents, the
+// same bits as conv2d_bwd_weight_v3_f32 / _t128_f32 / _m32_f32. See pycnn_conv_igemm.
+extern "C" __global__ void conv2d_bwd_weight_v3_px_f32(
+    const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ partial,
+    float* __restrict__ db_partial, int bias_grad,
+    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
+    int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ dw_final, float* __restrict__ db_final) {
+    // cooperative: the GEMM core synchronizes with __syncthreads
+    pycnn_conv_bwd_weight_gemm<false, 64, 64, true>(dy, x, partial, db_partial, bias_grad, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, dw_final, db_final);
+}
+
+extern "C" __global__ void conv2d_bwd_weight_v3_t128_px_f32(
+    const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ partial,
+    float* __restrict__ db_partial, int bias_grad,
+    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
+    int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ dw_final, float* __restrict__ db_final) {
+    // cooperative: the GEMM core synchronizes with __syncthreads
+    pycnn_conv_bwd_weight_gemm<false, 128, 128, true>(dy, x, partial, db_partial, bias_grad, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, dw_final, db_final);
+}
+
+extern "C" __global__ void conv2d_bwd_weight_v3_m32_px_f32(
+    const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ partial,
+    float* __restrict__ db_partial, int bias_grad,
+    int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,
+    int sh, int sw, int ph, int pw, int chunk, int* __restrict__ tickets, int finish, float* __restrict__ dw_final, float* __restrict__ db_final) {
+    // cooperative: the GEMM core synchronizes with __syncthreads
+    pycnn_conv_bwd_weight_gemm<false, 32, 128, true>(dy, x, partial, db_partial, bias_grad, N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, chunk, tickets, finish, dw_final, db_final);
 }

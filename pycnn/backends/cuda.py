@@ -597,7 +597,7 @@ def _env(name: str) -> str:
 _CONV_SETTINGS = ("PYCNN_CONV_VERSION", "PYCNN_ALLOW_TF32", "PYCNN_CONV_WINOGRAD", "PYCNN_CONV_AUTOTUNE",
                   "PYCNN_CONV3_WIDE", "PYCNN_SPLIT_FINISH", "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_CONV_POOL_FUSE",
                   "PYCNN_CONV3_R8", "PYCNN_CONV3_M32T128", "PYCNN_CONV4_NHWC", "PYCNN_CONV3_NHWC",
-                  "PYCNN_CONV_BWD_DATA_COL2IM")
+                  "PYCNN_CONV_BWD_DATA_COL2IM", "PYCNN_CONV3_WGRAD_PX")
 _CONV_SETTING_KEYS = tuple(os.fsencode(name) for name in _CONV_SETTINGS)
 
 
@@ -1116,6 +1116,17 @@ def _conv3_wide_setting() -> str:
 _CONV3_R8_THREADS = 128
 
 
+# $PYCNN_CONV3_WGRAD_PX=1: v3's weight gradient copies B (im2col(x)^T) by 4 output pixels x 8
+# columns per warp instead of 1 x 32 (conv2d_bwd_weight_v3{,_t128,_m32}_px_f32 of
+# conv2d_igemm_alt.cu): about 5 global-memory sectors per copy instruction instead of 12-13 on
+# the model layers (benchmarks/gather_sectors.py, a model of the addresses; Nsight Compute counted
+# 12.5 for the whole default kernel on MnistCNN conv2 at batch 512, the model 11.9). The same
+# bits. Opt-in until a GPU has timed it (gpu_kernels.py --versions 3,3px; the autotune's "px").
+def _conv3_wgrad_px_setting() -> str:
+    """$PYCNN_CONV3_WGRAD_PX: '' or '0' (B copied by 32 columns of one pixel per warp) or '1'."""
+    return _switch_setting("PYCNN_CONV3_WGRAD_PX")
+
+
 def _conv3_r8_setting() -> str:
     """$PYCNN_CONV3_R8: '' or '1' (the 128-thread 64x128 kernels) or '0' (the 256-thread ones)."""
     return _switch_setting("PYCNN_CONV3_R8")
@@ -1512,6 +1523,7 @@ _TUNE_VARIANTS = {
     "nowide": ("PYCNN_CONV3_WIDE", "0"),  # ... or never (unset: where there are enough of them)
     "flip": ("PYCNN_CONV_BWD_DATA_FLIP", "1"),  # stride-1 backward-data through the forward kernels
     "col2im": ("PYCNN_CONV_BWD_DATA_COL2IM", "1"),  # backward-data as a 1x1 GEMM of dy and a fold
+    "px": ("PYCNN_CONV3_WGRAD_PX", "1"),  # v3 weight gradient: B copied by 4 pixels x 8 columns per warp
     "fill": ("_CONV3_SPLIT_RULE", "fill"),  # the other split-K rule (see _CONV3_SPLIT_RULE)
     "waves": ("_CONV3_SPLIT_RULE", "waves"),
     # the channels-last kernels of the candidate's version (conv2d_nhwc.cu): a setting per version
@@ -1544,6 +1556,8 @@ def _tune_labels(direction: str, versions: list) -> list[str]:
             options.append("flip")
         if direction == "backward_data" and _env("PYCNN_CONV_BWD_DATA_COL2IM") == "":
             options.append("col2im")
+        if version == "3" and direction == "backward_weight" and _env("PYCNN_CONV3_WGRAD_PX") == "":
+            options.append("px")
         if _env(_TUNE_VARIANTS["nhwc"][version][0]) == "":
             options.append("nhwc")
         options.append("fill" if _CONV3_SPLIT_RULE == "waves" else "waves")
@@ -2379,6 +2393,8 @@ def _conv_backward_weight_plan(version: str, geom: tuple, with_db: bool) -> _Pla
             extra, smem = imgs, _conv2_bwd_weight_smem(R, S, sh, sw)
         else:
             bm, bn, suffix = _conv3_tile("backward_weight", K, C * R * S, version)
+            if version == "3" and _conv3_wgrad_px_setting() == "1":
+                suffix += "_px"  # (the same tiles: "", "_t128" or "_m32")
             tiles = ((K + bm - 1) // bm) * ((C * R * S + bn - 1) // bn)
             splits, chunk = _conv3_splits("backward_weight", bm, tiles, N * Ho * Wo)
             kernel = f"conv2d_bwd_weight_v{version}{suffix}_f32"

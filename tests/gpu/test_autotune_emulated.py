@@ -326,8 +326,11 @@ def test_labels_name_their_settings():
     assert cuda._tune_variant("3+wide+flip") == ("3", (("PYCNN_CONV3_WIDE", "1"), ("PYCNN_CONV_BWD_DATA_FLIP", "1")))
     assert cuda._tune_variant("3+nhwc") == ("3", (("PYCNN_CONV3_NHWC", "1"),))
     assert cuda._tune_variant("4+nhwc+fill") == ("4", (("PYCNN_CONV4_NHWC", "1"), ("_CONV3_SPLIT_RULE", "fill")))
+    assert cuda._tune_variant("3+px") == ("3", (("PYCNN_CONV3_WGRAD_PX", "1"),))
     labels = cuda._tune_labels("backward_weight", ["1", "2", "3"])
     assert labels[:3] == ["1", "2", "3"] and not any("wide" in lab or "flip" in lab for lab in labels), labels
+    assert "3+px" in labels and not any("px" in lab for lab in cuda._tune_labels("forward", ["3", "4"]))
+    assert not any("px" in lab for lab in cuda._tune_labels("backward_weight", ["4"]))  # (v3 only)
 
 
 def test_a_model_trains_through_the_autotune(device, monkeypatch):
@@ -340,7 +343,7 @@ def test_a_model_trains_through_the_autotune(device, monkeypatch):
     monkeypatch.setattr(cuda, "CONV_VERSIONS", ("1", "3"))  # (v2's emulated 256-thread blocks are slow, and
     # v1's weight gradient, a block per weight: a small model)
     monkeypatch.setattr(cuda, "_TUNE_GRAPH_REPS", 1)
-    for name in ("PYCNN_CONV3_WIDE", "PYCNN_CONV_BWD_DATA_FLIP"):  # (the variants: the tests above)
+    for name in ("PYCNN_CONV3_WIDE", "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_CONV3_WGRAD_PX"):  # (the variants: the tests above)
         monkeypatch.setenv(name, "0")
     pycnn.manual_seed(8)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3), nn.ReLU(),

@@ -300,6 +300,26 @@ def test_lean_gather_gives_the_same_bits(monkeypatch, layer):
             cuda.forget_conv_core_modules()  # (the default build for the tests after this one)
 
 
+@pytest.mark.parametrize("layer", GEMM_LAYERS, ids=[layer[0] for layer in GEMM_LAYERS])
+def test_wgrad_pixel_lanes_give_the_same_bits(monkeypatch, layer):
+    """PYCNN_CONV3_WGRAD_PX=1 on the GPU (NVRTC's code): v3's weight gradient with B copied by 4
+    pixels x 8 columns per warp gives bitwise the default kernel's dw and db on every model layer at
+    two batch sizes and on the compute-bound layer (64x64, 32x128 and 128x128 tiles)."""
+    _, N, C, H, W, K, R, S, stride, padding = layer
+    rng = np.random.default_rng(13)
+    batches = (N,) if layer is BIG else (N, 8 * N)
+    for batch in batches:
+        x, w, b, dy = _layer_arrays(layer, batch, rng)
+        results = []
+        for px in ("0", "1"):
+            monkeypatch.setenv("PYCNN_CONV3_WGRAD_PX", px)
+            dw, db = cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding, version="3")
+            results.append((cp.asnumpy(dw).tobytes(), cp.asnumpy(db).tobytes()))
+            assert any(k.startswith("conv2d_bwd_weight_v3") and k.endswith("_px_f32") == (px == "1")
+                       for k in _planned_kernels()), _planned_kernels()
+        assert results[0] == results[1], f"batch {batch}: the pixel-lane weight gradient differs"
+
+
 NHWC_LAYERS = [lay for lay in GEMM_LAYERS if lay[2] % 4 == 0 or lay[5] % 16 == 0]
 DIRECTION_INDEX = {"forward": 0, "backward_data": 1, "backward_weight": 2}
 

@@ -522,6 +522,65 @@ def test_lean_gather_gives_the_same_bits(request, stages, version, shape, tile, 
             np.testing.assert_allclose(g, wnt, rtol=1e-4, atol=fp32_atol(length), err_msg=what)
 
 
+# The weight gradient's three GEMM tiles, each with partial row and column tiles and a reduction
+# (N*Ho*Wo) that is not a multiple of the 16-deep stage: (shape, tile, kernel suffix)
+WGRAD_PX_CASES = [
+    ((2, 9, 9, 11, 40, 3, 3, (2, 1), (1, 0)), "", ""),          # 64x64: 81 columns, 2 tiles
+    ((1, 15, 6, 7, 130, 3, 3, (1, 1), (1, 1)), "t128", "_t128"),  # 128x128: 130 x 135, 4 tiles
+    ((2, 16, 7, 6, 20, 3, 3, (1, 2), (1, 1)), "m32", "_m32"),     # 32x128: 144 columns, 2 tiles
+]
+
+
+@pytest.mark.parametrize("shape, tile, suffix", WGRAD_PX_CASES, ids=["64x64", "128x128", "32x128"])
+@pytest.mark.parametrize("split", ["default", "small"])
+@pytest.mark.parametrize("builds", [("emulator",), ("emulator_lean",), ("emulator_one_stage",),
+                                    ("emulator_lean_one_stage",)], ids=["2stage", "lean", "1stage", "lean-1stage"])
+def test_wgrad_pixel_lanes_give_the_same_bits(request, builds, split, shape, tile, suffix):
+    """PYCNN_CONV3_WGRAD_PX=1 (the weight gradient's B copied by 4 pixels x 8 columns per warp)
+    fills the shared tiles with the same elements as the default mapping (1 pixel x 32 columns):
+    dw and db are bitwise the default kernel's on every tile kind, partial tiles, strides and
+    padding, unsplit and split (ranges ending inside a stage), in the cp.async loop and the
+    single-stage one, with the default and the lean gather; and the reference's values."""
+    from emu_support import patch_backend
+
+    build = request.getfixturevalue(builds[0])
+    x, w, b, dy = data(shape, seed=41)
+    _, _, _, _, _, _, _, stride, padding = shape
+    results = []
+    for px in ("0", "1"):
+        with pytest.MonkeyPatch.context() as mp:
+            launched = patch_backend(mp, build)
+            mp.setenv("PYCNN_CONV3_WGRAD_PX", px)
+            if split == "small":
+                mp.setattr(cuda, "_CONV3_SPLIT_MIN_K", 16)
+            if tile == "t128":
+                mp.setattr(cuda, "_CONV3_T128_MIN_BLOCKS", 1)
+            elif tile == "m32":
+                mp.setattr(cuda, "_CONV3_M32_MAX_ROWS", 32)
+            results.append(cuda.conv2d_backward_weight(dy, x, w.shape, stride, padding, version="3"))
+            kernel = f"conv2d_bwd_weight_v3{suffix}{'_px' if px == '1' else ''}_f32"
+            assert kernel in launched, launched
+    for what, default, px in zip(("dw", "db"), *results):
+        np.testing.assert_array_equal(px, default, err_msg=f"{what}: pixel lanes vs default")
+    want = reference(shape, x, w, b, dy)[2:]
+    for what, g, wnt in zip(("dw", "db"), results[1], want):
+        np.testing.assert_allclose(g, wnt, rtol=1e-4, atol=fp32_atol(lengths(shape)[2]), err_msg=what)
+
+
+def test_wgrad_pixel_lanes_switch(monkeypatch):
+    """PYCNN_CONV3_WGRAD_PX: '1' appends _px to v3's weight-gradient GEMM kernels only; a bad
+    value is an error that names the variable."""
+    monkeypatch.setenv("PYCNN_CONV3_WGRAD_PX", "1")
+    geom = (2, 9, 9, 11, 40, 3, 3, 5, 9, 2, 1, 1, 0)
+    names = [launch.kernel for launch in cuda._conv_backward_weight_plan("3", geom, True).launches]
+    assert names[0] == "conv2d_bwd_weight_v3_px_f32", names
+    names = [launch.kernel for launch in cuda._conv_backward_weight_plan("4", geom, True).launches]
+    assert names[0] == "conv2d_bwd_weight_v4_f32", names
+    monkeypatch.setenv("PYCNN_CONV3_WGRAD_PX", "yes")
+    with pytest.raises(ValueError, match="PYCNN_CONV3_WGRAD_PX must be '0' or '1'"):
+        cuda._conv_backward_weight_plan("3", geom, True)
+
+
 def _gpu_kernels_on_the_emulator(monkeypatch):
     """benchmarks/gpu_kernels.py with CuPy replaced by NumPy stand-ins (the kernels run on the
     emulator; the graph timing captures and replays nothing). Returns (module, captures)."""
@@ -834,6 +893,40 @@ def test_gpu_kernels_backward_data_experiments(emulated, monkeypatch, tmp_path, 
     shape = kernels_table.SHAPES[0][1]
     entry = {"op": "conv2d_bwd_data", "version": "v3", "shape": shape}
     doc = kernels_table.render(out, {"kernels": [{**entry, "ms": 2.0}, {**entry, "ms": 0.5, key: True}]})
+    assert kernels_table.cell(2.0, shape, None) in doc and kernels_table.cell(0.5, shape, None) not in doc
+
+
+def test_gpu_kernels_wgrad_pixel_lanes(emulated, monkeypatch, tmp_path):
+    """--versions 3,3px: v3 and, as "px" entries, v3's weight gradient with B copied by 4 pixels x 8
+    columns per warp (PYCNN_CONV3_WGRAD_PX=1, unset again afterwards): weight-gradient entries of
+    GEMM layers only (not a first layer's narrow kernel), neither "auto" nor a candidate of the
+    fastest exact version, left out of docs/kernels.md's table and benchmarks/targets.py."""
+    import json
+    import os
+
+    gpu_kernels, _ = _gpu_kernels_on_the_emulator(monkeypatch)
+    import kernels_table  # (benchmarks/ is on sys.path now)
+    import targets
+    from shapes import ConvShape
+
+    monkeypatch.setattr(cuda, "_CONV_NARROW_TAPS", 25)  # (this file's fixture zeroes it: the narrow layer stays narrow)
+    monkeypatch.setattr(gpu_kernels, "CONV_SHAPES", [ConvShape("t", "a", 64, 8, 12, 7, 3, padding=1),
+                                                     ConvShape("t", "n", 64, 1, 12, 7, 3, padding=1)])
+    out = tmp_path / "px.json"
+    rc = gpu_kernels.main(["--layers", "models", "--versions", "3,3px", "--batch", "2", "--repeats", "1",
+                           "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert rc == 0 and record["kernels_info"]["errors"] == [], record["kernels_info"]["errors"]
+    assert "PYCNN_CONV3_WGRAD_PX" not in os.environ
+    variants = [e for e in record["kernels"] if e.get("px")]
+    assert [(e["layer"], e["op"], e["version"], e["auto"]) for e in variants] == [
+        ("t-a", "conv2d_bwd_weight", "v3", False)], variants
+    assert "conv2d_bwd_weight_v3_px_f32" in emulated
+    assert "v3px" in gpu_kernels.table(record["kernels"])
+    assert all(targets.is_variant(e) == bool(e.get("px")) for e in record["kernels"])
+    shape = kernels_table.SHAPES[0][1]
+    entry = {"op": "conv2d_bwd_weight", "version": "v3", "shape": shape}
+    doc = kernels_table.render(out, {"kernels": [{**entry, "ms": 2.0}, {**entry, "ms": 0.5, "px": True}]})
     assert kernels_table.cell(2.0, shape, None) in doc and kernels_table.cell(0.5, shape, None) not in doc
 
 
@@ -2148,6 +2241,21 @@ def test_the_sanitizer_workload_runs_every_channels_last_kernel(emulated, monkey
     assert nhwc_kernels <= set(emulated), nhwc_kernels - set(emulated)
     assert os.environ["PYCNN_CONV4_NHWC"] == "0" and "PYCNN_CONV3_NHWC" not in os.environ
     assert cuda._CONV3_SPLIT_MIN_K == 64
+
+
+def test_the_sanitizer_workload_runs_the_pixel_lane_weight_gradients(emulated, monkeypatch):
+    """pycnn.selftest's workload reaches the three _px weight-gradient kernels, split and unsplit
+    (a split-reduce launch seen), and leaves the setting and the split minimum as they were."""
+    from pycnn import selftest
+
+    monkeypatch.setenv("PYCNN_CONV3_WGRAD_PX", "0")
+    monkeypatch.setattr(cuda, "_CONV3_M32_MAX_ROWS", 32)  # (as on the GPU; this file's fixture zeroes it)
+    rng = np.random.default_rng(28)
+    selftest._wgrad_px_workload(cuda, lambda *shape: rng.standard_normal(shape).astype(np.float32))
+    kernels = {"conv2d_bwd_weight_v3_px_f32", "conv2d_bwd_weight_v3_t128_px_f32", "conv2d_bwd_weight_v3_m32_px_f32"}
+    assert kernels <= set(emulated), kernels - set(emulated)
+    assert "conv2d_wgrad_split_reduce_f32" in emulated, emulated  # (split: the partials' reduce)
+    assert os.environ["PYCNN_CONV3_WGRAD_PX"] == "0" and cuda._CONV3_SPLIT_MIN_K == 64
 
 
 def test_v3_nhwc_only_where_it_applies(monkeypatch):
