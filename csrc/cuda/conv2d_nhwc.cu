@@ -420,17 +420,21 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv2d_bwd_weight_v4nhwc_f3
         }
 }
 
-// dw[k][c][r][s] = sum over z = 0 .. splits-1, in that order, of partial[z][k][(r*S + s)*C + c].
-// Launch: grid-stride over K*C*RS elements, blocks of PYCNN_BLOCK threads (walking dw in order).
+// dw[k][c][r][s] = sum over z = 0 .. splits-1, in that order, in double, of
+// partial[z][k][(r*S + s)*C + c]: the sum every other split reduce makes (pycnn_sum_parts_wide).
+// Threads walk the partials in their own (k, r, s, c) order, so that the `splits` reads of each
+// element are coalesced (consecutive c), and each thread's one store goes to dw's (k, c, r, s)
+// order, R*S floats from its neighbour's. (Walking dw in order instead read partials C floats
+// apart: a sector per lane per split.)
+// Launch: grid-stride over K*C*RS elements, blocks of PYCNN_BLOCK threads.
 extern "C" __global__ void conv2d_nhwc_wgrad_reduce_f32(const float* __restrict__ partial, float* __restrict__ dw,
                                                         int splits, int K, int C, int RS) {
     const pycnn_i64 total = (pycnn_i64)K * C * RS;
-    PYCNN_FOR_EACH(idx, total) {
-        const int rs = (int)(idx % RS), c = (int)((idx / RS) % C), k = (int)(idx / ((pycnn_i64)RS * C));
-        const pycnn_i64 src = (pycnn_i64)k * RS * C + (pycnn_i64)rs * C + c;
-        float sum = 0.0f;
-        for (int z = 0; z < splits; ++z) sum += partial[(pycnn_i64)z * total + src];
-        dw[idx] = sum;
+    PYCNN_FOR_EACH(idx, total) {  // idx = (k * RS + rs) * C + c
+        const int c = (int)(idx % C);
+        const pycnn_i64 krs = idx / C;
+        const int rs = (int)(krs % RS), k = (int)(krs / RS);
+        dw[((pycnn_i64)k * C + c) * RS + rs] = (float)pycnn_sum_parts_wide(partial + idx, total, splits);
     }
 }
 
