@@ -8,8 +8,9 @@ redzones and ASan stops the run at the first access outside one.
 Measured on the 2-core dev machine (2026-11-28): test_fused_emulated.py takes 82 s this way, the
 ladder's channels-last and col2im tests 6.9 min (with the ASan build of the emulator, ~40 s); the
 whole of test_kernels_emulated.py and test_conv_ladder_emulated.py (297 tests) 27.5 min, too long
-for every CI run: here the fused kernels and the channels-last and col2im conv paths, the opt-in
-kernels no GPU has run yet. It found the x4 max-pool backward's read past argmax (fixed)."""
+for every CI run: here the fused kernels and the channels-last, col2im and pixel-lane weight-gradient
+conv paths, the opt-in kernels no GPU has run yet (the pixel-lane tests add ~1 min). It found the x4
+max-pool backward's read past argmax (fixed)."""
 from __future__ import annotations
 
 import os
@@ -39,8 +40,8 @@ pytestmark = EMULATED_MARKS + [pytest.mark.slow,
 
 @pytest.mark.parametrize("args", [
     ["tests/gpu/test_fused_emulated.py"],
-    ["tests/gpu/test_conv_ladder_emulated.py", "-k", "nhwc or col2im"],
-], ids=["fused", "ladder-nhwc-col2im"])
+    ["tests/gpu/test_conv_ladder_emulated.py", "-k", "nhwc or col2im or pixel_lanes"],
+], ids=["fused", "ladder-nhwc-col2im-px"])
 def test_emulated_kernels_stay_inside_their_arrays(args):
     env = dict(os.environ, PYCNN_EMU_ASAN="1", LD_PRELOAD=_libasan(),
                ASAN_OPTIONS="detect_leaks=0:halt_on_error=1")
