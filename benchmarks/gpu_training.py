@@ -50,7 +50,9 @@ backward's 16-byte stores, cuda._POOL_BWD_X4, the first layer's weight gradient 
 shared memory, cuda._CONV_POOL_WGRAD_STAGED, the 2x2 pool forward, cuda._POOL_FWD_2X2): the step
 the batch-512 target would get from them;
 "pycnn-cudagraph-winograd-optins" adds PYCNN_CONV_WINOGRAD=1 (v5 on the layers where it pays, the
-opt-ins on the rest).
+opt-ins on the rest); "pycnn-cudagraph-winograd-autotune-optins" is the autotune with v5 among its
+candidates and the pool / first-layer opt-ins on (each conv layer's fastest pick of the exact
+versions, their variants and v5).
 "pycnn-eager-packed" is the eager variant with PYCNN_FAST_LAUNCH=1 (the plans' launches with their
 arguments packed for cuLaunchKernel: less host work a call; opt-in until timed).
 "pycnn-cudagraph-m32t128" is the graph variant with PYCNN_CONV3_M32T128=1 (v3's 32x256 tiles run
@@ -180,6 +182,10 @@ def pycnn_variants() -> list:
         # picked by timing them in its first (untimed, eager) warm-up step; the picks go into the
         # record ("autotune")
         ("pycnn-cudagraph-autotune", "graph autotuned", with_autotune(pycnn_throughput), True),
+        # ... with v5 among the candidates and the pool / first-layer opt-ins: per layer the fastest
+        # of everything pycnn has without TF32 (the conv variants are the autotune's to pick, not set)
+        ("pycnn-cudagraph-winograd-autotune-optins", "graph autotuned with winograd + pool opt-ins",
+         with_winograd(with_autotune(with_pool_optins(pycnn_throughput))), True),
         ("pycnn-cudagraph-winograd", "graph winograd", with_winograd(pycnn_throughput), True),
         # the A/B of v3's channels-last kernels (opt-in; conv2d_nhwc.cu)
         ("pycnn-cudagraph-nhwc", "graph v3 channels last",
@@ -223,14 +229,19 @@ def pycnn_variants() -> list:
     ]
 
 
+def with_pool_optins(fn):
+    """fn with the opt-in kernels outside the conv GEMMs on: the max-pool backward's 16-byte stores
+    (cuda._POOL_BWD_X4), the 2x2 pool forward (cuda._POOL_FWD_2X2) and the first layer's fused
+    weight gradient with the image in shared memory (cuda._CONV_POOL_WGRAD_STAGED)."""
+    fn = with_constant("_POOL_FWD_2X2", True, with_constant("_CONV_POOL_WGRAD_STAGED", True, fn))
+    return with_constant("_POOL_BWD_X4", True, fn)
+
+
 def with_optins(fn):
     """fn with every exact-fp32 opt-in on: PYCNN_CONV3_NHWC=1, PYCNN_CONV_BWD_DATA_COL2IM=1,
-    PYCNN_CONV3_WGRAD_PX=1 (v3's weight gradients that do not run channels last), the max-pool
-    backward's 16-byte stores (cuda._POOL_BWD_X4), the 2x2 pool forward (cuda._POOL_FWD_2X2) and the
-    first layer's fused weight gradient with the image in shared memory
-    (cuda._CONV_POOL_WGRAD_STAGED)."""
-    fn = with_constant("_POOL_FWD_2X2", True, with_constant("_CONV_POOL_WGRAD_STAGED", True, fn))
-    fn = with_constant("_POOL_BWD_X4", True, with_env("PYCNN_CONV3_WGRAD_PX", "1", fn))
+    PYCNN_CONV3_WGRAD_PX=1 (v3's weight gradients that do not run channels last) and those of
+    with_pool_optins."""
+    fn = with_pool_optins(with_env("PYCNN_CONV3_WGRAD_PX", "1", fn))
     return with_env("PYCNN_CONV3_NHWC", "1", with_env("PYCNN_CONV_BWD_DATA_COL2IM", "1", fn))
 
 

@@ -225,7 +225,9 @@ def test_every_training_variant_runs_with_its_setting(monkeypatch):
                 "pycnn-cudagraph-winograd-optins": {"PYCNN_CONV3_NHWC": "1", "PYCNN_CONV_BWD_DATA_COL2IM": "1",
                                                     "PYCNN_CONV3_WGRAD_PX": "1", "PYCNN_CONV_WINOGRAD": "1"},
                 "pycnn-cudagraph-nopoolfuse": {"PYCNN_CONV_POOL_FUSE": "0"},
-                "pycnn-cudagraph-autotune": {"PYCNN_CONV_AUTOTUNE": "1"}}.get(name, {})
+                "pycnn-cudagraph-autotune": {"PYCNN_CONV_AUTOTUNE": "1"},
+                "pycnn-cudagraph-winograd-autotune-optins": {"PYCNN_CONV_AUTOTUNE": "1",
+                                                             "PYCNN_CONV_WINOGRAD": "1"}}.get(name, {})
         assert setting == want, name
         assert seen[i]["rule"] == ("fill" if name == "pycnn-cudagraph-fill" else "waves"), name
         assert seen[i]["graph"] == graph

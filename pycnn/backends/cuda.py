@@ -1697,8 +1697,8 @@ def _conv_pick(direction: str, dev: int, geom: tuple, version, allow_tf32, build
     # pick with them; tf32 stays last)
     key = (direction, dev, x_shape, w_shape, stride, padding, CONV_WINOGRAD_VERSION in versions,
            _env("PYCNN_CONV3_WIDE"), _env("PYCNN_CONV_BWD_DATA_FLIP"), _env("PYCNN_CONV3_R8"), _env("PYCNN_CONV3_M32T128"),
-           _env("PYCNN_CONV4_NHWC"), _env("PYCNN_CONV3_NHWC"), _env("PYCNN_CONV_BWD_DATA_COL2IM"), _CONV3_SPLIT_RULE,
-           tf32 and capable)
+           _env("PYCNN_CONV4_NHWC"), _env("PYCNN_CONV3_NHWC"), _env("PYCNN_CONV_BWD_DATA_COL2IM"),
+           _env("PYCNN_CONV3_WGRAD_PX"), _CONV3_SPLIT_RULE, tf32 and capable)
 
     def build_label(label):
         v, settings = _tune_variant(label)

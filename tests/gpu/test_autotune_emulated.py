@@ -108,7 +108,7 @@ def device(emulated, monkeypatch):
     monkeypatch.setenv("PYCNN_CONV_AUTOTUNE", "1")
     for name in ("PYCNN_CONV_VERSION", "PYCNN_ALLOW_TF32", "PYCNN_CONV_WINOGRAD", "PYCNN_CONV3_WIDE",
                  "PYCNN_CONV_BWD_DATA_FLIP", "PYCNN_BACKWARD_STREAMS", "PYCNN_CONV3_NHWC", "PYCNN_CONV4_NHWC",
-                 "PYCNN_CONV_BWD_DATA_COL2IM"):
+                 "PYCNN_CONV_BWD_DATA_COL2IM", "PYCNN_CONV3_WGRAD_PX"):
         monkeypatch.delenv(name, raising=False)
     return dev
 
@@ -166,6 +166,32 @@ def test_col2im_variant_wins_when_its_kernels_are_cheaper(device, monkeypatch):
     cuda.conv2d_backward_data(dy, w, x_shape, (2, 2), (0, 0))
     times = [t for k, t in cuda._autotune_times.items() if k != key][0]
     assert "col2im" not in " ".join(times), times
+
+
+def test_pixel_lane_variant_of_the_v3_weight_gradient(device, monkeypatch):
+    """The weight gradient's pixel-lane kernel is a v3 candidate ("3+px"); made cheaper, it is
+    picked and runs, the same bits as the default kernel; set by the user, it is no candidate and the
+    pick is another cache entry (the setting is part of the key)."""
+    device.costs = {"conv2d_bwd_weight_v3_px_f32": 1e-4, "conv2d_wgrad_split_reduce_f32": 1e-4}
+    device.default_cost = 1e-2
+    monkeypatch.setattr(cuda, "CONV_VERSIONS", ("3",))
+    rng = np.random.default_rng(4)
+    x, dy = rnd(rng, 2, 6, 9, 8), rnd(rng, 2, 40, 9, 8)
+    dw, db = cuda.conv2d_backward_weight(dy, x, (40, 6, 3, 3), (1, 1), (1, 1))
+    key, times = _only_times()
+    assert "3+px" in times and cuda._autotune_cache[key].split("+")[:2] == ["3", "px"], times
+    assert "conv2d_bwd_weight_v3_px_f32" in device.timeline[-2:] and "PYCNN_CONV3_WGRAD_PX" not in cuda.os.environ
+    with monkeypatch.context() as m:
+        m.delenv("PYCNN_CONV_AUTOTUNE")
+        m.setenv("PYCNN_CONV3_WGRAD_PX", "0")
+        want = cuda.conv2d_backward_weight(dy, x, (40, 6, 3, 3), (1, 1), (1, 1), version="3")
+    np.testing.assert_array_equal(dw, want[0])
+    np.testing.assert_array_equal(db, want[1])
+    monkeypatch.setenv("PYCNN_CONV3_WGRAD_PX", "1")
+    cuda.conv2d_backward_weight(dy, x, (40, 6, 3, 3), (1, 1), (1, 1))
+    assert len(cuda._autotune_times) == 2, "a pick made without the setting was reused with it"
+    times = [t for k, t in cuda._autotune_times.items() if k != key][0]
+    assert "px" not in " ".join(times), times
 
 
 def test_wide_variant_for_the_forward(device):
