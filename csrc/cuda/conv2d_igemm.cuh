@@ -559,16 +559,12 @@ __device__ __forceinline__ void pycnn_conv_load_tile(const PycnnConvGemm& p, con
             int off;
             const bool ok = pycnn_conv_b_elem<MODE>(p, L, tab[row], off);
             pycnn_conv_load_elem<ASYNC>(&Bs[row][L.b_col], p.b_src, ok, off);
-        }
-        if constexpr (PIXEL_LANES && TWO_COLUMNS) {
-#pragma unroll
-            for (int q = 0; q < BK / B_STEP; ++q) {
-                const int row = L.b_row + q * B_STEP;
-                int off;
-                const bool ok = pycnn_conv_b_elem<MODE>(p, L2, tab[row], off);
-                pycnn_conv_load_elem<ASYNC>(&Bs[row][L2.b_col], p.b_src, ok, off);
+            if constexpr (PIXEL_LANES && TWO_COLUMNS) {  // (the second column's element of the same row)
+                const bool ok2 = pycnn_conv_b_elem<MODE>(p, L2, tab[row], off);
+                pycnn_conv_load_elem<ASYNC>(&Bs[row][L2.b_col], p.b_src, ok2, off);
             }
-        } else if constexpr (TWO_COLUMNS) {
+        }
+        if constexpr (!PIXEL_LANES && TWO_COLUMNS) {
 #pragma unroll
             for (int row = 0; row < BK; ++row) {
                 int off;
