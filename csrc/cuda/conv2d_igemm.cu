@@ -40,7 +40,8 @@
 // v4 TF32 tensor cores (opt-in: allow_tf32 / PYCNN_ALLOW_TF32=1; sm_80 or newer)
 //   The same tiles and gathers as v3; each warp computes a 32 x 16 (64 x 32) block of C with
 //   mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, operands rounded to TF32
-//   (cvt.rna.tf32.f32: 10-bit mantissa, relative rounding error <= 2^-11), fp32 accumulation.
+//   (cvt.rn.tf32.f32 on sm_90, cvt.rna on sm_80: 10-bit mantissa, relative rounding error
+//   <= 2^-11), fp32 accumulation.
 //   Error bound per output, with P = sum_k |a_k*b_k| over its Kd products:
 //     |C_tf32 - C_exact| <= (2^-10 + 2^-22 + Kd * 2^-23) * P    (operand rounding 2*2^-11 + its
 //   square, plus fp32 accumulation; 2^-23 per addition covers a truncating accumulator).

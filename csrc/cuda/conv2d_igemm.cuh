@@ -103,10 +103,21 @@ static_assert(PYCNN_CONV3_BK == 16 && PYCNN_CONV3_THREADS == 256,
 
 // TF32 helpers. Under nvcc/NVRTC they are one PTX instruction each; the CPU emulator
 // (tests/gpu/emulator/emu.h) defines the same two functions, emulating the instruction
-// bit-for-bit on the operands (fragment layout of the PTX ISA, round-to-nearest-away TF32).
+// bit-for-bit on the operands (fragment layout of the PTX ISA, round-to-nearest-even TF32, the
+// sm_90 rounding).
+// Rounding to TF32: nearest, 10 explicit mantissa bits, relative error <= 2^-11 either way; only
+// the tie rule differs by architecture. On sm_90 and newer cvt.rn.tf32.f32 (ties to even, what
+// cuBLAS and cuDNN do) is one instruction, F2FP.TF32.F32; cvt.rna.tf32.f32 (ties away from zero)
+// has no instruction there and ptxas expands it to a compare for Inf/NaN and a predicated add of
+// half an ulp: two issue slots per operand instead of one, 48 more in the 128 x 128 forward
+// loop's 394 per stage (benchmarks/sass_mix.py). sm_80 has only .rna.
 #if defined(__CUDACC__)
 __device__ __forceinline__ unsigned pycnn_tf32(float v) {
-#if __CUDA_ARCH__ >= 800
+#if __CUDA_ARCH__ >= 900
+    unsigned r;
+    asm("cvt.rn.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
+    return r;
+#elif __CUDA_ARCH__ >= 800
     unsigned r;
     asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
     return r;

@@ -8,7 +8,7 @@
 // elements lie apart, so each element is a 4-byte copy with its own address and bounds test, and
 // the tiles sit in shared memory along m and n, from where an mma fragment takes 4-byte reads and
 // a TF32 conversion per element per warp. benchmarks/sass_mix.py counts, per 16-deep stage of the
-// 128x128 kernel, 32 mma among 442 instructions, plus 17 per gathered element: the tensor cores
+// 128x128 kernel, 32 mma among 394 instructions, plus 17 per gathered element: the tensor cores
 // wait on the issue of everything else (0.32x cuDNN's TF32 on the compute-bound layer, record
 // gpu-20261127-221f3c58). Channels last turns that around:
 //   * The reduction runs over (filter row r, filter column s, channel c), c fastest, and C % 16
@@ -18,7 +18,7 @@
 //   * Both tiles are stored along k, [row][k], which is what ldmatrix reads: one ldmatrix.x4 is
 //     a whole A fragment of an m16n8k8 mma (four 8x4 quarters), or the B fragments of two.
 //   * Each thread rounds the 16 elements it copied to TF32 once, in shared memory, when its copies
-//     have landed (cvt.rna, v4's rounding), instead of every warp rounding every fragment it reads.
+//     have landed (pycnn_tf32, v4's rounding), instead of every warp rounding every fragment it reads.
 // The price is two extra passes before the GEMM: the transpose of the input
 // (conv2d_nchw_to_nhwc_f32, one read and one write of x) and the reorder of the filters
 // (conv2d_nhwc_filters_f32). The output is stored NCHW straight from the accumulators.

@@ -187,3 +187,30 @@ def cp_async_eager(emulator):
         yield
     finally:
         lib.emu_set_cp_async_eager(0)
+
+
+def tf32_reference(x: np.ndarray, ties_even: bool = True) -> np.ndarray:
+    """float32 x rounded to the nearest TF32 (10 explicit mantissa bits) as float32, worked out in
+    float64 from the value, not from its bits: x = m * 2^e with 0.5 <= |m| < 1, so m * 2^11 holds
+    the 11 significant bits and its rounding to an integer is the rounding to TF32 (np.round ties
+    to even, as sm_90's cvt.rn.tf32.f32; ties_even=False: away from zero, as sm_80's cvt.rna).
+    For normal x (TF32 subnormals are rounded at a fixed quantum, not 11 bits); a value that
+    rounds past the largest float becomes inf."""
+    m, e = np.frexp(x.astype(np.float64))
+    scaled = np.ldexp(m, 11)
+    whole = np.round(scaled) if ties_even else np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)
+    with np.errstate(over="ignore"):
+        return np.ldexp(whole, e - 11).astype(np.float32)
+
+
+def tf32_test_values(rng, count: int = 4096) -> np.ndarray:
+    """Normal float32 values for TF32 rounding tests: random ones over a wide exponent range, exact
+    ties (low 13 bits 0x1000) with even and odd kept mantissas, either side of a tie, ties that carry
+    into the exponent, and the largest floats (which round to inf)."""
+    bits = rng.integers(0x00800000, 0x7f800000, count, dtype=np.uint32)
+    bits[count // 2:] = (bits[count // 2:] & np.uint32(0xffffe000)) | np.uint32(0x1000)  # ties
+    special = np.array([0x3f801000, 0x3f803000, 0x3f800fff, 0x3f801001, 0x3f802fff, 0x3fffe000 | 0x1000,
+                        0x3fffffff, 0x7f7ff000, 0x7f7fefff, 0x7f7fffff, 0x00801000, 0x00803000], np.uint32)
+    bits = np.concatenate([bits, special])
+    signs = rng.integers(0, 2, bits.size, dtype=np.uint32) << np.uint32(31)
+    return np.concatenate([bits, bits | signs, bits | np.uint32(0x80000000)]).view(np.float32)

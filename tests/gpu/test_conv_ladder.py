@@ -168,6 +168,26 @@ def test_tf32_exact_on_small_integers(layer):
         np.testing.assert_array_equal(g, wnt.astype(np.float32), err_msg=f"{name} v4 {what}")
 
 
+def test_device_tf32_rounding():
+    """pycnn_tf32 (conv2d_igemm.cuh, v4's operand rounding) as NVRTC compiles it for this GPU
+    rounds to the nearest TF32 with the tie rule of its architecture: ties to even on sm_90 and
+    newer (cvt.rn.tf32.f32, one instruction), away from zero on sm_80 (cvt.rna), on the values the
+    emulator's rounding is tested on (tests/gpu/emu_support.py), exact ties included."""
+    from emu_support import tf32_reference, tf32_test_values
+
+    code = cuda.kernel_source("conv2d_igemm.cu") + (
+        '\nextern "C" __global__ void pycnn_test_tf32(const float* x, unsigned* y, int n) {\n'
+        '    const int i = blockIdx.x * blockDim.x + threadIdx.x;\n'
+        '    if (i < n) y[i] = pycnn_tf32(x[i]);\n}\n')
+    kernel = cp.RawModule(code=code, options=cuda.COMPILE_OPTIONS).get_function("pycnn_test_tf32")
+    x = tf32_test_values(np.random.default_rng(0))
+    out = cp.empty(x.size, cp.uint32)
+    kernel(((x.size + 255) // 256,), (256,), (cp.asarray(x), out, np.int32(x.size)))
+    got = (cp.asnumpy(out) & np.uint32(0xffffe000)).view(np.float32)  # (the low 13 bits are unspecified)
+    ties_even = int(cp.cuda.Device().compute_capability) >= 90
+    np.testing.assert_array_equal(got, tf32_reference(x, ties_even=ties_even))
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_fused_bias_relu_is_one_kernel_and_matches(version):
     _, N, C, H, W, K, R, S, stride, padding = LAYERS[3]  # MnistCNN conv2

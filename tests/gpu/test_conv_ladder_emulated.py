@@ -2,7 +2,7 @@
 tensor cores) run on the CPU emulator, every version x direction against numpy_ref in float64.
 
 v4's mma.sync is emulated by tests/gpu/emulator/emu.h (the PTX fragment layout, operands rounded
-to TF32 as cvt.rna does), so here v4 is held to the documented TF32 error bound and shown to
+to TF32 as sm_90's cvt.rn does), so here v4 is held to the documented TF32 error bound and shown to
 differ from fp32; the real instruction is checked by test_conv_ladder.py on a GPU. Shapes are
 small (the emulator runs one std::thread per CUDA thread) but cover stride 2, padding, odd
 sizes, C = 1, K not a multiple of the 64-row tile and N*Ho*Wo not a multiple of the 64-column
@@ -10,7 +10,9 @@ tile, several k-stages, and split-K.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import subprocess
 from contextlib import nullcontext
 
 import numpy as np
@@ -18,7 +20,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emu_support import EMULATED_MARKS, close, model_gradients, rnd
+from emu_support import (EMU_HEADER, EMULATED_MARKS, GXX, close, model_gradients, rnd, tf32_reference,
+                         tf32_test_values)
 from pycnn.backends import cuda
 from pycnn.backends import numpy_ref as ref
 
@@ -235,6 +238,32 @@ def test_tf32_exact_on_tf32_representable_integers(emulated, name):
     got = run_all(shape, x, w, b, dy, "4", allow_tf32=True)
     for what, g, wnt in zip(("y", "dx", "dw", "db"), got, reference(shape, x, w, b, dy)):
         np.testing.assert_array_equal(g, wnt.astype(np.float32), err_msg=f"v4 {name} {what}")
+
+
+def test_emulated_tf32_rounding_is_sm90s(tmp_path):
+    """The emulator's pycnn_tf32 (emu.h) rounds as sm_90's cvt.rn.tf32.f32: to nearest, ties to
+    even, checked against tf32_reference (worked out from the values in float64) on random values,
+    exact ties with even and odd kept mantissas, carries into the exponent and overflow to inf;
+    Inf and NaN pass through. (test_conv_ladder.py::test_device_tf32_rounding holds the GPU's
+    instruction to the same reference.)"""
+    src = tmp_path / "tf32.cpp"
+    src.write_text('#include "emu.h"\n'
+                   'extern "C" void tf32_many(const float* x, unsigned* y, int n) {\n'
+                   '    for (int i = 0; i < n; ++i) y[i] = pycnn_tf32(x[i]);\n}\n')
+    lib_path = tmp_path / "tf32.so"
+    subprocess.run([GXX, "-std=c++20", "-O1", "-shared", "-fPIC", "-I", str(EMU_HEADER.parent), "-o",
+                    str(lib_path), str(src)], check=True, capture_output=True, timeout=300)
+    lib = ctypes.CDLL(str(lib_path))
+    x = np.concatenate([tf32_test_values(np.random.default_rng(0)),
+                        np.array([np.inf, -np.inf, np.nan], np.float32)])
+    out = np.empty(x.size, np.uint32)
+    lib.tf32_many(x.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p), ctypes.c_int(x.size))
+    got = out.view(np.float32)
+    assert np.all(out[:-3] & np.uint32(0x1fff) == 0), "the low 13 bits of a TF32 pattern must be zero"
+    np.testing.assert_array_equal(got[:-3], tf32_reference(x[:-3]))
+    assert got[-3] == np.inf and got[-2] == -np.inf and np.isnan(got[-1])
+    # the reference itself tells the two tie rules apart on these values
+    assert not np.array_equal(tf32_reference(x[:-3], ties_even=False), got[:-3])
 
 
 @pytest.mark.parametrize("version", EXACT + ("4",))

@@ -56,16 +56,19 @@ struct alignas(8) float2 { float x, y; };
 struct int4 { int x, y, z, w; };
 
 // ---- TF32 tensor-core emulation (conv2d_igemm.cu v4). The kernels call these two functions; under
-// nvcc/NVRTC they are the PTX instructions cvt.rna.tf32.f32 and
+// nvcc/NVRTC they are the PTX instructions cvt.rn.tf32.f32 (sm_90; cvt.rna.tf32.f32 on sm_80) and
 // mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32.
 #define PYCNN_EMULATED 1
-// cvt.rna.tf32.f32: round to the nearest TF32 (10 explicit mantissa bits), ties away from zero;
-// the result is a 32-bit pattern with the low 13 bits zero. Adding half an ulp (bit 12) to the
-// magnitude and truncating does exactly that, overflowing into the exponent (or to inf) where due.
+// cvt.rn.tf32.f32, the H100/H200's rounding: to the nearest TF32 (10 explicit mantissa bits), ties
+// to even; the result is a 32-bit pattern with the low 13 bits zero. Adding just under half an ulp
+// (0xfff) plus the kept mantissa's lowest bit (bit 13) to the magnitude and truncating does exactly
+// that: a tie (low 13 bits 0x1000) carries only when bit 13 is odd, overflowing into the exponent
+// (or to inf) where due. (sm_80's cvt.rna rounds ties away from zero instead, adding 0x1000: the same
+// bound of 2^-11, different bits on ties.)
 inline unsigned pycnn_tf32(float v) {
     unsigned u = __float_as_uint(v);
     if ((u & 0x7f800000u) == 0x7f800000u) return u;  // inf and NaN pass through
-    return (u + 0x1000u) & 0xffffe000u;
+    return (u + 0xfffu + ((u >> 13) & 1u)) & 0xffffe000u;
 }
 // One warp-wide D = A (16x8) . B (8x8) + C, all 32 lanes of the warp taking part (as on the GPU).
 // Fragment layout of the PTX ISA for m16n8k8 .tf32, lane l, g = l/4, t = l%4:
