@@ -154,7 +154,7 @@ def run_tests(junit_path: Path, timeout: float = TESTS_TIMEOUT) -> dict:
     """tests/gpu and every other ``gpu``-marked test, with PYCNN_REQUIRE_GPU=1; counts from the
     JUnit XML."""
     # The CPU emulation of the kernels (tests marked emulated) is for machines without a GPU.
-    cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", "--slow",
            "-m", "(gpu or gpu_suite) and not emulated", f"--junitxml={junit_path}"]
     res = _run(cmd, timeout=timeout, env=_env(PYCNN_REQUIRE_GPU="1"))
     out = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0, "seconds": round(res["seconds"], 1),

@@ -20,13 +20,29 @@ settings.load_profile("pycnn")
 _GPU_DIR = Path(__file__).resolve().parent / "gpu"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="also run the tests marked slow (long end-to-end runs and the long emulated-kernel "
+                          "tests; CI runs them with `pytest -m slow`)")
+
+
+def _runs_slow(config) -> bool:
+    """Slow tests run with --slow, or when the -m expression names them (``-m slow``)."""
+    return config.getoption("--slow") or "slow" in (config.getoption("markexpr") or "")
+
+
 def pytest_collection_modifyitems(config, items):
     """Mark every test under tests/gpu ``gpu_suite``, so the GPU selftest can run that directory
     plus the ``gpu``-marked tests that live next to the code they test (e.g. test_augment.py)
-    with one marker expression."""
+    with one marker expression. Skip the ``slow`` tests unless asked for (the plain ``pytest`` of
+    the README stays a few minutes on 2 cores; CI runs both)."""
+    skip_slow = None if _runs_slow(config) else pytest.mark.skip(
+        reason="slow: run with `pytest --slow` (everything) or `pytest -m slow` (these only)")
     for item in items:
         if _GPU_DIR in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.gpu_suite)
+        if skip_slow is not None and "slow" in item.keywords:
+            item.add_marker(skip_slow)
 
 
 def mnist_dir() -> Path | None:

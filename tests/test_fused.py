@@ -32,7 +32,9 @@ def _model(dtype):
         nn.Flatten(), nn.Linear(4, 6, dtype=dtype), nn.ReLU(), nn.Linear(6, 3, dtype=dtype))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+# (numba: ~45 s per dtype compiling its fused kernels, so those two run with the slow tests)
+@pytest.mark.parametrize("backend", [pytest.param(name, marks=pytest.mark.slow) if name == "numba" else name
+                                     for name in CPU_BACKENDS])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_sequential_fusion_matches_unfused(backend, dtype):
     pycnn.set_backend(backend)

@@ -54,6 +54,7 @@ def test_seed001net_trains_on_rgb_input():
     assert model.predict_proba(x).shape == (4,)
 
 
+@pytest.mark.slow
 def test_tiny_training_run_transfer_and_cli(mnist_path, tmp_path):
     from pycnn.train import run_mnist
 

@@ -127,6 +127,7 @@ def test_compiled_loop_has_one_ffma_and_one_load(tmp_path, capsys):
     assert "no nothere.cu in" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 @pytest.mark.parametrize("lean", ["0", "1"])
 def test_gemm_tiles_fit_the_blocks_per_sm_the_split_rule_counts(tmp_path, lean):

@@ -28,6 +28,7 @@ def test_short_run_writes_outputs_and_checkpoint_round_trips(mnist_path, tmp_pat
     np.testing.assert_array_equal(model(x).numpy(), trained(x).numpy())
 
 
+@pytest.mark.slow
 def test_seeded_cpu_runs_are_reproducible(mnist_path):
     kwargs = dict(epochs=1, batch_size=128, backend="numpy", data_dir=str(mnist_path), limit_train=512,
                   progress=False, seed=7)
@@ -37,6 +38,7 @@ def test_seeded_cpu_runs_are_reproducible(mnist_path):
         np.testing.assert_array_equal(pa.numpy(), pb.numpy())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shuffle", [None, False])
 def test_fastmnist_visits_a_seeded_random_order(mnist_path, monkeypatch, shuffle):
     """The FastMNIST recipe, as published, trains on the set in a shuffled order (the file order

@@ -118,6 +118,7 @@ def _only_times():
     return key, times
 
 
+@pytest.mark.slow
 def test_flip_variant_wins_when_the_forward_kernels_are_cheaper(device):
     """Backward-data of a stride-1 layer: the flipped plan (the forward GEMM of rotated filters)
     is a candidate beside the backward-data GEMM; made cheaper, it is picked, runs, and is exact."""
@@ -144,6 +145,7 @@ def test_flip_variant_wins_when_the_forward_kernels_are_cheaper(device):
     assert len(cuda._autotune_times) == 1
 
 
+@pytest.mark.slow
 def test_col2im_variant_wins_when_its_kernels_are_cheaper(device, monkeypatch):
     """Backward-data of a layer whose dy is mostly padding for the GEMM (3x3 from 5x5): the col2im
     plan (filters transposed, a 1x1 forward GEMM, the fold) is a candidate in any stride; made
@@ -194,6 +196,7 @@ def test_pixel_lane_variant_of_the_v3_weight_gradient(device, monkeypatch):
     assert "px" not in " ".join(times), times
 
 
+@pytest.mark.slow
 def test_wide_variant_for_the_forward(device):
     device.costs = {"conv2d_fwd_v3_m32n256_f32": 1e-4}
     rng = np.random.default_rng(1)
@@ -225,6 +228,7 @@ def test_a_set_variant_holds_for_every_candidate(device, monkeypatch):
     assert "conv2d_bwd_data_v3_m32n256_f32" in device.timeline, "PYCNN_CONV3_WIDE=1 gives every v3 plan wide tiles"
 
 
+@pytest.mark.slow
 def test_channels_last_variant_of_v4(device, monkeypatch):
     """With TF32 allowed, v4's channels-last kernels (PYCNN_CONV4_NHWC) are a candidate beside
     v4's GEMM; made cheaper, they are picked, run within the TF32 bound, and the environment
@@ -248,6 +252,7 @@ def test_channels_last_variant_of_v4(device, monkeypatch):
     assert "3+nhwc" in times  # (v3's own setting, still unset)
 
 
+@pytest.mark.slow
 def test_channels_last_variant_of_v3(device, monkeypatch):
     """In exact fp32, v3's channels-last kernels (PYCNN_CONV3_NHWC) are a candidate beside v3's
     GEMM in each direction; made cheaper, they are picked and give the reference's values (the
@@ -359,6 +364,7 @@ def test_labels_name_their_settings():
     assert not any("px" in lab for lab in cuda._tune_labels("backward_weight", ["4"]))  # (v3 only)
 
 
+@pytest.mark.slow
 def test_a_model_trains_through_the_autotune(device, monkeypatch):
     """A small CNN through Sequential, functional and the emulated kernels with the autotune on (the
     backward's two halves tuned in order, then forked): outputs and every gradient are the NumPy

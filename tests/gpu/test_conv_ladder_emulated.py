@@ -146,6 +146,7 @@ def small_shapes(draw):
             (draw(st.integers(1, 3)), draw(st.integers(1, 3))), (ph, pw))
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None)
 @given(shape=small_shapes(), seed=st.integers(0, 2**31 - 1))
 def test_drawn_shapes_every_version(emulator, shape, seed):
@@ -183,6 +184,7 @@ LARGE_1X1 = (1, 132, 12, 12, 130, 1, 1, (1, 1), (0, 0))  # Kd = 132, HoWo = 144:
 LARGE_3X3 = (1, 129, 25, 12, 130, 3, 3, (2, 1), (1, 0))  # v4 here would take ~20 s to emulate
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version, shape", [("3", LARGE_1X1), ("4", LARGE_1X1), ("3", LARGE_3X3)],
                          ids=["v3-1x1", "v4-1x1", "v3-3x3-stride2"])
 def test_large_tile_kernels(emulated, monkeypatch, version, shape):
@@ -287,6 +289,7 @@ def test_fused_bias_relu_epilogue(emulated, version):
         cuda.conv2d_bias_relu_forward(x, w, None, stride, padding)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["2", "3", "4"])
 def test_split_weight_gradient_is_deterministic(emulated, monkeypatch, version):
     # 4 images of 16x16 outputs: v2 splits the images, v3/v4 split Kd = 1024 in two. (The v3/v4
@@ -431,6 +434,7 @@ def test_kernels_table_shows_only_measured_figures(tmp_path):
     assert kernels_table.update(doc, text) == f"intro\n{kernels_table.BEGIN}\n{text}{kernels_table.END}\noutro\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version, shape, t128", [
     ("3", SHAPES["multi-tile"], False), ("3", SHAPES["stride2-pad-odd"], False),
     ("4", SHAPES["multi-tile"], False), ("3", LARGE_1X1, True), ("3", SPLIT_SHAPE, "m32"),
@@ -466,6 +470,7 @@ def test_every_main_loop_gives_the_same_bits(emulator, emulator_one_stage, emula
             np.testing.assert_allclose(g, wnt, rtol=1e-4, atol=fp32_atol(length), err_msg=f"v{version} {what}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape, tile, suffixes", [
     (SHAPES["multi-tile"], "", ("", "", "")),
     (LARGE_1X1, "t128", ("_t128", "_t128", "_t128")),
@@ -506,6 +511,7 @@ def test_warp_layouts_give_the_same_bits(emulator, emulator_warp_cols8, shape, t
 # (one case per way a thread's B rows fall: 16 rows by 256 threads of a 64-column tile, 8 by 256
 # of a 128-column one, 16 of one column by 256, 16 of two columns by 128; 64x128 and 32x128 tiles
 # load like the 32x256 and 128x128 ones)
+@pytest.mark.slow
 @pytest.mark.parametrize("version, shape, tile, suffixes", [
     ("3", SHAPES["stride2-pad-odd"], "", ("", "", "")),
     ("4", SHAPES["two-row-tiles"], "", ("", "", "")),
@@ -669,6 +675,7 @@ def _gpu_kernels_on_the_emulator(monkeypatch):
     return gpu_kernels, captures
 
 
+@pytest.mark.slow
 def test_gpu_kernels_benchmark_runs_on_the_emulator(emulated, monkeypatch, tmp_path):
     """benchmarks/gpu_kernels.py end to end (--layers big --versions 3,5), on a tiny stand-in for
     the compute-bound layer: the GPU session cannot afford to find a broken script. No cuDNN here,
@@ -692,6 +699,7 @@ def test_gpu_kernels_benchmark_runs_on_the_emulator(emulated, monkeypatch, tmp_p
     assert "GPU us" in gpu_kernels.table(record["kernels"])
 
 
+@pytest.mark.slow
 def test_gpu_kernels_split_targets(emulated, monkeypatch, tmp_path):
     """--versions 3,3@T: v3 again with split-K aimed at T blocks, as "split_target" entries, only
     where that changes a GEMM's split count; the module's target is restored afterwards, and such
@@ -718,6 +726,7 @@ def test_gpu_kernels_split_targets(emulated, monkeypatch, tmp_path):
     assert record["kernels_info"]["fastest_exact_versions"]["t-a"] == {op: "v3" for op in plain}
 
 
+@pytest.mark.slow
 def test_gpu_kernels_old_split_rule(emulated, monkeypatch, tmp_path):
     """--versions 3,3fill: v3 again under the split-K rule "waves" replaced ("split_rule": "fill"
     entries), only where the two rules split a GEMM differently; the rule is restored after."""
@@ -743,6 +752,7 @@ def test_gpu_kernels_old_split_rule(emulated, monkeypatch, tmp_path):
     assert "v3fill" in gpu_kernels.table(record["kernels"])
 
 
+@pytest.mark.slow
 def test_gpu_kernels_wide_tiles_by_other_thread_counts(emulated, monkeypatch, tmp_path):
     """--versions 3,3t,3m: v3 again with its 64x128 tiles run by 256 threads with 4x8 register
     tiles ("threads": 256 entries, PYCNN_CONV3_R8=0) instead of 128 with 8x8, and with its 32x256
@@ -789,6 +799,7 @@ def test_gpu_kernels_wide_tiles_by_other_thread_counts(emulated, monkeypatch, tm
     assert "v3t" in table and "v3m" in table
 
 
+@pytest.mark.slow
 def test_gpu_kernels_wide_tiles_at_a_batch(emulated, monkeypatch, tmp_path):
     """--layers models --versions 3,3w --batch N: the model layers at batch N (here 1, on two
     stand-in layers), v3 with its default tiles and, marked "wide", with PYCNN_CONV3_WIDE=1 for
@@ -827,6 +838,7 @@ def test_gpu_kernels_wide_tiles_at_a_batch(emulated, monkeypatch, tmp_path):
     assert "v3w" in gpu_kernels.table(record["kernels"])
 
 
+@pytest.mark.slow
 def test_gpu_kernels_knockouts(emulated, monkeypatch, tmp_path):
     """--knockouts 1,8 --also-stages 3 --models mnistcnn: v3 on the compute-bound layer and
     MnistCNN's (stand-ins here), then again with the conv module rebuilt under
@@ -884,6 +896,7 @@ BACKWARD_DATA_TAGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tag", list(BACKWARD_DATA_TAGS))
 def test_gpu_kernels_backward_data_experiments(emulated, monkeypatch, tmp_path, tag):
     """--versions 3,3f / 3,3c: v3 and, as "flip" / "col2im" entries, the stride-1 backward-data
@@ -925,6 +938,7 @@ def test_gpu_kernels_backward_data_experiments(emulated, monkeypatch, tmp_path, 
     assert kernels_table.cell(2.0, shape, None) in doc and kernels_table.cell(0.5, shape, None) not in doc
 
 
+@pytest.mark.slow
 def test_gpu_kernels_wgrad_pixel_lanes(emulated, monkeypatch, tmp_path):
     """--versions 3,3px: v3 and, as "px" entries, v3's weight gradient with B copied by 4 pixels x 8
     columns per warp (PYCNN_CONV3_WGRAD_PX=1, unset again afterwards): weight-gradient entries of
@@ -980,6 +994,7 @@ WINO_SHAPES = [(2, 3, 9, 11, 5, 1, 1), (1, 4, 6, 5, 3, 0, 0), (2, 2, 13, 13, 70,
                (1, 40, 7, 8, 6, 1, 0)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", WINO_SHAPES, ids=[str(s) for s in WINO_SHAPES])
 def test_winograd_every_direction(emulated, shape):
     N, C, H, W, K, ph, pw = shape
@@ -1006,6 +1021,7 @@ def test_winograd_every_direction(emulated, shape):
     assert not any(k.startswith("conv2d_fwd_v") or k.startswith("conv2d_bwd_") and "_v" in k for k in emulated), emulated
 
 
+@pytest.mark.slow
 def test_winograd_large_gemm_tile(emulated, monkeypatch):
     """The 128x128 GEMM tiles: forward with >= 128 filters and tiles (conv2d_wino_gemm_t128_f32),
     weight gradient with >= 128 filters and channels (conv2d_wino_wgrad_gemm_t128_f32)."""
@@ -1070,6 +1086,7 @@ def winograd_shapes(draw):
     return (draw(st.integers(1, 2)), draw(st.integers(1, 6)), H, W, draw(st.integers(1, 9)), ph, pw)
 
 
+@pytest.mark.slow
 @settings(max_examples=5, deadline=None)
 @given(shape=winograd_shapes(), seed=st.integers(0, 2**31 - 1))
 def test_winograd_drawn_shapes(emulator, shape, seed):
@@ -1091,6 +1108,7 @@ def test_winograd_drawn_shapes(emulator, shape, seed):
         assert "conv2d_wino_output_f32" in launched and "conv2d_wino_wgrad_output_f32" in launched
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version, name", [("3", "multi-tile"), ("3", "stride2-pad-odd"), ("3", "two-row-tiles"),
                                            ("4", "multi-tile"), ("3", "large-1x1"), ("5", "winograd"),
                                            ("3", "m32-split")])
@@ -1259,6 +1277,7 @@ def test_narrow_c1_weight_gradient_is_the_generic_kernel_bitwise(emulated, monke
         assert a.tobytes() == g.tobytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["3", "4"])
 @pytest.mark.parametrize("name", list(NARROW_SHAPES))
 @pytest.mark.parametrize("min_k", [1024, 40])
@@ -1603,6 +1622,7 @@ SPLIT_FINISH_CASES = {
 SPLIT_FINISH_REDUCES = {"64x64": 4, "64x64-multi-tile": 4, "m32": 4, "t128": 4}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["3", "4"])
 @pytest.mark.parametrize("case", list(SPLIT_FINISH_CASES))
 def test_split_finish_in_kernel_is_the_two_pass_sum(emulated, monkeypatch, version, case):
@@ -1850,6 +1870,7 @@ def nhwc_runs_forward(shape) -> bool:
     return shape[1] % 16 == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(NHWC_SHAPES))
 def test_v4_nhwc_within_tf32_bound(emulated, monkeypatch, name):
     """The channels-last kernels ran (forward and weight gradient; backward-data where stride 1 and
@@ -1880,6 +1901,7 @@ def test_v4_nhwc_within_tf32_bound(emulated, monkeypatch, name):
     np.testing.assert_allclose(got[3], exact[3], rtol=1e-5, atol=1e-5, err_msg="db")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(NHWC_SHAPES))
 def test_v4_nhwc_exact_on_tf32_representable_integers(emulated, monkeypatch, name):
     """On small integers every product and sum is exact: the channels-last kernels must equal the
@@ -1897,6 +1919,7 @@ def test_v4_nhwc_exact_on_tf32_representable_integers(emulated, monkeypatch, nam
                                                                  nhwc_runs_backward_data(shape))
 
 
+@pytest.mark.slow
 def test_v4_nhwc_weight_gradient_split_k(emulated, monkeypatch):
     """Split-K of the channels-last weight gradient: with parts of 16 pixels (the "two-tiles"
     layer's 168 pixels in 11 parts, the last one short) the partials add up, in split order, to
@@ -1935,6 +1958,7 @@ def test_v4_nhwc_weight_gradient_of_a_misaligned_dy(emulated, monkeypatch):
         np.testing.assert_array_equal(g, a, err_msg=what)
 
 
+@pytest.mark.slow
 def test_v4_nhwc_with_copies_landing_at_issue(emulator, monkeypatch):
     """The same bits when the 16-byte copies land at issue (a copy into the buffer other warps
     still read would show) as when they land at the wait."""
@@ -1977,6 +2001,7 @@ def test_v4_nhwc_only_where_it_applies(monkeypatch):
         cuda._conv4_nhwc("forward", g)
 
 
+@pytest.mark.slow
 def test_gpu_kernels_times_the_channels_last_kernel(emulated, monkeypatch, tmp_path):
     """gpu_kernels.py --versions 3,3n,4,4n: v3 and v4 and, as "nhwc" entries with their own tile,
     their channels-last kernels (all three directions; 16 channels each way, 24 output pixels);
@@ -2040,6 +2065,7 @@ def run_nhwc3(monkeypatch, shape, x, w, b, dy):
     return y, dx, dw, db
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(NHWC3_SHAPES))
 def test_v3_nhwc_is_exact_fp32(emulated, monkeypatch, name):
     """The channels-last v3 kernels (forward with bias and ReLU; backward-data where stride 1;
@@ -2066,6 +2092,7 @@ def test_v3_nhwc_is_exact_fp32(emulated, monkeypatch, name):
     np.testing.assert_allclose(dw, v3_dw, rtol=1e-5, atol=fp32_atol(lw))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(NHWC3_SHAPES))
 def test_v3_nhwc_exact_on_integers(emulated, monkeypatch, name):
     """Small integers: every sum exact, so the reference's bits: checks the tap and channel walk,
@@ -2081,6 +2108,7 @@ def test_v3_nhwc_exact_on_integers(emulated, monkeypatch, name):
     np.testing.assert_array_equal(db, want[3].astype(np.float32), err_msg=f"{name} db")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["m64-partial", "small-images"])
 def test_v3_nhwc_weight_gradient_split_k(emulated, monkeypatch, name):
     """Split-K of v3's channels-last weight gradient: with parts of 16 pixels each split starts
@@ -2113,6 +2141,7 @@ def test_v3_nhwc_weight_gradient_split_k(emulated, monkeypatch, name):
     np.testing.assert_allclose(split_db, whole[1], rtol=1e-5, atol=fp32_atol(N * Ho * Wo))
 
 
+@pytest.mark.slow
 def test_v3_nhwc_forward_split_k(emulated, monkeypatch):
     """Split-K of v3's channels-last forward / backward-data (few tiles: every NHWC3_SHAPES layer
     splits): splits of 80 reduction indices start mid-tap (64 channels), one of 16 is a single
@@ -2156,6 +2185,7 @@ def test_v3_nhwc_weight_gradient_alone(emulated, monkeypatch, shape):
     np.testing.assert_array_equal(db, want[3].astype(np.float32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("col2im", [False, True])
 def test_v3_nhwc_backward_transposes_dy_once(emulated, monkeypatch, col2im):
     """conv2d_backward with both halves channels last: once their plans are cached, dy is copied
@@ -2217,6 +2247,7 @@ def test_v3_nhwc_trains_a_model(emulated, monkeypatch):
         close(g, w, rtol=1e-4, atol=1e-4, what=f"gradient of parameter {i}")
 
 
+@pytest.mark.slow
 def test_mnistcnn_trains_with_every_exact_opt_in(emulated, monkeypatch):
     """MnistCNN (batch 2) through autograd with what gpu_training.py's pycnn-cudagraph-optins
     turns on: v3 channels last, the col2im backward-data, the max-pool backward's 16-byte stores,
@@ -2254,6 +2285,7 @@ def test_mnistcnn_trains_with_every_exact_opt_in(emulated, monkeypatch):
         close(g, w, rtol=1e-4, atol=1e-4, what=f"gradient of parameter {i}")
 
 
+@pytest.mark.slow
 def test_the_sanitizer_workload_runs_every_channels_last_kernel(emulated, monkeypatch):
     """pycnn.selftest's workload (what compute-sanitizer's memcheck and racecheck run on the GPU)
     reaches each kernel of conv2d_nhwc.cu, split and unsplit, both dy paths of v4's weight

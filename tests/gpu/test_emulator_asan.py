@@ -45,7 +45,7 @@ pytestmark = EMULATED_MARKS + [pytest.mark.slow,
 def test_emulated_kernels_stay_inside_their_arrays(args):
     env = dict(os.environ, PYCNN_EMU_ASAN="1", LD_PRELOAD=_libasan(),
                ASAN_OPTIONS="detect_leaks=0:halt_on_error=1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *args],
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "--slow", "-p", "no:cacheprovider", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     out = proc.stdout + proc.stderr
     assert "AddressSanitizer" not in out, out[-6000:]

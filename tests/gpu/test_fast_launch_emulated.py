@@ -58,6 +58,7 @@ CONV_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, settings", CONV_CASES)
 def test_conv_ops_pack_their_arguments(emulated, monkeypatch, case, settings):
     N, C, H, W, K, R, S, stride, padding = case

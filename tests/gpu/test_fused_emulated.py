@@ -273,6 +273,7 @@ def _first_layer_case(rng, x_shape, K, RS, padding):
     return x, w, pad, y, am, rnd(rng, *y.shape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("x_shape, K, RS, padding, min_k", [
     ((3, 1, 14, 14), 32, 3, 0, None),  # MnistCNN conv1's shape, one split (KB = 4 filters per block)
     ((3, 1, 14, 14), 32, 3, 0, 32),    # splits of 32 pooled pixels, added by the reduce launch

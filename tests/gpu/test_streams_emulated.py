@@ -133,7 +133,7 @@ def _check_fork_join(events, side_kernels, main_kernels):
     assert events[-1] == ("main", "wait", events[last_side][2]), events[-3:]
 
 
-@pytest.mark.parametrize("version", ["3", "1"])
+@pytest.mark.parametrize("version", ["3", pytest.param("1", marks=pytest.mark.slow)])  # (v1: ~80 s emulated)
 def test_conv2d_backward_forks_the_weight_gradient(streams, monkeypatch, version):
     monkeypatch.setenv("PYCNN_SPLIT_FINISH", "1")  # (dx's split-K: one launch, below)
     log, launched = streams
@@ -233,6 +233,7 @@ def autotuned_layer(streams, monkeypatch):
     return streams[0], rnd(rng, 1, 2, 6, 6), rnd(rng, 3, 2, 3, 3), rnd(rng, 1, 3, 4, 4)
 
 
+@pytest.mark.slow
 def test_autotuned_shapes_tune_in_order_then_fork(autotuned_layer):
     """PYCNN_CONV_AUTOTUNE=1: a shape's first conv2d_backward times its candidates with the other
     half not running beside it (no fork); later calls of that shape fork."""
@@ -263,6 +264,7 @@ def test_weight_gradient_into_given_arrays(streams):
         cuda.conv2d_backward_weight(dy, x, w.shape, (1, 1), (0, 0), out=(dw, np.zeros(4, np.float32)))
 
 
+@pytest.mark.slow
 def test_a_shape_first_met_in_a_capture_still_tunes_in_order(autotuned_layer, monkeypatch):
     """The autotune is put off inside a capture; the shape's first call outside one must still time
     its candidates with the halves in order (not forked), and only then fork."""
