@@ -41,7 +41,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _GPU_DIR in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.gpu_suite)
-        if skip_slow is not None and "slow" in item.keywords:
+        if skip_slow is not None and item.get_closest_marker("slow") is not None:
             item.add_marker(skip_slow)
 
 
