@@ -73,6 +73,33 @@ def test_kernel_source_inlines_headers_and_defines():
         assert text.index("#define PYCNN_BLOCK") < text.index("#ifndef PYCNN_BLOCK")
 
 
+def test_kernel_source_lines_name_their_own_file_and_line():
+    """Every line of the pasted text comes after a #line directive that names the file it is from
+    and its number there (the compilers' messages, and the emulator's alignment reports, point into
+    csrc/cuda), the headers' "#pragma once" lines left blank rather than dropped."""
+    directive = re.compile(r'#line (\d+) "([\w.]+)"$')
+    marker = re.compile(r"// ---- (begin [\w.]+|end [\w.]+|[\w.]+: pasted above) ----$")
+    for filename in cuda.SOURCES:
+        files, where, checked = {}, None, 0
+        for line in cuda.kernel_source(filename).splitlines():
+            found = directive.match(line)
+            if found:
+                where = [found.group(2), int(found.group(1))]
+                continue
+            if where is None or marker.match(line):  # (the defines; the paste markers)
+                continue
+            name, number = where
+            lines = files.setdefault(name, (CUDA_DIR / name).read_text().splitlines())
+            own = lines[number - 1]
+            assert line == ("" if own.strip() == "#pragma once" else own), f"{filename}: {name}:{number}"
+            where[1] += 1
+            checked += 1
+        assert checked == sum(len(lines) for lines in files.values()) - sum(
+            ln.startswith('#include "') for lines in files.values() for ln in lines), filename
+        assert set(files) == {filename, "common.cuh"} | ({"conv2d_igemm.cuh"} if filename in cuda.CONV_CORE_SOURCES
+                                                          else set()), filename
+
+
 @pytest.mark.parametrize("env, define, default, others, bad, message", [
     ("PYCNN_CONV_STAGES", "PYCNN_CONV3_STAGES", "2", ("1", "3"), "4", r"must be 1 .*, 2 .* or 3 .*got '4'"),
     ("PYCNN_CONV3_WARP_COLS", "PYCNN_CONV3_WARP_COLS", "16", ("8",), "4", r"must be 8 .* or 16 .*got '4'"),

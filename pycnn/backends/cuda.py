@@ -188,25 +188,32 @@ def load_source(filename: str) -> tuple[str, str]:
 
 def kernel_source(filename: str) -> str:
     """The text handed to NVRTC: #defines, then the .cu with the headers it includes
-    (``#include "name.cuh"``, csrc/cuda's own, nested ones too) pasted in, each once."""
+    (``#include "name.cuh"``, csrc/cuda's own, nested ones too) pasted in, each once. ``#line``
+    directives keep every line's own file and number, so the compiler's messages (NVRTC's, nvcc's,
+    the CPU emulator's g++ and its alignment checks) point into csrc/cuda, not into the pasted text."""
     text, _ = load_source(filename)
     pasted = set()
 
-    def paste(match):
-        name = match.group(1)
-        if name not in HEADERS:
-            raise ValueError(f"CUDA backend: {filename} includes {name!r}, which is not one of the kernel "
-                             f"headers {HEADERS} (NVRTC is given no include path)")
-        if name in pasted:  # (what #pragma once does)
-            return f"// ---- {name}: pasted above ----"
-        pasted.add(name)
-        header, _ = load_source(name)
-        header = "\n".join(line for line in header.splitlines() if line.strip() != "#pragma once")
-        return f"// ---- begin {name} ----\n{_INCLUDE.sub(paste, header)}\n// ---- end {name} ----"
+    def expand(name: str, body: str) -> str:
+        def paste(match):
+            header = match.group(1)
+            if header not in HEADERS:
+                raise ValueError(f"CUDA backend: {filename} includes {header!r}, which is not one of the kernel "
+                                 f"headers {HEADERS} (NVRTC is given no include path)")
+            after = body.count("\n", 0, match.end()) + 2  # the number of the line after the #include
+            resume = f'#line {after} "{name}"'
+            if header in pasted:  # (what #pragma once does)
+                return f"// ---- {header}: pasted above ----\n{resume}"
+            pasted.add(header)
+            header_text, _ = load_source(header)
+            header_text = "\n".join("" if ln.strip() == "#pragma once" else ln for ln in header_text.splitlines())
+            return (f'// ---- begin {header} ----\n#line 1 "{header}"\n{expand(header, header_text)}\n'
+                    f"// ---- end {header} ----\n{resume}")
 
-    text = _INCLUDE.sub(paste, text)
+        return _INCLUDE.sub(paste, body)
+
     defines = "".join(f"#define {key} {value}\n" for key, value in compile_defines().items())
-    return f"// pycnn CUDA source {filename}\n{defines}{text}"
+    return f'// pycnn CUDA source {filename}\n{defines}#line 1 "{filename}"\n{expand(filename, text)}'
 
 
 def _compile_choice(name: str, choices: dict) -> int | None:
