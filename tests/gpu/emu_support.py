@@ -32,6 +32,11 @@ _NP = {"int": np.int32, "long long": np.int64, "float": np.float32, "double": np
 _CT = {"int": ctypes.c_int32, "long long": ctypes.c_int64, "float": ctypes.c_float, "double": ctypes.c_double}
 
 
+# Every load and store through a pointer checked for its type's alignment (a float4 on 16 bytes: what
+# the GPU faults on), reported to emu.h's handlers: compiled in, no sanitizer runtime linked.
+ALIGNMENT_FLAGS = ["-fsanitize=alignment"]
+
+
 def _parse(text: str) -> dict:
     """kernel -> (params [(name, is_ptr, ctype, decl)], needs real threads)."""
     kernels = {}
@@ -85,13 +90,13 @@ def build_emulator():
     flags = ["-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-fno-gnu-unique"]
     if os.environ.get("PYCNN_EMU_ASAN") == "1":  # (see test_emulator_asan.py: out-of-bounds accesses)
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
+    compile_flags = [f for f in flags if f != "-shared"] + ALIGNMENT_FLAGS
     digest = hashlib.sha1(EMU_HEADER.read_bytes() + "".join(sources.values()).encode()
-                          + " ".join(flags).encode()).hexdigest()[:16]
+                          + " ".join(compile_flags + flags).encode()).hexdigest()[:16]
     build = Path(tempfile.gettempdir()) / f"pycnn-emu-{digest}"
     lib = build / "libpycnn_emu.so"
     if not lib.exists():
         build.mkdir(parents=True, exist_ok=True)
-        compile_flags = [f for f in flags if f != "-shared"]
 
         def compile_one(item):  # (one g++ per file, two at a time: the dev machines have 2 cores)
             filename, src = item
@@ -110,6 +115,21 @@ def build_emulator():
         assert proc.returncode == 0, f"emulator link failed:\n{proc.stderr[-4000:]}"
         os.replace(tmp, lib)
     return ctypes.CDLL(str(lib)), kernels
+
+
+def alignment_errors(lib) -> tuple[int, str]:
+    """(count, first report) of the misaligned accesses since the last call (emu.h), then none."""
+    text = ctypes.create_string_buffer(512)
+    count = lib.emu_alignment_errors(text, len(text))
+    return count, text.value.decode()
+
+
+def check_launch(lib, kernel: str) -> None:
+    """Fail on what the GPU would fail on, or compute wrong, in the launch of ``kernel`` that just
+    ran on the emulator: cp.async copies never waited for, and misaligned vector accesses."""
+    assert lib.emu_copy_error_count() == 0, f"{kernel}: a thread exited with cp.async copies it never waited for"
+    count, first = alignment_errors(lib)
+    assert count == 0, f"{kernel}: {count} misaligned access(es), the first: {first}"
 
 
 def patch_backend(monkeypatch, emulator):
@@ -139,13 +159,13 @@ def patch_backend(monkeypatch, emulator):
                 assert type(arg) is _NP[ctype], f"{kernel}: {name} is {type(arg)}"
                 cargs.append(_CT[ctype](arg.item()))
         getattr(lib, f"emu_{kernel}")(*cargs)
-        assert lib.emu_copy_error_count() == 0, f"{kernel}: a thread exited with cp.async copies it never waited for"
+        check_launch(lib, kernel)
         launched.append(kernel)
 
     def launch_packed(dev, filename, kernel, grid, block, shared_mem, address):
         getattr(lib, f"emup_{kernel}")(*(ctypes.c_int(v) for v in tuple(grid) + tuple(block)),
                                        ctypes.c_longlong(shared_mem), ctypes.c_void_p(address))
-        assert lib.emu_copy_error_count() == 0, f"{kernel}: a thread exited with cp.async copies it never waited for"
+        check_launch(lib, kernel)
         launched.append(kernel)
 
     monkeypatch.setattr(cuda, "_cupy", lambda: fake_cupy)

@@ -7,9 +7,14 @@
 #include <barrier>
 #include <cmath>
 #include <atomic>
+#include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
+#include <source_location>
+#include <string>
 #include <thread>
 #include <vector>
 struct emu_dim3 { unsigned x = 1, y = 1, z = 1; };
@@ -50,10 +55,37 @@ inline int min(int a, int b) { return a < b ? a : b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
-struct float4 { float x, y, z, w; };
+// CUDA's vector types have the alignment of their size (float4, int4: 16 bytes), which is what the
+// alignment checks below hold a kernel's float4 / int4 / float2 accesses to.
+struct alignas(16) float4 { float x, y, z, w; };
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 struct alignas(8) float2 { float x, y; };
-struct int4 { int x, y, z, w; };
+struct alignas(16) int4 { int x, y, z, w; };
+
+// ---- Alignment: what a GPU faults on and a CPU does not. An access of 8 or 16 bytes (a float2 or
+// float4 load or store, cp.async of 16 bytes, the row addresses of ldmatrix, st.global.v4) at an
+// address that is not a multiple of its size is a "misaligned address" error on the GPU: the launch
+// fails, and with it the CUDA context (every later call of the process fails too). x86 does not
+// care, so the emulator checks: the PTX helpers below test their addresses, and the kernels' own
+// vector loads and stores are instrumented by g++'s -fsanitize=alignment, whose reports come here
+// (the __ubsan_handle_* functions at the end of this file; no sanitizer runtime is linked). The
+// harness reads the count and the first report after every launch (emu_alignment_errors) and fails
+// the launch with it: file and line of the kernel source (kernel_source's #line directives).
+inline std::atomic<int> emu_align_errors{0};
+inline std::mutex emu_align_mutex;
+inline std::string emu_align_first;  // the first report since the harness last read them
+inline void emu_misaligned(const char* what, const void* address, unsigned alignment, const char* file, unsigned line) {
+    if (emu_align_errors.fetch_add(1) != 0) return;
+    char text[512];
+    std::snprintf(text, sizeof text, "%s:%u: %s at %p, which is not a multiple of %u bytes (a misaligned "
+                  "address on the GPU)", file, line, what, address, alignment);
+    std::lock_guard<std::mutex> lock(emu_align_mutex);
+    emu_align_first = text;
+}
+inline void emu_check_align(const void* address, unsigned alignment, const char* what, const std::source_location& at) {
+    if (reinterpret_cast<std::uintptr_t>(address) % alignment != 0)
+        emu_misaligned(what, address, alignment, at.file_name(), at.line());
+}
 
 // ---- TF32 tensor-core emulation (conv2d_igemm.cu v4). The kernels call these two functions; under
 // nvcc/NVRTC they are the PTX instructions cvt.rn.tf32.f32 (sm_90; cvt.rna.tf32.f32 on sm_80) and
@@ -137,14 +169,20 @@ template <int PENDING> inline void pycnn_cp_async_wait() {
         emu_committed_groups.erase(emu_committed_groups.begin());
     }
 }
-// 16-byte cp.async (conv2d_nhwc.cu): four 4-byte copies in one group, landing as those do.
-inline void pycnn_cp_async_f32x4(float* dst, const float* src, bool valid) {
+// 16-byte cp.async (conv2d_nhwc.cu): four 4-byte copies in one group, landing as those do. Both
+// addresses must be multiples of 16, the source too where it is not read (src-size 0: zero fill).
+inline void pycnn_cp_async_f32x4(float* dst, const float* src, bool valid,
+                                 std::source_location at = std::source_location::current()) {
+    emu_check_align(dst, 16, "a 16-byte cp.async into shared memory", at);
+    emu_check_align(src, 16, "a 16-byte cp.async from global memory", at);
     for (int i = 0; i < 4; ++i) pycnn_cp_async_f32(dst + i, valid ? src + i : src, valid);
 }
 // ldmatrix.sync.aligned.m8n8.x4.shared.b16 read as 32-bit elements (conv2d_nhwc.cu): lane l gives
 // the address of row l%8 of matrix l/8 (four floats) and receives element l%4 of row l/4 of matrix
 // i in r[i]. A warp-wide exchange of the row addresses, as on the GPU every lane takes part.
-inline void pycnn_ldmatrix_x4(unsigned r[4], const float* row) {
+inline void pycnn_ldmatrix_x4(unsigned r[4], const float* row,
+                              std::source_location at = std::source_location::current()) {
+    emu_check_align(row, 16, "an ldmatrix row address", at);
     EmuWarp& w = (*emu_warps)[emu_tid() / 32];
     const int lane = emu_tid() % 32;
     w.bar->arrive_and_wait();  // the previous exchange's readers are done with rows
@@ -153,7 +191,9 @@ inline void pycnn_ldmatrix_x4(unsigned r[4], const float* row) {
     for (int i = 0; i < 4; ++i) r[i] = __float_as_uint(w.rows[8 * i + lane / 4][lane % 4]);
 }
 // conv2d_igemm.cuh's vector store (st.global.v4.f32 on the GPU).
-inline void pycnn_store_f32x4(float* dst, float a, float b, float c, float d) {
+inline void pycnn_store_f32x4(float* dst, float a, float b, float c, float d,
+                              std::source_location at = std::source_location::current()) {
+    emu_check_align(dst, 16, "st.global.v4.f32", at);
     dst[0] = a; dst[1] = b; dst[2] = c; dst[3] = d;
 }
 
@@ -214,3 +254,27 @@ inline void emu_run(int gx, int gy, int gz, int bx, int by, int bz, long long sm
 #include <atomic>
 inline int atomicAdd(int* address, int value) { return std::atomic_ref<int>(*address).fetch_add(value); }
 inline void __threadfence() {}
+
+// -fsanitize=alignment's reports (g++ calls these where a load, store or member access goes through
+// a pointer that is not a multiple of its type's alignment): into emu_misaligned. The layout of the
+// report is the sanitizer ABI's (a source location, the type's descriptor, log2 of the alignment).
+// Weak: every kernel file's object defines them, the library keeps one.
+struct EmuUbsanLocation { const char* file; unsigned line, column; };
+struct EmuUbsanType { unsigned short kind, info; char name[1]; };
+struct EmuUbsanMismatch { EmuUbsanLocation at; const EmuUbsanType* type; unsigned char log_alignment, check_kind; };
+extern "C" __attribute__((weak)) void __ubsan_handle_type_mismatch_v1(EmuUbsanMismatch* report, void* address) {
+    char what[160];
+    std::snprintf(what, sizeof what, "an access of %s", report->type->name);
+    emu_misaligned(what, address, 1u << report->log_alignment, report->at.file, report->at.line);
+}
+extern "C" __attribute__((weak)) void __ubsan_handle_type_mismatch_v1_abort(EmuUbsanMismatch* report, void* address) {
+    __ubsan_handle_type_mismatch_v1(report, address);
+}
+// The harness's read of the reports since its last one: their count (0: none), the first into text.
+extern "C" __attribute__((weak)) int emu_alignment_errors(char* text, int size) {
+    std::lock_guard<std::mutex> lock(emu_align_mutex);
+    const int count = emu_align_errors.exchange(0);
+    std::snprintf(text, size, "%s", emu_align_first.c_str());
+    emu_align_first.clear();
+    return count;
+}
