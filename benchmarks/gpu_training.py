@@ -795,6 +795,11 @@ def main(argv=None) -> int:
     # 16-byte stores; not yet defaults): where that step's time goes
     profiles += [_attempt(errors, f"profile mnistcnn b{b} optins", with_optins(profile_step),
                           "mnistcnn", int(b), xtr, ytr, 10, "optins") for b in args.batches.split(",")]
+    # ... and with Winograd where it pays on top (the fastest step without TF32 the backend has): where
+    # the time of the batch-512 target's best candidate goes
+    profiles += [_attempt(errors, f"profile mnistcnn b{b} winograd-optins", with_winograd(with_optins(profile_step)),
+                          "mnistcnn", int(b), xtr, ytr, 10, "winograd-optins")
+                 for b in args.batches.split(",") if int(b) == 512]
     profiles.append(_attempt(errors, "profile fastmnist b256", profile_step, "fastmnist", 256, xtr, ytr))
     save(partial=True)
 
