@@ -37,6 +37,23 @@ _CT = {"int": ctypes.c_int32, "long long": ctypes.c_int64, "float": ctypes.c_flo
 ALIGNMENT_FLAGS = ["-fsanitize=alignment"]
 
 
+# The conv paths with 8- and 16-byte accesses of their own, (label, version, environment): run on
+# arrays that do not start on 16 bytes by test_emulator_alignment.py (the emulator) and
+# test_conv_ladder.py (a GPU). v1 and v2 (conv2d.cu) have none.
+VECTOR_PATHS = [
+    ("v3", "3", {}),
+    ("v3 flipped backward-data", "3", {"PYCNN_CONV_BWD_DATA_FLIP": "1"}),
+    ("v3 col2im backward-data", "3", {"PYCNN_CONV_BWD_DATA_COL2IM": "1"}),
+    ("v3 weight gradient by pixel lanes", "3", {"PYCNN_CONV3_WGRAD_PX": "1"}),
+    ("v3 channels last", "3", {"PYCNN_CONV3_NHWC": "1"}),
+    ("v3 channels last, col2im", "3", {"PYCNN_CONV3_NHWC": "1", "PYCNN_CONV_BWD_DATA_COL2IM": "1"}),
+    ("v3 split-K summed in the GEMMs", "3", {"PYCNN_SPLIT_FINISH": "1"}),
+    ("v4", "4", {}),
+    ("v4 channels last", "4", {"PYCNN_CONV4_NHWC": "1"}),
+    ("v5", "5", {}),
+]
+
+
 def _parse(text: str) -> dict:
     """kernel -> (params [(name, is_ptr, ctype, decl)], needs real threads)."""
     kernels = {}

@@ -578,3 +578,73 @@ def test_autotune_variants_run_right_and_replay_in_a_graph(monkeypatch):
     assert not cuda._autotune_failures, cuda._autotune_failures
     assert cuda._overrides() == {}
     print("autotune picks:", {k[0]: (cuda._autotune_cache[k], t) for k, t in cuda._autotune_times.items()})
+
+
+def _device_off16(a: np.ndarray):
+    """A CuPy copy of ``a`` whose data starts 4 bytes past a multiple of 16 (a view into a fresh,
+    256-byte aligned allocation, one element in; C-contiguous, as x[1:] of a batch can be)."""
+    buf = cp.empty(a.size + 1, dtype=a.dtype)
+    out = buf[1:].reshape(a.shape)
+    out[...] = cp.asarray(a)
+    assert out.data.ptr % 16 == 4 and out.flags.c_contiguous
+    return out
+
+
+def _paths():
+    from emu_support import VECTOR_PATHS
+
+    return VECTOR_PATHS
+
+
+@pytest.mark.parametrize("label, version, env", [pytest.param(*p, id=p[0]) for p in _paths()])
+def test_paths_take_device_arrays_off_16_bytes(monkeypatch, label, version, env):
+    """On the GPU what test_emulator_alignment.py checks on the emulator: every conv path with
+    vector accesses of its own, each direction, on x, w, b, dy that start 4 bytes past a multiple of
+    16 runs (no "misaligned address" fault, which would also poison every later call of the process)
+    and gives the bits of the same call on aligned arrays; then the max-pool kernels (and their
+    opt-ins) and a first layer's fused conv + pool the same way."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    rng = np.random.default_rng(7)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((3, 16, 9, 7), (16, 16, 3, 3), (16,)))
+    dy = rng.standard_normal((3, 16, 9, 7)).astype(np.float32)
+    kw = dict(version=version, allow_tf32=version == "4")
+
+    def calls(make):
+        gx, gw, gb, gdy = (make(a) for a in (x, w, b, dy))
+        out = (make(np.zeros(w.shape, np.float32)), make(np.zeros(b.shape, np.float32)))
+        cuda.conv2d_backward_weight(gdy, gx, w.shape, (1, 1), (1, 1), out=out, **kw)
+        results = [cuda.conv2d_forward(gx, gw, gb, (1, 1), (1, 1), **kw),
+                   cuda.conv2d_bias_relu_forward(gx, gw, gb, (1, 1), (1, 1), **kw),
+                   cuda.conv2d_backward_data(gdy, gw, x.shape, (1, 1), (1, 1), **kw),
+                   *cuda.conv2d_backward_weight(gdy, gx, w.shape, (1, 1), (1, 1), **kw), *out,
+                   *cuda.conv2d_backward(gdy, gx, gw, (1, 1), (1, 1), **kw)]
+        cp.cuda.Device().synchronize()  # (a fault surfaces here at the latest)
+        return [cp.asnumpy(r) for r in results]
+
+    for what, got, want in zip(("forward", "forward + bias + ReLU", "backward-data", "dw", "db", "dw into out",
+                                "db into out", "both: dx", "both: dw", "both: db"),
+                               calls(_device_off16), calls(cp.asarray)):
+        np.testing.assert_array_equal(got, want, err_msg=f"{label}: {what}")
+    for opt_in in (False, True):
+        with monkeypatch.context() as m:
+            for name in ("_POOL_FWD_2X2", "_POOL_BWD_X4", "_CONV_POOL_WGRAD_STAGED"):
+                m.setattr(cuda, name, opt_in)
+            x1, w1 = x[:, :1], w[:4, :1]
+
+            def pools(make):
+                gp, g1, gw1, gb1 = make(x), make(np.ascontiguousarray(x1)), make(np.ascontiguousarray(w1)), make(b[:4])
+                y, am = cuda.maxpool2d_forward(gp, (2, 2), (2, 2), (0, 0))
+                yr, amr = cuda.maxpool2d_relu_forward(gp, (2, 2), (2, 2), (0, 0))
+                dyp = make(cp.asnumpy(cp.sin(y)))
+                yc, amc = cuda.conv2d_maxpool2d_relu_forward(g1, gw1, gb1, (1, 1), (0, 0), (2, 2), (2, 2), (0, 0))
+                results = [y, am, yr, amr, cuda.maxpool2d_backward(dyp, make(cp.asnumpy(am)), x.shape),
+                           cuda.maxpool2d_relu_backward(dyp, make(cp.asnumpy(yr)), make(cp.asnumpy(amr)), x.shape),
+                           yc, amc, *cuda.conv2d_maxpool2d_relu_backward_weight(
+                               make(cp.asnumpy(cp.cos(yc))), make(cp.asnumpy(yc)), make(cp.asnumpy(amc)), g1, w1.shape,
+                               (1, 1), (0, 0))]
+                cp.cuda.Device().synchronize()
+                return [cp.asnumpy(r) for r in results]
+
+            for i, (got, want) in enumerate(zip(pools(_device_off16), pools(cp.asarray))):
+                np.testing.assert_array_equal(got, want, err_msg=f"{label}: pooling result {i}, opt-ins {opt_in}")

@@ -21,7 +21,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from emu_support import ALIGNMENT_FLAGS, EMU_HEADER, EMULATED_MARKS, GXX, alignment_errors, rnd
+from emu_support import ALIGNMENT_FLAGS, EMU_HEADER, EMULATED_MARKS, GXX, VECTOR_PATHS, alignment_errors, rnd
 from pycnn.backends import cuda
 
 pytestmark = EMULATED_MARKS
@@ -107,34 +107,18 @@ def _same(got, want, what):
             np.testing.assert_array_equal(g, w, err_msg=what)
 
 
-# (label, version, environment, backend constants): the conv paths with vector accesses of their own
-# (v1 and v2, conv2d.cu, have none; and the emulator takes minutes for them on these shapes)
-CONV_PATHS = [
-    ("v3", "3", {}, {}),
-    ("v3 flipped backward-data", "3", {"PYCNN_CONV_BWD_DATA_FLIP": "1"}, {}),
-    ("v3 col2im backward-data", "3", {"PYCNN_CONV_BWD_DATA_COL2IM": "1"}, {}),
-    ("v3 weight gradient by pixel lanes", "3", {"PYCNN_CONV3_WGRAD_PX": "1"}, {}),
-    ("v3 channels last", "3", {"PYCNN_CONV3_NHWC": "1"}, {}),
-    ("v3 channels last, col2im", "3", {"PYCNN_CONV3_NHWC": "1", "PYCNN_CONV_BWD_DATA_COL2IM": "1"}, {}),
-    ("v3 split-K summed in the GEMMs", "3", {"PYCNN_SPLIT_FINISH": "1"}, {}),
-    ("v4", "4", {}, {}),
-    ("v4 channels last", "4", {"PYCNN_CONV4_NHWC": "1"}, {}),
-    ("v5", "5", {}, {}),
-]
 SLOW_PATHS = ("v5",)  # (9 s on the emulator)
 
 
-@pytest.mark.parametrize("label, version, env, constants", [
-    pytest.param(*path, id=path[0], marks=[pytest.mark.slow] if path[0] in SLOW_PATHS else []) for path in CONV_PATHS])
-def test_conv_paths_take_arrays_off_16_bytes(emulated, monkeypatch, label, version, env, constants):
+@pytest.mark.parametrize("label, version, env", [
+    pytest.param(*path, id=path[0], marks=[pytest.mark.slow] if path[0] in SLOW_PATHS else []) for path in VECTOR_PATHS])
+def test_conv_paths_take_arrays_off_16_bytes(emulated, monkeypatch, label, version, env):
     """Every conv direction, and both at once, on x, w, b, dy that start 4 bytes past a multiple of
     16: no misaligned access (the harness fails the launch that makes one), the same bits as on
     aligned copies. 16 channels and filters (v4 channels last needs multiples of 16), 3x3 stride 1
     (v5), two images of 7x6 (odd pixel counts: rows of four pixels cross images)."""
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    for name, value in constants.items():
-        monkeypatch.setattr(cuda, name, value)
     rng = np.random.default_rng(7)
     x, w, b = rnd(rng, 2, 16, 7, 6), rnd(rng, 16, 16, 3, 3), rnd(rng, 16)
     dy = rnd(rng, 2, 16, 7, 6)
