@@ -38,7 +38,7 @@ ALIGNMENT_FLAGS = ["-fsanitize=alignment"]
 
 
 # The conv paths with 8- and 16-byte accesses of their own, (label, version, environment): run on
-# arrays that do not start on 16 bytes by test_emulator_alignment.py (the emulator) and
+# arrays that do not start on 16 bytes by test_emulator_gpu_faults.py (the emulator) and
 # test_conv_ladder.py (a GPU). v1 and v2 (conv2d.cu) have none.
 VECTOR_PATHS = [
     ("v3", "3", {}),
@@ -54,12 +54,31 @@ VECTOR_PATHS = [
 ]
 
 
+# kernel -> the most threads a block of it may have: its __launch_bounds__ (a GPU refuses a larger
+# launch, "too many resources requested"; the emulator's #define drops the bound), else 1024.
+LAUNCH_BOUNDS: dict[str, int] = {}
+
+
+def _thread_bound(expr: str, text: str) -> int:
+    """The value of a __launch_bounds__ thread count: a literal, or a macro #defined in ``text``
+    (the first definition: kernel_source puts the host's compile-time settings first)."""
+    if expr.isdigit():
+        return int(expr)
+    found = re.search(rf"^#define {re.escape(expr)} (\d+)\b", text, re.MULTILINE)
+    assert found, f"__launch_bounds__({expr}): no #define {expr} with a number"
+    return int(found.group(1))
+
+
 def _parse(text: str) -> dict:
-    """kernel -> (params [(name, is_ptr, ctype, decl)], needs real threads)."""
+    """kernel -> (params [(name, is_ptr, ctype, decl)], needs real threads); their thread bounds
+    into LAUNCH_BOUNDS."""
     kernels = {}
-    for m in re.finditer(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\(([^)]*)\)\s*\{', text):
+    for m in re.finditer(r'extern "C" __global__ void (?:__launch_bounds__\(\s*(\w+)[^)]*\) )?(\w+)\(([^)]*)\)\s*\{',
+                         text):
+        bound, name, declared = m.groups()
+        LAUNCH_BOUNDS[name] = _thread_bound(bound, text) if bound else 1024
         params = []
-        for decl in m.group(2).split(","):
+        for decl in declared.split(","):
             decl = " ".join(decl.split())
             plain = " ".join(decl.replace("__restrict__", "").replace("const", "").split())
             is_ptr = "*" in plain
@@ -67,7 +86,7 @@ def _parse(text: str) -> dict:
             params.append((re.findall(r"(\w+)$", decl)[0], is_ptr, ctype, decl))
         end = text.find('extern "C"', m.end())
         body = text[m.end(): end if end >= 0 else len(text)]
-        kernels[m.group(1)] = (params, bool(re.search(r"__syncthreads|pycnn_block_sum|pycnn_warp_", body)))
+        kernels[name] = (params, bool(re.search(r"__syncthreads|pycnn_block_sum|pycnn_warp_", body)))
     return kernels
 
 
@@ -141,6 +160,19 @@ def alignment_errors(lib) -> tuple[int, str]:
     return count, text.value.decode()
 
 
+def check_geometry(kernel: str, grid: tuple, block: tuple, shared_mem: int) -> None:
+    """Fail a launch the GPU would refuse: more threads a block than 1024 or the kernel's
+    __launch_bounds__, a grid past 2^31-1 x 65535 x 65535, more than 48 KB of dynamic shared memory
+    (the backend never raises a kernel's limit)."""
+    threads = block[0] * block[1] * block[2]
+    bound = LAUNCH_BOUNDS.get(kernel, 1024)
+    assert 1 <= threads <= min(bound, 1024), \
+        f"{kernel}: a block of {threads} threads, its __launch_bounds__ allow {bound} (the GPU refuses the launch)"
+    assert 1 <= grid[0] <= 2**31 - 1 and 1 <= grid[1] <= 65535 and 1 <= grid[2] <= 65535, \
+        f"{kernel}: grid {grid} is past the GPU's limits (2^31-1, 65535, 65535)"
+    assert 0 <= shared_mem <= 48 * 1024, f"{kernel}: {shared_mem} bytes of dynamic shared memory, more than 48 KB"
+
+
 def check_launch(lib, kernel: str) -> None:
     """Fail on what the GPU would fail on, or compute wrong, in the launch of ``kernel`` that just
     ran on the emulator: cp.async copies never waited for, and misaligned vector accesses."""
@@ -164,6 +196,7 @@ def patch_backend(monkeypatch, emulator):
         assert len(params) == len(args), kernel
         grid = tuple(grid) + (1,) * (3 - len(grid))
         block = tuple(block) + (1,) * (3 - len(block))
+        check_geometry(kernel, grid, block, shared_mem)
         cargs = [ctypes.c_int(v) for v in grid + block] + [ctypes.c_longlong(shared_mem)]
         for (name, is_ptr, ctype, _), arg in zip(params, args):
             if is_ptr and isinstance(arg, np.integer) and arg == 0:  # cuda._NULL: a null pointer
@@ -180,6 +213,8 @@ def patch_backend(monkeypatch, emulator):
         launched.append(kernel)
 
     def launch_packed(dev, filename, kernel, grid, block, shared_mem, address):
+        check_geometry(kernel, tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block)),
+                       shared_mem)
         getattr(lib, f"emup_{kernel}")(*(ctypes.c_int(v) for v in tuple(grid) + tuple(block)),
                                        ctypes.c_longlong(shared_mem), ctypes.c_void_p(address))
         check_launch(lib, kernel)

@@ -598,7 +598,7 @@ def _paths():
 
 @pytest.mark.parametrize("label, version, env", [pytest.param(*p, id=p[0]) for p in _paths()])
 def test_paths_take_device_arrays_off_16_bytes(monkeypatch, label, version, env):
-    """On the GPU what test_emulator_alignment.py checks on the emulator: every conv path with
+    """On the GPU what test_emulator_gpu_faults.py checks on the emulator: every conv path with
     vector accesses of its own, each direction, on x, w, b, dy that start 4 bytes past a multiple of
     16 runs (no "misaligned address" fault, which would also poison every later call of the process)
     and gives the bits of the same call on aligned arrays; then the max-pool kernels (and their

@@ -1,4 +1,5 @@
-"""Misaligned accesses, found without a GPU.
+"""What a GPU faults on or refuses and a CPU does not: misaligned accesses and launch limits,
+found without a GPU.
 
 A GPU faults on a vector access (a float2 / float4 load or store, a 16-byte cp.async, an ldmatrix
 row) at an address that is not a multiple of its size: "misaligned address", the launch fails and
@@ -7,7 +8,11 @@ emulator checks (tests/gpu/emulator/emu.h): its PTX helpers test their addresses
 -fsanitize=alignment instruments the kernels' own vector loads and stores, and the harness fails a
 launch that made one (emu_support.check_launch), naming the kernel source's file and line.
 
-The first test holds the checks themselves to that; the others run the backend's ops on arrays that
+A launch the GPU would refuse (a block past 1024 threads or the kernel's __launch_bounds__, which
+the emulator's #define drops; a grid past its limits; more than 48 KB of dynamic shared memory)
+fails before it runs (emu_support.check_geometry).
+
+The first tests hold the checks themselves to that; the others run the backend's ops on arrays that
 do not start on 16 bytes (a CuPy view such as ``x[1:]`` of a (N, 3, 5, 5) batch does not), through
 every path that copies or stores 16 bytes at a time (v3's float4 loads and stores, v4 and v3
 channels last, col2im, the first-layer and pooling kernels, the opt-ins), and want the results of
@@ -21,7 +26,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from emu_support import ALIGNMENT_FLAGS, EMU_HEADER, EMULATED_MARKS, GXX, VECTOR_PATHS, alignment_errors, rnd
+from emu_support import (ALIGNMENT_FLAGS, EMU_HEADER, EMULATED_MARKS, GXX, LAUNCH_BOUNDS, VECTOR_PATHS, alignment_errors,
+                         check_geometry, rnd)
 from pycnn.backends import cuda
 
 pytestmark = EMULATED_MARKS
@@ -86,6 +92,22 @@ def test_the_emulator_reports_misaligned_accesses(tmp_path):
     lib.store4(vp(p + 8))
     got, first = alignment_errors(lib)
     assert got >= 2 and "float4" in first and alignment_errors(lib) == (0, ""), "every report counted, the first kept"
+
+
+def test_the_harness_refuses_launches_the_gpu_would(emulator):
+    """check_geometry against the limits, with the kernels' own __launch_bounds__ read from the
+    sources: the 128-thread v3 tiles take 128 threads and not 256, every kernel at most 1024."""
+    assert LAUNCH_BOUNDS["conv2d_fwd_v3_n128r8_f32"] == 128 and LAUNCH_BOUNDS["conv2d_fwd_v4nhwc_f32"] == 256
+    assert LAUNCH_BOUNDS["relu_fwd_f32"] == 1024  # (no bound: the hardware's)
+    check_geometry("conv2d_fwd_v3_n128r8_f32", (4, 2, 1), (128, 1, 1), 0)
+    check_geometry("relu_fwd_f32", (2**31 - 1, 65535, 65535), (1024, 1, 1), 48 * 1024)
+    for kernel, grid, block, smem, message in [
+            ("conv2d_fwd_v3_n128r8_f32", (4, 2, 1), (256, 1, 1), 0, "allow 128"),
+            ("relu_fwd_f32", (1, 1, 1), (32, 33, 1), 0, "1056 threads"),
+            ("relu_fwd_f32", (1, 65536, 1), (32, 1, 1), 0, "past the GPU's limits"),
+            ("relu_fwd_f32", (1, 1, 1), (32, 1, 1), 48 * 1024 + 4, "more than 48 KB")]:
+        with pytest.raises(AssertionError, match=message):
+            check_geometry(kernel, grid, block, smem)
 
 
 def _off16(a: np.ndarray) -> np.ndarray:
