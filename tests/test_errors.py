@@ -102,3 +102,38 @@ def test_unknown_backend():
         pycnn.set_backend("fast")
     with pytest.raises(ValueError, match="set_backend selects the CPU backend"):
         pycnn.set_backend("cuda")
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: nn.Conv2d(3, 8, 0), ValueError, r"Conv2d: kernel_size must be >= 1, got 0"),
+    (lambda: nn.Conv2d(3, 8, (3, 0)), ValueError, r"Conv2d: kernel_size must be >= 1, got \(3, 0\)"),
+    (lambda: nn.Conv2d(3, 8, 3.5), TypeError, r"Conv2d: kernel_size must be an int or a pair of ints, got 3.5"),
+    (lambda: nn.Conv2d(3, 8, (3, 2.9)), TypeError, r"Conv2d: kernel_size must be .*, got \(3, 2.9\)"),
+    (lambda: nn.Conv2d(3, 8, (3, 3, 3)), TypeError, r"Conv2d: kernel_size must be .*, got \(3, 3, 3\)"),
+    (lambda: nn.Conv2d(3, 8, 3, stride=(1, 0)), ValueError, r"Conv2d: stride must be >= 1, got \(1, 0\)"),
+    (lambda: nn.Conv2d(3, 8, 3, padding=-1), ValueError, r"Conv2d: padding must be >= 0, got -1"),
+    (lambda: nn.Conv2d(3.5, 8, 3), TypeError, r"Conv2d: in_channels must be an int, got 3.5"),
+    (lambda: nn.Conv2d(3, 0, 3), ValueError, r"Conv2d: out_channels must be >= 1, got 0"),
+    (lambda: nn.Linear(0, 3), ValueError, r"Linear: in_features must be >= 1, got 0"),
+    (lambda: nn.Linear(3, -2), ValueError, r"Linear: out_features must be >= 1, got -2"),
+    (lambda: nn.Linear(3, True), TypeError, r"Linear: out_features must be an int, got True"),
+    (lambda: nn.MaxPool2d(0), ValueError, r"MaxPool2d: kernel_size must be >= 1, got 0"),
+    (lambda: nn.MaxPool2d(2, stride=0), ValueError, r"MaxPool2d: stride must be >= 1, got 0"),
+    (lambda: nn.MaxPool2d(2, padding=2), ValueError,
+     r"MaxPool2d: padding must be at most half the kernel size, got padding \(2, 2\) for kernel_size \(2, 2\)"),
+    (lambda: nn.AvgPool2d((2, 2.0)), TypeError, r"AvgPool2d: kernel_size must be an int or a pair of ints"),
+])
+def test_layer_arguments_are_checked_when_the_layer_is_made(make, error, message):
+    """A layer refuses a bad argument when it is made, naming itself and the argument: a kernel of
+    0 (it was a ZeroDivisionError from the initializer), a float (it was truncated: (3, 2.9) became
+    (3, 2)), a third element, a zero stride, a padding past half a pooling kernel."""
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_layer_arguments_take_numpy_ints_and_lists():
+    conv = nn.Conv2d(np.int64(3), 8, [3, np.int32(5)], stride=(1, 2), padding=np.int64(1))
+    assert (conv.in_channels, conv.kernel_size, conv.stride, conv.padding) == (3, (3, 5), (1, 2), (1, 1))
+    assert type(conv.kernel_size[1]) is int and conv.weight.shape == (8, 3, 3, 5)
+    pool = nn.MaxPool2d(3, padding=1)
+    assert (pool.kernel_size, pool.stride, pool.padding) == ((3, 3), (3, 3), (1, 1))

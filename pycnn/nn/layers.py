@@ -9,8 +9,29 @@ from pycnn.nn.module import Module, Parameter
 from pycnn.tensor import Tensor
 
 
-def _pair(v):
-    return (int(v), int(v)) if isinstance(v, (int, np.integer)) else tuple(int(i) for i in v)
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _int(value, layer: str, name: str, minimum: int) -> int:
+    """``value`` as an int of at least ``minimum``; anything else (a float, which would be
+    truncated, a bool, a smaller number) is an error naming the layer and the argument."""
+    if not _is_int(value):
+        raise TypeError(f"{layer}: {name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{layer}: {name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _pair(value, layer: str, name: str, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints (h, w), each at least ``minimum``, as a pair; anything else is an
+    error naming the layer and the argument (nothing truncated, no third element dropped)."""
+    items = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(items) != 2 or not all(_is_int(v) for v in items):
+        raise TypeError(f"{layer}: {name} must be an int or a pair of ints, got {value!r}")
+    if min(items) < minimum:
+        raise ValueError(f"{layer}: {name} must be >= {minimum}, got {value!r}")
+    return int(items[0]), int(items[1])
 
 
 def _check_input(layer: str, x, ndim: int):
@@ -26,14 +47,11 @@ class Conv2d(Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  bias: bool = True, dtype=np.float32):
         super().__init__()
-        if in_channels < 1 or out_channels < 1:
-            raise ValueError(f"Conv2d: channel counts must be >= 1, got in={in_channels}, out={out_channels}")
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size, self.stride, self.padding = _pair(kernel_size), _pair(stride), _pair(padding)
-        if min(self.stride) < 1:
-            raise ValueError(f"Conv2d: stride must be >= 1, got {stride}")
-        if min(self.padding) < 0:
-            raise ValueError(f"Conv2d: padding must be >= 0, got {padding}")
+        self.in_channels = _int(in_channels, "Conv2d", "in_channels", 1)
+        self.out_channels = _int(out_channels, "Conv2d", "out_channels", 1)
+        self.kernel_size = _pair(kernel_size, "Conv2d", "kernel_size", 1)
+        self.stride = _pair(stride, "Conv2d", "stride", 1)
+        self.padding = _pair(padding, "Conv2d", "padding", 0)
         shape = (self.out_channels, self.in_channels) + self.kernel_size
         self.weight = Parameter(init.kaiming_uniform(shape, dtype=dtype))
         self.bias = Parameter(init.default_bias((self.out_channels,), shape, dtype)) if bias else None
@@ -67,7 +85,8 @@ class Linear(Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype=np.float32):
         super().__init__()
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.in_features = _int(in_features, "Linear", "in_features", 1)
+        self.out_features = _int(out_features, "Linear", "out_features", 1)
         shape = (self.out_features, self.in_features)
         self.weight = Parameter(init.kaiming_uniform(shape, dtype=dtype))
         self.bias = Parameter(init.default_bias((self.out_features,), shape, dtype)) if bias else None
@@ -85,11 +104,18 @@ class Linear(Module):
 
 
 class MaxPool2d(Module):
+    """2-D max pooling over NCHW input (stride defaults to the kernel size; padding at most half
+    the kernel, as PyTorch)."""
+
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
-        self.kernel_size = _pair(kernel_size)
-        self.stride = self.kernel_size if stride is None else _pair(stride)
-        self.padding = _pair(padding)
+        layer = type(self).__name__
+        self.kernel_size = _pair(kernel_size, layer, "kernel_size", 1)
+        self.stride = self.kernel_size if stride is None else _pair(stride, layer, "stride", 1)
+        self.padding = _pair(padding, layer, "padding", 0)
+        if any(p > k // 2 for p, k in zip(self.padding, self.kernel_size)):
+            raise ValueError(f"{layer}: padding must be at most half the kernel size, got padding {self.padding} "
+                             f"for kernel_size {self.kernel_size}")
 
     def forward(self, x, activation: str | None = None):
         """The pooling; ``activation="relu"`` also applies a ReLU as one fused op."""
@@ -100,6 +126,8 @@ class MaxPool2d(Module):
 
 
 class AvgPool2d(MaxPool2d):
+    """2-D average pooling (padded zeros count in the divisor, PyTorch's default)."""
+
     def forward(self, x):
         return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding)
 
