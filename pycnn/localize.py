@@ -54,7 +54,7 @@ class LocalizeConfig:
     progress: bool = True
 
     def validate(self) -> "LocalizeConfig":
-        for name in ("n_train", "n_test", "epochs", "batch_size"):
+        for name in ("n_train", "n_test", "epochs", "batch_size", "width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -67,6 +67,9 @@ class LocalizeConfig:
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.pos_weight is not None and not (self.pos_weight > 0 and math.isfinite(self.pos_weight)):
+            # (BCE's weight of the positives: at 0 they do not count, below 0 the loss has no minimum)
+            raise ValueError(f"pos_weight must be a finite number > 0 (or None: 1), got {self.pos_weight}")
         if self.freeze_backbone and not self.init_from:
             raise ValueError("--freeze-backbone needs --init-from CHECKPOINT (a frozen random backbone learns nothing)")
         return self

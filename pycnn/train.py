@@ -72,6 +72,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
         if cfg.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+        if cfg.limit_train is not None and cfg.limit_train < 1:  # (0 or -5 trained on all of it, silently)
+            raise ValueError(f"limit_train must be >= 1 (or None: the whole training set), got {cfg.limit_train}")
         if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
             raise ValueError(f"lr must be a positive number, got {cfg.lr}")
         if cfg.optimizer not in OPTIMIZERS:

@@ -177,6 +177,7 @@ def test_wrong_magic_and_count_are_errors(tmp_path, isolated):
 
 def test_missing_files_offline_says_where_to_put_them(tmp_path, isolated):
     root = tmp_path / "nothing-here"
+    root.mkdir()  # (an empty one: a root that does not exist is an error of its own)
     with pytest.raises(MnistNotFoundError) as info:
         load_mnist("test", root=root, progress=False)
     msg = str(info.value)
@@ -391,3 +392,14 @@ def test_weighted_sampler_and_loader_errors():
         list(dl)
     with pytest.raises(ValueError, match="labels must be >= 0"):
         balanced_sample_weights([0, -1])
+
+
+def test_a_root_that_is_not_a_directory_is_an_error(tmp_path, monkeypatch):
+    """An explicit root (the CLI's --data-dir) that does not exist is a typo: an error naming it,
+    never a silent fall back to $PYCNN_DATA's or the cache's copy."""
+    monkeypatch.setenv("PYCNN_DATA", str(DATA_DIR))
+    with pytest.raises(MnistNotFoundError, match=r"load_mnist: root '.*no-such' is not a directory"):
+        load_mnist("test", root=tmp_path / "no-such", download=False)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(MnistNotFoundError, match="is not a directory"):
+        load_mnist("test", root=tmp_path / "a-file", download=False)

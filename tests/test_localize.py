@@ -111,3 +111,17 @@ def test_transfer_learning_loads_matching_backbone(mnist_path, tmp_path):
 def test_bad_loss_settings_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         train_localize(progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"pos_weight": -1.0}, r"pos_weight must be a finite number > 0 \(or None: 1\), got -1.0"),
+    ({"pos_weight": 0.0}, r"pos_weight must be a finite number > 0"),
+    ({"pos_weight": float("nan")}, r"pos_weight must be a finite number > 0"),
+    ({"width": 0}, r"width must be >= 1, got 0"),
+])
+def test_config_refuses_what_cannot_train(changes, message):
+    """A negative BCE weight of the positives trained (its loss has no minimum); a width of 0 was
+    refused by Conv2d, naming out_channels rather than the option."""
+    with pytest.raises(ValueError, match=message):
+        LocalizeConfig(**changes).validate()
+    LocalizeConfig(pos_weight=2.5, width=8).validate()

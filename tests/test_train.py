@@ -170,6 +170,24 @@ def test_cli_reports_bad_arguments_clearly(tmp_path):
     assert proc.returncode == 2 and "corrupt or not a safetensors file" in proc.stderr
 
 
+@pytest.mark.parametrize("limit", [0, -5])
+def test_a_limit_of_no_images_is_refused(limit):
+    """limit_train 0 or negative trained on the whole set without a word (0 read as "no limit",
+    -5 as all but the last five); None is the whole set."""
+    from pycnn.train import TrainConfig
+
+    with pytest.raises(ValueError, match=rf"limit_train must be >= 1 \(or None: the whole training set\), got {limit}"):
+        TrainConfig(limit_train=limit).resolved()
+    assert TrainConfig(limit_train=None).resolved().limit_train is None
+
+
+def test_cli_refuses_a_data_dir_that_does_not_exist(tmp_path):
+    """--data-dir with a typo trained on $PYCNN_DATA's copy instead, without a word."""
+    missing = tmp_path / "no-such-dir"
+    proc = run_cli("train", "mnist", "--backend", "numpy", "--data-dir", str(missing), "--limit-train", "8")
+    assert proc.returncode == 2 and f"root '{missing}' is not a directory" in proc.stderr, proc.stderr
+
+
 def test_missing_data_names_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.setenv("PYCNN_DATA", str(tmp_path / "nowhere"))
     monkeypatch.setenv("HOME", str(tmp_path))

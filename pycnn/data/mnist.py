@@ -76,6 +76,9 @@ def default_cache_dir() -> Path:
 def _search_dirs(root) -> list[Path]:
     dirs = []
     if root is not None:
+        if not Path(root).expanduser().is_dir():  # (a typo: never train on other data without a word)
+            raise MnistNotFoundError(f"load_mnist: root {str(root)!r} is not a directory (the directory "
+                                     f"given for the MNIST files, e.g. --data-dir)")
         dirs.append(Path(root).expanduser())
     env = os.environ.get(ENV_VAR)
     if env:
@@ -231,9 +234,9 @@ def load_mnist(split: str = "train", root=None, download: bool = True,
 
     Args:
         split: ``"train"`` (60,000 samples) or ``"test"`` (10,000 samples).
-        root: a directory to search first (the CLI's ``--data-dir``). Then ``$PYCNN_DATA``,
-            then ``~/.cache/pycnn/mnist`` are searched. A directory is used when it holds both
-            files of the split, each raw or ``.gz``.
+        root: a directory to search first (the CLI's ``--data-dir``); it must exist. Then
+            ``$PYCNN_DATA``, then ``~/.cache/pycnn/mnist`` are searched. A directory is used when
+            it holds both files of the split, each raw or ``.gz``.
         download: when no directory holds the split, download it into ``~/.cache/pycnn/mnist``
             from a public mirror (verified before it is kept).
         progress: show a tqdm progress bar while downloading.
@@ -245,8 +248,8 @@ def load_mnist(split: str = "train", root=None, download: bool = True,
         ValueError: ``split`` is not "train" or "test".
         MnistIntegrityError: a file is truncated, corrupt or of the wrong kind; the message
             names the file, what was expected and what was found.
-        MnistNotFoundError: the files are nowhere and could not be downloaded; the message
-            lists the searched directories and the environment variable.
+        MnistNotFoundError: ``root`` is not a directory, or the files are nowhere and could not
+            be downloaded; the message lists the searched directories and the environment variable.
     """
     if split not in SPLITS:
         raise ValueError(f"load_mnist: split must be 'train' or 'test', got {split!r}")
