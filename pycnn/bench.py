@@ -405,6 +405,16 @@ def run(ops=None, models=None, shapes=None, backend_names=None, repeats: int = 7
 
     if backend_names is None:
         backend_names = [b for b in ("numpy", "numba", "native") if backends.status(b)[0]]
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1 (or None: every CPU), got {threads}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if not round_s > 0:
+        raise ValueError(f"round_s (--round-seconds) must be > 0, got {round_s}")
+    known_backends = backends.ALL_BACKENDS + ("native-direct",)
+    unknown = [b for b in backend_names if b not in known_backends]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {unknown}; expected names from {', '.join(known_backends)}")
     threads = threads or os.cpu_count() or 1
     ops = list(OPS) if ops is None else list(ops)
     shapes = list(CONV_SHAPES) if shapes is None else list(shapes)

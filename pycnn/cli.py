@@ -61,13 +61,16 @@ def cmd_evaluate(args) -> int:
     from pycnn import data
     from pycnn.checkpoint import load_model
     from pycnn.tensor import move_array
-    from pycnn.train import evaluate
+    from pycnn.train import RECIPES, evaluate
     import numpy as np
 
     device = "cuda" if args.backend == "cuda" else "cpu"
     if device == "cpu":
         pycnn.set_backend(args.backend)
     model, meta = load_model(args.checkpoint, device=device)
+    if meta.get("model") not in RECIPES:  # (else a shape error from deep inside the model)
+        raise ValueError(f"{args.checkpoint} holds a {meta.get('model')} model, not an MNIST classifier "
+                         f"({', '.join(sorted(RECIPES))}); a digit localizer is evaluated by 'pycnn evaluate localize'")
     images, labels = data.load_mnist("test", root=args.data_dir)
     x = move_array(data.normalize(images), device)
     y = move_array(labels.astype(np.int32 if device == "cuda" else np.int64), device)

@@ -137,3 +137,37 @@ def test_layer_arguments_take_numpy_ints_and_lists():
     assert type(conv.kernel_size[1]) is int and conv.weight.shape == (8, 3, 3, 5)
     pool = nn.MaxPool2d(3, padding=1)
     assert (pool.kernel_size, pool.stride, pool.padding) == ((3, 3), (3, 3), (1, 1))
+
+
+def test_evaluating_a_localizer_as_a_classifier_says_so(tmp_path):
+    """`pycnn evaluate` (MNIST) on a LocalizationNet checkpoint failed with a Linear shape error from
+    inside the model; it names the model and the command that evaluates it."""
+    import subprocess
+    import sys
+
+    from pycnn.checkpoint import save_checkpoint
+    from pycnn.models import LocalizationNet
+
+    path = save_checkpoint(LocalizationNet(width=4), tmp_path / "loc.safetensors",
+                           {"model": "localizationnet", "model_kwargs": {"width": 4}})
+    proc = subprocess.run([sys.executable, "-m", "pycnn", "evaluate", "--checkpoint", str(path), "--backend", "numpy",
+                           "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "holds a localizationnet model, not an MNIST classifier" in proc.stderr \
+        and "pycnn evaluate localize" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"repeats": 0}, r"repeats must be >= 1, got 0"),
+    ({"threads": 0}, r"threads must be >= 1 \(or None: every CPU\), got 0"),
+    ({"round_s": 0.0}, r"round_s \(--round-seconds\) must be > 0, got 0.0"),
+    ({"backend_names": ["numpy", "nosuch"]}, r"unknown backend\(s\) \['nosuch'\]; expected names from numpy, "),
+])
+def test_bench_refuses_what_it_cannot_time(tmp_path, kwargs, message):
+    """`pycnn bench --repeats 0` failed with "no median for empty data"; an unknown backend name
+    was skipped and an empty record written."""
+    from pycnn import bench
+
+    with pytest.raises(ValueError, match=message):
+        bench.run(**{"ops": ["relu"], "shapes": ["mnistcnn.conv3"], "models": [], "backend_names": ["numpy"],
+                     "with_torch": False, "out": tmp_path / "r.json", **kwargs})
+    assert not (tmp_path / "r.json").exists()
