@@ -138,3 +138,26 @@ def test_cuda_hyperparameter_values_match_the_host_formulas():
     assert h[4] == np.float32(0.1) != np.float32(1.0) - np.float32(0.9)  # one rounding, not two
     s = cuda.sgd_hyperparams(0.5, 0.9, 0.1, True)
     assert s.tolist() == np.array([0.5, 0.9, 0.9, 1.0], np.float32).tolist()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: optim.SGD(p, lr=float("nan")), r"SGD: lr must be a finite number >= 0, got nan"),
+    (lambda p: optim.SGD(p, lr=0.1, weight_decay=-1e-4), r"SGD: weight_decay must be a finite number >= 0"),
+    (lambda p: optim.Adam(p, lr=float("inf")), r"Adam: lr must be a finite number >= 0, got inf"),
+    (lambda p: optim.AdamW(p, weight_decay=-1.0), r"AdamW: weight_decay must be a finite number >= 0, got -1.0"),
+    (lambda p: optim.StepLR(optim.SGD(p, lr=0.1), step_size=2, gamma=-1.0), r"StepLR: gamma must be a finite"),
+    (lambda p: optim.CosineAnnealingLR(optim.SGD(p, lr=0.1), T_max=5, eta_min=-0.1), r"eta_min must be a finite"),
+    (lambda p: optim.OneCycleLR(optim.SGD(p, lr=0.1), max_lr=-0.1, total_steps=10), r"OneCycleLR: max_lr must be"),
+    (lambda p: optim.OneCycleLR(optim.SGD(p, lr=0.1), max_lr=[0.1, 0.2], total_steps=10),
+     r"OneCycleLR: max_lr has 2 values for 1 parameter groups"),
+    (lambda p: optim.OneCycleLR(optim.SGD(p, lr=0.1), max_lr=0.1, total_steps=10, div_factor=0),
+     r"OneCycleLR: div_factor must be a finite number > 0, got 0"),
+])
+def test_hyper_parameters_that_cannot_train_are_refused(make, message):
+    """NaN passed the optimizers' "lr < 0" test (every parameter NaN after the first step); a
+    negative weight decay, gamma or peak learning rate was taken; a list of peaks longer than the
+    groups was cut to fit. Each is an error naming the class and the argument."""
+    params = nn.Linear(3, 2).parameters()
+    with pytest.raises(ValueError, match=message):
+        make(params)
+    optim.OneCycleLR(optim.Adam(params, lr=0.1), max_lr=np.float32(0.1), total_steps=4)  # (NumPy numbers too)

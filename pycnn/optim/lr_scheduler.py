@@ -6,6 +6,14 @@ usually configured, per batch for OneCycleLR).
 from __future__ import annotations
 
 import math
+import numbers
+
+
+def _check_positive(owner: str, name: str, value) -> None:
+    """A schedule's factor or peak that must be a finite number > 0 (a negative one makes the
+    learning rate negative: training ascends the loss)."""
+    if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{owner}: {name} must be a finite number > 0, got {value!r}")
 
 
 class LRScheduler:
@@ -43,6 +51,7 @@ class StepLR(LRScheduler):
     def __init__(self, optimizer, step_size: int, gamma: float = 0.1):
         if step_size < 1:
             raise ValueError(f"StepLR: step_size must be >= 1, got {step_size}")
+        _check_positive("StepLR", "gamma", gamma)
         self.step_size, self.gamma = int(step_size), float(gamma)
         super().__init__(optimizer)
 
@@ -56,6 +65,8 @@ class CosineAnnealingLR(LRScheduler):
     def __init__(self, optimizer, T_max: int, eta_min: float = 0.0):  # noqa: N803 - PyTorch's name
         if T_max < 1:
             raise ValueError(f"CosineAnnealingLR: T_max must be >= 1, got {T_max}")
+        if not (math.isfinite(eta_min) and eta_min >= 0):
+            raise ValueError(f"CosineAnnealingLR: eta_min must be a finite number >= 0, got {eta_min!r}")
         self.T_max, self.eta_min = int(T_max), float(eta_min)
         super().__init__(optimizer)
 
@@ -84,6 +95,11 @@ class OneCycleLR(LRScheduler):
             raise ValueError(f"OneCycleLR: anneal_strategy must be 'cos' or 'linear', got {anneal_strategy!r}")
         groups = optimizer.param_groups
         max_lrs = list(max_lr) if isinstance(max_lr, (list, tuple)) else [max_lr] * len(groups)
+        if len(max_lrs) != len(groups):  # (zip below would drop the extra groups or values)
+            raise ValueError(f"OneCycleLR: max_lr has {len(max_lrs)} values for {len(groups)} parameter groups")
+        for name, value in [("max_lr", v) for v in max_lrs] + [("div_factor", div_factor),
+                                                                ("final_div_factor", final_div_factor)]:
+            _check_positive("OneCycleLR", name, value)
         self.total_steps = int(total_steps)
         self.anneal = self._cos if anneal_strategy == "cos" else self._linear
         self.cycle_momentum = cycle_momentum

@@ -11,8 +11,18 @@ multi-tensor kernel launch that reads those values on the device). A captured gr
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 from pycnn import backends
 from pycnn.tensor import array_module
+
+
+def _check_number(owner: str, name: str, value) -> None:
+    """A hyper-parameter that must be a finite number >= 0 (NaN passed a plain "< 0" test and
+    turned every parameter into NaN at the first step)."""
+    if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
 
 
 class Optimizer:
@@ -126,10 +136,8 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False):
-        if lr < 0:
-            raise ValueError(f"SGD: lr must be >= 0, got {lr}")
-        if momentum < 0:
-            raise ValueError(f"SGD: momentum must be >= 0, got {momentum}")
+        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+            _check_number("SGD", name, value)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("SGD: nesterov needs momentum > 0 and dampening == 0")
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
@@ -202,8 +210,8 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
-        if lr < 0:
-            raise ValueError(f"{type(self).__name__}: lr must be >= 0, got {lr}")
+        for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+            _check_number(type(self).__name__, name, value)
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"{type(self).__name__}: betas must be in [0, 1), got {betas}")
         if eps <= 0:
