@@ -35,7 +35,9 @@ def pytest_collection_modifyitems(config, items):
     """Mark every test under tests/gpu ``gpu_suite``, so the GPU selftest can run that directory
     plus the ``gpu``-marked tests that live next to the code they test (e.g. test_augment.py)
     with one marker expression. Skip the ``slow`` tests unless asked for (the plain ``pytest`` of
-    the README stays a few minutes on 2 cores; CI runs both)."""
+    the README stays a few minutes on 2 cores; CI runs both). Move the ``runs_last`` tests to the
+    end, in their order: a fault on the GPU (a misaligned address, say) leaves the CUDA context
+    broken for the rest of the process, so every test after such a one would fail too."""
     skip_slow = None if _runs_slow(config) else pytest.mark.skip(
         reason="slow: run with `pytest --slow` (everything) or `pytest -m slow` (these only)")
     for item in items:
@@ -43,6 +45,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.gpu_suite)
         if skip_slow is not None and item.get_closest_marker("slow") is not None:
             item.add_marker(skip_slow)
+    items.sort(key=lambda item: item.get_closest_marker("runs_last") is not None)  # (a stable sort)
 
 
 def mnist_dir() -> Path | None:

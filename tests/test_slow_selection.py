@@ -33,3 +33,16 @@ def test_plain_pytest_skips_slow_tests(tmp_path):
 def test_slow_tests_run_when_asked(tmp_path, args):
     out = _skip_reasons(tmp_path, *args)
     assert "MNIST not found" in out and "slow: run with" not in out
+
+
+def test_runs_last_tests_are_collected_after_the_others():
+    """The GPU test of arrays off 16 bytes is marked runs_last: it comes after every other test
+    collected with it, even those of files that sort after its own (and keeps its parameters' order)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "tests/gpu/test_conv_ladder.py", "tests/gpu/test_cuda_ops.py"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    last = [i for i, line in enumerate(ids) if "test_paths_take_device_arrays_off_16_bytes" in line]
+    assert proc.returncode == 0 and len(last) >= 10, proc.stdout[-2000:]
+    assert last == list(range(len(ids) - len(last), len(ids))), ids[-len(last) - 2:]
+    assert any("test_cuda_ops.py" in line for line in ids[:last[0]])

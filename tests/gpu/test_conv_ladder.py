@@ -596,6 +596,7 @@ def _paths():
     return VECTOR_PATHS
 
 
+@pytest.mark.runs_last  # (if it does fault, the tests before it have kept their results)
 @pytest.mark.parametrize("label, version, env", [pytest.param(*p, id=p[0]) for p in _paths()])
 def test_paths_take_device_arrays_off_16_bytes(monkeypatch, label, version, env):
     """On the GPU what test_emulator_gpu_faults.py checks on the emulator: every conv path with
