@@ -24,14 +24,12 @@ def _int(value, layer: str, name: str, minimum: int) -> int:
 
 
 def _pair(value, layer: str, name: str, minimum: int) -> tuple[int, int]:
-    """An int or a pair of ints (h, w), each at least ``minimum``, as a pair; anything else is an
-    error naming the layer and the argument (nothing truncated, no third element dropped)."""
-    items = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    if len(items) != 2 or not all(_is_int(v) for v in items):
-        raise TypeError(f"{layer}: {name} must be an int or a pair of ints, got {value!r}")
-    if min(items) < minimum:
+    """An int or a pair of ints (h, w) (functional's check: nothing truncated, no third element
+    dropped), each at least ``minimum``; an error naming the layer and the argument otherwise."""
+    pair = F._pair(value, layer, name)
+    if min(pair) < minimum:
         raise ValueError(f"{layer}: {name} must be >= {minimum}, got {value!r}")
-    return int(items[0]), int(items[1])
+    return pair
 
 
 def _check_input(layer: str, x, ndim: int):

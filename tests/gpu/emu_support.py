@@ -160,6 +160,11 @@ def alignment_errors(lib) -> tuple[int, str]:
     return count, text.value.decode()
 
 
+def _dim3(dims) -> tuple:
+    """A launch's grid or block as three sizes (the missing ones 1)."""
+    return tuple(dims) + (1,) * (3 - len(dims))
+
+
 def check_geometry(kernel: str, grid: tuple, block: tuple, shared_mem: int) -> None:
     """Fail a launch the GPU would refuse: more threads a block than 1024 or the kernel's
     __launch_bounds__, a grid past 2^31-1 x 65535 x 65535, more than 48 KB of dynamic shared memory
@@ -194,8 +199,7 @@ def patch_backend(monkeypatch, emulator):
     def launch(dev, filename, kernel, grid, block, args, shared_mem=0):
         params, threaded = kernels[kernel]
         assert len(params) == len(args), kernel
-        grid = tuple(grid) + (1,) * (3 - len(grid))
-        block = tuple(block) + (1,) * (3 - len(block))
+        grid, block = _dim3(grid), _dim3(block)
         check_geometry(kernel, grid, block, shared_mem)
         cargs = [ctypes.c_int(v) for v in grid + block] + [ctypes.c_longlong(shared_mem)]
         for (name, is_ptr, ctype, _), arg in zip(params, args):
@@ -213,8 +217,7 @@ def patch_backend(monkeypatch, emulator):
         launched.append(kernel)
 
     def launch_packed(dev, filename, kernel, grid, block, shared_mem, address):
-        check_geometry(kernel, tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block)),
-                       shared_mem)
+        check_geometry(kernel, _dim3(grid), _dim3(block), shared_mem)
         getattr(lib, f"emup_{kernel}")(*(ctypes.c_int(v) for v in tuple(grid) + tuple(block)),
                                        ctypes.c_longlong(shared_mem), ctypes.c_void_p(address))
         check_launch(lib, kernel)

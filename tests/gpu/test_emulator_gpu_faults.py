@@ -42,13 +42,20 @@ extern "C" void rows(const float* base, int odd_lane) { emu_run(1, 1, 1, 32, 1, 
 '''
 
 
-def _aligned(count: int, offset_bytes: int = 0) -> np.ndarray:
-    """float32 zeros whose data starts ``offset_bytes`` past a multiple of 16."""
-    buf = np.zeros(count + 8, np.float32)
-    first = (-buf.ctypes.data % 16 + offset_bytes) // 4
-    out = buf[first:first + count]
-    assert out.ctypes.data % 16 == offset_bytes
+def _placed(a: np.ndarray, offset_bytes: int) -> np.ndarray:
+    """A copy of ``a`` whose data starts ``offset_bytes`` past a multiple of 16 (C-contiguous: no
+    kernel sees a difference but the address)."""
+    out = np.empty(a.size + 8, a.dtype)
+    first = (-out.ctypes.data % 16 + offset_bytes) // a.itemsize
+    out = out[first:first + a.size].reshape(a.shape)
+    out[...] = a
+    assert out.ctypes.data % 16 == offset_bytes and out.flags.c_contiguous
     return out
+
+
+def _off16(a: np.ndarray) -> np.ndarray:
+    """A copy of ``a`` that starts 4 bytes past a multiple of 16 (as a CuPy view like x[1:] can)."""
+    return _placed(a, 4)
 
 
 def test_the_emulator_reports_misaligned_accesses(tmp_path):
@@ -64,7 +71,7 @@ def test_the_emulator_reports_misaligned_accesses(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lib = ctypes.CDLL(str(lib_path))
     lib.load4.restype = lib.load2.restype = ctypes.c_float
-    a, b = _aligned(160), _aligned(160)
+    a, b = (_placed(np.zeros(160, np.float32), 0) for _ in range(2))
     p = a.ctypes.data
 
     def expect(call, line, what):
@@ -108,17 +115,6 @@ def test_the_harness_refuses_launches_the_gpu_would(emulator):
             ("relu_fwd_f32", (1, 1, 1), (32, 1, 1), 48 * 1024 + 4, "more than 48 KB")]:
         with pytest.raises(AssertionError, match=message):
             check_geometry(kernel, grid, block, smem)
-
-
-def _off16(a: np.ndarray) -> np.ndarray:
-    """A copy of ``a`` whose data starts 4 bytes past a multiple of 16 (C-contiguous: no kernel
-    sees a difference but the address)."""
-    out = np.empty(a.size + 8, a.dtype)
-    first = (-out.ctypes.data % 16 + 4) // a.itemsize
-    out = out[first:first + a.size].reshape(a.shape)
-    out[...] = a
-    assert out.ctypes.data % 16 == 4 and out.flags.c_contiguous
-    return out
 
 
 def _same(got, want, what):
