@@ -478,7 +478,7 @@ def run(ops=None, models=None, shapes=None, backend_names=None, repeats: int = 7
     if out is None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d")
         out = Path("benchmarks/results") / f"cpu-{stamp}-{record['commit'][:8]}.json"
-    from pycnn.checkpoint import atomic_write_json
+    from pycnn.fileio import atomic_write_json
 
     atomic_write_json(out, record)
     log(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; wrote {out}")

@@ -1,42 +1,16 @@
-"""Checkpoints in safetensors format (no pickle), written atomically; JSON written atomically."""
+"""Checkpoints in safetensors format (no pickle), written atomically."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from pycnn.fileio import atomic_write_bytes
+
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt or does not fit the model."""
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path`` and rename it over ``path``.
-
-    An interrupted or failed write leaves any previous file at ``path`` untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def atomic_write_json(path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 def save_checkpoint(model, path, metadata: dict | None = None) -> Path:

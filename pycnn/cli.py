@@ -9,6 +9,30 @@ import pycnn
 from pycnn import backends
 
 
+def int_in_range(minimum: int, maximum: int | None = None):
+    """An argparse ``type`` for an integer option in ``[minimum, maximum]``.
+
+    argparse then refuses e.g. ``--seed -1`` as "argument --seed: must be an integer >= 0, got -1"
+    instead of the option reaching NumPy and failing there without its name.
+    """
+    bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {value}")
+        return value
+
+    parse.__name__ = f"integer {bound}"  # (argparse names the type in some messages)
+    return parse
+
+
+SEED = int_in_range(0)  # the seeds NumPy's generators accept
+
+
 def _add_train_mnist_args(p: argparse.ArgumentParser) -> None:
     from pycnn.train import OPTIMIZERS, RECIPES, SCHEDULES
 
@@ -24,7 +48,7 @@ def _add_train_mnist_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=None,
                    help="visit the training images in a random order per epoch (--no-shuffle: the file's "
                         "order); default: the model's recipe (all three shuffle)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--data-dir", help="directory holding the MNIST IDX files (else $PYCNN_DATA, the cache, a download)")
     p.add_argument("--out", default=None, help="output directory for metrics.json, curves.png, model.safetensors "
                                                "(default: runs/<model>)")
@@ -72,6 +96,10 @@ def cmd_evaluate(args) -> int:
         raise ValueError(f"{args.checkpoint} holds a {meta.get('model')} model, not an MNIST classifier "
                          f"({', '.join(sorted(RECIPES))}); a digit localizer is evaluated by 'pycnn evaluate localize'")
     images, labels = data.load_mnist("test", root=args.data_dir)
+    if args.n_test is not None:
+        if args.n_test > len(images):
+            raise ValueError(f"--n-test {args.n_test}: the MNIST test set has {len(images):,} images")
+        images, labels = images[:args.n_test], labels[:args.n_test]
     x = move_array(data.normalize(images), device)
     y = move_array(labels.astype(np.int32 if device == "cuda" else np.int64), device)
     loss, acc = evaluate(model, x, y)
@@ -122,8 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("task", nargs="?", default="mnist", choices=("mnist", "localize"),
                     help="mnist (default): the 10k test images; localize: metrics JSON on test canvases")
     ev.add_argument("--checkpoint", required=True, help="a model.safetensors written by pycnn train")
-    ev.add_argument("--seed", type=int, default=1_000_003, help="localize: seed of the test canvases")
-    ev.add_argument("--n-test", type=int, default=10000, help="localize: number of test canvases")
+    ev.add_argument("--seed", type=SEED, default=1_000_003, help="localize: seed of the test canvases")
+    ev.add_argument("--n-test", type=int_in_range(1), default=None,
+                    help="mnist: the first N test images (default: all 10,000); localize: number of test "
+                         "canvases (default: 10,000)")
     ev.add_argument("--backend", default="auto", choices=("auto",) + backends.ALL_BACKENDS)
     ev.add_argument("--data-dir")
     ev.set_defaults(func=cmd_evaluate)
@@ -155,7 +185,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, RuntimeError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, TypeError, RuntimeError, OSError, KeyError, MemoryError) as exc:
+        # (OSError: a file that cannot be read or written; MemoryError: e.g. canvases too large
+        # for this machine, whose message gives the size asked for)
         print(f"pycnn {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

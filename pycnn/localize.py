@@ -13,7 +13,9 @@ import numpy as np
 import pycnn
 from pycnn import backends, metrics, optim
 from pycnn import functional as F
-from pycnn.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from pycnn.checkpoint import load_checkpoint, save_checkpoint
+from pycnn.fileio import atomic_write_json, prepare_output_dir
+from pycnn.random import check_seed
 from pycnn.data.localization import load_localization
 from pycnn.models import LocalizationNet
 from pycnn.tensor import Tensor, move_array, no_grad
@@ -59,6 +61,12 @@ class LocalizeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        check_seed("LocalizeConfig", "seed", self.seed)
+        check_seed("LocalizeConfig", "test_seed", self.test_seed)
+        if not 0.0 <= self.empty_prob < 1.0:  # (at 1 no canvas has a digit: nothing to classify or box)
+            raise ValueError(f"empty_prob must be in [0, 1), got {self.empty_prob}")
+        if self.init_from and not Path(self.init_from).is_file():  # (else found out after the canvases)
+            raise ValueError(f"init_from (--init-from) {str(self.init_from)!r} is not a file")
         if self.class_weight not in (None, "balanced"):
             raise ValueError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -117,19 +125,28 @@ def predict(model, images, batch_size: int = 500) -> dict:
 
 
 def score(pred: dict, data: dict) -> dict:
-    """The localization metrics of the targets: presence F1, class accuracy, mean IoU, loc. accuracy."""
+    """The localization metrics of the targets: presence F1, class accuracy, mean IoU, loc. accuracy.
+
+    Class accuracy, mean IoU and localization accuracy are scored on the canvases that hold a
+    digit; when none does (a few canvases, all drawn empty) they are None, not an error after
+    the whole training run.
+    """
     present = data["present"] > 0.5
     pred_present = pred["presence_prob"] > 0.5
     p, r, f1 = metrics.precision_recall_f1(present.astype(int), pred_present.astype(int), average="binary")
-    return {
+    scores = {
         "samples": int(len(present)), "present": int(present.sum()),
         "presence_precision": float(p), "presence_recall": float(r), "presence_f1": float(f1),
-        "class_accuracy": metrics.accuracy(data["labels"][present], pred["labels"][present]),
-        "mean_iou": metrics.mean_iou(pred["boxes"], data["boxes"], present=present),
-        "localization_accuracy": metrics.localization_accuracy(
-            data["labels"], pred["labels"], data["boxes"], pred["boxes"], true_present=present,
-            pred_present=pred_present),
+        "class_accuracy": None, "mean_iou": None, "localization_accuracy": None,
     }
+    if present.any():
+        scores.update(
+            class_accuracy=metrics.accuracy(data["labels"][present], pred["labels"][present]),
+            mean_iou=metrics.mean_iou(pred["boxes"], data["boxes"], present=present),
+            localization_accuracy=metrics.localization_accuracy(
+                data["labels"], pred["labels"], data["boxes"], pred["boxes"], true_present=present,
+                pred_present=pred_present))
+    return scores
 
 
 def _init_backbone(model, path) -> list:
@@ -162,6 +179,8 @@ def train_localize(**kwargs) -> dict:
     ``out_dir/metrics.json`` with the checkpoint, when ``out_dir`` is given).
     """
     cfg = LocalizeConfig(**kwargs).validate()
+    if cfg.out_dir:
+        prepare_output_dir(cfg.out_dir, "out_dir (--out)")
     log = print if cfg.progress else (lambda *a, **k: None)
     device = "cuda" if cfg.backend == "cuda" else "cpu"
     backend_name = "cuda" if device == "cuda" else pycnn.set_backend(cfg.backend)
@@ -287,8 +306,13 @@ def _load_localizer(path, device="cpu"):
 # ----------------------------------------------------------------------------- CLI
 
 
+MAX_GRID = 64  # canvases in one `pycnn predict localize` picture (16 rows of 4; more is unreadable)
+
+
 def register_cli(sub) -> None:
     """Add ``train localize``, ``evaluate localize``, ``predict localize`` and ``viz features``."""
+    from pycnn.cli import SEED, int_in_range
+
     train_parser = sub.choices["train"]
     train_sub = next(a for a in train_parser._actions if a.dest == "task")
     p = train_sub.add_parser("localize", help="train the digit-localization model on generated canvases")
@@ -300,8 +324,8 @@ def register_cli(sub) -> None:
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--backend", default="auto", choices=("auto",) + backends.ALL_BACKENDS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--test-seed", type=int, default=TEST_SEED_DEFAULT)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--test-seed", type=SEED, default=TEST_SEED_DEFAULT)
     p.add_argument("--empty-prob", type=float, default=defaults.empty_prob)
     p.add_argument("--no-clutter", action="store_true")
     p.add_argument("--augment", action="store_true", help="rotate/translate/scale/noise each batch (boxes follow)")
@@ -327,8 +351,9 @@ def register_cli(sub) -> None:
     pp = pred_sub.add_parser("localize", help="a grid of test canvases with true and predicted boxes")
     pp.add_argument("--checkpoint", required=True)
     pp.add_argument("--out", default="preds.png")
-    pp.add_argument("--count", type=int, default=16)
-    pp.add_argument("--seed", type=int, default=TEST_SEED_DEFAULT)
+    pp.add_argument("--count", type=int_in_range(1, MAX_GRID), default=16,
+                    help=f"how many canvases to draw (4 per row, at most {MAX_GRID})")
+    pp.add_argument("--seed", type=SEED, default=TEST_SEED_DEFAULT)
     pp.add_argument("--data-dir")
     pp.set_defaults(func=_cmd_predict)
 
@@ -337,7 +362,8 @@ def register_cli(sub) -> None:
     vf = viz_sub.add_parser("features", help="feature maps of each conv layer for one input")
     vf.add_argument("--checkpoint", required=True)
     vf.add_argument("--out", default="maps.png")
-    vf.add_argument("--index", type=int, default=0, help="which test image/canvas to show")
+    vf.add_argument("--index", type=int_in_range(0, 9999), default=0,
+                    help="which of the 10,000 test images (or test canvases) to show")
     vf.add_argument("--data-dir")
     vf.set_defaults(func=_cmd_features)
 
@@ -358,7 +384,8 @@ def _cmd_train(args) -> int:
 
 def cmd_evaluate_localize(args) -> int:
     model = _load_localizer(args.checkpoint)
-    data = load_localization("test", n=args.n_test, seed=args.seed, root=args.data_dir,
+    n_test = LocalizeConfig.n_test if args.n_test is None else args.n_test
+    data = load_localization("test", n=n_test, seed=args.seed, root=args.data_dir,
                              canvas_size=model.canvas_size)
     scores = score(predict(model, data["images"]), data)
     print(json.dumps({"checkpoint": str(args.checkpoint), "seed": args.seed, **scores}, indent=2))
@@ -369,7 +396,7 @@ def _cmd_predict(args) -> int:
     from pycnn.viz import plot_localization_grid
 
     model = _load_localizer(args.checkpoint)
-    data = load_localization("test", n=max(args.count, 1), seed=args.seed, root=args.data_dir,
+    data = load_localization("test", n=args.count, seed=args.seed, root=args.data_dir,
                              canvas_size=model.canvas_size, cache=False)
     pred = predict(model, data["images"])
     plot_localization_grid(data, pred, args.out)

@@ -762,7 +762,7 @@ def default_out(commit: str) -> Path:
 
 def write_record(record: dict, out: Path) -> None:
     """Write JSON to a temporary file beside ``out``, then rename it into place."""
-    from pycnn.checkpoint import atomic_write_bytes
+    from pycnn.fileio import atomic_write_bytes
 
     atomic_write_bytes(out, (json.dumps(record, indent=1, default=str) + "\n").encode())
 

@@ -12,7 +12,9 @@ import numpy as np
 import pycnn
 from pycnn import backends, data, models, optim
 from pycnn import functional as F
-from pycnn.checkpoint import atomic_write_json, save_checkpoint
+from pycnn.checkpoint import save_checkpoint
+from pycnn.fileio import atomic_write_json, prepare_output_dir
+from pycnn.random import check_seed
 from pycnn.tensor import Tensor, move_array, no_grad
 
 # Per-model recipes. FastMNIST is the published one-epoch recipe of ANCHORS.md: Adam 1e-2 with
@@ -72,6 +74,7 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
         if cfg.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+        check_seed("TrainConfig", "seed", cfg.seed)
         if cfg.limit_train is not None and cfg.limit_train < 1:  # (0 or -5 trained on all of it, silently)
             raise ValueError(f"limit_train must be >= 1 (or None: the whole training set), got {cfg.limit_train}")
         if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
@@ -196,6 +199,8 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
     with ``test_acc``, ``epoch_s`` and ``samples_per_s`` of the last epoch at the top level.
     """
     cfg = TrainConfig(model=model, **kwargs).resolved()
+    if cfg.out_dir:
+        prepare_output_dir(cfg.out_dir, "out_dir (--out)")
     log = print if cfg.progress else (lambda *a, **k: None)
     device = "cuda" if cfg.backend == "cuda" else "cpu"
     backend_name = "cuda" if device == "cuda" else pycnn.set_backend(cfg.backend)

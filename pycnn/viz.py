@@ -17,7 +17,7 @@ def save_figure(fig, path) -> None:
     """Save through a temp file so a failed write never destroys an existing picture."""
     import io
 
-    from pycnn.checkpoint import atomic_write_bytes
+    from pycnn.fileio import atomic_write_bytes
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")

@@ -222,6 +222,8 @@ def test_bad_input(digits):
         make_canvases(x, y, n=10, empty_prob=1.5)
     with pytest.raises(ValueError, match="noise must be >= 0"):
         make_canvases(x, y, n=10, noise=-0.1)
+    with pytest.raises(ValueError, match=r"make_canvases: seed -1 is not a seed NumPy takes"):
+        make_canvases(x, y, n=10, seed=-1)
     blank = np.zeros((3, 28, 28), np.uint8)
     with pytest.raises(ValueError, match=r"digit \d has no pixel above INK_THRESHOLD"):
         make_canvases(blank, np.arange(3), n=5, empty_prob=0.0)

@@ -125,3 +125,48 @@ def test_config_refuses_what_cannot_train(changes, message):
     with pytest.raises(ValueError, match=message):
         LocalizeConfig(**changes).validate()
     LocalizeConfig(pos_weight=2.5, width=8).validate()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"empty_prob": 1.0}, r"empty_prob must be in \[0, 1\), got 1.0"),
+    ({"seed": -1}, r"LocalizeConfig: seed must be an integer >= 0, got -1"),
+    ({"test_seed": 1.5}, r"LocalizeConfig: test_seed must be an integer >= 0, got 1.5"),
+    ({"init_from": "no/such.safetensors"}, r"init_from \(--init-from\) 'no/such.safetensors' is not a file"),
+])
+def test_config_refuses_before_the_canvases_are_made(changes, message):
+    """empty_prob=1 trained on empty canvases and then failed scoring ("accuracy: y_true is
+    empty"); a negative seed failed in NumPy without its name; a missing --init-from was found
+    only after the canvases were generated."""
+    with pytest.raises(ValueError, match=message):
+        LocalizeConfig(**changes).validate()
+
+
+def test_output_dir_is_checked_before_the_canvases(tmp_path, monkeypatch):
+    import pycnn.localize as localize
+
+    def no_canvases(*args, **kwargs):
+        raise AssertionError("canvases were made before the output directory was checked")
+
+    monkeypatch.setattr(localize, "load_localization", no_canvases)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"out_dir \(--out\) '.*afile/run' cannot hold the results"):
+        train_localize(out_dir=str(tmp_path / "afile" / "run"), progress=False)
+
+
+def test_scores_without_a_digit_are_none_not_an_error():
+    """A test set whose canvases all came out empty (a few canvases, a high empty_prob) made the
+    scoring raise after the whole training run."""
+    from pycnn.localize import score
+
+    n = 3
+    data = {"present": np.zeros(n, np.float32), "labels": np.full(n, -1), "boxes": np.zeros((n, 4), np.float32)}
+    pred = {"presence_prob": np.array([0.2, 0.7, 0.1]), "labels": np.array([1, 2, 3]),
+            "boxes": np.tile(np.array([0.1, 0.1, 0.5, 0.5], np.float32), (n, 1))}
+    scores = score(pred, data)
+    assert scores["present"] == 0 and scores["samples"] == 3
+    assert scores["class_accuracy"] is None and scores["mean_iou"] is None and scores["localization_accuracy"] is None
+    assert scores["presence_precision"] == 0.0  # (one false positive)
+    data["present"][1], data["labels"][1], data["boxes"][1] = 1.0, 2, [0.1, 0.1, 0.5, 0.5]
+    scores = score(pred, data)
+    assert scores["class_accuracy"] == 1.0 and scores["mean_iou"] == pytest.approx(1.0)
+    assert scores["localization_accuracy"] == 1.0

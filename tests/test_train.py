@@ -94,18 +94,18 @@ def test_checkpoint_save_is_atomic_and_corruption_is_reported(tmp_path):
     class Boom(Exception):
         pass
 
-    import pycnn.checkpoint as ckpt
-    real_replace = ckpt.os.replace
+    import pycnn.fileio as fileio
+    real_replace = fileio.os.replace
 
     def failing_replace(*args):
         raise Boom("disk full")
 
-    ckpt.os.replace = failing_replace
+    fileio.os.replace = failing_replace
     try:
         with pytest.raises(Boom):
             save_checkpoint(pycnn.models.FastMNIST(), path, {"model": "fastmnist"})
     finally:
-        ckpt.os.replace = real_replace
+        fileio.os.replace = real_replace
     assert path.read_bytes() == good  # the previous checkpoint survived
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp file left
 
@@ -195,3 +195,77 @@ def test_missing_data_names_where_to_put_it(tmp_path, monkeypatch):
 
     with pytest.raises(MnistNotFoundError, match="PYCNN_DATA"):
         load_mnist("test", download=False)
+
+
+def test_an_output_dir_that_cannot_be_written_fails_before_training(tmp_path, monkeypatch):
+    """--out under a file (or a read-only place) failed when the results were written, after the
+    whole run, losing the trained model; now it fails before the data is even read."""
+    from pycnn import train
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was loaded before the output directory was checked")
+
+    monkeypatch.setattr(train.data, "load_mnist", no_data)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"out_dir \(--out\) '.*afile' is a file, not a directory"):
+        run_mnist("fastmnist", backend="numpy", out_dir=str(tmp_path / "afile"), progress=False)
+    with pytest.raises(ValueError, match=r"out_dir \(--out\) '.*afile/sub' cannot hold the results: NotADirectoryError"):
+        run_mnist("fastmnist", backend="numpy", out_dir=str(tmp_path / "afile" / "sub"), progress=False)
+
+
+@pytest.mark.parametrize("seed", [-1, 2.5, True, "3"])
+def test_a_seed_numpy_refuses_is_named(seed):
+    """seed=-1 failed at the first epoch with NumPy's "expected non-negative integer", naming
+    neither the option nor the value."""
+    from pycnn.train import TrainConfig
+
+    with pytest.raises(ValueError, match=rf"TrainConfig: seed must be an integer >= 0, got {seed!r}"):
+        TrainConfig(seed=seed).resolved()
+    with pytest.raises(ValueError, match="manual_seed: seed must be an integer >= 0"):
+        pycnn.manual_seed(seed)
+    assert TrainConfig(seed=np.int64(7)).resolved().seed == 7
+
+
+def test_cli_integer_options_name_themselves(capsys):
+    """Every seed, count and index option is checked by argparse, with its name and range."""
+    from pycnn.cli import build_parser
+
+    cases = [
+        (["train", "mnist", "--seed", "-1"], "argument --seed: must be an integer >= 0, got -1"),
+        (["evaluate", "--checkpoint", "m", "--n-test", "0"], "argument --n-test: must be an integer >= 1, got 0"),
+        (["train", "localize", "--test-seed", "x"], "argument --test-seed: must be an integer >= 0, got 'x'"),
+        (["predict", "localize", "--checkpoint", "m", "--count", "65"],
+         r"argument --count: must be an integer in \[1, 64\], got 65"),
+        (["predict", "localize", "--checkpoint", "m", "--count", "0"], r"argument --count: must be an integer in \[1, 64\]"),
+        (["viz", "features", "--checkpoint", "m", "--index", "10000"],
+         r"argument --index: must be an integer in \[0, 9999\], got 10000"),
+        (["viz", "features", "--checkpoint", "m", "--index", "-1"], r"argument --index: must be an integer in \[0, 9999\]"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert __import__("re").search(message, err), (argv, err)
+    args = build_parser().parse_args(["predict", "localize", "--checkpoint", "m", "--count", "64"])
+    assert args.count == 64
+
+
+def test_evaluate_takes_the_first_n_test_images(mnist_path, tmp_path, capsys):
+    """--n-test was read by `evaluate localize` only; `evaluate` (MNIST) ignored it silently."""
+    from pycnn.cli import main
+
+    model = pycnn.models.FastMNIST()
+    save_checkpoint(model, tmp_path / "m.safetensors", {"model": "fastmnist"})
+    common = ["--checkpoint", str(tmp_path / "m.safetensors"), "--backend", "numpy", "--data-dir", str(mnist_path)]
+    assert main(["evaluate", *common, "--n-test", "300"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["samples"] == 300
+    from pycnn.data import load_mnist, normalize
+    from pycnn.train import evaluate
+
+    images, labels = load_mnist("test", root=str(mnist_path))
+    loss, acc = evaluate(model, normalize(images[:300]), labels[:300].astype(np.int64))
+    assert report["test_acc"] == pytest.approx(acc) and report["test_loss"] == pytest.approx(loss)
+    assert main(["evaluate", *common, "--n-test", "10001"]) == 2
+    assert "--n-test 10001: the MNIST test set has 10,000 images" in capsys.readouterr().err

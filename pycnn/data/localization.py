@@ -26,11 +26,12 @@ import hashlib
 import json
 import numbers
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from pycnn.fileio import temp_file_beside
 
 __all__ = [
     "INK_THRESHOLD",
@@ -167,7 +168,10 @@ def make_canvases(images, labels, n: int, canvas_size=64, scale_range=(14, 40), 
     else:
         max_fragments = _check_int(clutter, "clutter (number of fragments)", 0)
 
-    rng = np.random.default_rng(seed)
+    try:
+        rng = np.random.default_rng(seed)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"make_canvases: seed {seed!r} is not a seed NumPy takes ({exc})") from None
     # All random draws up front, in a fixed order, so that the result depends only on the seed.
     src = rng.integers(0, images.shape[0], size=n)
     sizes = rng.integers(smin, smax + 1, size=n)
@@ -273,7 +277,7 @@ def save_canvases(path, data: dict) -> Path:
     if path.suffix != ".npz":
         path = path.with_name(path.name + ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    fd, tmp = temp_file_beside(path, suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)

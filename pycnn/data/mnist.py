@@ -11,13 +11,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from pycnn.fileio import temp_file_beside
 
 __all__ = [
     "MNIST_MEAN",
@@ -201,9 +202,8 @@ def _download(name: str, expected_count: int, cache: Path, progress: bool) -> Pa
     errors = []
     for mirror in MIRRORS:
         url = mirror + name + ".gz"
-        fd, tmp_name = tempfile.mkstemp(prefix=name + ".", suffix=".part", dir=cache)
+        fd, tmp = temp_file_beside(final, suffix=".part")
         os.close(fd)
-        tmp = Path(tmp_name)
         try:
             _download_file(url, tmp, progress)
             _load_file(tmp, name, expected_count)  # verify before it becomes visible

@@ -1,0 +1,83 @@
+"""Writing files safely: atomic replacement, the permissions a plain ``open`` gives, output
+directories checked before the long work that fills them."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import stat
+from pathlib import Path
+
+
+def temp_file_beside(path, suffix: str = ".tmp") -> tuple[int, Path]:
+    """Create an empty file in ``path``'s directory to be written and then renamed over ``path``.
+
+    Returns ``(fd, temp_path)``, the descriptor open for writing. Unlike ``tempfile.mkstemp``,
+    whose files are always private (0600), the file gets the mode that ``open(path, "w")``
+    would leave ``path`` with: the existing file's mode, else 0666 less the umask. (With
+    mkstemp every checkpoint, metrics file and plot came out unreadable to the owner's group.)
+    """
+    path = Path(path)
+    existing_mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else None
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    while True:
+        temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{suffix}")
+        try:
+            fd = os.open(temp, flags, 0o666)  # the kernel applies the umask, as for open()
+            break
+        except FileExistsError:
+            continue
+    if existing_mode is not None and hasattr(os, "fchmod"):
+        os.fchmod(fd, existing_mode)
+    return fd, temp
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to a temp file beside ``path`` and rename it over ``path``.
+
+    An interrupted or failed write leaves any previous file at ``path`` untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = temp_file_beside(path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_json(path, obj) -> None:
+    """:func:`atomic_write_bytes` of ``obj`` as indented JSON."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def prepare_output_dir(path, argument: str = "out_dir") -> Path:
+    """Create ``path`` (and its parents) and check that files can be written in it.
+
+    Called before training, so that a typo'd or read-only output directory fails in a second
+    instead of after the whole run, losing the trained model.
+
+    Raises:
+        ValueError: naming ``argument`` and the path, when the directory cannot be created or
+            written to.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{argument} {str(path)!r} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = temp_file_beside(path / "write-test")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"{argument} {str(path)!r} cannot hold the results: {type(exc).__name__}: "
+                         f"{exc.strerror or exc}") from exc
+    return path
