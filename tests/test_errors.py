@@ -171,3 +171,46 @@ def test_bench_refuses_what_it_cannot_time(tmp_path, kwargs, message):
         bench.run(**{"ops": ["relu"], "shapes": ["mnistcnn.conv3"], "models": [], "backend_names": ["numpy"],
                      "with_torch": False, "out": tmp_path / "r.json", **kwargs})
     assert not (tmp_path / "r.json").exists()
+
+
+def _losses_over(n: int, weight=None):
+    """Every loss with its gradient, over n rows: {name: (loss, grad)} under 'mean' and 'sum'."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for reduction in ("mean", "sum"):
+        cases = {
+            "cross_entropy": lambda x: F.cross_entropy(x, np.arange(n) % 10, weight=weight, reduction=reduction),
+            "bce_with_logits": lambda x: F.binary_cross_entropy_with_logits(
+                x, Tensor(np.ones(x.shape, np.float32)), reduction=reduction),
+            "mse": lambda x: F.mse_loss(x, Tensor(np.zeros(x.shape, np.float32)), reduction=reduction),
+            "smooth_l1": lambda x: F.smooth_l1_loss(x, Tensor(np.zeros(x.shape, np.float32)), reduction=reduction),
+        }
+        for name, loss_of in cases.items():
+            x = Tensor(rng.standard_normal((n, 10)).astype(np.float32), requires_grad=True)
+            loss = loss_of(x)
+            loss.backward()
+            out[name, reduction] = float(loss.item()), x.grad.numpy()
+    return out
+
+
+@pytest.mark.parametrize("backend", [name for name in ("numpy", "numba", "native")
+                                     if __import__("pycnn").backends.status(name)[0]])
+def test_a_mean_over_nothing_is_nan_on_every_backend(backend):
+    """An empty batch under reduction 'mean' raised ZeroDivisionError on the NumPy and Numba
+    backends and gave NaN on the native and CUDA ones (and in PyTorch): NaN everywhere now, with
+    an empty gradient; 'sum' gives 0. Class weights that sum to 0 over the batch's targets: NaN."""
+    import warnings
+
+    from pycnn import backends
+
+    backends.set_backend(backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        empty = _losses_over(0)
+        zero_weights = _losses_over(4, weight=np.array([0] * 4 + [1] * 6, np.float32))  # targets 0..3
+    for (name, reduction), (loss, grad) in empty.items():
+        assert grad.shape == (0, 10), (name, reduction)
+        assert (np.isnan(loss) if reduction == "mean" else loss == 0.0), (name, reduction, loss)
+    loss, grad = zero_weights["cross_entropy", "mean"]
+    assert np.isnan(loss) and grad.shape == (4, 10)
+    assert zero_weights["cross_entropy", "sum"][0] == 0.0

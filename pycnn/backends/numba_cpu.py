@@ -511,8 +511,10 @@ def linear_backward(dy, x, w):
 
 # ============================================================================ losses
 
-def _norm(reduction: str, count: float) -> float:
-    return float(count) if reduction == "mean" else 1.0
+def _norm(reduction: str, count: float) -> np.float64:
+    # A NumPy float: a mean over nothing gives NaN (with a RuntimeWarning), not ZeroDivisionError,
+    # as on the native and CUDA backends (see numpy_ref._reduce_norm).
+    return np.float64(count if reduction == "mean" else 1.0)
 
 
 def _class_targets(op, target, n, classes):

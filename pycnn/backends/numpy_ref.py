@@ -64,10 +64,13 @@ def _scatter_windows(dwin, x_shape, kernel, stride, padding, dtype):
 
 
 def _reduce_norm(reduction, count):
+    # A NumPy float, so that a mean over nothing (an empty batch, or class weights summing to 0)
+    # divides to NaN with a RuntimeWarning, as the native and CUDA backends give it (and PyTorch),
+    # where a Python float raised ZeroDivisionError.
     if reduction == "mean":
-        return float(count)
+        return np.float64(count)
     if reduction == "sum":
-        return 1.0
+        return np.float64(1.0)
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 

@@ -160,6 +160,39 @@ def test_elementwise_losses(emulated):
               atol=1e-8)
 
 
+def test_losses_over_nothing_match_the_cpu_backends(emulated):
+    """The empty-batch contract every backend shares (tests/test_errors.py checks the CPU ones):
+    'mean' over no element is NaN, 'sum' is 0, the gradient is empty; class weights that sum to
+    0 over the targets give NaN."""
+    import warnings
+
+    x, t = np.zeros((0, 10), np.float32), np.zeros((0, 10), np.float32)
+    labels = np.zeros(0, np.int32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for reduction in ("mean", "sum"):
+            losses = {
+                "ce": cuda.softmax_cross_entropy_forward(x, labels, None, 0.0, reduction)[0],
+                "bce": cuda.bce_with_logits_forward(x, t, None, reduction),
+                "mse": cuda.mse_forward(x, t, reduction),
+                "smooth_l1": cuda.smooth_l1_forward(x, t, 0.5, reduction),
+            }
+            for name, loss in losses.items():
+                want = ref.mse_forward(x, t, reduction)  # (NaN or 0: the reference's contract)
+                assert np.array_equal(loss, want, equal_nan=True), (name, reduction, loss, want)
+            grads = [cuda.softmax_cross_entropy_backward(1.0, x, labels, None, 0.0, reduction),
+                     cuda.bce_with_logits_backward(1.0, x, t, None, reduction),
+                     cuda.mse_backward(1.0, x, t, reduction), cuda.smooth_l1_backward(1.0, x, t, 0.5, reduction)]
+            assert all(g.shape == (0, 10) for g in grads)
+        rng = np.random.default_rng(6)
+        logits, target = rnd(rng, 4, 10), np.arange(4, dtype=np.int32)
+        weight = np.array([0] * 4 + [1] * 6, np.float32)  # no weight on any target of the batch
+        loss, probs = cuda.softmax_cross_entropy_forward(logits, target, weight, 0.0, "mean")
+        loss_want, _ = ref.softmax_cross_entropy_forward(logits, target, weight, 0.0, "mean")
+        assert np.isnan(loss) and np.isnan(loss_want)
+        assert np.isnan(cuda.softmax_cross_entropy_backward(1.0, probs, target, weight, 0.0, "mean")).all()
+
+
 def test_optimizers(emulated):
     rng = np.random.default_rng(5)
     p = [rnd(rng, 3, 4), rnd(rng, 70)]
