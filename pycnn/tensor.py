@@ -473,25 +473,47 @@ class Tensor:
 
     view = reshape
 
+    def _axis(self, dim, op: str) -> int:
+        """``dim`` as an axis in [0, ndim) (negative counts from the end); else a clear error."""
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+            raise TypeError(f"{op}: a dimension must be an int, got {type(dim).__name__}")
+        if not -self.ndim <= dim < self.ndim:
+            raise IndexError(f"{op}: dimension {dim} is out of range for a {self.ndim}-D tensor of shape {self.shape}")
+        return int(dim) % self.ndim
+
     def flatten(self, start_dim: int = 0):
         """Merge the dimensions from ``start_dim`` on (``flatten(1)`` keeps the batch axis)."""
-        start = start_dim % max(self.ndim, 1)
+        if self.ndim == 0:
+            return self.reshape(1)
+        start = self._axis(start_dim, "flatten")  # (a start past the last axis wrapped around, silently)
         return self.reshape(self.shape[:start] + (-1,))
 
-    def transpose(self, *axes):
-        if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
-            axes = tuple(axes[0])
-        if not axes:
-            axes = tuple(reversed(range(self.ndim)))
-        elif len(axes) == 2 and self.ndim != 2:  # PyTorch's transpose(dim0, dim1)
-            perm = list(range(self.ndim))
-            perm[axes[0]], perm[axes[1]] = perm[axes[1]], perm[axes[0]]
-            axes = tuple(perm)
+    def permute(self, *dims):
+        """Reorder every axis: ``x.permute(0, 2, 3, 1)`` is NCHW -> NHWC (NumPy's ``transpose(axes)``)."""
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = tuple(dims[0])
+        axes = tuple(self._axis(d, "permute") for d in dims)
+        if sorted(axes) != list(range(self.ndim)):
+            raise ValueError(f"permute: dims must name each of the {self.ndim} axes once, got {dims}")
         inverse = tuple(np.argsort(axes))
         return Tensor._from_op(self.data.transpose(axes), (self,),
                                lambda g: (g.transpose(inverse),), "transpose")
 
-    permute = transpose
+    def transpose(self, *dims):
+        """PyTorch's ``transpose(dim0, dim1)``: swap two axes. ``transpose()`` reverses every axis
+        (``.T``); one tuple, or as many ints as axes (other than two), permutes as :meth:`permute`.
+
+        (Two ints swap on every tensor: a 2-D ``x.transpose(0, 1)`` was read as NumPy's identity
+        permutation while the same call swapped axes on 3-D and 4-D tensors.)
+        """
+        if not dims:
+            return self.permute(tuple(reversed(range(self.ndim))))
+        if len(dims) == 2 and not isinstance(dims[0], (tuple, list)):
+            first, second = self._axis(dims[0], "transpose"), self._axis(dims[1], "transpose")
+            perm = list(range(self.ndim))
+            perm[first], perm[second] = perm[second], perm[first]
+            return self.permute(tuple(perm))
+        return self.permute(*dims)
 
     @property
     def T(self):

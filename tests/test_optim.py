@@ -161,3 +161,21 @@ def test_hyper_parameters_that_cannot_train_are_refused(make, message):
     with pytest.raises(ValueError, match=message):
         make(params)
     optim.OneCycleLR(optim.Adam(params, lr=0.1), max_lr=np.float32(0.1), total_steps=4)  # (NumPy numbers too)
+
+
+def test_parameters_must_be_tensors_and_appear_once():
+    """A NumPy array was taken as a parameter and failed at the first step; a parameter listed
+    twice (or in two groups) was updated twice per step without a word."""
+    weight = nn.Parameter(np.zeros(3, np.float32))
+    other = nn.Parameter(np.zeros((2, 2), np.float32))
+    with pytest.raises(TypeError, match="SGD: parameter 1 is a ndarray, not a pycnn Tensor"):
+        optim.SGD([weight, np.zeros(3)], lr=0.1)
+    with pytest.raises(ValueError, match=r"Adam: parameter 1 \(shape \(3,\)\) appears more than once"):
+        optim.Adam([weight, weight], lr=0.1)
+    with pytest.raises(ValueError, match=r"SGD: parameter 0 of group 1 \(shape \(3,\)\) appears more than once"):
+        optim.SGD([{"params": [weight, other]}, {"params": [weight], "lr": 0.01}], lr=0.1)
+    with pytest.raises(TypeError, match="SGD: parameter group 1 must be a dict with a 'params' list, got list"):
+        optim.SGD([{"params": [weight]}, [other]], lr=0.1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    model.tied = model[0]  # the same layer twice: its parameters are shared
+    assert len(optim.SGD(model.parameters(), lr=0.1).param_groups[0]["params"]) == 2  # (listed once)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import pycnn
-from pycnn import Tensor, no_grad
+from pycnn import Tensor, nn, no_grad
 
 
 def t64(a, grad=True):
@@ -153,3 +153,31 @@ def test_dlpack_round_trip_without_copy():
 def test_unknown_device_is_rejected():
     with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
         pycnn.tensor([1.0]).to("tpu")
+
+
+def test_transpose_swaps_two_axes_on_every_tensor_as_in_pytorch():
+    """A 2-D ``x.transpose(0, 1)`` was NumPy's identity permutation while the same call swapped
+    axes on 3-D tensors; ``flatten(5)`` on a 2-D tensor wrapped around to ``flatten(1)``."""
+    a = Tensor(np.arange(6, dtype=np.float32).reshape(2, 3), requires_grad=True)
+    np.testing.assert_array_equal(a.transpose(0, 1).numpy(), a.numpy().T)
+    np.testing.assert_array_equal(a.transpose(-1, 0).numpy(), a.numpy().T)
+    np.testing.assert_array_equal(a.T.numpy(), a.numpy().T)
+    b_data = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    b = Tensor(b_data, requires_grad=True)
+    np.testing.assert_array_equal(b.transpose(0, 2).numpy(), b_data.swapaxes(0, 2))
+    np.testing.assert_array_equal(b.permute(2, 0, 1).numpy(), b_data.transpose(2, 0, 1))
+    np.testing.assert_array_equal(b.transpose((1, 2, 0)).numpy(), b_data.transpose(1, 2, 0))
+    weights = np.random.default_rng(0).standard_normal((4, 2, 3)).astype(np.float32)
+    (b.permute(2, 0, 1) * Tensor(weights)).sum().backward()
+    np.testing.assert_array_equal(b.grad.numpy(), weights.transpose(1, 2, 0))
+    assert b.flatten(1).shape == (2, 12) and b.flatten(-1).shape == (2, 3, 4)
+    with pytest.raises(IndexError, match=r"flatten: dimension 3 is out of range for a 3-D tensor of shape \(2, 3, 4\)"):
+        b.flatten(3)
+    with pytest.raises(IndexError, match="transpose: dimension -4 is out of range"):
+        b.transpose(0, -4)
+    with pytest.raises(ValueError, match=r"permute: dims must name each of the 3 axes once, got \(0, 0, 1\)"):
+        b.permute(0, 0, 1)
+    with pytest.raises(TypeError, match="transpose: a dimension must be an int, got float"):
+        b.transpose(0.5, 1)
+    with pytest.raises(IndexError, match="flatten: dimension 2 is out of range for a 2-D tensor"):
+        nn.Flatten(2)(a)

@@ -15,7 +15,7 @@ import math
 import numbers
 
 from pycnn import backends
-from pycnn.tensor import array_module
+from pycnn.tensor import Tensor, array_module
 
 
 def _check_number(owner: str, name: str, value) -> None:
@@ -35,10 +35,22 @@ class Optimizer:
         groups = params if isinstance(params[0], dict) else [{"params": params}]
         self.defaults = dict(defaults)
         self.param_groups = []
-        for group in groups:
+        seen = set()
+        for gi, group in enumerate(groups):
+            if not isinstance(group, dict) or "params" not in group:
+                raise TypeError(f"{type(self).__name__}: parameter group {gi} must be a dict with a 'params' "
+                                f"list, got {type(group).__name__}")
             merged = dict(self.defaults)
             merged.update(group)
             merged["params"] = list(group["params"])
+            for pi, p in enumerate(merged["params"]):
+                where = f"parameter {pi}" + (f" of group {gi}" if len(groups) > 1 else "")
+                if not isinstance(p, Tensor):  # (a NumPy array was taken and failed at the first step)
+                    raise TypeError(f"{type(self).__name__}: {where} is a {type(p).__name__}, not a "
+                                    "pycnn Tensor (e.g. model.parameters())")
+                if id(p) in seen:  # (it would be updated twice per step)
+                    raise ValueError(f"{type(self).__name__}: {where} (shape {p.shape}) appears more than once")
+                seen.add(id(p))
             merged.setdefault("initial_lr", merged["lr"])
             self.param_groups.append(merged)
         self.state: dict = {}
