@@ -17,6 +17,7 @@ Run benchmarks with the machine's OpenBLAS overrides unset (a user's machine doe
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -27,6 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+from pycnn.fileio import atomic_write_json, prepare_output_dir
 
 # (N, C, H, W, K, R, S, stride, pad): the conv layers of every model at its usual batch.
 CONV_SHAPES = {
@@ -409,8 +412,8 @@ def run(ops=None, models=None, shapes=None, backend_names=None, repeats: int = 7
         raise ValueError(f"threads must be >= 1 (or None: every CPU), got {threads}")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    if not round_s > 0:
-        raise ValueError(f"round_s (--round-seconds) must be > 0, got {round_s}")
+    if not (round_s > 0 and math.isfinite(round_s)):  # (inf overflowed the calls-per-round count)
+        raise ValueError(f"round_s (--round-seconds) must be a finite number > 0, got {round_s}")
     known_backends = backends.ALL_BACKENDS + ("native-direct",)
     unknown = [b for b in backend_names if b not in known_backends]
     if unknown:
@@ -423,6 +426,16 @@ def run(ops=None, models=None, shapes=None, backend_names=None, repeats: int = 7
         unknown = [s for s in given if s not in known]
         if unknown:
             raise ValueError(f"unknown {kind}(s) {unknown}; expected names from {', '.join(known)}")
+    cases = [f"{op}/{s}" for s in shapes for op in ops]
+    cases += [f"train_step/{m}.b{MODEL_BATCH[m]}" for m in models]
+    if not cases:  # (an empty record was written)
+        raise ValueError("nothing to time: no op on any shape and no model (see --ops, --shapes, --models)")
+    if out is None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d")
+        out = Path("benchmarks/results") / f"cpu-{stamp}-{commit()[:8]}.json"
+    if Path(out).is_dir():
+        raise ValueError(f"out (--out) {str(out)!r} is a directory; give the JSON file's path")
+    prepare_output_dir(Path(out).parent, "the directory of out (--out)")  # before minutes of timing
     names = list(backend_names) + ([TORCH] if with_torch else [])
     load_before = os.getloadavg()
     workers = {}
@@ -439,8 +452,6 @@ def run(ops=None, models=None, shapes=None, backend_names=None, repeats: int = 7
         if native_worker is not None:
             peak = native_worker.ask(cmd="peak")
             log(f"one-core fp32 FMA peak (GFLOP/s): {peak['peaks']}, micro-kernel ISA {peak['isa']}")
-        cases = [f"{op}/{s}" for s in shapes for op in ops]
-        cases += [f"train_step/{m}.b{MODEL_BATCH[m]}" for m in models]
         timed = interleaved(workers, cases, repeats, round_s, log)
     finally:
         for w in workers.values():
@@ -468,18 +479,13 @@ def run(ops=None, models=None, shapes=None, backend_names=None, repeats: int = 7
     load_after = os.getloadavg()
     record = {"commit": commit(), "commit_dirty": _dirty(),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(sys.argv), "machine": machine_info(), "backends": list(timed[cases[0]]) if cases else [],
+              "command": " ".join(sys.argv), "machine": machine_info(), "backends": list(timed[cases[0]]),
               "threads": threads, "repeats": repeats, "round_s": round_s,
               "method": "one worker process per backend; rounds interleaved A B / B A; ms = median over rounds of "
                         "round medians; x_torch = median of per-round torch_ms / backend_ms (> 1: faster than torch)",
               "load_average": {"before": [round(v, 2) for v in load_before], "after": [round(v, 2) for v in load_after]},
               "fma_peak_one_core_gflops": peak["peaks"] if peak else None, "peak_all_cores_gflops": peak_all,
               "results": rows}
-    if out is None:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%d")
-        out = Path("benchmarks/results") / f"cpu-{stamp}-{record['commit'][:8]}.json"
-    from pycnn.fileio import atomic_write_json
-
     atomic_write_json(out, record)
     log(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; wrote {out}")
     if do_plot and rows:

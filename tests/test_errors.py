@@ -159,14 +159,24 @@ def test_evaluating_a_localizer_as_a_classifier_says_so(tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     ({"repeats": 0}, r"repeats must be >= 1, got 0"),
     ({"threads": 0}, r"threads must be >= 1 \(or None: every CPU\), got 0"),
-    ({"round_s": 0.0}, r"round_s \(--round-seconds\) must be > 0, got 0.0"),
+    ({"round_s": 0.0}, r"round_s \(--round-seconds\) must be a finite number > 0, got 0.0"),
+    ({"round_s": float("inf")}, r"round_s \(--round-seconds\) must be a finite number > 0, got inf"),
     ({"backend_names": ["numpy", "nosuch"]}, r"unknown backend\(s\) \['nosuch'\]; expected names from numpy, "),
+    ({"ops": [], "models": []}, r"nothing to time: no op on any shape and no model"),
+    ({"shapes": []}, r"nothing to time"),
+    ({"out": "DIR"}, r"out \(--out\) '.*' is a directory; give the JSON file's path"),
+    ({"out": "FILE/r.json"}, r"the directory of out \(--out\) '.*afile' is a file, not a directory"),
 ])
 def test_bench_refuses_what_it_cannot_time(tmp_path, kwargs, message):
     """`pycnn bench --repeats 0` failed with "no median for empty data"; an unknown backend name
-    was skipped and an empty record written."""
+    was skipped and an empty record written, as was one with nothing to time; --round-seconds inf
+    ended in an OverflowError; an --out that cannot be written failed after the timing."""
     from pycnn import bench
 
+    (tmp_path / "afile").write_text("x")
+    paths = {"DIR": tmp_path, "FILE/r.json": tmp_path / "afile" / "r.json"}
+    if "out" in kwargs:  # (checked before the workers start, not after minutes of timing)
+        kwargs["out"] = paths[kwargs["out"]]
     with pytest.raises(ValueError, match=message):
         bench.run(**{"ops": ["relu"], "shapes": ["mnistcnn.conv3"], "models": [], "backend_names": ["numpy"],
                      "with_torch": False, "out": tmp_path / "r.json", **kwargs})
