@@ -1,0 +1,44 @@
+"""The README and docs/ name source files, kernels and benchmark records: each must exist, so that
+a reader following the text (or checking a figure against its record) finds what it names."""
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ["README.md", "docs/kernels.md", "docs/native.md"]
+
+
+def _tracked() -> list[str]:
+    out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip("not a git checkout")
+    return out.stdout.split()
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_named_files_kernels_and_records_exist(doc):
+    files = _tracked()
+    basenames = {Path(f).name for f in files}
+    source = "\n".join((ROOT / f).read_text(errors="ignore") for f in files
+                       if f.endswith((".cu", ".cuh", ".py", ".h", ".cpp")))
+    records = {Path(f).name for f in files if f.startswith("benchmarks/results/")}
+    text = (ROOT / doc).read_text()
+    missing = []
+    # Source files, by path or by name (a name followed by "/." is a pair like "x.cuh/.cu").
+    for ref in set(re.findall(r"(?<![\w./-])[\w/-]+\.(?:cuh|cu|cpp|py|h)\b(?!/)", text)):
+        if ref.lstrip("/") not in files and Path(ref).name not in basenames:
+            missing.append(f"file {ref}")
+    # Kernels and device functions in backquotes: pycnn_*, *_f32 / *_f64, conv2d_*, *pool*.
+    for name in set(re.findall(r"`([A-Za-z_]\w*)(?:\(\))?`", text)):
+        if "_" in name and (name.startswith(("pycnn_", "conv2d_", "maxpool", "avgpool"))
+                            or name.endswith(("_f32", "_f64"))) and name not in source:
+            missing.append(f"identifier {name}")
+    # Benchmark records a figure is quoted from (a range like run1..3 stands for its members).
+    for ref in set(re.findall(r"\b((?:gpu|cpu)-\d{8}-[\w.-]*?\.(?:json|csv|log|png))", text)):
+        expand = re.fullmatch(r"(.*run)(\d+)\.\.(\d+)(\..*)", ref)
+        wanted = ([f"{expand[1]}{i}{expand[4]}" for i in range(int(expand[2]), int(expand[3]) + 1)]
+                  if expand else [ref])
+        missing += [f"record {w}" for w in wanted if w not in records]
+    assert not missing, f"{doc} names what the repository does not have: {sorted(missing)}"
