@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pycnn.fileio import atomic_write_bytes, prepare_output_dir
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Time limits (seconds). The whole run stays under 5 minutes on an H100 even when a stage times out.
@@ -762,8 +764,6 @@ def default_out(commit: str) -> Path:
 
 def write_record(record: dict, out: Path) -> None:
     """Write JSON to a temporary file beside ``out``, then rename it into place."""
-    from pycnn.fileio import atomic_write_bytes
-
     atomic_write_bytes(out, (json.dumps(record, indent=1, default=str) + "\n").encode())
 
 
@@ -887,6 +887,18 @@ def main(argv=None) -> int:
         return 0
     if not args.gpu:
         parser.error("nothing to do: pass --gpu")
+    from pycnn import backends
+
+    ok, reason = backends.status("cuda")
+    if not ok:  # (it ran every GPU test to a failure and wrote a record of them, into the results)
+        parser.error(f"--gpu: the CUDA backend cannot run here: {reason}")
+    if args.out is not None:
+        if args.out.is_dir():
+            parser.error(f"--out {str(args.out)!r} is a directory; give the record's file path")
+        try:
+            prepare_output_dir(args.out.parent, "the directory of --out")
+        except ValueError as exc:
+            parser.error(str(exc))
     record = gpu_selftest(args.out, args.quick, args.tests_only)
     print(summary_table(record))
     print(f"record written to {record['_out']}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 import pytest
@@ -71,7 +72,40 @@ def test_find_compute_sanitizer_on_path(monkeypatch, fake_sanitizer):
     assert selftest.find_compute_sanitizer() == fake_sanitizer
 
 
-def test_record_has_the_design_keys(monkeypatch, tmp_path, capsys):
+@pytest.fixture
+def cuda_available(monkeypatch):
+    """The record tests fake every stage; main() also asks whether the CUDA backend can run."""
+    from pycnn import backends
+
+    real = backends.status
+    monkeypatch.setattr(backends, "status", lambda name: (True, "faked") if name == "cuda" else real(name))
+
+
+def test_without_a_gpu_it_refuses_and_writes_nothing(monkeypatch, tmp_path, capsys):
+    """`--gpu` on a machine without CuPy ran every GPU test to a failure (13 s) and wrote a record
+    of 174 failures into benchmarks/results."""
+    from pycnn import backends
+
+    monkeypatch.setattr(backends, "status", lambda name: (False, "CuPy is not installed"))
+    monkeypatch.setattr(selftest, "run_tests", lambda path: pytest.fail("the tests ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        selftest.main(["--gpu", "--out", str(tmp_path / "r.json")])
+    assert exit_info.value.code == 2
+    assert "--gpu: the CUDA backend cannot run here: CuPy is not installed" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_out_it_cannot_write_is_refused_first(cuda_available, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(selftest, "run_tests", lambda path: pytest.fail("the tests ran"))
+    (tmp_path / "afile").write_text("x")
+    for out, message in ((tmp_path / "afile" / "r.json", "the directory of --out '.*afile' is a file"),
+                         (tmp_path, "is a directory; give the record's file path")):
+        with pytest.raises(SystemExit):
+            selftest.main(["--gpu", "--out", str(out)])
+        assert re.search(message, capsys.readouterr().err)
+
+
+def test_record_has_the_design_keys(cuda_available, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(selftest, "environment", lambda: {"device": "NVIDIA H100 80GB HBM3", "driver": "580.1",
                                                          "cupy": "14.2.0"})
     monkeypatch.setattr(selftest, "run_tests", lambda path: {"passed": 5, "failed": 0, "skipped": 0, "failures": []})
@@ -94,7 +128,7 @@ def test_record_has_the_design_keys(monkeypatch, tmp_path, capsys):
     assert "conv2d_fwd" in printed and "5 passed, 0 failed" in printed
 
 
-def test_tests_only_skips_the_timings(tmp_path, monkeypatch):
+def test_tests_only_skips_the_timings(cuda_available, tmp_path, monkeypatch):
     """--tests-only writes a complete record from the tests and sanitizers alone and never starts
     the kernel timings or the training run."""
     monkeypatch.setattr(selftest, "environment", lambda: {"device": "NVIDIA H200", "driver": "580.1", "cupy": "14.2.0"})
