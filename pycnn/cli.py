@@ -31,6 +31,14 @@ def int_in_range(minimum: int, maximum: int | None = None):
 
 
 SEED = int_in_range(0)  # the seeds NumPy's generators accept
+BACKEND_CHOICES = ("auto",) + backends.ALL_BACKENDS
+
+
+def add_backend_arg(p: argparse.ArgumentParser) -> None:
+    """``--backend``; when not given, main() takes $PYCNN_BACKEND (else auto)."""
+    p.add_argument("--backend", default=None, choices=BACKEND_CHOICES,
+                   help="compute backend (default: $PYCNN_BACKEND, else auto = native, else numba, else "
+                        "numpy; all CPU)")
 
 
 def _add_train_mnist_args(p: argparse.ArgumentParser) -> None:
@@ -43,8 +51,7 @@ def _add_train_mnist_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="(peak) learning rate (default: the model's recipe)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="default: the model's recipe")
     p.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (default: the model's recipe)")
-    p.add_argument("--backend", default="auto", choices=("auto",) + backends.ALL_BACKENDS,
-                   help="compute backend; auto = native, else numba, else numpy (CPU)")
+    add_backend_arg(p)
     p.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=None,
                    help="visit the training images in a random order per epoch (--no-shuffle: the file's "
                         "order); default: the model's recipe (all three shuffle)")
@@ -154,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-test", type=int_in_range(1), default=None,
                     help="mnist: the first N test images (default: all 10,000); localize: number of test "
                          "canvases (default: 10,000)")
-    ev.add_argument("--backend", default="auto", choices=("auto",) + backends.ALL_BACKENDS)
+    add_backend_arg(ev)
     ev.add_argument("--data-dir")
     ev.set_defaults(func=cmd_evaluate)
 
@@ -181,6 +188,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "backend") and args.backend is None:
+            # (the explicit default "auto" overrode $PYCNN_BACKEND, which the README offers)
+            args.backend = backends.env_backend(BACKEND_CHOICES)
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

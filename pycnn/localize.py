@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 import pycnn
-from pycnn import backends, metrics, optim
+from pycnn import metrics, optim
 from pycnn import functional as F
 from pycnn.checkpoint import load_checkpoint, save_checkpoint
 from pycnn.fileio import atomic_write_json, prepare_output_dir
@@ -311,7 +311,7 @@ MAX_GRID = 64  # canvases in one `pycnn predict localize` picture (16 rows of 4;
 
 def register_cli(sub) -> None:
     """Add ``train localize``, ``evaluate localize``, ``predict localize`` and ``viz features``."""
-    from pycnn.cli import SEED, int_in_range
+    from pycnn.cli import SEED, add_backend_arg, int_in_range
 
     train_parser = sub.choices["train"]
     train_sub = next(a for a in train_parser._actions if a.dest == "task")
@@ -323,7 +323,7 @@ def register_cli(sub) -> None:
     p.add_argument("--epochs", type=int, default=defaults.epochs)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--backend", default="auto", choices=("auto",) + backends.ALL_BACKENDS)
+    add_backend_arg(p)
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--test-seed", type=SEED, default=TEST_SEED_DEFAULT)
     p.add_argument("--empty-prob", type=float, default=defaults.empty_prob)
@@ -383,7 +383,10 @@ def _cmd_train(args) -> int:
 
 
 def cmd_evaluate_localize(args) -> int:
-    model = _load_localizer(args.checkpoint)
+    device = "cuda" if args.backend == "cuda" else "cpu"  # (--backend was not read here)
+    if device == "cpu":
+        pycnn.set_backend(args.backend)
+    model = _load_localizer(args.checkpoint, device=device)
     n_test = LocalizeConfig.n_test if args.n_test is None else args.n_test
     data = load_localization("test", n=n_test, seed=args.seed, root=args.data_dir,
                              canvas_size=model.canvas_size)

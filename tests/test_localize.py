@@ -170,3 +170,22 @@ def test_scores_without_a_digit_are_none_not_an_error():
     scores = score(pred, data)
     assert scores["class_accuracy"] == 1.0 and scores["mean_iou"] == pytest.approx(1.0)
     assert scores["localization_accuracy"] == 1.0
+
+
+def test_evaluate_localize_uses_the_backend_it_is_given(mnist_path, tmp_path, capsys):
+    """`pycnn evaluate localize --backend B` ignored B (it ran on whatever backend was current)."""
+    from pycnn import backends
+    from pycnn.checkpoint import save_checkpoint
+    from pycnn.cli import main
+
+    pycnn.manual_seed(0)
+    path = tmp_path / "loc.safetensors"
+    save_checkpoint(LocalizationNet(canvas_size=48, width=8), path,
+                    {"model": "localizationnet", "model_kwargs": {"canvas_size": 48, "width": 8}})
+    for backend in [b for b in ("native", "numba", "numpy") if backends.status(b)[0]][:2]:
+        backends.set_backend("numpy" if backend != "numpy" else next(
+            (b for b in ("native", "numba") if backends.status(b)[0]), "numpy"))
+        assert main(["evaluate", "localize", "--checkpoint", str(path), "--n-test", "16", "--backend", backend,
+                     "--data-dir", str(mnist_path)]) == 0
+        assert backends.get_backend_name() == backend
+        assert json.loads(capsys.readouterr().out)["samples"] == 16

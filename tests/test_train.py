@@ -269,3 +269,27 @@ def test_evaluate_takes_the_first_n_test_images(mnist_path, tmp_path, capsys):
     assert report["test_acc"] == pytest.approx(acc) and report["test_loss"] == pytest.approx(loss)
     assert main(["evaluate", *common, "--n-test", "10001"]) == 2
     assert "--n-test 10001: the MNIST test set has 10,000 images" in capsys.readouterr().err
+
+
+def test_cli_takes_the_backend_from_the_environment(mnist_path, tmp_path, monkeypatch, capsys):
+    """The CLI's explicit default "auto" overrode $PYCNN_BACKEND (which the README offers for
+    choosing a backend): `PYCNN_BACKEND=numpy pycnn train mnist` trained on the native backend, and
+    a typo there was ignored. --backend still wins over the variable."""
+    from pycnn import backends
+    from pycnn.cli import main
+
+    common = ["train", "mnist", "--limit-train", "64", "--data-dir", str(mnist_path), "--no-progress"]
+    monkeypatch.setenv("PYCNN_BACKEND", "numpy")
+    assert main(common + ["--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["versions"]["backend"] == "numpy"
+    other = next((b for b in ("native", "numba") if backends.status(b)[0]), None)
+    if other is not None:
+        assert main(common + ["--out", str(tmp_path / "b"), "--backend", other]) == 0
+        assert json.loads((tmp_path / "b" / "metrics.json").read_text())["versions"]["backend"] == other
+    monkeypatch.setenv("PYCNN_BACKEND", "numbaa")
+    assert main(common + ["--out", str(tmp_path / "c")]) == 2
+    assert "PYCNN_BACKEND='numbaa' is not a backend; expected one of auto, numpy" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(ValueError, match="PYCNN_BACKEND='numbaa' is not a backend"):
+        backends._cpu_backend_name = None
+        backends.get_backend_name()

@@ -70,10 +70,23 @@ def set_backend(name: str) -> str:
     return _cpu_backend_name
 
 
+def env_backend(allowed: tuple = ("auto",) + CPU_BACKENDS) -> str:
+    """``$PYCNN_BACKEND`` ('auto' when unset or empty), checked against ``allowed``.
+
+    Raises:
+        ValueError: naming the variable, for a value that is not a backend (a typo there would
+            otherwise pick another backend, or fail far from where it was set).
+    """
+    value = os.environ.get("PYCNN_BACKEND", "").strip() or "auto"
+    if value not in allowed:
+        raise ValueError(f"PYCNN_BACKEND={value!r} is not a backend; expected one of {', '.join(allowed)}")
+    return value
+
+
 def get_backend_name() -> str:
     """The CPU backend in use (resolving $PYCNN_BACKEND or 'auto' on first call)."""
     if _cpu_backend_name is None:
-        set_backend(os.environ.get("PYCNN_BACKEND", "auto"))
+        set_backend(env_backend())
     return _cpu_backend_name
 
 
