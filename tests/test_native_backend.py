@@ -683,6 +683,10 @@ def test_isa_env_var_forces_avx2():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "avx2"
     assert native.isa() in ("avx512", "avx2", "scalar")
+    code = "from pycnn.backends import native; print(native.available()[1])"
+    env["PYCNN_NATIVE_ISA"] = "avx3"  # a typo names the variable (auto then takes the next backend)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "PYCNN_NATIVE_ISA=avx3: isa must be 'avx512', 'avx2' or 'scalar', got 'avx3'" in out.stdout
 
 
 def test_import_without_extension_reports_why():

@@ -157,7 +157,12 @@ PYBIND11_MODULE(_native, m) {
     g_isa = best_isa();
     if (const char* env = std::getenv("PYCNN_NATIVE_ISA")) {
         if (*env) {
-            Isa want = parse_isa(env);
+            Isa want;
+            try {
+                want = parse_isa(env);
+            } catch (const py::value_error& e) {  // (name the variable: the import fails far from it)
+                throw py::value_error(std::string("PYCNN_NATIVE_ISA=") + env + ": " + e.what());
+            }
             if (!isa_supported(want))
                 throw py::value_error(std::string("PYCNN_NATIVE_ISA=") + env + " is not supported by this CPU");
             g_isa = want;
