@@ -536,3 +536,20 @@ def test_clear_errors(launches):
     with pytest.raises(ValueError, match=r"adam_step: params\[0\] \(3,\), grads\[0\] \(4,\)"):
         cuda.adam_step([_f(3)], [_f(4)], [_f(3)], [_f(3)], 1, 1e-3, 0.9, 0.999, 1e-8, 0.0, False)
     assert launches == []  # nothing launched for bad input
+
+
+@pytest.mark.parametrize("name, read", [
+    ("PYCNN_CONV_WINOGRAD", lambda: cuda._winograd_allowed()),
+    ("PYCNN_ALLOW_TF32", lambda: cuda._tf32_allowed(None)),
+    ("PYCNN_FAST_LAUNCH", lambda: cuda._fast_launch_on()),
+    ("PYCNN_CONV_AUTOTUNE", lambda: cuda._switch_setting("PYCNN_CONV_AUTOTUNE")),  # (as its two readers)
+])
+def test_on_off_settings_refuse_other_values(monkeypatch, name, read):
+    """PYCNN_CONV_WINOGRAD=yes (or true, or on) was read as off without a word, as were the other
+    switches tested against '1' alone; every on/off setting now takes '0', '1' or unset."""
+    monkeypatch.setenv(name, "yes")
+    with pytest.raises(ValueError, match=rf"{name} must be '0' or '1' \(or unset\), got 'yes'"):
+        read()
+    for value in ("", "0"):
+        monkeypatch.setenv(name, value)
+        read()

@@ -462,7 +462,7 @@ _thread_contexts = threading.local()  # .devices: the devices whose context this
 
 def _fast_launch_on() -> bool:
     """$PYCNN_FAST_LAUNCH == '1': plans launch through _launch_packed (see above)."""
-    return _env("PYCNN_FAST_LAUNCH") == "1"
+    return _switch_setting("PYCNN_FAST_LAUNCH") == "1"
 
 
 def _pack(launch: _Launch) -> _Packed:
@@ -1033,13 +1033,13 @@ _conv_backward_tuned: set = set()  # conv2d_backward calls whose shapes had thei
 def _tf32_allowed(allow_tf32) -> bool:
     """allow_tf32 if given, else $PYCNN_ALLOW_TF32 == '1'."""
     if allow_tf32 is None:
-        return _env("PYCNN_ALLOW_TF32") == "1"
+        return _switch_setting("PYCNN_ALLOW_TF32") == "1"
     return bool(allow_tf32)
 
 
 def _winograd_allowed() -> bool:
     """$PYCNN_CONV_WINOGRAD == '1': "auto" may pick v5 (see _winograd_pays)."""
-    return _env("PYCNN_CONV_WINOGRAD") == "1"
+    return _switch_setting("PYCNN_CONV_WINOGRAD") == "1"
 
 
 def _winograd_pays(direction: str, x_shape, w_shape, Ho: int, Wo: int) -> bool:
@@ -1692,7 +1692,7 @@ def _conv_pick(direction: str, dev: int, geom: tuple, version, allow_tf32, build
     tf32 = _tf32_allowed(allow_tf32)
     capable = _is_tf32_capable(dev) if (tf32 or requested == CONV_TF32_VERSION) else False
     chosen = conv_version(direction, x_shape, w_shape, stride, padding, requested, tf32, tf32_capable=capable)
-    if requested != "auto" or _env("PYCNN_CONV_AUTOTUNE") != "1":
+    if requested != "auto" or _switch_setting("PYCNN_CONV_AUTOTUNE") != "1":
         return chosen, (), True
     versions = [v for v in CONV_VERSIONS if conv_version(direction, x_shape, w_shape, stride, padding, v, False) == v]
     if tf32 and capable:
@@ -2532,11 +2532,11 @@ def conv2d_backward(dy, x, w, stride, padding, need_data: bool = True, need_weig
     # With PYCNN_CONV_AUTOTUNE=1 a shape's first call times its candidates: in order, so that the
     # other half's kernels do not slow the timings the cached pick rests on.
     tuning = False
-    if _env("PYCNN_CONV_AUTOTUNE") == "1":
+    if _switch_setting("PYCNN_CONV_AUTOTUNE") == "1":
         key = (dev, dy.shape, x.shape, w.shape, _pair(op, "stride", stride), _pair(op, "padding", padding))
         tuning = key not in _conv_backward_tuned
     transpose = None
-    if not tuning and (_env("PYCNN_CONV3_NHWC") == "1" or _env("PYCNN_CONV_AUTOTUNE") == "1"):
+    if not tuning and (_switch_setting("PYCNN_CONV3_NHWC") == "1" or _switch_setting("PYCNN_CONV_AUTOTUNE") == "1"):
         # (only v3's channels-last kernels copy dy: other calls skip the two plan lookups)
         transpose = _shared_dy_transpose(dev, dy, x, w, stride, padding, version, allow_tf32)
     if transpose is not None:  # on the current stream, before the fork: both halves read it
