@@ -195,6 +195,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except FloatingPointError as exc:  # pycnn.train.TrainingDiverged: the message names the step
+        print(f"pycnn {args.command}: {exc}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, RuntimeError, OSError, KeyError, MemoryError) as exc:
         # (OSError: a file that cannot be read or written; MemoryError: e.g. canvases too large
         # for this machine, whose message gives the size asked for)

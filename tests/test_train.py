@@ -68,7 +68,7 @@ def test_fastmnist_visits_a_seeded_random_order(mnist_path, monkeypatch, shuffle
     assert parser.parse_args(["train", "mnist"]).shuffle is None
 
 
-def test_nan_loss_stops_training_and_names_the_step(mnist_path, monkeypatch):
+def test_nan_loss_stops_training_and_names_the_step(mnist_path, monkeypatch, tmp_path, capsys):
     import pycnn.train as train
 
     real = train.data.normalize
@@ -83,6 +83,14 @@ def test_nan_loss_stops_training_and_names_the_step(mnist_path, monkeypatch):
     with pytest.raises(TrainingDiverged, match="at epoch 1, step 2"):
         run_mnist("fastmnist", backend="numpy", data_dir=str(mnist_path), limit_train=1024, progress=False,
                   shuffle=False)  # (the file's order: image 600 is in batch 2)
+    # The command line says so in one line (it printed a traceback) and exits 1.
+    from pycnn.cli import main
+
+    assert main(["train", "mnist", "--backend", "numpy", "--data-dir", str(mnist_path), "--limit-train", "1024",
+                 "--no-shuffle", "--no-progress", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pycnn train: training diverged: the loss became nan at epoch 1, step 2") \
+        and "Traceback" not in err
 
 
 def test_checkpoint_save_is_atomic_and_corruption_is_reported(tmp_path):
