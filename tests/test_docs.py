@@ -1,7 +1,9 @@
 """The README and docs/ name source files, kernels and benchmark records: each must exist, so that
 a reader following the text (or checking a figure against its record) finds what it names."""
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,26 @@ def test_named_files_kernels_and_records_exist(doc):
                   if expand else [ref])
         missing += [f"record {w}" for w in wanted if w not in records]
     assert not missing, f"{doc} names what the repository does not have: {sorted(missing)}"
+
+
+def test_the_readme_library_example_runs():
+    """The README's Python example as written, up to its backend-switching lines (the GPU one
+    needs CuPy and a device)."""
+    text = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "optim.Adam" in b)
+    code = block.split('pycnn.set_backend("numba")')[0]
+    assert "loss.backward()" in code and "print(" in code
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    loss, shape = out.stdout.split(maxsplit=1)
+    assert float(loss) > 0 and shape.strip() == "(16, 1, 5, 5)"
+
+
+def test_the_first_program_example_trains(mnist_path):
+    """examples/train_mnist.py, the README's "complete first program", as a user runs it."""
+    env = dict(os.environ, PYCNN_DATA=str(mnist_path))
+    out = subprocess.run([sys.executable, "examples/train_mnist.py"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    accuracy = float(re.search(r"test accuracy: ([0-9.]+)", out.stdout)[1])
+    assert accuracy > 0.97, out.stdout  # (98.29% after its one epoch, seed 0)
