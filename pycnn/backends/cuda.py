@@ -2883,6 +2883,15 @@ def _gemm(dev: int, A, sam: int, sak: int, B, sbk: int, sbn: int, C, M: int, N: 
     (not when C is empty: nothing is launched). The launches are a cached plan (see _plans)."""
     if M == 0 or N == 0:
         return False
+    rows_per_launch = _MAX_GRID_YZ * DEFINES["PYCNN_GEMM_BM"]  # (grid.y counts the row tiles)
+    if M > rows_per_launch and row_sums is None:
+        # More rows than one grid holds (4,194,240: a batch of Linear inputs): one GEMM per block
+        # of rows. A's rows are sam apart and C's N apart, both contiguous arrays (_check), so a
+        # block starts at a flat offset; each output is still a fixed-order sum over K.
+        for m0 in range(0, M, rows_per_launch):
+            _gemm(dev, A.reshape(-1)[m0 * sam:], sam, sak, B, sbk, sbn, C.reshape(-1)[m0 * N:],
+                  min(rows_per_launch, M - m0), N, K, bias=bias, relu=relu)
+        return False
     key = ("gemm", M, N, K, sam, sak, sbk, sbn, bias is not None, bool(relu), row_sums is not None,
            _env("PYCNN_SPLIT_FINISH"))
     plan = _plans.get(key)
@@ -2900,9 +2909,9 @@ def _gemm_plan(M: int, N: int, K: int, sam: int, sak: int, sbk: int, sbn: int, h
     _split_finish_on()
     bm, bn = DEFINES["PYCNN_GEMM_BM"], DEFINES["PYCNN_GEMM_BN"]
     gx, gy = (N + bn - 1) // bn, (M + bm - 1) // bm
-    if gy > _MAX_GRID_YZ:
-        raise ValueError(f"linear: {M} rows need {gy} row tiles, more than the {_MAX_GRID_YZ} "
-                         f"a grid allows (batch at most {_MAX_GRID_YZ * bm})")
+    if gy > _MAX_GRID_YZ:  # (_gemm splits the rows, but not those of the row-sum GEMM: OUT > 4M)
+        raise ValueError(f"linear: {M} output features need {gy} row tiles, more than the {_MAX_GRID_YZ} "
+                         f"a grid allows (at most {_MAX_GRID_YZ * bm})")
     block = (bn // DEFINES["PYCNN_GEMM_TN"], bm // DEFINES["PYCNN_GEMM_TM"])
     splits, kchunk = _gemm_splits(gx * gy, K)
     if splits == 1:

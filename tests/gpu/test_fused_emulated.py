@@ -39,6 +39,26 @@ def test_linear_gemm_forward_backward(emulated, N, IN, OUT):
     assert "linear_gemm_f32" in emulated and ("bias_grad_f32" in emulated) == (IN == 0), emulated
 
 
+def test_linear_takes_more_rows_than_one_grid_holds(emulated, monkeypatch):
+    """A batch past 65535 row tiles (4,194,240 rows) was refused: the GEMM now runs one launch per
+    block of rows. With the grid's y limit lowered to 2 tiles (128 rows) here, 300 rows take three
+    launches per product, each row's sums the same bits as in one launch (K = 24: no split-K)."""
+    rng = np.random.default_rng(12)
+    x, w, b, dy = rnd(rng, 300, 24), rnd(rng, 10, 24), rnd(rng, 10), rnd(rng, 300, 10)
+    whole = [cuda.linear_forward(x, w, b), cuda.linear_bias_relu_forward(x, w, b), *cuda.linear_backward(dy, x, w)]
+    launches = emulated.count("linear_gemm_f32")
+    monkeypatch.setattr(cuda, "_MAX_GRID_YZ", 2)
+    chunked = [cuda.linear_forward(x, w, b), cuda.linear_bias_relu_forward(x, w, b), *cuda.linear_backward(dy, x, w)]
+    # forward, +relu and dx: 3 blocks of rows each; dw has 10 rows: one launch
+    assert emulated.count("linear_gemm_f32") - launches == 3 + 3 + 3 + 1, emulated
+    for name, got, want in zip(("y", "relu(y)", "dx"), chunked, whole):
+        assert got.tobytes() == want.tobytes(), name
+    # (dw's split-K over the 300 rows takes at most _MAX_GRID_YZ splits: other parts, other bits)
+    x64, w64, dy64 = x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64)
+    for name, got, want in zip(("dw", "db"), chunked[3:], ref.linear_backward(dy64, x64, w64)[1:]):
+        close(got, want, what=name)
+
+
 @pytest.mark.parametrize("finish", ["1", "0"])
 def test_linear_split_parts_add_in_split_order(emulated, monkeypatch, finish):
     """K = 256: 8 splits of 32, finished inside the kernel (1: pycnn_sum_split_parts, all 8 splits'
