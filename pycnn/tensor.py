@@ -81,13 +81,19 @@ def move_array(array, device: str):
 def _as_array(data, dtype=None):
     if isinstance(data, Tensor):
         data = data.data
-    if isinstance(data, np.ndarray) or device_of(data) == "cuda":
+    if device_of(data) == "cuda":
         return data if dtype is None else data.astype(dtype, copy=False)
-    if isinstance(data, np.generic):
-        return np.asarray(data, dtype=dtype)
-    array = np.asarray(data, dtype=dtype)
-    if dtype is None and array.dtype == np.float64:
-        array = array.astype(np.float32)  # Python floats become float32, as in PyTorch
+    if isinstance(data, np.ndarray):
+        array = data if dtype is None else data.astype(dtype, copy=False)
+    elif isinstance(data, np.generic):
+        array = np.asarray(data, dtype=dtype)
+    else:
+        array = np.asarray(data, dtype=dtype)
+        if dtype is None and array.dtype == np.float64:
+            array = array.astype(np.float32)  # Python floats become float32, as in PyTorch
+    if array.dtype.kind not in "biuf":  # (Tensor("abc") or Tensor([None]) made a tensor no op can use)
+        raise TypeError(f"a Tensor holds bool, integer or float data, got dtype {array.dtype} "
+                        f"(from {type(data).__name__})")
     return array
 
 

@@ -181,3 +181,11 @@ def test_transpose_swaps_two_axes_on_every_tensor_as_in_pytorch():
         b.transpose(0.5, 1)
     with pytest.raises(IndexError, match="flatten: dimension 2 is out of range for a 2-D tensor"):
         nn.Flatten(2)(a)
+
+
+@pytest.mark.parametrize("data", ["abc", [None], np.array(["a"]), np.zeros(2, np.complex64)])
+def test_a_tensor_of_what_no_op_takes_is_refused(data):
+    """Tensor("abc") made a string tensor (every op then failed in NumPy, far from the cause)."""
+    with pytest.raises(TypeError, match="a Tensor holds bool, integer or float data, got dtype"):
+        Tensor(data)
+    assert Tensor([1, 2]).dtype == np.int64 and Tensor(np.zeros(2, bool)).dtype == np.bool_
