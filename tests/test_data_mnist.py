@@ -403,3 +403,15 @@ def test_a_root_that_is_not_a_directory_is_an_error(tmp_path, monkeypatch):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(MnistNotFoundError, match="is not a directory"):
         load_mnist("test", root=tmp_path / "a-file", download=False)
+
+
+def test_a_pycnn_data_that_is_not_a_directory_is_an_error(tmp_path, monkeypatch):
+    """A typo in $PYCNN_DATA fell through to the cache or a download of another copy, without a
+    word; with an explicit root the variable is not needed, and not checked."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("PYCNN_DATA", str(tmp_path / "mnsit"))
+    with pytest.raises(MnistNotFoundError, match=r"load_mnist: PYCNN_DATA='.*mnsit' is not a directory"):
+        load_mnist("test", download=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MnistNotFoundError, match="MNIST test split not found"):  # (the usual search)
+        load_mnist("test", root=tmp_path / "empty", download=False)

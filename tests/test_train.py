@@ -197,11 +197,12 @@ def test_cli_refuses_a_data_dir_that_does_not_exist(tmp_path):
 
 
 def test_missing_data_names_where_to_put_it(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYCNN_DATA", str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("PYCNN_DATA", str(tmp_path / "empty"))
     monkeypatch.setenv("HOME", str(tmp_path))
     from pycnn.data import MnistNotFoundError, load_mnist
 
-    with pytest.raises(MnistNotFoundError, match="PYCNN_DATA"):
+    with pytest.raises(MnistNotFoundError, match=r"(?s)Searched \(in order\):.*empty.*PYCNN_DATA"):
         load_mnist("test", download=False)
 
 

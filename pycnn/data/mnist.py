@@ -83,6 +83,10 @@ def _search_dirs(root) -> list[Path]:
         dirs.append(Path(root).expanduser())
     env = os.environ.get(ENV_VAR)
     if env:
+        # A typo there meant the cache or a download instead of the user's copy, without a word.
+        if root is None and not Path(env).expanduser().is_dir():
+            raise MnistNotFoundError(f"load_mnist: {ENV_VAR}={env!r} is not a directory (the directory "
+                                     f"holding the MNIST files; unset it to use the cache)")
         dirs.append(Path(env).expanduser())
     dirs.append(default_cache_dir())
     unique = []
