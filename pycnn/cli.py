@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import pycnn
@@ -131,6 +132,11 @@ def cmd_info(args) -> int:
     except Exception as exc:  # noqa: BLE001
         auto = f"error: {exc}"
     print(f"auto CPU backend: {auto}")
+    settings = sorted((k, v) for k, v in os.environ.items() if k.startswith("PYCNN_"))
+    if settings:  # (a forgotten setting is the first thing to rule out when results differ)
+        print("settings from the environment:")
+        for key, value in settings:
+            print(f"  {key}={value}")
     if args.verbose:
         for name in ("numba", "native"):
             if not backends.status(name)[0]:

@@ -146,8 +146,9 @@ def test_cli_train_evaluate_info(mnist_path, tmp_path):
     report = json.loads(proc.stdout)
     saved = json.loads((out / "metrics.json").read_text())
     assert report["test_acc"] == pytest.approx(saved["test_acc"])
-    proc = run_cli("info")
+    proc = run_cli("info", env_extra={"PYCNN_CONV_WINOGRAD": "1"})
     assert proc.returncode == 0 and "numpy" in proc.stdout and "cuda" in proc.stdout
+    assert "settings from the environment:" in proc.stdout and "  PYCNN_CONV_WINOGRAD=1" in proc.stdout
 
 
 def test_first_steps_are_timed_apart(mnist_path, capsys):
