@@ -59,25 +59,27 @@ def atomic_write_json(path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def prepare_output_dir(path, argument: str = "out_dir") -> Path:
-    """Create ``path`` (and its parents) and check that files can be written in it.
+def check_output_dir(path, argument: str = "out_dir") -> Path:
+    """Check, without creating anything, that ``path`` is or can be made a directory to write in.
 
-    Called before training, so that a typo'd or read-only output directory fails in a second
-    instead of after the whole run, losing the trained model.
+    Called before training (or timing), so that a typo'd or read-only output directory fails in a
+    second instead of after the whole run, losing the trained model; a run that fails for another
+    reason leaves no empty directory behind. The nearest existing part of the path must be a
+    directory this process may write in (the writers create the rest).
 
     Raises:
-        ValueError: naming ``argument`` and the path, when the directory cannot be created or
-            written to.
+        ValueError: naming ``argument`` and the path.
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{argument} {str(path)!r} is a file, not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = temp_file_beside(path / "write-test")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise ValueError(f"{argument} {str(path)!r} cannot hold the results: {type(exc).__name__}: "
-                         f"{exc.strerror or exc}") from exc
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == path:
+            raise ValueError(f"{argument} {str(path)!r} is a file, not a directory")
+        raise ValueError(f"{argument} {str(path)!r} cannot hold the results: {str(existing)!r} is a file, "
+                         "not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{argument} {str(path)!r} cannot hold the results: no permission to write in "
+                         f"{str(existing)!r}")
     return path

@@ -14,7 +14,7 @@ import pycnn
 from pycnn import metrics, optim
 from pycnn import functional as F
 from pycnn.checkpoint import load_checkpoint, save_checkpoint
-from pycnn.fileio import atomic_write_json, prepare_output_dir
+from pycnn.fileio import atomic_write_json, check_output_dir
 from pycnn.random import check_seed
 from pycnn.data.localization import load_localization
 from pycnn.models import LocalizationNet
@@ -180,7 +180,7 @@ def train_localize(**kwargs) -> dict:
     """
     cfg = LocalizeConfig(**kwargs).validate()
     if cfg.out_dir:
-        prepare_output_dir(cfg.out_dir, "out_dir (--out)")
+        check_output_dir(cfg.out_dir, "out_dir (--out)")
     log = print if cfg.progress else (lambda *a, **k: None)
     device = "cuda" if cfg.backend == "cuda" else "cpu"
     backend_name = "cuda" if device == "cuda" else pycnn.set_backend(cfg.backend)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pycnn.fileio import atomic_write_bytes, prepare_output_dir
+from pycnn.fileio import atomic_write_bytes, check_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -896,7 +896,7 @@ def main(argv=None) -> int:
         if args.out.is_dir():
             parser.error(f"--out {str(args.out)!r} is a directory; give the record's file path")
         try:
-            prepare_output_dir(args.out.parent, "the directory of --out")
+            check_output_dir(args.out.parent, "the directory of --out")
         except ValueError as exc:
             parser.error(str(exc))
     record = gpu_selftest(args.out, args.quick, args.tests_only)

@@ -13,7 +13,7 @@ import pycnn
 from pycnn import backends, data, models, optim
 from pycnn import functional as F
 from pycnn.checkpoint import save_checkpoint
-from pycnn.fileio import atomic_write_json, prepare_output_dir
+from pycnn.fileio import atomic_write_json, check_output_dir
 from pycnn.random import check_seed
 from pycnn.tensor import Tensor, move_array, no_grad
 
@@ -200,7 +200,7 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
     """
     cfg = TrainConfig(model=model, **kwargs).resolved()
     if cfg.out_dir:
-        prepare_output_dir(cfg.out_dir, "out_dir (--out)")
+        check_output_dir(cfg.out_dir, "out_dir (--out)")
     log = print if cfg.progress else (lambda *a, **k: None)
     device = "cuda" if cfg.backend == "cuda" else "cpu"
     backend_name = "cuda" if device == "cuda" else pycnn.set_backend(cfg.backend)

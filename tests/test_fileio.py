@@ -1,5 +1,5 @@
 """Files written atomically get the permissions of a plain open(); output directories are
-checked before the work that fills them."""
+checked, not created, before the work that fills them."""
 import os
 import stat
 
@@ -9,7 +9,7 @@ import pytest
 import pycnn
 from pycnn.checkpoint import save_checkpoint
 from pycnn.data.localization import save_canvases
-from pycnn.fileio import atomic_write_bytes, atomic_write_json, prepare_output_dir
+from pycnn.fileio import atomic_write_bytes, atomic_write_json, check_output_dir
 
 
 def _mode(path) -> int:
@@ -54,11 +54,17 @@ def test_replacing_a_file_keeps_its_mode(tmp_path, umask):
     assert _mode(path) == 0o640 and path.read_text().strip().startswith("{")
 
 
-def test_prepare_output_dir(tmp_path):
-    made = prepare_output_dir(tmp_path / "a" / "b")
-    assert made.is_dir() and list(made.iterdir()) == []  # (the write test leaves nothing)
+def test_check_output_dir(tmp_path):
+    """It creates nothing (a run that fails for another reason leaves no empty directory)."""
+    assert check_output_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    assert list(tmp_path.iterdir()) == []
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match=r"out_dir '.*file' is a file, not a directory"):
-        prepare_output_dir(tmp_path / "file")
-    with pytest.raises(ValueError, match=r"--out '.*file/sub' cannot hold the results: NotADirectoryError"):
-        prepare_output_dir(tmp_path / "file" / "sub", "--out")
+        check_output_dir(tmp_path / "file")
+    with pytest.raises(ValueError, match=r"--out '.*file/sub/run' cannot hold the results: '.*file' is a file"):
+        check_output_dir(tmp_path / "file" / "sub" / "run", "--out")
+    if os.geteuid() != 0:  # (root may write anywhere)
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(ValueError, match=r"cannot hold the results: no permission to write in '.*locked'"):
+            check_output_dir(locked / "run")

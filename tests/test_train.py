@@ -193,8 +193,10 @@ def test_a_limit_of_no_images_is_refused(limit):
 def test_cli_refuses_a_data_dir_that_does_not_exist(tmp_path):
     """--data-dir with a typo trained on $PYCNN_DATA's copy instead, without a word."""
     missing = tmp_path / "no-such-dir"
-    proc = run_cli("train", "mnist", "--backend", "numpy", "--data-dir", str(missing), "--limit-train", "8")
+    proc = run_cli("train", "mnist", "--backend", "numpy", "--data-dir", str(missing), "--limit-train", "8",
+                   "--out", str(tmp_path / "runs" / "x"))
     assert proc.returncode == 2 and f"root '{missing}' is not a directory" in proc.stderr, proc.stderr
+    assert not (tmp_path / "runs").exists()  # (the output directory is checked, not made, up front)
 
 
 def test_missing_data_names_where_to_put_it(tmp_path, monkeypatch):
@@ -219,7 +221,7 @@ def test_an_output_dir_that_cannot_be_written_fails_before_training(tmp_path, mo
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match=r"out_dir \(--out\) '.*afile' is a file, not a directory"):
         run_mnist("fastmnist", backend="numpy", out_dir=str(tmp_path / "afile"), progress=False)
-    with pytest.raises(ValueError, match=r"out_dir \(--out\) '.*afile/sub' cannot hold the results: NotADirectoryError"):
+    with pytest.raises(ValueError, match=r"out_dir \(--out\) '.*afile/sub' cannot hold the results: '.*afile' is a file"):
         run_mnist("fastmnist", backend="numpy", out_dir=str(tmp_path / "afile" / "sub"), progress=False)
 
 
