@@ -108,6 +108,11 @@ struct MicroKernel {
     bool (*small_forward)(long Ho, long Wo, const T* x, long C, const T* wt, T* out);
     bool (*small_backward_data)(long Ho, long Wo, const T* dy, long K, const T* wt, T* out);
     int small_budget;
+    // the weight gradient's B panel for stride-1 columns, gathered along runs of output pixels
+    // through register transposes (im2row.h): dst[kk*ld + jj] = x[n*x_n + coff[jj] + oh*x_row + ow]
+    // for the pixels (n, oh, ow) of depths k..k+kc-1 of an Ho x Wo output, zeros for nr <= jj < ld
+    void (*im2row)(T* dst, long ld, long nr, const long* coff, const T* x, long x_n, long x_row, long Ho, long Wo,
+                   long k, long kc);
 };
 
 MicroKernel<float> ukernel_avx512_f32();

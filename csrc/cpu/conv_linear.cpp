@@ -607,15 +607,22 @@ bool conv_backward_weight_direct(const ConvGeom& g, const T* dy, const T* x, T* 
     return true;
 }
 
+// Backward-weight's GEMM fills its x panels along runs of output pixels (im2row.h) where the
+// stride along rows is 1; false: pixel by pixel (switch for tests and benchmarks).
+bool g_im2row = true;
+
 // Number of batch chunks of the backward-weight reduction: a function of the batch size only,
 // so the summation order (and the result, bit for bit) does not depend on the thread count.
 inline long weight_chunks(long n) { return std::min(n, 8L); }
 
-// db[k] = sum over n and p of dy[n,k,p], accumulated in double
+// sums[k] = sum over samples n0..n1-1 and pixels p of dy[n,k,p], accumulated in double. The
+// GEMM's chunks call it for their own samples just before they pack the same dy, which then comes
+// from cache (localization conv2, one thread, perf: the separate pass over the whole dy after the
+// GEMM was 6% of the time, the per-chunk sums are 2%, and packing dy went from 10% to 8%); db
+// adds the chunks' sums in chunk order, so it does not depend on the thread count either.
 template <typename T>
-void conv_bias_grad(const ConvGeom& g, const T* dy, T* db) {
+void bias_grad_sums(const ConvGeom& g, const T* dy, long n0, long n1, double* sums) {
     const long P = g.P(), KP = g.K * P;
-#pragma omp parallel for schedule(static) num_threads(num_threads()) if (g.N * KP > kParallelMin)
     for (long ko = 0; ko < g.K; ++ko) {
         // 8 independent double partial sums (a vector of lanes the compiler can keep in registers;
         // one serial chain ran at one add per 4 cycles and cost 1.5 ms on MnistCNN conv1), added
@@ -623,13 +630,13 @@ void conv_bias_grad(const ConvGeom& g, const T* dy, T* db) {
         double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         double tail = 0.0;
         const long P8 = P / 8 * 8;
-        for (long n = 0; n < g.N; ++n) {
+        for (long n = n0; n < n1; ++n) {
             const T* src = dy + n * KP + ko * P;
             for (long p = 0; p < P8; p += 8)
                 for (int j = 0; j < 8; ++j) lane[j] += double(src[p + j]);
             for (long p = P8; p < P; ++p) tail += double(src[p]);
         }
-        db[ko] = T(((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7])) + tail);
+        sums[ko] = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7])) + tail;
     }
 }
 
@@ -660,11 +667,18 @@ void conv_backward_weight(const ConvGeom& g, const T* dy, const T* x, T* dw, T* 
     const T* xp = (g.ph || g.pw) ? placed_input<T, 9>(x, g.N, g.C, g.H, g.W, g.ph, g.pw, g.H + 2 * g.ph, g.W + 2 * g.pw)
                                  : x;
     const long Wp = g.W + 2 * g.pw, HWp = (g.H + 2 * g.ph) * Wp, CHWp = g.C * HWp;
+    // Runs shorter than half a vector waste most of each transpose: MnistCNN conv3's 3-pixel rows
+    // (Wo = 3) took 0.39 ms that way against 0.35 pixel by pixel (2 threads).
+    const bool by_rows = g.sw == 1 && g_im2row && 2 * g.Wo >= uk.width;
     auto pack_x = [&](T* dst, long ld, long j, long nr, long k, long kc) {
         long coff[32];
         for (long jj = 0; jj < nr; ++jj) {
             long col = j + jj;
             coff[jj] = (col / RS) * HWp + ((col / g.S) % g.R) * Wp + col % g.S;
+        }
+        if (by_rows) {  // stride 1 along rows: runs of pixels through register transposes (im2row.h)
+            uk.im2row(dst, ld, nr, coff, xp, CHWp, g.sh * Wp, g.Ho, g.Wo, k, kc);
+            return;
         }
         long n = k / P, p = k % P, oh = p / g.Wo, ow = p % g.Wo;
         for (long kk = 0; kk < kc; ++kk) {
@@ -687,15 +701,22 @@ void conv_backward_weight(const ConvGeom& g, const T* dy, const T* x, T* dw, T* 
     const long chunks = weight_chunks(g.N);
     const long WS = g.K * CRS;
     T* partial = thread_scratch<T, 10>(size_t(chunks > 1 ? chunks - 1 : 0) * WS);
+    double* bias_sums = thread_scratch<double, 16>(size_t(chunks) * g.K);
     const int nt = int(std::min<long>(num_threads(), std::max(chunks, 1L)));
+    // One column block for up to 768 columns (localization conv3's 576: a 576 KiB block of x
+    // panels, in L2 beside the dy panels): with GemmBlocking's 512 the dy panels of every depth
+    // block were packed twice, the second time for only 64 columns (medians of 8 interleaved
+    // rounds: 26.2 -> 25.5 ms on one thread, 13.3 -> 13.0 ms on two).
+    const long nc_max = std::max(GemmBlocking<T>::nc_max, std::min(CRS, 768L));
 #pragma omp parallel num_threads(nt)
     {
         T* abuf = thread_scratch<T, 6>(gemm_abuf_size(uk));
-        T* bbuf = thread_scratch<T, 7>(gemm_bbuf_size(uk));
+        T* bbuf = thread_scratch<T, 7>(size_t(nc_max + NR) * GemmBlocking<T>::kc_max);
 #pragma omp for schedule(static)
         for (long ch = 0; ch < chunks; ++ch) {
             T* out = ch == 0 ? dw : partial + (ch - 1) * WS;
             long n0 = ch * g.N / chunks, n1 = (ch + 1) * g.N / chunks;
+            bias_grad_sums(g, dy, n0, n1, bias_sums + ch * g.K);
             if (!transposed) {
                 auto store = [&](const T* tile, long i, long mr, long j, long nr, bool first) {
                     for (long ii = 0; ii < mr; ++ii) {
@@ -711,7 +732,7 @@ void conv_backward_weight(const ConvGeom& g, const T* dy, const T* x, T* dw, T* 
                     ldc = CRS;
                     return out + i * CRS + j;
                 };
-                gemm_block(uk, 0, g.K, 0, CRS, n0 * P, n1 * P, packA, packB, store, direct, abuf, bbuf);
+                gemm_block(uk, 0, g.K, 0, CRS, n0 * P, n1 * P, packA, packB, store, direct, abuf, bbuf, nc_max);
             } else {
                 auto store = [&](const T* tile, long i, long mr, long j, long nr, bool first) {
                     for (long jj = 0; jj < nr; ++jj) {
@@ -722,7 +743,7 @@ void conv_backward_weight(const ConvGeom& g, const T* dy, const T* x, T* dw, T* 
                 };
                 auto packA = [&](T* d, long i, long mr, long k, long kc) { pack_x(d, MR, i, mr, k, kc); };
                 auto packB = [&](T* d, long j, long nr, long k, long kc) { pack_dy(d, NR, j, nr, k, kc); };
-                gemm_block(uk, 0, CRS, 0, g.K, n0 * P, n1 * P, packA, packB, store, NoDirect(), abuf, bbuf);
+                gemm_block(uk, 0, CRS, 0, g.K, n0 * P, n1 * P, packA, packB, store, NoDirect(), abuf, bbuf, nc_max);
             }
         }
         // fixed-order reduction of the chunk partials (chunk 0 already lives in dw)
@@ -733,7 +754,11 @@ void conv_backward_weight(const ConvGeom& g, const T* dy, const T* x, T* dw, T* 
             dw[e] = s;
         }
     }
-    conv_bias_grad(g, dy, db);
+    for (long k = 0; k < g.K; ++k) {
+        double sum = 0.0;
+        for (long ch = 0; ch < chunks; ++ch) sum += bias_sums[ch * g.K + k];
+        db[k] = T(sum);
+    }
     if (g.N == 0) {
         std::fill(dw, dw + WS, T(0));
         std::fill(db, db + g.K, T(0));
@@ -976,6 +1001,9 @@ void register_conv_linear(py::module_& m) {
     m.def("set_sliding_weight", [](bool on) { g_corr_slide = on; },
           "Backward-weight's direct kernel (few input channels): the sliding-window form where it fits.");
     m.def("get_sliding_weight", []() { return g_corr_slide; });
+    m.def("set_im2row_weight", [](bool on) { g_im2row = on; },
+          "Backward-weight's GEMM: gather its x panels along runs of output pixels (stride 1) or pixel by pixel.");
+    m.def("get_im2row_weight", []() { return g_im2row; });
     m.def("set_small_plane", [](bool on) { g_small_plane = on; },
           "Use the direct small-plane kernels (3x3 stride 1, output planes up to 3x3) for forward and backward-data.");
     m.def("get_small_plane", []() { return g_small_plane; });

@@ -66,9 +66,11 @@ struct NoDirect {
     T* operator()(long, long, bool, long&, const T*&) const { return nullptr; }
 };
 
+// `nc_max` overrides GemmBlocking's column block (bbuf must then hold (nc_max + NR) * kc_max).
 template <typename T, typename PackA, typename PackB, typename Store, typename Direct>
 void gemm_block(const MicroKernel<T>& uk, long i0, long i1, long j0, long j1, long k0, long k1,
-                PackA&& packA, PackB&& packB, Store&& store, Direct&& direct, T* abuf, T* bbuf) {
+                PackA&& packA, PackB&& packB, Store&& store, Direct&& direct, T* abuf, T* bbuf,
+                long nc_max = GemmBlocking<T>::nc_max) {
     using B = GemmBlocking<T>;
     const long MR = uk.mr, NR = uk.nr;
     alignas(64) T tile[16 * 32];
@@ -80,7 +82,7 @@ void gemm_block(const MicroKernel<T>& uk, long i0, long i1, long j0, long j1, lo
         return;
     }
     const long kc_step = balanced_kc(k1 - k0, B::kc_max);
-    const long nc_step = std::max(NR, (B::nc_max / NR) * NR);
+    const long nc_step = std::max(NR, (nc_max / NR) * NR);
     const long mc_step = std::max(MR, (B::mc_max / MR) * MR);
     for (long jc = j0; jc < j1; jc += nc_step) {
         const long nc = std::min(nc_step, j1 - jc);

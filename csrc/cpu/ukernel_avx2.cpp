@@ -43,6 +43,28 @@ struct Avx2F32 {
         _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), v);
     }
     static V max0(V v) { return _mm256_max_ps(_mm256_setzero_ps(), v); }  // NaN in v stays NaN
+    static V load_n(const T* p, int n) {  // lanes >= n: 0, not read
+        return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    }
+    // r[i][j] <-> r[j][i] (8 x 8): pairs of lanes, then of 2-lane groups, then of 128-bit halves
+    static void transpose(V r[8]) {
+        V t[8];
+        for (int i = 0; i < 4; ++i) {
+            t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        for (int i = 0; i < 2; ++i) {
+            r[4 * i + 0] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+            r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+            r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+            r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+        }
+        for (int q = 0; q < 4; ++q) {
+            t[q] = _mm256_permute2f128_ps(r[q], r[4 + q], 0x20);
+            t[4 + q] = _mm256_permute2f128_ps(r[q], r[4 + q], 0x31);
+        }
+        for (int i = 0; i < 8; ++i) r[i] = t[i];
+    }
 };
 
 struct Avx2F64 {
@@ -59,6 +81,18 @@ struct Avx2F64 {
         _mm256_maskstore_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3)), v);
     }
     static V max0(V v) { return _mm256_max_pd(_mm256_setzero_pd(), v); }
+    static V load_n(const T* p, int n) {  // lanes >= n: 0, not read
+        return _mm256_maskload_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3)));
+    }
+    // r[i][j] <-> r[j][i] (4 x 4)
+    static void transpose(V r[4]) {
+        const V t0 = _mm256_unpacklo_pd(r[0], r[1]), t1 = _mm256_unpackhi_pd(r[0], r[1]);
+        const V t2 = _mm256_unpacklo_pd(r[2], r[3]), t3 = _mm256_unpackhi_pd(r[2], r[3]);
+        r[0] = _mm256_permute2f128_pd(t0, t2, 0x20);
+        r[1] = _mm256_permute2f128_pd(t1, t3, 0x20);
+        r[2] = _mm256_permute2f128_pd(t0, t2, 0x31);
+        r[3] = _mm256_permute2f128_pd(t1, t3, 0x31);
+    }
 };
 
 #include "corr.h"
@@ -96,6 +130,17 @@ void rowconv_f32(long NV, const float* x, long ldx, long cs, long C, long R, lon
 void rowconv_f64(long NV, const double* x, long ldx, long cs, long C, long R, long S, const double* w,
                  const RowOut<double>& out) {
     rowconv_dispatch<Avx2F64, 12>(NV, x, ldx, cs, C, R, S, w, out);
+}
+
+#include "im2row.h"
+
+void im2row_f32(float* dst, long ld, long nr, const long* coff, const float* x, long x_n, long x_row, long Ho,
+                long Wo, long k, long kc) {
+    im2row_panel<Avx2F32>(dst, ld, nr, coff, x, x_n, x_row, Ho, Wo, k, kc);
+}
+void im2row_f64(double* dst, long ld, long nr, const long* coff, const double* x, long x_n, long x_row, long Ho,
+                long Wo, long k, long kc) {
+    im2row_panel<Avx2F64>(dst, ld, nr, coff, x, x_n, x_row, Ho, Wo, k, kc);
 }
 
 #include "winograd.h"
@@ -213,8 +258,8 @@ double fma_loop(long iterations) {
 
 #pragma GCC pop_options
 
-MicroKernel<float> ukernel_avx2_f32() { return {6, 16, &ukernel_f32, 8, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<12>(1), dconv_pb<12>(2), dconv_pb<12>(3), dconv_pb<12>(4)}, &rowconv_f32, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f32, &small_backward_data_f32, 12}; }
-MicroKernel<double> ukernel_avx2_f64() { return {6, 8, &ukernel_f64, 4, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<12>(1), dconv_pb<12>(2), dconv_pb<12>(3), dconv_pb<12>(4)}, &rowconv_f64, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f64, &small_backward_data_f64, 12}; }
+MicroKernel<float> ukernel_avx2_f32() { return {6, 16, &ukernel_f32, 8, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<12>(1), dconv_pb<12>(2), dconv_pb<12>(3), dconv_pb<12>(4)}, &rowconv_f32, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f32, &small_backward_data_f32, 12, &im2row_f32}; }
+MicroKernel<double> ukernel_avx2_f64() { return {6, 8, &ukernel_f64, 4, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<12>(1), dconv_pb<12>(2), dconv_pb<12>(3), dconv_pb<12>(4)}, &rowconv_f64, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f64, &small_backward_data_f64, 12, &im2row_f64}; }
 double fma_peak_avx2(long iterations) { return fma_loop(iterations); }
 
 }  // namespace pycnn

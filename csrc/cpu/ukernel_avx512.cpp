@@ -49,6 +49,29 @@ struct Avx512F32 {
     static V max0(V v) {  // v < 0 -> 0; a NaN stays NaN (as relu_forward)
         return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ), v, _mm512_setzero_ps());
     }
+    // r[i][j] <-> r[j][i] (16 x 16): pairs of lanes, then of 4-lane groups, then of 128-bit lanes
+    static void transpose(V r[16]) {
+        V t[16];
+        for (int i = 0; i < 8; ++i) {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        for (int i = 0; i < 4; ++i) {
+            r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+            r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+            r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+            r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+        }
+        for (int i = 0; i < 2; ++i)
+            for (int q = 0; q < 4; ++q) {
+                t[8 * i + q] = _mm512_shuffle_f32x4(r[8 * i + q], r[8 * i + 4 + q], 0x88);
+                t[8 * i + 4 + q] = _mm512_shuffle_f32x4(r[8 * i + q], r[8 * i + 4 + q], 0xDD);
+            }
+        for (int q = 0; q < 8; ++q) {
+            r[q] = _mm512_shuffle_f32x4(t[q], t[8 + q], 0x88);
+            r[8 + q] = _mm512_shuffle_f32x4(t[q], t[8 + q], 0xDD);
+        }
+    }
 };
 
 struct Avx512F64 {
@@ -73,6 +96,25 @@ struct Avx512F64 {
     static void store_n(T* p, V v, int n) { _mm512_mask_storeu_pd(p, __mmask8((1u << n) - 1u), v); }
     static V max0(V v) {
         return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(v, _mm512_setzero_pd(), _CMP_LT_OQ), v, _mm512_setzero_pd());
+    }
+    // r[i][j] <-> r[j][i] (8 x 8): pairs of lanes, then of 128-bit lanes, then of 256-bit halves
+    static void transpose(V r[8]) {
+        V t[8];
+        for (int i = 0; i < 4; ++i) {
+            t[2 * i] = _mm512_unpacklo_pd(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_pd(r[2 * i], r[2 * i + 1]);
+        }
+        // 128-bit lanes (0, 2 | 0, 2) and (1, 3 | 1, 3) of rows i and i + 2
+        for (int i = 0; i < 2; ++i)
+            for (int q = 0; q < 2; ++q) {
+                r[4 * i + q] = _mm512_shuffle_f64x2(t[4 * i + q], t[4 * i + 2 + q], 0x88);
+                r[4 * i + 2 + q] = _mm512_shuffle_f64x2(t[4 * i + q], t[4 * i + 2 + q], 0xDD);
+            }
+        for (int q = 0; q < 4; ++q) {
+            t[q] = _mm512_shuffle_f64x2(r[q], r[4 + q], 0x88);
+            t[4 + q] = _mm512_shuffle_f64x2(r[q], r[4 + q], 0xDD);
+        }
+        for (int i = 0; i < 8; ++i) r[i] = t[i];
     }
 };
 
@@ -111,6 +153,17 @@ void rowconv_f32(long NV, const float* x, long ldx, long cs, long C, long R, lon
 void rowconv_f64(long NV, const double* x, long ldx, long cs, long C, long R, long S, const double* w,
                  const RowOut<double>& out) {
     rowconv_dispatch<Avx512F64, 27>(NV, x, ldx, cs, C, R, S, w, out);
+}
+
+#include "im2row.h"
+
+void im2row_f32(float* dst, long ld, long nr, const long* coff, const float* x, long x_n, long x_row, long Ho,
+                long Wo, long k, long kc) {
+    im2row_panel<Avx512F32>(dst, ld, nr, coff, x, x_n, x_row, Ho, Wo, k, kc);
+}
+void im2row_f64(double* dst, long ld, long nr, const long* coff, const double* x, long x_n, long x_row, long Ho,
+                long Wo, long k, long kc) {
+    im2row_panel<Avx512F64>(dst, ld, nr, coff, x, x_n, x_row, Ho, Wo, k, kc);
 }
 
 #include "winograd.h"
@@ -229,8 +282,8 @@ double fma_loop(long iterations) {
 
 #pragma GCC pop_options
 
-MicroKernel<float> ukernel_avx512_f32() { return {8, 32, &ukernel_f32, 16, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f32, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f32, &small_backward_data_f32, 27}; }
-MicroKernel<double> ukernel_avx512_f64() { return {8, 16, &ukernel_f64, 8, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f64, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f64, &small_backward_data_f64, 27}; }
+MicroKernel<float> ukernel_avx512_f32() { return {8, 32, &ukernel_f32, 16, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f32, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f32, &small_backward_data_f32, 27, &im2row_f32}; }
+MicroKernel<double> ukernel_avx512_f64() { return {8, 16, &ukernel_f64, 8, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f64, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f64, &small_backward_data_f64, 27, &im2row_f64}; }
 double fma_peak_avx512(long iterations) { return fma_loop(iterations); }
 
 }  // namespace pycnn

@@ -23,6 +23,7 @@ struct ScalarTraits {
     static void store_n(T* p, V v, int n) { if (n > 0) *p = v; }
     static V max0(V v) { return v < T(0) ? T(0) : v; }
     static void store(T* p, V v) { *p = v; }
+    static void transpose(V*) {}  // one lane: nothing to move
 };
 
 #include "corr.h"
@@ -60,6 +61,17 @@ void rowconv_f32(long NV, const float* x, long ldx, long cs, long C, long R, lon
 void rowconv_f64(long NV, const double* x, long ldx, long cs, long C, long R, long S, const double* w,
                  const RowOut<double>& out) {
     rowconv_dispatch<ScalarTraits<double>, 27>(NV, x, ldx, cs, C, R, S, w, out);
+}
+
+#include "im2row.h"
+
+void im2row_f32(float* dst, long ld, long nr, const long* coff, const float* x, long x_n, long x_row, long Ho,
+                long Wo, long k, long kc) {
+    im2row_panel<ScalarTraits<float>>(dst, ld, nr, coff, x, x_n, x_row, Ho, Wo, k, kc);
+}
+void im2row_f64(double* dst, long ld, long nr, const long* coff, const double* x, long x_n, long x_row, long Ho,
+                long Wo, long k, long kc) {
+    im2row_panel<ScalarTraits<double>>(dst, ld, nr, coff, x, x_n, x_row, Ho, Wo, k, kc);
 }
 
 #include "winograd.h"
@@ -100,7 +112,7 @@ void ukernel_f64(long kc, const double* a, const double* b, double* c, long ldc,
 
 }  // namespace
 
-MicroKernel<float> ukernel_scalar_f32() { return {4, 8, &ukernel_f32, 1, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f32, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f32, &small_backward_data_f32, 27}; }
-MicroKernel<double> ukernel_scalar_f64() { return {4, 8, &ukernel_f64, 1, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f64, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f64, &small_backward_data_f64, 27}; }
+MicroKernel<float> ukernel_scalar_f32() { return {4, 8, &ukernel_f32, 1, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f32, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f32, &small_backward_data_f32, 27, &im2row_f32}; }
+MicroKernel<double> ukernel_scalar_f64() { return {4, 8, &ukernel_f64, 1, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f64, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f64, &small_backward_data_f64, 27, &im2row_f64}; }
 
 }  // namespace pycnn

@@ -96,6 +96,21 @@ def get_sliding_weight() -> bool:
     return _n.get_sliding_weight()
 
 
+def set_im2row_weight(on: bool) -> None:
+    """Backward-weight's GEMM: gather its x panels along runs of output pixels through register
+    transposes (im2row.h) where the stride along rows is 1 and the output rows are at least half a
+    vector long -- True, the default -- or pixel by pixel with scalar loads (False). Both give the
+    same bits."""
+    _require()
+    _n.set_im2row_weight(bool(on))
+
+
+def get_im2row_weight() -> bool:
+    """Whether backward-weight's GEMM may gather its x panels along runs of pixels."""
+    _require()
+    return _n.get_im2row_weight()
+
+
 def set_small_plane(on: bool) -> None:
     """Use the direct small-plane kernels (3x3 stride-1 convolutions whose output plane is at most
     3x3, e.g. MnistCNN conv3) for forward and backward-data where they apply ('auto' does)."""
