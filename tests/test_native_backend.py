@@ -176,11 +176,79 @@ def test_winograd_error_is_small():
 @SETTINGS
 @given(conv_cases())
 def test_backward_data_paths_match_reference(case):
-    """Both backward-data algorithms, forced: the flipped forward convolution (stride 1; other
-    strides fall back) and the GEMM + row-wise col2im (every stride and padding)."""
-    for mode in ("col2im", "flipped"):
+    """Every backward-data algorithm, forced: the flipped forward convolution (stride 1; other
+    strides fall back), the GEMM + row-wise col2im (every stride and padding) and the adjoint
+    Winograd (3x3 stride 1, any channel counts; others fall back)."""
+    for mode in ("col2im", "flipped", "adjoint"):
         native.set_backward_data_path(mode)
         check_conv(*case)
+
+
+@st.composite
+def adjoint_cases(draw):
+    """3x3 stride-1 layers for the adjoint Winograd backward-data: odd and even dy (a zero second
+    row / column in the last tiles), any padding (the windows cropped into dx), images from one
+    tile to several blocks of tile rows, batches smaller than the thread count (threads split the
+    channels instead), channel counts that leave partial register tiles."""
+    n, c, k = draw(st.integers(1, 4)), draw(st.integers(1, 20)), draw(st.integers(1, 20))
+    pad = draw(st.integers(0, 3))
+    h = draw(st.integers(max(1, 3 - 2 * pad), 23))
+    w = draw(st.integers(max(1, 3 - 2 * pad), 23))
+    return (n, c, h, w), (k, c, 3, 3), (1, 1), (pad, pad), draw(st.sampled_from(DTYPES)), draw(st.integers(0, 2**31))
+
+
+@SETTINGS
+@given(adjoint_cases())
+def test_adjoint_winograd_backward_data_matches_reference(case):
+    x_shape, w_shape, stride, padding, dtype, seed = case
+    rng = _rng(seed)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    ho, wo = (x_shape[2] + 2 * padding[0] - 2, x_shape[3] + 2 * padding[1] - 2)
+    dy = rng.standard_normal((x_shape[0], w_shape[0], ho, wo)).astype(dtype)
+    want = ref.conv2d_backward_data(dy, w, x_shape, stride, padding)
+    native.set_backward_data_path("adjoint")
+    for isa, threads in configs():
+        assert_close(native.conv2d_backward_data(dy, w, x_shape, stride, padding), want, dtype,
+                     f"adjoint {isa}/{threads}t {x_shape} {w_shape} p{padding}")
+
+
+@pytest.mark.parametrize("x_shape,padding", [
+    ((2, 9, 8, 150), (0, 0)),   # tile rows of 74 tiles: wider than a block of 2 * NR
+    ((1, 40, 13, 13), (1, 1)),  # one sample: three threads split the 40 channels
+    ((5, 24, 12, 12), (0, 0)),  # FastMNIST conv2's geometry, a batch that does not split evenly
+])
+def test_adjoint_winograd_blocking_edges(x_shape, padding):
+    rng = _rng(5)
+    w = rng.standard_normal((16, x_shape[1], 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((x_shape[0], 16, x_shape[2] + 2 * padding[0] - 2,
+                              x_shape[3] + 2 * padding[1] - 2)).astype(np.float32)
+    want = ref.conv2d_backward_data(dy, w, x_shape, (1, 1), padding)
+    native.set_backward_data_path("adjoint")
+    outs = []
+    for threads in (1, 2, 3):
+        native.set_num_threads(threads)
+        outs.append(native.conv2d_backward_data(dy, w, x_shape, (1, 1), padding))
+        assert_close(outs[-1], want, np.float32, f"{threads} threads")
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
+
+
+def test_adjoint_winograd_error_is_small():
+    """The adjoint transform's rounding error against a float64 reference on MnistCNN conv2's
+    backward-data, next to the direct col2im path's."""
+    rng = _rng(12)
+    dy = rng.standard_normal((8, 64, 11, 11))
+    w = rng.standard_normal((64, 32, 3, 3))
+    dx64 = ref.conv2d_backward_data(dy, w, (8, 32, 13, 13), (1, 1), (0, 0))
+    scale = np.abs(dx64).max()
+    errors = {}
+    for mode in ("col2im", "adjoint"):
+        native.set_backward_data_path(mode)
+        dx32 = native.conv2d_backward_data(dy.astype(np.float32), w.astype(np.float32), (8, 32, 13, 13),
+                                           (1, 1), (0, 0))
+        errors[mode] = float(np.abs(dx32 - dx64).max() / scale)
+    assert errors["adjoint"] < 1e-5, errors
+    assert errors["adjoint"] < 4 * errors["col2im"] + 1e-7, errors
 
 
 @SETTINGS
@@ -395,7 +463,9 @@ def test_algorithm_controls():
         native.set_direct_forward("on")
     native.set_backward_data_path("col2im")
     assert native.get_backward_data_path() == "col2im"
-    with pytest.raises(ValueError, match="set_backward_data_path: mode must be 'auto', 'flipped' or 'col2im'"):
+    native.set_backward_data_path("adjoint")
+    assert native.get_backward_data_path() == "adjoint"
+    with pytest.raises(ValueError, match="set_backward_data_path: mode must be 'auto', 'flipped', 'col2im' or 'adjoint'"):
         native.set_backward_data_path("scatter")
     native.set_small_plane(False)
     assert native.get_small_plane() is False
@@ -432,8 +502,10 @@ def test_results_do_not_depend_on_thread_count():
         native.set_num_threads(threads)
         native.set_winograd(True)
         wino = native.conv2d_forward(x, w, None, (1, 1), (1, 1))
+        wino_data = native.conv2d_backward_data(dy, w, x.shape, (1, 1), (0, 0))  # auto: the adjoint
+        wino_data_n1 = native.conv2d_backward_data(dy[:1].copy(), w, (1, 8, 11, 11), (1, 1), (0, 0))
         native.set_winograd(False)
-        outs[threads] = [wino, native.conv2d_forward(x, w, None, (1, 1), (0, 0)),
+        outs[threads] = [wino, wino_data, wino_data_n1, native.conv2d_forward(x, w, None, (1, 1), (0, 0)),
                          native.conv2d_backward_data(dy, w, x.shape, (1, 1), (0, 0)),
                          *native.conv2d_backward_weight(dy, x, w.shape, (1, 1), (0, 0)),
                          *native.conv2d_backward_weight(dy[:, :5].copy(), x[:, :1].copy(), (5, 1, 3, 3), (1, 1), (0, 0)),

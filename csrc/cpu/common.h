@@ -58,6 +58,35 @@ inline long winograd_vs(long C, long NR) { return C * 2 * NR + 64 / long(sizeof(
 template <typename T>
 inline long winograd_ms(long K, long MR, long NR) { return (K + MR - 1) / MR * MR * 2 * NR + 64 / long(sizeof(T)); }
 
+// Winograd F(2x2,3x3) backward-data as the adjoint of the forward transform (winograd.h,
+// winograd_data_f2x3): dy (N x K x Ho x Wo), filters w (K x C x 3 x 3), dx (N x C x H x W) whose
+// padded frame starts ph rows / pw columns before dx. U (16 * Cp * K, Cp = C rounded up to MR)
+// and `scratch` (threads * 16 * (winograd_data_vs + winograd_data_ms)) are the caller's.
+template <typename T>
+struct WinogradDataArgs {
+    long N, K, C, Ho, Wo, H, W, ph, pw;
+    const T* dy;
+    const T* w;
+    T* dx;
+    T* U;
+    T* scratch;
+    int threads;
+};
+// Its blocks are whole tile rows, about 2*NR tiles: rows per block, and columns of the block's
+// packed panels (the rows' tiles rounded up to NR).
+inline long winograd_data_rows(long tiles_w, long NR) { return tiles_w >= 2 * NR ? 1 : 2 * NR / tiles_w; }
+inline long winograd_data_cols(long tiles_w, long NR) {
+    return (winograd_data_rows(tiles_w, NR) * tiles_w + NR - 1) / NR * NR;
+}
+// Per-thread scratch: 16 transformed-dy planes (K x cols) and 16 GEMM-result planes (Cp x cols),
+// each one cache line longer than it needs (as winograd_vs / winograd_ms).
+template <typename T>
+inline long winograd_data_vs(long K, long tiles_w, long NR) { return K * winograd_data_cols(tiles_w, NR) + 64 / long(sizeof(T)); }
+template <typename T>
+inline long winograd_data_ms(long C, long tiles_w, long MR, long NR) {
+    return (C + MR - 1) / MR * MR * winograd_data_cols(tiles_w, NR) + 64 / long(sizeof(T));
+}
+
 // Where rowconv.h writes one output row of kn channels: y (row of the first channel), ky (distance
 // between channels' rows), wo (row length), bias (kn values or null), relu (fused ReLU).
 template <typename T>
@@ -113,6 +142,9 @@ struct MicroKernel {
     // for the pixels (n, oh, ow) of depths k..k+kc-1 of an Ho x Wo output, zeros for nr <= jj < ld
     void (*im2row)(T* dst, long ld, long nr, const long* coff, const T* x, long x_n, long x_row, long Ho, long Wo,
                    long k, long kc);
+    // Winograd F(2x2,3x3) backward-data (the adjoint transform, tiles over dy) with this ISA's
+    // transforms (winograd.h)
+    void (*winograd_data)(const WinogradDataArgs<T>& args);
 };
 
 MicroKernel<float> ukernel_avx512_f32();

@@ -147,6 +147,8 @@ void im2row_f64(double* dst, long ld, long nr, const long* coff, const double* x
 
 void winograd_f32(const WinogradArgs<float>& a) { winograd_f2x3<Avx2F32, 16>(ukernel_avx2_f32(), a); }
 void winograd_f64(const WinogradArgs<double>& a) { winograd_f2x3<Avx2F64, 8>(ukernel_avx2_f64(), a); }
+void winograd_data_f32(const WinogradDataArgs<float>& a) { winograd_data_f2x3<Avx2F32, 16>(ukernel_avx2_f32(), a); }
+void winograd_data_f64(const WinogradDataArgs<double>& a) { winograd_data_f2x3<Avx2F64, 8>(ukernel_avx2_f64(), a); }
 
 void corr_f32(long R, long S, long KB, const float* x, long ldx, long x_n, const float* dy, long ldd,
               long kstride, long dy_n, long np, long rows, long cols, float* out, long out_k, float* dsum) {
@@ -258,8 +260,8 @@ double fma_loop(long iterations) {
 
 #pragma GCC pop_options
 
-MicroKernel<float> ukernel_avx2_f32() { return {6, 16, &ukernel_f32, 8, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<12>(1), dconv_pb<12>(2), dconv_pb<12>(3), dconv_pb<12>(4)}, &rowconv_f32, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f32, &small_backward_data_f32, 12, &im2row_f32}; }
-MicroKernel<double> ukernel_avx2_f64() { return {6, 8, &ukernel_f64, 4, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<12>(1), dconv_pb<12>(2), dconv_pb<12>(3), dconv_pb<12>(4)}, &rowconv_f64, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f64, &small_backward_data_f64, 12, &im2row_f64}; }
+MicroKernel<float> ukernel_avx2_f32() { return {6, 16, &ukernel_f32, 8, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<12>(1), dconv_pb<12>(2), dconv_pb<12>(3), dconv_pb<12>(4)}, &rowconv_f32, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f32, &small_backward_data_f32, 12, &im2row_f32, &winograd_data_f32}; }
+MicroKernel<double> ukernel_avx2_f64() { return {6, 8, &ukernel_f64, 4, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<12>(1), dconv_pb<12>(2), dconv_pb<12>(3), dconv_pb<12>(4)}, &rowconv_f64, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f64, &small_backward_data_f64, 12, &im2row_f64, &winograd_data_f64}; }
 double fma_peak_avx2(long iterations) { return fma_loop(iterations); }
 
 }  // namespace pycnn

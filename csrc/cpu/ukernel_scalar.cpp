@@ -78,6 +78,8 @@ void im2row_f64(double* dst, long ld, long nr, const long* coff, const double* x
 
 void winograd_f32(const WinogradArgs<float>& a) { winograd_f2x3<ScalarTraits<float>, 8>(ukernel_scalar_f32(), a); }
 void winograd_f64(const WinogradArgs<double>& a) { winograd_f2x3<ScalarTraits<double>, 8>(ukernel_scalar_f64(), a); }
+void winograd_data_f32(const WinogradDataArgs<float>& a) { winograd_data_f2x3<ScalarTraits<float>, 8>(ukernel_scalar_f32(), a); }
+void winograd_data_f64(const WinogradDataArgs<double>& a) { winograd_data_f2x3<ScalarTraits<double>, 8>(ukernel_scalar_f64(), a); }
 
 void corr_f32(long R, long S, long KB, const float* x, long ldx, long x_n, const float* dy, long ldd,
               long kstride, long dy_n, long np, long rows, long cols, float* out, long out_k, float* dsum) {
@@ -112,7 +114,7 @@ void ukernel_f64(long kc, const double* a, const double* b, double* c, long ldc,
 
 }  // namespace
 
-MicroKernel<float> ukernel_scalar_f32() { return {4, 8, &ukernel_f32, 1, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f32, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f32, &small_backward_data_f32, 27, &im2row_f32}; }
-MicroKernel<double> ukernel_scalar_f64() { return {4, 8, &ukernel_f64, 1, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f64, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f64, &small_backward_data_f64, 27, &im2row_f64}; }
+MicroKernel<float> ukernel_scalar_f32() { return {4, 8, &ukernel_f32, 1, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f32, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f32, &small_backward_data_f32, 27, &im2row_f32, &winograd_data_f32}; }
+MicroKernel<double> ukernel_scalar_f64() { return {4, 8, &ukernel_f64, 1, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f64, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f64, &small_backward_data_f64, 27, &im2row_f64, &winograd_data_f64}; }
 
 }  // namespace pycnn

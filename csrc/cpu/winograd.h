@@ -1,9 +1,11 @@
-// Winograd F(2x2, 3x3) forward convolution, included INSIDE each micro-kernel translation unit
+// Winograd F(2x2, 3x3): the forward convolution (winograd_f2x3) and the backward-data through the
+// adjoint transform (winograd_data_f2x3), included INSIDE each micro-kernel translation unit
 // (after its `#pragma GCC target`, like corr.h), so the input and output transforms -- additions
 // across the NR tiles of a panel, which the compiler vectorizes -- run as AVX-512 or AVX2 code
 // instead of the baseline SSE2 of conv_linear.cpp: compiled for SSE2 they took two thirds of the
 // time of the Winograd paths. No #include and no std:: here on purpose (library code must not be
-// instantiated for the target ISA); the caller passes every buffer in (WinogradArgs, common.h).
+// instantiated for the target ISA); the caller passes every buffer in (WinogradArgs and
+// WinogradDataArgs, common.h).
 
 
 // The input transform of one block of tb tiles (t0, t0 + 1, ...) for any vector width: each
@@ -120,6 +122,25 @@ void winograd_input_rows(const typename Tr::T* x, long C, long Hp, long Wp, long
     }
 }
 
+// U = G f G^T for one 3x3 filter f, row-major 4x4 (xi = 4 i + j).
+//   G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]
+template <typename T>
+inline __attribute__((always_inline)) void winograd_filter(const T* f, T u[16]) {
+    T t[4][3];  // G f
+    for (long j = 0; j < 3; ++j) {
+        t[0][j] = f[j];
+        t[1][j] = T(0.5) * (f[j] + f[3 + j] + f[6 + j]);
+        t[2][j] = T(0.5) * (f[j] - f[3 + j] + f[6 + j]);
+        t[3][j] = f[6 + j];
+    }
+    for (long i = 0; i < 4; ++i) {
+        u[i * 4 + 0] = t[i][0];
+        u[i * 4 + 1] = T(0.5) * (t[i][0] + t[i][1] + t[i][2]);
+        u[i * 4 + 2] = T(0.5) * (t[i][0] - t[i][1] + t[i][2]);
+        u[i * 4 + 3] = t[i][2];
+    }
+}
+
 // 3x3 stride-1 convolutions computed as Winograd F(2x2, 3x3) (Lavin & Gray 2016): each 2x2 output
 // tile comes from a 4x4 input tile; in the transformed domain the convolution becomes 16
 // independent GEMMs  M_xi[k, t] = sum_c U_xi[k, c] * V_xi[c, t]  (xi = one of the 4x4 positions,
@@ -155,20 +176,9 @@ void winograd_f2x3(const MicroKernel<typename Tr::T>& uk, const WinogradArgs<typ
     for (long i = 0; i < 16 * Kp * C; ++i) U[i] = T(0);
     for (long k = 0; k < K; ++k)
         for (long c = 0; c < C; ++c) {
-            const T* f = w + (k * C + c) * 9;
-            T t[4][3];  // G f
-            for (long j = 0; j < 3; ++j) {
-                t[0][j] = f[j];
-                t[1][j] = T(0.5) * (f[j] + f[3 + j] + f[6 + j]);
-                t[2][j] = T(0.5) * (f[j] - f[3 + j] + f[6 + j]);
-                t[3][j] = f[6 + j];
-            }
-            for (long i = 0; i < 4; ++i) {
-                T u[4] = {t[i][0], T(0.5) * (t[i][0] + t[i][1] + t[i][2]),
-                          T(0.5) * (t[i][0] - t[i][1] + t[i][2]), t[i][2]};
-                for (long j = 0; j < 4; ++j)
-                    U[(i * 4 + j) * Kp * C + (k / MR) * MR * C + c * MR + k % MR] = u[j];
-            }
+            T u[16];
+            winograd_filter(w + (k * C + c) * 9, u);
+            for (long xi = 0; xi < 16; ++xi) U[xi * Kp * C + (k / MR) * MR * C + c * MR + k % MR] = u[xi];
         }
 
     // Distances between the 16 xi planes of the transformed inputs (vs) and outputs (ms): one
@@ -237,6 +247,260 @@ void winograd_f2x3(const MicroKernel<typename Tr::T>& uk, const WinogradArgs<typ
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------- backward-data
+
+// dy's transform for one block of tb tiles (tile rows gr0, gr0 + 1, ... of TW tiles each; global
+// tile row gr = n * TH + I), written as packed B panels V[xi][panel][k][NR]: V = A' d A'^T for the
+// 2x2 tile d, read from dy in place (zeros past an odd Ho or Wo: a padded copy of dy cost more
+// memory traffic than the transform). A panel's tiles are runs along tile rows; for each run, two
+// masked row loads give W/2 tiles, whose even and odd lanes (Tr::lanes2) are the tiles' two columns,
+// stored into d[4][jj...] (scalar loads where the vector is narrower than 8). The arithmetic and the
+// full-width stores into the panel then run across its NR tiles. (The transform computed on the
+// row vectors and stored per run, as the forward's input transform does, was 1.6x slower here:
+// MnistCNN conv2's runs of 6 tiles made it 2.7 masked stores per tile against 1 full one.)
+template <class Tr, int NR>
+void winograd_data_input(const typename Tr::T* dy, long K, long Ho, long Wo, long TH, long TW, long gr0,
+                                                   long tb, long tpanels, long vs, typename Tr::T* Vp) {
+    using T = typename Tr::T;
+    constexpr int L = Tr::width / 2;  // tiles per row vector
+    for (long p = 0; p < tpanels; ++p) {
+        // the panel's runs of tiles along a tile row: first panel column, length, dy offset of the
+        // run's top-left element, whether the second row exists
+        long run_jj[NR + 1], run_m[NR + 1], run_off[NR + 1];
+        bool run_below[NR + 1];
+        long runs = 0;
+        const long np = NR < tb - p * NR ? NR : tb - p * NR;
+        for (long jj = 0; jj < np;) {
+            const long col = p * NR + jj, gr = gr0 + col / TW, J = col % TW, n = gr / TH, I = gr % TH;
+            const long m = TW - J < np - jj ? TW - J : np - jj;
+            run_jj[runs] = jj;
+            run_m[runs] = m;
+            run_off[runs] = (n * K * Ho + 2 * I) * Wo + 2 * J;
+            run_below[runs] = 2 * I + 1 < Ho;
+            ++runs;
+            jj += m;
+        }
+        for (long k = 0; k < K; ++k) {
+            alignas(64) T d[4][NR + Tr::width];  // slack: a run's last vector store may overrun
+            const T* dk = dy + k * Ho * Wo;
+            for (long r = 0; r < runs; ++r) {
+                const T* row0 = dk + run_off[r];
+                const long m = run_m[r], jj0 = run_jj[r];
+                // elements of the run's rows that exist: 2m, one fewer where Wo is odd and the run
+                // ends the tile row
+                const long avail = (run_off[r] % Wo) + 2 * m <= Wo ? 2 * m : 2 * m - 1;
+                if constexpr (Tr::width >= 8) {
+                    for (long a = 0; a < m; a += L) {
+                        const int cnt = int(2 * L < avail - 2 * a ? 2 * L : avail - 2 * a);
+                        const typename Tr::V r0 = Tr::load_n(row0 + 2 * a, cnt);
+                        const typename Tr::V r1 = run_below[r] ? Tr::load_n(row0 + Wo + 2 * a, cnt) : Tr::zero();
+                        Tr::store(&d[0][jj0 + a], Tr::lanes2(r0, 0));
+                        Tr::store(&d[1][jj0 + a], Tr::lanes2(r0, 1));
+                        Tr::store(&d[2][jj0 + a], Tr::lanes2(r1, 0));
+                        Tr::store(&d[3][jj0 + a], Tr::lanes2(r1, 1));
+                    }
+                } else {
+                    for (long t = 0; t < m; ++t) {
+                        const bool right = 2 * t + 1 < avail, below = run_below[r];
+                        d[0][jj0 + t] = row0[2 * t];
+                        d[1][jj0 + t] = right ? row0[2 * t + 1] : T(0);
+                        d[2][jj0 + t] = below ? row0[Wo + 2 * t] : T(0);
+                        d[3][jj0 + t] = right && below ? row0[Wo + 2 * t + 1] : T(0);
+                    }
+                }
+            }
+            for (long jj = np; jj < NR; ++jj) d[0][jj] = d[1][jj] = d[2][jj] = d[3][jj] = T(0);
+            T* v = Vp + p * K * NR + k * NR;
+            // rows of A' d: (d0, d1), (d0 + d2, d1 + d3), (d0 - d2, d1 - d3), (d2, d3); then each row
+            // (e, o) times A'^T: (e, e + o, e - o, o). Loops over jj innermost: they vectorize.
+            alignas(64) T e[4][NR], o[4][NR];
+            for (int jj = 0; jj < NR; ++jj) {
+                e[0][jj] = d[0][jj];
+                e[1][jj] = d[0][jj] + d[2][jj];
+                e[2][jj] = d[0][jj] - d[2][jj];
+                e[3][jj] = d[2][jj];
+                o[0][jj] = d[1][jj];
+                o[1][jj] = d[1][jj] + d[3][jj];
+                o[2][jj] = d[1][jj] - d[3][jj];
+                o[3][jj] = d[3][jj];
+            }
+            for (int i = 0; i < 4; ++i)
+                for (int jj = 0; jj < NR; ++jj) {
+                    v[(i * 4 + 0) * vs + jj] = e[i][jj];
+                    v[(i * 4 + 1) * vs + jj] = e[i][jj] + o[i][jj];
+                    v[(i * 4 + 2) * vs + jj] = e[i][jj] - o[i][jj];
+                    v[(i * 4 + 3) * vs + jj] = o[i][jj];
+                }
+        }
+    }
+}
+
+// The output side for one channel c of one block: Z = B' M B'^T across the NR tiles of a panel,
+// then the windows into dx (plane c of sample n at dxc + n * dx_n). m: the channel's row of the
+// first M panel (panels MR * NR apart). Across the panel's tiles, each window row's first two
+// columns get the left neighbour's last two added (except at a tile row's start) and are
+// interleaved into one contiguous row per tile row segment, which then goes into dx as a run
+// (stored, or added where the tile row above wrote first); a tile row's last tile adds its last
+// two columns. Tiles run in order, with (n, I, J) counted along: no division per tile.
+template <typename T, int NR>
+void winograd_data_output(const T* m, long MR, long ms, long tpanels, long tb, long gr0, long TH, long TW, T* dxc,
+                          long dx_n, long H, long W, long ph, long pw) {
+    long n = gr0 / TH, I = gr0 % TH, J = 0;
+    T carry[4][2] = {};  // the previous panel's last tile's last two columns
+    for (long p = 0; p < tpanels; ++p, m += MR * NR) {
+        const long np = NR < tb - p * NR ? NR : tb - p * NR;
+        alignas(64) T z[4][4][NR];
+        T s[4][4][NR];
+        for (int j = 0; j < 4; ++j)
+            for (int jj = 0; jj < NR; ++jj) {
+                const T m0 = m[j * ms + jj], m1 = m[(4 + j) * ms + jj], m2 = m[(8 + j) * ms + jj],
+                        m3 = m[(12 + j) * ms + jj];
+                s[0][j][jj] = m0;
+                s[1][j][jj] = m1 - m2 - m3;
+                s[2][j][jj] = m1 + m2 - m0;
+                s[3][j][jj] = m3;
+            }
+        // zl[q][r][jj]: column 2 + r of the window row q of tile jj - 1, i.e. what tile jj's column r
+        // adds from its left neighbour (the previous panel's last tile for jj = 0). Written here, a
+        // few hundred instructions before the loads below: written right before them, the shifted
+        // stores stalled the loads (no store-to-load forwarding between misaligned vectors).
+        alignas(64) T zl[4][2][NR + 1];
+        for (int q = 0; q < 4; ++q) {
+            zl[q][0][0] = carry[q][0];
+            zl[q][1][0] = carry[q][1];
+            for (int jj = 0; jj < NR; ++jj) {
+                z[q][0][jj] = s[q][0][jj];
+                z[q][1][jj] = s[q][1][jj] - s[q][2][jj] - s[q][3][jj];
+                z[q][2][jj] = zl[q][0][jj + 1] = s[q][1][jj] + s[q][2][jj] - s[q][0][jj];
+                z[q][3][jj] = zl[q][1][jj + 1] = s[q][3][jj];
+            }
+        }
+        int first[NR];  // the tile starts a tile row: nothing on its left
+        for (long jj = 0, Jc = J; jj < NR; ++jj, Jc = Jc + 1 == TW ? 0 : Jc + 1) first[jj] = Jc == 0;
+        alignas(64) T row[4][2 * NR];  // row[q][2 jj + r]: column r of window row q of tile jj, summed
+        for (int q = 0; q < 4; ++q) {
+            // (separate loops over jj, each of which vectorizes; as one loop with the select on
+            // the interleaved stores it stayed scalar and was 40% of this function)
+            alignas(64) T h0[NR], h1[NR];
+            for (int jj = 0; jj < NR; ++jj) {
+                const T a0 = zl[q][0][jj] + z[q][0][jj], a1 = zl[q][1][jj] + z[q][1][jj];
+                h0[jj] = first[jj] ? z[q][0][jj] : a0;
+                h1[jj] = first[jj] ? z[q][1][jj] : a1;
+            }
+            for (int jj = 0; jj < NR; ++jj) {
+                row[q][2 * jj] = h0[jj];
+                row[q][2 * jj + 1] = h1[jj];
+            }
+            carry[q][0] = z[q][2][np - 1];
+            carry[q][1] = z[q][3][np - 1];
+        }
+        for (long jj = 0; jj < np;) {
+            const long len = TW - J < np - jj ? TW - J : np - jj;
+            const bool ends = J + len == TW;
+            T* plane = dxc + n * dx_n;
+            const long x0 = 2 * J - pw, x1 = x0 + 2 * len;
+            const long lo = x0 > 0 ? x0 : 0, hi = x1 < W ? x1 : W;
+            for (int q = 0; q < 4; ++q) {
+                const long y = 2 * I + q - ph;
+                if (y < 0 || y >= H) continue;
+                T* dst = plane + y * W;
+                const T* src = row[q] + 2 * jj - x0;
+                const bool add = q < 2 && I > 0;  // the tile row above wrote these first
+                if (add)
+                    for (long xx = lo; xx < hi; ++xx) dst[xx] += src[xx];
+                else
+                    for (long xx = lo; xx < hi; ++xx) dst[xx] = src[xx];
+                if (ends)  // the row's last tile: its last two columns after the run
+                    for (long r = 0; r < 2; ++r) {
+                        const long xx = x1 + r;
+                        if (xx < 0 || xx >= W) continue;
+                        const T v = z[q][2 + r][jj + len - 1];
+                        dst[xx] = add ? dst[xx] + v : v;
+                    }
+            }
+            jj += len;
+            J += len;
+            if (J == TW) {
+                J = 0;
+                if (++I == TH) I = 0, ++n;
+            }
+        }
+    }
+}
+
+// Backward-data of a 3x3 stride-1 convolution as the ADJOINT (transpose) of F(2x2, 3x3). The
+// forward maps a 4x4 input tile d to the 2x2 outputs A^T [U (.) B^T d B] A, a linear map in d; its
+// transpose maps a 2x2 tile of dy to a 4x4 window of the padded dx:
+//   dX_tile = B [ U (.) (A dY_tile A^T) ] B^T,   U = G w[k][c] G^T (the forward's, not flipped)
+// summed over the K output channels, i.e. the same 16 GEMMs with C and K swapped. The tiles cover
+// dy (ceil(Ho/2) x ceil(Wo/2)) instead of dx (ceil(H/2) x ceil(W/2) for the flipped convolution,
+// whose dy padding ring is two zero rows and columns on every side): 36 tiles per sample instead
+// of 49 for MnistCNN conv2 (11x11 -> 13x13), 25 instead of 36 for FastMNIST conv2. The price is
+// that neighbouring windows overlap by two rows / columns, so the output side adds instead of
+// storing.
+// The minus signs of A's last row and B's last column cancel (D = diag(1, 1, 1, -1): B M B^T =
+// (B D)(D M D)(B D)^T and D M D = U (.) (D A) dY (D A)^T), so neither transform negates anything:
+//   A' = D A = [1 0; 1 1; 1 -1; 0 1]      B' = B D = [1 0 0 0; 0 1 -1 -1; -1 1 1 0; 0 0 0 1]
+// Deterministic, whatever the blocks and threads: each dx element is (the horizontal sum of the
+// tile row above) + (the horizontal sum of its own tile row), each horizontal sum (left tile) +
+// (right tile), and a GEMM column does not depend on its neighbours; the order is the tiles'
+// geometry. A thread owns whole samples and runs their tile rows in order, so the row above is
+// always written first: a tile writes its window's lower two rows and adds its upper two. With
+// fewer samples than threads, threads split the GEMM's C rows instead and repeat dy's transform
+// (the same values).
+template <class Tr, int NR>
+void winograd_data_f2x3(const MicroKernel<typename Tr::T>& uk, const WinogradDataArgs<typename Tr::T>& a) {
+    using T = typename Tr::T;
+    const long MR = uk.mr, N = a.N, K = a.K, C = a.C, Ho = a.Ho, Wo = a.Wo, H = a.H, W = a.W, ph = a.ph,
+               pw = a.pw;
+    const long TH = (Ho + 1) / 2, TW = (Wo + 1) / 2, Cp = (C + MR - 1) / MR * MR, cpanels = Cp / MR;
+    const long RB = winograd_data_rows(TW, NR);
+    const long vs = winograd_data_vs<T>(K, TW, NR), ms = winograd_data_ms<T>(C, TW, MR, NR);
+
+    // work items (sample, group of C panels), sample-major; one group when every thread gets a sample
+    const long groups = N >= a.threads ? 1 : ((a.threads + N - 1) / N < cpanels ? (a.threads + N - 1) / N : cpanels);
+    const long items = N * groups;
+    const int nt = int(a.threads < items ? a.threads : items);
+#pragma omp parallel num_threads(nt)
+    {
+        // Transformed, packed weights, built by all threads: U[xi] as MR-row A panels of the C x K
+        // matrix (depth K), zero rows past C. (Serial, it was 3-4% of MnistCNN conv2's
+        // backward-data on one thread.)
+        T* const U = a.U;
+#pragma omp for schedule(static)
+        for (long k = 0; k < K; ++k)
+            for (long c = 0; c < Cp; ++c) {
+                T u[16] = {};
+                if (c < C) winograd_filter(a.w + (k * C + c) * 9, u);
+                for (long xi = 0; xi < 16; ++xi) U[xi * Cp * K + (c / MR) * MR * K + k * MR + c % MR] = u[xi];
+            }
+        const long t = omp_get_thread_num();
+        T* const Vp = a.scratch + t * 16 * (vs + ms);
+        T* const Mp = Vp + 16 * vs;
+        const long i0 = items * t / nt, i1 = items * (t + 1) / nt;
+        // runs of consecutive samples of one group: the whole range with one group, else one item
+        for (long it = i0; it < i1; it = groups == 1 ? i1 : it + 1) {
+            const long grp = it % groups, n0 = it / groups, n1 = groups == 1 ? i1 : n0 + 1;
+            const long ip0 = cpanels * grp / groups, ip1 = cpanels * (grp + 1) / groups;
+            const long c0 = ip0 * MR, c1 = ip1 * MR < C ? ip1 * MR : C;
+            for (long gr0 = n0 * TH; gr0 < n1 * TH; gr0 += RB) {
+                const long rows = RB < n1 * TH - gr0 ? RB : n1 * TH - gr0, tb = rows * TW;
+                const long tpanels = (tb + NR - 1) / NR;
+                winograd_data_input<Tr, NR>(a.dy, K, Ho, Wo, TH, TW, gr0, tb, tpanels, vs, Vp);
+                // 16 GEMMs; M[xi] holds MR x NR result tiles: [c panel][tile panel][MR][NR]
+                for (long xi = 0; xi < 16; ++xi)
+                    for (long jp = 0; jp < tpanels; ++jp)
+                        for (long ip = ip0; ip < ip1; ++ip)
+                            uk.run(K, U + xi * Cp * K + ip * MR * K, Vp + xi * vs + jp * K * NR,
+                                   Mp + xi * ms + (ip * tpanels + jp) * MR * NR, NR, 0, nullptr);
+                for (long c = c0; c < c1; ++c)
+                    winograd_data_output<T, NR>(Mp + (c / MR) * tpanels * MR * NR + (c % MR) * NR, MR, ms, tpanels, tb,
+                                                gr0, TH, TW, a.dx + c * H * W, C * H * W, H, W, ph, pw);
             }
         }
     }

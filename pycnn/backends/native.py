@@ -126,16 +126,19 @@ def get_small_plane() -> bool:
 
 def set_backward_data_path(mode: str) -> None:
     """Backward-data algorithm: 'auto', 'flipped' (stride 1: the forward convolution of dy with the
-    flipped filters, Winograd for 3x3; other strides fall back to col2im) or 'col2im' (a GEMM
-    into a column buffer, then row-wise adds into dx)."""
+    flipped filters, Winograd for 3x3; other strides fall back to col2im), 'col2im' (a GEMM
+    into a column buffer, then row-wise adds into dx) or 'adjoint' (3x3 stride 1: the transpose
+    of Winograd F(2x2,3x3), tiles over dy; other layers fall back to col2im)."""
     _require()
-    if mode not in ("auto", "flipped", "col2im"):
-        raise ValueError(f"set_backward_data_path: mode must be 'auto', 'flipped' or 'col2im', got {mode!r}")
+    if mode not in ("auto", "flipped", "col2im", "adjoint"):
+        raise ValueError(
+            f"set_backward_data_path: mode must be 'auto', 'flipped', 'col2im' or 'adjoint', got {mode!r}"
+        )
     _n.set_backward_data_path(mode)
 
 
 def get_backward_data_path() -> str:
-    """The backward-data algorithm choice: 'auto', 'flipped' or 'col2im'."""
+    """The backward-data algorithm choice: 'auto', 'flipped', 'col2im' or 'adjoint'."""
     _require()
     return _n.get_backward_data_path()
 
