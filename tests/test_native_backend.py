@@ -139,14 +139,20 @@ def test_conv2d_blocking_edges(x_shape, w_shape, stride, padding, dtype):
     check_conv(x_shape, w_shape, stride, padding, dtype, seed=8, with_bias=False)
 
 
+def _three_by_three_layer(draw, max_batch, min_channels, max_pad, max_size):
+    """A 3x3 stride-1 layer (x shape, w shape, stride, padding, dtype, seed) within the bounds."""
+    n = draw(st.integers(1, max_batch))
+    c, k = draw(st.integers(min_channels, 20)), draw(st.integers(min_channels, 20))
+    pad = draw(st.integers(0, max_pad))
+    h = draw(st.integers(max(1, 3 - 2 * pad), max_size))
+    w = draw(st.integers(max(1, 3 - 2 * pad), max_size))
+    return (n, c, h, w), (k, c, 3, 3), (1, 1), (pad, pad), draw(st.sampled_from(DTYPES)), draw(st.integers(0, 2**31))
+
+
 @st.composite
 def winograd_cases(draw):
     """3x3 stride-1 convolutions with >= 8 channels in and out: the Winograd F(2x2,3x3) path."""
-    n, c, k = draw(st.integers(1, 3)), draw(st.integers(8, 20)), draw(st.integers(8, 20))
-    pad = draw(st.integers(0, 2))
-    h = draw(st.integers(max(1, 3 - 2 * pad), 12))
-    w = draw(st.integers(max(1, 3 - 2 * pad), 12))
-    return (n, c, h, w), (k, c, 3, 3), (1, 1), (pad, pad), draw(st.sampled_from(DTYPES)), draw(st.integers(0, 2**31))
+    return _three_by_three_layer(draw, max_batch=3, min_channels=8, max_pad=2, max_size=12)
 
 
 @SETTINGS
@@ -190,11 +196,7 @@ def adjoint_cases(draw):
     row / column in the last tiles), any padding (the windows cropped into dx), images from one
     tile to several blocks of tile rows, batches smaller than the thread count (threads split the
     channels instead), channel counts that leave partial register tiles."""
-    n, c, k = draw(st.integers(1, 4)), draw(st.integers(1, 20)), draw(st.integers(1, 20))
-    pad = draw(st.integers(0, 3))
-    h = draw(st.integers(max(1, 3 - 2 * pad), 23))
-    w = draw(st.integers(max(1, 3 - 2 * pad), 23))
-    return (n, c, h, w), (k, c, 3, 3), (1, 1), (pad, pad), draw(st.sampled_from(DTYPES)), draw(st.integers(0, 2**31))
+    return _three_by_three_layer(draw, max_batch=4, min_channels=1, max_pad=3, max_size=23)
 
 
 @SETTINGS
