@@ -545,11 +545,11 @@ void conv_backward_data(const ConvGeom& g, const T* dy, const T* w, T* dx) {
     // large enough that the padding ring of dy is a small part of the work: measured (one thread,
     // ms, flipped / col2im) MnistCNN conv2 13x13 3.5 / 4.3, FastMNIST conv2 12x12 4.8 / 7.3, but
     // MnistCNN conv3 5x5 1.13 / 0.98 and LeNet-5 conv2 (5x5 filters) 2.4 / 0.9.
-    // The adjoint Winograd (tiles over dy) has fewer tiles where the layer pads less than 1 (dy
+    // The adjoint Winograd (tiles over dy) has fewer tiles where the layer does not pad (dy
     // smaller than dx): MnistCNN conv2 36 against 49 per sample, 2 threads 1.88 -> 1.55 ms;
     // FastMNIST conv2 25 against 36, 2.84 -> 2.43 ms. With as many tiles (padding 1: the
     // localization layers) it ran faster on one thread (conv3 16.0 -> 14.1 ms) but not on two
-    // (8.8 -> 9.2 ms: its in-place reads of dy scaled worse than the flipped path's padded copy).
+    // (8.8 -> 9.2 ms in one run; why it scales worse there is not settled).
     const bool winograd = g_winograd && g.R == 3 && g.S == 3 && g.C >= 8 && g.K >= 8;
     if (flippable && winograd && g.H * g.W >= 64) {
         const long dy_tiles = ((g.Ho + 1) / 2) * ((g.Wo + 1) / 2), dx_tiles = ((g.H + 1) / 2) * ((g.W + 1) / 2);
