@@ -42,7 +42,9 @@ def _restore_controls():
     direct_weight, data_path = native.get_direct_weight(), native.get_backward_data_path()
     direct_forward, small_plane = native.get_direct_forward(), native.get_small_plane()
     sliding, im2row = native.get_sliding_weight(), native.get_im2row_weight()
+    weight_path = native.get_weight_path()
     yield
+    native.set_weight_path(weight_path)
     native.set_im2row_weight(im2row)
     native.set_sliding_weight(sliding)
     native.set_small_plane(small_plane)
@@ -251,6 +253,85 @@ def test_adjoint_winograd_error_is_small():
         errors[mode] = float(np.abs(dx32 - dx64).max() / scale)
     assert errors["adjoint"] < 1e-5, errors
     assert errors["adjoint"] < 4 * errors["col2im"] + 1e-7, errors
+
+
+@st.composite
+def winograd_weight_cases(draw):
+    """3x3 stride-1 layers for the Winograd backward-weight: odd and even outputs (zero dy rows /
+    columns in the last tiles), any padding (x's tile frame), batches that split unevenly into the
+    eight sample ranges, channel counts that leave partial MR / NR panels."""
+    return _three_by_three_layer(draw, max_batch=11, min_channels=1, max_pad=3, max_size=23)
+
+
+def _weight_case(case):
+    x_shape, w_shape, stride, padding, dtype, seed = case
+    rng = _rng(seed)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    ho, wo = (x_shape[2] + 2 * padding[0] - 2, x_shape[3] + 2 * padding[1] - 2)
+    dy = rng.standard_normal((x_shape[0], w_shape[0], ho, wo)).astype(dtype)
+    return x, dy
+
+
+@SETTINGS
+@given(winograd_weight_cases())
+def test_winograd_backward_weight_matches_reference(case):
+    x_shape, w_shape, stride, padding, dtype, seed = case
+    x, dy = _weight_case(case)
+    dw_ref, db_ref = ref.conv2d_backward_weight(dy, x, w_shape, stride, padding)
+    terms = float(np.abs(dy.astype(np.float64)).sum(axis=(0, 2, 3)).max())
+    native.set_weight_path("winograd")
+    for isa, threads in configs():
+        tag = f"winograd bwd-weight {isa}/{threads}t {x_shape} {w_shape} p{padding}"
+        dw, db = native.conv2d_backward_weight(dy, x, w_shape, stride, padding)
+        assert_close(dw, dw_ref, dtype, tag)
+        assert_close(db, db_ref, dtype, tag + " db", scale=terms)
+
+
+@pytest.mark.parametrize("x_shape,k,padding", [
+    ((9, 40, 13, 13), 13, (1, 1)),  # 9 samples in 8 ranges, two NR panels (one partial), K % MR != 0
+    ((3, 8, 34, 34), 16, (0, 0)),   # 256 tiles per sample: four blocks of 64
+    ((2, 9, 8, 150), 8, (2, 2)),    # 4 x 75 tiles: blocks of 60, a wide padded frame
+    ((1, 16, 12, 12), 24, (0, 0)),  # one sample: one range, one thread
+])
+def test_winograd_backward_weight_blocking_edges(x_shape, k, padding):
+    rng = _rng(6)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    dy = rng.standard_normal((x_shape[0], k, x_shape[2] + 2 * padding[0] - 2,
+                              x_shape[3] + 2 * padding[1] - 2)).astype(np.float32)
+    w_shape = (k, x_shape[1], 3, 3)
+    dw_ref, db_ref = ref.conv2d_backward_weight(dy, x, w_shape, (1, 1), padding)
+    native.set_weight_path("gemm")
+    gemm_db = native.conv2d_backward_weight(dy, x, w_shape, (1, 1), padding)[1]
+    native.set_weight_path("winograd")
+    outs = []
+    for threads in (1, 2, 3):
+        native.set_num_threads(threads)
+        outs.append(native.conv2d_backward_weight(dy, x, w_shape, (1, 1), padding))
+        assert_close(outs[-1][0], dw_ref, np.float32, f"{threads} threads")
+    for dw, db in outs[1:]:
+        np.testing.assert_array_equal(dw, outs[0][0])
+        np.testing.assert_array_equal(db, outs[0][1])
+    np.testing.assert_array_equal(outs[0][1], gemm_db)  # db: the same ranges, the same sums
+
+
+def test_winograd_backward_weight_error_is_small():
+    """The transform's rounding error against a float64 reference on MnistCNN conv2's weight
+    gradient (and on a padded localization-like layer), next to the GEMM path's."""
+    rng = _rng(13)
+    for x_shape, k, pad in (((8, 32, 13, 13), 64, 0), ((4, 16, 32, 32), 32, 1)):
+        x = rng.standard_normal(x_shape)
+        dy = rng.standard_normal((x_shape[0], k, x_shape[2] + 2 * pad - 2, x_shape[3] + 2 * pad - 2))
+        w_shape = (k, x_shape[1], 3, 3)
+        dw64, _ = ref.conv2d_backward_weight(dy, x, w_shape, (1, 1), (pad, pad))
+        scale = np.abs(dw64).max()
+        errors = {}
+        for mode in ("gemm", "winograd"):
+            native.set_weight_path(mode)
+            dw32, _ = native.conv2d_backward_weight(dy.astype(np.float32), x.astype(np.float32), w_shape,
+                                                    (1, 1), (pad, pad))
+            errors[mode] = float(np.abs(dw32 - dw64).max() / scale)
+        assert errors["winograd"] < 1e-5, (x_shape, errors)
+        assert errors["winograd"] < 4 * errors["gemm"] + 1e-7, (x_shape, errors)
 
 
 @SETTINGS
@@ -473,6 +554,10 @@ def test_algorithm_controls():
     assert native.get_small_plane() is False
     native.set_im2row_weight(False)
     assert native.get_im2row_weight() is False
+    native.set_weight_path("winograd")
+    assert native.get_weight_path() == "winograd"
+    with pytest.raises(ValueError, match="set_weight_path: mode must be 'auto', 'gemm' or 'winograd', got 'fast'"):
+        native.set_weight_path("fast")
 
 
 def _col2im(fn):
@@ -506,8 +591,9 @@ def test_results_do_not_depend_on_thread_count():
         wino = native.conv2d_forward(x, w, None, (1, 1), (1, 1))
         wino_data = native.conv2d_backward_data(dy, w, x.shape, (1, 1), (0, 0))  # auto: the adjoint
         wino_data_n1 = native.conv2d_backward_data(dy[:1].copy(), w, (1, 8, 11, 11), (1, 1), (0, 0))
+        wino_weight = native.conv2d_backward_weight(dy, x, w.shape, (1, 1), (0, 0))  # auto: Winograd
         native.set_winograd(False)
-        outs[threads] = [wino, wino_data, wino_data_n1, native.conv2d_forward(x, w, None, (1, 1), (0, 0)),
+        outs[threads] = [wino, wino_data, wino_data_n1, *wino_weight, native.conv2d_forward(x, w, None, (1, 1), (0, 0)),
                          native.conv2d_backward_data(dy, w, x.shape, (1, 1), (0, 0)),
                          *native.conv2d_backward_weight(dy, x, w.shape, (1, 1), (0, 0)),
                          *native.conv2d_backward_weight(dy[:, :5].copy(), x[:, :1].copy(), (5, 1, 3, 3), (1, 1), (0, 0)),

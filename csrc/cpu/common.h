@@ -87,6 +87,46 @@ inline long winograd_data_ms(long C, long tiles_w, long MR, long NR) {
     return (C + MR - 1) / MR * MR * winograd_data_cols(tiles_w, NR) + 64 / long(sizeof(T));
 }
 
+// Winograd F(2x2,3x3) backward-weight (winograd.h, winograd_weight_f2x3): x (N x C x H x W, padding
+// ph / pw applied by the kernel), dy (N x K x Ho x Wo) -> dw (K x C x 3 x 3), summed over `chunks`
+// fixed sample ranges. S (chunks * 16 * Kp * Cp, Kp = K rounded up to MR, Cp = C rounded up to
+// NR) and `scratch` (threads * winograd_weight_thread) are the caller's.
+template <typename T>
+struct WinogradWeightArgs {
+    long N, C, H, W, K, Ho, Wo, ph, pw;
+    const T* x;
+    const T* dy;
+    T* dw;
+    T* S;
+    T* scratch;
+    long chunks;
+    int threads;
+};
+// Tiles per GEMM block (the depth of one micro-kernel call) for TI tiles per sample: a sample's
+// tiles in equal blocks of at most 64 (MnistCNN conv2's 36 in one block, not 32 + 4: a depth-4
+// call is mostly the result tile's loads and stores; blocks of at most 32 or 48 were no faster on
+// the localization layers' 256 and 64 tiles).
+inline long winograd_weight_tb(long TI) {
+    const long blocks = (TI + 63) / 64;
+    return (TI + blocks - 1) / blocks;
+}
+// The distances between the 16 transformed planes of a block: one cache line more than the plane
+// (as winograd_vs).
+template <typename T>
+inline long winograd_weight_vs(long C, long NR, long TB) { return (C + NR - 1) / NR * NR * TB + 64 / long(sizeof(T)); }
+template <typename T>
+inline long winograd_weight_ms(long K, long MR, long TB) { return (K + MR - 1) / MR * MR * TB + 64 / long(sizeof(T)); }
+// Per-thread scratch: x and dy channels-last (groups of NR and MR channels, x in its tile frame),
+// the transformed planes; rounded up to a cache line.
+template <typename T>
+inline long winograd_weight_thread(long C, long K, long Ho, long Wo, long MR, long NR) {
+    const long TH = (Ho + 1) / 2, TW = (Wo + 1) / 2, Cp = (C + NR - 1) / NR * NR, Kp = (K + MR - 1) / MR * MR;
+    const long TB = winograd_weight_tb(TH * TW);
+    const long n = (2 * TH + 2) * (2 * TW + 2) * Cp + 4 * TH * TW * Kp + 16 * (winograd_weight_vs<T>(C, NR, TB) + winograd_weight_ms<T>(K, MR, TB));
+    const long line = 64 / long(sizeof(T));
+    return (n + line - 1) / line * line;
+}
+
 // Where rowconv.h writes one output row of kn channels: y (row of the first channel), ky (distance
 // between channels' rows), wo (row length), bias (kn values or null), relu (fused ReLU).
 template <typename T>
@@ -145,6 +185,8 @@ struct MicroKernel {
     // Winograd F(2x2,3x3) backward-data (the adjoint transform, tiles over dy) with this ISA's
     // transforms (winograd.h)
     void (*winograd_data)(const WinogradDataArgs<T>& args);
+    // Winograd F(2x2,3x3) backward-weight (tiles as the GEMM depth) with this ISA's transforms
+    void (*winograd_weight)(const WinogradWeightArgs<T>& args);
 };
 
 MicroKernel<float> ukernel_avx512_f32();

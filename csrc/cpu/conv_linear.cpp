@@ -664,8 +664,53 @@ void bias_grad_sums(const ConvGeom& g, const T* dy, long n0, long n1, double* su
     }
 }
 
+// 3x3 stride-1 backward-weight through Winograd F(2x2,3x3) (winograd.h): 16 GEMMs over the tiles,
+// summed over the same sample ranges as the GEMM path (weight_chunks); db exactly as there.
+template <typename T>
+void conv_backward_weight_winograd(const ConvGeom& g, const T* dy, const T* x, T* dw, T* db) {
+    const MicroKernel<T> uk = current_ukernel<T>();
+    const long chunks = weight_chunks(g.N);
+    const long Kp = (g.K + uk.mr - 1) / uk.mr * uk.mr, Cp = (g.C + uk.nr - 1) / uk.nr * uk.nr;
+    const int nt = num_threads();
+    double* bias_sums = thread_scratch<double, 16>(size_t(chunks * g.K));
+#pragma omp parallel for schedule(static) num_threads(int(std::min<long>(nt, chunks)))
+    for (long ch = 0; ch < chunks; ++ch)
+        bias_grad_sums(g, dy, ch * g.N / chunks, (ch + 1) * g.N / chunks, bias_sums + ch * g.K);
+    WinogradWeightArgs<T> a{g.N, g.C, g.H, g.W, g.K, g.Ho, g.Wo, g.ph, g.pw, x, dy, dw,
+                            thread_scratch<T, 2>(size_t(chunks * 16 * Kp * Cp)),
+                            thread_scratch<T, 3>(size_t(std::min<long>(nt, chunks) *
+                                                        winograd_weight_thread<T>(g.C, g.K, g.Ho, g.Wo, uk.mr, uk.nr))),
+                            chunks, nt};
+    uk.winograd_weight(a);
+    for (long k = 0; k < g.K; ++k) {
+        double sum = 0.0;
+        for (long ch = 0; ch < chunks; ++ch) sum += bias_sums[ch * g.K + k];
+        db[k] = T(sum);
+    }
+}
+
+// Backward-weight algorithm: 'auto', or forced for tests and benchmarks.
+enum class WeightPath { automatic = 0, gemm = 1, winograd = 2 };
+WeightPath g_weight_path = WeightPath::automatic;
+
+// Winograd's backward-weight pays where the tiles cover the output with little waste and there
+// are enough channels for the 16 GEMMs' register tiles (as the forward): measured (2 threads, ms,
+// GEMM / Winograd) MnistCNN conv2 (11x11 outputs) 1.9 / 1.25, FastMNIST conv2 (10x10) 2.7-3.2 /
+// 1.7-2.1, localization conv2 (32x32) 15-17 / 8.7-10 and conv3 (16x16) 14-15 / 8.6-9.3; but
+// MnistCNN conv3 (3x3 outputs: 4 tiles of 4 pixels for 9) 0.32-0.40 / 0.35-0.50. Its per-range
+// sums S take 16 * Kp * Cp values per range, 16/9 of the GEMM path's partials; above 64 MiB in
+// all (C = K = 512 and more) the GEMM path keeps the smaller footprint.
+template <typename T>
+bool use_winograd_weight(const ConvGeom& g) {
+    if (!(g.R == 3 && g.S == 3 && g.sh == 1 && g.sw == 1 && g.N > 0)) return false;
+    if (g_weight_path == WeightPath::winograd) return true;
+    if (g_weight_path == WeightPath::gemm || !g_winograd || g.C < 8 || g.K < 8 || g.Ho * g.Wo < 64) return false;
+    return double(weight_chunks(g.N)) * 16.0 * double(g.K + 15) * double(g.C + 31) * sizeof(T) <= 64.0 * (1 << 20);
+}
+
 template <typename T>
 void conv_backward_weight(const ConvGeom& g, const T* dy, const T* x, T* dw, T* db) {
+    if (use_winograd_weight<T>(g)) return conv_backward_weight_winograd(g, dy, x, dw, db);
     if (g.N > 0 && use_direct_weight<T>(g) && conv_backward_weight_direct(g, dy, x, dw, db)) return;
     const MicroKernel<T> uk = current_ukernel<T>();
     const long P = g.P(), RS = g.R * g.S, CRS = g.CRS(), KP = g.K * P;
@@ -1066,6 +1111,17 @@ void register_conv_linear(py::module_& m) {
         return std::string(g_direct_forward == DirectMode2::automatic ? "auto"
                            : g_direct_forward == DirectMode2::always ? "always"
                            : g_direct_forward == DirectMode2::rows ? "rows" : "never");
+    });
+    m.def("set_weight_path", [](const std::string& mode) {
+        if (mode == "auto") g_weight_path = WeightPath::automatic;
+        else if (mode == "gemm") g_weight_path = WeightPath::gemm;
+        else if (mode == "winograd") g_weight_path = WeightPath::winograd;
+        else throw py::value_error("set_weight_path: mode must be 'auto', 'gemm' or 'winograd', got '" + mode + "'");
+    }, "Backward-weight algorithm: 'auto', 'gemm' (the direct kernel or the GEMM, never Winograd) or 'winograd' "
+       "(3x3 stride 1: Winograd F(2x2,3x3) with the tiles as the GEMM depth; other layers as 'gemm').");
+    m.def("get_weight_path", []() {
+        return std::string(g_weight_path == WeightPath::automatic ? "auto"
+                           : g_weight_path == WeightPath::gemm ? "gemm" : "winograd");
     });
     m.def("set_direct_weight", [](const std::string& mode) {
         if (mode == "auto") g_direct_weight = DirectMode::automatic;

@@ -76,6 +76,7 @@ struct Avx2F64 {
     static V bcast(T v) { return _mm256_set1_pd(v); }
     static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
     static V add(V a, V b) { return _mm256_add_pd(a, b); }
+    static V sub(V a, V b) { return _mm256_sub_pd(a, b); }
     static void store(T* p, V v) { _mm256_storeu_pd(p, v); }
     static void store_n(T* p, V v, int n) {
         _mm256_maskstore_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3)), v);
@@ -149,6 +150,8 @@ void winograd_f32(const WinogradArgs<float>& a) { winograd_f2x3<Avx2F32, 16>(uke
 void winograd_f64(const WinogradArgs<double>& a) { winograd_f2x3<Avx2F64, 8>(ukernel_avx2_f64(), a); }
 void winograd_data_f32(const WinogradDataArgs<float>& a) { winograd_data_f2x3<Avx2F32, 16>(ukernel_avx2_f32(), a); }
 void winograd_data_f64(const WinogradDataArgs<double>& a) { winograd_data_f2x3<Avx2F64, 8>(ukernel_avx2_f64(), a); }
+void winograd_weight_f32(const WinogradWeightArgs<float>& a) { winograd_weight_f2x3<Avx2F32, 6, 16>(ukernel_avx2_f32(), a); }
+void winograd_weight_f64(const WinogradWeightArgs<double>& a) { winograd_weight_f2x3<Avx2F64, 6, 8>(ukernel_avx2_f64(), a); }
 
 void corr_f32(long R, long S, long KB, const float* x, long ldx, long x_n, const float* dy, long ldd,
               long kstride, long dy_n, long np, long rows, long cols, float* out, long out_k, float* dsum) {
@@ -260,8 +263,8 @@ double fma_loop(long iterations) {
 
 #pragma GCC pop_options
 
-MicroKernel<float> ukernel_avx2_f32() { return {6, 16, &ukernel_f32, 8, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<12>(1), dconv_pb<12>(2), dconv_pb<12>(3), dconv_pb<12>(4)}, &rowconv_f32, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f32, &small_backward_data_f32, 12, &im2row_f32, &winograd_data_f32}; }
-MicroKernel<double> ukernel_avx2_f64() { return {6, 8, &ukernel_f64, 4, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<12>(1), dconv_pb<12>(2), dconv_pb<12>(3), dconv_pb<12>(4)}, &rowconv_f64, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f64, &small_backward_data_f64, 12, &im2row_f64, &winograd_data_f64}; }
+MicroKernel<float> ukernel_avx2_f32() { return {6, 16, &ukernel_f32, 8, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<12>(1), dconv_pb<12>(2), dconv_pb<12>(3), dconv_pb<12>(4)}, &rowconv_f32, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f32, &small_backward_data_f32, 12, &im2row_f32, &winograd_data_f32, &winograd_weight_f32}; }
+MicroKernel<double> ukernel_avx2_f64() { return {6, 8, &ukernel_f64, 4, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<12>(1), dconv_pb<12>(2), dconv_pb<12>(3), dconv_pb<12>(4)}, &rowconv_f64, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f64, &small_backward_data_f64, 12, &im2row_f64, &winograd_data_f64, &winograd_weight_f64}; }
 double fma_peak_avx2(long iterations) { return fma_loop(iterations); }
 
 }  // namespace pycnn

@@ -172,6 +172,8 @@ void winograd_f32(const WinogradArgs<float>& a) { winograd_f2x3<Avx512F32, 32>(u
 void winograd_f64(const WinogradArgs<double>& a) { winograd_f2x3<Avx512F64, 16>(ukernel_avx512_f64(), a); }
 void winograd_data_f32(const WinogradDataArgs<float>& a) { winograd_data_f2x3<Avx512F32, 32>(ukernel_avx512_f32(), a); }
 void winograd_data_f64(const WinogradDataArgs<double>& a) { winograd_data_f2x3<Avx512F64, 16>(ukernel_avx512_f64(), a); }
+void winograd_weight_f32(const WinogradWeightArgs<float>& a) { winograd_weight_f2x3<Avx512F32, 8, 32>(ukernel_avx512_f32(), a); }
+void winograd_weight_f64(const WinogradWeightArgs<double>& a) { winograd_weight_f2x3<Avx512F64, 8, 16>(ukernel_avx512_f64(), a); }
 
 void corr_f32(long R, long S, long KB, const float* x, long ldx, long x_n, const float* dy, long ldd,
               long kstride, long dy_n, long np, long rows, long cols, float* out, long out_k, float* dsum) {
@@ -284,8 +286,8 @@ double fma_loop(long iterations) {
 
 #pragma GCC pop_options
 
-MicroKernel<float> ukernel_avx512_f32() { return {8, 32, &ukernel_f32, 16, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f32, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f32, &small_backward_data_f32, 27, &im2row_f32, &winograd_data_f32}; }
-MicroKernel<double> ukernel_avx512_f64() { return {8, 16, &ukernel_f64, 8, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f64, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f64, &small_backward_data_f64, 27, &im2row_f64, &winograd_data_f64}; }
+MicroKernel<float> ukernel_avx512_f32() { return {8, 32, &ukernel_f32, 16, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f32, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f32, &small_backward_data_f32, 27, &im2row_f32, &winograd_data_f32, &winograd_weight_f32}; }
+MicroKernel<double> ukernel_avx512_f64() { return {8, 16, &ukernel_f64, 8, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f64, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f64, &small_backward_data_f64, 27, &im2row_f64, &winograd_data_f64, &winograd_weight_f64}; }
 double fma_peak_avx512(long iterations) { return fma_loop(iterations); }
 
 }  // namespace pycnn

@@ -19,6 +19,7 @@ struct ScalarTraits {
     static V load_n(const T* p, int n) { return n > 0 ? *p : V(0); }
     static V fma(V a, V b, V c) { return a * b + c; }
     static V add(V a, V b) { return a + b; }
+    static V sub(V a, V b) { return a - b; }
     static V bcast(T v) { return v; }
     static void store_n(T* p, V v, int n) { if (n > 0) *p = v; }
     static V max0(V v) { return v < T(0) ? T(0) : v; }
@@ -80,6 +81,8 @@ void winograd_f32(const WinogradArgs<float>& a) { winograd_f2x3<ScalarTraits<flo
 void winograd_f64(const WinogradArgs<double>& a) { winograd_f2x3<ScalarTraits<double>, 8>(ukernel_scalar_f64(), a); }
 void winograd_data_f32(const WinogradDataArgs<float>& a) { winograd_data_f2x3<ScalarTraits<float>, 8>(ukernel_scalar_f32(), a); }
 void winograd_data_f64(const WinogradDataArgs<double>& a) { winograd_data_f2x3<ScalarTraits<double>, 8>(ukernel_scalar_f64(), a); }
+void winograd_weight_f32(const WinogradWeightArgs<float>& a) { winograd_weight_f2x3<ScalarTraits<float>, 4, 8>(ukernel_scalar_f32(), a); }
+void winograd_weight_f64(const WinogradWeightArgs<double>& a) { winograd_weight_f2x3<ScalarTraits<double>, 4, 8>(ukernel_scalar_f64(), a); }
 
 void corr_f32(long R, long S, long KB, const float* x, long ldx, long x_n, const float* dy, long ldd,
               long kstride, long dy_n, long np, long rows, long cols, float* out, long out_k, float* dsum) {
@@ -114,7 +117,7 @@ void ukernel_f64(long kc, const double* a, const double* b, double* c, long ldc,
 
 }  // namespace
 
-MicroKernel<float> ukernel_scalar_f32() { return {4, 8, &ukernel_f32, 1, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f32, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f32, &small_backward_data_f32, 27, &im2row_f32, &winograd_data_f32}; }
-MicroKernel<double> ukernel_scalar_f64() { return {4, 8, &ukernel_f64, 1, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f64, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f64, &small_backward_data_f64, 27, &im2row_f64, &winograd_data_f64}; }
+MicroKernel<float> ukernel_scalar_f32() { return {4, 8, &ukernel_f32, 1, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f32, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f32, &small_backward_data_f32, 27, &im2row_f32, &winograd_data_f32, &winograd_weight_f32}; }
+MicroKernel<double> ukernel_scalar_f64() { return {4, 8, &ukernel_f64, 1, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f64, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f64, &small_backward_data_f64, 27, &im2row_f64, &winograd_data_f64, &winograd_weight_f64}; }
 
 }  // namespace pycnn

@@ -505,3 +505,156 @@ void winograd_data_f2x3(const MicroKernel<typename Tr::T>& uk, const WinogradDat
         }
     }
 }
+
+// ---------------------------------------------------------------------------- backward-weight
+
+// Backward-weight through the same transform. The forward is Y = A^T (U (.) V) A per tile with
+// U = G w G^T, so the loss gradient reaching U is (A dY A^T) (.) V, and the one reaching w is
+// G^T [that] G. Summed over every tile t of every sample before the (linear) output side:
+//   S_xi[k, c] = sum_t  (A dY_t,k A^T)_xi * (B^T d_t,c B)_xi        dw[k, c] = G^T S[k, c] G
+// i.e. 16 GEMMs whose depth is the tiles, 16 multiply-adds per tile and channel pair instead of
+// the 36 of the 2x2 outputs' 3x3 taps (2.25x fewer; MnistCNN conv2's odd 11x11 output pays a
+// 12x12 tile grid, 1.9x). Both GEMM operands want the tile as the depth and channels across a
+// panel, so each sample is first copied channels-last, in groups of NR input channels (x, in its
+// padded tile frame) and MR output channels (dy, zeros past odd edges), through im2row.h's
+// register transposes (copied element by element, those copies were a third of the call). The
+// transforms are then whole-vector adds over a group's contiguous channels, written straight
+// into packed B panels (x's) and A panels (dy's) of TB tiles.
+//   A = [1 0; 1 1; 1 -1; 0 -1] (the forward's A^T transposed)
+// As in the backward-data, the minus sign of A's last row moves to the output side: with
+// A' = D A (D = diag(1, 1, 1, -1)) the GEMMs give S' = D S D, and G^T S G = (D G)^T S' (D G), so
+// dy's transform only adds and G^T's last column (G's last row) is negated instead.
+// Deterministic, whatever the threads: the batch is cut into `chunks` sample ranges fixed by the
+// caller (a function of N only); each range has its own S, summed over its tiles in order by the
+// micro-kernel (accumulate), and the ranges' S are added in range order before G^T S G.
+template <class Tr, int MR, int NR>
+void winograd_weight_f2x3(const MicroKernel<typename Tr::T>& uk, const WinogradWeightArgs<typename Tr::T>& a) {
+    using T = typename Tr::T;
+    using V = typename Tr::V;
+    const long N = a.N, C = a.C, H = a.H, W = a.W, K = a.K, Ho = a.Ho, Wo = a.Wo, ph = a.ph, pw = a.pw;
+    const long TH = (Ho + 1) / 2, TW = (Wo + 1) / 2, TI = TH * TW;
+    const long FH = 2 * TH + 2, FW = 2 * TW + 2;  // x's tile frame (padded coordinates)
+    const long Cp = (C + NR - 1) / NR * NR, Kp = (K + MR - 1) / MR * MR;
+    const long XG = FH * FW * NR, DG = 4 * TI * MR;  // one channel group of the copies
+    const long TB = winograd_weight_tb(TI), vs = winograd_weight_vs<T>(C, NR, TB), ms = winograd_weight_ms<T>(K, MR, TB);
+    const long SS = 16 * Kp * Cp, chunks = a.chunks;
+    const long per_thread = winograd_weight_thread<T>(C, K, Ho, Wo, MR, NR);
+    const int nt = int(a.threads < chunks ? a.threads : chunks);
+#pragma omp parallel num_threads(nt)
+    {
+        T* const xt = a.scratch + long(omp_get_thread_num()) * per_thread;  // [Cp/NR][FH][FW][NR]
+        T* const dyt = xt + (Cp / NR) * XG;                                   // [Kp/MR][2TH][2TW][MR]
+        T* const Vb = dyt + (Kp / MR) * DG;                                   // 16 planes of Cp x TB
+        T* const Mb = Vb + 16 * vs;                                           // 16 planes of Kp x TB
+        // the frames' padding (and dy's odd edges) stay zero: each sample overwrites the rest
+        for (long i = 0; i < (Cp / NR) * XG + (Kp / MR) * DG; ++i) xt[i] = T(0);
+#pragma omp for schedule(static)
+        for (long ch = 0; ch < chunks; ++ch) {
+            T* const S = a.S + ch * SS;
+            for (long i = 0; i < SS; ++i) S[i] = T(0);
+            for (long n = ch * N / chunks; n < (ch + 1) * N / chunks; ++n) {
+                long coff[32];
+                for (long cp = 0; cp < Cp / NR; ++cp) {
+                    const long nr = C - cp * NR < NR ? C - cp * NR : NR;
+                    for (long jj = 0; jj < nr; ++jj) coff[jj] = (cp * NR + jj) * H * W;
+                    for (long h = 0; h < H; ++h)  // x row h is frame row h + ph, columns from pw
+                        im2row_panel<Tr>(xt + cp * XG + ((h + ph) * FW + pw) * NR, NR, nr, coff, a.x + n * C * H * W,
+                                         0, W, H, W, h * W, W);
+                }
+                for (long kp = 0; kp < Kp / MR; ++kp) {
+                    const long nr = K - kp * MR < MR ? K - kp * MR : MR;
+                    for (long jj = 0; jj < nr; ++jj) coff[jj] = (kp * MR + jj) * Ho * Wo;
+                    for (long h = 0; h < Ho; ++h)
+                        im2row_panel<Tr>(dyt + kp * DG + h * 2 * TW * MR, MR, nr, coff, a.dy + n * K * Ho * Wo, 0, Wo,
+                                         Ho, Wo, h * Wo, Wo);
+                }
+                for (long t0 = 0; t0 < TI; t0 += TB) {
+                    const long tb = TB < TI - t0 ? TB : TI - t0;
+                    for (long tt = 0; tt < tb; ++tt) {
+                        const long I = (t0 + tt) / TW, J = (t0 + tt) % TW;
+                        // x's 4x4 window: V = B^T d B, NR channels at a time, into the B panels
+                        for (long cp = 0; cp < Cp / NR; ++cp) {
+                            const T* __restrict__ d = xt + cp * XG + (2 * I * FW + 2 * J) * NR;
+                            T* __restrict__ v = Vb + cp * TB * NR + tt * NR;
+                            T bt[4][4][NR];
+                            for (int j = 0; j < 4; ++j)
+                                for (int l = 0; l < NR; ++l) {
+                                    const T d0 = d[j * NR + l], d1 = d[(FW + j) * NR + l],
+                                            d2 = d[(2 * FW + j) * NR + l], d3 = d[(3 * FW + j) * NR + l];
+                                    bt[0][j][l] = d0 - d2;
+                                    bt[1][j][l] = d1 + d2;
+                                    bt[2][j][l] = d2 - d1;
+                                    bt[3][j][l] = d1 - d3;
+                                }
+                            for (int i = 0; i < 4; ++i)
+                                for (int l = 0; l < NR; ++l) {
+                                    v[(i * 4 + 0) * vs + l] = bt[i][0][l] - bt[i][2][l];
+                                    v[(i * 4 + 1) * vs + l] = bt[i][1][l] + bt[i][2][l];
+                                    v[(i * 4 + 2) * vs + l] = bt[i][2][l] - bt[i][1][l];
+                                    v[(i * 4 + 3) * vs + l] = bt[i][1][l] - bt[i][3][l];
+                                }
+                        }
+                        // dy's 2x2 tile: A' e A'^T, MR output channels at a time (whole or masked
+                        // vectors: the compiler left this part scalar), into the A panels
+                        for (long kp = 0; kp < Kp / MR; ++kp) {
+                            const T* e = dyt + kp * DG + (2 * I * 2 * TW + 2 * J) * MR;
+                            T* m = Mb + kp * TB * MR + tt * MR;
+                            for (int l0 = 0; l0 < MR; l0 += Tr::width) {
+                                const int nl = MR - l0 < Tr::width ? MR - l0 : Tr::width;
+                                auto ld = [&](const T* p) { return nl == Tr::width ? Tr::load(p) : Tr::load_n(p, nl); };
+                                auto st = [&](long xi, V v) {
+                                    if (nl == Tr::width) Tr::store(m + xi * ms + l0, v);
+                                    else Tr::store_n(m + xi * ms + l0, v, nl);
+                                };
+                                const V e00 = ld(e + l0), e01 = ld(e + MR + l0), e10 = ld(e + 2 * TW * MR + l0),
+                                        e11 = ld(e + (2 * TW + 1) * MR + l0);
+                                const V q[4][2] = {{e00, e01}, {Tr::add(e00, e10), Tr::add(e01, e11)},
+                                                   {Tr::sub(e00, e10), Tr::sub(e01, e11)}, {e10, e11}};
+                                for (int i = 0; i < 4; ++i) {
+                                    st(i * 4 + 0, q[i][0]);
+                                    st(i * 4 + 1, Tr::add(q[i][0], q[i][1]));
+                                    st(i * 4 + 2, Tr::sub(q[i][0], q[i][1]));
+                                    st(i * 4 + 3, q[i][1]);
+                                }
+                            }
+                        }
+                    }
+                    // 16 GEMMs of depth tb, accumulated into the range's S[xi] (Kp x Cp, row-major)
+                    for (long xi = 0; xi < 16; ++xi)
+                        for (long kp = 0; kp < Kp / MR; ++kp)
+                            for (long cp = 0; cp < Cp / NR; ++cp)
+                                uk.run(tb, Mb + xi * ms + kp * TB * MR, Vb + xi * vs + cp * TB * NR,
+                                       S + xi * Kp * Cp + kp * MR * Cp + cp * NR, Cp, 1, nullptr);
+                }
+            }
+        }
+        // the ranges' S added in range order (range 0 holds the sum), then dw = G^T S G
+#pragma omp for schedule(static)
+        for (long i0 = 0; i0 < SS; i0 += 512) {
+            const long i1 = i0 + 512 < SS ? i0 + 512 : SS;
+            for (long ch = 1; ch < chunks; ++ch) {
+                T* __restrict__ dst = a.S;
+                const T* __restrict__ src = a.S + ch * SS;
+                for (long i = i0; i < i1; ++i) dst[i] += src[i];
+            }
+        }
+#pragma omp for schedule(static)
+        for (long k = 0; k < K; ++k)
+            for (long c = 0; c < C; ++c) {
+                T s[16], t[3][4];
+                for (int xi = 0; xi < 16; ++xi) s[xi] = a.S[xi * Kp * Cp + k * Cp + c];
+                // (D G)^T S': (D G)^T = [1 1/2 1/2 0; 0 1/2 -1/2 0; 0 1/2 1/2 -1]
+                for (int b = 0; b < 4; ++b) {
+                    t[0][b] = s[b] + T(0.5) * (s[4 + b] + s[8 + b]);
+                    t[1][b] = T(0.5) * (s[4 + b] - s[8 + b]);
+                    t[2][b] = T(0.5) * (s[4 + b] + s[8 + b]) - s[12 + b];
+                }
+                T* out = a.dw + (k * C + c) * 9;
+                for (int r = 0; r < 3; ++r) {  // ((D G)^T S') (D G)
+                    out[r * 3 + 0] = t[r][0] + T(0.5) * (t[r][1] + t[r][2]);
+                    out[r * 3 + 1] = T(0.5) * (t[r][1] - t[r][2]);
+                    out[r * 3 + 2] = T(0.5) * (t[r][1] + t[r][2]) - t[r][3];
+                }
+            }
+    }
+}

@@ -143,6 +143,22 @@ def get_backward_data_path() -> str:
     return _n.get_backward_data_path()
 
 
+def set_weight_path(mode: str) -> None:
+    """Backward-weight algorithm: 'auto', 'gemm' (the direct small-channel kernel or the packed
+    GEMM, never Winograd) or 'winograd' (3x3 stride 1: Winograd F(2x2,3x3) with the tiles as the
+    GEMM depth, any channel counts; other layers as 'gemm')."""
+    _require()
+    if mode not in ("auto", "gemm", "winograd"):
+        raise ValueError(f"set_weight_path: mode must be 'auto', 'gemm' or 'winograd', got {mode!r}")
+    _n.set_weight_path(mode)
+
+
+def get_weight_path() -> str:
+    """The backward-weight algorithm choice: 'auto', 'gemm' or 'winograd'."""
+    _require()
+    return _n.get_weight_path()
+
+
 def set_direct_forward(mode: str) -> None:
     """Stride-1 forward where Winograd does not apply: 'auto' (the row kernel for C*R*S <= 32,
     the channel-vectorized direct kernel for K <= 32 and C*R*S >= 64, else the packed GEMM),
