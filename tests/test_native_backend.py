@@ -314,6 +314,35 @@ def test_winograd_backward_weight_blocking_edges(x_shape, k, padding):
     np.testing.assert_array_equal(outs[0][1], gemm_db)  # db: the same ranges, the same sums
 
 
+@pytest.mark.parametrize("x_where,dy_where", [
+    ((0, 3, 0, 0), None),      # a corner of x: reaches one tap of the reference's dw
+    ((1, 0, 12, 6), None),     # the last row of an odd-height image (padding 1)
+    (None, (0, 2, 12, 12)),    # dy's last pixel, in a tile whose other pixels are zeros
+])
+def test_winograd_weight_nonfinite_follows_reference(x_where, dy_where):
+    """An inf in x or dy spreads through the transformed sums to every tap; those inputs must give
+    inf / NaN exactly where the reference does (the GEMM path takes them)."""
+    rng = _rng(9)
+    x = rng.standard_normal((2, 8, 13, 13)).astype(np.float32)
+    dy = rng.standard_normal((2, 8, 13, 13)).astype(np.float32)
+    if x_where is not None:
+        x[x_where] = np.inf
+    if dy_where is not None:
+        dy[dy_where] = -np.inf
+    with np.errstate(invalid="ignore"):  # the reference's own inf - inf
+        want, want_db = ref.conv2d_backward_weight(dy, x, (8, 8, 3, 3), (1, 1), (1, 1))
+    assert np.isfinite(want).any() and not np.isfinite(want).all()
+    native.set_weight_path("winograd")
+    for isa, threads in configs():
+        got, db = native.conv2d_backward_weight(dy, x, (8, 8, 3, 3), (1, 1), (1, 1))
+        tag = f"{isa}/{threads}t"
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=tag)
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=tag)
+        finite = np.isfinite(want)
+        assert_close(got[finite], want[finite], np.float32, tag)
+        np.testing.assert_array_equal(np.isfinite(db), np.isfinite(want_db), err_msg=tag)
+
+
 def test_winograd_backward_weight_error_is_small():
     """The transform's rounding error against a float64 reference on MnistCNN conv2's weight
     gradient (and on a padded localization-like layer), next to the GEMM path's."""

@@ -666,27 +666,35 @@ void bias_grad_sums(const ConvGeom& g, const T* dy, long n0, long n1, double* su
 
 // 3x3 stride-1 backward-weight through Winograd F(2x2,3x3) (winograd.h): 16 GEMMs over the tiles,
 // summed over the same sample ranges as the GEMM path (weight_chunks); db exactly as there.
+// An inf or NaN in x or dy reaches every tap of the transformed sums (and 0 * inf terms the
+// definition does not have: padding, dy's zeros past odd edges), so where dw comes out non-finite
+// this returns false and the caller runs the GEMM path, whose inf / NaN land where the reference
+// puts them. With finite inputs dw is finite, and the check is one pass over K*C*9 values.
 template <typename T>
-void conv_backward_weight_winograd(const ConvGeom& g, const T* dy, const T* x, T* dw, T* db) {
+bool conv_backward_weight_winograd(const ConvGeom& g, const T* dy, const T* x, T* dw, T* db) {
     const MicroKernel<T> uk = current_ukernel<T>();
     const long chunks = weight_chunks(g.N);
     const long Kp = (g.K + uk.mr - 1) / uk.mr * uk.mr, Cp = (g.C + uk.nr - 1) / uk.nr * uk.nr;
     const int nt = num_threads();
-    double* bias_sums = thread_scratch<double, 16>(size_t(chunks * g.K));
-#pragma omp parallel for schedule(static) num_threads(int(std::min<long>(nt, chunks)))
-    for (long ch = 0; ch < chunks; ++ch)
-        bias_grad_sums(g, dy, ch * g.N / chunks, (ch + 1) * g.N / chunks, bias_sums + ch * g.K);
     WinogradWeightArgs<T> a{g.N, g.C, g.H, g.W, g.K, g.Ho, g.Wo, g.ph, g.pw, x, dy, dw,
                             thread_scratch<T, 2>(size_t(chunks * 16 * Kp * Cp)),
                             thread_scratch<T, 3>(size_t(std::min<long>(nt, chunks) *
                                                         winograd_weight_thread<T>(g.C, g.K, g.Ho, g.Wo, uk.mr, uk.nr))),
                             chunks, nt};
     uk.winograd_weight(a);
+    T probe = T(0);
+    for (long i = 0; i < g.K * g.C * 9; ++i) probe += dw[i] * T(0);
+    if (!(probe == T(0))) return false;
+    double* bias_sums = thread_scratch<double, 16>(size_t(chunks * g.K));
+#pragma omp parallel for schedule(static) num_threads(int(std::min<long>(nt, chunks)))
+    for (long ch = 0; ch < chunks; ++ch)
+        bias_grad_sums(g, dy, ch * g.N / chunks, (ch + 1) * g.N / chunks, bias_sums + ch * g.K);
     for (long k = 0; k < g.K; ++k) {
         double sum = 0.0;
         for (long ch = 0; ch < chunks; ++ch) sum += bias_sums[ch * g.K + k];
         db[k] = T(sum);
     }
+    return true;
 }
 
 // Backward-weight algorithm: 'auto', or forced for tests and benchmarks.
@@ -710,7 +718,7 @@ bool use_winograd_weight(const ConvGeom& g) {
 
 template <typename T>
 void conv_backward_weight(const ConvGeom& g, const T* dy, const T* x, T* dw, T* db) {
-    if (use_winograd_weight<T>(g)) return conv_backward_weight_winograd(g, dy, x, dw, db);
+    if (use_winograd_weight<T>(g) && conv_backward_weight_winograd(g, dy, x, dw, db)) return;
     if (g.N > 0 && use_direct_weight<T>(g) && conv_backward_weight_direct(g, dy, x, dw, db)) return;
     const MicroKernel<T> uk = current_ukernel<T>();
     const long P = g.P(), RS = g.R * g.S, CRS = g.CRS(), KP = g.K * P;

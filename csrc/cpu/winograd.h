@@ -1,11 +1,12 @@
-// Winograd F(2x2, 3x3): the forward convolution (winograd_f2x3) and the backward-data through the
-// adjoint transform (winograd_data_f2x3), included INSIDE each micro-kernel translation unit
-// (after its `#pragma GCC target`, like corr.h), so the input and output transforms -- additions
+// Winograd F(2x2, 3x3): the forward convolution (winograd_f2x3), the backward-data through the
+// adjoint transform (winograd_data_f2x3) and the backward-weight (winograd_weight_f2x3), included
+// INSIDE each micro-kernel translation unit (after its `#pragma GCC target`, like corr.h), so the input and output transforms -- additions
 // across the NR tiles of a panel, which the compiler vectorizes -- run as AVX-512 or AVX2 code
 // instead of the baseline SSE2 of conv_linear.cpp: compiled for SSE2 they took two thirds of the
 // time of the Winograd paths. No #include and no std:: here on purpose (library code must not be
-// instantiated for the target ISA); the caller passes every buffer in (WinogradArgs and
-// WinogradDataArgs, common.h).
+// instantiated for the target ISA); the caller passes every buffer in (WinogradArgs,
+// WinogradDataArgs and WinogradWeightArgs, common.h). The backward-weight uses im2row.h's
+// im2row_panel: include this header after that one.
 
 
 // The input transform of one block of tb tiles (t0, t0 + 1, ...) for any vector width: each

@@ -71,7 +71,9 @@ def isa_supported(name: str) -> bool:
 
 
 def set_winograd(on: bool) -> None:
-    """Use Winograd F(2x2,3x3) for 3x3 stride-1 convolutions with >= 8 channels in and out."""
+    """Use Winograd F(2x2,3x3) for 3x3 stride-1 convolutions with >= 8 channels in and out: the
+    forward, the backward-data and (on output planes of >= 64 pixels) the backward-weight, where
+    their 'auto' rules pick it; False: none of them does (forced paths stay forced)."""
     _require()
     _n.set_winograd(bool(on))
 
