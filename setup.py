@@ -35,8 +35,29 @@ class OptionalBuildExt(build_ext):
 
     def _record_failure(self, exc):
         msg = f"native extension not built: {type(exc).__name__}: {exc}"
+        msg += self._remove_stale_copies()
         sys.stderr.write("WARNING: " + msg + "\n")
-        self._write_log(msg)
+        # A failed compile is followed by a second failure (the editable install's copy of the
+        # missing file): keep both, the first is the cause.
+        self._failures = getattr(self, "_failures", []) + [msg]
+        self._write_log("\n".join(self._failures))
+
+    def _remove_stale_copies(self):
+        """An editable install (or build_ext --inplace) keeps the extension in the source tree.
+        When a rebuild fails, the copy there is the previous build: left in place it would import
+        and run the old kernels while the sources say otherwise (the test suite passing against
+        code that no longer compiles). It is removed, so the failure shows in
+        native.available() and `pycnn info`."""
+        removed = []
+        for ext in self.extensions:
+            stale = os.path.join(HERE, self.get_ext_filename(ext.name))
+            if os.path.exists(stale):
+                try:
+                    os.remove(stale)
+                    removed.append(os.path.relpath(stale, HERE))
+                except OSError:
+                    pass
+        return f" (removed the previous build {', '.join(removed)})" if removed else ""
 
     def _write_log(self, text):
         for base in {self.build_lib, HERE}:
