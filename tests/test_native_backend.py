@@ -151,6 +151,15 @@ def _three_by_three_layer(draw, max_batch, min_channels, max_pad, max_size):
     return (n, c, h, w), (k, c, 3, 3), (1, 1), (pad, pad), draw(st.sampled_from(DTYPES)), draw(st.integers(0, 2**31))
 
 
+def _array_and_dy(case, shape):
+    """For a 3x3 stride-1 case: a random array of `shape` (the layer's x or w), then a random dy."""
+    x_shape, w_shape, stride, padding, dtype, seed = case
+    rng = _rng(seed)
+    first = rng.standard_normal(shape).astype(dtype)
+    ho, wo = (x_shape[2] + 2 * padding[0] - 2, x_shape[3] + 2 * padding[1] - 2)
+    return first, rng.standard_normal((x_shape[0], w_shape[0], ho, wo)).astype(dtype)
+
+
 @st.composite
 def winograd_cases(draw):
     """3x3 stride-1 convolutions with >= 8 channels in and out: the Winograd F(2x2,3x3) path."""
@@ -205,10 +214,7 @@ def adjoint_cases(draw):
 @given(adjoint_cases())
 def test_adjoint_winograd_backward_data_matches_reference(case):
     x_shape, w_shape, stride, padding, dtype, seed = case
-    rng = _rng(seed)
-    w = rng.standard_normal(w_shape).astype(dtype)
-    ho, wo = (x_shape[2] + 2 * padding[0] - 2, x_shape[3] + 2 * padding[1] - 2)
-    dy = rng.standard_normal((x_shape[0], w_shape[0], ho, wo)).astype(dtype)
+    w, dy = _array_and_dy(case, w_shape)
     want = ref.conv2d_backward_data(dy, w, x_shape, stride, padding)
     native.set_backward_data_path("adjoint")
     for isa, threads in configs():
@@ -263,20 +269,11 @@ def winograd_weight_cases(draw):
     return _three_by_three_layer(draw, max_batch=11, min_channels=1, max_pad=3, max_size=23)
 
 
-def _weight_case(case):
-    x_shape, w_shape, stride, padding, dtype, seed = case
-    rng = _rng(seed)
-    x = rng.standard_normal(x_shape).astype(dtype)
-    ho, wo = (x_shape[2] + 2 * padding[0] - 2, x_shape[3] + 2 * padding[1] - 2)
-    dy = rng.standard_normal((x_shape[0], w_shape[0], ho, wo)).astype(dtype)
-    return x, dy
-
-
 @SETTINGS
 @given(winograd_weight_cases())
 def test_winograd_backward_weight_matches_reference(case):
     x_shape, w_shape, stride, padding, dtype, seed = case
-    x, dy = _weight_case(case)
+    x, dy = _array_and_dy(case, x_shape)
     dw_ref, db_ref = ref.conv2d_backward_weight(dy, x, w_shape, stride, padding)
     terms = float(np.abs(dy.astype(np.float64)).sum(axis=(0, 2, 3)).max())
     native.set_weight_path("winograd")
