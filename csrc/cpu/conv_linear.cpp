@@ -682,9 +682,9 @@ bool conv_backward_weight_winograd(const ConvGeom& g, const T* dy, const T* x, T
                                                         winograd_weight_thread<T>(g.C, g.K, g.Ho, g.Wo, uk.mr, uk.nr))),
                             chunks, nt};
     uk.winograd_weight(a);
-    T probe = T(0);
-    for (long i = 0; i < g.K * g.C * 9; ++i) probe += dw[i] * T(0);
-    if (!(probe == T(0))) return false;
+    int nonfinite = 0;  // an or-reduction the compiler vectorizes (a sum of dw * 0 is one serial chain)
+    for (long i = 0; i < g.K * g.C * 9; ++i) nonfinite |= !(dw[i] - dw[i] == T(0));
+    if (nonfinite) return false;
     double* bias_sums = thread_scratch<double, 16>(size_t(chunks * g.K));
 #pragma omp parallel for schedule(static) num_threads(int(std::min<long>(nt, chunks)))
     for (long ch = 0; ch < chunks; ++ch)
@@ -707,7 +707,7 @@ WeightPath g_weight_path = WeightPath::automatic;
 // 1.7-2.1, localization conv2 (32x32) 15-17 / 8.7-10 and conv3 (16x16) 14-15 / 8.6-9.3; but
 // MnistCNN conv3 (3x3 outputs: 4 tiles of 4 pixels for 9) 0.32-0.40 / 0.35-0.50. Its per-range
 // sums S take 16 * Kp * Cp values per range, 16/9 of the GEMM path's partials; above 64 MiB in
-// all (C = K = 512 and more) the GEMM path keeps the smaller footprint.
+// all (fp32, batch >= 8: from C = K = 352 on) the GEMM path keeps the smaller footprint.
 template <typename T>
 bool use_winograd_weight(const ConvGeom& g) {
     if (!(g.R == 3 && g.S == 3 && g.sh == 1 && g.sw == 1 && g.N > 0)) return false;
