@@ -652,6 +652,27 @@ def test_linear_matches_reference(n, fan_in, fan_out, with_bias, dtype, seed):
             assert_close(got, want, dtype, f"linear {name} {isa}/{threads}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_blocking_edges(dtype):
+    """Shapes past every blocking edge of gemm.h: 300 samples (more than one 256-row A block),
+    530 inputs (three K blocks, a 530-wide dx: more than one 512-column B block), 257 outputs (a
+    partial panel); the input and weight panels go through the register-transpose packers."""
+    rng = _rng(11)
+    x = rng.standard_normal((300, 530)).astype(dtype)
+    w = rng.standard_normal((257, 530)).astype(dtype)
+    b = rng.standard_normal(257).astype(dtype)
+    dy = rng.standard_normal((300, 257)).astype(dtype)
+    y_ref, grads_ref = ref.linear_forward(x, w, b), ref.linear_backward(dy, x, w)
+    outs = {}
+    for isa, threads in configs():
+        outs[isa, threads] = [native.linear_forward(x, w, b), *native.linear_backward(dy, x, w)]
+        for got, want, name in zip(outs[isa, threads], [y_ref, *grads_ref], ("y", "dx", "dw", "db")):
+            assert_close(got, want, dtype, f"linear {name} {isa}/{threads}")
+    for (isa, threads), got in outs.items():  # the blocks never change a sum
+        for a, b_ in zip(got, outs[isa, 1]):
+            np.testing.assert_array_equal(a, b_)
+
+
 # ----------------------------------------------------------------------------- pooling
 
 @st.composite

@@ -65,7 +65,7 @@ void conv_forward_unpadded(const ConvGeom& g, const T* x, const T* w, const T* b
     const MicroKernel<T> uk = current_ukernel<T>();
     const long P = g.P(), CRS = g.CRS(), HW = g.HW(), CHW = g.C * HW;
     const int NR = uk.nr;
-    StridedPackA<T> packA{w, CRS, 1, uk.mr};
+    StridedPackA<T> packA{w, CRS, 1, uk.mr, uk.im2row};
     auto packB = [&](T* dst, long j, long nr, long k, long kc) {
         long seg_col[32], seg_len[32], seg_off[32];
         long nseg = 0;
@@ -855,8 +855,8 @@ template <typename T>
 void linear_forward(long N, long IN, long OUT, const T* x, const T* w, const T* b, T* y) {
     const MicroKernel<T> uk = current_ukernel<T>();
     const int NR = uk.nr;
-    StridedPackA<T> packA{x, IN, 1, uk.mr};
-    StridedPackB<T> packB{w, 1, IN, NR};  // B(k, j) = w[j, k]
+    StridedPackA<T> packA{x, IN, 1, uk.mr, uk.im2row};
+    StridedPackB<T> packB{w, 1, IN, NR, uk.im2row};  // B(k, j) = w[j, k]
     auto store = [&](const T* tile, long i, long mr, long j, long nr, bool first) {
         for (long ii = 0; ii < mr; ++ii) {
             T* dst = y + (i + ii) * OUT + j;
@@ -897,7 +897,7 @@ void linear_backward(long N, long IN, long OUT, const T* dy, const T* x, const T
         };
     };
     // dx[N, IN] = dy[N, OUT] @ w[OUT, IN]
-    gemm_parallel<T>(uk, N, IN, OUT, StridedPackA<T>{dy, OUT, 1, uk.mr},
+    gemm_parallel<T>(uk, N, IN, OUT, StridedPackA<T>{dy, OUT, 1, uk.mr, uk.im2row},
                      StridedPackB<T>{w, IN, 1, NR}, make_store(dx, IN), num_threads(), make_direct(dx, IN));
     // dw[OUT, IN] = dy^T[OUT, N] @ x[N, IN]; the reduction over N is never split between threads
     gemm_parallel<T>(uk, OUT, IN, N, StridedPackA<T>{dy, 1, OUT, uk.mr},

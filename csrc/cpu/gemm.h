@@ -119,8 +119,8 @@ void gemm_block(const MicroKernel<T>& uk, long i0, long i1, long j0, long j1, lo
 
 // C = A * B over the whole matrix with `threads` OpenMP threads. The work is cut into blocks of
 // whole micro-panels along N (or along M when N is too narrow to feed every thread); every
-// output element is computed by exactly one thread in the same order whatever the thread count,
-// so the result does not depend on it.
+// output element is computed by exactly one thread in the same order whatever the thread count
+// or the blocks, so the result does not depend on them.
 // The `finish` functor of callers with no epilogue.
 struct NoFinish {
     void operator()(long, long, long, long) const {}
@@ -138,11 +138,16 @@ void gemm_parallel(const MicroKernel<T>& uk, long M, long N, long K, PackA packA
     const long n_panels = (N + NR - 1) / NR, m_panels = (M + MR - 1) / MR;
     const bool split_n = n_panels >= 2L * threads || n_panels >= m_panels;
     const long panels = split_n ? n_panels : m_panels;
-    // about 4 blocks per thread for load balance, but never below one panel per block and never
-    // above the packed-B block width
-    long per_block = std::max(1L, panels / (4L * std::max(threads, 1)));
-    if (split_n) per_block = std::min(per_block, GemmBlocking<T>::nc_max / NR);
-    const long blocks = (panels + per_block - 1) / per_block;
+    // Every block packs the whole of the other operand again (all of A when the blocks split N),
+    // so a thread gets as few blocks as possible: one, or as many as keep a block of columns
+    // within the packed-B width (the convolutions' pixel blocks, whose `finish` then runs in
+    // cache), in a number that is a multiple of the thread count; blocks of equal panel counts
+    // (+-1). (Four blocks per thread re-packed FastMNIST fc1's 256 x 800 input eight times on two
+    // threads: its forward ran at 0.43x PyTorch.)
+    const int tmax = std::max(threads, 1);
+    const long cap = split_n ? std::max(1L, GemmBlocking<T>::nc_max / NR) : panels;
+    long blocks = std::max<long>(tmax, (panels + cap - 1) / cap);
+    blocks = std::min(panels, (blocks + tmax - 1) / tmax * tmax);
     // below ~256k multiply-adds starting and joining the threads costs more than they save
     const bool tiny = double(M) * double(N) * double(K) < double(1L << 18);
     const int nt = tiny ? 1 : int(std::min<long>(threads, blocks));
@@ -153,12 +158,13 @@ void gemm_parallel(const MicroKernel<T>& uk, long M, long N, long K, PackA packA
         T* bbuf = thread_scratch<T, 7>(gemm_bbuf_size(uk));
 #pragma omp for schedule(static)
         for (long blk = 0; blk < blocks; ++blk) {
+            const long p0 = panels * blk / blocks, p1 = panels * (blk + 1) / blocks;
             if (split_n) {
-                long j0 = blk * per_block * NR, j1 = std::min(N, j0 + per_block * NR);
+                const long j0 = p0 * NR, j1 = std::min(N, p1 * NR);
                 gemm_block(uk, 0, M, j0, j1, 0, K, packA, packB, store, direct, abuf, bbuf);
                 finish(0, M, j0, j1);
             } else {
-                long i0 = blk * per_block * MR, i1 = std::min(M, i0 + per_block * MR);
+                const long i0 = p0 * MR, i1 = std::min(M, p1 * MR);
                 gemm_block(uk, i0, i1, 0, N, 0, K, packA, packB, store, direct, abuf, bbuf);
                 finish(i0, i1, 0, N);
             }
@@ -166,13 +172,42 @@ void gemm_parallel(const MicroKernel<T>& uk, long M, long N, long K, PackA packA
     }
 }
 
-// Packers for a plain strided matrix: element (r, c) at p[r*rs + c*cs].
+// Packers for a plain strided matrix: element (r, c) at p[r*rs + c*cs]. Three layouts:
+//  - the panel's elements of one depth contiguous (A with rs == 1, B with cs == 1): a copy per
+//    depth;
+//  - each panel row (A) / column (B) contiguous along the depth (A with cs == 1, B with rs == 1:
+//    a Linear layer's input and weights, the forward's filters): a transpose, through the ISA's
+//    register transposes when `transpose` is set (im2row.h with one "output row" spanning the
+//    depth: W loads and one W x W transpose per W depths instead of one scalar load and store per
+//    element; element-wise, packing FastMNIST fc1's input and weights was 21% of its one-thread
+//    forward);
+//  - anything else element by element.
+// The values are copied, never combined: every layout gives the same panels.
+template <typename T>
+using Im2RowFn = void (*)(T*, long, long, const long*, const T*, long, long, long, long, long, long);
+
 template <typename T>
 struct StridedPackA {
     const T* p;
     long rs, cs;
     int MR;
+    Im2RowFn<T> transpose = nullptr;
     void operator()(T* dst, long i, long mr, long k, long kc) const {
+        if (rs == 1) {
+            for (long kk = 0; kk < kc; ++kk) {
+                const T* src = p + i + (k + kk) * cs;
+                T* d = dst + kk * MR;
+                for (long ii = 0; ii < mr; ++ii) d[ii] = src[ii];
+                for (long ii = mr; ii < MR; ++ii) d[ii] = T(0);
+            }
+            return;
+        }
+        if (cs == 1 && transpose) {
+            long off[32];
+            for (long ii = 0; ii < mr; ++ii) off[ii] = (i + ii) * rs;
+            transpose(dst, MR, mr, off, p, 0, 0, 1, k + kc, k, kc);
+            return;
+        }
         for (long ii = 0; ii < mr; ++ii) {
             const T* src = p + (i + ii) * rs + k * cs;
             for (long kk = 0; kk < kc; ++kk) dst[kk * MR + ii] = src[kk * cs];
@@ -187,14 +222,21 @@ struct StridedPackB {
     const T* p;
     long rs, cs;
     int NR;
+    Im2RowFn<T> transpose = nullptr;
     void operator()(T* dst, long j, long nr, long k, long kc) const {
-        if (cs == 1) {  // rows of B are contiguous: copy runs
+        if (cs == 1) {
             for (long kk = 0; kk < kc; ++kk) {
                 const T* src = p + (k + kk) * rs + j;
                 T* d = dst + kk * NR;
                 for (long jj = 0; jj < nr; ++jj) d[jj] = src[jj];
                 for (long jj = nr; jj < NR; ++jj) d[jj] = T(0);
             }
+            return;
+        }
+        if (rs == 1 && transpose) {
+            long off[32];
+            for (long jj = 0; jj < nr; ++jj) off[jj] = (j + jj) * cs;
+            transpose(dst, NR, nr, off, p, 0, 0, 1, k + kc, k, kc);
             return;
         }
         for (long jj = 0; jj < nr; ++jj) {
