@@ -3,6 +3,7 @@
 // (deterministic; losses are small next to the convolutions).
 #include <cmath>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -381,6 +382,38 @@ std::vector<long> param_sizes(const py::list& params) {
     return sizes;
 }
 
+// One parameter's SGD update; the options are template flags (Flags & 1: weight decay, 2: momentum,
+// 4: Nesterov, 8: the first step, whose buffer is the gradient itself), so that every combination
+// is its own branch-free loop that vectorizes (as run-time branches only some of GCC's per-option
+// copies of the loop did).
+template <typename T>
+using SgdUpdate = void (*)(long, T*, const T*, T*, T, T, T, T);
+
+template <typename T, int Flags>
+void sgd_update(long n, T* pk, const T* gk, T* bk, T lr, T momentum, T damp, T wd) {
+    constexpr bool decay = Flags & 1, with_momentum = Flags & 2, nesterov = Flags & 4, first = Flags & 8;
+#pragma omp parallel for simd schedule(static) num_threads(num_threads()) if (n > kParallelMin)
+    for (long i = 0; i < n; ++i) {
+        T gi = gk[i];
+        if constexpr (decay) gi = gi + wd * pk[i];
+        if constexpr (with_momentum) {
+            T buf;
+            if constexpr (first) buf = gi;
+            else buf = momentum * bk[i] + damp * gi;
+            bk[i] = buf;
+            if constexpr (nesterov) gi = gi + momentum * buf;
+            else gi = buf;
+        }
+        pk[i] -= lr * gi;
+    }
+}
+
+template <typename T, int... Flags>
+SgdUpdate<T> sgd_update_for(int flags, std::integer_sequence<int, Flags...>) {
+    static const SgdUpdate<T> table[] = {&sgd_update<T, Flags>...};
+    return table[flags];
+}
+
 template <typename T>
 void sgd_step_t(py::list params, py::list grads, py::object bufs, double lr, double momentum,
                 double dampening, double weight_decay, bool nesterov, bool first_step) {
@@ -394,23 +427,32 @@ void sgd_step_t(py::list params, py::list grads, py::object bufs, double lr, dou
         b = state_pointers<T>(op, "momentum_buffers", py::reinterpret_borrow<py::list>(bufs), sizes, true);
     }
     const T tlr = T(lr), tm = T(momentum), tdamp = T(1.0 - dampening), twd = T(weight_decay);
+    const int flags = (weight_decay != 0.0 ? 1 : 0) |
+                      (momentum != 0.0 ? 2 | (nesterov ? 4 : 0) | (first_step ? 8 : 0) : 0);
+    const SgdUpdate<T> update = sgd_update_for<T>(flags, std::make_integer_sequence<int, 16>());
     py::gil_scoped_release release;
-    for (size_t k = 0; k < sizes.size(); ++k) {
-        T* pk = p[k];
-        const T* gk = g[k];
-        T* bk = b.empty() ? nullptr : b[k];
-        const long n = sizes[k];
+    for (size_t k = 0; k < sizes.size(); ++k)
+        update(sizes[k], p[k], g[k], b.empty() ? nullptr : b[k], tlr, tm, tdamp, twd);
+}
+
+// One parameter's Adam update. The weight-decay mode is a template argument: as run-time branches
+// inside the loop GCC split it into one copy per mode and vectorized only one of them (the plain
+// Adam of every model here ran scalar, 0.38 ms for FastMNIST's 215k parameters).
+enum AdamDecay { adam_no_decay = 0, adam_l2 = 1, adam_decoupled = 2 };
+
+template <typename T, int Decay>
+void adam_update(long n, T* pk, const T* gk, T* mk, T* vk, T b1, T b2, T c1, T c2, T step_size, T tb2, T teps,
+                 T twd, T shrink) {
 #pragma omp parallel for simd schedule(static) num_threads(num_threads()) if (n > kParallelMin)
-        for (long i = 0; i < n; ++i) {
-            T gi = gk[i];
-            if (weight_decay != 0.0) gi = gi + twd * pk[i];
-            if (bk) {
-                T buf = first_step ? gi : tm * bk[i] + tdamp * gi;
-                bk[i] = buf;
-                gi = nesterov ? gi + tm * buf : buf;
-            }
-            pk[i] -= tlr * gi;
-        }
+    for (long i = 0; i < n; ++i) {
+        T gi = gk[i], pi = pk[i];
+        if constexpr (Decay == adam_l2) gi = gi + twd * pi;
+        if constexpr (Decay == adam_decoupled) pi *= shrink;
+        const T mi = b1 * mk[i] + c1 * gi;
+        const T vi = b2 * vk[i] + c2 * gi * gi;
+        mk[i] = mi;
+        vk[i] = vi;
+        pk[i] = pi - step_size * mi / (std::sqrt(vi) / tb2 + teps);
     }
 }
 
@@ -429,24 +471,13 @@ void adam_step_t(py::list params, py::list grads, py::list exp_avgs, py::list ex
     const T step_size = T(lr / bias1), tb2 = T(bias2_sqrt), teps = T(eps);
     const T b1 = T(beta1), b2 = T(beta2), c1 = T(1.0 - beta1), c2 = T(1.0 - beta2);
     const T twd = T(weight_decay), shrink = T(1.0 - lr * weight_decay);
+    const int decay = weight_decay == 0.0 ? adam_no_decay : decoupled ? adam_decoupled : adam_l2;
     py::gil_scoped_release release;
     for (size_t k = 0; k < sizes.size(); ++k) {
-        T *pk = p[k], *mk = m[k], *vk = v[k];
-        const T* gk = g[k];
-        const long n = sizes[k];
-#pragma omp parallel for simd schedule(static) num_threads(num_threads()) if (n > kParallelMin)
-        for (long i = 0; i < n; ++i) {
-            T gi = gk[i], pi = pk[i];
-            if (weight_decay != 0.0) {
-                if (decoupled) pi *= shrink;
-                else gi = gi + twd * pi;
-            }
-            const T mi = b1 * mk[i] + c1 * gi;
-            const T vi = b2 * vk[i] + c2 * gi * gi;
-            mk[i] = mi;
-            vk[i] = vi;
-            pk[i] = pi - step_size * mi / (std::sqrt(vi) / tb2 + teps);
-        }
+        auto update = decay == adam_no_decay ? &adam_update<T, adam_no_decay>
+                      : decay == adam_l2     ? &adam_update<T, adam_l2>
+                                             : &adam_update<T, adam_decoupled>;
+        update(sizes[k], p[k], g[k], m[k], v[k], b1, b2, c1, c2, step_size, tb2, teps, twd, shrink);
     }
 }
 
