@@ -771,6 +771,23 @@ def test_maxpool2d_relu_matches_reference(case):
 
 
 @SETTINGS
+@given(pool_cases())
+def test_maxpool2d_relu_backward_is_the_composition(case):
+    """The fused backward == relu_backward then maxpool2d_backward, bit for bit (overlapping
+    windows included: the same additions in the same order), and close to the reference's."""
+    shape, kernel, stride, padding, dtype, seed = case
+    rng = _rng(seed)
+    x = (rng.standard_normal(shape) - 0.5).astype(dtype)  # some windows clipped by the ReLU
+    y, am = native.maxpool2d_relu_forward(x, kernel, stride, padding)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    want = ref.maxpool2d_relu_backward(dy, y, am, shape)
+    for _ in configs():
+        got = native.maxpool2d_relu_backward(dy, y, am, shape)
+        np.testing.assert_array_equal(got, native.maxpool2d_backward(native.relu_backward(dy, y), am, shape))
+        assert_close(got, want, dtype, "maxpool+relu bwd")
+
+
+@SETTINGS
 @given(st.integers(1, 40), st.integers(1, 100), st.integers(1, 45), st.sampled_from(DTYPES), st.integers(0, 2**31))
 def test_linear_bias_relu_matches_reference(n, fan_in, fan_out, dtype, seed):
     rng = _rng(seed)
@@ -1011,6 +1028,15 @@ W32 = np.zeros((4, 3, 3, 3), np.float32)
                                        (1, 1, 4, 4)), ValueError, r"maxpool2d_backward: argmax holds 99"),
     (lambda: native.maxpool2d_forward(F32, (2, 2), (2, 2), (2, 0)), ValueError,
      r"maxpool2d_forward: padding must be <= kernel // 2"),
+    (lambda: native.maxpool2d_relu_backward(np.zeros((1, 1, 2, 2), np.float32), np.zeros((1, 1, 2, 1), np.float32),
+                                            np.zeros((1, 1, 2, 2), np.int32), (1, 1, 4, 4)), ValueError,
+     r"maxpool2d_relu_backward: y must have dy's shape \(1, 1, 2, 2\), got \(1, 1, 2, 1\)"),
+    (lambda: native.maxpool2d_relu_backward(np.zeros((1, 1, 2, 2), np.float32), np.zeros((1, 1, 2, 2), np.float64),
+                                            np.zeros((1, 1, 2, 2), np.int32), (1, 1, 4, 4)), TypeError,
+     r"maxpool2d_relu_backward: y must have dtype float32"),
+    (lambda: native.maxpool2d_relu_backward(np.zeros((1, 1, 2, 2), np.float32), np.zeros((1, 1, 2, 2), np.float32),
+                                            np.full((1, 1, 2, 2), -1, np.int32), (1, 1, 4, 4)), ValueError,
+     r"maxpool2d_relu_backward: argmax holds -1"),
     (lambda: native.relu_forward([1.0, 2.0]), TypeError, r"relu_forward: x must be .* got list"),
     (lambda: native.relu_backward(F32, F32[:1].copy()), ValueError, r"relu_backward: dy and y must have one shape"),
     (lambda: native.linear_forward(np.zeros((2, 3), np.float32), np.zeros((4, 5), np.float32), None),

@@ -379,6 +379,24 @@ def maxpool2d_backward(dy, argmax, x_shape):
     return _n.maxpool2d_backward(dy, argmax, n, c, h, w)
 
 
+def maxpool2d_relu_backward(dy, y, argmax, x_shape):
+    """maxpool2d_backward(relu_backward(dy, y), argmax, x_shape) in one pass (y from
+    maxpool2d_relu_forward): dy scatter-added where y > 0."""
+    _require()
+    op = "maxpool2d_relu_backward"
+    _float_array(op, "dy", dy, 4, what="(N, C, Ho, Wo)")
+    _float_array(op, "y", y, 4, what="(N, C, Ho, Wo)", dtype=dy.dtype)
+    if y.shape != dy.shape:
+        raise ValueError(f"{op}: y must have dy's shape {dy.shape}, got {y.shape}")
+    if not isinstance(argmax, np.ndarray) or argmax.dtype != np.int32 or not argmax.flags.c_contiguous:
+        raise TypeError(f"{op}: argmax must be a C-contiguous int32 array, got "
+                        f"{getattr(argmax, 'dtype', type(argmax).__name__)}")
+    if argmax.shape != dy.shape:
+        raise ValueError(f"{op}: argmax must have dy's shape {dy.shape}, got {argmax.shape}")
+    n, c, h, w = _shape4(op, "x_shape", x_shape)
+    return _n.maxpool2d_relu_backward(dy, y, argmax, n, c, h, w)
+
+
 def avgpool2d_forward(x, kernel, stride, padding):
     """y: mean over each window, padded zeros counted in the divisor (kh*kw)."""
     _require()
