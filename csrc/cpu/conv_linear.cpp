@@ -902,11 +902,12 @@ void linear_backward(long N, long IN, long OUT, const T* dy, const T* x, const T
     // dw[OUT, IN] = dy^T[OUT, N] @ x[N, IN]; the reduction over N is never split between threads
     gemm_parallel<T>(uk, OUT, IN, N, StridedPackA<T>{dy, 1, OUT, uk.mr},
                      StridedPackB<T>{x, IN, 1, NR}, make_store(dw, IN), num_threads(), make_direct(dw, IN));
-    for (long o = 0; o < OUT; ++o) {
-        double s = 0.0;
-        for (long n = 0; n < N; ++n) s += double(dy[n * OUT + o]);
-        db[o] = T(s);
-    }
+    // db along dy's rows (contiguous, vectorizable; column by column was a strided walk), each
+    // column still summed in sample order
+    std::vector<double> sums(size_t(OUT), 0.0);
+    for (long n = 0; n < N; ++n)
+        for (long o = 0; o < OUT; ++o) sums[o] += double(dy[n * OUT + o]);
+    for (long o = 0; o < OUT; ++o) db[o] = T(sums[o]);
 }
 
 // ---------------------------------------------------------------------------- bindings
