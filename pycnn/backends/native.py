@@ -365,17 +365,21 @@ def maxpool2d_relu_forward(x, kernel, stride, padding):
     return _n.maxpool2d_relu_forward(x, kh, kw, sh, sw, ph, pw)
 
 
-def maxpool2d_backward(dy, argmax, x_shape):
-    """dx: dy scatter-added into the argmax positions of each input plane."""
-    _require()
-    op = "maxpool2d_backward"
+def _pool_backward_args(op: str, dy, argmax, x_shape) -> tuple[int, int, int, int]:
+    """The checks shared by the max-pool backward ops: dy 4-D float, argmax int32 of dy's shape."""
     _float_array(op, "dy", dy, 4, what="(N, C, Ho, Wo)")
     if not isinstance(argmax, np.ndarray) or argmax.dtype != np.int32 or not argmax.flags.c_contiguous:
         raise TypeError(f"{op}: argmax must be a C-contiguous int32 array, got "
                         f"{getattr(argmax, 'dtype', type(argmax).__name__)}")
     if argmax.shape != dy.shape:
         raise ValueError(f"{op}: argmax must have dy's shape {dy.shape}, got {argmax.shape}")
-    n, c, h, w = _shape4(op, "x_shape", x_shape)
+    return _shape4(op, "x_shape", x_shape)
+
+
+def maxpool2d_backward(dy, argmax, x_shape):
+    """dx: dy scatter-added into the argmax positions of each input plane."""
+    _require()
+    n, c, h, w = _pool_backward_args("maxpool2d_backward", dy, argmax, x_shape)
     return _n.maxpool2d_backward(dy, argmax, n, c, h, w)
 
 
@@ -384,16 +388,10 @@ def maxpool2d_relu_backward(dy, y, argmax, x_shape):
     maxpool2d_relu_forward): dy scatter-added where y > 0."""
     _require()
     op = "maxpool2d_relu_backward"
-    _float_array(op, "dy", dy, 4, what="(N, C, Ho, Wo)")
+    n, c, h, w = _pool_backward_args(op, dy, argmax, x_shape)
     _float_array(op, "y", y, 4, what="(N, C, Ho, Wo)", dtype=dy.dtype)
     if y.shape != dy.shape:
         raise ValueError(f"{op}: y must have dy's shape {dy.shape}, got {y.shape}")
-    if not isinstance(argmax, np.ndarray) or argmax.dtype != np.int32 or not argmax.flags.c_contiguous:
-        raise TypeError(f"{op}: argmax must be a C-contiguous int32 array, got "
-                        f"{getattr(argmax, 'dtype', type(argmax).__name__)}")
-    if argmax.shape != dy.shape:
-        raise ValueError(f"{op}: argmax must have dy's shape {dy.shape}, got {argmax.shape}")
-    n, c, h, w = _shape4(op, "x_shape", x_shape)
     return _n.maxpool2d_relu_backward(dy, y, argmax, n, c, h, w)
 
 
