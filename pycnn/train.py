@@ -130,11 +130,11 @@ def evaluate(model, x, y, batch_size: int = 1000) -> tuple[float, float]:
 def _versions(backend_name: str) -> dict:
     info = {"pycnn": pycnn.__version__, "numpy": np.__version__, "python": platform.python_version(),
             "backend": backend_name, "machine": platform.machine(), "processor": platform.processor()}
-    try:
-        import numba
+    try:  # the installed version, without importing numba (0.16 s of the main job's start on native)
+        from importlib.metadata import PackageNotFoundError, version
 
-        info["numba"] = numba.__version__
-    except ImportError:
+        info["numba"] = version("numba")
+    except PackageNotFoundError:
         pass
     if backend_name == "cuda":
         import cupy
