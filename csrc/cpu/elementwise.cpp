@@ -471,14 +471,12 @@ void adam_step_t(py::list params, py::list grads, py::list exp_avgs, py::list ex
     const T step_size = T(lr / bias1), tb2 = T(bias2_sqrt), teps = T(eps);
     const T b1 = T(beta1), b2 = T(beta2), c1 = T(1.0 - beta1), c2 = T(1.0 - beta2);
     const T twd = T(weight_decay), shrink = T(1.0 - lr * weight_decay);
-    const int decay = weight_decay == 0.0 ? adam_no_decay : decoupled ? adam_decoupled : adam_l2;
+    const auto update = weight_decay == 0.0 ? &adam_update<T, adam_no_decay>
+                        : decoupled          ? &adam_update<T, adam_decoupled>
+                                             : &adam_update<T, adam_l2>;
     py::gil_scoped_release release;
-    for (size_t k = 0; k < sizes.size(); ++k) {
-        auto update = decay == adam_no_decay ? &adam_update<T, adam_no_decay>
-                      : decay == adam_l2     ? &adam_update<T, adam_l2>
-                                             : &adam_update<T, adam_decoupled>;
+    for (size_t k = 0; k < sizes.size(); ++k)
         update(sizes[k], p[k], g[k], m[k], v[k], b1, b2, c1, c2, step_size, tb2, teps, twd, shrink);
-    }
 }
 
 // The dtype of the first parameter picks the instantiation.
