@@ -409,6 +409,48 @@ def test_direct_forward_model_shapes(x_shape, w_shape, padding, dtype):
     check_conv(x_shape, w_shape, (1, 1), padding, dtype, seed=31)
 
 
+# (K, Ho, Wo, S) output planes whose direct forward takes row tiles (dconv.h) on some ISA and dtype,
+# between them a last row tile that overlaps the one above and a last column tile that computes
+# junk past Wo (test_direct_forward_row_tiles checks through direct_forward_plan that every ISA's
+# plans include both)
+ROW_TILE_PLANES = [(16, 10, 10, 5), (5, 5, 13, 3), (5, 7, 13, 3), (40, 7, 7, 3), (5, 9, 7, 3), (5, 5, 3, 3),
+                   (24, 11, 7, 3), (70, 5, 7, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_direct_forward_row_tiles(dtype):
+    """The direct forward's row tiles (dconv.h: 2-D tiles of output pixels stored straight into y)
+    against the reference, with bias, the fused ReLU and a NaN, on every ISA and 1 and 2 threads;
+    and that the planes above reach both of a row tile's edge cases on every ISA."""
+    native.set_winograd(False)
+    native.set_direct_forward("always")
+    for isa in ISAS:
+        native.set_isa(isa)
+        edges = set()
+        for k, ho, wo, s in ROW_TILE_PLANES:
+            for kv, pb, wb, rb, nblk in native._n.direct_forward_plan(k, ho, wo, wo + s - 1, dtype == np.float64):
+                if wb:
+                    assert rb * wb == pb and nblk == -(-ho // rb) * -(-wo // wb), (isa, k, ho, wo)
+                    edges.add("tiles")
+                    if ho % rb:
+                        edges.add("rows")
+                    if wo % wb:
+                        edges.add("cols")
+        assert edges == {"tiles", "rows", "cols"}, (isa, edges)
+    for k, ho, wo, s in ROW_TILE_PLANES:
+        c = 3 if k != 16 else 6
+        x_shape, w_shape = (2, c, ho + s - 1, wo + s - 1), (k, c, s, s)
+        check_conv(x_shape, w_shape, (1, 1), (0, 0), dtype, seed=ho * wo + k)
+        rng = _rng(k + ho)
+        x, w = rng.standard_normal(x_shape).astype(dtype), rng.standard_normal(w_shape).astype(dtype)
+        b = rng.standard_normal(k).astype(dtype)
+        x[1, 0, ho // 2, 1] = np.nan  # a NaN stays NaN through the fused ReLU
+        want = ref.conv2d_bias_relu_forward(x, w, b, (1, 1), (0, 0))
+        for isa, threads in configs():
+            assert_close(native.conv2d_bias_relu_forward(x, w, b, (1, 1), (0, 0)), want, dtype,
+                         f"{isa}/{threads} {x_shape} {w_shape}")
+
+
 @st.composite
 def small_plane_cases(draw):
     """3x3 stride-1 convolutions whose output plane is at most 3x3 (smallplane.h): every plane size

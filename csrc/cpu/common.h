@@ -137,6 +137,16 @@ struct RowOut {
     int relu;
 };
 
+// Where dconv.h's row tiles write: o.y is the tile's first pixel in the plane of its first channel,
+// o.ky the distance between channel planes, o.wo the real columns of each tile row (the others
+// are junk), o.kn / o.bias / o.relu as for rowconv.h; ldy the distance between output rows; rows
+// before row_lo are left alone (a clamped last tile overlaps the tile above it).
+template <typename T>
+struct TileOut {
+    RowOut<T> o;
+    long ldy, row_lo;
+};
+
 // The direct small-plane 3x3 kernels (smallplane.h) for a register budget (27 of AVX-512's 32
 // vector registers, 12 of AVX2's 16): output-channel vectors per forward call for a plane of P
 // output pixels (accumulators P*KV + KV weight vectors + one broadcast), and whether the
@@ -146,6 +156,12 @@ constexpr int small_forward_kv(int budget, int P) {
     return (budget - 1) / (P + 1) > 4 ? 4 : (budget - 1) / (P + 1);
 }
 constexpr bool small_backward_fits(int budget, int HO, int WO) { return (HO + 2) * (WO + 2) + 2 <= budget; }
+
+// The direct forward (dconv.h) for a register budget: pixels per tile for KV output-channel vectors
+// (the accumulators that fit with the weight vectors, at most 24), and the rows of its row tile
+// of width wb (2 <= wb <= dconv_pb / 2; the caller plans its tiles with this).
+constexpr int dconv_pb(int budget, int kv) { return (budget - kv) / kv > 24 ? 24 : (budget - kv) / kv; }
+constexpr int dconv_rows(int pb, int wb) { return pb / wb; }
 
 // Backward-weight's direct kernel (corr.h) uses its sliding-window form where it applies (switch
 // for tests and benchmarks; defined in conv_linear.cpp).
@@ -163,8 +179,11 @@ struct MicroKernel {
                  long dy_n, long np, long rows, long cols, T* out, long out_k, T* dsum);
     // Winograd F(2x2,3x3) forward with this ISA's transforms (winograd.h)
     void (*winograd)(const WinogradArgs<T>& args);
-    // direct stride-1 forward over KV output-channel vectors x dconv_pb[KV] pixels (dconv.h)
-    void (*dconv)(long KV, const T* x, const T* wt, const long* toff, long taps, T* out);
+    // direct stride-1 forward over KV output-channel vectors (dconv.h): for wb == 0 the wide tile
+    // of dconv_pb[KV] pixels into `tile`; else dconv_rows(dconv_pb[KV], wb) rows of wb pixels,
+    // ldx apart in x, straight into y
+    void (*dconv)(long KV, long wb, const T* x, long ldx, const T* wt, const long* toff, long taps, T* tile,
+                  const TileOut<T>& y);
     int dconv_pb[5];
     // direct stride-1 forward along output rows for few input channels (rowconv.h): rowconv_kb[NV]
     // output channels per call for rows of NV vectors (NV <= 4)

@@ -149,6 +149,54 @@ void conv_forward_unpadded(const ConvGeom& g, const T* x, const T* w, const T* b
 enum class DirectMode2 { automatic = 0, always = 1, never = 2, rows = 3 };
 DirectMode2 g_direct_forward = DirectMode2::automatic;
 
+// How one channel block of KV vectors covers an output plane: the tile shape (wb == 0: wide
+// tiles of pb pixels, else row tiles of rb x wb) and the pixel blocks per sample. Of the wide
+// order and every row tile that the kernel has, the one that computes the fewest pixels.
+struct DconvPlan {
+    long kv;                // output-channel vectors of the block
+    long pb, wb, rb;        // pixels per tile; the row tile's width (0: wide) and rows
+    long rows_per_blk;      // wide: whole output rows per block (0: blocks back to back)
+    long col_blocks, nblk;  // row tiles across a row; pixel blocks per sample
+};
+
+DconvPlan plan_dconv(long kv, long pb, long Ho, long Wo, long Wx) {
+    DconvPlan best{kv, pb, 0, 1, 0, 0, 0};
+    // Wide: where a block of pb wide pixels spans whole output rows, blocks start at row
+    // boundaries and hold rows_per_blk rows (LeNet-5 conv2, 14-wide input, pb 24: two rows of 10,
+    // 20 useful pixels of 24 computed, against 100 of 144 with back-to-back blocks that start
+    // mid-row and compute the junk columns between rows); otherwise back to back.
+    const long Qs = (Ho - 1) * Wx + Wo;  // wide pixels of one sample (the last row cropped)
+    best.rows_per_blk = pb >= Wo ? (pb - Wo) / Wx + 1 : 0;
+    best.nblk = best.rows_per_blk ? (Ho + best.rows_per_blk - 1) / best.rows_per_blk : (Qs + pb - 1) / pb;
+    long best_pixels = best.nblk * pb;
+    // Row tiles: the last tile of a column starts early (overlapping the one above, whose rows it
+    // leaves alone), so a tile never reads past its sample's rows; the last tile of a row computes
+    // junk past Wo (reading at most wb - 1 values past the row, into the next row or the zeros
+    // after x) and stores only the real columns.
+    for (long wb = 2; wb <= pb / 2; ++wb) {
+        const long rb = dconv_rows(int(pb), int(wb));
+        if (wb > Wo || rb > Ho) continue;
+        const long cols = (Wo + wb - 1) / wb, nblk = ((Ho + rb - 1) / rb) * cols;
+        if (nblk * rb * wb < best_pixels) {
+            best = DconvPlan{kv, rb * wb, wb, rb, 0, cols, nblk};
+            best_pixels = nblk * rb * wb;
+        }
+    }
+    return best;
+}
+
+// K output channels in blocks of at most 4 vectors (as even as possible), each with its plan.
+template <typename T>
+std::vector<DconvPlan> plan_dconv_blocks(const MicroKernel<T>& uk, long K, long Ho, long Wo, long Wx) {
+    const long KVtot = (K + uk.width - 1) / uk.width, nkb = (KVtot + 3) / 4, KVb = (KVtot + nkb - 1) / nkb;
+    std::vector<DconvPlan> plans;
+    for (long kb = 0; kb < nkb; ++kb) {
+        const long kv = std::min(KVb, KVtot - kb * KVb);
+        plans.push_back(plan_dconv(kv, uk.dconv_pb[kv], Ho, Wo, Wx));
+    }
+    return plans;
+}
+
 template <typename T>
 void conv_forward_direct(const ConvGeom& g, const T* x, const T* w, const T* b, T* y, bool relu) {
     const MicroKernel<T> uk = current_ukernel<T>();
@@ -167,45 +215,61 @@ void conv_forward_direct(const ConvGeom& g, const T* x, const T* w, const T* b, 
     for (long c = 0, t = 0; c < C; ++c)
         for (long r = 0; r < R; ++r)
             for (long s = 0; s < S; ++s, ++t) toff[t] = (c * Hx + r) * Wx + s;
-    const long Qs = (Ho - 1) * Wx + Wo;  // "wide" pixels of one sample (the last row cropped)
-    long PBmax = 0;
-    // Pixel blocks: where a block of PB wide pixels spans whole output rows, blocks start at row
-    // boundaries and hold RB rows (LeNet-5 conv2, 14-wide input, PB 24: two rows of 10, 20 useful
-    // pixels of 24 computed, against 100 of 144 with back-to-back blocks that start mid-row and
-    // compute the junk columns between rows); otherwise back to back over the wide pixels.
-    std::vector<long> items_per_kb(size_t(nkb), 0), nblk(size_t(nkb), 0), rows_per_blk(size_t(nkb), 0);
+    const long Qs = (Ho - 1) * Wx + Wo;
+    const std::vector<DconvPlan> plans = plan_dconv_blocks(uk, K, Ho, Wo, Wx);
+    std::vector<long> items_per_kb(size_t(nkb), 0);
+    long PBmax = 0, items = 0;
     for (long kb = 0; kb < nkb; ++kb) {
-        const long KV = std::min(KVb, KVtot - kb * KVb), PB = uk.dconv_pb[KV];
-        rows_per_blk[kb] = PB >= Wo ? (PB - Wo) / Wx + 1 : 0;
-        nblk[kb] = rows_per_blk[kb] ? (Ho + rows_per_blk[kb] - 1) / rows_per_blk[kb] : (Qs + PB - 1) / PB;
-        items_per_kb[kb] = g.N * nblk[kb];
-        PBmax = std::max(PBmax, PB);
+        items_per_kb[kb] = g.N * plans[kb].nblk;
+        items += items_per_kb[kb];
+        PBmax = std::max(PBmax, plans[kb].pb);
     }
-    long items = 0;
-    for (long kb = 0; kb < nkb; ++kb) items += items_per_kb[kb];
 #pragma omp parallel num_threads(int(std::max<long>(1, std::min<long>(num_threads(), items))))
     {
-        T* tile = thread_scratch<T, 12>(size_t(PBmax * KVb * V));
+        T* tile = thread_scratch<T, 12>(size_t((PBmax + V - 1) / V * V * KVb * V));
 #pragma omp for schedule(static)
         for (long it = 0; it < items; ++it) {
             long kb = 0, rest = it;
             while (rest >= items_per_kb[kb]) rest -= items_per_kb[kb++];
-            const long n = rest / nblk[kb], blk = rest % nblk[kb];
-            const long KV = std::min(KVb, KVtot - kb * KVb), PB = uk.dconv_pb[KV], kw = KV * V;
-            const long RB = rows_per_blk[kb], k0 = kb * KVb * V, kn = std::min(kw, K - k0);
-            const long q0 = RB ? blk * RB * Wx : blk * PB, oh_end = RB ? std::min(Ho, (blk + 1) * RB) : Ho;
-            uk.dconv(KV, x + n * C * Hx * Wx + q0, wt + kb * KVb * V * taps, toff, taps, tile);
-            for (long i = 0; i < PB && q0 + i < Qs; ++i) {
-                const long q = q0 + i, oh = q / Wx, ow = q % Wx;
-                if (oh >= oh_end) break;  // the next block's rows
-                if (ow >= Wo) continue;  // a junk column of the wide order
-                T* yo = y + ((n * K + k0) * Ho + oh) * Wo + ow;
-                const T* src = tile + i * kw;
+            const DconvPlan& pl = plans[kb];
+            const long n = rest / pl.nblk, blk = rest % pl.nblk;
+            const long KV = pl.kv, kw = KV * V;
+            const long k0 = kb * KVb * V, kn = std::min(kw, K - k0);
+            const T* xn = x + n * C * Hx * Wx;
+            const T* wblk = wt + kb * KVb * V * taps;
+            if (pl.wb) {  // a row tile: the kernel stores into y
+                const long oh_nom = (blk / pl.col_blocks) * pl.rb, ow0 = (blk % pl.col_blocks) * pl.wb;
+                const long oh0 = std::min(oh_nom, Ho - pl.rb);
+                const TileOut<T> out{{y + ((n * K + k0) * Ho + oh0) * Wo + ow0, Ho * Wo, std::min(pl.wb, Wo - ow0), kn,
+                                      b ? b + k0 : nullptr, relu ? 1 : 0},
+                                     Wo, oh_nom - oh0};
+                uk.dconv(KV, pl.wb, xn + oh0 * Wx + ow0, Wx, wblk, toff, taps, nullptr, out);
+                continue;
+            }
+            // A wide tile comes back as [channel][pixel] (pixels ldp apart): bias + ReLU (max(0, v)
+            // keeps a NaN) for the pixels ow_b..ow_e-1 of output row oh, which start at column src
+            const long ldp = (pl.pb + V - 1) / V * V;
+            auto emit = [&](long oh, long ow_b, long ow_e, const T* src) {
                 for (long kk = 0; kk < kn; ++kk) {
-                    T v = src[kk] + (b ? b[k0 + kk] : T(0));
-                    if (relu) v = v < T(0) ? T(0) : v;
-                    yo[kk * Ho * Wo] = v;
+                    const T bias = b ? b[k0 + kk] : T(0);
+                    T* yo = y + ((n * K + k0 + kk) * Ho + oh) * Wo;
+                    const T* s = src + kk * ldp - ow_b;
+                    for (long ow = ow_b; ow < ow_e; ++ow) {
+                        T v = s[ow] + bias;
+                        if (relu) v = v < T(0) ? T(0) : v;
+                        yo[ow] = v;
+                    }
                 }
+            };
+            const long RB = pl.rows_per_blk;
+            const long q0 = RB ? blk * RB * Wx : blk * pl.pb;
+            const long q_end = std::min(std::min(Qs, q0 + pl.pb), RB ? (blk + 1) * RB * Wx : Qs);
+            uk.dconv(KV, 0, xn + q0, Wx, wblk, toff, taps, tile, TileOut<T>{});
+            // the block's wide pixels q0..q_end-1, row by row (the junk columns ow >= Wo dropped)
+            for (long q = q0; q < q_end;) {
+                const long oh = q / Wx, ow = q % Wx, row_end = std::min(q_end, (oh + 1) * Wx);
+                if (ow < Wo) emit(oh, ow, std::min(Wo, ow + row_end - q), tile + (q - q0));
+                q = row_end;
             }
         }
     }
@@ -1142,6 +1206,15 @@ void register_conv_linear(py::module_& m) {
         return std::string(g_direct_weight == DirectMode::automatic ? "auto"
                            : g_direct_weight == DirectMode::always ? "always" : "never");
     });
+    m.def("direct_forward_plan", [](long K, long Ho, long Wo, long Wx, bool f64) {
+        py::list out;
+        const auto plans = f64 ? plan_dconv_blocks(current_ukernel<double>(), K, Ho, Wo, Wx)
+                               : plan_dconv_blocks(current_ukernel<float>(), K, Ho, Wo, Wx);
+        for (const DconvPlan& p : plans) out.append(py::make_tuple(p.kv, p.pb, p.wb, p.rb, p.nblk));
+        return out;
+    }, "The direct forward's tiles (dconv.h) for K output channels, an Ho x Wo output and a padded "
+       "input Wx wide, with the current ISA: per channel block (vectors, pixels per tile, row tile width "
+       "(0: wide), rows, tiles per sample). For tests.");
     m.def("conv2d_forward", [](py::array x, py::array w, py::object b, long sh, long sw, long ph, long pw) {
         if (has_dtype<float>(x)) return conv2d_forward_t<float>(x, w, b, sh, sw, ph, pw);
         if (has_dtype<double>(x)) return conv2d_forward_t<double>(x, w, b, sh, sw, ph, pw);

@@ -21,6 +21,8 @@ struct Avx2F32 {
     using T = float;
     using V = __m256;
     static constexpr int width = 8;
+    // vmaskmovps stores are slow on AMD cores (dconv.h copies partial vectors out through a buffer)
+    static constexpr bool fast_store_n = false;
     static V zero() { return _mm256_setzero_ps(); }
     static V load(const T* p) { return _mm256_loadu_ps(p); }
     static V bcast(T v) { return _mm256_set1_ps(v); }
@@ -71,6 +73,8 @@ struct Avx2F64 {
     using T = double;
     using V = __m256d;
     static constexpr int width = 4;
+    // vmaskmovps stores are slow on AMD cores (dconv.h copies partial vectors out through a buffer)
+    static constexpr bool fast_store_n = false;
     static V zero() { return _mm256_setzero_pd(); }
     static V load(const T* p) { return _mm256_loadu_pd(p); }
     static V bcast(T v) { return _mm256_set1_pd(v); }
@@ -100,11 +104,13 @@ struct Avx2F64 {
 
 #include "dconv.h"
 
-void dconv_f32(long KV, const float* x, const float* wt, const long* toff, long taps, float* out) {
-    dconv_dispatch<Avx2F32, 12>(KV, x, wt, toff, taps, out);
+void dconv_f32(long KV, long wb, const float* x, long ldx, const float* wt, const long* toff, long taps, float* tile,
+               const TileOut<float>& y) {
+    dconv_dispatch<Avx2F32, 12>(KV, wb, x, ldx, wt, toff, taps, tile, y);
 }
-void dconv_f64(long KV, const double* x, const double* wt, const long* toff, long taps, double* out) {
-    dconv_dispatch<Avx2F64, 12>(KV, x, wt, toff, taps, out);
+void dconv_f64(long KV, long wb, const double* x, long ldx, const double* wt, const long* toff, long taps, double* tile,
+               const TileOut<double>& y) {
+    dconv_dispatch<Avx2F64, 12>(KV, wb, x, ldx, wt, toff, taps, tile, y);
 }
 
 #include "smallplane.h"
@@ -263,8 +269,8 @@ double fma_loop(long iterations) {
 
 #pragma GCC pop_options
 
-MicroKernel<float> ukernel_avx2_f32() { return {6, 16, &ukernel_f32, 8, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<12>(1), dconv_pb<12>(2), dconv_pb<12>(3), dconv_pb<12>(4)}, &rowconv_f32, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f32, &small_backward_data_f32, 12, &im2row_f32, &winograd_data_f32, &winograd_weight_f32}; }
-MicroKernel<double> ukernel_avx2_f64() { return {6, 8, &ukernel_f64, 4, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<12>(1), dconv_pb<12>(2), dconv_pb<12>(3), dconv_pb<12>(4)}, &rowconv_f64, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f64, &small_backward_data_f64, 12, &im2row_f64, &winograd_data_f64, &winograd_weight_f64}; }
+MicroKernel<float> ukernel_avx2_f32() { return {6, 16, &ukernel_f32, 8, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb(12, 1), dconv_pb(12, 2), dconv_pb(12, 3), dconv_pb(12, 4)}, &rowconv_f32, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f32, &small_backward_data_f32, 12, &im2row_f32, &winograd_data_f32, &winograd_weight_f32}; }
+MicroKernel<double> ukernel_avx2_f64() { return {6, 8, &ukernel_f64, 4, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb(12, 1), dconv_pb(12, 2), dconv_pb(12, 3), dconv_pb(12, 4)}, &rowconv_f64, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f64, &small_backward_data_f64, 12, &im2row_f64, &winograd_data_f64, &winograd_weight_f64}; }
 double fma_peak_avx2(long iterations) { return fma_loop(iterations); }
 
 }  // namespace pycnn

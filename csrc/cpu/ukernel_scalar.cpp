@@ -14,6 +14,8 @@ struct ScalarTraits {
     using T = TT;
     using V = TT;
     static constexpr int width = 1;
+    // store_n is a plain store
+    static constexpr bool fast_store_n = true;
     static V zero() { return V(0); }
     static V load(const T* p) { return *p; }
     static V load_n(const T* p, int n) { return n > 0 ? *p : V(0); }
@@ -31,11 +33,13 @@ struct ScalarTraits {
 
 #include "dconv.h"
 
-void dconv_f32(long KV, const float* x, const float* wt, const long* toff, long taps, float* out) {
-    dconv_dispatch<ScalarTraits<float>, 27>(KV, x, wt, toff, taps, out);
+void dconv_f32(long KV, long wb, const float* x, long ldx, const float* wt, const long* toff, long taps, float* tile,
+               const TileOut<float>& y) {
+    dconv_dispatch<ScalarTraits<float>, 27>(KV, wb, x, ldx, wt, toff, taps, tile, y);
 }
-void dconv_f64(long KV, const double* x, const double* wt, const long* toff, long taps, double* out) {
-    dconv_dispatch<ScalarTraits<double>, 27>(KV, x, wt, toff, taps, out);
+void dconv_f64(long KV, long wb, const double* x, long ldx, const double* wt, const long* toff, long taps, double* tile,
+               const TileOut<double>& y) {
+    dconv_dispatch<ScalarTraits<double>, 27>(KV, wb, x, ldx, wt, toff, taps, tile, y);
 }
 
 #include "smallplane.h"
@@ -117,7 +121,7 @@ void ukernel_f64(long kc, const double* a, const double* b, double* c, long ldc,
 
 }  // namespace
 
-MicroKernel<float> ukernel_scalar_f32() { return {4, 8, &ukernel_f32, 1, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f32, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f32, &small_backward_data_f32, 27, &im2row_f32, &winograd_data_f32, &winograd_weight_f32}; }
-MicroKernel<double> ukernel_scalar_f64() { return {4, 8, &ukernel_f64, 1, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb<27>(1), dconv_pb<27>(2), dconv_pb<27>(3), dconv_pb<27>(4)}, &rowconv_f64, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f64, &small_backward_data_f64, 27, &im2row_f64, &winograd_data_f64, &winograd_weight_f64}; }
+MicroKernel<float> ukernel_scalar_f32() { return {4, 8, &ukernel_f32, 1, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb(27, 1), dconv_pb(27, 2), dconv_pb(27, 3), dconv_pb(27, 4)}, &rowconv_f32, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f32, &small_backward_data_f32, 27, &im2row_f32, &winograd_data_f32, &winograd_weight_f32}; }
+MicroKernel<double> ukernel_scalar_f64() { return {4, 8, &ukernel_f64, 1, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb(27, 1), dconv_pb(27, 2), dconv_pb(27, 3), dconv_pb(27, 4)}, &rowconv_f64, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f64, &small_backward_data_f64, 27, &im2row_f64, &winograd_data_f64, &winograd_weight_f64}; }
 
 }  // namespace pycnn
