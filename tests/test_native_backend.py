@@ -667,6 +667,8 @@ def test_results_do_not_depend_on_thread_count():
                          *native.conv2d_backward_weight(dy[:, :5].copy(), x[:, :1].copy(), (5, 1, 3, 3), (1, 1), (0, 0)),
                          _col2im(lambda: native.conv2d_backward_data(dy, w, x.shape, (1, 1), (0, 0))),
                          _direct_forward(lambda: native.conv2d_forward(x, w, None, (1, 1), (1, 1))),
+                         # the row kernel (C = 1), one sample: runs of 3, 2 and 2 rows per item
+                         native.conv2d_forward(x[:1, :1].copy(), w[:, :1].copy(), None, (1, 1), (0, 0)),
                          native.conv2d_forward(x[:, :, :5, :5].copy(), w, None, (1, 1), (0, 0)),
                          native.conv2d_backward_data(dy[:, :, :3, :3].copy(), w, (16, 8, 5, 5), (1, 1), (0, 0)),
                          native.linear_forward(lx, lw, None), *native.linear_backward(ldy, lx, lw)]

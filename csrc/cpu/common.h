@@ -127,8 +127,9 @@ inline long winograd_weight_thread(long C, long K, long Ho, long Wo, long MR, lo
     return (n + line - 1) / line * line;
 }
 
-// Where rowconv.h writes one output row of kn channels: y (row of the first channel), ky (distance
-// between channels' rows), wo (row length), bias (kn values or null), relu (fused ReLU).
+// Where rowconv.h writes output rows of kn channels: y (first row of the first channel), ky (distance
+// between channels' planes), wo (row length, and the distance between rows), bias (kn values or
+// null), relu (fused ReLU).
 template <typename T>
 struct RowOut {
     T* y;
@@ -188,7 +189,7 @@ struct MicroKernel {
     // direct stride-1 forward along output rows for few input channels (rowconv.h): rowconv_kb[NV]
     // output channels per call for rows of NV vectors (NV <= 4)
     void (*rowconv)(long NV, const T* x, long ldx, long cs, long C, long R, long S, const T* w,
-                    const RowOut<T>& out);
+                    const RowOut<T>& out, long rows);
     int rowconv_kb[5];
     // direct 3x3 stride-1 forward / backward-data for output planes of at most 3x3 (smallplane.h);
     // false (nothing computed) for a plane they do not handle; `small_budget` is the register

@@ -276,8 +276,9 @@ void conv_forward_direct(const ConvGeom& g, const T* x, const T* w, const T* b, 
 }
 
 // Stride-1 forward along output rows (rowconv.h) for few input channels: x is padded (g.ph ==
-// g.pw == 0) and followed by readable zeros. Work items are (sample, channel block, output row),
-// each writing its own outputs in a fixed order: results do not depend on the thread count.
+// g.pw == 0) and followed by readable zeros. Work items are (sample, channel block, run of output
+// rows), each writing its own outputs in a fixed order: results do not depend on the thread count
+// (nor on the runs, which are whole planes unless that leaves fewer than 8 items per thread).
 template <typename T>
 void conv_forward_rows(const ConvGeom& g, const T* x, const T* w, const T* b, T* y, bool relu) {
     const MicroKernel<T> uk = current_ukernel<T>();
@@ -286,13 +287,17 @@ void conv_forward_rows(const ConvGeom& g, const T* x, const T* w, const T* b, T*
     T* wpad = thread_scratch<T, 13>(size_t(nkb * KB * CRS));  // the filters, zero rows past K
     std::copy(w, w + K * CRS, wpad);
     std::fill(wpad + K * CRS, wpad + nkb * KB * CRS, T(0));
-    const long items = g.N * nkb * Ho;
-#pragma omp parallel for schedule(static) num_threads(int(std::max<long>(1, std::min<long>(num_threads(), items))))
+    const long threads = num_threads(), planes = g.N * nkb;
+    const long runs = std::min(Ho, std::max<long>(1, (8 * threads + planes - 1) / planes));
+    const long run_rows = (Ho + runs - 1) / runs, items = planes * runs;
+#pragma omp parallel for schedule(static) num_threads(int(std::max<long>(1, std::min<long>(threads, items))))
     for (long it = 0; it < items; ++it) {
-        const long n = it / (nkb * Ho), kb = (it / Ho) % nkb, oh = it % Ho;
+        const long n = it / (nkb * runs), kb = (it / runs) % nkb, oh = (it % runs) * run_rows;
+        if (oh >= Ho) continue;
         const long k0 = kb * KB, kn = std::min(KB, K - k0);
         const RowOut<T> out{y + ((n * K + k0) * Ho + oh) * Wo, Ho * Wo, Wo, kn, b ? b + k0 : nullptr, relu ? 1 : 0};
-        uk.rowconv(NV, x + (n * g.C * Hx + oh) * Wx, Wx, Hx * Wx, g.C, g.R, g.S, wpad + k0 * CRS, out);
+        uk.rowconv(NV, x + (n * g.C * Hx + oh) * Wx, Wx, Hx * Wx, g.C, g.R, g.S, wpad + k0 * CRS, out,
+                   std::min(run_rows, Ho - oh));
     }
 }
 

@@ -11,44 +11,55 @@
 // results go straight to y (RowOut, common.h).
 template <class Tr, int KB, int NV>
 void rowconv_tile(const typename Tr::T* x, long ldx, long cs, long C, long R, long S, const typename Tr::T* w,
-                  const RowOut<typename Tr::T>& o) {
+                  const RowOut<typename Tr::T>& o, long rows) {
+    using T = typename Tr::T;
     using V = typename Tr::V;
     constexpr int W = Tr::width;
-    V acc[KB][NV];
+    // The call covers `rows` consecutive output rows (x and y advance a row each): with 9 or 25
+    // taps a row is only 144-400 FMAs, and a call per row spent about as long in its set-up and in
+    // re-reading `o` (which the stores might alias) as in the FMAs.
+    T* y = o.y;
+    const long ky = o.ky, wo = o.wo, kn = o.kn < KB ? o.kn : KB, taps = C * R * S;
+    const T* bias = o.bias;
+    const bool relu = o.relu != 0;
+    const int last = int(wo - (NV - 1) * W);
+    for (long row = 0; row < rows; ++row, x += ldx, y += wo) {
+        V acc[KB][NV];
 #pragma GCC unroll 8
-    for (int kb = 0; kb < KB; ++kb)
+        for (int kb = 0; kb < KB; ++kb)
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[kb][v] = Tr::zero();
-    const long taps = C * R * S;
-    for (long c = 0, t = 0; c < C; ++c)
-        for (long r = 0; r < R; ++r)
-            for (long s = 0; s < S; ++s, ++t) {
-                V xv[NV];
+            for (int v = 0; v < NV; ++v) acc[kb][v] = Tr::zero();
+        for (long c = 0, t = 0; c < C; ++c)
+            for (long r = 0; r < R; ++r)
+                for (long s = 0; s < S; ++s, ++t) {
+                    V xv[NV];
 #pragma GCC unroll 4
-                for (int v = 0; v < NV; ++v) {
-                    xv[v] = Tr::load(x + c * cs + r * ldx + s + v * W);
-                    __asm__("" : "+v"(xv[v]));  // one load per vector, not one per FMA (see corr.h)
-                }
+                    for (int v = 0; v < NV; ++v) {
+                        xv[v] = Tr::load(x + c * cs + r * ldx + s + v * W);
+                        __asm__("" : "+v"(xv[v]));  // one load per vector, not one per FMA (see corr.h)
+                    }
 #pragma GCC unroll 8
-                for (int kb = 0; kb < KB; ++kb) {
-                    const V wb = Tr::bcast(w[kb * taps + t]);
+                    for (int kb = 0; kb < KB; ++kb) {
+                        const V wb = Tr::bcast(w[kb * taps + t]);
 #pragma GCC unroll 4
-                    for (int v = 0; v < NV; ++v) acc[kb][v] = Tr::fma(wb, xv[v], acc[kb][v]);
+                        for (int v = 0; v < NV; ++v) acc[kb][v] = Tr::fma(wb, xv[v], acc[kb][v]);
+                    }
                 }
+        // epilogue straight into the output rows: bias, the fused ReLU (max(0, v) keeps a NaN),
+        // and the row's last vector stored with only its Wo - (NV-1)*W valid lanes (a scalar copy
+        // of every output through a tile cost more than the FMAs on these 9-tap layers)
+#pragma GCC unroll 8
+        for (int kb = 0; kb < KB; ++kb) {
+            if (kb >= kn) break;
+            const V bv = Tr::bcast(bias ? bias[kb] : T(0));
+            T* yrow = y + kb * ky;
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) {
+                V r = Tr::add(acc[kb][v], bv);
+                if (relu) r = Tr::max0(r);
+                if (v < NV - 1) Tr::store(yrow + v * W, r);
+                else Tr::store_n(yrow + v * W, r, last);
             }
-    // epilogue straight into the output rows: bias, the fused ReLU (max(0, v) keeps a NaN), and
-    // the row's last vector stored with only its Wo - (NV-1)*W valid lanes (a scalar copy of
-    // every output through a tile cost more than the FMAs on these 9-tap layers)
-    const int last = int(o.wo - (NV - 1) * W);
-    for (int kb = 0; kb < KB && kb < o.kn; ++kb) {
-        const V bias = Tr::bcast(o.bias ? o.bias[kb] : typename Tr::T(0));
-        typename Tr::T* row = o.y + kb * o.ky;
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) {
-            V r = Tr::add(acc[kb][v], bias);
-            if (o.relu) r = Tr::max0(r);
-            if (v < NV - 1) Tr::store(row + v * W, r);
-            else Tr::store_n(row + v * W, r, last);
         }
     }
 }
@@ -61,11 +72,11 @@ constexpr int rowconv_kb(int nv) {
 
 template <class Tr, int BUDGET>
 void rowconv_dispatch(long NV, const typename Tr::T* x, long ldx, long cs, long C, long R, long S,
-                      const typename Tr::T* w, const RowOut<typename Tr::T>& out) {
+                      const typename Tr::T* w, const RowOut<typename Tr::T>& out, long rows) {
     switch (NV) {
-        case 1: return rowconv_tile<Tr, rowconv_kb<BUDGET>(1), 1>(x, ldx, cs, C, R, S, w, out);
-        case 2: return rowconv_tile<Tr, rowconv_kb<BUDGET>(2), 2>(x, ldx, cs, C, R, S, w, out);
-        case 3: return rowconv_tile<Tr, rowconv_kb<BUDGET>(3), 3>(x, ldx, cs, C, R, S, w, out);
-        default: return rowconv_tile<Tr, rowconv_kb<BUDGET>(4), 4>(x, ldx, cs, C, R, S, w, out);
+        case 1: return rowconv_tile<Tr, rowconv_kb<BUDGET>(1), 1>(x, ldx, cs, C, R, S, w, out, rows);
+        case 2: return rowconv_tile<Tr, rowconv_kb<BUDGET>(2), 2>(x, ldx, cs, C, R, S, w, out, rows);
+        case 3: return rowconv_tile<Tr, rowconv_kb<BUDGET>(3), 3>(x, ldx, cs, C, R, S, w, out, rows);
+        default: return rowconv_tile<Tr, rowconv_kb<BUDGET>(4), 4>(x, ldx, cs, C, R, S, w, out, rows);
     }
 }

@@ -60,12 +60,12 @@ bool small_backward_data_f64(long Ho, long Wo, const double* dy, long K, const d
 #include "rowconv.h"
 
 void rowconv_f32(long NV, const float* x, long ldx, long cs, long C, long R, long S, const float* w,
-                 const RowOut<float>& out) {
-    rowconv_dispatch<ScalarTraits<float>, 27>(NV, x, ldx, cs, C, R, S, w, out);
+                 const RowOut<float>& out, long rows) {
+    rowconv_dispatch<ScalarTraits<float>, 27>(NV, x, ldx, cs, C, R, S, w, out, rows);
 }
 void rowconv_f64(long NV, const double* x, long ldx, long cs, long C, long R, long S, const double* w,
-                 const RowOut<double>& out) {
-    rowconv_dispatch<ScalarTraits<double>, 27>(NV, x, ldx, cs, C, R, S, w, out);
+                 const RowOut<double>& out, long rows) {
+    rowconv_dispatch<ScalarTraits<double>, 27>(NV, x, ldx, cs, C, R, S, w, out, rows);
 }
 
 #include "im2row.h"
