@@ -769,7 +769,83 @@ def test_maxpool_nan_and_padding_follow_reference(dtype):
             np.testing.assert_array_equal(am, am_ref)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 26, 26), (2, 3, 7, 9), (1, 2, 2, 2), (2, 4, 24, 70), (1, 1, 5, 35)])
+def test_maxpool2x2_vector_rows(shape, dtype):
+    """The 2x2 / stride-2 pooling the micro-kernel table vectorizes (AVX-512: 16 or 8 windows a
+    step, masked tails): rows across several steps, ties (the first maximum), NaNs, infinities
+    and signed zeros, with and without the ReLU; the values' bits and argmax equal on every ISA
+    and equal to the reference."""
+    rng = _rng(sum(shape))
+    x = rng.integers(-3, 4, size=shape).astype(dtype)  # few distinct values: many ties
+    for value, count in ((np.nan, 5), (np.inf, 3), (-np.inf, 3), (-0.0, 6)):
+        x.flat[rng.integers(0, x.size, count)] = value
+    y_ref, am_ref = ref.maxpool2d_forward(x, (2, 2), (2, 2), (0, 0))
+    ry_ref, ram_ref = ref.maxpool2d_relu_forward(x, (2, 2), (2, 2), (0, 0))
+    outs = {}
+    for isa, threads in configs():
+        outs[isa, threads] = (*native.maxpool2d_forward(x, (2, 2), (2, 2), (0, 0)),
+                              *native.maxpool2d_relu_forward(x, (2, 2), (2, 2), (0, 0)))
+        np.testing.assert_array_equal(outs[isa, threads][0], y_ref)
+        np.testing.assert_array_equal(outs[isa, threads][1], am_ref)
+        np.testing.assert_array_equal(outs[isa, threads][2], ry_ref)
+        np.testing.assert_array_equal(outs[isa, threads][3], ram_ref)
+    first = outs[ISAS[0], 1]
+    for got in outs.values():
+        for a, b in zip(got, first):
+            assert a.tobytes() == b.tobytes()  # -0.0 vs 0.0 too
+
+
 # ----------------------------------------------------------------------------- fused ops
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape,w_shape,padding", [
+    ((5, 1, 28, 28), (32, 1, 3, 3), 0),   # MnistCNN conv1
+    ((3, 1, 28, 28), (6, 1, 5, 5), 2),    # LeNet-5 conv1
+    ((4, 1, 28, 28), (24, 1, 5, 5), 0),   # FastMNIST conv1
+    ((2, 1, 9, 33), (11, 1, 3, 3), 0),    # odd conv output (7 x 31): the last row and column unpooled
+    ((2, 2, 11, 11), (40, 2, 3, 3), 1),   # C = 2, padding, several channel blocks
+])
+def test_conv2d_maxpool2d_relu_forward_is_the_composition(x_shape, w_shape, padding, dtype):
+    """The fused first-layer forward (row kernel + pooling of two rows at a time, never storing
+    the convolution) == conv2d_forward then maxpool2d_relu_forward, bit for bit, on every ISA and
+    thread count; with and without a bias, a NaN in x; and close to the reference."""
+    rng = _rng(x_shape[3] + w_shape[0])
+    x = rng.standard_normal(x_shape).astype(dtype)
+    x[0, 0, 3, 3] = np.nan
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    pad, pool = (padding, padding), ((2, 2), (2, 2), (0, 0))
+    fused_somewhere = False  # (not on ISAs whose row kernel does not fit these rows: AVX2 fp64)
+    for bias in (b, None):
+        y_ref, am_ref = ref.conv2d_maxpool2d_relu_forward(x, w, bias, (1, 1), pad, *pool)
+        for isa, threads in configs():
+            fused_somewhere |= native._n.conv2d_maxpool2d_relu_forward(x, w, bias, padding, padding) is not None
+            y, am = native.conv2d_maxpool2d_relu_forward(x, w, bias, (1, 1), pad, *pool)
+            y2, am2 = native.maxpool2d_relu_forward(native.conv2d_forward(x, w, bias, (1, 1), pad), *pool)
+            assert y.tobytes() == y2.tobytes() and np.array_equal(am, am2), f"{isa}/{threads}"
+            assert_close(y, y_ref, dtype, f"{isa}/{threads}")
+            np.testing.assert_array_equal(np.isnan(y), np.isnan(y_ref))
+    assert fused_somewhere
+
+
+def test_conv2d_maxpool2d_relu_forward_other_layers_compose():
+    """Layers the fused pass does not take (a stride, another pool, many input channels) give
+    the two ops' results; bad arguments get the ops' errors."""
+    rng = _rng(4)
+    x = rng.standard_normal((2, 8, 12, 12)).astype(np.float32)
+    w = rng.standard_normal((6, 8, 3, 3)).astype(np.float32)
+    for stride, pool in [((1, 1), ((2, 2), (2, 2), (0, 0))), ((2, 2), ((2, 2), (2, 2), (0, 0))),
+                         ((1, 1), ((3, 3), (2, 2), (1, 1)))]:
+        y, am = native.conv2d_maxpool2d_relu_forward(x, w, None, stride, (0, 0), *pool)
+        y2, am2 = native.maxpool2d_relu_forward(native.conv2d_forward(x, w, None, stride, (0, 0)), *pool)
+        np.testing.assert_array_equal(y, y2)
+        np.testing.assert_array_equal(am, am2)
+    with pytest.raises(ValueError, match="conv2d_maxpool2d_relu_forward: w expects 8 input channels, x has 1"):
+        native.conv2d_maxpool2d_relu_forward(x[:, :1].copy(), w, None, (1, 1), (0, 0), 2, 2, 0)
+    with pytest.raises(TypeError, match="conv2d_maxpool2d_relu_forward: x must be a C-contiguous float32 or float64 array, got int32"):
+        native.conv2d_maxpool2d_relu_forward(x.astype(np.int32), w, None, (1, 1), (0, 0), 2, 2, 0)
+
 
 @SETTINGS
 @given(conv_cases(), st.booleans())

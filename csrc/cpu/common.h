@@ -207,6 +207,9 @@ struct MicroKernel {
     void (*winograd_data)(const WinogradDataArgs<T>& args);
     // Winograd F(2x2,3x3) backward-weight (tiles as the GEMM depth) with this ISA's transforms
     void (*winograd_weight)(const WinogradWeightArgs<T>& args);
+    // 2x2 / stride-2 max pooling of a plane (pool2x2.h's maxpool2x2_plane: the same values and
+    // argmax, bit for bit)
+    void (*maxpool2x2)(const T* x, long W, long Ho, long Wo, long base, T floor_value, T* y, int32_t* argmax);
 };
 
 MicroKernel<float> ukernel_avx512_f32();

@@ -301,6 +301,52 @@ void conv_forward_rows(const ConvGeom& g, const T* x, const T* w, const T* b, T*
     }
 }
 
+// conv2d_maxpool2d_relu_forward for the row kernel's layers with 2x2 / stride-2 pooling: an item
+// computes the convolution rows of KB channels under its run of pooled rows into a per-thread
+// buffer (rowconv.h; a whole plane's are 8 x 26 x 26 values for MnistCNN conv1, in L1) and pools
+// them into y and argmax (uk.maxpool2x2), so the convolution's output
+// (MnistCNN conv1: 5.5 MB at batch 64) is never written out and read back. Values and argmax are
+// those of conv2d_forward then maxpool2d_relu_forward, bit for bit: the same row kernel with the
+// bias and no ReLU, the same 2x2 selection with a floor of 0. Items are (sample, channel block,
+// run of pooled rows), as in conv_forward_rows. y and argmax are (N, K, Ho/2, Wo/2).
+template <typename T>
+void conv_pool_forward_rows(const ConvGeom& g0, const T* x, const T* w, const T* b, T* y, int32_t* argmax) {
+    ConvGeom g = g0;
+    g.H = g0.H + 2 * g0.ph;
+    g.W = g0.W + 2 * g0.pw;
+    g.ph = g.pw = 0;
+    const T* xpad = placed_input<T, 8>(x, g0.N, g0.C, g0.H, g0.W, g0.ph, g0.pw, g.H, g.W, 64);
+    const MicroKernel<T> uk = current_ukernel<T>();
+    const long V = uk.width, K = g.K, Hx = g.H, Wx = g.W, Wo = g.Wo, CRS = g.CRS();
+    const long Hp = g.Ho / 2, Wp = g.Wo / 2, Pp = Hp * Wp;
+    const long NV = (Wo + V - 1) / V, KB = uk.rowconv_kb[NV], nkb = (K + KB - 1) / KB;
+    T* wpad = thread_scratch<T, 13>(size_t(nkb * KB * CRS));  // the filters, zero rows past K
+    std::copy(w, w + K * CRS, wpad);
+    std::fill(wpad + K * CRS, wpad + nkb * KB * CRS, T(0));
+    const long threads = num_threads(), planes = g.N * nkb;
+    const long runs = std::min(Hp, std::max<long>(1, (8 * threads + planes - 1) / planes));
+    const long run_rows = (Hp + runs - 1) / runs, items = planes * runs;
+    const long ky = 2 * run_rows * Wo;  // a channel's rows in the buffer
+#pragma omp parallel num_threads(int(std::max<long>(1, std::min<long>(threads, items))))
+    {
+        T* buf = thread_scratch<T, 17>(size_t(KB * ky));  // MnistCNN conv1: 8 x 26 x 26 values (L1)
+#pragma omp for schedule(static)
+        for (long it = 0; it < items; ++it) {
+            const long n = it / (nkb * runs), kb = (it / runs) % nkb, p0 = (it % runs) * run_rows;
+            if (p0 >= Hp) continue;
+            const long k0 = kb * KB, kn = std::min(KB, K - k0), rows = std::min(run_rows, Hp - p0);
+            const RowOut<T> out{buf, ky, Wo, kn, b ? b + k0 : nullptr, 0};
+            uk.rowconv(NV, xpad + (n * g.C * Hx + 2 * p0) * Wx, Wx, Hx * Wx, g.C, g.R, g.S, wpad + k0 * CRS, out,
+                       2 * rows);
+            for (long kk = 0; kk < kn; ++kk) {
+                const long plane = n * K + k0 + kk;
+                uk.maxpool2x2(buf + kk * ky, Wo, rows, Wp, 2 * p0 * Wo, T(0), y + plane * Pp + p0 * Wp,
+                              argmax + plane * Pp + p0 * Wp);
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------- small planes
 
 // The direct 3x3 kernels of smallplane.h, for output planes of at most 3x3 (MnistCNN conv3: 5x5
@@ -992,21 +1038,20 @@ void check_geometry(const char* op, long sh, long sw, long ph, long pw) {
                               std::to_string(ph) + ", " + std::to_string(pw) + ")");
 }
 
+// The checks of a forward's arrays and geometry (b: None or (K,)); the geometry with Ho, Wo set.
 template <typename T>
-py::array conv2d_forward_t(py::array x, py::array w, py::object b, long sh, long sw, long ph, long pw,
-                           bool relu = false) {
-    const char* op = relu ? "conv2d_bias_relu_forward" : "conv2d_forward";
+ConvGeom forward_geometry(const char* op, const py::array& x, const py::array& w, const py::object& b, long sh,
+                          long sw, long ph, long pw, const T*& bp) {
     require<T>(x, op, "x", 4);
     require<T>(w, op, "w", 4);
-    const T* bp = nullptr;
-    py::array barr;
+    bp = nullptr;
     if (!b.is_none()) {
-        barr = py::reinterpret_borrow<py::array>(b);
+        py::array barr = py::reinterpret_borrow<py::array>(b);
         require<T>(barr, op, "b", 1);
         if (barr.shape(0) != w.shape(0))
             throw py::value_error(std::string(op) + ": b must have shape (" + std::to_string(w.shape(0)) +
                                   ",), got (" + std::to_string(barr.shape(0)) + ",)");
-        bp = cptr<T>(barr);
+        bp = cptr<T>(barr);  // (b stays alive: the caller holds it)
     }
     check_geometry(op, sh, sw, ph, pw);
     ConvGeom g{x.shape(0), x.shape(1), x.shape(2), x.shape(3), w.shape(0), w.shape(2), w.shape(3),
@@ -1018,6 +1063,15 @@ py::array conv2d_forward_t(py::array x, py::array w, py::object b, long sh, long
         throw py::value_error(std::string(op) + ": kernel larger than the padded input");
     g.Ho = out_size(g.H, g.R, sh, ph);
     g.Wo = out_size(g.W, g.S, sw, pw);
+    return g;
+}
+
+template <typename T>
+py::array conv2d_forward_t(py::array x, py::array w, py::object b, long sh, long sw, long ph, long pw,
+                           bool relu = false) {
+    const char* op = relu ? "conv2d_bias_relu_forward" : "conv2d_forward";
+    const T* bp;
+    const ConvGeom g = forward_geometry<T>(op, x, w, b, sh, sw, ph, pw, bp);
     py::array_t<T> y = new_array<T>({g.N, g.K, g.Ho, g.Wo});
     const T* xp = cptr<T>(x);
     const T* wp = cptr<T>(w);
@@ -1027,6 +1081,27 @@ py::array conv2d_forward_t(py::array x, py::array w, py::object b, long sh, long
         conv_forward<T>(g, xp, wp, bp, yp, relu);
     }
     return y;
+}
+
+// conv2d_maxpool2d_relu_forward with stride 1 and 2x2 / stride-2 pooling where the convolution
+// takes the row kernel (the models' first layers); None where it does not (the caller composes).
+template <typename T>
+py::object conv2d_maxpool2d_relu_forward_t(py::array x, py::array w, py::object b, long ph, long pw) {
+    const char* op = "conv2d_maxpool2d_relu_forward";
+    const T* bp;
+    const ConvGeom g = forward_geometry<T>(op, x, w, b, 1, 1, ph, pw, bp);
+    if (g.Ho < 2 || g.Wo < 2 || !use_row_forward(g, current_ukernel<T>().width)) return py::none();
+    py::array_t<T> y = new_array<T>({g.N, g.K, g.Ho / 2, g.Wo / 2});
+    py::array_t<int32_t> am = new_array<int32_t>({g.N, g.K, g.Ho / 2, g.Wo / 2});
+    const T* xp = cptr<T>(x);
+    const T* wp = cptr<T>(w);
+    T* yp = y.mutable_data();
+    int32_t* ap = am.mutable_data();
+    {
+        py::gil_scoped_release release;
+        conv_pool_forward_rows<T>(g, xp, wp, bp, yp, ap);
+    }
+    return py::make_tuple(y, am);
 }
 
 template <typename T>
@@ -1247,6 +1322,13 @@ void register_conv_linear(py::module_& m) {
         if (has_dtype<double>(x)) return conv2d_forward_t<double>(x, w, b, sh, sw, ph, pw, true);
         bad_float("conv2d_bias_relu_forward", "x", x);
     }, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("sh"), py::arg("sw"), py::arg("ph"), py::arg("pw"));
+    m.def("conv2d_maxpool2d_relu_forward", [](py::array x, py::array w, py::object b, long ph, long pw) -> py::object {
+        if (has_dtype<float>(x)) return conv2d_maxpool2d_relu_forward_t<float>(x, w, b, ph, pw);
+        if (has_dtype<double>(x)) return conv2d_maxpool2d_relu_forward_t<double>(x, w, b, ph, pw);
+        bad_float("conv2d_maxpool2d_relu_forward", "x", x);
+    }, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("ph"), py::arg("pw"),
+       "relu(maxpool 2x2 / stride 2 (conv2d stride 1)) with argmax into the convolution's planes, for the "
+       "layers the row kernel takes (C*R*S <= 32); None for other layers.");
     m.def("linear_bias_relu_forward", [](py::array x, py::array w, py::array b) {
         if (has_dtype<float>(x)) return linear_forward_t<float>(x, w, b, true);
         if (has_dtype<double>(x)) return linear_forward_t<double>(x, w, b, true);

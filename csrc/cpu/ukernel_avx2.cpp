@@ -9,6 +9,7 @@
 #include <omp.h>
 
 #include "common.h"
+#include "pool2x2.h"
 
 namespace pycnn {
 
@@ -269,8 +270,8 @@ double fma_loop(long iterations) {
 
 #pragma GCC pop_options
 
-MicroKernel<float> ukernel_avx2_f32() { return {6, 16, &ukernel_f32, 8, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb(12, 1), dconv_pb(12, 2), dconv_pb(12, 3), dconv_pb(12, 4)}, &rowconv_f32, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f32, &small_backward_data_f32, 12, &im2row_f32, &winograd_data_f32, &winograd_weight_f32}; }
-MicroKernel<double> ukernel_avx2_f64() { return {6, 8, &ukernel_f64, 4, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb(12, 1), dconv_pb(12, 2), dconv_pb(12, 3), dconv_pb(12, 4)}, &rowconv_f64, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f64, &small_backward_data_f64, 12, &im2row_f64, &winograd_data_f64, &winograd_weight_f64}; }
+MicroKernel<float> ukernel_avx2_f32() { return {6, 16, &ukernel_f32, 8, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb(12, 1), dconv_pb(12, 2), dconv_pb(12, 3), dconv_pb(12, 4)}, &rowconv_f32, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f32, &small_backward_data_f32, 12, &im2row_f32, &winograd_data_f32, &winograd_weight_f32, &maxpool2x2_plane<float>}; }
+MicroKernel<double> ukernel_avx2_f64() { return {6, 8, &ukernel_f64, 4, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb(12, 1), dconv_pb(12, 2), dconv_pb(12, 3), dconv_pb(12, 4)}, &rowconv_f64, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f64, &small_backward_data_f64, 12, &im2row_f64, &winograd_data_f64, &winograd_weight_f64, &maxpool2x2_plane<double>}; }
 double fma_peak_avx2(long iterations) { return fma_loop(iterations); }
 
 }  // namespace pycnn

@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include "common.h"
+#include "pool2x2.h"
 
 namespace pycnn {
 
@@ -121,7 +122,7 @@ void ukernel_f64(long kc, const double* a, const double* b, double* c, long ldc,
 
 }  // namespace
 
-MicroKernel<float> ukernel_scalar_f32() { return {4, 8, &ukernel_f32, 1, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb(27, 1), dconv_pb(27, 2), dconv_pb(27, 3), dconv_pb(27, 4)}, &rowconv_f32, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f32, &small_backward_data_f32, 27, &im2row_f32, &winograd_data_f32, &winograd_weight_f32}; }
-MicroKernel<double> ukernel_scalar_f64() { return {4, 8, &ukernel_f64, 1, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb(27, 1), dconv_pb(27, 2), dconv_pb(27, 3), dconv_pb(27, 4)}, &rowconv_f64, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f64, &small_backward_data_f64, 27, &im2row_f64, &winograd_data_f64, &winograd_weight_f64}; }
+MicroKernel<float> ukernel_scalar_f32() { return {4, 8, &ukernel_f32, 1, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb(27, 1), dconv_pb(27, 2), dconv_pb(27, 3), dconv_pb(27, 4)}, &rowconv_f32, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f32, &small_backward_data_f32, 27, &im2row_f32, &winograd_data_f32, &winograd_weight_f32, &maxpool2x2_plane<float>}; }
+MicroKernel<double> ukernel_scalar_f64() { return {4, 8, &ukernel_f64, 1, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb(27, 1), dconv_pb(27, 2), dconv_pb(27, 3), dconv_pb(27, 4)}, &rowconv_f64, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f64, &small_backward_data_f64, 27, &im2row_f64, &winograd_data_f64, &winograd_weight_f64, &maxpool2x2_plane<double>}; }
 
 }  // namespace pycnn

@@ -280,10 +280,8 @@ def _targets(op: str, target, n: int):
 
 # ============================================================================ convolution
 
-def conv2d_forward(x, w, b, stride, padding):
-    """y (N,K,Ho,Wo) = cross-correlation of x (N,C,H,W) with w (K,C,R,S), plus b (K,) or None."""
-    _require()
-    op = "conv2d_forward"
+def _forward_args(op: str, x, w, b, stride, padding) -> tuple[int, int, int, int]:
+    """The checks shared by the forward convolutions; (sh, sw, ph, pw)."""
     _float_array(op, "x", x, 4, what="(N, C, H, W)")
     _float_array(op, "w", w, 4, x.dtype, "(K, C, R, S)")
     _optional_vector(op, "b", b, w.shape[0], x.dtype)
@@ -293,7 +291,13 @@ def conv2d_forward(x, w, b, stride, padding):
     sh, sw = _pair(op, "stride", stride, 1)
     ph, pw = _pair(op, "padding", padding, 0)
     _check_window(op, x.shape[2:], w.shape[2:], (ph, pw))
-    return _n.conv2d_forward(x, w, b, sh, sw, ph, pw)
+    return sh, sw, ph, pw
+
+
+def conv2d_forward(x, w, b, stride, padding):
+    """y (N,K,Ho,Wo) = cross-correlation of x (N,C,H,W) with w (K,C,R,S), plus b (K,) or None."""
+    _require()
+    return _n.conv2d_forward(x, w, b, *_forward_args("conv2d_forward", x, w, b, stride, padding))
 
 
 def conv2d_bias_relu_forward(x, w, b, stride, padding):
@@ -301,18 +305,27 @@ def conv2d_bias_relu_forward(x, w, b, stride, padding):
     Winograd output transform's) epilogue, with no extra pass over y. b (K,) is required."""
     _require()
     op = "conv2d_bias_relu_forward"
-    _float_array(op, "x", x, 4, what="(N, C, H, W)")
-    _float_array(op, "w", w, 4, x.dtype, "(K, C, R, S)")
     if b is None:
         raise TypeError(f"{op}: b is required (a ({w.shape[0]},) array), got None")
-    _optional_vector(op, "b", b, w.shape[0], x.dtype)
-    if w.shape[1] != x.shape[1]:
-        raise ValueError(f"{op}: w expects {w.shape[1]} input channels, x has {x.shape[1]} "
-                         f"(x shape {x.shape}, w shape {w.shape})")
-    sh, sw = _pair(op, "stride", stride, 1)
-    ph, pw = _pair(op, "padding", padding, 0)
-    _check_window(op, x.shape[2:], w.shape[2:], (ph, pw))
-    return _n.conv2d_bias_relu_forward(x, w, b, sh, sw, ph, pw)
+    return _n.conv2d_bias_relu_forward(x, w, b, *_forward_args(op, x, w, b, stride, padding))
+
+
+def conv2d_maxpool2d_relu_forward(x, w, b, stride, padding, kernel, pool_stride, pool_padding):
+    """(y, argmax) = maxpool2d_relu_forward(conv2d_forward(x, w, b, stride, padding), kernel,
+    pool_stride, pool_padding). With stride 1 and 2x2 / stride-2 pooling, where the convolution
+    takes the row kernel (C*R*S <= 32: the models' first layers), one pass that computes two
+    convolution rows at a time into a per-thread buffer and pools them, never storing the
+    convolution's output (the same bits as the two ops); the two ops otherwise."""
+    _require()
+    op = "conv2d_maxpool2d_relu_forward"
+    sh, sw, ph, pw = _forward_args(op, x, w, b, stride, padding)
+    pool = (_pair(op, "kernel", kernel, 1), _pair(op, "pool_stride", pool_stride, 1),
+            _pair(op, "pool_padding", pool_padding, 0))
+    if (sh, sw) == (1, 1) and pool == ((2, 2), (2, 2), (0, 0)):
+        fused = _n.conv2d_maxpool2d_relu_forward(x, w, b, ph, pw)
+        if fused is not None:
+            return fused
+    return maxpool2d_relu_forward(_n.conv2d_forward(x, w, b, sh, sw, ph, pw), kernel, pool_stride, pool_padding)
 
 
 def conv2d_backward_data(dy, w, x_shape, stride, padding):
