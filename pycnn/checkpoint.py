@@ -13,13 +13,43 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt or does not fit the model."""
 
 
-def save_checkpoint(model, path, metadata: dict | None = None) -> Path:
-    """Save the model's parameters (and string metadata, e.g. the model name) to ``path``."""
-    from safetensors.numpy import save
+# numpy dtype -> safetensors dtype name (the ones a model's state can hold)
+_SAFETENSORS_DTYPES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+                       np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16",
+                       np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL"}
 
-    tensors = {name: np.ascontiguousarray(array) for name, array in model.state_dict().items()}
+
+def safetensors_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
+    """The safetensors encoding of ``tensors`` (name -> array) and string ``metadata``, with the
+    header's keys and the tensors in sorted order, so that equal weights give equal bytes.
+
+    (safetensors' own writer keeps the metadata in a hash map: two runs that trained the same
+    weights wrote the file's header in different orders, and the checkpoints' checksums differed.)
+    The format: an 8-byte little-endian header length, the JSON header padded with spaces to a
+    multiple of 8 bytes, then each tensor's little-endian bytes, back to back.
+    """
+    header: dict = {"__metadata__": {k: metadata[k] for k in sorted(metadata)}} if metadata else {}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        array = np.asarray(tensors[name])
+        kind = _SAFETENSORS_DTYPES.get(array.dtype.newbyteorder("="))
+        if kind is None:
+            raise TypeError(f"save_checkpoint: tensor {name!r} has dtype {array.dtype}, which safetensors "
+                            f"cannot hold here (expected one of {sorted(str(d) for d in _SAFETENSORS_DTYPES)})")
+        data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+        header[name] = {"dtype": kind, "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+
+
+def save_checkpoint(model, path, metadata: dict | None = None) -> Path:
+    """Save the model's parameters (and string metadata, e.g. the model name) to ``path``; the
+    same weights and metadata always give the same bytes."""
     meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
-    atomic_write_bytes(path, save(tensors, metadata=meta))
+    atomic_write_bytes(path, safetensors_bytes(model.state_dict(), meta))
     return Path(path)
 
 

@@ -305,3 +305,33 @@ def test_cli_takes_the_backend_from_the_environment(mnist_path, tmp_path, monkey
     backends._cpu_backend_name = None  # (the library reads the variable on first use; conftest restores)
     with pytest.raises(ValueError, match="PYCNN_BACKEND='numbaa' is not a backend"):
         backends.get_backend_name()
+
+
+def test_checkpoint_bytes_depend_only_on_weights_and_metadata(tmp_path):
+    """Equal weights and metadata give equal files, in separate processes too (safetensors' own
+    writer ordered the metadata by a hash map: the same trained model came out with different
+    checksums); the files read back with safetensors itself, every dtype a state can hold."""
+    code = ("import sys, numpy as np, pycnn; from pycnn.checkpoint import save_checkpoint; pycnn.manual_seed(0); "
+            "m = pycnn.models.LeNet5(); "
+            "save_checkpoint(m, sys.argv[1], {'model': 'lenet5', 'test_acc': '0.99', 'b': '1', 'a': '2', 'z': 3})")
+    paths = [tmp_path / f"m{i}.safetensors" for i in range(3)]
+    for p in paths:
+        subprocess.run([sys.executable, "-c", code, str(p)], check=True)
+    assert paths[0].read_bytes() == paths[1].read_bytes() == paths[2].read_bytes()
+    state, meta = load_checkpoint(paths[0])
+    assert meta == {"model": "lenet5", "test_acc": "0.99", "b": "1", "a": "2", "z": "3"}
+    model, _ = load_model(paths[0])
+    assert sorted(state) == sorted(model.state_dict())
+
+    from safetensors.numpy import load
+
+    from pycnn.checkpoint import safetensors_bytes
+    arrays = {"f64": np.arange(6.0).reshape(2, 3), "f32": np.float32([[1.5]]), "i64": np.int64([-3, 4]),
+              "u8": np.uint8([7]), "flag": np.array([True, False]), "scalar": np.float32(2.5),
+              "big_endian": np.arange(3, dtype=">f4")}
+    back = load(safetensors_bytes(arrays, {"k": "v"}))
+    for name, a in arrays.items():
+        assert back[name].dtype == np.asarray(a).dtype.newbyteorder("=") and back[name].shape == np.shape(a)
+        np.testing.assert_array_equal(back[name], a)
+    with pytest.raises(TypeError, match="save_checkpoint: tensor 'c' has dtype complex64"):
+        safetensors_bytes({"c": np.zeros(2, np.complex64)})
