@@ -279,18 +279,42 @@ void conv_forward_direct(const ConvGeom& g, const T* x, const T* w, const T* b, 
 // g.pw == 0) and followed by readable zeros. Work items are (sample, channel block, run of output
 // rows), each writing its own outputs in a fixed order: results do not depend on the thread count
 // (nor on the runs, which are whole planes unless that leaves fewer than 8 items per thread).
+// The row kernel's work split, shared with the fused conv + pool below: NV row vectors, channel
+// blocks of KB (nkb of them) with the filters copied into `wpad` (zero rows past K), and items
+// (sample, channel block, run of run_rows of the `rows` rows) that leave >= 8 per thread if a whole
+// plane per item does not.
+template <typename T>
+struct RowPlan {
+    long NV, KB, nkb, runs, run_rows, items, threads;
+    T* wpad;
+};
+
+template <typename T>
+RowPlan<T> plan_rows(const MicroKernel<T>& uk, const ConvGeom& g, const T* w, long rows) {
+    RowPlan<T> p;
+    const long K = g.K, CRS = g.CRS();
+    p.NV = (g.Wo + uk.width - 1) / uk.width;
+    p.KB = uk.rowconv_kb[p.NV];
+    p.nkb = (K + p.KB - 1) / p.KB;
+    p.wpad = thread_scratch<T, 13>(size_t(p.nkb * p.KB * CRS));
+    std::copy(w, w + K * CRS, p.wpad);
+    std::fill(p.wpad + K * CRS, p.wpad + p.nkb * p.KB * CRS, T(0));
+    p.threads = num_threads();
+    const long planes = g.N * p.nkb;
+    p.runs = std::min(rows, std::max<long>(1, (8 * p.threads + planes - 1) / planes));
+    p.run_rows = (rows + p.runs - 1) / p.runs;
+    p.items = planes * p.runs;
+    return p;
+}
+
 template <typename T>
 void conv_forward_rows(const ConvGeom& g, const T* x, const T* w, const T* b, T* y, bool relu) {
     const MicroKernel<T> uk = current_ukernel<T>();
-    const long V = uk.width, K = g.K, Hx = g.H, Wx = g.W, Ho = g.Ho, Wo = g.Wo, CRS = g.CRS();
-    const long NV = (Wo + V - 1) / V, KB = uk.rowconv_kb[NV], nkb = (K + KB - 1) / KB;
-    T* wpad = thread_scratch<T, 13>(size_t(nkb * KB * CRS));  // the filters, zero rows past K
-    std::copy(w, w + K * CRS, wpad);
-    std::fill(wpad + K * CRS, wpad + nkb * KB * CRS, T(0));
-    const long threads = num_threads(), planes = g.N * nkb;
-    const long runs = std::min(Ho, std::max<long>(1, (8 * threads + planes - 1) / planes));
-    const long run_rows = (Ho + runs - 1) / runs, items = planes * runs;
-#pragma omp parallel for schedule(static) num_threads(int(std::max<long>(1, std::min<long>(threads, items))))
+    const long K = g.K, Hx = g.H, Wx = g.W, Ho = g.Ho, Wo = g.Wo, CRS = g.CRS();
+    const RowPlan<T> p = plan_rows(uk, g, w, Ho);
+    const long NV = p.NV, KB = p.KB, nkb = p.nkb, runs = p.runs, run_rows = p.run_rows, items = p.items;
+    T* wpad = p.wpad;
+#pragma omp parallel for schedule(static) num_threads(int(std::max<long>(1, std::min<long>(p.threads, items))))
     for (long it = 0; it < items; ++it) {
         const long n = it / (nkb * runs), kb = (it / runs) % nkb, oh = (it % runs) * run_rows;
         if (oh >= Ho) continue;
@@ -317,17 +341,13 @@ void conv_pool_forward_rows(const ConvGeom& g0, const T* x, const T* w, const T*
     g.ph = g.pw = 0;
     const T* xpad = placed_input<T, 8>(x, g0.N, g0.C, g0.H, g0.W, g0.ph, g0.pw, g.H, g.W, 64);
     const MicroKernel<T> uk = current_ukernel<T>();
-    const long V = uk.width, K = g.K, Hx = g.H, Wx = g.W, Wo = g.Wo, CRS = g.CRS();
+    const long K = g.K, Hx = g.H, Wx = g.W, Wo = g.Wo, CRS = g.CRS();
     const long Hp = g.Ho / 2, Wp = g.Wo / 2, Pp = Hp * Wp;
-    const long NV = (Wo + V - 1) / V, KB = uk.rowconv_kb[NV], nkb = (K + KB - 1) / KB;
-    T* wpad = thread_scratch<T, 13>(size_t(nkb * KB * CRS));  // the filters, zero rows past K
-    std::copy(w, w + K * CRS, wpad);
-    std::fill(wpad + K * CRS, wpad + nkb * KB * CRS, T(0));
-    const long threads = num_threads(), planes = g.N * nkb;
-    const long runs = std::min(Hp, std::max<long>(1, (8 * threads + planes - 1) / planes));
-    const long run_rows = (Hp + runs - 1) / runs, items = planes * runs;
+    const RowPlan<T> p = plan_rows(uk, g, w, Hp);
+    const long NV = p.NV, KB = p.KB, nkb = p.nkb, runs = p.runs, run_rows = p.run_rows, items = p.items;
+    T* wpad = p.wpad;
     const long ky = 2 * run_rows * Wo;  // a channel's rows in the buffer
-#pragma omp parallel num_threads(int(std::max<long>(1, std::min<long>(threads, items))))
+#pragma omp parallel num_threads(int(std::max<long>(1, std::min<long>(p.threads, items))))
     {
         T* buf = thread_scratch<T, 17>(size_t(KB * ky));  // MnistCNN conv1: 8 x 26 x 26 values (L1)
 #pragma omp for schedule(static)
