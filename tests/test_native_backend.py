@@ -829,6 +829,25 @@ def test_conv2d_maxpool2d_relu_forward_is_the_composition(x_shape, w_shape, padd
     assert fused_somewhere
 
 
+@pytest.mark.parametrize("x_shape,w_shape,padding", [
+    ((0, 1, 28, 28), (8, 1, 3, 3), 1),     # the row kernel (and the fused pass), an empty batch
+    ((2, 1, 28, 28), (0, 1, 3, 3), 0),     # no filters
+    ((0, 6, 14, 14), (16, 6, 5, 5), 0),    # the direct kernel
+    ((2, 16, 12, 12), (0, 16, 5, 5), 0),   # the direct kernel, no filters (divided by 0 blocks)
+    ((0, 8, 12, 12), (16, 8, 3, 3), 1),    # Winograd
+])
+def test_forward_empty_batch_or_no_filters(x_shape, w_shape, padding):
+    """An empty batch or K = 0 gives empty outputs of the right shapes on every path and ISA (the
+    row kernel's work split divided by the number of planes, the direct kernel by its blocks)."""
+    x, w = np.zeros(x_shape, np.float32), np.zeros(w_shape, np.float32)
+    b = np.zeros(w_shape[0], np.float32)
+    ho = x_shape[2] + 2 * padding - w_shape[2] + 1
+    for _ in configs():
+        assert native.conv2d_forward(x, w, b, (1, 1), (padding, padding)).shape == (x_shape[0], w_shape[0], ho, ho)
+        y, am = native.conv2d_maxpool2d_relu_forward(x, w, b, (1, 1), (padding, padding), (2, 2), (2, 2), (0, 0))
+        assert y.shape == am.shape == (x_shape[0], w_shape[0], ho // 2, ho // 2)
+
+
 def test_conv2d_maxpool2d_relu_forward_other_layers_compose():
     """Layers the fused pass does not take (a stride, another pool, many input channels) give
     the two ops' results; bad arguments get the ops' errors."""
@@ -841,6 +860,12 @@ def test_conv2d_maxpool2d_relu_forward_other_layers_compose():
         y2, am2 = native.maxpool2d_relu_forward(native.conv2d_forward(x, w, None, stride, (0, 0)), *pool)
         np.testing.assert_array_equal(y, y2)
         np.testing.assert_array_equal(am, am2)
+    native.set_direct_forward("rows")  # forced: conv_forward still prefers Winograd here, and so does the op
+    w16 = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    y, am = native.conv2d_maxpool2d_relu_forward(x, w16, None, (1, 1), (0, 0), (2, 2), (2, 2), (0, 0))
+    y2, am2 = native.maxpool2d_relu_forward(native.conv2d_forward(x, w16, None, (1, 1), (0, 0)), (2, 2), (2, 2), (0, 0))
+    assert y.tobytes() == y2.tobytes() and np.array_equal(am, am2)
+    native.set_direct_forward("auto")
     with pytest.raises(ValueError, match="conv2d_maxpool2d_relu_forward: w expects 8 input channels, x has 1"):
         native.conv2d_maxpool2d_relu_forward(x[:, :1].copy(), w, None, (1, 1), (0, 0), 2, 2, 0)
     with pytest.raises(TypeError, match="conv2d_maxpool2d_relu_forward: x must be a C-contiguous float32 or float64 array, got int32"):

@@ -300,8 +300,8 @@ RowPlan<T> plan_rows(const MicroKernel<T>& uk, const ConvGeom& g, const T* w, lo
     std::copy(w, w + K * CRS, p.wpad);
     std::fill(p.wpad + K * CRS, p.wpad + p.nkb * p.KB * CRS, T(0));
     p.threads = num_threads();
-    const long planes = g.N * p.nkb;
-    p.runs = std::min(rows, std::max<long>(1, (8 * p.threads + planes - 1) / planes));
+    const long planes = g.N * p.nkb;  // (0 for an empty batch: no items)
+    p.runs = planes && rows ? std::min(rows, std::max<long>(1, (8 * p.threads + planes - 1) / planes)) : 1;
     p.run_rows = (rows + p.runs - 1) / p.runs;
     p.items = planes * p.runs;
     return p;
@@ -488,6 +488,7 @@ bool use_direct_forward(const ConvGeom& g) {
 
 template <typename T>
 void conv_forward(const ConvGeom& g, const T* x, const T* w, const T* b, T* y, bool relu = false) {
+    if (g.N == 0 || g.K == 0) return;  // an empty y (the paths below divide by the channel blocks)
     if (conv_forward_small(g, x, w, b, y, relu)) return;
     // Winograd where it pays: 3x3, stride 1, and enough channels that the 16 GEMMs fill register
     // tiles (tiny C or K leave the transforms dominating).
@@ -1110,9 +1111,15 @@ py::object conv2d_maxpool2d_relu_forward_t(py::array x, py::array w, py::object 
     const char* op = "conv2d_maxpool2d_relu_forward";
     const T* bp;
     const ConvGeom g = forward_geometry<T>(op, x, w, b, 1, 1, ph, pw, bp);
-    if (g.Ho < 2 || g.Wo < 2 || !use_row_forward(g, current_ukernel<T>().width)) return py::none();
+    // only where conv_forward itself would take the row kernel (its order: the small-plane kernel,
+    // Winograd, then the rows), so that the values are the two ops' bit for bit in every mode
+    const bool small_plane = g_small_plane && g.R == 3 && g.S == 3 && g.Ho <= 3 && g.Wo <= 3;
+    const bool winograd = g_winograd && g.R == 3 && g.S == 3 && g.C >= 8 && g.K >= 8;
+    if (g.Ho < 2 || g.Wo < 2 || small_plane || winograd || !use_row_forward(g, current_ukernel<T>().width))
+        return py::none();
     py::array_t<T> y = new_array<T>({g.N, g.K, g.Ho / 2, g.Wo / 2});
     py::array_t<int32_t> am = new_array<int32_t>({g.N, g.K, g.Ho / 2, g.Wo / 2});
+    if (g.N == 0 || g.K == 0) return py::make_tuple(y, am);
     const T* xp = cptr<T>(x);
     const T* wp = cptr<T>(w);
     T* yp = y.mutable_data();
@@ -1308,6 +1315,9 @@ void register_conv_linear(py::module_& m) {
     });
     m.def("direct_forward_plan", [](long K, long Ho, long Wo, long Wx, bool f64) {
         py::list out;
+        if (K < 1 || Ho < 1 || Wo < 1 || Wx < Wo)
+            throw py::value_error("direct_forward_plan: K, Ho, Wo must be >= 1 and Wx >= Wo, got K " + std::to_string(K) +
+                                  ", Ho " + std::to_string(Ho) + ", Wo " + std::to_string(Wo) + ", Wx " + std::to_string(Wx));
         const auto plans = f64 ? plan_dconv_blocks(current_ukernel<double>(), K, Ho, Wo, Wx)
                                : plan_dconv_blocks(current_ukernel<float>(), K, Ho, Wo, Wx);
         for (const DconvPlan& p : plans) out.append(py::make_tuple(p.kv, p.pb, p.wb, p.rb, p.nblk));

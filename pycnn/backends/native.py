@@ -305,9 +305,10 @@ def conv2d_bias_relu_forward(x, w, b, stride, padding):
     Winograd output transform's) epilogue, with no extra pass over y. b (K,) is required."""
     _require()
     op = "conv2d_bias_relu_forward"
+    args = _forward_args(op, x, w, b, stride, padding)
     if b is None:
         raise TypeError(f"{op}: b is required (a ({w.shape[0]},) array), got None")
-    return _n.conv2d_bias_relu_forward(x, w, b, *_forward_args(op, x, w, b, stride, padding))
+    return _n.conv2d_bias_relu_forward(x, w, b, *args)
 
 
 def conv2d_maxpool2d_relu_forward(x, w, b, stride, padding, kernel, pool_stride, pool_padding):
