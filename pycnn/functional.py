@@ -167,11 +167,11 @@ def conv2d_max_pool2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None
     MaxPool2d, ReLU through this).
 
     Backends with the fused ``conv2d_maxpool2d_relu_forward`` (SPEC "Optional fused ops": the
-    CUDA backend for one-channel 3x3 / 5x5 layers, the first layers of the MNIST models) never
-    store the convolution's output, and with ``conv2d_maxpool2d_relu_backward_weight`` (when ``x``
-    needs no gradient) not its gradient either; the others run conv2d, then max-pool + ReLU. The
-    values are those of the separate ops; the weight gradient from the pooled gradient adds the
-    same terms in another order (equal to rounding).
+    CUDA and native backends for the first layers of the MNIST models) never store the
+    convolution's output, and with ``conv2d_maxpool2d_relu_backward_weight`` (when ``x`` needs no
+    gradient) not its gradient either; the others run conv2d, then max-pool + ReLU. The values are
+    those of the separate ops; the weight gradient from the pooled gradient adds the same nonzero
+    terms in another order (equal to rounding).
 
     Raises:
         ValueError / TypeError: as conv2d and max_pool2d (the pooling window checked against the

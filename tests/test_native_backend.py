@@ -872,6 +872,142 @@ def test_conv2d_maxpool2d_relu_forward_other_layers_compose():
         native.conv2d_maxpool2d_relu_forward(x.astype(np.int32), w, None, (1, 1), (0, 0), 2, 2, 0)
 
 
+def _pooled_first_layer(rng, x_shape, w_shape, padding, pool, dtype, stride=(1, 1)):
+    """x, y, argmax and a gradient dy of relu(max_pool(conv(x))) (the reference's), a third of the
+    pooled outputs clipped by the ReLU."""
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = ((rng.standard_normal(w_shape[0]) - 1.0) * np.sqrt(np.prod(w_shape[1:]))).astype(dtype)  # (sums of ~taps terms)
+    y, am = ref.maxpool2d_relu_forward(ref.conv2d_forward(x, w, b, stride, padding), *pool)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    return x, np.ascontiguousarray(y), np.ascontiguousarray(am.astype(np.int32)), dy
+
+
+def _two_ops_weight_grad(dy, y, am, x, w_shape, stride, padding):
+    """The reference's (dw, db) of the composition, and the sizes of their terms (for tolerances)."""
+    ho = (x.shape[2] + 2 * padding[0] - w_shape[2]) // stride[0] + 1
+    wo = (x.shape[3] + 2 * padding[1] - w_shape[3]) // stride[1] + 1
+    conv_shape = (x.shape[0], w_shape[0], ho, wo)
+    g = ref.maxpool2d_relu_backward(dy, y, am, conv_shape)
+    dw, db = ref.conv2d_backward_weight(g, x, w_shape, stride, padding)
+    sdw, sdb = ref.conv2d_backward_weight(np.abs(g), np.abs(x), w_shape, stride, padding)
+    return dw, db, float(sdw.max()), float(sdb.max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape,w_shape,stride,padding,pool", [
+    ((5, 1, 28, 28), (32, 1, 3, 3), (1, 1), (0, 0), 2),        # MnistCNN conv1
+    ((3, 1, 28, 28), (6, 1, 5, 5), (1, 1), (2, 2), 2),         # LeNet-5 conv1
+    ((4, 1, 28, 28), (24, 1, 5, 5), (1, 1), (0, 0), 2),        # FastMNIST conv1
+    ((2, 1, 32, 32), (8, 1, 3, 3), (1, 1), (1, 1), 2),         # the localization model's, smaller
+    ((2, 3, 13, 17), (5, 3, 3, 3), (1, 1), (1, 1), 2),         # C = 3; odd planes: last row / column unpooled
+    ((2, 2, 15, 16), (7, 2, 3, 4), (2, 1), (1, 2), 2),         # strides, unequal padding, S = 4
+    ((33, 1, 12, 12), (3, 1, 7, 7), (1, 1), (3, 3), 2),        # more samples than chunks; 7 taps a row
+    ((2, 1, 30, 30), (4, 1, 11, 11), (1, 1), (0, 0), 2),       # a filter row longer than a vector (S = 11)
+    ((2, 2, 12, 12), (6, 2, 3, 3), (1, 1), (1, 1), (3, 2, 1)),  # 3x3 / stride-2 pools: overlapping windows
+])
+def test_conv2d_maxpool2d_relu_backward_weight_matches_the_two_ops(x_shape, w_shape, stride, padding, pool, dtype):
+    """The first layers' weight gradient from the pooled gradient (poolwgrad.h) == the reference's
+    maxpool2d_relu_backward then conv2d_backward_weight, to rounding, on every ISA and thread
+    count, and the same bits for every thread count; the native op takes its sparse path here."""
+    pool = (pool, pool, 0) if isinstance(pool, int) else pool
+    pool = tuple((p, p) for p in pool)
+    rng = _rng(sum(x_shape) + w_shape[3])
+    x, y, am, dy = _pooled_first_layer(rng, x_shape, w_shape, padding, pool, dtype, stride)
+    assert (y == 0).mean() > 0.1
+    dw_ref, db_ref, sdw, sdb = _two_ops_weight_grad(dy, y, am, x, w_shape, stride, padding)
+    args = (*w_shape, *stride, *padding)
+    first = {}
+    for isa, threads in configs():
+        assert native._n.conv2d_maxpool2d_relu_backward_weight(dy, y, am, x, *args) is not None, isa
+        dw, db = native.conv2d_maxpool2d_relu_backward_weight(dy, y, am, x, w_shape, stride, padding)
+        assert_close(dw, dw_ref, dtype, f"dw {isa}/{threads}", scale=sdw)
+        assert_close(db, db_ref, dtype, f"db {isa}/{threads}", scale=sdb)
+        if isa in first:
+            assert dw.tobytes() + db.tobytes() == first[isa], f"{isa}: {threads} threads changed the bits"
+        first[isa] = dw.tobytes() + db.tobytes()
+    native.set_num_threads(3)  # an odd split of the chunks
+    dw, db = native.conv2d_maxpool2d_relu_backward_weight(dy, y, am, x, w_shape, stride, padding)
+    assert dw.tobytes() + db.tobytes() == first[ISAS[-1]]
+
+
+def test_conv2d_maxpool2d_relu_backward_weight_nan_and_clipped_windows():
+    """A NaN gradient under a positive output reaches every weight its patch touches and the bias;
+    a NaN output (not > 0) or a zero gradient contributes nothing, as in the two ops."""
+    rng = _rng(12)
+    x, y, am, dy = _pooled_first_layer(rng, (2, 1, 12, 12), (3, 1, 3, 3), (0, 0), ((2, 2), (2, 2), (0, 0)),
+                                       np.float32)
+    k_pos = np.argwhere(y > 0)[0]
+    k_neg = np.argwhere(y == 0)[0]
+    for isa, _ in configs():
+        d, yy = dy.copy(), y.copy()
+        yy[tuple(k_neg)] = np.nan  # skipped like a clipped window
+        d[tuple(k_neg)] = 1e30     # (its gradient never counts)
+        dw, db = native.conv2d_maxpool2d_relu_backward_weight(d, yy, am, x, (3, 1, 3, 3), (1, 1), (0, 0))
+        want, want_b, _, _ = _two_ops_weight_grad(d, yy, am, x, (3, 1, 3, 3), (1, 1), (0, 0))
+        assert np.isfinite(dw).all() and np.isfinite(db).all(), isa
+        assert_close(dw, want, np.float32, isa)
+        d[tuple(k_pos)] = np.nan
+        dw, db = native.conv2d_maxpool2d_relu_backward_weight(d, yy, am, x, (3, 1, 3, 3), (1, 1), (0, 0))
+        k = k_pos[1]
+        assert np.isnan(dw[k]).all() and np.isnan(db[k]), isa
+        assert np.isfinite(np.delete(dw, k, axis=0)).all(), isa
+
+
+def test_conv2d_maxpool2d_relu_backward_weight_row_division_is_exact():
+    """The packers' floor(idx / Wo) in fp32, (idx + 0.5) * fl(1 / Wo) truncated, is exact below the
+    2^21 bound the op checks: every idx for small widths, and the largest ones for all widths."""
+    for wo in range(1, 2049):
+        inv = np.float32(1.0) / np.float32(wo)
+        top = (1 << 21) - 1
+        idx = np.concatenate([np.arange(0, min(top, 64 * wo) + 1),
+                              np.arange(max(0, top - 4 * wo), top + 1)]).astype(np.int64)
+        got = ((idx.astype(np.float32) + np.float32(0.5)) * inv).astype(np.int64)
+        np.testing.assert_array_equal(got, idx // wo, err_msg=f"Wo = {wo}")
+    for wo in (4095, 65535, 1048575, (1 << 21) - 1):
+        inv = np.float32(1.0) / np.float32(wo)
+        idx = np.arange((1 << 21) - 3 * wo if wo < 1 << 19 else 0, 1 << 21, max(1, wo // 7), dtype=np.int64)
+        idx = np.concatenate([idx, idx - 1, (idx // wo) * wo, (idx // wo) * wo - 1])
+        idx = idx[(idx >= 0) & (idx < 1 << 21)]
+        got = ((idx.astype(np.float32) + np.float32(0.5)) * inv).astype(np.int64)
+        np.testing.assert_array_equal(got, idx // wo, err_msg=f"Wo = {wo}")
+
+
+def test_conv2d_maxpool2d_relu_backward_weight_composes_and_checks():
+    """Layers it does not take (pooling that keeps most outputs, many filter rows) give the two ops'
+    gradients; empty batches give zeros; bad arguments name the op and the argument."""
+    rng = _rng(13)
+    cases = [((2, 1, 10, 10), (3, 1, 3, 3), ((2, 2), (1, 1), (0, 0))),   # stride-1 pooling: 49 of 64 kept
+             ((2, 8, 10, 10), (4, 8, 5, 5), ((2, 2), (2, 2), (0, 0)))]    # C * R = 40 filter rows
+    for x_shape, w_shape, pool in cases:
+        x, y, am, dy = _pooled_first_layer(rng, x_shape, w_shape, (0, 0), pool, np.float32)
+        assert native._n.conv2d_maxpool2d_relu_backward_weight(dy, y, am, x, *w_shape, 1, 1, 0, 0) is None
+        dw, db = native.conv2d_maxpool2d_relu_backward_weight(dy, y, am, x, w_shape, (1, 1), (0, 0))
+        want, want_b, sdw, sdb = _two_ops_weight_grad(dy, y, am, x, w_shape, (1, 1), (0, 0))
+        assert_close(dw, want, np.float32, "composed dw", scale=sdw)
+        assert_close(db, want_b, np.float32, "composed db", scale=sdb)
+    x, y, am, dy = _pooled_first_layer(rng, (2, 1, 8, 8), (3, 1, 3, 3), (0, 0), ((2, 2), (2, 2), (0, 0)), np.float32)
+    empty = [a[:0].copy() for a in (dy, y, am, x)]
+    dw, db = native.conv2d_maxpool2d_relu_backward_weight(*empty, (3, 1, 3, 3), (1, 1), (0, 0))
+    assert dw.shape == (3, 1, 3, 3) and db.shape == (3,) and not dw.any() and not db.any()
+    op = "conv2d_maxpool2d_relu_backward_weight"
+    bad = am.copy()
+    bad[1, 2, 0, 1] = 36
+    with pytest.raises(ValueError, match=rf"{op}: argmax holds 36, outside the convolution's plane \[0, Ho\*Wo\) = \[0, 36\)"):
+        native.conv2d_maxpool2d_relu_backward_weight(dy, y, bad, x, (3, 1, 3, 3), (1, 1), (0, 0))
+    bad[1, 2, 0, 1] = -1
+    with pytest.raises(ValueError, match=rf"{op}: argmax holds -1"):
+        native.conv2d_maxpool2d_relu_backward_weight(dy, y, bad, x, (3, 1, 3, 3), (1, 1), (0, 0))
+    with pytest.raises(ValueError, match=rf"{op}: dy, y and argmax must have one shape"):
+        native.conv2d_maxpool2d_relu_backward_weight(dy, y[:, :2].copy(), am, x, (3, 1, 3, 3), (1, 1), (0, 0))
+    with pytest.raises(ValueError, match=rf"{op}: dy must have 2 samples of 4 channels"):
+        native.conv2d_maxpool2d_relu_backward_weight(dy, y, am, x, (4, 1, 3, 3), (1, 1), (0, 0))
+    with pytest.raises(TypeError, match=rf"{op}: argmax must be a C-contiguous int32 array, got int64"):
+        native.conv2d_maxpool2d_relu_backward_weight(dy, y, am.astype(np.int64), x, (3, 1, 3, 3), (1, 1), (0, 0))
+    with pytest.raises(TypeError, match=rf"{op}: x must have dtype float32"):
+        native.conv2d_maxpool2d_relu_backward_weight(dy, y, am, x.astype(np.float64), (3, 1, 3, 3), (1, 1), (0, 0))
+
+
 @SETTINGS
 @given(conv_cases(), st.booleans())
 def test_conv2d_bias_relu_matches_reference(case, winograd):

@@ -210,6 +210,12 @@ struct MicroKernel {
     // 2x2 / stride-2 max pooling of a plane (pool2x2.h's maxpool2x2_plane: the same values and
     // argmax, bit for bit)
     void (*maxpool2x2)(const T* x, long W, long Ho, long Wo, long base, T floor_value, T* y, int32_t* argmax);
+    // the weight gradient of a max-pooled first layer from its pooled gradient, one plane of P
+    // pooled outputs (poolwgrad.h): out[a*pool_wgrad_width + lane] += the plane's sum for filter row
+    // vector a < NA; returns the plane's sum of the masked gradient (its bias term)
+    T (*pool_wgrad)(long NA, long P, const T* dy, const T* y, const int32_t* argmax, float inv_wo, long row_extra,
+                    long sw, const T* x, const long* roff, T* out);
+    int pool_wgrad_width;
 };
 
 MicroKernel<float> ukernel_avx512_f32();

@@ -140,6 +140,26 @@ void rowconv_f64(long NV, const double* x, long ldx, long cs, long C, long R, lo
     rowconv_dispatch<Avx2F64, 12>(NV, x, ldx, cs, C, R, S, w, out, rows);
 }
 
+#include "poolwgrad.h"
+
+long pool_wgrad_pack(long n, const float* dy, const float* y, const int32_t* argmax, float inv_wo, long sw,
+                     long row_extra, float* g, int32_t* off) {
+    return pool_wgrad_pack_scalar(n, dy, y, argmax, inv_wo, sw, row_extra, g, off);
+}
+long pool_wgrad_pack(long n, const double* dy, const double* y, const int32_t* argmax, float inv_wo, long sw,
+                     long row_extra, double* g, int32_t* off) {
+    return pool_wgrad_pack_scalar(n, dy, y, argmax, inv_wo, sw, row_extra, g, off);
+}
+
+float pool_wgrad_f32(long NA, long P, const float* dy, const float* y, const int32_t* argmax, float inv_wo,
+                     long row_extra, long sw, const float* x, const long* roff, float* out) {
+    return pool_wgrad_dispatch<Avx2F32, 10>(NA, P, dy, y, argmax, inv_wo, row_extra, sw, x, roff, out);
+}
+double pool_wgrad_f64(long NA, long P, const double* dy, const double* y, const int32_t* argmax, float inv_wo,
+                      long row_extra, long sw, const double* x, const long* roff, double* out) {
+    return pool_wgrad_dispatch<Avx2F64, 10>(NA, P, dy, y, argmax, inv_wo, row_extra, sw, x, roff, out);
+}
+
 #include "im2row.h"
 
 void im2row_f32(float* dst, long ld, long nr, const long* coff, const float* x, long x_n, long x_row, long Ho,
@@ -270,8 +290,8 @@ double fma_loop(long iterations) {
 
 #pragma GCC pop_options
 
-MicroKernel<float> ukernel_avx2_f32() { return {6, 16, &ukernel_f32, 8, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb(12, 1), dconv_pb(12, 2), dconv_pb(12, 3), dconv_pb(12, 4)}, &rowconv_f32, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f32, &small_backward_data_f32, 12, &im2row_f32, &winograd_data_f32, &winograd_weight_f32, &maxpool2x2_plane<float>}; }
-MicroKernel<double> ukernel_avx2_f64() { return {6, 8, &ukernel_f64, 4, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb(12, 1), dconv_pb(12, 2), dconv_pb(12, 3), dconv_pb(12, 4)}, &rowconv_f64, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f64, &small_backward_data_f64, 12, &im2row_f64, &winograd_data_f64, &winograd_weight_f64, &maxpool2x2_plane<double>}; }
+MicroKernel<float> ukernel_avx2_f32() { return {6, 16, &ukernel_f32, 8, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb(12, 1), dconv_pb(12, 2), dconv_pb(12, 3), dconv_pb(12, 4)}, &rowconv_f32, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f32, &small_backward_data_f32, 12, &im2row_f32, &winograd_data_f32, &winograd_weight_f32, &maxpool2x2_plane<float>, &pool_wgrad_f32, 8}; }
+MicroKernel<double> ukernel_avx2_f64() { return {6, 8, &ukernel_f64, 4, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb(12, 1), dconv_pb(12, 2), dconv_pb(12, 3), dconv_pb(12, 4)}, &rowconv_f64, {0, rowconv_kb<12>(1), rowconv_kb<12>(2), rowconv_kb<12>(3), rowconv_kb<12>(4)}, &small_forward_f64, &small_backward_data_f64, 12, &im2row_f64, &winograd_data_f64, &winograd_weight_f64, &maxpool2x2_plane<double>, &pool_wgrad_f64, 4}; }
 double fma_peak_avx2(long iterations) { return fma_loop(iterations); }
 
 }  // namespace pycnn

@@ -162,6 +162,75 @@ void rowconv_f64(long NV, const double* x, long ldx, long cs, long C, long R, lo
     rowconv_dispatch<Avx512F64, 27>(NV, x, ldx, cs, C, R, S, w, out, rows);
 }
 
+#include "poolwgrad.h"
+
+// fp32 in 8-lane (256-bit) vectors: a 3- or 5-tap filter row fills 3 or 5 of 8 lanes, 16 would
+// double the junk lanes, and a 256-bit FMA does as many useful flops per cycle on the cores here
+struct Avx512HalfF32 {
+    using T = float;
+    using V = __m256;
+    static constexpr int width = 8;
+    static V zero() { return _mm256_setzero_ps(); }
+    static V load(const T* p) { return _mm256_loadu_ps(p); }
+    static V bcast(T v) { return _mm256_set1_ps(v); }
+    static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+    static V add(V a, V b) { return _mm256_add_ps(a, b); }
+    static void store(T* p, V v) { _mm256_storeu_ps(p, v); }
+};
+
+// pool_wgrad_pack_scalar's packing 16 (fp32) / 8 (fp64) windows a step: the mask of the windows
+// that carry a gradient, vcompress in its register form (with a memory destination it is
+// microcoded on Zen 4, and far slower) and whole-vector stores (pool_wgrad_dispatch leaves room
+// for a vector past the run); the row division as pool_wgrad_row, in fp32 lanes.
+long pool_wgrad_pack(long n, const float* dy, const float* y, const int32_t* argmax, float inv_wo, long sw,
+                     long row_extra, float* g, int32_t* off) {
+    const __m512 inv = _mm512_set1_ps(inv_wo), half = _mm512_set1_ps(0.5f), zero = _mm512_setzero_ps();
+    const __m512i vsw = _mm512_set1_epi32(int32_t(sw)), extra = _mm512_set1_epi32(int32_t(row_extra));
+    long m = 0;
+    for (long p = 0; p < n; p += 16) {
+        const __mmask16 live = n - p >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - p)) - 1u);
+        const __m512 v = _mm512_maskz_loadu_ps(live, dy + p);
+        const __m512i idx = _mm512_maskz_loadu_epi32(live, argmax + p);
+        const __mmask16 keep = _mm512_mask_cmp_ps_mask(live, _mm512_maskz_loadu_ps(live, y + p), zero, _CMP_GT_OQ) &
+                               _mm512_cmp_ps_mask(v, zero, _CMP_NEQ_UQ);  // a NaN counts
+        const __m512i row = _mm512_cvttps_epi32(_mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(idx), half), inv));
+        const __m512i o = _mm512_add_epi32(_mm512_mullo_epi32(idx, vsw), _mm512_mullo_epi32(row, extra));
+        _mm512_storeu_ps(g + m, _mm512_maskz_compress_ps(keep, v));
+        _mm512_storeu_si512(off + m, _mm512_maskz_compress_epi32(keep, o));
+        m += __builtin_popcount(unsigned(keep));
+    }
+    return m;
+}
+long pool_wgrad_pack(long n, const double* dy, const double* y, const int32_t* argmax, float inv_wo, long sw,
+                     long row_extra, double* g, int32_t* off) {
+    const __m256 inv = _mm256_set1_ps(inv_wo), half = _mm256_set1_ps(0.5f);
+    const __m512d zero = _mm512_setzero_pd();
+    const __m256i vsw = _mm256_set1_epi32(int32_t(sw)), extra = _mm256_set1_epi32(int32_t(row_extra));
+    long m = 0;
+    for (long p = 0; p < n; p += 8) {
+        const __mmask8 live = n - p >= 8 ? __mmask8(0xff) : __mmask8((1u << (n - p)) - 1u);
+        const __m512d v = _mm512_maskz_loadu_pd(live, dy + p);
+        const __m256i idx = _mm256_maskz_loadu_epi32(live, argmax + p);
+        const __mmask8 keep = _mm512_mask_cmp_pd_mask(live, _mm512_maskz_loadu_pd(live, y + p), zero, _CMP_GT_OQ) &
+                              _mm512_cmp_pd_mask(v, zero, _CMP_NEQ_UQ);
+        const __m256i row = _mm256_cvttps_epi32(_mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(idx), half), inv));
+        const __m256i o = _mm256_add_epi32(_mm256_mullo_epi32(idx, vsw), _mm256_mullo_epi32(row, extra));
+        _mm512_storeu_pd(g + m, _mm512_maskz_compress_pd(keep, v));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(off + m), _mm256_maskz_compress_epi32(keep, o));
+        m += __builtin_popcount(unsigned(keep));
+    }
+    return m;
+}
+
+float pool_wgrad_f32(long NA, long P, const float* dy, const float* y, const int32_t* argmax, float inv_wo,
+                     long row_extra, long sw, const float* x, const long* roff, float* out) {
+    return pool_wgrad_dispatch<Avx512HalfF32, 16>(NA, P, dy, y, argmax, inv_wo, row_extra, sw, x, roff, out);
+}
+double pool_wgrad_f64(long NA, long P, const double* dy, const double* y, const int32_t* argmax, float inv_wo,
+                      long row_extra, long sw, const double* x, const long* roff, double* out) {
+    return pool_wgrad_dispatch<Avx512F64, 16>(NA, P, dy, y, argmax, inv_wo, row_extra, sw, x, roff, out);
+}
+
 #include "im2row.h"
 
 void im2row_f32(float* dst, long ld, long nr, const long* coff, const float* x, long x_n, long x_row, long Ho,
@@ -377,8 +446,8 @@ void maxpool2x2_f64(const double* x, long W, long Ho, long Wo, long base, double
 
 #pragma GCC pop_options
 
-MicroKernel<float> ukernel_avx512_f32() { return {8, 32, &ukernel_f32, 16, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb(27, 1), dconv_pb(27, 2), dconv_pb(27, 3), dconv_pb(27, 4)}, &rowconv_f32, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f32, &small_backward_data_f32, 27, &im2row_f32, &winograd_data_f32, &winograd_weight_f32, &maxpool2x2_f32}; }
-MicroKernel<double> ukernel_avx512_f64() { return {8, 16, &ukernel_f64, 8, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb(27, 1), dconv_pb(27, 2), dconv_pb(27, 3), dconv_pb(27, 4)}, &rowconv_f64, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f64, &small_backward_data_f64, 27, &im2row_f64, &winograd_data_f64, &winograd_weight_f64, &maxpool2x2_f64}; }
+MicroKernel<float> ukernel_avx512_f32() { return {8, 32, &ukernel_f32, 16, &corr_f32, &winograd_f32, &dconv_f32, {0, dconv_pb(27, 1), dconv_pb(27, 2), dconv_pb(27, 3), dconv_pb(27, 4)}, &rowconv_f32, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f32, &small_backward_data_f32, 27, &im2row_f32, &winograd_data_f32, &winograd_weight_f32, &maxpool2x2_f32, &pool_wgrad_f32, 8}; }
+MicroKernel<double> ukernel_avx512_f64() { return {8, 16, &ukernel_f64, 8, &corr_f64, &winograd_f64, &dconv_f64, {0, dconv_pb(27, 1), dconv_pb(27, 2), dconv_pb(27, 3), dconv_pb(27, 4)}, &rowconv_f64, {0, rowconv_kb<27>(1), rowconv_kb<27>(2), rowconv_kb<27>(3), rowconv_kb<27>(4)}, &small_forward_f64, &small_backward_data_f64, 27, &im2row_f64, &winograd_data_f64, &winograd_weight_f64, &maxpool2x2_f64, &pool_wgrad_f64, 8}; }
 double fma_peak_avx512(long iterations) { return fma_loop(iterations); }
 
 }  // namespace pycnn

@@ -329,6 +329,39 @@ def conv2d_maxpool2d_relu_forward(x, w, b, stride, padding, kernel, pool_stride,
     return maxpool2d_relu_forward(_n.conv2d_forward(x, w, b, sh, sw, ph, pw), kernel, pool_stride, pool_padding)
 
 
+def conv2d_maxpool2d_relu_backward_weight(dy, y, argmax, x, w_shape, stride, padding):
+    """(dw, db) = conv2d_backward_weight(maxpool2d_relu_backward(dy, y, argmax, conv_shape), x,
+    w_shape, stride, padding): the weight and bias gradients of conv2d_maxpool2d_relu_forward (whose
+    outputs are ``y`` and ``argmax``) for a layer whose input needs no gradient (a first layer).
+
+    Where the pooling keeps at most every other convolution output (2x2 pools keep one in four),
+    each pooled output adds its masked gradient times the input patch under its argmax to the
+    filter (poolwgrad.h): the convolution-sized gradient is neither written nor multiplied. Its sums
+    hold the two ops' nonzero terms (for finite x) in another order: equal to rounding, and the same
+    bits for every thread count. The two ops elsewhere."""
+    _require()
+    op = "conv2d_maxpool2d_relu_backward_weight"
+    _float_array(op, "dy", dy, 4, what="(N, K, Hp, Wp)")
+    _float_array(op, "y", y, 4, what="(N, K, Hp, Wp)", dtype=dy.dtype)
+    if not isinstance(argmax, np.ndarray) or argmax.dtype != np.int32 or not argmax.flags.c_contiguous:
+        raise TypeError(f"{op}: argmax must be a C-contiguous int32 array, got "
+                        f"{getattr(argmax, 'dtype', type(argmax).__name__)}")
+    if y.shape != dy.shape or argmax.shape != dy.shape:
+        raise ValueError(f"{op}: dy, y and argmax must have one shape, got dy {dy.shape}, y {y.shape}, "
+                         f"argmax {argmax.shape}")
+    _float_array(op, "x", x, 4, dy.dtype, "(N, C, H, W)")
+    k, c, r, s = _shape4(op, "w_shape", w_shape)
+    sh, sw = _pair(op, "stride", stride, 1)
+    ph, pw = _pair(op, "padding", padding, 0)
+    _check_window(op, x.shape[2:], (r, s), (ph, pw))
+    both = _n.conv2d_maxpool2d_relu_backward_weight(dy, y, argmax, x, k, c, r, s, sh, sw, ph, pw)
+    if both is not None:
+        return both
+    conv_shape = (x.shape[0], k, (x.shape[2] + 2 * ph - r) // sh + 1, (x.shape[3] + 2 * pw - s) // sw + 1)
+    return conv2d_backward_weight(maxpool2d_relu_backward(dy, y, argmax, conv_shape), x, (k, c, r, s), stride,
+                                  padding)
+
+
 def conv2d_backward_data(dy, w, x_shape, stride, padding):
     """dx (N,C,H,W): the gradient of conv2d_forward with respect to x."""
     _require()
