@@ -1350,3 +1350,22 @@ def test_extension_checks_dtype_itself():
         _native.conv2d_forward(F32, W32.astype(np.float64), None, 1, 1, 0, 0)
     with pytest.raises(TypeError, match="must be a float32 or float64 array, got int32"):
         _native.relu_forward(np.zeros(3, np.int32))
+
+
+def test_bench_first_layer_wgrad_writes_its_record(tmp_path):
+    """benchmarks/bench_first_layer_wgrad.py (the source of the op's figures in docs/native.md) runs
+    and records a row per ISA and shape, with which path the op took; bad arguments are refused."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    try:
+        import bench_first_layer_wgrad as bench
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "record.json"
+    assert bench.main(["--calls", "1", "--shapes", "lenet5.conv1", "c16", "--isas", ISAS[-1], "--out", str(out)]) == 0
+    import json
+    record = json.loads(out.read_text())
+    assert [(r["shape"], r["sparse_path"]) for r in record["rows"]] == [("lenet5.conv1", True), ("c16", False)]
+    assert all(r["two_ops_ms"] > 0 and r["op_ms"] > 0 for r in record["rows"])
+    assert "--calls 1" in record["command"]
+    with pytest.raises(SystemExit):
+        bench.main(["--calls", "0"])
