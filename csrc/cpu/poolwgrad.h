@@ -31,7 +31,8 @@ long pool_wgrad_pack(long n, const double* dy, const double* y, const int32_t* a
 // caller's copy of the sample (idx * sw + (idx / Wo) * row_extra for the argmax idx); returns
 // their count. Without a branch: each window is written and counted only when it carries a
 // gradient (behind the ReLU about half do not, and a branch on it mispredicted every other
-// window). The AVX-512 translation unit packs 16 / 8 windows a step instead (vcompress).
+// window). The AVX-512 and AVX2 translation units pack 16 / 8 (vcompress) or 8 / 4 windows a
+// step (a permute by a table of the kept lanes) and leave this loop to the scalar ISA and tails.
 template <typename T>
 long pool_wgrad_pack_scalar(long n, const T* dy, const T* y, const int32_t* argmax, float inv_wo, long sw,
                             long row_extra, T* g, int32_t* off) {

@@ -142,13 +142,84 @@ void rowconv_f64(long NV, const double* x, long ldx, long cs, long C, long R, lo
 
 #include "poolwgrad.h"
 
+// Left-packing tables for pool_wgrad_pack: for each mask of kept lanes, the kept lanes' indices in
+// order, 4 bits each (AVX2 has no vcompress; a permute by these indices does its work).
+struct PackTables {
+    uint32_t lanes8[256];  // 8 x 32-bit lanes
+    uint32_t pairs4[16];   // 4 x 64-bit lanes as pairs of 32-bit lanes
+};
+constexpr PackTables make_pack_tables() {
+    PackTables t{};
+    for (unsigned mask = 0; mask < 256; ++mask) {
+        uint32_t packed = 0;
+        unsigned k = 0;
+        for (unsigned lane = 0; lane < 8; ++lane)
+            if (mask & (1u << lane)) packed |= uint32_t(lane) << (4 * k++);
+        t.lanes8[mask] = packed;
+    }
+    for (unsigned mask = 0; mask < 16; ++mask) {
+        uint32_t packed = 0;
+        unsigned k = 0;
+        for (unsigned lane = 0; lane < 4; ++lane)
+            if (mask & (1u << lane)) {
+                packed |= uint32_t(2 * lane) << (4 * k++);
+                packed |= uint32_t(2 * lane + 1) << (4 * k++);
+            }
+        t.pairs4[mask] = packed;
+    }
+    return t;
+}
+constexpr PackTables kPack = make_pack_tables();
+
+inline __m256i pack_indices(uint32_t packed) {
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int32_t(packed)), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+                            _mm256_set1_epi32(7));
+}
+
+// pool_wgrad_pack_scalar's packing 8 (fp32) / 4 (fp64) windows a step: the kept lanes' mask, a
+// permute by the table's indices and whole-vector stores (pool_wgrad_dispatch leaves room for a
+// vector past the run); the last windows of the run by the scalar loop. The scalar packing cost as
+// much as the FMAs on the 3x3 layers.
 long pool_wgrad_pack(long n, const float* dy, const float* y, const int32_t* argmax, float inv_wo, long sw,
                      long row_extra, float* g, int32_t* off) {
-    return pool_wgrad_pack_scalar(n, dy, y, argmax, inv_wo, sw, row_extra, g, off);
+    const __m256 inv = _mm256_set1_ps(inv_wo), half = _mm256_set1_ps(0.5f), zero = _mm256_setzero_ps();
+    const __m256i vsw = _mm256_set1_epi32(int32_t(sw)), extra = _mm256_set1_epi32(int32_t(row_extra));
+    long m = 0, p = 0;
+    for (; p + 8 <= n; p += 8) {
+        const __m256 v = _mm256_loadu_ps(dy + p);
+        const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(argmax + p));
+        const int keep = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(_mm256_loadu_ps(y + p), zero, _CMP_GT_OQ),
+                                                          _mm256_cmp_ps(v, zero, _CMP_NEQ_UQ)));  // a NaN counts
+        const __m256i row = _mm256_cvttps_epi32(_mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(idx), half), inv));
+        const __m256i o = _mm256_add_epi32(_mm256_mullo_epi32(idx, vsw), _mm256_mullo_epi32(row, extra));
+        const __m256i perm = pack_indices(kPack.lanes8[keep]);
+        _mm256_storeu_ps(g + m, _mm256_permutevar8x32_ps(v, perm));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(off + m), _mm256_permutevar8x32_epi32(o, perm));
+        m += __builtin_popcount(unsigned(keep));
+    }
+    return m + pool_wgrad_pack_scalar(n - p, dy + p, y + p, argmax + p, inv_wo, sw, row_extra, g + m, off + m);
 }
 long pool_wgrad_pack(long n, const double* dy, const double* y, const int32_t* argmax, float inv_wo, long sw,
                      long row_extra, double* g, int32_t* off) {
-    return pool_wgrad_pack_scalar(n, dy, y, argmax, inv_wo, sw, row_extra, g, off);
+    const __m128 inv = _mm_set1_ps(inv_wo), half = _mm_set1_ps(0.5f);
+    const __m256d zero = _mm256_setzero_pd();
+    const __m128i vsw = _mm_set1_epi32(int32_t(sw)), extra = _mm_set1_epi32(int32_t(row_extra));
+    long m = 0, p = 0;
+    for (; p + 4 <= n; p += 4) {
+        const __m256d v = _mm256_loadu_pd(dy + p);
+        const __m128i idx = _mm_loadu_si128(reinterpret_cast<const __m128i*>(argmax + p));
+        const int keep = _mm256_movemask_pd(_mm256_and_pd(_mm256_cmp_pd(_mm256_loadu_pd(y + p), zero, _CMP_GT_OQ),
+                                                          _mm256_cmp_pd(v, zero, _CMP_NEQ_UQ)));
+        const __m128i row = _mm_cvttps_epi32(_mm_mul_ps(_mm_add_ps(_mm_cvtepi32_ps(idx), half), inv));
+        const __m128i o = _mm_add_epi32(_mm_mullo_epi32(idx, vsw), _mm_mullo_epi32(row, extra));
+        _mm256_storeu_pd(g + m, _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_castpd_ps(v),
+                                                                          pack_indices(kPack.pairs4[keep]))));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(off + m),
+                         _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(_mm256_castsi128_si256(o),
+                                                                            pack_indices(kPack.lanes8[keep]))));
+        m += __builtin_popcount(unsigned(keep));
+    }
+    return m + pool_wgrad_pack_scalar(n - p, dy + p, y + p, argmax + p, inv_wo, sw, row_extra, g + m, off + m);
 }
 
 float pool_wgrad_f32(long NA, long P, const float* dy, const float* y, const int32_t* argmax, float inv_wo,
