@@ -990,6 +990,24 @@ def test_conv2d_maxpool2d_relu_backward_weight_composes_and_checks():
     empty = [a[:0].copy() for a in (dy, y, am, x)]
     dw, db = native.conv2d_maxpool2d_relu_backward_weight(*empty, (3, 1, 3, 3), (1, 1), (0, 0))
     assert dw.shape == (3, 1, 3, 3) and db.shape == (3,) and not dw.any() and not db.any()
+    # a stride larger than the input (one output row: the stride never moves) takes the sparse path
+    # with the reference's values; absurd padding, whose sizes overflowed the path's bound check,
+    # is left to the two ops
+    xs = rng.standard_normal((2, 1, 3, 9)).astype(np.float32)
+    conv = ref.conv2d_forward(xs, np.ones((2, 1, 3, 3), np.float32), None, (10**15, 1), (0, 0))
+    ys, ams = ref.maxpool2d_relu_forward(conv, (1, 2), (1, 2), (0, 0))
+    ys, ams = np.ascontiguousarray(ys), np.ascontiguousarray(ams.astype(np.int32))
+    dys = rng.standard_normal(ys.shape).astype(np.float32)
+    for isa, _ in configs():
+        assert native._n.conv2d_maxpool2d_relu_backward_weight(dys, ys, ams, xs, 2, 1, 3, 3, 10**15, 1, 0, 0) is not None
+        dw, db = native.conv2d_maxpool2d_relu_backward_weight(dys, ys, ams, xs, (2, 1, 3, 3), (10**15, 1), (0, 0))
+        want, want_b, sdw, sdb = _two_ops_weight_grad(dys, ys, ams, xs, (2, 1, 3, 3), (10**15, 1), (0, 0))
+        assert_close(dw, want, np.float32, f"huge stride {isa}", scale=sdw)
+        assert_close(db, want_b, np.float32, f"huge stride {isa}", scale=sdb)
+    one = np.ones((1, 1, 1, 1), np.float32)
+    assert native._n.conv2d_maxpool2d_relu_backward_weight(
+        one, one, np.zeros((1, 1, 1, 1), np.int32), np.ones((1, 1, 3, 3), np.float32), 1, 1, 1, 1,
+        887299165295743697, 659896796912488440, 443649582647871847, 329948398456244219) is None
     op = "conv2d_maxpool2d_relu_backward_weight"
     bad = am.copy()
     bad[1, 2, 0, 1] = 36

@@ -384,7 +384,10 @@ void conv_pool_backward_weight(const ConvGeom& g, long P, const T* dy, const T* 
     const long Hp = g.H + 2 * g.ph, Wpad = g.W + 2 * g.pw;
     // each padded sample row is long enough that a filter row's last vector never leaves it: every
     // load stays inside the sample's copy, whatever its junk lanes read
-    const long ldx = std::max(Wpad, (g.Wo - 1) * g.sw + NVS * VW);
+    // a stride along a dimension with one output never moves (and can be huge: a stride larger than
+    // the input); as 0 every offset product below stays within the sample copy's size
+    const long sh = g.Ho > 1 ? g.sh : 0, sw = g.Wo > 1 ? g.sw : 0;
+    const long ldx = std::max(Wpad, (g.Wo - 1) * sw + NVS * VW);
     const long plane = Hp * ldx, sample = g.C * plane, NA = g.C * g.R * NVS;
     std::vector<long> roff(static_cast<size_t>(NA));
     for (long c = 0; c < g.C; ++c)
@@ -406,7 +409,7 @@ void conv_pool_backward_weight(const ConvGeom& g, long P, const T* dy, const T* 
             for (long k = 0; k < g.K; ++k) {
                 const long pl = (n * g.K + k) * P;
                 T* out = part.data() + (ch * g.K + k) * per;
-                out[NA * VW] += uk.pool_wgrad(NA, P, dy + pl, y + pl, argmax + pl, inv_wo, g.sh * ldx - g.Wo * g.sw, g.sw, xb,
+                out[NA * VW] += uk.pool_wgrad(NA, P, dy + pl, y + pl, argmax + pl, inv_wo, sh * ldx - g.Wo * sw, sw, xb,
                                               roff.data(), out);
             }
         }
@@ -1223,8 +1226,12 @@ py::object conv2d_maxpool2d_relu_backward_weight_t(py::array dy, py::array y, py
                               std::to_string(K) + " channels (x's batch, w_shape's filters), got (" +
                               std::to_string(dy.shape(0)) + ", " + std::to_string(dy.shape(1)) + ", ...)");
     const long P = dy.shape(2) * dy.shape(3), conv_P = g.Ho * g.Wo;
-    const long sample = C * (g.H + 2 * ph) * (g.W + 2 * pw + 64);  // above conv_pool_backward_weight's copy
-    if (2 * P > conv_P || C * R > 32 || conv_P >= (1L << 21) || sample >= (1L << 31)) return py::none();
+    // the sample copy's size bound (above conv_pool_backward_weight's), overflow-checked: absurd padding
+    // would wrap the product below the bound
+    long sample = 0;
+    const bool too_big = __builtin_mul_overflow(C, g.H + 2 * ph, &sample) ||
+                         __builtin_mul_overflow(sample, g.W + 2 * pw + 64, &sample) || sample >= (1L << 31);
+    if (2 * P > conv_P || C * R > 32 || conv_P >= (1L << 21) || too_big) return py::none();
     const int32_t* ap = cptr<int32_t>(argmax);
     const long count = g.N * K * P;
     // a bad index would read outside the input: checked first as an OR of unsigned comparisons
