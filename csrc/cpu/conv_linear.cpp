@@ -382,11 +382,11 @@ void conv_pool_backward_weight(const ConvGeom& g, long P, const T* dy, const T* 
     const long VW = uk.pool_wgrad_width;
     const long NVS = (g.S + VW - 1) / VW;  // vectors per filter row
     const long Hp = g.H + 2 * g.ph, Wpad = g.W + 2 * g.pw;
-    // each padded sample row is long enough that a filter row's last vector never leaves it: every
-    // load stays inside the sample's copy, whatever its junk lanes read
     // a stride along a dimension with one output never moves (and can be huge: a stride larger than
     // the input); as 0 every offset product below stays within the sample copy's size
     const long sh = g.Ho > 1 ? g.sh : 0, sw = g.Wo > 1 ? g.sw : 0;
+    // each padded sample row is long enough that a filter row's last vector never leaves it: every
+    // load stays inside the sample's copy, whatever its junk lanes read
     const long ldx = std::max(Wpad, (g.Wo - 1) * sw + NVS * VW);
     const long plane = Hp * ldx, sample = g.C * plane, NA = g.C * g.R * NVS;
     std::vector<long> roff(static_cast<size_t>(NA));
