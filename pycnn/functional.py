@@ -54,6 +54,12 @@ def _backend(t: Tensor):
     return backends.for_device(t.device)
 
 
+# The largest padded input plane (H + 2*padding) x (W + 2*padding) any op accepts, one limit for
+# every backend: max pooling's argmax is an int32 flat index within a plane, and the CUDA kernels
+# take sizes and paddings as 32-bit ints.
+MAX_PLANE_ELEMENTS = 2**31 - 1
+
+
 def _check_window(op, x_shape, kernel, stride, padding, pool: bool):
     kh, kw = kernel
     sh, sw = stride
@@ -71,6 +77,12 @@ def _check_window(op, x_shape, kernel, stride, padding, pool: bool):
     if pool and (ph > kh // 2 or pw > kw // 2):
         raise ValueError(f"{op}: padding must be at most half the kernel size, got padding {padding} "
                          f"for kernel {kernel}")
+    # Without this bound an absurd padding (say 10**17) reached the backends, which failed while
+    # allocating the padded input with messages naming neither the op nor the argument.
+    if (h + 2 * ph) * (w + 2 * pw) > MAX_PLANE_ELEMENTS:
+        raise ValueError(f"{op}: input {h}x{w} with padding {padding} makes a padded plane of "
+                         f"{h + 2 * ph}x{w + 2 * pw} elements; pycnn handles planes of at most "
+                         f"{MAX_PLANE_ELEMENTS} (2**31 - 1) elements")
 
 
 # ----------------------------------------------------------------------------- convolution

@@ -36,6 +36,33 @@ def test_stride_zero_and_negative_padding():
         F.max_pool2d(x4(), 2, padding=2)
 
 
+def test_absurd_padding_is_refused_before_anything_is_allocated():
+    # These reached the backends, which failed allocating the padded input with messages naming
+    # neither op nor argument ("array is too big", "std::bad_alloc"), or looped over 2**41 rows.
+    w = Tensor(np.zeros((1, 1, 3, 3), np.float32))
+    plane = r"makes a padded plane of {} elements; pycnn handles planes of at most 2147483647"
+    with pytest.raises(ValueError, match=r"conv2d: input 8x8 with padding \(400000000000000000, 0\) "
+                       + plane.format("800000000000000008x8")):
+        F.conv2d(x4(), w, padding=(4 * 10**17, 0))
+    with pytest.raises(ValueError, match=r"conv2d: input 8x8 with padding \(100000, 100000\) "
+                       + plane.format("200008x200008")):
+        F.conv2d(x4(), w, stride=10**6, padding=10**5)
+    with pytest.raises(ValueError, match=r"conv2d_max_pool2d_relu: input 8x8 with padding \(0, 2147483647\)"):
+        F.conv2d_max_pool2d_relu(x4(), w, padding=(0, 2**31 - 1))
+    with pytest.raises(ValueError, match=r"max_pool2d: input 8x8 with padding \(1099511627776, 0\)"):
+        F.max_pool2d(x4(), (2**41, 1), 1, (2**40, 0))
+    with pytest.raises(ValueError, match=r"avg_pool2d: input 8x8 with padding \(0, 1099511627776\)"):
+        F.avg_pool2d(x4(), (1, 2**41), 1, (0, 2**40))
+
+
+def test_the_plane_limit_is_inclusive():
+    # 2**31 - 1 elements pass (checked without allocating: the check alone), one more row does not.
+    F._check_window("op", (1, 1, 1, 2**31 - 1), (1, 1), (1, 1), (0, 0), pool=False)
+    with pytest.raises(ValueError, match=r"op: input 1x2147483647 with padding \(1, 0\) makes a padded "
+                                         r"plane of 3x2147483647 elements"):
+        F._check_window("op", (1, 1, 1, 2**31 - 1), (1, 1), (1, 1), (1, 0), pool=False)
+
+
 def test_non_4d_input():
     with pytest.raises(ValueError, match=r"Conv2d expects a 4-D input, got shape \(1, 8, 8\)"):
         nn.Conv2d(1, 1, 3)(Tensor(np.zeros((1, 8, 8), np.float32)))

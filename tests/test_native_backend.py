@@ -1327,6 +1327,23 @@ W32 = np.zeros((4, 3, 3, 3), np.float32)
                                        (1, 1, 4, 4)), ValueError, r"maxpool2d_backward: argmax holds 99"),
     (lambda: native.maxpool2d_forward(F32, (2, 2), (2, 2), (2, 0)), ValueError,
      r"maxpool2d_forward: padding must be <= kernel // 2"),
+    # absurd paddings: refused before the C++ code allocates a padded plane (bad_alloc) or loops
+    # over 2**41 window rows
+    (lambda: native.conv2d_forward(F32, W32, None, (1, 1), (4 * 10**17, 0)), ValueError,
+     r"conv2d_forward: input \(5, 5\) with padding \(400000000000000000, 0\) makes a padded plane of "
+     r"800000000000000005x5 elements; at most 2147483647"),
+    (lambda: native.conv2d_backward_data(np.zeros((2, 4, 3, 4), np.float32), W32, (2, 3, 5, 6), (2**40, 2**40),
+                                         (0, 2**31)), ValueError, r"conv2d_backward_data: input \(5, 6\) with padding"),
+    (lambda: native.conv2d_backward_weight(np.zeros((2, 4, 2, 2), np.float32), F32, W32.shape, (2**45, 2**45),
+                                           (2**40, 0)), ValueError, r"conv2d_backward_weight: input \(5, 5\) with padding"),
+    (lambda: native.maxpool2d_forward(F32, (2**41, 1), (1, 1), (2**40, 0)), ValueError,
+     r"maxpool2d_forward: input \(5, 5\) with padding \(1099511627776, 0\)"),
+    (lambda: native.maxpool2d_relu_forward(F32, (2**41, 1), (1, 1), (2**40, 0)), ValueError,
+     r"maxpool2d_relu_forward: input \(5, 5\) with padding"),
+    (lambda: native.avgpool2d_forward(F32, (1, 2**41), (1, 1), (0, 2**40)), ValueError,
+     r"avgpool2d_forward: input \(5, 5\) with padding \(0, 1099511627776\)"),
+    (lambda: native.avgpool2d_backward(np.zeros((2, 3, 5, 7), np.float32), (2, 3, 5, 6), (1, 2**41), (1, 1),
+                                       (0, 2**40)), ValueError, r"avgpool2d_backward: input \(5, 6\) with padding"),
     (lambda: native.maxpool2d_relu_backward(np.zeros((1, 1, 2, 2), np.float32), np.zeros((1, 1, 2, 1), np.float32),
                                             np.zeros((1, 1, 2, 2), np.int32), (1, 1, 4, 4)), ValueError,
      r"maxpool2d_relu_backward: y must have dy's shape \(1, 1, 2, 2\), got \(1, 1, 2, 1\)"),
@@ -1358,6 +1375,15 @@ W32 = np.zeros((4, 3, 3, 3), np.float32)
 def test_bad_input_raises_clear_errors(call, exc, pattern):
     with pytest.raises(exc, match=pattern):
         call()
+
+
+def test_a_failed_allocation_names_the_op():
+    # The output would take 2**46 floats (256 TiB, beyond any address space): the C++ code's
+    # std::bad_alloc used to reach Python as a bare MemoryError('std::bad_alloc').
+    x = np.ones((2**23, 1, 1, 1), np.float32)
+    with pytest.raises(MemoryError, match=r"conv2d_forward: out of memory \(arrays given: \(8388608, 1, 1, 1\), "
+                                          r"\(8388608, 1, 1, 1\)\): std::bad_alloc"):
+        native.conv2d_forward(x, x, None, (1, 1), (0, 0))
 
 
 def test_extension_checks_dtype_itself():

@@ -26,6 +26,35 @@ except Exception as exc:  # noqa: BLE001 - any failure is reported by available(
     _n = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
+
+
+def _naming_memory_errors(name: str, fn):
+    def call(*args):
+        try:
+            return fn(*args)
+        except MemoryError as exc:
+            shapes = ", ".join(str(a.shape) for a in args if isinstance(a, np.ndarray))
+            raise MemoryError(f"{name}: out of memory (arrays given: {shapes or 'none'}): {exc}") from exc
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = fn.__doc__
+    return call
+
+
+class _Extension:
+    """The extension's functions, each re-raising a MemoryError with the function's name and the
+    shapes of its array arguments: a failed allocation inside the C++ code reaches Python as a bare
+    MemoryError('std::bad_alloc'), which says neither which op nor how large."""
+
+    def __init__(self, module):
+        for name in dir(module):
+            fn = getattr(module, name)
+            if callable(fn) and not name.startswith("_"):
+                setattr(self, name, _naming_memory_errors(name, fn))
+
+
+if _n is not None:
+    _n = _Extension(_n)
+
 _BUILD_LOG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_native_build.txt")
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -241,11 +270,25 @@ def _shape4(op: str, name: str, shape) -> tuple[int, int, int, int]:
     return shape
 
 
+# The largest padded plane accepted, pycnn.functional.MAX_PLANE_ELEMENTS (see there). Without it an
+# absurd padding ended in a failed allocation ("std::bad_alloc") naming neither op nor argument.
+_MAX_PLANE_ELEMENTS = 2**31 - 1
+
+
 def _check_window(op: str, hw, kernel, padding):
     for size, k, p in zip(hw, kernel, padding):
         if size + 2 * p < k:
             raise ValueError(f"{op}: kernel {tuple(kernel)} does not fit input {tuple(hw)} "
                              f"with padding {tuple(padding)}")
+    _check_plane(op, hw, padding)
+
+
+def _check_plane(op: str, hw, padding):
+    padded = [size + 2 * p for size, p in zip(hw, padding)]
+    if padded[0] * padded[1] > _MAX_PLANE_ELEMENTS:
+        raise ValueError(f"{op}: input {tuple(hw)} with padding {tuple(padding)} makes a padded plane of "
+                         f"{padded[0]}x{padded[1]} elements; at most {_MAX_PLANE_ELEMENTS} (2**31 - 1) "
+                         f"are handled")
 
 
 def _check_reduction(op: str, reduction: str) -> None:
@@ -398,6 +441,7 @@ def maxpool2d_forward(x, kernel, stride, padding):
     kh, kw = _pair(op, "kernel", kernel, 1)
     sh, sw = _pair(op, "stride", stride, 1)
     ph, pw = _pair(op, "padding", padding, 0)
+    _check_plane(op, x.shape[2:], (ph, pw))
     return _n.maxpool2d_forward(x, kh, kw, sh, sw, ph, pw)
 
 
@@ -409,6 +453,7 @@ def maxpool2d_relu_forward(x, kernel, stride, padding):
     kh, kw = _pair(op, "kernel", kernel, 1)
     sh, sw = _pair(op, "stride", stride, 1)
     ph, pw = _pair(op, "padding", padding, 0)
+    _check_plane(op, x.shape[2:], (ph, pw))
     return _n.maxpool2d_relu_forward(x, kh, kw, sh, sw, ph, pw)
 
 
@@ -450,6 +495,7 @@ def avgpool2d_forward(x, kernel, stride, padding):
     kh, kw = _pair(op, "kernel", kernel, 1)
     sh, sw = _pair(op, "stride", stride, 1)
     ph, pw = _pair(op, "padding", padding, 0)
+    _check_plane(op, x.shape[2:], (ph, pw))
     return _n.avgpool2d_forward(x, kh, kw, sh, sw, ph, pw)
 
 
@@ -462,6 +508,7 @@ def avgpool2d_backward(dy, x_shape, kernel, stride, padding):
     kh, kw = _pair(op, "kernel", kernel, 1)
     sh, sw = _pair(op, "stride", stride, 1)
     ph, pw = _pair(op, "padding", padding, 0)
+    _check_plane(op, (h, w), (ph, pw))
     return _n.avgpool2d_backward(dy, n, c, h, w, kh, kw, sh, sw, ph, pw)
 
 
