@@ -107,7 +107,11 @@ def native_extensions():
             # instruction that vectorizes (without it, Adam's update loop stayed scalar behind
             # a branch to the libm call that sets errno for negative inputs). Same results:
             # IEEE square roots are correctly rounded either way.
-            extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-fvisibility=hidden", "-fno-math-errno"],
+            # -g0: Python's own CFLAGS carry -g, and the debug information of these template-heavy
+            # kernels was 94% of the object files and 40% of the compile time (the AVX-512 file:
+            # 50 s and 16.9 MB with it, 29 s and 1.1 MB without); the symbol table stays, so
+            # perf still names the functions.
+            extra_compile_args=["-O3", "-g0", "-std=c++17", "-fopenmp", "-fvisibility=hidden", "-fno-math-errno"],
             extra_link_args=["-fopenmp"],
         )
     ]
