@@ -195,10 +195,63 @@ def test_winograd_error_is_small():
 def test_backward_data_paths_match_reference(case):
     """Every backward-data algorithm, forced: the flipped forward convolution (stride 1; other
     strides fall back), the GEMM + row-wise col2im (every stride and padding) and the adjoint
-    Winograd (3x3 stride 1, any channel counts; others fall back)."""
-    for mode in ("col2im", "flipped", "adjoint"):
+    Winograd (3x3 stride 1, any channel counts; others fall back) and the flipped convolution
+    through the row kernel (stride 1, dx rows of at most 4 vectors; others fall back)."""
+    for mode in ("col2im", "flipped", "adjoint", "rows"):
         native.set_backward_data_path(mode)
         check_conv(*case)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape,w_shape,padding", [
+    ((3, 6, 14, 14), (16, 6, 5, 5), (0, 0)),    # LeNet-5 conv2: auto takes the row kernel
+    ((2, 6, 14, 14), (16, 6, 5, 5), (2, 2)),
+    ((2, 12, 9, 11), (7, 12, 5, 3), (4, 1)),    # 12 channels: two calls of 6 (AVX-512), 3 of 4 (AVX2)
+    ((2, 9, 6, 64), (5, 9, 3, 3), (1, 1)),      # rows of 64: 4 fp32 AVX-512 vectors, too long for AVX2 / fp64
+    ((2, 3, 5, 65), (4, 3, 1, 3), (0, 1)),      # 65: too long everywhere (col2im)
+    ((1, 1, 28, 28), (6, 1, 5, 5), (2, 2)),     # LeNet-5 conv1, one channel: one per call
+    ((2, 1, 28, 28), (24, 1, 5, 5), (0, 0)),    # FastMNIST conv1: auto keeps col2im (load-bound)
+    ((0, 6, 14, 14), (16, 6, 5, 5), (0, 0)),    # an empty batch
+])
+def test_row_backward_data(x_shape, w_shape, padding, dtype):
+    """The flipped convolution through the row kernel ('rows', and 'auto' where it takes it) against
+    the reference on every ISA, and bitwise equal for 1, 2 and 3 threads (a dx element is one call's
+    sum, in the same tap order whoever computes it)."""
+    rng = _rng(5)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    ho = x_shape[2] + 2 * padding[0] - w_shape[2] + 1
+    wo = x_shape[3] + 2 * padding[1] - w_shape[3] + 1
+    dy = rng.standard_normal((x_shape[0], w_shape[0], ho, wo)).astype(dtype)
+    want = ref.conv2d_backward_data(dy, w, x_shape, (1, 1), padding)
+    for isa in ISAS:
+        native.set_isa(isa)
+        for mode in ("rows", "auto"):
+            native.set_backward_data_path(mode)
+            got = []
+            for threads in (1, 2, 3):
+                native.set_num_threads(threads)
+                got.append(native.conv2d_backward_data(dy, w, x_shape, (1, 1), padding))
+                assert_close(got[-1], want, dtype, f"{mode} {isa}/{threads}t")
+            assert all(np.array_equal(g, got[0]) for g in got), (mode, isa)
+
+
+def test_auto_backward_data_takes_the_row_kernel_where_it_pays():
+    """'auto' = 'rows' bit for bit on LeNet-5 conv2, and = 'col2im' on FastMNIST conv1 (the rule's
+    one-channel bound) and where rows do not fit 4 vectors."""
+    rng = _rng(6)
+    for x_shape, w_shape, expect in [((4, 6, 14, 14), (16, 6, 5, 5), "rows"),
+                                     ((4, 1, 28, 28), (24, 1, 5, 5), "col2im"),
+                                     ((2, 6, 14, 80), (16, 6, 5, 5), "col2im")]:
+        w = rng.standard_normal(w_shape).astype(np.float32)
+        dy = rng.standard_normal((x_shape[0], w_shape[0], x_shape[2] - 4, x_shape[3] - 4)).astype(np.float32)
+        out = {}
+        for mode in ("auto", "rows", "col2im"):
+            native.set_backward_data_path(mode)
+            out[mode] = native.conv2d_backward_data(dy, w, x_shape, (1, 1), (0, 0))
+        other = "col2im" if expect == "rows" else "rows"
+        assert np.array_equal(out["auto"], out[expect]), (x_shape, expect)
+        if expect == "rows" or x_shape[3] <= 64:
+            assert not np.array_equal(out["auto"], out[other]), (x_shape, other)  # the paths round differently
 
 
 @st.composite
@@ -616,7 +669,9 @@ def test_algorithm_controls():
     assert native.get_backward_data_path() == "col2im"
     native.set_backward_data_path("adjoint")
     assert native.get_backward_data_path() == "adjoint"
-    with pytest.raises(ValueError, match="set_backward_data_path: mode must be 'auto', 'flipped', 'col2im' or 'adjoint'"):
+    native.set_backward_data_path("rows")
+    assert native.get_backward_data_path() == "rows"
+    with pytest.raises(ValueError, match="set_backward_data_path: mode must be 'auto', 'flipped', 'col2im', 'adjoint' or 'rows'"):
         native.set_backward_data_path("scatter")
     native.set_small_plane(False)
     assert native.get_small_plane() is False

@@ -186,9 +186,9 @@ struct MicroKernel {
     void (*dconv)(long KV, long wb, const T* x, long ldx, const T* wt, const long* toff, long taps, T* tile,
                   const TileOut<T>& y);
     int dconv_pb[5];
-    // direct stride-1 forward along output rows for few input channels (rowconv.h): rowconv_kb[NV]
-    // output channels per call for rows of NV vectors (NV <= 4)
-    void (*rowconv)(long NV, const T* x, long ldx, long cs, long C, long R, long S, const T* w,
+    // direct stride-1 forward along output rows for few input channels (rowconv.h): KB output
+    // channels per call (1 <= KB <= rowconv_kb[NV]) for rows of NV vectors (NV <= 4)
+    void (*rowconv)(long NV, long KB, const T* x, long ldx, long cs, long C, long R, long S, const T* w,
                     const RowOut<T>& out, long rows);
     int rowconv_kb[5];
     // direct 3x3 stride-1 forward / backward-data for output planes of at most 3x3 (smallplane.h);

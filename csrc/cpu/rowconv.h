@@ -70,13 +70,26 @@ constexpr int rowconv_kb(int nv) {
     return (BUDGET - nv) / nv > 8 ? 8 : ((BUDGET - nv) / nv < 1 ? 1 : (BUDGET - nv) / nv);
 }
 
+// rowconv_tile for kb channels per call, 1 <= kb <= KB: every count up to the register budget's is
+// compiled, so a layer of K channels runs ceil(K / KB) calls of ceil(K / calls) channels each
+// instead of padding its last call (LeNet-5 conv1, K = 6, ran 8 accumulators for 6 channels; the
+// flipped backward-data of LeNet-5 conv2, 6 channels, likewise). The sums do not depend on kb.
+template <class Tr, int KB, int NV>
+void rowconv_fitted(long kb, const typename Tr::T* x, long ldx, long cs, long C, long R, long S,
+                    const typename Tr::T* w, const RowOut<typename Tr::T>& out, long rows) {
+    if constexpr (KB > 1) {
+        if (kb < KB) return rowconv_fitted<Tr, KB - 1, NV>(kb, x, ldx, cs, C, R, S, w, out, rows);
+    }
+    rowconv_tile<Tr, KB, NV>(x, ldx, cs, C, R, S, w, out, rows);
+}
+
 template <class Tr, int BUDGET>
-void rowconv_dispatch(long NV, const typename Tr::T* x, long ldx, long cs, long C, long R, long S,
+void rowconv_dispatch(long NV, long KB, const typename Tr::T* x, long ldx, long cs, long C, long R, long S,
                       const typename Tr::T* w, const RowOut<typename Tr::T>& out, long rows) {
     switch (NV) {
-        case 1: return rowconv_tile<Tr, rowconv_kb<BUDGET>(1), 1>(x, ldx, cs, C, R, S, w, out, rows);
-        case 2: return rowconv_tile<Tr, rowconv_kb<BUDGET>(2), 2>(x, ldx, cs, C, R, S, w, out, rows);
-        case 3: return rowconv_tile<Tr, rowconv_kb<BUDGET>(3), 3>(x, ldx, cs, C, R, S, w, out, rows);
-        default: return rowconv_tile<Tr, rowconv_kb<BUDGET>(4), 4>(x, ldx, cs, C, R, S, w, out, rows);
+        case 1: return rowconv_fitted<Tr, rowconv_kb<BUDGET>(1), 1>(KB, x, ldx, cs, C, R, S, w, out, rows);
+        case 2: return rowconv_fitted<Tr, rowconv_kb<BUDGET>(2), 2>(KB, x, ldx, cs, C, R, S, w, out, rows);
+        case 3: return rowconv_fitted<Tr, rowconv_kb<BUDGET>(3), 3>(KB, x, ldx, cs, C, R, S, w, out, rows);
+        default: return rowconv_fitted<Tr, rowconv_kb<BUDGET>(4), 4>(KB, x, ldx, cs, C, R, S, w, out, rows);
     }
 }

@@ -131,13 +131,13 @@ bool small_backward_data_f64(long Ho, long Wo, const double* dy, long K, const d
 
 #include "rowconv.h"
 
-void rowconv_f32(long NV, const float* x, long ldx, long cs, long C, long R, long S, const float* w,
+void rowconv_f32(long NV, long KB, const float* x, long ldx, long cs, long C, long R, long S, const float* w,
                  const RowOut<float>& out, long rows) {
-    rowconv_dispatch<Avx2F32, 12>(NV, x, ldx, cs, C, R, S, w, out, rows);
+    rowconv_dispatch<Avx2F32, 12>(NV, KB, x, ldx, cs, C, R, S, w, out, rows);
 }
-void rowconv_f64(long NV, const double* x, long ldx, long cs, long C, long R, long S, const double* w,
+void rowconv_f64(long NV, long KB, const double* x, long ldx, long cs, long C, long R, long S, const double* w,
                  const RowOut<double>& out, long rows) {
-    rowconv_dispatch<Avx2F64, 12>(NV, x, ldx, cs, C, R, S, w, out, rows);
+    rowconv_dispatch<Avx2F64, 12>(NV, KB, x, ldx, cs, C, R, S, w, out, rows);
 }
 
 #include "poolwgrad.h"

@@ -158,18 +158,20 @@ def get_small_plane() -> bool:
 def set_backward_data_path(mode: str) -> None:
     """Backward-data algorithm: 'auto', 'flipped' (stride 1: the forward convolution of dy with the
     flipped filters, Winograd for 3x3; other strides fall back to col2im), 'col2im' (a GEMM
-    into a column buffer, then row-wise adds into dx) or 'adjoint' (3x3 stride 1: the transpose
-    of Winograd F(2x2,3x3), tiles over dy; other layers fall back to col2im)."""
+    into a column buffer, then row-wise adds into dx), 'adjoint' (3x3 stride 1: the transpose
+    of Winograd F(2x2,3x3), tiles over dy; other layers fall back to col2im) or 'rows' (stride 1
+    with dx rows of at most 4 vectors: the flipped convolution through the row kernel; other
+    layers fall back to col2im)."""
     _require()
-    if mode not in ("auto", "flipped", "col2im", "adjoint"):
+    if mode not in ("auto", "flipped", "col2im", "adjoint", "rows"):
         raise ValueError(
-            f"set_backward_data_path: mode must be 'auto', 'flipped', 'col2im' or 'adjoint', got {mode!r}"
+            f"set_backward_data_path: mode must be 'auto', 'flipped', 'col2im', 'adjoint' or 'rows', got {mode!r}"
         )
     _n.set_backward_data_path(mode)
 
 
 def get_backward_data_path() -> str:
-    """The backward-data algorithm choice: 'auto', 'flipped', 'col2im' or 'adjoint'."""
+    """The backward-data algorithm choice: 'auto', 'flipped', 'col2im', 'adjoint' or 'rows'."""
     _require()
     return _n.get_backward_data_path()
 
