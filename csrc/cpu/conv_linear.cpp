@@ -763,6 +763,9 @@ DataPath g_data_path = DataPath::automatic;
 
 template <typename T>
 void conv_backward_data(const ConvGeom& g, const T* dy, const T* w, T* dx) {
+    // an empty dx: nothing to write (with W = 0 the row kernel's plan would have no vectors per row
+    // and divide by its zero channel budget)
+    if (g.N == 0 || g.C == 0 || g.H == 0 || g.W == 0) return;
     const bool flippable = g.sh == 1 && g.sw == 1 && g.ph <= g.R - 1 && g.pw <= g.S - 1;
     if (g_data_path == DataPath::col2im || (g_data_path == DataPath::flipped && !flippable))
         return conv_backward_data_col2im(g, dy, w, dx);
