@@ -60,15 +60,17 @@ def atomic_write_json(path, obj) -> None:
 
 
 def check_output_dir(path, argument: str = "out_dir") -> Path:
-    """Check, without creating anything, that ``path`` is or can be made a directory to write in.
+    """Check that ``path`` is or can be made a directory to write in, leaving nothing behind.
 
     Called before training (or timing), so that a typo'd or read-only output directory fails in a
     second instead of after the whole run, losing the trained model; a run that fails for another
     reason leaves no empty directory behind. The nearest existing part of the path must be a
-    directory this process may write in (the writers create the rest).
+    directory this process may write in; then the missing directories are made, an empty file is
+    created in the last one, and all of it is removed again (permission bits do not tell the whole
+    story: root passes every ``os.access`` test, yet cannot make a directory in ``/proc``).
 
     Raises:
-        ValueError: naming ``argument`` and the path.
+        ValueError: naming ``argument``, the path and what failed.
     """
     path = Path(path)
     existing = path
@@ -82,4 +84,35 @@ def check_output_dir(path, argument: str = "out_dir") -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{argument} {str(path)!r} cannot hold the results: no permission to write in "
                          f"{str(existing)!r}")
+    _probe_writable(path, existing, argument)
     return path
+
+
+def _probe_writable(path: Path, existing: Path, argument: str) -> None:
+    """Make the directories from ``existing`` down to ``path`` and a file in ``path``, then remove
+    them (only what this call made); an OSError on the way becomes a ValueError naming ``argument``."""
+    missing = []
+    directory = path
+    while directory != existing:
+        missing.append(directory)
+        directory = directory.parent
+    made = []
+    doing = ""
+    try:
+        for directory in reversed(missing):
+            doing = f"cannot create the directory {str(directory)!r}"
+            directory.mkdir()
+            made.append(directory)
+        doing = f"cannot create a file in {str(path)!r}"
+        fd, temp = temp_file_beside(path / "probe", suffix=".probe")
+        os.close(fd)
+        os.unlink(temp)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ValueError(f"{argument} {str(path)!r} cannot hold the results: {doing}: {reason}") from None
+    finally:
+        for directory in reversed(made):
+            try:
+                directory.rmdir()
+            except OSError:
+                pass

@@ -1,6 +1,7 @@
 """Files written atomically get the permissions of a plain open(); output directories are
 checked, not created, before the work that fills them."""
 import os
+from pathlib import Path
 import stat
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import pycnn
 from pycnn.checkpoint import save_checkpoint
 from pycnn.data.localization import save_canvases
+import pycnn.fileio as fileio_module
 from pycnn.fileio import atomic_write_bytes, atomic_write_json, check_output_dir
 
 
@@ -68,3 +70,42 @@ def test_check_output_dir(tmp_path):
         locked.mkdir(mode=0o500)
         with pytest.raises(ValueError, match=r"cannot hold the results: no permission to write in '.*locked'"):
             check_output_dir(locked / "run")
+
+
+def test_check_output_dir_tries_the_write(tmp_path, monkeypatch):
+    """Permission bits are not the whole story (root passes os.access, yet cannot make a directory
+    in /proc): the check makes the directories and a file, says which step failed, and removes
+    what it made."""
+    made = []
+    real_mkdir = Path.mkdir
+
+    def refuse_second_level(self, *args, **kwargs):
+        if self.name == "b":
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        made.append(self)
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse_second_level)
+    with pytest.raises(ValueError, match=r"^--out '.*a/b/c' cannot hold the results: cannot create the "
+                                         r"directory '.*a/b': No such file or directory$"):
+        check_output_dir(tmp_path / "a" / "b" / "c", "--out")
+    assert made == [tmp_path / "a"] and list(tmp_path.iterdir()) == []  # "a" made, then removed
+
+    monkeypatch.setattr(Path, "mkdir", real_mkdir)
+    monkeypatch.setattr(fileio_module.os, "open", _raise_read_only)
+    with pytest.raises(ValueError, match=r"^out_dir '.*run' cannot hold the results: cannot create a file "
+                                         r"in '.*run': Read-only file system$"):
+        check_output_dir(tmp_path / "run")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _raise_read_only(path, *args, **kwargs):
+    raise OSError(30, "Read-only file system", str(path))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_check_output_dir_in_proc():
+    """The case that slipped through the permission test: the error came after setup, bare."""
+    # (as root: "cannot create the directory '/proc/pycnn-x'"; else "no permission to write in")
+    with pytest.raises(ValueError, match=r"^out_dir \(--out\) '/proc/pycnn-x/run' cannot hold the results: "):
+        check_output_dir(Path("/proc/pycnn-x/run"), "out_dir (--out)")
