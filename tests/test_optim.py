@@ -179,3 +179,62 @@ def test_parameters_must_be_tensors_and_appear_once():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
     model.tied = model[0]  # the same layer twice: its parameters are shared
     assert len(optim.SGD(model.parameters(), lr=0.1).param_groups[0]["params"]) == 2  # (listed once)
+
+
+def _two_layer_params(seed):
+    rng = np.random.default_rng(seed)
+    return [nn.Parameter(rng.standard_normal((3, 4)).astype(np.float32)),
+            nn.Parameter(rng.standard_normal(4).astype(np.float32))]
+
+
+def _steps(opt, params, grads):
+    from pycnn import Tensor
+
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = Tensor(g)
+        opt.step()
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: optim.Adam(ps, lr=1e-2, betas=(0.7, 0.9)),
+    lambda ps: optim.AdamW(ps, lr=1e-2),
+    lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+], ids=["adam", "adamw", "sgd"])
+def test_state_dict_round_trip_continues_bit_for_bit(make):
+    """A fresh optimizer over copies of the parameters, given the state_dict, takes the same next
+    steps as the original (moments, step counts, hyper-parameters: nothing left behind)."""
+    rng = np.random.default_rng(1)
+    grads = [[rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal(4).astype(np.float32)]
+             for _ in range(6)]
+    params = _two_layer_params(0)
+    opt = make(params)
+    opt.param_groups[0]["lr"] *= 0.5  # (a scheduler's change must travel too)
+    _steps(opt, params, grads[:3])
+    saved = opt.state_dict()
+    copies = [nn.Parameter(p.numpy().copy()) for p in params]
+    resumed = make(copies)
+    resumed.load_state_dict(saved)
+    live = opt.state[id(params[0])]
+    for name, value in saved["state"][0].items():  # copies, not the live buffers
+        assert not isinstance(value, np.ndarray) or not np.shares_memory(value, live[name])
+    _steps(opt, params, grads[3:])
+    _steps(resumed, copies, grads[3:])
+    for p, q in zip(params, copies):
+        np.testing.assert_array_equal(p.numpy(), q.numpy())
+
+
+def test_load_state_dict_refuses_what_does_not_fit():
+    params = _two_layer_params(0)
+    opt = optim.Adam(params)
+    _steps(opt, params, [[np.ones((3, 4), np.float32), np.ones(4, np.float32)]])
+    saved = opt.state_dict()
+    with pytest.raises(ValueError, match=r"Adam.load_state_dict: parameter group 0 has 2 parameters in the "
+                                         r"saved state, 1 here"):
+        optim.Adam(params[:1]).load_state_dict(saved)
+    swapped = optim.Adam(params[::-1])
+    with pytest.raises(ValueError, match=r"state 'exp_avg' of parameter 0 has shape \(3, 4\), the parameter \(4,\)"):
+        swapped.load_state_dict(saved)
+    assert swapped.state == {}  # nothing changed
+    with pytest.raises(ValueError, match=r"expected a dict with 'state' and 'param_groups'"):
+        opt.load_state_dict([1, 2])

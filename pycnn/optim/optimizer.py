@@ -14,8 +14,10 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
+
 from pycnn import backends
-from pycnn.tensor import Tensor, array_module
+from pycnn.tensor import Tensor, array_module, move_array
 
 
 def _check_number(owner: str, name: str, value) -> None:
@@ -60,6 +62,72 @@ class Optimizer:
     @property
     def lr(self) -> float:
         return self.param_groups[0]["lr"]
+
+    # -- saving and restoring (resuming a training run)
+    def state_dict(self) -> dict:
+        """The optimizer's state, on the host, in PyTorch's layout.
+
+        ``{"state": {i: {name: array or number}}, "param_groups": [{hyper-parameters, "params":
+        [i, ...]}]}``, where ``i`` numbers the parameters across the groups in order. Arrays are
+        NumPy copies (moment buffers); numbers are step counts. Parameters that have not stepped
+        yet have no entry.
+        """
+        state, groups, index = {}, [], 0
+        for group in self.param_groups:
+            positions = []
+            for p in group["params"]:
+                own = self.state.get(id(p))
+                if own:
+                    state[index] = {name: (np.array(move_array(value, "cpu"), copy=True)
+                                           if hasattr(value, "shape") else value)
+                                    for name, value in own.items()}
+                positions.append(index)
+                index += 1
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": positions})
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a :meth:`state_dict` into this optimizer (built over the same parameters in the
+        same order): the hyper-parameters of every group, step counts and buffers, each buffer
+        moved to its parameter's device and dtype.
+
+        Raises:
+            ValueError: the groups or their parameter counts differ, or a buffer's shape does not
+                match its parameter; nothing is changed then.
+        """
+        owner = f"{type(self).__name__}.load_state_dict"
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict):
+            raise ValueError(f"{owner}: expected a dict with 'state' and 'param_groups' (from state_dict()), "
+                             f"got {type(state_dict).__name__}")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"{owner}: the saved state has {len(groups)} parameter groups, this optimizer "
+                             f"{len(self.param_groups)}")
+        params = []
+        for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"{owner}: parameter group {gi} has {len(saved['params'])} parameters in the "
+                                 f"saved state, {len(group['params'])} here")
+            params.extend(zip(saved["params"], group["params"]))
+        restored = {}
+        for index, p in params:
+            saved = state_dict["state"].get(index, state_dict["state"].get(str(index)))
+            if not saved:
+                continue
+            entry = {}
+            for name, value in saved.items():
+                if hasattr(value, "shape"):
+                    if tuple(value.shape) != p.shape:
+                        raise ValueError(f"{owner}: state {name!r} of parameter {index} has shape "
+                                         f"{tuple(value.shape)}, the parameter {p.shape}")
+                    value = move_array(np.array(value, dtype=p.dtype, copy=True), p.device)
+                entry[name] = value
+            restored[id(p)] = entry
+        for saved, group in zip(groups, self.param_groups):
+            for key, value in saved.items():
+                if key != "params":
+                    group[key] = tuple(value) if isinstance(value, list) else value
+        self.state = restored
 
     # -- device hyper-parameters (CUDA graphs)
     _HYPER_SIZE = 0  # floats in the device buffer of one group (set by each optimizer)
