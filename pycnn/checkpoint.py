@@ -90,3 +90,75 @@ def load_model(path, device: str = "cpu"):
     except KeyError as exc:
         raise CheckpointError(f"checkpoint {path} does not fit model {name!r}: {exc.args[0]}") from exc
     return model.to(device), meta
+
+
+# ----------------------------------------------------------------------------- resuming a run
+
+TRAINING_STATE_FILE = "training_state.safetensors"
+
+
+def save_training_state(path, model, optimizer, metadata: dict) -> Path:
+    """Save what a training run needs to continue where it stopped: the model's parameters
+    (``model/<name>``), the optimizer's buffers (``optimizer/<parameter index>/<name>``), and as
+    JSON metadata the optimizer's step counts and hyper-parameters plus ``metadata`` (the run's
+    configuration, the epoch finished, the history, the scheduler's state...). Written atomically:
+    an interrupted write leaves the previous state intact."""
+    tensors = {f"model/{name}": array for name, array in model.state_dict().items()}
+    saved = optimizer.state_dict()
+    numbers: dict = {}
+    for index, entry in saved["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, np.ndarray):
+                tensors[f"optimizer/{index}/{name}"] = value
+            else:
+                numbers.setdefault(str(index), {})[name] = value
+    meta = {key: json.dumps(value) for key, value in metadata.items()}
+    meta["optimizer"] = json.dumps({"type": type(optimizer).__name__, "param_groups": saved["param_groups"],
+                                    "numbers": numbers})
+    atomic_write_bytes(path, safetensors_bytes(tensors, meta))
+    return Path(path)
+
+
+def read_training_state(path) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of a :func:`save_training_state` file, the metadata decoded.
+
+    Raises:
+        CheckpointError: missing, corrupt, or not a training state.
+    """
+    tensors, meta = load_checkpoint(path)
+    if "optimizer" not in meta:
+        raise CheckpointError(f"{path} is not a training state (no optimizer state in it; "
+                              f"a model checkpoint such as model.safetensors cannot resume a run)")
+    try:
+        decoded = {key: json.loads(value) for key, value in meta.items()}
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not a training state (its metadata is not JSON: {exc})") from exc
+    return tensors, decoded
+
+
+def load_training_state(path, model, optimizer, tensors_and_meta=None) -> dict:
+    """Restore :func:`save_training_state`'s file into ``model`` and ``optimizer`` (built as in the
+    saved run and already on their device) and return the rest of its metadata.
+
+    Raises:
+        CheckpointError: the file is missing or corrupt, or does not fit the model or optimizer.
+    """
+    tensors, meta = tensors_and_meta or read_training_state(path)
+    saved = meta.pop("optimizer")
+    if saved.get("type") != type(optimizer).__name__:
+        raise CheckpointError(f"{path} holds the state of a {saved.get('type')} optimizer, this run uses "
+                              f"{type(optimizer).__name__}")
+    state: dict = {}
+    for key, array in tensors.items():
+        if key.startswith("optimizer/"):
+            _, index, name = key.split("/", 2)
+            state.setdefault(int(index), {})[name] = array
+    for index, values in saved["numbers"].items():
+        state.setdefault(int(index), {}).update(values)
+    model_state = {key[len("model/"):]: array for key, array in tensors.items() if key.startswith("model/")}
+    try:
+        model.load_state_dict(model_state, strict=True)
+        optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path} does not fit this run's model or optimizer: {exc.args[0]}") from exc
+    return meta

@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import pycnn
 from pycnn import backends
@@ -64,6 +65,9 @@ def _add_train_mnist_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
     p.add_argument("--cuda-graph", action="store_true",
                    help="backend cuda: capture the training step in a CUDA graph and replay it (static shapes)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last finished epoch (its training_state.safetensors, "
+                        "written after every epoch); give the same settings as that run")
 
 
 def cmd_train_mnist(args) -> int:
@@ -74,7 +78,8 @@ def cmd_train_mnist(args) -> int:
                        optimizer=args.optimizer, schedule=args.schedule, shuffle=args.shuffle,
                        backend=args.backend, seed=args.seed,
                        data_dir=args.data_dir, out_dir=out, limit_train=args.limit_train,
-                       progress=not args.no_progress, cuda_graph=args.cuda_graph)
+                       progress=not args.no_progress, cuda_graph=args.cuda_graph,
+                       resume=args.resume)
     last = result["history"][-1]
     after = ""
     if result["versions"].get("backend") in COMPILES_ON_FIRST_USE and "samples_per_s_after_first_steps" in last:
@@ -190,16 +195,35 @@ def _register_optional(sub) -> None:
             module.register_cli(sub)
 
 
+def _resume_hint(args, started: float) -> str:
+    """After an interrupted ``train``: how to go on, when this run saved an epoch."""
+    if getattr(args, "command", None) != "train":
+        return ""
+    from pathlib import Path
+
+    from pycnn.checkpoint import TRAINING_STATE_FILE, load_checkpoint
+
+    path = Path(args.out or f"runs/{args.model}") / TRAINING_STATE_FILE
+    try:
+        if path.stat().st_mtime < started:  # (a previous run's state: not this one's to offer)
+            return ""
+        epoch = json.loads(load_checkpoint(path)[1]["epoch"])
+    except Exception:  # noqa: BLE001 - only a hint: never hide the interruption behind another error
+        return ""
+    return f"; {path} holds the run after epoch {epoch}: the same command with --resume continues from there"
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    started = time.time()
     try:
         if hasattr(args, "backend") and args.backend is None:
             # (the explicit default "auto" overrode $PYCNN_BACKEND, which the README offers)
             args.backend = backends.env_backend(BACKEND_CHOICES)
         return args.func(args)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted" + _resume_hint(args, started), file=sys.stderr)
         return 130
     except FloatingPointError as exc:  # pycnn.train.TrainingDiverged: the message names the step
         print(f"pycnn {args.command}: {exc}", file=sys.stderr)

@@ -13,13 +13,14 @@ import numpy as np
 import pycnn
 from pycnn import metrics, optim
 from pycnn import functional as F
-from pycnn.checkpoint import load_checkpoint, save_checkpoint
+from pycnn.checkpoint import (TRAINING_STATE_FILE, load_checkpoint, load_training_state, read_training_state,
+                              save_checkpoint, save_training_state)
 from pycnn.fileio import atomic_write_json, check_output_dir
 from pycnn.random import check_seed
 from pycnn.data.localization import load_localization
 from pycnn.models import LocalizationNet
 from pycnn.tensor import Tensor, move_array, no_grad
-from pycnn.train import COMPILES_ON_FIRST_USE, first_steps_fields, first_steps_note
+from pycnn.train import COMPILES_ON_FIRST_USE, check_resumable, first_steps_fields, first_steps_note
 
 TEST_SEED_DEFAULT = 1_000_003  # evaluation canvases use a seed that training never uses
 
@@ -54,6 +55,7 @@ class LocalizeConfig:
     data_dir: str | None = None
     out_dir: str | None = None
     progress: bool = True
+    resume: bool = False  # continue the run in out_dir from its last finished epoch (training_state.safetensors)
 
     def validate(self) -> "LocalizeConfig":
         for name in ("n_train", "n_test", "epochs", "batch_size", "width"):
@@ -80,7 +82,14 @@ class LocalizeConfig:
             raise ValueError(f"pos_weight must be a finite number > 0 (or None: 1), got {self.pos_weight}")
         if self.freeze_backbone and not self.init_from:
             raise ValueError("--freeze-backbone needs --init-from CHECKPOINT (a frozen random backbone learns nothing)")
+        if self.resume and not self.out_dir:
+            raise ValueError("resume=True (--resume) needs out_dir (--out): the run to continue")
         return self
+
+
+# The settings a resumed run may change: the rest decide the training trajectory (the test
+# canvases only decide the final scores, so a resumed run may score on others).
+RESUME_MAY_CHANGE = ("backend", "data_dir", "out_dir", "progress", "resume", "n_test", "test_seed")
 
 
 def localization_loss(outputs, batch: dict, cfg: LocalizeConfig, class_weights=None):
@@ -181,6 +190,17 @@ def train_localize(**kwargs) -> dict:
     cfg = LocalizeConfig(**kwargs).validate()
     if cfg.out_dir:
         check_output_dir(cfg.out_dir, "out_dir (--out)")
+    state_path = Path(cfg.out_dir) / TRAINING_STATE_FILE if cfg.out_dir else None
+    saved = None
+    if cfg.resume:  # (checked before the canvases are made)
+        if not state_path.is_file():
+            raise ValueError(f"resume (--resume): {state_path} does not exist (a run given --out writes it "
+                             "after every epoch)")
+        saved = read_training_state(state_path)
+        config = asdict(cfg)
+        check_resumable(state_path, saved[1].get("config", {}), config,
+                        [name for name in config if name not in RESUME_MAY_CHANGE], cfg.epochs,
+                        int(saved[1].get("epoch", 0)))
     log = print if cfg.progress else (lambda *a, **k: None)
     device = "cuda" if cfg.backend == "cuda" else "cpu"
     backend_name = "cuda" if device == "cuda" else pycnn.set_backend(cfg.backend)
@@ -219,8 +239,17 @@ def train_localize(**kwargs) -> dict:
                                                              f"{', frozen' if cfg.freeze_backbone else ''}" if loaded else ""))
     history = []
     rng = np.random.default_rng(cfg.seed)
+    first_epoch = 1
+    previous_train_s = 0.0
+    if saved is not None:
+        meta = load_training_state(state_path, model, opt, saved)
+        sched.load_state_dict(meta["scheduler"])
+        rng.bit_generator.state = meta["augment_rng"]
+        history, first_epoch = meta["history"], int(meta["epoch"]) + 1
+        previous_train_s, data_s = meta["train_s"], meta["data_s"] + data_s
+        log(f"resuming {state_path} after epoch {first_epoch - 1} of {cfg.epochs}")
     start_all = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(first_epoch, cfg.epochs + 1):
         model.train()
         if cfg.fresh_canvases and epoch > 1:
             # Same training digits, new positions, scales and clutter: cheap augmentation that
@@ -236,7 +265,7 @@ def train_localize(**kwargs) -> dict:
 
             bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="step", dynamic_ncols=True, mininterval=0.5)
         losses = []
-        first = None  # (steps, seconds) of epoch 1's first step, timed apart (kernels compile there)
+        first = None  # (steps, seconds) of the run's first step, timed apart (kernels compile there)
         start = time.perf_counter()
         for step in range(steps):
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
@@ -259,7 +288,7 @@ def train_localize(**kwargs) -> dict:
             if not math.isfinite(value):
                 raise FloatingPointError(f"localization training diverged: loss {value} at epoch {epoch}, step {step}")
             losses.append(value)
-            if epoch == 1 and step == 0:  # (float(total.data) has waited for the step's kernels)
+            if epoch == first_epoch and step == 0:  # (float(total.data) has waited for the step's kernels)
                 first = (1, time.perf_counter() - start)
             if bar is not None:
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
@@ -272,12 +301,19 @@ def train_localize(**kwargs) -> dict:
         note = (first_steps_note(history[-1], "kernels compile on first use")
                 if backend_name in COMPILES_ON_FIRST_USE else "")
         log(f"epoch {epoch}: loss {history[-1]['train_loss']:.4f}, {epoch_s:.1f} s ({n / epoch_s:,.0f} canvases/s{note})")
-    train_s = time.perf_counter() - start_all
+        if state_path is not None:  # (an interrupted run loses at most the epoch it was in)
+            save_training_state(state_path, model, opt, {
+                "config": asdict(cfg), "epoch": epoch, "history": history, "scheduler": sched.state_dict(),
+                "augment_rng": rng.bit_generator.state, "train_s": previous_train_s + time.perf_counter() - start_all,
+                "data_s": data_s, "pycnn_version": pycnn.__version__})
+    train_s = previous_train_s + time.perf_counter() - start_all
     eval_start = time.perf_counter()
     scores = score(predict(model, test["images"]), test)
     eval_s = time.perf_counter() - eval_start
     result = {"config": asdict(cfg), "backend": backend_name, "history": history, "train_s": train_s,
               "data_s": data_s, "eval_s": eval_s, "test": scores, "init_loaded": loaded}
+    if first_epoch > 1:
+        result["resumed_after_epoch"] = first_epoch - 1
     log("test canvases: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
     log(f"training {train_s:.1f} s, data {data_s:.1f} s, evaluation {eval_s:.1f} s")
     if cfg.out_dir:
@@ -344,6 +380,9 @@ def register_cli(sub) -> None:
     p.add_argument("--data-dir")
     p.add_argument("--out", default="runs/localize")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last finished epoch (its training_state.safetensors, "
+                        "written after every epoch); give the same settings as that run")
     p.set_defaults(func=_cmd_train)
 
     pred = sub.add_parser("predict", help="draw predictions of a trained model")
@@ -377,7 +416,7 @@ def _cmd_train(args) -> int:
                             box_weight=args.box_weight, class_weight_loss=args.class_loss_weight,
                             label_smoothing=args.label_smoothing, init_from=args.init_from,
                             freeze_backbone=args.freeze_backbone, data_dir=args.data_dir, out_dir=args.out,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, resume=args.resume)
     print(json.dumps(result["test"], indent=2))
     return 0
 

@@ -1,6 +1,7 @@
 """The MNIST training loop used by ``pycnn train mnist`` (and by benchmarks and the GPU selftest)."""
 from __future__ import annotations
 
+import json
 import math
 import platform
 import time
@@ -12,7 +13,8 @@ import numpy as np
 import pycnn
 from pycnn import backends, data, models, optim
 from pycnn import functional as F
-from pycnn.checkpoint import save_checkpoint
+from pycnn.checkpoint import (TRAINING_STATE_FILE, load_training_state, read_training_state, save_checkpoint,
+                              save_training_state)
 from pycnn.fileio import atomic_write_json, check_output_dir
 from pycnn.random import check_seed
 from pycnn.tensor import Tensor, move_array, no_grad
@@ -57,6 +59,7 @@ class TrainConfig:
     progress: bool = True
     betas: tuple = field(default=None)
     cuda_graph: bool = False  # backend cuda: capture the training step in a CUDA graph (pycnn.cuda_graph)
+    resume: bool = False  # continue the run in out_dir from its last finished epoch (training_state.safetensors)
 
     def resolved(self) -> "TrainConfig":
         """Fill unset fields from the model's recipe and validate them."""
@@ -87,7 +90,33 @@ class TrainConfig:
             raise ValueError(f"backend must be 'auto' or one of {', '.join(backends.ALL_BACKENDS)}, got {cfg.backend!r}")
         if cfg.cuda_graph and cfg.backend != "cuda":
             raise ValueError(f"cuda_graph=True (--cuda-graph) needs backend 'cuda', got {cfg.backend!r}")
+        if cfg.resume and not cfg.out_dir:
+            raise ValueError("resume=True (--resume) needs out_dir (--out): the run to continue")
         return cfg
+
+
+# The settings that decide a run's trajectory: a resumed run must have the saved run's (the
+# backend, data directory and progress display may change).
+TRAJECTORY_FIELDS = ("model", "epochs", "batch_size", "lr", "optimizer", "schedule", "shuffle", "seed",
+                     "limit_train", "betas")
+
+
+def check_resumable(path, saved_config: dict, config: dict, fields, epochs: int, finished: int) -> None:
+    """Refuse to resume a run under other settings than it was trained with, or one that is done.
+
+    Raises:
+        ValueError: naming the file, the settings that differ (saved and given), or the epochs.
+    """
+    given = json.loads(json.dumps({name: config[name] for name in fields}))  # (tuples as saved: lists)
+    differ = [name for name in fields if saved_config.get(name) != given[name]]
+    if differ:
+        raise ValueError(f"resume (--resume): {path} was trained with "
+                         + ", ".join(f"{name}={saved_config.get(name)!r}" for name in differ)
+                         + "; this run has " + ", ".join(f"{name}={given[name]!r}" for name in differ)
+                         + " (give the saved run's settings, or a new --out for a new run)")
+    if finished >= epochs:
+        raise ValueError(f"resume (--resume): {path} has finished all {epochs} epochs; nothing to train "
+                         f"(its model is in {Path(path).parent / 'model.safetensors'})")
 
 
 def make_optimizer(cfg: TrainConfig, params):
@@ -201,6 +230,16 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
     cfg = TrainConfig(model=model, **kwargs).resolved()
     if cfg.out_dir:
         check_output_dir(cfg.out_dir, "out_dir (--out)")
+    state_path = Path(cfg.out_dir) / TRAINING_STATE_FILE if cfg.out_dir else None
+    saved = None
+    if cfg.resume:  # (checked before the data is read)
+        if not state_path.is_file():
+            raise ValueError(f"resume (--resume): {state_path} does not exist (a run given --out writes it "
+                             "after every epoch)")
+        saved = read_training_state(state_path)
+        meta = saved[1]
+        check_resumable(state_path, meta.get("config", {}), asdict(cfg), TRAJECTORY_FIELDS, cfg.epochs,
+                        int(meta.get("epoch", 0)))
     log = print if cfg.progress else (lambda *a, **k: None)
     device = "cuda" if cfg.backend == "cuda" else "cpu"
     backend_name = "cuda" if device == "cuda" else pycnn.set_backend(cfg.backend)
@@ -225,6 +264,15 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
     n = len(x_train)
     steps_per_epoch = -(-n // cfg.batch_size)
     scheduler, sched_unit = make_scheduler(cfg, opt, steps_per_epoch)
+    history = []
+    first_epoch = 1
+    if saved is not None:
+        meta = load_training_state(state_path, net, opt, saved)
+        if scheduler is not None:
+            scheduler.load_state_dict(meta["scheduler"])
+        history = meta["history"]
+        first_epoch = int(meta["epoch"]) + 1
+        log(f"resuming {state_path} after epoch {first_epoch - 1} of {cfg.epochs}")
     log(f"pycnn {pycnn.__version__}: training {type(net).__name__} ({net.num_parameters():,} parameters) "
         f"on {n:,} images, backend={backend_name}, batch={cfg.batch_size}, epochs={cfg.epochs}, "
         f"{cfg.optimizer} lr={cfg.lr}, schedule={cfg.schedule}")
@@ -238,12 +286,12 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
             f"a last partial batch of {n % cfg.batch_size} images runs eagerly" if n % cfg.batch_size else
             f"CUDA graph: the first {graph_step.warmup_steps} steps run eagerly, then the step is captured")
 
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(first_epoch, cfg.epochs + 1):
         if graph_step is not None:
             record = _graph_epoch(cfg, net, opt, scheduler, sched_unit, graph_step, x_train, y_train,
                                   x_test, y_test, epoch, steps_per_epoch, log)
             history.append(record)
+            _save_state(cfg, state_path, net, opt, scheduler, epoch, history)
             continue
         net.train()
         order = epoch_order(cfg.seed, epoch, n) if cfg.shuffle else None
@@ -252,7 +300,7 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
         correct = 0
         bar = _progress_bar(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", cfg.progress)
         checked = 0
-        first = None  # (steps, seconds) of epoch 1's first step, timed apart (kernels compile there)
+        first = None  # (steps, seconds) of the run's first step, timed apart (kernels compile there)
         start = time.perf_counter()
         for step in range(steps_per_epoch):
             lo, hi = step * cfg.batch_size, min(n, (step + 1) * cfg.batch_size)
@@ -278,7 +326,7 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
             else:
                 loss_buf[step] = loss.data  # stays on the device: no host sync per step
                 correct = correct + hits
-            if epoch == 1 and step == 0:
+            if epoch == first_epoch and step == 0:
                 if device == "cuda":  # (one host sync per run: the step's kernels have finished)
                     import cupy
 
@@ -313,6 +361,7 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
                   "samples_per_s": n / epoch_s, "lr_end": opt.lr,
                   **first_steps_fields(n, cfg.batch_size, epoch_s, first)}
         history.append(record)
+        _save_state(cfg, state_path, net, opt, scheduler, epoch, history)
         note = (first_steps_note(record, "kernels compile on first use")
                 if backend_name in COMPILES_ON_FIRST_USE else "")
         log(f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
@@ -324,6 +373,8 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
               "test_acc": history[-1]["test_acc"], "epoch_s": history[-1]["epoch_s"],
               "samples_per_s": history[-1]["samples_per_s"],
               "train_s_total": sum(h["epoch_s"] for h in history)}
+    if first_epoch > 1:
+        result["resumed_after_epoch"] = first_epoch - 1
     if graph_step is not None:
         result["cuda_graph"] = {"captured": graph_step.captured, "reason": graph_step.reason,
                                 "warmup_steps": graph_step.warmup_steps}
@@ -342,6 +393,16 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
         log(f"wrote {out / 'model.safetensors'}, {out / 'metrics.json'}, {out / 'curves.png'}")
     result["model_object"] = net
     return result
+
+
+def _save_state(cfg: TrainConfig, path, net, opt, scheduler, epoch: int, history: list) -> None:
+    """After every epoch of a run with an output directory: what ``resume`` needs to go on from
+    here (an interrupted run loses at most the epoch it was in)."""
+    if path is None:
+        return
+    save_training_state(path, net, opt, {"config": asdict(cfg), "epoch": epoch, "history": history,
+                                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                                         "pycnn_version": pycnn.__version__})
 
 
 def _graph_epoch(cfg, net, opt, scheduler, sched_unit, graph_step, x_train, y_train, x_test, y_test,

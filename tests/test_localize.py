@@ -189,3 +189,35 @@ def test_evaluate_localize_uses_the_backend_it_is_given(mnist_path, tmp_path, ca
                      "--data-dir", str(mnist_path)]) == 0
         assert backends.get_backend_name() == backend
         assert json.loads(capsys.readouterr().out)["samples"] == 16
+
+
+def test_a_resumed_localization_run_ends_where_an_uninterrupted_one_does(mnist_path, tmp_path, monkeypatch):
+    """Stopped in its second epoch and resumed: the same weights byte for byte and the same losses
+    as a run never stopped; fresh canvases per epoch and the augmentation's random stream included."""
+    import pycnn.localize as localize
+    from pycnn import backends
+
+    backend = "native" if backends.status("native")[0] else "numpy"
+    kwargs = dict(canvas_size=48, n_train=128, n_test=64, epochs=3, batch_size=32, backend=backend, width=8,
+                  augment=True, data_dir=str(mnist_path), progress=False, seed=4)
+    whole = train_localize(out_dir=str(tmp_path / "whole"), **kwargs)
+
+    real = localize._fresh_train_canvases
+
+    def interrupted_in_epoch_2(cfg, epoch, canvas):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(cfg, epoch, canvas)
+
+    monkeypatch.setattr(localize, "_fresh_train_canvases", interrupted_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_localize(out_dir=str(tmp_path / "cut"), **kwargs)
+    monkeypatch.setattr(localize, "_fresh_train_canvases", real)
+    with pytest.raises(ValueError, match=r"was trained with width=8; this run has width=16"):
+        train_localize(out_dir=str(tmp_path / "cut"), resume=True, **{**kwargs, "width": 16})
+    resumed = train_localize(out_dir=str(tmp_path / "cut"), resume=True, **kwargs)
+
+    assert resumed["resumed_after_epoch"] == 1
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in whole["history"]]
+    assert resumed["test"] == whole["test"]
+    assert (tmp_path / "cut" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()

@@ -202,6 +202,35 @@ def test_run_mnist_cuda_graph_matches_eager(mnist_path):
         assert r["samples_per_s_after_first_steps"] == pytest.approx(rest / (r["epoch_s"] - r["first_steps_s"]))
 
 
+@gpu
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "graph"])
+def test_a_resumed_gpu_run_continues_the_run(mnist_path, tmp_path, monkeypatch, cuda_graph):
+    """Interrupted in epoch 2 and resumed (--resume): the optimizer's moments and step counts come
+    back onto the device (the graph path captures its step after the restore) and the run ends
+    where an uninterrupted one does."""
+    kwargs = dict(epochs=2, backend="cuda", data_dir=str(mnist_path), limit_train=2048, progress=False, seed=0,
+                  cuda_graph=cuda_graph)
+    whole = pycnn.train.run_mnist("fastmnist", out_dir=str(tmp_path / "whole"), **kwargs)
+    real_order = pycnn.train.epoch_order
+
+    def interrupted_in_epoch_2(seed, epoch, n):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_order(seed, epoch, n)
+
+    monkeypatch.setattr(pycnn.train, "epoch_order", interrupted_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        pycnn.train.run_mnist("fastmnist", out_dir=str(tmp_path / "cut"), **kwargs)
+    monkeypatch.setattr(pycnn.train, "epoch_order", real_order)
+    resumed = pycnn.train.run_mnist("fastmnist", out_dir=str(tmp_path / "cut"), resume=True, **kwargs)
+    assert resumed["resumed_after_epoch"] == 1
+    w, r = whole["history"][1], resumed["history"][1]
+    assert r["train_loss"] == pytest.approx(w["train_loss"], rel=1e-4)
+    assert r["lr_end"] == w["lr_end"]
+    for a, b in zip(whole["model_object"].parameters(), resumed["model_object"].parameters()):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-3, atol=1e-5)
+
+
 def test_cuda_graph_needs_the_cuda_backend():
     with pytest.raises(ValueError, match=r"cuda_graph=True \(--cuda-graph\) needs backend 'cuda', got 'numpy'"):
         pycnn.train.TrainConfig(model="fastmnist", backend="numpy", cuda_graph=True).resolved()
