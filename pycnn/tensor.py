@@ -4,7 +4,9 @@ A Tensor wraps a NumPy array (on the CPU) or a CuPy array (on the GPU). Every di
 operation creates its output with ``Tensor._from_op(data, parents, backward)``, where
 ``backward(grad_output)`` returns one gradient array (or None) per parent. ``Tensor.backward``
 sorts the graph topologically with an explicit stack (no recursion, so a 10,000-op chain is
-fine), walks it in reverse and accumulates gradients with ``+=``.
+fine), walks it in reverse and accumulates gradients with ``+=``. Unless it is given
+``retain_graph=True`` it then frees the nodes it ran (as PyTorch does): a second backward through
+them raises instead of adding the same gradients again.
 """
 from __future__ import annotations
 
@@ -20,6 +22,20 @@ _state = threading.local()
 # ``unit_gradient`` (the scalar losses): it then runs that instead of multiplying its gradient by
 # an array of ones (on the GPU a fill and a multiply kernel per step, two nodes of a captured step).
 _UNIT = object()
+
+
+_FREED_MESSAGE = ("Trying to backward through the graph a second time (the '{op}' node's saved values "
+                  "were freed by an earlier backward()). Pass retain_graph=True to the first backward() "
+                  "to backward through the same graph again, or run a new forward pass.")
+
+
+def _freed_backward(grad):
+    """The backward function of a node that an earlier backward() freed (see Tensor.backward).
+
+    A marker rather than None: None would make the freed node a leaf, and backward() would add
+    gradients to its .grad. backward() refuses such a graph before it runs anything.
+    """
+    raise RuntimeError(_FREED_MESSAGE.format(op="?"))
 
 
 def is_grad_enabled() -> bool:
@@ -234,12 +250,21 @@ class Tensor:
         return self.data.__dlpack_device__()
 
     # -- autograd
-    def backward(self, gradient=None) -> None:
+    def backward(self, gradient=None, retain_graph: bool = False) -> None:
         """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires grad.
 
         Args:
             gradient: the gradient of some scalar with respect to this tensor; may be omitted
                 only when this tensor has one element (it then defaults to 1).
+            retain_graph: keep the graph for another backward. By default (False) every non-leaf
+                node this call ran is freed (its backward function and its parents are dropped,
+                which releases the arrays they saved), and a later backward that reaches one
+                raises RuntimeError (as in PyTorch) instead of adding the same gradients to the
+                leaves a second time. Gradients of separate forward passes still accumulate.
+
+        Raises:
+            RuntimeError: this tensor does not require grad, or the graph reaches a node that an
+                earlier backward() freed (nothing is accumulated then).
         """
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad "
@@ -259,6 +284,10 @@ class Tensor:
             seed = move_array(seed, self.device)
 
         order = self._topological_order()
+        # Checked before anything runs, so that a refused backward leaves every .grad as it was.
+        for node in order:
+            if node._backward is _freed_backward:
+                raise RuntimeError(_FREED_MESSAGE.format(op=node._op))
         grads = {id(self): seed}
         for node in reversed(order):
             grad = grads.pop(id(node), None)
@@ -282,6 +311,12 @@ class Tensor:
                     grads[key] = grads[key] + pgrad
                 else:
                     grads[key] = pgrad
+            if not retain_graph:
+                # Freed as soon as it ran: its closure's saved arrays go now, not at the end of
+                # the walk (``order`` keeps the node itself alive, so the ids in ``grads`` stay
+                # unique). On the GPU this is stream-ordered like any other free.
+                node._backward = _freed_backward
+                node._parents = ()
 
     def _topological_order(self) -> list:
         """Nodes in an order where every node comes after all of its parents (iterative DFS)."""

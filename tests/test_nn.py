@@ -78,6 +78,16 @@ def test_load_state_dict_lists_every_problem():
     assert result == {"missing_keys": ["features.0.bias"], "unexpected_keys": ["extra.weight"]}
 
 
+def test_load_state_dict_needs_a_mapping():
+    """A list failed deep inside ("sequence item 0: expected str instance, int found")."""
+    model = nn.Linear(3, 2)
+    with pytest.raises(TypeError, match=r"Linear.load_state_dict needs a mapping of parameter name -> array "
+                                        r"\(e.g. model.state_dict\(\)\), got list"):
+        model.load_state_dict([1, 2, 3])
+    with pytest.raises(KeyError, match="unexpected keys: 0"):  # (a mapping with other keys: listed)
+        model.load_state_dict({**model.state_dict(), 0: np.zeros(2)})
+
+
 def test_train_eval_and_zero_grad():
     model = pycnn.models.LeNet5()
     model.eval()

@@ -181,6 +181,28 @@ def test_parameters_must_be_tensors_and_appear_once():
     assert len(optim.SGD(model.parameters(), lr=0.1).param_groups[0]["params"]) == 2  # (listed once)
 
 
+def test_one_tensor_instead_of_a_list_is_refused():
+    """optim.SGD(m.weight) iterated the weight into its rows (new tensors), so step() never changed
+    m.weight; PyTorch raises a TypeError there."""
+    from pycnn import Tensor
+
+    m = nn.Linear(3, 2)
+    with pytest.raises(TypeError, match=r"SGD: params must be an iterable of Tensors \(or of parameter-group "
+                                         r"dicts\), got a Tensor"):
+        optim.SGD(m.weight, lr=0.5)
+    with pytest.raises(TypeError, match="Adam: params must be an iterable .* got a dict"):
+        optim.Adam({"params": [m.weight]}, lr=0.5)
+    # A generator of parameters (and a group holding one tensor) still work.
+    opt = optim.SGD((p for p in m.parameters()), lr=0.5)
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(m.weight), id(m.bias)]
+    opt = optim.SGD([{"params": m.weight}], lr=0.5)
+    assert opt.param_groups[0]["params"][0] is m.weight
+    before = m.weight.numpy().copy()
+    m(Tensor(np.ones((1, 3), np.float32))).sum().backward()
+    opt.step()
+    assert not np.array_equal(m.weight.numpy(), before)
+
+
 def _two_layer_params(seed):
     rng = np.random.default_rng(seed)
     return [nn.Parameter(rng.standard_normal((3, 4)).astype(np.float32)),

@@ -34,6 +34,67 @@ def test_gradients_accumulate_over_backward_calls_and_shared_inputs():
     np.testing.assert_allclose(x.grad.numpy(), [4, 6, 8])
 
 
+def test_a_second_backward_through_the_same_graph_raises():
+    """It added the same gradients to the leaves again, silently. As in PyTorch: RuntimeError,
+    and the leaves keep the first backward's gradients."""
+    x = t64([1.0, 2.0, 3.0])
+    loss = (x * x).sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match=r"backward through the graph a second time \(the 'sum' node.*"
+                                           r"retain_graph=True"):
+        loss.backward()
+    np.testing.assert_allclose(x.grad.numpy(), [2, 4, 6])
+    # A new graph on top of a freed node reaches it too (a hidden state carried over).
+    h = x * 2
+    (h * h).sum().backward()
+    with pytest.raises(RuntimeError, match=r"the 'mul' node.*retain_graph=True"):
+        (h + 1).sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), [2, 4, 6] + 8 * x.numpy())  # unchanged by the refusal
+
+
+def test_retain_graph_allows_a_second_backward():
+    x = t64([1.0, 2.0, 3.0])
+    loss = (x * x).sum()
+    loss.backward(retain_graph=True)
+    loss.backward()  # the graph was kept: the gradients add up
+    np.testing.assert_allclose(x.grad.numpy(), [4, 8, 12])
+    with pytest.raises(RuntimeError, match="retain_graph=True"):  # ... and this one freed it
+        loss.backward()
+
+
+def test_separate_forward_passes_accumulate_into_the_leaves():
+    w = t64([1.0, -2.0])
+    for scale in (1.0, 3.0):
+        (w * scale).sum().backward()
+    np.testing.assert_allclose(w.grad.numpy(), [4.0, 4.0])
+    model = nn.Linear(3, 2)
+    x = Tensor(np.ones((4, 3), np.float32))
+    model(x).sum().backward()
+    once = model.weight.grad.numpy().copy()
+    model(x).sum().backward()
+    np.testing.assert_allclose(model.weight.grad.numpy(), 2 * once)
+
+
+def test_backward_frees_the_graph_it_ran():
+    """The nodes drop their backward closures and parents (the arrays they saved go with them);
+    leaves stay leaves and freed nodes stay non-leaves."""
+    import weakref
+
+    x = t64([1.0, 2.0])
+    h = x.exp()
+    saved = weakref.ref(h)
+    loss = (h * 3).sum()
+    del h
+    assert saved() is not None  # held by the graph
+    loss.backward()
+    assert loss._parents == () and not loss.is_leaf and loss.requires_grad
+    assert saved() is None  # the freed graph no longer holds the intermediate node
+    assert x.is_leaf and x.grad is not None
+    kept = (x * 2).sum()
+    kept.backward(retain_graph=True)
+    assert kept._parents != ()
+
+
 def test_broadcasting_backward_reduces_to_input_shape():
     a = t64(np.arange(6.0).reshape(2, 3))
     b = t64([10.0, 20.0, 30.0])

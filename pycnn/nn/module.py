@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -124,7 +125,15 @@ class Module:
         With strict=True, any missing key, unexpected key or shape mismatch raises a KeyError
         that lists all of them; with strict=False the matching entries are loaded and the lists
         are returned (shape mismatches still raise).
+
+        Raises:
+            TypeError: ``state`` is not a mapping (a dict, an OrderedDict, an .npz file).
         """
+        # (A list got as far as joining its items into the "unexpected keys" message and failed
+        # there: "sequence item 0: expected str instance, int found".)
+        if not isinstance(state, Mapping):
+            raise TypeError(f"{type(self).__name__}.load_state_dict needs a mapping of parameter name -> array "
+                            f"(e.g. model.state_dict()), got {type(state).__name__}")
         own = OrderedDict(self.named_parameters())
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
@@ -135,7 +144,7 @@ class Module:
             if missing:
                 parts.append("missing keys: " + ", ".join(missing))
             if unexpected:
-                parts.append("unexpected keys: " + ", ".join(unexpected))
+                parts.append("unexpected keys: " + ", ".join(map(str, unexpected)))  # (keys may be any type)
             if mismatched:
                 parts.append("shape mismatches: " + "; ".join(mismatched))
             raise KeyError(f"load_state_dict into {type(self).__name__} failed: " + " | ".join(parts))

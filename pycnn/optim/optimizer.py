@@ -31,9 +31,19 @@ class Optimizer:
     """Holds parameter groups (dicts with 'params' and hyper-parameters) and per-parameter state."""
 
     def __init__(self, params, defaults: dict):
+        name = type(self).__name__
+        # A Tensor is iterable (over its rows, each a new tensor): list() of one parameter gave
+        # tensors no model holds, so step() trained nothing and said nothing (PyTorch raises this
+        # TypeError too). A bare group dict would be iterated over its keys.
+        if isinstance(params, Tensor):
+            raise TypeError(f"{name}: params must be an iterable of Tensors (or of parameter-group dicts), "
+                            f"got a Tensor (pass [tensor] or model.parameters())")
+        if isinstance(params, dict):
+            raise TypeError(f"{name}: params must be an iterable of Tensors (or of parameter-group dicts), "
+                            f"got a dict (pass a list of groups: [group])")
         params = list(params)
         if not params:
-            raise ValueError(f"{type(self).__name__}: got an empty parameter list")
+            raise ValueError(f"{name}: got an empty parameter list")
         groups = params if isinstance(params[0], dict) else [{"params": params}]
         self.defaults = dict(defaults)
         self.param_groups = []
@@ -44,7 +54,8 @@ class Optimizer:
                                 f"list, got {type(group).__name__}")
             merged = dict(self.defaults)
             merged.update(group)
-            merged["params"] = list(group["params"])
+            # One Tensor as a group's params is that one parameter (as in PyTorch), not its rows.
+            merged["params"] = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
             for pi, p in enumerate(merged["params"]):
                 where = f"parameter {pi}" + (f" of group {gi}" if len(groups) > 1 else "")
                 if not isinstance(p, Tensor):  # (a NumPy array was taken and failed at the first step)
