@@ -402,7 +402,10 @@ def run(ops=None, models=None, shapes=None, backend_names=None, repeats: int = 7
     Returns:
         The record (also written to ``out``, default benchmarks/results/cpu-<date>-<commit>.json).
     Raises:
-        ValueError: on unknown shape, op or model names.
+        ValueError: on unknown shape, op or model names, nothing to time, or ``do_plot`` without
+            ``with_torch`` (the chart shows speed relative to PyTorch).
+        RuntimeError: when none of ``backend_names`` starts (or no worker at all), or ``do_plot``
+            and the PyTorch worker does not start; raised before any timing, nothing written.
     """
     from pycnn import backends
 
@@ -430,6 +433,11 @@ def run(ops=None, models=None, shapes=None, backend_names=None, repeats: int = 7
     cases += [f"train_step/{m}.b{MODEL_BATCH[m]}" for m in models]
     if not cases:  # (an empty record was written)
         raise ValueError("nothing to time: no op on any shape and no model (see --ops, --shapes, --models)")
+    if not backend_names and not with_torch:
+        raise ValueError("nothing to time: --backends given no names and --no-torch; name a backend or drop --no-torch")
+    if do_plot and not with_torch:  # (the chart was empty: it only shows ratios against PyTorch)
+        raise ValueError("--plot draws each backend's speed relative to PyTorch CPU, so it needs the PyTorch "
+                         "reference; drop --no-torch or --plot")
     if out is None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d")
         out = Path("benchmarks/results") / f"cpu-{stamp}-{commit()[:8]}.json"
@@ -438,13 +446,21 @@ def run(ops=None, models=None, shapes=None, backend_names=None, repeats: int = 7
     check_output_dir(Path(out).parent, "the directory of out (--out)")  # before minutes of timing
     names = list(backend_names) + ([TORCH] if with_torch else [])
     load_before = os.getloadavg()
-    workers = {}
+    workers, skipped = {}, []
     try:
         for name in names:
             try:
                 workers[name] = WorkerProcess(name, threads)
             except RuntimeError as exc:
                 log(f"skipping {name}: {exc}")
+                skipped.append(str(exc))
+        asked = backend_names or [TORCH]  # (--backends with no names: PyTorch alone)
+        if not any(n in workers for n in asked):  # (an empty record was written over --out, exit code 0)
+            raise RuntimeError(f"none of the backends asked for ({' '.join(asked)}; see --backends) started, so "
+                               f"nothing was timed and {str(out)!r} was not written: " + "; ".join(skipped))
+        if do_plot and TORCH not in workers:
+            raise RuntimeError(f"--plot needs the PyTorch reference, which did not start: {skipped[-1]}; "
+                               "drop --plot or install torch")
         log(f"workers (one process each, {threads} threads): {', '.join(workers)}; "
             f"load average {load_before[0]:.2f}")
         peak = None
@@ -498,9 +514,12 @@ def run(ops=None, models=None, shapes=None, backend_names=None, repeats: int = 7
 def register_cli(sub) -> None:
     p = sub.add_parser("bench", help="benchmark ops and training steps per backend (vs PyTorch CPU), "
                                      "each backend in its own process")
-    p.add_argument("--ops", nargs="*", choices=OPS, help=f"ops to time (default: {' '.join(OPS)}); none: skip")
+    p.add_argument("--ops", nargs="*", choices=OPS,
+                   help=f"ops to time (default: {' '.join(OPS)}); --ops alone (no names): no ops")
     p.add_argument("--shapes", nargs="*", help=f"layer shapes (default: all): {' '.join(CONV_SHAPES)}")
-    p.add_argument("--models", nargs="*", choices=MODELS, help="training steps to time (default: all); none: skip")
+    p.add_argument("--models", nargs="*", choices=MODELS,
+                   help=f"training steps to time (default: {' '.join(MODELS)}); --models alone (no names): "
+                        "no training steps")
     p.add_argument("--backends", nargs="*", help="backends (default: every available CPU backend); "
                                                  "'native-direct' is native with Winograd off")
     p.add_argument("--repeats", type=int, default=7, help="interleaved rounds per case (default 7)")

@@ -191,6 +191,9 @@ def test_evaluating_a_localizer_as_a_classifier_says_so(tmp_path):
     ({"backend_names": ["numpy", "nosuch"]}, r"unknown backend\(s\) \['nosuch'\]; expected names from numpy, "),
     ({"ops": [], "models": []}, r"nothing to time: no op on any shape and no model"),
     ({"shapes": []}, r"nothing to time"),
+    ({"backend_names": []}, r"nothing to time: --backends given no names and --no-torch"),
+    ({"do_plot": True}, r"--plot draws each backend's speed relative to PyTorch CPU, so it needs the PyTorch "
+                        r"reference; drop --no-torch or --plot"),
     ({"out": "DIR"}, r"out \(--out\) '.*' is a directory; give the JSON file's path"),
     ({"out": "FILE/r.json"}, r"the directory of out \(--out\) '.*afile' is a file, not a directory"),
 ])
@@ -208,6 +211,55 @@ def test_bench_refuses_what_it_cannot_time(tmp_path, kwargs, message):
         bench.run(**{"ops": ["relu"], "shapes": ["mnistcnn.conv3"], "models": [], "backend_names": ["numpy"],
                      "with_torch": False, "out": tmp_path / "r.json", **kwargs})
     assert not (tmp_path / "r.json").exists()
+
+
+class _FakeWorker:
+    """Stands in for bench.WorkerProcess: the names in ``fails`` do not start (as cuda without CuPy)."""
+    fails = ()
+
+    def __init__(self, name, threads):
+        if name in self.fails:
+            raise RuntimeError(f"worker {name}: RuntimeError: backend {name!r} unavailable: not here")
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("argv, fails, message", [
+    (["--backends", "cuda", "--no-torch"], ("cuda",),
+     "none of the backends asked for (cuda; see --backends) started, so nothing was timed and '{out}' was not "
+     "written: worker cuda: RuntimeError: backend 'cuda' unavailable: not here"),
+    (["--backends", "cuda", "numba"], ("cuda", "numba"), "none of the backends asked for (cuda numba; see --backends)"),
+    (["--backends"], ("torch",), "none of the backends asked for (torch; see --backends) started"),
+    (["--backends", "numpy", "--plot"], ("torch",),
+     "--plot needs the PyTorch reference, which did not start: worker torch: "),
+])
+def test_bench_writes_nothing_when_no_backend_starts(tmp_path, monkeypatch, capsys, argv, fails, message):
+    """`pycnn bench --backends cuda --no-torch` without CUDA logged "skipping cuda", wrote a record
+    with no backends and no results over --out, and exited 0; --plot without PyTorch drew an empty
+    chart. Now an error before any timing that names the backends and why each did not start."""
+    from pycnn import bench, cli
+
+    monkeypatch.setattr(_FakeWorker, "fails", fails)
+    monkeypatch.setattr(bench, "WorkerProcess", _FakeWorker)
+    out = tmp_path / "existing.json"
+    out.write_text('{"old": 1}')
+    rc = cli.main(["bench", "--ops", "relu", "--shapes", "lenet5.conv1", "--models", "--repeats", "1",
+                   "--out", str(out), *argv])
+    assert rc == 2 and f"pycnn bench: error: {message.format(out=out)}" in capsys.readouterr().err
+    assert out.read_text() == '{"old": 1}' and not out.with_suffix(".png").exists()
+
+
+def test_bench_help_says_how_to_skip_ops_and_models(capsys):
+    """The help said "none: skip" for --models and --ops, but `--models none` is an invalid choice:
+    the flag alone (no names) skips."""
+    from pycnn import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "none: skip" not in text
+    assert "--ops alone (no names): no ops" in text and "--models alone (no names): no training steps" in text
 
 
 def _losses_over(n: int, weight=None):
