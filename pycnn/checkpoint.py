@@ -45,11 +45,17 @@ def safetensors_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
     return len(text).to_bytes(8, "little") + text + b"".join(blobs)
 
 
+def checkpoint_bytes(model, metadata: dict | None = None) -> bytes:
+    """What :func:`save_checkpoint` writes: the model's parameters and ``metadata`` (strings as
+    they are, other values as JSON) in safetensors format."""
+    meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
+    return safetensors_bytes(model.state_dict(), meta)
+
+
 def save_checkpoint(model, path, metadata: dict | None = None) -> Path:
     """Save the model's parameters (and string metadata, e.g. the model name) to ``path``; the
     same weights and metadata always give the same bytes."""
-    meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
-    atomic_write_bytes(path, safetensors_bytes(model.state_dict(), meta))
+    atomic_write_bytes(path, checkpoint_bytes(model, metadata))
     return Path(path)
 
 

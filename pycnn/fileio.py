@@ -3,6 +3,7 @@ directories checked before the long work that fills them."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import stat
@@ -32,12 +33,17 @@ def temp_file_beside(path, suffix: str = ".tmp") -> tuple[int, Path]:
     return fd, temp
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path`` and rename it over ``path``.
+def _named(exc: OSError, path) -> OSError:
+    """The same error, naming ``path`` (the file the caller asked for) instead of the temp file."""
+    return type(exc)(exc.errno, exc.strerror or str(exc), str(path))
 
-    An interrupted or failed write leaves any previous file at ``path`` untouched.
-    """
-    path = Path(path)
+
+def _refuse_directory(path: Path) -> None:
+    if path.is_dir():  # (os.replace would fail only after the temp file is written, naming the temp)
+        raise IsADirectoryError(21, "Is a directory (cannot write a file there)", str(path))
+
+
+def _write_temp(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_file_beside(path)
     try:
@@ -45,21 +51,79 @@ def atomic_write_bytes(path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _remove_quietly(tmp)
+        raise
+    return tmp
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to a temp file beside ``path`` and rename it over ``path``.
+
+    An interrupted or failed write leaves any previous file at ``path`` untouched; an OSError
+    names ``path``, not the temp file.
+    """
+    atomic_write_files({path: data})
+
+
+def atomic_write_files(files: dict) -> None:
+    """Write several files (path -> bytes) as one set: all of them, or none.
+
+    Every file is first written in full beside its destination, and only then are they renamed
+    over the destinations, so a failure while writing (disk full, a directory where a file
+    should go, no permission) leaves every previous file as it was: a run's checkpoint, metrics
+    and plot never end up from two different runs. (The renames themselves, once the writes
+    succeeded, do not fail for these reasons.)
+    """
+    paths = [Path(p) for p in files]
+    temps = []
+    try:
+        for path, data in zip(paths, files.values()):
+            try:
+                _refuse_directory(path)
+                temps.append(_write_temp(path, data))
+            except OSError as exc:
+                raise _named(exc, path) from None
+        for path, tmp in zip(paths, temps):
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise _named(exc, path) from None
+    except BaseException:
+        for tmp in temps:
+            _remove_quietly(tmp)
         raise
 
 
+def json_bytes(obj) -> bytes:
+    """``obj`` as indented JSON that every parser reads: NaN and infinities become null (Python's
+    own ``json`` writes them as the bare words NaN and Infinity, which are not JSON)."""
+    return (json.dumps(_finite_or_none(obj), indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
+
+
+def _finite_or_none(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite_or_none(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(value) for value in obj]
+    return obj
+
+
 def atomic_write_json(path, obj) -> None:
-    """:func:`atomic_write_bytes` of ``obj`` as indented JSON."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """:func:`atomic_write_bytes` of ``obj`` as :func:`json_bytes`."""
+    atomic_write_bytes(path, json_bytes(obj))
 
 
-def check_output_dir(path, argument: str = "out_dir") -> Path:
+def check_output_dir(path, argument: str = "out_dir", files: tuple = ()) -> Path:
     """Check that ``path`` is or can be made a directory to write in, leaving nothing behind.
 
     Called before training (or timing), so that a typo'd or read-only output directory fails in a
@@ -68,6 +132,8 @@ def check_output_dir(path, argument: str = "out_dir") -> Path:
     directory this process may write in; then the missing directories are made, an empty file is
     created in the last one, and all of it is removed again (permission bits do not tell the whole
     story: root passes every ``os.access`` test, yet cannot make a directory in ``/proc``).
+
+    ``files``: names the run will write in ``path``; none of them may be a directory.
 
     Raises:
         ValueError: naming ``argument``, the path and what failed.
@@ -85,6 +151,10 @@ def check_output_dir(path, argument: str = "out_dir") -> Path:
         raise ValueError(f"{argument} {str(path)!r} cannot hold the results: no permission to write in "
                          f"{str(existing)!r}")
     _probe_writable(path, existing, argument)
+    for name in files:
+        if (path / name).is_dir():
+            raise ValueError(f"{argument} {str(path)!r} cannot hold the results: {str(path / name)!r} is a "
+                             "directory, where the run writes a file")
     return path
 
 

@@ -13,14 +13,15 @@ import numpy as np
 import pycnn
 from pycnn import metrics, optim
 from pycnn import functional as F
-from pycnn.checkpoint import (TRAINING_STATE_FILE, load_checkpoint, load_training_state, read_training_state,
-                              save_checkpoint, save_training_state)
-from pycnn.fileio import atomic_write_json, check_output_dir
+from pycnn.checkpoint import (TRAINING_STATE_FILE, checkpoint_bytes, load_checkpoint, load_training_state,
+                              read_training_state, save_training_state)
+from pycnn.fileio import check_output_dir, json_bytes
 from pycnn.random import check_seed
 from pycnn.data.localization import load_localization
 from pycnn.models import LocalizationNet
 from pycnn.tensor import Tensor, move_array, no_grad
-from pycnn.train import COMPILES_ON_FIRST_USE, check_resumable, first_steps_fields, first_steps_note
+from pycnn.train import (COMPILES_ON_FIRST_USE, RUN_OUTPUTS, check_resumable, first_steps_fields, first_steps_note,
+                         write_run_outputs)
 
 TEST_SEED_DEFAULT = 1_000_003  # evaluation canvases use a seed that training never uses
 
@@ -189,7 +190,7 @@ def train_localize(**kwargs) -> dict:
     """
     cfg = LocalizeConfig(**kwargs).validate()
     if cfg.out_dir:
-        check_output_dir(cfg.out_dir, "out_dir (--out)")
+        check_output_dir(cfg.out_dir, "out_dir (--out)", files=RUN_OUTPUTS)
     state_path = Path(cfg.out_dir) / TRAINING_STATE_FILE if cfg.out_dir else None
     saved = None
     if cfg.resume:  # (checked before the canvases are made)
@@ -317,15 +318,16 @@ def train_localize(**kwargs) -> dict:
     log("test canvases: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
     log(f"training {train_s:.1f} s, data {data_s:.1f} s, evaluation {eval_s:.1f} s")
     if cfg.out_dir:
-        out = Path(cfg.out_dir)
-        save_checkpoint(model, out / "model.safetensors",
-                        {"model": "localizationnet", "model_kwargs": {"canvas_size": cfg.canvas_size, "width": cfg.width},
-                         "pycnn_version": pycnn.__version__})
-        atomic_write_json(out / "metrics.json", result)
-        from pycnn.viz import plot_localization_curves
+        from pycnn.viz import localization_curves_png
 
-        plot_localization_curves(history, out / "curves.png")
-        log(f"wrote {out}/model.safetensors, metrics.json, curves.png")
+        out = Path(cfg.out_dir)
+        written = write_run_outputs(out, {
+            out / "model.safetensors": checkpoint_bytes(
+                model, {"model": "localizationnet", "model_kwargs": {"canvas_size": cfg.canvas_size, "width": cfg.width},
+                        "pycnn_version": pycnn.__version__}),
+            out / "metrics.json": json_bytes(result),
+        }, lambda: localization_curves_png(history))
+        log("wrote " + ", ".join(written))
     result["model_object"] = model
     return result
 

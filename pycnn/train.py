@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,9 +14,9 @@ import numpy as np
 import pycnn
 from pycnn import backends, data, models, optim
 from pycnn import functional as F
-from pycnn.checkpoint import (TRAINING_STATE_FILE, load_training_state, read_training_state, save_checkpoint,
+from pycnn.checkpoint import (TRAINING_STATE_FILE, checkpoint_bytes, load_training_state, read_training_state,
                               save_training_state)
-from pycnn.fileio import atomic_write_json, check_output_dir
+from pycnn.fileio import atomic_write_files, check_output_dir, json_bytes
 from pycnn.random import check_seed
 from pycnn.tensor import Tensor, move_array, no_grad
 
@@ -181,6 +182,14 @@ def _check_finite(losses: np.ndarray, first_step: int, epoch: int) -> None:
                                f"step {step} (0-based, within the epoch); try a lower --lr")
 
 
+def _check_test_loss(test_loss: float, epoch: int, train_loss: float) -> None:
+    """The training losses can stay finite (1e37) while the weights have gone: a test loss that
+    is not finite ends the run as diverged, before it writes a checkpoint of such weights."""
+    if not math.isfinite(test_loss):
+        raise TrainingDiverged(f"training diverged: the test loss became {test_loss} after epoch {epoch} "
+                               f"(mean training loss {train_loss:.4g}); try a lower --lr")
+
+
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """The order in which a shuffling recipe visits the ``n`` training images in ``epoch`` (from 1)."""
     return np.random.default_rng([seed, epoch]).permutation(n)
@@ -229,7 +238,7 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
     """
     cfg = TrainConfig(model=model, **kwargs).resolved()
     if cfg.out_dir:
-        check_output_dir(cfg.out_dir, "out_dir (--out)")
+        check_output_dir(cfg.out_dir, "out_dir (--out)", files=RUN_OUTPUTS)
     state_path = Path(cfg.out_dir) / TRAINING_STATE_FILE if cfg.out_dir else None
     saved = None
     if cfg.resume:  # (checked before the data is read)
@@ -355,6 +364,7 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
             scheduler.step()
         eval_start = time.perf_counter()
         test_loss, test_acc = evaluate(net, x_test, y_test)
+        _check_test_loss(test_loss, epoch, float(train_losses.mean()))
         eval_s = time.perf_counter() - eval_start
         record = {"epoch": epoch, "train_loss": float(train_losses.mean()), "train_acc": int(correct) / n,
                   "test_loss": test_loss, "test_acc": test_acc, "epoch_s": epoch_s, "eval_s": eval_s,
@@ -379,20 +389,42 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
         result["cuda_graph"] = {"captured": graph_step.captured, "reason": graph_step.reason,
                                 "warmup_steps": graph_step.warmup_steps}
     if cfg.out_dir:
-        out = Path(cfg.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(net, out / "model.safetensors",
-                        {"model": cfg.model, "pycnn_version": pycnn.__version__, "test_acc": f"{result['test_acc']:.4f}"})
-        atomic_write_json(out / "metrics.json", result)
-        try:
-            from pycnn.viz import plot_curves
+        from pycnn.viz import curves_png
 
-            plot_curves(history, out / "curves.png", title=f"{type(net).__name__} on MNIST ({backend_name})")
-        except Exception as exc:  # noqa: BLE001 - a plotting failure must not lose the run
-            log(f"warning: could not draw curves.png: {exc}")
-        log(f"wrote {out / 'model.safetensors'}, {out / 'metrics.json'}, {out / 'curves.png'}")
+        out = Path(cfg.out_dir)
+        written = write_run_outputs(out, {
+            out / "model.safetensors": checkpoint_bytes(
+                net, {"model": cfg.model, "pycnn_version": pycnn.__version__, "test_acc": f"{result['test_acc']:.4f}"}),
+            out / "metrics.json": json_bytes(result),
+        }, lambda: curves_png(history, title=f"{type(net).__name__} on MNIST ({backend_name})"))
+        log("wrote " + ", ".join(written))
     result["model_object"] = net
     return result
+
+
+RUN_OUTPUTS = ("model.safetensors", "metrics.json", "curves.png", TRAINING_STATE_FILE)
+
+
+def write_run_outputs(out: Path, files: dict, curves) -> list:
+    """Write a finished run's checkpoint and metrics as one set (both or neither: never a new
+    model beside an old run's metrics), then ``curves()``'s PNG as curves.png.
+
+    The picture is not worth the run: when it cannot be drawn or written, a warning on stderr
+    (shown with --no-progress too) says why, and that a curves.png already there is an earlier
+    run's. Returns the paths written.
+    """
+    atomic_write_files(files)
+    written = [str(path) for path in files]
+    path = out / "curves.png"
+    try:
+        from pycnn.fileio import atomic_write_bytes
+
+        atomic_write_bytes(path, curves())
+        written.append(str(path))
+    except Exception as exc:  # noqa: BLE001 - matplotlib missing or broken, the file not writable...
+        stale = f"; the {path} there is an earlier run's" if path.exists() else ""
+        print(f"warning: could not write {path}: {type(exc).__name__}: {exc}{stale}", file=sys.stderr)
+    return written
 
 
 def _save_state(cfg: TrainConfig, path, net, opt, scheduler, epoch: int, history: list) -> None:
@@ -474,6 +506,7 @@ def _graph_epoch(cfg, net, opt, scheduler, sched_unit, graph_step, x_train, y_tr
         scheduler.step()
     eval_start = time.perf_counter()
     test_loss, test_acc = evaluate(net, x_test, y_test)
+    _check_test_loss(test_loss, epoch, loss_sum / steps_per_epoch)
     eval_s = time.perf_counter() - eval_start
     record = {"epoch": epoch, "train_loss": loss_sum / steps_per_epoch, "train_acc": correct / n,
               "test_loss": test_loss, "test_acc": test_acc, "epoch_s": epoch_s, "eval_s": eval_s,

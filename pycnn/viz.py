@@ -13,46 +13,76 @@ def _pyplot():
     return plt
 
 
-def save_figure(fig, path) -> None:
-    """Save through a temp file so a failed write never destroys an existing picture."""
+def figure_bytes(fig, fmt: str = "png") -> bytes:
+    """The figure encoded as ``fmt`` (png, pdf, svg...), in memory."""
     import io
 
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=fmt, dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def save_figure(fig, path) -> None:
+    """Save through a temp file so a failed write never destroys an existing picture."""
     from pycnn.fileio import atomic_write_bytes
 
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, figure_bytes(fig, Path(path).suffix.lstrip(".") or "png"))
 
 
-def plot_curves(history: list, path, title: str = "training") -> None:
-    """Loss and accuracy per epoch (train and test) from ``run_mnist``'s history."""
+def _epoch_axis(ax, epochs: list) -> None:
+    ax.set_xlabel("epoch")
+    ax.set_xticks(epochs if len(epochs) <= 12 else ax.get_xticks())  # (whole epochs, not 0.96-1.04)
+
+
+def curves_png(history: list, title: str = "training") -> bytes:
+    """Loss and accuracy per epoch (train and test) from ``run_mnist``'s history, as PNG bytes."""
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax_loss.plot(epochs, [h["test_loss"] for h in history], "s-", label="test")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("cross-entropy")
-    ax_loss.legend()
-    ax_acc.plot(epochs, [h["train_acc"] for h in history], "o-", label="train")
-    ax_acc.plot(epochs, [h["test_acc"] for h in history], "s-", label="test")
-    ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("accuracy")
-    ax_acc.legend()
-    fig.suptitle(title)
-    save_figure(fig, path)
-    plt.close(fig)
+    try:
+        ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+        ax_loss.plot(epochs, [h["test_loss"] for h in history], "s-", label="test")
+        _epoch_axis(ax_loss, epochs)
+        ax_loss.set_ylabel("cross-entropy")
+        ax_loss.legend()
+        ax_acc.plot(epochs, [h["train_acc"] for h in history], "o-", label="train")
+        ax_acc.plot(epochs, [h["test_acc"] for h in history], "s-", label="test")
+        _epoch_axis(ax_acc, epochs)
+        ax_acc.set_ylabel("accuracy")
+        ax_acc.legend()
+        fig.suptitle(title)
+        return figure_bytes(fig)
+    finally:
+        plt.close(fig)
+
+
+def plot_curves(history: list, path, title: str = "training") -> None:
+    """:func:`curves_png` written to ``path``."""
+    from pycnn.fileio import atomic_write_bytes
+
+    atomic_write_bytes(path, curves_png(history, title))
+
+
+def localization_curves_png(history: list) -> bytes:
+    """The localization model's training loss per epoch, as PNG bytes."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    try:
+        epochs = [h["epoch"] for h in history]
+        ax.plot(epochs, [h["train_loss"] for h in history], "o-")
+        _epoch_axis(ax, epochs)
+        ax.set_ylabel("training loss (presence + class + box)")
+        ax.set_title("LocalizationNet training")
+        return figure_bytes(fig)
+    finally:
+        plt.close(fig)
 
 
 def plot_localization_curves(history: list, path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], "o-")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("training loss (presence + class + box)")
-    ax.set_title("LocalizationNet training")
-    save_figure(fig, path)
-    plt.close(fig)
+    """:func:`localization_curves_png` written to ``path``."""
+    from pycnn.fileio import atomic_write_bytes
+
+    atomic_write_bytes(path, localization_curves_png(history))
 
 
 def plot_localization_grid(data: dict, pred: dict, path, columns: int = 4) -> None:

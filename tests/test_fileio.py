@@ -1,5 +1,6 @@
 """Files written atomically get the permissions of a plain open(); output directories are
 checked, not created, before the work that fills them."""
+import json
 import os
 from pathlib import Path
 import stat
@@ -109,3 +110,46 @@ def test_check_output_dir_in_proc():
     # (as root: "cannot create the directory '/proc/pycnn-x'"; else "no permission to write in")
     with pytest.raises(ValueError, match=r"^out_dir \(--out\) '/proc/pycnn-x/run' cannot hold the results: "):
         check_output_dir(Path("/proc/pycnn-x/run"), "out_dir (--out)")
+
+
+def test_a_set_of_files_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from pycnn.fileio import atomic_write_files
+
+    a, b = tmp_path / "model.safetensors", tmp_path / "metrics.json"
+    a.write_bytes(b"old model")
+    b.write_bytes(b"old metrics")
+    real_fdopen = fileio_module.os.fdopen
+    calls = []
+
+    def second_write_fails(fd, *args, **kwargs):
+        calls.append(fd)
+        if len(calls) == 2:
+            os.close(fd)
+            raise OSError(28, "No space left on device")
+        return real_fdopen(fd, *args, **kwargs)
+
+    monkeypatch.setattr(fileio_module.os, "fdopen", second_write_fails)
+    with pytest.raises(OSError, match=r"No space left on device: '.*metrics\.json'$"):  # the file asked for
+        atomic_write_files({a: b"new model", b: b"new metrics"})
+    assert a.read_bytes() == b"old model" and b.read_bytes() == b"old metrics"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "model.safetensors"]  # no temps left
+    monkeypatch.setattr(fileio_module.os, "fdopen", real_fdopen)
+    atomic_write_files({a: b"new model", b: b"new metrics"})
+    assert a.read_bytes() == b"new model" and b.read_bytes() == b"new metrics"
+
+
+def test_a_directory_in_the_way_is_named_not_the_temp_file(tmp_path):
+    (tmp_path / "metrics.json").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"Is a directory \(cannot write a file there\): '.*/metrics\.json'$"):
+        atomic_write_json(tmp_path / "metrics.json", {})
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+    with pytest.raises(ValueError, match=r"'.*metrics\.json' is a directory, where the run writes a file"):
+        check_output_dir(tmp_path, "out_dir (--out)", files=("model.safetensors", "metrics.json"))
+
+
+def test_json_has_no_bare_nan_or_infinity(tmp_path):
+    """Python's json writes NaN / Infinity, which JSON parsers (JavaScript's, jq) reject."""
+    atomic_write_json(tmp_path / "m.json", {"loss": float("inf"), "x": [1.5, float("nan")], "n": np.float64(2.0)})
+    text = (tmp_path / "m.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    assert json.loads(text) == {"loss": None, "x": [1.5, None], "n": 2.0}

@@ -12,6 +12,10 @@ from pycnn import Tensor
 from pycnn.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from pycnn.train import TrainingDiverged, run_mnist
 
+# The backend of the tests that need whole short runs, not the numerics of one backend: the native
+# one where it was built (an evaluation of the 10k test images takes it 0.1 s, NumPy 1-2 s).
+QUICK_BACKEND = "native" if pycnn.backends.status("native")[0] else "numpy"
+
 
 def test_short_run_writes_outputs_and_checkpoint_round_trips(mnist_path, tmp_path):
     out = tmp_path / "run"
@@ -345,10 +349,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(mnist_path, tmp_path
     schedule and the epoch's order all come back)."""
     import pycnn.train as train
 
-    from pycnn import backends
-
-    backend = "native" if backends.status("native")[0] else "numpy"  # (numpy: 5x the time, same test)
-    kwargs = dict(epochs=3, batch_size=64, lr=3e-3, optimizer=optimizer, schedule=schedule, backend=backend,
+    kwargs = dict(epochs=3, batch_size=64, lr=3e-3, optimizer=optimizer, schedule=schedule, backend=QUICK_BACKEND,
                   data_dir=str(mnist_path), limit_train=256, progress=False, seed=11)
     whole = run_mnist("lenet5", out_dir=str(tmp_path / "whole"), **kwargs)
     assert (tmp_path / "whole" / "training_state.safetensors").is_file()
@@ -375,7 +376,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(mnist_path, tmp_path
 
 def test_resume_refuses_other_settings_a_finished_run_and_no_state(mnist_path, tmp_path):
     out = tmp_path / "run"
-    kwargs = dict(epochs=1, batch_size=64, backend="numpy", data_dir=str(mnist_path), limit_train=128,
+    kwargs = dict(epochs=1, batch_size=64, backend=QUICK_BACKEND, data_dir=str(mnist_path), limit_train=128,
                   progress=False, out_dir=str(out))
     with pytest.raises(ValueError, match=r"resume \(--resume\): .*training_state.safetensors does not exist"):
         run_mnist("lenet5", resume=True, **kwargs)
@@ -400,7 +401,7 @@ def test_an_interrupted_cli_run_says_how_to_resume(mnist_path, tmp_path, monkeyp
     (out).mkdir()
     (out / "training_state.safetensors").write_bytes(b"an earlier run's state")
     os.utime(out / "training_state.safetensors", (0, 0))
-    args = ["train", "mnist", "--model", "lenet5", "--epochs", "2", "--limit-train", "128", "--backend", "numpy",
+    args = ["train", "mnist", "--model", "lenet5", "--epochs", "2", "--limit-train", "128", "--backend", QUICK_BACKEND,
             "--data-dir", str(mnist_path), "--out", str(out), "--no-progress"]
     real_order = train.epoch_order
 
@@ -421,3 +422,56 @@ def test_an_interrupted_cli_run_says_how_to_resume(mnist_path, tmp_path, monkeyp
     monkeypatch.setattr(train, "epoch_order", real_order)
     assert main(args + ["--resume"]) == 0
     assert json.loads((out / "metrics.json").read_text())["resumed_after_epoch"] == 1
+
+
+def test_weights_gone_to_infinity_end_the_run_before_it_writes(mnist_path, tmp_path, monkeypatch):
+    """lr 1e9: the training losses stayed finite (~1e37) while the test loss was inf; the run said
+    "test accuracy 0.0980", exited 0, replaced the checkpoint and wrote Infinity into metrics.json."""
+    import pycnn.train as train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"the previous run's model")
+    monkeypatch.setattr(train, "evaluate", lambda *args, **kwargs: (float("inf"), 0.098))
+    with pytest.raises(TrainingDiverged, match=r"the test loss became inf after epoch 1 \(mean training loss .*\); "
+                                               r"try a lower --lr"):
+        run_mnist("lenet5", epochs=1, backend=QUICK_BACKEND, data_dir=str(mnist_path), limit_train=128, progress=False,
+                  out_dir=str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == b"the previous run's model"
+
+
+def test_a_run_keeps_its_model_and_metrics_together(mnist_path, tmp_path, monkeypatch, capsys):
+    """A failed metrics write no longer leaves a new model beside the old metrics; a plot that
+    cannot be drawn is a warning on stderr even with progress off, and not listed as written."""
+    import pycnn.fileio as fileio
+    import pycnn.viz as viz
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("model.safetensors", "metrics.json", "curves.png"):
+        (out / name).write_bytes(b"old " + name.encode())
+    kwargs = dict(epochs=1, backend=QUICK_BACKEND, data_dir=str(mnist_path), limit_train=128, out_dir=str(out))
+    real = fileio._write_temp
+
+    def metrics_fail(path, data):
+        if path.name == "metrics.json":
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(fileio, "_write_temp", metrics_fail)
+    with pytest.raises(OSError, match=r"No space left on device: '.*metrics\.json'"):
+        run_mnist("lenet5", progress=False, **kwargs)
+    assert (out / "model.safetensors").read_bytes() == b"old model.safetensors"
+
+    monkeypatch.setattr(fileio, "_write_temp", real)
+    monkeypatch.setattr(viz, "curves_png", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no display font")))
+    capsys.readouterr()
+    run_mnist("lenet5", progress=True, **kwargs)
+    captured = capsys.readouterr()
+    assert f"warning: could not write {out / 'curves.png'}: RuntimeError: no display font; the " \
+           f"{out / 'curves.png'} there is an earlier run's" in captured.err
+    assert "wrote " in captured.out and "curves.png" not in captured.out.split("wrote ")[-1]
+    assert (out / "model.safetensors").read_bytes() != b"old model.safetensors"
+    run_mnist("lenet5", progress=False, **kwargs)
+    assert "warning: could not write" in capsys.readouterr().err  # (with progress off too)
