@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pycnn.fileio import atomic_write_json, check_output_dir
+from pycnn.fileio import atomic_write_json, check_output_file
 
 # (N, C, H, W, K, R, S, stride, pad): the conv layers of every model at its usual batch.
 CONV_SHAPES = {
@@ -441,9 +441,7 @@ def run(ops=None, models=None, shapes=None, backend_names=None, repeats: int = 7
     if out is None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d")
         out = Path("benchmarks/results") / f"cpu-{stamp}-{commit()[:8]}.json"
-    if Path(out).is_dir():
-        raise ValueError(f"out (--out) {str(out)!r} is a directory; give the JSON file's path")
-    check_output_dir(Path(out).parent, "the directory of out (--out)")  # before minutes of timing
+    check_output_file(out, "out (--out)", "JSON file")  # before minutes of timing
     names = list(backend_names) + ([TORCH] if with_torch else [])
     load_before = os.getloadavg()
     workers, skipped = {}, []

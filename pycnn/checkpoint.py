@@ -68,6 +68,10 @@ def load_checkpoint(path) -> tuple[dict, dict]:
     from safetensors.numpy import load
 
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.safetensors"))
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file"
+                              + (f" (it holds {', '.join(found)})" if found else ""))
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     data = path.read_bytes()

@@ -186,3 +186,20 @@ def _probe_writable(path: Path, existing: Path, argument: str) -> None:
                 directory.rmdir()
             except OSError:
                 pass
+
+
+def check_output_file(path, argument: str, what: str = "file") -> Path:
+    """Check, before the work that fills it, that a file can be written at ``path``: not empty,
+    not a directory, in a directory that is or can be made writable (:func:`check_output_dir`).
+
+    Raises:
+        ValueError: naming ``argument``, the path and what is wrong (``what``: the kind of file
+            expected, for the message).
+    """
+    if str(path) == "":
+        raise ValueError(f"{argument} is empty; give the {what}'s path")
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{argument} {str(path)!r} is a directory; give the {what}'s path")
+    check_output_dir(path.parent, f"the directory of {argument}")
+    return path

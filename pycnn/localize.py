@@ -15,7 +15,7 @@ from pycnn import metrics, optim
 from pycnn import functional as F
 from pycnn.checkpoint import (TRAINING_STATE_FILE, checkpoint_bytes, load_checkpoint, load_training_state,
                               read_training_state, save_training_state)
-from pycnn.fileio import check_output_dir, json_bytes
+from pycnn.fileio import check_output_dir, check_output_file, json_bytes
 from pycnn.random import check_seed
 from pycnn.data.localization import load_localization
 from pycnn.models import LocalizationNet
@@ -59,33 +59,44 @@ class LocalizeConfig:
     resume: bool = False  # continue the run in out_dir from its last finished epoch (training_state.safetensors)
 
     def validate(self) -> "LocalizeConfig":
+        """Check every field; a ValueError names the field and its command-line option."""
         for name in ("n_train", "n_test", "epochs", "batch_size", "width"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{_option(name)} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
+            raise ValueError(f"{_option('lr')} must be a positive number, got {self.lr}")
         check_seed("LocalizeConfig", "seed", self.seed)
         check_seed("LocalizeConfig", "test_seed", self.test_seed)
         if not 0.0 <= self.empty_prob < 1.0:  # (at 1 no canvas has a digit: nothing to classify or box)
-            raise ValueError(f"empty_prob must be in [0, 1), got {self.empty_prob}")
+            raise ValueError(f"{_option('empty_prob')} must be in [0, 1), got {self.empty_prob}")
         if self.init_from and not Path(self.init_from).is_file():  # (else found out after the canvases)
-            raise ValueError(f"init_from (--init-from) {str(self.init_from)!r} is not a file")
+            raise ValueError(f"{_option('init_from')} {str(self.init_from)!r} is not a file")
         if self.class_weight not in (None, "balanced"):
-            raise ValueError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
+            raise ValueError(f"{_option('class_weight')} must be None or 'balanced', got {self.class_weight!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise ValueError(f"{_option('label_smoothing')} must be in [0, 1), got {self.label_smoothing}")
         for name in ("presence_weight", "class_weight_loss", "box_weight"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+                raise ValueError(f"{_option(name)} must be a finite number >= 0, got {value}")
         if self.pos_weight is not None and not (self.pos_weight > 0 and math.isfinite(self.pos_weight)):
             # (BCE's weight of the positives: at 0 they do not count, below 0 the loss has no minimum)
-            raise ValueError(f"pos_weight must be a finite number > 0 (or None: 1), got {self.pos_weight}")
+            raise ValueError(f"{_option('pos_weight')} must be a finite number > 0 (or None: 1), got {self.pos_weight}")
         if self.freeze_backbone and not self.init_from:
             raise ValueError("--freeze-backbone needs --init-from CHECKPOINT (a frozen random backbone learns nothing)")
         if self.resume and not self.out_dir:
             raise ValueError("resume=True (--resume) needs out_dir (--out): the run to continue")
         return self
+
+
+# Fields whose command-line option is not "--" + the name with dashes (None: no option).
+_OPTIONS = {"class_weight_loss": "--class-loss-weight", "out_dir": "--out", "presence_weight": None}
+
+
+def _option(name: str) -> str:
+    """``name (--option)``: an error names both the Python field and the flag a CLI user typed."""
+    flag = _OPTIONS.get(name, "--" + name.replace("_", "-"))
+    return f"{name} ({flag})" if flag else name
 
 
 # The settings a resumed run may change: the rest decide the training trajectory (the test
@@ -160,17 +171,31 @@ def score(pred: dict, data: dict) -> dict:
 
 
 def _init_backbone(model, path) -> list:
-    """Copy every parameter of ``path`` whose name and shape match the model's (transfer learning)."""
+    """Copy the layers of ``path`` whose parameters all match the model's by name and shape
+    (transfer learning), layer by layer: a lone bias whose size happens to match, from a layer
+    whose weight does not, is not a backbone. Returns the parameter names loaded.
+
+    Raises:
+        ValueError: no layer matches (naming what the checkpoint and the model hold).
+    """
     state, _ = load_checkpoint(path)
     own = dict(model.named_parameters())
+    layers: dict = {}
+    for name in own:
+        layers.setdefault(name.rpartition(".")[0], []).append(name)
     loaded = []
-    for name, array in sorted(state.items()):
-        if name in own and tuple(array.shape) == own[name].shape:
-            own[name].data = move_array(np.array(array, dtype=own[name].dtype), own[name].device)
-            loaded.append(name)
+    for layer, names in sorted(layers.items()):
+        if all(name in state and tuple(state[name].shape) == own[name].shape for name in names):
+            for name in names:
+                own[name].data = move_array(np.array(state[name], dtype=own[name].dtype), own[name].device)
+            loaded.extend(names)
     if not loaded:
-        raise ValueError(f"--init-from {path}: no parameter matches LocalizationNet by name and shape "
-                         f"(checkpoint has {', '.join(sorted(state)) or 'nothing'})")
+        def shapes(held):
+            return ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(held.items())
+                             if k.startswith("features.")) or "none"
+        raise ValueError(f"--init-from {path}: no layer of LocalizationNet matches the checkpoint by name and "
+                         f"shape (checkpoint: {shapes(state)}; model: {shapes({k: p.data for k, p in own.items()})}); "
+                         "a width-32 model takes MnistCNN's first two convolutions")
     return loaded
 
 
@@ -355,33 +380,40 @@ def register_cli(sub) -> None:
     train_sub = next(a for a in train_parser._actions if a.dest == "task")
     p = train_sub.add_parser("localize", help="train the digit-localization model on generated canvases")
     defaults = LocalizeConfig()
-    p.add_argument("--canvas-size", type=int, default=defaults.canvas_size)
-    p.add_argument("--n-train", type=int, default=defaults.n_train, help="training canvases (from the 60k training digits)")
-    p.add_argument("--n-test", type=int, default=defaults.n_test, help="test canvases (from the 10k test digits)")
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--canvas-size", type=int, default=defaults.canvas_size,
+                   help="side of the square canvases in pixels, a multiple of 8 (default: %(default)s)")
+    p.add_argument("--n-train", type=int, default=defaults.n_train, help="training canvases (from the 60k training digits; default: %(default)s)")
+    p.add_argument("--n-test", type=int, default=defaults.n_test, help="test canvases (from the 10k test digits; default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the training canvases (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default: %(default)s")
+    p.add_argument("--lr", type=float, default=defaults.lr,
+                   help="peak learning rate of Adam's one-cycle schedule (default: %(default)s)")
     add_backend_arg(p)
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--test-seed", type=SEED, default=TEST_SEED_DEFAULT)
-    p.add_argument("--empty-prob", type=float, default=defaults.empty_prob)
-    p.add_argument("--no-clutter", action="store_true")
+    p.add_argument("--seed", type=SEED, default=0,
+                   help="seed of the initial weights, the training canvases and their order (default: %(default)s)")
+    p.add_argument("--test-seed", type=SEED, default=TEST_SEED_DEFAULT,
+                   help="seed of the test canvases, which training never sees (default: %(default)s)")
+    p.add_argument("--empty-prob", type=float, default=defaults.empty_prob,
+                   help="share of canvases without a digit, in [0, 1) (default: %(default)s)")
+    p.add_argument("--no-clutter", action="store_true", help="no digit fragments scattered on the canvases")
     p.add_argument("--augment", action="store_true", help="rotate/translate/scale/noise each batch (boxes follow)")
     p.add_argument("--fresh-canvases", action=argparse.BooleanOptionalAction, default=defaults.fresh_canvases,
                    help="place the training digits anew every epoch (new positions, scales, clutter)")
     p.add_argument("--width", type=int, default=defaults.width, help="channels of the first conv (then 2x, 4x)")
     p.add_argument("--class-weight", choices=("balanced",), help="balanced class weights in the cross-entropy")
     p.add_argument("--pos-weight", type=float, help="weight of the positive (digit present) class in the BCE")
-    p.add_argument("--box-weight", type=float, default=defaults.box_weight)
+    p.add_argument("--box-weight", type=float, default=defaults.box_weight,
+                   help="weight of the box loss (smooth L1 + GIoU) in the total loss (default: %(default)s)")
     p.add_argument("--class-loss-weight", type=float, default=defaults.class_weight_loss,
-                   help="weight of the class cross-entropy in the total loss")
+                   help="weight of the class cross-entropy in the total loss (default: %(default)s)")
     p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing,
-                   help="label smoothing of the class cross-entropy")
+                   help="label smoothing of the class cross-entropy (default: %(default)s)")
     p.add_argument("--init-from", help="checkpoint whose matching backbone weights initialize the model")
     p.add_argument("--freeze-backbone", action="store_true", help="train only the heads (needs --init-from)")
-    p.add_argument("--data-dir")
-    p.add_argument("--out", default="runs/localize")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--data-dir", help="directory holding the MNIST IDX files (else $PYCNN_DATA, the cache, a download)")
+    p.add_argument("--out", default="runs/localize",
+                   help="output directory for metrics.json, curves.png, model.safetensors (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last finished epoch (its training_state.safetensors, "
                         "written after every epoch); give the same settings as that run")
@@ -390,22 +422,22 @@ def register_cli(sub) -> None:
     pred = sub.add_parser("predict", help="draw predictions of a trained model")
     pred_sub = pred.add_subparsers(dest="task", required=True)
     pp = pred_sub.add_parser("localize", help="a grid of test canvases with true and predicted boxes")
-    pp.add_argument("--checkpoint", required=True)
-    pp.add_argument("--out", default="preds.png")
+    pp.add_argument("--checkpoint", required=True, help="a model.safetensors written by pycnn train localize")
+    pp.add_argument("--out", default="preds.png", help="picture to write, replaced if it exists (default: %(default)s)")
     pp.add_argument("--count", type=int_in_range(1, MAX_GRID), default=16,
                     help=f"how many canvases to draw (4 per row, at most {MAX_GRID})")
-    pp.add_argument("--seed", type=SEED, default=TEST_SEED_DEFAULT)
-    pp.add_argument("--data-dir")
+    pp.add_argument("--seed", type=SEED, default=TEST_SEED_DEFAULT, help="seed of the test canvases (default: %(default)s)")
+    pp.add_argument("--data-dir", help="directory holding the MNIST IDX files")
     pp.set_defaults(func=_cmd_predict)
 
     viz = sub.add_parser("viz", help="visualizations")
     viz_sub = viz.add_subparsers(dest="task", required=True)
     vf = viz_sub.add_parser("features", help="feature maps of each conv layer for one input")
-    vf.add_argument("--checkpoint", required=True)
-    vf.add_argument("--out", default="maps.png")
+    vf.add_argument("--checkpoint", required=True, help="a model.safetensors written by pycnn train")
+    vf.add_argument("--out", default="maps.png", help="picture to write, replaced if it exists (default: %(default)s)")
     vf.add_argument("--index", type=int_in_range(0, 9999), default=0,
                     help="which of the 10,000 test images (or test canvases) to show")
-    vf.add_argument("--data-dir")
+    vf.add_argument("--data-dir", help="directory holding the MNIST IDX files")
     vf.set_defaults(func=_cmd_features)
 
 
@@ -429,16 +461,18 @@ def cmd_evaluate_localize(args) -> int:
         pycnn.set_backend(args.backend)
     model = _load_localizer(args.checkpoint, device=device)
     n_test = LocalizeConfig.n_test if args.n_test is None else args.n_test
-    data = load_localization("test", n=n_test, seed=args.seed, root=args.data_dir,
-                             canvas_size=model.canvas_size)
+    data = load_localization("test", n=n_test, seed=TEST_SEED_DEFAULT if args.seed is None else args.seed,
+                             root=args.data_dir, canvas_size=model.canvas_size)
     scores = score(predict(model, data["images"]), data)
-    print(json.dumps({"checkpoint": str(args.checkpoint), "seed": args.seed, **scores}, indent=2))
+    print(json.dumps({"checkpoint": str(args.checkpoint), "seed": TEST_SEED_DEFAULT if args.seed is None else args.seed,
+                      **scores}, indent=2))
     return 0
 
 
 def _cmd_predict(args) -> int:
     from pycnn.viz import plot_localization_grid
 
+    check_output_file(args.out, "--out", "picture")  # (before the model runs)
     model = _load_localizer(args.checkpoint)
     data = load_localization("test", n=args.count, seed=args.seed, root=args.data_dir,
                              canvas_size=model.canvas_size, cache=False)
@@ -452,6 +486,7 @@ def _cmd_features(args) -> int:
     from pycnn.checkpoint import load_model
     from pycnn.viz import plot_feature_maps
 
+    check_output_file(args.out, "--out", "picture")
     model, meta = load_model(args.checkpoint)
     if isinstance(model, LocalizationNet):
         data = load_localization("test", n=args.index + 1, seed=TEST_SEED_DEFAULT, root=args.data_dir,

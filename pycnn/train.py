@@ -260,6 +260,9 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
     train_images, train_labels = data.load_mnist("train", root=cfg.data_dir, progress=cfg.progress)
     test_images, test_labels = data.load_mnist("test", root=cfg.data_dir, progress=cfg.progress)
     if cfg.limit_train:
+        if cfg.limit_train > len(train_images):  # (the slice took them all, and the record said otherwise)
+            raise ValueError(f"limit_train (--limit-train) {cfg.limit_train:,} is more than the "
+                             f"{len(train_images):,} training images")
         train_images, train_labels = train_images[:cfg.limit_train], train_labels[:cfg.limit_train]
     # The whole data set is normalized once and, on the GPU, kept resident on the device.
     x_train = move_array(data.normalize(train_images), device)

@@ -1,4 +1,6 @@
 """Bad input gives a clear error that names the op/argument, what was expected and what was given."""
+import re
+
 import numpy as np
 import pytest
 
@@ -303,3 +305,36 @@ def test_a_mean_over_nothing_is_nan_on_every_backend(backend):
     loss, grad = zero_weights["cross_entropy", "mean"]
     assert np.isnan(loss) and grad.shape == (4, 10)
     assert zero_weights["cross_entropy", "sum"][0] == 0.0
+
+
+def test_picture_outputs_are_checked_before_the_work(tmp_path, capsys):
+    """predict / viz wrote after running the model, and said '[Errno 17] File exists' (a file on
+    the way), named the temp file ('/proc/.x.png.46a7ffab0434.tmp') or "PosixPath('.') has an empty name"."""
+    from pycnn.checkpoint import save_checkpoint
+    from pycnn.cli import main
+    from pycnn.models import LeNet5
+
+    ckpt = tmp_path / "model.safetensors"
+    save_checkpoint(LeNet5(), ckpt, {"model": "lenet5"})
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (["predict", "localize", "--checkpoint", str(ckpt), "--out", ""], r"--out is empty; give the picture's path"),
+        (["viz", "features", "--checkpoint", str(ckpt), "--out", str(tmp_path)],
+         r"--out '.*' is a directory; give the picture's path"),
+        (["viz", "features", "--checkpoint", str(ckpt), "--out", str(tmp_path / "afile" / "x.png")],
+         r"the directory of --out '.*afile' is a file, not a directory"),
+        (["evaluate", "--checkpoint", str(tmp_path)],
+         r"checkpoint .* is a directory, not a checkpoint file \(it holds model.safetensors\)"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert re.search(message, err), (argv, err)
+
+
+def test_a_training_limit_above_the_set_is_refused(mnist_path):
+    """--limit-train 100000 trained on the 60,000 images while metrics.json recorded 100000."""
+    from pycnn.train import run_mnist
+
+    with pytest.raises(ValueError, match=r"limit_train \(--limit-train\) 100,000 is more than the 60,000 training images"):
+        run_mnist("lenet5", limit_train=100_000, backend="numpy", data_dir=str(mnist_path), progress=False)

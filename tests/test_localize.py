@@ -104,9 +104,9 @@ def test_transfer_learning_loads_matching_backbone(mnist_path, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\), got 1.0"),
-    (dict(class_weight_loss=-1.0), "class_weight_loss must be a finite number >= 0, got -1.0"),
-    (dict(box_weight=float("nan")), "box_weight must be a finite number >= 0, got nan"),
+    (dict(label_smoothing=1.0), r"label_smoothing \(--label-smoothing\) must be in \[0, 1\), got 1.0"),
+    (dict(class_weight_loss=-1.0), r"class_weight_loss \(--class-loss-weight\) must be a finite number >= 0, got -1.0"),
+    (dict(box_weight=float("nan")), r"box_weight \(--box-weight\) must be a finite number >= 0, got nan"),
 ])
 def test_bad_loss_settings_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -114,10 +114,10 @@ def test_bad_loss_settings_are_clear_errors(kwargs, message):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"pos_weight": -1.0}, r"pos_weight must be a finite number > 0 \(or None: 1\), got -1.0"),
-    ({"pos_weight": 0.0}, r"pos_weight must be a finite number > 0"),
-    ({"pos_weight": float("nan")}, r"pos_weight must be a finite number > 0"),
-    ({"width": 0}, r"width must be >= 1, got 0"),
+    ({"pos_weight": -1.0}, r"pos_weight \(--pos-weight\) must be a finite number > 0 \(or None: 1\), got -1.0"),
+    ({"pos_weight": 0.0}, r"pos_weight \(--pos-weight\) must be a finite number > 0"),
+    ({"pos_weight": float("nan")}, r"pos_weight \(--pos-weight\) must be a finite number > 0"),
+    ({"width": 0}, r"width \(--width\) must be >= 1, got 0"),
 ])
 def test_config_refuses_what_cannot_train(changes, message):
     """A negative BCE weight of the positives trained (its loss has no minimum); a width of 0 was
@@ -128,7 +128,7 @@ def test_config_refuses_what_cannot_train(changes, message):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"empty_prob": 1.0}, r"empty_prob must be in \[0, 1\), got 1.0"),
+    ({"empty_prob": 1.0}, r"empty_prob \(--empty-prob\) must be in \[0, 1\), got 1.0"),
     ({"seed": -1}, r"LocalizeConfig: seed must be an integer >= 0, got -1"),
     ({"test_seed": 1.5}, r"LocalizeConfig: test_seed must be an integer >= 0, got 1.5"),
     ({"init_from": "no/such.safetensors"}, r"init_from \(--init-from\) 'no/such.safetensors' is not a file"),
@@ -221,3 +221,23 @@ def test_a_resumed_localization_run_ends_where_an_uninterrupted_one_does(mnist_p
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in whole["history"]]
     assert resumed["test"] == whole["test"]
     assert (tmp_path / "cut" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+
+def test_init_from_loads_whole_layers_or_refuses(tmp_path):
+    """A width-16 model shares no layer with MnistCNN, yet features.6.bias (64 values) matched by
+    name and shape, and the run said "backbone from ... (1 tensors)"."""
+    from pycnn.checkpoint import save_checkpoint
+    from pycnn.localize import _init_backbone
+    from pycnn.models import LocalizationNet, MnistCNN
+
+    path = tmp_path / "cls.safetensors"
+    classifier = MnistCNN()
+    save_checkpoint(classifier, path, {"model": "mnistcnn"})
+    with pytest.raises(ValueError, match=r"--init-from .*cls.safetensors: no layer of LocalizationNet matches the "
+                                         r"checkpoint by name and shape \(checkpoint: features.0.bias \(32,\), .*; "
+                                         r"model: features.0.bias \(16,\), .*\); a width-32 model takes"):
+        _init_backbone(LocalizationNet(canvas_size=48, width=16), path)
+    model = LocalizationNet(canvas_size=48, width=32)
+    assert sorted(_init_backbone(model, path)) == ["features.0.bias", "features.0.weight", "features.3.bias",
+                                                   "features.3.weight"]
+    np.testing.assert_array_equal(model.features[3].weight.numpy(), classifier.features[3].weight.numpy())
