@@ -30,8 +30,14 @@ def save_figure(fig, path) -> None:
 
 
 def _epoch_axis(ax, epochs: list) -> None:
+    """Ticks at whole epochs (one epoch alone was labelled 0.96 ... 1.04)."""
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_xlabel("epoch")
-    ax.set_xticks(epochs if len(epochs) <= 12 else ax.get_xticks())  # (whole epochs, not 0.96-1.04)
+    if len(epochs) <= 12:
+        ax.set_xticks(epochs)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def curves_png(history: list, title: str = "training") -> bytes:
