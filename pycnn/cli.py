@@ -33,6 +33,8 @@ def int_in_range(minimum: int, maximum: int | None = None):
 
 
 SEED = int_in_range(0)  # the seeds NumPy's generators accept
+DATA_DIR_HELP = ("directory of the MNIST IDX files, the only one looked at (they are downloaded into it when "
+                 "missing); default: $PYCNN_DATA, else ~/.cache/pycnn/mnist (downloaded there when missing)")
 BACKEND_CHOICES = ("auto",) + backends.ALL_BACKENDS
 
 
@@ -58,7 +60,7 @@ def _add_train_mnist_args(p: argparse.ArgumentParser) -> None:
                    help="visit the training images in a random order per epoch (--no-shuffle: the file's "
                         "order); default: the model's recipe (all three shuffle)")
     p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--data-dir", help="directory holding the MNIST IDX files (else $PYCNN_DATA, the cache, a download)")
+    p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p.add_argument("--out", default=None, help="output directory for metrics.json, curves.png, model.safetensors "
                                                "(default: runs/<model>)")
     p.add_argument("--limit-train", type=int, help="train on the first N images only (quick checks)")
@@ -95,6 +97,9 @@ def cmd_evaluate(args) -> int:
         from pycnn.localize import cmd_evaluate_localize
 
         return cmd_evaluate_localize(args)
+    if args.seed is not None:  # (it was ignored without a word: the MNIST test set is fixed)
+        raise ValueError(f"--seed applies to `pycnn evaluate localize` only (the seed of its test canvases); "
+                         f"`pycnn evaluate` (mnist) reads the fixed 10,000 MNIST test images, got --seed {args.seed}")
     from pycnn import data
     from pycnn.checkpoint import load_model
     from pycnn.tensor import move_array
@@ -137,11 +142,24 @@ def cmd_info(args) -> int:
     except Exception as exc:  # noqa: BLE001
         auto = f"error: {exc}"
     print(f"auto CPU backend: {auto}")
+    # The variables train and evaluate refuse (info still prints): listed among the settings
+    # without a word, a typo there looked as if it were in effect.
+    invalid = {}
+    try:
+        backends.env_backend(BACKEND_CHOICES)
+    except ValueError as exc:
+        invalid["PYCNN_BACKEND"] = f"{exc}; train and evaluate stop with this error unless --backend is given"
+    isa_error = backends.load("native").isa_env_error()
+    if isa_error is not None:
+        invalid["PYCNN_NATIVE_ISA"] = (f"{isa_error}; train and evaluate stop with this error on the "
+                                       f"backends auto (the default) and native")
+    for message in invalid.values():
+        print(f"INVALID: {message}")
     settings = sorted((k, v) for k, v in os.environ.items() if k.startswith("PYCNN_"))
     if settings:  # (a forgotten setting is the first thing to rule out when results differ)
         print("settings from the environment:")
         for key, value in settings:
-            print(f"  {key}={value}")
+            print(f"  {key}={value}" + ("  (INVALID: see above)" if key in invalid else ""))
     if args.verbose:
         for name in ("numba", "native"):
             if not backends.status(name)[0]:
@@ -168,12 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("task", nargs="?", default="mnist", choices=("mnist", "localize"),
                     help="mnist (default): the 10k test images; localize: metrics JSON on test canvases")
     ev.add_argument("--checkpoint", required=True, help="a model.safetensors written by pycnn train")
-    ev.add_argument("--seed", type=SEED, default=1_000_003, help="localize: seed of the test canvases")
+    # (default None, not the canvases' seed: `evaluate` (MNIST) must tell a --seed given from none;
+    # cmd_evaluate_localize puts in its default)
+    ev.add_argument("--seed", type=SEED, default=None,
+                    help="localize only: seed of the test canvases (default: the test seed of train localize, "
+                         "which training never uses); mnist: refused (the test images are fixed)")
     ev.add_argument("--n-test", type=int_in_range(1), default=None,
                     help="mnist: the first N test images (default: all 10,000); localize: number of test "
                          "canvases (default: 10,000)")
     add_backend_arg(ev)
-    ev.add_argument("--data-dir")
+    ev.add_argument("--data-dir", help=DATA_DIR_HELP)
     ev.set_defaults(func=cmd_evaluate)
 
     info = sub.add_parser("info", help="version and which backends work here (and why not)")

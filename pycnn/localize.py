@@ -374,7 +374,7 @@ MAX_GRID = 64  # canvases in one `pycnn predict localize` picture (16 rows of 4;
 
 def register_cli(sub) -> None:
     """Add ``train localize``, ``evaluate localize``, ``predict localize`` and ``viz features``."""
-    from pycnn.cli import SEED, add_backend_arg, int_in_range
+    from pycnn.cli import DATA_DIR_HELP, SEED, add_backend_arg, int_in_range
 
     train_parser = sub.choices["train"]
     train_sub = next(a for a in train_parser._actions if a.dest == "task")
@@ -410,7 +410,7 @@ def register_cli(sub) -> None:
                    help="label smoothing of the class cross-entropy (default: %(default)s)")
     p.add_argument("--init-from", help="checkpoint whose matching backbone weights initialize the model")
     p.add_argument("--freeze-backbone", action="store_true", help="train only the heads (needs --init-from)")
-    p.add_argument("--data-dir", help="directory holding the MNIST IDX files (else $PYCNN_DATA, the cache, a download)")
+    p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p.add_argument("--out", default="runs/localize",
                    help="output directory for metrics.json, curves.png, model.safetensors (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
@@ -427,7 +427,7 @@ def register_cli(sub) -> None:
     pp.add_argument("--count", type=int_in_range(1, MAX_GRID), default=16,
                     help=f"how many canvases to draw (4 per row, at most {MAX_GRID})")
     pp.add_argument("--seed", type=SEED, default=TEST_SEED_DEFAULT, help="seed of the test canvases (default: %(default)s)")
-    pp.add_argument("--data-dir", help="directory holding the MNIST IDX files")
+    pp.add_argument("--data-dir", help=DATA_DIR_HELP)
     pp.set_defaults(func=_cmd_predict)
 
     viz = sub.add_parser("viz", help="visualizations")
@@ -437,7 +437,7 @@ def register_cli(sub) -> None:
     vf.add_argument("--out", default="maps.png", help="picture to write, replaced if it exists (default: %(default)s)")
     vf.add_argument("--index", type=int_in_range(0, 9999), default=0,
                     help="which of the 10,000 test images (or test canvases) to show")
-    vf.add_argument("--data-dir", help="directory holding the MNIST IDX files")
+    vf.add_argument("--data-dir", help=DATA_DIR_HELP)
     vf.set_defaults(func=_cmd_features)
 
 

@@ -415,3 +415,50 @@ def test_a_pycnn_data_that_is_not_a_directory_is_an_error(tmp_path, monkeypatch)
     (tmp_path / "empty").mkdir()
     with pytest.raises(MnistNotFoundError, match="MNIST test split not found"):  # (the usual search)
         load_mnist("test", root=tmp_path / "empty", download=False)
+
+
+def test_an_explicit_root_is_the_only_place_looked_at(tmp_path, isolated, monkeypatch):
+    """A root (--data-dir) without the files fell back to $PYCNN_DATA's or the cache's copy without a
+    word (the run still recorded the root as its data_dir): now only the root is looked at, the
+    download goes there, and when that fails the error names it and the files expected in it."""
+    full = tmp_path / "full"  # (a directory with the test split, which the root search must not take)
+    full.mkdir()
+    for name in TEST_FILES:
+        (full / name).write_bytes(b"never read")
+    monkeypatch.setenv("PYCNN_DATA", str(full))
+    cache = Path(os.environ["HOME"]) / ".cache" / "pycnn" / "mnist"
+    shutil.copytree(full, cache)
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(MnistNotFoundError) as info:
+        load_mnist("test", root=root, download=False)
+    msg = str(info.value)
+    assert f"MNIST test split not found in {root} (the `root` argument / --data-dir)" in msg
+    assert "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz" in msg and "download=False" in msg
+    with pytest.raises(MnistNotFoundError) as info:
+        load_mnist("test", root=root, progress=False)
+    assert f"Downloading into {root} failed" in str(info.value) and "network unreachable" in str(info.value)
+    assert len(isolated) == len(mnist_mod.MIRRORS)  # (the images file, from every mirror)
+    assert list(root.iterdir()) == []  # nothing half-written
+
+
+@needs_data
+def test_a_split_missing_from_the_root_is_downloaded_into_it(tmp_path, isolated, monkeypatch):
+    """As torchvision's root: the missing files go into the directory given, not into the cache."""
+    served = []
+
+    def fake_download(url, dest, progress):
+        served.append(url.rsplit("/", 1)[-1])
+        Path(dest).write_bytes((Path(DATA_DIR) / url.rsplit("/", 1)[-1]).read_bytes())
+
+    monkeypatch.setattr(mnist_mod, "_download_file", fake_download)
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copy(Path(DATA_DIR) / (TEST_FILES[0] + ".gz"), root)  # the images are there already
+    x, y = load_mnist("test", root=root, progress=False)
+    assert x.shape == (10000, 28, 28) and y[:8].tolist() == [7, 2, 1, 0, 4, 1, 4, 9]
+    assert served == [TEST_FILES[1] + ".gz"]  # only what was missing
+    assert sorted(p.name for p in root.iterdir()) == sorted(n + ".gz" for n in TEST_FILES)
+    assert not (Path(os.environ["HOME"]) / ".cache").exists()
+    load_mnist("test", root=root, progress=False)
+    assert len(served) == 1  # read from the root the second time

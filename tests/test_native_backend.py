@@ -1319,7 +1319,7 @@ def test_isa_env_var_forces_avx2():
     assert out.stdout.strip() == "avx2"
     assert native.isa() in ("avx512", "avx2", "scalar")
     code = "from pycnn.backends import native; print(native.available()[1])"
-    env["PYCNN_NATIVE_ISA"] = "avx3"  # a typo names the variable (auto then takes the next backend)
+    env["PYCNN_NATIVE_ISA"] = "avx3"  # a typo names the variable (and set_backend refuses it: below)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert "PYCNN_NATIVE_ISA=avx3: isa must be 'avx512', 'avx2' or 'scalar', got 'avx3'" in out.stdout
 
@@ -1472,3 +1472,67 @@ def test_bench_first_layer_wgrad_writes_its_record(tmp_path):
     assert "--calls 1" in record["command"]
     with pytest.raises(SystemExit):
         bench.main(["--calls", "0"])
+
+
+# ----------------------------------------------------------------------------- PYCNN_NATIVE_ISA
+
+def test_a_bad_native_isa_env_is_an_error_for_auto_and_native(monkeypatch):
+    """PYCNN_NATIVE_ISA=avx3 made the extension fail to import, and `auto` then quietly took numba
+    (65 samples/s instead of ~20k): now 'auto' and 'native' refuse it, naming the variable, the
+    value and the accepted ones; the other backends do not read it."""
+    from pycnn import backends
+
+    monkeypatch.setenv("PYCNN_NATIVE_ISA", "avx3")
+    expected = r"PYCNN_NATIVE_ISA=avx3: isa must be 'avx512', 'avx2' or 'scalar', got 'avx3' \(or unset it"
+    for name in ("auto", "native"):
+        with pytest.raises(ValueError, match=expected):
+            backends.set_backend(name)
+    ok, reason = backends.status("native")
+    assert not ok and "PYCNN_NATIVE_ISA=avx3" in reason
+    assert backends.set_backend("numpy") == "numpy"
+    monkeypatch.setenv("PYCNN_NATIVE_ISA", "")  # empty is unset: the best the CPU has
+    assert native.isa_env_error() is None and backends.resolve("native") == "native"
+
+
+def test_an_isa_this_cpu_lacks_is_an_error_naming_what_it_runs(monkeypatch):
+    """A valid ISA the CPU lacks failed the same way (the extension refused to import, and the
+    reason read like a build failure); now the error says which ISAs this CPU runs."""
+    from pycnn import backends
+
+    monkeypatch.setattr(native._n, "isa_supported", lambda name: name != "avx512")  # (a CPU without AVX-512)
+    monkeypatch.setenv("PYCNN_NATIVE_ISA", "avx512")
+    message = (r"PYCNN_NATIVE_ISA=avx512: this CPU does not support avx512; it runs avx2, scalar "
+               r"\(unset the variable for the best of them, avx2\)")
+    with pytest.raises(ValueError, match=message):
+        backends.resolve("auto")
+    assert not backends.status("native")[0]
+    monkeypatch.setenv("PYCNN_NATIVE_ISA", "avx2")
+    assert backends.resolve("auto") == "native"
+
+
+def test_the_isa_env_var_still_applies_and_is_kept(tmp_path):
+    """The variable is hidden from the extension's import and applied after it: the ISA is the one
+    asked for, the variable is back in the environment, and a bad one fails `pycnn train` up front."""
+    code = ("import os; from pycnn.backends import native; "
+            "print(native.isa(), os.environ['PYCNN_NATIVE_ISA'], native.available()[0])")
+    env = dict(os.environ, PYCNN_NATIVE_ISA="scalar")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["scalar", "scalar", "True"]
+    env["PYCNN_NATIVE_ISA"] = "avx3"
+    out = subprocess.run([sys.executable, "-m", "pycnn", "train", "mnist", "--limit-train", "8", "--no-progress",
+                          "--data-dir", os.devnull, "--out", str(tmp_path / "out")],  # (never reached)
+                         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "pycnn train: error: PYCNN_NATIVE_ISA=avx3: isa must be 'avx512', 'avx2' or 'scalar'" in out.stderr
+
+
+def test_info_flags_a_bad_native_isa(monkeypatch, capsys):
+    from pycnn.cli import main
+
+    monkeypatch.setenv("PYCNN_NATIVE_ISA", "avx3")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "auto CPU backend: error: PYCNN_NATIVE_ISA=avx3" in out
+    assert ("INVALID: PYCNN_NATIVE_ISA=avx3: isa must be 'avx512', 'avx2' or 'scalar', got 'avx3' (or unset it: "
+            "the best ISA this CPU has); train and evaluate stop with this error on the backends auto") in out
+    assert "  PYCNN_NATIVE_ISA=avx3  (INVALID: see above)" in out

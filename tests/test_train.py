@@ -475,3 +475,68 @@ def test_a_run_keeps_its_model_and_metrics_together(mnist_path, tmp_path, monkey
     assert (out / "model.safetensors").read_bytes() != b"old model.safetensors"
     run_mnist("lenet5", progress=False, **kwargs)
     assert "warning: could not write" in capsys.readouterr().err  # (with progress off too)
+
+
+def test_evaluate_refuses_a_seed_for_mnist(mnist_path, tmp_path, capsys):
+    """`pycnn evaluate --checkpoint C --seed 5` (the MNIST task) ignored --seed without a word: it
+    is read by `evaluate localize` only, whose default still applies when it is not given."""
+    from pycnn.cli import main
+    from pycnn.localize import TEST_SEED_DEFAULT
+    from pycnn.models import LocalizationNet
+
+    model = pycnn.models.FastMNIST()
+    save_checkpoint(model, tmp_path / "m.safetensors", {"model": "fastmnist"})
+    common = ["--checkpoint", str(tmp_path / "m.safetensors"), "--backend", "numpy", "--data-dir", str(mnist_path),
+              "--n-test", "16"]
+    for task in ([], ["mnist"]):
+        assert main(["evaluate", *task, *common, "--seed", "5"]) == 2
+        err = capsys.readouterr().err
+        assert "pycnn evaluate: error: --seed applies to `pycnn evaluate localize` only" in err
+        assert "got --seed 5" in err
+    assert main(["evaluate", *common]) == 0 and json.loads(capsys.readouterr().out)["samples"] == 16
+
+    path = tmp_path / "loc.safetensors"
+    save_checkpoint(LocalizationNet(canvas_size=48, width=8), path,
+                    {"model": "localizationnet", "model_kwargs": {"canvas_size": 48, "width": 8}})
+    loc = ["evaluate", "localize", "--checkpoint", str(path), "--n-test", "16", "--backend", "numpy",
+           "--data-dir", str(mnist_path)]
+    assert main(loc) == 0 and json.loads(capsys.readouterr().out)["seed"] == TEST_SEED_DEFAULT
+    assert main(loc + ["--seed", "5"]) == 0 and json.loads(capsys.readouterr().out)["seed"] == 5
+
+
+def test_a_data_dir_without_mnist_is_the_only_place_looked_at(mnist_path, tmp_path, monkeypatch, capsys):
+    """`--data-dir D` without the files trained on $PYCNN_DATA's copy without a word (metrics.json
+    still said "data_dir": D); now D is the only place looked at, and the download goes into it."""
+    from pycnn.cli import main
+    from pycnn.data import mnist as mnist_mod
+
+    def offline(url, dest, progress):
+        raise OSError(f"network unreachable (test) for {url}")
+
+    monkeypatch.setattr(mnist_mod, "_download_file", offline)
+    monkeypatch.setenv("PYCNN_DATA", str(mnist_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "mnist", "--backend", "numpy", "--limit-train", "8", "--no-progress",
+                 "--data-dir", str(empty), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"pycnn train: error: MNIST train split not found in {empty} (the `root` argument / --data-dir)" in err
+    assert "expected train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz" in err
+    assert f"Downloading into {empty} failed" in err and "network unreachable" in err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_info_flags_an_invalid_backend_variable(monkeypatch, capsys):
+    """`PYCNN_BACKEND=bogus pycnn info` listed the value beside "auto CPU backend: native" without a
+    word, while train and evaluate refuse it: info still prints, and says so."""
+    from pycnn.cli import main
+
+    monkeypatch.setenv("PYCNN_BACKEND", "bogus")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert ("INVALID: PYCNN_BACKEND='bogus' is not a backend; expected one of auto, numpy, numba, native, cuda; "
+            "train and evaluate stop with this error unless --backend is given") in out
+    assert "  PYCNN_BACKEND=bogus  (INVALID: see above)" in out and "auto CPU backend: " in out
+    monkeypatch.setenv("PYCNN_BACKEND", "numpy")
+    assert main(["info"]) == 0 and "INVALID" not in capsys.readouterr().out

@@ -40,8 +40,27 @@ def status(name: str) -> tuple[bool, str]:
         return False, f"{type(exc).__name__}: {exc}"
 
 
+def check_native_isa_env() -> None:
+    """Raise ValueError when ``$PYCNN_NATIVE_ISA`` is set to a value the native backend cannot use.
+
+    A typo there (or an ISA this CPU lacks) made the native backend unavailable, and 'auto' then
+    took numba without a word, hundreds of times slower: a setting that cannot be honoured is an
+    error, the message naming the variable, its value and the accepted values.
+    """
+    error = load("native").isa_env_error()
+    if error is not None:
+        raise ValueError(error)
+
+
 def resolve(name: str) -> str:
-    """Turn 'auto' into a concrete CPU backend name; check that a named one works."""
+    """Turn 'auto' into a concrete CPU backend name; check that a named one works.
+
+    Raises:
+        ValueError: for 'auto' and 'native', when ``$PYCNN_NATIVE_ISA`` cannot be used.
+        RuntimeError: when a named backend cannot be used here (the message says why).
+    """
+    if name in ("auto", "native"):
+        check_native_isa_env()
     if name == "auto":
         for candidate in AUTO_ORDER:
             if status(candidate)[0]:
@@ -57,7 +76,8 @@ def set_backend(name: str) -> str:
     """Select the CPU backend ('auto', 'numpy', 'numba' or 'native'); returns the resolved name.
 
     Raises:
-        ValueError: for an unknown name or 'cuda' (move tensors with ``.to("cuda")`` instead).
+        ValueError: for an unknown name or 'cuda' (move tensors with ``.to("cuda")`` instead), and
+            for 'auto' and 'native' when ``$PYCNN_NATIVE_ISA`` is set to an ISA they cannot use.
         RuntimeError: when the named backend cannot be used here (the message says why).
     """
     global _cpu_backend_name

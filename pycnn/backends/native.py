@@ -2,9 +2,10 @@
 
 The kernels live in ``csrc/cpu`` (C++17, OpenMP): convolution and linear layers run through one
 hand-written packed GEMM whose micro-kernel is AVX-512 or AVX2+FMA, picked at import by CPUID
-(``PYCNN_NATIVE_ISA=avx2`` forces AVX2, ``set_isa`` switches at run time); the im2col gather happens
-while packing the GEMM's B panels, so no im2col buffer is built. Results do not depend on the
-thread count (backward-weight adds per-chunk partials in a fixed chunk order).
+(``PYCNN_NATIVE_ISA=avx2`` forces AVX2, a value it cannot use is an error, ``set_isa`` switches at
+run time); the im2col gather happens while packing the GEMM's B panels, so no im2col buffer is
+built. Results do not depend on the thread count (backward-weight adds per-chunk partials in a
+fixed chunk order).
 
 This module checks every argument first and raises ``TypeError``/``ValueError`` naming the op and
 the argument; arrays are never converted or copied (a float32 op given float64 weights is an
@@ -19,13 +20,24 @@ import numpy as np
 
 NAME = "native"
 
+ISAS = ("avx512", "avx2", "scalar")  # the micro-kernels, best first
+ISA_ENV = "PYCNN_NATIVE_ISA"
+
 _IMPORT_ERROR: str | None = None
+# The extension reads PYCNN_NATIVE_ISA while it is imported and refuses to import on a value it
+# cannot use (a typo, or an ISA this CPU lacks): the backend then looked "not built" and `auto`
+# quietly took numba, hundreds of times slower. So the variable is hidden from that import (which
+# then picks the best ISA the CPU has) and applied below, where a bad value is an error that
+# names the variable (isa_env_error(); backends.resolve raises it for 'auto' and 'native').
+_isa_requested = os.environ.pop(ISA_ENV, None)
 try:
     from pycnn import _native as _n
 except Exception as exc:  # noqa: BLE001 - any failure is reported by available()
     _n = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
-
+finally:
+    if _isa_requested is not None:
+        os.environ[ISA_ENV] = _isa_requested
 
 
 def _naming_memory_errors(name: str, fn):
@@ -67,8 +79,37 @@ def _build_log() -> str:
         return ""
 
 
+def isa_env_error() -> str | None:
+    """Why ``$PYCNN_NATIVE_ISA`` cannot be used, or None when it is unset, empty or usable.
+
+    Read at call time. The spelling is checked with or without the extension; whether this CPU
+    runs the ISA only when the extension is built (it holds the CPUID check).
+    """
+    value = os.environ.get(ISA_ENV, "")
+    if not value:
+        return None
+    if value not in ISAS:
+        # (up to "got ...": the extension's own wording, which earlier versions reported)
+        return (f"{ISA_ENV}={value}: isa must be 'avx512', 'avx2' or 'scalar', got {value!r} "
+                f"(or unset it: the best ISA this CPU has)")
+    if _n is not None and not _n.isa_supported(value):
+        runs = [name for name in ISAS if _n.isa_supported(name)]
+        return (f"{ISA_ENV}={value}: this CPU does not support {value}; it runs {', '.join(runs)} "
+                f"(unset the variable for the best of them, {runs[0]})")
+    return None
+
+
+# Apply the variable the import above did not see (the extension would have applied it there).
+if _n is not None and isa_env_error() is None and os.environ.get(ISA_ENV):
+    _n.set_isa(os.environ[ISA_ENV])
+
+
 def available() -> tuple[bool, str]:
-    """(True, ISA and thread count) when the extension is built, else (False, why not)."""
+    """(True, ISA and thread count) when the extension is built and $PYCNN_NATIVE_ISA is usable,
+    else (False, why not)."""
+    isa_error = isa_env_error()
+    if isa_error is not None:
+        return False, isa_error
     if _n is None:
         log = _build_log()
         reason = f"pycnn._native did not import ({_IMPORT_ERROR})"

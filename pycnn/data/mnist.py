@@ -1,10 +1,12 @@
 """MNIST from IDX files: lookup, download, integrity checks and normalization.
 
-The four files are looked for, in this order, in an explicit ``root``, in ``$PYCNN_DATA`` and in
-``~/.cache/pycnn/mnist``; if none holds them they are downloaded into the cache. Each file may
-be gzip-compressed (``name.gz``) or raw (``name``). Integrity is checked on the DECOMPRESSED
-bytes: the IDX header (magic number, dimensions, byte count) and the md5 sum of the canonical
-distribution, so a truncated or corrupted file is an error, never a silently short data set.
+An explicit ``root`` (the CLI's ``--data-dir``) is the only directory looked at, and a split
+missing there is downloaded into it (as torchvision's ``root``). Without one the files are looked
+for in ``$PYCNN_DATA``, then in ``~/.cache/pycnn/mnist``, and downloaded into the cache when
+neither holds them. Each file may be gzip-compressed (``name.gz``) or raw (``name``). Integrity
+is checked on the DECOMPRESSED bytes: the IDX header (magic number, dimensions, byte count) and
+the md5 sum of the canonical distribution, so a truncated or corrupted file is an error, never a
+silently short data set.
 """
 from __future__ import annotations
 
@@ -75,16 +77,18 @@ def default_cache_dir() -> Path:
 
 
 def _search_dirs(root) -> list[Path]:
-    dirs = []
     if root is not None:
         if not Path(root).expanduser().is_dir():  # (a typo: never train on other data without a word)
             raise MnistNotFoundError(f"load_mnist: root {str(root)!r} is not a directory (the directory "
                                      f"given for the MNIST files, e.g. --data-dir)")
-        dirs.append(Path(root).expanduser())
+        # Only there: $PYCNN_DATA's or the cache's copy was taken without a word, while the run
+        # recorded the directory it was given (metrics.json's "data_dir").
+        return [Path(root).expanduser()]
+    dirs = []
     env = os.environ.get(ENV_VAR)
     if env:
         # A typo there meant the cache or a download instead of the user's copy, without a word.
-        if root is None and not Path(env).expanduser().is_dir():
+        if not Path(env).expanduser().is_dir():
             raise MnistNotFoundError(f"load_mnist: {ENV_VAR}={env!r} is not a directory (the directory "
                                      f"holding the MNIST files; unset it to use the cache)")
         dirs.append(Path(env).expanduser())
@@ -194,15 +198,15 @@ def _download_file(url: str, dest: Path, progress: bool) -> None:
                 bar.close()
 
 
-def _download(name: str, expected_count: int, cache: Path, progress: bool) -> Path:
-    """Download ``name.gz`` into ``cache`` from the first mirror that serves a verified copy.
+def _download(name: str, expected_count: int, directory: Path, progress: bool) -> Path:
+    """Download ``name.gz`` into ``directory`` from the first mirror that serves a verified copy.
 
-    The bytes go to a temp file in the cache directory, are verified (header + md5 of the
+    The bytes go to a temp file in that directory, are verified (header + md5 of the
     decompressed payload), and only then renamed into place, so an interrupted or bad download
     never leaves a file that looks complete.
     """
-    cache.mkdir(parents=True, exist_ok=True)
-    final = cache / (name + ".gz")
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / (name + ".gz")
     errors = []
     for mirror in MIRRORS:
         url = mirror + name + ".gz"
@@ -221,8 +225,14 @@ def _download(name: str, expected_count: int, cache: Path, progress: bool) -> Pa
     raise OSError("; ".join(errors))
 
 
-def _not_found_message(split: str, dirs: list[Path], detail: str) -> str:
+def _not_found_message(split: str, dirs: list[Path], detail: str, root=None) -> str:
     images, labels, _ = SPLITS[split]
+    if root is not None:
+        return (
+            f"MNIST {split} split not found in {dirs[0]} (the `root` argument / --data-dir): expected "
+            f"{images}.gz and {labels}.gz (or the uncompressed files) there. A directory given is the "
+            f"only one looked at; without it {ENV_VAR} and then {default_cache_dir()} would be. {detail}"
+        )
     searched = "\n".join(f"  - {d}" for d in dirs)
     return (
         f"MNIST {split} split not found. Searched (in order):\n{searched}\n"
@@ -238,11 +248,12 @@ def load_mnist(split: str = "train", root=None, download: bool = True,
 
     Args:
         split: ``"train"`` (60,000 samples) or ``"test"`` (10,000 samples).
-        root: a directory to search first (the CLI's ``--data-dir``); it must exist. Then
-            ``$PYCNN_DATA``, then ``~/.cache/pycnn/mnist`` are searched. A directory is used when
-            it holds both files of the split, each raw or ``.gz``.
-        download: when no directory holds the split, download it into ``~/.cache/pycnn/mnist``
-            from a public mirror (verified before it is kept).
+        root: the directory of the MNIST files (the CLI's ``--data-dir``); it must exist, and it
+            is the only one looked at. None: ``$PYCNN_DATA``, then ``~/.cache/pycnn/mnist``. A
+            directory is used when it holds both files of the split, each raw or ``.gz``.
+        download: when the split is not found, download its missing files into ``root``, or
+            without one into ``~/.cache/pycnn/mnist``, from a public mirror (verified before
+            they are kept).
         progress: show a tqdm progress bar while downloading.
 
     Returns:
@@ -253,7 +264,8 @@ def load_mnist(split: str = "train", root=None, download: bool = True,
         MnistIntegrityError: a file is truncated, corrupt or of the wrong kind; the message
             names the file, what was expected and what was found.
         MnistNotFoundError: ``root`` is not a directory, or the files are nowhere and could not
-            be downloaded; the message lists the searched directories and the environment variable.
+            be downloaded; the message names the directories looked at, the files expected there
+            and where the download went.
     """
     if split not in SPLITS:
         raise ValueError(f"load_mnist: split must be 'train' or 'test', got {split!r}")
@@ -269,19 +281,20 @@ def load_mnist(split: str = "train", root=None, download: bool = True,
             return images.copy(), labels.astype(np.int64)
 
     if not download:
-        raise MnistNotFoundError(_not_found_message(split, dirs, "Downloading is disabled (download=False)."))
-    cache = default_cache_dir()
+        raise MnistNotFoundError(_not_found_message(split, dirs, "Downloading is disabled (download=False).",
+                                                    root))
+    target = dirs[0] if root is not None else default_cache_dir()  # (the given directory, as torchvision)
     paths = {}
     for name in (images_name, labels_name):
-        existing = _find_file(cache, name)
+        existing = _find_file(target, name)
         if existing is not None:
             paths[name] = existing
             continue
         try:
-            paths[name] = _download(name, count, cache, progress)
+            paths[name] = _download(name, count, target, progress)
         except OSError as exc:
             raise MnistNotFoundError(
-                _not_found_message(split, dirs, f"Downloading into {cache} failed: {exc}")
+                _not_found_message(split, dirs, f"Downloading into {target} failed: {exc}", root)
             ) from exc
     images = _load_file(paths[images_name], images_name, count)
     labels = _load_file(paths[labels_name], labels_name, count)
