@@ -1,12 +1,16 @@
 """Checkpoints in safetensors format (no pickle), written atomically."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from pycnn.fileio import atomic_write_bytes
+
+
+CHECKSUM_KEY = "pycnn_sha256"  # metadata: SHA-256 of the tensor bytes (hex)
 
 
 class CheckpointError(ValueError):
@@ -26,9 +30,11 @@ def safetensors_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
     (safetensors' own writer keeps the metadata in a hash map: two runs that trained the same
     weights wrote the file's header in different orders, and the checkpoints' checksums differed.)
     The format: an 8-byte little-endian header length, the JSON header padded with spaces to a
-    multiple of 8 bytes, then each tensor's little-endian bytes, back to back.
+    multiple of 8 bytes, then each tensor's little-endian bytes, back to back. The metadata also
+    holds ``pycnn_sha256``, the SHA-256 of those bytes, which :func:`load_checkpoint` checks.
     """
-    header: dict = {"__metadata__": {k: metadata[k] for k in sorted(metadata)}} if metadata else {}
+    metadata = dict(metadata or {})
+    header: dict = {}
     blobs, offset = [], 0
     for name in sorted(tensors):
         array = np.asarray(tensors[name])
@@ -40,9 +46,15 @@ def safetensors_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
         header[name] = {"dtype": kind, "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)
+    # A checksum of the tensor bytes, so that damage there is found on loading (the format checks
+    # only the header: a run resumed from a state with scrambled moments trained on and ended at
+    # chance accuracy without a word).
+    body = b"".join(blobs)
+    metadata[CHECKSUM_KEY] = hashlib.sha256(body).hexdigest()
+    header = {"__metadata__": {k: metadata[k] for k in sorted(metadata)}, **header}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+    return len(text).to_bytes(8, "little") + text + body
 
 
 def checkpoint_bytes(model, metadata: dict | None = None) -> bytes:
@@ -82,7 +94,12 @@ def load_checkpoint(path) -> tuple[dict, dict]:
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
         raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file "
                               f"({len(data)} bytes): {type(exc).__name__}: {exc}") from exc
-    return dict(state), dict(header.get("__metadata__", {}))
+    meta = dict(header.get("__metadata__", {}))
+    expected = meta.pop(CHECKSUM_KEY, None)  # (files written before it was added have none)
+    if expected is not None and hashlib.sha256(data[8 + header_len:]).hexdigest() != expected:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its tensor data does not match the checksum "
+                              "written with it (the file was damaged or changed after it was saved)")
+    return dict(state), meta
 
 
 def load_model(path, device: str = "cpu"):

@@ -21,7 +21,7 @@ from pycnn.data.localization import load_localization
 from pycnn.models import LocalizationNet
 from pycnn.tensor import Tensor, move_array, no_grad
 from pycnn.train import (COMPILES_ON_FIRST_USE, RUN_OUTPUTS, check_resumable, first_steps_fields, first_steps_note,
-                         write_run_outputs)
+                         resume_note, write_run_outputs)
 
 TEST_SEED_DEFAULT = 1_000_003  # evaluation canvases use a seed that training never uses
 
@@ -225,8 +225,7 @@ def train_localize(**kwargs) -> dict:
         saved = read_training_state(state_path)
         config = asdict(cfg)
         check_resumable(state_path, saved[1].get("config", {}), config,
-                        [name for name in config if name not in RESUME_MAY_CHANGE], cfg.epochs,
-                        int(saved[1].get("epoch", 0)))
+                        [name for name in config if name not in RESUME_MAY_CHANGE])
     log = print if cfg.progress else (lambda *a, **k: None)
     device = "cuda" if cfg.backend == "cuda" else "cpu"
     backend_name = "cuda" if device == "cuda" else pycnn.set_backend(cfg.backend)
@@ -273,7 +272,7 @@ def train_localize(**kwargs) -> dict:
         rng.bit_generator.state = meta["augment_rng"]
         history, first_epoch = meta["history"], int(meta["epoch"]) + 1
         previous_train_s, data_s = meta["train_s"], meta["data_s"] + data_s
-        log(f"resuming {state_path} after epoch {first_epoch - 1} of {cfg.epochs}")
+        log(resume_note(state_path, first_epoch - 1, cfg.epochs))
     start_all = time.perf_counter()
     for epoch in range(first_epoch, cfg.epochs + 1):
         model.train()

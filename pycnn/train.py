@@ -102,11 +102,14 @@ TRAJECTORY_FIELDS = ("model", "epochs", "batch_size", "lr", "optimizer", "schedu
                      "limit_train", "betas")
 
 
-def check_resumable(path, saved_config: dict, config: dict, fields, epochs: int, finished: int) -> None:
-    """Refuse to resume a run under other settings than it was trained with, or one that is done.
+def check_resumable(path, saved_config: dict, config: dict, fields) -> None:
+    """Refuse to resume a run under other settings than it was trained with.
+
+    (A state of the last epoch is resumable too: the run was stopped before it wrote its results,
+    and resuming evaluates and writes them.)
 
     Raises:
-        ValueError: naming the file, the settings that differ (saved and given), or the epochs.
+        ValueError: naming the file and the settings that differ (saved and given).
     """
     given = json.loads(json.dumps({name: config[name] for name in fields}))  # (tuples as saved: lists)
     differ = [name for name in fields if saved_config.get(name) != given[name]]
@@ -115,9 +118,13 @@ def check_resumable(path, saved_config: dict, config: dict, fields, epochs: int,
                          + ", ".join(f"{name}={saved_config.get(name)!r}" for name in differ)
                          + "; this run has " + ", ".join(f"{name}={given[name]!r}" for name in differ)
                          + " (give the saved run's settings, or a new --out for a new run)")
+
+
+def resume_note(path, finished: int, epochs: int) -> str:
+    """The log line of a resumed run."""
     if finished >= epochs:
-        raise ValueError(f"resume (--resume): {path} has finished all {epochs} epochs; nothing to train "
-                         f"(its model is in {Path(path).parent / 'model.safetensors'})")
+        return f"resuming {path}: all {epochs} epochs were trained; writing the results"
+    return f"resuming {path} after epoch {finished} of {epochs}"
 
 
 def make_optimizer(cfg: TrainConfig, params):
@@ -247,8 +254,7 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
                              "after every epoch)")
         saved = read_training_state(state_path)
         meta = saved[1]
-        check_resumable(state_path, meta.get("config", {}), asdict(cfg), TRAJECTORY_FIELDS, cfg.epochs,
-                        int(meta.get("epoch", 0)))
+        check_resumable(state_path, meta.get("config", {}), asdict(cfg), TRAJECTORY_FIELDS)
     log = print if cfg.progress else (lambda *a, **k: None)
     device = "cuda" if cfg.backend == "cuda" else "cpu"
     backend_name = "cuda" if device == "cuda" else pycnn.set_backend(cfg.backend)
@@ -284,7 +290,7 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
             scheduler.load_state_dict(meta["scheduler"])
         history = meta["history"]
         first_epoch = int(meta["epoch"]) + 1
-        log(f"resuming {state_path} after epoch {first_epoch - 1} of {cfg.epochs}")
+        log(resume_note(state_path, first_epoch - 1, cfg.epochs))
     log(f"pycnn {pycnn.__version__}: training {type(net).__name__} ({net.num_parameters():,} parameters) "
         f"on {n:,} images, backend={backend_name}, batch={cfg.batch_size}, epochs={cfg.epochs}, "
         f"{cfg.optimizer} lr={cfg.lr}, schedule={cfg.schedule}")

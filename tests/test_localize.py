@@ -222,6 +222,19 @@ def test_a_resumed_localization_run_ends_where_an_uninterrupted_one_does(mnist_p
     assert resumed["test"] == whole["test"]
     assert (tmp_path / "cut" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
 
+    # Stopped after the last epoch's state, in the final evaluation: resuming evaluates and writes.
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(localize, "score", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_localize(out_dir=str(tmp_path / "late"), **kwargs)
+    monkeypatch.undo()
+    assert not (tmp_path / "late" / "model.safetensors").exists()
+    finished = train_localize(out_dir=str(tmp_path / "late"), resume=True, **kwargs)
+    assert finished["resumed_after_epoch"] == 3 and finished["test"] == whole["test"]
+    assert (tmp_path / "late" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+
 
 def test_init_from_loads_whole_layers_or_refuses(tmp_path):
     """A width-16 model shares no layer with MnistCNN, yet features.6.bias (64 values) matched by

@@ -374,7 +374,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(mnist_path, tmp_path
     assert (tmp_path / "cut" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
 
 
-def test_resume_refuses_other_settings_a_finished_run_and_no_state(mnist_path, tmp_path):
+def test_resume_refuses_other_settings_and_no_state_and_finishes_a_finished_run(mnist_path, tmp_path):
     out = tmp_path / "run"
     kwargs = dict(epochs=1, batch_size=64, backend=QUICK_BACKEND, data_dir=str(mnist_path), limit_train=128,
                   progress=False, out_dir=str(out))
@@ -382,9 +382,12 @@ def test_resume_refuses_other_settings_a_finished_run_and_no_state(mnist_path, t
         run_mnist("lenet5", resume=True, **kwargs)
     with pytest.raises(ValueError, match=r"resume=True \(--resume\) needs out_dir \(--out\)"):
         run_mnist("lenet5", resume=True, **{**kwargs, "out_dir": None})
-    run_mnist("lenet5", **kwargs)
-    with pytest.raises(ValueError, match=r"has finished all 1 epochs; nothing to train"):
-        run_mnist("lenet5", resume=True, **kwargs)
+    first = run_mnist("lenet5", **kwargs)
+    model_bytes = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").unlink()  # (as if stopped between the last state and the results)
+    again = run_mnist("lenet5", resume=True, **kwargs)  # all epochs trained: writes the results
+    assert again["resumed_after_epoch"] == 1 and again["history"] == json.loads(json.dumps(first["history"]))
+    assert (out / "model.safetensors").read_bytes() == model_bytes
     with pytest.raises(ValueError, match=r"was trained with epochs=1, lr=0\.001; this run has epochs=2, lr=0\.01 "
                                          r"\(give the saved run's settings"):
         run_mnist("lenet5", resume=True, **{**kwargs, "epochs": 2, "lr": 1e-2})
@@ -540,3 +543,19 @@ def test_info_flags_an_invalid_backend_variable(monkeypatch, capsys):
     assert "  PYCNN_BACKEND=bogus  (INVALID: see above)" in out and "auto CPU backend: " in out
     monkeypatch.setenv("PYCNN_BACKEND", "numpy")
     assert main(["info"]) == 0 and "INVALID" not in capsys.readouterr().out
+
+
+def test_damaged_tensor_bytes_are_found_on_loading(tmp_path):
+    """safetensors checks the header only: 1000 scrambled bytes of a training state's moments were
+    loaded, and the resumed run trained on to chance accuracy without a word."""
+    from pycnn.models import LeNet5
+
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(LeNet5(), path, {"model": "lenet5"})
+    state, meta = load_checkpoint(path)
+    assert "pycnn_sha256" not in meta and meta == {"model": "lenet5"}  # (checked, then left out)
+    data = bytearray(path.read_bytes())
+    data[-1000:] = b"\x7f" * 1000
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"is corrupt: its tensor data does not match the checksum"):
+        load_checkpoint(path)
