@@ -13,15 +13,14 @@ import numpy as np
 import pycnn
 from pycnn import metrics, optim
 from pycnn import functional as F
-from pycnn.checkpoint import (TRAINING_STATE_FILE, checkpoint_bytes, load_checkpoint, load_training_state,
-                              read_training_state, save_training_state)
-from pycnn.fileio import check_output_dir, check_output_file, json_bytes
+from pycnn.checkpoint import checkpoint_bytes, load_checkpoint, load_training_state, save_training_state
+from pycnn.fileio import check_output_file, json_bytes
 from pycnn.random import check_seed
 from pycnn.data.localization import load_localization
 from pycnn.models import LocalizationNet
 from pycnn.tensor import Tensor, move_array, no_grad
-from pycnn.train import (COMPILES_ON_FIRST_USE, RUN_OUTPUTS, check_resumable, first_steps_fields, first_steps_note,
-                         resume_note, write_run_outputs)
+from pycnn.train import (COMPILES_ON_FIRST_USE, first_steps_fields, first_steps_note, open_run_dir, resume_note,
+                         write_run_outputs)
 
 TEST_SEED_DEFAULT = 1_000_003  # evaluation canvases use a seed that training never uses
 
@@ -214,18 +213,9 @@ def train_localize(**kwargs) -> dict:
     ``out_dir/metrics.json`` with the checkpoint, when ``out_dir`` is given).
     """
     cfg = LocalizeConfig(**kwargs).validate()
-    if cfg.out_dir:
-        check_output_dir(cfg.out_dir, "out_dir (--out)", files=RUN_OUTPUTS)
-    state_path = Path(cfg.out_dir) / TRAINING_STATE_FILE if cfg.out_dir else None
-    saved = None
-    if cfg.resume:  # (checked before the canvases are made)
-        if not state_path.is_file():
-            raise ValueError(f"resume (--resume): {state_path} does not exist (a run given --out writes it "
-                             "after every epoch)")
-        saved = read_training_state(state_path)
-        config = asdict(cfg)
-        check_resumable(state_path, saved[1].get("config", {}), config,
-                        [name for name in config if name not in RESUME_MAY_CHANGE])
+    config = asdict(cfg)
+    state_path, saved = open_run_dir(cfg.out_dir, cfg.resume, config,  # (before the canvases are made)
+                                     [name for name in config if name not in RESUME_MAY_CHANGE])
     log = print if cfg.progress else (lambda *a, **k: None)
     device = "cuda" if cfg.backend == "cuda" else "cpu"
     backend_name = "cuda" if device == "cuda" else pycnn.set_backend(cfg.backend)

@@ -120,6 +120,27 @@ def check_resumable(path, saved_config: dict, config: dict, fields) -> None:
                          + " (give the saved run's settings, or a new --out for a new run)")
 
 
+def open_run_dir(out_dir, resume: bool, config: dict, fields) -> tuple:
+    """Before the data is read: check that ``out_dir`` can hold the results and, to resume, read
+    the saved state and check it was trained with ``config``'s ``fields``.
+
+    Returns ``(path of the training state, or None without out_dir; (tensors, metadata) of the
+    saved state, or None when not resuming)``.
+    """
+    if not out_dir:
+        return None, None
+    check_output_dir(out_dir, "out_dir (--out)", files=RUN_OUTPUTS)
+    state_path = Path(out_dir) / TRAINING_STATE_FILE
+    if not resume:
+        return state_path, None
+    if not state_path.is_file():
+        raise ValueError(f"resume (--resume): {state_path} does not exist (a run given --out writes it "
+                         "after every epoch)")
+    saved = read_training_state(state_path)
+    check_resumable(state_path, saved[1].get("config", {}), config, fields)
+    return state_path, saved
+
+
 def resume_note(path, finished: int, epochs: int) -> str:
     """The log line of a resumed run."""
     if finished >= epochs:
@@ -244,17 +265,7 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
     with ``test_acc``, ``epoch_s`` and ``samples_per_s`` of the last epoch at the top level.
     """
     cfg = TrainConfig(model=model, **kwargs).resolved()
-    if cfg.out_dir:
-        check_output_dir(cfg.out_dir, "out_dir (--out)", files=RUN_OUTPUTS)
-    state_path = Path(cfg.out_dir) / TRAINING_STATE_FILE if cfg.out_dir else None
-    saved = None
-    if cfg.resume:  # (checked before the data is read)
-        if not state_path.is_file():
-            raise ValueError(f"resume (--resume): {state_path} does not exist (a run given --out writes it "
-                             "after every epoch)")
-        saved = read_training_state(state_path)
-        meta = saved[1]
-        check_resumable(state_path, meta.get("config", {}), asdict(cfg), TRAJECTORY_FIELDS)
+    state_path, saved = open_run_dir(cfg.out_dir, cfg.resume, asdict(cfg), TRAJECTORY_FIELDS)
     log = print if cfg.progress else (lambda *a, **k: None)
     device = "cuda" if cfg.backend == "cuda" else "cpu"
     backend_name = "cuda" if device == "cuda" else pycnn.set_backend(cfg.backend)
