@@ -98,3 +98,177 @@ def test_train_eval_and_zero_grad():
     assert all(p.grad is not None for p in model.parameters())
     model.zero_grad()
     assert all(p.grad is None for p in model.parameters())
+
+
+def _names(module):
+    return [n for n, _ in module.named_parameters()]
+
+
+def test_assigning_a_tensor_to_a_parameter_name_raises_as_in_pytorch():
+    """A plain Tensor assigned to ``weight`` used to replace it silently outside named_parameters()
+    and state_dict(): never trained, never saved."""
+    lin = nn.Linear(3, 2)
+    old = lin.weight
+    with pytest.raises(TypeError, match=r"Linear: cannot assign Tensor as parameter 'weight' "
+                                        r"\(nn.Parameter or None expected"):
+        lin.weight = Tensor(np.zeros((2, 3), np.float32), requires_grad=True)
+    with pytest.raises(TypeError, match="cannot assign ReLU as parameter 'bias'"):
+        lin.bias = nn.ReLU()
+    assert lin.weight is old and _names(lin) == ["weight", "bias"]
+    new = nn.Parameter(np.zeros((2, 3), np.float32))
+    lin.weight = new  # a Parameter replaces it, in its place (the optimizers' order)
+    assert _names(lin) == ["weight", "bias"] and lin.parameters()[0] is new
+    np.testing.assert_array_equal(lin.state_dict()["weight"], np.zeros((2, 3)))
+    lin.bias = None  # None empties the slot, which then still takes only a Parameter
+    assert _names(lin) == ["weight"] and lin.bias is None
+    with pytest.raises(TypeError, match="parameter 'bias'"):
+        lin.bias = Tensor(np.zeros(2, np.float32))
+    for layer in (nn.Linear(3, 2, bias=False), nn.Conv2d(1, 2, 3, bias=False)):  # (as PyTorch's)
+        with pytest.raises(TypeError, match=f"{type(layer).__name__}: cannot assign Tensor as parameter 'bias'"):
+            layer.bias = Tensor(np.zeros(2, np.float32))
+        layer.bias = nn.Parameter(np.zeros(2, np.float32))
+        assert _names(layer) == ["weight", "bias"]
+    model = pycnn.models.LeNet5()
+    with pytest.raises(TypeError, match=r"LeNet5: cannot assign list as child module 'features' "
+                                        r"\(nn.Module or None expected\)"):
+        model.features = [nn.Conv2d(1, 6, 5)]
+    model.features = None
+    assert all(not n.startswith("features.") for n in _names(model)) and "(features): None" in repr(model)
+    assert len(list(model.children())) == 1
+
+
+def test_del_unregisters_parameters_and_modules():
+    lin = nn.Linear(3, 2)
+    del lin.bias
+    assert _names(lin) == ["weight"] and list(lin.state_dict()) == ["weight"]
+    assert not hasattr(lin, "bias")
+    model = pycnn.models.LeNet5()
+    del model.classifier
+    assert all(n.startswith("features.") for n in _names(model))
+    assert [name for name, _ in model.named_modules()][:2] == ["", "features"]
+    with pytest.raises(AttributeError):
+        del model.classifier
+
+
+class _Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(4, 4), nn.Dropout(0.5)])
+        self.blocks.append(nn.Linear(4, 2))
+        self.heads = nn.ModuleDict({"a": nn.Linear(2, 1)})
+        self.heads["b"] = nn.Linear(2, 3)
+        self.plain = [nn.Linear(2, 2)]  # a Python list: not registered (as in PyTorch)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return [self.heads[k](x) for k in self.heads]
+
+
+def test_module_list_and_dict_register_their_modules():
+    pycnn.manual_seed(0)  # (the Dropout's mask in the SGD step below)
+    model = _Stack()
+    # PyTorch's names for the same model
+    assert _names(model) == ["blocks.0.weight", "blocks.0.bias", "blocks.2.weight", "blocks.2.bias",
+                             "heads.a.weight", "heads.a.bias", "heads.b.weight", "heads.b.bias"]
+    assert list(model.state_dict()) == _names(model)
+    model.eval()
+    assert not model.blocks[1].training and not model.heads["a"].training
+    model.train()
+    assert model.blocks[1].training
+    other = _Stack()
+    other.load_state_dict(model.state_dict())
+    model.eval(), other.eval()
+    x = Tensor(np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32))
+    for a, b in zip(model(x), other(x)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    model.to("cpu")
+    # the optimizer reaches them: one SGD step moves every registered parameter
+    model.train()
+    before = [p.numpy().copy() for p in model.parameters()]
+    opt = pycnn.optim.SGD(model.parameters(), lr=0.1)
+    sum((h * h).sum() for h in model(x)).backward()
+    opt.step()
+    assert all(not np.array_equal(b, p.numpy()) for b, p in zip(before, model.parameters()))
+    assert "(blocks): ModuleList(" in repr(model) and "(a): Linear(" in repr(model)
+
+
+def test_module_list_behaves_as_a_list():
+    a, b, c, d = (nn.Linear(1, 1) for _ in range(4))
+    ml = nn.ModuleList([a, b])
+    ml.extend([c])
+    ml += [d]
+    assert len(ml) == 4 and list(ml) == [a, b, c, d] and ml[-1] is d
+    part = ml[1:3]
+    assert isinstance(part, nn.ModuleList) and list(part) == [b, c] and _names(part)[0] == "0.weight"
+    ml[0] = c
+    assert ml[0] is c and _names(ml)[:2] == ["0.weight", "0.bias"]
+    del ml[0]
+    assert list(ml) == [b, c, d] and [n for n, _ in ml.named_modules()] == ["", "0", "1", "2"]
+    ml.insert(1, a)
+    assert list(ml) == [b, a, c, d] and ml.pop() is d and list(ml) == [b, a, c]
+    del ml[:2]
+    assert list(ml) == [c] and _names(ml) == ["0.weight", "0.bias"]
+    with pytest.raises(IndexError, match="ModuleList index 1 is out of range"):
+        ml[1]
+    with pytest.raises(TypeError, match="ModuleList indices must be integers or slices, not str"):
+        ml["0"]
+    with pytest.raises(TypeError, match="ModuleList: item 2 is int, not a Module"):
+        ml.extend([a, 3])
+    assert list(ml) == [c]  # (nothing added)
+    with pytest.raises(TypeError, match="ModuleList: item 1 is list, not a Module"):
+        ml.append([a])
+    assert len(nn.ModuleList()) == 0 and repr(nn.ModuleList()) == "ModuleList()"
+
+
+def test_module_dict_behaves_as_a_dict():
+    a, b = nn.Linear(1, 1), nn.ReLU()
+    md = nn.ModuleDict([("a", a), ("b", b)])
+    assert list(md) == ["a", "b"] and list(md.keys()) == ["a", "b"] and list(md.values()) == [a, b]
+    assert dict(md.items()) == {"a": a, "b": b} and "a" in md and "c" not in md and len(md) == 2
+    md.update(nn.ModuleDict({"c": nn.Tanh()}))
+    assert list(md) == ["a", "b", "c"]
+    del md["a"]
+    assert list(md) == ["b", "c"] and _names(md) == [] and md.pop("c") is not None and list(md) == ["b"]
+    with pytest.raises(KeyError):
+        md["a"]
+    with pytest.raises(KeyError):
+        del md["a"]
+    with pytest.raises(KeyError, match="attribute 'training' already exists"):
+        md["training"] = a  # (would shadow the mode flag; "items", "forward", ... likewise)
+    with pytest.raises(KeyError, match="contain no '.'"):
+        md["x.y"] = a
+    with pytest.raises(TypeError, match="ModuleDict: item 'x' is int, not a Module"):
+        md["x"] = 1
+    md.clear()
+    assert len(md) == 0
+
+
+def test_sequential_slice_is_a_sequential_of_the_same_modules():
+    """s[0:2] was a list, so s[0:2](x) failed ("'list' object is not callable")."""
+    pycnn.manual_seed(0)
+    s = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    head = s[0:2]
+    assert isinstance(head, nn.Sequential) and head[0] is s[0] and head[1] is s[1] and len(head) == 2
+    assert list(s[1:].state_dict()) == ["2.weight", "2.bias"]  # PyTorch keeps the children's names
+    x = Tensor(np.random.default_rng(1).standard_normal((5, 3)).astype(np.float32))
+    np.testing.assert_allclose(head(x).numpy(), np.maximum(s[0](x).numpy(), 0), rtol=1e-6)
+    np.testing.assert_allclose(s[2:](head(x)).numpy(), s(x).numpy(), rtol=1e-6)
+    s.fuse_relu = False
+    assert s[:2].fuse_relu is False and s[-1] is s[2]
+    from collections import OrderedDict
+    named = nn.Sequential(OrderedDict([("fc", nn.Linear(3, 2)), ("act", nn.ReLU())]))
+    assert _names(named) == ["fc.weight", "fc.bias"] and named[0] is named.fc
+    with pytest.raises(TypeError, match="Sequential: item 1 is list, not a Module"):
+        nn.Sequential(nn.ReLU(), [nn.ReLU()])
+
+
+def test_top_level_exports():
+    a, b = pycnn.tensor([[1.0]], requires_grad=True), pycnn.tensor([[2.0]])
+    out = pycnn.concatenate([a, b], axis=0)
+    assert out.shape == (2, 1)
+    assert pycnn.is_grad_enabled()
+    with pycnn.no_grad():
+        assert not pycnn.is_grad_enabled()
+    assert {"concatenate", "is_grad_enabled", "tensor"} <= set(pycnn.__all__)
+    assert {"ModuleList", "ModuleDict"} <= set(nn.__all__)

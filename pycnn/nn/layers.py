@@ -1,6 +1,9 @@
 """Layers: thin Modules over pycnn.functional (they never import a backend)."""
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Mapping
+
 import numpy as np
 
 from pycnn import functional as F
@@ -52,7 +55,9 @@ class Conv2d(Module):
         self.padding = _pair(padding, "Conv2d", "padding", 0)
         shape = (self.out_channels, self.in_channels) + self.kernel_size
         self.weight = Parameter(init.kaiming_uniform(shape, dtype=dtype))
-        self.bias = Parameter(init.default_bias((self.out_channels,), shape, dtype)) if bias else None
+        # (bias=False registers an empty slot, as PyTorch: a Tensor assigned later raises)
+        self.register_parameter("bias", Parameter(init.default_bias((self.out_channels,), shape, dtype))
+                                if bias else None)
 
     def forward(self, x, activation: str | None = None):
         """The convolution; ``activation="relu"`` also applies a ReLU as one fused op."""
@@ -87,7 +92,9 @@ class Linear(Module):
         self.out_features = _int(out_features, "Linear", "out_features", 1)
         shape = (self.out_features, self.in_features)
         self.weight = Parameter(init.kaiming_uniform(shape, dtype=dtype))
-        self.bias = Parameter(init.default_bias((self.out_features,), shape, dtype)) if bias else None
+        # (bias=False registers an empty slot, as PyTorch: a Tensor assigned later raises)
+        self.register_parameter("bias", Parameter(init.default_bias((self.out_features,), shape, dtype))
+                                if bias else None)
 
     def forward(self, x, activation: str | None = None):
         """The affine map; ``activation="relu"`` also applies a ReLU as one fused op."""
@@ -200,18 +207,32 @@ class Sequential(Module):
     not bitwise). The Conv2d's and
     MaxPool2d's own forward() are not called then. Set ``fuse_relu = False`` on an instance to run
     every module separately (e.g. to inspect the output of the layer before its ReLU).
+
+    ``Sequential(OrderedDict([("conv", ...), ...]))`` names the children instead. Indexing is by
+    position; a slice is a Sequential of the same child objects under the same names (as in
+    PyTorch, so ``s[1:3].state_dict()`` keys start with "1." and "2."), with this one's
+    ``fuse_relu``.
     """
 
     fuse_relu = True
 
     def __init__(self, *modules: Module):
         super().__init__()
-        for i, module in enumerate(modules):
+        if len(modules) == 1 and isinstance(modules[0], OrderedDict):
+            items = list(modules[0].items())
+        else:
+            items = [(str(i), module) for i, module in enumerate(modules)]
+        for name, module in items:
             if not isinstance(module, Module):
-                raise TypeError(f"Sequential: item {i} is {type(module).__name__}, not a Module")
-            setattr(self, str(i), module)
+                raise TypeError(f"Sequential: item {name} is {type(module).__name__}, not a Module")
+            self.add_module(name, module)
 
     def __getitem__(self, index):
+        if isinstance(index, slice):
+            # A plain Sequential, not type(self): a subclass's __init__ may take other arguments.
+            part = Sequential(OrderedDict(list(self._modules.items())[index]))
+            part.fuse_relu = self.fuse_relu
+            return part
         return list(self._modules.values())[index]
 
     def __len__(self):
@@ -238,3 +259,144 @@ class Sequential(Module):
                 x = module(x)
                 i += 1
         return x
+
+
+class ModuleList(Module):
+    """A list of modules, registered under "0", "1", ... (PyTorch's state_dict names): layers in a
+    plain Python list are invisible to parameters(), state_dict(), to() and train()/eval().
+
+    It has no forward(): iterate over it in the owner's forward(). Indices and slices work as in
+    a list (a slice is a ModuleList of the same modules); after insert() or del the keys are
+    renumbered from "0", as in PyTorch.
+    """
+
+    def __init__(self, modules=None):
+        super().__init__()
+        if modules is not None:
+            self.extend(modules)
+
+    @staticmethod
+    def _checked(module, where: str) -> Module:
+        if not isinstance(module, Module):
+            raise TypeError(f"ModuleList: {where} is {type(module).__name__}, not a Module")
+        return module
+
+    def _key(self, index) -> str:
+        if not _is_int(index):
+            raise TypeError(f"ModuleList indices must be integers or slices, not {type(index).__name__}")
+        n = len(self._modules)
+        if not -n <= index < n:
+            raise IndexError(f"ModuleList index {index} is out of range (length {n})")
+        return str(index % n)
+
+    def _renumber(self, modules) -> None:
+        for name in list(self._modules):
+            delattr(self, name)
+        for i, module in enumerate(modules):
+            self.add_module(str(i), module)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return ModuleList(list(self._modules.values())[index])
+        return self._modules[self._key(index)]
+
+    def __setitem__(self, index, module) -> None:
+        self.add_module(self._key(index), self._checked(module, f"item {index}"))
+
+    def __delitem__(self, index) -> None:
+        modules = list(self._modules.values())
+        del modules[index if isinstance(index, slice) else int(self._key(index))]
+        self._renumber(modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __iadd__(self, modules) -> "ModuleList":
+        return self.extend(modules)
+
+    def append(self, module) -> "ModuleList":
+        n = len(self._modules)
+        self.add_module(str(n), self._checked(module, f"item {n}"))
+        return self
+
+    def extend(self, modules) -> "ModuleList":
+        modules = list(modules)
+        for i, module in enumerate(modules):  # (all checked first: nothing added on an error)
+            self._checked(module, f"item {len(self._modules) + i}")
+        for module in modules:
+            self.append(module)
+        return self
+
+    def insert(self, index: int, module) -> None:
+        """Insert before ``index`` (list.insert's rules)."""
+        modules = list(self._modules.values())
+        modules.insert(index, self._checked(module, "the inserted item"))
+        self._renumber(modules)
+
+    def pop(self, index: int = -1) -> Module:
+        module = self[index]
+        del self[index]
+        return module
+
+
+class ModuleDict(Module):
+    """A dict of modules, registered under their keys in insertion order (so
+    ``parameters()``, ``state_dict()``, ``to()`` and ``train()/eval()`` reach them).
+
+    Keys are strings without "." that are not already attributes ("training", "forward",
+    "items", ... raise a KeyError, as in PyTorch). It has no forward().
+    """
+
+    def __init__(self, modules=None):
+        super().__init__()
+        if modules is not None:
+            self.update(modules)
+
+    def __getitem__(self, key: str) -> Module:
+        return self._modules[key]
+
+    def __setitem__(self, key: str, module) -> None:
+        if not isinstance(module, Module):
+            raise TypeError(f"ModuleDict: item {key!r} is {type(module).__name__}, not a Module")
+        self.add_module(key, module)
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self._modules:
+            raise KeyError(key)
+        delattr(self, key)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules)
+
+    def __contains__(self, key) -> bool:
+        return key in self._modules
+
+    def keys(self):
+        return self._modules.keys()
+
+    def items(self):
+        return self._modules.items()
+
+    def values(self):
+        return self._modules.values()
+
+    def update(self, modules) -> None:
+        """Add the modules of a mapping (or a ModuleDict), or of an iterable of (key, module) pairs."""
+        pairs = modules.items() if isinstance(modules, (Mapping, ModuleDict)) else modules
+        for key, module in pairs:
+            self[key] = module
+
+    def pop(self, key: str) -> Module:
+        module = self[key]
+        del self[key]
+        return module
+
+    def clear(self) -> None:
+        for key in list(self._modules):
+            del self[key]

@@ -23,7 +23,11 @@ class Module:
     """Base class of layers and models.
 
     Assigning a Parameter or a Module to an attribute registers it, so ``parameters()``,
-    ``state_dict()``, ``to()`` and ``train()/eval()`` reach it.
+    ``state_dict()``, ``to()`` and ``train()/eval()`` reach it; ``del`` unregisters it. A name
+    registered as a parameter then takes only a Parameter or None (a plain Tensor raises a
+    TypeError, as in PyTorch: it would not be trained nor saved), and a name registered as a
+    child module only a Module or None. Layers kept in a Python list or dict are not registered
+    (as in PyTorch): keep them in an ``nn.ModuleList`` or ``nn.ModuleDict``.
     """
 
     def __init__(self):
@@ -34,13 +38,62 @@ class Module:
     def __setattr__(self, name, value):
         if "_parameters" not in self.__dict__:
             raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() before assigning {name!r}")
+        params, modules = self._parameters, self._modules
+        # A registered name keeps its place (re-assigning ``weight`` must not move it after
+        # ``bias`` in named_parameters(), whose order the optimizers' state follows), and None
+        # keeps the slot, which the traversals skip (PyTorch's register_parameter(name, None)).
+        if isinstance(value, Parameter):
+            modules.pop(name, None)
+            params[name] = value
+        elif name in params:
+            if value is not None:
+                raise TypeError(f"{type(self).__name__}: cannot assign {type(value).__name__} as parameter "
+                                f"{name!r} (nn.Parameter or None expected; wrap a Tensor in nn.Parameter)")
+            params[name] = None
+        elif isinstance(value, Module):
+            modules[name] = value
+        elif name in modules:
+            if value is not None:
+                raise TypeError(f"{type(self).__name__}: cannot assign {type(value).__name__} as child module "
+                                f"{name!r} (nn.Module or None expected)")
+            modules[name] = None
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        object.__delattr__(self, name)
         self._parameters.pop(name, None)
         self._modules.pop(name, None)
-        if isinstance(value, Parameter):
-            self._parameters[name] = value
-        elif isinstance(value, Module):
-            self._modules[name] = value
-        object.__setattr__(self, name, value)
+
+    def register_parameter(self, name: str, param) -> None:
+        """Register ``param`` (a Parameter, or None for an empty slot such as a layer's absent
+        bias: it is skipped by parameters() and state_dict(), and takes only a Parameter later)."""
+        self._check_new_name(name, "parameter")
+        if param is not None and not isinstance(param, Parameter):
+            raise TypeError(f"{type(self).__name__}.register_parameter: {name!r} must be an nn.Parameter or None, "
+                            f"got {type(param).__name__}")
+        self._modules.pop(name, None)
+        self._parameters[name] = param
+        object.__setattr__(self, name, param)
+
+    def add_module(self, name: str, module) -> None:
+        """Register ``module`` (a Module, or None) as the child ``name``."""
+        self._check_new_name(name, "module")
+        if module is not None and not isinstance(module, Module):
+            raise TypeError(f"{type(self).__name__}.add_module: {name!r} must be an nn.Module or None, "
+                            f"got {type(module).__name__}")
+        self._parameters.pop(name, None)
+        self._modules[name] = module
+        object.__setattr__(self, name, module)
+
+    def _check_new_name(self, name, kind: str) -> None:
+        # Names become attributes and state_dict keys: a "." would split a key wrongly, and an
+        # existing attribute (a method, "training") would be shadowed.
+        if not isinstance(name, str):
+            raise TypeError(f"{type(self).__name__}: {kind} name must be a str, got {type(name).__name__}")
+        if not name or "." in name:
+            raise KeyError(f"{type(self).__name__}: {kind} name must be non-empty and contain no '.', got {name!r}")
+        if hasattr(self, name) and name not in self._parameters and name not in self._modules:
+            raise KeyError(f"{type(self).__name__}: attribute {name!r} already exists")
 
     def forward(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} must define forward()")
@@ -52,14 +105,15 @@ class Module:
     def named_modules(self, prefix: str = ""):
         yield prefix, self
         for name, module in self._modules.items():
-            yield from module.named_modules(f"{prefix}.{name}" if prefix else name)
+            if module is not None:  # (an empty slot: ``self.sub = None``)
+                yield from module.named_modules(f"{prefix}.{name}" if prefix else name)
 
     def modules(self):
         for _, module in self.named_modules():
             yield module
 
     def children(self):
-        return iter(self._modules.values())
+        return (m for m in self._modules.values() if m is not None)
 
     def named_parameters(self, prefix: str = ""):
         seen = set()
