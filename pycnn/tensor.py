@@ -4,7 +4,9 @@ A Tensor wraps a NumPy array (on the CPU) or a CuPy array (on the GPU). Every di
 operation creates its output with ``Tensor._from_op(data, parents, backward)``, where
 ``backward(grad_output)`` returns one gradient array (or None) per parent. ``Tensor.backward``
 sorts the graph topologically with an explicit stack (no recursion, so a 10,000-op chain is
-fine), walks it in reverse and accumulates gradients with ``+=``. Unless it is given
+fine), walks it in reverse and accumulates gradients with ``+``. A leaf's ``.grad`` is an array of
+the leaf's dtype and shape, C-contiguous, writeable and its own (copied only where the gradient
+that reached it is not; see ``_leaf_grad``), as in PyTorch. Unless it is given
 ``retain_graph=True`` it then frees the nodes it ran (as PyTorch does): a second backward through
 them raises instead of adding the same gradients again.
 """
@@ -123,7 +125,47 @@ def _unbroadcast(grad, shape):
     axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
     if axes:
         grad = grad.sum(axis=axes, keepdims=True)
-    return grad.reshape(shape)
+    # The sums already have ``shape``; reshape only when they do not (a reshape to the same shape
+    # is a view, which Tensor.backward would then copy before giving it to a leaf).
+    return grad if grad.shape == tuple(shape) else grad.reshape(shape)
+
+
+def _memory_owner(array):
+    """(root, owner) of ``array``'s memory: ``root`` is the array at the end of its chain of
+    ``.base`` views, ``owner`` the object that holds the memory (``root`` itself, or a foreign
+    owner such as a pybind11 capsule or Numba's MemInfo). NumPy and CuPy alike."""
+    xp = array_module(array)
+    root = array
+    while isinstance(root.base, xp.ndarray):
+        root = root.base
+    return root, (root if root.base is None else root.base)
+
+
+def _leaf_grad(grad, dtype, claimed: set):
+    """``grad`` as an array a leaf's ``.grad`` may own: of the leaf's ``dtype``, C-contiguous,
+    writeable, and sharing memory with nothing else (the optimizers' native kernels take only
+    such arrays, and an in-place edit of one ``.grad`` must not change another, or the caller's
+    gradient).
+
+    Copies only when ``grad`` is not that already: a view that is not its whole array (a
+    transpose, ``broadcast_to``, a ``split`` piece), another dtype (float64 data times a float32
+    parameter), read-only, or memory already claimed in this backward() (by another leaf, or
+    the caller's ``gradient``). The gradients of conv2d and linear are new contiguous arrays of
+    the parameter's dtype and pass uncopied (the training step's hot path). ``claimed`` holds the
+    ids of the memory owners handed out; each stays alive (held by a ``.grad`` or by the seed)
+    until backward() returns, so the ids cannot be reused meanwhile. (This trusts a backward
+    function to return new arrays or views of its gradient, never an array it keeps.)
+    """
+    root, owner = _memory_owner(grad)
+    owned = (grad.dtype == dtype and grad.flags.c_contiguous
+             and getattr(grad.flags, "writeable", True)  # (CuPy arrays have no such flag: always writeable)
+             and grad.nbytes == root.nbytes  # the whole array, e.g. a reshape of a new one
+             and id(owner) not in claimed)
+    if not owned:
+        grad = array_module(grad).array(grad, dtype=dtype, order="C", copy=True)
+        owner = grad
+    claimed.add(id(owner))
+    return grad
 
 
 # ----------------------------------------------------------------------------- Tensor
@@ -253,6 +295,10 @@ class Tensor:
     def backward(self, gradient=None, retain_graph: bool = False) -> None:
         """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires grad.
 
+        Each ``leaf.grad`` holds an array of the leaf's dtype, C-contiguous, writeable and shared
+        with no other leaf nor with ``gradient`` (safe to edit in place, and what the optimizers'
+        native kernels take); an existing ``.grad`` is replaced by a new array holding the sum.
+
         Args:
             gradient: the gradient of some scalar with respect to this tensor; may be omitted
                 only when this tensor has one element (it then defaults to 1).
@@ -289,6 +335,9 @@ class Tensor:
             if node._backward is _freed_backward:
                 raise RuntimeError(_FREED_MESSAGE.format(op=node._op))
         grads = {id(self): seed}
+        # Memory already given to a leaf's .grad in this call (and the caller's gradient, which
+        # stays the caller's): see _leaf_grad.
+        claimed = set() if seed is _UNIT else {id(_memory_owner(seed)[1])}
         for node in reversed(order):
             grad = grads.pop(id(node), None)
             if grad is None:
@@ -296,9 +345,11 @@ class Tensor:
             if node._backward is None:  # a leaf: accumulate into .grad
                 if node.requires_grad:
                     if node.grad is None:
-                        node.grad = Tensor(grad.copy() if grad is seed else grad)
+                        node.grad = Tensor(_leaf_grad(grad, node.data.dtype, claimed))
                     else:
-                        node.grad.data = node.grad.data + grad
+                        # A new array (the sum), so the old .grad, which the caller may still
+                        # hold, is left as it was; _leaf_grad keeps the leaf's dtype.
+                        node.grad.data = _leaf_grad(node.grad.data + grad, node.data.dtype, claimed)
                 continue
             parent_grads = node._backward.unit_gradient() if grad is _UNIT else node._backward(grad)
             for parent, pgrad in zip(node._parents, parent_grads):
@@ -392,7 +443,13 @@ class Tensor:
             raise TypeError("pow: only a Python number exponent is supported")
         a = self.data
         e = a.dtype.type(exponent) if a.dtype.kind == "f" else exponent
-        return Tensor._from_op(a ** e, (self,), lambda g: (g * e * a ** (e - 1),), "pow")
+
+        def backward(g):
+            if e == 0:  # x ** 0 is constant: 0 * (0 ** -1) = 0 * inf was NaN at x = 0 (PyTorch: 0)
+                return (array_module(a).zeros(a.shape, dtype=g.dtype),)
+            return (g * e * a ** (e - 1),)  # (e = 1: a ** 0 is 1 everywhere, 0 included)
+
+        return Tensor._from_op(a ** e, (self,), backward, "pow")
 
     def __matmul__(self, other):
         a = self.data

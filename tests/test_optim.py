@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 
+import pycnn
 from pycnn import nn, optim
 
 
@@ -260,3 +261,159 @@ def test_load_state_dict_refuses_what_does_not_fit():
     assert swapped.state == {}  # nothing changed
     with pytest.raises(ValueError, match=r"expected a dict with 'state' and 'param_groups'"):
         opt.load_state_dict([1, 2])
+
+
+NATIVE = pytest.mark.skipif(not pycnn.backends.status("native")[0], reason="no native backend")
+
+
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("native", marks=NATIVE)])
+@pytest.mark.parametrize("make", [lambda ps: optim.Adam(ps, lr=0.1), lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9)],
+                         ids=["adam", "sgd"])
+def test_steps_take_the_gradients_of_transposed_broadcast_and_mixed_dtype_graphs(backend, make):
+    """The native optimizers refused a custom layer's ``x @ w.T + b`` (w.grad a transposed view),
+    ``w.sum()`` (a broadcast view) and a float32 parameter times float64 data (a float64 .grad);
+    NumPy stepped them. Backward now leaves .grad contiguous and of the parameter's dtype, and
+    every backend takes the same step."""
+    from pycnn import Tensor
+
+    rng = np.random.default_rng(0)
+    x32 = rng.standard_normal((5, 3)).astype(np.float32)
+    x64 = rng.standard_normal((4, 2))
+
+    def run(name):
+        pycnn.set_backend(name)
+        w = nn.Parameter(np.arange(6, dtype=np.float32).reshape(2, 3) / 10)
+        b = nn.Parameter(np.zeros(2, np.float32))
+        s = nn.Parameter(np.ones((1, 2), np.float32))
+        opt = make([w, b, s])
+        for _ in range(2):
+            opt.zero_grad()
+            ((Tensor(x32) @ w.T + b) ** 2).mean().backward()
+            w.sum().backward()
+            ((Tensor(x64) * s).sum(1)).mean().backward()
+            assert w.grad.dtype == s.grad.dtype == np.float32
+            opt.step()
+        return [p.numpy().copy() for p in (w, b, s)]
+
+    for got, want in zip(run(backend), run("numpy")):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def _torch_sgd_run(torch, values, grads, **hyper):
+    params = [torch.nn.Parameter(torch.tensor(v)) for v in values]
+    opt = torch.optim.SGD(params, **hyper)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = torch.tensor(g)
+        opt.step()
+    return params, opt
+
+
+def test_sgd_loads_pytorchs_state_dict_and_continues_as_pytorch():
+    """PyTorch's SGD(momentum) state holds the momentum buffer alone; loaded here, the next step
+    took the parameter for a new one and reset the buffer to the gradient (0.24 off PyTorch after
+    three steps). A buffer without a count now means "has stepped"."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    values = [rng.standard_normal((3, 4)), rng.standard_normal(4)]
+    grads = [[rng.standard_normal((3, 4)), rng.standard_normal(4)] for _ in range(5)]
+    hyper = dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01)
+    t_params, t_opt = _torch_sgd_run(torch, values, grads[:2], **hyper)
+    saved = t_opt.state_dict()
+    assert set(saved["state"][0]) == {"momentum_buffer"}  # (PyTorch's layout: no count)
+    converted = {"state": {i: {k: v.numpy() for k, v in entry.items()} for i, entry in saved["state"].items()},
+                 "param_groups": saved["param_groups"]}
+    params = [nn.Parameter(p.detach().numpy().copy()) for p in t_params]
+    opt = optim.SGD(params, **hyper)
+    opt.load_state_dict(converted)
+    _steps(opt, params, grads[2:])
+    for step_grads in grads[2:]:
+        for p, g in zip(t_params, step_grads):
+            p.grad = torch.tensor(g)
+        t_opt.step()
+    for p, q in zip(params, t_params):
+        np.testing.assert_allclose(p.numpy(), q.detach().numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_sgd_without_momentum_keeps_no_state_as_pytorch():
+    """SGD without momentum saved {'steps': n} per parameter where PyTorch saves nothing; a step
+    count kept through momentum-free steps would also skip the buffer's first-step set-up when
+    momentum is switched on later (PyTorch sets the buffer to the gradient then)."""
+    params = _two_layer_params(0)
+    opt = optim.SGD(params, lr=0.1, dampening=0.5)
+    grads = [[np.ones((3, 4), np.float32), np.ones(4, np.float32)]] * 2
+    _steps(opt, params, grads)
+    assert opt.state_dict()["state"] == {}
+    opt.param_groups[0]["momentum"] = 0.5
+    before = params[1].numpy().copy()
+    _steps(opt, params, grads[:1])
+    # The first step with momentum sets the buffer to the gradient (1), as PyTorch's; taken for a
+    # later step, it was 0.5 * 0 + (1 - dampening) * 1 = 0.5.
+    np.testing.assert_allclose(params[1].numpy(), before - np.float32(0.1))
+    assert opt.state_dict()["state"][1]["steps"] == 1
+    np.testing.assert_array_equal(opt.state_dict()["state"][1]["momentum_buffer"], np.ones(4))
+
+
+def test_adam_loads_pytorchs_state_dict_with_its_tensor_step():
+    """PyTorch's Adam keeps ``step`` as a 0-d tensor: loaded as the int count (it was taken for a
+    buffer and refused for its shape)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    values = [rng.standard_normal((3, 4)), rng.standard_normal(4)]
+    grads = [[rng.standard_normal((3, 4)), rng.standard_normal(4)] for _ in range(5)]
+    t_params = [torch.nn.Parameter(torch.tensor(v)) for v in values]
+    t_opt = torch.optim.Adam(t_params, lr=0.05, betas=(0.8, 0.9))
+    for step_grads in grads:
+        for p, g in zip(t_params, step_grads):
+            p.grad = torch.tensor(g)
+        if step_grads is grads[2]:
+            saved = t_opt.state_dict()
+            converted = {"state": {i: {k: v.numpy() for k, v in e.items()} for i, e in saved["state"].items()},
+                         "param_groups": saved["param_groups"]}
+            params = [nn.Parameter(p.detach().numpy().copy()) for p in t_params]
+            opt = optim.Adam(params, lr=0.05, betas=(0.8, 0.9))
+            opt.load_state_dict(converted)
+            assert opt.state[id(params[0])]["step"] == 2 and type(opt.state[id(params[0])]["step"]) is int
+        t_opt.step()
+    _steps(opt, params, grads[2:])
+    for p, q in zip(params, t_params):
+        np.testing.assert_allclose(p.numpy(), q.detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: optim.Adam(p, betas=0.9), r"Adam: betas must be a pair of numbers in \[0, 1\), got 0\.9"),
+    (lambda p: optim.AdamW(p, betas=(0.9, float("nan"))), r"AdamW: betas must be a pair of numbers in \[0, 1\)"),
+    (lambda p: optim.Adam(p, betas=(0.9, 0.99, 0.999)), r"Adam: betas must be a pair"),
+    (lambda p: optim.Adam(p, eps=float("nan")), r"Adam: eps must be a finite number > 0, got nan"),
+    (lambda p: optim.SGD(p, lr=0.1, momentum=0.9, dampening=float("nan")),
+     r"SGD: dampening must be a finite number >= 0, got nan"),
+    (lambda p: optim.StepLR(optim.SGD(p, lr=0.1), step_size=2.5),
+     r"StepLR: step_size must be an integer >= 1, got 2\.5"),
+    (lambda p: optim.StepLR(optim.SGD(p, lr=0.1), step_size=0), r"StepLR: step_size must be an integer >= 1, got 0"),
+    (lambda p: optim.CosineAnnealingLR(optim.SGD(p, lr=0.1), T_max=2.5),
+     r"CosineAnnealingLR: T_max must be an integer >= 1, got 2\.5"),
+    (lambda p: optim.OneCycleLR(optim.SGD(p, lr=0.1), max_lr=0.1, total_steps=10.0),
+     r"OneCycleLR: total_steps must be an integer >= 1, got 10\.0"),
+    (lambda p: optim.OneCycleLR(optim.SGD(p, lr=0.1), max_lr=0.1, total_steps=True), r"total_steps must be an integer"),
+    (lambda p: optim.OneCycleLR(optim.SGD(p, lr=0.1, momentum=0.9), max_lr=0.1, total_steps=10,
+                                base_momentum=float("nan")), r"OneCycleLR: base_momentum must be a number in \[0, 1\)"),
+])
+def test_arguments_that_failed_late_or_silently_are_refused(make, message):
+    """betas=0.9 failed with "'float' object is not subscriptable"; SGD's dampening and Adam's eps
+    took NaN (NaN parameters after a step or two); StepLR(step_size=2.5) trained with 2; OneCycleLR
+    passed a NaN momentum on to the optimizer."""
+    params = nn.Linear(3, 2).parameters()
+    with pytest.raises(ValueError, match=message):
+        make(params)
+    optim.StepLR(optim.SGD(params, lr=0.1), step_size=np.int64(2))  # (NumPy integers are integers)
+
+
+def test_load_state_dict_names_the_missing_key():
+    opt = optim.SGD(_two_layer_params(0), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"SGD.load_state_dict: the dict has no 'param_groups' key .*"
+                                         r"its keys: \['state'\]"):
+        opt.load_state_dict({"state": {}})
+    with pytest.raises(ValueError, match=r"the dict has no 'state' and no 'param_groups' key"):
+        opt.load_state_dict({})
+    with pytest.raises(ValueError, match=r"parameter group 0 of the saved state is not a dict with a 'params' list"):
+        opt.load_state_dict({"state": {}, "param_groups": [{"lr": 0.1}]})

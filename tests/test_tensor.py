@@ -250,3 +250,99 @@ def test_a_tensor_of_what_no_op_takes_is_refused(data):
     with pytest.raises(TypeError, match="a Tensor holds bool, integer or float data, got dtype"):
         Tensor(data)
     assert Tensor([1, 2]).dtype == np.int64 and Tensor(np.zeros(2, bool)).dtype == np.bool_
+
+
+def _owned(array, dtype):
+    """What every leaf's .grad must be: the leaf's dtype, C-contiguous, writeable, its own memory."""
+    return (array.dtype == dtype and array.flags.c_contiguous and array.flags.writeable
+            and (array.base is None or array.nbytes == array.base.nbytes))
+
+
+def test_leaf_grads_are_their_own_writeable_contiguous_arrays_of_the_leaf_dtype():
+    """x.sum() left x.grad a read-only broadcast view (strides 0); ((a+b)*c) gave a and b one array
+    (an in-place clip per parameter ran twice); backward(g) through a reshape made x.grad an alias
+    of the caller's g; x @ w.T left w.grad a transposed view (the native optimizers refused it); a
+    float32 parameter times float64 data got a float64 .grad. PyTorch gives each leaf its own."""
+    x = t64(np.ones((2, 3)))
+    x.sum().backward()
+    assert _owned(x.grad.data, np.float64)
+    x.grad.data *= 2  # (raised "assignment destination is read-only")
+    np.testing.assert_array_equal(x.grad.numpy(), np.full((2, 3), 2.0))
+
+    a, b, c = t64([1.0, 2.0]), t64([3.0, 4.0]), t64([5.0, 6.0])
+    ((a + b) * c).sum().backward()
+    assert not np.shares_memory(a.grad.data, b.grad.data)
+    a.grad.data[:] = 0
+    np.testing.assert_array_equal(b.grad.numpy(), [5.0, 6.0])
+
+    x, g = t64(np.zeros((3, 1))), np.array([1.0, 2.0, 3.0])
+    x.reshape(3).backward(g)
+    assert not np.shares_memory(x.grad.data, g) and _owned(x.grad.data, np.float64)
+    x2 = t64([1.0, 2.0, 3.0])
+    (x2 + 0.0).backward(g)  # (the caller's array itself reaches the leaf)
+    assert not np.shares_memory(x2.grad.data, g)
+
+    w = nn.Parameter(np.ones((2, 3), np.float32))
+    bias = nn.Parameter(np.zeros(2, np.float32))
+    (Tensor(np.ones((4, 3), np.float32)) @ w.T + bias).sum().backward()
+    assert _owned(w.grad.data, np.float32) and _owned(bias.grad.data, np.float32)
+    np.testing.assert_array_equal(w.grad.numpy(), np.full((2, 3), 4.0))
+
+    w = nn.Parameter(np.ones((1, 3), np.float32))
+    data = np.random.default_rng(0).random((4, 3))  # float64
+    ((Tensor(data) * w).sum(1)).mean().backward()
+    assert _owned(w.grad.data, np.float32) and w.grad.shape == (1, 3)
+    np.testing.assert_allclose(w.grad.numpy(), data.mean(0, keepdims=True), rtol=1e-6)
+    ((Tensor(data) * w).sum(1)).mean().backward()  # accumulating keeps the dtype too
+    assert w.grad.dtype == np.float32
+    np.testing.assert_allclose(w.grad.numpy(), 2 * data.mean(0, keepdims=True), rtol=1e-6)
+
+    pieces = [t64([1.0, 2.0]), t64([3.0])]
+    pycnn.concatenate(pieces).sum().backward()  # (split views of one array)
+    assert all(_owned(p.grad.data, np.float64) for p in pieces)
+
+
+def test_leaf_grads_are_copied_only_when_needed(monkeypatch):
+    """The hot path: conv2d and linear return new contiguous gradients of the parameter's dtype,
+    which become .grad as they are (no copy per parameter per step)."""
+    import importlib
+
+    tensor_module = importlib.import_module("pycnn.tensor")  # (pycnn.tensor is also the function)
+    copies = []
+    inner = tensor_module._leaf_grad
+
+    def counting(grad, dtype, claimed):
+        out = inner(grad, dtype, claimed)
+        if out is not grad:
+            copies.append(grad.shape)
+        return out
+
+    monkeypatch.setattr(tensor_module, "_leaf_grad", counting)
+    backends = [name for name in ("numpy", "native") if pycnn.backends.status(name)[0]]
+    for backend in backends:
+        pycnn.set_backend(backend)
+        pycnn.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 5))
+        x = Tensor(np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32))
+        pycnn.functional.cross_entropy(model(x), np.array([1, 3])).backward()
+        assert copies == [], backend
+        assert all(_owned(p.grad.data, np.float32) for p in model.parameters())
+        model(x).sum().backward()  # (accumulating: the sum is new, no copy either)
+        assert copies == [], backend
+    x = t64([1.0, 2.0])
+    (x * 2.0).sum().backward()  # (a new array from the multiply: not copied)
+    x.sum().backward()  # (a broadcast view: summed into the existing .grad, not copied)
+    assert copies == []
+    t64([1.0, 2.0]).sum().backward()
+    assert copies == [(2,)]  # (the read-only broadcast view on its own)
+
+
+def test_power_zero_and_one_have_finite_gradients_at_zero():
+    """x ** 0 had a NaN gradient at x = 0 (0 * 0 ** -1); PyTorch's is 0."""
+    x = t64([0.0, 2.0])
+    (x ** 0).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [0.0, 0.0])
+    for exponent, expected in ((1, [1.0, 1.0]), (2, [0.0, 4.0]), (3.0, [0.0, 12.0])):
+        x = t64([0.0, 2.0])
+        (x ** exponent).sum().backward()
+        np.testing.assert_array_equal(x.grad.numpy(), expected)

@@ -16,6 +16,13 @@ def _check_positive(owner: str, name: str, value) -> None:
         raise ValueError(f"{owner}: {name} must be a finite number > 0, got {value!r}")
 
 
+def _check_count(owner: str, name: str, value) -> None:
+    """A number of steps or epochs: an integer >= 1 (StepLR(step_size=2.5) was cut to 2 without a
+    word; bool is refused too, although Python counts it as an int)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value!r}")
+
+
 class LRScheduler:
     def __init__(self, optimizer):
         self.optimizer = optimizer
@@ -49,8 +56,7 @@ class StepLR(LRScheduler):
     """lr = base_lr * gamma ** (epoch // step_size)."""
 
     def __init__(self, optimizer, step_size: int, gamma: float = 0.1):
-        if step_size < 1:
-            raise ValueError(f"StepLR: step_size must be >= 1, got {step_size}")
+        _check_count("StepLR", "step_size", step_size)
         _check_positive("StepLR", "gamma", gamma)
         self.step_size, self.gamma = int(step_size), float(gamma)
         super().__init__(optimizer)
@@ -63,8 +69,7 @@ class CosineAnnealingLR(LRScheduler):
     """lr = eta_min + (base_lr - eta_min) * (1 + cos(pi * t / T_max)) / 2."""
 
     def __init__(self, optimizer, T_max: int, eta_min: float = 0.0):  # noqa: N803 - PyTorch's name
-        if T_max < 1:
-            raise ValueError(f"CosineAnnealingLR: T_max must be >= 1, got {T_max}")
+        _check_count("CosineAnnealingLR", "T_max", T_max)
         if not (math.isfinite(eta_min) and eta_min >= 0):
             raise ValueError(f"CosineAnnealingLR: eta_min must be a finite number >= 0, got {eta_min!r}")
         self.T_max, self.eta_min = int(T_max), float(eta_min)
@@ -87,8 +92,7 @@ class OneCycleLR(LRScheduler):
     def __init__(self, optimizer, max_lr, total_steps: int, pct_start: float = 0.3,
                  anneal_strategy: str = "cos", div_factor: float = 25.0, final_div_factor: float = 1e4,
                  cycle_momentum: bool = True, base_momentum: float = 0.85, max_momentum: float = 0.95):
-        if total_steps < 1:
-            raise ValueError(f"OneCycleLR: total_steps must be >= 1, got {total_steps}")
+        _check_count("OneCycleLR", "total_steps", total_steps)
         if not 0.0 < pct_start < 1.0:
             raise ValueError(f"OneCycleLR: pct_start must be in (0, 1), got {pct_start}")
         if anneal_strategy not in ("cos", "linear"):
@@ -100,6 +104,10 @@ class OneCycleLR(LRScheduler):
         for name, value in [("max_lr", v) for v in max_lrs] + [("div_factor", div_factor),
                                                                 ("final_div_factor", final_div_factor)]:
             _check_positive("OneCycleLR", name, value)
+        if cycle_momentum:  # (they become SGD's momentum or Adam's beta1 unchecked: NaN made NaN parameters)
+            for name, value in (("base_momentum", base_momentum), ("max_momentum", max_momentum)):
+                if not (isinstance(value, numbers.Real) and 0.0 <= value < 1.0):
+                    raise ValueError(f"OneCycleLR: {name} must be a number in [0, 1), got {value!r}")
         self.total_steps = int(total_steps)
         self.anneal = self._cos if anneal_strategy == "cos" else self._linear
         self.cycle_momentum = cycle_momentum

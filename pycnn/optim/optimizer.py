@@ -79,9 +79,19 @@ class Optimizer:
         """The optimizer's state, on the host, in PyTorch's layout.
 
         ``{"state": {i: {name: array or number}}, "param_groups": [{hyper-parameters, "params":
-        [i, ...]}]}``, where ``i`` numbers the parameters across the groups in order. Arrays are
-        NumPy copies (moment buffers); numbers are step counts. Parameters that have not stepped
-        yet have no entry.
+        [i, ...]}]}``, where ``i`` numbers the parameters across the groups in order. Parameters
+        that have not stepped yet have no entry. The state's names are PyTorch's (``exp_avg``,
+        ``exp_avg_sq``, ``step``; ``momentum_buffer``). What differs from PyTorch's:
+
+        - buffers are NumPy arrays (copies), not tensors;
+        - step counts are Python ints (PyTorch's Adam keeps ``step`` as a 0-d float tensor;
+          :meth:`load_state_dict` takes either);
+        - SGD with momentum adds ``steps``, the number of steps that used the momentum buffer (the
+          first one sets the buffer to the gradient; PyTorch tells that step by the buffer being
+          absent, but here ``init_state`` creates the buffers before any step). SGD without
+          momentum stores nothing, as PyTorch's;
+        - each group holds this optimizer's hyper-parameters plus ``initial_lr`` (and OneCycleLR's
+          keys when one drives it), not PyTorch's flags (``foreach``, ``maximize``...).
         """
         state, groups, index = {}, [], 0
         for group in self.param_groups:
@@ -102,20 +112,35 @@ class Optimizer:
         same order): the hyper-parameters of every group, step counts and buffers, each buffer
         moved to its parameter's device and dtype.
 
+        PyTorch's layout loads too: a step count may be a 0-d array or tensor, a ``None`` buffer
+        (PyTorch's "none yet") is left out, and SGD takes a ``momentum_buffer`` without ``steps``
+        as that of a parameter that has stepped (see :meth:`state_dict`).
+
         Raises:
-            ValueError: the groups or their parameter counts differ, or a buffer's shape does not
-                match its parameter; nothing is changed then.
+            ValueError: the dict lacks 'state' or 'param_groups', the groups or their parameter
+                counts differ, or a buffer's shape does not match its parameter; nothing is
+                changed then.
         """
         owner = f"{type(self).__name__}.load_state_dict"
-        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-        if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict):
+        if not isinstance(state_dict, dict):
             raise ValueError(f"{owner}: expected a dict with 'state' and 'param_groups' (from state_dict()), "
                              f"got {type(state_dict).__name__}")
+        missing = [key for key in ("state", "param_groups") if key not in state_dict]
+        if missing:
+            raise ValueError(f"{owner}: the dict has no {' and no '.join(map(repr, missing))} key (state_dict() "
+                             f"gives 'state' and 'param_groups'); its keys: {sorted(map(str, state_dict))}")
+        groups = state_dict["param_groups"]
+        if not isinstance(groups, list) or not isinstance(state_dict["state"], dict):
+            raise ValueError(f"{owner}: 'state' must be a dict and 'param_groups' a list, got "
+                             f"{type(state_dict['state']).__name__} and {type(groups).__name__}")
         if len(groups) != len(self.param_groups):
             raise ValueError(f"{owner}: the saved state has {len(groups)} parameter groups, this optimizer "
                              f"{len(self.param_groups)}")
         params = []
         for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if not isinstance(saved, dict) or "params" not in saved:
+                raise ValueError(f"{owner}: parameter group {gi} of the saved state is not a dict with a 'params' "
+                                 f"list")
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"{owner}: parameter group {gi} has {len(saved['params'])} parameters in the "
                                  f"saved state, {len(group['params'])} here")
@@ -127,7 +152,11 @@ class Optimizer:
                 continue
             entry = {}
             for name, value in saved.items():
-                if hasattr(value, "shape"):
+                if value is None:  # (older PyTorch SGDs saved momentum_buffer=None: "no buffer yet")
+                    continue
+                if name in ("step", "steps"):  # a count: int, also from PyTorch's 0-d tensor
+                    value = int(value)
+                elif hasattr(value, "shape"):
                     if tuple(value.shape) != p.shape:
                         raise ValueError(f"{owner}: state {name!r} of parameter {index} has shape "
                                          f"{tuple(value.shape)}, the parameter {p.shape}")
@@ -223,11 +252,16 @@ class Optimizer:
 
 
 class SGD(Optimizer):
-    """Stochastic gradient descent with PyTorch's momentum / Nesterov / weight-decay semantics."""
+    """Stochastic gradient descent with PyTorch's momentum / Nesterov / weight-decay semantics.
+
+    A parameter's state (with momentum): ``momentum_buffer`` and ``steps``, the number of steps
+    that used the buffer (the first sets it to the gradient). Without momentum: nothing.
+    """
 
     def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False):
-        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+        for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening),
+                            ("weight_decay", weight_decay)):
             _check_number("SGD", name, value)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("SGD: nesterov needs momentum > 0 and dampening == 0")
@@ -238,6 +272,15 @@ class SGD(Optimizer):
 
     def _state_names(self, group) -> tuple:
         return ("momentum_buffer",) if group["momentum"] else ()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # PyTorch's SGD saves the momentum buffer alone: it exists once the parameter has stepped.
+        # Without a count the next step would take it for the first and reset the buffer to the
+        # gradient; any count > 0 means "stepped" (the true one is not known).
+        for st in self.state.values():
+            if "momentum_buffer" in st and "steps" not in st:
+                st["steps"] = 1
 
     def prepare_step(self) -> None:
         from pycnn.backends import cuda
@@ -254,8 +297,9 @@ class SGD(Optimizer):
                 raise ValueError("SGD (device hyper-parameters): some parameters of a group have stepped and "
                                  "some not; a single launch needs them to start together")
             hyper.write(cuda.sgd_hyperparams(group["lr"], group["momentum"], group["dampening"], first))
-            for st in states:
-                st["steps"] = st.get("steps", 0) + 1
+            if group["momentum"]:  # (steps counts the steps that used the buffer; none without momentum)
+                for st in states:
+                    st["steps"] = st.get("steps", 0) + 1
 
     def launch_step(self) -> None:
         from pycnn.backends import cuda
@@ -290,8 +334,9 @@ class SGD(Optimizer):
                     be.sgd_step([params[i].data for i in idx], [params[i].grad.data for i in idx],
                                 [buffers[i] for i in idx], group["lr"], group["momentum"], group["dampening"],
                                 group["weight_decay"], group["nesterov"], flag)
-                for st in states:
-                    st["steps"] = st.get("steps", 0) + 1
+                if group["momentum"]:  # (a step without momentum leaves the buffer, as PyTorch's)
+                    for st in states:
+                        st["steps"] = st.get("steps", 0) + 1
 
 
 class Adam(Optimizer):
@@ -301,12 +346,15 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
-        for name, value in (("lr", lr), ("weight_decay", weight_decay)):
-            _check_number(type(self).__name__, name, value)
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"{type(self).__name__}: betas must be in [0, 1), got {betas}")
-        if eps <= 0:
-            raise ValueError(f"{type(self).__name__}: eps must be > 0, got {eps}")
+        name = type(self).__name__
+        for arg, value in (("lr", lr), ("weight_decay", weight_decay)):
+            _check_number(name, arg, value)
+        # (betas=0.9 failed with "'float' object is not subscriptable"; NaN fails "0 <= b" and is refused)
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(isinstance(b, numbers.Real) and 0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"{name}: betas must be a pair of numbers in [0, 1), got {betas!r}")
+        if not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps > 0):  # (NaN passed "eps <= 0")
+            raise ValueError(f"{name}: eps must be a finite number > 0, got {eps!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     _HYPER_SIZE = 5  # cuda.ADAM_HYPER

@@ -69,3 +69,33 @@ def test_dlpack_and_devices():
         F.conv2d(Tensor(np.ones((1, 1, 4, 4), np.float32), device="cuda"), Tensor(np.ones((1, 1, 3, 3), np.float32)))
     model = pycnn.models.FastMNIST().to("cuda")
     assert model.device == "cuda" and model.cpu().device == "cpu"
+
+
+@pytest.mark.parametrize("model_name", ["mnistcnn", "fastmnist", "lenet5"])
+def test_gpu_parameter_gradients_become_grad_without_a_copy(monkeypatch, model_name):
+    """The CUDA backend's conv / linear / fused gradients are new contiguous arrays of the
+    parameter's dtype, so Tensor.backward hands them to .grad as they are (a view of a larger
+    workspace would be copied once per parameter per step: an extra kernel in every step)."""
+    import importlib
+
+    from pycnn import models
+
+    tensor_module = importlib.import_module("pycnn.tensor")
+    copies = []
+    inner = tensor_module._leaf_grad
+
+    def counting(grad, dtype, claimed):
+        out = inner(grad, dtype, claimed)
+        if out is not grad:
+            copies.append(grad.shape)
+        return out
+
+    monkeypatch.setattr(tensor_module, "_leaf_grad", counting)
+    pycnn.manual_seed(0)
+    model = models.get_model(model_name).to("cuda")
+    x = Tensor(np.random.default_rng(0).standard_normal((64, 1, 28, 28)).astype(np.float32), device="cuda")
+    y = move_array(np.random.default_rng(1).integers(0, 10, 64).astype(np.int32), "cuda")
+    F.cross_entropy(model(x), y).backward()
+    assert copies == [], f"{model_name}: gradients copied on their way to .grad: {copies}"
+    for p in model.parameters():
+        assert p.grad.data.flags.c_contiguous and p.grad.data.dtype == p.data.dtype
