@@ -71,3 +71,23 @@ def _reference_backend():
     backends.set_backend("numpy")
     yield
     backends._cpu_backend_name = previous
+
+
+@pytest.fixture
+def leaf_grad_copies(monkeypatch) -> list:
+    """The shapes of the gradients Tensor.backward had to copy on their way to a leaf's .grad
+    (pycnn.tensor._leaf_grad: a view, another dtype, shared memory), appended as they happen."""
+    import importlib
+
+    tensor_module = importlib.import_module("pycnn.tensor")  # (pycnn.tensor is also the function)
+    copies = []
+    inner = tensor_module._leaf_grad
+
+    def counting(grad, dtype, claimed):
+        out = inner(grad, dtype, claimed)
+        if out is not grad:
+            copies.append(grad.shape)
+        return out
+
+    monkeypatch.setattr(tensor_module, "_leaf_grad", counting)
+    return copies

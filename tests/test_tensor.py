@@ -302,22 +302,10 @@ def test_leaf_grads_are_their_own_writeable_contiguous_arrays_of_the_leaf_dtype(
     assert all(_owned(p.grad.data, np.float64) for p in pieces)
 
 
-def test_leaf_grads_are_copied_only_when_needed(monkeypatch):
+def test_leaf_grads_are_copied_only_when_needed(leaf_grad_copies):
     """The hot path: conv2d and linear return new contiguous gradients of the parameter's dtype,
     which become .grad as they are (no copy per parameter per step)."""
-    import importlib
-
-    tensor_module = importlib.import_module("pycnn.tensor")  # (pycnn.tensor is also the function)
-    copies = []
-    inner = tensor_module._leaf_grad
-
-    def counting(grad, dtype, claimed):
-        out = inner(grad, dtype, claimed)
-        if out is not grad:
-            copies.append(grad.shape)
-        return out
-
-    monkeypatch.setattr(tensor_module, "_leaf_grad", counting)
+    copies = leaf_grad_copies
     backends = [name for name in ("numpy", "native") if pycnn.backends.status(name)[0]]
     for backend in backends:
         pycnn.set_backend(backend)
