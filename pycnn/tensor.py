@@ -130,6 +130,21 @@ def _unbroadcast(grad, shape):
     return grad if grad.shape == tuple(shape) else grad.reshape(shape)
 
 
+def _check_axis(op: str, axis, ndim: int, tuples: bool = True) -> None:
+    """``axis`` of a reduction: None, an int (or with ``tuples`` a tuple of ints) within
+    [-ndim, ndim); NumPy's own error ("tuple index out of range") named neither op nor axis."""
+    if axis is None:
+        return
+    axes = axis if tuples and isinstance(axis, tuple) else (axis,)
+    for ax in axes:
+        if isinstance(ax, bool) or not isinstance(ax, (int, np.integer)):
+            kinds = "an int or a tuple of ints" if tuples else "an int"
+            raise TypeError(f"{op}: axis must be None or {kinds}, got {axis!r}")
+        if not -ndim <= ax < ndim:
+            raise IndexError(f"{op}: axis {ax} is out of range for a {ndim}-D tensor "
+                             f"(expected {-ndim} to {ndim - 1})")
+
+
 def _memory_owner(array):
     """(root, owner) of ``array``'s memory: ``root`` is the array at the end of its chain of
     ``.base`` views, ``owner`` the object that holds the memory (``root`` itself, or a foreign
@@ -460,6 +475,11 @@ class Tensor:
             raise ValueError(f"matmul: inner dimensions differ: {a.shape} @ {b.shape}")
         return Tensor._from_op(a @ b, (self, bt), lambda g: (g @ b.T, a.T @ g if bt is not None else None), "matmul")
 
+    def __rmatmul__(self, other):
+        """``array @ tensor``: NumPy defers to it (``__array_priority__``); the array is a constant."""
+        b, _ = self._operand(other, "matmul")
+        return Tensor(b).__matmul__(self)
+
     # -- comparisons (no gradient)
     def _compare(self, other, fn):
         other_data = other.data if isinstance(other, Tensor) else other
@@ -521,6 +541,7 @@ class Tensor:
     def sum(self, axis=None, keepdims: bool = False):
         a = self.data
         xp = array_module(a)
+        _check_axis("sum", axis, a.ndim)
 
         def backward(g):
             if axis is not None and not keepdims:
@@ -531,6 +552,7 @@ class Tensor:
 
     def mean(self, axis=None, keepdims: bool = False):
         a = self.data
+        _check_axis("mean", axis, a.ndim)
         count = a.size if axis is None else int(np.prod([a.shape[i] for i in np.atleast_1d(axis)]))
         return self.sum(axis=axis, keepdims=keepdims) * (1.0 / count)
 
@@ -538,6 +560,7 @@ class Tensor:
         """Maximum; the gradient goes to the (first) maximal element."""
         a = self.data
         xp = array_module(a)
+        _check_axis("max", axis, a.ndim, tuples=False)
         if axis is None:
             flat_index = int(a.argmax())
             y = a.reshape(-1)[flat_index]
@@ -560,6 +583,7 @@ class Tensor:
         return Tensor._from_op(y if keepdims else y.squeeze(axis), (self,), backward, "max")
 
     def argmax(self, axis=None) -> "Tensor":
+        _check_axis("argmax", axis, self.data.ndim, tuples=False)
         return Tensor(self.data.argmax(axis=axis))
 
     # -- shape

@@ -334,3 +334,17 @@ def test_power_zero_and_one_have_finite_gradients_at_zero():
         x = t64([0.0, 2.0])
         (x ** exponent).sum().backward()
         np.testing.assert_array_equal(x.grad.numpy(), expected)
+
+
+def test_reductions_name_a_bad_axis_and_arrays_matmul_from_the_left():
+    """x.mean(axis=5) said "tuple index out of range"; ndarray @ Tensor had no __rmatmul__."""
+    x = Tensor(np.ones((2, 3), np.float32), requires_grad=True)
+    for op in ("sum", "mean", "max", "argmax"):
+        with pytest.raises(IndexError, match=rf"^{op}: axis 5 is out of range for a 2-D tensor \(expected -2 to 1\)$"):
+            getattr(x, op)(axis=5)
+    with pytest.raises(TypeError, match=r"^max: axis must be None or an int, got \(0, 1\)$"):
+        x.max(axis=(0, 1))
+    np.testing.assert_array_equal(x.sum(axis=(0, -1)).numpy(), 6.0)
+    a = np.arange(8, dtype=np.float32).reshape(4, 2)
+    (a @ x).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), np.repeat(a.sum(axis=0)[:, None], 3, axis=1))
