@@ -196,6 +196,13 @@ class Tensor:
     """
 
     __array_priority__ = 1000  # so ndarray <op> Tensor defers to Tensor's reflected operator
+    # Bumped by the optimizers each time they update this tensor's array in place. A node records
+    # the versions of the parameters it used, and backward() refuses a graph whose parameters
+    # changed since (PyTorch's "modified by an inplace operation"): the closures hold the arrays
+    # themselves, so the gradients would silently come from the updated weights. (Optimizer.step
+    # bumps it; a CUDA-graph replay updates on the device without Python and does not.)
+    _version = 0
+    _saved_versions: tuple = ()
 
     def __init__(self, data, requires_grad: bool = False, dtype=None, device=None):
         array = _as_array(data, dtype)
@@ -221,6 +228,9 @@ class Tensor:
         out._parents = tuple(parents) if needs else ()
         out._backward = backward if needs else None
         out._op = op
+        if needs:  # the versions of the parameters this op used (see _version)
+            out._saved_versions = tuple((p, p._version) for p in parents
+                                        if p is not None and p.requires_grad and p._backward is None)
         return out
 
     # -- basic properties
@@ -349,6 +359,12 @@ class Tensor:
         for node in order:
             if node._backward is _freed_backward:
                 raise RuntimeError(_FREED_MESSAGE.format(op=node._op))
+            for leaf, version in node._saved_versions:
+                if leaf._version != version:
+                    raise RuntimeError(
+                        f"backward: a parameter of shape {leaf.shape} that the '{node._op}' node used was modified "
+                        f"in place after the forward pass (an optimizer step): its gradient would come from the "
+                        f"new values. Call backward() before optimizer.step(), or run a new forward pass.")
         grads = {id(self): seed}
         # Memory already given to a leaf's .grad in this call (and the caller's gradient, which
         # stays the caller's): see _leaf_grad.
@@ -383,6 +399,7 @@ class Tensor:
                 # unique). On the GPU this is stream-ordered like any other free.
                 node._backward = _freed_backward
                 node._parents = ()
+                node._saved_versions = ()
 
     def _topological_order(self) -> list:
         """Nodes in an order where every node comes after all of its parents (iterative DFS)."""

@@ -348,3 +348,22 @@ def test_reductions_name_a_bad_axis_and_arrays_matmul_from_the_left():
     a = np.arange(8, dtype=np.float32).reshape(4, 2)
     (a @ x).sum().backward()
     np.testing.assert_array_equal(x.grad.numpy(), np.repeat(a.sum(axis=0)[:, None], 3, axis=1))
+
+
+def test_backward_after_an_optimizer_step_on_its_parameters_raises():
+    """loss = model(x); opt.step(); loss.backward() computed dx from the updated weights without a
+    word (the closures hold the parameter arrays, which the step changes in place); PyTorch raises."""
+    from pycnn import optim
+
+    layer = nn.Linear(3, 2)
+    opt = optim.SGD(layer.parameters(), lr=0.1)
+    x = Tensor(np.ones((4, 3), np.float32))
+    layer(x).sum().backward()
+    stale = layer(x).sum()
+    opt.step()
+    with pytest.raises(RuntimeError, match=r"backward: a parameter of shape \(2, 3\) that the 'linear' node used was "
+                                           r"modified in place after the forward pass \(an optimizer step\)"):
+        stale.backward()
+    opt.zero_grad()
+    layer(x).sum().backward()  # a new forward after the step is fine
+    opt.step()

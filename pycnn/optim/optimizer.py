@@ -226,6 +226,14 @@ class Optimizer:
         if not self.device_hyperparams:
             raise RuntimeError(f"{type(self).__name__}.{what}: call enable_device_hyperparams() first")
 
+    def _mark_updated(self) -> None:
+        """Bump the version of every parameter this step updates in place, so that a backward()
+        through a graph built before the step refuses to run (see ``Tensor._version``)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p._version += 1
+
     def zero_grad(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
@@ -315,6 +323,7 @@ class SGD(Optimizer):
                                  has_momentum, group["weight_decay"], group["nesterov"])
 
     def step(self) -> None:
+        self._mark_updated()
         if self.device_hyperparams:
             self.prepare_step()
             self.launch_step()
@@ -395,6 +404,7 @@ class Adam(Optimizer):
                                   group["betas"][1], group["eps"], group["weight_decay"], self.decoupled)
 
     def step(self) -> None:
+        self._mark_updated()
         if self.device_hyperparams:
             self.prepare_step()
             self.launch_step()
