@@ -2,7 +2,7 @@
 
 Replaying a graph launches every kernel of the step with one call (~1 µs per kernel instead of
 ~6 µs per Python launch), which is what small models like MnistCNN are bound by. What makes the
-step capturable (see ../shared/DESIGN.md):
+step capturable:
 
 - static shapes and static buffers: each batch is copied into ``static_x`` / ``static_y``
   before the replay, and the step's outputs live in memory the graph owns;

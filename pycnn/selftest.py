@@ -8,7 +8,8 @@ Stages, each time-bounded, each isolated (a failure is recorded and the next sta
   3. per-kernel times on the layer shapes of MnistCNN, LeNet5, FastMNIST and ANCHORS.md, next to
      the NumPy reference of the same op and cuDNN through PyTorch when it imports;
   4. one epoch of FastMNIST on the GPU through ``pycnn.train.run_mnist``.
-The JSON record of DESIGN.md ("GPU verification records") goes to ``--out`` (default
+The JSON record (commit, device, library versions, then each part's results: test outcomes, sanitizer
+reports, kernel timings, the training run) goes to ``--out`` (default
 ``benchmarks/results/gpu-<date>-<shortsha>.json``), written to a temporary file and renamed.
 ``--quick`` skips the sanitizers and the training run.
 """
