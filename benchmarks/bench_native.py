@@ -30,7 +30,7 @@ LAYERS = ["mnistcnn.conv1", "mnistcnn.conv2", "mnistcnn.conv3", "lenet5.conv1", 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds per case")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--layers", nargs="*", default=LAYERS, choices=list(bench.CONV_SHAPES))

@@ -597,7 +597,7 @@ def table(entries) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--json", type=Path, default=None, help="write the record (JSON) here")
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per kernel (5 if slow)")
     parser.add_argument("--budget", type=float, default=100.0,

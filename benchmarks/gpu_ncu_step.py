@@ -38,6 +38,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.winograd:
         os.environ["PYCNN_CONV_WINOGRAD"] = "1"
+    from pycnn.backends import cuda
+
+    ok, reason = cuda.available()
+    if not ok:
+        print(f"CUDA backend unavailable: {reason}", file=sys.stderr)
+        return 2
     import cupy as cp
     import cupyx.profiler
 

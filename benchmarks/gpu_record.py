@@ -1,4 +1,7 @@
-"""Merge one GPU session's outputs into one record in the DESIGN.md format.
+"""Merge one GPU session's outputs into one JSON record, benchmarks/results/gpu-<date>-<sha8>.json:
+commit, date, device, driver, CuPy version, the GPU tests' and sanitizers' counts ("tests",
+"sanitizer"), kernel times ("kernels"), training figures ("training"). (The format is that of
+"GPU verification records" in DESIGN.md, which lies outside this repository: ../shared/DESIGN.md.)
 
     python benchmarks/gpu_record.py --selftest OUT/gpu-<date>-<sha8>.json \\
         [--kernels OUT/gpu-<date>-<sha8>-kernels.json] [--training OUT/training.json] \\
@@ -53,16 +56,25 @@ def merge(selftest: dict, kernels: dict | None = None, training: dict | None = N
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--selftest", type=Path, required=True)
     parser.add_argument("--kernels", type=Path, default=None)
     parser.add_argument("--training", type=Path, default=None)
     parser.add_argument("--host-costs", type=Path, default=None)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    load = lambda p: None if p is None else json.loads(p.read_text())  # noqa: E731
-    sources = [p.name for p in (args.selftest, args.kernels, args.training, args.host_costs) if p is not None]
-    record = merge(load(args.selftest), load(args.kernels), load(args.training), sources, load(args.host_costs))
+    inputs = {"--selftest": args.selftest, "--kernels": args.kernels, "--training": args.training,
+              "--host-costs": args.host_costs}
+    loaded = {}
+    for option, path in inputs.items():
+        try:
+            loaded[option] = None if path is None else json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"gpu_record.py: {option} {path}: {exc.strerror if isinstance(exc, OSError) else exc}",
+                  file=sys.stderr)
+            return 2
+    sources = [p.name for p in inputs.values() if p is not None]
+    record = merge(loaded["--selftest"], loaded["--kernels"], loaded["--training"], sources, loaded["--host-costs"])
     from pycnn.selftest import write_record
 
     write_record(record, args.out)

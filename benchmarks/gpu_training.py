@@ -73,7 +73,8 @@ warm-up pass under the autotune first, as the kernels' compilation); the record'
 every pick and the GPU times it chose from.
 
 Writes a JSON record (environment + "end_to_end" entries with "reference" and
-"reference_samples_per_s", the DESIGN.md record format) to ``--out`` and prints a table.
+"reference_samples_per_s": the record format of "GPU verification records" in
+../shared/DESIGN.md, outside this repository) to ``--out`` and prints a table.
 """
 from __future__ import annotations
 
@@ -708,7 +709,7 @@ def _attempt(errors, what, fn, *args):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--out", type=Path, required=True, help="JSON record to write")
     parser.add_argument("--batches", default="512,64",
                         help="MnistCNN batch sizes, in the order they run (default 512,64: the open target first)")

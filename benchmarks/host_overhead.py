@@ -287,7 +287,7 @@ def gpu_main(reps: int, json_path: Path | None) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--reps", type=int, default=None,
                         help="calls per op (default 20000; with --gpu 2000 per round)")
     parser.add_argument("--gpu", action="store_true", help="real CuPy on a GPU: the parts of a call (see above)")

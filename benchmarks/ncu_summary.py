@@ -12,6 +12,7 @@ Columns that a file lacks print as '-' (ncu versions name a few metrics differen
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import re
 import sys
@@ -93,12 +94,15 @@ def summarize(path: str) -> str:
 
 
 def main(argv=None) -> int:
-    paths = sys.argv[1:] if argv is None else argv
-    if not paths:
-        print(__doc__)
-        return 2
-    for path in paths:
-        print(summarize(path))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("csv", nargs="+", help="Nsight Compute CSV files (ncu --csv --page raw)")
+    args = parser.parse_args(argv)
+    for path in args.csv:
+        try:
+            print(summarize(path))
+        except OSError as exc:
+            print(f"ncu_summary.py: {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     return 0
 
 

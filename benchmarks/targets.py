@@ -1,7 +1,8 @@
 """Issue 6's targets against one GPU record: what was met, what was missed, by how much.
 
-    python benchmarks/targets.py [RECORD.json]      (default: the newest benchmarks/results/gpu-*.json
-                                                     that holds training figures)
+    python benchmarks/targets.py [RECORD.json]      (a path, or a name in benchmarks/results/; default:
+                                                     the newest benchmarks/results/gpu-*.json that
+                                                     holds training figures)
 
 Reads a merged GPU record (benchmarks/gpu_record.py: "training" and "kernels" entries) and prints
 one line per target, each with the measured figure, the target, PyTorch's figure from the same
@@ -203,13 +204,32 @@ def report(record: dict, name: str) -> str:
     return "\n".join(head + training_lines(record) + layer_lines(record) + compute_bound_lines(record))
 
 
+def resolve_record(record: Path, results: Path) -> Path:
+    """RECORD as given, else a bare name (".json" optional) looked up in the results folder."""
+    if record.is_file():
+        return record
+    if record.parent == Path("."):
+        for name in (record.name, record.name + ".json"):
+            if (results / name).is_file():
+                return results / name
+        raise FileNotFoundError(f"no record {record} (neither a file here nor in {results})")
+    raise FileNotFoundError(f"no record {record}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("record", nargs="?", type=Path, help="a merged GPU record (default: the newest)")
+    parser.add_argument("record", nargs="?", type=Path,
+                        help="a merged GPU record: a path, or a name in --results such as "
+                             "gpu-20261127-40eb354d.json (default: the newest)")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    path = args.record or newest_record(args.results)
-    print(report(json.loads(path.read_text()), path.name))
+    try:
+        path = resolve_record(args.record, args.results) if args.record else newest_record(args.results)
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"targets.py: {exc}", file=sys.stderr)
+        return 2
+    print(report(record, path.name))
     return 0
 
 

@@ -3,6 +3,7 @@
 Run from the repository root:  python examples/train_mnist.py
 (MNIST is read from $PYCNN_DATA or ~/.cache/pycnn/mnist, or downloaded and verified.)
 """
+import argparse
 import time
 
 import numpy as np
@@ -11,6 +12,11 @@ import pycnn
 from pycnn import nn, optim
 import pycnn.functional as F
 from pycnn.data import iterate_batches, load_mnist, normalize
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--batch-size", type=int, default=128, help="images per training step (default 128)")
+parser.add_argument("--lr", type=float, default=2e-3, help="Adam's learning rate (default 0.002)")
+args = parser.parse_args()
 
 pycnn.manual_seed(0)
 print("CPU backend:", pycnn.get_backend_name())
@@ -26,11 +32,11 @@ model = nn.Sequential(
     nn.Conv2d(16, 32, 3), nn.MaxPool2d(2), nn.ReLU(),
     nn.Flatten(), nn.Linear(32 * 5 * 5, 128), nn.ReLU(), nn.Linear(128, 10),
 )
-opt = optim.Adam(model.parameters(), lr=2e-3)
+opt = optim.Adam(model.parameters(), lr=args.lr)
 
 # 3. One epoch of training
 start = time.perf_counter()
-for step, (xb, yb) in enumerate(iterate_batches(train_x, train_y, batch_size=128, shuffle=True, seed=0)):
+for step, (xb, yb) in enumerate(iterate_batches(train_x, train_y, batch_size=args.batch_size, shuffle=True, seed=0)):
     loss = F.cross_entropy(model(pycnn.tensor(xb)), yb)
     opt.zero_grad()
     loss.backward()
