@@ -103,19 +103,50 @@ def load_checkpoint(path) -> tuple[dict, dict]:
 
 
 def load_model(path, device: str = "cpu"):
-    """Rebuild the model recorded in a checkpoint's metadata and load its weights."""
+    """Rebuild the model recorded in a checkpoint's metadata and load its weights.
+
+    Raises:
+        CheckpointError: as :func:`load_checkpoint`; a training state given for a model; no, an
+            unknown or an unusable model record (naming the file, what it records and which pycnn
+            version wrote it); weights that do not fit the model.
+    """
     from pycnn import models
 
     state, meta = load_checkpoint(path)
+    written = f"written by pycnn {meta['pycnn_version']}" if "pycnn_version" in meta else \
+        "written without a pycnn_version (by another pycnn version, or not by pycnn train)"
     name = meta.get("model")
     if name is None:
-        raise CheckpointError(f"checkpoint {path} does not record which model it holds (no 'model' metadata)")
-    kwargs = json.loads(meta.get("model_kwargs", "{}"))
-    model = models.get_model(name, **kwargs)
+        if "optimizer" in meta:  # (the other file a run writes: "no 'model' metadata" did not say so)
+            raise CheckpointError(f"checkpoint {path} is a training state (what --resume reads: weights and "
+                                  f"optimizer moments), not a model checkpoint; give the model.safetensors that "
+                                  f"the same run wrote beside it")
+        raise CheckpointError(f"checkpoint {path} does not record which model it holds (no 'model' metadata; "
+                              f"expected one of {', '.join(sorted(models.MODELS))}, as "
+                              "save_checkpoint(model, path, {'model': name}) writes it)")
+    if name.lower() not in models.MODELS:
+        raise CheckpointError(f"checkpoint {path} holds a {name!r} model, which this pycnn does not know "
+                              f"(expected one of {', '.join(sorted(models.MODELS))}; {written})")
+    try:
+        kwargs = json.loads(meta.get("model_kwargs", "{}"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint {path}: its model_kwargs metadata is not JSON ({exc}): "
+                              f"{meta['model_kwargs']!r}") from exc
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"checkpoint {path}: its model_kwargs metadata must be a JSON object of "
+                              f"{name}'s arguments, got {meta['model_kwargs']!r}")
+    try:
+        model = models.get_model(name, **kwargs)
+    except (TypeError, ValueError) as exc:  # (an argument this version's model does not take, or refuses)
+        raise CheckpointError(f"checkpoint {path}: cannot build model {name!r} with its recorded arguments "
+                              f"{kwargs} ({written}): {exc}") from exc
     try:
         model.load_state_dict(state, strict=True)
     except KeyError as exc:
-        raise CheckpointError(f"checkpoint {path} does not fit model {name!r}: {exc.args[0]}") from exc
+        note = "" if "model_kwargs" in meta else \
+            f"; it records no model_kwargs, so {name!r} was built with its default arguments"
+        raise CheckpointError(f"checkpoint {path} does not fit model {name!r} ({written}{note}): "
+                              f"{exc.args[0]}") from exc
     return model.to(device), meta
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from pycnn import functional as F
 from pycnn.checkpoint import checkpoint_bytes, load_checkpoint, load_training_state, save_training_state
 from pycnn.fileio import check_output_file, json_bytes
 from pycnn.random import check_seed
-from pycnn.data.localization import load_localization
+from pycnn.data.localization import DIGIT_SCALE_RANGE, load_localization
 from pycnn.models import LocalizationNet
 from pycnn.tensor import Tensor, move_array, no_grad
 from pycnn.train import (COMPILES_ON_FIRST_USE, first_steps_fields, first_steps_note, open_run_dir, resume_note,
@@ -62,6 +63,13 @@ class LocalizeConfig:
         for name in ("n_train", "n_test", "epochs", "batch_size", "width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_option(name)} must be >= 1, got {getattr(self, name)}")
+        largest = DIGIT_SCALE_RANGE[1]
+        if isinstance(self.canvas_size, bool) or not isinstance(self.canvas_size, numbers.Integral) or self.canvas_size % 8 \
+                or self.canvas_size < largest:
+            # (44 was refused by LocalizationNet after the canvases were made; 32 by make_canvases,
+            # naming its scale_range, which no option sets)
+            raise ValueError(f"{_option('canvas_size')} must be a multiple of 8 (the model pools three times by 2) "
+                             f"and at least {largest} (the largest digit drawn on a canvas), got {self.canvas_size!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"{_option('lr')} must be a positive number, got {self.lr}")
         check_seed("LocalizeConfig", "seed", self.seed)
@@ -177,7 +185,10 @@ def _init_backbone(model, path) -> list:
     Raises:
         ValueError: no layer matches (naming what the checkpoint and the model hold).
     """
-    state, _ = load_checkpoint(path)
+    state, meta = load_checkpoint(path)
+    if "optimizer" in meta:  # (its keys are "model/features.0.weight"...: "checkpoint: none" matched)
+        raise ValueError(f"--init-from {path} is a training state (what --resume reads), not a model checkpoint; "
+                         "give the model.safetensors that the same run wrote beside it")
     own = dict(model.named_parameters())
     layers: dict = {}
     for name in own:
@@ -198,6 +209,10 @@ def _init_backbone(model, path) -> list:
     return loaded
 
 
+# What a resumed run reads from the saved state's metadata besides its config (train_localize).
+STATE_KEYS = ("epoch", "history", "scheduler", "augment_rng", "train_s", "data_s")
+
+
 def _fresh_train_canvases(cfg: LocalizeConfig, epoch: int, canvas: dict) -> dict:
     from pycnn.data import load_mnist
     from pycnn.data.localization import make_canvases
@@ -215,8 +230,11 @@ def train_localize(**kwargs) -> dict:
     cfg = LocalizeConfig(**kwargs).validate()
     config = asdict(cfg)
     state_path, saved = open_run_dir(cfg.out_dir, cfg.resume, config,  # (before the canvases are made)
-                                     [name for name in config if name not in RESUME_MAY_CHANGE])
+                                     [name for name in config if name not in RESUME_MAY_CHANGE],
+                                     "train localize", STATE_KEYS)
     log = print if cfg.progress else (lambda *a, **k: None)
+    if cfg.init_from:  # (before the canvases: a checkpoint that cannot be read or matches nothing)
+        _init_backbone(LocalizationNet(canvas_size=cfg.canvas_size, width=cfg.width), cfg.init_from)
     device = "cuda" if cfg.backend == "cuda" else "cpu"
     backend_name = "cuda" if device == "cuda" else pycnn.set_backend(cfg.backend)
     canvas = dict(canvas_size=cfg.canvas_size, empty_prob=cfg.empty_prob, clutter=cfg.clutter)
@@ -361,6 +379,31 @@ def _load_localizer(path, device="cpu"):
 MAX_GRID = 64  # canvases in one `pycnn predict localize` picture (16 rows of 4; more is unreadable)
 
 
+def _test_canvases(model, seed, first: int, data_dir) -> dict:
+    """The first ``first`` of the LocalizeConfig.n_test (10,000) test canvases of ``seed`` that
+    ``pycnn evaluate localize --seed`` scores, at the model's canvas size.
+
+    (Canvas i of a generated set depends on how many are generated: ``predict --count 4`` drew
+    other canvases than the first 4 of ``--count 16``, and ``viz features --index I`` drew a set
+    of I + 1, so canvas I was none of those that predict drew or evaluate scored.)
+    """
+    data = load_localization("test", n=LocalizeConfig.n_test, seed=seed, root=data_dir,
+                             canvas_size=model.canvas_size, cache=False)
+    return {key: value[:first].copy() for key, value in data.items()}  # (copies: the 10,000 are let go)
+
+
+def _check_picture(path, option: str) -> None:
+    """Before the model runs: ``path`` can be written, in a format matplotlib draws (its suffix)."""
+    check_output_file(path, option, "picture")
+    from matplotlib.figure import Figure
+
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"  # (save_figure's default)
+    supported = Figure().canvas.get_supported_filetypes()
+    if fmt not in supported:
+        raise ValueError(f"{option} {str(path)!r}: cannot draw a picture in format {fmt!r} (its suffix); "
+                         f"expected one of {', '.join(sorted(supported))}")
+
+
 def register_cli(sub) -> None:
     """Add ``train localize``, ``evaluate localize``, ``predict localize`` and ``viz features``."""
     from pycnn.cli import DATA_DIR_HELP, SEED, add_backend_arg, int_in_range
@@ -414,7 +457,8 @@ def register_cli(sub) -> None:
     pp.add_argument("--checkpoint", required=True, help="a model.safetensors written by pycnn train localize")
     pp.add_argument("--out", default="preds.png", help="picture to write, replaced if it exists (default: %(default)s)")
     pp.add_argument("--count", type=int_in_range(1, MAX_GRID), default=16,
-                    help=f"how many canvases to draw (4 per row, at most {MAX_GRID})")
+                    help=f"how many canvases to draw (4 per row, at most {MAX_GRID}): the first of the 10,000 "
+                         "test canvases that evaluate localize --seed scores")
     pp.add_argument("--seed", type=SEED, default=TEST_SEED_DEFAULT, help="seed of the test canvases (default: %(default)s)")
     pp.add_argument("--data-dir", help=DATA_DIR_HELP)
     pp.set_defaults(func=_cmd_predict)
@@ -461,10 +505,9 @@ def cmd_evaluate_localize(args) -> int:
 def _cmd_predict(args) -> int:
     from pycnn.viz import plot_localization_grid
 
-    check_output_file(args.out, "--out", "picture")  # (before the model runs)
+    _check_picture(args.out, "--out")  # (before the model runs)
     model = _load_localizer(args.checkpoint)
-    data = load_localization("test", n=args.count, seed=args.seed, root=args.data_dir,
-                             canvas_size=model.canvas_size, cache=False)
+    data = _test_canvases(model, args.seed, args.count, args.data_dir)
     pred = predict(model, data["images"])
     plot_localization_grid(data, pred, args.out)
     print(f"wrote {args.out}")
@@ -475,12 +518,15 @@ def _cmd_features(args) -> int:
     from pycnn.checkpoint import load_model
     from pycnn.viz import plot_feature_maps
 
-    check_output_file(args.out, "--out", "picture")
+    _check_picture(args.out, "--out")
     model, meta = load_model(args.checkpoint)
+    first = next((layer for layer in getattr(model, "features", []) if hasattr(layer, "in_channels")), None)
+    if first is not None and first.in_channels != 1:  # (else "Conv2d(in_channels=3) got input with 1 channel")
+        raise ValueError(f"viz features draws the maps of a one-channel MNIST test image or localization canvas; "
+                         f"{args.checkpoint} holds a {meta.get('model')} model whose first convolution takes "
+                         f"{first.in_channels} channels")
     if isinstance(model, LocalizationNet):
-        data = load_localization("test", n=args.index + 1, seed=TEST_SEED_DEFAULT, root=args.data_dir,
-                                 canvas_size=model.canvas_size, cache=False)
-        image = data["images"][args.index:args.index + 1]
+        image = _test_canvases(model, TEST_SEED_DEFAULT, args.index + 1, args.data_dir)["images"][args.index:]
     else:
         from pycnn import data as mnist
 

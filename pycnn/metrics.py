@@ -25,6 +25,11 @@ def _as_labels(a, name: str, where: str) -> np.ndarray:
     if a.size == 0:
         raise ValueError(f"{where}: {name} is empty")
     if a.ndim == 2:  # scores or logits (N, C)
+        if a.shape[1] < 2:
+            # (a column of labels, shape (N, 1), was taken for one-class scores: its argmax is 0
+            # everywhere, and accuracy([[1], [2]], [1, 2]) was 0.0 without a word)
+            raise ValueError(f"{where}: {name} of shape {a.shape} is neither labels (N,) nor scores (N, C) with "
+                             f"C >= 2; a column of labels must be flattened to shape ({a.shape[0]},)")
         if not np.issubdtype(a.dtype, np.number):
             raise TypeError(f"{where}: {name} scores must be numeric, got dtype {a.dtype}")
         return np.argmax(a, axis=1).astype(np.int64)
@@ -107,7 +112,9 @@ def precision_recall_f1(y_true, y_pred, average: str | None = None, num_classes:
         y_true: (N,) integer labels.
         y_pred: (N,) labels or (N, C) scores.
         average: ``None`` for per-class arrays; ``"macro"`` for the unweighted mean over the
-            classes (each class's F1 computed first, then averaged, as scikit-learn);
+            classes (each class's F1 computed first, then averaged, as scikit-learn; without
+            ``num_classes``, over the classes that occur in y_true or y_pred, as scikit-learn's
+            default ``labels``: a class absent from both has no F1 to average);
             ``"micro"`` from the pooled counts (equals accuracy for single-label data);
             ``"binary"`` for the class ``pos_label`` alone (e.g. presence: 1 = present).
         num_classes: number of classes (default as :func:`confusion_matrix`).
@@ -140,6 +147,9 @@ def precision_recall_f1(y_true, y_pred, average: str | None = None, num_classes:
     if average is None:
         return precision, recall, f1
     if average == "macro":
+        if num_classes is None:  # (a class that never occurs counted as F1 0: [0, 2] vs [0, 2] scored 0.67)
+            seen = (actual + predicted) > 0
+            precision, recall, f1 = precision[seen], recall[seen], f1[seen]
         return float(precision.mean()), float(recall.mean()), float(f1.mean())
     if not 0 <= pos_label < m.shape[0]:
         raise ValueError(f"precision_recall_f1: pos_label must be in [0, {m.shape[0]}), got {pos_label}")
@@ -237,9 +247,13 @@ def localization_accuracy(true_labels, pred_labels, true_boxes, pred_boxes, true
         A float in [0, 1].
 
     Raises:
-        ValueError: empty input, mismatched lengths, bad boxes, no present sample.
+        ValueError: empty input, mismatched lengths, bad boxes, no present sample, an
+            iou_threshold outside [0, 1].
     """
     where = "localization_accuracy"
+    if not (isinstance(iou_threshold, (int, float, np.integer, np.floating)) and 0.0 <= iou_threshold <= 1.0):
+        # (nan or 1.5 scored every sample a miss: 0.0 without a word)
+        raise ValueError(f"{where}: iou_threshold must be a number in [0, 1], got {iou_threshold!r}")
     t = _as_labels(true_labels, "true_labels", where)
     p = _as_labels(pred_labels, "pred_labels", where)
     if t.shape != p.shape:

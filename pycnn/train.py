@@ -14,8 +14,8 @@ import numpy as np
 import pycnn
 from pycnn import backends, data, models, optim
 from pycnn import functional as F
-from pycnn.checkpoint import (TRAINING_STATE_FILE, checkpoint_bytes, load_training_state, read_training_state,
-                              save_training_state)
+from pycnn.checkpoint import (TRAINING_STATE_FILE, CheckpointError, checkpoint_bytes, load_training_state,
+                              read_training_state, save_training_state)
 from pycnn.fileio import atomic_write_files, check_output_dir, json_bytes
 from pycnn.random import check_seed
 from pycnn.tensor import Tensor, move_array, no_grad
@@ -102,6 +102,10 @@ TRAJECTORY_FIELDS = ("model", "epochs", "batch_size", "lr", "optimizer", "schedu
                      "limit_train", "betas")
 
 
+# What a resumed run reads from the saved state's metadata besides its config (_save_state).
+STATE_KEYS = ("epoch", "history", "scheduler")
+
+
 def check_resumable(path, saved_config: dict, config: dict, fields) -> None:
     """Refuse to resume a run under other settings than it was trained with.
 
@@ -120,9 +124,37 @@ def check_resumable(path, saved_config: dict, config: dict, fields) -> None:
                          + " (give the saved run's settings, or a new --out for a new run)")
 
 
-def open_run_dir(out_dir, resume: bool, config: dict, fields) -> tuple:
+def check_state_contents(path, meta: dict, command: str, fields, state_keys) -> None:
+    """Refuse a training state that ``pycnn {command}`` cannot resume before anything reads it:
+    the state of another command's run (its settings lack this command's ``fields``), or one
+    without the metadata ``state_keys`` that resuming reads (written by another pycnn version).
+
+    (A MNIST run's state given to ``train localize --resume`` was refused as "trained with
+    canvas_size=None, n_train=None, ..."; a state without the augmentation's random stream
+    stopped after the data was made with "error: 'augment_rng'".)
+
+    Raises:
+        CheckpointError: naming the file, what was expected and what it holds.
+    """
+    written = f"pycnn {meta['pycnn_version']}" if "pycnn_version" in meta else "a pycnn that records no version"
+    saved_config = meta.get("config")
+    if isinstance(saved_config, dict):
+        lacking = [name for name in fields if name not in saved_config]
+        if lacking:
+            raise CheckpointError(f"resume (--resume): {path} is not the state of a `pycnn {command}` run: its "
+                                  f"settings lack {', '.join(lacking)} (it holds {', '.join(sorted(saved_config))}: "
+                                  "another command's run?); give a new --out for a new run")
+    missing = [key for key in ("config", *state_keys) if key not in meta]
+    if missing or not isinstance(saved_config, dict):
+        raise CheckpointError(f"resume (--resume): {path} is not a `pycnn {command}` state this pycnn can resume: "
+                              f"it lacks {', '.join(missing) or 'a config object'} (written by {written}, this is "
+                              f"pycnn {pycnn.__version__}); expected {', '.join(('config', *state_keys))}")
+
+
+def open_run_dir(out_dir, resume: bool, config: dict, fields, command: str, state_keys) -> tuple:
     """Before the data is read: check that ``out_dir`` can hold the results and, to resume, read
-    the saved state and check it was trained with ``config``'s ``fields``.
+    the saved state, check it is a state of ``pycnn {command}`` holding the metadata
+    ``state_keys``, and that it was trained with ``config``'s ``fields``.
 
     Returns ``(path of the training state, or None without out_dir; (tensors, metadata) of the
     saved state, or None when not resuming)``.
@@ -137,7 +169,8 @@ def open_run_dir(out_dir, resume: bool, config: dict, fields) -> tuple:
         raise ValueError(f"resume (--resume): {state_path} does not exist (a run given --out writes it "
                          "after every epoch)")
     saved = read_training_state(state_path)
-    check_resumable(state_path, saved[1].get("config", {}), config, fields)
+    check_state_contents(state_path, saved[1], command, fields, state_keys)
+    check_resumable(state_path, saved[1]["config"], config, fields)
     return state_path, saved
 
 
@@ -265,7 +298,8 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
     with ``test_acc``, ``epoch_s`` and ``samples_per_s`` of the last epoch at the top level.
     """
     cfg = TrainConfig(model=model, **kwargs).resolved()
-    state_path, saved = open_run_dir(cfg.out_dir, cfg.resume, asdict(cfg), TRAJECTORY_FIELDS)
+    state_path, saved = open_run_dir(cfg.out_dir, cfg.resume, asdict(cfg), TRAJECTORY_FIELDS, "train mnist",
+                                     STATE_KEYS)
     log = print if cfg.progress else (lambda *a, **k: None)
     device = "cuda" if cfg.backend == "cuda" else "cpu"
     backend_name = "cuda" if device == "cuda" else pycnn.set_backend(cfg.backend)

@@ -104,7 +104,12 @@ def _check_int(value, name: str, minimum: int) -> int:
     return int(value)
 
 
-def make_canvases(images, labels, n: int, canvas_size=64, scale_range=(14, 40), empty_prob: float = 0.1,
+# Sides (pixels) between which a digit is scaled on a canvas; the larger one is also the smallest
+# canvas that holds every digit (LocalizeConfig.validate).
+DIGIT_SCALE_RANGE = (14, 40)
+
+
+def make_canvases(images, labels, n: int, canvas_size=64, scale_range=DIGIT_SCALE_RANGE, empty_prob: float = 0.1,
                   clutter=True, noise: float = 0.0, seed=0) -> dict:
     """Generate ``n`` localization canvases from MNIST digits.
 
