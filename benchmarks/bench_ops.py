@@ -27,7 +27,23 @@ import pytest
 from shapes import (ACTIVATION_SHAPES, CONV_SHAPES, LINEAR_SHAPES, LOSS_SHAPES, PARAM_SETS,
                     POOL_SHAPES)
 
-BUDGET_S = float(os.environ.get("PYCNN_BENCH_SECONDS", "0.3"))
+
+
+def _budget_seconds() -> float:
+    """PYCNN_BENCH_SECONDS (default 0.3): a finite number > 0 (a typo stopped the collection with
+    "could not convert string to float", naming no variable)."""
+    text = os.environ.get("PYCNN_BENCH_SECONDS", "0.3")
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value < float("inf")):
+        raise pytest.UsageError(f"PYCNN_BENCH_SECONDS (the time budget per benchmark) must be a finite number "
+                                f"of seconds > 0, got {text!r}")
+    return value
+
+
+BUDGET_S = _budget_seconds()
 MIN_ROUNDS, MAX_ROUNDS = 3, 200
 
 

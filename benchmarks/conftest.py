@@ -1,8 +1,10 @@
 """pytest-benchmark setup for the op benchmarks: which backends run, thread settings, warm-up.
 
 Backends: the function-table backends ``numpy``, ``numba``, ``native`` and ``cuda`` take part when
-they import and report available(); ``torch`` (PyTorch CPU, 2 threads, torch.nn.functional ops)
-takes part as a reference when it imports. A test that asks for the ``backend`` argument is
+they import and report available(); ``torch`` (PyTorch CPU, torch.nn.functional ops) takes part as
+a reference when it imports. Every CPU backend runs with the same number of threads as PyTorch:
+``PYCNN_BENCH_THREADS`` (default 2; the native OpenMP pool, Numba's, and every BLAS pool capped
+to it), so that side-by-side times compare like with like on a machine with more cores. A test that asks for the ``backend`` argument is
 parametrized over exactly those, so the table of skipped backends is in the report header instead
 of in hundreds of skips.
 
@@ -23,7 +25,48 @@ if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
 TABLE_BACKENDS = ("numpy", "numba", "native", "cuda")
-TORCH_THREADS = 2
+
+
+def bench_threads() -> int:
+    """PYCNN_BENCH_THREADS (default 2): the threads of PyTorch and of every CPU backend."""
+    text = os.environ.get("PYCNN_BENCH_THREADS", "2")
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise pytest.UsageError(f"PYCNN_BENCH_THREADS must be an integer >= 1, got {text!r}")
+    return value
+
+
+def pin_threads(threads: int) -> dict:
+    """Give the CPU backends PyTorch's thread count: the native and Numba pools set to
+    ``threads``, every BLAS/OpenMP pool above it capped (never raised: the numba backend keeps its
+    BLAS at one thread inside its prange). Returns {pool: threads} for the report header.
+
+    (Only PyTorch was set, to 2 threads: on a machine with more cores the native and numba
+    backends ran on all of them against a two-thread PyTorch.)
+    """
+    from pycnn import backends
+    from pycnn.bench import cap_thread_pools
+
+    pools = {}
+    if backends.status("native")[0]:
+        native = backends.load("native")
+        native.set_num_threads(threads)
+        pools["native"] = native.get_num_threads()
+    if backends.status("numba")[0]:
+        import numba
+
+        backends.load("numba")
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        pools["numba"] = numba.get_num_threads()
+    for path, n in cap_thread_pools(threads).items():
+        pools[os.path.basename(path)] = n
+    return pools
+
+
+_pools: dict = {}
 
 _status: dict | None = None
 _numba_warmup_s: float | None = None
@@ -35,11 +78,14 @@ def backend_status() -> dict:
     if _status is None:
         from pycnn import backends
 
+        threads = bench_threads()
+        _pools.update(pin_threads(threads))  # (first: the backends' status lines give their threads)
         _status = {name: backends.status(name) for name in TABLE_BACKENDS}
         try:
             import torch
 
-            torch.set_num_threads(TORCH_THREADS)
+            torch.set_num_threads(threads)
+            _pools.update({k: v for k, v in pin_threads(threads).items() if k not in _pools})  # (torch's own pools)
             _status["torch"] = (True, f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads")
         except Exception as exc:  # noqa: BLE001 - an optional reference
             _status["torch"] = (False, f"import failed: {type(exc).__name__}: {exc}")
@@ -75,6 +121,7 @@ def pytest_report_header(config):
     env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "NUMBA_NUM_THREADS",
                                       "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS") if k in os.environ}
     lines.append(f"thread/BLAS environment: {env or 'none set'}")
+    lines.append(f"threads per pool (PYCNN_BENCH_THREADS={bench_threads()}): {_pools}")
     return lines
 
 

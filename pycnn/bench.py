@@ -155,6 +155,21 @@ def _torch_train_step_fn(torch, model_name: str, batch: int):
     return step
 
 
+def cap_thread_pools(threads: int) -> dict:
+    """Lower every BLAS / OpenMP pool of this process that has more than ``threads`` threads to
+    ``threads`` (threadpoolctl, where installed); returns {library path: threads after}."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return {}
+    after = {}
+    for lib in ThreadpoolController().lib_controllers:
+        if lib.num_threads > threads:
+            lib.set_num_threads(threads)
+        after[lib.filepath] = lib.num_threads
+    return after
+
+
 class _Worker:
     """The worker side: builds the named backend's cases lazily and times them on request."""
 
@@ -182,6 +197,11 @@ class _Worker:
                 import numba
 
                 numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        # The BLAS pools too (numpy's and numba's GEMMs): WorkerProcess sets OPENBLAS_NUM_THREADS & co.
+        # before the libraries load; this covers a worker started otherwise. (With --threads 1 the
+        # numpy worker ran its GEMMs on every core against a one-thread PyTorch, and the record said 1.)
+        # Capped, never raised: the numba backend keeps its BLAS at one thread inside its prange.
+        cap_thread_pools(threads)
 
     def case(self, case_id: str):
         if case_id not in self.cases:
@@ -208,6 +228,25 @@ class _Worker:
                 fn()
                 times.append(time.perf_counter() - t)
             return {"times": times, "cpu_s": time.process_time() - cpu0}
+        if req["cmd"] == "threads":  # the threads each pool of this worker really has (for the record)
+            pools = {}
+            if self.be is None:
+                pools["torch"] = self.torch.get_num_threads()
+            elif self.name.startswith("native"):
+                pools["native"] = self.be.get_num_threads()
+            elif self.name == "numba":
+                import numba
+
+                pools["numba"] = numba.get_num_threads()
+            try:
+                from threadpoolctl import threadpool_info
+
+                for d in threadpool_info():
+                    key = d.get("internal_api") or d.get("user_api")
+                    pools[key] = max(pools.get(key, 0), int(d.get("num_threads") or 0))
+            except ImportError:
+                pass
+            return {"pools": pools}
         if req["cmd"] == "peak":  # one core's fp32 FMA peak per ISA, best of 5 (native only)
             from pycnn.backends import native
 
@@ -246,6 +285,10 @@ def _worker_main(name: str, threads: int) -> None:
 
 # ============================================================================ parent side
 
+# Thread-count variables set in every worker's environment (the BLAS and OpenMP pools).
+WORKER_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
+
+
 class WorkerProcess:
     """A worker subprocess (``python -m pycnn.bench --worker NAME``) spoken to in JSON lines."""
 
@@ -253,6 +296,8 @@ class WorkerProcess:
         self.name = name
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+        # Every thread pool of the worker gets --threads, as its backend's own pool does (_Worker).
+        env.update({var: str(threads) for var in WORKER_THREAD_VARS})
         self.proc = subprocess.Popen([sys.executable, "-m", "pycnn.bench", "--worker", name, "--threads", str(threads)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=root)
         hello = self._read()
@@ -412,9 +457,9 @@ def run(ops=None, models=None, shapes=None, backend_names=None, repeats: int = 7
     if backend_names is None:
         backend_names = [b for b in ("numpy", "numba", "native") if backends.status(b)[0]]
     if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1 (or None: every CPU), got {threads}")
+        raise ValueError(f"threads (--threads) must be >= 1 (or None: every CPU), got {threads}")
     if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+        raise ValueError(f"repeats (--repeats) must be >= 1, got {repeats}")
     if not (round_s > 0 and math.isfinite(round_s)):  # (inf overflowed the calls-per-round count)
         raise ValueError(f"round_s (--round-seconds) must be a finite number > 0, got {round_s}")
     known_backends = backends.ALL_BACKENDS + ("native-direct",)
@@ -466,11 +511,14 @@ def run(ops=None, models=None, shapes=None, backend_names=None, repeats: int = 7
         if native_worker is not None:
             peak = native_worker.ask(cmd="peak")
             log(f"one-core fp32 FMA peak (GFLOP/s): {peak['peaks']}, micro-kernel ISA {peak['isa']}")
+        worker_threads = {n: w.ask(cmd="threads")["pools"] for n, w in workers.items()}
         timed = interleaved(workers, cases, repeats, round_s, log)
     finally:
         for w in workers.values():
             w.close()
-    peak_all = max(peak["peaks"].values()) * threads if peak and peak["peaks"] else None
+    # (threads beyond the cores add no FMA units: --threads 8 on 2 cores understated the fraction 4x)
+    peak_all = (max(peak["peaks"].values()) * min(threads, os.cpu_count() or threads)
+                if peak and peak["peaks"] else None)
     rows = []
     for case, res in timed.items():
         op, target = case.split("/")
@@ -494,7 +542,7 @@ def run(ops=None, models=None, shapes=None, backend_names=None, repeats: int = 7
     record = {"commit": commit(), "commit_dirty": _dirty(),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(sys.argv), "machine": machine_info(), "backends": list(timed[cases[0]]),
-              "threads": threads, "repeats": repeats, "round_s": round_s,
+              "threads": threads, "worker_threads": worker_threads, "repeats": repeats, "round_s": round_s,
               "method": "one worker process per backend; rounds interleaved A B / B A; ms = median over rounds of "
                         "round medians; x_torch = median of per-round torch_ms / backend_ms (> 1: faster than torch)",
               "load_average": {"before": [round(v, 2) for v in load_before], "after": [round(v, 2) for v in load_after]},

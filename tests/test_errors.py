@@ -186,8 +186,8 @@ def test_evaluating_a_localizer_as_a_classifier_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"repeats": 0}, r"repeats must be >= 1, got 0"),
-    ({"threads": 0}, r"threads must be >= 1 \(or None: every CPU\), got 0"),
+    ({"repeats": 0}, r"repeats \(--repeats\) must be >= 1, got 0"),
+    ({"threads": 0}, r"threads \(--threads\) must be >= 1 \(or None: every CPU\), got 0"),
     ({"round_s": 0.0}, r"round_s \(--round-seconds\) must be a finite number > 0, got 0.0"),
     ({"round_s": float("inf")}, r"round_s \(--round-seconds\) must be a finite number > 0, got inf"),
     ({"backend_names": ["numpy", "nosuch"]}, r"unknown backend\(s\) \['nosuch'\]; expected names from numpy, "),
