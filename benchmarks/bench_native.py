@@ -45,8 +45,11 @@ def main() -> None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d")
         out = Path("benchmarks/results") / f"cpu-{stamp}-native-{bench.commit()[:8]}.json"
     backends = ["native"] + (["native-direct"] if args.direct else [])
-    record = bench.run(ops=list(bench.CONV_OPS), shapes=args.layers, models=args.models, backend_names=backends,
-                       repeats=args.repeats, out=out, threads=args.threads)
+    try:
+        record = bench.run(ops=list(bench.CONV_OPS), shapes=args.layers, models=args.models,
+                           backend_names=backends, repeats=args.repeats, out=out, threads=args.threads)
+    except ValueError as exc:  # (bad arguments: the message, not a traceback; --layers --models times nothing)
+        parser.error(f"{exc} (in this script: --layers for the shapes, --models)")
     print()
     print(f"{'layer / step':22s} {'direction':16s} {'native ms':>9s} {'torch ms':>9s} {'x torch':>7s} "
           f"{'GFLOP/s':>8s} {'% peak':>6s}")
