@@ -124,7 +124,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padd
 
     be = _backend(x)
     xd, wd = _contiguous(x.data), _contiguous(weight.data)
-    bd = None if bias is None else bias.data
+    bd = None if bias is None else _contiguous(bias.data)
     if activation == "relu":
         y = _fused_or_composed(be, "conv2d_bias_relu_forward", be.conv2d_forward, (xd, wd, bd, stride, padding),
                                use_fused=bias is not None)
@@ -201,7 +201,7 @@ def conv2d_max_pool2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None
 
     be = _backend(x)
     xd, wd = _contiguous(x.data), _contiguous(weight.data)
-    bd = None if bias is None else bias.data
+    bd = None if bias is None else _contiguous(bias.data)
     fused = getattr(be, "conv2d_maxpool2d_relu_forward", None)
     if fused is not None:
         y, argmax = fused(xd, wd, bd, stride, padding, kernel, pool_stride, pool_padding)
@@ -361,7 +361,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
     _check_activation(op, activation)
     be = _backend(x)
     xd, wd = _contiguous(x.data), _contiguous(weight.data)
-    bd = None if bias is None else bias.data
+    bd = None if bias is None else _contiguous(bias.data)
     if activation == "relu":
         y = _fused_or_composed(be, "linear_bias_relu_forward", be.linear_forward, (xd, wd, bd),
                                use_fused=bias is not None)
@@ -433,7 +433,7 @@ def cross_entropy(logits: Tensor, target, weight=None, label_smoothing: float = 
         raise TypeError(f"{op}: target must hold integer class indices, got dtype {t.dtype}")
     if logits.device == "cpu" and n > 0 and (t.min() < 0 or t.max() >= classes):
         raise ValueError(f"{op}: target labels must be in [0, {classes}), got values from {t.min()} to {t.max()}")
-    t = t.astype(np.int64 if logits.device == "cpu" else np.int32, copy=False)
+    t = _contiguous(t.astype(np.int64 if logits.device == "cpu" else np.int32, copy=False))
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
     w = None

@@ -338,7 +338,9 @@ py::array smooth_l1_backward_t(double dloss, py::array pred, py::array target, d
     const double scale = dloss / reduction_norm(op, reduction, double(pred.size()));
     return binary<T>(op, "pred", pred, "target", target, [beta, scale](T p, T t) {
         const double d = double(p - t);
-        const double sign = d > 0 ? 1.0 : (d < 0 ? -1.0 : 0.0);
+        // sign(d), with NumPy's sign(NaN) = NaN: a NaN difference gives a NaN gradient (the
+        // reference's, and PyTorch's for beta > 0), not a silent 0.
+        const double sign = d > 0 ? 1.0 : (d < 0 ? -1.0 : d);
         return T(((beta > 0 && std::fabs(d) < beta) ? d / beta : sign) * scale);
     });
 }

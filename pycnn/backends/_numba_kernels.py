@@ -24,6 +24,11 @@ from numba import njit, prange
 # Fast-math flags that keep IEEE NaN/Inf semantics ('nnan' and 'ninf' are left out on purpose:
 # with them LLVM may fold away isnan checks and NaN propagation that max pooling relies on).
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+# ... less 'reassoc', where the order of the additions is the point: with it LLVM rewrote the
+# log-softmax's (x - max) - log(sum) as x - (max + log(sum)), hoisted out of the class loop, and
+# max + log(sum) rounds away log(sum) for large logits (float64 logits of 1e6: probabilities off
+# by 3e-11 relative; of 1e16 and up: a row of probabilities all 1).
+FASTMATH_ORDERED = FASTMATH - {"reassoc"}
 
 
 # ============================================================================ convolution helpers
@@ -704,7 +709,7 @@ def _softplus(v):
     return max(v, 0.0) + np.log1p(np.exp(-abs(v)))
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH_ORDERED)
 def _softmax_ce_row(logits, target, weight, eps, i, probs, losses, tweights):
     classes = logits.shape[1]
     m = logits[i, 0]
@@ -919,7 +924,9 @@ def smooth_l1_bwd(pred, target, beta, scale, parallel, dpred):
 
 @njit(cache=True, fastmath=FASTMATH)
 def _sgd_elem(p, g, buf, i, lr, momentum, dampening, weight_decay, nesterov, first_step):
-    gi = g[i] + weight_decay * p[i]
+    gi = g[i]
+    if weight_decay != 0.0:  # (as PyTorch: with no decay an inf param must not make 0 * inf = NaN)
+        gi = gi + weight_decay * p[i]
     if momentum != 0.0:
         if first_step:
             buf[i] = gi
