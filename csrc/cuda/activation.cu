@@ -17,7 +17,7 @@ extern "C" __global__ void relu_fwd_f32(const float* __restrict__ x, float* __re
                                         long long n) {
     PYCNN_FOR_EACH(i, n) {
         const float v = x[i];
-        y[i] = v > 0.0f ? v : 0.0f;
+        y[i] = pycnn_relu(v);  // (a NaN stays NaN, as np.maximum)
     }
 }
 

@@ -43,6 +43,17 @@ __device__ __forceinline__ float pycnn_pos_inf() { return __int_as_float(0x7f800
 
 __device__ __forceinline__ float pycnn_nan() { return __int_as_float(0x7fc00000); }
 
+// ReLU as numpy_ref's np.maximum(v, 0) (and PyTorch's relu): v above 0 stays, a NaN stays NaN,
+// everything else (-0 included) gives +0. Every ReLU, alone or fused into an epilogue, is this
+// one, so the fused ops keep the bits of relu(op(...)). (A plain `v > 0 ? v : 0` sent NaN to 0
+// and hid a diverged activation; `v != v` is the NaN test: nothing here compiles with fast math.)
+__device__ __forceinline__ float pycnn_relu(float v) { return (v > 0.0f || v != v) ? v : 0.0f; }
+
+// Whether v, the next cell of a max-pool window in row-major order, replaces the maximum so far:
+// strictly larger (ties keep the first maximum), or the window's first NaN (a NaN wins, as the
+// reference's max / argmax; once best is NaN nothing replaces it).
+__device__ __forceinline__ bool pycnn_max_takes(float v, float best) { return v > best || (v != v && best == best); }
+
 // shfl_down tree then broadcast of lane 0: every lane gets the identical value and the order of
 // additions is fixed, so the result is the same bit pattern on every run (a xor butterfly would
 // also be run-to-run stable, but lanes could disagree in the last bit).
@@ -164,7 +175,7 @@ __device__ __forceinline__ void pycnn_split_reduce(const float* __restrict__ par
     PYCNN_FOR_EACH(e, count) {
         float v = (float)pycnn_sum_parts(partial + e, count, splits);
         if (has_bias) v += bias[(e / inner) % channels];
-        if (relu) v = v > 0.0f ? v : 0.0f;
+        if (relu) v = pycnn_relu(v);
         out[e] = v;
     }
 }

@@ -85,7 +85,7 @@ extern "C" __global__ void conv2d_fwd_v1_f32(
             }
         }
         if (has_bias) acc += b[k];
-        if (relu) acc = acc > 0.0f ? acc : 0.0f;  // fused epilogue (conv2d_bias_relu_forward)
+        if (relu) acc = pycnn_relu(acc);  // fused epilogue (conv2d_bias_relu_forward)
         y[idx] = acc;
     }
 }
@@ -151,7 +151,7 @@ extern "C" __global__ void conv2d_fwd_v2_f32(
         if (k < K) {
             float v = acc[kk];
             if (has_bias) v += b[k];
-            if (relu) v = v > 0.0f ? v : 0.0f;
+            if (relu) v = pycnn_relu(v);
             y[(((pycnn_i64)n * K + k) * Ho + i) * Wo + j] = v;
         }
     }

@@ -261,7 +261,7 @@ template <int MODE>
 __device__ __forceinline__ float pycnn_conv_epilogue(const PycnnConvGemm& p, int m, float v) {
     if (MODE == PYCNN_CONV_FWD) {
         if (p.has_bias) v += p.bias[m];
-        if (p.relu) v = v > 0.0f ? v : 0.0f;  // fused epilogue: no second pass over y
+        if (p.relu) v = pycnn_relu(v);  // fused epilogue: no second pass over y
     }
     return v;
 }
@@ -724,7 +724,7 @@ __device__ __forceinline__ void pycnn_conv_split_finish(const PycnnConvGemm& p, 
             float v = (float)sum[q];
             if (MODE == PYCNN_CONV_FWD) {
                 if (p.final_bias) v += p.bias[m];
-                if (p.final_relu) v = v > 0.0f ? v : 0.0f;
+                if (p.final_relu) v = pycnn_relu(v);
             }
             p.final_out[off[q]] = v;
         }

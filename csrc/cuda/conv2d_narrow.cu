@@ -319,7 +319,7 @@ __device__ __forceinline__ void pycnn_conv_fwd_narrow_c1(const float* __restrict
         // sum +0 here too, and the two kernels bitwise equal down to the sign of zero.
         acc += 0.0f;
         if (has_bias) acc += b[k];
-        if (relu) acc = acc > 0.0f ? acc : 0.0f;
+        if (relu) acc = pycnn_relu(acc);
         yp[(pycnn_i64)k * HoWo] = acc;
     }
 }
@@ -404,11 +404,11 @@ __device__ __forceinline__ void pycnn_conv_pool_narrow_c1(const float* __restric
         int cell = 0;
 #pragma unroll
         for (int c = 1; c < 4; ++c)
-            if (v[c] > best) {  // strict: the first maximum stays (and a NaN first cell stays)
+            if (pycnn_max_takes(v[c], best)) {  // the first maximum, or the first NaN, as the pool
                 best = v[c];
                 cell = c;
             }
-        yp[(pycnn_i64)kb * HpWp] = best > 0.0f ? best : 0.0f;  // relu(max); a NaN gives 0, as the pool
+        yp[(pycnn_i64)kb * HpWp] = pycnn_relu(best);  // relu(max); a NaN stays NaN, as the pool
         ap[(pycnn_i64)kb * HpWp] = (i0 + (cell >> 1)) * Wo + j0 + (cell & 1);
     }
 }

@@ -260,7 +260,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv2d_fwd_v4nhwc_f32(
                     if (m >= K) continue;
                     float v = acc[mi][ni][2 * h + e];
                     if (has_bias) v += b[m];
-                    if (relu) v = v > 0.0f ? v : 0.0f;
+                    if (relu) v = pycnn_relu(v);
                     out[(pycnn_i64)m * HoWo] = v;
                 }
         }
@@ -584,7 +584,7 @@ __device__ __forceinline__ void pycnn_nhwc3_forward(const float* __restrict__ xt
             for (int q = 0; q < 4; ++q) {
                 v[q] = acc[i * TN + 4 * jj + q];
                 if (has_bias) v[q] += b[m];
-                if (relu) v[q] = v[q] > 0.0f ? v[q] : 0.0f;
+                if (relu) v[q] = pycnn_relu(v[q]);
             }
             float* dst = y + base + (pycnn_i64)m * HoWo;
             if (contiguous && (reinterpret_cast<unsigned long long>(dst) & 15ull) == 0) {

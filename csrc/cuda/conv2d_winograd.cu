@@ -185,7 +185,7 @@ extern "C" __global__ void __launch_bounds__(PYCNN_BLOCK, 4) conv2d_wino_output_
         for (int i = 0; i < 4 && 4 * ti + i < Ho; ++i)
             for (int j = 0; j < 4 && 4 * tj + j < Wo; ++j) {
                 float v = out[i][j] + bias;
-                if (relu) v = v > 0.0f ? v : 0.0f;
+                if (relu) v = pycnn_relu(v);
                 ym[(pycnn_i64)(4 * ti + i) * Wo + 4 * tj + j] = v;
             }
     }

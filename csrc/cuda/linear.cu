@@ -126,7 +126,7 @@ extern "C" __global__ void linear_gemm_f32(const float* __restrict__ A, long lon
             if (n >= N) continue;
             float v = acc[i][j];
             if (has_bias && !finishing) v += bias[n];
-            if (relu && !finishing) v = v > 0.0f ? v : 0.0f;
+            if (relu && !finishing) v = pycnn_relu(v);
             C[(pycnn_i64)m * N + n] = v;
         }
     }
@@ -164,7 +164,7 @@ extern "C" __global__ void linear_gemm_f32(const float* __restrict__ A, long lon
             const int n = n0 + (tid + (g + q) * nthreads) % PYCNN_GEMM_BN;
             float v = (float)sum[q];
             if (has_bias) v += bias[n];
-            if (relu) v = v > 0.0f ? v : 0.0f;
+            if (relu) v = pycnn_relu(v);
             C_final[off[q]] = v;
         }
     }

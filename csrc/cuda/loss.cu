@@ -236,7 +236,7 @@ extern "C" __global__ void smooth_l1_bwd_f32(const float* __restrict__ pred,
         const float d = pred[i] - target[i];
         float g;
         if (fabsf(d) < beta) g = d / beta;
-        else g = d > 0.0f ? 1.0f : (d < 0.0f ? -1.0f : 0.0f);
+        else g = d > 0.0f ? 1.0f : (d < 0.0f ? -1.0f : (d != d ? d : 0.0f));  // np.sign: NaN stays NaN
         dpred[i] = scale * g;
     }
 }

@@ -6,7 +6,8 @@
 // touches consecutive addresses along W):
 //   maxpool2d_fwd_f32        max over the window, padding acts as -inf (padded cells are skipped);
 //                            writes argmax (int32) = h*W + w inside the (n, c) plane, the first
-//                            maximum in row-major window order on ties. relu != 0 fuses
+//                            maximum in row-major window order on ties; a NaN wins its window
+//                            (the first NaN: numpy_ref's max / argmax, PyTorch). relu != 0 fuses
 //                            max-pool + ReLU: y = max(max_window, 0), argmax unchanged (the
 //                            SPEC's maxpool2d_relu_forward; saves a launch and a pass over y).
 //   maxpool2d_fwd_2x2_f32    the same for a 2x2 window, stride 2, no padding: the window's shape
@@ -73,9 +74,10 @@ extern "C" __global__ void maxpool2d_fwd_f32(
                 const int ww = w0 + s;
                 if (ww < 0 || ww >= W) continue;
                 const float v = xp[(pycnn_i64)h * W + ww];
-                // Strict > keeps the first maximum; best_idx < 0 takes the first real cell even
-                // when it is -inf, so argmax always points inside the input.
-                if (best_idx < 0 || v > best) {
+                // Strict > keeps the first maximum (and the first NaN: pycnn_max_takes); best_idx
+                // < 0 takes the first real cell even when it is -inf, so argmax always points
+                // inside the input.
+                if (best_idx < 0 || pycnn_max_takes(v, best)) {
                     best = v;
                     best_idx = h * W + ww;
                 }
@@ -83,7 +85,7 @@ extern "C" __global__ void maxpool2d_fwd_f32(
         }
         // relu(max) == max(relu): the argmax stays the window's maximum either way, and the ReLU
         // backward (dy * (y > 0)) zeroes the gradient where the maximum was clipped.
-        y[idx] = (relu && !(best > 0.0f)) ? 0.0f : best;
+        y[idx] = relu ? pycnn_relu(best) : best;
         argmax[idx] = best_idx;
     }
 }
@@ -110,11 +112,11 @@ extern "C" __global__ void maxpool2d_fwd_2x2_f32(
         int cell = 0;
 #pragma unroll
         for (int c = 1; c < 4; ++c)
-            if (v[c] > best) {  // strict: the first maximum stays
+            if (pycnn_max_takes(v[c], best)) {  // the first maximum (or NaN) stays
                 best = v[c];
                 cell = c;
             }
-        y[idx] = (relu && !(best > 0.0f)) ? 0.0f : best;
+        y[idx] = relu ? pycnn_relu(best) : best;
         argmax[idx] = top + (cell >> 1) * W + (cell & 1);
     }
 }
