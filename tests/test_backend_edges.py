@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 import pycnn.functional as F
 from pycnn import Tensor, backends
 from pycnn.backends import numpy_ref as ref
+from backend_checks import assert_close
 
 DTYPES = [np.float64, np.float32]
-RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
 CPU_BACKENDS = [name for name in ("numpy", "numba", "native") if backends.status(name)[0]]
 FAST = [name for name in ("numba", "native") if backends.status(name)[0]]
 
@@ -31,16 +31,6 @@ FAST = [name for name in ("numba", "native") if backends.status(name)[0]]
 def _module(name):
     return backends.load(name)
 
-
-def assert_close(actual, expected, dtype, what="", scale=0.0):
-    expected = np.asarray(expected)
-    actual = np.asarray(actual)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    assert actual.dtype == np.dtype(dtype), f"{what}: dtype {actual.dtype} != {np.dtype(dtype)}"
-    rtol = RTOL[np.dtype(dtype)]
-    finite = np.abs(expected[np.isfinite(expected)])
-    scale = max(float(finite.max()) if finite.size else 0.0, scale)
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale + 1e-30, err_msg=what)
 
 
 def _isas(name):

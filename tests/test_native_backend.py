@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from pycnn.backends import numpy_ref as ref  # noqa: E402
+from backend_checks import assert_close  # noqa: E402
 
 DTYPES = [np.float64, np.float32]
-RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
 ISAS = [name for name in ("avx512", "avx2", "scalar") if native.isa_supported(name)]
 THREADS = [1, 2]
 SETTINGS = settings(max_examples=25, deadline=None,
@@ -64,19 +64,6 @@ def configs():
             native.set_num_threads(threads)
             yield isa, threads
 
-
-def assert_close(actual, expected, dtype, what="", scale=None):
-    """Same shape and dtype; |a - e| <= rtol * (|e| + scale), scale = max |e| unless given (a sum
-    whose terms cancel needs the size of its terms: see the bias gradient below)."""
-    expected = np.asarray(expected)
-    actual = np.asarray(actual)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    assert actual.dtype == np.dtype(dtype), f"{what}: dtype {actual.dtype} != {np.dtype(dtype)}"
-    rtol = RTOL[np.dtype(dtype)]
-    finite = np.abs(expected[np.isfinite(expected)])
-    if scale is None:
-        scale = float(finite.max()) if finite.size else 0.0
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale + 1e-30, err_msg=what)
 
 
 def _rng(seed):

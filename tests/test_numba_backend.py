@@ -24,27 +24,13 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from pycnn.backends import numpy_ref as ref  # noqa: E402
+from backend_checks import RTOL, assert_close  # noqa: E402
 
 nb = numba_cpu
 DTYPES = [np.float64, np.float32]
-RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
 SETTINGS = settings(max_examples=25, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-
-def assert_close(actual, expected, dtype, what="", scale=0.0):
-    """Same shape and dtype; |a - e| <= rtol * (|e| + max(max finite |e|, scale)); NaN/inf where e
-    has them. ``scale``: the size of the terms a result is a difference of, where that is larger
-    than the result (a loss near 0 is log-sum-exp minus a logit: its rounding is the logits')."""
-    expected = np.asarray(expected)
-    actual = np.asarray(actual)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    assert actual.dtype == np.dtype(dtype), f"{what}: dtype {actual.dtype} != {np.dtype(dtype)}"
-    rtol = RTOL[np.dtype(dtype)]
-    finite = np.abs(expected[np.isfinite(expected)])
-    scale = max(float(finite.max()) if finite.size else 0.0, scale)
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale + 1e-30,
-                               err_msg=what)
 
 
 @pytest.fixture(scope="module", autouse=True)
