@@ -159,6 +159,63 @@ def test_maxpool_all_minus_inf_window_points_inside():
     assert cp.asnumpy(am).tolist() == [[[[0, 2], [8, 10]]]]
 
 
+def _with_nans(x):
+    """x with NaNs in the first cell of a pooling window and past it (the kernels' `v > best` kept
+    only the first), and infinities."""
+    flat = x.reshape(-1)
+    flat[[0, 5, 13, flat.size - 2]] = np.nan
+    flat[[3, 8]] = np.inf
+    flat[[6, 11]] = -np.inf
+    return x
+
+
+def test_nan_propagates_as_in_the_reference():
+    """SPEC: relu(NaN) is NaN, alone and in every fused bias + ReLU epilogue; a pooling window with
+    a NaN gives NaN, argmax at its first NaN; smooth-L1's gradient of a NaN difference is NaN.
+    (tests/gpu/test_edges_emulated.py checks every kernel variant on the emulator; this runs the
+    default paths of the models' shapes on the GPU.)"""
+    rng = np.random.default_rng(0)
+    x = rng.integers(-2, 3, 64).astype(np.float32)
+    x[[1, 7]] = np.nan
+    np.testing.assert_array_equal(cp.asnumpy(cuda.relu_forward(g(x))), ref.relu_forward(x))
+
+    planes = _with_nans(rng.integers(-2, 3, (4, 8, 26, 26)).astype(np.float32))  # (the 2x2 kernel's shape)
+    for kernel, stride, padding in (((2, 2), (2, 2), (0, 0)), ((3, 3), (1, 1), (1, 1))):
+        for fwd, fwd_ref in ((cuda.maxpool2d_forward, ref.maxpool2d_forward),
+                             (cuda.maxpool2d_relu_forward, ref.maxpool2d_relu_forward)):
+            y, am = fwd(g(planes), kernel, stride, padding)
+            y_want, am_want = fwd_ref(planes, kernel, stride, padding)
+            np.testing.assert_array_equal(cp.asnumpy(y), y_want, err_msg=f"{fwd.__name__} {kernel}")
+            np.testing.assert_array_equal(cp.asnumpy(am), am_want, err_msg=f"{fwd.__name__} {kernel}")
+
+    # MnistCNN's layers at batch 64 (the default paths: the fused first layer, split-K GEMM tiles)
+    for N, C, H, K in ((64, 1, 28, 32), (64, 32, 13, 64), (64, 64, 5, 64)):
+        x, w, b = rnd(rng, N, C, H, H), rnd(rng, K, C, 3, 3), rnd(rng, K)
+        x[0, 0, 3, 4] = np.nan
+        x[N - 1, C - 1, H - 1, H - 1] = np.nan
+        y = cp.asnumpy(cuda.conv2d_bias_relu_forward(g(x), g(w), g(b), (1, 1), (0, 0)))
+        conv = cp.asnumpy(cuda.conv2d_forward(g(x), g(w), g(b), (1, 1), (0, 0)))
+        assert np.isnan(conv).any()
+        np.testing.assert_array_equal(y, np.maximum(conv, 0), err_msg=f"conv2d_bias_relu_forward C={C}")
+        if C == 1:
+            yp, am = cuda.conv2d_maxpool2d_relu_forward(g(x), g(w), g(b), (1, 1), (0, 0), (2, 2), (2, 2), (0, 0))
+            yp_want, am_want = ref.maxpool2d_relu_forward(conv, (2, 2), (2, 2), (0, 0))
+            np.testing.assert_array_equal(cp.asnumpy(yp), yp_want, err_msg="conv2d_maxpool2d_relu_forward")
+            np.testing.assert_array_equal(cp.asnumpy(am), am_want, err_msg="conv2d_maxpool2d_relu_forward")
+
+    xl, wl, bl = rnd(rng, 64, 576), rnd(rng, 64, 576), rnd(rng, 64)
+    xl[3, 7] = np.nan
+    yl = cp.asnumpy(cuda.linear_bias_relu_forward(g(xl), g(wl), g(bl)))
+    np.testing.assert_array_equal(np.isnan(yl), np.isnan(ref.linear_bias_relu_forward(xl, wl, bl)))
+    assert np.isnan(yl[3]).all() and not np.isnan(np.delete(yl, 3, axis=0)).any()
+
+    pred = np.array([np.nan, 1.0, -2.0, 0.5, np.inf, 3.0, 0.0], np.float32)
+    target = np.array([0.0, np.nan, 0.0, 0.5, 1.0, np.inf, 0.0], np.float32)
+    with np.errstate(invalid="ignore"):
+        want = ref.smooth_l1_backward(2.0, pred, target, 1.0, "mean")
+    close(cuda.smooth_l1_backward(2.0, g(pred), g(target), 1.0, "mean"), want, what="smooth_l1_backward")
+
+
 # ----------------------------------------------------------------------------- activations
 
 
