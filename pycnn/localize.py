@@ -64,8 +64,8 @@ class LocalizeConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{_option(name)} must be >= 1, got {getattr(self, name)}")
         largest = DIGIT_SCALE_RANGE[1]
-        if isinstance(self.canvas_size, bool) or not isinstance(self.canvas_size, numbers.Integral) or self.canvas_size % 8 \
-                or self.canvas_size < largest:
+        size = self.canvas_size
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size % 8 or size < largest:
             # (44 was refused by LocalizationNet after the canvases were made; 32 by make_canvases,
             # naming its scale_range, which no option sets)
             raise ValueError(f"{_option('canvas_size')} must be a multiple of 8 (the model pools three times by 2) "
@@ -468,8 +468,9 @@ def register_cli(sub) -> None:
     vf = viz_sub.add_parser("features", help="feature maps of each conv layer for one input")
     vf.add_argument("--checkpoint", required=True, help="a model.safetensors written by pycnn train")
     vf.add_argument("--out", default="maps.png", help="picture to write, replaced if it exists (default: %(default)s)")
-    vf.add_argument("--index", type=int_in_range(0, 9999), default=0,
-                    help="which of the 10,000 test images (or test canvases) to show")
+    vf.add_argument("--index", type=int_in_range(0, 9999), default=None,
+                    help="which of the 10,000 test images (or test canvases) to show (default: the first; "
+                         "for a localizer, the first canvas holding a digit)")
     vf.add_argument("--data-dir", help=DATA_DIR_HELP)
     vf.set_defaults(func=_cmd_features)
 
@@ -526,12 +527,17 @@ def _cmd_features(args) -> int:
                          f"{args.checkpoint} holds a {meta.get('model')} model whose first convolution takes "
                          f"{first.in_channels} channels")
     if isinstance(model, LocalizationNet):
-        image = _test_canvases(model, TEST_SEED_DEFAULT, args.index + 1, args.data_dir)["images"][args.index:]
+        canvases = _test_canvases(model, TEST_SEED_DEFAULT, LocalizeConfig.n_test, args.data_dir)
+        # (by default the first canvas with a digit: canvas 0 of the default seed is empty, and
+        # the maps of an empty canvas show nothing)
+        index = int(np.argmax(canvases["present"] > 0.5)) if args.index is None else args.index
+        image, what = canvases["images"][index:index + 1], f"test canvas {index}"
     else:
         from pycnn import data as mnist
 
+        index = args.index or 0
         images, _ = mnist.load_mnist("test", root=args.data_dir)
-        image = mnist.normalize(images[args.index:args.index + 1])
-    plot_feature_maps(model, image, args.out, title=f"{type(model).__name__}: conv feature maps")
-    print(f"wrote {args.out}")
+        image, what = mnist.normalize(images[index:index + 1]), f"test image {index}"
+    plot_feature_maps(model, image, args.out, title=f"{type(model).__name__}: conv feature maps of {what}")
+    print(f"wrote {args.out} ({what})")
     return 0

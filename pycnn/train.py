@@ -143,7 +143,8 @@ def check_state_contents(path, meta: dict, command: str, fields, state_keys) -> 
         if lacking:
             raise CheckpointError(f"resume (--resume): {path} is not the state of a `pycnn {command}` run: its "
                                   f"settings lack {', '.join(lacking)} (it holds {', '.join(sorted(saved_config))}: "
-                                  "another command's run?); give a new --out for a new run")
+                                  f"another command's run, or one of an older pycnn; written by {written}); give a "
+                                  "new --out for a new run")
     missing = [key for key in ("config", *state_keys) if key not in meta]
     if missing or not isinstance(saved_config, dict):
         raise CheckpointError(f"resume (--resume): {path} is not a `pycnn {command}` state this pycnn can resume: "

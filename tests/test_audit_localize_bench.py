@@ -131,6 +131,12 @@ def test_predict_and_viz_draw_the_canvases_evaluate_scores(mnist_path, tmp_path,
     np.testing.assert_array_equal(large["boxes"], scored["boxes"][:5])
     default = load_localization("test", n=10000, seed=TEST_SEED_DEFAULT, canvas_size=40, cache=False)
     np.testing.assert_array_equal(drawn["maps"], default["images"][3:4])
+    # Without --index: the first canvas holding a digit (canvas 0 of the default seed is empty)
+    del drawn["maps"]
+    assert main(["viz", "features", *common, "--out", str(tmp_path / "m.png")]) == 0
+    first = int(np.flatnonzero(default["present"] > 0.5)[0])
+    assert first > 0 and default["present"][first] == 1
+    np.testing.assert_array_equal(drawn["maps"], default["images"][first:first + 1])
 
 
 def test_viz_features_refuses_a_model_that_does_not_take_one_channel(tmp_path, capsys):
@@ -184,7 +190,8 @@ def test_resume_refuses_an_mnist_runs_state_naming_the_task(tmp_path, monkeypatc
     monkeypatch.setattr(localize, "load_localization", _no_canvases)
     # (was: "was trained with canvas_size=None, n_train=None, epochs=1, ...")
     with pytest.raises(CheckpointError, match=r"is not the state of a `pycnn train localize` run: its settings lack "
-                                              r"canvas_size, n_train, .* \(it holds .*model.*: another command's run\?\)"):
+                                              r"canvas_size, n_train, .* \(it holds .*model.*: another command's run, "
+                                              r"or one of an older pycnn; written by "):
         localize.train_localize(out_dir=str(tmp_path), resume=True, progress=False)
 
 
@@ -218,7 +225,8 @@ def test_mnist_resume_refuses_a_localize_runs_state_naming_what_it_lacks(tmp_pat
     monkeypatch.setattr(train.data, "load_mnist", _no_canvases)
     # (was: "was trained with model=None, lr=0.002, ...")
     with pytest.raises(CheckpointError, match=r"is not the state of a `pycnn train mnist` run: its settings lack "
-                                              r"model, .* \(it holds .*canvas_size.*: another command's run\?\)"):
+                                              r"model, .* \(it holds .*canvas_size.*: another command's run, "
+                                              r"or one of an older pycnn; written by "):
         train.run_mnist(out_dir=str(tmp_path), resume=True, progress=False)
 
 
