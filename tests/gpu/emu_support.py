@@ -95,11 +95,22 @@ def _param_type(decl: str) -> str:
     return re.sub(r"\w+$", "", decl.replace("__restrict__", "")).strip()
 
 
+# Threads per block of the 1-D kernels on the emulator: fewer than the GPU's cuda.BLOCK (each
+# emulated thread of a synchronizing kernel is an OS thread). The kernels are compiled with it as
+# PYCNN_BLOCK, as the GPU's are with cuda.BLOCK: the kernels that size shared arrays by PYCNN_BLOCK
+# (a slot per warp) then have every slot written, as on the GPU, instead of reading never-written ones.
+EMU_BLOCK = 64
+
+
 def build_emulator():
-    """Compile the emulated kernels once (cached by content hash in the temp dir)."""
+    """Compile the emulated kernels once (cached by content hash in the temp dir), with PYCNN_BLOCK
+    = EMU_BLOCK."""
     sources, kernels = {}, {}
     for filename in cuda.SOURCES:
-        text = cuda.kernel_source(filename).replace("extern __shared__ float smem[];",
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(cuda.DEFINES, "PYCNN_BLOCK", EMU_BLOCK)
+            text = cuda.kernel_source(filename)
+        text = text.replace("extern __shared__ float smem[];",
                                                     "float* smem = emu_dynamic_smem;")
         found = _parse(text)
         kernels.update(found)
@@ -228,7 +239,7 @@ def patch_backend(monkeypatch, emulator):
     monkeypatch.setattr(cuda, "_launch", launch)
     monkeypatch.setattr(cuda, "_launch_packed", launch_packed)
     monkeypatch.setattr(cuda, "_split_ticket_arrays", {})  # counters of this test's stand-in arrays
-    monkeypatch.setattr(cuda, "BLOCK", 64)  # fewer emulated threads; kernels take any multiple of 32
+    monkeypatch.setattr(cuda, "BLOCK", EMU_BLOCK)  # (what the emulator's kernels were compiled with)
     return launched
 
 
