@@ -8,7 +8,7 @@ import sys
 import time
 
 import pycnn
-from pycnn import backends
+from pycnn import backends, settings
 
 
 def int_in_range(minimum: int, maximum: int | None = None):
@@ -155,11 +155,15 @@ def cmd_info(args) -> int:
                                        f"backends auto (the default) and native")
     for message in invalid.values():
         print(f"INVALID: {message}")
-    settings = sorted((k, v) for k, v in os.environ.items() if k.startswith("PYCNN_"))
-    if settings:  # (a forgotten setting is the first thing to rule out when results differ)
+    unknown = dict(settings.unknown_settings())
+    if unknown:
+        print(f"UNKNOWN: {settings.unknown_settings_message()}")
+    in_effect = sorted((k, v) for k, v in os.environ.items() if k.startswith(settings.PREFIX))
+    if in_effect:  # (a forgotten setting is the first thing to rule out when results differ)
         print("settings from the environment:")
-        for key, value in settings:
-            print(f"  {key}={value}" + ("  (INVALID: see above)" if key in invalid else ""))
+        for key, value in in_effect:
+            note = "  (INVALID: see above)" if key in invalid else "  (UNKNOWN: see above)" if key in unknown else ""
+            print(f"  {key}={value}{note}")
     if args.verbose:
         for name in ("numba", "native"):
             if not backends.status(name)[0]:
@@ -239,6 +243,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     started = time.time()
+    unknown = settings.unknown_settings_message()
+    if unknown is not None and args.command != "info":  # (info lists them among the settings)
+        print(f"pycnn {args.command}: warning: {unknown}", file=sys.stderr)
     try:
         if hasattr(args, "backend") and args.backend is None:
             # (the explicit default "auto" overrode $PYCNN_BACKEND, which the README offers)
