@@ -192,8 +192,9 @@ extern "C" __global__ void conv2d_bwd_data_v1_f32(
 
 // Launch: block (TILE_W, TILE_H), grid (ceil(W/TILE_W), ceil(H/TILE_H), N * ceil(C/KPB)),
 // dynamic shared memory (PHmax*PWmax + KPB*R*S) floats with PHmax = (TILE_H + R - 2)/sh + 2 and
-// PWmax = (TILE_W + S - 2)/sw + 2, the most dy rows/columns one tile of dx can read (the host
-// checks it fits and otherwise runs v1). Per element the same (k, r, s) order as v1.
+// PWmax = (TILE_W + S - 2)/sw + 2, bounds on the dy rows/columns one tile of dx can read (the
+// TILE_H + R - 1 values of h + ph - r hold at most (TILE_H + R - 2)/sh + 1 multiples of sh: one
+// row and column to spare; the host checks it fits and otherwise runs v1). Per element the same (k, r, s) order as v1.
 extern "C" __global__ void conv2d_bwd_data_v2_f32(
     const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
     int N, int C, int H, int W, int K, int R, int S, int Ho, int Wo,

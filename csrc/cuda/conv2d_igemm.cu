@@ -16,7 +16,8 @@
 //                  the bias gradient without a second pass over dy.
 //   Forward and bwd-data split their reduction the same way when their output tiles are too
 //   few to fill the GPU (small layers); the split reduce then applies bias and ReLU.
-//   A BM x BN block of C per 256-thread block, staged through BK-deep shared-memory tiles of A
+//   A BM x BN block of C per 256-thread block (128 threads for _n128r8 and _m32n256t128), staged
+//   through BK-deep shared-memory tiles of A
 //   and B that all threads load cooperatively; each thread accumulates a TM x TN register tile
 //   with fmaf, reading it from shared memory as float4s. The tiles are double-buffered: while the
 //   block computes on one, cp.async copies the next one from global to shared memory
@@ -29,8 +30,8 @@
 //   conv2d_fwd_v3_m32_f32, conv2d_bwd_data_v3_m32_f32, conv2d_bwd_weight_v3_m32_f32    32 x 128, 2x8
 //     (GEMMs of at most 32 rows: a 64-row tile would be at least half empty)
 //   conv2d_fwd_v3_m32n256_f32, conv2d_bwd_data_v3_m32n256_f32                          32 x 256, 2x16
-//     (wide tiles for 33-64 and <= 32 rows, where 264 or more of them fill the GPU;
-//     PYCNN_CONV3_WIDE=1 always, 0 never)
+//     (the wide tile for GEMMs of at most 32 rows, where 264 or more of them fill the GPU;
+//     PYCNN_CONV3_WIDE=1 always, 0 never; 33-64 rows take the 64 x 128 wide tile below)
 //   conv2d_fwd_v3_n128r8_f32, conv2d_bwd_data_v3_n128r8_f32   64 x 128 with 128 threads, 8x8
 //     (the 64 x 128 tiles: 4-9% faster than the 256-thread _n128 kernels of conv2d_igemm_alt.cu
 //     on an H200, gpu-20261127-15daa69e)
@@ -53,7 +54,8 @@
 #include "conv2d_igemm.cuh"
 
 // The v3/v4 kernels are thin wrappers: the whole block runs pycnn_conv_igemm cooperatively
-// (it calls __syncthreads), so every launch uses exactly PYCNN_CONV3_THREADS threads.
+// (it calls __syncthreads), so every launch uses exactly the thread count it was instantiated for:
+// PYCNN_CONV3_THREADS (256), or 128 for the _n128r8 kernels (and _m32n256t128 in conv2d_igemm_alt.cu).
 extern "C" __global__ void conv2d_fwd_v3_f32(
     const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
     float* __restrict__ y, int has_bias, int relu, int N, int C, int H, int W, int K, int R, int S,

@@ -10,7 +10,8 @@
 
 // ----------------------------------------------------------------------------- v3 / v4 core
 //
-// Two block tiles, both 256 threads and 16-deep stages (the host mirrors them in cuda.py):
+// Two block tiles that v3 and v4 share, both 256 threads and 16-deep stages (the host mirrors them
+// in cuda.py):
 //   64 x 64    v3: a 4x4 register tile per thread;  v4: 8 warps of 32x16 (2x2 mma tiles)
 //   128 x 128  v3: an 8x8 register tile per thread; v4: 8 warps of 64x32 (4x4 mma tiles)
 // The large tile reads half as much shared memory per FMA (and the warps' mma tiles share their
@@ -324,8 +325,9 @@ struct PycnnConvLoader {
     int b_col, b_row;      // B: this thread loads column b_col of the tile, rows b_row + B_STEP*q
     bool nb_ok;            // that column exists (n0 + b_col < Ncols)
     int cb0, cb1, cb2, cb3;  // the column's geometry (see pycnn_conv_b_elem)
-    int a_row, a_k;        // A through registers: rows a_row + 64*rr, reduction indices a_k .. a_k+3
-    int c_row, c_k;        // A by cp.async: rows c_row + 16*i, reduction index c_k (pycnn_conv_copy_transposed)
+    int a_row, a_k;        // A through registers: rows a_row + (THREADS/4)*rr, reduction indices a_k .. a_k+3
+    int c_row, c_k;        // A by cp.async: rows c_row + ROW_STEP*i (16; 8 with 128 threads), reduction
+                           // index c_k (pycnn_conv_copy_transposed)
 };
 
 // Element offsets for the tile loads. Each returns whether the element is nonzero data and
