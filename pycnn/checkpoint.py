@@ -11,6 +11,9 @@ from pycnn.fileio import atomic_write_bytes
 
 
 CHECKSUM_KEY = "pycnn_sha256"  # metadata: SHA-256 of the tensor bytes (hex)
+# metadata: SHA-256 (hex) of the JSON header as written, without this entry (tensor names, dtypes,
+# shapes, offsets and the other metadata, which the tensor checksum does not cover)
+HEADER_CHECKSUM_KEY = "pycnn_header_sha256"
 
 
 class CheckpointError(ValueError):
@@ -31,9 +34,22 @@ def safetensors_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
     weights wrote the file's header in different orders, and the checkpoints' checksums differed.)
     The format: an 8-byte little-endian header length, the JSON header padded with spaces to a
     multiple of 8 bytes, then each tensor's little-endian bytes, back to back. The metadata also
-    holds ``pycnn_sha256``, the SHA-256 of those bytes, which :func:`load_checkpoint` checks.
+    holds ``pycnn_sha256``, the SHA-256 of those bytes, and ``pycnn_header_sha256``, the SHA-256
+    of the JSON header written without that entry (names, dtypes, shapes, offsets, metadata);
+    :func:`load_checkpoint` checks both.
+
+    Raises:
+        TypeError: a dtype safetensors cannot hold here; metadata that is not strings to strings.
+        ValueError: a tensor named ``__metadata__``.
     """
     metadata = dict(metadata or {})
+    for key, value in metadata.items():  # (else written, and refused by every reader of the file)
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"save_checkpoint: safetensors metadata must map strings to strings, got "
+                            f"{key!r}: {value!r} ({type(value).__name__})")
+    if "__metadata__" in tensors:
+        raise ValueError("save_checkpoint: a tensor may not be named '__metadata__' (the safetensors header "
+                         "keeps the metadata under that name)")
     header: dict = {}
     blobs, offset = [], 0
     for name in sorted(tensors):
@@ -51,10 +67,20 @@ def safetensors_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
     # chance accuracy without a word).
     body = b"".join(blobs)
     metadata[CHECKSUM_KEY] = hashlib.sha256(body).hexdigest()
+    metadata.pop(HEADER_CHECKSUM_KEY, None)
     header = {"__metadata__": {k: metadata[k] for k in sorted(metadata)}, **header}
+    # ... and one of the header, so that damage to a shape, a dtype or the metadata (a training
+    # state's epoch, history or configuration) is found too: the tensor checksum passed them.
+    metadata[HEADER_CHECKSUM_KEY] = _header_digest(header)
+    header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text + body
+
+
+def _header_digest(header: dict) -> str:
+    """SHA-256 of the header's JSON as :func:`safetensors_bytes` writes it (keys in their order)."""
+    return hashlib.sha256(json.dumps(header, separators=(",", ":")).encode()).hexdigest()
 
 
 def checkpoint_bytes(model, metadata: dict | None = None) -> bytes:
@@ -75,7 +101,8 @@ def load_checkpoint(path) -> tuple[dict, dict]:
     """Read ``(state_dict, metadata)`` from a safetensors checkpoint.
 
     Raises:
-        CheckpointError: the file is missing, truncated or not a safetensors file.
+        CheckpointError: the file is missing, truncated or not a safetensors file, or its tensor
+            bytes or its header do not match the checksums written with it.
     """
     from safetensors.numpy import load
 
@@ -95,11 +122,27 @@ def load_checkpoint(path) -> tuple[dict, dict]:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file "
                               f"({len(data)} bytes): {type(exc).__name__}: {exc}") from exc
     meta = dict(header.get("__metadata__", {}))
+    expected_header = meta.pop(HEADER_CHECKSUM_KEY, None)  # (files written before it was added have none)
+    if expected_header is not None:
+        header["__metadata__"].pop(HEADER_CHECKSUM_KEY)
+        if _header_digest(header) != expected_header:
+            raise CheckpointError(f"checkpoint {path} is corrupt: its header (tensor names, dtypes, shapes or "
+                                  "metadata) does not match the checksum written with it (the file was damaged "
+                                  "or changed after it was saved)")
     expected = meta.pop(CHECKSUM_KEY, None)  # (files written before it was added have none)
     if expected is not None and hashlib.sha256(data[8 + header_len:]).hexdigest() != expected:
         raise CheckpointError(f"checkpoint {path} is corrupt: its tensor data does not match the checksum "
                               "written with it (the file was damaged or changed after it was saved)")
     return dict(state), meta
+
+
+def _check_floating(path, state: dict) -> None:
+    """A model's parameters are floating point: an integer or boolean tensor for one was cast to
+    float32 and loaded without a word."""
+    for key, array in state.items():
+        if not np.issubdtype(array.dtype, np.floating):
+            raise CheckpointError(f"checkpoint {path}: tensor {key!r} has dtype {array.dtype}, but a model's "
+                                  "parameters are floating point (float16, float32 or float64)")
 
 
 def load_model(path, device: str = "cpu"):
@@ -140,6 +183,7 @@ def load_model(path, device: str = "cpu"):
     except (TypeError, ValueError) as exc:  # (an argument this version's model does not take, or refuses)
         raise CheckpointError(f"checkpoint {path}: cannot build model {name!r} with its recorded arguments "
                               f"{kwargs} ({written}): {exc}") from exc
+    _check_floating(path, state)
     try:
         model.load_state_dict(state, strict=True)
     except KeyError as exc:
@@ -214,6 +258,7 @@ def load_training_state(path, model, optimizer, tensors_and_meta=None) -> dict:
     for index, values in saved["numbers"].items():
         state.setdefault(int(index), {}).update(values)
     model_state = {key[len("model/"):]: array for key, array in tensors.items() if key.startswith("model/")}
+    _check_floating(path, {f"model/{key}": array for key, array in model_state.items()})
     try:
         model.load_state_dict(model_state, strict=True)
         optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})

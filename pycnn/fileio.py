@@ -29,7 +29,12 @@ def temp_file_beside(path, suffix: str = ".tmp") -> tuple[int, Path]:
         except FileExistsError:
             continue
     if existing_mode is not None and hasattr(os, "fchmod"):
-        os.fchmod(fd, existing_mode)
+        try:
+            os.fchmod(fd, existing_mode)
+        except OSError:
+            # (a filesystem that refuses chmod, e.g. vfat or some network mounts: open() would
+            # have written there all the same. This raised and left the temp file behind.)
+            pass
     return fd, temp
 
 

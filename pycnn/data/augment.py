@@ -23,6 +23,7 @@ import numpy as np
 
 __all__ = ["Augment", "get_array_module"]
 
+_MIN_SCALE = 1e-3  # smallest zoom factor taken
 _BOX_TOLERANCE = 1e-5  # normalized; boxes computed in float32 may overshoot [0, 1] by rounding
 
 
@@ -56,7 +57,7 @@ class Augment:
         hflip: probability of a horizontal flip (0 by default: a mirrored digit is not a digit).
         rotate: maximum rotation in degrees; the angle is uniform in [-rotate, rotate].
         translate: maximum shift as a fraction of the canvas width/height.
-        scale: ``(min, max)`` zoom factor range (> 0); > 1 enlarges.
+        scale: ``(min, max)`` zoom factor range (finite, >= 0.001); > 1 enlarges.
         gaussian_noise: standard deviation of additive Gaussian pixel noise.
         salt_pepper: fraction of pixels set to the range's min or max (half each).
         brightness: maximum additive brightness change, uniform in [-brightness, brightness].
@@ -91,6 +92,11 @@ class Augment:
             raise ValueError(f"Augment: scale must be a (min, max) pair, got {scale!r}") from None
         if not 0.0 < smin <= smax:
             raise ValueError(f"Augment: scale must satisfy 0 < min <= max, got {tuple(scale)}")
+        # (an infinite zoom, or one so small that its inverse overflows, stopped in the warp with
+        # "high - low range exceeds valid bounds" or an IndexError of a NaN pixel index)
+        if not (np.isfinite(smax) and smin >= _MIN_SCALE):
+            raise ValueError(f"Augment: scale must be finite and >= {_MIN_SCALE} (a digit shrunk {1 / _MIN_SCALE:g} "
+                             f"times is gone), got {tuple(scale)}")
         lo, hi = (float(v) for v in value_range)
         if not lo < hi:
             raise ValueError(f"Augment: value_range must satisfy min < max, got {tuple(value_range)}")

@@ -22,6 +22,14 @@ def _check_batch_size(batch_size, where: str) -> int:
     return int(batch_size)
 
 
+def _check_seed(seed, where: str) -> int:
+    # (None, -1 or 2.5 were taken here and failed only at the first iter() with NumPy's "object of
+    # type 'NoneType' has no len()" or "expected non-negative integer", naming no argument)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"{where}: seed must be an integer >= 0, got {seed!r}")
+    return int(seed)
+
+
 def _targets(y) -> list:
     if isinstance(y, dict):
         return list(y.values())
@@ -113,10 +121,11 @@ class WeightedSampler:
     Args:
         weights: (N,) non-negative finite weights, one per sample, not all zero.
         num_samples: indices per epoch (default: N).
-        seed: an integer seed.
+        seed: an integer seed (>= 0).
 
     Raises:
-        ValueError: weights not 1-D, negative, non-finite or all zero; num_samples < 1.
+        ValueError: weights not 1-D, negative, non-finite or all zero; num_samples < 1; a seed
+            that is not an integer >= 0.
     """
 
     def __init__(self, weights, num_samples: int | None = None, seed: int = 0):
@@ -135,7 +144,7 @@ class WeightedSampler:
             raise ValueError(f"WeightedSampler: num_samples must be an integer >= 1, got {num_samples!r}")
         self.probabilities = w / total
         self.num_samples = int(num_samples)
-        self.seed = int(seed)
+        self.seed = _check_seed(seed, "WeightedSampler")
         self.epoch = 0
 
     def indices(self, epoch: int) -> np.ndarray:
@@ -229,14 +238,14 @@ class DataLoader:
         batch_size: samples per batch (>= 1).
         shuffle: shuffle each epoch. Default: True without a sampler; it must not be True
             together with a sampler (the sampler decides the order).
-        seed: integer seed of the shuffle.
+        seed: integer seed of the shuffle (>= 0).
         drop_last: skip a final short batch.
         sampler: an object with ``__iter__`` yielding sample indices and ``__len__``; when it
             has ``indices(epoch)`` that is used instead (reproducible per epoch).
 
     Raises:
-        ValueError: as for :func:`iterate_batches`; shuffle=True with a sampler; a sampler
-            index outside [0, len(x)).
+        ValueError: as for :func:`iterate_batches`; a seed that is not an integer >= 0;
+            shuffle=True with a sampler; a sampler index outside [0, len(x)).
     """
 
     def __init__(self, x, y, batch_size: int, shuffle: bool | None = None, seed: int = 0,
@@ -248,7 +257,7 @@ class DataLoader:
                              "(the sampler decides the order); leave shuffle unset")
         self.x, self.y = x, y
         self.shuffle = (sampler is None) if shuffle is None else bool(shuffle)
-        self.seed = seed
+        self.seed = _check_seed(seed, "DataLoader")
         self.drop_last = bool(drop_last)
         self.sampler = sampler
         self.epoch = 0

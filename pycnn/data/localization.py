@@ -98,6 +98,19 @@ def ink_boxes(images, threshold: float = INK_THRESHOLD) -> tuple[np.ndarray, np.
     return boxes, has_ink
 
 
+def _int_pair(value):
+    """``value`` as two ints when it is a pair of integers (NumPy's too), else None."""
+    if isinstance(value, (str, bytes)):
+        return None
+    try:
+        items = list(value)
+    except TypeError:
+        return None
+    if len(items) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items):
+        return None
+    return int(items[0]), int(items[1])
+
+
 def _check_int(value, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"make_canvases: {name} must be an integer >= {minimum}, got {value!r}")
@@ -149,14 +162,23 @@ def make_canvases(images, labels, n: int, canvas_size=64, scale_range=DIGIT_SCAL
     if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"make_canvases: labels must be integers of shape ({images.shape[0]},), "
                          f"got shape {labels.shape} dtype {labels.dtype}")
-    if isinstance(canvas_size, numbers.Integral):
+    # (int() of each value truncated (64.7, 64) to a 64x64 canvas and scale_range=(14.9, 40) to
+    # 14 without a word; a canvas_size of 64.0 or (64,) stopped with a bare unpacking error, and
+    # "64" made a "canvas 6x4")
+    if isinstance(canvas_size, numbers.Integral) and not isinstance(canvas_size, bool):
         canvas_h = canvas_w = int(canvas_size)
     else:
-        canvas_h, canvas_w = (int(v) for v in canvas_size)
-    try:
-        smin, smax = (int(v) for v in scale_range)
-    except (TypeError, ValueError):
-        raise ValueError(f"make_canvases: scale_range must be two integers (min, max), got {scale_range!r}") from None
+        pair = _int_pair(canvas_size)
+        if pair is None:
+            raise ValueError(f"make_canvases: canvas_size must be an integer or a (height, width) pair of "
+                             f"integers, got {canvas_size!r}")
+        canvas_h, canvas_w = pair
+    if canvas_h < 1 or canvas_w < 1:
+        raise ValueError(f"make_canvases: canvas_size must be >= 1, got {canvas_size!r}")
+    pair = _int_pair(scale_range)
+    if pair is None:
+        raise ValueError(f"make_canvases: scale_range must be two integers (min, max), got {scale_range!r}")
+    smin, smax = pair
     if not (1 <= smin <= smax):
         raise ValueError(f"make_canvases: scale_range must satisfy 1 <= min <= max, got {tuple(scale_range)}")
     if canvas_h < smax or canvas_w < smax:
@@ -164,8 +186,8 @@ def make_canvases(images, labels, n: int, canvas_size=64, scale_range=DIGIT_SCAL
                          f"size {smax} (scale_range={tuple(scale_range)}); enlarge the canvas or lower the scale")
     if not 0.0 <= empty_prob <= 1.0:
         raise ValueError(f"make_canvases: empty_prob must be in [0, 1], got {empty_prob}")
-    if not noise >= 0.0:
-        raise ValueError(f"make_canvases: noise must be >= 0, got {noise}")
+    if not (noise >= 0.0 and np.isfinite(noise)):  # (inf was taken: every pixel 0 or 1)
+        raise ValueError(f"make_canvases: noise must be >= 0 and finite, got {noise}")
     if clutter is True:
         max_fragments = 4
     elif clutter is False or clutter is None:
@@ -253,14 +275,21 @@ def _validate_canvases(data, where: str) -> None:
     missing = [k for k in CANVAS_KEYS if k not in data]
     if missing:
         raise ValueError(f"{where}: missing keys {missing}; expected {list(CANVAS_KEYS)}")
-    n = data["images"].shape[0] if data["images"].ndim == 4 else None
-    if n is None:
+    if data["images"].ndim != 4 or data["images"].shape[1] != 1:  # (a (n, 3, H, W) set passed)
         raise ValueError(f"{where}: images must have shape (n, 1, H, W), got {data['images'].shape}")
+    n = data["images"].shape[0]
     expected = {"present": (n,), "labels": (n,), "boxes": (n, 4)}
     for key, shape in expected.items():
         if data[key].shape != shape:
             raise ValueError(f"{where}: {key} must have shape {shape} to match images {data['images'].shape}, "
                              f"got {data[key].shape}")
+    # (an object array was saved, pickled, and then refused by load_canvases; uint8 images loaded
+    # as 0-255 where every user of the canvases expects [0, 1])
+    kinds = {"images": ("floating point", (np.floating,)), "present": ("0/1 numbers", (np.number, np.bool_)),
+             "labels": ("integer", (np.integer,)), "boxes": ("floating point", (np.floating,))}
+    for key, (kind, dtypes) in kinds.items():
+        if not any(np.issubdtype(data[key].dtype, d) for d in dtypes):
+            raise ValueError(f"{where}: {key} must be {kind}, got dtype {data[key].dtype}")
 
 
 def save_canvases(path, data: dict) -> Path:
@@ -274,19 +303,32 @@ def save_canvases(path, data: dict) -> Path:
         The path written.
 
     Raises:
-        ValueError: missing keys or inconsistent shapes.
+        ValueError: missing keys, inconsistent shapes or wrong dtypes.
+        OSError: the file cannot be written (naming ``path``); a previous file there is left as it was.
     """
     arrays = {k: np.asarray(data[k]) for k in CANVAS_KEYS if k in data}
     _validate_canvases(arrays, "save_canvases")
     path = Path(path)
     if path.suffix != ".npz":
         path = path.with_name(path.name + ".npz")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file_beside(path, suffix=".part")
+    # (A failure while writing, e.g. a full disk, said "[Errno 28] No space left on device" without
+    # a file name, and a directory in the way named the temp file; the data was not fsync'ed before
+    # the rename, so a crash could leave an empty file that looked complete.)
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "Is a directory (cannot write a file there)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = temp_file_beside(path, suffix=".part")
+    except OSError as exc:
+        raise type(exc)(exc.errno, exc.strerror or str(exc), str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise type(exc)(exc.errno, exc.strerror or str(exc), str(path)) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -298,7 +340,7 @@ def load_canvases(path) -> dict:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a readable .npz, or missing keys / inconsistent shapes.
+        ValueError: not a readable .npz, or missing keys / inconsistent shapes / wrong dtypes.
     """
     path = Path(path)
     try:

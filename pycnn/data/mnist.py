@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import os
 import urllib.error
 import urllib.request
@@ -108,8 +109,11 @@ def _find_file(directory: Path, name: str) -> Path | None:
     return None
 
 
-def _read_decompressed(path: Path) -> bytes:
-    """The file's bytes, gunzipped when it is gzip data (detected by its magic, not its name)."""
+def _read_decompressed(path: Path, shown=None) -> bytes:
+    """The file's bytes, gunzipped when it is gzip data (detected by its magic, not its name).
+
+    ``shown``: what the error names instead of ``path`` (the URL of a download being verified).
+    """
     with open(path, "rb") as f:
         head = f.read(2)
     if head != b"\x1f\x8b":
@@ -118,14 +122,19 @@ def _read_decompressed(path: Path) -> bytes:
         with gzip.open(path, "rb") as f:
             return f.read()
     except (EOFError, OSError, zlib.error) as exc:
+        if shown is not None:
+            raise MnistIntegrityError(f"MNIST file {shown} is a damaged gzip file ({type(exc).__name__}: {exc})") from exc
         raise MnistIntegrityError(
             f"MNIST file {path} is a damaged gzip file ({type(exc).__name__}: {exc}); "
             "delete it so that it can be downloaded again, or replace it with a good copy"
         ) from exc
 
 
-def _parse_idx(data: bytes, path: Path, name: str, expected_count: int) -> np.ndarray:
-    """Check the IDX header and md5 of ``data`` and return its payload as a uint8 array."""
+def _parse_idx(data: bytes, path, name: str, expected_count: int) -> np.ndarray:
+    """Check the IDX header and md5 of ``data`` and return its payload as a uint8 array.
+
+    ``path``: the file the errors name (a Path), or the URL of a download being verified (a str).
+    """
     is_images = "images" in name
     magic_expected = IMAGES_MAGIC if is_images else LABELS_MAGIC
     header_len = 16 if is_images else 8
@@ -165,8 +174,9 @@ def _parse_idx(data: bytes, path: Path, name: str, expected_count: int) -> np.nd
     if digest != MD5[name]:
         raise MnistIntegrityError(
             f"MNIST file {path} is corrupt: md5 of the decompressed bytes expected "
-            f"{MD5[name]}, found {digest}; delete it so that it can be downloaded again, or "
-            "replace it with a good copy"
+            f"{MD5[name]}, found {digest}"
+            + ("; delete it so that it can be downloaded again, or replace it with a good copy"
+               if isinstance(path, Path) else "")  # (not for a download: its temp file is gone)
         )
     return np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(shape)
 
@@ -176,7 +186,12 @@ def _load_file(path: Path, name: str, expected_count: int) -> np.ndarray:
 
 
 def _download_file(url: str, dest: Path, progress: bool) -> None:
-    """Stream ``url`` into ``dest`` (a temp file the caller renames), with a tqdm bar."""
+    """Stream ``url`` into ``dest`` (a temp file the caller renames), with a tqdm bar.
+
+    Raises:
+        OSError: the connection ended before the ``Content-Length`` the server announced (urllib
+            returns the short read without a word).
+    """
     with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(dest, "wb") as out:
         total = response.headers.get("Content-Length")
         total = int(total) if total and total.isdigit() else None
@@ -185,17 +200,21 @@ def _download_file(url: str, dest: Path, progress: bool) -> None:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"download {url.rsplit('/', 1)[-1]}")
+        received = 0
         try:
             while True:
                 chunk = response.read(1 << 16)
                 if not chunk:
                     break
                 out.write(chunk)
+                received += len(chunk)
                 if bar is not None:
                     bar.update(len(chunk))
         finally:
             if bar is not None:
                 bar.close()
+        if total is not None and received != total:
+            raise OSError(f"the download ended after {received} of the {total} bytes the server announced")
 
 
 def _download(name: str, expected_count: int, directory: Path, progress: bool) -> Path:
@@ -214,10 +233,15 @@ def _download(name: str, expected_count: int, directory: Path, progress: bool) -
         os.close(fd)
         try:
             _download_file(url, tmp, progress)
-            _load_file(tmp, name, expected_count)  # verify before it becomes visible
+            # verify before it becomes visible (a failure names the URL: the temp file is removed)
+            _parse_idx(_read_decompressed(tmp, shown=url), url, name, expected_count)
             os.replace(tmp, final)
             return final
-        except (OSError, urllib.error.URLError, MnistIntegrityError, ValueError) as exc:
+        except MnistIntegrityError as exc:
+            errors.append(f"{url}: the file downloaded is not a good copy: {exc}")
+        # (http.client.HTTPException: a chunked response cut short raises IncompleteRead, which is
+        # no OSError; it escaped here, the next mirror was never tried and load_mnist raised it raw)
+        except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError) as exc:
             errors.append(f"{url}: {type(exc).__name__}: {exc}")
         finally:
             if tmp.exists():
