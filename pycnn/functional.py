@@ -329,14 +329,25 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
 
 
 def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
-    """Zero each element with probability ``p`` and scale the rest by 1/(1-p) (training only)."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    """Zero each element with probability ``p`` and scale the rest by 1/(1-p) (training only).
+
+    ``p`` is in [0, 1], as in PyTorch: p=1 zeroes every element (and its gradient).
+    """
+    check_dropout_p("dropout", p)
     if not training or p == 0.0:
         return x
+    if p == 1.0:  # (1/(1-p) would divide by zero; PyTorch returns zeros)
+        mask = array_module(x.data).zeros(x.shape, dtype=x.dtype)
+        return Tensor._from_op(x.data * mask, (x,), lambda g: (g * mask,), "dropout")
     keep = _random.generator().random(x.shape) >= p
     mask = move_array((keep / (1.0 - p)).astype(x.dtype), x.device)
     return Tensor._from_op(x.data * mask, (x,), lambda g: (g * mask,), "dropout")
+
+
+def check_dropout_p(owner: str, p) -> None:
+    """A dropout probability: a real number in [0, 1] (PyTorch's range); NaN and bools refused."""
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"{owner}: p must be in [0, 1], got {p!r}")
 
 
 # ----------------------------------------------------------------------------- linear
@@ -534,8 +545,9 @@ def generalized_box_iou_loss(pred: Tensor, target, reduction: str = "mean", eps:
     return loss.mean() if reduction == "mean" else loss.sum()
 
 
-def flatten(x: Tensor, start_dim: int = 1) -> Tensor:
-    return x.flatten(start_dim)
+def flatten(x: Tensor, start_dim: int = 1, end_dim: int = -1) -> Tensor:
+    """Merge the dimensions start_dim..end_dim (inclusive) into one (Tensor.flatten)."""
+    return x.flatten(start_dim, end_dim)
 
 
 __all__ = ["conv2d", "conv2d_max_pool2d_relu", "max_pool2d", "avg_pool2d", "relu", "leaky_relu", "sigmoid", "tanh", "softmax",

@@ -620,12 +620,22 @@ class Tensor:
             raise IndexError(f"{op}: dimension {dim} is out of range for a {self.ndim}-D tensor of shape {self.shape}")
         return int(dim) % self.ndim
 
-    def flatten(self, start_dim: int = 0):
-        """Merge the dimensions from ``start_dim`` on (``flatten(1)`` keeps the batch axis)."""
+    def flatten(self, start_dim: int = 0, end_dim: int = -1):
+        """Merge the dimensions ``start_dim`` to ``end_dim`` (both included, as PyTorch's) into one
+        (``flatten(1)`` keeps the batch axis).
+
+        Raises:
+            IndexError: a dimension out of range. ValueError: ``start_dim`` after ``end_dim``.
+        """
         if self.ndim == 0:
             return self.reshape(1)
         start = self._axis(start_dim, "flatten")  # (a start past the last axis wrapped around, silently)
-        return self.reshape(self.shape[:start] + (-1,))
+        end = self._axis(end_dim, "flatten")
+        if start > end:
+            raise ValueError(f"flatten: start_dim must not come after end_dim, got start_dim={start_dim} "
+                             f"and end_dim={end_dim} for a {self.ndim}-D tensor")
+        merged = int(np.prod(self.shape[start:end + 1]))  # (not -1: ambiguous for an empty tensor)
+        return self.reshape(self.shape[:start] + (merged,) + self.shape[end + 1:])
 
     def permute(self, *dims):
         """Reorder every axis: ``x.permute(0, 2, 3, 1)`` is NCHW -> NHWC (NumPy's ``transpose(axes)``)."""

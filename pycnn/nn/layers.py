@@ -35,6 +35,13 @@ def _pair(value, layer: str, name: str, minimum: int) -> tuple[int, int]:
     return pair
 
 
+def _only_default(layer: str, name: str, value, defaults: tuple) -> None:
+    """PyTorch's argument ``name`` that pycnn supports only at its default value(s)."""
+    if not any(value is d or (type(value) is type(d) and value == d) for d in defaults):
+        raise ValueError(f"{layer}: {name}={value!r} is not supported (pycnn implements only "
+                         f"{name}={defaults[0]!r}, PyTorch's default), got {value!r}")
+
+
 def _check_input(layer: str, x, ndim: int):
     if not isinstance(x, Tensor):
         raise TypeError(f"{layer} expects a pycnn Tensor, got {type(x).__name__}")
@@ -112,8 +119,18 @@ class MaxPool2d(Module):
     """2-D max pooling over NCHW input (stride defaults to the kernel size; padding at most half
     the kernel, as PyTorch)."""
 
-    def __init__(self, kernel_size, stride=None, padding=0):
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices: bool = False,
+                 ceil_mode: bool = False):
         super().__init__()
+        layer = type(self).__name__
+        # PyTorch's other arguments: their defaults are what pycnn computes; anything else is refused
+        # here (not left to fail, or be ignored, in forward()).
+        _only_default(layer, "dilation", dilation, (1, (1, 1)))
+        _only_default(layer, "return_indices", return_indices, (False,))
+        _only_default(layer, "ceil_mode", ceil_mode, (False,))
+        self._init_window(kernel_size, stride, padding)
+
+    def _init_window(self, kernel_size, stride, padding) -> None:
         layer = type(self).__name__
         self.kernel_size = _pair(kernel_size, layer, "kernel_size", 1)
         self.stride = self.kernel_size if stride is None else _pair(stride, layer, "stride", 1)
@@ -131,32 +148,60 @@ class MaxPool2d(Module):
 
 
 class AvgPool2d(MaxPool2d):
-    """2-D average pooling (padded zeros count in the divisor, PyTorch's default)."""
+    """2-D average pooling (padded zeros count in the divisor, PyTorch's default).
+
+    PyTorch's ``ceil_mode``, ``count_include_pad`` and ``divisor_override`` are accepted at their
+    defaults (False, True, None); other values raise a ValueError.
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+                 count_include_pad: bool = True, divisor_override=None):
+        Module.__init__(self)
+        _only_default("AvgPool2d", "ceil_mode", ceil_mode, (False,))
+        _only_default("AvgPool2d", "count_include_pad", count_include_pad, (True,))
+        _only_default("AvgPool2d", "divisor_override", divisor_override, (None,))
+        self._init_window(kernel_size, stride, padding)
 
     def forward(self, x):
         return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding)
 
 
 class Flatten(Module):
-    """Flatten every dimension from ``start_dim`` on (default: keep the batch axis)."""
+    """Flatten the dimensions ``start_dim`` to ``end_dim`` (both included; default: all but the
+    batch axis), as PyTorch's."""
 
-    def __init__(self, start_dim: int = 1):
+    def __init__(self, start_dim: int = 1, end_dim: int = -1):
         super().__init__()
-        self.start_dim = start_dim
+        self.start_dim, self.end_dim = start_dim, end_dim
 
     def forward(self, x):
-        return x.flatten(self.start_dim)
+        return x.flatten(self.start_dim, self.end_dim)
+
+    def extra_repr(self):
+        return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
 
 
+# PyTorch's ``inplace`` flag of the activations and Dropout: accepted, but pycnn has no in-place
+# ops, so the result is always a new tensor (the values and gradients are those of PyTorch; the
+# input is left as it was).
 class ReLU(Module):
+    """max(x, 0). ``inplace`` is accepted for PyTorch compatibility; the op runs out of place."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self.inplace = bool(inplace)
+
     def forward(self, x):
         return F.relu(x)
 
 
 class LeakyReLU(Module):
-    def __init__(self, negative_slope: float = 0.01):
+    """x if x > 0 else negative_slope * x. ``inplace``: as ReLU's (out of place)."""
+
+    def __init__(self, negative_slope: float = 0.01, inplace: bool = False):
         super().__init__()
         self.negative_slope = float(negative_slope)
+        self.inplace = bool(inplace)
 
     def forward(self, x):
         return F.leaky_relu(x, self.negative_slope)
@@ -176,13 +221,14 @@ class Tanh(Module):
 
 
 class Dropout(Module):
-    """Randomly zero elements with probability p in training mode; identity in eval mode."""
+    """Randomly zero elements with probability p (in [0, 1], as PyTorch: p=1 zeroes everything)
+    in training mode; identity in eval mode. ``inplace``: as ReLU's (out of place)."""
 
-    def __init__(self, p: float = 0.5):
+    def __init__(self, p: float = 0.5, inplace: bool = False):
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
+        F.check_dropout_p("Dropout", p)
         self.p = float(p)
+        self.inplace = bool(inplace)
 
     def forward(self, x):
         return F.dropout(x, self.p, self.training)

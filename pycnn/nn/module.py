@@ -19,6 +19,17 @@ class Parameter(Tensor):
         return "Parameter(" + super().__repr__() + ")"
 
 
+def zero_grad_of(p: Tensor, set_to_none: bool = True) -> None:
+    """``p.grad = None``, or with ``set_to_none=False`` the gradient zeroed in place (PyTorch's
+    Module/Optimizer.zero_grad)."""
+    if set_to_none or p.grad is None:
+        p.grad = None
+    elif getattr(p.grad.data.flags, "writeable", True):  # (CuPy arrays have no such flag)
+        p.grad.data[...] = 0
+    else:  # (a read-only array assigned by the caller: replaced, not written)
+        p.grad.data = p.grad.data * 0
+
+
 class Module:
     """Base class of layers and models.
 
@@ -102,27 +113,51 @@ class Module:
         return self.forward(*args, **kwargs)
 
     # -- traversal
-    def named_modules(self, prefix: str = ""):
+    def named_modules(self, prefix: str = "", _seen: set | None = None):
+        """(name, module) for this module and every descendant, depth first, each module once
+        (as PyTorch: a module registered under two names is listed under the first only, so
+        ``modules()`` and ``train()`` visit it once)."""
+        seen = set() if _seen is None else _seen
+        if id(self) in seen:
+            return
+        seen.add(id(self))
         yield prefix, self
         for name, module in self._modules.items():
             if module is not None:  # (an empty slot: ``self.sub = None``)
-                yield from module.named_modules(f"{prefix}.{name}" if prefix else name)
+                yield from module.named_modules(f"{prefix}.{name}" if prefix else name, seen)
 
     def modules(self):
         for _, module in self.named_modules():
             yield module
 
+    def named_children(self):
+        """(name, module) of the direct children, each module once (as PyTorch)."""
+        seen = set()
+        for name, module in self._modules.items():
+            if module is not None and id(module) not in seen:
+                seen.add(id(module))
+                yield name, module
+
     def children(self):
-        return (m for m in self._modules.values() if m is not None)
+        return (m for _, m in self.named_children())
 
     def named_parameters(self, prefix: str = ""):
+        """(name, parameter) of every parameter, each once (a shared one under its first name)."""
         seen = set()
-        for mod_name, module in self.named_modules(prefix):
-            for name, param in module._parameters.items():
-                if param is None or id(param) in seen:
-                    continue
+        for name, param in self._all_named_parameters(prefix):
+            if id(param) not in seen:
                 seen.add(id(param))
-                yield (f"{mod_name}.{name}" if mod_name else name), param
+                yield name, param
+
+    def _all_named_parameters(self, prefix: str = ""):
+        """Every (name, parameter) pair, a shared parameter under each of its names (the keys of
+        PyTorch's state_dict, which keeps them all)."""
+        for name, param in self._parameters.items():
+            if param is not None:
+                yield (f"{prefix}.{name}" if prefix else name), param
+        for name, module in self._modules.items():
+            if module is not None:
+                yield from module._all_named_parameters(f"{prefix}.{name}" if prefix else name)
 
     def parameters(self):
         return [p for _, p in self.named_parameters()]
@@ -139,9 +174,11 @@ class Module:
     def eval(self) -> "Module":
         return self.train(False)
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop every parameter's gradient (PyTorch's default), or with ``set_to_none=False``
+        zero it in place (a parameter without one keeps None)."""
         for p in self.parameters():
-            p.grad = None
+            zero_grad_of(p, set_to_none)
 
     def requires_grad_(self, flag: bool = True) -> "Module":
         for p in self.parameters():
@@ -170,8 +207,9 @@ class Module:
 
     # -- state
     def state_dict(self) -> "OrderedDict[str, np.ndarray]":
-        """Parameter name -> a NumPy copy of its data (on the CPU)."""
-        return OrderedDict((name, np.array(p.numpy(), copy=True)) for name, p in self.named_parameters())
+        """Parameter name -> a NumPy copy of its data (on the CPU). A parameter shared between
+        modules is saved under each of its names, as in PyTorch."""
+        return OrderedDict((name, np.array(p.numpy(), copy=True)) for name, p in self._all_named_parameters())
 
     def load_state_dict(self, state, strict: bool = True) -> dict:
         """Copy arrays from ``state`` into the parameters of the same name.
@@ -188,7 +226,7 @@ class Module:
         if not isinstance(state, Mapping):
             raise TypeError(f"{type(self).__name__}.load_state_dict needs a mapping of parameter name -> array "
                             f"(e.g. model.state_dict()), got {type(state).__name__}")
-        own = OrderedDict(self.named_parameters())
+        own = OrderedDict(self._all_named_parameters())  # (the state_dict's keys)
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         mismatched = [f"{k}: checkpoint {tuple(np.shape(state[k]))} vs model {own[k].shape}"

@@ -27,6 +27,10 @@ class LRScheduler:
     def __init__(self, optimizer):
         self.optimizer = optimizer
         self.last_epoch = 0
+        # As PyTorch's: the schedule starts from each group's lr now (an "initial_lr" already there,
+        # from an earlier scheduler or a loaded state, is kept).
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
         self.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
         self._apply()
 
@@ -82,16 +86,26 @@ class CosineAnnealingLR(LRScheduler):
 
 
 class OneCycleLR(LRScheduler):
-    """The 1cycle policy (Smith & Topin), PyTorch's two-phase version.
+    """The 1cycle policy (Smith & Topin), PyTorch's signature and formulas.
 
-    Warm up from max_lr/div_factor to max_lr over pct_start of total_steps, then anneal to
-    initial_lr/final_div_factor. With cycle_momentum the momentum (SGD) or beta1 (Adam) moves
-    the opposite way between max_momentum and base_momentum.
+    Warm up from max_lr/div_factor to max_lr over pct_start of the steps, then anneal to
+    initial_lr/final_div_factor; with ``three_phase`` warm up, come back down to initial_lr
+    symmetrically, then anneal to initial_lr/final_div_factor. The number of steps is
+    ``total_steps``, or else ``epochs * steps_per_epoch``. With cycle_momentum the momentum (SGD)
+    or beta1 (Adam) moves the opposite way between max_momentum and base_momentum.
     """
 
-    def __init__(self, optimizer, max_lr, total_steps: int, pct_start: float = 0.3,
-                 anneal_strategy: str = "cos", div_factor: float = 25.0, final_div_factor: float = 1e4,
-                 cycle_momentum: bool = True, base_momentum: float = 0.85, max_momentum: float = 0.95):
+    def __init__(self, optimizer, max_lr, total_steps: int | None = None, epochs: int | None = None,
+                 steps_per_epoch: int | None = None, pct_start: float = 0.3, anneal_strategy: str = "cos",
+                 cycle_momentum: bool = True, base_momentum: float = 0.85, max_momentum: float = 0.95,
+                 div_factor: float = 25.0, final_div_factor: float = 1e4, three_phase: bool = False):
+        if total_steps is None:
+            if epochs is None or steps_per_epoch is None:
+                raise ValueError("OneCycleLR: give total_steps, or epochs and steps_per_epoch, got "
+                                 f"total_steps=None, epochs={epochs!r}, steps_per_epoch={steps_per_epoch!r}")
+            _check_count("OneCycleLR", "epochs", epochs)
+            _check_count("OneCycleLR", "steps_per_epoch", steps_per_epoch)
+            total_steps = epochs * steps_per_epoch
         _check_count("OneCycleLR", "total_steps", total_steps)
         if not 0.0 < pct_start < 1.0:
             raise ValueError(f"OneCycleLR: pct_start must be in (0, 1), got {pct_start}")
@@ -111,8 +125,16 @@ class OneCycleLR(LRScheduler):
         self.total_steps = int(total_steps)
         self.anneal = self._cos if anneal_strategy == "cos" else self._linear
         self.cycle_momentum = cycle_momentum
-        self.phases = [(float(pct_start * total_steps) - 1, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
-                       (float(total_steps - 1), "max_lr", "min_lr", "base_momentum", "max_momentum")]
+        # (end step, start lr, end lr, start momentum, end momentum) of each phase: PyTorch's table
+        if three_phase:
+            self.phases = [
+                (float(pct_start * total_steps) - 1, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
+                (float(2 * pct_start * total_steps) - 2, "max_lr", "initial_lr", "base_momentum", "max_momentum"),
+                (float(total_steps - 1), "initial_lr", "min_lr", "max_momentum", "max_momentum")]
+        else:
+            self.phases = [
+                (float(pct_start * total_steps) - 1, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
+                (float(total_steps - 1), "max_lr", "min_lr", "base_momentum", "max_momentum")]
         for group, top in zip(groups, max_lrs):
             group["initial_lr"] = top / div_factor
             group["max_lr"] = top

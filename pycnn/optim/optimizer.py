@@ -27,6 +27,17 @@ def _check_number(owner: str, name: str, value) -> None:
         raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
 
 
+def _check_flag(owner: str, name: str, value) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{owner}: {name} must be True or False, got {value!r}")
+
+
+def _grad(p: Tensor, group: dict):
+    """The gradient a step descends: ``p.grad``, negated for a group with ``maximize`` (PyTorch
+    negates it first, before the weight decay and the moments)."""
+    return -p.grad.data if group.get("maximize", False) else p.grad.data
+
+
 class Optimizer:
     """Holds parameter groups (dicts with 'params' and hyper-parameters) and per-parameter state."""
 
@@ -64,7 +75,8 @@ class Optimizer:
                 if id(p) in seen:  # (it would be updated twice per step)
                     raise ValueError(f"{type(self).__name__}: {where} (shape {p.shape}) appears more than once")
                 seen.add(id(p))
-            merged.setdefault("initial_lr", merged["lr"])
+            # (no "initial_lr" here: a scheduler sets it from the group's lr when it is built, as
+            # PyTorch's, so an lr changed after the optimizer was made is the one scheduled)
             self.param_groups.append(merged)
         self.state: dict = {}
         self.device_hyperparams = False
@@ -90,8 +102,8 @@ class Optimizer:
           first one sets the buffer to the gradient; PyTorch tells that step by the buffer being
           absent, but here ``init_state`` creates the buffers before any step). SGD without
           momentum stores nothing, as PyTorch's;
-        - each group holds this optimizer's hyper-parameters plus ``initial_lr`` (and OneCycleLR's
-          keys when one drives it), not PyTorch's flags (``foreach``, ``maximize``...).
+        - each group holds this optimizer's hyper-parameters (plus ``initial_lr`` and OneCycleLR's
+          keys when a scheduler drives it), not PyTorch's other flags (``foreach``, ``fused``...).
         """
         state, groups, index = {}, [], 0
         for group in self.param_groups:
@@ -188,6 +200,9 @@ class Optimizer:
             if devices != ["cuda"]:
                 raise ValueError(f"{type(self).__name__}.enable_device_hyperparams: needs every parameter "
                                  f"on the GPU, got devices {devices} in parameter group {gi}")
+        if any(g.get("maximize", False) for g in self.param_groups):
+            raise ValueError(f"{type(self).__name__}.enable_device_hyperparams: maximize=True is not supported "
+                             f"with device hyper-parameters (CUDA graphs), got a group with maximize=True")
         if not self.device_hyperparams:
             self._hyper = [cuda.HyperParams(self._HYPER_SIZE, device_id=g["params"][0].data.device.id)
                            for g in self.param_groups]
@@ -234,10 +249,13 @@ class Optimizer:
                 if p.grad is not None:
                     p._version += 1
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients (PyTorch's default), or zero them in place with ``set_to_none=False``."""
+        from pycnn.nn.module import zero_grad_of
+
         for group in self.param_groups:
             for p in group["params"]:
-                p.grad = None
+                zero_grad_of(p, set_to_none)
 
     def _live(self, group):
         """(params, grads) with a gradient, grouped by device so each backend gets its arrays."""
@@ -267,14 +285,15 @@ class SGD(Optimizer):
     """
 
     def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False):
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False):
         for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening),
                             ("weight_decay", weight_decay)):
             _check_number("SGD", name, value)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("SGD: nesterov needs momentum > 0 and dampening == 0")
+        _check_flag("SGD", "maximize", maximize)
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
-                                      weight_decay=weight_decay, nesterov=nesterov))
+                                      weight_decay=weight_decay, nesterov=nesterov, maximize=maximize))
 
     _HYPER_SIZE = 4  # cuda.SGD_HYPER
 
@@ -340,7 +359,7 @@ class SGD(Optimizer):
                     idx = [i for i, f in enumerate(first) if f == flag]
                     if not idx:
                         continue
-                    be.sgd_step([params[i].data for i in idx], [params[i].grad.data for i in idx],
+                    be.sgd_step([params[i].data for i in idx], [_grad(params[i], group) for i in idx],
                                 [buffers[i] for i in idx], group["lr"], group["momentum"], group["dampening"],
                                 group["weight_decay"], group["nesterov"], flag)
                 if group["momentum"]:  # (a step without momentum leaves the buffer, as PyTorch's)
@@ -354,8 +373,12 @@ class Adam(Optimizer):
     decoupled = False
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, amsgrad: bool = False, *, maximize: bool = False):
         name = type(self).__name__
+        _check_flag(name, "maximize", maximize)
+        if amsgrad is not False:  # (the backends' adam_step has no max_exp_avg_sq state)
+            raise ValueError(f"{name}: amsgrad=True is not supported (pycnn implements only amsgrad=False, "
+                             f"PyTorch's default), got {amsgrad!r}")
         for arg, value in (("lr", lr), ("weight_decay", weight_decay)):
             _check_number(name, arg, value)
         # (betas=0.9 failed with "'float' object is not subscriptable"; NaN fails "0 <= b" and is refused)
@@ -364,7 +387,8 @@ class Adam(Optimizer):
             raise ValueError(f"{name}: betas must be a pair of numbers in [0, 1), got {betas!r}")
         if not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps > 0):  # (NaN passed "eps <= 0")
             raise ValueError(f"{name}: eps must be a finite number > 0, got {eps!r}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      maximize=maximize))
 
     _HYPER_SIZE = 5  # cuda.ADAM_HYPER
 
@@ -420,7 +444,7 @@ class Adam(Optimizer):
                     by_step.setdefault(st["step"], []).append((p, st))
                 be = backends.for_device(device)
                 for step, items in by_step.items():
-                    be.adam_step([p.data for p, _ in items], [p.grad.data for p, _ in items],
+                    be.adam_step([p.data for p, _ in items], [_grad(p, group) for p, _ in items],
                                  [st["exp_avg"] for _, st in items], [st["exp_avg_sq"] for _, st in items],
                                  step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
                                  self.decoupled)
@@ -432,5 +456,6 @@ class AdamW(Adam):
     decoupled = True
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+                 weight_decay: float = 0.01, amsgrad: bool = False, *, maximize: bool = False):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         maximize=maximize)
