@@ -8,20 +8,12 @@ import pytest
 from pycnn.data.augment import Augment
 from pycnn.data.localization import INK_THRESHOLD, make_canvases
 from pycnn.metrics import box_iou
+from synthetic_data import synthetic_digits as _synthetic_digits
 
 DATA_DIR = os.environ.get("PYCNN_DATA")
 HAVE_DATA = bool(DATA_DIR) and (Path(DATA_DIR) / "t10k-images-idx3-ubyte.gz").is_file()
 SIZE = 64
 OFF = dict(hflip=0.0, rotate=0.0, translate=0.0, scale=(1.0, 1.0), brightness=0.0, contrast=0.0)
-
-
-def _synthetic_digits(n=200, seed=0):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:28, 0:28]
-    cy, cx = rng.uniform(11, 17, (2, n, 1, 1))
-    ry, rx = rng.uniform(5, 10, (2, n, 1, 1))
-    r = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
-    return np.where((r > 0.5) & (r < 1.0), 255, 0).astype(np.uint8), rng.integers(0, 10, n)
 
 
 @pytest.fixture(scope="module")

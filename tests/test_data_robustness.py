@@ -21,6 +21,7 @@ from pycnn.data import localization as loc
 from pycnn.data import mnist as mnist_mod
 from pycnn.data.augment import Augment
 from pycnn.data.localization import INK_THRESHOLD, load_canvases, make_canvases, save_canvases
+from synthetic_data import synthetic_digits
 
 DATA_DIR = os.environ.get("PYCNN_DATA")
 HAVE_DATA = bool(DATA_DIR) and (Path(DATA_DIR) / "t10k-images-idx3-ubyte.gz").is_file()
@@ -339,13 +340,8 @@ def test_a_model_checkpoint_of_integer_tensors_is_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- localization canvases
 
-def _digits(n=60, seed=0):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:28, 0:28]
-    cy, cx = rng.uniform(11, 17, (2, n, 1, 1))
-    ry, rx = rng.uniform(5, 10, (2, n, 1, 1))
-    r = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
-    return np.where((r > 0.5) & (r < 1.0), 255, 0).astype(np.uint8), rng.integers(0, 10, n)
+def _digits():
+    return synthetic_digits(60)
 
 
 @pytest.mark.parametrize("kwargs, message", [

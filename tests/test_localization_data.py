@@ -15,20 +15,10 @@ from pycnn.data.localization import (
     resample_matrix,
     save_canvases,
 )
+from synthetic_data import synthetic_digits
 
 DATA_DIR = os.environ.get("PYCNN_DATA")
 HAVE_DATA = bool(DATA_DIR) and (Path(DATA_DIR) / "t10k-images-idx3-ubyte.gz").is_file()
-
-
-def synthetic_digits(n=200, seed=0):
-    """Ring-shaped 28x28 'digits' (used when the real MNIST is not available)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:28, 0:28]
-    cy, cx = rng.uniform(11, 17, (2, n, 1, 1))
-    ry, rx = rng.uniform(5, 10, (2, n, 1, 1))
-    r = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
-    images = np.where((r > 0.5) & (r < 1.0), 255, 0).astype(np.uint8)
-    return images, rng.integers(0, 10, n)
 
 
 @pytest.fixture(scope="module")
