@@ -828,6 +828,7 @@ def _split_tickets(cupy, dev: int):
 # ----------------------------------------------------------------------------- argument checks
 
 _i32, _i64, _f32, _f64 = np.int32, np.int64, np.float32, np.float64
+_INT32_MAX = 2**31 - 1
 
 
 def _check(op: str, name: str, a, ndim=None, dtype=np.float32):
@@ -861,6 +862,11 @@ def _check_target(op: str, target, n: int):
         raise TypeError(f"{op}: target must hold integer class indices, got {target.dtype}")
     if target.shape != (n,):
         raise ValueError(f"{op}: target must have shape ({n},), got {target.shape}")
+    if target.dtype.itemsize > 4 or target.dtype.kind == "u":
+        # (int64 / uint labels: clipped into int32's range first, so that a label past it stays out
+        # of [0, C) and gives NaN, where a plain cast wrapped 2**32 + 1 to the valid class 1; one
+        # elementwise pass, only on the path that converts anyway)
+        target = target.clip(-1 if target.dtype.kind == "i" else 0, _INT32_MAX)
     return cupy.ascontiguousarray(target.astype(cupy.int32, copy=False))
 
 
@@ -902,6 +908,15 @@ def _window(op: str, H: int, W: int, kernel, stride, padding):
     if kh < 1 or kw < 1 or sh < 1 or sw < 1 or ph < 0 or pw < 0:
         raise ValueError(f"{op}: need kernel >= 1, stride >= 1, padding >= 0; got kernel "
                          f"{(kh, kw)}, stride {(sh, sw)}, padding {(ph, pw)}")
+    # The kernels take sizes, strides and paddings as int32 and index within a plane (max pooling's
+    # argmax too) in int32: the limit of pycnn.functional (MAX_PLANE_ELEMENTS) and of the native
+    # backend, checked here too for direct calls (a larger plane wrapped those indices silently, a
+    # larger stride failed in NumPy's int32 conversion naming neither op nor argument).
+    if (H + 2 * ph) * (W + 2 * pw) > _INT32_MAX:
+        raise ValueError(f"{op}: input {(H, W)} with padding {(ph, pw)} makes a padded plane of "
+                         f"{H + 2 * ph}x{W + 2 * pw} elements; at most {_INT32_MAX} (2**31 - 1) are handled")
+    if max(sh, sw) > _INT32_MAX:
+        raise ValueError(f"{op}: stride must be at most {_INT32_MAX} (2**31 - 1), got {(sh, sw)}")
     Ho = (H + 2 * ph - kh) // sh + 1
     Wo = (W + 2 * pw - kw) // sw + 1
     if Ho < 1 or Wo < 1:
@@ -2376,6 +2391,10 @@ def _conv_backward_weight_plan(version: str, geom: tuple, with_db: bool) -> _Pla
                                     version == "3" and _conv3_nhwc("backward_weight", geom)):
         return _nhwc_weight_plan(version, geom, with_db)
     if version == "1":
+        if K * C * R * S > _INT32_MAX:  # (a block per weight: grid.x is at most 2**31 - 1)
+            raise ValueError(f"conv2d_backward_weight: the weight gradient {(K, C, R, S)} has {K * C * R * S} "
+                             f"elements; version 1 (which runs where v3/v4 cannot: tensors of 2**31 elements) "
+                             f"takes at most {_INT32_MAX} (2**31 - 1)")
         plan = _Plan((_conv_launch("conv2d_bwd_weight_v1_f32", (K * C * R * S,), (BLOCK,),
                                    ("dy", "x", "dw") + tail),))
     elif version == CONV_WINOGRAD_VERSION:
@@ -2721,6 +2740,14 @@ def _maxpool2d_backward(op: str, dy, relu_y, argmax, x_shape, given) -> object:
         geometry = given
     else:
         geometry = _recall_pool_geometry(argmax, (N, C, H, W))
+    if geometry is not None:  # (checked before dx is allocated: a bad geometry may ask for a huge one)
+        kh, kw, sh, sw, ph, pw, Ho2, Wo2 = _window(op, H, W, *geometry)
+        if (Ho2, Wo2) != (Ho, Wo):
+            raise ValueError(f"{op}: kernel {geometry[0]}, stride {geometry[1]}, padding "
+                             f"{geometry[2]} on {(H, W)} give a {(Ho2, Wo2)} output, but dy is {dy.shape}")
+    elif H * W > _INT32_MAX:  # (argmax indexes a plane in int32)
+        raise ValueError(f"{op}: x_shape {(N, C, H, W)} has planes of {H * W} elements; at most {_INT32_MAX} "
+                         f"(2**31 - 1) are handled")
     with cupy.cuda.Device(dev):
         dx = cupy.empty((N, C, H, W), dtype=cupy.float32)
     if dx.size == 0:
@@ -2729,10 +2756,6 @@ def _maxpool2d_backward(op: str, dy, relu_y, argmax, x_shape, given) -> object:
         dx.fill(0)
         return dx
     if geometry is not None:
-        kh, kw, sh, sw, ph, pw, Ho2, Wo2 = _window(op, H, W, *geometry)
-        if (Ho2, Wo2) != (Ho, Wo):
-            raise ValueError(f"{op}: kernel {geometry[0]}, stride {geometry[1]}, padding "
-                             f"{geometry[2]} on {(H, W)} give a {(Ho2, Wo2)} output, but dy is {dy.shape}")
         if (sh, sw) == (kh, kw) and (ph, pw) == (0, 0) and _POOL_BWD_X4:  # coalesced stores
             _launch(dev, "pool2d.cu", "maxpool2d_bwd_tiled_x4_f32", _grid1d(-(-dx.size // 4)), (BLOCK,),
                     (dy, mask, argmax, dx, _i32(N), _i32(C), _i32(H), _i32(W), _i32(Ho), _i32(Wo),
