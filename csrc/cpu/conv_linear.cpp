@@ -964,7 +964,9 @@ bool use_winograd_weight(const ConvGeom& g) {
 template <typename T>
 void conv_backward_weight(const ConvGeom& g, const T* dy, const T* x, T* dw, T* db) {
     if (use_winograd_weight<T>(g) && conv_backward_weight_winograd(g, dy, x, dw, db)) return;
-    if (g.N > 0 && use_direct_weight<T>(g) && conv_backward_weight_direct(g, dy, x, dw, db)) return;
+    // (not with C*R*S = 0: the direct kernel sums db from the dy it loads per input channel and filter tap,
+    // so with none of them db came out 0; the GEMM below sums it from dy alone)
+    if (g.N > 0 && g.CRS() > 0 && use_direct_weight<T>(g) && conv_backward_weight_direct(g, dy, x, dw, db)) return;
     const MicroKernel<T> uk = current_ukernel<T>();
     const long P = g.P(), RS = g.R * g.S, CRS = g.CRS(), KP = g.K * P;
     const int MR = uk.mr, NR = uk.nr;
@@ -1277,7 +1279,9 @@ py::object conv2d_maxpool2d_relu_backward_weight_t(py::array dy, py::array y, py
     long sample = 0;
     const bool too_big = __builtin_mul_overflow(C, g.H + 2 * ph, &sample) ||
                          __builtin_mul_overflow(sample, g.W + 2 * pw + 64, &sample) || sample >= (1L << 31);
-    if (2 * P > conv_P || C * R > 32 || conv_P >= (1L << 21) || too_big) return py::none();
+    // (C*R*S = 0: no filter rows to carry the bias sum, which pool_wgrad adds up beside them; the two ops
+    // sum db from dy alone)
+    if (2 * P > conv_P || C * R > 32 || C * R * S == 0 || conv_P >= (1L << 21) || too_big) return py::none();
     const int32_t* ap = cptr<int32_t>(argmax);
     const long count = g.N * K * P;
     // a bad index would read outside the input: checked first as an OR of unsigned comparisons
