@@ -298,3 +298,31 @@ def test_conv_far_geometries_match_reference(name, case):
             dw, db = be.conv2d_backward_weight(dy, x, w_shape, stride, padding)
             assert_close(dw, dw_ref, dtype, "dw " + tag)
             assert_close(db, db_ref, dtype, "db " + tag, scale=db_scale)
+
+
+# ----------------------------------------------------------------------------- geometry arguments
+
+@pytest.mark.parametrize("name", CPU_BACKENDS)
+@pytest.mark.parametrize("argument", ["stride", "padding"])
+def test_a_fractional_stride_or_padding_is_refused_not_truncated(name, argument):
+    """Called directly (pycnn.functional checks these itself), a backend refuses what the reference
+    refuses: int() turned a stride of 1.5 into 1 and computed another convolution."""
+    be = _module(name)
+    x = np.ones((1, 1, 6, 6), np.float32)
+    w = np.ones((2, 1, 3, 3), np.float32)
+    geometry = {"stride": (1, 1), "padding": (0, 0), argument: (1.5, 1)}
+    with pytest.raises(TypeError):
+        be.conv2d_forward(x, w, None, geometry["stride"], geometry["padding"])
+    pool = {"stride": (2, 2), "padding": (0, 0), argument: (1.5, 1)}
+    with pytest.raises(TypeError):
+        be.maxpool2d_forward(x, (2, 2), pool["stride"], pool["padding"])
+
+
+def test_the_cuda_backend_refuses_a_fractional_geometry_before_any_launch():
+    from pycnn.backends import cuda
+
+    assert cuda._pair("conv2d_forward", "stride", 2) == (2, 2)
+    assert cuda._pair("conv2d_forward", "stride", (np.int64(2), 1)) == (2, 1)
+    for bad in (1.5, (1.5, 1), (2, 2.0), "22", (1,), None):
+        with pytest.raises(TypeError, match=r"conv2d_forward: stride must be a pair of ints"):
+            cuda._pair("conv2d_forward", "stride", bad)

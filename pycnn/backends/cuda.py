@@ -22,6 +22,7 @@ import ctypes
 import importlib.resources
 import itertools
 import math
+import numbers
 import os
 import re
 import sys
@@ -882,13 +883,17 @@ def _device(op: str, **arrays) -> int:
 
 
 def _pair(op: str, name: str, value) -> tuple[int, int]:
-    if isinstance(value, (int, np.integer)):
+    """An int or a pair of ints as (h, w); anything else (a float: int() truncated 1.5 to 1, as
+    the reference refuses it) is a TypeError naming the op and argument."""
+    if isinstance(value, numbers.Integral):
         value = (value, value)
     try:
         a, b = value
-        return int(a), int(b)
     except (TypeError, ValueError):
-        raise TypeError(f"{op}: {name} must be a pair of ints (h, w), got {value!r}") from None
+        a = b = None
+    if not (isinstance(a, numbers.Integral) and isinstance(b, numbers.Integral)):
+        raise TypeError(f"{op}: {name} must be a pair of ints (h, w), got {value!r}")
+    return int(a), int(b)
 
 
 def _shape4(op: str, name: str, shape) -> tuple[int, int, int, int]:

@@ -14,6 +14,7 @@ why it is missing (the import error and the build log ``pycnn/_native_build.txt`
 """
 from __future__ import annotations
 
+import numbers
 import os
 
 import numpy as np
@@ -297,10 +298,14 @@ def _float_array(op: str, name: str, a, ndim: int | None = None, dtype=None, wha
 
 
 def _pair(op: str, name: str, value, minimum: int) -> tuple[int, int]:
+    # ints only: int() truncated a stride of 1.5 to 1 (another convolution), where the reference refuses it
     try:
-        h, w = (int(v) for v in value)
+        h, w = value
     except (TypeError, ValueError):
-        raise TypeError(f"{op}: {name} must be a tuple of two ints, got {value!r}") from None
+        h = w = None
+    if not (isinstance(h, numbers.Integral) and isinstance(w, numbers.Integral)):
+        raise TypeError(f"{op}: {name} must be a tuple of two ints, got {value!r}")
+    h, w = int(h), int(w)
     if h < minimum or w < minimum:
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {tuple(value)}")
     return h, w

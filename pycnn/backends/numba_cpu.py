@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import glob
 import math
+import numbers
 import os
 import time
 
@@ -171,7 +172,14 @@ def _ndim(op: str, name: str, a, ndim: int, what: str):
 
 
 def _pair(op: str, name: str, value, minimum: int):
-    h, w = (int(v) for v in value)
+    # (int() truncated a stride of 1.5 to 1, where the reference refuses it)
+    try:
+        h, w = value
+    except (TypeError, ValueError):
+        h = w = None
+    if not (isinstance(h, numbers.Integral) and isinstance(w, numbers.Integral)):
+        raise TypeError(f"{op}: {name} must be a pair of ints (h, w), got {value!r}")
+    h, w = int(h), int(w)
     if h < minimum or w < minimum:
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {tuple(value)}")
     return h, w
