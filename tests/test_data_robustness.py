@@ -483,3 +483,13 @@ def test_batches_larger_than_the_data_and_label_dtypes():
     dl = DataLoader(x, {"a": np.arange(10)}, 32, seed=0)
     assert len(dl) == 1 and [len(b["a"]) for _, b in dl] == [10]
     assert [len(b) for _, b in DataLoader(x, np.arange(10), 4, shuffle=False)] == [4, 4, 2]
+
+
+def test_an_unused_seed_of_none_is_still_taken():
+    """seed=None failed only when the loader shuffles (there it is refused now); an unshuffled or
+    sampled loader never reads the seed, and took None before."""
+    x, y = np.zeros((10, 2), np.float32), np.zeros(10, np.int64)
+    assert len(list(DataLoader(x, y, 4, shuffle=False, seed=None))) == 3
+    assert len(list(DataLoader(x, y, 4, sampler=WeightedSampler(np.ones(10)), seed=None))) == 3
+    with pytest.raises(ValueError, match=r"DataLoader: seed must be an integer >= 0, got None"):
+        DataLoader(x, y, 4, seed=None)

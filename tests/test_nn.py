@@ -272,3 +272,24 @@ def test_top_level_exports():
         assert not pycnn.is_grad_enabled()
     assert {"concatenate", "is_grad_enabled", "tensor"} <= set(pycnn.__all__)
     assert {"ModuleList", "ModuleDict"} <= set(nn.__all__)
+
+
+def test_a_shared_parameter_saved_under_its_first_name_only_still_loads():
+    """state_dict lists a shared parameter under each of its names (as PyTorch, since 07c1407);
+    files from before list it once, and a strict load of them must still work."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+            self.b = nn.Linear(3, 3)
+            self.b.weight = self.a.weight
+
+    source, target = Tied(), Tied()
+    state = source.state_dict()
+    assert list(state) == ["a.weight", "a.bias", "b.weight", "b.bias"]
+    older = {k: v for k, v in state.items() if k != "b.weight"}
+    assert target.load_state_dict(older) == {"missing_keys": [], "unexpected_keys": []}
+    np.testing.assert_array_equal(target.b.weight.numpy(), state["a.weight"])
+    assert target.b.weight is target.a.weight
+    with pytest.raises(KeyError, match=r"missing keys: b.bias"):
+        target.load_state_dict({k: v for k, v in state.items() if k != "b.bias"})

@@ -417,3 +417,39 @@ def test_load_state_dict_names_the_missing_key():
         opt.load_state_dict({})
     with pytest.raises(ValueError, match=r"parameter group 0 of the saved state is not a dict with a 'params' list"):
         opt.load_state_dict({"state": {}, "param_groups": [{"lr": 0.1}]})
+
+
+def test_onecycle_refuses_a_call_in_the_earlier_positional_order():
+    """OneCycleLR took (max_lr, total_steps, pct_start, anneal_strategy, ...) before 07c1407 put it
+    in PyTorch's order (max_lr, total_steps, epochs, steps_per_epoch, pct_start, ...): an old call
+    OneCycleLR(opt, 0.1, 100, 0.25) must not run silently with the default pct_start."""
+    opt = optim.SGD(nn.Linear(3, 2).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"OneCycleLR: epochs must be an integer >= 1, got 0.25"):
+        optim.OneCycleLR(opt, 0.1, 100, 0.25)
+    with pytest.raises(ValueError, match=r"OneCycleLR: epochs must be an integer >= 1, got 0.3"):
+        optim.OneCycleLR(opt, 0.1, 100, 0.3, "linear")
+    sched = optim.OneCycleLR(opt, 0.1, 100, 2, 50)  # (total_steps wins, as in PyTorch)
+    assert sched.total_steps == 100
+
+
+def test_a_saved_amsgrad_state_is_refused_not_ignored():
+    """A PyTorch Adam state with amsgrad=True would have loaded and gone on without its maximum."""
+    opt = optim.Adam(nn.Linear(3, 2).parameters(), lr=0.1)
+    state = opt.state_dict()
+    state["param_groups"][0]["amsgrad"] = True
+    with pytest.raises(ValueError, match=r"Adam.load_state_dict: parameter group 0 of the saved state has "
+                                         r"amsgrad=True, which pycnn does not implement"):
+        opt.load_state_dict(state)
+    state["param_groups"][0]["amsgrad"] = False
+    opt.load_state_dict(state)
+
+
+def test_device_hyperparameters_refuse_maximize_set_after_enabling():
+    """enable_device_hyperparams refuses maximize=True, but a load_state_dict after it could set it
+    and the device kernels (which take p.grad as it is) would have ignored it."""
+    opt = optim.SGD(nn.Linear(3, 2).parameters(), lr=0.1)
+    opt.device_hyperparams = True  # (as enable_device_hyperparams leaves it; no GPU needed for the check)
+    opt._check_device_mode("launch_step")
+    opt.param_groups[0]["maximize"] = True
+    with pytest.raises(ValueError, match=r"SGD.launch_step: maximize=True is not supported with device"):
+        opt._check_device_mode("launch_step")

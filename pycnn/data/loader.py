@@ -257,7 +257,9 @@ class DataLoader:
                              "(the sampler decides the order); leave shuffle unset")
         self.x, self.y = x, y
         self.shuffle = (sampler is None) if shuffle is None else bool(shuffle)
-        self.seed = _check_seed(seed, "DataLoader")
+        # (checked where it is used: an unshuffled or sampled loader never reads it, and seed=None
+        # was fine there)
+        self.seed = _check_seed(seed, "DataLoader") if self.shuffle and sampler is None else seed
         self.drop_last = bool(drop_last)
         self.sampler = sampler
         self.epoch = 0

@@ -227,7 +227,10 @@ class Module:
             raise TypeError(f"{type(self).__name__}.load_state_dict needs a mapping of parameter name -> array "
                             f"(e.g. model.state_dict()), got {type(state).__name__}")
         own = OrderedDict(self._all_named_parameters())  # (the state_dict's keys)
-        missing = [k for k in own if k not in state]
+        # A shared parameter is loaded when any of its names is there: pycnn before 07c1407 saved it
+        # under its first name only, and those files must still load strictly.
+        loaded = {id(p) for k, p in own.items() if k in state}
+        missing = [k for k, p in own.items() if k not in state and id(p) not in loaded]
         unexpected = [k for k in state if k not in own]
         mismatched = [f"{k}: checkpoint {tuple(np.shape(state[k]))} vs model {own[k].shape}"
                       for k in own if k in state and tuple(np.shape(state[k])) != own[k].shape]

@@ -99,12 +99,16 @@ class OneCycleLR(LRScheduler):
                  steps_per_epoch: int | None = None, pct_start: float = 0.3, anneal_strategy: str = "cos",
                  cycle_momentum: bool = True, base_momentum: float = 0.85, max_momentum: float = 0.95,
                  div_factor: float = 25.0, final_div_factor: float = 1e4, three_phase: bool = False):
+        if total_steps is None and (epochs is None or steps_per_epoch is None):
+            raise ValueError("OneCycleLR: give total_steps, or epochs and steps_per_epoch, got "
+                             f"total_steps=None, epochs={epochs!r}, steps_per_epoch={steps_per_epoch!r}")
+        # Checked even beside total_steps (which wins, as in PyTorch): a call in pycnn's earlier
+        # order, OneCycleLR(opt, 0.1, 100, 0.25), now passes 0.25 as epochs, and is refused here
+        # instead of running with the default pct_start.
+        for name, value in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
+            if value is not None:
+                _check_count("OneCycleLR", name, value)
         if total_steps is None:
-            if epochs is None or steps_per_epoch is None:
-                raise ValueError("OneCycleLR: give total_steps, or epochs and steps_per_epoch, got "
-                                 f"total_steps=None, epochs={epochs!r}, steps_per_epoch={steps_per_epoch!r}")
-            _check_count("OneCycleLR", "epochs", epochs)
-            _check_count("OneCycleLR", "steps_per_epoch", steps_per_epoch)
             total_steps = epochs * steps_per_epoch
         _check_count("OneCycleLR", "total_steps", total_steps)
         if not 0.0 < pct_start < 1.0:

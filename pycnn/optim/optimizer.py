@@ -153,6 +153,9 @@ class Optimizer:
             if not isinstance(saved, dict) or "params" not in saved:
                 raise ValueError(f"{owner}: parameter group {gi} of the saved state is not a dict with a 'params' "
                                  f"list")
+            if saved.get("amsgrad", False):  # (PyTorch's Adam: pycnn's has no max_exp_avg_sq to go on with)
+                raise ValueError(f"{owner}: parameter group {gi} of the saved state has amsgrad=True, which pycnn "
+                                 f"does not implement (only amsgrad=False)")
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"{owner}: parameter group {gi} has {len(saved['params'])} parameters in the "
                                  f"saved state, {len(group['params'])} here")
@@ -240,6 +243,11 @@ class Optimizer:
     def _check_device_mode(self, what: str) -> None:
         if not self.device_hyperparams:
             raise RuntimeError(f"{type(self).__name__}.{what}: call enable_device_hyperparams() first")
+        # (enable_device_hyperparams refuses maximize, but a load_state_dict after it could set it,
+        # and the device kernels would have ignored it)
+        if any(group.get("maximize", False) for group in self.param_groups):
+            raise ValueError(f"{type(self).__name__}.{what}: maximize=True is not supported with device "
+                             f"hyper-parameters (CUDA graphs), got a group with maximize=True")
 
     def _mark_updated(self) -> None:
         """Bump the version of every parameter this step updates in place, so that a backward()
