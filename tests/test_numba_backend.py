@@ -20,7 +20,7 @@ numba_cpu = pytest.importorskip("pycnn.backends.numba_cpu")
 if not numba_cpu.available()[0]:
     pytest.skip(f"numba backend unavailable: {numba_cpu.available()[1]}", allow_module_level=True)
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from pycnn.backends import numpy_ref as ref  # noqa: E402
@@ -220,6 +220,7 @@ array_shapes = st.lists(st.integers(1, 9), min_size=1, max_size=4).map(tuple)
 @SETTINGS
 @given(shape=array_shapes, seed=st.integers(0, 2**16),
        slope=st.floats(0.0, 0.5, allow_nan=False))
+@example(shape=(1,), seed=108, slope=0.0)  # (tanh(x) ~ 1 - 2.5e-9: see the scale below)
 def test_activations_match_reference(dtype, shape, seed, slope):
     rng = _rng(seed)
     x = (3 * rng.standard_normal(shape)).astype(dtype)
@@ -228,8 +229,11 @@ def test_activations_match_reference(dtype, shape, seed, slope):
         y = getattr(nb, f"{name}_forward")(x)
         y_ref = getattr(ref, f"{name}_forward")(x)
         assert_close(y, y_ref, dtype, f"{name}_forward")
+        # (1 - y*y and 1 - y are differences of terms of size 1: where y is near 1 their rounding is
+        # that of dy times 1, not of the small result; numba's fused multiply-add rounds once less)
         assert_close(getattr(nb, f"{name}_backward")(dy, y_ref),
-                     getattr(ref, f"{name}_backward")(dy, y_ref), dtype, f"{name}_backward")
+                     getattr(ref, f"{name}_backward")(dy, y_ref), dtype, f"{name}_backward",
+                     scale=float(np.abs(dy).max()))
     assert_close(nb.leaky_relu_forward(x, slope), ref.leaky_relu_forward(x, slope), dtype)
     assert_close(nb.leaky_relu_backward(dy, x, slope), ref.leaky_relu_backward(dy, x, slope), dtype)
 
