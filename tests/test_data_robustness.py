@@ -493,3 +493,17 @@ def test_an_unused_seed_of_none_is_still_taken():
     assert len(list(DataLoader(x, y, 4, sampler=WeightedSampler(np.ones(10)), seed=None))) == 3
     with pytest.raises(ValueError, match=r"DataLoader: seed must be an integer >= 0, got None"):
         DataLoader(x, y, 4, seed=None)
+
+
+@pytest.mark.parametrize("epoch", [2.7, -1, None, "3", True])
+def test_a_bad_epoch_is_refused_by_set_epoch(epoch):
+    """set_epoch(2.7) ran epoch 2's order again (int() truncated it), naming nothing."""
+    x = np.arange(10)
+    loader, sampler = DataLoader(x, x, 4, seed=1), WeightedSampler(np.ones(10), seed=1)
+    with pytest.raises(ValueError, match=rf"DataLoader.set_epoch: epoch must be an integer >= 0, got {epoch!r}"):
+        loader.set_epoch(epoch)
+    with pytest.raises(ValueError, match=rf"WeightedSampler.set_epoch: epoch must be an integer >= 0, got {epoch!r}"):
+        sampler.set_epoch(epoch)
+    loader.set_epoch(np.int64(2))
+    sampler.set_epoch(np.int64(2))
+    assert loader.epoch == 2 and sampler.epoch == 2

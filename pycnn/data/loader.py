@@ -22,12 +22,16 @@ def _check_batch_size(batch_size, where: str) -> int:
     return int(batch_size)
 
 
+def _nonnegative_int(value, name: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{where}: {name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
 def _check_seed(seed, where: str) -> int:
     # (None, -1 or 2.5 were taken here and failed only at the first iter() with NumPy's "object of
     # type 'NoneType' has no len()" or "expected non-negative integer", naming no argument)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"{where}: seed must be an integer >= 0, got {seed!r}")
-    return int(seed)
+    return _nonnegative_int(seed, "seed", where)
 
 
 def _targets(y) -> list:
@@ -154,8 +158,9 @@ class WeightedSampler:
                           p=self.probabilities).astype(np.int64)
 
     def set_epoch(self, epoch: int) -> None:
-        """Set the epoch the next ``iter(sampler)`` draws for."""
-        self.epoch = int(epoch)
+        """Set the epoch the next ``iter(sampler)`` draws for (an integer >= 0)."""
+        # (int(2.7) was 2: a fractional epoch silently replayed another epoch's draw)
+        self.epoch = _nonnegative_int(epoch, "epoch", "WeightedSampler.set_epoch")
 
     def __iter__(self) -> Iterator[int]:
         idx = self.indices(self.epoch)
@@ -265,8 +270,8 @@ class DataLoader:
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Set the epoch whose order the next ``iter()`` produces."""
-        self.epoch = int(epoch)
+        """Set the epoch whose order the next ``iter()`` produces (an integer >= 0)."""
+        self.epoch = _nonnegative_int(epoch, "epoch", "DataLoader.set_epoch")
 
     def _order(self, epoch: int):
         if self.sampler is not None:
