@@ -40,7 +40,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PYCNN_DATA", "a directory", "~/.cache/pycnn/mnist",
             "where MNIST is read from (and downloaded into when missing) unless --data-dir is given", "use"),
     Setting("PYCNN_BACKEND", "auto, numpy, numba, native, cuda", "auto",
-            "the backend when no --backend / set_backend() chooses one; auto = native, else numba, else numpy",
+            "the backend when no --backend / set_backend() chooses one; auto = native, else numba, else numpy "
+            "(cuda: the commands only; in Python the GPU is .to(\"cuda\"))",
             "use"),
     Setting("PYCNN_NATIVE_ISA", "avx512, avx2, scalar", "the best this CPU runs",
             "the native backend's GEMM micro-kernel (an ISA this CPU lacks is an error)", "use"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["README.md", "docs/kernels.md", "docs/native.md"]
+DOCS = ["README.md", "docs/kernels.md", "docs/native.md", "docs/settings.md", "pycnn/backends/SPEC.md"]
 
 
 def _tracked() -> list[str]:
@@ -68,3 +68,86 @@ def test_the_first_program_example_trains(mnist_path):
     assert out.returncode == 0, out.stderr
     accuracy = float(re.search(r"test accuracy: ([0-9.]+)", out.stdout)[1])
     assert accuracy > 0.97, out.stdout  # (98.29% after its one epoch, seed 0)
+
+
+def _commands(text: str) -> list[str]:
+    """The arguments of every ``pycnn ...`` command a document shows: the lines of its code blocks
+    (an indented line continues the one before; a "  #" comment ends a line) and its inline code."""
+    found = []
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.S)
+    lines = []
+    for block in blocks:
+        for line in block.splitlines():
+            line = line.split("  #")[0]
+            if line[:1].isspace() and lines:
+                lines[-1] += " " + line.strip()
+            else:
+                lines.append(line)
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    for snippet in lines + re.findall(r"`([^`]+)`", prose):
+        m = re.search(r"(?:^|[\s;&(])(?<!from )(?<!import )pycnn(?:\.cli)?\s+([a-z][^`]*)", snippet)
+        if m:
+            found.append(" ".join(m[1].split()))
+    return found
+
+
+def _subparser(words: list[str]):
+    """The parser of ``pycnn word word ...`` (as far as the words name subcommands) and the words used."""
+    import argparse
+
+    from pycnn import cli
+
+    parser, used = cli.build_parser(), []
+    for word in words:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or word not in subs[0].choices:
+            break
+        parser = subs[0].choices[word]
+        used.append(word)
+    return parser, used
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_documented_commands_and_options_exist(doc):
+    """Every ``pycnn`` command a document shows names a subcommand that exists, and each of its
+    --options (with the {choices} shown) is one that subcommand takes."""
+    problems, seen = [], 0
+    for command in _commands((ROOT / doc).read_text()):
+        parser, used = _subparser(command.split())
+        if not used:
+            problems.append(f"pycnn {command}: no such command")
+            continue
+        seen += 1
+        options = parser._option_string_actions
+        for flag, choices in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)(?:[ =]\{([^}]*)\})?", command):
+            if flag not in options:
+                problems.append(f"pycnn {' '.join(used)}: no option {flag}")
+            elif choices and set(choices.split(",")) != set(map(str, options[flag].choices or ())):
+                problems.append(f"pycnn {' '.join(used)} {flag}: documented {{{choices}}}, "
+                                f"takes {sorted(map(str, options[flag].choices or ()))}")
+    assert doc != "README.md" or seen >= 10, "the README's Commands section was not found"
+    assert not problems, f"{doc}: {problems}"
+
+
+def test_documented_selftest_options_exist():
+    source = (ROOT / "pycnn" / "selftest.py").read_text()
+    text = "\n".join((ROOT / doc).read_text() for doc in DOCS)
+    for line in re.findall(r"python -m pycnn\.selftest([^`\n]*)", text):
+        for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", line):
+            assert f'add_argument("{flag}"' in source, f"python -m pycnn.selftest has no option {flag}"
+
+
+def test_documented_environment_variables_exist():
+    """Every PYCNN_* name in the documents is a setting pycnn reads (pycnn/settings.py) or a
+    compile-time macro of the CUDA sources (docs/kernels.md names those)."""
+    from pycnn import settings
+    from pycnn.backends import cuda
+
+    macros = set(cuda.DEFINES)
+    for path in (ROOT / "csrc" / "cuda").glob("*.cu*"):
+        macros |= set(re.findall(r"#(?:define|if|ifdef|ifndef|elif)\s+(?:defined\(?)?\s*(PYCNN_[A-Z0-9_]+)",
+                                 path.read_text()))
+    for doc in DOCS:
+        names = set(re.findall(r"\b(PYCNN_[A-Z0-9_]+)", (ROOT / doc).read_text()))
+        unknown = sorted(names - set(settings.BY_NAME) - macros)
+        assert not unknown, f"{doc} names PYCNN_* variables pycnn does not read: {unknown}"

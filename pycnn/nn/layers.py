@@ -50,7 +50,12 @@ def _check_input(layer: str, x, ndim: int):
 
 
 class Conv2d(Module):
-    """2-D convolution over NCHW input, PyTorch's default initialization."""
+    """2-D convolution over NCHW input, PyTorch's default initialization.
+
+    PyTorch's arguments up to ``padding``, then ``bias``: there is no ``dilation``, ``groups`` or
+    ``padding_mode`` (given by name, a TypeError names them), so pass ``bias`` by name, as a
+    sixth positional argument is PyTorch's ``dilation``.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  bias: bool = True, dtype=np.float32):
@@ -247,10 +252,10 @@ class Sequential(Module):
     (it never reorders values), so the values and gradients are exactly those of the three modules
     (for outputs without NaN: a NaN in a window is clipped to 0 before the max in one order and
     after it in the other); the ReLU's backward touches the pooled output instead of the 2x2 (or
-    larger) times bigger convolution output, and where the backend has the fused kernels (CUDA,
-    one-channel first layers) the convolution's output is never stored, nor, for a first layer,
-    its gradient (the weight gradient is then summed from the pooled gradient: equal to rounding,
-    not bitwise). The Conv2d's and
+    larger) times bigger convolution output, and where the backend has the fused kernels (CUDA:
+    one-channel 3x3 / 5x5 first layers; native: stride-1 layers with C*R*S <= 32; both with a 2x2
+    pool) the convolution's output is never stored, nor, for a first layer, its gradient (the
+    weight gradient is then summed from the pooled gradient: equal to rounding, not bitwise). The Conv2d's and
     MaxPool2d's own forward() are not called then. Set ``fuse_relu = False`` on an instance to run
     every module separately (e.g. to inspect the output of the layer before its ReLU).
 
