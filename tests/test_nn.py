@@ -293,3 +293,19 @@ def test_a_shared_parameter_saved_under_its_first_name_only_still_loads():
     assert target.b.weight is target.a.weight
     with pytest.raises(KeyError, match=r"missing keys: b.bias"):
         target.load_state_dict({k: v for k, v in state.items() if k != "b.bias"})
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: nn.Conv2d(1, 2, 3, 1, 0, 2), r"Conv2d: dilation=2 is not supported"),
+    (lambda: nn.Conv2d(1, 2, 3, 1, 0, False), r"Conv2d: dilation=False is not supported"),
+    (lambda: nn.Conv2d(1, 2, 3, groups=2), r"Conv2d: groups=2 is not supported"),
+    (lambda: nn.Conv2d(1, 2, 3, padding_mode="reflect"), r"Conv2d: padding_mode='reflect' is not supported"),
+    (lambda: nn.BCEWithLogitsLoss(np.ones(3, np.float32)), r"BCEWithLogitsLoss: weight=.* is not supported"),
+    (lambda: nn.CrossEntropyLoss(None, True), r"CrossEntropyLoss: size_average=True is not supported"),
+    (lambda: nn.CrossEntropyLoss(ignore_index=0), r"CrossEntropyLoss: ignore_index=0 is not supported"),
+    (lambda: nn.MSELoss("sum"), r"MSELoss: size_average='sum' is not supported"),
+    (lambda: nn.SmoothL1Loss(reduce=False), r"SmoothL1Loss: reduce=False is not supported"),
+])
+def test_pytorch_arguments_pycnn_lacks_are_refused_naming_them(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

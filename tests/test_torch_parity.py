@@ -200,6 +200,36 @@ def test_pooling_values_and_gradients_match_torch(backend, kind, case, dtype):
     _compare_models(pool_p, pool_t, x)
 
 
+def _positional_names(callable_) -> list:
+    import inspect
+
+    return [p.name for p in inspect.signature(callable_).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"]
+
+
+@pytest.mark.parametrize("path", [
+    "nn.Conv2d", "nn.Linear", "nn.MaxPool2d", "nn.AvgPool2d", "nn.Flatten", "nn.ReLU", "nn.LeakyReLU",
+    "nn.Dropout", "nn.CrossEntropyLoss", "nn.BCEWithLogitsLoss", "nn.MSELoss", "nn.SmoothL1Loss",
+    "nn.ModuleList", "nn.ModuleDict", "optim.SGD", "optim.Adam", "optim.AdamW", "optim.lr_scheduler.StepLR",
+    "optim.lr_scheduler.CosineAnnealingLR", "optim.lr_scheduler.OneCycleLR"])
+def test_positional_arguments_mean_what_they_mean_in_pytorch(path):
+    """A PyTorch call with positional arguments either means the same here or fails: every
+    positional parameter has PyTorch's name at PyTorch's place. (Conv2d's sixth was ``bias`` where
+    PyTorch has ``dilation``, so Conv2d(1, 2, 3, 1, 0, 2) built an undilated convolution;
+    BCEWithLogitsLoss' first was ``pos_weight`` where PyTorch has the per-element ``weight``.)"""
+    ours, theirs = pycnn, torch
+    for part in path.split("."):
+        ours, theirs = getattr(ours, part), getattr(theirs, part)
+    names, torch_names = _positional_names(ours.__init__), _positional_names(theirs.__init__)
+    assert names == torch_names[:len(names)], (names, torch_names)
+
+
+def test_a_pytorch_positional_conv_call_builds_the_same_layer():
+    conv_p, conv_t = nn.Conv2d(2, 3, 3, 2, 1, 1, 1, False, "zeros"), torch.nn.Conv2d(2, 3, 3, 2, 1, 1, 1, False, "zeros")
+    assert conv_p.bias is None and conv_t.bias is None
+    _compare_models(conv_p, conv_t, np.random.default_rng(3).standard_normal((2, 2, 7, 7)).astype(np.float32))
+
+
 def test_pooling_accepts_pytorchs_default_flags_and_refuses_the_others_clearly():
     x = pycnn.tensor(np.ones((1, 1, 4, 4), np.float32))
     assert nn.MaxPool2d(2, ceil_mode=False, dilation=1, return_indices=False)(x).shape == (1, 1, 2, 2)

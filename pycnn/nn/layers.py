@@ -52,14 +52,19 @@ def _check_input(layer: str, x, ndim: int):
 class Conv2d(Module):
     """2-D convolution over NCHW input, PyTorch's default initialization.
 
-    PyTorch's arguments up to ``padding``, then ``bias``: there is no ``dilation``, ``groups`` or
-    ``padding_mode`` (given by name, a TypeError names them), so pass ``bias`` by name, as a
-    sixth positional argument is PyTorch's ``dilation``.
+    PyTorch's arguments in PyTorch's order, so a PyTorch call means the same here; ``dilation``,
+    ``groups`` and ``padding_mode`` only at their defaults (1, 1, 'zeros'), and ``dtype`` by name.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 bias: bool = True, dtype=np.float32):
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
+                 dtype=np.float32):
         super().__init__()
+        # (bias came sixth before, where PyTorch has dilation: Conv2d(1, 2, 3, 1, 0, 2) built an
+        # undilated convolution with a bias, silently)
+        _only_default("Conv2d", "dilation", dilation, (1, (1, 1)))
+        _only_default("Conv2d", "groups", groups, (1,))
+        _only_default("Conv2d", "padding_mode", padding_mode, ("zeros",))
         self.in_channels = _int(in_channels, "Conv2d", "in_channels", 1)
         self.out_channels = _int(out_channels, "Conv2d", "out_channels", 1)
         self.kernel_size = _pair(kernel_size, "Conv2d", "kernel_size", 1)
@@ -96,9 +101,10 @@ class Conv2d(Module):
 
 
 class Linear(Module):
-    """Fully connected layer y = x @ W.T + b, PyTorch's default initialization."""
+    """Fully connected layer y = x @ W.T + b, PyTorch's default initialization (``dtype`` by name:
+    PyTorch's fourth argument is ``device``)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype=np.float32):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype=np.float32):
         super().__init__()
         self.in_features = _int(in_features, "Linear", "in_features", 1)
         self.out_features = _int(out_features, "Linear", "out_features", 1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pycnn import functional as F
+from pycnn.nn.layers import _only_default
 from pycnn.nn.module import Module
 
 
@@ -13,15 +14,27 @@ def _check_reduction(loss: str, reduction) -> str:
     return reduction
 
 
+def _legacy_defaults(loss: str, size_average, reduce) -> None:
+    """PyTorch's deprecated ``size_average`` / ``reduce`` keep their places in the argument order
+    (so a PyTorch call's positional arguments mean the same here) and only their default, None."""
+    _only_default(loss, "size_average", size_average, (None,))
+    _only_default(loss, "reduce", reduce, (None,))
+
+
 class CrossEntropyLoss(Module):
     """Softmax cross-entropy with optional class weights and label smoothing.
 
+    PyTorch's arguments in PyTorch's order; ``size_average``, ``reduce`` and ``ignore_index`` only
+    at their defaults (a label of -100 is refused as out of range, not ignored).
     ``weight="balanced"`` is resolved by the caller (see ``pycnn.metrics``/training); here it
     must be None or an array of one weight per class.
     """
 
-    def __init__(self, weight=None, label_smoothing: float = 0.0, reduction: str = "mean"):
+    def __init__(self, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
+                 reduction: str = "mean", label_smoothing: float = 0.0):
         super().__init__()
+        _legacy_defaults("CrossEntropyLoss", size_average, reduce)
+        _only_default("CrossEntropyLoss", "ignore_index", ignore_index, (-100,))
         self.weight, self.label_smoothing = weight, float(label_smoothing)
         self.reduction = _check_reduction("CrossEntropyLoss", reduction)
 
@@ -33,8 +46,18 @@ class CrossEntropyLoss(Module):
 
 
 class BCEWithLogitsLoss(Module):
-    def __init__(self, pos_weight=None, reduction: str = "mean"):
+    """Sigmoid + binary cross-entropy in one op, with an optional weight of the positive class.
+
+    PyTorch's arguments in PyTorch's order; the per-element ``weight`` is not implemented (only
+    None: a weight passed first, PyTorch's place for it, is refused rather than taken as
+    ``pos_weight``), ``size_average`` and ``reduce`` only at their default.
+    """
+
+    def __init__(self, weight=None, size_average=None, reduce=None, reduction: str = "mean",
+                 pos_weight=None):
         super().__init__()
+        _only_default("BCEWithLogitsLoss", "weight", weight, (None,))
+        _legacy_defaults("BCEWithLogitsLoss", size_average, reduce)
         self.pos_weight, self.reduction = pos_weight, _check_reduction("BCEWithLogitsLoss", reduction)
 
     def forward(self, logits, target):
@@ -42,8 +65,11 @@ class BCEWithLogitsLoss(Module):
 
 
 class MSELoss(Module):
-    def __init__(self, reduction: str = "mean"):
+    """Mean (or summed) squared error; PyTorch's arguments in PyTorch's order."""
+
+    def __init__(self, size_average=None, reduce=None, reduction: str = "mean"):
         super().__init__()
+        _legacy_defaults("MSELoss", size_average, reduce)
         self.reduction = _check_reduction("MSELoss", reduction)
 
     def forward(self, pred, target):
@@ -51,8 +77,11 @@ class MSELoss(Module):
 
 
 class SmoothL1Loss(Module):
-    def __init__(self, reduction: str = "mean", beta: float = 1.0):
+    """Huber-like loss, quadratic below ``beta``; PyTorch's arguments in PyTorch's order."""
+
+    def __init__(self, size_average=None, reduce=None, reduction: str = "mean", beta: float = 1.0):
         super().__init__()
+        _legacy_defaults("SmoothL1Loss", size_average, reduce)
         self.reduction, self.beta = _check_reduction("SmoothL1Loss", reduction), float(beta)
 
     def forward(self, pred, target):
