@@ -11,7 +11,7 @@ import numpy as np
 
 from pycnn import backends
 from pycnn import random as _random
-from pycnn.tensor import Tensor, array_module, is_grad_enabled, move_array
+from pycnn.tensor import Tensor, _check_axis, array_module, is_grad_enabled, move_array
 
 # ----------------------------------------------------------------------------- validation
 
@@ -312,6 +312,7 @@ def tanh(x: Tensor) -> Tensor:
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
     """Softmax along ``axis`` (max-subtracted, so it never overflows)."""
     _check_tensor("softmax", "input", x)
+    _check_axis("softmax", axis, x.ndim, tuples=False)  # (NumPy's AxisError named neither op nor argument)
     xp = array_module(x.data)
     shifted = x.data - x.data.max(axis=axis, keepdims=True)
     e = xp.exp(shifted)
@@ -322,6 +323,7 @@ def softmax(x: Tensor, axis: int = -1) -> Tensor:
 def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
     """log(softmax(x)) through log-sum-exp."""
     _check_tensor("log_softmax", "input", x)
+    _check_axis("log_softmax", axis, x.ndim, tuples=False)
     xp = array_module(x.data)
     shifted = x.data - x.data.max(axis=axis, keepdims=True)
     y = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))

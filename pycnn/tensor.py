@@ -13,6 +13,7 @@ them raises instead of adding the same gradients again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 import numpy as np
@@ -44,17 +45,35 @@ def is_grad_enabled() -> bool:
     return getattr(_state, "grad_enabled", True)
 
 
-class no_grad(contextlib.ContextDecorator):
+class no_grad(contextlib.AbstractContextManager):
     """Context manager / decorator that disables graph recording (inference, optimizer steps)."""
 
+    def __init__(self):
+        # A stack, not one saved value: one instance entered again before it exits (nested
+        # ``with ng:`` blocks) overwrote the state saved by the outer entry, and the outer exit
+        # then left recording disabled for good.
+        self._previous = []
+
     def __enter__(self):
-        self._previous = is_grad_enabled()
+        self._previous.append(is_grad_enabled())
         _state.grad_enabled = False
         return self
 
     def __exit__(self, *exc):
-        _state.grad_enabled = self._previous
+        _state.grad_enabled = self._previous.pop()
         return False
+
+    def __call__(self, func):
+        """``@no_grad()``: each call runs under a fresh instance (ContextDecorator reused this
+        one, so a decorated function that recursed, or ran in two threads at once, restored
+        another call's state: after ``@no_grad() def f(n): ... f(n - 1)`` returned, recording
+        stayed disabled)."""
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            with no_grad():
+                return func(*args, **kwargs)
+
+        return wrapper
 
 
 # ----------------------------------------------------------------------------- devices
@@ -143,6 +162,8 @@ def _check_axis(op: str, axis, ndim: int, tuples: bool = True) -> None:
         if not -ndim <= ax < ndim:
             raise IndexError(f"{op}: axis {ax} is out of range for a {ndim}-D tensor "
                              f"(expected {-ndim} to {ndim - 1})")
+    if len({int(ax) % ndim for ax in axes}) != len(axes):  # (NumPy: "duplicate value in 'axis'")
+        raise ValueError(f"{op}: axis {axis!r} names the same axis more than once")
 
 
 def _memory_owner(array):
@@ -210,21 +231,36 @@ class Tensor:
             array = move_array(array, device)
         self.data = array
         self.grad: Tensor | None = None
-        self.requires_grad = bool(requires_grad)
+        self.requires_grad = requires_grad  # (the setter refuses non-float data)
         self._parents: tuple = ()
         self._backward = None
         self._op = ""
-        if self.requires_grad and self.data.dtype not in FLOAT_DTYPES:
+
+    @property
+    def requires_grad(self) -> bool:
+        return self._requires_grad
+
+    @requires_grad.setter
+    def requires_grad(self, flag) -> None:
+        # Checked on every assignment, not only in __init__: ``t.requires_grad = True`` on an
+        # integer tensor was accepted, and backward() then cast its float gradient to the integer
+        # dtype (0.5 became 0), silently; PyTorch refuses the assignment.
+        flag = bool(flag)
+        if flag and self.data.dtype not in FLOAT_DTYPES:
             raise TypeError(f"only float32/float64 tensors can require gradients, got {self.data.dtype}")
+        self._requires_grad = flag
 
     # -- construction of graph nodes
     @classmethod
     def _from_op(cls, data, parents, backward, op: str) -> "Tensor":
         out = cls.__new__(cls)
-        out.data = data
+        # NumPy gives scalars (np.float32), not 0-d arrays, for full reductions, integer indexing
+        # and any op on 0-d arrays; the numba and native kernels take arrays only, so
+        # relu(x.sum()) or relu(x[0]) raised "x must be a NumPy array, got float32" there.
+        out.data = np.asarray(data) if isinstance(data, np.generic) else data
         out.grad = None
         needs = is_grad_enabled() and any(p is not None and p.requires_grad for p in parents)
-        out.requires_grad = needs
+        out._requires_grad = needs  # (not the setter: a float16 astype() result may need grad)
         out._parents = tuple(parents) if needs else ()
         out._backward = backward if needs else None
         out._op = op
@@ -274,7 +310,21 @@ class Tensor:
 
     def __array__(self, dtype=None, copy=None):
         array = self.numpy()
-        return array if dtype is None else array.astype(dtype, copy=False)
+        if dtype is not None and array.dtype != np.dtype(dtype):
+            return array.astype(dtype)  # (a new array)
+        # NumPy 2 passes copy=True for np.array(t) (its default) and then trusts the result to be
+        # its own: returning self.data made np.array(t) an alias whose edits changed the tensor.
+        if copy and array is self.data:
+            return array.copy()
+        return array
+
+    def __bool__(self) -> bool:
+        # Without it Python fell back to __len__: bool(Tensor([0.0])) was True, as was
+        # bool(Tensor([1.0, 2.0])), and bool(Tensor(0.0)) raised "len() of unsized object".
+        if self.size != 1:
+            raise ValueError(f"bool(): the truth value of a tensor of shape {self.shape} ({self.size} "
+                             f"elements) is ambiguous; only a one-element tensor has one")
+        return bool(self.item())
 
     def item(self):
         """The value of a one-element tensor as a Python number."""
@@ -307,6 +357,11 @@ class Tensor:
 
     def astype(self, dtype) -> "Tensor":
         data = self.data.astype(dtype)
+        if data.dtype.kind != "f":
+            # An integer or bool result is outside the graph (PyTorch: requires_grad=False); it
+            # required grad, and backward() sent gradients through the rounding as if it were
+            # the identity (x.astype(int64) * 2 gave x the gradient 2).
+            return Tensor(data)
         return Tensor._from_op(data, (self,), lambda g: (g.astype(self.dtype),), "astype")
 
     # -- DLPack (zero-copy exchange with CuPy, PyTorch, NumPy)
@@ -388,6 +443,13 @@ class Tensor:
                     continue
                 if pgrad.shape != parent.data.shape:
                     pgrad = _unbroadcast(pgrad, parent.data.shape)
+                if pgrad.dtype != parent.data.dtype:
+                    # A gradient has its tensor's dtype, as in PyTorch: float64 data times a
+                    # float32 activation sent a float64 gradient into the float32 node's
+                    # backward, which the numba and native kernels refused (mixed dtypes).
+                    pgrad = pgrad.astype(parent.data.dtype)
+                if isinstance(pgrad, np.generic):  # (a scalar from NumPy, as in _from_op)
+                    pgrad = np.asarray(pgrad)
                 key = id(parent)
                 if key in grads:
                     grads[key] = grads[key] + pgrad
@@ -420,59 +482,76 @@ class Tensor:
         return order
 
     # -- elementwise arithmetic (broadcasting; backward reduces to each input's shape)
-    def _operand(self, other, op: str):
-        """(array or scalar, Tensor or None) for the other operand of a binary op.
+    def _operands(self, other, op: str):
+        """(this array, the other operand's array or scalar, its Tensor or None) of a binary op.
 
         Python and NumPy scalars stay scalars (a 0-d NumPy array would not mix with CuPy
-        arrays); arrays move to this tensor's device; tensors must already be there.
+        arrays); arrays move to this tensor's device; tensors must already be there. The arrays
+        follow PyTorch's type promotion where NumPy's differs, so that a float32 tensor stays
+        float32: an integer or bool operand takes the float operand's dtype (NumPy made float32
+        times int64 float64), and between floats a 0-d tensor takes the dtype of an operand with
+        dimensions (NumPy made float32 times a 0-d float64 float64).
         """
+        a = self.data
         if isinstance(other, Tensor):
             if other.device != self.device:
                 raise ValueError(f"{op}: tensors are on different devices: {self.device} and {other.device}")
-            return other.data, other
-        if isinstance(other, (int, float, bool, np.generic)):
-            return (self.data.dtype.type(other) if self.data.dtype.kind == "f" else other), None
-        return move_array(_as_array(other), self.device), None
+            b, bt = other.data, other
+        elif isinstance(other, (int, float, bool, np.generic)):
+            return a, (a.dtype.type(other) if a.dtype.kind == "f" else other), None
+        else:
+            b, bt = move_array(_as_array(other), self.device), None
+        if a.dtype != b.dtype:
+            if a.dtype.kind == "f" and b.dtype.kind != "f":
+                b = b.astype(a.dtype)
+            elif b.dtype.kind == "f" and a.dtype.kind != "f":
+                a = a.astype(b.dtype)
+            elif a.dtype.kind == "f" and (a.ndim == 0) != (b.ndim == 0):
+                a, b = (a.astype(b.dtype), b) if a.ndim == 0 else (a, b.astype(a.dtype))
+        return a, b, bt
 
     def __add__(self, other):
-        b, bt = self._operand(other, "add")
-        return Tensor._from_op(self.data + b, (self, bt), lambda g: (g, g), "add")
+        a, b, bt = self._operands(other, "add")
+        return Tensor._from_op(a + b, (self, bt), lambda g: (g, g), "add")
 
     __radd__ = __add__
 
     def __sub__(self, other):
-        b, bt = self._operand(other, "sub")
-        return Tensor._from_op(self.data - b, (self, bt), lambda g: (g, -g), "sub")
+        a, b, bt = self._operands(other, "sub")
+        return Tensor._from_op(a - b, (self, bt), lambda g: (g, -g), "sub")
 
     def __rsub__(self, other):
-        b, bt = self._operand(other, "sub")
-        return Tensor._from_op(b - self.data, (self, bt), lambda g: (-g, g), "rsub")
+        a, b, bt = self._operands(other, "sub")
+        return Tensor._from_op(b - a, (self, bt), lambda g: (-g, g), "rsub")
 
     def __mul__(self, other):
-        a = self.data
-        b, bt = self._operand(other, "mul")
+        a, b, bt = self._operands(other, "mul")
         return Tensor._from_op(a * b, (self, bt), lambda g: (g * b, g * a if bt is not None else None), "mul")
 
     __rmul__ = __mul__
 
+    # d(a/b)/db = -a / b**2 is computed as -(a / b) / b (PyTorch's order): b * b overflowed to inf
+    # in float32 for |b| > 1.8e19, and the gradient came out 0 where it is finite.
     def __truediv__(self, other):
-        a = self.data
-        b, bt = self._operand(other, "div")
-        return Tensor._from_op(a / b, (self, bt),
-                               lambda g: (g / b, -g * a / (b * b) if bt is not None else None), "div")
+        a, b, bt = self._operands(other, "div")
+        y = a / b
+        return Tensor._from_op(y, (self, bt),
+                               lambda g: (g / b, -g * (y / b) if bt is not None else None), "div")
 
     def __rtruediv__(self, other):
-        a = self.data
-        b, bt = self._operand(other, "div")
-        return Tensor._from_op(b / a, (self, bt),
-                               lambda g: (-g * b / (a * a), g / a if bt is not None else None), "rdiv")
+        a, b, bt = self._operands(other, "div")
+        y = b / a
+        return Tensor._from_op(y, (self, bt),
+                               lambda g: (-g * (y / a), g / a if bt is not None else None), "rdiv")
 
     def __neg__(self):
         return Tensor._from_op(-self.data, (self,), lambda g: (-g,), "neg")
 
     def __pow__(self, exponent):
-        if isinstance(exponent, Tensor):
-            raise TypeError("pow: only a Python number exponent is supported")
+        # (A NumPy array exponent passed the forward and failed in backward() with "The truth
+        # value of an array ... is ambiguous".)
+        if not isinstance(exponent, (int, float, np.integer, np.floating)):
+            raise TypeError(f"pow: only a Python number exponent is supported, got {type(exponent).__name__}")
         a = self.data
         e = a.dtype.type(exponent) if a.dtype.kind == "f" else exponent
 
@@ -484,17 +563,16 @@ class Tensor:
         return Tensor._from_op(a ** e, (self,), backward, "pow")
 
     def __matmul__(self, other):
-        a = self.data
-        b, bt = self._operand(other, "matmul")
-        if a.ndim != 2 or b.ndim != 2:
-            raise ValueError(f"matmul: expected two 2-D tensors, got shapes {a.shape} and {b.shape}")
+        a, b, bt = self._operands(other, "matmul")
+        if a.ndim != 2 or np.ndim(b) != 2:  # (np.ndim: b may be a Python number)
+            raise ValueError(f"matmul: expected two 2-D tensors, got shapes {a.shape} and {np.shape(b)}")
         if a.shape[1] != b.shape[0]:
             raise ValueError(f"matmul: inner dimensions differ: {a.shape} @ {b.shape}")
         return Tensor._from_op(a @ b, (self, bt), lambda g: (g @ b.T, a.T @ g if bt is not None else None), "matmul")
 
     def __rmatmul__(self, other):
         """``array @ tensor``: NumPy defers to it (``__array_priority__``); the array is a constant."""
-        b, _ = self._operand(other, "matmul")
+        _, b, _ = self._operands(other, "matmul")
         return Tensor(b).__matmul__(self)
 
     # -- comparisons (no gradient)
@@ -540,18 +618,29 @@ class Tensor:
     def clamp(self, min=None, max=None):  # noqa: A002 - PyTorch's names
         a = self.data
         xp = array_module(a)
+        if a.dtype.kind != "f" and any(isinstance(v, (float, np.floating)) for v in (min, max)):
+            # PyTorch's promotion: an integer tensor clamped to a float bound is float32 (the
+            # bound was cast to the integer dtype: clamp(min=1.5) kept 1, silently).
+            a = a.astype(np.float32)
+        # The bounds in the data's dtype, for the forward and the backward alike: the backward
+        # compared with the bound as given, so a NumPy float64 bound that rounds to a float32
+        # value equal to x passed x forward but gave it a zero gradient (PyTorch: 1).
+        lo = None if min is None else a.dtype.type(min)
+        hi = None if max is None else a.dtype.type(max)
         y = a
-        if min is not None:
-            y = xp.maximum(y, a.dtype.type(min))
-        if max is not None:
-            y = xp.minimum(y, a.dtype.type(max))
+        if lo is not None:
+            y = xp.maximum(y, lo)
+        if hi is not None:
+            y = xp.minimum(y, hi)
+
         def backward(g):
             mask = xp.ones(a.shape, dtype=bool)
-            if min is not None:
-                mask &= a >= min
-            if max is not None:
-                mask &= a <= max
+            if lo is not None:
+                mask &= a >= lo
+            if hi is not None:
+                mask &= a <= hi
             return (g * mask,)
+
         return Tensor._from_op(y, (self,), backward, "clamp")
 
     # -- reductions
@@ -571,23 +660,29 @@ class Tensor:
         a = self.data
         _check_axis("mean", axis, a.ndim)
         count = a.size if axis is None else int(np.prod([a.shape[i] for i in np.atleast_1d(axis)]))
-        return self.sum(axis=axis, keepdims=keepdims) * (1.0 / count)
+        # The mean of no elements is NaN, as in NumPy and PyTorch (1.0 / 0 raised ZeroDivisionError).
+        return self.sum(axis=axis, keepdims=keepdims) * (1.0 / count if count else float("nan"))
 
     def max(self, axis=None, keepdims: bool = False):
         """Maximum; the gradient goes to the (first) maximal element."""
         a = self.data
         xp = array_module(a)
         _check_axis("max", axis, a.ndim, tuples=False)
+        if a.size == 0 and (axis is None or a.shape[axis] == 0):  # (NumPy: "attempt to get argmax of an empty sequence")
+            where = "" if axis is None else f" along axis {axis}"
+            raise ValueError(f"max: a tensor of shape {self.shape} has no elements{where} to take the maximum of")
         if axis is None:
             flat_index = int(a.argmax())
-            y = a.reshape(-1)[flat_index]
+            y = xp.asarray(a.reshape(-1)[flat_index])
+            if keepdims:  # (it was ignored: a 0-d result, where sum(keepdims=True) keeps every axis)
+                y = y.reshape((1,) * a.ndim)
 
             def backward(g):
                 out = xp.zeros(a.size, dtype=a.dtype)
-                out[flat_index] = g
+                out[flat_index] = g.reshape(())
                 return (out.reshape(a.shape),)
 
-            return Tensor._from_op(xp.asarray(y), (self,), backward, "max")
+            return Tensor._from_op(y, (self,), backward, "max")
         index = xp.expand_dims(a.argmax(axis=axis), axis)
         y = xp.take_along_axis(a, index, axis=axis)
 
@@ -700,6 +795,9 @@ def concatenate(tensors, axis: int = 0) -> Tensor:
     tensors = list(tensors)
     if not tensors:
         raise ValueError("concatenate: need at least one tensor")
+    for i, t in enumerate(tensors):  # (an array among them failed with "has no attribute 'device'")
+        if not isinstance(t, Tensor):
+            raise TypeError(f"concatenate: tensors[{i}] must be a pycnn Tensor, got {type(t).__name__}")
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         raise ValueError(f"concatenate: tensors are on different devices: {', '.join(sorted(devices))}")
