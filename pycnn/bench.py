@@ -415,7 +415,7 @@ def _dirty() -> bool:
 
 
 def plot(rows, path) -> None:
-    from pycnn.viz import _pyplot, save_figure
+    from pycnn.viz import _pyplot, _save_and_close
 
     plt = _pyplot()
     rows = [r for r in rows if TORCH in r["ms"]]
@@ -430,8 +430,7 @@ def plot(rows, path) -> None:
     ax.set_ylabel("speed relative to PyTorch CPU (same run)")
     ax.axhline(1.0, color="gray", lw=0.5)
     ax.legend()
-    save_figure(fig, path)
-    plt.close(fig)
+    _save_and_close(plt, fig, path)
 
 
 def run(ops=None, models=None, shapes=None, backend_names=None, repeats: int = 7, out=None, do_plot=False,
@@ -467,9 +466,12 @@ def run(ops=None, models=None, shapes=None, backend_names=None, repeats: int = 7
     if unknown:
         raise ValueError(f"unknown backend(s) {unknown}; expected names from {', '.join(known_backends)}")
     threads = threads or os.cpu_count() or 1
-    ops = list(OPS) if ops is None else list(ops)
-    shapes = list(CONV_SHAPES) if shapes is None else list(shapes)
-    models = list(MODELS) if models is None else list(models)
+    # (each name once: `--backends numpy numpy` started two workers and left the first running,
+    # `--ops relu relu` timed every case twice)
+    backend_names = list(dict.fromkeys(backend_names))
+    ops = list(OPS) if ops is None else list(dict.fromkeys(ops))
+    shapes = list(CONV_SHAPES) if shapes is None else list(dict.fromkeys(shapes))
+    models = list(MODELS) if models is None else list(dict.fromkeys(models))
     for kind, given, known in (("shape", shapes, CONV_SHAPES), ("op", ops, OPS), ("model", models, MODELS)):
         unknown = [s for s in given if s not in known]
         if unknown:
@@ -487,6 +489,9 @@ def run(ops=None, models=None, shapes=None, backend_names=None, repeats: int = 7
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d")
         out = Path("benchmarks/results") / f"cpu-{stamp}-{commit()[:8]}.json"
     check_output_file(out, "out (--out)", "JSON file")  # before minutes of timing
+    if do_plot and Path(out).with_suffix(".png") == Path(out):  # (the chart was drawn over the JSON record)
+        raise ValueError(f"--plot draws its chart beside the JSON record, at --out with the suffix .png, so --out "
+                         f"cannot end in .png itself; got {str(out)!r}")
     names = list(backend_names) + ([TORCH] if with_torch else [])
     load_before = os.getloadavg()
     workers, skipped = {}, []

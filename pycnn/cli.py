@@ -62,7 +62,8 @@ def _add_train_mnist_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p.add_argument("--out", default=None, help="output directory for metrics.json, curves.png, model.safetensors "
-                                               "(default: runs/<model>)")
+                                               "and training_state.safetensors (what --resume reads; written after "
+                                               "every epoch); default: runs/<model>")
     p.add_argument("--limit-train", type=int, help="train on the first N images only (quick checks)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
     p.add_argument("--cuda-graph", action="store_true",
@@ -231,7 +232,9 @@ def _resume_hint(args, started: float) -> str:
 
     path = Path(args.out or f"runs/{args.model}") / TRAINING_STATE_FILE
     try:
-        if path.stat().st_mtime < started:  # (a previous run's state: not this one's to offer)
+        # (a previous run's state is not this one's to offer, unless this run resumed it: a resumed
+        # run stopped before it finished an epoch got no hint, though its state still resumes)
+        if path.stat().st_mtime < started and not getattr(args, "resume", False):
             return ""
         epoch = json.loads(load_checkpoint(path)[1]["epoch"])
     except Exception:  # noqa: BLE001 - only a hint: never hide the interruption behind another error
@@ -247,6 +250,8 @@ def main(argv=None) -> int:
     if unknown is not None and args.command != "info":  # (info lists them among the settings)
         print(f"pycnn {args.command}: warning: {unknown}", file=sys.stderr)
     try:
+        if args.command == "train" and args.out == "":  # (mnist trained into runs/<model>, localize wrote nothing)
+            raise ValueError("--out is empty; give the output directory's path, or no --out for the default")
         if hasattr(args, "backend") and args.backend is None:
             # (the explicit default "auto" overrode $PYCNN_BACKEND, which the README offers)
             args.backend = backends.env_backend(BACKEND_CHOICES)

@@ -6,6 +6,7 @@ import math
 import platform
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -366,52 +367,53 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
         checked = 0
         first = None  # (steps, seconds) of the run's first step, timed apart (kernels compile there)
         start = time.perf_counter()
-        for step in range(steps_per_epoch):
-            lo, hi = step * cfg.batch_size, min(n, (step + 1) * cfg.batch_size)
-            if order_dev is None:
-                xb, yb = x_train[lo:hi], y_train[lo:hi]
-            else:
-                idx = order_dev[lo:hi]
-                xb, yb = x_train[idx], y_train[idx]
-            logits = net(Tensor(xb))
-            loss = F.cross_entropy(logits, yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if scheduler is not None and sched_unit == "batch":
-                scheduler.step()
-            hits = (logits.data.argmax(axis=1) == yb).sum()
-            if device == "cpu":
-                value = float(loss.data)
-                loss_buf.append(value)
-                if not math.isfinite(value):
-                    _check_finite(np.array(loss_buf), 0, epoch)
-                correct += int(hits)
-            else:
-                loss_buf[step] = loss.data  # stays on the device: no host sync per step
-                correct = correct + hits
-            if epoch == first_epoch and step == 0:
-                if device == "cuda":  # (one host sync per run: the step's kernels have finished)
-                    import cupy
+        with _closed_on_error(bar):  # (Ctrl-C, a divergence: the message then starts a line of its own)
+            for step in range(steps_per_epoch):
+                lo, hi = step * cfg.batch_size, min(n, (step + 1) * cfg.batch_size)
+                if order_dev is None:
+                    xb, yb = x_train[lo:hi], y_train[lo:hi]
+                else:
+                    idx = order_dev[lo:hi]
+                    xb, yb = x_train[idx], y_train[idx]
+                logits = net(Tensor(xb))
+                loss = F.cross_entropy(logits, yb)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if scheduler is not None and sched_unit == "batch":
+                    scheduler.step()
+                hits = (logits.data.argmax(axis=1) == yb).sum()
+                if device == "cpu":
+                    value = float(loss.data)
+                    loss_buf.append(value)
+                    if not math.isfinite(value):
+                        _check_finite(np.array(loss_buf), 0, epoch)
+                    correct += int(hits)
+                else:
+                    loss_buf[step] = loss.data  # stays on the device: no host sync per step
+                    correct = correct + hits
+                if epoch == first_epoch and step == 0:
+                    if device == "cuda":  # (one host sync per run: the step's kernels have finished)
+                        import cupy
 
-                    cupy.cuda.get_current_stream().synchronize()
-                first = (1, time.perf_counter() - start)
-            if bar is not None and (device == "cpu" or step % 50 == 49 or step == steps_per_epoch - 1):
-                if device == "cuda":  # one sync every 50 steps for the bar and the NaN check
-                    recent = loss_buf[checked:step + 1].get()
-                    _check_finite(recent, checked, epoch)
-                    checked = step + 1
-                    value = float(recent[-1])
-                seen = hi
-                bar.set_postfix(loss=f"{value:.4f}", acc=f"{int(correct) / seen:.4f}",
-                                samples_s=f"{seen / (time.perf_counter() - start):,.0f}", refresh=False)
-                bar.update(step + 1 - bar.n)
-        if device == "cuda":
-            all_losses = loss_buf.get()
-            _check_finite(all_losses, 0, epoch)
-            train_losses = all_losses
-        else:
-            train_losses = np.array(loss_buf)
+                        cupy.cuda.get_current_stream().synchronize()
+                    first = (1, time.perf_counter() - start)
+                if bar is not None and (device == "cpu" or step % 50 == 49 or step == steps_per_epoch - 1):
+                    if device == "cuda":  # one sync every 50 steps for the bar and the NaN check
+                        recent = loss_buf[checked:step + 1].get()
+                        _check_finite(recent, checked, epoch)
+                        checked = step + 1
+                        value = float(recent[-1])
+                    seen = hi
+                    bar.set_postfix(loss=f"{value:.4f}", acc=f"{int(correct) / seen:.4f}",
+                                    samples_s=f"{seen / (time.perf_counter() - start):,.0f}", refresh=False)
+                    bar.update(step + 1 - bar.n)
+            if device == "cuda":
+                all_losses = loss_buf.get()
+                _check_finite(all_losses, 0, epoch)
+                train_losses = all_losses
+            else:
+                train_losses = np.array(loss_buf)
         epoch_s = time.perf_counter() - start
         if bar is not None:
             bar.close()
@@ -421,7 +423,10 @@ def run_mnist(model: str = "fastmnist", **kwargs) -> dict:
         test_loss, test_acc = evaluate(net, x_test, y_test)
         _check_test_loss(test_loss, epoch, float(train_losses.mean()))
         eval_s = time.perf_counter() - eval_start
-        record = {"epoch": epoch, "train_loss": float(train_losses.mean()), "train_acc": int(correct) / n,
+        # ("backend": the one that trained this epoch; a resumed run may continue on another, and the
+        # run's "versions" name the last one only)
+        record = {"epoch": epoch, "backend": backend_name, "train_loss": float(train_losses.mean()),
+                  "train_acc": int(correct) / n,
                   "test_loss": test_loss, "test_acc": test_acc, "epoch_s": epoch_s, "eval_s": eval_s,
                   "samples_per_s": n / epoch_s, "lr_end": opt.lr,
                   **first_steps_fields(n, cfg.batch_size, epoch_s, first)}
@@ -516,40 +521,41 @@ def _graph_epoch(cfg, net, opt, scheduler, sched_unit, graph_step, x_train, y_tr
         graph_step.reset_stats()
         order = epoch_order(cfg.seed, epoch, n) if cfg.shuffle else None
         order_dev = move_array(order, "cuda") if order is not None else None
-        for step in range(steps_per_epoch):
-            lo, hi = step * cfg.batch_size, min(n, (step + 1) * cfg.batch_size)
-            idx = None if order_dev is None else order_dev[lo:hi]
-            if hi - lo == cfg.batch_size and idx is not None:
-                # gather straight into the graph's input buffers (no second copy)
-                cupy.take(x_train, idx, axis=0, out=graph_step.static_x)
-                cupy.take(y_train, idx, axis=0, out=graph_step.static_y)
-                graph_step()
-            elif hi - lo == cfg.batch_size:
-                graph_step(x_train[lo:hi], y_train[lo:hi])
-            else:  # the last partial batch: eager, same optimizer (device hyper-parameters)
-                xb, yb = (x_train[lo:hi], y_train[lo:hi]) if idx is None else (x_train[idx], y_train[idx])
-                logits = net(Tensor(xb))
-                loss = F.cross_entropy(logits, yb)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                graph_step.loss_sum += loss.data
-                graph_step.correct += (logits.data.argmax(axis=1) == yb).sum()
-            if timing_first and (graph_step.steps == graph_step.warmup_steps + 1 or step == steps_per_epoch - 1):
-                graph_step.stream.synchronize()  # (once per run: the warm-up, capture and first replay are done)
-                first = (step + 1, time.perf_counter() - start)
-                timing_first = False
-            if scheduler is not None and sched_unit == "batch":
-                scheduler.step()
-            if bar is not None and (step % 50 == 49 or step == steps_per_epoch - 1):
-                total = float(graph_step.loss_sum.get())  # one sync every 50 steps
-                if not math.isfinite(total):
-                    raise TrainingDiverged(f"training diverged: the loss became {total} at epoch {epoch}, "
-                                           f"between steps {checked} and {step} (0-based); try a lower --lr")
-                checked = step + 1
-                bar.set_postfix(loss=f"{total / (step + 1):.4f}", acc=f"{int(graph_step.correct.get()) / hi:.4f}",
-                                samples_s=f"{hi / (time.perf_counter() - start):,.0f}", refresh=False)
-                bar.update(step + 1 - bar.n)
+        with _closed_on_error(bar):  # (Ctrl-C, a divergence: the message then starts a line of its own)
+            for step in range(steps_per_epoch):
+                lo, hi = step * cfg.batch_size, min(n, (step + 1) * cfg.batch_size)
+                idx = None if order_dev is None else order_dev[lo:hi]
+                if hi - lo == cfg.batch_size and idx is not None:
+                    # gather straight into the graph's input buffers (no second copy)
+                    cupy.take(x_train, idx, axis=0, out=graph_step.static_x)
+                    cupy.take(y_train, idx, axis=0, out=graph_step.static_y)
+                    graph_step()
+                elif hi - lo == cfg.batch_size:
+                    graph_step(x_train[lo:hi], y_train[lo:hi])
+                else:  # the last partial batch: eager, same optimizer (device hyper-parameters)
+                    xb, yb = (x_train[lo:hi], y_train[lo:hi]) if idx is None else (x_train[idx], y_train[idx])
+                    logits = net(Tensor(xb))
+                    loss = F.cross_entropy(logits, yb)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    graph_step.loss_sum += loss.data
+                    graph_step.correct += (logits.data.argmax(axis=1) == yb).sum()
+                if timing_first and (graph_step.steps == graph_step.warmup_steps + 1 or step == steps_per_epoch - 1):
+                    graph_step.stream.synchronize()  # (once per run: the warm-up, capture and first replay are done)
+                    first = (step + 1, time.perf_counter() - start)
+                    timing_first = False
+                if scheduler is not None and sched_unit == "batch":
+                    scheduler.step()
+                if bar is not None and (step % 50 == 49 or step == steps_per_epoch - 1):
+                    total = float(graph_step.loss_sum.get())  # one sync every 50 steps
+                    if not math.isfinite(total):
+                        raise TrainingDiverged(f"training diverged: the loss became {total} at epoch {epoch}, "
+                                               f"between steps {checked} and {step} (0-based); try a lower --lr")
+                    checked = step + 1
+                    bar.set_postfix(loss=f"{total / (step + 1):.4f}", acc=f"{int(graph_step.correct.get()) / hi:.4f}",
+                                    samples_s=f"{hi / (time.perf_counter() - start):,.0f}", refresh=False)
+                    bar.update(step + 1 - bar.n)
         loss_sum, correct = float(graph_step.loss_sum.get()), int(graph_step.correct.get())
     epoch_s = time.perf_counter() - start
     if bar is not None:
@@ -563,7 +569,7 @@ def _graph_epoch(cfg, net, opt, scheduler, sched_unit, graph_step, x_train, y_tr
     test_loss, test_acc = evaluate(net, x_test, y_test)
     _check_test_loss(test_loss, epoch, loss_sum / steps_per_epoch)
     eval_s = time.perf_counter() - eval_start
-    record = {"epoch": epoch, "train_loss": loss_sum / steps_per_epoch, "train_acc": correct / n,
+    record = {"epoch": epoch, "backend": "cuda", "train_loss": loss_sum / steps_per_epoch, "train_acc": correct / n,
               "test_loss": test_loss, "test_acc": test_acc, "epoch_s": epoch_s, "eval_s": eval_s,
               "samples_per_s": n / epoch_s, "lr_end": opt.lr, "cuda_graph": graph_step.captured,
               **first_steps_fields(n, cfg.batch_size, epoch_s, first)}
@@ -572,6 +578,19 @@ def _graph_epoch(cfg, net, opt, scheduler, sched_unit, graph_step, x_train, y_tr
         f"test loss {test_loss:.4f} acc {test_acc:.4f} | {epoch_s:.2f} s ({n / epoch_s:,.0f} samples/s{note}), "
         f"eval {eval_s:.2f} s, CUDA graph {'replayed' if graph_step.captured else 'NOT used: ' + str(graph_step.reason)}")
     return record
+
+
+@contextmanager
+def _closed_on_error(bar):
+    """Close ``bar`` (a progress bar, or None) when the block raises: an interrupted or diverged
+    run's message then starts on a line of its own ("interrupted" was printed at the end of the
+    bar's line, and the bar drawn once more after it when it was collected)."""
+    try:
+        yield
+    except BaseException:
+        if bar is not None:
+            bar.close()
+        raise
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):

@@ -29,6 +29,15 @@ def save_figure(fig, path) -> None:
     atomic_write_bytes(path, figure_bytes(fig, Path(path).suffix.lstrip(".") or "png"))
 
 
+def _save_and_close(plt, fig, path) -> None:
+    """:func:`save_figure`, then close the figure even when the write failed (pyplot kept every
+    figure of a failed write open, and warns beyond 20 open figures)."""
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
+
+
 def _epoch_axis(ax, epochs: list) -> None:
     """Ticks at whole epochs (one epoch alone was labelled 0.96 ... 1.04)."""
     from matplotlib.ticker import MaxNLocator
@@ -120,8 +129,7 @@ def plot_localization_grid(data: dict, pred: dict, path, columns: int = 4) -> No
         ok = truth == guess
         ax.set_title(f"true {truth} / pred {guess} ({prob:.2f})", fontsize=8, color="black" if ok else "red")
     fig.suptitle("green: true box, red: predicted box", fontsize=10)
-    save_figure(fig, path)
-    plt.close(fig)
+    _save_and_close(plt, fig, path)
 
 
 def plot_feature_maps(model, image, path, title: str = "feature maps", max_maps: int = 16) -> None:
@@ -156,5 +164,4 @@ def plot_feature_maps(model, image, path, title: str = "feature maps", max_maps:
             axes[r, c].imshow(fmap[c], cmap="viridis")
         axes[r, 0].set_title(name, fontsize=7, loc="left")
     fig.suptitle(title, fontsize=10)
-    save_figure(fig, path)
-    plt.close(fig)
+    _save_and_close(plt, fig, path)
