@@ -106,7 +106,7 @@ def _fused_or_composed(be, fused_name: str, unfused, args, use_fused: bool):
     return be.relu_forward(out)
 
 
-def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, *,
            activation: str | None = None) -> Tensor:
     """2-D cross-correlation of NCHW ``x`` with ``weight`` (K, C, R, S), plus ``bias`` (K,).
 
@@ -224,7 +224,7 @@ def conv2d_max_pool2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None
 # ----------------------------------------------------------------------------- pooling
 
 
-def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, activation: str | None = None) -> Tensor:
+def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, *, activation: str | None = None) -> Tensor:
     """Max pooling over NCHW windows; ``stride`` defaults to ``kernel_size`` (as in PyTorch).
 
     ``activation="relu"`` returns relu(max_pool2d(...)) (= max_pool2d(relu(x))) as one op.
@@ -355,7 +355,7 @@ def check_dropout_p(owner: str, p) -> None:
 # ----------------------------------------------------------------------------- linear
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation: str | None = None) -> Tensor:
     """y = x @ weight.T + bias, with x (N, in), weight (out, in), bias (out,).
 
     ``activation="relu"`` returns relu(linear(...)) as one op (fused where the backend can).
@@ -399,6 +399,20 @@ def _check_reduction(op, reduction):
         raise ValueError(f"{op}: reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
+def _only_default(op: str, name: str, value, defaults: tuple) -> None:
+    """PyTorch's argument ``name`` that pycnn supports only at its default value(s)."""
+    if not any(value is d or (type(value) is type(d) and value == d) for d in defaults):
+        raise ValueError(f"{op}: {name}={value!r} is not supported (pycnn implements only "
+                         f"{name}={defaults[0]!r}, PyTorch's default), got {value!r}")
+
+
+def _legacy_defaults(op: str, size_average, reduce) -> None:
+    """PyTorch's deprecated ``size_average`` / ``reduce`` keep their places in the losses' argument
+    order (so a PyTorch call's positional arguments mean the same here), at their default only."""
+    _only_default(op, "size_average", size_average, (None,))
+    _only_default(op, "reduce", reduce, (None,))
+
+
 def _target_array(op, target, device):
     data = target.data if isinstance(target, Tensor) else target
     data = move_array(np.asarray(data) if not hasattr(data, "__cuda_array_interface__") else data, device)
@@ -422,9 +436,12 @@ def _scalar_loss(op, loss, parents, grad_fn):
     return Tensor._from_op(loss, parents, backward, op)
 
 
-def cross_entropy(logits: Tensor, target, weight=None, label_smoothing: float = 0.0,
-                  reduction: str = "mean") -> Tensor:
+def cross_entropy(logits: Tensor, target, weight=None, size_average=None, ignore_index: int = -100,
+                  reduce=None, reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
     """Softmax cross-entropy of (N, C) ``logits`` against integer class indices ``target`` (N,).
+
+    PyTorch's arguments in PyTorch's order; ``size_average``, ``reduce`` and ``ignore_index`` only at
+    their defaults (a label of -100 is refused as out of range, not ignored).
 
     Args:
         weight: optional per-class weights (C,) (array or Tensor); the mean divides by the sum
@@ -437,6 +454,8 @@ def cross_entropy(logits: Tensor, target, weight=None, label_smoothing: float = 
     """
     op = "cross_entropy"
     _check_tensor(op, "logits", logits, 2)
+    _legacy_defaults(op, size_average, reduce)
+    _only_default(op, "ignore_index", ignore_index, (-100,))
     _check_reduction(op, reduction)
     n, classes = logits.shape
     t = _target_array(op, target, logits.device)
@@ -460,10 +479,18 @@ def cross_entropy(logits: Tensor, target, weight=None, label_smoothing: float = 
         g, probs, t, w, float(label_smoothing), reduction))
 
 
-def binary_cross_entropy_with_logits(logits: Tensor, target, pos_weight=None, reduction: str = "mean") -> Tensor:
-    """Sigmoid + binary cross-entropy in one stable step; ``pos_weight`` scales positive targets."""
+def binary_cross_entropy_with_logits(logits: Tensor, target, weight=None, size_average=None, reduce=None,
+                                     reduction: str = "mean", pos_weight=None) -> Tensor:
+    """Sigmoid + binary cross-entropy in one stable step; ``pos_weight`` scales positive targets.
+
+    PyTorch's arguments in PyTorch's order; the per-element ``weight`` is not implemented (only
+    None: a weight given third, PyTorch's place for it, was once taken as ``pos_weight``),
+    ``size_average`` and ``reduce`` only at their default.
+    """
     op = "binary_cross_entropy_with_logits"
     _check_tensor(op, "logits", logits)
+    _only_default(op, "weight", weight, (None,))
+    _legacy_defaults(op, size_average, reduce)
     _check_reduction(op, reduction)
     t = _target_array(op, target, logits.device).astype(logits.dtype, copy=False)
     if tuple(t.shape) != logits.shape:
@@ -488,9 +515,10 @@ def _regression_target(op, pred, target):
     return _contiguous(pred.data), _contiguous(t)
 
 
-def mse_loss(pred: Tensor, target, reduction: str = "mean") -> Tensor:
-    """Mean (or summed) squared error; the target gets no gradient."""
+def mse_loss(pred: Tensor, target, size_average=None, reduce=None, reduction: str = "mean") -> Tensor:
+    """Mean (or summed) squared error; the target gets no gradient. PyTorch's argument order."""
     op = "mse_loss"
+    _legacy_defaults(op, size_average, reduce)
     _check_reduction(op, reduction)
     pd, t = _regression_target(op, pred, target)
     be = _backend(pred)
@@ -498,9 +526,12 @@ def mse_loss(pred: Tensor, target, reduction: str = "mean") -> Tensor:
     return _scalar_loss(op, loss, (pred,), lambda g: be.mse_backward(g, pd, t, reduction))
 
 
-def smooth_l1_loss(pred: Tensor, target, reduction: str = "mean", beta: float = 1.0) -> Tensor:
-    """Huber-like loss: quadratic below ``beta``, linear above (PyTorch's smooth_l1_loss)."""
+def smooth_l1_loss(pred: Tensor, target, size_average=None, reduce=None, reduction: str = "mean",
+                   beta: float = 1.0) -> Tensor:
+    """Huber-like loss: quadratic below ``beta``, linear above (PyTorch's smooth_l1_loss and its
+    argument order)."""
     op = "smooth_l1_loss"
+    _legacy_defaults(op, size_average, reduce)
     _check_reduction(op, reduction)
     if beta < 0:
         raise ValueError(f"{op}: beta must be >= 0, got {beta}")

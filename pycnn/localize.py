@@ -120,7 +120,8 @@ def localization_loss(outputs, batch: dict, cfg: LocalizeConfig, class_weights=N
     presence_logit, class_logits, boxes = outputs
     present = batch["present_host"]
     loss = F.binary_cross_entropy_with_logits(
-        presence_logit, batch["present"], None if cfg.pos_weight is None else np.array([cfg.pos_weight], np.float32))
+        presence_logit, batch["present"],
+        pos_weight=None if cfg.pos_weight is None else np.array([cfg.pos_weight], np.float32))
     parts = {"presence": loss}
     total = loss * cfg.presence_weight
     rows = np.flatnonzero(present > 0.5)

@@ -101,7 +101,7 @@ def test_cross_entropy_gradients(weighted, smoothing, reduction):
     rng = np.random.default_rng(6)
     target = rng.integers(0, 5, 7)
     weight = rng.random(5) + 0.5 if weighted else None
-    directional_check(lambda z: F.cross_entropy(z, target, weight, smoothing, reduction),
+    directional_check(lambda z: F.cross_entropy(z, target, weight, reduction=reduction, label_smoothing=smoothing),
                       [rng.standard_normal((7, 5)) * 3])
 
 
@@ -109,8 +109,8 @@ def test_cross_entropy_gradients(weighted, smoothing, reduction):
 def test_bce_mse_smooth_l1_gradients(pos_weight):
     rng = np.random.default_rng(7)
     target = rng.random((4, 3))
-    directional_check(lambda z: F.binary_cross_entropy_with_logits(z, target, pos_weight), [rng.standard_normal((4, 3)) * 4])
-    directional_check(lambda z: F.mse_loss(z, target, "sum"), [rng.standard_normal((4, 3))])
+    directional_check(lambda z: F.binary_cross_entropy_with_logits(z, target, pos_weight=pos_weight), [rng.standard_normal((4, 3)) * 4])
+    directional_check(lambda z: F.mse_loss(z, target, reduction="sum"), [rng.standard_normal((4, 3))])
     directional_check(lambda z: F.smooth_l1_loss(z, target, beta=0.5), [rng.standard_normal((4, 3))])
     directional_check(lambda z: F.smooth_l1_loss(z, target, beta=0.0), [rng.standard_normal((4, 3))])
 
@@ -127,7 +127,7 @@ def test_losses_match_hand_computed_values():
     assert F.cross_entropy(Tensor(logits), target, weight=w).item() == pytest.approx(
         (-3 * np.log(p00) - 3 * np.log(p10)) / 6)
     # BCE with pos_weight 2 on logit 0 and target 1: 2 * log 2
-    assert F.binary_cross_entropy_with_logits(Tensor(np.array([0.0])), np.array([1.0]), np.array([2.0])).item() == \
+    assert F.binary_cross_entropy_with_logits(Tensor(np.array([0.0])), np.array([1.0]), pos_weight=np.array([2.0])).item() == \
         pytest.approx(2 * np.log(2))
     assert F.mse_loss(Tensor(np.array([1.0, 3.0])), np.array([0.0, 0.0])).item() == pytest.approx(5.0)
     assert F.smooth_l1_loss(Tensor(np.array([0.5, 3.0])), np.array([0.0, 0.0])).item() == pytest.approx((0.125 + 2.5) / 2)

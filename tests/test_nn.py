@@ -6,6 +6,7 @@ import pytest
 
 import pycnn
 from pycnn import Tensor, nn
+import pycnn.functional as F
 
 
 def test_conv2d_layer_value_hand_computed():
@@ -309,3 +310,23 @@ def test_a_shared_parameter_saved_under_its_first_name_only_still_loads():
 def test_pytorch_arguments_pycnn_lacks_are_refused_naming_them(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda x: F.binary_cross_entropy_with_logits(x, np.ones(3, np.float32), np.ones(3, np.float32)), ValueError,
+     r"binary_cross_entropy_with_logits: weight=.* is not supported"),
+    (lambda x: F.cross_entropy(x.reshape(1, 3), np.array([0]), None, True), ValueError,
+     r"cross_entropy: size_average=True is not supported"),
+    (lambda x: F.cross_entropy(x.reshape(1, 3), np.array([0]), ignore_index=1), ValueError,
+     r"cross_entropy: ignore_index=1 is not supported"),
+    (lambda x: F.mse_loss(x, np.zeros(3, np.float32), "sum"), ValueError, r"mse_loss: size_average='sum' is not supported"),
+    (lambda x: F.smooth_l1_loss(x, np.zeros(3, np.float32), reduce=True), ValueError, r"smooth_l1_loss: reduce=True"),
+    # (PyTorch's sixth argument of conv2d is dilation, its fifth of max_pool2d too: refused by count)
+    (lambda x: F.conv2d(x.reshape(1, 1, 1, 3), Tensor(np.ones((1, 1, 1, 1), np.float32)), None, 1, 0, 2), TypeError,
+     r"positional argument"),
+    (lambda x: F.max_pool2d(x.reshape(1, 1, 1, 3), 1, 1, 0, 2), TypeError, r"positional argument"),
+])
+def test_functional_pytorch_arguments_pycnn_lacks_are_refused(call, error, message):
+    with pytest.raises(error, match=message):
+        call(Tensor(np.zeros(3, np.float32)))
+

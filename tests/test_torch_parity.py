@@ -224,6 +224,17 @@ def test_positional_arguments_mean_what_they_mean_in_pytorch(path):
     assert names == torch_names[:len(names)], (names, torch_names)
 
 
+@pytest.mark.parametrize("name", ["cross_entropy", "binary_cross_entropy_with_logits", "mse_loss",
+                                  "smooth_l1_loss", "dropout", "leaky_relu"])
+def test_functional_positional_arguments_mean_what_they_mean_in_pytorch(name):
+    """As for the modules, from the second argument on (pycnn names the first ``logits``, ``pred``
+    or ``x`` where PyTorch says ``input``): F.binary_cross_entropy_with_logits(x, t, w) took w as
+    pos_weight where PyTorch takes it as the per-element weight."""
+    names = _positional_names(getattr(F, name))[1:]
+    torch_names = _positional_names(getattr(torch.nn.functional, name))[1:]
+    assert names == torch_names[:len(names)], (names, torch_names)
+
+
 def test_a_pytorch_positional_conv_call_builds_the_same_layer():
     conv_p, conv_t = nn.Conv2d(2, 3, 3, 2, 1, 1, 1, False, "zeros"), torch.nn.Conv2d(2, 3, 3, 2, 1, 1, 1, False, "zeros")
     assert conv_p.bias is None and conv_t.bias is None

@@ -35,13 +35,6 @@ def _pair(value, layer: str, name: str, minimum: int) -> tuple[int, int]:
     return pair
 
 
-def _only_default(layer: str, name: str, value, defaults: tuple) -> None:
-    """PyTorch's argument ``name`` that pycnn supports only at its default value(s)."""
-    if not any(value is d or (type(value) is type(d) and value == d) for d in defaults):
-        raise ValueError(f"{layer}: {name}={value!r} is not supported (pycnn implements only "
-                         f"{name}={defaults[0]!r}, PyTorch's default), got {value!r}")
-
-
 def _check_input(layer: str, x, ndim: int):
     if not isinstance(x, Tensor):
         raise TypeError(f"{layer} expects a pycnn Tensor, got {type(x).__name__}")
@@ -62,9 +55,9 @@ class Conv2d(Module):
         super().__init__()
         # (bias came sixth before, where PyTorch has dilation: Conv2d(1, 2, 3, 1, 0, 2) built an
         # undilated convolution with a bias, silently)
-        _only_default("Conv2d", "dilation", dilation, (1, (1, 1)))
-        _only_default("Conv2d", "groups", groups, (1,))
-        _only_default("Conv2d", "padding_mode", padding_mode, ("zeros",))
+        F._only_default("Conv2d", "dilation", dilation, (1, (1, 1)))
+        F._only_default("Conv2d", "groups", groups, (1,))
+        F._only_default("Conv2d", "padding_mode", padding_mode, ("zeros",))
         self.in_channels = _int(in_channels, "Conv2d", "in_channels", 1)
         self.out_channels = _int(out_channels, "Conv2d", "out_channels", 1)
         self.kernel_size = _pair(kernel_size, "Conv2d", "kernel_size", 1)
@@ -136,9 +129,9 @@ class MaxPool2d(Module):
         layer = type(self).__name__
         # PyTorch's other arguments: their defaults are what pycnn computes; anything else is refused
         # here (not left to fail, or be ignored, in forward()).
-        _only_default(layer, "dilation", dilation, (1, (1, 1)))
-        _only_default(layer, "return_indices", return_indices, (False,))
-        _only_default(layer, "ceil_mode", ceil_mode, (False,))
+        F._only_default(layer, "dilation", dilation, (1, (1, 1)))
+        F._only_default(layer, "return_indices", return_indices, (False,))
+        F._only_default(layer, "ceil_mode", ceil_mode, (False,))
         self._init_window(kernel_size, stride, padding)
 
     def _init_window(self, kernel_size, stride, padding) -> None:
@@ -168,9 +161,9 @@ class AvgPool2d(MaxPool2d):
     def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
                  count_include_pad: bool = True, divisor_override=None):
         Module.__init__(self)
-        _only_default("AvgPool2d", "ceil_mode", ceil_mode, (False,))
-        _only_default("AvgPool2d", "count_include_pad", count_include_pad, (True,))
-        _only_default("AvgPool2d", "divisor_override", divisor_override, (None,))
+        F._only_default("AvgPool2d", "ceil_mode", ceil_mode, (False,))
+        F._only_default("AvgPool2d", "count_include_pad", count_include_pad, (True,))
+        F._only_default("AvgPool2d", "divisor_override", divisor_override, (None,))
         self._init_window(kernel_size, stride, padding)
 
     def forward(self, x):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pycnn import functional as F
-from pycnn.nn.layers import _only_default
+from pycnn.functional import _legacy_defaults, _only_default
 from pycnn.nn.module import Module
 
 
@@ -12,13 +12,6 @@ def _check_reduction(loss: str, reduction) -> str:
     if reduction not in ("mean", "sum"):
         raise ValueError(f"{loss}: reduction must be 'mean' or 'sum' (pycnn has no 'none'), got {reduction!r}")
     return reduction
-
-
-def _legacy_defaults(loss: str, size_average, reduce) -> None:
-    """PyTorch's deprecated ``size_average`` / ``reduce`` keep their places in the argument order
-    (so a PyTorch call's positional arguments mean the same here) and only their default, None."""
-    _only_default(loss, "size_average", size_average, (None,))
-    _only_default(loss, "reduce", reduce, (None,))
 
 
 class CrossEntropyLoss(Module):
@@ -39,7 +32,8 @@ class CrossEntropyLoss(Module):
         self.reduction = _check_reduction("CrossEntropyLoss", reduction)
 
     def forward(self, logits, target):
-        return F.cross_entropy(logits, target, self.weight, self.label_smoothing, self.reduction)
+        return F.cross_entropy(logits, target, weight=self.weight, reduction=self.reduction,
+                               label_smoothing=self.label_smoothing)
 
     def extra_repr(self):
         return f"label_smoothing={self.label_smoothing}, weighted={self.weight is not None}"
@@ -61,7 +55,8 @@ class BCEWithLogitsLoss(Module):
         self.pos_weight, self.reduction = pos_weight, _check_reduction("BCEWithLogitsLoss", reduction)
 
     def forward(self, logits, target):
-        return F.binary_cross_entropy_with_logits(logits, target, self.pos_weight, self.reduction)
+        return F.binary_cross_entropy_with_logits(logits, target, reduction=self.reduction,
+                                                  pos_weight=self.pos_weight)
 
 
 class MSELoss(Module):
@@ -73,7 +68,7 @@ class MSELoss(Module):
         self.reduction = _check_reduction("MSELoss", reduction)
 
     def forward(self, pred, target):
-        return F.mse_loss(pred, target, self.reduction)
+        return F.mse_loss(pred, target, reduction=self.reduction)
 
 
 class SmoothL1Loss(Module):
@@ -85,4 +80,4 @@ class SmoothL1Loss(Module):
         self.reduction, self.beta = _check_reduction("SmoothL1Loss", reduction), float(beta)
 
     def forward(self, pred, target):
-        return F.smooth_l1_loss(pred, target, self.reduction, self.beta)
+        return F.smooth_l1_loss(pred, target, reduction=self.reduction, beta=self.beta)
