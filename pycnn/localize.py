@@ -445,7 +445,9 @@ def register_cli(sub) -> None:
     p.add_argument("--freeze-backbone", action="store_true", help="train only the heads (needs --init-from)")
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p.add_argument("--out", default="runs/localize",
-                   help="output directory for metrics.json, curves.png, model.safetensors (default: %(default)s)")
+                   help="output directory for metrics.json, curves.png, model.safetensors and "
+                        "training_state.safetensors (what --resume reads; written after every epoch) "
+                        "(default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last finished epoch (its training_state.safetensors, "

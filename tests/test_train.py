@@ -310,6 +310,10 @@ def test_cli_takes_the_backend_from_the_environment(mnist_path, tmp_path, monkey
     backends._cpu_backend_name = None  # (the library reads the variable on first use; conftest restores)
     with pytest.raises(ValueError, match="PYCNN_BACKEND='numbaa' is not a backend"):
         backends.get_backend_name()
+    # (cuda, which the commands take, was "not a backend" in Python, as if there were no GPU backend)
+    monkeypatch.setenv("PYCNN_BACKEND", "cuda")
+    with pytest.raises(ValueError, match=r"PYCNN_BACKEND='cuda' selects the GPU for the pycnn commands only.*\.to\(\"cuda\"\)"):
+        backends.get_backend_name()
 
 
 def test_checkpoint_bytes_depend_only_on_weights_and_metadata(tmp_path):

@@ -98,6 +98,12 @@ def env_backend(allowed: tuple = ("auto",) + CPU_BACKENDS) -> str:
             otherwise pick another backend, or fail far from where it was set).
     """
     value = os.environ.get("PYCNN_BACKEND", "").strip() or "auto"
+    if value == "cuda" and value not in allowed:
+        # (The commands take cuda from it; in Python "'cuda' is not a backend" read as if there
+        # were no GPU backend at all.)
+        raise ValueError(f"PYCNN_BACKEND='cuda' selects the GPU for the pycnn commands only; in Python it "
+                         f"names the CPU backend ({', '.join(allowed)}), and the GPU is chosen per tensor "
+                         f"and module with .to(\"cuda\")")
     if value not in allowed:
         raise ValueError(f"PYCNN_BACKEND={value!r} is not a backend; expected one of {', '.join(allowed)}")
     return value
