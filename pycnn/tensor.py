@@ -812,8 +812,16 @@ def concatenate(tensors, axis: int = 0) -> Tensor:
 
 
 def tensor(data, requires_grad: bool = False, dtype=None, device=None) -> Tensor:
-    """Create a Tensor (PyTorch's ``torch.tensor``); Python floats become float32."""
-    return Tensor(data, requires_grad=requires_grad, dtype=dtype, device=device)
+    """A Tensor holding a copy of ``data`` (PyTorch's ``torch.tensor``); Python floats become
+    float32. ``Tensor(array)`` wraps an array without copying (PyTorch's ``torch.as_tensor``)."""
+    out = Tensor(data, requires_grad=requires_grad, dtype=dtype, device=device)
+    source = data.data if isinstance(data, Tensor) else data
+    # (It shared the caller's array, unlike torch.tensor: editing that array after a forward pass
+    # changed the values the backward pass had saved, and an optimizer stepping a parameter made
+    # from it rewrote the caller's array.)
+    if device_of(source) == out.device and array_module(out.data).may_share_memory(out.data, source):
+        out.data = out.data.copy()
+    return out
 
 
 def from_dlpack(obj) -> Tensor:

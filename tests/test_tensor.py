@@ -367,3 +367,18 @@ def test_backward_after_an_optimizer_step_on_its_parameters_raises():
     opt.zero_grad()
     layer(x).sum().backward()  # a new forward after the step is fine
     opt.step()
+
+
+def test_pycnn_tensor_copies_its_data_and_Tensor_wraps_it():
+    """pycnn.tensor is torch.tensor (a copy); it shared the caller's array, so editing the array
+    after a forward pass changed what the backward pass had saved. Tensor(array) still wraps
+    without copying (torch.as_tensor), which the training loops rely on."""
+    a = np.arange(4, dtype=np.float32)
+    t = pycnn.tensor(a, requires_grad=True)
+    y = (t * t).sum()
+    a[:] = 100.0
+    y.backward()
+    np.testing.assert_array_equal(t.grad.numpy(), 2 * np.arange(4, dtype=np.float32))
+    assert not np.shares_memory(pycnn.tensor(t).data, t.data)
+    assert pycnn.tensor(a[::2]).numpy().tolist() == [100.0, 100.0]
+    assert Tensor(a).data is a
