@@ -243,7 +243,15 @@ def conv2d_bwd_weight(dy, x, kh, kw, sh, sw, ph, pw, chunk, parallel, dw2, db):
 
 @njit(cache=True, fastmath=FASTMATH)
 def _reduce_parts_row(parts, k, out):
-    """out[k, :] = parts[0, k, :] + parts[1, k, :] + ... in chunk order."""
+    """out[k, :] = parts[0, k, :] + parts[1, k, :] + ... in chunk order (zero when there are none).
+
+    (An empty batch has no chunks: parts[0] was read past the end of an empty array, and dw came
+    back as whatever memory held, where the reference gives zeros.)
+    """
+    if parts.shape[0] == 0:
+        for e in range(out.shape[1]):
+            out[k, e] = 0.0
+        return
     for e in range(out.shape[1]):
         out[k, e] = parts[0, k, e]
     for ci in range(1, parts.shape[0]):
@@ -504,22 +512,31 @@ def maxpool2d_fwd(x, kh, kw, sh, sw, ph, pw, parallel, y, argmax):
 
 @njit(cache=True, fastmath=FASTMATH)
 def _maxpool_bwd_plane(dy, argmax, p, dx):
+    """Returns how many argmax entries of plane p lie outside it (those are not written)."""
     plane_size = dx.shape[1]
+    outside = 0
     for q in range(dy.shape[1]):
         idx = argmax[p, q]
         if 0 <= idx < plane_size:  # never write outside the plane, whatever argmax holds
             dx[p, idx] += dy[p, q]
+        else:
+            outside += 1
+    return outside
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def maxpool2d_bwd(dy, argmax, parallel, dx):
-    """Scatter-add dy (N*C, Ho*Wo) into dx (N*C, H*W) at argmax; dx must be zeroed."""
+def maxpool2d_bwd(dy, argmax, parallel, dx, outside):
+    """Scatter-add dy (N*C, Ho*Wo) into dx (N*C, H*W) at argmax; dx must be zeroed.
+
+    outside[p] = the number of plane p's argmax entries outside the plane (the wrapper refuses
+    them: their gradient would otherwise be dropped without a word).
+    """
     if parallel:
         for p in prange(dy.shape[0]):
-            _maxpool_bwd_plane(dy, argmax, p, dx)
+            outside[p] = _maxpool_bwd_plane(dy, argmax, p, dx)
     else:
         for p in range(dy.shape[0]):
-            _maxpool_bwd_plane(dy, argmax, p, dx)
+            outside[p] = _maxpool_bwd_plane(dy, argmax, p, dx)
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -920,9 +937,11 @@ def smooth_l1_bwd(pred, target, beta, scale, parallel, dpred):
 
 # ============================================================================ optimizers
 # In place over one flattened parameter; hyper-parameters arrive as float64, so float32 state is
-# updated with float64 arithmetic and rounded once per store.
+# updated with float64 arithmetic and rounded once per store. FASTMATH_ORDERED (no 'reassoc'):
+# with it LLVM rewrote (1 - beta) * g as g - beta * g, so an infinite gradient made Adam's
+# moments inf - inf = NaN where NumPy and PyTorch keep them infinite.
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH_ORDERED)
 def _sgd_elem(p, g, buf, i, lr, momentum, dampening, weight_decay, nesterov, first_step):
     gi = g[i]
     if weight_decay != 0.0:  # (as PyTorch: with no decay an inf param must not make 0 * inf = NaN)
@@ -939,7 +958,7 @@ def _sgd_elem(p, g, buf, i, lr, momentum, dampening, weight_decay, nesterov, fir
     p[i] -= lr * gi
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@njit(parallel=True, cache=True, fastmath=FASTMATH_ORDERED)
 def sgd_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first_step, parallel):
     if parallel:
         for i in prange(p.size):
@@ -949,7 +968,7 @@ def sgd_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first
             _sgd_elem(p, g, buf, i, lr, momentum, dampening, weight_decay, nesterov, first_step)
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH_ORDERED)
 def _adam_elem(p, g, m, v, i, lr, beta1, beta2, eps, weight_decay, decoupled, step_size,
                bias2_sqrt):
     gi = g[i]
@@ -963,7 +982,7 @@ def _adam_elem(p, g, m, v, i, lr, beta1, beta2, eps, weight_decay, decoupled, st
     p[i] -= step_size * m[i] / (math.sqrt(v[i]) / bias2_sqrt + eps)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@njit(parallel=True, cache=True, fastmath=FASTMATH_ORDERED)
 def adam_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step_size,
                 bias2_sqrt, parallel):
     if parallel:

@@ -185,6 +185,21 @@ def _pair(op: str, name: str, value, minimum: int):
     return h, w
 
 
+def _shape4(op: str, name: str, shape, layout: str = "(N, C, H, W)") -> tuple[int, int, int, int]:
+    """Four non-negative ints (a fractional 8.5 was truncated to 8), or an error naming op and
+    argument (a 3-tuple failed in unpacking with neither)."""
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        dims = ()
+    if len(dims) != 4 or not all(isinstance(d, numbers.Integral) for d in dims):
+        raise TypeError(f"{op}: {name} must be 4 ints {layout}, got {shape!r}")
+    dims = tuple(int(d) for d in dims)
+    if min(dims) < 0:
+        raise ValueError(f"{op}: {name} must be non-negative, got {dims}")
+    return dims
+
+
 def _out_size(op: str, size, kernel, stride, pad):
     out = (size + 2 * pad - kernel) // stride + 1
     if out < 1:
@@ -228,7 +243,9 @@ def _extended_columns(stride, padding, in_w, ho, wo, crs, k_out):
     MnistCNN conv2 the forward went from 6.0 to 5.6 ms (one thread), on its 1-channel conv1 it
     went from 0.6 to 1.2 ms, hence the rule.
     """
-    if tuple(stride) != (1, 1) or crs < CONV_EXTENDED_MIN_ROWS_PER_FILTER * k_out:
+    # (crs == 0, an empty filter or no channels, has no columns to build; with a 0-wide filter
+    # Wo = Wp + 1 and the rows of the extended dy overlapped: db summed overwritten values)
+    if tuple(stride) != (1, 1) or crs == 0 or crs < CONV_EXTENDED_MIN_ROWS_PER_FILTER * k_out:
         return None
     wp = in_w + 2 * padding[1]
     length = (ho - 1) * wp + wo
@@ -280,12 +297,15 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding):
     _ndim(op, "dy", dy, 4, "(N, K, Ho, Wo)")
     _ndim(op, "w", w, 4, "(K, C, R, S)")
     _same_dtype(op, dy=dy, w=w)
-    n, c, h, wd = (int(v) for v in x_shape)
+    n, c, h, wd = _shape4(op, "x_shape", x_shape)
     k, wc, kh, kw = w.shape
+    if wc != c:
+        raise ValueError(f"{op}: w has {wc} input channels but x_shape has {c} "
+                         f"(x_shape {(n, c, h, wd)}, w {w.shape})")
     sh, sw = _pair(op, "stride", stride, 1)
     ph, pw = _pair(op, "padding", padding, 0)
     ho, wo = _out_size(op, h, kh, sh, ph), _out_size(op, wd, kw, sw, pw)
-    if dy.shape != (n, k, ho, wo) or wc != c:
+    if dy.shape != (n, k, ho, wo):
         raise ValueError(f"{op}: dy must have shape {(n, k, ho, wo)} for x_shape {tuple(x_shape)} "
                          f"and w {w.shape}, got {dy.shape}")
     crs = c * kh * kw
@@ -312,12 +332,15 @@ def conv2d_backward_weight(dy, x, w_shape, stride, padding):
     _ndim(op, "dy", dy, 4, "(N, K, Ho, Wo)")
     _ndim(op, "x", x, 4, "(N, C, H, W)")
     _same_dtype(op, dy=dy, x=x)
-    k, c, kh, kw = (int(v) for v in w_shape)
+    k, c, kh, kw = _shape4(op, "w_shape", w_shape, "(K, C, R, S)")
     n, xc, h, wd = x.shape
+    if xc != c:
+        raise ValueError(f"{op}: w_shape has {c} input channels but x has {xc} "
+                         f"(x {x.shape}, w_shape {(k, c, kh, kw)})")
     sh, sw = _pair(op, "stride", stride, 1)
     ph, pw = _pair(op, "padding", padding, 0)
     ho, wo = _out_size(op, h, kh, sh, ph), _out_size(op, wd, kw, sw, pw)
-    if dy.shape != (n, k, ho, wo) or xc != c:
+    if dy.shape != (n, k, ho, wo):
         raise ValueError(f"{op}: dy must have shape {(n, k, ho, wo)} for x {x.shape} and "
                          f"w_shape {tuple(w_shape)}, got {dy.shape}")
     crs = c * kh * kw
@@ -346,7 +369,7 @@ def _pool_geometry(op, x_shape, kernel, stride, padding):
     if ph > kh // 2 or pw > kw // 2:
         raise ValueError(f"{op}: padding must be <= kernel // 2, got padding {tuple(padding)} "
                          f"for kernel {tuple(kernel)}")
-    n, c, h, w = (int(v) for v in x_shape)
+    n, c, h, w = _shape4(op, "x_shape", x_shape)
     return n, c, h, w, kh, kw, sh, sw, ph, pw, _out_size(op, h, kh, sh, ph), _out_size(op, w, kw, sw, pw)
 
 
@@ -372,13 +395,25 @@ def maxpool2d_backward(dy, argmax, x_shape):
     if not isinstance(argmax, np.ndarray) or argmax.shape != dy.shape:
         raise ValueError(f"{op}: argmax must be an array of dy's shape {dy.shape}, got "
                          f"{getattr(argmax, 'shape', type(argmax).__name__)}")
-    n, c, h, w = (int(v) for v in x_shape)
+    if argmax.dtype.kind not in "iu":
+        # (a float argmax was cast to int32, truncating 3.5 to 3; the reference refuses it)
+        raise TypeError(f"{op}: argmax must be an integer array, got {argmax.dtype}")
+    n, c, h, w = _shape4(op, "x_shape", x_shape)
     if dy.shape[:2] != (n, c):
         raise ValueError(f"{op}: dy {dy.shape} does not match x_shape {tuple(x_shape)}")
     argmax = np.ascontiguousarray(argmax, dtype=np.int32)
     dx = np.zeros((n * c, h * w), dtype=dy.dtype)
-    planes = n * c
-    _k.maxpool2d_bwd(dy.reshape(planes, -1), argmax.reshape(planes, -1), _parallel(dx.size), dx)
+    planes, per_plane = n * c, dy.shape[2] * dy.shape[3]
+    outside = np.empty(planes, dtype=np.int64)
+    # (shapes spelled out: reshape(0, -1) of an empty batch raised NumPy's "cannot reshape")
+    _k.maxpool2d_bwd(dy.reshape(planes, per_plane), argmax.reshape(planes, per_plane),
+                     _parallel(dx.size), dx, outside)
+    if outside.any():
+        # (these were skipped without a word: a wrong x_shape dropped part of the gradient)
+        flat = argmax.reshape(-1)
+        bad = flat[(flat < 0) | (flat >= h * w)]
+        raise ValueError(f"{op}: argmax holds {int(bad[0])}, outside the {h}x{w} input plane of "
+                         f"x_shape {(n, c, h, w)} ({int(outside.sum())} such entries)")
     return dx.reshape(n, c, h, w)
 
 
@@ -690,6 +725,9 @@ def _flat_inplace(op, name, i, a, dtype=None, shape=None):
                         f"{getattr(a, 'dtype', type(a).__name__)}")
     if not a.flags.c_contiguous:
         raise ValueError(f"{op}: {name}[{i}] must be C-contiguous to be updated in place")
+    if not a.flags.writeable:
+        # (a read-only array failed inside Numba's type inference, naming neither op nor argument)
+        raise ValueError(f"{op}: {name}[{i}] must be writeable to be updated in place")
     if shape is not None and a.shape != shape:
         raise ValueError(f"{op}: {name}[{i}] must have shape {shape}, got {a.shape}")
     if dtype is not None and a.dtype != dtype:
