@@ -318,6 +318,26 @@ def test_a_fractional_stride_or_padding_is_refused_not_truncated(name, argument)
         be.maxpool2d_forward(x, (2, 2), pool["stride"], pool["padding"])
 
 
+@pytest.mark.parametrize("name", FAST + ["cuda"])
+@pytest.mark.parametrize("bad", [(1, 1, 6.5, 6), (1, 1, 6), (1, 1, 6, True), "1166", None])
+def test_a_fractional_or_malformed_shape_argument_is_refused(name, bad):
+    """x_shape / w_shape of the backward ops: int() truncated (1, 1, 6.5, 6) to (1, 1, 6, 6) in the
+    native and cuda modules (numba's own check came first), and a 3-tuple or None failed
+    unnamed. The check runs before any array is touched, so the cuda module needs no GPU here."""
+    if name == "cuda":
+        from pycnn.backends import cuda as be
+
+        with pytest.raises(TypeError, match=r"conv2d_backward_data: x_shape must be 4 ints"):
+            be._shape4("conv2d_backward_data", "x_shape", bad)
+        assert be._shape4("op", "x_shape", (np.int64(1), 1, 6, 6)) == (1, 1, 6, 6)
+        return
+    be = _module(name)
+    dy = np.ones((1, 2, 4, 4), np.float32)
+    w = np.ones((2, 1, 3, 3), np.float32)
+    with pytest.raises(TypeError, match=r"conv2d_backward_data: x_shape must be 4 ints"):
+        be.conv2d_backward_data(dy, w, bad, (1, 1), (0, 0))
+
+
 def test_the_cuda_backend_refuses_a_fractional_geometry_before_any_launch():
     from pycnn.backends import cuda
 

@@ -898,12 +898,16 @@ def _pair(op: str, name: str, value) -> tuple[int, int]:
 
 def _shape4(op: str, name: str, shape) -> tuple[int, int, int, int]:
     try:
-        shape = tuple(int(s) for s in shape)
+        dims = tuple(shape)
     except TypeError:
-        raise TypeError(f"{op}: {name} must be a shape tuple, got {shape!r}") from None
-    if len(shape) != 4 or min(shape) < 0:
-        raise ValueError(f"{op}: {name} must be a 4-D shape (N, C, H, W), got {shape}")
-    return shape
+        dims = ()
+    # (int() truncated a fractional 8.5 to 8 and computed the gradient of another shape)
+    if len(dims) != 4 or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
+        raise TypeError(f"{op}: {name} must be 4 ints (N, C, H, W), got {shape!r}")
+    dims = tuple(int(d) for d in dims)
+    if min(dims) < 0:
+        raise ValueError(f"{op}: {name} must be non-negative, got {dims}")
+    return dims
 
 
 def _window(op: str, H: int, W: int, kernel, stride, padding):

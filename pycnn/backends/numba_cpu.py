@@ -192,7 +192,7 @@ def _shape4(op: str, name: str, shape, layout: str = "(N, C, H, W)") -> tuple[in
         dims = tuple(shape)
     except TypeError:
         dims = ()
-    if len(dims) != 4 or not all(isinstance(d, numbers.Integral) for d in dims):
+    if len(dims) != 4 or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
         raise TypeError(f"{op}: {name} must be 4 ints {layout}, got {shape!r}")
     dims = tuple(int(d) for d in dims)
     if min(dims) < 0:
