@@ -22,7 +22,6 @@ import ctypes
 import importlib.resources
 import itertools
 import math
-import numbers
 import os
 import re
 import sys
@@ -34,6 +33,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from pycnn.backends._args import int_pair
+from pycnn.backends._args import shape4 as _shape4
 
 NAME = "cuda"
 
@@ -883,31 +885,8 @@ def _device(op: str, **arrays) -> int:
 
 
 def _pair(op: str, name: str, value) -> tuple[int, int]:
-    """An int or a pair of ints as (h, w); anything else (a float: int() truncated 1.5 to 1, as
-    the reference refuses it) is a TypeError naming the op and argument."""
-    if isinstance(value, numbers.Integral):
-        value = (value, value)
-    try:
-        a, b = value
-    except (TypeError, ValueError):
-        a = b = None
-    if not (isinstance(a, numbers.Integral) and isinstance(b, numbers.Integral)):
-        raise TypeError(f"{op}: {name} must be a pair of ints (h, w), got {value!r}")
-    return int(a), int(b)
-
-
-def _shape4(op: str, name: str, shape) -> tuple[int, int, int, int]:
-    try:
-        dims = tuple(shape)
-    except TypeError:
-        dims = ()
-    # (int() truncated a fractional 8.5 to 8 and computed the gradient of another shape)
-    if len(dims) != 4 or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
-        raise TypeError(f"{op}: {name} must be 4 ints (N, C, H, W), got {shape!r}")
-    dims = tuple(int(d) for d in dims)
-    if min(dims) < 0:
-        raise ValueError(f"{op}: {name} must be non-negative, got {dims}")
-    return dims
+    """An int or a pair of ints as (h, w); anything else is a TypeError naming the op and argument."""
+    return int_pair(op, name, value, scalar=True)
 
 
 def _window(op: str, H: int, W: int, kernel, stride, padding):

@@ -14,10 +14,12 @@ why it is missing (the import error and the build log ``pycnn/_native_build.txt`
 """
 from __future__ import annotations
 
-import numbers
 import os
 
 import numpy as np
+
+from pycnn.backends._args import int_pair as _pair
+from pycnn.backends._args import shape4 as _shape4
 
 NAME = "native"
 
@@ -295,34 +297,6 @@ def _float_array(op: str, name: str, a, ndim: int | None = None, dtype=None, wha
     if ndim is not None and a.ndim != ndim:
         raise ValueError(f"{op}: {name} must be {ndim}-D {what}, got shape {a.shape}")
     return a
-
-
-def _pair(op: str, name: str, value, minimum: int) -> tuple[int, int]:
-    # ints only: int() truncated a stride of 1.5 to 1 (another convolution), where the reference refuses it
-    try:
-        h, w = value
-    except (TypeError, ValueError):
-        h = w = None
-    if not (isinstance(h, numbers.Integral) and isinstance(w, numbers.Integral)):
-        raise TypeError(f"{op}: {name} must be a tuple of two ints, got {value!r}")
-    h, w = int(h), int(w)
-    if h < minimum or w < minimum:
-        raise ValueError(f"{op}: {name} must be >= {minimum}, got {tuple(value)}")
-    return h, w
-
-
-def _shape4(op: str, name: str, shape) -> tuple[int, int, int, int]:
-    try:
-        dims = tuple(shape)
-    except TypeError:
-        dims = ()
-    # (int() truncated a fractional 8.5 to 8 and computed the gradient of another shape)
-    if len(dims) != 4 or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
-        raise TypeError(f"{op}: {name} must be 4 ints (N, C, H, W), got {shape!r}")
-    dims = tuple(int(d) for d in dims)
-    if min(dims) < 0:
-        raise ValueError(f"{op}: {name} must be non-negative, got {dims}")
-    return dims
 
 
 # The largest padded plane accepted, pycnn.functional.MAX_PLANE_ELEMENTS (see there). Without it an

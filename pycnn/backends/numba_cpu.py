@@ -29,11 +29,13 @@ import contextlib
 import ctypes
 import glob
 import math
-import numbers
 import os
 import time
 
 import numpy as np
+
+from pycnn.backends._args import int_pair as _pair
+from pycnn.backends._args import shape4 as _shape4
 
 NAME = "numba"
 
@@ -169,35 +171,6 @@ def _same_dtype(op: str, **arrays):
 def _ndim(op: str, name: str, a, ndim: int, what: str):
     if a.ndim != ndim:
         raise ValueError(f"{op}: {name} must be {ndim}-D {what}, got shape {a.shape}")
-
-
-def _pair(op: str, name: str, value, minimum: int):
-    # (int() truncated a stride of 1.5 to 1, where the reference refuses it)
-    try:
-        h, w = value
-    except (TypeError, ValueError):
-        h = w = None
-    if not (isinstance(h, numbers.Integral) and isinstance(w, numbers.Integral)):
-        raise TypeError(f"{op}: {name} must be a pair of ints (h, w), got {value!r}")
-    h, w = int(h), int(w)
-    if h < minimum or w < minimum:
-        raise ValueError(f"{op}: {name} must be >= {minimum}, got {tuple(value)}")
-    return h, w
-
-
-def _shape4(op: str, name: str, shape, layout: str = "(N, C, H, W)") -> tuple[int, int, int, int]:
-    """Four non-negative ints (a fractional 8.5 was truncated to 8), or an error naming op and
-    argument (a 3-tuple failed in unpacking with neither)."""
-    try:
-        dims = tuple(shape)
-    except TypeError:
-        dims = ()
-    if len(dims) != 4 or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
-        raise TypeError(f"{op}: {name} must be 4 ints {layout}, got {shape!r}")
-    dims = tuple(int(d) for d in dims)
-    if min(dims) < 0:
-        raise ValueError(f"{op}: {name} must be non-negative, got {dims}")
-    return dims
 
 
 def _out_size(op: str, size, kernel, stride, pad):
