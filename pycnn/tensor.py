@@ -250,6 +250,15 @@ class Tensor:
             raise TypeError(f"only float32/float64 tensors can require gradients, got {self.data.dtype}")
         self._requires_grad = flag
 
+    def __setstate__(self, state: dict) -> None:
+        # A Tensor pickled before requires_grad became a property holds the flag under that name,
+        # where the property shadows it: every read of requires_grad (any op, parameters(),
+        # backward()) raised AttributeError '_requires_grad' on the unpickled tensor.
+        if "requires_grad" in state and "_requires_grad" not in state:
+            state = dict(state)
+            state["_requires_grad"] = bool(state.pop("requires_grad"))
+        self.__dict__.update(state)
+
     # -- construction of graph nodes
     @classmethod
     def _from_op(cls, data, parents, backward, op: str) -> "Tensor":
@@ -550,6 +559,8 @@ class Tensor:
     def __pow__(self, exponent):
         # (A NumPy array exponent passed the forward and failed in backward() with "The truth
         # value of an array ... is ambiguous".)
+        if isinstance(exponent, np.ndarray) and exponent.ndim == 0:
+            exponent = exponent[()]  # (a 0-d array is a number: x ** np.array(2.0) worked, and must)
         if not isinstance(exponent, (int, float, np.integer, np.floating)):
             raise TypeError(f"pow: only a Python number exponent is supported, got {type(exponent).__name__}")
         a = self.data
@@ -819,7 +830,10 @@ def tensor(data, requires_grad: bool = False, dtype=None, device=None) -> Tensor
     # (It shared the caller's array, unlike torch.tensor: editing that array after a forward pass
     # changed the values the backward pass had saved, and an optimizer stepping a parameter made
     # from it rewrote the caller's array.)
-    if device_of(source) == out.device and array_module(out.data).may_share_memory(out.data, source):
+    # Python lists, tuples and numbers were just converted into a new array: asking may_share_memory
+    # about them converted them a second time (tensor(nested list) took twice as long).
+    if (not isinstance(source, (list, tuple, int, float, complex)) and device_of(source) == out.device
+            and array_module(out.data).may_share_memory(out.data, source)):
         out.data = out.data.copy()
     return out
 

@@ -382,3 +382,62 @@ def test_pycnn_tensor_copies_its_data_and_Tensor_wraps_it():
     assert not np.shares_memory(pycnn.tensor(t).data, t.data)
     assert pycnn.tensor(a[::2]).numpy().tolist() == [100.0, 100.0]
     assert Tensor(a).data is a
+
+
+def test_a_tensor_pickled_before_requires_grad_became_a_property_loads():
+    """Tensors (and Parameters) pickled before requires_grad became a property hold it in their
+    __dict__ under its own name; unpickled, every read of requires_grad raised AttributeError
+    '_requires_grad' (an op, backward(), an optimizer)."""
+    import pickle
+
+    from pycnn.nn import Parameter
+
+    class _AsPickledBefore:  # what pickle wrote for a Tensor then: its class and its __dict__
+        def __init__(self, cls, data, requires_grad):
+            self.args = (cls,)
+            self.state = {"data": data, "grad": None, "requires_grad": requires_grad,
+                          "_parents": (), "_backward": None, "_op": ""}
+
+        def __reduce__(self):  # (NEWOBJ refuses another class's; loading does the same either way)
+            return object.__new__, self.args, self.state
+
+    old = pickle.dumps([_AsPickledBefore(Parameter, np.array([1.0, 2.0], np.float32), True),
+                        _AsPickledBefore(Tensor, np.array([3.0, 4.0], np.float32), False)])
+    w, x = pickle.loads(old)
+    assert type(w) is Parameter and w.requires_grad and not x.requires_grad
+    (w * x).sum().backward()
+    np.testing.assert_array_equal(w.grad.numpy(), [3.0, 4.0])
+    assert x.grad is None
+    # and a new pickle round-trips as before
+    w2 = pickle.loads(pickle.dumps(w))
+    assert w2.requires_grad and "_requires_grad" in vars(w2) and "requires_grad" not in vars(w2)
+
+
+def test_pow_takes_a_zero_dimensional_array_exponent():
+    """x ** np.array(2.0) (a 0-d array: a number, as torch takes a 0-d tensor) worked; the check
+    that refuses array exponents (whose backward failed) refused it too."""
+    x = Tensor(np.array([1.0, 2.0, 3.0], np.float32), requires_grad=True)
+    y = x ** np.array(2.0)
+    assert y.dtype == np.float32
+    y.sum().backward()
+    np.testing.assert_array_equal(y.numpy(), [1.0, 4.0, 9.0])
+    np.testing.assert_array_equal(x.grad.numpy(), [2.0, 4.0, 6.0])
+    np.testing.assert_array_equal((x ** np.array(3)).numpy(), [1.0, 8.0, 27.0])
+    with pytest.raises(TypeError, match="only a Python number exponent"):
+        x ** np.array([2.0])
+
+
+def test_pycnn_tensor_converts_a_nested_list_once(monkeypatch):
+    """pycnn.tensor(list) made its array, then asked np.may_share_memory whether that array shares
+    the list's memory, which converted the whole list a second time (twice the time); an array
+    argument is still checked and copied."""
+    asked = []
+    real = np.may_share_memory
+    monkeypatch.setattr(np, "may_share_memory", lambda a, b, *args: asked.append(type(b)) or real(a, b, *args))
+    rows = [[float(i + j) for j in range(3)] for i in range(2)]
+    t = pycnn.tensor(rows, requires_grad=True)
+    assert t.dtype == np.float32 and t.numpy().tolist() == rows and t.requires_grad
+    assert pycnn.tensor((1.0, 2.0)).numpy().tolist() == [1.0, 2.0] and pycnn.tensor(3).numpy() == 3
+    assert asked == []
+    a = np.ones(3, np.float32)
+    assert not np.shares_memory(pycnn.tensor(a).data, a) and asked == [np.ndarray]
