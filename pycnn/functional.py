@@ -401,6 +401,8 @@ def _check_reduction(op, reduction):
 
 def _only_default(op: str, name: str, value, defaults: tuple) -> None:
     """PyTorch's argument ``name`` that pycnn supports only at its default value(s)."""
+    if value is defaults[0]:  # (the common case, without the generator: the losses call this per step)
+        return
     if not any(value is d or (type(value) is type(d) and value == d) for d in defaults):
         raise ValueError(f"{op}: {name}={value!r} is not supported (pycnn implements only "
                          f"{name}={defaults[0]!r}, PyTorch's default), got {value!r}")

@@ -498,3 +498,22 @@ def test_misaligned_arrays_give_the_bits_of_aligned_ones(isa):
                     got = call(*moved)
                     for g, e in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
                         assert np.asarray(g).tobytes() == np.asarray(e).tobytes(), f"{isa} {name} arg {i} +{offset}"
+
+
+def test_unpickled_arrays_are_taken_as_their_dtype():
+    """An array that went through pickle has a float32 dtype object other than NumPy's own; the
+    extension compared dtype objects by identity and refused it ("w must have dtype float32, got
+    float32"), so a pickled model failed on native alone. Byte-swapped data stays refused."""
+    import pickle
+
+    rng = np.random.default_rng(5)
+    x, w, b = (pickle.loads(pickle.dumps(a)) for a in (rng.standard_normal((3, 4)).astype(np.float32),
+                                                       rng.standard_normal((2, 4)).astype(np.float32),
+                                                       np.zeros(2, np.float32)))
+    labels = pickle.loads(pickle.dumps(np.array([0, 1, 1], np.int64)))
+    assert w.dtype is not np.dtype(np.float32)  # (what made the case)
+    np.testing.assert_allclose(native.linear_forward(x, w, b), x @ w.T + b, rtol=1e-6)
+    loss, _ = native.softmax_cross_entropy_forward(x[:, :2].copy(), labels, None, 0.0, "mean")
+    assert np.isfinite(loss)
+    with pytest.raises(TypeError, match=r"linear_forward: w must"):
+        native.linear_forward(x, w.astype(">f4"), b)

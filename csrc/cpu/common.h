@@ -242,11 +242,14 @@ void set_num_threads(int n);
 
 // ----------------------------------------------------------------------------- array checks
 
-// True when `a` holds exactly the C++ type T (no conversion ever happens here).
+// True when `a` holds exactly the C++ type T (no conversion ever happens here): an equivalent
+// dtype (isinstance: native byte order) of T's type number. Not the dtype object's identity: an
+// unpickled array's float32 is another object than NumPy's own, and was refused as
+// "must have dtype float32, got float32".
 template <typename T>
 bool has_dtype(const py::array& a) {
     return py::isinstance<py::array_t<T>>(a) &&
-           a.dtype().is(py::dtype::of<T>());
+           a.dtype().num() == py::dtype::of<T>().num();
 }
 
 // Raise TypeError unless `a` is a C-contiguous array of dtype T; ValueError on a wrong ndim.

@@ -99,7 +99,7 @@ T softplus(T x) {  // log(1 + exp(x)) without overflow
 // ---------------------------------------------------------------------------- losses
 
 template <typename I>
-bool is_index(const py::array& a) { return py::isinstance<py::array_t<I>>(a) && a.dtype().is(py::dtype::of<I>()); }
+bool is_index(const py::array& a) { return has_dtype<I>(a); }
 
 // Class indices as int64, checked against [0, C). Accepts int32 and int64 arrays without copying
 // the logits; the index vector itself is small (one entry per sample).
