@@ -318,6 +318,11 @@ class Tensor:
         return self.data if self.device == "cpu" else self.data.get()
 
     def __array__(self, dtype=None, copy=None):
+        if copy is False and self.device != "cpu":
+            # (NumPy 2's protocol: copy=False asks for a view or an error; a CUDA tensor's values
+            # reach NumPy only as a host copy, which was handed back as if it were a view)
+            raise ValueError(f"np.asarray(..., copy=False): a {self.device} tensor has no NumPy view; "
+                             f"its values need a copy to the host (np.asarray(t) or t.numpy())")
         array = self.numpy()
         if dtype is not None and array.dtype != np.dtype(dtype):
             return array.astype(dtype)  # (a new array)
@@ -507,6 +512,10 @@ class Tensor:
                 raise ValueError(f"{op}: tensors are on different devices: {self.device} and {other.device}")
             b, bt = other.data, other
         elif isinstance(other, (int, float, bool, np.generic)):
+            if a.dtype.kind != "f" and isinstance(other, (float, np.floating)):
+                # (PyTorch: an integer or bool tensor with a float number is float32; NumPy made
+                # it float64)
+                a = a.astype(np.float32)
             return a, (a.dtype.type(other) if a.dtype.kind == "f" else other), None
         else:
             b, bt = move_array(_as_array(other), self.device), None

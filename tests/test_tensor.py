@@ -441,3 +441,23 @@ def test_pycnn_tensor_converts_a_nested_list_once(monkeypatch):
     assert asked == []
     a = np.ones(3, np.float32)
     assert not np.shares_memory(pycnn.tensor(a).data, a) and asked == [np.ndarray]
+
+
+def test_an_integer_tensor_with_a_float_number_is_float32_as_in_torch():
+    t = Tensor(np.array([1, 2, 3], np.int64))
+    for result in (t * 0.5, t + 1.5, 0.5 * t, t - np.float64(0.25), t / 2.0):
+        assert result.dtype == np.float32, result.dtype
+    np.testing.assert_array_equal((t * 0.5).numpy(), [0.5, 1.0, 1.5])
+    assert (t * 2).dtype == np.int64 and Tensor(np.array([True, False])).astype(np.float64).dtype == np.float64
+
+
+def test_no_numpy_view_of_a_cuda_tensor_is_promised(monkeypatch):
+    """np.asarray(t, copy=False) must give a view or raise (NumPy 2); a CUDA tensor's values need a
+    host copy. (A CPU tensor gives its own array.)"""
+    t = Tensor(np.arange(3, dtype=np.float32))
+    assert np.asarray(t, copy=False) is t.data
+    monkeypatch.setattr(Tensor, "device", property(lambda self: "cuda"))
+    monkeypatch.setattr(Tensor, "numpy", lambda self: self.data.copy())
+    with pytest.raises(ValueError, match=r"copy=False\): a cuda tensor has no NumPy view"):
+        np.asarray(t, copy=False)
+    assert np.asarray(t).tolist() == [0.0, 1.0, 2.0]
