@@ -1,6 +1,9 @@
 """The comparison the CPU backend tests (test_numba_backend.py, test_native_backend.py,
-test_backend_edges.py) make of a backend's result against the NumPy reference's."""
+test_backend_edges.py, the fuzz files) make of a backend's result against the NumPy reference's,
+and the digest their thread-count tests compare."""
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 
@@ -20,3 +23,14 @@ def assert_close(actual, expected, dtype, what="", scale=0.0):
     finite = np.abs(expected[np.isfinite(expected)])
     scale = max(float(finite.max()) if finite.size else 0.0, scale)
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale + 1e-30, err_msg=what)
+
+
+def digest(arrays) -> str:
+    """SHA-256 of the arrays' shapes, dtypes and bytes: equal digests mean bitwise-equal results
+    (the thread-count tests compare runs across processes this way)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()

@@ -16,7 +16,6 @@ Tolerances as in test_native_backend.py (backend_checks.assert_close).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -33,6 +32,7 @@ if not native.available()[0]:
 from pycnn import _native  # noqa: E402
 from pycnn.backends import numpy_ref as ref  # noqa: E402
 from backend_checks import assert_close  # noqa: E402
+from backend_checks import digest as _digest  # noqa: E402
 
 ISAS = [name for name in ("avx512", "avx2", "scalar") if native.isa_supported(name)]
 DTYPES = [np.float32, np.float64]
@@ -154,15 +154,6 @@ def _every_op(dtype, seed=0):
             loss, probs = native.softmax_cross_entropy_forward(z, t, wgt, eps, red)
             out += [loss, probs, native.softmax_cross_entropy_backward(0.9, probs, t, wgt, eps, red)]
     return out
-
-
-def _digest(arrays):
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(str((a.shape, a.dtype.str)).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 @pytest.mark.parametrize("isa", ISAS)

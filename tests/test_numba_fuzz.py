@@ -19,7 +19,6 @@ op that computed in float32 fails; the dtype of every output is checked).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import numba  # noqa: E402
 
 from pycnn.backends import numpy_ref as ref  # noqa: E402
 from backend_checks import assert_close  # noqa: E402
+from backend_checks import digest as _digest  # noqa: E402
 
 nb = numba_cpu
 DTYPES = [np.float32, np.float64]
@@ -358,15 +358,6 @@ def _every_op(dtype, seed=0):
     lx, lw = r(97, 129), r(33, 129)
     out += [nb.linear_forward(lx, lw, r(33)), *nb.linear_backward(r(97, 33), lx, lw)]
     return out
-
-
-def _digest(arrays):
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(str((a.shape, a.dtype.str)).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
