@@ -572,3 +572,40 @@ def test_in_place_steps_refuse_state_they_cannot_update(step):
             args[i] = bad
             with pytest.raises(ValueError, match=rf"{step}: {names[i]}\[0\] must be {why}"):
                 call(*args)
+
+
+_UPDATE_SCRIPT = """
+import sys
+import numpy as np
+from pycnn.backends import numba_cpu as nb
+rng = np.random.default_rng(5)
+n = 200003
+r = lambda *s: rng.standard_normal(s).astype(np.float32)
+p, g, buf = r(n), r(n), r(n)
+nb.sgd_step([p], [g], [buf], 0.1, 0.9, 0.1, 1e-2, False, False)
+q, h, m, v = r(n), r(n), r(n), np.abs(r(n))
+nb.adam_step([q], [h], [m], [v], 3, 1e-3, 0.9, 0.999, 1e-8, 1e-2, False)
+np.savez(sys.argv[1], p=p, buf=buf, q=q, m=m, v=v)
+"""
+
+
+@pytest.mark.slow  # (~90 s on 2 cores: the first process compiles the backend into an empty cache)
+def test_optimizer_updates_compiled_now_equal_those_loaded_from_the_cache(tmp_path):
+    """The first process compiles the kernels (and writes Numba's on-disk cache), later ones load
+    them; the two gave SGD's and Adam's float32 state different last bits in a few elements (fused
+    multiply-adds in one, not in the other), so a run's weights depended on whether the cache was
+    warm. Found by CI in a fresh clone, where the cache starts empty."""
+    script = tmp_path / "updates.py"
+    script.write_text(_UPDATE_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"), NUMBA_NUM_THREADS="1",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    runs = []
+    for name in ("compiled", "cached"):
+        done = subprocess.run([sys.executable, str(script), str(tmp_path / f"{name}.npz")], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(np.load(tmp_path / f"{name}.npz"))
+    assert any((tmp_path / "numba-cache").rglob("*.nbc"))  # (the second run had a cache to load)
+    different = {k: int((runs[0][k] != runs[1][k]).sum()) for k in runs[0].files}
+    assert not any(different.values()), f"elements differing between compiled and cached code: {different}"

@@ -29,6 +29,11 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # max + log(sum) rounds away log(sum) for large logits (float64 logits of 1e6: probabilities off
 # by 3e-11 relative; of 1e16 and up: a row of probabilities all 1).
 FASTMATH_ORDERED = FASTMATH - {"reassoc"}
+# ... less 'contract' too, for the optimizer updates (float32 state updated in float64): with
+# fused multiply-adds allowed, the compiled code the first process built and the code a later
+# process loaded from Numba's on-disk cache rounded differently (a few elements in 200k, 1 ulp),
+# so a run's weights depended on whether the cache was warm. Without it both agree.
+FASTMATH_UPDATE = FASTMATH_ORDERED - {"contract"}
 
 
 # ============================================================================ convolution helpers
@@ -937,11 +942,11 @@ def smooth_l1_bwd(pred, target, beta, scale, parallel, dpred):
 
 # ============================================================================ optimizers
 # In place over one flattened parameter; hyper-parameters arrive as float64, so float32 state is
-# updated with float64 arithmetic and rounded once per store. FASTMATH_ORDERED (no 'reassoc'):
+# updated with float64 arithmetic and rounded once per store. FASTMATH_UPDATE (no 'reassoc'):
 # with it LLVM rewrote (1 - beta) * g as g - beta * g, so an infinite gradient made Adam's
 # moments inf - inf = NaN where NumPy and PyTorch keep them infinite.
 
-@njit(cache=True, fastmath=FASTMATH_ORDERED)
+@njit(cache=True, fastmath=FASTMATH_UPDATE)
 def _sgd_elem(p, g, buf, i, lr, momentum, dampening, weight_decay, nesterov, first_step):
     gi = g[i]
     if weight_decay != 0.0:  # (as PyTorch: with no decay an inf param must not make 0 * inf = NaN)
@@ -958,7 +963,7 @@ def _sgd_elem(p, g, buf, i, lr, momentum, dampening, weight_decay, nesterov, fir
     p[i] -= lr * gi
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH_ORDERED)
+@njit(parallel=True, cache=True, fastmath=FASTMATH_UPDATE)
 def sgd_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first_step, parallel):
     if parallel:
         for i in prange(p.size):
@@ -968,7 +973,7 @@ def sgd_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first
             _sgd_elem(p, g, buf, i, lr, momentum, dampening, weight_decay, nesterov, first_step)
 
 
-@njit(cache=True, fastmath=FASTMATH_ORDERED)
+@njit(cache=True, fastmath=FASTMATH_UPDATE)
 def _adam_elem(p, g, m, v, i, lr, beta1, beta2, eps, weight_decay, decoupled, step_size,
                bias2_sqrt):
     gi = g[i]
@@ -982,7 +987,7 @@ def _adam_elem(p, g, m, v, i, lr, beta1, beta2, eps, weight_decay, decoupled, st
     p[i] -= step_size * m[i] / (math.sqrt(v[i]) / bias2_sqrt + eps)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH_ORDERED)
+@njit(parallel=True, cache=True, fastmath=FASTMATH_UPDATE)
 def adam_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step_size,
                 bias2_sqrt, parallel):
     if parallel:
